@@ -1,0 +1,154 @@
+"""Fused-kernel selection: the one place that decides which implementation each operation uses.
+
+    kernels = select_kernels(cfg.kernels)       # KernelConfig: 'auto' or a named implementation
+    log.info(kernels.summary())                 # what was chosen and why, logged at start
+    norm = kernels.layer_norm(hidden, eps)      # a module
+    y = kernels.bias_gelu(x, bias)              # a function
+    opt = kernels.optimizer(param_groups, lr=..., betas=..., eps=..., weight_decay=...)
+
+Choices (auto picks the first that is available on this machine):
+- layer norm: Transformer Engine LayerNorm, apex FusedLayerNorm (both GPU only), torch LayerNorm;
+- attention: torch scaled_dot_product_attention (flash / memory-efficient kernels on GPU), or an
+  explicit softmax(QK^T)V ("math", for debugging);
+- bias + GeLU: megatron-core's jit-fused bias_gelu (GPU), or bias add + tanh GeLU;
+- optimizer: apex FusedAdam, DeepSpeed FusedAdam (GPU), torch AdamW(fused=True), torch AdamW.
+Asking for an implementation that is not available is an error naming the reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def availability() -> dict[str, dict[str, str | None]]:
+    """For each operation, implementation -> None if usable here, else why not."""
+    cuda = torch.cuda.is_available()
+    no_gpu = None if cuda else "needs a CUDA GPU"
+    apex = no_gpu or (None if _has("apex.normalization") else "NVIDIA apex is not installed")
+    te = no_gpu or (None if _has("transformer_engine") else "Transformer Engine is not installed")
+    apex_opt = no_gpu or (None if _has("apex.optimizers") else "NVIDIA apex is not installed")
+    return {
+        "layernorm": {"te": te, "apex": apex, "torch": None},
+        "attention": {"sdpa": None, "math": None},
+        # torch.jit-fused; on CPU it only adds a compile (megatron's fusion targets nvFuser/GPU).
+        "bias_gelu": {"fused": no_gpu, "plain": None},
+        "optimizer": {"apex": apex_opt, "deepspeed": no_gpu, "torch_fused": None, "torch": None},
+    }
+
+
+def _choose(op: str, wanted: str) -> tuple[str, str]:
+    options = availability()[op]
+    if wanted != "auto":
+        why_not = options.get(wanted)
+        if why_not:
+            raise RuntimeError(f"kernels.{op}={wanted!r} is not available: {why_not}")
+        return wanted, "requested"
+    if op == "optimizer" and not torch.cuda.is_available():
+        # fused=True on CPU is correct but slower than the foreach path for small models.
+        return "torch", "auto: CPU"
+    for name, why_not in options.items():
+        if why_not is None:
+            skipped = [f"{n} ({w})" for n, w in options.items() if w and list(options).index(n) < list(options).index(name)]
+            return name, "auto" + (f"; not {', '.join(skipped)}" if skipped else "")
+    raise AssertionError(op)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+def fused_bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
+
+    return plain_bias_gelu(x, None) if bias is None else bias_gelu_impl(x, bias)
+
+
+def sdpa_attention(q, k, v, mask=None, causal=False, dropout_p=0.0):
+    """q,k,v: [batch, heads, seq, head_dim]; mask: bool, True = attend, broadcastable to the scores."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal and mask is None)
+
+
+def math_attention(q, k, v, mask=None, causal=False, dropout_p=0.0):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal and mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return F.dropout(probs, dropout_p) @ v
+
+
+def _layer_norm_factory(name: str) -> Callable[[int, float], torch.nn.Module]:
+    if name == "te":
+        import transformer_engine.pytorch as te
+
+        return lambda size, eps: te.LayerNorm(size, eps=eps)
+    if name == "apex":
+        from apex.normalization import FusedLayerNorm
+
+        return lambda size, eps: FusedLayerNorm(size, eps=eps)
+    return lambda size, eps: torch.nn.LayerNorm(size, eps=eps)
+
+
+def _optimizer_factory(name: str):
+    if name == "apex":
+        from apex.optimizers import FusedAdam
+
+        return lambda params, **kw: FusedAdam(params, adam_w_mode=True, **kw)
+    if name == "deepspeed":
+        from deepspeed.ops.adam import FusedAdam
+
+        return lambda params, **kw: FusedAdam(params, adam_w_mode=True, **kw)
+    if name == "torch_fused":
+        return lambda params, **kw: torch.optim.AdamW(params, fused=True, **kw)
+    return lambda params, **kw: torch.optim.AdamW(params, foreach=True, **kw)
+
+
+@dataclass
+class Kernels:
+    """The chosen implementations; `choices` maps operation -> (name, reason)."""
+
+    choices: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def name(self, op: str) -> str:
+        return self.choices[op][0]
+
+    def layer_norm(self, size: int, eps: float) -> torch.nn.Module:
+        return _layer_norm_factory(self.name("layernorm"))(size, eps)
+
+    @property
+    def attention(self):
+        return sdpa_attention if self.name("attention") == "sdpa" else math_attention
+
+    @property
+    def bias_gelu(self):
+        return fused_bias_gelu if self.name("bias_gelu") == "fused" else plain_bias_gelu
+
+    def optimizer(self, params, **kwargs) -> torch.optim.Optimizer:
+        return _optimizer_factory(self.name("optimizer"))(params, **kwargs)
+
+    def summary(self) -> str:
+        return "kernels: " + "; ".join(f"{op}={n} ({why})" for op, (n, why) in self.choices.items())
+
+
+def select_kernels(kernel_cfg=None) -> Kernels:
+    """Resolve a KernelConfig (or all-'auto' when None) into concrete implementations."""
+    wanted = {op: getattr(kernel_cfg, op, "auto") if kernel_cfg else "auto"
+              for op in ("layernorm", "attention", "bias_gelu", "optimizer")}
+    return Kernels({op: _choose(op, w) for op, w in wanted.items()})

@@ -1,0 +1,189 @@
+"""Transformer layers of the Parti encoder-decoder, built from megatron-core tensor-parallel pieces.
+
+Tensors are [sequence, batch, hidden] as in Megatron (sequence parallelism splits dimension 0).
+Every linear map is a megatron-core `ColumnParallelLinear` (heads / MLP columns split over TP ranks)
+followed by a `RowParallelLinear` (partial sums all-reduced, or reduce-scattered with sequence
+parallelism). Fused QKV and KV projections interleave per head ([head, q|k|v, head_dim]) so that a
+contiguous TP slice holds whole heads.
+
+Why not megatron-core's `TransformerLayer`/`ModuleSpec`: its local attention core materialises the
+full score matrix (no torch SDPA / flash attention without Transformer Engine), its inference KV
+cache is tied to megatron's inference engine, and its T5 specs lose their final norm without TE
+(see ../shared/notes/megatron-on-cpu.md). These few layers keep the TP layers, mappings, init and RNG
+tracker of megatron-core and add SDPA attention and a simple per-layer KV cache.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_cuda_rng_tracker
+
+from model_parallel.kernels import Kernels
+
+
+@dataclass
+class LayerCache:
+    """Incremental-decoding state of one decoder layer: self-attention K/V so far, cross-attention K/V."""
+
+    self_k: torch.Tensor | None = None  # [batch, local_heads, max_len, head_dim]
+    self_v: torch.Tensor | None = None
+    length: int = 0
+    cross_k: torch.Tensor | None = None  # [batch, local_heads, text_len, head_dim]
+    cross_v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([b, h, n, d]) after the cached ones; return all keys/values so far."""
+        if self.self_k is None:
+            shape = (k.shape[0], k.shape[1], max_len, k.shape[3])
+            self.self_k = k.new_empty(shape)
+            self.self_v = v.new_empty(shape)
+        n = k.shape[2]
+        if self.length + n > self.self_k.shape[2]:
+            raise ValueError(f"KV cache holds {self.self_k.shape[2]} positions; cannot add {n} at {self.length}")
+        self.self_k[:, :, self.length:self.length + n] = k
+        self.self_v[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.self_k[:, :, :self.length], self.self_v[:, :, :self.length]
+
+
+def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
+    """[s, b, heads*parts*head_dim] -> `parts` tensors of [b, heads, s, head_dim]."""
+    s, b = x.shape[:2]
+    x = x.view(s, b, -1, parts, head_dim).permute(3, 1, 2, 0, 4)
+    return list(x.unbind(0))
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[b, heads, s, head_dim] -> [s, b, heads*head_dim]."""
+    b, h, s, d = x.shape
+    return x.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `memory` is None, else cross-attention to it."""
+
+    def __init__(self, hidden: int, heads: int, mp: ModelParallelConfig, kernels: Kernels,
+                 init, out_init, attention_dropout: float, cross: bool):
+        super().__init__()
+        self.head_dim = hidden // heads
+        self.cross = cross
+        self.attention = kernels.attention
+        self.attention_dropout = attention_dropout
+        col = dict(config=mp, init_method=init, bias=True, gather_output=False)
+        if cross:
+            self.q = ColumnParallelLinear(hidden, hidden, **col)
+            self.kv = ColumnParallelLinear(hidden, 2 * hidden, **col)
+        else:
+            self.qkv = ColumnParallelLinear(hidden, 3 * hidden, **col)
+        self.proj = RowParallelLinear(hidden, hidden, config=mp, init_method=out_init, bias=True,
+                                      input_is_parallel=True, skip_bias_add=False)
+
+    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = _split_heads(self.kv(memory)[0], 2, self.head_dim)
+        return k, v
+
+    def forward(self, x, mask=None, causal=False, memory=None, cache: LayerCache | None = None,
+                max_len: int = 0):
+        if self.cross:
+            (q,) = _split_heads(self.q(x)[0], 1, self.head_dim)
+            if cache is not None and cache.cross_k is not None:
+                k, v = cache.cross_k, cache.cross_v
+            else:
+                k, v = self.cross_kv(memory)
+        else:
+            q, k, v = _split_heads(self.qkv(x)[0], 3, self.head_dim)
+            if cache is not None:
+                start = cache.length
+                k, v = cache.append(k, v, max_len)
+                if causal and start > 0:
+                    # Queries start at `start`: query i sees keys 0..start+i (SDPA's is_causal aligns
+                    # top-left, which is only right without cached positions).
+                    n, total = q.shape[2], k.shape[2]
+                    mask = (torch.arange(total, device=q.device)[None, :]
+                            <= start + torch.arange(n, device=q.device)[:, None])
+                    causal = False
+        dropout = self.attention_dropout if self.training else 0.0
+        # Heads are split over TP ranks: their dropout masks come from the per-rank stream.
+        rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
+        with rng:
+            out = self.attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout)
+        return self.proj(_merge_heads(out))[0]
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(hidden, ffn, config=mp, init_method=init, bias=True,
+                                        gather_output=False, skip_bias_add=True)
+        self.fc2 = RowParallelLinear(ffn, hidden, config=mp, init_method=out_init, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False)
+        self.bias_gelu = kernels.bias_gelu
+
+    def forward(self, x):
+        h, bias = self.fc1(x)
+        return self.fc2(self.bias_gelu(h, bias))[0]
+
+
+class Residual(nn.Module):
+    """Pre-LN residual branch: x + dropout(f(norm(x)))."""
+
+    def __init__(self, norm: nn.Module, fn: nn.Module, dropout: float, sequence_parallel: bool):
+        super().__init__()
+        self.norm, self.fn, self.dropout = norm, fn, dropout
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel:
+            mark_sequence_parallel(norm)
+
+    def forward(self, x, **kwargs):
+        h = self.fn(self.norm(x), **kwargs)
+        if self.training and self.dropout > 0:
+            # On sequence shards each rank holds different positions: draw from the per-rank stream.
+            rng = get_cuda_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
+            with rng:
+                h = F.dropout(h, self.dropout, training=True)
+        return x + h
+
+
+def mark_sequence_parallel(module: nn.Module) -> None:
+    """Parameters that see only a sequence shard: their gradients must be summed over the TP group."""
+    for p in module.parameters():
+        p.sequence_parallel = True
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg, mp, kernels, init, out_init):
+        super().__init__()
+        d, sp = cfg.hidden_size, mp.sequence_parallel
+        self.attn = Residual(kernels.layer_norm(d, cfg.layernorm_eps),
+                             Attention(d, cfg.num_heads, mp, kernels, init, out_init, cfg.attention_dropout, False),
+                             cfg.dropout, sp)
+        self.mlp = Residual(kernels.layer_norm(d, cfg.layernorm_eps),
+                            MLP(d, cfg.ffn_hidden_size, mp, kernels, init, out_init), cfg.dropout, sp)
+
+    def forward(self, x, mask):
+        return self.mlp(self.attn(x, mask=mask))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, mp, kernels, init, out_init):
+        super().__init__()
+        d, sp = cfg.hidden_size, mp.sequence_parallel
+        self.max_len = cfg.image_seq_len
+        self.self_attn = Residual(
+            kernels.layer_norm(d, cfg.layernorm_eps),
+            Attention(d, cfg.num_heads, mp, kernels, init, out_init, cfg.attention_dropout, False), cfg.dropout, sp)
+        self.cross_attn = Residual(
+            kernels.layer_norm(d, cfg.layernorm_eps),
+            Attention(d, cfg.num_heads, mp, kernels, init, out_init, cfg.attention_dropout, True), cfg.dropout, sp)
+        self.mlp = Residual(kernels.layer_norm(d, cfg.layernorm_eps),
+                            MLP(d, cfg.ffn_hidden_size, mp, kernels, init, out_init), cfg.dropout, sp)
+
+    def forward(self, x, memory, memory_mask, cache: LayerCache | None = None):
+        x = self.self_attn(x, causal=True, cache=cache, max_len=self.max_len)
+        x = self.cross_attn(x, memory=memory, mask=memory_mask, cache=cache)
+        return self.mlp(x)
