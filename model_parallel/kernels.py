@@ -34,35 +34,43 @@ def _has(module: str) -> bool:
 
 def availability() -> dict[str, dict[str, str | None]]:
     """For each operation, implementation -> None if usable here, else why not."""
-    cuda = torch.cuda.is_available()
-    no_gpu = None if cuda else "needs a CUDA GPU"
-    apex = no_gpu or (None if _has("apex.normalization") else "NVIDIA apex is not installed")
-    te = no_gpu or (None if _has("transformer_engine") else "Transformer Engine is not installed")
+    no_gpu = None if torch.cuda.is_available() else "needs a CUDA GPU"
+    apex_norm = no_gpu or (None if _has("apex.normalization") else "NVIDIA apex is not installed")
     apex_opt = no_gpu or (None if _has("apex.optimizers") else "NVIDIA apex is not installed")
+    te = no_gpu or (None if _has("transformer_engine") else "Transformer Engine is not installed")
     return {
-        "layernorm": {"te": te, "apex": apex, "torch": None},
+        "layernorm": {"te": te, "apex": apex_norm, "torch": None},
         "attention": {"sdpa": None, "math": None},
-        # torch.jit-fused; on CPU it only adds a compile (megatron's fusion targets nvFuser/GPU).
-        "bias_gelu": {"fused": no_gpu, "plain": None},
+        "bias_gelu": {"fused": None, "plain": None},
+        # DeepSpeed's FusedAdam JIT-compiles a CUDA op on first use.
         "optimizer": {"apex": apex_opt, "deepspeed": no_gpu, "torch_fused": None, "torch": None},
     }
+
+
+# What 'auto' tries, best first. On CPU the fusions buy nothing: megatron's bias_gelu is a
+# torch.jit kernel aimed at GPUs, and AdamW's foreach path beats fused=True for small models.
+_PREFERENCE = {
+    "gpu": {"layernorm": ("te", "apex", "torch"), "attention": ("sdpa",),
+            "bias_gelu": ("fused",), "optimizer": ("apex", "torch_fused")},
+    "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "optimizer": ("torch",)},
+}
 
 
 def _choose(op: str, wanted: str) -> tuple[str, str]:
     options = availability()[op]
     if wanted != "auto":
-        why_not = options.get(wanted)
-        if why_not:
-            raise RuntimeError(f"kernels.{op}={wanted!r} is not available: {why_not}")
+        if wanted not in options:
+            raise RuntimeError(f"kernels.{op}={wanted!r} is unknown; choose from {', '.join(options)}")
+        if options[wanted]:
+            raise RuntimeError(f"kernels.{op}={wanted!r} is not available: {options[wanted]}")
         return wanted, "requested"
-    if op == "optimizer" and not torch.cuda.is_available():
-        # fused=True on CPU is correct but slower than the foreach path for small models.
-        return "torch", "auto: CPU"
-    for name, why_not in options.items():
-        if why_not is None:
-            skipped = [f"{n} ({w})" for n, w in options.items() if w and list(options).index(n) < list(options).index(name)]
-            return name, "auto" + (f"; not {', '.join(skipped)}" if skipped else "")
-    raise AssertionError(op)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    passed = []
+    for name in _PREFERENCE[device][op]:
+        if options[name] is None:
+            return name, f"auto on {device}" + (f"; skipped {', '.join(passed)}" if passed else "")
+        passed.append(f"{name}: {options[name]}")
+    raise AssertionError(f"no {op} implementation in the preference list")
 
 
 # ---------------------------------------------------------------------------------------------

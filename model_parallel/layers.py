@@ -187,3 +187,20 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(x, causal=True, cache=cache, max_len=self.max_len)
         x = self.cross_attn(x, memory=memory, mask=memory_mask, cache=cache)
         return self.mlp(x)
+
+
+def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
+    """Sum, over the TP group, the gradients of parameters marked `sequence_parallel` (norms and
+    row-parallel biases, which see only their rank's sequence shard). Call after backward, before
+    the optimizer step; a no-op without sequence parallelism."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads or ps.get_tensor_model_parallel_world_size() == 1:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(reduced)

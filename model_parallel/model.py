@@ -121,6 +121,9 @@ class PartiModel(nn.Module):
     def decode(self, image_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
                cache: list[LayerCache] | None = None, start: int = 0) -> torch.Tensor:
         """Decoder input tokens [b, n] at positions start.. -> vocab-parallel logits [n, b, V/tp]."""
+        if start + image_in.shape[1] > self.cfg.image_seq_len:
+            raise ValueError(f"image positions {start}..{start + image_in.shape[1] - 1} exceed the "
+                             f"{self.cfg.image_seq_len} positions of the image grid")
         x = self._to_hidden(self.image_embed(image_in) + self.image_positions(start, image_in.shape[1], image_in.device))
         for i, layer in enumerate(self.decoder):
             x = layer(x, memory, memory_mask, cache[i] if cache is not None else None)

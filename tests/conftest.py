@@ -1,0 +1,46 @@
+"""Shared fixtures: a one-process megatron-core group for in-process tests, gloo worker pools."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def debug_model_config(**overrides):
+    """The parti-debug preset with fp32-friendly test settings (no dropout, no caption dropping)."""
+    from training.config import load_config
+
+    sets = ["model.preset=parti-debug", "model.dropout=0.0", "model.attention_dropout=0.0",
+            "model.cfg_drop_prob=0.0"] + [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, sets).model
+
+
+def debug_batch(cfg, batch: int = 3, seed: int = 0):
+    """Text ids with varied padding and random image codes, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(4, cfg.text_vocab_size, (batch, cfg.text_seq_len), generator=g)
+    for i in range(batch):
+        text[i, max(1, cfg.text_seq_len - 3 * i - 1):] = cfg.text_pad_id
+    codes = torch.randint(0, cfg.image_vocab_size, (batch, cfg.image_seq_len), generator=g)
+    return text, codes
+
+
+@pytest.fixture(scope="session")
+def single_process():
+    """torch.distributed with one gloo rank and megatron-core TP=PP=1 in the test process."""
+    from model_parallel.state import init_parallel
+
+    init_parallel(tp=1, pp=1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def pool2():
+    from tests.distributed import WorkerPool
+
+    pool = WorkerPool(2)
+    yield pool
+    pool.close()

@@ -1,0 +1,161 @@
+"""A plain-PyTorch Parti encoder-decoder written independently of model_parallel/, for the tests.
+
+It uses nn.Linear with separate per-head Q/K/V matrices, [batch, seq, hidden] tensors and either an
+explicit softmax attention ("math": independent of torch SDPA, for correctness tests) or torch SDPA
+(for bench/model_step.py, a fair speed baseline). `load_from_parti(ref, parti_state_dict)` copies the
+weights of a TP=1 PartiModel, undoing its per-head interleaved QKV layout.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RefAttention(nn.Module):
+    def __init__(self, d, heads, kind):
+        super().__init__()
+        self.heads, self.kind = heads, kind
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, kv, mask=None, causal=False):
+        b, n, d = x.shape
+        split = lambda t: t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)
+        q, k, v = split(self.wq(x)), split(self.wk(kv)), split(self.wv(kv))
+        if causal:
+            tri = torch.ones(n, k.shape[2], dtype=torch.bool).tril()
+            mask = tri if mask is None else mask & tri
+        if self.kind == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = scores.softmax(-1) @ v
+        return self.wo(out.transpose(1, 2).reshape(b, n, d))
+
+
+class RefMLP(nn.Module):
+    def __init__(self, d, ffn):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class RefEncoderLayer(nn.Module):
+    def __init__(self, c, kind):
+        super().__init__()
+        d = c.hidden_size
+        self.ln1, self.ln2 = nn.LayerNorm(d, eps=c.layernorm_eps), nn.LayerNorm(d, eps=c.layernorm_eps)
+        self.attn, self.mlp = RefAttention(d, c.num_heads, kind), RefMLP(d, c.ffn_hidden_size)
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class RefDecoderLayer(nn.Module):
+    def __init__(self, c, kind):
+        super().__init__()
+        d = c.hidden_size
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(d, eps=c.layernorm_eps) for _ in range(3))
+        self.self_attn = RefAttention(d, c.num_heads, kind)
+        self.cross_attn = RefAttention(d, c.num_heads, kind)
+        self.mlp = RefMLP(d, c.ffn_hidden_size)
+
+    def forward(self, x, memory, mask):
+        h = self.ln1(x)
+        x = x + self.self_attn(h, h, causal=True)
+        x = x + self.cross_attn(self.ln2(x), memory, mask)
+        return x + self.mlp(self.ln3(x))
+
+
+class ReferenceParti(nn.Module):
+    def __init__(self, c, kind="math"):
+        super().__init__()
+        self.c = c
+        d = c.hidden_size
+        self.text_embed = nn.Embedding(c.text_vocab_size, d)
+        self.text_pos = nn.Embedding(c.text_seq_len, d)
+        self.encoder = nn.ModuleList(RefEncoderLayer(c, kind) for _ in range(c.encoder_layers))
+        self.enc_ln = nn.LayerNorm(d, eps=c.layernorm_eps)
+        self.image_embed = nn.Embedding(c.image_vocab_size + 1, d)
+        self.row_pos, self.col_pos = nn.Embedding(c.image_grid, d), nn.Embedding(c.image_grid, d)
+        self.decoder = nn.ModuleList(RefDecoderLayer(c, kind) for _ in range(c.decoder_layers))
+        self.dec_ln = nn.LayerNorm(d, eps=c.layernorm_eps)
+        self.head = nn.Linear(d, c.image_vocab_size, bias=False)
+
+    def forward(self, text, codes):
+        """Logits [b, n, V]."""
+        c = self.c
+        mask = (text != c.text_pad_id)[:, None, None, :]
+        x = self.text_embed(text) + self.text_pos(torch.arange(text.shape[1]))
+        for layer in self.encoder:
+            x = layer(x, mask)
+        memory = self.enc_ln(x)
+        inp = torch.cat([torch.full_like(codes[:, :1], c.image_vocab_size), codes[:, :-1]], 1)
+        pos = torch.arange(codes.shape[1])
+        y = self.image_embed(inp) + self.row_pos(pos // c.image_grid) + self.col_pos(pos % c.image_grid)
+        for layer in self.decoder:
+            y = layer(y, memory, mask)
+        return self.head(self.dec_ln(y))
+
+    def loss(self, text, codes):
+        logits = self(text, codes)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+
+
+def _copy(dst: nn.Linear, w, b=None):
+    dst.weight.data.copy_(w)
+    if b is not None:
+        dst.bias.data.copy_(b)
+
+
+def _load_attention(ref: RefAttention, sd, prefix, heads, cross):
+    d = ref.wq.weight.shape[0]
+    hd = d // heads
+    if cross:
+        _copy(ref.wq, sd[prefix + "q.weight"], sd[prefix + "q.bias"])
+        w = sd[prefix + "kv.weight"].view(heads, 2, hd, d)
+        b = sd[prefix + "kv.bias"].view(heads, 2, hd)
+        parts = [(ref.wk, 0), (ref.wv, 1)]
+    else:
+        w = sd[prefix + "qkv.weight"].view(heads, 3, hd, d)
+        b = sd[prefix + "qkv.bias"].view(heads, 3, hd)
+        parts = [(ref.wq, 0), (ref.wk, 1), (ref.wv, 2)]
+    for lin, i in parts:
+        _copy(lin, w[:, i].reshape(d, d), b[:, i].reshape(d))
+    _copy(ref.wo, sd[prefix + "proj.weight"], sd[prefix + "proj.bias"])
+
+
+def load_from_parti(ref: ReferenceParti, sd: dict) -> ReferenceParti:
+    c = ref.c
+    h = c.num_heads
+    ref.text_embed.weight.data.copy_(sd["text_embed.weight"][: c.text_vocab_size])
+    ref.text_pos.weight.data.copy_(sd["text_pos.weight"])
+    ref.image_embed.weight.data.copy_(sd["image_embed.weight"][: c.image_vocab_size + 1])
+    ref.row_pos.weight.data.copy_(sd["image_row_pos.weight"])
+    ref.col_pos.weight.data.copy_(sd["image_col_pos.weight"])
+    ln = lambda mod, p: (mod.weight.data.copy_(sd[p + "weight"]), mod.bias.data.copy_(sd[p + "bias"]))
+    mlp = lambda mod, p: (_copy(mod.fc1, sd[p + "fc1.weight"], sd[p + "fc1.bias"]),
+                          _copy(mod.fc2, sd[p + "fc2.weight"], sd[p + "fc2.bias"]))
+    for i, layer in enumerate(ref.encoder):
+        p = f"encoder.{i}."
+        ln(layer.ln1, p + "attn.norm."), ln(layer.ln2, p + "mlp.norm.")
+        _load_attention(layer.attn, sd, p + "attn.fn.", h, cross=False)
+        mlp(layer.mlp, p + "mlp.fn.")
+    ln(ref.enc_ln, "encoder_norm.")
+    for i, layer in enumerate(ref.decoder):
+        p = f"decoder.{i}."
+        ln(layer.ln1, p + "self_attn.norm."), ln(layer.ln2, p + "cross_attn.norm."), ln(layer.ln3, p + "mlp.norm.")
+        _load_attention(layer.self_attn, sd, p + "self_attn.fn.", h, cross=False)
+        _load_attention(layer.cross_attn, sd, p + "cross_attn.fn.", h, cross=True)
+        mlp(layer.mlp, p + "mlp.fn.")
+    ln(ref.dec_ln, "decoder_norm.")
+    ref.head.weight.data.copy_(sd["head.weight"])
+    return ref

@@ -1,0 +1,88 @@
+"""TP=2 on two gloo processes against TP=1: loss, gathered gradients, KV-cache decoding, SP."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.conftest import debug_batch, debug_model_config
+
+
+def _full(t: torch.Tensor, param) -> torch.Tensor:
+    """Concatenate a tensor-parallel shard over the TP group along its partition dimension."""
+    from megatron.core import parallel_state as ps
+
+    if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def loss_and_grads(tp: int, sequence_parallel: bool, dropout: float = 0.0):
+    from model_parallel.layers import allreduce_sequence_parallel_grads
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel, seed_everything
+
+    init_parallel(tp=tp)
+    seed_everything(11)
+    cfg = debug_model_config(**{"model.dropout": dropout})
+    model = PartiModel(cfg, sequence_parallel=sequence_parallel)
+    text, codes = debug_batch(cfg, batch=3, seed=2)
+    loss = model.loss(text, codes)
+    loss.backward()
+    allreduce_sequence_parallel_grads(model)
+    params = dict(model.named_parameters())
+    return (loss.item(), {n: _full(p.grad, p) for n, p in params.items()},
+            {n: _full(p.data, p) for n, p in params.items()})
+
+
+def decoded_logits(tp: int):
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel, seed_everything
+
+    init_parallel(tp=tp)
+    seed_everything(5)
+    cfg = debug_model_config()
+    model = PartiModel(cfg).eval()
+    text, codes = debug_batch(cfg, seed=4)
+    with torch.no_grad():
+        caches, memory, mask = model.start_decoding(text)
+        inputs = model.decoder_input(codes)
+        return torch.cat([model.decode_step(inputs[:, i:i + 1], caches, memory, mask)
+                          for i in range(inputs.shape[1])], dim=1)
+
+
+@pytest.fixture(scope="module")
+def tp1(pool2):
+    return pool2.run(loss_and_grads, 1, False)[0]
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_tp2_equals_tp1(pool2, tp1, sequence_parallel):
+    loss1, grads1, weights1 = tp1
+    (loss2, grads2, weights2), other_rank = pool2.run(loss_and_grads, 2, sequence_parallel)
+    # Same initial model at any TP (one master weight per layer, sliced per rank).
+    for name in weights1:
+        torch.testing.assert_close(weights2[name], weights1[name], rtol=0, atol=0, msg=name)
+    assert loss2 == pytest.approx(loss1, rel=1e-6, abs=1e-6)
+    assert set(grads2) == set(grads1)
+    for name in grads1:  # every parameter: cross-attention, vocab-parallel embeddings and head included
+        torch.testing.assert_close(grads2[name], grads1[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert other_rank[0] == loss2
+
+
+def test_tp2_kv_cache_decoding_equals_tp1(pool2):
+    ref = pool2.run(decoded_logits, 1)[0]
+    tp2 = pool2.run(decoded_logits, 2)
+    torch.testing.assert_close(tp2[0], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tp2[1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_changes_loss_and_is_reproducible(pool2):
+    """With dropout the TP=2 loss is no longer TP=1's, but is the same on every TP rank and rerun."""
+    a = pool2.run(loss_and_grads, 2, False, 0.3)
+    b = pool2.run(loss_and_grads, 2, False, 0.3)
+    assert a[0][0] == a[1][0] == b[0][0]
+    no_dropout = pool2.run(loss_and_grads, 2, False, 0.0)[0][0]
+    assert a[0][0] != pytest.approx(no_dropout, abs=1e-4)
