@@ -314,6 +314,12 @@ def _build(cls, values: dict, where: str):
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (type(value) is hint):
         raise ConfigError(f"{name}={value!r} must be of type {hint.__name__}")
     return value

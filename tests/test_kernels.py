@@ -1,0 +1,97 @@
+"""Each fused kernel path against the plain one, where it is available here; selection rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_parallel.kernels import (
+    availability, fused_bias_gelu, math_attention, plain_bias_gelu, sdpa_attention, select_kernels,
+)
+from training.config import KernelConfig
+
+AVAILABLE = availability()
+
+
+def _skip_unless(op, name):
+    why_not = AVAILABLE[op][name]
+    if why_not:
+        pytest.skip(f"{op}={name}: {why_not}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_equals_math_attention(causal):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = None if causal else (torch.arange(7) < torch.tensor([7, 4])[:, None])[:, None, None, :]
+    out_sdpa = sdpa_attention(q, k, v, mask=mask, causal=causal)
+    grads_sdpa = torch.autograd.grad(out_sdpa.square().sum(), (q, k, v))
+    out_math = math_attention(q, k, v, mask=mask, causal=causal)
+    grads_math = torch.autograd.grad(out_math.square().sum(), (q, k, v))
+    torch.testing.assert_close(out_sdpa, out_math, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_sdpa, grads_math):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_bias_gelu_equals_plain():
+    _skip_unless("bias_gelu", "fused")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 16, generator=g, requires_grad=True)
+    b = torch.randn(16, generator=g, requires_grad=True)
+    fused = fused_bias_gelu(x, b)
+    gf = torch.autograd.grad(fused.sum(), (x, b))
+    plain = plain_bias_gelu(x, b)
+    gp = torch.autograd.grad(plain.sum(), (x, b))
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for a, c in zip(gf, gp):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["apex", "te"])
+def test_fused_layer_norm_equals_torch(name):
+    _skip_unless("layernorm", name)
+    kernels = select_kernels(KernelConfig(layernorm=name))
+    fused, plain = kernels.layer_norm(32, 1e-5).cuda(), torch.nn.LayerNorm(32, eps=1e-5).cuda()
+    with torch.no_grad():
+        fused.weight.copy_(torch.randn(32)), fused.bias.copy_(torch.randn(32))
+        plain.load_state_dict(fused.state_dict(), strict=False)
+    x = torch.randn(4, 6, 32, device="cuda")
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["torch_fused", "apex", "deepspeed"])
+def test_fused_optimizer_equals_torch_adamw(name):
+    _skip_unless("optimizer", name)
+    device = "cuda" if name in ("apex", "deepspeed") else "cpu"
+    g = torch.Generator().manual_seed(2)
+    init = torch.randn(10, 6, generator=g)
+    grads = [torch.randn(10, 6, generator=g) for _ in range(4)]
+    results = []
+    for impl in (name, "torch"):
+        p = torch.nn.Parameter(init.clone().to(device))
+        opt = select_kernels(KernelConfig(optimizer=impl)).optimizer([p], lr=1e-2, betas=(0.9, 0.95),
+                                                                       eps=1e-8, weight_decay=0.1)
+        for grad in grads:
+            p.grad = grad.to(device)
+            opt.step()
+        results.append(p.detach().cpu())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(results[0], init)
+
+
+def test_auto_selection_and_summary():
+    kernels = select_kernels()
+    for op in ("layernorm", "attention", "bias_gelu", "optimizer"):
+        name, why = kernels.choices[op]
+        assert AVAILABLE[op][name] is None and why.startswith("auto")
+    if not torch.cuda.is_available():
+        assert kernels.name("layernorm") == "torch" and kernels.name("bias_gelu") == "plain"
+    assert "attention=sdpa" in kernels.summary()
+
+
+def test_unavailable_choice_is_refused_with_reason():
+    unavailable = [(op, n, why) for op, opts in AVAILABLE.items() for n, why in opts.items() if why]
+    if not unavailable:
+        pytest.skip("every implementation is available on this machine")
+    op, name, why = unavailable[0]
+    with pytest.raises(RuntimeError, match=f"kernels.{op}='{name}' is not available: {why}"):
+        select_kernels(KernelConfig(**{op: name}))

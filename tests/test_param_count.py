@@ -1,0 +1,28 @@
+"""Parameter counts of the presets on the meta device against the Parti paper and a real build."""
+from __future__ import annotations
+
+import pytest
+
+from model_parallel.param_count import PAPER_SIZES, count_parameters, main, meta_model
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_SIZES))
+def test_parti_sizes_within_5_percent(single_process, preset):
+    total = count_parameters(meta_model(preset))["total"]
+    assert abs(total / PAPER_SIZES[preset] - 1) < 0.05, (preset, total)
+
+
+def test_meta_count_equals_built_model(single_process):
+    from model_parallel.model import PartiModel
+    from tests.conftest import debug_model_config
+
+    built = sum(p.numel() for p in PartiModel(debug_model_config()).parameters())
+    assert count_parameters(meta_model("parti-debug"))["total"] == built == 313_088
+
+
+def test_command_prints_every_preset(single_process, capsys):
+    main([])
+    out = capsys.readouterr().out
+    assert "20,540,899,328" in out.split("parti-20b")[1]
+    for preset in ("parti-debug", "parti-tiny", *PAPER_SIZES):
+        assert preset in out
