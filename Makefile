@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+# Setup is a virtual environment in .venv with the pinned requirements; nothing is installed by hand.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(BIN)/python -c 'import torch;print("cuda" if torch.cuda.is_available() else "cpu")')} \
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m training.train --config configs/train/debug.yaml \
+	    --set parallel.tp=2 --run-dir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/model_step.py
+
+clean:
+	rm -rf $(VENV) runs
