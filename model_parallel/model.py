@@ -134,15 +134,17 @@ class PartiModel(nn.Module):
         bos = torch.full_like(image_codes[:, :1], self.bos_id)
         return torch.cat([bos, image_codes[:, :-1]], dim=1)
 
-    def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits [H*W, b, V/tp] predicting each image code from the ones before it."""
+    def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor, return_loss: bool = False) -> torch.Tensor:
+        """Vocab-parallel logits [H*W, b, V/tp] predicting each image code from the ones before it,
+        or with `return_loss` their mean cross-entropy (vocab-parallel, exact at any TP)."""
         memory, mask = self.encode(text_ids)
-        return self.decode(self.decoder_input(image_codes), memory, mask)
+        logits = self.decode(self.decoder_input(image_codes), memory, mask)
+        if not return_loss:
+            return logits
+        return vocab_parallel_cross_entropy(logits.float(), image_codes.t().contiguous()).mean()
 
     def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over all image tokens (vocab-parallel, exact at any TP)."""
-        logits = self(text_ids, image_codes)
-        return vocab_parallel_cross_entropy(logits.float(), image_codes.t().contiguous()).mean()
+        return self(text_ids, image_codes, return_loss=True)
 
     # ------------------------------------------------------------------------------------------
     # Incremental decoding (sampling): cross-attention K/V once per prompt, self-attention K/V cached.

@@ -1,7 +1,7 @@
 """A pool of gloo worker processes that stays up for the whole test session.
 
 Starting a process and importing megatron-core/DeepSpeed costs seconds, so multi-process tests do
-not spawn per test: `pool.run(fn, *args)` calls the module-level function `fn` on every rank of an
+not spawn per test: `pool.run(fn, *args, **kwargs)` calls the module-level function `fn` on every rank of an
 already-initialised process group and returns the per-rank results (or raises with each failing
 rank's traceback). A worker that hangs past the timeout takes the pool down with it.
 """
@@ -36,9 +36,9 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
         task = inbox.get()
         if task is None:
             return
-        fn, args = task
+        fn, args, kwargs = task
         try:
-            outbox.put((rank, True, fn(*args)))
+            outbox.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # report every failure to the parent, keep serving
             outbox.put((rank, False, traceback.format_exc()))
 
@@ -55,9 +55,9 @@ class WorkerPool:
         for p in self.procs:
             p.start()
 
-    def run(self, fn, *args, timeout: float = 600):
+    def run(self, fn, *args, timeout: float = 600, **kwargs):
         for box in self.inboxes:
-            box.put((fn, args))
+            box.put((fn, args, kwargs))
         results, errors = {}, []
         for _ in range(self.world_size):
             try:
