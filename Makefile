@@ -17,6 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(BIN)/python -c 'import torch;print("cuda" if torch.cuda.is_available() else "cpu")')} \
 	$(BIN)/torchrun --standalone --nproc_per_node 2 -m training.train --config configs/train/debug.yaml \
 	    --set parallel.tp=2 --run-dir runs/demo
