@@ -26,7 +26,6 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     get_cuda_rng_tracker,
     scatter_to_sequence_parallel_region,
@@ -36,6 +35,11 @@ from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
 from model_parallel.kernels import Kernels, select_kernels
 from model_parallel.layers import DecoderLayer, EncoderLayer, LayerCache, mark_sequence_parallel
+
+
+def text_mask(text_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[b, T] ids -> [b, 1, 1, T] bool, True where a key may be attended to."""
+    return (text_ids != pad_id)[:, None, None, :]
 
 
 def padded_vocab(size: int, multiple: int) -> int:
@@ -53,81 +57,135 @@ def megatron_config(sequence_parallel: bool = False, meta: bool = False,
     )
 
 
+def _to_hidden(x: torch.Tensor, dropout: float, sequence_parallel: bool, training: bool) -> torch.Tensor:
+    """[b, s, d] embeddings -> [s, b, d] (this rank's sequence shard with SP), with embedding dropout."""
+    x = x.transpose(0, 1).contiguous()
+    if sequence_parallel:
+        x = scatter_to_sequence_parallel_region(x)
+    if training and dropout > 0:
+        rng = get_cuda_rng_tracker().fork() if sequence_parallel else contextlib.nullcontext()
+        with rng:
+            x = F.dropout(x, dropout, training=True)
+    return x
+
+
+class TextEmbedding(nn.Module):
+    """Caption ids [b, T] -> token + position embeddings [T, b, d]."""
+
+    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+        super().__init__()
+        self.cfg, self.sequence_parallel = cfg, mp.sequence_parallel
+        self.embed = VocabParallelEmbedding(padded_vocab(cfg.text_vocab_size, cfg.vocab_pad_multiple),
+                                            cfg.hidden_size, init_method=init, config=mp)
+        self.pos = nn.Embedding(cfg.text_seq_len, cfg.hidden_size)
+        if mp.perform_initialization:
+            init(self.pos.weight)
+
+    def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(text_ids.shape[1], device=text_ids.device)
+        return _to_hidden(self.embed(text_ids) + self.pos(positions), self.cfg.dropout,
+                          self.sequence_parallel, self.training)
+
+
+class ImageEmbedding(nn.Module):
+    """Decoder input tokens [b, n] at grid positions start.. -> embeddings with row + column positions."""
+
+    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+        super().__init__()
+        self.cfg, self.sequence_parallel = cfg, mp.sequence_parallel
+        self.embed = VocabParallelEmbedding(padded_vocab(cfg.image_vocab_size + 1, cfg.vocab_pad_multiple),
+                                            cfg.hidden_size, init_method=init, config=mp)
+        self.row_pos = nn.Embedding(cfg.image_grid, cfg.hidden_size)
+        self.col_pos = nn.Embedding(cfg.image_grid, cfg.hidden_size)
+        if mp.perform_initialization:
+            init(self.row_pos.weight), init(self.col_pos.weight)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if start + tokens.shape[1] > self.cfg.image_seq_len:
+            raise ValueError(f"image positions {start}..{start + tokens.shape[1] - 1} exceed the "
+                             f"{self.cfg.image_seq_len} positions of the image grid")
+        idx = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        pos = self.row_pos(idx // self.cfg.image_grid) + self.col_pos(idx % self.cfg.image_grid)
+        return _to_hidden(self.embed(tokens) + pos, self.cfg.dropout, self.sequence_parallel, self.training)
+
+
+class FinalNorm(nn.Module):
+    """The layer norm that closes the encoder."""
+
+    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+        super().__init__()
+        self.norm = kernels.layer_norm(cfg.hidden_size, cfg.layernorm_eps)
+        if mp.sequence_parallel:
+            mark_sequence_parallel(self.norm)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class OutputHead(nn.Module):
+    """Decoder final norm and the projection to vocab-parallel image-code logits [n, b, V/tp]."""
+
+    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+        super().__init__()
+        self.norm = FinalNorm(cfg, mp, kernels, init, out_init)
+        self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.image_vocab_size, config=mp, init_method=init,
+                                         bias=False, gather_output=False)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))[0]
+
+
+def model_pieces(cfg, kernels: Kernels | None = None, sequence_parallel: bool = False, meta: bool = False):
+    """The model as an ordered list of (class, constructor args): the same list builds PartiModel and
+    the pipeline stages (model_parallel/pipeline.py). Piece k is built right after
+    torch.manual_seed(init_seed + k), so its weights do not depend on which pieces a rank builds."""
+    mp = megatron_config(sequence_parallel, meta)
+    args = (cfg, mp, kernels or select_kernels(), init_method_normal(cfg.init_std),
+            scaled_init_method_normal(cfg.init_std, cfg.encoder_layers + cfg.decoder_layers))
+    return ([(TextEmbedding, args)] + [(EncoderLayer, args)] * cfg.encoder_layers + [(FinalNorm, args)]
+            + [(ImageEmbedding, args)] + [(DecoderLayer, args)] * cfg.decoder_layers + [(OutputHead, args)])
+
+
 class PartiModel(nn.Module):
     def __init__(self, cfg, kernels: Kernels | None = None, sequence_parallel: bool = False,
-                 meta: bool = False):
+                 meta: bool = False, init_seed: int = 1234):
         super().__init__()
-        kernels = kernels or select_kernels()
         self.cfg = cfg
-        mp = megatron_config(sequence_parallel, meta)
-        self.sequence_parallel = mp.sequence_parallel
-        init = init_method_normal(cfg.init_std)
-        out_init = scaled_init_method_normal(cfg.init_std, cfg.encoder_layers + cfg.decoder_layers)
-        d = cfg.hidden_size
+        pieces = model_pieces(cfg, kernels, sequence_parallel, meta)
+        self.sequence_parallel = pieces[0][1][1].sequence_parallel
         self.bos_id = cfg.image_vocab_size
-
-        self.text_embed = VocabParallelEmbedding(
-            padded_vocab(cfg.text_vocab_size, cfg.vocab_pad_multiple), d, init_method=init, config=mp)
-        self.text_pos = nn.Embedding(cfg.text_seq_len, d)
-        self.encoder = nn.ModuleList(EncoderLayer(cfg, mp, kernels, init, out_init)
-                                     for _ in range(cfg.encoder_layers))
-        self.encoder_norm = kernels.layer_norm(d, cfg.layernorm_eps)
-
-        self.image_embed = VocabParallelEmbedding(
-            padded_vocab(cfg.image_vocab_size + 1, cfg.vocab_pad_multiple), d, init_method=init, config=mp)
-        self.image_row_pos = nn.Embedding(cfg.image_grid, d)
-        self.image_col_pos = nn.Embedding(cfg.image_grid, d)
-        self.decoder = nn.ModuleList(DecoderLayer(cfg, mp, kernels, init, out_init)
-                                     for _ in range(cfg.decoder_layers))
-        self.decoder_norm = kernels.layer_norm(d, cfg.layernorm_eps)
-        self.head = ColumnParallelLinear(d, cfg.image_vocab_size, config=mp, init_method=init,
-                                         bias=False, gather_output=False)
-        if self.sequence_parallel:
-            mark_sequence_parallel(self.encoder_norm)
-            mark_sequence_parallel(self.decoder_norm)
-        if not meta:
-            for emb in (self.text_pos, self.image_row_pos, self.image_col_pos):
-                init(emb.weight)
+        built = []
+        with torch.random.fork_rng(devices=[]):
+            for k, (cls, args) in enumerate(pieces):
+                torch.manual_seed(init_seed + k)
+                built.append(cls(*args))
+        e = cfg.encoder_layers
+        self.text_embedding = built[0]
+        self.encoder = nn.ModuleList(built[1:1 + e])
+        self.encoder_norm = built[1 + e]
+        self.image_embedding = built[2 + e]
+        self.decoder = nn.ModuleList(built[3 + e:-1])
+        self.head = built[-1]
 
     # ------------------------------------------------------------------------------------------
-    def _to_hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, s, d] embeddings -> [s, b, d] (sequence shard with SP), with embedding dropout."""
-        x = x.transpose(0, 1).contiguous()
-        if self.sequence_parallel:
-            x = scatter_to_sequence_parallel_region(x)
-        if self.training and self.cfg.dropout > 0:
-            rng = get_cuda_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
-            with rng:
-                x = F.dropout(x, self.cfg.dropout, training=True)
-        return x
-
     def text_mask(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """[b, T] ids -> [b, 1, 1, T] bool, True where a key may be attended to."""
-        return (text_ids != self.cfg.text_pad_id)[:, None, None, :]
+        return text_mask(text_ids, self.cfg.text_pad_id)
 
     def encode(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text ids [b, T] -> (memory [T, b, d] (a sequence shard with SP), key mask [b, 1, 1, T])."""
         mask = self.text_mask(text_ids)
-        positions = torch.arange(text_ids.shape[1], device=text_ids.device)
-        x = self._to_hidden(self.text_embed(text_ids) + self.text_pos(positions))
+        x = self.text_embedding(text_ids)
         for layer in self.encoder:
             x = layer(x, mask)
         return self.encoder_norm(x), mask
 
-    def image_positions(self, start: int, length: int, device) -> torch.Tensor:
-        idx = torch.arange(start, start + length, device=device)
-        return self.image_row_pos(idx // self.cfg.image_grid) + self.image_col_pos(idx % self.cfg.image_grid)
-
     def decode(self, image_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
                cache: list[LayerCache] | None = None, start: int = 0) -> torch.Tensor:
         """Decoder input tokens [b, n] at positions start.. -> vocab-parallel logits [n, b, V/tp]."""
-        if start + image_in.shape[1] > self.cfg.image_seq_len:
-            raise ValueError(f"image positions {start}..{start + image_in.shape[1] - 1} exceed the "
-                             f"{self.cfg.image_seq_len} positions of the image grid")
-        x = self._to_hidden(self.image_embed(image_in) + self.image_positions(start, image_in.shape[1], image_in.device))
+        x = self.image_embedding(image_in, start)
         for i, layer in enumerate(self.decoder):
             x = layer(x, memory, memory_mask, cache[i] if cache is not None else None)
-        return self.head(self.decoder_norm(x))[0]
+        return self.head(x)
 
     def decoder_input(self, image_codes: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: [BOS, codes[:-1]]."""
@@ -141,7 +199,7 @@ class PartiModel(nn.Module):
         logits = self.decode(self.decoder_input(image_codes), memory, mask)
         if not return_loss:
             return logits
-        return vocab_parallel_cross_entropy(logits.float(), image_codes.t().contiguous()).mean()
+        return image_code_loss(logits, image_codes)
 
     def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
         return self(text_ids, image_codes, return_loss=True)
@@ -163,6 +221,11 @@ class PartiModel(nn.Module):
         """Next-token logits for decoder inputs `tokens` [b, n] after the cached ones: [b, n, V] (gathered)."""
         logits = self.decode(tokens, memory, mask, cache=caches, start=caches[0].length)
         return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
+
+
+def image_code_loss(logits: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of vocab-parallel logits [n, b, V/tp] against codes [b, n]."""
+    return vocab_parallel_cross_entropy(logits.float(), image_codes.t().contiguous()).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +251,3 @@ def null_condition(text_ids: torch.Tensor, drop: torch.Tensor, pad_id: int, eos_
     empty[0] = eos_id
     return torch.where(drop[:, None], empty[None, :], text_ids)
 
-
-def gather_sequence(x: torch.Tensor) -> torch.Tensor:
-    """Full sequence from a sequence-parallel shard (for inspection/tests)."""
-    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)

@@ -29,7 +29,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         part = {"encoder": "encoder", "encoder_norm": "encoder", "decoder": "decoder",
-                "decoder_norm": "decoder", "head": "head"}.get(top, "embeddings")
+                "head": "head"}.get(top, "embeddings")
         parts[part] += p.numel()
     parts["total"] = sum(parts.values())
     return parts

@@ -136,11 +136,11 @@ def _load_attention(ref: RefAttention, sd, prefix, heads, cross):
 def load_from_parti(ref: ReferenceParti, sd: dict) -> ReferenceParti:
     c = ref.c
     h = c.num_heads
-    ref.text_embed.weight.data.copy_(sd["text_embed.weight"][: c.text_vocab_size])
-    ref.text_pos.weight.data.copy_(sd["text_pos.weight"])
-    ref.image_embed.weight.data.copy_(sd["image_embed.weight"][: c.image_vocab_size + 1])
-    ref.row_pos.weight.data.copy_(sd["image_row_pos.weight"])
-    ref.col_pos.weight.data.copy_(sd["image_col_pos.weight"])
+    ref.text_embed.weight.data.copy_(sd["text_embedding.embed.weight"][: c.text_vocab_size])
+    ref.text_pos.weight.data.copy_(sd["text_embedding.pos.weight"])
+    ref.image_embed.weight.data.copy_(sd["image_embedding.embed.weight"][: c.image_vocab_size + 1])
+    ref.row_pos.weight.data.copy_(sd["image_embedding.row_pos.weight"])
+    ref.col_pos.weight.data.copy_(sd["image_embedding.col_pos.weight"])
     ln = lambda mod, p: (mod.weight.data.copy_(sd[p + "weight"]), mod.bias.data.copy_(sd[p + "bias"]))
     mlp = lambda mod, p: (_copy(mod.fc1, sd[p + "fc1.weight"], sd[p + "fc1.bias"]),
                           _copy(mod.fc2, sd[p + "fc2.weight"], sd[p + "fc2.bias"]))
@@ -149,13 +149,13 @@ def load_from_parti(ref: ReferenceParti, sd: dict) -> ReferenceParti:
         ln(layer.ln1, p + "attn.norm."), ln(layer.ln2, p + "mlp.norm.")
         _load_attention(layer.attn, sd, p + "attn.fn.", h, cross=False)
         mlp(layer.mlp, p + "mlp.fn.")
-    ln(ref.enc_ln, "encoder_norm.")
+    ln(ref.enc_ln, "encoder_norm.norm.")
     for i, layer in enumerate(ref.decoder):
         p = f"decoder.{i}."
         ln(layer.ln1, p + "self_attn.norm."), ln(layer.ln2, p + "cross_attn.norm."), ln(layer.ln3, p + "mlp.norm.")
         _load_attention(layer.self_attn, sd, p + "self_attn.fn.", h, cross=False)
         _load_attention(layer.cross_attn, sd, p + "cross_attn.fn.", h, cross=True)
         mlp(layer.mlp, p + "mlp.fn.")
-    ln(ref.dec_ln, "decoder_norm.")
-    ref.head.weight.data.copy_(sd["head.weight"])
+    ln(ref.dec_ln, "head.norm.norm.")
+    ref.head.weight.data.copy_(sd["head.proj.weight"])
     return ref

@@ -27,7 +27,7 @@ def loss_and_grads(tp: int, sequence_parallel: bool, dropout: float = 0.0):
     init_parallel(tp=tp)
     seed_everything(11)
     cfg = debug_model_config(**{"model.dropout": dropout})
-    model = PartiModel(cfg, sequence_parallel=sequence_parallel)
+    model = PartiModel(cfg, sequence_parallel=sequence_parallel, init_seed=11)
     text, codes = debug_batch(cfg, batch=3, seed=2)
     loss = model.loss(text, codes)
     loss.backward()

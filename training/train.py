@@ -83,7 +83,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
     kernels = select_kernels(cfg.kernels)
     log.info(kernels.summary())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel).to(device)
+    model = PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
+                       init_seed=cfg.train.seed).to(device)
     engine = build_engine(model, cfg, kernels)
     dataset = build_dataset(cfg)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch_size, cfg.train.seed)
