@@ -42,6 +42,12 @@ def text_mask(text_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return (text_ids != pad_id)[:, None, None, :]
 
 
+def decoder_input(image_codes: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Teacher forcing: [BOS, codes[:-1]]."""
+    bos = torch.full_like(image_codes[:, :1], bos_id)
+    return torch.cat([bos, image_codes[:, :-1]], dim=1)
+
+
 def padded_vocab(size: int, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
@@ -188,9 +194,7 @@ class PartiModel(nn.Module):
         return self.head(x)
 
     def decoder_input(self, image_codes: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: [BOS, codes[:-1]]."""
-        bos = torch.full_like(image_codes[:, :1], self.bos_id)
-        return torch.cat([bos, image_codes[:, :-1]], dim=1)
+        return decoder_input(image_codes, self.bos_id)
 
     def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor, return_loss: bool = False) -> torch.Tensor:
         """Vocab-parallel logits [H*W, b, V/tp] predicting each image code from the ones before it,

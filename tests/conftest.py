@@ -44,3 +44,12 @@ def pool2():
     pool = WorkerPool(2)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def pool4():
+    from tests.distributed import WorkerPool
+
+    pool = WorkerPool(4)
+    yield pool
+    pool.close()

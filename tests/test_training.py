@@ -1,4 +1,5 @@
-"""The DeepSpeed trainer against its references: ZeRO-n = ZeRO-0, DP=2 = DP=1, TP=2 = TP=1, resume = uninterrupted.
+"""The DeepSpeed trainer against its references: ZeRO-n = ZeRO-0, DP=2 = DP=1, TP=2 = TP=1,
+PP=2 = PP=1, TP=2 x PP=2 = TP=1 x PP=1, resume = uninterrupted.
 
 All runs: the debug model, fp32, no dropout, 6 steps of global batch 8 (micro-batch 2).
 """
@@ -34,6 +35,10 @@ def reference(pool2, tmp_path_factory):
     return losses[0], path
 
 
+def grad_norms(run_dir) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_loss_goes_down_and_metrics_are_written(reference):
     losses, path = reference
     assert losses[-1] < losses[0] - 0.3
@@ -67,3 +72,18 @@ def test_resume_continues_the_uninterrupted_run(pool2, reference, tmp_path):
     second = pool2.run(run, str(tmp_path))[0]  # resumes from step 3
     assert len(first) == 3 and len(second) == STEPS - 3
     assert first + second == pytest.approx(reference[0], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_pp2_equals_pp1(pool2, reference, tmp_path, zero):
+    losses = pool2.run(run, str(tmp_path), "parallel.pp=2", f"parallel.zero_stage={zero}")
+    assert losses[0] == losses[1]  # every stage reports the pipeline's loss
+    assert losses[0] == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
+    # The clipped gradient norm covers both stages' parameters, replicated ones included.
+    assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference[1]), rel=1e-5)
+
+
+def test_tp2_pp2_on_four_processes_equals_tp1_pp1(pool4, reference, tmp_path):
+    losses = pool4.run(run, str(tmp_path), "parallel.tp=2", "parallel.pp=2")
+    assert losses[0] == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
+    assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference[1]), rel=1e-5)

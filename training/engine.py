@@ -41,34 +41,16 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
-        "gradient_clipping": 0.0 if _clips_itself(cfg) else t.grad_clip,
+        "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # With a tensor-parallel topology only unpartitioned activations/gradients may cross stages
+        # when more than the first tuple element needs a gradient (memory does).
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
     }
-
-
-def _clips_itself(cfg: Config) -> bool:
-    """fp32 ZeRO-0: DeepSpeed clips without keeping the norm, so the trainer clips (same function)."""
-    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
-
-
-def optimizer_step(engine, cfg: Config, boundary: bool) -> float | None:
-    """engine.step() after a micro-batch's backward; at the accumulation boundary, return the global
-    gradient norm (tensor-parallel shards counted once, replicated parameters once)."""
-    norm = None
-    if boundary and _clips_itself(cfg):
-        from deepspeed.runtime.utils import clip_grad_norm_
-
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        norm = float(clip_grad_norm_(engine.module.parameters(), max_norm, mpu=engine.mpu))
-    engine.step()
-    if boundary and norm is None:
-        norm = engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
-    return norm
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -93,21 +75,103 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def _no_cpu_compiles() -> None:
-    if not torch.cuda.is_available():
-        import deepspeed.ops
+def init_deepspeed() -> None:
+    """DeepSpeed's comm layer over the existing process group (idempotent). On CPU its shared-memory
+    op is switched off first: it would be JIT-compiled (~36 s) and gloo does the job."""
+    import deepspeed
+    import deepspeed.ops
 
+    if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def build_model(cfg: Config, kernels, device: str):
+    """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1."""
+    if cfg.parallel.pp > 1:
+        from model_parallel.pipeline import build_pipeline
+
+        init_deepspeed()
+        return build_pipeline(cfg.model, kernels, cfg.parallel.pp, cfg.train.seed, cfg.parallel.sequence_parallel)
+    from model_parallel.model import PartiModel
+
+    return PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
+                      init_seed=cfg.train.seed).to(device)
+
+
+def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """2-norm of the gradients of the whole model: tensor-parallel shards counted on every TP rank,
+    replicated parameters on TP rank 0 only, summed over the TP x PP ranks that hold the model.
+    (megatron-core's get_grad_norm_fp32 does the same but allocates on CUDA.)"""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            squares += p.grad.detach().float().square().sum()
+    torch.distributed.all_reduce(squares, group=ps.get_model_parallel_group())
+    return squares.sqrt()
+
+
+def _clip_fp32_gradients_megatron_style(engine) -> None:
+    """Replace DeepSpeed's fp32 ZeRO-0 clipping (runtime/utils.clip_grad_norm_), which keeps no norm
+    and, under a pipeline, leaves replicated parameters of later stages out of it (it asks the
+    pipe x tensor rank, not the tensor rank), by `global_grad_norm` and the same clipping rule."""
+
+    def clip():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params)
+        coefficient = engine.gradient_clipping() / (norm + 1e-6)
+        if coefficient < 1.0:
+            for p in params:
+                p.grad.detach().mul_(coefficient)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, kernels):
     import deepspeed
+    from deepspeed.pipe import PipelineModule
 
-    _no_cpu_compiles()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_deepspeed()
     t = cfg.train
     optimizer = kernels.optimizer(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    pipelined = isinstance(model, PipelineModule)  # the pipeline brings its own topology as mpu
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           mpu=MegatronMpu(), config=deepspeed_config(cfg, data_parallel_size()))
+                                           mpu=None if pipelined else MegatronMpu(),
+                                           config=deepspeed_config(cfg, data_parallel_size()))
+    _clip_fp32_gradients_megatron_style(engine)
     return engine
+
+
+def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[float, float | None]:
+    """One optimizer step over this DP rank's micro-batches [(text_ids, codes), ...].
+    Returns the loss averaged over the global batch and the global gradient norm."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from megatron.core import parallel_state as ps
+
+    from model_parallel.layers import allreduce_sequence_parallel_grads
+    from model_parallel.model import decoder_input
+
+    bos = cfg.model.image_vocab_size
+    if isinstance(engine, PipelineEngine):
+        batches = iter([((text.to(device), decoder_input(codes, bos).to(device)), codes.to(device))
+                        for text, codes in micro_batches])
+        loss = engine.train_batch(batches)  # averaged over micro-batches and DP, on every stage
+        norm = engine.get_global_grad_norm()
+        return float(loss), float(norm) if norm is not None else None
+    losses = []
+    for text, codes in micro_batches:
+        loss = engine(text.to(device), codes.to(device), return_loss=True)
+        engine.backward(loss)
+        if cfg.parallel.sequence_parallel:
+            allreduce_sequence_parallel_grads(engine.module)
+        engine.step()
+        losses.append(loss.detach().float().cpu())
+    mean = torch.stack(losses).mean()
+    torch.distributed.all_reduce(mean, group=ps.get_data_parallel_group())
+    norm = engine.get_global_grad_norm()
+    return mean.item() / ps.get_data_parallel_world_size(), float(norm) if norm is not None else None

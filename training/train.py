@@ -58,21 +58,18 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
 
     from data_pipeline.sampler import GlobalBatchSampler
     from model_parallel.kernels import select_kernels
-    from model_parallel.model import PartiModel
     from model_parallel.state import init_parallel, seed_everything
     from training import checkpoint
-    from model_parallel.layers import allreduce_sequence_parallel_grads
-    from training.engine import build_engine, optimizer_step
+    from training.engine import build_engine, build_model, train_step
     from training.flops import peak_flops_per_device, train_flops_per_sample
     from training.metrics import MetricsLogger, memory_gb
 
     init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     world = dist.get_world_size()
     cfg.validate(world_size=world)
-    if cfg.parallel.pp > 1:
-        raise ConfigError("parallel.pp > 1: pipeline parallelism is not implemented in this version")
-    if cfg.parallel.sequence_parallel and cfg.parallel.zero_stage > 1:
-        raise ConfigError("parallel.sequence_parallel=true works with parallel.zero_stage 0 or 1 only")
+    if cfg.parallel.sequence_parallel and (cfg.parallel.zero_stage > 1 or cfg.parallel.pp > 1):
+        raise ConfigError("parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage "
+                          "0 or 1 only (its norm gradients are summed between backward and step)")
     rank, dp_rank, dp_size = dist.get_rank(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     run_dir = Path(run_dir)
     log = MetricsLogger(run_dir, enabled=rank == 0)
@@ -83,8 +80,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
     kernels = select_kernels(cfg.kernels)
     log.info(kernels.summary())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
-                       init_seed=cfg.train.seed).to(device)
+    model = build_model(cfg, kernels, device)
+    seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
     engine = build_engine(model, cfg, kernels)
     dataset = build_dataset(cfg)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch_size, cfg.train.seed)
@@ -104,18 +101,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
     while step < t.steps:
         start = time.perf_counter()
         lr = engine.get_lr()[0]
-        micro_losses, grad_norm = [], None
         micro_batches = list(rank_micro_batches(cfg, dataset, sampler, consumed, dp_rank, dp_size))
-        for i, (text, codes) in enumerate(micro_batches):
-            loss = engine(text.to(device), codes.to(device), return_loss=True)
-            engine.backward(loss)
-            if cfg.parallel.sequence_parallel:
-                allreduce_sequence_parallel_grads(engine.module)
-            grad_norm = optimizer_step(engine, cfg, boundary=i == len(micro_batches) - 1)
-            micro_losses.append(loss.detach().float().cpu())
-        step_loss = torch.stack(micro_losses).mean()
-        dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
-        losses.append(step_loss.item() / dp_size)
+        loss, grad_norm = train_step(engine, cfg, micro_batches, device)
+        losses.append(loss)
         step += 1
         consumed += t.global_batch_size
         elapsed = time.perf_counter() - start
