@@ -152,6 +152,13 @@ def model_pieces(cfg, kernels: Kernels | None = None, sequence_parallel: bool = 
             + [(ImageEmbedding, args)] + [(DecoderLayer, args)] * cfg.decoder_layers + [(OutputHead, args)])
 
 
+def piece_names(cfg) -> list[str]:
+    """PartiModel's attribute path of each piece of `model_pieces`: the layout-independent parameter
+    names that checkpoints use (a pipeline stage's layer k holds piece k)."""
+    return (["text_embedding"] + [f"encoder.{i}" for i in range(cfg.encoder_layers)]
+            + ["encoder_norm", "image_embedding"] + [f"decoder.{i}" for i in range(cfg.decoder_layers)] + ["head"])
+
+
 class PartiModel(nn.Module):
     def __init__(self, cfg, kernels: Kernels | None = None, sequence_parallel: bool = False,
                  meta: bool = False, init_seed: int = 1234):

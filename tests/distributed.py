@@ -7,6 +7,7 @@ rank's traceback). A worker that hangs past the timeout takes the pool down with
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import socket
@@ -50,20 +51,27 @@ class WorkerPool:
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.outbox = ctx.Queue()
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox),
-                                  daemon=True) for r in range(world_size)]
+        # Not daemonic: workers start processes of their own (dist_checkpointing's writer queue).
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox))
+                      for r in range(world_size)]
         for p in self.procs:
             p.start()
+        atexit.register(self.close, force=True)
 
     def run(self, fn, *args, timeout: float = 600, **kwargs):
         for box in self.inboxes:
             box.put((fn, args, kwargs))
         results, errors = {}, []
         for _ in range(self.world_size):
+            # Once a rank has failed, the others may wait forever in a collective: give them a
+            # short grace period, then report the failure and take the pool down.
+            wait = 30 if errors else timeout
             try:
-                rank, ok, value = self.outbox.get(timeout=timeout)
+                rank, ok, value = self.outbox.get(timeout=wait)
             except queue.Empty:
                 self.close(force=True)
+                if errors:
+                    raise RuntimeError(f"{fn.__name__} failed (other ranks hung)\n" + "\n".join(errors)) from None
                 raise TimeoutError(f"{fn.__name__} did not finish on all ranks within {timeout} s") from None
             if ok:
                 results[rank] = value

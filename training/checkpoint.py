@@ -1,13 +1,24 @@
-"""Checkpoints of a run: DeepSpeed engine state plus the trainer's own state, with a `latest` pointer.
+"""Checkpoints that resume on any layout: megatron-core dist_checkpointing of weights and optimizer state.
 
-    save(engine, run_dir, step, trainer_state, keep=3)
-    tag = latest_tag(run_dir)                # None when there is no complete checkpoint
-    trainer_state = load(engine, run_dir, tag)
+    save(engine, cfg, run_dir, step, trainer_state, keep=3)
+    tag = latest_tag(run_dir)                         # None when there is no complete checkpoint
+    trainer_state = load(engine, cfg, run_dir, tag)   # at this run's TP/PP/DP/ZeRO layout
 
-Layout: run_dir/checkpoints/step_00000100/ (DeepSpeed's model/optimizer files, trainer_state.json,
-rng_rank{r}.pt) and run_dir/checkpoints/latest, a one-line file naming the newest complete tag. It is
-replaced atomically (write + rename) by rank 0 only after every rank has finished writing, so a run
-killed while saving resumes from the previous checkpoint.
+Why dist_checkpointing rather than DeepSpeed's own checkpoints: DeepSpeed's native files are tied to the
+DP size and, under a pipeline, to per-layer files; its universal conversion is an offline step and
+needs TP patterns per parameter. megatron-core's dist_checkpointing stores each tensor once with its
+global shape and the offsets of every shard, and reshards on load, so a checkpoint saved at
+TP=2 x PP=2 x DP=2 loads at TP=1 x PP=1 x DP=1 (and back). What goes in:
+- for every parameter, under its PartiModel name (the same at any PP, see `piece_names`): the fp32
+  master weight and the AdamW moments `exp_avg`, `exp_avg_sq`, assembled over ZeRO partitions with
+  DeepSpeed's `safe_get_full_*` API and sharded over TP by megatron-core's `partition_dim` attribute;
+- trainer_state.json: step, consumed samples (the sampler's state), optimizer step count, LR
+  schedule, skipped steps, world layout, the resolved config;
+- rng_rank{r}.pt: each rank's RNG states (restored only when the layout is unchanged).
+
+Layout: run_dir/checkpoints/step_00000100/ and run_dir/checkpoints/latest, a one-line file naming the
+newest complete tag, replaced atomically (write + rename) by rank 0 after every rank finished writing,
+so a run killed while saving resumes from the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -18,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -38,6 +51,142 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return tag
 
 
+# ---------------------------------------------------------------------------------------------
+# Parameters by layout-independent name, and their shards
+
+
+def canonical_parameters(module: torch.nn.Module, model_cfg) -> dict[str, torch.nn.Parameter]:
+    """PartiModel's parameter names for the parameters this rank holds (pipeline layer k -> piece k)."""
+    from deepspeed.pipe import PipelineModule
+
+    from model_parallel.model import piece_names
+
+    if not isinstance(module, PipelineModule):
+        return dict(module.named_parameters())
+    names = piece_names(model_cfg)
+    out = {}
+    for name, p in module.named_parameters():
+        index, rest = name.split(".", 1)
+        out[f"{names[int(index)]}.{rest}"] = p
+    return out
+
+
+def local_shape(p: torch.nn.Parameter) -> torch.Size:
+    """This TP rank's shape of a parameter (ZeRO-3 leaves only a placeholder in p.data)."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def sharded(key: str, tensor: torch.Tensor, p: torch.nn.Parameter):
+    """A dist_checkpointing ShardedTensor: split along `partition_dim` over TP, replicated over DP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    dp_rank = ps.get_data_parallel_rank()
+    if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
+        return ShardedTensor.from_rank_offsets(key, tensor, (p.partition_dim, tp_rank, tp_size), replica_id=dp_rank)
+    return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(tp_rank, dp_rank))
+
+
+# ---------------------------------------------------------------------------------------------
+# Full (over ZeRO partitions) fp32 weights and moments, read and written through DeepSpeed's API
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO/bf16 wrapper (or the client optimizer itself)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _get_full(engine, p, key: str | None) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    if value is None:  # fp32 without ZeRO: the parameter and the client optimizer's state themselves
+        value = p.detach() if key is None else base_optimizer(engine).state[p][key]
+    return value.detach().float().cpu().reshape(local_shape(p))
+
+
+def _set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        if key is None:
+            safe_set_full_fp32_param(p, value.to(p.device))
+            # The low-precision working copy is refreshed from the master only at the next step.
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                with torch.no_grad():
+                    p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
+        else:
+            safe_set_full_optimizer_state(p, value.to(p.device), key)
+    else:
+        target = p.data if key is None else base_optimizer(engine).state[p][key]
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+
+
+def _ensure_optimizer_state(engine) -> None:
+    """Create the optimizer's per-parameter state (it appears at the first step) so that it can be
+    overwritten: one step with zero gradients and learning rate 0, which changes no weight."""
+    base = base_optimizer(engine)
+    params = [p for g in base.param_groups for p in g["params"]]
+    if all(p in base.state for p in params):
+        return
+    saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in base.param_groups]
+    for g in base.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    base.step()
+    for p in params:
+        p.grad = None
+    for g, (lr, wd) in zip(base.param_groups, saved):
+        g["lr"], g["weight_decay"] = lr, wd
+    _link_optimizer_fragments(engine)
+
+
+def _link_optimizer_fragments(engine) -> None:
+    """ZeRO-1/2 and bf16 keep per-parameter views into the flat optimizer state, made once and possibly
+    before the state existed (then empty); remake them so that safe_get/set_full_optimizer_state work."""
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def _optimizer_step_count(engine) -> int:
+    for state in base_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _set_optimizer_step_count(engine, count: int) -> None:
+    for state in base_optimizer(engine).state.values():
+        if "step" in state:
+            step = state["step"]
+            state["step"] = torch.tensor(float(count), dtype=step.dtype, device=step.device) \
+                if torch.is_tensor(step) else count
+
+
+def _state_dict(engine, model_cfg, tensors: bool):
+    """{'model': {name: ShardedTensor}, 'optimizer': {moment: {name: ShardedTensor}}} for this rank;
+    with tensors=False the ShardedTensors hold empty buffers to be filled by a load."""
+    params = canonical_parameters(engine.module, model_cfg)
+    if tensors:
+        _link_optimizer_fragments(engine)
+    value = (lambda p, key: _get_full(engine, p, key)) if tensors else \
+        (lambda p, key: torch.empty(local_shape(p), dtype=torch.float32))
+    state = {"model": {n: sharded(f"model.{n}", value(p, None), p) for n, p in params.items()}}
+    for key in OPTIMIZER_MOMENTS:
+        state[key] = {n: sharded(f"optimizer.{key}.{n}", value(p, key), p) for n, p in params.items()}
+    return state, params
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def _rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -56,16 +205,36 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int = 3) -> str:
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size()}
+
+
+def save(engine, cfg, run_dir: str | Path, step: int, trainer_state: dict, keep: int = 3) -> str:
+    from megatron.core import dist_checkpointing
+
+    from training.config import config_to_dict
+
     root, tag = checkpoint_dir(run_dir), tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    path = root / tag
     rank = dist.get_rank()
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)  # a leftover of a save that was killed
+        path.mkdir(parents=True)
+    dist.barrier()
+    state, _ = _state_dict(engine, cfg.model, tensors=True)
+    dist_checkpointing.save(state, str(path))
+    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+    full_state = {**trainer_state, "optimizer_steps": _optimizer_step_count(engine),
+                  "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": _layout(),
+                  "config": config_to_dict(cfg)}
     dist.barrier()
     if rank == 0:
-        # trainer_state.json last: its presence marks the tag complete.
-        with open(root / tag / "trainer_state.json", "w") as f:
-            json.dump({**trainer_state, "world_size": dist.get_world_size()}, f, indent=1)
+        # trainer_state.json last: its presence marks the tag complete; then the pointer moves.
+        with open(path / "trainer_state.json", "w") as f:
+            json.dump(full_state, f, indent=1)
         tmp = root / "latest.tmp"
         tmp.write_text(tag + "\n")
         os.replace(tmp, root / "latest")
@@ -82,13 +251,25 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(engine, run_dir: str | Path, tag: str) -> dict:
-    root = checkpoint_dir(run_dir)
-    state = json.loads((root / tag / "trainer_state.json").read_text())
-    path, _ = engine.load_checkpoint(str(root), tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {root / tag}")
-    rng_file = root / tag / f"rng_rank{dist.get_rank()}.pt"
-    if state.get("world_size") == dist.get_world_size() and rng_file.is_file():
+def load(engine, cfg, run_dir: str | Path, tag: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    path = checkpoint_dir(run_dir) / tag
+    state = json.loads((path / "trainer_state.json").read_text())
+    _ensure_optimizer_state(engine)
+    template, params = _state_dict(engine, cfg.model, tensors=False)
+    loaded = dist_checkpointing.load(template, str(path))
+    for name, p in params.items():
+        _set_full(engine, p, None, loaded["model"][name])
+        for key in OPTIMIZER_MOMENTS:
+            _set_full(engine, p, key, loaded[key][name])
+    _set_optimizer_step_count(engine, state["optimizer_steps"])
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(state["lr_scheduler"])
+    # load_state_dict restores the schedule's position, not the rate the optimizer holds.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+    if state["layout"] == _layout() and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state

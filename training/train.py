@@ -89,7 +89,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
     step, consumed = 0, 0
     tag = checkpoint.latest_tag(run_dir) if resume == "auto" else None
     if tag:
-        state = checkpoint.load(engine, run_dir, tag)
+        state = checkpoint.load(engine, cfg, run_dir, tag)
         step, consumed = state["step"], state["consumed_samples"]
         log.info(f"resumed from {run_dir / 'checkpoints' / tag} at step {step}")
     log.info(f"layout: world {world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp_size}; "
@@ -117,7 +117,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
                 "mem_gb": memory_gb(),
             })
         if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
-            tag = checkpoint.save(engine, run_dir, step, {"step": step, "consumed_samples": consumed,
+            tag = checkpoint.save(engine, cfg, run_dir, step, {"step": step, "consumed_samples": consumed,
                                                           "sampler": sampler.state_dict(consumed)})
             log.info(f"saved {run_dir / 'checkpoints' / tag}")
     log.close()
