@@ -87,3 +87,22 @@ def test_tp2_pp2_on_four_processes_equals_tp1_pp1(pool4, reference, tmp_path):
     losses = pool4.run(run, str(tmp_path), "parallel.tp=2", "parallel.pp=2")
     assert losses[0] == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference[1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("saved_at, resumed_at", [
+    (("parallel.zero_stage=1",), None),           # DP=2 -> DP=1 (this one process)
+    (("parallel.tp=2",), ()),
+    (("parallel.pp=2",), ()),
+    (("parallel.zero_stage=3",), ("parallel.zero_stage=3",)),
+    ((), ("parallel.tp=2", "parallel.zero_stage=2")),
+], ids=["dp2-zero1-to-dp1", "tp2-to-tp1", "pp2-to-pp1", "zero3-to-zero3", "tp1-to-tp2-zero2"])
+def test_resume_on_another_layout(pool2, reference, tmp_path, saved_at, resumed_at):
+    """Stop after 3 steps at one layout, continue at another: the losses of the uninterrupted run."""
+    first = pool2.run(run, str(tmp_path), *saved_at, steps=3)[0]
+    if resumed_at is None:
+        second = run(str(tmp_path), "parallel.zero_stage=1")
+    else:
+        second = pool2.run(run, str(tmp_path), *resumed_at)[0]
+    assert first + second == pytest.approx(reference[0], rel=1e-4, abs=1e-4)
+    state = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+    assert state["consumed_samples"] == STEPS * 8 and state["step"] == STEPS

@@ -127,22 +127,20 @@ def _set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
 
 
 def _ensure_optimizer_state(engine) -> None:
-    """Create the optimizer's per-parameter state (it appears at the first step) so that it can be
-    overwritten: one step with zero gradients and learning rate 0, which changes no weight."""
+    """Create Adam's per-parameter state, which appears only at the first step, so that a load can
+    overwrite it: zero moments (and, for torch's AdamW, a step counter) for every tensor the optimizer
+    updates (ZeRO-3 keeps those in fp32_partitioned_groups_flat, the others in param_groups)."""
     base = base_optimizer(engine)
-    params = [p for g in base.param_groups for p in g["params"]]
-    if all(p in base.state for p in params):
-        return
-    saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in base.param_groups]
-    for g in base.param_groups:
-        g["lr"], g["weight_decay"] = 0.0, 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    base.step()
-    for p in params:
-        p.grad = None
-    for g, (lr, wd) in zip(base.param_groups, saved):
-        g["lr"], g["weight_decay"] = lr, wd
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    holders = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
+    fused = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
+    for p in holders:
+        if base.state.get(p):  # (state is a defaultdict: test for content)
+            continue
+        state = {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in OPTIMIZER_MOMENTS}
+        if isinstance(base, torch.optim.Adam | torch.optim.AdamW):
+            state["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
+        base.state[p] = state
     _link_optimizer_fragments(engine)
 
 
