@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from datetime import timedelta
 
 import torch
@@ -25,11 +26,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """torch.distributed's variables from SLURM's, for `srun` with one task per GPU (no torchrun):
+    RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID; MASTER_ADDR the job's first node."""
+    env = os.environ if env is None else env
+    first_node = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                                check=True, capture_output=True, text=True).stdout.split()[0]
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
+            "MASTER_ADDR": env.get("MASTER_ADDR", first_node), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
-    """Join the process group named by torchrun's variables, or make a one-process group."""
+    """Join the process group named by torchrun's (or the deepspeed launcher's) variables, by SLURM's
+    under a bare srun, or make a one-process group."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        os.environ.update(slurm_environment())
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

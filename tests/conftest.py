@@ -53,3 +53,31 @@ def pool4():
     pool = WorkerPool(4)
     yield pool
     pool.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs of the debug model, and the reference run others are compared with.
+
+STEPS = 6
+
+
+def run(run_dir: str, *overrides: str, steps: int = STEPS) -> list[float]:
+    """Train the debug model (fp32, no dropout, global batch 8 in micro-batches of 2, a checkpoint
+    every 3 steps) in this process's group; resumes from run_dir's latest checkpoint if any."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from training.config import load_config
+    from training.train import train
+
+    cfg = load_config("configs/train/debug.yaml", [
+        f"train.steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",
+        "train.save_interval=3", "model.dropout=0.0", "model.attention_dropout=0.0", *overrides])
+    return train(cfg, run_dir, resume="auto")
+
+
+@pytest.fixture(scope="session")
+def reference(pool2, tmp_path_factory):
+    """The reference run: ZeRO-0, DP=2, TP=1, PP=1, 6 steps. Returns (losses, run_dir)."""
+    path = tmp_path_factory.mktemp("reference")
+    losses = pool2.run(run, str(path))
+    assert losses[0] == losses[1]
+    return losses[0], path

@@ -9,31 +9,7 @@ import json
 
 import pytest
 
-from training.config import load_config
-
-STEPS = 6
-
-
-def run(run_dir: str, *overrides: str, steps: int = STEPS) -> list[float]:
-    import os
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from training.train import train
-
-    cfg = load_config("configs/train/debug.yaml", [
-        f"train.steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",
-        "train.save_interval=3", "model.dropout=0.0", "model.attention_dropout=0.0", *overrides])
-    return train(cfg, run_dir, resume="auto")
-
-
-@pytest.fixture(scope="module")
-def reference(pool2, tmp_path_factory):
-    """ZeRO-0, DP=2, TP=1."""
-    path = tmp_path_factory.mktemp("ref")
-    losses = pool2.run(run, str(path))
-    assert losses[0] == losses[1]
-    return losses[0], path
-
+from tests.conftest import STEPS, run
 
 def grad_norms(run_dir) -> list[float]:
     return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -140,6 +140,10 @@ class TrainConfig:
     """Steps between metric lines."""
     save_interval: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
+    max_skipped_steps: int = 10
+    """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
 
 
 @dataclass

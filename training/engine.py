@@ -131,6 +131,35 @@ def _clip_fp32_gradients_megatron_style(engine) -> None:
     engine.clip_fp32_gradients = clip
 
 
+class NonFiniteGuard:
+    """Skips optimizer updates whose gradients are not finite on some rank, and counts them.
+
+    It wraps the step of the torch optimizer inside DeepSpeed's wrapper, where the gradients
+    (ZeRO partitions or whole) are final: each rank checks its own, the verdict is all-reduced, and
+    every rank skips or steps together. DeepSpeed then zeroes the gradients as after any step (the
+    learning-rate schedule still advances)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.skipped = 0
+        self.consecutive = 0
+        inner_step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            bad = any(p.grad is not None and not torch.isfinite(p.grad).all()
+                      for g in optimizer.param_groups for p in g["params"])
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            flag = torch.tensor(1.0 if bad else 0.0, device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item():
+                self.skipped += 1
+                self.consecutive += 1
+                return None
+            self.consecutive = 0
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = guarded_step
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, kernels):
     import deepspeed
     from deepspeed.pipe import PipelineModule
@@ -144,6 +173,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels):
                                            mpu=None if pipelined else MegatronMpu(),
                                            config=deepspeed_config(cfg, data_parallel_size()))
     _clip_fp32_gradients_megatron_style(engine)
+    engine.nonfinite_guard = NonFiniteGuard(getattr(engine.optimizer, "optimizer", engine.optimizer))
     return engine
 
 

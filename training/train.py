@@ -4,7 +4,8 @@
         --set parallel.tp=2 train.steps=20 --run-dir runs/x [--resume auto]
 
 The run directory receives config.yaml (resolved), metrics.jsonl, TensorBoard events and
-checkpoints/. `--resume auto` continues from checkpoints/latest when there is one.
+checkpoints/. `--resume auto` continues from checkpoints/latest when there is one, at whatever
+layout this run has. SIGUSR1/SIGTERM: finish the step, save, exit 75 (requeue). Exit 1 on errors.
 Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py).
 """
 from __future__ import annotations
@@ -52,85 +53,132 @@ def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: in
         yield null_condition(text, drop, m.text_pad_id, m.text_eos_id), codes
 
 
+class Trainer:
+    """One run: process groups, model, engine, data order, and the loop that steps, logs and saves."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        from megatron.core import parallel_state as ps
+
+        from data_pipeline.sampler import GlobalBatchSampler
+        from model_parallel.kernels import select_kernels
+        from model_parallel.state import init_distributed, init_parallel, seed_everything
+        from training.engine import build_engine, build_model
+        from training.metrics import MetricsLogger
+
+        init_distributed()
+        self.world = dist.get_world_size()
+        cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused
+        init_parallel(cfg.parallel.tp, cfg.parallel.pp)
+        if cfg.parallel.sequence_parallel and (cfg.parallel.zero_stage > 1 or cfg.parallel.pp > 1):
+            raise ConfigError("parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage "
+                              "0 or 1 only (its norm gradients are summed between backward and step)")
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.log = MetricsLogger(self.run_dir, enabled=dist.get_rank() == 0)
+        if dist.get_rank() == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        seed_everything(cfg.train.seed)
+        kernels = select_kernels(cfg.kernels)
+        self.log.info(kernels.summary())
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = build_model(cfg, kernels, self.device)
+        seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
+        self.engine = build_engine(model, cfg, kernels)
+        self.dataset = build_dataset(cfg)
+        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
+        self.step, self.consumed = 0, 0
+        self.log.info(f"layout: world {self.world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp "
+                      f"{self.dp_size}; zero {cfg.parallel.zero_stage}; "
+                      f"{sum(p.numel() for p in model.parameters()):,} parameters on rank 0")
+
+    def resume(self) -> None:
+        from training import checkpoint
+
+        tag = checkpoint.latest_tag(self.run_dir)
+        if tag:
+            state = checkpoint.load(self.engine, self.cfg, self.run_dir, tag)
+            self.step, self.consumed = state["step"], state["consumed_samples"]
+            self.engine.nonfinite_guard.skipped = state.get("skipped_steps", 0)
+            self.log.info(f"resumed from {self.run_dir / 'checkpoints' / tag} at step {self.step}")
+
+    def save(self) -> None:
+        from training import checkpoint
+
+        state = {"step": self.step, "consumed_samples": self.consumed,
+                 "sampler": self.sampler.state_dict(self.consumed),
+                 "skipped_steps": self.engine.nonfinite_guard.skipped}
+        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        self.log.info(f"saved {self.run_dir / 'checkpoints' / tag}")
+
+    def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
+        from training.flops import peak_flops_per_device, train_flops_per_sample
+        from training.metrics import memory_gb
+
+        m, gbs = self.cfg.model, self.cfg.train.global_batch_size
+        tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
+        peak = peak_flops_per_device()
+        self.log.step({
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
+            "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+            "mem_gb": memory_gb(), "skipped_steps": self.engine.nonfinite_guard.skipped,
+        })
+
+    def run(self) -> list[float]:
+        """Step until train.steps; return this call's per-step losses. Raises Preempted after saving
+        when SIGUSR1/SIGTERM arrived, RuntimeError after too many non-finite steps in a row."""
+        from training.engine import train_step
+        from training.preemption import Preempted, StopRequest
+
+        t, guard = self.cfg.train, self.engine.nonfinite_guard
+        stop, losses = StopRequest(), []
+        try:
+            while self.step < t.steps:
+                start, lr = time.perf_counter(), self.engine.get_lr()[0]
+                batches = list(rank_micro_batches(self.cfg, self.dataset, self.sampler, self.consumed,
+                                                  self.dp_rank, self.dp_size))
+                loss, grad_norm = train_step(self.engine, self.cfg, batches, self.device)
+                losses.append(loss)
+                self.step += 1
+                self.consumed += t.global_batch_size
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self.log_step(loss, lr, grad_norm, time.perf_counter() - start)
+                if guard.consecutive >= t.max_skipped_steps:
+                    raise RuntimeError(f"stopping at step {self.step}: the last {guard.consecutive} steps had "
+                                       "non-finite loss or gradients and were skipped (train.max_skipped_steps="
+                                       f"{t.max_skipped_steps}); lower train.lr or check the data")
+                preempted = stop.requested()
+                if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
+                    self.save()
+                if preempted:
+                    raise Preempted(self.step, stop.name)
+        finally:
+            stop.restore()
+            self.log.close()
+        return losses
+
+
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]:
-    """Run cfg.train.steps steps (or what is left of them after a resume); return the logged losses."""
-    from megatron.core import parallel_state as ps
-
-    from data_pipeline.sampler import GlobalBatchSampler
-    from model_parallel.kernels import select_kernels
-    from model_parallel.state import init_parallel, seed_everything
-    from training import checkpoint
-    from training.engine import build_engine, build_model, train_step
-    from training.flops import peak_flops_per_device, train_flops_per_sample
-    from training.metrics import MetricsLogger, memory_gb
-
-    init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    world = dist.get_world_size()
-    cfg.validate(world_size=world)
-    if cfg.parallel.sequence_parallel and (cfg.parallel.zero_stage > 1 or cfg.parallel.pp > 1):
-        raise ConfigError("parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage "
-                          "0 or 1 only (its norm gradients are summed between backward and step)")
-    rank, dp_rank, dp_size = dist.get_rank(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    run_dir = Path(run_dir)
-    log = MetricsLogger(run_dir, enabled=rank == 0)
-    if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-
-    seed_everything(cfg.train.seed)
-    kernels = select_kernels(cfg.kernels)
-    log.info(kernels.summary())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(cfg, kernels, device)
-    seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
-    engine = build_engine(model, cfg, kernels)
-    dataset = build_dataset(cfg)
-    sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch_size, cfg.train.seed)
-
-    step, consumed = 0, 0
-    tag = checkpoint.latest_tag(run_dir) if resume == "auto" else None
-    if tag:
-        state = checkpoint.load(engine, cfg, run_dir, tag)
-        step, consumed = state["step"], state["consumed_samples"]
-        log.info(f"resumed from {run_dir / 'checkpoints' / tag} at step {step}")
-    log.info(f"layout: world {world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp_size}; "
-             f"zero {cfg.parallel.zero_stage}; {sum(p.numel() for p in model.parameters()):,} parameters on rank 0")
-
-    m, t = cfg.model, cfg.train
-    flops_per_sample, peak = train_flops_per_sample(m), peak_flops_per_device()
-    losses = []
-    while step < t.steps:
-        start = time.perf_counter()
-        lr = engine.get_lr()[0]
-        micro_batches = list(rank_micro_batches(cfg, dataset, sampler, consumed, dp_rank, dp_size))
-        loss, grad_norm = train_step(engine, cfg, micro_batches, device)
-        losses.append(loss)
-        step += 1
-        consumed += t.global_batch_size
-        elapsed = time.perf_counter() - start
-        if step % t.log_interval == 0 or step == t.steps:
-            tflops = flops_per_sample * t.global_batch_size / elapsed / world / 1e12
-            log.step({
-                "step": step, "loss": losses[-1], "lr": lr, "grad_norm": grad_norm,
-                "samples_per_s": t.global_batch_size / elapsed,
-                "tokens_per_s": t.global_batch_size * (m.text_seq_len + m.image_seq_len) / elapsed,
-                "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
-                "mem_gb": memory_gb(),
-            })
-        if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
-            tag = checkpoint.save(engine, cfg, run_dir, step, {"step": step, "consumed_samples": consumed,
-                                                          "sampler": sampler.state_dict(consumed)})
-            log.info(f"saved {run_dir / 'checkpoints' / tag}")
-    log.close()
-    return losses
+    """Run cfg.train.steps steps (or what is left of them after a resume); return their losses."""
+    trainer = Trainer(cfg, run_dir)
+    if resume == "auto":
+        trainer.resume()
+    return trainer.run()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from training.preemption import REQUEUE_EXIT_CODE, Preempted
+
     try:
         cfg = load_config(args.config, args.set).validate()
         train(cfg, args.run_dir, args.resume)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except Preempted as e:
+        print(f"{e}; exiting with {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr)
+        sys.exit(REQUEUE_EXIT_CODE)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,113 @@
+"""Faults and stops: SIGKILL while saving, SIGUSR1 preemption, non-finite steps, refused layouts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import STEPS, run
+from training.checkpoint import latest_tag
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, reference, tmp_path):
+    log = tmp_path / "crash.log"
+    with open(log, "w") as out:  # a file, not a pipe: the killed process's helpers may keep a pipe open
+        proc = subprocess.Popen([sys.executable, "-m", "tests.crash_during_save", str(tmp_path), "4"],
+                                cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        returncode = proc.wait(timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)  # its orphaned helper processes
+    assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert (tmp_path / "checkpoints" / "step_00000004").is_dir()          # half-written
+    assert latest_tag(tmp_path) == "step_00000002"                         # the pointer did not move
+    resumed = run(str(tmp_path))                                           # continues from step 2
+    assert len(resumed) == STEPS - 2
+    assert resumed == pytest.approx(reference[0][2:], rel=1e-4, abs=1e-4)
+
+
+def test_sigusr1_saves_and_exits_for_requeue(single_process, tmp_path):
+    from training.preemption import REQUEUE_EXIT_CODE
+
+    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/debug.yaml",
+           "--set", "train.steps=100000", "train.save_interval=0", "--run-dir", str(tmp_path)]
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while len(metrics(tmp_path)) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        returncode = proc.wait(timeout=240)
+    assert returncode == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
+    tag = latest_tag(tmp_path)
+    state = json.loads((tmp_path / "checkpoints" / tag / "trainer_state.json").read_text())
+    assert state["step"] == metrics(tmp_path)[-1]["step"] >= 3 and state["consumed_samples"] == state["step"] * 8
+    # The requeued run resumes from it by itself.
+    more = run(str(tmp_path), f"train.steps={state['step'] + 2}", "train.global_batch_size=8",
+               "train.micro_batch_size=4")
+    assert len(more) == 2 and all(map(lambda x: x == x, more))
+
+
+@pytest.fixture
+def nan_loss_on_calls(monkeypatch):
+    """Make the loss NaN on the given forward calls (1-based) of the model."""
+    import model_parallel.model as model_module
+
+    real, calls, poisoned = model_module.image_code_loss, [0], set()
+
+    def loss(logits, codes):
+        calls[0] += 1
+        value = real(logits, codes)
+        return value * float("nan") if calls[0] in poisoned else value
+
+    monkeypatch.setattr(model_module, "image_code_loss", loss)
+    return poisoned
+
+
+def test_nonfinite_step_is_skipped_and_counted(single_process, tmp_path, nan_loss_on_calls):
+    nan_loss_on_calls.update({6})  # a micro-batch of step 2 (4 micro-batches per step)
+    losses = run(str(tmp_path))
+    assert losses[1] != losses[1] and all(x == x for x in losses[2:])  # NaN, then training goes on
+    lines = metrics(tmp_path)
+    assert [m["skipped_steps"] for m in lines] == [0, 1, 1, 1, 1, 1]
+    assert lines[1]["grad_norm"] is None or lines[1]["grad_norm"] != lines[1]["grad_norm"]
+    assert losses[2] < losses[0]
+
+
+def test_many_nonfinite_steps_in_a_row_stop_the_run(single_process, tmp_path, nan_loss_on_calls):
+    nan_loss_on_calls.update(range(5, 100))
+    with pytest.raises(RuntimeError, match="the last 3 steps had non-finite loss or gradients"):
+        run(str(tmp_path), "train.max_skipped_steps=3")
+
+
+def test_layout_that_does_not_fit_the_world_is_refused_before_work(single_process, tmp_path):
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="world size 1 must be divisible by parallel.tp x parallel.pp = 2"):
+        run(str(tmp_path), "parallel.tp=2")
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_slurm_environment(monkeypatch):
+    from model_parallel import state
+
+    fake = subprocess.CompletedProcess([], 0, stdout="gpu-a17\ngpu-a18\n")
+    monkeypatch.setattr(state.subprocess, "run", lambda *a, **k: fake)
+    env = state.slurm_environment({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                                   "SLURM_JOB_NODELIST": "gpu-a[17-18]"})
+    assert env == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-a17",
+                   "MASTER_PORT": "29500"}
