@@ -61,7 +61,7 @@ def load_exported(path: str | Path, device: str = "cpu"):
     from model_parallel.state import init_parallel
 
     path = Path(path)
-    model_cfg: ModelConfig = config_from_dict(json.loads((path / "config.json").read_text())).model
+    model_cfg: ModelConfig = config_from_dict({"model": json.loads((path / "config.json").read_text())["model"]}).model
     init_parallel(tp=1, pp=1)
     model = PartiModel(model_cfg)
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
