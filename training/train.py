@@ -90,7 +90,7 @@ class Trainer:
         self.step, self.consumed = 0, 0
         self.log.info(f"layout: world {self.world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp "
                       f"{self.dp_size}; zero {cfg.parallel.zero_stage}; "
-                      f"{sum(p.numel() for p in model.parameters()):,} parameters on rank 0")
+                      f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
 
     def resume(self) -> None:
         from training import checkpoint
