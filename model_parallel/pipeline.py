@@ -75,8 +75,7 @@ def pipeline_loss(logits, image_codes):
     return image_code_loss(logits, image_codes)
 
 
-def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False,
-                   activation_checkpoint_interval: int = 0):
+def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False):
     """A DeepSpeed PipelineModule whose layer k holds the same weights as PartiModel's piece k."""
     import torch
     from deepspeed.pipe import LayerSpec, PipelineModule
@@ -88,4 +87,4 @@ def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_paral
                                              num_dp=ps.get_data_parallel_world_size())
     return PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
                           partition_method="type:DecoderLayerPipe", seed_layers=True, base_seed=init_seed,
-                          seed_fn=torch.manual_seed, activation_checkpoint_interval=activation_checkpoint_interval)
+                          seed_fn=torch.manual_seed)

@@ -87,16 +87,21 @@ def init_deepspeed() -> None:
 
 
 def build_model(cfg: Config, kernels, device: str):
-    """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1."""
+    """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1; with the
+    activation checkpointing of parallel.activation_checkpointing."""
+    from model_parallel.activation_checkpointing import apply_activation_checkpointing
+
     if cfg.parallel.pp > 1:
         from model_parallel.pipeline import build_pipeline
 
         init_deepspeed()
-        return build_pipeline(cfg.model, kernels, cfg.parallel.pp, cfg.train.seed, cfg.parallel.sequence_parallel)
-    from model_parallel.model import PartiModel
+        model = build_pipeline(cfg.model, kernels, cfg.parallel.pp, cfg.train.seed, cfg.parallel.sequence_parallel)
+    else:
+        from model_parallel.model import PartiModel
 
-    return PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
-                      init_seed=cfg.train.seed).to(device)
+        model = PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
+                           init_seed=cfg.train.seed).to(device)
+    return apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
 
 
 def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:

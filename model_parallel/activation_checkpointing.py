@@ -1,0 +1,55 @@
+"""Activation recomputation: none, selective (the attention core) or full (whole transformer layers).
+
+    apply_activation_checkpointing(model, "full")     # PartiModel or a PipelineModule of its pieces
+
+Uses torch's non-reentrant checkpoint and, in addition, snapshots megatron-core's RNG-tracker states
+at the forward pass and restores them for the recomputation, so that dropout under
+`get_cuda_rng_tracker().fork()` (attention dropout on split heads) draws the same masks twice. Neither
+torch's checkpoint (default generators only) nor DeepSpeed's (its own tracker) covers megatron's tracker.
+Parameter names are unchanged (the layers' forward is wrapped in place).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from model_parallel.layers import Attention, DecoderLayer, EncoderLayer
+
+MODES = ("none", "selective", "full")
+
+
+def _tracker_restoring_contexts():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    at_forward = tracker.get_states()  # fork() replaces the state tensors, so this snapshot stays valid
+
+    @contextlib.contextmanager
+    def recompute():
+        current = tracker.get_states()
+        tracker.set_states(dict(at_forward))
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    return contextlib.nullcontext(), recompute()
+
+
+def checkpointed(function, *args, **kwargs):
+    """function(*args, **kwargs) with its activations recomputed in the backward pass."""
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_tracker_restoring_contexts, **kwargs)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    if mode not in MODES:
+        raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(MODES)}")
+    for module in model.modules():
+        if mode == "full" and isinstance(module, EncoderLayer | DecoderLayer):
+            module.forward = functools.partial(checkpointed, module.forward)
+        elif mode == "selective" and isinstance(module, Attention):
+            module.attention = functools.partial(checkpointed, module.attention)
+    return model
