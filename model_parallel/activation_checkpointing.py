@@ -21,22 +21,27 @@ from model_parallel.layers import Attention, DecoderLayer, EncoderLayer
 MODES = ("none", "selective", "full")
 
 
+class _RestoreTracker:
+    """Context for a recomputation: megatron's tracker states as they were at the forward pass.
+    A class (not @contextmanager): a pipeline stage may recompute the same checkpoint more than once."""
+
+    def __init__(self, tracker, states):
+        self.tracker, self.states = tracker, states
+
+    def __enter__(self):
+        self.current = self.tracker.get_states()
+        self.tracker.set_states(dict(self.states))
+
+    def __exit__(self, *exc):
+        self.tracker.set_states(self.current)
+
+
 def _tracker_restoring_contexts():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     tracker = get_cuda_rng_tracker()
-    at_forward = tracker.get_states()  # fork() replaces the state tensors, so this snapshot stays valid
-
-    @contextlib.contextmanager
-    def recompute():
-        current = tracker.get_states()
-        tracker.set_states(dict(at_forward))
-        try:
-            yield
-        finally:
-            tracker.set_states(current)
-
-    return contextlib.nullcontext(), recompute()
+    # fork() replaces the state tensors rather than mutating them, so this snapshot stays valid.
+    return contextlib.nullcontext(), _RestoreTracker(tracker, tracker.get_states())
 
 
 def checkpointed(function, *args, **kwargs):

@@ -98,12 +98,25 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
+def _fp32_master(engine, p) -> torch.Tensor | None:
+    """The fp32 master copy that DeepSpeed's unfused bf16/fp16 optimizer (ZeRO-0) keeps for p."""
+    opt = engine.optimizer
+    if not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")):
+        return None
+    if not hasattr(opt, "_master_by_param"):
+        opt._master_by_param = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups)
+                                for lp, hp in zip(lps, hps)}
+    return opt._master_by_param.get(id(p))
+
+
 def _get_full(engine, p, key: str | None) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-    if value is None:  # fp32 without ZeRO: the parameter and the client optimizer's state themselves
-        value = p.detach() if key is None else base_optimizer(engine).state[p][key]
+    if value is None:  # ZeRO-0: the fp32 master (or the fp32 parameter itself) and the optimizer's state
+        master = _fp32_master(engine, p)
+        holder = p if master is None else master
+        value = holder.detach() if key is None else base_optimizer(engine).state[holder][key]
     return value.detach().float().cpu().reshape(local_shape(p))
 
 
@@ -120,10 +133,13 @@ def _set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
                     p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
         else:
             safe_set_full_optimizer_state(p, value.to(p.device), key)
-    else:
-        target = p.data if key is None else base_optimizer(engine).state[p][key]
-        with torch.no_grad():
-            target.copy_(value.to(target.dtype))
+        return
+    master = _fp32_master(engine, p)
+    holder = p if master is None else master
+    targets = [p.data, holder.data] if key is None else [base_optimizer(engine).state[holder][key]]
+    with torch.no_grad():
+        for target in targets:
+            target.copy_(value.reshape(target.shape).to(target.dtype))
 
 
 def _ensure_optimizer_state(engine) -> None:

@@ -44,6 +44,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 with ZeRO-1: accumulate and reduce gradients in fp32 (Megatron's main grads), DeepSpeed's
+        # BF16_Optimizer. DeepSpeed 0.19 allows this for ZeRO-1 only; bf16 with ZeRO-0 keeps bf16 grads.
+        "data_types": {"grad_accum_dtype": "fp32" if t.precision == "bf16" and cfg.parallel.zero_stage == 1 else None},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -81,6 +81,9 @@ class Trainer:
         seed_everything(cfg.train.seed)
         kernels = select_kernels(cfg.kernels)
         self.log.info(kernels.summary())
+        if cfg.train.precision == "bf16" and cfg.parallel.zero_stage != 1:
+            self.log.info("note: bf16 with parallel.zero_stage != 1 accumulates and reduces gradients in bf16 "
+                          "(DeepSpeed); parallel.zero_stage=1 keeps them in fp32")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model = build_model(cfg, kernels, self.device)
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
