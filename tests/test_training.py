@@ -112,3 +112,14 @@ def test_bf16_layouts_agree(pool2, tmp_path):
     pp2 = pool2.run(run, str(tmp_path / "pp2"), *bf16, "parallel.pp=2")[0]
     assert all(x == x for x in dp2) and dp2[-1] < dp2[0] - 0.3
     assert pp2 == pytest.approx(dp2, rel=0, abs=5e-3)
+
+
+def test_adafactor_trains_and_resumes(pool2, tmp_path):
+    full = pool2.run(run, str(tmp_path / "full"), "train.optimizer=adafactor", "train.lr=0.1")[0]
+    assert full[-1] < full[0] - 0.3
+    first = pool2.run(run, str(tmp_path / "pp"), "train.optimizer=adafactor", "train.lr=0.1", "parallel.pp=2", steps=3)[0]
+    second = pool2.run(run, str(tmp_path / "pp"), "train.optimizer=adafactor", "train.lr=0.1")[0]
+    assert first + second == pytest.approx(full, rel=1e-4, abs=1e-4)
+    pool2.run(run, str(tmp_path / "tp"), "train.optimizer=adafactor", "parallel.tp=2", steps=3)
+    with pytest.raises(RuntimeError, match="Adafactor's factored statistics are per tensor-parallel shard"):
+        pool2.run(run, str(tmp_path / "tp"), "train.optimizer=adafactor")

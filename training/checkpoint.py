@@ -10,8 +10,10 @@ needs TP patterns per parameter. megatron-core's dist_checkpointing stores each 
 global shape and the offsets of every shard, and reshards on load, so a checkpoint saved at
 TP=2 x PP=2 x DP=2 loads at TP=1 x PP=1 x DP=1 (and back). What goes in:
 - for every parameter, under its PartiModel name (the same at any PP, see `piece_names`): the fp32
-  master weight and the AdamW moments `exp_avg`, `exp_avg_sq`, assembled over ZeRO partitions with
-  DeepSpeed's `safe_get_full_*` API and sharded over TP by megatron-core's `partition_dim` attribute;
+  master weight and the optimizer state (AdamW's `exp_avg`, `exp_avg_sq`; Adafactor's statistics),
+  assembled over ZeRO partitions with DeepSpeed's `safe_get_full_*` API and sharded over TP by
+  megatron-core's `partition_dim` attribute (Adafactor's row/column statistics exist only per TP
+  shard: they are stored per TP rank and reload at the same TP size);
 - trainer_state.json: step, consumed samples (the sampler's state), optimizer step count, LR
   schedule, skipped steps, world layout, the resolved config;
 - rng_rank{r}.pt: each rank's RNG states (restored only when the layout is unchanged).
@@ -76,13 +78,18 @@ def local_shape(p: torch.nn.Parameter) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
-def sharded(key: str, tensor: torch.Tensor, p: torch.nn.Parameter):
-    """A dist_checkpointing ShardedTensor: split along `partition_dim` over TP, replicated over DP."""
+def sharded(key: str, tensor: torch.Tensor, p: torch.nn.Parameter, per_tp_rank: bool = False):
+    """A dist_checkpointing ShardedTensor: split along `partition_dim` over TP, replicated over DP.
+    `per_tp_rank`: a statistic that only exists per TP shard, stored with a leading TP axis (it
+    reloads at the same TP size only)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
 
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     dp_rank = ps.get_data_parallel_rank()
+    if per_tp_rank:
+        return ShardedTensor.from_rank_offsets(key, tensor, (0, tp_rank, tp_size), replica_id=dp_rank,
+                                               prepend_axis_num=1)
     if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
         return ShardedTensor.from_rank_offsets(key, tensor, (p.partition_dim, tp_rank, tp_size), replica_id=dp_rank)
     return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(tp_rank, dp_rank))
@@ -109,7 +116,18 @@ def _fp32_master(engine, p) -> torch.Tensor | None:
     return opt._master_by_param.get(id(p))
 
 
-def _get_full(engine, p, key: str | None) -> torch.Tensor:
+def optimizer_state_specs(engine, p) -> list[tuple[str, bool, tuple]]:
+    """(state key, stored per TP rank, this rank's shape) of p's optimizer state. Adam's moments have
+    p's shape; Adafactor's row/column statistics of a matrix are means over this rank's shard only."""
+    shape = tuple(local_shape(p))
+    if isinstance(base_optimizer(engine), torch.optim.Adafactor):
+        if len(shape) > 1:
+            return [("row_var", True, shape[:-1] + (1,)), ("col_var", True, shape[:-2] + (1,) + shape[-1:])]
+        return [("variance", False, shape)]
+    return [(key, False, shape) for key in OPTIMIZER_MOMENTS]
+
+
+def _get_full(engine, p, key: str | None, shape=None) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
@@ -117,7 +135,7 @@ def _get_full(engine, p, key: str | None) -> torch.Tensor:
         master = _fp32_master(engine, p)
         holder = p if master is None else master
         value = holder.detach() if key is None else base_optimizer(engine).state[holder][key]
-    return value.detach().float().cpu().reshape(local_shape(p))
+    return value.detach().float().cpu().reshape(shape or local_shape(p))
 
 
 def _set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
@@ -153,8 +171,11 @@ def _ensure_optimizer_state(engine) -> None:
     for p in holders:
         if base.state.get(p):  # (state is a defaultdict: test for content)
             continue
-        state = {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in OPTIMIZER_MOMENTS}
-        if isinstance(base, torch.optim.Adam | torch.optim.AdamW):
+        if isinstance(base, torch.optim.Adafactor):
+            state = {key: p.new_zeros(shape) for key, _, shape in optimizer_state_specs(engine, p)}
+        else:
+            state = {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in OPTIMIZER_MOMENTS}
+        if isinstance(base, torch.optim.Adam | torch.optim.AdamW | torch.optim.Adafactor):
             state["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
         base.state[p] = state
     _link_optimizer_fragments(engine)
@@ -190,11 +211,13 @@ def _state_dict(engine, model_cfg, tensors: bool):
     params = canonical_parameters(engine.module, model_cfg)
     if tensors:
         _link_optimizer_fragments(engine)
-    value = (lambda p, key: _get_full(engine, p, key)) if tensors else \
-        (lambda p, key: torch.empty(local_shape(p), dtype=torch.float32))
-    state = {"model": {n: sharded(f"model.{n}", value(p, None), p) for n, p in params.items()}}
-    for key in OPTIMIZER_MOMENTS:
-        state[key] = {n: sharded(f"optimizer.{key}.{n}", value(p, key), p) for n, p in params.items()}
+    value = (lambda p, key, shape: _get_full(engine, p, key, shape)) if tensors else \
+        (lambda p, key, shape: torch.empty(shape, dtype=torch.float32))
+    state = {"model": {n: sharded(f"model.{n}", value(p, None, local_shape(p)), p) for n, p in params.items()},
+             "optimizer": {}}
+    for n, p in params.items():
+        for key, per_tp_rank, shape in optimizer_state_specs(engine, p):
+            state["optimizer"][f"{key}.{n}"] = sharded(f"optimizer.{key}.{n}", value(p, key, shape), p, per_tp_rank)
     return state, params
 
 
@@ -270,13 +293,16 @@ def load(engine, cfg, run_dir: str | Path, tag: str) -> dict:
 
     path = checkpoint_dir(run_dir) / tag
     state = json.loads((path / "trainer_state.json").read_text())
+    if isinstance(base_optimizer(engine), torch.optim.Adafactor) and state["layout"]["tp"] != _layout()["tp"]:
+        raise RuntimeError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it "
+                           f"at parallel.tp={state['layout']['tp']} (this run has {_layout()['tp']})")
     _ensure_optimizer_state(engine)
     template, params = _state_dict(engine, cfg.model, tensors=False)
     loaded = dist_checkpointing.load(template, str(path))
     for name, p in params.items():
         _set_full(engine, p, None, loaded["model"][name])
-        for key in OPTIMIZER_MOMENTS:
-            _set_full(engine, p, key, loaded[key][name])
+        for key, _, _ in optimizer_state_specs(engine, p):
+            _set_full(engine, p, key, loaded["optimizer"][f"{key}.{name}"])
     _set_optimizer_step_count(engine, state["optimizer_steps"])
     scheduler = engine.lr_scheduler
     scheduler.load_state_dict(state["lr_scheduler"])

@@ -124,6 +124,8 @@ class TrainConfig:
     """Samples per optimizer step over all data-parallel ranks."""
     micro_batch_size: int = 4
     """Samples per forward/backward on one rank."""
+    optimizer: str = "adamw"
+    """adamw | adafactor (torch's Adafactor, factored second moments as Parti used; ZeRO-0 only)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -179,6 +181,7 @@ _CHOICES = {
     "kernels.bias_gelu": ("auto", "fused", "plain"),
     "kernels.optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch"),
     "train.precision": ("fp32", "bf16"),
+    "train.optimizer": ("adamw", "adafactor"),
 }
 
 
@@ -221,6 +224,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         for name, n in (("text_seq_len", m.text_seq_len), ("image_seq_len (image_grid**2)", m.image_seq_len)):
             _require(n % p.tp == 0, f"model.{name}={n} must be divisible by parallel.tp={p.tp} "
                                     "with sequence parallelism")
+    _require(t.optimizer != "adafactor" or p.zero_stage == 0,
+             f"train.optimizer=adafactor needs parallel.zero_stage=0 (ZeRO flattens parameters, which would "
+             f"turn Adafactor's factored second moments into unfactored ones; got {p.zero_stage})")
     for name in ("dropout", "attention_dropout", "cfg_drop_prob"):
         v = getattr(m, name)
         _require(0.0 <= v < 1.0, f"model.{name}={v} must be in [0, 1)")

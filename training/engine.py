@@ -174,7 +174,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels):
 
     init_deepspeed()
     t = cfg.train
-    optimizer = kernels.optimizer(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+    if t.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(param_groups(model, t.weight_decay), lr=t.lr)
+    else:
+        optimizer = kernels.optimizer(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     pipelined = isinstance(model, PipelineModule)  # the pipeline brings its own topology as mpu
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -27,6 +27,8 @@ def parse_args(argv):
     parser.add_argument("--run-dir", required=True, help="where config, metrics and checkpoints go")
     parser.add_argument("--resume", default="auto", choices=["auto", "none"],
                         help="auto: continue from the run directory's latest checkpoint if any")
+    # The deepspeed launcher passes --local_rank; the rank is read from the environment either way.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
