@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/model_step.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs

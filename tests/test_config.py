@@ -76,3 +76,14 @@ def test_every_field_is_documented():
     for line in text.splitlines():
         assert line.rstrip().split("#", 1)[1].strip(), f"undocumented: {line}"
     assert "parallel.tp" not in text and "  tp: 1  # Tensor-parallel size" in text
+
+
+@pytest.mark.parametrize("decay, middle, end", [("cosine", 0.55, 0.1), ("linear", 0.55, 0.1), ("constant", 1.0, 1.0)])
+def test_lr_schedule(decay, middle, end):
+    from training.engine import lr_lambda
+
+    cfg = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=4", "train.steps=14",
+                             f"train.lr_decay={decay}"])
+    f = lr_lambda(cfg)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(middle) and f(14) == pytest.approx(end) and f(100) == pytest.approx(end)

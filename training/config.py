@@ -132,6 +132,8 @@ class TrainConfig:
     """Learning rate at the end of the decay."""
     warmup_steps: int = 5
     """Linear warmup steps."""
+    lr_decay: str = "cosine"
+    """After warmup, from lr to min_lr at train.steps: cosine | linear | constant (stays at lr)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
     grad_clip: float = 1.0
@@ -182,6 +184,7 @@ _CHOICES = {
     "kernels.optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch"),
     "train.precision": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "adafactor"),
+    "train.lr_decay": ("cosine", "linear", "constant"),
 }
 
 

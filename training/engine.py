@@ -66,14 +66,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_lambda(cfg: Config):
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps."""
+    """Linear warmup to train.lr, then train.lr_decay (cosine, linear or constant) to train.min_lr."""
     t = cfg.train
+    shape = {"cosine": lambda x: 0.5 * (1 + math.cos(math.pi * x)), "linear": lambda x: 1 - x,
+             "constant": lambda x: 1.0}[t.lr_decay]
 
     def factor(step: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return (t.min_lr + (t.lr - t.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / t.lr
+        return (t.min_lr + (t.lr - t.min_lr) * shape(progress)) / t.lr
 
     return factor
 
