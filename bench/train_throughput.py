@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -109,9 +108,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from model_parallel.state import free_port
+
+    port = free_port()
     torch.multiprocessing.spawn(worker, args=(args.nproc, port, args.preset, args.steps), nprocs=args.nproc)
 
 

@@ -10,16 +10,11 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from model_parallel.state import free_port
 
 
 def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
@@ -50,7 +45,7 @@ class WorkerPool:
         self.world_size = world_size
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.outbox = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         # Not daemonic: workers start processes of their own (dist_checkpointing's writer queue).
         self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox))
                       for r in range(world_size)]

@@ -213,8 +213,8 @@ def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[f
         if cfg.parallel.sequence_parallel:
             allreduce_sequence_parallel_grads(engine.module)
         engine.step()
-        losses.append(loss.detach().float().cpu())
-    mean = torch.stack(losses).mean()
+        losses.append(loss.detach().float())
+    mean = torch.stack(losses).mean()  # on the device: NCCL reduces CUDA tensors only
     torch.distributed.all_reduce(mean, group=ps.get_data_parallel_group())
     norm = engine.get_global_grad_norm()
     return mean.item() / ps.get_data_parallel_world_size(), float(norm) if norm is not None else None

@@ -38,7 +38,8 @@ class StopRequest:
         self.received = signum  # only note it: the step in flight finishes first
 
     def requested(self) -> bool:
-        flag = torch.tensor(1.0 if self.received else 0.0)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
+        flag = torch.tensor(1.0 if self.received else 0.0, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
