@@ -1,0 +1,133 @@
+"""Decoding LAION-style samples: images to RGB of one size, captions to text, with counted skip reasons.
+
+    prepared = prepare_sample(raw, FilterConfig(image_size=256))
+    prepared.reason      # None for a kept sample, else one of SKIP_REASONS
+    prepared.image       # uint8 [3, 256, 256] (shorter side resized with antialiasing, center-cropped)
+
+Whatever the file holds (grayscale, palette with transparency, CMYK, alpha, 16-bit PNG) becomes 8-bit
+RGB; transparency is composited on white.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SKIP_REASONS = ("missing_image", "decode_error", "too_small", "bad_aspect", "empty_caption", "caption_not_utf8",
+                "caption_too_long", "duplicate", "punsafe", "pwatermark", "similarity")
+
+
+@dataclass
+class FilterConfig:
+    image_size: int = 256
+    """Side of the square images given to the tokenizer."""
+    min_size: int = 64
+    """Shorter image side below which a sample is dropped (too_small)."""
+    max_aspect: float = 3.0
+    """Longer/shorter side above which a sample is dropped (bad_aspect)."""
+    max_caption_chars: int = 1000
+    """Caption length (characters) above which a sample is dropped (caption_too_long)."""
+    max_punsafe: float | None = None
+    """Drop samples whose json `punsafe` exceeds this (when the field is present)."""
+    max_pwatermark: float | None = None
+    """Drop samples whose json `pwatermark` exceeds this (when present)."""
+    min_similarity: float | None = None
+    """Drop samples whose json `similarity` (CLIP image-text) is below this (when present)."""
+
+
+@dataclass
+class Prepared:
+    key: str
+    reason: str | None = None
+    image: torch.Tensor | None = None  # uint8 [3, S, S]
+    caption: str = ""
+    image_hash: str = ""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; transparency composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bicubic, antialiased when shrinking), then the centre square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _caption(raw: dict) -> tuple[str | None, str | None]:
+    data = raw.get("txt")
+    if data is None:
+        return None, "empty_caption"
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, "caption_not_utf8"
+    return (text, None) if text else (None, "empty_caption")
+
+
+def _json_reason(raw: dict, cfg: FilterConfig) -> str | None:
+    if "json" not in raw:
+        return None
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    for field, limit, too_high in (("punsafe", cfg.max_punsafe, True), ("pwatermark", cfg.max_pwatermark, True),
+                                   ("similarity", cfg.min_similarity, False)):
+        value = meta.get(field)
+        if limit is None or not isinstance(value, (int, float)):
+            continue
+        if (value > limit) if too_high else (value < limit):
+            return field
+    return None
+
+
+def prepare_sample(raw: dict, cfg: FilterConfig) -> Prepared:
+    """raw: {'__key__': str, 'jpg'|'png'|'webp': bytes, 'txt': bytes, 'json': bytes} (any subset)."""
+    import hashlib
+
+    key = raw.get("__key__", "")
+    caption, reason = _caption(raw)
+    if reason:
+        return Prepared(key, reason)
+    if len(caption) > cfg.max_caption_chars:
+        return Prepared(key, "caption_too_long")
+    reason = _json_reason(raw, cfg)
+    if reason:
+        return Prepared(key, reason)
+    data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if data is None:
+        return Prepared(key, "missing_image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decode now: a truncated file fails here, not later
+    except Exception:  # PIL raises many types for broken files
+        return Prepared(key, "decode_error")
+    w, h = img.size
+    if min(w, h) < cfg.min_size:
+        return Prepared(key, "too_small")
+    if max(w, h) / min(w, h) > cfg.max_aspect:
+        return Prepared(key, "bad_aspect")
+    out = np.asarray(resize_center_crop(to_rgb(img), cfg.image_size), dtype=np.uint8)
+    return Prepared(key, None, torch.from_numpy(out.copy()).permute(2, 0, 1), caption,
+                    hashlib.sha256(data).hexdigest())

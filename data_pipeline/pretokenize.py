@@ -1,0 +1,159 @@
+"""Pre-tokenize LAION-style shards into code shards: filter, resize, VQ-encode, tokenize captions.
+
+    python -m data_pipeline.pretokenize --input 'laion/{00000..00099}.tar' --output codes/ \
+        --vq runs/vq/export.pt --text-tokenizer tok/spm.model [--shard-index I --num-shards N] [--workers W]
+
+Input tar i (in the expanded order) becomes output shard `{i:05d}`; array task I of N takes inputs
+I, I+N, I+2N, ... so a SLURM array splits the work and the union equals one run. Each output shard is
+written under a temporary name and renamed, then its metadata (record count, sha256, skip counts);
+a rerun verifies finished shards against their checksum and skips them, so a killed run restarts
+where it stopped and produces byte-identical shards. Images are decoded and resized in DataLoader
+workers, encoded in batches by the frozen tokenizer (on the GPU when there is one); duplicates are
+detected within each input shard (by image content hash). manifest.json is rebuilt at the end of
+every task from the metadata present (`complete` once every input is done; `--manifest-only` rebuilds it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline.code_shards import (CAPTION_BYTES, KEY_BYTES, record_dtype, sha256_file, shard_is_complete,
+                                       utf8_truncate, write_atomic, write_manifest)
+from data_pipeline.images import FilterConfig, Prepared, prepare_sample
+from data_pipeline.laion import expand_shards, read_shard
+from data_pipeline.text_tokenizer import TextTokenizer
+
+
+class _Prepare(torch.utils.data.Dataset):
+    """Decoding and resizing as a map-style dataset, so DataLoader workers do it in order."""
+
+    def __init__(self, raw: list[dict], cfg: FilterConfig):
+        self.raw, self.cfg = raw, cfg
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __getitem__(self, i) -> Prepared:
+        return prepare_sample(self.raw[i], self.cfg)
+
+
+def encode_images(vq, images: list[torch.Tensor], device: str) -> np.ndarray:
+    batch = torch.stack(images).to(device).float() / 127.5 - 1.0
+    return vq.encode(batch).reshape(len(images), -1).cpu().numpy()
+
+
+def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, workers: int, batch_size: int,
+                  device: str, progress: tqdm) -> tuple[np.ndarray, Counter, int]:
+    """Records of one input tar, its skip counts, and how many samples it held."""
+    skipped: Counter = Counter()
+    raw = list(read_shard(path, skipped))
+    loader = torch.utils.data.DataLoader(_Prepare(raw, cfg), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    dtype = record_dtype(vq.grid * vq.grid, text_tok.max_len)
+    records, seen_hashes = [], set()
+    for batch in loader:
+        kept = []
+        for p in batch:
+            if p.reason is None and p.image_hash in seen_hashes:
+                p.reason = "duplicate"
+            if p.reason:
+                skipped[p.reason] += 1
+                continue
+            seen_hashes.add(p.image_hash)
+            kept.append(p)
+        if kept:
+            codes = encode_images(vq, [p.image for p in kept], device)
+            for p, c in zip(kept, codes):
+                ids, length = text_tok.encode(p.caption)
+                records.append((c, ids, length, utf8_truncate(p.caption, CAPTION_BYTES),
+                                p.key.encode("ascii", "replace")[:KEY_BYTES]))
+        progress.update(len(batch))
+    return np.array(records, dtype=dtype), skipped, len(raw)
+
+
+def header(vq, text_tok: TextTokenizer, cfg: FilterConfig) -> dict:
+    return {"vq": {"kind": vq.kind, "hash": vq.content_hash, "grid": vq.grid, "codebook_size": vq.codebook_size,
+                   "image_size": vq.image_size},
+            "text_tokenizer": {"hash": text_tok.content_hash, "vocab_size": text_tok.vocab_size,
+                               "text_len": text_tok.max_len},
+            "record": {"grid_tokens": vq.grid * vq.grid, "text_len": text_tok.max_len,
+                       "caption_bytes": CAPTION_BYTES, "key_bytes": KEY_BYTES},
+            "filters": asdict(cfg)}
+
+
+def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig,
+                shard_index: int = 0, num_shards: int = 1, workers: int = 0, batch_size: int = 32) -> dict:
+    if vq.codebook_size > 65536 or text_tok.vocab_size > 65536:
+        raise ValueError("codes and text ids are stored as uint16: codebook and vocabulary must be <= 65536")
+    output.mkdir(parents=True, exist_ok=True)
+    head = header(vq, text_tok, cfg)
+    manifest_path = output / "manifest.json"
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if {k: old.get(k) for k in head} != json.loads(json.dumps(head)):
+            raise ValueError(f"{output} holds code shards made with another tokenizer, text tokenizer or filters; "
+                             "use a new --output folder")
+    names = [f"{i:05d}" for i in range(len(inputs))]
+    for i in range(shard_index, len(inputs), num_shards):  # leftovers of this task's killed runs
+        for stale in output.glob(f".{names[i]}.*.tmp"):
+            stale.unlink()
+    mine = [i for i in range(shard_index, len(inputs), num_shards) if not shard_is_complete(output, names[i])]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vq = vq.to(device)
+    with tqdm(desc=f"pretokenize {shard_index}/{num_shards}", unit="img") as progress:
+        start = time.perf_counter()
+        for i in mine:
+            records, skipped, seen = process_shard(inputs[i], vq, text_tok, cfg, workers, batch_size, device, progress)
+            write_atomic(output / f"{names[i]}.bin", records.tobytes())
+            meta = {"input": str(inputs[i]), "records": len(records), "seen": seen,
+                    "sha256": sha256_file(output / f"{names[i]}.bin"), "skipped": dict(sorted(skipped.items()))}
+            write_atomic(output / f"{names[i]}.json", json.dumps(meta, indent=1).encode())
+            progress.set_postfix(images_per_s=f"{progress.n / (time.perf_counter() - start):.1f}")
+    return write_manifest(output, head, names)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="shard pattern, e.g. 'laion/{00000..00099}.tar'")
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--vq", required=True, help="exported image tokenizer (vq/tokenizer.py format)")
+    parser.add_argument("--text-tokenizer", required=True, help="SentencePiece .model")
+    parser.add_argument("--text-len", type=int, default=128)
+    parser.add_argument("--shard-index", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="image-decoding DataLoader workers")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--manifest-only", action="store_true", help="only rebuild manifest.json")
+    for f in fields(FilterConfig):
+        if f.name != "image_size":
+            parser.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in str(f.type) else int,
+                                default=f.default)
+    args = parser.parse_args(argv)
+    if not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1}")
+    from vq.tokenizer import load_image_tokenizer
+
+    vq = load_image_tokenizer(args.vq)
+    cfg = FilterConfig(image_size=vq.image_size, **{f.name: getattr(args, f.name) for f in fields(FilterConfig)
+                                                   if f.name != "image_size"})
+    text_tok = TextTokenizer(args.text_tokenizer, args.text_len)
+    inputs = expand_shards(args.input)
+    if args.manifest_only:
+        manifest = write_manifest(args.output, header(vq, text_tok, cfg), [f"{i:05d}" for i in range(len(inputs))])
+    else:
+        manifest = pretokenize(inputs, args.output, vq, text_tok, cfg, args.shard_index, args.num_shards,
+                               args.workers, args.batch_size)
+    print(f"{args.output}: {manifest['records']} records in {len(manifest['shards'])}/{manifest['num_inputs']} "
+          f"shards; skipped {manifest['skipped']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""LAION-style shards -> code shards: filters, formats, resumability, array tasks, the training dataset."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.code_shards import CodeShardDataset, MixedDataset, record_dtype
+from data_pipeline.images import FilterConfig, prepare_sample
+from data_pipeline.laion import expand_shards, read_shard
+from data_pipeline.pretokenize import pretokenize
+from data_pipeline.sampler import GlobalBatchSampler
+from data_pipeline.text_tokenizer import EOS_ID, PAD_ID, TextTokenizer, train_sentencepiece
+from tests import laion_fixtures as lf
+from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+FILTERS = FilterConfig(image_size=64, min_size=16, max_punsafe=0.5)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Three input tars (planted cases; synthetic; synthetic cut inside sample 5), a VQ, a SentencePiece."""
+    root = tmp_path_factory.mktemp("laion")
+    samples, expected, keep = lf.planted_samples()
+    lf.write_tar(root / "laion" / "00000.tar", samples)
+    lf.write_tar(root / "laion" / "00001.tar", lf.synthetic_samples(12))
+    lf.write_tar(root / "laion" / "00002.tar", lf.synthetic_samples(9, offset=100))
+    lf.truncate_tar_inside(root / "laion" / "00002.tar", "syn00105.jpg")
+    keep |= {f"syn{i:05d}" for i in range(12)} | {f"syn{i:05d}" for i in range(100, 105)}
+    expected["truncated_tar"] = 1
+    torch.manual_seed(0)
+    vq_path = root / "vq.pt"
+    save_image_tokenizer(ConvVQ(image_size=64, downsample=3, channels=16, code_dim=8, codebook_size=64), vq_path)
+    captions = [s[1]["txt"].decode("utf-8", "ignore") for s in samples if "txt" in s[1]] * 20
+    captions += [f"a {c} {s} on a white background" for c in lf.COLOURS for s in lf.SHAPES] * 20
+    spm_path = train_sentencepiece(captions, vocab_size=120, out=root / "tok" / "spm.model")
+    return {"root": root, "pattern": str(root / "laion" / "{00000..00002}.tar"), "vq": vq_path, "spm": spm_path,
+            "expected": expected, "keep": keep}
+
+
+def run_pretokenize(setup, out, **kw):
+    vq, tok = load_image_tokenizer(setup["vq"]), TextTokenizer(setup["spm"], max_len=16)
+    return pretokenize(expand_shards(setup["pattern"]), out, vq, tok, FILTERS, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_run(setup):
+    out = setup["root"] / "codes"
+    return run_pretokenize(setup, out), out
+
+
+def test_manifest_counts_every_planted_case_and_keeps_every_good_sample(setup, one_run):
+    manifest, out = one_run
+    assert manifest["skipped"] == dict(sorted(setup["expected"].items()))
+    assert manifest["complete"] and manifest["num_inputs"] == 3
+    ds = CodeShardDataset(out, text_len=16, grid_tokens=64)
+    keys = {ds.record(i)["key"].decode() for i in range(len(ds))}
+    assert keys == setup["keep"] and len(ds) == len(setup["keep"]) == manifest["records"]
+    assert manifest["vq"]["hash"] == load_image_tokenizer(setup["vq"]).content_hash
+    assert manifest["text_tokenizer"]["text_len"] == 16 and manifest["vq"]["grid"] == 8
+
+
+def test_stored_codes_and_text_match_direct_encoding(setup, one_run):
+    _, out = one_run
+    ds = CodeShardDataset(out)
+    vq, tok = load_image_tokenizer(setup["vq"]), TextTokenizer(setup["spm"], max_len=16)
+    key, jpg, caption = lf.coco_mini()[3]
+    index = next(i for i in range(len(ds)) if ds.record(i)["key"].decode() == key)
+    image = prepare_sample({"__key__": key, "jpg": jpg, "txt": caption.encode()}, FILTERS).image
+    direct = vq.encode(image[None].float() / 127.5 - 1).reshape(-1)
+    text, codes = ds[index]
+    assert torch.equal(codes, direct) and ds.caption(index) == caption
+    ids, length = tok.encode(caption)
+    assert text.tolist() == ids and ids[length - 1] == EOS_ID and ids[length:] == [PAD_ID] * (16 - length)
+
+
+def test_images_become_rgb_of_the_tokenizer_size():
+    samples, _, _ = lf.planted_samples()
+    by_key = dict(samples)
+    for key in ("cmyk", "png16", "palette", "rgba"):
+        p = prepare_sample({"__key__": key, **by_key[key]}, FILTERS)
+        assert p.reason is None and p.image.shape == (3, 64, 64) and p.image.dtype == torch.uint8
+    ramp = prepare_sample({"__key__": "png16", **by_key["png16"]}, FILTERS).image
+    assert ramp[0, 0, 32] < 10 and ramp[0, -1, 32] > 245 and 100 < ramp[0, 32, 32] < 156  # scaled, not clipped
+    rgba = prepare_sample({"__key__": "rgba", **by_key["rgba"]}, FILTERS).image
+    assert rgba[:, 0, 0].tolist() == [255, 255, 255]
+
+
+def test_truncated_tar_costs_only_its_broken_tail(setup):
+    errors = Counter()
+    keys = [s["__key__"] for s in read_shard(setup["root"] / "laion" / "00002.tar", errors)]
+    assert keys == [f"syn{i:05d}" for i in range(100, 105)] and errors == {"truncated_tar": 1}
+
+
+def test_array_tasks_together_equal_one_run(setup, one_run, tmp_path):
+    _, single = one_run
+    run_pretokenize(setup, tmp_path, shard_index=1, num_shards=2)
+    partial = json.loads((tmp_path / "manifest.json").read_text())
+    assert not partial["complete"] and [s["name"] for s in partial["shards"]] == ["00001"]
+    run_pretokenize(setup, tmp_path, shard_index=0, num_shards=2)
+    for name in ("00000", "00001", "00002"):
+        assert (tmp_path / f"{name}.bin").read_bytes() == (single / f"{name}.bin").read_bytes()
+    assert (tmp_path / "manifest.json").read_text() == (single / "manifest.json").read_text()
+
+
+def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
+    _, single = one_run
+    cmd = [sys.executable, "-m", "data_pipeline.pretokenize", "--input", setup["pattern"], "--output", str(tmp_path),
+           "--vq", str(setup["vq"]), "--text-tokenizer", str(setup["spm"]), "--text-len", "16",
+           "--min-size", "16", "--max-punsafe", "0.5", "--batch-size", "4", "--workers", "2"]  # workers: same bytes
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "00000.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert "manifest.json" not in done_before  # killed before the end
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    for name in ("00000", "00001", "00002"):
+        assert (tmp_path / f"{name}.bin").read_bytes() == (single / f"{name}.bin").read_bytes()
+    assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads((single / "manifest.json").read_text())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_other_tokenizer_into_same_folder_is_refused(setup, one_run):
+    _, out = one_run
+    torch.manual_seed(1)
+    other = setup["root"] / "vq_other.pt"
+    save_image_tokenizer(ConvVQ(image_size=64, downsample=3, channels=16, code_dim=8, codebook_size=64), other)
+    with pytest.raises(ValueError, match="made with another tokenizer"):
+        pretokenize(expand_shards(setup["pattern"]), out, load_image_tokenizer(other),
+                    TextTokenizer(setup["spm"], max_len=16), FILTERS)
+
+
+def test_corrupt_inputs_are_refused_clearly(setup, one_run, tmp_path):
+    _, out = one_run
+    with pytest.raises(FileNotFoundError, match="input shard"):
+        expand_shards(str(tmp_path / "{0..2}.tar"))
+    with pytest.raises(ValueError, match="the model expects 32"):
+        CodeShardDataset(out, text_len=32)
+    (tmp_path / "manifest.json").write_text(json.dumps({**json.loads((out / "manifest.json").read_text())}))
+    with pytest.raises(ValueError, match="00000.bin: .* bytes, expected"):
+        (tmp_path / "00000.bin").write_bytes(b"\0" * 10)
+        CodeShardDataset(tmp_path)
+
+
+def test_sampler_same_global_batches_at_any_dp_size_and_after_restore():
+    sampler = GlobalBatchSampler(dataset_len=37, global_batch_size=8, seed=5)
+    for step in range(12):  # crosses several epochs
+        whole = sampler.global_batch(step * 8)
+        for dp in (2, 4):
+            parts = [GlobalBatchSampler.rank_slice(whole, r, dp) for r in range(dp)]
+            assert torch.equal(torch.cat(parts), whole)
+    state = sampler.state_dict(consumed=5 * 8)
+    restored = GlobalBatchSampler(state["dataset_len"], state["global_batch_size"], state["seed"])
+    assert torch.equal(restored.global_batch(state["consumed"]), sampler.global_batch(40))
+    epoch0 = torch.cat([sampler.stream(0, 37)])
+    assert sorted(epoch0.tolist()) == list(range(37))  # an epoch is a permutation
+    assert not torch.equal(sampler.stream(37, 37), epoch0)  # reshuffled next epoch
+
+
+def test_mixed_datasets_by_weight():
+    a, b = list(range(100)), list(range(1000, 1010))
+    mix = MixedDataset([a, b], [3, 1], size=400)
+    picks = [mix[i] for i in range(400)]
+    from_b = [x for x in picks if x >= 1000]
+    assert len(from_b) == 100 and from_b[:10] == b and from_b[10:20] == b  # 1:3, b cycled
+    assert picks == [MixedDataset([a, b], [3, 1], size=400)[i] for i in range(400)]
