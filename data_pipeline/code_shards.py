@@ -151,3 +151,23 @@ class MixedDataset:
 
     def __getitem__(self, index: int):
         return self.datasets[self.which[index]][int(self.position[index])]
+
+
+def open_training_data(spec: str, model_cfg):
+    """`codes/` or `codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> a dataset the model fits."""
+    parts = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        folder, _, weight = item.partition(":")
+        ds = CodeShardDataset(folder, text_len=model_cfg.text_seq_len, grid_tokens=model_cfg.image_seq_len)
+        for name, have, limit in (("codebook_size", ds.manifest["vq"]["codebook_size"], model_cfg.image_vocab_size),
+                                  ("text vocab_size", ds.manifest["text_tokenizer"]["vocab_size"],
+                                   model_cfg.text_vocab_size)):
+            if have > limit:
+                raise ValueError(f"{folder}: {name} {have} exceeds the model's "
+                                 f"{'model.image_vocab_size' if 'codebook' in name else 'model.text_vocab_size'}={limit}")
+        parts.append((ds, float(weight) if weight else 1.0))
+    if not parts:
+        raise ValueError("data.shards is empty: give a code-shard folder (or folder:weight,folder:weight)")
+    if len(parts) == 1:
+        return parts[0][0]
+    return MixedDataset([d for d, _ in parts], [w for _, w in parts])

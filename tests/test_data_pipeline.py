@@ -178,3 +178,26 @@ def test_mixed_datasets_by_weight():
     from_b = [x for x in picks if x >= 1000]
     assert len(from_b) == 100 and from_b[:10] == b and from_b[10:20] == b  # 1:3, b cycled
     assert picks == [MixedDataset([a, b], [3, 1], size=400)[i] for i in range(400)]
+
+
+def test_trainer_reads_code_shards(single_process, setup, one_run, tmp_path):
+    from tests.conftest import run
+    from training.config import ConfigError
+
+    _, out = one_run
+    model = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=64", "model.text_vocab_size=128",
+             "data.synthetic=false", f"data.shards={out}:2,{out}:1"]
+    losses = run(str(tmp_path), *model, steps=4)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    with pytest.raises(ConfigError, match="records have text_len=16, the model expects 32"):
+        run(str(tmp_path / "bad"), *model, "model.text_seq_len=32")
+
+
+def test_train_text_tokenizer_command(setup, tmp_path, capsys):
+    from data_pipeline.train_text_tokenizer import main
+
+    main(["--captions", setup["pattern"], "--vocab-size", "60", "--out", str(tmp_path / "spm.model")])
+    tok = TextTokenizer(tmp_path / "spm.model", max_len=8)
+    ids, length = tok.encode("a red circle on a white background with many more words than fit")
+    assert length == 8 and ids[-1] == EOS_ID and tok.decode(ids).startswith("a red circle")
+    assert "unreadable tails in 1 shard" in capsys.readouterr().out

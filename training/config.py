@@ -157,7 +157,8 @@ class DataConfig:
     synthetic: bool = True
     """Use a small generated code-shard set (no prepared data needed)."""
     shards: str = ""
-    """Code-shard directory (from data_pipeline.pretokenize) when synthetic is false."""
+    """Code-shard folder from data_pipeline.pretokenize when synthetic is false; several blend by weight:
+    'codes/a:3,codes/b:1'."""
 
 
 @dataclass

@@ -34,8 +34,12 @@ def parse_args(argv):
 
 def build_dataset(cfg: Config):
     if not cfg.data.synthetic:
-        raise ConfigError("data.synthetic=false needs code shards (data_pipeline.pretokenize), "
-                          "which this version does not read yet")
+        from data_pipeline.code_shards import open_training_data
+
+        try:
+            return open_training_data(cfg.data.shards, cfg.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
     from data_pipeline.synthetic import SyntheticCodes
 
     return SyntheticCodes(cfg.model, size=1024, seed=cfg.train.seed)
@@ -80,6 +84,7 @@ class Trainer:
         if dist.get_rank() == 0:
             save_config(cfg, self.run_dir / "config.yaml")
 
+        self.dataset = build_dataset(cfg)  # before the model: data that does not fit is refused first
         seed_everything(cfg.train.seed)
         kernels = select_kernels(cfg.kernels)
         self.log.info(kernels.summary())
@@ -90,7 +95,6 @@ class Trainer:
         model = build_model(cfg, kernels, self.device)
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
         self.engine = build_engine(model, cfg, kernels)
-        self.dataset = build_dataset(cfg)
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
         self.log.info(f"layout: world {self.world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp "

@@ -1,0 +1,81 @@
+"""Pre-tokenization speed: images/s with 0 and W decode workers, and the VQ-encode-only rate, in one run.
+
+    python bench/pretokenize.py [--workers 2] [--image-size 256] [--copies 6]
+
+Input: the shipped COCO photos (../shared/data/coco_mini, real 640x480 JPEGs) repeated `--copies` times
+(re-encoded with a changed pixel so none is a duplicate) in two LAION-style tars; a ConvVQ of the given
+image size. The ratio end-to-end / encode-only shows how much decoding and resizing cost.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline.images import FilterConfig, prepare_sample  # noqa: E402
+from data_pipeline.laion import expand_shards  # noqa: E402
+from data_pipeline.pretokenize import encode_images, pretokenize  # noqa: E402
+from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece  # noqa: E402
+from tests import laion_fixtures as lf  # noqa: E402
+from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer  # noqa: E402
+
+
+def make_inputs(folder: Path, copies: int) -> list[tuple[str, dict]]:
+    samples = []
+    for c in range(copies):
+        for key, jpg, caption in lf.coco_mini():
+            img = Image.open(io.BytesIO(jpg)).convert("RGB")
+            img.putpixel((0, 0), (c, c, c))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=90)
+            samples.append((f"{key}_{c}", {"jpg": buf.getvalue(), "txt": caption.encode()}))
+    half = len(samples) // 2
+    lf.write_tar(folder / "00000.tar", samples[:half])
+    lf.write_tar(folder / "00001.tar", samples[half:])
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--copies", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        samples = make_inputs(tmp / "laion", args.copies)
+        save_image_tokenizer(ConvVQ(image_size=args.image_size, downsample=3), tmp / "vq.pt")
+        vq = load_image_tokenizer(tmp / "vq.pt")
+        tok = TextTokenizer(train_sentencepiece([c for _, s in samples for c in [s["txt"].decode()]] * 5, 200,
+                                                tmp / "spm.model"), 128)
+        cfg = FilterConfig(image_size=args.image_size)
+        inputs = expand_shards(str(tmp / "laion" / "{00000..00001}.tar"))
+        rates = {}
+        for workers in (0, args.workers):
+            start = time.perf_counter()
+            manifest = pretokenize(inputs, tmp / f"codes{workers}", vq, tok, cfg, workers=workers,
+                                   batch_size=args.batch_size)
+            rates[f"end-to-end, {workers} decode workers"] = manifest["records"] / (time.perf_counter() - start)
+        images = [prepare_sample({"__key__": k, **s}, cfg).image for k, s in samples]
+        start = time.perf_counter()
+        for i in range(0, len(images), args.batch_size):
+            encode_images(vq, images[i:i + args.batch_size], "cuda" if torch.cuda.is_available() else "cpu")
+        rates["VQ encode only"] = len(images) / (time.perf_counter() - start)
+    print(f"\n{len(samples)} images of ~640x480 -> {args.image_size}px, grid {vq.grid}, batch {args.batch_size}, "
+          f"torch threads {torch.get_num_threads()}")
+    for name, rate in rates.items():
+        print(f"{name:>32}: {rate:8.1f} images/s   ({rate / rates['VQ encode only']:.2f} of encode-only)")
+
+
+if __name__ == "__main__":
+    main()
