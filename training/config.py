@@ -388,7 +388,8 @@ def describe(cfg: Config) -> str:
         lines.append(f"{section.name}:  # {inspect.getdoc(type(obj))}")
         docs = field_docs(type(obj))
         for f in dataclasses.fields(obj):
-            lines.append(f"  {f.name}: {getattr(obj, f.name)!r}  # {docs.get(f.name, '')}")
+            doc = " ".join(docs.get(f.name, "").split())
+            lines.append(f"  {f.name}: {getattr(obj, f.name)!r}  # {doc}")
     return "\n".join(lines)
 
 
