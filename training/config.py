@@ -355,6 +355,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw)
 
 
+def load_typed(cls, path: str | Path | None, overrides: list[str] | None = None):
+    """Any config dataclass from a YAML file plus dotted overrides (same rules as `load_config`)."""
+    raw = _read_yaml(Path(path)) if path else {}
+    return _build(cls, _merge(raw, parse_overrides(overrides or [])), "")
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

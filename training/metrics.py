@@ -62,8 +62,8 @@ class MetricsLogger:
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 self.tb.add_scalar(f"train/{key}", value, step)
-        parts = [f"step {step}"] + [f"{k} {format(v, _FORMATS.get(k, ''))}" for k, v in metrics.items()
-                                    if k != "step" and v is not None]
+        parts = [f"step {step}"] + [f"{k} {format(v, _FORMATS.get(k, '.4g' if isinstance(v, float) else ''))}"
+                                    for k, v in metrics.items() if k != "step" and v is not None]
         self.log.info(" | ".join(parts))
 
     def close(self) -> None:

@@ -63,7 +63,10 @@ class ConvVQ(nn.Module):
         return self.decoder(z + (q - z).detach()), commit
 
 
-TOKENIZERS = {ConvVQ.kind: ConvVQ}
+def _registry() -> dict:
+    from vq.vit_vqgan import ViTVQGAN
+
+    return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN}
 
 
 def content_hash(kind: str, config: dict, state_dict: dict) -> str:
@@ -89,10 +92,10 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer {path} does not exist (train one with vq.train or export one)")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    kind = blob.get("kind")
-    if kind not in TOKENIZERS:
-        raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(TOKENIZERS)}")
-    model = TOKENIZERS[kind](**blob["config"])
+    kind, known = blob.get("kind"), _registry()
+    if kind not in known:
+        raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
+    model = known[kind](**blob["config"])
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
     if missing or unexpected:
         raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")

@@ -1,0 +1,143 @@
+"""ViT-VQGAN losses with the paper's default weights: l2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1.
+
+    losses = VQGANLoss(LossConfig(), lpips_backbone="vgg16-397923af.pth" or None)
+    g_loss, logs = losses.generator(images, decoder_output, vq_loss, step, last_layer)
+    d_loss, d_logs = losses.discriminator(images, decoder_output.detach(), step)
+
+Perceptual loss: LPIPS from the `lpips` package. Its wheel ships the calibration (linear) layers only;
+the VGG backbone normally downloads at run time, which is impossible offline, so the backbone weights
+come from a local torchvision `vgg16` state-dict file, or, without one, stay random: a clearly logged
+mode meant for tests. Adversarial loss: a StyleGAN2-style residual discriminator with minibatch
+standard deviation, non-saturating logistic loss, the VQGAN adaptive weight (ratio of the
+reconstruction and adversarial gradient norms at the decoder's last layer), off before `adv_start`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("parti")
+
+
+@dataclass
+class LossConfig:
+    l2: float = 1.0
+    """Weight of the mean squared error."""
+    logit_laplace: float = 0.1
+    """Weight of the logit-Laplace likelihood (used when the model predicts it)."""
+    perceptual: float = 0.1
+    """Weight of LPIPS (0 disables it)."""
+    adversarial: float = 0.1
+    """Weight of the adversarial loss, times the adaptive weight (0 disables the discriminator)."""
+    adv_start: int = 0
+    """Training step at which the adversarial loss starts."""
+
+
+def split_output(out: torch.Tensor) -> torch.Tensor:
+    """The decoder's reconstruction in [-1, 1]: its 3 channels, or the logit-Laplace means mapped back."""
+    return torch.sigmoid(out[:, :3]) * 2 - 1 if out.shape[1] == 6 else out
+
+
+def logit_laplace_nll(images: torch.Tensor, out: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+    """DALL-E's logit-Laplace negative log-likelihood of images in [-1, 1] (pixels squeezed into
+    [eps, 1 - eps]); out[:, :3] are the means, out[:, 3:] the log-scales, in logit space."""
+    x = ((images + 1) / 2).clamp(0, 1) * (1 - 2 * eps) + eps
+    y = torch.logit(x)
+    mu, log_b = out[:, :3], out[:, 3:].clamp(-7, 7)
+    return ((y - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(x * (1 - x))).mean()
+
+
+def make_lpips(backbone: str | Path | None):
+    import lpips
+
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    if backbone is None:
+        log.warning("LPIPS: no backbone weights given, using a RANDOM VGG backbone (tests/offline only; "
+                    "perceptual loss values are not meaningful)")
+    else:
+        state = torch.load(backbone, map_location="cpu", weights_only=True)
+        target = dict(model.net.named_parameters())
+        for name in target:  # "slice3.10.weight" <- torchvision "features.10.weight"
+            source = "features." + name.split(".", 1)[1]
+            if source not in state:
+                raise KeyError(f"{backbone}: no {source} (expected a torchvision vgg16 state dict)")
+            target[name].data.copy_(state[source])
+        log.info(f"LPIPS: VGG backbone weights from {backbone}")
+    return model.eval().requires_grad_(False)
+
+
+class DiscriminatorBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c_in, c_in, 3, padding=1), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv1(x), 0.2)
+        h = F.avg_pool2d(F.leaky_relu(self.conv2(h), 0.2), 2)
+        return (h + F.avg_pool2d(self.skip(x), 2)) / math.sqrt(2)
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2-style residual discriminator: downsampling blocks to 4x4, minibatch stddev, linear head."""
+
+    def __init__(self, image_size: int, channels: int = 64, max_channels: int = 512):
+        super().__init__()
+        blocks, c, size = [], channels, image_size
+        self.stem = nn.Conv2d(3, c, 1)
+        while size > 4:
+            c_out = min(c * 2, max_channels)
+            blocks.append(DiscriminatorBlock(c, c_out))
+            c, size = c_out, size // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.final = nn.Conv2d(c + 1, c, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * size * size, c), nn.LeakyReLU(0.2), nn.Linear(c, 1))
+
+    def forward(self, x):
+        h = self.blocks(F.leaky_relu(self.stem(x), 0.2))
+        std = h.std(dim=0, unbiased=False).mean().expand(h.shape[0], 1, h.shape[2], h.shape[3])
+        return self.head(F.leaky_relu(self.final(torch.cat([h, std], 1)), 0.2))
+
+
+class VQGANLoss(nn.Module):
+    def __init__(self, cfg: LossConfig, image_size: int, lpips_backbone: str | Path | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.lpips = make_lpips(lpips_backbone) if cfg.perceptual > 0 else None
+        self.discriminator = Discriminator(image_size) if cfg.adversarial > 0 else None
+
+    def adaptive_weight(self, rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
+        return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+    def generator(self, images, out, vq_loss, step: int, last_layer: torch.Tensor | None = None):
+        c = self.cfg
+        recon = split_output(out)
+        logs = {"l2": F.mse_loss(recon, images)}
+        rec = c.l2 * logs["l2"]
+        if out.shape[1] == 6 and c.logit_laplace > 0:
+            logs["logit_laplace"] = logit_laplace_nll(images, out)
+            rec = rec + c.logit_laplace * logs["logit_laplace"]
+        if self.lpips is not None:
+            logs["perceptual"] = self.lpips(recon, images).mean()
+            rec = rec + c.perceptual * logs["perceptual"]
+        total = rec + vq_loss
+        if self.discriminator is not None and step >= c.adv_start:
+            logs["adversarial"] = F.softplus(-self.discriminator(recon)).mean()
+            weight = self.adaptive_weight(rec, logs["adversarial"], last_layer) if last_layer is not None else 1.0
+            total = total + c.adversarial * weight * logs["adversarial"]
+        logs["vq"] = vq_loss
+        return total, {k: float(v) for k, v in logs.items()}
+
+    def discriminator_loss(self, images, out, step: int):
+        if self.discriminator is None or step < self.cfg.adv_start:
+            return None
+        real, fake = self.discriminator(images), self.discriminator(split_output(out).detach())
+        return F.softplus(-real).mean() + F.softplus(fake).mean()

@@ -1,0 +1,228 @@
+"""Train the ViT-VQGAN image tokenizer on LAION-style shards, then export it frozen.
+
+    python -m vq.train --config configs/vq/vit-vqgan-small.yaml --data 'laion/{00000..00099}.tar' \
+        --run-dir runs/vq [--set train.steps=1000 ...] [--resume auto]
+    torchrun --nproc_per_node 8 -m vq.train ...                 # data parallel (DDP)
+
+The run directory receives config.yaml, metrics.jsonl + TensorBoard (l2, PSNR, perplexity, code usage,
+losses), recon_XXXXXXXX.png grids (top: inputs, bottom: reconstructions), checkpoints/ (with a `latest`
+pointer moved after each complete save) and, at the end, export.pt: the frozen tokenizer in the format
+of vq/tokenizer.py that data_pipeline.pretokenize loads.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from training.config import ConfigError, load_typed, save_config
+from vq.config import VQConfig
+
+
+def build_model(cfg: VQConfig):
+    from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN
+
+    m = cfg.model
+    if m.preset not in VIT_VQGAN_PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
+    shape = VIT_VQGAN_PRESETS[m.preset]
+    return ViTVQGAN(image_size=m.image_size, patch=m.patch, layers=m.layers or shape["layers"],
+                    width=m.width or shape["width"], code_dim=m.code_dim, codebook_size=m.codebook_size,
+                    logit_laplace=m.logit_laplace, dead_code_steps=m.dead_code_steps)
+
+
+def image_stream(pattern: str, cfg: VQConfig, rank: int, world: int, seed: int):
+    """Endless augmented images (uint8 [3, S, S]) for this rank: every world-th kept sample, reshuffled
+    through a buffer, random crops and flips when train.resize > model.image_size."""
+    from data_pipeline.images import FilterConfig, prepare_sample
+    from data_pipeline.laion import expand_shards, read_shard
+
+    paths, size = expand_shards(pattern), cfg.model.image_size
+    prep = FilterConfig(image_size=cfg.train.resize or size, min_size=min(64, cfg.train.resize or size))
+    rng = random.Random(seed * 1000 + rank)
+    buffer = []
+    while True:
+        index = 0
+        for path in paths:
+            for raw in read_shard(path, Counter()):
+                p = prepare_sample(raw, prep)
+                if p.reason is None:
+                    index += 1
+                    if index % world == rank:
+                        buffer.append(p.image)
+                if len(buffer) >= 256:
+                    yield _augment(buffer.pop(rng.randrange(len(buffer))), size, rng)
+        if index < world:
+            raise ValueError(f"{pattern}: {index} usable image(s), fewer than the {world} data-parallel ranks")
+        while buffer:
+            yield _augment(buffer.pop(rng.randrange(len(buffer))), size, rng)
+
+
+def _augment(image: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
+    top, left = rng.randint(0, image.shape[1] - size), rng.randint(0, image.shape[2] - size)
+    crop = image[:, top:top + size, left:left + size]
+    return crop.flip(-1) if rng.random() < 0.5 else crop
+
+
+def psnr(recon: torch.Tensor, images: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    return 10 * math.log10(4.0 / max(F.mse_loss(recon.float(), images.float()).item(), 1e-12))
+
+
+class VQTrainer:
+    def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path):
+        from model_parallel.state import init_distributed
+        from training.metrics import MetricsLogger
+        from vq.losses import VQGANLoss
+
+        init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        t = cfg.train
+        if t.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.99))
+        disc = self.losses.discriminator
+        self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=(0.9, 0.99)) if disc else None
+        self.step = 0
+        self.stream = image_stream(data, cfg, self.rank, self.world, t.seed)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "disc": self.losses.discriminator.state_dict() if self.disc_opt else None,
+                "disc_opt": self.disc_opt.state_dict() if self.disc_opt else None,
+                "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg)}
+
+    def save(self) -> None:
+        if self.rank == 0:
+            folder = self.run_dir / "checkpoints"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"step_{self.step:08d}.pt"
+            torch.save(self.state(), path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+            (folder / "latest.tmp").write_text(path.name + "\n")
+            os.replace(folder / "latest.tmp", folder / "latest")
+        dist.barrier()
+
+    def resume(self) -> None:
+        pointer = self.run_dir / "checkpoints" / "latest"
+        if not pointer.is_file():
+            return
+        path = self.run_dir / "checkpoints" / pointer.read_text().strip()
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc_opt and state["disc"] is not None:
+            self.losses.discriminator.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"])
+        # The data stream is replayed to where it was (it is a pure function of the seed).
+        for _ in range(self.step * self.cfg.train.batch_size // self.world):
+            next(self.stream)
+        self.log.info(f"resumed from {path} at step {self.step}")
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def batch(self) -> torch.Tensor:
+        n = self.cfg.train.batch_size // self.world
+        return torch.stack([next(self.stream) for _ in range(n)]).to(self.device).float() / 127.5 - 1
+
+    def train_step(self, images: torch.Tensor) -> dict:
+        bf16 = self.cfg.train.precision == "bf16" and self.device == "cuda"
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
+            out, aux = self.ddp(images)
+        out = out.float()
+        last = self.model.dec_out[1].weight
+        loss, logs = self.losses.generator(images, out, aux["vq_loss"], self.step, last)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        d_loss = self.losses.discriminator_loss(images, out, self.step)
+        if d_loss is not None:
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+            logs["disc"] = float(d_loss)
+        from vq.losses import split_output
+
+        logs.update(loss=float(loss), psnr=psnr(split_output(out).detach(), images),
+                    perplexity=float(aux["perplexity"]), code_usage=float(aux["usage"]))
+        return logs
+
+    def recon_grid(self, images: torch.Tensor) -> Path:
+        from torchvision.utils import save_image
+
+        self.model.eval()
+        with torch.no_grad():
+            recon = self.model.decode(self.model.encode(images))
+        self.model.train()
+        path = self.run_dir / f"recon_{self.step:08d}.png"
+        save_image(torch.cat([images[:8], recon[:8]]).float() * 0.5 + 0.5, path, nrow=min(8, len(images)))
+        return path
+
+    def run(self) -> list[dict]:
+        t, history = self.cfg.train, []
+        self.model.train()
+        while self.step < t.steps:
+            start = time.perf_counter()
+            images = self.batch()
+            logs = self.train_step(images)
+            self.step += 1
+            history.append(logs)
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
+            if self.rank == 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                self.log.info(f"reconstructions: {self.recon_grid(images)}")
+            if self.step % t.save_interval == 0 or self.step == t.steps:
+                self.save()
+        if self.rank == 0:
+            from vq.tokenizer import save_image_tokenizer
+
+            digest = save_image_tokenizer(self.model, self.run_dir / "export.pt")
+            self.log.info(f"exported {self.run_dir / 'export.pt'} (content hash {digest[:16]})")
+        self.log.close()
+        return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML (see configs/vq/)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data", required=True, help="LAION-style shard pattern")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--resume", default="auto", choices=["auto", "none"])
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_typed(VQConfig, args.config, args.set)
+        trainer = VQTrainer(cfg, args.data, args.run_dir)
+        if args.resume == "auto":
+            trainer.resume()
+        trainer.run()
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""ViT-VQGAN (Yu et al. 2021, "Vector-quantized Image Modeling with Improved VQGAN"): the image tokenizer.
+
+    model = ViTVQGAN(**VIT_VQGAN_PRESETS["small"], image_size=256)     # 32x32 codes from 8x8 patches
+    recon, aux = model(images)            # training: straight-through reconstruction, VQ losses, code usage
+    codes = model.encode(images)          # frozen use, the interface of vq/tokenizer.py
+    images = model.decode(codes)
+
+Encoder: 8x8 patches -> ViT blocks -> a linear projection to a low-dimensional code space (32 by
+default, "factorized codes"); latents and codebook entries are l2-normalised, so the nearest code is
+the one of highest cosine similarity. Straight-through estimator, commitment loss (beta = 0.25) and
+codebook loss; code usage is tracked (EMA of counts, perplexity) and codes unused for
+`dead_code_steps` training steps are restarted from random latents of the batch. Decoder: a linear
+map back to the model width, ViT blocks, a linear map to pixels per patch. The decoder outputs 6
+channels per pixel when `logit_laplace` is on (means and log-scales of the logit-Laplace loss), else 3.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VIT_VQGAN_PRESETS = {
+    "small": dict(layers=8, width=512),
+    "base": dict(layers=12, width=768),
+    "large": dict(layers=32, width=1280),
+}
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (bidirectional attention over patches) with torch SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class ViTVQGAN(nn.Module):
+    kind = "vit_vqgan"
+
+    def __init__(self, image_size: int = 256, patch: int = 8, layers: int = 8, width: int = 512, code_dim: int = 32,
+                 codebook_size: int = 8192, beta: float = 0.25, logit_laplace: bool = False,
+                 dead_code_steps: int = 200):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
+        self.config = dict(image_size=image_size, patch=patch, layers=layers, width=width, code_dim=code_dim,
+                           codebook_size=codebook_size, beta=beta, logit_laplace=logit_laplace,
+                           dead_code_steps=dead_code_steps)
+        self.image_size, self.patch, self.grid = image_size, patch, image_size // patch
+        self.codebook_size, self.beta, self.dead_code_steps = codebook_size, beta, dead_code_steps
+        self.out_channels = 6 if logit_laplace else 3
+        heads = max(1, width // 64)
+        n = self.grid * self.grid
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.enc_pos = nn.Parameter(torch.randn(1, n, width) * 0.02)
+        self.encoder = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
+        self.enc_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, code_dim))
+        self.codebook = nn.Embedding(codebook_size, code_dim)
+        self.dec_in = nn.Linear(code_dim, width)
+        self.dec_pos = nn.Parameter(torch.randn(1, n, width) * 0.02)
+        self.decoder = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
+        self.dec_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, self.out_channels * patch * patch))
+        self.register_buffer("usage", torch.zeros(codebook_size))        # EMA of code counts per batch
+        self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------------------------------
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] in [-1, 1] -> l2-normalised latents [B, grid*grid, code_dim]."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.enc_pos
+        return F.normalize(self.enc_out(self.encoder(x)), dim=-1)
+
+    def codes_of(self, z: torch.Tensor) -> torch.Tensor:
+        return (z @ F.normalize(self.codebook.weight, dim=-1).t()).argmax(-1)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.codebook(codes), dim=-1)
+
+    def pixels(self, q: torch.Tensor) -> torch.Tensor:
+        """Quantised latents [B, N, code_dim] -> decoder output [B, out_channels, S, S]."""
+        x = self.dec_out(self.decoder(self.dec_in(q) + self.dec_pos))
+        b, g, p = x.shape[0], self.grid, self.patch
+        x = x.view(b, g, g, self.out_channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, self.out_channels, g * p, g * p)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codes_of(self.latents(images)).view(-1, self.grid, self.grid)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        out = self.pixels(self.embed(codes.flatten(1)))
+        if self.out_channels == 6:  # logit-Laplace means, mapped back to [-1, 1]
+            return (torch.sigmoid(out[:, :3]) * 2 - 1).clamp(-1, 1)
+        return out.clamp(-1, 1)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor):
+        """Training pass: (decoder output, {'vq_loss', 'codes', 'perplexity', 'usage'})."""
+        z = self.latents(images)
+        codes = self.codes_of(z)
+        q = self.embed(codes)
+        vq_loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
+        out = self.pixels(z + (q - z).detach())  # straight-through estimator
+        if self.training:
+            self._track_usage(codes, z)
+        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
+        probs = counts / counts.sum()
+        perplexity = torch.exp(-(probs * (probs + 1e-10).log()).sum())
+        return out, {"vq_loss": vq_loss, "codes": codes, "perplexity": perplexity,
+                     "usage": (self.usage > 1e-3).float().mean()}
+
+    @torch.no_grad()
+    def _track_usage(self, codes: torch.Tensor, z: torch.Tensor) -> None:
+        """EMA of code counts; restart codes unused for dead_code_steps steps from random batch latents."""
+        import torch.distributed as dist
+
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.step += 1
+        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
+        if distributed:  # usage over the whole global batch, the same on every rank
+            dist.all_reduce(counts)
+        self.usage.mul_(0.99).add_(counts, alpha=0.01)
+        self.last_used[counts > 0] = self.step
+        dead = (self.step - self.last_used) > self.dead_code_steps
+        if dead.any():
+            flat = z.reshape(-1, z.shape[-1])
+            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
+            self.codebook.weight[dead] = flat[pick].to(self.codebook.weight.dtype)
+            self.last_used[dead] = self.step
+            if distributed:  # rank 0's choice of restarted codes for everyone
+                dist.broadcast(self.codebook.weight.data, src=0)
