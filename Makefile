@@ -28,6 +28,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/pretokenize.py
+	$(BIN)/python bench/vq_encode.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -77,3 +77,19 @@ def test_lpips_backbone_from_a_local_file(tmp_path):
     torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(KeyError, match="expected a torchvision vgg16 state dict"):
         make_lpips(tmp_path / "wrong.pth")
+
+
+def ddp_codebook(data: str, run_dir: str):
+    from vq.train import VQTrainer
+
+    trainer = VQTrainer(load_typed(VQConfig, None, [*TINY, "train.steps=3", "train.batch_size=8",
+                                                    "model.dead_code_steps=1"]), data, run_dir)
+    history = trainer.run()
+    return history[-1]["loss"], trainer.model.codebook.weight.detach().clone(), trainer.model.enc_pos.detach().clone()
+
+
+def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
+    (loss0, codebook0, pos0), (loss1, codebook1, pos1) = pool2.run(ddp_codebook, photos, str(tmp_path))
+    torch.testing.assert_close(codebook0, codebook1, rtol=0, atol=0)  # restarted codes broadcast
+    torch.testing.assert_close(pos0, pos1, rtol=0, atol=0)            # gradients averaged by DDP
+    assert loss0 != loss1  # each rank saw its own images

@@ -64,9 +64,10 @@ class ConvVQ(nn.Module):
 
 
 def _registry() -> dict:
+    from vq.conv_vqgan import ConvVQGAN
     from vq.vit_vqgan import ViTVQGAN
 
-    return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN}
+    return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN, ConvVQGAN.kind: ConvVQGAN}
 
 
 def content_hash(kind: str, config: dict, state_dict: dict) -> str:

@@ -1,0 +1,124 @@
+"""Public VQ checkpoints: state dicts with exactly the taming-transformers and LlamaGen key layouts.
+
+The layouts are written out here from the two projects' documented module trees, independently of
+vq/conv_vqgan.py, with small channel counts; random tensors of those shapes are saved as the projects
+save them (Lightning `state_dict`, LlamaGen `model`) and must load with every key consumed.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from vq.conv_vqgan import load_llamagen_vq, load_taming_vqgan
+from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
+
+CH, MULT, NRB, Z, EMBED, N_EMBED, RES = 32, [1, 2], 1, 16, 8, 24, 32
+
+
+def _resblock(keys, p, cin, cout):
+    keys.update({p + "norm1.weight": (cin,), p + "norm1.bias": (cin,), p + "conv1.weight": (cout, cin, 3, 3),
+                 p + "conv1.bias": (cout,), p + "norm2.weight": (cout,), p + "norm2.bias": (cout,),
+                 p + "conv2.weight": (cout, cout, 3, 3), p + "conv2.bias": (cout,)})
+    if cin != cout:
+        keys.update({p + "nin_shortcut.weight": (cout, cin, 1, 1), p + "nin_shortcut.bias": (cout,)})
+
+
+def _attn(keys, p, c):
+    keys.update({p + "norm.weight": (c,), p + "norm.bias": (c,)})
+    for m in ("q", "k", "v", "proj_out"):
+        keys.update({p + f"{m}.weight": (c, c, 1, 1), p + f"{m}.bias": (c,)})
+
+
+def layout(style: str) -> dict[str, tuple]:
+    taming = style == "taming"
+    keys = {"encoder.conv_in.weight": (CH, 3, 3, 3), "encoder.conv_in.bias": (CH,)}
+    c = CH
+    for i, m in enumerate(MULT):  # encoder levels, full resolution first
+        lvl = f"encoder.down.{i}." if taming else f"encoder.conv_blocks.{i}."
+        for j in range(NRB):
+            _resblock(keys, lvl + ("block." if taming else "res.") + f"{j}.", c, CH * m)
+            c = CH * m
+            if i == len(MULT) - 1:  # the lowest resolution (16 = attn_resolutions for taming)
+                _attn(keys, lvl + f"attn.{j}.", c)
+        if i != len(MULT) - 1:
+            keys.update({lvl + "downsample.conv.weight": (c, c, 3, 3), lvl + "downsample.conv.bias": (c,)})
+    mids = ["mid.block_1.", "mid.attn_1.", "mid.block_2."] if taming else ["mid.0.", "mid.1.", "mid.2."]
+    for side in ("encoder.", "decoder."):
+        _resblock(keys, side + mids[0], c, c), _attn(keys, side + mids[1], c), _resblock(keys, side + mids[2], c, c)
+    keys.update({"encoder.norm_out.weight": (c,), "encoder.norm_out.bias": (c,),
+                 "encoder.conv_out.weight": (Z, c, 3, 3), "encoder.conv_out.bias": (Z,),
+                 "quant_conv.weight": (EMBED, Z, 1, 1), "quant_conv.bias": (EMBED,),
+                 "quantize.embedding.weight": (N_EMBED, EMBED),
+                 "post_quant_conv.weight": (Z, EMBED, 1, 1), "post_quant_conv.bias": (Z,),
+                 "decoder.conv_in.weight": (c, Z, 3, 3), "decoder.conv_in.bias": (c,)})
+    for k, i in enumerate(reversed(range(len(MULT)))):  # decoder levels, lowest resolution first
+        lvl = f"decoder.up.{i}." if taming else f"decoder.conv_blocks.{k}."
+        for j in range(NRB + 1):
+            _resblock(keys, lvl + ("block." if taming else "res.") + f"{j}.", c, CH * MULT[i])
+            c = CH * MULT[i]
+            if i == len(MULT) - 1:
+                _attn(keys, lvl + f"attn.{j}.", c)
+        if i != 0:
+            keys.update({lvl + "upsample.conv.weight": (c, c, 3, 3), lvl + "upsample.conv.bias": (c,)})
+    keys.update({"decoder.norm_out.weight": (c,), "decoder.norm_out.bias": (c,),
+                 "decoder.conv_out.weight": (3, c, 3, 3), "decoder.conv_out.bias": (3,)})
+    if not taming:
+        keys["quantize.codebook_used"] = (65536,)
+    return keys
+
+
+def random_state(keys):
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=g) * 0.05 for k, shape in keys.items()}
+
+
+@pytest.fixture
+def taming_files(tmp_path):
+    state = random_state(layout("taming"))
+    state["loss.discriminator.main.0.weight"] = torch.zeros(64, 3, 4, 4)  # training-only entries
+    state["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
+    torch.save({"state_dict": state, "global_step": 10}, tmp_path / "last.ckpt")
+    cfg = {"model": {"target": "taming.models.vqgan.VQModel", "params": {
+        "embed_dim": EMBED, "n_embed": N_EMBED, "lossconfig": {"target": "x"},
+        "ddconfig": {"double_z": False, "z_channels": Z, "resolution": RES, "in_channels": 3, "out_ch": 3,
+                     "ch": CH, "ch_mult": MULT, "num_res_blocks": NRB, "attn_resolutions": [16], "dropout": 0.0}}}}
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "last.ckpt", tmp_path / "model.yaml", state
+
+
+def check_tokenizer(tok, state, tmp_path):
+    for name, tensor in tok.state_dict().items():  # every loaded tensor is the checkpoint's
+        torch.testing.assert_close(tensor, state[name])
+    images = torch.rand(2, 3, RES, RES) * 2 - 1
+    codes = tok.encode(images)
+    assert codes.shape == (2, RES // 2, RES // 2) and codes.max() < N_EMBED
+    assert tok.decode(codes).shape == images.shape
+    save_image_tokenizer(tok, tmp_path / "export.pt")  # and it becomes a pipeline tokenizer
+    assert torch.equal(load_image_tokenizer(tmp_path / "export.pt").encode(images), codes)
+
+
+def test_taming_checkpoint_loads_every_key(taming_files, tmp_path):
+    ckpt, config, state = taming_files
+    check_tokenizer(load_taming_vqgan(ckpt, config), state, tmp_path)
+
+
+def test_llamagen_checkpoint_loads_every_key(tmp_path):
+    state = random_state(layout("llamagen"))
+    torch.save({"model": state}, tmp_path / "vq_ds16_c2i.pt")
+    tok = load_llamagen_vq(tmp_path / "vq_ds16_c2i.pt", codebook_size=N_EMBED, codebook_embed_dim=EMBED,
+                           ch_mult=tuple(MULT), z_channels=Z, image_size=RES, ch=CH, num_res_blocks=NRB)
+    check_tokenizer(tok, state, tmp_path)
+
+
+def test_mismatched_checkpoint_names_the_keys(taming_files, tmp_path):
+    ckpt, config, state = taming_files
+    state = dict(state)
+    state.pop("encoder.mid.attn_1.q.weight")
+    state["encoder.mid.attn_2.q.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "bad.ckpt")
+    with pytest.raises(KeyError, match=r"1 missing key\(s\) \['encoder.mid.attn_1.q.weight'\]; "
+                                       r"1 unexpected key\(s\) \['encoder.mid.attn_2.q.weight'\]"):
+        load_taming_vqgan(tmp_path / "bad.ckpt", config)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_llamagen_vq(tmp_path / "missing.pt")
