@@ -22,12 +22,22 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "
                     "V100": 125.0, "MI300X": 1307.0}
 
 
+def encoder_layer_flops(m) -> float:
+    d, f, T = m.hidden_size, m.ffn_hidden_size, m.text_seq_len
+    return 2 * T * (4 * d * d + 2 * d * f) + 4 * T * T * d
+
+
+def decoder_layer_flops(m) -> float:
+    d, f, T, N = m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len
+    return 2 * N * (4 * d * d + 2 * d * f) + 4 * N * N * d + 2 * N * 2 * d * d + 2 * T * 2 * d * d + 4 * N * T * d
+
+
+def head_flops(m) -> float:
+    return 2 * m.image_seq_len * m.hidden_size * m.image_vocab_size
+
+
 def forward_flops_per_sample(m) -> float:
-    d, f, T, N, V = m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len, m.image_vocab_size
-    encoder = 2 * T * (4 * d * d + 2 * d * f) + 4 * T * T * d
-    decoder = (2 * N * (4 * d * d + 2 * d * f) + 4 * N * N * d
-               + 2 * N * 2 * d * d + 2 * T * 2 * d * d + 4 * N * T * d)
-    return m.encoder_layers * encoder + m.decoder_layers * decoder + 2 * N * d * V
+    return m.encoder_layers * encoder_layer_flops(m) + m.decoder_layers * decoder_layer_flops(m) + head_flops(m)
 
 
 def train_flops_per_sample(m) -> float:

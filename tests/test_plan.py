@@ -1,0 +1,85 @@
+"""The layout planner against the model actually built: per-rank parameters and memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import debug_batch, debug_model_config
+from training.plan import Hardware, estimate, params_per_stage, plan
+
+
+def local_parameters(tp: int, pp: int) -> tuple[int, int]:
+    """(pipeline stage, parameters held by this rank) of the debug model built at TP x PP."""
+    from megatron.core import parallel_state as ps
+
+    from model_parallel.kernels import select_kernels
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel
+
+    init_parallel(tp, pp)
+    cfg = debug_model_config()
+    if pp > 1:
+        from model_parallel.pipeline import build_pipeline
+        from training.engine import init_deepspeed
+
+        init_deepspeed()
+        model = build_pipeline(cfg, select_kernels(), pp, init_seed=1)
+    else:
+        model = PartiModel(cfg)
+    return ps.get_pipeline_model_parallel_rank(), sum(p.numel() for p in model.parameters())
+
+
+def test_per_rank_parameters_equal_the_built_model(single_process, pool2, pool4):
+    cfg = debug_model_config()
+    for pool, tp, pp in ((pool2, 2, 1), (pool4, 2, 2)):
+        planned = params_per_stage(cfg, tp, pp)
+        for stage, count in pool.run(local_parameters, tp, pp):
+            assert count == planned[stage], (tp, pp, stage)
+    assert sum(params_per_stage(cfg, 1, 2)) == sum(params_per_stage(cfg, 1, 1)) == 313_088
+
+
+def measured_bytes(tp: int, batch: int) -> tuple[int, int]:
+    """(weights + gradients + Adam moments, activations saved for backward) on this rank."""
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel
+
+    init_parallel(tp, 1)
+    cfg = debug_model_config()
+    model = PartiModel(cfg)
+    params = list(model.parameters())
+    param_storage = {p.untyped_storage().data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storage:  # linear layers also keep their weight
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    text, codes = debug_batch(cfg, batch=batch)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(text, codes)
+    loss.backward()
+    opt = torch.optim.AdamW(params)
+    opt.step()
+    states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.dim() > 0)
+    model_states = sum(p.numel() * 4 for p in params) + sum(p.grad.numel() * 4 for p in params) + states
+    return model_states, sum(saved.values())
+
+
+@pytest.mark.parametrize("tp, batch", [(1, 8), (2, 8), (2, 2)])
+def test_memory_estimate_within_30_percent_of_measured(single_process, pool2, tp, batch):
+    model_states, activations = pool2.run(measured_bytes, tp, batch)[0]
+    cfg = debug_model_config()
+    o = estimate(cfg, tp, 1, 1, 0, batch, batch, "fp32", "none", Hardware())
+    estimated = o.total_gb * 2**30
+    assert abs(estimated / (model_states + activations) - 1) < 0.3, (estimated, model_states, activations)
+    assert abs(o.activations_gb * 2**30 / activations - 1) < 0.3
+
+
+def test_parti_20b_on_64_nodes_fits_and_says_why_smaller_layouts_do_not():
+    fits, misses = plan("parti-20b", nodes=64, hw=Hardware(gpus_per_node=8), gpu_mem_gb=80)
+    assert fits and fits[0].total_gb + 4 <= 80 and fits[0].tp * fits[0].pp * fits[0].dp == 512
+    unsplit = next(o for o in misses if (o.tp, o.pp, o.zero) == (1, 1, 0))
+    assert unsplit.total_gb > 300 and unsplit.params == 20_540_899_328  # the whole model on one GPU
+    assert all(o.total_gb + 4 > 80 for o in misses)

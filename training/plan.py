@@ -1,0 +1,245 @@
+"""The layout planner: which TP x PP x DP (and ZeRO stage) fits a model on a cluster, best first.
+
+    python -m training.plan --model parti-20b --nodes 64 --gpus-per-node 8 [--gpu-mem-gb 80] \
+        [--global-batch 2048 --micro-batch 4 --precision bf16 --recompute full]
+
+For every candidate TP (dividing the GPUs of a node and the heads) and PP (dividing the decoder layers),
+the model is built on the meta device at that TP (megatron-core layers sized for a TP group of that
+size, no memory allocated) and its pieces are split over the stages as the pipeline engine does
+(DeepSpeed's balanced partition of the decoder layers): exact parameters per rank. Memory per GPU is
+then estimated as
+  weights + gradients + optimizer state   (bytes per parameter below, divided by DP where ZeRO shards)
+  + activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage),
+with activations counted tensor by tensor as this model's layers save them for the backward pass
+(`activation_bytes`), and a step time from the FLOPs of training/flops.py at an assumed MFU plus the
+pipeline bubble. Layouts that fit are printed fastest first; the smallest ones that do not, with why.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from training.config import config_from_dict
+from training.flops import decoder_layer_flops, encoder_layer_flops, head_flops
+
+
+class _FakeGroup:
+    """A stand-in process group of a given size, rank 0: enough for megatron layers to size their shards."""
+
+    def __init__(self, size: int):
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def tensor_parallel_of(size: int):
+    """Build megatron-core layers as rank 0 of a TP group of `size` (meta device only)."""
+    from megatron.core import parallel_state as ps
+
+    from model_parallel.state import init_parallel
+
+    init_parallel(1, 1)
+    saved = ps._TENSOR_MODEL_PARALLEL_GROUP, ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE
+    ps._TENSOR_MODEL_PARALLEL_GROUP = _FakeGroup(size)
+    ps.set_tensor_model_parallel_world_size(size)
+    try:
+        yield
+    finally:
+        ps._TENSOR_MODEL_PARALLEL_GROUP, ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = saved
+
+
+def stage_pieces(model_cfg, pp: int) -> list[range]:
+    """Which pieces of model_pieces each pipeline stage holds (DeepSpeed's 'type:DecoderLayerPipe')."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    from model_parallel.layers import DecoderLayer
+    from model_parallel.model import model_pieces
+
+    weights = [1 if cls is DecoderLayer else 0 for cls, _ in model_pieces(model_cfg, meta=True)]
+    bounds = partition_balanced(weights=weights, num_parts=pp)
+    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+
+
+def piece_params(model_cfg, tp: int) -> list[int]:
+    """Exact parameters of each piece of model_pieces on TP rank 0 of a TP group of size tp."""
+    from model_parallel.model import model_pieces
+
+    with tensor_parallel_of(tp), torch.device("meta"):
+        return [sum(p.numel() for p in cls(*args).parameters()) for cls, args in model_pieces(model_cfg, meta=True)]
+
+
+def params_per_stage(model_cfg, tp: int, pp: int, pieces: list[int] | None = None) -> list[int]:
+    """Exact parameters of TP rank 0 of each pipeline stage."""
+    counts = pieces or piece_params(model_cfg, tp)
+    return [sum(counts[k] for k in stage) for stage in stage_pieces(model_cfg, pp)]
+
+
+def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute: str, layers: tuple[int, int]) -> int:
+    """Bytes saved for backward by `layers` = (encoder, decoder) layers of one micro-batch: the inputs of
+    every norm and linear map, SDPA's q, k, v and output, the MLP's GeLU input and output (per layer, h
+    = hidden, f = MLP width, T/N = text/image length). Full recomputation keeps each layer's input only."""
+    b, h, f, T, N = micro_batch, m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len
+    enc_layers, dec_layers = layers
+    if recompute == "full":
+        return element_bytes * b * h * (T * enc_layers + N * dec_layers)
+    attn = lambda s, kv: s * h * 2 + (s + 2 * kv + s + s) * h / tp  # norm + qkv inputs; q,k,v,out; proj input
+    mlp = lambda s: s * h * 2 + 2 * s * f / tp                      # norm + fc1 inputs; gelu in/out
+    if recompute == "selective":  # the attention core is recomputed: q, k, v, out not kept
+        attn = lambda s, kv: s * h * 2 + s * h / tp
+    encoder = attn(T, T) + mlp(T)
+    decoder = attn(N, N) + (2 * N * h + 2 * T * h / tp + 2 * N * h / tp + N * h / tp) + mlp(N)
+    return int(element_bytes * b * (enc_layers * encoder + dec_layers * decoder))
+
+
+@dataclass
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero: int
+    params: int           # on the most loaded rank
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    step_s: float
+
+    @property
+    def total_gb(self) -> float:
+        return self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+
+
+@dataclass
+class Hardware:
+    gpus_per_node: int = 8
+    peak_tflops: float = 989.0
+    """Dense bf16 TFLOP/s per GPU (H100 SXM)."""
+    mfu: float = 0.4
+    """Assumed utilisation of the compute itself."""
+    intra_node_gbs: float = 300.0
+    """Effective all-reduce bandwidth per GPU inside a node (NVLink), GB/s."""
+    inter_node_gbs: float = 40.0
+    """Effective all-reduce bandwidth per GPU across nodes (e.g. 8 x 400 Gb/s InfiniBand per node), GB/s."""
+
+
+def communication_s(m, o_params: int, tp: int, pp: int, dp: int, zero: int, micro_batch: int, n_micro: int,
+                    recompute: str, hw: Hardware, element_bytes: int, layers: int) -> float:
+    """Seconds per step spent communicating, counted without overlap (an upper bound):
+    TP: 4 all-reduces of the activations per layer and micro-batch (6 with full recomputation), inside a
+    node when TP <= GPUs per node; DP: a ring all-reduce of the gradients (ZeRO-3 adds the parameter
+    all-gathers: x1.5), across nodes when the DP group spans nodes; PP: activations sent between stages."""
+    tokens = micro_batch * (m.text_seq_len + m.image_seq_len)
+    tp_bw = hw.intra_node_gbs if tp <= hw.gpus_per_node else hw.inter_node_gbs
+    tp_s = 0.0
+    if tp > 1:
+        per = tokens * m.hidden_size * element_bytes * 2 * (tp - 1) / tp
+        tp_s = (6 if recompute == "full" else 4) * layers * n_micro * per / (tp_bw * 1e9)
+    dp_bw = hw.inter_node_gbs if tp * dp > hw.gpus_per_node else hw.intra_node_gbs
+    dp_s = 2 * o_params * element_bytes * (dp - 1) / dp / (dp_bw * 1e9) * (1.5 if zero >= 3 else 1.0)
+    pp_s = 0.0 if pp == 1 else 2 * n_micro * tokens * m.hidden_size * element_bytes / (hw.inter_node_gbs * 1e9)
+    return tp_s + dp_s + pp_s
+
+
+def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw: Hardware,
+             stage_params: list[int] | None = None) -> Layout:
+    stage_params = stage_params or params_per_stage(model_cfg, tp, pp)
+    gb, w = 2**30, 2 if precision == "bf16" else 4
+    grads_b = 4                       # gradients accumulated in fp32
+    opt_b = 12 if precision == "bf16" else 8  # fp32 master (bf16 only) + Adam moments
+    n_micro = max(1, global_batch // (micro_batch * dp))
+    pieces = stage_pieces(model_cfg, pp)
+    from model_parallel.layers import DecoderLayer, EncoderLayer
+    from model_parallel.model import model_pieces
+
+    kinds = [cls for cls, _ in model_pieces(model_cfg, meta=True)]
+    worst, slowest = None, 0.0
+    for s, (params, stage) in enumerate(zip(stage_params, pieces)):
+        layers = (sum(kinds[k] is EncoderLayer for k in stage), sum(kinds[k] is DecoderLayer for k in stage))
+        in_flight = min(pp - s, n_micro)  # 1F1B: stage s holds up to pp - s micro-batches
+        act = activation_bytes(model_cfg, micro_batch, tp, w, recompute, layers) * in_flight
+        mem = (params * w / (dp if zero >= 3 else 1), params * grads_b / (dp if zero >= 2 else 1),
+               params * opt_b / (dp if zero >= 1 else 1), act)
+        if worst is None or sum(mem) > sum(worst[1]):
+            worst = (params, mem)
+        flops = (layers[0] * encoder_layer_flops(model_cfg) + layers[1] * decoder_layer_flops(model_cfg)
+                 + (head_flops(model_cfg) if s == pp - 1 else 0))
+        slowest = max(slowest, 3 * flops * micro_batch / (tp * hw.peak_tflops * 1e12 * hw.mfu))
+    # 1F1B: n_micro + pp - 1 slots of the slowest stage (the bubble, and the imbalance of the encoder
+    # living on the first stage, both show up here).
+    compute = (n_micro + pp - 1) * slowest
+    params, (wb, gr, op, ac) = worst
+    layers = (model_cfg.encoder_layers + model_cfg.decoder_layers) // pp
+    comm = communication_s(model_cfg, params, tp, pp, dp, zero, micro_batch, n_micro, recompute, hw, w, layers)
+    return Layout(tp, pp, dp, zero, params, wb / gb, gr / gb, op / gb, ac / gb, compute + comm)
+
+
+def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
+         micro_batch: int = 1, precision: str = "bf16", recompute: str = "full",
+         headroom_gb: float = 4) -> tuple[list[Layout], list[Layout]]:
+    """(layouts that fit, fastest first; every (TP, PP, ZeRO) that does not, smallest model split first).
+    `headroom_gb` is left free for the framework, buffers and fragmentation."""
+    m = config_from_dict({"model": {"preset": model}}).model
+    world = nodes * hw.gpus_per_node
+    fits, misses = [], []
+    for tp in [t for t in (1, 2, 4, 8, 16) if hw.gpus_per_node % t == 0 and m.num_heads % t == 0]:
+        pieces = piece_params(m, tp)
+        for pp in [p for p in range(1, m.decoder_layers + 1) if m.decoder_layers % p == 0 and world % (tp * p) == 0]:
+            dp = world // (tp * pp)
+            if global_batch % (micro_batch * dp):
+                continue
+            stage_params = params_per_stage(m, tp, pp, pieces)
+            for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+                o = estimate(m, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw, stage_params)
+                (fits if o.total_gb + headroom_gb <= gpu_mem_gb else misses).append(o)
+    fits.sort(key=lambda o: (o.step_s, o.total_gb))
+    misses.sort(key=lambda o: (o.tp * o.pp, o.zero))
+    return fits, misses
+
+
+def _row(o: Layout) -> str:
+    return (f"TP={o.tp:<2} PP={o.pp:<2} DP={o.dp:<4} ZeRO-{o.zero}  params/rank {o.params / 1e9:7.3f}B  "
+            f"weights {o.weights_gb:6.1f}  grads {o.grads_gb:6.1f}  optim {o.optimizer_gb:6.1f}  "
+            f"activ {o.activations_gb:6.1f}  = {o.total_gb:6.1f} GB   step {o.step_s:7.2f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="preset, e.g. parti-20b")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-mem-gb", type=float, default=80)
+    parser.add_argument("--global-batch", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--recompute", choices=["none", "selective", "full"], default="full")
+    parser.add_argument("--peak-tflops", type=float, default=989, help="per GPU (H100 bf16 dense: 989)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed utilisation of the compute")
+    parser.add_argument("--intra-node-gbs", type=float, default=300, help="NVLink all-reduce GB/s per GPU")
+    parser.add_argument("--inter-node-gbs", type=float, default=40, help="network all-reduce GB/s per GPU")
+    parser.add_argument("--show", type=int, default=8)
+    args = parser.parse_args(argv)
+    hw = Hardware(args.gpus_per_node, args.peak_tflops, args.mfu, args.intra_node_gbs, args.inter_node_gbs)
+    fits, misses = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch, args.micro_batch,
+                        args.precision, args.recompute)
+    print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
+          f"(global batch {args.global_batch}, micro-batch {args.micro_batch}, {args.precision}, "
+          f"recompute {args.recompute}, assumed MFU {args.mfu}); memory per GPU in GB:")
+    print("fits, fastest first:" if fits else "no layout fits")
+    for o in fits[: args.show]:
+        print("  " + _row(o))
+    if misses:
+        print(f"does not fit (over {args.gpu_mem_gb:g} GB less 4 GB headroom), least split first:")
+        for o in misses[: args.show]:
+            print("  " + _row(o))
+
+
+if __name__ == "__main__":
+    main()
