@@ -1,8 +1,12 @@
-"""Preemption: SIGUSR1 or SIGTERM asks the trainer to finish its step, save, and exit for a requeue.
+"""Preemption: SIGUSR1, SIGTERM or a STOP file asks the trainer to finish its step, save, and exit for a requeue.
 
-    stop = StopRequest()                  # installs the handlers (main thread)
+    stop = StopRequest(run_dir / "STOP")  # installs the handlers (main thread)
     ...after each step: if stop.requested(): save; raise Preempted(step)
     python -m training.train ... ; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID
+
+The STOP file is how a batch script reaches trainers started by torchrun: a signal sent to a job step
+reaches every process of it, checkpoint writer helpers included, while a file reaches only the trainers
+(slurm/train.sbatch touches it when SLURM sends USR1 before the time limit).
 
 REQUEUE_EXIT_CODE (75, EX_TEMPFAIL of sysexits.h: "try again later") is the trainer's exit status
 after such a save; a SLURM script requeues the job on it and the rerun resumes from `latest` by itself.
@@ -29,8 +33,9 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    def __init__(self):
+    def __init__(self, stop_file=None):
         self.received: int | None = None
+        self.stop_file = stop_file
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -39,14 +44,17 @@ class StopRequest:
 
     def requested(self) -> bool:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
-        flag = torch.tensor(1.0 if self.received else 0.0, device=device)
+        asked = self.received or (self.stop_file is not None and self.stop_file.exists())
+        flag = torch.tensor(1.0 if asked else 0.0, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "another rank's signal"
+        if self.received:
+            return signal.Signals(self.received).name
+        return f"{self.stop_file}" if self.stop_file is not None and self.stop_file.exists() else "another rank"
 
     def restore(self) -> None:
         for sig in SIGNALS:

@@ -141,7 +141,7 @@ class Trainer:
         from training.preemption import Preempted, StopRequest
 
         t, guard = self.cfg.train, self.engine.nonfinite_guard
-        stop, losses = StopRequest(), []
+        stop, losses = StopRequest(self.run_dir / "STOP"), []
         try:
             while self.step < t.steps:
                 start, lr = time.perf_counter(), self.engine.get_lr()[0]
@@ -161,7 +161,12 @@ class Trainer:
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
                     self.save()
                 if preempted:
-                    raise Preempted(self.step, stop.name)
+                    reason = stop.name
+                    dist.barrier()  # every rank has read the STOP file before it goes
+                    if dist.get_rank() == 0:  # tells a SLURM script (slurm/train.sbatch) to requeue
+                        (self.run_dir / "STOP").unlink(missing_ok=True)
+                        (self.run_dir / "REQUEUE").write_text(f"step {self.step}\n")
+                    raise Preempted(self.step, reason)
         finally:
             stop.restore()
             self.log.close()

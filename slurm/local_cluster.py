@@ -1,0 +1,150 @@
+"""A real SLURM cluster on this machine for tests: one controller and two emulated nodes (n1, n2).
+
+    with LocalCluster() as cluster:                  # installs Debian's slurm packages when missing
+        job = cluster.sbatch(["slurm/train.sbatch", ...], nodes=2)
+        cluster.wait(job)
+    python -m slurm.local_cluster start|stop ROOT    # by hand; then export SLURM_CONF=ROOT/slurm.conf
+
+Debian's slurmd supports several daemons per host (`slurmd -N n1`); node names resolve through a line
+in /etc/hosts that `stop` removes again. Needs root (daemons, apt-get, /etc/hosts): `available()` says why
+not. Both "nodes" share this machine's CPUs, disk and ports. See ../shared/notes/local-slurm.md.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HOSTS_LINE = "127.0.0.1 n1 n2  # parti local slurm cluster"
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+
+def available() -> str | None:
+    """None when a local cluster can be started here, else the reason."""
+    if os.geteuid() != 0:
+        return "starting SLURM daemons needs root"
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        return "SLURM is not installed and there is no apt-get to install it"
+    return None
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch")):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], check=True, env=env,
+                   capture_output=True)
+
+
+def _config(root: Path, port: int) -> str:
+    return f"""ClusterName=partilocal
+SlurmctldHost=localhost
+SlurmctldPort={port}
+SlurmUser=root
+AuthType=auth/none
+CredType=cred/none
+AuthInfo=cred_expire=10
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={root}/jobcomp.txt
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MailProg=/bin/true
+MpiDefault=none
+ReturnToService=2
+SchedulerParameters=sched_interval=2,bf_interval=2
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.%n.log
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{port + 1}-{port + 2}] CPUs=2 RealMemory=8000 State=UNKNOWN
+PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
+"""
+
+
+class LocalCluster:
+    def __init__(self, root: str | Path | None = None, port: int = 16817):
+        self.root = Path(root or tempfile.mkdtemp(prefix="parti-slurm-"))
+        self.port = port
+        self.conf = self.root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def run(self, *args: str, check: bool = True) -> str:
+        return subprocess.run(list(args), check=check, capture_output=True, text=True, env=self.env).stdout
+
+    def start(self) -> "LocalCluster":
+        why = available()
+        if why:
+            raise RuntimeError(f"cannot start a local SLURM cluster: {why}")
+        ensure_installed()
+        for d in ("state", "spool/n1", "spool/n2"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(_config(self.root, self.port))
+        hosts = Path("/etc/hosts").read_text()
+        if HOSTS_LINE not in hosts:
+            Path("/etc/hosts").write_text(hosts.rstrip("\n") + "\n" + HOSTS_LINE + "\n")
+        self.run("slurmctld", "-f", str(self.conf), "-i")
+        for node in ("n1", "n2"):
+            self.run("slurmd", "-f", str(self.conf), "-N", node)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).split()
+            if len(states) == 2 and all(s.startswith("idle") for s in states):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"local SLURM nodes did not become idle: {states}; see {self.root}/*.log")
+
+    def stop(self) -> None:
+        self.run("scancel", "--full", "-u", "root", check=False)
+        for pid_file in self.root.glob("*.pid"):
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (ValueError, ProcessLookupError):
+                pass
+        hosts = Path("/etc/hosts").read_text()
+        if HOSTS_LINE in hosts:
+            Path("/etc/hosts").write_text(hosts.replace(HOSTS_LINE + "\n", ""))
+
+    def sbatch(self, args: list[str], cwd: str | Path | None = None, env: dict | None = None) -> str:
+        out = subprocess.run(["sbatch", "--parsable", *args], check=True, capture_output=True, text=True,
+                             cwd=cwd, env={**self.env, **(env or {})}).stdout
+        return out.strip().split(";")[0]
+
+    def state(self, job: str) -> str:
+        out = self.run("scontrol", "show", "job", job, "-o", check=False)
+        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        return fields.get("JobState", "UNKNOWN")
+
+    def wait(self, job: str, timeout: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.state(job)
+            if state in done:
+                return state
+            time.sleep(1)
+        raise TimeoutError(f"job {job} still {self.state(job)} after {timeout} s")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+if __name__ == "__main__":
+    action, root = sys.argv[1], sys.argv[2]
+    cluster = LocalCluster(root)
+    cluster.start() if action == "start" else cluster.stop()
+    print(f"{action}: export SLURM_CONF={cluster.conf}")

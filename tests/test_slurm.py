@@ -1,0 +1,112 @@
+"""SLURM jobs on a real local cluster (a controller and two emulated nodes): training across 2 nodes,
+requeue and preemption mid-run resuming to the uninterrupted result, a pre-tokenization job array."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slurm.local_cluster import LocalCluster, available
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = str(Path(sys.executable))
+ENV = {"PYTHON": PYTHON, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TRAIN = ["--set", "train.steps=200", "train.save_interval=10", "train.log_interval=1"]
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=f"no local SLURM cluster: {available()}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+def final_loss(run_dir: Path) -> tuple[int, float]:
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    return last["step"], last["loss"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> float:
+    """The same training (2 processes, DP=2) without SLURM and without interruption."""
+    run_dir = tmp_path_factory.mktemp("plain")
+    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "training.train", "--config", "configs/train/debug.yaml", "--run-dir", str(run_dir), *TRAIN],
+                   cwd=ROOT, env={**os.environ, **ENV}, check=True, capture_output=True)
+    return final_loss(run_dir)
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{run_dir} did not reach step {step}")
+
+
+@pytest.mark.parametrize("interrupt", [None, "requeue", "usr1"])
+def test_two_node_training_job(cluster, uninterrupted, tmp_path, interrupt):
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch(["-N", "2", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
+                          "configs/train/debug.yaml", str(run_dir), *TRAIN], cwd=ROOT, env=ENV)
+    if interrupt:
+        wait_for_step(run_dir, 30)
+        if interrupt == "requeue":
+            cluster.run("scontrol", "requeue", job)
+        else:  # what --signal=B:USR1@... does before the time limit
+            cluster.run("scancel", "--signal=USR1", "--batch", job)
+        deadline = time.time() + 120  # the job goes back to the queue, then runs again
+        while "restart 1" not in "".join(p.read_text() for p in tmp_path.glob("job-*.out")):
+            assert time.time() < deadline, "the job was not restarted"
+            time.sleep(1)
+    state = cluster.wait(job, timeout=600)
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert state == "COMPLETED", log[-3000:]
+    step, loss = final_loss(run_dir)
+    assert step == 200 and loss == pytest.approx(uninterrupted[1], rel=1e-5)
+    if interrupt:
+        assert "resumed from" in log
+    if interrupt == "usr1":
+        assert "requeueing job" in log and not (run_dir / "REQUEUE").exists()
+
+
+def test_pretokenize_array_equals_one_run(cluster, tmp_path):
+    from data_pipeline.laion import expand_shards
+    from data_pipeline.pretokenize import pretokenize
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from tests import laion_fixtures as lf
+    from tests.test_data_pipeline import FILTERS
+    from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
+
+    for i in range(6):
+        lf.write_tar(tmp_path / "laion" / f"{i:05d}.tar", lf.synthetic_samples(6, offset=10 * i))
+    torch.manual_seed(0)
+    save_image_tokenizer(ConvVQ(image_size=64, downsample=3, channels=16, code_dim=8, codebook_size=64),
+                         tmp_path / "vq.pt")
+    captions = [f"a {c} {s} on a white background" for c in lf.COLOURS for s in lf.SHAPES] * 20
+    train_sentencepiece(captions, 60, tmp_path / "spm.model")
+    pattern = str(tmp_path / "laion" / "{00000..00005}.tar")
+    pretokenize(expand_shards(pattern), tmp_path / "local", load_image_tokenizer(tmp_path / "vq.pt"),
+                TextTokenizer(tmp_path / "spm.model", 16), FILTERS)
+    job = cluster.sbatch(["--array=0-3", f"--output={tmp_path}/array-%A_%a.out", "slurm/pretokenize.sbatch",
+                          pattern, str(tmp_path / "array"), str(tmp_path / "vq.pt"), str(tmp_path / "spm.model"),
+                          "--text-len", "16", "--min-size", "16", "--max-punsafe", "0.5"], cwd=ROOT, env=ENV)
+    deadline = time.time() + 300
+    while cluster.run("squeue", "-h", "-j", job, check=False).strip():
+        assert time.time() < deadline, "array job did not finish"
+        time.sleep(1)
+    for name in [f"{i:05d}" for i in range(6)]:
+        assert (tmp_path / "array" / f"{name}.bin").read_bytes() == (tmp_path / "local" / f"{name}.bin").read_bytes()
+    assert json.loads((tmp_path / "array" / "manifest.json").read_text()) == \
+        json.loads((tmp_path / "local" / "manifest.json").read_text())
