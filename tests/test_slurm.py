@@ -110,3 +110,26 @@ def test_pretokenize_array_equals_one_run(cluster, tmp_path):
         assert (tmp_path / "array" / f"{name}.bin").read_bytes() == (tmp_path / "local" / f"{name}.bin").read_bytes()
     assert json.loads((tmp_path / "array" / "manifest.json").read_text()) == \
         json.loads((tmp_path / "local" / "manifest.json").read_text())
+
+
+def test_sweep_submits_runs_and_collects_table_and_plots(cluster, tmp_path):
+    from slurm.sweep import collect, main
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, **ENV, "SLURM_CONF": str(cluster.conf)}
+    subprocess.run([PYTHON, "-m", "slurm.sweep", "submit", "--out", str(out), "--config", "configs/train/debug.yaml",
+                    "--models", "parti-debug", "--nodes", "1,2", "--layouts", "tp1pp1z0,tp2pp1z1", "--steps", "6", "--gpus-per-node", "1"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    jobs = json.loads((out / "jobs.json").read_text())
+    assert len(jobs) == 3  # TP=2 does not fit one node of one process
+    for job in jobs:
+        assert cluster.wait(job["job_id"], timeout=600) == "COMPLETED", (out / f"{job['name']}.out").read_text()[-2000:]
+    rows = {r["run"]: r for r in collect(out)}
+    assert set(rows) == {j["name"] for j in jobs}
+    two = rows["parti-debug-n2-tp2pp1z1"]
+    assert (two["gpus"], two["tp"], two["dp"], two["zero"], two["steps"]) == (2, 2, 1, 1, 6)
+    assert rows["parti-debug-n2-tp1pp1z0"]["dp"] == 2 and all(r["samples_per_s"] > 0 for r in rows.values())
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("run,model,gpus,tp,pp,dp,zero,samples_per_s")
+    for png in ("throughput.png", "memory.png", "loss_vs_compute.png"):
+        assert (out / png).stat().st_size > 10_000

@@ -131,7 +131,7 @@ class Trainer:
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
-            "mem_gb": memory_gb(), "skipped_steps": self.engine.nonfinite_guard.skipped,
+            "mem_gb": memory_gb(), "skipped_steps": self.engine.nonfinite_guard.skipped, "world_size": self.world,
         })
 
     def run(self) -> list[float]:

@@ -1,0 +1,179 @@
+"""Scaling experiments: submit a sweep of SLURM training jobs, then collect their metrics into a table and plots.
+
+    python -m slurm.sweep submit --out sweeps/s1 --config configs/train/debug.yaml \
+        --models parti-350m,parti-750m --nodes 1,2,4 --layouts tp1pp1z1,tp2pp1z1,tp2pp2z1 [--steps 200] [--dry-run]
+    python -m slurm.sweep collect sweeps/s1          # -> results.csv, results.md, *.png
+
+Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm/train.sbatch` run in
+`OUT/<model>-n<nodes>-<layout>/`; `jobs.json` records what was submitted. `collect` reads every run
+folder with a metrics.jsonl (submitted by this command or not): median throughput after the first
+`--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final loss and the compute spent, and draws
+throughput per GPU and MFU against nodes, memory per GPU, and loss against compute.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+from pathlib import Path
+
+import yaml
+
+LAYOUT = re.compile(r"tp(\d+)pp(\d+)z(\d)$")
+
+
+def submissions(models: list[str], nodes: list[int], layouts: list[str], config: str, out: Path, steps: int,
+                extra: list[str], gpus_per_node: int) -> list[dict]:
+    """The sbatch command of every combination whose TP x PP divides its GPU count."""
+    jobs = []
+    for model in models:
+        for n in nodes:
+            for layout in layouts:
+                match = LAYOUT.match(layout)
+                if not match:
+                    raise ValueError(f"layout {layout!r}: expected tpNppNzN, e.g. tp2pp1z1")
+                tp, pp, zero = match.groups()
+                if (n * gpus_per_node) % (int(tp) * int(pp)):
+                    print(f"skipped {model} on {n} node(s): {n * gpus_per_node} GPUs do not split into TP={tp} x PP={pp}")
+                    continue
+                run_dir = out / f"{model}-n{n}-{layout}"
+                sets = [f"model.preset={model}", f"parallel.tp={tp}", f"parallel.pp={pp}",
+                        f"parallel.zero_stage={zero}", f"train.steps={steps}", *extra]
+                jobs.append({"name": run_dir.name, "run_dir": str(run_dir), "nodes": n,
+                             "command": ["sbatch", "--parsable", "-N", str(n), f"--job-name={run_dir.name}",
+                                         f"--output={out}/{run_dir.name}.out", "slurm/train.sbatch", config,
+                                         str(run_dir), "--set", *sets]})
+    return jobs
+
+
+def submit(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = submissions(args.models.split(","), [int(n) for n in args.nodes.split(",")], args.layouts.split(","),
+                       args.config, out, args.steps, args.set, args.gpus_per_node)
+    for job in jobs:
+        if args.dry_run:
+            print(" ".join(job["command"]))
+            continue
+        job["job_id"] = subprocess.run(job["command"], check=True, capture_output=True, text=True).stdout.strip()
+        print(f"{job['name']}: job {job['job_id']}")
+    (out / "jobs.json").write_text(json.dumps(jobs, indent=1))
+
+
+def summarize(run_dir: Path, warmup: int) -> dict | None:
+    metrics_path, config_path = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not (metrics_path.is_file() and config_path.is_file()):
+        return None
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not lines:
+        return None
+    cfg = yaml.safe_load(config_path.read_text())
+    steady = lines[warmup:] or lines
+    median = lambda key: statistics.median(m[key] for m in steady if m.get(key) is not None) \
+        if any(m.get(key) is not None for m in steady) else None
+    world = lines[-1].get("world_size", 1)
+    p = cfg["parallel"]
+    gbs = cfg["train"]["global_batch_size"]
+    from training.config import config_from_dict
+    from training.flops import train_flops_per_sample
+
+    flops = train_flops_per_sample(config_from_dict({"model": cfg["model"]}).model)
+    return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
+            "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
+            "samples_per_s": median("samples_per_s"),
+            "samples_per_s_per_gpu": (median("samples_per_s") or 0) / world,
+            "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
+            "mem_gb": max(m.get("mem_gb") or 0 for m in lines), "steps": lines[-1]["step"],
+            "final_loss": lines[-1]["loss"],
+            "curve": [(m["step"] * gbs * flops, m["loss"]) for m in lines]}
+
+
+def collect(folder: Path, warmup: int = 2) -> list[dict]:
+    rows = [r for d in sorted(p for p in folder.iterdir() if p.is_dir()) if (r := summarize(d, warmup))]
+    if not rows:
+        raise FileNotFoundError(f"{folder}: no run folder with config.yaml and metrics.jsonl")
+    columns = [k for k in rows[0] if k != "curve"]
+    with open(folder / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    table += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    (folder / "results.md").write_text("\n".join(table) + "\n")
+    plot(rows, folder)
+    return rows
+
+
+def plot(rows: list[dict], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(f"{r['model']} tp{r['tp']} pp{r['pp']} z{r['zero']}", []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["gpus"])
+        axes[0].plot([r["gpus"] for r in rs], [r["samples_per_s_per_gpu"] for r in rs], "o-", label=label)
+        if any(r["mfu"] is not None for r in rs):
+            axes[1].plot([r["gpus"] for r in rs], [r["mfu"] or 0 for r in rs], "o-", label=label)
+    axes[0].set(xlabel="GPUs (processes)", ylabel="samples/s per GPU", title="throughput per GPU")
+    axes[1].set(xlabel="GPUs (processes)", ylabel="MFU", title="MFU (empty without a known peak, e.g. on CPU)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(5, len(rows) * 0.9), 4))
+    ax.bar(range(len(rows)), [r["mem_gb"] for r in rows])
+    ax.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set(ylabel="peak memory per process (GB)", title="memory per GPU")
+    fig.tight_layout()
+    fig.savefig(folder / "memory.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.plot([c for c, _ in r["curve"]], [loss for _, loss in r["curve"]], label=r["run"])
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel="loss", title="loss against compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "loss_vs_compute.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("submit", help="submit the sweep's jobs")
+    s.add_argument("--out", required=True)
+    s.add_argument("--config", required=True)
+    s.add_argument("--models", required=True, help="comma-separated presets")
+    s.add_argument("--nodes", required=True, help="comma-separated node counts")
+    s.add_argument("--layouts", required=True, help="comma-separated tpNppNzN")
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("NPROC_PER_NODE", 8)),
+                   help="processes per node (slurm/train.sbatch's NPROC_PER_NODE)")
+    s.add_argument("--set", nargs="*", default=[], help="further overrides for every run")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
+    c = sub.add_parser("collect", help="tabulate and plot the runs of a sweep folder")
+    c.add_argument("folder")
+    c.add_argument("--warmup", type=int, default=2, help="logged steps left out of the medians")
+    args = parser.parse_args(argv)
+    if args.action == "submit":
+        submit(args)
+    else:
+        rows = collect(Path(args.folder), args.warmup)
+        print((Path(args.folder) / "results.md").read_text())
+        print(f"{len(rows)} runs; plots: throughput.png, memory.png, loss_vs_compute.png in {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
