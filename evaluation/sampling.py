@@ -41,11 +41,17 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def choose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def choose(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor:
+    """Next codes [b] from logits [b, V]; `generator`: one for the batch, or a list with one per row
+    (then each row's draws do not depend on what else is in the batch)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1).cpu()
+    if isinstance(generator, (list, tuple)):
+        picks = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    else:
+        picks = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return picks.to(logits.device)
 
 
 def null_captions(model, text_ids: torch.Tensor) -> torch.Tensor:
@@ -56,7 +62,7 @@ def null_captions(model, text_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, text_ids: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+def sample(model, text_ids: torch.Tensor, cfg: SamplingConfig, generator=None,
            use_cache: bool = True, max_tokens: int | None = None) -> torch.Tensor:
     """Image codes [b, grid*grid] for captions [b, T] (model: PartiModel in eval mode); with
     `max_tokens`, only the first codes (previews, benchmarks)."""

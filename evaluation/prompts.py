@@ -1,0 +1,35 @@
+"""Prompt files: TSV (PartiPrompts), CSV (COCO-30k), JSONL, or plain text, as a list of dicts with "prompt".
+
+    prompts = read_prompts("../shared/data/PartiPrompts.tsv")   # [{"prompt", "Category", "Challenge", "Note"}, ...]
+
+TSV is read with csv.QUOTE_NONE: PartiPrompts has prompts that start with a double quote, which default
+CSV quoting would strip. The prompt column is the first of Prompt / prompt / caption / text.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+PROMPT_COLUMNS = ("Prompt", "prompt", "caption", "text")
+
+
+def _with_prompt(row: dict, source: str, line: int) -> dict:
+    key = next((k for k in PROMPT_COLUMNS if k in row), None)
+    if key is None or not str(row[key]).strip():
+        raise ValueError(f"{source}:{line}: no prompt (expected a column or field named {', '.join(PROMPT_COLUMNS)})")
+    return {**row, "prompt": str(row[key]).strip()}
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower()
+    with open(path, newline="", encoding="utf-8") as f:
+        if suffix in (".tsv", ".csv"):
+            opts = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+            return [_with_prompt(row, str(path), i + 2) for i, row in enumerate(csv.DictReader(f, **opts))]
+        if suffix == ".jsonl":
+            return [_with_prompt(json.loads(line), str(path), i + 1) for i, line in enumerate(f) if line.strip()]
+        return [{"prompt": line.strip()} for line in f if line.strip()]
