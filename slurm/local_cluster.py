@@ -73,10 +73,32 @@ PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
 """
 
 
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive free TCP ports (controller, then one per node)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randint(20000, 40000)
+        try:
+            socks = []
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports for the local SLURM cluster")
+
+
 class LocalCluster:
-    def __init__(self, root: str | Path | None = None, port: int = 16817):
+    def __init__(self, root: str | Path | None = None, port: int | None = None):
         self.root = Path(root or tempfile.mkdtemp(prefix="parti-slurm-"))
-        self.port = port
+        self.port = port or _free_ports(3)
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
