@@ -129,12 +129,21 @@ class LocalCluster:
         raise RuntimeError(f"local SLURM nodes did not become idle: {states}; see {self.root}/*.log")
 
     def stop(self) -> None:
+        """Cancel the jobs, stop the daemons (TERM, then KILL), remove the /etc/hosts line."""
         self.run("scancel", "--full", "-u", "root", check=False)
+        deadline = time.time() + 15
+        while self.run("squeue", "-h", check=False).strip() and time.time() < deadline:
+            time.sleep(0.5)
+        pids = []
         for pid_file in self.root.glob("*.pid"):
             try:
-                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+                pids.append(int(pid_file.read_text().strip()))
+                os.kill(pids[-1], signal.SIGTERM)
             except (ValueError, ProcessLookupError):
                 pass
+        time.sleep(2)
+        subprocess.run(["pkill", "-KILL", "-f", str(self.conf)], check=False)  # daemons that did not stop
+        subprocess.run(["pkill", "-KILL", "slurmstepd"], check=False)  # job steps they left behind
         hosts = Path("/etc/hosts").read_text()
         if HOSTS_LINE in hosts:
             Path("/etc/hosts").write_text(hosts.replace(HOSTS_LINE + "\n", ""))
