@@ -10,11 +10,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from data_pipeline.code_shards import CodeShardDataset, MixedDataset, record_dtype
+from data_pipeline.code_shards import CodeShardDataset, MixedDataset
 from data_pipeline.images import FilterConfig, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 from data_pipeline.pretokenize import pretokenize

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import STEPS, run
 from training.checkpoint import latest_tag

@@ -113,7 +113,7 @@ def test_pretokenize_array_equals_one_run(cluster, tmp_path):
 
 
 def test_sweep_submits_runs_and_collects_table_and_plots(cluster, tmp_path):
-    from slurm.sweep import collect, main
+    from slurm.sweep import collect
 
     out = tmp_path / "sweep"
     env = {**os.environ, **ENV, "SLURM_CONF": str(cluster.conf)}
