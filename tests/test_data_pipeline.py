@@ -190,6 +190,7 @@ def test_trainer_reads_code_shards(single_process, setup, one_run, tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0]
     with pytest.raises(ConfigError, match="records have text_len=16, the model expects 32"):
         run(str(tmp_path / "bad"), *model, "model.text_seq_len=32")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_train_text_tokenizer_command(setup, tmp_path, capsys):

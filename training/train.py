@@ -80,11 +80,11 @@ class Trainer:
                               "0 or 1 only (its norm gradients are summed between backward and step)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dataset = build_dataset(cfg)  # data that does not fit the model is refused before anything is written
         self.log = MetricsLogger(self.run_dir, enabled=dist.get_rank() == 0)
         if dist.get_rank() == 0:
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.dataset = build_dataset(cfg)  # before the model: data that does not fit is refused first
         seed_everything(cfg.train.seed)
         kernels = select_kernels(cfg.kernels)
         self.log.info(kernels.summary())
