@@ -91,7 +91,7 @@ def folder_features(extractor: InceptionFeatures, files: list[Path], batch_size:
 
     out = []
     for start in tqdm(range(0, len(files), batch_size), desc="inception", unit="batch"):
-        batch = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        batch = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
                  for f in files[start:start + batch_size]]
         out.append(extractor.features(batch))
     return np.concatenate(out)

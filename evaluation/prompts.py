@@ -1,9 +1,11 @@
-"""Prompt files: TSV (PartiPrompts), CSV (COCO-30k), JSONL, or plain text, as a list of dicts with "prompt".
+"""Prompt files: TSV (PartiPrompts), CSV (COCO-30k), a COCO captions .json, JSONL, or plain text, as a list
+of dicts with "prompt".
 
     prompts = read_prompts("../shared/data/PartiPrompts.tsv")   # [{"prompt", "Category", "Challenge", "Note"}, ...]
 
 TSV is read with csv.QUOTE_NONE: PartiPrompts has prompts that start with a double quote, which default
-CSV quoting would strip. The prompt column is the first of Prompt / prompt / caption / text.
+CSV quoting would strip. The prompt column is the first of Prompt / prompt / caption / text. A COCO captions
+file (captions_val2014.json / captions_val2017.json) gives one prompt per image: its first caption.
 """
 from __future__ import annotations
 
@@ -30,6 +32,19 @@ def read_prompts(path: str | Path) -> list[dict]:
         if suffix in (".tsv", ".csv"):
             opts = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
             return [_with_prompt(row, str(path), i + 2) for i, row in enumerate(csv.DictReader(f, **opts))]
+        if suffix == ".json":
+            return coco_captions(json.load(f), str(path))
         if suffix == ".jsonl":
             return [_with_prompt(json.loads(line), str(path), i + 1) for i, line in enumerate(f) if line.strip()]
         return [{"prompt": line.strip()} for line in f if line.strip()]
+
+
+def coco_captions(data: dict, source: str) -> list[dict]:
+    """The first caption of each image of a COCO captions file, in the order of its "images" list."""
+    if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+        raise ValueError(f"{source}: expected a COCO captions file with \"images\" and \"annotations\"")
+    first: dict[int, str] = {}
+    for ann in data["annotations"]:
+        first.setdefault(ann["image_id"], ann["caption"])
+    return [{"prompt": first[im["id"]].strip(), "image_id": im["id"], "file_name": im.get("file_name", "")}
+            for im in data["images"] if im["id"] in first]

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHARED_DATA = Path(os.environ.get("PARTI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from data_pipeline.shared_data import shared_data_dir
+
+SHARED_DATA = shared_data_dir()
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
 SHAPES = ("circle", "square")
 

@@ -36,13 +36,13 @@ def final_loss(run_dir: Path) -> tuple[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> float:
-    """The same training (2 processes, DP=2) without SLURM and without interruption."""
+def uninterrupted(tmp_path_factory) -> tuple[int, float, Path]:
+    """The same training (2 processes, DP=2) without SLURM and without interruption: (step, loss, run dir)."""
     run_dir = tmp_path_factory.mktemp("plain")
     subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                     "training.train", "--config", "configs/train/debug.yaml", "--run-dir", str(run_dir), *TRAIN],
                    cwd=ROOT, env={**os.environ, **ENV}, check=True, capture_output=True)
-    return final_loss(run_dir)
+    return (*final_loss(run_dir), run_dir)
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
@@ -133,3 +133,34 @@ def test_sweep_submits_runs_and_collects_table_and_plots(cluster, tmp_path):
     assert header.startswith("run,model,gpus,tp,pp,dp,zero,samples_per_s")
     for png in ("throughput.png", "memory.png", "loss_vs_compute.png"):
         assert (out / png).stat().st_size > 10_000
+
+
+def test_two_node_eval_job_equals_one_local_run(cluster, uninterrupted, tmp_path):
+    from data_pipeline.text_tokenizer import train_sentencepiece
+    from vq.tokenizer import ConvVQ, save_image_tokenizer
+
+    env = {**os.environ, **ENV}
+    subprocess.run([PYTHON, "-m", "training.export", "--run-dir", str(uninterrupted[2]), "--out", str(tmp_path / "export")],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    torch.manual_seed(0)
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), tmp_path / "vq.pt")
+    prompts = ["a red circle", "a blue square", "two green cats", "a kitchen", "a dog", "the sky at night"]
+    train_sentencepiece(prompts * 40, 40, tmp_path / "spm.model")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    files = {"checkpoint": tmp_path / "export", "vq": tmp_path / "vq.pt", "text_tokenizer": tmp_path / "spm.model"}
+    subprocess.run([PYTHON, "-m", "evaluation.generate", *[f"--{k.replace('_', '-')}={v}" for k, v in files.items()],
+                    f"--prompts={tmp_path / 'prompts.txt'}",
+                    f"--out={tmp_path / 'local'}", "--samples-per-prompt=2", "--guidance-scale=1.2", "--top-k=16"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    job = cluster.sbatch(["-N", "2", f"--output={tmp_path}/eval-%j.out", "slurm/eval.sbatch", "configs/eval/partiprompts.yaml",
+                          "--set", *[f"model.{k}={v}" for k, v in files.items()],
+                          "benchmark.name=prompts", f"benchmark.prompts={tmp_path / 'prompts.txt'}",
+                          f"benchmark.out={tmp_path / 'slurm'}", "sampling.samples_per_prompt=2", "sampling.keep=0",
+                          "sampling.top_k=16"], cwd=ROOT, env=ENV)
+    state = cluster.wait(job, timeout=300)
+    assert state == "COMPLETED", "".join(p.read_text() for p in tmp_path.glob("eval-*.out"))[-3000:]
+    local = sorted(p.name for p in (tmp_path / "local").glob("*.png"))
+    assert len(local) == 12 and local == sorted(p.name for p in (tmp_path / "slurm" / "images").glob("*.png"))
+    for name in local:  # two nodes, each a slice of the prompts: the same images as one process
+        assert (tmp_path / "slurm" / "images" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert json.loads((tmp_path / "slurm" / "results.json").read_text())["prompts"] == 6

@@ -1,0 +1,100 @@
+"""Typed configuration of an evaluation run (`python -m evaluation.benchmark`), read from YAML with dotted
+overrides by the same rules as the training config (configs/eval/*.yaml).
+
+    cfg = load_eval_config("configs/eval/partiprompts.yaml", ["model.checkpoint=runs/x/export", "benchmark.limit=64"])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from training.config import ConfigError, load_typed
+
+BENCHMARKS = ("partiprompts", "coco30k", "prompts")
+
+
+@dataclass
+class ModelPaths:
+    """The model being evaluated."""
+
+    checkpoint: str = ""
+    """An export folder of the Parti model (python -m training.export)."""
+    vq: str = ""
+    """The frozen image tokenizer file (vq.train's export)."""
+    text_tokenizer: str = ""
+    """The SentencePiece model the captions were tokenized with."""
+
+
+@dataclass
+class SamplingSettings:
+    """How images are sampled."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy."""
+    top_k: int = 0
+    """Keep the k most likely codes (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1: off)."""
+    guidance_scale: float = 1.2
+    """Classifier-free guidance scale (1: unguided; Parti used 1.2 with reranking)."""
+    samples_per_prompt: int = 1
+    """Images sampled per prompt."""
+    keep: int = 0
+    """Keep the best N samples per prompt by CLIP score (0: all; needs clip.model)."""
+    seed: int = 0
+    """Seeds depend on (seed, prompt index, sample index) only."""
+    batch_size: int = 8
+    """Images decoded together per process."""
+
+
+@dataclass
+class ClipSettings:
+    """The CLIP model for the CLIP score and reranking (open_clip; weights from a local file)."""
+
+    model: str = ""
+    """An open_clip architecture (ViT-L-14) or local-dir:FOLDER; empty: no CLIP score."""
+    weights: str = ""
+    """An open_clip checkpoint file for an architecture name ('random': untrained, smoke tests only)."""
+
+
+@dataclass
+class BenchmarkSettings:
+    """What is evaluated and where the results go."""
+
+    name: str = "partiprompts"
+    """partiprompts (CLIP score per category/challenge), coco30k (FID and CLIP score) or prompts (images only)."""
+    prompts: str = "shared:PartiPrompts.tsv"
+    """Prompt file (TSV/CSV/COCO captions .json/JSONL/text); 'shared:NAME' reads the shipped reference data."""
+    real: str = ""
+    """coco30k: the folder of real images for FID."""
+    limit: int = 0
+    """Only the first N prompts (0: all)."""
+    out: str = "eval"
+    """Output folder: images/, results.json, report.html."""
+    grid_prompts: int = 8
+    """Prompts shown per category (or in total) in the report's grids."""
+
+
+@dataclass
+class EvalConfig:
+    model: ModelPaths = field(default_factory=ModelPaths)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    clip: ClipSettings = field(default_factory=ClipSettings)
+    benchmark: BenchmarkSettings = field(default_factory=BenchmarkSettings)
+
+    def validate(self) -> "EvalConfig":
+        missing = [f"model.{k}" for k, v in vars(self.model).items() if not v]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} must be set (paths of the model to evaluate)")
+        if self.benchmark.name not in BENCHMARKS:
+            raise ConfigError(f"benchmark.name={self.benchmark.name!r} must be one of {', '.join(BENCHMARKS)}")
+        if self.benchmark.name == "coco30k" and not self.benchmark.real:
+            raise ConfigError("benchmark.real must name a folder of real images for coco30k (FID)")
+        if self.sampling.keep and not self.clip.model:
+            raise ConfigError("sampling.keep ranks samples by CLIP score: set clip.model (and clip.weights)")
+        if self.sampling.samples_per_prompt < 1 or self.sampling.keep < 0:
+            raise ConfigError("sampling.samples_per_prompt must be >= 1 and sampling.keep >= 0")
+        return self
+
+
+def load_eval_config(path: str | None, overrides: list[str] | None = None) -> EvalConfig:
+    return load_typed(EvalConfig, path, overrides).validate()

@@ -1,0 +1,156 @@
+"""CLIP score and reranking with a small random open_clip model built here, and the PartiPrompts / COCO
+harnesses end to end (generation, CLIP score per category and challenge, FID, results.json, HTML report)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.laion_fixtures import SHARED_DATA
+
+TINY_CLIP = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+                 text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1))
+
+
+def build_tiny_clip(folder: Path, seed: int = 0):
+    """An open_clip local-dir (open_clip_config.json + safetensors) holding a random tiny CLIP."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP).eval()
+    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+    return model
+
+
+def random_images(n: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (24 + 8 * i, 32, 3), dtype=np.uint8)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    return folder, build_tiny_clip(folder)
+
+
+def test_clip_score_equals_open_clip_forward(tiny_clip):
+    from evaluation.clip_score import ClipScorer
+
+    folder, model = tiny_clip
+    scorer = ClipScorer.load(f"local-dir:{folder}", device="cpu")
+    images, texts = random_images(6), ["a red circle", "a blue square", "two cats", "x", "a dog on grass", "sky"]
+    # Independent reference: the model's own forward pass (normalised features) on the same preprocessing.
+    pixels = torch.stack([scorer.preprocess(im) for im in images])
+    with torch.no_grad():
+        out = model(pixels, scorer.tokenizer(texts))
+    img, txt = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
+    cos = (img * txt).sum(-1)
+    expected = 100 * cos.clamp(min=0)
+    assert (cos < 0).any() or (cos > 0).all()  # the clamp is exercised when a cosine is negative
+    torch.testing.assert_close(scorer.score(images, texts, batch_size=4), expected, atol=1e-4, rtol=0)
+    assert scorer.protocol["weights"].endswith("open_clip_model.safetensors") and scorer.protocol["weights_sha256"]
+
+
+def test_clip_weights_must_come_from_a_file(tmp_path):
+    from evaluation.clip_score import ClipScorer
+
+    with pytest.raises(ValueError, match="--clip-weights"):
+        ClipScorer.load("ViT-B-32")
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        ClipScorer.load("ViT-B-32", str(tmp_path / "missing.pt"))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    with pytest.raises(FileNotFoundError, match="no CLIP weights"):
+        ClipScorer.load(f"local-dir:{tmp_path}")
+
+
+@pytest.fixture(scope="module")
+def sampling_setup(single_process, reference, tmp_path_factory):
+    """The reference run exported, a tiny VQ tokenizer and a SentencePiece model, as files."""
+    from data_pipeline.text_tokenizer import train_sentencepiece
+    from training.export import export
+    from vq.tokenizer import ConvVQ, save_image_tokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    export(reference[1], out=root / "export")
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), root / "vq.pt")
+    words = ["a red circle", "a blue square on grass", "two green cats", "a photo of a kitchen", '"quoted" text']
+    train_sentencepiece(words * 50, 40, root / "spm.model")
+    return [f"model.checkpoint={root / 'export'}", f"model.vq={root / 'vq.pt'}",
+            f"model.text_tokenizer={root / 'spm.model'}"], root
+
+
+def parti_prompt_subset(path: Path) -> Path:
+    """Five PartiPrompts rows of different categories (header kept), to keep the test small."""
+    lines = (SHARED_DATA / "PartiPrompts.tsv").read_text(encoding="utf-8").splitlines()
+    seen, rows = set(), []
+    for line in lines[1:]:
+        category = line.split("\t")[1]
+        if category not in seen:
+            seen.add(category)
+            rows.append(line)
+    path.write_text("\n".join([lines[0], *rows[:5]]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, tiny_clip, tmp_path):
+    from evaluation.benchmark import run
+    from evaluation.clip_score import ClipScorer
+    from evaluation.config import load_eval_config
+    from PIL import Image
+
+    paths, _ = sampling_setup
+    prompts = parti_prompt_subset(tmp_path / "p2.tsv")
+    cfg = load_eval_config("configs/eval/partiprompts.yaml", [
+        *paths, f"benchmark.prompts={prompts}", f"benchmark.out={tmp_path / 'out'}", f"clip.model=local-dir:{tiny_clip[0]}",
+        "sampling.samples_per_prompt=3", "sampling.keep=1", "sampling.batch_size=2", "sampling.top_k=8"])
+    results = run(cfg)
+    out = tmp_path / "out"
+    metadata = [json.loads(line) for line in (out / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert len(metadata) == 5 and len(list((out / "images").glob("*.png"))) == 5
+    scorer = ClipScorer.load(f"local-dir:{tiny_clip[0]}", device="cpu")
+    for meta in metadata:  # the kept sample is the best of the three, and its score is that of the saved PNG
+        assert len(meta["all_clip_scores"]) == 3 and meta["clip_scores"][0] == max(meta["all_clip_scores"])
+        rescored = scorer.score([Image.open(out / "images" / meta["files"][0])], [meta["prompt"]])
+        assert abs(rescored.item() - meta["clip_scores"][0]) < 1e-3
+    by_category = {}
+    for meta in metadata:
+        by_category.setdefault(meta["Category"], []).append(meta["clip_scores"][0])
+    for row in results["per_category"]:
+        assert abs(row["clip_score"] - np.mean(by_category[row["Category"]])) < 1e-3
+    assert sum(r["prompts"] for r in results["per_challenge"]) == 5
+    report = (out / "report.html").read_text()
+    grids = [line.split('src="')[1].split('"')[0] for line in report.splitlines() if 'src="' in line]
+    assert len(grids) == len(by_category) and all((out / g).is_file() for g in grids)
+    assert "CLIP score per category" in report and (out / "eval_config.yaml").is_file()
+
+
+def test_coco_harness_gives_fid_and_clip_score(sampling_setup, tiny_clip, tmp_path):
+    from evaluation.benchmark import run
+    from evaluation.config import load_eval_config
+
+    paths, _ = sampling_setup
+    cfg = load_eval_config("configs/eval/coco30k.yaml", [
+        *paths, "benchmark.limit=4", f"benchmark.out={tmp_path / 'coco'}", f"clip.model=local-dir:{tiny_clip[0]}",
+        f"benchmark.real={SHARED_DATA / 'coco_mini' / 'images'}"])
+    results = run(cfg)
+    assert results["prompts"] == 4 and results["clip_images"] == 4
+    assert results["fid"] > 0 and results["fid_protocol"]["real_images"] == 17
+    assert json.loads((tmp_path / "coco" / "images" / "fid.json").read_text())["fid"] == results["fid"]
+
+
+def test_eval_config_names_what_is_missing():
+    from evaluation.config import load_eval_config
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        load_eval_config("configs/eval/partiprompts.yaml")
+    with pytest.raises(ConfigError, match="benchmark.real"):
+        load_eval_config("configs/eval/coco30k.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c"])
