@@ -18,11 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# The end-to-end demo (evaluation/demo.py): steps finished in runs/demo are skipped on a rerun.
 demo: $(STAMP)
-	rm -rf runs/demo
-	DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(BIN)/python -c 'import torch;print("cuda" if torch.cuda.is_available() else "cpu")')} \
-	$(BIN)/torchrun --standalone --nproc_per_node 2 -m training.train --config configs/train/debug.yaml \
-	    --set parallel.tp=2 --run-dir runs/demo
+	$(BIN)/python -m evaluation.demo --set out=runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipeline.shapes import write_tar  # noqa: F401  (the tests' shard writer)
 from data_pipeline.shared_data import shared_data_dir
 
 SHARED_DATA = shared_data_dir()
@@ -48,17 +49,6 @@ def synthetic_samples(n: int, offset: int = 0) -> list[tuple[str, dict]]:
         out.append((f"syn{i:05d}", {"jpg": encode(img), "txt": f"a {colour} {shape} on a white background".encode(),
                                     "json": json.dumps({"punsafe": 0.01}).encode()}))
     return out
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def truncate_tar_inside(path: Path, member: str) -> None:

@@ -1,0 +1,54 @@
+"""The main job end to end (evaluation/demo.py) with smaller settings: shapes -> image tokenizer ->
+SentencePiece -> code shards -> parti-tiny at TP=2 on 2 processes, stopped and resumed -> guided samples.
+The trained model must draw the prompted colour far more often than chance; the same model before
+training must not. The slowest test of the suite (a few minutes on 2 CPU cores)."""
+from __future__ import annotations
+
+import json
+
+from training.config import load_typed
+
+SMALL = ["shapes=2000", "vq_steps=400", "train_steps=400", "fid_real=32", "samples_per_prompt=4"]
+
+
+def test_measure_reads_colour_and_shape_back():
+    import random
+
+    from PIL import Image
+
+    from data_pipeline import shapes
+
+    for i in range(240):
+        colour, shape, img = shapes.shape_sample(i, shapes.combinations(), 32)
+        speckled = img.copy()
+        rng = random.Random(i)
+        for _ in range(6):  # stray pixels apart from the shape, as a decoder leaves them, do not change the answer
+            x, y = rng.randrange(32), rng.randrange(32)
+            near = [img.getpixel((u, v)) for u in range(max(x - 1, 0), min(x + 2, 32)) for v in range(max(y - 1, 0), min(y + 2, 32))]
+            if all(p == (255, 255, 255) for p in near):
+                speckled.putpixel((x, y), shapes.COLOURS[rng.choice(list(shapes.COLOURS))])
+        assert shapes.measure(img) == shapes.measure(speckled) == (colour, shape), i
+    assert shapes.measure(Image.new("RGB", (32, 32), "white")) == (None, None)
+
+
+def test_demo_learns_the_prompted_colour_and_reports(tmp_path):
+    from evaluation.demo import DemoConfig, run
+
+    out = tmp_path / "demo"
+    results = run(load_typed(DemoConfig, None, [f"out={out}", *SMALL]))
+    trained, before = results["trained"]["all"], results["before_training"]["all"]
+    assert trained["samples"] == before["samples"] == 12 * 4
+    assert trained["colour"] >= 0.8, results  # 4 colours: chance is 25%
+    assert before["colour"] <= 0.5, results
+    assert results["fid"] > 0
+    # It was stopped half way (the STOP file, as a SLURM preemption), resumed from that checkpoint, and finished.
+    stopped = results["training"]["stopped_at_step"]
+    assert 200 <= stopped < 400 and (out / "parti" / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    steps = [json.loads(line)["step"] for line in (out / "parti" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 400 and steps == sorted(steps)
+    # The report shows the loss curve, reconstructions and sample grids, all files beside it.
+    report = (out / "report.html").read_text()
+    images = [part.split('"')[0] for part in report.split('src="')[1:]]
+    assert {"loss.png", "reconstructions.png", "grid_trained.png", "grid_before_training.png"} <= set(images)
+    assert all((out / name).stat().st_size > 1000 for name in images)
+    assert "held out" in report and "FID" in report
