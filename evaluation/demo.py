@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_pipeline import shapes
@@ -232,6 +233,7 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     """Step 6: report.html and its pictures, all inside `out`."""
     from PIL import Image
 
+    from evaluation.generate import to_pil
     from evaluation.report import image_grid, image_html, line_plot, table_html, write_html
     from vq.tokenizer import load_image_tokenizer
 
@@ -241,15 +243,13 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
               f"stopped at step {evaluated['results']['training'].get('stopped_at_step')} and resumed")
     vq = load_image_tokenizer(vq_path)
     originals = [Image.open(p) for p in sorted((out / "fid_real").glob("*.png"))[:8]]
-    pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(im)).permute(2, 0, 1) for im in originals])
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in originals])
     with torch.no_grad():
         recon = vq.decode(vq.encode(pixels.float() / 127.5 - 1))
-    from evaluation.generate import to_pil
-
     image_grid(originals + [to_pil(r) for r in recon], columns=8, cell=64).save(out / "reconstructions.png")
     sections = []
     res = evaluated["results"]
-    rows = [{"model": f"trained, {k} prompts", **res["trained"][k]} for k in ("all", "seen", "held_out")]
+    rows = [{"model": f"trained, {k.replace('_', '-')} prompts", **res["trained"][k]} for k in ("all", "seen", "held_out")]
     rows += [{"model": "before training", **res["before_training"]["all"]},
              {"model": "chance", "colour": res["chance"]["colour"], "shape": res["chance"]["shape"]}]
     sections.append(("Prompt/image agreement (fraction of samples whose measured colour/shape is the prompted one)",
@@ -267,7 +267,8 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
         grid.save(out / f"grid_{name}.png")
         sections.append((f"Samples, {name.replace('_', ' ')} (prompt: measured colour and shape)",
                          image_html(f"grid_{name}.png")))
-    sections.append(("Timings (s)", table_html([timings], digits=0)))
+    sections.append(("Time per step in this invocation (s; 0: done by an earlier run into this folder)",
+                     table_html([timings], digits=0)))
     intro = (f"parti-tiny trained with TP=2 on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
              f"{len(shapes.SHAPES)} shapes (held out: {cfg.held_out}), plus the 17 shipped COCO photos; samples with "
              f"classifier-free guidance {cfg.guidance_scale}. Config: demo_config.yaml, {run_dir.name}/config.yaml.")

@@ -42,10 +42,10 @@ def test_demo_learns_the_prompted_colour_and_reports(tmp_path):
     assert before["colour"] <= 0.5, results
     assert results["fid"] > 0
     # It was stopped half way (the STOP file, as a SLURM preemption), resumed from that checkpoint, and finished.
-    stopped = results["training"]["stopped_at_step"]
-    assert 200 <= stopped < 400 and (out / "parti" / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    # A restart from scratch instead of the checkpoint would log the early steps twice.
+    assert 200 <= results["training"]["stopped_at_step"] < 400
     steps = [json.loads(line)["step"] for line in (out / "parti" / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 400 and steps == sorted(steps)
+    assert steps == list(range(10, 401, 10))
     # The report shows the loss curve, reconstructions and sample grids, all files beside it.
     report = (out / "report.html").read_text()
     images = [part.split('"')[0] for part in report.split('src="')[1:]]
