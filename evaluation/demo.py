@@ -135,6 +135,7 @@ def tokenize(cfg: DemoConfig, out: Path, pattern: str, vq_path: Path) -> tuple[P
 def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
     """Step 4: torchrun training at TP=2, stopped through the STOP file half way and resumed; exported."""
     from data_pipeline.text_tokenizer import TextTokenizer
+    from model_parallel.state import child_environment
     from training.export import export
 
     run_dir = out / "parti"
@@ -145,10 +146,8 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                "-m", "training.train", "--config", cfg.train_config, "--run-dir", str(run_dir), "--resume", "auto",
                "--set", *overrides]
-    # This process's own one-rank group (the tokenizer trainer's) must not leak its address into torchrun's.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = child_environment(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"),
+                            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     metrics, stop_at = run_dir / "metrics.jsonl", cfg.train_steps // 2
     if not metrics.is_file():  # a fresh run: stop it half way, as a preemption would
         log(f"training parti-tiny (TP=2, {cfg.train_steps} steps); it is stopped at step {stop_at} and resumed")

@@ -36,6 +36,16 @@ def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
             "MASTER_ADDR": env.get("MASTER_ADDR", first_node), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
 
 
+_OWN_GROUP_VARS: dict[str, str] = {}  # what init_distributed wrote into os.environ for a one-process group
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """os.environ for a subprocess (torchrun, another CLI) without the variables of this process's own
+    one-process group: a child that inherited them would try to join it, or to bind its port."""
+    env = {k: v for k, v in os.environ.items() if _OWN_GROUP_VARS.get(k) != v}
+    return {**env, **extra}
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Join the process group named by torchrun's (or the deepspeed launcher's) variables, by SLURM's
     under a bare srun, or make a one-process group."""
@@ -45,8 +55,10 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_JOB_NODELIST" in os.environ:
         os.environ.update(slurm_environment())
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        own["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+        _OWN_GROUP_VARS.update(own)
+        os.environ.update(own)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from model_parallel.state import child_environment
+
 HOSTS_LINE = "127.0.0.1 n1 n2  # parti local slurm cluster"
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
@@ -100,7 +102,7 @@ class LocalCluster:
         self.root = Path(root or tempfile.mkdtemp(prefix="parti-slurm-"))
         self.port = port or _free_ports(3)
         self.conf = self.root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.env = child_environment(SLURM_CONF=str(self.conf))
 
     def run(self, *args: str, check: bool = True) -> str:
         return subprocess.run(list(args), check=check, capture_output=True, text=True, env=self.env).stdout

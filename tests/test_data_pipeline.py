@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from data_pipeline.laion import expand_shards, read_shard
 from data_pipeline.pretokenize import pretokenize
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.text_tokenizer import EOS_ID, PAD_ID, TextTokenizer, train_sentencepiece
+from model_parallel.state import child_environment
 from tests import laion_fixtures as lf
 from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
 
@@ -117,7 +117,7 @@ def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
     cmd = [sys.executable, "-m", "data_pipeline.pretokenize", "--input", setup["pattern"], "--output", str(tmp_path),
            "--vq", str(setup["vq"]), "--text-tokenizer", str(setup["spm"]), "--text-len", "16",
            "--min-size", "16", "--max-punsafe", "0.5", "--batch-size", "4", "--workers", "2"]  # workers: same bytes
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_environment(PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "00000.json").exists() and proc.poll() is None and time.time() < deadline:

@@ -3,7 +3,6 @@ requeue and preemption mid-run resuming to the uninterrupted result, a pre-token
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_parallel.state import child_environment
 from slurm.local_cluster import LocalCluster, available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def uninterrupted(tmp_path_factory) -> tuple[int, float, Path]:
     run_dir = tmp_path_factory.mktemp("plain")
     subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                     "training.train", "--config", "configs/train/debug.yaml", "--run-dir", str(run_dir), *TRAIN],
-                   cwd=ROOT, env={**os.environ, **ENV}, check=True, capture_output=True)
+                   cwd=ROOT, env=child_environment(**ENV), check=True, capture_output=True)
     return (*final_loss(run_dir), run_dir)
 
 
@@ -116,7 +116,7 @@ def test_sweep_submits_runs_and_collects_table_and_plots(cluster, tmp_path):
     from slurm.sweep import collect
 
     out = tmp_path / "sweep"
-    env = {**os.environ, **ENV, "SLURM_CONF": str(cluster.conf)}
+    env = child_environment(**ENV, SLURM_CONF=str(cluster.conf))
     subprocess.run([PYTHON, "-m", "slurm.sweep", "submit", "--out", str(out), "--config", "configs/train/debug.yaml",
                     "--models", "parti-debug", "--nodes", "1,2", "--layouts", "tp1pp1z0,tp2pp1z1", "--steps", "6", "--gpus-per-node", "1"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
@@ -139,7 +139,7 @@ def test_two_node_eval_job_equals_one_local_run(cluster, uninterrupted, tmp_path
     from data_pipeline.text_tokenizer import train_sentencepiece
     from vq.tokenizer import ConvVQ, save_image_tokenizer
 
-    env = {**os.environ, **ENV}
+    env = child_environment(**ENV)
     subprocess.run([PYTHON, "-m", "training.export", "--run-dir", str(uninterrupted[2]), "--out", str(tmp_path / "export")],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     torch.manual_seed(0)
