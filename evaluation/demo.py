@@ -150,7 +150,7 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
                             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     metrics, stop_at = run_dir / "metrics.jsonl", cfg.train_steps // 2
     if not metrics.is_file():  # a fresh run: stop it half way, as a preemption would
-        log(f"training parti-tiny (TP=2, {cfg.train_steps} steps); it is stopped at step {stop_at} and resumed")
+        log(f"training {cfg.train_config} ({cfg.train_steps} steps); it is stopped at step {stop_at} and resumed")
         proc = subprocess.Popen(command, env=env)
         while proc.poll() is None:
             if metrics.is_file() and any(json.loads(line)["step"] >= stop_at for line in metrics.read_text().splitlines()):
@@ -160,10 +160,11 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
         # The trainers exit 75 after saving on request (torchrun itself then reports a failure) and leave REQUEUE.
         if proc.wait() != 0 and not (run_dir / "REQUEUE").is_file():
             raise RuntimeError(f"training failed (exit {proc.returncode}); see {run_dir}")
-        stopped = int((run_dir / "REQUEUE").read_text().split()[1])
-        (run_dir / "REQUEUE").unlink()
-        (out / "training.json").write_text(json.dumps({"stopped_at_step": stopped, "steps": cfg.train_steps}))
-        log(f"stopped at step {stopped}; resuming from its checkpoint")
+        if (run_dir / "REQUEUE").is_file():  # absent when the run ended before the STOP file was seen
+            stopped = int((run_dir / "REQUEUE").read_text().split()[1])
+            (run_dir / "REQUEUE").unlink()
+            (out / "training.json").write_text(json.dumps({"stopped_at_step": stopped, "steps": cfg.train_steps}))
+            log(f"stopped at step {stopped}; resuming from its checkpoint")
     subprocess.run(command, env=env, check=True)
     export(run_dir)
     return run_dir
