@@ -72,8 +72,9 @@ def write_report(cfg: EvalConfig, out: Path, results: dict, metadata: list[dict]
                      for name, rows in sorted(by_category.items())]
     elif metadata:
         sections.append(grid_section(out / "images", grids, "Samples", metadata, cfg.benchmark.grid_prompts))
+    reranked = cfg.clip.model and cfg.sampling.samples_per_prompt > 1
     intro = (f"Model {cfg.model.checkpoint}; sampling {vars(cfg.sampling)}; CLIP {cfg.clip.model or 'none'}. "
-             f"Reranked samples: the best is shown.")
+             + ("Samples reranked by CLIP score: the best is shown." if reranked else "The first sample is shown."))
     return write_html(out / "report.html", f"{cfg.benchmark.name} evaluation", sections, intro)
 
 
