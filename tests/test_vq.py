@@ -83,13 +83,89 @@ def ddp_codebook(data: str, run_dir: str):
     from vq.train import VQTrainer
 
     trainer = VQTrainer(load_typed(VQConfig, None, [*TINY, "train.steps=3", "train.batch_size=8",
-                                                    "model.dead_code_steps=1"]), data, run_dir)
+                                                    "model.dead_code_steps=1", "loss.adversarial=0.1",
+                                                    "loss.adv_start=0"]), data, run_dir)
     history = trainer.run()
-    return history[-1]["loss"], trainer.model.codebook.weight.detach().clone(), trainer.model.enc_pos.detach().clone()
+    disc = {k: v.clone() for k, v in trainer.losses.discriminator.state_dict().items()}
+    saved = torch.load(Path(run_dir) / "checkpoints" / "step_00000003.pt", map_location="cpu", weights_only=False)
+    return (history[-1]["loss"], trainer.model.codebook.weight.detach().clone(), trainer.model.enc_pos.detach().clone(),
+            disc, sorted(saved["disc"]) if trainer.rank == 0 else None)
 
 
 def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
-    (loss0, codebook0, pos0), (loss1, codebook1, pos1) = pool2.run(ddp_codebook, photos, str(tmp_path))
+    """Generator and discriminator (adversarial loss from step 0) stay the same on both ranks."""
+    (loss0, codebook0, pos0, disc0, keys), (loss1, codebook1, pos1, disc1, _) = \
+        pool2.run(ddp_codebook, photos, str(tmp_path))
     torch.testing.assert_close(codebook0, codebook1, rtol=0, atol=0)  # restarted codes broadcast
     torch.testing.assert_close(pos0, pos1, rtol=0, atol=0)            # gradients averaged by DDP
+    torch.testing.assert_close(disc0, disc1, rtol=0, atol=0)          # the discriminator's too
+    assert keys == sorted(disc0) and not any(k.startswith("module.") for k in keys)  # the bare module's keys
     assert loss0 != loss1  # each rank saw its own images
+
+
+def test_nearest_code_search_is_fp32_under_bf16_autocast():
+    """Training runs under bf16 autocast, pre-tokenization in fp32: both must pick the same codes. The
+    latents and 512 codes in 8 dimensions leave near ties that a bf16 search orders differently."""
+    import torch.nn.functional as F
+
+    from vq.conv_vqgan import ConvVQGAN
+    from vq.tokenizer import ConvVQ
+    from vq.vit_vqgan import ViTVQGAN
+
+    torch.manual_seed(0)
+    n, dim = 512, 8
+    vit = ViTVQGAN(image_size=8, patch=8, layers=0, width=64, code_dim=dim, codebook_size=n)
+    conv = ConvVQ(image_size=8, downsample=1, channels=8, code_dim=dim, codebook_size=n)
+    gan = ConvVQGAN("taming", ch=8, ch_mult=[1, 1], num_res_blocks=1, z_channels=8, embed_dim=dim, n_embed=n,
+                    resolution=8, attn_resolutions=[])
+    z = torch.randn(1024, dim)
+
+    def l2_search(w):  # the search as it was, a matmul that autocast runs in bf16
+        return lambda z: (z.pow(2).sum(-1, keepdim=True) - 2 * z @ w.t() + w.pow(2).sum(-1)).argmin(-1)
+
+    cases = {  # name: (the model's search on latents [N, dim], the search as it was, latents)
+        "vit_vqgan": (vit.codes_of, lambda z: (z @ F.normalize(vit.codebook.weight, dim=-1).t()).argmax(-1),
+                      F.normalize(z, dim=-1)),
+        "conv_vq": (lambda z: conv.quantize(z.t()[None, :, :, None]).flatten(), l2_search(conv.codebook.weight), z),
+        "conv_vqgan": (gan.nearest, l2_search(gan.quantize.embedding.weight), z),
+    }
+    with torch.no_grad():
+        for name, (search, old, latents) in cases.items():
+            fp32 = old(latents)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16, fixed = old(latents), search(latents)
+            assert (bf16 != fp32).any(), f"{name}: the batch does not tell a bf16 search from an fp32 one"
+            assert torch.equal(fixed, fp32), f"{name}: {(fixed != fp32).float().mean():.1%} of codes differ"
+            assert torch.equal(search(latents), fp32), name
+
+
+@pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter:UserWarning")  # meta weights: no-op copies
+def test_resume_on_another_device_restores_the_rng_states(single_process, photos, tmp_path, monkeypatch):
+    """On a GPU, resume loaded the checkpoint onto the GPU, RNG states included, and torch.set_rng_state
+    refused them. Here the resuming trainer lives on "meta", where a misplaced state fails the same way
+    ("RNG state must be a torch.ByteTensor"), and torch.cuda's RNG functions are stand-ins that, like
+    the real ones, take CPU ByteTensors only."""
+    from vq.train import VQTrainer
+
+    cfg = load_typed(VQConfig, None, [*TINY, "train.steps=1", "loss.adversarial=0.1"])
+    saver, resumer = VQTrainer(cfg, photos, tmp_path), VQTrainer(cfg, photos, tmp_path, device="meta")
+    cuda_state, restored = torch.arange(16, dtype=torch.uint8), []
+
+    def set_cuda_rng_state(state, device="cuda"):
+        if state.device.type != "cpu" or state.dtype != torch.uint8:
+            raise TypeError("RNG state must be a torch.ByteTensor")
+        restored.append(state.clone())
+
+    saver.train_step(saver.batch())  # optimizer and discriminator state in the checkpoint
+    saver.step = 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_cuda_rng_state)
+    saver.save()
+    expected = torch.get_rng_state()
+    torch.manual_seed(1234)
+    resumer.resume()
+    assert resumer.step == 1 and torch.equal(torch.get_rng_state(), expected)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    assert resumer.model.codebook.weight.device.type == "meta"
+    assert all(v.device.type == "meta" for v in resumer.opt.state_dict()["state"][0].values() if v.dim())

@@ -185,11 +185,15 @@ class ConvVQGAN(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         z = self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1)
-        if self.l2_norm:
-            z = F.normalize(z, dim=-1)
-        e = self._codebook()
-        dist = z.pow(2).sum(-1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(-1)
-        return dist.argmin(-1)
+        return self.nearest(F.normalize(z, dim=-1) if self.l2_norm else z)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [..., embed_dim] -> ids of the nearest codes (squared l2) [...]."""
+        # fp32 with autocast off, as in ViTVQGAN.codes_of: |z|^2 - 2 z.e + |e|^2 cancels badly in bf16.
+        with torch.autocast(z.device.type, enabled=False):
+            z, e = z.float(), self._codebook().float()
+            dist = z.pow(2).sum(-1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(-1)
+            return dist.argmin(-1)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     losses = VQGANLoss(LossConfig(), lpips_backbone="vgg16-397923af.pth" or None)
     g_loss, logs = losses.generator(images, decoder_output, vq_loss, step, last_layer)
-    d_loss, d_logs = losses.discriminator(images, decoder_output.detach(), step)
+    d_loss = losses.discriminator_loss(images, decoder_output, step[, critic=ddp_wrapped_discriminator])
 
 Perceptual loss: LPIPS from the `lpips` package. Its wheel ships the calibration (linear) layers only;
 the VGG backbone normally downloads at run time, which is impossible offline, so the backbone weights
@@ -130,14 +130,22 @@ class VQGANLoss(nn.Module):
             rec = rec + c.perceptual * logs["perceptual"]
         total = rec + vq_loss
         if self.discriminator is not None and step >= c.adv_start:
-            logs["adversarial"] = F.softplus(-self.discriminator(recon)).mean()
+            # The discriminator with detached parameters: the generator step needs gradients through it
+            # to `recon` only. Its own parameters get none here, so under DDP (vq.train wraps it for
+            # discriminator_loss) its reducer sees exactly one backward per step, the discriminator's.
+            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+            fake = torch.func.functional_call(self.discriminator, frozen, (recon,))
+            logs["adversarial"] = F.softplus(-fake).mean()
             weight = self.adaptive_weight(rec, logs["adversarial"], last_layer) if last_layer is not None else 1.0
             total = total + c.adversarial * weight * logs["adversarial"]
         logs["vq"] = vq_loss
         return total, {k: float(v) for k, v in logs.items()}
 
-    def discriminator_loss(self, images, out, step: int):
+    def discriminator_loss(self, images, out, step: int, critic: nn.Module | None = None):
+        """The discriminator's logistic loss; `critic` runs it (vq.train passes its DDP wrapper, so the
+        gradients are averaged over the ranks), by default the bare `self.discriminator`."""
         if self.discriminator is None or step < self.cfg.adv_start:
             return None
-        real, fake = self.discriminator(images), self.discriminator(split_output(out).detach())
+        critic = self.discriminator if critic is None else critic
+        real, fake = critic(images), critic(split_output(out).detach())
         return F.softplus(-real).mean() + F.softplus(fake).mean()

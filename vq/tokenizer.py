@@ -42,10 +42,11 @@ class ConvVQ(nn.Module):
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, D, h, w] -> nearest code ids [B, h, w]."""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.weight.t() \
-            + self.codebook.weight.pow(2).sum(1)[None]
-        return dist.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
+        # fp32 with autocast off, as in ViTVQGAN.codes_of: |z|^2 - 2 z.e + |e|^2 cancels badly in bf16.
+        with torch.autocast(z.device.type, enabled=False):
+            flat, e = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float(), self.codebook.weight.float()
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+            return dist.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ def psnr(recon: torch.Tensor, images: torch.Tensor) -> float:
 
 
 class VQTrainer:
-    def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path):
+    def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path, device: str | None = None):
+        """`device`: where the model trains; by default "cuda" when there is a GPU, else "cpu"."""
         from model_parallel.state import init_distributed
         from training.metrics import MetricsLogger
         from vq.losses import VQGANLoss
@@ -91,16 +92,21 @@ class VQTrainer:
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(t.seed)
         self.model = build_model(cfg).to(self.device)
         self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        ddp = torch.nn.parallel.DistributedDataParallel if self.world > 1 else lambda module: module
+        self.ddp = ddp(self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.99))
         disc = self.losses.discriminator
+        # The discriminator trains data-parallel too, else its gradients are never averaged and the
+        # replicas drift apart. Only its own loss runs through the wrapper (the generator's adversarial
+        # term calls the bare module with detached parameters); checkpoints keep the bare module's keys.
+        self.disc_ddp = ddp(disc) if disc is not None else None
         self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=(0.9, 0.99)) if disc else None
         self.step = 0
         self.stream = image_stream(data, cfg, self.rank, self.world, t.seed)
@@ -110,7 +116,11 @@ class VQTrainer:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                 "disc": self.losses.discriminator.state_dict() if self.disc_opt else None,
                 "disc_opt": self.disc_opt.state_dict() if self.disc_opt else None,
-                "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg)}
+                "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg),
+                # The dead-code restarts draw on the GPU's generator. Rank 0's state stands for all ranks:
+                # they are seeded alike and draw alike (usage is all-reduced), and rank 0's picks are
+                # broadcast. Absent from CPU runs' checkpoints.
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
     def save(self) -> None:
         if self.rank == 0:
@@ -128,7 +138,11 @@ class VQTrainer:
         if not pointer.is_file():
             return
         path = self.run_dir / "checkpoints" / pointer.read_text().strip()
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # Loaded onto the CPU, not self.device: torch.set_rng_state (and torch.cuda's) accept only CPU
+        # ByteTensors, and a map_location of "cuda" moved the saved RNG states onto the GPU, so every
+        # resume on a GPU failed. load_state_dict copies model weights and optimizer state onto the
+        # parameters' device itself.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.disc_opt and state["disc"] is not None:
@@ -136,6 +150,8 @@ class VQTrainer:
             self.disc_opt.load_state_dict(state["disc_opt"])
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
         # The data stream is replayed to where it was (it is a pure function of the seed).
         for _ in range(self.step * self.cfg.train.batch_size // self.world):
             next(self.stream)
@@ -156,7 +172,7 @@ class VQTrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        d_loss = self.losses.discriminator_loss(images, out, self.step)
+        d_loss = self.losses.discriminator_loss(images, out, self.step, critic=self.disc_ddp)
         if d_loss is not None:
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()

@@ -80,7 +80,11 @@ class ViTVQGAN(nn.Module):
         return F.normalize(self.enc_out(self.encoder(x)), dim=-1)
 
     def codes_of(self, z: torch.Tensor) -> torch.Tensor:
-        return (z @ F.normalize(self.codebook.weight, dim=-1).t()).argmax(-1)
+        # In fp32 with autocast off: under bf16 autocast (vq.train) the similarity matmul is rounded to
+        # 8 significant bits, which reorders near-tied codes (~3% of them), so training would quantise
+        # differently from the fp32 search of pre-tokenization.
+        with torch.autocast(z.device.type, enabled=False):
+            return (z.float() @ F.normalize(self.codebook.weight.float(), dim=-1).t()).argmax(-1)
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.codebook(codes), dim=-1)
