@@ -75,6 +75,17 @@ def _to_hidden(x: torch.Tensor, dropout: float, sequence_parallel: bool, trainin
     return x
 
 
+class PositionEmbedding(nn.Embedding):
+    """A learned position table initialised by `init` inside its own constructor: deepspeed.zero.Init
+    partitions a module's parameters as soon as its constructor returns, so an initialisation applied
+    afterwards by the parent would write to an empty placeholder (and leave torch's N(0, 1) defaults)."""
+
+    def __init__(self, positions: int, hidden: int, init, perform_initialization: bool):
+        super().__init__(positions, hidden)
+        if perform_initialization:
+            init(self.weight)
+
+
 class TextEmbedding(nn.Module):
     """Caption ids [b, T] -> token + position embeddings [T, b, d]."""
 
@@ -83,9 +94,7 @@ class TextEmbedding(nn.Module):
         self.cfg, self.sequence_parallel = cfg, mp.sequence_parallel
         self.embed = VocabParallelEmbedding(padded_vocab(cfg.text_vocab_size, cfg.vocab_pad_multiple),
                                             cfg.hidden_size, init_method=init, config=mp)
-        self.pos = nn.Embedding(cfg.text_seq_len, cfg.hidden_size)
-        if mp.perform_initialization:
-            init(self.pos.weight)
+        self.pos = PositionEmbedding(cfg.text_seq_len, cfg.hidden_size, init, mp.perform_initialization)
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(text_ids.shape[1], device=text_ids.device)
@@ -101,10 +110,8 @@ class ImageEmbedding(nn.Module):
         self.cfg, self.sequence_parallel = cfg, mp.sequence_parallel
         self.embed = VocabParallelEmbedding(padded_vocab(cfg.image_vocab_size + 1, cfg.vocab_pad_multiple),
                                             cfg.hidden_size, init_method=init, config=mp)
-        self.row_pos = nn.Embedding(cfg.image_grid, cfg.hidden_size)
-        self.col_pos = nn.Embedding(cfg.image_grid, cfg.hidden_size)
-        if mp.perform_initialization:
-            init(self.row_pos.weight), init(self.col_pos.weight)
+        self.row_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, mp.perform_initialization)
+        self.col_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, mp.perform_initialization)
 
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         if start + tokens.shape[1] > self.cfg.image_seq_len:

@@ -36,6 +36,77 @@ def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
             "MASTER_ADDR": env.get("MASTER_ADDR", first_node), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
 
 
+# The oldest Linux driver each CUDA major version runs on (NVIDIA's CUDA toolkit release notes,
+# "minimum required driver version"); a torch build for CUDA 13 sees no GPU on a 570 driver.
+MIN_DRIVER_FOR_CUDA = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it, or None when there is no working driver."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def no_gpu_reason(driver: str | None = None) -> str:
+    """Why this torch sees no GPU, as precisely as can be told: no CUDA build, no driver, a driver
+    older than the build needs, or GPUs hidden from the process."""
+    cuda = torch.version.cuda
+    build = f"torch {torch.__version__} (built for CUDA {cuda or 'none'})"
+    if not cuda:
+        return f"{build} has no CUDA support: install a CUDA build of torch"
+    needed = MIN_DRIVER_FOR_CUDA.get(int(cuda.split(".")[0]))
+    need = f"; CUDA {cuda} needs NVIDIA driver >= {needed}" if needed else ""
+    if driver is None:
+        return (f"{build} sees no GPU and no NVIDIA driver answers (nvidia-smi){need}. Under SLURM, request "
+                "GPUs (--gpus-per-node / --gpus-per-task): a job that asked for none may see none")
+    if needed and _version_tuple(driver) < _version_tuple(needed):
+        return f"{build} sees no GPU: this machine's NVIDIA driver is {driver}{need}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"{build} sees no GPU although driver {driver} is installed"
+            + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
+
+
+def use_device(wanted: str = "auto") -> str:
+    """'cuda' or 'cpu' for this process, as `train.device` asks (auto | cuda | cpu). Call it before
+    anything touches CUDA: 'cpu' hides the GPUs (CUDA_VISIBLE_DEVICES) so that every part of the
+    system, DeepSpeed's accelerator included, takes its CPU path; 'cuda' without a usable GPU is an
+    error that says why (a torch build newer than the driver otherwise falls back to CPU silently)."""
+    if wanted not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device {wanted!r}: expected auto, cuda or cpu")
+    if wanted == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        if torch.cuda.is_available():
+            raise RuntimeError("device cpu: CUDA was initialised before the device was chosen, so the GPUs "
+                               "cannot be hidden any more; start the process with CUDA_VISIBLE_DEVICES=")
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if wanted == "cuda":
+        raise RuntimeError(f"device cuda was asked for, but {no_gpu_reason(driver_version())}")
+    return "cpu"
+
+
+def local_device_index(visible: int, local_rank: int) -> int:
+    """The GPU this process drives among the `visible` ones: its LOCAL_RANK where every process of a node
+    sees all of the node's GPUs (torchrun), 0 where each sees just its own (srun --gpus-per-task=1)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"LOCAL_RANK={local_rank}, but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per visible GPU")
+
+
 _OWN_GROUP_VARS: dict[str, str] = {}  # what init_distributed wrote into os.environ for a one-process group
 
 
@@ -60,7 +131,10 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         _OWN_GROUP_VARS.update(own)
         os.environ.update(own)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        index = local_device_index(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(index)
+        # DeepSpeed's engine calls set_device(int(os.environ["LOCAL_RANK"])) itself: make it the same GPU.
+        os.environ["LOCAL_RANK"] = str(index)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 

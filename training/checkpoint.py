@@ -105,15 +105,31 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
-def _fp32_master(engine, p) -> torch.Tensor | None:
-    """The fp32 master copy that DeepSpeed's unfused bf16/fp16 optimizer (ZeRO-0) keeps for p."""
+def _optimizer_holder(engine, p) -> tuple[torch.Tensor, int | None]:
+    """(the tensor the torch optimizer updates for p, p's offset in it or None when it is p's alone).
+    DeepSpeed's ZeRO-0 bf16/fp16 wrappers keep an fp32 master per parameter (FP16_UnfusedOptimizer:
+    `fp32_groups`) or, for apex's and DeepSpeed's FusedAdam, one flat fp32 tensor per group
+    (FP16_Optimizer: `fp32_groups_flat`, the group's parameters concatenated in order); without a
+    wrapper the optimizer updates p itself."""
     opt = engine.optimizer
-    if not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")):
-        return None
-    if not hasattr(opt, "_master_by_param"):
-        opt._master_by_param = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups)
-                                for lp, hp in zip(lps, hps)}
-    return opt._master_by_param.get(id(p))
+    if not hasattr(opt, "_holder_by_param"):
+        table = {}
+        if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups_flat"):
+            for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                offset = 0
+                for lp in lps:
+                    table[id(lp)] = (flat, offset)
+                    offset += lp.numel()
+        elif hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+            table = {id(lp): (hp, None) for lps, hps in zip(opt.fp16_groups, opt.fp32_groups)
+                     for lp, hp in zip(lps, hps)}
+        opt._holder_by_param = table
+    return opt._holder_by_param.get(id(p), (p, None))
+
+
+def _view(tensor: torch.Tensor, offset: int | None, p) -> torch.Tensor:
+    """p's part of `tensor` (the whole tensor when offset is None), shaped like p."""
+    return tensor if offset is None else tensor.view(-1).narrow(0, offset, p.numel()).view(p.shape)
 
 
 def optimizer_state_specs(engine, p) -> list[tuple[str, bool, tuple]]:
@@ -132,9 +148,12 @@ def _get_full(engine, p, key: str | None, shape=None) -> torch.Tensor:
 
     value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     if value is None:  # ZeRO-0: the fp32 master (or the fp32 parameter itself) and the optimizer's state
-        master = _fp32_master(engine, p)
-        holder = p if master is None else master
-        value = holder.detach() if key is None else base_optimizer(engine).state[holder][key]
+        holder, offset = _optimizer_holder(engine, p)
+        if key is None and holder.dtype != torch.float32:
+            raise RuntimeError(f"no fp32 master weight found for a {holder.dtype} parameter of shape "
+                               f"{tuple(p.shape)} in {type(engine.optimizer).__name__}: saving it would lose "
+                               "precision")
+        value = _view(holder.detach() if key is None else base_optimizer(engine).state[holder][key], offset, p)
     return value.detach().float().cpu().reshape(shape or local_shape(p))
 
 
@@ -152,9 +171,9 @@ def _set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
         else:
             safe_set_full_optimizer_state(p, value.to(p.device), key)
         return
-    master = _fp32_master(engine, p)
-    holder = p if master is None else master
-    targets = [p.data, holder.data] if key is None else [base_optimizer(engine).state[holder][key]]
+    holder, offset = _optimizer_holder(engine, p)
+    targets = ([p.data, _view(holder.data, offset, p)] if key is None
+               else [_view(base_optimizer(engine).state[holder][key], offset, p)])
     with torch.no_grad():
         for target in targets:
             target.copy_(value.reshape(target.shape).to(target.dtype))
@@ -162,8 +181,10 @@ def _set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
 
 def _ensure_optimizer_state(engine) -> None:
     """Create Adam's per-parameter state, which appears only at the first step, so that a load can
-    overwrite it: zero moments (and, for torch's AdamW, a step counter) for every tensor the optimizer
-    updates (ZeRO-3 keeps those in fp32_partitioned_groups_flat, the others in param_groups)."""
+    overwrite it: zero moments and a step counter for every tensor the optimizer updates (ZeRO-3 keeps
+    those in fp32_partitioned_groups_flat, the others in param_groups). The counter is a tensor for
+    torch's optimizers and an int for DeepSpeed's FusedAdam, which creates its own only for an empty
+    state and passes it to its kernel as a number."""
     base = base_optimizer(engine)
     flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
     holders = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
@@ -177,6 +198,8 @@ def _ensure_optimizer_state(engine) -> None:
             state = {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in OPTIMIZER_MOMENTS}
         if isinstance(base, torch.optim.Adam | torch.optim.AdamW | torch.optim.Adafactor):
             state["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
+        else:
+            state["step"] = 0
         base.state[p] = state
     _link_optimizer_fragments(engine)
 
@@ -191,18 +214,33 @@ def _link_optimizer_fragments(engine) -> None:
 
 
 def _optimizer_step_count(engine) -> int:
-    for state in base_optimizer(engine).state.values():
+    """Adam's step count (its bias correction): per tensor in the state (torch, DeepSpeed FusedAdam) or
+    per param group (apex's FusedAdam)."""
+    base = base_optimizer(engine)
+    for state in base.state.values():
         if "step" in state:
             return int(state["step"])
+    for group in base.param_groups:
+        if "step" in group:
+            return int(group["step"])
     return 0
 
 
 def _set_optimizer_step_count(engine, count: int) -> None:
-    for state in base_optimizer(engine).state.values():
+    """Restore the step count wherever the optimizer keeps it; apex's FusedAdam keeps it in the param
+    group (created at its first step), so it is set there too: otherwise Adam's bias correction would
+    restart at every resume and the first update be ~2x too large."""
+    def same_kind(old, new: int):
+        return torch.tensor(float(new), dtype=old.dtype, device=old.device) if torch.is_tensor(old) else new
+
+    base = base_optimizer(engine)
+    for state in base.state.values():
         if "step" in state:
-            step = state["step"]
-            state["step"] = torch.tensor(float(count), dtype=step.dtype, device=step.device) \
-                if torch.is_tensor(step) else count
+            state["step"] = same_kind(state["step"], count)
+    apex = type(base).__module__.startswith("apex.")
+    for group in base.param_groups:
+        if "step" in group or apex:
+            group["step"] = same_kind(group.get("step", 0), count)
 
 
 def _state_dict(engine, model_cfg, tensors: bool):

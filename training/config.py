@@ -148,6 +148,12 @@ class TrainConfig:
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
+    device: str = "auto"
+    """auto (a GPU when torch sees one, else the CPU) | cuda (a GPU is required: its absence is an error
+    naming the driver this torch build needs; slurm/train.sbatch sets it) | cpu (hide GPUs from this run)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device that MFU is divided by (0: the table in training/flops.py for this GPU
+    and precision; set it for a GPU the table does not know or a part with other clocks)."""
 
 
 @dataclass
@@ -184,6 +190,7 @@ _CHOICES = {
     "kernels.bias_gelu": ("auto", "fused", "plain"),
     "kernels.optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch"),
     "train.precision": ("fp32", "bf16"),
+    "train.device": ("auto", "cuda", "cpu"),
     "train.optimizer": ("adamw", "adafactor"),
     "train.lr_decay": ("cosine", "linear", "constant"),
 }
@@ -234,6 +241,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     for name in ("dropout", "attention_dropout", "cfg_drop_prob"):
         v = getattr(m, name)
         _require(0.0 <= v < 1.0, f"model.{name}={v} must be in [0, 1)")
+    _require(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: from the table)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by "

@@ -57,11 +57,12 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embedding tables only, not on biases and norms (1-D parameters)."""
+    """Weight decay on matrices and embedding tables only, not on biases and norms (1-D parameters).
+    A parameter partitioned by zero.Init holds a flat placeholder: its shape is `ds_shape`."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -93,7 +94,10 @@ def init_deepspeed() -> None:
 
 def build_model(cfg: Config, kernels, device: str):
     """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1; with the
-    activation checkpointing of parallel.activation_checkpointing."""
+    activation checkpointing of parallel.activation_checkpointing. At ZeRO-3 the model is built under
+    `deepspeed.zero.Init`, which partitions each module's parameters over the data-parallel group as
+    soon as the module is built, so no rank ever holds the whole model (parti-20b at TP=1 would need
+    76.5 GiB of fp32 weights per GPU before the first step otherwise)."""
     from model_parallel.activation_checkpointing import apply_activation_checkpointing
 
     if cfg.parallel.pp > 1:
@@ -101,6 +105,15 @@ def build_model(cfg: Config, kernels, device: str):
 
         init_deepspeed()
         model = build_pipeline(cfg.model, kernels, cfg.parallel.pp, cfg.train.seed, cfg.parallel.sequence_parallel)
+    elif cfg.parallel.zero_stage == 3:
+        import deepspeed
+
+        from model_parallel.model import PartiModel
+
+        init_deepspeed()
+        with deepspeed.zero.Init(mpu=MegatronMpu(), config_dict_or_path=deepspeed_config(cfg, data_parallel_size())):
+            model = PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
+                               init_seed=cfg.train.seed)
     else:
         from model_parallel.model import PartiModel
 
@@ -141,6 +154,17 @@ def _clip_fp32_gradients_megatron_style(engine) -> None:
     engine.clip_fp32_gradients = clip
 
 
+def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 if any gradient holds an inf or NaN, else 0.0, as a float32 tensor on the gradients' device,
+    computed without a host synchronisation: one fused max-abs per tensor list (an inf-norm is inf or
+    NaN exactly when the tensor has an inf or NaN, and cannot overflow), then one reduction."""
+    device = grads[0].device if grads else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm(grads, float("inf"))
+    return (~torch.stack(norms).isfinite()).any().float()
+
+
 class NonFiniteGuard:
     """Skips optimizer updates whose gradients are not finite on some rank, and counts them.
 
@@ -155,12 +179,9 @@ class NonFiniteGuard:
         inner_step = optimizer.step
 
         def guarded_step(*args, **kwargs):
-            bad = any(p.grad is not None and not torch.isfinite(p.grad).all()
-                      for g in optimizer.param_groups for p in g["params"])
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            flag = torch.tensor(1.0 if bad else 0.0, device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item():
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.distributed.all_reduce(flag := nonfinite_flag(grads), op=torch.distributed.ReduceOp.MAX)
+            if flag.item():  # the one host synchronisation of the check
                 self.skipped += 1
                 self.consecutive += 1
                 return None

@@ -17,9 +17,25 @@ from __future__ import annotations
 
 import torch
 
-# Dense bf16 peak TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "L40S": 362.0,
-                    "V100": 125.0, "MI300X": 1307.0}
+# Dense (no sparsity) bf16 tensor-core peak TFLOP/s by the exact name torch.cuda.get_device_name() reports,
+# from the vendors' datasheets. Exact names: the PCIe and NVL parts of a chip have lower clocks and power
+# (H100 PCIe 756, H100 NVL 835 against 989 for the SXM part), so a substring match would overstate them.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,   # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,             # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+    "AMD Instinct MI300X": 1307.0,
+}
+# fp32 runs use TF32 tensor cores (enabled by `enable_tf32`); their dense peak is half the bf16 one on
+# every part above (A100 156, H100 SXM 495, L40S 183, MI300X 654).
+TF32_FRACTION_OF_BF16 = 0.5
 
 
 def encoder_layer_flops(m) -> float:
@@ -44,12 +60,27 @@ def train_flops_per_sample(m) -> float:
     return 3 * forward_flops_per_sample(m)
 
 
-def peak_flops_per_device() -> float | None:
-    """Peak bf16 FLOP/s of this process's GPU, or None when unknown (CPU: see bench/train_throughput)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+def peak_flops(precision: str, override_tflops: float = 0.0, device_name: str | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s per device that MFU is divided by, where it comes from). `override_tflops` (the
+    `train.peak_tflops` key) wins; otherwise the table above for this GPU's exact name: the bf16 peak for
+    bf16 runs, the TF32 peak for fp32 runs. (None, why) on CPU or for a GPU the table does not know."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s from train.peak_tflops"
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None, "no peak on CPU (bench/train_throughput.py measures a matmul instead)"
+        device_name = torch.cuda.get_device_name()
+    bf16 = PEAK_BF16_TFLOPS.get(device_name)
+    if bf16 is None:
+        return None, f"peak of {device_name!r} unknown: set train.peak_tflops for MFU"
+    if precision == "bf16":
+        return bf16 * 1e12, f"{bf16:g} TFLOP/s dense bf16 of {device_name}"
+    tf32 = bf16 * TF32_FRACTION_OF_BF16
+    return tf32 * 1e12, f"{tf32:g} TFLOP/s dense TF32 of {device_name} (fp32 run, TF32 on)"
+
+
+def enable_tf32() -> None:
+    """fp32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation), as Megatron and most GPU training does; torch leaves matmul TF32 off by default."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

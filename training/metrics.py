@@ -5,7 +5,8 @@
     log.info("text")                                         # a plain message (rank 0 only)
 
 metrics.jsonl holds one JSON object per logged step with the fields of DESIGN.md: step, loss, lr,
-grad_norm, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, mem_gb (null where not measurable).
+grad_norm, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, mem_gb, mem_reserved_gb (GPU only) (null where not
+measurable).
 """
 from __future__ import annotations
 
@@ -19,14 +20,25 @@ import psutil
 import torch
 
 _FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".3f", "samples_per_s": ".1f", "tokens_per_s": ".0f",
-            "tflops_per_gpu": ".3f", "mfu": ".3f", "mem_gb": ".2f"}
+            "tflops_per_gpu": ".3f", "mfu": ".3f", "mem_gb": ".2f",
+            "mem_reserved_gb": ".2f"}
 
 
-def memory_gb() -> float:
-    """Peak GPU memory allocated by this process, or its resident CPU memory."""
+def memory_gb() -> dict[str, float]:
+    """{'mem_gb': peak GPU memory allocated by tensors since the last `reset_peak_memory`,
+    'mem_reserved_gb': peak reserved by the caching allocator (what the GPU really gives up)};
+    on CPU {'mem_gb': resident memory of this process}."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+        return {"mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "mem_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    return {"mem_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30}
+
+
+def reset_peak_memory() -> None:
+    """Start the peaks of `memory_gb` afresh: called once the engine is built, so that the logged peak is
+    training's, not construction's (the fp32 model before DeepSpeed casts it to bf16)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 class MetricsLogger:

@@ -67,10 +67,12 @@ class Trainer:
 
         from data_pipeline.sampler import GlobalBatchSampler
         from model_parallel.kernels import select_kernels
-        from model_parallel.state import init_distributed, init_parallel, seed_everything
+        from model_parallel.state import init_distributed, init_parallel, seed_everything, use_device
         from training.engine import build_engine, build_model
-        from training.metrics import MetricsLogger
+        from training.flops import enable_tf32, peak_flops
+        from training.metrics import MetricsLogger, reset_peak_memory
 
+        self.device = use_device(cfg.train.device)  # before anything touches CUDA
         init_distributed()
         self.world = dist.get_world_size()
         cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused
@@ -91,10 +93,14 @@ class Trainer:
         if cfg.train.precision == "bf16" and cfg.parallel.zero_stage != 1:
             self.log.info("note: bf16 with parallel.zero_stage != 1 accumulates and reduces gradients in bf16 "
                           "(DeepSpeed); parallel.zero_stage=1 keeps them in fp32")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and cfg.train.precision == "fp32":
+            enable_tf32()
+        self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
+        self.log.info(f"MFU against {peak_source}")
         model = build_model(cfg, kernels, self.device)
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
         self.engine = build_engine(model, cfg, kernels)
+        reset_peak_memory()
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
         self.log.info(f"layout: world {self.world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp "
@@ -121,17 +127,17 @@ class Trainer:
         self.log.info(f"saved {self.run_dir / 'checkpoints' / tag}")
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
-        from training.flops import peak_flops_per_device, train_flops_per_sample
+        from training.flops import train_flops_per_sample
         from training.metrics import memory_gb
 
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
-        peak = peak_flops_per_device()
+        peak = self.peak_flops
         self.log.step({
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
-            "mem_gb": memory_gb(), "skipped_steps": self.engine.nonfinite_guard.skipped, "world_size": self.world,
+            **memory_gb(), "skipped_steps": self.engine.nonfinite_guard.skipped, "world_size": self.world,
         })
 
     def run(self) -> list[float]:

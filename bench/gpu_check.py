@@ -1,0 +1,197 @@
+"""The GPU check: one command that proves the CUDA path right and measures it on the machine it runs on.
+
+    python bench/gpu_check.py                           # on a GPU machine: every section, ~5 minutes
+    python bench/gpu_check.py --device cpu --quick      # what can run on CPU, tiny sizes (a test runs it)
+    python bench/gpu_check.py --only train_resume,mfu_350m --out /tmp/x
+
+Writes `<out>/gpu_<device>_<date>.json` (everything measured) and `.md` (a summary table), both rewritten
+after each section so that a run cut short keeps what it finished. Sections (bench/gpu_sections.py):
+environment (GPU, driver, CUDA, NCCL, kernels chosen, CPU compatibility layer off, measured matmul and
+copy rates), flash_attention (the SDPA kernel decoder self-attention really runs, by profiler kernel
+names), train_resume (parti-tiny bf16 at ZeRO 0/1/3: save, resume = uninterrupted), recompute (none /
+selective / full with dropout: equal), mfu_350m / mfu_750m / mfu_3b (bf16 ZeRO-1, the largest micro-batch
+that fits, MFU against the named peak), sampling (KV cache vs recomputation: equal greedy codes, tokens/s),
+vq (ViT-VQGAN bf16 train/save/resume, fp32 code search under autocast, pre-tokenization images/s) and
+multi_gpu (TP=2 and PP=2 over NCCL = TP=1; needs 2 GPUs). Each runs in its own process with a time
+limit; a section that needs a GPU is skipped with the reason on CPU. Exit status: 1 if a section failed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Seconds each section may take on a GPU (they are sized to end well inside; the whole run ~5 minutes).
+TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "recompute": 60, "mfu_350m": 90,
+               "sampling": 90, "vq": 90, "mfu_750m": 100, "mfu_3b": 150, "multi_gpu": 120}
+
+
+def run_section(name: str, device: str, quick: bool, scratch: Path, result_file: Path) -> None:
+    """In the child process: run one section and write its result (or its error) as JSON."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
+    from bench import gpu_sections
+
+    fn = dict((n, f) for n, f, _ in gpu_sections.SECTIONS)[name]
+    start = time.perf_counter()
+    try:
+        result = fn(gpu_sections.Context(device, quick, scratch))
+        failed = [k for k, ok in result.get("checks", {}).items() if not ok]
+        result["status"] = "fail" if failed else "ok"
+        if failed:
+            result["failed_checks"] = failed
+    except Exception as e:  # reported, not raised: the other sections still run
+        result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+    result["seconds"] = time.perf_counter() - start
+    result_file.write_text(json.dumps(result, indent=1, default=str))
+
+
+def device_slug(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def summary_markdown(report: dict) -> str:
+    lines = [f"# GPU check: {report['device_name']}, {report['date']}", "",
+             f"`{report['command']}` — {report['seconds']:.0f} s", "",
+             "| section | status | seconds | key results |", "| --- | --- | --- | --- |"]
+    for name, r in report["sections"].items():
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', 0):.0f} | {_key_results(name, r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _key_results(name: str, r: dict) -> str:
+    if r["status"] == "skipped":
+        return r["reason"]
+    if r["status"] == "error":
+        return r["error"].splitlines()[0][:200].replace("|", "/")
+    parts = []
+    if r.get("failed_checks"):
+        parts.append("FAILED: " + ", ".join(r["failed_checks"]))
+    if name == "environment":
+        parts.append(f"{r.get('gpu', 'cpu')}, driver {r.get('driver')}, torch {r['torch']} (CUDA {r['torch_cuda']}), "
+                     f"NCCL {r.get('nccl')}; matmul {r['measured_matmul_tflops']:.0f} TFLOP/s; {r['peak']}")
+    elif name == "flash_attention":
+        parts.append(", ".join(f"{k}: {v}" for k, v in r["kinds"].items()))
+    elif name == "train_resume":
+        parts.append(", ".join(f"ZeRO-{z}: resume diff {r[f'zero{z}']['max_abs_diff']:.1e}, "
+                               f"{(r[f'zero{z}']['mem_gb'] or 0):.2f} GiB" for z in (0, 1, 3)))
+    elif name == "recompute":
+        parts.append(", ".join(f"{m}: loss diff {r[m]['max_abs_loss_diff']:.1e}" for m in ("selective", "full")))
+    elif name.startswith("mfu_"):
+        parts.append(f"MFU {r['best_mfu']:.1%} ({r['best_tflops']:.0f} TFLOP/s) at micro-batch "
+                     f"{r['best_micro_batch']}, build {r['build_s']:.0f} s")
+    elif name == "sampling":
+        rates = r["rates"]
+        parts.append(f"{r['preset']} batch {r['batch']}: KV cache {rates['kv_cache']['image_tokens_per_s']:.0f} tok/s, "
+                     f"{r['kv_cache_vs_recomputation']:.1f}x recomputation; greedy equal {r['greedy_equal_fp32']}")
+    elif name == "vq":
+        parts.append(f"resume diff {r['max_abs_diff']:.1e}, autocast code agreement {r['autocast_code_agreement']:.3f}, "
+                     f"pretokenize {r['pretokenize_images_per_s']:.0f} img/s vs encode {r['encode_only_images_per_s']:.0f}")
+    elif name == "multi_gpu":
+        parts.append(", ".join(f"{k}: {v}" for k, v in r["checks"].items()))
+    return "; ".join(parts).replace("|", "/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU, tests)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the .json and .md")
+    parser.add_argument("--only", help="comma-separated section names")
+    parser.add_argument("--deadline-s", type=float, default=330, help="sections not started by then are skipped")
+    parser.add_argument("--section", help=argparse.SUPPRESS)      # child process: run this one section
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.section:
+        run_section(args.section, args.device, args.quick, Path(args.scratch), Path(args.result_file))
+        return 0
+
+    from bench.gpu_sections import SECTIONS
+
+    env = {**os.environ, "DS_ACCELERATOR": "cuda" if args.device == "cuda" else "cpu", "PYTHONUNBUFFERED": "1"}
+    gpus = 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from model_parallel.state import driver_version, no_gpu_reason
+
+            sys.exit(f"--device cuda: {no_gpu_reason(driver_version())}")
+        gpus = torch.cuda.device_count()
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    wanted = args.only.split(",") if args.only else [n for n, _, _ in SECTIONS]
+    unknown = set(wanted) - {n for n, _, _ in SECTIONS}
+    if unknown:
+        sys.exit(f"--only: unknown sections {', '.join(sorted(unknown))}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    slug = device_slug(args.device)
+    stem = out / f"gpu_{slug}_{date}"
+    report = {"device_name": slug, "date": date, "command": " ".join(["python bench/gpu_check.py", *(argv or sys.argv[1:])]),
+              "quick": args.quick, "sections": {}, "seconds": 0.0}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
+        for name, _, needs in SECTIONS:
+            if name not in wanted:
+                continue
+            elapsed = time.perf_counter() - start
+            if needs > gpus:
+                result = {"status": "skipped", "reason": f"needs {needs} GPU{'s' if needs > 1 else ''}; "
+                                                         f"{gpus} visible" if args.device == "cuda" else "needs a GPU"}
+            elif elapsed > args.deadline_s:
+                result = {"status": "skipped", "reason": f"out of time ({elapsed:.0f} s > --deadline-s {args.deadline_s:g})"}
+            else:
+                result = _run_child(name, args, Path(scratch), env)
+            report["sections"][name] = result
+            report["seconds"] = time.perf_counter() - start
+            print(f"[gpu_check] {name}: {result['status']} ({result.get('seconds', 0):.0f} s) "
+                  f"{_key_results(name, result)}", flush=True)
+            stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+            stem.with_suffix(".md").write_text(summary_markdown(report))
+    print(f"[gpu_check] wrote {stem}.json and {stem}.md")
+    return 1 if any(r["status"] in ("fail", "error") for r in report["sections"].values()) else 0
+
+
+def _run_child(name: str, args, scratch: Path, env: dict) -> dict:
+    folder = scratch / name
+    folder.mkdir()
+    result_file = folder / "result.json"
+    limit = TIME_LIMITS[name] * (3 if args.device == "cpu" else 1)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--device", args.device,
+           "--result-file", str(result_file), "--scratch", str(folder)] + (["--quick"] if args.quick else [])
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=limit, capture_output=True, text=True)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-3000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return {"status": "error", "error": f"timed out after {limit} s", "stderr_tail": tail,
+                "seconds": time.perf_counter() - start}
+    if result_file.is_file():
+        result = json.loads(result_file.read_text())
+        if result["status"] == "error":
+            result["stderr_tail"] = proc.stderr[-3000:]
+        return result
+    return {"status": "error", "error": f"the section's process exited with {proc.returncode} and no result",
+            "stderr_tail": proc.stderr[-3000:], "seconds": time.perf_counter() - start}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""The sections of bench/gpu_check.py: each checks or measures one part of the CUDA path.
+
+Every section is a function `section(ctx) -> dict` run in a process of its own by bench/gpu_check.py
+(a crash, hang or out-of-memory in one leaves the others standing). `ctx` says the device ('cuda' or
+'cpu'), whether the run is `quick` (tiny sizes, for CPU and for the test that keeps this script from
+rotting) and a scratch folder. A section returns its measurements and a `checks` dict of named
+booleans; a failed check makes the section 'fail'. `SECTIONS` lists them in the order they run,
+with what each needs (a GPU, several GPUs) so that the runner can skip them with the reason.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Context:
+    device: str
+    quick: bool
+    scratch: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _train_config(sets: list[str]):
+    from training.config import load_config
+
+    return load_config(None, sets).validate()
+
+
+def _train(run_dir: Path, sets: list[str], steps: int) -> tuple[list[float], list[dict]]:
+    """A real training run (training.train.train, the DeepSpeed engine) for `steps` steps in this
+    process (world size 1), resuming from run_dir's checkpoint if any: (losses, metrics lines)."""
+    from training.train import train
+
+    cfg = _train_config(sets + [f"train.steps={steps}"])
+    losses = train(cfg, run_dir, resume="auto")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return losses, lines
+
+
+def _tiny_run_sets(ctx: Context) -> list[str]:
+    """parti-tiny (parti-debug when quick) in bf16 with dropout, a schedule that does not depend on
+    train.steps (so a run stopped at step 3 and one of 6 steps share it), a checkpoint every 3 steps."""
+    return [f"model.preset={'parti-debug' if ctx.quick else 'parti-tiny'}", "train.precision=bf16",
+            "model.dropout=0.1", "model.attention_dropout=0.1", "train.global_batch_size=8",
+            "train.micro_batch_size=4", "train.lr=1e-3", "train.warmup_steps=2", "train.lr_decay=constant",
+            "train.save_interval=3", f"train.device={ctx.device}"]
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+
+
+def environment(ctx: Context) -> dict:
+    """Versions, the GPU and its driver, NCCL, the kernels auto picks, the CPU compatibility layer (must
+    be off on a GPU), the MFU peak, and this machine's measured bf16 matmul rate and copy bandwidth."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from importlib.metadata import version
+
+    from model_parallel.cpu_compat import is_applied
+    from model_parallel.kernels import availability, select_kernels
+    from model_parallel.state import driver_version, init_parallel, use_device
+    from training.flops import peak_flops
+
+    device = use_device(ctx.device)
+    init_parallel(1, 1)
+    out = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
+           "megatron_core": version("megatron-core"), "deepspeed_accelerator": get_accelerator().device_name(),
+           "kernels": select_kernels().summary(), "unavailable": {op: {k: v for k, v in opts.items() if v}
+                                                                  for op, opts in availability().items()},
+           "cpu_compat_applied": is_applied(), "driver": driver_version()}
+    peak, source = peak_flops("bf16")
+    out["peak"] = source
+    checks = {"cpu_compat_off_on_gpu": device == "cpu" or not is_applied(),
+              "deepspeed_accelerator_matches": out["deepspeed_accelerator"] == device}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        out.update(gpu=torch.cuda.get_device_name(), gpus_visible=torch.cuda.device_count(),
+                   capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
+                   cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+        checks["peak_known"] = peak is not None
+    out["measured_matmul_tflops"] = _matmul_tflops(device, 4096 if ctx.quick or device == "cpu" else 8192)
+    if device == "cuda":
+        out["measured_copy_gbs"] = _copy_gbs()
+        if peak:
+            out["matmul_vs_peak"] = out["measured_matmul_tflops"] * 1e12 / peak
+    out["checks"] = checks
+    return out
+
+
+def _matmul_tflops(device: str, n: int) -> float:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = n if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def _copy_gbs(nbytes: int = 2**31) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (the ceiling of memory-bound work)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * nbytes * reps / (time.perf_counter() - start) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# flash attention
+
+
+def _kernel_names(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.key for e in prof.key_averages() if e.device_type.name == "CUDA"})
+
+
+def _attention_kind(names: list[str]) -> str:
+    lowered = " ".join(names).lower()
+    if "flash" in lowered:
+        return "flash"
+    if "cudnn" in lowered and ("sdpa" in lowered or "fmha" in lowered or "attn" in lowered):
+        return "cudnn"
+    if "fmha" in lowered or "efficient_attention" in lowered or "mem_eff" in lowered:
+        return "memory-efficient"
+    return "math (no fused attention kernel)"
+
+
+def flash_attention(ctx: Context) -> dict:
+    """Which SDPA kernel the decoder's self-attention (causal, no mask), cross-attention (text padding
+    mask) and one-token KV-cache decoding run in bf16, by the kernel names the torch profiler records."""
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel, seed_everything
+
+    init_parallel(1, 1)
+    seed_everything(0)
+    cfg = _train_config(["model.preset=parti-350m", "model.encoder_layers=1", "model.decoder_layers=1",
+                         "model.dropout=0", "model.attention_dropout=0"]).model
+    model = PartiModel(cfg).cuda().to(torch.bfloat16)
+    layer = model.decoder[0]
+    x = torch.randn(cfg.image_seq_len, 4, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    memory = torch.randn(cfg.text_seq_len, 4, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(4, 1, 1, cfg.text_seq_len, dtype=torch.bool, device="cuda")
+    mask[:, :, :, 100:] = False
+
+    def self_attention():
+        layer.self_attn(x, causal=True).sum().backward()
+
+    def cross_attention():
+        layer.cross_attn(x, memory=memory, mask=mask).sum().backward()
+
+    text = torch.randint(4, cfg.text_vocab_size, (4, cfg.text_seq_len), device="cuda")
+    model.eval()
+    with torch.no_grad():
+        caches, mem, mmask = model.start_decoding(text)
+        bos = torch.full((4, 1), model.bos_id, device="cuda")
+        for _ in range(8):
+            model.decode_step(bos, caches, mem, mmask)
+
+        def decode_one():
+            model.decode_step(bos, caches, mem, mmask)
+
+        decode_names = _kernel_names(decode_one)
+    model.train()
+    names = {"self_attention_train": _kernel_names(self_attention), "cross_attention_train": _kernel_names(cross_attention),
+             "decode_one_token": decode_names}
+    kinds = {k: _attention_kind(v) for k, v in names.items()}
+    attention_kernels = {k: [n for n in v if any(s in n.lower() for s in ("flash", "fmha", "attn", "attention", "sdpa"))]
+                         for k, v in names.items()}
+    return {"kinds": kinds, "attention_kernels": attention_kernels,
+            "checks": {"self_attention_uses_flash": kinds["self_attention_train"] in ("flash", "cudnn"),
+                       "decoding_uses_a_fused_kernel": kinds["decode_one_token"] != "math (no fused attention kernel)"}}
+
+
+# ---------------------------------------------------------------------------------------------
+# training: ZeRO stages, save and resume; activation recomputation
+
+
+def train_resume(ctx: Context) -> dict:
+    """parti-tiny in bf16 with dropout at ZeRO 0, 1 and 3: 6 steps uninterrupted against 3 steps, save,
+    a new engine resumed from the checkpoint and 3 more steps. Also each stage's peak memory."""
+    out, checks = {}, {}
+    for zero in (0, 1, 3):
+        sets = _tiny_run_sets(ctx) + [f"parallel.zero_stage={zero}"]
+        full, lines = _train(ctx.scratch / f"zero{zero}_full", sets, 6)
+        first, _ = _train(ctx.scratch / f"zero{zero}_resumed", sets, 3)
+        second, _ = _train(ctx.scratch / f"zero{zero}_resumed", sets, 6)
+        diff = _max_diff(full, first + second)
+        out[f"zero{zero}"] = {"uninterrupted": full, "resumed": first + second, "max_abs_diff": diff,
+                              "mem_gb": lines[-1].get("mem_gb"), "mem_reserved_gb": lines[-1].get("mem_reserved_gb")}
+        checks[f"zero{zero}_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
+        checks[f"zero{zero}_learns"] = full[-1] < full[0]
+    # The stages against each other: the same bf16 model, so nearly the same losses.
+    out["zero3_vs_zero0_max_abs_diff"] = _max_diff(out["zero0"]["uninterrupted"], out["zero3"]["uninterrupted"])
+    checks["zero_stages_agree"] = out["zero3_vs_zero0_max_abs_diff"] <= 2e-2
+    out["note"] = ("one process: DP=1, so ZeRO partitions nothing here and the stages' memory is alike; "
+                   "ZeRO-3 <= 1/N of ZeRO-0's model states needs N >= 2 GPUs (multi_gpu)")
+    out["checks"] = checks
+    return out
+
+
+def recompute(ctx: Context) -> dict:
+    """Activation recomputation none / selective / full with dropout on: the same losses and gradient
+    norms (megatron's RNG tracker restored for the recomputation; wrong dropout masks show up at once)."""
+    runs = {}
+    for mode in ("none", "selective", "full"):
+        losses, lines = _train(ctx.scratch / f"recompute_{mode}", _tiny_run_sets(ctx) + [
+            f"parallel.activation_checkpointing={mode}", "train.save_interval=0"], 3)
+        runs[mode] = {"losses": losses, "grad_norms": [m["grad_norm"] for m in lines]}
+    checks = {}
+    for mode in ("selective", "full"):
+        dl = _max_diff(runs[mode]["losses"], runs["none"]["losses"])
+        dg = _max_diff(runs[mode]["grad_norms"], runs["none"]["grad_norms"])
+        runs[mode].update(max_abs_loss_diff=dl, max_abs_grad_norm_diff=dg)
+        checks[f"{mode}_equals_none"] = dl <= 2e-3 and dg <= 1e-2 * max(runs["none"]["grad_norms"])
+    return {**runs, "checks": checks}
+
+
+# ---------------------------------------------------------------------------------------------
+# MFU
+
+
+def _largest_micro_batch(measure, candidates: list[int], total_gib: float) -> tuple[int, dict]:
+    """Measure at the two smallest candidates, extrapolate the peak memory linearly in the micro-batch,
+    then measure at the largest candidate predicted to fit in 90% of the GPU (an out-of-memory there
+    falls back to the best measured)."""
+    a, b = candidates[:2]
+    results = {a: measure(a), b: measure(b)}
+    per_sample = (results[b]["peak_gib"] - results[a]["peak_gib"]) / (b - a)
+    base = results[a]["peak_gib"] - a * per_sample
+    fitting = [c for c in candidates[2:] if base + c * per_sample <= 0.9 * total_gib]
+    if fitting:
+        try:
+            results[fitting[-1]] = measure(fitting[-1])
+        except torch.cuda.OutOfMemoryError as e:
+            results[fitting[-1]] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+    ok = {k: v for k, v in results.items() if "error" not in v}
+    best = max(ok, key=lambda k: ok[k]["tflops"])
+    return best, results
+
+
+def _mfu(ctx: Context, preset: str, candidates: list[int], recompute_mode: str = "none") -> dict:
+    """bf16 training of a preset at ZeRO-1 on one GPU (the real Trainer and engine), random data already
+    on the GPU: seconds per step at several micro-batch sizes, TFLOP/s by training/flops.py's formula,
+    MFU against the table's peak, and peak memory."""
+    from training.engine import train_step
+    from training.flops import train_flops_per_sample
+    from training.train import Trainer
+
+    cfg = _train_config([f"model.preset={preset}", "train.precision=bf16", "parallel.zero_stage=1",
+                         f"parallel.activation_checkpointing={recompute_mode}", "model.cfg_drop_prob=0",
+                         f"train.global_batch_size={candidates[0]}", f"train.micro_batch_size={candidates[0]}",
+                         f"train.device={ctx.device}", "train.steps=1000"])
+    start = time.perf_counter()
+    trainer = Trainer(cfg, ctx.scratch / preset)
+    build_s = time.perf_counter() - start
+    m, engine = cfg.model, trainer.engine
+    flops = train_flops_per_sample(m)
+
+    def measure(mbs: int, steps: int = 3) -> dict:
+        text = torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), device="cuda")
+        codes = torch.randint(0, m.image_vocab_size, (mbs, m.image_seq_len), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        train_step(engine, cfg, [(text, codes)], "cuda")  # warm-up (allocator, kernels)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(engine, cfg, [(text, codes)], "cuda")
+        torch.cuda.synchronize()
+        step_s = (time.perf_counter() - start) / steps
+        tflops = flops * mbs / step_s / 1e12
+        return {"step_s": step_s, "tflops": tflops, "mfu": tflops * 1e12 / trainer.peak_flops if trainer.peak_flops else None,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    best, results = _largest_micro_batch(measure, candidates, total)
+    trainer.log.close()
+    return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "build_s": build_s,
+            "train_flops_per_sample": flops, "best_micro_batch": best, "best_mfu": results[best]["mfu"],
+            "best_tflops": results[best]["tflops"], "by_micro_batch": results,
+            "flops_formula": "3 x forward matmul FLOPs (training/flops.py; recomputation not counted)"}
+
+
+def mfu_350m(ctx: Context) -> dict:
+    r = _mfu(ctx, "parti-350m", [4, 8, 16, 32, 64])
+    return {**r, "checks": {"mfu_at_least_40pct": (r["best_mfu"] or 0) >= 0.40}}
+
+
+def mfu_750m(ctx: Context) -> dict:
+    return _mfu(ctx, "parti-750m", [4, 8, 16, 32, 48])
+
+
+def mfu_3b(ctx: Context) -> dict:
+    r = _mfu(ctx, "parti-3b", [2, 4, 8, 16, 24])
+    return {**r, "checks": {"mfu_at_least_50pct": (r["best_mfu"] or 0) >= 0.50}}
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def sampling(ctx: Context) -> dict:
+    """Greedy decoding with the KV cache equals full recomputation (fp32); image tokens/s of KV-cache
+    decoding against full recomputation in bf16 (parti-350m on a GPU, with classifier-free guidance)."""
+    from evaluation.sampling import SamplingConfig, sample
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel, seed_everything
+
+    init_parallel(1, 1)
+    seed_everything(0)
+    device = ctx.device
+    small = _train_config(["model.preset=parti-debug" if ctx.quick else "model.preset=parti-tiny"]).model
+    model = PartiModel(small).to(device).eval()
+    text = torch.randint(4, small.text_vocab_size, (2, small.text_seq_len), device=device)
+    greedy = SamplingConfig(temperature=0.0)
+    cached = sample(model, text, greedy, use_cache=True)
+    full = sample(model, text, greedy, use_cache=False)
+    out = {"greedy_equal_fp32": bool(torch.equal(cached, full))}
+    checks = {"greedy_kv_cache_equals_recomputation": out["greedy_equal_fp32"]}
+
+    preset = "parti-tiny" if ctx.quick else "parti-350m"
+    cfg = _train_config([f"model.preset={preset}"]).model
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = PartiModel(cfg).to(device=device, dtype=dtype).eval()
+    batch = 4 if ctx.quick else 16
+    text = torch.randint(4, cfg.text_vocab_size, (batch, cfg.text_seq_len), device=device)
+    guided = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.2)
+    reference_tokens = min(128, cfg.image_seq_len)
+    rates = {}
+    for name, use_cache, n in (("kv_cache", True, cfg.image_seq_len), ("full_recomputation", False, reference_tokens)):
+        g = torch.Generator().manual_seed(0)
+        sample(model, text, guided, g, use_cache=use_cache, max_tokens=8)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        sample(model, text, guided, g, use_cache=use_cache, max_tokens=n)
+        _sync(device)
+        rates[name] = {"tokens": n, "image_tokens_per_s": batch * n / (time.perf_counter() - start)}
+    out.update(preset=preset, dtype=str(dtype), batch=batch, guidance=True, rates=rates,
+               kv_cache_vs_recomputation=rates["kv_cache"]["image_tokens_per_s"]
+               / rates["full_recomputation"]["image_tokens_per_s"],
+               note=f"full recomputation timed over the first {reference_tokens} tokens only (its cheapest part)")
+    try:  # the decoding benchmark of bench/sample.py: CUDA graph and the memory-bandwidth bound, where present
+        from bench.sample import measure_decoding
+    except ImportError:
+        measure_decoding = None
+    if measure_decoding is not None:
+        out["bench_sample"] = measure_decoding(model, batch, cfg.image_seq_len if not ctx.quick else 64,
+                                               ("kv_cache", "cuda_graph", "bound") if device == "cuda" else ("kv_cache",))
+    checks["kv_cache_faster_than_recomputation"] = out["kv_cache_vs_recomputation"] > 1.0
+    out["checks"] = checks
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the image tokenizer: train, save, resume; pre-tokenization
+
+
+def vq(ctx: Context) -> dict:
+    """ViT-VQGAN trained in bf16 autocast for 4 steps against 2 steps + save + resume + 2 steps (the
+    resume restores CPU and CUDA RNG states); the training-time code search (under autocast) against the
+    fp32 search of pre-tokenization; pre-tokenization images/s against encoding alone."""
+    from data_pipeline import shapes
+    from training.config import load_typed
+    from vq.config import VQConfig
+    from vq.train import VQTrainer
+
+    size = 32 if ctx.quick else 64
+    data = ctx.scratch / "shapes"
+    paths = shapes.write_shapes_shards(data, 256, size=size, per_shard=128)
+    pattern = str(data / f"{{00000..{len(paths) - 1:05d}}}.tar")
+    sets = ["model.layers=2", "model.width=128", f"model.image_size={size}", "model.patch=8", "model.code_dim=16",
+            "model.codebook_size=256", "loss.perceptual=0", "loss.adversarial=0", "loss.logit_laplace=0",
+            "train.batch_size=16", "train.lr=1e-3", "train.precision=bf16", "train.log_interval=1",
+            "train.eval_interval=1000"]
+
+    def run(folder: str, steps: int) -> list[float]:
+        cfg = load_typed(VQConfig, None, sets + [f"train.steps={steps}", "train.save_interval=2"])
+        trainer = VQTrainer(cfg, pattern, ctx.scratch / folder)
+        trainer.resume()
+        return [h["loss"] for h in trainer.run()]
+
+    full = run("vq_full", 4)
+    resumed = run("vq_resumed", 2) + run("vq_resumed", 4)
+    out = {"uninterrupted": full, "resumed": resumed, "max_abs_diff": _max_diff(full, resumed)}
+    checks = {"vq_resume_equals_uninterrupted": out["max_abs_diff"] <= 1e-3}
+
+    from vq.tokenizer import load_image_tokenizer
+
+    tok = load_image_tokenizer(ctx.scratch / "vq_full" / "export.pt").to(ctx.device)
+    images = torch.rand(64, 3, size, size, device=ctx.device) * 2 - 1
+    with torch.no_grad():
+        fp32 = tok.encode(images)
+        with torch.autocast(ctx.device, dtype=torch.bfloat16):
+            z = tok.latents(images)
+            autocast_codes = tok.codes_of(z).view_as(fp32)
+    out["autocast_code_agreement"] = float((autocast_codes == fp32).float().mean())
+    checks["autocast_code_search_is_fp32"] = out["autocast_code_agreement"] == 1.0
+    out.update(_pretokenize_rates(ctx, tok, pattern, size))
+    out["checks"] = checks
+    return out
+
+
+def _pretokenize_rates(ctx: Context, tok, pattern: str, size: int) -> dict:
+    from collections import Counter
+
+    from data_pipeline.images import FilterConfig
+    from data_pipeline.laion import expand_shards
+    from data_pipeline.pretokenize import pretokenize
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from data_pipeline.train_text_tokenizer import shard_captions
+
+    spm = train_sentencepiece(shard_captions(pattern, Counter()), 40, ctx.scratch / "spm" / "spm.model")
+    start = time.perf_counter()
+    manifest = pretokenize(expand_shards(pattern), ctx.scratch / "codes", tok.cpu(), TextTokenizer(spm, 16),
+                           FilterConfig(image_size=size, min_size=size), workers=0 if ctx.quick else 4)
+    elapsed = time.perf_counter() - start
+    records = manifest["records"]
+    tok = tok.to(ctx.device)
+    images = torch.rand(64, 3, size, size, device=ctx.device) * 2 - 1
+    with torch.no_grad():
+        tok.encode(images)
+        _sync(ctx.device)
+        start = time.perf_counter()
+        for _ in range(5):
+            tok.encode(images)
+        _sync(ctx.device)
+    return {"pretokenize_images_per_s": records / elapsed, "pretokenize_records": records,
+            "encode_only_images_per_s": 5 * 64 / (time.perf_counter() - start), "image_size": size}
+
+
+# ---------------------------------------------------------------------------------------------
+# several GPUs: TP=2 and PP=2 over NCCL
+
+
+def multi_gpu(ctx: Context) -> dict:
+    """TP=2 and PP=2 (torchrun, 2 processes, NCCL) against TP=1 on parti-tiny in fp32 without dropout:
+    the same losses."""
+    import subprocess
+    import sys
+
+    from model_parallel.state import child_environment, free_port
+
+    base = ["model.preset=parti-tiny", "model.dropout=0", "model.attention_dropout=0", "train.global_batch_size=8",
+            "train.micro_batch_size=4", "train.steps=4", "train.device=cuda"]
+    losses = {}
+    for name, nproc, extra in (("tp1", 1, []), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2"])):
+        run_dir = ctx.scratch / f"multi_{name}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+               "-m", "training.train", "--run-dir", str(run_dir), "--set", *base, *extra]
+        subprocess.run(cmd, check=True, env=child_environment(), cwd=Path(__file__).resolve().parent.parent)
+        losses[name] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    checks = {f"{k}_equals_tp1": _max_diff(losses[k], losses["tp1"]) <= 1e-3 for k in ("tp2", "pp2")}
+    return {"losses": losses, "checks": checks}
+
+
+# (name, function, GPUs needed: 0 runs on CPU too, 1 needs a GPU, 2 needs two)
+SECTIONS = [
+    ("environment", environment, 0),
+    ("flash_attention", flash_attention, 1),
+    ("train_resume", train_resume, 0),
+    ("recompute", recompute, 0),
+    ("mfu_350m", mfu_350m, 1),
+    ("sampling", sampling, 0),
+    ("vq", vq, 0),
+    ("mfu_750m", mfu_750m, 1),
+    ("mfu_3b", mfu_3b, 1),
+    ("multi_gpu", multi_gpu, 2),
+]
