@@ -8,6 +8,11 @@
 Debian's slurmd supports several daemons per host (`slurmd -N n1`); node names resolve through a line
 in /etc/hosts that `stop` removes again. Needs root (daemons, apt-get, /etc/hosts): `available()` says why
 not. Both "nodes" share this machine's CPUs, disk and ports. See ../shared/notes/local-slurm.md.
+
+The nodes have no GPUs (no GRES), and SLURM refuses a job that asks for GPUs there ("Invalid generic
+resource (gres) specification"), so jobs override the scripts' GPU and CPU requests on the sbatch command
+line as on any CPU-only cluster: `sbatch *CPU_NODE_OPTIONS slurm/train.sbatch ...` (train.sbatch also
+needs DEVICE=cpu in the environment).
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from pathlib import Path
 from model_parallel.state import child_environment
 
 HOSTS_LINE = "127.0.0.1 n1 n2  # parti local slurm cluster"
+CPUS_PER_NODE = 2
+# What the slurm/*.sbatch scripts' #SBATCH resource lines must be overridden with on these GPU-less nodes.
+CPU_NODE_OPTIONS = ["--gpus-per-node=0", f"--cpus-per-task={CPUS_PER_NODE}"]
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 
@@ -70,7 +78,7 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.%n.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.%n.log
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{port + 1}-{port + 2}] CPUs=2 RealMemory=8000 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{port + 1}-{port + 2}] CPUs={CPUS_PER_NODE} RealMemory=8000 State=UNKNOWN
 PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 """
 

@@ -1,11 +1,14 @@
 """Scaling experiments: submit a sweep of SLURM training jobs, then collect their metrics into a table and plots.
 
     python -m slurm.sweep submit --out sweeps/s1 --config configs/train/debug.yaml \
-        --models parti-350m,parti-750m --nodes 1,2,4 --layouts tp1pp1z1,tp2pp1z1,tp2pp2z1 [--steps 200] [--dry-run]
+        --models parti-350m,parti-750m --nodes 1,2,4 --layouts tp1pp1z1,tp2pp1z1,tp2pp2z1 [--steps 200] [--dry-run] \
+        [--gpus-per-node 8] [--sbatch-args="--partition=gpu --time=2:00:00"]
     python -m slurm.sweep collect sweeps/s1          # -> results.csv, results.md, *.png
 
 Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm/train.sbatch` run in
-`OUT/<model>-n<nodes>-<layout>/`; `jobs.json` records what was submitted. `collect` reads every run
+`OUT/<model>-n<nodes>-<layout>/` that asks for `--gpus-per-node` GPUs per node (0 on CPU nodes, which run
+NPROC_PER_NODE processes each, default 1; train.sbatch then needs DEVICE=cpu); `--sbatch-args` adds further
+sbatch options. `jobs.json` records what was submitted. `collect` reads every run
 folder with a metrics.jsonl (submitted by this command or not): median throughput after the first
 `--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final loss and the compute spent, and draws
 throughput per GPU and MFU against nodes, memory per GPU, and loss against compute.
@@ -17,6 +20,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 from pathlib import Path
@@ -27,8 +31,10 @@ LAYOUT = re.compile(r"tp(\d+)pp(\d+)z(\d)$")
 
 
 def submissions(models: list[str], nodes: list[int], layouts: list[str], config: str, out: Path, steps: int,
-                extra: list[str], gpus_per_node: int) -> list[dict]:
-    """The sbatch command of every combination whose TP x PP divides its GPU count."""
+                extra: list[str], gpus_per_node: int, sbatch_args: list[str] = ()) -> list[dict]:
+    """The sbatch command of every combination whose TP x PP divides its process count (gpus_per_node GPUs
+    per node; 0: CPU nodes running NPROC_PER_NODE processes each, default 1)."""
+    procs = gpus_per_node or int(os.environ.get("NPROC_PER_NODE", 1))
     jobs = []
     for model in models:
         for n in nodes:
@@ -37,14 +43,15 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
                 if not match:
                     raise ValueError(f"layout {layout!r}: expected tpNppNzN, e.g. tp2pp1z1")
                 tp, pp, zero = match.groups()
-                if (n * gpus_per_node) % (int(tp) * int(pp)):
-                    print(f"skipped {model} on {n} node(s): {n * gpus_per_node} GPUs do not split into TP={tp} x PP={pp}")
+                if (n * procs) % (int(tp) * int(pp)):
+                    print(f"skipped {model} on {n} node(s): {n * procs} processes do not split into TP={tp} x PP={pp}")
                     continue
                 run_dir = out / f"{model}-n{n}-{layout}"
                 sets = [f"model.preset={model}", f"parallel.tp={tp}", f"parallel.pp={pp}",
                         f"parallel.zero_stage={zero}", f"train.steps={steps}", *extra]
                 jobs.append({"name": run_dir.name, "run_dir": str(run_dir), "nodes": n,
-                             "command": ["sbatch", "--parsable", "-N", str(n), f"--job-name={run_dir.name}",
+                             "command": ["sbatch", "--parsable", "-N", str(n), f"--gpus-per-node={gpus_per_node}",
+                                         *sbatch_args, f"--job-name={run_dir.name}",
                                          f"--output={out}/{run_dir.name}.out", "slurm/train.sbatch", config,
                                          str(run_dir), "--set", *sets]})
     return jobs
@@ -54,7 +61,7 @@ def submit(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = submissions(args.models.split(","), [int(n) for n in args.nodes.split(",")], args.layouts.split(","),
-                       args.config, out, args.steps, args.set, args.gpus_per_node)
+                       args.config, out, args.steps, args.set, args.gpus_per_node, shlex.split(args.sbatch_args))
     for job in jobs:
         if args.dry_run:
             print(" ".join(job["command"]))
@@ -160,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--layouts", required=True, help="comma-separated tpNppNzN")
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("NPROC_PER_NODE", 8)),
-                   help="processes per node (slurm/train.sbatch's NPROC_PER_NODE)")
+                   help="GPUs (= processes) per node, passed to sbatch; 0: CPU nodes, NPROC_PER_NODE (default 1) "
+                        "processes each (set DEVICE=cpu)")
+    s.add_argument("--sbatch-args", default="", help='further sbatch options for every job, one string: '
+                   '--sbatch-args="--partition=gpu --cpus-per-task=64"')
     s.add_argument("--set", nargs="*", default=[], help="further overrides for every run")
     s.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
     c = sub.add_parser("collect", help="tabulate and plot the runs of a sweep folder")

@@ -1,5 +1,9 @@
 """SLURM jobs on a real local cluster (a controller and two emulated nodes): training across 2 nodes,
-requeue and preemption mid-run resuming to the uninterrupted result, a pre-tokenization job array."""
+requeue and preemption mid-run resuming to the uninterrupted result, a pre-tokenization job array.
+
+The nodes have no GPUs, so every job overrides the scripts' GPU and CPU requests the way a user does on
+CPU nodes (sbatch --gpus-per-node=0 --cpus-per-task=N, DEVICE=cpu for training); tests/test_sbatch.py
+checks the scripts' GPU defaults without a cluster."""
 from __future__ import annotations
 
 import json
@@ -12,11 +16,11 @@ import pytest
 import torch
 
 from model_parallel.state import child_environment
-from slurm.local_cluster import LocalCluster, available
+from slurm.local_cluster import CPU_NODE_OPTIONS, CPUS_PER_NODE, LocalCluster, available
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable))
-ENV = {"PYTHON": PYTHON, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {"PYTHON": PYTHON, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DEVICE": "cpu"}
 TRAIN = ["--set", "train.steps=200", "train.save_interval=10", "train.log_interval=1"]
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no local SLURM cluster: {available()}")
@@ -55,10 +59,18 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
     raise TimeoutError(f"{run_dir} did not reach step {step}")
 
 
+def test_gpu_request_is_refused_on_nodes_without_gpus(cluster, tmp_path):
+    """Why the jobs below override the scripts' defaults: SLURM refuses GPUs that no node has."""
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        cluster.sbatch(["-N", "1", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch", "configs/train/debug.yaml",
+                        str(tmp_path / "run")], cwd=ROOT, env=ENV)
+    assert "gres" in refused.value.stderr.lower()
+
+
 @pytest.mark.parametrize("interrupt", [None, "requeue", "usr1"])
 def test_two_node_training_job(cluster, uninterrupted, tmp_path, interrupt):
     run_dir = tmp_path / "run"
-    job = cluster.sbatch(["-N", "2", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
+    job = cluster.sbatch(["-N", "2", *CPU_NODE_OPTIONS, f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
                           "configs/train/debug.yaml", str(run_dir), *TRAIN], cwd=ROOT, env=ENV)
     if interrupt:
         wait_for_step(run_dir, 30)
@@ -73,6 +85,7 @@ def test_two_node_training_job(cluster, uninterrupted, tmp_path, interrupt):
     state = cluster.wait(job, timeout=600)
     log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert state == "COMPLETED", log[-3000:]
+    assert "2 node(s) x 1, device cpu" in log
     step, loss = final_loss(run_dir)
     assert step == 200 and loss == pytest.approx(uninterrupted[1], rel=1e-5)
     if interrupt:
@@ -99,7 +112,7 @@ def test_pretokenize_array_equals_one_run(cluster, tmp_path):
     pattern = str(tmp_path / "laion" / "{00000..00005}.tar")
     pretokenize(expand_shards(pattern), tmp_path / "local", load_image_tokenizer(tmp_path / "vq.pt"),
                 TextTokenizer(tmp_path / "spm.model", 16), FILTERS)
-    job = cluster.sbatch(["--array=0-3", f"--output={tmp_path}/array-%A_%a.out", "slurm/pretokenize.sbatch",
+    job = cluster.sbatch(["--array=0-3", *CPU_NODE_OPTIONS, f"--output={tmp_path}/array-%A_%a.out", "slurm/pretokenize.sbatch",
                           pattern, str(tmp_path / "array"), str(tmp_path / "vq.pt"), str(tmp_path / "spm.model"),
                           "--text-len", "16", "--min-size", "16", "--max-punsafe", "0.5"], cwd=ROOT, env=ENV)
     deadline = time.time() + 300
@@ -118,7 +131,8 @@ def test_sweep_submits_runs_and_collects_table_and_plots(cluster, tmp_path):
     out = tmp_path / "sweep"
     env = child_environment(**ENV, SLURM_CONF=str(cluster.conf))
     subprocess.run([PYTHON, "-m", "slurm.sweep", "submit", "--out", str(out), "--config", "configs/train/debug.yaml",
-                    "--models", "parti-debug", "--nodes", "1,2", "--layouts", "tp1pp1z0,tp2pp1z1", "--steps", "6", "--gpus-per-node", "1"],
+                    "--models", "parti-debug", "--nodes", "1,2", "--layouts", "tp1pp1z0,tp2pp1z1", "--steps", "6", "--gpus-per-node", "0",
+                    f"--sbatch-args=--cpus-per-task={CPUS_PER_NODE}"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     jobs = json.loads((out / "jobs.json").read_text())
     assert len(jobs) == 3  # TP=2 does not fit one node of one process
@@ -152,7 +166,7 @@ def test_two_node_eval_job_equals_one_local_run(cluster, uninterrupted, tmp_path
                     f"--prompts={tmp_path / 'prompts.txt'}",
                     f"--out={tmp_path / 'local'}", "--samples-per-prompt=2", "--guidance-scale=1.2", "--top-k=16"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
-    job = cluster.sbatch(["-N", "2", f"--output={tmp_path}/eval-%j.out", "slurm/eval.sbatch", "configs/eval/partiprompts.yaml",
+    job = cluster.sbatch(["-N", "2", *CPU_NODE_OPTIONS, f"--output={tmp_path}/eval-%j.out", "slurm/eval.sbatch", "configs/eval/partiprompts.yaml",
                           "--set", *[f"model.{k}={v}" for k, v in files.items()],
                           "benchmark.name=prompts", f"benchmark.prompts={tmp_path / 'prompts.txt'}",
                           f"benchmark.out={tmp_path / 'slurm'}", "sampling.samples_per_prompt=2", "sampling.keep=0",

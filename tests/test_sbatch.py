@@ -1,0 +1,155 @@
+"""The sbatch scripts without a cluster: their #SBATCH resource requests, and what they hand to srun (the
+command line and environment torchrun gets), run with stand-ins for srun, scontrol and nvidia-smi."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from training.config import add_config_args
+
+ROOT = Path(__file__).resolve().parent.parent
+SLURM_JOB = {"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]"}
+GPU_JOB = {**SLURM_JOB, "SLURM_GPUS_ON_NODE": "8", "SLURM_GPUS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "96"}
+
+
+def sbatch_options(script: str) -> dict[str, str | None]:
+    """The #SBATCH options of a script as sbatch reads them: from the top, up to the first command."""
+    options = {}
+    for line in (ROOT / "slurm" / script).read_text().splitlines()[1:]:
+        if line.strip() and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH"):
+            for word in shlex.split(line[len("#SBATCH"):]):
+                name, _, value = word.partition("=")
+                options[name] = value or None
+    return options
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch"])
+def test_multi_node_scripts_ask_for_whole_gpu_nodes(script):
+    options = sbatch_options(script)
+    assert options["--ntasks-per-node"] == "1"
+    assert options["--gpus-per-node"] == "8"
+    assert int(options["--cpus-per-task"]) >= 16
+    assert "--exclusive" in options and options["--exclusive"] is None
+
+
+def test_pretokenize_asks_for_a_gpu_per_array_task():
+    options = sbatch_options("pretokenize.sbatch")
+    assert options["--ntasks"] == "1" and options["--gpus-per-node"] == "1"
+    assert int(options["--cpus-per-task"]) >= 2
+
+
+STUBS = {
+    "srun": 'printf "%s\\0" "$@" > "$STUB_OUT/srun.args"; env -0 > "$STUB_OUT/srun.env"',
+    "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then echo node-a; echo node-b; '
+                'else echo "$*" >> "$STUB_OUT/scontrol.log"; fi',
+}
+
+
+def run_script(tmp_path: Path, script: str, args: list[str], env: dict, gpus: int | None = None):
+    """Run slurm/<script> with stand-in commands; returns (exit code, output, srun argv, srun environment).
+    gpus: how many GPUs the stand-in nvidia-smi lists (None: it fails, as where there is no driver)."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
+    for f in out.iterdir():
+        f.unlink()
+    smi = "exit 9" if gpus is None else "; ".join(
+        [f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})"' for i in range(gpus)]
+        + ['echo "  MIG 1g.10gb     Device  0: (UUID: MIG-0)"'] * (gpus > 0))
+    for name, body in {**STUBS, "nvidia-smi": smi}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "STUB_OUT": str(out),
+                "PYTHON": "python3", **env}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / script), *args], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    if not (out / "srun.args").exists():
+        return proc.returncode, proc.stdout + proc.stderr, None, None
+    argv = (out / "srun.args").read_text().split("\0")[:-1]
+    srun_env = dict(item.split("=", 1) for item in (out / "srun.env").read_text().split("\0") if "=" in item)
+    return proc.returncode, proc.stdout + proc.stderr, argv, srun_env
+
+
+def train(tmp_path, *args, env=GPU_JOB, gpus=None):
+    return run_script(tmp_path, "train.sbatch", ["configs/train/debug.yaml", str(tmp_path / "run"), *args], env, gpus)
+
+
+def after(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def trainer_args(argv: list[str]) -> argparse.Namespace:
+    """The options training.train receives, parsed the way it parses its --config/--set."""
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    parser.add_argument("--run-dir")
+    parser.add_argument("--resume")
+    return parser.parse_args(argv[argv.index("training.train") + 1:])
+
+
+def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
+    code, log, argv, env = train(tmp_path)
+    assert code == 0, log
+    assert argv[:2] == ["--kill-on-bad-exit=1", "--cpus-per-task=96"]
+    assert argv[argv.index("torch.distributed.run") - 2] == "python3"
+    assert after(argv, "--nnodes") == "2" and after(argv, "--nproc_per_node") == "8"
+    assert after(argv, "--rdzv_endpoint").startswith("node-a:") and after(argv, "--rdzv_id") == "42-0"
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert env["OMP_NUM_THREADS"] == "12"  # 96 CPUs / 8 trainers
+    assert env["NCCL_DEBUG"] == "WARN"
+    args = trainer_args(argv)
+    assert args.set == ["train.device=cuda"] and args.config == "configs/train/debug.yaml"
+    assert "2 node(s) x 8, device cuda" in log
+
+
+def test_train_device_comes_first_in_the_callers_last_set_group(tmp_path):
+    _, _, argv, _ = train(tmp_path, "--set", "a.b=1", "--set", "parallel.tp=8", "train.device=auto")
+    assert trainer_args(argv).set == ["train.device=cuda", "parallel.tp=8", "train.device=auto"]
+    _, _, argv, _ = train(tmp_path, "--set=parallel.tp=2")
+    assert trainer_args(argv).set == ["train.device=cuda", "parallel.tp=2"]
+    _, _, argv, _ = train(tmp_path, "--set", "parallel.tp=2", env={**GPU_JOB, "DEVICE": "cpu"})
+    assert trainer_args(argv).set == ["train.device=cpu", "parallel.tp=2"]
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_train_device_from_environment(tmp_path, device):
+    code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "DEVICE": device})
+    assert code == 0, log
+    assert trainer_args(argv).set == [f"train.device={device}"]
+
+
+def test_train_refuses_an_unknown_device(tmp_path):
+    code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "DEVICE": "gpu"})
+    assert code == 2 and "DEVICE=gpu" in log and argv is None
+
+
+@pytest.mark.parametrize("env, gpus, nproc, threads", [
+    ({"SLURM_GPUS_PER_NODE": "h100:4", "SLURM_CPUS_PER_TASK": "96"}, None, "4", "24"),
+    ({"SLURM_CPUS_PER_TASK": "64"}, 2, "2", "32"),  # SLURM gave no GPU count: nvidia-smi's
+    ({"SLURM_GPUS_PER_NODE": "0", "SLURM_CPUS_PER_TASK": "2"}, None, "1", "2"),  # a CPU node
+    ({"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "4"}, None, "8", "1"),
+    ({"SLURM_GPUS_ON_NODE": "8", "NPROC_PER_NODE": "3", "SLURM_CPUS_PER_TASK": "96", "OMP_NUM_THREADS": "5",
+      "CUDA_DEVICE_MAX_CONNECTIONS": "32"}, None, "3", "5"),  # the caller's settings win
+])
+def test_processes_and_threads_per_node(tmp_path, env, gpus, nproc, threads):
+    code, log, argv, srun_env = train(tmp_path, env={**SLURM_JOB, **env}, gpus=gpus)
+    assert code == 0, log
+    assert after(argv, "--nproc_per_node") == nproc and srun_env["OMP_NUM_THREADS"] == threads
+    assert srun_env["CUDA_DEVICE_MAX_CONNECTIONS"] == env.get("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+def test_eval_job_exports_the_same_settings_and_forces_no_device(tmp_path):
+    code, log, argv, env = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml", "--set", "x=1"],
+                                      GPU_JOB)
+    assert code == 0, log
+    assert "--cpus-per-task=96" in argv and after(argv, "--nproc_per_node") == "8"
+    assert argv[argv.index("evaluation.benchmark") + 1:] == ["--config", "configs/eval/partiprompts.yaml", "--set", "x=1"]
+    assert not any("device" in a for a in argv)
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["OMP_NUM_THREADS"] == "12" and env["NCCL_DEBUG"] == "WARN"
