@@ -349,7 +349,7 @@ def sampling(ctx: Context) -> dict:
     out = {"greedy_equal_fp32": bool(torch.equal(cached, full))}
     checks = {"greedy_kv_cache_equals_recomputation": out["greedy_equal_fp32"]}
 
-    preset = "parti-tiny" if ctx.quick else "parti-350m"
+    preset = "parti-debug" if ctx.quick else "parti-350m"
     cfg = _train_config([f"model.preset={preset}"]).model
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = PartiModel(cfg).to(device=device, dtype=dtype).eval()

@@ -1,0 +1,119 @@
+"""The CUDA path's logic, proven on CPU: device choice and the missing-GPU error, the GPU a process picks,
+the peak FLOP/s table, the finiteness check, the memory-peak reset and ZeRO-3 construction under zero.Init.
+(What needs a real GPU is measured by bench/gpu_check.py; tests/test_gpu_check.py keeps it runnable.)"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from model_parallel import state
+
+
+def test_cuda_required_without_a_gpu_is_an_error_that_says_why(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(state, "driver_version", lambda: None)
+    with pytest.raises(RuntimeError, match=r"device cuda was asked for.*CUDA .*needs NVIDIA driver >=.*SLURM"):
+        state.use_device("cuda")
+    assert state.use_device("auto") == "cpu"  # auto falls back, as documented
+
+
+def test_missing_gpu_reasons_name_the_driver_the_build_needs(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    old = state.no_gpu_reason("570.86.10")
+    assert "2.14.1+cu130" in old and "CUDA 13.0" in old and "driver is 570.86.10" in old and ">= 580.65.06" in old
+    assert "no NVIDIA driver" in state.no_gpu_reason(None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert "CUDA_VISIBLE_DEVICES=''" in state.no_gpu_reason("580.95.05")  # new enough driver: GPUs were hidden
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "no CUDA support" in state.no_gpu_reason("580.95.05")
+
+
+def test_device_cpu_hides_the_gpus(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert state.use_device("cpu") == "cpu"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_device_index_among_the_visible_gpus():
+    assert state.local_device_index(visible=1, local_rank=3) == 0   # srun --gpus-per-task=1
+    assert state.local_device_index(visible=8, local_rank=3) == 3   # torchrun, all GPUs visible
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=5, but this process sees 2 GPUs"):
+        state.local_device_index(visible=2, local_rank=5)
+
+
+def test_init_distributed_sets_the_visible_gpu_and_tells_deepspeed(monkeypatch):
+    """A bare srun task with one visible GPU and SLURM_LOCALID=3: device 0, and LOCAL_RANK=0 for
+    DeepSpeed's engine (which calls set_device(LOCAL_RANK) itself)."""
+    chosen, backend = [], []
+    monkeypatch.setattr(state.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(state.dist, "init_process_group", lambda backend, timeout: chosen.append(("init", backend)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: chosen.append(("device", index)))
+    for key, value in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", MASTER_ADDR="x", MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    state.init_distributed()
+    assert chosen == [("device", 0), ("init", "nccl")] and os.environ["LOCAL_RANK"] == "0"
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H100 PCIe", "bf16", 756), ("NVIDIA H100 NVL", "bf16", 835),
+    ("NVIDIA H200", "bf16", 989), ("NVIDIA H200 NVL", "bf16", 835), ("NVIDIA H200", "fp32", 494.5),
+    ("NVIDIA H100 Something New", "bf16", None)])
+def test_peak_flops_by_exact_device_name(name, precision, expected):
+    from training.flops import peak_flops
+
+    peak, source = peak_flops(precision, device_name=name)
+    assert (peak and peak / 1e12) == expected
+    assert ("train.peak_tflops" in source) == (expected is None)
+    assert ("TF32" in source) == (precision == "fp32" and expected is not None)
+    assert peak_flops(precision, override_tflops=700, device_name=name)[0] == 700e12  # the key wins
+
+
+def test_nonfinite_flag_is_one_reduction_on_the_device():
+    from training.engine import nonfinite_flag
+
+    finite = [torch.randn(5, dtype=torch.bfloat16), torch.full((3,), 3e38)]  # huge but finite: not flagged
+    assert nonfinite_flag(finite).item() == 0.0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        flag = nonfinite_flag(finite + [torch.tensor([1.0, bad])])
+        assert flag.dim() == 0 and flag.item() == 1.0
+    assert nonfinite_flag([]).item() == 0.0
+
+
+def test_peak_memory_is_reset_after_the_engine_is_built(single_process, monkeypatch, tmp_path):
+    """The logged peak is training's: construction (fp32 before the bf16 cast) happens before the reset."""
+    from tests.conftest import run
+    from training import engine, metrics
+
+    calls = []
+    build = engine.build_engine
+    monkeypatch.setattr(engine, "build_engine", lambda *a, **k: (calls.append("engine"), build(*a, **k))[1])
+    monkeypatch.setattr(metrics, "reset_peak_memory", lambda: calls.append("reset"))
+    run(str(tmp_path), steps=1)
+    assert calls == ["engine", "reset"]
+
+
+def _build_zero3_model():
+    from model_parallel.kernels import select_kernels
+    from model_parallel.state import init_parallel
+    from training.config import load_config
+    from training.engine import build_model
+
+    init_parallel(1, 1)
+    cfg = load_config("configs/train/debug.yaml", ["parallel.zero_stage=3"])
+    model = build_model(cfg, select_kernels(cfg.kernels), "cpu")
+    return {n: (p.ds_numel, p.ds_tensor.numel(), p.data.numel()) for n, p in model.named_parameters()}
+
+
+def test_zero3_model_is_built_partitioned(pool2):
+    """Under zero.Init every parameter is partitioned as its module is built: a rank holds ~1/2 of each
+    (the whole model never exists on one rank). The losses of such runs equal ZeRO-0's (test_training)."""
+    ranks = pool2.run(_build_zero3_model)
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
+    for name, (numel, local, placeholder) in ranks[0].items():
+        assert placeholder == 0 and local == -(-numel // 2), name
