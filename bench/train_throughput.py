@@ -79,8 +79,10 @@ def measure(preset: str, zero: int, steps: int) -> dict:
 
 
 def worker(rank: int, nproc: int, port: int, preset: str, steps: int) -> None:
+    # DeepSpeed's accelerator must match where the batches go: cuda when this process has a GPU.
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+                      MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", accelerator))
     torch.set_num_threads(1 if not torch.cuda.is_available() else torch.get_num_threads())
     import logging
 
