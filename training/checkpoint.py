@@ -184,7 +184,8 @@ def _ensure_optimizer_state(engine) -> None:
     overwrite it: zero moments and a step counter for every tensor the optimizer updates (ZeRO-3 keeps
     those in fp32_partitioned_groups_flat, the others in param_groups). The counter is a tensor for
     torch's optimizers and an int for DeepSpeed's FusedAdam, which creates its own only for an empty
-    state and passes it to its kernel as a number."""
+    state and passes it to its kernel as a number; apex's FusedAdam keeps its count in the param group
+    only (`_set_optimizer_step_count` sets it there), so its state gets none."""
     base = base_optimizer(engine)
     flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
     holders = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
@@ -198,7 +199,7 @@ def _ensure_optimizer_state(engine) -> None:
             state = {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in OPTIMIZER_MOMENTS}
         if isinstance(base, torch.optim.Adam | torch.optim.AdamW | torch.optim.Adafactor):
             state["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
-        else:
+        elif not _counts_steps_in_groups(base):
             state["step"] = 0
         base.state[p] = state
     _link_optimizer_fragments(engine)
@@ -213,31 +214,35 @@ def _link_optimizer_fragments(engine) -> None:
         link()
 
 
+def _counts_steps_in_groups(optimizer) -> bool:
+    """apex's FusedAdam keeps Adam's step count in each param group, not in the per-tensor state."""
+    return type(optimizer).__module__.startswith("apex.")
+
+
 def _optimizer_step_count(engine) -> int:
-    """Adam's step count (its bias correction): per tensor in the state (torch, DeepSpeed FusedAdam) or
-    per param group (apex's FusedAdam)."""
+    """Adam's step count (its bias correction), the largest count the optimizer holds: torch's optimizers
+    keep it per tensor in the state, all equal; apex's FusedAdam per param group; DeepSpeed's FusedAdam
+    per tensor too, but it advances only the state of the last parameter of each group that has a
+    gradient and passes that count to its kernel for the whole group (the others keep the count they
+    were created with, `group.get('step', 0)`, and the group holds a 0), so the first count found can
+    be 0 when the optimizer updates separate tensors (fp32 at ZeRO-0)."""
     base = base_optimizer(engine)
-    for state in base.state.values():
-        if "step" in state:
-            return int(state["step"])
-    for group in base.param_groups:
-        if "step" in group:
-            return int(group["step"])
-    return 0
+    counts = [int(holder["step"]) for holder in (*base.state.values(), *base.param_groups) if "step" in holder]
+    return max(counts, default=0)
 
 
 def _set_optimizer_step_count(engine, count: int) -> None:
     """Restore the step count wherever the optimizer keeps it; apex's FusedAdam keeps it in the param
     group (created at its first step), so it is set there too: otherwise Adam's bias correction would
     restart at every resume and the first update be ~2x too large."""
-    def same_kind(old, new: int):
-        return torch.tensor(float(new), dtype=old.dtype, device=old.device) if torch.is_tensor(old) else new
+    def same_kind(old, new: int):  # a tensor keeps its dtype, device and shape (apex's capturable: [1])
+        return torch.full_like(old, new) if torch.is_tensor(old) else new
 
     base = base_optimizer(engine)
     for state in base.state.values():
         if "step" in state:
             state["step"] = same_kind(state["step"], count)
-    apex = type(base).__module__.startswith("apex.")
+    apex = _counts_steps_in_groups(base)
     for group in base.param_groups:
         if "step" in group or apex:
             group["step"] = same_kind(group.get("step", 0), count)

@@ -11,6 +11,7 @@ model_parallel.kernels and DeepSpeed's shared-memory comm op is switched off.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -191,6 +192,33 @@ class NonFiniteGuard:
         optimizer.step = guarded_step
 
 
+@contextlib.contextmanager
+def no_optimizer_steps(optimizer: torch.optim.Optimizer):
+    """Make `optimizer.step()` do nothing inside the block.
+
+    DeepSpeed's ZeRO-0 low-precision wrappers (bf16 at parallel.zero_stage=0) create the optimizer
+    state in their constructor by running one real optimizer step on zero gradients:
+    `FP16_UnfusedOptimizer.initialize_optimizer_states` (deepspeed/runtime/fp16/unfused_optimizer.py,
+    any torch optimizer) and `FP16_Optimizer.initialize_optimizer_states` (fp16/fused_optimizer.py,
+    apex's and DeepSpeed's FusedAdam). For AdamW that step is not a no-op: it decays the fp32 masters
+    once by lr*weight_decay (at the schedule's first rate; the bf16 working weights are not refreshed
+    until the next step copies the decayed masters over) and counts a step, so Adam's bias correction
+    is one step ahead for the whole run (the first real update is ~0.73*lr*sign(g) instead of
+    lr*sign(g)) and bf16 ZeRO-0 drifts from bf16 ZeRO-1/2/3 and fp32. No other wrapper steps at
+    construction (BF16_Optimizer, ZeRO-1/2/3 only set up buffers), so the state is created at the
+    first real step everywhere, as for fp32 ZeRO-0; training/checkpoint.py creates it before a load."""
+    own = "step" in vars(optimizer)  # the LR scheduler's step-counting wrapper is an instance attribute
+    previous = vars(optimizer).get("step")
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own:
+            optimizer.step = previous
+        else:
+            del optimizer.step
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, kernels):
     import deepspeed
     from deepspeed.pipe import PipelineModule
@@ -203,9 +231,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels):
         optimizer = kernels.optimizer(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     pipelined = isinstance(model, PipelineModule)  # the pipeline brings its own topology as mpu
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           mpu=None if pipelined else MegatronMpu(),
-                                           config=deepspeed_config(cfg, data_parallel_size()))
+    with no_optimizer_steps(optimizer):  # see no_optimizer_steps: DeepSpeed's bf16 ZeRO-0 wrappers step at init
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               mpu=None if pipelined else MegatronMpu(),
+                                               config=deepspeed_config(cfg, data_parallel_size()))
     _clip_fp32_gradients_megatron_style(engine)
     engine.nonfinite_guard = NonFiniteGuard(getattr(engine.optimizer, "optimizer", engine.optimizer))
     return engine
