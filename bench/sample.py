@@ -1,14 +1,28 @@
-"""Image tokens/s of KV-cache sampling against full recomputation of the prefix, in one run.
+"""Image tokens/s of decoding: full recomputation, KV cache, KV cache + CUDA graph, against the memory bound.
 
-    python bench/sample.py [--preset parti-tiny] [--grid 32] [--batch 1] [--reference-tokens 256]
+    python bench/sample.py                                   # parti-350m, 1024-token image; bf16 on a GPU
+    python bench/sample.py --max-tokens 32 --threads 1       # on CPU: the first 32 tokens (fp32)
+    python bench/sample.py --preset parti-tiny --max-tokens 0 --reference-tokens 256   # the old default
 
---grid 32 is a 1024-token image (Parti's). Full recomputation runs a forward pass over the whole prefix
-for every token (quadratic), so it is timed over the first `--reference-tokens` tokens only, where it is
-cheapest: the printed ratio understates the gain over a whole image.
+    from bench.sample import measure_decoding                # from another script (bench/gpu_sections.py)
+    result = measure_decoding(model, batch=16, tokens=1024, modes=("kv_cache", "cuda_graph", "bound"))
+
+Modes: `full_recomputation` (the decoder over the whole prefix at every step; quadratic, so timed over
+the first `reference_tokens` only, its cheapest part: its ratio flatters it), `kv_cache` (one token per
+step through a growing cache), `cuda_graph` (one token per step through a static cache, the step replayed
+from a CUDA graph; GPU only, skipped with the reason elsewhere) and `bound`: what memory bandwidth allows,
+image tokens/s = batch / (bytes read per decode step / bandwidth), with the bytes of the decoder weights
+a step reads (every decoder layer and the output head; not the encoder, nor the cross-attention K/V
+projections, whose outputs are cached), the self-attention K/V cache over the positions written so far
+(averaged over the image) and the cached cross-attention K/V, and the bandwidth of a large device copy
+measured in the same run (bytes read + written per second). Rates are image tokens/s of the token loop
+(sample()'s `decode_s`; the encoder, cache allocation and graph capture are `setup_s`). Sampling draws
+from a generator on the model's device (temperature 1, no filtering, no guidance unless asked).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,35 +32,163 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.sampling import SamplingConfig, sample  # noqa: E402
-from model_parallel.model import PartiModel  # noqa: E402
-from model_parallel.state import init_parallel, seed_everything  # noqa: E402
-from training.config import load_config  # noqa: E402
+
+MODES = ("full_recomputation", "kv_cache", "cuda_graph", "bound")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="parti-tiny")
-    parser.add_argument("--grid", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--reference-tokens", type=int, default=256)
-    args = parser.parse_args()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Bytes/s of a large device-to-device copy (read + written), the ceiling a decode step can reach."""
+    nbytes = nbytes or (2 << 30 if device.type == "cuda" else 256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up (page faults, clocks)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
+def decode_step_bytes(model, rows: int, tokens: int) -> dict:
+    """Bytes one decode step reads, averaged over the first `tokens` positions, for `rows` sequences."""
+    cfg = model.cfg
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if (n.startswith("decoder.") and ".cross_attn.fn.kv." not in n) or n.startswith("head."))
+    size = next(model.parameters()).element_size()
+    layers, d = cfg.decoder_layers, cfg.hidden_size
+    per_position = 2 * layers * rows * d * size  # K and V of every decoder layer
+    kv_cache = per_position * (tokens + 1) / 2  # a step at position i reads i + 1 positions
+    cross = per_position * cfg.text_seq_len
+    return {"weights": weights, "kv_cache_mean": kv_cache, "kv_cache_static": per_position * cfg.image_seq_len,
+            "cross_kv": cross, "total": weights + kv_cache + cross}
+
+
+def _timed_sample(model, text, cfg: SamplingConfig, tokens: int, seed: int, **mode) -> dict:
+    device = text.device
+    timings: dict = {}
+    sample(model, text, cfg, torch.Generator(device).manual_seed(seed), max_tokens=tokens, timings=timings, **mode)
+    return timings
+
+
+def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_tokens: int | None = None,
+                     guidance_scale: float | None = None, seed: int = 0, warmup_tokens: int = 4) -> dict:
+    """Image tokens/s of each decoding mode for `batch` random captions and the first `tokens` image
+    tokens, on the model's device in its dtype (model: PartiModel in eval mode, TP=1). Returns a JSON-ready
+    dict: one entry per mode ({"skipped": reason} where it cannot run) with `image_tokens_per_s`,
+    `of_bound` (the fraction of the memory-bandwidth bound) and `vs_full_recomputation` where measured."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    weight = next(model.parameters())
+    device, cfg = weight.device, model.cfg
+    tokens = min(tokens or cfg.image_seq_len, cfg.image_seq_len)
+    reference_tokens = min(reference_tokens or tokens, tokens)
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(4, cfg.text_vocab_size, (batch, cfg.text_seq_len), generator=g).to(device)
+    sampling = SamplingConfig(guidance_scale=guidance_scale)
+    rows = batch * (2 if guidance_scale is not None else 1)
+    out: dict = {"device": str(device), "dtype": str(weight.dtype).replace("torch.", ""), "batch": batch,
+                 "rows": rows, "tokens": tokens, "guidance_scale": guidance_scale,
+                 "hidden": cfg.hidden_size, "layers": f"{cfg.encoder_layers}+{cfg.decoder_layers}"}
+    if device.type == "cpu":
+        out.update(threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
+    runs = {"full_recomputation": (reference_tokens, {"use_cache": False}),
+            "kv_cache": (tokens, {}), "cuda_graph": (tokens, {"cuda_graph": True})}
+    for mode in modes:
+        if mode == "bound":
+            step = decode_step_bytes(model, rows, tokens)
+            bandwidth = copy_bandwidth(device)
+            out["bound"] = {"image_tokens_per_s": batch * bandwidth / step["total"], "bandwidth_GBps": bandwidth / 1e9,
+                            "bytes_per_step": step}
+            continue
+        if mode == "cuda_graph" and device.type != "cuda":
+            out[mode] = {"skipped": f"CUDA graphs need a CUDA device; the model is on {device}"}
+            continue
+        n, kwargs = runs[mode]
+        _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, **kwargs)  # lazy init, kernel choice
+        t = _timed_sample(model, text, sampling, n, seed, **kwargs)
+        out[mode] = {"tokens": n, "image_tokens_per_s": batch * n / t["decode_s"], "ms_per_step": 1e3 * t["decode_s"] / n,
+                     "setup_s": t["setup_s"], "decode_s": t["decode_s"]}
+    bound = out.get("bound", {}).get("image_tokens_per_s")
+    full = out.get("full_recomputation", {}).get("image_tokens_per_s")
+    for mode in ("full_recomputation", "kv_cache", "cuda_graph"):
+        rate = out.get(mode, {}).get("image_tokens_per_s")
+        if rate and bound:
+            out[mode]["of_bound"] = rate / bound
+        if rate and full:
+            out[mode]["vs_full_recomputation"] = rate / full
+    return out
+
+
+def build_model(preset: str, grid: int, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised PartiModel (TP=1, eval mode) of a preset on `device` in `dtype`."""
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel, seed_everything
+    from training.config import load_config
+
     init_parallel(1, 1)
     seed_everything(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = load_config(None, [f"model.preset={args.preset}", f"model.image_grid={args.grid}"]).model
-    model = PartiModel(cfg).to(device).eval()
-    text = torch.randint(4, cfg.text_vocab_size, (args.batch, cfg.text_seq_len), device=device)
-    rates = {}
-    for name, use_cache, n in (("KV cache", True, cfg.image_seq_len),
-                               ("full recomputation", False, min(args.reference_tokens, cfg.image_seq_len))):
-        start = time.perf_counter()
-        sample(model, text, SamplingConfig(), torch.Generator().manual_seed(0), use_cache=use_cache, max_tokens=n)
-        rates[name] = args.batch * n / (time.perf_counter() - start)
-    print(f"{args.preset} d={cfg.hidden_size} layers={cfg.encoder_layers}+{cfg.decoder_layers}, "
-          f"{cfg.image_seq_len}-token image, batch {args.batch}, {device}, threads {torch.get_num_threads()}")
-    for name, r in rates.items():
-        print(f"{name:>20}: {r:9.1f} image tokens/s")
-    print(f"KV cache / full recomputation: {rates['KV cache'] / rates['full recomputation']:.1f}x")
+    cfg = load_config(None, [f"model.preset={preset}", f"model.image_grid={grid}"]).model
+    return PartiModel(cfg).to(device=device, dtype=dtype).eval()
+
+
+def report(preset: str, result: dict) -> str:
+    lines = [f"{preset} d={result['hidden']} layers={result['layers']}, {result['tokens']} image tokens timed, "
+             f"batch {result['batch']} ({result['rows']} rows), {result['device']} {result['dtype']}"
+             + (f", threads {result['threads']}, load {result['load_average']:.1f}" if "threads" in result else "")]
+    for mode in MODES:
+        r = result.get(mode)
+        if r is None:
+            continue
+        if "skipped" in r:
+            lines.append(f"{mode:>20}: skipped ({r['skipped']})")
+            continue
+        extra = [f"{r['ms_per_step']:.2f} ms/step over {r['tokens']} tokens"] if "ms_per_step" in r else []
+        if mode == "bound":
+            b = r["bytes_per_step"]
+            extra.append(f"{b['total'] / 2**20:.1f} MiB/step (weights {b['weights'] / 2**20:.1f}, KV "
+                         f"{b['kv_cache_mean'] / 2**20:.1f}, cross K/V {b['cross_kv'] / 2**20:.1f}) at "
+                         f"{r['bandwidth_GBps']:.1f} GB/s measured")
+        ratios = [f"{r[k]:.2f}x {name}" for k, name in (("vs_full_recomputation", "full recomputation"),
+                                                        ("of_bound", "of the bound")) if k in r]
+        lines.append(f"{mode:>20}: {r['image_tokens_per_s']:10.1f} image tokens/s  " + "; ".join(extra + ratios))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="parti-350m")
+    parser.add_argument("--grid", type=int, default=32, help="image grid (32: Parti's 1024 tokens)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="time the first N tokens (default: the whole image on a GPU, 32 on CPU; 0: all)")
+    parser.add_argument("--reference-tokens", type=int, default=None,
+                        help="full recomputation over the first N tokens (default: 256 on a GPU, 16 on CPU)")
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
+    start = time.perf_counter()
+    model = build_model(args.preset, args.grid, device, dtype)
+    built = time.perf_counter() - start
+    tokens = args.max_tokens if args.max_tokens is not None else (0 if gpu else 32)
+    reference = args.reference_tokens or (256 if gpu else 16)
+    result = measure_decoding(model, args.batch, tokens, tuple(args.modes.split(",")), reference, args.guidance_scale)
+    print(report(args.preset, result))
+    print(f"(model built in {built:.1f} s)")
 
 
 if __name__ == "__main__":

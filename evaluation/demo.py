@@ -207,11 +207,13 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
     from model_parallel.model import PartiModel
     from training.config import load_config
 
-    model, vq, text_tok = load_for_sampling(run_dir / "export", vq_path, spm, "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, vq, text_tok = load_for_sampling(run_dir / "export", vq_path, spm, device)  # bf16 on a GPU
     prompts = demo_prompts(cfg)
     trained = sample_prompts(model, vq, text_tok, prompts, out / "samples", cfg)
     train_cfg = load_config(run_dir / "config.yaml")
-    untrained = PartiModel(model.cfg, init_seed=train_cfg.train.seed).eval()
+    weights = next(model.parameters())  # the untrained model on the same device, in the same dtype
+    untrained = PartiModel(model.cfg, init_seed=train_cfg.train.seed).to(weights.device, weights.dtype).eval()
     before = sample_prompts(untrained, vq, text_tok, prompts, out / "samples_before_training", cfg)
     real = out / "fid_real"  # unseen images of every combination (another seed than the training set)
     if not (real / "done").exists():

@@ -8,7 +8,8 @@
 
 For prompt i it writes `{i:05d}_{r}.png` for its samples, then `{i:05d}.json` (the prompt and its other
 columns, seed, settings, files); a rerun skips prompts whose .json exists. Seeds depend on (seed, i, k)
-only, so the images do not depend on the number of processes or the batch size. With a CLIP model the
+only, so the images do not depend on the number of processes or the batch size. On a GPU the model runs
+in bf16 and draws from CUDA generators (the same seeds give other images than on CPU). With a CLIP model the
 samples are reranked by CLIP score (r = 0 is the best; their scores go into the .json) and `--keep N` keeps
 only the best N. At the end rank 0 gathers the .json files into metadata.jsonl.
 """
@@ -73,7 +74,8 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             text = torch.tensor([text_tok.encode(prompts[i]["prompt"])[0] for i, _ in batch], device=device)
-            generators = [torch.Generator().manual_seed(seed * 1_000_003 + i * 1_009 + k) for i, k in batch]
+            # A generator per image on the model's device: on a GPU the draws stay there (no host sync).
+            generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + i * 1_009 + k) for i, k in batch]
             codes = sample(model, text, cfg, generators)  # one batch through the KV cache, a generator per image
             images = vq.decode(codes.view(-1, vq.grid, vq.grid).to(next(vq.parameters()).device))
             for (i, k), image in zip(batch, images):
@@ -90,13 +92,14 @@ def gather_metadata(out: Path) -> Path:
     return out / "metadata.jsonl"
 
 
-def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str):
-    """The exported model, the frozen VQ tokenizer and the text tokenizer at the model's text length."""
+def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: torch.dtype | None = None):
+    """The exported model (on `device`, in `dtype`: default bf16 on CUDA, fp32 on CPU), the frozen VQ
+    tokenizer and the text tokenizer at the model's text length."""
     from data_pipeline.text_tokenizer import TextTokenizer
     from training.export import load_exported
     from vq.tokenizer import load_image_tokenizer
 
-    model = load_exported(checkpoint, device)
+    model = load_exported(checkpoint, device, dtype)
     return model, load_image_tokenizer(vq_path, device), TextTokenizer(text_tokenizer, model.cfg.text_seq_len)
 
 

@@ -2,15 +2,34 @@
 
     codes = sample(model, text_ids, SamplingConfig(temperature=1.0, top_k=0, top_p=0.9, guidance_scale=1.2),
                    generator=torch.Generator().manual_seed(0))        # -> int64 [b, grid*grid]
+    codes = sample(model, text_ids, cfg, torch.Generator("cuda").manual_seed(0), cuda_graph=True)  # on a GPU
 
 With `guidance_scale` set, every step runs the captions and the null caption ([EOS], as in training)
 as one doubled batch and samples from uncond + scale * (cond - uncond) (Parti used 1.2); None samples
-from the conditional logits alone. `use_cache=False` recomputes the whole prefix at every step (the
-reference the KV cache is checked against). Logits are gathered over tensor-parallel ranks, and every
-rank draws from the same generator, so all ranks produce the same codes.
+from the conditional logits alone. Logits are gathered over tensor-parallel ranks, and every rank draws
+from the same generator, so all ranks produce the same codes.
+
+Decoding modes (one loop, one step function each):
+- `use_cache=False`: the whole prefix again at every step (the reference the caches are checked against);
+- `use_cache=True` (default): a KV cache that grows by one position per step (layers.LayerCache);
+- `static_cache=True`: the KV cache preallocated to the whole image with a device-side write position and
+  attention over all of it under a mask of the written positions: every step has the same shapes and no
+  host-side state. Slower than the growing cache when run eagerly; it exists for
+- `cuda_graph=True` (CUDA only): the static-cache step captured in CUDA graphs (one per attended cache
+  prefix: a quarter of the image, half, ...) and replayed at every step, so a step costs one launch
+  instead of hundreds and decoding approaches the memory-bandwidth bound. The graphs are captured per
+  sample() call (its `setup_s`). The CPU tests run the very same static step eagerly; only the capture
+  itself needs a GPU.
+
+Where the random draws happen follows the generator: a CPU `torch.Generator` draws on the CPU from the
+probabilities copied there (exactly as before: the same codes for the same generator and logits,
+whatever device the model is on, at the cost of one host sync per step); a CUDA generator
+(`torch.Generator("cuda")`) draws on the GPU with no sync; None draws on the logits' device from its
+default generator. Per-image generators (a list) keep each image independent of the batch either way.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +60,23 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def _draw_device(generator, default: torch.device) -> torch.device:
+    """The device the draws happen on: the generators' (all the same), or `default` without one."""
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    devices = {g.device for g in gens if g is not None}
+    if len(devices) > 1:
+        raise ValueError(f"the generators are on different devices: {sorted(map(str, devices))}")
+    return devices.pop() if devices else default
+
+
 def choose(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor:
-    """Next codes [b] from logits [b, V]; `generator`: one for the batch, or a list with one per row
-    (then each row's draws do not depend on what else is in the batch)."""
+    """Next codes [b] (on the logits' device) from logits [b, V]; `generator`: one for the batch, or a list
+    with one per row (then each row's draws do not depend on what else is in the batch). The draws happen
+    on the generator's device (module docstring)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1).cpu()
+    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    probs = probs.to(_draw_device(generator, logits.device))
     if isinstance(generator, (list, tuple)):
         picks = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     else:
@@ -61,29 +91,136 @@ def null_captions(model, text_ids: torch.Tensor) -> torch.Tensor:
     return null_condition(text_ids, drop, model.cfg.text_pad_id, model.cfg.text_eos_id)
 
 
-@torch.no_grad()
-def sample(model, text_ids: torch.Tensor, cfg: SamplingConfig, generator=None,
-           use_cache: bool = True, max_tokens: int | None = None) -> torch.Tensor:
-    """Image codes [b, grid*grid] for captions [b, T] (model: PartiModel in eval mode); with
-    `max_tokens`, only the first codes (previews, benchmarks)."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+# ----------------------------------------------------------------------------------------------
+# Step functions: (decoder inputs [B, n+1] so far, step i) -> next-token logits [B, V] for position i.
 
+
+class Recompute:
+    """The reference: the decoder over the whole prefix tokens[:, :i+1] at every step."""
+
+    def __init__(self, model, texts: torch.Tensor):
+        self.model = model
+        self.memory, self.mask = model.encode(texts)
+
+    def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        full = self.model.decode(tokens[:, :i + 1], self.memory, self.mask)
+        return gather_from_tensor_model_parallel_region(full)[-1]
+
+
+class CachedStep:
+    """One token per step through a KV cache that grows by one position per step."""
+
+    def __init__(self, model, texts: torch.Tensor):
+        self.model = model
+        self.caches, self.memory, self.mask = model.start_decoding(texts)
+
+    def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        return self.model.decode_step(tokens[:, i:i + 1], self.caches, self.memory, self.mask)[:, -1]
+
+
+class StaticStep:
+    """One token per step through a static KV cache, with a static input tensor (`self.tokens`). Step i
+    attends over the shortest of `buckets` cache prefixes (a quarter of the image, half, ...) that holds
+    position i, so early steps do not read the whole cache. With `cuda_graph` the step is captured once
+    per prefix length in a CUDA graph and every call replays one; without, the same step runs eagerly
+    (which is how the CPU tests check the static cache, prefixes included)."""
+
+    warmup_steps = 3  # lazy initialisation (cuBLAS handles, workspaces, compiled fusions) before capture
+
+    def __init__(self, model, texts: torch.Tensor, cuda_graph: bool = False, buckets: int = 4):
+        self.model = model
+        self.caches, self.memory, self.mask = model.start_decoding(texts, static=True)
+        self.position = self.caches[0].static
+        self.tokens = torch.full((texts.shape[0], 1), model.bos_id, dtype=torch.long, device=texts.device)
+        length = self.position.max_len
+        self.lengths = sorted({-(-length * (k + 1) // buckets) for k in range(buckets)})
+        self.graphs: dict[int, tuple] = {}  # prefix length -> (CUDA graph, its output logits)
+        if cuda_graph:
+            self._capture()
+
+    def _forward(self, keys: int) -> torch.Tensor:
+        self.position.keys = keys
+        return self.model.decode_step(self.tokens, self.caches, self.memory, self.mask)
+
+    def _capture(self) -> None:
+        """torch's documented recipe: warm up on a side stream, then capture under torch.cuda.graph. The
+        tensors the graphs read and write (tokens, caches, write position, memory, masks) are allocated
+        before capture and kept alive by this object; each graph's output lives in its private pool."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for keys in self.lengths:
+                for _ in range(self.warmup_steps):
+                    self._forward(keys)
+        torch.cuda.current_stream().wait_stream(side)
+        # The warm-up wrote (BOS) keys and values at the first positions and advanced the write position:
+        # start again at 0. Stale entries are harmless: each step writes its position before attending,
+        # and positions after it are masked out (finite values times weight 0).
+        self.position.next.zero_()
+        for keys in self.lengths:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward(keys)  # capture records the kernels without running them
+            self.graphs[keys] = (graph, logits)
+
+    def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        keys = next(k for k in self.lengths if k > i)  # step i writes position i and reads 0..i
+        self.tokens.copy_(tokens[:, i:i + 1])
+        if self.graphs:
+            graph, logits = self.graphs[keys]
+            graph.replay()
+        else:
+            logits = self._forward(keys)
+        # With a graph, a view of its output: read (by choose) before the next replay overwrites it.
+        return logits[:, -1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample(model, text_ids: torch.Tensor, cfg: SamplingConfig, generator=None, use_cache: bool = True,
+           max_tokens: int | None = None, cuda_graph: bool = False, static_cache: bool = False,
+           timings: dict | None = None) -> torch.Tensor:
+    """Image codes [b, grid*grid] for captions [b, T] (model: PartiModel in eval mode); with
+    `max_tokens`, only the first codes (previews, benchmarks). `cuda_graph` (CUDA, with the cache) and
+    `static_cache` choose the decoding mode (module docstring). `timings`, if given, receives `setup_s`
+    (encoder, caches, graph capture) and `decode_s` (the token loop), measured with device syncs."""
+    if cuda_graph and not use_cache:
+        raise ValueError("cuda_graph=True replays the KV-cache decode step: it needs use_cache=True")
+    if cuda_graph and text_ids.device.type != "cuda":
+        raise RuntimeError(f"cuda_graph=True needs the model and text_ids on a CUDA device, not {text_ids.device}")
+    if static_cache and not use_cache:
+        raise ValueError("static_cache=True is a KV cache: it needs use_cache=True")
+    device = text_ids.device
     b, n = text_ids.shape[0], min(model.cfg.image_seq_len, max_tokens or model.cfg.image_seq_len)
     guided = cfg.guidance_scale is not None
     texts = torch.cat([text_ids, null_captions(model, text_ids)]) if guided else text_ids
-    caches, memory, mask = model.start_decoding(texts)
-    inputs = torch.full((texts.shape[0], 1), model.bos_id, dtype=torch.long, device=text_ids.device)
-    codes = []
-    for _ in range(n):
-        if use_cache:
-            logits = model.decode_step(inputs[:, -1:], caches, memory, mask)[:, -1]
-        else:  # the reference: the whole prefix again
-            full = model.decode(inputs, memory, mask)
-            logits = gather_from_tensor_model_parallel_region(full).transpose(0, 1)[:, -1]
+    _sync(device)
+    start = time.perf_counter()
+    if not use_cache:
+        step = Recompute(model, texts)
+    elif cuda_graph or static_cache:
+        step = StaticStep(model, texts, cuda_graph)
+    else:
+        step = CachedStep(model, texts)
+    _sync(device)
+    ready = time.perf_counter()
+    # Decoder inputs: BOS, then the codes chosen so far (written in place: no growing concatenation).
+    tokens = torch.full((texts.shape[0], n + 1), model.bos_id, dtype=torch.long, device=device)
+    for i in range(n):
+        logits = step(tokens, i).float()  # guidance and the softmax in fp32 whatever the model's dtype
         if guided:
             cond, uncond = logits[:b], logits[b:]
             logits = uncond + cfg.guidance_scale * (cond - uncond)
         nxt = choose(logits, cfg, generator)
-        codes.append(nxt)
-        inputs = torch.cat([inputs, (torch.cat([nxt, nxt]) if guided else nxt)[:, None]], dim=1)
-    return torch.stack(codes, dim=1)
+        tokens[:, i + 1] = torch.cat([nxt, nxt]) if guided else nxt
+    codes = tokens[:b, 1:].clone()
+    if timings is not None:
+        _sync(device)
+        timings.update(setup_s=ready - start, decode_s=time.perf_counter() - ready, tokens=n)
+    return codes

@@ -10,7 +10,8 @@ Why not megatron-core's `TransformerLayer`/`ModuleSpec`: its local attention cor
 full score matrix (no torch SDPA / flash attention without Transformer Engine), its inference KV
 cache is tied to megatron's inference engine, and its T5 specs lose their final norm without TE
 (see ../shared/notes/megatron-on-cpu.md). These few layers keep the TP layers, mappings, init and RNG
-tracker of megatron-core and add SDPA attention and a simple per-layer KV cache.
+tracker of megatron-core and add SDPA attention and a simple per-layer KV cache (growing, or static with a
+device-side write position for CUDA-graph decoding).
 """
 from __future__ import annotations
 
@@ -27,14 +28,47 @@ from model_parallel.kernels import Kernels
 
 
 @dataclass
+class StaticPosition:
+    """Where a static KV cache writes next, shared by every layer's cache: a device tensor rather than a
+    Python int, so that a decode step has no host-side state and the same shapes at every position (what a
+    CUDA graph replay needs). `begin` computes this step's positions and the keys each query may see once
+    per step (not once per layer); `end` advances the write position. Attention reads the first `keys`
+    cache positions (default: all): a sampler may attend over a shorter prefix while it fits, so that early
+    steps do not read the whole cache (one CUDA graph per such length)."""
+
+    next: torch.Tensor  # int64 [1] on the model's device: the position of the next token
+    max_len: int
+    keys: int = 0  # cache positions attention reads this step; 0: max_len (must exceed the last new position)
+    at: torch.Tensor | None = None  # int64 [n]: positions of this step's tokens
+    valid: torch.Tensor | None = None  # bool [n, keys]: True where query i may attend to key j
+
+    def __post_init__(self):
+        self.positions = torch.arange(self.max_len, device=self.next.device)
+        self.keys = self.keys or self.max_len
+
+    def begin(self, n: int) -> None:
+        self.at = self.next + self.positions[:n]
+        self.valid = self.positions[None, :self.keys] <= self.at[:, None]
+
+    def end(self, n: int) -> None:
+        self.next.add_(n)
+
+
+@dataclass
 class LayerCache:
-    """Incremental-decoding state of one decoder layer: self-attention K/V so far, cross-attention K/V."""
+    """Incremental-decoding state of one decoder layer: self-attention K/V so far, cross-attention K/V.
+
+    Dynamic (default): `length` counts the cached positions and attention runs over the first `length`
+    keys. Static (`static` set): keys and values are written at `static.at` and attention runs over the
+    first `static.keys` positions of the preallocated cache under the mask `static.valid` (the cache
+    starts as zeros, never NaN, so masked-out positions contribute exactly 0)."""
 
     self_k: torch.Tensor | None = None  # [batch, local_heads, max_len, head_dim]
     self_v: torch.Tensor | None = None
     length: int = 0
     cross_k: torch.Tensor | None = None  # [batch, local_heads, text_len, head_dim]
     cross_v: torch.Tensor | None = None
+    static: StaticPosition | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v ([b, h, n, d]) after the cached ones; return all keys/values so far."""
@@ -49,6 +83,27 @@ class LayerCache:
         self.self_v[:, :, self.length:self.length + n] = v
         self.length += n
         return self.self_k[:, :, :self.length], self.self_v[:, :, :self.length]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static cache: store k, v ([b, h, n, d]) at positions `static.at`; return the first `static.keys`
+        cache positions and the [n, keys] mask of the keys each new query sees."""
+        self.self_k.index_copy_(2, self.static.at, k)
+        self.self_v.index_copy_(2, self.static.at, v)
+        keys = self.static.keys
+        return self.self_k[:, :, :keys], self.self_v[:, :, :keys], self.static.valid
+
+
+def static_caches(cross_kv: list[tuple[torch.Tensor, torch.Tensor]], max_len: int) -> list[LayerCache]:
+    """Static caches for layers with the given cross-attention K/V ([b, local_heads, text_len, head_dim]):
+    self-attention K/V preallocated to `max_len` positions (zeros), one shared write position at 0."""
+    k0 = cross_kv[0][0]
+    position = StaticPosition(torch.zeros(1, dtype=torch.long, device=k0.device), max_len)
+    caches = []
+    for k, v in cross_kv:
+        shape = (k.shape[0], k.shape[1], max_len, k.shape[3])
+        caches.append(LayerCache(self_k=k.new_zeros(shape), self_v=v.new_zeros(shape), cross_k=k, cross_v=v,
+                                 static=position))
+    return caches
 
 
 def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
@@ -97,22 +152,33 @@ class Attention(nn.Module):
                 k, v = self.cross_kv(memory)
         else:
             q, k, v = _split_heads(self.qkv(x)[0], 3, self.head_dim)
-            if cache is not None:
+            if cache is not None and cache.static is not None:
+                k, v, mask = cache.write(k, v)
+                causal = False
+            elif cache is not None:
                 start = cache.length
                 k, v = cache.append(k, v, max_len)
-                if causal and start > 0:
-                    # Queries start at `start`: query i sees keys 0..start+i (SDPA's is_causal aligns
-                    # top-left, which is only right without cached positions).
-                    n, total = q.shape[2], k.shape[2]
-                    mask = (torch.arange(total, device=q.device)[None, :]
-                            <= start + torch.arange(n, device=q.device)[:, None])
-                    causal = False
+                mask, causal = self._cached_mask(q.shape[2], start, k.shape[2], causal, q.device)
         dropout = self.attention_dropout if self.training else 0.0
         # Heads are split over TP ranks: their dropout masks come from the per-rank stream.
         rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
         with rng:
             out = self.attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout)
         return self.proj(_merge_heads(out))[0]
+
+    @staticmethod
+    def _cached_mask(n: int, start: int, total: int, causal: bool, device) -> tuple[torch.Tensor | None, bool]:
+        """(mask, causal) for n new queries at positions start.. over `total` cached keys."""
+        if n == 1:
+            # One new query sees every key so far: no mask at all, so that SDPA may take its flash kernel
+            # (an all-True mask would force the memory-efficient or math kernel).
+            return None, False
+        if causal and start > 0:
+            # Queries start at `start`: query i sees keys 0..start+i (SDPA's is_causal aligns top-left,
+            # which is only right without cached positions).
+            mask = torch.arange(total, device=device)[None, :] <= start + torch.arange(n, device=device)[:, None]
+            return mask, False
+        return None, causal
 
 
 class MLP(nn.Module):

@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
 from model_parallel.kernels import Kernels, select_kernels
-from model_parallel.layers import DecoderLayer, EncoderLayer, LayerCache, mark_sequence_parallel
+from model_parallel.layers import DecoderLayer, EncoderLayer, LayerCache, mark_sequence_parallel, static_caches
 
 
 def text_mask(text_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -113,11 +113,13 @@ class ImageEmbedding(nn.Module):
         self.row_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, mp.perform_initialization)
         self.col_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, mp.perform_initialization)
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        if start + tokens.shape[1] > self.cfg.image_seq_len:
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """`start`: an int, or an int64 [1] device tensor (static-cache decoding: no host sync, so the
+        bounds are not checked here; the sampler never passes the end of the grid)."""
+        if not torch.is_tensor(start) and start + tokens.shape[1] > self.cfg.image_seq_len:
             raise ValueError(f"image positions {start}..{start + tokens.shape[1] - 1} exceed the "
                              f"{self.cfg.image_seq_len} positions of the image grid")
-        idx = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        idx = start + torch.arange(tokens.shape[1], device=tokens.device)
         pos = self.row_pos(idx // self.cfg.image_grid) + self.col_pos(idx % self.cfg.image_grid)
         return _to_hidden(self.embed(tokens) + pos, self.cfg.dropout, self.sequence_parallel, self.training)
 
@@ -225,19 +227,28 @@ class PartiModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Incremental decoding (sampling): cross-attention K/V once per prompt, self-attention K/V cached.
 
-    def start_decoding(self, text_ids: torch.Tensor) -> tuple[list[LayerCache], torch.Tensor, torch.Tensor]:
+    def start_decoding(self, text_ids: torch.Tensor, static: bool = False
+                       ) -> tuple[list[LayerCache], torch.Tensor, torch.Tensor]:
+        """Encode the captions and precompute every decoder layer's cross-attention K/V. With `static`,
+        the self-attention caches are preallocated to the whole image with a device-side write position
+        (layers.StaticPosition), so every decode_step has the same shapes: what a CUDA graph needs."""
         if self.sequence_parallel:
             raise RuntimeError("incremental decoding needs a model built without sequence parallelism")
         memory, mask = self.encode(text_ids)
-        caches = []
-        for layer in self.decoder:
-            k, v = layer.cross_attn.fn.cross_kv(memory)
-            caches.append(LayerCache(cross_k=k, cross_v=v))
-        return caches, memory, mask
+        cross = [layer.cross_attn.fn.cross_kv(memory) for layer in self.decoder]
+        if static:
+            return static_caches(cross, self.cfg.image_seq_len), memory, mask
+        return [LayerCache(cross_k=k, cross_v=v) for k, v in cross], memory, mask
 
     def decode_step(self, tokens: torch.Tensor, caches: list[LayerCache], memory, mask) -> torch.Tensor:
         """Next-token logits for decoder inputs `tokens` [b, n] after the cached ones: [b, n, V] (gathered)."""
-        logits = self.decode(tokens, memory, mask, cache=caches, start=caches[0].length)
+        position = caches[0].static
+        if position is None:
+            logits = self.decode(tokens, memory, mask, cache=caches, start=caches[0].length)
+        else:
+            position.begin(tokens.shape[1])
+            logits = self.decode(tokens, memory, mask, cache=caches, start=position.next)
+            position.end(tokens.shape[1])
         return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
 
 

@@ -1,8 +1,11 @@
-"""Sampling: guidance scale 1 = unguided, top-k 1 = greedy, KV cache = full recomputation, TP=2 = TP=1."""
+"""Sampling: guidance scale 1 = unguided, top-k 1 = greedy, KV cache (growing, static, CUDA graph) = full
+recomputation, one-token decoding without an attention mask, TP=2 = TP=1; loading an export on the meta
+device = the old random-init-then-load path, in fp32 and bf16."""
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from evaluation.sampling import SamplingConfig, filter_logits, sample
@@ -25,6 +28,127 @@ def test_kv_cache_sampling_equals_full_recomputation(single_process):
     model = debug_model()
     for cfg in (SamplingConfig(), SamplingConfig(top_k=5, temperature=0.7), SamplingConfig(guidance_scale=3.0)):
         assert torch.equal(run(model, cfg), run(model, cfg, use_cache=False))
+
+
+def spy_on_self_attention(model) -> list[dict]:
+    """Record every call of the decoder self-attention kernels: query/key lengths, mask, causal flag."""
+    calls = []
+    for layer in model.decoder:
+        attn = layer.self_attn.fn
+        kernel = attn.attention
+
+        def spy(q, k, v, mask=None, causal=False, dropout_p=0.0, kernel=kernel):
+            calls.append({"queries": q.shape[2], "keys": k.shape[2], "mask": mask, "causal": causal})
+            return kernel(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p)
+
+        attn.attention = spy
+    return calls
+
+
+def decoded_in_chunks(model, text, inputs, chunks, static=False):
+    """Logits [b, n, V] of decoder inputs fed through the KV cache `chunks` tokens at a time."""
+    caches, memory, mask = model.start_decoding(text, static=static)
+    out, at = [], 0
+    for n in chunks:
+        out.append(model.decode_step(inputs[:, at:at + n], caches, memory, mask))
+        at += n
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def test_one_token_decoding_passes_no_mask_and_equals_recomputation(single_process):
+    model = debug_model()
+    text, codes = debug_batch(model.cfg, batch=3)
+    inputs = model.decoder_input(codes)
+    memory, mask = model.encode(text)
+    full = model.decode(inputs, memory, mask).transpose(0, 1)  # the reference: one pass over all positions
+    calls = spy_on_self_attention(model)
+    chunks = [1, 1, 1, 3, 1, 2, 1, 1, inputs.shape[1] - 11]  # a BOS step, single tokens, several at once
+    torch.testing.assert_close(decoded_in_chunks(model, text, inputs, chunks), full, rtol=1e-5, atol=1e-5)
+    per_step = calls[::len(model.decoder)]
+    assert [c["queries"] for c in per_step] == chunks
+    for c in per_step:
+        if c["queries"] == 1:  # flash-eligible: no mask, not causal (one query sees every cached key)
+            assert c["mask"] is None and c["causal"] is False
+        else:  # several new tokens after a cached prefix: the offset causal mask
+            assert c["mask"] is not None and c["mask"].shape == (c["queries"], c["keys"])
+            assert not c["mask"].all() and c["causal"] is False
+    calls.clear()  # training keeps SDPA's own causal masking (no mask tensor)
+    model.decode(inputs, memory, mask)
+    assert all(c["mask"] is None and c["causal"] is True for c in calls)
+
+
+@torch.no_grad()
+def test_static_cache_equals_full_recomputation(single_process):
+    model = debug_model()
+    text, codes = debug_batch(model.cfg, batch=3)
+    inputs = model.decoder_input(codes)
+    memory, mask = model.encode(text)
+    full = model.decode(inputs, memory, mask).transpose(0, 1)
+    calls = spy_on_self_attention(model)
+    chunks = [1, 1, 3, 1, inputs.shape[1] - 6]
+    torch.testing.assert_close(decoded_in_chunks(model, text, inputs, chunks, static=True), full,
+                               rtol=1e-5, atol=1e-5)
+    # Every step attends over the whole preallocated cache under a mask of the written positions.
+    assert {c["keys"] for c in calls} == {model.cfg.image_seq_len}
+    assert all(c["mask"] is not None for c in calls)
+    # sample()'s step function: logits at every position of teacher-forced inputs.
+    from evaluation.sampling import StaticStep
+
+    step = StaticStep(model, text)
+    stepped = torch.stack([step(inputs, i) for i in range(inputs.shape[1])], dim=1)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+    greedy = SamplingConfig(temperature=0)
+    reference = run(model, greedy, use_cache=False)
+    calls.clear()
+    assert torch.equal(run(model, greedy, static_cache=True), reference)
+    # sample() attends over growing prefixes of the cache (a quarter, half, ... of it), each step one
+    # that holds its position.
+    assert sorted({c["keys"] for c in calls}) == [4, 8, 12, 16] == [model.cfg.image_seq_len * k // 4 for k in (1, 2, 3, 4)]
+    for cfg in (SamplingConfig(top_k=5, temperature=0.7), SamplingConfig(guidance_scale=3.0)):
+        assert torch.equal(run(model, cfg, static_cache=True), run(model, cfg, use_cache=False))
+
+
+@torch.no_grad()
+def test_static_step_makes_no_host_decisions_on_device_values(single_process):
+    """What CUDA-graph capture forbids (a sync: .item(), bool(tensor), nonzero), checked on CPU: under
+    FakeTensorMode such an op raises, as a deliberately syncing one shows."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from evaluation.sampling import StaticStep
+
+    model = debug_model()
+    text, codes = debug_batch(model.cfg)
+    step = StaticStep(model, text)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for i in (0, 5, model.cfg.image_seq_len - 1):  # three prefix lengths
+            assert step(model.decoder_input(codes), i).shape == (3, model.cfg.image_vocab_size)
+        with pytest.raises(DataDependentOutputException):
+            bool((torch.ones(3) > 0).any())
+
+
+def test_cuda_graph_needs_cuda_and_the_cache(single_process):
+    model = debug_model()
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        run(model, SamplingConfig(), use_cache=False, cuda_graph=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs the model and text_ids on a CUDA device"):
+            run(model, SamplingConfig(), cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_sampling_equals_the_static_cache_and_recomputation(single_process):
+    model = debug_model().cuda()
+    text, _ = debug_batch(model.cfg, batch=3)
+    text = text.cuda()
+    greedy = SamplingConfig(temperature=0)
+    graphed = sample(model, text, greedy, cuda_graph=True)
+    assert torch.equal(graphed, sample(model, text, greedy, static_cache=True))
+    assert torch.equal(graphed, sample(model, text, greedy, use_cache=False))
+    guided = SamplingConfig(top_k=5, guidance_scale=2.0)  # CUDA generators: draws on the GPU
+    a = sample(model, text, guided, torch.Generator("cuda").manual_seed(1), cuda_graph=True)
+    b = sample(model, text, guided, torch.Generator("cuda").manual_seed(1), static_cache=True)
+    assert a.device.type == "cuda" and torch.equal(a, b)
 
 
 def test_guidance_scale_one_equals_unguided(single_process):
@@ -53,13 +177,15 @@ def tp_samples(tp):
     from model_parallel.state import init_parallel
 
     init_parallel(tp)
-    return run(debug_model(), SamplingConfig(top_p=0.9, guidance_scale=1.5))
+    model, cfg = debug_model(), SamplingConfig(top_p=0.9, guidance_scale=1.5)
+    return run(model, cfg), run(model, cfg, static_cache=True)
 
 
 def test_tp2_samples_equal_tp1(pool2):
     tp1 = pool2.run(tp_samples, 1)[0]
-    a, b = pool2.run(tp_samples, 2)
-    assert torch.equal(a, tp1) and torch.equal(b, tp1)
+    assert torch.equal(tp1[0], tp1[1])  # the static cache (heads split over ranks too) = the growing one
+    for rank in pool2.run(tp_samples, 2):
+        assert torch.equal(rank[0], tp1[0]) and torch.equal(rank[1], tp1[0])
 
 
 def test_per_row_generators_make_rows_independent_of_the_batch(single_process):
@@ -110,3 +236,89 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
     again = tmp_path / "again"  # one process, another batch size: the same images
     generate(model, vq, tok, prompts, again, cfg, samples_per_prompt=2, batch_size=8)
     assert (again / "00003_1.png").read_bytes() == first
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading an export: built on the meta device, weights assigned (no random initialisation), any dtype.
+
+
+def write_export(model, out):
+    """An export folder (training/export.py's layout) holding `model`'s weights."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in model.state_dict().items() if not n.endswith("_extra_state")},
+              str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.cfg), "checkpoint": "test"}))
+    return out
+
+
+class InitSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records random-initialisation ops (normal_, uniform_, ...) that write real (non-meta) memory."""
+
+    RANDOM = ("normal", "uniform", "trunc_normal", "bernoulli", "random", "exponential")
+
+    def __init__(self):
+        super().__init__()
+        self.real_inits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if any(name.startswith(r) for r in self.RANDOM) and not args[0].is_meta:
+            self.real_inits.append(name)
+        return out
+
+
+def old_load(path):
+    """The previous load path: a randomly initialised fp32 model on CPU, then the weights copied in."""
+    from safetensors.torch import load_file
+
+    from model_parallel.model import PartiModel
+    from training.config import config_from_dict
+
+    cfg = config_from_dict({"model": json.loads((path / "config.json").read_text())["model"]}).model
+    model = PartiModel(cfg)
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_load_exported_builds_on_meta_without_initialising_and_equals_the_old_path(single_process, tmp_path):
+    from training.export import load_exported
+
+    path = write_export(debug_model(seed=5), tmp_path / "export")
+    with InitSpy() as spy:
+        reference = old_load(path)
+    assert spy.real_inits  # the spy sees the old path's random initialisation
+    with InitSpy() as spy:
+        model = load_exported(path)
+    assert spy.real_inits == []  # the new one allocates no randomly initialised weights
+    text, codes = debug_batch(model.cfg, batch=3)
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    assert torch.equal(model(text, codes), reference(text, codes))
+    params = dict(model.named_parameters())
+    for name, p in reference.named_parameters():  # megatron's TP attributes survive the assignment
+        assert vars(params[name]) == vars(p), name
+    assert any(getattr(p, "tensor_model_parallel", False) for p in params.values())
+    cfg = SamplingConfig(top_k=5)
+    assert torch.equal(sample(model, text, cfg, torch.Generator().manual_seed(0)),
+                       sample(reference, text, cfg, torch.Generator().manual_seed(0)))
+
+
+@torch.no_grad()
+def test_load_exported_in_bf16(single_process, tmp_path):
+    from training.export import default_dtype, load_exported
+
+    assert default_dtype("cpu") == torch.float32 and default_dtype("cuda") == torch.bfloat16
+    path = write_export(debug_model(seed=5), tmp_path / "export")
+    fp32, bf16 = load_exported(path), load_exported(path, "cpu", torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    text, codes = debug_batch(fp32.cfg, batch=3)
+    a, b = fp32(text, codes), bf16(text, codes).float()
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)  # bf16 rounding of the same weights
+    codes = sample(bf16, text, SamplingConfig(guidance_scale=1.2), torch.Generator().manual_seed(0))
+    assert codes.shape == (3, bf16.cfg.image_seq_len) and codes.max() < bf16.cfg.image_vocab_size
