@@ -80,7 +80,8 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
                      guidance_scale: float | None = None, seed: int = 0, warmup_tokens: int = 4) -> dict:
     """Image tokens/s of each decoding mode for `batch` random captions and the first `tokens` image
     tokens, on the model's device in its dtype (model: PartiModel in eval mode, TP=1). Returns a JSON-ready
-    dict: one entry per mode ({"skipped": reason} where it cannot run) with `image_tokens_per_s`,
+    dict: one entry per mode ({"skipped": reason} where it cannot run, {"error": ...} where it failed) with
+    `image_tokens_per_s`,
     `of_bound` (the fraction of the memory-bandwidth bound) and `vs_full_recomputation` where measured."""
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -111,8 +112,12 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
             out[mode] = {"skipped": f"CUDA graphs need a CUDA device; the model is on {device}"}
             continue
         n, kwargs = runs[mode]
-        _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, **kwargs)  # lazy init, kernel choice
-        t = _timed_sample(model, text, sampling, n, seed, **kwargs)
+        try:
+            _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, **kwargs)  # lazy init, kernels
+            t = _timed_sample(model, text, sampling, n, seed, **kwargs)
+        except Exception as e:  # noqa: BLE001 - recorded: the other modes' numbers still come back
+            out[mode] = {"error": f"{type(e).__name__}: {e}"}
+            continue
         out[mode] = {"tokens": n, "image_tokens_per_s": batch * n / t["decode_s"], "ms_per_step": 1e3 * t["decode_s"] / n,
                      "setup_s": t["setup_s"], "decode_s": t["decode_s"]}
     bound = out.get("bound", {}).get("image_tokens_per_s")
@@ -146,8 +151,8 @@ def report(preset: str, result: dict) -> str:
         r = result.get(mode)
         if r is None:
             continue
-        if "skipped" in r:
-            lines.append(f"{mode:>20}: skipped ({r['skipped']})")
+        if "skipped" in r or "error" in r:
+            lines.append(f"{mode:>20}: " + (f"skipped ({r['skipped']})" if "skipped" in r else f"FAILED {r['error']}"))
             continue
         extra = [f"{r['ms_per_step']:.2f} ms/step over {r['tokens']} tokens"] if "ms_per_step" in r else []
         if mode == "bound":

@@ -151,6 +151,21 @@ def test_cuda_graph_sampling_equals_the_static_cache_and_recomputation(single_pr
     assert a.device.type == "cuda" and torch.equal(a, b)
 
 
+def test_decoding_benchmark_reports_every_mode_against_the_bound(single_process):
+    from bench.sample import measure_decoding, report
+
+    result = measure_decoding(debug_model(), batch=2, tokens=8, reference_tokens=4)
+    json.dumps(result)  # JSON-ready for the GPU check's report
+    assert result["full_recomputation"]["tokens"] == 4 and result["kv_cache"]["tokens"] == 8
+    step = result["bound"]["bytes_per_step"]
+    assert step["total"] == step["weights"] + step["kv_cache_mean"] + step["cross_kv"] and step["weights"] > 0
+    for mode in ("full_recomputation", "kv_cache"):
+        assert result[mode]["image_tokens_per_s"] > 0 and 0 < result[mode]["of_bound"]
+    if not torch.cuda.is_available():
+        assert "CUDA" in result["cuda_graph"]["skipped"]
+    assert "of the bound" in report("parti-debug", result)
+
+
 def test_guidance_scale_one_equals_unguided(single_process):
     model = debug_model()
     assert torch.equal(run(model, SamplingConfig(guidance_scale=1.0)), run(model, SamplingConfig()))
