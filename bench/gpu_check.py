@@ -95,9 +95,11 @@ def _key_results(name: str, r: dict) -> str:
         parts.append(f"MFU {r['best_mfu']:.1%} ({r['best_tflops']:.0f} TFLOP/s) at micro-batch "
                      f"{r['best_micro_batch']}, build {r['build_s']:.0f} s")
     elif name == "sampling":
-        rates = r["rates"]
-        parts.append(f"{r['preset']} batch {r['batch']}: KV cache {rates['kv_cache']['image_tokens_per_s']:.0f} tok/s, "
-                     f"{r['kv_cache_vs_recomputation']:.1f}x recomputation; greedy equal {r['greedy_equal_fp32']}")
+        m = r["measured"]
+        rates = [f"{mode} {m[mode]['image_tokens_per_s']:.0f} tok/s"
+                 + (f" ({m[mode]['of_bound']:.0%} of bound)" if "of_bound" in m[mode] else "")
+                 for mode in ("full_recomputation", "kv_cache", "cuda_graph") if "image_tokens_per_s" in m.get(mode, {})]
+        parts.append(f"{r['preset']} {m['dtype']} batch {m['batch']} (+guidance): " + ", ".join(rates))
     elif name == "vq":
         parts.append(f"resume diff {r['max_abs_diff']:.1e}, autocast code agreement {r['autocast_code_agreement']:.3f}, "
                      f"pretokenize {r['pretokenize_images_per_s']:.0f} img/s vs encode {r['encode_only_images_per_s']:.0f}")
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.gpu_sections import SECTIONS
 
-    env = {**os.environ, "DS_ACCELERATOR": "cuda" if args.device == "cuda" else "cpu", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cuda" if args.device == "cuda" else "cpu", "PYTHONUNBUFFERED": "1",
+           "CUDA_DEVICE_MAX_CONNECTIONS": "1"}  # as slurm/train.sbatch sets it (megatron's TP overlap)
     gpus = 0
     if args.device == "cuda":
         import torch

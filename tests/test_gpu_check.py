@@ -29,6 +29,6 @@ def test_gpu_check_runs_on_cpu(tmp_path):
         else:
             assert r["status"] == "ok", (name, r.get("failed_checks"), r.get("error"), r.get("traceback"))
     assert sections["train_resume"]["zero3"]["max_abs_diff"] <= 2e-3
-    assert sections["sampling"]["greedy_equal_fp32"]
+    assert sections["sampling"]["greedy_equal_fp32"] == {"kv_cache": True}
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "| train_resume | ok |" in results[0].with_suffix(".md").read_text()
