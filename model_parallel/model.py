@@ -5,10 +5,11 @@
     loss = model.loss(text_ids, image_codes)            # text_ids [b, T] int64, image_codes [b, H*W]
 
 The model knows nothing of parallelism beyond its megatron-core layers' TP group: pipeline stages,
-activation checkpointing and the DeepSpeed engine are applied from outside (training/). Weights are
-built on CPU from one master tensor per layer and sliced for this rank, so one seed gives the same
-model at any TP size; build under `torch.device("meta")` with `meta=True` to count parameters
-without allocating them.
+activation checkpointing and the DeepSpeed engine are applied from outside (training/). Each rank
+draws only its shard of every split weight, as a slice of a whole that depends on the seed alone
+(model_parallel/init.py), so one seed gives the same model at any TP size; megatron-core places its
+layers' weights on the current GPU (on CPU without one). Build under `torch.device("meta")` with
+`meta=True` to count parameters without allocating them.
 
 Conventions: text ids padded with `text_pad_id` (padding is masked out of attention); the decoder
 input is [BOS, codes[:-1]] with BOS = image_vocab_size; positions are learned, 1-D for text and
@@ -17,6 +18,7 @@ row + column embeddings for the 2-D image grid; logits are vocab-parallel ([seq,
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -31,8 +33,8 @@ from megatron.core.tensor_parallel import (
     scatter_to_sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
-from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
+from model_parallel.init import InitKeys, ShardedNormalInit, ensure_model_parallel_rng
 from model_parallel.kernels import Kernels, select_kernels
 from model_parallel.layers import DecoderLayer, EncoderLayer, LayerCache, mark_sequence_parallel, static_caches
 
@@ -54,10 +56,14 @@ def padded_vocab(size: int, multiple: int) -> int:
 
 def megatron_config(sequence_parallel: bool = False, meta: bool = False,
                     dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    """Initialisation: megatron-core allocates only this rank's shard of each split weight (on
+    torch.cuda.current_device(), "cpu" without a GPU) and fills it with the init method, which draws
+    just that shard (model_parallel/init.py). With `meta` nothing is initialised and the CPU-init path
+    allocates without naming a device, so that `torch.device("meta")` applies."""
     return ModelParallelConfig(
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         sequence_parallel=sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1,
-        use_cpu_initialization=True,  # master weight sliced per rank: same model at any TP
+        use_cpu_initialization=meta,
         perform_initialization=not meta,
         params_dtype=dtype,
     )
@@ -153,10 +159,15 @@ class OutputHead(nn.Module):
 def model_pieces(cfg, kernels: Kernels | None = None, sequence_parallel: bool = False, meta: bool = False):
     """The model as an ordered list of (class, constructor args): the same list builds PartiModel and
     the pipeline stages (model_parallel/pipeline.py). Piece k is built right after
-    torch.manual_seed(init_seed + k), so its weights do not depend on which pieces a rank builds."""
+    torch.manual_seed(init_seed + k), so its weights do not depend on which pieces a rank builds (the
+    init methods key each weight by that seed: model_parallel/init.py). Output projections (`out_init`)
+    get megatron's scaled std, init_std / sqrt(2 * layers)."""
     mp = megatron_config(sequence_parallel, meta)
-    args = (cfg, mp, kernels or select_kernels(), init_method_normal(cfg.init_std),
-            scaled_init_method_normal(cfg.init_std, cfg.encoder_layers + cfg.decoder_layers))
+    if mp.perform_initialization:
+        ensure_model_parallel_rng()
+    keys = InitKeys()
+    args = (cfg, mp, kernels or select_kernels(), ShardedNormalInit(cfg.init_std, keys),
+            ShardedNormalInit(cfg.init_std / math.sqrt(2.0 * (cfg.encoder_layers + cfg.decoder_layers)), keys))
     return ([(TextEmbedding, args)] + [(EncoderLayer, args)] * cfg.encoder_layers + [(FinalNorm, args)]
             + [(ImageEmbedding, args)] + [(DecoderLayer, args)] * cfg.decoder_layers + [(OutputHead, args)])
 

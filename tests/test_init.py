@@ -1,0 +1,140 @@
+"""Sharded initialisation (model_parallel/init.py): the same weights at any TP size, each rank drawing
+only its shard; shards of any layout are slices of one whole; pipeline pieces keep their weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.conftest import debug_model_config
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter gathered over the TP group along its partition dimension (itself if not split)."""
+    from megatron.core import parallel_state as ps
+
+    if not getattr(t, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=t.partition_dim)
+
+
+def built_weights(tp: int, init_seed: int):
+    """Build the debug model at `tp`; return its full weights, the values this rank's init methods
+    drew, and the names of its TP-split parameters."""
+    from model_parallel import init
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel
+
+    init_parallel(tp=tp)
+    init.draw_counts.update(split=0, whole=0)
+    model = PartiModel(debug_model_config(), init_seed=init_seed)
+    counts = dict(init.draw_counts)
+    split = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+    return {n: _full(p) for n, p in model.named_parameters()}, counts, split
+
+
+@pytest.fixture(scope="module")
+def layouts(pool2):
+    return pool2.run(built_weights, 1, 7)[0], pool2.run(built_weights, 2, 7)
+
+
+def test_full_weights_at_tp2_equal_tp1(layouts):
+    (weights1, _, _), ((weights2, _, split), (other_rank, _, _)) = layouts
+    assert set(weights2) == set(weights1) == set(other_rank)
+    assert len(split) == 37  # every linear layer (weight, column-parallel bias) and vocab embedding
+    for name in weights1:
+        torch.testing.assert_close(weights2[name], weights1[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(other_rank[name], weights1[name], rtol=0, atol=0, msg=name)
+
+
+def test_each_rank_draws_only_its_shard(layouts):
+    (_, counts1, _), ((_, counts_rank0, _), (_, counts_rank1, _)) = layouts
+    assert counts1["split"] > 300_000  # the split matrices of the debug model
+    # At TP=2 a rank draws half of every split matrix, and the unsplit position tables whole.
+    assert counts_rank0["split"] == counts_rank1["split"] == counts1["split"] // 2
+    assert counts_rank0["whole"] == counts_rank1["whole"] == counts1["whole"] > 0
+
+
+@pytest.mark.parametrize("full, slice_values", [(48, 64), (64, 16), (24, 4096), (40, 7), (1, 100), (6, 3)])
+def test_shards_of_every_layout_are_slices_of_the_whole(full, slice_values):
+    from model_parallel.init import draw_slices, shard_runs, tile_slices
+
+    whole = torch.empty(full, slice_values)
+    assert draw_slices((5, 2), full, slice_values, [(0, 0, full)], whole, std=0.5) == whole.numel()
+    assert whole.std().item() == pytest.approx(0.5, rel=0.2)
+    assert len({tuple(row[:4].tolist()) for row in whole}) == full  # every slice its own values
+    c = tile_slices(full, slice_values)
+    for world in range(1, full + 1):
+        for stride in (1, 2):
+            if full % (world * stride):
+                continue
+            local = full // world
+            for rank in range(world):
+                shard = torch.empty(local, slice_values)
+                runs = shard_runs(local, rank, world, stride)
+                drawn = draw_slices((5, 2), full, slice_values, runs, shard, std=0.5)
+                # megatron-core's split: chunks of local/stride slices dealt round-robin to the ranks
+                chunks = torch.split(whole, local // stride)[rank::world]
+                torch.testing.assert_close(shard, torch.cat(chunks), rtol=0, atol=0,
+                                           msg=f"{world=} {rank=} {stride=}")
+                if (local // stride) % c == 0:  # tiles nest in the shard: nothing but the shard is drawn
+                    assert drawn == shard.numel()
+                else:  # and else at most the rest of the two tiles at the ends of each run of slices
+                    assert shard.numel() <= drawn <= shard.numel() + stride * 2 * (c - 1) * slice_values
+
+
+def test_tiles_nest_in_the_shards_of_tp_up_to_8():
+    from model_parallel.init import TILE_VALUES, tile_slices
+
+    assert tile_slices(3 * 4096, 4096) == 16 and tile_slices(16384, 4096) == 16  # parti-20b qkv, fc1 rows
+    assert tile_slices(8320, 1024) == 16 and tile_slices(1000, 64) == 1  # 1000 slices: 8 does not divide 125
+    for full, values in [(12288, 4096), (4096, 16384), (16000, 4096), (8320, 1024), (64, 64)]:
+        c = tile_slices(full, values)
+        assert c * values <= max(TILE_VALUES, values) and all((full // tp) % c == 0 for tp in (1, 2, 4, 8))
+
+
+def test_weights_are_normal_distinct_and_seeded(single_process):
+    from model_parallel.model import PartiModel
+
+    cfg = debug_model_config()
+    a, b, c = (dict(PartiModel(cfg, init_seed=s).named_parameters()) for s in (3, 3, 4))
+    drawn = [n for n, p in a.items() if p.dim() == 2]
+    assert len(drawn) == 28  # the linear layers' weights, vocab and position embeddings
+    for n in drawn:
+        assert torch.equal(a[n], b[n]) and not torch.equal(a[n], c[n]), n
+        scaled = n.endswith(("proj.weight", "fc2.weight")) and not n.startswith("head")
+        std = cfg.init_std / (2 * (cfg.encoder_layers + cfg.decoder_layers)) ** 0.5 if scaled else cfg.init_std
+        assert a[n].mean().abs() < 5 * std / a[n].numel() ** 0.5, n
+        assert a[n].std().item() == pytest.approx(std, rel=0.15 if a[n].numel() < 1000 else 0.05), n
+    firsts = {a[n].flatten()[:8].tolist().__repr__() for n in drawn}
+    assert len(firsts) == len(drawn)  # every weight has its own key
+
+
+def test_a_piece_built_alone_has_the_models_weights(single_process):
+    """Pipeline stages build only some pieces, each after torch.manual_seed(init_seed + k)."""
+    from model_parallel.model import PartiModel, model_pieces
+
+    cfg = debug_model_config()
+    model = dict(PartiModel(cfg, init_seed=9).named_parameters())
+    pieces = model_pieces(cfg)
+    e = cfg.encoder_layers
+    for k, prefix in [(len(pieces) - 1, "head."), (4 + e, "decoder.1."), (2 + e, "image_embedding.")]:
+        cls, args = pieces[k]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(9 + k)
+            piece = cls(*args)
+        for n, p in piece.named_parameters():
+            torch.testing.assert_close(p, model[prefix + n], rtol=0, atol=0, msg=prefix + n)
+
+
+def test_meta_build_allocates_nothing(single_process):
+    from model_parallel import init
+    from model_parallel.model import PartiModel
+
+    init.draw_counts.update(split=0, whole=0)
+    with torch.device("meta"):
+        model = PartiModel(debug_model_config(), meta=True)
+    assert all(p.is_meta for p in model.parameters())
+    assert init.draw_counts == {"split": 0, "whole": 0}
