@@ -476,12 +476,12 @@ def multi_gpu(ctx: Context) -> dict:
 SECTIONS = [
     ("environment", environment, 0),
     ("flash_attention", flash_attention, 1),
-    ("train_resume", train_resume, 0),
-    ("recompute", recompute, 0),
     ("mfu_350m", mfu_350m, 1),
+    ("train_resume", train_resume, 0),
     ("sampling", sampling, 0),
+    ("mfu_3b", mfu_3b, 1),
+    ("recompute", recompute, 0),
     ("vq", vq, 0),
     ("mfu_750m", mfu_750m, 1),
-    ("mfu_3b", mfu_3b, 1),
     ("multi_gpu", multi_gpu, 2),
 ]
