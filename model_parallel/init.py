@@ -153,7 +153,7 @@ def draw_slices(key: tuple[int, int], full: int, slice_values: int, runs, out: t
             if (a, b) == (first, end):
                 dst.normal_(0.0, std, generator=generator)
             else:
-                tile = torch.empty((end - first) * slice_values).normal_(0.0, std, generator=generator)
+                tile = torch.empty((end - first) * slice_values, device="cpu").normal_(0.0, std, generator=generator)
                 dst.copy_(tile[(a - first) * slice_values:(b - first) * slice_values])
             drawn += (end - first) * slice_values
     return drawn
@@ -194,7 +194,9 @@ class ShardedNormalInit:
         shape = tensor.shape or (1,)
         local = shape[dim]
         slice_values = math.prod(shape) // local if local else 0
-        buf = torch.empty((local, slice_values), dtype=torch.float32)  # slice-major: partition dim first
+        # Slice-major (partition dim first), on the CPU by name: deepspeed.zero.Init (ZeRO-3) makes factory
+        # calls without a device allocate on the GPU, where the CPU generators cannot draw.
+        buf = torch.empty((local, slice_values), dtype=torch.float32, device="cpu")
         if buf.numel():
             drawn = draw_slices(key, full, slice_values, runs, buf, self.std)
             draw_counts["split" if split else "whole"] += drawn

@@ -138,3 +138,18 @@ def test_meta_build_allocates_nothing(single_process):
         model = PartiModel(debug_model_config(), meta=True)
     assert all(p.is_meta for p in model.parameters())
     assert init.draw_counts == {"split": 0, "whole": 0}
+
+
+def test_draws_stay_on_the_cpu_when_factories_default_elsewhere(single_process):
+    """deepspeed.zero.Init (ZeRO-3) sends factory calls without a device to the GPU, where the CPU tile
+    generators cannot draw (seen on an H200); the init must name the CPU for its buffers. A default
+    device of 'meta' stands in for the GPU here."""
+    from model_parallel.init import ShardedNormalInit
+
+    torch.manual_seed(5)
+    expected = ShardedNormalInit(0.02)(torch.empty(64, 32))
+    torch.manual_seed(5)
+    target = torch.empty(64, 32)
+    with torch.device("meta"):
+        ShardedNormalInit(0.02)(target)
+    torch.testing.assert_close(target, expected, rtol=0, atol=0)
