@@ -45,7 +45,7 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
     fn = dict((n, f) for n, f, _ in gpu_sections.SECTIONS)[name]
     start = time.perf_counter()
     try:
-        result = fn(gpu_sections.Context(device, quick, scratch))
+        result = fn(gpu_sections.Context(device, quick, scratch, partial_file=result_file.with_name("partial.json")))
         failed = [k for k, ok in result.get("checks", {}).items() if not ok]
         result["status"] = "fail" if failed else "ok"
         if failed:
@@ -92,8 +92,12 @@ def _key_results(name: str, r: dict) -> str:
     elif name == "recompute":
         parts.append(", ".join(f"{m}: loss diff {r[m]['max_abs_loss_diff']:.1e}" for m in ("selective", "full")))
     elif name.startswith("mfu_"):
-        parts.append(f"MFU {r['best_mfu']:.1%} ({r['best_tflops']:.0f} TFLOP/s) at micro-batch "
-                     f"{r['best_micro_batch']}, build {r['build_s']:.0f} s")
+        best = r["by_micro_batch"][str(r["best_micro_batch"])]  # (JSON keys are strings)
+        parts.append(f"MFU {r['best_mfu']:.1%} ({r['best_tflops']:.0f} TFLOP/s"
+                     + (f", {best['vs_measured_matmul']:.0%} of the measured matmul" if "vs_measured_matmul" in best else "")
+                     + f") at micro-batch {r['best_micro_batch']}" + (f" x {r['accumulation']}" if "accumulation" in r else "")
+                     + f", build {r['build_s']:.0f} s"
+                     + (f", optimizer {r['optimizer_step']['optimizer_s']:.3f} s/step" if "optimizer_step" in r else ""))
     elif name == "sampling":
         m = r["measured"]
         rates = [f"{mode} {m[mode]['image_tokens_per_s']:.0f} tok/s"
@@ -186,14 +190,20 @@ def _run_child(name: str, args, scratch: Path, env: dict) -> dict:
         tail = (e.stderr or b"")[-3000:]
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
         return {"status": "error", "error": f"timed out after {limit} s", "stderr_tail": tail,
-                "seconds": time.perf_counter() - start}
+                "partial": _partial(folder), "seconds": time.perf_counter() - start}
     if result_file.is_file():
         result = json.loads(result_file.read_text())
         if result["status"] == "error":
-            result["stderr_tail"] = proc.stderr[-3000:]
+            result.update(stderr_tail=proc.stderr[-3000:], partial=_partial(folder))
         return result
     return {"status": "error", "error": f"the section's process exited with {proc.returncode} and no result",
-            "stderr_tail": proc.stderr[-3000:], "seconds": time.perf_counter() - start}
+            "stderr_tail": proc.stderr[-3000:], "partial": _partial(folder), "seconds": time.perf_counter() - start}
+
+
+def _partial(folder: Path) -> dict:
+    """What a section recorded before it failed or ran out of time (Context.record)."""
+    path = folder / "partial.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 if __name__ == "__main__":

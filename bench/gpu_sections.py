@@ -9,9 +9,13 @@ with what each needs (a GPU, several GPUs) so that the runner can skip them with
 """
 from __future__ import annotations
 
+import cProfile
+import io
 import json
+import pstats
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +26,17 @@ class Context:
     device: str
     quick: bool
     scratch: Path
+    partial_file: Path | None = None
+    partial: dict = field(default_factory=dict)
+
+    def record(self, key: str, value):
+        """Keep a finished part of the section's result: written at once, so that a section stopped by
+        its time limit still reports what it measured, and printed to stderr as progress."""
+        self.partial[key] = value
+        if self.partial_file is not None:
+            self.partial_file.write_text(json.dumps(self.partial, indent=1, default=str))
+        print(f"[{key}] {json.dumps(value, default=str)[:400]}", file=sys.stderr, flush=True)
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,10 +162,10 @@ def _kernel_names(fn) -> list[str]:
 
 def _attention_kind(names: list[str]) -> str:
     lowered = " ".join(names).lower()
+    if "cudnn" in lowered and ("sdpa" in lowered or "fmha" in lowered or "attn" in lowered):
+        return "cudnn flash" if "flash" in lowered else "cudnn"
     if "flash" in lowered:
         return "flash"
-    if "cudnn" in lowered and ("sdpa" in lowered or "fmha" in lowered or "attn" in lowered):
-        return "cudnn"
     if "fmha" in lowered or "efficient_attention" in lowered or "mem_eff" in lowered:
         return "memory-efficient"
     return "math (no fused attention kernel)"
@@ -181,7 +196,9 @@ def flash_attention(ctx: Context) -> dict:
 
     text = torch.randint(4, cfg.text_vocab_size, (4, cfg.text_seq_len), device="cuda")
     model.eval()
-    with torch.no_grad():
+    from evaluation.sampling import decoding_attention_kernels
+
+    with torch.no_grad(), decoding_attention_kernels(torch.device("cuda")):  # as sample() decodes
         caches, mem, mmask = model.start_decoding(text)
         bos = torch.full((4, 1), model.bos_id, device="cuda")
         for _ in range(8):
@@ -198,7 +215,7 @@ def flash_attention(ctx: Context) -> dict:
     attention_kernels = {k: [n for n in v if any(s in n.lower() for s in ("flash", "fmha", "attn", "attention", "sdpa"))]
                          for k, v in names.items()}
     return {"kinds": kinds, "attention_kernels": attention_kernels,
-            "checks": {"self_attention_uses_flash": kinds["self_attention_train"] in ("flash", "cudnn"),
+            "checks": {"self_attention_uses_flash": kinds["self_attention_train"] in ("flash", "cudnn flash"),
                        "decoding_uses_a_fused_kernel": kinds["decode_one_token"] != "math (no fused attention kernel)"}}
 
 
@@ -216,8 +233,9 @@ def train_resume(ctx: Context) -> dict:
         first, _ = _train(ctx.scratch / f"zero{zero}_resumed", sets, 3)
         second, _ = _train(ctx.scratch / f"zero{zero}_resumed", sets, 6)
         diff = _max_diff(full, first + second)
-        out[f"zero{zero}"] = {"uninterrupted": full, "resumed": first + second, "max_abs_diff": diff,
-                              "mem_gb": lines[-1].get("mem_gb"), "mem_reserved_gb": lines[-1].get("mem_reserved_gb")}
+        out[f"zero{zero}"] = ctx.record(f"zero{zero}", {
+            "uninterrupted": full, "resumed": first + second, "max_abs_diff": diff,
+            "mem_gb": lines[-1].get("mem_gb"), "mem_reserved_gb": lines[-1].get("mem_reserved_gb")})
         checks[f"zero{zero}_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
         checks[f"zero{zero}_learns"] = full[-1] < full[0]
     # The stages against each other: the same bf16 model, so nearly the same losses.
@@ -236,7 +254,7 @@ def recompute(ctx: Context) -> dict:
     for mode in ("none", "selective", "full"):
         losses, lines = _train(ctx.scratch / f"recompute_{mode}", _tiny_run_sets(ctx) + [
             f"parallel.activation_checkpointing={mode}", "train.save_interval=0"], 3)
-        runs[mode] = {"losses": losses, "grad_norms": [m["grad_norm"] for m in lines]}
+        runs[mode] = ctx.record(mode, {"losses": losses, "grad_norms": [m["grad_norm"] for m in lines]})
     checks = {}
     for mode in ("selective", "full"):
         dl = _max_diff(runs[mode]["losses"], runs["none"]["losses"])
@@ -269,51 +287,83 @@ def _largest_micro_batch(measure, candidates: list[int], total_gib: float) -> tu
     return best, results
 
 
-def _mfu(ctx: Context, preset: str, candidates: list[int], recompute_mode: str = "none") -> dict:
+def _host_profile(fn, top: int = 15) -> list[str]:
+    """The Python functions that took the most host time (cumulative) during fn(), as printed lines."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-top:]
+
+
+def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4,
+         recompute_mode: str = "none") -> dict:
     """bf16 training of a preset at ZeRO-1 on one GPU (the real Trainer and engine), random data already
-    on the GPU: seconds per step at several micro-batch sizes, TFLOP/s by training/flops.py's formula,
-    MFU against the table's peak, and peak memory."""
+    on the GPU, `accumulation` micro-batches per optimizer step (as any real global batch has): seconds per
+    step at several micro-batch sizes, TFLOP/s by training/flops.py's formula, MFU against the table's
+    peak and against the matmul rate measured here, peak memory; then, at the best size, how much of a
+    step the optimizer takes (its micro-batch timed apart) and where the host spends that step."""
     from training.engine import train_step
     from training.flops import train_flops_per_sample
     from training.train import Trainer
 
     cfg = _train_config([f"model.preset={preset}", "train.precision=bf16", "parallel.zero_stage=1",
                          f"parallel.activation_checkpointing={recompute_mode}", "model.cfg_drop_prob=0",
-                         f"train.global_batch_size={candidates[0]}", f"train.micro_batch_size={candidates[0]}",
-                         f"train.device={ctx.device}", "train.steps=1000"])
+                         f"train.global_batch_size={candidates[0] * accumulation}",
+                         f"train.micro_batch_size={candidates[0]}", f"train.device={ctx.device}", "train.steps=1000"])
     start = time.perf_counter()
     trainer = Trainer(cfg, ctx.scratch / preset)
-    build_s = time.perf_counter() - start
+    build_s = ctx.record("build_s", time.perf_counter() - start)
     m, engine = cfg.model, trainer.engine
     flops = train_flops_per_sample(m)
+    matmul = _matmul_tflops("cuda", 8192) * 1e12
 
-    def measure(mbs: int, steps: int = 3) -> dict:
+    def batches(mbs: int) -> list:
         text = torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), device="cuda")
         codes = torch.randint(0, m.image_vocab_size, (mbs, m.image_seq_len), device="cuda")
+        return [(text, codes)] * accumulation
+
+    def measure(mbs: int, steps: int = 3) -> dict:
+        data = batches(mbs)
         torch.cuda.reset_peak_memory_stats()
-        train_step(engine, cfg, [(text, codes)], "cuda")  # warm-up (allocator, kernels)
+        train_step(engine, cfg, data, "cuda")  # warm-up (allocator, kernels)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(engine, cfg, [(text, codes)], "cuda")
+            train_step(engine, cfg, data, "cuda")
         torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / steps
-        tflops = flops * mbs / step_s / 1e12
-        return {"step_s": step_s, "tflops": tflops, "mfu": tflops * 1e12 / trainer.peak_flops if trainer.peak_flops else None,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        tflops = flops * mbs * accumulation / step_s / 1e12
+        return ctx.record(f"micro_batch_{mbs}", {
+            "step_s": step_s, "tflops": tflops, "mfu": tflops * 1e12 / trainer.peak_flops if trainer.peak_flops else None,
+            "vs_measured_matmul": tflops * 1e12 / matmul, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     best, results = _largest_micro_batch(measure, candidates, total)
+    micro_s = []
+    for text, codes in batches(best):  # one optimizer step, each micro-batch timed apart
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(engine, cfg, [(text, codes)], "cuda")
+        torch.cuda.synchronize()
+        micro_s.append(time.perf_counter() - t0)
+    optimizer = ctx.record("optimizer_step", {"micro_batch_s": micro_s,
+                                              "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
+    profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
     trainer.log.close()
-    return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "build_s": build_s,
-            "train_flops_per_sample": flops, "best_micro_batch": best, "best_mfu": results[best]["mfu"],
-            "best_tflops": results[best]["tflops"], "by_micro_batch": results,
+    return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "accumulation": accumulation,
+            "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
+            "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
+            "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
             "flops_formula": "3 x forward matmul FLOPs (training/flops.py; recomputation not counted)"}
 
 
 def mfu_350m(ctx: Context) -> dict:
-    r = _mfu(ctx, "parti-350m", [4, 8, 16, 32, 64])
+    r = _mfu(ctx, "parti-350m", [4, 8, 16, 32, 64, 96, 128])
     return {**r, "checks": {"mfu_at_least_40pct": (r["best_mfu"] or 0) >= 0.40}}
 
 
@@ -335,7 +385,7 @@ def sampling(ctx: Context) -> dict:
     recomputation in fp32; then bench/sample.py's measurement of parti-350m in bf16 (batch 16 with
     classifier-free guidance, 32 rows): image tokens/s of full recomputation, KV cache and CUDA graph
     against the memory-bandwidth bound measured on this machine."""
-    from bench.sample import measure_decoding
+    from bench.sample import MODES, measure_decoding, relate_rates
     from evaluation.sampling import SamplingConfig, sample
     from model_parallel.model import PartiModel
     from model_parallel.state import init_parallel, seed_everything
@@ -348,10 +398,11 @@ def sampling(ctx: Context) -> dict:
     text = torch.randint(4, small.text_vocab_size, (2, small.text_seq_len), device=device)
     greedy = SamplingConfig(temperature=0.0)
     full = sample(model, text, greedy, use_cache=False)
-    out = {"greedy_equal_fp32": {"kv_cache": bool(torch.equal(sample(model, text, greedy), full))}}
+    equal = {"kv_cache": bool(torch.equal(sample(model, text, greedy), full))}
     if device == "cuda":
-        out["greedy_equal_fp32"]["cuda_graph"] = bool(torch.equal(sample(model, text, greedy, cuda_graph=True), full))
-    checks = {f"greedy_{k}_equals_recomputation": v for k, v in out["greedy_equal_fp32"].items()}
+        equal["cuda_graph"] = bool(torch.equal(sample(model, text, greedy, cuda_graph=True), full))
+    out = {"greedy_equal_fp32": ctx.record("greedy_equal_fp32", equal)}
+    checks = {f"greedy_{k}_equals_recomputation": v for k, v in equal.items()}
 
     preset = "parti-debug" if ctx.quick else "parti-350m"
     cfg = _train_config([f"model.preset={preset}"]).model
@@ -359,8 +410,13 @@ def sampling(ctx: Context) -> dict:
     model = PartiModel(cfg).to(device=device, dtype=dtype).eval()
     modes = ("full_recomputation", "kv_cache", "cuda_graph", "bound") if device == "cuda" else \
         ("full_recomputation", "kv_cache")
-    measured = measure_decoding(model, 4 if ctx.quick else 16, cfg.image_seq_len, modes,
-                                reference_tokens=min(128, cfg.image_seq_len), guidance_scale=1.2)
+    measured = {}
+    for mode in modes:  # one at a time, each kept as it finishes
+        result = measure_decoding(model, 4 if ctx.quick else 16, cfg.image_seq_len, (mode,),
+                                  reference_tokens=min(128, cfg.image_seq_len), guidance_scale=1.2)
+        measured.update({k: v for k, v in result.items() if k not in MODES}, **{mode: result[mode]})
+        ctx.record(mode, result[mode])
+    relate_rates(measured)
     out.update(preset=preset, measured=measured)
     for mode in ("kv_cache", "cuda_graph"):
         if mode in modes:
@@ -400,7 +456,7 @@ def vq(ctx: Context) -> dict:
 
     full = run("vq_full", 4)
     resumed = run("vq_resumed", 2) + run("vq_resumed", 4)
-    out = {"uninterrupted": full, "resumed": resumed, "max_abs_diff": _max_diff(full, resumed)}
+    out = ctx.record("resume", {"uninterrupted": full, "resumed": resumed, "max_abs_diff": _max_diff(full, resumed)})
     checks = {"vq_resume_equals_uninterrupted": out["max_abs_diff"] <= 1e-3}
 
     from vq.tokenizer import load_image_tokenizer

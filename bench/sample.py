@@ -124,6 +124,12 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
             continue
         out[mode] = {"tokens": n, "image_tokens_per_s": batch * n / t["decode_s"], "ms_per_step": 1e3 * t["decode_s"] / n,
                      "setup_s": t["setup_s"], "decode_s": t["decode_s"]}
+    relate_rates(out)
+    return out
+
+
+def relate_rates(out: dict) -> None:
+    """Add to each measured mode its rate as a fraction of the bound and against full recomputation."""
     bound = out.get("bound", {}).get("image_tokens_per_s")
     full = out.get("full_recomputation", {}).get("image_tokens_per_s")
     for mode in ("full_recomputation", "kv_cache", "cuda_graph"):
@@ -132,7 +138,6 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
             out[mode]["of_bound"] = rate / bound
         if rate and full:
             out[mode]["vs_full_recomputation"] = rate / full
-    return out
 
 
 def build_model(preset: str, grid: int, device: torch.device, dtype: torch.dtype):

@@ -196,6 +196,26 @@ def sample(model, text_ids: torch.Tensor, cfg: SamplingConfig, generator=None, u
         raise RuntimeError(f"cuda_graph=True needs the model and text_ids on a CUDA device, not {text_ids.device}")
     if static_cache and not use_cache:
         raise ValueError("static_cache=True is a KV cache: it needs use_cache=True")
+    with decoding_attention_kernels(text_ids.device):
+        return _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings)
+
+
+def decoding_attention_kernels(device: torch.device):
+    """SDPA kernels for decoding: flash, then memory-efficient, then math, without cuDNN's. cuDNN's
+    attention (torch's first choice on Hopper, and right for training's fixed shapes) builds an execution
+    plan for every new shape, and a growing KV cache is a new key length at every step. (On an H200 the
+    GPU check's sampling of parti-350m with the growing cache did not finish in 90 s; per-shape plans are
+    the likely cause, to be confirmed by the next GPU run.) Flash kernels take any length as it comes."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings):
     device = text_ids.device
     b, n = text_ids.shape[0], min(model.cfg.image_seq_len, max_tokens or model.cfg.image_seq_len)
     guided = cfg.guidance_scale is not None
