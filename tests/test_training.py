@@ -89,7 +89,6 @@ def test_resume_on_another_layout(pool2, reference, tmp_path, saved_at, resumed_
 def test_export_is_layout_independent_and_loads_without_deepspeed(single_process, pool2, reference, tmp_path):
     from safetensors.torch import load_file
 
-    from tests.conftest import debug_batch
     from training.export import export, load_exported
 
     tp2_dir = tmp_path / "tp2"
@@ -100,9 +99,14 @@ def test_export_is_layout_independent_and_loads_without_deepspeed(single_process
     for name in a:  # the TP=2 run's shards come back whole, equal to the TP=1 run's weights
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)  # Adam-amplified fp32 noise
     model = load_exported(tmp_path / "a")
-    text, codes = debug_batch(model.cfg)
+    # Trained, not random: on the run's own (synthetic) data the loss is below the first step's. (Uniformly
+    # random codes would not tell: no model beats ln(vocabulary) on them.)
+    from data_pipeline.synthetic import SyntheticCodes
+
+    data = SyntheticCodes(model.cfg, size=1024, seed=1234)  # as configs/train/debug.yaml's run makes it
+    text, codes = map(torch.stack, zip(*(data[i] for i in range(8))))
     with torch.no_grad():
-        assert 0 < model.loss(text, codes).item() < reference[0][0]  # trained, not random
+        assert 0 < model.loss(text, codes).item() < reference[0][0] - 0.2
 
 
 def test_bf16_layouts_agree(pool2, tmp_path):
