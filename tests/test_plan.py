@@ -83,3 +83,18 @@ def test_parti_20b_on_64_nodes_fits_and_says_why_smaller_layouts_do_not():
     unsplit = next(o for o in misses if (o.tp, o.pp, o.zero) == (1, 1, 0))
     assert unsplit.total_gb > 300 and unsplit.params == 20_540_899_328  # the whole model on one GPU
     assert all(o.total_gb + 4 > 80 for o in misses)
+
+
+def test_construction_memory_follows_what_is_built():
+    """Below ZeRO-3 the stage is built whole in fp32 (parti-20b at TP=1: 76.5 GiB per GPU before the first
+    step); at ZeRO-3, under zero.Init, one layer at a time: a layout is judged by the larger of the two peaks."""
+    from training.config import config_from_dict
+
+    m = config_from_dict({"model": {"preset": "parti-20b"}}).model
+    hw = Hardware()
+    zero0 = estimate(m, 1, 1, 64, 0, 1, 64, "bf16", "full", hw)
+    zero3 = estimate(m, 1, 1, 64, 3, 1, 64, "bf16", "full", hw)
+    assert zero0.construction_gb == pytest.approx(20_540_899_328 * 4 / 2**30) and zero0.peak_gb >= 76.5
+    assert zero3.construction_gb < 1.1 and zero3.peak_gb == zero3.total_gb  # one decoder layer: 1.0 GiB
+    fits, misses = plan("parti-20b", 8, hw, gpu_mem_gb=80)
+    assert all(o.peak_gb + 4 <= 80 for o in fits) and any(o.construction_gb + 4 > 80 for o in misses)

@@ -12,7 +12,8 @@ then estimated as
   + activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage),
 with activations counted tensor by tensor as this model's layers save them for the backward pass
 (`activation_bytes`), and a step time from the FLOPs of training/flops.py at an assumed MFU plus the
-pipeline bubble. Layouts that fit are printed fastest first; the smallest ones that do not, with why.
+pipeline bubble. A layout must also fit while it is built (`construction_bytes`: the fp32 model below
+ZeRO-3; one layer at a time at ZeRO-3, built under deepspeed.zero.Init). Layouts that fit are printed fastest first; the smallest ones that do not, with why.
 """
 from __future__ import annotations
 
@@ -111,10 +112,15 @@ class Layout:
     optimizer_gb: float
     activations_gb: float
     step_s: float
+    construction_gb: float = 0.0  # while the model is built, before DeepSpeed casts and partitions it
 
     @property
     def total_gb(self) -> float:
         return self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+
+    @property
+    def peak_gb(self) -> float:
+        return max(self.total_gb, self.construction_gb)
 
 
 @dataclass
@@ -148,8 +154,18 @@ def communication_s(m, o_params: int, tp: int, pp: int, dp: int, zero: int, micr
     return tp_s + dp_s + pp_s
 
 
+def construction_bytes(stage_params: int, largest_piece: int, zero: int) -> int:
+    """Peak bytes while building the model (training/engine.py's build_model): below ZeRO-3 the stage is
+    built whole in fp32 on the GPU before DeepSpeed casts it to bf16; at ZeRO-3 it is built under
+    deepspeed.zero.Init, which partitions each module as soon as it exists, so at most one piece (a whole
+    layer, an upper bound) is ever whole."""
+    return 4 * (largest_piece if zero >= 3 else stage_params)
+
+
 def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw: Hardware,
-             stage_params: list[int] | None = None) -> Layout:
+             stage_params: list[int] | None = None, largest_piece: int | None = None) -> Layout:
+    if largest_piece is None:
+        largest_piece = max(piece_params(model_cfg, tp))
     stage_params = stage_params or params_per_stage(model_cfg, tp, pp)
     gb, w = 2**30, 2 if precision == "bf16" else 4
     grads_b = 4                       # gradients accumulated in fp32
@@ -178,7 +194,8 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
     params, (wb, gr, op, ac) = worst
     layers = (model_cfg.encoder_layers + model_cfg.decoder_layers) // pp
     comm = communication_s(model_cfg, params, tp, pp, dp, zero, micro_batch, n_micro, recompute, hw, w, layers)
-    return Layout(tp, pp, dp, zero, params, wb / gb, gr / gb, op / gb, ac / gb, compute + comm)
+    return Layout(tp, pp, dp, zero, params, wb / gb, gr / gb, op / gb, ac / gb, compute + comm,
+                  construction_bytes(max(stage_params), largest_piece, zero) / gb)
 
 
 def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
@@ -197,8 +214,9 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
                 continue
             stage_params = params_per_stage(m, tp, pp, pieces)
             for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
-                o = estimate(m, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw, stage_params)
-                (fits if o.total_gb + headroom_gb <= gpu_mem_gb else misses).append(o)
+                o = estimate(m, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw, stage_params,
+                             max(pieces))
+                (fits if o.peak_gb + headroom_gb <= gpu_mem_gb else misses).append(o)
     fits.sort(key=lambda o: (o.step_s, o.total_gb))
     misses.sort(key=lambda o: (o.tp * o.pp, o.zero))
     return fits, misses
@@ -207,7 +225,8 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
 def _row(o: Layout) -> str:
     return (f"TP={o.tp:<2} PP={o.pp:<2} DP={o.dp:<4} ZeRO-{o.zero}  params/rank {o.params / 1e9:7.3f}B  "
             f"weights {o.weights_gb:6.1f}  grads {o.grads_gb:6.1f}  optim {o.optimizer_gb:6.1f}  "
-            f"activ {o.activations_gb:6.1f}  = {o.total_gb:6.1f} GB   step {o.step_s:7.2f} s")
+            f"activ {o.activations_gb:6.1f}  = {o.total_gb:6.1f} GB  (building {o.construction_gb:5.1f})  "
+            f"step {o.step_s:7.2f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
