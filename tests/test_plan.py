@@ -82,7 +82,7 @@ def test_parti_20b_on_64_nodes_fits_and_says_why_smaller_layouts_do_not():
     assert fits and fits[0].total_gb + 4 <= 80 and fits[0].tp * fits[0].pp * fits[0].dp == 512
     unsplit = next(o for o in misses if (o.tp, o.pp, o.zero) == (1, 1, 0))
     assert unsplit.total_gb > 300 and unsplit.params == 20_540_899_328  # the whole model on one GPU
-    assert all(o.total_gb + 4 > 80 for o in misses)
+    assert all(o.peak_gb + 4 > 80 for o in misses)  # in training or while being built
 
 
 def test_construction_memory_follows_what_is_built():
