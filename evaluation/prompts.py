@@ -5,11 +5,13 @@ of dicts with "prompt".
 
 TSV is read with csv.QUOTE_NONE: PartiPrompts has prompts that start with a double quote, which default
 CSV quoting would strip. The prompt column is the first of Prompt / prompt / caption / text. A COCO captions
-file (captions_val2014.json / captions_val2017.json) gives one prompt per image: its first caption.
+file (captions_val2014.json / captions_val2017.json) gives one prompt per image: its first caption. A file
+must be UTF-8: one that is not, or a JSON file that does not parse, is a ValueError naming the file and line.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -23,20 +25,40 @@ def _with_prompt(row: dict, source: str, line: int) -> dict:
     return {**row, "prompt": str(row[key]).strip()}
 
 
+def _text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); expected a "
+                         "UTF-8 prompt file (convert it, e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _json(text: str, source: str, line: int = 0):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}:{line or e.lineno}: not valid JSON ({e.msg})") from None
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower()
-    with open(path, newline="", encoding="utf-8") as f:
-        if suffix in (".tsv", ".csv"):
-            opts = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-            return [_with_prompt(row, str(path), i + 2) for i, row in enumerate(csv.DictReader(f, **opts))]
-        if suffix == ".json":
-            return coco_captions(json.load(f), str(path))
-        if suffix == ".jsonl":
-            return [_with_prompt(json.loads(line), str(path), i + 1) for i, line in enumerate(f) if line.strip()]
-        return [{"prompt": line.strip()} for line in f if line.strip()]
+    text = _text(path)
+    if suffix in (".tsv", ".csv"):
+        opts = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+        rows = csv.DictReader(io.StringIO(text, newline=""), **opts)
+        return [_with_prompt(row, str(path), i + 2) for i, row in enumerate(rows)]
+    if suffix == ".json":
+        return coco_captions(_json(text, str(path)), str(path))
+    lines = io.StringIO(text, newline="")
+    if suffix == ".jsonl":
+        return [_with_prompt(_json(line, str(path), i + 1), str(path), i + 1)
+                for i, line in enumerate(lines) if line.strip()]
+    return [{"prompt": line.strip()} for line in lines if line.strip()]
 
 
 def coco_captions(data: dict, source: str) -> list[dict]:

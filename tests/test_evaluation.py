@@ -35,6 +35,12 @@ def random_images(n: int, seed: int = 0):
     return [Image.fromarray(rng.integers(0, 256, (24 + 8 * i, 32, 3), dtype=np.uint8)) for i in range(n)]
 
 
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    """FID statistics are cached in the test's own folder, never in the user's ~/.cache."""
+    monkeypatch.setenv("PARTI_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
@@ -154,3 +160,46 @@ def test_eval_config_names_what_is_missing():
         load_eval_config("configs/eval/partiprompts.yaml")
     with pytest.raises(ConfigError, match="benchmark.real"):
         load_eval_config("configs/eval/coco30k.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c"])
+
+
+def other_export(export: Path, out: Path) -> Path:
+    """An export of other weights (the same model with its weights perturbed), as training.export lays it out."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    weights = load_file(str(export / "model.safetensors"))
+    save_file({n: t + 0.01 for n, t in weights.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text((export / "config.json").read_text())
+    return out
+
+
+def test_generate_refuses_to_resume_with_another_checkpoint_or_settings(sampling_setup, tmp_path):
+    """A rerun into the same --out continues only with the same checkpoint and settings; otherwise it stops
+    with one line naming what differs, and the images already there are left as they were."""
+    from evaluation.generate import main
+
+    _, root = sampling_setup
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle\ntwo green cats\n", encoding="utf-8")
+    common = ["--vq", str(root / "vq.pt"), "--text-tokenizer", str(root / "spm.model"), "--prompts", str(prompts),
+              "--out", str(out), "--top-k", "8"]
+    main([*common, "--checkpoint", str(root / "export"), "--guidance-scale", "1.2", "--limit", "1"])
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "00000_0.png" in first and json.loads(first["generation.json"])["sampling"]["guidance_scale"] == 1.2
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit:
+            main([*common, *argv])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # nothing rewritten, nothing added
+        assert isinstance(exit.value.code, str) and "\n" not in exit.value.code and "new --out" in exit.value.code
+        return exit.value.code
+
+    message = refused("--checkpoint", str(root / "export"), "--guidance-scale", "3.0")
+    assert "sampling.guidance_scale: 1.2 then, 3.0 now" in message and str(out) in message
+    other = other_export(root / "export", tmp_path / "other_export")
+    message = refused("--checkpoint", str(other), "--guidance-scale", "1.2")
+    assert f"checkpoint.path: '{root / 'export'}' then, '{other}' now" in message
+    assert "checkpoint.weights_mtime_ns" in message
+    # The same checkpoint and settings resume: the second prompt is added, the first image stays.
+    main([*common, "--checkpoint", str(root / "export"), "--guidance-scale", "1.2"])
+    assert (out / "00001.json").is_file() and (out / "00000_0.png").read_bytes() == first["00000_0.png"]

@@ -1,11 +1,48 @@
-"""FID: zero against itself, growing with noise, equal to an independent computation; real TF-Inception weights."""
+"""FID: zero against itself, growing with noise, equal to an independent computation; real TF-Inception weights;
+real-set statistics cached by content in the user's cache folder."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from evaluation.fid import InceptionFeatures, fid, frechet_distance, statistics
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """Every test caches into its own folder, never into the user's ~/.cache."""
+    monkeypatch.setenv("PARTI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+class TinyFeatures(torch.nn.Module):
+    """A stand-in for Inception: per-channel mean, spread and coarse layout of the preprocessed image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 10  # features of the order of Inception's, FIDs of the order of 1-100
+        coarse = torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), coarse], 1)
+
+
+def tiny_weights(path: Path) -> Path:
+    """A TorchScript feature extractor small enough for FID tests that do not test Inception itself."""
+    torch.jit.save(torch.jit.script(TinyFeatures()), str(path))
+    return path
+
+
+def image_folder(folder: Path, n: int, seed: int, brightness: int = 0, size: int = 16) -> Path:
+    """n random RGB PNGs named 00000.png, ... (the same names for any seed)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = np.clip(rng.integers(0, 200, (size, size, 3)) + brightness, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+    return folder
 
 
 def independent_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,4 +91,24 @@ def test_real_weights_give_pool_features_of_real_photos(extractor, tmp_path):
     other = fid(tmp_path / "real", tmp_path / "noisy")
     assert abs(same["fid"]) < 1e-3 and other["fid"] > 10
     assert other["protocol"]["real_images"] == 6 and other["protocol"]["weights_sha256"] == extractor.sha256
-    assert list((tmp_path / "real").glob(".fid_stats_*.npz"))  # the real statistics were cached
+    assert other["protocol"]["real_statistics"]["from_cache"]  # the real statistics were cached by the first call
+    assert not list((tmp_path / "real").glob(".*"))  # in the cache folder, not beside the images
+
+
+def test_real_images_replaced_under_the_same_names_give_the_new_fid(tmp_path, cache_home):
+    weights = tiny_weights(tmp_path / "tiny.pt")
+    real, fake = image_folder(tmp_path / "real", 8, seed=0), image_folder(tmp_path / "fake", 8, seed=1, brightness=40)
+    before = fid(real, fake, weights)
+    assert not before["protocol"]["real_statistics"]["from_cache"]
+    assert fid(real, fake, weights)["protocol"]["real_statistics"]["from_cache"]  # unchanged images: cached
+    image_folder(real, 8, seed=2, brightness=50)  # other images, the same file names
+    after = fid(real, fake, weights)
+    fresh = fid(real, fake, weights, cache=tmp_path / "fresh-cache")  # computed from scratch
+    assert not fresh["protocol"]["real_statistics"]["from_cache"]
+    assert after["fid"] == pytest.approx(fresh["fid"], rel=1e-9) and abs(after["fid"] - before["fid"]) > 1
+    assert sorted(p.name for p in real.iterdir()) == [f"{i:05d}.png" for i in range(8)]  # nothing written there
+    assert len(list((cache_home / "fid").glob("real_*.npz"))) == 2
+    # Another feature extractor is another key, even for the same images.
+    other = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(TinyFeatures(), torch.nn.Tanh())), str(other))
+    assert not fid(real, fake, other)["protocol"]["real_statistics"]["from_cache"]

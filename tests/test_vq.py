@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def ddp_codebook(data: str, run_dir: str):
                                                     "loss.adv_start=0"]), data, run_dir)
     history = trainer.run()
     disc = {k: v.clone() for k, v in trainer.losses.discriminator.state_dict().items()}
-    saved = torch.load(Path(run_dir) / "checkpoints" / "step_00000003.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(Path(run_dir) / "checkpoints" / "step_00000003.pt", map_location="cpu", weights_only=True)
     return (history[-1]["loss"], trainer.model.codebook.weight.detach().clone(), trainer.model.enc_pos.detach().clone(),
             disc, sorted(saved["disc"]) if trainer.rank == 0 else None)
 
@@ -169,3 +170,38 @@ def test_resume_on_another_device_restores_the_rng_states(single_process, photos
     assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
     assert resumer.model.codebook.weight.device.type == "meta"
     assert all(v.device.type == "meta" for v in resumer.opt.state_dict()["state"][0].values() if v.dim())
+
+
+def _write_marker(path: str) -> dict:
+    """What the planted payload runs when it is unpickled."""
+    Path(path).write_text("the payload ran")
+    return {}
+
+
+class Payload:
+    """An object whose unpickling calls _write_marker: code that a checkpoint would run when loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _write_marker, (str(self.marker),)
+
+
+def test_a_pickle_planted_in_a_checkpoint_does_not_run(single_process, photos, tmp_path):
+    from vq.train import CheckpointError, VQTrainer
+
+    trainer = VQTrainer(load_typed(VQConfig, None, [*TINY, "train.steps=1"]), photos, tmp_path / "run")
+    trainer.save()
+    path, marker = tmp_path / "run" / "checkpoints" / "step_00000000.pt", tmp_path / "marker"
+    state = torch.load(path, map_location="cpu", weights_only=True)  # what vq.train writes loads so
+    torch.save({**state, "config": Payload(marker)}, path)
+    torch.load(path, map_location="cpu", weights_only=False)  # the payload is live: an unguarded load runs it
+    assert marker.is_file()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: refused: .*_write_marker"):
+        trainer.resume()
+    assert not marker.exists() and trainer.step == 0
+    path.write_bytes(path.read_bytes()[:100])  # a damaged file: named too
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: not a readable checkpoint"):
+        trainer.resume()

@@ -13,12 +13,17 @@ then estimated as
 with activations counted tensor by tensor as this model's layers save them for the backward pass
 (`activation_bytes`), and a step time from the FLOPs of training/flops.py at an assumed MFU plus the
 pipeline bubble. A layout must also fit while it is built (`construction_bytes`: the fp32 model below
-ZeRO-3; one layer at a time at ZeRO-3, built under deepspeed.zero.Init). Layouts that fit are printed fastest first; the smallest ones that do not, with why.
+ZeRO-3; one layer at a time at ZeRO-3, built under deepspeed.zero.Init). Layouts that fit are printed
+fastest first; those that do not with why: memory over the GPU's by how much (in training or while being
+built), or a global batch that the layout's micro-batch x DP does not divide. Sizes, counts, bandwidths and
+the MFU must be positive (MFU at most 1): anything else is one line naming the flag, exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +127,19 @@ class Layout:
     def peak_gb(self) -> float:
         return max(self.total_gb, self.construction_gb)
 
+    def over_gb(self, gpu_mem_gb: float, headroom_gb: float = 4) -> float:
+        """How far the peak (with the headroom) is above the GPU's memory; <= 0 when it fits."""
+        return self.peak_gb + headroom_gb - gpu_mem_gb
+
+
+@dataclass
+class Skipped:
+    """A (TP, PP) split that was not estimated, and why."""
+    tp: int
+    pp: int
+    dp: int
+    reason: str
+
 
 @dataclass
 class Hardware:
@@ -198,28 +216,51 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
                   construction_bytes(max(stage_params), largest_piece, zero) / gb)
 
 
+def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int, micro_batch: int,
+                 headroom_gb: float = 4) -> None:
+    """A ValueError naming the first input that makes no sense (a zero or negative count or size, an MFU
+    outside (0, 1]): such inputs gave divisions by zero, or layouts with DP = -1 that 'fit'."""
+    for flag, value in (("--nodes", nodes), ("--gpus-per-node", hw.gpus_per_node),
+                        ("--global-batch", global_batch), ("--micro-batch", micro_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be a whole number >= 1, got {value}")
+    for flag, value in (("--gpu-mem-gb", gpu_mem_gb), ("--peak-tflops", hw.peak_tflops),
+                        ("--intra-node-gbs", hw.intra_node_gbs), ("--inter-node-gbs", hw.inter_node_gbs)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a number > 0, got {value}")
+    if not 0 < hw.mfu <= 1:
+        raise ValueError(f"--mfu must be a fraction of the peak in (0, 1], got {hw.mfu}")
+    if not (math.isfinite(headroom_gb) and headroom_gb >= 0):
+        raise ValueError(f"headroom_gb must be >= 0, got {headroom_gb}")
+
+
 def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
          micro_batch: int = 1, precision: str = "bf16", recompute: str = "full",
-         headroom_gb: float = 4) -> tuple[list[Layout], list[Layout]]:
-    """(layouts that fit, fastest first; every (TP, PP, ZeRO) that does not, smallest model split first).
-    `headroom_gb` is left free for the framework, buffers and fragmentation."""
+         headroom_gb: float = 4) -> tuple[list[Layout], list[Layout], list[Skipped]]:
+    """(layouts that fit, fastest first; every (TP, PP, ZeRO) that does not, smallest model split first;
+    the (TP, PP) splits not estimated because micro-batch x DP does not divide the global batch).
+    `headroom_gb` is left free for the framework, buffers and fragmentation. Nonsense inputs
+    (check_inputs) are a ValueError."""
+    check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb)
     m = config_from_dict({"model": {"preset": model}}).model
     world = nodes * hw.gpus_per_node
-    fits, misses = [], []
+    fits, misses, skipped = [], [], []
     for tp in [t for t in (1, 2, 4, 8, 16) if hw.gpus_per_node % t == 0 and m.num_heads % t == 0]:
         pieces = piece_params(m, tp)
         for pp in [p for p in range(1, m.decoder_layers + 1) if m.decoder_layers % p == 0 and world % (tp * p) == 0]:
             dp = world // (tp * pp)
             if global_batch % (micro_batch * dp):
+                skipped.append(Skipped(tp, pp, dp, f"global batch {global_batch} is not a multiple of micro-batch "
+                                                   f"{micro_batch} x DP {dp} = {micro_batch * dp}"))
                 continue
             stage_params = params_per_stage(m, tp, pp, pieces)
             for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
                 o = estimate(m, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw, stage_params,
                              max(pieces))
-                (fits if o.peak_gb + headroom_gb <= gpu_mem_gb else misses).append(o)
+                (fits if o.over_gb(gpu_mem_gb, headroom_gb) <= 0 else misses).append(o)
     fits.sort(key=lambda o: (o.step_s, o.total_gb))
     misses.sort(key=lambda o: (o.tp * o.pp, o.zero))
-    return fits, misses
+    return fits, misses, skipped
 
 
 def _row(o: Layout) -> str:
@@ -227,6 +268,12 @@ def _row(o: Layout) -> str:
             f"weights {o.weights_gb:6.1f}  grads {o.grads_gb:6.1f}  optim {o.optimizer_gb:6.1f}  "
             f"activ {o.activations_gb:6.1f}  = {o.total_gb:6.1f} GB  (building {o.construction_gb:5.1f})  "
             f"step {o.step_s:7.2f} s")
+
+
+def miss_reason(o: Layout, gpu_mem_gb: float, headroom_gb: float = 4) -> str:
+    when = "while being built" if o.construction_gb > o.total_gb else "in training"
+    return (f"over by {o.over_gb(gpu_mem_gb, headroom_gb):.1f} GB {when} "
+            f"({o.peak_gb:.1f} + {headroom_gb:g} headroom > {gpu_mem_gb:g})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,18 +293,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show", type=int, default=8)
     args = parser.parse_args(argv)
     hw = Hardware(args.gpus_per_node, args.peak_tflops, args.mfu, args.intra_node_gbs, args.inter_node_gbs)
-    fits, misses = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch, args.micro_batch,
-                        args.precision, args.recompute)
+    try:
+        if args.show < 0:
+            raise ValueError(f"--show must be >= 0, got {args.show}")
+        fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
+                                     args.micro_batch, args.precision, args.recompute)
+    except ValueError as e:
+        sys.exit(f"training.plan: {e}")
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
           f"(global batch {args.global_batch}, micro-batch {args.micro_batch}, {args.precision}, "
           f"recompute {args.recompute}, assumed MFU {args.mfu}); memory per GPU in GB:")
-    print("fits, fastest first:" if fits else "no layout fits")
-    for o in fits[: args.show]:
-        print("  " + _row(o))
-    if misses:
-        print(f"does not fit (over {args.gpu_mem_gb:g} GB less 4 GB headroom), least split first:")
-        for o in misses[: args.show]:
+    if fits:
+        print("fits, fastest first:")
+        for o in fits[: args.show]:
             print("  " + _row(o))
+    else:
+        print("no layout fits" + ("; why the closest ones miss:" if misses or skipped else ""))
+        misses = sorted(misses, key=lambda o: o.over_gb(args.gpu_mem_gb))  # the nearest miss first
+    if misses:
+        print(f"does not fit (over {args.gpu_mem_gb:g} GB less 4 GB headroom), "
+              f"{'least split' if fits else 'closest'} first:")
+        for o in misses[: args.show]:
+            print(f"  {_row(o)}  {miss_reason(o, args.gpu_mem_gb)}")
+    if skipped:
+        print(f"not estimated: micro-batch x DP does not divide the global batch {args.global_batch}:")
+        for k in skipped[: args.show]:
+            print(f"  TP={k.tp:<2} PP={k.pp:<2} DP={k.dp:<4} {k.reason}")
+    if not fits:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ The run directory receives config.yaml, metrics.jsonl + TensorBoard (l2, PSNR, p
 losses), recon_XXXXXXXX.png grids (top: inputs, bottom: reconstructions), checkpoints/ (with a `latest`
 pointer moved after each complete save) and, at the end, export.pt: the frozen tokenizer in the format
 of vq/tokenizer.py that data_pipeline.pretokenize loads.
+
+A checkpoint holds tensors, containers, numbers and strings only (the config as a dict, RNG states as
+ByteTensors) and is read back with torch.load(weights_only=True): a file holding anything else (a pickled
+object, which could run code when loaded) or a damaged one stops the resume with its name.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import argparse
 import dataclasses
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -77,6 +83,31 @@ def _augment(image: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor
 def psnr(recon: torch.Tensor, images: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     return 10 * math.log10(4.0 / max(F.mse_loss(recon.float(), images.float()).item(), 1e-12))
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from: damaged, or holding more than tensors and plain data."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as saved by VQTrainer.save, read with weights_only=True: pickled objects other than
+    tensors and plain containers are refused before they can run, instead of being executed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise CheckpointError(f"{path}: refused: it holds a pickled {found.group(1)}, not only tensors and plain "
+                                  "data, and loading it could run code; vq.train never writes such checkpoints - "
+                                  "use one from a run you trust, or delete it (and fix `latest`) to resume from "
+                                  "an earlier one") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first}); expected a torch.save file "
+                              "written by vq.train") from None
+    missing = [k for k in ("model", "opt", "step", "rng") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a vq.train checkpoint (no {', '.join(missing)})")
+    return state
 
 
 class VQTrainer:
@@ -141,8 +172,8 @@ class VQTrainer:
         # Loaded onto the CPU, not self.device: torch.set_rng_state (and torch.cuda's) accept only CPU
         # ByteTensors, and a map_location of "cuda" moved the saved RNG states onto the GPU, so every
         # resume on a GPU failed. load_state_dict copies model weights and optimizer state onto the
-        # parameters' device itself.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # parameters' device itself. weights_only: a checkpoint must not be able to run code (load_checkpoint).
+        state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.disc_opt and state["disc"] is not None:
@@ -235,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer.run()
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except CheckpointError as e:
+        sys.exit(f"vq.train: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

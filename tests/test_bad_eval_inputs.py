@@ -1,0 +1,174 @@
+"""Bad inputs to the evaluation and planning commands: each is one line naming the file or flag and what
+was expected, a non-zero exit, and earlier results left as they were. The commands run in-process
+(main(argv), SystemExit caught): every case fails before a model is built or loaded."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.test_fid import image_folder, tiny_weights
+
+
+def fid_with_truncated_png(tmp: Path, where: str):
+    from evaluation.fid import main
+
+    real, fake = image_folder(tmp / "real", 4, seed=0), image_folder(tmp / "fake", 4, seed=1)
+    broken = (real if where == "real" else fake) / "00002.png"
+    broken.write_bytes(broken.read_bytes()[: len(broken.read_bytes()) // 2])
+    (fake / "fid.json").write_text('{"fid": 12.5}')  # an earlier result
+    argv = ["--real", str(real), "--fake", str(fake), "--weights", str(tiny_weights(tmp / "tiny.pt")),
+            "--cache-dir", str(tmp / "cache")]
+    results = [fake, real] + ([tmp / "cache"] if where == "real" else [])  # no statistics of a broken real set
+    return main, argv, f"{re.escape(str(broken))}: not a readable image .*expected a complete PNG", results
+
+
+def fake_export(folder: Path) -> Path:
+    """Just enough of an export folder (config.json + model.safetensors) to pass the folder check."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model": {}, "checkpoint": "step_00000003"}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def fake_run(tmp: Path, exported: bool = False) -> Path:
+    """A training run's layout: checkpoints/step_*/trainer_state.json and checkpoints/latest."""
+    run = tmp / "run"
+    step = run / "checkpoints" / "step_00000003"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_00000003\n")
+    if exported:
+        fake_export(run / "export")
+    return run
+
+
+def generate_case(tmp: Path, checkpoint: Path, prompts: Path | None = None):
+    from evaluation.generate import main
+
+    if prompts is None:
+        prompts = tmp / "prompts.txt"
+        prompts.write_text("a red circle\n", encoding="utf-8")
+    out = tmp / "out"
+    out.mkdir()
+    (out / "00000_0.png").write_bytes(b"an earlier image")
+    argv = ["--checkpoint", str(checkpoint), "--vq", str(tmp / "vq.pt"), "--text-tokenizer", str(tmp / "spm.model"),
+            "--prompts", str(prompts), "--out", str(out)]
+    return main, argv, [out]
+
+
+def generate_non_utf8_prompts(tmp: Path):
+    prompts = tmp / "prompts.tsv"
+    prompts.write_bytes("Prompt\tCategory\nA caf\u00e9 at night\tPlaces\n".encode("latin-1"))
+    main, argv, keep = generate_case(tmp, fake_export(tmp / "export"), prompts)
+    return main, argv, f"{re.escape(str(prompts))}:2: not UTF-8 .*expected a UTF-8 prompt file", keep
+
+
+def generate_run_dir(tmp: Path):
+    run = fake_run(tmp)
+    main, argv, keep = generate_case(tmp, run)
+    return (main, argv, f"--checkpoint {re.escape(str(run))} is a training run folder, not an export folder; export it "
+            f"first with `python -m training.export --run-dir {re.escape(str(run))}` and pass "
+            f"{re.escape(str(run / 'export'))}$", keep)
+
+
+def generate_exported_run_dir(tmp: Path):
+    run = fake_run(tmp, exported=True)
+    main, argv, keep = generate_case(tmp, run)
+    expected = f"is a training run folder, not an export folder; pass its export {re.escape(str(run / 'export'))}"
+    return main, argv, expected, keep
+
+
+def generate_step_dir(tmp: Path):
+    run = fake_run(tmp)
+    step = run / "checkpoints" / "step_00000003"
+    main, argv, keep = generate_case(tmp, step)
+    return (main, argv, f"--checkpoint {re.escape(str(step))} is a checkpoint step folder of the training run "
+            f"{re.escape(str(run))}, not an export folder; export it first with `python -m training.export --run-dir "
+            f"{re.escape(str(run))} --tag step_00000003` and pass {re.escape(str(run / 'export'))}$", keep)
+
+
+def generate_checkpoints_dir(tmp: Path):
+    run = fake_run(tmp)
+    main, argv, keep = generate_case(tmp, run / "checkpoints")
+    return main, argv, f"the checkpoints folder of the training run {re.escape(str(run))}, not an export folder", keep
+
+
+def generate_weights_file(tmp: Path):
+    weights = fake_export(tmp / "export") / "model.safetensors"
+    main, argv, keep = generate_case(tmp, weights)
+    expected = f"is a file; expected an export folder .* pass the folder holding it: {re.escape(str(weights.parent))}"
+    return main, argv, expected, keep
+
+
+def plan_case(*flags: str, expected: str):
+    def case(tmp: Path):
+        from training.plan import main
+
+        return main, ["--model", "parti-debug", "--nodes", "1", "--gpus-per-node", "2", "--global-batch", "8",
+                      *flags], expected, []
+    return case
+
+
+CASES = {
+    "fid: truncated PNG among the generated images": lambda tmp: fid_with_truncated_png(tmp, "fake"),
+    "fid: truncated PNG among the real images": lambda tmp: fid_with_truncated_png(tmp, "real"),
+    "generate: non-UTF-8 prompt file": generate_non_utf8_prompts,
+    "generate: --checkpoint is a training run": generate_run_dir,
+    "generate: --checkpoint is an exported training run": generate_exported_run_dir,
+    "generate: --checkpoint is a checkpoint step": generate_step_dir,
+    "generate: --checkpoint is the checkpoints folder": generate_checkpoints_dir,
+    "generate: --checkpoint is the weights file": generate_weights_file,
+    "plan: 0 nodes": plan_case("--nodes", "0", expected="--nodes must be a whole number >= 1, got 0$"),
+    "plan: negative nodes": plan_case("--nodes", "-2", expected="--nodes must be a whole number >= 1, got -2$"),
+    "plan: 0 GPUs per node": plan_case("--gpus-per-node", "0", expected="--gpus-per-node must be .* got 0$"),
+    "plan: negative GPUs per node": plan_case("--gpus-per-node", "-8", expected="--gpus-per-node must be .* got -8$"),
+    "plan: 0 global batch": plan_case("--global-batch", "0", expected="--global-batch must be .* got 0$"),
+    "plan: negative micro-batch": plan_case("--micro-batch", "-1", expected="--micro-batch must be .* got -1$"),
+    "plan: 0 micro-batch": plan_case("--micro-batch", "0", expected="--micro-batch must be .* got 0$"),
+    "plan: 0 GPU memory": plan_case("--gpu-mem-gb", "0", expected="--gpu-mem-gb must be a number > 0, got 0.0$"),
+    "plan: negative GPU memory": plan_case("--gpu-mem-gb", "-80", expected="--gpu-mem-gb must be .* got -80.0$"),
+    "plan: 0 MFU": plan_case("--mfu", "0", expected=r"--mfu must be a fraction of the peak in \(0, 1\], got 0.0$"),
+    "plan: negative MFU": plan_case("--mfu", "-0.4", expected=r"--mfu must be .* got -0.4$"),
+    "plan: MFU over 1": plan_case("--mfu", "40", expected=r"--mfu must be .* got 40.0$"),
+    "plan: 0 peak TFLOP/s": plan_case("--peak-tflops", "0", expected="--peak-tflops must be a number > 0, got 0.0$"),
+    "plan: 0 network bandwidth": plan_case("--inter-node-gbs", "0", expected="--inter-node-gbs must be .* got 0.0$"),
+}
+
+
+def snapshot(folders: list[Path]) -> dict:
+    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_naming_it(case, tmp_path, capsys):
+    main, argv, expected, results = CASES[case](tmp_path)
+    before = snapshot(results)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    message = exit.value.code
+    assert isinstance(message, str), message  # sys.exit(str): printed to stderr, exit status 1
+    assert "\n" not in message and re.search(expected, message), message
+    assert snapshot(results) == before  # earlier results untouched, nothing added
+
+
+def test_no_layout_fits_says_why(capsys):
+    """Memory: each closest miss says by how much it is over; batch: which split does not divide it."""
+    from training.plan import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", "parti-350m", "--nodes", "1", "--gpus-per-node", "2", "--global-batch", "8",
+              "--gpu-mem-gb", "6", "--show", "2"])  # 3.3 GB per GPU at best, with 4 GB headroom
+    out = capsys.readouterr().out
+    assert exit.value.code == 1 and "no layout fits; why the closest ones miss:" in out
+    rows = [line for line in out.splitlines() if "over by" in line]
+    assert len(rows) == 2
+    assert all(re.search(r"over by 1\.3 GB in training \(3\.3 \+ 4 headroom > 6\)$", r) for r in rows)
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", "parti-debug", "--nodes", "1", "--gpus-per-node", "3", "--global-batch", "8",
+              "--micro-batch", "3"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 1 and "no layout fits" in out
+    assert "TP=1  PP=1  DP=3    global batch 8 is not a multiple of micro-batch 3 x DP 3 = 9" in out
