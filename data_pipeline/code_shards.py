@@ -1,7 +1,8 @@
 """Code shards: fixed-size records, memory-mapped, addressable by global sample index.
 
 A code-shard folder holds `NNNNN.bin` (records back to back, no header), `NNNNN.json` (that shard's
-record count, sha256, input and skip counts) and `manifest.json`:
+record count, sha256, input and skip counts, the header below it was made with, its largest code and text
+id, and the size and mtime of the .bin when written) and `manifest.json`:
   {"format", "vq": {"kind", "hash", "grid", "codebook_size", "image_size"},
    "text_tokenizer": {"hash", "vocab_size", "text_len"}, "record": {"grid_tokens", "text_len",
    "caption_bytes", "key_bytes"}, "filters": {...}, "shards": [{"name", "input", "records", "sha256",
@@ -9,21 +10,34 @@ record count, sha256, input and skip counts) and `manifest.json`:
 A record: codes uint16[grid*grid], text uint16[text_len] (padded), text_len uint16, caption (UTF-8,
 truncated, NUL-padded), key (ASCII, NUL-padded).
 
-    ds = CodeShardDataset("codes/")          # or CodeShardDataset.mixed({"codes/a": 3, "codes/b": 1})
+    ds = CodeShardDataset("codes/")          # or open_training_data("codes/a:3,codes/b:1", model_cfg)
     text_ids, codes = ds[1234]               # int64 [text_len], int64 [grid*grid]
+
+Opening checks every shard's values once: a code >= vq.codebook_size or a text id >= the text
+vocab_size is refused naming the shard. A shard whose .bin still has the size and mtime recorded in
+its metadata is checked from the maxima recorded there (pretokenize computed them from the records it
+wrote); any other (copied without times, edited, written by an older version) is scanned in one
+vectorised pass over the memory map, remembered for the process. `cp -p`/`rsync -t` keep copies cheap.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_pipeline.errors import DataError
+
 FORMAT = "parti-code-shards/1"
 CAPTION_BYTES, KEY_BYTES = 256, 64
+SHARD_META = re.compile(r"^\d+\.json$")
+CHUNK_RECORDS = 1 << 14  # records per step of a scan over a memory map (~40 MiB at 32x32 codes)
+HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters")  # what a shard was made with (pretokenize.header)
+PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns")  # in NNNNN.json, not in the manifest
 
 
 def record_dtype(grid_tokens: int, text_len: int, caption_bytes: int = CAPTION_BYTES,
@@ -63,10 +77,60 @@ def shard_is_complete(folder: Path, name: str) -> bool:
     return meta.get("sha256") == sha256_file(bin_path)
 
 
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text[:14] + '..."' if isinstance(value, str) and len(value) > 16 else text
+
+
+def header_differences(have: dict, want: dict, prefix: str = "") -> list[str]:
+    """`text_tokenizer.hash "1a2b..." there, "5e6f..." now` for every entry that differs."""
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += header_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {_short(a)} there, {_short(b)} now")
+    return out
+
+
+def check_shard_headers(folder: Path, header: dict) -> None:
+    """Refuse a folder holding a finished shard (NNNNN.json present) made with another image tokenizer,
+    text tokenizer, record layout or filters than `header`. Nothing is written or removed."""
+    if not folder.is_dir():
+        return
+    want = json.loads(json.dumps(header))
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    mismatched = []
+    for meta_path in sorted(p for p in folder.iterdir() if SHARD_META.match(p.name)):
+        meta = json.loads(meta_path.read_text())
+        have = meta.get("header")
+        if have is None and manifest is not None:  # written before shards recorded their header
+            have = {k: manifest.get(k) for k in want}
+        if have is None:
+            raise DataError(f"{meta_path.with_suffix('.bin')} records no tokenizer header (an older version wrote "
+                            "it, and there is no manifest.json): it cannot be checked against this run; use a new "
+                            "--output folder (nothing was changed)")
+        diff = header_differences(have, want)
+        if diff:
+            mismatched.append((meta_path.with_suffix(".bin"), diff))
+    if mismatched:
+        path, diff = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more shard(s))" if len(mismatched) > 1 else ""
+        raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer or filters than this "
+                        f"run: {'; '.join(diff)}; use a new --output folder (nothing in {folder} was changed)")
+
+
 def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
-    """manifest.json from the shards' metadata files present now; `complete` when all `names` are."""
-    shards = [{"name": n, **json.loads((folder / f"{n}.json").read_text())}
-              for n in names if (folder / f"{n}.json").is_file()]
+    """manifest.json from the shards' metadata files present now; `complete` when all `names` are.
+    Refused (DataError) when a shard there was made with another header."""
+    check_shard_headers(folder, header)
+    shards = []
+    for n in names:
+        if (folder / f"{n}.json").is_file():
+            meta = json.loads((folder / f"{n}.json").read_text())
+            shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
     skipped: dict[str, int] = {}
     for s in shards:
         for reason, count in s["skipped"].items():
@@ -84,30 +148,64 @@ class CodeShardDataset:
     def __init__(self, folder: str | Path, text_len: int | None = None, grid_tokens: int | None = None):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder} is not a folder: expected a code-shard folder written by "
+                                    "data_pipeline.pretokenize (its --output)")
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: run data_pipeline.pretokenize for {self.folder}")
+            made = sorted(p.name for p in self.folder.iterdir() if SHARD_META.match(p.name))
+            if not made:
+                raise DataError(f"{self.folder} holds no code shards (no manifest.json, no NNNNN.json): expected "
+                                "the --output folder of data_pipeline.pretokenize")
+            raise DataError(f"{path} does not exist though {len(made)} shard(s) do: the pre-tokenization did not "
+                            "finish; rerun data_pipeline.pretokenize with the same arguments (it resumes)")
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise DataError(f"{path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         if not self.manifest["complete"]:
-            raise ValueError(f"{path}: only {len(self.manifest['shards'])} of {self.manifest['num_inputs']} "
-                             "shards are done; finish data_pipeline.pretokenize first")
+            raise DataError(f"{path}: only {len(self.manifest['shards'])} of {self.manifest['num_inputs']} "
+                            "shards are done; finish data_pipeline.pretokenize first")
+        if not self.manifest["records"]:
+            raise DataError(f"{path}: 0 records (every sample of its {self.manifest['num_inputs']} input shard(s) "
+                            f"was skipped: {self.manifest['skipped']}): nothing to train on")
         rec = self.manifest["record"]
         for name, want, have in (("text_len", text_len, rec["text_len"]), ("grid_tokens", grid_tokens, rec["grid_tokens"])):
             if want is not None and want != have:
-                raise ValueError(f"{path}: records have {name}={have}, the model expects {want}")
+                raise DataError(f"{path}: records have {name}={have}, the model expects {want}")
         self.dtype = record_dtype(rec["grid_tokens"], rec["text_len"], rec["caption_bytes"], rec["key_bytes"])
         self.arrays, offsets = [], [0]
+        head = {k: self.manifest.get(k) for k in HEADER_KEYS}
         for shard in self.manifest["shards"]:
             bin_path = self.folder / f"{shard['name']}.bin"
+            meta_path = bin_path.with_suffix(".json")
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            diff = header_differences(meta["header"], head) if "header" in meta else []
+            if diff:  # e.g. a shard copied in from another folder
+                raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer or filters than "
+                                f"{path} says: {'; '.join(diff)}; pre-tokenize again into a new --output folder")
             size = bin_path.stat().st_size
             if size != shard["records"] * self.dtype.itemsize:
-                raise ValueError(f"{bin_path}: {size} bytes, expected {shard['records']} records of "
-                                 f"{self.dtype.itemsize} bytes")
-            self.arrays.append(np.memmap(bin_path, dtype=self.dtype, mode="r") if size else
-                               np.zeros(0, dtype=self.dtype))
+                raise DataError(f"{bin_path}: {size} bytes, expected {shard['records']} records of "
+                                f"{self.dtype.itemsize} bytes")
+            array = np.memmap(bin_path, dtype=self.dtype, mode="r") if size else np.zeros(0, dtype=self.dtype)
+            self._check_values(bin_path, array, meta)
+            self.arrays.append(array)
             offsets.append(offsets[-1] + shard["records"])
         self.offsets = np.array(offsets)
+
+    def _check_values(self, bin_path: Path, array: np.ndarray, meta: dict) -> None:
+        """Every code < vq.codebook_size and every text id < the text vocab_size, or a DataError naming the shard."""
+        if not len(array):
+            return
+        max_code, max_text = shard_maxima(bin_path, array, meta)
+        for field, largest, limit, what in (
+                ("codes", max_code, self.manifest["vq"]["codebook_size"], "image code {v} is outside the codebook "
+                 "of {n} (manifest.json vq.codebook_size)"),
+                ("text", max_text, self.manifest["text_tokenizer"]["vocab_size"], "text id {v} is outside the text "
+                 "vocabulary of {n} (manifest.json text_tokenizer.vocab_size)")):
+            if largest >= limit:
+                raise DataError(f"{bin_path}: {what.format(v=largest, n=limit)} at record "
+                                f"{first_record_at_or_above(array, field, limit)}; the shard is damaged or was not "
+                                "made with this folder's tokenizers: pre-tokenize again into a new --output folder")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -124,6 +222,36 @@ class CodeShardDataset:
 
     def caption(self, index: int) -> str:
         return self.record(index)["caption"].decode("utf-8", "ignore")
+
+
+_SCANNED: dict[tuple, tuple[int, int]] = {}
+
+
+def shard_maxima(bin_path: Path, array: np.ndarray, meta: dict) -> tuple[int, int]:
+    """(largest code, largest text id) of one shard's records: from its metadata (NNNNN.json) while the .bin has
+    the size and mtime recorded there when pretokenize wrote it, else one vectorised pass over the memory map
+    (in chunks of CHUNK_RECORDS), remembered for this process by the file's path, size, mtime and inode."""
+    st = bin_path.stat()
+    if (meta.get("bytes"), meta.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) and "max_code" in meta:
+        return int(meta["max_code"]), int(meta["max_text_id"])
+    key = (str(bin_path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _SCANNED:
+        max_code = max_text = 0
+        for start in range(0, len(array), CHUNK_RECORDS):
+            chunk = array[start:start + CHUNK_RECORDS]
+            max_code = max(max_code, int(chunk["codes"].max(initial=0)))
+            max_text = max(max_text, int(chunk["text"].max(initial=0)))
+        _SCANNED[key] = (max_code, max_text)
+    return _SCANNED[key]
+
+
+def first_record_at_or_above(array: np.ndarray, field: str, limit: int) -> int | str:
+    """Index of the first record with a value >= limit in `field` (only called once one is known to exist)."""
+    for start in range(0, len(array), CHUNK_RECORDS):
+        bad = np.flatnonzero((array[start:start + CHUNK_RECORDS][field] >= limit).any(axis=1))
+        if len(bad):
+            return start + int(bad[0])
+    return "?"  # only the recorded maximum says so
 
 
 class MixedDataset:
@@ -158,16 +286,22 @@ def open_training_data(spec: str, model_cfg):
     parts = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         folder, _, weight = item.partition(":")
+        try:
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            weight = -1.0
+        if not 0 < weight < float("inf"):
+            raise DataError(f"{item}: the weight after ':' must be a positive number (folder:weight)")
         ds = CodeShardDataset(folder, text_len=model_cfg.text_seq_len, grid_tokens=model_cfg.image_seq_len)
         for name, have, limit in (("codebook_size", ds.manifest["vq"]["codebook_size"], model_cfg.image_vocab_size),
                                   ("text vocab_size", ds.manifest["text_tokenizer"]["vocab_size"],
                                    model_cfg.text_vocab_size)):
             if have > limit:
-                raise ValueError(f"{folder}: {name} {have} exceeds the model's "
-                                 f"{'model.image_vocab_size' if 'codebook' in name else 'model.text_vocab_size'}={limit}")
-        parts.append((ds, float(weight) if weight else 1.0))
+                raise DataError(f"{folder}: {name} {have} exceeds the model's "
+                                f"{'model.image_vocab_size' if 'codebook' in name else 'model.text_vocab_size'}={limit}")
+        parts.append((ds, weight))
     if not parts:
-        raise ValueError("data.shards is empty: give a code-shard folder (or folder:weight,folder:weight)")
+        raise DataError("data.shards is empty: give a code-shard folder (or folder:weight,folder:weight)")
     if len(parts) == 1:
         return parts[0][0]
     return MixedDataset([d for d, _ in parts], [w for _, w in parts])

@@ -4,15 +4,19 @@
     paths = expand_shards("laion/{00000..00099}.tar")
 
 A shard is a tar of `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`. A truncated or corrupt tar yields
-the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard).
+the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard). A file that
+is not a tar at all (`check_is_tar`) is refused with a DataError naming it.
 """
 from __future__ import annotations
 
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import braceexpand
 from webdataset import tariterators
+
+from data_pipeline.errors import DataError
 
 
 def expand_shards(pattern: str) -> list[Path]:
@@ -27,8 +31,26 @@ def expand_shards(pattern: str) -> list[Path]:
     return paths
 
 
+def check_is_tar(path: str | Path) -> None:
+    """Refuse a file whose first header is not a tar header (plain or compressed, as webdataset reads it).
+
+    Not a tar at all vs truncated: a file that does not even start like a tar (an HTML error page or a JPEG
+    saved under a .tar name, an empty or sub-header-sized file) is the wrong file, and every sample it
+    should have held is missing; counting it as `truncated_tar` would turn a wrong --input into an empty
+    shard and exit status 0, so it is an error naming the file. A real tar cut short (an interrupted
+    download or copy) still holds its samples before the cut: those are kept and the cut is counted, so
+    one damaged shard among thousands does not stop a run. Cost: one header read per shard.
+    """
+    try:
+        tarfile.open(path, mode="r|*").close()  # webdataset's mode; opening reads the first header
+    except (tarfile.ReadError, tarfile.CompressionError, EOFError) as e:
+        raise DataError(f"{path} is not a tar archive ({e}); expected a webdataset shard of {{key}}.jpg/.txt/.json "
+                        "files: replace it or leave it out of the input pattern") from e
+
+
 def read_shard(path: str | Path, errors: Counter):
-    """The samples of one tar, grouped by key, in file order."""
+    """The samples of one tar, grouped by key, in file order (DataError if the file is not a tar at all)."""
+    check_is_tar(path)
     stop = []
 
     def on_error(exc: Exception) -> bool:

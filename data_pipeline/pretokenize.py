@@ -11,11 +11,18 @@ where it stopped and produces byte-identical shards. Images are decoded and resi
 workers, encoded in batches by the frozen tokenizer (on the GPU when there is one); duplicates are
 detected within each input shard (by image content hash). manifest.json is rebuilt at the end of
 every task from the metadata present (`complete` once every input is done; `--manifest-only` rebuilds it).
+
+Every shard's metadata records the header (image tokenizer, text tokenizer, record layout, filters) it
+was made with, so a rerun into a folder holding shards of another header, manifest or not (a killed
+run), is refused before anything is written or removed. Inputs that are not tars at all, and codes or
+text ids outside the tokenizers' ranges, are refused too; the command prints such errors as one line
+(`error: ...`) and exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, fields
@@ -25,10 +32,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.code_shards import (CAPTION_BYTES, KEY_BYTES, record_dtype, sha256_file, shard_is_complete,
-                                       utf8_truncate, write_atomic, write_manifest)
+from data_pipeline.code_shards import (CAPTION_BYTES, KEY_BYTES, check_shard_headers, header_differences,
+                                       record_dtype, sha256_file, shard_is_complete, utf8_truncate, write_atomic,
+                                       write_manifest)
+from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig, Prepared, prepare_sample
-from data_pipeline.laion import expand_shards, read_shard
+from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import TextTokenizer
 
 
@@ -92,29 +101,44 @@ def header(vq, text_tok: TextTokenizer, cfg: FilterConfig) -> dict:
 def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig,
                 shard_index: int = 0, num_shards: int = 1, workers: int = 0, batch_size: int = 32) -> dict:
     if vq.codebook_size > 65536 or text_tok.vocab_size > 65536:
-        raise ValueError("codes and text ids are stored as uint16: codebook and vocabulary must be <= 65536")
+        raise DataError("codes and text ids are stored as uint16: codebook and vocabulary must be <= 65536")
     output.mkdir(parents=True, exist_ok=True)
     head = header(vq, text_tok, cfg)
     manifest_path = output / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if {k: old.get(k) for k in head} != json.loads(json.dumps(head)):
-            raise ValueError(f"{output} holds code shards made with another tokenizer, text tokenizer or filters; "
-                             "use a new --output folder")
+        diff = header_differences({k: old.get(k) for k in head}, json.loads(json.dumps(head)))
+        if diff:
+            raise DataError(f"{manifest_path}: its code shards were made with another image tokenizer, text "
+                            f"tokenizer or filters than this run: {'; '.join(diff)}; use a new --output folder "
+                            f"(nothing in {output} was changed)")
+    check_shard_headers(output, head)  # a killed run leaves shards but no manifest
     names = [f"{i:05d}" for i in range(len(inputs))]
     for i in range(shard_index, len(inputs), num_shards):  # leftovers of this task's killed runs
         for stale in output.glob(f".{names[i]}.*.tmp"):
             stale.unlink()
     mine = [i for i in range(shard_index, len(inputs), num_shards) if not shard_is_complete(output, names[i])]
+    for i in mine:  # a wrong file is refused before hours of work, not when its turn comes
+        check_is_tar(inputs[i])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vq = vq.to(device)
     with tqdm(desc=f"pretokenize {shard_index}/{num_shards}", unit="img") as progress:
         start = time.perf_counter()
         for i in mine:
             records, skipped, seen = process_shard(inputs[i], vq, text_tok, cfg, workers, batch_size, device, progress)
-            write_atomic(output / f"{names[i]}.bin", records.tobytes())
+            max_code = int(records["codes"].max(initial=0))
+            max_text_id = int(records["text"].max(initial=0))
+            if max_code >= vq.codebook_size or max_text_id >= text_tok.vocab_size:
+                raise DataError(f"{inputs[i]}: the tokenizers produced image code {max_code} (codebook_size "
+                                f"{vq.codebook_size}) / text id {max_text_id} (vocab_size {text_tok.vocab_size}); "
+                                "an id outside its range cannot be trained on: check the --vq / --text-tokenizer files")
+            bin_path = output / f"{names[i]}.bin"
+            write_atomic(bin_path, records.tobytes())
+            st = bin_path.stat()
             meta = {"input": str(inputs[i]), "records": len(records), "seen": seen,
-                    "sha256": sha256_file(output / f"{names[i]}.bin"), "skipped": dict(sorted(skipped.items()))}
+                    "sha256": sha256_file(bin_path), "skipped": dict(sorted(skipped.items())),
+                    "header": head, "max_code": max_code, "max_text_id": max_text_id,
+                    "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
             write_atomic(output / f"{names[i]}.json", json.dumps(meta, indent=1).encode())
             progress.set_postfix(images_per_s=f"{progress.n / (time.perf_counter() - start):.1f}")
     return write_manifest(output, head, names)
@@ -141,16 +165,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1}")
     from vq.tokenizer import load_image_tokenizer
 
-    vq = load_image_tokenizer(args.vq)
-    cfg = FilterConfig(image_size=vq.image_size, **{f.name: getattr(args, f.name) for f in fields(FilterConfig)
-                                                   if f.name != "image_size"})
-    text_tok = TextTokenizer(args.text_tokenizer, args.text_len)
-    inputs = expand_shards(args.input)
-    if args.manifest_only:
-        manifest = write_manifest(args.output, header(vq, text_tok, cfg), [f"{i:05d}" for i in range(len(inputs))])
-    else:
-        manifest = pretokenize(inputs, args.output, vq, text_tok, cfg, args.shard_index, args.num_shards,
-                               args.workers, args.batch_size)
+    try:
+        vq = load_image_tokenizer(args.vq)
+        cfg = FilterConfig(image_size=vq.image_size, **{f.name: getattr(args, f.name) for f in fields(FilterConfig)
+                                                       if f.name != "image_size"})
+        text_tok = TextTokenizer(args.text_tokenizer, args.text_len)
+        inputs = expand_shards(args.input)
+        if args.manifest_only:
+            manifest = write_manifest(args.output, header(vq, text_tok, cfg),
+                                      [f"{i:05d}" for i in range(len(inputs))])
+        else:
+            manifest = pretokenize(inputs, args.output, vq, text_tok, cfg, args.shard_index, args.num_shards,
+                                   args.workers, args.batch_size)
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     print(f"{args.output}: {manifest['records']} records in {len(manifest['shards'])}/{manifest['num_inputs']} "
           f"shards; skipped {manifest['skipped']}")
 

@@ -18,19 +18,50 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from data_pipeline.errors import DataError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Path) -> Path:
-    """Train a unigram model on the captions; writes `out` (a .model file)."""
+def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Path,
+                        allow_smaller: bool = True) -> Path:
+    """Train a unigram model on the captions; writes `out` (a .model file).
+
+    SentencePiece cannot make more pieces than the captions hold; it then makes as many as it can
+    (`hard_vocab_limit=False`). With `allow_smaller=False` (the command line) that is refused with a
+    DataError giving the largest size these captions support, and `out` is left as it was."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    count, failed = [0], []
+
+    def counted():
+        try:
+            for caption in captions:
+                count[0] += 1
+                yield caption
+        except Exception as e:  # SentencePiece would turn it into a RuntimeError with a Python traceback
+            failed.append(e)
+            raise
+
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size, model_type="unigram",
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, character_coverage=0.9995,
-        hard_vocab_limit=False,  # a small corpus may not support the whole vocabulary
-        normalization_rule_name="nmt_nfkc_cf", minloglevel=2, num_threads=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=counted(), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, character_coverage=0.9995,
+            hard_vocab_limit=False,  # a small corpus may not support the whole vocabulary: checked below
+            normalization_rule_name="nmt_nfkc_cf", minloglevel=2, num_threads=2)
+    except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
+        if not count[0]:
+            raise DataError(f"no captions to train {out} on (the inputs hold no readable .txt)") from e
+        raise DataError(f"SentencePiece could not train {out} on {count[0]} captions: "
+                        + " ".join(str(e).split())) from e
+    made = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    if made < vocab_size and not allow_smaller:
+        raise DataError(f"a vocabulary of {vocab_size} was asked for, but the {count[0]} captions support at most "
+                        f"{made} pieces (too few distinct words and characters); ask for {made} or fewer "
+                        f"(--vocab-size {made}) or give more captions; {out} was not written")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(out)
@@ -45,8 +76,8 @@ class TextTokenizer:
                                     "(train one with python -m data_pipeline.train_text_tokenizer)")
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         if (self.sp.pad_id(), self.sp.eos_id()) != (PAD_ID, EOS_ID):
-            raise ValueError(f"{path}: pad/eos ids are {self.sp.pad_id()}/{self.sp.eos_id()}, "
-                             f"expected {PAD_ID}/{EOS_ID} (train it with this project's command)")
+            raise DataError(f"{path}: pad/eos ids are {self.sp.pad_id()}/{self.sp.eos_id()}, "
+                            f"expected {PAD_ID}/{EOS_ID} (train it with this project's command)")
         self.max_len = max_len
         self.vocab_size = self.sp.get_piece_size()
         self.content_hash = hashlib.sha256(path.read_bytes()).hexdigest()

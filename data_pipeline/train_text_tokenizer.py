@@ -2,15 +2,25 @@
 
     python -m data_pipeline.train_text_tokenizer --captions 'laion/{00000..00099}.tar' --vocab-size 16000 \
         --out tok/spm.model
+
+The vocabulary is exactly --vocab-size pieces or the command fails: SentencePiece would silently make
+fewer when the captions hold too few distinct pieces, and the error says the largest size they support.
+There is deliberately no flag to accept a smaller one: rerunning with that size is the same opt-in,
+explicit in the command and its logs, and the model's text_vocab_size is then set from a number the user
+chose (a much smaller vocabulary than asked usually means the pattern matched too few shards). Inputs
+that are not tars at all are refused before training; truncated tars give their readable samples and
+are counted. Errors are printed as one line (`error: ...`), exit status 1.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 
 from tqdm import tqdm
 
-from data_pipeline.laion import expand_shards, read_shard
+from data_pipeline.errors import DataError
+from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import train_sentencepiece
 
 
@@ -31,8 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--out", required=True, help="the .model file to write")
     args = parser.parse_args(argv)
+    if not 5 <= args.vocab_size <= 65536:  # 4 special pieces + at least one; ids are stored as uint16
+        parser.error(f"--vocab-size {args.vocab_size} must be in 5..65536")
     errors: Counter = Counter()
-    out = train_sentencepiece(shard_captions(args.captions, errors), args.vocab_size, args.out)
+    try:
+        for path in expand_shards(args.captions):  # before training: SentencePiece reads the captions lazily
+            check_is_tar(path)
+        out = train_sentencepiece(shard_captions(args.captions, errors), args.vocab_size, args.out,
+                                  allow_smaller=False)
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {out}" + (f"; unreadable tails in {errors['truncated_tar']} shard(s)" if errors else ""))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,13 +10,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from data_pipeline.code_shards import CodeShardDataset, MixedDataset
+from data_pipeline.code_shards import CodeShardDataset, MixedDataset, open_training_data, write_manifest
+from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
-from data_pipeline.pretokenize import pretokenize
+from data_pipeline.pretokenize import header, pretokenize
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.text_tokenizer import EOS_ID, PAD_ID, TextTokenizer, train_sentencepiece
 from model_parallel.state import child_environment
@@ -138,16 +141,73 @@ def test_other_tokenizer_into_same_folder_is_refused(setup, one_run):
     torch.manual_seed(1)
     other = setup["root"] / "vq_other.pt"
     save_image_tokenizer(ConvVQ(image_size=64, downsample=3, channels=16, code_dim=8, codebook_size=64), other)
-    with pytest.raises(ValueError, match="made with another tokenizer"):
+    with pytest.raises(DataError, match=r"manifest.json: .*made with another image tokenizer.*: vq\.hash .*new --output"):
         pretokenize(expand_shards(setup["pattern"]), out, load_image_tokenizer(other),
                     TextTokenizer(setup["spm"], max_len=16), FILTERS)
+
+
+def test_killed_run_rerun_with_another_text_tokenizer_is_refused(setup, one_run, tmp_path):
+    """A run on 2 inputs killed before its manifest (shards and their metadata, no manifest.json), rerun with
+    another text tokenizer: refused naming a shard and what differs, before anything is written or removed;
+    also when it was killed after its first shard (the second is not made)."""
+    _, single = one_run
+    inputs, vq = expand_shards(setup["pattern"])[:2], load_image_tokenizer(setup["vq"])
+    other = TextTokenizer(train_sentencepiece([f"a {c} {s}" for c in lf.COLOURS for s in lf.SHAPES] * 20, 30,
+                                              tmp_path / "other.model"), max_len=16)
+    for done, more in ((("00000", "00001"), r" \(and 1 more shard\(s\)\)"), (("00000",), "")):
+        out = tmp_path / f"codes{len(done)}"
+        out.mkdir()
+        for name in done:
+            for ext in (".bin", ".json"):
+                shutil.copy2(single / f"{name}{ext}", out / f"{name}{ext}")
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(DataError, match=rf"codes{len(done)}/00000\.bin{more} was made with another .*"
+                                            r"text_tokenizer\.hash .* there, .* now.*use a new --output folder"):
+            pretokenize(inputs, out, vq, other, FILTERS)
+        with pytest.raises(DataError, match=r"text_tokenizer\.hash"):  # nor can --manifest-only claim it
+            write_manifest(out, header(vq, other, FILTERS), ["00000", "00001"])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    manifest = pretokenize(inputs, out, vq, TextTokenizer(setup["spm"], max_len=16), FILTERS)  # same one resumes
+    assert manifest["complete"] and manifest["text_tokenizer"]["hash"] == TextTokenizer(setup["spm"]).content_hash
+    assert all((out / f"{n}.bin").read_bytes() == (single / f"{n}.bin").read_bytes() for n in ("00000", "00001"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("codes", 100, "image code 100 is outside the codebook of 64"),
+    ("text", 120, "text id 120 is outside the text vocabulary of 120")])
+def test_out_of_range_value_in_a_shard_is_refused_at_open(setup, one_run, tmp_path, field, value, message):
+    from training.config import load_config
+
+    _, single = one_run
+    out = tmp_path / "codes"
+    shutil.copytree(single, out)
+    model_cfg = load_config(None, ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=128",
+                                   "model.text_vocab_size=128"]).model
+    ds = open_training_data(str(out), model_cfg)  # fits before the plant
+    records = np.memmap(out / "00001.bin", dtype=ds.dtype, mode="r+")
+    records[field][3, 5] = value  # within the model's vocabularies, outside the tokenizer's
+    records.flush()
+    del records
+    with pytest.raises(DataError, match=rf"codes/00001\.bin: {message} .* at record 3;"):
+        open_training_data(str(out), model_cfg)
+
+
+def test_shard_of_another_run_is_refused_at_open(one_run, tmp_path):
+    _, single = one_run
+    out = tmp_path / "codes"
+    shutil.copytree(single, out)
+    meta = json.loads((out / "00002.json").read_text())
+    meta["header"]["text_tokenizer"]["hash"] = "0" * 64  # as if copied in from a folder made with another one
+    (out / "00002.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"codes/00002\.bin was made with another .*text_tokenizer\.hash \"0000"):
+        CodeShardDataset(out)
 
 
 def test_corrupt_inputs_are_refused_clearly(setup, one_run, tmp_path):
     _, out = one_run
     with pytest.raises(FileNotFoundError, match="input shard"):
         expand_shards(str(tmp_path / "{0..2}.tar"))
-    with pytest.raises(ValueError, match="the model expects 32"):
+    with pytest.raises(DataError, match="the model expects 32"):
         CodeShardDataset(out, text_len=32)
     (tmp_path / "manifest.json").write_text(json.dumps({**json.loads((out / "manifest.json").read_text())}))
     with pytest.raises(ValueError, match="00000.bin: .* bytes, expected"):

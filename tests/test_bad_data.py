@@ -1,0 +1,124 @@
+"""Bad inputs to the data commands and to the trainer's data loading: one clear line naming the file and what
+was expected, a non-zero exit (or ConfigError naming data.shards), earlier results left as they were."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.code_shards import write_manifest
+from data_pipeline.errors import DataError
+from data_pipeline.images import FilterConfig
+from data_pipeline.pretokenize import header, pretokenize
+from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+from model_parallel.state import child_environment
+from tests import laion_fixtures as lf
+from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """good.tar (4 small synthetic samples), not_a_tar.tar (an HTML error page), a 32-pixel VQ, a SentencePiece,
+    and `codes/`: good.tar pre-tokenized by the same settings the command line below uses (its defaults)."""
+    root = tmp_path_factory.mktemp("bad_data")
+    lf.write_tar(root / "good.tar", lf.synthetic_samples(4))
+    (root / "not_a_tar.tar").write_bytes(b"<html><body>502 Bad Gateway</body></html>\n" * 40)
+    torch.manual_seed(0)
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=8, code_dim=4, codebook_size=16), root / "vq.pt")
+    train_sentencepiece([f"a {c} {s} on a white background" for c in lf.COLOURS for s in lf.SHAPES] * 10, 30,
+                        root / "spm.model")
+    vq, tok, filters = load_image_tokenizer(root / "vq.pt"), TextTokenizer(root / "spm.model", TEXT_LEN), FilterConfig(32)
+    pretokenize([root / "good.tar"], root / "codes", vq, tok, filters)
+    (root / "empty").mkdir()
+    (root / "no_manifest").mkdir()  # a killed run: a finished shard, no manifest.json
+    for ext in (".bin", ".json"):
+        (root / "no_manifest" / f"00000{ext}").write_bytes((root / "codes" / f"00000{ext}").read_bytes())
+    zero = root / "zero_records"  # every sample skipped
+    zero.mkdir()
+    (zero / "00000.bin").write_bytes(b"")
+    (zero / "00000.json").write_text(json.dumps({"input": "x.tar", "records": 0, "seen": 4, "sha256": "",
+                                                 "skipped": {"too_small": 4}, "header": header(vq, tok, filters)}))
+    write_manifest(zero, header(vq, tok, filters), ["00000"])
+    (root / "spm_out").mkdir()
+    (root / "spm_out" / "spm.model").write_bytes(b"an earlier tokenizer")  # --out of the rows below: must survive
+    return root
+
+
+def pretokenize_cli(root: Path, inputs: str) -> list[str]:
+    return ["data_pipeline.pretokenize", "--input", str(root / inputs), "--output", str(root / "codes"),
+            "--vq", str(root / "vq.pt"), "--text-tokenizer", str(root / "spm.model"), "--text-len", str(TEXT_LEN)]
+
+
+def tokenizer_cli(root: Path, inputs: str, vocab: int) -> list[str]:
+    return ["data_pipeline.train_text_tokenizer", "--captions", str(root / inputs), "--vocab-size", str(vocab),
+            "--out", str(root / "spm_out" / "spm.model")]
+
+
+def trainer_data(folder: str) -> list[str]:
+    return ["training", folder]
+
+
+# (what, how it is run, the file the message must name, what the message must say, the results that must survive)
+CASES = [
+    ("empty code-shard folder", lambda r: trainer_data("empty"), "empty",
+     r"holds no code shards \(no manifest\.json, no NNNNN\.json\): expected the --output folder", "empty"),
+    ("shards without manifest.json", lambda r: trainer_data("no_manifest"), "no_manifest/manifest.json",
+     r"does not exist though 1 shard\(s\) do: the pre-tokenization did not finish", "no_manifest"),
+    ("code-shard folder of 0 records", lambda r: trainer_data("zero_records"), "zero_records/manifest.json",
+     r"0 records \(every sample of its 1 input shard\(s\) was skipped: \{'too_small': 4\}\)", "zero_records"),
+    ("pretokenize: .tar that is not a tar", lambda r: pretokenize_cli(r, "{good,not_a_tar}.tar"), "not_a_tar.tar",
+     r"is not a tar archive \(invalid header\); expected a webdataset shard", "codes"),
+    ("train_text_tokenizer: .tar that is not a tar", lambda r: tokenizer_cli(r, "{good,not_a_tar}.tar", 20),
+     "not_a_tar.tar", r"is not a tar archive \(invalid header\)", "spm_out"),
+    ("train_text_tokenizer: vocabulary larger than the captions support",
+     lambda r: tokenizer_cli(r, "good.tar", 5000), "spm_out/spm.model",
+     r"a vocabulary of 5000 was asked for, but the 4 captions support at most \d+ pieces .*(--vocab-size \d+)",
+     "spm_out"),
+]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("what, command, names, says, kept", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(data, what, command, names, says, kept):
+    before = snapshot(data / kept)
+    argv = command(data)
+    if argv[0] == "training":  # what the trainer calls: build_dataset wraps the error as a ConfigError
+        from training.config import ConfigError, load_config
+        from training.train import build_dataset
+
+        folder = data / argv[1]
+        cfg = load_config(None, ["data.synthetic=false", f"data.shards={folder}", f"model.text_seq_len={TEXT_LEN}",
+                                 "model.image_grid=4", "model.image_vocab_size=16", "model.text_vocab_size=32"])
+        with pytest.raises(ConfigError) as e:
+            build_dataset(cfg)
+        line = str(e.value)
+        assert line.startswith(f"data.shards={str(folder)!r}: ")
+    else:
+        proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True,
+                              env=child_environment(PYTHONPATH=str(ROOT)))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: "), proc.stderr
+    assert "\n" not in line and str(data / names) in line and re.search(says, line), line
+    assert snapshot(data / kept) == before
+
+
+def test_the_refused_vocabulary_names_the_largest_size_that_works(data, tmp_path):
+    captions = [f"a {c} {s} on a white background" for c in lf.COLOURS for s in lf.SHAPES]
+    with pytest.raises(DataError, match=r"at most (\d+) pieces") as e:
+        train_sentencepiece(captions, 200, tmp_path / "a.model", allow_smaller=False)
+    largest = int(re.search(r"at most (\d+) pieces", str(e.value)).group(1))
+    assert not (tmp_path / "a.model").exists()
+    tok = TextTokenizer(train_sentencepiece(captions, largest, tmp_path / "a.model", allow_smaller=False))
+    assert tok.vocab_size == largest
