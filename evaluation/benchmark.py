@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_eval_config(args.config, args.set)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad inputs and refused reruns (evaluation.generate): one line
+        sys.exit(f"error: {e}")
     if results is not None:
         shown = {k: round(v, 4) for k, v in results.items() if k in ("fid", "clip_score")}
         print(f"{cfg.benchmark.name}: {results['prompts']} prompts {shown}; report {Path(cfg.benchmark.out) / 'report.html'}")

@@ -96,7 +96,8 @@ def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (expected a folder of {'/'.join(IMAGE_SUFFIXES)} images)")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # "x.tmp.png": an image a writer (evaluation.generate) had not finished when it was stopped.
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and ".tmp" not in p.suffixes)
     if len(files) < 2:
         raise ValueError(f"{folder}: FID needs at least 2 images, found {len(files)}")
     return files

@@ -112,3 +112,14 @@ def test_real_images_replaced_under_the_same_names_give_the_new_fid(tmp_path, ca
     other = tmp_path / "other.pt"
     torch.jit.save(torch.jit.script(torch.nn.Sequential(TinyFeatures(), torch.nn.Tanh())), str(other))
     assert not fid(real, fake, other)["protocol"]["real_statistics"]["from_cache"]
+
+
+def test_unfinished_images_of_a_stopped_writer_are_not_counted(tmp_path):
+    """evaluation.generate writes x.tmp.png and renames it: a leftover of a stopped run is not a sample."""
+    from PIL import Image
+
+    from evaluation.fid import image_files
+
+    for name in ("a.png", "b.png", "c.tmp.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.png"]
