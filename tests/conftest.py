@@ -61,9 +61,10 @@ def pool4():
 STEPS = 6
 
 
-def run(run_dir: str, *overrides: str, steps: int = STEPS) -> list[float]:
+def run(run_dir: str, *overrides: str, steps: int = STEPS, resume: str = "auto") -> list[float]:
     """Train the debug model (fp32, no dropout, global batch 8 in micro-batches of 2, a checkpoint
-    every 3 steps) in this process's group; resumes from run_dir's latest checkpoint if any."""
+    every 3 steps) in this process's group; resumes from run_dir's latest checkpoint if any
+    (`resume`: training.train's --resume mode)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from training.config import load_config
     from training.train import train
@@ -71,7 +72,7 @@ def run(run_dir: str, *overrides: str, steps: int = STEPS) -> list[float]:
     cfg = load_config("configs/train/debug.yaml", [
         f"train.steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",
         "train.save_interval=3", "model.dropout=0.0", "model.attention_dropout=0.0", *overrides])
-    return train(cfg, run_dir, resume="auto")
+    return train(cfg, run_dir, resume=resume)
 
 
 @pytest.fixture(scope="session")

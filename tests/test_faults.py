@@ -23,6 +23,22 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def wait_until_gone(group: int, timeout: float = 30) -> None:
+    """Until no process of the process group is alive (zombies, dead but not reaped yet, hold no files)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = False
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            alive = alive or (int(pgrp) == group and state not in ("Z", "X"))
+        if not alive:
+            return
+        time.sleep(0.05)
+
+
 def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, reference, tmp_path):
     log = tmp_path / "crash.log"
     with open(log, "w") as out:  # a file, not a pipe: the killed process's helpers may keep a pipe open
@@ -30,6 +46,7 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, referenc
                                 cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         returncode = proc.wait(timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)  # its orphaned helper processes
+    wait_until_gone(proc.pid)  # forked checkpoint writers share the run directory's lock until they die
     assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert (tmp_path / "checkpoints" / "step_00000004").is_dir()          # half-written
     assert latest_tag(tmp_path) == "step_00000002"                         # the pointer did not move

@@ -20,19 +20,45 @@ TP=2 x PP=2 x DP=2 loads at TP=1 x PP=1 x DP=1 (and back). What goes in:
 
 Layout: run_dir/checkpoints/step_00000100/ and run_dir/checkpoints/latest, a one-line file naming the
 newest complete tag, replaced atomically (write + rename) by rank 0 after every rank finished writing,
-so a run killed while saving resumes from the previous checkpoint.
+so a run killed while saving resumes from the previous checkpoint. A tag is complete when its
+trainer_state.json exists (written last, atomically); `resume_tag` falls back to the newest complete
+tag when `latest` is missing. A save that fails (a full disk) removes its partial folder, leaves
+`latest` where it was and raises CheckpointError naming the cause.
+
+Safety of what is read back: `verify` checks a checkpoint before anything is built: the tensor index
+`.metadata` (a pickle that torch.distributed.checkpoint unpickles unrestricted) is first read with an
+unpickler that admits only its own record classes, each `.distcp` file must hold every record the index
+places in it, and rng_rank*.pt files load with torch.load(weights_only=True): a crafted file is
+refused, naming it, instead of running code.
+
+Checkpoints carry the id of the run that wrote them (`run_id`, kept over resumes): pruning deletes only
+older complete checkpoints of the same run (and leftovers of killed saves), never another run's.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (busy, or holding a run that would be overwritten);
+    the message is one line naming the file and what to do."""
+
+
+class CheckpointError(RunDirError):
+    """A checkpoint cannot be read or written; the message is one line naming the file and the cause."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -43,14 +69,275 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+TAG = re.compile(r"step_(\d+)")
+
+
+def step_of(tag: str) -> int | None:
+    match = TAG.fullmatch(tag)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
+
+
+def step_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_* folder, complete or not, oldest first."""
+    root = checkpoint_dir(run_dir)
+    found = [(step_of(p.name), p) for p in root.glob("step_*") if p.is_dir()] if root.is_dir() else []
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def complete_tags(run_dir: str | Path) -> list[str]:
+    return [p.name for _, p in step_folders(run_dir) if is_complete(p)]
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether the run directory holds a `latest` pointer or any step folder (complete or not)."""
+    return (checkpoint_dir(run_dir) / "latest").exists() or bool(step_folders(run_dir))
+
+
 def latest_tag(run_dir: str | Path) -> str | None:
+    """The tag `checkpoints/latest` names; None when there is no pointer. A pointer that is not one line
+    naming a complete step folder raises CheckpointError (one line, naming the file)."""
     pointer = checkpoint_dir(run_dir) / "latest"
-    if not pointer.is_file():
+    if not pointer.exists():
         return None
-    tag = pointer.read_text().strip()
-    if not (checkpoint_dir(run_dir) / tag / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {tag!r}, but {checkpoint_dir(run_dir) / tag} is incomplete")
+    complete = complete_tags(run_dir)
+    hint = (f"delete it to resume from the newest complete checkpoint ({complete[-1]})" if complete
+            else "no complete checkpoint is left")
+    try:
+        raw = pointer.read_bytes()
+        tag = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot be read as text ({_one_line(e)}); expected one line naming a "
+                              f"checkpoint folder such as {tag_for(100)}; {hint}") from None
+    if step_of(tag) is None:
+        raise CheckpointError(f"{pointer}: expected one line naming a checkpoint folder such as {tag_for(100)}, "
+                              f"found {tag[:60]!r}; {hint}")
+    if not is_complete(checkpoint_dir(run_dir) / tag):
+        raise CheckpointError(f"{pointer} names {tag}, but {checkpoint_dir(run_dir) / tag} is missing or incomplete "
+                              f"(no trainer_state.json); {hint}")
     return tag
+
+
+def resume_tag(run_dir: str | Path) -> tuple[str | None, str | None]:
+    """(the tag to resume from or None, a note for the log or None): `latest`'s tag; when there is no
+    `latest` (deleted, or lost with the file system's metadata) the newest complete step folder."""
+    tag = latest_tag(run_dir)
+    if tag is not None:
+        return tag, None
+    complete, folders = complete_tags(run_dir), step_folders(run_dir)
+    pointer = checkpoint_dir(run_dir) / "latest"
+    if complete:
+        incomplete = [p.name for step, p in folders if p.name not in complete and step > step_of(complete[-1])]
+        skipped = f" (skipping incomplete {', '.join(incomplete)})" if incomplete else ""
+        return complete[-1], (f"{pointer} is missing: resuming from the newest complete checkpoint "
+                              f"{checkpoint_dir(run_dir) / complete[-1]}{skipped}")
+    if folders:
+        return None, (f"{checkpoint_dir(run_dir)} holds only incomplete checkpoints "
+                      f"({', '.join(p.name for _, p in folders)}): starting at step 0")
+    return None, None
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_trainer_state(path: Path) -> dict:
+    file = path / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({_one_line(e)}); expected the JSON trainer state "
+                              "written with the checkpoint") from None
+    missing = [key for key in ("step", "consumed_samples", "lr_scheduler", "optimizer_steps", "layout")
+               if key not in state] if isinstance(state, dict) else ["(not an object)"]
+    if missing:
+        raise CheckpointError(f"{file}: not a trainer state (missing {', '.join(missing)})")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a checkpoint's files before anything is built from them
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Reads torch.distributed.checkpoint's `.metadata` admitting only its record classes (dataclasses
+    and enums of torch.distributed.checkpoint.metadata/planner, the filesystem writer's _StorageInfo),
+    torch.Size, dtypes and layouts; anything else (builtins.exec, os.system, ...) is refused unrun."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+
+    def find_class(self, module: str, name: str):
+        import dataclasses
+        import enum
+        import importlib
+
+        allowed = False
+        if module in self.MODULES:
+            obj = getattr(importlib.import_module(module), name, None)
+            allowed = isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+        elif (module, name) in (("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")):
+            allowed = True
+        elif module == "torch":
+            allowed = isinstance(getattr(torch, name, None), torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_index(path: Path):
+    """The torch.distributed.checkpoint Metadata of a checkpoint folder, read safely."""
+    file = path / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            return _IndexUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if "refused global" in str(e):
+            raise CheckpointError(f"{file}: the tensor index would import {str(e).split('refused global ')[1]} "
+                                  "when read (it may run code); refusing to load it (an index holds only "
+                                  "torch.distributed.checkpoint records)") from None
+        raise CheckpointError(f"{file}: corrupt tensor index ({_one_line(e)})") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{file}: cannot read the tensor index ({type(e).__name__}: {_one_line(e)}); "
+                              "expected torch.distributed.checkpoint's .metadata") from None
+
+
+def load_rng_file(file: Path) -> dict:
+    """A rng_rank*.pt file, loaded with weights_only=True (tensors and plain containers only)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, OSError
+        text = _one_line(e)
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if unsupported:  # (torch names builtins without their module)
+            name = unsupported.group(1) if "." in unsupported.group(1) else f"builtins.{unsupported.group(1)}"
+            text = f"it would import {name} when loaded, which may run code"
+        raise CheckpointError(f"{file}: not a plain RNG-state file ({text}); refusing to load it "
+                              "(torch.load weights_only=True)") from None
+    if not (isinstance(state, dict) and torch.is_tensor(state.get("torch")) and isinstance(state.get("tracker"), dict)):
+        raise CheckpointError(f"{file}: expected {{'torch': ByteTensor, 'tracker': {{name: ByteTensor}}}}, "
+                              f"found {type(state).__name__}")
+    return state
+
+
+ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a .distcp starts with one
+
+
+def verify(path: Path) -> None:
+    """Refuse (CheckpointError naming the file) a checkpoint folder whose files cannot be what its index
+    says: index unreadable or unsafe, a .distcp file missing, shorter than its records reach, or without
+    a tensor record where one should start; an RNG file that is not plain tensors. Reads the index, a
+    few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected:
+    the format has no checksums.)"""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    index = read_index(path)
+    files: dict[str, list[tuple[int, int, bool]]] = {}
+    for where, info in getattr(index, "storage_data", {}).items():
+        tensor = isinstance(index.state_dict_metadata.get(where.fqn), TensorStorageMetadata)
+        plain = tensor and not getattr(info, "transform_descriptors", None)
+        files.setdefault(info.relative_path, []).append((info.offset, info.length, plain))
+    for name, records in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (the tensor index {path / '.metadata'} places records in it)")
+        size, end = file.stat().st_size, max(offset + length for offset, length, _ in records)
+        if size < end:
+            raise CheckpointError(f"{file} is truncated: {size} bytes, its tensor index expects {end}")
+        with open(file, "rb") as f:
+            for offset, _, plain in sorted(records):
+                f.seek(offset)
+                if plain and f.read(4) != ZIP_RECORD:
+                    raise CheckpointError(f"{file} is corrupt: no tensor record at byte {offset}, where its tensor "
+                                          "index places one")
+    for file in sorted(path.glob("rng_rank*.pt")):
+        load_rng_file(file)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per run directory
+
+
+class RunLock:
+    """An exclusive lock on run_dir/.lock for a run's life, taken by rank 0 (the rank that writes the
+    config, metrics, pointer and prunes): a second run started in the same run directory fails at once,
+    naming the holder (pid, host, start time, written into the file).
+
+    fcntl.flock: the kernel releases the lock when the holder's last file descriptor closes, i.e. when
+    the process dies however it dies (SIGKILL, OOM, node reboot for local disks), so a stale .lock of a
+    dead run never blocks, and a SLURM requeue of the same job (its previous processes are dead by then)
+    takes it again. Child processes forked while it is held (checkpoint writer workers) share it until
+    they exit. Limits: on a local disk it is exact. On NFS, Linux implements flock with NFS byte-range
+    locks: it works across clients, but the lock of a crashed client is released only when the server's
+    lease/grace period ends (~90 s for NFSv4), so a requeue right after a node failure may be refused for
+    that long. Lustre mounted without `-o flock` (or with `localflock`) and other file systems without
+    flock make the call fail or lock only per node: the run then goes on with a warning and nothing
+    stops a second run on another node."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+        self.warning: str | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = " ".join(f.read().split()) or "holder unknown"
+            f.close()
+            raise RunDirError(f"{self.path} is held by another run ({holder}): two runs must not write to one run "
+                              "directory; wait for it to end, stop it, or use another --run-dir") from None
+        except OSError as e:
+            f.close()
+            self.warning = (f"warning: cannot lock {self.path} ({e.strerror}; a file system without flock): "
+                            "nothing stops a second run from writing to this run directory")
+            return self
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "config_history", "tensorboard", "REQUEUE")
+
+
+def set_aside(run_dir: str | Path) -> Path | None:
+    """Move a previous run's files (RUN_FILES) into run_dir/replaced_<time>/ for `--resume overwrite`:
+    renamed, not deleted, so no complete checkpoint of that run is lost. Returns the folder (None when
+    there was nothing to move)."""
+    run_dir = Path(run_dir)
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = run_dir / f"replaced_{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"replaced_{stamp}_{n}"
+    dest.mkdir()
+    for name in present:
+        os.replace(run_dir / name, dest / name)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,56 +579,170 @@ def _layout() -> dict:
             "pp": ps.get_pipeline_model_parallel_world_size()}
 
 
+def _from_rank0(value):
+    """Rank 0's `value` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_of_all(value):
+    """The first rank's non-empty `value` (None when every rank has none), on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return next((v for v in out if v), None)
+
+
+def _cause(e: BaseException) -> str:
+    """One line for why a write failed: the OSError's own text when one is in the chain (also inside
+    torch.distributed.checkpoint's CheckpointException, which carries each rank's failure, and in
+    messages that only quote it, '[Errno 28] ...' after crossing a process boundary); else e's text."""
+    stack, seen, texts = [e], set(), []
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno:
+            return f"{x.strerror or os.strerror(x.errno)} (errno {errno.errorcode.get(x.errno, x.errno)})"
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack.extend(v[0] if isinstance(v, tuple) else v for v in failures.values())
+        stack.extend((x.__cause__, x.__context__))
+        texts.append(str(x))
+    for text in texts:
+        match = re.search(r"\[Errno (\d+)\]", text)
+        if match:
+            n = int(match.group(1))
+            return f"{os.strerror(n)} (errno {errno.errorcode.get(n, n)})"
+    return _one_line(e)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB free on its file system"
+    except OSError:
+        return "free space unknown"
+
+
+def _run_id_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _prepare_folder(path: Path, run_id: str | None) -> str | None:
+    """Rank 0, before a save: an empty folder for the tag (None), or why not. A folder already there is a
+    leftover of a killed save (incomplete) or this run's own checkpoint of the step: it is replaced; a
+    complete checkpoint of another run is not."""
+    try:
+        if path.exists():
+            owner = _run_id_of(path) if is_complete(path) else None
+            if owner and run_id and owner != run_id:
+                return (f"{path} holds a complete checkpoint of another run (run id {owner}; this run is {run_id}): "
+                        "refusing to overwrite it; move it away or use another --run-dir")
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    except OSError as e:
+        return f"cannot prepare {path}: {_cause(e)} ({_free_space(path.parent)})"
+    return None
+
+
 def save(engine, cfg, run_dir: str | Path, step: int, trainer_state: dict, keep: int = 3) -> str:
+    """Write the checkpoint of `step` (every rank), then rank 0 marks it complete, moves `latest` and
+    prunes. A failed write (a full disk) leaves no partial folder and `latest` where it was, and raises
+    CheckpointError with the cause on every rank."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 
     from training.config import config_to_dict
 
     root, tag = checkpoint_dir(run_dir), tag_for(step)
     path = root / tag
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)  # a leftover of a save that was killed
-        path.mkdir(parents=True)
-    dist.barrier()
-    state, _ = _state_dict(engine, cfg.model, tensors=True)
-    dist_checkpointing.save(state, str(path))
-    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+    run_id = trainer_state.get("run_id")
+    problem = _from_rank0(_prepare_folder(path, run_id) if rank == 0 else None)
+    if problem:
+        raise CheckpointError(problem)
+    error = None
+    try:
+        state, _ = _state_dict(engine, cfg.model, tensors=True)
+        dist_checkpointing.save(state, str(path))
+        torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any rank's failure
+        error = _cause(e)
     full_state = {**trainer_state, "optimizer_steps": _optimizer_step_count(engine),
                   "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": _layout(),
                   "config": config_to_dict(cfg)}
-    dist.barrier()
+    error = _first_of_all(error)  # (also the barrier: every rank has finished writing)
+    if rank == 0 and not error:
+        # trainer_state.json last (write + rename): its presence marks the tag complete; then the pointer moves.
+        try:
+            tmp = path / "trainer_state.json.tmp"
+            tmp.write_text(json.dumps(full_state, indent=1))
+            os.replace(tmp, path / "trainer_state.json")
+            tmp = root / "latest.tmp"
+            tmp.write_text(tag + "\n")
+            os.replace(tmp, root / "latest")
+        except OSError as e:
+            error = _cause(e)
+            (root / "latest.tmp").unlink(missing_ok=True)
+    error = _from_rank0(error)
+    if error:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        previous = None
+        try:
+            previous = latest_tag(run_dir)
+        except CheckpointError:
+            pass
+        dist.barrier()
+        raise CheckpointError(f"saving {path} failed: {error} ({_free_space(root)}); removed the partial folder; "
+                              f"{root / 'latest'} still names {previous or 'no checkpoint'}")
     if rank == 0:
-        # trainer_state.json last: its presence marks the tag complete; then the pointer moves.
-        with open(path / "trainer_state.json", "w") as f:
-            json.dump(full_state, f, indent=1)
-        tmp = root / "latest.tmp"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, root / "latest")
-        _prune(root, keep)
+        _prune(run_dir, keep, run_id, step)
     dist.barrier()
     return tag
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(run_dir: str | Path, keep: int, run_id: str | None, step: int) -> None:
+    """Keep this run's newest `keep` complete checkpoints up to `step` (just saved); delete its older ones
+    and incomplete leftovers of killed saves below `step`. Another run's checkpoints (another run_id) and
+    folders above `step` are left alone; checkpoints saved before run ids existed count as this run's."""
     if keep <= 0:
         return
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    older = []
+    for s, path in step_folders(run_dir):
+        if s >= step:
+            continue
+        if not is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _run_id_of(path) in (None, run_id):
+            older.append(path)
+    for path in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load(engine, cfg, run_dir: str | Path, tag: str) -> dict:
+    """Load checkpoint `tag` into the engine at this run's layout; returns its trainer state. The LR
+    schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 
     path = checkpoint_dir(run_dir) / tag
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)
     if isinstance(base_optimizer(engine), torch.optim.Adafactor) and state["layout"]["tp"] != _layout()["tp"]:
-        raise RuntimeError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it "
-                           f"at parallel.tp={state['layout']['tp']} (this run has {_layout()['tp']})")
+        raise CheckpointError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it "
+                              f"at parallel.tp={state['layout']['tp']} (this run has {_layout()['tp']})")
     _ensure_optimizer_state(engine)
     template, params = _state_dict(engine, cfg.model, tensors=False)
-    loaded = dist_checkpointing.load(template, str(path))
+    try:
+        loaded = dist_checkpointing.load(template, str(path))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError from torch's unzip...
+        raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({_cause(e)}); a .distcp file may be "
+                              "corrupt (resume from an earlier checkpoint: delete this folder and "
+                              f"{checkpoint_dir(run_dir) / 'latest'})") from None
     for name, p in params.items():
         _set_full(engine, p, None, loaded["model"][name])
         for key, _, _ in optimizer_state_specs(engine, p):
@@ -349,10 +750,17 @@ def load(engine, cfg, run_dir: str | Path, tag: str) -> dict:
     _set_optimizer_step_count(engine, state["optimizer_steps"])
     scheduler = engine.lr_scheduler
     scheduler.load_state_dict(state["lr_scheduler"])
-    # load_state_dict restores the schedule's position, not the rate the optimizer holds.
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+    # LambdaLR.load_state_dict restores the position (last_epoch) but also the saved base_lrs, the peak
+    # rate the checkpoint's run had; the shape (lr_lambda, a closure over this run's cfg, not saved) is
+    # this run's. Rates from the saved base would mix the two when train.lr changed on resume: take the
+    # base from this run's optimizer (its initial_lr, = train.lr) and recompute the rate it holds.
+    bases = [group.get("initial_lr", cfg.train.lr) for group in scheduler.optimizer.param_groups]
+    scheduler.base_lrs = list(bases)
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(bases, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = lr
+    scheduler._last_lr = list(rates)
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if state["layout"] == _layout() and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_rng_file(rng_file))
     return state

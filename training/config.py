@@ -243,6 +243,18 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         _require(0.0 <= v < 1.0, f"model.{name}={v} must be in [0, 1)")
     _require(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: from the table)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    _require(t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")
+    for name, low, meaning in (("steps", 1, "optimizer steps to run"),
+                               ("log_interval", 1, "steps between metric lines"),
+                               ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
+                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
+                               ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
+                               ("warmup_steps", 0, "linear warmup steps")):
+        value = getattr(t, name)
+        _require(value >= low, f"train.{name}={value} must be >= {low} ({meaning})")
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0 (the schedule is relative to it)")
+    for name in ("min_lr", "weight_decay", "grad_clip"):
+        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by "
              f"train.micro_batch_size={t.micro_batch_size}")
@@ -373,10 +385,82 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Config, path: str | Path, header: str = "") -> None:
+    """Write the resolved config as YAML (`header`: comment lines put above it)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
+        if header:
+            f.write("".join(f"# {line}\n" for line in header.splitlines()))
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# A resumed run's config against the one its checkpoint was saved with
+
+RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.steps",
+                  "train.weight_decay", "train.grad_clip")
+"""Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
+checkpoint's step with the new values (training/checkpoint.py `load`), weight decay and clipping
+are the new ones from the first step on."""
+
+RESUME_WARNED = {
+    "train.seed": "data order and caption drops follow the new seed from here on (samples of this epoch "
+                  "may repeat or be skipped); the weights stay the checkpoint's",
+    "train.global_batch_size": "each step from here on takes the new number of samples; the LR schedule "
+                               "counts steps, not samples",
+    "data.synthetic": "the training data changes from this step on",
+    "data.shards": "the training data changes from this step on",
+}
+"""Changes a resumed run accepts with a warning: the run goes on, but is no longer the run it was."""
+
+NOT_NETWORK = ("model.preset", "model.dropout", "model.attention_dropout", "model.cfg_drop_prob",
+               "model.init_std")
+"""model.* keys that do not change the network a checkpoint holds: the preset's name (its values are
+compared one by one), regularisation, and the initialisation (used only by a fresh run). Every other
+model.* key, present or future, is taken to change it."""
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 1e-3, ...} from nested sections."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, cfg: Config) -> dict[str, list[tuple[str, Any, Any]]]:
+    """What changed between a checkpoint's config (`saved`, the dict trainer_state.json holds) and the
+    config resuming it, by what a resume does with each change: {'refused': [...], 'applied': [...],
+    'warned': [...], 'noted': [...]}, each a list of (dotted key, saved value, new value).
+
+    refused: the network (any model.* key but NOT_NETWORK's) or the optimizer's kind (its state would
+    not fit); applied: RESUME_APPLIED; warned: RESUME_WARNED; noted: anything else (layout, kernels,
+    precision, intervals: a checkpoint resumes at any of them). A key the checkpoint's config lacks
+    (added to the code since) is compared with its default."""
+    new = flat_dict(config_to_dict(cfg))
+    old = {**flat_dict(config_to_dict(Config())), **flat_dict(saved or {})}
+    out: dict[str, list] = {"refused": [], "applied": [], "warned": [], "noted": []}
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value or (isinstance(value, float) and isinstance(before, int) and float(before) == value):
+            continue
+        if (key.startswith("model.") and key not in NOT_NETWORK) or key == "train.optimizer":
+            kind = "refused"
+        elif key in RESUME_APPLIED:
+            kind = "applied"
+        elif key in RESUME_WARNED:
+            kind = "warned"
+        else:
+            kind = "noted"
+        out[kind].append((key, before, value))
+    return out
+
+
+def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,21 @@
     torchrun --nproc_per_node 2 -m training.train --config configs/train/debug.yaml \
         --set parallel.tp=2 train.steps=20 --run-dir runs/x [--resume auto]
 
-The run directory receives config.yaml (resolved), metrics.jsonl, TensorBoard events and
-checkpoints/. `--resume auto` continues from checkpoints/latest when there is one, at whatever
-layout this run has. SIGUSR1/SIGTERM: finish the step, save, exit 75 (requeue). Exit 1 on errors.
+The run directory receives config.yaml (the config of the current segment), config_history/ (one
+file per start or resume: segment_<n>_step_<s>.yaml, the config each segment ran with and what changed),
+metrics.jsonl, TensorBoard events and checkpoints/. One run at a time: rank 0 holds run_dir/.lock
+(training/checkpoint.py RunLock) for the run's life; a second run there fails at once naming the holder.
+
+--resume auto (default): continue from checkpoints/latest, or, when that pointer is missing, from the
+  newest complete checkpoint (logged), at whatever layout this run has; start at step 0 when there is none.
+  The config is compared with the checkpoint's first: a changed network (model.*) or optimizer kind is
+  refused naming the keys, schedule/optimizer values (train.lr, min_lr, warmup_steps, lr_decay, steps,
+  weight_decay, grad_clip) are applied and logged, seed/batch/data changes are warned about.
+--resume none: start at step 0; refused when the run directory already holds checkpoints.
+--resume overwrite: start at step 0 in a run directory that holds another run; that run's checkpoints,
+  metrics, configs and events are moved (not deleted) to run_dir/replaced_<time>/.
+SIGUSR1/SIGTERM: finish the step, save, exit 75 (requeue). Errors: exit 1 with one line naming the file
+or field ("config error: ..." or "error: ..."), the run directory as it was.
 Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py).
 """
 from __future__ import annotations
@@ -13,20 +25,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from training.config import Config, ConfigError, add_config_args, load_config, save_config
+
+# torch is imported where it is used, so that a config error is reported without waiting for it.
+RESUME_MODES = ("auto", "none", "overwrite")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
     parser.add_argument("--run-dir", required=True, help="where config, metrics and checkpoints go")
-    parser.add_argument("--resume", default="auto", choices=["auto", "none"],
-                        help="auto: continue from the run directory's latest checkpoint if any")
+    parser.add_argument("--resume", default="auto", choices=RESUME_MODES,
+                        help="auto: continue from the run directory's latest (else newest complete) checkpoint "
+                             "if any; none: start afresh, refused where checkpoints exist; overwrite: start "
+                             "afresh, moving an existing run to run_dir/replaced_<time>/")
     # The deepspeed launcher passes --local_rank; the rank is read from the environment either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -47,6 +63,8 @@ def build_dataset(cfg: Config):
 
 def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: int, dp_size: int):
     """This DP rank's micro-batches of the global batch starting at `consumed`, with CFG caption drops."""
+    import torch
+
     from model_parallel.model import cfg_drop_mask, null_condition
 
     m, t = cfg.model, cfg.train
@@ -59,33 +77,163 @@ def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: in
         yield null_condition(text, drop, m.text_pad_id, m.text_eos_id), codes
 
 
+@dataclass
+class ResumePlan:
+    """What a start does, decided by rank 0 before anything is built or written (`plan_resume`)."""
+
+    run_id: str
+    tag: str | None = None
+    """Checkpoint to resume from (None: start at step 0)."""
+    state: dict | None = None
+    """Its trainer_state.json."""
+    set_aside: bool = False
+    """--resume overwrite over an existing run: move that run's files aside first."""
+    messages: list[str] = field(default_factory=list)
+    """Lines for the log once it exists (fallbacks, config changes, warnings)."""
+    changes: dict = field(default_factory=dict)
+    """training.config.resume_changes against the checkpoint's config."""
+
+    @property
+    def step(self) -> int:
+        return self.state["step"] if self.state else 0
+
+
+def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
+    """Decide from the run directory's files alone how this start goes; raise ConfigError (a config the
+    checkpoint cannot continue with) or RunDirError/CheckpointError (one line naming the file) instead."""
+    from training import checkpoint
+    from training.config import format_changes, resume_changes
+
+    if mode not in RESUME_MODES:
+        raise ConfigError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
+    new_id = uuid.uuid4().hex[:12]
+    if mode == "overwrite":
+        return ResumePlan(run_id=new_id, set_aside=any((run_dir / n).exists() for n in checkpoint.RUN_FILES))
+    if mode == "none":
+        if checkpoint.has_checkpoints(run_dir):
+            complete = checkpoint.complete_tags(run_dir)
+            held = f"checkpoints up to {complete[-1]}" if complete else "checkpoint folders"
+            raise checkpoint.RunDirError(
+                f"{run_dir} already holds {held}; --resume none would start again at step 0 and overwrite them: "
+                "continue with --resume auto, start afresh with --resume overwrite (moves the old run to "
+                f"{run_dir}/replaced_<time>/), or use another --run-dir")
+        return ResumePlan(run_id=new_id)
+    tag, note = checkpoint.resume_tag(run_dir)
+    messages = [note] if note else []
+    if tag is None:
+        return ResumePlan(run_id=new_id, messages=messages)
+    path = checkpoint.checkpoint_dir(run_dir) / tag
+    state = checkpoint.read_trainer_state(path)
+    if isinstance(state.get("config"), dict):
+        changes = resume_changes(state["config"], cfg)
+    else:  # (saved before checkpoints held their config)
+        changes = {"refused": [], "applied": [], "warned": [], "noted": []}
+        messages.append(f"warning: {path / 'trainer_state.json'} holds no config: this run's config cannot be "
+                        "checked against the checkpoint's")
+    if changes["refused"]:
+        preset = [c for c in changes["noted"] if c[0] == "model.preset"]
+        raise ConfigError(f"cannot resume {path} with another network or optimizer: "
+                          f"{format_changes(preset + changes['refused'])} (the checkpoint holds the other one's "
+                          "weights and optimizer state); resume with the checkpoint's values, or start the new "
+                          "model in another --run-dir (or with --resume overwrite)")
+    layout = state.get("layout", {})
+    if cfg.train.optimizer == "adafactor" and layout.get("tp", cfg.parallel.tp) != cfg.parallel.tp:
+        raise ConfigError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it at "
+                          f"parallel.tp={layout['tp']} (this run has {cfg.parallel.tp})")
+    checkpoint.verify(path)
+    if changes["applied"]:
+        messages.append(f"config changes applied from step {state['step']} on: {format_changes(changes['applied'])}")
+    for key, old, new in changes["warned"]:
+        from training.config import RESUME_WARNED
+
+        messages.append(f"warning: {key} changed on resume ({old!r} -> {new!r}): {RESUME_WARNED[key]}")
+    if changes["noted"]:
+        messages.append(f"config changes on resume: {format_changes(changes['noted'])}")
+    return ResumePlan(run_id=state.get("run_id") or new_id, tag=tag, state=state, messages=messages,
+                      changes=changes)
+
+
+def _decide_on_rank0(decide):
+    """Run `decide()` on rank 0 and return its result on every rank; its ConfigError/RunDirError (or any
+    other failure) is raised on every rank, so that no rank waits for the others in a collective."""
+    import torch.distributed as dist
+
+    from training.checkpoint import CheckpointError, RunDirError
+
+    outcome, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except (ConfigError, RunDirError) as e:
+            outcome, error = (type(e).__name__, str(e)), e
+        except Exception as e:
+            outcome, error = ("RuntimeError", f"rank 0 failed: {type(e).__name__}: {e}"), e
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind != "ok":
+        classes = {"ConfigError": ConfigError, "RunDirError": RunDirError, "CheckpointError": CheckpointError}
+        raise classes.get(kind, RuntimeError)(value)
+    return value
+
+
 class Trainer:
-    """One run: process groups, model, engine, data order, and the loop that steps, logs and saves."""
+    """One run: process groups, model, engine, data order, and the loop that steps, logs and saves.
+    `resume`: auto | none | overwrite (see the module docstring); the decision and every refusal come
+    before anything is written to the run directory."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path):
-        from megatron.core import parallel_state as ps
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
+        import torch.distributed as dist
 
-        from data_pipeline.sampler import GlobalBatchSampler
-        from model_parallel.kernels import select_kernels
-        from model_parallel.state import init_distributed, init_parallel, seed_everything, use_device
-        from training.engine import build_engine, build_model
-        from training.flops import enable_tf32, peak_flops
-        from training.metrics import MetricsLogger, reset_peak_memory
+        from model_parallel.state import init_distributed, use_device
+        from training.checkpoint import RunLock
 
         self.device = use_device(cfg.train.device)  # before anything touches CUDA
         init_distributed()
         self.world = dist.get_world_size()
         cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused
-        init_parallel(cfg.parallel.tp, cfg.parallel.pp)
         if cfg.parallel.sequence_parallel and (cfg.parallel.zero_stage > 1 or cfg.parallel.pp > 1):
             raise ConfigError("parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage "
                               "0 or 1 only (its norm gradients are summed between backward and step)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.lock = RunLock(self.run_dir)
+        self.log = None
+        try:
+            self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume))[1])
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from data_pipeline.sampler import GlobalBatchSampler
+        from model_parallel.kernels import select_kernels
+        from model_parallel.state import init_parallel, seed_everything
+        from training.checkpoint import set_aside
+        from training.engine import build_engine, build_model
+        from training.flops import enable_tf32, peak_flops
+        from training.metrics import MetricsLogger, reset_peak_memory
+
+        cfg = self.cfg
+        init_parallel(cfg.parallel.tp, cfg.parallel.pp)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dataset = build_dataset(cfg)  # data that does not fit the model is refused before anything is written
-        self.log = MetricsLogger(self.run_dir, enabled=dist.get_rank() == 0)
-        if dist.get_rank() == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+        rank0 = dist.get_rank() == 0
+        moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
+        self.log = MetricsLogger(self.run_dir, enabled=rank0)
+        if self.lock.warning:
+            self.log.info(self.lock.warning)
+        if moved:
+            self.log.info(f"--resume overwrite: moved the previous run's files to {moved}")
+        for message in self.plan.messages:
+            self.log.info(message)
+        if rank0:
+            self._write_config()
 
         seed_everything(cfg.train.seed)
         kernels = select_kernels(cfg.kernels)
@@ -107,24 +255,47 @@ class Trainer:
                       f"{self.dp_size}; zero {cfg.parallel.zero_stage}; "
                       f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
 
+    def _write_config(self) -> None:
+        """config.yaml (this segment's config) and config_history/segment_<n>_step_<s>.yaml, written once the
+        checkpoint's config has been checked: the history keeps what every segment of the run ran with."""
+        from training.config import format_changes
+
+        plan, history = self.plan, self.run_dir / "config_history"
+        n = len(list(history.glob("segment_*.yaml"))) + 1 if history.is_dir() else 1
+        source = f"resumed from checkpoints/{plan.tag}" if plan.tag else "started at step 0"
+        lines = [f"segment {n} of run {plan.run_id}: {source}, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"]
+        for kind in ("applied", "warned", "noted"):
+            if plan.changes.get(kind):
+                lines.append(f"changed ({kind}): {format_changes(plan.changes[kind])}")
+        save_config(self.cfg, history / f"segment_{n:03d}_step_{plan.step:08d}.yaml", header="\n".join(lines))
+        save_config(self.cfg, self.run_dir / "config.yaml")
+
     def resume(self) -> None:
+        """Load the checkpoint the plan chose (nothing when it chose none)."""
         from training import checkpoint
 
-        tag = checkpoint.latest_tag(self.run_dir)
-        if tag:
-            state = checkpoint.load(self.engine, self.cfg, self.run_dir, tag)
+        if self.plan.tag:
+            state = checkpoint.load(self.engine, self.cfg, self.run_dir, self.plan.tag)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.engine.nonfinite_guard.skipped = state.get("skipped_steps", 0)
-            self.log.info(f"resumed from {self.run_dir / 'checkpoints' / tag} at step {self.step}")
+            self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
+                          f"lr now {self.engine.get_lr()[0]:.3e}")
 
     def save(self) -> None:
         from training import checkpoint
 
         state = {"step": self.step, "consumed_samples": self.consumed,
                  "sampler": self.sampler.state_dict(self.consumed),
-                 "skipped_steps": self.engine.nonfinite_guard.skipped}
+                 "skipped_steps": self.engine.nonfinite_guard.skipped, "run_id": self.plan.run_id}
         tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
         self.log.info(f"saved {self.run_dir / 'checkpoints' / tag}")
+
+    def close(self) -> None:
+        """Release the run directory (the lock; the logger if `run` did not)."""
+        if self.log is not None and not getattr(self, "_log_closed", False):
+            self.log.close()
+            self._log_closed = True
+        self.lock.release()
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
         from training.flops import train_flops_per_sample
@@ -143,6 +314,8 @@ class Trainer:
     def run(self) -> list[float]:
         """Step until train.steps; return this call's per-step losses. Raises Preempted after saving
         when SIGUSR1/SIGTERM arrived, RuntimeError after too many non-finite steps in a row."""
+        import torch.distributed as dist
+
         from training.engine import train_step
         from training.preemption import Preempted, StopRequest
 
@@ -175,31 +348,42 @@ class Trainer:
                     raise Preempted(self.step, reason)
         finally:
             stop.restore()
-            self.log.close()
+            self.close()  # the run is over: logger closed, run directory released
         return losses
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]:
-    """Run cfg.train.steps steps (or what is left of them after a resume); return their losses."""
-    trainer = Trainer(cfg, run_dir)
-    if resume == "auto":
+    """Run cfg.train.steps steps (or what is left of them after a resume); return their losses.
+    resume: auto | none | overwrite (module docstring)."""
+    trainer = Trainer(cfg, run_dir, resume)
+    try:
         trainer.resume()
-    return trainer.run()
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set).validate()
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    from training.checkpoint import RunDirError
     from training.preemption import REQUEUE_EXIT_CODE, Preempted
 
     try:
-        cfg = load_config(args.config, args.set).validate()
         train(cfg, args.run_dir, args.resume)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except RunDirError as e:  # and CheckpointError
+        sys.exit(f"error: {e}")
     except Preempted as e:
         print(f"{e}; exiting with {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr)
         sys.exit(REQUEUE_EXIT_CODE)
     finally:
+        import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,0 +1,296 @@
+"""Resume safety (issue #13, items 1, 2, 5): a run never starts again over its own checkpoints, a resume
+checks its config against the checkpoint's, checkpoints cannot run code, and bad inputs end in one line
+naming the file or field with the run directory as it was.
+
+Runs resume from copies of the reference run (tests/conftest.py: 6 steps, checkpoints at steps 3 and
+6, DP=2) in the test process (DP=1, which continues it exactly), so each test costs at most one engine
+start-up; refusals come before any engine is built. The table at the end goes through
+`python -m training.train` in a subprocess, as a user would.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import STEPS, run
+from training.checkpoint import latest_tag, tag_for
+from training.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+MID, LAST = tag_for(3), tag_for(STEPS)
+
+
+def copy_run(reference_dir: Path, dest: Path, tags=(MID, LAST), latest: str | None = LAST) -> Path:
+    """A copy of the reference run directory with the checkpoint folders `tags` and `latest` naming one."""
+    shutil.copytree(reference_dir, dest, ignore=shutil.ignore_patterns(".lock", "step_*", "latest"))
+    for tag in tags:
+        shutil.copytree(reference_dir / "checkpoints" / tag, dest / "checkpoints" / tag)
+    if latest:
+        (dest / "checkpoints" / "latest").write_text(latest + "\n")
+    return dest
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    """Every file under run_dir (but the lock file, whose holder line each start rewrites) -> its sha256."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def log_lines():
+    """The trainer's log messages (logger 'parti', rank 0) of this test."""
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, logger = Keep(), logging.getLogger("parti")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # (training/metrics.py sets it only when it adds its own handler)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 1: a run does not start again over its own checkpoints
+
+
+def test_missing_latest_resumes_from_the_newest_complete_checkpoint(single_process, reference, tmp_path, log_lines):
+    """`latest` deleted, and the newest folder incomplete (its save was killed before trainer_state.json):
+    the resume continues from the newest complete step, as the uninterrupted run did."""
+    run_dir = copy_run(reference[1], tmp_path / "run", latest=None)
+    (run_dir / "checkpoints" / LAST / "trainer_state.json").unlink()
+    losses = run(str(run_dir))
+    assert len(losses) == STEPS - 3
+    assert losses == pytest.approx(reference[0][3:], rel=1e-4, abs=1e-4)
+    assert any("latest is missing: resuming from the newest complete checkpoint" in line and MID in line
+               and f"skipping incomplete {LAST}" in line for line in log_lines), log_lines
+    assert latest_tag(run_dir) == LAST and (run_dir / "checkpoints" / MID / "trainer_state.json").is_file()
+
+
+def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(single_process, reference, tmp_path):
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    before = snapshot(run_dir)
+    with pytest.raises(RuntimeError, match=rf"already holds checkpoints up to {LAST}; --resume none would .*"
+                                           r"--resume overwrite"):
+        run(str(run_dir), resume="none")
+    assert snapshot(run_dir) == before  # nothing written: config, metrics, checkpoints, latest as they were
+
+    losses = run(str(run_dir), steps=3, resume="overwrite")
+    assert losses == pytest.approx(reference[0][:3], rel=1e-4, abs=1e-4)  # step 1 onwards, afresh
+    [moved] = run_dir.glob("replaced_*")  # the old run, moved aside whole: no checkpoint of it deleted
+    assert snapshot(moved) == before
+    assert latest_tag(run_dir) == MID and not (run_dir / "checkpoints" / LAST).exists()
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
+    old_id = json.loads((moved / "checkpoints" / LAST / "trainer_state.json").read_text()).get("run_id")
+    new_id = json.loads((run_dir / "checkpoints" / MID / "trainer_state.json").read_text())["run_id"]
+    assert new_id and new_id != old_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: a resume checks its config against the checkpoint's
+
+
+def test_resume_with_a_changed_lr_uses_the_new_lr(single_process, reference, tmp_path, log_lines):
+    from training.config import load_config
+    from training.engine import lr_lambda
+
+    run_dir = copy_run(reference[1], tmp_path / "run", tags=(MID,), latest=MID)
+    (run_dir / "metrics.jsonl").unlink()
+    run(str(run_dir), "train.lr=1e-3")
+    schedule = lr_lambda(load_config("configs/train/debug.yaml", [f"train.steps={STEPS}", "train.lr=1e-3"]))
+    # What the optimizer used at steps 4-6: the new peak rate on the new schedule at the checkpoint's position
+    # (the restored scheduler's base rate was the old 3e-3).
+    assert [m["lr"] for m in metrics(run_dir)] == pytest.approx([1e-3 * schedule(k) for k in range(3, STEPS)],
+                                                                rel=1e-9)
+    assert any("config changes applied from step 3 on: train.lr 0.003 -> 0.001" in line for line in log_lines)
+    assert load_config(run_dir / "config.yaml").train.lr == 1e-3
+    [segment] = (run_dir / "config_history").glob(f"segment_*_step_{3:08d}.yaml")
+    assert load_config(segment).train.lr == 1e-3 and "train.lr 0.003 -> 0.001" in segment.read_text()
+    saved = json.loads((run_dir / "checkpoints" / LAST / "trainer_state.json").read_text())
+    assert saved["config"]["train"]["lr"] == 1e-3
+
+
+def test_resume_with_a_changed_head_count_is_refused(single_process, reference, tmp_path):
+    """Same shapes (64 = 4 x 16 = 2 x 32), another network: refused before anything is written."""
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match=r"cannot resume .*step_00000006 with another network .*"
+                                          r"model\.num_heads 4 -> 2"):
+        run(str(run_dir), "model.num_heads=2", steps=9)
+    assert snapshot(run_dir) == before  # config.yaml untouched
+
+
+def test_resume_with_a_changed_seed_warns(single_process, reference, tmp_path, log_lines):
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    assert run(str(run_dir), "train.seed=7") == []  # already at train.steps: resumes, runs nothing
+    assert any(line.startswith("warning: train.seed changed on resume (1234 -> 7)") for line in log_lines), log_lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: checkpoints cannot run code
+
+
+class Payload:
+    """Unpickling it writes the marker file (what a crafted checkpoint file could do instead)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('the payload ran')",)
+
+
+@pytest.mark.parametrize("name", ["rng_rank1.pt", ".metadata"])
+def test_planted_pickle_in_a_checkpoint_does_not_run(pool2, reference, tmp_path, name):
+    """A resume at the checkpoint's own layout (DP=2, so every rank reads its rng_rank file) from a checkpoint
+    whose RNG file or tensor index (.metadata, which torch.distributed.checkpoint unpickles) carries a payload."""
+    import torch
+
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    marker, file = tmp_path / "payload_ran", run_dir / "checkpoints" / LAST / name
+    if name.endswith(".pt"):
+        torch.save({"torch": Payload(marker), "tracker": {}}, file)
+    else:
+        file.write_bytes(pickle.dumps(Payload(marker)))
+    refused = re.escape(str(file)) + r": .*would import builtins\.exec .*refusing to load it"
+    with pytest.raises(RuntimeError, match=refused):
+        pool2.run(run, str(run_dir), steps=9)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk while saving
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(single_process, reference, tmp_path, monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def no_space(*args, **kwargs):  # what writing a .distcp file meets on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run_dir = copy_run(reference[1], tmp_path / "run", tags=(MID,), latest=MID)
+    monkeypatch.setattr(filesystem_async, "_write_item", no_space)
+    with pytest.raises(RuntimeError, match=rf"saving .*{tag_for(4)} failed: No space left on device \(errno ENOSPC\) "
+                                           rf".*removed the partial folder; .*latest still names {MID}") as err:
+        run(str(run_dir), steps=4)
+    assert err.type.__name__ == "CheckpointError" and "\n" not in str(err.value)
+    assert not (run_dir / "checkpoints" / tag_for(4)).exists() and latest_tag(run_dir) == MID
+    from training.checkpoint import verify
+
+    verify(run_dir / "checkpoints" / MID)  # the previous checkpoint, whole
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per run directory
+
+
+def test_the_lock_of_a_dead_run_does_not_block(tmp_path):
+    """A run killed while holding run_dir/.lock (SIGKILL, a node failure, a SLURM requeue) leaves the file,
+    not the lock: the kernel released it with the process."""
+    from training.checkpoint import RunLock
+
+    holder = ("import fcntl, os, signal, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+              "f.write(f'pid {os.getpid()}'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", holder, str(tmp_path / ".lock")], timeout=60)
+    assert proc.returncode == -signal.SIGKILL and (tmp_path / ".lock").read_text().startswith("pid ")
+    lock = RunLock(tmp_path).acquire()
+    assert lock.file is not None and f"pid {os.getpid()} on " in (tmp_path / ".lock").read_text()
+    with pytest.raises(RuntimeError, match=rf"\.lock is held by another run \(pid {os.getpid()} on "):
+        RunLock(tmp_path).acquire()  # a second holder, while the first is alive
+    lock.release()
+    RunLock(tmp_path).acquire().release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs through `python -m training.train`: exit 1, one line naming the file or field, nothing changed
+
+
+def truncate(run_dir: Path) -> None:
+    file = run_dir / "checkpoints" / LAST / "__0_1.distcp"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def scribble(run_dir: Path) -> None:
+    file = run_dir / "checkpoints" / LAST / "__0_0.distcp"
+    data = bytearray(file.read_bytes())
+    data[:4096] = os.urandom(4096)
+    file.write_bytes(bytes(data))
+
+
+def garbage_latest(run_dir: Path) -> None:
+    (run_dir / "checkpoints" / "latest").write_bytes(bytes(range(256)))
+
+
+HELD = []
+
+
+def hold_lock(run_dir: Path) -> None:
+    """This test process holds the run directory, as a run in progress would."""
+    f = open(run_dir / ".lock", "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since now\n")
+    f.flush()
+    HELD.append(f)
+
+
+BAD_INPUTS = {  # id: (prepare the run directory, --set overrides, what the one line must say)
+    "truncated-distcp": (truncate, [], [f"{LAST}/__0_1.distcp is truncated:", "its tensor index expects"]),
+    "corrupt-distcp": (scribble, [], [f"{LAST}/__0_0.distcp is corrupt: no tensor record at byte 0"]),
+    "garbage-latest": (garbage_latest, [], ["checkpoints/latest: cannot be read as text", "expected one line naming",
+                                            f"delete it to resume from the newest complete checkpoint ({LAST})"]),
+    "another-preset": (None, ["model.preset=parti-tiny"],
+                       ["config error: cannot resume", "model.preset 'parti-debug' -> 'parti-tiny'",
+                        "model.hidden_size 64 -> 128"]),
+    "log-interval-0": (None, ["train.log_interval=0"], ["config error: train.log_interval=0 must be >= 1"]),
+    "global-batch-0": (None, ["train.global_batch_size=0"], ["config error: train.global_batch_size=0 must be >= 1"]),
+    "steps-negative": (None, ["train.steps=-1"], ["config error: train.steps=-1 must be >= 1"]),
+    "max-skipped-0": (None, ["train.max_skipped_steps=0"], ["config error: train.max_skipped_steps=0 must be >= 1"]),
+    "run-dir-busy": (hold_lock, [], [".lock is held by another run (pid {pid} on", "use another --run-dir"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_ends_in_one_line_and_leaves_the_run_as_it_was(reference, tmp_path, case):
+    prepare, sets, expected = BAD_INPUTS[case]
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    if prepare:
+        prepare(run_dir)
+    before = snapshot(run_dir)
+    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/debug.yaml", "--run-dir", str(run_dir),
+           "--set", "train.steps=9", "train.global_batch_size=8", "train.micro_batch_size=2", "train.save_interval=3",
+           "model.dropout=0.0", "model.attention_dropout=0.0", *sets]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        while HELD:
+            HELD.pop().close()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match(r"(config )?error: ", last), proc.stderr[-3000:]
+    for text in expected:
+        assert text.format(pid=os.getpid()) in last, last
+    assert snapshot(run_dir) == before
