@@ -286,8 +286,12 @@ class RunLock:
     def acquire(self) -> "RunLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise RunDirError(f"cannot use {self.path.parent} as the run directory: {e.strerror} "
+                              f"({e.filename or self.path})") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
