@@ -198,6 +198,7 @@ class Trainer:
             raise ConfigError("parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage "
                               "0 or 1 only (its norm gradients are summed between backward and step)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dataset = build_dataset(cfg)  # data that does not fit the model is refused before anything is written
         self.lock = RunLock(self.run_dir)
         self.log = None
         try:
@@ -222,7 +223,6 @@ class Trainer:
         cfg = self.cfg
         init_parallel(cfg.parallel.tp, cfg.parallel.pp)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.dataset = build_dataset(cfg)  # data that does not fit the model is refused before anything is written
         rank0 = dist.get_rank() == 0
         moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
         self.log = MetricsLogger(self.run_dir, enabled=rank0)
