@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import checkpoint_dir, latest_tag, local_shape, sharded
+from training.checkpoint import checkpoint_dir, local_shape, resume_tag, sharded
 from training.config import ModelConfig, config_from_dict
 
 
@@ -44,7 +44,7 @@ def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor]
 def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
     from safetensors.torch import save_file
 
-    tag = tag or latest_tag(run_dir)
+    tag = tag or resume_tag(run_dir)[0]  # `latest`'s, or the newest complete one when `latest` is gone
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint")
     weights, config = read_weights(run_dir, tag)

@@ -333,7 +333,7 @@ class Trainer:
                 if self.step % t.log_interval == 0 or self.step == t.steps:
                     self.log_step(loss, lr, grad_norm, time.perf_counter() - start)
                 if guard.consecutive >= t.max_skipped_steps:
-                    raise RuntimeError(f"stopping at step {self.step}: the last {guard.consecutive} steps had "
+                    raise NonFiniteStop(f"stopping at step {self.step}: the last {guard.consecutive} steps had "
                                        "non-finite loss or gradients and were skipped (train.max_skipped_steps="
                                        f"{t.max_skipped_steps}); lower train.lr or check the data")
                 preempted = stop.requested()
@@ -363,6 +363,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
         trainer.close()
 
 
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients (train.max_skipped_steps)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, args.run_dir, args.resume)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except RunDirError as e:  # and CheckpointError
+    except (RunDirError, NonFiniteStop) as e:  # RunDirError includes CheckpointError
         sys.exit(f"error: {e}")
     except Preempted as e:
         print(f"{e}; exiting with {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr)
