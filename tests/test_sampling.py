@@ -55,13 +55,18 @@ def decoded_in_chunks(model, text, inputs, chunks, static=False):
     return torch.cat(out, dim=1)
 
 
-@torch.no_grad()
-def test_one_token_decoding_passes_no_mask_and_equals_recomputation(single_process):
+def recomputed_reference():
+    """The debug model, a batch, and its decoder logits from one pass over all positions (the reference)."""
     model = debug_model()
     text, codes = debug_batch(model.cfg, batch=3)
     inputs = model.decoder_input(codes)
     memory, mask = model.encode(text)
-    full = model.decode(inputs, memory, mask).transpose(0, 1)  # the reference: one pass over all positions
+    return model, text, inputs, memory, mask, model.decode(inputs, memory, mask).transpose(0, 1)
+
+
+@torch.no_grad()
+def test_one_token_decoding_passes_no_mask_and_equals_recomputation(single_process):
+    model, text, inputs, memory, mask, full = recomputed_reference()
     calls = spy_on_self_attention(model)
     chunks = [1, 1, 1, 3, 1, 2, 1, 1, inputs.shape[1] - 11]  # a BOS step, single tokens, several at once
     torch.testing.assert_close(decoded_in_chunks(model, text, inputs, chunks), full, rtol=1e-5, atol=1e-5)
@@ -80,11 +85,7 @@ def test_one_token_decoding_passes_no_mask_and_equals_recomputation(single_proce
 
 @torch.no_grad()
 def test_static_cache_equals_full_recomputation(single_process):
-    model = debug_model()
-    text, codes = debug_batch(model.cfg, batch=3)
-    inputs = model.decoder_input(codes)
-    memory, mask = model.encode(text)
-    full = model.decode(inputs, memory, mask).transpose(0, 1)
+    model, text, inputs, memory, mask, full = recomputed_reference()
     calls = spy_on_self_attention(model)
     chunks = [1, 1, 3, 1, inputs.shape[1] - 6]
     torch.testing.assert_close(decoded_in_chunks(model, text, inputs, chunks, static=True), full,
