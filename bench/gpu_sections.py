@@ -89,6 +89,8 @@ def environment(ctx: Context) -> dict:
     from deepspeed.accelerator import get_accelerator
     from importlib.metadata import version
 
+    from bench.sample import copy_bandwidth
+    from bench.train_throughput import matmul_flops
     from model_parallel.cpu_compat import is_applied
     from model_parallel.kernels import availability, select_kernels
     from model_parallel.state import driver_version, init_parallel, use_device
@@ -111,40 +113,13 @@ def environment(ctx: Context) -> dict:
                    capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
                    cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())))
         checks["peak_known"] = peak is not None
-    out["measured_matmul_tflops"] = _matmul_tflops(device, 4096 if ctx.quick or device == "cpu" else 8192)
+    out["measured_matmul_tflops"] = matmul_flops(device) / 1e12
     if device == "cuda":
-        out["measured_copy_gbs"] = _copy_gbs()
+        out["measured_copy_gbs"] = copy_bandwidth(torch.device("cuda")) / 1e9
         if peak:
             out["matmul_vs_peak"] = out["measured_matmul_tflops"] * 1e12 / peak
     out["checks"] = checks
     return out
-
-
-def _matmul_tflops(device: str, n: int) -> float:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    n = n if device == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps, start = 10, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def _copy_gbs(nbytes: int = 2**31) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (the ceiling of memory-bound work)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    reps, start = 10, time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * nbytes * reps / (time.perf_counter() - start) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +281,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     step at several micro-batch sizes, TFLOP/s by training/flops.py's formula, MFU against the table's
     peak and against the matmul rate measured here, peak memory; then, at the best size, how much of a
     step the optimizer takes (its micro-batch timed apart) and where the host spends that step."""
+    from bench.train_throughput import matmul_flops
     from training.engine import train_step
     from training.flops import train_flops_per_sample
     from training.train import Trainer
@@ -319,7 +295,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     build_s = ctx.record("build_s", time.perf_counter() - start)
     m, engine = cfg.model, trainer.engine
     flops = train_flops_per_sample(m)
-    matmul = _matmul_tflops("cuda", 8192) * 1e12
+    matmul = matmul_flops("cuda")
 
     def batches(mbs: int) -> list:
         text = torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), device="cuda")

@@ -14,7 +14,8 @@ Decoding modes (one loop, one step function each):
 - `use_cache=True` (default): a KV cache that grows by one position per step (layers.LayerCache);
 - `static_cache=True`: the KV cache preallocated to the whole image with a device-side write position and
   attention over all of it under a mask of the written positions: every step has the same shapes and no
-  host-side state. Slower than the growing cache when run eagerly; it exists for
+  host-side state. Slower than the growing cache when run eagerly: it exists for the CUDA graphs below,
+  and run eagerly it lets the CPU tests check their very step;
 - `cuda_graph=True` (CUDA only): the static-cache step captured in CUDA graphs (one per attended cache
   prefix: a quarter of the image, half, ...) and replayed at every step, so a step costs one launch
   instead of hundreds and decoding approaches the memory-bandwidth bound. The graphs are captured per

@@ -736,9 +736,7 @@ def load(engine, cfg, run_dir: str | Path, tag: str) -> dict:
 
     path = checkpoint_dir(run_dir) / tag
     state = read_trainer_state(path)
-    if isinstance(base_optimizer(engine), torch.optim.Adafactor) and state["layout"]["tp"] != _layout()["tp"]:
-        raise CheckpointError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it "
-                              f"at parallel.tp={state['layout']['tp']} (this run has {_layout()['tp']})")
+    # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.train.plan_resume.)
     _ensure_optimizer_state(engine)
     template, params = _state_dict(engine, cfg.model, tensors=False)
     try:

@@ -102,7 +102,7 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
     """Decide from the run directory's files alone how this start goes; raise ConfigError (a config the
     checkpoint cannot continue with) or RunDirError/CheckpointError (one line naming the file) instead."""
     from training import checkpoint
-    from training.config import format_changes, resume_changes
+    from training.config import RESUME_WARNED, format_changes, resume_changes
 
     if mode not in RESUME_MODES:
         raise ConfigError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
@@ -144,8 +144,6 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
     if changes["applied"]:
         messages.append(f"config changes applied from step {state['step']} on: {format_changes(changes['applied'])}")
     for key, old, new in changes["warned"]:
-        from training.config import RESUME_WARNED
-
         messages.append(f"warning: {key} changed on resume ({old!r} -> {new!r}): {RESUME_WARNED[key]}")
     if changes["noted"]:
         messages.append(f"config changes on resume: {format_changes(changes['noted'])}")
