@@ -216,7 +216,7 @@ class Trainer:
         from training.checkpoint import set_aside
         from training.engine import build_engine, build_model
         from training.flops import enable_tf32, peak_flops
-        from training.metrics import MetricsLogger, reset_peak_memory
+        from common.metrics import MetricsLogger, reset_peak_memory
 
         cfg = self.cfg
         init_parallel(cfg.parallel.tp, cfg.parallel.pp)
@@ -297,7 +297,7 @@ class Trainer:
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
         from training.flops import train_flops_per_sample
-        from training.metrics import memory_gb
+        from common.metrics import memory_gb
 
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12

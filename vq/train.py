@@ -114,7 +114,7 @@ class VQTrainer:
     def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path, device: str | None = None):
         """`device`: where the model trains; by default "cuda" when there is a GPU, else "cpu"."""
         from model_parallel.state import init_distributed
-        from training.metrics import MetricsLogger
+        from common.metrics import MetricsLogger
         from vq.losses import VQGANLoss
 
         init_distributed()
