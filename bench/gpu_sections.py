@@ -287,7 +287,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     from training.train import Trainer
 
     cfg = _train_config([f"model.preset={preset}", "train.precision=bf16", "parallel.zero_stage=1",
-                         f"parallel.activation_checkpointing={recompute_mode}", "model.cfg_drop_prob=0",
+                         f"parallel.activation_checkpointing={recompute_mode}", "model.caption_drop_prob=0",
                          f"train.global_batch_size={candidates[0] * accumulation}",
                          f"train.micro_batch_size={candidates[0]}", f"train.device={ctx.device}", "train.steps=1000"])
     start = time.perf_counter()
@@ -411,7 +411,7 @@ def vq(ctx: Context) -> dict:
     resume restores CPU and CUDA RNG states); the training-time code search (under autocast) against the
     fp32 search of pre-tokenization; pre-tokenization images/s against encoding alone."""
     from data_pipeline import shapes
-    from training.config import load_typed
+    from common.config import load_typed
     from vq.config import VQConfig
     from vq.train import VQTrainer
 

@@ -14,9 +14,7 @@ resolved config is saved as <out>/eval_config.yaml.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from common.cli import command, config_parser
 from evaluation.config import EvalConfig, load_eval_config
 
 
@@ -134,19 +133,10 @@ def run(cfg: EvalConfig) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.config import ConfigError, add_config_args
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
+    args = config_parser(__doc__, where="configs/eval/").parse_args(argv)
+    with command(errors=(ValueError, FileNotFoundError)):  # bad inputs, refused reruns (evaluation.generate)
         cfg = load_eval_config(args.config, args.set)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    try:
         results = run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad inputs and refused reruns (evaluation.generate): one line
-        sys.exit(f"error: {e}")
     if results is not None:
         shown = {k: round(v, 4) for k, v in results.items() if k in ("fid", "clip_score")}
         print(f"{cfg.benchmark.name}: {results['prompts']} prompts {shown}; report {Path(cfg.benchmark.out) / 'report.html'}")

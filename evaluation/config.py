@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from training.config import ConfigError, load_typed
+from common.config import ConfigError, load_typed
 
 BENCHMARKS = ("partiprompts", "coco30k", "prompts")
 

@@ -17,7 +17,6 @@ Steps (each one the project's real code path, on CPU by default; a finished step
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import command, config_parser
+from common.config import load_typed
 from data_pipeline import shapes
 
 
@@ -97,7 +98,7 @@ def make_data(cfg: DemoConfig, out: Path) -> str:
 
 def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
     """Step 2: a small ViT-VQGAN (l2 + codebook losses: enough for flat colours), exported to vq/export.pt."""
-    from training.config import load_typed
+    from common.config import load_typed
     from vq.config import VQConfig
     from vq.train import VQTrainer
 
@@ -306,16 +307,10 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.config import ConfigError, add_config_args, load_typed
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
+    args = config_parser(__doc__).parse_args(argv)
+    with command(errors=(ValueError,), label="config error"):
         cfg = load_typed(DemoConfig, args.config, args.set)
         held_out(cfg)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"config error: {e}")
     res = run(cfg)
     t, b = res["trained"], res["before_training"]["all"]
     log(f"colour agreement {t['all']['colour']:.0%} (held-out combinations {t['held_out']['colour']:.0%}, before "

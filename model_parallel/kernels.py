@@ -26,6 +26,33 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from common.config import require
+
+
+KERNEL_CHOICES = {"layernorm": ("auto", "apex", "te", "torch"), "attention": ("auto", "sdpa", "math"),
+                  "bias_gelu": ("auto", "fused", "plain"),
+                  "optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch")}
+
+
+@dataclass
+class KernelConfig:
+    """Which implementation each fusable operation uses; 'auto' picks the fastest one available."""
+
+    layernorm: str = "auto"
+    """auto | apex | te | torch."""
+    attention: str = "auto"
+    """auto | sdpa (torch scaled_dot_product_attention: flash/efficient kernels on GPU) | math."""
+    bias_gelu: str = "auto"
+    """auto | fused (megatron-core's jit-fused bias+GeLU) | plain."""
+    optimizer: str = "auto"
+    """auto | apex (FusedAdam) | deepspeed (FusedAdam) | torch_fused (AdamW fused=True) | torch."""
+
+    def validate(self) -> "KernelConfig":
+        for op, choices in KERNEL_CHOICES.items():
+            value = getattr(self, op)
+            require(value in choices, f"kernels.{op}={value!r} must be one of {', '.join(choices)}")
+        return self
+
 
 def _has(module: str) -> bool:
     try:

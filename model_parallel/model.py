@@ -272,7 +272,7 @@ def image_code_loss(logits: torch.Tensor, image_codes: torch.Tensor) -> torch.Te
 # Classifier-free guidance: a deterministic per-sample choice of which captions become null.
 
 
-def cfg_drop_mask(sample_index: torch.Tensor, seed: int, prob: float) -> torch.Tensor:
+def caption_drop_mask(sample_index: torch.Tensor, seed: int, prob: float) -> torch.Tensor:
     """True for samples whose caption is dropped. A pure function of (seed, global sample index),
     so the same samples are dropped at any DP size and after a resume."""
     if prob <= 0:

@@ -11,7 +11,8 @@ import argparse
 
 import torch
 
-from training.config import CONFIG_ROOT, config_from_dict
+from common.config import CONFIG_ROOT
+from model_parallel.config import model_config
 
 # Parti paper (Yu et al. 2022, table 1) sizes, in parameters.
 PAPER_SIZES = {"parti-350m": 0.39e9, "parti-750m": 0.79e9, "parti-3b": 3.09e9, "parti-20b": 20.5e9}
@@ -39,7 +40,7 @@ def meta_model(preset: str):
     """The preset's PartiModel on the meta device, for the current TP group (one process: TP=1)."""
     from model_parallel.model import PartiModel
 
-    cfg = config_from_dict({"model": {"preset": preset}}).model
+    cfg = model_config(preset)
     with torch.device("meta"):
         return PartiModel(cfg, meta=True)
 

@@ -14,7 +14,7 @@ def debug_model_config(**overrides):
     from training.config import load_config
 
     sets = ["model.preset=parti-debug", "model.dropout=0.0", "model.attention_dropout=0.0",
-            "model.cfg_drop_prob=0.0"] + [f"{k}={v}" for k, v in overrides.items()]
+            "model.caption_drop_prob=0.0"] + [f"{k}={v}" for k, v in overrides.items()]
     return load_config(None, sets).model
 
 

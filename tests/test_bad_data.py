@@ -93,15 +93,16 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_bad_input_gives_one_clear_line(data, what, command, names, says, kept):
     before = snapshot(data / kept)
     argv = command(data)
-    if argv[0] == "training":  # what the trainer calls: build_dataset wraps the error as a ConfigError
-        from training.config import ConfigError, load_config
-        from training.train import build_dataset
+    if argv[0] == "training":  # what the trainer calls: training_dataset wraps the error as a ConfigError
+        from common.config import ConfigError
+        from data_pipeline.training_data import training_dataset
+        from training.config import load_config
 
         folder = data / argv[1]
         cfg = load_config(None, ["data.synthetic=false", f"data.shards={folder}", f"model.text_seq_len={TEXT_LEN}",
                                  "model.image_grid=4", "model.image_vocab_size=16", "model.text_vocab_size=32"])
         with pytest.raises(ConfigError) as e:
-            build_dataset(cfg)
+            training_dataset(cfg.data, cfg.model, cfg.train.seed)
         line = str(e.value)
         assert line.startswith(f"data.shards={str(folder)!r}: ")
     else:

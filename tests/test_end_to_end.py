@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from training.config import load_typed
+from common.config import load_typed
 
 SMALL = ["shapes=2000", "vq_steps=400", "train_steps=400", "fid_real=32", "samples_per_prompt=4"]
 

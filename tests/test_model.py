@@ -83,15 +83,15 @@ def test_kv_cache_decoding_equals_full_forward(single_process, chunk):
 
 
 def test_cfg_null_condition():
-    from model_parallel.model import cfg_drop_mask, null_condition
+    from model_parallel.model import caption_drop_mask, null_condition
 
     idx = torch.arange(20000)
-    drop = cfg_drop_mask(idx, seed=5, prob=0.1)
+    drop = caption_drop_mask(idx, seed=5, prob=0.1)
     assert 0.08 < drop.float().mean() < 0.12
     # A pure function of (seed, sample index): any slice of the stream gives the same choices.
-    torch.testing.assert_close(cfg_drop_mask(idx[7:900:2], seed=5, prob=0.1), drop[7:900:2])
-    assert not torch.equal(cfg_drop_mask(idx, seed=6, prob=0.1), drop)
-    assert not cfg_drop_mask(idx, seed=5, prob=0.0).any()
+    torch.testing.assert_close(caption_drop_mask(idx[7:900:2], seed=5, prob=0.1), drop[7:900:2])
+    assert not torch.equal(caption_drop_mask(idx, seed=6, prob=0.1), drop)
+    assert not caption_drop_mask(idx, seed=5, prob=0.0).any()
     text = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     out = null_condition(text, torch.tensor([False, True]), pad_id=0, eos_id=3)
     assert out.tolist() == [[5, 6, 7, 0], [3, 0, 0, 0]]

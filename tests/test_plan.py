@@ -88,9 +88,9 @@ def test_parti_20b_on_64_nodes_fits_and_says_why_smaller_layouts_do_not():
 def test_construction_memory_follows_what_is_built():
     """Below ZeRO-3 the stage is built whole in fp32 (parti-20b at TP=1: 76.5 GiB per GPU before the first
     step); at ZeRO-3, under zero.Init, one layer at a time: a layout is judged by the larger of the two peaks."""
-    from training.config import config_from_dict
+    from model_parallel.config import model_config
 
-    m = config_from_dict({"model": {"preset": "parti-20b"}}).model
+    m = model_config("parti-20b")
     hw = Hardware()
     zero0 = estimate(m, 1, 1, 64, 0, 1, 64, "bf16", "full", hw)
     zero3 = estimate(m, 1, 1, 64, 3, 1, 64, "bf16", "full", hw)

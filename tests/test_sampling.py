@@ -293,9 +293,9 @@ def old_load(path):
     from safetensors.torch import load_file
 
     from model_parallel.model import PartiModel
-    from training.config import config_from_dict
+    from model_parallel.config import saved_model_config
 
-    cfg = config_from_dict({"model": json.loads((path / "config.json").read_text())["model"]}).model
+    cfg = saved_model_config(json.loads((path / "config.json").read_text())["model"])
     model = PartiModel(cfg)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     return model.eval()

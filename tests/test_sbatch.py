@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import add_config_args
+from common.config import add_config_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_JOB = {"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests import laion_fixtures as lf
-from training.config import load_typed
+from common.config import load_typed
 from vq.config import VQConfig
 
 TINY = ["model.layers=2", "model.width=64", "model.image_size=32", "model.code_dim=8", "model.codebook_size=32",

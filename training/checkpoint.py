@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common.config import to_dict
+
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -660,8 +662,6 @@ def save(engine, cfg, run_dir: str | Path, step: int, trainer_state: dict, keep:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 
-    from training.config import config_to_dict
-
     root, tag = checkpoint_dir(run_dir), tag_for(step)
     path = root / tag
     rank = dist.get_rank()
@@ -678,7 +678,7 @@ def save(engine, cfg, run_dir: str | Path, step: int, trainer_state: dict, keep:
         error = _cause(e)
     full_state = {**trainer_state, "optimizer_steps": _optimizer_step_count(engine),
                   "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": _layout(),
-                  "config": config_to_dict(cfg)}
+                  "config": to_dict(cfg)}
     error = _first_of_all(error)  # (also the barrier: every rank has finished writing)
     if rank == 0 and not error:
         # trainer_state.json last (write + rename): its presence marks the tag complete; then the pointer moves.

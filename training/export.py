@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import checkpoint_dir, local_shape, resume_tag, sharded
-from training.config import ModelConfig, config_from_dict
+from model_parallel.config import ModelConfig, saved_model_config
 
 
 def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -32,7 +32,7 @@ def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor]
     init_parallel(tp=1, pp=1)
     path = checkpoint_dir(run_dir) / tag
     config = json.loads((path / "trainer_state.json").read_text())["config"]
-    model_cfg = config_from_dict({"model": config["model"]}).model
+    model_cfg = saved_model_config(config["model"])
     with torch.device("meta"):
         shapes = {n: local_shape(p) for n, p in PartiModel(model_cfg, meta=True).named_parameters()}
     template = {"model": {n: sharded(f"model.{n}", torch.empty(shape), torch.nn.Parameter(torch.empty(0)))
@@ -76,7 +76,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     path = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    model_cfg: ModelConfig = config_from_dict({"model": json.loads((path / "config.json").read_text())["model"]}).model
+    model_cfg: ModelConfig = saved_model_config(json.loads((path / "config.json").read_text())["model"])
     init_parallel(tp=1, pp=1)
     with torch.device("meta"):
         model = PartiModel(model_cfg, meta=True)

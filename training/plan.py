@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.config import config_from_dict
+from model_parallel.config import model_config
 from training.flops import decoder_layer_flops, encoder_layer_flops, head_flops
 
 
@@ -242,7 +242,7 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
     `headroom_gb` is left free for the framework, buffers and fragmentation. Nonsense inputs
     (check_inputs) are a ValueError."""
     check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb)
-    m = config_from_dict({"model": {"preset": model}}).model
+    m = model_config(model)
     world = nodes * hw.gpus_per_node
     fits, misses, skipped = [], [], []
     for tp in [t for t in (1, 2, 4, 8, 16) if hw.gpus_per_node % t == 0 and m.num_heads % t == 0]:

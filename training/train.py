@@ -29,15 +29,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.config import Config, ConfigError, add_config_args, load_config, save_config
+from common.cli import command, config_parser
+from common.config import ConfigError, save_config
+from data_pipeline.training_data import training_dataset
+from training.config import Config, load_config
 
 # torch is imported where it is used, so that a config error is reported without waiting for it.
 RESUME_MODES = ("auto", "none", "overwrite")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(parser)
+    parser = config_parser(__doc__, where="configs/train/")
     parser.add_argument("--run-dir", required=True, help="where config, metrics and checkpoints go")
     parser.add_argument("--resume", default="auto", choices=RESUME_MODES,
                         help="auto: continue from the run directory's latest (else newest complete) checkpoint "
@@ -48,24 +50,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def build_dataset(cfg: Config):
-    if not cfg.data.synthetic:
-        from data_pipeline.code_shards import open_training_data
-
-        try:
-            return open_training_data(cfg.data.shards, cfg.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
-    from data_pipeline.synthetic import SyntheticCodes
-
-    return SyntheticCodes(cfg.model, size=1024, seed=cfg.train.seed)
-
-
 def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: int, dp_size: int):
     """This DP rank's micro-batches of the global batch starting at `consumed`, with CFG caption drops."""
     import torch
 
-    from model_parallel.model import cfg_drop_mask, null_condition
+    from model_parallel.model import caption_drop_mask, null_condition
 
     m, t = cfg.model, cfg.train
     positions = torch.arange(consumed, consumed + t.global_batch_size)
@@ -73,7 +62,7 @@ def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: in
     mine = sampler.rank_slice(torch.stack([positions, ids], 1), dp_rank, dp_size)
     for chunk in mine.split(t.micro_batch_size):
         text, codes = map(torch.stack, zip(*(dataset[int(i)] for i in chunk[:, 1])))
-        drop = cfg_drop_mask(chunk[:, 0], t.seed, m.cfg_drop_prob)
+        drop = caption_drop_mask(chunk[:, 0], t.seed, m.caption_drop_prob)
         yield null_condition(text, drop, m.text_pad_id, m.text_eos_id), codes
 
 
@@ -196,7 +185,7 @@ class Trainer:
             raise ConfigError("parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage "
                               "0 or 1 only (its norm gradients are summed between backward and step)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.dataset = build_dataset(cfg)  # data that does not fit the model is refused before anything is written
+        self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)  # data that does not fit the model is refused before anything is written
         self.lock = RunLock(self.run_dir)
         self.log = None
         try:
@@ -366,28 +355,17 @@ class NonFiniteStop(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set).validate()
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
     from training.checkpoint import RunDirError
     from training.preemption import REQUEUE_EXIT_CODE, Preempted
 
-    try:
-        train(cfg, args.run_dir, args.resume)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    except (RunDirError, NonFiniteStop) as e:  # RunDirError includes CheckpointError
-        sys.exit(f"error: {e}")
-    except Preempted as e:
-        print(f"{e}; exiting with {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr)
-        sys.exit(REQUEUE_EXIT_CODE)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    args = parse_args(argv)
+    with command(errors=(RunDirError, NonFiniteStop)):  # RunDirError includes CheckpointError
+        cfg = load_config(args.config, args.set).validate()
+        try:
+            train(cfg, args.run_dir, args.resume)
+        except Preempted as e:
+            print(f"{e}; exiting with {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr)
+            sys.exit(REQUEUE_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ object, which could run code when loaded) or a damaged one stops the resume with
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import pickle
 import random
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from training.config import ConfigError, load_typed, save_config
+from common.cli import command, config_parser
+from common.config import ConfigError, load_typed, save_config
 from vq.config import VQConfig
 
 
@@ -251,26 +250,16 @@ class VQTrainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML (see configs/vq/)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser = config_parser(__doc__, where="configs/vq/")
     parser.add_argument("--data", required=True, help="LAION-style shard pattern")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    try:
-        cfg = load_typed(VQConfig, args.config, args.set)
-        trainer = VQTrainer(cfg, args.data, args.run_dir)
+    with command(errors=(CheckpointError,), label="vq.train"):
+        trainer = VQTrainer(load_typed(VQConfig, args.config, args.set), args.data, args.run_dir)
         if args.resume == "auto":
             trainer.resume()
         trainer.run()
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    except CheckpointError as e:
-        sys.exit(f"vq.train: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

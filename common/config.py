@@ -1,0 +1,171 @@
+"""Typed configs: dataclasses read from YAML, overridden by dotted keys, documented by their docstrings.
+
+    cfg = load_typed(VQConfig, "configs/vq/vit-vqgan-small.yaml", ["train.steps=100"])
+    save_config(cfg, "runs/x/config.yaml")        # the resolved config, written into every run
+    print(describe(cfg))                          # every key with its value and meaning
+
+A config is a dataclass whose fields are sections (dataclasses) or plain values (int, float, str,
+bool). Unknown keys and values of the wrong type are refused with a ConfigError naming the key.
+Each section's dataclass lives beside what it configures (ModelConfig beside the model); the
+documentation of a key is the string literal written right below its field.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+"""The presets shipped with the project (configs/model, configs/train, configs/vq, configs/eval)."""
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the field(s) and the rule."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `ok`."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value is read as YAML: 2 -> int, 1e-3 -> float, true -> bool, abc -> str."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'a.c=x'] -> {'a': {'b': 1, 'c': 'x'}}."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, value = (s.strip() for s in item.split("=", 1))
+        keys, node = dotted.split("."), tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node[keys[-1]] = _parse_value(value)
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    """`base` with `update` laid over it, section by section."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build(cls, values: dict, where: str = ""):
+    """Dataclass `cls` from a dict, refusing unknown keys and values of the wrong type."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name} must be a section (mapping), got {value!r}")
+            kwargs[name] = build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string.
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (type(value) is hint):
+        raise ConfigError(f"{name}={value!r} must be of type {hint.__name__}")
+    return value
+
+
+def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The YAML file's sections (none without a file) with the dotted overrides laid over them."""
+    return merge(read_yaml(path) if path else {}, parse_overrides(overrides or []))
+
+
+def load_typed(cls, path: str | Path | None, overrides: list[str] | None = None):
+    """Config dataclass `cls` from a YAML file plus dotted overrides."""
+    return build(cls, load_raw(path, overrides))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path, header: str = "") -> None:
+    """Write the resolved config as YAML (`header`: comment lines put above it)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        if header:
+            f.write("".join(f"# {line}\n" for line in header.splitlines()))
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 1e-3, ...} from nested sections."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Map field name -> the string literal written right below it in the class body."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = nxt.value.value
+    return docs
+
+
+def describe(cfg, indent: str = "") -> str:
+    """Every key of a config with its value and documentation, sections nested."""
+    lines, docs = [], field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:  # {inspect.getdoc(type(value))}")
+            lines.append(describe(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{f.name}: {value!r}  # {' '.join(docs.get(f.name, '').split())}")
+    return "\n".join(lines)
+
+
+def add_config_args(parser: argparse.ArgumentParser, where: str = "configs/") -> None:
+    parser.add_argument("--config", help=f"YAML config file (see {where})")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. parallel.tp=2 train.steps=20")

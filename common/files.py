@@ -1,0 +1,42 @@
+"""Writes that readers never see half done: write to a temporary name beside the file, then rename.
+
+    write_atomic(folder / "manifest.json", json.dumps(manifest))
+    with atomic_path(out / "00001.png") as tmp:       # for writers that want a path (PIL, torch.save)
+        image.save(tmp)
+
+A rename within one folder is atomic on POSIX file systems: a reader finds the old file or the new one.
+The temporary name starts with a dot and carries `.tmp` before the file's own suffix (writers that pick
+a format by extension still work; folder scans skip `.tmp` files). A failed write leaves no temporary
+file behind and the old file as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temporary path to write to; renamed onto `path` when the block ends without an error."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: bytes | str, sync: bool = True) -> None:
+    """Write `data` to `path` atomically; `sync`: flush it to the disk before the rename (a crash right
+    after cannot leave an empty file under the final name)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,109 @@
+"""The shape of the Parti encoder-decoder (`ModelConfig`, the `model:` section of a run) and its presets.
+
+    cfg = model_config("parti-350m")                     # configs/model/parti-350m.yaml
+    cfg = model_config("parti-tiny", {"dropout": 0.1})   # a preset with keys laid over it
+
+`preset: parti-350m` in a `model:` section loads configs/model/parti-350m.yaml first; the section's
+other keys override the preset's, whatever their order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import CONFIG_ROOT, ConfigError, build, merge, read_yaml, require
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Parti encoder-decoder transformer."""
+
+    preset: str = ""
+    """Name of a preset under configs/model/ whose values are the defaults for this section ('' = none)."""
+    encoder_layers: int = 2
+    """Number of text-encoder transformer layers (bidirectional self-attention + MLP)."""
+    decoder_layers: int = 2
+    """Number of image-decoder layers (causal self-attention + cross-attention + MLP)."""
+    hidden_size: int = 64
+    """Model width d."""
+    ffn_hidden_size: int = 256
+    """Width of the MLP's inner layer (Parti: 4d)."""
+    num_heads: int = 4
+    """Attention heads (Parti: d/64)."""
+    text_vocab_size: int = 1000
+    """SentencePiece vocabulary size, special tokens included (Parti: 16000)."""
+    text_seq_len: int = 16
+    """Text tokens per caption after truncation/padding (Parti: 128)."""
+    image_vocab_size: int = 64
+    """VQ codebook size (Parti: 8192). The decoder's input vocabulary adds one BOS token."""
+    image_grid: int = 4
+    """Image tokens per side; the image sequence is image_grid**2 long (Parti: 32 -> 1024)."""
+    text_pad_id: int = 0
+    """Token id that pads captions; padded positions are masked out of attention."""
+    text_eos_id: int = 3
+    """End-of-sentence id; the null (unconditional) caption is [EOS] alone."""
+    vocab_pad_multiple: int = 128
+    """Embedding tables are padded to a multiple of this (independent of TP, so checkpoints reshard)."""
+    dropout: float = 0.0
+    """Dropout on residual branches and embeddings."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    layernorm_eps: float = 1e-5
+    """Epsilon of every layer norm."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation (output projections scaled by 1/sqrt(2L))."""
+    caption_drop_prob: float = 0.1
+    """Probability that a training caption is replaced by the null caption (for classifier-free guidance)."""
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.image_grid * self.image_grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> "ModelConfig":
+        """Raise ConfigError naming the field for the first broken rule (layout rules: ParallelLayout)."""
+        for name in ("encoder_layers", "decoder_layers", "hidden_size", "ffn_hidden_size", "num_heads",
+                     "text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid"):
+            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        require(self.hidden_size % self.num_heads == 0,
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
+        for name in ("dropout", "attention_dropout", "caption_drop_prob"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1)")
+        return self
+
+
+RENAMED = {"cfg_drop_prob": "caption_drop_prob"}
+"""Keys renamed since configs were written with them: old name -> new name."""
+
+
+def model_preset(name: str) -> dict:
+    """The raw values of configs/model/<name>.yaml."""
+    path = CONFIG_ROOT / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
+        raise ConfigError(f"model.preset={name!r}: no file {path}; known presets: {', '.join(known)}")
+    return read_yaml(path)
+
+
+def resolve_model_section(raw: dict | None) -> dict:
+    """A `model:` section with its preset's values filled in underneath it."""
+    section = dict(raw or {})
+    for old, new in RENAMED.items():
+        if old in section:
+            raise ConfigError(f"model.{old} was renamed model.{new}: write model.{new}={section[old]!r}")
+    return merge(model_preset(section["preset"]), section) if section.get("preset") else section
+
+
+def model_config(preset: str = "", overrides: dict | None = None) -> ModelConfig:
+    """ModelConfig of a preset (none: the defaults) with `overrides` laid over it."""
+    return build(ModelConfig, resolve_model_section({"preset": preset, **(overrides or {})}), "model.")
+
+
+def saved_model_config(section: dict) -> ModelConfig:
+    """ModelConfig of a `model:` section written by a run (checkpoint, export): a key renamed since is
+    read under its new name (the run wrote what was right then), unknown keys are still refused."""
+    section = {RENAMED.get(k, k): v for k, v in section.items()}
+    return build(ModelConfig, resolve_model_section(section), "model.")

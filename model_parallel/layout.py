@@ -1,0 +1,121 @@
+"""The parallel layout of a run: how many ways the model is split, and every rule a layout must obey.
+
+    layout = ParallelLayout.of(cfg.parallel, world_size=8).check(cfg.model, micro_batch=4, global_batch=64)
+    init_parallel(layout.tp, layout.pp)        # model_parallel/state.py: megatron-core's process groups
+    model = PartiModel(cfg.model, kernels, tp_group=layout.tp_group(), sequence_parallel=layout.sequence_parallel)
+
+`ParallelConfig` is the `parallel:` section a user writes; `ParallelLayout` is what a run is built with
+(torchtitan's ParallelDims plays this part there): tp x pp x dp = world size, the ZeRO stage and sequence
+parallelism, validated once here and passed to the model, the engine, the checkpoint and the planner.
+Rank order (megatron-core's, which DeepSpeed's topology follows too): TP fastest, then DP, then PP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import ConfigError, require
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over processes."""
+
+    tp: int = 1
+    """Tensor-parallel size (megatron-core): heads and MLP columns split over this many ranks."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (only 0 or 1 with pp > 1)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: norms and dropout on sequence shards (needs tp > 1, pp = 1, ZeRO 0-1)."""
+    activation_checkpointing: str = "none"
+    """Activation recomputation: none | selective (attention core) | full (whole layers)."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig, world_size: int | None = None) -> "ParallelLayout":
+        """The layout `parallel` asks for on `world_size` processes (None: as many as one model replica
+        needs, dp = 1), checked against the rules that need no model."""
+        p = parallel
+        require(p.activation_checkpointing in RECOMPUTE_MODES, f"parallel.activation_checkpointing="
+                f"{p.activation_checkpointing!r} must be one of {', '.join(RECOMPUTE_MODES)}")
+        for name in ("tp", "pp"):
+            require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+        if world_size is not None:
+            require(world_size % (p.tp * p.pp) == 0,
+                    f"world size {world_size} must be divisible by parallel.tp x parallel.pp = {p.tp * p.pp}")
+        dp = world_size // (p.tp * p.pp) if world_size is not None else 1
+        return cls(p.tp, p.pp, dp, p.zero_stage, p.sequence_parallel).check()
+
+    def check(self, model=None, micro_batch: int | None = None, global_batch: int | None = None) -> "ParallelLayout":
+        """Raise ConfigError naming the fields for the first rule this layout breaks, alone or with the
+        model (a ModelConfig) and the batch sizes when given; returns the layout."""
+        tp, pp = self.tp, self.pp
+        require(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        require(pp == 1 or self.zero_stage <= 1,
+                f"parallel.zero_stage={self.zero_stage} needs parallel.pp=1 (DeepSpeed allows only ZeRO-0/1 "
+                f"with pipeline parallelism; got parallel.pp={pp})")
+        if self.sequence_parallel:
+            require(tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
+            require(pp == 1 and self.zero_stage <= 1,
+                    "parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage 0 or 1 "
+                    "only (its norm gradients are summed between backward and step)")
+        if model is not None:
+            self._check_model(model)
+        if micro_batch is not None and global_batch is not None:
+            require(global_batch % (micro_batch * self.dp) == 0,
+                    f"train.global_batch_size={global_batch} must be divisible by train.micro_batch_size x "
+                    f"data-parallel size = {micro_batch} x {self.dp}")
+        return self
+
+    def _check_model(self, m) -> None:
+        tp = self.tp
+        for name, why in (("num_heads", ""), ("ffn_hidden_size", ""),
+                          ("image_vocab_size", " (the output head is split over the vocabulary)"),
+                          ("vocab_pad_multiple", "")):
+            require(getattr(m, name) % tp == 0, f"model.{name}={getattr(m, name)} must be divisible by "
+                                                f"parallel.tp={tp}{why}")
+        require(m.decoder_layers % self.pp == 0,
+                f"model.decoder_layers={m.decoder_layers} must be divisible by parallel.pp={self.pp} "
+                "(decoder layers are balanced over pipeline stages)")
+        if self.sequence_parallel:
+            for name, n in (("text_seq_len", m.text_seq_len), ("image_seq_len (image_grid**2)", m.image_seq_len)):
+                require(n % tp == 0, f"model.{name}={n} must be divisible by parallel.tp={tp} "
+                                     "with sequence parallelism")
+
+    def fits(self, model=None, micro_batch: int | None = None, global_batch: int | None = None) -> str | None:
+        """None when `check` passes, else why not (the planner's reason for refusing a layout)."""
+        try:
+            self.check(model, micro_batch, global_batch)
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    def record(self) -> dict:
+        """What a checkpoint notes of the layout it was saved at (its RNG states reload only on the same)."""
+        return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp}
+
+    def tp_group(self):
+        """megatron-core's tensor-parallel group of this rank (after `init_parallel`): the one place the
+        model's TP group is read from megatron's globals; the model and its layers get it passed in."""
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = tp {self.tp} x pp {self.pp} x dp {self.dp}; zero {self.zero_stage}"
+                + ("; sequence parallel" if self.sequence_parallel else ""))
