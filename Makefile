@@ -18,9 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# The end-to-end demo (evaluation/demo.py): steps finished in runs/demo are skipped on a rerun.
+# The end-to-end demo (demo/run.py): steps finished in runs/demo are skipped on a rerun.
 demo: $(STAMP)
-	$(BIN)/python -m evaluation.demo --set out=runs/demo
+	$(BIN)/python -m demo --set out=runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

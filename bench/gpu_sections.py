@@ -410,7 +410,7 @@ def vq(ctx: Context) -> dict:
     """ViT-VQGAN trained in bf16 autocast for 4 steps against 2 steps + save + resume + 2 steps (the
     resume restores CPU and CUDA RNG states); the training-time code search (under autocast) against the
     fp32 search of pre-tokenization; pre-tokenization images/s against encoding alone."""
-    from data_pipeline import shapes
+    from demo import shapes
     from common.config import load_typed
     from vq.config import VQConfig
     from vq.train import VQTrainer

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
+import typing
 
-from common.config import ConfigError, add_config_args
+from common.config import ConfigError, add_config_args, field_docs
 
 
 def config_parser(doc: str | None, where: str = "configs/") -> argparse.ArgumentParser:
@@ -26,6 +28,21 @@ def config_parser(doc: str | None, where: str = "configs/") -> argparse.Argument
     parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
     add_config_args(parser, where)
     return parser
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """A --flag per field of config dataclass `cls` (top_k -> --top-k), its default and its documentation
+    as help: a command's flags and a config section that mean the same thing are stated once."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name] if hints[f.name] in (int, float, str) else float  # `float | None`: default None
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                            help=" ".join(docs.get(f.name, "").split()))
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    """`cls` from the flags `add_dataclass_args` added."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 @contextlib.contextmanager

@@ -15,6 +15,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -95,6 +98,9 @@ def build(cls, values: dict, where: str = ""):
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
+    optional = [h for h in typing.get_args(hint) if h is not type(None)] if type(hint) is types.UnionType else []
+    if len(optional) == 1:  # `float | None`: null, or a value of the type
+        return None if value is None else _coerce(value, optional[0], name)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -142,13 +148,15 @@ def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Map field name -> the string literal written right below it in the class body."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
+    """Map field name -> the string literal written right below it in the class body (a subclass's
+    own over its bases')."""
     docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = nxt.value.value
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = nxt.value.value
     return docs
 
 

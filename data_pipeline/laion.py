@@ -2,6 +2,7 @@
 
     for sample in read_shard("laion/00000.tar", errors): ...   # {'__key__', 'jpg', 'txt', 'json', ...}
     paths = expand_shards("laion/{00000..00099}.tar")
+    write_tar(Path("laion/00000.tar"), [("000000000", {"jpg": jpeg_bytes, "txt": b"a caption", "json": b"{}"})])
 
 A shard is a tar of `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`. A truncated or corrupt tar yields
 the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard). A file that
@@ -14,8 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import braceexpand
-from webdataset import tariterators
+from webdataset import TarWriter, tariterators
 
+from common.files import atomic_path
 from data_pipeline.errors import DataError
 
 
@@ -62,3 +64,13 @@ def read_shard(path: str | Path, errors: Counter):
         yield from tariterators.group_by_keys(files, handler=on_error)
     if stop:
         errors["truncated_tar"] += 1
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """One img2dataset-style shard: files KEY.EXT (png, jpg, txt, json, ...) holding the given bytes, written
+    by webdataset's TarWriter under a temporary name and renamed when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, TarWriter(f, encoder=False) as writer:
+        for key, files in samples:
+            writer.write({"__key__": key, **files})
+    return path

@@ -108,7 +108,6 @@ def run(cfg: EvalConfig) -> dict | None:
     from evaluation.clip_score import ClipScorer
     from evaluation.generate import gather_metadata, generate, load_for_sampling
     from evaluation.prompts import read_prompts
-    from evaluation.sampling import SamplingConfig
     from model_parallel.state import init_distributed
 
     init_distributed()
@@ -122,9 +121,8 @@ def run(cfg: EvalConfig) -> dict | None:
     model, vq, text_tok = load_for_sampling(cfg.model.checkpoint, cfg.model.vq, cfg.model.text_tokenizer, device)
     scorer = ClipScorer.load(cfg.clip.model, cfg.clip.weights or None, device) if cfg.clip.model else None
     s = cfg.sampling
-    generate(model, vq, text_tok, prompts, out / "images", SamplingConfig(s.temperature, s.top_k, s.top_p,
-             s.guidance_scale), s.samples_per_prompt, s.seed, s.batch_size, rank, world,
-             scorer if s.samples_per_prompt > 1 else None, s.keep)  # reranked when there is a choice
+    generate(model, vq, text_tok, prompts, out / "images", s.per_code(), s.samples_per_prompt, s.seed, s.batch_size,
+             rank, world, scorer if s.samples_per_prompt > 1 else None, s.keep)  # reranked when there is a choice
     dist.barrier()
     if rank != 0:
         return None

@@ -5,9 +5,10 @@ overrides by the same rules as the training config (configs/eval/*.yaml).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from common.config import ConfigError, load_typed
+from evaluation.sampling import SamplingConfig
 
 BENCHMARKS = ("partiprompts", "coco30k", "prompts")
 
@@ -25,17 +26,11 @@ class ModelPaths:
 
 
 @dataclass
-class SamplingSettings:
-    """How images are sampled."""
+class SamplingSettings(SamplingConfig):
+    """How images are sampled: each code (SamplingConfig's keys) and each prompt's images."""
 
-    temperature: float = 1.0
-    """Softmax temperature; 0 is greedy."""
-    top_k: int = 0
-    """Keep the k most likely codes (0: all)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1: off)."""
-    guidance_scale: float = 1.2
-    """Classifier-free guidance scale (1: unguided; Parti used 1.2 with reranking)."""
+    guidance_scale: float | None = 1.2
+    """Classifier-free guidance scale (null: unguided; Parti used 1.2 with reranking)."""
     samples_per_prompt: int = 1
     """Images sampled per prompt."""
     keep: int = 0
@@ -44,6 +39,10 @@ class SamplingSettings:
     """Seeds depend on (seed, prompt index, sample index) only."""
     batch_size: int = 8
     """Images decoded together per process."""
+
+    def per_code(self) -> SamplingConfig:
+        """The settings that choose each code (what `sample` takes and generation.json records)."""
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(SamplingConfig)})
 
 
 @dataclass

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.cli import add_dataclass_args, dataclass_from_args
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, sample
 
@@ -234,10 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder; a rerun with the same settings "
                         "resumes, one with other settings is refused")
     parser.add_argument("--samples-per-prompt", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--guidance-scale", type=float, default=None)
+    add_dataclass_args(parser, SamplingConfig)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts")
@@ -253,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
         scorer = ClipScorer.load(args.clip, args.clip_weights, device) if args.clip else None
-        cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.guidance_scale)
+        cfg = dataclass_from_args(SamplingConfig, args)
         generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
                  dist.get_rank(), dist.get_world_size(), scorer, args.keep)
     except (ValueError, FileNotFoundError) as e:

@@ -38,6 +38,8 @@ import torch
 
 @dataclass
 class SamplingConfig:
+    """How each image code is chosen (the `sampling:` keys of an evaluation config, evaluation.generate's flags)."""
+
     temperature: float = 1.0
     """Softmax temperature; 0 picks the most likely code (greedy)."""
     top_k: int = 0

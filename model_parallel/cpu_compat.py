@@ -1,7 +1,7 @@
 """Make megatron-core 0.16 run on CPU (gloo) when no GPU is present.
 
-megatron-core's tensor-parallel layers work on CPU except for a handful of CUDA calls
-(see ../shared/notes/megatron-on-cpu.md): `torch.cuda.current_device()` used to place buffers
+megatron-core's tensor-parallel layers work on CPU except for a handful of CUDA calls (found by running
+them under gloo; tests/test_cpu_compat.py exercises each): `torch.cuda.current_device()` used to place buffers
 (gather_output, sequence-parallel gathers, the global memory buffer), `torch.cuda.synchronize()`,
 and the RNG tracker that keeps separate dropout streams for tensor-parallel regions through
 `torch.cuda.get_rng_state`. No upstream option turns these off, so this module patches them,

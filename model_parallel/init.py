@@ -159,27 +159,26 @@ def draw_slices(key: tuple[int, int], full: int, slice_values: int, runs, out: t
     return drawn
 
 
-def _layout(tensor: torch.Tensor) -> tuple[int, int, list[tuple[int, int, int]], bool]:
+def _layout(tensor: torch.Tensor, world: int, rank: int) -> tuple[int, int, list[tuple[int, int, int]], bool]:
     """(partition dim, full number of slices, this rank's runs of slices, whether TP-split)."""
     if tensor.dim() == 0:
         return 0, 1, [(0, 0, 1)], False
     if not getattr(tensor, "tensor_model_parallel", False):
         return 0, tensor.shape[0], [(0, 0, tensor.shape[0])], False
-    from megatron.core import parallel_state as ps
-
     dim, stride = tensor.partition_dim, getattr(tensor, "partition_stride", 1)
-    world, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     local = tensor.shape[dim]
     return dim, local * world, shard_runs(local, rank, world, stride), True
 
 
 class ShardedNormalInit:
     """An init method (`fn(tensor)`, as megatron-core calls it) that fills `tensor` with N(0, std)
-    values: this rank's shard of a layout-independent whole (see the module doc)."""
+    values: this rank's shard of a layout-independent whole (see the module doc). `tp_group`: the
+    tensor-parallel group the split tensors are sharded over (None: one rank holds them whole)."""
 
-    def __init__(self, std: float, keys: InitKeys | None = None):
+    def __init__(self, std: float, keys: InitKeys | None = None, tp_group=None):
         self.std = float(std)
         self.keys = keys if keys is not None else InitKeys()
+        self.tp_size, self.tp_rank = (tp_group.size(), tp_group.rank()) if tp_group is not None else (1, 0)
         _install_hook()
 
     def __repr__(self) -> str:
@@ -190,7 +189,7 @@ class ShardedNormalInit:
         if tensor.is_meta:
             return tensor
         key = self.keys.next(_seed_of(tensor))
-        dim, full, runs, split = _layout(tensor)
+        dim, full, runs, split = _layout(tensor, self.tp_size, self.tp_rank)
         shape = tensor.shape or (1,)
         local = shape[dim]
         slice_values = math.prod(shape) // local if local else 0
@@ -205,15 +204,14 @@ class ShardedNormalInit:
         return tensor
 
 
-def ensure_model_parallel_rng() -> None:
+def ensure_model_parallel_rng(tp_rank: int) -> None:
     """megatron-core calls init methods inside `get_cuda_rng_tracker().fork()`, which fails unless the
     model-parallel stream was seeded (seed_everything does). If it was not, seed it as seed_everything
     would from the default generator's seed (the stream only matters for dropout in split regions;
     seed_everything replaces it). The values this module draws do not depend on it."""
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
 
     tracker = mrandom.get_cuda_rng_tracker()
     if mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME not in tracker.get_states():
-        seed = (torch.initial_seed() + 2718 + ps.get_tensor_model_parallel_rank()) % 2**63
+        seed = (torch.initial_seed() + 2718 + tp_rank) % 2**63
         tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed)

@@ -9,7 +9,8 @@ contiguous TP slice holds whole heads.
 Why not megatron-core's `TransformerLayer`/`ModuleSpec`: its local attention core materialises the
 full score matrix (no torch SDPA / flash attention without Transformer Engine), its inference KV
 cache is tied to megatron's inference engine, and its T5 specs lose their final norm without TE
-(see ../shared/notes/megatron-on-cpu.md). These few layers keep the TP layers, mappings, init and RNG
+(megatron-core 0.16's local T5 block specs set the final norm to `TENorm`, which is None when Transformer
+Engine is absent, and its torch-norm fallback refuses sequence parallelism). These few layers keep the TP layers, mappings, init and RNG
 tracker of megatron-core and add SDPA attention and a simple per-layer KV cache (growing, or static with a
 device-side write position for CUDA-graph decoding).
 """
@@ -19,12 +20,29 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_cuda_rng_tracker
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from model_parallel.config import ModelConfig
 from model_parallel.kernels import Kernels
+
+
+@dataclass
+class PieceContext:
+    """What every piece of the model is built from: its shape, megatron-core's settings, the kernels,
+    the init methods (model_parallel/init.py) and the tensor-parallel group its layers split over
+    (passed to megatron-core's layers explicitly, never read from megatron's globals)."""
+
+    cfg: ModelConfig
+    mp: ModelParallelConfig
+    kernels: Kernels
+    init: object
+    out_init: object
+    tp_group: object  # a torch ProcessGroup (or, for the planner's meta builds, anything with size() and rank())
 
 
 @dataclass
@@ -122,21 +140,21 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `memory` is None, else cross-attention to it."""
 
-    def __init__(self, hidden: int, heads: int, mp: ModelParallelConfig, kernels: Kernels,
-                 init, out_init, attention_dropout: float, cross: bool):
+    def __init__(self, ctx: PieceContext, cross: bool):
         super().__init__()
-        self.head_dim = hidden // heads
+        hidden = ctx.cfg.hidden_size
+        self.head_dim = ctx.cfg.head_dim
         self.cross = cross
-        self.attention = kernels.attention
-        self.attention_dropout = attention_dropout
-        col = dict(config=mp, init_method=init, bias=True, gather_output=False)
+        self.attention = ctx.kernels.attention
+        self.attention_dropout = ctx.cfg.attention_dropout
+        col = dict(config=ctx.mp, init_method=ctx.init, bias=True, gather_output=False, tp_group=ctx.tp_group)
         if cross:
             self.q = ColumnParallelLinear(hidden, hidden, **col)
             self.kv = ColumnParallelLinear(hidden, 2 * hidden, **col)
         else:
             self.qkv = ColumnParallelLinear(hidden, 3 * hidden, **col)
-        self.proj = RowParallelLinear(hidden, hidden, config=mp, init_method=out_init, bias=True,
-                                      input_is_parallel=True, skip_bias_add=False)
+        self.proj = RowParallelLinear(hidden, hidden, config=ctx.mp, init_method=ctx.out_init, bias=True,
+                                      input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = _split_heads(self.kv(memory)[0], 2, self.head_dim)
@@ -182,13 +200,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, ffn: int, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+    def __init__(self, ctx: PieceContext):
         super().__init__()
-        self.fc1 = ColumnParallelLinear(hidden, ffn, config=mp, init_method=init, bias=True,
-                                        gather_output=False, skip_bias_add=True)
-        self.fc2 = RowParallelLinear(ffn, hidden, config=mp, init_method=out_init, bias=True,
-                                     input_is_parallel=True, skip_bias_add=False)
-        self.bias_gelu = kernels.bias_gelu
+        hidden, ffn = ctx.cfg.hidden_size, ctx.cfg.ffn_hidden_size
+        self.fc1 = ColumnParallelLinear(hidden, ffn, config=ctx.mp, init_method=ctx.init, bias=True,
+                                        gather_output=False, skip_bias_add=True, tp_group=ctx.tp_group)
+        self.fc2 = RowParallelLinear(ffn, hidden, config=ctx.mp, init_method=ctx.out_init, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
+        self.bias_gelu = ctx.kernels.bias_gelu
 
     def forward(self, x):
         h, bias = self.fc1(x)
@@ -221,33 +240,28 @@ def mark_sequence_parallel(module: nn.Module) -> None:
         p.sequence_parallel = True
 
 
+def _residual(ctx: PieceContext, fn: nn.Module) -> Residual:
+    cfg = ctx.cfg
+    return Residual(ctx.kernels.layer_norm(cfg.hidden_size, cfg.layernorm_eps), fn, cfg.dropout, ctx.mp.sequence_parallel)
+
+
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg, mp, kernels, init, out_init):
+    def __init__(self, ctx: PieceContext):
         super().__init__()
-        d, sp = cfg.hidden_size, mp.sequence_parallel
-        self.attn = Residual(kernels.layer_norm(d, cfg.layernorm_eps),
-                             Attention(d, cfg.num_heads, mp, kernels, init, out_init, cfg.attention_dropout, False),
-                             cfg.dropout, sp)
-        self.mlp = Residual(kernels.layer_norm(d, cfg.layernorm_eps),
-                            MLP(d, cfg.ffn_hidden_size, mp, kernels, init, out_init), cfg.dropout, sp)
+        self.attn = _residual(ctx, Attention(ctx, cross=False))
+        self.mlp = _residual(ctx, MLP(ctx))
 
     def forward(self, x, mask):
         return self.mlp(self.attn(x, mask=mask))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, mp, kernels, init, out_init):
+    def __init__(self, ctx: PieceContext):
         super().__init__()
-        d, sp = cfg.hidden_size, mp.sequence_parallel
-        self.max_len = cfg.image_seq_len
-        self.self_attn = Residual(
-            kernels.layer_norm(d, cfg.layernorm_eps),
-            Attention(d, cfg.num_heads, mp, kernels, init, out_init, cfg.attention_dropout, False), cfg.dropout, sp)
-        self.cross_attn = Residual(
-            kernels.layer_norm(d, cfg.layernorm_eps),
-            Attention(d, cfg.num_heads, mp, kernels, init, out_init, cfg.attention_dropout, True), cfg.dropout, sp)
-        self.mlp = Residual(kernels.layer_norm(d, cfg.layernorm_eps),
-                            MLP(d, cfg.ffn_hidden_size, mp, kernels, init, out_init), cfg.dropout, sp)
+        self.max_len = ctx.cfg.image_seq_len
+        self.self_attn = _residual(ctx, Attention(ctx, cross=False))
+        self.cross_attn = _residual(ctx, Attention(ctx, cross=True))
+        self.mlp = _residual(ctx, MLP(ctx))
 
     def forward(self, x, memory, memory_mask, cache: LayerCache | None = None):
         x = self.self_attn(x, causal=True, cache=cache, max_len=self.max_len)
@@ -256,17 +270,13 @@ class DecoderLayer(nn.Module):
 
 
 def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
-    """Sum, over the TP group, the gradients of parameters marked `sequence_parallel` (norms and
-    row-parallel biases, which see only their rank's sequence shard). Call after backward, before
-    the optimizer step; a no-op without sequence parallelism."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
+    """Sum, over the model's TP group (`model.tp_group`), the gradients of parameters marked
+    `sequence_parallel` (norms and row-parallel biases, which see only their rank's sequence shard).
+    Call after backward, before the optimizer step; a no-op without sequence parallelism."""
     grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or ps.get_tensor_model_parallel_world_size() == 1:
+    if not grads or model.tp_group.size() == 1:
         return
     flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+    dist.all_reduce(flat, group=model.tp_group)
     for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(reduced)

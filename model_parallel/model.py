@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -34,9 +33,13 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
+from model_parallel.config import ModelConfig
 from model_parallel.init import InitKeys, ShardedNormalInit, ensure_model_parallel_rng
 from model_parallel.kernels import Kernels, select_kernels
-from model_parallel.layers import DecoderLayer, EncoderLayer, LayerCache, mark_sequence_parallel, static_caches
+from model_parallel.layers import (
+    DecoderLayer, EncoderLayer, LayerCache, PieceContext, mark_sequence_parallel, static_caches,
+)
+from model_parallel.state import tensor_parallel_group
 
 
 def text_mask(text_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -54,26 +57,29 @@ def padded_vocab(size: int, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
 
-def megatron_config(sequence_parallel: bool = False, meta: bool = False,
+def megatron_config(tp_size: int, sequence_parallel: bool = False, meta: bool = False,
                     dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
     """Initialisation: megatron-core allocates only this rank's shard of each split weight (on
     torch.cuda.current_device(), "cpu" without a GPU) and fills it with the init method, which draws
     just that shard (model_parallel/init.py). With `meta` nothing is initialised and the CPU-init path
     allocates without naming a device, so that `torch.device("meta")` applies."""
+    if sequence_parallel and tp_size == 1:
+        raise ValueError("sequence parallelism needs a tensor-parallel group of 2 or more ranks "
+                         "(parallel.sequence_parallel=true needs parallel.tp > 1)")
     return ModelParallelConfig(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        sequence_parallel=sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1,
+        tensor_model_parallel_size=tp_size,
+        sequence_parallel=sequence_parallel,
         use_cpu_initialization=meta,
         perform_initialization=not meta,
         params_dtype=dtype,
     )
 
 
-def _to_hidden(x: torch.Tensor, dropout: float, sequence_parallel: bool, training: bool) -> torch.Tensor:
+def _to_hidden(x: torch.Tensor, dropout: float, sequence_parallel: bool, training: bool, tp_group) -> torch.Tensor:
     """[b, s, d] embeddings -> [s, b, d] (this rank's sequence shard with SP), with embedding dropout."""
     x = x.transpose(0, 1).contiguous()
     if sequence_parallel:
-        x = scatter_to_sequence_parallel_region(x)
+        x = scatter_to_sequence_parallel_region(x, group=tp_group)
     if training and dropout > 0:
         rng = get_cuda_rng_tracker().fork() if sequence_parallel else contextlib.nullcontext()
         with rng:
@@ -95,29 +101,31 @@ class PositionEmbedding(nn.Embedding):
 class TextEmbedding(nn.Module):
     """Caption ids [b, T] -> token + position embeddings [T, b, d]."""
 
-    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+    def __init__(self, ctx: PieceContext):
         super().__init__()
-        self.cfg, self.sequence_parallel = cfg, mp.sequence_parallel
+        cfg = ctx.cfg
+        self.cfg, self.sequence_parallel, self.tp_group = cfg, ctx.mp.sequence_parallel, ctx.tp_group
         self.embed = VocabParallelEmbedding(padded_vocab(cfg.text_vocab_size, cfg.vocab_pad_multiple),
-                                            cfg.hidden_size, init_method=init, config=mp)
-        self.pos = PositionEmbedding(cfg.text_seq_len, cfg.hidden_size, init, mp.perform_initialization)
+                                            cfg.hidden_size, init_method=ctx.init, config=ctx.mp, tp_group=ctx.tp_group)
+        self.pos = PositionEmbedding(cfg.text_seq_len, cfg.hidden_size, ctx.init, ctx.mp.perform_initialization)
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(text_ids.shape[1], device=text_ids.device)
         return _to_hidden(self.embed(text_ids) + self.pos(positions), self.cfg.dropout,
-                          self.sequence_parallel, self.training)
+                          self.sequence_parallel, self.training, self.tp_group)
 
 
 class ImageEmbedding(nn.Module):
     """Decoder input tokens [b, n] at grid positions start.. -> embeddings with row + column positions."""
 
-    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+    def __init__(self, ctx: PieceContext):
         super().__init__()
-        self.cfg, self.sequence_parallel = cfg, mp.sequence_parallel
+        cfg, init, perform = ctx.cfg, ctx.init, ctx.mp.perform_initialization
+        self.cfg, self.sequence_parallel, self.tp_group = cfg, ctx.mp.sequence_parallel, ctx.tp_group
         self.embed = VocabParallelEmbedding(padded_vocab(cfg.image_vocab_size + 1, cfg.vocab_pad_multiple),
-                                            cfg.hidden_size, init_method=init, config=mp)
-        self.row_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, mp.perform_initialization)
-        self.col_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, mp.perform_initialization)
+                                            cfg.hidden_size, init_method=init, config=ctx.mp, tp_group=ctx.tp_group)
+        self.row_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, perform)
+        self.col_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, perform)
 
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """`start`: an int, or an int64 [1] device tensor (static-cache decoding: no host sync, so the
@@ -127,16 +135,17 @@ class ImageEmbedding(nn.Module):
                              f"{self.cfg.image_seq_len} positions of the image grid")
         idx = start + torch.arange(tokens.shape[1], device=tokens.device)
         pos = self.row_pos(idx // self.cfg.image_grid) + self.col_pos(idx % self.cfg.image_grid)
-        return _to_hidden(self.embed(tokens) + pos, self.cfg.dropout, self.sequence_parallel, self.training)
+        return _to_hidden(self.embed(tokens) + pos, self.cfg.dropout, self.sequence_parallel, self.training,
+                          self.tp_group)
 
 
 class FinalNorm(nn.Module):
     """The layer norm that closes the encoder."""
 
-    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+    def __init__(self, ctx: PieceContext):
         super().__init__()
-        self.norm = kernels.layer_norm(cfg.hidden_size, cfg.layernorm_eps)
-        if mp.sequence_parallel:
+        self.norm = ctx.kernels.layer_norm(ctx.cfg.hidden_size, ctx.cfg.layernorm_eps)
+        if ctx.mp.sequence_parallel:
             mark_sequence_parallel(self.norm)
 
     def forward(self, x):
@@ -146,59 +155,67 @@ class FinalNorm(nn.Module):
 class OutputHead(nn.Module):
     """Decoder final norm and the projection to vocab-parallel image-code logits [n, b, V/tp]."""
 
-    def __init__(self, cfg, mp: ModelParallelConfig, kernels: Kernels, init, out_init):
+    def __init__(self, ctx: PieceContext):
         super().__init__()
-        self.norm = FinalNorm(cfg, mp, kernels, init, out_init)
-        self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.image_vocab_size, config=mp, init_method=init,
-                                         bias=False, gather_output=False)
+        self.norm = FinalNorm(ctx)
+        self.proj = ColumnParallelLinear(ctx.cfg.hidden_size, ctx.cfg.image_vocab_size, config=ctx.mp,
+                                         init_method=ctx.init, bias=False, gather_output=False, tp_group=ctx.tp_group)
 
     def forward(self, x):
         return self.proj(self.norm(x))[0]
 
 
-def model_pieces(cfg, kernels: Kernels | None = None, sequence_parallel: bool = False, meta: bool = False):
-    """The model as an ordered list of (class, constructor args): the same list builds PartiModel and
-    the pipeline stages (model_parallel/pipeline.py). Piece k is built right after
-    torch.manual_seed(init_seed + k), so its weights do not depend on which pieces a rank builds (the
-    init methods key each weight by that seed: model_parallel/init.py). Output projections (`out_init`)
-    get megatron's scaled std, init_std / sqrt(2 * layers)."""
-    mp = megatron_config(sequence_parallel, meta)
+def piece_classes(cfg: ModelConfig) -> list[tuple[str, type[nn.Module]]]:
+    """The model's pieces in order, each with its attribute path in PartiModel: the one statement of the
+    order, which builds PartiModel and the pipeline stages (model_parallel/pipeline.py: stage layer k is
+    piece k) and names parameters in checkpoints the same at any layout."""
+    return ([("text_embedding", TextEmbedding)] + [(f"encoder.{i}", EncoderLayer) for i in range(cfg.encoder_layers)]
+            + [("encoder_norm", FinalNorm), ("image_embedding", ImageEmbedding)]
+            + [(f"decoder.{i}", DecoderLayer) for i in range(cfg.decoder_layers)] + [("head", OutputHead)])
+
+
+def piece_names(cfg: ModelConfig) -> list[str]:
+    return [name for name, _ in piece_classes(cfg)]
+
+
+def piece_context(cfg: ModelConfig, kernels: Kernels | None = None, sequence_parallel: bool = False,
+                  meta: bool = False, tp_group=None) -> PieceContext:
+    """What each piece is built from. `tp_group`: the tensor-parallel group (default: this rank's, from
+    model_parallel.state). Output projections (`out_init`) get megatron's scaled std,
+    init_std / sqrt(2 * layers); the init methods key each weight by the seed its piece is built after
+    (model_parallel/init.py), so a piece's weights do not depend on which pieces a rank builds."""
+    tp_group = tp_group if tp_group is not None else tensor_parallel_group()
+    mp = megatron_config(tp_group.size(), sequence_parallel, meta)
     if mp.perform_initialization:
-        ensure_model_parallel_rng()
+        ensure_model_parallel_rng(tp_group.rank())
     keys = InitKeys()
-    args = (cfg, mp, kernels or select_kernels(), ShardedNormalInit(cfg.init_std, keys),
-            ShardedNormalInit(cfg.init_std / math.sqrt(2.0 * (cfg.encoder_layers + cfg.decoder_layers)), keys))
-    return ([(TextEmbedding, args)] + [(EncoderLayer, args)] * cfg.encoder_layers + [(FinalNorm, args)]
-            + [(ImageEmbedding, args)] + [(DecoderLayer, args)] * cfg.decoder_layers + [(OutputHead, args)])
-
-
-def piece_names(cfg) -> list[str]:
-    """PartiModel's attribute path of each piece of `model_pieces`: the layout-independent parameter
-    names that checkpoints use (a pipeline stage's layer k holds piece k)."""
-    return (["text_embedding"] + [f"encoder.{i}" for i in range(cfg.encoder_layers)]
-            + ["encoder_norm", "image_embedding"] + [f"decoder.{i}" for i in range(cfg.decoder_layers)] + ["head"])
+    out_std = cfg.init_std / math.sqrt(2.0 * (cfg.encoder_layers + cfg.decoder_layers))
+    return PieceContext(cfg, mp, kernels or select_kernels(), ShardedNormalInit(cfg.init_std, keys, tp_group),
+                        ShardedNormalInit(out_std, keys, tp_group), tp_group)
 
 
 class PartiModel(nn.Module):
-    def __init__(self, cfg, kernels: Kernels | None = None, sequence_parallel: bool = False,
-                 meta: bool = False, init_seed: int = 1234):
+    """Piece k is built right after torch.manual_seed(init_seed + k) (as DeepSpeed's pipeline builds its
+    layers with seed_layers), so one seed gives the same weights at any TP/PP layout."""
+
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None, sequence_parallel: bool = False,
+                 meta: bool = False, init_seed: int = 1234, tp_group=None):
         super().__init__()
         self.cfg = cfg
-        pieces = model_pieces(cfg, kernels, sequence_parallel, meta)
-        self.sequence_parallel = pieces[0][1][1].sequence_parallel
+        ctx = piece_context(cfg, kernels, sequence_parallel, meta, tp_group)
+        self.sequence_parallel, self.tp_group = ctx.mp.sequence_parallel, ctx.tp_group
         self.bos_id = cfg.image_vocab_size
-        built = []
         with torch.random.fork_rng(devices=[]):
-            for k, (cls, args) in enumerate(pieces):
+            for k, (name, cls) in enumerate(piece_classes(cfg)):
                 torch.manual_seed(init_seed + k)
-                built.append(cls(*args))
-        e = cfg.encoder_layers
-        self.text_embedding = built[0]
-        self.encoder = nn.ModuleList(built[1:1 + e])
-        self.encoder_norm = built[1 + e]
-        self.image_embedding = built[2 + e]
-        self.decoder = nn.ModuleList(built[3 + e:-1])
-        self.head = built[-1]
+                piece = cls(ctx)
+                stack, _, index = name.partition(".")
+                if not index:
+                    setattr(self, name, piece)
+                else:
+                    if index == "0":  # (registered where the first layer comes: parameter order as built)
+                        setattr(self, stack, nn.ModuleList())
+                    getattr(self, stack).append(piece)
 
     # ------------------------------------------------------------------------------------------
     def text_mask(self, text_ids: torch.Tensor) -> torch.Tensor:
@@ -260,11 +277,12 @@ class PartiModel(nn.Module):
             position.begin(tokens.shape[1])
             logits = self.decode(tokens, memory, mask, cache=caches, start=position.next)
             position.end(tokens.shape[1])
-        return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
+        return gather_from_tensor_model_parallel_region(logits, group=self.tp_group).transpose(0, 1)
 
 
 def image_code_loss(logits: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of vocab-parallel logits [n, b, V/tp] against codes [b, n]."""
+    """Mean cross-entropy of vocab-parallel logits [n, b, V/tp] against codes [b, n]. (megatron-core
+    0.16's vocab_parallel_cross_entropy takes no group argument: it reduces over megatron's TP group.)"""
     return vocab_parallel_cross_entropy(logits.float(), image_codes.t().contiguous()).mean()
 
 

@@ -12,7 +12,10 @@ import argparse
 import torch
 
 from common.config import CONFIG_ROOT
-from model_parallel.config import model_config
+from model_parallel.config import ModelConfig, model_config
+from model_parallel.model import piece_classes, piece_context, piece_names
+from model_parallel.cpu_compat import apply_cpu_compat
+from model_parallel.state import init_distributed
 
 # Parti paper (Yu et al. 2022, table 1) sizes, in parameters.
 PAPER_SIZES = {"parti-350m": 0.39e9, "parti-750m": 0.79e9, "parti-3b": 3.09e9, "parti-20b": 20.5e9}
@@ -24,37 +27,50 @@ def presets() -> list[str]:
     return [p for p in order if p in found] + sorted(found - set(order))
 
 
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Parameters by part of the model, and the total."""
-    parts = {"embeddings": 0, "encoder": 0, "decoder": 0, "head": 0}
-    for name, p in model.named_parameters():
-        top = name.split(".")[0]
-        part = {"encoder": "encoder", "encoder_norm": "encoder", "decoder": "decoder",
-                "head": "head"}.get(top, "embeddings")
-        parts[part] += p.numel()
+class SizingGroup:
+    """A stand-in for rank 0 of a tensor-parallel group of `size`: what megatron-core's layers ask of a
+    group (size, rank) to size their shards on the meta device. Nothing communicates through it."""
+
+    def __init__(self, size: int):
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return 0
+
+
+def piece_params(cfg: ModelConfig, tp: int = 1) -> list[int]:
+    """Parameters of each piece of the model (`piece_classes` order) on TP rank 0 of a TP group of `tp`,
+    counted on the meta device: no memory is allocated, parti-20b included."""
+    apply_cpu_compat()
+    init_distributed()  # megatron-core sizes layers by the group only under torch.distributed (utils.get_pg_size)
+    ctx = piece_context(cfg, meta=True, tp_group=SizingGroup(tp))
+    with torch.device("meta"):
+        return [sum(p.numel() for p in cls(ctx).parameters()) for _, cls in piece_classes(cfg)]
+
+
+PART = {"text_embedding": "embeddings", "image_embedding": "embeddings", "encoder": "encoder",
+        "encoder_norm": "encoder", "decoder": "decoder", "head": "head"}
+
+
+def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict[str, int]:
+    """Parameters by part of the model (per TP rank at `tp`), and the total."""
+    parts = dict.fromkeys(("embeddings", "encoder", "decoder", "head"), 0)
+    for name, n in zip(piece_names(cfg), piece_params(cfg, tp)):
+        parts[PART[name.split(".")[0]]] += n
     parts["total"] = sum(parts.values())
     return parts
-
-
-def meta_model(preset: str):
-    """The preset's PartiModel on the meta device, for the current TP group (one process: TP=1)."""
-    from model_parallel.model import PartiModel
-
-    cfg = model_config(preset)
-    with torch.device("meta"):
-        return PartiModel(cfg, meta=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="preset name (repeatable); default: all")
     args = parser.parse_args(argv)
-    from model_parallel.state import init_parallel
-
-    init_parallel(tp=1, pp=1)
     print(f"{'preset':<12} {'total':>16} {'embeddings':>14} {'encoder':>16} {'decoder':>16} {'head':>12}  paper")
     for preset in args.model or presets():
-        c = count_parameters(meta_model(preset))
+        c = count_parameters(model_config(preset))
         paper = PAPER_SIZES.get(preset)
         note = f"{paper / 1e9:.2f}B ({(c['total'] / paper - 1) * 100:+.1f}%)" if paper else ""
         print(f"{preset:<12} {c['total']:>16,} {c['embeddings']:>14,} {c['encoder']:>16,} "

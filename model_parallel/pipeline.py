@@ -4,7 +4,7 @@
     engine = deepspeed.initialize(model=module, ...)[0]; loss = engine.train_batch(data_iter)
 
 megatron-core 0.16 no longer pipelines encoder-decoder models, so the split is done here, as
-Megatron-DeepSpeed did: the pieces of `model_pieces` become pipeline layers that pass a tuple.
+Megatron-DeepSpeed did: the model's pieces (`piece_classes`) become pipeline layers that pass a tuple.
 The text encoder (small: 128 tokens) lives on the first stage; its output (`memory`) travels down the
 pipeline beside the image hidden states, every decoder layer cross-attends to it, and its gradient
 flows back to stage 0. Decoder layers are balanced over the stages (`partition_method`).
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from model_parallel.layers import DecoderLayer, EncoderLayer
 from model_parallel.model import (
-    FinalNorm, ImageEmbedding, OutputHead, TextEmbedding, image_code_loss, model_pieces, text_mask,
+    FinalNorm, ImageEmbedding, OutputHead, TextEmbedding, image_code_loss, piece_classes, piece_context, text_mask,
 )
 
 
@@ -30,9 +30,9 @@ class TextEmbeddingPipe(TextEmbedding):
 
 
 class EncoderLayerPipe(EncoderLayer):
-    def __init__(self, cfg, *args):
-        super().__init__(cfg, *args)
-        self.pad_id = cfg.text_pad_id
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.pad_id = ctx.cfg.text_pad_id
 
     def forward(self, inputs):
         x, text_ids, image_in = inputs
@@ -52,9 +52,9 @@ class ImageEmbeddingPipe(ImageEmbedding):
 
 
 class DecoderLayerPipe(DecoderLayer):
-    def __init__(self, cfg, *args):
-        super().__init__(cfg, *args)
-        self.pad_id = cfg.text_pad_id
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.pad_id = ctx.cfg.text_pad_id
 
     def forward(self, inputs):
         x, memory, text_ids = inputs
@@ -75,15 +75,16 @@ def pipeline_loss(logits, image_codes):
     return image_code_loss(logits, image_codes)
 
 
-def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False):
+def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False, tp_group=None):
     """A DeepSpeed PipelineModule whose layer k holds the same weights as PartiModel's piece k."""
     import torch
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state as ps
 
-    specs = [LayerSpec(PIPE_CLASS[cls], *args) for cls, args in model_pieces(cfg, kernels, sequence_parallel)]
-    topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=ps.get_tensor_model_parallel_world_size(),
+    ctx = piece_context(cfg, kernels, sequence_parallel, tp_group=tp_group)
+    specs = [LayerSpec(PIPE_CLASS[cls], ctx) for _, cls in piece_classes(cfg)]
+    topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=ctx.tp_group.size(),
                                              num_dp=ps.get_data_parallel_world_size())
     return PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
                           partition_method="type:DecoderLayerPipe", seed_layers=True, base_seed=init_seed,

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from model_parallel.cpu_compat import apply_cpu_compat
+from model_parallel.layout import ParallelConfig, ParallelLayout
 
 
 def free_port() -> int:
@@ -144,14 +145,21 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
 
     apply_cpu_compat()
     init_distributed()
-    world = dist.get_world_size()
-    if world % (tp * pp) != 0:
-        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
+    ParallelLayout.of(ParallelConfig(tp=tp, pp=pp), dist.get_world_size())  # its rules, stated there
     if ps.model_parallel_is_initialized():
         if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
             return
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def tensor_parallel_group():
+    """This rank's tensor-parallel group, from megatron-core's `parallel_state` (after `init_parallel`):
+    the one place it is read from there; the model and its layers get it passed in
+    (ParallelLayout.tp_group, PartiModel(tp_group=...))."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipeline.shapes import write_tar  # noqa: F401  (the tests' shard writer)
+from data_pipeline.laion import write_tar  # noqa: F401  (the tests' shard writer)
 from data_pipeline.shared_data import shared_data_dir
 
 SHARED_DATA = shared_data_dir()

@@ -1,4 +1,4 @@
-"""The main job end to end (evaluation/demo.py) with smaller settings: shapes -> image tokenizer ->
+"""The main job end to end (demo/run.py) with smaller settings: shapes -> image tokenizer ->
 SentencePiece -> code shards -> parti-tiny at TP=2 on 2 processes, stopped and resumed -> guided samples.
 The trained model must draw the prompted colour far more often than chance; the same model before
 training must not. The slowest test of the suite (a few minutes on 2 CPU cores)."""
@@ -16,7 +16,7 @@ def test_measure_reads_colour_and_shape_back():
 
     from PIL import Image
 
-    from data_pipeline import shapes
+    from demo import shapes
 
     for i in range(240):
         colour, shape, img = shapes.shape_sample(i, shapes.combinations(), 32)
@@ -32,7 +32,7 @@ def test_measure_reads_colour_and_shape_back():
 
 
 def test_demo_learns_the_prompted_colour_and_reports(tmp_path):
-    from evaluation.demo import DemoConfig, run
+    from demo.run import DemoConfig, run
 
     out = tmp_path / "demo"
     results = run(load_typed(DemoConfig, None, [f"out={out}", *SMALL]))

@@ -114,17 +114,18 @@ def test_weights_are_normal_distinct_and_seeded(single_process):
 
 def test_a_piece_built_alone_has_the_models_weights(single_process):
     """Pipeline stages build only some pieces, each after torch.manual_seed(init_seed + k)."""
-    from model_parallel.model import PartiModel, model_pieces
+    from model_parallel.model import PartiModel, piece_classes, piece_context
 
     cfg = debug_model_config()
     model = dict(PartiModel(cfg, init_seed=9).named_parameters())
-    pieces = model_pieces(cfg)
-    e = cfg.encoder_layers
-    for k, prefix in [(len(pieces) - 1, "head."), (4 + e, "decoder.1."), (2 + e, "image_embedding.")]:
-        cls, args = pieces[k]
+    pieces = piece_classes(cfg)
+    for k, (name, cls) in enumerate(pieces):
+        if name not in ("head", "decoder.1", "image_embedding"):
+            continue
+        prefix = name + "."
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(9 + k)
-            piece = cls(*args)
+            piece = cls(piece_context(cfg))
         for n, p in piece.named_parameters():
             torch.testing.assert_close(p, model[prefix + n], rtol=0, atol=0, msg=prefix + n)
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from model_parallel.param_count import PAPER_SIZES, count_parameters, main, meta_model
+from model_parallel.config import model_config
+from model_parallel.param_count import PAPER_SIZES, count_parameters, main
 
 
 @pytest.mark.parametrize("preset", sorted(PAPER_SIZES))
 def test_parti_sizes_within_5_percent(single_process, preset):
-    total = count_parameters(meta_model(preset))["total"]
+    total = count_parameters(model_config(preset))["total"]
     assert abs(total / PAPER_SIZES[preset] - 1) < 0.05, (preset, total)
 
 
@@ -17,7 +18,7 @@ def test_meta_count_equals_built_model(single_process):
     from tests.conftest import debug_model_config
 
     built = sum(p.numel() for p in PartiModel(debug_model_config()).parameters())
-    assert count_parameters(meta_model("parti-debug"))["total"] == built == 313_088
+    assert count_parameters(model_config("parti-debug"))["total"] == built == 313_088
 
 
 def test_command_prints_every_preset(single_process, capsys):

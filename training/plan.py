@@ -21,65 +21,26 @@ the MFU must be positive (MFU at most 1): anything else is one line naming the f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 from dataclasses import dataclass
 
-import torch
 
 from model_parallel.config import model_config
+from model_parallel.layers import DecoderLayer, EncoderLayer
+from model_parallel.layout import ParallelLayout
+from model_parallel.model import piece_classes
+from model_parallel.param_count import piece_params
 from training.flops import decoder_layer_flops, encoder_layer_flops, head_flops
 
 
-class _FakeGroup:
-    """A stand-in process group of a given size, rank 0: enough for megatron layers to size their shards."""
-
-    def __init__(self, size: int):
-        self._size = size
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return 0
-
-
-@contextlib.contextmanager
-def tensor_parallel_of(size: int):
-    """Build megatron-core layers as rank 0 of a TP group of `size` (meta device only)."""
-    from megatron.core import parallel_state as ps
-
-    from model_parallel.state import init_parallel
-
-    init_parallel(1, 1)
-    saved = ps._TENSOR_MODEL_PARALLEL_GROUP, ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE
-    ps._TENSOR_MODEL_PARALLEL_GROUP = _FakeGroup(size)
-    ps.set_tensor_model_parallel_world_size(size)
-    try:
-        yield
-    finally:
-        ps._TENSOR_MODEL_PARALLEL_GROUP, ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = saved
-
-
 def stage_pieces(model_cfg, pp: int) -> list[range]:
-    """Which pieces of model_pieces each pipeline stage holds (DeepSpeed's 'type:DecoderLayerPipe')."""
+    """Which pieces of the model (`piece_classes`) each pipeline stage holds (DeepSpeed's 'type:DecoderLayerPipe')."""
     from deepspeed.runtime.utils import partition_balanced
 
-    from model_parallel.layers import DecoderLayer
-    from model_parallel.model import model_pieces
-
-    weights = [1 if cls is DecoderLayer else 0 for cls, _ in model_pieces(model_cfg, meta=True)]
+    weights = [1 if cls is DecoderLayer else 0 for _, cls in piece_classes(model_cfg)]
     bounds = partition_balanced(weights=weights, num_parts=pp)
     return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
-
-
-def piece_params(model_cfg, tp: int) -> list[int]:
-    """Exact parameters of each piece of model_pieces on TP rank 0 of a TP group of size tp."""
-    from model_parallel.model import model_pieces
-
-    with tensor_parallel_of(tp), torch.device("meta"):
-        return [sum(p.numel() for p in cls(*args).parameters()) for cls, args in model_pieces(model_cfg, meta=True)]
 
 
 def params_per_stage(model_cfg, tp: int, pp: int, pieces: list[int] | None = None) -> list[int]:
@@ -190,10 +151,7 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
     opt_b = 12 if precision == "bf16" else 8  # fp32 master (bf16 only) + Adam moments
     n_micro = max(1, global_batch // (micro_batch * dp))
     pieces = stage_pieces(model_cfg, pp)
-    from model_parallel.layers import DecoderLayer, EncoderLayer
-    from model_parallel.model import model_pieces
-
-    kinds = [cls for cls, _ in model_pieces(model_cfg, meta=True)]
+    kinds = [cls for _, cls in piece_classes(model_cfg)]
     worst, slowest = None, 0.0
     for s, (params, stage) in enumerate(zip(stage_params, pieces)):
         layers = (sum(kinds[k] is EncoderLayer for k in stage), sum(kinds[k] is DecoderLayer for k in stage))
@@ -249,12 +207,12 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
         pieces = piece_params(m, tp)
         for pp in [p for p in range(1, m.decoder_layers + 1) if m.decoder_layers % p == 0 and world % (tp * p) == 0]:
             dp = world // (tp * pp)
-            if global_batch % (micro_batch * dp):
-                skipped.append(Skipped(tp, pp, dp, f"global batch {global_batch} is not a multiple of micro-batch "
-                                                   f"{micro_batch} x DP {dp} = {micro_batch * dp}"))
+            reason = ParallelLayout(tp, pp, dp).fits(m, micro_batch, global_batch)  # the rules a run obeys
+            if reason:
+                skipped.append(Skipped(tp, pp, dp, reason))
                 continue
             stage_params = params_per_stage(m, tp, pp, pieces)
-            for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+            for zero in [z for z in (0, 1, 2, 3) if ParallelLayout(tp, pp, dp, z).fits() is None]:
                 o = estimate(m, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw, stage_params,
                              max(pieces))
                 (fits if o.over_gb(gpu_mem_gb, headroom_gb) <= 0 else misses).append(o)

@@ -1,6 +1,6 @@
 """A synthetic captioned image set in which the caption decides what is drawn ("a red circle on a white
 background"), written as LAION-style shards, and the measurement that reads colour and shape back from an
-image. The end-to-end demo (evaluation/demo.py) trains on it and checks that samples follow their prompts.
+image. The end-to-end demo (demo/run.py) trains on it and checks that samples follow their prompts.
 
     write_shapes_shards(Path("laion/shapes"), count=2000, held_out={("yellow", "square")})
     measure(Image.open("sample.png"))        # -> ("red", "circle")
@@ -15,11 +15,12 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data_pipeline.laion import write_tar
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 205, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -60,20 +61,6 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """One webdataset/img2dataset-style tar: files KEY.png / KEY.jpg, KEY.txt, KEY.json per sample."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    tmp.replace(path)
-    return path
 
 
 def write_shapes_shards(out: Path, count: int, size: int = 32, held_out: set = frozenset(), seed: int = 0,

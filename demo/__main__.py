@@ -1,0 +1,4 @@
+"""`python -m demo`: the end-to-end demo (demo/run.py)."""
+from demo.run import main
+
+main()

@@ -1,0 +1,323 @@
+"""The main job: the whole system end to end on a small synthetic task, ending in an HTML report that shows
+whether the model learned to draw what the caption says.
+
+    python -m demo [--config configs/demo/default.yaml] [--set train_steps=600 out=runs/demo2]
+
+Steps (each one the project's real code path, on CPU by default; a finished step is skipped on a rerun):
+ 1. data: LAION-style shards of captioned shapes ("a red circle on a white background"; some colour/shape
+    combinations never shown) plus the shipped COCO photos, read in place;
+ 2. a small ViT-VQGAN trained on them, exported and frozen;
+ 3. a SentencePiece model trained on the captions; pre-tokenization of all shards into code shards;
+ 4. parti-tiny trained with tensor parallelism 2 on 2 processes (torchrun), stopped half way through the
+    STOP file (as a SLURM preemption does), resumed from its checkpoint, exported;
+ 5. guided sampling for every colour/shape prompt, the held-out combinations included, and for the same
+    model before training;
+ 6. report.html: loss curve, VQ reconstructions, a sample grid per prompt, colour/shape agreement measured
+    on each sample (demo/shapes.py), FID of the samples against unseen real shape images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import command, config_parser
+from common.config import load_typed
+from demo import shapes
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the end-to-end demo (the defaults run in about ten minutes on 2 CPU cores)."""
+
+    out: str = "runs/demo"
+    """Output folder (steps already finished there are skipped)."""
+    seed: int = 0
+    """Seed of the data, the tokenizer and the model."""
+    image_size: int = 32
+    """Side of the training images (and of the samples)."""
+    shapes: int = 6000
+    """Captioned shape images for training."""
+    held_out: str = "yellow square,blue triangle"
+    """Colour/shape combinations never shown in training, comma separated."""
+    vq_steps: int = 1500
+    """Image tokenizer training steps."""
+    vq_width: int = 64
+    """Image tokenizer width (ViT-VQGAN, 2 layers, 4x4 patches -> 8x8 codes)."""
+    codebook_size: int = 64
+    """Image tokenizer codebook size (= the Parti model's image vocabulary)."""
+    text_vocab: int = 160
+    """SentencePiece vocabulary size."""
+    train_config: str = "configs/train/demo.yaml"
+    """The Parti training config (parti-tiny, TP=2); the demo sets its data and vocabulary sizes."""
+    train_steps: int = 1000
+    """Parti training steps (the run is stopped and resumed at half of them)."""
+    nproc: int = 2
+    """Training processes (torchrun)."""
+    samples_per_prompt: int = 4
+    """Samples per colour/shape prompt."""
+    guidance_scale: float = 3.0
+    """Classifier-free guidance scale for the samples."""
+    fid_real: int = 96
+    """Unseen real shape images the samples are compared with (FID)."""
+
+
+def log(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def held_out(cfg: DemoConfig) -> set[tuple[str, str]]:
+    pairs = {tuple(item.split()) for item in cfg.held_out.split(",") if item.strip()}
+    for colour, shape in pairs:
+        if colour not in shapes.COLOURS or shape not in shapes.SHAPES:
+            raise ValueError(f"held_out={cfg.held_out!r}: {colour} {shape} is not a colour ({', '.join(shapes.COLOURS)}) "
+                             f"and shape ({', '.join(shapes.SHAPES)})")
+    return pairs
+
+
+def make_data(cfg: DemoConfig, out: Path) -> str:
+    """Step 1: the LAION-style shards; returns their brace pattern."""
+    from data_pipeline.shared_data import shared_path
+
+    laion = out / "laion"
+    if not (laion / "done").exists():
+        paths = shapes.write_shapes_shards(laion, cfg.shapes, cfg.image_size, held_out(cfg), cfg.seed)
+        shapes.write_photo_shard(laion / f"{len(paths):05d}.tar", shared_path("coco_mini"))
+        (laion / "done").write_text(f"{len(paths) + 1}\n")
+    count = int((laion / "done").read_text())
+    return str(laion / f"{{00000..{count - 1:05d}}}.tar")
+
+
+def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
+    """Step 2: a small ViT-VQGAN (l2 + codebook losses: enough for flat colours), exported to vq/export.pt."""
+    from common.config import load_typed
+    from vq.config import VQConfig
+    from vq.train import VQTrainer
+
+    export = out / "vq" / "export.pt"
+    if not export.is_file():
+        vq_cfg = load_typed(VQConfig, None, [
+            "model.layers=2", f"model.width={cfg.vq_width}", f"model.image_size={cfg.image_size}", "model.patch=4",
+            "model.code_dim=16", f"model.codebook_size={cfg.codebook_size}", "model.dead_code_steps=50",
+            "loss.perceptual=0", "loss.adversarial=0", "loss.logit_laplace=0", f"train.steps={cfg.vq_steps}",
+            "train.batch_size=32", "train.lr=2e-3", f"train.seed={cfg.seed}", "train.log_interval=50",
+            f"train.eval_interval={cfg.vq_steps}", f"train.save_interval={cfg.vq_steps}"])
+        VQTrainer(vq_cfg, pattern, out / "vq").run()
+    return export
+
+
+def tokenize(cfg: DemoConfig, out: Path, pattern: str, vq_path: Path) -> tuple[Path, Path]:
+    """Step 3: SentencePiece on the captions, then pre-tokenization into code shards."""
+    from data_pipeline.images import FilterConfig
+    from data_pipeline.laion import expand_shards
+    from data_pipeline.pretokenize import pretokenize
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from data_pipeline.train_text_tokenizer import shard_captions
+    from vq.tokenizer import load_image_tokenizer
+
+    spm = out / "tok" / "spm.model"
+    if not spm.is_file():
+        train_sentencepiece(shard_captions(pattern, Counter()), cfg.text_vocab, spm)
+    codes = out / "codes"
+    if not (codes / "manifest.json").is_file() or not json.loads((codes / "manifest.json").read_text()).get("complete"):
+        pretokenize(expand_shards(pattern), codes, load_image_tokenizer(vq_path), TextTokenizer(spm, 32),
+                    FilterConfig(image_size=cfg.image_size, min_size=cfg.image_size))
+    return spm, codes
+
+
+def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
+    """Step 4: torchrun training at TP=2, stopped through the STOP file half way and resumed; exported."""
+    from data_pipeline.text_tokenizer import TextTokenizer
+    from model_parallel.state import child_environment
+    from training.export import export
+
+    run_dir = out / "parti"
+    if (run_dir / "export" / "model.safetensors").is_file():
+        return run_dir
+    overrides = [f"data.shards={codes}", f"train.steps={cfg.train_steps}", f"train.seed={cfg.seed + 1234}",
+                 f"model.text_vocab_size={TextTokenizer(spm).vocab_size}", f"model.image_vocab_size={cfg.codebook_size}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
+               "-m", "training.train", "--config", cfg.train_config, "--run-dir", str(run_dir), "--resume", "auto",
+               "--set", *overrides]
+    env = child_environment(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"),
+                            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    metrics, stop_at = run_dir / "metrics.jsonl", cfg.train_steps // 2
+    if not metrics.is_file():  # a fresh run: stop it half way, as a preemption would
+        log(f"training {cfg.train_config} ({cfg.train_steps} steps); it is stopped at step {stop_at} and resumed")
+        proc = subprocess.Popen(command, env=env)
+        while proc.poll() is None:
+            if metrics.is_file() and any(json.loads(line)["step"] >= stop_at for line in metrics.read_text().splitlines()):
+                (run_dir / "STOP").touch()
+                break
+            time.sleep(0.5)
+        # The trainers exit 75 after saving on request (torchrun itself then reports a failure) and leave REQUEUE.
+        if proc.wait() != 0 and not (run_dir / "REQUEUE").is_file():
+            raise RuntimeError(f"training failed (exit {proc.returncode}); see {run_dir}")
+        if (run_dir / "REQUEUE").is_file():  # absent when the run ended before the STOP file was seen
+            stopped = int((run_dir / "REQUEUE").read_text().split()[1])
+            (run_dir / "REQUEUE").unlink()
+            (out / "training.json").write_text(json.dumps({"stopped_at_step": stopped, "steps": cfg.train_steps}))
+            log(f"stopped at step {stopped}; resuming from its checkpoint")
+    subprocess.run(command, env=env, check=True)
+    export(run_dir)
+    return run_dir
+
+
+def sample_prompts(model, vq, text_tok, prompts: list[dict], out: Path, cfg: DemoConfig) -> list[dict]:
+    """Generate into `out` and measure colour and shape of every sample; one row per sample."""
+    from evaluation.generate import gather_metadata, generate
+    from evaluation.sampling import SamplingConfig
+    from PIL import Image
+
+    generate(model, vq, text_tok, prompts, out, SamplingConfig(guidance_scale=cfg.guidance_scale),
+             cfg.samples_per_prompt, cfg.seed, batch_size=16)
+    rows = []
+    for meta in map(json.loads, gather_metadata(out).read_text().splitlines()):
+        for name in meta["files"]:
+            colour, shape = shapes.measure(Image.open(out / name))
+            rows.append({**meta, "file": name, "seen_colour": colour, "seen_shape": shape,
+                         "colour_ok": colour == meta["colour"], "shape_ok": shape == meta["shape"]})
+    return rows
+
+
+def agreement(rows: list[dict]) -> dict:
+    n = max(len(rows), 1)
+    return {"samples": len(rows), "colour": sum(r["colour_ok"] for r in rows) / n,
+            "shape": sum(r["shape_ok"] for r in rows) / n,
+            "both": sum(r["colour_ok"] and r["shape_ok"] for r in rows) / n}
+
+
+def demo_prompts(cfg: DemoConfig) -> list[dict]:
+    hidden = held_out(cfg)
+    return [{"prompt": shapes.caption(c, s), "colour": c, "shape": s, "held_out": (c, s) in hidden}
+            for c, s in shapes.combinations()]
+
+
+def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path) -> dict:
+    """Step 5: samples of the trained model and of the same model before training, measured; FID."""
+    from evaluation.fid import fid
+    from evaluation.generate import load_for_sampling
+    from model_parallel.model import PartiModel
+    from training.config import load_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, vq, text_tok = load_for_sampling(run_dir / "export", vq_path, spm, device)  # bf16 on a GPU
+    prompts = demo_prompts(cfg)
+    trained = sample_prompts(model, vq, text_tok, prompts, out / "samples", cfg)
+    train_cfg = load_config(run_dir / "config.yaml")
+    weights = next(model.parameters())  # the untrained model on the same device, in the same dtype
+    untrained = PartiModel(model.cfg, init_seed=train_cfg.train.seed).to(weights.device, weights.dtype).eval()
+    before = sample_prompts(untrained, vq, text_tok, prompts, out / "samples_before_training", cfg)
+    real = out / "fid_real"  # unseen images of every combination (another seed than the training set)
+    if not (real / "done").exists():
+        real.mkdir(parents=True, exist_ok=True)
+        for i in range(cfg.fid_real):
+            shapes.shape_sample(i, shapes.combinations(), cfg.image_size, seed=cfg.seed + 1)[2].save(real / f"{i:05d}.png")
+        (real / "done").touch()
+    results = {"trained": {"all": agreement(trained), "held_out": agreement([r for r in trained if r["held_out"]]),
+                           "seen": agreement([r for r in trained if not r["held_out"]])},
+               "before_training": {"all": agreement(before)},
+               "training": json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {},
+               "fid": fid(real, out / "samples")["fid"], "chance": {"colour": 1 / len(shapes.COLOURS),
+                                                                   "shape": 1 / len(shapes.SHAPES)}}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return {"results": results, "trained": trained, "before": before}
+
+
+def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evaluated: dict, timings: dict) -> Path:
+    """Step 6: report.html and its pictures, all inside `out`."""
+    from PIL import Image
+
+    from evaluation.generate import to_pil
+    from evaluation.report import image_grid, image_html, line_plot, table_html, write_html
+    from vq.tokenizer import load_image_tokenizer
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    line_plot(out / "loss.png", {"parti-tiny, TP=2": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
+              "step", "loss (image-token cross-entropy)",
+              f"stopped at step {evaluated['results']['training'].get('stopped_at_step')} and resumed")
+    vq = load_image_tokenizer(vq_path)
+    originals = [Image.open(p) for p in sorted((out / "fid_real").glob("*.png"))[:8]]
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in originals])
+    with torch.no_grad():
+        recon = vq.decode(vq.encode(pixels.float() / 127.5 - 1))
+    image_grid(originals + [to_pil(r) for r in recon], columns=8, cell=64).save(out / "reconstructions.png")
+    sections = []
+    res = evaluated["results"]
+    rows = [{"model": f"trained, {k.replace('_', '-')} prompts", **res["trained"][k]} for k in ("all", "seen", "held_out")]
+    rows += [{"model": "before training", **res["before_training"]["all"]},
+             {"model": "chance", "colour": res["chance"]["colour"], "shape": res["chance"]["shape"]}]
+    sections.append(("Prompt/image agreement (fraction of samples whose measured colour/shape is the prompted one)",
+                     table_html(rows, ["model", "samples", "colour", "shape", "both"])
+                     + f"<p>FID of the trained model's samples against {cfg.fid_real} unseen real shape images: "
+                       f"{res['fid']:.1f} (few images at 32x32: a relative number).</p>"))
+    sections.append(("Training loss", image_html("loss.png")))
+    sections.append(("Image tokenizer: originals (top) and reconstructions (bottom)", image_html("reconstructions.png")))
+    for name, samples in (("trained", evaluated["trained"]), ("before_training", evaluated["before"])):
+        folder = "samples" if name == "trained" else "samples_before_training"
+        grid = image_grid([out / folder / r["file"] for r in samples],
+                          [f"{r['prompt'][2:].split(' on ')[0]}{' (held out)' if r['held_out'] else ''}: "
+                           f"{r['seen_colour']} {r['seen_shape']}" for r in samples],
+                          columns=cfg.samples_per_prompt * 2, cell=96)
+        grid.save(out / f"grid_{name}.png")
+        sections.append((f"Samples, {name.replace('_', ' ')} (prompt: measured colour and shape)",
+                         image_html(f"grid_{name}.png")))
+    sections.append(("Time per step in this invocation (s; 0: done by an earlier run into this folder)",
+                     table_html([timings], digits=0)))
+    intro = (f"parti-tiny trained with TP=2 on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
+             f"{len(shapes.SHAPES)} shapes (held out: {cfg.held_out}), plus the 17 shipped COCO photos; samples with "
+             f"classifier-free guidance {cfg.guidance_scale}. Config: demo_config.yaml, {run_dir.name}/config.yaml.")
+    return write_html(out / "report.html", "End-to-end demo", sections, intro)
+
+
+def run(cfg: DemoConfig) -> dict:
+    import yaml
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    timings, clock = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+        log(f"{name}: {timings[name]:.0f} s")
+
+    pattern = make_data(cfg, out)
+    lap("data")
+    vq_path = train_image_tokenizer(cfg, out, pattern)
+    lap("image tokenizer")
+    spm, codes = tokenize(cfg, out, pattern, vq_path)
+    lap("text tokenizer + pretokenize")
+    run_dir = train_parti(cfg, out, codes, spm)
+    lap("parti training")
+    evaluated = evaluate(cfg, out, run_dir, vq_path, spm)
+    lap("sampling + measurement + FID")
+    write_report(cfg, out, run_dir, vq_path, evaluated, timings)
+    return evaluated["results"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = config_parser(__doc__).parse_args(argv)
+    with command(errors=(ValueError,), label="config error"):
+        cfg = load_typed(DemoConfig, args.config, args.set)
+        held_out(cfg)
+    res = run(cfg)
+    t, b = res["trained"], res["before_training"]["all"]
+    log(f"colour agreement {t['all']['colour']:.0%} (held-out combinations {t['held_out']['colour']:.0%}, before "
+        f"training {b['colour']:.0%}, chance {res['chance']['colour']:.0%}); shape {t['all']['shape']:.0%}; "
+        f"FID {res['fid']:.1f}")
+    log(f"report: {Path(cfg.out) / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()
