@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.files import write_atomic
 from data_pipeline.errors import DataError
 
 FORMAT = "parti-code-shards/1"
@@ -56,16 +56,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_is_complete(folder: Path, name: str) -> bool:

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.files import write_atomic
 from data_pipeline.code_shards import (CAPTION_BYTES, KEY_BYTES, check_shard_headers, header_differences,
-                                       record_dtype, sha256_file, shard_is_complete, utf8_truncate, write_atomic,
+                                       record_dtype, sha256_file, shard_is_complete, utf8_truncate,
                                        write_manifest)
 from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig, Prepared, prepare_sample
@@ -115,7 +116,7 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
     check_shard_headers(output, head)  # a killed run leaves shards but no manifest
     names = [f"{i:05d}" for i in range(len(inputs))]
     for i in range(shard_index, len(inputs), num_shards):  # leftovers of this task's killed runs
-        for stale in output.glob(f".{names[i]}.*.tmp"):
+        for stale in output.glob(f".{names[i]}.*.tmp*"):  # (common.files.temporary_name)
             stale.unlink()
     mine = [i for i in range(shard_index, len(inputs), num_shards) if not shard_is_complete(output, names[i])]
     for i in mine:  # a wrong file is refused before hours of work, not when its turn comes

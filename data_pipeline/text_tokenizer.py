@@ -18,6 +18,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from common.files import write_atomic
 from data_pipeline.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -62,9 +63,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Pat
                         f"{made} pieces (too few distinct words and characters); ask for {made} or fewer "
                         f"(--vocab-size {made}) or give more captions; {out} was not written")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out)
+    write_atomic(out, model.getvalue())
     return out
 
 

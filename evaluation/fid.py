@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.files import atomic_path, write_atomic
+
 PREPROCESSING = "RGB uint8 -> torch bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -162,10 +164,8 @@ def real_statistics(extractor: InceptionFeatures, files: list[Path],
     mu, sigma = statistics(folder_features(extractor, files))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, mu=mu, sigma=sigma, key=np.array(key))
-        os.replace(tmp, path)
     except OSError as e:  # an unwritable cache costs the next call a recomputation, not this result
         print(f"warning: real FID statistics not cached ({e}); set --cache-dir or $PARTI_CACHE_DIR",
               file=sys.stderr)
@@ -187,9 +187,7 @@ def fid(real: str | Path, fake: str | Path, weights: str | Path | None = None,
                                          "real_images": len(real_files), "fake": str(fake),
                                          "fake_images": len(fake_files), "statistics": "float64",
                                          "real_statistics": cached}}
-    tmp = fake / "fid.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(fake / "fid.json")
+    write_atomic(fake / "fid.json", json.dumps(result, indent=1))
     return result
 
 

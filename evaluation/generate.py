@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import add_dataclass_args, dataclass_from_args
+from common.files import atomic_path, write_atomic
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, sample
 
@@ -44,9 +45,8 @@ def to_pil(image: torch.Tensor):
 
 
 def save_png(image, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # (a .tmp.png name: FID and reruns skip it)
+        image.save(tmp)
 
 
 def finish_prompt(i: int, prompt: dict, images: list, out: Path, settings: dict, scorer=None, keep: int = 0) -> None:
@@ -63,7 +63,7 @@ def finish_prompt(i: int, prompt: dict, images: list, out: Path, settings: dict,
             "sample_index": order}
     if scores is not None:
         meta.update(clip_scores=[scores[k] for k in order], all_clip_scores=scores, clip=scorer.protocol["weights"])
-    (out / f"{i:05d}.json").write_text(json.dumps(meta))
+    write_atomic(out / f"{i:05d}.json", json.dumps(meta))  # its presence marks the prompt done
 
 
 RECORD = "generation.json"
@@ -124,9 +124,7 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     check_resumable(out, settings, prompts, rank, world)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (out / RECORD).is_file():
-        tmp = out / f"{RECORD}.tmp"
-        tmp.write_text(json.dumps(settings, indent=1))
-        tmp.replace(out / RECORD)
+        write_atomic(out / RECORD, json.dumps(settings, indent=1))
     todo = [i for i in range(rank, len(prompts), world) if not (out / f"{i:05d}.json").exists()]
     device = next(model.parameters()).device
     jobs = [(i, k) for i in todo for k in range(samples_per_prompt)]
@@ -202,7 +200,7 @@ def export_identity(path: str | Path) -> dict:
 
 def gather_metadata(out: Path) -> Path:
     lines = [p.read_text() for p in sorted(out.glob("[0-9]*.json"))]
-    (out / "metadata.jsonl").write_text("".join(line + "\n" for line in lines))
+    write_atomic(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
     return out / "metadata.jsonl"
 
 

@@ -78,8 +78,9 @@ class ParallelLayout:
             self._check_model(model)
         if micro_batch is not None and global_batch is not None:
             require(global_batch % (micro_batch * self.dp) == 0,
-                    f"train.global_batch_size={global_batch} must be divisible by train.micro_batch_size x "
-                    f"data-parallel size = {micro_batch} x {self.dp}")
+                    f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x DP {self.dp} = "
+                    f"{micro_batch * self.dp} (train.global_batch_size must be divisible by "
+                    f"train.micro_batch_size x data-parallel size = {micro_batch} x {self.dp})")
         return self
 
     def _check_model(self, m) -> None:

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.files import atomic_path
+
 
 class ConvVQ(nn.Module):
     kind = "conv_vq"
@@ -83,9 +85,8 @@ def save_image_tokenizer(model: nn.Module, path: str | Path) -> str:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"kind": model.kind, "config": model.config, "state_dict": state}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"kind": model.kind, "config": model.config, "state_dict": state}, tmp)
     return content_hash(model.kind, model.config, state)
 
 
