@@ -36,6 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.sampling import SamplingConfig, sample  # noqa: E402
+from model_parallel.model import PartiModel
+from model_parallel.state import init_parallel, seed_everything
+from training.config import load_config
 
 MODES = ("full_recomputation", "kv_cache", "cuda_graph", "bound")
 
@@ -142,10 +145,6 @@ def relate_rates(out: dict) -> None:
 
 def build_model(preset: str, grid: int, device: torch.device, dtype: torch.dtype):
     """A randomly initialised PartiModel (TP=1, eval mode) of a preset on `device` in `dtype`."""
-    from model_parallel.model import PartiModel
-    from model_parallel.state import init_parallel, seed_everything
-    from training.config import load_config
-
     init_parallel(1, 1)
     seed_everything(0)
     cfg = load_config(None, [f"model.preset={preset}", f"model.image_grid={grid}"]).model

@@ -33,13 +33,22 @@ import torch
 from tqdm import tqdm
 
 from common.files import write_atomic
-from data_pipeline.code_shards import (CAPTION_BYTES, KEY_BYTES, check_shard_headers, header_differences,
-                                       record_dtype, sha256_file, shard_is_complete, utf8_truncate,
-                                       write_manifest)
+from data_pipeline.code_shards import (
+    CAPTION_BYTES,
+    KEY_BYTES,
+    check_shard_headers,
+    header_differences,
+    record_dtype,
+    sha256_file,
+    shard_is_complete,
+    utf8_truncate,
+    write_manifest,
+)
 from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig, Prepared, prepare_sample
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import TextTokenizer
+from vq.tokenizer import load_image_tokenizer
 
 
 class _Prepare(torch.utils.data.Dataset):
@@ -164,7 +173,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1}")
-    from vq.tokenizer import load_image_tokenizer
 
     try:
         vq = load_image_tokenizer(args.vq)

@@ -31,7 +31,24 @@ import torch
 
 from common.cli import command, config_parser
 from common.config import load_typed
+from data_pipeline.images import FilterConfig
+from data_pipeline.laion import expand_shards
+from data_pipeline.pretokenize import pretokenize
+from data_pipeline.shared_data import shared_path
+from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+from data_pipeline.train_text_tokenizer import shard_captions
 from demo import shapes
+from evaluation.fid import fid
+from evaluation.generate import gather_metadata, generate, load_for_sampling, to_pil
+from evaluation.report import image_grid, image_html, line_plot, table_html, write_html
+from evaluation.sampling import SamplingConfig
+from model_parallel.model import PartiModel
+from model_parallel.state import child_environment
+from training.config import load_config
+from training.export import export
+from vq.config import VQConfig
+from vq.tokenizer import load_image_tokenizer
+from vq.train import VQTrainer
 
 
 @dataclass
@@ -85,8 +102,6 @@ def held_out(cfg: DemoConfig) -> set[tuple[str, str]]:
 
 def make_data(cfg: DemoConfig, out: Path) -> str:
     """Step 1: the LAION-style shards; returns their brace pattern."""
-    from data_pipeline.shared_data import shared_path
-
     laion = out / "laion"
     if not (laion / "done").exists():
         paths = shapes.write_shapes_shards(laion, cfg.shapes, cfg.image_size, held_out(cfg), cfg.seed)
@@ -98,10 +113,6 @@ def make_data(cfg: DemoConfig, out: Path) -> str:
 
 def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
     """Step 2: a small ViT-VQGAN (l2 + codebook losses: enough for flat colours), exported to vq/export.pt."""
-    from common.config import load_typed
-    from vq.config import VQConfig
-    from vq.train import VQTrainer
-
     export = out / "vq" / "export.pt"
     if not export.is_file():
         vq_cfg = load_typed(VQConfig, None, [
@@ -116,13 +127,6 @@ def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
 
 def tokenize(cfg: DemoConfig, out: Path, pattern: str, vq_path: Path) -> tuple[Path, Path]:
     """Step 3: SentencePiece on the captions, then pre-tokenization into code shards."""
-    from data_pipeline.images import FilterConfig
-    from data_pipeline.laion import expand_shards
-    from data_pipeline.pretokenize import pretokenize
-    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
-    from data_pipeline.train_text_tokenizer import shard_captions
-    from vq.tokenizer import load_image_tokenizer
-
     spm = out / "tok" / "spm.model"
     if not spm.is_file():
         train_sentencepiece(shard_captions(pattern, Counter()), cfg.text_vocab, spm)
@@ -135,10 +139,6 @@ def tokenize(cfg: DemoConfig, out: Path, pattern: str, vq_path: Path) -> tuple[P
 
 def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
     """Step 4: torchrun training at TP=2, stopped through the STOP file half way and resumed; exported."""
-    from data_pipeline.text_tokenizer import TextTokenizer
-    from model_parallel.state import child_environment
-    from training.export import export
-
     run_dir = out / "parti"
     if (run_dir / "export" / "model.safetensors").is_file():
         return run_dir
@@ -173,8 +173,6 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
 
 def sample_prompts(model, vq, text_tok, prompts: list[dict], out: Path, cfg: DemoConfig) -> list[dict]:
     """Generate into `out` and measure colour and shape of every sample; one row per sample."""
-    from evaluation.generate import gather_metadata, generate
-    from evaluation.sampling import SamplingConfig
     from PIL import Image
 
     generate(model, vq, text_tok, prompts, out, SamplingConfig(guidance_scale=cfg.guidance_scale),
@@ -203,11 +201,6 @@ def demo_prompts(cfg: DemoConfig) -> list[dict]:
 
 def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path) -> dict:
     """Step 5: samples of the trained model and of the same model before training, measured; FID."""
-    from evaluation.fid import fid
-    from evaluation.generate import load_for_sampling
-    from model_parallel.model import PartiModel
-    from training.config import load_config
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, vq, text_tok = load_for_sampling(run_dir / "export", vq_path, spm, device)  # bf16 on a GPU
     prompts = demo_prompts(cfg)
@@ -236,9 +229,6 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     """Step 6: report.html and its pictures, all inside `out`."""
     from PIL import Image
 
-    from evaluation.generate import to_pil
-    from evaluation.report import image_grid, image_html, line_plot, table_html, write_html
-    from vq.tokenizer import load_image_tokenizer
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     line_plot(out / "loss.png", {"parti-tiny, TP=2": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},

@@ -23,7 +23,14 @@ import torch
 import yaml
 
 from common.cli import command, config_parser
+from data_pipeline.shared_data import resolve
+from evaluation.clip_score import ClipScorer, read_metadata, score_samples
 from evaluation.config import EvalConfig, load_eval_config
+from evaluation.fid import fid
+from evaluation.generate import gather_metadata, generate, load_for_sampling
+from evaluation.prompts import read_prompts
+from evaluation.report import image_grid, image_html, table_html, write_html
+from model_parallel.state import init_distributed
 
 
 def group_scores(per_prompt: list[dict], key: str) -> list[dict]:
@@ -43,8 +50,6 @@ def per_prompt_scores(clip: dict, metadata: list[dict]) -> list[dict]:
 
 
 def grid_section(images: Path, grids: Path, name: str, rows: list[dict], count: int) -> tuple[str, str]:
-    from evaluation.report import image_grid, image_html
-
     chosen = rows[:count]
     grid = image_grid([images / r["files"][0] for r in chosen], [r["prompt"] for r in chosen],
                       columns=min(4, len(chosen)), cell=160)
@@ -54,8 +59,6 @@ def grid_section(images: Path, grids: Path, name: str, rows: list[dict], count: 
 
 
 def write_report(cfg: EvalConfig, out: Path, results: dict, metadata: list[dict], per_prompt: list[dict]) -> Path:
-    from evaluation.report import table_html, write_html
-
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     summary = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
@@ -79,9 +82,6 @@ def write_report(cfg: EvalConfig, out: Path, results: dict, metadata: list[dict]
 
 def score(cfg: EvalConfig, out: Path, scorer) -> dict:
     """Rank 0, after generation: CLIP score, FID, results.json and the report."""
-    from evaluation.clip_score import read_metadata, score_samples
-    from evaluation.fid import fid
-
     images = out / "images"
     metadata = read_metadata(images)
     results: dict = {"benchmark": cfg.benchmark.name, "prompts": len(metadata)}
@@ -104,11 +104,6 @@ def score(cfg: EvalConfig, out: Path, scorer) -> dict:
 def run(cfg: EvalConfig) -> dict | None:
     import torch.distributed as dist
 
-    from data_pipeline.shared_data import resolve
-    from evaluation.clip_score import ClipScorer
-    from evaluation.generate import gather_metadata, generate, load_for_sampling
-    from evaluation.prompts import read_prompts
-    from model_parallel.state import init_distributed
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

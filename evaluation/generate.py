@@ -33,8 +33,13 @@ from tqdm import tqdm
 
 from common.cli import add_dataclass_args, dataclass_from_args
 from common.files import atomic_path, write_atomic
+from data_pipeline.text_tokenizer import TextTokenizer
+from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, sample
+from model_parallel.state import init_distributed
+from training.export import load_exported
+from vq.tokenizer import load_image_tokenizer
 
 
 def to_pil(image: torch.Tensor):
@@ -208,10 +213,6 @@ def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: t
     """The exported model (on `device`, in `dtype`: default bf16 on CUDA, fp32 on CPU), the frozen VQ
     tokenizer and the text tokenizer at the model's text length. The model carries `export_identity`,
     which generate() records beside the images."""
-    from data_pipeline.text_tokenizer import TextTokenizer
-    from training.export import load_exported
-    from vq.tokenizer import load_image_tokenizer
-
     identity = export_identity(check_export(checkpoint))
     model = load_exported(checkpoint, device, dtype)
     model.export_identity = identity
@@ -221,8 +222,6 @@ def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: t
 def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
-    from evaluation.clip_score import ClipScorer, add_clip_args
-    from model_parallel.state import init_distributed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="an export folder (config.json + model.safetensors), "

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model_parallel.model import null_condition
+
 
 @dataclass
 class SamplingConfig:
@@ -88,8 +90,6 @@ def choose(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor
 
 
 def null_captions(model, text_ids: torch.Tensor) -> torch.Tensor:
-    from model_parallel.model import null_condition
-
     drop = torch.ones(text_ids.shape[0], dtype=torch.bool, device=text_ids.device)
     return null_condition(text_ids, drop, model.cfg.text_pad_id, model.cfg.text_eos_id)
 
@@ -106,7 +106,9 @@ class Recompute:
         self.memory, self.mask = model.encode(texts)
 
     def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+        from megatron.core.tensor_parallel import (
+            gather_from_tensor_model_parallel_region,
+        )
 
         full = self.model.decode(tokens[:, :i + 1], self.memory, self.mask)
         return gather_from_tensor_model_parallel_region(full)[-1]

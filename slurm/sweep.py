@@ -27,6 +27,9 @@ from pathlib import Path
 
 import yaml
 
+from model_parallel.config import saved_model_config
+from training.flops import train_flops_per_sample
+
 LAYOUT = re.compile(r"tp(\d+)pp(\d+)z(\d)$")
 
 
@@ -85,10 +88,7 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     world = lines[-1].get("world_size", 1)
     p = cfg["parallel"]
     gbs = cfg["train"]["global_batch_size"]
-    from training.config import config_from_dict
-    from training.flops import train_flops_per_sample
-
-    flops = train_flops_per_sample(config_from_dict({"model": cfg["model"]}).model)
+    flops = train_flops_per_sample(saved_model_config(cfg["model"]))
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
             "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
             "samples_per_s": median("samples_per_s"),

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.files import atomic_path
+from vq.conv_vqgan import ConvVQGAN
+from vq.vit_vqgan import ViTVQGAN
 
 
 class ConvVQ(nn.Module):
@@ -67,9 +69,6 @@ class ConvVQ(nn.Module):
 
 
 def _registry() -> dict:
-    from vq.conv_vqgan import ConvVQGAN
-    from vq.vit_vqgan import ViTVQGAN
-
     return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN, ConvVQGAN.kind: ConvVQGAN}
 
 
