@@ -40,7 +40,7 @@ TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "r
 def run_section(name: str, device: str, quick: bool, scratch: Path, result_file: Path) -> None:
     """In the child process: run one section and write its result (or its error) as JSON."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
-    from bench import gpu_sections
+    from bench import gpu_sections  # after DS_ACCELERATOR: DeepSpeed reads it when first imported
 
     fn = dict((n, f) for n, f, _ in gpu_sections.SECTIONS)[name]
     start = time.perf_counter()

@@ -6,6 +6,8 @@ Every section is a function `section(ctx) -> dict` run in a process of its own b
 rotting) and a scratch folder. A section returns its measurements and a `checks` dict of named
 booleans; a failed check makes the section 'fail'. `SECTIONS` lists them in the order they run,
 with what each needs (a GPU, several GPUs) so that the runner can skip them with the reason.
+Each section imports the project's modules it needs inside itself, on purpose: an import that fails on
+the GPU machine (a library built differently there) fails that section alone, not the whole check.
 """
 from __future__ import annotations
 
