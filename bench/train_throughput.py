@@ -47,7 +47,7 @@ def matmul_flops(device: str | None = None, n: int | None = None, repeats: int =
 
 def optimizer_state_bytes(engine) -> tuple[int, int]:
     """(Adam moments, fp32 master copies kept apart from the model's parameters) on this rank."""
-    from training.checkpoint import base_optimizer
+    from training.deepspeed_glue import base_optimizer
 
     moments = sum(t.numel() * t.element_size() for state in base_optimizer(engine).state.values()
                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0)

@@ -26,8 +26,8 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported (here and in the pool's workers)
 from deepspeed.ops.adam import FusedAdam  # noqa: E402
 
+from common.checkpoints import tag_for  # noqa: E402
 from tests.conftest import STEPS, run  # noqa: E402
-from training.checkpoint import tag_for  # noqa: E402
 
 SAVED_AT = 3
 
@@ -100,7 +100,7 @@ class ApexFusedAdamOnCPU(DeepSpeedFusedAdamOnCPU):
     """apex.optimizers.FusedAdam's step-count semantics: the count lives in the param group only
     (`group['step']`, 1 at the first step, +1 at every step; the per-tensor state holds just the moments).
     A FusedAdam subclass, so that DeepSpeed wraps it in FP16_Optimizer as it wraps apex's FusedAdam when
-    apex is installed; its module name is apex's, which is how training/checkpoint.py recognises it."""
+    apex is installed; its module name is apex's, which is how training/deepspeed_glue.py recognises it."""
 
     def step(self, closure=None, grads=None, output_params=None, scale=None, grad_norms=None, grad_scaler=None):
         loss = closure() if closure is not None else None
@@ -125,17 +125,17 @@ def run_with(run_dir: str, *overrides: str, stand_in: str | None = None) -> dict
     optimizer inside it, and the latter's `fused` flag."""
     import model_parallel.kernels as kernels
     import training.engine as engine_module
-    from training.checkpoint import base_optimizer
+    from training.deepspeed_glue import base_optimizer
 
     seen = {}
     build_engine, factory = engine_module.build_engine, kernels._optimizer_factory
 
     def capturing_build_engine(*args, **kwargs):
-        engine = build_engine(*args, **kwargs)
-        base = base_optimizer(engine)
-        seen.update(wrapper=type(engine.optimizer).__name__, optimizer=type(base).__name__,
+        built = build_engine(*args, **kwargs)
+        base = base_optimizer(built.engine)
+        seen.update(wrapper=type(built.engine.optimizer).__name__, optimizer=type(base).__name__,
                     fused=base.defaults.get("fused"))
-        return engine
+        return built
 
     engine_module.build_engine = capturing_build_engine
     if stand_in:
@@ -191,7 +191,7 @@ def test_torch_fused_adamw_resumes_at_zero0_and_zero1_and_bf16_zero0_equals_zero
     # ZeRO-0 and ZeRO-1 take the same steps. In bf16 they differ only by bf16 rounding (ZeRO-0 accumulates
     # and all-reduces gradients in bf16, ZeRO-1 in fp32): <2e-4 here. DeepSpeed's bf16 ZeRO-0 wrapper used
     # to take an optimizer step on zero gradients when built (weight decay, and Adam's bias correction one
-    # step ahead): losses 0.017-0.029 higher from step 2 on (training/engine.py, no_optimizer_steps).
+    # step ahead): losses 0.017-0.029 higher from step 2 on (training/deepspeed_glue.py, no_optimizer_steps).
     assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-5)
     assert runs[0] == pytest.approx(runs[1], rel=0, abs=1e-5 if precision == "fp32" else 2e-3)
 

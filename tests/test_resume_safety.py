@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from common.checkpoints import tag_for
 from tests.conftest import STEPS, run
-from training.checkpoint import latest_tag, tag_for
+from training.checkpoint import latest_tag
 from training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,7 +211,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(single_process, r
 def test_the_lock_of_a_dead_run_does_not_block(tmp_path):
     """A run killed while holding run_dir/.lock (SIGKILL, a node failure, a SLURM requeue) leaves the file,
     not the lock: the kernel released it with the process."""
-    from training.checkpoint import RunLock
+    from common.checkpoints import RunLock
 
     holder = ("import fcntl, os, signal, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
               "f.write(f'pid {os.getpid()}'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)")

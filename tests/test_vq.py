@@ -57,6 +57,29 @@ def test_resume_continues_the_same_run(single_process, photos, tmp_path):
     assert [h["loss"] for h in first + second] == pytest.approx([h["loss"] for h in full], rel=1e-5)
 
 
+def test_resume_falls_back_to_the_newest_complete_checkpoint_and_prunes(single_process, photos, tmp_path, caplog):
+    """Checkpoints beyond train.keep_checkpoints are deleted; with `latest` gone and the newest folder
+    incomplete (a save killed before state.pt), the resume continues from the newest complete one."""
+    run_dir, keep = tmp_path / "run", ["train.steps=10", "train.save_interval=2", "train.keep_checkpoints=2"]
+    _, full = train(photos, run_dir, *keep)
+    folders = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert folders == ["step_00000008", "step_00000010"]  # steps 2, 4, 6 pruned
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000010\n"
+    (run_dir / "checkpoints" / "latest").unlink()
+    (run_dir / "checkpoints" / "step_00000010" / "state.pt").unlink()
+    logger = logging.getLogger("parti")  # (the trainer's logger does not propagate: caplog listens on it directly)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="parti"):
+            _, resumed = train(photos, run_dir, *keep)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "latest is missing: resuming from the newest complete checkpoint" in caplog.text
+    assert "skipping incomplete step_00000010" in caplog.text
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full[8:]], rel=1e-5)  # steps 9, 10
+    assert (run_dir / "checkpoints" / "step_00000010" / "state.pt").is_file()
+
+
 def test_full_objective_runs_with_logged_random_lpips(single_process, photos, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="parti"):
         _, history = train(photos, tmp_path, "train.steps=2", "loss.perceptual=0.1", "loss.adversarial=0.1",
@@ -88,7 +111,8 @@ def ddp_codebook(data: str, run_dir: str):
                                                     "loss.adv_start=0"]), data, run_dir)
     history = trainer.run()
     disc = {k: v.clone() for k, v in trainer.losses.discriminator.state_dict().items()}
-    saved = torch.load(Path(run_dir) / "checkpoints" / "step_00000003.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(Path(run_dir) / "checkpoints" / "step_00000003" / "state.pt", map_location="cpu",
+                       weights_only=True)
     return (history[-1]["loss"], trainer.model.codebook.weight.detach().clone(), trainer.model.enc_pos.detach().clone(),
             disc, sorted(saved["disc"]) if trainer.rank == 0 else None)
 
@@ -193,7 +217,7 @@ def test_a_pickle_planted_in_a_checkpoint_does_not_run(single_process, photos, t
 
     trainer = VQTrainer(load_typed(VQConfig, None, [*TINY, "train.steps=1"]), photos, tmp_path / "run")
     trainer.save()
-    path, marker = tmp_path / "run" / "checkpoints" / "step_00000000.pt", tmp_path / "marker"
+    path, marker = tmp_path / "run" / "checkpoints" / "step_00000000" / "state.pt", tmp_path / "marker"
     state = torch.load(path, map_location="cpu", weights_only=True)  # what vq.train writes loads so
     torch.save({**state, "config": Payload(marker)}, path)
     torch.load(path, map_location="cpu", weights_only=False)  # the payload is live: an unguarded load runs it

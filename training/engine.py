@@ -1,33 +1,28 @@
 """The DeepSpeed engine around the Parti model: ZeRO stage, bf16, accumulation, clipping, optimizer, schedule.
 
-    engine = build_engine(model, cfg, kernels)
-    loss = engine(text_ids, codes, return_loss=True); engine.backward(loss); engine.step()
+    engine, guard = build_engine(model, cfg, kernels)   # a TrainEngine: DeepSpeed's engine, the NonFiniteGuard
+    loss, grad_norm = train_step(engine, cfg, micro_batches, device)
+    guard.skipped                                       # optimizer steps skipped for non-finite gradients
 
 megatron-core's process groups are handed to DeepSpeed as its `mpu` (through `MegatronMpu`, which
 adds the `get_model_parallel_*` names DeepSpeed asks for), so ZeRO partitions and reduces over the
 data-parallel group only and the gradient norm counts tensor-parallel shards once.
 On CPU no DeepSpeed C++ op is compiled: the optimizer is a client torch optimizer from
 model_parallel.kernels and DeepSpeed's shared-memory comm op is switched off.
+What works around DeepSpeed's own behaviour (clipping, the non-finite guard, the bf16 ZeRO-0 step at
+construction, ...) lives in training/deepspeed_glue.py, each piece with the DeepSpeed code it concerns.
 """
 from __future__ import annotations
 
-import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
 from training.config import Config
-
-
-class MegatronMpu:
-    """megatron-core `parallel_state` under the names DeepSpeed's mpu protocol uses."""
-
-    def __getattr__(self, name):
-        from megatron.core import parallel_state as ps
-
-        if name.startswith("get_model_parallel_"):
-            name = name.replace("get_model_parallel_", "get_tensor_model_parallel_")
-        return getattr(ps, name)
+from training.deepspeed_glue import (MegatronMpu, NonFiniteGuard, base_optimizer, clip_fp32_gradients_megatron_style,
+                                     init_deepspeed, no_optimizer_steps)
+from training.deepspeed_glue import nonfinite_flag  # noqa: F401 - tests/test_gpu_path.py imports it from here
 
 
 def data_parallel_size() -> int:
@@ -82,17 +77,6 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def init_deepspeed() -> None:
-    """DeepSpeed's comm layer over the existing process group (idempotent). On CPU its shared-memory
-    op is switched off first: it would be JIT-compiled (~36 s) and gloo does the job."""
-    import deepspeed
-    import deepspeed.ops
-
-    if not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
 def build_model(cfg: Config, kernels, device: str):
     """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1; with the
     activation checkpointing of parallel.activation_checkpointing. At ZeRO-3 the model is built under
@@ -123,103 +107,16 @@ def build_model(cfg: Config, kernels, device: str):
     return apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
 
 
-def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """2-norm of the gradients of the whole model: tensor-parallel shards counted on every TP rank,
-    replicated parameters on TP rank 0 only, summed over the TP x PP ranks that hold the model.
-    (megatron-core's get_grad_norm_fp32 does the same but allocates on CUDA.)"""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+class TrainEngine(NamedTuple):
+    """What build_engine gives the trainer."""
 
-    squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
-            squares += p.grad.detach().float().square().sum()
-    torch.distributed.all_reduce(squares, group=ps.get_model_parallel_group())
-    return squares.sqrt()
+    engine: object
+    """DeepSpeed's engine (a PipelineEngine when parallel.pp > 1): forward, backward, step, LR, norm."""
+    nonfinite_guard: NonFiniteGuard
+    """Skips and counts optimizer steps whose gradients are not finite (`skipped`, `consecutive`)."""
 
 
-def _clip_fp32_gradients_megatron_style(engine) -> None:
-    """Replace DeepSpeed's fp32 ZeRO-0 clipping (runtime/utils.clip_grad_norm_), which keeps no norm
-    and, under a pipeline, leaves replicated parameters of later stages out of it (it asks the
-    pipe x tensor rank, not the tensor rank), by `global_grad_norm` and the same clipping rule."""
-
-    def clip():
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        norm = global_grad_norm(params)
-        coefficient = engine.gradient_clipping() / (norm + 1e-6)
-        if coefficient < 1.0:
-            for p in params:
-                p.grad.detach().mul_(coefficient)
-        engine._global_grad_norm = float(norm)
-
-    engine.clip_fp32_gradients = clip
-
-
-def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
-    """1.0 if any gradient holds an inf or NaN, else 0.0, as a float32 tensor on the gradients' device,
-    computed without a host synchronisation: one fused max-abs per tensor list (an inf-norm is inf or
-    NaN exactly when the tensor has an inf or NaN, and cannot overflow), then one reduction."""
-    device = grads[0].device if grads else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-    if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch._foreach_norm(grads, float("inf"))
-    return (~torch.stack(norms).isfinite()).any().float()
-
-
-class NonFiniteGuard:
-    """Skips optimizer updates whose gradients are not finite on some rank, and counts them.
-
-    It wraps the step of the torch optimizer inside DeepSpeed's wrapper, where the gradients
-    (ZeRO partitions or whole) are final: each rank checks its own, the verdict is all-reduced, and
-    every rank skips or steps together. DeepSpeed then zeroes the gradients as after any step (the
-    learning-rate schedule still advances)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.skipped = 0
-        self.consecutive = 0
-        inner_step = optimizer.step
-
-        def guarded_step(*args, **kwargs):
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.distributed.all_reduce(flag := nonfinite_flag(grads), op=torch.distributed.ReduceOp.MAX)
-            if flag.item():  # the one host synchronisation of the check
-                self.skipped += 1
-                self.consecutive += 1
-                return None
-            self.consecutive = 0
-            return inner_step(*args, **kwargs)
-
-        optimizer.step = guarded_step
-
-
-@contextlib.contextmanager
-def no_optimizer_steps(optimizer: torch.optim.Optimizer):
-    """Make `optimizer.step()` do nothing inside the block.
-
-    DeepSpeed's ZeRO-0 low-precision wrappers (bf16 at parallel.zero_stage=0) create the optimizer
-    state in their constructor by running one real optimizer step on zero gradients:
-    `FP16_UnfusedOptimizer.initialize_optimizer_states` (deepspeed/runtime/fp16/unfused_optimizer.py,
-    any torch optimizer) and `FP16_Optimizer.initialize_optimizer_states` (fp16/fused_optimizer.py,
-    apex's and DeepSpeed's FusedAdam). For AdamW that step is not a no-op: it decays the fp32 masters
-    once by lr*weight_decay (at the schedule's first rate; the bf16 working weights are not refreshed
-    until the next step copies the decayed masters over) and counts a step, so Adam's bias correction
-    is one step ahead for the whole run (the first real update is ~0.73*lr*sign(g) instead of
-    lr*sign(g)) and bf16 ZeRO-0 drifts from bf16 ZeRO-1/2/3 and fp32. No other wrapper steps at
-    construction (BF16_Optimizer, ZeRO-1/2/3 only set up buffers), so the state is created at the
-    first real step everywhere, as for fp32 ZeRO-0; training/checkpoint.py creates it before a load."""
-    own = "step" in vars(optimizer)  # the LR scheduler's step-counting wrapper is an instance attribute
-    previous = vars(optimizer).get("step")
-    optimizer.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        if own:
-            optimizer.step = previous
-        else:
-            del optimizer.step
-
-
-def build_engine(model: torch.nn.Module, cfg: Config, kernels):
+def build_engine(model: torch.nn.Module, cfg: Config, kernels) -> TrainEngine:
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
@@ -235,9 +132,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                mpu=None if pipelined else MegatronMpu(),
                                                config=deepspeed_config(cfg, data_parallel_size()))
-    _clip_fp32_gradients_megatron_style(engine)
-    engine.nonfinite_guard = NonFiniteGuard(getattr(engine.optimizer, "optimizer", engine.optimizer))
-    return engine
+    clip_fp32_gradients_megatron_style(engine)
+    return TrainEngine(engine, NonFiniteGuard(base_optimizer(engine)))
 
 
 def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[float, float | None]:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import checkpoint_dir, local_shape, resume_tag, sharded
+from common.checkpoints import checkpoint_dir
 from model_parallel.config import ModelConfig, saved_model_config
+from training.checkpoint import resume_tag, sharded
+from training.deepspeed_glue import local_shape
 
 
 def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:

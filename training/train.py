@@ -145,7 +145,7 @@ def _decide_on_rank0(decide):
     other failure) is raised on every rank, so that no rank waits for the others in a collective."""
     import torch.distributed as dist
 
-    from training.checkpoint import CheckpointError, RunDirError
+    from common.checkpoints import CheckpointError, RunDirError
 
     outcome, error = None, None
     if dist.get_rank() == 0:
@@ -174,8 +174,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
         import torch.distributed as dist
 
+        from common.checkpoints import RunLock
         from model_parallel.state import init_distributed, use_device
-        from training.checkpoint import RunLock
 
         self.device = use_device(cfg.train.device)  # before anything touches CUDA
         init_distributed()
@@ -234,7 +234,7 @@ class Trainer:
         self.log.info(f"MFU against {peak_source}")
         model = build_model(cfg, kernels, self.device)
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
-        self.engine = build_engine(model, cfg, kernels)
+        self.engine, self.nonfinite_guard = build_engine(model, cfg, kernels)
         reset_peak_memory()
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
@@ -264,7 +264,7 @@ class Trainer:
         if self.plan.tag:
             state = checkpoint.load(self.engine, self.cfg, self.run_dir, self.plan.tag)
             self.step, self.consumed = state["step"], state["consumed_samples"]
-            self.engine.nonfinite_guard.skipped = state.get("skipped_steps", 0)
+            self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
             self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
 
@@ -273,7 +273,7 @@ class Trainer:
 
         state = {"step": self.step, "consumed_samples": self.consumed,
                  "sampler": self.sampler.state_dict(self.consumed),
-                 "skipped_steps": self.engine.nonfinite_guard.skipped, "run_id": self.plan.run_id}
+                 "skipped_steps": self.nonfinite_guard.skipped, "run_id": self.plan.run_id}
         tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
         self.log.info(f"saved {self.run_dir / 'checkpoints' / tag}")
 
@@ -295,7 +295,7 @@ class Trainer:
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
-            **memory_gb(), "skipped_steps": self.engine.nonfinite_guard.skipped, "world_size": self.world,
+            **memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
         })
 
     def run(self) -> list[float]:
@@ -306,7 +306,7 @@ class Trainer:
         from training.engine import train_step
         from training.preemption import Preempted, StopRequest
 
-        t, guard = self.cfg.train, self.engine.nonfinite_guard
+        t, guard = self.cfg.train, self.nonfinite_guard
         stop, losses = StopRequest(self.run_dir / "STOP"), []
         try:
             while self.step < t.steps:
@@ -355,7 +355,7 @@ class NonFiniteStop(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.checkpoint import RunDirError
+    from common.checkpoints import RunDirError
     from training.preemption import REQUEUE_EXIT_CODE, Preempted
 
     args = parse_args(argv)

@@ -49,6 +49,8 @@ class VQTrainConfig:
     """Steps between reconstruction grids (recon_XXXXXXXX.png)."""
     save_interval: int = 1000
     """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
     lpips_backbone: str = ""
     """Local torchvision vgg16 state dict for LPIPS ('' = random backbone, for tests)."""
 

@@ -5,9 +5,14 @@
     torchrun --nproc_per_node 8 -m vq.train ...                 # data parallel (DDP)
 
 The run directory receives config.yaml, metrics.jsonl + TensorBoard (l2, PSNR, perplexity, code usage,
-losses), recon_XXXXXXXX.png grids (top: inputs, bottom: reconstructions), checkpoints/ (with a `latest`
-pointer moved after each complete save) and, at the end, export.pt: the frozen tokenizer in the format
-of vq/tokenizer.py that data_pipeline.pretokenize loads.
+losses), recon_XXXXXXXX.png grids (top: inputs, bottom: reconstructions), checkpoints/ and, at the end,
+export.pt: the frozen tokenizer in the format of vq/tokenizer.py that data_pipeline.pretokenize loads.
+
+Checkpoints follow common/checkpoints.py: checkpoints/step_XXXXXXXX/state.pt, written atomically (its
+presence marks the checkpoint complete), then the `latest` pointer moves and older checkpoints beyond
+train.keep_checkpoints are deleted. `--resume auto` continues from `latest`, or from the newest complete
+checkpoint when `latest` is gone. Run directories of the earlier single-file layout (checkpoints/
+step_XXXXXXXX.pt, `latest` naming the file) are moved into this layout by renames when resumed.
 
 A checkpoint holds tensors, containers, numbers and strings only (the config as a dict, RNG states as
 ByteTensors) and is read back with torch.load(weights_only=True): a file holding anything else (a pickled
@@ -21,6 +26,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,9 +35,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from common.checkpoints import (CheckpointError, checkpoint_dir, failed_save_message, failure_cause, move_latest,
+                                prepare_folder, prune, resume_tag, tag_for)
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
+from common.files import atomic_path, write_atomic
 from vq.config import VQConfig
+
+STATE_FILE = "state.pt"
+"""A vq checkpoint folder's one file, written atomically: its presence marks the checkpoint complete."""
 
 
 def build_model(cfg: VQConfig):
@@ -84,10 +96,6 @@ def psnr(recon: torch.Tensor, images: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(F.mse_loss(recon.float(), images.float()).item(), 1e-12))
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be resumed from: damaged, or holding more than tensors and plain data."""
-
-
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint as saved by VQTrainer.save, read with weights_only=True: pickled objects other than
     tensors and plain containers are refused before they can run, instead of being executed."""
@@ -98,8 +106,8 @@ def load_checkpoint(path: Path) -> dict:
         if isinstance(e, pickle.UnpicklingError) and found:
             raise CheckpointError(f"{path}: refused: it holds a pickled {found.group(1)}, not only tensors and plain "
                                   "data, and loading it could run code; vq.train never writes such checkpoints - "
-                                  "use one from a run you trust, or delete it (and fix `latest`) to resume from "
-                                  "an earlier one") from None
+                                  "use one from a run you trust, or delete its folder and `latest` to resume from "
+                                  "the newest complete one") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first}); expected a torch.save file "
                               "written by vq.train") from None
@@ -107,6 +115,32 @@ def load_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: not a vq.train checkpoint (no {', '.join(missing)})")
     return state
+
+
+SINGLE_FILE = re.compile(r"step_\d+\.pt")
+
+
+def adopt_single_file_checkpoints(run_dir: str | Path) -> None:
+    """Move checkpoints of the earlier single-file layout (checkpoints/step_XXXXXXXX.pt, `latest` naming
+    the file) into the folder layout (step_XXXXXXXX/state.pt, `latest` naming the folder) by renames, so an
+    old run resumes, falls back and prunes like a new one. Nothing is deleted but the `.tmp` leftovers of
+    killed saves; `latest` is rewritten last. A call killed midway is finished by the next one."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return
+    for file in sorted(root.glob("step_*.pt")):
+        if SINGLE_FILE.fullmatch(file.name) and file.is_file():
+            (root / file.stem).mkdir(exist_ok=True)
+            os.replace(file, root / file.stem / STATE_FILE)
+    for leftover in root.glob("step_*.tmp"):  # the old layout's partial writes: never complete
+        leftover.unlink(missing_ok=True)
+    pointer = root / "latest"
+    try:
+        named = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return  # no pointer, or one resume_tag refuses, naming it
+    if SINGLE_FILE.fullmatch(named) and (root / Path(named).stem / STATE_FILE).is_file():
+        write_atomic(pointer, Path(named).stem + "\n")
 
 
 class VQTrainer:
@@ -153,21 +187,36 @@ class VQTrainer:
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
     def save(self) -> None:
+        """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt atomically, then moves `latest` and prunes to
+        train.keep_checkpoints. A failed write leaves no partial folder and `latest` where it was."""
         if self.rank == 0:
-            folder = self.run_dir / "checkpoints"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"step_{self.step:08d}.pt"
-            torch.save(self.state(), path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
-            (folder / "latest.tmp").write_text(path.name + "\n")
-            os.replace(folder / "latest.tmp", folder / "latest")
+            tag = tag_for(self.step)
+            folder = checkpoint_dir(self.run_dir) / tag
+            problem = prepare_folder(folder)
+            if problem:
+                raise CheckpointError(problem)
+            try:
+                with atomic_path(folder / STATE_FILE) as tmp:
+                    torch.save(self.state(), tmp)
+                move_latest(self.run_dir, tag)
+            except (OSError, RuntimeError) as e:  # (torch.save's writer reports a full disk as a RuntimeError)
+                shutil.rmtree(folder, ignore_errors=True)
+                raise CheckpointError(failed_save_message(self.run_dir, folder, failure_cause(e), STATE_FILE)) from None
+            prune(self.run_dir, self.cfg.train.keep_checkpoints, self.step, STATE_FILE)
         dist.barrier()
 
     def resume(self) -> None:
-        pointer = self.run_dir / "checkpoints" / "latest"
-        if not pointer.is_file():
+        """Continue from `latest`, or from the newest complete checkpoint when `latest` is gone (logged);
+        nothing to do when there is none. A bad pointer or checkpoint raises CheckpointError (one line)."""
+        if self.rank == 0:
+            adopt_single_file_checkpoints(self.run_dir)
+        dist.barrier()
+        tag, note = resume_tag(self.run_dir, STATE_FILE)
+        if note:
+            self.log.info(note)
+        if tag is None:
             return
-        path = self.run_dir / "checkpoints" / pointer.read_text().strip()
+        path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
         # Loaded onto the CPU, not self.device: torch.set_rng_state (and torch.cuda's) accept only CPU
         # ByteTensors, and a map_location of "cuda" moved the saved RNG states onto the GPU, so every
         # resume on a GPU failed. load_state_dict copies model weights and optimizer state onto the

@@ -1,0 +1,300 @@
+"""A run directory's checkpoints, for any trainer: naming, the `latest` pointer, which one to resume,
+pruning, one run per run directory. What goes into a checkpoint is the trainer's business.
+
+    folder = checkpoint_dir(run_dir) / tag_for(step)
+    problem = prepare_folder(folder)                     # None: an empty folder; else one line saying why not
+    ... write the checkpoint's files into `folder`, its marker file last and atomically (common.files) ...
+    move_latest(run_dir, tag_for(step))                  # only once the marker is there
+    prune(run_dir, keep, step, marker)                   # this run's newest `keep`, leftovers of killed saves gone
+    tag, note = resume_tag(run_dir, marker)              # `latest`'s tag, else the newest complete one (note says so)
+
+Layout: run_dir/checkpoints/step_00000100/, one folder per saved step, and run_dir/checkpoints/latest, a
+one-line file naming the newest complete tag, replaced atomically after the checkpoint is complete, so a
+run killed while saving resumes from the previous checkpoint. A folder is complete when its marker file
+exists: the trainer writes it last, atomically (training: `trainer_state.json`; vq: `state.pt`). A folder
+without it is a leftover of a killed or failed save: never resumed from, deleted by the next prune.
+
+Checkpoints may carry the id of the run that wrote them (`owner_of` reads it back): pruning deletes only
+this run's older checkpoints, never another run's that was copied or left in the same directory.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common.files import write_atomic
+
+OwnerOf = Callable[[Path], "str | None"]
+"""Reads the run id a complete checkpoint folder records (None: none recorded, counts as this run's)."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (busy, or holding a run that would be overwritten);
+    the message is one line naming the file and what to do."""
+
+
+class CheckpointError(RunDirError):
+    """A checkpoint cannot be read or written; the message is one line naming the file and the cause."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+TAG = re.compile(r"step_(\d+)")
+
+
+def step_of(tag: str) -> int | None:
+    match = TAG.fullmatch(tag)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path, marker: str) -> bool:
+    return (path / marker).is_file()
+
+
+def step_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_* folder, complete or not, oldest first."""
+    root = checkpoint_dir(run_dir)
+    found = [(step_of(p.name), p) for p in root.glob("step_*") if p.is_dir()] if root.is_dir() else []
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def complete_tags(run_dir: str | Path, marker: str) -> list[str]:
+    return [p.name for _, p in step_folders(run_dir) if is_complete(p, marker)]
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether the run directory holds a `latest` pointer or any step folder (complete or not)."""
+    return (checkpoint_dir(run_dir) / "latest").exists() or bool(step_folders(run_dir))
+
+
+def latest_tag(run_dir: str | Path, marker: str) -> str | None:
+    """The tag `checkpoints/latest` names; None when there is no pointer. A pointer that is not one line
+    naming a complete step folder raises CheckpointError (one line, naming the file)."""
+    pointer = checkpoint_dir(run_dir) / "latest"
+    if not pointer.exists():
+        return None
+    complete = complete_tags(run_dir, marker)
+    hint = (f"delete it to resume from the newest complete checkpoint ({complete[-1]})" if complete
+            else "no complete checkpoint is left")
+    try:
+        tag = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot be read as text ({one_line(e)}); expected one line naming a "
+                              f"checkpoint folder such as {tag_for(100)}; {hint}") from None
+    if step_of(tag) is None:
+        raise CheckpointError(f"{pointer}: expected one line naming a checkpoint folder such as {tag_for(100)}, "
+                              f"found {tag[:60]!r}; {hint}")
+    if not is_complete(checkpoint_dir(run_dir) / tag, marker):
+        raise CheckpointError(f"{pointer} names {tag}, but {checkpoint_dir(run_dir) / tag} is missing or incomplete "
+                              f"(no {marker}); {hint}")
+    return tag
+
+
+def resume_tag(run_dir: str | Path, marker: str) -> tuple[str | None, str | None]:
+    """(the tag to resume from or None, a note for the log or None): `latest`'s tag; when there is no
+    `latest` (deleted, or lost with the file system's metadata) the newest complete step folder."""
+    tag = latest_tag(run_dir, marker)
+    if tag is not None:
+        return tag, None
+    complete, folders = complete_tags(run_dir, marker), step_folders(run_dir)
+    pointer = checkpoint_dir(run_dir) / "latest"
+    if complete:
+        incomplete = [p.name for step, p in folders if p.name not in complete and step > step_of(complete[-1])]
+        skipped = f" (skipping incomplete {', '.join(incomplete)})" if incomplete else ""
+        return complete[-1], (f"{pointer} is missing: resuming from the newest complete checkpoint "
+                              f"{checkpoint_dir(run_dir) / complete[-1]}{skipped}")
+    if folders:
+        return None, (f"{checkpoint_dir(run_dir)} holds only incomplete checkpoints "
+                      f"({', '.join(p.name for _, p in folders)}): starting at step 0")
+    return None, None
+
+
+def move_latest(run_dir: str | Path, tag: str) -> None:
+    """Point `checkpoints/latest` at `tag` (write + rename: a reader finds the old pointer or the new one).
+    Call it only once the tag's folder is complete."""
+    write_atomic(checkpoint_dir(run_dir) / "latest", tag + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and pruning step folders
+
+
+def prepare_folder(path: Path, run_id: str | None = None, owner_of: OwnerOf | None = None) -> str | None:
+    """Before a save (one process): an empty folder at `path` (None), or why not (one line). A folder
+    already there is a leftover of a killed save (incomplete) or this run's own checkpoint of the step: it
+    is replaced; a complete checkpoint of another run (`owner_of` names another run id) is not."""
+    try:
+        if path.exists():
+            owner = owner_of(path) if owner_of else None
+            if owner and run_id and owner != run_id:
+                return (f"{path} holds a complete checkpoint of another run (run id {owner}; this run is {run_id}): "
+                        "refusing to overwrite it; move it away or use another --run-dir")
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    except OSError as e:
+        return f"cannot prepare {path}: {failure_cause(e)} ({free_space(path.parent)})"
+    return None
+
+
+def failed_save_message(run_dir: str | Path, path: Path, error: str, marker: str) -> str:
+    """The one line a failed save raises (after its partial folder is removed): why, the free space, and
+    which checkpoint `latest` still names."""
+    try:
+        previous = latest_tag(run_dir, marker)
+    except CheckpointError:
+        previous = None
+    root = checkpoint_dir(run_dir)
+    return (f"saving {path} failed: {error} ({free_space(root)}); removed the partial folder; "
+            f"{root / 'latest'} still names {previous or 'no checkpoint'}")
+
+
+def prune(run_dir: str | Path, keep: int, step: int, marker: str, run_id: str | None = None,
+          owner_of: OwnerOf | None = None) -> None:
+    """Keep this run's newest `keep` complete checkpoints up to `step` (just saved; 0 keeps all); delete its
+    older ones and incomplete leftovers of killed saves below `step`. Another run's checkpoints (`owner_of`
+    names another run id) and folders above `step` are left alone; checkpoints that record no run id
+    count as this run's."""
+    if keep <= 0:
+        return
+    older = []
+    for s, path in step_folders(run_dir):
+        if s >= step:
+            continue
+        if not is_complete(path, marker):
+            shutil.rmtree(path, ignore_errors=True)
+        elif owner_of is None or owner_of(path) in (None, run_id):
+            older.append(path)
+    for path in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def failure_cause(e: BaseException) -> str:
+    """One line for why a write failed: the OSError's own text when one is in the chain (also inside
+    torch.distributed.checkpoint's CheckpointException, which carries each rank's failure, and in
+    messages that only quote it, '[Errno 28] ...' after crossing a process boundary); else e's text."""
+    stack, seen, texts = [e], set(), []
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno:
+            return f"{x.strerror or os.strerror(x.errno)} (errno {errno.errorcode.get(x.errno, x.errno)})"
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack.extend(v[0] if isinstance(v, tuple) else v for v in failures.values())
+        stack.extend((x.__cause__, x.__context__))
+        texts.append(str(x))
+    for text in texts:
+        match = re.search(r"\[Errno (\d+)\]", text)
+        if match:
+            n = int(match.group(1))
+            return f"{os.strerror(n)} (errno {errno.errorcode.get(n, n)})"
+    return one_line(e)
+
+
+def free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB free on its file system"
+    except OSError:
+        return "free space unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per run directory
+
+
+class RunLock:
+    """An exclusive lock on run_dir/.lock for a run's life, taken by the process that writes the config,
+    metrics, pointer and prunes (rank 0): a second run started in the same run directory fails at once,
+    naming the holder (pid, host, start time, written into the file).
+
+    fcntl.flock: the kernel releases the lock when the holder's last file descriptor closes, i.e. when
+    the process dies however it dies (SIGKILL, OOM, node reboot for local disks), so a stale .lock of a
+    dead run never blocks, and a SLURM requeue of the same job (its previous processes are dead by then)
+    takes it again. Child processes forked while it is held (checkpoint writer workers) share it until
+    they exit. Limits: on a local disk it is exact. On NFS, Linux implements flock with NFS byte-range
+    locks: it works across clients, but the lock of a crashed client is released only when the server's
+    lease/grace period ends (~90 s for NFSv4), so a requeue right after a node failure may be refused for
+    that long. Lustre mounted without `-o flock` (or with `localflock`) and other file systems without
+    flock make the call fail or lock only per node: the run then goes on with a warning and nothing
+    stops a second run on another node."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+        self.warning: str | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise RunDirError(f"cannot use {self.path.parent} as the run directory: {e.strerror} "
+                              f"({e.filename or self.path})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = " ".join(f.read().split()) or "holder unknown"
+            f.close()
+            raise RunDirError(f"{self.path} is held by another run ({holder}): two runs must not write to one run "
+                              "directory; wait for it to end, stop it, or use another --run-dir") from None
+        except OSError as e:
+            f.close()
+            self.warning = (f"warning: cannot lock {self.path} ({e.strerror}; a file system without flock): "
+                            "nothing stops a second run from writing to this run directory")
+            return self
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def set_aside(run_dir: str | Path, names: tuple[str, ...]) -> Path | None:
+    """Move a previous run's files (`names`, those of run_dir's entries the trainer writes) into
+    run_dir/replaced_<time>/, for starting afresh: renamed, not deleted, so no complete checkpoint of that
+    run is lost. Returns the folder (None when there was nothing to move)."""
+    run_dir = Path(run_dir)
+    present = [name for name in names if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = run_dir / f"replaced_{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"replaced_{stamp}_{n}"
+    dest.mkdir()
+    for name in present:
+        os.replace(run_dir / name, dest / name)
+    return dest

@@ -1,0 +1,336 @@
+"""Everything that works around DeepSpeed 0.19.8 or reaches into its internals, in one place.
+
+Written against deepspeed==0.19.8 (requirements.txt). Each piece names the DeepSpeed code it relies on or
+works around (paths under deepspeed/); on an upgrade, check these first: tests/test_training.py (ZeRO-0..3,
+TP, PP, bf16, resume across layouts), tests/test_optimizer_state.py (each optimizer's state and step count
+through a resume, bf16 ZeRO-0 wrappers) and tests/test_faults.py (non-finite steps) exercise them.
+
+The engine (training/engine.py uses these to build it):
+- `MegatronMpu`: megatron-core's process groups under the names DeepSpeed's `mpu` protocol asks for.
+- `init_deepspeed`: DeepSpeed's comm layer, without JIT-compiling its shared-memory op on CPU.
+- `no_optimizer_steps`: DeepSpeed's bf16 ZeRO-0 wrappers run one real optimizer step at construction.
+- `clip_fp32_gradients_megatron_style` (with `global_grad_norm`): fp32 ZeRO-0 clipping that keeps no norm
+  and miscounts under a pipeline.
+- `NonFiniteGuard` (with `nonfinite_flag`): DeepSpeed steps on non-finite gradients outside fp16.
+
+Checkpoints (training/checkpoint.py reads and writes full fp32 weights and optimizer state through these):
+- `base_optimizer`, `optimizer_state_specs`, `local_shape`: the torch optimizer and shapes under ZeRO.
+- `get_full` / `set_full`: DeepSpeed's safe_get/set_full_* API, and the ZeRO-0 fp32 masters it does not cover.
+- `ensure_optimizer_state`, `link_optimizer_fragments`: state that exists only after a first step, and
+  ZeRO-1/2/bf16 fragment views that must be relinked once it does.
+- `optimizer_step_count` / `set_optimizer_step_count`: where each optimizer keeps Adam's step count.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the engine
+
+
+class MegatronMpu:
+    """megatron-core `parallel_state` under the names DeepSpeed's mpu protocol uses (runtime/engine.py,
+    runtime/utils.py ask for `get_model_parallel_*`; megatron-core calls them `get_tensor_model_parallel_*`)."""
+
+    def __getattr__(self, name):
+        from megatron.core import parallel_state as ps
+
+        if name.startswith("get_model_parallel_"):
+            name = name.replace("get_model_parallel_", "get_tensor_model_parallel_")
+        return getattr(ps, name)
+
+
+def init_deepspeed() -> None:
+    """DeepSpeed's comm layer over the existing process group (idempotent). On CPU its shared-memory
+    op is switched off first (comm/torch.py build_shm_op compiles it when `deepspeed.ops.__compatible_ops__`
+    says it can: ~36 s of JIT); gloo does the job."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+@contextlib.contextmanager
+def no_optimizer_steps(optimizer: torch.optim.Optimizer):
+    """Make `optimizer.step()` do nothing inside the block.
+
+    DeepSpeed's ZeRO-0 low-precision wrappers (bf16 at parallel.zero_stage=0) create the optimizer
+    state in their constructor by running one real optimizer step on zero gradients:
+    `FP16_UnfusedOptimizer.initialize_optimizer_states` (runtime/fp16/unfused_optimizer.py, any torch
+    optimizer) and `FP16_Optimizer.initialize_optimizer_states` (runtime/fp16/fused_optimizer.py, apex's
+    and DeepSpeed's FusedAdam). For AdamW that step is not a no-op: it decays the fp32 masters
+    once by lr*weight_decay (at the schedule's first rate; the bf16 working weights are not refreshed
+    until the next step copies the decayed masters over) and counts a step, so Adam's bias correction
+    is one step ahead for the whole run (the first real update is ~0.73*lr*sign(g) instead of
+    lr*sign(g)) and bf16 ZeRO-0 drifts from bf16 ZeRO-1/2/3 and fp32. No other wrapper steps at
+    construction (BF16_Optimizer, ZeRO-1/2/3 only set up buffers), so the state is created at the
+    first real step everywhere, as for fp32 ZeRO-0; `ensure_optimizer_state` creates it before a load."""
+    own = "step" in vars(optimizer)  # the LR scheduler's step-counting wrapper is an instance attribute
+    previous = vars(optimizer).get("step")
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own:
+            optimizer.step = previous
+        else:
+            del optimizer.step
+
+
+def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """2-norm of the gradients of the whole model: tensor-parallel shards counted on every TP rank,
+    replicated parameters on TP rank 0 only, summed over the TP x PP ranks that hold the model.
+    (megatron-core's get_grad_norm_fp32 does the same but allocates on CUDA.)"""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            squares += p.grad.detach().float().square().sum()
+    torch.distributed.all_reduce(squares, group=ps.get_model_parallel_group())
+    return squares.sqrt()
+
+
+def clip_fp32_gradients_megatron_style(engine) -> None:
+    """Replace DeepSpeed's fp32 ZeRO-0 clipping (DeepSpeedEngine.clip_fp32_gradients in runtime/engine.py,
+    which calls runtime/utils.clip_grad_norm_), which keeps no norm (get_global_grad_norm then returns
+    None) and, under a pipeline, leaves replicated parameters of later stages out of it (it asks the
+    pipe x tensor rank, not the tensor rank), by `global_grad_norm` and the same clipping rule. The
+    method is replaced on the engine instance, and the norm stored where get_global_grad_norm reads it
+    (`engine._global_grad_norm`)."""
+
+    def clip():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params)
+        coefficient = engine.gradient_clipping() / (norm + 1e-6)
+        if coefficient < 1.0:
+            for p in params:
+                p.grad.detach().mul_(coefficient)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip
+
+
+def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 if any gradient holds an inf or NaN, else 0.0, as a float32 tensor on the gradients' device,
+    computed without a host synchronisation: one fused max-abs per tensor list (an inf-norm is inf or
+    NaN exactly when the tensor has an inf or NaN, and cannot overflow), then one reduction."""
+    device = grads[0].device if grads else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm(grads, float("inf"))
+    return (~torch.stack(norms).isfinite()).any().float()
+
+
+class NonFiniteGuard:
+    """Skips optimizer updates whose gradients are not finite on some rank, and counts them.
+
+    Why: DeepSpeed 0.19.8 skips a non-finite step only under its fp16 loss scaler and in BF16_Optimizer.step
+    (runtime/bf16_optimizer.py, is_invalid_grad_norm), without a count a trainer can read; fp32 steps on
+    NaN gradients (runtime/engine.py _take_model_step calls optimizer.step unconditionally).
+
+    It replaces the `step` of the torch optimizer inside DeepSpeed's wrapper (an instance attribute),
+    where the gradients (ZeRO partitions or whole) are final: each rank checks its own, the verdict is
+    all-reduced, and every rank skips or steps together. DeepSpeed then zeroes the gradients as after any
+    step (the learning-rate schedule still advances)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.skipped = 0
+        self.consecutive = 0
+        inner_step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.distributed.all_reduce(flag := nonfinite_flag(grads), op=torch.distributed.ReduceOp.MAX)
+            if flag.item():  # the one host synchronisation of the check
+                self.skipped += 1
+                self.consecutive += 1
+                return None
+            self.consecutive = 0
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = guarded_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Full (over ZeRO partitions) fp32 weights and optimizer state, for checkpoints
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO/bf16 wrapper (its `.optimizer`), or the client
+    optimizer itself when DeepSpeed did not wrap it."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def local_shape(p: torch.nn.Parameter) -> torch.Size:
+    """This TP rank's shape of a parameter (ZeRO-3's zero.Init leaves only a flat placeholder in p.data,
+    the shape in `ds_shape`)."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def optimizer_state_specs(engine, p) -> list[tuple[str, bool, tuple]]:
+    """(state key, stored per TP rank, this rank's shape) of p's optimizer state. Adam's moments have
+    p's shape; Adafactor's row/column statistics of a matrix are means over this rank's shard only."""
+    shape = tuple(local_shape(p))
+    if isinstance(base_optimizer(engine), torch.optim.Adafactor):
+        if len(shape) > 1:
+            return [("row_var", True, shape[:-1] + (1,)), ("col_var", True, shape[:-2] + (1,) + shape[-1:])]
+        return [("variance", False, shape)]
+    return [(key, False, shape) for key in OPTIMIZER_MOMENTS]
+
+
+# DeepSpeed's optimizer wrapper -> {id(low-precision param): (fp32 holder, offset)}; kept here, not on the
+# wrapper, and dropped with it.
+_HOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _optimizer_holder(engine, p) -> tuple[torch.Tensor, int | None]:
+    """(the tensor the torch optimizer updates for p, p's offset in it or None when it is p's alone).
+    DeepSpeed's ZeRO-0 bf16/fp16 wrappers keep an fp32 master per parameter (FP16_UnfusedOptimizer,
+    runtime/fp16/unfused_optimizer.py: `fp32_groups`) or, for apex's and DeepSpeed's FusedAdam, one flat
+    fp32 tensor per group (FP16_Optimizer, runtime/fp16/fused_optimizer.py: `fp32_groups_flat`, the
+    group's parameters concatenated in order); without a wrapper the optimizer updates p itself."""
+    opt = engine.optimizer
+    if opt not in _HOLDERS:
+        table = {}
+        if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups_flat"):
+            for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                offset = 0
+                for lp in lps:
+                    table[id(lp)] = (flat, offset)
+                    offset += lp.numel()
+        elif hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+            table = {id(lp): (hp, None) for lps, hps in zip(opt.fp16_groups, opt.fp32_groups)
+                     for lp, hp in zip(lps, hps)}
+        _HOLDERS[opt] = table
+    return _HOLDERS[opt].get(id(p), (p, None))
+
+
+def _view(tensor: torch.Tensor, offset: int | None, p) -> torch.Tensor:
+    """p's part of `tensor` (the whole tensor when offset is None), shaped like p."""
+    return tensor if offset is None else tensor.view(-1).narrow(0, offset, p.numel()).view(p.shape)
+
+
+def get_full(engine, p, key: str | None, shape=None) -> torch.Tensor:
+    """p's full fp32 master weight (key None) or optimizer state `key`, on the CPU, of this TP rank's shape.
+    deepspeed.utils.safe_get_full_* (utils/tensor_fragment.py) assemble it over ZeRO-1/2/3 partitions and
+    bf16's BF16_Optimizer, and return None at ZeRO-0: there the wrapper's own fp32 masters are read."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    if value is None:  # ZeRO-0: the fp32 master (or the fp32 parameter itself) and the optimizer's state
+        holder, offset = _optimizer_holder(engine, p)
+        if key is None and holder.dtype != torch.float32:
+            raise RuntimeError(f"no fp32 master weight found for a {holder.dtype} parameter of shape "
+                               f"{tuple(p.shape)} in {type(engine.optimizer).__name__}: saving it would lose "
+                               "precision")
+        value = _view(holder.detach() if key is None else base_optimizer(engine).state[holder][key], offset, p)
+    return value.detach().float().cpu().reshape(shape or local_shape(p))
+
+
+def set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
+    """Write p's full fp32 master weight (key None; the low-precision working copy too) or optimizer
+    state `key`: through safe_set_full_* where DeepSpeed partitions (p has `ds_id` at ZeRO-3, `_hp_mapping`
+    at ZeRO-1/2 and under BF16_Optimizer), else into the ZeRO-0 wrapper's fp32 master and its state."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        if key is None:
+            safe_set_full_fp32_param(p, value.to(p.device))
+            # The low-precision working copy is refreshed from the master only at the next step.
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                with torch.no_grad():
+                    p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
+        else:
+            safe_set_full_optimizer_state(p, value.to(p.device), key)
+        return
+    holder, offset = _optimizer_holder(engine, p)
+    targets = ([p.data, _view(holder.data, offset, p)] if key is None
+               else [_view(base_optimizer(engine).state[holder][key], offset, p)])
+    with torch.no_grad():
+        for target in targets:
+            target.copy_(value.reshape(target.shape).to(target.dtype))
+
+
+def ensure_optimizer_state(engine) -> None:
+    """Create Adam's per-parameter state, which appears only at the first step, so that a load can
+    overwrite it: zero moments and a step counter for every tensor the optimizer updates (ZeRO-3 keeps
+    those in fp32_partitioned_groups_flat, runtime/zero/stage3.py; the others in param_groups). The
+    counter is a tensor for torch's optimizers and an int for DeepSpeed's FusedAdam (ops/adam/fused_adam.py),
+    which creates its own only for an empty state and passes it to its kernel as a number; apex's
+    FusedAdam keeps its count in the param group only (`set_optimizer_step_count` sets it there), so its
+    state gets none."""
+    base = base_optimizer(engine)
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    holders = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
+    fused = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
+    for p in holders:
+        if base.state.get(p):  # (state is a defaultdict: test for content)
+            continue
+        if isinstance(base, torch.optim.Adafactor):
+            state = {key: p.new_zeros(shape) for key, _, shape in optimizer_state_specs(engine, p)}
+        else:
+            state = {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in OPTIMIZER_MOMENTS}
+        if isinstance(base, torch.optim.Adam | torch.optim.AdamW | torch.optim.Adafactor):
+            state["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
+        elif not _counts_steps_in_groups(base):
+            state["step"] = 0
+        base.state[p] = state
+    link_optimizer_fragments(engine)
+
+
+def link_optimizer_fragments(engine) -> None:
+    """ZeRO-1/2 and bf16 keep per-parameter views into the flat optimizer state, made once and possibly
+    before the state existed (then empty): DeepSpeedZeroOptimizer and BF16_Optimizer
+    `_lazy_init_hp_params_optimizer_state` (runtime/zero/stage_1_and_2.py, runtime/bf16_optimizer.py) run
+    only while `_hp_optimizer_states_linked` is False. Reset the flag and remake them, so that
+    safe_get/set_full_optimizer_state see the state as it is now."""
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def _counts_steps_in_groups(optimizer) -> bool:
+    """apex's FusedAdam keeps Adam's step count in each param group, not in the per-tensor state."""
+    return type(optimizer).__module__.startswith("apex.")
+
+
+def optimizer_step_count(engine) -> int:
+    """Adam's step count (its bias correction), the largest count the optimizer holds: torch's optimizers
+    keep it per tensor in the state, all equal; apex's FusedAdam per param group; DeepSpeed's FusedAdam
+    (ops/adam/fused_adam.py) per tensor too, but it advances only the state of the last parameter of each
+    group that has a gradient and passes that count to its kernel for the whole group (the others keep
+    the count they were created with, `group.get('step', 0)`, and the group holds a 0), so the first
+    count found can be 0 when the optimizer updates separate tensors (fp32 at ZeRO-0)."""
+    base = base_optimizer(engine)
+    counts = [int(holder["step"]) for holder in (*base.state.values(), *base.param_groups) if "step" in holder]
+    return max(counts, default=0)
+
+
+def set_optimizer_step_count(engine, count: int) -> None:
+    """Restore the step count wherever the optimizer keeps it; apex's FusedAdam keeps it in the param
+    group (created at its first step), so it is set there too: otherwise Adam's bias correction would
+    restart at every resume and the first update be ~2x too large."""
+    def same_kind(old, new: int):  # a tensor keeps its dtype, device and shape (apex's capturable: [1])
+        return torch.full_like(old, new) if torch.is_tensor(old) else new
+
+    base = base_optimizer(engine)
+    for state in base.state.values():
+        if "step" in state:
+            state["step"] = same_kind(state["step"], count)
+    apex = _counts_steps_in_groups(base)
+    for group in base.param_groups:
+        if "step" in group or apex:
+            group["step"] = same_kind(group.get("step", 0), count)
