@@ -1,6 +1,7 @@
-"""The one logging helper: rank 0 prints a line per log step and writes metrics.jsonl and TensorBoard.
+"""The one logging helper: rank 0 prints a line per log step and writes metrics.jsonl, TensorBoard and, when asked,
+Weights & Biases.
 
-    log = MetricsLogger(run_dir, enabled=rank == 0)
+    log = MetricsLogger(run_dir, enabled=rank == 0)          # wandb_project="parti": W&B too (see MetricsLogger)
     log.step({"step": 10, "loss": 2.3, "lr": 1e-3, ...})     # a line, a JSON object, scalars
     log.info("text")                                         # a plain message (rank 0 only)
 
@@ -41,10 +42,25 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def wandb_mode() -> str:
+    """W&B's mode when a project is given: WANDB_MODE if set (online, offline, disabled); else online where an
+    API key is in WANDB_API_KEY; else offline (no account or network needed: `wandb sync` uploads the run later)."""
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool):
+    """`wandb_project` (empty: no W&B): the same scalars as TensorBoard (train/<name>, at the step) go to that W&B
+    project too, under `run_name` (default: the run directory's name), with `config` (the resolved config) as the
+    run's config. The mode is `wandb_mode()`'s; an online start that cannot reach the server within WANDB_INIT_TIMEOUT
+    (W&B's default: 90 s) falls back to offline, said in one line. W&B writes under run_dir/wandb/; where a run is
+    offline, the line at the start says the `wandb sync` command that uploads it. Only the enabled logger (rank 0)
+    starts a W&B run."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, *, wandb_project: str = "", run_name: str | None = None,
+                 config: dict | None = None):
         self.enabled = enabled
         self.log = logging.getLogger("parti")
+        self.wandb = None
         if not enabled:
             return
         if not self.log.handlers:
@@ -59,6 +75,29 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            self.wandb = self._start_wandb(run_dir, wandb_project, run_name or run_dir.resolve().name, config)
+
+    def _start_wandb(self, run_dir: Path, project: str, name: str, config: dict | None):
+        # Imported here: W&B is optional and its import takes ~0.7 s, paid only by runs that ask for it.
+        import wandb
+
+        mode = wandb_mode()
+        # silent: W&B's own banner and closing summary stay out of the output, this logger's lines say what matters.
+        start = {"project": project, "name": name, "config": config, "dir": str(run_dir),
+                 "settings": wandb.Settings(silent=True)}
+        try:
+            run = wandb.init(mode=mode, **start)
+        except wandb.errors.CommError as e:  # online, but the server cannot be reached or refuses the key
+            self.log.info(f"W&B: online start failed ({str(e).splitlines()[0]}); logging offline instead")
+            mode = "offline"
+            run = wandb.init(mode=mode, **start)
+        if mode == "offline":
+            where = Path(run.dir).parent  # run_dir/wandb/offline-run-<time>-<id>; run.dir is its files/
+            self.log.info(f"W&B: offline run in {where}; upload it with: wandb sync {where}")
+        elif mode == "online":
+            self.log.info(f"W&B: {run.url}")
+        return run
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -71,9 +110,11 @@ class MetricsLogger:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         self.jsonl.write(json.dumps(clean) + "\n")
         step = metrics["step"]
-        for key, value in metrics.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.tb.add_scalar(f"train/{key}", value, step)
+        scalars = {f"train/{k}": v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         parts = [f"step {step}"] + [f"{k} {format(v, _FORMATS.get(k, '.4g' if isinstance(v, float) else ''))}"
                                     for k, v in metrics.items() if k != "step" and v is not None]
         self.log.info(" | ".join(parts))
@@ -82,3 +123,12 @@ class MetricsLogger:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            if self.wandb is not None:
+                import wandb
+
+                self.wandb.finish()
+                # finish() can return before W&B's service process has written the run's .wandb file out (wandb
+                # 0.31, offline: seen 7 bytes long); teardown waits for it, so the run is complete on disk for
+                # `wandb sync` even if this process is killed next. A later wandb.init starts a new service.
+                wandb.teardown()
+                self.wandb = None

@@ -36,14 +36,14 @@ HARMLESS_WARNINGS = [
     (r"`load_state_dict` is deprecated", FutureWarning, r"megatron\.core\.dist_checkpointing"),
     # torchvision's vgg16(pretrained=...) as lpips calls it (vq/losses.py, perceptual loss): vq/losses.py loads the
     # backbone weights itself.
-    (r"The parameter 'pretrained' is deprecated|Arguments other than a weight enum or `None` for 'weights' are "
-     r"deprecated", UserWarning, r"torchvision\.models"),
+    ((r"The parameter 'pretrained' is deprecated|Arguments other than a weight enum or `None` for 'weights' are "
+      r"deprecated"), UserWarning, r"torchvision\.models"),
 ]
 # Only where no GPU can be used (DS_ACCELERATOR=cpu or no NVIDIA driver): megatron-core's tensor_parallel/layers.py,
 # first TP>1 backward. CUDA_DEVICE_MAX_CONNECTIONS orders CUDA kernels: nothing on CPU. On GPUs slurm/*.sbatch sets
 # it to 1 (then megatron says nothing), and a bare torchrun without it is told so on rank 0.
-CPU_ONLY_WARNINGS = [(r"When using (async grad allreduce|sequence parallelism) it is recommended to set the "
-                      r"environment variable CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core")]
+CPU_ONLY_WARNINGS = [((r"When using (async grad allreduce|sequence parallelism) it is recommended to set the "
+                       r"environment variable CUDA_DEVICE_MAX_CONNECTIONS"), UserWarning, r"megatron\.core")]
 
 # logger -> message regex (searched). Python loggers, so a filter on the logger object: it stays when the library
 # later resets the logger's level (DeepSpeed does at import).

@@ -1,0 +1,132 @@
+"""Weights & Biases beside TensorBoard (common/metrics.py): an offline run lands in the run directory holding the
+logged values and the config; an online start without a server falls back to offline; no project, no W&B."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.metrics import MetricsLogger, wandb_mode
+from model_parallel.state import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """No W&B account, nothing written outside tmp_path (W&B's settings, cache and data folders)."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # the run directory wins over it
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    yield monkeypatch
+    import wandb
+
+    wandb.teardown()  # W&B reads the environment once per process, into a singleton: the next test gets a new one
+
+
+@pytest.fixture
+def said(caplog):
+    """The "parti" logger's messages, each once (MetricsLogger stops it propagating: caplog listens on it directly)."""
+    logger = logging.getLogger("parti")
+    logger.addHandler(caplog.handler)
+    propagate, logger.propagate = logger.propagate, False
+    with caplog.at_level(logging.INFO, logger="parti"):
+        yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
+
+
+def wandb_records(path: Path):
+    """The records of a .wandb file (W&B's run log: LevelDB's log format, 32 KiB blocks of chunks with a 7-byte
+    header: CRC, length, type 1 full / 2 first / 3 middle / 4 last; the file opens with ':W&B', magic, version)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", path
+    pos, pending = 7, b""
+    while len(data) - pos >= 7:
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def logged_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
+    """(run record: project, name; config; history: one {name: value} per step) of the one W&B run in run_dir,
+    whose file is complete (it holds the exit record)."""
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    run, config, history, kinds = {}, {}, [], set()
+    for record in wandb_records(path):
+        kinds.add(kind := record.WhichOneof("record_type"))
+        if kind == "run":
+            run = {"project": record.run.project, "name": record.run.display_name}
+            config = {u.key: json.loads(u.value_json) for u in record.run.config.update if u.key != "_wandb"}
+        elif kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    assert "exit" in kinds, f"{path}: no exit record, {sorted(kinds)}"
+    return run, config, history
+
+
+def log_three_steps(run_dir: Path, **wandb) -> None:
+    log = MetricsLogger(run_dir, enabled=True, **wandb)
+    for step in (1, 2, 3):
+        log.step({"step": step, "loss": 4.0 / step, "lr": 1e-3 * step, "grad_norm": None, "mfu": math.nan})
+    log.close()
+
+
+def test_offline_run_in_the_run_directory_holds_the_logged_values(wandb_env, said, tmp_path):
+    config = {"train": {"lr": 0.003, "steps": 3}, "model": {"preset": "parti-debug"}}
+    log_three_steps(tmp_path / "run", wandb_project="parti-test", run_name="debug-1", config=config)
+    run, logged_config, history = logged_run(tmp_path / "run")
+    assert run == {"project": "parti-test", "name": "debug-1"} and logged_config == config
+    assert [h["_step"] for h in history] == [1, 2, 3]
+    assert [h["train/loss"] for h in history] == pytest.approx([4.0, 2.0, 4 / 3])
+    assert [h["train/lr"] for h in history] == pytest.approx([1e-3, 2e-3, 3e-3])
+    assert all(math.isnan(h["train/mfu"]) and "train/grad_norm" not in h for h in history)  # as TensorBoard gets them
+    lines = [r.getMessage() for r in said.records if "W&B" in r.getMessage()]
+    assert len(lines) == 1 and "wandb sync " + str(tmp_path / "run" / "wandb" / "offline-run-") in lines[0], lines
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_online_without_a_server_falls_back_to_offline(wandb_env, said, tmp_path):
+    wandb_env.setenv("WANDB_API_KEY", "x" * 40)
+    wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    wandb_env.setenv("WANDB_INIT_TIMEOUT", "2")
+    assert wandb_mode() == "online"
+    log_three_steps(tmp_path / "run", wandb_project="parti-test")
+    assert "online start failed" in said.text and "logging offline instead" in said.text
+    run, _, history = logged_run(tmp_path / "run")
+    assert run["name"] == "run" and [h["_step"] for h in history] == [1, 2, 3]
+
+
+def test_mode_rule(wandb_env):
+    assert wandb_mode() == "offline"
+    wandb_env.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == "online"
+    wandb_env.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+
+
+def test_no_project_no_wandb(tmp_path):
+    """In a fresh interpreter: wandb is not imported and nothing of it is written."""
+    code = ("import sys; from pathlib import Path; from tests.test_metrics_wandb import log_three_steps; "
+            f"log_three_steps(Path({str(tmp_path)!r})); print('wandb' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
+    assert not (tmp_path / "wandb").exists() and (tmp_path / "metrics.jsonl").is_file()
