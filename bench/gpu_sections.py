@@ -87,9 +87,10 @@ def _max_diff(a: list[float], b: list[float]) -> float:
 def environment(ctx: Context) -> dict:
     """Versions, the GPU and its driver, NCCL, the kernels auto picks, the CPU compatibility layer (must
     be off on a GPU), the MFU peak, and this machine's measured bf16 matmul rate and copy bandwidth."""
+    from importlib.metadata import version
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from importlib.metadata import version
 
     from bench.sample import copy_bandwidth
     from bench.train_throughput import matmul_flops
@@ -412,8 +413,8 @@ def vq(ctx: Context) -> dict:
     """ViT-VQGAN trained in bf16 autocast for 4 steps against 2 steps + save + resume + 2 steps (the
     resume restores CPU and CUDA RNG states); the training-time code search (under autocast) against the
     fp32 search of pre-tokenization; pre-tokenization images/s against encoding alone."""
-    from demo import shapes
     from common.config import load_typed
+    from demo import shapes
     from vq.config import VQConfig
     from vq.train import VQTrainer
 

@@ -10,7 +10,8 @@
 
 A ConfigError ends the command with `config error: <message>`, each of `errors` with `error: <message>`
 (exit status 1, one line, no traceback); the process group, when the command made one, is destroyed
-on the way out whatever happened.
+on the way out whatever happened (with megatron-core's groups on it, so that a later command in the same
+process starts afresh).
 """
 from __future__ import annotations
 
@@ -57,4 +58,7 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
         # torch is not imported here for a command that failed before needing it (a config error).
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
+            groups = sys.modules.get("megatron.core.parallel_state")  # megatron-core's groups live on this one
+            if groups is not None and groups.model_parallel_is_initialized():
+                groups.destroy_model_parallel()
             dist.destroy_process_group()

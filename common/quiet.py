@@ -25,11 +25,6 @@ HARMLESS_WARNINGS = [
     # megatron-core, at import of five of its modules: fused apex/TE kernels absent. kernels.py picks and logs the
     # kernels that run instead ("kernels: layernorm=torch ...").
     (r"(Transformer Engine|Apex) (and Apex )?(is|are) not installed", UserWarning, r"megatron\.core"),
-    # torch's LRScheduler.step, attributed to DeepSpeed's engine that calls it: training/engine.py's NonFiniteGuard
-    # replaces optimizer.step after the scheduler wrapped it to check the call order, nothing more. DeepSpeed steps
-    # the scheduler after the optimizer; tests/test_training.py checks the rates.
-    (r"Seems like `optimizer\.step\(\)` has been overridden after learning rate scheduler", UserWarning,
-     r"deepspeed\.runtime"),
     # Deprecated torch.distributed names called by DeepSpeed's ZeRO-2/3 (all_gather_into_tensor) and megatron-core's
     # dist_checkpointing loader (load_state_dict): same behaviour, the libraries' to rename.
     (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning, r"torch\.distributed"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, fields
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import command
 from common.files import write_atomic
 from data_pipeline.code_shards import (
     CAPTION_BYTES,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1}")
 
-    try:
+    with command(errors=(DataError, FileNotFoundError)):
         vq = load_image_tokenizer(args.vq)
         cfg = FilterConfig(image_size=vq.image_size, **{f.name: getattr(args, f.name) for f in fields(FilterConfig)
                                                        if f.name != "image_size"})
@@ -186,8 +186,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             manifest = pretokenize(inputs, args.output, vq, text_tok, cfg, args.shard_index, args.num_shards,
                                    args.workers, args.batch_size)
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
     print(f"{args.output}: {manifest['records']} records in {len(manifest['shards'])}/{manifest['num_inputs']} "
           f"shards; skipped {manifest['skipped']}")
 

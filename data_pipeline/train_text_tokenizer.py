@@ -14,11 +14,11 @@ are counted. Errors are printed as one line (`error: ...`), exit status 1.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 
 from tqdm import tqdm
 
+from common.cli import command
 from data_pipeline.errors import DataError
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import train_sentencepiece
@@ -44,13 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     if not 5 <= args.vocab_size <= 65536:  # 4 special pieces + at least one; ids are stored as uint16
         parser.error(f"--vocab-size {args.vocab_size} must be in 5..65536")
     errors: Counter = Counter()
-    try:
+    with command(errors=(DataError, FileNotFoundError)):
         for path in expand_shards(args.captions):  # before training: SentencePiece reads the captions lazily
             check_is_tar(path)
         out = train_sentencepiece(shard_captions(args.captions, errors), args.vocab_size, args.out,
                                   allow_smaller=False)
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
     print(f"wrote {out}" + (f"; unreadable tails in {errors['truncated_tar']} shard(s)" if errors else ""))
 
 

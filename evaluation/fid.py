@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.cli import command
 from common.files import atomic_path, write_atomic
 
 PREPROCESSING = "RGB uint8 -> torch bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128"
@@ -200,10 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", help="where real-image statistics are cached (default: $PARTI_CACHE_DIR, "
                         "else $XDG_CACHE_HOME/parti, else ~/.cache/parti)")
     args = parser.parse_args(argv)
-    try:
+    with command(errors=(ValueError, FileNotFoundError), label="evaluation.fid"):
         result = fid(args.real, args.fake, args.weights, args.cache_dir)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"evaluation.fid: {e}")
     print(f"FID {result['fid']:.4f}  ({result['protocol']['real_images']} real, "
           f"{result['protocol']['fake_images']} generated; protocol in {Path(args.fake) / 'fid.json'})")
 

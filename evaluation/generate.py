@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common.cli import add_dataclass_args, dataclass_from_args
+from common.cli import add_dataclass_args, command, dataclass_from_args
 from common.files import atomic_path, write_atomic
 from data_pipeline.text_tokenizer import TextTokenizer
 from evaluation.clip_score import ClipScorer, add_clip_args
@@ -241,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.keep and not args.clip:
         parser.error("--keep ranks samples by CLIP score: give --clip (and --clip-weights)")
-    try:  # inputs are checked before minutes of model loading; each problem is one line naming the file
+    # Inputs are checked before minutes of model loading; each problem is one line naming the file.
+    with command(errors=(ValueError, FileNotFoundError), label="evaluation.generate"):
         check_export(args.checkpoint, "--checkpoint")
         prompts = read_prompts(args.prompts)[: args.limit or None]
         init_distributed()
@@ -251,11 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclass_from_args(SamplingConfig, args)
         generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
                  dist.get_rank(), dist.get_world_size(), scorer, args.keep)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"evaluation.generate: {e}")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        print(f"wrote {gather_metadata(args.out)}")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            print(f"wrote {gather_metadata(args.out)}")
 
 
 if __name__ == "__main__":

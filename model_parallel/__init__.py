@@ -1,5 +1,5 @@
-"""Process groups, the Parti model from megatron-core TP layers, kernel selection, CPU compatibility."""
-import warnings
+"""Process groups, the parallel layout, the Parti model from megatron-core TP layers, kernel selection, CPU
+compatibility (README.md)."""
+from common.quiet import quiet_third_party
 
-# megatron-core warns at import that apex/TE are missing; kernels.select_kernels logs what is used instead.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+quiet_third_party()  # first: this package's modules import megatron-core and DeepSpeed, which warn at import

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from common.config import require
 
-
 KERNEL_CHOICES = {"layernorm": ("auto", "apex", "te", "torch"), "attention": ("auto", "sdpa", "math"),
                   "bias_gelu": ("auto", "fused", "plain"),
                   "optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch")}

@@ -37,7 +37,12 @@ from model_parallel.config import ModelConfig
 from model_parallel.init import InitKeys, ShardedNormalInit, ensure_model_parallel_rng
 from model_parallel.kernels import Kernels, select_kernels
 from model_parallel.layers import (
-    DecoderLayer, EncoderLayer, LayerCache, PieceContext, mark_sequence_parallel, static_caches,
+    DecoderLayer,
+    EncoderLayer,
+    LayerCache,
+    PieceContext,
+    mark_sequence_parallel,
+    static_caches,
 )
 from model_parallel.state import tensor_parallel_group
 

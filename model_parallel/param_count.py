@@ -13,8 +13,8 @@ import torch
 
 from common.config import CONFIG_ROOT
 from model_parallel.config import ModelConfig, model_config
-from model_parallel.model import piece_classes, piece_context, piece_names
 from model_parallel.cpu_compat import apply_cpu_compat
+from model_parallel.model import piece_classes, piece_context, piece_names
 from model_parallel.state import init_distributed
 
 # Parti paper (Yu et al. 2022, table 1) sizes, in parameters.

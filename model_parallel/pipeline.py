@@ -19,7 +19,14 @@ from __future__ import annotations
 
 from model_parallel.layers import DecoderLayer, EncoderLayer
 from model_parallel.model import (
-    FinalNorm, ImageEmbedding, OutputHead, TextEmbedding, image_code_loss, piece_classes, piece_context, text_mask,
+    FinalNorm,
+    ImageEmbedding,
+    OutputHead,
+    TextEmbedding,
+    image_code_loss,
+    piece_classes,
+    piece_context,
+    text_mask,
 )
 
 

@@ -23,8 +23,8 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from model_parallel.state import init_distributed
     from model_parallel.cpu_compat import apply_cpu_compat
+    from model_parallel.state import init_distributed
 
     apply_cpu_compat()
     init_distributed()

@@ -107,10 +107,11 @@ def parti_prompt_subset(path: Path) -> Path:
 
 
 def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, tiny_clip, tmp_path):
+    from PIL import Image
+
     from evaluation.benchmark import run
     from evaluation.clip_score import ClipScorer
     from evaluation.config import load_eval_config
-    from PIL import Image
 
     paths, _ = sampling_setup
     prompts = parti_prompt_subset(tmp_path / "p2.tsv")

@@ -75,7 +75,7 @@ def test_peak_flops_by_exact_device_name(name, precision, expected):
 
 
 def test_nonfinite_flag_is_one_reduction_on_the_device():
-    from training.engine import nonfinite_flag
+    from training.deepspeed_glue import nonfinite_flag
 
     finite = [torch.randn(5, dtype=torch.bfloat16), torch.full((3,), 3e38)]  # huge but finite: not flagged
     assert nonfinite_flag(finite).item() == 0.0
@@ -87,8 +87,9 @@ def test_nonfinite_flag_is_one_reduction_on_the_device():
 
 def test_peak_memory_is_reset_after_the_engine_is_built(single_process, monkeypatch, tmp_path):
     """The logged peak is training's: construction (fp32 before the bf16 cast) happens before the reset."""
+    from common import metrics
     from tests.conftest import run
-    from training import engine, metrics
+    from training import engine
 
     calls = []
     build = engine.build_engine
@@ -101,12 +102,12 @@ def test_peak_memory_is_reset_after_the_engine_is_built(single_process, monkeypa
 def _build_zero3_model():
     from model_parallel.kernels import select_kernels
     from model_parallel.state import init_parallel
-    from training.config import load_config
+    from training.config import layout_of, load_config
     from training.engine import build_model
 
     init_parallel(1, 1)
     cfg = load_config("configs/train/debug.yaml", ["parallel.zero_stage=3"])
-    model = build_model(cfg, select_kernels(cfg.kernels), "cpu")
+    model = build_model(cfg, select_kernels(cfg.kernels), "cpu", layout_of(cfg, 2))
     return {n: (p.ds_numel, p.ds_tensor.numel(), p.data.numel()) for n, p in model.named_parameters()}
 
 

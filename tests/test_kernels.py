@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from model_parallel.kernels import (
-    availability, fused_bias_gelu, math_attention, plain_bias_gelu, sdpa_attention, select_kernels,
+    availability,
+    fused_bias_gelu,
+    math_attention,
+    plain_bias_gelu,
+    sdpa_attention,
+    select_kernels,
 )
 from training.config import KernelConfig
 

@@ -20,7 +20,7 @@ def local_parameters(tp: int, pp: int) -> tuple[int, int]:
     cfg = debug_model_config()
     if pp > 1:
         from model_parallel.pipeline import build_pipeline
-        from training.engine import init_deepspeed
+        from training.deepspeed_glue import init_deepspeed
 
         init_deepspeed()
         model = build_pipeline(cfg, select_kernels(), pp, init_seed=1)

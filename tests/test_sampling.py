@@ -292,8 +292,8 @@ def old_load(path):
     """The previous load path: a randomly initialised fp32 model on CPU, then the weights copied in."""
     from safetensors.torch import load_file
 
-    from model_parallel.model import PartiModel
     from model_parallel.config import saved_model_config
+    from model_parallel.model import PartiModel
 
     cfg = saved_model_config(json.loads((path / "config.json").read_text())["model"])
     model = PartiModel(cfg)

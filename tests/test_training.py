@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import STEPS, run
 
+
 def grad_norms(run_dir) -> list[float]:
     return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import laion_fixtures as lf
 from common.config import load_typed
+from tests import laion_fixtures as lf
 from vq.config import VQConfig
 
 TINY = ["model.layers=2", "model.width=64", "model.image_size=32", "model.code_dim=8", "model.codebook_size=32",

@@ -1,9 +1,9 @@
 """Checkpoints that resume on any layout: megatron-core dist_checkpointing of weights and optimizer state.
 
-    save(engine, cfg, run_dir, step, trainer_state, keep=3)
+    save(engine, cfg, layout, run_dir, step, trainer_state, keep=3)   # layout: model_parallel.layout.ParallelLayout
     tag = latest_tag(run_dir)                         # None when there is no `latest` pointer
     tag, note = resume_tag(run_dir)                   # `latest`'s, else the newest complete checkpoint
-    trainer_state = load(engine, cfg, run_dir, tag)   # at this run's TP/PP/DP/ZeRO layout
+    trainer_state = load(engine, cfg, layout, run_dir, tag)   # at this run's TP/PP/DP/ZeRO layout
 
 Why dist_checkpointing rather than DeepSpeed's own checkpoints: DeepSpeed's native files are tied to the
 DP size and, under a pipeline, to per-layer files; its universal conversion is an offline step and
@@ -35,6 +35,9 @@ older complete checkpoints of the same run (and leftovers of killed saves), neve
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
 import json
 import pickle
 import re
@@ -43,15 +46,39 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from common import checkpoints
-from common.checkpoints import (CheckpointError, checkpoint_dir, failure_cause, move_latest, one_line, prepare_folder,
-                                tag_for)
-from common.checkpoints import RunDirError, has_checkpoints  # noqa: F401 - training.train reaches them from here
+from common.checkpoints import (  # noqa: F401 - training.train reaches them from here
+    CheckpointError,
+    RunDirError,
+    checkpoint_dir,
+    failure_cause,
+    has_checkpoints,
+    move_latest,
+    one_line,
+    prepare_folder,
+    tag_for,
+)
 from common.config import to_dict
 from common.files import write_atomic
-from training.deepspeed_glue import (ensure_optimizer_state, get_full, link_optimizer_fragments, local_shape,
-                                     optimizer_state_specs, optimizer_step_count, set_full, set_optimizer_step_count)
+from model_parallel.layout import ParallelLayout
+from model_parallel.model import piece_names
+from training.deepspeed_glue import (
+    ensure_optimizer_state,
+    get_full,
+    link_optimizer_fragments,
+    local_shape,
+    optimizer_state_specs,
+    optimizer_step_count,
+    set_full,
+    set_optimizer_step_count,
+)
 
 STATE_FILE = "trainer_state.json"
 """Written last into a checkpoint folder: its presence marks the checkpoint complete."""
@@ -105,10 +132,6 @@ class _IndexUnpickler(pickle.Unpickler):
     MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
 
     def find_class(self, module: str, name: str):
-        import dataclasses
-        import enum
-        import importlib
-
         allowed = False
         if module in self.MODULES:
             obj = getattr(importlib.import_module(module), name, None)
@@ -167,8 +190,6 @@ def verify(path: Path) -> None:
     a tensor record where one should start; an RNG file that is not plain tensors. Reads the index, a
     few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected:
     the format has no checksums.)"""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     index = read_index(path)
     files: dict[str, list[tuple[int, int, bool]]] = {}
     for where, info in getattr(index, "storage_data", {}).items():
@@ -200,7 +221,6 @@ def canonical_parameters(module: torch.nn.Module, model_cfg) -> dict[str, torch.
     """PartiModel's parameter names for the parameters this rank holds (pipeline layer k -> piece k)."""
     from deepspeed.pipe import PipelineModule
 
-    from model_parallel.model import piece_names
 
     if not isinstance(module, PipelineModule):
         return dict(module.named_parameters())
@@ -216,9 +236,6 @@ def sharded(key: str, tensor: torch.Tensor, p: torch.nn.Parameter, per_tp_rank: 
     """A dist_checkpointing ShardedTensor: split along `partition_dim` over TP, replicated over DP.
     `per_tp_rank`: a statistic that only exists per TP shard, stored with a leading TP axis (it
     reloads at the same TP size only)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing import ShardedTensor
-
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     dp_rank = ps.get_data_parallel_rank()
     if per_tp_rank:
@@ -249,8 +266,6 @@ def _state_dict(engine, model_cfg, tensors: bool):
 
 
 def _rng_state() -> dict:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -258,19 +273,10 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     torch.set_rng_state(state["torch"])
     get_cuda_rng_tracker().set_states(state["tracker"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _layout() -> dict:
-    from megatron.core import parallel_state as ps
-
-    return {"world_size": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
-            "pp": ps.get_pipeline_model_parallel_world_size()}
 
 
 def _from_rank0(value):
@@ -295,13 +301,11 @@ def _run_id_of(path: Path) -> str | None:
         return None
 
 
-def save(engine, cfg, run_dir: str | Path, step: int, trainer_state: dict, keep: int = 3) -> str:
+def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, trainer_state: dict,
+         keep: int = 3) -> str:
     """Write the checkpoint of `step` (every rank), then rank 0 marks it complete, moves `latest` and
     prunes. A failed write (a full disk) leaves no partial folder and `latest` where it was, and raises
     CheckpointError with the cause on every rank."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
-
     root, tag = checkpoint_dir(run_dir), tag_for(step)
     path = root / tag
     rank = dist.get_rank()
@@ -317,7 +321,7 @@ def save(engine, cfg, run_dir: str | Path, step: int, trainer_state: dict, keep:
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any rank's failure
         error = failure_cause(e)
     full_state = {**trainer_state, "optimizer_steps": optimizer_step_count(engine),
-                  "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": _layout(),
+                  "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": layout.record(),
                   "config": to_dict(cfg)}
     error = _first_of_all(error)  # (also the barrier: every rank has finished writing)
     if rank == 0 and not error:
@@ -345,12 +349,9 @@ def _fail(run_dir: Path, path: Path, error: str) -> None:
     raise CheckpointError(checkpoints.failed_save_message(run_dir, path, error, STATE_FILE))
 
 
-def load(engine, cfg, run_dir: str | Path, tag: str) -> dict:
+def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> dict:
     """Load checkpoint `tag` into the engine at this run's layout; returns its trainer state. The LR
     schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
-
     path = checkpoint_dir(run_dir) / tag
     state = read_trainer_state(path)
     # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.train.plan_resume.)
@@ -380,6 +381,6 @@ def load(engine, cfg, run_dir: str | Path, tag: str) -> dict:
         group["lr"] = lr
     scheduler._last_lr = list(rates)
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-    if state["layout"] == _layout() and rng_file.is_file():
+    if state["layout"] == layout.record() and rng_file.is_file():
         _set_rng_state(load_rng_file(rng_file))
     return state

@@ -71,6 +71,9 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s per device that MFU is divided by (0: the table in training/flops.py for this GPU
     and precision; set it for a GPU the table does not know or a part with other clocks)."""
+    wandb_project: str = ""
+    """Weights & Biases project to log to besides TensorBoard ('' = none). Offline unless WANDB_MODE says
+    otherwise or WANDB_API_KEY is set; offline runs go to <run_dir>/wandb/ (upload later: `wandb sync`)."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ Checkpoints (training/checkpoint.py reads and writes full fp32 weights and optim
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -148,6 +149,9 @@ class NonFiniteGuard:
         self.consecutive = 0
         inner_step = optimizer.step
 
+        # (wraps: keeps the marker torch's LR scheduler put on the step it wrapped, so that it does not warn
+        # that the step was replaced behind its back)
+        @functools.wraps(inner_step)
         def guarded_step(*args, **kwargs):
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.distributed.all_reduce(flag := nonfinite_flag(grads), op=torch.distributed.ReduceOp.MAX)

@@ -1,6 +1,7 @@
 """The DeepSpeed engine around the Parti model: ZeRO stage, bf16, accumulation, clipping, optimizer, schedule.
 
-    engine, guard = build_engine(model, cfg, kernels)   # a TrainEngine: DeepSpeed's engine, the NonFiniteGuard
+    model = build_model(cfg, kernels, device, layout)   # layout: model_parallel.layout.ParallelLayout
+    engine, guard = build_engine(model, cfg, kernels, layout)   # a TrainEngine: DeepSpeed's engine, the NonFiniteGuard
     loss, grad_norm = train_step(engine, cfg, micro_batches, device)
     guard.skipped                                       # optimizer steps skipped for non-finite gradients
 
@@ -18,17 +19,25 @@ import math
 from typing import NamedTuple
 
 import torch
+from megatron.core import parallel_state as ps
 
+from model_parallel.activation_checkpointing import apply_activation_checkpointing
+from model_parallel.layers import allreduce_sequence_parallel_grads
+from model_parallel.layout import ParallelLayout
+from model_parallel.model import PartiModel, decoder_input
+from model_parallel.pipeline import build_pipeline
 from training.config import Config
-from training.deepspeed_glue import (MegatronMpu, NonFiniteGuard, base_optimizer, clip_fp32_gradients_megatron_style,
-                                     init_deepspeed, no_optimizer_steps)
-from training.deepspeed_glue import nonfinite_flag  # noqa: F401 - tests/test_gpu_path.py imports it from here
 
-
-def data_parallel_size() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_world_size()
+# deepspeed is imported inside the functions that use it: it picks its accelerator (DS_ACCELERATOR) when
+# first imported, after model_parallel.state.use_device has chosen the device.
+from training.deepspeed_glue import (
+    MegatronMpu,
+    NonFiniteGuard,
+    base_optimizer,
+    clip_fp32_gradients_megatron_style,
+    init_deepspeed,
+    no_optimizer_steps,
+)
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
@@ -77,33 +86,24 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def build_model(cfg: Config, kernels, device: str):
-    """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1; with the
-    activation checkpointing of parallel.activation_checkpointing. At ZeRO-3 the model is built under
-    `deepspeed.zero.Init`, which partitions each module's parameters over the data-parallel group as
-    soon as the module is built, so no rank ever holds the whole model (parti-20b at TP=1 would need
-    76.5 GiB of fp32 weights per GPU before the first step otherwise)."""
-    from model_parallel.activation_checkpointing import apply_activation_checkpointing
+def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout):
+    """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1, split over `layout`'s
+    tensor-parallel group; with the activation checkpointing of parallel.activation_checkpointing. At
+    ZeRO-3 the model is built under `deepspeed.zero.Init`, which partitions each module's parameters over
+    the data-parallel group as soon as the module is built, so no rank ever holds the whole model
+    (parti-20b at TP=1 would need 76.5 GiB of fp32 weights per GPU before the first step otherwise)."""
+    import deepspeed
 
-    if cfg.parallel.pp > 1:
-        from model_parallel.pipeline import build_pipeline
-
+    tp_group, sp = layout.tp_group(), layout.sequence_parallel
+    if layout.pp > 1:
         init_deepspeed()
-        model = build_pipeline(cfg.model, kernels, cfg.parallel.pp, cfg.train.seed, cfg.parallel.sequence_parallel)
-    elif cfg.parallel.zero_stage == 3:
-        import deepspeed
-
-        from model_parallel.model import PartiModel
-
+        model = build_pipeline(cfg.model, kernels, layout.pp, cfg.train.seed, sp, tp_group)
+    elif layout.zero_stage == 3:
         init_deepspeed()
-        with deepspeed.zero.Init(mpu=MegatronMpu(), config_dict_or_path=deepspeed_config(cfg, data_parallel_size())):
-            model = PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
-                               init_seed=cfg.train.seed)
+        with deepspeed.zero.Init(mpu=MegatronMpu(), config_dict_or_path=deepspeed_config(cfg, layout.dp)):
+            model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group)
     else:
-        from model_parallel.model import PartiModel
-
-        model = PartiModel(cfg.model, kernels, sequence_parallel=cfg.parallel.sequence_parallel,
-                           init_seed=cfg.train.seed).to(device)
+        model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group).to(device)
     return apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
 
 
@@ -116,7 +116,7 @@ class TrainEngine(NamedTuple):
     """Skips and counts optimizer steps whose gradients are not finite (`skipped`, `consecutive`)."""
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, kernels) -> TrainEngine:
+def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelLayout) -> TrainEngine:
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
@@ -131,7 +131,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels) -> TrainEngine:
     with no_optimizer_steps(optimizer):  # see no_optimizer_steps: DeepSpeed's bf16 ZeRO-0 wrappers step at init
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                mpu=None if pipelined else MegatronMpu(),
-                                               config=deepspeed_config(cfg, data_parallel_size()))
+                                               config=deepspeed_config(cfg, layout.dp))
     clip_fp32_gradients_megatron_style(engine)
     return TrainEngine(engine, NonFiniteGuard(base_optimizer(engine)))
 
@@ -140,10 +140,6 @@ def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[f
     """One optimizer step over this DP rank's micro-batches [(text_ids, codes), ...].
     Returns the loss averaged over the global batch and the global gradient norm."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
-    from megatron.core import parallel_state as ps
-
-    from model_parallel.layers import allreduce_sequence_parallel_grads
-    from model_parallel.model import decoder_input
 
     bos = cfg.model.image_vocab_size
     if isinstance(engine, PipelineEngine):

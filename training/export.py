@@ -20,6 +20,8 @@ import torch
 
 from common.checkpoints import checkpoint_dir
 from model_parallel.config import ModelConfig, saved_model_config
+from model_parallel.model import PartiModel
+from model_parallel.state import init_parallel
 from training.checkpoint import resume_tag, sharded
 from training.deepspeed_glue import local_shape
 
@@ -28,8 +30,6 @@ def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor]
     """The full fp32 weights of a checkpoint by PartiModel name, and the run's config (as a dict)."""
     from megatron.core import dist_checkpointing
 
-    from model_parallel.model import PartiModel
-    from model_parallel.state import init_parallel
 
     init_parallel(tp=1, pp=1)
     path = checkpoint_dir(run_dir) / tag
@@ -72,8 +72,6 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     `device`: the host holds at most one tensor beside the mapped file, the device the weights once."""
     from safetensors import safe_open
 
-    from model_parallel.model import PartiModel
-    from model_parallel.state import init_parallel
 
     path = Path(path)
     device = torch.device(device)

@@ -25,7 +25,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-
+from common.cli import command
 from model_parallel.config import model_config
 from model_parallel.layers import DecoderLayer, EncoderLayer
 from model_parallel.layout import ParallelLayout
@@ -251,13 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show", type=int, default=8)
     args = parser.parse_args(argv)
     hw = Hardware(args.gpus_per_node, args.peak_tflops, args.mfu, args.intra_node_gbs, args.inter_node_gbs)
-    try:
+    with command(errors=(ValueError,), label="training.plan"):
         if args.show < 0:
             raise ValueError(f"--show must be >= 0, got {args.show}")
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
                                      args.micro_batch, args.precision, args.recompute)
-    except ValueError as e:
-        sys.exit(f"training.plan: {e}")
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
           f"(global batch {args.global_batch}, micro-batch {args.micro_batch}, {args.precision}, "
           f"recompute {args.recompute}, assumed MFU {args.mfu}); memory per GPU in GB:")

@@ -6,7 +6,7 @@
 The run directory receives config.yaml (the config of the current segment), config_history/ (one
 file per start or resume: segment_<n>_step_<s>.yaml, the config each segment ran with and what changed),
 metrics.jsonl, TensorBoard events and checkpoints/. One run at a time: rank 0 holds run_dir/.lock
-(training/checkpoint.py RunLock) for the run's life; a second run there fails at once naming the holder.
+(common/checkpoints.py RunLock) for the run's life; a second run there fails at once naming the holder.
 
 --resume auto (default): continue from checkpoints/latest, or, when that pointer is missing, from the
   newest complete checkpoint (logged), at whatever layout this run has; start at step 0 when there is none.
@@ -29,12 +29,25 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import command, config_parser
-from common.config import ConfigError, save_config
-from data_pipeline.training_data import training_dataset
-from training.config import Config, load_config
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-# torch is imported where it is used, so that a config error is reported without waiting for it.
+from common import metrics
+from common.checkpoints import CheckpointError, RunDirError, RunLock
+from common.cli import command, config_parser
+from common.config import ConfigError, save_config, to_dict
+from data_pipeline.sampler import GlobalBatchSampler
+from data_pipeline.training_data import training_dataset
+from model_parallel.kernels import select_kernels
+from model_parallel.model import caption_drop_mask, null_condition
+from model_parallel.state import init_distributed, init_parallel, seed_everything, use_device
+from training import checkpoint, engine
+from training.checkpoint import set_aside
+from training.config import RESUME_WARNED, Config, format_changes, layout_of, load_config, resume_changes
+from training.flops import enable_tf32, peak_flops, train_flops_per_sample
+from training.preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest
+
 RESUME_MODES = ("auto", "none", "overwrite")
 
 
@@ -52,9 +65,6 @@ def parse_args(argv):
 
 def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: int, dp_size: int):
     """This DP rank's micro-batches of the global batch starting at `consumed`, with CFG caption drops."""
-    import torch
-
-    from model_parallel.model import caption_drop_mask, null_condition
 
     m, t = cfg.model, cfg.train
     positions = torch.arange(consumed, consumed + t.global_batch_size)
@@ -90,9 +100,6 @@ class ResumePlan:
 def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
     """Decide from the run directory's files alone how this start goes; raise ConfigError (a config the
     checkpoint cannot continue with) or RunDirError/CheckpointError (one line naming the file) instead."""
-    from training import checkpoint
-    from training.config import RESUME_WARNED, format_changes, resume_changes
-
     if mode not in RESUME_MODES:
         raise ConfigError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
     new_id = uuid.uuid4().hex[:12]
@@ -143,9 +150,6 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
 def _decide_on_rank0(decide):
     """Run `decide()` on rank 0 and return its result on every rank; its ConfigError/RunDirError (or any
     other failure) is raised on every rank, so that no rank waits for the others in a collective."""
-    import torch.distributed as dist
-
-    from common.checkpoints import CheckpointError, RunDirError
 
     outcome, error = None, None
     if dist.get_rank() == 0:
@@ -172,18 +176,11 @@ class Trainer:
     before anything is written to the run directory."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
-        import torch.distributed as dist
-
-        from common.checkpoints import RunLock
-        from model_parallel.state import init_distributed, use_device
-
         self.device = use_device(cfg.train.device)  # before anything touches CUDA
         init_distributed()
         self.world = dist.get_world_size()
         cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused
-        if cfg.parallel.sequence_parallel and (cfg.parallel.zero_stage > 1 or cfg.parallel.pp > 1):
-            raise ConfigError("parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage "
-                              "0 or 1 only (its norm gradients are summed between backward and step)")
+        self.layout = layout_of(cfg, self.world)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)  # data that does not fit the model is refused before anything is written
         self.lock = RunLock(self.run_dir)
@@ -196,23 +193,13 @@ class Trainer:
             raise
 
     def _build(self) -> None:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        from data_pipeline.sampler import GlobalBatchSampler
-        from model_parallel.kernels import select_kernels
-        from model_parallel.state import init_parallel, seed_everything
-        from training.checkpoint import set_aside
-        from training.engine import build_engine, build_model
-        from training.flops import enable_tf32, peak_flops
-        from common.metrics import MetricsLogger, reset_peak_memory
-
-        cfg = self.cfg
-        init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        cfg, layout = self.cfg, self.layout
+        init_parallel(layout.tp, layout.pp)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), layout.dp
         rank0 = dist.get_rank() == 0
         moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
-        self.log = MetricsLogger(self.run_dir, enabled=rank0)
+        self.log = metrics.MetricsLogger(self.run_dir, enabled=rank0, wandb_project=cfg.train.wandb_project,
+                                         config=to_dict(cfg))
         if self.lock.warning:
             self.log.info(self.lock.warning)
         if moved:
@@ -232,21 +219,18 @@ class Trainer:
             enable_tf32()
         self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
         self.log.info(f"MFU against {peak_source}")
-        model = build_model(cfg, kernels, self.device)
+        model = engine.build_model(cfg, kernels, self.device, layout)
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
-        self.engine, self.nonfinite_guard = build_engine(model, cfg, kernels)
-        reset_peak_memory()
+        self.engine, self.nonfinite_guard = engine.build_engine(model, cfg, kernels, layout)
+        metrics.reset_peak_memory()
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
-        self.log.info(f"layout: world {self.world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp "
-                      f"{self.dp_size}; zero {cfg.parallel.zero_stage}; "
+        self.log.info(f"layout: {layout.describe()}; "
                       f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
 
     def _write_config(self) -> None:
         """config.yaml (this segment's config) and config_history/segment_<n>_step_<s>.yaml, written once the
         checkpoint's config has been checked: the history keeps what every segment of the run ran with."""
-        from training.config import format_changes
-
         plan, history = self.plan, self.run_dir / "config_history"
         n = len(list(history.glob("segment_*.yaml"))) + 1 if history.is_dir() else 1
         source = f"resumed from checkpoints/{plan.tag}" if plan.tag else "started at step 0"
@@ -259,22 +243,19 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the checkpoint the plan chose (nothing when it chose none)."""
-        from training import checkpoint
-
         if self.plan.tag:
-            state = checkpoint.load(self.engine, self.cfg, self.run_dir, self.plan.tag)
+            state = checkpoint.load(self.engine, self.cfg, self.layout, self.run_dir, self.plan.tag)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
             self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
 
     def save(self) -> None:
-        from training import checkpoint
-
         state = {"step": self.step, "consumed_samples": self.consumed,
                  "sampler": self.sampler.state_dict(self.consumed),
                  "skipped_steps": self.nonfinite_guard.skipped, "run_id": self.plan.run_id}
-        tag = checkpoint.save(self.engine, self.cfg, self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
+                              self.cfg.train.keep_checkpoints)
         self.log.info(f"saved {self.run_dir / 'checkpoints' / tag}")
 
     def close(self) -> None:
@@ -285,9 +266,6 @@ class Trainer:
         self.lock.release()
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
-        from training.flops import train_flops_per_sample
-        from common.metrics import memory_gb
-
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
@@ -295,16 +273,12 @@ class Trainer:
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
-            **memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
+            **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
         })
 
     def run(self) -> list[float]:
         """Step until train.steps; return this call's per-step losses. Raises Preempted after saving
         when SIGUSR1/SIGTERM arrived, RuntimeError after too many non-finite steps in a row."""
-        import torch.distributed as dist
-
-        from training.engine import train_step
-        from training.preemption import Preempted, StopRequest
 
         t, guard = self.cfg.train, self.nonfinite_guard
         stop, losses = StopRequest(self.run_dir / "STOP"), []
@@ -313,7 +287,7 @@ class Trainer:
                 start, lr = time.perf_counter(), self.engine.get_lr()[0]
                 batches = list(rank_micro_batches(self.cfg, self.dataset, self.sampler, self.consumed,
                                                   self.dp_rank, self.dp_size))
-                loss, grad_norm = train_step(self.engine, self.cfg, batches, self.device)
+                loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                 losses.append(loss)
                 self.step += 1
                 self.consumed += t.global_batch_size
@@ -355,9 +329,6 @@ class NonFiniteStop(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.checkpoints import RunDirError
-    from training.preemption import REQUEUE_EXIT_CODE, Preempted
-
     args = parse_args(argv)
     with command(errors=(RunDirError, NonFiniteStop)):  # RunDirError includes CheckpointError
         cfg = load_config(args.config, args.set).validate()

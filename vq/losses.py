@@ -139,7 +139,7 @@ class VQGANLoss(nn.Module):
             weight = self.adaptive_weight(rec, logs["adversarial"], last_layer) if last_layer is not None else 1.0
             total = total + c.adversarial * weight * logs["adversarial"]
         logs["vq"] = vq_loss
-        return total, {k: float(v) for k, v in logs.items()}
+        return total, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in logs.items()}
 
     def discriminator_loss(self, images, out, step: int, critic: nn.Module | None = None):
         """The discriminator's logistic loss; `critic` runs it (vq.train passes its DDP wrapper, so the

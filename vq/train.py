@@ -35,20 +35,34 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.checkpoints import (CheckpointError, checkpoint_dir, failed_save_message, failure_cause, move_latest,
-                                prepare_folder, prune, resume_tag, tag_for)
+from common.checkpoints import (
+    CheckpointError,
+    checkpoint_dir,
+    failed_save_message,
+    failure_cause,
+    move_latest,
+    prepare_folder,
+    prune,
+    resume_tag,
+    tag_for,
+)
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
 from common.files import atomic_path, write_atomic
+from common.metrics import MetricsLogger
+from data_pipeline.images import FilterConfig, prepare_sample
+from data_pipeline.laion import expand_shards, read_shard
+from model_parallel.state import init_distributed
 from vq.config import VQConfig
+from vq.losses import VQGANLoss, split_output
+from vq.tokenizer import save_image_tokenizer
+from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN
 
 STATE_FILE = "state.pt"
 """A vq checkpoint folder's one file, written atomically: its presence marks the checkpoint complete."""
 
 
 def build_model(cfg: VQConfig):
-    from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN
-
     m = cfg.model
     if m.preset not in VIT_VQGAN_PRESETS:
         raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
@@ -61,9 +75,6 @@ def build_model(cfg: VQConfig):
 def image_stream(pattern: str, cfg: VQConfig, rank: int, world: int, seed: int):
     """Endless augmented images (uint8 [3, S, S]) for this rank: every world-th kept sample, reshuffled
     through a buffer, random crops and flips when train.resize > model.image_size."""
-    from data_pipeline.images import FilterConfig, prepare_sample
-    from data_pipeline.laion import expand_shards, read_shard
-
     paths, size = expand_shards(pattern), cfg.model.image_size
     prep = FilterConfig(image_size=cfg.train.resize or size, min_size=min(64, cfg.train.resize or size))
     rng = random.Random(seed * 1000 + rank)
@@ -146,10 +157,6 @@ def adopt_single_file_checkpoints(run_dir: str | Path) -> None:
 class VQTrainer:
     def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path, device: str | None = None):
         """`device`: where the model trains; by default "cuda" when there is a GPU, else "cpu"."""
-        from model_parallel.state import init_distributed
-        from common.metrics import MetricsLogger
-        from vq.losses import VQGANLoss
-
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
@@ -257,7 +264,6 @@ class VQTrainer:
             d_loss.backward()
             self.disc_opt.step()
             logs["disc"] = float(d_loss)
-        from vq.losses import split_output
 
         logs.update(loss=float(loss), psnr=psnr(split_output(out).detach(), images),
                     perplexity=float(aux["perplexity"]), code_usage=float(aux["usage"]))
@@ -290,8 +296,6 @@ class VQTrainer:
             if self.step % t.save_interval == 0 or self.step == t.steps:
                 self.save()
         if self.rank == 0:
-            from vq.tokenizer import save_image_tokenizer
-
             digest = save_image_tokenizer(self.model, self.run_dir / "export.pt")
             self.log.info(f"exported {self.run_dir / 'export.pt'} (content hash {digest[:16]})")
         self.log.close()
