@@ -5,7 +5,7 @@ Weights & Biases.
     log.step({"step": 10, "loss": 2.3, "lr": 1e-3, ...})     # a line, a JSON object, scalars
     log.info("text")                                         # a plain message (rank 0 only)
 
-metrics.jsonl holds one JSON object per logged step with the fields of DESIGN.md: step, loss, lr,
+metrics.jsonl holds one JSON object per logged step: step, loss, lr,
 grad_norm, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, mem_gb, mem_reserved_gb (GPU only) (null where not
 measurable).
 """
