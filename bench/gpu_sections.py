@@ -285,7 +285,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     peak and against the matmul rate measured here, peak memory; then, at the best size, how much of a
     step the optimizer takes (its micro-batch timed apart) and where the host spends that step."""
     from bench.train_throughput import matmul_flops
-    from training.engine import train_step
+    from training.engine import MicroBatch, train_step
     from training.flops import train_flops_per_sample
     from training.train import Trainer
 
@@ -303,7 +303,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     def batches(mbs: int) -> list:
         text = torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), device="cuda")
         codes = torch.randint(0, m.image_vocab_size, (mbs, m.image_seq_len), device="cuda")
-        return [(text, codes)] * accumulation
+        return [MicroBatch(text, codes, torch.arange(mbs, device="cuda"))] * accumulation
 
     def measure(mbs: int, steps: int = 3) -> dict:
         data = batches(mbs)
@@ -324,10 +324,10 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     best, results = _largest_micro_batch(measure, candidates, total)
     micro_s = []
-    for text, codes in batches(best):  # one optimizer step, each micro-batch timed apart
+    for micro_batch in batches(best):  # one optimizer step, each micro-batch timed apart
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(engine, cfg, [(text, codes)], "cuda")
+        train_step(engine, cfg, [micro_batch], "cuda")
         torch.cuda.synchronize()
         micro_s.append(time.perf_counter() - t0)
     optimizer = ctx.record("optimizer_step", {"micro_batch_s": micro_s,

@@ -107,6 +107,18 @@ def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout):
     return apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
 
 
+class MicroBatch(NamedTuple):
+    """One forward/backward's samples on this rank."""
+
+    text: torch.Tensor
+    """Caption ids [b, text_seq_len] int64 (dropped captions already replaced by the null caption)."""
+    codes: torch.Tensor
+    """Image codes [b, image_seq_len] int64."""
+    positions: torch.Tensor
+    """Each sample's position in the run's sample stream [b] int64 (consumed samples + its index in the global
+    batch): the same at any layout, what per-sample randomness is keyed by."""
+
+
 class TrainEngine(NamedTuple):
     """What build_engine gives the trainer."""
 
@@ -137,19 +149,19 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
 
 
 def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[float, float | None]:
-    """One optimizer step over this DP rank's micro-batches [(text_ids, codes), ...].
+    """One optimizer step over this DP rank's micro-batches (MicroBatch).
     Returns the loss averaged over the global batch and the global gradient norm."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     bos = cfg.model.image_vocab_size
     if isinstance(engine, PipelineEngine):
         batches = iter([((text.to(device), decoder_input(codes, bos).to(device)), codes.to(device))
-                        for text, codes in micro_batches])
+                        for text, codes, _ in micro_batches])
         loss = engine.train_batch(batches)  # averaged over micro-batches and DP, on every stage
         norm = engine.get_global_grad_norm()
         return float(loss), float(norm) if norm is not None else None
     losses = []
-    for text, codes in micro_batches:
+    for text, codes, _ in micro_batches:
         loss = engine(text.to(device), codes.to(device), return_loss=True)
         engine.backward(loss)
         if cfg.parallel.sequence_parallel:

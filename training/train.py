@@ -64,7 +64,8 @@ def parse_args(argv):
 
 
 def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: int, dp_size: int):
-    """This DP rank's micro-batches of the global batch starting at `consumed`, with CFG caption drops."""
+    """This DP rank's micro-batches (engine.MicroBatch) of the global batch starting at `consumed`, with the
+    caption drops of classifier-free guidance."""
 
     m, t = cfg.model, cfg.train
     positions = torch.arange(consumed, consumed + t.global_batch_size)
@@ -73,7 +74,7 @@ def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: in
     for chunk in mine.split(t.micro_batch_size):
         text, codes = map(torch.stack, zip(*(dataset[int(i)] for i in chunk[:, 1])))
         drop = caption_drop_mask(chunk[:, 0], t.seed, m.caption_drop_prob)
-        yield null_condition(text, drop, m.text_pad_id, m.text_eos_id), codes
+        yield engine.MicroBatch(null_condition(text, drop, m.text_pad_id, m.text_eos_id), codes, chunk[:, 0])
 
 
 @dataclass
