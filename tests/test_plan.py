@@ -98,3 +98,24 @@ def test_construction_memory_follows_what_is_built():
     assert zero3.construction_gb < 1.1 and zero3.peak_gb == zero3.total_gb  # one decoder layer: 1.0 GiB
     fits, misses, _ = plan("parti-20b", 8, hw, gpu_mem_gb=80)
     assert all(o.peak_gb + 4 <= 80 for o in fits) and any(o.construction_gb + 4 > 80 for o in misses)
+
+
+def test_run_costs_follow_what_a_checkpoint_and_a_code_shard_hold(single_process):
+    """Checkpoint bytes: fp32 master + two AdamW moments per parameter (parti-debug: 313,088 parameters);
+    the data rate: the global batch per step in code-shard records (text ids + codes + caption + key)."""
+    import numpy as np
+
+    from data_pipeline.code_shards import record_dtype
+    from model_parallel.config import model_config
+    from training.plan import Layout, run_costs
+
+    m = model_config("parti-debug")
+    layout = Layout(tp=2, pp=2, dp=4, zero=1, params=0, weights_gb=0, grads_gb=0, optimizer_gb=0, activations_gb=0,
+                    step_s=0.5)
+    c = run_costs(m, 313_088, layout, global_batch=64, fs_gbs=2.0)
+    assert c.checkpoint_gb * 1e9 == pytest.approx(313_088 * 3 * 4)
+    assert c.write_s == pytest.approx(313_088 * 12 / 2e9)
+    assert c.writers == 4 and c.host_gb_per_writer * 2**30 == pytest.approx(313_088 * 12 / 4)
+    record = np.dtype(record_dtype(m.image_seq_len, m.text_seq_len)).itemsize
+    assert record > 2 * (m.image_seq_len + m.text_seq_len)  # ids and codes at least
+    assert c.samples_per_s == 128 and c.data_mb_per_s == pytest.approx(128 * record / 1e6)

@@ -15,7 +15,9 @@ with activations counted tensor by tensor as this model's layers save them for t
 pipeline bubble. A layout must also fit while it is built (`construction_bytes`: the fp32 model below
 ZeRO-3; one layer at a time at ZeRO-3, built under deepspeed.zero.Init). Layouts that fit are printed
 fastest first; those that do not with why: memory over the GPU's by how much (in training or while being
-built), or a global batch that the layout's micro-batch x DP does not divide. Sizes, counts, bandwidths and
+built), or a global batch that the layout's micro-batch x DP does not divide. For the fastest layout it then
+says what the run asks of the file system (checkpoint size, write time at --fs-gbs, writers and the host
+memory each gathers) and of the data pipeline (samples/s and MB/s of code shards). Sizes, counts, bandwidths and
 the MFU must be positive (MFU at most 1): anything else is one line naming the flag, exit status 1.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 from dataclasses import dataclass
 
 from common.cli import command
+from data_pipeline.code_shards import record_dtype
 from model_parallel.config import model_config
 from model_parallel.layers import DecoderLayer, EncoderLayer
 from model_parallel.layout import ParallelLayout
@@ -174,6 +177,32 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
                   construction_bytes(max(stage_params), largest_piece, zero) / gb)
 
 
+CHECKPOINT_BYTES_PER_PARAM = 12
+"""What a checkpoint stores per parameter (training/checkpoint.py): the fp32 master weight and AdamW's two fp32
+moments, whatever the precision and layout (Adafactor's factored statistics are smaller)."""
+
+
+@dataclass
+class RunCosts:
+    """What a layout asks of the file system and the data pipeline."""
+
+    checkpoint_gb: float
+    write_s: float            # at the given aggregate file-system bandwidth
+    writers: int              # ranks that write (one data-parallel replica: TP x PP)
+    host_gb_per_writer: float  # a writer's whole TP x PP shard, gathered in host memory before it is written
+    samples_per_s: float      # what the step time asks of the data pipeline
+    data_mb_per_s: float      # in code-shard bytes (data_pipeline/code_shards.py records)
+
+
+def run_costs(model_cfg, total_params: int, o: Layout, global_batch: int, fs_gbs: float) -> RunCosts:
+    """Checkpoint size and write time, and the data rate a layout's step time needs."""
+    total = CHECKPOINT_BYTES_PER_PARAM * total_params
+    record = record_dtype(model_cfg.image_seq_len, model_cfg.text_seq_len).itemsize
+    samples_per_s = global_batch / o.step_s
+    return RunCosts(total / 1e9, total / (fs_gbs * 1e9), o.tp * o.pp, total / (o.tp * o.pp) / 2**30,
+                    samples_per_s, samples_per_s * record / 1e6)
+
+
 def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int, micro_batch: int,
                  headroom_gb: float = 4) -> None:
     """A ValueError naming the first input that makes no sense (a zero or negative count or size, an MFU
@@ -248,12 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed utilisation of the compute")
     parser.add_argument("--intra-node-gbs", type=float, default=300, help="NVLink all-reduce GB/s per GPU")
     parser.add_argument("--inter-node-gbs", type=float, default=40, help="network all-reduce GB/s per GPU")
+    parser.add_argument("--fs-gbs", type=float, default=20, help="aggregate file-system write GB/s (checkpoints)")
     parser.add_argument("--show", type=int, default=8)
     args = parser.parse_args(argv)
     hw = Hardware(args.gpus_per_node, args.peak_tflops, args.mfu, args.intra_node_gbs, args.inter_node_gbs)
     with command(errors=(ValueError,), label="training.plan"):
         if args.show < 0:
             raise ValueError(f"--show must be >= 0, got {args.show}")
+        if not (math.isfinite(args.fs_gbs) and args.fs_gbs > 0):
+            raise ValueError(f"--fs-gbs must be a number > 0, got {args.fs_gbs}")
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
                                      args.micro_batch, args.precision, args.recompute)
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
@@ -277,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  TP={k.tp:<2} PP={k.pp:<2} DP={k.dp:<4} {k.reason}")
     if not fits:
         sys.exit(1)
+    best, m = fits[0], model_config(args.model)
+    c = run_costs(m, sum(piece_params(m, 1)), best, args.global_batch, args.fs_gbs)
+    print(f"the fastest layout's run: a checkpoint of {c.checkpoint_gb:,.1f} GB (fp32 weights + AdamW moments) takes "
+          f"{c.write_s:,.1f} s at {args.fs_gbs:g} GB/s; {c.writers} ranks write it (one data-parallel replica), each "
+          f"first gathering its {c.host_gb_per_writer:,.1f} GB shard in host memory; the step time needs "
+          f"{c.samples_per_s:,.0f} samples/s = {c.data_mb_per_s:,.1f} MB/s of code shards")
 
 
 if __name__ == "__main__":
