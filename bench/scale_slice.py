@@ -1,0 +1,128 @@
+"""A slice of parti-20b at its real width on CPU: memory per rank against the planner, and what building costs.
+
+    python bench/scale_slice.py [--preset parti-20b --encoder-layers 1 --decoder-layers 1] [--tp 1,2]
+                                [--recompute none,selective,full] [--precision bf16]
+
+A few encoder and decoder layers at the preset's real width (parti-20b: d 4096, 64 heads, MLP 16384), with
+its embeddings and head, micro-batch 1 and the full sequence (128 text + 1024 image tokens), built at each
+TP size on that many gloo processes (fresh processes for every measurement). Prints, per rank:
+- building: seconds and host memory to construct the slice (the shard-proportional initialisation of
+  model_parallel/init.py: at TP=2 each rank should need about half of TP=1's), as ratios to TP=1;
+- one forward + backward per recomputation mode: the peak resident memory above the built model (sampled
+  every millisecond while it runs) against the planner's estimate for the same slice
+  (training/plan.py `activation_bytes` + the gradients), as a ratio.
+Resident memory is what the CPU allocator holds: MALLOC_MMAP_THRESHOLD_ is pinned so that large tensors are
+returned to the system when freed (glibc otherwise raises the threshold and keeps freed blocks). bf16 where
+the CPU has bf16 matrix products (else fp32, said in the output). Minutes at parti-20b width on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model_parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from model_parallel.config import model_config  # noqa: E402
+from model_parallel.model import PartiModel  # noqa: E402
+from model_parallel.state import free_port, init_parallel, tensor_parallel_group  # noqa: E402
+from training.plan import activation_bytes  # noqa: E402
+
+
+class PeakRSS:
+    """The highest resident set size of this process while the block runs, sampled every `interval` s."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+
+def slice_config(args):
+    return model_config(args.preset, {"encoder_layers": args.encoder_layers, "decoder_layers": args.decoder_layers})
+
+
+def worker(rank: int, tp: int, port: int, args, recompute: str, out: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // tp))
+    init_parallel(tp, 1)
+    cfg = slice_config(args)
+    process = psutil.Process()
+    before, start = process.memory_info().rss, time.perf_counter()
+    model = PartiModel(cfg, tp_group=tensor_parallel_group(), init_seed=1)
+    build_s, built = time.perf_counter() - start, process.memory_info().rss
+    model = apply_activation_checkpointing(model.to(args.dtype), recompute)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(4, cfg.text_vocab_size, (1, cfg.text_seq_len), generator=g)
+    codes = torch.randint(0, cfg.image_vocab_size, (1, cfg.image_seq_len), generator=g)
+    baseline = process.memory_info().rss
+    with PeakRSS() as peak:
+        model.loss(text, codes).backward()
+    params = sum(p.numel() for p in model.parameters())
+    element = torch.finfo(args.dtype).bits // 8
+    planned = activation_bytes(cfg, 1, tp, element, recompute, (cfg.encoder_layers, cfg.decoder_layers)) + params * element
+    if rank == 0:
+        out.update(params=params, build_s=build_s, init_bytes=built - before, measured=peak.peak - baseline,
+                   planned=planned)
+
+
+def measure(tp: int, args, recompute: str) -> dict:
+    out = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(worker, args=(tp, free_port(), args, recompute, out), nprocs=tp)
+    return dict(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="parti-20b")
+    parser.add_argument("--encoder-layers", type=int, default=1)
+    parser.add_argument("--decoder-layers", type=int, default=1)
+    parser.add_argument("--tp", default="1,2", help="comma-separated TP sizes (one gloo process per rank)")
+    parser.add_argument("--recompute", default="none,selective,full")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    args = parser.parse_args(argv)
+    bf16_matmul = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    args.dtype = torch.bfloat16 if args.precision == "bf16" and bf16_matmul else torch.float32
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks (see the module doc)
+    cfg = slice_config(args)
+    print(f"{args.preset} slice: {cfg.encoder_layers} encoder + {cfg.decoder_layers} decoder layers, d {cfg.hidden_size}, "
+          f"MLP {cfg.ffn_hidden_size}, {cfg.num_heads} heads, micro-batch 1, {cfg.text_seq_len} + {cfg.image_seq_len} "
+          f"tokens, {str(args.dtype).removeprefix('torch.')}"
+          + ("" if args.dtype == torch.bfloat16 or args.precision == "fp32" else " (no bf16 matmul on this CPU)"))
+    print(f"{'TP':>3} {'recompute':>10} {'params/rank':>14} {'build s':>8} {'init GB':>8} {'vs TP=1':>8} "
+          f"{'fwd+bwd GB':>11} {'planned GB':>11} {'measured/planned':>17}")
+    first: dict[str, float] = {}
+    for tp in [int(t) for t in args.tp.split(",")]:
+        for recompute in args.recompute.split(","):
+            r = measure(tp, args, recompute)
+            first.setdefault("init", r["init_bytes"])
+            print(f"{tp:>3} {recompute:>10} {r['params']:>14,} {r['build_s']:>8.1f} {r['init_bytes'] / 2**30:>8.2f} "
+                  f"{r['init_bytes'] / first['init']:>8.2f} {r['measured'] / 2**30:>11.2f} "
+                  f"{r['planned'] / 2**30:>11.2f} {r['measured'] / r['planned']:>17.2f}")
+
+
+if __name__ == "__main__":
+    main()
