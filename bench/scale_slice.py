@@ -9,8 +9,9 @@ TP size on that many gloo processes (fresh processes for every measurement). Pri
 - building: seconds and host memory to construct the slice (the shard-proportional initialisation of
   model_parallel/init.py: at TP=2 each rank should need about half of TP=1's), as ratios to TP=1;
 - one forward + backward per recomputation mode: the peak resident memory above the built model (sampled
-  every millisecond while it runs) against the planner's estimate for the same slice
-  (training/plan.py `activation_bytes` + the gradients), as a ratio.
+  every millisecond while it runs) during the forward pass against the planner's activations for the same
+  slice (training/plan.py `activation_bytes`, the head's logits and loss included), and over forward +
+  backward against activations + gradients, as ratios.
 Resident memory is what the CPU allocator holds: MALLOC_MMAP_THRESHOLD_ is pinned so that large tensors are
 returned to the system when freed (glibc otherwise raises the threshold and keeps freed blocks). bf16 where
 the CPU has bf16 matrix products (else fp32, said in the output). Minutes at parti-20b width on 2 cores.
@@ -79,14 +80,18 @@ def worker(rank: int, tp: int, port: int, args, recompute: str, out: dict) -> No
     text = torch.randint(4, cfg.text_vocab_size, (1, cfg.text_seq_len), generator=g)
     codes = torch.randint(0, cfg.image_vocab_size, (1, cfg.image_seq_len), generator=g)
     baseline = process.memory_info().rss
+    with PeakRSS() as forward:
+        loss = model.loss(text, codes)
     with PeakRSS() as peak:
-        model.loss(text, codes).backward()
+        loss.backward()
     params = sum(p.numel() for p in model.parameters())
     element = torch.finfo(args.dtype).bits // 8
-    planned = activation_bytes(cfg, 1, tp, element, recompute, (cfg.encoder_layers, cfg.decoder_layers)) + params * element
+    activations = activation_bytes(cfg, 1, tp, element, recompute, (cfg.encoder_layers, cfg.decoder_layers),
+                                   head=True)
     if rank == 0:
-        out.update(params=params, build_s=build_s, init_bytes=built - before, measured=peak.peak - baseline,
-                   planned=planned)
+        out.update(params=params, build_s=build_s, init_bytes=built - before, forward=forward.peak - baseline,
+                   activations=activations, measured=max(forward.peak, peak.peak) - baseline,
+                   planned=activations + params * element)
 
 
 def measure(tp: int, args, recompute: str) -> dict:
@@ -113,15 +118,17 @@ def main(argv: list[str] | None = None) -> None:
           f"tokens, {str(args.dtype).removeprefix('torch.')}"
           + ("" if args.dtype == torch.bfloat16 or args.precision == "fp32" else " (no bf16 matmul on this CPU)"))
     print(f"{'TP':>3} {'recompute':>10} {'params/rank':>14} {'build s':>8} {'init GB':>8} {'vs TP=1':>8} "
-          f"{'fwd+bwd GB':>11} {'planned GB':>11} {'measured/planned':>17}")
+          f"{'fwd GB':>7} {'planned':>8} {'ratio':>6} {'fwd+bwd GB':>11} {'planned':>8} {'ratio':>6}")
     first: dict[str, float] = {}
     for tp in [int(t) for t in args.tp.split(",")]:
         for recompute in args.recompute.split(","):
             r = measure(tp, args, recompute)
             first.setdefault("init", r["init_bytes"])
-            print(f"{tp:>3} {recompute:>10} {r['params']:>14,} {r['build_s']:>8.1f} {r['init_bytes'] / 2**30:>8.2f} "
-                  f"{r['init_bytes'] / first['init']:>8.2f} {r['measured'] / 2**30:>11.2f} "
-                  f"{r['planned'] / 2**30:>11.2f} {r['measured'] / r['planned']:>17.2f}")
+            gb = {k: r[k] / 2**30 for k in ("init_bytes", "forward", "activations", "measured", "planned")}
+            print(f"{tp:>3} {recompute:>10} {r['params']:>14,} {r['build_s']:>8.1f} {gb['init_bytes']:>8.2f} "
+                  f"{r['init_bytes'] / first['init']:>8.2f} {gb['forward']:>7.2f} {gb['activations']:>8.2f} "
+                  f"{r['forward'] / r['activations']:>6.2f} {gb['measured']:>11.2f} {gb['planned']:>8.2f} "
+                  f"{r['measured'] / r['planned']:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -52,21 +52,27 @@ def params_per_stage(model_cfg, tp: int, pp: int, pieces: list[int] | None = Non
     return [sum(counts[k] for k in stage) for stage in stage_pieces(model_cfg, pp)]
 
 
-def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute: str, layers: tuple[int, int]) -> int:
+def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute: str, layers: tuple[int, int],
+                     head: bool = False) -> int:
     """Bytes saved for backward by `layers` = (encoder, decoder) layers of one micro-batch: the inputs of
     every norm and linear map, SDPA's q, k, v and output, the MLP's GeLU input and output (per layer, h
-    = hidden, f = MLP width, T/N = text/image length). Full recomputation keeps each layer's input only."""
-    b, h, f, T, N = micro_batch, m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len
+    = hidden, f = MLP width, T/N = text/image length). Full recomputation keeps each layer's input only;
+    selective recomputation (the attention core) drops SDPA's output only: q, k and v are the recomputed
+    region's inputs and stay. `head`: the stage holds the output head, whose logits (in the model's dtype,
+    an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak whatever the recomputation
+    (measured at parti-20b width by bench/scale_slice.py)."""
+    b, h, f, T, N, V = (micro_batch, m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len,
+                        m.image_vocab_size)
     enc_layers, dec_layers = layers
+    logits = N * V / tp * (element_bytes + 8) if head else 0
     if recompute == "full":
-        return element_bytes * b * h * (T * enc_layers + N * dec_layers)
-    attn = lambda s, kv: s * h * 2 + (s + 2 * kv + s + s) * h / tp  # norm + qkv inputs; q,k,v,out; proj input
-    mlp = lambda s: s * h * 2 + 2 * s * f / tp                      # norm + fc1 inputs; gelu in/out
-    if recompute == "selective":  # the attention core is recomputed: q, k, v, out not kept
-        attn = lambda s, kv: s * h * 2 + s * h / tp
+        return int(b * (element_bytes * h * (T * enc_layers + N * dec_layers) + logits))
+    out = 0 if recompute == "selective" else 1
+    attn = lambda s, kv: s * h * 2 + (s + 2 * kv + out * s + s) * h / tp  # norm + qkv inputs; q,k,v,out; proj input
+    mlp = lambda s: s * h * 2 + 2 * s * f / tp                            # norm + fc1 inputs; gelu in/out
     encoder = attn(T, T) + mlp(T)
     decoder = attn(N, N) + (2 * N * h + 2 * T * h / tp + 2 * N * h / tp + N * h / tp) + mlp(N)
-    return int(element_bytes * b * (enc_layers * encoder + dec_layers * decoder))
+    return int(b * (element_bytes * (enc_layers * encoder + dec_layers * decoder) + logits))
 
 
 @dataclass
@@ -159,7 +165,7 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
     for s, (params, stage) in enumerate(zip(stage_params, pieces)):
         layers = (sum(kinds[k] is EncoderLayer for k in stage), sum(kinds[k] is DecoderLayer for k in stage))
         in_flight = min(pp - s, n_micro)  # 1F1B: stage s holds up to pp - s micro-batches
-        act = activation_bytes(model_cfg, micro_batch, tp, w, recompute, layers) * in_flight
+        act = activation_bytes(model_cfg, micro_batch, tp, w, recompute, layers, head=s == pp - 1) * in_flight
         mem = (params * w / (dp if zero >= 3 else 1), params * grads_b / (dp if zero >= 2 else 1),
                params * opt_b / (dp if zero >= 1 else 1), act)
         if worst is None or sum(mem) > sum(worst[1]):
