@@ -44,9 +44,20 @@ class ModelConfig:
     vocab_pad_multiple: int = 128
     """Embedding tables are padded to a multiple of this (independent of TP, so checkpoints reshard)."""
     dropout: float = 0.0
-    """Dropout on residual branches and embeddings."""
+    """Dropout on residual branches and embeddings. In training its masks are a pure function of (train.seed,
+    each sample's position in the run's sample stream, model piece, dropout site, element), so a run gives
+    the same losses at any DP/TP/PP layout, ZeRO stage or sequence parallelism, and after a resume on
+    another one (it costs a few integer ops per activation element of each dropout site)."""
     attention_dropout: float = 0.0
-    """Dropout on attention probabilities."""
+    """Dropout on attention probabilities, inside the fused attention kernel (SDPA/flash), drawn from
+    torch's per-tensor-parallel-rank generator: unlike model.dropout, a run with it on depends on the
+    layout (DP/TP/PP) it runs at, unless model.attention_dropout_invariant is set."""
+    attention_dropout_invariant: bool = False
+    """Key attention-probability dropout by sample too (as model.dropout is), so that model.attention_dropout
+    > 0 gives the same run at any layout. Costs the fused attention kernel in training: attention then
+    computes softmax(QK^T)V explicitly, holding the [batch, heads, queries, keys] probabilities (time and
+    memory grow with the square of the sequence; parallel.activation_checkpointing=selective does not
+    recompute this path, full does). No effect when model.attention_dropout is 0, nor in sampling."""
     layernorm_eps: float = 1e-5
     """Epsilon of every layer norm."""
     init_std: float = 0.02

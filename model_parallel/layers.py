@@ -13,10 +13,15 @@ cache is tied to megatron's inference engine, and its T5 specs lose their final 
 Engine is absent, and its torch-norm fallback refuses sequence parallelism). These few layers keep the TP layers, mappings, init and RNG
 tracker of megatron-core and add SDPA attention and a simple per-layer KV cache (growing, or static with a
 device-side write position for CUDA-graph decoding).
+
+Dropout on residual branches and embeddings is keyed by sample (`SampleDropout`, `keyed_keep_mask`): its masks
+are a pure function of (seed, piece, site, sample position in the run, element), the same at any DP/TP/PP
+layout; attention-probability dropout stays inside the fused kernel unless model.attention_dropout_invariant.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +34,109 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from model_parallel.config import ModelConfig
 from model_parallel.kernels import Kernels
+
+# ----------------------------------------------------------------------------------------------
+# Dropout keyed by sample: masks that are the same at any DP/TP/PP layout.
+#
+# A keyed mask is a pure function of (seed, piece, site, the sample's position in the run's sample stream,
+# the element's index in the whole, unsharded tensor), like caption_drop_mask: no generator state, so a
+# sample gets the same mask whichever DP rank, pipeline stage or sequence shard computes it, in a resumed
+# run and in a recomputation (activation checkpointing). The hash is integer arithmetic on int64 tensors
+# on the activation's device (vectorised, no host sync, on GPU as on CPU): ~12 elementwise int64 ops per
+# element of each dropout site (memory-bound; small beside the site's matmuls), none when dropout is 0.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (hash-prospector's 0x21f0aaad/0x735a2d97 finaliser) of values in [0, 2^32),
+    on Python ints or int64 tensors alike. Both multipliers are below 2^31, so no product leaves int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def dropout_site_key(seed: int, piece: int, site: int) -> int:
+    """The 32-bit key of dropout site `site` of model piece `piece` (model.piece_classes) under `seed`."""
+    key = _mix32((seed & _M32) ^ 0x5EED0D20)
+    for part in (seed >> 32 & _M32, piece, site):
+        key = _mix32(key ^ _mix32(part + 0x9E3779B9 & _M32))
+    return key
+
+
+def keyed_keep_mask(sample_index: torch.Tensor, key: int, p: float, shape, batch_dim: int,
+                    offsets=None, full=None) -> torch.Tensor:
+    """Bool keep-mask of `shape` (True with probability 1 - p) for a tensor whose dimension `batch_dim`
+    holds the samples `sample_index` (int64 [b], >= 0) and whose other dimensions are a shard of a whole
+    of sizes `full` starting at `offsets` (default: the tensor is the whole). Each element's bit depends on
+    (key, its sample's index, its index in the whole) only, so any slice of samples or of the whole gets
+    the slice of the same mask."""
+    full = list(full or shape)
+    offsets = list(offsets or [0] * len(shape))
+    per_sample = math.prod(n for dim, n in enumerate(full) if dim != batch_dim)
+    if per_sample > 2**32:
+        raise ValueError(f"keyed dropout indexes each sample's elements in 32 bits; {per_sample} is too many")
+    device = sample_index.device
+    index, stride = torch.zeros((), dtype=torch.long, device=device), 1
+    for dim in reversed(range(len(shape))):
+        if dim == batch_dim:
+            continue
+        view = [1] * len(shape)
+        view[dim] = shape[dim]
+        index = index + (torch.arange(shape[dim], device=device) + offsets[dim]).view(view) * stride
+        stride *= full[dim]
+    element = _mix32(index ^ key)
+    view = [1] * len(shape)
+    view[batch_dim] = shape[batch_dim]
+    samples = sample_index.to(device=device, dtype=torch.long).view(view)
+    sample = _mix32(_mix32((samples & _M32) ^ _mix32(key ^ 0x2545F491)) ^ (samples >> 32))
+    return _mix32(element ^ sample) >= round(p * 2**32)
+
+
+def keyed_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """x where `keep`, else 0, scaled by 1/(1-p) (autograd keeps the bool mask, as F.dropout does)."""
+    return torch.where(keep, x, 0.0) * (1.0 / (1.0 - p))
+
+
+class SampleDropout(nn.Module):
+    """Dropout of [s, b, d] activations (this rank's sequence shard with sequence parallelism) whose masks
+    are keyed by sample (keyed_keep_mask): `forward(x, sample_index)`. `key` is set once the module knows
+    where it sits (key_dropout_sites). Without `sample_index` it draws from torch's generators as
+    F.dropout does (the per-TP-rank stream on sequence shards): the same run only at the same layout."""
+
+    def __init__(self, p: float, sequence_parallel: bool, tp_group):
+        super().__init__()
+        self.p, self.sequence_parallel, self.tp_group = p, sequence_parallel, tp_group
+        self.key: int | None = None
+
+    def forward(self, x: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if sample_index is None:
+            rng = get_cuda_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
+            with rng:
+                return F.dropout(x, self.p, training=True)
+        if self.key is None:
+            raise RuntimeError("dropout site without a key: build the model through PartiModel or "
+                               "build_pipeline (key_dropout_sites)")
+        tp = self.tp_group.size() if self.sequence_parallel else 1
+        rank = self.tp_group.rank() if self.sequence_parallel else 0
+        s = x.shape[0]
+        keep = keyed_keep_mask(sample_index, self.key, self.p, x.shape, batch_dim=1,
+                               offsets=(rank * s, 0, 0), full=(tp * s, *x.shape[1:]))
+        return keyed_dropout(x, keep, self.p)
+
+
+def key_dropout_sites(piece: nn.Module, seed: int, index: int) -> None:
+    """Key the dropout sites of model piece `index` (its SampleDropout and Attention modules, numbered in
+    module order, which is the same whoever builds the piece) by (seed, index, site)."""
+    site = 0
+    for module in piece.modules():
+        if isinstance(module, SampleDropout | Attention):
+            module.key = dropout_site_key(seed, index, site)
+            site += 1
 
 
 @dataclass
@@ -147,6 +255,10 @@ class Attention(nn.Module):
         self.cross = cross
         self.attention = ctx.kernels.attention
         self.attention_dropout = ctx.cfg.attention_dropout
+        # model.attention_dropout_invariant: keyed masks on explicit probabilities instead of the fused kernel.
+        self.keyed_attention_dropout = ctx.cfg.attention_dropout_invariant
+        self.tp_group = ctx.tp_group
+        self.key: int | None = None  # set by key_dropout_sites
         col = dict(config=ctx.mp, init_method=ctx.init, bias=True, gather_output=False, tp_group=ctx.tp_group)
         if cross:
             self.q = ColumnParallelLinear(hidden, hidden, **col)
@@ -161,7 +273,9 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x, mask=None, causal=False, memory=None, cache: LayerCache | None = None,
-                max_len: int = 0):
+                max_len: int = 0, sample_index: torch.Tensor | None = None):
+        """`sample_index` (int64 [b], training): the samples' positions in the run's sample stream, which
+        key the attention-probability dropout when model.attention_dropout_invariant is set."""
         if self.cross:
             (q,) = _split_heads(self.q(x)[0], 1, self.head_dim)
             if cache is not None and cache.cross_k is not None:
@@ -178,11 +292,31 @@ class Attention(nn.Module):
                 k, v = cache.append(k, v, max_len)
                 mask, causal = self._cached_mask(q.shape[2], start, k.shape[2], causal, q.device)
         dropout = self.attention_dropout if self.training else 0.0
+        if dropout > 0 and self.keyed_attention_dropout and sample_index is not None:
+            out = self._keyed_dropout_attention(q, k, v, mask, causal, dropout, sample_index)
+            return self.proj(_merge_heads(out))[0]
         # Heads are split over TP ranks: their dropout masks come from the per-rank stream.
         rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
         with rng:
             out = self.attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout)
         return self.proj(_merge_heads(out))[0]
+
+    def _keyed_dropout_attention(self, q, k, v, mask, causal, p, sample_index):
+        """softmax(QK^T/sqrt(d)) V with dropout on the probabilities keyed by sample, head (its index among
+        all heads: this rank's heads are the TP rank's slice) and (query, key) position. Explicit, not
+        fused: SDPA's dropout cannot take a mask, so this materialises the [b, heads, queries, keys]
+        probabilities (the price of model.attention_dropout_invariant)."""
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if causal and mask is None:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        b, heads, n, m = probs.shape
+        tp, rank = self.tp_group.size(), self.tp_group.rank()
+        keep = keyed_keep_mask(sample_index, self.key, p, probs.shape, batch_dim=0,
+                               offsets=(0, rank * heads, 0, 0), full=(b, tp * heads, n, m))
+        return keyed_dropout(probs, keep, p) @ v
 
     @staticmethod
     def _cached_mask(n: int, start: int, total: int, causal: bool, device) -> tuple[torch.Tensor | None, bool]:
@@ -215,23 +349,21 @@ class MLP(nn.Module):
 
 
 class Residual(nn.Module):
-    """Pre-LN residual branch: x + dropout(f(norm(x)))."""
+    """Pre-LN residual branch: x + dropout(f(norm(x))), the dropout keyed by `sample_index` (SampleDropout),
+    which attention also gets (for model.attention_dropout_invariant)."""
 
-    def __init__(self, norm: nn.Module, fn: nn.Module, dropout: float, sequence_parallel: bool):
+    def __init__(self, norm: nn.Module, fn: nn.Module, dropout: float, sequence_parallel: bool, tp_group):
         super().__init__()
-        self.norm, self.fn, self.dropout = norm, fn, dropout
+        self.norm, self.fn = norm, fn
+        self.drop = SampleDropout(dropout, sequence_parallel, tp_group)
         self.sequence_parallel = sequence_parallel
         if sequence_parallel:
             mark_sequence_parallel(norm)
 
-    def forward(self, x, **kwargs):
-        h = self.fn(self.norm(x), **kwargs)
-        if self.training and self.dropout > 0:
-            # On sequence shards each rank holds different positions: draw from the per-rank stream.
-            rng = get_cuda_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
-            with rng:
-                h = F.dropout(h, self.dropout, training=True)
-        return x + h
+    def forward(self, x, sample_index: torch.Tensor | None = None, **kwargs):
+        if isinstance(self.fn, Attention):
+            kwargs["sample_index"] = sample_index
+        return x + self.drop(self.fn(self.norm(x), **kwargs), sample_index)
 
 
 def mark_sequence_parallel(module: nn.Module) -> None:
@@ -242,7 +374,8 @@ def mark_sequence_parallel(module: nn.Module) -> None:
 
 def _residual(ctx: PieceContext, fn: nn.Module) -> Residual:
     cfg = ctx.cfg
-    return Residual(ctx.kernels.layer_norm(cfg.hidden_size, cfg.layernorm_eps), fn, cfg.dropout, ctx.mp.sequence_parallel)
+    return Residual(ctx.kernels.layer_norm(cfg.hidden_size, cfg.layernorm_eps), fn, cfg.dropout,
+                    ctx.mp.sequence_parallel, ctx.tp_group)
 
 
 class EncoderLayer(nn.Module):
@@ -251,8 +384,8 @@ class EncoderLayer(nn.Module):
         self.attn = _residual(ctx, Attention(ctx, cross=False))
         self.mlp = _residual(ctx, MLP(ctx))
 
-    def forward(self, x, mask):
-        return self.mlp(self.attn(x, mask=mask))
+    def forward(self, x, mask, sample_index: torch.Tensor | None = None):
+        return self.mlp(self.attn(x, sample_index, mask=mask), sample_index)
 
 
 class DecoderLayer(nn.Module):
@@ -263,10 +396,11 @@ class DecoderLayer(nn.Module):
         self.cross_attn = _residual(ctx, Attention(ctx, cross=True))
         self.mlp = _residual(ctx, MLP(ctx))
 
-    def forward(self, x, memory, memory_mask, cache: LayerCache | None = None):
-        x = self.self_attn(x, causal=True, cache=cache, max_len=self.max_len)
-        x = self.cross_attn(x, memory=memory, mask=memory_mask, cache=cache)
-        return self.mlp(x)
+    def forward(self, x, memory, memory_mask, cache: LayerCache | None = None,
+                sample_index: torch.Tensor | None = None):
+        x = self.self_attn(x, sample_index, causal=True, cache=cache, max_len=self.max_len)
+        x = self.cross_attn(x, sample_index, memory=memory, mask=memory_mask, cache=cache)
+        return self.mlp(x, sample_index)
 
 
 def allreduce_sequence_parallel_grads(model: nn.Module) -> None:

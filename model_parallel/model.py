@@ -17,18 +17,15 @@ row + column embeddings for the 2-D image grid; logits are vocab-parallel ([seq,
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     gather_from_tensor_model_parallel_region,
-    get_cuda_rng_tracker,
     scatter_to_sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
@@ -41,6 +38,8 @@ from model_parallel.layers import (
     EncoderLayer,
     LayerCache,
     PieceContext,
+    SampleDropout,
+    key_dropout_sites,
     mark_sequence_parallel,
     static_caches,
 )
@@ -80,15 +79,11 @@ def megatron_config(tp_size: int, sequence_parallel: bool = False, meta: bool = 
     )
 
 
-def _to_hidden(x: torch.Tensor, dropout: float, sequence_parallel: bool, training: bool, tp_group) -> torch.Tensor:
-    """[b, s, d] embeddings -> [s, b, d] (this rank's sequence shard with SP), with embedding dropout."""
+def _to_hidden(x: torch.Tensor, sequence_parallel: bool, tp_group) -> torch.Tensor:
+    """[b, s, d] embeddings -> [s, b, d] (this rank's sequence shard with SP)."""
     x = x.transpose(0, 1).contiguous()
     if sequence_parallel:
         x = scatter_to_sequence_parallel_region(x, group=tp_group)
-    if training and dropout > 0:
-        rng = get_cuda_rng_tracker().fork() if sequence_parallel else contextlib.nullcontext()
-        with rng:
-            x = F.dropout(x, dropout, training=True)
     return x
 
 
@@ -113,11 +108,12 @@ class TextEmbedding(nn.Module):
         self.embed = VocabParallelEmbedding(padded_vocab(cfg.text_vocab_size, cfg.vocab_pad_multiple),
                                             cfg.hidden_size, init_method=ctx.init, config=ctx.mp, tp_group=ctx.tp_group)
         self.pos = PositionEmbedding(cfg.text_seq_len, cfg.hidden_size, ctx.init, ctx.mp.perform_initialization)
+        self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
 
-    def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, text_ids: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(text_ids.shape[1], device=text_ids.device)
-        return _to_hidden(self.embed(text_ids) + self.pos(positions), self.cfg.dropout,
-                          self.sequence_parallel, self.training, self.tp_group)
+        x = _to_hidden(self.embed(text_ids) + self.pos(positions), self.sequence_parallel, self.tp_group)
+        return self.drop(x, sample_index)
 
 
 class ImageEmbedding(nn.Module):
@@ -131,8 +127,10 @@ class ImageEmbedding(nn.Module):
                                             cfg.hidden_size, init_method=init, config=ctx.mp, tp_group=ctx.tp_group)
         self.row_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, perform)
         self.col_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, perform)
+        self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
 
-    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0,
+                sample_index: torch.Tensor | None = None) -> torch.Tensor:
         """`start`: an int, or an int64 [1] device tensor (static-cache decoding: no host sync, so the
         bounds are not checked here; the sampler never passes the end of the grid)."""
         if not torch.is_tensor(start) and start + tokens.shape[1] > self.cfg.image_seq_len:
@@ -140,8 +138,7 @@ class ImageEmbedding(nn.Module):
                              f"{self.cfg.image_seq_len} positions of the image grid")
         idx = start + torch.arange(tokens.shape[1], device=tokens.device)
         pos = self.row_pos(idx // self.cfg.image_grid) + self.col_pos(idx % self.cfg.image_grid)
-        return _to_hidden(self.embed(tokens) + pos, self.cfg.dropout, self.sequence_parallel, self.training,
-                          self.tp_group)
+        return self.drop(_to_hidden(self.embed(tokens) + pos, self.sequence_parallel, self.tp_group), sample_index)
 
 
 class FinalNorm(nn.Module):
@@ -201,7 +198,9 @@ def piece_context(cfg: ModelConfig, kernels: Kernels | None = None, sequence_par
 
 class PartiModel(nn.Module):
     """Piece k is built right after torch.manual_seed(init_seed + k) (as DeepSpeed's pipeline builds its
-    layers with seed_layers), so one seed gives the same weights at any TP/PP layout."""
+    layers with seed_layers), so one seed gives the same weights at any TP/PP layout. Its dropout sites
+    are keyed by (init_seed, k, site) (layers.key_dropout_sites): given each sample's position in the run's
+    sample stream (`sample_index`), training draws the same dropout masks at any DP/TP/PP layout."""
 
     def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None, sequence_parallel: bool = False,
                  meta: bool = False, init_seed: int = 1234, tp_group=None):
@@ -214,6 +213,7 @@ class PartiModel(nn.Module):
             for k, (name, cls) in enumerate(piece_classes(cfg)):
                 torch.manual_seed(init_seed + k)
                 piece = cls(ctx)
+                key_dropout_sites(piece, init_seed, k)
                 stack, _, index = name.partition(".")
                 if not index:
                     setattr(self, name, piece)
@@ -226,36 +226,43 @@ class PartiModel(nn.Module):
     def text_mask(self, text_ids: torch.Tensor) -> torch.Tensor:
         return text_mask(text_ids, self.cfg.text_pad_id)
 
-    def encode(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, text_ids: torch.Tensor, sample_index: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text ids [b, T] -> (memory [T, b, d] (a sequence shard with SP), key mask [b, 1, 1, T])."""
         mask = self.text_mask(text_ids)
-        x = self.text_embedding(text_ids)
+        x = self.text_embedding(text_ids, sample_index)
         for layer in self.encoder:
-            x = layer(x, mask)
+            x = layer(x, mask, sample_index)
         return self.encoder_norm(x), mask
 
     def decode(self, image_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
-               cache: list[LayerCache] | None = None, start: int = 0) -> torch.Tensor:
+               cache: list[LayerCache] | None = None, start: int = 0,
+               sample_index: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder input tokens [b, n] at positions start.. -> vocab-parallel logits [n, b, V/tp]."""
-        x = self.image_embedding(image_in, start)
+        x = self.image_embedding(image_in, start, sample_index)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, memory, memory_mask, cache[i] if cache is not None else None)
+            x = layer(x, memory, memory_mask, cache[i] if cache is not None else None, sample_index)
         return self.head(x)
 
     def decoder_input(self, image_codes: torch.Tensor) -> torch.Tensor:
         return decoder_input(image_codes, self.bos_id)
 
-    def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor, return_loss: bool = False) -> torch.Tensor:
+    def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor, return_loss: bool = False,
+                sample_index: torch.Tensor | None = None) -> torch.Tensor:
         """Vocab-parallel logits [H*W, b, V/tp] predicting each image code from the ones before it,
-        or with `return_loss` their mean cross-entropy (vocab-parallel, exact at any TP)."""
-        memory, mask = self.encode(text_ids)
-        logits = self.decode(self.decoder_input(image_codes), memory, mask)
+        or with `return_loss` their mean cross-entropy (vocab-parallel, exact at any TP).
+        `sample_index` (int64 [b]): each sample's position in the run's sample stream (training's
+        engine.MicroBatch.positions), which keys its dropout masks; None: dropout draws from torch's
+        generators (reproducible at the same layout only). Unused in eval mode."""
+        memory, mask = self.encode(text_ids, sample_index)
+        logits = self.decode(self.decoder_input(image_codes), memory, mask, sample_index=sample_index)
         if not return_loss:
             return logits
         return image_code_loss(logits, image_codes)
 
-    def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
-        return self(text_ids, image_codes, return_loss=True)
+    def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor,
+             sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self(text_ids, image_codes, return_loss=True, sample_index=sample_index)
 
     # ------------------------------------------------------------------------------------------
     # Incremental decoding (sampling): cross-attention K/V once per prompt, self-attention K/V cached.

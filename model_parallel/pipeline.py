@@ -10,14 +10,17 @@ pipeline beside the image hidden states, every decoder layer cross-attends to it
 flows back to stage 0. Decoder layers are balanced over the stages (`partition_method`).
 
 Tuples between layers (ids as int64: every float tensor that crosses a stage must get a gradient):
-  input                  (text_ids, image_in)
-  encoder side           (text_hidden, text_ids, image_in)
-  decoder side           (image_hidden, memory, text_ids)
+  input                  (text_ids, image_in, sample_index)
+  encoder side           (text_hidden, text_ids, image_in, sample_index)
+  decoder side           (image_hidden, memory, text_ids, sample_index)
   last layer             logits [n, b, V/tp]; the loss takes (logits, codes)
+`sample_index` (int64 [b]): each sample's position in the run's sample stream, the key of its dropout
+masks (layers.SampleDropout), which travels with the samples so that every stage draws the masks that
+PartiModel draws for them; layer k's dropout sites are keyed as PartiModel's piece k's.
 """
 from __future__ import annotations
 
-from model_parallel.layers import DecoderLayer, EncoderLayer
+from model_parallel.layers import DecoderLayer, EncoderLayer, key_dropout_sites
 from model_parallel.model import (
     FinalNorm,
     ImageEmbedding,
@@ -32,8 +35,8 @@ from model_parallel.model import (
 
 class TextEmbeddingPipe(TextEmbedding):
     def forward(self, inputs):
-        text_ids, image_in = inputs
-        return super().forward(text_ids), text_ids, image_in
+        text_ids, image_in, sample_index = inputs
+        return super().forward(text_ids, sample_index), text_ids, image_in, sample_index
 
 
 class EncoderLayerPipe(EncoderLayer):
@@ -42,20 +45,20 @@ class EncoderLayerPipe(EncoderLayer):
         self.pad_id = ctx.cfg.text_pad_id
 
     def forward(self, inputs):
-        x, text_ids, image_in = inputs
-        return super().forward(x, text_mask(text_ids, self.pad_id)), text_ids, image_in
+        x, text_ids, image_in, sample_index = inputs
+        return super().forward(x, text_mask(text_ids, self.pad_id), sample_index), text_ids, image_in, sample_index
 
 
 class EncoderNormPipe(FinalNorm):
     def forward(self, inputs):
-        x, text_ids, image_in = inputs
-        return super().forward(x), text_ids, image_in
+        x, text_ids, image_in, sample_index = inputs
+        return super().forward(x), text_ids, image_in, sample_index
 
 
 class ImageEmbeddingPipe(ImageEmbedding):
     def forward(self, inputs):
-        memory, text_ids, image_in = inputs
-        return super().forward(image_in), memory, text_ids
+        memory, text_ids, image_in, sample_index = inputs
+        return super().forward(image_in, sample_index=sample_index), memory, text_ids, sample_index
 
 
 class DecoderLayerPipe(DecoderLayer):
@@ -64,13 +67,14 @@ class DecoderLayerPipe(DecoderLayer):
         self.pad_id = ctx.cfg.text_pad_id
 
     def forward(self, inputs):
-        x, memory, text_ids = inputs
-        return super().forward(x, memory, text_mask(text_ids, self.pad_id)), memory, text_ids
+        x, memory, text_ids, sample_index = inputs
+        x = super().forward(x, memory, text_mask(text_ids, self.pad_id), sample_index=sample_index)
+        return x, memory, text_ids, sample_index
 
 
 class OutputHeadPipe(OutputHead):
     def forward(self, inputs):
-        x, _memory, _text_ids = inputs
+        x, _memory, _text_ids, _sample_index = inputs
         return super().forward(x)
 
 
@@ -93,6 +97,10 @@ def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_paral
     specs = [LayerSpec(PIPE_CLASS[cls], ctx) for _, cls in piece_classes(cfg)]
     topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=ctx.tp_group.size(),
                                              num_dp=ps.get_data_parallel_world_size())
-    return PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
-                          partition_method="type:DecoderLayerPipe", seed_layers=True, base_seed=init_seed,
-                          seed_fn=torch.manual_seed)
+    module = PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
+                            partition_method="type:DecoderLayerPipe", seed_layers=True, base_seed=init_seed,
+                            seed_fn=torch.manual_seed)
+    for name, layer in module.named_children():  # this stage's layers, named by their index k among all
+        if name.isdigit():
+            key_dropout_sites(layer, init_seed, int(name))
+    return module

@@ -95,3 +95,99 @@ def test_cfg_null_condition():
     text = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     out = null_condition(text, torch.tensor([False, True]), pad_id=0, eos_id=3)
     assert out.tolist() == [[5, 6, 7, 0], [3, 0, 0, 0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout keyed by sample (layers.keyed_keep_mask): the same masks at any layout.
+
+
+def test_keyed_dropout_mask_slices_like_the_layouts_do():
+    from model_parallel.layers import dropout_site_key, keyed_keep_mask
+
+    key = dropout_site_key(1234, 3, 1)
+    samples = torch.tensor([5, 6, 7, 2**40 + 5])  # positions past 2^32 are keys too
+    s, b, d = 8, 4, 64
+    whole = keyed_keep_mask(samples, key, 0.1, (s, b, d), batch_dim=1)
+    assert whole.dtype == torch.bool and whole.shape == (s, b, d)
+    assert torch.equal(whole, keyed_keep_mask(samples, key, 0.1, (s, b, d), batch_dim=1))  # no generator state
+    # Sequence parallelism: each TP rank's sequence shard gets its slice of the whole's mask.
+    for rank in range(2):
+        shard = keyed_keep_mask(samples, key, 0.1, (s // 2, b, d), 1, offsets=(rank * s // 2, 0, 0), full=(s, b, d))
+        assert torch.equal(shard, whole[rank * s // 2:(rank + 1) * s // 2])
+    # Data parallelism / micro-batching: any subset of the samples gets their columns.
+    assert torch.equal(keyed_keep_mask(samples[1:3], key, 0.1, (s, 2, d), 1), whole[:, 1:3])
+    # Attention probabilities [b, heads, queries, keys] with heads split over TP ranks.
+    heads = keyed_keep_mask(samples, key, 0.1, (4, 4, 6, 5), 0)
+    upper = keyed_keep_mask(samples, key, 0.1, (4, 2, 6, 5), 0, offsets=(0, 2, 0, 0), full=(4, 4, 6, 5))
+    assert torch.equal(upper, heads[:, 2:])
+    with pytest.raises(ValueError, match="32 bits"):
+        keyed_keep_mask(samples, key, 0.1, (2**17, 4, 2**16), 1)
+
+
+def test_keyed_dropout_rate_and_independence():
+    from model_parallel.layers import dropout_site_key, keyed_keep_mask
+
+    def dropped(samples, seed=1234, piece=3, site=1, p=0.1):
+        return ~keyed_keep_mask(samples, dropout_site_key(seed, piece, site), p, (64, 64, 64), batch_dim=1)
+
+    samples = torch.arange(1000, 1064)
+    drop = dropped(samples)
+    assert abs(drop.float().mean().item() - 0.1) < 0.003
+    assert abs(dropped(samples, p=0.5).float().mean().item() - 0.5) < 0.005
+    assert not dropped(samples, p=0.0).any()
+    # Other samples (the next step), pieces, sites, seeds: independent masks (both dropped: p^2, not p).
+    others = (dropped(samples + 64), dropped(samples, piece=4), dropped(samples, site=2), dropped(samples, seed=1235))
+    for other in others:
+        assert abs((drop & other).float().mean().item() - 0.01) < 0.002
+    # Neighbouring samples, positions and features too.
+    for a, b in ((drop[:, :-1], drop[:, 1:]), (drop[:-1], drop[1:]), (drop[..., :-1], drop[..., 1:])):
+        assert abs((a & b).float().mean().item() - 0.01) < 0.002
+
+
+def test_sample_dropout_scales_kept_values_and_is_off_in_eval():
+    from model_parallel.layers import SampleDropout
+
+    drop = SampleDropout(0.25, sequence_parallel=False, tp_group=None)
+    drop.key = 7
+    x = torch.rand(5, 3, 16) + 1
+    idx = torch.tensor([0, 1, 2])
+    y = drop(x, idx)
+    kept = y != 0
+    assert 0.6 < kept.float().mean() < 0.9
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert torch.equal(y, drop(x, idx))
+    torch.testing.assert_close(drop(x[:, 1:], idx[1:]), y[:, 1:])
+    assert not torch.equal(drop(x, idx + 3), y)
+    assert drop.eval()(x, idx) is x
+
+
+def test_dropout_keyed_by_sample_is_the_same_in_any_batch(single_process):
+    """What a DP rank, a micro-batch or a pipeline stage computes for a sample does not depend on the
+    samples beside it: its masks are keyed by its position in the run's sample stream."""
+    from model_parallel.layers import Attention, SampleDropout
+
+    keyed_attention = {"model.attention_dropout": 0.2, "model.attention_dropout_invariant": True}
+    for overrides in ({"model.dropout": 0.1}, {"model.dropout": 0.1, **keyed_attention}):
+        cfg = debug_model_config(**overrides)
+        model = _model(cfg).train()
+        text, codes = debug_batch(cfg)
+        idx = torch.tensor([40, 41, 42])
+        full = model(text, codes, sample_index=idx)
+        assert torch.equal(full, model(text, codes, sample_index=idx))
+        torch.testing.assert_close(model(text[1:], codes[1:], sample_index=idx[1:]), full[:, 1:], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(full, model(text, codes, sample_index=idx + 8), atol=1e-3)  # the next step's masks
+        with torch.no_grad():
+            assert not torch.allclose(full, model.eval()(text, codes), atol=1e-3)
+        keys = [m.key for m in model.modules() if isinstance(m, SampleDropout | Attention)]
+        assert None not in keys and len(set(keys)) == len(keys) == 2 + 3 * cfg.encoder_layers + 5 * cfg.decoder_layers
+
+
+def test_invariant_attention_dropout_path_equals_the_fused_kernel_without_drops(single_process):
+    """model.attention_dropout_invariant's explicit attention: at a rate too small to drop anything, the
+    training logits equal those of the fused kernel (SDPA, eval mode)."""
+    cfg = debug_model_config(**{"model.attention_dropout": 1e-9, "model.attention_dropout_invariant": True})
+    model = _model(cfg)
+    text, codes = debug_batch(cfg)
+    with torch.no_grad():
+        trained = model.train()(text, codes, sample_index=torch.arange(3))
+        torch.testing.assert_close(trained, model.eval()(text, codes), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """The DeepSpeed trainer against its references: ZeRO-n = ZeRO-0, DP=2 = DP=1, TP=2 = TP=1,
-PP=2 = PP=1, TP=2 x PP=2 = TP=1 x PP=1, resume = uninterrupted.
+PP=2 = PP=1, TP=2 x PP=2 = TP=1 x PP=1, resume = uninterrupted; with dropout on, every layout = one process.
 
-All runs: the debug model, fp32, no dropout, 6 steps of global batch 8 (micro-batch 2).
+All runs: the debug model, fp32, 6 steps of global batch 8 (micro-batch 2), no dropout unless said.
 """
 from __future__ import annotations
 
@@ -128,3 +128,54 @@ def test_adafactor_trains_and_resumes(pool2, tmp_path):
     pool2.run(run, str(tmp_path / "tp"), "train.optimizer=adafactor", "parallel.tp=2", steps=3)
     with pytest.raises(RuntimeError, match="Adafactor's factored statistics are per tensor-parallel shard"):
         pool2.run(run, str(tmp_path / "tp"), "train.optimizer=adafactor")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout keyed by sample: the same run at any layout.
+
+DROPOUT = "model.dropout=0.1"
+
+
+@pytest.fixture(scope="module")
+def dropout_reference(single_process, tmp_path_factory):
+    """The debug run with dropout 0.1 on one process (DP=TP=PP=1, ZeRO-0): the losses every layout gives."""
+    return run(str(tmp_path_factory.mktemp("dropout")), DROPOUT)
+
+
+@pytest.mark.parametrize("pool, layout", [
+    ("pool2", ()),
+    ("pool2", ("parallel.zero_stage=3",)),
+    ("pool2", ("parallel.pp=2",)),
+    ("pool2", ("parallel.tp=2", "parallel.sequence_parallel=true")),
+    ("pool4", ("parallel.tp=2", "parallel.pp=2")),
+], ids=["dp2", "dp2-zero3", "pp2", "tp2-sp", "tp2-pp2"])
+def test_dropout_gives_the_same_losses_at_any_layout(request, dropout_reference, tmp_path, pool, layout):
+    for losses in request.getfixturevalue(pool).run(run, str(tmp_path), DROPOUT, *layout):
+        assert losses == pytest.approx(dropout_reference, rel=1e-4, abs=1e-4)
+
+
+def test_dropout_run_resumed_on_another_layout_continues(pool2, dropout_reference, reference, tmp_path):
+    assert dropout_reference != pytest.approx(reference[0], abs=1e-3)  # dropout is on
+    first = pool2.run(run, str(tmp_path), DROPOUT, "parallel.pp=2", steps=3)[0]
+    second = pool2.run(run, str(tmp_path), DROPOUT, "parallel.tp=2", "parallel.sequence_parallel=true")[0]
+    assert first + second == pytest.approx(dropout_reference, rel=1e-4, abs=1e-4)
+
+
+def keyed_dropout_loss(tp: int, sequence_parallel: bool) -> float:
+    """The debug model's training loss on one batch with dropout and model.attention_dropout_invariant."""
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel
+    from tests.conftest import debug_batch, debug_model_config
+
+    init_parallel(tp=tp)
+    cfg = debug_model_config(**{"model.dropout": 0.1, "model.attention_dropout": 0.1,
+                                "model.attention_dropout_invariant": True})
+    model = PartiModel(cfg, sequence_parallel=sequence_parallel, init_seed=5).train()
+    text, codes = debug_batch(cfg, batch=4, seed=3)
+    return model.loss(text, codes, sample_index=torch.arange(100, 104)).item()
+
+
+def test_invariant_attention_dropout_is_the_same_at_tp2_with_sequence_parallelism(pool2):
+    """Attention dropout keyed per head: TP=2 ranks hold different heads, yet draw TP=1's masks."""
+    tp1 = pool2.run(keyed_dropout_loss, 1, False)[0]
+    assert pool2.run(keyed_dropout_loss, 2, True) == pytest.approx([tp1, tp1], rel=1e-6, abs=1e-6)
