@@ -29,6 +29,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.decoder_layers=3", "parallel.pp=2"], "model.decoder_layers=3 must be divisible by parallel.pp=2"),
     (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage=2 needs parallel.pp=1"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tp > 1"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "parallel.zero_stage=1"],
+     "parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage=0 only"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 must be divisible"),
     (["kernels.attention=flash3"], "kernels.attention='flash3' must be one of auto, sdpa, math"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),

@@ -177,8 +177,8 @@ RESUME_WARNED = {
 }
 """Changes a resumed run accepts with a warning: the run goes on, but is no longer the run it was."""
 
-NOT_NETWORK = ("model.preset", "model.dropout", "model.attention_dropout", "model.caption_drop_prob",
-               "model.init_std")
+NOT_NETWORK = ("model.preset", "model.dropout", "model.attention_dropout", "model.attention_dropout_invariant",
+               "model.caption_drop_prob", "model.init_std")
 """model.* keys that do not change the network a checkpoint holds: the preset's name (its values are
 compared one by one), regularisation, and the initialisation (used only by a fresh run). Every other
 model.* key, present or future, is taken to change it."""
