@@ -1,12 +1,20 @@
 """Code shards: fixed-size records, memory-mapped, addressable by global sample index.
 
-A code-shard folder holds `NNNNN.bin` (records back to back, no header), `NNNNN.json` (that shard's
-record count, sha256, input and skip counts, the header below it was made with, its largest code and text
-id, and the size and mtime of the .bin when written) and `manifest.json`:
+A code-shard folder holds `NNNNN.bin` (records back to back, no header), `NNNNN.hashes` (each record's
+image content hash, HASH_BYTES bytes, in record order), `NNNNN.json` (that shard's record count, sha256,
+input and skip counts, the header below it was made with, its largest code and text id, the size and
+mtime of the .bin when written, the sha256 of its .hashes), `duplicates.npy` and `manifest.json`:
   {"format", "vq": {"kind", "hash", "grid", "codebook_size", "image_size"},
    "text_tokenizer": {"hash", "vocab_size", "text_len"}, "record": {"grid_tokens", "text_len",
    "caption_bytes", "key_bytes"}, "filters": {...}, "shards": [{"name", "input", "records", "sha256",
-   "skipped"}...], "records", "skipped": {reason: count}, "num_inputs", "complete"}
+   "skipped", "duplicates"}...], "records", "skipped": {reason: count}, "num_inputs", "complete",
+   "duplicates": {"file", "count", "sha256"} | null}
+Shards are written once and never changed. Duplicates within an input shard are never written; those
+across shards are found when the manifest is made complete (`write_manifest`): a record whose image hash
+a shard earlier in index order (or an earlier record) already holds is listed, by its index among all
+records of the folder, in `duplicates.npy` (sorted int64), counted per shard under `duplicates` and in
+`skipped` as `duplicate_across_shards`; the dataset leaves listed records out. A shard's `records` is
+what its .bin holds; the manifest's `records` is what training sees.
 A record: codes uint16[grid*grid], text uint16[text_len] (padded), text_len uint16, caption (UTF-8,
 truncated, NUL-padded), key (ASCII, NUL-padded).
 
@@ -22,6 +30,8 @@ vectorised pass over the memory map, remembered for the process. `cp -p`/`rsync 
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
 import re
 from pathlib import Path
@@ -37,7 +47,9 @@ CAPTION_BYTES, KEY_BYTES = 256, 64
 SHARD_META = re.compile(r"^\d+\.json$")
 CHUNK_RECORDS = 1 << 14  # records per step of a scan over a memory map (~40 MiB at 32x32 codes)
 HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters")  # what a shard was made with (pretokenize.header)
-PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns")  # in NNNNN.json, not in the manifest
+PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns", "hashes_sha256")  # NNNNN.json only
+HASH_BYTES = 16  # the first 128 bits of the image file's sha256, per record in NNNNN.hashes
+DUPLICATES = "duplicates.npy"
 
 
 def record_dtype(grid_tokens: int, text_len: int, caption_bytes: int = CAPTION_BYTES,
@@ -58,13 +70,51 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def hash_digest(hex_sha256: str) -> bytes:
+    """What NNNNN.hashes stores for an image whose content sha256 is `hex_sha256`."""
+    return bytes.fromhex(hex_sha256)[:HASH_BYTES]
+
+
 def shard_is_complete(folder: Path, name: str) -> bool:
-    """The shard's metadata exists and its records match the recorded checksum."""
-    meta_path, bin_path = folder / f"{name}.json", folder / f"{name}.bin"
+    """The shard's metadata exists and its records and image hashes match the recorded checksums (a shard of
+    records written by a version that kept no hashes is not: a rerun makes it again, byte-identical)."""
+    meta_path, bin_path, hashes_path = folder / f"{name}.json", folder / f"{name}.bin", folder / f"{name}.hashes"
     if not (meta_path.is_file() and bin_path.is_file()):
         return False
     meta = json.loads(meta_path.read_text())
-    return meta.get("sha256") == sha256_file(bin_path)
+    if meta.get("sha256") != sha256_file(bin_path):
+        return False
+    if "hashes_sha256" in meta:
+        return hashes_path.is_file() and meta["hashes_sha256"] == sha256_file(hashes_path)
+    return meta.get("records") == 0
+
+
+def shard_hashes(folder: Path, name: str, records: int) -> np.ndarray:
+    """uint8 [records, HASH_BYTES]: the image hash of each record of shard `name`."""
+    path = folder / f"{name}.hashes"
+    if not records:
+        return np.zeros((0, HASH_BYTES), dtype=np.uint8)
+    if not path.is_file():
+        raise DataError(f"{path} is missing: shard {name} was written by a version that kept no image hashes, so "
+                        "duplicates across shards cannot be found; rerun data_pipeline.pretokenize with the same "
+                        "arguments (it makes that shard again, byte-identical, with its hashes)")
+    data = np.fromfile(path, dtype=np.uint8)
+    if len(data) != records * HASH_BYTES:
+        raise DataError(f"{path}: {len(data)} bytes, expected {records} hashes of {HASH_BYTES} bytes")
+    return data.reshape(records, HASH_BYTES)
+
+
+def find_duplicates(hashes: list[np.ndarray]) -> np.ndarray:
+    """Sorted int64 indices, among the records of all shards in order, of the records whose hash an earlier
+    one has: the first of each hash is kept, whatever shard or record order the array tasks ran in."""
+    if not hashes:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.ascontiguousarray(np.concatenate(hashes)).view(">u8")  # [n, 2]: the hash as two 64-bit words
+    order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal hashes stay in record order
+    ordered = keys[order]
+    repeat = np.zeros(len(order), dtype=bool)
+    repeat[1:] = (ordered[1:] == ordered[:-1]).all(axis=1)
+    return np.sort(order[repeat]).astype(np.int64)
 
 
 def _short(value) -> str:
@@ -113,27 +163,55 @@ def check_shard_headers(folder: Path, header: dict) -> None:
 
 
 def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
-    """manifest.json from the shards' metadata files present now; `complete` when all `names` are.
-    Refused (DataError) when a shard there was made with another header."""
+    """manifest.json from the shards' metadata files present now; `complete` when all `names` are, and then
+    duplicates.npy too (the records whose image an earlier shard or record holds). Refused (DataError) when a
+    shard there was made with another header, or, once complete, lacks its image hashes. Made again when a
+    shard appeared meanwhile (array tasks finishing together): the last task's manifest is the complete one."""
     check_shard_headers(folder, header)
+    while True:
+        present = [n for n in names if (folder / f"{n}.json").is_file()]
+        manifest = _manifest(folder, header, names, present)
+        write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        if [n for n in names if (folder / f"{n}.json").is_file()] == present:
+            return manifest
+
+
+def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) -> dict:
     shards = []
-    for n in names:
-        if (folder / f"{n}.json").is_file():
-            meta = json.loads((folder / f"{n}.json").read_text())
-            shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
+    for n in present:
+        meta = json.loads((folder / f"{n}.json").read_text())
+        shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
+    complete = len(shards) == len(names)
+    duplicates = None
+    if complete:  # the cross-shard pass, once every shard is there
+        found = find_duplicates([shard_hashes(folder, s["name"], s["records"]) for s in shards])
+        starts = np.cumsum([0] + [s["records"] for s in shards])
+        for s, count in zip(shards, np.diff(np.searchsorted(found, starts))):
+            s["duplicates"] = int(count)
+            if count:
+                s["skipped"] = dict(sorted({**s["skipped"], "duplicate_across_shards": int(count)}.items()))
+        data = npy_bytes(found)
+        write_atomic(folder / DUPLICATES, data)  # before the manifest that names it
+        duplicates = {"file": DUPLICATES, "count": len(found), "sha256": hashlib.sha256(data).hexdigest()}
     skipped: dict[str, int] = {}
     for s in shards:
         for reason, count in s["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + count
-    manifest = {"format": FORMAT, **header, "shards": shards, "records": sum(s["records"] for s in shards),
-                "skipped": dict(sorted(skipped.items())), "num_inputs": len(names),
-                "complete": len(shards) == len(names)}
-    write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
-    return manifest
+    return {"format": FORMAT, **header, "shards": shards,
+            "records": sum(s["records"] for s in shards) - (duplicates["count"] if duplicates else 0),
+            "skipped": dict(sorted(skipped.items())), "num_inputs": len(names), "complete": complete,
+            "duplicates": duplicates}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 class CodeShardDataset:
-    """All records of one code-shard folder, by global index (shards in manifest order)."""
+    """All records of one code-shard folder but its duplicates across shards (duplicates.npy), by global
+    index (shards in manifest order)."""
 
     def __init__(self, folder: str | Path, text_len: int | None = None, grid_tokens: int | None = None):
         self.folder = Path(folder)
@@ -180,7 +258,33 @@ class CodeShardDataset:
             self._check_values(bin_path, array, meta)
             self.arrays.append(array)
             offsets.append(offsets[-1] + shard["records"])
-        self.offsets = np.array(offsets)
+        self.skips = self._duplicates(np.array(offsets))
+        self.offsets = np.cumsum([0] + [len(a) - len(e) for a, e in zip(self.arrays, self.skips)])
+
+    def _duplicates(self, raw_offsets: np.ndarray) -> list[np.ndarray]:
+        """Per shard, the sorted indices of its records left out, each minus the number left out before it
+        (so that kept record k is record k + searchsorted(that, k, 'right') of the shard)."""
+        entry = self.manifest.get("duplicates")  # absent in folders made before duplicates across shards were found
+        if not entry or not entry["count"]:
+            return [np.zeros(0, dtype=np.int64) for _ in self.arrays]
+        path = self.folder / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path} is missing or does not match the sha256 in {self.folder / 'manifest.json'}: "
+                            "rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)")
+        found = np.load(path, allow_pickle=False).astype(np.int64)
+        out = []
+        for start, end in itertools.pairwise(raw_offsets):
+            mine = found[(found >= start) & (found < end)] - start
+            out.append(mine - np.arange(len(mine)))
+        return out
+
+    def __getstate__(self):  # for a DataLoader worker that is not forked: reopen the memory maps, not copy them
+        return {**self.__dict__, "arrays": [a if not isinstance(a, np.memmap) else None for a in self.arrays]}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.arrays = [a if a is not None else np.memmap(self.folder / f"{s['name']}.bin", dtype=self.dtype, mode="r")
+                       for a, s in zip(self.arrays, self.manifest["shards"])]
 
     def _check_values(self, bin_path: Path, array: np.ndarray, meta: dict) -> None:
         """Every code < vq.codebook_size and every text id < the text vocab_size, or a DataError naming the shard."""
@@ -204,7 +308,8 @@ class CodeShardDataset:
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} outside 0..{len(self) - 1} of {self.folder}")
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return self.arrays[shard][index - self.offsets[shard]]
+        k = int(index - self.offsets[shard])
+        return self.arrays[shard][k + int(np.searchsorted(self.skips[shard], k, side="right"))]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.record(index)

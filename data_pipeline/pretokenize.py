@@ -8,9 +8,12 @@ I, I+N, I+2N, ... so a SLURM array splits the work and the union equals one run.
 written under a temporary name and renamed, then its metadata (record count, sha256, skip counts);
 a rerun verifies finished shards against their checksum and skips them, so a killed run restarts
 where it stopped and produces byte-identical shards. Images are decoded and resized in DataLoader
-workers, encoded in batches by the frozen tokenizer (on the GPU when there is one); duplicates are
-detected within each input shard (by image content hash). manifest.json is rebuilt at the end of
-every task from the metadata present (`complete` once every input is done; `--manifest-only` rebuilds it).
+workers, encoded in batches by the frozen tokenizer (on the GPU when there is one). Duplicates (by
+image content hash) within an input shard are dropped there; each shard's kept image hashes go to
+`NNNNN.hashes` beside it. manifest.json is rebuilt at the end of every task from the metadata present;
+once every input is done (`complete`), that step also lists the records whose image an earlier shard
+already holds in duplicates.npy (counted as `duplicate_across_shards`; training leaves them out; the
+shards themselves are not rewritten). `--manifest-only` rebuilds both, e.g. after array tasks.
 
 Every shard's metadata records the header (image tokenizer, text tokenizer, record layout, filters) it
 was made with, so a rerun into a folder holding shards of another header, manifest or not (a killed
@@ -21,6 +24,7 @@ text ids outside the tokenizers' ranges, are refused too; the command prints suc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections import Counter
@@ -35,8 +39,10 @@ from common.cli import command
 from common.files import write_atomic
 from data_pipeline.code_shards import (
     CAPTION_BYTES,
+    HASH_BYTES,
     KEY_BYTES,
     check_shard_headers,
+    hash_digest,
     header_differences,
     record_dtype,
     sha256_file,
@@ -70,14 +76,15 @@ def encode_images(vq, images: list[torch.Tensor], device: str) -> np.ndarray:
 
 
 def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, workers: int, batch_size: int,
-                  device: str, progress: tqdm) -> tuple[np.ndarray, Counter, int]:
-    """Records of one input tar, its skip counts, and how many samples it held."""
+                  device: str, progress: tqdm) -> tuple[np.ndarray, np.ndarray, Counter, int]:
+    """Records of one input tar, their image hashes (uint8 [n, HASH_BYTES]), its skip counts, and how many
+    samples it held."""
     skipped: Counter = Counter()
     raw = list(read_shard(path, skipped))
     loader = torch.utils.data.DataLoader(_Prepare(raw, cfg), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     dtype = record_dtype(vq.grid * vq.grid, text_tok.max_len)
-    records, seen_hashes = [], set()
+    records, hashes, seen_hashes = [], [], set()
     for batch in loader:
         kept = []
         for p in batch:
@@ -94,8 +101,10 @@ def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, wo
                 ids, length = text_tok.encode(p.caption)
                 records.append((c, ids, length, utf8_truncate(p.caption, CAPTION_BYTES),
                                 p.key.encode("ascii", "replace")[:KEY_BYTES]))
+                hashes.append(np.frombuffer(hash_digest(p.image_hash), dtype=np.uint8))
         progress.update(len(batch))
-    return np.array(records, dtype=dtype), skipped, len(raw)
+    hashes = np.stack(hashes) if hashes else np.zeros((0, HASH_BYTES), dtype=np.uint8)
+    return np.array(records, dtype=dtype), hashes, skipped, len(raw)
 
 
 def header(vq, text_tok: TextTokenizer, cfg: FilterConfig) -> dict:
@@ -135,7 +144,8 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
     with tqdm(desc=f"pretokenize {shard_index}/{num_shards}", unit="img") as progress:
         start = time.perf_counter()
         for i in mine:
-            records, skipped, seen = process_shard(inputs[i], vq, text_tok, cfg, workers, batch_size, device, progress)
+            records, hashes, skipped, seen = process_shard(inputs[i], vq, text_tok, cfg, workers, batch_size, device,
+                                                           progress)
             max_code = int(records["codes"].max(initial=0))
             max_text_id = int(records["text"].max(initial=0))
             if max_code >= vq.codebook_size or max_text_id >= text_tok.vocab_size:
@@ -144,11 +154,13 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
                                 "an id outside its range cannot be trained on: check the --vq / --text-tokenizer files")
             bin_path = output / f"{names[i]}.bin"
             write_atomic(bin_path, records.tobytes())
+            write_atomic(output / f"{names[i]}.hashes", hashes.tobytes())  # for the cross-shard pass
             st = bin_path.stat()
             meta = {"input": str(inputs[i]), "records": len(records), "seen": seen,
                     "sha256": sha256_file(bin_path), "skipped": dict(sorted(skipped.items())),
                     "header": head, "max_code": max_code, "max_text_id": max_text_id,
-                    "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+                    "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "hashes_sha256": hashlib.sha256(hashes.tobytes()).hexdigest()}
             write_atomic(output / f"{names[i]}.json", json.dumps(meta, indent=1).encode())
             progress.set_postfix(images_per_s=f"{progress.n / (time.perf_counter() - start):.1f}")
     return write_manifest(output, head, names)

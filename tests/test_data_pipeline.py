@@ -1,6 +1,7 @@
 """LAION-style shards -> code shards: filters, formats, resumability, array tasks, the training dataset."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -136,6 +137,63 @@ def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def duplicated(setup):
+    """Three input tars sharing images: syn00001's photo in all three (under other keys and captions), syn00011's
+    in the second and third. Returns (the input paths, the keys that must be kept, in order)."""
+    base = dict(lf.synthetic_samples(12))
+    folder = setup["root"] / "dup_laion"
+    tars = [
+        [(k, base[k]) for k in ("syn00000", "syn00001", "syn00002", "syn00003")],
+        [("again", {**base["syn00001"], "txt": b"the same picture again"}), ("syn00010", base["syn00010"]),
+         ("syn00011", base["syn00011"])],
+        [("thrice", {"jpg": base["syn00001"]["jpg"], "txt": b"and once more"}), ("syn00005", base["syn00005"]),
+         ("eleven", {**base["syn00011"], "txt": b"a copy"})],
+    ]
+    inputs = [lf.write_tar(folder / f"{i:05d}.tar", samples) for i, samples in enumerate(tars)]
+    keep = ["syn00000", "syn00001", "syn00002", "syn00003", "syn00010", "syn00011", "syn00005"]
+    return inputs, keep
+
+
+def test_duplicates_across_shards_are_counted_once(setup, duplicated, tmp_path):
+    """An image repeated across input shards is kept once (in the first shard, by index order), counted under
+    duplicate_across_shards, and left out of training; the same whether one process or array tasks in any
+    order did the work, and when --manifest-only remakes the manifest. The shards are not rewritten."""
+    inputs, keep = duplicated
+    vq, tok = load_image_tokenizer(setup["vq"]), TextTokenizer(setup["spm"], max_len=16)
+    single = tmp_path / "single"
+    manifest = pretokenize(inputs, single, vq, tok, FILTERS)
+    assert manifest["skipped"] == {"duplicate_across_shards": 3}
+    assert [s["duplicates"] for s in manifest["shards"]] == [0, 1, 2]
+    assert [s["records"] for s in manifest["shards"]] == [4, 3, 3] and manifest["records"] == 7
+    ds = CodeShardDataset(single, text_len=16, grid_tokens=64)
+    assert [ds.record(i)["key"].decode() for i in range(len(ds))] == keep
+    raw = {r["key"].decode(): r for n in ("00000", "00001", "00002")
+           for r in np.fromfile(single / f"{n}.bin", dtype=ds.dtype)}
+    for i, key in enumerate(keep):  # what training reads of the kept records is theirs
+        text, codes = ds[i]
+        assert codes.tolist() == raw[key]["codes"].tolist() and text.tolist() == raw[key]["text"].tolist()
+    for n in ("00000", "00001", "00002"):  # every record is still in its shard, as written
+        meta = json.loads((single / f"{n}.json").read_text())
+        assert meta["sha256"] == hashlib.sha256((single / f"{n}.bin").read_bytes()).hexdigest()
+
+    tasks = tmp_path / "tasks"
+    for index in (2, 0, 1):  # array tasks finishing in another order
+        part = pretokenize(inputs, tasks, vq, tok, FILTERS, shard_index=index, num_shards=3)
+        assert part["complete"] == (index == 1) and (part["duplicates"] is None) == (index != 1)
+    for name in ("00000.bin", "00001.bin", "00002.bin", "duplicates.npy", "manifest.json"):
+        assert (tasks / name).read_bytes() == (single / name).read_bytes(), name
+    (tasks / "duplicates.npy").unlink()
+    assert write_manifest(tasks, header(vq, tok, FILTERS), ["00000", "00001", "00002"]) == manifest  # --manifest-only
+    assert (tasks / "duplicates.npy").read_bytes() == (single / "duplicates.npy").read_bytes()
+
+    (tasks / "00001.hashes").unlink()  # as a shard made by a version that kept no hashes
+    with pytest.raises(DataError, match=r"00001\.hashes is missing: .* rerun data_pipeline\.pretokenize"):
+        write_manifest(tasks, header(vq, tok, FILTERS), ["00000", "00001", "00002"])
+    assert pretokenize(inputs, tasks, vq, tok, FILTERS) == manifest  # the rerun makes that shard again
+    assert (tasks / "00001.bin").read_bytes() == (single / "00001.bin").read_bytes()
+
+
 def test_other_tokenizer_into_same_folder_is_refused(setup, one_run):
     _, out = one_run
     torch.manual_seed(1)
@@ -158,7 +216,7 @@ def test_killed_run_rerun_with_another_text_tokenizer_is_refused(setup, one_run,
         out = tmp_path / f"codes{len(done)}"
         out.mkdir()
         for name in done:
-            for ext in (".bin", ".json"):
+            for ext in (".bin", ".hashes", ".json"):
                 shutil.copy2(single / f"{name}{ext}", out / f"{name}{ext}")
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         with pytest.raises(DataError, match=rf"codes{len(done)}/00000\.bin{more} was made with another .*"

@@ -18,7 +18,9 @@ metrics.jsonl, TensorBoard events and checkpoints/. One run at a time: rank 0 ho
   metrics, configs and events are moved (not deleted) to run_dir/replaced_<time>/.
 SIGUSR1/SIGTERM: finish the step, save, exit 75 (requeue). Errors: exit 1 with one line naming the file
 or field ("config error: ..." or "error: ..."), the run directory as it was.
-Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py).
+Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py). Each rank's
+micro-batches are read ahead by `data.workers` DataLoader workers (data_pipeline/loader.py), in the order
+rank_micro_batches gives (a pure function of seed and consumed samples), from the resumed position on a resume.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -37,10 +38,10 @@ from common import metrics
 from common.checkpoints import CheckpointError, RunDirError, RunLock
 from common.cli import command, config_parser
 from common.config import ConfigError, save_config, to_dict
+from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.training_data import training_dataset
 from model_parallel.kernels import select_kernels
-from model_parallel.model import caption_drop_mask, null_condition
 from model_parallel.state import init_distributed, init_parallel, seed_everything, use_device
 from training import checkpoint, engine
 from training.checkpoint import set_aside
@@ -63,18 +64,29 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def caption_drop(cfg: Config) -> CaptionDrop:
+    """The run's caption drops (classifier-free guidance): a pure function of (train.seed, stream position)."""
+    m = cfg.model
+    return CaptionDrop(cfg.train.seed, m.caption_drop_prob, m.text_pad_id, m.text_eos_id)
+
+
 def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: int, dp_size: int):
     """This DP rank's micro-batches (engine.MicroBatch) of the global batch starting at `consumed`, with the
-    caption drops of classifier-free guidance."""
+    caption drops of classifier-free guidance, read now: the synchronous reference for what the trainer's
+    read-ahead (`open_reader`) gives."""
+    drop = caption_drop(cfg)
+    for ids in rank_micro_batch_ids(sampler, consumed, dp_rank, dp_size, cfg.train.micro_batch_size):
+        yield engine.MicroBatch(*read_micro_batch(dataset, ids, drop))
 
-    m, t = cfg.model, cfg.train
-    positions = torch.arange(consumed, consumed + t.global_batch_size)
-    ids = sampler.global_batch(consumed)
-    mine = sampler.rank_slice(torch.stack([positions, ids], 1), dp_rank, dp_size)
-    for chunk in mine.split(t.micro_batch_size):
-        text, codes = map(torch.stack, zip(*(dataset[int(i)] for i in chunk[:, 1])))
-        drop = caption_drop_mask(chunk[:, 0], t.seed, m.caption_drop_prob)
-        yield engine.MicroBatch(null_condition(text, drop, m.text_pad_id, m.text_eos_id), codes, chunk[:, 0])
+
+def open_reader(cfg: Config, dataset, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int,
+                device: str) -> ReadAhead:
+    """`steps` steps of this DP rank's micro-batches from `consumed` on, read ahead by data.workers processes
+    (pinned memory on a GPU); the same micro-batches as rank_micro_batches, step by step."""
+    d = cfg.data
+    return ReadAhead(dataset, sampler, consumed, steps, dp_rank, dp_size, cfg.train.micro_batch_size,
+                     caption_drop(cfg), workers=d.workers, read_ahead_steps=d.read_ahead_steps,
+                     pin_memory=device == "cuda")
 
 
 @dataclass
@@ -185,7 +197,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)  # data that does not fit the model is refused before anything is written
         self.lock = RunLock(self.run_dir)
-        self.log = None
+        self.log, self.reader = None, None
         try:
             self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume))[1])
             self._build()
@@ -250,6 +262,17 @@ class Trainer:
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
             self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
+        self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
+
+    def _reader_at(self, consumed: int) -> ReadAhead:
+        """The read-ahead for the steps left from `consumed` on: the open one when it is there, else a new one."""
+        if self.reader is None or self.reader.consumed != consumed:
+            if self.reader is not None:
+                self.reader.close()
+            self.reader = None
+            self.reader = open_reader(self.cfg, self.dataset, self.sampler, consumed,
+                                      max(0, self.cfg.train.steps - self.step), self.dp_rank, self.dp_size, self.device)
+        return self.reader
 
     def save(self) -> None:
         state = {"step": self.step, "consumed_samples": self.consumed,
@@ -260,7 +283,10 @@ class Trainer:
         self.log.info(f"saved {self.run_dir / 'checkpoints' / tag}")
 
     def close(self) -> None:
-        """Release the run directory (the lock; the logger if `run` did not)."""
+        """Release the run directory (the lock; the logger if `run` did not) and stop the data workers."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         if self.log is not None and not getattr(self, "_log_closed", False):
             self.log.close()
             self._log_closed = True
@@ -284,10 +310,10 @@ class Trainer:
         t, guard = self.cfg.train, self.nonfinite_guard
         stop, losses = StopRequest(self.run_dir / "STOP"), []
         try:
+            reader = self._reader_at(self.consumed) if self.step < t.steps else None
             while self.step < t.steps:
                 start, lr = time.perf_counter(), self.engine.get_lr()[0]
-                batches = list(rank_micro_batches(self.cfg, self.dataset, self.sampler, self.consumed,
-                                                  self.dp_rank, self.dp_size))
+                batches = [engine.MicroBatch(*mb) for mb in reader.next_step()]  # read ahead while training
                 loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                 losses.append(loss)
                 self.step += 1

@@ -1,0 +1,168 @@
+"""The read-ahead loader (data_pipeline/loader.py) against the synchronous reader: the same micro-batches
+(text, codes, positions), step by step, before and after a resume, at DP=1 and DP=2, with workers reading.
+
+The expectation is rebuilt here from the sampler and the dataset directly (not through loader.py), and the
+training's own synchronous reference (training.train.rank_micro_batches) is checked against it too."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+GBS, MBS, SIZE, SEED, DROP = 8, 2, 37, 5, 0.4  # 37 samples: the stream crosses epochs within a few steps
+OVERRIDES = ["model.preset=parti-debug", f"train.global_batch_size={GBS}", f"train.micro_batch_size={MBS}",
+             f"train.seed={SEED}", f"model.caption_drop_prob={DROP}"]
+
+
+def setting():
+    from data_pipeline.sampler import GlobalBatchSampler
+    from data_pipeline.synthetic import SyntheticCodes
+    from training.config import load_config
+
+    cfg = load_config(None, OVERRIDES)
+    return cfg, SyntheticCodes(cfg.model, size=SIZE, seed=SEED), GlobalBatchSampler(SIZE, GBS, SEED)
+
+
+def expected_step(cfg, dataset, sampler, consumed: int, dp_rank: int, dp_size: int) -> list[tuple]:
+    """This rank's micro-batches of the global batch at `consumed`, from first principles: DP ranks take
+    contiguous slices of the global batch, micro-batches contiguous pieces of those, and a sample's caption
+    is dropped by a pure function of (seed, its stream position)."""
+    from model_parallel.model import caption_drop_mask
+
+    m = cfg.model
+    ids = sampler.global_batch(consumed).tolist()
+    per = GBS // dp_size
+    out = []
+    for start in range(dp_rank * per, (dp_rank + 1) * per, MBS):
+        positions = torch.arange(consumed + start, consumed + start + MBS)
+        text = torch.stack([dataset[i][0] for i in ids[start:start + MBS]])
+        codes = torch.stack([dataset[i][1] for i in ids[start:start + MBS]])
+        for row in caption_drop_mask(positions, cfg.train.seed, m.caption_drop_prob).nonzero().flatten().tolist():
+            text[row] = m.text_pad_id
+            text[row, 0] = m.text_eos_id
+        out.append((text, codes, positions))
+    return out
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(len(x) == len(y) == 3 and all(torch.equal(u, v) for u, v in zip(x, y))
+                                    for x, y in zip(a, b))
+
+
+def read_with_workers(dp_rank: int | None = None, dp_size: int = 1, workers: int = 2, steps: int = 6,
+                      resume_at: int = 3) -> dict:
+    """A reader from step 0 for `steps` steps, and one made anew at step `resume_at` (a resume), both with
+    `workers` workers, against the expectation; returns {step: [(text, codes, positions)...]} of both."""
+    import torch.distributed as dist
+
+    from data_pipeline.loader import ReadAhead
+    from training.train import caption_drop, rank_micro_batches
+
+    if dp_rank is None:
+        dp_rank = dist.get_rank() if dp_size > 1 else 0
+    cfg, dataset, sampler = setting()
+    drop = caption_drop(cfg)
+    first = ReadAhead(dataset, sampler, 0, steps, dp_rank, dp_size, MBS, drop, workers=workers)
+    resumed = ReadAhead(dataset, sampler, resume_at * GBS, steps - resume_at, dp_rank, dp_size, MBS, drop,
+                        workers=workers)
+    try:
+        assert first.loader.num_workers == workers and first.loader.pin_memory is False
+        got = {"first": [first.next_step() for _ in range(steps)],
+               "resumed": [resumed.next_step() for _ in range(steps - resume_at)]}
+    finally:
+        first.close()
+        resumed.close()
+    drops = 0
+    for step in range(steps):
+        want = expected_step(cfg, dataset, sampler, step * GBS, dp_rank, dp_size)
+        sync = [tuple(mb) for mb in rank_micro_batches(cfg, dataset, sampler, step * GBS, dp_rank, dp_size)]
+        assert same(sync, want), f"rank_micro_batches differs from the expectation at step {step}"
+        assert same(got["first"][step], want), f"read-ahead differs from the synchronous reader at step {step}"
+        if step >= resume_at:
+            assert same(got["resumed"][step - resume_at], want), f"after the resume, at step {step}"
+        drops += sum(int((mb[0][:, 1:] == cfg.model.text_pad_id).all(1).sum()) for mb in want)
+    assert drops > 0  # some captions were dropped: the drops are part of what is compared
+    return got
+
+
+def test_read_ahead_equals_synchronous_reader_dp1():
+    got = read_with_workers(dp_size=1, workers=2)
+    zero = read_with_workers(dp_size=1, workers=0)  # reading in this process gives the same too
+    assert all(same(a, b) for a, b in zip(got["first"], zero["first"]))
+
+
+def test_read_ahead_equals_synchronous_reader_dp2(pool2):
+    ranks = pool2.run(read_with_workers, dp_size=2, workers=2)
+    whole = read_with_workers(dp_size=1, workers=0)
+    for step in range(6):  # the two ranks' micro-batches together are DP=1's, in order
+        assert same(ranks[0]["first"][step] + ranks[1]["first"][step], whole["first"][step])
+
+
+def captured_run(run_dir: str, *overrides: str, steps: int = 6) -> dict:
+    """tests.conftest.run, recording what the Trainer hands the engine's step each step and the (consumed,
+    workers) of each reader it opens."""
+    from tests.conftest import run
+    from training import engine, train
+
+    seen, readers = [], []
+    real_step, real_open = engine.train_step, train.open_reader
+
+    def record(_engine, cfg, batches, device):
+        assert all(isinstance(mb, engine.MicroBatch) for mb in batches)
+        seen.append([tuple(t.clone() for t in mb) for mb in batches])
+        return real_step(_engine, cfg, batches, device)
+
+    def opened(cfg, dataset, sampler, consumed, *args, **kwargs):
+        reader = real_open(cfg, dataset, sampler, consumed, *args, **kwargs)
+        readers.append((consumed, reader.workers))
+        return reader
+
+    engine.train_step, train.open_reader = record, opened
+    try:
+        run(run_dir, *overrides, steps=steps)
+    finally:
+        engine.train_step, train.open_reader = real_step, real_open
+    return {"batches": seen, "readers": readers, "pid": os.getpid()}
+
+
+def check_trainer_batches(segments: list[dict], overrides: list[str], dp_rank: int, dp_size: int) -> None:
+    from data_pipeline.sampler import GlobalBatchSampler
+    from data_pipeline.training_data import training_dataset
+    from training.config import load_config
+
+    cfg = load_config("configs/train/debug.yaml", [f"train.global_batch_size={GBS}", f"train.micro_batch_size={MBS}",
+                                                   *overrides])
+    dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    sampler = GlobalBatchSampler(len(dataset), GBS, cfg.train.seed)
+    got = [b for s in segments for b in s["batches"]]
+    assert len(got) == 6
+    assert [s["readers"] for s in segments] == [[(0, 2)], [(3 * GBS, 2)]]  # reopened at the resumed position
+    for step, batches in enumerate(got):
+        assert same(batches, expected_step(cfg, dataset, sampler, step * GBS, dp_rank, dp_size)), f"step {step}"
+
+
+TRAINER = ["data.workers=2", "model.caption_drop_prob=0.4"]
+
+
+def test_trainer_steps_on_the_read_ahead_batches_dp2(pool2, tmp_path):
+    """3 steps, save, resume for 3 more at DP=2: each rank's steps got the synchronous reader's micro-batches."""
+    segments = [pool2.run(captured_run, str(tmp_path), *TRAINER, steps=3),
+                pool2.run(captured_run, str(tmp_path), *TRAINER)]
+    for rank in range(2):
+        check_trainer_batches([s[rank] for s in segments], TRAINER, rank, 2)
+
+
+def test_trainer_steps_on_the_read_ahead_batches_dp1(single_process, tmp_path):
+    segments = [captured_run(str(tmp_path), *TRAINER, steps=3), captured_run(str(tmp_path), *TRAINER)]
+    check_trainer_batches(segments, TRAINER, 0, 1)
+
+
+def test_data_workers_below_zero_is_refused():
+    from common.config import ConfigError
+    from data_pipeline.training_data import training_dataset
+    from training.config import load_config
+
+    cfg = load_config(None, ["data.workers=-1"])
+    with pytest.raises(ConfigError, match=r"data\.workers=-1 must be >= 0"):
+        training_dataset(cfg.data, cfg.model, cfg.train.seed)
