@@ -108,6 +108,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         value = getattr(t, name.split(".")[1])
         require(value in choices, f"{name}={value!r} must be one of {', '.join(choices)}")
     cfg.kernels.validate()
+    cfg.data.validate()
     m.validate()
     layout = ParallelLayout.of(p, world_size).check(m)
     require(t.optimizer != "adafactor" or p.zero_stage == 0,

@@ -155,15 +155,17 @@ def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[f
 
     bos = cfg.model.image_vocab_size
     if isinstance(engine, PipelineEngine):
-        batches = iter([((text.to(device), decoder_input(codes, bos).to(device), positions.to(device)),
-                         codes.to(device)) for text, codes, positions in micro_batches])
+        move = lambda t: t.to(device, non_blocking=True)  # (pinned by the read-ahead loader on a GPU)
+        batches = iter([((move(text), move(decoder_input(codes, bos)), move(positions)), move(codes))
+                        for text, codes, positions in micro_batches])
         loss = engine.train_batch(batches)  # averaged over micro-batches and DP, on every stage
         norm = engine.get_global_grad_norm()
         return float(loss), float(norm) if norm is not None else None
     losses = []
     for text, codes, positions in micro_batches:
         # positions key the dropout masks: the same masks for these samples at any layout
-        loss = engine(text.to(device), codes.to(device), return_loss=True, sample_index=positions.to(device))
+        move = lambda t: t.to(device, non_blocking=True)  # (pinned by the read-ahead loader on a GPU)
+        loss = engine(move(text), move(codes), return_loss=True, sample_index=move(positions))
         engine.backward(loss)
         if cfg.parallel.sequence_parallel and engine.is_gradient_accumulation_boundary():
             # Once per step, over the gradients accumulated from all micro-batches: summing after each
