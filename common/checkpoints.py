@@ -270,15 +270,32 @@ class RunLock:
                 f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         f.flush()
         self.file = f
+        _HELD_LOCKS.add(f.fileno())
         return self
 
     def release(self) -> None:
         import fcntl
 
         if self.file is not None:
+            _HELD_LOCKS.discard(self.file.fileno())
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
+
+
+_HELD_LOCKS: set[int] = set()  # descriptors of the run locks this process holds
+
+
+def drop_inherited_locks() -> None:
+    """In a forked child (a data-loading worker): close its copies of the run locks' descriptors. flock belongs
+    to the open file, which every forked copy keeps open, so a worker outliving a killed trainer (PyTorch's
+    workers notice a dead parent only every few seconds) would hold the run directory against a requeue."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
 
 
 def set_aside(run_dir: str | Path, names: tuple[str, ...]) -> Path | None:

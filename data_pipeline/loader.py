@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from common.checkpoints import drop_inherited_locks
 from model_parallel.model import caption_drop_mask, null_condition
 
 
@@ -111,9 +112,11 @@ _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 def _worker_init(_worker_id: int) -> None:
     """A stop signal (SIGUSR1/SIGTERM, training/preemption.py) sent to the whole job is the training
-    process's to handle: it finishes its step, saves and then stops the workers, so they ignore it."""
+    process's to handle: it finishes its step, saves and then stops the workers, so they ignore it. The run
+    directory's lock stays the training process's alone (common.checkpoints.drop_inherited_locks)."""
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    drop_inherited_locks()
 
 
 class ReadAhead:
