@@ -120,14 +120,18 @@ def sdpa_attention(q, k, v, mask=None, causal=False, dropout_p=0.0):
                                           is_causal=causal and mask is None)
 
 
-def math_attention(q, k, v, mask=None, causal=False, dropout_p=0.0):
+def attention_probs(q, k, mask=None, causal=False) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) under the mask (or the causal one), in fp32, returned in q's dtype."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if causal and mask is None:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return F.dropout(probs, dropout_p) @ v
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype)
+
+
+def math_attention(q, k, v, mask=None, causal=False, dropout_p=0.0):
+    return F.dropout(attention_probs(q, k, mask, causal), dropout_p) @ v
 
 
 def _layer_norm_factory(name: str) -> Callable[[int, float], torch.nn.Module]:

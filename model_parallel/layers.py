@@ -33,7 +33,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from model_parallel.config import ModelConfig
-from model_parallel.kernels import Kernels
+from model_parallel.kernels import Kernels, attention_probs
 
 # ----------------------------------------------------------------------------------------------
 # Dropout keyed by sample: masks that are the same at any DP/TP/PP layout.
@@ -306,12 +306,7 @@ class Attention(nn.Module):
         all heads: this rank's heads are the TP rank's slice) and (query, key) position. Explicit, not
         fused: SDPA's dropout cannot take a mask, so this materialises the [b, heads, queries, keys]
         probabilities (the price of model.attention_dropout_invariant)."""
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if causal and mask is None:
-            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = attention_probs(q, k, mask, causal)
         b, heads, n, m = probs.shape
         tp, rank = self.tp_group.size(), self.tp_group.rank()
         keep = keyed_keep_mask(sample_index, self.key, p, probs.shape, batch_dim=0,
