@@ -39,6 +39,7 @@ import dataclasses
 import enum
 import importlib
 import json
+import math
 import pickle
 import re
 import shutil
@@ -49,6 +50,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -71,12 +74,13 @@ from model_parallel.layout import ParallelLayout
 from model_parallel.model import piece_names
 from training.deepspeed_glue import (
     ensure_optimizer_state,
-    get_full,
+    Fragment,
     link_optimizer_fragments,
     local_shape,
     optimizer_state_specs,
     optimizer_step_count,
-    set_full,
+    own_fragment,
+    refresh_working_weights,
     set_optimizer_step_count,
 )
 
@@ -232,37 +236,86 @@ def canonical_parameters(module: torch.nn.Module, model_cfg) -> dict[str, torch.
     return out
 
 
-def sharded(key: str, tensor: torch.Tensor, p: torch.nn.Parameter, per_tp_rank: bool = False):
-    """A dist_checkpointing ShardedTensor: split along `partition_dim` over TP, replicated over DP.
-    `per_tp_rank`: a statistic that only exists per TP shard, stored with a leading TP axis (it
-    reloads at the same TP size only)."""
+def flat_blocks(shape: tuple, start: int, stop: int) -> list[tuple[tuple, tuple]]:
+    """[(offset, size)]: the fewest row-major blocks that together cover elements [start, stop) of a
+    tensor of `shape` flattened, in order; each block is a contiguous run of that range (at most
+    2 * len(shape) - 1 of them). A ZeRO partition is such a range of a parameter, and dist_checkpointing
+    stores rectangular blocks (megatron-core 0.16 refuses ShardedTensor.flattened_range)."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (stop - start,))] if shape else [((), ())]
+    row = math.prod(shape[1:])
+    first_full, end_full = -(-start // row), stop // row  # whole rows [first_full, end_full)
+    if first_full > end_full:  # inside one row
+        r = start // row
+        return [((r, *o), (1, *s)) for o, s in flat_blocks(shape[1:], start - r * row, stop - r * row)]
+    blocks = []
+    if start < first_full * row:
+        r = first_full - 1
+        blocks += [((r, *o), (1, *s)) for o, s in flat_blocks(shape[1:], start - r * row, row)]
+    if end_full > first_full:
+        blocks.append(((first_full,) + (0,) * (len(shape) - 1), (end_full - first_full, *shape[1:])))
+    if stop > end_full * row:
+        blocks += [((end_full, *o), (1, *s)) for o, s in flat_blocks(shape[1:], 0, stop - end_full * row)]
+    return blocks
+
+
+def sharded_blocks(key: str, fragment: Fragment, shape: tuple, p: torch.nn.Parameter,
+                   per_tp_rank: bool = False) -> list[ShardedTensor]:
+    """dist_checkpointing ShardedTensors for this rank's fragment of a tensor of (TP-local) `shape`: the
+    fragment's blocks, placed in the global tensor (split along p's `partition_dim` over TP). Replica ids
+    (TP, DP): a tensor not split over TP is written from TP rank 0 only; a whole tensor (ZeRO-0) is one
+    replica per DP rank, and the fully parallel save spreads those writes over the DP ranks; a ZeRO part
+    is this rank's alone. The block tensors are views of the live values (a load fills them in place).
+    `per_tp_rank`: a statistic that exists per TP shard only (Adafactor's), stored with a leading TP axis;
+    it reloads at the same TP size only (ZeRO-0, so always whole)."""
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    dp_rank = ps.get_data_parallel_rank()
+    dp_replica = ps.get_data_parallel_rank() if fragment.whole else 0
     if per_tp_rank:
-        return ShardedTensor.from_rank_offsets(key, tensor, (0, tp_rank, tp_size), replica_id=dp_rank,
-                                               prepend_axis_num=1)
-    if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
-        return ShardedTensor.from_rank_offsets(key, tensor, (p.partition_dim, tp_rank, tp_size), replica_id=dp_rank)
-    return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(tp_rank, dp_rank))
+        return [ShardedTensor.from_rank_offsets(key, fragment.data.view(shape), (0, tp_rank, tp_size),
+                                                replica_id=(0, dp_replica), prepend_axis_num=1)]
+    split = getattr(p, "tensor_model_parallel", False) and tp_size > 1
+    global_shape, tp_offset = list(shape), [0] * len(shape)
+    if split:
+        global_shape[p.partition_dim] *= tp_size
+        tp_offset[p.partition_dim] = tp_rank * shape[p.partition_dim]
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    out = []
+    for offset, size in flat_blocks(tuple(shape), fragment.start, fragment.start + fragment.data.numel()):
+        begin = sum(o * s for o, s in zip(offset, strides)) - fragment.start
+        data = fragment.data[begin:begin + math.prod(size)].view(size)
+        out.append(ShardedTensor(key, data, data.dtype, tuple(size), tuple(global_shape),
+                                 tuple(o + t for o, t in zip(offset, tp_offset)), axis_fragmentations=None,
+                                 replica_id=(0 if split else tp_rank, dp_replica)))
+    return out
 
 
-def _state_dict(engine, model_cfg, tensors: bool):
-    """{'model': {name: ShardedTensor}, 'optimizer': {moment: {name: ShardedTensor}}} for this rank;
-    with tensors=False the ShardedTensors hold empty buffers to be filled by a load."""
+def _state_dict(engine, model_cfg) -> tuple[dict, list[torch.nn.Parameter]]:
+    """{'model': {name#i: ShardedTensor}, 'optimizer': {moment.name#i: ShardedTensor}}: this rank's own
+    blocks of every fp32 master weight and optimizer state, under PartiModel's parameter names (the same
+    at any layout), as views of the live tensors: a save writes them, a load fills them in place."""
     params = canonical_parameters(engine.module, model_cfg)
-    if tensors:
-        link_optimizer_fragments(engine)
-    value = (lambda p, key, shape: get_full(engine, p, key, shape)) if tensors else \
-        (lambda p, key, shape: torch.empty(shape, dtype=torch.float32))
-    state = {"model": {n: sharded(f"model.{n}", value(p, None, local_shape(p)), p) for n, p in params.items()},
-             "optimizer": {}}
+    link_optimizer_fragments(engine)
+    state: dict = {"model": {}, "optimizer": {}}
     for n, p in params.items():
-        for key, per_tp_rank, shape in optimizer_state_specs(engine, p):
-            state["optimizer"][f"{key}.{n}"] = sharded(f"optimizer.{key}.{n}", value(p, key, shape), p, per_tp_rank)
-    return state, params
+        parts = [("model", f"model.{n}", None, False, tuple(local_shape(p)))]
+        parts += [("optimizer", f"optimizer.{key}.{n}", key, per_tp, shape)
+                  for key, per_tp, shape in optimizer_state_specs(engine, p)]
+        for section, name, key, per_tp, shape in parts:
+            blocks = sharded_blocks(name, own_fragment(engine, p, key), shape, p, per_tp)
+            state[section].update({f"{name}#{i}": block for i, block in enumerate(blocks)})
+    return state, list(params.values())
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _save_strategy():
+    """torch_dist files (megatron-core's default), with the writes of tensors that every data-parallel rank
+    holds whole (ZeRO-0) spread over those ranks instead of all on DP rank 0 (FullyParallelSaveStrategyWrapper
+    exchanges only metadata); ZeRO parts are each rank's own and stay where they are."""
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), ps.get_data_parallel_group())
 
 
 def _rng_state() -> dict:
@@ -315,8 +368,8 @@ def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, tr
         raise CheckpointError(problem)
     error = None
     try:
-        state, _ = _state_dict(engine, cfg.model, tensors=True)
-        dist_checkpointing.save(state, str(path))
+        state, _ = _state_dict(engine, cfg.model)
+        dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy())
         torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any rank's failure
         error = failure_cause(e)
@@ -356,17 +409,20 @@ def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> 
     state = read_trainer_state(path)
     # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.train.plan_resume.)
     ensure_optimizer_state(engine)
-    template, params = _state_dict(engine, cfg.model, tensors=False)
+    template, params = _state_dict(engine, cfg.model)
+    targets = {section: {name: block.data for name, block in blocks.items()} for section, blocks in template.items()}
     try:
         loaded = dist_checkpointing.load(template, str(path))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError from torch's unzip...
         raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({failure_cause(e)}); a .distcp file may be "
                               "corrupt (resume from an earlier checkpoint: delete this folder and "
                               f"{checkpoint_dir(run_dir) / 'latest'})") from None
-    for name, p in params.items():
-        set_full(engine, p, None, loaded["model"][name])
-        for key, _, _ in optimizer_state_specs(engine, p):
-            set_full(engine, p, key, loaded["optimizer"][f"{key}.{name}"])
+    with torch.no_grad():  # (dist_checkpointing fills the blocks in place; copy where it did not)
+        for section, blocks in targets.items():
+            for name, target in blocks.items():
+                if loaded[section][name].data_ptr() != target.data_ptr():
+                    target.copy_(loaded[section][name])
+    refresh_working_weights(engine, params)
     set_optimizer_step_count(engine, state["optimizer_steps"])
     scheduler = engine.lr_scheduler
     scheduler.load_state_dict(state["lr_scheduler"])

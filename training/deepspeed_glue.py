@@ -13,9 +13,10 @@ The engine (training/engine.py uses these to build it):
   and miscounts under a pipeline.
 - `NonFiniteGuard` (with `nonfinite_flag`): DeepSpeed steps on non-finite gradients outside fp16.
 
-Checkpoints (training/checkpoint.py reads and writes full fp32 weights and optimizer state through these):
+Checkpoints (training/checkpoint.py writes and reads each rank's own part of the fp32 weights and optimizer state):
 - `base_optimizer`, `optimizer_state_specs`, `local_shape`: the torch optimizer and shapes under ZeRO.
-- `get_full` / `set_full`: DeepSpeed's safe_get/set_full_* API, and the ZeRO-0 fp32 masters it does not cover.
+- `own_fragment`: where this rank's part of a parameter's fp32 master and optimizer state lies in DeepSpeed's
+  ZeRO-1/2/3 partitions or ZeRO-0 wrappers; `refresh_working_weights`: the working weights from the masters.
 - `ensure_optimizer_state`, `link_optimizer_fragments`: state that exists only after a first step, and
   ZeRO-1/2/bf16 fragment views that must be relinked once it does.
 - `optimizer_step_count` / `set_optimizer_step_count`: where each optimizer keeps Adam's step count.
@@ -23,6 +24,7 @@ Checkpoints (training/checkpoint.py reads and writes full fp32 weights and optim
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import weakref
 
@@ -166,7 +168,7 @@ class NonFiniteGuard:
 
 
 # ---------------------------------------------------------------------------------------------
-# Full (over ZeRO partitions) fp32 weights and optimizer state, for checkpoints
+# Each rank's own part of the fp32 weights and optimizer state, for checkpoints
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
@@ -225,46 +227,64 @@ def _view(tensor: torch.Tensor, offset: int | None, p) -> torch.Tensor:
     return tensor if offset is None else tensor.view(-1).narrow(0, offset, p.numel()).view(p.shape)
 
 
-def get_full(engine, p, key: str | None, shape=None) -> torch.Tensor:
-    """p's full fp32 master weight (key None) or optimizer state `key`, on the CPU, of this TP rank's shape.
-    deepspeed.utils.safe_get_full_* (utils/tensor_fragment.py) assemble it over ZeRO-1/2/3 partitions and
-    bf16's BF16_Optimizer, and return None at ZeRO-0: there the wrapper's own fp32 masters are read."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+@dataclasses.dataclass
+class Fragment:
+    """The part of an fp32 tensor (a parameter's master weight or one of its optimizer states) that this
+    rank holds: `data` (1-D, the live values, not a copy) is elements [start, start + numel) of the
+    tensor flattened in row-major order, at this TP rank's shape. `whole`: the rank holds all of it and so
+    does every data-parallel rank (ZeRO-0); else the data-parallel ranks hold disjoint parts (ZeRO-1/2/3)."""
 
-    value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-    if value is None:  # ZeRO-0: the fp32 master (or the fp32 parameter itself) and the optimizer's state
-        holder, offset = _optimizer_holder(engine, p)
-        if key is None and holder.dtype != torch.float32:
-            raise RuntimeError(f"no fp32 master weight found for a {holder.dtype} parameter of shape "
-                               f"{tuple(p.shape)} in {type(engine.optimizer).__name__}: saving it would lose "
-                               "precision")
-        value = _view(holder.detach() if key is None else base_optimizer(engine).state[holder][key], offset, p)
-    return value.detach().float().cpu().reshape(shape or local_shape(p))
+    start: int
+    data: torch.Tensor
+    whole: bool
 
 
-def set_full(engine, p, key: str | None, value: torch.Tensor) -> None:
-    """Write p's full fp32 master weight (key None; the low-precision working copy too) or optimizer
-    state `key`: through safe_set_full_* where DeepSpeed partitions (p has `ds_id` at ZeRO-3, `_hp_mapping`
-    at ZeRO-1/2 and under BF16_Optimizer), else into the ZeRO-0 wrapper's fp32 master and its state."""
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-        if key is None:
-            safe_set_full_fp32_param(p, value.to(p.device))
-            # The low-precision working copy is refreshed from the master only at the next step.
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
-                with torch.no_grad():
-                    p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
-        else:
-            safe_set_full_optimizer_state(p, value.to(p.device), key)
-        return
+def own_fragment(engine, p, key: str | None) -> Fragment:
+    """This rank's part of p's fp32 master weight (key None) or of its optimizer state `key`, as DeepSpeed
+    keeps it, without gathering or copying:
+    - ZeRO-3 (p has `ds_id`): each parameter is split evenly over the data-parallel ranks, the last part
+      padded (runtime/zero/stage3.py: `get_local_fp32_param`; `set_full_hp_param` places rank r's part at
+      r * partition size);
+    - ZeRO-1/2 and BF16_Optimizer (p has `_hp_mapping`, None where this rank holds none of p): the flat
+      partition of the group's parameters (utils/tensor_fragment.py: `lp_fragment_address` is the
+      fragment's place in p, `get_hp_fragment(key)` its values);
+    - ZeRO-0: the wrapper's fp32 master (or the fp32 parameter itself) and the optimizer's state, whole."""
+    if hasattr(p, "ds_id"):
+        optimizer = p._z3_optimizer
+        local = optimizer.get_local_fp32_param(p, key)
+        start = local.numel() * optimizer._get_param_partition_rank(p)
+        return Fragment(start, local[:max(0, min(local.numel(), p.ds_numel - start))], whole=False)
+    if hasattr(p, "_hp_mapping"):
+        mapping = p._hp_mapping
+        if mapping is None:
+            return Fragment(0, torch.empty(0), whole=False)
+        return Fragment(mapping.lp_fragment_address.start, mapping.get_hp_fragment(key).view(-1), whole=False)
     holder, offset = _optimizer_holder(engine, p)
-    targets = ([p.data, _view(holder.data, offset, p)] if key is None
-               else [_view(base_optimizer(engine).state[holder][key], offset, p)])
+    if key is None and holder.dtype != torch.float32:
+        raise RuntimeError(f"no fp32 master weight found for a {holder.dtype} parameter of shape "
+                           f"{tuple(p.shape)} in {type(engine.optimizer).__name__}: saving it would lose precision")
+    tensor = (holder if key is None else base_optimizer(engine).state[holder][key]).detach().view(-1)
+    return Fragment(0, tensor if offset is None else tensor.narrow(0, offset, p.numel()), whole=True)
+
+
+def refresh_working_weights(engine, params) -> None:
+    """Copy the fp32 masters into the working (bf16, or fp32) weights the forward pass uses, after the
+    masters were loaded: the ZeRO-3 partitions (as runtime/zero/stage3.py does after a step, fp16_ from
+    fp32_partitioned_groups_flat), DeepSpeed's own `update_lp_params` (copy and all-gather over the
+    data-parallel ranks) at ZeRO-1/2 and under BF16_Optimizer, each parameter from its master at ZeRO-0."""
+    optimizer = engine.optimizer
     with torch.no_grad():
-        for target in targets:
-            target.copy_(value.reshape(target.shape).to(target.dtype))
+        if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            for low, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+                if low.data_ptr() != master.data_ptr():  # (fp32 runs update the masters in place)
+                    low.copy_(master)
+        elif hasattr(optimizer, "update_lp_params"):
+            optimizer.update_lp_params()
+        else:
+            for p in params:
+                holder, offset = _optimizer_holder(engine, p)
+                if holder is not p:
+                    p.data.copy_(_view(holder.data, offset, p))
 
 
 def ensure_optimizer_state(engine) -> None:
@@ -299,7 +319,7 @@ def link_optimizer_fragments(engine) -> None:
     before the state existed (then empty): DeepSpeedZeroOptimizer and BF16_Optimizer
     `_lazy_init_hp_params_optimizer_state` (runtime/zero/stage_1_and_2.py, runtime/bf16_optimizer.py) run
     only while `_hp_optimizer_states_linked` is False. Reset the flag and remake them, so that
-    safe_get/set_full_optimizer_state see the state as it is now."""
+    `own_fragment` (get_hp_fragment) sees the state as it is now."""
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
         engine.optimizer._hp_optimizer_states_linked = False

@@ -22,8 +22,8 @@ from common.checkpoints import checkpoint_dir
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel
 from model_parallel.state import init_parallel
-from training.checkpoint import resume_tag, sharded
-from training.deepspeed_glue import local_shape
+from training.checkpoint import resume_tag, sharded_blocks
+from training.deepspeed_glue import Fragment, local_shape
 
 
 def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -37,8 +37,9 @@ def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor]
     model_cfg = saved_model_config(config["model"])
     with torch.device("meta"):
         shapes = {n: local_shape(p) for n, p in PartiModel(model_cfg, meta=True).named_parameters()}
-    template = {"model": {n: sharded(f"model.{n}", torch.empty(shape), torch.nn.Parameter(torch.empty(0)))
-                          for n, shape in shapes.items()}}
+    whole = torch.nn.Parameter(torch.empty(0))  # (stands for a parameter not split over TP: read at TP=1)
+    template = {"model": {n: sharded_blocks(f"model.{n}", Fragment(0, torch.empty(shape).view(-1), whole=True),
+                                            tuple(shape), whole)[0] for n, shape in shapes.items()}}
     loaded = dist_checkpointing.load(template, str(path))
     return loaded["model"], config
 
