@@ -39,10 +39,13 @@ def wait_until_gone(group: int, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, reference, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, reference, tmp_path, mode):
+    """Killed while writing step 4 (async: right after handing it to the background writer): `latest` stays on
+    step 2 (with async saves, completed at a later step) and a resume gives the uninterrupted run's losses."""
     log = tmp_path / "crash.log"
     with open(log, "w") as out:  # a file, not a pipe: the killed process's helpers may keep a pipe open
-        proc = subprocess.Popen([sys.executable, "-m", "tests.crash_during_save", str(tmp_path), "4"],
+        proc = subprocess.Popen([sys.executable, "-m", "tests.crash_during_save", str(tmp_path), "4", mode],
                                 cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         returncode = proc.wait(timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)  # its orphaned helper processes

@@ -6,11 +6,13 @@ All runs: the debug model, fp32, 6 steps of global batch 8 (micro-batch 2), no d
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import STEPS, run
+from training.checkpoint import latest_tag
 
 
 def grad_norms(run_dir) -> list[float]:
@@ -50,6 +52,27 @@ def test_resume_continues_the_uninterrupted_run(pool2, reference, tmp_path):
     second = pool2.run(run, str(tmp_path))[0]  # resumes from step 3
     assert len(first) == 3 and len(second) == STEPS - 3
     assert first + second == pytest.approx(reference[0], rel=1e-6, abs=1e-6)
+
+
+def rank_bytes(checkpoint: Path) -> list[int]:
+    """Bytes of tensor files each rank wrote into a checkpoint folder (torch_dist names them __<rank>_<n>.distcp)."""
+    sizes: dict[int, int] = {}
+    for f in checkpoint.glob("__*_*.distcp"):
+        rank = int(f.name.split("_")[2])
+        sizes[rank] = sizes.get(rank, 0) + f.stat().st_size
+    return [sizes.get(r, 0) for r in range(max(sizes) + 1)]
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_async_save_resumes_and_ranks_write_equal_shares(pool2, reference, tmp_path, zero):
+    """Saved in the background at DP=2, resumed synchronously: the uninterrupted run's losses. Each rank
+    writes half the bytes: its own ZeRO-1 part, or at ZeRO-0 half of the whole tensors (fully parallel save)."""
+    first = pool2.run(run, str(tmp_path), f"parallel.zero_stage={zero}", "train.async_save=true", steps=3)[0]
+    assert latest_tag(tmp_path) == "step_00000003"  # the last save was waited for
+    written = rank_bytes(tmp_path / "checkpoints" / "step_00000003")
+    assert len(written) == 2 and written[0] == pytest.approx(sum(written) / 2, rel=0.1), written
+    second = pool2.run(run, str(tmp_path), f"parallel.zero_stage={zero}")[0]
+    assert first + second == pytest.approx(reference[0], rel=1e-4, abs=1e-4)
 
 
 @pytest.mark.parametrize("extra", [("parallel.zero_stage=0",), ("parallel.zero_stage=1",),

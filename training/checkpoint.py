@@ -1,6 +1,7 @@
 """Checkpoints that resume on any layout: megatron-core dist_checkpointing of weights and optimizer state.
 
     save(engine, cfg, layout, run_dir, step, trainer_state, keep=3)   # layout: model_parallel.layout.ParallelLayout
+    save(..., background=BackgroundSaves())           # train.async_save: written while training goes on
     tag = latest_tag(run_dir)                         # None when there is no `latest` pointer
     tag, note = resume_tag(run_dir)                   # `latest`'s, else the newest complete checkpoint
     trainer_state = load(engine, cfg, layout, run_dir, tag)   # at this run's TP/PP/DP/ZeRO layout
@@ -8,13 +9,19 @@
 Why dist_checkpointing rather than DeepSpeed's own checkpoints: DeepSpeed's native files are tied to the
 DP size and, under a pipeline, to per-layer files; its universal conversion is an offline step and
 needs TP patterns per parameter. megatron-core's dist_checkpointing stores each tensor once with its
-global shape and the offsets of every shard, and reshards on load, so a checkpoint saved at
+global shape and the offsets of every block, and reshards on load, so a checkpoint saved at
 TP=2 x PP=2 x DP=2 loads at TP=1 x PP=1 x DP=1 (and back). What goes in:
 - for every parameter, under its PartiModel name (the same at any PP, see `piece_names`): the fp32
-  master weight and the optimizer state (AdamW's `exp_avg`, `exp_avg_sq`; Adafactor's statistics),
-  assembled over ZeRO partitions (training/deepspeed_glue.py `get_full`/`set_full`, DeepSpeed's
-  `safe_get_full_*` API) and sharded over TP by megatron-core's `partition_dim` attribute (Adafactor's
-  row/column statistics exist only per TP shard: they are stored per TP rank and reload at the same TP size);
+  master weight and the optimizer state (AdamW's `exp_avg`, `exp_avg_sq`; Adafactor's statistics);
+- what each rank writes is its own part, read in place from DeepSpeed's partitions (deepspeed_glue.py
+  `own_fragment`): under ZeRO-1/2/3 a flat range of each parameter, stored as the few row-major blocks
+  that cover it (`flat_blocks`; megatron-core 0.16 refuses ShardedTensor.flattened_range), placed in the
+  global tensor by the parameter's TP `partition_dim`. So bytes written, host memory and time per rank
+  scale with the rank's partition, with no gathers; at ZeRO-0, where every DP rank holds whole tensors,
+  megatron's fully parallel save spreads their writes over the DP ranks. A load asks for the blocks of its
+  own layout and dist_checkpointing reads them out of whatever blocks were written, straight into the
+  partitions; the working (bf16) weights are then refreshed from the masters. (Adafactor's row/column
+  statistics exist only per TP shard: stored per TP rank, they reload at the same TP size only);
 - trainer_state.json: step, consumed samples (the sampler's state), optimizer step count, LR
   schedule, skipped steps, world layout, the resolved config;
 - rng_rank{r}.pt: each rank's RNG states (restored only when the layout is unchanged).
@@ -22,7 +29,9 @@ TP=2 x PP=2 x DP=2 loads at TP=1 x PP=1 x DP=1 (and back). What goes in:
 Layout and the `latest` pointer are common/checkpoints.py's: run_dir/checkpoints/step_00000100/, and
 `latest` moved by rank 0 after every rank finished writing. A tag is complete when its trainer_state.json
 (STATE_FILE, written last, atomically) exists. A save that fails (a full disk) removes its partial folder,
-leaves `latest` where it was and raises CheckpointError naming the cause.
+leaves `latest` where it was and raises CheckpointError naming the cause. An asynchronous save
+(`BackgroundSaves`) is completed the same way, at the first training step after every rank's writer
+finished; a run killed before then leaves `latest` on the previous checkpoint.
 
 Safety of what is read back: `verify` checks a checkpoint before anything is built: the tensor index
 `.metadata` (a pickle that torch.distributed.checkpoint unpickles unrestricted) is first read with an
@@ -51,6 +60,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
@@ -354,43 +364,96 @@ def _run_id_of(path: Path) -> str | None:
         return None
 
 
+class BackgroundSaves:
+    """Checkpoints written by background processes while training goes on (train.async_save).
+
+    megatron-core's asynchronous save: `save` plans the write, takes a copy of this rank's tensors in host
+    memory (its own ZeRO part; a GPU's are copied out) and forks a process that writes them; the training
+    loop calls `poll()` once per step (a one-integer all-reduce: every rank at the same point) and, when
+    every rank's writer has finished, the save is completed there as a synchronous one is: the tensor index,
+    then trainer_state.json (the mark of a complete checkpoint), `latest`, pruning. A run killed before that
+    leaves the folder incomplete and `latest` on the previous checkpoint. One save is in flight at a time:
+    the next `save` first waits for the previous one."""
+
+    def __init__(self):
+        self.queue = AsyncCallsQueue(persistent=False)  # (a fresh forked writer per save: nothing to restart)
+        self.in_flight: list[tuple[Path, Path]] = []  # (run_dir, checkpoint folder) of each save in flight
+
+    def schedule(self, request, run_dir: Path, path: Path) -> None:
+        self.queue.schedule_async_request(request)
+        self.in_flight.append((Path(run_dir), path))
+
+    def poll(self, wait: bool = False) -> list[Path]:
+        """Complete the saves every rank has finished writing (all of them when `wait`); their folders. Every
+        rank calls it at the same point. A failed background write raises CheckpointError as a failed save does."""
+        if not self.in_flight:
+            return []
+        try:
+            done = self.queue.maybe_finalize_async_calls(blocking=wait)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - raised on every rank (megatron broadcasts it)
+            run_dir, path = self.in_flight.pop(0)
+            _fail(run_dir, path, failure_cause(e))
+        completed = [path for _, path in self.in_flight[:len(done)]]
+        del self.in_flight[:len(done)]
+        return completed
+
+    def close(self, abort: bool = False) -> None:
+        """Stop the queue; `abort`: kill a writer still running (its checkpoint stays incomplete)."""
+        self.queue.close(abort=abort)
+        self.in_flight.clear()
+
+
 def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, trainer_state: dict,
-         keep: int = 3) -> str:
+         keep: int = 3, background: BackgroundSaves | None = None) -> str:
     """Write the checkpoint of `step` (every rank), then rank 0 marks it complete, moves `latest` and
-    prunes. A failed write (a full disk) leaves no partial folder and `latest` where it was, and raises
-    CheckpointError with the cause on every rank."""
-    root, tag = checkpoint_dir(run_dir), tag_for(step)
-    path = root / tag
+    prunes; with `background`, the tensors are written by a background process and the rest happens at a
+    later `background.poll()`. A failed write (a full disk) leaves no partial folder and `latest` where it
+    was, and raises CheckpointError with the cause on every rank."""
+    if background is not None:
+        background.poll(wait=True)
+    path = checkpoint_dir(run_dir) / tag_for(step)
     rank = dist.get_rank()
-    run_id = trainer_state.get("run_id")
-    problem = _from_rank0(prepare_folder(path, run_id, _run_id_of) if rank == 0 else None)
+    problem = _from_rank0(prepare_folder(path, trainer_state.get("run_id"), _run_id_of) if rank == 0 else None)
     if problem:
         raise CheckpointError(problem)
-    error = None
+    error, request = None, None
     try:
         state, _ = _state_dict(engine, cfg.model)
-        dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy())
+        request = dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy(),
+                                          async_sharded_save=background is not None)
         torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any rank's failure
         error = failure_cause(e)
     full_state = {**trainer_state, "optimizer_steps": optimizer_step_count(engine),
                   "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": layout.record(),
                   "config": to_dict(cfg)}
-    error = _first_of_all(error)  # (also the barrier: every rank has finished writing)
-    if rank == 0 and not error:
-        # trainer_state.json last (write + rename): its presence marks the tag complete; then the pointer moves.
+    error = _first_of_all(error)  # (also the barrier: every rank has finished writing or planning)
+    if error:
+        _fail(run_dir, path, error)
+    if request is None:
+        _complete(run_dir, path, full_state, keep)
+    else:
+        request.add_finalize_fn(lambda: _complete(run_dir, path, full_state, keep))
+        background.schedule(request, run_dir, path)
+    return path.name
+
+
+def _complete(run_dir: str | Path, path: Path, full_state: dict, keep: int) -> None:
+    """Every rank, once every rank's tensors are written: rank 0 writes trainer_state.json last (write +
+    rename: its presence marks the checkpoint complete), moves `latest`, prunes older ones of this run."""
+    error = None
+    if dist.get_rank() == 0:
         try:
             write_atomic(path / STATE_FILE, json.dumps(full_state, indent=1))
-            move_latest(run_dir, tag)
+            move_latest(run_dir, path.name)
         except OSError as e:
             error = failure_cause(e)
     error = _from_rank0(error)
     if error:
         _fail(run_dir, path, error)
-    if rank == 0:
-        checkpoints.prune(run_dir, keep, step, STATE_FILE, run_id, _run_id_of)
+    if dist.get_rank() == 0:
+        checkpoints.prune(run_dir, keep, full_state["step"], STATE_FILE, full_state.get("run_id"), _run_id_of)
     dist.barrier()
-    return tag
 
 
 def _fail(run_dir: Path, path: Path, error: str) -> None:

@@ -61,6 +61,10 @@ class TrainConfig:
     """Steps between metric lines."""
     save_interval: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    async_save: bool = False
+    """Write checkpoints in background processes while training goes on (megatron-core's async save: each
+    rank's part is copied to host memory, then written by a forked process); `latest` moves at the first
+    step after every rank's write finished, and the run's last save is waited for."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
     max_skipped_steps: int = 10

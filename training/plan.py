@@ -17,7 +17,7 @@ ZeRO-3; one layer at a time at ZeRO-3, built under deepspeed.zero.Init). Layouts
 fastest first; those that do not with why: memory over the GPU's by how much (in training or while being
 built), or a global batch that the layout's micro-batch x DP does not divide. For the fastest layout it then
 says what the run asks of the file system (checkpoint size, write time at --fs-gbs, writers and the host
-memory each gathers) and of the data pipeline (samples/s and MB/s of code shards). Sizes, counts, bandwidths and
+memory each needs) and of the data pipeline (samples/s and MB/s of code shards). Sizes, counts, bandwidths and
 the MFU must be positive (MFU at most 1): anything else is one line naming the flag, exit status 1.
 """
 from __future__ import annotations
@@ -194,8 +194,8 @@ class RunCosts:
 
     checkpoint_gb: float
     write_s: float            # at the given aggregate file-system bandwidth
-    writers: int              # ranks that write (one data-parallel replica: TP x PP)
-    host_gb_per_writer: float  # a writer's whole TP x PP shard, gathered in host memory before it is written
+    writers: int              # ranks that write: all of them, each its own part (training/checkpoint.py)
+    host_gb_per_writer: float  # a writer's part, copied to host memory while it is written
     samples_per_s: float      # what the step time asks of the data pipeline
     data_mb_per_s: float      # in code-shard bytes (data_pipeline/code_shards.py records)
 
@@ -205,7 +205,8 @@ def run_costs(model_cfg, total_params: int, o: Layout, global_batch: int, fs_gbs
     total = CHECKPOINT_BYTES_PER_PARAM * total_params
     record = record_dtype(model_cfg.image_seq_len, model_cfg.text_seq_len).itemsize
     samples_per_s = global_batch / o.step_s
-    return RunCosts(total / 1e9, total / (fs_gbs * 1e9), o.tp * o.pp, total / (o.tp * o.pp) / 2**30,
+    world = o.tp * o.pp * o.dp  # (ZeRO-1/2/3: each rank's partition; ZeRO-0: whole tensors spread over DP)
+    return RunCosts(total / 1e9, total / (fs_gbs * 1e9), world, total / world / 2**30,
                     samples_per_s, samples_per_s * record / 1e6)
 
 
@@ -318,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     best, m = fits[0], model_config(args.model)
     c = run_costs(m, sum(piece_params(m, 1)), best, args.global_batch, args.fs_gbs)
     print(f"the fastest layout's run: a checkpoint of {c.checkpoint_gb:,.1f} GB (fp32 weights + AdamW moments) takes "
-          f"{c.write_s:,.1f} s at {args.fs_gbs:g} GB/s; {c.writers} ranks write it (one data-parallel replica), each "
-          f"first gathering its {c.host_gb_per_writer:,.1f} GB shard in host memory; the step time needs "
+          f"{c.write_s:,.1f} s at {args.fs_gbs:g} GB/s; all {c.writers} ranks write it, each its own "
+          f"{c.host_gb_per_writer:,.2f} GB part (a copy of it in host memory while written); the step time needs "
           f"{c.samples_per_s:,.0f} samples/s = {c.data_mb_per_s:,.1f} MB/s of code shards")
 
 

@@ -197,7 +197,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)  # data that does not fit the model is refused before anything is written
         self.lock = RunLock(self.run_dir)
-        self.log, self.reader = None, None
+        self.log, self.reader, self.background = None, None, None
         try:
             self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume))[1])
             self._build()
@@ -236,6 +236,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
         self.engine, self.nonfinite_guard = engine.build_engine(model, cfg, kernels, layout)
         metrics.reset_peak_memory()
+        self.background = checkpoint.BackgroundSaves() if cfg.train.async_save else None
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
         self.log.info(f"layout: {layout.describe()}; "
@@ -278,15 +279,25 @@ class Trainer:
         state = {"step": self.step, "consumed_samples": self.consumed,
                  "sampler": self.sampler.state_dict(self.consumed),
                  "skipped_steps": self.nonfinite_guard.skipped, "run_id": self.plan.run_id}
+        self.complete_saves(wait=True)  # one save in flight at a time
         tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
-                              self.cfg.train.keep_checkpoints)
-        self.log.info(f"saved {self.run_dir / 'checkpoints' / tag}")
+                              self.cfg.train.keep_checkpoints, self.background)
+        where = self.run_dir / "checkpoints" / tag
+        self.log.info(f"saving {where} in the background" if self.background else f"saved {where}")
+
+    def complete_saves(self, wait: bool = False) -> None:
+        """With train.async_save: complete the background saves every rank has written (all when `wait`)."""
+        for path in self.background.poll(wait) if self.background else []:
+            self.log.info(f"saved {path}")
 
     def close(self) -> None:
         """Release the run directory (the lock; the logger if `run` did not) and stop the data workers."""
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+        if self.background is not None:  # (a save still in flight here was not waited for: the run failed)
+            self.background.close(abort=True)
+            self.background = None
         if self.log is not None and not getattr(self, "_log_closed", False):
             self.log.close()
             self._log_closed = True
@@ -324,9 +335,11 @@ class Trainer:
                     raise NonFiniteStop(f"stopping at step {self.step}: the last {guard.consecutive} steps had "
                                        "non-finite loss or gradients and were skipped (train.max_skipped_steps="
                                        f"{t.max_skipped_steps}); lower train.lr or check the data")
+                self.complete_saves()
                 preempted = stop.requested()
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
                     self.save()
+                    self.complete_saves(wait=preempted or self.step == t.steps)
                 if preempted:
                     reason = stop.name
                     dist.barrier()  # every rank has read the STOP file before it goes
