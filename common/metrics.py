@@ -35,6 +35,11 @@ def memory_gb() -> dict[str, float]:
     return {"mem_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30}
 
 
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2) against a reference."""
+    return 10 * math.log10(4.0 / max(torch.nn.functional.mse_loss(images.float(), reference.float()).item(), 1e-12))
+
+
 def reset_peak_memory() -> None:
     """Start the peaks of `memory_gb` afresh: called once the engine is built, so that the logged peak is
     training's, not construction's (the fp32 model before DeepSpeed casts it to bf16)."""

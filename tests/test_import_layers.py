@@ -1,6 +1,6 @@
 """The house's floors: a package imports only from its own floor or the floors below it.
 
-    common  <-  model_parallel, data_pipeline, vq  <-  training  <-  evaluation, demo, bench, slurm
+    common  <-  model_parallel, data_pipeline, vq, sr  <-  training  <-  evaluation, demo, bench, slurm
 
 Every import is read from the source (lazy imports inside functions included), so a lower floor that
 reaches upward fails here naming the file, the line and the package it reached for.
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOORS = [("common",), ("model_parallel", "data_pipeline", "vq"), ("training",),
+FLOORS = [("common",), ("model_parallel", "data_pipeline", "vq", "sr"), ("training",),
           ("evaluation", "demo", "bench", "slurm")]
 FLOOR_OF = {package: level for level, packages in enumerate(FLOORS) for package in packages}
 

@@ -186,7 +186,9 @@ def test_planted_pickle_in_a_checkpoint_does_not_run(pool2, reference, tmp_path,
 # A full disk while saving
 
 
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(single_process, reference, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(single_process, reference, tmp_path, monkeypatch, mode):
+    """The write fails (async: in the background writer, found at the end of the run, which waits for it)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     def no_space(*args, **kwargs):  # what writing a .distcp file meets on a full disk
@@ -196,7 +198,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(single_process, r
     monkeypatch.setattr(filesystem_async, "_write_item", no_space)
     with pytest.raises(RuntimeError, match=rf"saving .*{tag_for(4)} failed: No space left on device \(errno ENOSPC\) "
                                            rf".*removed the partial folder; .*latest still names {MID}") as err:
-        run(str(run_dir), steps=4)
+        run(str(run_dir), f"train.async_save={mode == 'async'}", steps=4)
     assert err.type.__name__ == "CheckpointError" and "\n" not in str(err.value)
     assert not (run_dir / "checkpoints" / tag_for(4)).exists() and latest_tag(run_dir) == MID
     from training.checkpoint import verify

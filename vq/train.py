@@ -21,45 +21,26 @@ object, which could run code when loaded) or a damaged one stops the resume with
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import pickle
-import random
 import re
-import shutil
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from common.checkpoints import (
-    CheckpointError,
-    checkpoint_dir,
-    failed_save_message,
-    failure_cause,
-    move_latest,
-    prepare_folder,
-    prune,
-    resume_tag,
-    tag_for,
-)
+from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
-from common.files import atomic_path, write_atomic
-from common.metrics import MetricsLogger
-from data_pipeline.images import FilterConfig, prepare_sample
-from data_pipeline.laion import expand_shards, read_shard
+from common.files import write_atomic
+from common.metrics import MetricsLogger, psnr
+from common.state_file import STATE_FILE, load_state, save_state
+from data_pipeline.image_stream import crop_stream
 from model_parallel.state import init_distributed
 from vq.config import VQConfig
 from vq.losses import VQGANLoss, split_output
 from vq.tokenizer import save_image_tokenizer
 from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN
-
-STATE_FILE = "state.pt"
-"""A vq checkpoint folder's one file, written atomically: its presence marks the checkpoint complete."""
 
 
 def build_model(cfg: VQConfig):
@@ -72,60 +53,9 @@ def build_model(cfg: VQConfig):
                     logit_laplace=m.logit_laplace, dead_code_steps=m.dead_code_steps)
 
 
-def image_stream(pattern: str, cfg: VQConfig, rank: int, world: int, seed: int):
-    """Endless augmented images (uint8 [3, S, S]) for this rank: every world-th kept sample, reshuffled
-    through a buffer, random crops and flips when train.resize > model.image_size."""
-    paths, size = expand_shards(pattern), cfg.model.image_size
-    prep = FilterConfig(image_size=cfg.train.resize or size, min_size=min(64, cfg.train.resize or size))
-    rng = random.Random(seed * 1000 + rank)
-    buffer = []
-    while True:
-        index = 0
-        for path in paths:
-            for raw in read_shard(path, Counter()):
-                p = prepare_sample(raw, prep)
-                if p.reason is None:
-                    index += 1
-                    if index % world == rank:
-                        buffer.append(p.image)
-                if len(buffer) >= 256:
-                    yield _augment(buffer.pop(rng.randrange(len(buffer))), size, rng)
-        if index < world:
-            raise ValueError(f"{pattern}: {index} usable image(s), fewer than the {world} data-parallel ranks")
-        while buffer:
-            yield _augment(buffer.pop(rng.randrange(len(buffer))), size, rng)
-
-
-def _augment(image: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
-    top, left = rng.randint(0, image.shape[1] - size), rng.randint(0, image.shape[2] - size)
-    crop = image[:, top:top + size, left:left + size]
-    return crop.flip(-1) if rng.random() < 0.5 else crop
-
-
-def psnr(recon: torch.Tensor, images: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    return 10 * math.log10(4.0 / max(F.mse_loss(recon.float(), images.float()).item(), 1e-12))
-
-
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint as saved by VQTrainer.save, read with weights_only=True: pickled objects other than
-    tensors and plain containers are refused before they can run, instead of being executed."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        if isinstance(e, pickle.UnpicklingError) and found:
-            raise CheckpointError(f"{path}: refused: it holds a pickled {found.group(1)}, not only tensors and plain "
-                                  "data, and loading it could run code; vq.train never writes such checkpoints - "
-                                  "use one from a run you trust, or delete its folder and `latest` to resume from "
-                                  "the newest complete one") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first}); expected a torch.save file "
-                              "written by vq.train") from None
-    missing = [k for k in ("model", "opt", "step", "rng") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a vq.train checkpoint (no {', '.join(missing)})")
-    return state
+    """A checkpoint as saved by VQTrainer.save (common/state_file.py: refused unrun unless tensors and plain data)."""
+    return load_state(path, ("model", "opt", "step", "rng"), writer="vq.train")
 
 
 SINGLE_FILE = re.compile(r"step_\d+\.pt")
@@ -180,7 +110,7 @@ class VQTrainer:
         self.disc_ddp = ddp(disc) if disc is not None else None
         self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=(0.9, 0.99)) if disc else None
         self.step = 0
-        self.stream = image_stream(data, cfg, self.rank, self.world, t.seed)
+        self.stream = crop_stream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -194,22 +124,9 @@ class VQTrainer:
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
     def save(self) -> None:
-        """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt atomically, then moves `latest` and prunes to
-        train.keep_checkpoints. A failed write leaves no partial folder and `latest` where it was."""
+        """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt (common/state_file.py); every rank waits for it."""
         if self.rank == 0:
-            tag = tag_for(self.step)
-            folder = checkpoint_dir(self.run_dir) / tag
-            problem = prepare_folder(folder)
-            if problem:
-                raise CheckpointError(problem)
-            try:
-                with atomic_path(folder / STATE_FILE) as tmp:
-                    torch.save(self.state(), tmp)
-                move_latest(self.run_dir, tag)
-            except (OSError, RuntimeError) as e:  # (torch.save's writer reports a full disk as a RuntimeError)
-                shutil.rmtree(folder, ignore_errors=True)
-                raise CheckpointError(failed_save_message(self.run_dir, folder, failure_cause(e), STATE_FILE)) from None
-            prune(self.run_dir, self.cfg.train.keep_checkpoints, self.step, STATE_FILE)
+            save_state(self.run_dir, self.step, self.state(), self.cfg.train.keep_checkpoints)
         dist.barrier()
 
     def resume(self) -> None:

@@ -1,0 +1,45 @@
+"""Typed configuration of the upsampler trainer (`python -m sr.train --config configs/sr/...`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sr.model import SRModelConfig
+
+
+@dataclass
+class SRTrainConfig:
+    steps: int = 100000
+    """Optimizer steps."""
+    batch_size: int = 16
+    """High-resolution crops per step over all data-parallel processes."""
+    crop: int = 192
+    """Side of the high-resolution training crops (the low-resolution input is crop / scale)."""
+    resize: int = 0
+    """Images are first resized (shorter side) and centre-cropped to this, then randomly cropped to `crop`
+    (0: to `crop` directly, no random crop)."""
+    lr: float = 1e-3
+    """Adam learning rate (halved at 50% and 75% of the steps)."""
+    l1: float = 1.0
+    """Weight of the L1 loss to the high-resolution image."""
+    perceptual: float = 0.0
+    """Weight of LPIPS (0 disables it)."""
+    lpips_backbone: str = ""
+    """Local torchvision vgg16 state dict for LPIPS ('' = random backbone, for tests)."""
+    seed: int = 1234
+    """Seed of weights and data order."""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast; on GPU)."""
+    log_interval: int = 10
+    """Steps between metric lines."""
+    eval_interval: int = 1000
+    """Steps between evaluations on --val-data (PSNR against bicubic) and comparison grids."""
+    save_interval: int = 1000
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
+
+
+@dataclass
+class SRConfig:
+    model: SRModelConfig = field(default_factory=SRModelConfig)
+    train: SRTrainConfig = field(default_factory=SRTrainConfig)

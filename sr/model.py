@@ -1,0 +1,111 @@
+"""WDSR, the super-resolution network of Parti's last stage (256 px -> 512 or 1024 px).
+
+    model = build_wdsr(SRModelConfig(preset="x4"))     # ~30M parameters, x4
+    hr = model(lr)                                     # [B, 3, H, W] in [-1, 1] -> [B, 3, sH, sW]
+    hr = upsample(model, lr)                           # the same, clamped to [-1, 1], without gradients
+
+Wide activation residual blocks (Yu et al. 2018, "Wide Activation for Efficient and Accurate Image
+Super-Resolution", WDSR-B): a 1x1 convolution widens the features `expansion` times before the ReLU, a linear
+1x1 narrows them to `low_rank` x features, a 3x3 brings them back; weight normalisation instead of batch
+normalisation; a 3x3 head, a 3x3 tail producing scale^2 x 3 channels rearranged by pixel shuffle, and a
+global branch (5x5 convolution + pixel shuffle) from the input to the output. Parti names WDSR models of
+~15M (x2) and ~30M (x4) parameters; the presets reach them with 50 blocks of 128 and 180 features.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from common.config import ConfigError
+from common.files import atomic_path
+
+WDSR_PRESETS = {
+    "x2": {"scale": 2, "features": 128, "blocks": 50},   # ~14.8M parameters, 256 -> 512 px
+    "x4": {"scale": 4, "features": 180, "blocks": 50},   # ~29.3M parameters, 256 -> 1024 px
+    "tiny": {"scale": 2, "features": 16, "blocks": 4},   # tests and the demo
+}
+
+
+@dataclass
+class SRModelConfig:
+    preset: str = "x4"
+    """x2 (~15M parameters) | x4 (~30M) | tiny; scale/features/blocks below override it when > 0."""
+    scale: int = 0
+    """Upsampling factor (0: the preset's)."""
+    features: int = 0
+    """Channels of the residual body (0: the preset's)."""
+    blocks: int = 0
+    """Residual blocks (0: the preset's)."""
+    expansion: float = 6.0
+    """Width of the activation inside a block, in multiples of `features` (WDSR-B: 6)."""
+    low_rank: float = 0.8
+    """Width of the linear low-rank convolution after the activation, in multiples of `features` (WDSR-B: 0.8)."""
+
+    def resolved(self) -> dict:
+        """scale, features and blocks: the preset's, overridden by the fields > 0."""
+        if self.preset not in WDSR_PRESETS:
+            raise ConfigError(f"model.preset={self.preset!r} must be one of {', '.join(WDSR_PRESETS)}")
+        shape = dict(WDSR_PRESETS[self.preset])
+        shape.update({k: getattr(self, k) for k in shape if getattr(self, k) > 0})
+        return shape
+
+
+def conv(c_in: int, c_out: int, kernel: int) -> nn.Module:
+    return weight_norm(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2))
+
+
+class WideBlock(nn.Module):
+    """x + conv3x3(conv1x1_low_rank(relu(conv1x1_wide(x))))."""
+
+    def __init__(self, features: int, expansion: float, low_rank: float):
+        super().__init__()
+        wide, narrow = round(features * expansion), round(features * low_rank)
+        self.body = nn.Sequential(conv(features, wide, 1), nn.ReLU(inplace=True), conv(wide, narrow, 1),
+                                  conv(narrow, features, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class WDSR(nn.Module):
+    def __init__(self, scale: int, features: int, blocks: int, expansion: float = 6.0, low_rank: float = 0.8):
+        super().__init__()
+        self.scale = scale
+        out = 3 * scale * scale
+        self.head = conv(3, features, 3)
+        self.body = nn.Sequential(*(WideBlock(features, expansion, low_rank) for _ in range(blocks)))
+        self.tail = nn.Sequential(conv(features, out, 3), nn.PixelShuffle(scale))
+        self.skip = nn.Sequential(conv(3, out, 5), nn.PixelShuffle(scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.body(self.head(x))) + self.skip(x)
+
+
+def build_wdsr(cfg: SRModelConfig) -> WDSR:
+    return WDSR(**cfg.resolved(), expansion=cfg.expansion, low_rank=cfg.low_rank)
+
+
+@torch.no_grad()
+def upsample(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] upsampled by the model, clamped to [-1, 1] (inference)."""
+    return model(images).clamp(-1, 1)
+
+
+def save_upsampler(model: WDSR, cfg: SRModelConfig, path) -> None:
+    """The trained upsampler in one file: its model config and weights (tensors and plain data only)."""
+    with atomic_path(path) as tmp:
+        torch.save({"kind": "wdsr", "config": asdict(cfg), "state_dict": model.state_dict()}, tmp)
+
+
+def load_upsampler(path, device: str | torch.device = "cpu") -> WDSR:
+    """An exported upsampler (`save_upsampler`), in eval mode; weights_only: a file that holds more than
+    tensors and plain data is refused unrun."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(blob, dict) and blob.get("kind") == "wdsr"):
+        raise ConfigError(f"{path}: not an upsampler export (expected sr.train's export.pt, kind 'wdsr')")
+    model = build_wdsr(SRModelConfig(**blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()

@@ -1,0 +1,178 @@
+"""Train Parti's super-resolution upsampler (WDSR) on LAION-style shards, then export it.
+
+    python -m sr.train --config configs/sr/wdsr-x4.yaml --data 'laion/{00000..00099}.tar' \
+        --val-data 'laion/00100.tar' --run-dir runs/sr [--set train.steps=1000 ...] [--resume auto]
+    torchrun --nproc_per_node 8 -m sr.train ...                 # data parallel (DDP)
+
+Pairs are made from the images themselves: a random high-resolution crop (train.crop) and its antialiased
+bicubic downsampling by the model's scale. Loss: L1 (+ LPIPS when train.perceptual > 0). Logged per step:
+the loss and the PSNR of the upsampled crops against bicubic upsampling of the same inputs; every
+train.eval_interval steps and at the end, on --val-data (up to 16 held-out images, whole, resized and
+centre-cropped to train.resize, or train.crop when 0): the PSNR of the
+model and of bicubic upsampling, and compare_XXXXXXXX.png (rows: bicubic, model, original). The run directory
+receives config.yaml, metrics.jsonl + TensorBoard, checkpoints/ (common/state_file.py: `--resume auto`
+continues from `latest`, or from the newest complete checkpoint) and, at the end, export.pt
+(sr.model.load_upsampler).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
+from common.cli import command, config_parser
+from common.config import ConfigError, load_typed, save_config
+from common.metrics import MetricsLogger, psnr
+from common.state_file import STATE_FILE, load_state, save_state
+from data_pipeline.image_stream import center_crops, crop_stream
+from model_parallel.state import init_distributed
+from sr.config import SRConfig
+from sr.model import build_wdsr, save_upsampler, upsample
+from vq.losses import make_lpips
+
+
+def downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """The low-resolution input of a pair: antialiased bicubic downsampling (images in [-1, 1])."""
+    return F.interpolate(images, scale_factor=1 / scale, mode="bicubic", antialias=True).clamp(-1, 1)
+
+
+def bicubic(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """The baseline the upsampler must beat: bicubic upsampling, clamped to [-1, 1]."""
+    return F.interpolate(images, scale_factor=scale, mode="bicubic").clamp(-1, 1)
+
+
+class SRTrainer:
+    def __init__(self, cfg: SRConfig, data: str, run_dir: str | Path, val_data: str | None = None,
+                 device: str | None = None):
+        init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        t = cfg.train
+        self.scale = cfg.model.resolved()["scale"]
+        if t.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
+        for name in ("crop", "resize"):
+            if getattr(t, name) % self.scale:
+                raise ConfigError(f"train.{name}={getattr(t, name)} must be divisible by the model's scale {self.scale}")
+        self.cfg, self.run_dir, self.val_data = cfg, Path(run_dir), val_data
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        torch.manual_seed(t.seed)
+        self.model = build_wdsr(cfg.model).to(self.device)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr)
+        self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, [t.steps // 2, t.steps * 3 // 4], 0.5)
+        self.lpips = make_lpips(t.lpips_backbone or None).to(self.device) if t.perceptual > 0 else None
+        self.step = 0
+        self.stream = crop_stream(data, t.crop, t.resize, self.rank, self.world, t.seed)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt (common/state_file.py); every rank waits for it."""
+        if self.rank == 0:
+            state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                     "schedule": self.schedule.state_dict(), "step": self.step, "rng": torch.get_rng_state(),
+                     "config": dataclasses.asdict(self.cfg)}
+            save_state(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        dist.barrier()
+
+    def resume(self) -> None:
+        """Continue from `latest`, or from the newest complete checkpoint when `latest` is gone (logged)."""
+        tag, note = resume_tag(self.run_dir, STATE_FILE)
+        if note:
+            self.log.info(note)
+        if tag is None:
+            return
+        path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
+        state = load_state(path, ("model", "opt", "schedule", "step", "rng"), writer="sr.train")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"])
+        for _ in range(self.step * self.cfg.train.batch_size // self.world):  # the data stream is a pure function
+            next(self.stream)                                                # of the seed: replay it
+        self.log.info(f"resumed from {path} at step {self.step}")
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def batch(self) -> torch.Tensor:
+        n = self.cfg.train.batch_size // self.world
+        return torch.stack([next(self.stream) for _ in range(n)]).to(self.device).float() / 127.5 - 1
+
+    def train_step(self, hr: torch.Tensor) -> dict:
+        t = self.cfg.train
+        lr = downsample(hr, self.scale)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=t.precision == "bf16" and self.device == "cuda"):
+            out = self.ddp(lr).float()
+        l1 = F.l1_loss(out, hr)
+        loss = t.l1 * l1 + (t.perceptual * self.lpips(out, hr).mean() if self.lpips is not None else 0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.schedule.step()
+        out = out.detach().clamp(-1, 1)
+        return {"loss": loss.item(), "l1": l1.item(), "psnr": psnr(out, hr),
+                "psnr_bicubic": psnr(bicubic(lr, self.scale), hr)}
+
+    def evaluate(self) -> dict:
+        """PSNR of the model and of bicubic upsampling on the held-out images, and a comparison grid."""
+        from torchvision.utils import save_image
+
+        t = self.cfg.train
+        hr = center_crops(self.val_data, t.resize or t.crop, 16).to(self.device).float() / 127.5 - 1
+        lr = downsample(hr, self.scale)
+        self.model.eval()
+        out = upsample(self.model, lr)
+        self.model.train()
+        base = bicubic(lr, self.scale)
+        grid = self.run_dir / f"compare_{self.step:08d}.png"
+        save_image(torch.cat([base[:8], out[:8], hr[:8]]) * 0.5 + 0.5, grid, nrow=min(8, len(hr)))
+        return {"val_psnr": psnr(out, hr), "val_psnr_bicubic": psnr(base, hr), "grid": str(grid)}
+
+    def run(self) -> list[dict]:
+        t, history = self.cfg.train, []
+        self.model.train()
+        while self.step < t.steps:
+            start = time.perf_counter()
+            logs = self.train_step(self.batch())
+            self.step += 1
+            history.append(logs)
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
+            if self.rank == 0 and self.val_data and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                result = self.evaluate()
+                self.log.step({"step": self.step, **{k: v for k, v in result.items() if k != "grid"}})
+                self.log.info(f"held-out PSNR {result['val_psnr']:.2f} dB, bicubic {result['val_psnr_bicubic']:.2f} "
+                              f"dB; {result['grid']}")
+                history[-1].update(result)
+            if self.step % t.save_interval == 0 or self.step == t.steps:
+                self.save()
+        if self.rank == 0:
+            save_upsampler(self.model, self.cfg.model, self.run_dir / "export.pt")
+            self.log.info(f"exported {self.run_dir / 'export.pt'}")
+        self.log.close()
+        return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = config_parser(__doc__, where="configs/sr/")
+    parser.add_argument("--data", required=True, help="LAION-style shard pattern (training images)")
+    parser.add_argument("--val-data", default=None, help="shard pattern of held-out images for evaluation")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--resume", default="auto", choices=["auto", "none"])
+    args = parser.parse_args(argv)
+    with command(errors=(CheckpointError,), label="sr.train"):
+        trainer = SRTrainer(load_typed(SRConfig, args.config, args.set), args.data, args.run_dir, args.val_data)
+        if args.resume == "auto":
+            trainer.resume()
+        trainer.run()
+
+
+if __name__ == "__main__":
+    main()

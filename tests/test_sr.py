@@ -1,0 +1,102 @@
+"""Parti's upsampler (WDSR): the presets' sizes, it beats bicubic upsampling on photos it did not see, resume, export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import ConfigError, load_typed
+from sr.config import SRConfig
+from sr.model import SRModelConfig, build_wdsr
+from tests import laion_fixtures as lf
+
+TINY = ["model.preset=tiny", "train.crop=48", "train.resize=160", "train.batch_size=16", "train.lr=2e-3",
+        "train.log_interval=50", "train.eval_interval=100000", "train.save_interval=100000"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> tuple[str, str]:
+    """12 of the shipped photos to train on, the other 5 held out."""
+    folder, samples = tmp_path_factory.mktemp("srdata"), lf.coco_mini()
+    for name, part in (("train", samples[:12]), ("val", samples[12:])):
+        lf.write_tar(folder / f"{name}.tar", [(k, {"jpg": j, "txt": c.encode()}) for k, j, c in part])
+    return str(folder / "train.tar"), str(folder / "val.tar")
+
+
+def train(photos, run_dir: Path, *overrides: str):
+    from sr.train import SRTrainer
+
+    trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, *overrides]), photos[0], run_dir, photos[1])
+    trainer.resume()
+    return trainer, trainer.run()
+
+
+@pytest.mark.parametrize("preset, size", [("x2", 15e6), ("x4", 30e6)])
+def test_presets_have_the_sizes_parti_names(preset, size):
+    with torch.device("meta"):
+        model = build_wdsr(SRModelConfig(preset=preset))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(size, rel=0.1)
+    assert model.scale == int(preset[1])
+
+
+def test_upsampler_beats_bicubic_on_held_out_photos_and_exports(single_process, photos, tmp_path):
+    from sr.model import load_upsampler, upsample
+
+    trainer, history = train(photos, tmp_path, "train.steps=400")
+    held_out = history[-1]
+    assert held_out["val_psnr"] > held_out["val_psnr_bicubic"] + 0.2, held_out
+    model = load_upsampler(tmp_path / "export.pt")
+    low = torch.rand(2, 3, 20, 24) * 2 - 1
+    assert torch.equal(upsample(model, low), upsample(trainer.model.eval(), low))
+    assert upsample(model, low).shape == (2, 3, 40, 48)
+    assert Path(held_out["grid"]).is_file() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_a_run_stopped_after_a_save_resumes_where_it_was(single_process, photos, tmp_path, monkeypatch):
+    """Stopped right after its step-6 checkpoint (as a preemption would), resumed: the uninterrupted run's
+    losses for steps 7-12 (weights, Adam, the LR halvings and the data stream all continue)."""
+    from sr.train import SRTrainer
+
+    _, full = train(photos, tmp_path / "full", "train.steps=12", "train.save_interval=6")
+
+    class Stopped(Exception):
+        pass
+
+    real_save = SRTrainer.save
+
+    def save_then_stop(self):
+        real_save(self)
+        if self.step == 6:
+            raise Stopped
+
+    monkeypatch.setattr(SRTrainer, "save", save_then_stop)
+    with pytest.raises(Stopped):
+        train(photos, tmp_path / "split", "train.steps=12", "train.save_interval=6")
+    monkeypatch.undo()
+    _, rest = train(photos, tmp_path / "split", "train.steps=12", "train.save_interval=6")
+    assert [h["loss"] for h in rest] == pytest.approx([h["loss"] for h in full[6:]], rel=1e-5)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.crop=47"], "train.crop=47 must be divisible by the model's scale 2"),
+    (["model.preset=x3"], "model.preset='x3' must be one of x2, x4, tiny"),
+])
+def test_bad_settings_are_refused_naming_the_field(single_process, photos, tmp_path, sets, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(photos, tmp_path, *sets)
+
+
+def ddp_weights(photos, run_dir: str):
+    from sr.train import SRTrainer
+
+    trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.steps=3", "train.batch_size=8"]), photos[0],
+                        run_dir, photos[1])
+    history = trainer.run()
+    return history[-1]["loss"], {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
+    (loss0, weights0), (loss1, weights1) = pool2.run(ddp_weights, photos, str(tmp_path))
+    torch.testing.assert_close(weights0, weights1, rtol=0, atol=0)  # gradients averaged by DDP
+    assert loss0 != loss1  # each rank saw its own images
