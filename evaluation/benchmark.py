@@ -1,5 +1,6 @@
 """Evaluation harnesses: PartiPrompts (CLIP score per category and challenge) and MS-COCO-30k (FID and CLIP
-score), with results.json and an HTML report of image grids.
+score), with results.json and an HTML report of image grids; with `model.upsampler` (Parti's last stage) the
+images are also upsampled, and `benchmark.resolution=upsampled` scores those.
 
     python -m evaluation.benchmark --config configs/eval/partiprompts.yaml \
         --set model.checkpoint=runs/x/export model.vq=vq.pt model.text_tokenizer=spm.model \
@@ -21,13 +22,20 @@ from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 
 from common.cli import command, config_parser
 from data_pipeline.shared_data import resolve
 from evaluation.clip_score import ClipScorer, read_metadata, score_samples
 from evaluation.config import EvalConfig, load_eval_config
 from evaluation.fid import fid
-from evaluation.generate import gather_metadata, generate, load_for_sampling
+from evaluation.generate import (
+    gather_metadata,
+    generate,
+    load_for_sampling,
+    load_upsampler_for_sampling,
+    upsampled_folder,
+)
 from evaluation.prompts import read_prompts
 from evaluation.report import image_grid, image_html, table_html, write_html
 from model_parallel.state import init_distributed
@@ -58,7 +66,8 @@ def grid_section(images: Path, grids: Path, name: str, rows: list[dict], count: 
     return name, image_html(f"grids/{file.name}")
 
 
-def write_report(cfg: EvalConfig, out: Path, results: dict, metadata: list[dict], per_prompt: list[dict]) -> Path:
+def write_report(cfg: EvalConfig, out: Path, images: Path, results: dict, metadata: list[dict],
+                 per_prompt: list[dict]) -> Path:
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     summary = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
@@ -70,10 +79,10 @@ def write_report(cfg: EvalConfig, out: Path, results: dict, metadata: list[dict]
         by_category = defaultdict(list)
         for meta in metadata:
             by_category[meta["Category"]].append(meta)
-        sections += [grid_section(out / "images", grids, f"Samples: {name}", rows, cfg.benchmark.grid_prompts)
+        sections += [grid_section(images, grids, f"Samples: {name}", rows, cfg.benchmark.grid_prompts)
                      for name, rows in sorted(by_category.items())]
     elif metadata:
-        sections.append(grid_section(out / "images", grids, "Samples", metadata, cfg.benchmark.grid_prompts))
+        sections.append(grid_section(images, grids, "Samples", metadata, cfg.benchmark.grid_prompts))
     reranked = cfg.clip.model and cfg.sampling.samples_per_prompt > 1
     intro = (f"Model {cfg.model.checkpoint}; sampling {vars(cfg.sampling)}; CLIP {cfg.clip.model or 'none'}. "
              + ("Samples reranked by CLIP score: the best is shown." if reranked else "The first sample is shown."))
@@ -81,10 +90,14 @@ def write_report(cfg: EvalConfig, out: Path, results: dict, metadata: list[dict]
 
 
 def score(cfg: EvalConfig, out: Path, scorer) -> dict:
-    """Rank 0, after generation: CLIP score, FID, results.json and the report."""
-    images = out / "images"
+    """Rank 0, after generation: CLIP score, FID, results.json and the report, on the images of
+    benchmark.resolution (the detokenizer's, or the upsampler's)."""
+    images = out / "images" if cfg.benchmark.resolution == "base" else upsampled_folder(out / "images")
     metadata = read_metadata(images)
-    results: dict = {"benchmark": cfg.benchmark.name, "prompts": len(metadata)}
+    with Image.open(images / metadata[0]["files"][0]) as first:
+        size = "x".join(map(str, first.size))
+    results: dict = {"benchmark": cfg.benchmark.name, "prompts": len(metadata),
+                     "resolution": f"{cfg.benchmark.resolution} ({size})"}
     per_prompt: list[dict] = []
     if scorer is not None:
         clip = score_samples(scorer, images)
@@ -97,7 +110,7 @@ def score(cfg: EvalConfig, out: Path, scorer) -> dict:
         measured = fid(cfg.benchmark.real, images)
         results.update(fid=measured["fid"], fid_protocol=measured["protocol"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_report(cfg, out, results, metadata, per_prompt)
+    write_report(cfg, out, images, results, metadata, per_prompt)
     return results
 
 
@@ -114,10 +127,11 @@ def run(cfg: EvalConfig) -> dict | None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = read_prompts(resolve(cfg.benchmark.prompts))[: cfg.benchmark.limit or None]
     model, vq, text_tok = load_for_sampling(cfg.model.checkpoint, cfg.model.vq, cfg.model.text_tokenizer, device)
+    upsampler = load_upsampler_for_sampling(cfg.model.upsampler, device) if cfg.model.upsampler else None
     scorer = ClipScorer.load(cfg.clip.model, cfg.clip.weights or None, device) if cfg.clip.model else None
     s = cfg.sampling
     generate(model, vq, text_tok, prompts, out / "images", s.per_code(), s.samples_per_prompt, s.seed, s.batch_size,
-             rank, world, scorer if s.samples_per_prompt > 1 else None, s.keep)  # reranked when there is a choice
+             rank, world, scorer if s.samples_per_prompt > 1 else None, s.keep, upsampler)  # reranked when there is a choice
     dist.barrier()
     if rank != 0:
         return None

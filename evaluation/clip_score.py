@@ -53,7 +53,7 @@ class ClipScorer:
         self.protocol, self.device = protocol, device
 
     @classmethod
-    def load(cls, model: str, weights: str | None = None, device: str | None = None) -> "ClipScorer":
+    def load(cls, model: str, weights: str | None = None, device: str | None = None) -> ClipScorer:
         import open_clip
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +89,8 @@ def read_metadata(samples: Path) -> list[dict]:
 
 
 def score_samples(scorer: ClipScorer, samples: str | Path, batch_size: int = 64) -> dict:
-    """Score every generated file against its prompt; writes and returns <samples>/clip_score.json."""
+    """Score every generated file against its prompt (as metadata.jsonl lists them); writes and returns
+    <samples>/clip_score.json."""
     from PIL import Image
 
     samples = Path(samples)

@@ -23,6 +23,9 @@ class ModelPaths:
     """The frozen image tokenizer file (vq.train's export)."""
     text_tokenizer: str = ""
     """The SentencePiece model the captions were tokenized with."""
+    upsampler: str = ""
+    """Optional: an sr.train export.pt (Parti's last stage); images are then also written upsampled into
+    <out>/images_upsampled/ ('' = none)."""
 
 
 @dataclass
@@ -71,6 +74,9 @@ class BenchmarkSettings:
     """Output folder: images/, results.json, report.html."""
     grid_prompts: int = 8
     """Prompts shown per category (or in total) in the report's grids."""
+    resolution: str = "base"
+    """base (the detokenizer's images) | upsampled (after model.upsampler): the images CLIP score, FID and the
+    report's grids are computed on; results.json records which, and their size in pixels."""
 
 
 @dataclass
@@ -80,12 +86,16 @@ class EvalConfig:
     clip: ClipSettings = field(default_factory=ClipSettings)
     benchmark: BenchmarkSettings = field(default_factory=BenchmarkSettings)
 
-    def validate(self) -> "EvalConfig":
-        missing = [f"model.{k}" for k, v in vars(self.model).items() if not v]
+    def validate(self) -> EvalConfig:
+        missing = [f"model.{k}" for k, v in vars(self.model).items() if not v and k != "upsampler"]
         if missing:
             raise ConfigError(f"{', '.join(missing)} must be set (paths of the model to evaluate)")
         if self.benchmark.name not in BENCHMARKS:
             raise ConfigError(f"benchmark.name={self.benchmark.name!r} must be one of {', '.join(BENCHMARKS)}")
+        if self.benchmark.resolution not in ("base", "upsampled"):
+            raise ConfigError(f"benchmark.resolution={self.benchmark.resolution!r} must be base or upsampled")
+        if self.benchmark.resolution == "upsampled" and not self.model.upsampler:
+            raise ConfigError("benchmark.resolution=upsampled needs model.upsampler (an sr.train export.pt)")
         if self.benchmark.name == "coco30k" and not self.benchmark.real:
             raise ConfigError("benchmark.real must name a folder of real images for coco30k (FID)")
         if self.sampling.keep and not self.clip.model:

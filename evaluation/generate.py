@@ -3,7 +3,7 @@
     python -m evaluation.generate --checkpoint runs/x/export --vq runs/vq/export.pt --text-tokenizer tok/spm.model \
         --prompts ../shared/data/PartiPrompts.tsv --out samples/ [--samples-per-prompt 4] [--guidance-scale 1.2] \
         [--temperature 1.0 --top-k 0 --top-p 1.0] [--seed 0] [--batch-size 8] [--limit N] \
-        [--clip ViT-L-14 --clip-weights clip.pt --keep 1]
+        [--clip ViT-L-14 --clip-weights clip.pt --keep 1] [--upsampler runs/sr/export.pt]
     torchrun --nproc_per_node 8 -m evaluation.generate ...      # each process takes every 8th prompt
 
 For prompt i it writes `{i:05d}_{r}.png` for its samples, then `{i:05d}.json` (the prompt and its other
@@ -18,10 +18,17 @@ Seeds depend on (seed, i, k) only, so the images do not depend on the number of 
 size. On a GPU the model runs in bf16 and draws from CUDA generators (the same seeds give other images than
 on CPU). With a CLIP model the samples are reranked by CLIP score (r = 0 is the best; their scores go into
 the .json) and `--keep N` keeps only the best N. At the end rank 0 gathers the .json files into metadata.jsonl.
+
+With `--upsampler` (an sr.train export: Parti's last stage) every kept image is also upsampled and written
+with the same name into the sibling folder `<out>_upsampled/` (e.g. 256 px in samples/, 1024 px in
+samples_upsampled/, each a flat folder that evaluation.fid and evaluation.clip_score read as they are, with its
+own metadata.jsonl); reranking scores the images before upsampling. The upsampler's identity goes into the
+record like the checkpoint's.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 from dataclasses import asdict
@@ -37,6 +44,7 @@ from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, sample
 from model_parallel.state import init_distributed
+from sr.model import load_upsampler, upsample
 from training.export import load_exported
 from vq.tokenizer import load_image_tokenizer
 
@@ -53,16 +61,30 @@ def save_png(image, path: Path) -> None:
         image.save(tmp)
 
 
-def finish_prompt(i: int, prompt: dict, images: list, out: Path, settings: dict, scorer=None, keep: int = 0) -> None:
-    """Write prompt i's samples (best CLIP score first when a scorer is given, the best `keep` of them when
-    keep > 0) and then its .json, which marks the prompt done."""
+def upsampled_folder(out: Path) -> Path:
+    """Where the upsampled images of an output folder go (--upsampler): its sibling `<name>_upsampled`."""
+    return out.with_name(out.name + "_upsampled")
+
+
+def finish_prompt(i: int, prompt: dict, images: list[torch.Tensor], out: Path, settings: dict, scorer=None,
+                  keep: int = 0, upsampler=None) -> None:
+    """Write prompt i's samples (float [3, H, W] in [-1, 1]; best CLIP score first when a scorer is given, the
+    best `keep` of them when keep > 0; with an upsampler also upsampled into upsampled_folder(out)) and then its .json,
+    which marks the prompt done."""
+    pictures = [to_pil(image) for image in images]
     order, scores = list(range(len(images))), None
     if scorer is not None:
-        scores = scorer.score(images, [prompt["prompt"]] * len(images)).tolist()
+        scores = scorer.score(pictures, [prompt["prompt"]] * len(images)).tolist()
         order.sort(key=lambda k: -scores[k])
     order = order[:keep or None]
+    if upsampler is not None:
+        device = next(upsampler.parameters()).device
+        large = upsample(upsampler, torch.stack([images[k] for k in order]).to(device, torch.float32))
+        upsampled_folder(out).mkdir(exist_ok=True)
+        for r, image in enumerate(large):
+            save_png(to_pil(image), upsampled_folder(out) / f"{i:05d}_{r}.png")
     for r, k in enumerate(order):
-        save_png(images[k], out / f"{i:05d}_{r}.png")
+        save_png(pictures[k], out / f"{i:05d}_{r}.png")
     meta = {**prompt, "index": i, **settings, "files": [f"{i:05d}_{r}.png" for r in range(len(order))],
             "sample_index": order}
     if scores is not None:
@@ -75,7 +97,7 @@ _MISSING = "(not recorded)"
 
 
 def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prompt: int, seed: int,
-                      scorer=None, keep: int = 0) -> dict:
+                      scorer=None, keep: int = 0, upsampler=None) -> dict:
     """Everything the images of an output folder depend on (batch size and process count do not).
     The checkpoint's identity is the one load_for_sampling attached (None for a model built in-process)."""
     weight = next(model.parameters())
@@ -84,6 +106,7 @@ def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prom
               "seed": seed, "sampling": asdict(cfg), "samples_per_prompt": samples_per_prompt, "keep": keep,
               "rerank": None if scorer is None else {"clip": scorer.protocol.get("weights"),
                                                      "weights_sha256": scorer.protocol.get("weights_sha256")},
+              "upsampler": None if upsampler is None else getattr(upsampler, "export_identity", "in-process"),
               "device": weight.device.type, "dtype": str(weight.dtype).removeprefix("torch.")}
     return json.loads(json.dumps(record))  # as it reads back from a file (tuples as lists)
 
@@ -116,15 +139,17 @@ def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0,
 
 
 def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingConfig, samples_per_prompt: int = 1,
-             seed: int = 0, batch_size: int = 8, rank: int = 0, world: int = 1, scorer=None, keep: int = 0) -> int:
+             seed: int = 0, batch_size: int = 8, rank: int = 0, world: int = 1, scorer=None, keep: int = 0,
+             upsampler=None) -> int:
     """Images for this rank's prompts that are not done yet; returns how many prompts it generated.
-    With a CLIP scorer the samples of each prompt are reranked; keep > 0 keeps only the best ones.
+    With a CLIP scorer the samples of each prompt are reranked; keep > 0 keeps only the best ones; with an
+    upsampler (sr.model) the kept images are also written upsampled into upsampled_folder(out).
     A folder holding images made with other settings is refused (check_resumable) before anything is written."""
     out = Path(out)
     if vq.grid * vq.grid != model.cfg.image_seq_len or vq.codebook_size > model.cfg.image_vocab_size:
         raise ValueError(f"the VQ tokenizer (grid {vq.grid}, {vq.codebook_size} codes) does not fit the model "
                          f"({model.cfg.image_seq_len} image tokens, vocabulary {model.cfg.image_vocab_size})")
-    settings = generation_record(model, vq, text_tok, cfg, samples_per_prompt, seed, scorer, keep)
+    settings = generation_record(model, vq, text_tok, cfg, samples_per_prompt, seed, scorer, keep, upsampler)
     check_resumable(out, settings, prompts, rank, world)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (out / RECORD).is_file():
@@ -142,9 +167,9 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
             codes = sample(model, text, cfg, generators)  # one batch through the KV cache, a generator per image
             images = vq.decode(codes.view(-1, vq.grid, vq.grid).to(next(vq.parameters()).device))
             for (i, k), image in zip(batch, images):
-                pending.setdefault(i, []).append(to_pil(image))
+                pending.setdefault(i, []).append(image.float())
                 if k == samples_per_prompt - 1:
-                    finish_prompt(i, prompts[i], pending.pop(i), out, settings, scorer, keep)
+                    finish_prompt(i, prompts[i], pending.pop(i), out, settings, scorer, keep, upsampler)
             bar.update(len(batch))
     return len(todo)
 
@@ -203,8 +228,11 @@ def export_identity(path: str | Path) -> dict:
 
 
 def gather_metadata(out: Path) -> Path:
-    lines = [p.read_text() for p in sorted(out.glob("[0-9]*.json"))]
-    write_atomic(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    """The prompts' .json files as out/metadata.jsonl (and a copy beside the upsampled images, when there are)."""
+    lines = "".join(p.read_text() + "\n" for p in sorted(out.glob("[0-9]*.json")))
+    if upsampled_folder(out).is_dir():
+        write_atomic(upsampled_folder(out) / "metadata.jsonl", lines)
+    write_atomic(out / "metadata.jsonl", lines)
     return out / "metadata.jsonl"
 
 
@@ -216,6 +244,17 @@ def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: t
     model = load_exported(checkpoint, device, dtype)
     model.export_identity = identity
     return model, load_image_tokenizer(vq_path, device), TextTokenizer(text_tokenizer, model.cfg.text_seq_len)
+
+
+def load_upsampler_for_sampling(path: str | Path, device: str):
+    """An sr.train export on `device`, carrying its identity (resolved path, size, sha256) for the record;
+    FileNotFoundError naming --upsampler when it is not there."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--upsampler {path}: no such file; expected the export.pt an sr.train run writes")
+    upsampler = load_upsampler(path, device)
+    upsampler.export_identity = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return upsampler
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     add_clip_args(parser, required=False)
     parser.add_argument("--keep", type=int, default=0, help="keep the best N samples per prompt (needs --clip)")
+    parser.add_argument("--upsampler", default=None, help="an sr.train export.pt: also write the images upsampled "
+                        "into OUT_upsampled/")
     args = parser.parse_args(argv)
     if args.keep and not args.clip:
         parser.error("--keep ranks samples by CLIP score: give --clip (and --clip-weights)")
@@ -248,9 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
         scorer = ClipScorer.load(args.clip, args.clip_weights, device) if args.clip else None
+        upsampler = load_upsampler_for_sampling(args.upsampler, device) if args.upsampler else None
         cfg = dataclass_from_args(SamplingConfig, args)
         generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
-                 dist.get_rank(), dist.get_world_size(), scorer, args.keep)
+                 dist.get_rank(), dist.get_world_size(), scorer, args.keep, upsampler)
         dist.barrier()
         if dist.get_rank() == 0:
             print(f"wrote {gather_metadata(args.out)}")

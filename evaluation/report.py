@@ -59,7 +59,7 @@ def line_plot(path: str | Path, series: dict[str, tuple[list, list]], xlabel: st
 def table_html(rows: list[dict], columns: list[str] | None = None, digits: int = 2) -> str:
     if columns is None:
         columns = list(rows[0]) if rows else []
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"

@@ -103,7 +103,11 @@ def save_upsampler(model: WDSR, cfg: SRModelConfig, path) -> None:
 def load_upsampler(path, device: str | torch.device = "cpu") -> WDSR:
     """An exported upsampler (`save_upsampler`), in eval mode; weights_only: a file that holds more than
     tensors and plain data is refused unrun."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (unsafe content), RuntimeError (not a torch file), OSError
+        raise ConfigError(f"{path}: not a readable upsampler export ({str(e).strip().splitlines()[0][:200]}); "
+                          "expected sr.train's export.pt") from None
     if not (isinstance(blob, dict) and blob.get("kind") == "wdsr"):
         raise ConfigError(f"{path}: not an upsampler export (expected sr.train's export.pt, kind 'wdsr')")
     model = build_wdsr(SRModelConfig(**blob["config"]))

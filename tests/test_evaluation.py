@@ -139,18 +139,26 @@ def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, t
     assert "CLIP score per category" in report and (out / "eval_config.yaml").is_file()
 
 
-def test_coco_harness_gives_fid_and_clip_score(sampling_setup, tiny_clip, tmp_path):
+def test_coco_harness_gives_fid_and_clip_score_at_the_upsampled_resolution(sampling_setup, tiny_clip, tmp_path):
+    """With Parti's last stage (a tiny x2 upsampler) and benchmark.resolution=upsampled: FID and CLIP score of
+    the 64 px images, the 32 px ones kept beside them, the resolution recorded."""
     from evaluation.benchmark import run
     from evaluation.config import load_eval_config
+    from sr.model import SRModelConfig, build_wdsr, save_upsampler
 
     paths, _ = sampling_setup
+    save_upsampler(build_wdsr(SRModelConfig(preset="tiny")), SRModelConfig(preset="tiny"), tmp_path / "sr.pt")
     cfg = load_eval_config("configs/eval/coco30k.yaml", [
         *paths, "benchmark.limit=4", f"benchmark.out={tmp_path / 'coco'}", f"clip.model=local-dir:{tiny_clip[0]}",
-        f"benchmark.real={SHARED_DATA / 'coco_mini' / 'images'}"])
+        f"benchmark.real={SHARED_DATA / 'coco_mini' / 'images'}", f"model.upsampler={tmp_path / 'sr.pt'}",
+        "benchmark.resolution=upsampled"])
     results = run(cfg)
-    assert results["prompts"] == 4 and results["clip_images"] == 4
+    assert results["prompts"] == 4 and results["clip_images"] == 4 and results["resolution"] == "upsampled (64x64)"
     assert results["fid"] > 0 and results["fid_protocol"]["real_images"] == 17
-    assert json.loads((tmp_path / "coco" / "images" / "fid.json").read_text())["fid"] == results["fid"]
+    upsampled = tmp_path / "coco" / "images_upsampled"
+    assert results["fid_protocol"]["fake"] == str(upsampled) and results["fid_protocol"]["fake_images"] == 4
+    assert json.loads((upsampled / "fid.json").read_text())["fid"] == results["fid"]
+    assert len(list((tmp_path / "coco" / "images").glob("*.png"))) == 4  # the detokenizer's 32 px images
 
 
 def test_eval_config_names_what_is_missing():
@@ -161,6 +169,9 @@ def test_eval_config_names_what_is_missing():
         load_eval_config("configs/eval/partiprompts.yaml")
     with pytest.raises(ConfigError, match="benchmark.real"):
         load_eval_config("configs/eval/coco30k.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c"])
+    with pytest.raises(ConfigError, match="benchmark.resolution=upsampled needs model.upsampler"):
+        load_eval_config("configs/eval/partiprompts.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c",
+                                                            "benchmark.resolution=upsampled"])
 
 
 def other_export(export: Path, out: Path) -> Path:

@@ -226,9 +226,9 @@ def test_parti_prompts_reader_keeps_every_prompt():
     assert len(coco) == 30000 and coco[0]["prompt"] == "A bicycle replica with a clock as the front wheel."
 
 
-def test_generate_writes_images_and_metadata_and_resumes(single_process, reference, tmp_path):
+def generation_parts(reference, tmp_path):
+    """An exported debug model, a small conv VQ, a SentencePiece model, and 4 prompts."""
     from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
-    from evaluation.generate import gather_metadata, generate
     from evaluation.prompts import read_prompts
     from training.export import export, load_exported
     from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
@@ -239,7 +239,13 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
     words = ["a red circle", "a blue square on grass", "two green cats", '"quoted" text']
     tok = TextTokenizer(train_sentencepiece(words * 50, 40, tmp_path / "spm.model"), model.cfg.text_seq_len)
     (tmp_path / "prompts.txt").write_text("\n".join(words) + "\n")
-    prompts = read_prompts(tmp_path / "prompts.txt")
+    return model, vq, tok, read_prompts(tmp_path / "prompts.txt")
+
+
+def test_generate_writes_images_and_metadata_and_resumes(single_process, reference, tmp_path):
+    from evaluation.generate import gather_metadata, generate
+
+    model, vq, tok, prompts = generation_parts(reference, tmp_path)
     cfg = SamplingConfig(guidance_scale=1.2, top_k=20)
     out = tmp_path / "samples"
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=3, rank=1, world=2) == 2
@@ -252,6 +258,34 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
     again = tmp_path / "again"  # one process, another batch size: the same images
     generate(model, vq, tok, prompts, again, cfg, samples_per_prompt=2, batch_size=8)
     assert (again / "00003_1.png").read_bytes() == first
+
+
+def test_generate_with_an_upsampler_writes_both_resolutions(single_process, reference, tmp_path):
+    """Parti's last stage: every kept image also upsampled (x2 here) into samples_upsampled/, the same images as
+    without the upsampler in out/, the upsampler recorded; another upsampler into the same folder is refused."""
+    from PIL import Image
+
+    from evaluation.generate import gather_metadata, generate, load_upsampler_for_sampling
+    from sr.model import SRModelConfig, build_wdsr, save_upsampler
+
+    model, vq, tok, prompts = generation_parts(reference, tmp_path)
+    for seed, name in ((0, "a.pt"), (1, "b.pt")):
+        torch.manual_seed(seed)
+        save_upsampler(build_wdsr(SRModelConfig(preset="tiny")), SRModelConfig(preset="tiny"), tmp_path / name)
+    upsampler = load_upsampler_for_sampling(tmp_path / "a.pt", "cpu")
+    cfg, out = SamplingConfig(top_k=20), tmp_path / "samples"
+    generate(model, vq, tok, prompts[:2], out, cfg, samples_per_prompt=2, upsampler=upsampler)
+    generate(model, vq, tok, prompts[:2], tmp_path / "plain", cfg, samples_per_prompt=2)
+    for name in ("00000_0.png", "00001_1.png"):
+        assert Image.open(out / name).size == (32, 32)
+        assert Image.open(tmp_path / "samples_upsampled" / name).size == (64, 64)
+        assert (out / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    assert gather_metadata(out).read_text() == (tmp_path / "samples_upsampled" / "metadata.jsonl").read_text()
+    record = json.loads((out / "generation.json").read_text())
+    assert record["upsampler"]["sha256"] == upsampler.export_identity["sha256"]
+    with pytest.raises(ValueError, match="upsampler.sha256"):
+        generate(model, vq, tok, prompts[:2], out, cfg, samples_per_prompt=2,
+                 upsampler=load_upsampler_for_sampling(tmp_path / "b.pt", "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
