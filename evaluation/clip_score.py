@@ -8,7 +8,9 @@ scorer reranks samples in `evaluation.generate`.
 `--samples` is a folder written by `evaluation.generate` (its metadata.jsonl names each prompt's files); the
 result goes to `<samples>/clip_score.json` with the per-image scores and the protocol (model, weights hash).
 No package installable here ships CLIP weights, so they always come from a file: an open_clip checkpoint for a
-built-in architecture name, or an open_clip `local-dir:` folder. `--clip-weights random` builds an untrained
+built-in architecture name, or an open_clip `local-dir:` folder. CoCa models (Parti's reranker) work the same way,
+scored by their contrastive embeddings (a built-in `coca_ViT-L-14` with its checkpoint file, or a local-dir whose
+open_clip_config.json has `multimodal_cfg` and `custom_text: true`). `--clip-weights random` builds an untrained
 model for smoke tests and says so in the result (its scores mean nothing).
 """
 from __future__ import annotations

@@ -65,6 +65,34 @@ def test_clip_score_equals_open_clip_forward(tiny_clip):
     assert scorer.protocol["weights"].endswith("open_clip_model.safetensors") and scorer.protocol["weights_sha256"]
 
 
+TINY_COCA = dict(embed_dim=32, custom_text=True,
+                 vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16, attentional_pool=True,
+                                 attn_pooler_heads=2, output_tokens=True),
+                 text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1, embed_cls=True,
+                               output_tokens=True),
+                 multimodal_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1))
+
+
+def test_reranking_accepts_a_coca_model_from_local_weights(tmp_path):
+    """Parti reranked with CoCa: an open_clip CoCa local-dir scores like its own contrastive embeddings."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from evaluation.clip_score import ClipScorer
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_COCA, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    model = open_clip.CoCa(**{k: v for k, v in TINY_COCA.items() if k != "custom_text"}).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    scorer = ClipScorer.load(f"local-dir:{tmp_path}", device="cpu")
+    assert type(scorer.model).__name__ == "CoCa"
+    images, texts = random_images(4), ["a red circle", "a blue square", "two cats", "sky"]
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([scorer.preprocess(im) for im in images]), normalize=True)
+        text = model.encode_text(scorer.tokenizer(texts), normalize=True)
+    torch.testing.assert_close(scorer.score(images, texts), 100 * (image * text).sum(-1).clamp(min=0), atol=1e-4, rtol=0)
+
+
 def test_clip_weights_must_come_from_a_file(tmp_path):
     from evaluation.clip_score import ClipScorer
 
