@@ -6,14 +6,16 @@ whether the model learned to draw what the caption says.
 Steps (each one the project's real code path, on CPU by default; a finished step is skipped on a rerun):
  1. data: LAION-style shards of captioned shapes ("a red circle on a white background"; some colour/shape
     combinations never shown) plus the shipped COCO photos, read in place;
- 2. a small ViT-VQGAN trained on them, exported and frozen;
+ 2. a small ViT-VQGAN trained on them, exported and frozen; Parti's last stage at this scale: a tiny WDSR
+    upsampler (x2) trained on shapes drawn at twice the size and the photos, PSNR against bicubic measured;
  3. a SentencePiece model trained on the captions; pre-tokenization of all shards into code shards;
  4. parti-tiny trained with tensor parallelism 2 on 2 processes (torchrun), stopped half way through the
     STOP file (as a SLURM preemption does), resumed from its checkpoint, exported;
- 5. guided sampling for every colour/shape prompt, the held-out combinations included, and for the same
-    model before training;
- 6. report.html: loss curve, VQ reconstructions, a sample grid per prompt, colour/shape agreement measured
-    on each sample (demo/shapes.py), FID of the samples against unseen real shape images.
+ 5. guided sampling for every colour/shape prompt, the held-out combinations included (also upsampled), and
+    for the same model before training;
+ 6. report.html: loss curve, VQ reconstructions, a sample grid per prompt, samples before and after
+    upsampling, colour/shape agreement measured on each sample (demo/shapes.py), FID of the samples against
+    unseen real shape images.
 """
 from __future__ import annotations
 
@@ -39,11 +41,20 @@ from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
 from data_pipeline.train_text_tokenizer import shard_captions
 from demo import shapes
 from evaluation.fid import fid
-from evaluation.generate import gather_metadata, generate, load_for_sampling, to_pil
+from evaluation.generate import (
+    gather_metadata,
+    generate,
+    load_for_sampling,
+    load_upsampler_for_sampling,
+    to_pil,
+    upsampled_folder,
+)
 from evaluation.report import image_grid, image_html, line_plot, table_html, write_html
 from evaluation.sampling import SamplingConfig
 from model_parallel.model import PartiModel
 from model_parallel.state import child_environment
+from sr.config import SRConfig
+from sr.train import SRTrainer
 from training.config import load_config
 from training.export import export
 from vq.config import VQConfig
@@ -85,6 +96,10 @@ class DemoConfig:
     """Classifier-free guidance scale for the samples."""
     fid_real: int = 96
     """Unseen real shape images the samples are compared with (FID)."""
+    sr_images: int = 1000
+    """Shapes drawn at twice image_size for the upsampler (plus the shipped photos)."""
+    sr_steps: int = 600
+    """Upsampler training steps (the tiny WDSR preset, x2)."""
 
 
 def log(message: str) -> None:
@@ -122,6 +137,26 @@ def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
             "train.batch_size=32", "train.lr=2e-3", f"train.seed={cfg.seed}", "train.log_interval=50",
             f"train.eval_interval={cfg.vq_steps}", f"train.save_interval={cfg.vq_steps}"])
         VQTrainer(vq_cfg, pattern, out / "vq").run()
+    return export
+
+
+def train_upsampler(cfg: DemoConfig, out: Path) -> Path:
+    """Step 2b: a tiny WDSR x2 (image_size -> 2 x image_size) on shapes drawn at the larger size and the
+    photos, evaluated on unseen shapes against bicubic upsampling; exported to sr/export.pt."""
+    export, data, side = out / "sr" / "export.pt", out / "sr_data", 2 * cfg.image_size
+    if not export.is_file():
+        if not (data / "done").exists():
+            count = len(shapes.write_shapes_shards(data / "train", cfg.sr_images, side, seed=cfg.seed + 2))
+            shapes.write_photo_shard(data / "train" / f"{count:05d}.tar", shared_path("coco_mini"))
+            shapes.write_shapes_shards(data / "val", 16, side, seed=cfg.seed + 3)
+            (data / "done").write_text(f"{count + 1}\n")
+        count = int((data / "done").read_text())
+        sr_cfg = load_typed(SRConfig, None, [
+            "model.preset=tiny", f"train.crop={side}", f"train.steps={cfg.sr_steps}", "train.batch_size=16",
+            "train.lr=1e-3", f"train.seed={cfg.seed}", "train.log_interval=50", f"train.eval_interval={cfg.sr_steps}",
+            f"train.save_interval={cfg.sr_steps}"])
+        SRTrainer(sr_cfg, str(data / "train" / f"{{00000..{count - 1:05d}}}.tar"), out / "sr",
+                  str(data / "val" / "00000.tar")).run()
     return export
 
 
@@ -171,12 +206,13 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
     return run_dir
 
 
-def sample_prompts(model, vq, text_tok, prompts: list[dict], out: Path, cfg: DemoConfig) -> list[dict]:
-    """Generate into `out` and measure colour and shape of every sample; one row per sample."""
+def sample_prompts(model, vq, text_tok, prompts: list[dict], out: Path, cfg: DemoConfig, upsampler=None) -> list[dict]:
+    """Generate into `out` (and upsampled into `<out>_upsampled` with an upsampler) and measure colour and shape
+    of every sample; one row per sample."""
     from PIL import Image
 
     generate(model, vq, text_tok, prompts, out, SamplingConfig(guidance_scale=cfg.guidance_scale),
-             cfg.samples_per_prompt, cfg.seed, batch_size=16)
+             cfg.samples_per_prompt, cfg.seed, batch_size=16, upsampler=upsampler)
     rows = []
     for meta in map(json.loads, gather_metadata(out).read_text().splitlines()):
         for name in meta["files"]:
@@ -199,12 +235,14 @@ def demo_prompts(cfg: DemoConfig) -> list[dict]:
             for c, s in shapes.combinations()]
 
 
-def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path) -> dict:
-    """Step 5: samples of the trained model and of the same model before training, measured; FID."""
+def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path, sr_path: Path) -> dict:
+    """Step 5: samples of the trained model (also upsampled) and of the same model before training, measured;
+    FID; the upsampler's PSNR against bicubic on unseen shapes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, vq, text_tok = load_for_sampling(run_dir / "export", vq_path, spm, device)  # bf16 on a GPU
     prompts = demo_prompts(cfg)
-    trained = sample_prompts(model, vq, text_tok, prompts, out / "samples", cfg)
+    trained = sample_prompts(model, vq, text_tok, prompts, out / "samples", cfg,
+                             load_upsampler_for_sampling(sr_path, device))
     train_cfg = load_config(run_dir / "config.yaml")
     weights = next(model.parameters())  # the untrained model on the same device, in the same dtype
     untrained = PartiModel(model.cfg, init_seed=train_cfg.train.seed).to(weights.device, weights.dtype).eval()
@@ -219,6 +257,8 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
                            "seen": agreement([r for r in trained if not r["held_out"]])},
                "before_training": {"all": agreement(before)},
                "training": json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {},
+               "upsampler": next(m for m in map(json.loads, reversed((out / "sr" / "metrics.jsonl").read_text()
+                                                                      .splitlines())) if "val_psnr" in m),
                "fid": fid(real, out / "samples")["fid"], "chance": {"colour": 1 / len(shapes.COLOURS),
                                                                    "shape": 1 / len(shapes.SHAPES)}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -260,6 +300,16 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
         grid.save(out / f"grid_{name}.png")
         sections.append((f"Samples, {name.replace('_', ' ')} (prompt: measured colour and shape)",
                          image_html(f"grid_{name}.png")))
+    firsts = [r for r in evaluated["trained"] if r["file"].endswith("_0.png")][:8]
+    upsampled = upsampled_folder(out / "samples")
+    image_grid([out / "samples" / r["file"] for r in firsts] + [upsampled / r["file"] for r in firsts],
+               columns=len(firsts), cell=96).save(out / "grid_upsampled.png")
+    up = res["upsampler"]
+    title = (f"Last stage: samples ({cfg.image_size} px, top) and upsampled by the tiny WDSR "
+             f"({2 * cfg.image_size} px, bottom)")
+    psnr_note = (f"<p>On unseen shapes the upsampler reaches {up['val_psnr']:.1f} dB PSNR, bicubic upsampling "
+                 f"{up['val_psnr_bicubic']:.1f} dB.</p>")
+    sections.append((title, image_html("grid_upsampled.png") + psnr_note))
     sections.append(("Time per step in this invocation (s; 0: done by an earlier run into this folder)",
                      table_html([timings], digits=0)))
     intro = (f"parti-tiny trained with TP=2 on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
@@ -286,11 +336,13 @@ def run(cfg: DemoConfig) -> dict:
     lap("data")
     vq_path = train_image_tokenizer(cfg, out, pattern)
     lap("image tokenizer")
+    sr_path = train_upsampler(cfg, out)
+    lap("upsampler")
     spm, codes = tokenize(cfg, out, pattern, vq_path)
     lap("text tokenizer + pretokenize")
     run_dir = train_parti(cfg, out, codes, spm)
     lap("parti training")
-    evaluated = evaluate(cfg, out, run_dir, vq_path, spm)
+    evaluated = evaluate(cfg, out, run_dir, vq_path, spm, sr_path)
     lap("sampling + measurement + FID")
     write_report(cfg, out, run_dir, vq_path, evaluated, timings)
     return evaluated["results"]

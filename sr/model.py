@@ -9,7 +9,8 @@ Super-Resolution", WDSR-B): a 1x1 convolution widens the features `expansion` ti
 1x1 narrows them to `low_rank` x features, a 3x3 brings them back; weight normalisation instead of batch
 normalisation; a 3x3 head, a 3x3 tail producing scale^2 x 3 channels rearranged by pixel shuffle, and a
 global branch (5x5 convolution + pixel shuffle) from the input to the output. Parti names WDSR models of
-~15M (x2) and ~30M (x4) parameters; the presets reach them with 50 blocks of 128 and 180 features.
+~15M (x2) and ~30M (x4) parameters; the presets reach them with 50 blocks of 128 and 180 features. The
+network starts as bicubic upsampling (`_start_as_bicubic`), the baseline it has to beat.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ class SRModelConfig:
         return shape
 
 
-def conv(c_in: int, c_out: int, kernel: int) -> nn.Module:
-    return weight_norm(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2))
+def conv(c_in: int, c_out: int, kernel: int, padding_mode: str = "zeros") -> nn.Module:
+    return weight_norm(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, padding_mode=padding_mode))
 
 
 class WideBlock(nn.Module):
@@ -78,10 +79,41 @@ class WDSR(nn.Module):
         self.head = conv(3, features, 3)
         self.body = nn.Sequential(*(WideBlock(features, expansion, low_rank) for _ in range(blocks)))
         self.tail = nn.Sequential(conv(features, out, 3), nn.PixelShuffle(scale))
-        self.skip = nn.Sequential(conv(3, out, 5), nn.PixelShuffle(scale))
+        # (replicate padding: at the border the global branch repeats edge pixels, as bicubic upsampling does)
+        self.skip = nn.Sequential(conv(3, out, 5, padding_mode="replicate"), nn.PixelShuffle(scale))
+        self._start_as_bicubic()
+
+    @torch.no_grad()
+    def _start_as_bicubic(self) -> None:
+        """Initialise the network as bicubic upsampling, the baseline it has to beat: the global branch's 5x5
+        filters hold the bicubic weights of each output phase (torch's bicubic, a = -0.75, edges repeated), and the body's tail starts at zero (weight norm's gain g = 0, so it still learns). The
+        architecture is WDSR's; only this starting point is ours (training then refines a residual)."""
+        s = self.scale
+        taps = torch.zeros(s, 5)  # taps[phase, k]: weight of the low-resolution pixel at offset k - 2
+        for phase in range(s):
+            x = (phase + 0.5) / s - 0.5  # the output pixel's position, relative to the low-resolution pixel
+            for k in range(5):
+                taps[phase, k] = _cubic(abs(k - 2 - x))
+        weight = torch.zeros(3 * s * s, 3, 5, 5)
+        for c in range(3):
+            for i in range(s):
+                for j in range(s):
+                    weight[c * s * s + i * s + j, c] = taps[i][:, None] * taps[j][None, :]
+        skip = self.skip[0]
+        skip.weight = weight  # (weight norm's right inverse: gain and direction of these filters)
+        skip.bias.zero_()
+        self.tail[0].parametrizations.weight.original0.zero_()
+        self.tail[0].bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.body(self.head(x))) + self.skip(x)
+
+
+def _cubic(d: float, a: float = -0.75) -> float:
+    """Keys' cubic convolution kernel at distance d (torch's bicubic interpolation uses a = -0.75)."""
+    if d <= 1:
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+    return a * (((d - 5) * d + 8) * d - 4) if d < 2 else 0.0
 
 
 def build_wdsr(cfg: SRModelConfig) -> WDSR:

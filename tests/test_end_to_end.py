@@ -1,14 +1,18 @@
 """The main job end to end (demo/run.py) with smaller settings: shapes -> image tokenizer ->
-SentencePiece -> code shards -> parti-tiny at TP=2 on 2 processes, stopped and resumed -> guided samples.
+SentencePiece -> code shards -> parti-tiny at TP=2 on 2 processes, stopped and resumed -> guided samples,
+upsampled by a tiny WDSR.
 The trained model must draw the prompted colour far more often than chance; the same model before
 training must not. The slowest test of the suite (a few minutes on 2 CPU cores)."""
 from __future__ import annotations
 
 import json
 
+from PIL import Image
+
 from common.config import load_typed
 
-SMALL = ["shapes=2000", "vq_steps=400", "train_steps=400", "fid_real=32", "samples_per_prompt=4"]
+SMALL = ["shapes=2000", "vq_steps=400", "train_steps=400", "fid_real=32", "samples_per_prompt=4", "sr_images=300",
+         "sr_steps=450"]
 
 
 def test_measure_reads_colour_and_shape_back():
@@ -41,6 +45,9 @@ def test_demo_learns_the_prompted_colour_and_reports(tmp_path):
     assert trained["colour"] >= 0.8, results  # 4 colours: chance is 25%
     assert before["colour"] <= 0.5, results
     assert results["fid"] > 0
+    # The last stage: the samples upsampled x2, by an upsampler that beats bicubic on unseen shapes.
+    assert results["upsampler"]["val_psnr"] > results["upsampler"]["val_psnr_bicubic"], results["upsampler"]
+    assert Image.open(out / "samples_upsampled" / "00000_0.png").size == (64, 64)
     # It was stopped half way (the STOP file, as a SLURM preemption), resumed from that checkpoint, and finished.
     # A restart from scratch instead of the checkpoint would log the early steps twice.
     assert 200 <= results["training"]["stopped_at_step"] < 400
@@ -49,6 +56,7 @@ def test_demo_learns_the_prompted_colour_and_reports(tmp_path):
     # The report shows the loss curve, reconstructions and sample grids, all files beside it.
     report = (out / "report.html").read_text()
     images = [part.split('"')[0] for part in report.split('src="')[1:]]
-    assert {"loss.png", "reconstructions.png", "grid_trained.png", "grid_before_training.png"} <= set(images)
+    assert {"loss.png", "reconstructions.png", "grid_trained.png", "grid_before_training.png",
+            "grid_upsampled.png"} <= set(images)
     assert all((out / name).stat().st_size > 1000 for name in images)
     assert "held out" in report and "FID" in report

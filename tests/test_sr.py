@@ -43,7 +43,7 @@ def test_presets_have_the_sizes_parti_names(preset, size):
 def test_upsampler_beats_bicubic_on_held_out_photos_and_exports(single_process, photos, tmp_path):
     from sr.model import load_upsampler, upsample
 
-    trainer, history = train(photos, tmp_path, "train.steps=400")
+    trainer, history = train(photos, tmp_path, "train.steps=200")
     held_out = history[-1]
     assert held_out["val_psnr"] > held_out["val_psnr_bicubic"] + 0.2, held_out
     model = load_upsampler(tmp_path / "export.pt")
