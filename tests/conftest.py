@@ -28,13 +28,29 @@ def debug_batch(cfg, batch: int = 3, seed: int = 0):
     return text, codes
 
 
+_SINGLE_PROCESS = {"on": False}
+
+
 @pytest.fixture(scope="session")
 def single_process():
     """torch.distributed with one gloo rank and megatron-core TP=PP=1 in the test process."""
     from model_parallel.state import init_parallel
 
     init_parallel(tp=1, pp=1)
+    _SINGLE_PROCESS["on"] = True
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_single_process_groups():
+    """After each test: a command's main() run in this process tears the process groups down when it ends
+    (common.cli.command), which left the later tests of the session-wide single_process without them
+    (they failed when run after tests/test_data_pipeline.py). init_parallel is a no-op when they are there."""
+    yield
+    if _SINGLE_PROCESS["on"]:
+        from model_parallel.state import init_parallel
+
+        init_parallel(tp=1, pp=1)
 
 
 @pytest.fixture(scope="session")

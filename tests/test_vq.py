@@ -229,3 +229,66 @@ def test_a_pickle_planted_in_a_checkpoint_does_not_run(single_process, photos, t
     path.write_bytes(path.read_bytes()[:100])  # a damaged file: named too
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: not a readable checkpoint"):
         trainer.resume()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parti's detokenizer stage: a larger decoder fine-tuned on the frozen codes (vq/finetune_decoder.py)
+
+
+@pytest.fixture(scope="module")
+def split_photos(tmp_path_factory) -> tuple[str, torch.Tensor]:
+    """12 shipped photos as a shard to train on; the other 5 held back (float [5, 3, 32, 32] in [-1, 1])."""
+    from data_pipeline.images import FilterConfig, prepare_sample
+
+    samples = lf.coco_mini()
+    path = tmp_path_factory.mktemp("detok") / "00000.tar"
+    lf.write_tar(path, [(k, {"jpg": j, "txt": c.encode()}) for k, j, c in samples[:12]])
+    held_back = torch.stack([prepare_sample({"__key__": k, "jpg": j, "txt": b"x"}, FilterConfig(image_size=32)).image
+                             for k, j, _ in samples[12:]]).float() / 127.5 - 1
+    return str(path), held_back
+
+
+def test_finetuned_decoder_keeps_the_codes_and_draws_held_back_photos_better(single_process, split_photos, tmp_path):
+    import torch.nn.functional as F
+
+    from data_pipeline.images import FilterConfig
+    from data_pipeline.pretokenize import pretokenize
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from vq.finetune_decoder import DecoderFinetuner
+    from vq.tokenizer import load_image_tokenizer
+
+    data, held_back = split_photos
+    train(data, tmp_path / "vq", "train.steps=40", "train.save_interval=1000")
+    source = load_image_tokenizer(tmp_path / "vq" / "export.pt")
+    # Code shards made with the source tokenizer, before the fine-tuning.
+    spm = train_sentencepiece([c for _, _, c in lf.coco_mini()] * 5, 60, tmp_path / "spm.model")
+    text_tok, filters = TextTokenizer(spm, 16), FilterConfig(image_size=32, min_size=32)
+    pretokenize([Path(data)], tmp_path / "codes", source, text_tok, filters)
+
+    cfg = load_typed(VQConfig, None, [*TINY, "model.layers=3", "model.width=96", "model.heads=4", "train.steps=150",
+                                      "train.lr=2e-3", "train.save_interval=1000"])
+    tuner = DecoderFinetuner(cfg, tmp_path / "vq" / "export.pt", data, tmp_path / "detok")
+    tuner.resume()
+    tuner.run()
+    tuned = load_image_tokenizer(tmp_path / "detok" / "export.pt")
+    assert len(tuned.decoder) == 3 and tuned.decoder[0].mlp[0].in_features == 96 and tuned.decoder[0].heads == 4
+    codes = source.encode(held_back)
+    assert torch.equal(tuned.encode(held_back), codes)  # the encoder and codebook are the source's
+    assert tuned.content_hash == source.content_hash and tuned.weights_hash != source.weights_hash
+    before, after = (F.mse_loss(tok.decode(codes), held_back).item() for tok in (source, tuned))
+    assert after < 0.97 * before, (before, after)  # (measured: 0.148 -> 0.139)
+    pretokenize([Path(data)], tmp_path / "codes", tuned, text_tok, filters)  # the shards made before still fit
+
+
+def test_a_detokenizer_whose_encoder_was_changed_is_refused(single_process, split_photos, tmp_path):
+    from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
+    from vq.vit_vqgan import ViTVQGAN
+
+    model = ViTVQGAN(image_size=32, patch=8, layers=1, width=32, code_dim=8, codebook_size=16, dec_layers=2)
+    save_image_tokenizer(model, tmp_path / "tok.pt", codes_of="0" * 64)
+    assert load_image_tokenizer(tmp_path / "tok.pt").content_hash == "0" * 64
+    blob = torch.load(tmp_path / "tok.pt", weights_only=True)
+    blob["state_dict"]["codebook.weight"] += 1
+    torch.save(blob, tmp_path / "tok.pt")
+    with pytest.raises(ValueError, match="encoder and codebook differ"):
+        load_image_tokenizer(tmp_path / "tok.pt")

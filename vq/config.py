@@ -9,11 +9,14 @@ from vq.losses import LossConfig
 @dataclass
 class VQModelConfig:
     preset: str = "small"
-    """small (8 layers, d512) | base (12, d768) | large (32, d1280); layers/width below override it when > 0."""
+    """small (8 layers, d512, 8 heads) | base (12, d768, 12) | large (32, d1280, 16); layers/width/heads below
+    override it when > 0. (vq.finetune_decoder: the new decoder's shape.)"""
     layers: int = 0
     """Transformer blocks in the encoder and in the decoder (0: the preset's)."""
     width: int = 0
     """Model width (0: the preset's)."""
+    heads: int = 0
+    """Attention heads (0: the preset's)."""
     image_size: int = 256
     """Side of the (square) training and tokenizing images."""
     patch: int = 8

@@ -3,11 +3,15 @@
     tok = load_image_tokenizer("runs/vq/export.pt")      # frozen, eval mode
     codes = tok.encode(images)      # images: float [B, 3, S, S] in [-1, 1] -> int64 [B, grid, grid]
     recon = tok.decode(codes)       # -> float [B, 3, S, S] in [-1, 1]
-    tok.codebook_size, tok.grid, tok.image_size, tok.content_hash
+    tok.codebook_size, tok.grid, tok.image_size, tok.content_hash, tok.weights_hash
 
 Every tokenizer (this ConvVQ, the ViT-VQGAN of vq/, loaders of public checkpoints) is saved by
-`save_image_tokenizer` as one file: {"kind", "config", "state_dict"}; `content_hash` is a sha256 of
-the kind, the config and every tensor, so a code-shard manifest can name exactly which tokenizer made it.
+`save_image_tokenizer` as one file: {"kind", "config", "state_dict"[, "codes"]}. `weights_hash` is a sha256
+of the kind, the config and every tensor (what decoded images depend on). `content_hash` names what the
+codes depend on, so that a code-shard manifest names exactly which tokenizer made it: for a tokenizer as
+trained it is the weights hash; a detokenizer fine-tuned on its frozen codes (vq/finetune_decoder.py) keeps
+its source's content hash, recorded under "codes" with a sha256 of the encoder and codebook tensors
+(`ENCODER_PARTS`), which loading checks: code shards made with the source stay valid for it.
 
 ConvVQ is a real VQ model (strided-conv encoder, a codebook with nearest-code lookup, a transposed-conv
 decoder); the pipeline and its tests use it until the ViT-VQGAN is trained.
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from common.files import atomic_path
 from vq.conv_vqgan import ConvVQGAN
-from vq.vit_vqgan import ViTVQGAN
+from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
 
 
 class ConvVQ(nn.Module):
@@ -80,13 +84,27 @@ def content_hash(kind: str, config: dict, state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def save_image_tokenizer(model: nn.Module, path: str | Path) -> str:
+def encoder_hash(state_dict: dict) -> str:
+    """sha256 of the tensors that decide the codes (ENCODER_PARTS of a ViT-VQGAN)."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in state_dict if n.split(".")[0] in ENCODER_PARTS):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_image_tokenizer(model: nn.Module, path: str | Path, codes_of: str | None = None) -> str:
+    """Write the tokenizer file; returns its content hash. `codes_of`: the content hash of the tokenizer whose
+    encoder and codebook this one carries unchanged (a fine-tuned detokenizer), kept as its own."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    blob = {"kind": model.kind, "config": model.config, "state_dict": state}
+    if codes_of is not None:
+        blob["codes"] = {"hash": codes_of, "encoder_sha256": encoder_hash(state)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"kind": model.kind, "config": model.config, "state_dict": state}, tmp)
-    return content_hash(model.kind, model.config, state)
+        torch.save(blob, tmp)
+    return codes_of or content_hash(model.kind, model.config, state)
 
 
 def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
@@ -101,6 +119,13 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
     if missing or unexpected:
         raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-    model.content_hash = content_hash(kind, blob["config"], blob["state_dict"])
+    model.weights_hash = content_hash(kind, blob["config"], blob["state_dict"])
+    model.content_hash = model.weights_hash
+    if "codes" in blob:  # a fine-tuned detokenizer: the codes are its source's, if the encoder is unchanged
+        if encoder_hash(blob["state_dict"]) != blob["codes"].get("encoder_sha256"):
+            raise ValueError(f"{path}: its encoder and codebook differ from those of the tokenizer it claims to "
+                             f"share codes with ({blob['codes'].get('hash', '?')[:16]}): the file is damaged or was "
+                             "edited; re-export it with vq.finetune_decoder")
+        model.content_hash = blob["codes"]["hash"]
     model.requires_grad_(False)
     return model.to(device).eval()

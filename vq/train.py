@@ -48,9 +48,11 @@ def build_model(cfg: VQConfig):
     if m.preset not in VIT_VQGAN_PRESETS:
         raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
     shape = VIT_VQGAN_PRESETS[m.preset]
-    return ViTVQGAN(image_size=m.image_size, patch=m.patch, layers=m.layers or shape["layers"],
-                    width=m.width or shape["width"], code_dim=m.code_dim, codebook_size=m.codebook_size,
-                    logit_laplace=m.logit_laplace, dead_code_steps=m.dead_code_steps)
+    width = m.width or shape["width"]
+    heads = m.heads or (shape["heads"] if width == shape["width"] else 0)  # (0: width / 64)
+    return ViTVQGAN(image_size=m.image_size, patch=m.patch, layers=m.layers or shape["layers"], width=width,
+                    code_dim=m.code_dim, codebook_size=m.codebook_size, logit_laplace=m.logit_laplace,
+                    dead_code_steps=m.dead_code_steps, heads=heads)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -98,11 +100,11 @@ class VQTrainer:
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg).to(self.device)
+        self.model = self.build(cfg).to(self.device)
         self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
         ddp = torch.nn.parallel.DistributedDataParallel if self.world > 1 else lambda module: module
         self.ddp = ddp(self.model)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.99))
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=(0.9, 0.99))
         disc = self.losses.discriminator
         # The discriminator trains data-parallel too, else its gradients are never averaged and the
         # replicas drift apart. Only its own loss runs through the wrapper (the generator's adversarial
@@ -111,6 +113,15 @@ class VQTrainer:
         self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=(0.9, 0.99)) if disc else None
         self.step = 0
         self.stream = crop_stream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed)
+
+    frozen_codes = False
+    """Encoder and codebook fixed (vq.finetune_decoder); the tokenizer trains whole here."""
+
+    def build(self, cfg: VQConfig) -> ViTVQGAN:
+        return build_model(cfg)
+
+    def export_tokenizer(self, path: Path) -> str:
+        return save_image_tokenizer(self.model, path)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -168,7 +179,7 @@ class VQTrainer:
     def train_step(self, images: torch.Tensor) -> dict:
         bf16 = self.cfg.train.precision == "bf16" and self.device == "cuda"
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
-            out, aux = self.ddp(images)
+            out, aux = self.ddp(images, frozen_codes=self.frozen_codes)
         out = out.float()
         last = self.model.dec_out[1].weight
         loss, logs = self.losses.generator(images, out, aux["vq_loss"], self.step, last)
@@ -213,7 +224,7 @@ class VQTrainer:
             if self.step % t.save_interval == 0 or self.step == t.steps:
                 self.save()
         if self.rank == 0:
-            digest = save_image_tokenizer(self.model, self.run_dir / "export.pt")
+            digest = self.export_tokenizer(self.run_dir / "export.pt")
             self.log.info(f"exported {self.run_dir / 'export.pt'} (content hash {digest[:16]})")
         self.log.close()
         return history

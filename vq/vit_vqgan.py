@@ -12,6 +12,8 @@ codebook loss; code usage is tracked (EMA of counts, perplexity) and codes unuse
 `dead_code_steps` training steps are restarted from random latents of the batch. Decoder: a linear
 map back to the model width, ViT blocks, a linear map to pixels per patch. The decoder outputs 6
 channels per pixel when `logit_laplace` is on (means and log-scales of the logit-Laplace loss), else 3.
+The decoder may have its own shape (`dec_layers`, `dec_width`, `dec_heads`; 0: the encoder's), as Parti's
+detokenizer, a larger decoder fine-tuned on a frozen encoder's codes (vq/finetune_decoder.py), does.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VIT_VQGAN_PRESETS = {
-    "small": dict(layers=8, width=512),
-    "base": dict(layers=12, width=768),
-    "large": dict(layers=32, width=1280),
+VIT_VQGAN_PRESETS = {  # the ViT-VQGAN paper's shapes (MLP 4 x width)
+    "small": dict(layers=8, width=512, heads=8),
+    "base": dict(layers=12, width=768, heads=12),
+    "large": dict(layers=32, width=1280, heads=16),
 }
+ENCODER_PARTS = ("patch_embed", "enc_pos", "encoder", "enc_out", "codebook")
+"""The modules that decide the codes; the decoder (dec_in, dec_pos, decoder, dec_out) only draws them."""
 
 
 class Block(nn.Module):
@@ -48,27 +52,33 @@ class ViTVQGAN(nn.Module):
 
     def __init__(self, image_size: int = 256, patch: int = 8, layers: int = 8, width: int = 512, code_dim: int = 32,
                  codebook_size: int = 8192, beta: float = 0.25, logit_laplace: bool = False,
-                 dead_code_steps: int = 200):
+                 dead_code_steps: int = 200, heads: int = 0, dec_layers: int = 0, dec_width: int = 0,
+                 dec_heads: int = 0):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
         self.config = dict(image_size=image_size, patch=patch, layers=layers, width=width, code_dim=code_dim,
                            codebook_size=codebook_size, beta=beta, logit_laplace=logit_laplace,
                            dead_code_steps=dead_code_steps)
+        # (recorded only when set: a tokenizer saved before these existed keeps its config, hence its hash)
+        self.config.update({k: v for k, v in dict(heads=heads, dec_layers=dec_layers, dec_width=dec_width,
+                                                  dec_heads=dec_heads).items() if v})
         self.image_size, self.patch, self.grid = image_size, patch, image_size // patch
         self.codebook_size, self.beta, self.dead_code_steps = codebook_size, beta, dead_code_steps
         self.out_channels = 6 if logit_laplace else 3
-        heads = max(1, width // 64)
+        heads = heads or max(1, width // 64)
+        dec_width = dec_width or width
+        dec_heads = dec_heads or (heads if dec_width == width else max(1, dec_width // 64))
         n = self.grid * self.grid
         self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
         self.enc_pos = nn.Parameter(torch.randn(1, n, width) * 0.02)
         self.encoder = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
         self.enc_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, code_dim))
         self.codebook = nn.Embedding(codebook_size, code_dim)
-        self.dec_in = nn.Linear(code_dim, width)
-        self.dec_pos = nn.Parameter(torch.randn(1, n, width) * 0.02)
-        self.decoder = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
-        self.dec_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, self.out_channels * patch * patch))
+        self.dec_in = nn.Linear(code_dim, dec_width)
+        self.dec_pos = nn.Parameter(torch.randn(1, n, dec_width) * 0.02)
+        self.decoder = nn.Sequential(*(Block(dec_width, dec_heads) for _ in range(dec_layers or layers)))
+        self.dec_out = nn.Sequential(nn.LayerNorm(dec_width), nn.Linear(dec_width, self.out_channels * patch * patch))
         self.register_buffer("usage", torch.zeros(codebook_size))        # EMA of code counts per batch
         self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.long))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -108,15 +118,22 @@ class ViTVQGAN(nn.Module):
         return out.clamp(-1, 1)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor):
-        """Training pass: (decoder output, {'vq_loss', 'codes', 'perplexity', 'usage'})."""
-        z = self.latents(images)
-        codes = self.codes_of(z)
-        q = self.embed(codes)
-        vq_loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
-        out = self.pixels(z + (q - z).detach())  # straight-through estimator
-        if self.training:
-            self._track_usage(codes, z)
+    def forward(self, images: torch.Tensor, frozen_codes: bool = False):
+        """Training pass: (decoder output, {'vq_loss', 'codes', 'perplexity', 'usage'}). `frozen_codes`: the
+        encoder and codebook are fixed (detokenizer fine-tuning): the decoder draws the codes' own embeddings,
+        no VQ loss, no code restarts."""
+        if frozen_codes:
+            with torch.no_grad():
+                codes = self.codes_of(self.latents(images))
+            vq_loss, out = images.new_zeros(()), self.pixels(self.embed(codes))
+        else:
+            z = self.latents(images)
+            codes = self.codes_of(z)
+            q = self.embed(codes)
+            vq_loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
+            out = self.pixels(z + (q - z).detach())  # straight-through estimator
+            if self.training:
+                self._track_usage(codes, z)
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs * (probs + 1e-10).log()).sum())

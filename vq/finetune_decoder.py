@@ -1,0 +1,76 @@
+"""Fine-tune a new, larger detokenizer on a frozen image tokenizer's codes: Parti's detokenizer stage.
+
+    python -m vq.finetune_decoder --tokenizer runs/vq/export.pt --config configs/vq/finetune-decoder-large.yaml \
+        --data 'laion/{00000..00099}.tar' --run-dir runs/detok [--set train.steps=1000 ...] [--resume auto]
+    torchrun --nproc_per_node 8 -m vq.finetune_decoder ...        # data parallel (DDP)
+
+The encoder and codebook of --tokenizer (a ViT-VQGAN export) are copied and frozen; a decoder of the config's
+shape (model.preset/layers/width/heads: e.g. ViT-VQGAN-Large's 32 blocks, width 1280, 16 heads, MLP 5120,
+~600M parameters) is trained from scratch to draw the frozen codes with the tokenizer's losses (l2,
+logit-Laplace, LPIPS, adversarial: the config's loss section), with vq.train's loop: DDP, bf16 autocast on
+GPU, checkpoints and resume, metrics, reconstruction grids. The export (<run-dir>/export.pt) loads wherever
+the source did: its encode() is the source's, and it keeps the source's content hash (vq/tokenizer.py), so
+code shards made with the source stay valid; images decoded from them come from the new decoder.
+The config's model.image_size/patch/code_dim/codebook_size are ignored: they are the source's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.checkpoints import CheckpointError
+from common.cli import command, config_parser
+from common.config import ConfigError, load_typed
+from vq.config import VQConfig
+from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
+from vq.train import VQTrainer
+from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
+
+
+class DecoderFinetuner(VQTrainer):
+    frozen_codes = True
+
+    def __init__(self, cfg: VQConfig, tokenizer: str | Path, data: str, run_dir: str | Path, device: str | None = None):
+        self.source = load_image_tokenizer(tokenizer)
+        if self.source.kind != ViTVQGAN.kind:
+            raise ConfigError(f"--tokenizer {tokenizer}: a {self.source.kind} tokenizer; vq.finetune_decoder "
+                              f"fine-tunes the decoder of a {ViTVQGAN.kind} export")
+        super().__init__(cfg, data, run_dir, device)
+
+    def build(self, cfg: VQConfig) -> ViTVQGAN:
+        """The source's encoder and codebook (frozen) with a fresh decoder of the config's shape."""
+        m = cfg.model
+        if m.preset not in VIT_VQGAN_PRESETS:
+            raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
+        shape = VIT_VQGAN_PRESETS[m.preset]
+        width = m.width or shape["width"]
+        heads = m.heads or (shape["heads"] if width == shape["width"] else 0)
+        source_config = {k: v for k, v in self.source.config.items() if not k.startswith("dec_")}
+        model = ViTVQGAN(**{**source_config, "logit_laplace": m.logit_laplace, "dec_layers": m.layers or shape["layers"],
+                            "dec_width": width, "dec_heads": heads})
+        encoder = {k: v for k, v in self.source.state_dict().items() if k.split(".")[0] in ENCODER_PARTS}
+        missing, unexpected = model.load_state_dict(encoder, strict=False)
+        assert not unexpected and all(k.split(".")[0] not in ENCODER_PARTS for k in missing), (missing, unexpected)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] not in ENCODER_PARTS)
+        return model
+
+    def export_tokenizer(self, path: Path) -> str:
+        return save_image_tokenizer(self.model, path, codes_of=self.source.content_hash)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = config_parser(__doc__, where="configs/vq/")
+    parser.add_argument("--tokenizer", required=True, help="the ViT-VQGAN export whose codes stay (vq.train's export.pt)")
+    parser.add_argument("--data", required=True, help="LAION-style shard pattern")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--resume", default="auto", choices=["auto", "none"])
+    args = parser.parse_args(argv)
+    with command(errors=(CheckpointError, FileNotFoundError), label="vq.finetune_decoder"):
+        trainer = DecoderFinetuner(load_typed(VQConfig, args.config, args.set), args.tokenizer, args.data, args.run_dir)
+        if args.resume == "auto":
+            trainer.resume()
+        trainer.run()
+
+
+if __name__ == "__main__":
+    main()
