@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 # Seconds each section may take on a GPU (they are sized to end well inside; the whole run ~5 minutes).
 TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "recompute": 60, "mfu_350m": 90,
-               "sampling": 90, "vq": 90, "mfu_750m": 100, "mfu_3b": 150, "multi_gpu": 120}
+               "sampling": 90, "vq": 90, "mfu_750m": 100, "mfu_3b": 150, "multi_gpu": 120,
+               "parti_stages": 60}
 
 
 def run_section(name: str, device: str, quick: bool, scratch: Path, result_file: Path) -> None:

@@ -455,6 +455,57 @@ def vq(ctx: Context) -> dict:
     return out
 
 
+def parti_stages(ctx: Context) -> dict:
+    """Parti's later stages on this device, bf16 autocast on a GPU: a detokenizer fine-tuned for 2 steps on a
+    2-step tokenizer's frozen codes (the codes and content hash must stay the source's), and a tiny WDSR x2
+    upsampler trained for 4 steps, saved, resumed for 2 more and exported (resume equals uninterrupted; the
+    export upsamples to twice the size)."""
+    from common.config import load_typed
+    from demo import shapes
+    from sr.config import SRConfig
+    from sr.model import load_upsampler, upsample
+    from sr.train import SRTrainer
+    from vq.config import VQConfig
+    from vq.finetune_decoder import DecoderFinetuner
+    from vq.tokenizer import load_image_tokenizer
+    from vq.train import VQTrainer
+
+    size = 32
+    data = ctx.scratch / "stage_shapes"
+    paths = shapes.write_shapes_shards(data, 64, size=2 * size, per_shard=64)
+    pattern = str(data / f"{{00000..{len(paths) - 1:05d}}}.tar")
+    vq_sets = ["model.layers=1", "model.width=64", f"model.image_size={size}", "model.code_dim=8",
+               "model.codebook_size=64", "loss.perceptual=0", "loss.adversarial=0", "train.batch_size=8",
+               "train.precision=bf16", "train.steps=2", "train.save_interval=2", f"train.resize={2 * size}"]
+    VQTrainer(load_typed(VQConfig, None, vq_sets), pattern, ctx.scratch / "stage_vq").run()
+    tuner = DecoderFinetuner(load_typed(VQConfig, None, vq_sets + ["model.layers=2", "model.width=96"]),
+                             ctx.scratch / "stage_vq" / "export.pt", pattern, ctx.scratch / "stage_detok")
+    tuner.run()
+    source, tuned = (load_image_tokenizer(ctx.scratch / f / "export.pt", ctx.device) for f in ("stage_vq", "stage_detok"))
+    images = torch.rand(16, 3, size, size, device=ctx.device) * 2 - 1
+    checks = {"detokenizer_keeps_codes": bool(torch.equal(source.encode(images), tuned.encode(images))),
+              "detokenizer_keeps_content_hash": source.content_hash == tuned.content_hash}
+
+    sr_sets = ["model.preset=tiny", f"train.crop={2 * size}", "train.batch_size=8", "train.precision=bf16",
+               "train.save_interval=4", "train.log_interval=1"]
+
+    def run_sr(folder: str, stop_at: int = 6) -> list[float]:
+        trainer = SRTrainer(load_typed(SRConfig, None, sr_sets + ["train.steps=6"]), pattern, ctx.scratch / folder)
+        trainer.cfg.train.steps = stop_at  # (a 6-step run, its LR halvings placed for 6, stopped after step 4)
+        trainer.resume()
+        return [h["loss"] for h in trainer.run()]
+
+    full = run_sr("stage_sr_full")
+    resumed = run_sr("stage_sr_resumed", 4) + run_sr("stage_sr_resumed")
+    out = ctx.record("upsampler_resume", {"uninterrupted": full, "resumed": resumed,
+                                          "max_abs_diff": _max_diff(full, resumed)})
+    checks["upsampler_resume_equals_uninterrupted"] = out["max_abs_diff"] <= 1e-3
+    upsampler = load_upsampler(ctx.scratch / "stage_sr_full" / "export.pt", ctx.device)
+    checks["upsampler_doubles_the_size"] = tuple(upsample(upsampler, images).shape) == (16, 3, 2 * size, 2 * size)
+    out["checks"] = checks
+    return out
+
+
 def _pretokenize_rates(ctx: Context, tok, pattern: str, size: int) -> dict:
     from collections import Counter
 
@@ -520,4 +571,5 @@ SECTIONS = [
     ("vq", vq, 0),
     ("mfu_750m", mfu_750m, 1),
     ("multi_gpu", multi_gpu, 2),
+    ("parti_stages", parti_stages, 0),
 ]
