@@ -64,6 +64,13 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation (output projections scaled by 1/sqrt(2L))."""
     caption_drop_prob: float = 0.1
     """Probability that a training caption is replaced by the null caption (for classifier-free guidance)."""
+    init_text_encoder: str = ""
+    """Warm start: the output folder of `python -m training.text_encoder` (a text encoder pre-trained with
+    masked-token prediction): a fresh run starts with its text embedding, encoder layers and encoder norm, at
+    any TP/PP ('' = none; a resumed run takes its checkpoint's weights)."""
+    freeze_text_encoder: bool = False
+    """Keep the text encoder's weights as they are: its parameters get learning rate 0 (and no weight decay),
+    so they never change; their gradients are still computed and counted in the clipping norm."""
 
     @property
     def image_seq_len(self) -> int:

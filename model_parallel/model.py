@@ -196,6 +196,26 @@ def piece_context(cfg: ModelConfig, kernels: Kernels | None = None, sequence_par
                         ShardedNormalInit(out_std, keys, tp_group), tp_group)
 
 
+def build_pieces(module: nn.Module, ctx: PieceContext, init_seed: int, keep=lambda name: True) -> None:
+    """Build the model's pieces that `keep` accepts onto `module` under their names (stacks as ModuleLists),
+    piece k right after torch.manual_seed(init_seed + k), its dropout sites keyed by (init_seed, k): the same
+    weights and masks whatever subset is built (PartiModel builds all; training.text_encoder the encoder)."""
+    with torch.random.fork_rng(devices=[]):
+        for k, (name, cls) in enumerate(piece_classes(ctx.cfg)):
+            if not keep(name):
+                continue
+            torch.manual_seed(init_seed + k)
+            piece = cls(ctx)
+            key_dropout_sites(piece, init_seed, k)
+            stack, _, index = name.partition(".")
+            if not index:
+                setattr(module, name, piece)
+            else:
+                if index == "0":  # (registered where the first layer comes: parameter order as built)
+                    setattr(module, stack, nn.ModuleList())
+                getattr(module, stack).append(piece)
+
+
 class PartiModel(nn.Module):
     """Piece k is built right after torch.manual_seed(init_seed + k) (as DeepSpeed's pipeline builds its
     layers with seed_layers), so one seed gives the same weights at any TP/PP layout. Its dropout sites
@@ -209,18 +229,7 @@ class PartiModel(nn.Module):
         ctx = piece_context(cfg, kernels, sequence_parallel, meta, tp_group)
         self.sequence_parallel, self.tp_group = ctx.mp.sequence_parallel, ctx.tp_group
         self.bos_id = cfg.image_vocab_size
-        with torch.random.fork_rng(devices=[]):
-            for k, (name, cls) in enumerate(piece_classes(cfg)):
-                torch.manual_seed(init_seed + k)
-                piece = cls(ctx)
-                key_dropout_sites(piece, init_seed, k)
-                stack, _, index = name.partition(".")
-                if not index:
-                    setattr(self, name, piece)
-                else:
-                    if index == "0":  # (registered where the first layer comes: parameter order as built)
-                        setattr(self, stack, nn.ModuleList())
-                    getattr(self, stack).append(piece)
+        build_pieces(self, ctx, init_seed)
 
     # ------------------------------------------------------------------------------------------
     def text_mask(self, text_ids: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,28 @@ from model_parallel.model import (
     image_code_loss,
     piece_classes,
     piece_context,
+    piece_names,
     text_mask,
 )
+
+TEXT_ENCODER_PIECES = ("text_embedding", "encoder", "encoder_norm")
+"""The pieces that make the text encoder (names' first component): what training.text_encoder pre-trains."""
+
+
+def canonical_parameters(module, model_cfg) -> dict:
+    """PartiModel's parameter names for the parameters this rank holds, whether `module` is built of pieces
+    under their names (PartiModel, training.text_encoder's encoder) or is a pipeline stage (its layer k,
+    named "k", is piece k): the names checkpoints use at any layout."""
+    names, out = piece_names(model_cfg), {}
+    for name, p in module.named_parameters():
+        index, _, rest = name.partition(".")
+        out[f"{names[int(index)]}.{rest}" if index.isdigit() else name] = p
+    return out
+
+
+def is_text_encoder(name: str) -> bool:
+    """Whether a canonical parameter name belongs to the text encoder (TEXT_ENCODER_PIECES)."""
+    return name.split(".")[0] in TEXT_ENCODER_PIECES
 
 
 class TextEmbeddingPipe(TextEmbedding):

@@ -81,10 +81,10 @@ from common.checkpoints import (  # noqa: F401 - training.train reaches them fro
 from common.config import to_dict
 from common.files import write_atomic
 from model_parallel.layout import ParallelLayout
-from model_parallel.model import piece_names
+from model_parallel.pipeline import canonical_parameters
 from training.deepspeed_glue import (
-    ensure_optimizer_state,
     Fragment,
+    ensure_optimizer_state,
     link_optimizer_fragments,
     local_shape,
     optimizer_state_specs,
@@ -231,21 +231,6 @@ def verify(path: Path) -> None:
 # Parameters by layout-independent name, and their shards
 
 
-def canonical_parameters(module: torch.nn.Module, model_cfg) -> dict[str, torch.nn.Parameter]:
-    """PartiModel's parameter names for the parameters this rank holds (pipeline layer k -> piece k)."""
-    from deepspeed.pipe import PipelineModule
-
-
-    if not isinstance(module, PipelineModule):
-        return dict(module.named_parameters())
-    names = piece_names(model_cfg)
-    out = {}
-    for name, p in module.named_parameters():
-        index, rest = name.split(".", 1)
-        out[f"{names[int(index)]}.{rest}"] = p
-    return out
-
-
 def flat_blocks(shape: tuple, start: int, stop: int) -> list[tuple[tuple, tuple]]:
     """[(offset, size)]: the fewest row-major blocks that together cover elements [start, stop) of a
     tensor of `shape` flattened, in order; each block is a contiguous run of that range (at most
@@ -321,7 +306,7 @@ def _state_dict(engine, model_cfg) -> tuple[dict, list[torch.nn.Parameter]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _save_strategy():
+def save_strategy():
     """torch_dist files (megatron-core's default), with the writes of tensors that every data-parallel rank
     holds whole (ZeRO-0) spread over those ranks instead of all on DP rank 0 (FullyParallelSaveStrategyWrapper
     exchanges only metadata); ZeRO parts are each rank's own and stay where they are."""
@@ -419,7 +404,7 @@ def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, tr
     error, request = None, None
     try:
         state, _ = _state_dict(engine, cfg.model)
-        request = dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy(),
+        request = dist_checkpointing.save(state, str(path), sharded_strategy=save_strategy(),
                                           async_sharded_save=background is not None)
         torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any rank's failure

@@ -118,6 +118,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.optimizer != "adafactor" or p.zero_stage == 0,
             f"train.optimizer=adafactor needs parallel.zero_stage=0 (ZeRO flattens parameters, which would "
             f"turn Adafactor's factored second moments into unfactored ones; got {p.zero_stage})")
+    require(not m.init_text_encoder or p.zero_stage < 3,
+            f"model.init_text_encoder needs parallel.zero_stage < 3 (ZeRO-3 partitions the model while it is built, "
+            f"before the pre-trained encoder could be loaded into it; got {p.zero_stage})")
     require(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: from the table)")
     require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     require(t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")
@@ -183,7 +186,7 @@ RESUME_WARNED = {
 """Changes a resumed run accepts with a warning: the run goes on, but is no longer the run it was."""
 
 NOT_NETWORK = ("model.preset", "model.dropout", "model.attention_dropout", "model.attention_dropout_invariant",
-               "model.caption_drop_prob", "model.init_std")
+               "model.caption_drop_prob", "model.init_std", "model.init_text_encoder", "model.freeze_text_encoder")
 """model.* keys that do not change the network a checkpoint holds: the preset's name (its values are
 compared one by one), regularisation, and the initialisation (used only by a fresh run). Every other
 model.* key, present or future, is taken to change it."""

@@ -25,7 +25,7 @@ from model_parallel.activation_checkpointing import apply_activation_checkpointi
 from model_parallel.layers import allreduce_sequence_parallel_grads
 from model_parallel.layout import ParallelLayout
 from model_parallel.model import PartiModel, decoder_input
-from model_parallel.pipeline import build_pipeline
+from model_parallel.pipeline import build_pipeline, canonical_parameters, is_text_encoder
 from training.config import Config
 
 # deepspeed is imported inside the functions that use it: it picks its accelerator (DS_ACCELERATOR) when
@@ -61,14 +61,22 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     }
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """Weight decay on matrices and embedding tables only, not on biases and norms (1-D parameters).
-    A parameter partitioned by zero.Init holds a flat placeholder: its shape is `ds_shape`."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+    A parameter partitioned by zero.Init holds a flat placeholder: its shape is `ds_shape`. With
+    model.freeze_text_encoder the text encoder's parameters form a group of their own at learning rate 0
+    (the LR schedule multiplies it, so it stays 0): they stay in the optimizer, so ZeRO partitions and
+    checkpoints are those of any run, and never change."""
+    decay, no_decay, frozen = [], [], []
+    for name, p in canonical_parameters(model, cfg.model).items():
+        if not p.requires_grad:
+            continue
+        if cfg.model.freeze_text_encoder and is_text_encoder(name):
+            frozen.append(p)
+        else:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": frozen, "weight_decay": 0.0, "lr": 0.0}] if frozen else [])
 
 
 def lr_lambda(cfg: Config):
@@ -135,9 +143,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
     init_deepspeed()
     t = cfg.train
     if t.optimizer == "adafactor":
-        optimizer = torch.optim.Adafactor(param_groups(model, t.weight_decay), lr=t.lr)
+        optimizer = torch.optim.Adafactor(param_groups(model, cfg), lr=t.lr)
     else:
-        optimizer = kernels.optimizer(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+        optimizer = kernels.optimizer(param_groups(model, cfg), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     pipelined = isinstance(model, PipelineModule)  # the pipeline brings its own topology as mpu
     with no_optimizer_steps(optimizer):  # see no_optimizer_steps: DeepSpeed's bf16 ZeRO-0 wrappers step at init

@@ -48,6 +48,7 @@ from training.checkpoint import set_aside
 from training.config import RESUME_WARNED, Config, format_changes, layout_of, load_config, resume_changes
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest
+from training.text_encoder import load_text_encoder
 
 RESUME_MODES = ("auto", "none", "overwrite")
 
@@ -233,6 +234,10 @@ class Trainer:
         self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
         self.log.info(f"MFU against {peak_source}")
         model = engine.build_model(cfg, kernels, self.device, layout)
+        if cfg.model.init_text_encoder and not self.plan.tag:  # (a resumed run has its checkpoint's weights)
+            load_text_encoder(model, cfg.model, cfg.model.init_text_encoder)
+            self.log.info(f"text encoder warm-started from {cfg.model.init_text_encoder}"
+                          + ("; frozen (model.freeze_text_encoder)" if cfg.model.freeze_text_encoder else ""))
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
         self.engine, self.nonfinite_guard = engine.build_engine(model, cfg, kernels, layout)
         metrics.reset_peak_memory()

@@ -40,7 +40,7 @@ from model_parallel.state import init_distributed
 from vq.config import VQConfig
 from vq.losses import VQGANLoss, split_output
 from vq.tokenizer import save_image_tokenizer
-from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN
+from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
 
 
 def build_model(cfg: VQConfig):
@@ -113,6 +113,11 @@ class VQTrainer:
         self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=(0.9, 0.99)) if disc else None
         self.step = 0
         self.stream = crop_stream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed)
+        sizes = {True: 0, False: 0}  # in the encoder and codebook / in the decoder
+        for name, p in self.model.named_parameters():
+            sizes[name.split(".")[0] in ENCODER_PARTS] += p.numel()
+        self.log.info(f"{type(self.model).__name__} {self.model.config}: {sizes[True]:,} parameters in the encoder and "
+                      f"codebook, {sizes[False]:,} in the decoder ({'frozen codes' if self.frozen_codes else 'trained'})")
 
     frozen_codes = False
     """Encoder and codebook fixed (vq.finetune_decoder); the tokenizer trains whole here."""

@@ -1,0 +1,149 @@
+"""Text-encoder warm start (training/text_encoder.py): masked-token pre-training learns; a Parti run starts with
+exactly the pre-trained weights at TP=1, TP=2 and PP=2; a frozen encoder never changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run
+
+PRETRAIN = ["train.steps=40", "train.global_batch_size=16", "train.micro_batch_size=8", "train.lr=3e-3",
+            "train.warmup_steps=2", "model.dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(single_process, tmp_path_factory):
+    """A text encoder pre-trained at TP=1 on the debug run's captions; (losses, its folder, its weights)."""
+    from training.config import load_config
+    from training.text_encoder import OUTPUT, pretrain
+
+    run_dir = tmp_path_factory.mktemp("textenc")
+    losses = pretrain(load_config("configs/train/debug.yaml", PRETRAIN), run_dir)
+    return losses, run_dir / OUTPUT, read_encoder(run_dir / OUTPUT)
+
+
+def read_encoder(folder) -> dict:
+    """The saved encoder's weights whole, read independently of load_text_encoder (dist_checkpointing at TP=1)."""
+    from megatron.core import dist_checkpointing
+
+    from training.config import load_config
+    from training.text_encoder import MaskedTextEncoder, _blocks
+
+    cfg = load_config("configs/train/debug.yaml", PRETRAIN)
+    model = MaskedTextEncoder(cfg.model, init_seed=999)  # other weights, replaced by the file's
+    loaded = dist_checkpointing.load(_blocks(model, cfg.model), str(folder))["model"]
+    assert all(name.endswith("#0") for name in loaded)  # whole tensors at TP=1: one block each
+    return {name.removesuffix("#0"): t.clone() for name, t in loaded.items()}
+
+
+def test_masked_token_loss_falls(pretrained):
+    losses = pretrained[0]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def pretrain_at(run_dir: str, *overrides: str) -> list[float]:
+    from training.config import load_config
+    from training.text_encoder import pretrain
+
+    return pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, *overrides]), run_dir)
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"], ids=["tp2", "dp2"])
+def test_pretraining_at_tp2_and_dp2_gives_the_losses_of_one_process(pretrained, pool2, tmp_path, layout):
+    losses = pool2.run(pretrain_at, str(tmp_path), layout)
+    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(pretrained[0], rel=1e-4, abs=1e-4)
+    weights = read_encoder(tmp_path / "text_encoder")  # saved from 2 ranks, read back whole
+    for name, w in pretrained[2].items():
+        # The key part of qkv's bias gets no gradient (softmax ignores it): Adam turns fp32 rounding noise,
+        # which differs between layouts, into updates of ~1e-4 there. Everything else agrees to ~1e-6.
+        tolerance = 1e-3 if name.endswith("qkv.bias") else 1e-5
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=tolerance, msg=name)
+
+
+def encoder_weights(run_dir: str, *overrides: str) -> dict:
+    """Build a Parti run (no step) with the warm start, and return its text encoder's weights gathered whole."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from model_parallel.pipeline import canonical_parameters, is_text_encoder
+    from training.config import load_config
+    from training.train import Trainer
+
+    cfg = load_config("configs/train/debug.yaml", ["train.global_batch_size=8", "train.micro_batch_size=2",
+                                                   "model.dropout=0.0", *overrides])
+    trainer = Trainer(cfg, run_dir)
+    try:
+        out, tp = {}, ps.get_tensor_model_parallel_world_size()
+        for name, p in canonical_parameters(trainer.engine.module, cfg.model).items():
+            if not is_text_encoder(name):
+                continue
+            w = p.detach().clone()
+            if getattr(p, "tensor_model_parallel", False) and tp > 1:
+                parts = [torch.empty_like(w) for _ in range(tp)]
+                dist.all_gather(parts, w.contiguous(), group=ps.get_tensor_model_parallel_group())
+                w = torch.cat(parts, dim=p.partition_dim)
+            out[name] = w
+        return out
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("layout", [(), ("parallel.tp=2",), ("parallel.pp=2",)], ids=["tp1", "tp2", "pp2"])
+def test_warm_start_loads_the_pretrained_weights_at_any_layout(pretrained, pool2, tmp_path, layout):
+    _, folder, weights = pretrained
+    sets = [f"model.init_text_encoder={folder}", *layout]
+    if layout:
+        got = pool2.run(encoder_weights, str(tmp_path), *sets)
+        got = {**got[1], **got[0]}  # (under PP=2 the encoder lives on stage 0 only)
+    else:
+        got = encoder_weights(str(tmp_path), *sets)
+    assert set(got) == set(weights)
+    for name, w in weights.items():
+        torch.testing.assert_close(got[name], w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, tmp_path, zero):
+    """3 steps with model.freeze_text_encoder (one process at ZeRO-0; DP=2 at ZeRO-1, whose partitions hold
+    the encoder's optimizer state too): the checkpoint's encoder is the pre-trained one, bit for bit, while
+    the decoder moved away from its initialisation."""
+    from model_parallel.model import PartiModel
+    from training.checkpoint import latest_tag
+    from training.config import load_config
+    from training.export import read_weights
+
+    _, folder, weights = pretrained
+    sets = [f"model.init_text_encoder={folder}", "model.freeze_text_encoder=true", f"parallel.zero_stage={zero}"]
+    if zero:
+        pool2.run(run, str(tmp_path), *sets, steps=3)
+    else:
+        run(str(tmp_path), *sets, steps=3)
+    trained, config = read_weights(tmp_path, latest_tag(tmp_path))
+    for name, w in weights.items():
+        torch.testing.assert_close(trained[name], w, rtol=0, atol=0, msg=name)
+    cfg = load_config("configs/train/debug.yaml", sets)
+    initial = PartiModel(cfg.model, init_seed=config["train"]["seed"]).state_dict()
+    assert not torch.equal(trained["decoder.0.mlp.fn.fc1.weight"], initial["decoder.0.mlp.fn.fc1.weight"])
+
+
+def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretrained, single_process, tmp_path):
+    from data_pipeline.text_tokenizer import train_sentencepiece
+    from model_parallel.model import PartiModel
+    from training.config import ConfigError, load_config
+    from training.text_encoder import load_text_encoder, pretrain
+
+    lines = ["a red circle on a white background", "two green cats", "a blue square on grass", "a photo of a dog"]
+    (tmp_path / "captions.txt").write_text("\n".join(lines * 10) + "\n")
+    spm = train_sentencepiece(lines * 50, 60, tmp_path / "spm.model")
+    losses = pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=3"]), tmp_path / "files",
+                      [str(tmp_path / "captions.txt")], str(spm))
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    cfg = load_config("configs/train/debug.yaml", ["model.hidden_size=32", "model.num_heads=2"])  # another width
+    with pytest.raises(ConfigError, match=r"another shape \(model.hidden_size: 64 there, 32 here"):
+        load_text_encoder(PartiModel(cfg.model), cfg.model, pretrained[1])
+    with pytest.raises(ConfigError, match="no config.json there"):
+        load_text_encoder(PartiModel(cfg.model), cfg.model, tmp_path)
+    with pytest.raises(ConfigError, match="model.init_text_encoder needs parallel.zero_stage < 3"):
+        load_config("configs/train/debug.yaml", [f"model.init_text_encoder={pretrained[1]}",
+                                                 "parallel.zero_stage=3"]).validate()

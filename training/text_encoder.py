@@ -1,0 +1,239 @@
+"""Text-encoder warm start: masked-token pre-training of Parti's text encoder, and loading it into a Parti run.
+
+    torchrun --nproc_per_node 2 -m training.text_encoder --config configs/train/debug.yaml --run-dir runs/textenc \
+        [--text-files captions.txt --text-tokenizer tok/spm.model] [--set parallel.tp=2 train.steps=1000 ...]
+    torchrun ... -m training.train ... --set model.init_text_encoder=runs/textenc/text_encoder [model.freeze_text_encoder=true]
+
+Parti warm-starts its text encoder with a BERT-style masked-language-model objective. The encoder here is built
+from PartiModel's own pieces (text embedding, encoder layers, encoder norm: megatron-core tensor-parallel layers
+on the run's TP group, each seeded as PartiModel seeds it), with a head tied to the token embedding
+(vocab-parallel logits: an exact cross-entropy at any TP). It trains on captions: the run's data (data.shards
+code shards, or data.synthetic), or --text-files (one caption per line, tokenized with --text-tokenizer).
+Masking as BERT's: 15% of each caption's tokens before its EOS are chosen (at least one); 80% of those become
+the mask id (BOS, which captions never use), 10% a random word, 10% stay; the loss is the cross-entropy at the
+chosen positions. Masks come from a generator keyed by (train.seed, step): the same on every rank. The other
+ranks of the world are data parallel (DDP over megatron-core's data-parallel group, each its slice of every
+global batch); AdamW with the run's train.lr schedule, weight decay and TP-aware gradient clipping.
+
+Output: <run-dir>/text_encoder/, the encoder's weights in dist_checkpointing's format under PartiModel's
+parameter names (training/checkpoint.py's blocks) and config.json (the model section, written last: the
+folder is complete when it exists); metrics.jsonl and config.yaml in the run directory. A Parti run with
+model.init_text_encoder=<that folder> loads them at its own TP/PP (`load_text_encoder`) before its engine is
+built. (The pre-training itself writes no intermediate checkpoints: it is short; rerun it if stopped.)
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
+from torch import nn
+
+from common.cli import command, config_parser
+from common.config import ConfigError, save_config, to_dict
+from common.files import write_atomic
+from common.metrics import MetricsLogger
+from data_pipeline.sampler import GlobalBatchSampler
+from data_pipeline.text_tokenizer import BOS_ID, TextTokenizer
+from data_pipeline.training_data import training_dataset
+from model_parallel.config import ModelConfig, saved_model_config
+from model_parallel.kernels import select_kernels
+from model_parallel.model import build_pieces, piece_context, text_mask
+from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
+from model_parallel.state import init_parallel, seed_everything
+from training.checkpoint import save_strategy, sharded_blocks
+from training.config import Config, load_config
+from training.deepspeed_glue import Fragment, global_grad_norm
+from training.engine import lr_lambda
+
+MASK_ID = BOS_ID
+"""The mask token: BOS, reserved by the caption tokenizer and never in a caption (data_pipeline/text_tokenizer.py)."""
+OUTPUT = "text_encoder"
+SHAPE_KEYS = ("hidden_size", "num_heads", "ffn_hidden_size", "encoder_layers", "text_vocab_size", "text_seq_len",
+              "vocab_pad_multiple", "layernorm_eps")
+"""What a pre-trained encoder and the run that loads it must agree on."""
+
+
+class MaskedTextEncoder(nn.Module):
+    """PartiModel's text encoder (its pieces, names and initialisation) with a tied masked-token head."""
+
+    def __init__(self, cfg: ModelConfig, kernels=None, init_seed: int = 1234, tp_group=None):
+        super().__init__()
+        self.cfg = cfg
+        ctx = piece_context(cfg, kernels, tp_group=tp_group)
+        self.tp_group = ctx.tp_group
+        build_pieces(self, ctx, init_seed, keep=lambda name: name.split(".")[0] in TEXT_ENCODER_PIECES)
+
+    def forward(self, text_ids: torch.Tensor, targets: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy at the `chosen` positions ([b, T] bool) of the original ids `targets` [b, T]."""
+        x = self.text_embedding(text_ids)
+        for layer in self.encoder:
+            x = layer(x, text_mask(text_ids, self.cfg.text_pad_id))
+        x = copy_to_tensor_model_parallel_region(self.encoder_norm(x), group=self.tp_group)
+        logits = nn.functional.linear(x, self.text_embedding.embed.weight)  # [T, b, V/tp], tied to the input table
+        losses = vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())  # [T, b]
+        chosen = chosen.t().float()
+        return (losses * chosen).sum() / chosen.sum().clamp(min=1)
+
+
+def mask_tokens(text_ids: torch.Tensor, cfg: ModelConfig, generator: torch.Generator, first_row: int = 0,
+                rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking of captions [b, T]: (inputs, chosen). Words are the ids before each caption's EOS. The
+    draws are made for a batch of `rows` (default b) of which these are rows first_row.. (a data-parallel
+    rank's slice of the global batch: every rank draws the whole batch's, so the masks do not depend on DP)."""
+    shape, own = (rows or len(text_ids), text_ids.shape[1]), slice(first_row, first_row + len(text_ids))
+    draw, action = torch.rand(shape, generator=generator)[own], torch.rand(shape, generator=generator)[own]
+    random_words = torch.randint(EOS_FIRST_WORD, cfg.text_vocab_size, shape, generator=generator)[own]
+    words = torch.cumsum(text_ids == cfg.text_eos_id, dim=1) == 0
+    words &= text_ids != cfg.text_pad_id
+    chosen = (draw < 0.15) & words
+    first = words.float().argmax(1)  # a caption with no word chosen gets its first word chosen
+    none = ~chosen.any(1) & words.any(1)
+    chosen[none, first[none]] = True
+    inputs = torch.where(chosen & (action < 0.8), torch.full_like(text_ids, MASK_ID), text_ids)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_words, inputs)
+    return inputs, chosen
+
+
+EOS_FIRST_WORD = 4
+"""Ids below are PAD/UNK/BOS/EOS: random replacements are drawn from the words above them."""
+
+
+def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: str | None):
+    """Indexable captions as id tensors [T]: the lines of --text-files, else the run's training data."""
+    if text_files:
+        if not text_tokenizer:
+            raise ConfigError("--text-files needs --text-tokenizer (the SentencePiece model to tokenize them with)")
+        tok = TextTokenizer(text_tokenizer, cfg.model.text_seq_len)
+        if tok.vocab_size > cfg.model.text_vocab_size:
+            raise ConfigError(f"--text-tokenizer {text_tokenizer}: {tok.vocab_size} ids do not fit "
+                              f"model.text_vocab_size={cfg.model.text_vocab_size}")
+        lines = [line.strip() for f in text_files for line in Path(f).read_text(encoding="utf-8").splitlines()]
+        return [torch.tensor(tok.encode(line)[0]) for line in lines if line]
+    data = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    return _Captions(data)
+
+
+class _Captions:
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i][0]
+
+
+def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = None,
+             text_tokenizer: str | None = None) -> list[float]:
+    """Train the encoder for cfg.train.steps global batches; write run_dir/text_encoder/; return the losses."""
+    init_parallel(cfg.parallel.tp, 1)
+    run_dir, t = Path(run_dir), cfg.train
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if t.global_batch_size % (t.micro_batch_size * dp_size):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size"
+                          f"={t.micro_batch_size} x the {dp_size} data-parallel ranks")
+    captions = caption_source(cfg, text_files, text_tokenizer)
+    log = MetricsLogger(run_dir, enabled=dist.get_rank() == 0)
+    if dist.get_rank() == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    seed_everything(t.seed)
+    model = MaskedTextEncoder(cfg.model, select_kernels(cfg.kernels), t.seed, ps.get_tensor_model_parallel_group())
+    params = list(model.parameters())
+    ddp = nn.parallel.DistributedDataParallel(model, process_group=ps.get_data_parallel_group()) if dp_size > 1 else model
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    sampler, losses = GlobalBatchSampler(len(captions), t.global_batch_size, t.seed), []
+    for step in range(t.steps):
+        start = time.perf_counter()
+        mine = sampler.rank_slice(sampler.global_batch(step * t.global_batch_size), dp_rank, dp_size)
+        text = torch.stack([captions[int(i)] for i in mine])
+        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+        inputs, chosen = mask_tokens(text, cfg.model, generator, dp_rank * len(mine), t.global_batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in range(0, len(mine), t.micro_batch_size):
+            part = slice(m, m + t.micro_batch_size)
+            loss = ddp(inputs[part], text[part], chosen[part]) * t.micro_batch_size / len(mine)
+            loss.backward()
+            total += loss.item()
+        norm = global_grad_norm(params)
+        if t.grad_clip and norm > t.grad_clip:
+            for p in params:
+                p.grad.mul_(t.grad_clip / (norm + 1e-6))
+        optimizer.step()
+        schedule.step()
+        reduced = torch.tensor(total)
+        dist.all_reduce(reduced, group=ps.get_data_parallel_group())
+        losses.append(reduced.item() / dp_size)
+        if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
+            log.step({"step": step + 1, "loss": losses[-1], "lr": schedule.get_last_lr()[0], "grad_norm": float(norm),
+                      "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
+    save_text_encoder(model, cfg.model, run_dir / OUTPUT)
+    log.info(f"wrote {run_dir / OUTPUT} (load it with model.init_text_encoder={run_dir / OUTPUT})")
+    log.close()
+    return losses
+
+
+def _blocks(module: nn.Module, model_cfg: ModelConfig) -> dict:
+    """{'model': {name#i: ShardedTensor}} of the text encoder's parameters this rank holds (views of them)."""
+    out = {}
+    for name, p in canonical_parameters(module, model_cfg).items():
+        if is_text_encoder(name):
+            fragment = Fragment(0, p.data.view(-1), whole=True)
+            for i, block in enumerate(sharded_blocks(f"model.{name}", fragment, tuple(p.shape), p)):
+                out[f"{name}#{i}"] = block
+    return {"model": out}
+
+
+def save_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: Path) -> None:
+    """Every rank: the encoder's weights (each TP shard once, the writes spread over DP), then rank 0 writes
+    config.json, which marks the folder complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(_blocks(module, model_cfg), str(folder), sharded_strategy=save_strategy())
+    if dist.get_rank() == 0:
+        write_atomic(folder / "config.json", json.dumps({"model": to_dict(model_cfg)}, indent=1))
+    dist.barrier()
+
+
+def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | Path) -> None:
+    """Every rank: load a pre-trained encoder (`save_text_encoder`'s folder) into the text encoder pieces of
+    `module` (PartiModel or a pipeline stage; a stage without them takes part in the collective load only),
+    resharded to its TP size. ConfigError naming the folder when it is incomplete or of another shape."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.init_text_encoder={folder}: no config.json there (expected the text_encoder "
+                          "folder written by python -m training.text_encoder, complete)")
+    saved = saved_model_config(json.loads((folder / "config.json").read_text())["model"])
+    differ = [f"model.{k}: {getattr(saved, k)} there, {getattr(model_cfg, k)} here" for k in SHAPE_KEYS
+              if getattr(saved, k) != getattr(model_cfg, k)]
+    if differ:
+        raise ConfigError(f"model.init_text_encoder={folder}: an encoder of another shape ({'; '.join(differ)})")
+    template = _blocks(module, model_cfg)
+    targets = {name: block.data for name, block in template["model"].items()}
+    loaded = dist_checkpointing.load(template, str(folder))
+    with torch.no_grad():
+        for name, target in targets.items():
+            if loaded["model"][name].data_ptr() != target.data_ptr():
+                target.copy_(loaded["model"][name])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = config_parser(__doc__, where="configs/train/")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--text-files", nargs="*", help="caption files, one per line (default: the run's data)")
+    parser.add_argument("--text-tokenizer", help="the SentencePiece model for --text-files")
+    args = parser.parse_args(argv)
+    with command(errors=(FileNotFoundError,), label="training.text_encoder"):
+        cfg = load_config(args.config, args.set).validate()
+        pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer)
+
+
+if __name__ == "__main__":
+    main()
