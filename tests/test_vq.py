@@ -292,3 +292,19 @@ def test_a_detokenizer_whose_encoder_was_changed_is_refused(single_process, spli
     torch.save(blob, tmp_path / "tok.pt")
     with pytest.raises(ValueError, match="encoder and codebook differ"):
         load_image_tokenizer(tmp_path / "tok.pt")
+
+
+def test_a_run_from_before_model_heads_is_not_resumed_with_other_heads(single_process, photos, tmp_path):
+    """Heads leave the weights' shapes alone: a checkpoint written when heads were width / 64 (no model.heads
+    in its config) is refused by a run that would build other heads, naming the setting that continues it."""
+    from vq.train import CheckpointError
+
+    train(photos, tmp_path, "model.width=128", "train.steps=2", "train.save_interval=2")
+    state_file = tmp_path / "checkpoints" / "step_00000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["model"]["heads"]  # as the older runs wrote it
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointError, match=r"had 2 heads .* --set model.heads=2"):
+        train(photos, tmp_path, "model.width=128", "model.heads=4", "train.steps=4", "train.save_interval=2")
+    _, rest = train(photos, tmp_path, "model.width=128", "model.heads=2", "train.steps=4", "train.save_interval=2")
+    assert len(rest) == 2

@@ -162,6 +162,7 @@ class VQTrainer:
         # resume on a GPU failed. load_state_dict copies model weights and optimizer state onto the
         # parameters' device itself. weights_only: a checkpoint must not be able to run code (load_checkpoint).
         state = load_checkpoint(path)
+        self._check_heads(path, state.get("config", {}).get("model", {}))
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.disc_opt and state["disc"] is not None:
@@ -175,6 +176,19 @@ class VQTrainer:
         for _ in range(self.step * self.cfg.train.batch_size // self.world):
             next(self.stream)
         self.log.info(f"resumed from {path} at step {self.step}")
+
+    def _check_heads(self, path: Path, saved: dict) -> None:
+        """Attention heads leave no trace in the weights' shapes, so a checkpoint would load into a model with
+        other heads and silently become another model. Runs written before model.heads existed used width /
+        64 heads (the Large preset now has the paper's 16, not 20): refuse a resume that would change them."""
+        if not saved or "heads" in saved or not hasattr(self.model, "encoder"):
+            return
+        width = saved.get("width") or VIT_VQGAN_PRESETS.get(saved.get("preset"), {}).get("width", 0)
+        heads = self.model.encoder[0].heads
+        if width and heads != max(1, width // 64):
+            raise CheckpointError(f"{path}: written by a run whose attention had {max(1, width // 64)} heads "
+                                  f"(width / 64, before model.heads existed); this run builds {heads}: continue it "
+                                  f"with --set model.heads={max(1, width // 64)}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:
