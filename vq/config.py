@@ -8,6 +8,9 @@ from vq.losses import LossConfig
 
 @dataclass
 class VQModelConfig:
+    kind: str = "vit_vqgan"
+    """vit_vqgan (ViT-VQGAN: preset/layers/width/heads) | vqvae (VQ-VAE with an EMA codebook: width channels,
+    log2(patch) strided convolutions; preset/layers/heads/logit_laplace unused)."""
     preset: str = "small"
     """small (8 layers, d512, 8 heads) | base (12, d768, 12) | large (32, d1280, 16); layers/width/heads below
     override it when > 0. (vq.finetune_decoder: the new decoder's shape.)"""
@@ -29,6 +32,8 @@ class VQModelConfig:
     """Decoder predicts logit-Laplace parameters (6 channels) and the loss includes their likelihood."""
     dead_code_steps: int = 200
     """Codes unused for this many steps are restarted from batch latents."""
+    ema_decay: float = 0.99
+    """vqvae: decay of the codebook's moving averages."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from common.files import atomic_path
 from vq.conv_vqgan import ConvVQGAN
 from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
+from vq.vqvae import VQVAE
 
 
 class ConvVQ(nn.Module):
@@ -73,7 +74,7 @@ class ConvVQ(nn.Module):
 
 
 def _registry() -> dict:
-    return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN, ConvVQGAN.kind: ConvVQGAN}
+    return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN, ConvVQGAN.kind: ConvVQGAN, VQVAE.kind: VQVAE}
 
 
 def content_hash(kind: str, config: dict, state_dict: dict) -> str:

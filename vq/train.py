@@ -41,10 +41,18 @@ from vq.config import VQConfig
 from vq.losses import VQGANLoss, split_output
 from vq.tokenizer import save_image_tokenizer
 from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
+from vq.vqvae import VQVAE
 
 
 def build_model(cfg: VQConfig):
     m = cfg.model
+    if m.kind not in ("vit_vqgan", "vqvae"):
+        raise ConfigError(f"model.kind={m.kind!r} must be vit_vqgan or vqvae")
+    if m.kind == "vqvae":
+        if m.logit_laplace:
+            raise ConfigError("model.logit_laplace needs model.kind=vit_vqgan (the VQ-VAE decodes 3 channels)")
+        return VQVAE(image_size=m.image_size, patch=m.patch, width=m.width or 128, code_dim=m.code_dim,
+                     codebook_size=m.codebook_size, ema_decay=m.ema_decay, dead_code_steps=m.dead_code_steps)
     if m.preset not in VIT_VQGAN_PRESETS:
         raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
     shape = VIT_VQGAN_PRESETS[m.preset]
@@ -181,7 +189,7 @@ class VQTrainer:
         """Attention heads leave no trace in the weights' shapes, so a checkpoint would load into a model with
         other heads and silently become another model. Runs written before model.heads existed used width /
         64 heads (the Large preset now has the paper's 16, not 20): refuse a resume that would change them."""
-        if not saved or "heads" in saved or not hasattr(self.model, "encoder"):
+        if not saved or "heads" in saved or not isinstance(self.model, ViTVQGAN):
             return
         width = saved.get("width") or VIT_VQGAN_PRESETS.get(saved.get("preset"), {}).get("width", 0)
         heads = self.model.encoder[0].heads
@@ -200,7 +208,7 @@ class VQTrainer:
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
             out, aux = self.ddp(images, frozen_codes=self.frozen_codes)
         out = out.float()
-        last = self.model.dec_out[1].weight
+        last = self.model.last_decoder_weight()
         loss, logs = self.losses.generator(images, out, aux["vq_loss"], self.step, last)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

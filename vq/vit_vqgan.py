@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vq.codebook import CodeUsage
+
 VIT_VQGAN_PRESETS = {  # the ViT-VQGAN paper's shapes (MLP 4 x width)
     "small": dict(layers=8, width=512, heads=8),
     "base": dict(layers=12, width=768, heads=12),
@@ -47,7 +49,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class ViTVQGAN(nn.Module):
+class ViTVQGAN(CodeUsage, nn.Module):
     kind = "vit_vqgan"
 
     def __init__(self, image_size: int = 256, patch: int = 8, layers: int = 8, width: int = 512, code_dim: int = 32,
@@ -64,7 +66,7 @@ class ViTVQGAN(nn.Module):
         self.config.update({k: v for k, v in dict(heads=heads, dec_layers=dec_layers, dec_width=dec_width,
                                                   dec_heads=dec_heads).items() if v})
         self.image_size, self.patch, self.grid = image_size, patch, image_size // patch
-        self.codebook_size, self.beta, self.dead_code_steps = codebook_size, beta, dead_code_steps
+        self.beta = beta
         self.out_channels = 6 if logit_laplace else 3
         heads = heads or max(1, width // 64)
         dec_width = dec_width or width
@@ -79,9 +81,7 @@ class ViTVQGAN(nn.Module):
         self.dec_pos = nn.Parameter(torch.randn(1, n, dec_width) * 0.02)
         self.decoder = nn.Sequential(*(Block(dec_width, dec_heads) for _ in range(dec_layers or layers)))
         self.dec_out = nn.Sequential(nn.LayerNorm(dec_width), nn.Linear(dec_width, self.out_channels * patch * patch))
-        self.register_buffer("usage", torch.zeros(codebook_size))        # EMA of code counts per batch
-        self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.long))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.init_usage(codebook_size, dead_code_steps)
 
     # ------------------------------------------------------------------------------------------
     def latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -133,30 +133,9 @@ class ViTVQGAN(nn.Module):
             vq_loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
             out = self.pixels(z + (q - z).detach())  # straight-through estimator
             if self.training:
-                self._track_usage(codes, z)
-        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs * (probs + 1e-10).log()).sum())
-        return out, {"vq_loss": vq_loss, "codes": codes, "perplexity": perplexity,
-                     "usage": (self.usage > 1e-3).float().mean()}
+                self.track_usage(codes, z.reshape(-1, z.shape[-1]))
+        return out, {"vq_loss": vq_loss, "codes": codes, **self.usage_stats(codes)}
 
-    @torch.no_grad()
-    def _track_usage(self, codes: torch.Tensor, z: torch.Tensor) -> None:
-        """EMA of code counts; restart codes unused for dead_code_steps steps from random batch latents."""
-        import torch.distributed as dist
-
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        self.step += 1
-        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        if distributed:  # usage over the whole global batch, the same on every rank
-            dist.all_reduce(counts)
-        self.usage.mul_(0.99).add_(counts, alpha=0.01)
-        self.last_used[counts > 0] = self.step
-        dead = (self.step - self.last_used) > self.dead_code_steps
-        if dead.any():
-            flat = z.reshape(-1, z.shape[-1])
-            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
-            self.codebook.weight[dead] = flat[pick].to(self.codebook.weight.dtype)
-            self.last_used[dead] = self.step
-            if distributed:  # rank 0's choice of restarted codes for everyone
-                dist.broadcast(self.codebook.weight.data, src=0)
+    def last_decoder_weight(self) -> torch.Tensor:
+        """The decoder's last layer (the adversarial loss's adaptive weight is measured there)."""
+        return self.dec_out[1].weight
