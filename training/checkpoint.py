@@ -450,6 +450,18 @@ def _fail(run_dir: Path, path: Path, error: str) -> None:
     raise CheckpointError(checkpoints.failed_save_message(run_dir, path, error, STATE_FILE))
 
 
+def load_in_place(template: dict, path: Path) -> None:
+    """Fill the blocks of a {section: {name: ShardedTensor}} template (views of live tensors) from the
+    checkpoint at `path`: dist_checkpointing fills them in place; copy where it handed back another tensor."""
+    targets = {section: {name: block.data for name, block in blocks.items()} for section, blocks in template.items()}
+    loaded = dist_checkpointing.load(template, str(path))
+    with torch.no_grad():
+        for section, blocks in targets.items():
+            for name, target in blocks.items():
+                if loaded[section][name].data_ptr() != target.data_ptr():
+                    target.copy_(loaded[section][name])
+
+
 def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> dict:
     """Load checkpoint `tag` into the engine at this run's layout; returns its trainer state. The LR
     schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps."""
@@ -458,18 +470,12 @@ def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> 
     # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.train.plan_resume.)
     ensure_optimizer_state(engine)
     template, params = _state_dict(engine, cfg.model)
-    targets = {section: {name: block.data for name, block in blocks.items()} for section, blocks in template.items()}
     try:
-        loaded = dist_checkpointing.load(template, str(path))
+        load_in_place(template, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError from torch's unzip...
         raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({failure_cause(e)}); a .distcp file may be "
                               "corrupt (resume from an earlier checkpoint: delete this folder and "
                               f"{checkpoint_dir(run_dir) / 'latest'})") from None
-    with torch.no_grad():  # (dist_checkpointing fills the blocks in place; copy where it did not)
-        for section, blocks in targets.items():
-            for name, target in blocks.items():
-                if loaded[section][name].data_ptr() != target.data_ptr():
-                    target.copy_(loaded[section][name])
     refresh_working_weights(engine, params)
     set_optimizer_step_count(engine, state["optimizer_steps"])
     scheduler = engine.lr_scheduler

@@ -39,20 +39,22 @@ from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
 from common.metrics import MetricsLogger
 from data_pipeline.sampler import GlobalBatchSampler
-from data_pipeline.text_tokenizer import BOS_ID, TextTokenizer
+from data_pipeline.text_tokenizer import BOS_ID, EOS_ID, TextTokenizer
 from data_pipeline.training_data import training_dataset
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.kernels import select_kernels
 from model_parallel.model import build_pieces, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import init_parallel, seed_everything
-from training.checkpoint import save_strategy, sharded_blocks
+from training.checkpoint import load_in_place, save_strategy, sharded_blocks
 from training.config import Config, load_config
 from training.deepspeed_glue import Fragment, global_grad_norm
 from training.engine import lr_lambda
 
 MASK_ID = BOS_ID
 """The mask token: BOS, reserved by the caption tokenizer and never in a caption (data_pipeline/text_tokenizer.py)."""
+FIRST_WORD = EOS_ID + 1
+"""Ids below are PAD/UNK/BOS/EOS: random replacements are drawn from the words from here on."""
 OUTPUT = "text_encoder"
 SHAPE_KEYS = ("hidden_size", "num_heads", "ffn_hidden_size", "encoder_layers", "text_vocab_size", "text_seq_len",
               "vocab_pad_multiple", "layernorm_eps")
@@ -88,7 +90,7 @@ def mask_tokens(text_ids: torch.Tensor, cfg: ModelConfig, generator: torch.Gener
     rank's slice of the global batch: every rank draws the whole batch's, so the masks do not depend on DP)."""
     shape, own = (rows or len(text_ids), text_ids.shape[1]), slice(first_row, first_row + len(text_ids))
     draw, action = torch.rand(shape, generator=generator)[own], torch.rand(shape, generator=generator)[own]
-    random_words = torch.randint(EOS_FIRST_WORD, cfg.text_vocab_size, shape, generator=generator)[own]
+    random_words = torch.randint(FIRST_WORD, cfg.text_vocab_size, shape, generator=generator)[own]
     words = torch.cumsum(text_ids == cfg.text_eos_id, dim=1) == 0
     words &= text_ids != cfg.text_pad_id
     chosen = (draw < 0.15) & words
@@ -100,8 +102,6 @@ def mask_tokens(text_ids: torch.Tensor, cfg: ModelConfig, generator: torch.Gener
     return inputs, chosen
 
 
-EOS_FIRST_WORD = 4
-"""Ids below are PAD/UNK/BOS/EOS: random replacements are drawn from the words above them."""
 
 
 def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: str | None):
@@ -215,13 +215,7 @@ def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | P
               if getattr(saved, k) != getattr(model_cfg, k)]
     if differ:
         raise ConfigError(f"model.init_text_encoder={folder}: an encoder of another shape ({'; '.join(differ)})")
-    template = _blocks(module, model_cfg)
-    targets = {name: block.data for name, block in template["model"].items()}
-    loaded = dist_checkpointing.load(template, str(folder))
-    with torch.no_grad():
-        for name, target in targets.items():
-            if loaded["model"][name].data_ptr() != target.data_ptr():
-                target.copy_(loaded["model"][name])
+    load_in_place(_blocks(module, model_cfg), folder)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,8 @@ from common.cli import command, config_parser
 from common.config import ConfigError, load_typed
 from vq.config import VQConfig
 from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
-from vq.train import VQTrainer
-from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
+from vq.train import VQTrainer, vit_shape
+from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
 
 
 class DecoderFinetuner(VQTrainer):
@@ -38,14 +38,9 @@ class DecoderFinetuner(VQTrainer):
 
     def build(self, cfg: VQConfig) -> ViTVQGAN:
         """The source's encoder and codebook (frozen) with a fresh decoder of the config's shape."""
-        m = cfg.model
-        if m.preset not in VIT_VQGAN_PRESETS:
-            raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
-        shape = VIT_VQGAN_PRESETS[m.preset]
-        width = m.width or shape["width"]
-        heads = m.heads or (shape["heads"] if width == shape["width"] else 0)
+        layers, width, heads = vit_shape(cfg.model)
         source_config = {k: v for k, v in self.source.config.items() if not k.startswith("dec_")}
-        model = ViTVQGAN(**{**source_config, "logit_laplace": m.logit_laplace, "dec_layers": m.layers or shape["layers"],
+        model = ViTVQGAN(**{**source_config, "logit_laplace": cfg.model.logit_laplace, "dec_layers": layers,
                             "dec_width": width, "dec_heads": heads})
         encoder = {k: v for k, v in self.source.state_dict().items() if k.split(".")[0] in ENCODER_PARTS}
         missing, unexpected = model.load_state_dict(encoder, strict=False)

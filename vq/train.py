@@ -53,14 +53,20 @@ def build_model(cfg: VQConfig):
             raise ConfigError("model.logit_laplace needs model.kind=vit_vqgan (the VQ-VAE decodes 3 channels)")
         return VQVAE(image_size=m.image_size, patch=m.patch, width=m.width or 128, code_dim=m.code_dim,
                      codebook_size=m.codebook_size, ema_decay=m.ema_decay, dead_code_steps=m.dead_code_steps)
+    layers, width, heads = vit_shape(m)
+    return ViTVQGAN(image_size=m.image_size, patch=m.patch, layers=layers, width=width, code_dim=m.code_dim,
+                    codebook_size=m.codebook_size, logit_laplace=m.logit_laplace, dead_code_steps=m.dead_code_steps,
+                    heads=heads)
+
+
+def vit_shape(m) -> tuple[int, int, int]:
+    """(layers, width, heads) of a ViT-VQGAN model section: the preset's, overridden by the fields > 0 (heads
+    0 when only the width was changed: ViTVQGAN then takes width / 64)."""
     if m.preset not in VIT_VQGAN_PRESETS:
         raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
     shape = VIT_VQGAN_PRESETS[m.preset]
     width = m.width or shape["width"]
-    heads = m.heads or (shape["heads"] if width == shape["width"] else 0)  # (0: width / 64)
-    return ViTVQGAN(image_size=m.image_size, patch=m.patch, layers=m.layers or shape["layers"], width=width,
-                    code_dim=m.code_dim, codebook_size=m.codebook_size, logit_laplace=m.logit_laplace,
-                    dead_code_steps=m.dead_code_steps, heads=heads)
+    return m.layers or shape["layers"], width, m.heads or (shape["heads"] if width == shape["width"] else 0)
 
 
 def load_checkpoint(path: Path) -> dict:
