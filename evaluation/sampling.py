@@ -127,8 +127,9 @@ class CachedStep:
 
 class StaticStep:
     """One token per step through a static KV cache, with a static input tensor (`self.tokens`). Step i
-    attends over the shortest of `buckets` cache prefixes (a quarter of the image, half, ...) that holds
-    position i, so early steps do not read the whole cache. With `cuda_graph` the step is captured once
+    attends over the shortest of `buckets` cache prefixes (a quarter of the stream, half, ...) that holds
+    its position (i, after the caption's `prefix_len` positions for a decoder-only model), so early steps do
+    not read the whole cache. With `cuda_graph` the step is captured once
     per prefix length in a CUDA graph and every call replays one; without, the same step runs eagerly
     (which is how the CPU tests check the static cache, prefixes included)."""
 
@@ -137,7 +138,7 @@ class StaticStep:
     def __init__(self, model, texts: torch.Tensor, cuda_graph: bool = False, buckets: int = 4):
         self.model = model
         self.caches, self.memory, self.mask = model.start_decoding(texts, static=True)
-        self.position = self.caches[0].static
+        self.position, self.prefix = self.caches[0].static, model.cfg.prefix_len
         self.tokens = torch.full((texts.shape[0], 1), model.bos_id, dtype=torch.long, device=texts.device)
         length = self.position.max_len
         self.lengths = sorted({-(-length * (k + 1) // buckets) for k in range(buckets)})
@@ -160,10 +161,10 @@ class StaticStep:
                 for _ in range(self.warmup_steps):
                     self._forward(keys)
         torch.cuda.current_stream().wait_stream(side)
-        # The warm-up wrote (BOS) keys and values at the first positions and advanced the write position:
-        # start again at 0. Stale entries are harmless: each step writes its position before attending,
-        # and positions after it are masked out (finite values times weight 0).
-        self.position.next.zero_()
+        # The warm-up wrote (BOS) keys and values at the first image positions and advanced the write
+        # position: start again at the first. Stale entries are harmless: each step writes its position
+        # before attending, and positions after it are masked out (finite values times weight 0).
+        self.position.next.fill_(self.prefix)
         for keys in self.lengths:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -171,7 +172,7 @@ class StaticStep:
             self.graphs[keys] = (graph, logits)
 
     def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
-        keys = next(k for k in self.lengths if k > i)  # step i writes position i and reads 0..i
+        keys = next(k for k in self.lengths if k > self.prefix + i)  # step i writes prefix + i, reads 0..it
         self.tokens.copy_(tokens[:, i:i + 1])
         if self.graphs:
             graph, logits = self.graphs[keys]

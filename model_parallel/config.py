@@ -1,4 +1,7 @@
-"""The shape of the Parti encoder-decoder (`ModelConfig`, the `model:` section of a run) and its presets.
+"""The shape of the model (`ModelConfig`, the `model:` section of a run) and its presets.
+
+`model.arch` picks the family: Parti's encoder-decoder (a text encoder, an image decoder that cross-attends to
+it) or a DALL-E-style decoder-only transformer (one causal stream: the padded caption, then the image tokens).
 
     cfg = model_config("parti-350m")                     # configs/model/parti-350m.yaml
     cfg = model_config("parti-tiny", {"dropout": 0.1})   # a preset with keys laid over it
@@ -15,10 +18,19 @@ from common.config import CONFIG_ROOT, ConfigError, build, merge, read_yaml, req
 
 @dataclass
 class ModelConfig:
-    """Shape of the Parti encoder-decoder transformer."""
+    """Shape of the text-to-image transformer."""
 
     preset: str = ""
     """Name of a preset under configs/model/ whose values are the defaults for this section ('' = none)."""
+    arch: str = "encoder_decoder"
+    """encoder_decoder (Parti: text encoder + image decoder with cross-attention) or decoder_only (DALL-E: one
+    causal stream of text_seq_len caption tokens, padding included, then the image tokens; no encoder, so
+    encoder_layers must be 0; caption padding is not masked: each padded position has its own position
+    embedding, the role of DALL-E's per-position padding tokens; attention is dense causal, not DALL-E's
+    sparse row/column/convolutional masks)."""
+    text_loss_weight: float = 0.0
+    """decoder_only: the loss is (1 - w) x image-token cross-entropy + w x next-caption-token cross-entropy
+    (over non-padding targets, from a text head of its own); DALL-E used w = 1/8. 0: image tokens only."""
     encoder_layers: int = 2
     """Number of text-encoder transformer layers (bidirectional self-attention + MLP)."""
     decoder_layers: int = 2
@@ -80,11 +92,37 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def decoder_only(self) -> bool:
+        return self.arch == "decoder_only"
+
+    @property
+    def prefix_len(self) -> int:
+        """Positions before the first image token in the decoder's stream (the caption, decoder_only)."""
+        return self.text_seq_len if self.decoder_only else 0
+
+    @property
+    def stream_len(self) -> int:
+        """Length of the decoder's causal stream (its KV cache): caption (decoder_only) + image tokens."""
+        return self.prefix_len + self.image_seq_len
+
     def validate(self) -> "ModelConfig":
         """Raise ConfigError naming the field for the first broken rule (layout rules: ParallelLayout)."""
-        for name in ("encoder_layers", "decoder_layers", "hidden_size", "ffn_hidden_size", "num_heads",
+        require(self.arch in ARCHS, f"model.arch={self.arch!r} must be one of {', '.join(ARCHS)}")
+        for name in ("decoder_layers", "hidden_size", "ffn_hidden_size", "num_heads",
                      "text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid"):
             require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        if self.decoder_only:
+            require(self.encoder_layers == 0, f"model.encoder_layers={self.encoder_layers} must be 0 with "
+                    "model.arch=decoder_only (its caption is the start of the decoder's stream, not encoded)")
+            for name in ("init_text_encoder", "freeze_text_encoder"):
+                require(not getattr(self, name), f"model.{name} needs model.arch=encoder_decoder (a decoder-only "
+                        "model has no text encoder)")
+        else:
+            require(self.encoder_layers > 0, f"model.encoder_layers={self.encoder_layers} must be positive")
+            require(self.text_loss_weight == 0, f"model.text_loss_weight={self.text_loss_weight} needs "
+                    "model.arch=decoder_only (the encoder-decoder predicts image tokens only)")
+        require(0.0 <= self.text_loss_weight < 1.0, f"model.text_loss_weight={self.text_loss_weight} must be in [0, 1)")
         require(self.hidden_size % self.num_heads == 0,
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
         for name in ("dropout", "attention_dropout", "caption_drop_prob"):
@@ -92,6 +130,8 @@ class ModelConfig:
             require(0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1)")
         return self
 
+
+ARCHS = ("encoder_decoder", "decoder_only")
 
 RENAMED = {"cfg_drop_prob": "caption_drop_prob"}
 """Keys renamed since configs were written with them: old name -> new name."""

@@ -219,17 +219,15 @@ class LayerCache:
         return self.self_k[:, :, :keys], self.self_v[:, :, :keys], self.static.valid
 
 
-def static_caches(cross_kv: list[tuple[torch.Tensor, torch.Tensor]], max_len: int) -> list[LayerCache]:
-    """Static caches for layers with the given cross-attention K/V ([b, local_heads, text_len, head_dim]):
-    self-attention K/V preallocated to `max_len` positions (zeros), one shared write position at 0."""
-    k0 = cross_kv[0][0]
-    position = StaticPosition(torch.zeros(1, dtype=torch.long, device=k0.device), max_len)
-    caches = []
-    for k, v in cross_kv:
-        shape = (k.shape[0], k.shape[1], max_len, k.shape[3])
-        caches.append(LayerCache(self_k=k.new_zeros(shape), self_v=v.new_zeros(shape), cross_k=k, cross_v=v,
-                                 static=position))
-    return caches
+def static_caches(like: torch.Tensor, layers: int, max_len: int, cross_kv=None) -> list[LayerCache]:
+    """Static caches for `layers` layers whose K/V look like `like` ([b, local_heads, any, head_dim]):
+    self-attention K/V preallocated to `max_len` positions (zeros), one shared write position at 0; with
+    each layer's cross-attention K/V (`cross_kv`: a list of (k, v)) when the model has cross-attention."""
+    position = StaticPosition(torch.zeros(1, dtype=torch.long, device=like.device), max_len)
+    shape = (like.shape[0], like.shape[1], max_len, like.shape[3])
+    cross_kv = cross_kv or [(None, None)] * layers
+    return [LayerCache(self_k=like.new_zeros(shape), self_v=like.new_zeros(shape), cross_k=k, cross_v=v,
+                       static=position) for k, v in cross_kv]
 
 
 def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
@@ -384,17 +382,22 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Causal self-attention (KV cache over the decoder's stream), cross-attention to the text encoder's
+    output (encoder-decoder only: a decoder-only model's caption is the start of its stream), MLP."""
+
     def __init__(self, ctx: PieceContext):
         super().__init__()
-        self.max_len = ctx.cfg.image_seq_len
+        self.max_len = ctx.cfg.stream_len
         self.self_attn = _residual(ctx, Attention(ctx, cross=False))
-        self.cross_attn = _residual(ctx, Attention(ctx, cross=True))
+        if not ctx.cfg.decoder_only:
+            self.cross_attn = _residual(ctx, Attention(ctx, cross=True))
         self.mlp = _residual(ctx, MLP(ctx))
 
-    def forward(self, x, memory, memory_mask, cache: LayerCache | None = None,
+    def forward(self, x, memory=None, memory_mask=None, cache: LayerCache | None = None,
                 sample_index: torch.Tensor | None = None):
         x = self.self_attn(x, sample_index, causal=True, cache=cache, max_len=self.max_len)
-        x = self.cross_attn(x, sample_index, memory=memory, mask=memory_mask, cache=cache)
+        if hasattr(self, "cross_attn"):
+            x = self.cross_attn(x, sample_index, memory=memory, mask=memory_mask, cache=cache)
         return self.mlp(x, sample_index)
 
 

@@ -94,6 +94,9 @@ class ParallelLayout:
                           ("vocab_pad_multiple", "")):
             require(getattr(m, name) % tp == 0, f"model.{name}={getattr(m, name)} must be divisible by "
                                                 f"parallel.tp={tp}{why}")
+        if m.decoder_only and m.text_loss_weight > 0:
+            require(m.text_vocab_size % tp == 0, f"model.text_vocab_size={m.text_vocab_size} must be divisible by "
+                    f"parallel.tp={tp} with model.text_loss_weight > 0 (the text head is split over the vocabulary)")
         require(m.decoder_layers % self.pp == 0,
                 f"model.decoder_layers={m.decoder_layers} must be divisible by parallel.pp={self.pp} "
                 "(decoder layers are balanced over pipeline stages)")

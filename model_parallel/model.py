@@ -1,8 +1,15 @@
-"""The Parti encoder-decoder: text encoder, image-token decoder with cross-attention, image-vocab head.
+"""The text-to-image transformer: Parti's encoder-decoder, or a DALL-E-style decoder-only stream.
 
     init_parallel(tp=2); seed_everything(cfg.train.seed)
     model = PartiModel(cfg.model, select_kernels(cfg.kernels))
     loss = model.loss(text_ids, image_codes)            # text_ids [b, T] int64, image_codes [b, H*W]
+
+model.arch=encoder_decoder (Parti): a text encoder, an image-token decoder that cross-attends to it, an
+image-vocab head. model.arch=decoder_only (DALL-E): one causal stream [caption (T tokens, padding included),
+BOS, codes[:-1]] through decoder layers without cross-attention; the same embeddings, layers and head, plus
+a text head when model.text_loss_weight > 0. Both give image logits for the same inputs and take the same
+incremental-decoding calls (the decoder-only caption is prefilled into the KV cache), so sampling,
+evaluation, checkpoints and export treat them alike.
 
 The model knows nothing of parallelism beyond its megatron-core layers' TP group: pipeline stages,
 activation checkpointing and the DeepSpeed engine are applied from outside (training/). Each rank
@@ -110,10 +117,12 @@ class TextEmbedding(nn.Module):
         self.pos = PositionEmbedding(cfg.text_seq_len, cfg.hidden_size, ctx.init, ctx.mp.perform_initialization)
         self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
 
+    def tokens(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """[b, T] ids -> [b, T, d] token + position embeddings."""
+        return self.embed(text_ids) + self.pos(torch.arange(text_ids.shape[1], device=text_ids.device))
+
     def forward(self, text_ids: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        positions = torch.arange(text_ids.shape[1], device=text_ids.device)
-        x = _to_hidden(self.embed(text_ids) + self.pos(positions), self.sequence_parallel, self.tp_group)
-        return self.drop(x, sample_index)
+        return self.drop(_to_hidden(self.tokens(text_ids), self.sequence_parallel, self.tp_group), sample_index)
 
 
 class ImageEmbedding(nn.Module):
@@ -129,16 +138,41 @@ class ImageEmbedding(nn.Module):
         self.col_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, perform)
         self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
 
-    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0,
-                sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        """`start`: an int, or an int64 [1] device tensor (static-cache decoding: no host sync, so the
-        bounds are not checked here; the sampler never passes the end of the grid)."""
+    def tokens(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """[b, n] decoder inputs at grid positions start.. -> [b, n, d]. `start`: an int, or an int64 [1]
+        device tensor (static-cache decoding: no host sync, so the bounds are not checked here; the
+        sampler never passes the end of the grid)."""
         if not torch.is_tensor(start) and start + tokens.shape[1] > self.cfg.image_seq_len:
             raise ValueError(f"image positions {start}..{start + tokens.shape[1] - 1} exceed the "
                              f"{self.cfg.image_seq_len} positions of the image grid")
         idx = start + torch.arange(tokens.shape[1], device=tokens.device)
-        pos = self.row_pos(idx // self.cfg.image_grid) + self.col_pos(idx % self.cfg.image_grid)
-        return self.drop(_to_hidden(self.embed(tokens) + pos, self.sequence_parallel, self.tp_group), sample_index)
+        return self.embed(tokens) + self.row_pos(idx // self.cfg.image_grid) + self.col_pos(idx % self.cfg.image_grid)
+
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0,
+                sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        x = _to_hidden(self.tokens(tokens, start), self.sequence_parallel, self.tp_group)
+        return self.drop(x, sample_index)
+
+
+class StreamEmbedding(nn.Module):
+    """Decoder-only: caption ids [b, T] and/or image decoder inputs [b, n] (grid positions start..) -> one
+    stream [T + n, b, d], the caption first; each part with its own token table and positions (1-D for the
+    caption, row + column for the grid). The parts are joined before the sequence-parallel scatter and the
+    dropout, so a sequence shard and a dropout mask are those of the whole stream. (The parts' own dropout
+    sites stay unused: they keep the parts' modules those of the encoder-decoder.)"""
+
+    def __init__(self, ctx: PieceContext):
+        super().__init__()
+        self.text, self.image = TextEmbedding(ctx), ImageEmbedding(ctx)
+        self.sequence_parallel, self.tp_group = ctx.mp.sequence_parallel, ctx.tp_group
+        self.drop = SampleDropout(ctx.cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
+
+    def forward(self, text_ids: torch.Tensor | None, image_in: torch.Tensor | None, start: int | torch.Tensor = 0,
+                sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        parts = ([self.text.tokens(text_ids)] if text_ids is not None else []) + \
+                ([self.image.tokens(image_in, start)] if image_in is not None else [])
+        x = _to_hidden(torch.cat(parts, dim=1), self.sequence_parallel, self.tp_group)
+        return self.drop(x, sample_index)
 
 
 class FinalNorm(nn.Module):
@@ -155,22 +189,46 @@ class FinalNorm(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """Decoder final norm and the projection to vocab-parallel image-code logits [n, b, V/tp]."""
+    """Decoder final norm and the projection to vocab-parallel image-code logits [n, b, V/tp]; decoder-only
+    with model.text_loss_weight > 0, a second projection to next-caption-token logits."""
 
     def __init__(self, ctx: PieceContext):
         super().__init__()
+        cfg = ctx.cfg
         self.norm = FinalNorm(ctx)
-        self.proj = ColumnParallelLinear(ctx.cfg.hidden_size, ctx.cfg.image_vocab_size, config=ctx.mp,
-                                         init_method=ctx.init, bias=False, gather_output=False, tp_group=ctx.tp_group)
+        self.sequence_parallel, self.prefix = ctx.mp.sequence_parallel, cfg.prefix_len
+        column = dict(config=ctx.mp, init_method=ctx.init, bias=False, gather_output=False, tp_group=ctx.tp_group)
+        self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.image_vocab_size, **column)
+        if cfg.decoder_only and cfg.text_loss_weight > 0:
+            self.text_proj = ColumnParallelLinear(cfg.hidden_size, cfg.text_vocab_size, **column)
 
-    def forward(self, x):
-        return self.proj(self.norm(x))[0]
+    def forward(self, x, prefix: int = 0):
+        """Image logits of hidden states [s, b, d] whose first `prefix` positions are the caption."""
+        return self._project(self.proj, self.norm(x), prefix, None)
+
+    def stream_logits(self, x) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder-only training on the whole stream: (image logits [N, b, V/tp], logits [T-1, b, Vt/tp] of
+        caption tokens 1.. from the positions before them, or None without a text loss)."""
+        h = self.norm(x)
+        image = self._project(self.proj, h, self.prefix, None)
+        text = self._project(self.text_proj, h, 0, self.prefix - 1) if hasattr(self, "text_proj") else None
+        return image, text
+
+    def _project(self, proj, h, start: int, stop: int | None):
+        # Without sequence parallelism only the wanted positions are projected. With it each rank holds a
+        # sequence shard, which the column-parallel projection gathers: the slice is of its logits.
+        if not self.sequence_parallel:
+            return proj(h[start:stop])[0]
+        return proj(h)[0][start:stop]
 
 
 def piece_classes(cfg: ModelConfig) -> list[tuple[str, type[nn.Module]]]:
     """The model's pieces in order, each with its attribute path in PartiModel: the one statement of the
     order, which builds PartiModel and the pipeline stages (model_parallel/pipeline.py: stage layer k is
     piece k) and names parameters in checkpoints the same at any layout."""
+    if cfg.decoder_only:
+        return ([("embedding", StreamEmbedding)] + [(f"decoder.{i}", DecoderLayer) for i in range(cfg.decoder_layers)]
+                + [("head", OutputHead)])
     return ([("text_embedding", TextEmbedding)] + [(f"encoder.{i}", EncoderLayer) for i in range(cfg.encoder_layers)]
             + [("encoder_norm", FinalNorm), ("image_embedding", ImageEmbedding)]
             + [(f"decoder.{i}", DecoderLayer) for i in range(cfg.decoder_layers)] + [("head", OutputHead)])
@@ -236,22 +294,34 @@ class PartiModel(nn.Module):
         return text_mask(text_ids, self.cfg.text_pad_id)
 
     def encode(self, text_ids: torch.Tensor, sample_index: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text ids [b, T] -> (memory [T, b, d] (a sequence shard with SP), key mask [b, 1, 1, T])."""
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text ids [b, T] -> (memory [T, b, d] (a sequence shard with SP), key mask [b, 1, 1, T]). Decoder-only:
+        (the caption's part of the stream [T, b, d], None): what `decode` continues."""
+        if self.cfg.decoder_only:
+            return self.embedding(text_ids, None, sample_index=sample_index), None
         mask = self.text_mask(text_ids)
         x = self.text_embedding(text_ids, sample_index)
         for layer in self.encoder:
             x = layer(x, mask, sample_index)
         return self.encoder_norm(x), mask
 
-    def decode(self, image_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
-               cache: list[LayerCache] | None = None, start: int = 0,
+    def decode(self, image_in: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor | None,
+               cache: list[LayerCache] | None = None, start: int | torch.Tensor = 0,
                sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder input tokens [b, n] at positions start.. -> vocab-parallel logits [n, b, V/tp]."""
-        x = self.image_embedding(image_in, start, sample_index)
-        for i, layer in enumerate(self.decoder):
-            x = layer(x, memory, memory_mask, cache[i] if cache is not None else None, sample_index)
-        return self.head(x)
+        """Decoder input tokens [b, n] at positions start.. -> vocab-parallel logits [n, b, V/tp]. Decoder-only:
+        `memory` (encode's) is put before them in the stream, or is None when `cache` holds it already."""
+        layers = self.decoder
+        if not self.cfg.decoder_only:
+            x = self.image_embedding(image_in, start, sample_index)
+            for i, layer in enumerate(layers):
+                x = layer(x, memory, memory_mask, cache[i] if cache is not None else None, sample_index)
+            return self.head(x)
+        x, prefix = self.embedding(None, image_in, start, sample_index), 0
+        if memory is not None:
+            x, prefix = torch.cat([memory, x]), memory.shape[0]
+        for i, layer in enumerate(layers):
+            x = layer(x, cache=cache[i] if cache is not None else None, sample_index=sample_index)
+        return self.head(x, prefix)
 
     def decoder_input(self, image_codes: torch.Tensor) -> torch.Tensor:
         return decoder_input(image_codes, self.bos_id)
@@ -259,44 +329,72 @@ class PartiModel(nn.Module):
     def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor, return_loss: bool = False,
                 sample_index: torch.Tensor | None = None) -> torch.Tensor:
         """Vocab-parallel logits [H*W, b, V/tp] predicting each image code from the ones before it,
-        or with `return_loss` their mean cross-entropy (vocab-parallel, exact at any TP).
+        or with `return_loss` their mean cross-entropy (vocab-parallel, exact at any TP; decoder-only with
+        model.text_loss_weight, mixed with the caption's: stream_loss).
         `sample_index` (int64 [b]): each sample's position in the run's sample stream (training's
         engine.MicroBatch.positions), which keys its dropout masks; None: dropout draws from torch's
         generators (reproducible at the same layout only). Unused in eval mode."""
+        image_in = self.decoder_input(image_codes)
+        if self.cfg.decoder_only:
+            x = self.embedding(text_ids, image_in, sample_index=sample_index)
+            for layer in self.decoder:
+                x = layer(x, sample_index=sample_index)
+            logits, text_logits = self.head.stream_logits(x)
+            return stream_loss(self.cfg, logits, image_codes, text_logits, text_ids) if return_loss else logits
         memory, mask = self.encode(text_ids, sample_index)
-        logits = self.decode(self.decoder_input(image_codes), memory, mask, sample_index=sample_index)
-        if not return_loss:
-            return logits
-        return image_code_loss(logits, image_codes)
+        logits = self.decode(image_in, memory, mask, sample_index=sample_index)
+        return image_code_loss(logits, image_codes) if return_loss else logits
 
     def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor,
              sample_index: torch.Tensor | None = None) -> torch.Tensor:
         return self(text_ids, image_codes, return_loss=True, sample_index=sample_index)
 
     # ------------------------------------------------------------------------------------------
-    # Incremental decoding (sampling): cross-attention K/V once per prompt, self-attention K/V cached.
+    # Incremental decoding (sampling): cross-attention K/V once per prompt (encoder-decoder) or the
+    # caption's K/V prefilled (decoder-only); self-attention K/V of the image tokens cached as they come.
 
     def start_decoding(self, text_ids: torch.Tensor, static: bool = False
-                       ) -> tuple[list[LayerCache], torch.Tensor, torch.Tensor]:
-        """Encode the captions and precompute every decoder layer's cross-attention K/V. With `static`,
-        the self-attention caches are preallocated to the whole image with a device-side write position
+                       ) -> tuple[list[LayerCache], torch.Tensor | None, torch.Tensor | None]:
+        """Encode the captions and precompute every decoder layer's cross-attention K/V (decoder-only: run
+        the caption through the layers into their self-attention caches). With `static`, the
+        self-attention caches are preallocated to the whole stream with a device-side write position
         (layers.StaticPosition), so every decode_step has the same shapes: what a CUDA graph needs."""
         if self.sequence_parallel:
             raise RuntimeError("incremental decoding needs a model built without sequence parallelism")
         memory, mask = self.encode(text_ids)
+        if self.cfg.decoder_only:
+            return self._prefill(memory, static), None, None
         cross = [layer.cross_attn.fn.cross_kv(memory) for layer in self.decoder]
         if static:
-            return static_caches(cross, self.cfg.image_seq_len), memory, mask
+            return static_caches(cross[0][0], len(cross), self.cfg.stream_len, cross), memory, mask
         return [LayerCache(cross_k=k, cross_v=v) for k, v in cross], memory, mask
+
+    def _prefill(self, caption: torch.Tensor, static: bool) -> list[LayerCache]:
+        """Decoder-only: caches holding the caption's keys and values ([T, b, d] stream embeddings)."""
+        if not static:
+            caches = [LayerCache() for _ in self.decoder]
+            x = caption
+            for layer, cache in zip(self.decoder, caches):
+                x = layer(x, cache=cache)
+            return caches
+        heads = self.cfg.num_heads // self.tp_group.size()
+        like = caption.new_empty(caption.shape[1], heads, 0, self.cfg.head_dim)
+        caches = static_caches(like, len(self.decoder), self.cfg.stream_len)
+        position, n, x = caches[0].static, caption.shape[0], caption
+        position.begin(n)
+        for layer, cache in zip(self.decoder, caches):
+            x = layer(x, cache=cache)
+        position.end(n)
+        return caches
 
     def decode_step(self, tokens: torch.Tensor, caches: list[LayerCache], memory, mask) -> torch.Tensor:
         """Next-token logits for decoder inputs `tokens` [b, n] after the cached ones: [b, n, V] (gathered)."""
-        position = caches[0].static
+        position, prefix = caches[0].static, self.cfg.prefix_len
         if position is None:
-            logits = self.decode(tokens, memory, mask, cache=caches, start=caches[0].length)
+            logits = self.decode(tokens, memory, mask, cache=caches, start=caches[0].length - prefix)
         else:
             position.begin(tokens.shape[1])
-            logits = self.decode(tokens, memory, mask, cache=caches, start=position.next)
+            logits = self.decode(tokens, memory, mask, cache=caches, start=position.next - prefix)
             position.end(tokens.shape[1])
         return gather_from_tensor_model_parallel_region(logits, group=self.tp_group).transpose(0, 1)
 
@@ -305,6 +403,21 @@ def image_code_loss(logits: torch.Tensor, image_codes: torch.Tensor) -> torch.Te
     """Mean cross-entropy of vocab-parallel logits [n, b, V/tp] against codes [b, n]. (megatron-core
     0.16's vocab_parallel_cross_entropy takes no group argument: it reduces over megatron's TP group.)"""
     return vocab_parallel_cross_entropy(logits.float(), image_codes.t().contiguous()).mean()
+
+
+def stream_loss(cfg: ModelConfig, logits: torch.Tensor, image_codes: torch.Tensor,
+                text_logits: torch.Tensor | None = None, text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder-only: (1 - w) x image_code_loss + w x the mean cross-entropy of caption tokens 1.. that are not
+    padding (w = model.text_loss_weight, DALL-E's 1/8; the mean is over this micro-batch's caption tokens,
+    as Megatron normalises by a micro-batch's tokens). Without text logits, image_code_loss."""
+    loss = image_code_loss(logits, image_codes)
+    if text_logits is None:
+        return loss
+    targets = text_ids[:, 1:].t().contiguous()
+    per_token = vocab_parallel_cross_entropy(text_logits.float(), targets)
+    real = (targets != cfg.text_pad_id).float()
+    text = (per_token * real).sum() / real.sum().clamp(min=1)
+    return (1 - cfg.text_loss_weight) * loss + cfg.text_loss_weight * text
 
 
 # ----------------------------------------------------------------------------------------------

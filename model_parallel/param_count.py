@@ -17,12 +17,12 @@ from model_parallel.cpu_compat import apply_cpu_compat
 from model_parallel.model import piece_classes, piece_context, piece_names
 from model_parallel.state import init_distributed
 
-# Parti paper (Yu et al. 2022, table 1) sizes, in parameters.
-PAPER_SIZES = {"parti-350m": 0.39e9, "parti-750m": 0.79e9, "parti-3b": 3.09e9, "parti-20b": 20.5e9}
+# Parti paper (Yu et al. 2022, table 1) sizes, in parameters; DALL-E (Ramesh et al. 2021): "12-billion parameter".
+PAPER_SIZES = {"parti-350m": 0.39e9, "parti-750m": 0.79e9, "parti-3b": 3.09e9, "parti-20b": 20.5e9, "dalle-12b": 12e9}
 
 
 def presets() -> list[str]:
-    order = ["parti-debug", "parti-tiny", *PAPER_SIZES]
+    order = ["parti-debug", "parti-tiny", "dalle-debug", *PAPER_SIZES]
     found = {p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml")}
     return [p for p in order if p in found] + sorted(found - set(order))
 
@@ -51,7 +51,7 @@ def piece_params(cfg: ModelConfig, tp: int = 1) -> list[int]:
         return [sum(p.numel() for p in cls(ctx).parameters()) for _, cls in piece_classes(cfg)]
 
 
-PART = {"text_embedding": "embeddings", "image_embedding": "embeddings", "encoder": "encoder",
+PART = {"text_embedding": "embeddings", "image_embedding": "embeddings", "embedding": "embeddings", "encoder": "encoder",
         "encoder_norm": "encoder", "decoder": "decoder", "head": "head"}
 
 

@@ -1,4 +1,4 @@
-"""Encoder-decoder pipeline stages for DeepSpeed's PipelineModule, from the same pieces as PartiModel.
+"""Pipeline stages for DeepSpeed's PipelineModule, from the same pieces as PartiModel (either arch).
 
     module = build_pipeline(cfg.model, kernels, num_stages=2, init_seed=seed)
     engine = deepspeed.initialize(model=module, ...)[0]; loss = engine.train_batch(data_iter)
@@ -14,6 +14,8 @@ Tuples between layers (ids as int64: every float tensor that crosses a stage mus
   encoder side           (text_hidden, text_ids, image_in, sample_index)
   decoder side           (image_hidden, memory, text_ids, sample_index)
   last layer             logits [n, b, V/tp]; the loss takes (logits, codes)
+Decoder-only (no memory carried down): input (text_ids, image_in, sample_index), then (stream_hidden,
+text_ids, sample_index), last layer logits, or (logits, text logits, text_ids) with a text loss.
 `sample_index` (int64 [b]): each sample's position in the run's sample stream, the key of its dropout
 masks (layers.SampleDropout), which travels with the samples so that every stage draws the masks that
 PartiModel draws for them; layer k's dropout sites are keyed as PartiModel's piece k's.
@@ -25,8 +27,9 @@ from model_parallel.model import (
     FinalNorm,
     ImageEmbedding,
     OutputHead,
+    StreamEmbedding,
     TextEmbedding,
-    image_code_loss,
+    stream_loss,
     piece_classes,
     piece_context,
     piece_names,
@@ -81,29 +84,55 @@ class ImageEmbeddingPipe(ImageEmbedding):
         return super().forward(image_in, sample_index=sample_index), memory, text_ids, sample_index
 
 
+class StreamEmbeddingPipe(StreamEmbedding):
+    def forward(self, inputs):
+        text_ids, image_in, sample_index = inputs
+        return super().forward(text_ids, image_in, sample_index=sample_index), text_ids, sample_index
+
+
 class DecoderLayerPipe(DecoderLayer):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.pad_id = ctx.cfg.text_pad_id
 
     def forward(self, inputs):
+        if not hasattr(self, "cross_attn"):  # decoder-only
+            x, text_ids, sample_index = inputs
+            return super().forward(x, sample_index=sample_index), text_ids, sample_index
         x, memory, text_ids, sample_index = inputs
         x = super().forward(x, memory, text_mask(text_ids, self.pad_id), sample_index=sample_index)
         return x, memory, text_ids, sample_index
 
 
 class OutputHeadPipe(OutputHead):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.decoder_only = ctx.cfg.decoder_only
+
     def forward(self, inputs):
-        x, _memory, _text_ids, _sample_index = inputs
-        return super().forward(x)
+        if not self.decoder_only:
+            return super().forward(inputs[0])
+        x, text_ids, _sample_index = inputs
+        logits, text_logits = self.stream_logits(x)
+        return logits if text_logits is None else (logits, text_logits, text_ids)
 
 
 PIPE_CLASS = {TextEmbedding: TextEmbeddingPipe, EncoderLayer: EncoderLayerPipe, FinalNorm: EncoderNormPipe,
-              ImageEmbedding: ImageEmbeddingPipe, DecoderLayer: DecoderLayerPipe, OutputHead: OutputHeadPipe}
+              ImageEmbedding: ImageEmbeddingPipe, StreamEmbedding: StreamEmbeddingPipe,
+              DecoderLayer: DecoderLayerPipe, OutputHead: OutputHeadPipe}
 
 
-def pipeline_loss(logits, image_codes):
-    return image_code_loss(logits, image_codes)
+class PipelineLoss:
+    """The last stage's loss of its output and the image codes (PartiModel.loss's, either arch)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, outputs, image_codes):
+        if isinstance(outputs, tuple):  # decoder-only with a text loss
+            logits, text_logits, text_ids = outputs
+            return stream_loss(self.cfg, logits, image_codes, text_logits, text_ids)
+        return stream_loss(self.cfg, outputs, image_codes)
 
 
 def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False, tp_group=None):
@@ -117,7 +146,7 @@ def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_paral
     specs = [LayerSpec(PIPE_CLASS[cls], ctx) for _, cls in piece_classes(cfg)]
     topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=ctx.tp_group.size(),
                                              num_dp=ps.get_data_parallel_world_size())
-    module = PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
+    module = PipelineModule(layers=specs, topology=topology, loss_fn=PipelineLoss(cfg),
                             partition_method="type:DecoderLayerPipe", seed_layers=True, base_seed=init_seed,
                             seed_fn=torch.manual_seed)
     for name, layer in module.named_children():  # this stage's layers, named by their index k among all

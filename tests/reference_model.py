@@ -159,3 +159,75 @@ def load_from_parti(ref: ReferenceParti, sd: dict) -> ReferenceParti:
     ln(ref.dec_ln, "head.norm.norm.")
     ref.head.weight.data.copy_(sd["head.proj.weight"])
     return ref
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder-only (DALL-E): one causal stream, caption (padding included, not masked) then [BOS, codes[:-1]].
+
+
+class RefStreamLayer(RefEncoderLayer):
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, causal=True)
+        return x + self.mlp(self.ln2(x))
+
+
+class ReferenceDecoderOnly(nn.Module):
+    def __init__(self, c, kind="math"):
+        super().__init__()
+        self.c = c
+        d = c.hidden_size
+        self.text_embed, self.text_pos = nn.Embedding(c.text_vocab_size, d), nn.Embedding(c.text_seq_len, d)
+        self.image_embed = nn.Embedding(c.image_vocab_size + 1, d)
+        self.row_pos, self.col_pos = nn.Embedding(c.image_grid, d), nn.Embedding(c.image_grid, d)
+        self.layers = nn.ModuleList(RefStreamLayer(c, kind) for _ in range(c.decoder_layers))
+        self.ln = nn.LayerNorm(d, eps=c.layernorm_eps)
+        self.head = nn.Linear(d, c.image_vocab_size, bias=False)
+        self.text_head = nn.Linear(d, c.text_vocab_size, bias=False)
+
+    def hidden(self, text, codes):
+        c = self.c
+        inp = torch.cat([torch.full_like(codes[:, :1], c.image_vocab_size), codes[:, :-1]], 1)
+        pos = torch.arange(codes.shape[1])
+        x = torch.cat([self.text_embed(text) + self.text_pos(torch.arange(text.shape[1])),
+                       self.image_embed(inp) + self.row_pos(pos // c.image_grid) + self.col_pos(pos % c.image_grid)], 1)
+        for layer in self.layers:
+            x = layer(x)
+        return self.ln(x)
+
+    def forward(self, text, codes):
+        """Image logits [b, n, V]."""
+        return self.head(self.hidden(text, codes)[:, text.shape[1]:])
+
+    def loss(self, text, codes):
+        h = self.hidden(text, codes)
+        T, w = text.shape[1], self.c.text_loss_weight
+        logits = self.head(h[:, T:])
+        image = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+        if w == 0:
+            return image
+        text_logits = self.text_head(h[:, :T - 1])
+        targets = text[:, 1:].masked_fill(text[:, 1:] == self.c.text_pad_id, -100)
+        caption = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return (1 - w) * image + w * caption
+
+
+def load_decoder_only(ref: ReferenceDecoderOnly, sd: dict) -> ReferenceDecoderOnly:
+    c = ref.c
+    ref.text_embed.weight.data.copy_(sd["embedding.text.embed.weight"][: c.text_vocab_size])
+    ref.text_pos.weight.data.copy_(sd["embedding.text.pos.weight"])
+    ref.image_embed.weight.data.copy_(sd["embedding.image.embed.weight"][: c.image_vocab_size + 1])
+    ref.row_pos.weight.data.copy_(sd["embedding.image.row_pos.weight"])
+    ref.col_pos.weight.data.copy_(sd["embedding.image.col_pos.weight"])
+    ln = lambda mod, p: (mod.weight.data.copy_(sd[p + "weight"]), mod.bias.data.copy_(sd[p + "bias"]))
+    for i, layer in enumerate(ref.layers):
+        p = f"decoder.{i}."
+        ln(layer.ln1, p + "self_attn.norm."), ln(layer.ln2, p + "mlp.norm.")
+        _load_attention(layer.attn, sd, p + "self_attn.fn.", c.num_heads, cross=False)
+        _copy(layer.mlp.fc1, sd[p + "mlp.fn.fc1.weight"], sd[p + "mlp.fn.fc1.bias"])
+        _copy(layer.mlp.fc2, sd[p + "mlp.fn.fc2.weight"], sd[p + "mlp.fn.fc2.bias"])
+    ln(ref.ln, "head.norm.norm.")
+    ref.head.weight.data.copy_(sd["head.proj.weight"])
+    if "head.text_proj.weight" in sd:
+        ref.text_head.weight.data.copy_(sd["head.text_proj.weight"])
+    return ref

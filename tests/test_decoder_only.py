@@ -1,0 +1,134 @@
+"""The decoder-only (DALL-E-style) model: a plain-PyTorch reference gives its logits, loss and gradients; the
+KV cache (growing, static) and sampling equal full recomputation; TP=2, PP=2, ZeRO-3 and TP=2 with sequence
+parallelism train like DP=2 at ZeRO-0; a checkpoint resumes at another layout; its config rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import ConfigError
+from evaluation.sampling import SamplingConfig, sample
+from tests.conftest import STEPS, debug_batch, run
+from tests.reference_model import ReferenceDecoderOnly, load_decoder_only
+
+DALLE = ("model.preset=dalle-debug",)
+
+
+def dalle_config(**overrides):
+    from training.config import load_config
+
+    sets = [*DALLE, "model.caption_drop_prob=0.0"] + [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, sets).validate().model
+
+
+def dalle_model(seed=0, **overrides):
+    from model_parallel.model import PartiModel
+    from model_parallel.state import seed_everything
+
+    seed_everything(seed)
+    return PartiModel(dalle_config(**overrides), init_seed=seed)
+
+
+@pytest.mark.parametrize("text_loss_weight", [0.0, 0.125])
+def test_logits_loss_and_gradients_equal_reference(single_process, text_loss_weight):
+    model = dalle_model(**{"model.text_loss_weight": text_loss_weight})
+    cfg = model.cfg
+    ref = load_decoder_only(ReferenceDecoderOnly(cfg), model.state_dict())
+    text, codes = debug_batch(cfg)
+    torch.testing.assert_close(model(text, codes).transpose(0, 1), ref(text, codes), rtol=1e-5, atol=1e-5)
+    loss, ref_loss = model.loss(text, codes), ref.loss(text, codes)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    ref_loss.backward()
+    params = dict(model.named_parameters())
+    pairs = [("decoder.3.self_attn.fn.proj.weight", ref.layers[3].attn.wo), ("head.proj.weight", ref.head),
+             ("decoder.0.mlp.fn.fc1.weight", ref.layers[0].mlp.fc1)]
+    if text_loss_weight:
+        pairs.append(("head.text_proj.weight", ref.text_head))
+    else:
+        assert "head.text_proj.weight" not in params  # no text head without a text loss
+    for name, module in pairs:
+        torch.testing.assert_close(params[name].grad, module.weight.grad, rtol=1e-5, atol=1e-6, msg=name)
+    text_grad = params["embedding.text.embed.weight"].grad[: cfg.text_vocab_size]
+    torch.testing.assert_close(text_grad, ref.text_embed.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_caption_conditions_the_image_and_the_stream_is_causal(single_process):
+    """Guards the reference comparison: the caption (padding included: it is not masked) changes every image
+    logit; a later code changes no earlier logit."""
+    model = dalle_model(seed=2)
+    text, codes = debug_batch(model.cfg)
+    base = model(text, codes)
+    other = text.clone()
+    other[1, -1] = 9  # where there was padding
+    assert not torch.allclose(base[:, 1], model(other, codes)[:, 1])
+    later = codes.clone()
+    later[:, 5] = (later[:, 5] + 1) % model.cfg.image_vocab_size
+    torch.testing.assert_close(base[:6], model(text, later)[:6])
+    assert not torch.allclose(base[6:], model(text, later)[6:])
+
+
+@pytest.mark.parametrize("chunk, static", [(1, False), (5, False), (1, True)], ids=["step", "chunks", "static"])
+def test_kv_cache_decoding_equals_the_full_forward(single_process, chunk, static):
+    model = dalle_model().eval()
+    text, codes = debug_batch(model.cfg)
+    with torch.no_grad():
+        full = model(text, codes).transpose(0, 1)
+        caches, memory, mask = model.start_decoding(text, static=static)
+        inputs = model.decoder_input(codes)
+        steps = [model.decode_step(inputs[:, i:i + chunk], caches, memory, mask)
+                 for i in range(0, inputs.shape[1], chunk)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    if not static:
+        assert caches[0].length == model.cfg.stream_len  # caption + image
+
+
+def test_sampling_with_the_cache_equals_recomputation(single_process):
+    model = dalle_model(seed=1).eval()
+    text, _ = debug_batch(model.cfg)
+    for cfg in (SamplingConfig(top_k=5, temperature=0.7), SamplingConfig(guidance_scale=3.0)):
+        draw = lambda **kw: sample(model, text, cfg, torch.Generator().manual_seed(3), **kw)
+        recomputed = draw(use_cache=False)
+        assert torch.equal(draw(), recomputed)
+        assert torch.equal(draw(static_cache=True), recomputed)
+
+
+@pytest.mark.parametrize("sets, match", [
+    (("model.encoder_layers=2",), "encoder_layers=2 must be 0"),
+    (("model.freeze_text_encoder=true",), "freeze_text_encoder needs model.arch=encoder_decoder"),
+    (("model.arch=decoder_ony",), "model.arch='decoder_ony' must be one of"),
+    (("model.arch=encoder_decoder", "model.encoder_layers=2"), "text_loss_weight=0.125 needs model.arch=decoder_only"),
+])
+def test_config_rules(sets, match):
+    from training.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/train/debug.yaml", [*DALLE, *sets]).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training at every layout (the debug run of tests/conftest.py with the dalle-debug model).
+
+
+@pytest.fixture(scope="module")
+def dalle_reference(pool2, tmp_path_factory):
+    """DP=2, ZeRO-0, 6 steps of the decoder-only debug model (text loss 1/8): (losses, run_dir)."""
+    path = tmp_path_factory.mktemp("dalle")
+    losses = pool2.run(run, str(path), *DALLE)
+    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0] - 0.3
+    return losses[0], path
+
+
+@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.tp=2", "parallel.sequence_parallel=true"),
+                                    ("parallel.pp=2",), ("parallel.zero_stage=3",)],
+                         ids=["tp2", "tp2-sp", "pp2", "zero3"])
+def test_layouts_equal_the_reference(pool2, dalle_reference, tmp_path, layout):
+    for losses in pool2.run(run, str(tmp_path), *DALLE, *layout):
+        assert losses == pytest.approx(dalle_reference[0], rel=1e-5, abs=1e-5)
+
+
+def test_resume_on_another_layout(pool2, dalle_reference, tmp_path):
+    first = pool2.run(run, str(tmp_path), *DALLE, "parallel.pp=2", steps=3)[0]
+    second = pool2.run(run, str(tmp_path), *DALLE, "parallel.tp=2")[0]
+    assert len(first) + len(second) == STEPS
+    assert first + second == pytest.approx(dalle_reference[0], rel=1e-4, abs=1e-4)
