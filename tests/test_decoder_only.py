@@ -132,3 +132,25 @@ def test_resume_on_another_layout(pool2, dalle_reference, tmp_path):
     second = pool2.run(run, str(tmp_path), *DALLE, "parallel.tp=2")[0]
     assert len(first) + len(second) == STEPS
     assert first + second == pytest.approx(dalle_reference[0], rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["parti-debug", "dalle-debug"])
+def test_flops_formula_counts_what_the_model_computes(single_process, preset):
+    """training/flops.py against torch's FLOP counter on the model's forward. The counter does not see the
+    CPU SDPA kernel, so the attention cores (QK^T and PV: 4 x queries x keys x d) are added by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model_parallel.model import PartiModel
+    from tests.conftest import debug_model_config
+    from training.flops import forward_flops_per_sample
+
+    cfg = debug_model_config(**{"model.preset": preset})
+    text, codes = debug_batch(cfg, batch=2)
+    with FlopCounterMode(display=False) as counter:
+        PartiModel(cfg)(text, codes, return_loss=True)
+    d, T, N, S = cfg.hidden_size, cfg.text_seq_len, cfg.image_seq_len, cfg.stream_len
+    if cfg.decoder_only:
+        cores = cfg.decoder_layers * 4 * S * S * d
+    else:
+        cores = cfg.encoder_layers * 4 * T * T * d + cfg.decoder_layers * (4 * N * N * d + 4 * N * T * d)
+    assert counter.get_total_flops() + 2 * cores == 2 * forward_flops_per_sample(cfg)

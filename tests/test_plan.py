@@ -8,8 +8,8 @@ from tests.conftest import debug_batch, debug_model_config
 from training.plan import Hardware, estimate, params_per_stage, plan
 
 
-def local_parameters(tp: int, pp: int) -> tuple[int, int]:
-    """(pipeline stage, parameters held by this rank) of the debug model built at TP x PP."""
+def local_parameters(tp: int, pp: int, preset: str = "parti-debug") -> tuple[int, int]:
+    """(pipeline stage, parameters held by this rank) of a debug model built at TP x PP."""
     from megatron.core import parallel_state as ps
 
     from model_parallel.kernels import select_kernels
@@ -17,7 +17,7 @@ def local_parameters(tp: int, pp: int) -> tuple[int, int]:
     from model_parallel.state import init_parallel
 
     init_parallel(tp, pp)
-    cfg = debug_model_config()
+    cfg = debug_model_config(**{"model.preset": preset})
     if pp > 1:
         from model_parallel.pipeline import build_pipeline
         from training.deepspeed_glue import init_deepspeed
@@ -36,15 +36,19 @@ def test_per_rank_parameters_equal_the_built_model(single_process, pool2, pool4)
         for stage, count in pool.run(local_parameters, tp, pp):
             assert count == planned[stage], (tp, pp, stage)
     assert sum(params_per_stage(cfg, 1, 2)) == sum(params_per_stage(cfg, 1, 1)) == 313_088
+    dalle = debug_model_config(**{"model.preset": "dalle-debug"})
+    planned = params_per_stage(dalle, 2, 2)
+    for stage, count in pool4.run(local_parameters, 2, 2, "dalle-debug"):
+        assert count == planned[stage], ("dalle", stage)
 
 
-def measured_bytes(tp: int, batch: int) -> tuple[int, int]:
+def measured_bytes(tp: int, batch: int, preset: str) -> tuple[int, int]:
     """(weights + gradients + Adam moments, activations saved for backward) on this rank."""
     from model_parallel.model import PartiModel
     from model_parallel.state import init_parallel
 
     init_parallel(tp, 1)
-    cfg = debug_model_config()
+    cfg = debug_model_config(**{"model.preset": preset})
     model = PartiModel(cfg)
     params = list(model.parameters())
     param_storage = {p.untyped_storage().data_ptr() for p in params}
@@ -67,10 +71,11 @@ def measured_bytes(tp: int, batch: int) -> tuple[int, int]:
     return model_states, sum(saved.values())
 
 
-@pytest.mark.parametrize("tp, batch", [(1, 8), (2, 8), (2, 2)])
-def test_memory_estimate_within_30_percent_of_measured(single_process, pool2, tp, batch):
-    model_states, activations = pool2.run(measured_bytes, tp, batch)[0]
-    cfg = debug_model_config()
+@pytest.mark.parametrize("tp, batch, preset", [(1, 8, "parti-debug"), (2, 8, "parti-debug"), (2, 2, "parti-debug"),
+                                               (2, 8, "dalle-debug")])
+def test_memory_estimate_within_30_percent_of_measured(single_process, pool2, tp, batch, preset):
+    model_states, activations = pool2.run(measured_bytes, tp, batch, preset)[0]
+    cfg = debug_model_config(**{"model.preset": preset})
     o = estimate(cfg, tp, 1, 1, 0, batch, batch, "fp32", "none", Hardware())
     estimated = o.total_gb * 2**30
     assert abs(estimated / (model_states + activations) - 1) < 0.3, (estimated, model_states, activations)

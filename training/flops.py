@@ -1,4 +1,4 @@
-"""FLOPs of the Parti encoder-decoder per training sample, and peak device FLOP/s for MFU.
+"""FLOPs of the model per training sample (either model.arch), and peak device FLOP/s for MFU.
 
 Counted as 2 FLOPs per multiply-add of every matrix product, forward only, then x3 for training
 (backward = 2x forward; activation recomputation is not counted, as in the PaLM MFU definition).
@@ -11,6 +11,9 @@ With d = hidden, f = MLP width, T = text length, N = image length, V = image voc
                  + 2N(2d^2) + 2T(2d^2)   cross-attention: Q/output on the image, K/V on the text
                  + 4NTd                   cross-attention scores and probs x V
   head:          2NdV
+Decoder-only (model.arch=decoder_only), S = T + N the stream, V_t the caption vocabulary:
+  decoder layer: 2S(4d^2 + 2df) + 4S^2 d
+  head:          2NdV + 2(T-1)dV_t       the caption head only with model.text_loss_weight > 0
 Embedding lookups and norms are left out (negligible).
 """
 from __future__ import annotations
@@ -45,11 +48,15 @@ def encoder_layer_flops(m) -> float:
 
 def decoder_layer_flops(m) -> float:
     d, f, T, N = m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len
+    if m.decoder_only:
+        S = m.stream_len
+        return 2 * S * (4 * d * d + 2 * d * f) + 4 * S * S * d
     return 2 * N * (4 * d * d + 2 * d * f) + 4 * N * N * d + 2 * N * 2 * d * d + 2 * T * 2 * d * d + 4 * N * T * d
 
 
 def head_flops(m) -> float:
-    return 2 * m.image_seq_len * m.hidden_size * m.image_vocab_size
+    text = 2 * (m.text_seq_len - 1) * m.hidden_size * m.text_vocab_size if m.decoder_only and m.text_loss_weight > 0 else 0
+    return 2 * m.image_seq_len * m.hidden_size * m.image_vocab_size + text
 
 
 def forward_flops_per_sample(m) -> float:

@@ -60,18 +60,24 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     selective recomputation (the attention core) drops SDPA's output only: q, k and v are the recomputed
     region's inputs and stay. `head`: the stage holds the output head, whose logits (in the model's dtype,
     an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak whatever the recomputation
-    (measured at parti-20b width by bench/scale_slice.py)."""
+    (measured at parti-20b width by bench/scale_slice.py). Decoder-only: a decoder layer over the whole
+    stream S = T + N, no cross-attention; the head adds the caption's logits with a text loss."""
     b, h, f, T, N, V = (micro_batch, m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len,
                         m.image_vocab_size)
     enc_layers, dec_layers = layers
-    logits = N * V / tp * (element_bytes + 8) if head else 0
+    S = m.stream_len  # the decoder's stream: N, or T + N decoder-only
+    text_logits = (T - 1) * m.text_vocab_size if m.decoder_only and m.text_loss_weight > 0 else 0
+    logits = (N * V + text_logits) / tp * (element_bytes + 8) if head else 0
     if recompute == "full":
-        return int(b * (element_bytes * h * (T * enc_layers + N * dec_layers) + logits))
+        return int(b * (element_bytes * h * (T * enc_layers + S * dec_layers) + logits))
     out = 0 if recompute == "selective" else 1
     attn = lambda s, kv: s * h * 2 + (s + 2 * kv + out * s + s) * h / tp  # norm + qkv inputs; q,k,v,out; proj input
     mlp = lambda s: s * h * 2 + 2 * s * f / tp                            # norm + fc1 inputs; gelu in/out
     encoder = attn(T, T) + mlp(T)
-    decoder = attn(N, N) + (2 * N * h + 2 * T * h / tp + 2 * N * h / tp + N * h / tp) + mlp(N)
+    if m.decoder_only:
+        decoder = attn(S, S) + mlp(S)
+    else:
+        decoder = attn(N, N) + (2 * N * h + 2 * T * h / tp + 2 * N * h / tp + N * h / tp) + mlp(N)
     return int(b * (element_bytes * (enc_layers * encoder + dec_layers * decoder) + logits))
 
 
