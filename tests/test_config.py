@@ -89,3 +89,30 @@ def test_lr_schedule(decay, middle, end):
     f = lr_lambda(cfg)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(9) == pytest.approx(middle) and f(14) == pytest.approx(end) and f(100) == pytest.approx(end)
+
+
+TRAINING_PRESETS = ["parti-350m", "parti-750m", "parti-3b", "parti-20b"]
+
+
+@pytest.mark.parametrize("name", TRAINING_PRESETS)
+def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
+    """configs/train/parti-*.yaml: valid at the world size of the cluster its header states, and its layout is
+    the planner's fastest for that cluster (so preset and planner do not drift apart)."""
+    import re
+
+    from model_parallel.layout import ParallelLayout
+    from training.config import load_config
+    from training.plan import Hardware, plan
+
+    path = f"configs/train/{name}.yaml"
+    cluster = re.search(r"^# cluster: (\d+) nodes x (\d+) GPUs of (\d+) GB$", open(path).read(), re.M)
+    nodes, gpus, memory = map(int, cluster.groups())
+    cfg = load_config(path).validate(world_size=nodes * gpus)
+    t, p = cfg.train, cfg.parallel
+    ParallelLayout.of(p, nodes * gpus).check(cfg.model, t.micro_batch_size, t.global_batch_size)
+    assert cfg.model.preset == name and (t.steps, t.global_batch_size) == (450_000, 8192)
+    assert t.min_lr == pytest.approx(0.025 * t.lr)  # the paper's final ratio
+    assert (cfg.model.text_seq_len, cfg.model.image_seq_len) == (128, 1024)
+    fits, _, _ = plan(name, nodes, Hardware(gpus_per_node=gpus), memory, t.global_batch_size, t.micro_batch_size,
+                      t.precision, p.activation_checkpointing)
+    assert (fits[0].tp, fits[0].pp, fits[0].zero) == (p.tp, p.pp, p.zero_stage)

@@ -147,3 +147,8 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
     with pytest.raises(ConfigError, match="model.init_text_encoder needs parallel.zero_stage < 3"):
         load_config("configs/train/debug.yaml", [f"model.init_text_encoder={pretrained[1]}",
                                                  "parallel.zero_stage=3"]).validate()
+    with pytest.raises(ConfigError, match="decoder_only has no text encoder to pre-train"):
+        pretrain(load_config("configs/train/debug.yaml", ["model.preset=dalle-debug"]), tmp_path / "dalle")
+    with pytest.raises(ConfigError, match="model.init_text_encoder needs model.arch=encoder_decoder"):
+        load_config("configs/train/debug.yaml", ["model.preset=dalle-debug",
+                                                 f"model.init_text_encoder={pretrained[1]}"]).validate()

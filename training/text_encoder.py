@@ -133,6 +133,9 @@ class _Captions:
 def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = None,
              text_tokenizer: str | None = None) -> list[float]:
     """Train the encoder for cfg.train.steps global batches; write run_dir/text_encoder/; return the losses."""
+    if cfg.model.decoder_only:
+        raise ConfigError("model.arch=decoder_only has no text encoder to pre-train (its caption is the start of "
+                          "the decoder's stream): use an encoder_decoder model section")
     init_parallel(cfg.parallel.tp, 1)
     run_dir, t = Path(run_dir), cfg.train
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
