@@ -27,3 +27,14 @@ def test_command_prints_every_preset(single_process, capsys):
     assert "20,540,899,328" in out.split("parti-20b")[1]
     for preset in ("parti-debug", "parti-tiny", *PAPER_SIZES):
         assert preset in out
+
+
+def test_dalle_12b_exact_count_by_hand(single_process):
+    """DALL-E's shape (64 layers, d 3968, 62 heads, 256 + 1024 tokens, text loss on), counted by hand."""
+    d, f, layers = 3968, 4 * 3968, 64
+    attention = 3 * d * d + 3 * d + d * d + d + 2 * d          # fused QKV, output projection, pre-norm
+    mlp = d * f + f + f * d + d + 2 * d
+    embeddings = 16384 * d + 256 * d + 8320 * d + 2 * 32 * d   # caption table, positions; image table (8193 -> 8320)
+    head = 2 * d + 8192 * d + 16384 * d                        # final norm, image head, caption head
+    total = layers * (attention + mlp) + embeddings + head
+    assert count_parameters(model_config("dalle-12b"))["total"] == total == 12_292_300_544
