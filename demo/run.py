@@ -2,6 +2,7 @@
 whether the model learned to draw what the caption says.
 
     python -m demo [--config configs/demo/default.yaml] [--set train_steps=600 out=runs/demo2]
+    python -m demo --set arch=decoder_only out=runs/demo-dalle      # the DALL-E-style decoder-only model
 
 Steps (each one the project's real code path, on CPU by default; a finished step is skipped on a rerun):
  1. data: LAION-style shards of captioned shapes ("a red circle on a white background"; some colour/shape
@@ -9,8 +10,9 @@ Steps (each one the project's real code path, on CPU by default; a finished step
  2. a small ViT-VQGAN trained on them, exported and frozen; Parti's last stage at this scale: a tiny WDSR
     upsampler (x2) trained on shapes drawn at twice the size and the photos, PSNR against bicubic measured;
  3. a SentencePiece model trained on the captions; pre-tokenization of all shards into code shards;
- 4. parti-tiny trained with tensor parallelism 2 on 2 processes (torchrun), stopped half way through the
-    STOP file (as a SLURM preemption does), resumed from its checkpoint, exported;
+ 4. parti-tiny (arch=decoder_only: dalle-tiny, one causal stream of caption and image tokens) trained with
+    tensor parallelism 2 on 2 processes (torchrun), stopped half way through the STOP file (as a SLURM
+    preemption does), resumed from its checkpoint, exported;
  5. guided sampling for every colour/shape prompt, the held-out combinations included (also upsampled), and
     for the same model before training;
  6. report.html: loss curve, VQ reconstructions, a sample grid per prompt, samples before and after
@@ -84,8 +86,10 @@ class DemoConfig:
     """Image tokenizer codebook size (= the Parti model's image vocabulary)."""
     text_vocab: int = 160
     """SentencePiece vocabulary size."""
+    arch: str = "encoder_decoder"
+    """The model family: encoder_decoder (Parti: parti-tiny) or decoder_only (DALL-E: dalle-tiny)."""
     train_config: str = "configs/train/demo.yaml"
-    """The Parti training config (parti-tiny, TP=2); the demo sets its data and vocabulary sizes."""
+    """The training config (TP=2); the demo sets its model preset (by `arch`), data and vocabulary sizes."""
     train_steps: int = 1000
     """Parti training steps (the run is stopped and resumed at half of them)."""
     nproc: int = 2
@@ -104,6 +108,17 @@ class DemoConfig:
 
 def log(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+ARCH_PRESETS = {"encoder_decoder": "parti-tiny", "decoder_only": "dalle-tiny"}
+"""The demo's model preset for each model.arch."""
+
+
+def check(cfg: DemoConfig) -> None:
+    """A ValueError naming the first field that makes no sense."""
+    if cfg.arch not in ARCH_PRESETS:
+        raise ValueError(f"arch={cfg.arch!r} must be one of {', '.join(ARCH_PRESETS)}")
+    held_out(cfg)
 
 
 def held_out(cfg: DemoConfig) -> set[tuple[str, str]]:
@@ -177,7 +192,8 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
     run_dir = out / "parti"
     if (run_dir / "export" / "model.safetensors").is_file():
         return run_dir
-    overrides = [f"data.shards={codes}", f"train.steps={cfg.train_steps}", f"train.seed={cfg.seed + 1234}",
+    overrides = [f"model.preset={ARCH_PRESETS[cfg.arch]}", f"data.shards={codes}", f"train.steps={cfg.train_steps}",
+                 f"train.seed={cfg.seed + 1234}",
                  f"model.text_vocab_size={TextTokenizer(spm).vocab_size}", f"model.image_vocab_size={cfg.codebook_size}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                "-m", "training.train", "--config", cfg.train_config, "--run-dir", str(run_dir), "--resume", "auto",
@@ -253,7 +269,7 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
         for i in range(cfg.fid_real):
             shapes.shape_sample(i, shapes.combinations(), cfg.image_size, seed=cfg.seed + 1)[2].save(real / f"{i:05d}.png")
         (real / "done").touch()
-    results = {"trained": {"all": agreement(trained), "held_out": agreement([r for r in trained if r["held_out"]]),
+    results = {"model": {"arch": model.cfg.arch, "preset": model.cfg.preset}, "trained": {"all": agreement(trained), "held_out": agreement([r for r in trained if r["held_out"]]),
                            "seen": agreement([r for r in trained if not r["held_out"]])},
                "before_training": {"all": agreement(before)},
                "training": json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {},
@@ -265,14 +281,22 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
     return {"results": results, "trained": trained, "before": before}
 
 
+def loss_label(m) -> str:
+    if m.text_loss_weight == 0:
+        return "loss (image-token cross-entropy)"
+    return f"loss ({1 - m.text_loss_weight:g} x image-token + {m.text_loss_weight:g} x caption-token cross-entropy)"
+
+
 def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evaluated: dict, timings: dict) -> Path:
     """Step 6: report.html and its pictures, all inside `out`."""
     from PIL import Image
 
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    line_plot(out / "loss.png", {"parti-tiny, TP=2": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
-              "step", "loss (image-token cross-entropy)",
+    preset, what = ARCH_PRESETS[cfg.arch], {"encoder_decoder": "Parti's encoder-decoder",
+                                            "decoder_only": "a DALL-E-style decoder-only transformer"}[cfg.arch]
+    line_plot(out / "loss.png", {f"{preset}, TP=2": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
+              "step", loss_label(load_config(run_dir / "config.yaml").model),
               f"stopped at step {evaluated['results']['training'].get('stopped_at_step')} and resumed")
     vq = load_image_tokenizer(vq_path)
     originals = [Image.open(p) for p in sorted((out / "fid_real").glob("*.png"))[:8]]
@@ -312,7 +336,7 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     sections.append((title, image_html("grid_upsampled.png") + psnr_note))
     sections.append(("Time per step in this invocation (s; 0: done by an earlier run into this folder)",
                      table_html([timings], digits=0)))
-    intro = (f"parti-tiny trained with TP=2 on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
+    intro = (f"{preset} ({what}, model.arch={cfg.arch}) trained with TP=2 on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
              f"{len(shapes.SHAPES)} shapes (held out: {cfg.held_out}), plus the 17 shipped COCO photos; samples with "
              f"classifier-free guidance {cfg.guidance_scale}. Config: demo_config.yaml, {run_dir.name}/config.yaml.")
     return write_html(out / "report.html", "End-to-end demo", sections, intro)
@@ -352,10 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     args = config_parser(__doc__).parse_args(argv)
     with command(errors=(ValueError,), label="config error"):
         cfg = load_typed(DemoConfig, args.config, args.set)
-        held_out(cfg)
+        check(cfg)
     res = run(cfg)
     t, b = res["trained"], res["before_training"]["all"]
-    log(f"colour agreement {t['all']['colour']:.0%} (held-out combinations {t['held_out']['colour']:.0%}, before "
+    log(f"{ARCH_PRESETS[cfg.arch]} ({cfg.arch}): colour agreement {t['all']['colour']:.0%} (held-out combinations {t['held_out']['colour']:.0%}, before "
         f"training {b['colour']:.0%}, chance {res['chance']['colour']:.0%}); shape {t['all']['shape']:.0%}; "
         f"FID {res['fid']:.1f}")
     log(f"report: {Path(cfg.out) / 'report.html'}")

@@ -2,11 +2,13 @@
 SentencePiece -> code shards -> parti-tiny at TP=2 on 2 processes, stopped and resumed -> guided samples,
 upsampled by a tiny WDSR.
 The trained model must draw the prompted colour far more often than chance; the same model before
-training must not. The slowest test of the suite (a few minutes on 2 CPU cores)."""
+training must not. The decoder-only variant (--set arch=decoder_only) trains on the same code shards and must do as well.
+The slowest tests of the suite (a few minutes on 2 CPU cores)."""
 from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from common.config import load_typed
@@ -35,12 +37,19 @@ def test_measure_reads_colour_and_shape_back():
     assert shapes.measure(Image.new("RGB", (32, 32), "white")) == (None, None)
 
 
-def test_demo_learns_the_prompted_colour_and_reports(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo with SMALL settings (encoder-decoder): (its output folder, its results)."""
     from demo.run import DemoConfig, run
 
-    out = tmp_path / "demo"
-    results = run(load_typed(DemoConfig, None, [f"out={out}", *SMALL]))
+    out = tmp_path_factory.mktemp("demo")
+    return out, run(load_typed(DemoConfig, None, [f"out={out}", *SMALL]))
+
+
+def test_demo_learns_the_prompted_colour_and_reports(demo):
+    out, results = demo
     trained, before = results["trained"]["all"], results["before_training"]["all"]
+    assert results["model"] == {"arch": "encoder_decoder", "preset": "parti-tiny"}
     assert trained["samples"] == before["samples"] == 12 * 4
     assert trained["colour"] >= 0.8, results  # 4 colours: chance is 25%
     assert before["colour"] <= 0.5, results
@@ -60,3 +69,17 @@ def test_demo_learns_the_prompted_colour_and_reports(tmp_path):
             "grid_upsampled.png"} <= set(images)
     assert all((out / name).stat().st_size > 1000 for name in images)
     assert "held out" in report and "FID" in report
+
+
+def test_decoder_only_demo_learns_the_prompted_colour(demo, tmp_path):
+    """--set arch=decoder_only: dalle-tiny on the same data, tokenizers and code shards (the encoder-decoder
+    demo's finished steps, linked in: the demo skips them) learns colour from the caption as well."""
+    from demo.run import DemoConfig, run
+
+    for step in ("laion", "vq", "sr", "sr_data", "tok", "codes", "fid_real"):
+        (tmp_path / step).symlink_to(demo[0] / step)
+    results = run(load_typed(DemoConfig, None, [f"out={tmp_path}", "arch=decoder_only", *SMALL]))
+    assert results["model"] == {"arch": "decoder_only", "preset": "dalle-tiny"}
+    assert results["trained"]["all"]["colour"] >= 0.8, results
+    assert results["before_training"]["all"]["colour"] <= 0.5, results
+    assert "model.arch=decoder_only" in (tmp_path / "report.html").read_text()
