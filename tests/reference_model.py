@@ -47,15 +47,18 @@ class RefMLP(nn.Module):
 
 
 class RefEncoderLayer(nn.Module):
-    def __init__(self, c, kind):
+    """Self-attention (bidirectional, or `causal`: the decoder-only stream's layer) and MLP."""
+
+    def __init__(self, c, kind, causal=False):
         super().__init__()
         d = c.hidden_size
+        self.causal = causal
         self.ln1, self.ln2 = nn.LayerNorm(d, eps=c.layernorm_eps), nn.LayerNorm(d, eps=c.layernorm_eps)
         self.attn, self.mlp = RefAttention(d, c.num_heads, kind), RefMLP(d, c.ffn_hidden_size)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask=None):
         h = self.ln1(x)
-        x = x + self.attn(h, h, mask)
+        x = x + self.attn(h, h, mask, causal=self.causal)
         return x + self.mlp(self.ln2(x))
 
 
@@ -165,13 +168,6 @@ def load_from_parti(ref: ReferenceParti, sd: dict) -> ReferenceParti:
 # Decoder-only (DALL-E): one causal stream, caption (padding included, not masked) then [BOS, codes[:-1]].
 
 
-class RefStreamLayer(RefEncoderLayer):
-    def forward(self, x):
-        h = self.ln1(x)
-        x = x + self.attn(h, h, causal=True)
-        return x + self.mlp(self.ln2(x))
-
-
 class ReferenceDecoderOnly(nn.Module):
     def __init__(self, c, kind="math"):
         super().__init__()
@@ -180,7 +176,7 @@ class ReferenceDecoderOnly(nn.Module):
         self.text_embed, self.text_pos = nn.Embedding(c.text_vocab_size, d), nn.Embedding(c.text_seq_len, d)
         self.image_embed = nn.Embedding(c.image_vocab_size + 1, d)
         self.row_pos, self.col_pos = nn.Embedding(c.image_grid, d), nn.Embedding(c.image_grid, d)
-        self.layers = nn.ModuleList(RefStreamLayer(c, kind) for _ in range(c.decoder_layers))
+        self.layers = nn.ModuleList(RefEncoderLayer(c, kind, causal=True) for _ in range(c.decoder_layers))
         self.ln = nn.LayerNorm(d, eps=c.layernorm_eps)
         self.head = nn.Linear(d, c.image_vocab_size, bias=False)
         self.text_head = nn.Linear(d, c.text_vocab_size, bias=False)
