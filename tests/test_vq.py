@@ -366,3 +366,267 @@ def test_vqvae_codebook_follows_its_moving_averages_only():
     n = ema_count.sum()
     expected = ema_sum / ((ema_count + 1e-5) / (n + 8 * 1e-5) * n)[:, None]
     torch.testing.assert_close(model.codebook.weight, expected)
+
+
+def photo_batch(size: int = 32) -> torch.Tensor:
+    """The shipped photos, centre-cropped: float [17, 3, size, size] in [-1, 1]."""
+    from data_pipeline.images import FilterConfig, prepare_sample
+
+    return torch.stack([prepare_sample({"__key__": k, "jpg": j, "txt": b"x"}, FilterConfig(image_size=size)).image
+                        for k, j, _ in lf.coco_mini()]).float() / 127.5 - 1
+
+
+def pretokenizes(tok, data: str, tmp_path: Path) -> dict:
+    """The pipeline's pre-tokenization with this tokenizer, unchanged; returns the manifest."""
+    from data_pipeline.images import FilterConfig
+    from data_pipeline.pretokenize import pretokenize
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+
+    spm = train_sentencepiece([c for _, _, c in lf.coco_mini()] * 5, 60, tmp_path / "spm.model")
+    return pretokenize([Path(data)], tmp_path / "codes", tok, TextTokenizer(spm, 16),
+                       FilterConfig(image_size=tok.image_size, min_size=tok.image_size))
+
+
+def psnr_gain(history: list[dict]) -> tuple[float, float]:
+    """(PSNR of the first step, mean PSNR of the last 10)."""
+    return history[0]["psnr"], sum(h["psnr"] for h in history[-10:]) / 10
+
+
+VQGAN = ["model.kind=vqgan", "model.width=16", "model.ch_mult=[1,2,2]", "model.res_blocks=1", "model.patch=4",
+         "model.image_size=32", "model.code_dim=16", "model.codebook_size=32", "model.dead_code_steps=20",
+         "loss.perceptual=0", "loss.adversarial=0", "train.batch_size=16", "train.resize=64", "train.lr=2e-3",
+         "train.log_interval=1000", "train.eval_interval=1000", "train.save_interval=1000"]
+
+
+def test_vqgan_trains_uses_its_codebook_exports_and_pretokenizes(single_process, photos, tmp_path):
+    """VQGAN on ConvVQGAN's own modules: PSNR up by 3 dB, half the codebook in use on the photos, the export
+    loads (a ConvVQGAN, taming's parameter names) with the same codes, and pre-tokenization takes it. (The
+    discriminator is off here, as in taming's first phase before disc_start; the next tests cover it.)"""
+    from vq.conv_vqgan import ConvVQGAN
+    from vq.tokenizer import load_image_tokenizer
+    from vq.train import VQTrainer
+
+    trainer = VQTrainer(load_typed(VQConfig, None, [*VQGAN, "train.steps=100"]), photos, tmp_path)
+    first, last = psnr_gain(trainer.run())
+    assert last >= first + 3, (first, last)  # (measured: 10.1 -> 16.0 dB; seeds 1, 2, 3: +8.0, +4.8, +5.7)
+    tok = load_image_tokenizer(tmp_path / "export.pt")
+    assert (tok.kind, tok.grid, tok.codebook_size) == ("vqgan", 8, 32) and isinstance(tok, ConvVQGAN)
+    taming = ConvVQGAN("taming", ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, embed_dim=16, n_embed=32,
+                       resolution=32, attn_resolutions=[8])
+    assert set(tok.state_dict()) - set(taming.state_dict()) == {"usage", "last_used", "step"}
+    assert set(taming.state_dict()) <= set(tok.state_dict())  # taming's keys, so its checkpoints map on
+    images = photo_batch()
+    codes = tok.encode(images)
+    assert torch.equal(codes, trainer.model.eval().encode(images))
+    assert codes.unique().numel() >= 16, codes.unique().numel()  # (measured: 28 of 32; seeds 1, 2, 3: 30, 31, 27)
+    assert tok.decode(codes).shape == images.shape
+    manifest = pretokenizes(tok, photos, tmp_path)
+    assert manifest["vq"]["kind"] == "vqgan" and manifest["vq"]["hash"] == tok.content_hash
+
+
+def test_patchgan_hinge_loss_and_adaptive_weight_by_hand():
+    """loss.discriminator=patchgan: taming's NLayerDiscriminator, its hinge losses and the adaptive weight,
+    each against a computation by hand."""
+    from torch import nn
+
+    from vq.losses import LossConfig, VQGANLoss
+
+    torch.manual_seed(0)
+    cfg = LossConfig(l2=0.0, l1=1.0, perceptual=0.0, adversarial=0.8, adv_start=5, discriminator="patchgan")
+    losses = VQGANLoss(cfg, image_size=32)
+    disc = losses.discriminator
+    convs = [m for m in disc.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((4, 4), (2, 2))] * 3 + [((4, 4), (1, 1))] * 2
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in disc.modules()) == 3
+    assert all(m.negative_slope == 0.2 for m in disc.modules() if isinstance(m, nn.LeakyReLU))
+
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    last = nn.Parameter(torch.randn(3, 8, 3, 3) * 0.1)  # a stand-in for the decoder's last layer
+    out = torch.nn.functional.conv2d(torch.randn(4, 8, 32, 32), last, padding=1)
+    vq = torch.tensor(0.3)
+    assert losses.discriminator_loss(images, out, step=4) is None  # before adv_start
+    total, logs = losses.generator(images, out, vq, step=4, last_layer=last)
+    assert "adversarial" not in logs and torch.isclose(total, (out - images).abs().mean() + vq)
+
+    d_loss = losses.discriminator_loss(images, out, step=5)
+    real, fake = disc(images), disc(out.detach())
+    assert real.shape == (4, 1, 2, 2)  # one logit per patch
+    hinge = 0.5 * (torch.clamp(1 - real, min=0).sum() / real.numel() + torch.clamp(1 + fake, min=0).sum() / fake.numel())
+    torch.testing.assert_close(d_loss, hinge)
+
+    total, logs = losses.generator(images, out, vq, step=5, last_layer=last)
+    rec = (out - images).abs().mean()
+    g_adv = -disc(out).mean()  # the hinge generator loss
+    g_rec_grad = torch.autograd.grad(rec, last, retain_graph=True)[0]
+    g_adv_grad = torch.autograd.grad(g_adv, last, retain_graph=True)[0]
+    weight = g_rec_grad.norm() / (g_adv_grad.norm() + 1e-4)
+    assert logs["adversarial"] == pytest.approx(float(g_adv.detach()), rel=1e-5)
+    torch.testing.assert_close(total, rec + vq + 0.8 * weight * g_adv)
+    total.backward()
+    assert all(p.grad is None for p in disc.parameters())  # the generator step leaves the discriminator alone
+
+
+def test_vqgan_full_objective_trains_the_patchgan(single_process, photos, tmp_path):
+    """taming's recipe end to end for a few steps: l1 + LPIPS (random backbone) + PatchGAN hinge loss with the
+    adaptive weight, Adam betas (0.5, 0.9); every term finite and the discriminator's weights move."""
+    from vq.train import VQTrainer
+
+    trainer = VQTrainer(load_typed(VQConfig, None, [
+        *VQGAN, "train.steps=3", "loss.l2=0", "loss.l1=1", "loss.perceptual=1", "loss.adversarial=0.8",
+        "loss.discriminator=patchgan", "loss.adv_start=1", "train.adam_beta1=0.5", "train.adam_beta2=0.9"]),
+        photos, tmp_path)
+    before = {k: v.clone() for k, v in trainer.losses.discriminator.state_dict().items()}
+    history = trainer.run()
+    assert "adversarial" not in history[0] and all("disc" in h for h in history[1:])
+    for key in ("l1", "perceptual", "adversarial", "disc", "vq"):
+        assert all(torch.isfinite(torch.tensor(h[key])) for h in history if key in h), key
+    after = trainer.losses.discriminator.state_dict()
+    assert not torch.equal(before["main.0.weight"], after["main.0.weight"])
+    assert trainer.opt.param_groups[0]["betas"] == (0.5, 0.9)
+
+
+# The KL weight per cell against the likelihood per pixel value is kl_weight / (pixel values per cell): 12 here,
+# 192 at DALL-E's shape. At 6.6 the KL would weigh 16x DALL-E's, and one seed in four collapsed the posterior
+# towards the uniform prior (+0.9 dB, 13 codes); 1.6 (still 4x DALL-E's balance) trains on seeds 1, 2, 3, 4,
+# 1234 with +5.2 to +6.0 dB and 20 to 23 of the 32 codes on the photos.
+def ddp_vqgan(data: str, run_dir: str):
+    from vq.train import VQTrainer
+
+    trainer = VQTrainer(load_typed(VQConfig, None, [*VQGAN, "train.steps=3", "train.batch_size=8",
+                                                    "model.dead_code_steps=1", "loss.adversarial=0.8",
+                                                    "loss.discriminator=patchgan"]), data, run_dir)
+    history = trainer.run()
+    return (history[-1]["loss"], {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
+            {k: v.detach().clone() for k, v in trainer.losses.discriminator.named_parameters()})
+
+
+def test_vqgan_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
+    """The VQGAN's weights and the PatchGAN's stay the same on both ranks (restarted codes broadcast, gradients
+    averaged). Only parameters are compared: the PatchGAN's BatchNorm running statistics are rank-local between
+    DDP's buffer broadcasts, as in taming's DDP runs, and training never reads them (train mode throughout)."""
+    (loss0, model0, disc0), (loss1, model1, disc1) = pool2.run(ddp_vqgan, photos, str(tmp_path))
+    torch.testing.assert_close(model0, model1, rtol=0, atol=0)
+    torch.testing.assert_close(disc0, disc1, rtol=0, atol=0)
+    assert loss0 != loss1  # each rank saw its own images
+
+
+DVAE = ["model.kind=dvae", "model.width=16", "model.res_blocks=1", "model.patch=2", "model.image_size=32",
+        "model.code_dim=32", "model.codebook_size=32", "model.tau_steps=150", "model.kl_warmup_steps=50",
+        "model.kl_weight=1.6", "loss.l2=0", "loss.logit_laplace=1", "loss.perceptual=0", "loss.adversarial=0", "train.batch_size=16",
+        "train.resize=64", "train.lr=4e-3", "train.log_interval=1000", "train.eval_interval=1000",
+        "train.save_interval=1000"]
+
+
+def test_dvae_trains_uses_its_codebook_exports_and_pretokenizes(single_process, photos, tmp_path):
+    """DALL-E's dVAE: PSNR up by 3 dB under the annealed relaxation, half the codebook in use on the photos; the
+    exported codes are the argmax of the encoder's logits (computed here by the encoder's layers directly),
+    decoding is the decoder on one-hot codes, and pre-tokenization takes it."""
+    import torch.nn.functional as F
+
+    from vq.losses import split_output
+    from vq.tokenizer import load_image_tokenizer
+    from vq.train import VQTrainer
+
+    trainer = VQTrainer(load_typed(VQConfig, None, [*DVAE, "train.steps=150"]), photos, tmp_path)
+    history = trainer.run()
+    first, last = psnr_gain(history)
+    assert last >= first + 3, (first, last)  # (measured: 10.7 -> 16.4 dB)
+    assert history[-1]["tau"] == pytest.approx(1 / 16, rel=1e-2) and history[-1]["kl_weight"] == 1.6
+    tok = load_image_tokenizer(tmp_path / "export.pt")
+    assert (tok.kind, tok.grid, tok.codebook_size) == ("dvae", 16, 32)
+    images = photo_batch()
+    codes = tok.encode(images)
+    with torch.no_grad():
+        logits = trainer.model.eval().encoder(images)  # [17, 32, 16, 16], through the layers one by one
+    assert logits.shape == (17, 32, 16, 16) and torch.equal(codes, logits.argmax(1))
+    assert codes.unique().numel() >= 16, codes.unique().numel()  # (measured: 22 of 32)
+    one_hot = F.one_hot(codes, 32).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(tok.decode(codes), split_output(tok.decoder(one_hot)).clamp(-1, 1))
+        # the decoder's input conv on a one-hot code is its weight column: the codebook
+        conv = tok.decoder.input
+        torch.testing.assert_close(conv(one_hot)[:, :, 3, 5], conv.weight[:, codes[:, 3, 5], 0, 0].t() + conv.bias)
+    manifest = pretokenizes(tok, photos, tmp_path)
+    assert manifest["vq"]["kind"] == "dvae" and manifest["vq"]["hash"] == tok.content_hash
+
+
+def test_dvae_schedules_and_kl_follow_the_formulas():
+    """tau: cosine from tau_start to tau_end over tau_steps; KL weight: cosine from 0 to kl_weight over
+    kl_warmup_steps; the loss's KL term is KL(q || uniform) summed over cells, per pixel value, at the weight of
+    the model's step."""
+    import math
+
+    from vq.dvae import DVAE
+
+    model = DVAE(image_size=16, patch=4, n_hid=8, code_dim=8, codebook_size=16, res_blocks=1, tau_start=1.0,
+                 tau_end=1 / 16, tau_steps=1000, kl_weight=6.6, kl_warmup_steps=100)
+    for step in (0, 1, 250, 500, 999, 1000, 5000):
+        t = min(step, 1000) / 1000
+        assert model.tau(step) == pytest.approx(1 / 16 + (1 - 1 / 16) * 0.5 * (1 + math.cos(math.pi * t)), abs=1e-12)
+    assert (model.tau(0), model.tau(500), model.tau(1000)) == pytest.approx((1.0, (1 + 1 / 16) / 2, 1 / 16))
+    for step in (0, 25, 50, 100, 3000):
+        t = min(step, 100) / 100
+        assert model.kl_weight(step) == pytest.approx(6.6 * 0.5 * (1 - math.cos(math.pi * t)), abs=1e-12)
+    assert (model.kl_weight(0), model.kl_weight(50), model.kl_weight(100)) == pytest.approx((0.0, 3.3, 6.6))
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    model.step.fill_(25)  # the schedules run on the model's own training-step counter
+    _, aux = model(images)
+    assert aux["logs"]["tau"] == model.tau(25) and aux["logs"]["kl_weight"] == model.kl_weight(25)
+    assert int(model.step) == 26
+    q = torch.softmax(model.logits(images).detach(), dim=1)  # [2, 16, 4, 4]
+    kl = (q * (q * 16).log()).sum() / 2 / (3 * 16 * 16)  # per image, over cells and codes; per pixel value
+    torch.testing.assert_close(aux["vq_loss"].detach(), model.kl_weight(25) * kl)
+
+
+def test_dvae_resume_continues_the_same_run(single_process, photos, tmp_path):
+    """Gumbel noise and the schedules' step resume with the checkpoint: 4 + 4 steps equal 8."""
+    from vq.train import VQTrainer
+
+    def run(run_dir, steps):
+        trainer = VQTrainer(load_typed(VQConfig, None, [*DVAE, f"train.steps={steps}", "train.save_interval=4",
+                                                        "train.batch_size=4", "model.tau_steps=6"]), photos, run_dir)
+        trainer.resume()
+        return trainer.run()
+
+    full = run(tmp_path / "full", 8)
+    split = run(tmp_path / "split", 4) + run(tmp_path / "split", 8)
+    assert [h["loss"] for h in split] == pytest.approx([h["loss"] for h in full], rel=1e-5)
+    assert [h["tau"] for h in split] == [h["tau"] for h in full]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.kind=vqgan", "model.patch=8", "model.ch_mult=[1,2,2]"], r"model\.patch=8 must be 2\^\(len\(model\.ch_mult\)"),
+    (["model.kind=vqgan", "model.patch=16", "model.logit_laplace=true"], r"model\.logit_laplace needs"),
+    (["model.kind=vqgan", "model.patch=4", "model.ch_mult=[1,2,2]", "model.res_blocks=0"], r"model\.res_blocks=0"),
+    (["model.kind=dvae", "loss.logit_laplace=0"], r"model\.kind=dvae needs loss\.logit_laplace > 0"),
+    (["model.kind=dvae", "model.tau_end=0"], r"model\.tau_start=1\.0 and model\.tau_end=0"),
+    (["model.kind=dvae", "model.patch=6"], r"model\.patch=6 must be a power of 2"),
+    (["model.kind=dvqae"], r"model\.kind='dvqae' must be one of vit_vqgan, vqvae, vqgan, dvae"),
+    (["loss.discriminator=nlayer"], r"loss\.discriminator='nlayer' must be one of stylegan, patchgan"),
+])
+def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
+    from common.config import ConfigError
+    from vq.losses import VQGANLoss
+    from vq.train import build_model
+
+    cfg = load_typed(VQConfig, None, ["model.image_size=32", "loss.perceptual=0", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        VQGANLoss(cfg.loss, cfg.model.image_size)
+        with torch.device("meta"):  # (the default ViT-VQGAN, unallocated)
+            build_model(cfg)
+
+
+def test_the_presets_build_the_papers_shapes():
+    from vq.train import build_model
+
+    with torch.device("meta"):  # (shapes only: nothing allocated)
+        vqgan = build_model(load_typed(VQConfig, "configs/vq/vqgan.yaml"))
+        dvae = build_model(load_typed(VQConfig, "configs/vq/dvae.yaml"))
+    assert vqgan.config == {**vqgan.config, "ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2,
+                            "z_channels": 256, "embed_dim": 256, "n_embed": 1024, "attn_resolutions": [16]}
+    assert vqgan.grid == 16
+    assert (dvae.grid, dvae.codebook_size, dvae.config["n_hid"], dvae.config["code_dim"]) == (32, 8192, 256, 128)
+    assert len([m for m in dvae.encoder if isinstance(m, torch.nn.Sequential)]) == 5  # 4 groups + output

@@ -1,4 +1,4 @@
-"""Code usage and dead-code restarts, shared by the VQ tokenizers (ViT-VQGAN, VQ-VAE).
+"""Code usage and dead-code restarts, shared by the tokenizers (ViT-VQGAN, VQ-VAE, VQGAN; the dVAE: usage only).
 
     class MyVQ(CodeUsage, nn.Module):
         def __init__(...): ...; self.codebook = nn.Embedding(K, D); self.init_usage(K, dead_code_steps)
@@ -8,7 +8,9 @@
 Usage is an EMA of per-batch code counts over the whole data-parallel batch; a code unused for
 `dead_code_steps` training steps is restarted from a random latent of the batch (rank 0's choice,
 broadcast), so that the codebook keeps being used. `restarted(dead, latents)` lets a subclass reset its own
-statistics of the restarted codes (the VQ-VAE's EMA).
+statistics of the restarted codes (the VQ-VAE's EMA). `dead_code_steps` <= 0 tracks usage without restarts
+(the dVAE: its codes are an argmax of encoder logits, not a nearest-code search, so overwriting a code's
+embedding would not make the encoder choose it; there the KL term to the uniform prior keeps codes in use).
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ class CodeUsage:
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def track_usage(self, codes: torch.Tensor, latents: torch.Tensor) -> None:
-        """EMA of code counts; restart codes unused for dead_code_steps steps from random batch latents [N, D]."""
+    def track_usage(self, codes: torch.Tensor, latents: torch.Tensor | None) -> None:
+        """EMA of code counts; restart codes unused for dead_code_steps steps from random batch latents [N, D]
+        (none when dead_code_steps <= 0: `latents` may then be None)."""
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.step += 1
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
@@ -35,6 +38,8 @@ class CodeUsage:
             dist.all_reduce(counts)
         self.usage.mul_(0.99).add_(counts, alpha=0.01)
         self.last_used[counts > 0] = self.step
+        if self.dead_code_steps <= 0:
+            return
         dead = (self.step - self.last_used) > self.dead_code_steps
         if dead.any():
             pick = torch.randint(0, latents.shape[0], (int(dead.sum()),), device=latents.device)

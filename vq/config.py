@@ -10,14 +10,17 @@ from vq.losses import LossConfig
 class VQModelConfig:
     kind: str = "vit_vqgan"
     """vit_vqgan (ViT-VQGAN: preset/layers/width/heads) | vqvae (VQ-VAE with an EMA codebook: width channels,
-    log2(patch) strided convolutions; preset/layers/heads/logit_laplace unused)."""
+    log2(patch) strided convolutions) | vqgan (taming's VQGAN CNN: width = ch, ch_mult, res_blocks,
+    attn_resolutions, z_channels) | dvae (DALL-E's discrete VAE: width = n_hid, res_blocks, the tau_* and kl_*
+    schedules; always logit-Laplace). preset/layers/heads are ViT-VQGAN's only."""
     preset: str = "small"
     """small (8 layers, d512, 8 heads) | base (12, d768, 12) | large (32, d1280, 16); layers/width/heads below
     override it when > 0. (vq.finetune_decoder: the new decoder's shape.)"""
     layers: int = 0
     """Transformer blocks in the encoder and in the decoder (0: the preset's)."""
     width: int = 0
-    """Model width (0: the preset's)."""
+    """Model width (0: the preset's). vqvae: conv channels (0: 128); vqgan: base channels `ch` (0: taming's 128);
+    dvae: `n_hid` (0: DALL-E's 256)."""
     heads: int = 0
     """Attention heads (0: the preset's)."""
     image_size: int = 256
@@ -25,15 +28,41 @@ class VQModelConfig:
     patch: int = 8
     """Patch side: the code grid is image_size / patch per side."""
     code_dim: int = 32
-    """Dimension of the factorized, l2-normalised codes."""
+    """Dimension of the factorized, l2-normalised codes (vit_vqgan); of the code embeddings (vqvae; vqgan:
+    taming's embed_dim); dvae: channels of the decoder's input conv, whose columns are the codebook (DALL-E's
+    n_init, 128)."""
     codebook_size: int = 8192
     """Number of codes."""
     logit_laplace: bool = False
-    """Decoder predicts logit-Laplace parameters (6 channels) and the loss includes their likelihood."""
+    """vit_vqgan: decoder predicts logit-Laplace parameters (6 channels) and the loss includes their likelihood
+    (the dvae always does; vqvae and vqgan decode 3 channels)."""
     dead_code_steps: int = 200
-    """Codes unused for this many steps are restarted from batch latents."""
+    """Codes unused for this many steps are restarted from batch latents (0: never; the dvae never restarts)."""
     ema_decay: float = 0.99
     """vqvae: decay of the codebook's moving averages."""
+    res_blocks: int = 2
+    """vqvae: residual blocks; vqgan: residual blocks per level (taming's num_res_blocks); dvae: blocks per group
+    (DALL-E's n_blk_per_group)."""
+    ch_mult: list[int] | None = None
+    """vqgan: channel multiplier of each resolution level; len - 1 halvings, so patch must be 2^(len - 1)
+    (null: taming f16's [1, 1, 2, 2, 4], patch 16)."""
+    attn_resolutions: list[int] | None = None
+    """vqgan: feature-map sides at which the encoder and decoder levels self-attend (null: the code grid's side,
+    as taming f16's [16] at 256 px; [] for none; the middle blocks always attend)."""
+    z_channels: int = 0
+    """vqgan: encoder output channels before the 1x1 quant_conv into code_dim (0: code_dim; taming: 256)."""
+    tau_start: float = 1.0
+    """dvae: Gumbel-softmax temperature at step 0 (DALL-E: 1)."""
+    tau_end: float = 0.0625
+    """dvae: temperature from tau_steps on (DALL-E: 1/16)."""
+    tau_steps: int = 150000
+    """dvae: steps of the cosine annealing from tau_start to tau_end (DALL-E: 150,000)."""
+    kl_weight: float = 6.6
+    """dvae: weight beta of the KL term to the uniform prior once ramped up (DALL-E: 6.6). Against the likelihood
+    per pixel value a cell's KL weighs kl_weight / (3 patch^2): 6.6 / 192 at DALL-E's patch 8; scale it with
+    that count when the patch changes (a much heavier KL collapses the posterior towards the prior)."""
+    kl_warmup_steps: int = 5000
+    """dvae: steps of the cosine ramp of the KL weight from 0 (DALL-E: 5000)."""
 
 
 @dataclass
@@ -43,7 +72,11 @@ class VQTrainConfig:
     batch_size: int = 32
     """Images per step over all data-parallel processes."""
     lr: float = 1e-4
-    """Adam learning rate (generator and discriminator)."""
+    """Adam learning rate (generator and discriminator), constant."""
+    adam_beta1: float = 0.9
+    """Adam's beta1 (generator and discriminator; taming's VQGAN: 0.5)."""
+    adam_beta2: float = 0.99
+    """Adam's beta2 (taming's VQGAN: 0.9; DALL-E's dVAE: 0.999)."""
     seed: int = 1234
     """Seed of weights and data order."""
     resize: int = 0

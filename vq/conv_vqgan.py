@@ -10,6 +10,7 @@ space, a mirrored decoder. The two projects name the containers differently (tam
 `mid.block_1`, `up[i]`; LlamaGen: `conv_blocks[i].res`, `mid.0`, decoder levels from the lowest up) and
 LlamaGen l2-normalises codes; `style` picks both. Checkpoints are read with torch.load(weights_only=True);
 keys must match exactly (the taming training loss's `loss.*` entries are the only ones skipped).
+vq/vqgan.py's VQGAN is this class made trainable (vq.train, model.kind=vqgan), with the same parameter names.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ViT-VQGAN losses with the paper's default weights: l2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1.
+"""Tokenizer losses; the defaults are ViT-VQGAN's weights: l2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1.
 
     losses = VQGANLoss(LossConfig(), lpips_backbone="vgg16-397923af.pth" or None)
     g_loss, logs = losses.generator(images, decoder_output, vq_loss, step, last_layer)
@@ -7,9 +7,12 @@
 Perceptual loss: LPIPS from the `lpips` package. Its wheel ships the calibration (linear) layers only;
 the VGG backbone normally downloads at run time, which is impossible offline, so the backbone weights
 come from a local torchvision `vgg16` state-dict file, or, without one, stay random: a clearly logged
-mode meant for tests. Adversarial loss: a StyleGAN2-style residual discriminator with minibatch
-standard deviation, non-saturating logistic loss, the VQGAN adaptive weight (ratio of the
-reconstruction and adversarial gradient norms at the decoder's last layer), off before `adv_start`.
+mode meant for tests. Adversarial loss (`discriminator`): a StyleGAN2-style residual discriminator with
+minibatch standard deviation and the non-saturating logistic loss (ViT-VQGAN), or taming-transformers'
+PatchGAN (pix2pix's NLayerDiscriminator: 4x4 convolutions, BatchNorm, LeakyReLU 0.2, a logit per
+overlapping patch) with the hinge loss (VQGAN). Either is weighted by the one VQGAN adaptive weight (ratio of
+the reconstruction and adversarial gradient norms at the decoder's last layer) and is off before `adv_start`.
+The l1 term is taming's VQGAN reconstruction loss; logit-Laplace is DALL-E's (the dVAE's whole likelihood).
 """
 from __future__ import annotations
 
@@ -22,13 +25,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.config import ConfigError
+
 log = logging.getLogger("parti")
+
+DISCRIMINATORS = ("stylegan", "patchgan")
+LAPLACE_EPS = 0.1
+"""DALL-E's pixel squeeze for the logit-Laplace likelihood: x in [0, 1] -> x (1 - 2 eps) + eps."""
 
 
 @dataclass
 class LossConfig:
     l2: float = 1.0
     """Weight of the mean squared error."""
+    l1: float = 0.0
+    """Weight of the mean absolute error (taming's VQGAN reconstruction term)."""
     logit_laplace: float = 0.1
     """Weight of the logit-Laplace likelihood (used when the model predicts it)."""
     perceptual: float = 0.1
@@ -36,15 +47,25 @@ class LossConfig:
     adversarial: float = 0.1
     """Weight of the adversarial loss, times the adaptive weight (0 disables the discriminator)."""
     adv_start: int = 0
-    """Training step at which the adversarial loss starts."""
+    """Training step at which the adversarial loss (and the discriminator's training) starts."""
+    discriminator: str = "stylegan"
+    """stylegan (residual, minibatch stddev; non-saturating logistic loss: ViT-VQGAN) | patchgan (taming's
+    NLayerDiscriminator, 3 layers, 64 channels, BatchNorm; hinge loss: VQGAN)."""
 
 
 def split_output(out: torch.Tensor) -> torch.Tensor:
-    """The decoder's reconstruction in [-1, 1]: its 3 channels, or the logit-Laplace means mapped back."""
-    return torch.sigmoid(out[:, :3]) * 2 - 1 if out.shape[1] == 6 else out
+    """The decoder's reconstruction in [-1, 1]: its 3 channels, or the logit-Laplace means mapped back.
+
+    The means predict the squeezed pixels of logit_laplace_nll, so they are unsqueezed (DALL-E's
+    unmap_pixels) as well as sigmoided: without it the l2 term and the likelihood pulled the means towards
+    two different targets, and decoded images had 0.8 of their contrast. Not clamped (gradients); decode()
+    clamps."""
+    if out.shape[1] != 6:
+        return out
+    return (torch.sigmoid(out[:, :3]) - LAPLACE_EPS) / (1 - 2 * LAPLACE_EPS) * 2 - 1
 
 
-def logit_laplace_nll(images: torch.Tensor, out: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+def logit_laplace_nll(images: torch.Tensor, out: torch.Tensor, eps: float = LAPLACE_EPS) -> torch.Tensor:
     """DALL-E's logit-Laplace negative log-likelihood of images in [-1, 1] (pixels squeezed into
     [eps, 1 - eps]); out[:, :3] are the means, out[:, 3:] the log-scales, in logit space."""
     x = ((images + 1) / 2).clamp(0, 1) * (1 - 2 * eps) + eps
@@ -105,12 +126,42 @@ class Discriminator(nn.Module):
         return self.head(F.leaky_relu(self.final(torch.cat([h, std], 1)), 0.2))
 
 
+class PatchGAN(nn.Module):
+    """taming-transformers' NLayerDiscriminator (the pix2pix PatchGAN): a 4x4 stride-2 conv and LeakyReLU 0.2,
+    then n_layers - 1 more stride-2 and one stride-1 4x4 conv with BatchNorm (channels doubling up to 8 x
+    ndf), and a 4x4 conv to one logit per patch: [B, 1, h, w] (30x30 at 256 px, 2x2 at 32). Module names
+    and the N(0, 0.02) / BatchNorm N(1, 0.02) initialisation are taming's, so its `loss.discriminator.*`
+    weights would load."""
+
+    def __init__(self, channels: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers, mult = [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2)], 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),  # (BN's bias)
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2)]
+        self.main = nn.Sequential(*layers, nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
 class VQGANLoss(nn.Module):
     def __init__(self, cfg: LossConfig, image_size: int, lpips_backbone: str | Path | None = None):
         super().__init__()
-        self.cfg = cfg
+        if cfg.discriminator not in DISCRIMINATORS:
+            raise ConfigError(f"loss.discriminator={cfg.discriminator!r} must be one of {', '.join(DISCRIMINATORS)}")
+        self.cfg, self.hinge = cfg, cfg.discriminator == "patchgan"
         self.lpips = make_lpips(lpips_backbone) if cfg.perceptual > 0 else None
-        self.discriminator = Discriminator(image_size) if cfg.adversarial > 0 else None
+        self.discriminator = None
+        if cfg.adversarial > 0:
+            self.discriminator = PatchGAN() if self.hinge else Discriminator(image_size)
 
     def adaptive_weight(self, rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
         g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
@@ -122,6 +173,9 @@ class VQGANLoss(nn.Module):
         recon = split_output(out)
         logs = {"l2": F.mse_loss(recon, images)}
         rec = c.l2 * logs["l2"]
+        if c.l1 > 0:
+            logs["l1"] = (recon - images).abs().mean()
+            rec = rec + c.l1 * logs["l1"]
         if out.shape[1] == 6 and c.logit_laplace > 0:
             logs["logit_laplace"] = logit_laplace_nll(images, out)
             rec = rec + c.logit_laplace * logs["logit_laplace"]
@@ -135,17 +189,22 @@ class VQGANLoss(nn.Module):
             # discriminator_loss) its reducer sees exactly one backward per step, the discriminator's.
             frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
             fake = torch.func.functional_call(self.discriminator, frozen, (recon,))
-            logs["adversarial"] = F.softplus(-fake).mean()
+            # hinge (taming): -D(fake); logistic (StyleGAN2): the non-saturating softplus(-D(fake))
+            logs["adversarial"] = -fake.mean() if self.hinge else F.softplus(-fake).mean()
             weight = self.adaptive_weight(rec, logs["adversarial"], last_layer) if last_layer is not None else 1.0
             total = total + c.adversarial * weight * logs["adversarial"]
         logs["vq"] = vq_loss
         return total, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in logs.items()}
 
     def discriminator_loss(self, images, out, step: int, critic: nn.Module | None = None):
-        """The discriminator's logistic loss; `critic` runs it (vq.train passes its DDP wrapper, so the
-        gradients are averaged over the ranks), by default the bare `self.discriminator`."""
+        """The discriminator's loss (logistic, or taming's hinge for the PatchGAN); `critic` runs it (vq.train
+        passes its DDP wrapper, so the gradients are averaged over the ranks), by default the bare
+        `self.discriminator`. Real and fake images go through it as two batches, as in taming (the PatchGAN's
+        BatchNorm normalises each on its own)."""
         if self.discriminator is None or step < self.cfg.adv_start:
             return None
         critic = self.discriminator if critic is None else critic
         real, fake = critic(images), critic(split_output(out).detach())
+        if self.hinge:
+            return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         return F.softplus(-real).mean() + F.softplus(fake).mean()

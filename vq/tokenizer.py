@@ -5,8 +5,8 @@
     recon = tok.decode(codes)       # -> float [B, 3, S, S] in [-1, 1]
     tok.codebook_size, tok.grid, tok.image_size, tok.content_hash, tok.weights_hash
 
-Every tokenizer (this ConvVQ, the ViT-VQGAN of vq/, loaders of public checkpoints) is saved by
-`save_image_tokenizer` as one file: {"kind", "config", "state_dict"[, "codes"]}. `weights_hash` is a sha256
+Every tokenizer (this ConvVQ, the ViT-VQGAN, VQ-VAE, VQGAN and dVAE of vq/, loaders of public checkpoints) is
+saved by `save_image_tokenizer` as one file: {"kind", "config", "state_dict"[, "codes"]}. `weights_hash` is a sha256
 of the kind, the config and every tensor (what decoded images depend on). `content_hash` names what the
 codes depend on, so that a code-shard manifest names exactly which tokenizer made it: for a tokenizer as
 trained it is the weights hash; a detokenizer fine-tuned on its frozen codes (vq/finetune_decoder.py) keeps
@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 from common.files import atomic_path
 from vq.conv_vqgan import ConvVQGAN
+from vq.dvae import DVAE
 from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
+from vq.vqgan import VQGAN
 from vq.vqvae import VQVAE
 
 
@@ -74,7 +76,8 @@ class ConvVQ(nn.Module):
 
 
 def _registry() -> dict:
-    return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN, ConvVQGAN.kind: ConvVQGAN, VQVAE.kind: VQVAE}
+    return {ConvVQ.kind: ConvVQ, ViTVQGAN.kind: ViTVQGAN, ConvVQGAN.kind: ConvVQGAN, VQVAE.kind: VQVAE,
+            VQGAN.kind: VQGAN, DVAE.kind: DVAE}
 
 
 def content_hash(kind: str, config: dict, state_dict: dict) -> str:

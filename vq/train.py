@@ -1,8 +1,15 @@
-"""Train the ViT-VQGAN image tokenizer on LAION-style shards, then export it frozen.
+"""Train an image tokenizer on LAION-style shards, then export it frozen.
 
     python -m vq.train --config configs/vq/vit-vqgan-small.yaml --data 'laion/{00000..00099}.tar' \
         --run-dir runs/vq [--set train.steps=1000 ...] [--resume auto]
     torchrun --nproc_per_node 8 -m vq.train ...                 # data parallel (DDP)
+
+model.kind picks the tokenizer family, each with a preset in configs/vq/:
+    vit_vqgan  ViT-VQGAN, Parti's tokenizer (vq/vit_vqgan.py)             vit-vqgan-small.yaml
+    vqvae      VQ-VAE with an EMA codebook (vq/vqvae.py)                  vqvae.yaml
+    vqgan      taming's VQGAN, PatchGAN + LPIPS (vq/vqgan.py)             vqgan.yaml
+    dvae       DALL-E's discrete VAE, Gumbel-softmax + KL (vq/dvae.py)    dvae.yaml
+All share the loop, the losses of vq/losses.py (the config's loss section), checkpoints and the export.
 
 The run directory receives config.yaml, metrics.jsonl + TensorBoard (l2, PSNR, perplexity, code usage,
 losses), recon_XXXXXXXX.png grids (top: inputs, bottom: reconstructions), checkpoints/ and, at the end,
@@ -38,25 +45,69 @@ from common.state_file import STATE_FILE, load_state, save_state
 from data_pipeline.image_stream import crop_stream
 from model_parallel.state import init_distributed
 from vq.config import VQConfig
+from vq.dvae import DVAE
 from vq.losses import VQGANLoss, split_output
 from vq.tokenizer import save_image_tokenizer
 from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
+from vq.vqgan import TAMING_F16, VQGAN
 from vq.vqvae import VQVAE
+
+KINDS = ("vit_vqgan", "vqvae", "vqgan", "dvae")
 
 
 def build_model(cfg: VQConfig):
     m = cfg.model
-    if m.kind not in ("vit_vqgan", "vqvae"):
-        raise ConfigError(f"model.kind={m.kind!r} must be vit_vqgan or vqvae")
+    if m.kind not in KINDS:
+        raise ConfigError(f"model.kind={m.kind!r} must be one of {', '.join(KINDS)}")
+    if m.kind in ("vqvae", "vqgan") and m.logit_laplace:
+        raise ConfigError(f"model.logit_laplace needs model.kind=vit_vqgan (model.kind={m.kind} decodes 3 channels; "
+                          "dvae is always logit-Laplace)")
     if m.kind == "vqvae":
-        if m.logit_laplace:
-            raise ConfigError("model.logit_laplace needs model.kind=vit_vqgan (the VQ-VAE decodes 3 channels)")
         return VQVAE(image_size=m.image_size, patch=m.patch, width=m.width or 128, code_dim=m.code_dim,
-                     codebook_size=m.codebook_size, ema_decay=m.ema_decay, dead_code_steps=m.dead_code_steps)
+                     codebook_size=m.codebook_size, ema_decay=m.ema_decay, dead_code_steps=m.dead_code_steps,
+                     res_blocks=m.res_blocks)
+    if m.kind == "vqgan":
+        return VQGAN(**vqgan_shape(m), embed_dim=m.code_dim, n_embed=m.codebook_size, resolution=m.image_size,
+                     dead_code_steps=m.dead_code_steps)
+    if m.kind == "dvae":
+        if cfg.loss.logit_laplace <= 0:
+            raise ConfigError(f"model.kind=dvae needs loss.logit_laplace > 0 (got {cfg.loss.logit_laplace}): the "
+                              "logit-Laplace likelihood is the dVAE's reconstruction term (configs/vq/dvae.yaml: 1)")
+        if not (0 < m.tau_end <= m.tau_start):
+            raise ConfigError(f"model.tau_start={m.tau_start} and model.tau_end={m.tau_end} must satisfy "
+                              "0 < tau_end <= tau_start (the Gumbel-softmax temperature is annealed down)")
+        if m.res_blocks < 1:
+            raise ConfigError(f"model.res_blocks={m.res_blocks} must be at least 1 (the dVAE's groups are residual "
+                              "blocks)")
+        if m.patch < 1 or m.patch & (m.patch - 1) or m.image_size % m.patch:
+            raise ConfigError(f"model.patch={m.patch} must be a power of 2 dividing model.image_size={m.image_size} "
+                              "(the dVAE max-pools by 2 between groups)")
+        return DVAE(image_size=m.image_size, patch=m.patch, n_hid=m.width or 256, code_dim=m.code_dim,
+                    codebook_size=m.codebook_size, res_blocks=m.res_blocks, tau_start=m.tau_start, tau_end=m.tau_end,
+                    tau_steps=m.tau_steps, kl_weight=m.kl_weight, kl_warmup_steps=m.kl_warmup_steps)
     layers, width, heads = vit_shape(m)
     return ViTVQGAN(image_size=m.image_size, patch=m.patch, layers=layers, width=width, code_dim=m.code_dim,
                     codebook_size=m.codebook_size, logit_laplace=m.logit_laplace, dead_code_steps=m.dead_code_steps,
                     heads=heads)
+
+
+def vqgan_shape(m) -> dict:
+    """ConvVQGAN's ch, ch_mult, num_res_blocks, z_channels, attn_resolutions from a vqgan model section (taming
+    f16's where unset), checked against model.patch and model.image_size."""
+    ch_mult = TAMING_F16["ch_mult"] if m.ch_mult is None else m.ch_mult
+    if not ch_mult or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in ch_mult):
+        raise ConfigError(f"model.ch_mult={m.ch_mult!r} must be a non-empty list of positive integers")
+    if m.patch != 2 ** (len(ch_mult) - 1) or m.image_size % m.patch:
+        raise ConfigError(f"model.patch={m.patch} must be 2^(len(model.ch_mult) - 1) = {2 ** (len(ch_mult) - 1)} "
+                          f"(model.ch_mult={ch_mult}: one halving between levels) and divide model.image_size="
+                          f"{m.image_size}")
+    if m.res_blocks < 1:
+        raise ConfigError(f"model.res_blocks={m.res_blocks} must be at least 1 (the VQGAN's levels are residual blocks)")
+    attn = [m.image_size // m.patch] if m.attn_resolutions is None else m.attn_resolutions
+    if not isinstance(attn, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in attn):
+        raise ConfigError(f"model.attn_resolutions={m.attn_resolutions!r} must be a list of integers (or null)")
+    return {"ch": m.width or TAMING_F16["ch"], "ch_mult": list(ch_mult), "num_res_blocks": m.res_blocks,
+            "z_channels": m.z_channels or m.code_dim, "attn_resolutions": attn}
 
 
 def vit_shape(m) -> tuple[int, int, int]:
@@ -118,25 +169,27 @@ class VQTrainer:
         self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
         ddp = torch.nn.parallel.DistributedDataParallel if self.world > 1 else lambda module: module
         self.ddp = ddp(self.model)
-        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=(0.9, 0.99))
+        betas = (t.adam_beta1, t.adam_beta2)
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=betas)
         disc = self.losses.discriminator
         # The discriminator trains data-parallel too, else its gradients are never averaged and the
         # replicas drift apart. Only its own loss runs through the wrapper (the generator's adversarial
         # term calls the bare module with detached parameters); checkpoints keep the bare module's keys.
         self.disc_ddp = ddp(disc) if disc is not None else None
-        self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=(0.9, 0.99)) if disc else None
+        self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=betas) if disc else None
         self.step = 0
         self.stream = crop_stream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed)
         sizes = {True: 0, False: 0}  # in the encoder and codebook / in the decoder
+        parts = getattr(self.model, "encoder_parts", ENCODER_PARTS)
         for name, p in self.model.named_parameters():
-            sizes[name.split(".")[0] in ENCODER_PARTS] += p.numel()
+            sizes[name.split(".")[0] in parts] += p.numel()
         self.log.info(f"{type(self.model).__name__} {self.model.config}: {sizes[True]:,} parameters in the encoder and "
                       f"codebook, {sizes[False]:,} in the decoder ({'frozen codes' if self.frozen_codes else 'trained'})")
 
     frozen_codes = False
     """Encoder and codebook fixed (vq.finetune_decoder); the tokenizer trains whole here."""
 
-    def build(self, cfg: VQConfig) -> ViTVQGAN:
+    def build(self, cfg: VQConfig) -> torch.nn.Module:
         return build_model(cfg)
 
     def export_tokenizer(self, path: Path) -> str:
@@ -224,10 +277,11 @@ class VQTrainer:
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()
-            logs["disc"] = float(d_loss)
+            logs["disc"] = float(d_loss.detach())
 
-        logs.update(loss=float(loss), psnr=psnr(split_output(out).detach(), images),
+        logs.update(loss=float(loss.detach()), psnr=psnr(split_output(out).detach(), images),
                     perplexity=float(aux["perplexity"]), code_usage=float(aux["usage"]))
+        logs.update(aux.get("logs", {}))  # the model's own (the dVAE's temperature, KL weight, KL)
         return logs
 
     def recon_grid(self, images: torch.Tensor) -> Path:

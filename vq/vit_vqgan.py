@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vq.codebook import CodeUsage
+from vq.losses import split_output
 
 VIT_VQGAN_PRESETS = {  # the ViT-VQGAN paper's shapes (MLP 4 x width)
     "small": dict(layers=8, width=512, heads=8),
@@ -112,10 +113,8 @@ class ViTVQGAN(CodeUsage, nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        out = self.pixels(self.embed(codes.flatten(1)))
-        if self.out_channels == 6:  # logit-Laplace means, mapped back to [-1, 1]
-            return (torch.sigmoid(out[:, :3]) * 2 - 1).clamp(-1, 1)
-        return out.clamp(-1, 1)
+        # (with logit_laplace: the means mapped back to [-1, 1], as the losses read them)
+        return split_output(self.pixels(self.embed(codes.flatten(1)))).clamp(-1, 1)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, frozen_codes: bool = False):
