@@ -42,7 +42,14 @@ from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, r
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.training_data import training_dataset
 from model_parallel.kernels import select_kernels
-from model_parallel.state import init_distributed, init_parallel, seed_everything, use_device
+from model_parallel.state import (
+    destroy_groups,
+    init_distributed,
+    init_parallel,
+    process_groups,
+    seed_everything,
+    use_device,
+)
 from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import RESUME_WARNED, Config, format_changes, layout_of, load_config, resume_changes
@@ -209,6 +216,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, layout = self.cfg, self.layout
         init_parallel(layout.tp, layout.pp)
+        self.groups_before = process_groups()  # the groups DeepSpeed makes for this run are destroyed by close()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), layout.dp
         rank0 = dist.get_rank() == 0
         moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
@@ -296,7 +304,8 @@ class Trainer:
             self.log.info(f"saved {path}")
 
     def close(self) -> None:
-        """Release the run directory (the lock; the logger if `run` did not) and stop the data workers."""
+        """Release the run directory (the lock; the logger if `run` did not), stop the data workers, destroy the
+        process groups DeepSpeed made for this run."""
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -306,6 +315,9 @@ class Trainer:
         if self.log is not None and not getattr(self, "_log_closed", False):
             self.log.close()
             self._log_closed = True
+        if getattr(self, "groups_before", None) is not None:  # (a process that trains again must not keep them)
+            destroy_groups(process_groups() - self.groups_before)
+            self.groups_before = None
         self.lock.release()
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
