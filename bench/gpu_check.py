@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 # Seconds each section may take on a GPU (they are sized to end well inside; the whole run ~5 minutes).
 TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "recompute": 60, "mfu_350m": 90,
                "sampling": 90, "vq": 90, "mfu_750m": 100, "mfu_3b": 150, "multi_gpu": 120,
-               "parti_stages": 60}
+               "parti_stages": 60, "async_save": 60}
 
 
 def run_section(name: str, device: str, quick: bool, scratch: Path, result_file: Path) -> None:
@@ -108,6 +108,8 @@ def _key_results(name: str, r: dict) -> str:
     elif name == "vq":
         parts.append(f"resume diff {r['max_abs_diff']:.1e}, autocast code agreement {r['autocast_code_agreement']:.3f}, "
                      f"pretokenize {r['pretokenize_images_per_s']:.0f} img/s vs encode {r['encode_only_images_per_s']:.0f}")
+    elif name == "async_save":
+        parts.append(f"step during an async save / without: {r['steps']['ratio']:.2f}")
     elif name == "multi_gpu":
         parts.append(", ".join(f"{k}: {v}" for k, v in r["checks"].items()))
     return "; ".join(parts).replace("|", "/")

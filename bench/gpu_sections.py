@@ -362,7 +362,7 @@ def mfu_3b(ctx: Context) -> dict:
 
 def sampling(ctx: Context) -> dict:
     """Greedy decoding with the KV cache (and, on a GPU, the CUDA-graph decode step) equals full
-    recomputation in fp32; then bench/sample.py's measurement of parti-350m in bf16 (batch 16 with
+    recomputation in fp32, for the encoder-decoder and the decoder-only model; then bench/sample.py's measurement of parti-350m in bf16 (batch 16 with
     classifier-free guidance, 32 rows): image tokens/s of full recomputation, KV cache and CUDA graph
     against the memory-bandwidth bound measured on this machine."""
     from bench.sample import MODES, measure_decoding, relate_rates
@@ -373,14 +373,16 @@ def sampling(ctx: Context) -> dict:
     init_parallel(1, 1)
     seed_everything(0)
     device = ctx.device
-    small = _train_config(["model.preset=parti-debug" if ctx.quick else "model.preset=parti-tiny"]).model
-    model = PartiModel(small).to(device).eval()
-    text = torch.randint(4, small.text_vocab_size, (2, small.text_seq_len), device=device)
-    greedy = SamplingConfig(temperature=0.0)
-    full = sample(model, text, greedy, use_cache=False)
-    equal = {"kv_cache": bool(torch.equal(sample(model, text, greedy), full))}
-    if device == "cuda":
-        equal["cuda_graph"] = bool(torch.equal(sample(model, text, greedy, cuda_graph=True), full))
+    greedy, equal = SamplingConfig(temperature=0.0), {}
+    # Both architectures: the decoder-only one prefills its caption into the cache (and the CUDA graphs).
+    for arch, name in (("", "parti-debug" if ctx.quick else "parti-tiny"), ("decoder_only_", "dalle-debug")):
+        small = _train_config([f"model.preset={name}"]).model
+        model = PartiModel(small).to(device).eval()
+        text = torch.randint(4, small.text_vocab_size, (2, small.text_seq_len), device=device)
+        full = sample(model, text, greedy, use_cache=False)
+        equal[f"{arch}kv_cache"] = bool(torch.equal(sample(model, text, greedy), full))
+        if device == "cuda":
+            equal[f"{arch}cuda_graph"] = bool(torch.equal(sample(model, text, greedy, cuda_graph=True), full))
     out = {"greedy_equal_fp32": ctx.record("greedy_equal_fp32", equal)}
     checks = {f"greedy_{k}_equals_recomputation": v for k, v in equal.items()}
 
@@ -453,6 +455,29 @@ def vq(ctx: Context) -> dict:
     out.update(_pretokenize_rates(ctx, tok, pattern, size))
     out["checks"] = checks
     return out
+
+
+def async_save(ctx: Context) -> dict:
+    """Issue #15's async-save target on this device: the step time while a train.async_save writer runs, against
+    steps without one (parti-350m's width, 4 + 4 layers, bf16, ZeRO-1; parti-debug when quick). A checkpoint
+    every 5 steps; the two steps after each save call overlap its background writer. On CPU the writer (a fork
+    of the trainer) copies every page the CPU step writes, so only a GPU run can meet the target."""
+    preset = ["model.preset=parti-debug"] if ctx.quick else ["model.preset=parti-350m", "model.encoder_layers=4",
+                                                              "model.decoder_layers=4"]
+    sets = preset + ["train.precision=bf16", "parallel.zero_stage=1", "train.global_batch_size=8",
+                     "train.micro_batch_size=8", "train.save_interval=5", "train.async_save=true",
+                     "train.keep_checkpoints=2", f"train.device={ctx.device}"]
+    _, lines = _train(ctx.scratch / "async_save", sets, 20)
+    seconds = {m["step"]: 8 / m["samples_per_s"] for m in lines}
+    during = [seconds[s] for s in seconds if s % 5 in (1, 2) and s > 5]  # the steps after a save call
+    without = [seconds[s] for s in seconds if s % 5 in (3, 4) and s > 5]
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    ratio = median(during) / median(without)
+    steps = ctx.record("steps", {"step_s_during_save": median(during), "step_s_without": median(without),
+                                 "ratio": ratio, "latest": (ctx.scratch / "async_save" / "checkpoints" / "latest")
+                                 .read_text().strip()})
+    return {"steps": steps, "checks": {"async_step_within_10pct": ratio <= 1.10, "last_save_completed":
+                                       steps["latest"] == "step_00000020"} if ctx.device == "cuda" else {}}
 
 
 def parti_stages(ctx: Context) -> dict:
@@ -572,4 +597,5 @@ SECTIONS = [
     ("mfu_750m", mfu_750m, 1),
     ("multi_gpu", multi_gpu, 2),
     ("parti_stages", parti_stages, 0),
+    ("async_save", async_save, 0),
 ]
