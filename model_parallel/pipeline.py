@@ -29,10 +29,10 @@ from model_parallel.model import (
     OutputHead,
     StreamEmbedding,
     TextEmbedding,
-    stream_loss,
     piece_classes,
     piece_context,
     piece_names,
+    stream_loss,
     text_mask,
 )
 

@@ -99,13 +99,14 @@ def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
     """configs/train/parti-*.yaml: valid at the world size of the cluster its header states, and its layout is
     the planner's fastest for that cluster (so preset and planner do not drift apart)."""
     import re
+    from pathlib import Path
 
     from model_parallel.layout import ParallelLayout
     from training.config import load_config
     from training.plan import Hardware, plan
 
     path = f"configs/train/{name}.yaml"
-    cluster = re.search(r"^# cluster: (\d+) nodes x (\d+) GPUs of (\d+) GB$", open(path).read(), re.M)
+    cluster = re.search(r"^# cluster: (\d+) nodes x (\d+) GPUs of (\d+) GB$", Path(path).read_text(), re.MULTILINE)
     nodes, gpus, memory = map(int, cluster.groups())
     cfg = load_config(path).validate(world_size=nodes * gpus)
     t, p = cfg.train, cfg.parallel
