@@ -136,14 +136,20 @@ def _load_attention(ref: RefAttention, sd, prefix, heads, cross):
     _copy(ref.wo, sd[prefix + "proj.weight"], sd[prefix + "proj.bias"])
 
 
+def _load_embeddings(ref, sd: dict, text: str, image: str) -> None:
+    """The caption and image tables and positions from the pieces named `text` and `image` (unpadded)."""
+    c = ref.c
+    ref.text_embed.weight.data.copy_(sd[f"{text}.embed.weight"][: c.text_vocab_size])
+    ref.text_pos.weight.data.copy_(sd[f"{text}.pos.weight"])
+    ref.image_embed.weight.data.copy_(sd[f"{image}.embed.weight"][: c.image_vocab_size + 1])
+    ref.row_pos.weight.data.copy_(sd[f"{image}.row_pos.weight"])
+    ref.col_pos.weight.data.copy_(sd[f"{image}.col_pos.weight"])
+
+
 def load_from_parti(ref: ReferenceParti, sd: dict) -> ReferenceParti:
     c = ref.c
     h = c.num_heads
-    ref.text_embed.weight.data.copy_(sd["text_embedding.embed.weight"][: c.text_vocab_size])
-    ref.text_pos.weight.data.copy_(sd["text_embedding.pos.weight"])
-    ref.image_embed.weight.data.copy_(sd["image_embedding.embed.weight"][: c.image_vocab_size + 1])
-    ref.row_pos.weight.data.copy_(sd["image_embedding.row_pos.weight"])
-    ref.col_pos.weight.data.copy_(sd["image_embedding.col_pos.weight"])
+    _load_embeddings(ref, sd, "text_embedding", "image_embedding")
     ln = lambda mod, p: (mod.weight.data.copy_(sd[p + "weight"]), mod.bias.data.copy_(sd[p + "bias"]))
     mlp = lambda mod, p: (_copy(mod.fc1, sd[p + "fc1.weight"], sd[p + "fc1.bias"]),
                           _copy(mod.fc2, sd[p + "fc2.weight"], sd[p + "fc2.bias"]))
@@ -210,11 +216,7 @@ class ReferenceDecoderOnly(nn.Module):
 
 def load_decoder_only(ref: ReferenceDecoderOnly, sd: dict) -> ReferenceDecoderOnly:
     c = ref.c
-    ref.text_embed.weight.data.copy_(sd["embedding.text.embed.weight"][: c.text_vocab_size])
-    ref.text_pos.weight.data.copy_(sd["embedding.text.pos.weight"])
-    ref.image_embed.weight.data.copy_(sd["embedding.image.embed.weight"][: c.image_vocab_size + 1])
-    ref.row_pos.weight.data.copy_(sd["embedding.image.row_pos.weight"])
-    ref.col_pos.weight.data.copy_(sd["embedding.image.col_pos.weight"])
+    _load_embeddings(ref, sd, "embedding.text", "embedding.image")
     ln = lambda mod, p: (mod.weight.data.copy_(sd[p + "weight"]), mod.bias.data.copy_(sd[p + "bias"]))
     for i, layer in enumerate(ref.layers):
         p = f"decoder.{i}."
