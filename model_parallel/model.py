@@ -371,20 +371,19 @@ class PartiModel(nn.Module):
 
     def _prefill(self, caption: torch.Tensor, static: bool) -> list[LayerCache]:
         """Decoder-only: caches holding the caption's keys and values ([T, b, d] stream embeddings)."""
-        if not static:
+        if static:
+            heads = self.cfg.num_heads // self.tp_group.size()
+            like = caption.new_empty(caption.shape[1], heads, 0, self.cfg.head_dim)
+            caches = static_caches(like, len(self.decoder), self.cfg.stream_len)
+        else:
             caches = [LayerCache() for _ in self.decoder]
-            x = caption
-            for layer, cache in zip(self.decoder, caches):
-                x = layer(x, cache=cache)
-            return caches
-        heads = self.cfg.num_heads // self.tp_group.size()
-        like = caption.new_empty(caption.shape[1], heads, 0, self.cfg.head_dim)
-        caches = static_caches(like, len(self.decoder), self.cfg.stream_len)
-        position, n, x = caches[0].static, caption.shape[0], caption
-        position.begin(n)
+        position, x = caches[0].static, caption
+        if position is not None:
+            position.begin(caption.shape[0])
         for layer, cache in zip(self.decoder, caches):
             x = layer(x, cache=cache)
-        position.end(n)
+        if position is not None:
+            position.end(caption.shape[0])
         return caches
 
     def decode_step(self, tokens: torch.Tensor, caches: list[LayerCache], memory, mask) -> torch.Tensor:
