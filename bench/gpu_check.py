@@ -9,7 +9,7 @@ after each section so that a run cut short keeps what it finished. Sections (ben
 environment (GPU, driver, CUDA, NCCL, kernels chosen, CPU compatibility layer off, measured matmul and
 copy rates), flash_attention (the SDPA kernel decoder self-attention really runs, by profiler kernel
 names), train_resume (parti-tiny bf16 at ZeRO 0/1/3: save, resume = uninterrupted), recompute (none /
-selective / full with dropout: equal), mfu_350m / mfu_750m / mfu_3b (bf16 ZeRO-1, the largest micro-batch
+selective / full with dropout: equal), compile_speedup (kernels.compile vs eager, dropout on and off), mfu_350m / mfu_750m / mfu_3b (bf16 ZeRO-1, the largest micro-batch
 that fits, MFU against the named peak), sampling (KV cache vs recomputation: equal greedy codes, tokens/s),
 vq (ViT-VQGAN bf16 train/save/resume, fp32 code search under autocast, pre-tokenization images/s) and
 multi_gpu (TP=2 and PP=2 over NCCL = TP=1; needs 2 GPUs). Each runs in its own process with a time
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 # Seconds each section may take on a GPU (they are sized to end well inside; the whole run ~5 minutes).
 TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "recompute": 60, "mfu_350m": 90,
                "sampling": 90, "vq": 90, "mfu_750m": 100, "mfu_3b": 150, "multi_gpu": 120,
-               "parti_stages": 60, "async_save": 60}
+               "parti_stages": 60, "async_save": 60, "compile_speedup": 240}
 
 
 def run_section(name: str, device: str, quick: bool, scratch: Path, result_file: Path) -> None:

@@ -356,6 +356,62 @@ def mfu_3b(ctx: Context) -> dict:
     return {**r, "checks": {"mfu_at_least_50pct": (r["best_mfu"] or 0) >= 0.50}}
 
 
+def compile_speedup(ctx: Context) -> dict:
+    """kernels.compile against eager, parti-350m (parti-debug when quick) in bf16 at ZeRO-1, with the residual
+    dropout on (0.1, keyed by sample: ~12 integer ops per element in eager, one fused kernel compiled) and off:
+    seconds per step of each, the compiled step's first-call time (compilation), and the losses of the first
+    steps (compiled = eager up to bf16 rounding)."""
+    from training.engine import MicroBatch, train_step
+    from training.flops import train_flops_per_sample
+    from training.train import Trainer
+
+    preset, mbs, accumulation = ("parti-debug", 2, 2) if ctx.quick else ("parti-350m", 32, 2)
+    out = {"preset": preset, "micro_batch": mbs, "accumulation": accumulation}
+    for compiled in (False, True):
+        name = "compiled" if compiled else "eager"
+        cfg = _train_config([f"model.preset={preset}", "train.precision=bf16", "parallel.zero_stage=1",
+                             "model.dropout=0.1", "model.caption_drop_prob=0", f"kernels.compile={compiled}",
+                             f"train.global_batch_size={mbs * accumulation}", f"train.micro_batch_size={mbs}",
+                             f"train.device={ctx.device}", "train.steps=1000", "train.lr=1e-5"])
+        trainer = Trainer(cfg, ctx.scratch / f"compile_{name}")
+        m, engine = cfg.model, trainer.engine
+        g = torch.Generator().manual_seed(0)
+        data = [MicroBatch(torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), generator=g).to(ctx.device),
+                           torch.randint(0, m.image_vocab_size, (mbs, m.image_seq_len), generator=g).to(ctx.device),
+                           torch.arange(i * mbs, (i + 1) * mbs, device=ctx.device)) for i in range(accumulation)]
+        start = time.perf_counter()
+        first = train_step(engine, cfg, data, ctx.device)[0]
+        _sync(ctx.device)
+        run = {"first_step_s": time.perf_counter() - start, "first_loss": first}
+        for dropout in (0.1, 0.0):
+            for module in engine.module.modules():  # the residual sites (SampleDropout); a compiled graph recompiles once
+                if type(module).__name__ == "SampleDropout":
+                    module.p = dropout
+            train_step(engine, cfg, data, ctx.device)  # warm-up (and the recompilation)
+            _sync(ctx.device)
+            start = time.perf_counter()
+            for _ in range(3):
+                train_step(engine, cfg, data, ctx.device)
+            _sync(ctx.device)
+            step_s = (time.perf_counter() - start) / 3
+            run[f"dropout_{dropout}"] = {"step_s": step_s,
+                                         "tflops": train_flops_per_sample(m) * mbs * accumulation / step_s / 1e12}
+        if compiled:  # what this torch version's compiler made of a layer: graphs, breaks and why
+            from torch._dynamo.utils import counters
+
+            run["unique_graphs"] = counters["stats"]["unique_graphs"]
+            run["graph_breaks"] = dict(counters["graph_break"])
+        out[name] = ctx.record(name, run)
+        trainer.log.close()
+        del trainer, engine
+    e, c = out["eager"], out["compiled"]
+    out["speedup"] = {f"dropout_{d}": e[f"dropout_{d}"]["step_s"] / c[f"dropout_{d}"]["step_s"] for d in (0.1, 0.0)}
+    out["dropout_cost"] = {k: out[k]["dropout_0.1"]["step_s"] / out[k]["dropout_0.0"]["step_s"] - 1
+                           for k in ("eager", "compiled")}
+    out["checks"] = {"compiled_first_loss_equals_eager": abs(c["first_loss"] - e["first_loss"]) <= 2e-2}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # sampling
 
@@ -584,18 +640,20 @@ def multi_gpu(ctx: Context) -> dict:
     return {"losses": losses, "checks": checks}
 
 
-# (name, function, GPUs needed: 0 runs on CPU too, 1 needs a GPU, 2 needs two)
+# (name, function, GPUs needed: 0 runs on CPU too, 1 needs a GPU, 2 needs two). In the order they run: what has
+# not been checked on a GPU yet comes first (a run stopped by --deadline-s still checks it), then measurements.
 SECTIONS = [
     ("environment", environment, 0),
     ("flash_attention", flash_attention, 1),
-    ("mfu_350m", mfu_350m, 1),
     ("train_resume", train_resume, 0),
     ("sampling", sampling, 0),
-    ("mfu_3b", mfu_3b, 1),
     ("recompute", recompute, 0),
+    ("mfu_350m", mfu_350m, 1),
+    ("compile_speedup", compile_speedup, 1),
     ("vq", vq, 0),
+    ("async_save", async_save, 0),
+    ("parti_stages", parti_stages, 0),
+    ("mfu_3b", mfu_3b, 1),
     ("mfu_750m", mfu_750m, 1),
     ("multi_gpu", multi_gpu, 2),
-    ("parti_stages", parti_stages, 0),
-    ("async_save", async_save, 0),
 ]

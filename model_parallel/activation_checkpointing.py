@@ -56,5 +56,7 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.n
         if mode == "full" and isinstance(module, EncoderLayer | DecoderLayer):
             module.forward = functools.partial(checkpointed, module.forward)
         elif mode == "selective" and isinstance(module, Attention):
-            module.attention = functools.partial(checkpointed, module.attention)
+            # Kept out of a compiled layer's graph (kernels.compile): compiled checkpoints refuse the
+            # context that restores megatron's RNG tracker for the fused kernel's attention dropout.
+            module.attention = torch.compiler.disable(functools.partial(checkpointed, module.attention))
     return model

@@ -45,11 +45,17 @@ class KernelConfig:
     """auto | fused (megatron-core's jit-fused bias+GeLU) | plain."""
     optimizer: str = "auto"
     """auto | apex (FusedAdam) | deepspeed (FusedAdam) | torch_fused (AdamW fused=True) | torch."""
+    compile: bool = False
+    """torch.compile each transformer layer in the trainer (model_parallel/compile.py; the text encoder's warm
+    start, sampling and export run eager): inductor fuses the
+    elementwise work around the matmuls (bias, GeLU, residual, norms, the keyed dropout's hash). The first
+    steps pay the compilation (seconds per distinct layer shape); the losses equal the eager run's."""
 
     def validate(self) -> "KernelConfig":
         for op, choices in KERNEL_CHOICES.items():
             value = getattr(self, op)
             require(value in choices, f"kernels.{op}={value!r} must be one of {', '.join(choices)}")
+        require(isinstance(self.compile, bool), f"kernels.compile={self.compile!r} must be true or false")
         return self
 
 
@@ -165,6 +171,8 @@ class Kernels:
     """The chosen implementations; `choices` maps operation -> (name, reason)."""
 
     choices: dict[str, tuple[str, str]] = field(default_factory=dict)
+    compile: bool = False
+    """Whether training compiles each transformer layer (kernels.compile)."""
 
     def name(self, op: str) -> str:
         return self.choices[op][0]
@@ -184,11 +192,12 @@ class Kernels:
         return _optimizer_factory(self.name("optimizer"))(params, **kwargs)
 
     def summary(self) -> str:
-        return "kernels: " + "; ".join(f"{op}={n} ({why})" for op, (n, why) in self.choices.items())
+        chosen = "; ".join(f"{op}={n} ({why})" for op, (n, why) in self.choices.items())
+        return f"kernels: {chosen}; layers {'compiled' if self.compile else 'eager'} (kernels.compile)"
 
 
 def select_kernels(kernel_cfg=None) -> Kernels:
     """Resolve a KernelConfig (or all-'auto' when None) into concrete implementations."""
     wanted = {op: getattr(kernel_cfg, op, "auto") if kernel_cfg else "auto"
               for op in ("layernorm", "attention", "bias_gelu", "optimizer")}
-    return Kernels({op: _choose(op, w) for op, w in wanted.items()})
+    return Kernels({op: _choose(op, w) for op, w in wanted.items()}, bool(getattr(kernel_cfg, "compile", False)))

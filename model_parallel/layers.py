@@ -66,7 +66,7 @@ def dropout_site_key(seed: int, piece: int, site: int) -> int:
     return key
 
 
-def keyed_keep_mask(sample_index: torch.Tensor, key: int, p: float, shape, batch_dim: int,
+def keyed_keep_mask(sample_index: torch.Tensor, key: int | torch.Tensor, p: float, shape, batch_dim: int,
                     offsets=None, full=None) -> torch.Tensor:
     """Bool keep-mask of `shape` (True with probability 1 - p) for a tensor whose dimension `batch_dim`
     holds the samples `sample_index` (int64 [b], >= 0) and whose other dimensions are a shard of a whole
@@ -75,7 +75,7 @@ def keyed_keep_mask(sample_index: torch.Tensor, key: int, p: float, shape, batch
     the slice of the same mask."""
     full = list(full or shape)
     offsets = list(offsets or [0] * len(shape))
-    per_sample = math.prod(n for dim, n in enumerate(full) if dim != batch_dim)
+    per_sample = math.prod([n for dim, n in enumerate(full) if dim != batch_dim])  # (a list: compile traces it)
     if per_sample > 2**32:
         raise ValueError(f"keyed dropout indexes each sample's elements in 32 bits; {per_sample} is too many")
     device = sample_index.device
@@ -100,7 +100,23 @@ def keyed_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor
     return torch.where(keep, x, 0.0) * (1.0 / (1.0 - p))
 
 
-class SampleDropout(nn.Module):
+class KeyedSite(nn.Module):
+    """A module holding a dropout site keyed by sample: `key` is set once the module knows where it sits
+    (key_dropout_sites). The key is a 0-dim int64 buffer, not a Python int: torch.compile specialises on a
+    module's int attributes, and every site has its own key, so an int would recompile each layer (and
+    give up after eight). Created on the CPU explicitly (real even in a meta-device build, a scalar to any
+    device's ops until the module is moved); not saved in checkpoints (it is derived from the seed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.keyed = False
+
+    def set_key(self, key: int) -> None:
+        self.register_buffer("key", torch.tensor(key, dtype=torch.long, device="cpu"), persistent=False)
+        self.keyed = True
+
+
+class SampleDropout(KeyedSite):
     """Dropout of [s, b, d] activations (this rank's sequence shard with sequence parallelism) whose masks
     are keyed by sample (keyed_keep_mask): `forward(x, sample_index)`. `key` is set once the module knows
     where it sits (key_dropout_sites). Without `sample_index` it draws from torch's generators as
@@ -109,7 +125,6 @@ class SampleDropout(nn.Module):
     def __init__(self, p: float, sequence_parallel: bool, tp_group):
         super().__init__()
         self.p, self.sequence_parallel, self.tp_group = p, sequence_parallel, tp_group
-        self.key: int | None = None
 
     def forward(self, x: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -118,7 +133,7 @@ class SampleDropout(nn.Module):
             rng = get_cuda_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
             with rng:
                 return F.dropout(x, self.p, training=True)
-        if self.key is None:
+        if not self.keyed:
             raise RuntimeError("dropout site without a key: build the model through PartiModel or "
                                "build_pipeline (key_dropout_sites)")
         tp = self.tp_group.size() if self.sequence_parallel else 1
@@ -134,8 +149,8 @@ def key_dropout_sites(piece: nn.Module, seed: int, index: int) -> None:
     module order, which is the same whoever builds the piece) by (seed, index, site)."""
     site = 0
     for module in piece.modules():
-        if isinstance(module, SampleDropout | Attention):
-            module.key = dropout_site_key(seed, index, site)
+        if isinstance(module, KeyedSite):
+            module.set_key(dropout_site_key(seed, index, site))
             site += 1
 
 
@@ -243,7 +258,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
-class Attention(nn.Module):
+class Attention(KeyedSite):
     """Multi-head attention; self-attention when `memory` is None, else cross-attention to it."""
 
     def __init__(self, ctx: PieceContext, cross: bool):
@@ -256,7 +271,6 @@ class Attention(nn.Module):
         # model.attention_dropout_invariant: keyed masks on explicit probabilities instead of the fused kernel.
         self.keyed_attention_dropout = ctx.cfg.attention_dropout_invariant
         self.tp_group = ctx.tp_group
-        self.key: int | None = None  # set by key_dropout_sites
         col = dict(config=ctx.mp, init_method=ctx.init, bias=True, gather_output=False, tp_group=ctx.tp_group)
         if cross:
             self.q = ColumnParallelLinear(hidden, hidden, **col)

@@ -148,7 +148,7 @@ def test_sample_dropout_scales_kept_values_and_is_off_in_eval():
     from model_parallel.layers import SampleDropout
 
     drop = SampleDropout(0.25, sequence_parallel=False, tp_group=None)
-    drop.key = 7
+    drop.set_key(7)
     x = torch.rand(5, 3, 16) + 1
     idx = torch.tensor([0, 1, 2])
     y = drop(x, idx)
@@ -178,8 +178,9 @@ def test_dropout_keyed_by_sample_is_the_same_in_any_batch(single_process):
         assert not torch.allclose(full, model(text, codes, sample_index=idx + 8), atol=1e-3)  # the next step's masks
         with torch.no_grad():
             assert not torch.allclose(full, model.eval()(text, codes), atol=1e-3)
-        keys = [m.key for m in model.modules() if isinstance(m, SampleDropout | Attention)]
-        assert None not in keys and len(set(keys)) == len(keys) == 2 + 3 * cfg.encoder_layers + 5 * cfg.decoder_layers
+        sites = [m for m in model.modules() if isinstance(m, SampleDropout | Attention)]
+        keys = [int(m.key) for m in sites]
+        assert all(m.keyed for m in sites) and len(set(keys)) == len(keys) == 2 + 3 * cfg.encoder_layers + 5 * cfg.decoder_layers
 
 
 def test_invariant_attention_dropout_path_equals_the_fused_kernel_without_drops(single_process):

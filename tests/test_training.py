@@ -184,6 +184,15 @@ def test_dropout_run_resumed_on_another_layout_continues(pool2, dropout_referenc
     assert first + second == pytest.approx(dropout_reference, rel=1e-4, abs=1e-4)
 
 
+def test_compiled_layers_at_tp2_with_sequence_parallelism_give_the_eager_losses(pool2, dropout_reference, tmp_path):
+    """kernels.compile: megatron's TP collectives and the sequence shards' keyed dropout inside compiled graphs,
+    through the DeepSpeed engine; the losses of the eager one-process run."""
+    compiled = pool2.run(run, str(tmp_path), DROPOUT, "kernels.compile=true", "parallel.tp=2",
+                         "parallel.sequence_parallel=true")
+    for losses in compiled:
+        assert losses == pytest.approx(dropout_reference, rel=1e-4, abs=1e-4)
+
+
 def keyed_dropout_loss(tp: int, sequence_parallel: bool) -> float:
     """The debug model's training loss on one batch with dropout and model.attention_dropout_invariant."""
     from model_parallel.model import PartiModel

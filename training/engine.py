@@ -22,6 +22,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from model_parallel.activation_checkpointing import apply_activation_checkpointing
+from model_parallel.compile import compile_layers
 from model_parallel.layers import allreduce_sequence_parallel_grads
 from model_parallel.layout import ParallelLayout
 from model_parallel.model import PartiModel, decoder_input
@@ -112,6 +113,8 @@ def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout):
             model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group)
     else:
         model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group).to(device)
+    if kernels.compile:
+        compile_layers(model)  # first: recomputation then wraps the compiled layer
     return apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
 
 

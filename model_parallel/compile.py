@@ -1,0 +1,41 @@
+"""torch.compile of each transformer layer (`kernels.compile`), as torchtitan compiles each block.
+
+    compile_layers(model)          # PartiModel or a PipelineModule of its pieces; before recomputation
+
+Why: without Transformer Engine every elementwise step of a layer (bias adds, GeLU, residual adds, layer
+norms, the keyed dropout's integer hash) is a kernel of its own that reads and writes the whole activation;
+inductor fuses them into a few kernels around the matmuls. Each layer is compiled on its own: the layers
+share their code, so one compiled graph serves all of them (their parameters and dropout keys are graph
+inputs, not constants), and the embeddings, head and loss stay eager. Compiling the layer's `forward`
+(rather than the module call) lets activation recomputation wrap the compiled function: a recomputed
+layer runs the compiled code twice.
+
+What stays out of the graph: megatron-core's RowParallelLinear warns on every call that it passed no TP
+group (it passes None on purpose); compiled code skips `warnings.warn` rather than break the graph there.
+Dropout inside the fused attention kernel forks megatron's RNG tracker (a graph break: the attention call
+runs eager, the rest of the layer compiled).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch._inductor.config
+
+from model_parallel.layers import DecoderLayer, EncoderLayer
+
+
+def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile the forward of every encoder and decoder layer of `model` in place (names unchanged)."""
+    dynamo = torch._dynamo.config
+    # (`ignore_logger_methods` is the older torch's name; where it takes loggers only, the warning breaks the
+    # graph at each RowParallelLinear: still correct, less fused.)
+    getattr(dynamo, "ignore_logging_functions", dynamo.ignore_logger_methods).add(warnings.warn)
+    # Random ops inside the graph draw from torch's generators as eager does (not inductor's own RNG): the
+    # fused attention kernel's dropout masks stay those of the eager run, and a recomputation under the
+    # restored megatron tracker draws them again. The residual dropout is keyed (a hash, no RNG): free.
+    torch._inductor.config.fallback_random = True
+    for module in model.modules():
+        if isinstance(module, EncoderLayer | DecoderLayer):
+            module.forward = torch.compile(module.forward)
+    return model

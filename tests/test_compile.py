@@ -1,0 +1,62 @@
+"""kernels.compile: each transformer layer through torch.compile (inductor) gives the eager model's loss and
+gradients, with every kind of dropout on and under each recomputation mode, without recompiling per layer.
+
+The multi-process check (TP=2 with sequence parallelism, collectives inside the compiled graphs) is in
+test_training.py beside the other layouts' dropout runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import debug_batch, debug_model_config
+
+
+def _loss_and_grads(cfg, text, codes, recompute: str, compiled: bool, train: bool = True):
+    """Two steps' losses and gradients of the debug model (init seed 3), each step's generators (megatron's
+    tracker, whose stream the fused attention kernel's dropout draws from, too) seeded as the step's number."""
+    from model_parallel.activation_checkpointing import apply_activation_checkpointing
+    from model_parallel.compile import compile_layers
+    from model_parallel.model import PartiModel
+    from model_parallel.state import seed_everything
+
+    model = PartiModel(cfg, init_seed=3).train(train)
+    if compiled:
+        compile_layers(model)
+    apply_activation_checkpointing(model, recompute)
+    losses, grads = [], []
+    for step in range(2):  # the second step runs the compiled code as it stays
+        seed_everything(step)
+        loss = model.loss(text, codes, sample_index=torch.arange(4) + 4 * step)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    return losses, grads
+
+
+@pytest.mark.parametrize("recompute, attention_dropout", [("none", 0.0), ("selective", 0.1), ("full", 0.1)])
+def test_compiled_layers_equal_the_eager_model(single_process, recompute, attention_dropout):
+    """Residual dropout (keyed by sample) only: one graph per layer kind serves every layer, no recompilation
+    (each site's key is a tensor, not a constant to specialise on). With the fused kernel's attention
+    dropout (a graph break at megatron's RNG tracker) and recomputation: the same masks as eager."""
+    torch._dynamo.reset()
+    cfg = debug_model_config(**{"model.dropout": 0.1, "model.attention_dropout": attention_dropout})
+    text, codes = debug_batch(cfg, batch=4)
+    eager = _loss_and_grads(cfg, text, codes, "none", compiled=False)
+    with torch._dynamo.config.patch(error_on_recompile=attention_dropout == 0):
+        compiled = _loss_and_grads(cfg, text, codes, recompute, compiled=True)
+    assert eager[0] != pytest.approx(_loss_and_grads(cfg, text, codes, "none", compiled=False, train=False)[0],
+                                     abs=1e-3)  # dropout is on
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-6, abs=1e-6)
+    for step_compiled, step_eager in zip(compiled[1], eager[1], strict=True):
+        for a, b in zip(step_compiled, step_eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_is_refused_at_zero3():
+    from common.config import ConfigError
+    from training.config import load_config
+
+    with pytest.raises(ConfigError, match="kernels.compile needs parallel.zero_stage < 3"):
+        load_config(None, ["kernels.compile=true", "parallel.zero_stage=3"]).validate()
