@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -196,8 +198,22 @@ class Kernels:
         return f"kernels: {chosen}; layers {'compiled' if self.compile else 'eager'} (kernels.compile)"
 
 
+def compile_unavailable() -> str | None:
+    """None if torch.compile's inductor can build kernels here, else why not: Triton on a GPU, a C++
+    compiler on CPU (checked before training starts rather than at the first step's compilation)."""
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "inductor needs Triton for CUDA kernels (pip install triton)"
+    compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    return None if any(c and shutil.which(c) for c in compilers) else "inductor needs a C++ compiler (g++) on CPU"
+
+
 def select_kernels(kernel_cfg=None) -> Kernels:
     """Resolve a KernelConfig (or all-'auto' when None) into concrete implementations."""
     wanted = {op: getattr(kernel_cfg, op, "auto") if kernel_cfg else "auto"
               for op in ("layernorm", "attention", "bias_gelu", "optimizer")}
-    return Kernels({op: _choose(op, w) for op, w in wanted.items()}, bool(getattr(kernel_cfg, "compile", False)))
+    compiled = bool(getattr(kernel_cfg, "compile", False))
+    if compiled and (why := compile_unavailable()):
+        raise RuntimeError(f"kernels.compile=true is not available: {why}")
+    return Kernels({op: _choose(op, w) for op, w in wanted.items()}, compiled)

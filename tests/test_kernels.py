@@ -93,6 +93,18 @@ def test_auto_selection_and_summary():
     assert "attention=sdpa" in kernels.summary()
 
 
+def test_compile_without_a_compiler_is_refused_with_reason(monkeypatch):
+    import shutil
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule: a GPU needs Triton instead")
+    assert select_kernels(KernelConfig(compile=True)).compile
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="kernels.compile=true is not available: inductor needs a C"):
+        select_kernels(KernelConfig(compile=True))
+    assert not select_kernels(KernelConfig()).compile
+
+
 def test_unavailable_choice_is_refused_with_reason():
     unavailable = [(op, n, why) for op, opts in AVAILABLE.items() for n, why in opts.items() if why]
     if not unavailable:
