@@ -35,13 +35,15 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: bool, train: boo
     return losses, grads
 
 
-@pytest.mark.parametrize("recompute, attention_dropout", [("none", 0.0), ("selective", 0.1), ("full", 0.1)])
-def test_compiled_layers_equal_the_eager_model(single_process, recompute, attention_dropout):
-    """Residual dropout (keyed by sample) only: one graph per layer kind serves every layer, no recompilation
-    (each site's key is a tensor, not a constant to specialise on). With the fused kernel's attention
-    dropout (a graph break at megatron's RNG tracker) and recomputation: the same masks as eager."""
+@pytest.mark.parametrize("preset, recompute, attention_dropout", [("dalle-debug", "none", 0.0),
+                                                                   ("parti-debug", "full", 0.1)])
+def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute, attention_dropout):
+    """Residual dropout (keyed by sample) only: one graph serves every layer, no recompilation (each site's
+    key is a tensor, not a constant to specialise on). With the fused kernel's attention dropout (a graph
+    break at megatron's RNG tracker) and the layers recomputed: the same masks as eager. (Selective
+    recomputation of a compiled layer: test_training's TP=2 run.)"""
     torch._dynamo.reset()
-    cfg = debug_model_config(**{"model.dropout": 0.1, "model.attention_dropout": attention_dropout})
+    cfg = debug_model_config(**{"model.preset": preset, "model.dropout": 0.1, "model.attention_dropout": attention_dropout})
     text, codes = debug_batch(cfg, batch=4)
     eager = _loss_and_grads(cfg, text, codes, "none", compiled=False)
     with torch._dynamo.config.patch(error_on_recompile=attention_dropout == 0):
