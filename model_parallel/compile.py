@@ -25,8 +25,9 @@ import torch._inductor.config
 from model_parallel.layers import DecoderLayer, EncoderLayer
 
 
-def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """Compile the forward of every encoder and decoder layer of `model` in place (names unchanged)."""
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """Compile the forward of every encoder and decoder layer of `model` in place (names unchanged).
+    `backend`: torch.compile's (tests check what tracing does with "aot_eager", without code generation)."""
     dynamo = torch._dynamo.config
     # (`ignore_logger_methods` is the older torch's name; where it takes loggers only, the warning breaks the
     # graph at each RowParallelLinear: still correct, less fused.)
@@ -37,5 +38,5 @@ def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
     torch._inductor.config.fallback_random = True
     for module in model.modules():
         if isinstance(module, EncoderLayer | DecoderLayer):
-            module.forward = torch.compile(module.forward)
+            module.forward = torch.compile(module.forward, backend=backend)
     return model

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import debug_batch, debug_model_config
 
 
-def _loss_and_grads(cfg, text, codes, recompute: str, compiled: bool, train: bool = True):
+def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, train: bool = True):
     """Two steps' losses and gradients of the debug model (init seed 3), each step's generators (megatron's
     tracker, whose stream the fused attention kernel's dropout draws from, too) seeded as the step's number."""
     from model_parallel.activation_checkpointing import apply_activation_checkpointing
@@ -22,7 +22,7 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: bool, train: boo
 
     model = PartiModel(cfg, init_seed=3).train(train)
     if compiled:
-        compile_layers(model)
+        compile_layers(model, backend=compiled)
     apply_activation_checkpointing(model, recompute)
     losses, grads = [], []
     for step in range(2):  # the second step runs the compiled code as it stays
@@ -35,20 +35,21 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: bool, train: boo
     return losses, grads
 
 
-@pytest.mark.parametrize("preset, recompute, attention_dropout", [("dalle-debug", "none", 0.0),
-                                                                   ("parti-debug", "full", 0.1)])
-def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute, attention_dropout):
+@pytest.mark.parametrize("preset, recompute, attention_dropout, backend", [("dalle-debug", "none", 0.0, "aot_eager"),
+                                                                            ("parti-debug", "full", 0.1, "inductor")])
+def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute, attention_dropout, backend):
     """Residual dropout (keyed by sample) only: one graph serves every layer, no recompilation (each site's
-    key is a tensor, not a constant to specialise on). With the fused kernel's attention dropout (a graph
-    break at megatron's RNG tracker) and the layers recomputed: the same masks as eager. (Selective
-    recomputation of a compiled layer: test_training's TP=2 run.)"""
+    key is a tensor, not a constant to specialise on; a property of the tracing, so checked without inductor's
+    code generation, the slow part on CPU). With the fused kernel's attention dropout (a graph break at
+    megatron's RNG tracker) and the layers recomputed, through inductor: the same masks as eager. (Selective
+    recomputation of compiled layers: test_training's TP=2 run, inductor too.)"""
     torch._dynamo.reset()
     cfg = debug_model_config(**{"model.preset": preset, "model.dropout": 0.1, "model.attention_dropout": attention_dropout})
     text, codes = debug_batch(cfg, batch=4)
-    eager = _loss_and_grads(cfg, text, codes, "none", compiled=False)
+    eager = _loss_and_grads(cfg, text, codes, "none", compiled=None)
     with torch._dynamo.config.patch(error_on_recompile=attention_dropout == 0):
-        compiled = _loss_and_grads(cfg, text, codes, recompute, compiled=True)
-    assert eager[0] != pytest.approx(_loss_and_grads(cfg, text, codes, "none", compiled=False, train=False)[0],
+        compiled = _loss_and_grads(cfg, text, codes, recompute, compiled=backend)
+    assert eager[0] != pytest.approx(_loss_and_grads(cfg, text, codes, "none", compiled=None, train=False)[0],
                                      abs=1e-3)  # dropout is on
     assert compiled[0] == pytest.approx(eager[0], rel=1e-6, abs=1e-6)
     for step_compiled, step_eager in zip(compiled[1], eager[1], strict=True):
