@@ -402,7 +402,7 @@ def compile_speedup(ctx: Context) -> dict:
             run["unique_graphs"] = counters["stats"]["unique_graphs"]
             run["graph_breaks"] = dict(counters["graph_break"])
         out[name] = ctx.record(name, run)
-        trainer.log.close()
+        trainer.close()  # (the run-directory lock, the data workers, DeepSpeed's process groups)
         del trainer, engine
     e, c = out["eager"], out["compiled"]
     out["speedup"] = {f"dropout_{d}": e[f"dropout_{d}"]["step_s"] / c[f"dropout_{d}"]["step_s"] for d in (0.1, 0.0)}
