@@ -278,6 +278,31 @@ def _host_profile(fn, top: int = 15) -> list[str]:
     return [line for line in text.getvalue().splitlines() if line.strip()][-top:]
 
 
+def _random_micro_batches(m, mbs: int, count: int, device: str) -> list:
+    """`count` micro-batches of `mbs` random captions and image codes of model config `m`, on `device`, at
+    distinct positions of the sample stream (what keys the dropout masks)."""
+    from training.engine import MicroBatch
+
+    g = torch.Generator().manual_seed(0)
+    return [MicroBatch(torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), generator=g).to(device),
+                       torch.randint(0, m.image_vocab_size, (mbs, m.image_seq_len), generator=g).to(device),
+                       torch.arange(i * mbs, (i + 1) * mbs, device=device)) for i in range(count)]
+
+
+def _seconds_per_step(engine, cfg, data: list, device: str, steps: int = 3) -> float:
+    """Seconds per optimizer step over the micro-batches `data`, after one warm-up step (allocator, kernels,
+    compilation), timed between device synchronisations."""
+    from training.engine import train_step
+
+    train_step(engine, cfg, data, device)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(engine, cfg, data, device)
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4,
          recompute_mode: str = "none") -> dict:
     """bf16 training of a preset at ZeRO-1 on one GPU (the real Trainer and engine), random data already
@@ -286,7 +311,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     peak and against the matmul rate measured here, peak memory; then, at the best size, how much of a
     step the optimizer takes (its micro-batch timed apart) and where the host spends that step."""
     from bench.train_throughput import matmul_flops
-    from training.engine import MicroBatch, train_step
+    from training.engine import train_step
     from training.flops import train_flops_per_sample
     from training.train import Trainer
 
@@ -302,20 +327,12 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     matmul = matmul_flops("cuda")
 
     def batches(mbs: int) -> list:
-        text = torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), device="cuda")
-        codes = torch.randint(0, m.image_vocab_size, (mbs, m.image_seq_len), device="cuda")
-        return [MicroBatch(text, codes, torch.arange(mbs, device="cuda"))] * accumulation
+        return _random_micro_batches(m, mbs, accumulation, "cuda")
 
-    def measure(mbs: int, steps: int = 3) -> dict:
+    def measure(mbs: int) -> dict:
         data = batches(mbs)
         torch.cuda.reset_peak_memory_stats()
-        train_step(engine, cfg, data, "cuda")  # warm-up (allocator, kernels)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            train_step(engine, cfg, data, "cuda")
-        torch.cuda.synchronize()
-        step_s = (time.perf_counter() - start) / steps
+        step_s = _seconds_per_step(engine, cfg, data, "cuda")
         tflops = flops * mbs * accumulation / step_s / 1e12
         return ctx.record(f"micro_batch_{mbs}", {
             "step_s": step_s, "tflops": tflops, "mfu": tflops * 1e12 / trainer.peak_flops if trainer.peak_flops else None,
@@ -361,7 +378,8 @@ def compile_speedup(ctx: Context) -> dict:
     dropout on (0.1, keyed by sample: ~12 integer ops per element in eager, one fused kernel compiled) and off:
     seconds per step of each, the compiled step's first-call time (compilation), and the losses of the first
     steps (compiled = eager up to bf16 rounding)."""
-    from training.engine import MicroBatch, train_step
+    from model_parallel.layers import SampleDropout
+    from training.engine import train_step
     from training.flops import train_flops_per_sample
     from training.train import Trainer
 
@@ -375,25 +393,16 @@ def compile_speedup(ctx: Context) -> dict:
                              f"train.device={ctx.device}", "train.steps=1000", "train.lr=1e-5"])
         trainer = Trainer(cfg, ctx.scratch / f"compile_{name}")
         m, engine = cfg.model, trainer.engine
-        g = torch.Generator().manual_seed(0)
-        data = [MicroBatch(torch.randint(4, m.text_vocab_size, (mbs, m.text_seq_len), generator=g).to(ctx.device),
-                           torch.randint(0, m.image_vocab_size, (mbs, m.image_seq_len), generator=g).to(ctx.device),
-                           torch.arange(i * mbs, (i + 1) * mbs, device=ctx.device)) for i in range(accumulation)]
+        data = _random_micro_batches(m, mbs, accumulation, ctx.device)
         start = time.perf_counter()
         first = train_step(engine, cfg, data, ctx.device)[0]
         _sync(ctx.device)
         run = {"first_step_s": time.perf_counter() - start, "first_loss": first}
         for dropout in (0.1, 0.0):
-            for module in engine.module.modules():  # the residual sites (SampleDropout); a compiled graph recompiles once
-                if type(module).__name__ == "SampleDropout":
+            for module in engine.module.modules():  # the residual sites; a compiled graph recompiles once
+                if isinstance(module, SampleDropout):
                     module.p = dropout
-            train_step(engine, cfg, data, ctx.device)  # warm-up (and the recompilation)
-            _sync(ctx.device)
-            start = time.perf_counter()
-            for _ in range(3):
-                train_step(engine, cfg, data, ctx.device)
-            _sync(ctx.device)
-            step_s = (time.perf_counter() - start) / 3
+            step_s = _seconds_per_step(engine, cfg, data, ctx.device)  # (its warm-up step recompiles)
             run[f"dropout_{dropout}"] = {"step_s": step_s,
                                          "tflops": train_flops_per_sample(m) * mbs * accumulation / step_s / 1e12}
         if compiled:  # what this torch version's compiler made of a layer: graphs, breaks and why

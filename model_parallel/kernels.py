@@ -49,9 +49,9 @@ class KernelConfig:
     """auto | apex (FusedAdam) | deepspeed (FusedAdam) | torch_fused (AdamW fused=True) | torch."""
     compile: bool = False
     """torch.compile each transformer layer in the trainer (model_parallel/compile.py; the text encoder's warm
-    start, sampling and export run eager): inductor fuses the
-    elementwise work around the matmuls (bias, GeLU, residual, norms, the keyed dropout's hash). The first
-    steps pay the compilation (seconds per distinct layer shape); the losses equal the eager run's."""
+    start, sampling and export run eager): inductor fuses the elementwise work around the matmuls (bias,
+    GeLU, residual, norms, the keyed dropout's hash). The first steps pay the compilation (seconds per
+    distinct layer shape); the losses equal the eager run's."""
 
     def validate(self) -> "KernelConfig":
         for op, choices in KERNEL_CHOICES.items():
