@@ -82,17 +82,17 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), in float64 (as pytorch-fid)."""
-    from scipy import linalg
-
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), in float64: pytorch-fid's quantity, computed without its
+    scipy.linalg.sqrtm (~17 s at 2048 features on 2 CPU cores, and unstable for a singular product, i.e. fewer
+    images than features). S1 S2 has the eigenvalues of the symmetric S1^1/2 S2 S1^1/2, so Tr sqrt(S1 S2) is
+    the sum of their square roots: two symmetric eigendecompositions, exact for singular covariances too."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():  # singular product: regularise, as pytorch-fid does
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    product = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    trace_covmean = np.sqrt(np.clip(product, 0, None)).sum()  # rounding leaves tiny negative eigenvalues
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -45,12 +45,18 @@ def image_folder(folder: Path, n: int, seed: int, brightness: int = 0, size: int
     return folder
 
 
-def independent_fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Tr(sqrt(S1 S2)) from the eigenvalues of S1 S2 (not scipy's sqrtm, which the module uses)."""
+def pytorch_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """FID as pytorch-fid computes it (scipy's sqrtm of S1 S2, regularised when singular): the reference the
+    module's eigendecomposition must equal."""
+    from scipy import linalg
+
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eig = np.linalg.eigvals(s1 @ s2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(s1)) * 1e-6
+        covmean, _ = linalg.sqrtm((s1 + offset) @ (s2 + offset), disp=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
 def test_frechet_distance_properties():
@@ -60,7 +66,10 @@ def test_frechet_distance_properties():
     values = [frechet_distance(*statistics(a), *statistics(a + rng.normal(scale=s, size=a.shape))) for s in (0.1, 0.5, 2.0)]
     assert values[0] < values[1] < values[2]
     b = rng.normal(loc=0.3, size=(300, 16))
-    assert frechet_distance(*statistics(a), *statistics(b)) == pytest.approx(independent_fid(a, b), rel=1e-6)
+    assert frechet_distance(*statistics(a), *statistics(b)) == pytest.approx(pytorch_fid(a, b), rel=1e-9)
+    # Fewer images than features (singular covariances), as in a small evaluation.
+    few_a, few_b = a[:10], b[:12]
+    assert frechet_distance(*statistics(few_a), *statistics(few_b)) == pytest.approx(pytorch_fid(few_a, few_b), rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +86,7 @@ def test_real_weights_give_pool_features_of_real_photos(extractor, tmp_path):
         (tmp_path / "real" / f"{key}.jpg").write_bytes(jpg)
     from PIL import Image
 
-    images = [torch.from_numpy(np.asarray(Image.open(tmp_path / "real" / f"{k}.jpg").convert("RGB"))).permute(2, 0, 1)
+    images = [torch.from_numpy(np.array(Image.open(tmp_path / "real" / f"{k}.jpg").convert("RGB"))).permute(2, 0, 1)
               for k, _, _ in photos]
     feats = extractor.features(images)
     assert feats.shape == (6, 2048) and np.isfinite(feats).all() and feats.std(0).mean() > 0
