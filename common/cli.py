@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import sys
 import typing
 
@@ -46,13 +47,23 @@ def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def _one_write_per_line() -> None:
+    """Python prints an exit message and its newline as two writes, each straight through under `python -u`
+    (as torchrun starts its workers): every rank meets the same config error, and their lines ran into each
+    other. Line buffering makes each line one write."""
+    if isinstance(sys.stderr, io.TextIOWrapper):
+        sys.stderr.reconfigure(write_through=False, line_buffering=True)
+
+
 @contextlib.contextmanager
 def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
     try:
         yield
     except ConfigError as e:
+        _one_write_per_line()
         sys.exit(f"config error: {e}")
     except errors as e:
+        _one_write_per_line()
         sys.exit(f"{label}: {e}")
     finally:
         # torch is not imported here for a command that failed before needing it (a config error).
