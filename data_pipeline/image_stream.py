@@ -1,45 +1,141 @@
 """Endless training crops from LAION-style shards, for the image models (tokenizer, upsampler).
 
-    stream = crop_stream("laion/{00000..00099}.tar", crop=256, resize=288, rank=0, world=8, seed=1234)
-    image = next(stream)      # uint8 [3, 256, 256]
+    stream = CropStream("laion/{00000..00099}.tar", crop=256, resize=288, rank=0, world=8, seed=1234)
+    image = next(stream)             # uint8 [3, 256, 256]
+    state = stream.state_dict()      # where it is: saved with a checkpoint
+    restore_stream(stream, saved_states, consumed)   # on resume (each rank takes its own)
 
 Every kept sample (data_pipeline/images.py's filters) is resized (shorter side) and centre-cropped to
 `resize` (or `crop` when resize is 0), then, through a 256-image shuffle buffer, randomly cropped to `crop`
 and flipped. Rank r of `world` takes every world-th kept sample; the stream is a pure function of
-(pattern, seed, rank, world), so a resumed trainer replays it to where it was.
+(pattern, seed, rank, world).
+
+A resumed trainer continues the stream from its saved state: the position in the shards, the shuffle
+generator and which samples fill the buffer (those are decoded again, at most 256). Replaying the stream
+from its start, as the trainers did before, decoded every image the run had ever seen: hours at step 100k of
+a large batch. Replay remains for checkpoints without a state and for a resume at another world size.
 """
 from __future__ import annotations
 
 import random
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from common.checkpoints import CheckpointError
 from data_pipeline.images import FilterConfig, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 
+BUFFER = 256
+"""Images in the shuffle buffer."""
 
-def crop_stream(pattern: str, crop: int, resize: int, rank: int, world: int, seed: int) -> Iterator[torch.Tensor]:
-    paths, side = expand_shards(pattern), resize or crop
-    prep = FilterConfig(image_size=side, min_size=min(64, side))
-    rng = random.Random(seed * 1000 + rank)
-    buffer = []
-    while True:
-        index = 0
-        for path in paths:
-            for raw in read_shard(path, Counter()):
-                p = prepare_sample(raw, prep)
-                if p.reason is None:
-                    index += 1
-                    if index % world == rank:
-                        buffer.append(p.image)
-                if len(buffer) >= 256:
-                    yield _random_crop(buffer.pop(rng.randrange(len(buffer))), crop, rng)
-        if index < world:
-            raise ValueError(f"{pattern}: {index} usable image(s), fewer than the {world} data-parallel ranks")
-        while buffer:
-            yield _random_crop(buffer.pop(rng.randrange(len(buffer))), crop, rng)
+
+class CropStream:
+    def __init__(self, pattern: str, crop: int, resize: int, rank: int, world: int, seed: int):
+        self.pattern, self.paths, self.crop = pattern, expand_shards(pattern), crop
+        side = resize or crop
+        self.prep = FilterConfig(image_size=side, min_size=min(64, side))
+        self.rank, self.world = rank, world
+        self.rng = random.Random(seed * 1000 + rank)
+        self.buffer: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((shard, position in it), image)
+        self.shard = self.position = 0  # the next raw sample to read
+        self.kept = 0  # samples kept in this pass over the shards (rank r takes every world-th)
+        self._images = self._generate()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._images)
+
+    def _generate(self) -> Iterator[torch.Tensor]:
+        """The stream from the current state; the state is up to date whenever an image has been yielded."""
+        while True:
+            while self.shard < len(self.paths):
+                for raw in islice(read_shard(self.paths[self.shard], Counter()), self.position, None):
+                    ref = (self.shard, self.position)
+                    self.position += 1
+                    p = prepare_sample(raw, self.prep)
+                    if p.reason is None:
+                        self.kept += 1
+                        if self.kept % self.world == self.rank:
+                            self.buffer.append((ref, p.image))
+                    if len(self.buffer) >= BUFFER:
+                        yield self._take()
+                self.shard, self.position = self.shard + 1, 0
+            if self.kept < self.world:
+                raise ValueError(f"{self.pattern}: {self.kept} usable image(s), fewer than the {self.world} "
+                                 "data-parallel ranks")
+            while self.buffer:  # the end of a pass: drain the buffer, then start the next pass
+                yield self._take()
+            self.shard = self.position = self.kept = 0
+
+    def _take(self) -> torch.Tensor:
+        _, image = self.buffer.pop(self.rng.randrange(len(self.buffer)))
+        return _random_crop(image, self.crop, self.rng)
+
+    def state_dict(self) -> dict:
+        """Plain data (checkpoints load with weights_only): the position, the generator, the buffer's samples."""
+        version, internal, gauss = self.rng.getstate()
+        return {"shards": len(self.paths), "rank": self.rank, "world": self.world, "shard": self.shard,
+                "position": self.position, "kept": self.kept, "buffer": [list(ref) for ref, _ in self.buffer],
+                "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` was; the buffer's samples are read and decoded again. ValueError if the
+        state is another stream's (shard count, rank, world) or a buffered sample is no longer usable."""
+        mine = {"shards": len(self.paths), "rank": self.rank, "world": self.world}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(f"the saved data stream is of {theirs}, this one of {mine}")
+        wanted = {tuple(ref) for ref in state["buffer"]}
+        images = {}
+        for shard in sorted({s for s, _ in wanted}):
+            for position, raw in enumerate(read_shard(self.paths[shard], Counter())):
+                if (shard, position) in wanted:
+                    p = prepare_sample(raw, self.prep)
+                    if p.reason is not None:
+                        raise ValueError(f"{self.paths[shard]}: sample {position} ({p.key}) was in the saved "
+                                         f"shuffle buffer but is now skipped ({p.reason}): the shard changed")
+                    images[(shard, position)] = p.image
+        if missing := wanted - images.keys():
+            raise ValueError(f"{self.paths[min(missing)[0]]}: sample {min(missing)[1]} of the saved shuffle buffer "
+                             "is gone: the shard changed")
+        self.buffer = [(ref, images[ref]) for ref in map(tuple, state["buffer"])]
+        self.shard, self.position, self.kept = state["shard"], state["position"], state["kept"]
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self._images = self._generate()
+
+
+def gather_stream_states(stream: CropStream) -> list[dict]:
+    """Every rank's stream state, on every rank (a collective: all ranks call it before rank 0 saves)."""
+    states = [None] * stream.world
+    if stream.world > 1:
+        dist.all_gather_object(states, stream.state_dict())
+    else:
+        states[0] = stream.state_dict()
+    return states
+
+
+def restore_stream(stream: CropStream, saved: list[dict] | None, consumed: int, checkpoint: Path) -> str:
+    """Put the stream where `checkpoint` left it: from this rank's saved state when the checkpoint has one
+    of this world size, else by replaying its first `consumed` images. Returns how, for the log; a
+    CheckpointError when the shards no longer hold what the saved state refers to."""
+    if saved is not None and len(saved) == stream.world:
+        try:
+            stream.load_state_dict(saved[stream.rank])
+        except ValueError as e:
+            raise CheckpointError(f"{checkpoint}: {e}") from None
+        return "data stream continued from its saved position"
+    for _ in range(consumed):
+        next(stream)
+    why = "the checkpoint has no stream state" if saved is None else f"it was saved at world size {len(saved)}"
+    return f"data stream replayed from its start ({consumed} images per rank: {why})"
 
 
 def _random_crop(image: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:

@@ -29,7 +29,7 @@ from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
 from common.metrics import MetricsLogger, psnr
 from common.state_file import STATE_FILE, load_state, save_state
-from data_pipeline.image_stream import center_crops, crop_stream
+from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
 from model_parallel.state import init_distributed
 from sr.config import SRConfig
 from sr.model import build_wdsr, save_upsampler, upsample
@@ -70,15 +70,16 @@ class SRTrainer:
         self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, [t.steps // 2, t.steps * 3 // 4], 0.5)
         self.lpips = make_lpips(t.lpips_backbone or None).to(self.device) if t.perceptual > 0 else None
         self.step = 0
-        self.stream = crop_stream(data, t.crop, t.resize, self.rank, self.world, t.seed)
+        self.stream = CropStream(data, t.crop, t.resize, self.rank, self.world, t.seed)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:
         """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt (common/state_file.py); every rank waits for it."""
+        streams = gather_stream_states(self.stream)
         if self.rank == 0:
             state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                      "schedule": self.schedule.state_dict(), "step": self.step, "rng": torch.get_rng_state(),
-                     "config": dataclasses.asdict(self.cfg)}
+                     "streams": streams, "config": dataclasses.asdict(self.cfg)}
             save_state(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
         dist.barrier()
 
@@ -96,9 +97,8 @@ class SRTrainer:
         self.schedule.load_state_dict(state["schedule"])
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
-        for _ in range(self.step * self.cfg.train.batch_size // self.world):  # the data stream is a pure function
-            next(self.stream)                                                # of the seed: replay it
-        self.log.info(f"resumed from {path} at step {self.step}")
+        how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
+        self.log.info(f"resumed from {path} at step {self.step}; {how}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:

@@ -76,6 +76,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_prunes(single_p
         logger.removeHandler(caplog.handler)
     assert "latest is missing: resuming from the newest complete checkpoint" in caplog.text
     assert "skipping incomplete step_00000010" in caplog.text
+    assert "data stream continued from its saved position" in caplog.text  # not replayed from its start
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full[8:]], rel=1e-5)  # steps 9, 10
     assert (run_dir / "checkpoints" / "step_00000010" / "state.pt").is_file()
 
@@ -114,13 +115,14 @@ def ddp_codebook(data: str, run_dir: str):
     saved = torch.load(Path(run_dir) / "checkpoints" / "step_00000003" / "state.pt", map_location="cpu",
                        weights_only=True)
     return (history[-1]["loss"], trainer.model.codebook.weight.detach().clone(), trainer.model.enc_pos.detach().clone(),
-            disc, sorted(saved["disc"]) if trainer.rank == 0 else None)
+            disc, sorted(saved["disc"]) if trainer.rank == 0 else None, [state["rank"] for state in saved["streams"]])
 
 
 def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
     """Generator and discriminator (adversarial loss from step 0) stay the same on both ranks."""
-    (loss0, codebook0, pos0, disc0, keys), (loss1, codebook1, pos1, disc1, _) = \
+    (loss0, codebook0, pos0, disc0, keys, streams), (loss1, codebook1, pos1, disc1, _, _) = \
         pool2.run(ddp_codebook, photos, str(tmp_path))
+    assert streams == [0, 1]  # each rank's data stream state, gathered into rank 0's checkpoint
     torch.testing.assert_close(codebook0, codebook1, rtol=0, atol=0)  # restarted codes broadcast
     torch.testing.assert_close(pos0, pos1, rtol=0, atol=0)            # gradients averaged by DDP
     torch.testing.assert_close(disc0, disc1, rtol=0, atol=0)          # the discriminator's too

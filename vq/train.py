@@ -42,7 +42,7 @@ from common.config import ConfigError, load_typed, save_config
 from common.files import write_atomic
 from common.metrics import MetricsLogger, psnr
 from common.state_file import STATE_FILE, load_state, save_state
-from data_pipeline.image_stream import crop_stream
+from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
 from model_parallel.state import init_distributed
 from vq.config import VQConfig
 from vq.dvae import DVAE
@@ -178,7 +178,7 @@ class VQTrainer:
         self.disc_ddp = ddp(disc) if disc is not None else None
         self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=betas) if disc else None
         self.step = 0
-        self.stream = crop_stream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed)
+        self.stream = CropStream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed)
         sizes = {True: 0, False: 0}  # in the encoder and codebook / in the decoder
         parts = getattr(self.model, "encoder_parts", ENCODER_PARTS)
         for name, p in self.model.named_parameters():
@@ -196,8 +196,8 @@ class VQTrainer:
         return save_image_tokenizer(self.model, path)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+    def state(self, streams: list[dict]) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step, "streams": streams,
                 "disc": self.losses.discriminator.state_dict() if self.disc_opt else None,
                 "disc_opt": self.disc_opt.state_dict() if self.disc_opt else None,
                 "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg),
@@ -208,8 +208,9 @@ class VQTrainer:
 
     def save(self) -> None:
         """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt (common/state_file.py); every rank waits for it."""
+        streams = gather_stream_states(self.stream)
         if self.rank == 0:
-            save_state(self.run_dir, self.step, self.state(), self.cfg.train.keep_checkpoints)
+            save_state(self.run_dir, self.step, self.state(streams), self.cfg.train.keep_checkpoints)
         dist.barrier()
 
     def resume(self) -> None:
@@ -239,10 +240,8 @@ class VQTrainer:
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
-        # The data stream is replayed to where it was (it is a pure function of the seed).
-        for _ in range(self.step * self.cfg.train.batch_size // self.world):
-            next(self.stream)
-        self.log.info(f"resumed from {path} at step {self.step}")
+        how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
+        self.log.info(f"resumed from {path} at step {self.step}; {how}")
 
     def _check_heads(self, path: Path, saved: dict) -> None:
         """Attention heads leave no trace in the weights' shapes, so a checkpoint would load into a model with
