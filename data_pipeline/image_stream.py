@@ -1,6 +1,6 @@
 """Endless training crops from LAION-style shards, for the image models (tokenizer, upsampler).
 
-    stream = CropStream("laion/{00000..00099}.tar", crop=256, resize=288, rank=0, world=8, seed=1234)
+    stream = CropStream("laion/{00000..00099}.tar", crop=256, resize=288, rank=0, world=8, seed=1234, workers=8)
     image = next(stream)             # uint8 [3, 256, 256]
     state = stream.state_dict()      # where it is: saved with a checkpoint
     restore_stream(stream, saved_states, consumed)   # on resume (each rank takes its own)
@@ -8,7 +8,8 @@
 Every kept sample (data_pipeline/images.py's filters) is resized (shorter side) and centre-cropped to
 `resize` (or `crop` when resize is 0), then, through a 256-image shuffle buffer, randomly cropped to `crop`
 and flipped. Rank r of `world` takes every world-th kept sample; the stream is a pure function of
-(pattern, seed, rank, world).
+(pattern, seed, rank, world), the same at any number of decoding `workers` (processes that decode and
+resize the next samples while the model trains; 0: in the training process).
 
 A resumed trainer continues the stream from its saved state: the position in the shards, the shuffle
 generator and which samples fill the buffer (those are decoded again, at most 256). Replaying the stream
@@ -17,17 +18,17 @@ a large batch. Replay remains for checkpoints without a state and for a resume a
 """
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from common.checkpoints import CheckpointError
-from data_pipeline.images import FilterConfig, prepare_sample
+from data_pipeline.images import FilterConfig, PreparedSamples, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 
 BUFFER = 256
@@ -35,11 +36,12 @@ BUFFER = 256
 
 
 class CropStream:
-    def __init__(self, pattern: str, crop: int, resize: int, rank: int, world: int, seed: int):
+    def __init__(self, pattern: str, crop: int, resize: int, rank: int, world: int, seed: int, workers: int = 0):
         self.pattern, self.paths, self.crop = pattern, expand_shards(pattern), crop
         side = resize or crop
         self.prep = FilterConfig(image_size=side, min_size=min(64, side))
         self.rank, self.world = rank, world
+        self.workers = workers
         self.rng = random.Random(seed * 1000 + rank)
         self.buffer: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((shard, position in it), image)
         self.shard = self.position = 0  # the next raw sample to read
@@ -56,14 +58,14 @@ class CropStream:
         """The stream from the current state; the state is up to date whenever an image has been yielded."""
         while True:
             while self.shard < len(self.paths):
-                for raw in islice(read_shard(self.paths[self.shard], Counter()), self.position, None):
+                raws = itertools.islice(read_shard(self.paths[self.shard], Counter()), self.position, None)
+                for image in self._decoded(raws):
                     ref = (self.shard, self.position)
                     self.position += 1
-                    p = prepare_sample(raw, self.prep)
-                    if p.reason is None:
+                    if image is not None:
                         self.kept += 1
                         if self.kept % self.world == self.rank:
-                            self.buffer.append((ref, p.image))
+                            self.buffer.append((ref, image))
                     if len(self.buffer) >= BUFFER:
                         yield self._take()
                 self.shard, self.position = self.shard + 1, 0
@@ -73,6 +75,21 @@ class CropStream:
             while self.buffer:  # the end of a pass: drain the buffer, then start the next pass
                 yield self._take()
             self.shard = self.position = self.kept = 0
+
+    def _decoded(self, raws: Iterator[dict]) -> Iterator[torch.Tensor | None]:
+        """Each raw sample's image (uint8 [3, S, S]; None if not kept), in order: decoded here, or by `workers`
+        DataLoader processes a few samples ahead (PIL decoding and resizing in the training process starves
+        a GPU), as pre-tokenization does: the rest of the shard's raw bytes are then read into memory."""
+        if self.workers == 0:
+            prepared = (prepare_sample(raw, self.prep) for raw in raws)
+        else:  # forked, as the training's read-ahead workers: they only decode (no CUDA, no collectives)
+            prepared = torch.utils.data.DataLoader(PreparedSamples(list(raws), self.prep), batch_size=None,
+                                                   num_workers=self.workers, multiprocessing_context="fork")
+        return (p.image if p.reason is None else None for p in prepared)
+
+    def close(self) -> None:
+        """Stop the decoding processes (none without workers); the stream ends."""
+        self._images.close()
 
     def _take(self) -> torch.Tensor:
         _, image = self.buffer.pop(self.rng.randrange(len(self.buffer)))
@@ -95,13 +112,13 @@ class CropStream:
         wanted = {tuple(ref) for ref in state["buffer"]}
         images = {}
         for shard in sorted({s for s, _ in wanted}):
-            for position, raw in enumerate(read_shard(self.paths[shard], Counter())):
-                if (shard, position) in wanted:
-                    p = prepare_sample(raw, self.prep)
-                    if p.reason is not None:
-                        raise ValueError(f"{self.paths[shard]}: sample {position} ({p.key}) was in the saved "
-                                         f"shuffle buffer but is now skipped ({p.reason}): the shard changed")
-                    images[(shard, position)] = p.image
+            raws = [(position, raw) for position, raw in enumerate(read_shard(self.paths[shard], Counter()))
+                    if (shard, position) in wanted]
+            for (position, raw), image in zip(raws, self._decoded(raw for _, raw in raws), strict=True):
+                if image is None:
+                    raise ValueError(f"{self.paths[shard]}: sample {position} ({raw.get('__key__')}) was in the "
+                                     "saved shuffle buffer but is now skipped: the shard changed")
+                images[(shard, position)] = image
         if missing := wanted - images.keys():
             raise ValueError(f"{self.paths[min(missing)[0]]}: sample {min(missing)[1]} of the saved shuffle buffer "
                              "is gone: the shard changed")

@@ -131,3 +131,17 @@ def prepare_sample(raw: dict, cfg: FilterConfig) -> Prepared:
     out = np.asarray(resize_center_crop(to_rgb(img), cfg.image_size), dtype=np.uint8)
     return Prepared(key, None, torch.from_numpy(out.copy()).permute(2, 0, 1), caption,
                     hashlib.sha256(data).hexdigest())
+
+
+class PreparedSamples(torch.utils.data.Dataset):
+    """`prepare_sample` over a list of raw samples as a map-style dataset: DataLoader workers decode and
+    resize them in parallel and hand them back in order (pre-tokenization, the image models' crop stream)."""
+
+    def __init__(self, raw: list[dict], cfg: FilterConfig):
+        self.raw, self.cfg = raw, cfg
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int) -> Prepared:
+        return prepare_sample(self.raw[i], self.cfg)

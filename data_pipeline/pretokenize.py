@@ -51,23 +51,10 @@ from data_pipeline.code_shards import (
     write_manifest,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.images import FilterConfig, Prepared, prepare_sample
+from data_pipeline.images import FilterConfig, PreparedSamples
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import TextTokenizer
 from vq.tokenizer import load_image_tokenizer
-
-
-class _Prepare(torch.utils.data.Dataset):
-    """Decoding and resizing as a map-style dataset, so DataLoader workers do it in order."""
-
-    def __init__(self, raw: list[dict], cfg: FilterConfig):
-        self.raw, self.cfg = raw, cfg
-
-    def __len__(self):
-        return len(self.raw)
-
-    def __getitem__(self, i) -> Prepared:
-        return prepare_sample(self.raw[i], self.cfg)
 
 
 def encode_images(vq, images: list[torch.Tensor], device: str) -> np.ndarray:
@@ -81,7 +68,7 @@ def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, wo
     samples it held."""
     skipped: Counter = Counter()
     raw = list(read_shard(path, skipped))
-    loader = torch.utils.data.DataLoader(_Prepare(raw, cfg), batch_size=batch_size, num_workers=workers,
+    loader = torch.utils.data.DataLoader(PreparedSamples(raw, cfg), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     dtype = record_dtype(vq.grid * vq.grid, text_tok.max_len)
     records, hashes, seen_hashes = [], [], set()

@@ -70,7 +70,7 @@ class SRTrainer:
         self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, [t.steps // 2, t.steps * 3 // 4], 0.5)
         self.lpips = make_lpips(t.lpips_backbone or None).to(self.device) if t.perceptual > 0 else None
         self.step = 0
-        self.stream = CropStream(data, t.crop, t.resize, self.rank, self.world, t.seed)
+        self.stream = CropStream(data, t.crop, t.resize, self.rank, self.world, t.seed, t.data_workers)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:
@@ -138,21 +138,24 @@ class SRTrainer:
     def run(self) -> list[dict]:
         t, history = self.cfg.train, []
         self.model.train()
-        while self.step < t.steps:
-            start = time.perf_counter()
-            logs = self.train_step(self.batch())
-            self.step += 1
-            history.append(logs)
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
-            if self.rank == 0 and self.val_data and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                result = self.evaluate()
-                self.log.step({"step": self.step, **{k: v for k, v in result.items() if k != "grid"}})
-                self.log.info(f"held-out PSNR {result['val_psnr']:.2f} dB, bicubic {result['val_psnr_bicubic']:.2f} "
-                              f"dB; {result['grid']}")
-                history[-1].update(result)
-            if self.step % t.save_interval == 0 or self.step == t.steps:
-                self.save()
+        try:
+            while self.step < t.steps:
+                start = time.perf_counter()
+                logs = self.train_step(self.batch())
+                self.step += 1
+                history.append(logs)
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
+                if self.rank == 0 and self.val_data and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    result = self.evaluate()
+                    self.log.step({"step": self.step, **{k: v for k, v in result.items() if k != "grid"}})
+                    self.log.info(f"held-out PSNR {result['val_psnr']:.2f} dB, bicubic {result['val_psnr_bicubic']:.2f} "
+                                  f"dB; {result['grid']}")
+                    history[-1].update(result)
+                if self.step % t.save_interval == 0 or self.step == t.steps:
+                    self.save()
+        finally:  # the decoding processes, also when a step fails
+            self.stream.close()
         if self.rank == 0:
             save_upsampler(self.model, self.cfg.model, self.run_dir / "export.pt")
             self.log.info(f"exported {self.run_dir / 'export.pt'}")

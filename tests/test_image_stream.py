@@ -1,10 +1,11 @@
 """The image models' crop stream (data_pipeline/image_stream.py) resumed from its saved state equals the
-uninterrupted stream, image for image, at any point (mid-shard, at a pass's end, in the next pass) and on
-each data-parallel rank, while decoding only the buffered samples again; a checkpoint without a state, or of
+uninterrupted stream, image for image, at any point (mid-shard, at a pass's end, in the next pass), on
+each data-parallel rank and with decoding workers, while decoding only the buffered samples again; a checkpoint without a state, or of
 another world size, replays the stream; a shard that changed under a saved buffer is refused, naming it."""
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 
 import pytest
 import torch
@@ -28,8 +29,8 @@ def shards(tmp_path, monkeypatch):
     return str(tmp_path / "{00000..00002}.tar")
 
 
-def stream(pattern: str, rank: int = 0, world: int = 1) -> CropStream:
-    return CropStream(pattern, crop=32, resize=40, rank=rank, world=world, seed=3)
+def stream(pattern: str, rank: int = 0, world: int = 1, workers: int = 0) -> CropStream:
+    return CropStream(pattern, crop=32, resize=40, rank=rank, world=world, seed=3, workers=workers)
 
 
 def take(s: CropStream, n: int) -> list[torch.Tensor]:
@@ -53,6 +54,20 @@ def test_resumed_stream_equals_the_uninterrupted_one(shards, world, monkeypatch)
             assert len(decoded) - before == len(state["buffer"]) <= BUFFER  # only the buffer was decoded again
             tail = take(resumed, 3 * per_pass - cut)
             assert all(torch.equal(a, b) for a, b in zip(head + tail, expected, strict=True)), (rank, cut)
+
+
+def test_decoding_workers_give_the_same_stream_and_resume_it(shards):
+    children = set(multiprocessing.active_children())  # (the session's worker pools, when they are up)
+    expected = take(stream(shards, 1, 2), 30)
+    first = stream(shards, 1, 2, workers=2)
+    head = take(first, 9)
+    resumed = stream(shards, 1, 2, workers=2)
+    restore_stream(resumed, [None, first.state_dict()], 9, shards)
+    first.close()
+    tail = take(resumed, 21)
+    resumed.close()
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, expected, strict=True))
+    assert set(multiprocessing.active_children()) <= children  # closed: no decoding processes left
 
 
 def test_without_a_state_or_at_another_world_size_the_stream_is_replayed(shards):

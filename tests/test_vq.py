@@ -52,8 +52,9 @@ def test_trains_uses_codebook_and_exports(single_process, photos, tmp_path):
 
 def test_resume_continues_the_same_run(single_process, photos, tmp_path):
     _, full = train(photos, tmp_path / "full", "train.steps=12", "train.save_interval=6")
-    _, first = train(photos, tmp_path / "split", "train.steps=6", "train.save_interval=6")
-    _, second = train(photos, tmp_path / "split", "train.steps=12", "train.save_interval=6")
+    # The interrupted run decodes its images in 2 worker processes: the same data stream.
+    _, first = train(photos, tmp_path / "split", "train.steps=6", "train.save_interval=6", "train.data_workers=2")
+    _, second = train(photos, tmp_path / "split", "train.steps=12", "train.save_interval=6", "train.data_workers=2")
     assert [h["loss"] for h in first + second] == pytest.approx([h["loss"] for h in full], rel=1e-5)
 
 

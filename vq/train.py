@@ -178,7 +178,7 @@ class VQTrainer:
         self.disc_ddp = ddp(disc) if disc is not None else None
         self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=betas) if disc else None
         self.step = 0
-        self.stream = CropStream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed)
+        self.stream = CropStream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed, t.data_workers)
         sizes = {True: 0, False: 0}  # in the encoder and codebook / in the decoder
         parts = getattr(self.model, "encoder_parts", ENCODER_PARTS)
         for name, p in self.model.named_parameters():
@@ -297,18 +297,21 @@ class VQTrainer:
     def run(self) -> list[dict]:
         t, history = self.cfg.train, []
         self.model.train()
-        while self.step < t.steps:
-            start = time.perf_counter()
-            images = self.batch()
-            logs = self.train_step(images)
-            self.step += 1
-            history.append(logs)
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
-            if self.rank == 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                self.log.info(f"reconstructions: {self.recon_grid(images)}")
-            if self.step % t.save_interval == 0 or self.step == t.steps:
-                self.save()
+        try:
+            while self.step < t.steps:
+                start = time.perf_counter()
+                images = self.batch()
+                logs = self.train_step(images)
+                self.step += 1
+                history.append(logs)
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
+                if self.rank == 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    self.log.info(f"reconstructions: {self.recon_grid(images)}")
+                if self.step % t.save_interval == 0 or self.step == t.steps:
+                    self.save()
+        finally:  # the decoding processes, also when a step fails
+            self.stream.close()
         if self.rank == 0:
             digest = self.export_tokenizer(self.run_dir / "export.pt")
             self.log.info(f"exported {self.run_dir / 'export.pt'} (content hash {digest[:16]})")
