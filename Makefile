@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/pretokenize.py
 	$(BIN)/python bench/vq_encode.py
+	$(BIN)/python bench/image_stream.py
 	$(BIN)/python bench/sample.py
 
 clean:

@@ -1,0 +1,70 @@
+"""The image models' crop stream (data_pipeline/image_stream.py), side by side in one run: images/s with
+decoding in the training process against W DataLoader workers, and the cost of a resume from the saved
+stream state against replaying the stream to the same position.
+
+    python bench/image_stream.py [--workers 2] [--images 600] [--size 256]
+
+Data: the shipped COCO photos (../shared/data/coco_mini, read in place; ~640x480 JPEGs, as LAION's), repeated
+into 2 shards (LAION's hold ~10,000 samples; the workers restart at each shard) under a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_pipeline.image_stream import CropStream, restore_stream
+from data_pipeline.laion import write_tar
+from data_pipeline.shared_data import shared_path
+
+
+def images_per_s(pattern: str, size: int, workers: int, count: int) -> float:
+    stream = CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0, workers=workers)
+    start = time.perf_counter()
+    for _ in itertools.islice(stream, count):
+        pass
+    seconds = time.perf_counter() - start
+    stream.close()
+    return count / seconds
+
+
+def resume_seconds(pattern: str, size: int, consumed: int, saved: bool) -> float:
+    first = CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0)
+    for _ in itertools.islice(first, consumed):
+        pass
+    state = [first.state_dict()] if saved else None
+    resumed = CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0)
+    start = time.perf_counter()
+    restore_stream(resumed, state, consumed, Path("bench"))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--images", type=int, default=600, help="images drawn per measurement (the buffer holds 256)")
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = sorted((shared_path("coco_mini") / "images").glob("*.jpg"))
+        per_shard = args.images + 256  # so that the stream never runs dry
+        for shard in range(2):
+            write_tar(Path(tmp) / f"{shard:05d}.tar", [(f"{shard}{i:06d}", {"jpg": photos[i % len(photos)].read_bytes(),
+                                                                         "txt": b"a photo"}) for i in range(per_shard)])
+        pattern = f"{tmp}/{{00000..00001}}.tar"
+        inline = images_per_s(pattern, args.size, 0, args.images)
+        ahead = images_per_s(pattern, args.size, args.workers, args.images)
+        print(f"crop stream, {args.size} px: {inline:.0f} images/s decoded in the training process, "
+              f"{ahead:.0f} with {args.workers} workers: {ahead / inline:.2f}x")
+        replay, state = (resume_seconds(pattern, args.size, args.images, saved) for saved in (False, True))
+        print(f"resume after {args.images} images: replay {replay:.2f} s, saved state {state:.2f} s: "
+              f"{replay / state:.1f}x faster (replay grows with the images seen, the state's cost does not)")
+
+
+if __name__ == "__main__":
+    main()
