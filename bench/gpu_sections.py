@@ -495,14 +495,16 @@ def vq(ctx: Context) -> dict:
             "train.batch_size=16", "train.lr=1e-3", "train.precision=bf16", "train.log_interval=1",
             "train.eval_interval=1000"]
 
-    def run(folder: str, steps: int) -> list[float]:
-        cfg = load_typed(VQConfig, None, sets + [f"train.steps={steps}", "train.save_interval=2"])
+    def run(folder: str, steps: int, workers: int = 0) -> list[float]:
+        cfg = load_typed(VQConfig, None, sets + [f"train.steps={steps}", "train.save_interval=2",
+                                                 f"train.data_workers={workers}"])
         trainer = VQTrainer(cfg, pattern, ctx.scratch / folder)
         trainer.resume()
         return [h["loss"] for h in trainer.run()]
 
     full = run("vq_full", 4)
-    resumed = run("vq_resumed", 2) + run("vq_resumed", 4)
+    # The interrupted run decodes in 2 DataLoader workers, forked after CUDA is up: the same images.
+    resumed = run("vq_resumed", 2, workers=2) + run("vq_resumed", 4, workers=2)
     out = ctx.record("resume", {"uninterrupted": full, "resumed": resumed, "max_abs_diff": _max_diff(full, resumed)})
     checks = {"vq_resume_equals_uninterrupted": out["max_abs_diff"] <= 1e-3}
 
