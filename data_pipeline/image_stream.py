@@ -3,7 +3,7 @@
     stream = CropStream("laion/{00000..00099}.tar", crop=256, resize=288, rank=0, world=8, seed=1234, workers=8)
     image = next(stream)             # uint8 [3, 256, 256]
     state = stream.state_dict()      # where it is: saved with a checkpoint
-    restore_stream(stream, saved_states, consumed)   # on resume (each rank takes its own)
+    restore_stream(stream, saved_states, consumed, checkpoint)   # on resume (each rank takes its own)
 
 Every kept sample (data_pipeline/images.py's filters) is resized (shorter side) and centre-cropped to
 `resize` (or `crop` when resize is 0), then, through a 256-image shuffle buffer, randomly cropped to `crop`
