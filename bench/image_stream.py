@@ -23,8 +23,12 @@ from data_pipeline.laion import write_tar
 from data_pipeline.shared_data import shared_path
 
 
+def crop_stream(pattern: str, size: int, workers: int = 0) -> CropStream:
+    return CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0, workers=workers)
+
+
 def images_per_s(pattern: str, size: int, workers: int, count: int) -> float:
-    stream = CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0, workers=workers)
+    stream = crop_stream(pattern, size, workers)
     start = time.perf_counter()
     for _ in itertools.islice(stream, count):
         pass
@@ -34,11 +38,11 @@ def images_per_s(pattern: str, size: int, workers: int, count: int) -> float:
 
 
 def resume_seconds(pattern: str, size: int, consumed: int, saved: bool) -> float:
-    first = CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0)
+    first = crop_stream(pattern, size)
     for _ in itertools.islice(first, consumed):
         pass
     state = [first.state_dict()] if saved else None
-    resumed = CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0)
+    resumed = crop_stream(pattern, size)
     start = time.perf_counter()
     restore_stream(resumed, state, consumed, Path("bench"))
     return time.perf_counter() - start
