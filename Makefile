@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/model_step.py
+	$(BIN)/python bench/keyed_dropout.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/pretokenize.py
 	$(BIN)/python bench/vq_encode.py

@@ -9,8 +9,9 @@ after each section so that a run cut short keeps what it finished. Sections (ben
 environment (GPU, driver, CUDA, NCCL, kernels chosen, CPU compatibility layer off, measured matmul and
 copy rates), flash_attention (the SDPA kernel decoder self-attention really runs, by profiler kernel
 names), train_resume (parti-tiny bf16 at ZeRO 0/1/3: save, resume = uninterrupted), recompute (none /
-selective / full with dropout: equal), compile_speedup (kernels.compile vs eager, dropout on and off), mfu_350m / mfu_750m / mfu_3b (bf16 ZeRO-1, the largest micro-batch
-that fits, MFU against the named peak), sampling (KV cache vs recomputation: equal greedy codes, tokens/s),
+selective / full with dropout: equal), compile_speedup (kernels.compile vs eager, dropout on and off, the
+dropout masks eager vs compiled), mfu_350m / mfu_750m / mfu_3b (bf16 ZeRO-1, the largest micro-batch that
+fits, MFU against the named peak), sampling (KV cache vs recomputation: equal greedy codes, tokens/s),
 vq (ViT-VQGAN bf16 train/save/resume, fp32 code search under autocast, pre-tokenization images/s) and
 multi_gpu (TP=2 and PP=2 over NCCL = TP=1; needs 2 GPUs). Each runs in its own process with a time
 limit; a section that needs a GPU is skipped with the reason on CPU. Exit status: 1 if a section failed.
@@ -108,6 +109,10 @@ def _key_results(name: str, r: dict) -> str:
     elif name == "vq":
         parts.append(f"resume diff {r['max_abs_diff']:.1e}, autocast code agreement {r['autocast_code_agreement']:.3f}, "
                      f"pretokenize {r['pretokenize_images_per_s']:.0f} img/s vs encode {r['encode_only_images_per_s']:.0f}")
+    elif name == "compile_speedup":
+        parts.append(f"compiled layers {r['speedup']['dropout_0.1']:.2f}x eager (dropout 0.1), compiled dropout masks "
+                     f"{r['compiled_mask_speedup']:.2f}x eager masks; dropout's cost: "
+                     + ", ".join(f"{k} +{v:.0%}" for k, v in r["dropout_cost"].items()))
     elif name == "async_save":
         parts.append(f"step during an async save / without: {r['steps']['ratio']:.2f}")
     elif name == "multi_gpu":

@@ -13,7 +13,9 @@ Choices (auto picks the first that is available on this machine):
 - bias + GeLU: megatron-core's jit-fused bias_gelu (GPU), or bias add + tanh GeLU;
 - optimizer: torch AdamW(fused=True) (one multi-tensor kernel, as fast as apex's), torch AdamW; apex
   FusedAdam and DeepSpeed FusedAdam (GPU only) only when asked for by name: `auto` picks what the
-  checkpoint round trip is tested with on every machine (torch's fused AdamW runs on CPU too).
+  checkpoint round trip is tested with on every machine (torch's fused AdamW runs on CPU too);
+- keyed dropout masks: one compiled kernel (GPU; model_parallel/keyed_dropout.py says why), or the eager
+  integer hash (CPU: compiling costs more than a CPU run's masks).
 Asking for an implementation that is not available is an error naming the reason.
 """
 from __future__ import annotations
@@ -29,10 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from common.config import require
+from model_parallel.keyed_dropout import compiled_keep_mask, keyed_keep_mask
 
 KERNEL_CHOICES = {"layernorm": ("auto", "apex", "te", "torch"), "attention": ("auto", "sdpa", "math"),
                   "bias_gelu": ("auto", "fused", "plain"),
-                  "optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch")}
+                  "optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch"),
+                  "dropout_mask": ("auto", "compiled", "eager")}
 
 
 @dataclass
@@ -47,6 +51,9 @@ class KernelConfig:
     """auto | fused (megatron-core's jit-fused bias+GeLU) | plain."""
     optimizer: str = "auto"
     """auto | apex (FusedAdam) | deepspeed (FusedAdam) | torch_fused (AdamW fused=True) | torch."""
+    dropout_mask: str = "auto"
+    """auto | compiled (the keyed dropout's mask as one torch.compile kernel) | eager (its ~12 integer
+    operations per element one by one). Both give the same masks."""
     compile: bool = False
     """torch.compile each transformer layer in the trainer (model_parallel/compile.py; the text encoder's warm
     start, sampling and export run eager): inductor fuses the elementwise work around the matmuls (bias,
@@ -80,15 +87,18 @@ def availability() -> dict[str, dict[str, str | None]]:
         "bias_gelu": {"fused": None, "plain": None},
         # DeepSpeed's FusedAdam JIT-compiles a CUDA op on first use.
         "optimizer": {"apex": apex_opt, "deepspeed": no_gpu, "torch_fused": None, "torch": None},
+        "dropout_mask": {"compiled": compile_unavailable(), "eager": None},
     }
 
 
 # What 'auto' tries, best first. On CPU the fusions buy nothing: megatron's bias_gelu is a
-# torch.jit kernel aimed at GPUs, and AdamW's foreach path beats fused=True for small models.
+# torch.jit kernel aimed at GPUs, AdamW's foreach path beats fused=True for small models, and compiling the
+# dropout mask (~10 s of C++ compilation per process) costs more than the masks of a CPU run.
 _PREFERENCE = {
     "gpu": {"layernorm": ("te", "apex", "torch"), "attention": ("sdpa",),
-            "bias_gelu": ("fused",), "optimizer": ("torch_fused", "torch")},
-    "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "optimizer": ("torch",)},
+            "bias_gelu": ("fused",), "optimizer": ("torch_fused", "torch"), "dropout_mask": ("compiled", "eager")},
+    "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "optimizer": ("torch",),
+            "dropout_mask": ("eager",)},
 }
 
 
@@ -193,6 +203,11 @@ class Kernels:
     def optimizer(self, params, **kwargs) -> torch.optim.Optimizer:
         return _optimizer_factory(self.name("optimizer"))(params, **kwargs)
 
+    @property
+    def keep_mask(self):
+        """The keyed dropout's mask function (model_parallel/keyed_dropout.py)."""
+        return compiled_keep_mask() if self.name("dropout_mask") == "compiled" else keyed_keep_mask
+
     def summary(self) -> str:
         chosen = "; ".join(f"{op}={n} ({why})" for op, (n, why) in self.choices.items())
         return f"kernels: {chosen}; layers {'compiled' if self.compile else 'eager'} (kernels.compile)"
@@ -212,7 +227,7 @@ def compile_unavailable() -> str | None:
 def select_kernels(kernel_cfg=None) -> Kernels:
     """Resolve a KernelConfig (or all-'auto' when None) into concrete implementations."""
     wanted = {op: getattr(kernel_cfg, op, "auto") if kernel_cfg else "auto"
-              for op in ("layernorm", "attention", "bias_gelu", "optimizer")}
+              for op in KERNEL_CHOICES}
     compiled = bool(getattr(kernel_cfg, "compile", False))
     if compiled and (why := compile_unavailable()):
         raise RuntimeError(f"kernels.compile=true is not available: {why}")

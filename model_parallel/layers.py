@@ -14,14 +14,14 @@ Engine is absent, and its torch-norm fallback refuses sequence parallelism). The
 tracker of megatron-core and add SDPA attention and a simple per-layer KV cache (growing, or static with a
 device-side write position for CUDA-graph decoding).
 
-Dropout on residual branches and embeddings is keyed by sample (`SampleDropout`, `keyed_keep_mask`): its masks
-are a pure function of (seed, piece, site, sample position in the run, element), the same at any DP/TP/PP
-layout; attention-probability dropout stays inside the fused kernel unless model.attention_dropout_invariant.
+Dropout on residual branches and embeddings is keyed by sample (`SampleDropout`, model_parallel/keyed_dropout.py):
+its masks are a pure function of (seed, piece, site, sample position in the run, element), the same at any
+DP/TP/PP layout; attention-probability dropout stays inside the fused kernel unless
+model.attention_dropout_invariant.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,70 +34,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from model_parallel.config import ModelConfig
 from model_parallel.kernels import Kernels, attention_probs
-
-# ----------------------------------------------------------------------------------------------
-# Dropout keyed by sample: masks that are the same at any DP/TP/PP layout.
-#
-# A keyed mask is a pure function of (seed, piece, site, the sample's position in the run's sample stream,
-# the element's index in the whole, unsharded tensor), like caption_drop_mask: no generator state, so a
-# sample gets the same mask whichever DP rank, pipeline stage or sequence shard computes it, in a resumed
-# run and in a recomputation (activation checkpointing). The hash is integer arithmetic on int64 tensors
-# on the activation's device (vectorised, no host sync, on GPU as on CPU): ~12 elementwise int64 ops per
-# element of each dropout site (memory-bound; small beside the site's matmuls), none when dropout is 0.
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x):
-    """A 32-bit integer hash (hash-prospector's 0x21f0aaad/0x735a2d97 finaliser) of values in [0, 2^32),
-    on Python ints or int64 tensors alike. Both multipliers are below 2^31, so no product leaves int64."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
-
-
-def dropout_site_key(seed: int, piece: int, site: int) -> int:
-    """The 32-bit key of dropout site `site` of model piece `piece` (model.piece_classes) under `seed`."""
-    key = _mix32((seed & _M32) ^ 0x5EED0D20)
-    for part in (seed >> 32 & _M32, piece, site):
-        key = _mix32(key ^ _mix32(part + 0x9E3779B9 & _M32))
-    return key
-
-
-def keyed_keep_mask(sample_index: torch.Tensor, key: int | torch.Tensor, p: float, shape, batch_dim: int,
-                    offsets=None, full=None) -> torch.Tensor:
-    """Bool keep-mask of `shape` (True with probability 1 - p) for a tensor whose dimension `batch_dim`
-    holds the samples `sample_index` (int64 [b], >= 0) and whose other dimensions are a shard of a whole
-    of sizes `full` starting at `offsets` (default: the tensor is the whole). Each element's bit depends on
-    (key, its sample's index, its index in the whole) only, so any slice of samples or of the whole gets
-    the slice of the same mask."""
-    full = list(full or shape)
-    offsets = list(offsets or [0] * len(shape))
-    per_sample = math.prod([n for dim, n in enumerate(full) if dim != batch_dim])  # (a list: compile traces it)
-    if per_sample > 2**32:
-        raise ValueError(f"keyed dropout indexes each sample's elements in 32 bits; {per_sample} is too many")
-    device = sample_index.device
-    index, stride = torch.zeros((), dtype=torch.long, device=device), 1
-    for dim in reversed(range(len(shape))):
-        if dim == batch_dim:
-            continue
-        view = [1] * len(shape)
-        view[dim] = shape[dim]
-        index = index + (torch.arange(shape[dim], device=device) + offsets[dim]).view(view) * stride
-        stride *= full[dim]
-    element = _mix32(index ^ key)
-    view = [1] * len(shape)
-    view[batch_dim] = shape[batch_dim]
-    samples = sample_index.to(device=device, dtype=torch.long).view(view)
-    sample = _mix32(_mix32((samples & _M32) ^ _mix32(key ^ 0x2545F491)) ^ (samples >> 32))
-    return _mix32(element ^ sample) >= round(p * 2**32)
-
-
-def keyed_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """x where `keep`, else 0, scaled by 1/(1-p) (autograd keeps the bool mask, as F.dropout does)."""
-    return torch.where(keep, x, 0.0) * (1.0 / (1.0 - p))
+from model_parallel.keyed_dropout import dropout_site_key, keyed_dropout, keyed_keep_mask
 
 
 class KeyedSite(nn.Module):
@@ -105,11 +42,14 @@ class KeyedSite(nn.Module):
     (key_dropout_sites). The key is a 0-dim int64 buffer, not a Python int: torch.compile specialises on a
     module's int attributes, and every site has its own key, so an int would recompile each layer (and
     give up after eight). Created on the CPU explicitly (real even in a meta-device build, a scalar to any
-    device's ops until the module is moved); not saved in checkpoints (it is derived from the seed)."""
+    device's ops until the module is moved); not saved in checkpoints (it is derived from the seed).
+    `keep_mask`: the function that computes its masks (kernels.keep_mask: keyed_keep_mask or its compiled
+    kernel, model_parallel/keyed_dropout.py)."""
 
-    def __init__(self):
+    def __init__(self, keep_mask=keyed_keep_mask):
         super().__init__()
         self.keyed = False
+        self.keep_mask = keep_mask
 
     def set_key(self, key: int) -> None:
         self.register_buffer("key", torch.tensor(key, dtype=torch.long, device="cpu"), persistent=False)
@@ -122,8 +62,8 @@ class SampleDropout(KeyedSite):
     where it sits (key_dropout_sites). Without `sample_index` it draws from torch's generators as
     F.dropout does (the per-TP-rank stream on sequence shards): the same run only at the same layout."""
 
-    def __init__(self, p: float, sequence_parallel: bool, tp_group):
-        super().__init__()
+    def __init__(self, p: float, sequence_parallel: bool, tp_group, keep_mask=keyed_keep_mask):
+        super().__init__(keep_mask)
         self.p, self.sequence_parallel, self.tp_group = p, sequence_parallel, tp_group
 
     def forward(self, x: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,8 +79,8 @@ class SampleDropout(KeyedSite):
         tp = self.tp_group.size() if self.sequence_parallel else 1
         rank = self.tp_group.rank() if self.sequence_parallel else 0
         s = x.shape[0]
-        keep = keyed_keep_mask(sample_index, self.key, self.p, x.shape, batch_dim=1,
-                               offsets=(rank * s, 0, 0), full=(tp * s, *x.shape[1:]))
+        keep = self.keep_mask(sample_index, self.key, self.p, x.shape, batch_dim=1,
+                              offsets=(rank * s, 0, 0), full=(tp * s, *x.shape[1:]))
         return keyed_dropout(x, keep, self.p)
 
 
@@ -262,7 +202,7 @@ class Attention(KeyedSite):
     """Multi-head attention; self-attention when `memory` is None, else cross-attention to it."""
 
     def __init__(self, ctx: PieceContext, cross: bool):
-        super().__init__()
+        super().__init__(ctx.kernels.keep_mask)
         hidden = ctx.cfg.hidden_size
         self.head_dim = ctx.cfg.head_dim
         self.cross = cross
@@ -321,8 +261,8 @@ class Attention(KeyedSite):
         probs = attention_probs(q, k, mask, causal)
         b, heads, n, m = probs.shape
         tp, rank = self.tp_group.size(), self.tp_group.rank()
-        keep = keyed_keep_mask(sample_index, self.key, p, probs.shape, batch_dim=0,
-                               offsets=(0, rank * heads, 0, 0), full=(b, tp * heads, n, m))
+        keep = self.keep_mask(sample_index, self.key, p, probs.shape, batch_dim=0,
+                              offsets=(0, rank * heads, 0, 0), full=(b, tp * heads, n, m))
         return keyed_dropout(probs, keep, p) @ v
 
     @staticmethod
@@ -359,10 +299,11 @@ class Residual(nn.Module):
     """Pre-LN residual branch: x + dropout(f(norm(x))), the dropout keyed by `sample_index` (SampleDropout),
     which attention also gets (for model.attention_dropout_invariant)."""
 
-    def __init__(self, norm: nn.Module, fn: nn.Module, dropout: float, sequence_parallel: bool, tp_group):
+    def __init__(self, norm: nn.Module, fn: nn.Module, dropout: float, sequence_parallel: bool, tp_group,
+                 keep_mask=keyed_keep_mask):
         super().__init__()
         self.norm, self.fn = norm, fn
-        self.drop = SampleDropout(dropout, sequence_parallel, tp_group)
+        self.drop = SampleDropout(dropout, sequence_parallel, tp_group, keep_mask)
         self.sequence_parallel = sequence_parallel
         if sequence_parallel:
             mark_sequence_parallel(norm)
@@ -382,7 +323,7 @@ def mark_sequence_parallel(module: nn.Module) -> None:
 def _residual(ctx: PieceContext, fn: nn.Module) -> Residual:
     cfg = ctx.cfg
     return Residual(ctx.kernels.layer_norm(cfg.hidden_size, cfg.layernorm_eps), fn, cfg.dropout,
-                    ctx.mp.sequence_parallel, ctx.tp_group)
+                    ctx.mp.sequence_parallel, ctx.tp_group, ctx.kernels.keep_mask)
 
 
 class EncoderLayer(nn.Module):

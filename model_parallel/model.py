@@ -115,7 +115,7 @@ class TextEmbedding(nn.Module):
         self.embed = VocabParallelEmbedding(padded_vocab(cfg.text_vocab_size, cfg.vocab_pad_multiple),
                                             cfg.hidden_size, init_method=ctx.init, config=ctx.mp, tp_group=ctx.tp_group)
         self.pos = PositionEmbedding(cfg.text_seq_len, cfg.hidden_size, ctx.init, ctx.mp.perform_initialization)
-        self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
+        self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group, ctx.kernels.keep_mask)
 
     def tokens(self, text_ids: torch.Tensor) -> torch.Tensor:
         """[b, T] ids -> [b, T, d] token + position embeddings."""
@@ -136,7 +136,7 @@ class ImageEmbedding(nn.Module):
                                             cfg.hidden_size, init_method=init, config=ctx.mp, tp_group=ctx.tp_group)
         self.row_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, perform)
         self.col_pos = PositionEmbedding(cfg.image_grid, cfg.hidden_size, init, perform)
-        self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
+        self.drop = SampleDropout(cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group, ctx.kernels.keep_mask)
 
     def tokens(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """[b, n] decoder inputs at grid positions start.. -> [b, n, d]. `start`: an int, or an int64 [1]
@@ -165,7 +165,7 @@ class StreamEmbedding(nn.Module):
         super().__init__()
         self.text, self.image = TextEmbedding(ctx), ImageEmbedding(ctx)
         self.sequence_parallel, self.tp_group = ctx.mp.sequence_parallel, ctx.tp_group
-        self.drop = SampleDropout(ctx.cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group)
+        self.drop = SampleDropout(ctx.cfg.dropout, ctx.mp.sequence_parallel, ctx.tp_group, ctx.kernels.keep_mask)
 
     def forward(self, text_ids: torch.Tensor | None, image_in: torch.Tensor | None, start: int | torch.Tensor = 0,
                 sample_index: torch.Tensor | None = None) -> torch.Tensor:

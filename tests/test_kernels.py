@@ -85,11 +85,14 @@ def test_fused_optimizer_equals_torch_adamw(name):
 
 def test_auto_selection_and_summary():
     kernels = select_kernels()
-    for op in ("layernorm", "attention", "bias_gelu", "optimizer"):
+    for op in ("layernorm", "attention", "bias_gelu", "optimizer", "dropout_mask"):
         name, why = kernels.choices[op]
         assert AVAILABLE[op][name] is None and why.startswith("auto")
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        assert kernels.name("dropout_mask") == "compiled"
+    else:
         assert kernels.name("layernorm") == "torch" and kernels.name("bias_gelu") == "plain"
+        assert kernels.name("dropout_mask") == "eager"  # (compiling costs a CPU run more than its masks)
     assert "attention=sdpa" in kernels.summary()
 
 

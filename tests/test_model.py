@@ -98,11 +98,11 @@ def test_cfg_null_condition():
 
 
 # ----------------------------------------------------------------------------------------------
-# Dropout keyed by sample (layers.keyed_keep_mask): the same masks at any layout.
+# Dropout keyed by sample (model_parallel/keyed_dropout.py): the same masks at any layout.
 
 
 def test_keyed_dropout_mask_slices_like_the_layouts_do():
-    from model_parallel.layers import dropout_site_key, keyed_keep_mask
+    from model_parallel.keyed_dropout import dropout_site_key, keyed_keep_mask
 
     key = dropout_site_key(1234, 3, 1)
     samples = torch.tensor([5, 6, 7, 2**40 + 5])  # positions past 2^32 are keys too
@@ -125,7 +125,7 @@ def test_keyed_dropout_mask_slices_like_the_layouts_do():
 
 
 def test_keyed_dropout_rate_and_independence():
-    from model_parallel.layers import dropout_site_key, keyed_keep_mask
+    from model_parallel.keyed_dropout import dropout_site_key, keyed_keep_mask
 
     def dropped(samples, seed=1234, piece=3, site=1, p=0.1):
         return ~keyed_keep_mask(samples, dropout_site_key(seed, piece, site), p, (64, 64, 64), batch_dim=1)
@@ -159,6 +159,39 @@ def test_sample_dropout_scales_kept_values_and_is_off_in_eval():
     torch.testing.assert_close(drop(x[:, 1:], idx[1:]), y[:, 1:])
     assert not torch.equal(drop(x, idx + 3), y)
     assert drop.eval()(x, idx) is x
+
+
+def test_compiled_dropout_mask_equals_eager(single_process):
+    """kernels.dropout_mask=compiled (the mask as one inductor kernel, what `auto` picks on a GPU): the masks
+    of the calls a TP rank > 0 makes (a sequence shard, a slice of heads) and the model's logits with it (the
+    rank-0 calls: residual and embedding sites, keyed attention; encoder and decoder lengths through one
+    dynamic-shape graph each) equal the eager hash's."""
+    from model_parallel.kernels import select_kernels
+    from model_parallel.keyed_dropout import compiled_keep_mask, dropout_site_key, keyed_keep_mask
+    from model_parallel.layers import Attention, SampleDropout
+    from training.config import KernelConfig
+
+    key = torch.tensor(dropout_site_key(1234, 3, 1))
+    samples = torch.tensor([5, 6, 7, 2**40 + 5])
+    # As a TP rank > 0 calls it (the model below makes the rank-0 calls): a sequence shard, a slice of heads.
+    for shape, batch_dim, offsets, full in (((8, 4, 64), 1, (4, 0, 0), (16, 4, 64)),
+                                            ((4, 2, 6, 5), 0, (0, 2, 0, 0), (4, 4, 6, 5))):
+        shape = torch.Size(shape)  # (what the model passes: a tuple would be a graph of its own)
+        expected = keyed_keep_mask(samples, key, 0.1, shape, batch_dim, offsets, full)
+        assert torch.equal(compiled_keep_mask()(samples, key, 0.1, shape, batch_dim, offsets, full), expected)
+
+    cfg = debug_model_config(**{"model.dropout": 0.1, "model.attention_dropout": 0.2,
+                                "model.attention_dropout_invariant": True})
+    text, codes = debug_batch(cfg)
+    logits = {}
+    for choice in ("eager", "compiled"):
+        kernels = select_kernels(KernelConfig(dropout_mask=choice))
+        model = _model(cfg, kernels=kernels).train()
+        sites = [m for m in model.modules() if isinstance(m, SampleDropout | Attention)]
+        assert all(m.keep_mask is kernels.keep_mask for m in sites)
+        logits[choice] = model(text, codes, sample_index=torch.tensor([40, 41, 42]))
+    assert kernels.keep_mask is compiled_keep_mask() and "dropout_mask=compiled (requested)" in kernels.summary()
+    assert torch.equal(logits["compiled"], logits["eager"])
 
 
 def test_dropout_keyed_by_sample_is_the_same_in_any_batch(single_process):

@@ -1,0 +1,144 @@
+"""The keyed dropout's mask, eager against compiled (`kernels.dropout_mask`), at one site and in a training step.
+
+    python bench/keyed_dropout.py                              # parti-tiny at batch 8 (CPU) / parti-350m at 16 (GPU)
+    python bench/keyed_dropout.py --preset parti-350m --batch 2 --repeats 3
+
+1. One decoder residual site of the preset, [image tokens, batch, hidden]: milliseconds for the mask by the
+   eager integer hash, by its compiled kernel, and for applying a mask (what dropout costs at best), with
+   the ratios eager/compiled and mask/apply; and the bytes each moves per element, counted from the eager
+   operations' inputs and outputs (the compiled kernel writes one byte): elementwise work is bound by memory
+   bandwidth on a GPU, so there its time follows the bytes; a CPU's matmuls are slow enough to hide them.
+2. Forward + backward of PartiModel (TP=1; bf16 on a GPU, fp32 on CPU) with model.dropout=0.1 and the masks
+   of each kind, and with no dropout: each step's cost over the dropout-free step.
+Timings alternate between the variants in one run (these machines are noisy); medians are printed. The
+compiled variants are warmed up first, so compilation is not timed (printed apart).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model_parallel.kernels import select_kernels
+from model_parallel.keyed_dropout import compiled_keep_mask, keyed_dropout, keyed_keep_mask
+from model_parallel.model import PartiModel
+from model_parallel.state import init_parallel, seed_everything
+from training.config import KernelConfig, load_config
+
+
+def timed(fn, device: str) -> float:
+    """Seconds of one call of fn, between device synchronisations."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def alternate(variants: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each variant, timed in turn `repeats` times after one warm-up call each."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class BytesMoved(TorchDispatchMode):
+    """Counts the bytes of the tensors (more than one element) each operation reads and writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.numel() > 1]
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+def bytes_per_element(fn, elements: int) -> float:
+    with BytesMoved() as counter:
+        fn()
+    return counter.bytes / elements
+
+
+def site(cfg, batch: int, device: str, dtype, repeats: int) -> dict[str, float]:
+    shape = torch.Size((cfg.image_seq_len, batch, cfg.hidden_size))
+    x = torch.randn(shape, device=device, dtype=dtype)
+    samples = torch.arange(1000, 1000 + batch, device=device)
+    key = torch.tensor(0x1234ABCD)
+    mask = keyed_keep_mask(samples, key, 0.1, shape, 1)
+    compile_s = timed(lambda: compiled_keep_mask()(samples, key, 0.1, shape, 1), device)
+    moved = {"bytes_mask_eager": bytes_per_element(lambda: keyed_keep_mask(samples, key, 0.1, shape, 1), x.numel()),
+             "bytes_apply": bytes_per_element(lambda: keyed_dropout(x, mask, 0.1), x.numel())}
+    return {"compile_s": compile_s, **moved, **alternate({
+        "mask_eager": lambda: keyed_keep_mask(samples, key, 0.1, shape, 1),
+        "mask_compiled": lambda: compiled_keep_mask()(samples, key, 0.1, shape, 1),
+        "apply": lambda: keyed_dropout(x, mask, 0.1)}, repeats, device)}
+
+
+def training_step(cfg, batch: int, device: str, dtype, repeats: int) -> dict[str, float]:
+    text = torch.randint(4, cfg.text_vocab_size, (batch, cfg.text_seq_len), device=device)
+    codes = torch.randint(0, cfg.image_vocab_size, (batch, cfg.image_seq_len), device=device)
+    samples = torch.arange(batch, device=device)
+    models = {}
+    for name, mask in (("eager_mask", "eager"), ("compiled_mask", "compiled"), ("no_dropout", "eager")):
+        seed_everything(0)
+        dropout = 0.0 if name == "no_dropout" else 0.1
+        model_cfg = load_config(None, [f"model.preset={cfg.preset}", f"model.dropout={dropout}"]).model
+        models[name] = PartiModel(model_cfg, select_kernels(KernelConfig(dropout_mask=mask))).to(device, dtype).train()
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model.loss(text, codes, sample_index=samples).backward()
+
+    return alternate({name: (lambda m=model: step(m)) for name, model in models.items()}, repeats, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--preset", default="parti-350m" if gpu else "parti-tiny")
+    parser.add_argument("--batch", type=int, default=16 if gpu else 8)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    init_parallel(1, 1)
+    cfg = load_config(None, [f"model.preset={args.preset}"]).model
+    print(f"{args.preset} d={cfg.hidden_size} image tokens={cfg.image_seq_len} batch={args.batch} device={device} "
+          f"{dtype} threads={torch.get_num_threads()}")
+
+    s = site(cfg, args.batch, device, dtype, args.repeats)
+    print(f"one site {cfg.image_seq_len}x{args.batch}x{cfg.hidden_size}: mask eager {s['mask_eager'] * 1e3:.2f} ms, "
+          f"compiled {s['mask_compiled'] * 1e3:.2f} ms (first call with compilation {s['compile_s']:.1f} s), "
+          f"applying a mask {s['apply'] * 1e3:.2f} ms")
+    print(f"  eager/compiled {s['mask_eager'] / s['mask_compiled']:.1f}x; mask/apply: eager "
+          f"{s['mask_eager'] / s['apply']:.1f}, compiled {s['mask_compiled'] / s['apply']:.2f}")
+    print(f"  bytes moved per element: mask eager {s['bytes_mask_eager']:.0f}, compiled 1, applying "
+          f"{s['bytes_apply']:.0f} (eager/compiled {s['bytes_mask_eager']:.0f}x, eager mask/apply "
+          f"{s['bytes_mask_eager'] / s['bytes_apply']:.0f}x)")
+
+    t = training_step(cfg, args.batch, device, dtype, args.repeats)
+    base = t["no_dropout"]
+    print(f"forward+backward: no dropout {base * 1e3:.1f} ms; dropout 0.1 with eager masks "
+          f"{t['eager_mask'] * 1e3:.1f} ms (+{t['eager_mask'] / base - 1:.0%}), with compiled masks "
+          f"{t['compiled_mask'] * 1e3:.1f} ms (+{t['compiled_mask'] / base - 1:.0%})")
+    print(f"  step eager/compiled masks: {t['eager_mask'] / t['compiled_mask']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
