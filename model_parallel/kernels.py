@@ -214,12 +214,16 @@ class Kernels:
 
 
 def compile_unavailable() -> str | None:
-    """None if torch.compile's inductor can build kernels here, else why not: Triton on a GPU, a C++
-    compiler on CPU (checked before training starts rather than at the first step's compilation)."""
+    """None if torch.compile's inductor can build kernels here, else why not: Triton and a C compiler on a
+    GPU (Triton builds its kernel launcher with $CC, clang or gcc), a C++ compiler on CPU (checked before
+    training starts rather than at the first step's compilation)."""
     if torch.cuda.is_available():
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "inductor needs Triton for CUDA kernels (pip install triton)"
+        if not has_triton():
+            return "inductor needs Triton for CUDA kernels (pip install triton)"
+        compilers = [os.environ.get("CC"), "clang", "gcc"]  # (what triton/runtime/build.py looks for)
+        return None if any(c and shutil.which(c) for c in compilers) else "Triton needs a C compiler (gcc)"
     compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
     return None if any(c and shutil.which(c) for c in compilers) else "inductor needs a C++ compiler (g++) on CPU"
 

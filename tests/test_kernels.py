@@ -115,3 +115,23 @@ def test_unavailable_choice_is_refused_with_reason():
     op, name, why = unavailable[0]
     with pytest.raises(RuntimeError, match=f"kernels.{op}='{name}' is not available: {why}"):
         select_kernels(KernelConfig(**{op: name}))
+
+
+def test_gpu_compilation_needs_triton_and_a_c_compiler(monkeypatch):
+    """On a GPU, inductor's kernels are Triton's, whose launcher Triton builds with a C compiler: a machine
+    without either is told so before training (kernels.compile) or gets the eager dropout masks (auto)."""
+    import shutil
+
+    import torch.utils._triton
+
+    from model_parallel.kernels import compile_unavailable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert compile_unavailable() == "inductor needs Triton for CUDA kernels (pip install triton)"
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert compile_unavailable() == "Triton needs a C compiler (gcc)"
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert compile_unavailable() is None
