@@ -7,6 +7,7 @@ The slowest tests of the suite (a few minutes on 2 CPU cores)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -73,12 +74,21 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
 
 def test_decoder_only_demo_learns_the_prompted_colour(demo, tmp_path):
     """--set arch=decoder_only: dalle-tiny on the same data, tokenizers and code shards (the encoder-decoder
-    demo's finished steps, linked in: the demo skips them) learns colour from the caption as well."""
+    demo's finished steps, linked in: the demo skips them) learns colour from the caption as well. Trained
+    with data parallelism over the 2 processes (the demo's config with tp 1, the same global batch): 1.5x
+    the samples/s of TP=2 on 2 CPU cores; the encoder-decoder demo shows TP=2, tests/test_decoder_only.py
+    checks the decoder-only model at TP=2 against DP=2."""
+    import yaml
+
     from demo.run import DemoConfig, run
 
     for step in ("laion", "vq", "sr", "sr_data", "tok", "codes", "fid_real"):
         (tmp_path / step).symlink_to(demo[0] / step)
-    results = run(load_typed(DemoConfig, None, [f"out={tmp_path}", "arch=decoder_only", *SMALL]))
+    train_config = yaml.safe_load((Path(__file__).parent.parent / "configs/train/demo.yaml").read_text())
+    train_config["parallel"]["tp"], train_config["train"]["micro_batch_size"] = 1, 16
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train_config))
+    overrides = [f"out={tmp_path}", "arch=decoder_only", f"train_config={tmp_path / 'train.yaml'}", *SMALL]
+    results = run(load_typed(DemoConfig, None, overrides))
     assert results["model"] == {"arch": "decoder_only", "preset": "dalle-tiny"}
     assert results["trained"]["all"]["colour"] >= 0.8, results
     assert results["before_training"]["all"]["colour"] <= 0.5, results
