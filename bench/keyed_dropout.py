@@ -1,14 +1,14 @@
 """The keyed dropout's mask, eager against compiled (`kernels.dropout_mask`), at one site and in a training step.
 
-    python bench/keyed_dropout.py                              # parti-tiny at batch 8 (CPU) / parti-350m at 16 (GPU)
-    python bench/keyed_dropout.py --preset parti-350m --batch 2 --repeats 3
+    python bench/keyed_dropout.py           # a parti-350m site; the step: parti-tiny at batch 8 (CPU) / parti-350m at 16 (GPU)
+    python bench/keyed_dropout.py --step-preset parti-350m --step-batch 1 --repeats 3    # on CPU: ~20 s a step
 
-1. One decoder residual site of the preset, [image tokens, batch, hidden]: milliseconds for the mask by the
+1. One decoder residual site of `--preset` (batch 2 on CPU, 16 on a GPU), [image tokens, batch, hidden]: milliseconds for the mask by the
    eager integer hash, by its compiled kernel, and for applying a mask (what dropout costs at best), with
    the ratios eager/compiled and mask/apply; and the bytes each moves per element, counted from the eager
    operations' inputs and outputs (the compiled kernel writes one byte): elementwise work is bound by memory
    bandwidth on a GPU, so there its time follows the bytes; a CPU's matmuls are slow enough to hide them.
-2. Forward + backward of PartiModel (TP=1; bf16 on a GPU, fp32 on CPU) with model.dropout=0.1 and the masks
+2. Forward + backward of PartiModel (`--step-preset`; TP=1; bf16 on a GPU, fp32 on CPU) with dropout 0.1 and the masks
    of each kind, and with no dropout: each step's cost over the dropout-free step.
 Timings alternate between the variants in one run (these machines are noisy); medians are printed. The
 compiled variants are warmed up first, so compilation is not timed (printed apart).
@@ -91,7 +91,8 @@ def site(cfg, batch: int, device: str, dtype, repeats: int) -> dict[str, float]:
         "apply": lambda: keyed_dropout(x, mask, 0.1)}, repeats, device)}
 
 
-def training_step(cfg, batch: int, device: str, dtype, repeats: int) -> dict[str, float]:
+def training_step(preset: str, batch: int, device: str, dtype, repeats: int) -> dict[str, float]:
+    cfg = load_config(None, [f"model.preset={preset}"]).model
     text = torch.randint(4, cfg.text_vocab_size, (batch, cfg.text_seq_len), device=device)
     codes = torch.randint(0, cfg.image_vocab_size, (batch, cfg.image_seq_len), device=device)
     samples = torch.arange(batch, device=device)
@@ -99,7 +100,7 @@ def training_step(cfg, batch: int, device: str, dtype, repeats: int) -> dict[str
     for name, mask in (("eager_mask", "eager"), ("compiled_mask", "compiled"), ("no_dropout", "eager")):
         seed_everything(0)
         dropout = 0.0 if name == "no_dropout" else 0.1
-        model_cfg = load_config(None, [f"model.preset={cfg.preset}", f"model.dropout={dropout}"]).model
+        model_cfg = load_config(None, [f"model.preset={preset}", f"model.dropout={dropout}"]).model
         models[name] = PartiModel(model_cfg, select_kernels(KernelConfig(dropout_mask=mask))).to(device, dtype).train()
 
     def step(model):
@@ -112,10 +113,14 @@ def training_step(cfg, batch: int, device: str, dtype, repeats: int) -> dict[str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available()
-    parser.add_argument("--preset", default="parti-350m" if gpu else "parti-tiny")
-    parser.add_argument("--batch", type=int, default=16 if gpu else 8)
+    parser.add_argument("--preset", default="parti-350m", help="the site's shape")
+    parser.add_argument("--batch", type=int, default=16 if gpu else 2)
+    parser.add_argument("--step-preset", help="the training step's model (default: --preset on a GPU, parti-tiny on CPU)")
+    parser.add_argument("--step-batch", type=int, help="default: --batch on a GPU, 8 on CPU")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    step_preset = args.step_preset or (args.preset if gpu else "parti-tiny")
+    step_batch = args.step_batch or (args.batch if gpu else 8)
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     init_parallel(1, 1)
     cfg = load_config(None, [f"model.preset={args.preset}"]).model
@@ -132,9 +137,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{s['bytes_apply']:.0f} (eager/compiled {s['bytes_mask_eager']:.0f}x, eager mask/apply "
           f"{s['bytes_mask_eager'] / s['bytes_apply']:.0f}x)")
 
-    t = training_step(cfg, args.batch, device, dtype, args.repeats)
+    t = training_step(step_preset, step_batch, device, dtype, args.repeats)
     base = t["no_dropout"]
-    print(f"forward+backward: no dropout {base * 1e3:.1f} ms; dropout 0.1 with eager masks "
+    print(f"forward+backward of {step_preset} at batch {step_batch}: no dropout {base * 1e3:.1f} ms; dropout 0.1 with eager masks "
           f"{t['eager_mask'] * 1e3:.1f} ms (+{t['eager_mask'] / base - 1:.0%}), with compiled masks "
           f"{t['compiled_mask'] * 1e3:.1f} ms (+{t['compiled_mask'] / base - 1:.0%})")
     print(f"  step eager/compiled masks: {t['eager_mask'] / t['compiled_mask']:.2f}x")
