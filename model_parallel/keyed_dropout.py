@@ -76,13 +76,12 @@ def keyed_keep_mask(sample_index: torch.Tensor, key: int | torch.Tensor, p: floa
 
 
 @functools.cache
-def compiled_keep_mask(backend: str = "inductor"):
-    """`keyed_keep_mask` through torch.compile: equal masks, one fused kernel per call. Dynamic shapes from
-    the first call, so that the sites' shapes (encoder, decoder, attention probabilities; micro-batch sizes)
-    share a few graphs instead of recompiling per shape. Inside a compiled layer (kernels.compile) dynamo
-    traces through it as through the eager function. `backend`: torch.compile's (tests check the wiring
-    with "aot_eager", without code generation)."""
-    return torch.compile(keyed_keep_mask, dynamic=True, backend=backend)
+def compiled_keep_mask():
+    """`keyed_keep_mask` through torch.compile (inductor): equal masks, one fused kernel per call. Dynamic
+    shapes from the first call, so that the sites' shapes (encoder, decoder, attention probabilities;
+    micro-batch sizes) share a few graphs instead of recompiling per shape. Inside a compiled layer
+    (kernels.compile) dynamo traces through it as through the eager function."""
+    return torch.compile(keyed_keep_mask, dynamic=True)
 
 
 def keyed_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model_parallel.kernels import (
+    KERNEL_CHOICES,
     availability,
     fused_bias_gelu,
     math_attention,
@@ -85,7 +86,7 @@ def test_fused_optimizer_equals_torch_adamw(name):
 
 def test_auto_selection_and_summary():
     kernels = select_kernels()
-    for op in ("layernorm", "attention", "bias_gelu", "optimizer", "dropout_mask"):
+    for op in KERNEL_CHOICES:
         name, why = kernels.choices[op]
         assert AVAILABLE[op][name] is None and why.startswith("auto")
     if torch.cuda.is_available():
