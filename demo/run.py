@@ -89,7 +89,7 @@ class DemoConfig:
     arch: str = "encoder_decoder"
     """The model family: encoder_decoder (Parti: parti-tiny) or decoder_only (DALL-E: dalle-tiny)."""
     train_config: str = "configs/train/demo.yaml"
-    """The training config (TP=2); the demo sets its model preset (by `arch`), data and vocabulary sizes."""
+    """The training config (demo.yaml: TP=2); the demo sets its model preset (by `arch`), data and vocabulary sizes."""
     train_steps: int = 1000
     """Parti training steps (the run is stopped and resumed at half of them)."""
     nproc: int = 2
@@ -188,7 +188,7 @@ def tokenize(cfg: DemoConfig, out: Path, pattern: str, vq_path: Path) -> tuple[P
 
 
 def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
-    """Step 4: torchrun training at TP=2, stopped through the STOP file half way and resumed; exported."""
+    """Step 4: torchrun training (demo.yaml: TP=2), stopped through the STOP file half way and resumed; exported."""
     run_dir = out / "parti"
     if (run_dir / "export" / "model.safetensors").is_file():
         return run_dir
@@ -287,6 +287,13 @@ def loss_label(m) -> str:
     return f"loss ({1 - m.text_loss_weight:g} x image-token + {m.text_loss_weight:g} x caption-token cross-entropy)"
 
 
+def layout_label(parallel, nproc: int) -> str:
+    """How the run was split over its processes, as the report names it: "TP=2", "DP=2", "DP=2 x TP=2"."""
+    dp = nproc // (parallel.tp * parallel.pp)
+    parts = [f"{name}={n}" for name, n in (("DP", dp), ("TP", parallel.tp), ("PP", parallel.pp)) if n > 1]
+    return " x ".join(parts) or "one process"
+
+
 def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evaluated: dict, timings: dict) -> Path:
     """Step 6: report.html and its pictures, all inside `out`."""
     from PIL import Image
@@ -295,8 +302,10 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     preset, what = ARCH_PRESETS[cfg.arch], {"encoder_decoder": "Parti's encoder-decoder",
                                             "decoder_only": "a DALL-E-style decoder-only transformer"}[cfg.arch]
-    line_plot(out / "loss.png", {f"{preset}, TP=2": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
-              "step", loss_label(load_config(run_dir / "config.yaml").model),
+    run_config = load_config(run_dir / "config.yaml")
+    layout = layout_label(run_config.parallel, cfg.nproc)
+    line_plot(out / "loss.png", {f"{preset}, {layout}": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
+              "step", loss_label(run_config.model),
               f"stopped at step {evaluated['results']['training'].get('stopped_at_step')} and resumed")
     vq = load_image_tokenizer(vq_path)
     originals = [Image.open(p) for p in sorted((out / "fid_real").glob("*.png"))[:8]]
@@ -336,7 +345,7 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     sections.append((title, image_html("grid_upsampled.png") + psnr_note))
     sections.append(("Time per step in this invocation (s; 0: done by an earlier run into this folder)",
                      table_html([timings], digits=0)))
-    intro = (f"{preset} ({what}, model.arch={cfg.arch}) trained with TP=2 on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
+    intro = (f"{preset} ({what}, model.arch={cfg.arch}) trained with {layout} on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
              f"{len(shapes.SHAPES)} shapes (held out: {cfg.held_out}), plus the 17 shipped COCO photos; samples with "
              f"classifier-free guidance {cfg.guidance_scale}. Config: demo_config.yaml, {run_dir.name}/config.yaml.")
     return write_html(out / "report.html", "End-to-end demo", sections, intro)

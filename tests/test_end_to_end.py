@@ -69,7 +69,7 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
     assert {"loss.png", "reconstructions.png", "grid_trained.png", "grid_before_training.png",
             "grid_upsampled.png"} <= set(images)
     assert all((out / name).stat().st_size > 1000 for name in images)
-    assert "held out" in report and "FID" in report
+    assert "held out" in report and "FID" in report and "trained with TP=2 on" in report
 
 
 def test_decoder_only_demo_learns_the_prompted_colour(demo, tmp_path):
@@ -92,4 +92,5 @@ def test_decoder_only_demo_learns_the_prompted_colour(demo, tmp_path):
     assert results["model"] == {"arch": "decoder_only", "preset": "dalle-tiny"}
     assert results["trained"]["all"]["colour"] >= 0.8, results
     assert results["before_training"]["all"]["colour"] <= 0.5, results
-    assert "model.arch=decoder_only" in (tmp_path / "report.html").read_text()
+    report = (tmp_path / "report.html").read_text()
+    assert "model.arch=decoder_only" in report and "trained with DP=2 on" in report

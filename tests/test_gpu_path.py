@@ -107,14 +107,19 @@ def _build_zero3_model():
 
     init_parallel(1, 1)
     cfg = load_config("configs/train/debug.yaml", ["parallel.zero_stage=3"])
-    model = build_model(cfg, select_kernels(cfg.kernels), "cpu", layout_of(cfg, 2))
-    return {n: (p.ds_numel, p.ds_tensor.numel(), p.data.numel()) for n, p in model.named_parameters()}
+    # "meta" stands in for the GPU the engine would run on: parameters are zero.Init's to place, buffers follow it.
+    model = build_model(cfg, select_kernels(cfg.kernels), "meta", layout_of(cfg, 2))
+    return ({n: (p.ds_numel, p.ds_tensor.numel(), p.data.numel()) for n, p in model.named_parameters()},
+            {n: str(b.device) for n, b in model.named_buffers()})
 
 
 def test_zero3_model_is_built_partitioned(pool2):
     """Under zero.Init every parameter is partitioned as its module is built: a rank holds ~1/2 of each
-    (the whole model never exists on one rank). The losses of such runs equal ZeRO-0's (test_training)."""
+    (the whole model never exists on one rank). The losses of such runs equal ZeRO-0's (test_training).
+    The buffers (the dropout sites' keys) are on the training device: DeepSpeed moves no zero.Init model."""
     ranks = pool2.run(_build_zero3_model)
-    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
-    for name, (numel, local, placeholder) in ranks[0].items():
+    params, buffers = ranks[0]
+    assert params.keys() == ranks[1][0].keys() and len(params) > 10
+    for name, (numel, local, placeholder) in params.items():
         assert placeholder == 0 and local == -(-numel // 2), name
+    assert len(buffers) > 10 and set(buffers.values()) == {"meta"}, buffers

@@ -111,6 +111,12 @@ def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout):
         init_deepspeed()
         with deepspeed.zero.Init(mpu=MegatronMpu(), config_dict_or_path=deepspeed_config(cfg, layout.dp)):
             model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group)
+        # DeepSpeed's engine moves no zero.Init model to its device (engine._configure_distributed_model)
+        # and zero.Init places parameters only: the buffers (the dropout sites' keys, made on the CPU) are
+        # moved here, as .to(device) does for the other layouts, so that no kernel mixes devices.
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(device))
     else:
         model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group).to(device)
     if kernels.compile:
