@@ -9,7 +9,8 @@ Debian's slurmd supports several daemons per host (`slurmd -N n1`); node names r
 in /etc/hosts that `stop` removes again. Needs root (daemons, apt-get, /etc/hosts): `available()` says why
 not. Both "nodes" share this machine's CPUs, disk and ports (two ranks binding one fixed port collide, unlike
 on a real cluster). A requeued job waits cred_expire + 1 s before it starts again (121 s by default): the
-config sets cred_expire=10. `--signal=B:USR1@10` reaches the batch shell 20-45 s before the time limit.
+config sets cred_expire=5, the least SLURM accepts. `--signal=B:USR1@10` reaches the batch shell 20-45 s
+before the time limit.
 
 The nodes have no GPUs (no GRES), and SLURM refuses a job that asks for GPUs there ("Invalid generic
 resource (gres) specification"), so jobs override the scripts' GPU and CPU requests on the sbatch command
@@ -61,7 +62,7 @@ SlurmctldPort={port}
 SlurmUser=root
 AuthType=auth/none
 CredType=cred/none
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none

@@ -21,7 +21,7 @@ from slurm.local_cluster import CPU_NODE_OPTIONS, CPUS_PER_NODE, LocalCluster, a
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable))
 ENV = {"PYTHON": PYTHON, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DEVICE": "cpu"}
-TRAIN = ["--set", "train.steps=200", "train.save_interval=10", "train.log_interval=1"]
+TRAIN = ["--set", "train.steps=100", "train.save_interval=10", "train.log_interval=1"]
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no local SLURM cluster: {available()}")
 
@@ -88,7 +88,7 @@ def test_two_node_training_job(cluster, uninterrupted, tmp_path, interrupt):
     assert state == "COMPLETED", log[-3000:]
     assert "2 node(s) x 1, device cpu" in log
     step, loss = final_loss(run_dir)
-    assert step == 200 and loss == pytest.approx(uninterrupted[1], rel=1e-5)
+    assert step == 100 and loss == pytest.approx(uninterrupted[1], rel=1e-5)
     assert "resumed from" in log
     if interrupt == "usr1":
         assert "requeueing job" in log and not (run_dir / "REQUEUE").exists()
