@@ -4,8 +4,8 @@ naming the file or field with the run directory as it was.
 
 Runs resume from copies of the reference run (tests/conftest.py: 6 steps, checkpoints at steps 3 and
 6, DP=2) in the test process (DP=1, which continues it exactly), so each test costs at most one engine
-start-up; refusals come before any engine is built. The table at the end goes through
-`python -m training.train` in a subprocess, as a user would.
+start-up; refusals come before any engine is built. The table of bad inputs at the end goes through
+training.train's main() in this process, and one of them through `python -m training.train`, as a user runs it.
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def test_the_lock_of_a_dead_run_does_not_block(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad inputs through `python -m training.train`: exit 1, one line naming the file or field, nothing changed
+# Bad inputs to training.train's main(): exit 1, one line naming the file or field, nothing changed
 
 
 def truncate(run_dir: Path) -> None:
@@ -275,25 +275,50 @@ BAD_INPUTS = {  # id: (prepare the run directory, --set overrides, what the one 
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_ends_in_one_line_and_leaves_the_run_as_it_was(reference, tmp_path, case):
-    prepare, sets, expected = BAD_INPUTS[case]
-    run_dir = copy_run(reference[1], tmp_path / "run")
+def _bad_input(reference_dir: Path, tmp_path: Path, case: str) -> tuple[Path, dict, list[str]]:
+    """A copy of the reference run prepared for `case`: (run dir, its snapshot, training.train's arguments)."""
+    prepare, sets, _ = BAD_INPUTS[case]
+    run_dir = copy_run(reference_dir, tmp_path / "run")
     if prepare:
         prepare(run_dir)
-    before = snapshot(run_dir)
-    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/debug.yaml", "--run-dir", str(run_dir),
-           "--set", "train.steps=9", "train.global_batch_size=8", "train.micro_batch_size=2", "train.save_interval=3",
-           "model.dropout=0.0", "model.attention_dropout=0.0", *sets]
+    args = ["--config", "configs/train/debug.yaml", "--run-dir", str(run_dir), "--set", "train.steps=9",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "train.save_interval=3", "model.dropout=0.0",
+            "model.attention_dropout=0.0", *sets]
+    return run_dir, snapshot(run_dir), args
+
+
+def _check_line(case: str, line: str) -> None:
+    assert re.match(r"(config )?error: ", line) and "\n" not in line, line
+    for text in BAD_INPUTS[case][2]:
+        assert text.format(pid=os.getpid()) in line, line
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_ends_in_one_line_and_leaves_the_run_as_it_was(single_process, reference, tmp_path, case, capfd):
+    """main() in this process (an engine start-up where the checkpoint is read, no interpreter start-up):
+    SystemExit carries the one line the interpreter prints; nothing else went to stderr as a traceback."""
+    from training.train import main
+
+    run_dir, before, args = _bad_input(reference[1], tmp_path, case)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
     finally:
         while HELD:
             HELD.pop().close()
-    last = proc.stderr.strip().splitlines()[-1]
+    assert isinstance(exit_.value.code, str), exit_.value.code  # sys.exit(message): exit status 1
+    _check_line(case, exit_.value.code)
+    assert "Traceback" not in capfd.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_the_command_line_exits_1_with_that_line_last(reference, tmp_path):
+    """The same through `python -m training.train` in a subprocess, as a user runs it (one case: the others
+    differ only inside main())."""
+    run_dir, before, args = _bad_input(reference[1], tmp_path, "truncated-distcp")
+    proc = subprocess.run([sys.executable, "-m", "training.train", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert re.match(r"(config )?error: ", last), proc.stderr[-3000:]
-    for text in expected:
-        assert text.format(pid=os.getpid()) in last, last
+    _check_line("truncated-distcp", proc.stderr.strip().splitlines()[-1])
     assert snapshot(run_dir) == before
