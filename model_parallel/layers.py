@@ -42,7 +42,8 @@ class KeyedSite(nn.Module):
     (key_dropout_sites). The key is a 0-dim int64 buffer, not a Python int: torch.compile specialises on a
     module's int attributes, and every site has its own key, so an int would recompile each layer (and
     give up after eight). Created on the CPU explicitly (real even in a meta-device build, a scalar to any
-    device's ops until the module is moved); not saved in checkpoints (it is derived from the seed).
+    device's ops until the module is moved: .to(device), or at ZeRO-3 training/engine.build_model); not
+    saved in checkpoints (it is derived from the seed).
     `keep_mask`: the function that computes its masks (kernels.keep_mask: keyed_keep_mask or its compiled
     kernel, model_parallel/keyed_dropout.py)."""
 
