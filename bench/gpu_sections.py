@@ -473,7 +473,8 @@ def sampling(ctx: Context) -> dict:
     for mode in ("kv_cache", "cuda_graph"):
         if mode in modes:
             checks[f"{mode}_ran"] = "image_tokens_per_s" in measured[mode]
-    checks["kv_cache_faster_than_recomputation"] = measured["kv_cache"].get("vs_full_recomputation", 0) > 1.0
+    if device == "cuda":  # a speed check; on CPU (the test suite's --quick run) the ratio is reported, not judged
+        checks["kv_cache_faster_than_recomputation"] = measured["kv_cache"].get("vs_full_recomputation", 0) > 1.0
     out["checks"] = checks
     return out
 
