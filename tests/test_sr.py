@@ -18,7 +18,7 @@ TINY = ["model.preset=tiny", "train.crop=48", "train.resize=160", "train.batch_s
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> tuple[str, str]:
     """12 of the shipped photos to train on, the other 5 held out."""
-    folder, samples = tmp_path_factory.mktemp("srdata"), lf.coco_mini()
+    folder, samples = tmp_path_factory.mktemp("srdata"), lf.coco_mini(160)  # (train.resize=160: the photos as the stream resizes them)
     for name, part in (("train", samples[:12]), ("val", samples[12:])):
         lf.write_tar(folder / f"{name}.tar", [(k, {"jpg": j, "txt": c.encode()}) for k, j, c in part])
     return str(folder / "train.tar"), str(folder / "val.tar")
