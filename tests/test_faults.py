@@ -1,6 +1,7 @@
 """Faults and stops: SIGKILL while saving, SIGUSR1 preemption, non-finite steps, refused layouts."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,8 +24,9 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def wait_until_gone(group: int, timeout: float = 30) -> None:
-    """Until no process of the process group is alive (zombies, dead but not reaped yet, hold no files)."""
+def wait_until_gone(group: int, timeout: float = 30) -> bool:
+    """Until no process of the process group is alive (zombies, dead but not reaped yet, hold no files);
+    False if some still is after `timeout` seconds."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         alive = False
@@ -35,8 +37,9 @@ def wait_until_gone(group: int, timeout: float = 30) -> None:
                 continue
             alive = alive or (int(pgrp) == group and state not in ("Z", "X"))
         if not alive:
-            return
+            return True
         time.sleep(0.05)
+    return False
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -48,7 +51,10 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, referenc
         proc = subprocess.Popen([sys.executable, "-m", "tests.crash_during_save", str(tmp_path), "4", mode],
                                 cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         returncode = proc.wait(timeout=300)
-    os.killpg(proc.pid, signal.SIGKILL)  # its orphaned helper processes
+    if mode == "sync":  # its helpers (data workers, the checkpoint queue server) end by themselves
+        assert wait_until_gone(proc.pid, timeout=20), "a helper process outlived the killed trainer"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned background writer (async)
     wait_until_gone(proc.pid)  # forked checkpoint writers share the run directory's lock until they die
     assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert (tmp_path / "checkpoints" / "step_00000004").is_dir()          # half-written
@@ -61,15 +67,17 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, referenc
 def test_sigusr1_saves_and_exits_for_requeue(single_process, tmp_path):
     from training.preemption import REQUEUE_EXIT_CODE
 
+    """The signal goes to every process of the run, as SLURM signals a job's: the helpers (data workers, the
+    checkpoint queue server, up since the save at step 2) leave it to the trainer, which saves and exits."""
     cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/debug.yaml",
-           "--set", "train.steps=100000", "train.save_interval=0", "--run-dir", str(tmp_path)]
+           "--set", "train.steps=100000", "train.save_interval=2", "--run-dir", str(tmp_path)]
     log = tmp_path / "train.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 240
         while len(metrics(tmp_path)) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        proc.send_signal(signal.SIGUSR1)
+        os.killpg(proc.pid, signal.SIGUSR1)
         returncode = proc.wait(timeout=240)
     assert returncode == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
     tag = latest_tag(tmp_path)

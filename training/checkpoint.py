@@ -49,6 +49,7 @@ import enum
 import importlib
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -310,7 +311,47 @@ def save_strategy():
     """torch_dist files (megatron-core's default), with the writes of tensors that every data-parallel rank
     holds whole (ZeRO-0) spread over those ranks instead of all on DP rank 0 (FullyParallelSaveStrategyWrapper
     exchanges only metadata); ZeRO parts are each rank's own and stay where they are."""
+    _start_write_results_queue()
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), ps.get_data_parallel_group())
+
+
+def _start_write_results_queue() -> None:
+    """megatron-core's checkpoint writers report through one queue per process, served by a multiprocessing
+    Manager that megatron starts at the first save with 'spawn'. The spawned server imports the trainer's
+    main module again (for `python -m training.train`: all of megatron-core and DeepSpeed) and then torch to
+    read the first report: a run's first save took 9 s, the next ones 0.2 s, once per rank and launch. The
+    same Manager is started here by fork, as the data-loading workers and megatron's own async writers are,
+    and kept where megatron looks for it (filesystem_async._results_queue). The forked server must not act
+    as the trainer: `_queue_server_init`."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(_queue_server_init, (os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()  # (the proxy keeps the manager, as megatron's does)
+
+
+def _queue_server_init(trainer_pid: int) -> None:
+    """In the forked queue server: a stop signal sent to the whole job is the trainer's to handle (it saves
+    first, through this server); the run directory's lock stays the trainer's alone; and the server ends
+    within a second of the trainer however that ends (a SIGKILL leaves no finaliser to shut it down)."""
+    import signal
+    import threading
+    import time
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    checkpoints.drop_inherited_locks()
+
+    def exit_with_the_trainer() -> None:
+        while os.getppid() == trainer_pid:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_the_trainer, daemon=True).start()
 
 
 def _rng_state() -> dict:
