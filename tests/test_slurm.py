@@ -90,6 +90,8 @@ def test_two_node_training_job(cluster, uninterrupted, tmp_path, interrupt):
     step, loss = final_loss(run_dir)
     assert step == 100 and loss == pytest.approx(uninterrupted[1], rel=1e-5)
     assert "resumed from" in log
+    if interrupt == "requeue":  # SLURM's SIGTERM reached every process; the trainers saved before they went
+        assert "stopped by SIGTERM" in log and "exiting with 75" in log
     if interrupt == "usr1":
         assert "requeueing job" in log and not (run_dir / "REQUEUE").exists()
 
