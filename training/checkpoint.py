@@ -319,10 +319,12 @@ def _start_write_results_queue() -> None:
     """megatron-core's checkpoint writers report through one queue per process, served by a multiprocessing
     Manager that megatron starts at the first save with 'spawn'. The spawned server imports the trainer's
     main module again (for `python -m training.train`: all of megatron-core and DeepSpeed) and then torch to
-    read the first report: a run's first save took 9 s, the next ones 0.2 s, once per rank and launch. The
-    same Manager is started here by fork, as the data-loading workers and megatron's own async writers are,
-    and kept where megatron looks for it (filesystem_async._results_queue). The forked server must not act
-    as the trainer: `_queue_server_init`."""
+    read the first report: a run's first save took 9 s, the next ones 0.2 s, once per rank and launch. And a
+    stop signal sent to every process of the job (SLURM's SIGTERM on requeue or preemption) killed that
+    server, so the trainer's save on that signal failed with Broken pipe. The same Manager is started here
+    by fork, as the data-loading workers and megatron's own async writers are, and kept where megatron looks
+    for it (filesystem_async._results_queue). The forked server must not act as the trainer:
+    `_queue_server_init`."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
