@@ -65,10 +65,10 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, referenc
 
 
 def test_sigusr1_saves_and_exits_for_requeue(single_process, tmp_path):
-    from training.preemption import REQUEUE_EXIT_CODE
-
     """The signal goes to every process of the run, as SLURM signals a job's: the helpers (data workers, the
     checkpoint queue server, up since the save at step 2) leave it to the trainer, which saves and exits."""
+    from training.preemption import REQUEUE_EXIT_CODE
+
     cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/debug.yaml",
            "--set", "train.steps=100000", "train.save_interval=2", "--run-dir", str(tmp_path)]
     log = tmp_path / "train.log"
