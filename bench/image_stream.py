@@ -1,11 +1,12 @@
 """The image models' crop stream (data_pipeline/image_stream.py), side by side in one run: images/s with
-decoding in the training process against W DataLoader workers, and the cost of a resume from the saved
+decoding in the training process against W DataLoader workers, a rank of 4 against a single process (each
+rank decodes only its quarter of the samples: the same images/s), and the cost of a resume from the saved
 stream state against replaying the stream to the same position.
 
     python bench/image_stream.py [--workers 2] [--images 600] [--size 256]
 
 Data: the shipped COCO photos (../shared/data/coco_mini, read in place; ~640x480 JPEGs, as LAION's), repeated
-into 2 shards (LAION's hold ~10,000 samples; the workers restart at each shard) under a temporary folder.
+into 2 shards (LAION's hold ~10,000 samples) under a temporary folder.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from data_pipeline.laion import write_tar
 from data_pipeline.shared_data import shared_path
 
 
-def crop_stream(pattern: str, size: int, workers: int = 0) -> CropStream:
-    return CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=1, seed=0, workers=workers)
+def crop_stream(pattern: str, size: int, workers: int = 0, world: int = 1) -> CropStream:
+    return CropStream(pattern, crop=size, resize=size + size // 8, rank=0, world=world, seed=0, workers=workers)
 
 
-def images_per_s(pattern: str, size: int, workers: int, count: int) -> float:
-    stream = crop_stream(pattern, size, workers)
+def images_per_s(pattern: str, size: int, workers: int, count: int, world: int = 1) -> float:
+    stream = crop_stream(pattern, size, workers, world)
     start = time.perf_counter()
     for _ in itertools.islice(stream, count):
         pass
@@ -56,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         photos = sorted((shared_path("coco_mini") / "images").glob("*.jpg"))
-        per_shard = args.images + 256  # so that the stream never runs dry
+        per_shard = 2 * args.images + 512  # so that the stream never runs dry, also for a rank of 4
         for shard in range(2):
             write_tar(Path(tmp) / f"{shard:05d}.tar", [(f"{shard}{i:06d}", {"jpg": photos[i % len(photos)].read_bytes(),
                                                                          "txt": b"a photo"}) for i in range(per_shard)])
@@ -65,6 +66,9 @@ def main() -> None:
         ahead = images_per_s(pattern, args.size, args.workers, args.images)
         print(f"crop stream, {args.size} px: {inline:.0f} images/s decoded in the training process, "
               f"{ahead:.0f} with {args.workers} workers: {ahead / inline:.2f}x")
+        rank = images_per_s(pattern, args.size, 0, args.images // 2, world=4)
+        print(f"rank 0 of 4 (in the training process): {rank:.0f} images/s, {rank / inline:.2f}x a single process's "
+              "(it reads all samples but decodes a quarter)")
         replay, state = (resume_seconds(pattern, args.size, args.images, saved) for saved in (False, True))
         print(f"resume after {args.images} images: replay {replay:.2f} s, saved state {state:.2f} s: "
               f"{replay / state:.1f}x faster (replay grows with the images seen, the state's cost does not)")

@@ -5,11 +5,13 @@
     state = stream.state_dict()      # where it is: saved with a checkpoint
     restore_stream(stream, saved_states, consumed, checkpoint)   # on resume (each rank takes its own)
 
-Every kept sample (data_pipeline/images.py's filters) is resized (shorter side) and centre-cropped to
-`resize` (or `crop` when resize is 0), then, through a 256-image shuffle buffer, randomly cropped to `crop`
-and flipped. Rank r of `world` takes every world-th kept sample; the stream is a pure function of
-(pattern, seed, rank, world), the same at any number of decoding `workers` (processes that decode and
-resize the next samples while the model trains; 0: in the training process).
+Rank r of `world` takes the samples r, r + world, r + 2 world, ... of a pass over the shards (counted over
+all shards, before decoding, as DistributedSampler splits a dataset's indices): each rank decodes only its
+own samples, so a rank's decoding cost falls with the world size. Every kept one of them (data_pipeline/images.py's
+filters) is resized (shorter side) and centre-cropped to `resize` (or `crop` when resize is 0), then, through
+a 256-image shuffle buffer, randomly cropped to `crop` and flipped. The stream is a pure function of
+(pattern, seed, rank, world), the same at any number of decoding `workers` (processes, started once per
+stream, that decode and resize the next samples while the model trains; 0: in the training process).
 
 A resumed trainer continues the stream from its saved state: the position in the shards, the shuffle
 generator and which samples fill the buffer (those are decoded again, at most 256). Replaying the stream
@@ -33,6 +35,9 @@ from data_pipeline.laion import expand_shards, read_shard
 
 BUFFER = 256
 """Images in the shuffle buffer."""
+BATCH = 16
+"""Samples per message from a decoding worker (one message per sample cost a worker a fifth of its speed in
+bench/image_stream.py)."""
 
 
 class CropStream:
@@ -45,7 +50,8 @@ class CropStream:
         self.rng = random.Random(seed * 1000 + rank)
         self.buffer: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((shard, position in it), image)
         self.shard = self.position = 0  # the next raw sample to read
-        self.kept = 0  # samples kept in this pass over the shards (rank r takes every world-th)
+        self.index = 0  # samples of all ranks before it in this pass (rank r takes those with index % world == r)
+        self.kept = 0  # this rank's kept images in this pass
         self._images = self._generate()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -56,43 +62,49 @@ class CropStream:
 
     def _generate(self) -> Iterator[torch.Tensor]:
         """The stream from the current state; the state is up to date whenever an image has been yielded."""
-        while True:
-            while self.shard < len(self.paths):
-                raws = itertools.islice(read_shard(self.paths[self.shard], Counter()), self.position, None)
-                for image in self._decoded(raws):
-                    ref = (self.shard, self.position)
-                    self.position += 1
-                    if image is not None:
-                        self.kept += 1
-                        if self.kept % self.world == self.rank:
-                            self.buffer.append((ref, image))
-                    if len(self.buffer) >= BUFFER:
-                        yield self._take()
-                self.shard, self.position = self.shard + 1, 0
-            if self.kept < self.world:
-                raise ValueError(f"{self.pattern}: {self.kept} usable image(s), fewer than the {self.world} "
-                                 "data-parallel ranks")
-            while self.buffer:  # the end of a pass: drain the buffer, then start the next pass
+        samples = _RankSamples(self.paths, self.prep, self.rank, self.world, (self.shard, self.position, self.index))
+        if self.workers:  # forked, as the training's read-ahead workers: they only decode (no CUDA, no collectives)
+            loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=self.workers,
+                                                 multiprocessing_context="fork")
+            decoded = itertools.chain.from_iterable(loader)
+        else:
+            decoded = itertools.chain.from_iterable(samples)
+        for sample in decoded:
+            if isinstance(sample, int):  # a pass over the shards ends: `sample` samples in it
+                self._end_pass(sample)
+                while self.buffer:  # drain the buffer, then start the next pass
+                    yield self._take()
+                self.shard = self.position = self.index = self.kept = 0
+                continue
+            (self.shard, self.position, self.index), image = sample
+            if image is not None:
+                self.kept += 1
+                self.buffer.append(((self.shard, self.position), image))
+            self.position, self.index = self.position + 1, self.index + 1
+            if len(self.buffer) >= BUFFER:
                 yield self._take()
-            self.shard = self.position = self.kept = 0
 
-    def _decoded(self, raws: Iterator[dict]) -> Iterator[torch.Tensor | None]:
-        """Each raw sample's image (uint8 [3, S, S]; None if not kept), in order: decoded here, or by `workers`
-        DataLoader processes ahead, in batches of 16 (one message per sample cost a worker a fifth of its speed
-        in bench/image_stream.py), as pre-tokenization does: PIL decoding and resizing in the training process
-        starves a GPU. With workers the rest of the shard's raw bytes are read into memory."""
-        if self.workers == 0:
-            prepared = (prepare_sample(raw, self.prep) for raw in raws)
-        else:  # forked, as the training's read-ahead workers: they only decode (no CUDA, no collectives)
-            batches = torch.utils.data.DataLoader(PreparedSamples(list(raws), self.prep), batch_size=16,
-                                                  collate_fn=list, num_workers=self.workers,
-                                                  multiprocessing_context="fork")
-            prepared = itertools.chain.from_iterable(batches)
-        return (p.image if p.reason is None else None for p in prepared)
+    def _end_pass(self, samples: int) -> None:
+        if self.kept == 0:  # (else the stream would read the shards forever)
+            raise ValueError(f"{self.pattern}: data-parallel rank {self.rank} of {self.world} takes every "
+                             f"{self.world}-th of the {samples} samples from sample {self.rank}, and none of "
+                             "them has a usable image")
+        self.shard, self.position, self.index = len(self.paths), 0, samples
 
     def close(self) -> None:
         """Stop the decoding processes (none without workers); the stream ends."""
         self._images.close()
+
+    def _decode(self, raws: Iterator[dict]) -> Iterator[torch.Tensor | None]:
+        """Each raw sample's image (None if not kept), in order, by the decoding workers if there are any."""
+        if self.workers == 0:
+            prepared = (prepare_sample(raw, self.prep) for raw in raws)
+        else:
+            batches = torch.utils.data.DataLoader(PreparedSamples(list(raws), self.prep), batch_size=BATCH,
+                                                  collate_fn=list, num_workers=self.workers,
+                                                  multiprocessing_context="fork")
+            prepared = itertools.chain.from_iterable(batches)
+        return (p.image if p.reason is None else None for p in prepared)
 
     def _take(self) -> torch.Tensor:
         _, image = self.buffer.pop(self.rng.randrange(len(self.buffer)))
@@ -102,7 +114,7 @@ class CropStream:
         """Plain data (checkpoints load with weights_only): the position, the generator, the buffer's samples."""
         version, internal, gauss = self.rng.getstate()
         return {"shards": len(self.paths), "rank": self.rank, "world": self.world, "shard": self.shard,
-                "position": self.position, "kept": self.kept, "buffer": [list(ref) for ref, _ in self.buffer],
+                "position": self.position, "index": self.index, "kept": self.kept, "buffer": [list(ref) for ref, _ in self.buffer],
                 "rng": [version, list(internal), gauss]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -117,7 +129,7 @@ class CropStream:
         for shard in sorted({s for s, _ in wanted}):
             raws = [(position, raw) for position, raw in enumerate(read_shard(self.paths[shard], Counter()))
                     if (shard, position) in wanted]
-            for (position, raw), image in zip(raws, self._decoded(raw for _, raw in raws), strict=True):
+            for (position, raw), image in zip(raws, self._decode(raw for _, raw in raws), strict=True):
                 if image is None:
                     raise ValueError(f"{self.paths[shard]}: sample {position} ({raw.get('__key__')}) was in the "
                                      "saved shuffle buffer but is now skipped: the shard changed")
@@ -126,10 +138,48 @@ class CropStream:
             raise ValueError(f"{self.paths[min(missing)[0]]}: sample {min(missing)[1]} of the saved shuffle buffer "
                              "is gone: the shard changed")
         self.buffer = [(ref, images[ref]) for ref in map(tuple, state["buffer"])]
-        self.shard, self.position, self.kept = state["shard"], state["position"], state["kept"]
+        self.shard, self.position, self.index, self.kept = (state[k] for k in ("shard", "position", "index", "kept"))
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self._images = self._generate()
+
+
+class _RankSamples(torch.utils.data.IterableDataset):
+    """One rank's samples from `start` = (shard, position, index) on, endlessly, in lists of BATCH: each
+    ((shard, position, index), uint8 image or None when the filters drop it), and, where a pass over the shards
+    ends, its number of samples (all ranks'). DataLoader workers take the lists in turns (worker w of W the lists
+    w, w + W, ...), the order in which the loader hands them back: the same stream at any number of workers.
+    Each worker reads the shards' bytes (the page cache shares them) and decodes only its lists."""
+
+    def __init__(self, paths: list[str], prep: FilterConfig, rank: int, world: int, start: tuple[int, int, int]):
+        super().__init__()
+        self.paths, self.prep, self.rank, self.world, self.start = paths, prep, rank, world, start
+
+    def __iter__(self) -> Iterator[list]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        samples = self._raw()
+        for number in itertools.count():
+            batch = list(itertools.islice(samples, BATCH))
+            if number % workers == worker:
+                yield [item if isinstance(item, int) else (item[0], self._image(item[1])) for item in batch]
+
+    def _image(self, raw: dict) -> torch.Tensor | None:
+        prepared = prepare_sample(raw, self.prep)
+        return prepared.image if prepared.reason is None else None
+
+    def _raw(self) -> Iterator[tuple[tuple[int, int, int], dict] | int]:
+        first_shard, first_position, index = self.start
+        while True:
+            for shard in range(first_shard, len(self.paths)):
+                raws = itertools.islice(read_shard(self.paths[shard], Counter()), first_position, None)
+                for position, raw in enumerate(raws, first_position):
+                    if index % self.world == self.rank:
+                        yield (shard, position, index), raw
+                    index += 1
+                first_position = 0
+            yield index
+            first_shard = first_position = index = 0
 
 
 def gather_stream_states(stream: CropStream) -> list[dict]:
@@ -146,7 +196,7 @@ def restore_stream(stream: CropStream, saved: list[dict] | None, consumed: int, 
     """Put the stream where `checkpoint` left it: from this rank's saved state when the checkpoint has one
     of this world size, else by replaying its first `consumed` images. Returns how, for the log; a
     CheckpointError when the shards no longer hold what the saved state refers to."""
-    if saved is not None and len(saved) == stream.world:
+    if saved is not None and len(saved) == stream.world and "index" in saved[stream.rank]:
         try:
             stream.load_state_dict(saved[stream.rank])
         except ValueError as e:
@@ -154,7 +204,8 @@ def restore_stream(stream: CropStream, saved: list[dict] | None, consumed: int, 
         return "data stream continued from its saved position"
     for _ in range(consumed):
         next(stream)
-    why = "the checkpoint has no stream state" if saved is None else f"it was saved at world size {len(saved)}"
+    why = ("the checkpoint has no stream state" if saved is None else f"it was saved at world size {len(saved)}"
+           if len(saved) != stream.world else "it was saved by an older version that split the images after decoding")
     return f"data stream replayed from its start ({consumed} images per rank: {why})"
 
 

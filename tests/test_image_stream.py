@@ -1,7 +1,8 @@
 """The image models' crop stream (data_pipeline/image_stream.py) resumed from its saved state equals the
 uninterrupted stream, image for image, at any point (mid-shard, at a pass's end, in the next pass), on
-each data-parallel rank and with decoding workers, while decoding only the buffered samples again; a checkpoint without a state, or of
-another world size, replays the stream; a shard that changed under a saved buffer is refused, naming it."""
+each data-parallel rank and with decoding workers, while decoding only the buffered samples again; each rank
+decodes only its own samples; a checkpoint without a state, of another world size or of an older version
+replays the stream; a shard that changed under a saved buffer is refused, naming it."""
 from __future__ import annotations
 
 import itertools
@@ -56,6 +57,26 @@ def test_resumed_stream_equals_the_uninterrupted_one(shards, world, monkeypatch)
             assert all(torch.equal(a, b) for a, b in zip(head + tail, expected, strict=True)), (rank, cut)
 
 
+def test_each_rank_decodes_only_its_own_samples(shards, monkeypatch):
+    """Rank r of 2 decodes the samples r, r + 2, ... of a pass (counted over the shards), not all of them: the
+    ranks' decoding splits the pass, as DistributedSampler splits indices; their images add up to the pass's."""
+    decoded, real = [], image_stream.prepare_sample
+    monkeypatch.setattr(image_stream, "prepare_sample", lambda raw, cfg: decoded.append(raw["__key__"]) or real(raw, cfg))
+    ranks, keys = [stream(shards, rank, 2) for rank in range(2)], []
+    for s in ranks:  # a pass: 14 and 13 samples, one missing image each: 12 images
+        take(s, 12)
+        keys.append([int(key[3:]) for key in decoded])
+        decoded.clear()
+    assert all(k % 2 == rank for rank in range(2) for k in keys[rank])  # only its own (and the next pass's first)
+    assert sorted(keys[0][:14] + keys[1][:13]) == list(range(27))
+    assert all(s.kept == 12 and not s.buffer and s.shard == 3 for s in ranks)  # both at their pass's end, drained
+    for rank in (4, 29):  # sample 4 has no image; there is no sample 29
+        with pytest.raises(ValueError, match=rf"rank {rank} of 30 takes every 30-th of the 27 samples from sample "
+                                             rf"{rank}, and none of them has a usable image"):
+            take(stream(shards, rank, 30), 1)
+    assert take(stream(shards, 2, 30), 3)  # (sample 2 has one: it comes again in every pass)
+
+
 def test_decoding_workers_give_the_same_stream_and_resume_it(shards):
     children = set(multiprocessing.active_children())  # (the session's worker pools, when they are up)
     expected = take(stream(shards, 1, 2), 30)
@@ -70,9 +91,10 @@ def test_decoding_workers_give_the_same_stream_and_resume_it(shards):
     assert set(multiprocessing.active_children()) <= children  # closed: no decoding processes left
 
 
-def test_without_a_state_or_at_another_world_size_the_stream_is_replayed(shards):
+def test_without_a_state_at_another_world_size_or_of_an_older_version_the_stream_is_replayed(shards):
     expected = take(stream(shards), 20)
-    for saved in (None, [stream(shards, 0, 2).state_dict()] * 2):
+    older = {k: v for k, v in stream(shards).state_dict().items() if k != "index"}  # split after decoding
+    for saved in (None, [stream(shards, 0, 2).state_dict()] * 2, [older]):
         resumed = stream(shards)
         assert "replayed from its start (7 images per rank" in restore_stream(resumed, saved, 7, shards)
         assert all(torch.equal(a, b) for a, b in zip(take(resumed, 13), expected[7:], strict=True))
