@@ -429,6 +429,35 @@ def test_vqgan_trains_uses_its_codebook_exports_and_pretokenizes(single_process,
     assert manifest["vq"]["kind"] == "vqgan" and manifest["vq"]["hash"] == tok.content_hash
 
 
+def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_process, photos, tmp_path):
+    """train.init_from=<export.pt>: step 0 has the export's weights; once the run has a checkpoint, a resume takes
+    its weights instead; an export of another kind or shape is refused naming the file; vq.finetune_decoder
+    refuses the key (it would replace the frozen encoder)."""
+    from common.config import ConfigError
+    from vq.finetune_decoder import DecoderFinetuner
+
+    source, _ = train(photos, tmp_path / "source", "train.steps=2", "train.seed=7")
+    export = tmp_path / "source" / "export.pt"
+
+    def weights(trainer):
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    started, _ = train(photos, tmp_path / "ft", "train.steps=0", f"train.init_from={export}")
+    assert weights(started).keys() == weights(source).keys()
+    assert all(torch.equal(a, weights(source)[k]) for k, a in weights(started).items())
+    tuned, _ = train(photos, tmp_path / "ft", "train.steps=2", "train.save_interval=2", f"train.init_from={export}")
+    resumed, _ = train(photos, tmp_path / "ft", "train.steps=2", f"train.init_from={export}")
+    assert resumed.step == 2 and all(torch.equal(a, weights(tuned)[k]) for k, a in weights(resumed).items())
+    assert not torch.equal(weights(resumed)["codebook.weight"], weights(source)["codebook.weight"])
+    for other, error in ((VQGAN, rf"init_from={export}: a vit_vqgan tokenizer; this run trains model.kind=vqgan"),
+                         (["model.width=32"], (rf"init_from={export} does not fit the configured model \(\d+ other "
+                                               r"shape\(s\): .*set the model section as the source was trained"))):
+        with pytest.raises(ConfigError, match=error):
+            train(photos, tmp_path / str(len(other)), *other, "train.steps=0", f"train.init_from={export}")
+    with pytest.raises(ConfigError, match="vq.finetune_decoder starts from --tokenizer's encoder"):
+        DecoderFinetuner(load_typed(VQConfig, None, [*TINY, f"train.init_from={export}"]), export, photos, tmp_path)
+
+
 def test_patchgan_hinge_loss_and_adaptive_weight_by_hand():
     """loss.discriminator=patchgan: taming's NLayerDiscriminator, its hinge losses and the adaptive weight,
     each against a computation by hand."""

@@ -122,3 +122,49 @@ def test_mismatched_checkpoint_names_the_keys(taming_files, tmp_path):
         load_taming_vqgan(tmp_path / "bad.ckpt", config)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_llamagen_vq(tmp_path / "missing.pt")
+
+
+def patchgan_layout(ndf: int = 64, n_layers: int = 3) -> dict[str, tuple]:
+    """taming's NLayerDiscriminator (the pix2pix PatchGAN, `loss.discriminator.*` in its checkpoints): a 4x4
+    conv with bias, n_layers bias-free 4x4 convs each followed by BatchNorm, a last 4x4 conv with bias."""
+    keys, c, i = {"main.0.weight": (ndf, 3, 4, 4), "main.0.bias": (ndf,)}, ndf, 2
+    for n in range(1, n_layers + 1):
+        out = ndf * min(2**n, 8)
+        keys[f"main.{i}.weight"] = (out, c, 4, 4)
+        keys.update({f"main.{i + 1}.{p}": (out,) for p in ("weight", "bias", "running_mean", "running_var")})
+        c, i = out, i + 3  # conv, BatchNorm, LeakyReLU
+    keys.update({f"main.{i}.weight": (1, c, 4, 4), f"main.{i}.bias": (1,)})
+    return keys
+
+
+def test_vq_train_starts_from_a_taming_checkpoint(single_process, taming_files, tmp_path):
+    """train.init_from=<taming last.ckpt> with model.kind=vqgan of its shape: every VQModel weight and, with
+    loss.discriminator=patchgan, every PatchGAN tensor is the checkpoint's (the code-usage statistics taming does
+    not keep start at zero); a model section of another shape is refused naming the key."""
+    from common.config import ConfigError, load_typed
+    from tests import laion_fixtures as lf
+    from vq.config import VQConfig
+    from vq.train import VQTrainer
+
+    state = taming_files[2]
+    disc = random_state(patchgan_layout())
+    disc.update({f"main.{i}.num_batches_tracked": torch.tensor(7) for i in (3, 6, 9)})
+    torch.save({"state_dict": {**state, **{f"loss.discriminator.{k}": v for k, v in disc.items()}}}, tmp_path / "gan.ckpt")
+    lf.write_tar(tmp_path / "data.tar", lf.synthetic_samples(2))
+    shape = ["model.kind=vqgan", f"model.width={CH}", "model.ch_mult=[1,2]", f"model.res_blocks={NRB}", "model.patch=2",
+             f"model.z_channels={Z}", f"model.code_dim={EMBED}", f"model.image_size={RES}", "model.attn_resolutions=[16]",
+             "loss.perceptual=0", "loss.discriminator=patchgan", "loss.adversarial=0.8", "train.batch_size=2",
+             f"train.init_from={tmp_path / 'gan.ckpt'}"]
+    trainer = VQTrainer(load_typed(VQConfig, None, [*shape, f"model.codebook_size={N_EMBED}"]), str(tmp_path / "data.tar"),
+                        tmp_path / "run")
+    trainer.resume()  # no checkpoint in the run directory: step 0 from train.init_from
+    for name, tensor in trainer.model.state_dict().items():
+        expected = torch.zeros_like(tensor) if name in ("usage", "last_used", "step") else state[name]
+        torch.testing.assert_close(tensor, expected, msg=name)
+    for name, tensor in trainer.losses.discriminator.state_dict().items():
+        torch.testing.assert_close(tensor, disc[name], msg=name)
+    wider = VQTrainer(load_typed(VQConfig, None, [*shape, "model.codebook_size=32"]), str(tmp_path / "data.tar"),
+                      tmp_path / "run2")
+    with pytest.raises(ConfigError, match=r"gan.ckpt does not fit the configured model \(1 other shape\(s\): "
+                                          r"quantize.embedding.weight \(24, 8\) \(the model's: \(32, 8\)\)\)"):
+        wider.resume()

@@ -95,6 +95,9 @@ class VQTrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
+    init_from: str = ""
+    """Weights to start from at step 0 ('' = fresh; a resume takes the checkpoint's): a tokenizer export of
+    model.kind, or for vqgan a taming-transformers last.ckpt (and its PatchGAN): vq/init_weights.py."""
     lpips_backbone: str = ""
     """Local torchvision vgg16 state dict for LPIPS ('' = random backbone, for tests)."""
 

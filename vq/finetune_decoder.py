@@ -34,6 +34,9 @@ class DecoderFinetuner(VQTrainer):
         if self.source.kind != ViTVQGAN.kind:
             raise ConfigError(f"--tokenizer {tokenizer}: a {self.source.kind} tokenizer; vq.finetune_decoder "
                               f"fine-tunes the decoder of a {ViTVQGAN.kind} export")
+        if cfg.train.init_from:  # (it would replace the frozen encoder, whose codes the export claims as its own)
+            raise ConfigError(f"train.init_from={cfg.train.init_from}: vq.finetune_decoder starts from --tokenizer's "
+                              "encoder and a fresh decoder; train.init_from is vq.train's")
         super().__init__(cfg, data, run_dir, device)
 
     def build(self, cfg: VQConfig) -> ViTVQGAN:

@@ -10,6 +10,7 @@ model.kind picks the tokenizer family, each with a preset in configs/vq/:
     vqgan      taming's VQGAN, PatchGAN + LPIPS (vq/vqgan.py)             vqgan.yaml
     dvae       DALL-E's discrete VAE, Gumbel-softmax + KL (vq/dvae.py)    dvae.yaml
 All share the loop, the losses of vq/losses.py (the config's loss section), checkpoints and the export.
+`--set train.init_from=<export.pt or taming last.ckpt>` starts from trained weights (vq/init_weights.py).
 
 The run directory receives config.yaml, metrics.jsonl + TensorBoard (l2, PSNR, perplexity, code usage,
 losses), recon_XXXXXXXX.png grids (top: inputs, bottom: reconstructions), checkpoints/ and, at the end,
@@ -46,6 +47,7 @@ from data_pipeline.image_stream import CropStream, gather_stream_states, restore
 from model_parallel.state import init_distributed
 from vq.config import VQConfig
 from vq.dvae import DVAE
+from vq.init_weights import load_initial_weights
 from vq.losses import VQGANLoss, split_output
 from vq.tokenizer import save_image_tokenizer
 from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
@@ -223,6 +225,7 @@ class VQTrainer:
         if note:
             self.log.info(note)
         if tag is None:
+            self.start_fresh()
             return
         path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
         # Loaded onto the CPU, not self.device: torch.set_rng_state (and torch.cuda's) accept only CPU
@@ -242,6 +245,11 @@ class VQTrainer:
             torch.cuda.set_rng_state(state["cuda_rng"])
         how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
         self.log.info(f"resumed from {path} at step {self.step}; {how}")
+
+    def start_fresh(self) -> None:
+        """Step 0: the weights of train.init_from when it is set, else those the model was built with."""
+        if self.cfg.train.init_from:
+            self.log.info(load_initial_weights(self.cfg.train.init_from, self.model, self.losses.discriminator))
 
     def _check_heads(self, path: Path, saved: dict) -> None:
         """Attention heads leave no trace in the weights' shapes, so a checkpoint would load into a model with
@@ -329,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer = VQTrainer(load_typed(VQConfig, args.config, args.set), args.data, args.run_dir)
         if args.resume == "auto":
             trainer.resume()
+        else:
+            trainer.start_fresh()
         trainer.run()
 
 

@@ -1,0 +1,65 @@
+"""The weights a vq.train run starts from (`train.init_from`): fine-tuning a trained tokenizer on other images.
+
+    python -m vq.train --config configs/vq/vqgan.yaml --data 'mine/{00000..00009}.tar' --run-dir runs/ft \
+        --set train.init_from=vqgan_imagenet_f16_1024/checkpoints/last.ckpt loss.adv_start=0
+
+`train.init_from` names either
+- a tokenizer export of vq.train or vq/tokenizer.py (`export.pt`: kind, config, state_dict) of model.kind, or
+- for model.kind=vqgan, a taming-transformers Lightning checkpoint (`last.ckpt`): its VQModel weights, and its
+  PatchGAN's (`loss.discriminator.*`) when loss.discriminator=patchgan. Its LPIPS weights are not taken (LPIPS
+  is loss.perceptual's, from train.lpips_backbone), nor its optimizer state: the optimizers start afresh.
+Every key of the file must be one of the configured model and of its shape (only the code-usage statistics that
+taming does not keep start from zero), so a model section that differs from the source is refused naming the
+keys, instead of training a half-initialised network. A resume takes the checkpoint's weights instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError
+from common.state_file import load_state
+from vq.losses import PatchGAN
+
+USAGE_BUFFERS = ("usage", "last_used", "step")
+"""vq/codebook.py's code-usage state: kept by our exports, not by taming's checkpoints."""
+
+
+def load_initial_weights(path: str, model: torch.nn.Module, discriminator: torch.nn.Module | None) -> str:
+    """Copy `path`'s weights into `model` (and `discriminator`, see the module docstring); returns what was
+    loaded, for the log. ConfigError naming the file when it does not fit the configured model."""
+    blob = load_state(Path(path), ("state_dict",), writer="vq.train's export or taming-transformers")
+    where = f"train.init_from={path}"
+    if "kind" in blob:  # our export
+        if blob["kind"] != model.kind:
+            raise ConfigError(f"{where}: a {blob['kind']} tokenizer; this run trains model.kind={model.kind}")
+        _copy(model, blob["state_dict"], where, optional=())
+        return f"weights from the {blob['kind']} export {path}"
+    if model.kind != "vqgan":
+        raise ConfigError(f"{where}: not a tokenizer export (no `kind`); only model.kind=vqgan also starts from a "
+                          "taming-transformers checkpoint")
+    state = blob["state_dict"]
+    _copy(model, {k: v for k, v in state.items() if not k.startswith("loss.")}, where, optional=USAGE_BUFFERS)
+    prefix = "loss.discriminator."
+    theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if discriminator is not None and isinstance(discriminator, PatchGAN) and theirs:
+        _copy(discriminator, theirs, f"{where} ({prefix}*)", optional=())
+        return f"VQGAN and PatchGAN weights from the taming-transformers checkpoint {path}"
+    why = "it has none" if not theirs else "loss.discriminator is not patchgan"
+    return f"VQGAN weights from the taming-transformers checkpoint {path} (not its discriminator: {why})"
+
+
+def _copy(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...]) -> None:
+    ours = module.state_dict()
+    missing = sorted(k for k in ours.keys() - state.keys() if k not in optional)
+    unexpected = sorted(state.keys() - ours.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(ours[k].shape)})"
+              for k in sorted(state.keys() & ours.keys()) if state[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{len(found)} {what}: {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}"
+                    for what, found in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                        ("other shape(s)", shapes)) if found]
+        raise ConfigError(f"{where} does not fit the configured model ({'; '.join(problems)}): set the model "
+                          "section as the source was trained")
+    module.load_state_dict(state, strict=False)
