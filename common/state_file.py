@@ -52,18 +52,19 @@ def save_state(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
     return folder / STATE_FILE
 
 
-def load_state(path: Path, required: tuple[str, ...], writer: str) -> dict:
+def load_state(path: Path, required: tuple[str, ...], writer: str, if_refused: str = "") -> dict:
     """A state saved by `save_state`, on the CPU (weights_only=True: anything but tensors and plain data is
-    refused unrun); CheckpointError naming the file when it is unreadable, unsafe, or lacks a `required` key."""
+    refused unrun); CheckpointError naming the file when it is unreadable, unsafe, or lacks a `required` key.
+    `if_refused`: what to do about a refused file (default: a resume's advice)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and found:
             raise CheckpointError(f"{path}: refused: it holds a pickled {found.group(1)}, not only tensors and plain "
-                                  f"data, and loading it could run code; {writer} never writes such checkpoints - "
-                                  "use one from a run you trust, or delete its folder and `latest` to resume from "
-                                  "the newest complete one") from None
+                                  "data, and loading it could run code; " + (if_refused or (
+                                      f"{writer} never writes such checkpoints - use one from a run you trust, or "
+                                      "delete its folder and `latest` to resume from the newest complete one"))) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first}); expected a torch.save file "
                               f"written by {writer}") from None

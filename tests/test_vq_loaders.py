@@ -6,6 +6,9 @@ save them (Lightning `state_dict`, LlamaGen `model`) and must load with every ke
 """
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import yaml
@@ -73,12 +76,27 @@ def random_state(keys):
     return {k: torch.randn(shape, generator=g) * 0.05 for k, shape in keys.items()}
 
 
+def lightning_callback_class(monkeypatch):
+    """Lightning's ModelCheckpoint class as pickle sees it (a class reference by module and name), from a module
+    that exists only while the checkpoint is written: loading must not need (or import) Lightning."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    cls = type("ModelCheckpoint", (), {"__module__": name})
+    for part in ("pytorch_lightning", "pytorch_lightning.callbacks", name):
+        monkeypatch.setitem(sys.modules, part, types.ModuleType(part))
+    sys.modules[name].ModelCheckpoint = cls
+    return cls
+
+
 @pytest.fixture
 def taming_files(tmp_path):
     state = random_state(layout("taming"))
     state["loss.discriminator.main.0.weight"] = torch.zeros(64, 3, 4, 4)  # training-only entries
     state["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
-    torch.save({"state_dict": state, "global_step": 10}, tmp_path / "last.ckpt")
+    # As taming's Lightning (1.0) saves it: callback states keyed by the callback's class.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        callbacks = {lightning_callback_class(monkeypatch): {"best_model_score": torch.tensor(0.5), "best_model_path": ""}}
+        torch.save({"state_dict": state, "global_step": 10, "callbacks": callbacks, "optimizer_states": [],
+                    "pytorch-lightning_version": "1.0.8"}, tmp_path / "last.ckpt")
     cfg = {"model": {"target": "taming.models.vqgan.VQModel", "params": {
         "embed_dim": EMBED, "n_embed": N_EMBED, "lossconfig": {"target": "x"},
         "ddconfig": {"double_z": False, "z_channels": Z, "resolution": RES, "in_channels": 3, "out_ch": 3,
@@ -122,6 +140,21 @@ def test_mismatched_checkpoint_names_the_keys(taming_files, tmp_path):
         load_taming_vqgan(tmp_path / "bad.ckpt", config)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_llamagen_vq(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_holding_other_pickled_objects_is_refused_unrun(taming_files, tmp_path, monkeypatch):
+    """Only Lightning's callback classes are read as stand-ins: any other pickled object is refused, naming it and
+    how to keep only the weights of a file one trusts."""
+    from common.checkpoints import CheckpointError
+
+    _, config, state = taming_files
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "somelib", types.ModuleType("somelib"))
+        sys.modules["somelib"].Thing = type("Thing", (), {"__module__": "somelib"})
+        torch.save({"state_dict": state, "hparams": sys.modules["somelib"].Thing}, tmp_path / "odd.ckpt")
+    with pytest.raises(CheckpointError, match=r"odd.ckpt: refused: it holds a pickled somelib.Thing, .* if you trust "
+                                              r"it, keep only its weights: torch.save\(\{'state_dict': torch.load"):
+        load_taming_vqgan(tmp_path / "odd.ckpt", config)
 
 
 def patchgan_layout(ndf: int = 64, n_layers: int = 3) -> dict[str, tuple]:

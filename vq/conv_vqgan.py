@@ -8,7 +8,8 @@ Both are the VQGAN architecture (Esser et al. 2021): a conv encoder of residual 
 halving per level, self-attention at the lowest, a middle block, 1x1 convs into and out of the code
 space, a mirrored decoder. The two projects name the containers differently (taming: `down[i].block`,
 `mid.block_1`, `up[i]`; LlamaGen: `conv_blocks[i].res`, `mid.0`, decoder levels from the lowest up) and
-LlamaGen l2-normalises codes; `style` picks both. Checkpoints are read with torch.load(weights_only=True);
+LlamaGen l2-normalises codes; `style` picks both. Checkpoints are read with torch.load(weights_only=True)
+(old Lightning's pickled callback classes read as stand-ins: read_checkpoint);
 keys must match exactly (the taming training loss's `loss.*` entries are the only ones skipped).
 vq/vqgan.py's VQGAN is this class made trainable (vq.train, model.kind=vqgan), with the same parameter names.
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.state_file import load_state
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -214,11 +217,25 @@ def _load_strict(model: nn.Module, state: dict, source: str, skip_prefixes: tupl
     return model.eval().requires_grad_(False)
 
 
-def _torch_load(path: str | Path) -> dict:
+# PyTorch Lightning before 1.5 (taming-transformers' checkpoints) saved each callback's state under its class
+# (`checkpoint["callbacks"][ModelCheckpoint] = {...}`): a pickled class reference, which torch.load's
+# weights_only refuses ("Unsupported global"). These inert stand-ins take the classes' places, so the checkpoints
+# load without importing Lightning or allowing anything else.
+LIGHTNING_CALLBACKS = [(type(name, (), {}), f"pytorch_lightning.callbacks.{module}.{name}")
+                       for module, name in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping"),
+                                            ("lr_monitor", "LearningRateMonitor"))]
+
+
+def read_checkpoint(path: str | Path, required: tuple[str, ...], writer: str) -> dict:
+    """A public checkpoint on the CPU: tensors and plain data only (weights_only), Lightning's callback classes
+    read as stand-ins. FileNotFoundError when it is missing, CheckpointError when unreadable or without `required`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(LIGHTNING_CALLBACKS):
+        return load_state(path, required, writer, if_refused=(
+            f"if you trust it, keep only its weights: torch.save({{'{required[0]}': torch.load('{path}', "
+            f"weights_only=False)['{required[0]}']}}, 'weights.pt')"))
 
 
 def load_taming_vqgan(ckpt: str | Path, config_yaml: str | Path) -> ConvVQGAN:
@@ -231,7 +248,7 @@ def load_taming_vqgan(ckpt: str | Path, config_yaml: str | Path) -> ConvVQGAN:
         raise ValueError(f"{config_yaml}: only the VQGAN image setting (double_z false, 3 channels) is supported")
     model = ConvVQGAN("taming", dd["ch"], dd["ch_mult"], dd["num_res_blocks"], dd["z_channels"],
                       params["embed_dim"], params["n_embed"], dd["resolution"], dd["attn_resolutions"])
-    return _load_strict(model, _torch_load(ckpt)["state_dict"], str(ckpt), skip_prefixes=("loss.",))
+    return _load_strict(model, read_checkpoint(ckpt, ("state_dict",), "taming-transformers")["state_dict"], str(ckpt), skip_prefixes=("loss.",))
 
 
 def load_llamagen_vq(ckpt: str | Path, codebook_size: int = 16384, codebook_embed_dim: int = 8,
@@ -240,4 +257,4 @@ def load_llamagen_vq(ckpt: str | Path, codebook_size: int = 16384, codebook_embe
     """LlamaGen's VQ (vq_ds16_*.pt: weights under "model"; the defaults are its VQ-16)."""
     model = ConvVQGAN("llamagen", ch, list(ch_mult), num_res_blocks, z_channels, codebook_embed_dim, codebook_size,
                       image_size, [], l2_norm=True)
-    return _load_strict(model, _torch_load(ckpt)["model"], str(ckpt))
+    return _load_strict(model, read_checkpoint(ckpt, ("model",), "LlamaGen")["model"], str(ckpt))

@@ -14,12 +14,10 @@ keys, instead of training a half-initialised network. A resume takes the checkpo
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from common.config import ConfigError
-from common.state_file import load_state
+from vq.conv_vqgan import read_checkpoint
 from vq.losses import PatchGAN
 
 USAGE_BUFFERS = ("usage", "last_used", "step")
@@ -29,8 +27,11 @@ USAGE_BUFFERS = ("usage", "last_used", "step")
 def load_initial_weights(path: str, model: torch.nn.Module, discriminator: torch.nn.Module | None) -> str:
     """Copy `path`'s weights into `model` (and `discriminator`, see the module docstring); returns what was
     loaded, for the log. ConfigError naming the file when it does not fit the configured model."""
-    blob = load_state(Path(path), ("state_dict",), writer="vq.train's export or taming-transformers")
     where = f"train.init_from={path}"
+    try:
+        blob = read_checkpoint(path, ("state_dict",), writer="vq.train's export or taming-transformers")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
     if "kind" in blob:  # our export
         if blob["kind"] != model.kind:
             raise ConfigError(f"{where}: a {blob['kind']} tokenizer; this run trains model.kind={model.kind}")
