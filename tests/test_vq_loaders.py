@@ -6,6 +6,7 @@ save them (Lightning `state_dict`, LlamaGen `model`) and must load with every ke
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import types
 
@@ -123,7 +124,9 @@ def test_taming_checkpoint_loads_every_key(taming_files, tmp_path):
 
 def test_llamagen_checkpoint_loads_every_key(tmp_path):
     state = random_state(layout("llamagen"))
-    torch.save({"model": state}, tmp_path / "vq_ds16_c2i.pt")
+    # As LlamaGen's train_vq.py saves it: its argparse arguments too.
+    args = argparse.Namespace(vq_model="VQ-16", codebook_size=N_EMBED, image_size=RES, results_dir="results")
+    torch.save({"model": state, "steps": 10, "args": args}, tmp_path / "vq_ds16_c2i.pt")
     tok = load_llamagen_vq(tmp_path / "vq_ds16_c2i.pt", codebook_size=N_EMBED, codebook_embed_dim=EMBED,
                            ch_mult=tuple(MULT), z_channels=Z, image_size=RES, ch=CH, num_res_blocks=NRB)
     check_tokenizer(tok, state, tmp_path)

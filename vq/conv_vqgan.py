@@ -9,12 +9,13 @@ halving per level, self-attention at the lowest, a middle block, 1x1 convs into 
 space, a mirrored decoder. The two projects name the containers differently (taming: `down[i].block`,
 `mid.block_1`, `up[i]`; LlamaGen: `conv_blocks[i].res`, `mid.0`, decoder levels from the lowest up) and
 LlamaGen l2-normalises codes; `style` picks both. Checkpoints are read with torch.load(weights_only=True)
-(old Lightning's pickled callback classes read as stand-ins: read_checkpoint);
+(what the two projects' training scripts pickle besides: read_checkpoint);
 keys must match exactly (the taming training loss's `loss.*` entries are the only ones skipped).
 vq/vqgan.py's VQGAN is this class made trainable (vq.train, model.kind=vqgan), with the same parameter names.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -224,15 +225,17 @@ def _load_strict(model: nn.Module, state: dict, source: str, skip_prefixes: tupl
 LIGHTNING_CALLBACKS = [(type(name, (), {}), f"pytorch_lightning.callbacks.{module}.{name}")
                        for module, name in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping"),
                                             ("lr_monitor", "LearningRateMonitor"))]
+TRAINING_SCRIPT_GLOBALS = [*LIGHTNING_CALLBACKS, argparse.Namespace]
+"""Also allowed: argparse's Namespace (plain attributes), which LlamaGen's train_vq.py saves under "args"."""
 
 
 def read_checkpoint(path: str | Path, required: tuple[str, ...], writer: str) -> dict:
-    """A public checkpoint on the CPU: tensors and plain data only (weights_only), Lightning's callback classes
-    read as stand-ins. FileNotFoundError when it is missing, CheckpointError when unreadable or without `required`."""
+    """A public checkpoint on the CPU: tensors and plain data only (weights_only; TRAINING_SCRIPT_GLOBALS aside).
+    FileNotFoundError when it is missing, CheckpointError when unreadable or without `required`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with torch.serialization.safe_globals(LIGHTNING_CALLBACKS):
+    with torch.serialization.safe_globals(TRAINING_SCRIPT_GLOBALS):
         return load_state(path, required, writer, if_refused=(
             f"if you trust it, keep only its weights: torch.save({{'{required[0]}': torch.load('{path}', "
             f"weights_only=False)['{required[0]}']}}, 'weights.pt')"))
