@@ -14,7 +14,8 @@ from PIL import Image
 
 from common.config import load_typed
 
-SMALL = ["shapes=2000", "vq_steps=400", "train_steps=240", "fid_real=32", "samples_per_prompt=4", "sr_images=300",
+# 160 training steps: colour agreement 0.96 for both architectures (measured; 0.98 at 240 steps), threshold 0.8.
+SMALL = ["shapes=2000", "vq_steps=400", "train_steps=160", "fid_real=32", "samples_per_prompt=4", "sr_images=300",
          "sr_steps=450"]
 
 
@@ -60,9 +61,9 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
     assert Image.open(out / "samples_upsampled" / "00000_0.png").size == (64, 64)
     # It was stopped half way (the STOP file, as a SLURM preemption), resumed from that checkpoint, and finished.
     # A restart from scratch instead of the checkpoint would log the early steps twice.
-    assert 120 <= results["training"]["stopped_at_step"] < 240
+    assert 80 <= results["training"]["stopped_at_step"] < 160
     steps = [json.loads(line)["step"] for line in (out / "parti" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(10, 241, 10))
+    assert steps == list(range(10, 161, 10))
     # The report shows the loss curve, reconstructions and sample grids, all files beside it.
     report = (out / "report.html").read_text()
     images = [part.split('"')[0] for part in report.split('src="')[1:]]
