@@ -43,6 +43,9 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
     """In the child process: run one section and write its result (or its error) as JSON."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
     from bench import gpu_sections  # after DS_ACCELERATOR: DeepSpeed reads it when first imported
+    from common.cli import skip_the_final_collection
+
+    skip_the_final_collection()
 
     fn = dict((n, f) for n, f, _ in gpu_sections.SECTIONS)[name]
     start = time.perf_counter()

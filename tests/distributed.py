@@ -8,7 +8,6 @@ rank's traceback). A worker that hangs past the timeout takes the pool down with
 from __future__ import annotations
 
 import atexit
-import gc
 import os
 import queue
 import traceback
@@ -24,17 +23,16 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from common.cli import skip_the_final_collection
     from model_parallel.cpu_compat import apply_cpu_compat
     from model_parallel.state import init_distributed
 
     apply_cpu_compat()
     init_distributed()
+    skip_the_final_collection()  # (3-5 s per worker at the session's end)
     while True:
         task = inbox.get()
         if task is None:
-            # Python's last garbage collection at exit walks every object the imports made (torch, megatron-core,
-            # DeepSpeed): 3-5 s per worker at the session's end. Frozen objects are left to the OS.
-            gc.freeze()
             return
         fn, args, kwargs = task
         try:
