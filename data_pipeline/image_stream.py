@@ -65,7 +65,7 @@ class CropStream:
         samples = _RankSamples(self.paths, self.prep, self.rank, self.world, (self.shard, self.position, self.index))
         if self.workers:  # forked, as the training's read-ahead workers: they only decode (no CUDA, no collectives)
             loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=self.workers,
-                                                 multiprocessing_context="fork")
+                                                 multiprocessing_context="fork", in_order=True)  # (the turns)
             decoded = itertools.chain.from_iterable(loader)
         else:
             decoded = itertools.chain.from_iterable(samples)
@@ -141,6 +141,7 @@ class CropStream:
         self.shard, self.position, self.index, self.kept = (state[k] for k in ("shard", "position", "index", "kept"))
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self._images.close()  # (its decoding processes, if it had started)
         self._images = self._generate()
 
 

@@ -63,7 +63,7 @@ def test_each_rank_decodes_only_its_own_samples(shards, monkeypatch):
     decoded, real = [], image_stream.prepare_sample
     monkeypatch.setattr(image_stream, "prepare_sample", lambda raw, cfg: decoded.append(raw["__key__"]) or real(raw, cfg))
     ranks, keys = [stream(shards, rank, 2) for rank in range(2)], []
-    for s in ranks:  # a pass: 14 and 13 samples, one missing image each: 12 images
+    for s in ranks:  # a pass: 14 and 13 samples, of which rank 0 misses 2 images, rank 1 one: 12 and 12 images
         take(s, 12)
         keys.append([int(key[3:]) for key in decoded])
         decoded.clear()

@@ -431,7 +431,7 @@ def test_vqgan_trains_uses_its_codebook_exports_and_pretokenizes(single_process,
 
 def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_process, photos, tmp_path):
     """train.init_from=<export.pt>: step 0 has the export's weights; once the run has a checkpoint, a resume takes
-    its weights instead; an export of another kind or shape is refused naming the file; vq.finetune_decoder
+    its weights instead; an export of another kind, shape or attention heads is refused naming the file; vq.finetune_decoder
     refuses the key (it would replace the frozen encoder)."""
     from common.config import ConfigError
     from vq.finetune_decoder import DecoderFinetuner
@@ -451,7 +451,9 @@ def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_pr
     assert not torch.equal(weights(resumed)["codebook.weight"], weights(source)["codebook.weight"])
     for other, error in ((VQGAN, rf"init_from={export}: a vit_vqgan tokenizer; this run trains model.kind=vqgan"),
                          (["model.width=32"], (rf"init_from={export} does not fit the configured model \(\d+ other "
-                                               r"shape\(s\): .*set the model section as the source was trained"))):
+                                               r"shape\(s\): .*set the model section as the source was trained")),
+                         (["model.heads=2"], (rf"init_from={export}: its attention has 1 heads where the configured "
+                                              r"model has 2 \(encoder.0, 4 block\(s\)\): set model.heads"))):
         with pytest.raises(ConfigError, match=error):
             train(photos, tmp_path / str(len(other)), *other, "train.steps=0", f"train.init_from={export}")
     with pytest.raises(ConfigError, match="vq.finetune_decoder starts from --tokenizer's encoder"):

@@ -133,7 +133,7 @@ def test_llamagen_checkpoint_loads_every_key(tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_keys(taming_files, tmp_path):
-    ckpt, config, state = taming_files
+    _, config, state = taming_files
     state = dict(state)
     state.pop("encoder.mid.attn_1.q.weight")
     state["encoder.mid.attn_2.q.weight"] = torch.zeros(1)
@@ -176,7 +176,8 @@ def patchgan_layout(ndf: int = 64, n_layers: int = 3) -> dict[str, tuple]:
 def test_vq_train_starts_from_a_taming_checkpoint(single_process, taming_files, tmp_path):
     """train.init_from=<taming last.ckpt> with model.kind=vqgan of its shape: every VQModel weight and, with
     loss.discriminator=patchgan, every PatchGAN tensor is the checkpoint's (the code-usage statistics taming does
-    not keep start at zero); a model section of another shape is refused naming the key."""
+    not keep start at zero), also once converted to an export; a model section of another shape is refused naming
+    the key."""
     from common.config import ConfigError, load_typed
     from tests import laion_fixtures as lf
     from vq.config import VQConfig
@@ -199,6 +200,13 @@ def test_vq_train_starts_from_a_taming_checkpoint(single_process, taming_files, 
         torch.testing.assert_close(tensor, expected, msg=name)
     for name, tensor in trainer.losses.discriminator.state_dict().items():
         torch.testing.assert_close(tensor, disc[name], msg=name)
+    # The same weights converted first (load_taming_vqgan + save_image_tokenizer, as vq/README shows).
+    save_image_tokenizer(load_taming_vqgan(*taming_files[:2]), tmp_path / "converted.pt")
+    converted = VQTrainer(load_typed(VQConfig, None, [*shape, f"model.codebook_size={N_EMBED}",
+                                                      f"train.init_from={tmp_path / 'converted.pt'}"]),
+                          str(tmp_path / "data.tar"), tmp_path / "run3")
+    converted.resume()
+    assert all(torch.equal(tensor, trainer.model.state_dict()[name]) for name, tensor in converted.model.state_dict().items())
     wider = VQTrainer(load_typed(VQConfig, None, [*shape, "model.codebook_size=32"]), str(tmp_path / "data.tar"),
                       tmp_path / "run2")
     with pytest.raises(ConfigError, match=r"gan.ckpt does not fit the configured model \(1 other shape\(s\): "

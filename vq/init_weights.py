@@ -4,7 +4,8 @@
         --set train.init_from=vqgan_imagenet_f16_1024/checkpoints/last.ckpt loss.adv_start=0
 
 `train.init_from` names either
-- a tokenizer export of vq.train or vq/tokenizer.py (`export.pt`: kind, config, state_dict) of model.kind, or
+- a tokenizer export of vq.train or vq/tokenizer.py (`export.pt`: kind, config, state_dict) of model.kind (for
+  model.kind=vqgan also a converted taming checkpoint, vq/conv_vqgan.py), with the same attention heads, or
 - for model.kind=vqgan, a taming-transformers Lightning checkpoint (`last.ckpt`): its VQModel weights, and its
   PatchGAN's (`loss.discriminator.*`) when loss.discriminator=patchgan. Its LPIPS weights are not taken (LPIPS
   is loss.perceptual's, from train.lpips_backbone), nor its optimizer state: the optimizers start afresh.
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from common.config import ConfigError
-from vq.conv_vqgan import read_checkpoint
+from vq.conv_vqgan import ConvVQGAN, read_checkpoint
 from vq.losses import PatchGAN
+from vq.tokenizer import load_image_tokenizer
 
 USAGE_BUFFERS = ("usage", "last_used", "step")
 """vq/codebook.py's code-usage state: kept by our exports, not by taming's checkpoints."""
@@ -32,11 +34,8 @@ def load_initial_weights(path: str, model: torch.nn.Module, discriminator: torch
         blob = read_checkpoint(path, ("state_dict",), writer="vq.train's export or taming-transformers")
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file") from None
-    if "kind" in blob:  # our export
-        if blob["kind"] != model.kind:
-            raise ConfigError(f"{where}: a {blob['kind']} tokenizer; this run trains model.kind={model.kind}")
-        _copy(model, blob["state_dict"], where, optional=())
-        return f"weights from the {blob['kind']} export {path}"
+    if "kind" in blob:
+        return _from_export(path, blob["kind"], model, where)
     if model.kind != "vqgan":
         raise ConfigError(f"{where}: not a tokenizer export (no `kind`); only model.kind=vqgan also starts from a "
                           "taming-transformers checkpoint")
@@ -49,6 +48,26 @@ def load_initial_weights(path: str, model: torch.nn.Module, discriminator: torch
         return f"VQGAN and PatchGAN weights from the taming-transformers checkpoint {path}"
     why = "it has none" if not theirs else "loss.discriminator is not patchgan"
     return f"VQGAN weights from the taming-transformers checkpoint {path} (not its discriminator: {why})"
+
+
+def _from_export(path: str, kind: str, model: torch.nn.Module, where: str) -> str:
+    """An export of model.kind, or for a vqgan a converted taming checkpoint (kind conv_vqgan: the same keys
+    without the usage statistics). Its attention heads must be the model's too: they leave the shapes alone."""
+    if kind != model.kind and (kind, model.kind) != (ConvVQGAN.kind, "vqgan"):
+        raise ConfigError(f"{where}: a {kind} tokenizer; this run trains model.kind={model.kind}")
+    try:
+        source = load_image_tokenizer(path)  # its own model, built from its config
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    ours = dict(model.named_modules())
+    heads = {name: (m.heads, getattr(ours.get(name), "heads", None))
+             for name, m in source.named_modules() if isinstance(getattr(m, "heads", None), int)}
+    if differ := {name: pair for name, pair in heads.items() if pair[0] != pair[1]}:
+        name, (theirs, ours) = next(iter(differ.items()))
+        raise ConfigError(f"{where}: its attention has {theirs} heads where the configured model has {ours} ({name}, "
+                          f"{len(differ)} block(s)): set model.heads / model.dec_heads as the source was trained")
+    _copy(model, source.state_dict(), where, optional=USAGE_BUFFERS if kind == ConvVQGAN.kind else ())
+    return f"weights from the {kind} export {path}"
 
 
 def _copy(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...]) -> None:
