@@ -5,10 +5,12 @@
     state = stream.state_dict()      # where it is: saved with a checkpoint
     restore_stream(stream, saved_states, consumed, checkpoint)   # on resume (each rank takes its own)
 
-Rank r of `world` takes the samples r, r + world, r + 2 world, ... of a pass over the shards (counted over
-all shards, before decoding, as DistributedSampler splits a dataset's indices): each rank decodes only its
-own samples, so a rank's decoding cost falls with the world size. Every kept one of them (data_pipeline/images.py's
-filters) is resized (shorter side) and centre-cropped to `resize` (or `crop` when resize is 0), then, through
+Each rank reads and decodes only its own part of a pass over the shards, so its cost falls with the world
+size: with at least as many shards as ranks, rank r of `world` takes the shards r, r + world, ... (as
+webdataset's split_by_node: a rank takes floor or ceil of shards / world of them, and a LAION download has
+thousands); with fewer (small datasets), it takes the samples r, r + world, ... counted over all shards (as
+DistributedSampler splits indices), and reads the others' bytes without decoding them. Every kept image of
+them (data_pipeline/images.py's filters) is resized (shorter side) and centre-cropped to `resize` (or `crop` when resize is 0), then, through
 a 256-image shuffle buffer, randomly cropped to `crop` and flipped. The stream is a pure function of
 (pattern, seed, rank, world), the same at any number of decoding `workers` (processes, started once per
 stream, that decode and resize the next samples while the model trains; 0: in the training process).
@@ -50,7 +52,7 @@ class CropStream:
         self.rng = random.Random(seed * 1000 + rank)
         self.buffer: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((shard, position in it), image)
         self.shard = self.position = 0  # the next raw sample to read
-        self.index = 0  # samples of all ranks before it in this pass (rank r takes those with index % world == r)
+        self.index = 0  # samples read before it in this pass (when the samples are split: rank r's have index % world == r)
         self.kept = 0  # this rank's kept images in this pass
         self._images = self._generate()
 
@@ -86,9 +88,11 @@ class CropStream:
 
     def _end_pass(self, samples: int) -> None:
         if self.kept == 0:  # (else the stream would read the shards forever)
-            raise ValueError(f"{self.pattern}: data-parallel rank {self.rank} of {self.world} takes every "
-                             f"{self.world}-th of the {samples} samples from sample {self.rank}, and none of "
-                             "them has a usable image")
+            part = (f"the shards {self.rank}, {self.rank} + {self.world}, ... ({samples} samples)"
+                    if by_shard(len(self.paths), self.world) else
+                    f"every {self.world}-th of the {samples} samples from sample {self.rank}")
+            raise ValueError(f"{self.pattern}: data-parallel rank {self.rank} of {self.world} takes {part}, and none "
+                             "of them has a usable image")
         self.shard, self.position, self.index = len(self.paths), 0, samples
 
     def close(self) -> None:
@@ -145,16 +149,22 @@ class CropStream:
         self._images = self._generate()
 
 
+def by_shard(shards: int, world: int) -> bool:
+    """Whether the ranks split the shards (else the samples): when each gets at least one."""
+    return shards >= world
+
+
 class _RankSamples(torch.utils.data.IterableDataset):
     """One rank's samples from `start` = (shard, position, index) on, endlessly, in lists of BATCH: each
     ((shard, position, index), uint8 image or None when the filters drop it), and, where a pass over the shards
-    ends, its number of samples (all ranks'). DataLoader workers take the lists in turns (worker w of W the lists
-    w, w + W, ...), the order in which the loader hands them back: the same stream at any number of workers.
-    Each worker reads the shards' bytes (the page cache shares them) and decodes only its lists."""
+    ends, the number of samples it read (index counts them). DataLoader workers take the lists in turns (worker
+    w of W the lists w, w + W, ...), the order in which the loader hands them back: the same stream at any number
+    of workers. Each worker reads the rank's shards (the page cache shares them) and decodes only its lists."""
 
     def __init__(self, paths: list[str], prep: FilterConfig, rank: int, world: int, start: tuple[int, int, int]):
         super().__init__()
         self.paths, self.prep, self.rank, self.world, self.start = paths, prep, rank, world, start
+        self.by_shard = by_shard(len(paths), world)
 
     def __iter__(self) -> Iterator[list]:
         info = torch.utils.data.get_worker_info()
@@ -173,9 +183,11 @@ class _RankSamples(torch.utils.data.IterableDataset):
         first_shard, first_position, index = self.start
         while True:
             for shard in range(first_shard, len(self.paths)):
+                if self.by_shard and shard % self.world != self.rank:
+                    continue
                 raws = itertools.islice(read_shard(self.paths[shard], Counter()), first_position, None)
                 for position, raw in enumerate(raws, first_position):
-                    if index % self.world == self.rank:
+                    if self.by_shard or index % self.world == self.rank:
                         yield (shard, position, index), raw
                     index += 1
                 first_position = 0

@@ -1,8 +1,9 @@
 """The image models' crop stream (data_pipeline/image_stream.py) resumed from its saved state equals the
 uninterrupted stream, image for image, at any point (mid-shard, at a pass's end, in the next pass), on
 each data-parallel rank and with decoding workers, while decoding only the buffered samples again; each rank
-decodes only its own samples; a checkpoint without a state, of another world size or of an older version
-replays the stream; a shard that changed under a saved buffer is refused, naming it."""
+decodes only its own part of a pass (its shards, or with fewer shards than ranks its samples); a checkpoint
+without a state, of another world size or of an older version replays the stream; a shard that changed under
+a saved buffer is refused, naming it."""
 from __future__ import annotations
 
 import itertools
@@ -38,12 +39,19 @@ def take(s: CropStream, n: int) -> list[torch.Tensor]:
     return list(itertools.islice(s, n))
 
 
-@pytest.mark.parametrize("world", [1, 2])
+KEPT = {1: [24], 2: [16, 8], 4: [6, 6, 6, 6]}
+"""Kept images per pass of each rank: 3 shards of 9 samples, sample 4 of each without an image. At 2 ranks the
+ranks split the shards (rank 0: shards 0 and 2), at 4 (more ranks than shards) the samples (rank r: r, r + 4, ...
+counted over the shards: samples 4, 13 and 22 fall to ranks 0, 1 and 2, and rank 3 has 6 samples)."""
+OWN = {2: [set(range(9)) | set(range(18, 27)), set(range(9, 18))], 4: [set(range(r, 27, 4)) for r in range(4)]}
+"""The samples (by their number in the pass) each rank reads."""
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_resumed_stream_equals_the_uninterrupted_one(shards, world, monkeypatch):
     decoded, real = [], image_stream.prepare_sample
     monkeypatch.setattr(image_stream, "prepare_sample", lambda raw, cfg: decoded.append(raw) or real(raw, cfg))
-    per_pass = 24 // world  # kept images per pass and rank
-    for rank in range(world):
+    for rank, per_pass in enumerate(KEPT[world]):
         expected = take(stream(shards, rank, world), 3 * per_pass)
         for cut in (1, per_pass - 3, per_pass, per_pass + 2, 2 * per_pass + 1):  # mid-shard, draining, next pass
             first = stream(shards, rank, world)
@@ -57,33 +65,46 @@ def test_resumed_stream_equals_the_uninterrupted_one(shards, world, monkeypatch)
             assert all(torch.equal(a, b) for a, b in zip(head + tail, expected, strict=True)), (rank, cut)
 
 
-def test_each_rank_decodes_only_its_own_samples(shards, monkeypatch):
-    """Rank r of 2 decodes the samples r, r + 2, ... of a pass (counted over the shards), not all of them: the
-    ranks' decoding splits the pass, as DistributedSampler splits indices; their images add up to the pass's."""
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_decodes_only_its_own_part_of_the_pass(shards, world, monkeypatch):
+    """2 ranks, 3 shards: rank r decodes the shards r, r + 2, ... (webdataset's split_by_node); 4 ranks: the
+    samples r, r + 4, ... counted over the shards (DistributedSampler's split). Either way a pass's samples are
+    each decoded by one rank (besides the buffer, only the next pass's first batch is decoded ahead)."""
     decoded, real = [], image_stream.prepare_sample
     monkeypatch.setattr(image_stream, "prepare_sample", lambda raw, cfg: decoded.append(raw["__key__"]) or real(raw, cfg))
-    ranks, keys = [stream(shards, rank, 2) for rank in range(2)], []
-    for s in ranks:  # a pass: 14 and 13 samples, of which rank 0 misses 2 images, rank 1 one: 12 and 12 images
-        take(s, 12)
-        keys.append([int(key[3:]) for key in decoded])
+    ranks, firsts = [stream(shards, rank, world) for rank in range(world)], []
+    for rank, s in enumerate(ranks):
+        take(s, KEPT[world][rank])  # one pass
+        keys = [int(key[3:]) for key in decoded]
         decoded.clear()
-    assert all(k % 2 == rank for rank in range(2) for k in keys[rank])  # only its own (and the next pass's first)
-    assert sorted(keys[0][:14] + keys[1][:13]) == list(range(27))
-    assert all(s.kept == 12 and not s.buffer and s.shard == 3 for s in ranks)  # both at their pass's end, drained
-    for rank in (4, 29):  # sample 4 has no image; there is no sample 29
+        assert set(keys) == OWN[world][rank] and len(keys) < len(OWN[world][rank]) + image_stream.BATCH, rank
+        firsts += keys[:len(OWN[world][rank])]
+    assert sorted(firsts) == list(range(27))
+    assert all(not s.buffer and s.shard == 3 for s in ranks)  # each at its pass's end, drained: KEPT was right
+
+
+def test_a_rank_without_a_usable_image_is_refused_naming_its_part(shards, tmp_path):
+    for rank in (4, 29):  # more ranks than shards: sample 4 has no image; there is no sample 29
         with pytest.raises(ValueError, match=rf"rank {rank} of 30 takes every 30-th of the 27 samples from sample "
                                              rf"{rank}, and none of them has a usable image"):
             take(stream(shards, rank, 30), 1)
     assert take(stream(shards, 2, 30), 3)  # (sample 2 has one: it comes again in every pass)
+    samples = lf.synthetic_samples(2)
+    samples[1][1].pop("jpg")
+    for shard, part in enumerate(([samples[0]], [samples[1]])):
+        lf.write_tar(tmp_path / "bare" / f"{shard:05d}.tar", part)
+    with pytest.raises(ValueError, match=r"rank 1 of 2 takes the shards 1, 1 \+ 2, ... \(1 samples\), and none"):
+        take(stream(str(tmp_path / "bare" / "{00000..00001}.tar"), 1, 2), 1)
 
 
-def test_decoding_workers_give_the_same_stream_and_resume_it(shards):
+@pytest.mark.parametrize("world", [2, 4])  # the ranks split the shards / the samples
+def test_decoding_workers_give_the_same_stream_and_resume_it(shards, world):
     children = set(multiprocessing.active_children())  # (the session's worker pools, when they are up)
-    expected = take(stream(shards, 1, 2), 30)
-    first = stream(shards, 1, 2, workers=2)
+    expected = take(stream(shards, 1, world), 30)
+    first = stream(shards, 1, world, workers=2)
     head = take(first, 9)
-    resumed = stream(shards, 1, 2, workers=2)
-    restore_stream(resumed, [None, first.state_dict()], 9, shards)
+    resumed = stream(shards, 1, world, workers=2)
+    restore_stream(resumed, [None, first.state_dict()] + [None] * (world - 2), 9, shards)
     first.close()
     tail = take(resumed, 21)
     resumed.close()
