@@ -450,7 +450,7 @@ def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_pr
     assert resumed.step == 2 and all(torch.equal(a, weights(tuned)[k]) for k, a in weights(resumed).items())
     assert not torch.equal(weights(resumed)["codebook.weight"], weights(source)["codebook.weight"])
     for other, error in ((VQGAN, rf"init_from={export}: a vit_vqgan tokenizer; this run trains model.kind=vqgan"),
-                         (["model.width=32"], (rf"init_from={export} does not fit the configured model \(\d+ other "
+                         (["model.width=128"], (rf"init_from={export} does not fit the configured model \(\d+ other "
                                                r"shape\(s\): .*set the model section as the source was trained")),
                          (["model.heads=2"], (rf"init_from={export}: its attention has 1 heads where the configured "
                                               r"model has 2 \(encoder.0, 4 block\(s\)\): set model.heads"))):

@@ -59,18 +59,26 @@ def _from_export(path: str, kind: str, model: torch.nn.Module, where: str) -> st
         source = load_image_tokenizer(path)  # its own model, built from its config
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
-    ours = dict(model.named_modules())
-    heads = {name: (m.heads, getattr(ours.get(name), "heads", None))
+    state = source.state_dict()
+    _check_fits(model, state, where, optional=USAGE_BUFFERS if kind == ConvVQGAN.kind else ())
+    modules = dict(model.named_modules())
+    heads = {name: (m.heads, getattr(modules.get(name), "heads", None))
              for name, m in source.named_modules() if isinstance(getattr(m, "heads", None), int)}
     if differ := {name: pair for name, pair in heads.items() if pair[0] != pair[1]}:
         name, (theirs, ours) = next(iter(differ.items()))
         raise ConfigError(f"{where}: its attention has {theirs} heads where the configured model has {ours} ({name}, "
                           f"{len(differ)} block(s)): set model.heads / model.dec_heads as the source was trained")
-    _copy(model, source.state_dict(), where, optional=USAGE_BUFFERS if kind == ConvVQGAN.kind else ())
+    model.load_state_dict(state, strict=False)
     return f"weights from the {kind} export {path}"
 
 
 def _copy(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...]) -> None:
+    _check_fits(module, state, where, optional)
+    module.load_state_dict(state, strict=False)
+
+
+def _check_fits(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...]) -> None:
+    """ConfigError naming the missing, unexpected and other-shaped keys of `state` against `module`'s."""
     ours = module.state_dict()
     missing = sorted(k for k in ours.keys() - state.keys() if k not in optional)
     unexpected = sorted(state.keys() - ours.keys())
@@ -82,4 +90,3 @@ def _copy(module: torch.nn.Module, state: dict, where: str, optional: tuple[str,
                                         ("other shape(s)", shapes)) if found]
         raise ConfigError(f"{where} does not fit the configured model ({'; '.join(problems)}): set the model "
                           "section as the source was trained")
-    module.load_state_dict(state, strict=False)
