@@ -118,7 +118,8 @@ class CropStream:
         """Plain data (checkpoints load with weights_only): the position, the generator, the buffer's samples."""
         version, internal, gauss = self.rng.getstate()
         return {"shards": len(self.paths), "rank": self.rank, "world": self.world, "shard": self.shard,
-                "position": self.position, "index": self.index, "kept": self.kept, "buffer": [list(ref) for ref, _ in self.buffer],
+                "position": self.position, "index": self.index, "kept": self.kept,
+                "buffer": [list(ref) for ref, _ in self.buffer],
                 "rng": [version, list(internal), gauss]}
 
     def load_state_dict(self, state: dict) -> None:

@@ -251,7 +251,8 @@ def load_taming_vqgan(ckpt: str | Path, config_yaml: str | Path) -> ConvVQGAN:
         raise ValueError(f"{config_yaml}: only the VQGAN image setting (double_z false, 3 channels) is supported")
     model = ConvVQGAN("taming", dd["ch"], dd["ch_mult"], dd["num_res_blocks"], dd["z_channels"],
                       params["embed_dim"], params["n_embed"], dd["resolution"], dd["attn_resolutions"])
-    return _load_strict(model, read_checkpoint(ckpt, ("state_dict",), "taming-transformers")["state_dict"], str(ckpt), skip_prefixes=("loss.",))
+    state = read_checkpoint(ckpt, ("state_dict",), "taming-transformers")["state_dict"]
+    return _load_strict(model, state, str(ckpt), skip_prefixes=("loss.",))
 
 
 def load_llamagen_vq(ckpt: str | Path, codebook_size: int = 16384, codebook_embed_dim: int = 8,
