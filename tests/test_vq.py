@@ -431,10 +431,12 @@ def test_vqgan_trains_uses_its_codebook_exports_and_pretokenizes(single_process,
 
 def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_process, photos, tmp_path):
     """train.init_from=<export.pt>: step 0 has the export's weights; once the run has a checkpoint, a resume takes
-    its weights instead; an export of another kind, shape or attention heads is refused naming the file; vq.finetune_decoder
-    refuses the key (it would replace the frozen encoder)."""
+    its weights instead; an export of another kind, shape or attention heads is refused naming the file;
+    vq.finetune_decoder refuses the key (it would replace the frozen encoder)."""
     from common.config import ConfigError
     from vq.finetune_decoder import DecoderFinetuner
+    from vq.tokenizer import load_image_tokenizer
+    from vq.train import main
 
     source, _ = train(photos, tmp_path / "source", "train.steps=2", "train.seed=7")
     export = tmp_path / "source" / "export.pt"
@@ -445,6 +447,10 @@ def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_pr
     started, _ = train(photos, tmp_path / "ft", "train.steps=0", f"train.init_from={export}")
     assert weights(started).keys() == weights(source).keys()
     assert all(torch.equal(a, weights(source)[k]) for k, a in weights(started).items())
+    # The command line too, also with --resume none: 0 steps, so its export is the weights it started from.
+    main(["--data", photos, "--run-dir", str(tmp_path / "cli"), "--resume", "none", "--set", *TINY, "train.steps=0",
+          f"train.init_from={export}"])
+    assert load_image_tokenizer(tmp_path / "cli" / "export.pt").weights_hash == load_image_tokenizer(export).weights_hash
     tuned, _ = train(photos, tmp_path / "ft", "train.steps=2", "train.save_interval=2", f"train.init_from={export}")
     resumed, _ = train(photos, tmp_path / "ft", "train.steps=2", f"train.init_from={export}")
     assert resumed.step == 2 and all(torch.equal(a, weights(tuned)[k]) for k, a in weights(resumed).items())
