@@ -28,6 +28,7 @@ from common.checkpoints import (
     prune,
     tag_for,
 )
+from common.config import ConfigError
 from common.files import atomic_path
 
 STATE_FILE = "state.pt"
@@ -72,3 +73,20 @@ def load_state(path: Path, required: tuple[str, ...], writer: str, if_refused: s
     if missing:
         raise CheckpointError(f"{path}: not a {writer} checkpoint (no {', '.join(missing)})")
     return state
+
+
+def check_fits(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the missing, unexpected and other-shaped keys of `state` against `module`'s (a
+    model section that differs from the one the weights were trained with: `where` names their file); the keys in
+    `optional` may be missing."""
+    ours = module.state_dict()
+    missing = sorted(k for k in ours.keys() - state.keys() if k not in optional)
+    unexpected = sorted(state.keys() - ours.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(ours[k].shape)})"
+              for k in sorted(state.keys() & ours.keys()) if state[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{len(found)} {what}: {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}"
+                    for what, found in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                        ("other shape(s)", shapes)) if found]
+        raise ConfigError(f"{where} does not fit the configured model ({'; '.join(problems)}): set the model "
+                          "section as the source was trained")

@@ -25,6 +25,9 @@ class SRTrainConfig:
     """Weight of LPIPS (0 disables it)."""
     lpips_backbone: str = ""
     """Local torchvision vgg16 state dict for LPIPS ('' = random backbone, for tests)."""
+    init_from: str = ""
+    """An upsampler export (sr.train's export.pt) of the same model section to start from at step 0 ('' = fresh;
+    a resume takes the checkpoint's weights)."""
     seed: int = 1234
     """Seed of weights and data order."""
     precision: str = "fp32"

@@ -12,7 +12,7 @@ centre-cropped to train.resize, or train.crop when 0): the PSNR of the
 model and of bicubic upsampling, and compare_XXXXXXXX.png (rows: bicubic, model, original). The run directory
 receives config.yaml, metrics.jsonl + TensorBoard, checkpoints/ (common/state_file.py: `--resume auto`
 continues from `latest`, or from the newest complete checkpoint) and, at the end, export.pt
-(sr.model.load_upsampler).
+(sr.model.load_upsampler). `--set train.init_from=<export.pt>` starts from an export's weights instead of fresh ones.
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
 from common.metrics import MetricsLogger, psnr
-from common.state_file import STATE_FILE, load_state, save_state
+from common.state_file import STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
 from model_parallel.state import init_distributed
 from sr.config import SRConfig
-from sr.model import build_wdsr, save_upsampler, upsample
+from sr.model import build_wdsr, load_upsampler, save_upsampler, upsample
 from vq.losses import make_lpips
 
 
@@ -89,6 +89,7 @@ class SRTrainer:
         if note:
             self.log.info(note)
         if tag is None:
+            self.start_fresh()
             return
         path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
         state = load_state(path, ("model", "opt", "schedule", "step", "rng"), writer="sr.train")
@@ -99,6 +100,16 @@ class SRTrainer:
         torch.set_rng_state(state["rng"])
         how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
         self.log.info(f"resumed from {path} at step {self.step}; {how}")
+
+    def start_fresh(self) -> None:
+        """Step 0: the weights of train.init_from when it is set (an export of the same model section)."""
+        path = self.cfg.train.init_from
+        if not path:
+            return
+        state = load_upsampler(path).state_dict()
+        check_fits(self.model, state, f"train.init_from={path}")  # (every WDSR setting shows in the shapes)
+        self.model.load_state_dict(state)
+        self.log.info(f"weights from the upsampler export {path}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:
@@ -174,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer = SRTrainer(load_typed(SRConfig, args.config, args.set), args.data, args.run_dir, args.val_data)
         if args.resume == "auto":
             trainer.resume()
+        else:
+            trainer.start_fresh()
         trainer.run()
 
 

@@ -53,6 +53,25 @@ def test_upsampler_beats_bicubic_on_held_out_photos_and_exports(single_process, 
     assert Path(held_out["grid"]).is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 
+def test_init_from_an_export_starts_from_its_weights(single_process, photos, tmp_path):
+    """train.init_from=<export.pt>: step 0 has the export's weights, through the command line too (--resume none);
+    an export of another shape (scale, width, depth) is refused naming the keys."""
+    from sr.model import load_upsampler
+    from sr.train import main
+
+    train(photos, tmp_path / "source", "train.steps=2", "train.seed=7")
+    export = tmp_path / "source" / "export.pt"
+    started, _ = train(photos, tmp_path / "ft", "train.steps=0", f"train.init_from={export}")
+    source = load_upsampler(export).state_dict()
+    assert all(torch.equal(tensor, source[name]) for name, tensor in started.model.state_dict().items())
+    main(["--data", photos[0], "--val-data", photos[1], "--run-dir", str(tmp_path / "cli"), "--resume", "none",
+          "--set", *TINY, "train.steps=0", f"train.init_from={export}"])
+    assert all(torch.equal(tensor, source[name]) for name, tensor in load_upsampler(tmp_path / "cli" / "export.pt")
+               .state_dict().items())
+    with pytest.raises(ConfigError, match=rf"init_from={export} does not fit the configured model \(.*other shape"):
+        train(photos, tmp_path / "wider", "model.features=24", "train.steps=0", f"train.init_from={export}")
+
+
 def test_a_run_stopped_after_a_save_resumes_where_it_was(single_process, photos, tmp_path, monkeypatch):
     """Stopped right after its step-6 checkpoint (as a preemption would), resumed: the uninterrupted run's
     losses for steps 7-12 (weights, Adam, the LR halvings and the data stream all continue)."""

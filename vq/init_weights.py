@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from common.config import ConfigError
+from common.state_file import check_fits
 from vq.conv_vqgan import ConvVQGAN, read_checkpoint
 from vq.losses import PatchGAN
 from vq.tokenizer import load_image_tokenizer
@@ -60,7 +61,7 @@ def _from_export(path: str, kind: str, model: torch.nn.Module, where: str) -> st
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     state = source.state_dict()
-    _check_fits(model, state, where, optional=USAGE_BUFFERS if kind == ConvVQGAN.kind else ())
+    check_fits(model, state, where, optional=USAGE_BUFFERS if kind == ConvVQGAN.kind else ())
     modules = dict(model.named_modules())
     heads = {name: (m.heads, getattr(modules.get(name), "heads", None))
              for name, m in source.named_modules() if isinstance(getattr(m, "heads", None), int)}
@@ -73,20 +74,5 @@ def _from_export(path: str, kind: str, model: torch.nn.Module, where: str) -> st
 
 
 def _copy(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...]) -> None:
-    _check_fits(module, state, where, optional)
+    check_fits(module, state, where, optional)
     module.load_state_dict(state, strict=False)
-
-
-def _check_fits(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...]) -> None:
-    """ConfigError naming the missing, unexpected and other-shaped keys of `state` against `module`'s."""
-    ours = module.state_dict()
-    missing = sorted(k for k in ours.keys() - state.keys() if k not in optional)
-    unexpected = sorted(state.keys() - ours.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(ours[k].shape)})"
-              for k in sorted(state.keys() & ours.keys()) if state[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
-        problems = [f"{len(found)} {what}: {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}"
-                    for what, found in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
-                                        ("other shape(s)", shapes)) if found]
-        raise ConfigError(f"{where} does not fit the configured model ({'; '.join(problems)}): set the model "
-                          "section as the source was trained")
