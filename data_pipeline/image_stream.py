@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoints import CheckpointError
-from data_pipeline.images import FilterConfig, PreparedSamples, prepare_sample
+from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 
 BUFFER = 256
@@ -108,7 +108,7 @@ class CropStream:
                                                   collate_fn=list, num_workers=self.workers,
                                                   multiprocessing_context="fork")
             prepared = itertools.chain.from_iterable(batches)
-        return (p.image if p.reason is None else None for p in prepared)
+        return map(_kept_image, prepared)
 
     def _take(self) -> torch.Tensor:
         _, image = self.buffer.pop(self.rng.randrange(len(self.buffer)))
@@ -150,6 +150,10 @@ class CropStream:
         self._images = self._generate()
 
 
+def _kept_image(prepared: Prepared) -> torch.Tensor | None:
+    return prepared.image if prepared.reason is None else None
+
+
 def by_shard(shards: int, world: int) -> bool:
     """Whether the ranks split the shards (else the samples): when each gets at least one."""
     return shards >= world
@@ -174,11 +178,8 @@ class _RankSamples(torch.utils.data.IterableDataset):
         for number in itertools.count():
             batch = list(itertools.islice(samples, BATCH))
             if number % workers == worker:
-                yield [item if isinstance(item, int) else (item[0], self._image(item[1])) for item in batch]
-
-    def _image(self, raw: dict) -> torch.Tensor | None:
-        prepared = prepare_sample(raw, self.prep)
-        return prepared.image if prepared.reason is None else None
+                yield [item if isinstance(item, int) else (item[0], _kept_image(prepare_sample(item[1], self.prep)))
+                       for item in batch]
 
     def _raw(self) -> Iterator[tuple[tuple[int, int, int], dict] | int]:
         first_shard, first_position, index = self.start

@@ -21,7 +21,7 @@ from common.config import ConfigError
 from common.state_file import check_fits
 from vq.conv_vqgan import ConvVQGAN, read_checkpoint
 from vq.losses import PatchGAN
-from vq.tokenizer import load_image_tokenizer
+from vq.tokenizer import tokenizer_from_export
 
 USAGE_BUFFERS = ("usage", "last_used", "step")
 """vq/codebook.py's code-usage state: kept by our exports, not by taming's checkpoints."""
@@ -36,7 +36,7 @@ def load_initial_weights(path: str, model: torch.nn.Module, discriminator: torch
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file") from None
     if "kind" in blob:
-        return _from_export(path, blob["kind"], model, where)
+        return _from_export(path, blob, model, where)
     if model.kind != "vqgan":
         raise ConfigError(f"{where}: not a tokenizer export (no `kind`); only model.kind=vqgan also starts from a "
                           "taming-transformers checkpoint")
@@ -51,13 +51,14 @@ def load_initial_weights(path: str, model: torch.nn.Module, discriminator: torch
     return f"VQGAN weights from the taming-transformers checkpoint {path} (not its discriminator: {why})"
 
 
-def _from_export(path: str, kind: str, model: torch.nn.Module, where: str) -> str:
+def _from_export(path: str, blob: dict, model: torch.nn.Module, where: str) -> str:
     """An export of model.kind, or for a vqgan a converted taming checkpoint (kind conv_vqgan: the same keys
     without the usage statistics). Its attention heads must be the model's too: they leave the shapes alone."""
+    kind = blob["kind"]
     if kind != model.kind and (kind, model.kind) != (ConvVQGAN.kind, "vqgan"):
         raise ConfigError(f"{where}: a {kind} tokenizer; this run trains model.kind={model.kind}")
     try:
-        source = load_image_tokenizer(path)  # its own model, built from its config
+        source = tokenizer_from_export(blob, path)  # its own model, built from its config
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     state = source.state_dict()

@@ -116,6 +116,11 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer {path} does not exist (train one with vq.train or export one)")
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    return tokenizer_from_export(blob, path).to(device)
+
+
+def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
+    """The tokenizer an export's contents describe (`path` names the file in errors), frozen, on the CPU."""
     kind, known = blob.get("kind"), _registry()
     if kind not in known:
         raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
@@ -132,4 +137,4 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
                              "edited; re-export it with vq.finetune_decoder")
         model.content_hash = blob["codes"]["hash"]
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return model.eval()
