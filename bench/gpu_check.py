@@ -102,7 +102,9 @@ def _key_results(name: str, r: dict) -> str:
                      + (f", {best['vs_measured_matmul']:.0%} of the measured matmul" if "vs_measured_matmul" in best else "")
                      + f") at micro-batch {r['best_micro_batch']}" + (f" x {r['accumulation']}" if "accumulation" in r else "")
                      + f", build {r['build_s']:.0f} s"
-                     + (f", optimizer {r['optimizer_step']['optimizer_s']:.3f} s/step" if "optimizer_step" in r else ""))
+                     + (f", optimizer {r['optimizer_step']['optimizer_s']:.3f} s/step" if "optimizer_step" in r else "")
+                     + (f"; planner fit: hfu {r['planner_fit']['hfu']:.2f}, {r['planner_fit']['overhead_ms_per_layer']:.1f} "
+                        "ms per layer and micro-batch" if r.get("planner_fit") else ""))
     elif name == "sampling":
         m = r["measured"]
         rates = [f"{mode} {m[mode]['image_tokens_per_s']:.0f} tok/s"

@@ -303,16 +303,34 @@ def _seconds_per_step(engine, cfg, data: list, device: str, steps: int = 3) -> f
     return (time.perf_counter() - start) / steps
 
 
+def planner_fit(by_micro_batch: dict, flops_per_sample: float, peak_flops: float, layers: int,
+                accumulation: int) -> dict | None:
+    """The layout planner's two step-time constants (training/plan.Hardware) fitted to measured steps: a
+    least-squares line of seconds per micro-batch over micro-batch size; its slope gives the utilisation of
+    the peak (`hfu`), its intercept the fixed cost per layer and micro-batch (`overhead_ms_per_layer`; the
+    optimizer step's share, 1/accumulation of it, included). None with fewer than two measured sizes."""
+    points = [(int(b), r["step_s"] / accumulation) for b, r in by_micro_batch.items() if "step_s" in r]
+    if len(points) < 2 or not peak_flops:
+        return None
+    mean_b = sum(b for b, _ in points) / len(points)
+    mean_s = sum(s for _, s in points) / len(points)
+    slope = (sum((b - mean_b) * (s - mean_s) for b, s in points) / sum((b - mean_b) ** 2 for b, _ in points))
+    return {"hfu": flops_per_sample / (slope * peak_flops),
+            "overhead_ms_per_layer": (mean_s - slope * mean_b) * 1e3 / layers}
+
+
 def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4,
          recompute_mode: str = "none") -> dict:
     """bf16 training of a preset at ZeRO-1 on one GPU (the real Trainer and engine), random data already
     on the GPU, `accumulation` micro-batches per optimizer step (as any real global batch has): seconds per
     step at several micro-batch sizes, TFLOP/s by training/flops.py's formula, MFU against the table's
     peak and against the matmul rate measured here, peak memory; then, at the best size, how much of a
-    step the optimizer takes (its micro-batch timed apart) and where the host spends that step."""
+    step the optimizer takes (its micro-batch timed apart) and where the host spends that step; the layout
+    planner's step times for the same runs, and its constants fitted to these (planner_fit)."""
     from bench.train_throughput import matmul_flops
     from training.engine import train_step
     from training.flops import train_flops_per_sample
+    from training.plan import Hardware, estimate
     from training.train import Trainer
 
     cfg = _train_config([f"model.preset={preset}", "train.precision=bf16", "parallel.zero_stage=1",
@@ -352,10 +370,14 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
     trainer.log.close()
+    planned = {b: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", recompute_mode, Hardware()).step_s
+               for b, r in results.items() if "step_s" in r}
     return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "accumulation": accumulation,
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
+            "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
+                                                                  m.encoder_layers + m.decoder_layers, accumulation),
             "flops_formula": "3 x forward matmul FLOPs (training/flops.py; recomputation not counted)"}
 
 

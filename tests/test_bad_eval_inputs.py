@@ -130,9 +130,10 @@ CASES = {
     "plan: 0 micro-batch": plan_case("--micro-batch", "0", expected="--micro-batch must be .* got 0$"),
     "plan: 0 GPU memory": plan_case("--gpu-mem-gb", "0", expected="--gpu-mem-gb must be a number > 0, got 0.0$"),
     "plan: negative GPU memory": plan_case("--gpu-mem-gb", "-80", expected="--gpu-mem-gb must be .* got -80.0$"),
-    "plan: 0 MFU": plan_case("--mfu", "0", expected=r"--mfu must be a fraction of the peak in \(0, 1\], got 0.0$"),
-    "plan: negative MFU": plan_case("--mfu", "-0.4", expected=r"--mfu must be .* got -0.4$"),
-    "plan: MFU over 1": plan_case("--mfu", "40", expected=r"--mfu must be .* got 40.0$"),
+    "plan: 0 utilisation": plan_case("--hfu", "0", expected=r"--hfu must be a fraction of the peak in \(0, 1\], got 0.0$"),
+    "plan: negative utilisation": plan_case("--hfu", "-0.4", expected=r"--hfu must be .* got -0.4$"),
+    "plan: utilisation over 1": plan_case("--hfu", "40", expected=r"--hfu must be .* got 40.0$"),
+    "plan: negative overhead": plan_case("--overhead-ms", "-1", expected=r"--overhead-ms must be a number >= 0, got -1.0$"),
     "plan: 0 peak TFLOP/s": plan_case("--peak-tflops", "0", expected="--peak-tflops must be a number > 0, got 0.0$"),
     "plan: 0 network bandwidth": plan_case("--inter-node-gbs", "0", expected="--inter-node-gbs must be .* got 0.0$"),
 }
@@ -165,7 +166,9 @@ def test_no_layout_fits_says_why(capsys):
     assert exit.value.code == 1 and "no layout fits; why the closest ones miss:" in out
     rows = [line for line in out.splitlines() if "over by" in line]
     assert len(rows) == 2
-    assert all(re.search(r"over by 1\.3 GB in training \(3\.3 \+ 4 headroom > 6\)$", r) for r in rows)
+    # the least memory any micro-batch and recomputation needs: micro-batch 1, full recomputation
+    assert all("micro-batch 1   recompute full" in r for r in rows)
+    assert all(re.search(r"over by 1\.6 GB in training \(3\.3 \+ 10% \+ 4 headroom > 6\)$", r) for r in rows)
     with pytest.raises(SystemExit) as exit:
         main(["--model", "parti-debug", "--nodes", "1", "--gpus-per-node", "3", "--global-batch", "8",
               "--micro-batch", "3"])

@@ -98,8 +98,9 @@ TRAINING_PRESETS = ["parti-350m", "parti-750m", "parti-3b", "parti-20b"]
 
 @pytest.mark.parametrize("name", TRAINING_PRESETS)
 def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
-    """configs/train/parti-*.yaml: valid at the world size of the cluster its header states, and its layout is
-    the planner's fastest for that cluster (so preset and planner do not drift apart)."""
+    """configs/train/parti-*.yaml: valid at the world size of the cluster its header states, and its layout,
+    micro-batch and recomputation are the planner's fastest for that cluster (so preset and planner do not
+    drift apart)."""
     import re
     from pathlib import Path
 
@@ -116,9 +117,10 @@ def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
     assert cfg.model.preset == name and (t.steps, t.global_batch_size) == (450_000, 8192)
     assert t.min_lr == pytest.approx(0.025 * t.lr)  # the paper's final ratio
     assert (cfg.model.text_seq_len, cfg.model.image_seq_len) == (128, 1024)
-    fits, _, _ = plan(name, nodes, Hardware(gpus_per_node=gpus), memory, t.global_batch_size, t.micro_batch_size,
-                      t.precision, p.activation_checkpointing)
-    assert (fits[0].tp, fits[0].pp, fits[0].zero) == (p.tp, p.pp, p.zero_stage)
+    best = plan(name, nodes, Hardware(gpus_per_node=gpus), memory, t.global_batch_size, precision=t.precision,
+                dropout=cfg.model.dropout)[0][0]
+    assert ((best.tp, best.pp, best.zero, best.micro_batch, best.recompute)
+            == (p.tp, p.pp, p.zero_stage, t.micro_batch_size, p.activation_checkpointing))
 
 
 def test_a_command_leaves_the_objects_alive_at_exit_to_the_os(tmp_path):

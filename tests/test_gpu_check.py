@@ -33,3 +33,18 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert sections["async_save"]["steps"]["latest"] == "step_00000020"  # the last save completed
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "| train_resume | ok |" in results[0].with_suffix(".md").read_text()
+
+
+def test_planner_fit_recovers_the_constants_of_the_h200_run():
+    """The GPU check's fit of the planner's step-time constants, on the first H200 run's parti-350m steps
+    (one micro-batch per step): the slope is 50% of the peak, the intercept ~3.1 ms per layer (24 layers);
+    and on steps made from known constants it gives those back."""
+    from bench.gpu_sections import planner_fit
+
+    run = json.loads((ROOT / "bench/results/gpu_nvidia-h200_2026-11-30.json").read_text())["sections"]["mfu_350m"]
+    fit = planner_fit(run["by_micro_batch"], run["train_flops_per_sample"], 989e12, 24, 1)
+    assert abs(fit["hfu"] - 0.50) < 0.01 and abs(fit["overhead_ms_per_layer"] - 3.14) < 0.05, fit
+    made = {str(b): {"step_s": 4 * (0.048 + b * 1e12 / (0.6 * 989e12))} for b in (2, 8, 32)}
+    fit = planner_fit(made | {"64": {"error": "out of memory"}}, 1e12, 989e12, 12, 4)
+    assert abs(fit["hfu"] - 0.6) < 1e-9 and abs(fit["overhead_ms_per_layer"] - 4.0) < 1e-9
+    assert planner_fit({"4": {"step_s": 1.0}}, 1e12, 989e12, 12, 1) is None

@@ -15,6 +15,9 @@ Decoder-only (model.arch=decoder_only), S = T + N the stream, V_t the caption vo
   decoder layer: 2S(4d^2 + 2df) + 4S^2 d
   head:          2NdV + 2(T-1)dV_t       the caption head only with model.text_loss_weight > 0
 Embedding lookups and norms are left out (negligible).
+Activation recomputation runs part of the forward again (`recomputed_layer_flops`): full recomputation a
+layer's whole forward, selective the attention core (4T^2 d encoder; 4N^2 d + 4NTd decoder; 4S^2 d
+decoder-only). Those FLOPs are executed but not in MFU's numerator: the layout planner counts them in time.
 """
 from __future__ import annotations
 
@@ -52,6 +55,18 @@ def decoder_layer_flops(m) -> float:
         S = m.stream_len
         return 2 * S * (4 * d * d + 2 * d * f) + 4 * S * S * d
     return 2 * N * (4 * d * d + 2 * d * f) + 4 * N * N * d + 2 * N * 2 * d * d + 2 * T * 2 * d * d + 4 * N * T * d
+
+
+def recomputed_layer_flops(m, recompute: str) -> tuple[float, float]:
+    """Forward FLOPs per sample that activation recomputation (none, selective, full) runs again in one
+    (encoder layer, decoder layer)."""
+    if recompute == "full":
+        return encoder_layer_flops(m), decoder_layer_flops(m)
+    if recompute == "selective":
+        T, N, d = m.text_seq_len, m.image_seq_len, m.hidden_size
+        decoder = 4 * m.stream_len**2 * d if m.decoder_only else 4 * N * N * d + 4 * N * T * d
+        return 4 * T * T * d, decoder
+    return 0.0, 0.0
 
 
 def head_flops(m) -> float:

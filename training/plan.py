@@ -1,4 +1,5 @@
-"""The layout planner: which TP x PP x DP (and ZeRO stage) fits a model on a cluster, best first.
+"""The layout planner: which TP x PP x DP, ZeRO stage, micro-batch and recomputation fit a model on a
+cluster, fastest first.
 
     python -m training.plan --model parti-20b --nodes 64 --gpus-per-node 8 [--gpu-mem-gb 80] \
         [--global-batch 2048 --micro-batch 4 --precision bf16 --recompute full]
@@ -11,14 +12,19 @@ then estimated as
   weights + gradients + optimizer state   (bytes per parameter below, divided by DP where ZeRO shards)
   + activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage),
 with activations counted tensor by tensor as this model's layers save them for the backward pass
-(`activation_bytes`), and a step time from the FLOPs of training/flops.py at an assumed MFU plus the
-pipeline bubble. A layout must also fit while it is built (`construction_bytes`: the fp32 model below
+(`activation_bytes`; within 10% of the peaks measured on an H200, tests/test_plan.py). The step time: the
+FLOPs of training/flops.py plus what recomputation runs again, at `--hfu` of the peak, plus a fixed cost
+per layer and micro-batch (`--overhead-ms`: host work and launches, which make small micro-batches slow;
+both fitted to the H200's step times), over the 1F1B slots of the slowest stage (the bubble), plus
+communication. Unless given, the micro-batch (powers of two) and the recomputation are chosen per layout:
+the fastest that fits. A layout must also fit while it is built (`construction_bytes`: the fp32 model below
 ZeRO-3; one layer at a time at ZeRO-3, built under deepspeed.zero.Init). Layouts that fit are printed
-fastest first; those that do not with why: memory over the GPU's by how much (in training or while being
-built), or a global batch that the layout's micro-batch x DP does not divide. For the fastest layout it then
-says what the run asks of the file system (checkpoint size, write time at --fs-gbs, writers and the host
-memory each needs) and of the data pipeline (samples/s and MB/s of code shards). Sizes, counts, bandwidths and
-the MFU must be positive (MFU at most 1): anything else is one line naming the flag, exit status 1.
+fastest first with the MFU their step time means; those that do not with why: memory over the GPU's by how
+much (in training or while being built), or a global batch that no micro-batch x DP divides. For the fastest
+layout it then says what the run asks of the file system (checkpoint size, write time at --fs-gbs, writers
+and the host memory each needs) and of the data pipeline (samples/s and MB/s of code shards). Sizes, counts,
+bandwidths and the utilisation must be positive (utilisation at most 1): anything else is one line naming
+the flag, exit status 1.
 """
 from __future__ import annotations
 
@@ -35,7 +41,13 @@ from model_parallel.layers import DecoderLayer, EncoderLayer
 from model_parallel.layout import ParallelLayout
 from model_parallel.model import piece_classes
 from model_parallel.param_count import piece_params
-from training.flops import decoder_layer_flops, encoder_layer_flops, head_flops
+from training.flops import (
+    decoder_layer_flops,
+    encoder_layer_flops,
+    head_flops,
+    recomputed_layer_flops,
+    train_flops_per_sample,
+)
 
 
 def stage_pieces(model_cfg, pp: int) -> list[range]:
@@ -62,11 +74,13 @@ def params_per_stage(model_cfg, tp: int, pp: int, pieces: list[int] | None = Non
 
 
 def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute: str, layers: tuple[int, int],
-                     head: bool = False) -> int:
+                     head: bool = False, embeddings: bool = False) -> int:
     """Bytes saved for backward by `layers` = (encoder, decoder) layers of one micro-batch: the inputs of
     every norm and linear map, SDPA's q, k, v and output, the MLP's GeLU input and output (per layer, h
-    = hidden, f = MLP width, T/N = text/image length). Full recomputation keeps each layer's input only;
-    selective recomputation (the attention core) drops SDPA's output only: q, k and v are the recomputed
+    = hidden, f = MLP width, T/N = text/image length), with model.dropout the residual dropouts' bool masks
+    (a byte per element of each site; `embeddings`: the stage also holds the embeddings' dropout sites).
+    Full recomputation keeps each layer's input only; selective recomputation (the attention core) drops
+    SDPA's output only: q, k and v are the recomputed
     region's inputs and stay. `head`: the stage holds the output head, whose logits (in the model's dtype,
     an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak whatever the recomputation
     (measured at parti-20b width by bench/scale_slice.py). Decoder-only: a decoder layer over the whole
@@ -77,8 +91,12 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     S = m.stream_len  # the decoder's stream: N, or T + N decoder-only
     text_logits = (T - 1) * m.text_vocab_size if m.decoder_only and m.text_loss_weight > 0 else 0
     logits = (N * V + text_logits) / tp * (element_bytes + 8) if head else 0
+    layer_sites = 2 * T * enc_layers + (2 * S if m.decoder_only else 3 * N) * dec_layers
+    embedding_sites = (S if m.decoder_only else T + N) if embeddings else 0  # outside any recomputation
     if recompute == "full":
-        return int(b * (element_bytes * h * (T * enc_layers + S * dec_layers) + logits))
+        masks = embedding_sites * h if m.dropout > 0 else 0
+        return int(b * (element_bytes * h * (T * enc_layers + S * dec_layers) + logits + masks))
+    masks = (layer_sites + embedding_sites) * h if m.dropout > 0 else 0
     out = 0 if recompute == "selective" else 1
     attn = lambda s, kv: s * h * 2 + (s + 2 * kv + out * s + s) * h / tp  # norm + qkv inputs; q,k,v,out; proj input
     mlp = lambda s: s * h * 2 + 2 * s * f / tp                            # norm + fc1 inputs; gelu in/out
@@ -87,7 +105,13 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
         decoder = attn(S, S) + mlp(S)
     else:
         decoder = attn(N, N) + (2 * N * h + 2 * T * h / tp + 2 * N * h / tp + N * h / tp) + mlp(N)
-    return int(b * (element_bytes * (enc_layers * encoder + dec_layers * decoder) + logits))
+    return int(b * (element_bytes * (enc_layers * encoder + dec_layers * decoder) + logits + masks))
+
+
+ESTIMATE_MARGIN = 0.1
+"""A layout fits when its estimated peak plus this fraction of it (and the headroom) is within the GPU's memory:
+against the peaks measured on an H200 (tests/test_plan.py) the estimate was up to 8% low at small micro-batches
+and the allocator reserved up to 10% above the allocated peak."""
 
 
 @dataclass
@@ -103,6 +127,9 @@ class Layout:
     activations_gb: float
     step_s: float
     construction_gb: float = 0.0  # while the model is built, before DeepSpeed casts and partitions it
+    micro_batch: int = 1
+    recompute: str = "full"
+    mfu: float = 0.0              # the model's FLOPs per step (no recomputation) / (step time x peak of all GPUs)
 
     @property
     def total_gb(self) -> float:
@@ -113,8 +140,8 @@ class Layout:
         return max(self.total_gb, self.construction_gb)
 
     def over_gb(self, gpu_mem_gb: float, headroom_gb: float = 4) -> float:
-        """How far the peak (with the headroom) is above the GPU's memory; <= 0 when it fits."""
-        return self.peak_gb + headroom_gb - gpu_mem_gb
+        """How far the peak (with ESTIMATE_MARGIN and the headroom) is above the GPU's memory; <= 0 when it fits."""
+        return self.peak_gb * (1 + ESTIMATE_MARGIN) + headroom_gb - gpu_mem_gb
 
 
 @dataclass
@@ -131,8 +158,16 @@ class Hardware:
     gpus_per_node: int = 8
     peak_tflops: float = 989.0
     """Dense bf16 TFLOP/s per GPU (H100 SXM)."""
-    mfu: float = 0.4
-    """Assumed utilisation of the compute itself."""
+    hfu: float = 0.5
+    """Hardware FLOPs utilisation of a large micro-batch: the FLOPs it executes (recomputation included) over
+    the peak. Measured on one H200 (bench/results/gpu_nvidia-h200_2026-11-30), bf16, ZeRO-1, as the slope of
+    step time over micro-batch size: 0.50 for parti-350m, 0.58 for parti-3b."""
+    overhead_ms_per_layer: float = 3.5
+    """What each micro-batch costs per transformer layer on top of its FLOPs (the host's Python and kernel
+    launches, DeepSpeed's gradient hooks; ~1/3 more with full recomputation, which runs the forward again):
+    the intercept of the same measurements, 75 ms for parti-350m's 24 layers and 193 ms for parti-3b's 48
+    (its optimizer step is ~30 ms of that). It is why small micro-batches are slow: parti-350m took 0.094 s
+    per step at micro-batch 4, where its FLOPs at that utilisation take 0.012 s."""
     intra_node_gbs: float = 300.0
     """Effective all-reduce bandwidth per GPU inside a node (NVLink), GB/s."""
     inter_node_gbs: float = 40.0
@@ -180,22 +215,36 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
     for s, (params, stage) in enumerate(zip(stage_params, pieces)):
         layers = (sum(kinds[k] is EncoderLayer for k in stage), sum(kinds[k] is DecoderLayer for k in stage))
         in_flight = min(pp - s, n_micro)  # 1F1B: stage s holds up to pp - s micro-batches
-        act = activation_bytes(model_cfg, micro_batch, tp, w, recompute, layers, head=s == pp - 1) * in_flight
+        act = activation_bytes(model_cfg, micro_batch, tp, w, recompute, layers, head=s == pp - 1,
+                               embeddings=s == 0) * in_flight
         mem = (params * w / (dp if zero >= 3 else 1), params * grads_b / (dp if zero >= 2 else 1),
                params * opt_b / (dp if zero >= 1 else 1), act)
         if worst is None or sum(mem) > sum(worst[1]):
             worst = (params, mem)
-        flops = (layers[0] * encoder_layer_flops(model_cfg) + layers[1] * decoder_layer_flops(model_cfg)
-                 + (head_flops(model_cfg) if s == pp - 1 else 0))
-        slowest = max(slowest, 3 * flops * micro_batch / (tp * hw.peak_tflops * 1e12 * hw.mfu))
+        slowest = max(slowest, micro_batch_s(model_cfg, layers, s == pp - 1, micro_batch, tp, recompute, hw))
     # 1F1B: n_micro + pp - 1 slots of the slowest stage (the bubble, and the imbalance of the encoder
     # living on the first stage, both show up here).
     compute = (n_micro + pp - 1) * slowest
     params, (wb, gr, op, ac) = worst
     layers = (model_cfg.encoder_layers + model_cfg.decoder_layers) // pp
     comm = communication_s(model_cfg, params, tp, pp, dp, zero, micro_batch, n_micro, recompute, hw, w, layers)
-    return Layout(tp, pp, dp, zero, params, wb / gb, gr / gb, op / gb, ac / gb, compute + comm,
-                  construction_bytes(max(stage_params), largest_piece, zero) / gb)
+    step_s = compute + comm
+    mfu = train_flops_per_sample(model_cfg) * global_batch / (step_s * tp * pp * dp * hw.peak_tflops * 1e12)
+    return Layout(tp, pp, dp, zero, params, wb / gb, gr / gb, op / gb, ac / gb, step_s,
+                  construction_bytes(max(stage_params), largest_piece, zero) / gb, micro_batch, recompute, mfu)
+
+
+def micro_batch_s(m, layers: tuple[int, int], head: bool, micro_batch: int, tp: int, recompute: str,
+                  hw: Hardware) -> float:
+    """Seconds one micro-batch takes on a stage of `layers` = (encoder, decoder) layers (and the head):
+    forward + backward FLOPs (training/flops.py), plus what recomputation runs again, at hw.hfu of the peak,
+    plus hw.overhead_ms_per_layer per layer (x 4/3 with full recomputation: the forward's share again)."""
+    enc, dec = layers
+    redo_enc, redo_dec = recomputed_layer_flops(m, recompute)
+    flops = (enc * (3 * encoder_layer_flops(m) + redo_enc) + dec * (3 * decoder_layer_flops(m) + redo_dec)
+             + (3 * head_flops(m) if head else 0))
+    overhead = hw.overhead_ms_per_layer / 1e3 * (enc + dec) * (4 / 3 if recompute == "full" else 1)
+    return flops * micro_batch / (tp * hw.peak_tflops * 1e12 * hw.hfu) + overhead
 
 
 CHECKPOINT_BYTES_PER_PARAM = 12
@@ -225,64 +274,79 @@ def run_costs(model_cfg, total_params: int, o: Layout, global_batch: int, fs_gbs
                     samples_per_s, samples_per_s * record / 1e6)
 
 
-def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int, micro_batch: int,
+def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int, micro_batch: int | None,
                  headroom_gb: float = 4) -> None:
-    """A ValueError naming the first input that makes no sense (a zero or negative count or size, an MFU
-    outside (0, 1]): such inputs gave divisions by zero, or layouts with DP = -1 that 'fit'."""
+    """A ValueError naming the first input that makes no sense (a zero or negative count or size, a
+    utilisation outside (0, 1]): such inputs gave divisions by zero, or layouts with DP = -1 that 'fit'."""
     for flag, value in (("--nodes", nodes), ("--gpus-per-node", hw.gpus_per_node),
-                        ("--global-batch", global_batch), ("--micro-batch", micro_batch)):
+                        ("--global-batch", global_batch), ("--micro-batch", 1 if micro_batch is None else micro_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{flag} must be a whole number >= 1, got {value}")
     for flag, value in (("--gpu-mem-gb", gpu_mem_gb), ("--peak-tflops", hw.peak_tflops),
                         ("--intra-node-gbs", hw.intra_node_gbs), ("--inter-node-gbs", hw.inter_node_gbs)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be a number > 0, got {value}")
-    if not 0 < hw.mfu <= 1:
-        raise ValueError(f"--mfu must be a fraction of the peak in (0, 1], got {hw.mfu}")
+    if not 0 < hw.hfu <= 1:
+        raise ValueError(f"--hfu must be a fraction of the peak in (0, 1], got {hw.hfu}")
+    if not (math.isfinite(hw.overhead_ms_per_layer) and hw.overhead_ms_per_layer >= 0):
+        raise ValueError(f"--overhead-ms must be a number >= 0, got {hw.overhead_ms_per_layer}")
     if not (math.isfinite(headroom_gb) and headroom_gb >= 0):
         raise ValueError(f"headroom_gb must be >= 0, got {headroom_gb}")
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
 def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
-         micro_batch: int = 1, precision: str = "bf16", recompute: str = "full",
-         headroom_gb: float = 4) -> tuple[list[Layout], list[Layout], list[Skipped]]:
+         micro_batch: int | None = None, precision: str = "bf16", recompute: str | None = None,
+         dropout: float = 0.0, headroom_gb: float = 4) -> tuple[list[Layout], list[Layout], list[Skipped]]:
     """(layouts that fit, fastest first; every (TP, PP, ZeRO) that does not, smallest model split first;
-    the (TP, PP) splits not estimated because micro-batch x DP does not divide the global batch).
-    `headroom_gb` is left free for the framework, buffers and fragmentation. Nonsense inputs
-    (check_inputs) are a ValueError."""
+    the (TP, PP) splits not estimated because no micro-batch x DP divides the global batch).
+    For each (TP, PP, ZeRO) the micro-batch (None: every power of two whose micro-batch x DP divides the
+    global batch) and recomputation (None: none, selective and full) are chosen: the fastest pair that fits,
+    else, for the misses, the one that needs the least memory. `dropout`: the run's model.dropout (its masks
+    are kept for the backward pass). `headroom_gb` is left free for the framework,
+    buffers and fragmentation. Nonsense inputs (check_inputs) are a ValueError."""
     check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb)
-    m = model_config(model)
+    m = model_config(model, {"dropout": dropout})
     world = nodes * hw.gpus_per_node
+    modes = [recompute] if recompute else list(RECOMPUTE_MODES)
     fits, misses, skipped = [], [], []
     for tp in [t for t in (1, 2, 4, 8, 16) if hw.gpus_per_node % t == 0 and m.num_heads % t == 0]:
         pieces = piece_params(m, tp)
         for pp in [p for p in range(1, m.decoder_layers + 1) if m.decoder_layers % p == 0 and world % (tp * p) == 0]:
             dp = world // (tp * pp)
-            reason = ParallelLayout(tp, pp, dp).fits(m, micro_batch, global_batch)  # the rules a run obeys
-            if reason:
-                skipped.append(Skipped(tp, pp, dp, reason))
+            tried = [micro_batch] if micro_batch else [2**k for k in range(16) if 2**k * dp <= global_batch] or [1]
+            micro_batches = [b for b in tried if ParallelLayout(tp, pp, dp).fits(m, b, global_batch) is None]
+            if not micro_batches:  # the rules a run obeys
+                skipped.append(Skipped(tp, pp, dp, ParallelLayout(tp, pp, dp).fits(m, tried[0], global_batch)))
                 continue
             stage_params = params_per_stage(m, tp, pp, pieces)
             for zero in [z for z in (0, 1, 2, 3) if ParallelLayout(tp, pp, dp, z).fits() is None]:
-                o = estimate(m, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw, stage_params,
-                             max(pieces))
-                (fits if o.over_gb(gpu_mem_gb, headroom_gb) <= 0 else misses).append(o)
+                options = [estimate(m, tp, pp, dp, zero, b, global_batch, precision, mode, hw, stage_params,
+                                    max(pieces)) for b in micro_batches for mode in modes]
+                fitting = [o for o in options if o.over_gb(gpu_mem_gb, headroom_gb) <= 0]
+                if fitting:
+                    fits.append(min(fitting, key=lambda o: (o.step_s, o.total_gb)))
+                else:
+                    misses.append(min(options, key=lambda o: o.peak_gb))
     fits.sort(key=lambda o: (o.step_s, o.total_gb))
     misses.sort(key=lambda o: (o.tp * o.pp, o.zero))
     return fits, misses, skipped
 
 
 def _row(o: Layout) -> str:
-    return (f"TP={o.tp:<2} PP={o.pp:<2} DP={o.dp:<4} ZeRO-{o.zero}  params/rank {o.params / 1e9:7.3f}B  "
+    return (f"TP={o.tp:<2} PP={o.pp:<2} DP={o.dp:<4} ZeRO-{o.zero}  micro-batch {o.micro_batch:<3} "
+            f"recompute {o.recompute:<9}  params/rank {o.params / 1e9:7.3f}B  "
             f"weights {o.weights_gb:6.1f}  grads {o.grads_gb:6.1f}  optim {o.optimizer_gb:6.1f}  "
             f"activ {o.activations_gb:6.1f}  = {o.total_gb:6.1f} GB  (building {o.construction_gb:5.1f})  "
-            f"step {o.step_s:7.2f} s")
+            f"step {o.step_s:7.2f} s  MFU {o.mfu:4.0%}")
 
 
 def miss_reason(o: Layout, gpu_mem_gb: float, headroom_gb: float = 4) -> str:
     when = "while being built" if o.construction_gb > o.total_gb else "in training"
     return (f"over by {o.over_gb(gpu_mem_gb, headroom_gb):.1f} GB {when} "
-            f"({o.peak_gb:.1f} + {headroom_gb:g} headroom > {gpu_mem_gb:g})")
+            f"({o.peak_gb:.1f} + {ESTIMATE_MARGIN:.0%} + {headroom_gb:g} headroom > {gpu_mem_gb:g})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,27 +356,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-mem-gb", type=float, default=80)
     parser.add_argument("--global-batch", type=int, default=2048)
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, help="per GPU (default: the fastest power of two that fits)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--recompute", choices=["none", "selective", "full"], default="full")
+    parser.add_argument("--dropout", type=float, default=0.0, help="the run's model.dropout (its masks take memory)")
+    parser.add_argument("--recompute", choices=RECOMPUTE_MODES, help="(default: the fastest that fits)")
     parser.add_argument("--peak-tflops", type=float, default=989, help="per GPU (H100 bf16 dense: 989)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="assumed utilisation of the compute")
+    parser.add_argument("--hfu", type=float, default=Hardware.hfu,
+                        help="FLOPs executed / peak on a large micro-batch (measured on an H200: 0.5-0.58)")
+    parser.add_argument("--overhead-ms", type=float, default=Hardware.overhead_ms_per_layer,
+                        help="time per layer and micro-batch beyond its FLOPs (measured on an H200: ~3.5)")
     parser.add_argument("--intra-node-gbs", type=float, default=300, help="NVLink all-reduce GB/s per GPU")
     parser.add_argument("--inter-node-gbs", type=float, default=40, help="network all-reduce GB/s per GPU")
     parser.add_argument("--fs-gbs", type=float, default=20, help="aggregate file-system write GB/s (checkpoints)")
     parser.add_argument("--show", type=int, default=8)
     args = parser.parse_args(argv)
-    hw = Hardware(args.gpus_per_node, args.peak_tflops, args.mfu, args.intra_node_gbs, args.inter_node_gbs)
+    hw = Hardware(args.gpus_per_node, args.peak_tflops, args.hfu, args.overhead_ms, args.intra_node_gbs,
+                  args.inter_node_gbs)
     with command(errors=(ValueError,), label="training.plan"):
         if args.show < 0:
             raise ValueError(f"--show must be >= 0, got {args.show}")
         if not (math.isfinite(args.fs_gbs) and args.fs_gbs > 0):
             raise ValueError(f"--fs-gbs must be a number > 0, got {args.fs_gbs}")
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
-                                     args.micro_batch, args.precision, args.recompute)
+                                     args.micro_batch, args.precision, args.recompute, args.dropout)
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
-          f"(global batch {args.global_batch}, micro-batch {args.micro_batch}, {args.precision}, "
-          f"recompute {args.recompute}, assumed MFU {args.mfu}); memory per GPU in GB:")
+          f"(global batch {args.global_batch}, micro-batch {args.micro_batch or 'chosen'}, {args.precision}, "
+          f"dropout {args.dropout:g}, "
+          f"recompute {args.recompute or 'chosen'}; step time at {args.hfu:g} of the peak plus {args.overhead_ms:g} ms "
+          f"per layer and micro-batch); memory per GPU in GB:")
     if fits:
         print("fits, fastest first:")
         for o in fits[: args.show]:
@@ -321,12 +392,12 @@ def main(argv: list[str] | None = None) -> None:
         print("no layout fits" + ("; why the closest ones miss:" if misses or skipped else ""))
         misses = sorted(misses, key=lambda o: o.over_gb(args.gpu_mem_gb))  # the nearest miss first
     if misses:
-        print(f"does not fit (over {args.gpu_mem_gb:g} GB less 4 GB headroom), "
+        print(f"does not fit (over {args.gpu_mem_gb:g} GB less {ESTIMATE_MARGIN:.0%} margin and 4 GB headroom), "
               f"{'least split' if fits else 'closest'} first:")
         for o in misses[: args.show]:
             print(f"  {_row(o)}  {miss_reason(o, args.gpu_mem_gb)}")
     if skipped:
-        print(f"not estimated: micro-batch x DP does not divide the global batch {args.global_batch}:")
+        print(f"not estimated: no micro-batch x DP divides the global batch {args.global_batch}:")
         for k in skipped[: args.show]:
             print(f"  TP={k.tp:<2} PP={k.pp:<2} DP={k.dp:<4} {k.reason}")
     if not fits:
