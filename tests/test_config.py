@@ -99,14 +99,14 @@ TRAINING_PRESETS = ["parti-350m", "parti-750m", "parti-3b", "parti-20b"]
 @pytest.mark.parametrize("name", TRAINING_PRESETS)
 def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
     """configs/train/parti-*.yaml: valid at the world size of the cluster its header states, and its layout,
-    micro-batch and recomputation are the planner's fastest for that cluster (so preset and planner do not
-    drift apart)."""
+    micro-batch and recomputation are the planner's fastest for that cluster, by the planner command in its
+    header (so preset and planner do not drift apart)."""
     import re
     from pathlib import Path
 
     from model_parallel.layout import ParallelLayout
     from training.config import load_config
-    from training.plan import Hardware, plan
+    from training.plan import Hardware, plan, zero_stages
 
     path = f"configs/train/{name}.yaml"
     cluster = re.search(r"^# cluster: (\d+) nodes x (\d+) GPUs of (\d+) GB$", Path(path).read_text(), re.MULTILINE)
@@ -117,8 +117,9 @@ def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
     assert cfg.model.preset == name and (t.steps, t.global_batch_size) == (450_000, 8192)
     assert t.min_lr == pytest.approx(0.025 * t.lr)  # the paper's final ratio
     assert (cfg.model.text_seq_len, cfg.model.image_seq_len) == (128, 1024)
+    stages = re.search(r"^#   python -m training.plan .*--zero (\S+)", Path(path).read_text(), re.MULTILINE)
     best = plan(name, nodes, Hardware(gpus_per_node=gpus), memory, t.global_batch_size, precision=t.precision,
-                dropout=cfg.model.dropout)[0][0]
+                dropout=cfg.model.dropout, zero_stages=zero_stages(stages.group(1) if stages else "0,1,2,3"))[0][0]
     assert ((best.tp, best.pp, best.zero, best.micro_batch, best.recompute)
             == (p.tp, p.pp, p.zero_stage, t.micro_batch_size, p.activation_checkpointing))
 

@@ -97,6 +97,69 @@ def test_dropout_masks_are_estimated_as_autograd_keeps_them(single_process, pool
     assert full(0.1) - full(0.0) == 8 * (16 + 16) * 64  # only the embeddings' masks: the layers' are recomputed
 
 
+def data_parallel_traffic(zero: int, n_micro: int, run_dir: str) -> tuple[int, dict]:
+    """(parameters, {(collective, dtype): bytes in ring passes}) of one bf16 training step at DP=2 with `n_micro`
+    micro-batches, counted on DeepSpeed's communication backend (every collective the engine runs goes
+    through it): an all-reduce counts its tensor twice, an all-gather its output and a reduce-scatter its
+    input once. The model is wide enough (256) that ZeRO-3 partitions its matrices (it keeps parameters
+    under 100k elements whole)."""
+    import deepspeed.comm.comm as ds_comm
+
+    from bench.gpu_sections import _random_micro_batches
+    from training.config import load_config
+    from training.engine import train_step
+    from training.train import Trainer
+
+    cfg = load_config(None, ["model.preset=parti-debug", "model.hidden_size=256", "model.ffn_hidden_size=1024",
+                             "train.precision=bf16", f"parallel.zero_stage={zero}", "model.dropout=0",
+                             "model.caption_drop_prob=0", f"train.global_batch_size={2 * n_micro}",
+                             "train.micro_batch_size=1", "train.steps=10"])
+    trainer = Trainer(cfg, run_dir)
+    data = _random_micro_batches(cfg.model, 1, n_micro, "cpu")
+    train_step(trainer.engine, cfg, data, "cpu")  # (ZeRO-3 traces its parameter order in the first step)
+    passes = {"all_reduce": 2, "all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}
+    traffic = {}
+
+    def counted(name, collective):
+        def run(*args, **kwargs):
+            tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+            key = (name, str(tensors[0].dtype))
+            traffic[key] = traffic.get(key, 0) + passes[name] * max(t.numel() * t.element_size() for t in tensors)
+            return collective(*args, **kwargs)
+        return run
+
+    backend = ds_comm.cdb
+    for name in passes:
+        setattr(backend, name, counted(name, getattr(backend, name)))
+    try:
+        train_step(trainer.engine, cfg, data, "cpu")
+    finally:
+        for name in passes:
+            delattr(backend, name)  # (the instance attributes shadowed the class's methods)
+        trainer.log.close()
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
+    return params, traffic
+
+
+def test_data_parallel_traffic_is_what_deepspeed_sends(pool2, tmp_path):
+    """dp_bytes_per_param against DeepSpeed's own collectives at DP=2, two micro-batches per step, bf16:
+    ZeRO-0 all-reduces bf16 gradients once, ZeRO-1 all-reduces its fp32-accumulated gradients in fp32 (not
+    cast to bf16, DeepSpeed's default) and all-gathers the weights, ZeRO-2 all-reduces after each micro-batch,
+    ZeRO-3 reduce-scatters after each and gathers weights at most twice per micro-batch."""
+    from training.plan import dp_bytes_per_param
+
+    for zero in (0, 1, 2, 3):
+        params, traffic = pool2.run(data_parallel_traffic, zero, 2, str(tmp_path / str(zero)))[0]
+        total = sum(v for v in traffic.values() if v > 1024)  # (scalars: the loss, the norm, the skip flag)
+        planned = params * dp_bytes_per_param(zero, 2, 2)
+        if zero < 3:
+            assert total == pytest.approx(planned, rel=0.01), (zero, traffic)
+        else:
+            assert total <= planned and traffic[("reduce_scatter_tensor", "torch.bfloat16")] == 2 * params * 2
+        if zero == 1:
+            assert traffic[("all_reduce", "torch.float32")] == pytest.approx(2 * params * 4, rel=0.01)
+
+
 H200_RUN = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_nvidia-h200_2026-11-30.json"
 
 

@@ -47,6 +47,16 @@ def test_dp1_equals_dp2_at_the_same_global_batch(single_process, reference, tmp_
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
 
 
+def test_bf16_zero1_gradients_at_dp2_equal_dp1(single_process, pool2, tmp_path):
+    """bf16 ZeRO-1 accumulates gradients in fp32 and all-reduces them in fp32: the first step's gradient norm
+    over DP=2 ranks is DP=1's (the same global batch in 4 micro-batches) to fp32 precision. DeepSpeed's
+    default casts what it all-reduces to bf16 (2e-5 apart here)."""
+    bf16 = ("train.precision=bf16", "parallel.zero_stage=1")
+    pool2.run(run, str(tmp_path / "dp2"), *bf16, steps=1)
+    run(str(tmp_path / "dp1"), *bf16, steps=1)
+    assert grad_norms(tmp_path / "dp2") == pytest.approx(grad_norms(tmp_path / "dp1"), rel=2e-6)
+
+
 def test_resume_continues_the_uninterrupted_run(pool2, reference, tmp_path):
     first = pool2.run(run, str(tmp_path), steps=3)[0]
     second = pool2.run(run, str(tmp_path))[0]  # resumes from step 3

@@ -178,8 +178,8 @@ def communication_s(m, o_params: int, tp: int, pp: int, dp: int, zero: int, micr
                     recompute: str, hw: Hardware, element_bytes: int, layers: int) -> float:
     """Seconds per step spent communicating, counted without overlap (an upper bound):
     TP: 4 all-reduces of the activations per layer and micro-batch (6 with full recomputation), inside a
-    node when TP <= GPUs per node; DP: a ring all-reduce of the gradients (ZeRO-3 adds the parameter
-    all-gathers: x1.5), across nodes when the DP group spans nodes; PP: activations sent between stages."""
+    node when TP <= GPUs per node; DP: `dp_bytes_per_param` per parameter of the stage, across nodes when the
+    DP group spans nodes; PP: activations sent between stages."""
     tokens = micro_batch * (m.text_seq_len + m.image_seq_len)
     tp_bw = hw.intra_node_gbs if tp <= hw.gpus_per_node else hw.inter_node_gbs
     tp_s = 0.0
@@ -187,9 +187,24 @@ def communication_s(m, o_params: int, tp: int, pp: int, dp: int, zero: int, micr
         per = tokens * m.hidden_size * element_bytes * 2 * (tp - 1) / tp
         tp_s = (6 if recompute == "full" else 4) * layers * n_micro * per / (tp_bw * 1e9)
     dp_bw = hw.inter_node_gbs if tp * dp > hw.gpus_per_node else hw.intra_node_gbs
-    dp_s = 2 * o_params * element_bytes * (dp - 1) / dp / (dp_bw * 1e9) * (1.5 if zero >= 3 else 1.0)
+    dp_s = o_params * dp_bytes_per_param(zero, n_micro, element_bytes) * (dp - 1) / dp / (dp_bw * 1e9)
     pp_s = 0.0 if pp == 1 else 2 * n_micro * tokens * m.hidden_size * element_bytes / (hw.inter_node_gbs * 1e9)
     return tp_s + dp_s + pp_s
+
+
+def dp_bytes_per_param(zero: int, n_micro: int, element_bytes: int) -> int:
+    """Bytes per parameter a rank sends over the data-parallel group in one step, in ring passes of the whole
+    tensor (an all-reduce is two, an all-gather or reduce-scatter one; times (DP - 1) / DP), as DeepSpeed 0.19
+    runs each stage with training/engine.py's config (measured by tests/test_plan.py on its collectives):
+    ZeRO-0 all-reduces the gradients once per step; ZeRO-1 too (bf16: the fp32-accumulated gradients, in fp32)
+    and all-gathers the updated weights; ZeRO-2 all-reduces its gradient buckets after every micro-batch
+    (engine.allreduce_gradients: stage 2 "communicates during non gradient accumulation boundaries as well")
+    and all-gathers the updated weights; ZeRO-3 reduce-scatters the gradients after every micro-batch and
+    all-gathers the weights for its forward and backward, at most (DeepSpeed keeps gathered weights alive
+    up to stage3_max_live_parameters, and small ones whole)."""
+    w = element_bytes
+    grads = 4 if w == 2 else w  # ZeRO-1 with bf16: fp32 gradients (deepspeed_config's grad_accum_dtype)
+    return {0: 2 * w, 1: 2 * grads + w, 2: 2 * n_micro * w + w, 3: 3 * n_micro * w}[zero]
 
 
 def construction_bytes(stage_params: int, largest_piece: int, zero: int) -> int:
@@ -299,13 +314,14 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 
 def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
          micro_batch: int | None = None, precision: str = "bf16", recompute: str | None = None,
-         dropout: float = 0.0, headroom_gb: float = 4) -> tuple[list[Layout], list[Layout], list[Skipped]]:
+         dropout: float = 0.0, headroom_gb: float = 4, zero_stages: tuple[int, ...] = (0, 1, 2, 3),
+         ) -> tuple[list[Layout], list[Layout], list[Skipped]]:
     """(layouts that fit, fastest first; every (TP, PP, ZeRO) that does not, smallest model split first;
     the (TP, PP) splits not estimated because no micro-batch x DP divides the global batch).
     For each (TP, PP, ZeRO) the micro-batch (None: every power of two whose micro-batch x DP divides the
     global batch) and recomputation (None: none, selective and full) are chosen: the fastest pair that fits,
     else, for the misses, the one that needs the least memory. `dropout`: the run's model.dropout (its masks
-    are kept for the backward pass). `headroom_gb` is left free for the framework,
+    are kept for the backward pass). `zero_stages`: those to consider. `headroom_gb` is left free for the framework,
     buffers and fragmentation. Nonsense inputs (check_inputs) are a ValueError."""
     check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb)
     m = model_config(model, {"dropout": dropout})
@@ -322,7 +338,7 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
                 skipped.append(Skipped(tp, pp, dp, ParallelLayout(tp, pp, dp).fits(m, tried[0], global_batch)))
                 continue
             stage_params = params_per_stage(m, tp, pp, pieces)
-            for zero in [z for z in (0, 1, 2, 3) if ParallelLayout(tp, pp, dp, z).fits() is None]:
+            for zero in [z for z in zero_stages if ParallelLayout(tp, pp, dp, z).fits() is None]:
                 options = [estimate(m, tp, pp, dp, zero, b, global_batch, precision, mode, hw, stage_params,
                                     max(pieces)) for b in micro_batches for mode in modes]
                 fitting = [o for o in options if o.over_gb(gpu_mem_gb, headroom_gb) <= 0]
@@ -333,6 +349,17 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
     fits.sort(key=lambda o: (o.step_s, o.total_gb))
     misses.sort(key=lambda o: (o.tp * o.pp, o.zero))
     return fits, misses, skipped
+
+
+def zero_stages(text: str) -> tuple[int, ...]:
+    """--zero's comma-separated stages, each 0-3 (a ValueError naming the flag otherwise)."""
+    try:
+        stages = tuple(sorted({int(z) for z in text.split(",")}))
+    except ValueError:
+        stages = ()
+    if not stages or not set(stages) <= {0, 1, 2, 3}:
+        raise ValueError(f"--zero must be stages 0-3 separated by commas, got {text!r}")
+    return stages
 
 
 def _row(o: Layout) -> str:
@@ -359,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=int, help="per GPU (default: the fastest power of two that fits)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--dropout", type=float, default=0.0, help="the run's model.dropout (its masks take memory)")
+    parser.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider, e.g. 1 (the only one whose "
+                        "bf16 gradients accumulate and all-reduce in fp32)")
     parser.add_argument("--recompute", choices=RECOMPUTE_MODES, help="(default: the fastest that fits)")
     parser.add_argument("--peak-tflops", type=float, default=989, help="per GPU (H100 bf16 dense: 989)")
     parser.add_argument("--hfu", type=float, default=Hardware.hfu,
@@ -378,10 +407,11 @@ def main(argv: list[str] | None = None) -> None:
         if not (math.isfinite(args.fs_gbs) and args.fs_gbs > 0):
             raise ValueError(f"--fs-gbs must be a number > 0, got {args.fs_gbs}")
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
-                                     args.micro_batch, args.precision, args.recompute, args.dropout)
+                                     args.micro_batch, args.precision, args.recompute, args.dropout,
+                                     zero_stages=zero_stages(args.zero))
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
           f"(global batch {args.global_batch}, micro-batch {args.micro_batch or 'chosen'}, {args.precision}, "
-          f"dropout {args.dropout:g}, "
+          f"dropout {args.dropout:g}, ZeRO {args.zero}, "
           f"recompute {args.recompute or 'chosen'}; step time at {args.hfu:g} of the peak plus {args.overhead_ms:g} ms "
           f"per layer and micro-batch); memory per GPU in GB:")
     if fits:
