@@ -79,8 +79,9 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     every norm and linear map, SDPA's q, k, v and output, the MLP's GeLU input and output (per layer, h
     = hidden, f = MLP width, T/N = text/image length), with model.dropout the residual dropouts' bool masks
     (a byte per element of each site; `embeddings`: the stage also holds the embeddings' dropout sites).
-    Full recomputation keeps each layer's input only; selective recomputation (the attention core) drops
-    SDPA's output only: q, k and v are the recomputed
+    Full recomputation keeps each layer's input only, plus the working set of the one layer being recomputed
+    (bench/scale_slice.py measured the forward peak at 1.53x the inputs without it); selective recomputation
+    (the attention core) drops SDPA's output only: q, k and v are the recomputed
     region's inputs and stay. `head`: the stage holds the output head, whose logits (in the model's dtype,
     an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak whatever the recomputation
     (measured at parti-20b width by bench/scale_slice.py). Decoder-only: a decoder layer over the whole
@@ -95,7 +96,10 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     embedding_sites = (S if m.decoder_only else T + N) if embeddings else 0  # outside any recomputation
     if recompute == "full":
         masks = embedding_sites * h if m.dropout > 0 else 0
-        return int(b * (element_bytes * h * (T * enc_layers + S * dec_layers) + logits + masks))
+        # At the peak, one layer runs again whole for its backward: its tensors as without recomputation.
+        working = activation_bytes(m, micro_batch, tp, element_bytes, "none", (0, 1) if dec_layers else (1, 0)) \
+            if enc_layers + dec_layers else 0
+        return int(b * (element_bytes * h * (T * enc_layers + S * dec_layers) + logits + masks)) + working
     masks = (layer_sites + embedding_sites) * h if m.dropout > 0 else 0
     out = 0 if recompute == "selective" else 1
     attn = lambda s, kv: s * h * 2 + (s + 2 * kv + out * s + s) * h / tp  # norm + qkv inputs; q,k,v,out; proj input
