@@ -5,7 +5,7 @@
 
 Builds the preset at its real widths (by default with 6 of its 12 encoder and decoder layers: the whole
 parti-350m at fp32 ZeRO-1 needs ~9 GB per rank, more than two ranks have on a 24 GB machine; short
-sequences, so that a CPU step takes seconds: the sequence does not change what is saved) at ZeRO-1 on --dp gloo processes through the trainer's own code (training.train's
+sequences, so that a CPU step takes seconds: the sequence does not change what is saved) at ZeRO-1 on --dp gloo processes through the trainer's own code (training.trainer's
 Trainer: model, DeepSpeed engine, data), trains two steps, then measures per rank, side by side in one run:
 - bytes written: the rank's .distcp files against the checkpoint's total / dp (each rank writes its own ZeRO
   partition: ratio ~1.0);
@@ -90,7 +90,7 @@ def worker(rank: int, world: int, port: int, args, root: str, out: dict) -> None
     import torch.distributed as dist
 
     from training import checkpoint, engine
-    from training.train import Trainer
+    from training.trainer import Trainer
 
     run_dir = Path(root) / "run"
     cfg = run_config(args, world)

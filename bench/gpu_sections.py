@@ -57,9 +57,9 @@ def _train_config(sets: list[str]):
 
 
 def _train(run_dir: Path, sets: list[str], steps: int) -> tuple[list[float], list[dict]]:
-    """A real training run (training.train.train, the DeepSpeed engine) for `steps` steps in this
+    """A real training run (training.trainer.train, the DeepSpeed engine) for `steps` steps in this
     process (world size 1), resuming from run_dir's checkpoint if any: (losses, metrics lines)."""
-    from training.train import train
+    from training.trainer import train
 
     cfg = _train_config(sets + [f"train.steps={steps}"])
     losses = train(cfg, run_dir, resume="auto")
@@ -331,7 +331,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     from training.engine import train_step
     from training.flops import train_flops_per_sample
     from training.plan import Hardware, estimate
-    from training.train import Trainer
+    from training.trainer import Trainer
 
     cfg = _train_config([f"model.preset={preset}", "train.precision=bf16", "parallel.zero_stage=1",
                          f"parallel.activation_checkpointing={recompute_mode}", "model.caption_drop_prob=0",
@@ -404,7 +404,7 @@ def compile_speedup(ctx: Context) -> dict:
     from model_parallel.layers import SampleDropout
     from training.engine import train_step
     from training.flops import train_flops_per_sample
-    from training.train import Trainer
+    from training.trainer import Trainer
 
     preset, mbs, accumulation = ("parti-debug", 2, 2) if ctx.quick else ("parti-350m", 32, 2)
     out = {"preset": preset, "micro_batch": mbs, "accumulation": accumulation}

@@ -62,7 +62,7 @@ def measure(preset: str, zero: int, steps: int) -> dict:
     from training.config import load_config
     from training.engine import train_step
     from training.flops import train_flops_per_sample
-    from training.train import Trainer, rank_micro_batches
+    from training.trainer import Trainer, rank_micro_batches
 
     cfg = load_config(None, [f"model.preset={preset}", f"parallel.zero_stage={zero}", "train.global_batch_size=16",
                              "train.micro_batch_size=4", f"train.steps={steps}", "model.dropout=0.0"])

@@ -83,7 +83,7 @@ def run(run_dir: str, *overrides: str, steps: int = STEPS, resume: str = "auto")
     (`resume`: training.train's --resume mode)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from training.config import load_config
-    from training.train import train
+    from training.trainer import train
 
     cfg = load_config("configs/train/debug.yaml", [
         f"train.steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",

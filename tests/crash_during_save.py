@@ -15,7 +15,7 @@ import torch
 def main(run_dir: str, kill_at_step: int, mode: str = "sync") -> None:
     from training import checkpoint
     from training.config import load_config
-    from training.train import train
+    from training.trainer import train
 
     tag = f"step_{kill_at_step:08d}"
     if mode == "async":

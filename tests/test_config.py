@@ -142,3 +142,23 @@ with command():
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
     assert int((tmp_path / "frozen").read_text()) > 1000 and (tmp_path / "log").read_text() == "written"
+
+
+def test_a_config_error_is_reported_before_megatron_and_deepspeed_are_imported(tmp_path):
+    """training.train checks the config first: a typo costs the import of torch (~2 s), not of megatron-core
+    and DeepSpeed as well (~5 s more, on every rank of every node), and nothing is written."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from training.train import main
+try:
+    main(["--config", "configs/train/debug.yaml", "--set", "train.stepz=3", "--run-dir", {str(tmp_path / 'run')!r}])
+except SystemExit as e:
+    print(repr(str(e.code)), sorted(m for m in ("megatron", "deepspeed") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True).stdout
+    assert out.startswith("'config error: unknown key(s) train.stepz") and out.endswith(" []\n"), out
+    assert not (tmp_path / "run").exists()

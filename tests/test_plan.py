@@ -109,7 +109,7 @@ def data_parallel_traffic(zero: int, n_micro: int, run_dir: str) -> tuple[int, d
     from bench.gpu_sections import _random_micro_batches
     from training.config import load_config
     from training.engine import train_step
-    from training.train import Trainer
+    from training.trainer import Trainer
 
     cfg = load_config(None, ["model.preset=parti-debug", "model.hidden_size=256", "model.ffn_hidden_size=1024",
                              "train.precision=bf16", f"parallel.zero_stage={zero}", "model.dropout=0",

@@ -2,7 +2,7 @@
 (text, codes, positions), step by step, before and after a resume, at DP=1 and DP=2, with workers reading.
 
 The expectation is rebuilt here from the sampler and the dataset directly (not through loader.py), and the
-training's own synchronous reference (training.train.rank_micro_batches) is checked against it too."""
+training's own synchronous reference (training.trainer.rank_micro_batches) is checked against it too."""
 from __future__ import annotations
 
 import os
@@ -57,7 +57,7 @@ def read_with_workers(dp_rank: int | None = None, dp_size: int = 1, workers: int
     import torch.distributed as dist
 
     from data_pipeline.loader import ReadAhead
-    from training.train import caption_drop, rank_micro_batches
+    from training.trainer import caption_drop, rank_micro_batches
 
     if dp_rank is None:
         dp_rank = dist.get_rank() if dp_size > 1 else 0
@@ -103,10 +103,10 @@ def captured_run(run_dir: str, *overrides: str, steps: int = 6) -> dict:
     """tests.conftest.run, recording what the Trainer hands the engine's step each step and the (consumed,
     workers) of each reader it opens."""
     from tests.conftest import run
-    from training import engine, train
+    from training import engine, trainer
 
     seen, readers = [], []
-    real_step, real_open = engine.train_step, train.open_reader
+    real_step, real_open = engine.train_step, trainer.open_reader
 
     def record(_engine, cfg, batches, device):
         assert all(isinstance(mb, engine.MicroBatch) for mb in batches)
@@ -118,11 +118,11 @@ def captured_run(run_dir: str, *overrides: str, steps: int = 6) -> dict:
         readers.append((consumed, reader.workers))
         return reader
 
-    engine.train_step, train.open_reader = record, opened
+    engine.train_step, trainer.open_reader = record, opened
     try:
         run(run_dir, *overrides, steps=steps)
     finally:
-        engine.train_step, train.open_reader = real_step, real_open
+        engine.train_step, trainer.open_reader = real_step, real_open
     return {"batches": seen, "readers": readers, "pid": os.getpid()}
 
 

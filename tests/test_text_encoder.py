@@ -68,7 +68,7 @@ def encoder_weights(run_dir: str, *overrides: str) -> dict:
 
     from model_parallel.pipeline import canonical_parameters, is_text_encoder
     from training.config import load_config
-    from training.train import Trainer
+    from training.trainer import Trainer
 
     cfg = load_config("configs/train/debug.yaml", ["train.global_batch_size=8", "train.micro_batch_size=2",
                                                    "model.dropout=0.0", *overrides])

@@ -68,7 +68,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # (a BaseExcep
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from common import checkpoints
-from common.checkpoints import (  # noqa: F401 - training.train reaches them from here
+from common.checkpoints import (  # noqa: F401 - training.trainer reaches them from here
     CheckpointError,
     RunDirError,
     checkpoint_dir,
@@ -510,7 +510,7 @@ def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> 
     schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps."""
     path = checkpoint_dir(run_dir) / tag
     state = read_trainer_state(path)
-    # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.train.plan_resume.)
+    # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.trainer.plan_resume.)
     ensure_optimizer_state(engine)
     template, params = _state_dict(engine, cfg.model)
     try:

@@ -179,6 +179,9 @@ RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_de
 checkpoint's step with the new values (training/checkpoint.py `load`), weight decay and clipping
 are the new ones from the first step on."""
 
+RESUME_MODES = ("auto", "none", "overwrite")
+"""training.train --resume: continue (auto), start afresh where no checkpoint is (none), or moving one aside (overwrite)."""
+
 RESUME_WARNED = {
     "train.seed": "data order and caption drops follow the new seed from here on (samples of this epoch "
                   "may repeat or be skipped); the weights stay the checkpoint's",

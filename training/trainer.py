@@ -1,0 +1,351 @@
+"""The training loop behind `python -m training.train` (training/train.py: the command line, the run directory's
+rules): Trainer builds the layout, model, DeepSpeed engine, data and logger for a run directory, resumes it,
+steps it and saves it; `train(cfg, run_dir, resume)` does all of that and returns the losses.
+
+    from training.trainer import train, Trainer
+    losses = train(cfg, "runs/x", resume="auto")      # in every rank of a process group (torchrun)
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from common import metrics
+from common.checkpoints import CheckpointError, RunDirError, RunLock
+from common.config import ConfigError, save_config, to_dict
+from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
+from data_pipeline.sampler import GlobalBatchSampler
+from data_pipeline.training_data import training_dataset
+from model_parallel.kernels import select_kernels
+from model_parallel.state import (
+    destroy_groups,
+    init_distributed,
+    init_parallel,
+    process_groups,
+    seed_everything,
+    use_device,
+)
+from training import checkpoint, engine
+from training.checkpoint import set_aside
+from training.config import RESUME_MODES, RESUME_WARNED, Config, format_changes, layout_of, resume_changes
+from training.flops import enable_tf32, peak_flops, train_flops_per_sample
+from training.preemption import Preempted, StopRequest
+from training.text_encoder import load_text_encoder
+
+
+def caption_drop(cfg: Config) -> CaptionDrop:
+    """The run's caption drops (classifier-free guidance): a pure function of (train.seed, stream position)."""
+    m = cfg.model
+    return CaptionDrop(cfg.train.seed, m.caption_drop_prob, m.text_pad_id, m.text_eos_id)
+
+
+def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: int, dp_size: int):
+    """This DP rank's micro-batches (engine.MicroBatch) of the global batch starting at `consumed`, with the
+    caption drops of classifier-free guidance, read now: the synchronous reference for what the trainer's
+    read-ahead (`open_reader`) gives."""
+    drop = caption_drop(cfg)
+    for ids in rank_micro_batch_ids(sampler, consumed, dp_rank, dp_size, cfg.train.micro_batch_size):
+        yield engine.MicroBatch(*read_micro_batch(dataset, ids, drop))
+
+
+def open_reader(cfg: Config, dataset, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int,
+                device: str) -> ReadAhead:
+    """`steps` steps of this DP rank's micro-batches from `consumed` on, read ahead by data.workers processes
+    (pinned memory on a GPU); the same micro-batches as rank_micro_batches, step by step."""
+    d = cfg.data
+    return ReadAhead(dataset, sampler, consumed, steps, dp_rank, dp_size, cfg.train.micro_batch_size,
+                     caption_drop(cfg), workers=d.workers, read_ahead_steps=d.read_ahead_steps,
+                     pin_memory=device == "cuda")
+
+
+@dataclass
+class ResumePlan:
+    """What a start does, decided by rank 0 before anything is built or written (`plan_resume`)."""
+
+    run_id: str
+    tag: str | None = None
+    """Checkpoint to resume from (None: start at step 0)."""
+    state: dict | None = None
+    """Its trainer_state.json."""
+    set_aside: bool = False
+    """--resume overwrite over an existing run: move that run's files aside first."""
+    messages: list[str] = field(default_factory=list)
+    """Lines for the log once it exists (fallbacks, config changes, warnings)."""
+    changes: dict = field(default_factory=dict)
+    """training.config.resume_changes against the checkpoint's config."""
+
+    @property
+    def step(self) -> int:
+        return self.state["step"] if self.state else 0
+
+
+def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
+    """Decide from the run directory's files alone how this start goes; raise ConfigError (a config the
+    checkpoint cannot continue with) or RunDirError/CheckpointError (one line naming the file) instead."""
+    if mode not in RESUME_MODES:
+        raise ConfigError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
+    new_id = uuid.uuid4().hex[:12]
+    if mode == "overwrite":
+        return ResumePlan(run_id=new_id, set_aside=any((run_dir / n).exists() for n in checkpoint.RUN_FILES))
+    if mode == "none":
+        if checkpoint.has_checkpoints(run_dir):
+            complete = checkpoint.complete_tags(run_dir)
+            held = f"checkpoints up to {complete[-1]}" if complete else "checkpoint folders"
+            raise checkpoint.RunDirError(
+                f"{run_dir} already holds {held}; --resume none would start again at step 0 and overwrite them: "
+                "continue with --resume auto, start afresh with --resume overwrite (moves the old run to "
+                f"{run_dir}/replaced_<time>/), or use another --run-dir")
+        return ResumePlan(run_id=new_id)
+    tag, note = checkpoint.resume_tag(run_dir)
+    messages = [note] if note else []
+    if tag is None:
+        return ResumePlan(run_id=new_id, messages=messages)
+    path = checkpoint.checkpoint_dir(run_dir) / tag
+    state = checkpoint.read_trainer_state(path)
+    if isinstance(state.get("config"), dict):
+        changes = resume_changes(state["config"], cfg)
+    else:  # (saved before checkpoints held their config)
+        changes = {"refused": [], "applied": [], "warned": [], "noted": []}
+        messages.append(f"warning: {path / 'trainer_state.json'} holds no config: this run's config cannot be "
+                        "checked against the checkpoint's")
+    if changes["refused"]:
+        preset = [c for c in changes["noted"] if c[0] == "model.preset"]
+        raise ConfigError(f"cannot resume {path} with another network or optimizer: "
+                          f"{format_changes(preset + changes['refused'])} (the checkpoint holds the other one's "
+                          "weights and optimizer state); resume with the checkpoint's values, or start the new "
+                          "model in another --run-dir (or with --resume overwrite)")
+    layout = state.get("layout", {})
+    if cfg.train.optimizer == "adafactor" and layout.get("tp", cfg.parallel.tp) != cfg.parallel.tp:
+        raise ConfigError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it at "
+                          f"parallel.tp={layout['tp']} (this run has {cfg.parallel.tp})")
+    checkpoint.verify(path)
+    if changes["applied"]:
+        messages.append(f"config changes applied from step {state['step']} on: {format_changes(changes['applied'])}")
+    for key, old, new in changes["warned"]:
+        messages.append(f"warning: {key} changed on resume ({old!r} -> {new!r}): {RESUME_WARNED[key]}")
+    if changes["noted"]:
+        messages.append(f"config changes on resume: {format_changes(changes['noted'])}")
+    return ResumePlan(run_id=state.get("run_id") or new_id, tag=tag, state=state, messages=messages,
+                      changes=changes)
+
+
+def _decide_on_rank0(decide):
+    """Run `decide()` on rank 0 and return its result on every rank; its ConfigError/RunDirError (or any
+    other failure) is raised on every rank, so that no rank waits for the others in a collective."""
+
+    outcome, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except (ConfigError, RunDirError) as e:
+            outcome, error = (type(e).__name__, str(e)), e
+        except Exception as e:
+            outcome, error = ("RuntimeError", f"rank 0 failed: {type(e).__name__}: {e}"), e
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind != "ok":
+        classes = {"ConfigError": ConfigError, "RunDirError": RunDirError, "CheckpointError": CheckpointError}
+        raise classes.get(kind, RuntimeError)(value)
+    return value
+
+
+class Trainer:
+    """One run: process groups, model, engine, data order, and the loop that steps, logs and saves.
+    `resume`: auto | none | overwrite (see the module docstring); the decision and every refusal come
+    before anything is written to the run directory."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
+        self.device = use_device(cfg.train.device)  # before anything touches CUDA
+        init_distributed()
+        self.world = dist.get_world_size()
+        cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused
+        self.layout = layout_of(cfg, self.world)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)  # data that does not fit the model is refused before anything is written
+        self.lock = RunLock(self.run_dir)
+        self.log, self.reader, self.background = None, None, None
+        try:
+            self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume))[1])
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        init_parallel(layout.tp, layout.pp)
+        self.groups_before = process_groups()  # the groups DeepSpeed makes for this run are destroyed by close()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), layout.dp
+        rank0 = dist.get_rank() == 0
+        moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
+        self.log = metrics.MetricsLogger(self.run_dir, enabled=rank0, wandb_project=cfg.train.wandb_project,
+                                         config=to_dict(cfg))
+        if self.lock.warning:
+            self.log.info(self.lock.warning)
+        if moved:
+            self.log.info(f"--resume overwrite: moved the previous run's files to {moved}")
+        for message in self.plan.messages:
+            self.log.info(message)
+        if rank0:
+            self._write_config()
+
+        seed_everything(cfg.train.seed)
+        kernels = select_kernels(cfg.kernels)
+        self.log.info(kernels.summary())
+        if cfg.train.precision == "bf16" and cfg.parallel.zero_stage != 1:
+            self.log.info("note: bf16 with parallel.zero_stage != 1 accumulates and reduces gradients in bf16 "
+                          "(DeepSpeed); parallel.zero_stage=1 keeps them in fp32")
+        if self.device == "cuda" and cfg.train.precision == "fp32":
+            enable_tf32()
+        self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
+        self.log.info(f"MFU against {peak_source}")
+        model = engine.build_model(cfg, kernels, self.device, layout)
+        if cfg.model.init_text_encoder and not self.plan.tag:  # (a resumed run has its checkpoint's weights)
+            load_text_encoder(model, cfg.model, cfg.model.init_text_encoder)
+            self.log.info(f"text encoder warm-started from {cfg.model.init_text_encoder}"
+                          + ("; frozen (model.freeze_text_encoder)" if cfg.model.freeze_text_encoder else ""))
+        seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
+        self.engine, self.nonfinite_guard = engine.build_engine(model, cfg, kernels, layout)
+        metrics.reset_peak_memory()
+        self.background = checkpoint.BackgroundSaves() if cfg.train.async_save else None
+        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
+        self.step, self.consumed = 0, 0
+        self.log.info(f"layout: {layout.describe()}; "
+                      f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
+
+    def _write_config(self) -> None:
+        """config.yaml (this segment's config) and config_history/segment_<n>_step_<s>.yaml, written once the
+        checkpoint's config has been checked: the history keeps what every segment of the run ran with."""
+        plan, history = self.plan, self.run_dir / "config_history"
+        n = len(list(history.glob("segment_*.yaml"))) + 1 if history.is_dir() else 1
+        source = f"resumed from checkpoints/{plan.tag}" if plan.tag else "started at step 0"
+        lines = [f"segment {n} of run {plan.run_id}: {source}, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"]
+        for kind in ("applied", "warned", "noted"):
+            if plan.changes.get(kind):
+                lines.append(f"changed ({kind}): {format_changes(plan.changes[kind])}")
+        save_config(self.cfg, history / f"segment_{n:03d}_step_{plan.step:08d}.yaml", header="\n".join(lines))
+        save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def resume(self) -> None:
+        """Load the checkpoint the plan chose (nothing when it chose none)."""
+        if self.plan.tag:
+            state = checkpoint.load(self.engine, self.cfg, self.layout, self.run_dir, self.plan.tag)
+            self.step, self.consumed = state["step"], state["consumed_samples"]
+            self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
+            self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
+                          f"lr now {self.engine.get_lr()[0]:.3e}")
+        self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
+
+    def _reader_at(self, consumed: int) -> ReadAhead:
+        """The read-ahead for the steps left from `consumed` on: the open one when it is there, else a new one."""
+        if self.reader is None or self.reader.consumed != consumed:
+            if self.reader is not None:
+                self.reader.close()
+            self.reader = None
+            self.reader = open_reader(self.cfg, self.dataset, self.sampler, consumed,
+                                      max(0, self.cfg.train.steps - self.step), self.dp_rank, self.dp_size, self.device)
+        return self.reader
+
+    def save(self) -> None:
+        state = {"step": self.step, "consumed_samples": self.consumed,
+                 "sampler": self.sampler.state_dict(self.consumed),
+                 "skipped_steps": self.nonfinite_guard.skipped, "run_id": self.plan.run_id}
+        self.complete_saves(wait=True)  # one save in flight at a time
+        tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
+                              self.cfg.train.keep_checkpoints, self.background)
+        where = self.run_dir / "checkpoints" / tag
+        self.log.info(f"saving {where} in the background" if self.background else f"saved {where}")
+
+    def complete_saves(self, wait: bool = False) -> None:
+        """With train.async_save: complete the background saves every rank has written (all when `wait`)."""
+        for path in self.background.poll(wait) if self.background else []:
+            self.log.info(f"saved {path}")
+
+    def close(self) -> None:
+        """Release the run directory (the lock; the logger if `run` did not), stop the data workers, destroy the
+        process groups DeepSpeed made for this run."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.background is not None:  # (a save still in flight here was not waited for: the run failed)
+            self.background.close(abort=True)
+            self.background = None
+        if self.log is not None and not getattr(self, "_log_closed", False):
+            self.log.close()
+            self._log_closed = True
+        if getattr(self, "groups_before", None) is not None:  # (a process that trains again must not keep them)
+            destroy_groups(process_groups() - self.groups_before)
+            self.groups_before = None
+        self.lock.release()
+
+    def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
+        m, gbs = self.cfg.model, self.cfg.train.global_batch_size
+        tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
+        peak = self.peak_flops
+        self.log.step({
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
+            "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+            **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
+        })
+
+    def run(self) -> list[float]:
+        """Step until train.steps; return this call's per-step losses. Raises Preempted after saving
+        when SIGUSR1/SIGTERM arrived, RuntimeError after too many non-finite steps in a row."""
+
+        t, guard = self.cfg.train, self.nonfinite_guard
+        stop, losses = StopRequest(self.run_dir / "STOP"), []
+        try:
+            reader = self._reader_at(self.consumed) if self.step < t.steps else None
+            while self.step < t.steps:
+                start, lr = time.perf_counter(), self.engine.get_lr()[0]
+                batches = [engine.MicroBatch(*mb) for mb in reader.next_step()]  # read ahead while training
+                loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
+                losses.append(loss)
+                self.step += 1
+                self.consumed += t.global_batch_size
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self.log_step(loss, lr, grad_norm, time.perf_counter() - start)
+                if guard.consecutive >= t.max_skipped_steps:
+                    raise NonFiniteStop(f"stopping at step {self.step}: the last {guard.consecutive} steps had "
+                                       "non-finite loss or gradients and were skipped (train.max_skipped_steps="
+                                       f"{t.max_skipped_steps}); lower train.lr or check the data")
+                self.complete_saves()
+                preempted = stop.requested()
+                if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
+                    self.save()
+                    self.complete_saves(wait=preempted or self.step == t.steps)
+                if preempted:
+                    reason = stop.name
+                    dist.barrier()  # every rank has read the STOP file before it goes
+                    if dist.get_rank() == 0:  # tells a SLURM script (slurm/train.sbatch) to requeue
+                        (self.run_dir / "STOP").unlink(missing_ok=True)
+                        (self.run_dir / "REQUEUE").write_text(f"step {self.step}\n")
+                    raise Preempted(self.step, reason)
+        finally:
+            stop.restore()
+            self.close()  # the run is over: logger closed, run directory released
+        return losses
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]:
+    """Run cfg.train.steps steps (or what is left of them after a resume); return their losses.
+    resume: auto | none | overwrite (module docstring)."""
+    trainer = Trainer(cfg, run_dir, resume)
+    try:
+        trainer.resume()
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients (train.max_skipped_steps)."""
