@@ -308,13 +308,16 @@ def planner_fit(by_micro_batch: dict, flops_per_sample: float, peak_flops: float
     """The layout planner's two step-time constants (training/plan.Hardware) fitted to measured steps: a
     least-squares line of seconds per micro-batch over micro-batch size; its slope gives the utilisation of
     the peak (`hfu`), its intercept the fixed cost per layer and micro-batch (`overhead_ms_per_layer`; the
-    optimizer step's share, 1/accumulation of it, included). None with fewer than two measured sizes."""
+    optimizer step's share, 1/accumulation of it, included). None with fewer than two measured sizes, or
+    steps that do not grow with the micro-batch."""
     points = [(int(b), r["step_s"] / accumulation) for b, r in by_micro_batch.items() if "step_s" in r]
     if len(points) < 2 or not peak_flops:
         return None
     mean_b = sum(b for b, _ in points) / len(points)
     mean_s = sum(s for _, s in points) / len(points)
     slope = (sum((b - mean_b) * (s - mean_s) for b, s in points) / sum((b - mean_b) ** 2 for b, _ in points))
+    if slope <= 0:  # (noise over too narrow a range of sizes: no utilisation to read)
+        return None
     return {"hfu": flops_per_sample / (slope * peak_flops),
             "overhead_ms_per_layer": (mean_s - slope * mean_b) * 1e3 / layers}
 
@@ -370,7 +373,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
     trainer.log.close()
-    planned = {b: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", recompute_mode, Hardware()).step_s
+    hw = Hardware(peak_tflops=trainer.peak_flops / 1e12) if trainer.peak_flops else Hardware()  # (this GPU's peak)
+    planned = {b: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", recompute_mode, hw).step_s
                for b, r in results.items() if "step_s" in r}
     return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "accumulation": accumulation,
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,

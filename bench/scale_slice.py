@@ -10,8 +10,8 @@ TP size on that many gloo processes (fresh processes for every measurement). Pri
   model_parallel/init.py: at TP=2 each rank should need about half of TP=1's), as ratios to TP=1;
 - one forward + backward per recomputation mode: the peak resident memory above the built model (sampled
   every millisecond while it runs) during the forward pass against the planner's activations for the same
-  slice (training/plan.py `activation_bytes`, the head's logits and loss included), and over forward +
-  backward against activations + gradients, as ratios.
+  slice (training/plan.py `activation_bytes` + `recomputed_layer_bytes`, the head's logits and loss
+  included), and over forward + backward against activations + gradients, as ratios.
 Resident memory is what the CPU allocator holds: MALLOC_MMAP_THRESHOLD_ is pinned so that large tensors are
 returned to the system when freed (glibc otherwise raises the threshold and keeps freed blocks). bf16 where
 the CPU has bf16 matrix products (else fp32, said in the output). Minutes at parti-20b width on 2 cores.
@@ -35,7 +35,7 @@ from model_parallel.activation_checkpointing import apply_activation_checkpointi
 from model_parallel.config import model_config  # noqa: E402
 from model_parallel.model import PartiModel  # noqa: E402
 from model_parallel.state import free_port, init_parallel, tensor_parallel_group  # noqa: E402
-from training.plan import activation_bytes  # noqa: E402
+from training.plan import activation_bytes, recomputed_layer_bytes  # noqa: E402
 
 
 class PeakRSS:
@@ -86,8 +86,9 @@ def worker(rank: int, tp: int, port: int, args, recompute: str, out: dict) -> No
         loss.backward()
     params = sum(p.numel() for p in model.parameters())
     element = torch.finfo(args.dtype).bits // 8
-    activations = activation_bytes(cfg, 1, tp, element, recompute, (cfg.encoder_layers, cfg.decoder_layers),
-                                   head=True)
+    layers = (cfg.encoder_layers, cfg.decoder_layers)
+    activations = (activation_bytes(cfg, 1, tp, element, recompute, layers, head=True)
+                   + recomputed_layer_bytes(cfg, 1, tp, element, recompute, layers))
     if rank == 0:
         out.update(params=params, build_s=build_s, init_bytes=built - before, forward=forward.peak - baseline,
                    activations=activations, measured=max(forward.peak, peak.peak) - baseline,

@@ -134,6 +134,7 @@ CASES = {
     "plan: negative utilisation": plan_case("--hfu", "-0.4", expected=r"--hfu must be .* got -0.4$"),
     "plan: utilisation over 1": plan_case("--hfu", "40", expected=r"--hfu must be .* got 40.0$"),
     "plan: ZeRO stage 4": plan_case("--zero", "1,4", expected=r"--zero must be stages 0-3 separated by commas, got '1,4'$"),
+    "plan: dropout over 1": plan_case("--dropout", "1.5", expected=r"--dropout must be a probability in \[0, 1\), got 1.5$"),
     "plan: negative overhead": plan_case("--overhead-ms", "-1", expected=r"--overhead-ms must be a number >= 0, got -1.0$"),
     "plan: 0 peak TFLOP/s": plan_case("--peak-tflops", "0", expected="--peak-tflops must be a number > 0, got 0.0$"),
     "plan: 0 network bandwidth": plan_case("--inter-node-gbs", "0", expected="--inter-node-gbs must be .* got 0.0$"),

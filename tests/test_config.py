@@ -119,7 +119,7 @@ def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
     assert (cfg.model.text_seq_len, cfg.model.image_seq_len) == (128, 1024)
     stages = re.search(r"^#   python -m training.plan .*--zero (\S+)", Path(path).read_text(), re.MULTILINE)
     best = plan(name, nodes, Hardware(gpus_per_node=gpus), memory, t.global_batch_size, precision=t.precision,
-                dropout=cfg.model.dropout, zero_stages=zero_stages(stages.group(1) if stages else "0,1,2,3"))[0][0]
+                dropout=cfg.model.dropout, stages=zero_stages(stages.group(1) if stages else "0,1,2,3"))[0][0]
     assert ((best.tp, best.pp, best.zero, best.micro_batch, best.recompute)
             == (p.tp, p.pp, p.zero_stage, t.micro_batch_size, p.activation_checkpointing))
 

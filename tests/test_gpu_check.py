@@ -38,7 +38,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
 def test_planner_fit_recovers_the_constants_of_the_h200_run():
     """The GPU check's fit of the planner's step-time constants, on the first H200 run's parti-350m steps
     (one micro-batch per step): the slope is 50% of the peak, the intercept ~3.1 ms per layer (24 layers);
-    and on steps made from known constants it gives those back."""
+    on steps made from known constants it gives those back; steps that do not grow give none."""
     from bench.gpu_sections import planner_fit
 
     run = json.loads((ROOT / "bench/results/gpu_nvidia-h200_2026-11-30.json").read_text())["sections"]["mfu_350m"]
@@ -48,3 +48,4 @@ def test_planner_fit_recovers_the_constants_of_the_h200_run():
     fit = planner_fit(made | {"64": {"error": "out of memory"}}, 1e12, 989e12, 12, 4)
     assert abs(fit["hfu"] - 0.6) < 1e-9 and abs(fit["overhead_ms_per_layer"] - 4.0) < 1e-9
     assert planner_fit({"4": {"step_s": 1.0}}, 1e12, 989e12, 12, 1) is None
+    assert planner_fit({"4": {"step_s": 1.0}, "8": {"step_s": 0.9}}, 1e12, 989e12, 12, 1) is None

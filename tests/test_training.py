@@ -47,11 +47,12 @@ def test_dp1_equals_dp2_at_the_same_global_batch(single_process, reference, tmp_
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
 
 
-def test_bf16_zero1_gradients_at_dp2_equal_dp1(single_process, pool2, tmp_path):
-    """bf16 ZeRO-1 accumulates gradients in fp32 and all-reduces them in fp32: the first step's gradient norm
-    over DP=2 ranks is DP=1's (the same global batch in 4 micro-batches) to fp32 precision. DeepSpeed's
-    default casts what it all-reduces to bf16 (2e-5 apart here)."""
-    bf16 = ("train.precision=bf16", "parallel.zero_stage=1")
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_gradients_at_dp2_equal_dp1(single_process, pool2, tmp_path, stage):
+    """bf16 with ZeRO 1-3 accumulates gradients in fp32 and reduces them in fp32: the first step's gradient
+    norm over DP=2 ranks is DP=1's (the same global batch in 4 micro-batches) to fp32 precision. DeepSpeed's
+    default casts what it reduces to bf16 (2e-5 apart here), and keeps bf16 gradients at ZeRO-2/3."""
+    bf16 = ("train.precision=bf16", f"parallel.zero_stage={stage}")
     pool2.run(run, str(tmp_path / "dp2"), *bf16, steps=1)
     run(str(tmp_path / "dp1"), *bf16, steps=1)
     assert grad_norms(tmp_path / "dp2") == pytest.approx(grad_norms(tmp_path / "dp1"), rel=2e-6)

@@ -43,7 +43,7 @@ from training.deepspeed_glue import (
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     t = cfg.train
-    fp32_grads = t.precision == "bf16" and cfg.parallel.zero_stage == 1
+    fp32_grads = t.precision == "bf16" and cfg.parallel.zero_stage >= 1
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -51,11 +51,12 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
-        # bf16 with ZeRO-1: accumulate and all-reduce gradients in fp32, as Megatron does for bf16 (its main
-        # grads), in DeepSpeed's BF16_Optimizer. DeepSpeed 0.19 allows fp32 accumulation for ZeRO-1 only (bf16
-        # with ZeRO-0, 2 or 3 keeps bf16 grads), and it casts what it all-reduces to communication_data_type,
-        # bf16 for a bf16 run unless set (runtime/engine.py allreduce_bucket): each rank's sum would be rounded
-        # to 8 bits of mantissa and summed over DP in bf16. The fp32 all-reduce moves twice the bytes.
+        # bf16 with ZeRO 1-3: accumulate and reduce gradients in fp32, as Megatron does for bf16 (its main
+        # grads): ZeRO-1 in DeepSpeed's BF16_Optimizer, ZeRO-2/3 in fp32 gradient partitions. DeepSpeed 0.19
+        # has no fp32 accumulation for bf16 without ZeRO (_do_optimizer_sanity_check: "unsupported mix"), so
+        # ZeRO-0 keeps bf16 gradients. It casts what it reduces to communication_data_type, bf16 for a bf16
+        # run unless set (runtime/engine.py allreduce_bucket, the ZeRO optimizers): each rank's sum would be
+        # rounded to 8 bits of mantissa and summed over DP in bf16. fp32 moves twice the gradient bytes.
         "data_types": {"grad_accum_dtype": "fp32" if fp32_grads else None},
         "communication_data_type": "fp32" if fp32_grads else None,
         "zero_allow_untested_optimizer": True,

@@ -79,9 +79,9 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     every norm and linear map, SDPA's q, k, v and output, the MLP's GeLU input and output (per layer, h
     = hidden, f = MLP width, T/N = text/image length), with model.dropout the residual dropouts' bool masks
     (a byte per element of each site; `embeddings`: the stage also holds the embeddings' dropout sites).
-    Full recomputation keeps each layer's input only, plus the working set of the one layer being recomputed
-    (bench/scale_slice.py measured the forward peak at 1.53x the inputs without it); selective recomputation
-    (the attention core) drops SDPA's output only: q, k and v are the recomputed
+    Full recomputation keeps each layer's input only (and, once per stage, one layer's working set:
+    `recomputed_layer_bytes`); selective recomputation (the attention core) drops SDPA's output only: q, k and
+    v are the recomputed
     region's inputs and stay. `head`: the stage holds the output head, whose logits (in the model's dtype,
     an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak whatever the recomputation
     (measured at parti-20b width by bench/scale_slice.py). Decoder-only: a decoder layer over the whole
@@ -96,10 +96,7 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     embedding_sites = (S if m.decoder_only else T + N) if embeddings else 0  # outside any recomputation
     if recompute == "full":
         masks = embedding_sites * h if m.dropout > 0 else 0
-        # At the peak, one layer runs again whole for its backward: its tensors as without recomputation.
-        working = activation_bytes(m, micro_batch, tp, element_bytes, "none", (0, 1) if dec_layers else (1, 0)) \
-            if enc_layers + dec_layers else 0
-        return int(b * (element_bytes * h * (T * enc_layers + S * dec_layers) + logits + masks)) + working
+        return int(b * (element_bytes * h * (T * enc_layers + S * dec_layers) + logits + masks))
     masks = (layer_sites + embedding_sites) * h if m.dropout > 0 else 0
     out = 0 if recompute == "selective" else 1
     attn = lambda s, kv: s * h * 2 + (s + 2 * kv + out * s + s) * h / tp  # norm + qkv inputs; q,k,v,out; proj input
@@ -114,8 +111,19 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
 
 ESTIMATE_MARGIN = 0.1
 """A layout fits when its estimated peak plus this fraction of it (and the headroom) is within the GPU's memory:
-against the peaks measured on an H200 (tests/test_plan.py) the estimate was up to 8% low at small micro-batches
-and the allocator reserved up to 10% above the allocated peak."""
+against the allocated peaks an H200 measured (tests/test_plan.py) the estimate was 8% low to 11% high. The
+allocator held 2-21% more than it had allocated there, cached blocks it frees and retries with before it
+reports out of memory."""
+
+
+def recomputed_layer_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute: str,
+                           layers: tuple[int, int]) -> int:
+    """Under full recomputation, the tensors of the one layer of a stage that runs again for its backward (the
+    largest kind it holds), alive beside the saved inputs of every micro-batch in flight: without it
+    bench/scale_slice.py measured the forward peak at 1.53x the estimate. 0 otherwise."""
+    if recompute != "full" or not any(layers):
+        return 0
+    return activation_bytes(m, micro_batch, tp, element_bytes, "none", (0, 1) if layers[1] else (1, 0))
 
 
 @dataclass
@@ -165,7 +173,7 @@ class Hardware:
     hfu: float = 0.5
     """Hardware FLOPs utilisation of a large micro-batch: the FLOPs it executes (recomputation included) over
     the peak. Measured on one H200 (bench/results/gpu_nvidia-h200_2026-11-30), bf16, ZeRO-1, as the slope of
-    step time over micro-batch size: 0.50 for parti-350m, 0.58 for parti-3b."""
+    step time over micro-batch size: 0.50 for parti-350m, 0.60 for parti-3b."""
     overhead_ms_per_layer: float = 3.5
     """What each micro-batch costs per transformer layer on top of its FLOPs (the host's Python and kernel
     launches, DeepSpeed's gradient hooks; ~1/3 more with full recomputation, which runs the forward again):
@@ -191,24 +199,27 @@ def communication_s(m, o_params: int, tp: int, pp: int, dp: int, zero: int, micr
         per = tokens * m.hidden_size * element_bytes * 2 * (tp - 1) / tp
         tp_s = (6 if recompute == "full" else 4) * layers * n_micro * per / (tp_bw * 1e9)
     dp_bw = hw.inter_node_gbs if tp * dp > hw.gpus_per_node else hw.intra_node_gbs
-    dp_s = o_params * dp_bytes_per_param(zero, n_micro, element_bytes) * (dp - 1) / dp / (dp_bw * 1e9)
+    dp_s = o_params * dp_bytes_per_param(zero, n_micro, element_bytes, pp > 1) * (dp - 1) / dp / (dp_bw * 1e9)
     pp_s = 0.0 if pp == 1 else 2 * n_micro * tokens * m.hidden_size * element_bytes / (hw.inter_node_gbs * 1e9)
     return tp_s + dp_s + pp_s
 
 
-def dp_bytes_per_param(zero: int, n_micro: int, element_bytes: int) -> int:
+def dp_bytes_per_param(zero: int, n_micro: int, element_bytes: int, pipeline: bool = False) -> int:
     """Bytes per parameter a rank sends over the data-parallel group in one step, in ring passes of the whole
     tensor (an all-reduce is two, an all-gather or reduce-scatter one; times (DP - 1) / DP), as DeepSpeed 0.19
-    runs each stage with training/engine.py's config (measured by tests/test_plan.py on its collectives):
-    ZeRO-0 all-reduces the gradients once per step; ZeRO-1 too (bf16: the fp32-accumulated gradients, in fp32)
-    and all-gathers the updated weights; ZeRO-2 all-reduces its gradient buckets after every micro-batch
-    (engine.allreduce_gradients: stage 2 "communicates during non gradient accumulation boundaries as well")
-    and all-gathers the updated weights; ZeRO-3 reduce-scatters the gradients after every micro-batch and
-    all-gathers the weights for its forward and backward, at most (DeepSpeed keeps gathered weights alive
-    up to stage3_max_live_parameters, and small ones whole)."""
+    runs each stage with training/engine.py's config (measured by tests/test_plan.py on its collectives).
+    Gradients travel in fp32 at ZeRO 1-3 (bf16 runs too: deepspeed_config), in the weights' dtype at ZeRO-0.
+    ZeRO-0 all-reduces the gradients once per step; ZeRO-1 too, and all-gathers the updated weights, as does
+    ZeRO-0 of a bf16 pipeline (DeepSpeed's pipeline engine runs BF16_Optimizer there); ZeRO-2 all-reduces its
+    gradient buckets after every micro-batch (engine.allreduce_gradients: stage 2 "communicates during non
+    gradient accumulation boundaries as well") and all-gathers the updated weights; ZeRO-3 reduce-scatters the
+    gradients after every micro-batch and all-gathers the weights for its forward and backward, at most
+    (DeepSpeed keeps gathered weights alive up to stage3_max_live_parameters, and small ones whole)."""
     w = element_bytes
-    grads = 4 if w == 2 else w  # ZeRO-1 with bf16: fp32 gradients (deepspeed_config's grad_accum_dtype)
-    return {0: 2 * w, 1: 2 * grads + w, 2: 2 * n_micro * w + w, 3: 3 * n_micro * w}[zero]
+    if zero == 0:
+        return 3 * w if pipeline and w == 2 else 2 * w
+    grads = 4
+    return {1: 2 * grads + w, 2: 2 * n_micro * grads + w, 3: n_micro * grads + 2 * n_micro * w}[zero]
 
 
 def construction_bytes(stage_params: int, largest_piece: int, zero: int) -> int:
@@ -225,8 +236,12 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
         largest_piece = max(piece_params(model_cfg, tp))
     stage_params = stage_params or params_per_stage(model_cfg, tp, pp)
     gb, w = 2**30, 2 if precision == "bf16" else 4
-    grads_b = 4                       # gradients accumulated in fp32
+    # bf16 ZeRO-0 under the pipeline engine is DeepSpeed's BF16_Optimizer: bf16 gradients, the optimizer's
+    # state sharded over DP as at ZeRO-1. Otherwise gradients are accumulated in fp32.
+    bf16_pipeline_zero0 = precision == "bf16" and pp > 1 and zero == 0
+    grads_b = 2 if bf16_pipeline_zero0 else 4
     opt_b = 12 if precision == "bf16" else 8  # fp32 master (bf16 only) + Adam moments
+    opt_dp = dp if zero >= 1 or bf16_pipeline_zero0 else 1
     n_micro = max(1, global_batch // (micro_batch * dp))
     pieces = stage_pieces(model_cfg, pp)
     kinds = [cls for _, cls in piece_classes(model_cfg)]
@@ -234,10 +249,11 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
     for s, (params, stage) in enumerate(zip(stage_params, pieces)):
         layers = (sum(kinds[k] is EncoderLayer for k in stage), sum(kinds[k] is DecoderLayer for k in stage))
         in_flight = min(pp - s, n_micro)  # 1F1B: stage s holds up to pp - s micro-batches
-        act = activation_bytes(model_cfg, micro_batch, tp, w, recompute, layers, head=s == pp - 1,
-                               embeddings=s == 0) * in_flight
+        act = (activation_bytes(model_cfg, micro_batch, tp, w, recompute, layers, head=s == pp - 1,
+                                embeddings=s == 0) * in_flight
+               + recomputed_layer_bytes(model_cfg, micro_batch, tp, w, recompute, layers))
         mem = (params * w / (dp if zero >= 3 else 1), params * grads_b / (dp if zero >= 2 else 1),
-               params * opt_b / (dp if zero >= 1 else 1), act)
+               params * opt_b / opt_dp, act)
         if worst is None or sum(mem) > sum(worst[1]):
             worst = (params, mem)
         slowest = max(slowest, micro_batch_s(model_cfg, layers, s == pp - 1, micro_batch, tp, recompute, hw))
@@ -294,7 +310,7 @@ def run_costs(model_cfg, total_params: int, o: Layout, global_batch: int, fs_gbs
 
 
 def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int, micro_batch: int | None,
-                 headroom_gb: float = 4) -> None:
+                 headroom_gb: float = 4, dropout: float = 0.0) -> None:
     """A ValueError naming the first input that makes no sense (a zero or negative count or size, a
     utilisation outside (0, 1]): such inputs gave divisions by zero, or layouts with DP = -1 that 'fit'."""
     for flag, value in (("--nodes", nodes), ("--gpus-per-node", hw.gpus_per_node),
@@ -311,6 +327,8 @@ def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int,
         raise ValueError(f"--overhead-ms must be a number >= 0, got {hw.overhead_ms_per_layer}")
     if not (math.isfinite(headroom_gb) and headroom_gb >= 0):
         raise ValueError(f"headroom_gb must be >= 0, got {headroom_gb}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"--dropout must be a probability in [0, 1), got {dropout}")
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -318,16 +336,16 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 
 def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
          micro_batch: int | None = None, precision: str = "bf16", recompute: str | None = None,
-         dropout: float = 0.0, headroom_gb: float = 4, zero_stages: tuple[int, ...] = (0, 1, 2, 3),
+         dropout: float = 0.0, headroom_gb: float = 4, stages: tuple[int, ...] = (0, 1, 2, 3),
          ) -> tuple[list[Layout], list[Layout], list[Skipped]]:
     """(layouts that fit, fastest first; every (TP, PP, ZeRO) that does not, smallest model split first;
     the (TP, PP) splits not estimated because no micro-batch x DP divides the global batch).
     For each (TP, PP, ZeRO) the micro-batch (None: every power of two whose micro-batch x DP divides the
     global batch) and recomputation (None: none, selective and full) are chosen: the fastest pair that fits,
     else, for the misses, the one that needs the least memory. `dropout`: the run's model.dropout (its masks
-    are kept for the backward pass). `zero_stages`: those to consider. `headroom_gb` is left free for the framework,
+    are kept for the backward pass). `stages`: the ZeRO stages to consider. `headroom_gb` is left free for the framework,
     buffers and fragmentation. Nonsense inputs (check_inputs) are a ValueError."""
-    check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb)
+    check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb, dropout)
     m = model_config(model, {"dropout": dropout})
     world = nodes * hw.gpus_per_node
     modes = [recompute] if recompute else list(RECOMPUTE_MODES)
@@ -342,14 +360,14 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
                 skipped.append(Skipped(tp, pp, dp, ParallelLayout(tp, pp, dp).fits(m, tried[0], global_batch)))
                 continue
             stage_params = params_per_stage(m, tp, pp, pieces)
-            for zero in [z for z in zero_stages if ParallelLayout(tp, pp, dp, z).fits() is None]:
+            for zero in [z for z in stages if ParallelLayout(tp, pp, dp, z).fits() is None]:
                 options = [estimate(m, tp, pp, dp, zero, b, global_batch, precision, mode, hw, stage_params,
                                     max(pieces)) for b in micro_batches for mode in modes]
                 fitting = [o for o in options if o.over_gb(gpu_mem_gb, headroom_gb) <= 0]
                 if fitting:
                     fits.append(min(fitting, key=lambda o: (o.step_s, o.total_gb)))
                 else:
-                    misses.append(min(options, key=lambda o: o.peak_gb))
+                    misses.append(min(options, key=lambda o: (o.peak_gb, o.total_gb)))
     fits.sort(key=lambda o: (o.step_s, o.total_gb))
     misses.sort(key=lambda o: (o.tp * o.pp, o.zero))
     return fits, misses, skipped
@@ -390,12 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=int, help="per GPU (default: the fastest power of two that fits)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--dropout", type=float, default=0.0, help="the run's model.dropout (its masks take memory)")
-    parser.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider, e.g. 1 (the only one whose "
-                        "bf16 gradients accumulate and all-reduce in fp32)")
+    parser.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider, e.g. 1,2,3 (bf16 gradients "
+                        "accumulate and reduce in fp32 at those; at 0 in bf16)")
     parser.add_argument("--recompute", choices=RECOMPUTE_MODES, help="(default: the fastest that fits)")
     parser.add_argument("--peak-tflops", type=float, default=989, help="per GPU (H100 bf16 dense: 989)")
     parser.add_argument("--hfu", type=float, default=Hardware.hfu,
-                        help="FLOPs executed / peak on a large micro-batch (measured on an H200: 0.5-0.58)")
+                        help="FLOPs executed / peak on a large micro-batch (measured on an H200: 0.50-0.60)")
     parser.add_argument("--overhead-ms", type=float, default=Hardware.overhead_ms_per_layer,
                         help="time per layer and micro-batch beyond its FLOPs (measured on an H200: ~3.5)")
     parser.add_argument("--intra-node-gbs", type=float, default=300, help="NVLink all-reduce GB/s per GPU")
@@ -412,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--fs-gbs must be a number > 0, got {args.fs_gbs}")
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
                                      args.micro_batch, args.precision, args.recompute, args.dropout,
-                                     zero_stages=zero_stages(args.zero))
+                                     stages=zero_stages(args.zero))
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
           f"(global batch {args.global_batch}, micro-batch {args.micro_batch or 'chosen'}, {args.precision}, "
           f"dropout {args.dropout:g}, ZeRO {args.zero}, "

@@ -200,9 +200,9 @@ class Trainer:
         seed_everything(cfg.train.seed)
         kernels = select_kernels(cfg.kernels)
         self.log.info(kernels.summary())
-        if cfg.train.precision == "bf16" and cfg.parallel.zero_stage != 1:
-            self.log.info("note: bf16 with parallel.zero_stage != 1 accumulates and reduces gradients in bf16 "
-                          "(DeepSpeed); parallel.zero_stage=1 keeps them in fp32")
+        if cfg.train.precision == "bf16" and cfg.parallel.zero_stage == 0:
+            self.log.info("note: bf16 with parallel.zero_stage=0 accumulates and reduces gradients in bf16 "
+                          "(DeepSpeed); ZeRO stages 1-3 keep them in fp32")
         if self.device == "cuda" and cfg.train.precision == "fp32":
             enable_tf32()
         self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
