@@ -12,7 +12,7 @@ then estimated as
   weights + gradients + optimizer state   (bytes per parameter below, divided by DP where ZeRO shards)
   + activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage),
 with activations counted tensor by tensor as this model's layers save them for the backward pass
-(`activation_bytes`; within 10% of the peaks measured on an H200, tests/test_plan.py). The step time: the
+(`activation_bytes`; within 12% of the peaks measured on an H200, tests/test_plan.py). The step time: the
 FLOPs of training/flops.py plus what recomputation runs again, at `--hfu` of the peak, plus a fixed cost
 per layer and micro-batch (`--overhead-ms`: host work and launches, which make small micro-batches slow;
 both fitted to the H200's step times), over the 1F1B slots of the slowest stage (the bubble), plus
@@ -80,12 +80,12 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     = hidden, f = MLP width, T/N = text/image length), with model.dropout the residual dropouts' bool masks
     (a byte per element of each site; `embeddings`: the stage also holds the embeddings' dropout sites).
     Full recomputation keeps each layer's input only (and, once per stage, one layer's working set:
-    `recomputed_layer_bytes`); selective recomputation (the attention core) drops SDPA's output only: q, k and
-    v are the recomputed
-    region's inputs and stay. `head`: the stage holds the output head, whose logits (in the model's dtype,
-    an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak whatever the recomputation
-    (measured at parti-20b width by bench/scale_slice.py). Decoder-only: a decoder layer over the whole
-    stream S = T + N, no cross-attention; the head adds the caption's logits with a text loss."""
+    `recomputed_layer_bytes`); selective recomputation (the attention core) drops SDPA's output only: q, k
+    and v are the recomputed region's inputs and stay. `head`: the stage holds the output head, whose logits
+    (in the model's dtype, an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak
+    whatever the recomputation (measured at parti-20b width by bench/scale_slice.py). Decoder-only: a decoder
+    layer over the whole stream S = T + N, no cross-attention; the head adds the caption's logits with a text
+    loss."""
     b, h, f, T, N, V = (micro_batch, m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len,
                         m.image_vocab_size)
     enc_layers, dec_layers = layers
@@ -343,8 +343,8 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
     For each (TP, PP, ZeRO) the micro-batch (None: every power of two whose micro-batch x DP divides the
     global batch) and recomputation (None: none, selective and full) are chosen: the fastest pair that fits,
     else, for the misses, the one that needs the least memory. `dropout`: the run's model.dropout (its masks
-    are kept for the backward pass). `stages`: the ZeRO stages to consider. `headroom_gb` is left free for the framework,
-    buffers and fragmentation. Nonsense inputs (check_inputs) are a ValueError."""
+    are kept for the backward pass). `stages`: the ZeRO stages to consider. `headroom_gb` is left free for
+    the framework, buffers and fragmentation. Nonsense inputs (check_inputs) are a ValueError."""
     check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb, dropout)
     m = model_config(model, {"dropout": dropout})
     world = nodes * hw.gpus_per_node
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hfu", type=float, default=Hardware.hfu,
                         help="FLOPs executed / peak on a large micro-batch (measured on an H200: 0.50-0.60)")
     parser.add_argument("--overhead-ms", type=float, default=Hardware.overhead_ms_per_layer,
-                        help="time per layer and micro-batch beyond its FLOPs (measured on an H200: ~3.5)")
+                        help="time per layer and micro-batch beyond its FLOPs (measured on an H200: 3.1-4.0)")
     parser.add_argument("--intra-node-gbs", type=float, default=300, help="NVLink all-reduce GB/s per GPU")
     parser.add_argument("--inter-node-gbs", type=float, default=40, help="network all-reduce GB/s per GPU")
     parser.add_argument("--fs-gbs", type=float, default=20, help="aggregate file-system write GB/s (checkpoints)")
