@@ -104,7 +104,9 @@ def _key_results(name: str, r: dict) -> str:
                      + f", build {r['build_s']:.0f} s"
                      + (f", optimizer {r['optimizer_step']['optimizer_s']:.3f} s/step" if "optimizer_step" in r else "")
                      + (f"; planner fit: hfu {r['planner_fit']['hfu']:.2f}, {r['planner_fit']['overhead_ms_per_layer']:.1f} "
-                        "ms per layer and micro-batch" if r.get("planner_fit") else ""))
+                        "ms per layer and micro-batch" if r.get("planner_fit") else "")
+                     + (f"; full recomputation {r['full_recompute']['vs_none']:.2f}x the step (planner "
+                        f"{r['full_recompute']['planner_vs_none']:.2f}x)" if r.get("full_recompute") else ""))
     elif name == "sampling":
         m = r["measured"]
         rates = [f"{mode} {m[mode]['image_tokens_per_s']:.0f} tok/s"

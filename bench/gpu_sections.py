@@ -328,9 +328,11 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     on the GPU, `accumulation` micro-batches per optimizer step (as any real global batch has): seconds per
     step at several micro-batch sizes, TFLOP/s by training/flops.py's formula, MFU against the table's
     peak and against the matmul rate measured here, peak memory; then, at the best size, how much of a
-    step the optimizer takes (its micro-batch timed apart) and where the host spends that step; the layout
-    planner's step times for the same runs, and its constants fitted to these (planner_fit)."""
+    step the optimizer takes (its micro-batch timed apart), where the host spends that step and, without
+    recomputation, what full recomputation costs there; the layout planner's step times for the same runs,
+    and its constants fitted to these (planner_fit)."""
     from bench.train_throughput import matmul_flops
+    from model_parallel.activation_checkpointing import apply_activation_checkpointing
     from training.engine import train_step
     from training.flops import train_flops_per_sample
     from training.plan import Hardware, estimate
@@ -372,16 +374,22 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     optimizer = ctx.record("optimizer_step", {"micro_batch_s": micro_s,
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
-    trainer.log.close()
     hw = Hardware(peak_tflops=trainer.peak_flops / 1e12) if trainer.peak_flops else Hardware()  # (this GPU's peak)
-    planned = {b: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", recompute_mode, hw).step_s
-               for b, r in results.items() if "step_s" in r}
+    planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
+    planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
+    if recompute_mode == "none":  # the planner counts full recomputation as 4/3 of the FLOPs and of the fixed cost
+        apply_activation_checkpointing(engine.module, "full")  # (the layers' forward wrapped in place)
+        full_s = _seconds_per_step(engine, cfg, batches(best), "cuda")
+        ctx.record("full_recompute", {"micro_batch": best, "step_s": full_s, "vs_none": full_s / results[best]["step_s"],
+                                      "planner_vs_none": planner(best, "full") / planner(best, "none")})
+    trainer.log.close()
     return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "accumulation": accumulation,
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
             "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
                                                                   m.encoder_layers + m.decoder_layers, accumulation),
+            "full_recompute": ctx.partial.get("full_recompute"),
             "flops_formula": "3 x forward matmul FLOPs (training/flops.py; recomputation not counted)"}
 
 
