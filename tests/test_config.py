@@ -117,9 +117,12 @@ def test_training_presets_fit_their_cluster_with_the_planners_layout(name):
     assert cfg.model.preset == name and (t.steps, t.global_batch_size) == (450_000, 8192)
     assert t.min_lr == pytest.approx(0.025 * t.lr)  # the paper's final ratio
     assert (cfg.model.text_seq_len, cfg.model.image_seq_len) == (128, 1024)
-    stages = re.search(r"^#   python -m training.plan .*--zero (\S+)", Path(path).read_text(), re.MULTILINE)
+    command = re.search(r"^#   python -m training\.plan (.*)$", Path(path).read_text(), re.MULTILINE).group(1).split()
+    flags = dict(zip(command[::2], command[1::2]))  # the header's planner command: what it plans for is the preset's
+    assert (flags["--model"], int(flags["--nodes"]), int(flags["--global-batch"]), float(flags["--dropout"])) == (
+        name, nodes, t.global_batch_size, cfg.model.dropout)
     best = plan(name, nodes, Hardware(gpus_per_node=gpus), memory, t.global_batch_size, precision=t.precision,
-                dropout=cfg.model.dropout, stages=zero_stages(stages.group(1) if stages else "0,1,2,3"))[0][0]
+                dropout=cfg.model.dropout, stages=zero_stages(flags.get("--zero", "0,1,2,3")))[0][0]
     assert ((best.tp, best.pp, best.zero, best.micro_batch, best.recompute)
             == (p.tp, p.pp, p.zero_stage, t.micro_batch_size, p.activation_checkpointing))
 
