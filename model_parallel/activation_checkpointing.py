@@ -17,8 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from model_parallel.layers import Attention, DecoderLayer, EncoderLayer
-
-MODES = ("none", "selective", "full")
+from model_parallel.layout import RECOMPUTE_MODES
 
 
 class _RestoreTracker:
@@ -50,8 +49,8 @@ def checkpointed(function, *args, **kwargs):
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode not in MODES:
-        raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(MODES)}")
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
     for module in model.modules():
         if mode == "full" and isinstance(module, EncoderLayer | DecoderLayer):
             module.forward = functools.partial(checkpointed, module.forward)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,9 @@ def pool4():
 # Training runs of the debug model, and the reference run others are compared with.
 
 STEPS = 6
+
+H200_RUN = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_nvidia-h200_2026-11-30.json"
+"""The first GPU run's results (bench/gpu_check.py on an H200): the measurements the planner is checked against."""
 
 
 def run(run_dir: str, *overrides: str, steps: int = STEPS, resume: str = "auto") -> list[float]:

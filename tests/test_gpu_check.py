@@ -40,8 +40,9 @@ def test_planner_fit_recovers_the_constants_of_the_h200_run():
     (one micro-batch per step): the slope is 50% of the peak, the intercept ~3.1 ms per layer (24 layers);
     on steps made from known constants it gives those back; steps that do not grow give none."""
     from bench.gpu_sections import planner_fit
+    from tests.conftest import H200_RUN
 
-    run = json.loads((ROOT / "bench/results/gpu_nvidia-h200_2026-11-30.json").read_text())["sections"]["mfu_350m"]
+    run = json.loads(H200_RUN.read_text())["sections"]["mfu_350m"]
     fit = planner_fit(run["by_micro_batch"], run["train_flops_per_sample"], 989e12, 24, 1)
     assert abs(fit["hfu"] - 0.50) < 0.01 and abs(fit["overhead_ms_per_layer"] - 3.14) < 0.05, fit
     made = {str(b): {"step_s": 4 * (0.048 + b * 1e12 / (0.6 * 989e12))} for b in (2, 8, 32)}

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from model_parallel.config import model_config
 from model_parallel.model import piece_classes
-from tests.conftest import debug_batch, debug_model_config
+from tests.conftest import H200_RUN, debug_batch, debug_model_config
 from training.plan import Hardware, activation_bytes, estimate, params_per_stage, plan
 
 
@@ -184,9 +183,6 @@ def test_data_parallel_traffic_is_what_deepspeed_sends(pool2, pool4, tmp_path):
     stage_params, traffic = pool4.run(data_parallel_traffic, 0, 2, str(tmp_path / "pp"), "parallel.pp=2")[0]
     assert sum(v for v in traffic.values() if v > 1024) == pytest.approx(
         stage_params * dp_bytes_per_param(0, 2, 2, pipeline=True), rel=0.01), traffic
-
-
-H200_RUN = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_nvidia-h200_2026-11-30.json"
 
 
 def h200_measurements() -> list[tuple[str, int, dict]]:

@@ -38,7 +38,7 @@ from common.cli import command
 from data_pipeline.code_shards import record_dtype
 from model_parallel.config import model_config
 from model_parallel.layers import DecoderLayer, EncoderLayer
-from model_parallel.layout import ParallelLayout
+from model_parallel.layout import RECOMPUTE_MODES, ParallelLayout
 from model_parallel.model import piece_classes
 from model_parallel.param_count import piece_params
 from training.flops import (
@@ -329,9 +329,6 @@ def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int,
         raise ValueError(f"headroom_gb must be >= 0, got {headroom_gb}")
     if not 0 <= dropout < 1:
         raise ValueError(f"--dropout must be a probability in [0, 1), got {dropout}")
-
-
-RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
