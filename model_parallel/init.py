@@ -153,7 +153,7 @@ def draw_slices(key: tuple[int, int], full: int, slice_values: int, runs, out: t
             if (a, b) == (first, end):
                 dst.normal_(0.0, std, generator=generator)
             else:
-                tile = torch.empty((end - first) * slice_values, device="cpu").normal_(0.0, std, generator=generator)
+                tile = out.new_empty((end - first) * slice_values).normal_(0.0, std, generator=generator)
                 dst.copy_(tile[(a - first) * slice_values:(b - first) * slice_values])
             drawn += (end - first) * slice_values
     return drawn
@@ -193,9 +193,12 @@ class ShardedNormalInit:
         shape = tensor.shape or (1,)
         local = shape[dim]
         slice_values = math.prod(shape) // local if local else 0
-        # Slice-major (partition dim first), on the CPU by name: deepspeed.zero.Init (ZeRO-3) makes factory
-        # calls without a device allocate on the GPU, where the CPU generators cannot draw.
-        buf = torch.empty((local, slice_values), dtype=torch.float32, device="cpu")
+        # Slice-major (partition dim first), float32 on the CPU, allocated through numpy: deepspeed.zero.Init
+        # (ZeRO-3) replaces torch.empty & co. with factories that allocate on the GPU, where the CPU generators
+        # cannot draw, and cast every floating result to the training dtype whatever dtype was asked for;
+        # torch 2.11's CPU normal_ draws other values into bf16 than into float32 (2.14's agree), so the
+        # weights of a bf16 ZeRO-3 run would not be those of ZeRO-0/1.
+        buf = torch.from_numpy(np.empty((local, slice_values), dtype=np.float32))
         if buf.numel():
             drawn = draw_slices(key, full, slice_values, runs, buf, self.std)
             draw_counts["split" if split else "whole"] += drawn

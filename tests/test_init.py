@@ -154,3 +154,36 @@ def test_draws_stay_on_the_cpu_when_factories_default_elsewhere(single_process):
     with torch.device("meta"):
         ShardedNormalInit(0.02)(target)
     torch.testing.assert_close(target, expected, rtol=0, atol=0)
+
+
+def test_draws_stay_float32_under_zero_init_factories(single_process, monkeypatch):
+    """deepspeed.zero.Init (ZeRO-3) wraps torch's tensor factories so that every floating result is cast to
+    the training dtype, dtype=float32 or not; torch 2.11 draws other values into bf16 than into float32,
+    so a bf16 ZeRO-3 model differed from ZeRO-0/1's there (its train_resume check failed). Under DeepSpeed's
+    own wrapper, a whole weight and a shard that cuts its tiles keep their float32 values exactly."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    from model_parallel.init import ShardedNormalInit, draw_slices, shard_runs, tile_slices
+
+    full, values, world, stride, rank = 64, 16, 8, 2, 1
+    local = full // world
+    assert (local // stride) % tile_slices(full, values)  # the shard starts and ends inside tiles
+    runs = shard_runs(local, rank, world, stride)
+
+    def draw(weight: torch.Tensor, shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(5)
+        ShardedNormalInit(0.02)(weight)
+        draw_slices((5, 2), full, values, runs, shard, std=0.5)
+        return weight, shard
+
+    targets = [torch.ones(64, 32), torch.ones(local, values)]  # float32, made before the wrapper
+    expected = draw(torch.ones(64, 32), torch.ones(local, values))
+    for name in ("empty", "zeros", "ones", "full", "tensor", "arange", "eye", "randn"):
+        monkeypatch.setattr(torch, name, pp.zero_wrapper_for_fp_tensor_constructor(
+            getattr(pp, f"_orig_torch_{name}"), torch.bfloat16, None))
+    assert torch.empty(2, dtype=torch.float32).dtype == torch.bfloat16  # the wrapper is in place
+    got = draw(*targets)
+    monkeypatch.undo()
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
