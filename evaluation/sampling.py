@@ -25,7 +25,8 @@ Decoding modes (one loop, one step function each):
 Where the random draws happen follows the generator: a CPU `torch.Generator` draws on the CPU from the
 probabilities copied there (exactly as before: the same codes for the same generator and logits,
 whatever device the model is on, at the cost of one host sync per step); a CUDA generator
-(`torch.Generator("cuda")`) draws on the GPU with no sync; None draws on the logits' device from its
+(`torch.Generator("cuda")`) draws on the GPU with no sync (the draw is torch.multinomial's, without its
+host-side checks); None draws on the logits' device from its
 default generator. Per-image generators (a list) keep each image independent of the batch either way.
 """
 from __future__ import annotations
@@ -83,10 +84,19 @@ def choose(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor
     probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
     probs = probs.to(_draw_device(generator, logits.device))
     if isinstance(generator, (list, tuple)):
-        picks = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+        picks = torch.cat([_draw_one(p[None], g) for p, g in zip(probs, generator)])
     else:
-        picks = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        picks = _draw_one(probs, generator)
     return picks.to(logits.device)
+
+
+def _draw_one(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One code per row of probs [b, V], the very draw torch.multinomial(probs, 1, generator=...) makes
+    (ATen's one-sample path: argmax of probs / q with q ~ Exp(1)), without its two validity checks, which
+    copy to the host (`.item()`) and so made every decoding step on a GPU wait for the device. The
+    probabilities come from a softmax here: non-negative, and finite wherever the logits are."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
 
 
 def null_captions(model, text_ids: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,42 @@ def test_filters():
     assert torch.isinf(filter_logits(logits, 0, float(probs[0]) - 0.01)).tolist() == [[False, True, True, True]]
 
 
+def test_choose_draws_what_multinomial_draws_without_a_host_sync():
+    """choose() makes torch.multinomial's very draw (batch and per-row generators, filtered codes included),
+    without multinomial itself, whose checks read device values on the host (ATen: `.item()` of the min,
+    max and row sums), which made each GPU decoding step wait; nor any other op that reads one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from evaluation.sampling import choose
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    cfg = SamplingConfig(temperature=0.9, top_k=40, top_p=0.9)
+    probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    for seed in range(20):
+        assert torch.equal(choose(logits, cfg, torch.Generator().manual_seed(seed)),
+                           torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0])
+    rows = [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)]
+    expected = [torch.multinomial(p[None], 1, generator=torch.Generator().manual_seed(s))[0, 0]
+                for p, s in zip(probs, (1, 2, 3, 4))]
+    assert choose(logits, cfg, rows).tolist() == [int(e) for e in expected]
+    host_reads = {"multinomial", "_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal"}
+    with Ops() as seen:
+        choose(logits, cfg, torch.Generator().manual_seed(0))
+    assert "exponential_" in seen.names and not seen.names & host_reads, seen.names
+    with Ops() as seen:
+        torch.multinomial(probs, 1)
+    assert seen.names & host_reads  # (what the check catches)
+
+
 def tp_samples(tp):
     from model_parallel.state import init_parallel
 
