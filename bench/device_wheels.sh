@@ -4,13 +4,13 @@
 # into /tmp/site. Then, on the GPU machine, as one command (bench/README.md):
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-#     && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $OUT
+#     && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --budget-s 540 --out $OUT
 #
 #   bench/device_wheels.sh [PYTHON_VERSION]      # the GPU machine's Python (default 3.12, as seen there)
 #
 # Runs pip with .venv's Python (make setup): building DeepSpeed's wheel imports its setuptools and torch.
 # The versions are read from requirements.txt, and for the dependencies from what .venv resolved. What the
-# GPU image already holds (torch, numpy, pyyaml, safetensors, sentencepiece, pillow, scipy, tqdm, psutil,
+# GPU image already holds (torch, torchvision, numpy, pyyaml, safetensors, sentencepiece, pillow, scipy, tqdm, psutil,
 # einops, msgpack, ninja, py-cpuinfo, tensorboard) is not carried: its versions are used.
 set -euo pipefail
 cd "$(dirname "$0")/.."

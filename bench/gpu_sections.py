@@ -247,23 +247,30 @@ def recompute(ctx: Context) -> dict:
 # MFU
 
 
-def _largest_micro_batch(measure, candidates: list[int], total_gib: float) -> tuple[int, dict]:
-    """Measure at the two smallest candidates, extrapolate the peak memory linearly in the micro-batch,
-    then measure at the largest candidate predicted to fit in 90% of the GPU (an out-of-memory there
-    falls back to the best measured)."""
-    a, b = candidates[:2]
-    results = {a: measure(a), b: measure(b)}
-    per_sample = (results[b]["peak_gib"] - results[a]["peak_gib"]) / (b - a)
-    base = results[a]["peak_gib"] - a * per_sample
-    fitting = [c for c in candidates[2:] if base + c * per_sample <= 0.9 * total_gib]
-    if fitting:
+def _largest_micro_batch(measure, candidates: list[int], fits) -> tuple[int, dict]:
+    """Measure at the two smallest candidates, then at the largest that `fits` (the layout planner's memory
+    estimate; a line through the two small peaks cannot say: there the optimizer state sets the peak, not
+    the activations), stepping down past out-of-memory errors; the best measured size."""
+    results = {c: measure(c) for c in candidates[:2]}
+    for c in reversed([c for c in candidates[2:] if fits(c)]):
         try:
-            results[fitting[-1]] = measure(fitting[-1])
+            results[c] = measure(c)
+            break
         except torch.cuda.OutOfMemoryError as e:
-            results[fitting[-1]] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            results[c] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            torch.cuda.empty_cache()
     ok = {k: v for k, v in results.items() if "error" not in v}
     best = max(ok, key=lambda k: ok[k]["tflops"])
     return best, results
+
+
+def _realign(engine, cfg, micro_batch) -> None:
+    """After an out-of-memory error inside an optimizer step, DeepSpeed's micro-step counter is mid-step:
+    run single micro-batches until the next one starts a step, so that each later step is whole."""
+    from training.engine import train_step
+
+    while engine.micro_steps % engine.gradient_accumulation_steps():
+        train_step(engine, cfg, [micro_batch], "cuda")
 
 
 def _host_profile(fn, top: int = 15) -> list[str]:
@@ -355,7 +362,13 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     def measure(mbs: int) -> dict:
         data = batches(mbs)
         torch.cuda.reset_peak_memory_stats()
-        step_s = _seconds_per_step(engine, cfg, data, "cuda")
+        try:
+            step_s = _seconds_per_step(engine, cfg, data, "cuda")
+        except torch.cuda.OutOfMemoryError:
+            del data
+            torch.cuda.empty_cache()
+            _realign(engine, cfg, batches(candidates[0])[0])
+            raise
         tflops = flops * mbs * accumulation / step_s / 1e12
         return ctx.record(f"micro_batch_{mbs}", {
             "step_s": step_s, "tflops": tflops, "mfu": tflops * 1e12 / trainer.peak_flops if trainer.peak_flops else None,
@@ -363,7 +376,9 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    best, results = _largest_micro_batch(measure, candidates, total)
+    hw = Hardware(peak_tflops=trainer.peak_flops / 1e12) if trainer.peak_flops else Hardware()  # (this GPU's peak)
+    fits = lambda b: estimate(m, 1, 1, 1, 1, b, b * accumulation, "bf16", recompute_mode, hw).peak_gb <= 0.95 * total
+    best, results = _largest_micro_batch(measure, candidates, fits)
     micro_s = []
     for micro_batch in batches(best):  # one optimizer step, each micro-batch timed apart
         torch.cuda.synchronize()
@@ -374,7 +389,6 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     optimizer = ctx.record("optimizer_step", {"micro_batch_s": micro_s,
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
-    hw = Hardware(peak_tflops=trainer.peak_flops / 1e12) if trainer.peak_flops else Hardware()  # (this GPU's peak)
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     if recompute_mode == "none":  # the planner counts full recomputation as 4/3 of the FLOPs and of the fixed cost
@@ -552,13 +566,17 @@ def vq(ctx: Context) -> dict:
 
     tok = load_image_tokenizer(ctx.scratch / "vq_full" / "export.pt").to(ctx.device)
     images = torch.rand(64, 3, size, size, device=ctx.device) * 2 - 1
-    with torch.no_grad():  # the same latents (as training makes them, under autocast), searched two ways
-        with torch.autocast(ctx.device, dtype=torch.bfloat16):
+    with torch.no_grad():  # the same latents (as training makes them, under autocast), searched two ways:
+        with torch.autocast(ctx.device, dtype=torch.bfloat16):  # as training searches them
             z = tok.latents(images)
             autocast_codes = tok.codes_of(z)
-        fp32 = tok.codes_of(z.float())
+        codebook = torch.nn.functional.normalize(tok.codebook.weight.float(), dim=-1)
+        fp32 = (z.float() @ codebook.t()).argmax(-1)  # written out here, in fp32 outside autocast
+        encoded = tok.encode(images).flatten(1)  # pre-tokenization: the encoder in fp32 too
     out["autocast_code_agreement"] = float((autocast_codes == fp32).float().mean())
     checks["autocast_code_search_is_fp32"] = out["autocast_code_agreement"] == 1.0
+    # (not a check: how many codes a bf16 encoder moves across near-ties, against the fp32 encoder)
+    out["bf16_encoder_code_agreement"] = float((autocast_codes == encoded).float().mean())
     out.update(_pretokenize_rates(ctx, tok, pattern, size))
     out["checks"] = checks
     return out
@@ -566,23 +584,30 @@ def vq(ctx: Context) -> dict:
 
 def async_save(ctx: Context) -> dict:
     """Issue #15's async-save target on this device: the step time while a train.async_save writer runs, against
-    steps without one (parti-350m's width, 4 + 4 layers, bf16, ZeRO-1; parti-debug when quick). A checkpoint
-    every 5 steps; the two steps after each save call overlap its background writer. On CPU the writer (a fork
-    of the trainer) copies every page the CPU step writes, so only a GPU run can meet the target."""
+    a run of the same steps that saves only at its end (parti-350m's width, 4 + 4 layers, bf16, ZeRO-1;
+    parti-debug when quick). A checkpoint every 5 steps; the two steps after each save call overlap its
+    background writer (the steps after those may too: the run without saves is the reference). On CPU the
+    writer (a fork of the trainer) copies every page the CPU step writes, so only a GPU run can meet the target."""
     preset = ["model.preset=parti-debug"] if ctx.quick else ["model.preset=parti-350m", "model.encoder_layers=4",
                                                               "model.decoder_layers=4"]
     sets = preset + ["train.precision=bf16", "parallel.zero_stage=1", "train.global_batch_size=8",
-                     "train.micro_batch_size=8", "train.save_interval=5", "train.async_save=true",
-                     "train.keep_checkpoints=2", f"train.device={ctx.device}"]
-    _, lines = _train(ctx.scratch / "async_save", sets, 20)
-    seconds = {m["step"]: 8 / m["samples_per_s"] for m in lines}
-    during = [seconds[s] for s in seconds if s % 5 in (1, 2) and s > 5]  # the steps after a save call
-    without = [seconds[s] for s in seconds if s % 5 in (3, 4) and s > 5]
+                     "train.micro_batch_size=8", "train.async_save=true", "train.keep_checkpoints=2",
+                     f"train.device={ctx.device}"]
     median = lambda xs: sorted(xs)[len(xs) // 2]
-    ratio = median(during) / median(without)
-    steps = ctx.record("steps", {"step_s_during_save": median(during), "step_s_without": median(without),
-                                 "ratio": ratio, "latest": (ctx.scratch / "async_save" / "checkpoints" / "latest")
-                                 .read_text().strip()})
+
+    def step_seconds(folder: str, save_interval: int) -> tuple[dict, float]:
+        start = time.perf_counter()
+        _, lines = _train(ctx.scratch / folder, sets + [f"train.save_interval={save_interval}"], 20)
+        return {m["step"]: 8 / m["samples_per_s"] for m in lines}, time.perf_counter() - start
+
+    without, without_wall = step_seconds("no_saves", 0)
+    seconds, wall = step_seconds("async_save", 5)
+    during = [seconds[s] for s in seconds if s % 5 in (1, 2) and s > 5]  # the steps after a save call
+    reference = [without[s] for s in without if s > 5]
+    ratio = median(during) / median(reference)
+    steps = ctx.record("steps", {"step_s_during_save": median(during), "step_s_without": median(reference),
+                                 "ratio": ratio, "run_s_saving_every_5": wall, "run_s_saving_at_the_end": without_wall,
+                                 "latest": (ctx.scratch / "async_save" / "checkpoints" / "latest").read_text().strip()})
     return {"steps": steps, "checks": {"async_step_within_10pct": ratio <= 1.10, "last_save_completed":
                                        steps["latest"] == "step_00000020"} if ctx.device == "cuda" else {}}
 
@@ -692,7 +717,8 @@ def multi_gpu(ctx: Context) -> dict:
 
 
 # (name, function, GPUs needed: 0 runs on CPU too, 1 needs a GPU, 2 needs two). In the order they run: what has
-# not been checked on a GPU yet comes first (a run stopped by --deadline-s still checks it), then measurements.
+# not been checked on a GPU yet comes first, then the MFU targets, then what only measures (compile_speedup, the
+# longest, last), so that a run cut short by --budget-s (gpu_check.py) still checks the most.
 SECTIONS = [
     ("environment", environment, 0),
     ("flash_attention", flash_attention, 1),
@@ -700,11 +726,11 @@ SECTIONS = [
     ("sampling", sampling, 0),
     ("recompute", recompute, 0),
     ("mfu_350m", mfu_350m, 1),
-    ("compile_speedup", compile_speedup, 1),
+    ("mfu_3b", mfu_3b, 1),
     ("vq", vq, 0),
     ("async_save", async_save, 0),
     ("parti_stages", parti_stages, 0),
-    ("mfu_3b", mfu_3b, 1),
     ("mfu_750m", mfu_750m, 1),
+    ("compile_speedup", compile_speedup, 1),
     ("multi_gpu", multi_gpu, 2),
 ]

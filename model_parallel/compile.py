@@ -17,6 +17,7 @@ runs eager, the rest of the layer compiled).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -32,6 +33,7 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> torch.n
     # (`ignore_logger_methods` is the older torch's name; where it takes loggers only, the warning breaks the
     # graph at each RowParallelLinear: still correct, less fused.)
     getattr(dynamo, "ignore_logging_functions", dynamo.ignore_logger_methods).add(warnings.warn)
+    _quiet_unserialisable_config_log()
     # Random ops inside the graph draw from torch's generators as eager does (not inductor's own RNG): the
     # fused attention kernel's dropout masks stay those of the eager run, and a recomputation under the
     # restored megatron tracker draws them again. The residual dropout is keyed (a hash, no RNG): free.
@@ -40,3 +42,31 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> torch.n
         if isinstance(module, EncoderLayer | DecoderLayer):
             module.forward = torch.compile(module.forward, backend=backend)
     return model
+
+
+METRICS_LOG_ERROR = "Unexpected exception logging compilation metrics"
+
+
+def _quiet_unserialisable_config_log() -> None:
+    """torch 2.11 (the GPU image's; 2.14 leaves the setting out) writes dynamo's config into the metrics of every
+    compilation and cannot serialise `warnings.warn` in it: each compilation then logs that error with its
+    traceback, which says nothing about the compiled code and buries real errors in a log's tail. Where
+    serialising fails, drop exactly that record."""
+    describe = getattr(torch._dynamo.utils, "_get_dynamo_config_for_logging", None)
+    try:
+        if describe is not None:
+            describe()
+        return
+    except Exception:  # (what torch's metrics context catches and logs)
+        logger = logging.getLogger("torch._dynamo.metrics_context")
+        if not any(isinstance(f, _DropRecord) for f in logger.filters):
+            logger.addFilter(_DropRecord(METRICS_LOG_ERROR))
+
+
+class _DropRecord(logging.Filter):
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message

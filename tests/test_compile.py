@@ -68,3 +68,31 @@ def test_compile_is_refused_at_zero3():
 
     with pytest.raises(ConfigError, match="kernels.compile needs parallel.zero_stage < 3"):
         load_config(None, ["kernels.compile=true", "parallel.zero_stage=3"]).validate()
+
+
+def test_unserialisable_config_error_is_dropped_only_where_torch_cannot_serialise(monkeypatch, caplog):
+    """torch 2.11 fails to serialise dynamo's config (warnings.warn in ignore_logging_functions) into every
+    compilation's metrics and logs that error with a traceback; compile_layers drops exactly that record
+    there, and nothing where the config serialises (torch 2.14)."""
+    import logging
+
+    import torch._dynamo.utils
+
+    from model_parallel.compile import METRICS_LOG_ERROR, _DropRecord, _quiet_unserialisable_config_log
+
+    logger = logging.getLogger("torch._dynamo.metrics_context")
+    monkeypatch.setattr(logger, "filters", [])
+    _quiet_unserialisable_config_log()
+    assert logger.filters == []  # (this torch serialises it)
+
+    def fails():
+        raise TypeError("Object of type builtin_function_or_method is not JSON serializable")
+
+    monkeypatch.setattr(torch._dynamo.utils, "_get_dynamo_config_for_logging", fails)
+    _quiet_unserialisable_config_log()
+    _quiet_unserialisable_config_log()
+    assert len(logger.filters) == 1 and isinstance(logger.filters[0], _DropRecord)
+    with caplog.at_level(logging.ERROR, logger=logger.name):
+        logger.error(METRICS_LOG_ERROR)
+        logger.error("another error")
+    assert [r.getMessage() for r in caplog.records] == ["another error"]

@@ -50,3 +50,46 @@ def test_planner_fit_recovers_the_constants_of_the_h200_run():
     assert abs(fit["hfu"] - 0.6) < 1e-9 and abs(fit["overhead_ms_per_layer"] - 4.0) < 1e-9
     assert planner_fit({"4": {"step_s": 1.0}}, 1e12, 989e12, 12, 1) is None
     assert planner_fit({"4": {"step_s": 1.0}, "8": {"step_s": 0.9}}, 1e12, 989e12, 12, 1) is None
+
+
+def test_a_section_stopped_at_its_limit_takes_its_children_with_it(tmp_path):
+    """gpu_check runs each section with a time limit; a section stopped there must not leave what it started
+    (torchrun's workers, a checkpoint writer) running on the GPU for the next one. A finished command whose
+    leftover holds its stderr counts as finished, and the leftover is stopped too."""
+    import os
+    import time
+
+    from bench.gpu_check import run_with_limit
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]  # (a zombie is not running)
+
+    for script, limit, expected in [("sleep 60 & echo $! > {pid}; echo started >&2; wait", 2, None),
+                                    ("sleep 60 & echo $! > {pid}; exit 3", 2, 3)]:
+        pid_file = tmp_path / "pid"
+        start = time.perf_counter()
+        returncode, stderr = run_with_limit(["bash", "-c", script.format(pid=pid_file)], limit)
+        assert returncode == expected and time.perf_counter() - start < 30
+        time.sleep(0.2)
+        assert not alive(int(pid_file.read_text())), script
+    assert run_with_limit(["bash", "-c", "echo oops >&2; exit 0"], 10) == (0, "oops\n")
+
+
+def test_a_section_whose_limit_does_not_fit_the_budget_is_skipped(tmp_path):
+    """--budget-s: a section starts only if its time limit fits in what is left; the shorter ones after it still run."""
+    from bench.gpu_check import time_limit
+    from model_parallel.state import child_environment
+
+    budget = time_limit("recompute", "cpu") + 5  # (train_resume, before it, needs more)
+    assert time_limit("train_resume", "cpu") > budget
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--only",
+                           "train_resume,recompute", "--budget-s", str(budget), "--out", str(tmp_path)],
+                          cwd=ROOT, env=child_environment(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sections = json.loads(next(tmp_path.glob("gpu_cpu_*.json")).read_text())["sections"]
+    assert sections["train_resume"]["status"] == "skipped" and "out of time" in sections["train_resume"]["reason"]
+    assert sections["recompute"]["status"] == "ok"
