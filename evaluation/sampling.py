@@ -167,19 +167,24 @@ class StaticStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for keys in self.lengths:
-                for _ in range(self.warmup_steps):
-                    self._forward(keys)
+            self.warm_up()
         torch.cuda.current_stream().wait_stream(side)
-        # The warm-up wrote (BOS) keys and values at the first image positions and advanced the write
-        # position: start again at the first. Stale entries are harmless: each step writes its position
-        # before attending, and positions after it are masked out (finite values times weight 0).
-        self.position.next.fill_(self.prefix)
         for keys in self.lengths:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits = self._forward(keys)  # capture records the kernels without running them
             self.graphs[keys] = (graph, logits)
+
+    def warm_up(self) -> None:
+        """A few steps at every prefix length, each from the first image position (however short the image),
+        which is where the write position is left. The (BOS) keys and values they wrote are harmless: each
+        step writes its position before attending, and positions after it are masked out (finite values
+        times weight 0)."""
+        for keys in self.lengths:
+            self.position.next.fill_(self.prefix)
+            for _ in range(min(self.warmup_steps, self.position.max_len - self.prefix)):
+                self._forward(keys)
+        self.position.next.fill_(self.prefix)
 
     def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
         keys = next(k for k in self.lengths if k > self.prefix + i)  # step i writes prefix + i, reads 0..it

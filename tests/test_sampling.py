@@ -128,6 +128,26 @@ def test_static_step_makes_no_host_decisions_on_device_values(single_process):
             bool((torch.ones(3) > 0).any())
 
 
+def test_static_step_warm_up_fits_a_short_image_and_restarts_at_its_first_position(single_process):
+    """The warm-up before CUDA-graph capture (run eagerly here) takes a few steps at each prefix length: on
+    an image of 4 positions, 4 lengths x 3 steps from one start would write past the cache's end."""
+    from evaluation.sampling import StaticStep
+    from model_parallel.model import PartiModel
+    from training.config import load_config
+
+    greedy = SamplingConfig(temperature=0)
+    for name in ("parti-debug", "dalle-debug"):  # (the decoder-only model's caption is a prefix of the cache)
+        cfg = load_config(None, [f"model.preset={name}", "model.image_grid=2"]).model
+        model = PartiModel(cfg, init_seed=0).eval()
+        text, _ = debug_batch(cfg)
+        full = sample(model, text, greedy, use_cache=False)
+        with torch.no_grad():
+            step = StaticStep(model, text)
+            step.warm_up()
+        assert int(step.position.next.max()) == cfg.prefix_len
+        assert torch.equal(sample(model, text, greedy, static_cache=True), full)
+
+
 def test_cuda_graph_needs_cuda_and_the_cache(single_process):
     model = debug_model()
     with pytest.raises(ValueError, match="needs use_cache=True"):
