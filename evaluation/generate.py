@@ -102,7 +102,8 @@ def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prom
     The checkpoint's identity is the one load_for_sampling attached (None for a model built in-process)."""
     weight = next(model.parameters())
     record = {"checkpoint": getattr(model, "export_identity", None),
-              "vq": getattr(vq, "weights_hash", getattr(vq, "content_hash", None)),  # (decoded images: all weights) "text_tokenizer": getattr(text_tok, "content_hash", None),
+              "vq": getattr(vq, "weights_hash", getattr(vq, "content_hash", None)),  # (decoded images: all weights)
+              "text_tokenizer": getattr(text_tok, "content_hash", None),
               "seed": seed, "sampling": asdict(cfg), "samples_per_prompt": samples_per_prompt, "keep": keep,
               "rerank": None if scorer is None else {"clip": scorer.protocol.get("weights"),
                                                      "weights_sha256": scorer.protocol.get("weights_sha256")},

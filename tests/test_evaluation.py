@@ -240,6 +240,12 @@ def test_generate_refuses_to_resume_with_another_checkpoint_or_settings(sampling
     message = refused("--checkpoint", str(other), "--guidance-scale", "1.2")
     assert f"checkpoint.path: '{root / 'export'}' then, '{other}' now" in message
     assert "checkpoint.weights_mtime_ns" in message
+    from data_pipeline.text_tokenizer import train_sentencepiece
+
+    train_sentencepiece(["a blue cat", "three red squares", "a kitchen photo"] * 50, 40, tmp_path / "other_spm.model")
+    message = refused("--checkpoint", str(root / "export"), "--guidance-scale", "1.2",
+                      "--text-tokenizer", str(tmp_path / "other_spm.model"))
+    assert "text_tokenizer:" in message
     # The same checkpoint and settings resume: the second prompt is added, the first image stays.
     main([*common, "--checkpoint", str(root / "export"), "--guidance-scale", "1.2"])
     assert (out / "00001.json").is_file() and (out / "00000_0.png").read_bytes() == first["00000_0.png"]
