@@ -14,6 +14,7 @@ from __future__ import annotations
 import cProfile
 import io
 import json
+import math
 import pstats
 import sys
 import time
@@ -620,7 +621,7 @@ def parti_stages(ctx: Context) -> dict:
     """Parti's later stages on this device, bf16 autocast on a GPU: a detokenizer fine-tuned for 2 steps on a
     2-step tokenizer's frozen codes (the codes and content hash must stay the source's), and a tiny WDSR x2
     upsampler trained for 4 steps, saved, resumed for 2 more and exported (resume equals uninterrupted; the
-    export upsamples to twice the size)."""
+    export upsamples to twice the size); the text encoder's masked-token pre-training for 4 steps."""
     from common.config import load_typed
     from demo import shapes
     from sr.config import SRConfig
@@ -663,6 +664,16 @@ def parti_stages(ctx: Context) -> dict:
     checks["upsampler_resume_equals_uninterrupted"] = out["max_abs_diff"] <= 1e-3
     upsampler = load_upsampler(ctx.scratch / "stage_sr_full" / "export.pt", ctx.device)
     checks["upsampler_doubles_the_size"] = tuple(upsample(upsampler, images).shape) == (16, 3, 2 * size, 2 * size)
+
+    from training.config import load_config
+    from training.text_encoder import OUTPUT, pretrain
+
+    losses = pretrain(load_config("configs/train/debug.yaml", ["train.steps=4", "train.global_batch_size=16",
+                                                                "train.micro_batch_size=8", f"train.device={ctx.device}"]),
+                      ctx.scratch / "stage_textenc")
+    out["text_encoder_losses"] = ctx.record("text_encoder_losses", losses)
+    checks["text_encoder_pretrains"] = (len(losses) == 4 and all(map(math.isfinite, losses))
+                                        and (ctx.scratch / "stage_textenc" / OUTPUT / "config.json").is_file())
     out["checks"] = checks
     return out
 

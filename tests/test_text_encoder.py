@@ -41,6 +41,19 @@ def test_masked_token_loss_falls(pretrained):
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 
 
+def test_pretraining_asked_for_a_missing_gpu_stops_before_writing(single_process, tmp_path):
+    """train.device=cuda (what the sbatch scripts set) without a usable GPU is an error naming why, as in
+    training.train, not a silent run on the CPU."""
+    from training.config import load_config
+    from training.text_encoder import pretrain
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(RuntimeError, match="device cuda was asked for"):
+        pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "train.device=cuda"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def pretrain_at(run_dir: str, *overrides: str) -> list[float]:
     from training.config import load_config
     from training.text_encoder import pretrain

@@ -45,7 +45,7 @@ from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.kernels import select_kernels
 from model_parallel.model import build_pieces, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
-from model_parallel.state import init_parallel, seed_everything
+from model_parallel.state import init_parallel, seed_everything, use_device
 from training.checkpoint import load_in_place, save_strategy, sharded_blocks
 from training.config import Config, load_config
 from training.deepspeed_glue import Fragment, global_grad_norm
@@ -136,6 +136,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     if cfg.model.decoder_only:
         raise ConfigError("model.arch=decoder_only has no text encoder to pre-train (its caption is the start of "
                           "the decoder's stream): use an encoder_decoder model section")
+    device = use_device(cfg.train.device)  # (before CUDA is touched; a GPU asked for and missing is an error)
     init_parallel(cfg.parallel.tp, 1)
     run_dir, t = Path(run_dir), cfg.train
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -147,7 +148,9 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     if dist.get_rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
     seed_everything(t.seed)
+    # megatron-core allocates its layers on the GPU when there is one, the embeddings and norms here on the CPU
     model = MaskedTextEncoder(cfg.model, select_kernels(cfg.kernels), t.seed, ps.get_tensor_model_parallel_group())
+    model = model.to(device)
     params = list(model.parameters())
     ddp = nn.parallel.DistributedDataParallel(model, process_group=ps.get_data_parallel_group()) if dp_size > 1 else model
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -159,22 +162,22 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
         text = torch.stack([captions[int(i)] for i in mine])
         generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
         inputs, chosen = mask_tokens(text, cfg.model, generator, dp_rank * len(mine), t.global_batch_size)
+        inputs, text, chosen = inputs.to(device), text.to(device), chosen.to(device)  # (masks drawn on the CPU)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
         for m in range(0, len(mine), t.micro_batch_size):
             part = slice(m, m + t.micro_batch_size)
             loss = ddp(inputs[part], text[part], chosen[part]) * t.micro_batch_size / len(mine)
             loss.backward()
-            total += loss.item()
+            total += loss.detach().float()
         norm = global_grad_norm(params)
         if t.grad_clip and norm > t.grad_clip:
             for p in params:
                 p.grad.mul_(t.grad_clip / (norm + 1e-6))
         optimizer.step()
         schedule.step()
-        reduced = torch.tensor(total)
-        dist.all_reduce(reduced, group=ps.get_data_parallel_group())
-        losses.append(reduced.item() / dp_size)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        losses.append(total.item() / dp_size)
         if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
             log.step({"step": step + 1, "loss": losses[-1], "lr": schedule.get_last_lr()[0], "grad_norm": float(norm),
                       "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
