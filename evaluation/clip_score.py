@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from evaluation.fid import full_fp32
+
 RANDOM = "random"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 
@@ -65,7 +67,8 @@ class ClipScorer:
             model, pretrained=pretrained, load_weights=path is not None, device=device, pretrained_text=False)
         protocol = {"model": model, "weights": str(path) if path else RANDOM,
                     "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path else None,
-                    "score": "100 * max(cos(image, text), 0), mean over images", "open_clip": open_clip.__version__}
+                    "score": "100 * max(cos(image, text), 0), mean over images", "open_clip": open_clip.__version__,
+                    "precision": "float32, TF32 off"}
         return cls(net, preprocess, open_clip.get_tokenizer(model), protocol, device)
 
     @torch.no_grad()
@@ -77,8 +80,9 @@ class ClipScorer:
         for start in range(0, len(images), batch_size):
             pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start:start + batch_size]])
             tokens = self.tokenizer(texts[start:start + batch_size])
-            image = self.model.encode_image(pixels.to(self.device), normalize=True)
-            text = self.model.encode_text(tokens.to(self.device), normalize=True)
+            with full_fp32():  # (the same scores on a GPU as on the CPU)
+                image = self.model.encode_image(pixels.to(self.device), normalize=True)
+                text = self.model.encode_text(tokens.to(self.device), normalize=True)
             out.append(100 * (image * text).sum(-1).clamp(min=0).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 

@@ -22,6 +22,7 @@ cheaper than decoding them. A file that is not a readable image stops the comput
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +37,21 @@ from tqdm import tqdm
 from common.cli import command
 from common.files import atomic_path, write_atomic
 
-PREPROCESSING = "RGB uint8 -> torch bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128"
+PREPROCESSING = ("RGB uint8 -> torch bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128; "
+                 "Inception in float32, TF32 off")
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off for matmuls and cuDNN convolutions (cuDNN's is on by default, and training turns both on for
+    fp32 runs): a metric's features are then the same float32 numbers on a GPU as on the CPU, so statistics
+    cached on one device hold on the other and scores of runs on different machines compare."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -71,7 +86,8 @@ class InceptionFeatures:
         """uint8 [N, 3, H, W] (or a list of [3, H, W] of any sizes) -> float64 [N, 2048] pool features."""
         x = torch.cat([F.interpolate(img.to(self.device).float().reshape(-1, *img.shape[-3:]), size=(299, 299),
                                      mode="bilinear", align_corners=False) for img in images])
-        feats = self.model((x - 128) / 128)
+        with full_fp32():
+            feats = self.model((x - 128) / 128)
         if feats.ndim > 2:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))
         return feats.double().cpu().numpy()

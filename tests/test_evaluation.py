@@ -65,6 +65,30 @@ def test_clip_score_equals_open_clip_forward(tiny_clip):
     assert scorer.protocol["weights"].endswith("open_clip_model.safetensors") and scorer.protocol["weights_sha256"]
 
 
+def test_clip_score_runs_with_tf32_off(tiny_clip, monkeypatch):
+    """CLIP's features with TF32 off (its patch embedding is a convolution: TF32 by default on a GPU), so a
+    score does not depend on the device; the flags are restored."""
+    from evaluation.clip_score import ClipScorer
+
+    folder, _ = tiny_clip
+    scorer = ClipScorer.load(f"local-dir:{folder}", device="cpu")
+    seen, encode = [], scorer.model.encode_image
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(scorer.model, "encode_image", spy)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (torch's flag modules:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # monkeypatch cannot undo them)
+    try:
+        scorer.score(random_images(2), ["a", "b"])
+        assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert scorer.protocol["precision"] == "float32, TF32 off"
+
+
 TINY_COCA = dict(embed_dim=32, custom_text=True,
                  vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16, attentional_pool=True,
                                  attn_pooler_heads=2, output_tokens=True),

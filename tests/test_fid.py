@@ -132,3 +132,29 @@ def test_unfinished_images_of_a_stopped_writer_are_not_counted(tmp_path):
     for name in ("a.png", "b.png", "c.tmp.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.png"]
+
+
+def test_features_are_computed_with_tf32_off_and_the_flags_restored():
+    """cuDNN convolutions run in TF32 by default on a GPU (and training turns TF32 on for fp32 runs): the
+    Inception features, hence FID and its cached real statistics, would depend on the device. They are
+    computed with TF32 off, whatever the flags were, and the flags are left as they were; the cache key and
+    the protocol say so."""
+    from evaluation.fid import PREPROCESSING
+
+    seen = []
+
+    def model(x):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return x.mean((2, 3))
+
+    extractor = object.__new__(InceptionFeatures)
+    extractor.device, extractor.model = "cpu", model
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (torch's flag modules:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # monkeypatch cannot undo them)
+    try:
+        extractor.features(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+        assert seen == [(False, False)]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert "TF32 off" in PREPROCESSING
