@@ -175,5 +175,6 @@ def describe(cfg, indent: str = "") -> str:
 
 def add_config_args(parser: argparse.ArgumentParser, where: str = "configs/") -> None:
     parser.add_argument("--config", help=f"YAML config file (see {where})")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. parallel.tp=2 train.steps=20")
+    # (extend: every --set group counts, the later value of a key wins; sbatch scripts put their own first)
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. parallel.tp=2 train.steps=20 (repeatable; the last value wins)")

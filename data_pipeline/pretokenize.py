@@ -54,6 +54,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig, PreparedSamples
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import TextTokenizer
+from model_parallel.state import DeviceError, use_device
 from vq.tokenizer import load_image_tokenizer
 
 
@@ -105,7 +106,10 @@ def header(vq, text_tok: TextTokenizer, cfg: FilterConfig) -> dict:
 
 
 def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig,
-                shard_index: int = 0, num_shards: int = 1, workers: int = 0, batch_size: int = 32) -> dict:
+                shard_index: int = 0, num_shards: int = 1, workers: int = 0, batch_size: int = 32,
+                device: str = "auto") -> dict:
+    """`device`: auto | cuda | cpu (model_parallel.state.use_device: cuda without a GPU is an error)."""
+    device = use_device(device, "--device")  # (before anything touches CUDA)
     if vq.codebook_size > 65536 or text_tok.vocab_size > 65536:
         raise DataError("codes and text ids are stored as uint16: codebook and vocabulary must be <= 65536")
     output.mkdir(parents=True, exist_ok=True)
@@ -126,7 +130,6 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
     mine = [i for i in range(shard_index, len(inputs), num_shards) if not shard_is_complete(output, names[i])]
     for i in mine:  # a wrong file is refused before hours of work, not when its turn comes
         check_is_tar(inputs[i])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     vq = vq.to(device)
     with tqdm(desc=f"pretokenize {shard_index}/{num_shards}", unit="img") as progress:
         start = time.perf_counter()
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="image-decoding DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--manifest-only", action="store_true", help="only rebuild manifest.json")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error instead of "
+                        "hours on the CPU; cpu hides the GPUs")
     for f in fields(FilterConfig):
         if f.name != "image_size":
             parser.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in str(f.type) else int,
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1}")
 
-    with command(errors=(DataError, FileNotFoundError)):
+    with command(errors=(DataError, FileNotFoundError, DeviceError)):
         vq = load_image_tokenizer(args.vq)
         cfg = FilterConfig(image_size=vq.image_size, **{f.name: getattr(args, f.name) for f in fields(FilterConfig)
                                                        if f.name != "image_size"})
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                                       [f"{i:05d}" for i in range(len(inputs))])
         else:
             manifest = pretokenize(inputs, args.output, vq, text_tok, cfg, args.shard_index, args.num_shards,
-                                   args.workers, args.batch_size)
+                                   args.workers, args.batch_size, args.device)
     print(f"{args.output}: {manifest['records']} records in {len(manifest['shards'])}/{manifest['num_inputs']} "
           f"shards; skipped {manifest['skipped']}")
 

@@ -20,7 +20,6 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import yaml
 from PIL import Image
 
@@ -38,7 +37,7 @@ from evaluation.generate import (
 )
 from evaluation.prompts import read_prompts
 from evaluation.report import image_grid, image_html, table_html, write_html
-from model_parallel.state import init_distributed
+from model_parallel.state import DeviceError, init_distributed, use_device
 
 
 def group_scores(per_prompt: list[dict], key: str) -> list[dict]:
@@ -118,13 +117,13 @@ def run(cfg: EvalConfig) -> dict | None:
     import torch.distributed as dist
 
 
+    device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.benchmark.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "eval_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = read_prompts(resolve(cfg.benchmark.prompts))[: cfg.benchmark.limit or None]
     model, vq, text_tok = load_for_sampling(cfg.model.checkpoint, cfg.model.vq, cfg.model.text_tokenizer, device)
     upsampler = load_upsampler_for_sampling(cfg.model.upsampler, device) if cfg.model.upsampler else None
@@ -141,7 +140,7 @@ def run(cfg: EvalConfig) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = config_parser(__doc__, where="configs/eval/").parse_args(argv)
-    with command(errors=(ValueError, FileNotFoundError)):  # bad inputs, refused reruns (evaluation.generate)
+    with command(errors=(ValueError, FileNotFoundError, DeviceError)):  # bad inputs, refused reruns (evaluation.generate)
         cfg = load_eval_config(args.config, args.set)
         results = run(cfg)
     if results is not None:

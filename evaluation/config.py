@@ -74,6 +74,10 @@ class BenchmarkSettings:
     """Output folder: images/, results.json, report.html."""
     grid_prompts: int = 8
     """Prompts shown per category (or in total) in the report's grids."""
+    device: str = "auto"
+    """auto | cuda | cpu: cuda makes a missing GPU an error instead of hours of generation on the CPU (the
+    generation record keeps the device, so a folder begun on the CPU would not resume on the GPU); cpu hides
+    the GPUs."""
     resolution: str = "base"
     """base (the detokenizer's images) | upsampled (after model.upsampler): the images CLIP score, FID and the
     report's grids are computed on; results.json records which, and their size in pixels."""

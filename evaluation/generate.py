@@ -43,7 +43,7 @@ from data_pipeline.text_tokenizer import TextTokenizer
 from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, sample
-from model_parallel.state import init_distributed
+from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.model import load_upsampler, upsample
 from training.export import load_exported
 from vq.tokenizer import load_image_tokenizer
@@ -279,15 +279,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=int, default=0, help="keep the best N samples per prompt (needs --clip)")
     parser.add_argument("--upsampler", default=None, help="an sr.train export.pt: also write the images upsampled "
                         "into OUT_upsampled/")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error instead of "
+                        "hours on the CPU; cpu hides the GPUs")
     args = parser.parse_args(argv)
     if args.keep and not args.clip:
         parser.error("--keep ranks samples by CLIP score: give --clip (and --clip-weights)")
     # Inputs are checked before minutes of model loading; each problem is one line naming the file.
-    with command(errors=(ValueError, FileNotFoundError), label="evaluation.generate"):
+    with command(errors=(ValueError, FileNotFoundError, DeviceError), label="evaluation.generate"):
         check_export(args.checkpoint, "--checkpoint")
         prompts = read_prompts(args.prompts)[: args.limit or None]
+        device = use_device(args.device, "--device")  # (before init_distributed touches CUDA)
         init_distributed()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
         scorer = ClipScorer.load(args.clip, args.clip_weights, device) if args.clip else None
         upsampler = load_upsampler_for_sampling(args.upsampler, device) if args.upsampler else None

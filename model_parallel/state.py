@@ -76,24 +76,28 @@ def no_gpu_reason(driver: str | None = None) -> str:
             + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
 
 
-def use_device(wanted: str = "auto") -> str:
+class DeviceError(RuntimeError):
+    """The device asked for cannot be used (commands report it in one line)."""
+
+
+def use_device(wanted: str = "auto", key: str = "device") -> str:
     """'cuda' or 'cpu' for this process, as `train.device` asks (auto | cuda | cpu). Call it before
     anything touches CUDA: 'cpu' hides the GPUs (CUDA_VISIBLE_DEVICES) so that every part of the
     system, DeepSpeed's accelerator included, takes its CPU path; 'cuda' without a usable GPU is an
     error that says why (a torch build newer than the driver otherwise falls back to CPU silently)."""
     if wanted not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device {wanted!r}: expected auto, cuda or cpu")
+        raise ValueError(f"{key} {wanted!r}: expected auto, cuda or cpu")
     if wanted == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
         if torch.cuda.is_available():
-            raise RuntimeError("device cpu: CUDA was initialised before the device was chosen, so the GPUs "
+            raise DeviceError(f"{key} cpu: CUDA was initialised before the device was chosen, so the GPUs "
                                "cannot be hidden any more; start the process with CUDA_VISIBLE_DEVICES=")
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"
     if wanted == "cuda":
-        raise RuntimeError(f"device cuda was asked for, but {no_gpu_reason(driver_version())}")
+        raise DeviceError(f"{key} cuda was asked for, but {no_gpu_reason(driver_version())}")
     return "cpu"
 
 

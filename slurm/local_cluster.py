@@ -14,7 +14,7 @@ before the time limit.
 
 The nodes have no GPUs (no GRES), and SLURM refuses a job that asks for GPUs there ("Invalid generic
 resource (gres) specification"), so jobs override the scripts' GPU and CPU requests on the sbatch command
-line as on any CPU-only cluster: `sbatch *CPU_NODE_OPTIONS slurm/train.sbatch ...` (train.sbatch also
+line as on any CPU-only cluster: `sbatch *CPU_NODE_OPTIONS slurm/train.sbatch ...` (every script also
 needs DEVICE=cpu in the environment).
 """
 from __future__ import annotations

@@ -32,6 +32,9 @@ class SRTrainConfig:
     """Seed of weights and data order."""
     precision: str = "fp32"
     """fp32 | bf16 (autocast; on GPU)."""
+    device: str = "auto"
+    """auto | cuda | cpu: cuda (what the sbatch scripts set) makes a missing GPU an error instead of a run on
+    the CPU; cpu hides the GPUs."""
     data_workers: int = 0
     """Processes decoding and resizing the next images while the model trains (0: in the training process;
     the data stream is the same at any count). A GPU needs them: PIL in the training process starves it."""

@@ -30,7 +30,7 @@ from common.config import ConfigError, load_typed, save_config
 from common.metrics import MetricsLogger, psnr
 from common.state_file import STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
-from model_parallel.state import init_distributed
+from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.config import SRConfig
 from sr.model import build_wdsr, load_upsampler, save_upsampler, upsample
 from vq.losses import make_lpips
@@ -49,6 +49,7 @@ def bicubic(images: torch.Tensor, scale: int) -> torch.Tensor:
 class SRTrainer:
     def __init__(self, cfg: SRConfig, data: str, run_dir: str | Path, val_data: str | None = None,
                  device: str | None = None):
+        device = device or use_device(cfg.train.device, "train.device")  # (before init_distributed touches CUDA)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
@@ -59,7 +60,7 @@ class SRTrainer:
             if getattr(t, name) % self.scale:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be divisible by the model's scale {self.scale}")
         self.cfg, self.run_dir, self.val_data = cfg, Path(run_dir), val_data
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError,), label="sr.train"):
+    with command(errors=(CheckpointError, DeviceError), label="sr.train"):
         trainer = SRTrainer(load_typed(SRConfig, args.config, args.set), args.data, args.run_dir, args.val_data)
         if args.resume == "auto":
             trainer.resume()

@@ -19,6 +19,57 @@ def test_cuda_required_without_a_gpu_is_an_error_that_says_why(monkeypatch):
     assert state.use_device("auto") == "cpu"  # auto falls back, as documented
 
 
+@pytest.mark.parametrize("module, argv", [
+    ("training.train", ["--config", "configs/train/debug.yaml", "--run-dir", "{tmp}/run", "--set", "train.device=cuda"]),
+    ("training.text_encoder", ["--config", "configs/train/debug.yaml", "--run-dir", "{tmp}/run", "--set",
+                               "train.device=cuda"]),
+    ("vq.train", ["--data", "{tmp}/x.tar", "--run-dir", "{tmp}/run", "--set", "train.device=cuda"]),
+    ("sr.train", ["--data", "{tmp}/x.tar", "--run-dir", "{tmp}/run", "--set", "train.device=cuda"]),
+    ("evaluation.benchmark", ["--config", "configs/eval/partiprompts.yaml", "--set", "benchmark.device=cuda",
+                              "model.checkpoint={tmp}/c", "model.vq={tmp}/v", "model.text_tokenizer={tmp}/t",
+                              "benchmark.out={tmp}/run", "sampling.keep=0"]),
+])
+def test_every_command_asked_for_a_missing_gpu_says_so_in_one_line_and_writes_nothing(module, argv, tmp_path,
+                                                                                        monkeypatch):
+    """What the sbatch scripts pass (a device of cuda) on a machine without a usable GPU: one line naming the
+    setting and why, before anything is written (and not hours on the CPU)."""
+    import importlib
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(state, "driver_version", lambda: None)
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(module).main([a.format(tmp=tmp_path) for a in argv])
+    assert isinstance(exit.value.code, str) and "\n" not in exit.value.code, exit.value.code
+    assert "device cuda was asked for" in exit.value.code and "no NVIDIA driver" in exit.value.code
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_and_pretokenize_asked_for_a_missing_gpu_say_so_in_one_line(tmp_path, monkeypatch):
+    """--device cuda (pretokenize.sbatch's default) without a GPU: one line, before any output is written."""
+    from data_pipeline import pretokenize
+    from evaluation import generate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(state, "driver_version", lambda: None)
+    monkeypatch.setattr(generate, "check_export", lambda *a: None)
+    monkeypatch.setattr(generate, "read_prompts", lambda *a: ["a cat"])
+    for main, argv in [(generate.main, ["--checkpoint", "c", "--vq", "v", "--text-tokenizer", "t", "--prompts", "p",
+                                        "--out", str(tmp_path / "out"), "--device", "cuda"]),
+                       (pretokenize.pretokenize, None)]:
+        with pytest.raises((SystemExit, state.DeviceError)) as exit:
+            if argv is None:
+                main([], tmp_path / "out", _Tokenizer(), _Tokenizer(), None, device="cuda")
+            else:
+                main(argv)
+        message = exit.value.code if isinstance(exit.value, SystemExit) else str(exit.value)
+        assert "--device cuda was asked for" in message and "\n" not in message
+        assert not (tmp_path / "out").exists()
+
+
+class _Tokenizer:
+    codebook_size = vocab_size = 8
+
+
 def test_missing_gpu_reasons_name_the_driver_the_build_needs(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")

@@ -109,9 +109,11 @@ def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
     assert "2 node(s) x 8, device cuda" in log
 
 
-def test_train_device_comes_first_in_the_callers_last_set_group(tmp_path):
+def test_train_device_comes_before_the_callers_overrides(tmp_path):
+    """Every --set group counts (the last value of a key wins): the script's train.device comes first, so the
+    caller's own train.device=... wins, and none of the caller's groups is dropped."""
     _, _, argv, _ = train(tmp_path, "--set", "a.b=1", "--set", "parallel.tp=8", "train.device=auto")
-    assert trainer_args(argv).set == ["train.device=cuda", "parallel.tp=8", "train.device=auto"]
+    assert trainer_args(argv).set == ["train.device=cuda", "a.b=1", "parallel.tp=8", "train.device=auto"]
     _, _, argv, _ = train(tmp_path, "--set=parallel.tp=2")
     assert trainer_args(argv).set == ["train.device=cuda", "parallel.tp=2"]
     _, _, argv, _ = train(tmp_path, "--set", "parallel.tp=2", env={**GPU_JOB, "DEVICE": "cpu"})
@@ -145,11 +147,32 @@ def test_processes_and_threads_per_node(tmp_path, env, gpus, nproc, threads):
     assert srun_env["CUDA_DEVICE_MAX_CONNECTIONS"] == env.get("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
-def test_eval_job_exports_the_same_settings_and_forces_no_device(tmp_path):
+def test_eval_job_exports_the_same_settings_and_asks_for_the_gpu(tmp_path):
+    """As train.sbatch: benchmark.device=cuda unless DEVICE says otherwise, before the caller's overrides."""
     code, log, argv, env = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml", "--set", "x=1"],
                                       GPU_JOB)
     assert code == 0, log
     assert "--cpus-per-task=96" in argv and after(argv, "--nproc_per_node") == "8"
-    assert argv[argv.index("evaluation.benchmark") + 1:] == ["--config", "configs/eval/partiprompts.yaml", "--set", "x=1"]
-    assert not any("device" in a for a in argv)
+    assert argv[argv.index("evaluation.benchmark") + 1:] == ["--config", "configs/eval/partiprompts.yaml", "--set",
+                                                            "benchmark.device=cuda", "--set", "x=1"]
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["OMP_NUM_THREADS"] == "12" and env["NCCL_DEBUG"] == "WARN"
+    _, _, argv, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"], {**GPU_JOB, "DEVICE": "cpu"})
+    assert trainer_args(["training.train", *argv[argv.index("evaluation.benchmark") + 1:]]).set == ["benchmark.device=cpu"]
+    code, log, argv, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"], {**GPU_JOB, "DEVICE": "gpu"})
+    assert code == 2 and "DEVICE=gpu" in log and argv is None
+
+
+def test_pretokenize_task_asks_for_the_gpu(tmp_path):
+    """pretokenize.sbatch passes --device cuda (DEVICE=cpu on CPU nodes); the caller's own --device wins."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_OUT/python.args"\n')
+    stub.chmod(0o755)
+    for env, extra, device in [({}, [], "cuda"), ({"DEVICE": "cpu"}, [], "cpu"), ({}, ["--device", "auto"], "auto")]:
+        run_script(tmp_path, "pretokenize.sbatch", ["in/{0..1}.tar", "out", "vq.pt", "spm.model", *extra],
+                   {"PYTHON": str(stub), "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4", **env})
+        argv = (tmp_path / "out" / "python.args").read_text().split("\0")[:-1]
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--device")
+        parser.add_argument("--shard-index")
+        assert parser.parse_known_args(argv)[0].device == device, argv
+        assert after(argv, "--shard-index") == "1" and after(argv, "--num-shards") == "4"

@@ -2,7 +2,7 @@
 requeue and preemption mid-run resuming to the uninterrupted result, a pre-tokenization job array.
 
 The nodes have no GPUs, so every job overrides the scripts' GPU and CPU requests the way a user does on
-CPU nodes (sbatch --gpus-per-node=0 --cpus-per-task=N, DEVICE=cpu for training); tests/test_sbatch.py
+CPU nodes (sbatch --gpus-per-node=0 --cpus-per-task=N, DEVICE=cpu for training, evaluation and pre-tokenization); tests/test_sbatch.py
 checks the scripts' GPU defaults without a cluster."""
 from __future__ import annotations
 

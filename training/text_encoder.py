@@ -45,7 +45,7 @@ from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.kernels import select_kernels
 from model_parallel.model import build_pieces, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
-from model_parallel.state import init_parallel, seed_everything, use_device
+from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
 from training.checkpoint import load_in_place, save_strategy, sharded_blocks
 from training.config import Config, load_config
 from training.deepspeed_glue import Fragment, global_grad_norm
@@ -136,7 +136,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     if cfg.model.decoder_only:
         raise ConfigError("model.arch=decoder_only has no text encoder to pre-train (its caption is the start of "
                           "the decoder's stream): use an encoder_decoder model section")
-    device = use_device(cfg.train.device)  # (before CUDA is touched; a GPU asked for and missing is an error)
+    device = use_device(cfg.train.device, "train.device")  # (before CUDA is touched; a GPU asked for and missing is an error)
     init_parallel(cfg.parallel.tp, 1)
     run_dir, t = Path(run_dir), cfg.train
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-files", nargs="*", help="caption files, one per line (default: the run's data)")
     parser.add_argument("--text-tokenizer", help="the SentencePiece model for --text-files")
     args = parser.parse_args(argv)
-    with command(errors=(FileNotFoundError,), label="training.text_encoder"):
+    with command(errors=(FileNotFoundError, DeviceError), label="training.text_encoder"):
         cfg = load_config(args.config, args.set).validate()
         pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer)
 

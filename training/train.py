@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.set).validate()
     # Imported once the config is valid: megatron-core and DeepSpeed take ~5 s to import, which a config error
     # (on every rank of every node) need not wait for.
+    from model_parallel.state import DeviceError
     from training.trainer import NonFiniteStop, train
 
-    with command(errors=(RunDirError, NonFiniteStop)):  # RunDirError includes CheckpointError
+    with command(errors=(RunDirError, NonFiniteStop, DeviceError)):  # RunDirError includes CheckpointError
         try:
             train(cfg, args.run_dir, args.resume)
         except Preempted as e:

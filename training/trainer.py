@@ -163,7 +163,7 @@ class Trainer:
     before anything is written to the run directory."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
-        self.device = use_device(cfg.train.device)  # before anything touches CUDA
+        self.device = use_device(cfg.train.device, "train.device")  # before anything touches CUDA
         init_distributed()
         self.world = dist.get_world_size()
         cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused

@@ -84,6 +84,9 @@ class VQTrainConfig:
     model.image_size (0: no random crop)."""
     precision: str = "fp32"
     """fp32 | bf16 (autocast; on GPU)."""
+    device: str = "auto"
+    """auto | cuda | cpu: cuda (what the sbatch scripts set) makes a missing GPU an error instead of a run on
+    the CPU; cpu hides the GPUs."""
     data_workers: int = 0
     """Processes decoding and resizing the next images while the model trains (0: in the training process;
     the data stream is the same at any count). A GPU needs them: PIL in the training process starves it."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from common.checkpoints import CheckpointError
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed
+from model_parallel.state import DeviceError
 from vq.config import VQConfig
 from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
 from vq.train import VQTrainer, vit_shape
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, FileNotFoundError), label="vq.finetune_decoder"):
+    with command(errors=(CheckpointError, FileNotFoundError, DeviceError), label="vq.finetune_decoder"):
         trainer = DecoderFinetuner(load_typed(VQConfig, args.config, args.set), args.tokenizer, args.data, args.run_dir)
         if args.resume == "auto":
             trainer.resume()

@@ -44,7 +44,7 @@ from common.files import write_atomic
 from common.metrics import MetricsLogger, psnr
 from common.state_file import STATE_FILE, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
-from model_parallel.state import init_distributed
+from model_parallel.state import DeviceError, init_distributed, use_device
 from vq.config import VQConfig
 from vq.dvae import DVAE
 from vq.init_weights import load_initial_weights
@@ -155,14 +155,15 @@ def adopt_single_file_checkpoints(run_dir: str | Path) -> None:
 
 class VQTrainer:
     def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path, device: str | None = None):
-        """`device`: where the model trains; by default "cuda" when there is a GPU, else "cpu"."""
+        """`device`: where the model trains; by default train.device's choice (model_parallel.state.use_device)."""
+        device = device or use_device(cfg.train.device, "train.device")  # (before init_distributed touches CUDA)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError,), label="vq.train"):
+    with command(errors=(CheckpointError, DeviceError), label="vq.train"):
         trainer = VQTrainer(load_typed(VQConfig, args.config, args.set), args.data, args.run_dir)
         if args.resume == "auto":
             trainer.resume()
