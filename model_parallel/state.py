@@ -156,7 +156,11 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
             return
         ps.destroy_model_parallel()  # (megatron forgets its groups, but does not destroy them)
         destroy_groups(process_groups())
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # No gloo copies of the groups (megatron's default makes them for its distributed optimizer, unused here):
+    # across nodes gloo picks its own network interface (GLOO_SOCKET_IFNAME, not NCCL_SOCKET_IFNAME), where
+    # creating them can hang on nodes with several.
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 create_gloo_process_groups=False)
 
 
 def process_groups() -> set:
