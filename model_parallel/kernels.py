@@ -84,9 +84,10 @@ def availability() -> dict[str, dict[str, str | None]]:
     return {
         "layernorm": {"te": te, "apex": apex_norm, "torch": None},
         "attention": {"sdpa": None, "math": None},
-        "bias_gelu": {"fused": None, "plain": None},
-        # DeepSpeed's FusedAdam JIT-compiles a CUDA op on first use.
-        "optimizer": {"apex": apex_opt, "deepspeed": no_gpu, "torch_fused": None, "torch": None},
+        # megatron-core's fused bias-GeLU is a torch.compile'd function (megatron/core/jit.py): inductor's needs.
+        "bias_gelu": {"fused": compile_unavailable(), "plain": None},
+        "optimizer": {"apex": apex_opt, "deepspeed": no_gpu or _cuda_op_build_unavailable(), "torch_fused": None,
+                      "torch": None},
         "dropout_mask": {"compiled": compile_unavailable(), "eager": None},
     }
 
@@ -96,7 +97,8 @@ def availability() -> dict[str, dict[str, str | None]]:
 # dropout mask (~10 s of C++ compilation per process) costs more than the masks of a CPU run.
 _PREFERENCE = {
     "gpu": {"layernorm": ("te", "apex", "torch"), "attention": ("sdpa",),
-            "bias_gelu": ("fused",), "optimizer": ("torch_fused", "torch"), "dropout_mask": ("compiled", "eager")},
+            "bias_gelu": ("fused", "plain"), "optimizer": ("torch_fused", "torch"),
+            "dropout_mask": ("compiled", "eager")},
     "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "optimizer": ("torch",),
             "dropout_mask": ("eager",)},
 }
@@ -211,6 +213,16 @@ class Kernels:
     def summary(self) -> str:
         chosen = "; ".join(f"{op}={n} ({why})" for op, (n, why) in self.choices.items())
         return f"kernels: {chosen}; layers {'compiled' if self.compile else 'eager'} (kernels.compile)"
+
+
+def _cuda_op_build_unavailable() -> str | None:
+    """DeepSpeed's FusedAdam is a CUDA extension built on first use (bench/device_wheels.sh builds DeepSpeed without
+    its ops; so does a plain pip install): it needs nvcc under CUDA_HOME and ninja (deepspeed/ops/op_builder)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return "DeepSpeed builds FusedAdam at first use and needs nvcc (CUDA_HOME), which is not here"
+    return None if shutil.which("ninja") else "DeepSpeed builds FusedAdam at first use and needs ninja"
 
 
 def compile_unavailable() -> str | None:

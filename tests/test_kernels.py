@@ -136,3 +136,24 @@ def test_gpu_compilation_needs_triton_and_a_c_compiler(monkeypatch):
     assert compile_unavailable() == "Triton needs a C compiler (gcc)"
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
     assert compile_unavailable() is None
+
+
+def test_gpu_without_compilers_gets_the_plain_bias_gelu_and_no_deepspeed_adam(monkeypatch):
+    """megatron-core's fused bias-GeLU is torch.compile'd, and DeepSpeed's FusedAdam is built with nvcc on first
+    use: on a GPU machine without Triton's C compiler `auto` takes the plain bias-GeLU (saying why), and without
+    nvcc kernels.optimizer=deepspeed is refused before training rather than failing at the first step."""
+    import shutil
+
+    import torch.utils._triton
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", None)
+    kernels = select_kernels()
+    assert kernels.choices["bias_gelu"] == ("plain", "auto on gpu; skipped fused: Triton needs a C compiler (gcc)")
+    assert kernels.name("dropout_mask") == "eager"
+    with pytest.raises(RuntimeError, match="kernels.optimizer='deepspeed' is not available: .*needs nvcc"):
+        select_kernels(KernelConfig(optimizer="deepspeed"))
