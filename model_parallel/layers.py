@@ -186,6 +186,16 @@ def static_caches(like: torch.Tensor, layers: int, max_len: int, cross_kv=None) 
                        static=position) for k, v in cross_kv]
 
 
+@torch.compiler.disable
+def _attention_in_rng_fork(attention, q, k, v, mask, causal: bool, dropout: float) -> torch.Tensor:
+    """Attention with dropout on its probabilities, drawn from megatron's per-rank stream (heads are split over
+    TP ranks). Eager under kernels.compile: the tracker's fork reads the CUDA RNG state, which dynamo does not
+    trace, and breaking the graph here keeps the rest of the layer compiled (inside the forward, dynamo gave up
+    on the whole frame: each projection became a graph of its own)."""
+    with get_cuda_rng_tracker().fork():
+        return attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout)
+
+
 def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
     """[s, b, heads*parts*head_dim] -> `parts` tensors of [b, heads, s, head_dim]."""
     s, b = x.shape[:2]
@@ -248,10 +258,10 @@ class Attention(KeyedSite):
         if dropout > 0 and self.keyed_attention_dropout and sample_index is not None:
             out = self._keyed_dropout_attention(q, k, v, mask, causal, dropout, sample_index)
             return self.proj(_merge_heads(out))[0]
-        # Heads are split over TP ranks: their dropout masks come from the per-rank stream.
-        rng = get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
-        with rng:
-            out = self.attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout)
+        if dropout > 0:
+            out = _attention_in_rng_fork(self.attention, q, k, v, mask, causal, dropout)
+        else:
+            out = self.attention(q, k, v, mask=mask, causal=causal, dropout_p=0.0)
         return self.proj(_merge_heads(out))[0]
 
     def _keyed_dropout_attention(self, q, k, v, mask, causal, p, sample_index):

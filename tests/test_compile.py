@@ -96,3 +96,24 @@ def test_unserialisable_config_error_is_dropped_only_where_torch_cannot_serialis
         logger.error(METRICS_LOG_ERROR)
         logger.error("another error")
     assert [r.getMessage() for r in caplog.records] == ["another error"]
+
+
+def test_fused_attention_dropout_breaks_the_graph_at_the_attention_call_only(single_process):
+    """The fused kernel's attention dropout draws from megatron's RNG tracker, whose fork dynamo cannot trace:
+    the attention call runs eager and every frame of the layer is still compiled. (Inside the forward, dynamo
+    gave up on the whole attention frame: its projections became graphs of their own, 16 graphs for 10.)"""
+    from torch._dynamo.utils import counters
+
+    from model_parallel.compile import compile_layers
+    from model_parallel.model import PartiModel
+    from model_parallel.state import seed_everything
+
+    cfg = debug_model_config(**{"model.preset": "parti-debug", "model.dropout": 0.1, "model.attention_dropout": 0.1})
+    text, codes = debug_batch(cfg, batch=4)
+    model = compile_layers(PartiModel(cfg, init_seed=3).train(), backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    seed_everything(0)
+    model.loss(text, codes, sample_index=torch.arange(4)).backward()
+    assert counters["frames"]["total"] == counters["frames"]["ok"] > 0, dict(counters["frames"])
+    assert all("get_rng_state" not in reason for reason in counters["graph_break"]), list(counters["graph_break"])
