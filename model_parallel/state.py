@@ -156,11 +156,7 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
             return
         ps.destroy_model_parallel()  # (megatron forgets its groups, but does not destroy them)
         destroy_groups(process_groups())
-    # No gloo copies of the groups (megatron's default makes them for its distributed optimizer, unused here):
-    # across nodes gloo picks its own network interface (GLOO_SOCKET_IFNAME, not NCCL_SOCKET_IFNAME), where
-    # creating them can hang on nodes with several.
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 create_gloo_process_groups=False)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
 def process_groups() -> set:
