@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config import CONFIG_ROOT, ConfigError, build, merge, read_yaml, require
+from model_parallel.attention_patterns import PATTERNS
 
 
 @dataclass
@@ -26,8 +27,7 @@ class ModelConfig:
     """encoder_decoder (Parti: text encoder + image decoder with cross-attention) or decoder_only (DALL-E: one
     causal stream of text_seq_len caption tokens, padding included, then the image tokens; no encoder, so
     encoder_layers must be 0; caption padding is not masked: each padded position has its own position
-    embedding, the role of DALL-E's per-position padding tokens; attention is dense causal, not DALL-E's
-    sparse row/column/convolutional masks)."""
+    embedding, the role of DALL-E's per-position padding tokens; DALL-E's sparse masks: attention_pattern)."""
     text_loss_weight: float = 0.0
     """decoder_only: the loss is (1 - w) x image-token cross-entropy + w x next-caption-token cross-entropy
     (over non-padding targets, from a text head of its own); DALL-E used w = 1/8. 0: image tokens only."""
@@ -70,6 +70,13 @@ class ModelConfig:
     computes softmax(QK^T)V explicitly, holding the [batch, heads, queries, keys] probabilities (time and
     memory grow with the square of the sequence; parallel.activation_checkpointing=selective does not
     recompute this path, full does). No effect when model.attention_dropout is 0, nor in sampling."""
+    attention_pattern: str = "dense"
+    """Decoder self-attention: dense (causal) or dalle, DALL-E's sparse masks over the image tokens (row,
+    column, and conv in the last layer; model_parallel/attention_patterns.py): every position still sees the
+    whole caption (decoder-only) and BOS. Computed densely under a mask: no FLOPs saved, and on a GPU SDPA
+    takes its memory-efficient kernel instead of flash."""
+    conv_attention_kernel: int = 11
+    """attention_pattern=dalle: side of the square neighbourhood the last layer's conv mask sees (odd)."""
     layernorm_eps: float = 1e-5
     """Epsilon of every layer norm."""
     init_std: float = 0.02
@@ -123,6 +130,10 @@ class ModelConfig:
             require(self.text_loss_weight == 0, f"model.text_loss_weight={self.text_loss_weight} needs "
                     "model.arch=decoder_only (the encoder-decoder predicts image tokens only)")
         require(0.0 <= self.text_loss_weight < 1.0, f"model.text_loss_weight={self.text_loss_weight} must be in [0, 1)")
+        require(self.attention_pattern in PATTERNS,
+                f"model.attention_pattern={self.attention_pattern!r} must be one of {', '.join(PATTERNS)}")
+        require(self.conv_attention_kernel > 0 and self.conv_attention_kernel % 2 == 1,
+                f"model.conv_attention_kernel={self.conv_attention_kernel} must be a positive odd number")
         require(self.hidden_size % self.num_heads == 0,
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
         for name in ("dropout", "attention_dropout", "caption_drop_prob"):
@@ -162,6 +173,8 @@ def model_config(preset: str = "", overrides: dict | None = None) -> ModelConfig
 
 def saved_model_config(section: dict) -> ModelConfig:
     """ModelConfig of a `model:` section written by a run (checkpoint, export): a key renamed since is
-    read under its new name (the run wrote what was right then), unknown keys are still refused."""
+    read under its new name (the run wrote what was right then), unknown keys are still refused. The section
+    is the run's resolved config, so its preset is not applied again: a key added since the run takes its
+    default (what the run did), not the preset's value of today."""
     section = {RENAMED.get(k, k): v for k, v in section.items()}
-    return build(ModelConfig, resolve_model_section(section), "model.")
+    return build(ModelConfig, section, "model.")

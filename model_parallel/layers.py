@@ -32,6 +32,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_cuda_rng_tracker
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from model_parallel.attention_patterns import AttentionPattern
 from model_parallel.config import ModelConfig
 from model_parallel.kernels import Kernels, attention_probs
 from model_parallel.keyed_dropout import dropout_site_key, keyed_dropout, keyed_keep_mask
@@ -222,6 +223,8 @@ class Attention(KeyedSite):
         # model.attention_dropout_invariant: keyed masks on explicit probabilities instead of the fused kernel.
         self.keyed_attention_dropout = ctx.cfg.attention_dropout_invariant
         self.tp_group = ctx.tp_group
+        # Sparse self-attention (model.attention_pattern), set once the piece knows its place (model.place_piece).
+        self.pattern: AttentionPattern | None = None
         col = dict(config=ctx.mp, init_method=ctx.init, bias=True, gather_output=False, tp_group=ctx.tp_group)
         if cross:
             self.q = ColumnParallelLinear(hidden, hidden, **col)
@@ -247,13 +250,19 @@ class Attention(KeyedSite):
                 k, v = self.cross_kv(memory)
         else:
             q, k, v = _split_heads(self.qkv(x)[0], 3, self.head_dim)
+            queries = None  # stream positions of the queries, for a sparse pattern
             if cache is not None and cache.static is not None:
+                queries = cache.static.at
                 k, v, mask = cache.write(k, v)
                 causal = False
             elif cache is not None:
                 start = cache.length
                 k, v = cache.append(k, v, max_len)
                 mask, causal = self._cached_mask(q.shape[2], start, k.shape[2], causal, q.device)
+                queries = start + torch.arange(q.shape[2], device=q.device)
+            if self.pattern is not None:  # causal and within the cache's written positions too
+                queries = torch.arange(q.shape[2], device=q.device) if queries is None else queries
+                mask, causal = self.pattern.mask(queries, k.shape[2]), False
         dropout = self.attention_dropout if self.training else 0.0
         if dropout > 0 and self.keyed_attention_dropout and sample_index is not None:
             out = self._keyed_dropout_attention(q, k, v, mask, causal, dropout, sample_index)

@@ -37,6 +37,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
+from model_parallel.attention_patterns import layer_pattern
 from model_parallel.config import ModelConfig
 from model_parallel.init import InitKeys, ShardedNormalInit, ensure_model_parallel_rng
 from model_parallel.kernels import Kernels, select_kernels
@@ -254,6 +255,16 @@ def piece_context(cfg: ModelConfig, kernels: Kernels | None = None, sequence_par
                         ShardedNormalInit(out_std, keys, tp_group), tp_group)
 
 
+def place_piece(piece: nn.Module, cfg: ModelConfig, init_seed: int, k: int) -> None:
+    """What piece k learns of its place once built, by PartiModel or as a pipeline stage's layer k: the keys of
+    its dropout sites (init_seed, k, site) and, for decoder layer i, its self-attention pattern (the layers
+    are one class: model.attention_pattern varies the mask with the depth)."""
+    key_dropout_sites(piece, init_seed, k)
+    stack, _, index = piece_names(cfg)[k].partition(".")
+    if stack == "decoder":
+        piece.self_attn.fn.pattern = layer_pattern(cfg, int(index))
+
+
 def build_pieces(module: nn.Module, ctx: PieceContext, init_seed: int, keep=lambda name: True) -> None:
     """Build the model's pieces that `keep` accepts onto `module` under their names (stacks as ModuleLists),
     piece k right after torch.manual_seed(init_seed + k), its dropout sites keyed by (init_seed, k): the same
@@ -264,7 +275,7 @@ def build_pieces(module: nn.Module, ctx: PieceContext, init_seed: int, keep=lamb
                 continue
             torch.manual_seed(init_seed + k)
             piece = cls(ctx)
-            key_dropout_sites(piece, init_seed, k)
+            place_piece(piece, ctx.cfg, init_seed, k)
             stack, _, index = name.partition(".")
             if not index:
                 setattr(module, name, piece)

@@ -22,7 +22,7 @@ PartiModel draws for them; layer k's dropout sites are keyed as PartiModel's pie
 """
 from __future__ import annotations
 
-from model_parallel.layers import DecoderLayer, EncoderLayer, key_dropout_sites
+from model_parallel.layers import DecoderLayer, EncoderLayer
 from model_parallel.model import (
     FinalNorm,
     ImageEmbedding,
@@ -32,6 +32,7 @@ from model_parallel.model import (
     piece_classes,
     piece_context,
     piece_names,
+    place_piece,
     stream_loss,
     text_mask,
 )
@@ -151,5 +152,5 @@ def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_paral
                             seed_fn=torch.manual_seed)
     for name, layer in module.named_children():  # this stage's layers, named by their index k among all
         if name.isdigit():
-            key_dropout_sites(layer, init_seed, int(name))
+            place_piece(layer, cfg, init_seed, int(name))
     return module

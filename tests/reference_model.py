@@ -46,26 +46,56 @@ class RefMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class RefEncoderLayer(nn.Module):
-    """Self-attention (bidirectional, or `causal`: the decoder-only stream's layer) and MLP."""
+def dalle_masks(c) -> list[torch.Tensor | None]:
+    """Each decoder layer's self-attention mask under model.attention_pattern (None: dense causal), bool
+    [S, S] over the decoder's stream (caption if decoder-only, BOS, codes[:-1]), built pair by pair from DALL-E's
+    description in (row, column) coordinates of the cell each position holds: every position sees the caption
+    and BOS; an image token sees, before it, its own row and the part of the row above from its own column on
+    (row), its column (column), or the kernel-sized square around it (conv, last layer); column in the layers
+    i = 2, 6, 10, ... (1-based), row elsewhere."""
+    layers = c.decoder_layers
+    if c.attention_pattern == "dense":
+        return [None] * layers
+    before = c.text_seq_len + 1 if c.arch == "decoder_only" else 1
+    size, g, half = before + c.image_grid ** 2 - 1, c.image_grid, c.conv_attention_kernel // 2
+    sees = {
+        "row": lambda qr, qc, kr, kc: kr == qr or (kr == qr - 1 and kc >= qc),
+        "column": lambda qr, qc, kr, kc: kc == qc,
+        "conv": lambda qr, qc, kr, kc: abs(kr - qr) <= half and abs(kc - qc) <= half,
+    }
+    masks = {}
+    for kind, rule in sees.items():
+        m = torch.zeros(size, size, dtype=torch.bool)
+        for q in range(size):
+            for k in range(q + 1):
+                m[q, k] = k < before or rule(*divmod(q - before, g), *divmod(k - before, g))
+        masks[kind] = m
+    kinds = ["conv" if i == layers else "column" if (i - 2) % 4 == 0 else "row" for i in range(1, layers + 1)]
+    return [masks[kind] for kind in kinds]
 
-    def __init__(self, c, kind, causal=False):
+
+class RefEncoderLayer(nn.Module):
+    """Self-attention (bidirectional, or `causal`: the decoder-only stream's layer, under `self_mask` if
+    sparse) and MLP."""
+
+    def __init__(self, c, kind, causal=False, self_mask=None):
         super().__init__()
         d = c.hidden_size
-        self.causal = causal
+        self.causal, self.self_mask = causal, self_mask
         self.ln1, self.ln2 = nn.LayerNorm(d, eps=c.layernorm_eps), nn.LayerNorm(d, eps=c.layernorm_eps)
         self.attn, self.mlp = RefAttention(d, c.num_heads, kind), RefMLP(d, c.ffn_hidden_size)
 
     def forward(self, x, mask=None):
         h = self.ln1(x)
-        x = x + self.attn(h, h, mask, causal=self.causal)
+        x = x + self.attn(h, h, self.self_mask if mask is None else mask, causal=self.causal)
         return x + self.mlp(self.ln2(x))
 
 
 class RefDecoderLayer(nn.Module):
-    def __init__(self, c, kind):
+    def __init__(self, c, kind, self_mask=None):
         super().__init__()
         d = c.hidden_size
+        self.self_mask = self_mask
         self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(d, eps=c.layernorm_eps) for _ in range(3))
         self.self_attn = RefAttention(d, c.num_heads, kind)
         self.cross_attn = RefAttention(d, c.num_heads, kind)
@@ -73,7 +103,7 @@ class RefDecoderLayer(nn.Module):
 
     def forward(self, x, memory, mask):
         h = self.ln1(x)
-        x = x + self.self_attn(h, h, causal=True)
+        x = x + self.self_attn(h, h, self.self_mask, causal=True)
         x = x + self.cross_attn(self.ln2(x), memory, mask)
         return x + self.mlp(self.ln3(x))
 
@@ -89,7 +119,7 @@ class ReferenceParti(nn.Module):
         self.enc_ln = nn.LayerNorm(d, eps=c.layernorm_eps)
         self.image_embed = nn.Embedding(c.image_vocab_size + 1, d)
         self.row_pos, self.col_pos = nn.Embedding(c.image_grid, d), nn.Embedding(c.image_grid, d)
-        self.decoder = nn.ModuleList(RefDecoderLayer(c, kind) for _ in range(c.decoder_layers))
+        self.decoder = nn.ModuleList(RefDecoderLayer(c, kind, m) for m in dalle_masks(c))
         self.dec_ln = nn.LayerNorm(d, eps=c.layernorm_eps)
         self.head = nn.Linear(d, c.image_vocab_size, bias=False)
 
@@ -182,7 +212,7 @@ class ReferenceDecoderOnly(nn.Module):
         self.text_embed, self.text_pos = nn.Embedding(c.text_vocab_size, d), nn.Embedding(c.text_seq_len, d)
         self.image_embed = nn.Embedding(c.image_vocab_size + 1, d)
         self.row_pos, self.col_pos = nn.Embedding(c.image_grid, d), nn.Embedding(c.image_grid, d)
-        self.layers = nn.ModuleList(RefEncoderLayer(c, kind, causal=True) for _ in range(c.decoder_layers))
+        self.layers = nn.ModuleList(RefEncoderLayer(c, kind, causal=True, self_mask=m) for m in dalle_masks(c))
         self.ln = nn.LayerNorm(d, eps=c.layernorm_eps)
         self.head = nn.Linear(d, c.image_vocab_size, bias=False)
         self.text_head = nn.Linear(d, c.text_vocab_size, bias=False)

@@ -1,0 +1,76 @@
+"""DALL-E's sparse self-attention patterns (Ramesh et al. 2021, appendix B.1), as boolean masks.
+
+`model.attention_pattern=dalle` gives each decoder layer's self-attention one of three masks over the image
+tokens; every position still sees every position before the image (the caption and BOS) and the caption is
+causal as before:
+- row: an image token sees the `image_grid` image tokens before it and itself (its row so far and the end of
+  the row above: the previous row's token in its own column is the oldest);
+- column: the image tokens of its own column, in every row so far;
+- conv: the tokens of the `model.conv_attention_kernel`-wide square around it that come before it.
+DALL-E's schedule over layers i = 1..L: column where (i - 2) mod 4 == 0, row elsewhere, conv in the last.
+A row layer followed by a column layer reaches every earlier image token, so depth loses no context.
+
+Positions are stream positions (the decoder's KV-cache positions): the caption (decoder-only), then BOS,
+then the image codes, so position `prefix + c` (prefix = caption + BOS) holds the code of cell c of the
+raster order, as in DALL-E, where the masks are over the image tokens the stream holds.
+
+The masks are computed, not stored: a mask of the query and key positions at hand (training's whole
+stream, a prefill chunk, one decoding step, a static cache's write positions), a few integer ops per
+(query, key) pair, so there is nothing to shard, save or load. Attention stays SDPA with that mask: the
+masked scores are still computed (no FLOPs saved; on a GPU the mask rules out the flash kernel, SDPA takes
+its memory-efficient one).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+PATTERNS = ("dense", "dalle")
+
+
+def dalle_kind(layer: int, layers: int) -> str:
+    """DALL-E's mask for decoder layer `layer` (0-based) of `layers`: conv in the last layer, column where
+    the 1-based index i has (i - 2) mod 4 == 0, row elsewhere."""
+    if layer == layers - 1:
+        return "conv"
+    return "column" if (layer + 1 - 2) % 4 == 0 else "row"
+
+
+class AttentionPattern(nn.Module):
+    """One layer's sparse self-attention over a stream of `prefix` positions and then `grid` x `grid` image
+    tokens in raster order (see the module docstring), as one rule for the three kinds: an image token sees
+    an earlier one at most `window` positions back, a multiple of `period` positions back, and within `radius`
+    rows and columns. The three numbers are 0-dim int64 buffers, not Python ints (as the dropout keys,
+    layers.KeyedSite): torch.compile specialises on a module's int attributes, so ints would compile the
+    shared layer code once per kind; made on the CPU explicitly (real in a meta-device build), moved with the
+    module; not saved (derived from the config)."""
+
+    def __init__(self, kind: str, prefix: int, grid: int, kernel: int = 11):
+        super().__init__()
+        self.kind, self.prefix, self.grid = kind, prefix, grid  # prefix, grid: the same in every layer
+        window, period, radius = {"row": (grid, 1, grid), "column": (grid * grid, grid, grid),
+                                "conv": (grid * grid, 1, kernel // 2)}[kind]
+        for name, value in (("window", window), ("period", period), ("radius", radius)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.long, device="cpu"), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, prefix={self.prefix}, grid={self.grid}, radius={int(self.radius)}"
+
+    def mask(self, queries: torch.Tensor, keys: int) -> torch.Tensor:
+        """bool [n, keys]: True where the query at stream position queries[i] (int64 [n]) may attend to
+        stream position j < keys. Causal included (so a static cache's unwritten positions are excluded)."""
+        q = queries[:, None]
+        k = torch.arange(keys, device=queries.device)[None, :]
+        qi, ki = q - self.prefix, k - self.prefix  # image cells (negative: before the image)
+        rows = (qi.div(self.grid, rounding_mode="floor") - ki.div(self.grid, rounding_mode="floor")).abs()
+        image = ((qi - ki <= self.window) & ((qi - ki) % self.period == 0) & (rows <= self.radius)
+                 & ((qi % self.grid - ki % self.grid).abs() <= self.radius))
+        return (k <= q) & ((k < self.prefix) | image)
+
+
+def layer_pattern(cfg, layer: int) -> AttentionPattern | None:
+    """The self-attention pattern of decoder layer `layer` of a model (ModelConfig `cfg`); None: dense causal."""
+    if cfg.attention_pattern == "dense":
+        return None
+    return AttentionPattern(dalle_kind(layer, cfg.decoder_layers), cfg.prefix_len + 1, cfg.image_grid,
+                            cfg.conv_attention_kernel)
