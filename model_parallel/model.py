@@ -285,6 +285,15 @@ def build_pieces(module: nn.Module, ctx: PieceContext, init_seed: int, keep=lamb
                 getattr(module, stack).append(piece)
 
 
+def move_buffers(model: nn.Module, device) -> None:
+    """Put the model's buffers (dropout keys, attention-pattern numbers: made on the CPU, not saved) on
+    `device`, for a model whose parameters got there another way than .to(device): zero.Init's placement,
+    or load_exported's assignment."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))
+
+
 class PartiModel(nn.Module):
     """Piece k is built right after torch.manual_seed(init_seed + k) (as DeepSpeed's pipeline builds its
     layers with seed_layers), so one seed gives the same weights at any TP/PP layout. Its dropout sites

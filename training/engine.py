@@ -25,7 +25,7 @@ from model_parallel.activation_checkpointing import apply_activation_checkpointi
 from model_parallel.compile import compile_layers
 from model_parallel.layers import allreduce_sequence_parallel_grads
 from model_parallel.layout import ParallelLayout
-from model_parallel.model import PartiModel, decoder_input
+from model_parallel.model import PartiModel, decoder_input, move_buffers
 from model_parallel.pipeline import build_pipeline, canonical_parameters, is_text_encoder
 from training.config import Config
 
@@ -120,9 +120,7 @@ def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout):
         # DeepSpeed's engine moves no zero.Init model to its device (engine._configure_distributed_model)
         # and zero.Init places parameters only: the buffers (the dropout sites' keys, made on the CPU) are
         # moved here, as .to(device) does for the other layouts, so that no kernel mixes devices.
-        for module in model.modules():
-            for name, buffer in module.named_buffers(recurse=False):
-                setattr(module, name, buffer.to(device))
+        move_buffers(model, device)
     else:
         model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group).to(device)
     if kernels.compile:

@@ -20,7 +20,7 @@ import torch
 
 from common.checkpoints import checkpoint_dir
 from model_parallel.config import ModelConfig, saved_model_config
-from model_parallel.model import PartiModel
+from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
 from training.checkpoint import resume_tag, sharded_blocks
 from training.deepspeed_glue import Fragment, local_shape
@@ -86,6 +86,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     with safe_open(str(file), framework="pt", device="cpu") as f:
         weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
     assign_weights(model, weights, str(file))
+    move_buffers(model, device)
     return model.eval()
 
 
