@@ -483,7 +483,8 @@ def compile_speedup(ctx: Context) -> dict:
 
 def sampling(ctx: Context) -> dict:
     """Greedy decoding with the KV cache (and, on a GPU, the CUDA-graph decode step) equals full
-    recomputation in fp32, for the encoder-decoder and the decoder-only model; then bench/sample.py's measurement of parti-350m in bf16 (batch 16 with
+    recomputation in fp32, for the encoder-decoder and the decoder-only model (dalle-debug: under DALL-E's
+    sparse masks); then bench/sample.py's measurement of parti-350m in bf16 (batch 16 with
     classifier-free guidance, 32 rows): image tokens/s of full recomputation, KV cache and CUDA graph
     against the memory-bandwidth bound measured on this machine."""
     from bench.sample import MODES, measure_decoding, relate_rates
