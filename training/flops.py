@@ -12,7 +12,8 @@ With d = hidden, f = MLP width, T = text length, N = image length, V = image voc
                  + 4NTd                   cross-attention scores and probs x V
   head:          2NdV
 Decoder-only (model.arch=decoder_only), S = T + N the stream, V_t the caption vocabulary:
-  decoder layer: 2S(4d^2 + 2df) + 4S^2 d
+  decoder layer: 2S(4d^2 + 2df) + 4S^2 d   (also under model.attention_pattern=dalle: the masked scores are
+                                           computed, SDPA under a mask)
   head:          2NdV + 2(T-1)dV_t       the caption head only with model.text_loss_weight > 0
 Embedding lookups and norms are left out (negligible).
 Activation recomputation runs part of the forward again (`recomputed_layer_flops`): full recomputation a
