@@ -18,7 +18,7 @@ The masks are computed, not stored: a mask of the query and key positions at han
 stream, a prefill chunk, one decoding step, a static cache's write positions), a few integer ops per
 (query, key) pair, so there is nothing to shard, save or load. Attention stays SDPA with that mask: the
 masked scores are still computed (no FLOPs saved; on a GPU the mask rules out the flash kernel, SDPA takes
-its memory-efficient one).
+cuDNN's or the memory-efficient one).
 """
 from __future__ import annotations
 

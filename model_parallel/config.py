@@ -74,7 +74,7 @@ class ModelConfig:
     """Decoder self-attention: dense (causal) or dalle, DALL-E's sparse masks over the image tokens (row,
     column, and conv in the last layer; model_parallel/attention_patterns.py): every position still sees the
     whole caption (decoder-only) and BOS. Computed densely under a mask: no FLOPs saved, and on a GPU SDPA
-    takes its memory-efficient kernel instead of flash."""
+    takes a kernel that accepts a mask (cuDNN's or the memory-efficient one), not flash."""
     conv_attention_kernel: int = 11
     """attention_pattern=dalle: side of the square neighbourhood the last layer's conv mask sees (odd)."""
     layernorm_eps: float = 1e-5

@@ -250,7 +250,7 @@ class Attention(KeyedSite):
                 k, v = self.cross_kv(memory)
         else:
             q, k, v = _split_heads(self.qkv(x)[0], 3, self.head_dim)
-            queries = None  # stream positions of the queries, for a sparse pattern
+            queries = None  # the queries' stream positions (or the first one's), for a sparse pattern
             if cache is not None and cache.static is not None:
                 queries = cache.static.at
                 k, v, mask = cache.write(k, v)
@@ -259,9 +259,10 @@ class Attention(KeyedSite):
                 start = cache.length
                 k, v = cache.append(k, v, max_len)
                 mask, causal = self._cached_mask(q.shape[2], start, k.shape[2], causal, q.device)
-                queries = start + torch.arange(q.shape[2], device=q.device)
+                queries = start
             if self.pattern is not None:  # causal and within the cache's written positions too
-                queries = torch.arange(q.shape[2], device=q.device) if queries is None else queries
+                if not torch.is_tensor(queries):
+                    queries = (queries or 0) + torch.arange(q.shape[2], device=q.device)
                 mask, causal = self.pattern.mask(queries, k.shape[2]), False
         dropout = self.attention_dropout if self.training else 0.0
         if dropout > 0 and self.keyed_attention_dropout and sample_index is not None:

@@ -1,7 +1,8 @@
 """DALL-E's sparse attention (model.attention_pattern=dalle): the masks equal a pair-by-pair construction from
 the paper's description, DALL-E's layer schedule, a row layer then a column layer reach every earlier image
-token, the encoder-decoder under the masks equals the plain-PyTorch reference (the decoder-only one is
-tests/test_decoder_only.py's, whose preset uses them at every layout), and runs saved before the key stay dense.
+token, the encoder-decoder under the masks equals the plain-PyTorch reference and its cached decoding (the
+decoder-only one is tests/test_decoder_only.py's, whose preset uses them at every layout), and runs saved before
+the key stay dense.
 
 Run: python -m pytest tests/test_attention_patterns.py -q
 """
@@ -69,7 +70,8 @@ def test_encoder_decoder_under_the_masks_equals_reference(single_process):
     from model_parallel.model import PartiModel
     from model_parallel.state import seed_everything
 
-    cfg = debug_model_config(**{"model.attention_pattern": "dalle", "model.conv_attention_kernel": 3})
+    cfg = debug_model_config(**{"model.attention_pattern": "dalle", "model.conv_attention_kernel": 3,
+                                "model.decoder_layers": 4})  # row, column, row, conv
     seed_everything(0)
     model = PartiModel(cfg, init_seed=0).eval()
     ref = load_from_parti(ReferenceParti(cfg, kind="math"), model.state_dict())
@@ -80,10 +82,30 @@ def test_encoder_decoder_under_the_masks_equals_reference(single_process):
         dense = PartiModel(dataclasses.replace(cfg, attention_pattern="dense"), init_seed=0).eval()
         dense.load_state_dict(model.state_dict())
         assert not torch.allclose(dense(text, codes).transpose(0, 1), logits, atol=1e-3)  # the masks matter
-        caches, memory, mask = model.start_decoding(text, static=True)  # a static cache under the masks
         inputs = model.decoder_input(codes)
-        steps = [model.decode_step(inputs[:, i:i + 1], caches, memory, mask) for i in range(inputs.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1), logits, rtol=1e-5, atol=1e-5)
+        for static, chunk in ((True, 1), (False, 1), (False, 5)):  # static and growing caches under the masks
+            caches, memory, mask = model.start_decoding(text, static=static)
+            steps = [model.decode_step(inputs[:, i:i + chunk], caches, memory, mask)
+                     for i in range(0, inputs.shape[1], chunk)]
+            torch.testing.assert_close(torch.cat(steps, 1), logits, rtol=1e-5, atol=1e-5, msg=f"{static} {chunk}")
+
+
+def test_a_run_saved_before_the_key_resumes_dense_and_only_so():
+    """A dalle-debug run from before model.attention_pattern was dense: resuming it under today's preset (the
+    masks) is refused, naming the pattern; with model.attention_pattern=dense it resumes (the conv kernel, 3
+    in the preset against the default 11 the old run compares with, does nothing in a dense network); a kernel
+    change under the masks is refused."""
+    from training.config import config_to_dict, load_config, resume_changes
+
+    def config(*sets):
+        return load_config("configs/train/debug.yaml", ["model.preset=dalle-debug", *sets]).validate()
+
+    saved = config_to_dict(config())
+    del saved["model"]["attention_pattern"], saved["model"]["conv_attention_kernel"]
+    refused = resume_changes(saved, config())["refused"]
+    assert [key for key, _, _ in refused] == ["model.attention_pattern", "model.conv_attention_kernel"]
+    assert resume_changes(saved, config("model.attention_pattern=dense"))["refused"] == []
+    assert resume_changes(config_to_dict(config()), config("model.conv_attention_kernel=5"))["refused"] != []
 
 
 def test_a_saved_section_without_the_key_stays_dense():

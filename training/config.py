@@ -215,7 +215,9 @@ def resume_changes(saved: dict, cfg: Config) -> dict[str, list[tuple[str, Any, A
         before = old.get(key)
         if before == value or (isinstance(value, float) and isinstance(before, int) and float(before) == value):
             continue
-        if (key.startswith("model.") and key not in NOT_NETWORK) or key == "train.optimizer":
+        if key == "model.conv_attention_kernel" and new["model.attention_pattern"] == "dense":
+            kind = "noted"  # no effect on a dense network (a change of the pattern itself is refused)
+        elif (key.startswith("model.") and key not in NOT_NETWORK) or key == "train.optimizer":
             kind = "refused"
         elif key in RESUME_APPLIED:
             kind = "applied"
