@@ -9,6 +9,8 @@ causal as before:
 - conv: the tokens of the `model.conv_attention_kernel`-wide square around it that come before it.
 DALL-E's schedule over layers i = 1..L: column where (i - 2) mod 4 == 0, row elsewhere, conv in the last.
 A row layer followed by a column layer reaches every earlier image token, so depth loses no context.
+`python -m model_parallel.attention_patterns [--grid 4 --prefix 7 --kernel 3]` draws the three masks (as the
+paper's figure 11 does: a row per query position, `#` where it attends).
 
 Positions are stream positions (the decoder's KV-cache positions): the caption (decoder-only), then BOS,
 then the image codes, so position `prefix + c` (prefix = caption + BOS) holds the code of cell c of the
@@ -21,6 +23,8 @@ masked scores are still computed (no FLOPs saved; on a GPU the mask rules out th
 cuDNN's or the memory-efficient one).
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn as nn
@@ -74,3 +78,25 @@ def layer_pattern(cfg, layer: int) -> AttentionPattern | None:
         return None
     return AttentionPattern(dalle_kind(layer, cfg.decoder_layers), cfg.prefix_len + 1, cfg.image_grid,
                             cfg.conv_attention_kernel)
+
+
+def draw(pattern: AttentionPattern) -> str:
+    """The pattern's mask over its whole stream as text: a line per query position, '#' where it attends."""
+    size = pattern.prefix + pattern.grid * pattern.grid
+    mask = pattern.mask(torch.arange(size), size)
+    return "\n".join("".join("#" if seen else "." for seen in row) for row in mask.tolist())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Draw DALL-E's sparse attention masks.")
+    parser.add_argument("--grid", type=int, default=4, help="image tokens per side")
+    parser.add_argument("--prefix", type=int, default=7, help="positions before the image (caption + BOS)")
+    parser.add_argument("--kernel", type=int, default=3, help="side of the conv mask's square")
+    args = parser.parse_args(argv)
+    for kind in ("row", "column", "conv"):
+        print(f"{kind} (prefix {args.prefix}, grid {args.grid}" + (f", kernel {args.kernel})" if kind == "conv" else ")"))
+        print(draw(AttentionPattern(kind, args.prefix, args.grid, args.kernel)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

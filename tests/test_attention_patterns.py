@@ -118,3 +118,16 @@ def test_a_saved_section_without_the_key_stays_dense():
     assert section["attention_pattern"] == "dalle"
     del section["attention_pattern"], section["conv_attention_kernel"]
     assert saved_model_config(section).attention_pattern == "dense"
+
+
+def test_the_command_draws_each_mask(capsys):
+    from model_parallel.attention_patterns import main
+
+    main(["--grid", "3", "--prefix", "2", "--kernel", "3"])
+    blocks = capsys.readouterr().out.strip().split("\n\n")
+    assert [b.splitlines()[0].split()[0] for b in blocks] == ["row", "column", "conv"]
+    for block, kind in zip(blocks, ("row", "column", "conv")):
+        lines = block.splitlines()[1:]
+        mask = AttentionPattern(kind, 2, 3, 3).mask(torch.arange(11), 11)
+        assert lines == ["".join("#" if x else "." for x in row) for row in mask.tolist()]
+    assert blocks[0].splitlines()[1 + 6] == "##.####...."  # cell (1, 1): cells 1..4 of the raster order
