@@ -101,9 +101,17 @@ def use_device(wanted: str = "auto", key: str = "device") -> str:
     return "cpu"
 
 
-def local_device_index(visible: int, local_rank: int) -> int:
+def local_device_index(visible: int, local_rank: int, local_world: int | None = None) -> int:
     """The GPU this process drives among the `visible` ones: its LOCAL_RANK where every process of a node
-    sees all of the node's GPUs (torchrun), 0 where each sees just its own (srun --gpus-per-task=1)."""
+    sees all of the node's GPUs (torchrun), 0 where each sees just its own (srun --gpus-per-task=1).
+    `local_world`: the processes torchrun started on this node (LOCAL_WORLD_SIZE; None under a bare srun),
+    which all see these GPUs: more of them than GPUs would share one, which NCCL refuses (later, and less
+    clearly: "Duplicate GPU detected")."""
+    if local_world is not None and local_world > visible:
+        raise RuntimeError(f"{local_world} processes on this node (LOCAL_WORLD_SIZE) but {visible} visible GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): NCCL needs a "
+                           "GPU of its own per process; start as many as there are GPUs (torchrun --nproc_per_node), "
+                           "or train on the CPU (train.device=cpu)")
     if visible == 1:
         return 0
     if 0 <= local_rank < visible:
@@ -136,7 +144,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         _OWN_GROUP_VARS.update(own)
         os.environ.update(own)
     if torch.cuda.is_available():
-        index = local_device_index(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0)))
+        local_world = os.environ.get("LOCAL_WORLD_SIZE")
+        index = local_device_index(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0)),
+                                   int(local_world) if local_world else None)
         torch.cuda.set_device(index)
         # DeepSpeed's engine calls set_device(int(os.environ["LOCAL_RANK"])) itself: make it the same GPU.
         os.environ["LOCAL_RANK"] = str(index)

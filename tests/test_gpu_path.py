@@ -94,6 +94,10 @@ def test_device_index_among_the_visible_gpus():
     assert state.local_device_index(visible=8, local_rank=3) == 3   # torchrun, all GPUs visible
     with pytest.raises(RuntimeError, match="LOCAL_RANK=5, but this process sees 2 GPUs"):
         state.local_device_index(visible=2, local_rank=5)
+    assert state.local_device_index(visible=8, local_rank=3, local_world=8) == 3
+    # torchrun --nproc_per_node 2 on a one-GPU machine: both would drive GPU 0, which NCCL refuses.
+    with pytest.raises(RuntimeError, match="2 processes on this node .* but 1 visible GPU"):
+        state.local_device_index(visible=1, local_rank=1, local_world=2)
 
 
 def test_init_distributed_sets_the_visible_gpu_and_tells_deepspeed(monkeypatch):
@@ -105,10 +109,18 @@ def test_init_distributed_sets_the_visible_gpu_and_tells_deepspeed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: chosen.append(("device", index)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # (a bare srun: no torchrun)
     for key, value in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", MASTER_ADDR="x", MASTER_PORT="1").items():
         monkeypatch.setenv(key, value)
     state.init_distributed()
     assert chosen == [("device", 0), ("init", "nccl")] and os.environ["LOCAL_RANK"] == "0"
+    # torchrun with 2 processes on this one-GPU node: refused before joining any group.
+    chosen.clear()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match="NCCL needs a GPU of its own per process"):
+        state.init_distributed()
+    assert chosen == []
 
 
 @pytest.mark.parametrize("name, precision, expected", [
