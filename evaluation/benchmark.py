@@ -29,6 +29,7 @@ from evaluation.clip_score import ClipScorer, read_metadata, score_samples
 from evaluation.config import EvalConfig, load_eval_config
 from evaluation.fid import fid
 from evaluation.generate import (
+    WAIT_FOR_PEERS_MINUTES,
     gather_metadata,
     generate,
     load_for_sampling,
@@ -118,7 +119,7 @@ def run(cfg: EvalConfig) -> dict | None:
 
 
     device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
-    init_distributed()
+    init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.benchmark.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,12 @@ def finish_prompt(i: int, prompt: dict, images: list[torch.Tensor], out: Path, s
     write_atomic(out / f"{i:05d}.json", json.dumps(meta))  # its presence marks the prompt done
 
 
+WAIT_FOR_PEERS_MINUTES = 48 * 60
+"""Process-group timeout of generation (this command and evaluation.benchmark): their one collective is the
+barrier after generating, where a rank waits as long as any other still generates (ranks with fewer prompts
+left, as in a rerun that finds one rank's share written, finish hours early); training's 30 minutes would end
+such a job in NCCL's watchdog. A rank that dies still ends the job at once (torchrun, srun stop the others)."""
+
 RECORD = "generation.json"
 _MISSING = "(not recorded)"
 
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         check_export(args.checkpoint, "--checkpoint")
         prompts = read_prompts(args.prompts)[: args.limit or None]
         device = use_device(args.device, "--device")  # (before init_distributed touches CUDA)
-        init_distributed()
+        init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
         model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
         scorer = ClipScorer.load(args.clip, args.clip_weights, device) if args.clip else None
         upsampler = load_upsampler_for_sampling(args.upsampler, device) if args.upsampler else None

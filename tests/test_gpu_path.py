@@ -66,6 +66,33 @@ def test_generate_and_pretokenize_asked_for_a_missing_gpu_say_so_in_one_line(tmp
         assert not (tmp_path / "out").exists()
 
 
+def test_generation_waits_for_its_peers_longer_than_training(tmp_path, monkeypatch):
+    """generate and benchmark join the process group with WAIT_FOR_PEERS_MINUTES: their barrier after
+    generating may wait for hours on a rank that has more left to do (training's 30 minutes would not)."""
+    from evaluation import benchmark, generate
+    from evaluation.config import load_eval_config
+
+    class Joined(Exception):
+        pass
+
+    def join(timeout_minutes=30):
+        raise Joined(timeout_minutes)
+
+    for module in (generate, benchmark):
+        monkeypatch.setattr(module, "init_distributed", join)
+    monkeypatch.setattr(generate, "check_export", lambda *a: None)
+    monkeypatch.setattr(generate, "read_prompts", lambda *a: ["a cat"])
+    with pytest.raises(Joined) as generating:
+        generate.main(["--checkpoint", "c", "--vq", "v", "--text-tokenizer", "t", "--prompts", "p",
+                       "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(Joined) as benchmarking:
+        benchmark.run(load_eval_config("configs/eval/partiprompts.yaml", [
+            f"benchmark.out={tmp_path / 'b'}", "benchmark.device=cpu", "model.checkpoint=c", "model.vq=v",
+            "model.text_tokenizer=t", "clip.model=ViT-B-32"]))
+    assert generating.value.args == benchmarking.value.args == (generate.WAIT_FOR_PEERS_MINUTES,)
+    assert generate.WAIT_FOR_PEERS_MINUTES >= 24 * 60
+
+
 class _Tokenizer:
     codebook_size = vocab_size = 8
 
