@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config import CONFIG_ROOT, ConfigError, build, merge, read_yaml, require
-from model_parallel.attention_patterns import PATTERNS
 
 
 @dataclass
@@ -143,6 +142,8 @@ class ModelConfig:
 
 
 ARCHS = ("encoder_decoder", "decoder_only")
+PATTERNS = ("dense", "dalle")
+"""model.attention_pattern's values (model_parallel/attention_patterns.py)."""
 
 RENAMED = {"cfg_drop_prob": "caption_drop_prob"}
 """Keys renamed since configs were written with them: old name -> new name."""

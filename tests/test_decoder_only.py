@@ -98,6 +98,8 @@ def test_sampling_with_the_cache_equals_recomputation(single_process):
     (("model.freeze_text_encoder=true",), "freeze_text_encoder needs model.arch=encoder_decoder"),
     (("model.arch=decoder_ony",), "model.arch='decoder_ony' must be one of"),
     (("model.arch=encoder_decoder", "model.encoder_layers=2"), "text_loss_weight=0.125 needs model.arch=decoder_only"),
+    (("model.attention_pattern=sparse",), "model.attention_pattern='sparse' must be one of dense, dalle"),
+    (("model.conv_attention_kernel=4",), "model.conv_attention_kernel=4 must be a positive odd number"),
 ])
 def test_config_rules(sets, match):
     from training.config import load_config
