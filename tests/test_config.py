@@ -36,6 +36,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 must be divisible"),
     (["kernels.attention=flash3"], "kernels.attention='flash3' must be one of auto, sdpa, math"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
+    (["train.adam_beta2=1.0"], "train.adam_beta2=1.0 must be in [0, 1)"),
+    (["train.adam_eps=0"], "train.adam_eps=0.0 must be > 0"),
 ])
 def test_validation_names_field_and_rule(overrides, message):
     cfg = load_config(None, ["model.preset=parti-debug", *overrides])

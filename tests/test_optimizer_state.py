@@ -134,7 +134,7 @@ def run_with(run_dir: str, *overrides: str, stand_in: str | None = None) -> dict
         built = build_engine(*args, **kwargs)
         base = base_optimizer(built.engine)
         seen.update(wrapper=type(built.engine.optimizer).__name__, optimizer=type(base).__name__,
-                    fused=base.defaults.get("fused"))
+                    fused=base.defaults.get("fused"), betas=base.defaults.get("betas"), eps=base.defaults.get("eps"))
         return built
 
     engine_module.build_engine = capturing_build_engine
@@ -183,8 +183,10 @@ def test_torch_fused_adamw_resumes_at_zero0_and_zero1_and_bf16_zero0_equals_zero
     runs = {}
     for stage in (0, 1):
         full, resumed = uninterrupted_and_resumed(pool2, tmp_path / f"zero{stage}", "kernels.optimizer=torch_fused",
-                                                  f"train.precision={precision}", f"parallel.zero_stage={stage}")
+                                                  f"train.precision={precision}", f"parallel.zero_stage={stage}",
+                                                  "train.adam_beta2=0.96", "train.adam_eps=1e-7")
         assert (full["optimizer"], full["fused"], full["wrapper"]) == ("AdamW", True, WRAPPERS[precision, stage])
+        assert (full["betas"], full["eps"]) == ((0.9, 0.96), 1e-7)  # train.adam_* reach the optimizer
         assert resumed["losses"] == pytest.approx(full["losses"][SAVED_AT:], rel=1e-6, abs=1e-6), f"zero {stage}"
         assert optimizer_steps(tmp_path / f"zero{stage}" / "full", STEPS) == STEPS
         runs[stage] = full["losses"]

@@ -53,6 +53,12 @@ class TrainConfig:
     """After warmup, from lr to min_lr at train.steps: cosine | linear | constant (stays at lr)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW's first-moment decay (Megatron's --adam-beta1)."""
+    adam_beta2: float = 0.95
+    """AdamW's second-moment decay (Megatron's --adam-beta2; 0.95 as LlamaGen and GPT-3, DALL-E 0.96)."""
+    adam_eps: float = 1e-8
+    """AdamW's denominator epsilon (Megatron's --adam-eps)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     precision: str = "fp32"
@@ -139,6 +145,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.lr > 0, f"train.lr={t.lr} must be > 0 (the schedule is relative to it)")
     for name in ("min_lr", "weight_decay", "grad_clip"):
         require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        require(0 <= getattr(t, name) < 1, f"train.{name}={getattr(t, name)} must be in [0, 1)")
+    require(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0")
     require(t.global_batch_size % t.micro_batch_size == 0,
             f"train.global_batch_size={t.global_batch_size} must be divisible by "
             f"train.micro_batch_size={t.micro_batch_size}")
@@ -174,10 +183,10 @@ def config_to_dict(cfg: Config) -> dict:
 # A resumed run's config against the one its checkpoint was saved with
 
 RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.steps",
-                  "train.weight_decay", "train.grad_clip")
+                  "train.weight_decay", "train.grad_clip", "train.adam_beta1", "train.adam_beta2", "train.adam_eps")
 """Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
-checkpoint's step with the new values (training/checkpoint.py `load`), weight decay and clipping
-are the new ones from the first step on."""
+checkpoint's step with the new values (training/checkpoint.py `load`), weight decay, clipping and Adam's
+betas and epsilon are the new ones from the first step on (the moments are the checkpoint's)."""
 
 RESUME_MODES = ("auto", "none", "overwrite")
 """training.train --resume: continue (auto), start afresh where no checkpoint is (none), or moving one aside (overwrite)."""

@@ -158,7 +158,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
     if t.optimizer == "adafactor":
         optimizer = torch.optim.Adafactor(param_groups(model, cfg), lr=t.lr)
     else:
-        optimizer = kernels.optimizer(param_groups(model, cfg), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+        optimizer = kernels.optimizer(param_groups(model, cfg), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     pipelined = isinstance(model, PipelineModule)  # the pipeline brings its own topology as mpu
     with no_optimizer_steps(optimizer):  # see no_optimizer_steps: DeepSpeed's bf16 ZeRO-0 wrappers step at init

@@ -153,7 +153,8 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     model = model.to(device)
     params = list(model.parameters())
     ddp = nn.parallel.DistributedDataParallel(model, process_group=ps.get_data_parallel_group()) if dp_size > 1 else model
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     sampler, losses = GlobalBatchSampler(len(captions), t.global_batch_size, t.seed), []
     for step in range(t.steps):
