@@ -29,6 +29,7 @@ import argparse
 import torch
 import torch.nn as nn
 
+
 def dalle_kind(layer: int, layers: int) -> str:
     """DALL-E's mask for decoder layer `layer` (0-based) of `layers`: conv in the last layer, column where
     the 1-based index i has (i - 2) mod 4 == 0, row elsewhere."""

@@ -56,7 +56,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     """AdamW's first-moment decay (Megatron's --adam-beta1)."""
     adam_beta2: float = 0.95
-    """AdamW's second-moment decay (Megatron's --adam-beta2; 0.95 as LlamaGen and GPT-3, DALL-E 0.96)."""
+    """AdamW's second-moment decay (Megatron's --adam-beta2; 0.95 as in GPT-3 and LlamaGen)."""
     adam_eps: float = 1e-8
     """AdamW's denominator epsilon (Megatron's --adam-eps)."""
     grad_clip: float = 1.0
