@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernel", type=int, default=3, help="side of the conv mask's square")
     args = parser.parse_args(argv)
     for kind in ("row", "column", "conv"):
-        print(f"{kind} (prefix {args.prefix}, grid {args.grid}" + (f", kernel {args.kernel})" if kind == "conv" else ")"))
+        kernel = f", kernel {args.kernel}" if kind == "conv" else ""
+        print(f"{kind} (prefix {args.prefix}, grid {args.grid}{kernel})")
         print(draw(AttentionPattern(kind, args.prefix, args.grid, args.kernel)) + "\n")
 
 
