@@ -205,7 +205,9 @@ def flash_attention(ctx: Context) -> dict:
 def train_resume(ctx: Context) -> dict:
     """parti-tiny in bf16 with dropout at ZeRO 0, 1 and 3: 6 steps uninterrupted against 3 steps, save,
     a new engine resumed from the checkpoint and 3 more steps (at ZeRO-1 the first part saves asynchronously:
-    train.async_save, copied off the GPU, then written by a background process). Also each stage's peak memory."""
+    train.async_save, copied off the GPU, then written by a background process). Also each stage's peak memory.
+    Then the same at ZeRO-1 for the decoder-only dalle-debug under DALL-E's sparse masks (SDPA's masked
+    kernels, forward and backward, in bf16)."""
     out, checks = {}, {}
     for zero in (0, 1, 3):
         sets = _tiny_run_sets(ctx) + [f"parallel.zero_stage={zero}"]
@@ -218,6 +220,16 @@ def train_resume(ctx: Context) -> dict:
             "mem_gb": lines[-1].get("mem_gb"), "mem_reserved_gb": lines[-1].get("mem_reserved_gb")})
         checks[f"zero{zero}_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
         checks[f"zero{zero}_learns"] = full[-1] < full[0]
+    sets = [s for s in _tiny_run_sets(ctx) if not s.startswith("model.preset=")] + [
+        "model.preset=dalle-debug", "parallel.zero_stage=1"]
+    full, _ = _train(ctx.scratch / "dalle_full", sets, 6)
+    first, _ = _train(ctx.scratch / "dalle_resumed", sets, 3)
+    second, _ = _train(ctx.scratch / "dalle_resumed", sets, 6)
+    diff = _max_diff(full, first + second)
+    out["decoder_only_sparse"] = ctx.record("decoder_only_sparse", {
+        "uninterrupted": full, "resumed": first + second, "max_abs_diff": diff})
+    checks["decoder_only_sparse_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
+    checks["decoder_only_sparse_learns"] = full[-1] < full[0]
     # The stages against each other: the same bf16 model, so nearly the same losses.
     out["zero3_vs_zero0_max_abs_diff"] = _max_diff(out["zero0"]["uninterrupted"], out["zero3"]["uninterrupted"])
     checks["zero_stages_agree"] = out["zero3_vs_zero0_max_abs_diff"] <= 2e-2
