@@ -209,27 +209,23 @@ def train_resume(ctx: Context) -> dict:
     Then the same at ZeRO-1 for the decoder-only dalle-debug under DALL-E's sparse masks (SDPA's masked
     kernels, forward and backward, in bf16)."""
     out, checks = {}, {}
-    for zero in (0, 1, 3):
-        sets = _tiny_run_sets(ctx) + [f"parallel.zero_stage={zero}"]
-        full, lines = _train(ctx.scratch / f"zero{zero}_full", sets, 6)
-        first, _ = _train(ctx.scratch / f"zero{zero}_resumed", sets + [f"train.async_save={zero == 1}"], 3)
-        second, _ = _train(ctx.scratch / f"zero{zero}_resumed", sets, 6)
+
+    def resumed_equals_uninterrupted(name: str, sets: list[str], first_sets: list[str]) -> None:
+        full, lines = _train(ctx.scratch / f"{name}_full", sets, 6)
+        first, _ = _train(ctx.scratch / f"{name}_resumed", sets + first_sets, 3)
+        second, _ = _train(ctx.scratch / f"{name}_resumed", sets, 6)
         diff = _max_diff(full, first + second)
-        out[f"zero{zero}"] = ctx.record(f"zero{zero}", {
+        out[name] = ctx.record(name, {
             "uninterrupted": full, "resumed": first + second, "max_abs_diff": diff,
             "mem_gb": lines[-1].get("mem_gb"), "mem_reserved_gb": lines[-1].get("mem_reserved_gb")})
-        checks[f"zero{zero}_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
-        checks[f"zero{zero}_learns"] = full[-1] < full[0]
-    sets = [s for s in _tiny_run_sets(ctx) if not s.startswith("model.preset=")] + [
-        "model.preset=dalle-debug", "parallel.zero_stage=1"]
-    full, _ = _train(ctx.scratch / "dalle_full", sets, 6)
-    first, _ = _train(ctx.scratch / "dalle_resumed", sets, 3)
-    second, _ = _train(ctx.scratch / "dalle_resumed", sets, 6)
-    diff = _max_diff(full, first + second)
-    out["decoder_only_sparse"] = ctx.record("decoder_only_sparse", {
-        "uninterrupted": full, "resumed": first + second, "max_abs_diff": diff})
-    checks["decoder_only_sparse_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
-    checks["decoder_only_sparse_learns"] = full[-1] < full[0]
+        checks[f"{name}_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
+        checks[f"{name}_learns"] = full[-1] < full[0]
+
+    for zero in (0, 1, 3):
+        resumed_equals_uninterrupted(f"zero{zero}", _tiny_run_sets(ctx) + [f"parallel.zero_stage={zero}"],
+                                     [f"train.async_save={zero == 1}"])
+    resumed_equals_uninterrupted("decoder_only_sparse", _tiny_run_sets(ctx) + [  # (the later preset wins)
+        "model.preset=dalle-debug", "parallel.zero_stage=1"], [])
     # The stages against each other: the same bf16 model, so nearly the same losses.
     out["zero3_vs_zero0_max_abs_diff"] = _max_diff(out["zero0"]["uninterrupted"], out["zero3"]["uninterrupted"])
     checks["zero_stages_agree"] = out["zero3_vs_zero0_max_abs_diff"] <= 2e-2

@@ -258,8 +258,9 @@ class Attention(KeyedSite):
             elif cache is not None:
                 start = cache.length
                 k, v = cache.append(k, v, max_len)
-                mask, causal = self._cached_mask(q.shape[2], start, k.shape[2], causal, q.device)
                 queries = start
+                if self.pattern is None:
+                    mask, causal = self._cached_mask(q.shape[2], start, k.shape[2], causal, q.device)
             if self.pattern is not None:  # causal and within the cache's written positions too
                 if not torch.is_tensor(queries):
                     queries = (queries or 0) + torch.arange(q.shape[2], device=q.device)
