@@ -11,7 +11,9 @@ on the run's TP group, each seeded as PartiModel seeds it), with a head tied to 
 code shards, or data.synthetic), or --text-files (one caption per line, tokenized with --text-tokenizer).
 Masking as BERT's: 15% of each caption's tokens before its EOS are chosen (at least one); 80% of those become
 the mask id (BOS, which captions never use), 10% a random word, 10% stay; the loss is the cross-entropy at the
-chosen positions. Masks come from a generator keyed by (train.seed, step): the same on every rank. The other
+chosen positions. Masks come from a generator keyed by (train.seed, step): the same on every rank; the
+residual dropout (model.dropout) is keyed by each caption's position in the sample stream, as in the trainer,
+so a run with dropout gives the same losses at any TP/DP layout. The other
 ranks of the world are data parallel (DDP over megatron-core's data-parallel group, each its slice of every
 global batch); AdamW with the run's train.lr schedule, weight decay and TP-aware gradient clipping.
 
@@ -71,11 +73,14 @@ class MaskedTextEncoder(nn.Module):
         self.tp_group = ctx.tp_group
         build_pieces(self, ctx, init_seed, keep=lambda name: name.split(".")[0] in TEXT_ENCODER_PIECES)
 
-    def forward(self, text_ids: torch.Tensor, targets: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy at the `chosen` positions ([b, T] bool) of the original ids `targets` [b, T]."""
-        x = self.text_embedding(text_ids)
+    def forward(self, text_ids: torch.Tensor, targets: torch.Tensor, chosen: torch.Tensor,
+                sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy at the `chosen` positions ([b, T] bool) of the original ids `targets` [b, T].
+        `sample_index` (int64 [b]): the captions' positions in the run's sample stream, which key the dropout
+        masks (as in the trainer: the same masks at any layout)."""
+        x = self.text_embedding(text_ids, sample_index)
         for layer in self.encoder:
-            x = layer(x, text_mask(text_ids, self.cfg.text_pad_id))
+            x = layer(x, text_mask(text_ids, self.cfg.text_pad_id), sample_index)
         x = copy_to_tensor_model_parallel_region(self.encoder_norm(x), group=self.tp_group)
         logits = nn.functional.linear(x, self.text_embedding.embed.weight)  # [T, b, V/tp], tied to the input table
         losses = vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())  # [T, b]
@@ -164,11 +169,13 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
         generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
         inputs, chosen = mask_tokens(text, cfg.model, generator, dp_rank * len(mine), t.global_batch_size)
         inputs, text, chosen = inputs.to(device), text.to(device), chosen.to(device)  # (masks drawn on the CPU)
+        # each caption's position in the sample stream keys its dropout masks: the same at any TP/DP layout
+        positions = torch.arange(len(mine), device=device) + step * t.global_batch_size + dp_rank * len(mine)
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
         for m in range(0, len(mine), t.micro_batch_size):
             part = slice(m, m + t.micro_batch_size)
-            loss = ddp(inputs[part], text[part], chosen[part]) * t.micro_batch_size / len(mine)
+            loss = ddp(inputs[part], text[part], chosen[part], positions[part]) * t.micro_batch_size / len(mine)
             loss.backward()
             total += loss.detach().float()
         norm = global_grad_norm(params)
