@@ -83,7 +83,12 @@ def test_unserialisable_config_error_is_dropped_only_where_torch_cannot_serialis
     logger = logging.getLogger("torch._dynamo.metrics_context")
     monkeypatch.setattr(logger, "filters", [])
     _quiet_unserialisable_config_log()
-    assert logger.filters == []  # (this torch serialises it)
+    try:
+        torch._dynamo.utils._get_dynamo_config_for_logging()
+        serialises = True  # (torch 2.14, the pinned one)
+    except TypeError:
+        serialises = False  # (torch 2.11, the GPU image's: the suite runs there too)
+    assert (logger.filters == []) == serialises
 
     def fails():
         raise TypeError("Object of type builtin_function_or_method is not JSON serializable")
