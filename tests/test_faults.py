@@ -26,11 +26,13 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def wait_until_gone(group: int, timeout: float = 30) -> bool:
     """Until no process of the process group is alive (zombies, dead but not reaped yet, hold no files);
-    False if some still is after `timeout` seconds."""
+    False if some still is after `timeout` seconds. Every thread is looked at: a killed multi-threaded
+    process's main thread can be a zombie while its other threads still exit, holding its files (the run
+    lock) until the last one has gone."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         alive = False
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
             try:
                 state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
             except (OSError, ValueError):
@@ -55,7 +57,8 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, referenc
         assert wait_until_gone(proc.pid, timeout=20), "a helper process outlived the killed trainer"
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # the orphaned background writer (async)
-    wait_until_gone(proc.pid)  # forked checkpoint writers share the run directory's lock until they die
+    # forked checkpoint writers share the run directory's lock until they die
+    assert wait_until_gone(proc.pid), "the killed run's processes are still alive"
     assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert (tmp_path / "checkpoints" / "step_00000004").is_dir()          # half-written
     assert latest_tag(tmp_path) == "step_00000002"                         # the pointer did not move
