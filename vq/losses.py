@@ -2,7 +2,7 @@
 
     losses = VQGANLoss(LossConfig(), lpips_backbone="vgg16-397923af.pth" or None)
     g_loss, logs = losses.generator(images, decoder_output, vq_loss, step, last_layer)
-    d_loss = losses.discriminator_loss(images, decoder_output, step[, critic=ddp_wrapped_discriminator])
+    d_loss = losses.discriminator_loss(images, decoder_output, step[, critic=DDP(RealAndFake(discriminator))])
 
 Perceptual loss: LPIPS from the `lpips` package. Its wheel ships the calibration (linear) layers only;
 the VGG backbone normally downloads at run time, which is impossible offline, so the backbone weights
@@ -152,6 +152,21 @@ class PatchGAN(nn.Module):
         return self.main(x)
 
 
+class RealAndFake(nn.Module):
+    """The discriminator on a real and a fake batch in one call, as two batches (the PatchGAN's BatchNorm
+    normalises each on its own): what vq.train wraps in DDP, so that DDP broadcasts the buffers (BatchNorm's
+    running statistics) once per step, before both batches. Called twice, DDP broadcast them again between the
+    two, in place, over statistics the first batch's backward had saved (torch 2.11 then stops that backward:
+    "modified by an inplace operation")."""
+
+    def __init__(self, discriminator: nn.Module):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.discriminator(real), self.discriminator(fake)
+
+
 class VQGANLoss(nn.Module):
     def __init__(self, cfg: LossConfig, image_size: int, lpips_backbone: str | Path | None = None):
         super().__init__()
@@ -197,14 +212,13 @@ class VQGANLoss(nn.Module):
         return total, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in logs.items()}
 
     def discriminator_loss(self, images, out, step: int, critic: nn.Module | None = None):
-        """The discriminator's loss (logistic, or taming's hinge for the PatchGAN); `critic` runs it (vq.train
-        passes its DDP wrapper, so the gradients are averaged over the ranks), by default the bare
-        `self.discriminator`. Real and fake images go through it as two batches, as in taming (the PatchGAN's
-        BatchNorm normalises each on its own)."""
+        """The discriminator's loss (logistic, or taming's hinge for the PatchGAN); `critic` runs it on the real
+        and the fake images (vq.train passes its DDP-wrapped RealAndFake, so the gradients are averaged over the
+        ranks), by default a RealAndFake of `self.discriminator`: two batches, as in taming."""
         if self.discriminator is None or step < self.cfg.adv_start:
             return None
-        critic = self.discriminator if critic is None else critic
-        real, fake = critic(images), critic(split_output(out).detach())
+        critic = RealAndFake(self.discriminator) if critic is None else critic
+        real, fake = critic(images, split_output(out).detach())
         if self.hinge:
             return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         return F.softplus(-real).mean() + F.softplus(fake).mean()

@@ -48,7 +48,7 @@ from model_parallel.state import DeviceError, init_distributed, use_device
 from vq.config import VQConfig
 from vq.dvae import DVAE
 from vq.init_weights import load_initial_weights
-from vq.losses import VQGANLoss, split_output
+from vq.losses import RealAndFake, VQGANLoss, split_output
 from vq.tokenizer import save_image_tokenizer
 from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
 from vq.vqgan import TAMING_F16, VQGAN
@@ -177,8 +177,9 @@ class VQTrainer:
         disc = self.losses.discriminator
         # The discriminator trains data-parallel too, else its gradients are never averaged and the
         # replicas drift apart. Only its own loss runs through the wrapper (the generator's adversarial
-        # term calls the bare module with detached parameters); checkpoints keep the bare module's keys.
-        self.disc_ddp = ddp(disc) if disc is not None else None
+        # term calls the bare module with detached parameters), on real and fake images in one call
+        # (RealAndFake says why); checkpoints keep the bare module's keys.
+        self.disc_ddp = ddp(RealAndFake(disc)) if disc is not None else None
         self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=betas) if disc else None
         self.step = 0
         self.stream = CropStream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed, t.data_workers)
