@@ -1,7 +1,7 @@
 """The main job: the whole system end to end on a small synthetic task, ending in an HTML report that shows
 whether the model learned to draw what the caption says.
 
-    python -m demo [--config configs/demo/default.yaml] [--set train_steps=600 out=runs/demo2]
+    python -m demo [--config my_demo.yaml] [--set train_steps=600 out=runs/demo2]   # (DemoConfig fields below)
     python -m demo --set arch=decoder_only out=runs/demo-dalle      # the DALL-E-style decoder-only model
 
 Steps (each one the project's real code path, on CPU by default; a finished step is skipped on a rerun):
@@ -12,7 +12,7 @@ Steps (each one the project's real code path, on CPU by default; a finished step
  3. a SentencePiece model trained on the captions; pre-tokenization of all shards into code shards;
  4. parti-tiny (arch=decoder_only: dalle-tiny, one causal stream of caption and image tokens) trained with
     tensor parallelism 2 on 2 processes (torchrun), stopped half way through the STOP file (as a SLURM
-    preemption does), resumed from its checkpoint, exported;
+    preemption does), resumed from its checkpoint (preempt=false: not stopped), exported;
  5. guided sampling for every colour/shape prompt, the held-out combinations included (also upsampled), and
     for the same model before training;
  6. report.html: loss curve, VQ reconstructions, a sample grid per prompt, samples before and after
@@ -91,7 +91,9 @@ class DemoConfig:
     train_config: str = "configs/train/demo.yaml"
     """The training config (demo.yaml: TP=2); the demo sets its model preset (by `arch`), data and vocabulary sizes."""
     train_steps: int = 1000
-    """Parti training steps (the run is stopped and resumed at half of them)."""
+    """Parti training steps."""
+    preempt: bool = True
+    """Stop the training half way (the STOP file, as a SLURM preemption) and resume it from its checkpoint."""
     nproc: int = 2
     """Training processes (torchrun)."""
     samples_per_prompt: int = 4
@@ -188,7 +190,8 @@ def tokenize(cfg: DemoConfig, out: Path, pattern: str, vq_path: Path) -> tuple[P
 
 
 def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
-    """Step 4: torchrun training (demo.yaml: TP=2), stopped through the STOP file half way and resumed; exported."""
+    """Step 4: torchrun training (demo.yaml: TP=2), stopped through the STOP file half way and resumed (unless
+    preempt=false); exported."""
     run_dir = out / "parti"
     if (run_dir / "export" / "model.safetensors").is_file():
         return run_dir
@@ -201,7 +204,7 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
     env = child_environment(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"),
                             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     metrics, stop_at = run_dir / "metrics.jsonl", cfg.train_steps // 2
-    if not metrics.is_file():  # a fresh run: stop it half way, as a preemption would
+    if cfg.preempt and not metrics.is_file():  # a fresh run: stop it half way, as a preemption would
         log(f"training {cfg.train_config} ({cfg.train_steps} steps); it is stopped at step {stop_at} and resumed")
         proc = subprocess.Popen(command, env=env)
         while proc.poll() is None:
@@ -281,6 +284,10 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
     return {"results": results, "trained": trained, "before": before}
 
 
+def preemption_label(training: dict) -> str:
+    return f"stopped at step {training['stopped_at_step']} and resumed" if training else "not stopped"
+
+
 def loss_label(m) -> str:
     if m.text_loss_weight == 0:
         return "loss (image-token cross-entropy)"
@@ -306,7 +313,7 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     layout = layout_label(run_config.parallel, cfg.nproc)
     line_plot(out / "loss.png", {f"{preset}, {layout}": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
               "step", loss_label(run_config.model),
-              f"stopped at step {evaluated['results']['training'].get('stopped_at_step')} and resumed")
+              preemption_label(evaluated["results"]["training"]))
     vq = load_image_tokenizer(vq_path)
     originals = [Image.open(p) for p in sorted((out / "fid_real").glob("*.png"))[:8]]
     pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in originals])

@@ -14,8 +14,10 @@ from PIL import Image
 
 from common.config import load_typed
 
-# 160 training steps: colour agreement 0.96 for both architectures (measured; 0.98 at 240 steps), threshold 0.8.
-SMALL = ["shapes=2000", "vq_steps=400", "train_steps=160", "fid_real=32", "samples_per_prompt=4", "sr_images=300",
+# 160 training steps, threshold 0.8 (chance 0.25). 8 samples per prompt (96 in all, ~2 s of sampling on 2 CPU cores)
+# keep the measured agreement's own noise (~0.03) well inside the margin: at 4 per prompt the decoder-only
+# model measured 0.85 where 192 samples of the same model gave 0.90.
+SMALL = ["shapes=2000", "vq_steps=400", "train_steps=160", "fid_real=32", "samples_per_prompt=8", "sr_images=300",
          "sr_steps=450"]
 
 
@@ -52,7 +54,7 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
     out, results = demo
     trained, before = results["trained"]["all"], results["before_training"]["all"]
     assert results["model"] == {"arch": "encoder_decoder", "preset": "parti-tiny"}
-    assert trained["samples"] == before["samples"] == 12 * 4
+    assert trained["samples"] == before["samples"] == 12 * 8
     assert trained["colour"] >= 0.8, results  # 4 colours: chance is 25%
     assert before["colour"] <= 0.5, results
     assert results["fid"] > 0
@@ -78,7 +80,8 @@ def test_decoder_only_demo_learns_the_prompted_colour(demo, tmp_path):
     demo's finished steps, linked in: the demo skips them) learns colour from the caption as well. Trained
     with data parallelism over the 2 processes (the demo's config with tp 1, the same global batch): 1.5x
     the samples/s of TP=2 on 2 CPU cores; the encoder-decoder demo shows TP=2, tests/test_decoder_only.py
-    checks the decoder-only model at TP=2 against DP=2."""
+    checks the decoder-only model at TP=2 against DP=2. Not stopped half way (preempt=false, ~15 s less): the
+    encoder-decoder demo shows that."""
     import yaml
 
     from demo.run import DemoConfig, run
@@ -88,10 +91,12 @@ def test_decoder_only_demo_learns_the_prompted_colour(demo, tmp_path):
     train_config = yaml.safe_load((Path(__file__).parent.parent / "configs/train/demo.yaml").read_text())
     train_config["parallel"]["tp"], train_config["train"]["micro_batch_size"] = 1, 16
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(train_config))
-    overrides = [f"out={tmp_path}", "arch=decoder_only", f"train_config={tmp_path / 'train.yaml'}", *SMALL]
+    overrides = [f"out={tmp_path}", "arch=decoder_only", f"train_config={tmp_path / 'train.yaml'}", "preempt=false",
+                 *SMALL]
     results = run(load_typed(DemoConfig, None, overrides))
     assert results["model"] == {"arch": "decoder_only", "preset": "dalle-tiny"}
     assert results["trained"]["all"]["colour"] >= 0.8, results
     assert results["before_training"]["all"]["colour"] <= 0.5, results
     report = (tmp_path / "report.html").read_text()
     assert "model.arch=decoder_only" in report and "trained with DP=2 on" in report
+    assert results["training"] == {}  # (preempt=false)
