@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,9 @@ class InceptionFeatures:
     def __init__(self, weights: str | Path | None = None, device: str | None = None):
         self.path = Path(weights) if weights else default_weights()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+        with warnings.catch_warnings():  # (torch 2.14 deprecates TorchScript loading; the weights exist only so)
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+            self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     @torch.no_grad()

@@ -3,18 +3,23 @@
     stop = StopRequest(run_dir / "STOP")  # installs the handlers (main thread)
     ...after each step: if stop.requested(): save; raise Preempted(step)
     python -m training.train ... ; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID
+    torchrun ... -m training.train ... ; [ -f RUN_DIR/REQUEUE ] && scontrol requeue $SLURM_JOB_ID
 
 The STOP file is how a batch script reaches trainers started by torchrun: a signal sent to a job step
 reaches every process of it, checkpoint writer helpers included, while a file reaches only the trainers
 (slurm/train.sbatch touches it when SLURM sends USR1 before the time limit).
 
-REQUEUE_EXIT_CODE (75, EX_TEMPFAIL of sysexits.h: "try again later") is the trainer's exit status
-after such a save; a SLURM script requeues the job on it and the rerun resumes from `latest` by itself.
+After such a save rank 0 leaves run_dir/REQUEUE ("step N"), and a SLURM script requeues the job on it; the
+rerun resumes from `latest` by itself. The exit status: REQUEUE_EXIT_CODE (75, EX_TEMPFAIL of sysexits.h: "try
+again later") when the trainer was started directly (python or srun), 0 under torchrun (requeue_exit_code):
+torchrun passes no status on (it reports any non-zero one as a failed run with a traceback, exits 1, and
+with --max-restarts restarts the workers), so there the REQUEUE file is the signal.
 The request is agreed on by all ranks (an all-reduce of the flag after every step), so every rank
 stops at the same step even when the signal reached only some of them.
 """
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -22,6 +27,11 @@ import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 75
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def requeue_exit_code() -> int:
+    """The exit status after a requested stop's save: 75, or 0 under torchrun (its agent sets TORCHELASTIC_RUN_ID)."""
+    return 0 if "TORCHELASTIC_RUN_ID" in os.environ else REQUEUE_EXIT_CODE
 
 
 class Preempted(Exception):

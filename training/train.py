@@ -16,7 +16,8 @@ metrics.jsonl, TensorBoard events and checkpoints/. One run at a time: rank 0 ho
 --resume none: start at step 0; refused when the run directory already holds checkpoints.
 --resume overwrite: start at step 0 in a run directory that holds another run; that run's checkpoints,
   metrics, configs and events are moved (not deleted) to run_dir/replaced_<time>/.
-SIGUSR1/SIGTERM: finish the step, save, exit 75 (requeue). Errors: exit 1 with one line naming the file
+SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under
+torchrun, which passes no status on; training/preemption.py). Errors: exit 1 with one line naming the file
 or field ("config error: ..." or "error: ..."), the run directory as it was.
 Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py). Each rank's
 micro-batches are read ahead by `data.workers` DataLoader workers (data_pipeline/loader.py), in the order
@@ -25,12 +26,13 @@ rank_micro_batches gives (a pure function of seed and consumed samples), from th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from common.checkpoints import RunDirError
 from common.cli import command, config_parser
 from training.config import RESUME_MODES, load_config
-from training.preemption import REQUEUE_EXIT_CODE, Preempted
+from training.preemption import Preempted, requeue_exit_code
 
 
 def parse_args(argv):
@@ -58,8 +60,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             train(cfg, args.run_dir, args.resume)
         except Preempted as e:
-            print(f"{e}; exiting with {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr)
-            sys.exit(REQUEUE_EXIT_CODE)
+            code = requeue_exit_code()
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{e}; {args.run_dir}/REQUEUE written; exit status {code}: run again (requeue) to continue",
+                      file=sys.stderr)
+            sys.exit(code)
 
 
 if __name__ == "__main__":
