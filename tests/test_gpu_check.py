@@ -85,12 +85,12 @@ def test_a_section_whose_limit_does_not_fit_the_budget_is_skipped(tmp_path):
     from bench.gpu_check import time_limit
     from model_parallel.state import child_environment
 
-    budget = time_limit("recompute", "cpu") + 5  # (train_resume, before it, needs more)
+    budget = time_limit("vq", "cpu") + 5  # (train_resume, before it, needs more)
     assert time_limit("train_resume", "cpu") > budget
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--only",
-                           "train_resume,recompute", "--budget-s", str(budget), "--out", str(tmp_path)],
+                           "train_resume,vq", "--budget-s", str(budget), "--out", str(tmp_path)],
                           cwd=ROOT, env=child_environment(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sections = json.loads(next(tmp_path.glob("gpu_cpu_*.json")).read_text())["sections"]
     assert sections["train_resume"]["status"] == "skipped" and "out of time" in sections["train_resume"]["reason"]
-    assert sections["recompute"]["status"] == "ok"
+    assert sections["vq"]["status"] == "ok"
