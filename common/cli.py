@@ -9,9 +9,11 @@
             ...
 
 A ConfigError ends the command with `config error: <message>`, each of `errors` with `error: <message>`
-(exit status 1, one line, no traceback); the process group, when the command made one, is destroyed
-on the way out whatever happened (with megatron-core's groups on it, so that a later command in the same
-process starts afresh); the interpreter's last garbage collection is skipped (skip_the_final_collection).
+(exit status 1, one line, no traceback); a trainer's Preempted (common/preemption.py: a requested stop, saved)
+with one line on rank 0 and the requeue exit status (75; 0 under torchrun). The process group, when the
+command made one, is destroyed on the way out whatever happened (with megatron-core's groups on it, so that a
+later command in the same process starts afresh); the interpreter's last garbage collection is skipped
+(skip_the_final_collection).
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ import dataclasses
 import functools
 import gc
 import io
+import os
 import sys
 import typing
 
 from common.config import ConfigError, add_config_args, field_docs
+from common.preemption import Preempted, requeue_exit_code
 
 
 def config_parser(doc: str | None, where: str = "configs/") -> argparse.ArgumentParser:
@@ -77,6 +81,12 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
     except errors as e:
         _one_write_per_line()
         sys.exit(f"{label}: {e}")
+    except Preempted as e:
+        code = requeue_exit_code()
+        if int(os.environ.get("RANK", "0")) == 0:
+            _one_write_per_line()
+            print(f"{e}; exit status {code}: run again (requeue) to continue", file=sys.stderr)
+        sys.exit(code)
     finally:
         # torch is not imported here for a command that failed before needing it (a config error).
         dist = sys.modules.get("torch.distributed")

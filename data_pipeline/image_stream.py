@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoints import CheckpointError
+from common.preemption import ignore_stop_signals
 from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 
@@ -67,7 +68,8 @@ class CropStream:
         samples = _RankSamples(self.paths, self.prep, self.rank, self.world, (self.shard, self.position, self.index))
         if self.workers:  # forked, as the training's read-ahead workers: they only decode (no CUDA, no collectives)
             loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=self.workers,
-                                                 multiprocessing_context="fork", in_order=True)  # (the turns)
+                                                 multiprocessing_context="fork", in_order=True,  # (the turns)
+                                                 worker_init_fn=ignore_stop_signals)  # (the trainer's to handle)
             decoded = itertools.chain.from_iterable(loader)
         else:
             decoded = itertools.chain.from_iterable(samples)
@@ -106,7 +108,7 @@ class CropStream:
         else:
             batches = torch.utils.data.DataLoader(PreparedSamples(list(raws), self.prep), batch_size=BATCH,
                                                   collate_fn=list, num_workers=self.workers,
-                                                  multiprocessing_context="fork")
+                                                  multiprocessing_context="fork", worker_init_fn=ignore_stop_signals)
             prepared = itertools.chain.from_iterable(batches)
         return map(_kept_image, prepared)
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import signal
 from typing import NamedTuple
 
 import torch
 
 from common.checkpoints import drop_inherited_locks
+from common.preemption import ignore_stop_signals
 from model_parallel.model import caption_drop_mask, null_condition
 
 
@@ -110,12 +110,11 @@ class _Collate:
 _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def _worker_init(_worker_id: int) -> None:
-    """A stop signal (SIGUSR1/SIGTERM, training/preemption.py) sent to the whole job is the training
-    process's to handle: it finishes its step, saves and then stops the workers, so they ignore it. The run
+def _worker_init(worker_id: int) -> None:
+    """A stop signal (SIGUSR1/SIGTERM) sent to the whole job is the training process's to handle: it finishes
+    its step, saves and then stops the workers, so they ignore it (common/preemption.py). The run
     directory's lock stays the training process's alone (common.checkpoints.drop_inherited_locks)."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals(worker_id)
     drop_inherited_locks()
 
 

@@ -212,7 +212,7 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
                 (run_dir / "STOP").touch()
                 break
             time.sleep(0.5)
-        # After saving on request the trainers leave REQUEUE (and exit 0 under torchrun: training/preemption.py).
+        # After saving on request the trainers leave REQUEUE (and exit 0 under torchrun: common/preemption.py).
         if proc.wait() != 0 and not (run_dir / "REQUEUE").is_file():
             raise RuntimeError(f"training failed (exit {proc.returncode}); see {run_dir}")
         if (run_dir / "REQUEUE").is_file():  # absent when the run ended before the STOP file was seen

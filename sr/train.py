@@ -13,6 +13,8 @@ model and of bicubic upsampling, and compare_XXXXXXXX.png (rows: bicubic, model,
 receives config.yaml, metrics.jsonl + TensorBoard, checkpoints/ (common/state_file.py: `--resume auto`
 continues from `latest`, or from the newest complete checkpoint) and, at the end, export.pt
 (sr.model.load_upsampler). `--set train.init_from=<export.pt>` starts from an export's weights instead of fresh ones.
+SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under torchrun;
+common/preemption.py); `TRAINER=sr.train sbatch slurm/train.sbatch CONFIG RUN_DIR --data ...` requeues on it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
 from common.metrics import MetricsLogger, psnr
+from common.preemption import StopRequest
 from common.state_file import STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
 from model_parallel.state import DeviceError, init_distributed, use_device
@@ -148,7 +151,10 @@ class SRTrainer:
         return {"val_psnr": psnr(out, hr), "val_psnr_bicubic": psnr(base, hr), "grid": str(grid)}
 
     def run(self) -> list[dict]:
+        """Step until train.steps, then export; return this call's per-step logs. A requested stop (SIGUSR1,
+        SIGTERM, run_dir/STOP: common/preemption.py) saves after the step in flight and raises Preempted."""
         t, history = self.cfg.train, []
+        stop = StopRequest(self.run_dir / "STOP")
         self.model.train()
         try:
             while self.step < t.steps:
@@ -164,9 +170,13 @@ class SRTrainer:
                     self.log.info(f"held-out PSNR {result['val_psnr']:.2f} dB, bicubic {result['val_psnr_bicubic']:.2f} "
                                   f"dB; {result['grid']}")
                     history[-1].update(result)
-                if self.step % t.save_interval == 0 or self.step == t.steps:
+                preempted = stop.requested()
+                if preempted or self.step % t.save_interval == 0 or self.step == t.steps:
                     self.save()
+                if preempted:
+                    stop.leave_for_requeue(self.run_dir, self.step)
         finally:  # the decoding processes, also when a step fails
+            stop.restore()
             self.stream.close()
         if self.rank == 0:
             save_upsampler(self.model, self.cfg.model, self.run_dir / "export.pt")

@@ -70,7 +70,7 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(single_process, referenc
 def test_sigusr1_saves_and_exits_for_requeue(single_process, tmp_path):
     """The signal goes to every process of the run, as SLURM signals a job's: the helpers (data workers, the
     checkpoint queue server, up since the save at step 2) leave it to the trainer, which saves and exits."""
-    from training.preemption import REQUEUE_EXIT_CODE
+    from common.preemption import REQUEUE_EXIT_CODE
 
     cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/debug.yaml",
            "--set", "train.steps=100000", "train.save_interval=2", "--run-dir", str(tmp_path)]
@@ -83,6 +83,7 @@ def test_sigusr1_saves_and_exits_for_requeue(single_process, tmp_path):
         os.killpg(proc.pid, signal.SIGUSR1)
         returncode = proc.wait(timeout=240)
     assert returncode == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
+    assert "checkpoint saved; " + f"{tmp_path}/REQUEUE written; exit status 75: run again" in log.read_text()
     tag = latest_tag(tmp_path)
     state = json.loads((tmp_path / "checkpoints" / tag / "trainer_state.json").read_text())
     assert state["step"] == metrics(tmp_path)[-1]["step"] >= 3 and state["consumed_samples"] == state["step"] * 8

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import signal
 
 import pytest
 import torch
@@ -110,6 +112,24 @@ def test_decoding_workers_give_the_same_stream_and_resume_it(shards, world):
     resumed.close()
     assert all(torch.equal(a, b) for a, b in zip(head + tail, expected, strict=True))
     assert set(multiprocessing.active_children()) <= children  # closed: no decoding processes left
+
+
+def test_decoding_workers_leave_a_stop_signal_to_the_trainer(shards):
+    """SLURM signals every process of a job step (SIGUSR1 before the time limit, SIGTERM on a requeue): the
+    trainer saves on it (common/preemption.py), and its decoding workers keep decoding instead of dying, which
+    would end the trainer's stream (and its save) with 'DataLoader worker exited unexpectedly'."""
+    children = set(multiprocessing.active_children())
+    expected = take(stream(shards), 30)
+    signalled = stream(shards, workers=2)
+    head = take(signalled, 3)  # the workers run, started before any handler of the trainer's was installed
+    workers = set(multiprocessing.active_children()) - children
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGUSR1)
+        os.kill(worker.pid, signal.SIGTERM)
+    tail = take(signalled, 27)
+    signalled.close()
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, expected, strict=True))
 
 
 def test_without_a_state_at_another_world_size_or_of_an_older_version_the_stream_is_replayed(shards):

@@ -85,13 +85,14 @@ def after(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def trainer_args(argv: list[str]) -> argparse.Namespace:
-    """The options training.train receives, parsed the way it parses its --config/--set."""
+def trainer_args(argv: list[str], trainer: str = "training.train") -> argparse.Namespace:
+    """The options the trainer module receives, parsed the way it parses its --config/--set."""
     parser = argparse.ArgumentParser()
     add_config_args(parser)
     parser.add_argument("--run-dir")
     parser.add_argument("--resume")
-    return parser.parse_args(argv[argv.index("training.train") + 1:])
+    parser.add_argument("--data")
+    return parser.parse_args(argv[argv.index(trainer) + 1:])
 
 
 def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
@@ -106,7 +107,7 @@ def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
     assert env["NCCL_DEBUG"] == "WARN"
     args = trainer_args(argv)
     assert args.set == ["train.device=cuda"] and args.config == "configs/train/debug.yaml"
-    assert "2 node(s) x 8, device cuda" in log
+    assert "training.train on 2 node(s) x 8, device cuda" in log
 
 
 def test_train_device_comes_before_the_callers_overrides(tmp_path):
@@ -130,6 +131,22 @@ def test_train_device_from_environment(tmp_path, device):
 def test_train_refuses_an_unknown_device(tmp_path):
     code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "DEVICE": "gpu"})
     assert code == 2 and "DEVICE=gpu" in log and argv is None
+
+
+@pytest.mark.parametrize("trainer", ["vq.train", "sr.train"])
+def test_train_job_runs_the_trainer_it_is_given(tmp_path, trainer):
+    """TRAINER picks the module (each handles the STOP file and REQUEUE the script relies on); the script's own
+    arguments and the caller's reach it as they reach Parti's trainer."""
+    code, log, argv, _ = run_script(tmp_path, "train.sbatch", ["configs/vq/vqvae.yaml", str(tmp_path / "run"),
+                                    "--data", "laion/{00000..00009}.tar"], {**GPU_JOB, "TRAINER": trainer})
+    assert code == 0, log
+    args = trainer_args(argv, trainer)
+    assert (args.config, args.run_dir, args.resume) == ("configs/vq/vqvae.yaml", str(tmp_path / "run"), "auto")
+    assert args.data == "laion/{00000..00009}.tar" and args.set == ["train.device=cuda"]
+    assert argv[argv.index(trainer) - 1] == "-m" and "training.train" not in argv
+    assert f"{trainer} on 2 node(s) x 8" in log
+    code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "TRAINER": "vq.finetune"})
+    assert code == 2 and "TRAINER=vq.finetune: expected training.train, vq.train or sr.train" in log and argv is None
 
 
 @pytest.mark.parametrize("env, gpus, nproc, threads", [

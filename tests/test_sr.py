@@ -72,28 +72,33 @@ def test_init_from_an_export_starts_from_its_weights(single_process, photos, tmp
         train(photos, tmp_path / "wider", "model.features=24", "train.steps=0", f"train.init_from={export}")
 
 
-def test_a_run_stopped_after_a_save_resumes_where_it_was(single_process, photos, tmp_path, monkeypatch):
-    """Stopped right after its step-6 checkpoint (as a preemption would), resumed: the uninterrupted run's
-    losses for steps 7-12 (weights, Adam, the LR halvings and the data stream all continue)."""
-    from sr.train import SRTrainer
+def test_a_run_asked_to_stop_saves_exits_for_requeue_and_resumes(single_process, photos, tmp_path, monkeypatch,
+                                                                  capsys):
+    """The STOP file (how slurm/train.sbatch passes on SLURM's USR1) appears during step 6: the command saves
+    a checkpoint although none is due, leaves REQUEUE, says so in one line and exits 75; the rerun resumes
+    there and gives the uninterrupted run's losses for steps 7-12 (weights, Adam, the LR halvings and the
+    data stream all continue)."""
+    from sr.train import SRTrainer, main
 
-    _, full = train(photos, tmp_path / "full", "train.steps=12", "train.save_interval=6")
+    _, full = train(photos, tmp_path / "full", "train.steps=12")
+    split, real_step = tmp_path / "split", SRTrainer.train_step
 
-    class Stopped(Exception):
-        pass
+    def step_then_stop_file(self, hr):
+        if self.step == 5:
+            (split / "STOP").touch()
+        return real_step(self, hr)
 
-    real_save = SRTrainer.save
-
-    def save_then_stop(self):
-        real_save(self)
-        if self.step == 6:
-            raise Stopped
-
-    monkeypatch.setattr(SRTrainer, "save", save_then_stop)
-    with pytest.raises(Stopped):
-        train(photos, tmp_path / "split", "train.steps=12", "train.save_interval=6")
+    monkeypatch.setattr(SRTrainer, "train_step", step_then_stop_file)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data", photos[0], "--val-data", photos[1], "--run-dir", str(split), "--set", *TINY, "train.steps=12"])
     monkeypatch.undo()
-    _, rest = train(photos, tmp_path / "split", "train.steps=12", "train.save_interval=6")
+    assert stopped.value.code == 75
+    assert capsys.readouterr().err.strip().endswith(
+        f"stopped by {split}/STOP after step 6; checkpoint saved; {split}/REQUEUE written; exit status 75: run "
+        "again (requeue) to continue")
+    assert (split / "REQUEUE").read_text() == "step 6\n" and not (split / "STOP").exists()
+    _, rest = train(photos, split, "train.steps=12")
     assert [h["loss"] for h in rest] == pytest.approx([h["loss"] for h in full[6:]], rel=1e-5)
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -52,11 +55,37 @@ def test_trains_uses_codebook_and_exports(single_process, photos, tmp_path):
     assert list(tmp_path.glob("recon_*.png")) and (tmp_path / "metrics.jsonl").is_file()
 
 
-def test_resume_continues_the_same_run(single_process, photos, tmp_path):
-    _, full = train(photos, tmp_path / "full", "train.steps=12", "train.save_interval=6")
-    # The interrupted run decodes its images in 2 worker processes: the same data stream.
-    _, first = train(photos, tmp_path / "split", "train.steps=6", "train.save_interval=6", "train.data_workers=2")
-    _, second = train(photos, tmp_path / "split", "train.steps=12", "train.save_interval=6", "train.data_workers=2")
+def test_preempted_run_saves_and_resumes_the_same_run(single_process, photos, tmp_path, monkeypatch):
+    """SIGUSR1 during step 6, sent to every process as SLURM signals a job step (the image decoding workers
+    too): the step finishes, a checkpoint is saved although no save is due, REQUEUE is left, Preempted is
+    raised; the rerun resumes there and ends where the uninterrupted run does. The interrupted run decodes
+    its images in 2 worker processes: the same data stream."""
+    from common.preemption import Preempted
+    from vq.train import VQTrainer
+
+    _, full = train(photos, tmp_path / "full", "train.steps=12", "train.save_interval=12")
+    real_step, first = VQTrainer.train_step, []
+    others = set(multiprocessing.active_children())  # (the session's worker pools, when they are up)
+
+    def signalled_step(self, images):
+        if self.step == 5:
+            decoders = set(multiprocessing.active_children()) - others
+            assert len(decoders) == 2
+            for pid in [os.getpid(), *(child.pid for child in decoders)]:
+                os.kill(pid, signal.SIGUSR1)
+        first.append(real_step(self, images))
+        return first[-1]
+
+    monkeypatch.setattr(VQTrainer, "train_step", signalled_step)
+    split = tmp_path / "split"
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 6; checkpoint saved"):
+        train(photos, split, "train.steps=12", "train.save_interval=12", "train.data_workers=2")
+    monkeypatch.undo()
+    assert (split / "REQUEUE").read_text() == "step 6\n"
+    assert (split / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers go with the run
+    assert not (split / "export.pt").exists()
+    _, second = train(photos, split, "train.steps=12", "train.save_interval=12", "train.data_workers=2")
     assert [h["loss"] for h in first + second] == pytest.approx([h["loss"] for h in full], rel=1e-5)
 
 

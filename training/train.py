@@ -17,7 +17,7 @@ metrics.jsonl, TensorBoard events and checkpoints/. One run at a time: rank 0 ho
 --resume overwrite: start at step 0 in a run directory that holds another run; that run's checkpoints,
   metrics, configs and events are moved (not deleted) to run_dir/replaced_<time>/.
 SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under
-torchrun, which passes no status on; training/preemption.py). Errors: exit 1 with one line naming the file
+torchrun, which passes no status on; common/preemption.py). Errors: exit 1 with one line naming the file
 or field ("config error: ..." or "error: ..."), the run directory as it was.
 Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py). Each rank's
 micro-batches are read ahead by `data.workers` DataLoader workers (data_pipeline/loader.py), in the order
@@ -26,13 +26,10 @@ rank_micro_batches gives (a pure function of seed and consumed samples), from th
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from common.checkpoints import RunDirError
 from common.cli import command, config_parser
 from training.config import RESUME_MODES, load_config
-from training.preemption import Preempted, requeue_exit_code
 
 
 def parse_args(argv):
@@ -57,14 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from training.trainer import NonFiniteStop, train
 
     with command(errors=(RunDirError, NonFiniteStop, DeviceError)):  # RunDirError includes CheckpointError
-        try:
-            train(cfg, args.run_dir, args.resume)
-        except Preempted as e:
-            code = requeue_exit_code()
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"{e}; {args.run_dir}/REQUEUE written; exit status {code}: run again (requeue) to continue",
-                      file=sys.stderr)
-            sys.exit(code)
+        train(cfg, args.run_dir, args.resume)  # a requested stop: Preempted, which command() turns into the exit
 
 
 if __name__ == "__main__":

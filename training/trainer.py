@@ -18,6 +18,7 @@ from megatron.core import parallel_state as ps
 from common import metrics
 from common.checkpoints import CheckpointError, RunDirError, RunLock
 from common.config import ConfigError, save_config, to_dict
+from common.preemption import StopRequest
 from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.training_data import training_dataset
@@ -34,7 +35,6 @@ from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import RESUME_MODES, RESUME_WARNED, Config, format_changes, layout_of, resume_changes
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
-from training.preemption import Preempted, StopRequest
 from training.text_encoder import load_text_encoder
 
 
@@ -323,13 +323,8 @@ class Trainer:
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
                     self.save()
                     self.complete_saves(wait=preempted or self.step == t.steps)
-                if preempted:
-                    reason = stop.name
-                    dist.barrier()  # every rank has read the STOP file before it goes
-                    if dist.get_rank() == 0:  # tells a SLURM script (slurm/train.sbatch) to requeue
-                        (self.run_dir / "STOP").unlink(missing_ok=True)
-                        (self.run_dir / "REQUEUE").write_text(f"step {self.step}\n")
-                    raise Preempted(self.step, reason)
+                if preempted:  # REQUEUE tells a SLURM script (slurm/train.sbatch) to requeue; raises Preempted
+                    stop.leave_for_requeue(self.run_dir, self.step)
         finally:
             stop.restore()
             self.close()  # the run is over: logger closed, run directory released

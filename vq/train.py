@@ -21,6 +21,8 @@ presence marks the checkpoint complete), then the `latest` pointer moves and old
 train.keep_checkpoints are deleted. `--resume auto` continues from `latest`, or from the newest complete
 checkpoint when `latest` is gone. Run directories of the earlier single-file layout (checkpoints/
 step_XXXXXXXX.pt, `latest` naming the file) are moved into this layout by renames when resumed.
+SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under torchrun;
+common/preemption.py); `TRAINER=vq.train sbatch slurm/train.sbatch CONFIG RUN_DIR --data ...` requeues on it.
 
 A checkpoint holds tensors, containers, numbers and strings only (the config as a dict, RNG states as
 ByteTensors) and is read back with torch.load(weights_only=True): a file holding anything else (a pickled
@@ -42,6 +44,7 @@ from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
 from common.files import write_atomic
 from common.metrics import MetricsLogger, psnr
+from common.preemption import StopRequest
 from common.state_file import STATE_FILE, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
 from model_parallel.state import DeviceError, init_distributed, use_device
@@ -305,7 +308,10 @@ class VQTrainer:
         return path
 
     def run(self) -> list[dict]:
+        """Step until train.steps, then export; return this call's per-step logs. A requested stop (SIGUSR1,
+        SIGTERM, run_dir/STOP: common/preemption.py) saves after the step in flight and raises Preempted."""
         t, history = self.cfg.train, []
+        stop = StopRequest(self.run_dir / "STOP")
         self.model.train()
         try:
             while self.step < t.steps:
@@ -318,9 +324,13 @@ class VQTrainer:
                     self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
                 if self.rank == 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
                     self.log.info(f"reconstructions: {self.recon_grid(images)}")
-                if self.step % t.save_interval == 0 or self.step == t.steps:
+                preempted = stop.requested()
+                if preempted or self.step % t.save_interval == 0 or self.step == t.steps:
                     self.save()
+                if preempted:
+                    stop.leave_for_requeue(self.run_dir, self.step)
         finally:  # the decoding processes, also when a step fails
+            stop.restore()
             self.stream.close()
         if self.rank == 0:
             digest = self.export_tokenizer(self.run_dir / "export.pt")

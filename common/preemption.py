@@ -1,0 +1,101 @@
+"""Preemption: SIGUSR1, SIGTERM or a STOP file asks a trainer to finish its step, save, and exit for a requeue.
+
+    stop = StopRequest(run_dir / "STOP")        # installs the handlers (main thread)
+    ...after each step: if stop.requested(): save(); stop.leave_for_requeue(run_dir, step)  # raises Preempted
+    with command():  ...                        # common/cli.py: Preempted -> one line on rank 0, requeue_exit_code()
+    python -m vq.train ... ; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID
+    torchrun ... -m training.train ... ; [ -f RUN_DIR/REQUEUE ] && scontrol requeue $SLURM_JOB_ID
+
+Every trainer with checkpoints uses it: training.train (Parti), vq.train (the image tokenizers), sr.train (the
+upsampler); slurm/train.sbatch runs any of them (TRAINER=...).
+
+The STOP file is how a batch script reaches trainers started by torchrun: a signal sent to a job step
+reaches every process of it, checkpoint writer and data loader helpers included, while a file reaches only
+the trainers (slurm/train.sbatch touches it when SLURM sends USR1 before the time limit).
+
+After such a save rank 0 leaves run_dir/REQUEUE ("step N"), and a SLURM script requeues the job on it; the
+rerun resumes from `latest` by itself. The exit status: REQUEUE_EXIT_CODE (75, EX_TEMPFAIL of sysexits.h: "try
+again later") when the trainer was started directly (python or srun), 0 under torchrun (requeue_exit_code):
+torchrun passes no status on (it reports any non-zero one as a failed run with a traceback, exits 1, and
+with --max-restarts restarts the workers), so there the REQUEUE file is the signal.
+The request is agreed on by all ranks (an all-reduce of the flag after every step), so every rank
+stops at the same step even when the signal reached only some of them.
+
+torch is imported where it is used: common/cli.py imports this module for Preempted, and a command that fails
+on its config does not wait for torch.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+REQUEUE_EXIT_CODE = 75
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def requeue_exit_code() -> int:
+    """The exit status after a requested stop's save: 75, or 0 under torchrun (its agent sets TORCHELASTIC_RUN_ID)."""
+    return 0 if "TORCHELASTIC_RUN_ID" in os.environ else REQUEUE_EXIT_CODE
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """In a helper process (a DataLoader worker_init_fn): SLURM signals every process of a job step, and the
+    stop is the trainer's to handle (it saves first, then ends its helpers). Left at the default action a
+    worker would die, and the DataLoader would raise in the trainer wherever it is, its save included."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class Preempted(Exception):
+    """Raised by a trainer after saving the checkpoint of a requested stop (StopRequest.leave_for_requeue)."""
+
+    def __init__(self, step: int, signal_name: str, run_dir: str | Path):
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved; {run_dir}/REQUEUE written")
+        self.step, self.signal_name, self.run_dir = step, signal_name, Path(run_dir)
+
+
+class StopRequest:
+    def __init__(self, stop_file: Path | None = None):
+        self.received: int | None = None
+        self.stop_file = stop_file
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum  # only note it: the step in flight finishes first
+
+    def requested(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it after the same step)."""
+        import torch
+        import torch.distributed as dist
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
+        asked = self.received or (self.stop_file is not None and self.stop_file.exists())
+        flag = torch.tensor(1.0 if asked else 0.0, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @property
+    def name(self) -> str:
+        if self.received:
+            return signal.Signals(self.received).name
+        return f"{self.stop_file}" if self.stop_file is not None and self.stop_file.exists() else "another rank"
+
+    def leave_for_requeue(self, run_dir: str | Path, step: int) -> None:
+        """Once the stop's checkpoint is saved (every rank): rank 0 removes STOP and writes REQUEUE (a SLURM
+        script requeues on it); every rank raises Preempted."""
+        import torch.distributed as dist
+
+        reason, run_dir = self.name, Path(run_dir)
+        if dist.is_initialized():
+            dist.barrier()  # every rank has read the STOP file before it goes
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            (run_dir / "STOP").unlink(missing_ok=True)
+            (run_dir / "REQUEUE").write_text(f"step {step}\n")
+        raise Preempted(step, reason, run_dir)
+
+    def restore(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
