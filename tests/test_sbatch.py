@@ -133,7 +133,7 @@ def test_train_refuses_an_unknown_device(tmp_path):
     assert code == 2 and "DEVICE=gpu" in log and argv is None
 
 
-@pytest.mark.parametrize("trainer", ["vq.train", "sr.train"])
+@pytest.mark.parametrize("trainer", ["vq.train", "vq.finetune_decoder", "sr.train"])
 def test_train_job_runs_the_trainer_it_is_given(tmp_path, trainer):
     """TRAINER picks the module (each handles the STOP file and REQUEUE the script relies on); the script's own
     arguments and the caller's reach it as they reach Parti's trainer."""
@@ -145,8 +145,9 @@ def test_train_job_runs_the_trainer_it_is_given(tmp_path, trainer):
     assert args.data == "laion/{00000..00009}.tar" and args.set == ["train.device=cuda"]
     assert argv[argv.index(trainer) - 1] == "-m" and "training.train" not in argv
     assert f"{trainer} on 2 node(s) x 8" in log
-    code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "TRAINER": "vq.finetune"})
-    assert code == 2 and "TRAINER=vq.finetune: expected training.train, vq.train or sr.train" in log and argv is None
+    code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "TRAINER": "vq.tokenizer"})
+    assert code == 2 and argv is None
+    assert "TRAINER=vq.tokenizer: expected training.train, vq.train, vq.finetune_decoder or sr.train" in log
 
 
 @pytest.mark.parametrize("env, gpus, nproc, threads", [

@@ -1,5 +1,6 @@
 """SLURM jobs on a real local cluster (a controller and two emulated nodes): training across 2 nodes,
-requeue and preemption mid-run resuming to the uninterrupted result, a pre-tokenization job array.
+requeue and preemption mid-run resuming to the uninterrupted result, an image tokenizer's training preempted
+and resumed, a pre-tokenization job array.
 
 The nodes have no GPUs, so every job overrides the scripts' GPU and CPU requests the way a user does on
 CPU nodes (sbatch --gpus-per-node=0 --cpus-per-task=N, DEVICE=cpu for training, evaluation and pre-tokenization); tests/test_sbatch.py
@@ -95,6 +96,34 @@ def test_two_node_training_job(cluster, uninterrupted, tmp_path, interrupt):
     if interrupt == "usr1":  # torchrun saw the trainers exit 0: no failure report; rank 0 alone says why
         assert "requeueing job" in log and not (run_dir / "REQUEUE").exists()
         assert "ChildFailedError" not in log and log.count("REQUEUE written") == 1, log[-3000:]
+
+
+def test_image_tokenizer_job_preempted_by_usr1_resumes_and_exports(cluster, tmp_path):
+    """TRAINER=vq.train: the same script runs the ViT-VQGAN's training on 2 nodes (DDP); USR1 before the time
+    limit makes both ranks save at the same step, the job is requeued and the rerun resumes there, logs every
+    step once and exports. (That a resumed VQ run equals the uninterrupted one: tests/test_vq.py.)"""
+    from tests import laion_fixtures as lf
+
+    lf.write_tar(tmp_path / "photos.tar", [(k, {"jpg": j, "txt": c.encode()}) for k, j, c in lf.coco_mini(128)])
+    run_dir, steps = tmp_path / "run", 600  # ~12 ms a step here: seconds left for the signal to arrive
+    job = cluster.sbatch(["-N", "2", *CPU_NODE_OPTIONS, f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
+                          "configs/vq/vit-vqgan-small.yaml", str(run_dir), "--data", str(tmp_path / "photos.tar"),
+                          "--set", "model.layers=1", "model.width=64", "model.image_size=32", "model.code_dim=8",
+                          "model.codebook_size=32", "loss.perceptual=0", "loss.adversarial=0", "train.batch_size=4",
+                          "train.resize=64", "train.data_workers=0", f"train.steps={steps}", "train.log_interval=1",
+                          "train.save_interval=100000", "train.eval_interval=100000"],
+                         cwd=ROOT, env={**ENV, "TRAINER": "vq.train"})
+    wait_for_step(run_dir, 10)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    state = cluster.wait(job, timeout=600)
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert state == "COMPLETED", log[-3000:]
+    assert "vq.train on 2 node(s) x 1, device cpu" in log and "restart 1" in log and "requeueing job" in log
+    stopped = int(log.split("stopped by ")[1].split(" after step ")[1].split(";")[0])
+    assert 10 <= stopped < steps and f"at step {stopped}" in log  # ("resumed from ... at step N")
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
+    assert (run_dir / "export.pt").is_file() and "ChildFailedError" not in log
 
 
 def test_pretokenize_array_equals_one_run(cluster, tmp_path):

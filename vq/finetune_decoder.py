@@ -8,8 +8,9 @@ The encoder and codebook of --tokenizer (a ViT-VQGAN export) are copied and froz
 shape (model.preset/layers/width/heads: e.g. ViT-VQGAN-Large's 32 blocks, width 1280, 16 heads, MLP 5120,
 ~600M parameters) is trained from scratch to draw the frozen codes with the tokenizer's losses (l2,
 logit-Laplace, LPIPS, adversarial: the config's loss section), with vq.train's loop: DDP, bf16 autocast on
-GPU, checkpoints and resume, metrics, reconstruction grids. The export (<run-dir>/export.pt) loads wherever
-the source did: its encode() is the source's, and it keeps the source's content hash (vq/tokenizer.py), so
+GPU, checkpoints and resume, preemption (SIGUSR1/SIGTERM/STOP: save, REQUEUE, exit 75; TRAINER=vq.finetune_decoder
+in slurm/train.sbatch), metrics, reconstruction grids. The export (<run-dir>/export.pt) loads wherever the
+source did: its encode() is the source's, and it keeps the source's content hash (vq/tokenizer.py), so
 code shards made with the source stay valid; images decoded from them come from the new decoder.
 The config's model.image_size/patch/code_dim/codebook_size are ignored: they are the source's.
 """
