@@ -133,7 +133,7 @@ def test_train_refuses_an_unknown_device(tmp_path):
     assert code == 2 and "DEVICE=gpu" in log and argv is None
 
 
-@pytest.mark.parametrize("trainer", ["vq.train", "vq.finetune_decoder", "sr.train"])
+@pytest.mark.parametrize("trainer", ["training.text_encoder", "vq.train", "vq.finetune_decoder", "sr.train"])
 def test_train_job_runs_the_trainer_it_is_given(tmp_path, trainer):
     """TRAINER picks the module (each handles the STOP file and REQUEUE the script relies on); the script's own
     arguments and the caller's reach it as they reach Parti's trainer."""
@@ -147,7 +147,8 @@ def test_train_job_runs_the_trainer_it_is_given(tmp_path, trainer):
     assert f"{trainer} on 2 node(s) x 8" in log
     code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "TRAINER": "vq.tokenizer"})
     assert code == 2 and argv is None
-    assert "TRAINER=vq.tokenizer: expected training.train, vq.train, vq.finetune_decoder or sr.train" in log
+    assert "TRAINER=vq.tokenizer: expected training.train, training.text_encoder, vq.train, vq.finetune_decoder " \
+           "or sr.train" in log
 
 
 @pytest.mark.parametrize("env, gpus, nproc, threads", [

@@ -1,6 +1,9 @@
-"""Text-encoder warm start (training/text_encoder.py): masked-token pre-training learns; a Parti run starts with
+"""Text-encoder warm start (training/text_encoder.py): masked-token pre-training learns, gives the same losses at
+TP=2 and DP=2, and stopped and resumed at another layout those of an uninterrupted run; a Parti run starts with
 exactly the pre-trained weights at TP=1, TP=2 and PP=2; a frozen encoder never changes."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +77,43 @@ def test_pretraining_at_tp2_and_dp2_gives_the_losses_of_one_process(pretrained, 
         torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=tolerance, msg=name)
 
 
+
+def stopped_at_dp2_resumed_at_tp2(run_dir: str) -> list[float]:
+    """Pre-training at DP=2 asked to stop (the STOP file, as slurm/train.sbatch does) during step 20, then run
+    again at TP=2 to the end; the losses of all 40 steps."""
+    import torch.distributed as dist
+
+    from common.preemption import Preempted
+    from training.text_encoder import _Pretraining
+
+    real_step, first = _Pretraining.step, []
+
+    def step_then_stop(self, step):
+        if step == 19 and dist.get_rank() == 0:
+            (Path(run_dir) / "STOP").touch()
+        first.append(real_step(self, step)[0])
+        return first[-1], 0.0
+
+    _Pretraining.step = step_then_stop
+    try:
+        with pytest.raises(Preempted, match="after step 20; checkpoint saved"):
+            pretrain_at(run_dir, "parallel.tp=1")
+    finally:
+        _Pretraining.step = real_step
+    return first + pretrain_at(run_dir, "parallel.tp=2")
+
+
+def test_pretraining_stopped_resumes_at_another_layout_with_the_uninterrupted_losses(pretrained, pool2, tmp_path):
+    """Weights and Adam's moments saved at the stop (no save was due), resharded from DP=2 to TP=2: the 40
+    losses of one uninterrupted process."""
+    losses = pool2.run(stopped_at_dp2_resumed_at_tp2, str(tmp_path))
+    assert losses[0] == losses[1] and len(losses[0]) == 40
+    assert losses[0] == pytest.approx(pretrained[0], rel=1e-4, abs=1e-4)
+    assert (tmp_path / "REQUEUE").read_text() == "step 20\n" and not (tmp_path / "STOP").exists()
+    assert (tmp_path / "checkpoints" / "step_00000020").is_dir()
+    assert (tmp_path / "text_encoder" / "config.json").is_file()
+
+
 def encoder_weights(run_dir: str, *overrides: str) -> dict:
     """Build a Parti run (no step) with the warm start, and return its text encoder's weights gathered whole."""
     import torch.distributed as dist
@@ -141,6 +181,7 @@ def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, 
 
 
 def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretrained, single_process, tmp_path):
+    from common.checkpoints import CheckpointError
     from data_pipeline.text_tokenizer import train_sentencepiece
     from model_parallel.model import PartiModel
     from training.config import ConfigError, load_config
@@ -152,6 +193,17 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
     losses = pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=3"]), tmp_path / "files",
                       [str(tmp_path / "captions.txt")], str(spm))
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    with pytest.raises(CheckpointError, match=r"step_00000003: an encoder of another shape \(model.hidden_size: 64 "
+                                              r"there, 32 here"):  # a rerun there continues from its checkpoint
+        pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "model.hidden_size=32", "model.num_heads=2"]),
+                 tmp_path / "files", [str(tmp_path / "captions.txt")], str(spm))
+    (tmp_path / "parti" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (tmp_path / "parti" / "checkpoints" / "step_00000001" / "trainer_state.json").write_text('{"step": 1}')
+    (tmp_path / "parti" / "checkpoints" / "latest").write_text("step_00000001\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint of python -m training.text_encoder"):
+        pretrain(load_config("configs/train/debug.yaml", PRETRAIN), tmp_path / "parti")
+    with pytest.raises(CheckpointError, match="--resume none: .*parti/checkpoints holds checkpoints"):
+        pretrain(load_config("configs/train/debug.yaml", PRETRAIN), tmp_path / "parti", resume="none")
     cfg = load_config("configs/train/debug.yaml", ["model.hidden_size=32", "model.num_heads=2"])  # another width
     with pytest.raises(ConfigError, match=r"another shape \(model.hidden_size: 64 there, 32 here"):
         load_text_encoder(PartiModel(cfg.model), cfg.model, pretrained[1])

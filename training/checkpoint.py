@@ -439,22 +439,32 @@ def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, tr
     was, and raises CheckpointError with the cause on every rank."""
     if background is not None:
         background.poll(wait=True)
-    path = checkpoint_dir(run_dir) / tag_for(step)
+    full_state = {**trainer_state, "optimizer_steps": optimizer_step_count(engine),
+                  "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": layout.record(),
+                  "config": to_dict(cfg)}
     rank = dist.get_rank()
-    problem = _from_rank0(prepare_folder(path, trainer_state.get("run_id"), _run_id_of) if rank == 0 else None)
+    return save_sections(lambda: _state_dict(engine, cfg.model)[0], run_dir, step, full_state, keep, background,
+                         also=lambda path: torch.save(_rng_state(), path / f"rng_rank{rank}.pt"))
+
+
+def save_sections(sections, run_dir: str | Path, step: int, full_state: dict, keep: int = 3,
+                  background: BackgroundSaves | None = None, also=None) -> str:
+    """The checkpoint of `step` (every rank): `sections()`'s {section: {name: ShardedTensor}} written with
+    dist_checkpointing (and `also(path)`, this rank's other files), then `full_state` (JSON: `step`, and
+    `run_id` when there is one) as trainer_state.json, which marks it complete; `latest` moves, older ones are
+    pruned. Failures as `save` says. (Parti's trainer through `save`, the text encoder's pre-training.)"""
+    path, run_id = checkpoint_dir(run_dir) / tag_for(step), full_state.get("run_id")
+    problem = _from_rank0(prepare_folder(path, run_id, _run_id_of) if dist.get_rank() == 0 else None)
     if problem:
         raise CheckpointError(problem)
     error, request = None, None
     try:
-        state, _ = _state_dict(engine, cfg.model)
-        request = dist_checkpointing.save(state, str(path), sharded_strategy=save_strategy(),
+        request = dist_checkpointing.save(sections(), str(path), sharded_strategy=save_strategy(),
                                           async_sharded_save=background is not None)
-        torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+        if also is not None:
+            also(path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any rank's failure
         error = failure_cause(e)
-    full_state = {**trainer_state, "optimizer_steps": optimizer_step_count(engine),
-                  "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": layout.record(),
-                  "config": to_dict(cfg)}
     error = _first_of_all(error)  # (also the barrier: every rank has finished writing or planning)
     if error:
         _fail(run_dir, path, error)

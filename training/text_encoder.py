@@ -1,7 +1,8 @@
 """Text-encoder warm start: masked-token pre-training of Parti's text encoder, and loading it into a Parti run.
 
     torchrun --nproc_per_node 2 -m training.text_encoder --config configs/train/debug.yaml --run-dir runs/textenc \
-        [--text-files captions.txt --text-tokenizer tok/spm.model] [--set parallel.tp=2 train.steps=1000 ...]
+        [--text-files captions.txt --text-tokenizer tok/spm.model] [--set parallel.tp=2 train.steps=1000 ...] \
+        [--resume auto|none]
     torchrun ... -m training.train ... --set model.init_text_encoder=runs/textenc/text_encoder [model.freeze_text_encoder=true]
 
 Parti warm-starts its text encoder with a BERT-style masked-language-model objective. The encoder here is built
@@ -21,7 +22,14 @@ Output: <run-dir>/text_encoder/, the encoder's weights in dist_checkpointing's f
 parameter names (training/checkpoint.py's blocks) and config.json (the model section, written last: the
 folder is complete when it exists); metrics.jsonl and config.yaml in the run directory. A Parti run with
 model.init_text_encoder=<that folder> loads them at its own TP/PP (`load_text_encoder`) before its engine is
-built. (The pre-training itself writes no intermediate checkpoints: it is short; rerun it if stopped.)
+built.
+
+Checkpoints: <run-dir>/checkpoints/step_XXXXXXXX/ every train.save_interval steps and at the end (weights and
+AdamW's moments in training/checkpoint.py's layout-independent blocks, trainer_state.json marking it complete,
+`latest`, train.keep_checkpoints kept); a rerun continues from `latest` at whatever TP/DP it has (masks, data
+order and dropout are keyed by step and position: the losses are those of an uninterrupted run).
+SIGUSR1/SIGTERM or <run-dir>/STOP: finish the step, save, write REQUEUE, exit 75 (0 under torchrun;
+common/preemption.py); on SLURM: TRAINER=training.text_encoder sbatch slurm/train.sbatch CONFIG RUN_DIR ...
 """
 from __future__ import annotations
 
@@ -36,10 +44,12 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 from torch import nn
 
+from common.checkpoints import CheckpointError, checkpoint_dir, has_checkpoints
 from common.cli import command, config_parser
 from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
 from common.metrics import MetricsLogger
+from common.preemption import StopRequest
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.text_tokenizer import BOS_ID, EOS_ID, TextTokenizer
 from data_pipeline.training_data import training_dataset
@@ -48,7 +58,7 @@ from model_parallel.kernels import select_kernels
 from model_parallel.model import build_pieces, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
-from training.checkpoint import load_in_place, save_strategy, sharded_blocks
+from training.checkpoint import STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks
 from training.config import Config, load_config
 from training.deepspeed_glue import Fragment, global_grad_norm
 from training.engine import lr_lambda
@@ -58,6 +68,8 @@ MASK_ID = BOS_ID
 FIRST_WORD = EOS_ID + 1
 """Ids below are PAD/UNK/BOS/EOS: random replacements are drawn from the words from here on."""
 OUTPUT = "text_encoder"
+CHECKPOINT_KIND = "text_encoder_pretraining"
+"""The `kind` of this command's checkpoints (training/checkpoint.py's trainer_state.json), which Parti's don't have."""
 SHAPE_KEYS = ("hidden_size", "num_heads", "ffn_hidden_size", "encoder_layers", "text_vocab_size", "text_seq_len",
               "vocab_pad_multiple", "layernorm_eps")
 """What a pre-trained encoder and the run that loads it must agree on."""
@@ -136,74 +148,160 @@ class _Captions:
 
 
 def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = None,
-             text_tokenizer: str | None = None) -> list[float]:
-    """Train the encoder for cfg.train.steps global batches; write run_dir/text_encoder/; return the losses."""
+             text_tokenizer: str | None = None, resume: str = "auto") -> list[float]:
+    """Train the encoder to cfg.train.steps global batches, continuing from run_dir's latest checkpoint when
+    there is one (resume="none": refused where there are checkpoints); write run_dir/text_encoder/; return this
+    call's losses. Raises Preempted after saving when a stop was asked for (common/preemption.py)."""
     if cfg.model.decoder_only:
         raise ConfigError("model.arch=decoder_only has no text encoder to pre-train (its caption is the start of "
                           "the decoder's stream): use an encoder_decoder model section")
+    if resume == "none" and has_checkpoints(run_dir):
+        raise CheckpointError(f"--resume none: {checkpoint_dir(run_dir)} holds checkpoints; continue them with "
+                              "--resume auto, or use another --run-dir")
     device = use_device(cfg.train.device, "train.device")  # (before CUDA is touched; a GPU asked for and missing is an error)
     init_parallel(cfg.parallel.tp, 1)
-    run_dir, t = Path(run_dir), cfg.train
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    if t.global_batch_size % (t.micro_batch_size * dp_size):
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size"
-                          f"={t.micro_batch_size} x the {dp_size} data-parallel ranks")
-    captions = caption_source(cfg, text_files, text_tokenizer)
-    log = MetricsLogger(run_dir, enabled=dist.get_rank() == 0)
-    if dist.get_rank() == 0:
-        save_config(cfg, run_dir / "config.yaml")
-    seed_everything(t.seed)
-    # megatron-core allocates its layers on the GPU when there is one, the embeddings and norms here on the CPU
-    model = MaskedTextEncoder(cfg.model, select_kernels(cfg.kernels), t.seed, ps.get_tensor_model_parallel_group())
-    model = model.to(device)
-    params = list(model.parameters())
-    ddp = nn.parallel.DistributedDataParallel(model, process_group=ps.get_data_parallel_group()) if dp_size > 1 else model
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    sampler, losses = GlobalBatchSampler(len(captions), t.global_batch_size, t.seed), []
-    for step in range(t.steps):
-        start = time.perf_counter()
-        mine = sampler.rank_slice(sampler.global_batch(step * t.global_batch_size), dp_rank, dp_size)
-        text = torch.stack([captions[int(i)] for i in mine])
-        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
-        inputs, chosen = mask_tokens(text, cfg.model, generator, dp_rank * len(mine), t.global_batch_size)
-        inputs, text, chosen = inputs.to(device), text.to(device), chosen.to(device)  # (masks drawn on the CPU)
-        # each caption's position in the sample stream keys its dropout masks: the same at any TP/DP layout
-        positions = torch.arange(len(mine), device=device) + step * t.global_batch_size + dp_rank * len(mine)
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
-        for m in range(0, len(mine), t.micro_batch_size):
-            part = slice(m, m + t.micro_batch_size)
-            loss = ddp(inputs[part], text[part], chosen[part], positions[part]) * t.micro_batch_size / len(mine)
-            loss.backward()
-            total += loss.detach().float()
-        norm = global_grad_norm(params)
-        if t.grad_clip and norm > t.grad_clip:
-            for p in params:
-                p.grad.mul_(t.grad_clip / (norm + 1e-6))
-        optimizer.step()
-        schedule.step()
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-        losses.append(total.item() / dp_size)
-        if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
-            log.step({"step": step + 1, "loss": losses[-1], "lr": schedule.get_last_lr()[0], "grad_norm": float(norm),
-                      "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
-    save_text_encoder(model, cfg.model, run_dir / OUTPUT)
-    log.info(f"wrote {run_dir / OUTPUT} (load it with model.init_text_encoder={run_dir / OUTPUT})")
-    log.close()
+    run, t = _Pretraining(cfg, Path(run_dir), device, caption_source(cfg, text_files, text_tokenizer)), cfg.train
+    stop, losses = StopRequest(run.run_dir / "STOP"), []
+    try:
+        for step in range(run.resume(), t.steps):
+            start = time.perf_counter()
+            loss, norm = run.step(step)
+            losses.append(loss)
+            if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
+                run.log.step({"step": step + 1, "loss": loss, "lr": run.schedule.get_last_lr()[0], "grad_norm": norm,
+                              "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
+            preempted = stop.requested()
+            if preempted or (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
+                run.save(step + 1)
+            if preempted:
+                stop.leave_for_requeue(run.run_dir, step + 1)
+        save_text_encoder(run.model, cfg.model, run.run_dir / OUTPUT)
+        run.log.info(f"wrote {run.run_dir / OUTPUT} (load it with model.init_text_encoder={run.run_dir / OUTPUT})")
+    finally:
+        stop.restore()
+        run.log.close()
     return losses
 
 
-def _blocks(module: nn.Module, model_cfg: ModelConfig) -> dict:
-    """{'model': {name#i: ShardedTensor}} of the text encoder's parameters this rank holds (views of them)."""
-    out = {}
+class _Pretraining:
+    """The pre-training's model (DDP over the data-parallel group), AdamW, LR schedule and captions; one
+    global batch per `step`; checkpoints of weights and Adam's moments in the layout-independent blocks of
+    training/checkpoint.py (a run resumes at any TP/DP). Masks, data order and dropout are keyed by the step
+    and the captions' positions, so a checkpoint needs no RNG state or data position."""
+
+    def __init__(self, cfg: Config, run_dir: Path, device, captions):
+        t = cfg.train
+        self.cfg, self.run_dir, self.device, self.captions = cfg, run_dir, device, captions
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        if t.global_batch_size % (t.micro_batch_size * self.dp_size):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
+                              f"train.micro_batch_size={t.micro_batch_size} x the {self.dp_size} data-parallel ranks")
+        self.log = MetricsLogger(run_dir, enabled=dist.get_rank() == 0)
+        if dist.get_rank() == 0:
+            save_config(cfg, run_dir / "config.yaml")
+        seed_everything(t.seed)
+        # megatron-core allocates its layers on the GPU when there is one, the embeddings and norms here on the CPU
+        model = MaskedTextEncoder(cfg.model, select_kernels(cfg.kernels), t.seed, ps.get_tensor_model_parallel_group())
+        self.model = model.to(device)
+        self.params = list(self.model.parameters())
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model, process_group=ps.get_data_parallel_group())
+                    if self.dp_size > 1 else self.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.sampler = GlobalBatchSampler(len(captions), t.global_batch_size, t.seed)
+        self.schedule = None  # (made by resume, at the step it continues from)
+
+    def step(self, step: int) -> tuple[float, float]:
+        """Global batch `step` (0-based): masked-token loss, clipped AdamW update; (mean loss, grad norm)."""
+        t, device, rank = self.cfg.train, self.device, self.dp_rank
+        mine = self.sampler.rank_slice(self.sampler.global_batch(step * t.global_batch_size), rank, self.dp_size)
+        text = torch.stack([self.captions[int(i)] for i in mine])
+        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+        inputs, chosen = mask_tokens(text, self.cfg.model, generator, rank * len(mine), t.global_batch_size)
+        inputs, text, chosen = inputs.to(device), text.to(device), chosen.to(device)  # (masks drawn on the CPU)
+        # each caption's position in the sample stream keys its dropout masks: the same at any TP/DP layout
+        positions = torch.arange(len(mine), device=device) + step * t.global_batch_size + rank * len(mine)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
+        for m in range(0, len(mine), t.micro_batch_size):
+            part = slice(m, m + t.micro_batch_size)
+            loss = self.ddp(inputs[part], text[part], chosen[part], positions[part]) * t.micro_batch_size / len(mine)
+            loss.backward()
+            total += loss.detach().float()
+        norm = global_grad_norm(self.params)
+        if t.grad_clip and norm > t.grad_clip:
+            for p in self.params:
+                p.grad.mul_(t.grad_clip / (norm + 1e-6))
+        self.optimizer.step()
+        self.schedule.step()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return total.item() / self.dp_size, float(norm)
+
+    def save(self, step: int) -> None:
+        """checkpoints/step_<step>/ (every rank; training/checkpoint.py: `latest`, pruning, failures)."""
+        state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg)}
+        self._adam_state(0)  # (a parameter never updated yet)
+        save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), self.run_dir, step, state,
+                      self.cfg.train.keep_checkpoints)
+
+    def resume(self) -> int:
+        """The step to continue from: `latest`'s (or the newest complete checkpoint's), its weights and Adam
+        moments loaded at this run's layout; 0 without one. Makes the LR schedule at that step."""
+        tag, note = resume_tag(self.run_dir)
+        if note:
+            self.log.info(note)
+        step = 0
+        if tag is not None:
+            path = checkpoint_dir(self.run_dir) / tag
+            step = _read_state(path, self.cfg.model)
+            self._adam_state(step)
+            load_in_place(_blocks(self.model, self.cfg.model, self.optimizer), path)
+            self.log.info(f"resumed from {path} at step {step}")
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.train.lr
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg), last_epoch=step - 1)
+        return step
+
+    def _adam_state(self, step: int) -> None:
+        """AdamW makes a parameter's state at its first update: made here where it is missing (zero moments,
+        Adam's step count `step`), so that a checkpoint's blocks have tensors to be written from or loaded into."""
+        for p in self.params:
+            if not self.optimizer.state[p]:
+                self.optimizer.state[p].update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p),
+                                               exp_avg_sq=torch.zeros_like(p))
+
+
+def _read_state(path: Path, model_cfg: ModelConfig) -> int:
+    """A pre-training checkpoint's step; CheckpointError naming the file when it is not one, or of another shape."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({e})") from None
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind != CHECKPOINT_KIND:
+        raise CheckpointError(f"{file}: not a checkpoint of python -m training.text_encoder (kind {kind!r}); "
+                              "use another --run-dir")
+    saved = saved_model_config(state["config"]["model"])
+    differ = [f"model.{k}: {getattr(saved, k)} there, {getattr(model_cfg, k)} here" for k in SHAPE_KEYS
+              if getattr(saved, k) != getattr(model_cfg, k)]
+    if differ:
+        raise CheckpointError(f"{path}: an encoder of another shape ({'; '.join(differ)}); use another --run-dir")
+    return int(state["step"])
+
+
+def _blocks(module: nn.Module, model_cfg: ModelConfig, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """{'model': {name#i: ShardedTensor}} of the text encoder's parameters this rank holds (views of them);
+    with `optimizer` also 'exp_avg' and 'exp_avg_sq', AdamW's moments of each, split as the parameter is."""
+    out = {"model": {}} if optimizer is None else {"model": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for name, p in canonical_parameters(module, model_cfg).items():
         if is_text_encoder(name):
-            fragment = Fragment(0, p.data.view(-1), whole=True)
-            for i, block in enumerate(sharded_blocks(f"model.{name}", fragment, tuple(p.shape), p)):
-                out[f"{name}#{i}"] = block
-    return {"model": out}
+            for section, blocks in out.items():
+                tensor = p.data if section == "model" else optimizer.state[p][section]
+                fragment = Fragment(0, tensor.view(-1), whole=True)
+                for i, block in enumerate(sharded_blocks(f"{section}.{name}", fragment, tuple(p.shape), p)):
+                    blocks[f"{name}#{i}"] = block
+    return out
 
 
 def save_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: Path) -> None:
@@ -237,10 +335,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--text-files", nargs="*", help="caption files, one per line (default: the run's data)")
     parser.add_argument("--text-tokenizer", help="the SentencePiece model for --text-files")
+    parser.add_argument("--resume", default="auto", choices=["auto", "none"],
+                        help="auto: continue from the run directory's latest checkpoint if any; none: start at step 0, "
+                             "refused where checkpoints exist")
     args = parser.parse_args(argv)
-    with command(errors=(FileNotFoundError, DeviceError), label="training.text_encoder"):
+    with command(errors=(FileNotFoundError, DeviceError, CheckpointError), label="training.text_encoder"):
         cfg = load_config(args.config, args.set).validate()
-        pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer)
+        pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer, args.resume)
 
 
 if __name__ == "__main__":
