@@ -6,8 +6,9 @@
     python -m vq.train ... ; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID
     torchrun ... -m training.train ... ; [ -f RUN_DIR/REQUEUE ] && scontrol requeue $SLURM_JOB_ID
 
-Every trainer with checkpoints uses it: training.train (Parti), vq.train (the image tokenizers), sr.train (the
-upsampler); slurm/train.sbatch runs any of them (TRAINER=...).
+Every trainer uses it: training.train (Parti), training.text_encoder (its text encoder's pre-training),
+vq.train and vq.finetune_decoder (the image tokenizers, the detokenizer), sr.train (the upsampler);
+slurm/train.sbatch runs any of them (TRAINER=...).
 
 The STOP file is how a batch script reaches trainers started by torchrun: a signal sent to a job step
 reaches every process of it, checkpoint writer and data loader helpers included, while a file reaches only
