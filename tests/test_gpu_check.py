@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,6 +33,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert sections["train_resume"]["zero3"]["max_abs_diff"] <= 2e-3
     assert sections["train_resume"]["decoder_only_sparse"]["max_abs_diff"] <= 2e-3  # under DALL-E's masks
     assert sections["sampling"]["greedy_equal_fp32"] == {"kv_cache": True, "decoder_only_kv_cache": True}
+    assert set(sections["sampling"]["greedy_gap_fp32"]) == {"kv_cache", "decoder_only_kv_cache"}
+    assert max(sections["sampling"]["greedy_gap_fp32"].values()) <= 1e-4
     assert sections["async_save"]["steps"]["latest"] == "step_00000020"  # the last save completed
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "| train_resume | ok |" in results[0].with_suffix(".md").read_text()
@@ -94,3 +98,37 @@ def test_a_section_whose_limit_does_not_fit_the_budget_is_skipped(tmp_path):
     sections = json.loads(next(tmp_path.glob("gpu_cpu_*.json")).read_text())["sections"]
     assert sections["train_resume"]["status"] == "skipped" and "out of time" in sections["train_resume"]["reason"]
     assert sections["vq"]["status"] == "ok"
+
+
+def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
+    """The Markdown summary of the first H200 run's JSON; an MFU section on a GPU the peak table lacks (no MFU)
+    says so; a result without the keys its line needs is summarised as such instead of ending the run."""
+    from bench.gpu_check import summary_markdown
+    from tests.conftest import H200_RUN
+
+    report = json.loads(H200_RUN.read_text())
+    assert "| mfu_350m | fail | 19 | FAILED: mfu_at_least_40pct; MFU 35.7% (353 TFLOP/s" in summary_markdown(report)
+    report["sections"]["mfu_350m"]["best_mfu"] = None
+    assert "MFU n/a (no peak for this GPU: set train.peak_tflops) (353 TFLOP/s" in summary_markdown(report)
+    del report["sections"]["mfu_3b"]["by_micro_batch"]
+    line = "| mfu_3b | fail | 56 | (no summary: KeyError: 'by_micro_batch'; see the .json) |"
+    assert line in summary_markdown(report)
+
+
+def test_greedy_gap_is_zero_for_greedy_codes_and_large_for_others(single_process):
+    """The sampling section's measure of "greedy decoding" (teacher-forced): 0 for what full recomputation
+    decodes greedily, above the tolerance once a single code is another, for both architectures."""
+    from bench.gpu_sections import GREEDY_TOLERANCE, _train_config, greedy_gap
+    from evaluation.sampling import SamplingConfig, sample
+    from model_parallel.model import PartiModel
+
+    for preset in ("parti-debug", "dalle-debug"):
+        cfg = _train_config([f"model.preset={preset}"]).model
+        torch.manual_seed(0)
+        model = PartiModel(cfg).eval()
+        text = torch.randint(4, cfg.text_vocab_size, (2, cfg.text_seq_len))
+        codes = sample(model, text, SamplingConfig(temperature=0.0), use_cache=False)
+        assert greedy_gap(model, text, codes) <= 1e-5, preset
+        other = codes.clone()
+        other[1, 5] = (other[1, 5] + 1) % cfg.image_vocab_size
+        assert greedy_gap(model, text, other) > GREEDY_TOLERANCE, preset
