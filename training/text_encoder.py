@@ -271,6 +271,13 @@ class _Pretraining:
                                                exp_avg_sq=torch.zeros_like(p))
 
 
+def shape_differences(saved_model: dict, model_cfg: ModelConfig) -> str:
+    """The SHAPE_KEYS on which a saved model section (a dict) and `model_cfg` differ, as one phrase ('' if none)."""
+    saved = saved_model_config(saved_model)
+    return "; ".join(f"model.{k}: {getattr(saved, k)} there, {getattr(model_cfg, k)} here" for k in SHAPE_KEYS
+                     if getattr(saved, k) != getattr(model_cfg, k))
+
+
 def _read_state(path: Path, model_cfg: ModelConfig) -> int:
     """A pre-training checkpoint's step; CheckpointError naming the file when it is not one, or of another shape."""
     file = path / STATE_FILE
@@ -282,11 +289,9 @@ def _read_state(path: Path, model_cfg: ModelConfig) -> int:
     if kind != CHECKPOINT_KIND:
         raise CheckpointError(f"{file}: not a checkpoint of python -m training.text_encoder (kind {kind!r}); "
                               "use another --run-dir")
-    saved = saved_model_config(state["config"]["model"])
-    differ = [f"model.{k}: {getattr(saved, k)} there, {getattr(model_cfg, k)} here" for k in SHAPE_KEYS
-              if getattr(saved, k) != getattr(model_cfg, k)]
+    differ = shape_differences(state["config"]["model"], model_cfg)
     if differ:
-        raise CheckpointError(f"{path}: an encoder of another shape ({'; '.join(differ)}); use another --run-dir")
+        raise CheckpointError(f"{path}: an encoder of another shape ({differ}); use another --run-dir")
     return int(state["step"])
 
 
@@ -322,11 +327,9 @@ def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | P
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.init_text_encoder={folder}: no config.json there (expected the text_encoder "
                           "folder written by python -m training.text_encoder, complete)")
-    saved = saved_model_config(json.loads((folder / "config.json").read_text())["model"])
-    differ = [f"model.{k}: {getattr(saved, k)} there, {getattr(model_cfg, k)} here" for k in SHAPE_KEYS
-              if getattr(saved, k) != getattr(model_cfg, k)]
+    differ = shape_differences(json.loads((folder / "config.json").read_text())["model"], model_cfg)
     if differ:
-        raise ConfigError(f"model.init_text_encoder={folder}: an encoder of another shape ({'; '.join(differ)})")
+        raise ConfigError(f"model.init_text_encoder={folder}: an encoder of another shape ({differ})")
     load_in_place(_blocks(module, model_cfg), folder)
 
 
