@@ -33,6 +33,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -46,10 +47,11 @@ FORMAT = "parti-code-shards/1"
 CAPTION_BYTES, KEY_BYTES = 256, 64
 SHARD_META = re.compile(r"^\d+\.json$")
 CHUNK_RECORDS = 1 << 14  # records per step of a scan over a memory map (~40 MiB at 32x32 codes)
-HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters")  # what a shard was made with (pretokenize.header)
+HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters", "image_decoding")  # what a shard was made with (pretokenize.header)
 PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns", "hashes_sha256")  # NNNNN.json only
 HASH_BYTES = 16  # the first 128 bits of the image file's sha256, per record in NNNNN.hashes
 DUPLICATES = "duplicates.npy"
+MANIFEST_KEYS = ("complete", "num_inputs", "shards", "records", "skipped", "record", "vq", "text_tokenizer")
 
 
 def record_dtype(grid_tokens: int, text_len: int, caption_bytes: int = CAPTION_BYTES,
@@ -75,13 +77,26 @@ def hash_digest(hex_sha256: str) -> bytes:
     return bytes.fromhex(hex_sha256)[:HASH_BYTES]
 
 
+def read_json(path: Path) -> dict:
+    """A metadata file's object, or a DataError naming the file (a truncated or hand-edited one among
+    thousands must say which)."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not readable as JSON ({e}); it is damaged: rerun data_pipeline.pretokenize with the "
+                        "same arguments (a shard's .json: remove it with its .bin first)") from e
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def shard_is_complete(folder: Path, name: str) -> bool:
     """The shard's metadata exists and its records and image hashes match the recorded checksums (a shard of
     records written by a version that kept no hashes is not: a rerun makes it again, byte-identical)."""
     meta_path, bin_path, hashes_path = folder / f"{name}.json", folder / f"{name}.bin", folder / f"{name}.hashes"
     if not (meta_path.is_file() and bin_path.is_file()):
         return False
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if meta.get("sha256") != sha256_file(bin_path):
         return False
     if "hashes_sha256" in meta:
@@ -141,10 +156,10 @@ def check_shard_headers(folder: Path, header: dict) -> None:
         return
     want = json.loads(json.dumps(header))
     manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
     mismatched = []
     for meta_path in sorted(p for p in folder.iterdir() if SHARD_META.match(p.name)):
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         have = meta.get("header")
         if have is None and manifest is not None:  # written before shards recorded their header
             have = {k: manifest.get(k) for k in want}
@@ -158,8 +173,32 @@ def check_shard_headers(folder: Path, header: dict) -> None:
     if mismatched:
         path, diff = mismatched[0]
         more = f" (and {len(mismatched) - 1} more shard(s))" if len(mismatched) > 1 else ""
-        raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer or filters than this "
+        raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer, image decoding or filters than this "
                         f"run: {'; '.join(diff)}; use a new --output folder (nothing in {folder} was changed)")
+
+
+def check_inputs(folder: Path, inputs: list[Path]) -> None:
+    """Refuse a folder whose shards were made from other inputs than `inputs` (output shard i is input i):
+    a shard whose recorded input has another file name (or, where recorded, another size) than input i, or
+    a shard beyond the last input (the manifest would leave it out: its samples would silently be lost to
+    training). More inputs than before are fine: the folder grows by the new shards. Nothing is changed."""
+    if not folder.is_dir():
+        return
+    for meta_path in sorted(p for p in folder.iterdir() if SHARD_META.match(p.name)):
+        index, meta = int(meta_path.stem), read_json(meta_path)
+        made_from = meta.get("input")
+        if index >= len(inputs):
+            problem = f"was made from input {index} ({made_from}), and this run has only {len(inputs)} input(s)"
+        elif made_from is not None and Path(made_from).name != inputs[index].name:
+            problem = f"was made from {made_from}, and this run's input {index} is {inputs[index]}"
+        elif meta.get("input_bytes", inputs[index].stat().st_size) != inputs[index].stat().st_size:
+            problem = (f"was made from {made_from} of {meta['input_bytes']} bytes, and this run's input {index} "
+                       f"({inputs[index]}) has {inputs[index].stat().st_size}")
+        else:
+            continue
+        raise DataError(f"{meta_path.with_suffix('.bin')} {problem}: the --input pattern is not the one this folder "
+                        f"was begun with; give that pattern (more shards may follow it) or a new --output folder "
+                        f"(nothing in {folder} was changed)")
 
 
 def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
@@ -179,7 +218,7 @@ def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
 def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) -> dict:
     shards = []
     for n in present:
-        meta = json.loads((folder / f"{n}.json").read_text())
+        meta = read_json(folder / f"{n}.json")
         shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
     complete = len(shards) == len(names)
     duplicates = None
@@ -226,9 +265,13 @@ class CodeShardDataset:
                                 "the --output folder of data_pipeline.pretokenize")
             raise DataError(f"{path} does not exist though {len(made)} shard(s) do: the pre-tokenization did not "
                             "finish; rerun data_pipeline.pretokenize with the same arguments (it resumes)")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_json(path)
         if self.manifest.get("format") != FORMAT:
             raise DataError(f"{path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        missing = [k for k in MANIFEST_KEYS if k not in self.manifest]
+        if missing:
+            raise DataError(f"{path}: no {', '.join(missing)} entry: the manifest is damaged; rebuild it with "
+                            "data_pipeline.pretokenize --manifest-only (same arguments)")
         if not self.manifest["complete"]:
             raise DataError(f"{path}: only {len(self.manifest['shards'])} of {self.manifest['num_inputs']} "
                             "shards are done; finish data_pipeline.pretokenize first")
@@ -245,10 +288,10 @@ class CodeShardDataset:
         for shard in self.manifest["shards"]:
             bin_path = self.folder / f"{shard['name']}.bin"
             meta_path = bin_path.with_suffix(".json")
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            meta = read_json(meta_path) if meta_path.is_file() else {}
             diff = header_differences(meta["header"], head) if "header" in meta else []
             if diff:  # e.g. a shard copied in from another folder
-                raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer or filters than "
+                raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer, image decoding or filters than "
                                 f"{path} says: {'; '.join(diff)}; pre-tokenize again into a new --output folder")
             size = bin_path.stat().st_size
             if size != shard["records"] * self.dtype.itemsize:
@@ -350,30 +393,45 @@ def first_record_at_or_above(array: np.ndarray, field: str, limit: int) -> int |
 
 
 class MixedDataset:
-    """Several datasets blended by weight, as Megatron's BlendedDataset: position k of the blend goes to
-    the dataset whose share is furthest behind its weight (a deterministic, even interleaving); each
-    dataset is cycled when the blend asks for more than it holds."""
+    """Several datasets blended by weight, as Megatron's BlendedDataset: an epoch of `size` positions (the
+    datasets' total by default), dataset d taking weight_d / sum(weights) of them (exactly, by largest
+    remainders) as one block; the sampler's permutation of each epoch mixes the blocks. Dataset d's draws
+    continue from epoch to epoch where the last one stopped (`at_epoch`), so a dataset weighted below its
+    size is seen whole over several epochs instead of the same part every epoch, and one weighted above
+    it is cycled. Its records are walked in a golden-ratio stride order, not in file order, so an epoch's
+    part of it spreads over all its shards. Constant memory: nothing is held per position."""
 
     def __init__(self, datasets: list, weights: list[float], size: int | None = None):
         if len(datasets) != len(weights) or not datasets or min(weights) <= 0:
             raise ValueError("MixedDataset needs one positive weight per dataset")
         self.datasets = datasets
-        total = sum(weights)
-        shares = np.array(weights, dtype=np.float64) / total
         self.size = size or sum(len(d) for d in datasets)
-        self.which = np.zeros(self.size, dtype=np.int32)
-        self.position = np.zeros(self.size, dtype=np.int64)
-        counts = np.zeros(len(datasets), dtype=np.int64)
-        for k in range(self.size):
-            d = int(np.argmax(shares * (k + 1) - counts))
-            self.which[k], self.position[k] = d, counts[d] % len(datasets[d])
-            counts[d] += 1
+        exact = np.array(weights, dtype=np.float64) / sum(weights) * self.size
+        counts = np.floor(exact).astype(np.int64)
+        counts[np.argsort(counts - exact, kind="stable")[:self.size - counts.sum()]] += 1  # the largest remainders
+        self.counts, self.starts = counts, np.concatenate([[0], np.cumsum(counts)])
+        self.strides = [_coprime_stride(len(d)) for d in datasets]
 
     def __len__(self) -> int:
         return self.size
 
+    def at_epoch(self, index: int, epoch: int):
+        """Position `index` of epoch `epoch` (data_pipeline.loader passes the stream position's epoch)."""
+        d = int(np.searchsorted(self.starts, index, side="right") - 1)
+        n = len(self.datasets[d])
+        draw = (epoch * int(self.counts[d]) + index - int(self.starts[d])) % n
+        return self.datasets[d][draw * self.strides[d] % n]
+
     def __getitem__(self, index: int):
-        return self.datasets[self.which[index]][int(self.position[index])]
+        return self.at_epoch(index, 0)
+
+
+def _coprime_stride(n: int) -> int:
+    """A step through 0..n-1 that visits each once (coprime to n) and far apart (near n / golden ratio)."""
+    stride = max(1, round(n * 0.6180339887))
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
 
 
 def open_training_data(spec: str, model_cfg):

@@ -5,19 +5,26 @@
     prepared.image       # uint8 [3, 256, 256] (shorter side resized with antialiasing, center-cropped)
 
 Whatever the file holds (grayscale, palette with transparency, CMYK, alpha, 16-bit PNG) becomes 8-bit
-RGB; transparency is composited on white.
+RGB; transparency (an alpha channel or a PNG tRNS colour) is composited on white. A photo's EXIF
+orientation is applied first, so the image is the one a viewer shows (a phone photo stored sideways
+is turned upright: its caption describes it that way).
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DECODING = {"version": 2, "exif_orientation": True, "transparency": "white"}
+"""How images become pixels, recorded in every code shard's header (data_pipeline.pretokenize): a folder begun by
+a version that decoded otherwise (1: EXIF orientation ignored, a PNG's tRNS colour composited on black) is not
+continued with different pixels."""
 SKIP_REASONS = ("missing_image", "decode_error", "too_small", "bad_aspect", "empty_caption", "caption_not_utf8",
                 "caption_too_long", "duplicate", "punsafe", "pwatermark", "similarity")
 
@@ -55,8 +62,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img).astype(np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # (a tRNS colour: PIL keeps it aside)
+        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -92,11 +99,15 @@ def _json_reason(raw: dict, cfg: FilterConfig) -> str | None:
         meta = json.loads(raw["json"])
     except (ValueError, UnicodeDecodeError):
         return None
+    if not isinstance(meta, dict):  # (img2dataset writes an object; anything else carries no fields to filter on)
+        return None
     for field, limit, too_high in (("punsafe", cfg.max_punsafe, True), ("pwatermark", cfg.max_pwatermark, True),
                                    ("similarity", cfg.min_similarity, False)):
         value = meta.get(field)
         if limit is None or not isinstance(value, (int, float)):
             continue
+        if not math.isfinite(value):  # img2dataset writes a missing score as NaN: unknown does not pass a filter
+            return field
         if (value > limit) if too_high else (value < limit):
             return field
     return None
@@ -121,6 +132,7 @@ def prepare_sample(raw: dict, cfg: FilterConfig) -> Prepared:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # decode now: a truncated file fails here, not later
+        img = ImageOps.exif_transpose(img)  # (a no-op without an EXIF orientation)
     except Exception:  # PIL raises many types for broken files
         return Prepared(key, "decode_error")
     w, h = img.size

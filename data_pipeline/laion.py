@@ -5,7 +5,9 @@
     write_tar(Path("laion/00000.tar"), [("000000000", {"jpg": jpeg_bytes, "txt": b"a caption", "json": b"{}"})])
 
 A shard is a tar of `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`. A truncated or corrupt tar yields
-the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard). A file that
+the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard). A member
+repeated within a sample (`x.txt` twice, `x.jpg` and `x.JPG`) is counted under `duplicate_member` and
+left out (the sample keeps the first); the samples after it are read as usual. A file that
 is not a tar at all (`check_is_tar`) is refused with a DataError naming it.
 """
 from __future__ import annotations
@@ -56,6 +58,9 @@ def read_shard(path: str | Path, errors: Counter):
     stop = []
 
     def on_error(exc: Exception) -> bool:
+        if isinstance(exc, ValueError) and "duplicate file name" in str(exc.args[0]):  # (group_by_keys' words)
+            errors["duplicate_member"] += 1  # a second KEY.jpg (or KEY.JPG): the sample keeps its first one
+            return True  # the tar itself is sound: read on
         stop.append(exc)
         return False  # stop reading this tar: what comes after a broken member is not trustworthy
 

@@ -60,9 +60,16 @@ def collate(samples: list, drop: CaptionDrop) -> tuple[torch.Tensor, torch.Tenso
     return nulled, codes, positions
 
 
+def read_sample(dataset, index: int, position: int):
+    """Sample `index` of the dataset at stream position `position`: a blend (code_shards.MixedDataset) draws
+    its datasets' records by the position's epoch too, so each epoch continues through them."""
+    at_epoch = getattr(dataset, "at_epoch", None)
+    return at_epoch(index, position // len(dataset)) if at_epoch else dataset[index]
+
+
 def read_micro_batch(dataset, ids: torch.Tensor, drop: CaptionDrop):
     """One micro-batch, read now: `ids` an int64 [b, 2] of (position, sample id)."""
-    return collate([(dataset[int(i)], int(p)) for p, i in ids.tolist()], drop)
+    return collate([(read_sample(dataset, int(i), int(p)), int(p)) for p, i in ids.tolist()], drop)
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -94,7 +101,7 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, pair):
         position, index = pair
-        return self.dataset[index], position
+        return read_sample(self.dataset, index, position), position
 
 
 class _Collate:

@@ -15,9 +15,10 @@ once every input is done (`complete`), that step also lists the records whose im
 already holds in duplicates.npy (counted as `duplicate_across_shards`; training leaves them out; the
 shards themselves are not rewritten). `--manifest-only` rebuilds both, e.g. after array tasks.
 
-Every shard's metadata records the header (image tokenizer, text tokenizer, record layout, filters) it
-was made with, so a rerun into a folder holding shards of another header, manifest or not (a killed
-run), is refused before anything is written or removed. Inputs that are not tars at all, and codes or
+Every shard's metadata records the header (image tokenizer, text tokenizer, record layout, filters, image
+decoding) it was made with, and its input's file name and size, so a rerun into a folder holding shards of
+another header or of other inputs, manifest or not (a killed run), is refused before anything is written
+or removed (more inputs than before are fine: the new shards are added). Inputs that are not tars at all, and codes or
 text ids outside the tokenizers' ranges, are refused too; the command prints such errors as one line
 (`error: ...`) and exits with status 1.
 """
@@ -41,9 +42,11 @@ from data_pipeline.code_shards import (
     CAPTION_BYTES,
     HASH_BYTES,
     KEY_BYTES,
+    check_inputs,
     check_shard_headers,
     hash_digest,
     header_differences,
+    read_json,
     record_dtype,
     sha256_file,
     shard_is_complete,
@@ -51,7 +54,7 @@ from data_pipeline.code_shards import (
     write_manifest,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.images import FilterConfig, PreparedSamples
+from data_pipeline.images import DECODING, FilterConfig, PreparedSamples
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import TextTokenizer
 from model_parallel.state import DeviceError, use_device
@@ -102,7 +105,7 @@ def header(vq, text_tok: TextTokenizer, cfg: FilterConfig) -> dict:
                                "text_len": text_tok.max_len},
             "record": {"grid_tokens": vq.grid * vq.grid, "text_len": text_tok.max_len,
                        "caption_bytes": CAPTION_BYTES, "key_bytes": KEY_BYTES},
-            "filters": asdict(cfg)}
+            "filters": asdict(cfg), "image_decoding": DECODING}
 
 
 def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig,
@@ -116,13 +119,14 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
     head = header(vq, text_tok, cfg)
     manifest_path = output / "manifest.json"
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+        old = read_json(manifest_path)
         diff = header_differences({k: old.get(k) for k in head}, json.loads(json.dumps(head)))
         if diff:
             raise DataError(f"{manifest_path}: its code shards were made with another image tokenizer, text "
-                            f"tokenizer or filters than this run: {'; '.join(diff)}; use a new --output folder "
-                            f"(nothing in {output} was changed)")
+                            f"tokenizer, image decoding or filters than this run: {'; '.join(diff)}; use a new "
+                            f"--output folder (nothing in {output} was changed)")
     check_shard_headers(output, head)  # a killed run leaves shards but no manifest
+    check_inputs(output, inputs)
     names = [f"{i:05d}" for i in range(len(inputs))]
     for i in range(shard_index, len(inputs), num_shards):  # leftovers of this task's killed runs
         for stale in output.glob(f".{names[i]}.*.tmp*"):  # (common.files.temporary_name)
@@ -146,8 +150,8 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
             write_atomic(bin_path, records.tobytes())
             write_atomic(output / f"{names[i]}.hashes", hashes.tobytes())  # for the cross-shard pass
             st = bin_path.stat()
-            meta = {"input": str(inputs[i]), "records": len(records), "seen": seen,
-                    "sha256": sha256_file(bin_path), "skipped": dict(sorted(skipped.items())),
+            meta = {"input": str(inputs[i]), "input_bytes": inputs[i].stat().st_size, "records": len(records),
+                    "seen": seen, "sha256": sha256_file(bin_path), "skipped": dict(sorted(skipped.items())),
                     "header": head, "max_code": max_code, "max_text_id": max_text_id,
                     "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
                     "hashes_sha256": hashlib.sha256(hashes.tobytes()).hexdigest()}
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         text_tok = TextTokenizer(args.text_tokenizer, args.text_len)
         inputs = expand_shards(args.input)
         if args.manifest_only:
+            check_inputs(args.output, inputs)
             manifest = write_manifest(args.output, header(vq, text_tok, cfg),
                                       [f"{i:05d}" for i in range(len(inputs))])
         else:

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
             check_is_tar(path)
         out = train_sentencepiece(shard_captions(args.captions, errors), args.vocab_size, args.out,
                                   allow_smaller=False)
-    print(f"wrote {out}" + (f"; unreadable tails in {errors['truncated_tar']} shard(s)" if errors else ""))
+    notes = [f"unreadable tails in {errors['truncated_tar']} shard(s)"] if errors["truncated_tar"] else []
+    notes += [f"{errors['duplicate_member']} repeated tar member(s) left out"] if errors["duplicate_member"] else []
+    print(f"wrote {out}" + "".join(f"; {note}" for note in notes))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: a one-process megatron-core group for in-process tests, gloo worker pools."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -102,3 +103,21 @@ def reference(pool2, tmp_path_factory):
     losses = pool2.run(run, str(path))
     assert losses[0] == losses[1]
     return losses[0], path
+
+
+@pytest.fixture
+def log_lines():
+    """The trainer's log messages (logger 'parti', rank 0) of this test."""
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, logger = Keep(), logging.getLogger("parti")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # (training/metrics.py sets it only when it adds its own handler)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)

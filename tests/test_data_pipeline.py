@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_pipeline.code_shards import CodeShardDataset, MixedDataset, open_training_data, write_manifest
 from data_pipeline.errors import DataError
@@ -99,6 +101,66 @@ def test_images_become_rgb_of_the_tokenizer_size():
     assert rgba[:, 0, 0].tolist() == [255, 255, 255]
 
 
+def test_exif_orientation_is_applied():
+    """A photo stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to view) comes out as the
+    upright picture, red on the left, blue on the right, as a viewer shows it."""
+    upright = Image.new("RGB", (96, 64), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 48, 64))
+    stored = upright.rotate(90, expand=True)  # counter-clockwise: what orientation 6 turns back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif, quality=95)
+    got = prepare_sample({"__key__": "exif", "jpg": buf.getvalue(), "txt": b"red left, blue right"}, FILTERS)
+    want = prepare_sample({"__key__": "up", "jpg": lf.encode(upright), "txt": b"red left, blue right"}, FILTERS)
+    assert got.reason is None and (got.image.float() - want.image.float()).abs().mean() < 4
+
+
+def test_transparent_colour_of_grey_and_rgb_pngs_becomes_white():
+    """A PNG whose transparency is a tRNS colour (modes L and RGB, no alpha channel) is composited on white,
+    as alpha and palette images are."""
+    for mode, colour in (("L", 80), ("RGB", (10, 200, 30))):
+        img = Image.new(mode, (64, 64), colour)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", transparency=colour)
+        p = prepare_sample({"__key__": mode, "png": buf.getvalue(), "txt": b"nothing to see"}, FILTERS)
+        assert p.image[:, 10, 10].tolist() == [255, 255, 255], mode
+
+
+def test_json_sidecars_that_are_not_objects_or_carry_nan_scores():
+    """A .json that is not an object carries nothing to filter on (kept, no crash); a NaN score (img2dataset's
+    missing value) does not pass a filter set on that field, and is ignored where no filter is set."""
+    jpg = lf.encode(lf.shape_image("red", "circle"))
+    for text in (b"[1, 2]", b"null", b'"a string"', b"3"):
+        assert prepare_sample({"__key__": "k", "jpg": jpg, "txt": b"a caption", "json": text}, FILTERS).reason is None
+    nan = {"__key__": "k", "jpg": jpg, "txt": b"a caption", "json": b'{"punsafe": NaN, "similarity": NaN}'}
+    assert prepare_sample(nan, FILTERS).reason == "punsafe"  # FILTERS sets max_punsafe
+    assert prepare_sample(nan, FilterConfig(image_size=64, min_size=16)).reason is None
+    assert prepare_sample(nan, FilterConfig(image_size=64, min_size=16, min_similarity=0.3)).reason == "similarity"
+
+
+def test_repeated_tar_member_is_counted_and_the_rest_of_the_shard_read(tmp_path):
+    """webdataset refuses a sample with two files of one name (x.txt twice, x.jpg and x.JPG); that costs the
+    repeated file only, counted under duplicate_member, not the rest of the shard as a truncated tar."""
+    import tarfile
+
+    samples = lf.synthetic_samples(3)
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, (key, files) in enumerate(samples):
+            members = [(f"{key}.{ext}", data) for ext, data in files.items()]
+            if i == 0:
+                members += [(f"{key}.txt", b"a second caption"), (f"{key}.JPG", files["jpg"])]
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    errors = Counter()
+    read = list(read_shard(path, errors))
+    assert [s["__key__"] for s in read] == [k for k, _ in samples] and errors == {"duplicate_member": 2}
+    assert read[0]["txt"] == samples[0][1]["txt"]  # the first of the repeated files is kept
+
+
 def test_truncated_tar_costs_only_its_broken_tail(setup):
     errors = Counter()
     keys = [s["__key__"] for s in read_shard(setup["root"] / "laion" / "00002.tar", errors)]
@@ -134,7 +196,7 @@ def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
     for name in ("00000", "00001", "00002"):
         assert (tmp_path / f"{name}.bin").read_bytes() == (single / f"{name}.bin").read_bytes()
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads((single / "manifest.json").read_text())
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*")), "a killed run's temporary files were left"
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +292,40 @@ def test_killed_run_rerun_with_another_text_tokenizer_is_refused(setup, one_run,
     assert all((out / f"{n}.bin").read_bytes() == (single / f"{n}.bin").read_bytes() for n in ("00000", "00001"))
 
 
+def test_other_inputs_into_a_begun_folder_are_refused_and_more_inputs_grow_it(setup, one_run, tmp_path):
+    """Output shard i is input i: a rerun whose input i is another file, or that has fewer inputs than shards
+    exist (the manifest would silently leave the rest out), is refused before anything changes; more inputs
+    than before add their shards, the earlier ones kept as they were."""
+    _, single = one_run
+    inputs, vq, tok = expand_shards(setup["pattern"]), load_image_tokenizer(setup["vq"]), TextTokenizer(setup["spm"], 16)
+    out = tmp_path / "codes"
+    pretokenize(inputs[:2], out, vq, tok, FILTERS)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match=r"codes/00001\.bin was made from .*00001\.tar, and this run's input 1 is "
+                                        r".*00002\.tar: the --input pattern"):
+        pretokenize([inputs[0], inputs[2]], out, vq, tok, FILTERS)
+    with pytest.raises(DataError, match=r"codes/00001\.bin was made from input 1 .* only 1 input"):
+        pretokenize(inputs[:1], out, vq, tok, FILTERS)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    grown = pretokenize(inputs, out, vq, tok, FILTERS)
+    assert grown == json.loads((single / "manifest.json").read_text())
+    assert all((out / n).read_bytes() == before[n] for n in ("00000.bin", "00001.bin", "00001.json"))
+
+
+def test_damaged_metadata_is_named(one_run, tmp_path):
+    _, single = one_run
+    out = tmp_path / "codes"
+    shutil.copytree(single, out)
+    (out / "00001.json").write_text('{"input": "x.tar", "rec')
+    with pytest.raises(DataError, match=r"codes/00001\.json: not readable as JSON"):
+        CodeShardDataset(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["record"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest\.json: no record entry"):
+        CodeShardDataset(out)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("codes", 100, "image code 100 is outside the codebook of 64"),
     ("text", 120, "text id 120 is outside the text vocabulary of 120")])
@@ -289,12 +385,27 @@ def test_sampler_same_global_batches_at_any_dp_size_and_after_restore():
 
 
 def test_mixed_datasets_by_weight():
+    """Exact shares of each epoch; a dataset weighted above its size is cycled (each record equally often), one
+    weighted below it is seen whole over the epochs (the stream's epochs continue through it, as the loader
+    reads it), not the same part every epoch; the same positions give the same records."""
+    from data_pipeline.loader import read_sample
+
     a, b = list(range(100)), list(range(1000, 1010))
     mix = MixedDataset([a, b], [3, 1], size=400)
     picks = [mix[i] for i in range(400)]
     from_b = [x for x in picks if x >= 1000]
-    assert len(from_b) == 100 and from_b[:10] == b and from_b[10:20] == b  # 1:3, b cycled
+    assert len(from_b) == 100 and Counter(from_b) == {x: 10 for x in b}  # 1:3, b cycled
+    assert Counter(x for x in picks if x < 1000) == {x: 3 for x in a}
     assert picks == [MixedDataset([a, b], [3, 1], size=400)[i] for i in range(400)]
+
+    small, big = list(range(1000)), list(range(5000, 6000))  # small weighted 1:3, its share 500 of 2000
+    mix = MixedDataset([small, big], [1, 3])
+    sampler = GlobalBatchSampler(dataset_len=len(mix), global_batch_size=8, seed=3)
+    stream = sampler.stream(0, 2 * len(mix))
+    drawn = [read_sample(mix, int(i), k) for k, i in enumerate(stream.tolist())]
+    epochs = [[x for x in drawn[e * len(mix):(e + 1) * len(mix)] if x < 1000] for e in (0, 1)]
+    assert [len(e) for e in epochs] == [500, 500] and sorted(epochs[0] + epochs[1]) == small
+    assert 100 < sum(x < 500 for x in epochs[0]) < 400  # an epoch's part is spread over the whole dataset
 
 
 def test_trainer_reads_code_shards(single_process, setup, one_run, tmp_path):
@@ -309,6 +420,23 @@ def test_trainer_reads_code_shards(single_process, setup, one_run, tmp_path):
     with pytest.raises(ConfigError, match="records have text_len=16, the model expects 32"):
         run(str(tmp_path / "bad"), *model, "model.text_seq_len=32")
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_resume_on_grown_data_warns_that_the_order_changes(single_process, setup, tmp_path, log_lines):
+    """Shards added to the folder data.shards names between two segments of a run: the sample order (a
+    permutation of the dataset's length) is another from the resumed step on, which the log says."""
+    from tests.conftest import run
+
+    inputs, vq, tok = expand_shards(setup["pattern"]), load_image_tokenizer(setup["vq"]), TextTokenizer(setup["spm"], 16)
+    codes = tmp_path / "codes"
+    before = pretokenize(inputs[:2], codes, vq, tok, FILTERS)["records"]
+    model = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=64", "model.text_vocab_size=128",
+             "data.synthetic=false", f"data.shards={codes}"]
+    assert len(run(str(tmp_path / "run"), *model, steps=3)) == 3
+    after = pretokenize(inputs, codes, vq, tok, FILTERS)["records"]
+    assert len(run(str(tmp_path / "run"), *model, steps=4)) == 1
+    warning = f"warning: the training data holds {after:,} samples, {before:,} when step_00000003 was saved"
+    assert any(line.startswith(warning) for line in log_lines), log_lines
 
 
 def test_train_text_tokenizer_command(setup, tmp_path, capsys):

@@ -13,7 +13,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import pickle
 import re
@@ -54,24 +53,6 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def log_lines():
-    """The trainer's log messages (logger 'parti', rank 0) of this test."""
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler, logger = Keep(), logging.getLogger("parti")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # (training/metrics.py sets it only when it adds its own handler)
-    yield lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------

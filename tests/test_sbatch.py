@@ -195,3 +195,23 @@ def test_pretokenize_task_asks_for_the_gpu(tmp_path):
         parser.add_argument("--shard-index")
         assert parser.parse_known_args(argv)[0].device == device, argv
         assert after(argv, "--shard-index") == "1" and after(argv, "--num-shards") == "4"
+
+
+def test_pretokenize_array_numbered_otherwise_needs_num_tasks(tmp_path):
+    """Array task ids are the split's indices: --array=1-32 (ids 1..32, 32 tasks) would leave split 0 undone
+    and fail at 32, so it is refused unless NUM_TASKS gives the split; rerunning tasks 3 and 17 of a 0-31
+    array with NUM_TASKS=32 does splits 3 and 17 of 32."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_OUT/python.args"\n')
+    stub.chmod(0o755)
+    args = ["in/{0..1}.tar", "out", "vq.pt", "spm.model"]
+    one_to_32 = {"PYTHON": str(stub), "SLURM_ARRAY_TASK_ID": "32", "SLURM_ARRAY_TASK_COUNT": "32",
+                 "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "32"}
+    code, log, _, _ = run_script(tmp_path, "pretokenize.sbatch", args, one_to_32)
+    assert code == 2 and "not numbered 0..N-1: set NUM_TASKS" in log
+    assert not (tmp_path / "out" / "python.args").exists()
+    rerun = {"PYTHON": str(stub), "SLURM_ARRAY_TASK_ID": "17", "SLURM_ARRAY_TASK_COUNT": "2",
+             "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_MAX": "17", "NUM_TASKS": "32"}
+    code, log, _, _ = run_script(tmp_path, "pretokenize.sbatch", args, rerun)
+    argv = (tmp_path / "out" / "python.args").read_text().split("\0")[:-1]
+    assert code == 0 and after(argv, "--shard-index") == "17" and after(argv, "--num-shards") == "32", log

@@ -242,6 +242,11 @@ class Trainer:
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
             self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
+            saved_len = state.get("sampler", {}).get("dataset_len")
+            if saved_len not in (None, len(self.dataset)):  # e.g. shards added to the folder data.shards names
+                self.log.info(f"warning: the training data holds {len(self.dataset):,} samples, {saved_len:,} when "
+                              f"{self.plan.tag} was saved: the sample order from step {self.step} on is that of the "
+                              "new data (samples of this epoch may repeat or be skipped)")
         self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
 
     def _reader_at(self, consumed: int) -> ReadAhead:
