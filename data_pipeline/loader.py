@@ -46,9 +46,7 @@ def rank_micro_batch_ids(sampler, consumed: int, dp_rank: int, dp_size: int,
                          micro_batch_size: int) -> list[torch.Tensor]:
     """This DP rank's micro-batches of the global batch starting at `consumed`, each an int64 [b, 2] of
     (position in the sample stream, sample id)."""
-    positions = torch.arange(consumed, consumed + sampler.global_batch_size)
-    pairs = torch.stack([positions, sampler.global_batch(consumed)], 1)
-    return list(sampler.rank_slice(pairs, dp_rank, dp_size).split(micro_batch_size))
+    return list(torch.stack(sampler.rank_batch(consumed, dp_rank, dp_size), 1).split(micro_batch_size))
 
 
 def collate(samples: list, drop: CaptionDrop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -297,7 +297,8 @@ def test_other_inputs_into_a_begun_folder_are_refused_and_more_inputs_grow_it(se
     exist (the manifest would silently leave the rest out), is refused before anything changes; more inputs
     than before add their shards, the earlier ones kept as they were."""
     _, single = one_run
-    inputs, vq, tok = expand_shards(setup["pattern"]), load_image_tokenizer(setup["vq"]), TextTokenizer(setup["spm"], 16)
+    inputs, vq = expand_shards(setup["pattern"]), load_image_tokenizer(setup["vq"])
+    tok = TextTokenizer(setup["spm"], 16)
     out = tmp_path / "codes"
     pretokenize(inputs[:2], out, vq, tok, FILTERS)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -369,19 +370,42 @@ def test_corrupt_inputs_are_refused_clearly(setup, one_run, tmp_path):
         CodeShardDataset(tmp_path)
 
 
-def test_sampler_same_global_batches_at_any_dp_size_and_after_restore():
-    sampler = GlobalBatchSampler(dataset_len=37, global_batch_size=8, seed=5)
+@pytest.mark.parametrize("order", ["feistel", "randperm"])
+def test_sampler_same_global_batches_at_any_dp_size_and_after_restore(order):
+    sampler = GlobalBatchSampler(dataset_len=37, global_batch_size=8, seed=5, order=order)
     for step in range(12):  # crosses several epochs
         whole = sampler.global_batch(step * 8)
         for dp in (2, 4):
             parts = [GlobalBatchSampler.rank_slice(whole, r, dp) for r in range(dp)]
             assert torch.equal(torch.cat(parts), whole)
+            for r, part in enumerate(parts):  # each rank computes its part alone
+                positions, ids = sampler.rank_batch(step * 8, r, dp)
+                assert torch.equal(ids, part) and positions.tolist() == list(range(step * 8 + r * len(part),
+                                                                                   step * 8 + (r + 1) * len(part)))
     state = sampler.state_dict(consumed=5 * 8)
-    restored = GlobalBatchSampler(state["dataset_len"], state["global_batch_size"], state["seed"])
+    restored = GlobalBatchSampler(state["dataset_len"], state["global_batch_size"], state["seed"], state["order"])
     assert torch.equal(restored.global_batch(state["consumed"]), sampler.global_batch(40))
     epoch0 = torch.cat([sampler.stream(0, 37)])
     assert sorted(epoch0.tolist()) == list(range(37))  # an epoch is a permutation
     assert not torch.equal(sampler.stream(37, 37), epoch0)  # reshuffled next epoch
+
+
+def test_feistel_order_is_a_permutation_of_any_length_without_a_table():
+    """Every length (1, powers of two and their neighbours, odd sizes) gets a permutation, another per seed and
+    epoch, uncorrelated with the position; at 4 billion samples a global batch is computed in a moment,
+    with no table of the dataset's length."""
+    from data_pipeline.sampler import feistel_permute
+
+    for n in (1, 2, 3, 4, 5, 37, 63, 64, 65, 1000, 4097):
+        assert sorted(feistel_permute(torch.arange(n), n, key=9).tolist()) == list(range(n)), n
+    n = 100_000
+    a, b = (feistel_permute(torch.arange(n), n, key=k).double() for k in (1, 2))
+    assert not torch.equal(a, b)
+    for x, y in ((torch.arange(n).double(), a), (a, b)):
+        assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1]) < 0.02
+    big = GlobalBatchSampler(dataset_len=4_000_000_000, global_batch_size=4096, seed=1)
+    ids = big.global_batch(123_456_789_000)
+    assert len(set(ids.tolist())) == 4096 and 0 <= int(ids.min()) and int(ids.max()) < 4_000_000_000
 
 
 def test_mixed_datasets_by_weight():
@@ -427,7 +451,8 @@ def test_resume_on_grown_data_warns_that_the_order_changes(single_process, setup
     permutation of the dataset's length) is another from the resumed step on, which the log says."""
     from tests.conftest import run
 
-    inputs, vq, tok = expand_shards(setup["pattern"]), load_image_tokenizer(setup["vq"]), TextTokenizer(setup["spm"], 16)
+    inputs, vq = expand_shards(setup["pattern"]), load_image_tokenizer(setup["vq"])
+    tok = TextTokenizer(setup["spm"], 16)
     codes = tmp_path / "codes"
     before = pretokenize(inputs[:2], codes, vq, tok, FILTERS)["records"]
     model = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=64", "model.text_vocab_size=128",

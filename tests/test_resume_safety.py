@@ -131,6 +131,23 @@ def test_resume_with_a_changed_seed_warns(single_process, reference, tmp_path, l
     assert any(line.startswith("warning: train.seed changed on resume (1234 -> 7)") for line in log_lines), log_lines
 
 
+def test_a_run_begun_with_the_stored_permutation_keeps_its_sample_order(single_process, tmp_path, monkeypatch):
+    """Runs begun before the sampler's Feistel order saved no order (theirs was a stored torch.randperm): such a
+    run resumed by today's trainer continues its own stream, the losses of its uninterrupted run."""
+    from data_pipeline.sampler import GlobalBatchSampler
+
+    with monkeypatch.context() as old_version:
+        old_version.setattr(GlobalBatchSampler.__init__, "__defaults__", ("randperm",))
+        uninterrupted = run(str(tmp_path / "full"), steps=6)
+        first = run(str(tmp_path / "resumed"), steps=3)
+    state_file = tmp_path / "resumed" / "checkpoints" / tag_for(3) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["sampler"].pop("order") == "randperm"
+    state_file.write_text(json.dumps(state))  # as the old version wrote it
+    assert first + run(str(tmp_path / "resumed"), steps=6) == uninterrupted
+    assert run(str(tmp_path / "feistel"), steps=6) != uninterrupted  # (another order: the check can fail)
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 5: checkpoints cannot run code
 

@@ -72,8 +72,10 @@ def test_pretraining_at_tp2_and_dp2_gives_the_losses_of_one_process(pretrained, 
     weights = read_encoder(tmp_path / "text_encoder")  # saved from 2 ranks, read back whole
     for name, w in pretrained[2].items():
         # The key part of qkv's bias gets no gradient (softmax ignores it): Adam turns fp32 rounding noise,
-        # which differs between layouts, into updates of ~1e-4 there. Everything else agrees to ~1e-6.
-        tolerance = 1e-3 if name.endswith("qkv.bias") else 1e-5
+        # which differs between layouts, into updates of ~1e-4 there. Elsewhere nearly all agree to ~1e-6;
+        # an element whose gradient is near 0 can take a few such noisy updates (2.3e-5 seen). A wrong mask or
+        # sample would move weights by ~lr = 3e-3 a step.
+        tolerance = 1e-3 if name.endswith("qkv.bias") else 1e-4
         torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=tolerance, msg=name)
 
 

@@ -214,7 +214,7 @@ class _Pretraining:
     def step(self, step: int) -> tuple[float, float]:
         """Global batch `step` (0-based): masked-token loss, clipped AdamW update; (mean loss, grad norm)."""
         t, device, rank = self.cfg.train, self.device, self.dp_rank
-        mine = self.sampler.rank_slice(self.sampler.global_batch(step * t.global_batch_size), rank, self.dp_size)
+        _, mine = self.sampler.rank_batch(step * t.global_batch_size, rank, self.dp_size)
         text = torch.stack([self.captions[int(i)] for i in mine])
         generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
         inputs, chosen = mask_tokens(text, self.cfg.model, generator, rank * len(mine), t.global_batch_size)
@@ -239,7 +239,8 @@ class _Pretraining:
 
     def save(self, step: int) -> None:
         """checkpoints/step_<step>/ (every rank; training/checkpoint.py: `latest`, pruning, failures)."""
-        state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg)}
+        state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg),
+                 "sampler_order": self.sampler.order}
         self._adam_state(0)  # (a parameter never updated yet)
         save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), self.run_dir, step, state,
                       self.cfg.train.keep_checkpoints)
@@ -253,7 +254,10 @@ class _Pretraining:
         step = 0
         if tag is not None:
             path = checkpoint_dir(self.run_dir) / tag
-            step = _read_state(path, self.cfg.model)
+            step, order = _read_state(path, self.cfg.model)
+            if order != self.sampler.order:  # a run keeps the caption order it began with
+                self.sampler = GlobalBatchSampler(self.sampler.n, self.cfg.train.global_batch_size,
+                                                  self.cfg.train.seed, order)
             self._adam_state(step)
             load_in_place(_blocks(self.model, self.cfg.model, self.optimizer), path)
             self.log.info(f"resumed from {path} at step {step}")
@@ -278,8 +282,9 @@ def shape_differences(saved_model: dict, model_cfg: ModelConfig) -> str:
                      if getattr(saved, k) != getattr(model_cfg, k))
 
 
-def _read_state(path: Path, model_cfg: ModelConfig) -> int:
-    """A pre-training checkpoint's step; CheckpointError naming the file when it is not one, or of another shape."""
+def _read_state(path: Path, model_cfg: ModelConfig) -> tuple[int, str]:
+    """A pre-training checkpoint's step and sample order (data_pipeline.sampler; "randperm" where none is
+    recorded); CheckpointError naming the file when it is not one, or of another shape."""
     file = path / STATE_FILE
     try:
         state = json.loads(file.read_text())
@@ -292,7 +297,7 @@ def _read_state(path: Path, model_cfg: ModelConfig) -> int:
     differ = shape_differences(state["config"]["model"], model_cfg)
     if differ:
         raise CheckpointError(f"{path}: an encoder of another shape ({differ}); use another --run-dir")
-    return int(state["step"])
+    return int(state["step"]), state.get("sampler_order", "randperm")
 
 
 def _blocks(module: nn.Module, model_cfg: ModelConfig, optimizer: torch.optim.Optimizer | None = None) -> dict:

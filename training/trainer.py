@@ -240,6 +240,10 @@ class Trainer:
             state = checkpoint.load(self.engine, self.cfg, self.layout, self.run_dir, self.plan.tag)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
+            order = state.get("sampler", {}).get("order", "randperm")  # (runs begun before orders were recorded)
+            if order != self.sampler.order:  # a run keeps the sample order it began with
+                self.sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.global_batch_size,
+                                                  self.cfg.train.seed, order)
             self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
             saved_len = state.get("sampler", {}).get("dataset_len")
