@@ -47,7 +47,7 @@ FORMAT = "parti-code-shards/1"
 CAPTION_BYTES, KEY_BYTES = 256, 64
 SHARD_META = re.compile(r"^\d+\.json$")
 CHUNK_RECORDS = 1 << 14  # records per step of a scan over a memory map (~40 MiB at 32x32 codes)
-HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters", "image_decoding")  # what a shard was made with (pretokenize.header)
+HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters", "image_decoding")  # a shard's makings (pretokenize.header)
 PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns", "hashes_sha256")  # NNNNN.json only
 HASH_BYTES = 16  # the first 128 bits of the image file's sha256, per record in NNNNN.hashes
 DUPLICATES = "duplicates.npy"
@@ -173,8 +173,9 @@ def check_shard_headers(folder: Path, header: dict) -> None:
     if mismatched:
         path, diff = mismatched[0]
         more = f" (and {len(mismatched) - 1} more shard(s))" if len(mismatched) > 1 else ""
-        raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer, image decoding or filters than this "
-                        f"run: {'; '.join(diff)}; use a new --output folder (nothing in {folder} was changed)")
+        raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer, image decoding or "
+                        f"filters than this run: {'; '.join(diff)}; use a new --output folder (nothing in {folder} "
+                        "was changed)")
 
 
 def check_inputs(folder: Path, inputs: list[Path]) -> None:
@@ -291,8 +292,9 @@ class CodeShardDataset:
             meta = read_json(meta_path) if meta_path.is_file() else {}
             diff = header_differences(meta["header"], head) if "header" in meta else []
             if diff:  # e.g. a shard copied in from another folder
-                raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer, image decoding or filters than "
-                                f"{path} says: {'; '.join(diff)}; pre-tokenize again into a new --output folder")
+                raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer, image decoding "
+                                f"or filters than {path} says: {'; '.join(diff)}; pre-tokenize again into a new "
+                                "--output folder")
             size = bin_path.stat().st_size
             if size != shard["records"] * self.dtype.itemsize:
                 raise DataError(f"{bin_path}: {size} bytes, expected {shard['records']} records of "

@@ -78,7 +78,8 @@ class TextTokenizer:
             raise DataError(f"{path}: pad/eos ids are {self.sp.pad_id()}/{self.sp.eos_id()}, "
                             f"expected {PAD_ID}/{EOS_ID} (train it with this project's command)")
         if max_len < 2:  # (1 would make every caption [EOS], the null caption of classifier-free guidance)
-            raise DataError(f"text length {max_len} (--text-len, model.text_seq_len): expected at least 2 (a piece and EOS)")
+            raise DataError(f"text length {max_len} (--text-len, model.text_seq_len): expected at least 2 "
+                            "(a piece and EOS)")
         self.max_len = max_len
         self.vocab_size = self.sp.get_piece_size()
         self.content_hash = hashlib.sha256(path.read_bytes()).hexdigest()
