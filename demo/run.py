@@ -233,7 +233,7 @@ def sample_prompts(model, vq, text_tok, prompts: list[dict], out: Path, cfg: Dem
     generate(model, vq, text_tok, prompts, out, SamplingConfig(guidance_scale=cfg.guidance_scale),
              cfg.samples_per_prompt, cfg.seed, batch_size=16, upsampler=upsampler)
     rows = []
-    for meta in map(json.loads, gather_metadata(out).read_text().splitlines()):
+    for meta in map(json.loads, gather_metadata(out, len(prompts)).read_text().splitlines()):
         for name in meta["files"]:
             colour, shape = shapes.measure(Image.open(out / name))
             rows.append({**meta, "file": name, "seen_colour": colour, "seen_shape": shape,

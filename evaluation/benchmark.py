@@ -4,30 +4,39 @@ images are also upsampled, and `benchmark.resolution=upsampled` scores those.
 
     python -m evaluation.benchmark --config configs/eval/partiprompts.yaml \
         --set model.checkpoint=runs/x/export model.vq=vq.pt model.text_tokenizer=spm.model \
-              clip.model=ViT-L-14 clip.weights=/models/ViT-L-14.pt
+              clip.model=local-dir:/models/CLIP-ViT-L-14        # or clip.model=ViT-L-14 clip.weights=F clip.tag=openai
     python -m evaluation.benchmark --config configs/eval/coco30k.yaml --set ... benchmark.real=/data/coco/val2014
     torchrun --nproc_per_node 8 -m evaluation.benchmark ...          # or: sbatch slurm/eval.sbatch CONFIG --set ...
 
 Every process generates its slice of the prompts into <out>/images (resumable: a rerun continues where a
 preempted one stopped); rank 0 then scores: CLIP score of every kept image against its prompt, FID against
 the real folder (coco30k), and writes <out>/results.json, <out>/report.html and <out>/grids/*.png. The
-resolved config is saved as <out>/eval_config.yaml.
+resolved config is saved as <out>/eval_config.yaml. Only this run's prompts are scored (a folder that an
+earlier run with a larger benchmark.limit filled holds more).
+
+What a number means is written next to it: FID's image counts (results.json `fid_real_images`,
+`fid_fake_images`, the report and the printed line), a FID over fewer than 30,000 generated images named
+`FID-N` with a warning (it is biased upward; not comparable with published COCO-30k FIDs), and, when each
+prompt's kept image is the best of several by the same CLIP model that scores it (PartiPrompts' reranking),
+`selected_by_same_model` with the unbiased mean over all samples, `clip_score_all_samples`.
 """
 from __future__ import annotations
 
+import html
 import json
+import sys
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
-from PIL import Image
 
 from common.cli import command, config_parser
+from common.files import write_atomic
 from data_pipeline.shared_data import resolve
 from evaluation.clip_score import ClipScorer, read_metadata, score_samples
 from evaluation.config import EvalConfig, load_eval_config
-from evaluation.fid import fid
+from evaluation.fid import fid, open_rgb
 from evaluation.generate import (
     WAIT_FOR_PEERS_MINUTES,
     gather_metadata,
@@ -66,11 +75,15 @@ def grid_section(images: Path, grids: Path, name: str, rows: list[dict], count: 
     return name, image_html(f"grids/{file.name}")
 
 
+def warnings_of(results: dict) -> list[str]:
+    return [v for k, v in results.items() if k.endswith("_warning") and v]
+
+
 def write_report(cfg: EvalConfig, out: Path, images: Path, results: dict, metadata: list[dict],
                  per_prompt: list[dict]) -> Path:
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
-    summary = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    summary = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not k.endswith("_warning")}
     sections = [("Summary", table_html([summary], digits=3))]
     if cfg.benchmark.name == "partiprompts" and per_prompt:
         for key in ("Category", "Challenge"):
@@ -86,7 +99,49 @@ def write_report(cfg: EvalConfig, out: Path, images: Path, results: dict, metada
     reranked = cfg.clip.model and cfg.sampling.samples_per_prompt > 1
     intro = (f"Model {cfg.model.checkpoint}; sampling {vars(cfg.sampling)}; CLIP {cfg.clip.model or 'none'}. "
              + ("Samples reranked by CLIP score: the best is shown." if reranked else "The first sample is shown."))
+    intro += "".join(f"<br><b>Warning:</b> {html.escape(w)}" for w in warnings_of(results))
     return write_html(out / "report.html", f"{cfg.benchmark.name} evaluation", sections, intro)
+
+
+def generated_size(images: Path, metadata: list[dict]) -> tuple[int, int]:
+    """(width, height) of the generated images (the first one's)."""
+    if not metadata:
+        raise ValueError(f"{images / 'metadata.jsonl'} lists no prompts; expected those evaluation.generate wrote")
+    return open_rgb(images / metadata[0]["files"][0]).size
+
+
+def fid_results(cfg: EvalConfig, images: Path, metadata: list[dict], size: tuple[int, int]) -> dict:
+    """coco30k: FID of the images `metadata` lists (this run's prompts) against benchmark.real, the real images
+    centre-cropped to the generated size first (benchmark.real_center_crop), with both image counts."""
+    real_size = None
+    if cfg.benchmark.real_center_crop:
+        if size[0] != size[1]:
+            raise ValueError(f"benchmark.real_center_crop crops real images to the generated size, but the images "
+                             f"in {images} are {size[0]}x{size[1]}, not square; set benchmark.real_center_crop=false")
+        real_size = size[0]
+    files = [images / name for meta in metadata for name in meta["files"]]
+    measured = fid(cfg.benchmark.real, images, real_size=real_size, fake_files=files)
+    return {"fid": measured["fid"], "fid_name": measured["name"], "fid_real_images": measured["real_images"],
+            "fid_fake_images": measured["fake_images"], "fid_warning": measured["warning"],
+            "fid_protocol": measured["protocol"]}
+
+
+def clip_selection(cfg: EvalConfig, metadata: list[dict]) -> dict:
+    """How the scored images were chosen. The best `keep` of `samples_per_prompt` by the CLIP model that also
+    scores them (Parti's reranking) score higher than a random sample: the unbiased figure is the mean over all
+    samples, which reranking scored (on the detokenizer's images) and each prompt's .json keeps."""
+    s = cfg.sampling
+    selected = bool(cfg.clip.model) and s.samples_per_prompt > 1 and 0 < s.keep < s.samples_per_prompt
+    out = {"samples_per_prompt": s.samples_per_prompt, "keep": s.keep or s.samples_per_prompt,
+           "selected_by_same_model": selected}
+    every = [x for meta in metadata for x in meta.get("all_clip_scores", [])]
+    if selected and every:
+        out["clip_score_all_samples"] = sum(every) / len(every)
+        out["clip_warning"] = (f"clip_score is over the best {s.keep} of {s.samples_per_prompt} samples per prompt, "
+                               "chosen by the same CLIP model (biased upward); clip_score_all_samples is the mean over "
+                               "all samples" + (" (scored before upsampling)" if cfg.benchmark.resolution == "upsampled"
+                                                else ""))
+    return out
 
 
 def score(cfg: EvalConfig, out: Path, scorer) -> dict:
@@ -94,22 +149,21 @@ def score(cfg: EvalConfig, out: Path, scorer) -> dict:
     benchmark.resolution (the detokenizer's, or the upsampler's)."""
     images = out / "images" if cfg.benchmark.resolution == "base" else upsampled_folder(out / "images")
     metadata = read_metadata(images)
-    with Image.open(images / metadata[0]["files"][0]) as first:
-        size = "x".join(map(str, first.size))
+    size = generated_size(images, metadata)
     results: dict = {"benchmark": cfg.benchmark.name, "prompts": len(metadata),
-                     "resolution": f"{cfg.benchmark.resolution} ({size})"}
+                     "resolution": f"{cfg.benchmark.resolution} ({size[0]}x{size[1]})"}
     per_prompt: list[dict] = []
     if scorer is not None:
-        clip = score_samples(scorer, images)
-        results.update(clip_score=clip["clip_score"], clip_images=clip["images"], clip_protocol=clip["protocol"])
+        clip = score_samples(scorer, images, metadata=metadata)
+        results.update(clip_score=clip["clip_score"], clip_images=clip["images"], **clip_selection(cfg, metadata),
+                       clip_protocol=clip["protocol"])
         per_prompt = per_prompt_scores(clip, metadata)
         if cfg.benchmark.name == "partiprompts":
             results.update(per_category=group_scores(per_prompt, "Category"),
                            per_challenge=group_scores(per_prompt, "Challenge"))
     if cfg.benchmark.name == "coco30k":
-        measured = fid(cfg.benchmark.real, images)
-        results.update(fid=measured["fid"], fid_protocol=measured["protocol"])
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+        results.update(fid_results(cfg, images, metadata, size))
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_report(cfg, out, images, results, metadata, per_prompt)
     return results
 
@@ -117,7 +171,10 @@ def score(cfg: EvalConfig, out: Path, scorer) -> dict:
 def run(cfg: EvalConfig) -> dict | None:
     import torch.distributed as dist
 
-
+    prompts = read_prompts(resolve(cfg.benchmark.prompts))[: cfg.benchmark.limit or None]
+    if not prompts:  # (checked before minutes of model loading)
+        raise ValueError(f"benchmark.prompts={cfg.benchmark.prompts}: no prompts; expected a prompt file with at "
+                         "least one prompt")
     device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
     init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -125,18 +182,29 @@ def run(cfg: EvalConfig) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "eval_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    prompts = read_prompts(resolve(cfg.benchmark.prompts))[: cfg.benchmark.limit or None]
     model, vq, text_tok = load_for_sampling(cfg.model.checkpoint, cfg.model.vq, cfg.model.text_tokenizer, device)
     upsampler = load_upsampler_for_sampling(cfg.model.upsampler, device) if cfg.model.upsampler else None
-    scorer = ClipScorer.load(cfg.clip.model, cfg.clip.weights or None, device) if cfg.clip.model else None
+    scorer = (ClipScorer.load(cfg.clip.model, cfg.clip.weights or None, device, cfg.clip.tag or None)
+              if cfg.clip.model else None)
     s = cfg.sampling
     generate(model, vq, text_tok, prompts, out / "images", s.per_code(), s.samples_per_prompt, s.seed, s.batch_size,
              rank, world, scorer if s.samples_per_prompt > 1 else None, s.keep, upsampler)  # reranked when there is a choice
     dist.barrier()
     if rank != 0:
         return None
-    gather_metadata(out / "images")
+    gather_metadata(out / "images", len(prompts))  # this run's prompts only (not a larger earlier limit's)
     return score(cfg, out, scorer)
+
+
+def summary_line(cfg: EvalConfig, results: dict) -> str:
+    """The printed result: each number under its honest name, FID with its image counts."""
+    names = {"fid": results.get("fid_name", "fid")}
+    shown = {names.get(k, k): round(v, 4) for k, v in results.items()
+             if k in ("fid", "clip_score", "clip_score_all_samples")}
+    counts = (f" ({results['fid_fake_images']} generated vs {results['fid_real_images']} real images)"
+              if "fid" in results else "")
+    return (f"{cfg.benchmark.name}: {results['prompts']} prompts {shown}{counts}; "
+            f"report {Path(cfg.benchmark.out) / 'report.html'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_eval_config(args.config, args.set)
         results = run(cfg)
     if results is not None:
-        shown = {k: round(v, 4) for k, v in results.items() if k in ("fid", "clip_score")}
-        print(f"{cfg.benchmark.name}: {results['prompts']} prompts {shown}; report {Path(cfg.benchmark.out) / 'report.html'}")
+        print(summary_line(cfg, results))
+        for warning in warnings_of(results):
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

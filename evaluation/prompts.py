@@ -6,7 +6,8 @@ of dicts with "prompt".
 TSV is read with csv.QUOTE_NONE: PartiPrompts has prompts that start with a double quote, which default
 CSV quoting would strip. The prompt column is the first of Prompt / prompt / caption / text. A COCO captions
 file (captions_val2014.json / captions_val2017.json) gives one prompt per image: its first caption. A file
-must be UTF-8: one that is not, or a JSON file that does not parse, is a ValueError naming the file and line.
+must be UTF-8 (a leading byte-order mark is dropped): one that is not, a JSON file that does not parse, or a
+JSONL line that is not an object, is a ValueError naming the file and line.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def _with_prompt(row: dict, source: str, line: int) -> dict:
 
 def _text(path: Path) -> str:
     data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
+    try:  # utf-8-sig: without the byte-order mark some editors write, which would stick to the first column's name
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); expected a "
@@ -40,6 +41,15 @@ def _json(text: str, source: str, line: int = 0):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}:{line or e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _json_object(text: str, source: str, line: int) -> dict:
+    row = _json(text, source, line)
+    if not isinstance(row, dict):
+        kind = {str: "string", list: "array", bool: "boolean", type(None): "null"}.get(type(row), "number")
+        raise ValueError(f"{source}:{line}: a JSON {kind}, not an object; expected one object per line with a field "
+                         f"named {', '.join(PROMPT_COLUMNS)}")
+    return row
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -56,7 +66,7 @@ def read_prompts(path: str | Path) -> list[dict]:
         return coco_captions(_json(text, str(path)), str(path))
     lines = io.StringIO(text, newline="")
     if suffix == ".jsonl":
-        return [_with_prompt(_json(line, str(path), i + 1), str(path), i + 1)
+        return [_with_prompt(_json_object(line, str(path), i + 1), str(path), i + 1)
                 for i, line in enumerate(lines) if line.strip()]
     return [{"prompt": line.strip()} for line in lines if line.strip()]
 

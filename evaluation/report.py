@@ -12,6 +12,8 @@ import html
 import textwrap
 from pathlib import Path
 
+from common.files import write_atomic
+
 
 def image_grid(images: list, captions: list[str] | None = None, columns: int = 4, cell: int = 128):
     """PIL images or paths -> one PIL image, `columns` wide, each cell `cell` pixels with its caption below."""
@@ -82,5 +84,5 @@ def write_html(path: str | Path, title: str, sections: list[tuple[str, str]], in
         parts.append(f"<p>{intro}</p>")
     parts += [f"<h2>{html.escape(heading)}</h2>\n{body}" for heading, body in sections]
     parts.append("</body></html>\n")
-    Path(path).write_text("\n".join(parts), encoding="utf-8")
+    write_atomic(path, "\n".join(parts))  # (a reader never sees half a page; an earlier page stays if this fails)
     return Path(path)

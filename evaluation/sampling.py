@@ -6,8 +6,10 @@
 
 With `guidance_scale` set, every step runs the captions and the null caption ([EOS], as in training)
 as one doubled batch and samples from uncond + scale * (cond - uncond) (Parti used 1.2); None samples
-from the conditional logits alone. Logits are gathered over tensor-parallel ranks, and every rank draws
-from the same generator, so all ranks produce the same codes.
+from the conditional logits alone, and so does 1 (which is them: no doubled batch). Logits are gathered
+over tensor-parallel ranks, and every rank draws from the same generator, so all ranks produce the same
+codes. With `codebook_size` (a VQ tokenizer with fewer codes than the model's image vocabulary) only codes
+below it are drawn, in every decoding mode.
 
 Decoding modes (one loop, one step function each):
 - `use_cache=False`: the whole prefix again at every step (the reference the caches are checked against);
@@ -31,11 +33,13 @@ default generator. Per-image generators (a list) keep each image independent of 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
+from common.config import ConfigError
 from model_parallel.model import null_condition
 
 
@@ -50,7 +54,21 @@ class SamplingConfig:
     top_p: float = 1.0
     """Keep the smallest set of codes whose probability reaches top_p (1: all)."""
     guidance_scale: float | None = None
-    """Classifier-free guidance scale (None: no guidance; Parti: 1.2)."""
+    """Classifier-free guidance scale (None: no guidance; 1 samples as None does; Parti: 1.2)."""
+
+    def __post_init__(self):
+        # Out-of-range values do not fail when sampling, they sample wrongly: top_p 0 masks every code (NaN
+        # probabilities, every code 0), a negative temperature prefers the least likely code, a negative top_k
+        # filters nothing.
+        checks = {"temperature": (math.isfinite(self.temperature) and self.temperature >= 0, ">= 0 (0: greedy)"),
+                  "top_k": (self.top_k >= 0, ">= 0 (0: all codes)"),
+                  "top_p": (0 < self.top_p <= 1, "in (0, 1] (1: all codes)"),
+                  "guidance_scale": (self.guidance_scale is None or math.isfinite(self.guidance_scale),
+                                     "a finite number or null (no guidance)")}
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"sampling.{name} (--{name.replace('_', '-')}) must be {expected}, "
+                                  f"not {getattr(self, name)!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -121,7 +139,9 @@ class Recompute:
         )
 
         full = self.model.decode(tokens[:, :i + 1], self.memory, self.mask)
-        return gather_from_tensor_model_parallel_region(full)[-1]
+        # Over the model's own TP group (as decode_step): a model built for another group than megatron's
+        # global one (a TP=1 export loaded inside a TP>1 job) would otherwise gather other ranks' logits.
+        return gather_from_tensor_model_parallel_region(full, group=self.model.tp_group)[-1]
 
 
 class CachedStep:
@@ -206,19 +226,31 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def sample(model, text_ids: torch.Tensor, cfg: SamplingConfig, generator=None, use_cache: bool = True,
            max_tokens: int | None = None, cuda_graph: bool = False, static_cache: bool = False,
-           timings: dict | None = None) -> torch.Tensor:
-    """Image codes [b, grid*grid] for captions [b, T] (model: PartiModel in eval mode); with
-    `max_tokens`, only the first codes (previews, benchmarks). `cuda_graph` (CUDA, with the cache) and
-    `static_cache` choose the decoding mode (module docstring). `timings`, if given, receives `setup_s`
-    (encoder, caches, graph capture) and `decode_s` (the token loop), measured with device syncs."""
+           timings: dict | None = None, codebook_size: int | None = None) -> torch.Tensor:
+    """Image codes [b, grid*grid] for captions [b, T] (model: PartiModel in eval mode; decoder-only: T is
+    model.text_seq_len, the caption length the cache's positions assume); with `max_tokens`, only the first
+    codes (previews, benchmarks). `cuda_graph` (CUDA, with the cache) and `static_cache` choose the decoding
+    mode (module docstring). `timings`, if given, receives `setup_s` (encoder, caches, graph capture) and
+    `decode_s` (the token loop), measured with device syncs. `codebook_size`: draw only codes below it (a VQ
+    tokenizer with fewer codes than the model's image vocabulary; None: the whole vocabulary)."""
+    _check_arguments(model, use_cache, cuda_graph, static_cache, text_ids.device, codebook_size)
+    with decoding_attention_kernels(text_ids.device):
+        return _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings,
+                       codebook_size or model.cfg.image_vocab_size)
+
+
+def _check_arguments(model, use_cache, cuda_graph, static_cache, device, codebook_size) -> None:
+    if model.training:  # (dropout would perturb every step's logits)
+        raise ValueError("sample() needs the model in eval mode (model.eval()): it is in training mode")
+    if codebook_size is not None and not 0 < codebook_size <= model.cfg.image_vocab_size:
+        raise ValueError(f"codebook_size={codebook_size}: expected 1..{model.cfg.image_vocab_size} "
+                         "(the model's image vocabulary)")
     if cuda_graph and not use_cache:
         raise ValueError("cuda_graph=True replays the KV-cache decode step: it needs use_cache=True")
-    if cuda_graph and text_ids.device.type != "cuda":
-        raise RuntimeError(f"cuda_graph=True needs the model and text_ids on a CUDA device, not {text_ids.device}")
+    if cuda_graph and device.type != "cuda":
+        raise RuntimeError(f"cuda_graph=True needs the model and text_ids on a CUDA device, not {device}")
     if static_cache and not use_cache:
         raise ValueError("static_cache=True is a KV cache: it needs use_cache=True")
-    with decoding_attention_kernels(text_ids.device):
-        return _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings)
 
 
 def decoding_attention_kernels(device: torch.device):
@@ -236,10 +268,12 @@ def decoding_attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings):
+def _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings, codes_below):
     device = text_ids.device
     b, n = text_ids.shape[0], min(model.cfg.image_seq_len, max_tokens or model.cfg.image_seq_len)
-    guided = cfg.guidance_scale is not None
+    # Scale 1 is the conditional logits themselves: the doubled batch would only cost twice as much and
+    # differ from them by rounding.
+    guided = cfg.guidance_scale not in (None, 1)
     texts = torch.cat([text_ids, null_captions(model, text_ids)]) if guided else text_ids
     _sync(device)
     start = time.perf_counter()
@@ -254,7 +288,9 @@ def _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, 
     # Decoder inputs: BOS, then the codes chosen so far (written in place: no growing concatenation).
     tokens = torch.full((texts.shape[0], n + 1), model.bos_id, dtype=torch.long, device=device)
     for i in range(n):
-        logits = step(tokens, i).float()  # guidance and the softmax in fp32 whatever the model's dtype
+        # Only the codes the VQ tokenizer has: a slice outside the step (the same in every decoding mode, no
+        # host sync, nothing added to a captured graph). Guidance and the softmax in fp32 whatever the dtype.
+        logits = step(tokens, i)[:, :codes_below].float()
         if guided:
             cond, uncond = logits[:b], logits[b:]
             logits = uncond + cfg.guidance_scale * (cond - uncond)

@@ -381,6 +381,11 @@ class PartiModel(nn.Module):
         (layers.StaticPosition), so every decode_step has the same shapes: what a CUDA graph needs."""
         if self.sequence_parallel:
             raise RuntimeError("incremental decoding needs a model built without sequence parallelism")
+        if self.cfg.decoder_only and text_ids.shape[1] != self.cfg.text_seq_len:
+            # decode_step places the image after cfg.prefix_len caption positions: a shorter caption would
+            # shift every image position (and the static cache's write position) off the cache.
+            raise ValueError(f"a decoder-only model decodes captions of model.text_seq_len={self.cfg.text_seq_len} "
+                             f"tokens (padded with text_pad_id), not {text_ids.shape[1]}")
         memory, mask = self.encode(text_ids)
         if self.cfg.decoder_only:
             return self._prefill(memory, static), None, None

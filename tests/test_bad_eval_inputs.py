@@ -1,6 +1,7 @@
 """Bad inputs to the evaluation and planning commands: each is one line naming the file or flag and what
 was expected, a non-zero exit, and earlier results left as they were. The commands run in-process
-(main(argv), SystemExit caught): every case fails before a model is built or loaded."""
+(main(argv), SystemExit caught): every case fails before a model is built or loaded, except the CLIP score of
+an unreadable image, which loads a tiny random CLIP first."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,43 @@ def fid_with_truncated_png(tmp: Path, where: str):
             "--cache-dir", str(tmp / "cache")]
     results = [fake, real] + ([tmp / "cache"] if where == "real" else [])  # no statistics of a broken real set
     return main, argv, f"{re.escape(str(broken))}: not a readable image .*expected a complete PNG", results
+
+
+def clip_score_case(tmp: Path, damage: str):
+    """A folder as evaluation.generate leaves it (two prompts), an earlier clip_score.json, one thing damaged."""
+    from evaluation.clip_score import main
+    from tests.test_evaluation import build_tiny_clip, fake_generation
+
+    samples = tmp / "samples"
+    fake_generation(samples, 2)
+    lines = [json.dumps({"prompt": f"prompt {i}", "index": i, "files": [f"{i:05d}_0.png"]}) for i in range(2)]
+    if damage == "png":
+        broken = samples / "00001_0.png"
+        broken.write_bytes(broken.read_bytes()[: len(broken.read_bytes()) // 2])
+        expected = f"{re.escape(str(broken))}: not a readable image .*expected a complete PNG"
+        build_tiny_clip(tmp / "clip")
+    elif damage == "json":
+        lines[1] = lines[1][:30]  # a line cut short
+        expected = f"{re.escape(str(samples / 'metadata.jsonl'))}:2: not valid JSON .*expected one JSON object per line"
+    else:
+        lines[0] = json.dumps({"prompt": "a", "index": 0})
+        expected = (f"{re.escape(str(samples / 'metadata.jsonl'))}:1: no files; "
+                    "expected a JSON object with prompt, index, files")
+    (samples / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    (samples / "clip_score.json").write_text('{"clip_score": 30.0}')  # an earlier result
+    return main, ["--samples", str(samples), "--clip", f"local-dir:{tmp / 'clip'}"], expected, [samples]
+
+
+def benchmark_without_prompts(tmp: Path):
+    from evaluation.benchmark import main
+
+    prompts, out = tmp / "prompts.txt", tmp / "out"
+    prompts.write_text("\n  \n", encoding="utf-8")
+    out.mkdir()
+    (out / "results.json").write_text('{"clip_score": 30.0}')  # an earlier result
+    argv = ["--config", "configs/eval/partiprompts.yaml", "--set", "model.checkpoint=x", "model.vq=y",
+            "model.text_tokenizer=z", "clip.model=local-dir:c", f"benchmark.prompts={prompts}", f"benchmark.out={out}"]
+    return main, argv, f"benchmark.prompts={re.escape(str(prompts))}: no prompts; expected a prompt file with", [out]
 
 
 def fake_export(folder: Path) -> Path:
@@ -115,6 +153,10 @@ def plan_case(*flags: str, expected: str):
 CASES = {
     "fid: truncated PNG among the generated images": lambda tmp: fid_with_truncated_png(tmp, "fake"),
     "fid: truncated PNG among the real images": lambda tmp: fid_with_truncated_png(tmp, "real"),
+    "clip_score: truncated PNG among the samples": lambda tmp: clip_score_case(tmp, "png"),
+    "clip_score: metadata.jsonl line cut short": lambda tmp: clip_score_case(tmp, "json"),
+    "clip_score: metadata.jsonl line without files": lambda tmp: clip_score_case(tmp, "keys"),
+    "benchmark: no prompts": benchmark_without_prompts,
     "generate: non-UTF-8 prompt file": generate_non_utf8_prompts,
     "generate: --checkpoint is a training run": generate_run_dir,
     "generate: --checkpoint is an exported training run": generate_exported_run_dir,
@@ -177,3 +219,61 @@ def test_no_layout_fits_says_why(capsys):
     out = capsys.readouterr().out
     assert exit.value.code == 1 and "no layout fits" in out
     assert "TP=1  PP=1  DP=3    global batch 8 is not a multiple of micro-batch 3 x DP 3 = 9" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation.generate's sampling inputs (counts, sampling settings, the files it reads, JSONL prompts): each
+# refused before the model is loaded, naming the flag and what was expected, the output folder untouched.
+
+
+def generate_flags(*flags: str, expected: str, files: tuple[str, ...] = (), prompts: str | None = None):
+    """A generate case with `flags` added; `files`: inputs that exist (dummy contents); `prompts`: the
+    contents of a prompts.jsonl to read instead of the default prompts.txt."""
+    def case(tmp: Path):
+        for name in files:
+            (tmp / name).write_bytes(b"not read")
+        path = None
+        if prompts is not None:
+            path = tmp / "prompts.jsonl"
+            path.write_text(prompts, encoding="utf-8")
+        main, argv, keep = generate_case(tmp, fake_export(tmp / "export"), path)
+        return main, [*argv, *flags], expected, keep
+    return case
+
+
+SAMPLING_CASES = {
+    "samples per prompt 0": generate_flags(
+        "--samples-per-prompt", "0",
+        expected=r"--samples-per-prompt \(sampling.samples_per_prompt\) must be >= 1, not 0$"),
+    "batch size 0": generate_flags("--batch-size", "0",
+                                   expected=r"--batch-size \(sampling.batch_size\) must be >= 1, not 0$"),
+    "negative keep": generate_flags("--keep", "-1", expected=r"--keep \(sampling.keep\) must be >= 0, not -1$"),
+    "keep more than sampled": generate_flags("--keep", "3", "--samples-per-prompt", "2", "--clip", "ViT-B-32",
+                                             expected=r"--keep 3 keeps more than the 2 sample\(s\) per prompt"),
+    "negative limit": generate_flags("--limit", "-1", expected=r"--limit must be >= 0 \(0: all prompts\), not -1$"),
+    "top-p 0": generate_flags("--top-p", "0", expected=r"sampling.top_p \(--top-p\) must be in \(0, 1\] .*, not 0.0$"),
+    "negative temperature": generate_flags(
+        "--temperature", "-1", expected=r"sampling.temperature \(--temperature\) must be >= 0 .*, not -1.0$"),
+    "negative top-k": generate_flags("--top-k", "-3",
+                                     expected=r"sampling.top_k \(--top-k\) must be >= 0 .*, not -3$"),
+    "missing --vq": generate_flags(expected=r"--vq \S*vq.pt: no such file; expected the export.pt of vq.train$"),
+    "missing --text-tokenizer": generate_flags(files=("vq.pt",),
+                                               expected=r"--text-tokenizer \S*spm.model: no such file; expected a "
+                                                        r"SentencePiece .model file$"),
+    "missing --upsampler": generate_flags("--upsampler", "/nonexistent/sr.pt", files=("vq.pt", "spm.model"),
+                                          expected=r"--upsampler /nonexistent/sr.pt: no such file"),
+    "JSONL line not an object": generate_flags(prompts='{"prompt": "a cat"}\n"a dog"\n',
+                                               expected=r"prompts.jsonl:2: a JSON string, not an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_bad_generate_input_is_one_line_naming_it(case, tmp_path):
+    main, argv, expected, results = SAMPLING_CASES[case](tmp_path)
+    before = snapshot(results)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    message = exit.value.code
+    assert isinstance(message, str), message
+    assert "\n" not in message and re.search(expected, message), message
+    assert snapshot(results) == before

@@ -91,6 +91,11 @@ def test_sampling_with_the_cache_equals_recomputation(single_process):
         recomputed = draw(use_cache=False)
         assert torch.equal(draw(), recomputed)
         assert torch.equal(draw(static_cache=True), recomputed)
+    # The cache places the image after model.text_seq_len caption positions: a shorter caption is refused
+    # (it crashed the growing cache and shifted the static one's write position).
+    for kw in ({}, {"static_cache": True}):
+        with pytest.raises(ValueError, match=f"text_seq_len={model.cfg.text_seq_len} tokens .*, not 10$"):
+            sample(model, text[:, :10], SamplingConfig(temperature=0), **kw)
 
 
 @pytest.mark.parametrize("sets, match", [

@@ -1,5 +1,6 @@
-"""CLIP score and reranking with a small random open_clip model built here, and the PartiPrompts / COCO
-harnesses end to end (generation, CLIP score per category and challenge, FID, results.json, HTML report)."""
+"""CLIP score and reranking with a small random open_clip model built here (its weights file and pretrained-tag
+preprocessing resolved as open_clip does), and the PartiPrompts / COCO harnesses end to end (generation, CLIP
+score per category and challenge, FID, results.json, HTML report, each number under an honest name)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from tests.laion_fixtures import SHARED_DATA
+from tests.test_fid import tf32_restored  # noqa: F401  (a fixture)
 
 TINY_CLIP = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
                  text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1))
@@ -65,27 +67,25 @@ def test_clip_score_equals_open_clip_forward(tiny_clip):
     assert scorer.protocol["weights"].endswith("open_clip_model.safetensors") and scorer.protocol["weights_sha256"]
 
 
-def test_clip_score_runs_with_tf32_off(tiny_clip, monkeypatch):
+def test_clip_score_runs_with_tf32_off(tiny_clip, monkeypatch, tf32_restored):
     """CLIP's features with TF32 off (its patch embedding is a convolution: TF32 by default on a GPU), so a
     score does not depend on the device; the flags are restored."""
     from evaluation.clip_score import ClipScorer
+    from tests.test_fid import set_tf32, tf32_flags
 
     folder, _ = tiny_clip
     scorer = ClipScorer.load(f"local-dir:{folder}", device="cpu")
     seen, encode = [], scorer.model.encode_image
 
     def spy(*args, **kwargs):
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        seen.append(tf32_flags())
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(scorer.model, "encode_image", spy)
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (torch's flag modules:
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # monkeypatch cannot undo them)
-    try:
-        scorer.score(random_images(2), ["a", "b"])
-        assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    set_tf32("fp32_precision" if hasattr(torch.backends.cudnn.conv, "fp32_precision") else "legacy")
+    before = tf32_flags()
+    scorer.score(random_images(2), ["a", "b"])
+    assert seen == [("ieee", "ieee") if isinstance(before[0], str) else (False, False)] and tf32_flags() == before
     assert scorer.protocol["precision"] == "float32, TF32 off"
 
 
@@ -125,8 +125,73 @@ def test_clip_weights_must_come_from_a_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="do not exist"):
         ClipScorer.load("ViT-B-32", str(tmp_path / "missing.pt"))
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
-    with pytest.raises(FileNotFoundError, match="no CLIP weights"):
+    with pytest.raises(FileNotFoundError, match=r"no CLIP weights \(expected a \*\.safetensors, \*\.bin or \*\.pth"):
         ClipScorer.load(f"local-dir:{tmp_path}")
+
+
+def test_local_dir_protocol_names_the_file_open_clip_loads(tmp_path):
+    """A laion repository holds open_clip_pytorch_model.safetensors beside .bin (here with different weights):
+    the protocol names and hashes the file whose tensors the model holds, and a folder with only the
+    .safetensors or a .pth loads."""
+    import hashlib
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from evaluation.clip_score import ClipScorer
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    states = {}
+    for seed, name in enumerate(("open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin", "weights.pth")):
+        torch.manual_seed(seed)
+        states[name] = open_clip.CLIP(**TINY_CLIP).state_dict()
+    for present in (list(states), ["open_clip_pytorch_model.safetensors"], ["weights.pth"]):
+        for name, state in states.items():
+            (tmp_path / name).unlink(missing_ok=True)
+            if name in present:
+                (save_file if name.endswith(".safetensors") else torch.save)(state, str(tmp_path / name))
+        scorer = ClipScorer.load(f"local-dir:{tmp_path}", device="cpu")
+        loaded = scorer.model.visual.conv1.weight
+        holder = [n for n, state in states.items() if torch.equal(state["visual.conv1.weight"], loaded)]
+        assert holder == [Path(scorer.protocol["weights"]).name]
+        assert scorer.protocol["weights_sha256"] == hashlib.sha256((tmp_path / holder[0]).read_bytes()).hexdigest()
+
+
+def test_clip_tag_gives_the_weights_their_preprocessing_and_activation(tmp_path, monkeypatch, capsys):
+    """A checkpoint file for a built-in architecture gets the mean/std and QuickGELU of its open_clip pretrained
+    tag (here a tiny architecture and a tag registered for the test). The reference is open_clip's own
+    local-dir loading of the same weights with an open_clip_config.json that states them. Without the tag the
+    architecture's defaults apply (other scores), with a warning; the protocol records what ran."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from evaluation.clip_score import ClipScorer
+
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-test-clip", TINY_CLIP)
+    laion_like = {"url": "", "hf_hub": "", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+                  "resize_mode": "shortest", "quick_gelu": True}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-clip", {"laion_like": laion_like})
+    torch.manual_seed(0)
+    state = open_clip.CLIP(**TINY_CLIP).state_dict()
+    torch.save(state, tmp_path / "weights.pt")
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    (reference_dir / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {**TINY_CLIP, "quick_gelu": True}, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    save_file(state, str(reference_dir / "open_clip_model.safetensors"))
+    images, texts = random_images(4), ["a red circle", "a blue square", "two cats", "sky"]
+    reference = ClipScorer.load(f"local-dir:{reference_dir}", device="cpu").score(images, texts)
+
+    tagged = ClipScorer.load("tiny-test-clip", str(tmp_path / "weights.pt"), "cpu", tag="laion_like")
+    torch.testing.assert_close(tagged.score(images, texts), reference, atol=1e-4, rtol=0)
+    assert tagged.protocol["tag"] == "laion_like" and tagged.protocol["quick_gelu"] is True
+    assert tagged.protocol["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    capsys.readouterr()
+    untagged = ClipScorer.load("tiny-test-clip", str(tmp_path / "weights.pt"), "cpu")
+    assert "without a tag" in capsys.readouterr().err and untagged.protocol["quick_gelu"] is False
+    assert (untagged.score(images, texts) - reference).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="'nope' is not an open_clip pretrained tag of tiny-test-clip .*laion_like"):
+        ClipScorer.load("tiny-test-clip", str(tmp_path / "weights.pt"), "cpu", tag="nope")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +250,13 @@ def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, t
     for row in results["per_category"]:
         assert abs(row["clip_score"] - np.mean(by_category[row["Category"]])) < 1e-3
     assert sum(r["prompts"] for r in results["per_challenge"]) == 5
+    # The kept image is the best of 3 by the scoring model itself: said so, with the mean over every sample.
+    every = [score for meta in metadata for score in meta["all_clip_scores"]]
+    assert results["selected_by_same_model"] and (results["samples_per_prompt"], results["keep"]) == (3, 1)
+    assert results["clip_score_all_samples"] == pytest.approx(np.mean(every), abs=1e-9)
+    assert results["clip_score"] >= results["clip_score_all_samples"]
     report = (out / "report.html").read_text()
+    assert "chosen by the same CLIP model" in report and "clip_score_all_samples" in report
     grids = [line.split('src="')[1].split('"')[0] for line in report.splitlines() if 'src="' in line]
     assert len(grids) == len(by_category) and all((out / g).is_file() for g in grids)
     assert "CLIP score per category" in report and (out / "eval_config.yaml").is_file()
@@ -207,10 +278,63 @@ def test_coco_harness_gives_fid_and_clip_score_at_the_upsampled_resolution(sampl
     results = run(cfg)
     assert results["prompts"] == 4 and results["clip_images"] == 4 and results["resolution"] == "upsampled (64x64)"
     assert results["fid"] > 0 and results["fid_protocol"]["real_images"] == 17
+    assert (results["fid_name"], results["fid_real_images"], results["fid_fake_images"]) == ("FID-4", 17, 4)
+    assert "64x64" in results["fid_protocol"]["real_preprocessing"]  # real photos cropped to the generated size
     upsampled = tmp_path / "coco" / "images_upsampled"
     assert results["fid_protocol"]["fake"] == str(upsampled) and results["fid_protocol"]["fake_images"] == 4
     assert json.loads((upsampled / "fid.json").read_text())["fid"] == results["fid"]
     assert len(list((tmp_path / "coco" / "images").glob("*.png"))) == 4  # the detokenizer's 32 px images
+
+
+def fake_generation(images: Path, prompts: int, size: int = 32) -> None:
+    """A folder as evaluation.generate leaves it: a PNG and a .json per prompt (no model needed)."""
+    from PIL import Image
+
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(prompts):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"{i:05d}_0.png")
+        meta = {"prompt": f"prompt {i}", "index": i, "files": [f"{i:05d}_0.png"]}
+        (images / f"{i:05d}.json").write_text(json.dumps(meta))
+
+
+def test_coco_scoring_takes_this_runs_prompts_and_names_a_small_fid(tmp_path, monkeypatch):
+    """Scoring after generation (a tiny feature extractor for Inception): a folder an earlier run with a larger
+    benchmark.limit filled (5 prompts) scored for 3 prompts gives the FID of those 3 images only (the reference:
+    fid() on a folder holding just them); it is named FID-3 with both image counts and a warning in
+    results.json, the report and the printed line; real photos are centre-cropped to the generated 32x32; a
+    reader of the earlier results.json keeps reading it whole (an atomic replace)."""
+    import shutil
+
+    import evaluation.fid as fid_module
+    from evaluation.benchmark import score, summary_line
+    from evaluation.config import load_eval_config
+    from evaluation.fid import fid
+    from evaluation.generate import gather_metadata
+    from tests.test_fid import tiny_weights
+
+    monkeypatch.setattr(fid_module, "default_weights", lambda: tiny_weights(tmp_path / "tiny.pt"))
+    out, real = tmp_path / "coco", SHARED_DATA / "coco_mini" / "images"
+    fake_generation(out / "images", 5)
+    gather_metadata(out / "images", 3)
+    cfg = load_eval_config("configs/eval/coco30k.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c",
+                                                         f"benchmark.real={real}", f"benchmark.out={out}"])
+    (out / "results.json").write_text('{"old": 1}')
+    with open(out / "results.json") as reader:
+        results = score(cfg, out, None)
+        assert reader.read() == '{"old": 1}'
+    only_these = tmp_path / "three"
+    only_these.mkdir()
+    for i in range(3):
+        shutil.copy(out / "images" / f"{i:05d}_0.png", only_these)
+    assert results["fid"] == pytest.approx(fid(real, only_these, real_size=32)["fid"], rel=1e-9)
+    assert (results["fid_name"], results["fid_fake_images"], results["fid_real_images"]) == ("FID-3", 3, 17)
+    assert "3 generated" in results["fid_warning"] and "32x32" in results["fid_protocol"]["real_preprocessing"]
+    assert json.loads((out / "results.json").read_text())["fid_fake_images"] == 3
+    report = (out / "report.html").read_text()
+    assert "FID-3" in report and "fid_fake_images" in report and "Warning:</b> FID over 3 generated" in report
+    line = summary_line(cfg, results)
+    assert "{'FID-3': " in line and "(3 generated vs 17 real images)" in line
 
 
 def test_eval_config_names_what_is_missing():
@@ -221,9 +345,14 @@ def test_eval_config_names_what_is_missing():
         load_eval_config("configs/eval/partiprompts.yaml")
     with pytest.raises(ConfigError, match="benchmark.real"):
         load_eval_config("configs/eval/coco30k.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c"])
+    paths = ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c"]
     with pytest.raises(ConfigError, match="benchmark.resolution=upsampled needs model.upsampler"):
-        load_eval_config("configs/eval/partiprompts.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c",
-                                                            "benchmark.resolution=upsampled"])
+        load_eval_config("configs/eval/partiprompts.yaml", [*paths, "benchmark.resolution=upsampled"])
+    with pytest.raises(ConfigError, match="clip.tag='openai' .* needs clip.model=ARCHITECTURE and clip.weights=FILE"):
+        load_eval_config("configs/eval/partiprompts.yaml", [*paths, "clip.model=local-dir:/m", "clip.tag=openai"])
+    with pytest.raises(ConfigError, match="benchmark.limit=-1 must be >= 0"):
+        load_eval_config("configs/eval/coco30k.yaml", [*paths, "benchmark.real=r", "benchmark.limit=-1"])
+    assert load_eval_config("configs/eval/coco30k.yaml", [*paths, "benchmark.real=r"]).benchmark.real_center_crop
 
 
 def other_export(export: Path, out: Path) -> Path:

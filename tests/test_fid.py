@@ -1,7 +1,9 @@
 """FID: zero against itself, growing with noise, equal to an independent computation; real TF-Inception weights;
-real-set statistics cached by content in the user's cache folder."""
+real-set statistics cached by content in the user's cache folder; real images centre-cropped to the generated
+size on request; few images named FID-N; TF32 off under either of torch's precision APIs."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,27 +136,114 @@ def test_unfinished_images_of_a_stopped_writer_are_not_counted(tmp_path):
     assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.png"]
 
 
-def test_features_are_computed_with_tf32_off_and_the_flags_restored():
+def tf32_flags() -> tuple:
+    """The TF32 switches for matmuls and cuDNN convolutions, read through torch's fp32_precision API where it
+    exists (its getters never refuse; the legacy allow_tf32 ones raise once a process has used the new API)."""
+    cudnn = torch.backends.cudnn
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):
+        return torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32
+
+
+def set_tf32(api: str) -> None:
+    """TF32 on, through the legacy switches (as training/flops.py does) or the fp32_precision API."""
+    if api == "legacy":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+@pytest.fixture
+def tf32_restored():
+    """torch's flag modules are not undone by monkeypatch: the flags are put back by hand, the legacy state
+    first (its setters set both APIs' flags), then the fp32_precision flags as they were."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    legacy = torch.get_float32_matmul_precision(), cudnn.allow_tf32
+    new = tf32_flags() if hasattr(getattr(cudnn, "conv", None), "fp32_precision") else None
+    yield
+    torch.set_float32_matmul_precision(legacy[0])
+    cudnn.allow_tf32 = legacy[1]
+    if new is not None:
+        matmul.fp32_precision, cudnn.conv.fp32_precision = new
+    assert (torch.get_float32_matmul_precision(), cudnn.allow_tf32) == legacy  # (readable again: not a mix)
+
+
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_features_are_computed_with_tf32_off_and_the_flags_restored(api, tf32_restored):
     """cuDNN convolutions run in TF32 by default on a GPU (and training turns TF32 on for fp32 runs): the
     Inception features, hence FID and its cached real statistics, would depend on the device. They are
-    computed with TF32 off, whatever the flags were, and the flags are left as they were; the cache key and
-    the protocol say so."""
+    computed with TF32 off, whatever the flags were and whichever of torch's APIs set them (mixing the legacy
+    switches with the fp32_precision API is an error in torch >= 2.9), and the flags are left as they were;
+    the cache key and the protocol say so."""
     from evaluation.fid import PREPROCESSING
 
+    if api == "fp32_precision" and not hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 switches")
     seen = []
 
     def model(x):
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        seen.append(tf32_flags())
         return x.mean((2, 3))
 
     extractor = object.__new__(InceptionFeatures)
     extractor.device, extractor.model = "cpu", model
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (torch's flag modules:
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # monkeypatch cannot undo them)
-    try:
-        extractor.features(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
-        assert seen == [(False, False)]
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    set_tf32(api)
+    before = tf32_flags()
+    extractor.features(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert seen == [("ieee", "ieee") if isinstance(before[0], str) else (False, False)]
+    assert tf32_flags() == before and before in (("tf32", "tf32"), (True, True))
     assert "TF32 off" in PREPROCESSING
+
+
+def test_real_images_are_centre_cropped_to_the_generated_size(tmp_path):
+    """Generated images are undistorted squares; a wide real photo stretched to 299x299 is not what they are
+    compared with. With real_size the real side is the centre square at the generated size: here real
+    32x16 photos (white margins left and right) against their centre 16x16 pixels cut out independently
+    (numpy slicing) give FID 0, while the stretched photos do not."""
+    from PIL import Image
+
+    weights = tiny_weights(tmp_path / "tiny.pt")
+    real, fake = tmp_path / "real", image_folder(tmp_path / "fake", 6, seed=0)  # the 16x16 centres
+    real.mkdir()
+    for path in sorted(fake.iterdir()):
+        centre = np.array(Image.open(path))
+        margin = np.full((16, 8, 3), 255, np.uint8)
+        Image.fromarray(np.concatenate([margin, centre, margin], axis=1)).save(real / path.name)
+        assert np.array_equal(np.array(Image.open(real / path.name))[:, 8:24], centre)
+    stretched = fid(real, tmp_path / "fake", weights)
+    cropped = fid(real, tmp_path / "fake", weights, real_size=16)
+    assert abs(cropped["fid"]) < 1e-6 and stretched["fid"] > 1
+    assert not cropped["protocol"]["real_statistics"]["from_cache"]  # another preprocessing, another cache key
+    assert "16x16" in cropped["protocol"]["real_preprocessing"]
+    assert "16x16" not in stretched["protocol"]["real_preprocessing"]
+    assert fid(real, tmp_path / "fake", weights, real_size=16)["protocol"]["real_statistics"]["from_cache"]
+
+
+def test_few_images_are_named_fid_n_with_a_warning_and_the_value_survives_an_unwritable_folder(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """FID is biased upward at small N: over fewer than 30,000 generated images it is FID-N, with the counts
+    and a warning, in fid.json and the printed line. A folder fid.json cannot be written to does not lose the
+    value computed before: it is printed, with a warning, and an earlier fid.json stays."""
+    import evaluation.fid as fid_module
+    from evaluation.fid import fid_name, small_sample_warning
+
+    weights = tiny_weights(tmp_path / "tiny.pt")
+    real, fake = image_folder(tmp_path / "real", 8, seed=0), image_folder(tmp_path / "fake", 5, seed=1, brightness=40)
+    result = fid(real, fake, weights)
+    assert result["name"] == "FID-5" and (result["real_images"], result["fake_images"]) == (8, 5)
+    assert "5 generated" in result["warning"] and "30,000" in result["warning"] and "2,048" in result["warning"]
+    assert json.loads((fake / "fid.json").read_text())["name"] == "FID-5"
+    assert fid_name(30_000) == "FID" and small_sample_warning(30_000, 40_504) is None
+    assert "2,048" not in small_sample_warning(5_000, 40_504)
+
+    (fake / "fid.json").write_text('{"fid": 12.5}')  # an earlier result
+
+    def refused(path, data, sync=True):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fid_module, "write_atomic", refused)
+    fid_module.main(["--real", str(real), "--fake", str(fake), "--weights", str(weights)])
+    out, err = capsys.readouterr()
+    assert f"FID-5 {result['fid']:.4f}  (8 real, 5 generated; fid.json not written)" in out
+    assert "fid.json not written (" in err and "Permission denied" in err and "warning: FID over 5 generated" in err
+    assert (fake / "fid.json").read_text() == '{"fid": 12.5}'

@@ -1,9 +1,13 @@
 """Sampling: guidance scale 1 = unguided, top-k 1 = greedy, KV cache (growing, static, CUDA graph) = full
-recomputation, one-token decoding without an attention mask, TP=2 = TP=1; loading an export on the meta
-device = the old random-init-then-load path, in fp32 and bf16."""
+recomputation, one-token decoding without an attention mask, TP=2 = TP=1, a VQ codebook smaller than the
+vocabulary drawn from alone, settings out of range refused; prompt files; generate (resume, metadata, checks
+of the tokenizers, images on the disk before their .json); loading an export on the meta device = the old
+random-init-then-load path, in fp32 and bf16."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -187,10 +191,20 @@ def test_decoding_benchmark_reports_every_mode_against_the_bound(single_process)
     assert "of the bound" in report("parti-debug", result)
 
 
-def test_guidance_scale_one_equals_unguided(single_process):
+def test_guidance_scale_one_equals_unguided(single_process, monkeypatch):
+    """Scale 1 is the conditional logits: sampled as unguided (the doubled batch only cost twice as much and
+    differed from them by rounding)."""
     model = debug_model()
-    assert torch.equal(run(model, SamplingConfig(guidance_scale=1.0)), run(model, SamplingConfig()))
+    for seed in range(3):
+        assert torch.equal(run(model, SamplingConfig(top_p=0.9, guidance_scale=1.0), seed=seed),
+                           run(model, SamplingConfig(top_p=0.9), seed=seed))
     assert not torch.equal(run(model, SamplingConfig(guidance_scale=4.0)), run(model, SamplingConfig()))
+    batches = []  # the captions each decoding starts from: b rows unguided, 2b (with null captions) guided
+    start = model.start_decoding
+    monkeypatch.setattr(model, "start_decoding", lambda text, **kw: batches.append(len(text)) or start(text, **kw))
+    for scale in (None, 1.0, 4.0):
+        run(model, SamplingConfig(guidance_scale=scale))
+    assert batches == [3, 3, 6]
 
 
 def test_top_k_one_equals_greedy(single_process):
@@ -269,6 +283,96 @@ def test_per_row_generators_make_rows_independent_of_the_batch(single_process):
     assert torch.equal(together[1:2], alone)
 
 
+@torch.no_grad()
+def test_a_smaller_codebook_draws_only_its_codes_in_every_mode(single_process):
+    """A VQ tokenizer with fewer codes than the model's image vocabulary (training allows it): only its codes
+    are drawn, the same ones by every decoding mode; greedy codes are the argmax over those codes of the
+    teacher-forced logits."""
+    model, below = debug_model(), 16
+    text, _ = debug_batch(model.cfg, batch=3)
+    assert run(model, SamplingConfig()).max() >= below  # (without the limit the model draws the others too)
+    for cfg in (SamplingConfig(), SamplingConfig(top_k=5, guidance_scale=3.0)):
+        drawn = run(model, cfg, codebook_size=below)
+        assert drawn.max() < below
+        assert torch.equal(run(model, cfg, codebook_size=below, use_cache=False), drawn)
+        assert torch.equal(run(model, cfg, codebook_size=below, static_cache=True), drawn)
+    greedy = run(model, SamplingConfig(temperature=0), codebook_size=below)
+    assert torch.equal(model(text, greedy).transpose(0, 1)[..., :below].argmax(-1), greedy)
+
+
+@pytest.mark.parametrize("setting, value, expected", [
+    ("temperature", -1.0, ">= 0"), ("temperature", float("nan"), ">= 0"), ("top_k", -3, ">= 0"),
+    ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"), ("guidance_scale", float("inf"), "a finite")])
+def test_sampling_settings_out_of_range_are_refused(setting, value, expected):
+    """Out of range they sampled wrongly without a word (top_p 0: NaN probabilities, every code 0; a negative
+    temperature: the least likely code; a negative top_k: no filter). The message names the key and the flag."""
+    from common.config import ConfigError
+    from evaluation.config import load_eval_config
+
+    flag = "--" + setting.replace("_", "-")
+    message = rf"^sampling\.{setting} \({flag}\) must be {expected}.*, not {re.escape(repr(value))}$"
+    with pytest.raises(ConfigError, match=message):
+        SamplingConfig(**{setting: value})
+    with pytest.raises(ConfigError, match=message):  # an evaluation config's sampling section
+        load_eval_config(None, [f"sampling.{setting}={value}"])
+    SamplingConfig(temperature=0, top_k=0, top_p=1, guidance_scale=None)  # the edges are fine
+
+
+def test_sample_refuses_a_model_in_training_mode_and_a_codebook_out_of_range(single_process):
+    model = debug_model()
+    for size in (0, model.cfg.image_vocab_size + 1):
+        with pytest.raises(ValueError, match=rf"codebook_size={size}: expected 1\.\.{model.cfg.image_vocab_size}"):
+            run(model, SamplingConfig(), codebook_size=size)
+    model.train()  # (dropout would perturb every step)
+    with pytest.raises(ValueError, match=r"needs the model in eval mode \(model.eval\(\)\)"):
+        run(model, SamplingConfig())
+
+
+def own_group_samples():
+    """TP=2 world, but each rank's model built for a group of its own (a TP=1 model inside a TP>1 job)."""
+    import torch.distributed as dist
+
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel
+
+    init_parallel(2)
+    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]  # (every rank makes every group)
+    try:
+        model = PartiModel(debug_model_config(), init_seed=0, tp_group=groups[dist.get_rank()]).eval()
+        return [run(model, SamplingConfig(top_k=5), **kw) for kw in ({}, {"use_cache": False})]
+    finally:
+        for group in groups:
+            dist.destroy_process_group(group)
+
+
+def test_recomputation_gathers_over_the_models_own_group(single_process, pool2):
+    """The recomputing step gathered the logits over megatron's global TP group (here 2 ranks: twice the
+    vocabulary), where the cached step uses the model's group (here its rank alone)."""
+    expected = run(debug_model(), SamplingConfig(top_k=5))
+    for cached, recomputed in pool2.run(own_group_samples):
+        assert torch.equal(cached, expected) and torch.equal(recomputed, expected)
+
+
+def test_prompt_files_with_a_byte_order_mark_and_jsonl_lines_that_are_not_objects(tmp_path):
+    """A UTF-8 byte-order mark (some editors write one) reads as without it (it stuck to the first column's
+    name: 'no prompt'; or to the first prompt); a JSONL line that is no object names the file and line."""
+    from evaluation.prompts import read_prompts
+
+    files = {"a.tsv": "Prompt\tCategory\nA cat\tAnimals\n", "a.csv": "caption\nA cat\n", "a.txt": "A cat\nA dog\n",
+             "a.jsonl": '{"prompt": "A cat"}\n'}
+    for name, text in files.items():
+        for folder, encoding in (("plain", "utf-8"), ("bom", "utf-8-sig")):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            (tmp_path / folder / name).write_text(text, encoding=encoding)
+        assert (tmp_path / "bom" / name).read_bytes().startswith(b"\xef\xbb\xbf")
+        plain = read_prompts(tmp_path / "plain" / name)
+        assert plain[0]["prompt"] == "A cat" and read_prompts(tmp_path / "bom" / name) == plain
+    for line, kind in (('"some text"', "string"), ('["a cat"]', "array"), ("3", "number"), ("null", "null")):
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "A cat"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=rf"bad\.jsonl:2: a JSON {kind}, not an object; expected one object"):
+            read_prompts(tmp_path / "bad.jsonl")
+
+
 def test_parti_prompts_reader_keeps_every_prompt():
     from evaluation.prompts import read_prompts
     from tests.laion_fixtures import SHARED_DATA
@@ -298,19 +402,26 @@ def generation_parts(reference, tmp_path):
     return model, vq, tok, read_prompts(tmp_path / "prompts.txt")
 
 
-def test_generate_writes_images_and_metadata_and_resumes(single_process, reference, tmp_path):
+def test_generate_writes_images_and_metadata_and_resumes(single_process, reference, tmp_path, monkeypatch):
+    from evaluation import generate as generate_module
     from evaluation.generate import gather_metadata, generate
 
+    warnings = []  # the project's "parti" logger (its handler, if any, is the caller's)
+    monkeypatch.setattr(generate_module.log, "warning", warnings.append)
     model, vq, tok, prompts = generation_parts(reference, tmp_path)
     cfg = SamplingConfig(guidance_scale=1.2, top_k=20)
     out = tmp_path / "samples"
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=3, rank=1, world=2) == 2
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=5, rank=0, world=2) == 2
+    assert model.cfg.caption_drop_prob > 0 and warnings == []  # (guidance on a model trained for it)
     assert len(list(out.glob("*.png"))) == 8
     first = (out / "00003_1.png").read_bytes()
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2) == 0  # all done: skipped
     lines = gather_metadata(out).read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[3])["prompt"] == '"quoted" text'
+    # A rerun with fewer prompts (a smaller --limit) gathers only its own, not the earlier run's later ones.
+    assert generate(model, vq, tok, prompts[:2], out, cfg, samples_per_prompt=2) == 0
+    assert gather_metadata(out, 2).read_text().splitlines() == [(out / f"{i:05d}.json").read_text() for i in (0, 1)]
     again = tmp_path / "again"  # one process, another batch size: the same images
     generate(model, vq, tok, prompts, again, cfg, samples_per_prompt=2, batch_size=8)
     assert (again / "00003_1.png").read_bytes() == first
@@ -342,6 +453,66 @@ def test_generate_with_an_upsampler_writes_both_resolutions(single_process, refe
     with pytest.raises(ValueError, match="upsampler.sha256"):
         generate(model, vq, tok, prompts[:2], out, cfg, samples_per_prompt=2,
                  upsampler=load_upsampler_for_sampling(tmp_path / "b.pt", "cpu"))
+
+
+def test_generate_with_fewer_vq_codes_and_a_text_tokenizer_that_does_not_fit(single_process, reference, tmp_path,
+                                                                           monkeypatch):
+    """A VQ with fewer codes than the model's image vocabulary generates (sample draws only its codes; other
+    codes crashed its decoder); guidance on a model trained without caption dropout is said in one line (rank
+    0); a text tokenizer with more tokens than the model's text vocabulary is refused before anything is
+    written, and by load_for_sampling before the model is loaded."""
+    from evaluation import generate as generate_module
+    from evaluation.generate import generate, load_for_sampling
+    from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
+
+    model, _, tok, prompts = generation_parts(reference, tmp_path)
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=16),
+                         tmp_path / "vq16.pt")
+    vq = load_image_tokenizer(tmp_path / "vq16.pt")
+    assert vq.codebook_size < model.cfg.image_vocab_size
+    warnings = []
+    monkeypatch.setattr(generate_module.log, "warning", warnings.append)
+    model.cfg = dataclasses.replace(model.cfg, caption_drop_prob=0.0)  # its null caption never trained
+    generate(model, vq, tok, prompts[:1], tmp_path / "out", SamplingConfig(top_k=20, guidance_scale=1.5),
+             samples_per_prompt=2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000_0.png", "00000_1.png"]
+    assert len(warnings) == 1 and "guidance_scale=1.5" in warnings[0] and "caption_drop_prob=0)" in warnings[0]
+    generate(model, vq, tok, prompts[:1], tmp_path / "out1", SamplingConfig(guidance_scale=1.0), rank=0, world=2)
+    assert len(warnings) == 1  # (scale 1 is unguided)
+    model.cfg = dataclasses.replace(model.cfg, text_vocab_size=tok.vocab_size - 1)
+    message = (rf"--text-tokenizer\) has {tok.vocab_size} tokens, more than the model's text vocabulary "
+               rf"\(model.text_vocab_size={tok.vocab_size - 1}\)")
+    with pytest.raises(ValueError, match=message):
+        generate(model, vq, tok, prompts, tmp_path / "refused", SamplingConfig())
+    assert not (tmp_path / "refused").exists()
+    config = tmp_path / "export" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["model"]["text_vocab_size"] = tok.vocab_size - 1
+    config.write_text(json.dumps(saved))
+    monkeypatch.setattr(generate_module, "load_exported", lambda *a: pytest.fail("the model was loaded first"))
+    with pytest.raises(ValueError, match=message):
+        load_for_sampling(tmp_path / "export", tmp_path / "vq16.pt", tmp_path / "spm.model", "cpu")
+
+
+def test_images_reach_the_disk_before_the_json_marks_them_done(tmp_path, monkeypatch):
+    """Each PNG is flushed to the disk (fsync) before its rename, and so before the prompt's .json, which marks
+    it done: a crash cannot leave a .json beside an empty image. The saved pixels are the image's."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from common.files import temporary_name
+    from evaluation.generate import finish_prompt, to_pil
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    images = [torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(k)) * 2 - 1 for k in range(2)]
+    finish_prompt(5, {"prompt": "a cat"}, images, tmp_path, {"seed": 0})
+    names = ["00005_0.png", "00005_1.png", "00005.json"]
+    assert synced == [str(temporary_name(tmp_path / name)) for name in names]
+    for k in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / names[k])), np.asarray(to_pil(images[k])))
 
 
 # ----------------------------------------------------------------------------------------------
