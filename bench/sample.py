@@ -100,7 +100,7 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(4, cfg.text_vocab_size, (batch, cfg.text_seq_len), generator=g).to(device)
     sampling = SamplingConfig(guidance_scale=guidance_scale)
-    rows = batch * (2 if guidance_scale not in (None, 1) else 1)  # (scale 1 samples unguided: sampling.py)
+    rows = batch * (2 if sampling.guided else 1)
     out: dict = {"device": str(device), "dtype": str(weight.dtype).replace("torch.", ""), "batch": batch,
                  "rows": rows, "tokens": tokens, "guidance_scale": guidance_scale,
                  "hidden": cfg.hidden_size, "layers": f"{cfg.encoder_layers}+{cfg.decoder_layers}"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from common.config import ConfigError, load_typed
-from evaluation.sampling import SamplingConfig
+from evaluation.sampling import SamplingConfig, check_counts
 
 BENCHMARKS = ("partiprompts", "coco30k", "prompts")
 
@@ -121,8 +121,10 @@ class EvalConfig:
                               "its own preprocessing)")
         if self.benchmark.limit < 0:
             raise ConfigError(f"benchmark.limit={self.benchmark.limit} must be >= 0 (0: every prompt)")
-        if self.sampling.samples_per_prompt < 1 or not 0 <= self.sampling.keep <= self.sampling.samples_per_prompt:
-            raise ConfigError("sampling.samples_per_prompt must be >= 1 and sampling.keep in 0..samples_per_prompt")
+        try:
+            check_counts(self.sampling.samples_per_prompt, self.sampling.batch_size, self.sampling.keep)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
 

@@ -50,11 +50,10 @@ from common.files import atomic_path, write_atomic
 from data_pipeline.text_tokenizer import TextTokenizer
 from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
-from evaluation.sampling import SamplingConfig, sample
-from model_parallel.config import saved_model_config
+from evaluation.sampling import SamplingConfig, check_counts, sample
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.model import load_upsampler, upsample
-from training.export import load_exported
+from training.export import exported_model_config, load_exported
 from vq.tokenizer import load_image_tokenizer
 
 
@@ -196,17 +195,6 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     return len(todo)
 
 
-def check_counts(samples_per_prompt: int, batch_size: int, keep: int) -> None:
-    """ValueError naming the flag (and the evaluation config's key) of a count out of range."""
-    for flag, value, least in (("samples-per-prompt", samples_per_prompt, 1), ("batch-size", batch_size, 1),
-                               ("keep", keep, 0)):
-        if value < least:
-            raise ValueError(f"--{flag} (sampling.{flag.replace('-', '_')}) must be >= {least}, not {value}")
-    if keep > samples_per_prompt:
-        raise ValueError(f"--keep {keep} keeps more than the {samples_per_prompt} sample(s) per prompt "
-                         "(--samples-per-prompt): expected at most that many")
-
-
 def check_fits(model_cfg, vq, text_tok) -> None:
     """ValueError when the VQ or the text tokenizer is not one the model can have been trained with: another
     grid, more codes than its image vocabulary (fewer are fine: sample() draws only the VQ's), more text
@@ -226,7 +214,7 @@ log = logging.getLogger("parti")
 def warn_untrained_guidance(model_cfg, cfg: SamplingConfig) -> None:
     """One line when guidance relies on a null caption the model never saw (trained without caption dropout):
     allowed (the images are made), but the guided logits extrapolate from an untrained condition."""
-    if cfg.guidance_scale not in (None, 1) and model_cfg.caption_drop_prob == 0:
+    if cfg.guided and model_cfg.caption_drop_prob == 0:
         log.warning(f"warning: guidance_scale={cfg.guidance_scale} on a model trained without caption dropout "
                     "(model.caption_drop_prob=0): its null caption was never learned; expect worse images than "
                     "unguided sampling")
@@ -305,7 +293,7 @@ def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: t
     which generate() records beside the images."""
     identity = export_identity(check_export(checkpoint))
     # The tokenizers first (seconds), checked against the export's config, before the model (minutes).
-    model_cfg = saved_model_config(json.loads((Path(checkpoint) / "config.json").read_text())["model"])
+    model_cfg = exported_model_config(checkpoint)
     vq, text_tok = load_image_tokenizer(vq_path, device), TextTokenizer(text_tokenizer, model_cfg.text_seq_len)
     check_fits(model_cfg, vq, text_tok)
     model = load_exported(checkpoint, device, dtype)

@@ -71,6 +71,24 @@ class SamplingConfig:
                                   f"not {getattr(self, name)!r}")
 
 
+    @property
+    def guided(self) -> bool:
+        """Whether sampling runs the doubled batch: scale 1 is the conditional logits themselves (the doubled
+        batch would only cost twice as much and differ from them by rounding)."""
+        return self.guidance_scale not in (None, 1)
+
+
+def check_counts(samples_per_prompt: int, batch_size: int, keep: int) -> None:
+    """ValueError naming the flag (and the evaluation config's key) of a count out of range."""
+    for flag, value, least in (("samples-per-prompt", samples_per_prompt, 1), ("batch-size", batch_size, 1),
+                               ("keep", keep, 0)):
+        if value < least:
+            raise ValueError(f"--{flag} (sampling.{flag.replace('-', '_')}) must be >= {least}, not {value}")
+    if keep > samples_per_prompt:
+        raise ValueError(f"--keep {keep} keeps more than the {samples_per_prompt} sample(s) per prompt "
+                         "(--samples-per-prompt): expected at most that many")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """-inf outside the top-k codes and outside the top-p nucleus (the most likely code is always kept)."""
     if top_k > 0:
@@ -271,9 +289,7 @@ def decoding_attention_kernels(device: torch.device):
 def _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings, codes_below):
     device = text_ids.device
     b, n = text_ids.shape[0], min(model.cfg.image_seq_len, max_tokens or model.cfg.image_seq_len)
-    # Scale 1 is the conditional logits themselves: the doubled batch would only cost twice as much and
-    # differ from them by rounding.
-    guided = cfg.guidance_scale not in (None, 1)
+    guided = cfg.guided
     texts = torch.cat([text_ids, null_captions(model, text_ids)]) if guided else text_ids
     _sync(device)
     start = time.perf_counter()

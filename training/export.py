@@ -64,6 +64,11 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def exported_model_config(path: str | Path) -> ModelConfig:
+    """The model section an export folder's config.json holds (read without building the model)."""
+    return saved_model_config(json.loads((Path(path) / "config.json").read_text())["model"])
+
+
 def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A PartiModel (TP=1, eval mode) with the exported weights on `device` in `dtype` (default: bf16 on
     CUDA, fp32 on CPU); needs a process group (one process is fine).
@@ -77,7 +82,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     path = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    model_cfg: ModelConfig = saved_model_config(json.loads((path / "config.json").read_text())["model"])
+    model_cfg = exported_model_config(path)
     init_parallel(tp=1, pp=1)
     with torch.device("meta"):
         model = PartiModel(model_cfg, meta=True)
