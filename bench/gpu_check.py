@@ -76,6 +76,12 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
+def _kernel_summary(profile: dict) -> str:
+    """'; GPU busy 93%: matmul 61%, attention 14%, ...' from bench/gpu_sections.kernel_breakdown."""
+    shares = ", ".join(f"{kind} {share:.0%}" for kind, share in list(profile["by_kind_share"].items())[:4])
+    return f"; GPU busy {profile['busy']:.0%} of the step: {shares}"
+
+
 def summary_markdown(report: dict) -> str:
     lines = [f"# GPU check: {report['device_name']}, {report['date']}", "",
              f"`{report['command']}` — {report['seconds']:.0f} s", "",
@@ -120,6 +126,7 @@ def _summarise(name: str, r: dict) -> str:
                      + f") at micro-batch {r['best_micro_batch']}" + (f" x {r['accumulation']}" if "accumulation" in r else "")
                      + f", build {r['build_s']:.0f} s"
                      + (f", optimizer {r['optimizer_step']['optimizer_s']:.3f} s/step" if "optimizer_step" in r else "")
+                     + (_kernel_summary(r["device_profile_one_step"]) if r.get("device_profile_one_step") else "")
                      + (f"; planner fit: hfu {r['planner_fit']['hfu']:.2f}, {r['planner_fit']['overhead_ms_per_layer']:.1f} "
                         "ms per layer and micro-batch" if r.get("planner_fit") else "")
                      + (f"; full recomputation {r['full_recompute']['vs_none']:.2f}x the step (planner "

@@ -295,6 +295,56 @@ def _host_profile(fn, top: int = 15) -> list[str]:
     return [line for line in text.getvalue().splitlines() if line.strip()][-top:]
 
 
+# Kernel families by name fragment, tested in this order (first match wins; lower case). cuBLAS on Hopper names its
+# GEMMs sm90_xmma_* or nvjet_*; torch's fused AdamW and the foreach norms run multi_tensor_apply kernels.
+KERNEL_KINDS = (("communication", ("nccl",)),
+                ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+                ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul")),
+                ("optimizer_and_foreach", ("multi_tensor", "adam", "foreach")),
+                ("copy", ("memcpy", "memset", "copy")),
+                ("norm", ("layer_norm", "layernorm", "rms_norm")),
+                ("loss_softmax", ("softmax", "nll_loss", "cross_entropy", "logsoftmax")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "elementwise_other")
+
+
+def kernel_breakdown(kernels: list[tuple[str, float, int]], wall_s: float, top: int = 12) -> dict:
+    """Where a step's device time goes, from (kernel name, seconds, launches) triples: seconds per kernel family
+    and its share of the kernel time, the busiest kernels, launches, and `busy`: kernel time over wall time. A
+    busy fraction well below 1 means the GPU waits for the host (launch-bound: fewer, larger kernels or CUDA
+    graphs help); near 1, the kernels' own speed decides (the families say which)."""
+    total = sum(seconds for _, seconds, _ in kernels)
+    by_kind: dict[str, float] = {}
+    for name, seconds, _ in kernels:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + seconds
+    busiest = sorted(kernels, key=lambda k: -k[1])[:top]
+    return {"wall_s": wall_s, "kernel_s": total, "busy": total / wall_s if wall_s else None,
+            "launches": sum(count for _, _, count in kernels),
+            "by_kind_s": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "by_kind_share": {k: v / total for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])} if total else {},
+            "top_kernels": [{"name": name[:120], "s": seconds, "launches": count, "kind": kernel_kind(name)}
+                            for name, seconds, count in busiest]}
+
+
+def _device_profile(fn) -> dict:
+    """kernel_breakdown of fn() on the GPU, from the torch profiler's kernel records (self device time: a kernel
+    has no children)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
+    kernels = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
+               if e.device_type.name == "CUDA"]
+    return kernel_breakdown(kernels, wall_s)
+
+
 def _random_micro_batches(m, mbs: int, count: int, device: str) -> list:
     """`count` micro-batches of `mbs` random captions and image codes of model config `m`, on `device`, at
     distinct positions of the sample stream (what keys the dropout masks)."""
@@ -345,7 +395,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     on the GPU, `accumulation` micro-batches per optimizer step (as any real global batch has): seconds per
     step at several micro-batch sizes, TFLOP/s by training/flops.py's formula, MFU against the table's
     peak and against the matmul rate measured here, peak memory; then, at the best size, how much of a
-    step the optimizer takes (its micro-batch timed apart), where the host spends that step and, without
+    step the optimizer takes (its micro-batch timed apart), where the host and the GPU spend that step (kernel
+    families and the GPU's busy fraction: kernel_breakdown) and, without
     recomputation, what full recomputation costs there; the layout planner's step times for the same runs,
     and its constants fitted to these (planner_fit)."""
     from bench.train_throughput import matmul_flops
@@ -405,6 +456,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     optimizer = ctx.record("optimizer_step", {"micro_batch_s": micro_s,
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
+    kernels = ctx.record("device_profile_one_step", _device_profile(lambda: train_step(engine, cfg, batches(best), "cuda")))
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     if recompute_mode == "none":  # the planner counts full recomputation as 4/3 of the FLOPs and of the fixed cost
@@ -417,6 +469,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
+            "device_profile_one_step": kernels,
             "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
                                                                   m.encoder_layers + m.decoder_layers, accumulation),
             "full_recompute": ctx.partial.get("full_recompute"),

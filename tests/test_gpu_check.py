@@ -108,6 +108,11 @@ def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
 
     report = json.loads(H200_RUN.read_text())
     assert "| mfu_350m | fail | 19 | FAILED: mfu_at_least_40pct; MFU 35.7% (353 TFLOP/s" in summary_markdown(report)
+    from bench.gpu_sections import kernel_breakdown
+
+    report["sections"]["mfu_350m"]["device_profile_one_step"] = kernel_breakdown(
+        [("nvjet_tst_a", 0.6, 1), ("flash_fwd_kernel", 0.2, 1), ("vectorized_elementwise_kernel", 0.1, 1)], 1.0)
+    assert "GPU busy 90% of the step: matmul 67%, attention 22%, elementwise_other 11%" in summary_markdown(report)
     report["sections"]["mfu_350m"]["best_mfu"] = None
     assert "MFU n/a (no peak for this GPU: set train.peak_tflops) (353 TFLOP/s" in summary_markdown(report)
     del report["sections"]["mfu_3b"]["by_micro_batch"]
@@ -132,3 +137,25 @@ def test_greedy_gap_is_zero_for_greedy_codes_and_large_for_others(single_process
         other = codes.clone()
         other[1, 5] = (other[1, 5] + 1) % cfg.image_vocab_size
         assert greedy_gap(model, text, other) > GREEDY_TOLERANCE, preset
+
+
+def test_kernel_breakdown_sorts_hopper_kernel_names_into_families():
+    """The MFU sections' device profile: kernel names as the H200 run's profiler recorded them (cuBLAS, flash,
+    fused AdamW, NCCL, elementwise) fall into their families; the busy fraction is kernel time over wall time."""
+    from bench.gpu_sections import kernel_breakdown, kernel_kind
+
+    names = {"nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNN": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer_and_foreach",
+             "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+             "Memcpy DtoD (Device -> Device)": "copy",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
+             "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>": "loss_softmax",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "elementwise_other"}
+    assert {n: kernel_kind(n) for n in names} == names
+    r = kernel_breakdown([(n, 0.01 * (i + 1), 2) for i, n in enumerate(names)], wall_s=1.1, top=3)
+    assert abs(r["kernel_s"] - 0.55) < 1e-12 and abs(r["busy"] - 0.5) < 1e-12 and r["launches"] == 20
+    assert abs(r["by_kind_s"]["matmul"] - 0.03) < 1e-12 and abs(sum(r["by_kind_share"].values()) - 1) < 1e-12
+    assert [k["kind"] for k in r["top_kernels"]] == ["elementwise_other", "loss_softmax", "norm"]
