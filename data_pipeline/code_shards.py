@@ -1,4 +1,4 @@
-"""Code shards: fixed-size records, memory-mapped, addressable by global sample index.
+"""Code shards: fixed-size records, read by position (a few open files at a time), addressable by global sample index.
 
 A code-shard folder holds `NNNNN.bin` (records back to back, no header), `NNNNN.hashes` (each record's
 image content hash, HASH_BYTES bytes, in record order), `NNNNN.json` (that shard's record count, sha256,
@@ -34,7 +34,10 @@ import io
 import itertools
 import json
 import math
+import os
 import re
+import resource
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -284,10 +287,10 @@ class CodeShardDataset:
             if want is not None and want != have:
                 raise DataError(f"{path}: records have {name}={have}, the model expects {want}")
         self.dtype = record_dtype(rec["grid_tokens"], rec["text_len"], rec["caption_bytes"], rec["key_bytes"])
-        self.arrays, offsets = [], [0]
+        self.paths = [self.folder / f"{shard['name']}.bin" for shard in self.manifest["shards"]]
+        counts = [shard["records"] for shard in self.manifest["shards"]]
         head = {k: self.manifest.get(k) for k in HEADER_KEYS}
-        for shard in self.manifest["shards"]:
-            bin_path = self.folder / f"{shard['name']}.bin"
+        for bin_path, records in zip(self.paths, counts):
             meta_path = bin_path.with_suffix(".json")
             meta = read_json(meta_path) if meta_path.is_file() else {}
             diff = header_differences(meta["header"], head) if "header" in meta else []
@@ -296,55 +299,53 @@ class CodeShardDataset:
                                 f"or filters than {path} says: {'; '.join(diff)}; pre-tokenize again into a new "
                                 "--output folder")
             size = bin_path.stat().st_size
-            if size != shard["records"] * self.dtype.itemsize:
-                raise DataError(f"{bin_path}: {size} bytes, expected {shard['records']} records of "
+            if size != records * self.dtype.itemsize:
+                raise DataError(f"{bin_path}: {size} bytes, expected {records} records of "
                                 f"{self.dtype.itemsize} bytes")
-            array = np.memmap(bin_path, dtype=self.dtype, mode="r") if size else np.zeros(0, dtype=self.dtype)
-            self._check_values(bin_path, array, meta)
-            self.arrays.append(array)
-            offsets.append(offsets[-1] + shard["records"])
-        self.skips = self._duplicates(np.array(offsets))
-        self.offsets = np.cumsum([0] + [len(a) - len(e) for a, e in zip(self.arrays, self.skips)])
+            self._check_values(bin_path, records, meta)
+        self.skips = self._duplicates(np.cumsum([0] + counts))
+        self.offsets = np.cumsum([0] + [n - len(e) for n, e in zip(counts, self.skips)])
+        self.files = OpenFiles()
 
     def _duplicates(self, raw_offsets: np.ndarray) -> list[np.ndarray]:
         """Per shard, the sorted indices of its records left out, each minus the number left out before it
         (so that kept record k is record k + searchsorted(that, k, 'right') of the shard)."""
         entry = self.manifest.get("duplicates")  # absent in folders made before duplicates across shards were found
         if not entry or not entry["count"]:
-            return [np.zeros(0, dtype=np.int64) for _ in self.arrays]
+            return [np.zeros(0, dtype=np.int64) for _ in self.paths]
         path = self.folder / entry["file"]
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path} is missing or does not match the sha256 in {self.folder / 'manifest.json'}: "
                             "rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)")
         found = np.load(path, allow_pickle=False).astype(np.int64)
-        out = []
+        out: list[np.ndarray] = []
         for start, end in itertools.pairwise(raw_offsets):
             mine = found[(found >= start) & (found < end)] - start
             out.append(mine - np.arange(len(mine)))
         return out
 
-    def __getstate__(self):  # for a DataLoader worker that is not forked: reopen the memory maps, not copy them
-        return {**self.__dict__, "arrays": [a if not isinstance(a, np.memmap) else None for a in self.arrays]}
+    def __getstate__(self):  # for a DataLoader worker that is not forked: it opens files of its own
+        return {**self.__dict__, "files": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.arrays = [a if a is not None else np.memmap(self.folder / f"{s['name']}.bin", dtype=self.dtype, mode="r")
-                       for a, s in zip(self.arrays, self.manifest["shards"])]
+        self.files = OpenFiles()
 
-    def _check_values(self, bin_path: Path, array: np.ndarray, meta: dict) -> None:
+    def _check_values(self, bin_path: Path, records: int, meta: dict) -> None:
         """Every code < vq.codebook_size and every text id < the text vocab_size, or a DataError naming the shard."""
-        if not len(array):
+        if not records:
             return
-        max_code, max_text = shard_maxima(bin_path, array, meta)
+        max_code, max_text = shard_maxima(bin_path, self.dtype, meta)
         for field, largest, limit, what in (
                 ("codes", max_code, self.manifest["vq"]["codebook_size"], "image code {v} is outside the codebook "
                  "of {n} (manifest.json vq.codebook_size)"),
                 ("text", max_text, self.manifest["text_tokenizer"]["vocab_size"], "text id {v} is outside the text "
                  "vocabulary of {n} (manifest.json text_tokenizer.vocab_size)")):
             if largest >= limit:
-                raise DataError(f"{bin_path}: {what.format(v=largest, n=limit)} at record "
-                                f"{first_record_at_or_above(array, field, limit)}; the shard is damaged or was not "
-                                "made with this folder's tokenizers: pre-tokenize again into a new --output folder")
+                at = first_record_at_or_above(bin_path, self.dtype, field, limit)
+                raise DataError(f"{bin_path}: {what.format(v=largest, n=limit)} at record {at}; the shard is "
+                                "damaged or was not made with this folder's tokenizers: pre-tokenize again into a "
+                                "new --output folder")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -354,7 +355,12 @@ class CodeShardDataset:
             raise IndexError(f"sample {index} outside 0..{len(self) - 1} of {self.folder}")
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
         k = int(index - self.offsets[shard])
-        return self.arrays[shard][k + int(np.searchsorted(self.skips[shard], k, side="right"))]
+        k += int(np.searchsorted(self.skips[shard], k, side="right"))
+        data = os.pread(self.files.fd(self.paths[shard]), self.dtype.itemsize, k * self.dtype.itemsize)
+        if len(data) != self.dtype.itemsize:  # (the size was checked at open: the file changed since)
+            raise DataError(f"{self.paths[shard]}: record {k} ends past the file's end; the shard changed after "
+                            "the dataset was opened")
+        return np.frombuffer(data, dtype=self.dtype)[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.record(index)
@@ -364,10 +370,39 @@ class CodeShardDataset:
         return self.record(index)["caption"].decode("utf-8", "ignore")
 
 
+class OpenFiles:
+    """Read-only file descriptors of the shards read recently, at most `limit` at once (least recently used
+    closed first). Records are read with os.pread, not from a memory map per shard: Python's mmap keeps a file
+    descriptor per map, and a process may hold ~1,024 (`ulimit -n`'s usual soft limit) and 65,530 maps
+    (vm.max_map_count): LAION-400M in shards of 10,000 is 41,000 shards, LAION-2B 230,000. A random order over
+    many shards seldom finds its shard open; a miss costs one open(), no more than mapping it would."""
+
+    def __init__(self, limit: int | None = None):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.limit = limit or max(8, min(256, soft // 4))  # (DataLoader workers, sockets, logs need the rest)
+        self.open: OrderedDict[Path, int] = OrderedDict()
+
+    def fd(self, path: Path) -> int:
+        if path in self.open:
+            self.open.move_to_end(path)
+            return self.open[path]
+        if len(self.open) >= self.limit:
+            os.close(self.open.popitem(last=False)[1])
+        self.open[path] = os.open(path, os.O_RDONLY)
+        return self.open[path]
+
+    def __del__(self):
+        for fd in self.open.values():
+            try:
+                os.close(fd)
+            except OSError:  # (already closed, e.g. at interpreter exit)
+                pass
+
+
 _SCANNED: dict[tuple, tuple[int, int]] = {}
 
 
-def shard_maxima(bin_path: Path, array: np.ndarray, meta: dict) -> tuple[int, int]:
+def shard_maxima(bin_path: Path, dtype: np.dtype, meta: dict) -> tuple[int, int]:
     """(largest code, largest text id) of one shard's records: from its metadata (NNNNN.json) while the .bin has
     the size and mtime recorded there when pretokenize wrote it, else one vectorised pass over the memory map
     (in chunks of CHUNK_RECORDS), remembered for this process by the file's path, size, mtime and inode."""
@@ -376,6 +411,7 @@ def shard_maxima(bin_path: Path, array: np.ndarray, meta: dict) -> tuple[int, in
         return int(meta["max_code"]), int(meta["max_text_id"])
     key = (str(bin_path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _SCANNED:
+        array = np.memmap(bin_path, dtype=dtype, mode="r")  # (unmapped on return)
         max_code = max_text = 0
         for start in range(0, len(array), CHUNK_RECORDS):
             chunk = array[start:start + CHUNK_RECORDS]
@@ -385,8 +421,9 @@ def shard_maxima(bin_path: Path, array: np.ndarray, meta: dict) -> tuple[int, in
     return _SCANNED[key]
 
 
-def first_record_at_or_above(array: np.ndarray, field: str, limit: int) -> int | str:
+def first_record_at_or_above(bin_path: Path, dtype: np.dtype, field: str, limit: int) -> int | str:
     """Index of the first record with a value >= limit in `field` (only called once one is known to exist)."""
+    array = np.memmap(bin_path, dtype=dtype, mode="r")
     for start in range(0, len(array), CHUNK_RECORDS):
         bad = np.flatnonzero((array[start:start + CHUNK_RECORDS][field] >= limit).any(axis=1))
         if len(bad):

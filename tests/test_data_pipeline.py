@@ -358,6 +358,55 @@ def test_shard_of_another_run_is_refused_at_open(one_run, tmp_path):
         CodeShardDataset(out)
 
 
+def write_random_shards(folder: Path, count: int, records: int = 3) -> dict:
+    """A code-shard folder of `count` shards of random records (no pre-tokenization), with its manifest."""
+    from data_pipeline.code_shards import CAPTION_BYTES, KEY_BYTES, record_dtype
+
+    head = {"vq": {"kind": "stand-in", "hash": "v", "grid": 2, "codebook_size": 64, "image_size": 16},
+            "text_tokenizer": {"hash": "t", "vocab_size": 100, "text_len": 4}, "filters": {}, "image_decoding": "-",
+            "record": {"grid_tokens": 4, "text_len": 4, "caption_bytes": CAPTION_BYTES, "key_bytes": KEY_BYTES}}
+    rng, dtype = np.random.default_rng(0), record_dtype(4, 4)
+    folder.mkdir()
+    for i in range(count):
+        r = np.zeros(records, dtype=dtype)
+        r["codes"], r["text"] = rng.integers(0, 64, (records, 4)), rng.integers(0, 100, (records, 4))
+        r["key"] = [f"{i}-{k}".encode() for k in range(records)]
+        hashes = rng.integers(0, 256, (records, 16), dtype=np.uint8).tobytes()
+        (folder / f"{i:05d}.bin").write_bytes(r.tobytes())
+        (folder / f"{i:05d}.hashes").write_bytes(hashes)
+        (folder / f"{i:05d}.json").write_text(json.dumps({
+            "input": f"{i:05d}.tar", "records": records, "seen": records, "skipped": {}, "header": head,
+            "sha256": hashlib.sha256(r.tobytes()).hexdigest(), "hashes_sha256": hashlib.sha256(hashes).hexdigest()}))
+    return write_manifest(folder, head, [f"{i:05d}" for i in range(count)])
+
+
+def test_a_folder_of_more_shards_than_open_files_allowed_is_read_whole(tmp_path):
+    """LAION-400M is ~41,000 shards of 10,000, and a process may hold ~1,024 open files (`ulimit -n`): a dataset
+    keeping a memory map (a file descriptor) per shard could not open such a folder. Under a limit of 128, a
+    folder of 300 shards opens, every record read back in a shuffled order equals its bytes in its .bin, and
+    the reader never holds more descriptors than its limit."""
+    import resource
+
+    write_random_shards(tmp_path / "codes", 300)
+    script = f"""
+import numpy as np, os
+from data_pipeline.code_shards import CodeShardDataset
+ds = CodeShardDataset({str(tmp_path / "codes")!r})
+expected = np.concatenate([np.fromfile(p, dtype=ds.dtype) for p in ds.paths])
+order = np.random.default_rng(0).permutation(len(ds))
+got = np.stack([ds.record(int(i)) for i in order])
+assert len(ds) == 900 and (got == expected[order]).all()
+assert len(ds.files.open) == ds.files.limit == 32, (len(ds.files.open), ds.files.limit)
+print("ok", len(os.listdir("/proc/self/fd")))
+"""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_environment(), capture_output=True,
+                          text=True, timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                                     (128, hard)))
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+    assert int(proc.stdout.split()[1]) < 128
+
+
 def test_corrupt_inputs_are_refused_clearly(setup, one_run, tmp_path):
     _, out = one_run
     with pytest.raises(FileNotFoundError, match="input shard"):
