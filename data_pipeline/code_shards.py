@@ -473,6 +473,24 @@ def _coprime_stride(n: int) -> int:
     return stride
 
 
+TOKENIZERS = {"vq": "image tokenizer", "text_tokenizer": "text tokenizer"}  # manifest.json's entries of each
+
+
+def data_tokenizers(dataset) -> dict | None:
+    """The image and text tokenizers a dataset's samples were made with (manifest.json's `vq` and `text_tokenizer`
+    entries, with their content hashes); None for data that records none (data_pipeline.synthetic)."""
+    first = dataset.datasets[0] if isinstance(dataset, MixedDataset) else dataset  # (a blend shares them)
+    manifest = getattr(first, "manifest", None)
+    return {k: manifest[k] for k in TOKENIZERS} if manifest else None
+
+
+def other_tokenizers(a: dict, b: dict) -> list[str]:
+    """The names of the tokenizers whose content hashes differ between two data_tokenizers() results: codes or
+    text ids made by one mean other image patches or words to a model trained on the other's. (A detokenizer
+    fine-tuned on the frozen codes keeps the image tokenizer's hash: vq/tokenizer.py.)"""
+    return [name for k, name in TOKENIZERS.items() if a[k].get("hash") != b[k].get("hash")]
+
+
 def open_training_data(spec: str, model_cfg):
     """`codes/` or `codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> a dataset the model fits."""
     parts = []
@@ -494,6 +512,14 @@ def open_training_data(spec: str, model_cfg):
         parts.append((ds, weight))
     if not parts:
         raise DataError("data.shards is empty: give a code-shard folder (or folder:weight,folder:weight)")
+    first = parts[0][0]
+    for ds, _ in parts[1:]:
+        differ = other_tokenizers(data_tokenizers(first), data_tokenizers(ds))
+        if differ:
+            raise DataError(f"{ds.folder} was made with another {' and '.join(differ)} than {first.folder} "
+                            "(manifest.json vq.hash / text_tokenizer.hash): a blend must share both, or the same code "
+                            "means another image patch and the same id another word; pre-tokenize one with the "
+                            "other's tokenizers")
     if len(parts) == 1:
         return parts[0][0]
     return MixedDataset([d for d, _ in parts], [w for _, w in parts])

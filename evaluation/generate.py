@@ -47,13 +47,14 @@ from tqdm import tqdm
 
 from common.cli import add_dataclass_args, command, dataclass_from_args
 from common.files import atomic_path, write_atomic
+from data_pipeline.code_shards import other_tokenizers
 from data_pipeline.text_tokenizer import TextTokenizer
 from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, check_counts, sample
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.model import load_upsampler, upsample
-from training.export import exported_model_config, load_exported
+from training.export import exported_data_tokenizers, exported_model_config, load_exported
 from vq.tokenizer import load_image_tokenizer
 
 
@@ -195,10 +196,11 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     return len(todo)
 
 
-def check_fits(model_cfg, vq, text_tok) -> None:
+def check_fits(model_cfg, vq, text_tok, trained_on: dict | None = None) -> None:
     """ValueError when the VQ or the text tokenizer is not one the model can have been trained with: another
     grid, more codes than its image vocabulary (fewer are fine: sample() draws only the VQ's), more text
-    tokens than its text vocabulary (ids without an embedding)."""
+    tokens than its text vocabulary (ids without an embedding), or, where the export records them
+    (`trained_on`: training.export.exported_data_tokenizers), a content hash other than its training data's."""
     if vq.grid * vq.grid != model_cfg.image_seq_len or vq.codebook_size > model_cfg.image_vocab_size:
         raise ValueError(f"the VQ tokenizer (--vq; grid {vq.grid}, {vq.codebook_size} codes) does not fit the model "
                          f"({model_cfg.image_seq_len} image tokens, vocabulary {model_cfg.image_vocab_size})")
@@ -206,6 +208,14 @@ def check_fits(model_cfg, vq, text_tok) -> None:
         raise ValueError(f"the text tokenizer (--text-tokenizer) has {text_tok.vocab_size} tokens, more than the "
                          f"model's text vocabulary (model.text_vocab_size={model_cfg.text_vocab_size}): expected the "
                          "SentencePiece model the model was trained with")
+    if trained_on:
+        given = {"vq": {"hash": vq.content_hash}, "text_tokenizer": {"hash": text_tok.content_hash}}
+        differ = other_tokenizers(trained_on, given)
+        if differ:
+            raise ValueError(f"the {' and '.join(differ)} given (--vq / --text-tokenizer) is not the one the model's "
+                             "training data was made with (content hashes differ from the export's config.json "
+                             "data_tokenizers): the model's codes would decode to other images, or the prompts "
+                             "become other words; give the tokenizers of its training data")
 
 
 log = logging.getLogger("parti")
@@ -295,7 +305,7 @@ def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: t
     # The tokenizers first (seconds), checked against the export's config, before the model (minutes).
     model_cfg = exported_model_config(checkpoint)
     vq, text_tok = load_image_tokenizer(vq_path, device), TextTokenizer(text_tokenizer, model_cfg.text_seq_len)
-    check_fits(model_cfg, vq, text_tok)
+    check_fits(model_cfg, vq, text_tok, exported_data_tokenizers(checkpoint))
     model = load_exported(checkpoint, device, dtype)
     model.export_identity = identity
     return model, vq, text_tok

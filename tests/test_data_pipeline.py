@@ -495,6 +495,46 @@ def test_trainer_reads_code_shards(single_process, setup, one_run, tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
+def test_data_of_other_tokenizers_is_refused_for_blends_resumes_and_sampling(single_process, setup, one_run,
+                                                                              tmp_path):
+    """The same records under another image tokenizer's hash (as data pre-tokenized with another VQ): blending
+    it with the first is refused, and so is resuming a run trained on the first with it; the export records
+    its training data's tokenizers, and sampling with a VQ of another hash is refused (its own is accepted)."""
+    from evaluation.generate import check_fits
+    from tests.conftest import run
+    from training.config import ConfigError
+    from training.export import exported_data_tokenizers, exported_model_config
+    from training.export import export as export_run
+
+    _, out = one_run
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    for path in [other / "manifest.json", *other.glob("0*.json")]:
+        meta = json.loads(path.read_text())
+        (meta["header"] if "header" in meta else meta)["vq"]["hash"] = "0" * 64
+        path.write_text(json.dumps(meta))
+    model = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=64", "model.text_vocab_size=128",
+             "data.synthetic=false"]
+    with pytest.raises(ConfigError, match=rf"{other} was made with another image tokenizer than {out}"):
+        run(str(tmp_path / "blend"), *model, f"data.shards={out},{other}")
+    run(str(tmp_path / "run"), *model, f"data.shards={out}", steps=2)
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(ConfigError, match=r"cannot resume .*step_00000002 on data.shards=.*another image tokenizer"):
+        run(str(tmp_path / "run"), *model, f"data.shards={other}", steps=3)
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+    exported = export_run(tmp_path / "run")
+    assert exported_data_tokenizers(exported) == {k: json.loads((out / "manifest.json").read_text())[k]
+                                                  for k in ("vq", "text_tokenizer")}
+    model_cfg, tok = exported_model_config(exported), TextTokenizer(setup["spm"], 16)
+    check_fits(model_cfg, load_image_tokenizer(setup["vq"]), tok, exported_data_tokenizers(exported))
+    torch.manual_seed(1)
+    save_image_tokenizer(ConvVQ(image_size=64, downsample=3, channels=16, code_dim=8, codebook_size=64),
+                         tmp_path / "vq_other.pt")
+    with pytest.raises(ValueError, match="the image tokenizer given .* is not the one the model's training data"):
+        check_fits(model_cfg, load_image_tokenizer(tmp_path / "vq_other.pt"), tok, exported_data_tokenizers(exported))
+
+
 def test_resume_on_grown_data_warns_that_the_order_changes(single_process, setup, tmp_path, log_lines):
     """Shards added to the folder data.shards names between two segments of a run: the sample order (a
     permutation of the dataset's length) is another from the resumed step on, which the log says."""

@@ -174,11 +174,11 @@ def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, 
         pool2.run(run, str(tmp_path), *sets, steps=3)
     else:
         run(str(tmp_path), *sets, steps=3)
-    trained, config = read_weights(tmp_path, latest_tag(tmp_path))
+    trained, state = read_weights(tmp_path, latest_tag(tmp_path))
     for name, w in weights.items():
         torch.testing.assert_close(trained[name], w, rtol=0, atol=0, msg=name)
     cfg = load_config("configs/train/debug.yaml", sets)
-    initial = PartiModel(cfg.model, init_seed=config["train"]["seed"]).state_dict()
+    initial = PartiModel(cfg.model, init_seed=state["config"]["train"]["seed"]).state_dict()
     assert not torch.equal(trained["decoder.0.mlp.fn.fc1.weight"], initial["decoder.0.mlp.fn.fc1.weight"])
 
 

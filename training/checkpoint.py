@@ -23,7 +23,7 @@ TP=2 x PP=2 x DP=2 loads at TP=1 x PP=1 x DP=1 (and back). What goes in:
   partitions; the working (bf16) weights are then refreshed from the masters. (Adafactor's row/column
   statistics exist only per TP shard: stored per TP rank, they reload at the same TP size only);
 - trainer_state.json: step, consumed samples (the sampler's state), optimizer step count, LR
-  schedule, skipped steps, world layout, the resolved config;
+  schedule, skipped steps, world layout, the resolved config, the training data's tokenizers (their hashes);
 - rng_rank{r}.pt: each rank's RNG states (restored only when the layout is unchanged).
 
 Layout and the `latest` pointer are common/checkpoints.py's: run_dir/checkpoints/step_00000100/, and

@@ -6,7 +6,8 @@
 
 Whatever layout the run trained at (TP, PP, ZeRO), the checkpoint's tensors are read back whole
 (megatron-core dist_checkpointing reshards to TP=1) under PartiModel's parameter names; the file holds
-fp32 weights, and config.json the model section of the run's resolved config. Loading builds the model
+fp32 weights, and config.json the model section of the run's resolved config and the image and text
+tokenizers its training data was made with (generation refuses others). Loading builds the model
 on the meta device and assigns the weights (cast to the target dtype) without ever allocating a
 randomly initialised copy, so a model needs its weights' memory once, not twice.
 """
@@ -27,13 +28,14 @@ from training.deepspeed_glue import Fragment, local_shape
 
 
 def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The full fp32 weights of a checkpoint by PartiModel name, and the run's config (as a dict)."""
+    """The full fp32 weights of a checkpoint by PartiModel name, and its trainer_state.json (the run's config
+    under "config")."""
     from megatron.core import dist_checkpointing
-
 
     init_parallel(tp=1, pp=1)
     path = checkpoint_dir(run_dir) / tag
-    config = json.loads((path / "trainer_state.json").read_text())["config"]
+    state = json.loads((path / "trainer_state.json").read_text())
+    config = state["config"]
     model_cfg = saved_model_config(config["model"])
     with torch.device("meta"):
         shapes = {n: local_shape(p) for n, p in PartiModel(model_cfg, meta=True).named_parameters()}
@@ -41,7 +43,7 @@ def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor]
     template = {"model": {n: sharded_blocks(f"model.{n}", Fragment(0, torch.empty(shape).view(-1), whole=True),
                                             tuple(shape), whole)[0] for n, shape in shapes.items()}}
     loaded = dist_checkpointing.load(template, str(path))
-    return loaded["model"], config
+    return loaded["model"], state
 
 
 def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
@@ -50,12 +52,13 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     tag = tag or resume_tag(run_dir)[0]  # `latest`'s, or the newest complete one when `latest` is gone
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint")
-    weights, config = read_weights(run_dir, tag)
+    weights, state = read_weights(run_dir, tag)
     out = Path(out or Path(run_dir) / "export")
     out.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in weights.items()}, str(out / "model.safetensors"),
               metadata={"checkpoint": tag})
-    (out / "config.json").write_text(json.dumps({"model": config["model"], "checkpoint": tag}, indent=1))
+    (out / "config.json").write_text(json.dumps({"model": state["config"]["model"], "checkpoint": tag,
+                                                 "data_tokenizers": state.get("data_tokenizers")}, indent=1))
     return out
 
 
@@ -67,6 +70,12 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def exported_model_config(path: str | Path) -> ModelConfig:
     """The model section an export folder's config.json holds (read without building the model)."""
     return saved_model_config(json.loads((Path(path) / "config.json").read_text())["model"])
+
+
+def exported_data_tokenizers(path: str | Path) -> dict | None:
+    """The image and text tokenizers of the data the exported model was trained on (code-shard manifest entries,
+    data_pipeline.code_shards.data_tokenizers); None for synthetic data or an export made before they were kept."""
+    return json.loads((Path(path) / "config.json").read_text()).get("data_tokenizers")
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

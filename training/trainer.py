@@ -19,6 +19,7 @@ from common import metrics
 from common.checkpoints import CheckpointError, RunDirError, RunLock
 from common.config import ConfigError, save_config, to_dict
 from common.preemption import StopRequest
+from data_pipeline.code_shards import data_tokenizers, other_tokenizers
 from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.training_data import training_dataset
@@ -84,9 +85,10 @@ class ResumePlan:
         return self.state["step"] if self.state else 0
 
 
-def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
+def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None = None) -> ResumePlan:
     """Decide from the run directory's files alone how this start goes; raise ConfigError (a config the
-    checkpoint cannot continue with) or RunDirError/CheckpointError (one line naming the file) instead."""
+    checkpoint cannot continue with, data made with other tokenizers than `tokenizers`, the training data's
+    data_tokenizers) or RunDirError/CheckpointError (one line naming the file) instead."""
     if mode not in RESUME_MODES:
         raise ConfigError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
     new_id = uuid.uuid4().hex[:12]
@@ -119,6 +121,13 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str) -> ResumePlan:
                           f"{format_changes(preset + changes['refused'])} (the checkpoint holds the other one's "
                           "weights and optimizer state); resume with the checkpoint's values, or start the new "
                           "model in another --run-dir (or with --resume overwrite)")
+    trained_on = state.get("data_tokenizers")  # (None: synthetic data, or saved before they were recorded)
+    differ = other_tokenizers(trained_on, tokenizers) if trained_on and tokenizers else []
+    if differ:
+        raise ConfigError(f"cannot resume {path} on data.shards={cfg.data.shards!r}: its samples were made with "
+                          f"another {' and '.join(differ)} than the data the checkpoint was trained on (its "
+                          "trainer_state.json data_tokenizers), so its codes or text ids mean other things to the "
+                          "model; give the data made with the checkpoint's tokenizers")
     layout = state.get("layout", {})
     if cfg.train.optimizer == "adafactor" and layout.get("tp", cfg.parallel.tp) != cfg.parallel.tp:
         raise ConfigError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it at "
@@ -173,7 +182,8 @@ class Trainer:
         self.lock = RunLock(self.run_dir)
         self.log, self.reader, self.background = None, None, None
         try:
-            self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume))[1])
+            self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume,
+                                                                                   data_tokenizers(self.dataset)))[1])
             self._build()
         except BaseException:
             self.close()
@@ -266,7 +276,8 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "consumed_samples": self.consumed,
                  "sampler": self.sampler.state_dict(self.consumed),
-                 "skipped_steps": self.nonfinite_guard.skipped, "run_id": self.plan.run_id}
+                 "skipped_steps": self.nonfinite_guard.skipped, "run_id": self.plan.run_id,
+                 "data_tokenizers": data_tokenizers(self.dataset)}
         self.complete_saves(wait=True)  # one save in flight at a time
         tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
                               self.cfg.train.keep_checkpoints, self.background)
