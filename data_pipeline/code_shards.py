@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -318,11 +317,10 @@ class CodeShardDataset:
             raise DataError(f"{path} is missing or does not match the sha256 in {self.folder / 'manifest.json'}: "
                             "rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)")
         found = np.load(path, allow_pickle=False).astype(np.int64)
-        out: list[np.ndarray] = []
-        for start, end in itertools.pairwise(raw_offsets):
-            mine = found[(found >= start) & (found < end)] - start
-            out.append(mine - np.arange(len(mine)))
-        return out
+        # Sorted (find_duplicates wrote it, the sha256 matches), so each shard's part is one slice: a mask per
+        # shard would scan all of them once per shard (47 min per rank at 41,000 shards and 40M duplicates).
+        cuts = np.searchsorted(found, raw_offsets)
+        return [found[a:b] - start - np.arange(b - a) for start, a, b in zip(raw_offsets, cuts[:-1], cuts[1:])]
 
     def __getstate__(self):  # for a DataLoader worker that is not forked: it opens files of its own
         return {**self.__dict__, "files": None}

@@ -358,8 +358,9 @@ def test_shard_of_another_run_is_refused_at_open(one_run, tmp_path):
         CodeShardDataset(out)
 
 
-def write_random_shards(folder: Path, count: int, records: int = 3) -> dict:
-    """A code-shard folder of `count` shards of random records (no pre-tokenization), with its manifest."""
+def write_random_shards(folder: Path, count: int, records: int = 3, images: int | None = None) -> dict:
+    """A code-shard folder of `count` shards of random records (no pre-tokenization), with its manifest; with
+    `images`, each record's image hash is one of that many, so that most repeat across shards."""
     from data_pipeline.code_shards import CAPTION_BYTES, KEY_BYTES, record_dtype
 
     head = {"vq": {"kind": "stand-in", "hash": "v", "grid": 2, "codebook_size": 64, "image_size": 16},
@@ -371,13 +372,34 @@ def write_random_shards(folder: Path, count: int, records: int = 3) -> dict:
         r = np.zeros(records, dtype=dtype)
         r["codes"], r["text"] = rng.integers(0, 64, (records, 4)), rng.integers(0, 100, (records, 4))
         r["key"] = [f"{i}-{k}".encode() for k in range(records)]
-        hashes = rng.integers(0, 256, (records, 16), dtype=np.uint8).tobytes()
+        if images:
+            hashes = np.repeat(rng.integers(0, images, records), 16).astype(np.uint8).tobytes()
+        else:
+            hashes = rng.integers(0, 256, (records, 16), dtype=np.uint8).tobytes()
         (folder / f"{i:05d}.bin").write_bytes(r.tobytes())
         (folder / f"{i:05d}.hashes").write_bytes(hashes)
         (folder / f"{i:05d}.json").write_text(json.dumps({
             "input": f"{i:05d}.tar", "records": records, "seen": records, "skipped": {}, "header": head,
             "sha256": hashlib.sha256(r.tobytes()).hexdigest(), "hashes_sha256": hashlib.sha256(hashes).hexdigest()}))
     return write_manifest(folder, head, [f"{i:05d}" for i in range(count)])
+
+
+def test_many_shards_of_repeated_images_keep_the_first_of_each(tmp_path):
+    """Over 200 shards whose records show 150 images in all (whole shards of repeats among them), the dataset
+    holds exactly the first record of each image, in order: the reference walks every record by hand."""
+    folder = tmp_path / "codes"
+    write_random_shards(folder, 200, records=4, images=150)
+    ds = CodeShardDataset(folder)
+    seen, keep = set(), []
+    for i in range(200):
+        hashes = np.fromfile(folder / f"{i:05d}.hashes", dtype=np.uint8).reshape(4, 16)
+        records = np.fromfile(folder / f"{i:05d}.bin", dtype=ds.dtype)
+        for h, r in zip(hashes, records):
+            if h.tobytes() not in seen:
+                seen.add(h.tobytes())
+                keep.append(r)
+    assert 100 < len(keep) <= 150 and any(len(s) == 4 for s in ds.skips)  # some shards are all repeats
+    assert len(ds) == len(keep) and (np.stack([ds.record(i) for i in range(len(ds))]) == np.stack(keep)).all()
 
 
 def test_a_folder_of_more_shards_than_open_files_allowed_is_read_whole(tmp_path):
