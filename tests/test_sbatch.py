@@ -102,6 +102,7 @@ def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
     assert argv[argv.index("torch.distributed.run") - 2] == "python3"
     assert after(argv, "--nnodes") == "2" and after(argv, "--nproc_per_node") == "8"
     assert after(argv, "--rdzv_endpoint").startswith("node-a:") and after(argv, "--rdzv_id") == "42-0"
+    assert after(argv, "--shutdown-timeout") == "600"  # torchrun's default 30 s would kill a large model's stop save
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert env["OMP_NUM_THREADS"] == "12"  # 96 CPUs / 8 trainers
     assert env["NCCL_DEBUG"] == "WARN"
@@ -126,6 +127,12 @@ def test_train_device_from_environment(tmp_path, device):
     code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "DEVICE": device})
     assert code == 0, log
     assert trainer_args(argv).set == [f"train.device={device}"]
+
+
+def test_stop_grace_sets_torchruns_shutdown_timeout(tmp_path):
+    code, log, argv, _ = train(tmp_path, env={**GPU_JOB, "STOP_GRACE": "1800"})
+    assert code == 0, log
+    assert after(argv, "--shutdown-timeout") == "1800"
 
 
 def test_train_refuses_an_unknown_device(tmp_path):
