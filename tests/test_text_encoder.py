@@ -182,6 +182,30 @@ def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, 
     assert not torch.equal(trained["decoder.0.mlp.fn.fc1.weight"], initial["decoder.0.mlp.fn.fc1.weight"])
 
 
+def test_caption_lines_are_the_non_blank_lines_of_the_files(tmp_path):
+    """--text-files captions, read by position and tokenized when read, are each file's non-blank lines in order
+    (CRLF, no final newline, blank or whitespace-only lines, an empty file); a file that is not UTF-8 is named."""
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from training.config import ConfigError
+    from training.text_encoder import CaptionLines
+
+    texts = ["a red circle\r\n\n  two green cats  \n\t\n\u3000\nun café bleu\n", "", "a dog\nlast line, no newline"]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8", newline="")
+    tok = TextTokenizer(train_sentencepiece(["a red circle two green cats un café bleu a dog"] * 50, 40,
+                                            tmp_path / "spm.model"), max_len=8)
+    want = [torch.tensor(tok.encode(line.strip())[0]) for text in texts for line in text.split("\n") if line.strip()]
+    captions = CaptionLines([str(tmp_path / f"{i}.txt") for i in range(3)], tok)
+    assert len(captions) == len(want) == 5
+    for i in reversed(range(5)):
+        assert torch.equal(captions[i], want[i]), i
+    (tmp_path / "bad.txt").write_bytes(b"fine\nnot \xff utf-8\n")
+    with pytest.raises(ConfigError, match=r"bad\.txt: line 2 is not UTF-8"):
+        CaptionLines([str(tmp_path / "0.txt"), str(tmp_path / "bad.txt")], tok)
+    with pytest.raises(ConfigError, match=r"1\.txt: no captions"):
+        CaptionLines([str(tmp_path / "1.txt")], tok)
+
+
 def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretrained, single_process, tmp_path):
     from common.checkpoints import CheckpointError
     from data_pipeline.text_tokenizer import train_sentencepiece
