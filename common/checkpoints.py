@@ -163,11 +163,10 @@ def failed_save_message(run_dir: str | Path, path: Path, error: str, marker: str
 def prune(run_dir: str | Path, keep: int, step: int, marker: str, run_id: str | None = None,
           owner_of: OwnerOf | None = None) -> None:
     """Keep this run's newest `keep` complete checkpoints up to `step` (just saved; 0 keeps all); delete its
-    older ones and incomplete leftovers of killed saves below `step`. Another run's checkpoints (`owner_of`
-    names another run id) and folders above `step` are left alone; checkpoints that record no run id
-    count as this run's."""
-    if keep <= 0:
-        return
+    older ones and (whatever `keep` is) incomplete leftovers of killed saves below `step`. Another run's
+    checkpoints (`owner_of` names another run id) and folders above `step` are left alone; checkpoints that
+    record no run id count as this run's. A checkpoint's marker goes first: a deletion cut short leaves an
+    incomplete folder (removed by the next prune), never a complete-looking one with files missing."""
     older = []
     for s, path in step_folders(run_dir):
         if s >= step:
@@ -176,7 +175,8 @@ def prune(run_dir: str | Path, keep: int, step: int, marker: str, run_id: str | 
             shutil.rmtree(path, ignore_errors=True)
         elif owner_of is None or owner_of(path) in (None, run_id):
             older.append(path)
-    for path in older[:max(0, len(older) - (keep - 1))]:
+    for path in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
+        (path / marker).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
 

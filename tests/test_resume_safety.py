@@ -225,6 +225,42 @@ def test_the_lock_of_a_dead_run_does_not_block(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+def test_pruning_keeps_the_newest_removes_leftovers_and_never_leaves_a_complete_looking_part(tmp_path, monkeypatch):
+    """prune: this run's newest `keep` complete checkpoints stay; incomplete leftovers of killed saves below the
+    step just saved go even with keep=0 (which keeps every complete one); a deletion cut short (a kill inside
+    rmtree) leaves an incomplete folder, never one that a resume would take as complete."""
+    from common import checkpoints
+
+    def make(step: int, complete: bool = True) -> Path:
+        folder = tmp_path / "checkpoints" / tag_for(step)
+        folder.mkdir(parents=True)
+        (folder / "__0_0.distcp").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+        return folder
+
+    for step in (2, 4, 6, 8):
+        make(step)
+    make(5, complete=False), make(9, complete=False)  # a killed save below the step and one above it
+
+    def names():
+        return sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    checkpoints.prune(tmp_path, 0, 8, "trainer_state.json")
+    assert names() == [tag_for(s) for s in (2, 4, 6, 8, 9)]
+    checkpoints.prune(tmp_path, 3, 8, "trainer_state.json")
+    assert names() == [tag_for(s) for s in (4, 6, 8, 9)]
+
+    def killed(path, **kwargs):
+        (Path(path) / "__0_0.distcp").unlink()
+        raise KeyboardInterrupt  # stands for the process dying inside rmtree
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.prune(tmp_path, 2, 8, "trainer_state.json")
+    assert checkpoints.complete_tags(tmp_path, "trainer_state.json") == [tag_for(6), tag_for(8)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs to training.train's main(): exit 1, one line naming the file or field, nothing changed
 

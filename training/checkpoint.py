@@ -53,6 +53,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -454,6 +455,7 @@ def save_sections(sections, run_dir: str | Path, step: int, full_state: dict, ke
     `run_id` when there is one) as trainer_state.json, which marks it complete; `latest` moves, older ones are
     pruned. Failures as `save` says. (Parti's trainer through `save`, the text encoder's pre-training.)"""
     path, run_id = checkpoint_dir(run_dir) / tag_for(step), full_state.get("run_id")
+    wait_for_pruning()
     problem = _from_rank0(prepare_folder(path, run_id, _run_id_of) if dist.get_rank() == 0 else None)
     if problem:
         raise CheckpointError(problem)
@@ -490,8 +492,27 @@ def _complete(run_dir: str | Path, path: Path, full_state: dict, keep: int) -> N
     if error:
         _fail(run_dir, path, error)
     if dist.get_rank() == 0:
-        checkpoints.prune(run_dir, keep, full_state["step"], STATE_FILE, full_state.get("run_id"), _run_id_of)
-    dist.barrier()
+        _prune_in_background(run_dir, keep, full_state["step"], STATE_FILE, full_state.get("run_id"), _run_id_of)
+
+
+_pruning: threading.Thread | None = None
+
+
+def _prune_in_background(*args) -> None:
+    """Rank 0 deletes older checkpoints in a thread while training goes on: the rmtree of a parti-20b
+    checkpoint (~250 GB, 2 files per rank) can take seconds to minutes on a parallel file system, and every
+    rank would wait for it. The next save, and the end of the run, wait for it first (wait_for_pruning)."""
+    global _pruning
+    wait_for_pruning()
+    _pruning = threading.Thread(target=checkpoints.prune, args=args, name="prune-checkpoints")
+    _pruning.start()
+
+
+def wait_for_pruning() -> None:
+    global _pruning
+    if _pruning is not None:
+        _pruning.join()
+        _pruning = None
 
 
 def _fail(run_dir: Path, path: Path, error: str) -> None:

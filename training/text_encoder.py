@@ -62,7 +62,8 @@ from model_parallel.kernels import select_kernels
 from model_parallel.model import build_pieces, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
-from training.checkpoint import STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks
+from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
+                                 wait_for_pruning)
 from training.config import Config, load_config
 from training.deepspeed_glue import Fragment, global_grad_norm
 from training.engine import lr_lambda
@@ -220,6 +221,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     finally:
         stop.restore()
         run.log.close()
+        wait_for_pruning()
     return losses
 
 

@@ -304,6 +304,7 @@ class Trainer:
         if getattr(self, "groups_before", None) is not None:  # (a process that trains again must not keep them)
             destroy_groups(process_groups() - self.groups_before)
             self.groups_before = None
+        checkpoint.wait_for_pruning()  # (the run directory is this run's until its old checkpoints are gone)
         self.lock.release()
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
