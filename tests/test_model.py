@@ -92,6 +92,8 @@ def test_cfg_null_condition():
     torch.testing.assert_close(caption_drop_mask(idx[7:900:2], seed=5, prob=0.1), drop[7:900:2])
     assert not torch.equal(caption_drop_mask(idx, seed=6, prob=0.1), drop)
     assert not caption_drop_mask(idx, seed=5, prob=0.0).any()
+    far = caption_drop_mask(idx + 2**32, seed=5, prob=0.1)  # beyond 2^32 samples: no repeat of the first ones
+    assert 0.08 < far.float().mean() < 0.12 and (far != drop).float().mean() > 0.1
     text = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     out = null_condition(text, torch.tensor([False, True]), pad_id=0, eos_id=3)
     assert out.tolist() == [[5, 6, 7, 0], [3, 0, 0, 0]]
