@@ -70,11 +70,12 @@ def padded_vocab(size: int, multiple: int) -> int:
 
 
 def megatron_config(tp_size: int, sequence_parallel: bool = False, meta: bool = False,
-                    dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+                    dtype: torch.dtype = torch.float32, initialize: bool = True) -> ModelParallelConfig:
     """Initialisation: megatron-core allocates only this rank's shard of each split weight (on
     torch.cuda.current_device(), "cpu" without a GPU) and fills it with the init method, which draws
     just that shard (model_parallel/init.py). With `meta` nothing is initialised and the CPU-init path
-    allocates without naming a device, so that `torch.device("meta")` applies."""
+    allocates without naming a device, so that `torch.device("meta")` applies. Without `initialize` the
+    weights are allocated and left as they are (a checkpoint's load fills them)."""
     if sequence_parallel and tp_size == 1:
         raise ValueError("sequence parallelism needs a tensor-parallel group of 2 or more ranks "
                          "(parallel.sequence_parallel=true needs parallel.tp > 1)")
@@ -82,7 +83,7 @@ def megatron_config(tp_size: int, sequence_parallel: bool = False, meta: bool = 
         tensor_model_parallel_size=tp_size,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=meta,
-        perform_initialization=not meta,
+        perform_initialization=initialize and not meta,
         params_dtype=dtype,
     )
 
@@ -239,14 +240,37 @@ def piece_names(cfg: ModelConfig) -> list[str]:
     return [name for name, _ in piece_classes(cfg)]
 
 
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """megatron-core marks a tensor-parallel weight (tensor_model_parallel, partition_dim, partition_stride)
+    in its initialisation only, which a meta build or one without `initialize` skips: mark them as it would
+    (column-parallel and vocab-parallel weights split rows, row-parallel ones columns; stride 1)."""
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
 def piece_context(cfg: ModelConfig, kernels: Kernels | None = None, sequence_parallel: bool = False,
-                  meta: bool = False, tp_group=None) -> PieceContext:
+                  meta: bool = False, tp_group=None, initialize: bool = True) -> PieceContext:
     """What each piece is built from. `tp_group`: the tensor-parallel group (default: this rank's, from
     model_parallel.state). Output projections (`out_init`) get megatron's scaled std,
     init_std / sqrt(2 * layers); the init methods key each weight by the seed its piece is built after
     (model_parallel/init.py), so a piece's weights do not depend on which pieces a rank builds."""
     tp_group = tp_group if tp_group is not None else tensor_parallel_group()
-    mp = megatron_config(tp_group.size(), sequence_parallel, meta)
+    mp = megatron_config(tp_group.size(), sequence_parallel, meta, initialize=initialize)
     if mp.perform_initialization:
         ensure_model_parallel_rng(tp_group.rank())
     keys = InitKeys()
@@ -301,13 +325,15 @@ class PartiModel(nn.Module):
     sample stream (`sample_index`), training draws the same dropout masks at any DP/TP/PP layout."""
 
     def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None, sequence_parallel: bool = False,
-                 meta: bool = False, init_seed: int = 1234, tp_group=None):
+                 meta: bool = False, init_seed: int = 1234, tp_group=None, initialize: bool = True):
         super().__init__()
         self.cfg = cfg
-        ctx = piece_context(cfg, kernels, sequence_parallel, meta, tp_group)
+        ctx = piece_context(cfg, kernels, sequence_parallel, meta, tp_group, initialize)
         self.sequence_parallel, self.tp_group = ctx.mp.sequence_parallel, ctx.tp_group
         self.bos_id = cfg.image_vocab_size
         build_pieces(self, ctx, init_seed)
+        if not ctx.mp.perform_initialization:
+            mark_tensor_parallel_weights(self)
 
     # ------------------------------------------------------------------------------------------
     def text_mask(self, text_ids: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from model_parallel.model import (
     TextEmbedding,
     piece_classes,
     piece_context,
+    mark_tensor_parallel_weights,
     piece_names,
     place_piece,
     stream_loss,
@@ -136,14 +137,15 @@ class PipelineLoss:
         return stream_loss(self.cfg, outputs, image_codes)
 
 
-def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False, tp_group=None):
+def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False, tp_group=None,
+                   initialize: bool = True):
     """A DeepSpeed PipelineModule whose layer k holds the same weights as PartiModel's piece k."""
     import torch
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state as ps
 
-    ctx = piece_context(cfg, kernels, sequence_parallel, tp_group=tp_group)
+    ctx = piece_context(cfg, kernels, sequence_parallel, tp_group=tp_group, initialize=initialize)
     specs = [LayerSpec(PIPE_CLASS[cls], ctx) for _, cls in piece_classes(cfg)]
     topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=ctx.tp_group.size(),
                                              num_dp=ps.get_data_parallel_world_size())
@@ -153,4 +155,6 @@ def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_paral
     for name, layer in module.named_children():  # this stage's layers, named by their index k among all
         if name.isdigit():
             place_piece(layer, cfg, init_seed, int(name))
+    if not initialize:
+        mark_tensor_parallel_weights(module)
     return module

@@ -141,6 +141,32 @@ def test_meta_build_allocates_nothing(single_process):
     assert init.draw_counts == {"split": 0, "whole": 0}
 
 
+def _marks(module: torch.nn.Module) -> dict:
+    return {n: {k: v for k, v in vars(p).items() if not k.startswith("_")} for n, p in module.named_parameters()}
+
+
+def test_a_build_for_a_resume_draws_nothing_and_marks_the_split_weights(single_process):
+    """A resume builds without initialising (its checkpoint fills every weight): nothing is drawn, and every
+    parameter carries the tensor-parallel marks an initialised build has (megatron-core sets them in its
+    initialisation only; the checkpoint blocks and the gradient clipping read them), in PartiModel and in the
+    pipeline's stages."""
+    from model_parallel import init
+    from model_parallel.kernels import select_kernels
+    from model_parallel.model import PartiModel
+    from model_parallel.pipeline import build_pipeline
+    from training.deepspeed_glue import init_deepspeed
+
+    cfg = debug_model_config()
+    init_deepspeed()
+    init.draw_counts.update(split=0, whole=0)
+    bare = PartiModel(cfg, init_seed=3, initialize=False)
+    assert init.draw_counts == {"split": 0, "whole": 0}
+    marks = _marks(PartiModel(cfg, init_seed=3))
+    assert sum("tensor_model_parallel" in m for m in marks.values()) > 10 and _marks(bare) == marks
+    assert _marks(build_pipeline(cfg, select_kernels(), 1, 3, initialize=False)) == _marks(
+        build_pipeline(cfg, select_kernels(), 1, 3))
+
+
 def test_draws_stay_on_the_cpu_when_factories_default_elsewhere(single_process):
     """deepspeed.zero.Init (ZeRO-3) sends factory calls without a device to the GPU, where the CPU tile
     generators cannot draw (seen on an H200); the init must name the CPU for its buffers. A default

@@ -95,36 +95,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     init_parallel(tp=1, pp=1)
     with torch.device("meta"):
         model = PartiModel(model_cfg, meta=True)
-    mark_tensor_parallel_weights(model)
     file = path / "model.safetensors"
     with safe_open(str(file), framework="pt", device="cpu") as f:
         weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
     assign_weights(model, weights, str(file))
     move_buffers(model, device)
     return model.eval()
-
-
-def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
-    """megatron-core marks a tensor-parallel weight (tensor_model_parallel, partition_dim,
-    partition_stride) in its initialisation only, which a meta build skips: mark them as it would
-    (column-parallel and vocab-parallel weights split rows, row-parallel ones columns; stride 1)."""
-    from megatron.core.tensor_parallel import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        set_tensor_model_parallel_attributes,
-    )
-
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-            dim = 0
-        elif isinstance(module, RowParallelLinear):
-            dim = 1
-        else:
-            continue
-        weight = getattr(module, "weight", None)
-        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str = "weights") -> None:

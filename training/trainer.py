@@ -217,7 +217,7 @@ class Trainer:
             enable_tf32()
         self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
         self.log.info(f"MFU against {peak_source}")
-        model = engine.build_model(cfg, kernels, self.device, layout)
+        model = engine.build_model(cfg, kernels, self.device, layout, initialize=not self.plan.tag)
         if cfg.model.init_text_encoder and not self.plan.tag:  # (a resumed run has its checkpoint's weights)
             load_text_encoder(model, cfg.model, cfg.model.init_text_encoder)
             self.log.info(f"text encoder warm-started from {cfg.model.init_text_encoder}"
