@@ -4,6 +4,7 @@ Weights & Biases.
     log = MetricsLogger(run_dir, enabled=rank == 0)          # wandb_project="parti": W&B too (see MetricsLogger)
     log.step({"step": 10, "loss": 2.3, "lr": 1e-3, ...})     # a line, a JSON object, scalars
     log.info("text")                                         # a plain message (rank 0 only)
+    log.resumed_at(step)                                     # a run (re)starting at `step`: later rows go
 
 metrics.jsonl holds one JSON object per logged step: step, loss, lr,
 grad_norm, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, mem_gb, mem_reserved_gb (GPU only) (null where not
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from common.files import write_atomic
 
 _FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".3f", "samples_per_s": ".1f", "tokens_per_s": ".0f",
             "tflops_per_gpu": ".3f", "mfu": ".3f", "mem_gb": ".2f",
@@ -45,6 +48,15 @@ def reset_peak_memory() -> None:
     training's, not construction's (the fp32 model before DeepSpeed casts it to bf16)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for one that is not a whole JSON object with one."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
 
 
 def wandb_mode() -> str:
@@ -76,10 +88,8 @@ class MetricsLogger:
             self.log.propagate = False
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir, self.tb, self.purge_step = run_dir, None, None  # (TensorBoard's writer: at the first step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if wandb_project:
             self.wandb = self._start_wandb(run_dir, wandb_project, run_name or run_dir.resolve().name, config)
 
@@ -104,6 +114,19 @@ class MetricsLogger:
             self.log.info(f"W&B: {run.url}")
         return run
 
+    def resumed_at(self, step: int) -> None:
+        """A run (re)starting at `step` (its checkpoint's; 0 without one) trains the steps after it again: the rows
+        a killed segment logged for them go, from metrics.jsonl (rewritten; a line cut short by the kill too)
+        and from TensorBoard (purge_step), so that every step appears once."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self.jsonl.close()
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
+        write_atomic(path, "".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a", buffering=1)
+        self.purge_step = step + 1
+
     def info(self, message: str) -> None:
         if self.enabled:
             self.log.info(message)
@@ -116,6 +139,10 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(clean) + "\n")
         step = metrics["step"]
         scalars = {f"train/{k}": v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
         for key, value in scalars.items():
             self.tb.add_scalar(key, value, step)
         if self.wandb is not None:
@@ -127,7 +154,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
             if self.wandb is not None:
                 import wandb
 

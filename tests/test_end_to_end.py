@@ -61,9 +61,12 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
     # The last stage: the samples upsampled x2, by an upsampler that beats bicubic on unseen shapes.
     assert results["upsampler"]["val_psnr"] > results["upsampler"]["val_psnr_bicubic"], results["upsampler"]
     assert Image.open(out / "samples_upsampled" / "00000_0.png").size == (64, 64)
-    # It was stopped half way (the STOP file, as a SLURM preemption), resumed from that checkpoint, and finished.
-    # A restart from scratch instead of the checkpoint would log the early steps twice.
-    assert 80 <= results["training"]["stopped_at_step"] < 160
+    # It was stopped half way (the STOP file, as a SLURM preemption), resumed from that checkpoint (the second
+    # segment of the run's config history starts there, not at step 0), and finished, each step logged once.
+    stopped = results["training"]["stopped_at_step"]
+    assert 80 <= stopped < 160
+    history = sorted(p.name for p in (out / "parti" / "config_history").iterdir())
+    assert history == ["segment_001_step_00000000.yaml", f"segment_002_step_{stopped:08d}.yaml"], history
     steps = [json.loads(line)["step"] for line in (out / "parti" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(10, 161, 10))
     # The report shows the loss curve, reconstructions and sample grids, all files beside it.

@@ -130,3 +130,27 @@ def test_no_project_no_wandb(tmp_path):
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
     assert not (tmp_path / "wandb").exists() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A segment killed at step 5 after its checkpoint of step 3 (its last line cut short by the kill): the rerun
+    resumes at 3 and logs 4 and 5 again; metrics.jsonl and TensorBoard then hold each step once, the rerun's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 6):
+        first.step({"step": step, "loss": 10.0 + step})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    again = MetricsLogger(tmp_path, enabled=True)
+    again.resumed_at(3)
+    for step in (4, 5):
+        again.step({"step": step, "loss": 20.0 + step})
+    again.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0)]

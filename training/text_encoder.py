@@ -306,6 +306,7 @@ class _Pretraining:
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.train.lr
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg), last_epoch=step - 1)
+        self.log.resumed_at(step)
         return step
 
     def _adam_state(self, step: int) -> None:

@@ -261,6 +261,7 @@ class Trainer:
                 self.log.info(f"warning: the training data holds {len(self.dataset):,} samples, {saved_len:,} when "
                               f"{self.plan.tag} was saved: the sample order from step {self.step} on is that of the "
                               "new data (samples of this epoch may repeat or be skipped)")
+        self.log.resumed_at(self.step)  # (the steps after it are trained again: their old rows go)
         self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
 
     def _reader_at(self, consumed: int) -> ReadAhead:

@@ -312,6 +312,7 @@ class VQTrainer:
         SIGTERM, run_dir/STOP: common/preemption.py) saves after the step in flight and raises Preempted."""
         t, history = self.cfg.train, []
         stop = StopRequest(self.run_dir / "STOP")
+        self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()
         try:
             while self.step < t.steps:
