@@ -270,31 +270,40 @@ class RunLock:
                 f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         f.flush()
         self.file = f
-        _HELD_LOCKS.add(f.fileno())
+        _HELD_LOCKS[f.fileno()] = _identity(f.fileno())
         return self
 
     def release(self) -> None:
         import fcntl
 
         if self.file is not None:
-            _HELD_LOCKS.discard(self.file.fileno())
+            _HELD_LOCKS.pop(self.file.fileno(), None)
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
 
 
-_HELD_LOCKS: set[int] = set()  # descriptors of the run locks this process holds
+_HELD_LOCKS: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) of the run locks this process holds
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def drop_inherited_locks() -> None:
     """In a forked child (a data-loading worker): close its copies of the run locks' descriptors. flock belongs
     to the open file, which every forked copy keeps open, so a worker outliving a killed trainer (PyTorch's
     workers notice a dead parent only every few seconds) would hold the run directory against a requeue."""
-    for fd in list(_HELD_LOCKS):
-        try:
+    # Only a descriptor that still names its lock file: a lock never released (a Trainer that failed after
+    # taking it) is closed when collected, and its number may since name a pipe of this very worker (its
+    # DataLoader queues): closing that left the worker's results undelivered and the trainer waiting forever.
+    for fd, identity in list(_HELD_LOCKS.items()):
+        if _identity(fd) == identity:
             os.close(fd)
-        except OSError:
-            pass
     _HELD_LOCKS.clear()
 
 

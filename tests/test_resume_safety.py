@@ -225,6 +225,36 @@ def test_the_lock_of_a_dead_run_does_not_block(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+def test_a_forked_worker_closes_only_descriptors_that_still_name_a_run_lock(tmp_path):
+    """drop_inherited_locks (a DataLoader worker's start): the copy of a held lock is closed; the number of a lock
+    that was never released, closed when collected and since reused by a pipe, is left alone (closing it cut a
+    worker off from its own result queue and hung the trainer)."""
+    from common.checkpoints import RunLock, drop_inherited_locks
+
+    held = RunLock(tmp_path / "held").acquire()
+    leaked = RunLock(tmp_path / "leaked").acquire()
+    read, write = os.pipe()
+    number = leaked.file.fileno()
+    leaked.file.close()  # what collecting an unreleased lock does
+    os.dup2(write, number)  # the freed number now names a pipe
+    pid = os.fork()
+    if pid == 0:  # the worker: the pipe must still work, the held lock's copy must be gone
+        try:
+            drop_inherited_locks()
+            ok = os.write(number, b"x") == 1
+            try:
+                os.fstat(held.file.fileno())
+                ok = False
+            except OSError:
+                pass
+        finally:
+            os._exit(0 if locals().get("ok") else 1)
+    assert os.waitpid(pid, 0)[1] == 0 and os.read(read, 1) == b"x"
+    held.release()
+    for fd in (read, write, number):
+        os.close(fd)
+
+
 def test_pruning_keeps_the_newest_removes_leftovers_and_never_leaves_a_complete_looking_part(tmp_path, monkeypatch):
     """prune: this run's newest `keep` complete checkpoints stay; incomplete leftovers of killed saves below the
     step just saved go even with keep=0 (which keeps every complete one); a deletion cut short (a kill inside
