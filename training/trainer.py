@@ -292,21 +292,23 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory (the lock; the logger if `run` did not), stop the data workers, destroy the
-        process groups DeepSpeed made for this run."""
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
-        if self.background is not None:  # (a save still in flight here was not waited for: the run failed)
-            self.background.close(abort=True)
-            self.background = None
-        if self.log is not None and not getattr(self, "_log_closed", False):
-            self.log.close()
-            self._log_closed = True
-        if getattr(self, "groups_before", None) is not None:  # (a process that trains again must not keep them)
-            destroy_groups(process_groups() - self.groups_before)
-            self.groups_before = None
-        checkpoint.wait_for_pruning()  # (the run directory is this run's until its old checkpoints are gone)
-        self.lock.release()
+        process groups DeepSpeed made for this run. The lock is released even when a step of this fails."""
+        try:
+            if self.reader is not None:
+                self.reader.close()
+                self.reader = None
+            if self.background is not None:  # (a save still in flight here was not waited for: the run failed)
+                self.background.close(abort=True)
+                self.background = None
+            if self.log is not None and not getattr(self, "_log_closed", False):
+                self.log.close()
+                self._log_closed = True
+            if getattr(self, "groups_before", None) is not None:  # (a process that trains again must not keep them)
+                destroy_groups(process_groups() - self.groups_before)
+                self.groups_before = None
+            checkpoint.wait_for_pruning()  # (the run directory is this run's until its old checkpoints are gone)
+        finally:
+            self.lock.release()
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
