@@ -140,6 +140,28 @@ def test_train_refuses_an_unknown_device(tmp_path):
     assert code == 2 and "DEVICE=gpu" in log and argv is None
 
 
+
+def test_a_second_job_on_a_run_directory_in_use_keeps_its_stop_request(tmp_path):
+    """The previous segment's STOP/REQUEUE are cleared under the run lock the trainer holds: a duplicate job
+    started while the run is alive stops before srun and leaves the running job's stop request alone."""
+    from common.checkpoints import RunLock
+
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()
+    try:
+        (run / "STOP").touch()
+        (run / "REQUEUE").write_text("step 7")
+        code, log, argv, _ = train(tmp_path)
+        assert code == 1 and argv is None, log
+        assert f"{run}/.lock is held by another run (pid {os.getpid()} on" in log
+        assert (run / "STOP").exists() and (run / "REQUEUE").read_text() == "step 7"
+    finally:
+        lock.release()
+    code, log, argv, _ = train(tmp_path)  # the run ended: its requeued segment starts afresh
+    assert code == 0 and argv is not None, log
+    assert not (run / "STOP").exists() and not (run / "REQUEUE").exists()
+
+
 @pytest.mark.parametrize("trainer", ["training.text_encoder", "vq.train", "vq.finetune_decoder", "sr.train"])
 def test_train_job_runs_the_trainer_it_is_given(tmp_path, trainer):
     """TRAINER picks the module (each handles the STOP file and REQUEUE the script relies on); the script's own
