@@ -68,34 +68,38 @@ def test_gpu_request_is_refused_on_nodes_without_gpus(cluster, tmp_path):
     assert "gres" in refused.value.stderr.lower()
 
 
-@pytest.mark.parametrize("interrupt", ["requeue", "usr1"])
-def test_two_node_training_job(cluster, uninterrupted, tmp_path, interrupt):
-    """Interrupted and run again on 2 nodes, the job ends where the uninterrupted one-machine run does (a
-    job that is never interrupted is the first half of either: no case of its own)."""
+def test_two_node_training_job_preempted_then_requeued(cluster, uninterrupted, tmp_path):
+    """Interrupted twice on 2 nodes, both ways a cluster does it, the job ends where the uninterrupted
+    one-machine run does: USR1 (what --signal=B:USR1@... sends before the time limit: the trainers save, the
+    script requeues the job), then `scontrol requeue` (SLURM's SIGTERM: the trainers save before they go).
+    A job that is never interrupted is the first part of this one: no case of its own."""
     run_dir = tmp_path / "run"
     job = cluster.sbatch(["-N", "2", *CPU_NODE_OPTIONS, f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
                           "configs/train/debug.yaml", str(run_dir), *TRAIN], cwd=ROOT, env=ENV)
-    wait_for_step(run_dir, 30)
-    if interrupt == "requeue":
-        cluster.run("scontrol", "requeue", job)
-    else:  # what --signal=B:USR1@... does before the time limit
-        cluster.run("scancel", "--signal=USR1", "--batch", job)
-    deadline = time.time() + 120  # the job goes back to the queue, then runs again
-    while "restart 1" not in "".join(p.read_text() for p in tmp_path.glob("job-*.out")):
-        assert time.time() < deadline, "the job was not restarted"
-        time.sleep(1)
+
+    def log() -> str:
+        return "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+
+    def interrupt_at(step: int, command: list[str], restart: int) -> None:
+        wait_for_step(run_dir, step)
+        cluster.run(*command, job)
+        deadline = time.time() + 120  # the job goes back to the queue, then runs again
+        while f"restart {restart}" not in log():
+            assert time.time() < deadline, f"the job was not restarted after {command}"
+            time.sleep(1)
+
+    interrupt_at(20, ["scancel", "--signal=USR1", "--batch"], 1)
+    preempted = log()  # torchrun saw the trainers exit 0: no failure report; rank 0 alone says why
+    assert "requeueing job" in preempted and "ChildFailedError" not in preempted, preempted[-3000:]
+    assert preempted.count("REQUEUE written") == 1, preempted[-3000:]
+    interrupt_at(40, ["scontrol", "requeue"], 2)
     state = cluster.wait(job, timeout=600)
-    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
-    assert state == "COMPLETED", log[-3000:]
-    assert "2 node(s) x 1, device cpu" in log
-    step, loss = final_loss(run_dir)
-    assert step == 100 and loss == pytest.approx(uninterrupted[1], rel=1e-5)
-    assert "resumed from" in log
-    if interrupt == "requeue":  # SLURM's SIGTERM reached every process; the trainers saved before they went
-        assert "stopped by SIGTERM" in log and "REQUEUE written" in log
-    if interrupt == "usr1":  # torchrun saw the trainers exit 0: no failure report; rank 0 alone says why
-        assert "requeueing job" in log and not (run_dir / "REQUEUE").exists()
-        assert "ChildFailedError" not in log and log.count("REQUEUE written") == 1, log[-3000:]
+    assert state == "COMPLETED", log()[-3000:]
+    requeued = log()[len(preempted):]  # SLURM's SIGTERM reached every process; the trainers saved before they went
+    assert "stopped by SIGTERM" in requeued and "REQUEUE written" in requeued, requeued[-3000:]
+    assert log().count("2 node(s) x 1, device cpu") == 3 and log().count("resumed from") >= 2
+    assert final_loss(run_dir) == (100, pytest.approx(uninterrupted[1], rel=1e-5))
+    assert not (run_dir / "REQUEUE").exists()
 
 
 def test_image_tokenizer_job_preempted_by_usr1_resumes_and_exports(cluster, tmp_path):
