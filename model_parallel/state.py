@@ -166,7 +166,10 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
             return
         ps.destroy_model_parallel()  # (megatron forgets its groups, but does not destroy them)
         destroy_groups(process_groups())
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # No gloo twins of the data-parallel groups: only megatron's own optimizer uses them (DeepSpeed's is used
+    # here), and each costs every rank a TCP connection to each peer (127 at DP=128) and threads at start.
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 create_gloo_process_groups=False)
 
 
 def process_groups() -> set:

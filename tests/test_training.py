@@ -232,6 +232,21 @@ def groups_after_run(run_dir: str, *overrides: str) -> int:
     return len(process_groups())
 
 
+def megatron_gloo_groups() -> list[str]:
+    from megatron.core import parallel_state as ps
+
+    from model_parallel.state import init_parallel
+
+    init_parallel(1, 1)
+    return sorted(name for name in dir(ps) if name.endswith("_GLOO") and getattr(ps, name) is not None)
+
+
+def test_megatron_makes_no_gloo_twins_of_its_data_parallel_groups(pool2):
+    """Only megatron's own optimizer uses them (DeepSpeed's is used here); at DP=128 each rank would open a
+    TCP connection to each of its 127 peers, with threads, at start."""
+    assert pool2.run(megatron_gloo_groups) == [[], []]
+
+
 def test_a_process_that_trains_again_does_not_keep_the_old_runs_process_groups(pool2, tmp_path):
     """Each run's DeepSpeed groups are destroyed when it ends, megatron's when the layout changes: a process
     that trains many layouts (these tests' workers, a sweep in one process) holds the groups of one run only.
