@@ -1,0 +1,61 @@
+"""slurm/sweep.py without a cluster: the grid of sbatch commands a sweep submits (combinations whose TP x PP
+does not divide the processes are skipped), and the table and plots `collect` makes from run folders.
+(tests/test_slurm.py submits a sweep to a real local cluster and collects what its job wrote.)"""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from common.config import save_config
+from slurm.sweep import collect, submissions
+from training.config import load_config
+from training.flops import train_flops_per_sample
+
+
+def test_the_grid_skips_layouts_that_do_not_split_the_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    jobs = submissions(["parti-debug"], [1, 2], ["tp1pp1z0", "tp2pp1z1"], "configs/train/debug.yaml", tmp_path,
+                       6, ["train.lr=1e-3"], 0, ["--cpus-per-task=2"])
+    assert [j["name"] for j in jobs] == ["parti-debug-n1-tp1pp1z0", "parti-debug-n2-tp1pp1z0",
+                                         "parti-debug-n2-tp2pp1z1"]
+    assert "skipped parti-debug on 1 node(s): 1 processes do not split into TP=2 x PP=1" in capsys.readouterr().out
+    command = jobs[2]["command"]
+    assert command[:7] == ["sbatch", "--parsable", "-N", "2", "--gpus-per-node=0", "--cpus-per-task=2",
+                           "--job-name=parti-debug-n2-tp2pp1z1"]
+    assert command[command.index("--set") + 1:] == ["model.preset=parti-debug", "parallel.tp=2", "parallel.pp=1",
+                                                    "parallel.zero_stage=1", "train.steps=6", "train.lr=1e-3"]
+    assert command[command.index("slurm/train.sbatch") + 2] == str(tmp_path / "parti-debug-n2-tp2pp1z1")
+    assert len(submissions(["parti-debug"], [1], ["tp2pp1z1"], "c.yaml", tmp_path, 6, [], 8)) == 1  # 8 GPUs a node
+    with pytest.raises(ValueError, match="layout 'tp2': expected tpNppNzN"):
+        submissions(["parti-debug"], [1], ["tp2"], "c.yaml", tmp_path, 6, [], 8)
+
+
+def write_run(folder, tp: int, world: int, samples_per_s: list[float]) -> None:
+    folder.mkdir()
+    save_config(load_config("configs/train/debug.yaml", [f"parallel.tp={tp}"]), folder / "config.yaml")
+    rows = [{"step": i + 1, "loss": 4.0 - i, "samples_per_s": s, "mem_gb": 0.5 + i, "world_size": world}
+            for i, s in enumerate(samples_per_s)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path):
+    write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0, 30.0, 20.0])
+    write_run(tmp_path / "b-n2-tp2pp1z0", 2, 4, [2.0, 40.0, 60.0])
+    (tmp_path / "not-a-run").mkdir()
+    rows = {r["run"]: r for r in collect(tmp_path, warmup=2)}
+    assert set(rows) == {"a-n1-tp1pp1z0", "b-n2-tp2pp1z0"}
+    a, b = rows["a-n1-tp1pp1z0"], rows["b-n2-tp2pp1z0"]
+    assert (a["samples_per_s"], a["dp"], a["steps"], a["final_loss"], a["mem_gb"]) == (20.0, 1, 5, 0.0, 4.5)
+    assert (b["samples_per_s"], b["samples_per_s_per_gpu"], b["gpus"], b["tp"], b["dp"]) == (60.0, 15.0, 4, 2, 2)
+    flops = train_flops_per_sample(load_config("configs/train/debug.yaml").model)
+    batch = load_config("configs/train/debug.yaml").train.global_batch_size
+    assert b["curve"] == [(s * batch * flops, 4.0 - (s - 1)) for s in (1, 2, 3)]
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["run"] for t in table] == ["a-n1-tp1pp1z0", "b-n2-tp2pp1z0"] and "curve" not in table[0]
+    for png in ("throughput.png", "memory.png", "loss_vs_compute.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        collect(tmp_path / "not-a-run")
