@@ -140,7 +140,6 @@ def test_train_refuses_an_unknown_device(tmp_path):
     assert code == 2 and "DEVICE=gpu" in log and argv is None
 
 
-
 def test_a_second_job_on_a_run_directory_in_use_keeps_its_stop_request(tmp_path):
     """The previous segment's STOP/REQUEUE are cleared under the run lock the trainer holds: a duplicate job
     started while the run is alive stops before srun and leaves the running job's stop request alone."""

@@ -49,9 +49,9 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
     a, b = rows["a-n1-tp1pp1z0"], rows["b-n2-tp2pp1z0"]
     assert (a["samples_per_s"], a["dp"], a["steps"], a["final_loss"], a["mem_gb"]) == (20.0, 1, 5, 0.0, 4.5)
     assert (b["samples_per_s"], b["samples_per_s_per_gpu"], b["gpus"], b["tp"], b["dp"]) == (60.0, 15.0, 4, 2, 2)
-    flops = train_flops_per_sample(load_config("configs/train/debug.yaml").model)
-    batch = load_config("configs/train/debug.yaml").train.global_batch_size
-    assert b["curve"] == [(s * batch * flops, 4.0 - (s - 1)) for s in (1, 2, 3)]
+    debug = load_config("configs/train/debug.yaml")
+    per_step = debug.train.global_batch_size * train_flops_per_sample(debug.model)
+    assert b["curve"] == [(s * per_step, 4.0 - (s - 1)) for s in (1, 2, 3)]
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["run"] for t in table] == ["a-n1-tp1pp1z0", "b-n2-tp2pp1z0"] and "curve" not in table[0]
