@@ -3,7 +3,9 @@
 A code-shard folder holds `NNNNN.bin` (records back to back, no header), `NNNNN.hashes` (each record's
 image content hash, HASH_BYTES bytes, in record order), `NNNNN.json` (that shard's record count, sha256,
 input and skip counts, the header below it was made with, its largest code and text id, the size and
-mtime of the .bin when written, the sha256 of its .hashes), `duplicates.npy` and `manifest.json`:
+mtime of the .bin when written, the sha256 of its .hashes), `duplicates.npy`, `shard_stats.json`
+({"shards": {name: [bytes, mtime_ns, max_code, max_text_id]}}, those of each NNNNN.json made with the
+manifest's header: what opening needs, in one file) and `manifest.json`:
   {"format", "vq": {"kind", "hash", "grid", "codebook_size", "image_size"},
    "text_tokenizer": {"hash", "vocab_size", "text_len"}, "record": {"grid_tokens", "text_len",
    "caption_bytes", "key_bytes"}, "filters": {...}, "shards": [{"name", "input", "records", "sha256",
@@ -24,8 +26,9 @@ truncated, NUL-padded), key (ASCII, NUL-padded).
 Opening checks every shard's values once: a code >= vq.codebook_size or a text id >= the text
 vocab_size is refused naming the shard. A shard whose .bin still has the size and mtime recorded in
 its metadata is checked from the maxima recorded there (pretokenize computed them from the records it
-wrote); any other (copied without times, edited, written by an older version) is scanned in one
-vectorised pass over the memory map, remembered for the process. `cp -p`/`rsync -t` keep copies cheap.
+wrote; read from shard_stats.json, so that opening reads no NNNNN.json of an unchanged shard); any other
+(copied without times, edited, written by an older version) is scanned in one vectorised pass over the
+memory map, remembered for the process. `cp -p`/`rsync -t` keep copies cheap.
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ SHARD_META = re.compile(r"^\d+\.json$")
 CHUNK_RECORDS = 1 << 14  # records per step of a scan over a memory map (~40 MiB at 32x32 codes)
 HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters", "image_decoding")  # a shard's makings (pretokenize.header)
 PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns", "hashes_sha256")  # NNNNN.json only
+SHARD_STATS = "shard_stats.json"  # what the dataset's open needs of each NNNNN.json, in one file
+STAT_KEYS = ("bytes", "mtime_ns", "max_code", "max_text_id")
 HASH_BYTES = 16  # the first 128 bits of the image file's sha256, per record in NNNNN.hashes
 DUPLICATES = "duplicates.npy"
 MANIFEST_KEYS = ("complete", "num_inputs", "shards", "records", "skipped", "record", "vq", "text_tokenizer")
@@ -212,17 +217,23 @@ def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
     check_shard_headers(folder, header)
     while True:
         present = [n for n in names if (folder / f"{n}.json").is_file()]
-        manifest = _manifest(folder, header, names, present)
+        manifest, stats = _manifest(folder, header, names, present)
+        write_atomic(folder / SHARD_STATS, json.dumps({"shards": stats}).encode())
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         if [n for n in names if (folder / f"{n}.json").is_file()] == present:
             return manifest
 
 
-def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) -> dict:
-    shards = []
+def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) -> tuple[dict, dict]:
+    """(the manifest, SHARD_STATS's entries: the STAT_KEYS of each shard made with `header`). The manifest is a
+    function of the inputs and tokenizers alone (array tasks or one run, the same bytes); the .bin times live
+    in SHARD_STATS."""
+    shards, stats, want = [], {}, json.loads(json.dumps(header))
     for n in present:
         meta = read_json(folder / f"{n}.json")
         shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
+        if meta.get("header") == want and all(k in meta for k in STAT_KEYS):
+            stats[n] = [meta[k] for k in STAT_KEYS]
     complete = len(shards) == len(names)
     duplicates = None
     if complete:  # the cross-shard pass, once every shard is there
@@ -242,7 +253,7 @@ def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) 
     return {"format": FORMAT, **header, "shards": shards,
             "records": sum(s["records"] for s in shards) - (duplicates["count"] if duplicates else 0),
             "skipped": dict(sorted(skipped.items())), "num_inputs": len(names), "complete": complete,
-            "duplicates": duplicates}
+            "duplicates": duplicates}, stats
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -288,20 +299,9 @@ class CodeShardDataset:
         self.dtype = record_dtype(rec["grid_tokens"], rec["text_len"], rec["caption_bytes"], rec["key_bytes"])
         self.paths = [self.folder / f"{shard['name']}.bin" for shard in self.manifest["shards"]]
         counts = [shard["records"] for shard in self.manifest["shards"]]
-        head = {k: self.manifest.get(k) for k in HEADER_KEYS}
-        for bin_path, records in zip(self.paths, counts):
-            meta_path = bin_path.with_suffix(".json")
-            meta = read_json(meta_path) if meta_path.is_file() else {}
-            diff = header_differences(meta["header"], head) if "header" in meta else []
-            if diff:  # e.g. a shard copied in from another folder
-                raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer, image decoding "
-                                f"or filters than {path} says: {'; '.join(diff)}; pre-tokenize again into a new "
-                                "--output folder")
-            size = bin_path.stat().st_size
-            if size != records * self.dtype.itemsize:
-                raise DataError(f"{bin_path}: {size} bytes, expected {records} records of "
-                                f"{self.dtype.itemsize} bytes")
-            self._check_values(bin_path, records, meta)
+        stats = self._shard_stats()
+        for bin_path, shard in zip(self.paths, self.manifest["shards"]):
+            self._check_shard(bin_path, shard["records"], stats.get(shard["name"]))
         self.skips = self._duplicates(np.cumsum([0] + counts))
         self.offsets = np.cumsum([0] + [n - len(e) for n, e in zip(counts, self.skips)])
         self.files = OpenFiles()
@@ -329,11 +329,45 @@ class CodeShardDataset:
         self.__dict__.update(state)
         self.files = OpenFiles()
 
-    def _check_values(self, bin_path: Path, records: int, meta: dict) -> None:
+    def _shard_stats(self) -> dict:
+        """SHARD_STATS's entries by shard name ({} for a folder made before write_manifest wrote it)."""
+        path = self.folder / SHARD_STATS
+        stats = read_json(path).get("shards") if path.is_file() else {}
+        if not isinstance(stats, dict) or not all(isinstance(v, list) and len(v) == len(STAT_KEYS)
+                                                  for v in stats.values()):
+            raise DataError(f"{path}: expected {{\"shards\": {{name: {list(STAT_KEYS)}}}}}: it is damaged; rebuild it "
+                            "with data_pipeline.pretokenize --manifest-only (same arguments)")
+        return stats
+
+    def _check_shard(self, bin_path: Path, records: int, stat: list | None) -> None:
+        """The shard's size, its makings and its values, or a DataError naming it. A .bin with the size and
+        mtime its SHARD_STATS entry (`stat`) records is checked from that entry alone (write_manifest wrote
+        it only for a shard made with the manifest's header), so opening costs one stat per shard: at 70,000
+        shards and hundreds of ranks, every NNNNN.json read on every rank is tens of millions of small-file
+        reads on a parallel file system. Any other (replaced, edited or copied in since) is checked from its
+        NNNNN.json and its records."""
+        st = bin_path.stat()
+        if st.st_size != records * self.dtype.itemsize:
+            raise DataError(f"{bin_path}: {st.st_size} bytes, expected {records} records of "
+                            f"{self.dtype.itemsize} bytes")
+        if stat is not None and stat[:2] == [st.st_size, st.st_mtime_ns]:
+            meta = dict(zip(STAT_KEYS, stat))
+        else:
+            meta_path = bin_path.with_suffix(".json")
+            meta = read_json(meta_path) if meta_path.is_file() else {}
+            head = {k: self.manifest.get(k) for k in HEADER_KEYS}
+            diff = header_differences(meta["header"], head) if "header" in meta else []
+            if diff:  # e.g. a shard copied in from another folder
+                raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer, image decoding "
+                                f"or filters than {self.folder / 'manifest.json'} says: {'; '.join(diff)}; "
+                                "pre-tokenize again into a new --output folder")
+        self._check_values(bin_path, records, meta, st)
+
+    def _check_values(self, bin_path: Path, records: int, meta: dict, st: os.stat_result) -> None:
         """Every code < vq.codebook_size and every text id < the text vocab_size, or a DataError naming the shard."""
         if not records:
             return
-        max_code, max_text = shard_maxima(bin_path, self.dtype, meta)
+        max_code, max_text = shard_maxima(bin_path, self.dtype, meta, st)
         for field, largest, limit, what in (
                 ("codes", max_code, self.manifest["vq"]["codebook_size"], "image code {v} is outside the codebook "
                  "of {n} (manifest.json vq.codebook_size)"),
@@ -400,11 +434,12 @@ class OpenFiles:
 _SCANNED: dict[tuple, tuple[int, int]] = {}
 
 
-def shard_maxima(bin_path: Path, dtype: np.dtype, meta: dict) -> tuple[int, int]:
+def shard_maxima(bin_path: Path, dtype: np.dtype, meta: dict, st: os.stat_result | None = None) -> tuple[int, int]:
     """(largest code, largest text id) of one shard's records: from its metadata (NNNNN.json) while the .bin has
     the size and mtime recorded there when pretokenize wrote it, else one vectorised pass over the memory map
-    (in chunks of CHUNK_RECORDS), remembered for this process by the file's path, size, mtime and inode."""
-    st = bin_path.stat()
+    (in chunks of CHUNK_RECORDS), remembered for this process by the file's path, size, mtime and inode. `st`:
+    the .bin's stat, where the caller has it."""
+    st = st or bin_path.stat()
     if (meta.get("bytes"), meta.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) and "max_code" in meta:
         return int(meta["max_code"]), int(meta["max_text_id"])
     key = (str(bin_path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)

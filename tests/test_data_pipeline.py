@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from data_pipeline.images import FilterConfig, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 from data_pipeline.pretokenize import header, pretokenize
 from data_pipeline.sampler import GlobalBatchSampler
+from data_pipeline.synthetic import write_random_code_shards
 from data_pipeline.text_tokenizer import EOS_ID, PAD_ID, TextTokenizer, train_sentencepiece
 from model_parallel.state import child_environment
 from tests import laion_fixtures as lf
@@ -313,18 +315,62 @@ def test_other_inputs_into_a_begun_folder_are_refused_and_more_inputs_grow_it(se
     assert all((out / n).read_bytes() == before[n] for n in ("00000.bin", "00001.bin", "00001.json"))
 
 
+def changed_since(path: Path) -> None:
+    """`path` as after an edit or a copy (`cp -p` keeps the source's time, not the one recorded here)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_007))
+
+
 def test_damaged_metadata_is_named(one_run, tmp_path):
     _, single = one_run
     out = tmp_path / "codes"
-    shutil.copytree(single, out)
+    shutil.copytree(single, out)  # (copytree keeps times, as cp -p: the shards are taken on trust from shard_stats)
     (out / "00001.json").write_text('{"input": "x.tar", "rec')
+    CodeShardDataset(out)  # its .bin is as written: the damaged NNNNN.json is not read
+    changed_since(out / "00001.bin")
     with pytest.raises(DataError, match=r"codes/00001\.json: not readable as JSON"):
+        CodeShardDataset(out)
+    (out / "shard_stats.json").write_text('{"shards": {"00000": [1, 2]}}')
+    with pytest.raises(DataError, match=r"codes/shard_stats\.json: expected .*damaged; rebuild it with "
+                                        r"data_pipeline\.pretokenize --manifest-only"):
         CodeShardDataset(out)
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["record"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"manifest\.json: no record entry"):
         CodeShardDataset(out)
+
+
+def test_open_reads_one_file_per_folder_and_a_shard_json_only_once_its_bin_changed(one_run, tmp_path, monkeypatch):
+    """Opening a folder reads manifest.json and shard_stats.json and stats each .bin; a shard's NNNNN.json
+    is read (and its records scanned for the largest values) only once its .bin differs from what
+    shard_stats.json records, and a folder made before shard_stats.json existed opens from its NNNNN.json."""
+    from data_pipeline import code_shards
+
+    _, single = one_run
+    out = tmp_path / "codes"
+    shutil.copytree(single, out)
+    reads, real_read = [], code_shards.read_json
+    monkeypatch.setattr(code_shards, "read_json", lambda path: reads.append(path.name) or real_read(path))
+    reference = CodeShardDataset(single)
+    expected = [reference.record(i) for i in range(len(reference))]
+
+    def scanned():  # the shards of `out` whose records were read for their largest values
+        return sorted(Path(key[0]).name for key in code_shards._SCANNED if Path(key[0]).parent == out.resolve())
+
+    reads.clear()
+    ds = CodeShardDataset(out)
+    assert reads == ["manifest.json", "shard_stats.json"] and scanned() == []
+    assert all((ds.record(i) == e).all() for i, e in enumerate(expected))
+    reads.clear()
+    changed_since(out / "00001.bin")
+    CodeShardDataset(out)
+    assert reads == ["manifest.json", "shard_stats.json", "00001.json"] and scanned() == ["00001.bin"]
+    reads.clear()
+    (out / "shard_stats.json").unlink()
+    ds = CodeShardDataset(out)
+    assert reads == ["manifest.json", "00000.json", "00001.json", "00002.json"]
+    assert all((ds.record(i) == e).all() for i, e in enumerate(expected))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -354,41 +400,16 @@ def test_shard_of_another_run_is_refused_at_open(one_run, tmp_path):
     meta = json.loads((out / "00002.json").read_text())
     meta["header"]["text_tokenizer"]["hash"] = "0" * 64  # as if copied in from a folder made with another one
     (out / "00002.json").write_text(json.dumps(meta))
+    changed_since(out / "00002.bin")  # (its .bin came with it)
     with pytest.raises(DataError, match=r"codes/00002\.bin was made with another .*text_tokenizer\.hash \"0000"):
         CodeShardDataset(out)
-
-
-def write_random_shards(folder: Path, count: int, records: int = 3, images: int | None = None) -> dict:
-    """A code-shard folder of `count` shards of random records (no pre-tokenization), with its manifest; with
-    `images`, each record's image hash is one of that many, so that most repeat across shards."""
-    from data_pipeline.code_shards import CAPTION_BYTES, KEY_BYTES, record_dtype
-
-    head = {"vq": {"kind": "stand-in", "hash": "v", "grid": 2, "codebook_size": 64, "image_size": 16},
-            "text_tokenizer": {"hash": "t", "vocab_size": 100, "text_len": 4}, "filters": {}, "image_decoding": "-",
-            "record": {"grid_tokens": 4, "text_len": 4, "caption_bytes": CAPTION_BYTES, "key_bytes": KEY_BYTES}}
-    rng, dtype = np.random.default_rng(0), record_dtype(4, 4)
-    folder.mkdir()
-    for i in range(count):
-        r = np.zeros(records, dtype=dtype)
-        r["codes"], r["text"] = rng.integers(0, 64, (records, 4)), rng.integers(0, 100, (records, 4))
-        r["key"] = [f"{i}-{k}".encode() for k in range(records)]
-        if images:
-            hashes = np.repeat(rng.integers(0, images, records), 16).astype(np.uint8).tobytes()
-        else:
-            hashes = rng.integers(0, 256, (records, 16), dtype=np.uint8).tobytes()
-        (folder / f"{i:05d}.bin").write_bytes(r.tobytes())
-        (folder / f"{i:05d}.hashes").write_bytes(hashes)
-        (folder / f"{i:05d}.json").write_text(json.dumps({
-            "input": f"{i:05d}.tar", "records": records, "seen": records, "skipped": {}, "header": head,
-            "sha256": hashlib.sha256(r.tobytes()).hexdigest(), "hashes_sha256": hashlib.sha256(hashes).hexdigest()}))
-    return write_manifest(folder, head, [f"{i:05d}" for i in range(count)])
 
 
 def test_many_shards_of_repeated_images_keep_the_first_of_each(tmp_path):
     """Over 200 shards whose records show 150 images in all (whole shards of repeats among them), the dataset
     holds exactly the first record of each image, in order: the reference walks every record by hand."""
     folder = tmp_path / "codes"
-    write_random_shards(folder, 200, records=4, images=150)
+    write_random_code_shards(folder, 200, records=4, images=150)
     ds = CodeShardDataset(folder)
     seen, keep = set(), []
     for i in range(200):
@@ -409,7 +430,7 @@ def test_a_folder_of_more_shards_than_open_files_allowed_is_read_whole(tmp_path)
     the reader never holds more descriptors than its limit."""
     import resource
 
-    write_random_shards(tmp_path / "codes", 300)
+    write_random_code_shards(tmp_path / "codes", 300)
     script = f"""
 import numpy as np, os
 from data_pipeline.code_shards import CodeShardDataset
