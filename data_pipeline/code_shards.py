@@ -156,71 +156,91 @@ def header_differences(have: dict, want: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_shard_headers(folder: Path, header: dict) -> None:
-    """Refuse a folder holding a finished shard (NNNNN.json present) made with another image tokenizer,
-    text tokenizer, record layout or filters than `header`. Nothing is written or removed."""
+def check_folder(folder: Path, header: dict, inputs: list[Path] | None = None) -> None:
+    """Refuse (DataError) a folder holding a finished shard (NNNNN.json present) made with another image
+    tokenizer, text tokenizer, record layout or filters than `header`, or, given `inputs`, made from other
+    inputs (output shard i is input i): a shard whose recorded input has another file name (or, where
+    recorded, another size) than input i, or a shard beyond the last input (the manifest would leave it out:
+    its samples would silently be lost to training). More inputs than before are fine: the folder grows by
+    the new shards. Nothing is written or removed; each NNNNN.json is read once (every array task does this
+    at its start: at 40,000 shards and hundreds of tasks, a pass is millions of small-file reads)."""
     if not folder.is_dir():
         return
-    want = json.loads(json.dumps(header))
-    manifest_path = folder / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.is_file() else None
-    mismatched = []
+    headers, other_input = HeaderCheck(folder, header), None
     for meta_path in sorted(p for p in folder.iterdir() if SHARD_META.match(p.name)):
         meta = read_json(meta_path)
+        headers.add(meta_path, meta)
+        if inputs is not None and other_input is None:
+            problem = _input_problem(int(meta_path.stem), meta, inputs)
+            other_input = problem and f"{meta_path.with_suffix('.bin')} {problem}"
+    headers.raise_if_mismatched()
+    if other_input:
+        raise DataError(f"{other_input}: the --input pattern is not the one this folder was begun with; give that "
+                        f"pattern (more shards may follow it) or a new --output folder (nothing in {folder} was "
+                        "changed)")
+
+
+class HeaderCheck:
+    """The shards' recorded headers against `header`, one NNNNN.json at a time (`add`), then
+    `raise_if_mismatched`: a DataError naming the first that differs and how many more do. A shard written
+    before shards recorded their header is held to the folder's manifest.json."""
+
+    def __init__(self, folder: Path, header: dict):
+        self.folder, self.want, self.mismatched, self._manifest = folder, json.loads(json.dumps(header)), [], None
+
+    def add(self, meta_path: Path, meta: dict) -> None:
         have = meta.get("header")
-        if have is None and manifest is not None:  # written before shards recorded their header
-            have = {k: manifest.get(k) for k in want}
+        if have is None and self._manifest is None and (self.folder / "manifest.json").is_file():
+            self._manifest = read_json(self.folder / "manifest.json")
+        if have is None and self._manifest is not None:
+            have = {k: self._manifest.get(k) for k in self.want}
         if have is None:
             raise DataError(f"{meta_path.with_suffix('.bin')} records no tokenizer header (an older version wrote "
                             "it, and there is no manifest.json): it cannot be checked against this run; use a new "
                             "--output folder (nothing was changed)")
-        diff = header_differences(have, want)
+        diff = header_differences(have, self.want)
         if diff:
-            mismatched.append((meta_path.with_suffix(".bin"), diff))
-    if mismatched:
-        path, diff = mismatched[0]
-        more = f" (and {len(mismatched) - 1} more shard(s))" if len(mismatched) > 1 else ""
-        raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer, image decoding or "
-                        f"filters than this run: {'; '.join(diff)}; use a new --output folder (nothing in {folder} "
-                        "was changed)")
+            self.mismatched.append((meta_path.with_suffix(".bin"), diff))
+
+    def raise_if_mismatched(self) -> None:
+        if self.mismatched:
+            path, diff = self.mismatched[0]
+            more = f" (and {len(self.mismatched) - 1} more shard(s))" if len(self.mismatched) > 1 else ""
+            raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer, image decoding or "
+                            f"filters than this run: {'; '.join(diff)}; use a new --output folder (nothing in "
+                            f"{self.folder} was changed)")
 
 
-def check_inputs(folder: Path, inputs: list[Path]) -> None:
-    """Refuse a folder whose shards were made from other inputs than `inputs` (output shard i is input i):
-    a shard whose recorded input has another file name (or, where recorded, another size) than input i, or
-    a shard beyond the last input (the manifest would leave it out: its samples would silently be lost to
-    training). More inputs than before are fine: the folder grows by the new shards. Nothing is changed."""
-    if not folder.is_dir():
-        return
-    for meta_path in sorted(p for p in folder.iterdir() if SHARD_META.match(p.name)):
-        index, meta = int(meta_path.stem), read_json(meta_path)
-        made_from = meta.get("input")
-        if index >= len(inputs):
-            problem = f"was made from input {index} ({made_from}), and this run has only {len(inputs)} input(s)"
-        elif made_from is not None and Path(made_from).name != inputs[index].name:
-            problem = f"was made from {made_from}, and this run's input {index} is {inputs[index]}"
-        elif meta.get("input_bytes", inputs[index].stat().st_size) != inputs[index].stat().st_size:
-            problem = (f"was made from {made_from} of {meta['input_bytes']} bytes, and this run's input {index} "
-                       f"({inputs[index]}) has {inputs[index].stat().st_size}")
-        else:
-            continue
-        raise DataError(f"{meta_path.with_suffix('.bin')} {problem}: the --input pattern is not the one this folder "
-                        f"was begun with; give that pattern (more shards may follow it) or a new --output folder "
-                        f"(nothing in {folder} was changed)")
+def _input_problem(index: int, meta: dict, inputs: list[Path]) -> str | None:
+    """Why shard `index` (its metadata `meta`) was not made from inputs[index], or None."""
+    made_from = meta.get("input")
+    if index >= len(inputs):
+        return f"was made from input {index} ({made_from}), and this run has only {len(inputs)} input(s)"
+    if made_from is not None and Path(made_from).name != inputs[index].name:
+        return f"was made from {made_from}, and this run's input {index} is {inputs[index]}"
+    size = inputs[index].stat().st_size
+    if meta.get("input_bytes", size) != size:
+        return (f"was made from {made_from} of {meta['input_bytes']} bytes, and this run's input {index} "
+                f"({inputs[index]}) has {size}")
+    return None
 
 
 def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
     """manifest.json from the shards' metadata files present now; `complete` when all `names` are, and then
-    duplicates.npy too (the records whose image an earlier shard or record holds). Refused (DataError) when a
-    shard there was made with another header, or, once complete, lacks its image hashes. Made again when a
-    shard appeared meanwhile (array tasks finishing together): the last task's manifest is the complete one."""
-    check_shard_headers(folder, header)
+    duplicates.npy too (the records whose image an earlier shard or record holds). Refused (DataError), with
+    nothing written, when a shard among `names` was made with another header, or, once complete, lacks its
+    image hashes. Made again when a shard appeared meanwhile (array tasks finishing together): the last
+    task's manifest is the complete one."""
+    def present() -> list[str]:  # one listing, not a stat per shard
+        on_disk = set(os.listdir(folder))
+        return [n for n in names if f"{n}.json" in on_disk]
+
     while True:
-        present = [n for n in names if (folder / f"{n}.json").is_file()]
-        manifest, stats = _manifest(folder, header, names, present)
+        done = present()
+        manifest, stats = _manifest(folder, header, names, done)
         write_atomic(folder / SHARD_STATS, json.dumps({"shards": stats}).encode())
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
-        if [n for n in names if (folder / f"{n}.json").is_file()] == present:
+        if present() == done:
             return manifest
 
 
@@ -228,12 +248,14 @@ def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) 
     """(the manifest, SHARD_STATS's entries: the STAT_KEYS of each shard made with `header`). The manifest is a
     function of the inputs and tokenizers alone (array tasks or one run, the same bytes); the .bin times live
     in SHARD_STATS."""
-    shards, stats, want = [], {}, json.loads(json.dumps(header))
+    shards, stats, headers = [], {}, HeaderCheck(folder, header)
     for n in present:
         meta = read_json(folder / f"{n}.json")
+        headers.add(folder / f"{n}.json", meta)
         shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
-        if meta.get("header") == want and all(k in meta for k in STAT_KEYS):
+        if meta.get("header") == headers.want and all(k in meta for k in STAT_KEYS):
             stats[n] = [meta[k] for k in STAT_KEYS]
+    headers.raise_if_mismatched()  # (before anything is written)
     complete = len(shards) == len(names)
     duplicates = None
     if complete:  # the cross-shard pass, once every shard is there

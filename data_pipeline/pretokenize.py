@@ -42,8 +42,7 @@ from data_pipeline.code_shards import (
     CAPTION_BYTES,
     HASH_BYTES,
     KEY_BYTES,
-    check_inputs,
-    check_shard_headers,
+    check_folder,
     hash_digest,
     header_differences,
     read_json,
@@ -125,8 +124,7 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
             raise DataError(f"{manifest_path}: its code shards were made with another image tokenizer, text "
                             f"tokenizer, image decoding or filters than this run: {'; '.join(diff)}; use a new "
                             f"--output folder (nothing in {output} was changed)")
-    check_shard_headers(output, head)  # a killed run leaves shards but no manifest
-    check_inputs(output, inputs)
+    check_folder(output, head, inputs)  # a killed run leaves shards but no manifest
     names = [f"{i:05d}" for i in range(len(inputs))]
     for i in range(shard_index, len(inputs), num_shards):  # leftovers of this task's killed runs
         for stale in output.glob(f".{names[i]}.*.tmp*"):  # (common.files.temporary_name)
@@ -189,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         text_tok = TextTokenizer(args.text_tokenizer, args.text_len)
         inputs = expand_shards(args.input)
         if args.manifest_only:
-            check_inputs(args.output, inputs)
-            manifest = write_manifest(args.output, header(vq, text_tok, cfg),
-                                      [f"{i:05d}" for i in range(len(inputs))])
+            head = header(vq, text_tok, cfg)
+            check_folder(args.output, head, inputs)
+            manifest = write_manifest(args.output, head, [f"{i:05d}" for i in range(len(inputs))])
         else:
             manifest = pretokenize(inputs, args.output, vq, text_tok, cfg, args.shard_index, args.num_shards,
                                    args.workers, args.batch_size, args.device)
