@@ -71,10 +71,14 @@ class MetricsLogger:
     run's config. The mode is `wandb_mode()`'s; an online start that cannot reach the server within WANDB_INIT_TIMEOUT
     (W&B's default: 90 s) falls back to offline, said in one line. W&B writes under run_dir/wandb/; where a run is
     offline, the line at the start says the `wandb sync` command that uploads it. Only the enabled logger (rank 0)
-    starts a W&B run."""
+    starts a W&B run. With `run_id` (the training run's, kept over resumes) every segment of a preempted and
+    requeued run logs to the one W&B run of that id (`resume="allow"`); offline, each segment leaves a folder
+    of that id and `wandb sync` uploads them into one run, in order. Steps a killed segment logged after its
+    last checkpoint keep those first values there (W&B takes each step once; a resume on the same layout
+    gives the same losses) while metrics.jsonl and TensorBoard hold the rerun's (`resumed_at`)."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, *, wandb_project: str = "", run_name: str | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, run_id: str | None = None):
         self.enabled = enabled
         self.log = logging.getLogger("parti")
         self.wandb = None
@@ -91,9 +95,9 @@ class MetricsLogger:
         self.run_dir, self.tb, self.purge_step = run_dir, None, None  # (TensorBoard's writer: at the first step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if wandb_project:
-            self.wandb = self._start_wandb(run_dir, wandb_project, run_name or run_dir.resolve().name, config)
+            self.wandb = self._start_wandb(run_dir, wandb_project, run_name or run_dir.resolve().name, config, run_id)
 
-    def _start_wandb(self, run_dir: Path, project: str, name: str, config: dict | None):
+    def _start_wandb(self, run_dir: Path, project: str, name: str, config: dict | None, run_id: str | None):
         # Imported here: W&B is optional and its import takes ~0.7 s, paid only by runs that ask for it.
         import wandb
 
@@ -101,6 +105,8 @@ class MetricsLogger:
         # silent: W&B's own banner and closing summary stay out of the output, this logger's lines say what matters.
         start = {"project": project, "name": name, "config": config, "dir": str(run_dir),
                  "settings": wandb.Settings(silent=True)}
+        if run_id:
+            start.update(id=run_id, resume="allow")
         try:
             run = wandb.init(mode=mode, **start)
         except wandb.errors.CommError as e:  # online, but the server cannot be reached or refuses the key
@@ -109,7 +115,8 @@ class MetricsLogger:
             run = wandb.init(mode=mode, **start)
         if mode == "offline":
             where = Path(run.dir).parent  # run_dir/wandb/offline-run-<time>-<id>; run.dir is its files/
-            self.log.info(f"W&B: offline run in {where}; upload it with: wandb sync {where}")
+            every = where.parent / f"offline-run-*-{run.id}"  # (this segment's and the earlier ones')
+            self.log.info(f"W&B: offline run in {where}; upload it with: wandb sync {every if run_id else where}")
         elif mode == "online":
             self.log.info(f"W&B: {run.url}")
         return run

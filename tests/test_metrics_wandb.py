@@ -70,11 +70,16 @@ def logged_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     """(run record: project, name; config; history: one {name: value} per step) of the one W&B run in run_dir,
     whose file is complete (it holds the exit record)."""
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return logged_segment(path)
+
+
+def logged_segment(path: Path) -> tuple[dict, dict, list[dict]]:
+    """logged_run's answer for one offline segment's .wandb file (the run record also gives its id)."""
     run, config, history, kinds = {}, {}, [], set()
     for record in wandb_records(path):
         kinds.add(kind := record.WhichOneof("record_type"))
         if kind == "run":
-            run = {"project": record.run.project, "name": record.run.display_name}
+            run = {"project": record.run.project, "name": record.run.display_name, "id": record.run.run_id}
             config = {u.key: json.loads(u.value_json) for u in record.run.config.update if u.key != "_wandb"}
         elif kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
@@ -93,7 +98,8 @@ def test_offline_run_in_the_run_directory_holds_the_logged_values(wandb_env, sai
     config = {"train": {"lr": 0.003, "steps": 3}, "model": {"preset": "parti-debug"}}
     log_three_steps(tmp_path / "run", wandb_project="parti-test", run_name="debug-1", config=config)
     run, logged_config, history = logged_run(tmp_path / "run")
-    assert run == {"project": "parti-test", "name": "debug-1"} and logged_config == config
+    assert {k: run[k] for k in ("project", "name")} == {"project": "parti-test", "name": "debug-1"}
+    assert logged_config == config
     assert [h["_step"] for h in history] == [1, 2, 3]
     assert [h["train/loss"] for h in history] == pytest.approx([4.0, 2.0, 4 / 3])
     assert [h["train/lr"] for h in history] == pytest.approx([1e-3, 2e-3, 3e-3])
@@ -112,6 +118,25 @@ def test_online_without_a_server_falls_back_to_offline(wandb_env, said, tmp_path
     assert "online start failed" in said.text and "logging offline instead" in said.text
     run, _, history = logged_run(tmp_path / "run")
     assert run["name"] == "run" and [h["_step"] for h in history] == [1, 2, 3]
+
+
+def test_a_requeued_training_run_logs_its_segments_to_one_wandb_run(wandb_env, said, single_process, tmp_path):
+    """Parti's trainer gives W&B the run's id (kept over resumes): a run stopped after its checkpoint of step 3
+    and resumed leaves two offline segments of one W&B run (steps 1-3, then 4-6; `wandb sync` uploads them into
+    that run in order, as the log line says); `--resume overwrite`, a new run, starts another W&B run."""
+    from tests.conftest import run
+
+    run(str(tmp_path), "train.wandb_project=parti-test", "train.log_interval=1", steps=3)
+    run(str(tmp_path), "train.wandb_project=parti-test", "train.log_interval=1")
+    run_id = json.loads((tmp_path / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())["run_id"]
+    segments = [logged_segment(path) for path in sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))]
+    assert [r["id"] for r, _, _ in segments] == [run_id, run_id]
+    assert [[h["_step"] for h in history] for _, _, history in segments] == [[1, 2, 3], [4, 5, 6]]
+    sync = [r.getMessage() for r in said.records if "wandb sync" in r.getMessage()]
+    assert sync[-1].endswith(f"wandb sync {tmp_path / 'wandb'}/offline-run-*-{run_id}"), sync
+    run(str(tmp_path), "train.wandb_project=parti-test", steps=3, resume="overwrite")
+    ids = {logged_segment(path)[0]["id"] for path in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(ids) == 2 and run_id in ids
 
 
 def test_mode_rule(wandb_env):

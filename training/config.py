@@ -83,7 +83,8 @@ class TrainConfig:
     and precision; set it for a GPU the table does not know or a part with other clocks)."""
     wandb_project: str = ""
     """Weights & Biases project to log to besides TensorBoard ('' = none). Offline unless WANDB_MODE says
-    otherwise or WANDB_API_KEY is set; offline runs go to <run_dir>/wandb/ (upload later: `wandb sync`)."""
+    otherwise or WANDB_API_KEY is set; offline runs go to <run_dir>/wandb/ (upload later: `wandb sync`). The
+    W&B run's id is the training run's: the segments of a preempted and requeued run are one W&B run."""
 
 
 @dataclass

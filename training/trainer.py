@@ -197,7 +197,7 @@ class Trainer:
         rank0 = dist.get_rank() == 0
         moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
         self.log = metrics.MetricsLogger(self.run_dir, enabled=rank0, wandb_project=cfg.train.wandb_project,
-                                         config=to_dict(cfg))
+                                         config=to_dict(cfg), run_id=self.plan.run_id)
         if self.lock.warning:
             self.log.info(self.lock.warning)
         if moved:
