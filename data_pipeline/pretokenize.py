@@ -42,19 +42,17 @@ from data_pipeline.code_shards import (
     CAPTION_BYTES,
     HASH_BYTES,
     KEY_BYTES,
-    check_folder,
     hash_digest,
     header_differences,
     read_json,
     record_dtype,
     sha256_file,
-    shard_is_complete,
     utf8_truncate,
-    write_manifest,
 )
 from data_pipeline.errors import DataError
 from data_pipeline.images import DECODING, FilterConfig, PreparedSamples
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
+from data_pipeline.manifest import check_folder, shard_is_complete, write_manifest
 from data_pipeline.text_tokenizer import TextTokenizer
 from model_parallel.state import DeviceError, use_device
 from vq.tokenizer import load_image_tokenizer

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.code_shards import record_dtype, write_manifest
+from data_pipeline.code_shards import record_dtype
+from data_pipeline.manifest import write_manifest
 
 
 class SyntheticCodes:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.code_shards import write_manifest
 from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig
+from data_pipeline.manifest import write_manifest
 from data_pipeline.pretokenize import header, pretokenize
 from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
 from model_parallel.state import child_environment

@@ -18,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.code_shards import CodeShardDataset, MixedDataset, open_training_data, write_manifest
+from data_pipeline.code_shards import CodeShardDataset, MixedDataset, open_training_data
 from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
+from data_pipeline.manifest import write_manifest
 from data_pipeline.pretokenize import header, pretokenize
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.synthetic import write_random_code_shards
@@ -546,8 +547,8 @@ def test_data_of_other_tokenizers_is_refused_for_blends_resumes_and_sampling(sin
     from evaluation.generate import check_fits
     from tests.conftest import run
     from training.config import ConfigError
-    from training.export import exported_data_tokenizers, exported_model_config
     from training.export import export as export_run
+    from training.export import exported_data_tokenizers, exported_model_config
 
     _, out = one_run
     other = tmp_path / "other"

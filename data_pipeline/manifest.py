@@ -1,0 +1,204 @@
+"""A code-shard folder's shared files, written by pretokenize's manifest step: manifest.json, duplicates.npy
+and shard_stats.json (formats: data_pipeline/code_shards.py), and the checks made before anything is written
+into a folder (its shards' headers and inputs against this run's).
+
+    check_folder(out, header, inputs)             # refuse a folder of another run (nothing written)
+    manifest = write_manifest(out, header, names) # after a task's shards; complete once all names are there
+
+Every array task checks the folder at its start and rebuilds the manifest at its end from the NNNNN.json files
+present (the last one to finish writes the complete one).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.files import write_atomic
+from data_pipeline.code_shards import (
+    DUPLICATES,
+    FORMAT,
+    HASH_BYTES,
+    PRIVATE_META,
+    SHARD_META,
+    SHARD_STATS,
+    STAT_KEYS,
+    header_differences,
+    read_json,
+    sha256_file,
+)
+from data_pipeline.errors import DataError
+
+
+def shard_is_complete(folder: Path, name: str) -> bool:
+    """The shard's metadata exists and its records and image hashes match the recorded checksums (a shard of
+    records written by a version that kept no hashes is not: a rerun makes it again, byte-identical)."""
+    meta_path, bin_path, hashes_path = folder / f"{name}.json", folder / f"{name}.bin", folder / f"{name}.hashes"
+    if not (meta_path.is_file() and bin_path.is_file()):
+        return False
+    meta = read_json(meta_path)
+    if meta.get("sha256") != sha256_file(bin_path):
+        return False
+    if "hashes_sha256" in meta:
+        return hashes_path.is_file() and meta["hashes_sha256"] == sha256_file(hashes_path)
+    return meta.get("records") == 0
+
+
+def shard_hashes(folder: Path, name: str, records: int) -> np.ndarray:
+    """uint8 [records, HASH_BYTES]: the image hash of each record of shard `name`."""
+    path = folder / f"{name}.hashes"
+    if not records:
+        return np.zeros((0, HASH_BYTES), dtype=np.uint8)
+    if not path.is_file():
+        raise DataError(f"{path} is missing: shard {name} was written by a version that kept no image hashes, so "
+                        "duplicates across shards cannot be found; rerun data_pipeline.pretokenize with the same "
+                        "arguments (it makes that shard again, byte-identical, with its hashes)")
+    data = np.fromfile(path, dtype=np.uint8)
+    if len(data) != records * HASH_BYTES:
+        raise DataError(f"{path}: {len(data)} bytes, expected {records} hashes of {HASH_BYTES} bytes")
+    return data.reshape(records, HASH_BYTES)
+
+
+def find_duplicates(hashes: list[np.ndarray]) -> np.ndarray:
+    """Sorted int64 indices, among the records of all shards in order, of the records whose hash an earlier
+    one has: the first of each hash is kept, whatever shard or record order the array tasks ran in."""
+    if not hashes:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.ascontiguousarray(np.concatenate(hashes)).view(">u8")  # [n, 2]: the hash as two 64-bit words
+    order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal hashes stay in record order
+    ordered = keys[order]
+    repeat = np.zeros(len(order), dtype=bool)
+    repeat[1:] = (ordered[1:] == ordered[:-1]).all(axis=1)
+    return np.sort(order[repeat]).astype(np.int64)
+
+
+def check_folder(folder: Path, header: dict, inputs: list[Path] | None = None) -> None:
+    """Refuse (DataError) a folder holding a finished shard (NNNNN.json present) made with another image
+    tokenizer, text tokenizer, record layout or filters than `header`, or, given `inputs`, made from other
+    inputs (output shard i is input i): a shard whose recorded input has another file name (or, where
+    recorded, another size) than input i, or a shard beyond the last input (the manifest would leave it out:
+    its samples would silently be lost to training). More inputs than before are fine: the folder grows by
+    the new shards. Nothing is written or removed; each NNNNN.json is read once (every array task does this
+    at its start: at 40,000 shards and hundreds of tasks, a pass is millions of small-file reads)."""
+    if not folder.is_dir():
+        return
+    headers, other_input = HeaderCheck(folder, header), None
+    for meta_path in sorted(p for p in folder.iterdir() if SHARD_META.match(p.name)):
+        meta = read_json(meta_path)
+        headers.add(meta_path, meta)
+        if inputs is not None and other_input is None:
+            problem = _input_problem(int(meta_path.stem), meta, inputs)
+            other_input = problem and f"{meta_path.with_suffix('.bin')} {problem}"
+    headers.raise_if_mismatched()
+    if other_input:
+        raise DataError(f"{other_input}: the --input pattern is not the one this folder was begun with; give that "
+                        f"pattern (more shards may follow it) or a new --output folder (nothing in {folder} was "
+                        "changed)")
+
+
+class HeaderCheck:
+    """The shards' recorded headers against `header`, one NNNNN.json at a time (`add`), then
+    `raise_if_mismatched`: a DataError naming the first that differs and how many more do. A shard written
+    before shards recorded their header is held to the folder's manifest.json."""
+
+    def __init__(self, folder: Path, header: dict):
+        self.folder, self.want, self.mismatched, self._manifest = folder, json.loads(json.dumps(header)), [], None
+
+    def add(self, meta_path: Path, meta: dict) -> None:
+        have = meta.get("header")
+        if have is None and self._manifest is None and (self.folder / "manifest.json").is_file():
+            self._manifest = read_json(self.folder / "manifest.json")
+        if have is None and self._manifest is not None:
+            have = {k: self._manifest.get(k) for k in self.want}
+        if have is None:
+            raise DataError(f"{meta_path.with_suffix('.bin')} records no tokenizer header (an older version wrote "
+                            "it, and there is no manifest.json): it cannot be checked against this run; use a new "
+                            "--output folder (nothing was changed)")
+        diff = header_differences(have, self.want)
+        if diff:
+            self.mismatched.append((meta_path.with_suffix(".bin"), diff))
+
+    def raise_if_mismatched(self) -> None:
+        if self.mismatched:
+            path, diff = self.mismatched[0]
+            more = f" (and {len(self.mismatched) - 1} more shard(s))" if len(self.mismatched) > 1 else ""
+            raise DataError(f"{path}{more} was made with another image tokenizer, text tokenizer, image decoding or "
+                            f"filters than this run: {'; '.join(diff)}; use a new --output folder (nothing in "
+                            f"{self.folder} was changed)")
+
+
+def _input_problem(index: int, meta: dict, inputs: list[Path]) -> str | None:
+    """Why shard `index` (its metadata `meta`) was not made from inputs[index], or None."""
+    made_from = meta.get("input")
+    if index >= len(inputs):
+        return f"was made from input {index} ({made_from}), and this run has only {len(inputs)} input(s)"
+    if made_from is not None and Path(made_from).name != inputs[index].name:
+        return f"was made from {made_from}, and this run's input {index} is {inputs[index]}"
+    size = inputs[index].stat().st_size
+    if meta.get("input_bytes", size) != size:
+        return (f"was made from {made_from} of {meta['input_bytes']} bytes, and this run's input {index} "
+                f"({inputs[index]}) has {size}")
+    return None
+
+
+def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
+    """manifest.json from the shards' metadata files present now; `complete` when all `names` are, and then
+    duplicates.npy too (the records whose image an earlier shard or record holds). Refused (DataError), with
+    nothing written, when a shard among `names` was made with another header, or, once complete, lacks its
+    image hashes. Made again when a shard appeared meanwhile (array tasks finishing together): the last
+    task's manifest is the complete one."""
+    def present() -> list[str]:  # one listing, not a stat per shard
+        on_disk = set(os.listdir(folder))
+        return [n for n in names if f"{n}.json" in on_disk]
+
+    while True:
+        done = present()
+        manifest, stats = _manifest(folder, header, names, done)
+        write_atomic(folder / SHARD_STATS, json.dumps({"shards": stats}).encode())
+        write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        if present() == done:
+            return manifest
+
+
+def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) -> tuple[dict, dict]:
+    """(the manifest, SHARD_STATS's entries: the STAT_KEYS of each shard made with `header`). The manifest is a
+    function of the inputs and tokenizers alone (array tasks or one run, the same bytes); the .bin times live
+    in SHARD_STATS."""
+    shards, stats, headers = [], {}, HeaderCheck(folder, header)
+    for n in present:
+        meta = read_json(folder / f"{n}.json")
+        headers.add(folder / f"{n}.json", meta)
+        shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
+        if meta.get("header") == headers.want and all(k in meta for k in STAT_KEYS):
+            stats[n] = [meta[k] for k in STAT_KEYS]
+    headers.raise_if_mismatched()  # (before anything is written)
+    complete = len(shards) == len(names)
+    duplicates = None
+    if complete:  # the cross-shard pass, once every shard is there
+        found = find_duplicates([shard_hashes(folder, s["name"], s["records"]) for s in shards])
+        starts = np.cumsum([0] + [s["records"] for s in shards])
+        for s, count in zip(shards, np.diff(np.searchsorted(found, starts))):
+            s["duplicates"] = int(count)
+            if count:
+                s["skipped"] = dict(sorted({**s["skipped"], "duplicate_across_shards": int(count)}.items()))
+        data = npy_bytes(found)
+        write_atomic(folder / DUPLICATES, data)  # before the manifest that names it
+        duplicates = {"file": DUPLICATES, "count": len(found), "sha256": hashlib.sha256(data).hexdigest()}
+    skipped: dict[str, int] = {}
+    for s in shards:
+        for reason, count in s["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    return {"format": FORMAT, **header, "shards": shards,
+            "records": sum(s["records"] for s in shards) - (duplicates["count"] if duplicates else 0),
+            "skipped": dict(sorted(skipped.items())), "num_inputs": len(names), "complete": complete,
+            "duplicates": duplicates}, stats
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
