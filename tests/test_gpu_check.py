@@ -44,7 +44,7 @@ def test_planner_fit_recovers_the_constants_of_the_h200_run():
     """The GPU check's fit of the planner's step-time constants, on the first H200 run's parti-350m steps
     (one micro-batch per step): the slope is 50% of the peak, the intercept ~3.1 ms per layer (24 layers);
     on steps made from known constants it gives those back; steps that do not grow give none."""
-    from bench.gpu_sections import planner_fit
+    from bench.gpu_mfu import planner_fit
     from tests.conftest import H200_RUN
 
     run = json.loads(H200_RUN.read_text())["sections"]["mfu_350m"]
@@ -108,7 +108,7 @@ def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
 
     report = json.loads(H200_RUN.read_text())
     assert "| mfu_350m | fail | 19 | FAILED: mfu_at_least_40pct; MFU 35.7% (353 TFLOP/s" in summary_markdown(report)
-    from bench.gpu_sections import kernel_breakdown
+    from bench.gpu_mfu import kernel_breakdown
 
     report["sections"]["mfu_350m"]["device_profile_one_step"] = kernel_breakdown(
         [("nvjet_tst_a", 0.6, 1), ("flash_fwd_kernel", 0.2, 1), ("vectorized_elementwise_kernel", 0.1, 1)], 1.0)
@@ -123,12 +123,13 @@ def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
 def test_greedy_gap_is_zero_for_greedy_codes_and_large_for_others(single_process):
     """The sampling section's measure of "greedy decoding" (teacher-forced): 0 for what full recomputation
     decodes greedily, above the tolerance once a single code is another, for both architectures."""
-    from bench.gpu_sections import GREEDY_TOLERANCE, _train_config, greedy_gap
+    from bench.gpu_common import train_config
+    from bench.gpu_sections import GREEDY_TOLERANCE, greedy_gap
     from evaluation.sampling import SamplingConfig, sample
     from model_parallel.model import PartiModel
 
     for preset in ("parti-debug", "dalle-debug"):
-        cfg = _train_config([f"model.preset={preset}"]).model
+        cfg = train_config([f"model.preset={preset}"]).model
         torch.manual_seed(0)
         model = PartiModel(cfg).eval()
         text = torch.randint(4, cfg.text_vocab_size, (2, cfg.text_seq_len))
@@ -142,7 +143,7 @@ def test_greedy_gap_is_zero_for_greedy_codes_and_large_for_others(single_process
 def test_kernel_breakdown_sorts_hopper_kernel_names_into_families():
     """The MFU sections' device profile: kernel names as the H200 run's profiler recorded them (cuBLAS, flash,
     fused AdamW, NCCL, elementwise) fall into their families; the busy fraction is kernel time over wall time."""
-    from bench.gpu_sections import kernel_breakdown, kernel_kind
+    from bench.gpu_mfu import kernel_breakdown, kernel_kind
 
     names = {"nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNN": "matmul",
              "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",

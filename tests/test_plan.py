@@ -124,7 +124,7 @@ def data_parallel_traffic(zero: int, n_micro: int, run_dir: str, *overrides: str
     under 100k elements whole)."""
     import deepspeed.comm.comm as ds_comm
 
-    from bench.gpu_sections import _random_micro_batches
+    from bench.gpu_mfu import _random_micro_batches
     from training.config import load_config
     from training.engine import train_step
     from training.trainer import Trainer
