@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import socket
 from pathlib import Path
 
 
 def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    """Unique to this write: SLURM array tasks on different nodes (or in containers with their own process
+    ids) write the same shared file at once, so the process id alone could name two writers' files alike."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return path.with_name(f".{path.stem}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
 @contextlib.contextmanager

@@ -75,7 +75,9 @@ class MetricsLogger:
     requeued run logs to the one W&B run of that id (`resume="allow"`); offline, each segment leaves a folder
     of that id and `wandb sync` uploads them into one run, in order. Steps a killed segment logged after its
     last checkpoint keep those first values there (W&B takes each step once; a resume on the same layout
-    gives the same losses) while metrics.jsonl and TensorBoard hold the rerun's (`resumed_at`)."""
+    gives the same losses) while metrics.jsonl and TensorBoard hold the rerun's (`resumed_at`). A run directory
+    copied to branch an experiment keeps the run's id (its checkpoints carry it), so the branch would log into
+    the original's W&B run: give the branch another W&B project."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, *, wandb_project: str = "", run_name: str | None = None,
                  config: dict | None = None, run_id: str | None = None):
@@ -109,7 +111,9 @@ class MetricsLogger:
             start.update(id=run_id, resume="allow")
         try:
             run = wandb.init(mode=mode, **start)
-        except wandb.errors.CommError as e:  # online, but the server cannot be reached or refuses the key
+        except wandb.errors.Error as e:  # online, but the server cannot be reached, refuses the key or the id
+            if mode != "online":
+                raise
             self.log.info(f"W&B: online start failed ({str(e).splitlines()[0]}); logging offline instead")
             mode = "offline"
             run = wandb.init(mode=mode, **start)

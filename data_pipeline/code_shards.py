@@ -4,8 +4,8 @@ A code-shard folder holds `NNNNN.bin` (records back to back, no header), `NNNNN.
 image content hash, HASH_BYTES bytes, in record order), `NNNNN.json` (that shard's record count, sha256,
 input and skip counts, the header below it was made with, its largest code and text id, the size and
 mtime of the .bin when written, the sha256 of its .hashes), `duplicates.npy`, `shard_stats.json`
-({"shards": {name: [bytes, mtime_ns, max_code, max_text_id]}}, those of each NNNNN.json made with the
-manifest's header: what opening needs, in one file) and `manifest.json`:
+({"header": header_digest, "shards": {name: [bytes, mtime_ns, max_code, max_text_id]}}, those of each
+NNNNN.json made with the manifest's header: what opening needs, in one file) and `manifest.json`:
   {"format", "vq": {"kind", "hash", "grid", "codebook_size", "image_size"},
    "text_tokenizer": {"hash", "vocab_size", "text_len"}, "record": {"grid_tokens", "text_len",
    "caption_bytes", "key_bytes"}, "filters": {...}, "shards": [{"name", "input", "records", "sha256",
@@ -54,6 +54,12 @@ HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters", "image_decoding")  #
 PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns", "hashes_sha256")  # NNNNN.json only
 SHARD_STATS = "shard_stats.json"  # what the dataset's open needs of each NNNNN.json, in one file
 STAT_KEYS = ("bytes", "mtime_ns", "max_code", "max_text_id")
+
+
+def header_digest(header: dict) -> str:
+    """sha256 of a header's HEADER_KEYS (SHARD_STATS holds the one its entries were made with: the entries
+    count only beside a manifest of that header)."""
+    return hashlib.sha256(json.dumps({k: header.get(k) for k in HEADER_KEYS}, sort_keys=True).encode()).hexdigest()
 HASH_BYTES = 16  # the first 128 bits of the image file's sha256, per record in NNNNN.hashes
 DUPLICATES = "duplicates.npy"
 MANIFEST_KEYS = ("complete", "num_inputs", "shards", "records", "skipped", "record", "vq", "text_tokenizer")
@@ -180,26 +186,28 @@ class CodeShardDataset:
         self.files = OpenFiles()
 
     def _shard_stats(self) -> dict:
-        """SHARD_STATS's entries by shard name ({} for a folder made before write_manifest wrote it)."""
+        """SHARD_STATS's entries by shard name: {} for a folder made before write_manifest wrote it, or beside a
+        manifest of another header than the entries were made with (the manifest was edited or replaced since:
+        then every shard is checked against it from its NNNNN.json)."""
         path = self.folder / SHARD_STATS
-        stats = read_json(path).get("shards") if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        content = read_json(path)
+        stats = content.get("shards")
         if not isinstance(stats, dict) or not all(isinstance(v, list) and len(v) == len(STAT_KEYS)
                                                   for v in stats.values()):
-            raise DataError(f"{path}: expected {{\"shards\": {{name: {list(STAT_KEYS)}}}}}: it is damaged; rebuild it "
-                            "with data_pipeline.pretokenize --manifest-only (same arguments)")
-        return stats
+            raise DataError(f"{path}: expected {{\"header\": digest, \"shards\": {{name: {list(STAT_KEYS)}}}}}: it is "
+                            "damaged; rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)")
+        return stats if content.get("header") == header_digest(self.manifest) else {}
 
     def _check_shard(self, bin_path: Path, records: int, stat: list | None) -> None:
-        """The shard's size, its makings and its values, or a DataError naming it. A .bin with the size and
+        """The shard's makings, its size and its values, or a DataError naming it. A .bin with the size and
         mtime its SHARD_STATS entry (`stat`) records is checked from that entry alone (write_manifest wrote
         it only for a shard made with the manifest's header), so opening costs one stat per shard: at 70,000
         shards and hundreds of ranks, every NNNNN.json read on every rank is tens of millions of small-file
         reads on a parallel file system. Any other (replaced, edited or copied in since) is checked from its
         NNNNN.json and its records."""
         st = bin_path.stat()
-        if st.st_size != records * self.dtype.itemsize:
-            raise DataError(f"{bin_path}: {st.st_size} bytes, expected {records} records of "
-                            f"{self.dtype.itemsize} bytes")
         if stat is not None and stat[:2] == [st.st_size, st.st_mtime_ns]:
             meta = dict(zip(STAT_KEYS, stat))
         else:
@@ -211,6 +219,9 @@ class CodeShardDataset:
                 raise DataError(f"{bin_path} was made with another image tokenizer, text tokenizer, image decoding "
                                 f"or filters than {self.folder / 'manifest.json'} says: {'; '.join(diff)}; "
                                 "pre-tokenize again into a new --output folder")
+        if st.st_size != records * self.dtype.itemsize:
+            raise DataError(f"{bin_path}: {st.st_size} bytes, expected {records} records of "
+                            f"{self.dtype.itemsize} bytes")
         self._check_values(bin_path, records, meta, st)
 
     def _check_values(self, bin_path: Path, records: int, meta: dict, st: os.stat_result) -> None:

@@ -28,6 +28,7 @@ from data_pipeline.code_shards import (
     SHARD_STATS,
     STAT_KEYS,
     header_differences,
+    header_digest,
     read_json,
     sha256_file,
 )
@@ -158,7 +159,7 @@ def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
     while True:
         done = present()
         manifest, stats = _manifest(folder, header, names, done)
-        write_atomic(folder / SHARD_STATS, json.dumps({"shards": stats}).encode())
+        write_atomic(folder / SHARD_STATS, json.dumps({"header": header_digest(header), "shards": stats}).encode())
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         if present() == done:
             return manifest

@@ -394,15 +394,33 @@ def test_out_of_range_value_in_a_shard_is_refused_at_open(setup, one_run, tmp_pa
         open_training_data(str(out), model_cfg)
 
 
-def test_shard_of_another_run_is_refused_at_open(one_run, tmp_path):
+@pytest.mark.parametrize("extra_records", [0, 1])
+def test_shard_of_another_run_is_refused_at_open(one_run, tmp_path, extra_records):
+    """A shard copied in from a folder made with another text tokenizer (its .bin came with it: of another
+    mtime, and maybe of another record count) is named as such, not merely as of the wrong size."""
     _, single = one_run
     out = tmp_path / "codes"
     shutil.copytree(single, out)
     meta = json.loads((out / "00002.json").read_text())
-    meta["header"]["text_tokenizer"]["hash"] = "0" * 64  # as if copied in from a folder made with another one
+    meta["header"]["text_tokenizer"]["hash"] = "0" * 64
     (out / "00002.json").write_text(json.dumps(meta))
-    changed_since(out / "00002.bin")  # (its .bin came with it)
+    with open(out / "00002.bin", "ab") as f:
+        f.write(b"\0" * extra_records * CodeShardDataset(single).dtype.itemsize)
+    changed_since(out / "00002.bin")
     with pytest.raises(DataError, match=r"codes/00002\.bin was made with another .*text_tokenizer\.hash \"0000"):
+        CodeShardDataset(out)
+
+
+def test_a_manifest_edited_since_its_shard_stats_is_checked_against_every_shard(one_run, tmp_path):
+    """shard_stats.json vouches for the shards only beside the manifest header it was made with: after an edit
+    of manifest.json's tokenizer hash, every shard is compared with it again (from its NNNNN.json) and refused."""
+    _, single = one_run
+    out = tmp_path / "codes"
+    shutil.copytree(single, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["vq"]["hash"] = "f" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"codes/00000\.bin was made with another .*vq\.hash"):
         CodeShardDataset(out)
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,7 @@ def test_no_project_no_wandb(tmp_path):
     assert not (tmp_path / "wandb").exists() and (tmp_path / "metrics.jsonl").is_file()
 
 
-def test_a_resumed_run_logs_each_step_once(tmp_path):
+def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     """A segment killed at step 5 after its checkpoint of step 3 (its last line cut short by the kill): the rerun
     resumes at 3 and logs 4 and 5 again; metrics.jsonl and TensorBoard then hold each step once, the rerun's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -168,6 +169,10 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     first.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')
+    # The rerun is a later process: its event file's name (the time in seconds first) sorts after the first's.
+    # Here, in one process and maybe one second, TensorBoard's per-process file counter (.9, .10) could sort the
+    # other way round and make the reader take the rerun's file first, depending on the tests run before.
+    monkeypatch.setattr(time, "time", lambda real=time.time: real() + 2)
     again = MetricsLogger(tmp_path, enabled=True)
     again.resumed_at(3)
     for step in (4, 5):
