@@ -33,28 +33,19 @@ leaves `latest` where it was and raises CheckpointError naming the cause. An asy
 (`BackgroundSaves`) is completed the same way, at the first training step after every rank's writer
 finished; a run killed before then leaves `latest` on the previous checkpoint.
 
-Safety of what is read back: `verify` checks a checkpoint before anything is built: the tensor index
-`.metadata` (a pickle that torch.distributed.checkpoint unpickles unrestricted) is first read with an
-unpickler that admits only its own record classes, each `.distcp` file must hold every record the index
-places in it, and rng_rank*.pt files load with torch.load(weights_only=True): a crafted file is
-refused, naming it, instead of running code.
+Safety of what is read back: `verify` (training/checkpoint_verify.py) checks a checkpoint's files before
+anything is built from them; a crafted file is refused, naming it, instead of running code.
 
 Checkpoints carry the id of the run that wrote them (`run_id`, kept over resumes): pruning deletes only
 older complete checkpoints of the same run (and leftovers of killed saves), never another run's.
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
-import importlib
 import json
 import math
 import os
-import pickle
-import re
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -67,7 +58,6 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from common import checkpoints
 from common.checkpoints import (  # noqa: F401 - training.trainer reaches them from here
@@ -85,6 +75,7 @@ from common.config import to_dict
 from common.files import write_atomic
 from model_parallel.layout import ParallelLayout
 from model_parallel.pipeline import canonical_parameters
+from training.checkpoint_verify import load_rng_file, verify  # noqa: F401 - training.trainer calls verify here
 from training.deepspeed_glue import (
     Fragment,
     ensure_optimizer_state,
@@ -135,109 +126,6 @@ def read_trainer_state(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{file}: not a trainer state (missing {', '.join(missing)})")
     return state
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking a checkpoint's files before anything is built from them
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    """Reads torch.distributed.checkpoint's `.metadata` admitting only its record classes (dataclasses
-    and enums of torch.distributed.checkpoint.metadata/planner, the filesystem writer's _StorageInfo),
-    torch.Size, dtypes and layouts; anything else (builtins.exec, os.system, ...) is refused unrun."""
-
-    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-
-    def find_class(self, module: str, name: str):
-        allowed = False
-        if module in self.MODULES:
-            obj = getattr(importlib.import_module(module), name, None)
-            allowed = isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
-        elif (module, name) in (("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")):
-            allowed = True
-        elif module == "torch":
-            allowed = isinstance(getattr(torch, name, None), torch.dtype)
-        if not allowed:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
-        return super().find_class(module, name)
-
-
-def read_index(path: Path):
-    """The torch.distributed.checkpoint Metadata of a checkpoint folder, read safely."""
-    file = path / ".metadata"
-    try:
-        with open(file, "rb") as f:
-            return _IndexUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        if "refused global" in str(e):
-            raise CheckpointError(f"{file}: the tensor index would import {str(e).split('refused global ')[1]} "
-                                  "when read (it may run code); refusing to load it (an index holds only "
-                                  "torch.distributed.checkpoint records)") from None
-        raise CheckpointError(f"{file}: corrupt tensor index ({one_line(e)})") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{file}: cannot read the tensor index ({type(e).__name__}: {one_line(e)}); "
-                              "expected torch.distributed.checkpoint's .metadata") from None
-
-
-def load_rng_file(file: Path) -> dict:
-    """A rng_rank*.pt file, loaded with weights_only=True (tensors and plain containers only)."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, OSError
-        text = one_line(e)
-        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if unsupported:  # (torch names builtins without their module)
-            name = unsupported.group(1) if "." in unsupported.group(1) else f"builtins.{unsupported.group(1)}"
-            text = f"it would import {name} when loaded, which may run code"
-        raise CheckpointError(f"{file}: not a plain RNG-state file ({text}); refusing to load it "
-                              "(torch.load weights_only=True)") from None
-    if not (isinstance(state, dict) and torch.is_tensor(state.get("torch")) and isinstance(state.get("tracker"), dict)):
-        raise CheckpointError(f"{file}: expected {{'torch': ByteTensor, 'tracker': {{name: ByteTensor}}}}, "
-                              f"found {type(state).__name__}")
-    return state
-
-
-ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a .distcp starts with one
-
-
-def verify(path: Path) -> None:
-    """Refuse (CheckpointError naming the file) a checkpoint folder whose files cannot be what its index
-    says: index unreadable or unsafe, a .distcp file missing, shorter than its records reach, or without
-    a tensor record where one should start; an RNG file that is not plain tensors. Reads the index, a
-    few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected:
-    the format has no checksums.)"""
-    index = read_index(path)
-    files: dict[str, list[tuple[int, int, bool]]] = {}
-    for where, info in getattr(index, "storage_data", {}).items():
-        tensor = isinstance(index.state_dict_metadata.get(where.fqn), TensorStorageMetadata)
-        plain = tensor and not getattr(info, "transform_descriptors", None)
-        files.setdefault(info.relative_path, []).append((info.offset, info.length, plain))
-    # A thread per file, up to 32: a file's check is 4 bytes read at each of its records (a record per tensor
-    # block a rank wrote), one round trip each on a parallel file system; those of different files overlap.
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(files)))) as pool:
-        for problem in pool.map(lambda item: _file_problem(path / item[0], item[1]), sorted(files.items())):
-            if problem:  # (the first in file order, as a serial check would find)
-                raise CheckpointError(problem)
-    for file in sorted(path.glob("rng_rank*.pt")):
-        load_rng_file(file)
-
-
-def _file_problem(file: Path, records: list[tuple[int, int, bool]]) -> str | None:
-    """What is wrong with one .distcp file, given its records (offset, length, plain tensor?), or None."""
-    if not file.is_file():
-        return f"{file} is missing (the tensor index {file.parent / '.metadata'} places records in it)"
-    size, end = file.stat().st_size, max(offset + length for offset, length, _ in records)
-    if size < end:
-        return f"{file} is truncated: {size} bytes, its tensor index expects {end}"
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        for offset, _, plain in sorted(records):
-            if plain and os.pread(fd, 4, offset) != ZIP_RECORD:
-                return f"{file} is corrupt: no tensor record at byte {offset}, where its tensor index places one"
-    finally:
-        os.close(fd)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
