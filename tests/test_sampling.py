@@ -502,15 +502,17 @@ def test_images_reach_the_disk_before_the_json_marks_them_done(tmp_path, monkeyp
     import numpy as np
     from PIL import Image
 
-    from common.files import temporary_name
+    from common import files
     from evaluation.generate import finish_prompt, to_pil
 
     synced, fsync = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    temporary, name_for = {}, files.temporary_name  # the temporary name each final name was written under
+    monkeypatch.setattr(files, "temporary_name", lambda path: temporary.setdefault(path.name, name_for(path)))
     images = [torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(k)) * 2 - 1 for k in range(2)]
     finish_prompt(5, {"prompt": "a cat"}, images, tmp_path, {"seed": 0})
     names = ["00005_0.png", "00005_1.png", "00005.json"]
-    assert synced == [str(temporary_name(tmp_path / name)) for name in names]
+    assert synced == [str(temporary[name]) for name in names]
     for k in range(2):
         assert np.array_equal(np.asarray(Image.open(tmp_path / names[k])), np.asarray(to_pil(images[k])))
 
