@@ -54,15 +54,15 @@ HEADER_KEYS = ("vq", "text_tokenizer", "record", "filters", "image_decoding")  #
 PRIVATE_META = ("header", "max_code", "max_text_id", "bytes", "mtime_ns", "hashes_sha256")  # NNNNN.json only
 SHARD_STATS = "shard_stats.json"  # what the dataset's open needs of each NNNNN.json, in one file
 STAT_KEYS = ("bytes", "mtime_ns", "max_code", "max_text_id")
+HASH_BYTES = 16  # the first 128 bits of the image file's sha256, per record in NNNNN.hashes
+DUPLICATES = "duplicates.npy"
+MANIFEST_KEYS = ("complete", "num_inputs", "shards", "records", "skipped", "record", "vq", "text_tokenizer")
 
 
 def header_digest(header: dict) -> str:
     """sha256 of a header's HEADER_KEYS (SHARD_STATS holds the one its entries were made with: the entries
     count only beside a manifest of that header)."""
     return hashlib.sha256(json.dumps({k: header.get(k) for k in HEADER_KEYS}, sort_keys=True).encode()).hexdigest()
-HASH_BYTES = 16  # the first 128 bits of the image file's sha256, per record in NNNNN.hashes
-DUPLICATES = "duplicates.npy"
-MANIFEST_KEYS = ("complete", "num_inputs", "shards", "records", "skipped", "record", "vq", "text_tokenizer")
 
 
 def record_dtype(grid_tokens: int, text_len: int, caption_bytes: int = CAPTION_BYTES,

@@ -109,7 +109,8 @@ class HeaderCheck:
     def __init__(self, folder: Path, header: dict):
         self.folder, self.want, self.mismatched, self._manifest = folder, json.loads(json.dumps(header)), [], None
 
-    def add(self, meta_path: Path, meta: dict) -> None:
+    def add(self, meta_path: Path, meta: dict) -> bool:
+        """Whether the shard's own recorded header is `header` (False for one held to the manifest's)."""
         have = meta.get("header")
         if have is None and self._manifest is None and (self.folder / "manifest.json").is_file():
             self._manifest = read_json(self.folder / "manifest.json")
@@ -122,6 +123,7 @@ class HeaderCheck:
         diff = header_differences(have, self.want)
         if diff:
             self.mismatched.append((meta_path.with_suffix(".bin"), diff))
+        return not diff and "header" in meta
 
     def raise_if_mismatched(self) -> None:
         if self.mismatched:
@@ -172,9 +174,9 @@ def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) 
     shards, stats, headers = [], {}, HeaderCheck(folder, header)
     for n in present:
         meta = read_json(folder / f"{n}.json")
-        headers.add(folder / f"{n}.json", meta)
+        own_header = headers.add(folder / f"{n}.json", meta)
         shards.append({"name": n, **{k: v for k, v in meta.items() if k not in PRIVATE_META}})
-        if meta.get("header") == headers.want and all(k in meta for k in STAT_KEYS):
+        if own_header and all(k in meta for k in STAT_KEYS):
             stats[n] = [meta[k] for k in STAT_KEYS]
     headers.raise_if_mismatched()  # (before anything is written)
     complete = len(shards) == len(names)
