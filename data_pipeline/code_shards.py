@@ -4,8 +4,9 @@ A code-shard folder holds `NNNNN.bin` (records back to back, no header), `NNNNN.
 image content hash, HASH_BYTES bytes, in record order), `NNNNN.json` (that shard's record count, sha256,
 input and skip counts, the header below it was made with, its largest code and text id, the size and
 mtime of the .bin when written, the sha256 of its .hashes), `duplicates.npy`, `shard_stats.json`
-({"header": header_digest, "shards": {name: [bytes, mtime_ns, max_code, max_text_id]}}, those of each
-NNNNN.json made with the manifest's header: what opening needs, in one file) and `manifest.json`:
+({"header": header_digest, "shards": {name: [bytes, mtime_ns, max_code, max_text_id]}, "duplicates":
+[bytes, mtime_ns, sha256] | null}: those of each NNNNN.json made with the manifest's header and of
+duplicates.npy as written, what opening needs, in one file) and `manifest.json`:
   {"format", "vq": {"kind", "hash", "grid", "codebook_size", "image_size"},
    "text_tokenizer": {"hash", "vocab_size", "text_len"}, "record": {"grid_tokens", "text_len",
    "caption_bytes", "key_bytes"}, "filters": {...}, "shards": [{"name", "input", "records", "sha256",
@@ -157,19 +158,23 @@ class CodeShardDataset:
         counts = [shard["records"] for shard in self.manifest["shards"]]
         stats = self._shard_stats()
         for bin_path, shard in zip(self.paths, self.manifest["shards"]):
-            self._check_shard(bin_path, shard["records"], stats.get(shard["name"]))
-        self.skips = self._duplicates(np.cumsum([0] + counts))
+            self._check_shard(bin_path, shard["records"], stats.get("shards", {}).get(shard["name"]))
+        self.skips = self._duplicates(np.cumsum([0] + counts), stats.get("duplicates"))
         self.offsets = np.cumsum([0] + [n - len(e) for n, e in zip(counts, self.skips)])
         self.files = OpenFiles()
 
-    def _duplicates(self, raw_offsets: np.ndarray) -> list[np.ndarray]:
+    def _duplicates(self, raw_offsets: np.ndarray, stat: list | None) -> list[np.ndarray]:
         """Per shard, the sorted indices of its records left out, each minus the number left out before it
-        (so that kept record k is record k + searchsorted(that, k, 'right') of the shard)."""
+        (so that kept record k is record k + searchsorted(that, k, 'right') of the shard). Its sha256 is
+        computed (a second read) only when SHARD_STATS (`stat`) does not record its size, mtime and the
+        manifest's sha256: it is 320 MB at 40M duplicates, read by every rank."""
         entry = self.manifest.get("duplicates")  # absent in folders made before duplicates across shards were found
         if not entry or not entry["count"]:
             return [np.zeros(0, dtype=np.int64) for _ in self.paths]
         path = self.folder / entry["file"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        st = path.stat() if path.is_file() else None
+        unchanged = st is not None and stat == [st.st_size, st.st_mtime_ns, entry["sha256"]]
+        if st is None or not unchanged and sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path} is missing or does not match the sha256 in {self.folder / 'manifest.json'}: "
                             "rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)")
         found = np.load(path, allow_pickle=False).astype(np.int64)
@@ -186,19 +191,21 @@ class CodeShardDataset:
         self.files = OpenFiles()
 
     def _shard_stats(self) -> dict:
-        """SHARD_STATS's entries by shard name: {} for a folder made before write_manifest wrote it, or beside a
-        manifest of another header than the entries were made with (the manifest was edited or replaced since:
-        then every shard is checked against it from its NNNNN.json)."""
+        """SHARD_STATS's content: {} for a folder made before write_manifest wrote it, or beside a manifest of
+        another header than its entries were made with (the manifest was edited or replaced since: then every
+        shard is checked against it from its NNNNN.json)."""
         path = self.folder / SHARD_STATS
         if not path.is_file():
             return {}
         content = read_json(path)
-        stats = content.get("shards")
-        if not isinstance(stats, dict) or not all(isinstance(v, list) and len(v) == len(STAT_KEYS)
-                                                  for v in stats.values()):
-            raise DataError(f"{path}: expected {{\"header\": digest, \"shards\": {{name: {list(STAT_KEYS)}}}}}: it is "
-                            "damaged; rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)")
-        return stats if content.get("header") == header_digest(self.manifest) else {}
+        stats, duplicates = content.get("shards"), content.get("duplicates")
+        if (not isinstance(stats, dict) or not all(isinstance(v, list) and len(v) == len(STAT_KEYS)
+                                                   for v in stats.values())
+                or not (duplicates is None or isinstance(duplicates, list) and len(duplicates) == 3)):
+            raise DataError(f"{path}: expected {{\"header\": digest, \"shards\": {{name: {list(STAT_KEYS)}}}, "
+                            "\"duplicates\": [bytes, mtime_ns, sha256] | null}: it is damaged; rebuild it with "
+                            "data_pipeline.pretokenize --manifest-only (same arguments)")
+        return content if content.get("header") == header_digest(self.manifest) else {}
 
     def _check_shard(self, bin_path: Path, records: int, stat: list | None) -> None:
         """The shard's makings, its size and its values, or a DataError naming it. A .bin with the size and

@@ -161,16 +161,17 @@ def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
     while True:
         done = present()
         manifest, stats = _manifest(folder, header, names, done)
-        write_atomic(folder / SHARD_STATS, json.dumps({"header": header_digest(header), "shards": stats}).encode())
+        write_atomic(folder / SHARD_STATS, json.dumps({"header": header_digest(header), **stats}).encode())
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         if present() == done:
             return manifest
 
 
 def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) -> tuple[dict, dict]:
-    """(the manifest, SHARD_STATS's entries: the STAT_KEYS of each shard made with `header`). The manifest is a
-    function of the inputs and tokenizers alone (array tasks or one run, the same bytes); the .bin times live
-    in SHARD_STATS."""
+    """(the manifest, SHARD_STATS's content but its header: "shards", the STAT_KEYS of each shard made with
+    `header`, and "duplicates", DUPLICATES's [bytes, mtime_ns, sha256] once complete). The manifest is a
+    function of the inputs and tokenizers alone (array tasks or one run, the same bytes); the files' times
+    live in SHARD_STATS."""
     shards, stats, headers = [], {}, HeaderCheck(folder, header)
     for n in present:
         meta = read_json(folder / f"{n}.json")
@@ -180,7 +181,7 @@ def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) 
             stats[n] = [meta[k] for k in STAT_KEYS]
     headers.raise_if_mismatched()  # (before anything is written)
     complete = len(shards) == len(names)
-    duplicates = None
+    duplicates = stats_of_duplicates = None
     if complete:  # the cross-shard pass, once every shard is there
         found = find_duplicates([shard_hashes(folder, s["name"], s["records"]) for s in shards])
         starts = np.cumsum([0] + [s["records"] for s in shards])
@@ -191,6 +192,8 @@ def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) 
         data = npy_bytes(found)
         write_atomic(folder / DUPLICATES, data)  # before the manifest that names it
         duplicates = {"file": DUPLICATES, "count": len(found), "sha256": hashlib.sha256(data).hexdigest()}
+        st = (folder / DUPLICATES).stat()
+        stats_of_duplicates = [st.st_size, st.st_mtime_ns, duplicates["sha256"]]
     skipped: dict[str, int] = {}
     for s in shards:
         for reason, count in s["skipped"].items():
@@ -198,7 +201,7 @@ def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) 
     return {"format": FORMAT, **header, "shards": shards,
             "records": sum(s["records"] for s in shards) - (duplicates["count"] if duplicates else 0),
             "skipped": dict(sorted(skipped.items())), "num_inputs": len(names), "complete": complete,
-            "duplicates": duplicates}, stats
+            "duplicates": duplicates}, {"shards": stats, "duplicates": stats_of_duplicates}
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

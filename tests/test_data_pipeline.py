@@ -442,6 +442,31 @@ def test_many_shards_of_repeated_images_keep_the_first_of_each(tmp_path):
     assert len(ds) == len(keep) and (np.stack([ds.record(i) for i in range(len(ds))]) == np.stack(keep)).all()
 
 
+def test_duplicates_file_is_hashed_at_open_only_once_it_changed(tmp_path, monkeypatch):
+    """Every rank reads duplicates.npy (320 MB at 40M duplicates) when it opens the folder, and its sha256 only
+    once its size or mtime differ from what shard_stats.json records (a copy without times: then hashed, and
+    opened when it still matches the manifest; other content: refused, naming the file)."""
+    from data_pipeline import code_shards
+
+    folder = tmp_path / "codes"
+    write_random_code_shards(folder, 40, records=4, images=100)
+    path = folder / "duplicates.npy"
+    hashed, real_sha256_file = [], code_shards.sha256_file
+    monkeypatch.setattr(code_shards, "sha256_file", lambda p: hashed.append(p.name) or real_sha256_file(p))
+    reference = CodeShardDataset(folder)
+    assert sum(map(len, reference.skips)) > 0 and hashed == []
+    changed_since(path)
+    copied = CodeShardDataset(folder)
+    assert hashed == ["duplicates.npy"] and all(np.array_equal(a, b) for a, b in zip(copied.skips, reference.skips))
+    found = np.load(path)
+    found[-1] -= 1  # another record left out: what a duplicates.npy of another folder could hold
+    np.save(path, found)
+    changed_since(path)  # (as a copy would be: a coarse file-system clock could give the write the recorded time)
+    with pytest.raises(DataError, match=r"codes/duplicates\.npy is missing or does not match the sha256 in "
+                                        r".*codes/manifest\.json: rebuild it"):
+        CodeShardDataset(folder)
+
+
 def test_a_folder_of_more_shards_than_open_files_allowed_is_read_whole(tmp_path):
     """LAION-400M is ~41,000 shards of 10,000, and a process may hold ~1,024 open files (`ulimit -n`): a dataset
     keeping a memory map (a file descriptor) per shard could not open such a folder. Under a limit of 128, a
