@@ -7,13 +7,14 @@ Input tar i (in the expanded order) becomes output shard `{i:05d}`; array task I
 I, I+N, I+2N, ... so a SLURM array splits the work and the union equals one run. Each output shard is
 written under a temporary name and renamed, then its metadata (record count, sha256, skip counts);
 a rerun verifies finished shards against their checksum and skips them, so a killed run restarts
-where it stopped and produces byte-identical shards. Images are decoded and resized in DataLoader
-workers, encoded in batches by the frozen tokenizer (on the GPU when there is one). Duplicates (by
-image content hash) within an input shard are dropped there; each shard's kept image hashes go to
-`NNNNN.hashes` beside it. manifest.json is rebuilt at the end of every task from the metadata present;
-once every input is done (`complete`), that step also lists the records whose image an earlier shard
-already holds in duplicates.npy (counted as `duplicate_across_shards`; training leaves them out; the
-shards themselves are not rewritten). `--manifest-only` rebuilds both, e.g. after array tasks.
+where it stopped and produces byte-identical shards. Each input tar is streamed (never held whole); its
+images are decoded and resized in DataLoader workers, encoded in batches by the frozen tokenizer (on the
+GPU when there is one). Duplicates (by image content hash) within an input shard are dropped there; each
+shard's kept image hashes go to `NNNNN.hashes` beside it. manifest.json is rebuilt at the end of every
+task from the metadata present; once every input is done (`complete`), that step also lists the records
+whose image an earlier shard already holds in duplicates.npy (counted as `duplicate_across_shards`;
+training leaves them out; the shards themselves are not rewritten). `--manifest-only` rebuilds both, e.g.
+after array tasks.
 
 Every shard's metadata records the header (image tokenizer, text tokenizer, record layout, filters, image
 decoding) it was made with, and its input's file name and size, so a rerun into a folder holding shards of
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +53,7 @@ from data_pipeline.code_shards import (
     utf8_truncate,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.images import DECODING, FilterConfig, PreparedSamples
+from data_pipeline.images import DECODING, FilterConfig, prepare_sample
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.manifest import check_folder, shard_is_complete, write_manifest
 from data_pipeline.text_tokenizer import TextTokenizer
@@ -63,17 +66,59 @@ def encode_images(vq, images: list[torch.Tensor], device: str) -> np.ndarray:
     return vq.encode(batch).reshape(len(images), -1).cpu().numpy()
 
 
+class ShardEnd(NamedTuple):
+    """The last item of a PreparedShard: samples the tar held, and its read errors."""
+
+    seen: int
+    errors: Counter
+
+
+class PreparedShard(torch.utils.data.IterableDataset):
+    """One input tar's samples, prepared (data_pipeline.images.prepare_sample), in lists of `batch_size`,
+    streamed: memory holds the lists in flight, not the tar (img2dataset shards of full-size images are
+    gigabytes). DataLoader worker w of W prepares the lists w, w + W, ..., the order in which the loader hands
+    them back, so the records do not depend on the number of workers; each worker reads the whole tar (the
+    page cache shares it) and decodes only its own lists. Worker 0 (or the process, without workers) ends
+    with a ShardEnd (the read errors: truncated_tar, duplicate_member)."""
+
+    def __init__(self, path: Path, cfg: FilterConfig, batch_size: int):
+        super().__init__()
+        self.path, self.cfg, self.batch_size = path, cfg, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        errors, seen = Counter(), 0
+        samples = read_shard(self.path, errors)
+        for number in itertools.count():
+            batch = list(itertools.islice(samples, self.batch_size))
+            if not batch:
+                break
+            seen += len(batch)
+            if number % workers == worker:
+                yield [prepare_sample(raw, self.cfg) for raw in batch]
+        if worker == 0:
+            yield ShardEnd(seen, errors)
+
+
+def as_is(item):
+    """The DataLoader's collate_fn: PreparedShard's items as they are (not converted)."""
+    return item
+
+
 def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, workers: int, batch_size: int,
                   device: str, progress: tqdm) -> tuple[np.ndarray, np.ndarray, Counter, int]:
     """Records of one input tar, their image hashes (uint8 [n, HASH_BYTES]), its skip counts, and how many
     samples it held."""
-    skipped: Counter = Counter()
-    raw = list(read_shard(path, skipped))
-    loader = torch.utils.data.DataLoader(PreparedSamples(raw, cfg), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=list)
+    loader = torch.utils.data.DataLoader(PreparedShard(path, cfg, batch_size), batch_size=None, num_workers=workers,
+                                         collate_fn=as_is)
     dtype = record_dtype(vq.grid * vq.grid, text_tok.max_len)
-    records, hashes, seen_hashes = [], [], set()
+    records, hashes, seen_hashes, skipped, seen = [], [], set(), Counter(), 0
     for batch in loader:
+        if isinstance(batch, ShardEnd):
+            seen = batch.seen
+            skipped.update(batch.errors)
+            continue
         kept = []
         for p in batch:
             if p.reason is None and p.image_hash in seen_hashes:
@@ -92,7 +137,7 @@ def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, wo
                 hashes.append(np.frombuffer(hash_digest(p.image_hash), dtype=np.uint8))
         progress.update(len(batch))
     hashes = np.stack(hashes) if hashes else np.zeros((0, HASH_BYTES), dtype=np.uint8)
-    return np.array(records, dtype=dtype), hashes, skipped, len(raw)
+    return np.array(records, dtype=dtype), hashes, skipped, seen
 
 
 def header(vq, text_tok: TextTokenizer, cfg: FilterConfig) -> dict:

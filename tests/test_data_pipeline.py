@@ -170,6 +170,32 @@ def test_truncated_tar_costs_only_its_broken_tail(setup):
     assert keys == [f"syn{i:05d}" for i in range(100, 105)] and errors == {"truncated_tar": 1}
 
 
+def test_input_tars_are_streamed_into_the_same_shards_at_any_number_of_workers(setup, one_run, tmp_path,
+                                                                               monkeypatch):
+    """An input tar is read as it is encoded (img2dataset shards of full-size images are gigabytes): the first
+    batch is encoded before the tar's 12 samples are read. With 2 decoding workers the shards, their sample and
+    skip counts (the truncated tar's included) are those of the run without workers."""
+    from data_pipeline import pretokenize as module
+
+    _, single = one_run
+    inputs, vq = expand_shards(setup["pattern"]), load_image_tokenizer(setup["vq"])
+    tok = TextTokenizer(setup["spm"], 16)
+    read, read_at_encode = [], []
+    real_read, real_encode = module.read_shard, module.encode_images
+    monkeypatch.setattr(module, "read_shard", lambda *a: (read.append(s) or s for s in real_read(*a)))
+    monkeypatch.setattr(module, "encode_images", lambda *a: read_at_encode.append(len(read)) or real_encode(*a))
+    pretokenize(inputs[1:2], tmp_path / "streamed", vq, tok, FILTERS, batch_size=4)
+    assert read_at_encode[0] == 4 and len(read) == 12
+    pretokenize(inputs[1:], tmp_path / "workers", vq, tok, FILTERS, batch_size=4, workers=2)
+    for out, mine, theirs in (("streamed", "00000", "00001"), ("workers", "00000", "00001"),
+                              ("workers", "00001", "00002")):
+        assert (tmp_path / out / f"{mine}.bin").read_bytes() == (single / f"{theirs}.bin").read_bytes()
+        meta, reference = (json.loads(p.read_text()) for p in (tmp_path / out / f"{mine}.json",
+                                                                single / f"{theirs}.json"))
+        assert (meta["seen"], meta["skipped"]) == (reference["seen"], reference["skipped"])
+    assert json.loads((single / "00002.json").read_text())["skipped"]["truncated_tar"] == 1
+
+
 def test_array_tasks_together_equal_one_run(setup, one_run, tmp_path):
     _, single = one_run
     run_pretokenize(setup, tmp_path, shard_index=1, num_shards=2)
