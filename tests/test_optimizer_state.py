@@ -149,9 +149,15 @@ def run_with(run_dir: str, *overrides: str, stand_in: str | None = None) -> dict
 
 def saved_weights_off_the_bf16_grid(run_dir: str, tag: str) -> float:
     """In a pool worker: the fraction of a checkpoint's saved weights that no bf16 number equals."""
-    from training.export import read_weights
+    from common.checkpoints import checkpoint_dir
+    from model_parallel.config import saved_model_config
+    from model_parallel.state import init_parallel
+    from training.export import checkpoint_shapes, read_weights
 
-    weights, _ = read_weights(run_dir, tag)
+    init_parallel(tp=1, pp=1)
+    path = checkpoint_dir(run_dir) / tag
+    config = json.loads((path / "trainer_state.json").read_text())["config"]
+    weights = read_weights(path, checkpoint_shapes(saved_model_config(config["model"])))
     flat = torch.cat([w.flatten() for w in weights.values()])
     return (flat != flat.bfloat16().float()).float().mean().item()
 

@@ -122,14 +122,20 @@ def test_resume_on_another_layout(pool2, reference, tmp_path, saved_at, resumed_
 
 
 def test_export_is_layout_independent_and_loads_without_deepspeed(single_process, pool2, reference, tmp_path):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
-    from training.export import export, load_exported
+    from training.export import export, load_exported, weight_groups
 
     tp2_dir = tmp_path / "tp2"
     pool2.run(run, str(tp2_dir), "parallel.tp=2", "parallel.zero_stage=1")
     a = load_file(str(export(reference[1], out=tmp_path / "a") / "model.safetensors"))
     b = load_file(str(export(tp2_dir, out=tmp_path / "b") / "model.safetensors"))
+    # Written as read, 64 KiB of weights at a time: the bytes the safetensors library writes from all of them.
+    groups = weight_groups({n: tuple(t.shape) for n, t in a.items()}, 1 << 16)
+    tag = json.loads((tmp_path / "a" / "config.json").read_text())["checkpoint"]
+    streamed = export(reference[1], out=tmp_path / "c", group_bytes=1 << 16) / "model.safetensors"
+    save_file(a, str(tmp_path / "library.safetensors"), metadata={"checkpoint": tag})
+    assert len(groups) > 3 and streamed.read_bytes() == (tmp_path / "library.safetensors").read_bytes()
     assert set(a) == set(b) and "decoder.1.cross_attn.fn.kv.weight" in a
     for name in a:  # the TP=2 run's shards come back whole, equal to the TP=1 run's weights
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)  # Adam-amplified fp32 noise

@@ -5,8 +5,8 @@
     model = load_exported("runs/x/export", "cuda")  # bf16 on the GPU (dtype=... to choose)
 
 Whatever layout the run trained at (TP, PP, ZeRO), the checkpoint's tensors are read back whole
-(megatron-core dist_checkpointing reshards to TP=1) under PartiModel's parameter names; the file holds
-fp32 weights, and config.json the model section of the run's resolved config and the image and text
+(megatron-core dist_checkpointing reshards to TP=1) under PartiModel's parameter names, GROUP_BYTES at a
+time, each group written as it is read; the file holds fp32 weights, and config.json the model section of the run's resolved config and the image and text
 tokenizers its training data was made with (generation refuses others). Loading builds the model
 on the meta device and assigns the weights (cast to the target dtype) without ever allocating a
 randomly initialised copy, so a model needs its weights' memory once, not twice.
@@ -15,48 +15,95 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import struct
 from pathlib import Path
 
 import torch
 
 from common.checkpoints import checkpoint_dir
+from common.files import atomic_path
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
 from training.checkpoint import resume_tag, sharded_blocks
 from training.deepspeed_glue import Fragment, local_shape
 
+GROUP_BYTES = 1 << 31
+"""Weights read from the checkpoint at a time while exporting (parti-20b's fp32 weights are 80 GB): the host
+memory an export needs beyond the process's own."""
 
-def read_weights(run_dir: str | Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The full fp32 weights of a checkpoint by PartiModel name, and its trainer_state.json (the run's config
-    under "config")."""
+
+def checkpoint_shapes(model_cfg: ModelConfig) -> dict[str, tuple]:
+    """Every PartiModel parameter's whole (TP=1) shape, from a model built on the meta device."""
+    with torch.device("meta"):
+        return {n: tuple(local_shape(p)) for n, p in PartiModel(model_cfg, meta=True).named_parameters()}
+
+
+def read_weights(path: Path, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The whole fp32 tensors of checkpoint `path` named in `shapes` (its other tensors are not read).
+    Needs init_parallel(tp=1, pp=1)."""
     from megatron.core import dist_checkpointing
 
-    init_parallel(tp=1, pp=1)
-    path = checkpoint_dir(run_dir) / tag
-    state = json.loads((path / "trainer_state.json").read_text())
-    config = state["config"]
-    model_cfg = saved_model_config(config["model"])
-    with torch.device("meta"):
-        shapes = {n: local_shape(p) for n, p in PartiModel(model_cfg, meta=True).named_parameters()}
     whole = torch.nn.Parameter(torch.empty(0))  # (stands for a parameter not split over TP: read at TP=1)
     template = {"model": {n: sharded_blocks(f"model.{n}", Fragment(0, torch.empty(shape).view(-1), whole=True),
-                                            tuple(shape), whole)[0] for n, shape in shapes.items()}}
-    loaded = dist_checkpointing.load(template, str(path))
-    return loaded["model"], state
+                                            shape, whole)[0] for n, shape in shapes.items()}}
+    return dist_checkpointing.load(template, str(path))["model"]
 
 
-def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None) -> Path:
-    from safetensors.torch import save_file
+def weight_groups(shapes: dict[str, tuple], limit: int = GROUP_BYTES) -> list[list[str]]:
+    """The names in sorted order (the file's), cut into runs of at most `limit` fp32 bytes (a larger
+    tensor alone)."""
+    groups, size = [[]], 0
+    for name in sorted(shapes):
+        nbytes = 4 * math.prod(shapes[name])
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
 
+
+def safetensors_header(shapes: dict[str, tuple], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file of fp32 tensors stored in sorted name order,
+    padded with spaces to a multiple of 8 (the format's alignment)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name in sorted(shapes):
+        nbytes = 4 * math.prod(shapes[name])
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None,
+           group_bytes: int = GROUP_BYTES) -> Path:
+    """Write RUN_DIR's checkpoint `tag` (default: latest) as OUT/model.safetensors + OUT/config.json.
+
+    The file is written as the checkpoint is read, `group_bytes` of weights at a time: the safetensors
+    library writes a file only from all of its tensors in memory, the whole model in host RAM (80 GB at
+    parti-20b); its format is a length, a JSON header and the tensors' bytes back to back, so the header
+    comes first, from the shapes alone, and each group's bytes follow (the same bytes as the library's)."""
     tag = tag or resume_tag(run_dir)[0]  # `latest`'s, or the newest complete one when `latest` is gone
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint")
-    weights, state = read_weights(run_dir, tag)
+    init_parallel(tp=1, pp=1)
+    path = checkpoint_dir(run_dir) / tag
+    state = json.loads((path / "trainer_state.json").read_text())
+    shapes = checkpoint_shapes(saved_model_config(state["config"]["model"]))
     out = Path(out or Path(run_dir) / "export")
     out.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous() for n, t in weights.items()}, str(out / "model.safetensors"),
-              metadata={"checkpoint": tag})
+    with atomic_path(out / "model.safetensors") as tmp, open(tmp, "wb") as f:
+        f.write(safetensors_header(shapes, {"checkpoint": tag}))
+        for group in weight_groups(shapes, group_bytes):
+            weights = read_weights(path, {n: shapes[n] for n in group})
+            f.writelines(memoryview(weights[name].contiguous().numpy()).cast("B") for name in group)
+            del weights
+        f.flush()
+        os.fsync(f.fileno())
     (out / "config.json").write_text(json.dumps({"model": state["config"]["model"], "checkpoint": tag,
                                                  "data_tokenizers": state.get("data_tokenizers")}, indent=1))
     return out
