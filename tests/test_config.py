@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.config import ConfigError, describe, load_config, save_config
 
@@ -86,13 +87,42 @@ def test_every_field_is_documented():
 
 @pytest.mark.parametrize("decay, middle, end", [("cosine", 0.55, 0.1), ("linear", 0.55, 0.1), ("constant", 1.0, 1.0)])
 def test_lr_schedule(decay, middle, end):
-    from training.engine import lr_lambda
+    from common.schedule import lr_lambda
 
     cfg = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=4", "train.steps=14",
                              f"train.lr_decay={decay}"])
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg.train)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(9) == pytest.approx(middle) and f(14) == pytest.approx(end) and f(100) == pytest.approx(end)
+
+
+def test_lr_decay_steps_end_the_cosine_early_as_torch_cosine_annealing_does():
+    """train.lr_decay_steps=10 of 30 steps: after a 5-step warmup, the rates of torch's CosineAnnealingLR
+    (T_max 10, eta_min = min_lr), then min_lr to the end (DALL-E's dVAE: 1.2M steps of decay in 3M)."""
+    from common.schedule import lr_lambda
+
+    cfg = load_config(None, ["train.lr=2e-3", "train.min_lr=1e-4", "train.warmup_steps=5", "train.steps=30",
+                             "train.lr_decay_steps=10"])
+    f = lr_lambda(cfg.train)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=1e-4)
+    reference = []
+    for _ in range(11):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    assert [2e-3 * f(s) for s in range(5, 16)] == pytest.approx(reference, rel=1e-9)
+    assert [2e-3 * f(s) for s in range(15, 30)] == pytest.approx([1e-4] * 15, rel=1e-12)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr_decay=step", r"train\.lr_decay='step' must be one of cosine, linear, constant"),
+    ("train.min_lr=0.5", r"train\.min_lr=0\.5 must be in \[0, train\.lr=0\.003\]"),
+    ("train.lr_decay_steps=-1", r"train\.lr_decay_steps=-1 must be >= 0"),
+])
+def test_bad_schedule_names_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/train/debug.yaml", [override]).validate()
 
 
 TRAINING_PRESETS = ["parti-350m", "parti-750m", "parti-3b", "parti-20b"]

@@ -149,15 +149,10 @@ def run_with(run_dir: str, *overrides: str, stand_in: str | None = None) -> dict
 
 def saved_weights_off_the_bf16_grid(run_dir: str, tag: str) -> float:
     """In a pool worker: the fraction of a checkpoint's saved weights that no bf16 number equals."""
-    from common.checkpoints import checkpoint_dir
-    from model_parallel.config import saved_model_config
-    from model_parallel.state import init_parallel
-    from training.export import checkpoint_shapes, read_weights
+    from training.export import open_checkpoint, read_weights
 
-    init_parallel(tp=1, pp=1)
-    path = checkpoint_dir(run_dir) / tag
-    config = json.loads((path / "trainer_state.json").read_text())["config"]
-    weights = read_weights(path, checkpoint_shapes(saved_model_config(config["model"])))
+    path, _, shapes = open_checkpoint(run_dir, tag)
+    weights = read_weights(path, shapes)
     flat = torch.cat([w.flatten() for w in weights.values()])
     return (flat != flat.bfloat16().float()).float().mean().item()
 

@@ -97,12 +97,12 @@ def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(si
 
 def test_resume_with_a_changed_lr_uses_the_new_lr(single_process, reference, tmp_path, log_lines):
     from training.config import load_config
-    from training.engine import lr_lambda
+    from common.schedule import lr_lambda
 
     run_dir = copy_run(reference[1], tmp_path / "run", tags=(MID,), latest=MID)
     (run_dir / "metrics.jsonl").unlink()
     run(str(run_dir), "train.lr=1e-3")
-    schedule = lr_lambda(load_config("configs/train/debug.yaml", [f"train.steps={STEPS}", "train.lr=1e-3"]))
+    schedule = lr_lambda(load_config("configs/train/debug.yaml", [f"train.steps={STEPS}", "train.lr=1e-3"]).train)
     # What the optimizer used at steps 4-6: the new peak rate on the new schedule at the checkpoint's position
     # (the restored scheduler's base rate was the old 3e-3).
     assert [m["lr"] for m in metrics(run_dir)] == pytest.approx([1e-3 * schedule(k) for k in range(3, STEPS)],

@@ -166,7 +166,7 @@ def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, 
     from model_parallel.model import PartiModel
     from training.checkpoint import latest_tag
     from training.config import load_config
-    from training.export import read_weights
+    from training.export import open_checkpoint, read_weights
 
     _, folder, weights = pretrained
     sets = [f"model.init_text_encoder={folder}", "model.freeze_text_encoder=true", f"parallel.zero_stage={zero}"]
@@ -174,7 +174,8 @@ def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, 
         pool2.run(run, str(tmp_path), *sets, steps=3)
     else:
         run(str(tmp_path), *sets, steps=3)
-    trained, state = read_weights(tmp_path, latest_tag(tmp_path))
+    path, state, shapes = open_checkpoint(tmp_path, latest_tag(tmp_path))
+    trained = read_weights(path, shapes)
     for name, w in weights.items():
         torch.testing.assert_close(trained[name], w, rtol=0, atol=0, msg=name)
     cfg = load_config("configs/train/debug.yaml", sets)

@@ -653,12 +653,18 @@ def test_dvae_schedules_and_kl_follow_the_formulas():
 
 
 def test_dvae_resume_continues_the_same_run(single_process, photos, tmp_path):
-    """Gumbel noise and the schedules' step resume with the checkpoint: 4 + 4 steps equal 8."""
+    """Gumbel noise and the schedules' step resume with the checkpoint: 4 + 4 steps equal 8, with DALL-E's
+    kind of learning-rate schedule (warmup, a cosine decay that ends before the last step) and weight decay."""
+    from common.schedule import lr_lambda
     from vq.train import VQTrainer
 
+    schedule = ["train.warmup_steps=2", "train.lr_decay=cosine", "train.lr_decay_steps=4", "train.min_lr=1e-4",
+                "train.weight_decay=0.01"]
+
     def run(run_dir, steps):
-        trainer = VQTrainer(load_typed(VQConfig, None, [*DVAE, f"train.steps={steps}", "train.save_interval=4",
-                                                        "train.batch_size=4", "model.tau_steps=6"]), photos, run_dir)
+        cfg = load_typed(VQConfig, None, [*DVAE, f"train.steps={steps}", "train.save_interval=4",
+                                          "train.batch_size=4", "model.tau_steps=6", *schedule])
+        trainer = VQTrainer(cfg, photos, run_dir)
         trainer.resume()
         return trainer.run()
 
@@ -666,6 +672,32 @@ def test_dvae_resume_continues_the_same_run(single_process, photos, tmp_path):
     split = run(tmp_path / "split", 4) + run(tmp_path / "split", 8)
     assert [h["loss"] for h in split] == pytest.approx([h["loss"] for h in full], rel=1e-5)
     assert [h["tau"] for h in split] == [h["tau"] for h in full]
+    t = load_typed(VQConfig, None, [*DVAE, "train.steps=8", *schedule]).train
+    assert [h["lr"] for h in full] == [h["lr"] for h in split] == [4e-3 * lr_lambda(t)(s) for s in range(8)]
+    assert full[1]["lr"] == 4e-3 and full[-1]["lr"] == full[-2]["lr"] == 1e-4  # (the decay ends at step 6)
+
+
+def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_process, photos, tmp_path):
+    """One step at lr 1e-3 with weight_decay 250 against one without, from the same weights and images: AdamW's
+    decoupled decay takes lr x 250 = 1/4 of each Linear/Conv weight (the gradient step is the same in both),
+    and leaves biases, norms, position embeddings and the codebook as the run without it has them."""
+    from vq.train import DECAYED, VQTrainer
+
+    def one_step(run_dir, *overrides):
+        trainer = VQTrainer(load_typed(VQConfig, None, [*TINY, "train.steps=1", *overrides]), photos, run_dir)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.run()
+        return trainer.model, before, {n: p.detach() for n, p in trainer.model.named_parameters()}
+
+    model, before, plain = one_step(tmp_path / "plain")
+    _, _, decayed = one_step(tmp_path / "decayed", "train.weight_decay=250")
+    matrices = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, DECAYED)}
+    assert "codebook.weight" not in matrices and "enc_pos" in plain and len(matrices) > 10
+    for name, value in plain.items():
+        if name in matrices:
+            torch.testing.assert_close(decayed[name] - value, -0.25 * before[name], rtol=0, atol=1e-6, msg=name)
+        else:
+            torch.testing.assert_close(decayed[name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.cli import command, config_parser
 from common.config import ConfigError, build, describe, flat_dict, load_raw, require, save_config, to_dict
+from common.schedule import check_schedule
 from data_pipeline.training_data import DataConfig
 from model_parallel.config import ModelConfig, resolve_model_section
 from model_parallel.kernels import KernelConfig
@@ -51,6 +52,9 @@ class TrainConfig:
     """Linear warmup steps."""
     lr_decay: str = "cosine"
     """After warmup, from lr to min_lr at train.steps: cosine | linear | constant (stays at lr)."""
+    lr_decay_steps: int = 0
+    """Steps of the decay after the warmup, then min_lr to the end (0: until train.steps; Megatron's
+    --lr-decay-iters)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
@@ -107,7 +111,6 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.optimizer": ("adamw", "adafactor"),
-    "train.lr_decay": ("cosine", "linear", "constant"),
 }
 
 
@@ -139,12 +142,11 @@ def _validate(cfg: Config, world_size: int | None) -> None:
                                ("log_interval", 1, "steps between metric lines"),
                                ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
                                ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
-                               ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
-                               ("warmup_steps", 0, "linear warmup steps")):
+                               ("keep_checkpoints", 0, "checkpoints kept, 0: all")):
         value = getattr(t, name)
         require(value >= low, f"train.{name}={value} must be >= {low} ({meaning})")
-    require(t.lr > 0, f"train.lr={t.lr} must be > 0 (the schedule is relative to it)")
-    for name in ("min_lr", "weight_decay", "grad_clip"):
+    check_schedule(t, "train")
+    for name in ("weight_decay", "grad_clip"):
         require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
     for name in ("adam_beta1", "adam_beta2"):
         require(0 <= getattr(t, name) < 1, f"train.{name}={getattr(t, name)} must be in [0, 1)")
@@ -183,8 +185,8 @@ def config_to_dict(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # A resumed run's config against the one its checkpoint was saved with
 
-RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.steps",
-                  "train.weight_decay", "train.grad_clip", "train.adam_beta1", "train.adam_beta2", "train.adam_eps")
+RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.lr_decay_steps",
+                  "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1", "train.adam_beta2", "train.adam_eps")
 """Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
 checkpoint's step with the new values (training/checkpoint.py `load`), weight decay, clipping and Adam's
 betas and epsilon are the new ones from the first step on (the moments are the checkpoint's)."""

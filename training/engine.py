@@ -15,12 +15,12 @@ construction, ...) lives in training/deepspeed_glue.py, each piece with the Deep
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state as ps
 
+from common.schedule import lr_lambda
 from model_parallel.activation_checkpointing import apply_activation_checkpointing
 from model_parallel.compile import compile_layers
 from model_parallel.layers import allreduce_sequence_parallel_grads
@@ -86,21 +86,6 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     return groups + ([{"params": frozen, "weight_decay": 0.0, "lr": 0.0}] if frozen else [])
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup to train.lr, then train.lr_decay (cosine, linear or constant) to train.min_lr."""
-    t = cfg.train
-    shape = {"cosine": lambda x: 0.5 * (1 + math.cos(math.pi * x)), "linear": lambda x: 1 - x,
-             "constant": lambda x: 1.0}[t.lr_decay]
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return (t.min_lr + (t.lr - t.min_lr) * shape(progress)) / t.lr
-
-    return factor
-
-
 def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout, initialize: bool = True):
     """PartiModel for pp=1, a DeepSpeed PipelineModule of the same pieces for pp>1, split over `layout`'s
     tensor-parallel group; with the activation checkpointing of parallel.activation_checkpointing. Without
@@ -164,7 +149,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
     else:
         optimizer = kernels.optimizer(param_groups(model, cfg), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       eps=t.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
     pipelined = isinstance(model, PipelineModule)  # the pipeline brings its own topology as mpu
     with no_optimizer_steps(optimizer):  # see no_optimizer_steps: DeepSpeed's bf16 ZeRO-0 wrappers step at init
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

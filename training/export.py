@@ -35,15 +35,20 @@ GROUP_BYTES = 1 << 31
 memory an export needs beyond the process's own."""
 
 
-def checkpoint_shapes(model_cfg: ModelConfig) -> dict[str, tuple]:
-    """Every PartiModel parameter's whole (TP=1) shape, from a model built on the meta device."""
+def open_checkpoint(run_dir: str | Path, tag: str) -> tuple[Path, dict, dict[str, tuple]]:
+    """(the checkpoint's folder, its trainer_state.json (the run's config under "config"), every PartiModel
+    parameter's whole (TP=1) shape); sets up TP=1, PP=1 for read_weights."""
+    init_parallel(tp=1, pp=1)
+    path = checkpoint_dir(run_dir) / tag
+    state = json.loads((path / "trainer_state.json").read_text())
     with torch.device("meta"):
-        return {n: tuple(local_shape(p)) for n, p in PartiModel(model_cfg, meta=True).named_parameters()}
+        model = PartiModel(saved_model_config(state["config"]["model"]), meta=True)
+    return path, state, {n: tuple(local_shape(p)) for n, p in model.named_parameters()}
 
 
 def read_weights(path: Path, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """The whole fp32 tensors of checkpoint `path` named in `shapes` (its other tensors are not read).
-    Needs init_parallel(tp=1, pp=1)."""
+    """The whole fp32 tensors of checkpoint `path` named in `shapes` (its other tensors are not read), after
+    open_checkpoint."""
     from megatron.core import dist_checkpointing
 
     whole = torch.nn.Parameter(torch.empty(0))  # (stands for a parameter not split over TP: read at TP=1)
@@ -90,10 +95,7 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     tag = tag or resume_tag(run_dir)[0]  # `latest`'s, or the newest complete one when `latest` is gone
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint")
-    init_parallel(tp=1, pp=1)
-    path = checkpoint_dir(run_dir) / tag
-    state = json.loads((path / "trainer_state.json").read_text())
-    shapes = checkpoint_shapes(saved_model_config(state["config"]["model"]))
+    path, state, shapes = open_checkpoint(run_dir, tag)
     out = Path(out or Path(run_dir) / "export")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp, open(tmp, "wb") as f:

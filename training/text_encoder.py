@@ -54,6 +54,7 @@ from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
 from common.metrics import MetricsLogger
 from common.preemption import StopRequest
+from common.schedule import lr_lambda
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.text_tokenizer import BOS_ID, EOS_ID, TextTokenizer
 from data_pipeline.training_data import training_dataset
@@ -66,7 +67,6 @@ from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sec
                                  wait_for_pruning)
 from training.config import Config, load_config
 from training.deepspeed_glue import Fragment, global_grad_norm
-from training.engine import lr_lambda
 
 MASK_ID = BOS_ID
 """The mask token: BOS, reserved by the caption tokenizer and never in a caption (data_pipeline/text_tokenizer.py)."""
@@ -305,7 +305,8 @@ class _Pretraining:
             self.log.info(f"resumed from {path} at step {step}")
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.train.lr
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg), last_epoch=step - 1)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg.train),
+                                                          last_epoch=step - 1)
         self.log.resumed_at(step)
         return step
 

@@ -72,7 +72,18 @@ class VQTrainConfig:
     batch_size: int = 32
     """Images per step over all data-parallel processes."""
     lr: float = 1e-4
-    """Adam learning rate (generator and discriminator), constant."""
+    """Peak learning rate of the generator and the discriminator (common/schedule.py)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of a cosine or linear decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps to lr (0: none)."""
+    lr_decay: str = "constant"
+    """After the warmup: cosine | linear (lr to min_lr) | constant (stays at lr: taming, LlamaGen)."""
+    lr_decay_steps: int = 0
+    """Steps of the decay after the warmup, then min_lr (0: until train.steps; DALL-E's dVAE: 1.2M of 3M)."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay of the weight matrices and kernels, not of biases, norms and the
+    codebook (DALL-E's dVAE: 1e-4)."""
     adam_beta1: float = 0.9
     """Adam's beta1 (generator and discriminator; taming's VQGAN: 0.5)."""
     adam_beta2: float = 0.99

@@ -41,10 +41,11 @@ import torch.distributed as dist
 
 from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
 from common.cli import command, config_parser
-from common.config import ConfigError, load_typed, save_config
+from common.config import ConfigError, load_typed, require, save_config
 from common.files import write_atomic
 from common.metrics import MetricsLogger, psnr
 from common.preemption import StopRequest
+from common.schedule import check_schedule, lr_lambda
 from common.state_file import STATE_FILE, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
 from model_parallel.state import DeviceError, init_distributed, use_device
@@ -156,6 +157,35 @@ def adopt_single_file_checkpoints(run_dir: str | Path) -> None:
         write_atomic(pointer, Path(named).stem + "\n")
 
 
+DECAYED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+"""Modules whose weight weight decay shrinks (not biases, norms, position or code embeddings)."""
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters in order, as one AdamW group without weight decay, or as two (DECAYED weights
+    with it, the rest without) when there is any: a checkpoint's optimizer state has that many groups."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": trainable, "weight_decay": 0.0}]
+    decayed = {id(m.weight) for m in module.modules() if isinstance(m, DECAYED)}
+    return [{"params": [p for p in trainable if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, saved: dict, path: Path) -> None:
+    """The checkpoint's optimizer state (moments, step counts), with this run's weight decay and betas
+    (the schedule sets the rate at every step); a CheckpointError when train.weight_decay was turned on or
+    off since, which regroups the parameters."""
+    if len(saved["param_groups"]) != len(opt.param_groups):
+        raise CheckpointError(f"{path}: its optimizer has {len(saved['param_groups'])} parameter group(s), this run's "
+                              f"{len(opt.param_groups)}: train.weight_decay was turned on or off since; continue with "
+                              "the value the run began with (its config.yaml)")
+    current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, settings in zip(opt.param_groups, current):
+        group.update(settings)
+
+
 class VQTrainer:
     def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path, device: str | None = None):
         """`device`: where the model trains; by default train.device's choice (model_parallel.state.use_device)."""
@@ -175,15 +205,19 @@ class VQTrainer:
         self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
         ddp = torch.nn.parallel.DistributedDataParallel if self.world > 1 else lambda module: module
         self.ddp = ddp(self.model)
+        check_schedule(t, "train")
+        require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+        self.lr_factor = lr_lambda(t)
         betas = (t.adam_beta1, t.adam_beta2)
-        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=betas)
+        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=betas)
         disc = self.losses.discriminator
         # The discriminator trains data-parallel too, else its gradients are never averaged and the
         # replicas drift apart. Only its own loss runs through the wrapper (the generator's adversarial
         # term calls the bare module with detached parameters), on real and fake images in one call
         # (RealAndFake says why); checkpoints keep the bare module's keys.
         self.disc_ddp = ddp(RealAndFake(disc)) if disc is not None else None
-        self.disc_opt = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=betas) if disc else None
+        self.disc_opt = (torch.optim.AdamW(param_groups(disc, t.weight_decay), lr=t.lr, betas=betas)
+                         if disc else None)
         self.step = 0
         self.stream = CropStream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed, t.data_workers)
         sizes = {True: 0, False: 0}  # in the encoder and codebook / in the decoder
@@ -240,10 +274,10 @@ class VQTrainer:
         state = load_checkpoint(path)
         self._check_heads(path, state.get("config", {}).get("model", {}))
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        load_optimizer(self.opt, state["opt"], path)
         if self.disc_opt and state["disc"] is not None:
             self.losses.discriminator.load_state_dict(state["disc"])
-            self.disc_opt.load_state_dict(state["disc_opt"])
+            load_optimizer(self.disc_opt, state["disc_opt"], path)
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -281,6 +315,9 @@ class VQTrainer:
         out = out.float()
         last = self.model.last_decoder_weight()
         loss, logs = self.losses.generator(images, out, aux["vq_loss"], self.step, last)
+        lr = self.cfg.train.lr * self.lr_factor(self.step)
+        for group in [*self.opt.param_groups, *(self.disc_opt.param_groups if self.disc_opt else [])]:
+            group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -291,7 +328,7 @@ class VQTrainer:
             self.disc_opt.step()
             logs["disc"] = float(d_loss.detach())
 
-        logs.update(loss=float(loss.detach()), psnr=psnr(split_output(out).detach(), images),
+        logs.update(lr=lr, loss=float(loss.detach()), psnr=psnr(split_output(out).detach(), images),
                     perplexity=float(aux["perplexity"]), code_usage=float(aux["usage"]))
         logs.update(aux.get("logs", {}))  # the model's own (the dVAE's temperature, KL weight, KL)
         return logs
