@@ -659,7 +659,7 @@ def test_dvae_resume_continues_the_same_run(single_process, photos, tmp_path):
     from vq.train import VQTrainer
 
     schedule = ["train.warmup_steps=2", "train.lr_decay=cosine", "train.lr_decay_steps=4", "train.min_lr=1e-4",
-                "train.weight_decay=0.01"]
+                "train.weight_decay=0.01", "train.ema_decay=0.9"]
 
     def run(run_dir, steps):
         cfg = load_typed(VQConfig, None, [*DVAE, f"train.steps={steps}", "train.save_interval=4",
@@ -675,6 +675,32 @@ def test_dvae_resume_continues_the_same_run(single_process, photos, tmp_path):
     t = load_typed(VQConfig, None, [*DVAE, "train.steps=8", *schedule]).train
     assert [h["lr"] for h in full] == [h["lr"] for h in split] == [4e-3 * lr_lambda(t)(s) for s in range(8)]
     assert full[1]["lr"] == 4e-3 and full[-1]["lr"] == full[-2]["lr"] == 1e-4  # (the decay ends at step 6)
+    exports = [torch.load(tmp_path / run / "export.pt", weights_only=True)["state_dict"] for run in ("full", "split")]
+    for name, value in exports[0].items():  # the average of the weights resumed with them
+        torch.testing.assert_close(exports[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_export_is_the_moving_average_of_the_weights(single_process, photos, tmp_path, monkeypatch):
+    """train.ema_decay=0.5 over 3 steps: the exported weights are 0.25 w1 + 0.25 w2 + 0.5 w3 of the weights
+    after each step (the average starts as a copy of w1), computed here by hand."""
+    from vq.tokenizer import load_image_tokenizer
+    from vq.train import VQTrainer
+
+    after, real_step = [], VQTrainer.train_step
+
+    def recording_step(self, images):
+        logs = real_step(self, images)
+        after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return logs
+
+    monkeypatch.setattr(VQTrainer, "train_step", recording_step)
+    train(photos, tmp_path, "train.steps=3", "train.ema_decay=0.5")
+    exported = dict(load_image_tokenizer(tmp_path / "export.pt").named_parameters())
+    assert len(after) == 3 and set(exported) == set(after[0])
+    assert not any(torch.equal(after[1][n], after[2][n]) for n in ("enc_pos", "dec_pos"))  # (the weights moved)
+    for name, w in exported.items():
+        expected = 0.25 * after[0][name] + 0.25 * after[1][name] + 0.5 * after[2][name]
+        torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_process, photos, tmp_path):

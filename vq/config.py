@@ -81,6 +81,9 @@ class VQTrainConfig:
     """After the warmup: cosine | linear (lr to min_lr) | constant (stays at lr: taming, LlamaGen)."""
     lr_decay_steps: int = 0
     """Steps of the decay after the warmup, then min_lr (0: until train.steps; DALL-E's dVAE: 1.2M of 3M)."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the weights, which the export takes instead of the last
+    weights (0: off; DALL-E's dVAE: 0.999)."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay of the weight matrices and kernels, not of biases, norms and the
     codebook (DALL-E's dVAE: 1e-4)."""

@@ -14,7 +14,8 @@ All share the loop, the losses of vq/losses.py (the config's loss section), chec
 
 The run directory receives config.yaml, metrics.jsonl + TensorBoard (l2, PSNR, perplexity, code usage,
 losses), recon_XXXXXXXX.png grids (top: inputs, bottom: reconstructions), checkpoints/ and, at the end,
-export.pt: the frozen tokenizer in the format of vq/tokenizer.py that data_pipeline.pretokenize loads.
+export.pt: the frozen tokenizer in the format of vq/tokenizer.py that data_pipeline.pretokenize loads (with
+train.ema_decay, the moving average of the weights; checkpoints hold both).
 
 Checkpoints follow common/checkpoints.py: checkpoints/step_XXXXXXXX/state.pt, written atomically (its
 presence marks the checkpoint complete), then the `latest` pointer moves and older checkpoints beyond
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
 from common.cli import command, config_parser
@@ -218,6 +220,10 @@ class VQTrainer:
         self.disc_ddp = ddp(RealAndFake(disc)) if disc is not None else None
         self.disc_opt = (torch.optim.AdamW(param_groups(disc, t.weight_decay), lr=t.lr, betas=betas)
                          if disc else None)
+        require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no average)")
+        # torch's own moving average of a module's parameters (its buffers follow the model's: code usage,
+        # the VQ-VAE's codebook statistics); the first update copies the weights.
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)) if t.ema_decay else None
         self.step = 0
         self.stream = CropStream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed, t.data_workers)
         sizes = {True: 0, False: 0}  # in the encoder and codebook / in the decoder
@@ -239,6 +245,7 @@ class VQTrainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self, streams: list[dict]) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step, "streams": streams,
+                "ema": self.ema.state_dict() if self.ema else None,
                 "disc": self.losses.discriminator.state_dict() if self.disc_opt else None,
                 "disc_opt": self.disc_opt.state_dict() if self.disc_opt else None,
                 "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg),
@@ -279,6 +286,10 @@ class VQTrainer:
             self.losses.discriminator.load_state_dict(state["disc"])
             load_optimizer(self.disc_opt, state["disc_opt"], path)
         self.step = state["step"]
+        if self.ema and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema:
+            self.log.info(f"{path} holds no average of the weights: train.ema_decay's starts at step {self.step}")
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -321,6 +332,8 @@ class VQTrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.ema:
+            self.ema.update_parameters(self.model)
         d_loss = self.losses.discriminator_loss(images, out, self.step, critic=self.disc_ddp)
         if d_loss is not None:
             self.disc_opt.zero_grad(set_to_none=True)
@@ -370,6 +383,8 @@ class VQTrainer:
         finally:  # the decoding processes, also when a step fails
             stop.restore()
             self.stream.close()
+        if self.ema:  # (the last checkpoint holds the weights and the average: a longer run resumes from both)
+            self.model.load_state_dict(self.ema.module.state_dict())
         if self.rank == 0:
             digest = self.export_tokenizer(self.run_dir / "export.pt")
             self.log.info(f"exported {self.run_dir / 'export.pt'} (content hash {digest[:16]})")
