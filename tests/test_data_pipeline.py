@@ -493,6 +493,30 @@ def test_duplicates_file_is_hashed_at_open_only_once_it_changed(tmp_path, monkey
         CodeShardDataset(folder)
 
 
+def test_duplicates_pass_keeps_the_first_of_each_hash_in_every_part_of_the_hash_space():
+    """find_duplicates sorts the hashes a part (their first bits) at a time: against a walk over the records by
+    hand, on 5 shards of 2,000 hashes drawn from 3,000 (every part of the space used, many repeats) with pairs
+    that differ only in their last byte (the same first word: one part, told apart by the second)."""
+    from data_pipeline.manifest import BUCKET_BITS, find_duplicates
+
+    rng = np.random.default_rng(7)
+    pool = rng.integers(0, 256, (3000, 16), dtype=np.uint8)
+    pool[1::2] = pool[::2]
+    pool[1::2, 15] ^= 1  # (odd = even but for the last bit)
+    shards = [pool[rng.integers(0, 3000, 2000)] for _ in range(5)]
+    seen, expected = set(), []
+    for i, h in enumerate(np.concatenate(shards)):
+        if h.tobytes() in seen:
+            expected.append(i)
+        seen.add(h.tobytes())
+    found = find_duplicates(iter(shards), 10000)
+    assert found.dtype == np.int64 and found.tolist() == expected
+    assert len(set(pool[:, 0] >> (8 - BUCKET_BITS))) == 1 << BUCKET_BITS
+    for total in (9999, 10001):
+        with pytest.raises(DataError, match=f"hold 10000 records, their metadata {total}"):
+            find_duplicates(iter(shards), total)
+
+
 def test_a_folder_of_more_shards_than_open_files_allowed_is_read_whole(tmp_path):
     """LAION-400M is ~41,000 shards of 10,000, and a process may hold ~1,024 open files (`ulimit -n`): a dataset
     keeping a memory map (a file descriptor) per shard could not open such a folder. Under a limit of 128, a
