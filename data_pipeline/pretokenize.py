@@ -6,10 +6,10 @@
 Input tar i (in the expanded order) becomes output shard `{i:05d}`; array task I of N takes inputs
 I, I+N, I+2N, ... so a SLURM array splits the work and the union equals one run. Each output shard is
 written under a temporary name and renamed, then its metadata (record count, sha256, skip counts);
-a rerun verifies finished shards against their checksum and skips them, so a killed run restarts
-where it stopped and produces byte-identical shards. Each input tar is streamed (never held whole); its
-images are decoded and resized in DataLoader workers, encoded in batches by the frozen tokenizer (on the
-GPU when there is one). Duplicates (by image content hash) within an input shard are dropped there; each
+a rerun skips finished shards (checked against their checksum unless the .bin has the size and mtime
+recorded), so a killed run restarts where it stopped and produces byte-identical shards. Each input tar is
+streamed (never held whole); its images are decoded and resized in DataLoader workers, encoded in batches
+by the frozen tokenizer (on the GPU when there is one). Duplicates (by image content hash) within an input shard are dropped there; each
 shard's kept image hashes go to `NNNNN.hashes` beside it. manifest.json is rebuilt at the end of every
 task from the metadata present; once every input is done (`complete`), that step also lists the records
 whose image an earlier shard already holds in duplicates.npy (counted as `duplicate_across_shards`;

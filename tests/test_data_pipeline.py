@@ -207,6 +207,28 @@ def test_array_tasks_together_equal_one_run(setup, one_run, tmp_path):
     assert (tmp_path / "manifest.json").read_text() == (single / "manifest.json").read_text()
 
 
+def test_a_rerun_reads_no_finished_shard_but_makes_a_changed_one_again(setup, one_run, tmp_path, monkeypatch):
+    """A restarted task takes its finished shards whose .bin has the size and mtime their metadata recorded
+    without reading them; one changed since (a byte flipped: an mtime of its own) is made again, as written."""
+    from data_pipeline import manifest as manifest_module
+
+    _, single = one_run
+    out = tmp_path / "codes"
+    shutil.copytree(single, out)  # (times kept, as cp -p)
+    hashed, real_sha256_file = [], manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda p: hashed.append(p.name) or real_sha256_file(p))
+    assert run_pretokenize(setup, out) == json.loads((single / "manifest.json").read_text())
+    assert not [n for n in hashed if n.endswith(".bin")]
+    data = bytearray((out / "00001.bin").read_bytes())
+    data[100] ^= 0xFF
+    (out / "00001.bin").write_bytes(bytes(data))
+    changed_since(out / "00001.bin")
+    hashed.clear()
+    run_pretokenize(setup, out)
+    assert [n for n in hashed if n.endswith(".bin")] == ["00001.bin"]
+    assert (out / "00001.bin").read_bytes() == (single / "00001.bin").read_bytes()
+
+
 def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
     _, single = one_run
     cmd = [sys.executable, "-m", "data_pipeline.pretokenize", "--input", setup["pattern"], "--output", str(tmp_path),
