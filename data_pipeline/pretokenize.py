@@ -3,24 +3,23 @@
     python -m data_pipeline.pretokenize --input 'laion/{00000..00099}.tar' --output codes/ \
         --vq runs/vq/export.pt --text-tokenizer tok/spm.model [--shard-index I --num-shards N] [--workers W]
 
-Input tar i (in the expanded order) becomes output shard `{i:05d}`; array task I of N takes inputs
-I, I+N, I+2N, ... so a SLURM array splits the work and the union equals one run. Each output shard is
-written under a temporary name and renamed, then its metadata (record count, sha256, skip counts);
-a rerun skips finished shards (checked against their checksum unless the .bin has the size and mtime
-recorded), so a killed run restarts where it stopped and produces byte-identical shards. Each input tar is
-streamed (never held whole); its images are decoded and resized in DataLoader workers, encoded in batches
-by the frozen tokenizer (on the GPU when there is one). Duplicates (by image content hash) within an input shard are dropped there; each
-shard's kept image hashes go to `NNNNN.hashes` beside it. manifest.json is rebuilt at the end of every
-task from the metadata present; once every input is done (`complete`), that step also lists the records
-whose image an earlier shard already holds in duplicates.npy (counted as `duplicate_across_shards`;
-training leaves them out; the shards themselves are not rewritten). `--manifest-only` rebuilds both, e.g.
-after array tasks.
+Input tar i (in the expanded order) becomes output shard `{i:05d}`; array task I of N takes inputs I, I+N,
+I+2N, ... so a SLURM array splits the work and the union equals one run. Each output shard is written under a
+temporary name and renamed, then its metadata (record count, sha256, skip counts); a rerun skips finished
+shards (checked against their checksum unless the .bin has the size and mtime recorded), so a killed run
+restarts where it stopped and produces byte-identical shards. Each input tar is streamed (never held whole);
+its images are decoded and resized in DataLoader workers, encoded in batches by the frozen tokenizer (on the
+GPU when there is one). Duplicates (by image content hash) within an input shard are dropped there; each
+shard's kept image hashes go to `NNNNN.hashes` beside it. manifest.json is rebuilt at the end of every task
+from the metadata present; once every input is done (`complete`), that step also lists the records whose image
+an earlier shard already holds in duplicates.npy (counted as `duplicate_across_shards`; training leaves them
+out; the shards themselves are not rewritten). `--manifest-only` rebuilds both, e.g. after array tasks.
 
 Every shard's metadata records the header (image tokenizer, text tokenizer, record layout, filters, image
 decoding) it was made with, and its input's file name and size, so a rerun into a folder holding shards of
-another header or of other inputs, manifest or not (a killed run), is refused before anything is written
-or removed (more inputs than before are fine: the new shards are added). Inputs that are not tars at all, and codes or
-text ids outside the tokenizers' ranges, are refused too; the command prints such errors as one line
+another header or of other inputs, manifest or not (a killed run), is refused before anything is written or
+removed (more inputs than before are fine: the new shards are added). Inputs that are not tars at all, and
+codes or text ids outside the tokenizers' ranges, are refused too; the command prints such errors as one line
 (`error: ...`) and exits with status 1.
 """
 from __future__ import annotations
