@@ -1,4 +1,5 @@
-"""The learning-rate schedule of every trainer here: a linear warmup to the peak, then a decay to a floor.
+"""The learning-rate schedule of Parti's trainer, the text encoder's and the image tokenizers' (the upsampler
+keeps WDSR's step halvings): a linear warmup to the peak, then a decay to a floor.
 
     check_schedule(cfg.train, "train")       # ConfigError naming the first bad field
     factor = lr_lambda(cfg.train)            # step -> multiple of train.lr (what torch's LambdaLR takes)
@@ -7,7 +8,7 @@
 The section (training's TrainConfig, the tokenizer trainer's VQTrainConfig, the text encoder's) has `lr`,
 `min_lr`, `warmup_steps`, `lr_decay` (cosine | linear | constant), `lr_decay_steps` and `steps`: the decay
 runs from the end of the warmup for lr_decay_steps steps (0: until `steps`, Megatron's --lr-decay-iters
-unset) and stays at min_lr after it. The factor is a pure function of the step, so a resumed run needs
+unset) and the rate stays where it ended (min_lr; lr with constant). The factor is a pure function of the step, so a resumed run needs
 no scheduler state, only its step.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def check_schedule(t, prefix: str) -> None:
     """ConfigError naming `prefix`.field for the first schedule field that breaks its rule."""
     require(t.lr_decay in DECAYS, f"{prefix}.lr_decay={t.lr_decay!r} must be one of {', '.join(DECAYS)}")
     require(t.lr > 0, f"{prefix}.lr={t.lr} must be > 0 (the schedule is relative to it)")
-    require(0 <= t.min_lr <= t.lr, f"{prefix}.min_lr={t.min_lr} must be in [0, {prefix}.lr={t.lr}]")
+    require(t.min_lr >= 0, f"{prefix}.min_lr={t.min_lr} must be >= 0")
     for name, meaning in (("warmup_steps", "linear warmup steps"),
                           ("lr_decay_steps", "steps of the decay after the warmup, 0: until the last step")):
         require(getattr(t, name) >= 0, f"{prefix}.{name}={getattr(t, name)} must be >= 0 ({meaning})")

@@ -105,15 +105,28 @@ def as_is(item):
     return item
 
 
+def prepared_batches(path: Path, cfg: FilterConfig, batch_size: int, workers: int):
+    """PreparedShard's items, read by `workers` processes. A worker's failure to read the tar (gone or
+    unreadable since the start's check) comes back as a DataError naming it in one line, as without workers
+    (the DataLoader would raise it with the worker's whole traceback as its message)."""
+    loader = torch.utils.data.DataLoader(PreparedShard(path, cfg, batch_size), batch_size=None, num_workers=workers,
+                                         collate_fn=as_is)
+    try:
+        yield from loader
+    except (OSError, DataError) as e:
+        if not workers:
+            raise
+        cause = str(e).strip().splitlines()[-1]  # the worker's own message, after its traceback
+        raise DataError(f"{path}: could not be read by a decoding worker ({cause})") from None
+
+
 def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, workers: int, batch_size: int,
                   device: str, progress: tqdm) -> tuple[np.ndarray, np.ndarray, Counter, int]:
     """Records of one input tar, their image hashes (uint8 [n, HASH_BYTES]), its skip counts, and how many
     samples it held."""
-    loader = torch.utils.data.DataLoader(PreparedShard(path, cfg, batch_size), batch_size=None, num_workers=workers,
-                                         collate_fn=as_is)
     dtype = record_dtype(vq.grid * vq.grid, text_tok.max_len)
     records, hashes, seen_hashes, skipped, seen = [], [], set(), Counter(), 0
-    for batch in loader:
+    for batch in prepared_batches(path, cfg, batch_size, workers):
         if isinstance(batch, ShardEnd):
             seen = batch.seen
             skipped.update(batch.errors)

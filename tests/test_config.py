@@ -117,7 +117,7 @@ def test_lr_decay_steps_end_the_cosine_early_as_torch_cosine_annealing_does():
 
 @pytest.mark.parametrize("override, message", [
     ("train.lr_decay=step", r"train\.lr_decay='step' must be one of cosine, linear, constant"),
-    ("train.min_lr=0.5", r"train\.min_lr=0\.5 must be in \[0, train\.lr=0\.003\]"),
+    ("train.min_lr=-0.5", r"train\.min_lr=-0\.5 must be >= 0"),
     ("train.lr_decay_steps=-1", r"train\.lr_decay_steps=-1 must be >= 0"),
 ])
 def test_bad_schedule_names_the_field(override, message):

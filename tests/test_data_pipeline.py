@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from data_pipeline.code_shards import CodeShardDataset, MixedDataset, open_training_data
 from data_pipeline.errors import DataError
@@ -194,6 +195,10 @@ def test_input_tars_are_streamed_into_the_same_shards_at_any_number_of_workers(s
                                                                 single / f"{theirs}.json"))
         assert (meta["seen"], meta["skipped"]) == (reference["seen"], reference["skipped"])
     assert json.loads((single / "00002.json").read_text())["skipped"]["truncated_tar"] == 1
+    gone = tmp_path / "gone.tar"  # (vanished after the start's check): one line naming it, from a worker too
+    for workers in (0, 2):
+        with pytest.raises((DataError, FileNotFoundError), match=r"^[^\n]*gone\.tar[^\n]*$"):
+            module.process_shard(gone, vq, tok, FILTERS, workers, 4, "cpu", tqdm(disable=True))
 
 
 def test_array_tasks_together_equal_one_run(setup, one_run, tmp_path):

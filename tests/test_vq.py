@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -680,6 +681,30 @@ def test_dvae_resume_continues_the_same_run(single_process, photos, tmp_path):
         torch.testing.assert_close(exports[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("saved_at, resumed_at", [(0.0, 0.01), (0.01, 0.0)])
+def test_turning_weight_decay_on_or_off_keeps_each_parameters_adam_state(single_process, photos, tmp_path, saved_at,
+                                                                        resumed_at):
+    """A run saved without weight decay (one AdamW group, as every checkpoint before the option) resumed with
+    it (two groups: Linear/Conv weights, the rest), and back: every parameter gets its own saved moments and
+    step count, by name, and the run continues."""
+    from vq.train import VQTrainer, load_checkpoint
+
+    train(photos, tmp_path, "train.steps=2", f"train.weight_decay={saved_at}")
+    saved = load_checkpoint(tmp_path / "checkpoints" / "step_00000002" / "state.pt")["opt"]
+    saving = VQTrainer(load_typed(VQConfig, None, [*TINY, f"train.weight_decay={saved_at}"]), photos, tmp_path / "x")
+    index = {id(p): i for i, p in enumerate(p for g in saving.opt.param_groups for p in g["params"])}
+    saved_index = {n: index[id(p)] for n, p in saving.model.named_parameters()}
+    trainer, history = train(photos, tmp_path, "train.steps=2", f"train.weight_decay={resumed_at}")
+    assert history == [] and len(trainer.opt.param_groups) == (2 if resumed_at else 1)
+    assert [g["weight_decay"] for g in trainer.opt.param_groups] == ([resumed_at, 0.0] if resumed_at else [0.0])
+    for name, p in trainer.model.named_parameters():
+        mine, theirs = trainer.opt.state[p], saved["state"][saved_index[name]]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(mine[key], theirs[key]), (name, key)
+    _, more = train(photos, tmp_path, "train.steps=3", f"train.weight_decay={resumed_at}")
+    assert len(more) == 1 and math.isfinite(more[0]["loss"])
+
+
 def test_the_export_is_the_moving_average_of_the_weights(single_process, photos, tmp_path, monkeypatch):
     """train.ema_decay=0.5 over 3 steps: the exported weights are 0.25 w1 + 0.25 w2 + 0.5 w3 of the weights
     after each step (the average starts as a copy of w1), computed here by hand."""
@@ -701,6 +726,15 @@ def test_the_export_is_the_moving_average_of_the_weights(single_process, photos,
     for name, w in exported.items():
         expected = 0.25 * after[0][name] + 0.25 * after[1][name] + 0.5 * after[2][name]
         torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7, msg=name)
+    # A finished run without the average, run again with it (no step left): its export stays the trained
+    # weights, not the untrained ones the average was built from.
+    def exported_weights():
+        return torch.load(tmp_path / "plain" / "export.pt", weights_only=True)["state_dict"]
+
+    train(photos, tmp_path / "plain", "train.steps=2")
+    trained = exported_weights()
+    train(photos, tmp_path / "plain", "train.steps=2", "train.ema_decay=0.5")
+    assert all(torch.equal(w, trained[name]) for name, w in exported_weights().items())
 
 
 def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_process, photos, tmp_path):

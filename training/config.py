@@ -51,7 +51,7 @@ class TrainConfig:
     warmup_steps: int = 5
     """Linear warmup steps."""
     lr_decay: str = "cosine"
-    """After warmup, from lr to min_lr at train.steps: cosine | linear | constant (stays at lr)."""
+    """After warmup, from lr to min_lr over lr_decay_steps: cosine | linear | constant (stays at lr)."""
     lr_decay_steps: int = 0
     """Steps of the decay after the warmup, then min_lr to the end (0: until train.steps; Megatron's
     --lr-decay-iters)."""

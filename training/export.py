@@ -79,7 +79,7 @@ def safetensors_header(shapes: dict[str, tuple], metadata: dict[str, str]) -> by
         nbytes = 4 * math.prod(shapes[name])
         header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
@@ -99,11 +99,18 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     out = Path(out or Path(run_dir) / "export")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp, open(tmp, "wb") as f:
-        f.write(safetensors_header(shapes, {"checkpoint": tag}))
+        f.write(head := safetensors_header(shapes, {"checkpoint": tag}))
         for group in weight_groups(shapes, group_bytes):
             weights = read_weights(path, {n: shapes[n] for n in group})
-            f.writelines(memoryview(weights[name].contiguous().numpy()).cast("B") for name in group)
+            for name in group:  # (the header was written from the shapes: each tensor must be what it says)
+                w = weights[name]
+                if w.dtype != torch.float32 or tuple(w.shape) != shapes[name]:
+                    raise ValueError(f"{path}: {name} read back as {w.dtype} {tuple(w.shape)}, the export's header "
+                                     f"says float32 {shapes[name]}")
+                f.write(memoryview(w.contiguous().numpy()).cast("B"))
             del weights
+        if f.tell() != len(head) + 4 * sum(math.prod(s) for s in shapes.values()):
+            raise ValueError(f"{tmp}: {f.tell()} bytes written, its header describes another size")
         f.flush()
         os.fsync(f.fileno())
     (out / "config.json").write_text(json.dumps({"model": state["config"]["model"], "checkpoint": tag,

@@ -80,13 +80,15 @@ class VQTrainConfig:
     lr_decay: str = "constant"
     """After the warmup: cosine | linear (lr to min_lr) | constant (stays at lr: taming, LlamaGen)."""
     lr_decay_steps: int = 0
-    """Steps of the decay after the warmup, then min_lr (0: until train.steps; DALL-E's dVAE: 1.2M of 3M)."""
+    """Steps of the decay after the warmup, then min_lr to the end (0: until train.steps; DALL-E's dVAE: 1.2M
+    of 3M)."""
     ema_decay: float = 0.0
     """Decay of an exponential moving average of the weights, which the export takes instead of the last
     weights (0: off; DALL-E's dVAE: 0.999)."""
     weight_decay: float = 0.0
-    """AdamW's decoupled weight decay of the weight matrices and kernels, not of biases, norms and the
-    codebook (DALL-E's dVAE: 1e-4)."""
+    """AdamW's decoupled weight decay of Linear and Conv weights, not of biases, norms, position embeddings
+    and Embedding codebooks (the dVAE's codebook is its decoder's input conv: decayed; DALL-E's dVAE: 1e-4).
+    A resume may turn it on or off: each parameter keeps its Adam state."""
     adam_beta1: float = 0.9
     """Adam's beta1 (generator and discriminator; taming's VQGAN: 0.5)."""
     adam_beta2: float = 0.99

@@ -174,18 +174,27 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if id(p) not in decayed], "weight_decay": 0.0}]
 
 
-def load_optimizer(opt: torch.optim.Optimizer, saved: dict, path: Path) -> None:
-    """The checkpoint's optimizer state (moments, step counts), with this run's weight decay and betas
-    (the schedule sets the rate at every step); a CheckpointError when train.weight_decay was turned on or
-    off since, which regroups the parameters."""
-    if len(saved["param_groups"]) != len(opt.param_groups):
-        raise CheckpointError(f"{path}: its optimizer has {len(saved['param_groups'])} parameter group(s), this run's "
-                              f"{len(opt.param_groups)}: train.weight_decay was turned on or off since; continue with "
-                              "the value the run began with (its config.yaml)")
-    current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    opt.load_state_dict(saved)
-    for group, settings in zip(opt.param_groups, current):
-        group.update(settings)
+def load_optimizer(opt: torch.optim.Optimizer, saved: dict, module: torch.nn.Module, path: Path) -> None:
+    """The checkpoint's optimizer state (each parameter's moments and step count) into `opt`, with this run's
+    weight decay and betas (the schedule sets the rate at every step). A checkpoint of one group (no weight
+    decay) into two, or back, is regrouped: param_groups orders the parameters the same way for a module, so
+    the saved indices are matched to parameters by rebuilding the saving run's grouping."""
+    saving = param_groups(module, 1.0 if len(saved["param_groups"]) == 2 else 0.0)
+    saved_params = [p for g in saving for p in g["params"]]
+    saved_ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(saved["param_groups"]) > 2 or len(saved_ids) != len(saved_params):
+        raise CheckpointError(f"{path}: its optimizer holds {len(saved_ids)} parameters in "
+                              f"{len(saved['param_groups'])} group(s); this model trains {len(saved_params)}")
+    state_of = {id(p): saved["state"][i] for p, i in zip(saved_params, saved_ids) if i in saved["state"]}
+    state, groups, index = {}, [], 0
+    for group in opt.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(index, index + len(group["params"])))})
+        for p in group["params"]:
+            if id(p) in state_of:
+                state[index] = state_of[id(p)]
+            index += 1
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 class VQTrainer:
@@ -197,6 +206,9 @@ class VQTrainer:
         t = cfg.train
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
+        check_schedule(t, "train")  # (before config.yaml is written: a refused config leaves the run's as it was)
+        require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+        require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no average)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = device
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
@@ -207,8 +219,6 @@ class VQTrainer:
         self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
         ddp = torch.nn.parallel.DistributedDataParallel if self.world > 1 else lambda module: module
         self.ddp = ddp(self.model)
-        check_schedule(t, "train")
-        require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
         self.lr_factor = lr_lambda(t)
         betas = (t.adam_beta1, t.adam_beta2)
         self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=betas)
@@ -220,9 +230,9 @@ class VQTrainer:
         self.disc_ddp = ddp(RealAndFake(disc)) if disc is not None else None
         self.disc_opt = (torch.optim.AdamW(param_groups(disc, t.weight_decay), lr=t.lr, betas=betas)
                          if disc else None)
-        require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no average)")
         # torch's own moving average of a module's parameters (its buffers follow the model's: code usage,
-        # the VQ-VAE's codebook statistics); the first update copies the weights.
+        # the VQ-VAE's codebook statistics); its first update copies the weights (those of a resume or of
+        # train.init_from: the copy made here is replaced then).
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)) if t.ema_decay else None
         self.step = 0
         self.stream = CropStream(data, cfg.model.image_size, t.resize, self.rank, self.world, t.seed, t.data_workers)
@@ -281,10 +291,10 @@ class VQTrainer:
         state = load_checkpoint(path)
         self._check_heads(path, state.get("config", {}).get("model", {}))
         self.model.load_state_dict(state["model"])
-        load_optimizer(self.opt, state["opt"], path)
+        load_optimizer(self.opt, state["opt"], self.model, path)
         if self.disc_opt and state["disc"] is not None:
             self.losses.discriminator.load_state_dict(state["disc"])
-            load_optimizer(self.disc_opt, state["disc_opt"], path)
+            load_optimizer(self.disc_opt, state["disc_opt"], self.losses.discriminator, path)
         self.step = state["step"]
         if self.ema and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -383,7 +393,8 @@ class VQTrainer:
         finally:  # the decoding processes, also when a step fails
             stop.restore()
             self.stream.close()
-        if self.ema:  # (the last checkpoint holds the weights and the average: a longer run resumes from both)
+        if self.ema and self.ema.n_averaged > 0:  # (none when no step ran: a finished run's export made again)
+            # (the last checkpoint holds the weights and the average: a longer run resumes from both)
             self.model.load_state_dict(self.ema.module.state_dict())
         if self.rank == 0:
             digest = self.export_tokenizer(self.run_dir / "export.pt")
