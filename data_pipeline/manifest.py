@@ -78,9 +78,9 @@ def find_duplicates(hashes: Iterable[np.ndarray], total: int) -> np.ndarray:
     [records, HASH_BYTES], read one at a time), of the records whose hash an earlier one has: the first of
     each hash is kept, whatever shard or record order the array tasks ran in.
 
-    Memory: the hashes once (16 bytes a record) plus 1/2^BUCKET_BITS of them sorted at a time; sorting all
-    at once took ~90 bytes a record (36 GB at LAION-400M, 180 GB at 2B). Equal hashes share a bucket, so
-    the parts' duplicates are the whole's."""
+    Memory: the hashes once (16 bytes a record) plus 1/2^BUCKET_BITS of them sorted at a time, ~25 bytes a
+    record in all; sorting all at once took ~60 (24 GB at LAION-400M, 120 GB at 2B; bench/duplicates_pass.py).
+    Equal hashes share a part, so the parts' duplicates are the whole's."""
     keys, at = np.empty((total, 2), dtype=">u8"), 0  # the hash as two big-endian 64-bit words
     for part in hashes:
         if at + len(part) <= total:
