@@ -7,9 +7,9 @@ keeps WDSR's step halvings): a linear warmup to the peak, then a decay to a floo
 
 The section (training's TrainConfig, the tokenizer trainer's VQTrainConfig, the text encoder's) has `lr`,
 `min_lr`, `warmup_steps`, `lr_decay` (cosine | linear | constant), `lr_decay_steps` and `steps`: the decay
-runs from the end of the warmup for lr_decay_steps steps (0: until `steps`, Megatron's --lr-decay-iters
-unset) and the rate stays where it ended (min_lr; lr with constant). The factor is a pure function of the step, so a resumed run needs
-no scheduler state, only its step.
+runs from the end of the warmup for lr_decay_steps steps (0: until `steps`, Megatron's --lr-decay-iters unset)
+and the rate stays where it ended (min_lr; lr with constant). The factor is a pure function of the step, so a
+resumed run needs no scheduler state, only its step.
 """
 from __future__ import annotations
 

@@ -4,12 +4,12 @@
     model = load_exported("runs/x/export")          # a PartiModel at TP=1, in eval mode, fp32 on CPU
     model = load_exported("runs/x/export", "cuda")  # bf16 on the GPU (dtype=... to choose)
 
-Whatever layout the run trained at (TP, PP, ZeRO), the checkpoint's tensors are read back whole
-(megatron-core dist_checkpointing reshards to TP=1) under PartiModel's parameter names, GROUP_BYTES at a
-time, each group written as it is read; the file holds fp32 weights, and config.json the model section of the run's resolved config and the image and text
-tokenizers its training data was made with (generation refuses others). Loading builds the model
-on the meta device and assigns the weights (cast to the target dtype) without ever allocating a
-randomly initialised copy, so a model needs its weights' memory once, not twice.
+Whatever layout the run trained at (TP, PP, ZeRO), the checkpoint's tensors are read back whole (megatron-core
+dist_checkpointing reshards to TP=1) under PartiModel's parameter names, GROUP_BYTES at a time, each group
+written as it is read; the file holds fp32 weights, and config.json the model section of the run's resolved
+config and the image and text tokenizers its training data was made with (generation refuses others). Loading
+builds the model on the meta device and assigns the weights (cast to the target dtype) without ever allocating
+a randomly initialised copy, so a model needs its weights' memory once, not twice.
 """
 from __future__ import annotations
 
