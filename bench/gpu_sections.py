@@ -289,7 +289,8 @@ def vq(ctx: Context) -> dict:
     sets = ["model.layers=2", "model.width=128", f"model.image_size={size}", "model.patch=8", "model.code_dim=16",
             "model.codebook_size=256", "loss.perceptual=0", "loss.adversarial=0", "loss.logit_laplace=0",
             "train.batch_size=16", "train.lr=1e-3", "train.precision=bf16", "train.log_interval=1",
-            "train.eval_interval=1000"]
+            "train.eval_interval=1000", "train.warmup_steps=1", "train.lr_decay=cosine", "train.min_lr=1e-4",
+            "train.weight_decay=0.01", "train.ema_decay=0.9"]  # (the schedule, AdamW's groups, the average)
 
     def run(folder: str, steps: int, workers: int = 0) -> list[float]:
         cfg = load_typed(VQConfig, None, sets + [f"train.steps={steps}", "train.save_interval=2",
