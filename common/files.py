@@ -3,6 +3,7 @@
     write_atomic(folder / "manifest.json", json.dumps(manifest))
     with atomic_path(out / "00001.png") as tmp:       # for writers that want a path (PIL, torch.save)
         image.save(tmp)
+    abandoned_temporaries(folder / "manifest.json")   # those a killed writer left behind
 
 A rename within one folder is atomic on POSIX file systems: a reader finds the old file or the new one.
 The temporary name starts with a dot and carries `.tmp` before the file's own suffix (writers that pick
@@ -15,6 +16,7 @@ import contextlib
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 
@@ -23,6 +25,36 @@ def temporary_name(path: Path) -> Path:
     ids) write the same shared file at once, so the process id alone could name two writers' files alike."""
     host = socket.gethostname().split(".")[0] or "host"
     return path.with_name(f".{path.stem}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+def abandoned_temporaries(path: Path, older_than_s: float = 86400, dead_for_s: float = 600) -> list[Path]:
+    """The temporary files of `path` (temporary_name's) whose writer is gone: untouched for `dead_for_s` and
+    written by a process of this host that no longer runs, or untouched for `older_than_s` (another node's
+    process cannot be asked; a container with its own process ids but this host's name is why a dead-looking
+    writer gets `dead_for_s` too). A killed writer leaves them behind, and they can be large (a code folder's
+    duplicates.npy)."""
+    host, now, gone = socket.gethostname().split(".")[0] or "host", time.time(), []
+    prefix, suffix = f".{path.stem}.", f".tmp{path.suffix}"
+    for tmp in path.parent.glob(f"{prefix}*{suffix}"):
+        writer = tmp.name[len(prefix):-len(suffix)].split(".")  # [host, pid, token]
+        try:
+            idle = now - tmp.stat().st_mtime
+        except FileNotFoundError:  # (its writer renamed or removed it meanwhile)
+            continue
+        dead_here = len(writer) == 3 and writer[0] == host and writer[1].isdigit() and not _running(int(writer[1]))
+        if (dead_here and idle > dead_for_s) or idle > older_than_s:
+            gone.append(tmp)
+    return gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import write_atomic
+from common.files import abandoned_temporaries, write_atomic
 from data_pipeline.code_shards import (
     DUPLICATES,
     FORMAT,
@@ -177,11 +177,15 @@ def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
     duplicates.npy too (the records whose image an earlier shard or record holds). Refused (DataError), with
     nothing written, when a shard among `names` was made with another header, or, once complete, lacks its
     image hashes. Made again when a shard appeared meanwhile (array tasks finishing together): the last
-    task's manifest is the complete one."""
+    task's manifest is the complete one. The temporary files of killed manifest steps are removed first
+    (common.files.abandoned_temporaries: those of this host's dead processes, any a day old)."""
     def present() -> list[str]:  # one listing, not a stat per shard
         on_disk = set(os.listdir(folder))
         return [n for n in names if f"{n}.json" in on_disk]
 
+    for shared in ("manifest.json", SHARD_STATS, DUPLICATES):  # what killed manifest steps left half written
+        for tmp in abandoned_temporaries(folder / shared):
+            tmp.unlink(missing_ok=True)
     while True:
         done = present()
         manifest, stats = _manifest(folder, header, names, done)

@@ -520,6 +520,36 @@ def test_duplicates_file_is_hashed_at_open_only_once_it_changed(tmp_path, monkey
         CodeShardDataset(folder)
 
 
+def test_manifest_step_removes_what_killed_manifest_steps_left_half_written(tmp_path):
+    """Temporary files of manifest.json / shard_stats.json / duplicates.npy (320 MB at 40M duplicates) whose
+    writer was killed are removed by the next manifest step: those of a process of this host that no longer
+    runs (untouched for an hour here), and any a day old; another node's recent one (it may still be writing),
+    a running one and a dead-looking one just written (a container's own process ids) stay."""
+    import socket
+
+    from data_pipeline.synthetic import RANDOM_SHARDS_HEADER
+
+    folder = tmp_path / "codes"
+    write_random_code_shards(folder, 3, images=4)
+    host = socket.gethostname().split(".")[0] or "host"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = {"dead here": folder / f".duplicates.{host}.{dead.pid}.0a1b2c3d.tmp.npy",
+            "dead here, just written": folder / f".manifest.{host}.{dead.pid}.1a1b2c3d.tmp.json",
+            "a day old": folder / ".manifest.othernode.123.0a1b2c3d.tmp.json",
+            "recent elsewhere": folder / ".shard_stats.othernode.456.0a1b2c3d.tmp.json",
+            "running here": folder / f".manifest.{host}.{os.getpid()}.0a1b2c3d.tmp.json"}
+    for path in left.values():
+        path.write_bytes(b"half")
+    for name, age in (("a day old", 2 * 86400), ("dead here", 3600)):
+        st = left[name].stat()
+        os.utime(left[name], ns=(st.st_atime_ns, st.st_mtime_ns - age * 10**9))
+    write_manifest(folder, RANDOM_SHARDS_HEADER, ["00000", "00001", "00002"])
+    assert {name: path.exists() for name, path in left.items()} == {
+        "dead here": False, "dead here, just written": True, "a day old": False, "recent elsewhere": True,
+        "running here": True}
+
+
 def test_duplicates_pass_keeps_the_first_of_each_hash_in_every_part_of_the_hash_space():
     """find_duplicates sorts the hashes a part (their first bits) at a time: against a walk over the records by
     hand, on 5 shards of 2,000 hashes drawn from 3,000 (every part of the space used, many repeats) with pairs
