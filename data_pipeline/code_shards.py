@@ -66,6 +66,12 @@ def header_digest(header: dict) -> str:
     return hashlib.sha256(json.dumps({k: header.get(k) for k in HEADER_KEYS}, sort_keys=True).encode()).hexdigest()
 
 
+def stamp(st: os.stat_result) -> list[int]:
+    """[bytes, mtime_ns]: what a file's metadata records of it to take it later as unchanged since (its
+    content then not read again; `cp -p` and `rsync -t` keep both)."""
+    return [st.st_size, st.st_mtime_ns]
+
+
 def record_dtype(grid_tokens: int, text_len: int, caption_bytes: int = CAPTION_BYTES,
                  key_bytes: int = KEY_BYTES) -> np.dtype:
     return np.dtype([("codes", "<u2", (grid_tokens,)), ("text", "<u2", (text_len,)), ("text_len", "<u2"),
@@ -173,7 +179,7 @@ class CodeShardDataset:
             return [np.zeros(0, dtype=np.int64) for _ in self.paths]
         path = self.folder / entry["file"]
         st = path.stat() if path.is_file() else None
-        unchanged = st is not None and stat == [st.st_size, st.st_mtime_ns, entry["sha256"]]
+        unchanged = st is not None and stat == [*stamp(st), entry["sha256"]]
         if st is None or not unchanged and sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path} is missing or does not match the sha256 in {self.folder / 'manifest.json'}: "
                             "rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)")
@@ -215,7 +221,7 @@ class CodeShardDataset:
         reads on a parallel file system. Any other (replaced, edited or copied in since) is checked from its
         NNNNN.json and its records."""
         st = bin_path.stat()
-        if stat is not None and stat[:2] == [st.st_size, st.st_mtime_ns]:
+        if stat is not None and stat[:2] == stamp(st):
             meta = dict(zip(STAT_KEYS, stat))
         else:
             meta_path = bin_path.with_suffix(".json")
@@ -308,7 +314,7 @@ def shard_maxima(bin_path: Path, dtype: np.dtype, meta: dict, st: os.stat_result
     (in chunks of CHUNK_RECORDS), remembered for this process by the file's path, size, mtime and inode. `st`:
     the .bin's stat, where the caller has it."""
     st = st or bin_path.stat()
-    if (meta.get("bytes"), meta.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) and "max_code" in meta:
+    if [meta.get("bytes"), meta.get("mtime_ns")] == stamp(st) and "max_code" in meta:
         return int(meta["max_code"]), int(meta["max_text_id"])
     key = (str(bin_path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _SCANNED:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from common.checkpoints import CheckpointError
 from common.preemption import ignore_stop_signals
-from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, prepare_sample
+from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, in_turns, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 
 BUFFER = 256
@@ -174,12 +174,8 @@ class _RankSamples(torch.utils.data.IterableDataset):
         self.by_shard = by_shard(len(paths), world)
 
     def __iter__(self) -> Iterator[list]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        samples = self._raw()
-        for number in itertools.count():
-            batch = list(itertools.islice(samples, BATCH))
-            if number % workers == worker:
+        for batch, mine in in_turns(self._raw(), BATCH):  # (the stream is endless)
+            if mine:
                 yield [item if isinstance(item, int) else (item[0], _kept_image(prepare_sample(item[1], self.prep)))
                        for item in batch]
 

@@ -12,8 +12,10 @@ is turned upright: its caption describes it that way).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +145,19 @@ def prepare_sample(raw: dict, cfg: FilterConfig) -> Prepared:
     out = np.asarray(resize_center_crop(to_rgb(img), cfg.image_size), dtype=np.uint8)
     return Prepared(key, None, torch.from_numpy(out.copy()).permute(2, 0, 1), caption,
                     hashlib.sha256(data).hexdigest())
+
+
+def in_turns(items: Iterator, size: int) -> Iterator[tuple[list, bool]]:
+    """`items` cut into lists of `size`, each with whether it is this DataLoader worker's to prepare: worker w
+    of W takes the lists w, w + W, ..., the order in which the loader hands the results back, so they do not
+    depend on the number of workers. Every worker reads all items (cheap: raw bytes) and prepares its own."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    for number in itertools.count():
+        batch = list(itertools.islice(items, size))
+        if not batch:
+            return
+        yield batch, number % workers == worker
 
 
 class PreparedSamples(torch.utils.data.Dataset):

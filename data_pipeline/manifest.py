@@ -32,6 +32,7 @@ from data_pipeline.code_shards import (
     header_digest,
     read_json,
     sha256_file,
+    stamp,
 )
 from data_pipeline.errors import DataError
 
@@ -45,8 +46,7 @@ def shard_is_complete(folder: Path, name: str) -> bool:
     if not (meta_path.is_file() and bin_path.is_file()):
         return False
     meta = read_json(meta_path)
-    st = bin_path.stat()
-    as_written = [meta.get("bytes"), meta.get("mtime_ns")] == [st.st_size, st.st_mtime_ns]
+    as_written = [meta.get("bytes"), meta.get("mtime_ns")] == stamp(bin_path.stat())
     if not as_written and meta.get("sha256") != sha256_file(bin_path):
         return False
     if "hashes_sha256" in meta:
@@ -221,8 +221,7 @@ def _manifest(folder: Path, header: dict, names: list[str], present: list[str]) 
         data = npy_bytes(found)
         write_atomic(folder / DUPLICATES, data)  # before the manifest that names it
         duplicates = {"file": DUPLICATES, "count": len(found), "sha256": hashlib.sha256(data).hexdigest()}
-        st = (folder / DUPLICATES).stat()
-        stats_of_duplicates = [st.st_size, st.st_mtime_ns, duplicates["sha256"]]
+        stats_of_duplicates = [*stamp((folder / DUPLICATES).stat()), duplicates["sha256"]]
     skipped: dict[str, int] = {}
     for s in shards:
         for reason, count in s["skipped"].items():

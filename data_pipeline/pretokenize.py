@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import time
 from collections import Counter
@@ -52,7 +51,7 @@ from data_pipeline.code_shards import (
     utf8_truncate,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.images import DECODING, FilterConfig, prepare_sample
+from data_pipeline.images import DECODING, FilterConfig, in_turns, prepare_sample
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.manifest import check_folder, shard_is_complete, write_manifest
 from data_pipeline.text_tokenizer import TextTokenizer
@@ -75,9 +74,9 @@ class ShardEnd(NamedTuple):
 class PreparedShard(torch.utils.data.IterableDataset):
     """One input tar's samples, prepared (data_pipeline.images.prepare_sample), in lists of `batch_size`,
     streamed: memory holds the lists in flight, not the tar (img2dataset shards of full-size images are
-    gigabytes). DataLoader worker w of W prepares the lists w, w + W, ..., the order in which the loader hands
-    them back, so the records do not depend on the number of workers; each worker reads the whole tar (the
-    page cache shares it) and decodes only its own lists. Worker 0 (or the process, without workers) ends
+    gigabytes). The DataLoader workers prepare the lists in turns (data_pipeline.images.in_turns), so the
+    records do not depend on their number; each reads the whole tar (the page cache shares it) and decodes
+    only its own lists. Worker 0 (or the process, without workers) ends
     with a ShardEnd (the read errors: truncated_tar, duplicate_member)."""
 
     def __init__(self, path: Path, cfg: FilterConfig, batch_size: int):
@@ -85,18 +84,13 @@ class PreparedShard(torch.utils.data.IterableDataset):
         self.path, self.cfg, self.batch_size = path, cfg, batch_size
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         errors, seen = Counter(), 0
-        samples = read_shard(self.path, errors)
-        for number in itertools.count():
-            batch = list(itertools.islice(samples, self.batch_size))
-            if not batch:
-                break
+        for batch, mine in in_turns(read_shard(self.path, errors), self.batch_size):
             seen += len(batch)
-            if number % workers == worker:
+            if mine:
                 yield [prepare_sample(raw, self.cfg) for raw in batch]
-        if worker == 0:
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.id == 0:
             yield ShardEnd(seen, errors)
 
 
