@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import re
@@ -50,11 +51,14 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
     """In the child process: run one section and write its result (or its error) as JSON."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
     from bench import gpu_sections  # after DS_ACCELERATOR: DeepSpeed reads it when first imported
-    from common.cli import skip_the_final_collection
+    from common.cli import exit_promptly
 
-    skip_the_final_collection()
+    exit_promptly()
 
     fn = dict((n, f) for n, f, _ in gpu_sections.SECTIONS)[name]
+    # Shortly before the parent stops this process at its limit: every thread's stack to stderr (the parent keeps
+    # its tail), so that a section that hangs says where.
+    faulthandler.dump_traceback_later(max(time_limit(name, device) - 8, 1))
     start = time.perf_counter()
     try:
         result = fn(gpu_sections.Context(device, quick, scratch, partial_file=result_file.with_name("partial.json")))
@@ -65,7 +69,31 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
     except Exception as e:  # reported, not raised: the other sections still run
         result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
     result["seconds"] = time.perf_counter() - start
+    result["helpers_left"] = helpers_left()
     result_file.write_text(json.dumps(result, indent=1, default=str))
+
+
+def helpers_left() -> list[dict]:
+    """The helper processes (data workers, servers) still running when the section has returned: each should
+    have been ended by its owner. One such, ignoring SIGTERM, once kept a section's process from exiting
+    (common.cli.exit_promptly now kills it): which one it is, and what it is doing, for the next GPU run."""
+    import multiprocessing
+
+    left = []
+    for p in multiprocessing.active_children():
+        proc = Path(f"/proc/{p.pid}")
+        status = dict(line.split(":\t", 1) for line in _read(proc / "status").splitlines() if ":\t" in line)
+        left.append({"pid": p.pid, "name": p.name, "daemon": p.daemon, "state": status.get("State", "?").strip(),
+                     "ignores_sigterm": bool(int(status.get("SigIgn", "0"), 16) & (1 << (signal.SIGTERM - 1))),
+                     "wchan": _read(proc / "wchan"), "cmdline": _read(proc / "cmdline").replace("\0", " ")[:200]})
+    return left
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def device_slug(device: str) -> str:
@@ -105,7 +133,7 @@ def _summarise(name: str, r: dict) -> str:
         return r["reason"]
     if r["status"] == "error":
         return r["error"].splitlines()[0][:200].replace("|", "/")
-    parts = []
+    parts = [f"{len(r['helpers_left'])} helper process(es) left running"] if r.get("helpers_left") else []
     if r.get("failed_checks"):
         parts.append("FAILED: " + ", ".join(r["failed_checks"]))
     if name == "environment":
@@ -232,7 +260,7 @@ def _run_child(name: str, args, scratch: Path, env: dict) -> dict:
     start = time.perf_counter()
     returncode, stderr = run_with_limit(cmd, limit, env)
     if returncode is None:
-        return {"status": "error", "error": f"timed out after {limit} s", "stderr_tail": stderr[-3000:],
+        return {"status": "error", "error": f"timed out after {limit} s", "stderr_tail": stderr[-8000:],
                 "partial": _partial(folder), "seconds": time.perf_counter() - start}
     if result_file.is_file():
         result = json.loads(result_file.read_text())

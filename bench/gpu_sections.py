@@ -431,6 +431,7 @@ def _pretokenize_rates(ctx: Context, tok, pattern: str, size: int) -> dict:
                            FilterConfig(image_size=size, min_size=size), workers=0 if ctx.quick else 4)
     elapsed = time.perf_counter() - start
     records = manifest["records"]
+    ctx.record("pretokenize", {"images_per_s": records / elapsed, "records": records})
     tok = tok.to(ctx.device)
     images = torch.rand(64, 3, size, size, device=ctx.device) * 2 - 1
     with torch.no_grad():

@@ -12,8 +12,8 @@ A ConfigError ends the command with `config error: <message>`, each of `errors` 
 (exit status 1, one line, no traceback); a trainer's Preempted (common/preemption.py: a requested stop, saved)
 with one line on rank 0 and the requeue exit status (75; 0 under torchrun). The process group, when the
 command made one, is destroyed on the way out whatever happened (with megatron-core's groups on it, so that a
-later command in the same process starts afresh); the interpreter's last garbage collection is skipped
-(skip_the_final_collection).
+later command in the same process starts afresh); the interpreter's exit is made prompt
+(exit_promptly: no last garbage collection, no wait on a helper process that ignores SIGTERM).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import gc
 import io
 import os
 import sys
+import time
 import typing
 
 from common.config import ConfigError, add_config_args, field_docs
@@ -63,16 +64,49 @@ def _one_write_per_line() -> None:
 
 
 @functools.cache  # once per process
-def skip_the_final_collection() -> None:
-    """Python's last garbage collection at exit walks every object alive, ~500k once torch, megatron-core and
-    DeepSpeed are imported: ~2 s per process, per rank at each launch's end. Frozen by an exit handler, they are
-    left to the OS (objects alive at exit are not promised a collection anyway; the exit handlers still run)."""
+def exit_promptly() -> None:
+    """Make the interpreter's exit prompt (once per process; every command and test worker calls it).
+
+    - Python's last garbage collection walks every object alive, ~500k once torch, megatron-core and DeepSpeed
+      are imported: ~2 s per process, per rank at each launch's end. Frozen by an exit handler, they are left
+      to the OS (objects alive at exit are not promised a collection anyway; the exit handlers still run).
+    - multiprocessing's own exit handler sends SIGTERM to the daemonic helper processes still running (data
+      workers) and then waits for each, without a limit. The data workers ignore SIGTERM
+      (common.preemption.ignore_stop_signals: a job's stop is the trainer's to handle), so one that had not
+      ended kept the process from ever exiting: on an H200 a VQ training process hung at its exit this way
+      (bench/results/gpu_nvidia-h200_2026-12-04.md), which under SLURM holds the job until its time limit.
+      Helpers still running after HELPER_GRACE_S are killed, and named on stderr."""
+    # (multiprocessing's exit handler is registered when its util module is imported: now, if not yet, so that
+    # this one, registered after it, runs before it: exit handlers run last-in, first-out)
+    import multiprocessing.util  # noqa: F401
+
     atexit.register(gc.freeze)
+    atexit.register(_end_helpers)
+
+
+HELPER_GRACE_S = 3.0
+"""Seconds the daemonic helper processes left at exit get to end after SIGTERM, before SIGKILL."""
+
+
+def _end_helpers() -> None:
+    import multiprocessing
+
+    helpers = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in helpers:
+        p.terminate()
+    deadline = time.monotonic() + HELPER_GRACE_S
+    for p in helpers:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            print(f"exit: helper process {p.name} (pid {p.pid}) was still running {HELPER_GRACE_S:g} s after SIGTERM; "
+                  "killed", file=sys.stderr, flush=True)
+            p.kill()
+            p.join(1.0)
 
 
 @contextlib.contextmanager
 def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
-    skip_the_final_collection()
+    exit_promptly()
     try:
         yield
     except ConfigError as e:

@@ -23,13 +23,13 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from common.cli import skip_the_final_collection
+    from common.cli import exit_promptly
     from model_parallel.cpu_compat import apply_cpu_compat
     from model_parallel.state import init_distributed
 
     apply_cpu_compat()
     init_distributed()
-    skip_the_final_collection()  # (3-5 s per worker at the session's end)
+    exit_promptly()  # (3-5 s per worker at the session's end)
     while True:
         task = inbox.get()
         if task is None:

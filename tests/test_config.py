@@ -179,6 +179,42 @@ with command():
     assert int((tmp_path / "frozen").read_text()) > 1000 and (tmp_path / "log").read_text() == "written"
 
 
+
+def test_a_command_exits_although_a_helper_process_ignores_sigterm(tmp_path):
+    """multiprocessing's exit handler sends SIGTERM to daemonic helpers and waits for each without a limit;
+    data workers ignore SIGTERM (the trainer handles a job's stop), so one still running kept the process from
+    exiting (a VQ run on an H200). common.cli.exit_promptly kills such a helper after HELPER_GRACE_S and names
+    it; a helper that ends on SIGTERM ends as before, unnamed."""
+    import subprocess
+    import sys
+    import time
+
+    code = """
+import multiprocessing, time
+from common.cli import command
+from common.preemption import ignore_stop_signals
+
+def deaf():
+    ignore_stop_signals()
+    time.sleep(600)
+
+with command():
+    fork = multiprocessing.get_context("fork")
+    helpers = [fork.Process(target=deaf, daemon=True), fork.Process(target=time.sleep, args=(600,), daemon=True)]
+    for p in helpers:
+        p.start()
+    time.sleep(0.5)  # (the first has ignored SIGTERM by now)
+    print(*(p.pid for p in helpers), flush=True)
+"""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and time.monotonic() - start < 30, done.stderr
+    deaf, polite = map(int, done.stdout.split())
+    assert f"(pid {deaf}) was still running" in done.stderr and f"pid {polite}" not in done.stderr, done.stderr
+    for pid in (deaf, polite):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
 def test_a_config_error_is_reported_before_megatron_and_deepspeed_are_imported(tmp_path):
     """training.train checks the config first: a typo costs the import of torch (~2 s), not of megatron-core
     and DeepSpeed as well (~5 s more, on every rank of every node), and nothing is written."""
