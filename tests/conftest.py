@@ -80,6 +80,8 @@ STEPS = 6
 
 H200_RUN = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_nvidia-h200_2026-11-30.json"
 """The first GPU run's results (bench/gpu_check.py on an H200): the measurements the planner is checked against."""
+H200_RUN_2 = H200_RUN.with_name("gpu_nvidia-h200_2026-12-04.json")
+"""The second (4 micro-batches per optimizer step, parti-350m up to micro-batch 128): checked against as well."""
 
 
 def run(run_dir: str, *overrides: str, steps: int = STEPS, resume: str = "auto") -> list[float]:

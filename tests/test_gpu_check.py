@@ -113,6 +113,14 @@ def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
     report["sections"]["mfu_350m"]["device_profile_one_step"] = kernel_breakdown(
         [("nvjet_tst_a", 0.6, 1), ("flash_fwd_kernel", 0.2, 1), ("vectorized_elementwise_kernel", 0.1, 1)], 1.0)
     assert "GPU busy 90% of the step: matmul 67%, attention 22%, elementwise_other 11%" in summary_markdown(report)
+    report["sections"]["mfu_350m"]["compiled"] = {"first_step_s": 41.2, "step_s": 1.0, "mfu": 0.43, "speedup": 1.11,
+                                                   "device_profile_one_step": None}
+    assert "; compiled layers: MFU 43.0% (1.11x eager, first step 41 s) |" in summary_markdown(report)
+    report["sections"]["mfu_350m"]["compiled"] = {"error": "BackendCompilerFailed: backend='inductor' raised:\nmore"}
+    assert "; compiled layers: BackendCompilerFailed: backend='inductor' raised: |" in summary_markdown(report)
+    report["sections"]["flash_attention"]["helpers_left"] = [{"pid": 7, "name": "ForkProcess-1"}]
+    assert ("| flash_attention | ok | 14 | 1 helper process(es) left running; self_attention_train: flash"
+            in summary_markdown(report))
     report["sections"]["mfu_350m"]["best_mfu"] = None
     assert "MFU n/a (no peak for this GPU: set train.peak_tflops) (353 TFLOP/s" in summary_markdown(report)
     del report["sections"]["mfu_3b"]["by_micro_batch"]

@@ -8,7 +8,7 @@ import torch
 
 from model_parallel.config import model_config
 from model_parallel.model import piece_classes
-from tests.conftest import H200_RUN, debug_batch, debug_model_config
+from tests.conftest import H200_RUN, H200_RUN_2, debug_batch, debug_model_config
 from training.plan import Hardware, activation_bytes, estimate, params_per_stage, plan
 
 
@@ -185,22 +185,27 @@ def test_data_parallel_traffic_is_what_deepspeed_sends(pool2, pool4, tmp_path):
         stage_params * dp_bytes_per_param(0, 2, 2, pipeline=True), rel=0.01), traffic
 
 
-def h200_measurements() -> list[tuple[str, int, dict]]:
-    """(preset, micro-batch, what was measured) of the first GPU run's MFU sections: bf16, ZeRO-1, one GPU,
-    one micro-batch per step, no recomputation, no dropout."""
-    sections = json.loads(H200_RUN.read_text())["sections"]
-    return [(s["preset"], int(b), r) for s in (sections["mfu_350m"], sections["mfu_3b"])
-            for b, r in s["by_micro_batch"].items()]
+def h200_measurements() -> list[tuple[str, int, int, dict]]:
+    """(preset, micro-batch, micro-batches per step, what was measured) of the two GPU runs' MFU sections: bf16,
+    ZeRO-1, one GPU, no recomputation, no dropout; one micro-batch per step in the first, 4 in the second."""
+    points = []
+    for run in (H200_RUN, H200_RUN_2):
+        sections = json.loads(run.read_text())["sections"]
+        points += [(s["preset"], int(b), s.get("accumulation", 1), r) for s in (sections["mfu_350m"], sections["mfu_3b"])
+                   for b, r in s["by_micro_batch"].items()]
+    return points
 
 
 def test_estimates_follow_what_an_h200_measured():
-    """Against an H200 (parti-350m at micro-batches 4-64, parti-3b at 2-24): the estimated memory within 12% of
-    the allocated peak and, with the margin and headroom a layout must leave, above it; the step time within
-    20%, small micro-batches' fixed cost included (parti-350m: 0.094 s at 4, 0.26 s at 16x that)."""
+    """Against an H200 (parti-350m at micro-batches 4-128, parti-3b at 2-24, one and four micro-batches per
+    step): the estimated memory within 12% of the allocated peak and, with the margin and headroom a layout must
+    leave, above it; the step time within 20%, small micro-batches' fixed cost included (parti-350m: 0.094 s at
+    4, 0.26 s at 16x that)."""
     points = h200_measurements()
-    assert len(points) == 6
-    for preset, micro_batch, measured in points:
-        o = estimate(model_config(preset), 1, 1, 1, 1, micro_batch, micro_batch, "bf16", "none", Hardware())
+    assert len(points) == 12
+    for preset, micro_batch, accumulation, measured in points:
+        o = estimate(model_config(preset), 1, 1, 1, 1, micro_batch, micro_batch * accumulation, "bf16", "none",
+                     Hardware())
         assert abs(o.total_gb / measured["peak_gib"] - 1) < 0.12, (preset, micro_batch)
         assert o.over_gb(measured["peak_gib"]) > 0, (preset, micro_batch)  # would not be planned to fill the GPU
         assert abs(o.step_s / measured["step_s"] - 1) < 0.2, (preset, micro_batch, o.step_s)

@@ -173,7 +173,8 @@ class Hardware:
     hfu: float = 0.5
     """Hardware FLOPs utilisation of a large micro-batch: the FLOPs it executes (recomputation included) over
     the peak. Measured on one H200 (bench/results/gpu_nvidia-h200_2026-11-30), bf16, ZeRO-1, as the slope of
-    step time over micro-batch size: 0.50 for parti-350m, 0.60 for parti-3b."""
+    step time over micro-batch size: 0.50 for parti-350m, 0.60 for parti-3b (the second run, 2026-12-04, four
+    micro-batches per step: 0.46 and 0.63, 3.1 and 4.0 ms per layer; the constants stand)."""
     overhead_ms_per_layer: float = 3.5
     """What each micro-batch costs per transformer layer on top of its FLOPs (the host's Python and kernel
     launches, DeepSpeed's gradient hooks; ~1/3 more with full recomputation, which runs the forward again):
