@@ -75,9 +75,10 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
 
 
 def helpers_left() -> list[dict]:
-    """The helper processes (data workers, servers) still running when the section has returned: each should
-    have been ended by its owner. One such, ignoring SIGTERM, once kept a section's process from exiting
-    (common.cli.exit_promptly now kills it): which one it is, and what it is doing, for the next GPU run."""
+    """The helper processes still running when the section has returned. A daemonic one (a data worker) should
+    have been ended by its owner: one such, ignoring SIGTERM, once kept a section's process from exiting
+    (common.cli.exit_promptly now kills it); which one it is, and what it is doing, for the next GPU run. (The
+    checkpoints' results-queue server, training/checkpoint.py, is not daemonic and lives with the process.)"""
     import multiprocessing
 
     left = []
@@ -145,7 +146,9 @@ def _summarise(name: str, r: dict) -> str:
         return r["reason"]
     if r["status"] == "error":
         return r["error"].splitlines()[0][:200].replace("|", "/")
-    parts = [f"{len(r['helpers_left'])} helper process(es) left running"] if r.get("helpers_left") else []
+    # (daemonic ones only: a daemon is its owner's to end; megatron's results-queue server is meant to live on)
+    daemons = [h for h in r.get("helpers_left", []) if h.get("daemon", True)]
+    parts = [f"{len(daemons)} helper process(es) left running"] if daemons else []
     if r.get("failed_checks"):
         parts.append("FAILED: " + ", ".join(r["failed_checks"]))
     if name == "environment":
