@@ -62,7 +62,8 @@ KERNEL_KINDS = (("communication", ("nccl",)),
                 ("optimizer_and_foreach", ("multi_tensor", "adam", "foreach")),
                 ("copy", ("memcpy", "memset", "copy")),
                 ("norm", ("layer_norm", "layernorm", "rms_norm")),
-                ("loss_softmax", ("softmax", "nll_loss", "cross_entropy", "logsoftmax")))
+                ("loss_softmax", ("softmax", "nll_loss", "cross_entropy", "logsoftmax")),
+                ("reduction", ("reduce_kernel",)))  # (bias gradients; megatron's vocab-parallel loss: max, sum)
 
 
 def kernel_kind(name: str) -> str:
@@ -70,7 +71,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "elementwise_other")
 
 
-def kernel_breakdown(kernels: list[tuple[str, float, int]], wall_s: float, top: int = 12) -> dict:
+def kernel_breakdown(kernels: list[tuple[str, float, int]], wall_s: float, top: int = 30) -> dict:
     """Where a step's device time goes, from (kernel name, seconds, launches) triples: seconds per kernel family
     and its share of the kernel time, the busiest kernels, launches, and `busy`: kernel time over wall time. A
     busy fraction well below 1 means the GPU waits for the host (launch-bound: fewer, larger kernels or CUDA

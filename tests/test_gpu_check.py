@@ -162,9 +162,10 @@ def test_kernel_breakdown_sorts_hopper_kernel_names_into_families():
              "Memcpy DtoD (Device -> Device)": "copy",
              "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
              "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>": "loss_softmax",
+             "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, at::native::func_wrapper_t": "reduction",
              "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "elementwise_other"}
     assert {n: kernel_kind(n) for n in names} == names
-    r = kernel_breakdown([(n, 0.01 * (i + 1), 2) for i, n in enumerate(names)], wall_s=1.1, top=3)
-    assert abs(r["kernel_s"] - 0.55) < 1e-12 and abs(r["busy"] - 0.5) < 1e-12 and r["launches"] == 20
+    r = kernel_breakdown([(n, 0.01 * (i + 1), 2) for i, n in enumerate(names)], wall_s=1.21, top=3)
+    assert abs(r["kernel_s"] - 0.66) < 1e-12 and abs(r["busy"] - 0.66 / 1.21) < 1e-12 and r["launches"] == 22
     assert abs(r["by_kind_s"]["matmul"] - 0.03) < 1e-12 and abs(sum(r["by_kind_share"].values()) - 1) < 1e-12
-    assert [k["kind"] for k in r["top_kernels"]] == ["elementwise_other", "loss_softmax", "norm"]
+    assert [k["kind"] for k in r["top_kernels"]] == ["elementwise_other", "reduction", "loss_softmax"]
