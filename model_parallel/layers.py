@@ -198,10 +198,14 @@ def _attention_in_rng_fork(attention, q, k, v, mask, causal: bool, dropout: floa
 
 
 def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
-    """[s, b, heads*parts*head_dim] -> `parts` tensors of [b, heads, s, head_dim]."""
+    """[s, b, heads*parts*head_dim] -> `parts` tensors of [b, heads, s, head_dim] (views). Each head's parts
+    (q, k, v) are adjacent, megatron's layout (a TP rank holds whole heads); they are split along the last
+    dimension, as megatron-core splits them, so that autograd joins their gradients with one cat straight into
+    the projection's layout. Unbinding a [parts, b, heads, s, head_dim] permutation instead stacked the
+    gradients and then copied them back into that layout: two passes (copies took 13% of a parti-350m step's
+    GPU time on an H200, bench/results/gpu_nvidia-h200_2026-12-04)."""
     s, b = x.shape[:2]
-    x = x.view(s, b, -1, parts, head_dim).permute(3, 1, 2, 0, 4)
-    return list(x.unbind(0))
+    return [part.permute(1, 2, 0, 3) for part in x.view(s, b, -1, parts * head_dim).split(head_dim, dim=-1)]
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
