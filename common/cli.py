@@ -75,7 +75,8 @@ def exit_promptly() -> None:
       (common.preemption.ignore_stop_signals: a job's stop is the trainer's to handle), so one that had not
       ended kept the process from ever exiting: on an H200 a VQ training process hung at its exit this way
       (bench/results/gpu_nvidia-h200_2026-12-04.md), which under SLURM holds the job until its time limit.
-      Helpers still running after HELPER_GRACE_S are killed, and named on stderr."""
+      Helpers still running after HELPER_GRACE_S are killed, and named on stderr; one that has not ended a second
+      after that is left to the OS, not waited for."""
     # (multiprocessing's exit handler is registered when its util module is imported: now, if not yet, so that
     # this one, registered after it, runs before it: exit handlers run last-in, first-out)
     import multiprocessing.util  # noqa: F401
@@ -90,6 +91,7 @@ HELPER_GRACE_S = 3.0
 
 def _end_helpers() -> None:
     import multiprocessing
+    import multiprocessing.process
 
     helpers = [p for p in multiprocessing.active_children() if p.daemon]
     for p in helpers:
@@ -102,6 +104,9 @@ def _end_helpers() -> None:
                   "killed", file=sys.stderr, flush=True)
             p.kill()
             p.join(1.0)
+        if p.is_alive():  # (not ended even by SIGKILL yet, e.g. still tearing down its memory: the OS reaps it
+            # once it has; multiprocessing's own handler, which would wait for it, no longer knows of it)
+            multiprocessing.process._children.discard(p)
 
 
 @contextlib.contextmanager

@@ -215,6 +215,41 @@ with command():
     for pid in (deaf, polite):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
+
+def test_a_command_exits_although_a_helper_outlives_sigkill(tmp_path):
+    """A helper that has not ended even a second after SIGKILL (a process still tearing down its memory;
+    simulated: the kill is not sent) does not hold the exit either: multiprocessing no longer waits for it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = """
+import multiprocessing, os, time
+from common.cli import command
+from common.preemption import ignore_stop_signals
+
+def deaf():
+    ignore_stop_signals()
+    for fd in (1, 2):  # (the test reads the command's output to its end: an orphan must not hold it open)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    time.sleep(600)
+
+with command():
+    helper = multiprocessing.get_context("fork").Process(target=deaf, daemon=True)
+    helper.kill = lambda: None  # (the SIGKILL that would end it is not sent)
+    helper.start()
+    time.sleep(0.5)
+    print(helper.pid, flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=60, check=False)
+    pid = int(done.stdout)
+    try:
+        assert done.returncode == 0 and f"(pid {pid}) was still running" in done.stderr, done.stderr
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
 def test_a_config_error_is_reported_before_megatron_and_deepspeed_are_imported(tmp_path):
     """training.train checks the config first: a typo costs the import of torch (~2 s), not of megatron-core
     and DeepSpeed as well (~5 s more, on every rank of every node), and nothing is written."""
