@@ -59,7 +59,7 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
     fn = dict((n, f) for n, f, _ in gpu_sections.SECTIONS)[name]
     # Shortly before the parent stops this process at its limit: every thread's stack to stderr (the parent keeps
     # its tail), so that a section that hangs says where.
-    faulthandler.dump_traceback_later(max(time_limit(name, device) - 8, 1))
+    faulthandler.dump_traceback_later(max(time_limit(name, device) - 20, 1))  # (imports took part of the limit)
     start = time.perf_counter()
     try:
         result = fn(gpu_sections.Context(device, quick, scratch, partial_file=result_file.with_name("partial.json")))
@@ -172,8 +172,9 @@ def _summarise(name: str, r: dict) -> str:
                      + (_kernel_summary(r["device_profile_one_step"]) if r.get("device_profile_one_step") else "")
                      + (f"; planner fit: hfu {r['planner_fit']['hfu']:.2f}, {r['planner_fit']['overhead_ms_per_layer']:.1f} "
                         "ms per layer and micro-batch" if r.get("planner_fit") else "")
-                     + (f"; full recomputation {r['full_recompute']['vs_none']:.2f}x the step (planner "
-                        f"{r['full_recompute']['planner_vs_none']:.2f}x)" if r.get("full_recompute") else "")
+                     + (f"; full recomputation {r['full_recompute']['vs_none']:.2f}x the step"
+                        + (" of the compiled layers" if r["full_recompute"].get("layers_compiled") else "")
+                        + f" (planner {r['full_recompute']['planner_vs_none']:.2f}x)" if r.get("full_recompute") else "")
                      + _compiled_summary(r.get("compiled")))
     elif name == "sampling":
         m = r["measured"]
@@ -276,8 +277,11 @@ def _run_child(name: str, args, scratch: Path, env: dict) -> dict:
     start = time.perf_counter()
     returncode, stderr = run_with_limit(cmd, limit, env)
     if returncode is None:
-        return {"status": "error", "error": f"timed out after {limit} s", "stderr_tail": stderr[-8000:],
-                "partial": _partial(folder), "seconds": time.perf_counter() - start}
+        finished = json.loads(result_file.read_text()) if result_file.is_file() else None
+        return {"status": "error", "error": f"timed out after {limit} s" + (", after its work, at its exit" if finished
+                                                                            else ""),
+                "stderr_tail": stderr[-8000:], "partial": _partial(folder), "finished_result": finished,
+                "seconds": time.perf_counter() - start}
     if result_file.is_file():
         result = json.loads(result_file.read_text())
         if result["status"] == "error":

@@ -254,6 +254,8 @@ def _compiled_step(ctx: Context, engine, cfg, data: list, step_flops: float, pea
     if why := compile_unavailable():
         return ctx.record("compiled", {"skipped": why})
     device, gpu = ctx.device, ctx.device == "cuda"
+    layers = [m for m in engine.module.modules() if isinstance(m, EncoderLayer | DecoderLayer)]
+    forwards = [m.__dict__.get("forward") for m in layers]  # (a wrapper set on the instance, or None: the class's)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -269,9 +271,11 @@ def _compiled_step(ctx: Context, engine, cfg, data: list, step_flops: float, pea
     else:
         failed = None
     if failed is not None:
-        for module in engine.module.modules():  # the class's eager forward again (compile_layers set the instance's)
-            if isinstance(module, EncoderLayer | DecoderLayer):
+        for module, forward in zip(layers, forwards):  # each layer's forward as it was (compile_layers set its own)
+            if forward is None:
                 module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
         gc.collect()
         if gpu:
             torch.cuda.empty_cache()

@@ -65,7 +65,8 @@ def _one_write_per_line() -> None:
 
 @functools.cache  # once per process
 def exit_promptly() -> None:
-    """Make the interpreter's exit prompt (once per process; every command and test worker calls it).
+    """Make the interpreter's exit prompt (once per process; every command calls it, and the test workers; in a
+    multiprocessing child, such as those, multiprocessing's own exit work runs before the exit handlers).
 
     - Python's last garbage collection walks every object alive, ~500k once torch, megatron-core and DeepSpeed
       are imported: ~2 s per process, per rank at each launch's end. Frozen by an exit handler, they are left
@@ -92,8 +93,14 @@ HELPER_GRACE_S = 3.0
 def _end_helpers() -> None:
     import multiprocessing
     import multiprocessing.process
+    import signal
 
     helpers = [p for p in multiprocessing.active_children() if p.daemon]
+    if not helpers:
+        return
+    # torch's DataLoader handler raises in this process when one of its live iterators' workers dies by a signal:
+    # it would end this handler at the first one ended here, and the exit would wait for the others again
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in helpers:
         p.terminate()
     deadline = time.monotonic() + HELPER_GRACE_S

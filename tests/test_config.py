@@ -216,6 +216,38 @@ with command():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
+def test_a_command_exits_although_a_live_data_loader_holds_deaf_workers():
+    """A DataLoader iterator still alive at exit keeps its workers (which ignore SIGTERM, as the trainers' do)
+    registered with torch, whose SIGCHLD handler raises when one dies by a signal: ending the first must not stop
+    the handler before the second."""
+    import subprocess
+    import sys
+    import time
+
+    code = """
+import time, torch
+from common.cli import command
+from common.preemption import ignore_stop_signals
+
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield 0
+
+with command():
+    loader = torch.utils.data.DataLoader(Endless(), batch_size=None, num_workers=2, multiprocessing_context="fork",
+                                         worker_init_fn=ignore_stop_signals)
+    batches = iter(loader)
+    next(batches)  # (alive until after the exit handlers)
+    time.sleep(2)  # (both workers have set SIGTERM aside by now)
+"""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and time.monotonic() - start < 40, done.stderr
+    assert done.stderr.count("was still running") == 2, done.stderr
+
+
 def test_a_command_exits_although_a_helper_outlives_sigkill(tmp_path):
     """A helper that has not ended even a second after SIGKILL (a process still tearing down its memory;
     simulated: the kill is not sent) does not hold the exit either: multiprocessing no longer waits for it."""
