@@ -180,24 +180,37 @@ with command():
 
 
 
-def test_a_command_exits_although_a_helper_process_ignores_sigterm(tmp_path):
-    """multiprocessing's exit handler sends SIGTERM to daemonic helpers and waits for each without a limit;
-    data workers ignore SIGTERM (the trainer handles a job's stop), so one still running kept the process from
-    exiting (a VQ run on an H200). common.cli.exit_promptly kills such a helper after HELPER_GRACE_S and names
-    it; a helper that ends on SIGTERM ends as before, unnamed."""
+DEAF_HELPER = """
+import multiprocessing, os, time
+from common.cli import command
+from common.preemption import ignore_stop_signals
+
+def deaf():  # a helper that ignores SIGTERM, as data workers do
+    ignore_stop_signals()
+    for fd in (1, 2):  # (the test reads the command's output to its end: an orphan must not hold it open)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    time.sleep(600)
+"""
+
+
+def _exit_of(code: str):
+    """Run `code` (after DEAF_HELPER) in a fresh interpreter at the repository root: (its outcome, seconds)."""
     import subprocess
     import sys
     import time
 
-    code = """
-import multiprocessing, time
-from common.cli import command
-from common.preemption import ignore_stop_signals
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", DEAF_HELPER + code], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=60, check=False)
+    return done, time.monotonic() - start
 
-def deaf():
-    ignore_stop_signals()
-    time.sleep(600)
 
+def test_a_command_exits_although_a_helper_process_ignores_sigterm():
+    """multiprocessing's exit handler sends SIGTERM to daemonic helpers and waits for each without a limit;
+    data workers ignore SIGTERM (the trainer handles a job's stop), so one still running kept the process from
+    exiting (a VQ run on an H200). common.cli.exit_promptly kills such a helper after HELPER_GRACE_S and names
+    it; a helper that ends on SIGTERM ends as before, unnamed."""
+    done, seconds = _exit_of("""
 with command():
     fork = multiprocessing.get_context("fork")
     helpers = [fork.Process(target=deaf, daemon=True), fork.Process(target=time.sleep, args=(600,), daemon=True)]
@@ -205,11 +218,8 @@ with command():
         p.start()
     time.sleep(0.5)  # (the first has ignored SIGTERM by now)
     print(*(p.pid for p in helpers), flush=True)
-"""
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0 and time.monotonic() - start < 30, done.stderr
+""")
+    assert done.returncode == 0 and seconds < 30, done.stderr
     deaf, polite = map(int, done.stdout.split())
     assert f"(pid {deaf}) was still running" in done.stderr and f"pid {polite}" not in done.stderr, done.stderr
     for pid in (deaf, polite):
@@ -220,14 +230,8 @@ def test_a_command_exits_although_a_live_data_loader_holds_deaf_workers():
     """A DataLoader iterator still alive at exit keeps its workers (which ignore SIGTERM, as the trainers' do)
     registered with torch, whose SIGCHLD handler raises when one dies by a signal: ending the first must not stop
     the handler before the second."""
-    import subprocess
-    import sys
-    import time
-
-    code = """
-import time, torch
-from common.cli import command
-from common.preemption import ignore_stop_signals
+    done, seconds = _exit_of("""
+import torch
 
 class Endless(torch.utils.data.IterableDataset):
     def __iter__(self):
@@ -240,47 +244,31 @@ with command():
     batches = iter(loader)
     next(batches)  # (alive until after the exit handlers)
     time.sleep(2)  # (both workers have set SIGTERM aside by now)
-"""
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0 and time.monotonic() - start < 40, done.stderr
+""")
+    assert done.returncode == 0 and seconds < 40, done.stderr
     assert done.stderr.count("was still running") == 2, done.stderr
 
 
-def test_a_command_exits_although_a_helper_outlives_sigkill(tmp_path):
+def test_a_command_exits_although_a_helper_outlives_sigkill():
     """A helper that has not ended even a second after SIGKILL (a process still tearing down its memory;
     simulated: the kill is not sent) does not hold the exit either: multiprocessing no longer waits for it."""
     import os
     import signal
-    import subprocess
-    import sys
 
-    code = """
-import multiprocessing, os, time
-from common.cli import command
-from common.preemption import ignore_stop_signals
-
-def deaf():
-    ignore_stop_signals()
-    for fd in (1, 2):  # (the test reads the command's output to its end: an orphan must not hold it open)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
-    time.sleep(600)
-
+    done, _ = _exit_of("""
 with command():
     helper = multiprocessing.get_context("fork").Process(target=deaf, daemon=True)
     helper.kill = lambda: None  # (the SIGKILL that would end it is not sent)
     helper.start()
     time.sleep(0.5)
     print(helper.pid, flush=True)
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
-                          text=True, timeout=60, check=False)
+""")
     pid = int(done.stdout)
     try:
         assert done.returncode == 0 and f"(pid {pid}) was still running" in done.stderr, done.stderr
     finally:
         os.kill(pid, signal.SIGKILL)
+
 
 def test_a_config_error_is_reported_before_megatron_and_deepspeed_are_imported(tmp_path):
     """training.train checks the config first: a typo costs the import of torch (~2 s), not of megatron-core
