@@ -4,6 +4,7 @@
     log.info(kernels.summary())                 # what was chosen and why, logged at start
     norm = kernels.layer_norm(hidden, eps)      # a module
     y = kernels.bias_gelu(x, bias)              # a function
+    y = kernels.bias_dropout_add(x, bias, residual, keep, p)
     opt = kernels.optimizer(param_groups, lr=..., betas=..., eps=..., weight_decay=...)
 
 Choices (auto picks the first that is available on this machine):
@@ -11,6 +12,7 @@ Choices (auto picks the first that is available on this machine):
 - attention: torch scaled_dot_product_attention (flash / memory-efficient kernels on GPU), or an
   explicit softmax(QK^T)V ("math", for debugging);
 - bias + GeLU: megatron-core's jit-fused bias_gelu (GPU), or bias add + tanh GeLU;
+- bias + dropout + residual add after each row-parallel projection: one compiled kernel (GPU), or three;
 - optimizer: torch AdamW(fused=True) (one multi-tensor kernel, as fast as apex's), torch AdamW; apex
   FusedAdam and DeepSpeed FusedAdam (GPU only) only when asked for by name: `auto` picks what the
   checkpoint round trip is tested with on every machine (torch's fused AdamW runs on CPU too);
@@ -20,6 +22,7 @@ Asking for an implementation that is not available is an error naming the reason
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -31,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from common.config import require
-from model_parallel.keyed_dropout import compiled_keep_mask, keyed_keep_mask
+from model_parallel.keyed_dropout import compiled_keep_mask, keyed_dropout, keyed_keep_mask
 
 KERNEL_CHOICES = {"layernorm": ("auto", "apex", "te", "torch"), "attention": ("auto", "sdpa", "math"),
-                  "bias_gelu": ("auto", "fused", "plain"),
+                  "bias_gelu": ("auto", "fused", "plain"), "bias_dropout_add": ("auto", "fused", "plain"),
                   "optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch"),
                   "dropout_mask": ("auto", "compiled", "eager")}
 
@@ -49,6 +52,9 @@ class KernelConfig:
     """auto | sdpa (torch scaled_dot_product_attention: flash/efficient kernels on GPU) | math."""
     bias_gelu: str = "auto"
     """auto | fused (megatron-core's jit-fused bias+GeLU) | plain."""
+    bias_dropout_add: str = "auto"
+    """auto | fused (the bias, the keyed dropout and the residual add after attention's and the MLP's output
+    projections as one torch.compile kernel) | plain (one kernel each)."""
     optimizer: str = "auto"
     """auto | apex (FusedAdam) | deepspeed (FusedAdam) | torch_fused (AdamW fused=True) | torch."""
     dropout_mask: str = "auto"
@@ -86,6 +92,7 @@ def availability() -> dict[str, dict[str, str | None]]:
         "attention": {"sdpa": None, "math": None},
         # megatron-core's fused bias-GeLU is a torch.compile'd function (megatron/core/jit.py): inductor's needs.
         "bias_gelu": {"fused": compile_unavailable(), "plain": None},
+        "bias_dropout_add": {"fused": compile_unavailable(), "plain": None},
         "optimizer": {"apex": apex_opt, "deepspeed": no_gpu or _cuda_op_build_unavailable(), "torch_fused": None,
                       "torch": None},
         "dropout_mask": {"compiled": compile_unavailable(), "eager": None},
@@ -97,10 +104,10 @@ def availability() -> dict[str, dict[str, str | None]]:
 # dropout mask (~10 s of C++ compilation per process) costs more than the masks of a CPU run.
 _PREFERENCE = {
     "gpu": {"layernorm": ("te", "apex", "torch"), "attention": ("sdpa",),
-            "bias_gelu": ("fused", "plain"), "optimizer": ("torch_fused", "torch"),
-            "dropout_mask": ("compiled", "eager")},
-    "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "optimizer": ("torch",),
-            "dropout_mask": ("eager",)},
+            "bias_gelu": ("fused", "plain"), "bias_dropout_add": ("fused", "plain"),
+            "optimizer": ("torch_fused", "torch"), "dropout_mask": ("compiled", "eager")},
+    "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "bias_dropout_add": ("plain",),
+            "optimizer": ("torch",), "dropout_mask": ("eager",)},
 }
 
 
@@ -132,6 +139,27 @@ def fused_bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
 
     return plain_bias_gelu(x, None) if bias is None else bias_gelu_impl(x, bias)
+
+
+def plain_bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                           keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """residual + dropout(x + bias), the dropout given by its mask `keep` (None: no dropout; else kept
+    elements are scaled by 1/(1-p), model_parallel/keyed_dropout.py)."""
+    y = x if bias is None else x + bias
+    return residual + (y if keep is None else keyed_dropout(y, keep, p))
+
+
+@functools.cache
+def fused_bias_dropout_add():
+    """plain_bias_dropout_add as one inductor kernel forward (and one backward, plus the bias gradient's sum):
+    in eager the broadcast bias add alone took ~7% of a parti-350m step on an H200
+    (bench/results/gpu_nvidia-h200_2026-12-04). megatron-core's own fused_bias_dropout draws its masks from
+    torch's generator and rounds the residual to the branch's dtype; this one takes the keyed masks and keeps
+    the residual's dtype, so it is written here (megatron's way: a torch.compile'd function). Inductor does not
+    round `x + bias` to bf16 before the add, so bf16 results differ from plain's by that rounding. One function
+    per process, made at the first ask (compiled at its first call): a compiled layer traces through it, and
+    one object keeps the layers' graphs alike."""
+    return torch.compile(plain_bias_dropout_add, dynamic=True)
 
 
 def sdpa_attention(q, k, v, mask=None, causal=False, dropout_p=0.0):
@@ -201,6 +229,10 @@ class Kernels:
     @property
     def bias_gelu(self):
         return fused_bias_gelu if self.name("bias_gelu") == "fused" else plain_bias_gelu
+
+    @property
+    def bias_dropout_add(self):
+        return fused_bias_dropout_add() if self.name("bias_dropout_add") == "fused" else plain_bias_dropout_add
 
     def optimizer(self, params, **kwargs) -> torch.optim.Optimizer:
         return _optimizer_factory(self.name("optimizer"))(params, **kwargs)

@@ -34,7 +34,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from model_parallel.attention_patterns import AttentionPattern
 from model_parallel.config import ModelConfig
-from model_parallel.kernels import Kernels, attention_probs
+from model_parallel.kernels import Kernels, attention_probs, plain_bias_dropout_add
 from model_parallel.keyed_dropout import dropout_site_key, keyed_dropout, keyed_keep_mask
 
 
@@ -68,22 +68,31 @@ class SampleDropout(KeyedSite):
         super().__init__(keep_mask)
         self.p, self.sequence_parallel, self.tp_group = p, sequence_parallel, tp_group
 
+    @property
+    def active(self) -> bool:
+        return self.training and self.p > 0
+
     def forward(self, x: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.active:
             return x
         if sample_index is None:
             rng = get_cuda_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
             with rng:
                 return F.dropout(x, self.p, training=True)
+        return keyed_dropout(x, self.mask(x, sample_index), self.p)
+
+    def mask(self, x: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor | None:
+        """The keep-mask of x's elements keyed by `sample_index`; None when no dropout applies."""
+        if not self.active:
+            return None
         if not self.keyed:
             raise RuntimeError("dropout site without a key: build the model through PartiModel or "
                                "build_pipeline (key_dropout_sites)")
         tp = self.tp_group.size() if self.sequence_parallel else 1
         rank = self.tp_group.rank() if self.sequence_parallel else 0
         s = x.shape[0]
-        keep = self.keep_mask(sample_index, self.key, self.p, x.shape, batch_dim=1,
+        return self.keep_mask(sample_index, self.key, self.p, x.shape, batch_dim=1,
                               offsets=(rank * s, 0, 0), full=(tp * s, *x.shape[1:]))
-        return keyed_dropout(x, keep, self.p)
 
 
 def key_dropout_sites(piece: nn.Module, seed: int, index: int) -> None:
@@ -205,7 +214,13 @@ def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tenso
     gradients and then copied them back into that layout: two passes (copies took 13% of a parti-350m step's
     GPU time on an H200, bench/results/gpu_nvidia-h200_2026-12-04)."""
     s, b = x.shape[:2]
-    return [part.permute(1, 2, 0, 3) for part in x.view(s, b, -1, parts * head_dim).split(head_dim, dim=-1)]
+    heads = x.view(s, b, -1, parts * head_dim)
+    if parts == 1:  # cross-attention's queries: a whole [s, b, heads, head_dim] view, whose gradient cuDNN's and
+        # flash's backward write in its layout (empty_like of a dense view), so the projection gets it without
+        # a copy; a split into one piece joined it by a cat, a full copy. (CPU's flash backward returns it
+        # [b, heads, s, head_dim]-contiguous and megatron copies it instead: CPU speed is not the aim.)
+        return [heads.permute(1, 2, 0, 3)]
+    return [part.permute(1, 2, 0, 3) for part in heads.split(head_dim, dim=-1)]
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +230,8 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(KeyedSite):
-    """Multi-head attention; self-attention when `memory` is None, else cross-attention to it."""
+    """Multi-head attention; self-attention when `memory` is None, else cross-attention to it. Returns the
+    output projection's (output, bias): Residual adds the bias with the dropout and the residual."""
 
     def __init__(self, ctx: PieceContext, cross: bool):
         super().__init__(ctx.kernels.keep_mask)
@@ -236,7 +252,7 @@ class Attention(KeyedSite):
         else:
             self.qkv = ColumnParallelLinear(hidden, 3 * hidden, **col)
         self.proj = RowParallelLinear(hidden, hidden, config=ctx.mp, init_method=ctx.out_init, bias=True,
-                                      input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
+                                      input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = _split_heads(self.kv(memory)[0], 2, self.head_dim)
@@ -272,12 +288,12 @@ class Attention(KeyedSite):
         dropout = self.attention_dropout if self.training else 0.0
         if dropout > 0 and self.keyed_attention_dropout and sample_index is not None:
             out = self._keyed_dropout_attention(q, k, v, mask, causal, dropout, sample_index)
-            return self.proj(_merge_heads(out))[0]
+            return self.proj(_merge_heads(out))
         if dropout > 0:
             out = _attention_in_rng_fork(self.attention, q, k, v, mask, causal, dropout)
         else:
             out = self.attention(q, k, v, mask=mask, causal=causal, dropout_p=0.0)
-        return self.proj(_merge_heads(out))[0]
+        return self.proj(_merge_heads(out))
 
     def _keyed_dropout_attention(self, q, k, v, mask, causal, p, sample_index):
         """softmax(QK^T/sqrt(d)) V with dropout on the probabilities keyed by sample, head (its index among
@@ -307,29 +323,34 @@ class Attention(KeyedSite):
 
 
 class MLP(nn.Module):
+    """fc2(GeLU(fc1(x))): returns fc2's (output, bias), as Attention does."""
+
     def __init__(self, ctx: PieceContext):
         super().__init__()
         hidden, ffn = ctx.cfg.hidden_size, ctx.cfg.ffn_hidden_size
         self.fc1 = ColumnParallelLinear(hidden, ffn, config=ctx.mp, init_method=ctx.init, bias=True,
                                         gather_output=False, skip_bias_add=True, tp_group=ctx.tp_group)
         self.fc2 = RowParallelLinear(ffn, hidden, config=ctx.mp, init_method=ctx.out_init, bias=True,
-                                     input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
+                                     input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
         self.bias_gelu = ctx.kernels.bias_gelu
 
     def forward(self, x):
         h, bias = self.fc1(x)
-        return self.fc2(self.bias_gelu(h, bias))[0]
+        return self.fc2(self.bias_gelu(h, bias))
 
 
 class Residual(nn.Module):
-    """Pre-LN residual branch: x + dropout(f(norm(x))), the dropout keyed by `sample_index` (SampleDropout),
-    which attention also gets (for model.attention_dropout_invariant)."""
+    """Pre-LN residual branch: x + dropout(f(norm(x)) + bias), `f` returning its output projection's (output,
+    bias), the dropout keyed by `sample_index` (SampleDropout), which attention also gets (for
+    model.attention_dropout_invariant). The bias, dropout and residual add are one operation
+    (kernels.bias_dropout_add: one fused kernel on a GPU)."""
 
     def __init__(self, norm: nn.Module, fn: nn.Module, dropout: float, sequence_parallel: bool, tp_group,
-                 keep_mask=keyed_keep_mask):
+                 keep_mask=keyed_keep_mask, bias_dropout_add=plain_bias_dropout_add):
         super().__init__()
         self.norm, self.fn = norm, fn
         self.drop = SampleDropout(dropout, sequence_parallel, tp_group, keep_mask)
+        self.bias_dropout_add = bias_dropout_add
         self.sequence_parallel = sequence_parallel
         if sequence_parallel:
             mark_sequence_parallel(norm)
@@ -337,7 +358,10 @@ class Residual(nn.Module):
     def forward(self, x, sample_index: torch.Tensor | None = None, **kwargs):
         if isinstance(self.fn, Attention):
             kwargs["sample_index"] = sample_index
-        return x + self.drop(self.fn(self.norm(x), **kwargs), sample_index)
+        out, bias = self.fn(self.norm(x), **kwargs)
+        if self.drop.active and sample_index is None:  # (masks from torch's generator: F.dropout's kernel)
+            return x + self.drop(out + bias)
+        return self.bias_dropout_add(out, bias, x, self.drop.mask(out, sample_index), self.drop.p)
 
 
 def mark_sequence_parallel(module: nn.Module) -> None:
@@ -349,7 +373,7 @@ def mark_sequence_parallel(module: nn.Module) -> None:
 def _residual(ctx: PieceContext, fn: nn.Module) -> Residual:
     cfg = ctx.cfg
     return Residual(ctx.kernels.layer_norm(cfg.hidden_size, cfg.layernorm_eps), fn, cfg.dropout,
-                    ctx.mp.sequence_parallel, ctx.tp_group, ctx.kernels.keep_mask)
+                    ctx.mp.sequence_parallel, ctx.tp_group, ctx.kernels.keep_mask, ctx.kernels.bias_dropout_add)
 
 
 class EncoderLayer(nn.Module):

@@ -12,10 +12,10 @@ import torch
 from tests.conftest import debug_batch, debug_model_config
 
 
-def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, train: bool = True, mask: str = "eager"):
+def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, train: bool = True, fused: bool = False):
     """Two steps' losses and gradients of the debug model (init seed 3), each step's generators (megatron's
     tracker, whose stream the fused attention kernel's dropout draws from, too) seeded as the step's number;
-    `mask`: kernels.dropout_mask."""
+    `fused`: the compiled kernels `auto` picks on a GPU (kernels.dropout_mask, kernels.bias_dropout_add)."""
     from model_parallel.activation_checkpointing import apply_activation_checkpointing
     from model_parallel.compile import compile_layers
     from model_parallel.kernels import select_kernels
@@ -23,7 +23,9 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, trai
     from model_parallel.state import seed_everything
     from training.config import KernelConfig
 
-    model = PartiModel(cfg, select_kernels(KernelConfig(dropout_mask=mask)), init_seed=3).train(train)
+    kernels = (KernelConfig(dropout_mask="compiled", bias_dropout_add="fused") if fused
+               else KernelConfig(dropout_mask="eager", bias_dropout_add="plain"))
+    model = PartiModel(cfg, select_kernels(kernels), init_seed=3).train(train)
     if compiled:
         compile_layers(model, backend=compiled)
     apply_activation_checkpointing(model, recompute)
@@ -38,14 +40,14 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, trai
     return losses, grads
 
 
-@pytest.mark.parametrize("preset, recompute, attention_dropout, backend, mask",
-                         [("dalle-debug", "none", 0.0, "aot_eager", "compiled"),
-                          ("parti-debug", "full", 0.1, "inductor", "eager")])
-def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute, attention_dropout, backend, mask):
+@pytest.mark.parametrize("preset, recompute, attention_dropout, backend, fused",
+                         [("dalle-debug", "none", 0.0, "aot_eager", True),
+                          ("parti-debug", "full", 0.1, "inductor", False)])
+def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute, attention_dropout, backend, fused):
     """Residual dropout (keyed by sample) only: one graph serves every layer, no recompilation (each site's
     key is a tensor, not a constant to specialise on; a property of the tracing, so checked without inductor's
-    code generation, the slow part on CPU), with the compiled dropout masks that `auto` picks on a GPU (traced
-    into each layer's graph; their own kernel at the embedding). With the fused kernel's attention dropout (a
+    code generation, the slow part on CPU), with the compiled dropout masks and bias-dropout-add that `auto` picks
+    on a GPU (traced into each layer's graph; the masks' own kernel at the embedding). With the fused kernel's attention dropout (a
     graph break at megatron's RNG tracker) and the layers recomputed, through inductor: the same masks as
     eager. (Selective recomputation of compiled layers: test_training's TP=2 run, inductor too.)"""
     torch._dynamo.reset()
@@ -53,7 +55,7 @@ def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute
     text, codes = debug_batch(cfg, batch=4)
     eager = _loss_and_grads(cfg, text, codes, "none", compiled=None)
     with torch._dynamo.config.patch(error_on_recompile=attention_dropout == 0):
-        compiled = _loss_and_grads(cfg, text, codes, recompute, compiled=backend, mask=mask)
+        compiled = _loss_and_grads(cfg, text, codes, recompute, compiled=backend, fused=fused)
     assert eager[0] != pytest.approx(_loss_and_grads(cfg, text, codes, "none", compiled=None, train=False)[0],
                                      abs=1e-3)  # dropout is on
     assert compiled[0] == pytest.approx(eager[0], rel=1e-6, abs=1e-6)

@@ -7,8 +7,10 @@ import torch
 from model_parallel.kernels import (
     KERNEL_CHOICES,
     availability,
+    fused_bias_dropout_add,
     fused_bias_gelu,
     math_attention,
+    plain_bias_dropout_add,
     plain_bias_gelu,
     sdpa_attention,
     select_kernels,
@@ -52,6 +54,26 @@ def test_fused_bias_gelu_equals_plain():
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_bias_dropout_add_equals_plain(dtype):
+    """The fused residual branch end (bias, keyed dropout mask, residual add) against the three plain operations,
+    with and without a mask; values and the gradients of the output, bias and residual. In bf16 the fused
+    kernel skips the rounding of `x + bias`: within a few bf16 ulps of the result."""
+    _skip_unless("bias_dropout_add", "fused")
+    g = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(6, 3, 16, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    bias = torch.randn(16, generator=g).to(dtype).requires_grad_()
+    keep = torch.rand(6, 3, 16, generator=g) > 0.25
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for mask in (keep, None):
+        outs = [fn(x, bias, residual, mask, 0.25) for fn in (fused_bias_dropout_add(), plain_bias_dropout_add)]
+        grads = [torch.autograd.grad((out * out.detach()).sum(), (x, bias, residual)) for out in outs]
+        torch.testing.assert_close(outs[0], outs[1], **tol)
+        for a, c in zip(*grads):
+            torch.testing.assert_close(a, c, **tol)
+    assert not torch.equal(outs[1], plain_bias_dropout_add(x, bias, residual, keep, 0.25))  # (the mask acts)
+
+
 @pytest.mark.parametrize("name", ["apex", "te"])
 def test_fused_layer_norm_equals_torch(name):
     _skip_unless("layernorm", name)
@@ -93,6 +115,7 @@ def test_auto_selection_and_summary():
         assert kernels.name("dropout_mask") == "compiled"
     else:
         assert kernels.name("layernorm") == "torch" and kernels.name("bias_gelu") == "plain"
+        assert kernels.name("bias_dropout_add") == "plain"
         assert kernels.name("dropout_mask") == "eager"  # (compiling costs a CPU run more than its masks)
     assert "attention=sdpa" in kernels.summary()
 
@@ -139,8 +162,8 @@ def test_gpu_compilation_needs_triton_and_a_c_compiler(monkeypatch):
 
 
 def test_gpu_without_compilers_gets_the_plain_bias_gelu_and_no_deepspeed_adam(monkeypatch):
-    """megatron-core's fused bias-GeLU is torch.compile'd, and DeepSpeed's FusedAdam is built with nvcc on first
-    use: on a GPU machine without Triton's C compiler `auto` takes the plain bias-GeLU (saying why), and without
+    """megatron-core's fused bias-GeLU and the fused bias-dropout-add are torch.compile'd, and DeepSpeed's FusedAdam is built with nvcc on first
+    use: on a GPU machine without Triton's C compiler `auto` takes the plain ones (saying why), and without
     nvcc kernels.optimizer=deepspeed is refused before training rather than failing at the first step."""
     import shutil
 
@@ -153,7 +176,8 @@ def test_gpu_without_compilers_gets_the_plain_bias_gelu_and_no_deepspeed_adam(mo
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", None)
     kernels = select_kernels()
-    assert kernels.choices["bias_gelu"] == ("plain", "auto on gpu; skipped fused: Triton needs a C compiler (gcc)")
+    for op in ("bias_gelu", "bias_dropout_add"):
+        assert kernels.choices[op] == ("plain", "auto on gpu; skipped fused: Triton needs a C compiler (gcc)")
     assert kernels.name("dropout_mask") == "eager"
     with pytest.raises(RuntimeError, match="kernels.optimizer='deepspeed' is not available: .*needs nvcc"):
         select_kernels(KernelConfig(optimizer="deepspeed"))
