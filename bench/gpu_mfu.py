@@ -9,6 +9,7 @@ import cProfile
 import gc
 import io
 import pstats
+import re
 import time
 
 import torch
@@ -103,6 +104,50 @@ def _device_profile(fn) -> dict:
     kernels = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
                if e.device_type.name == "CUDA"]
     return kernel_breakdown(kernels, wall_s)
+
+
+SOURCE_MARKERS = ("model_parallel/", "training/", "megatron/", "deepspeed/", "torch/nn/functional.py",
+                  "autograd::engine::evaluate_function")
+"""The callers op_breakdown names: the project's layers and engine, megatron's and DeepSpeed's code, torch's
+functional layer (which names the operation a module called), and, in the backward, the autograd node."""
+_PYTHON_FRAME = re.compile(r"\(\d+\): ")  # (a Python function's event: "file.py(12): f"; a C one's: "<built-in ...")
+
+
+def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
+    """Which operations, called from where, spend a step's time: from a profile's events (with_stack,
+    record_shapes), the `top` (operation, input shapes, callers) by their own time on `device` (on a GPU the
+    kernels each launched itself: an aten::copy_ under a .to() or a .contiguous(), an aten::add that is a bias, a
+    residual or a gradient accumulation), with their calls and the innermost callers (SOURCE_MARKERS; a Python
+    caller is named by the line where its function starts)."""
+    own = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    totals: dict[tuple, list] = {}
+    for e in events:
+        if e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name) or e.name.startswith("<built-in") or own(e) <= 0:
+            continue
+        callers, parent = [], e.cpu_parent
+        while parent is not None and len(callers) < 4:
+            if any(m in parent.name for m in SOURCE_MARKERS):
+                callers.append(parent.name)
+            parent = parent.cpu_parent
+        row = totals.setdefault((e.name, str(e.input_shapes)[:200], tuple(callers)), [0.0, 0])
+        row[0] += own(e) / 1e6
+        row[1] += 1
+    rows = [{"op": op, "s": s, "calls": n, "shapes": shapes, "called_from": list(callers)}
+            for (op, shapes, callers), (s, n) in totals.items()]
+    return sorted(rows, key=lambda r: -r["s"])[:top]
+
+
+def _op_profile(fn, device: str) -> list[dict]:
+    """op_breakdown of fn() (a profile apart from _device_profile's: recording shapes and Python calls slows the
+    host, which would make the GPU look idle there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+        fn()
+        sync(device)
+    return op_breakdown(prof.events(), device)
 
 
 def _random_micro_batches(m, mbs: int, count: int, device: str) -> list:
@@ -217,6 +262,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
     kernels = ctx.record("device_profile_one_step", _device_profile(lambda: train_step(engine, cfg, batches(best), "cuda")))
+    ops = ctx.record("ops_one_micro_batch", _op_profile(lambda: train_step(engine, cfg, batches(best)[:1], "cuda"), "cuda"))
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     step_flops = flops * best * accumulation
@@ -233,7 +279,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
-            "device_profile_one_step": kernels, "compiled": compiled,
+            "device_profile_one_step": kernels, "ops_one_micro_batch": ops, "compiled": compiled,
             "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
                                                                   m.encoder_layers + m.decoder_layers, accumulation),
             "full_recompute": ctx.partial.get("full_recompute"),
@@ -328,7 +374,8 @@ def compile_speedup(ctx: Context) -> dict:
         cfg = train_config([f"model.preset={preset}", "train.precision=bf16", "parallel.zero_stage=1",
                              "model.dropout=0.1", "model.caption_drop_prob=0", *kernels,
                              f"train.global_batch_size={mbs * accumulation}", f"train.micro_batch_size={mbs}",
-                             f"train.device={ctx.device}", "train.steps=1000", "train.lr=1e-5"])
+                             f"train.device={ctx.device}", "train.steps=1000", "train.lr=1e-5",
+                             "train.min_lr=1e-6"])
         trainer = Trainer(cfg, ctx.scratch / f"compile_{name}")
         m, engine = cfg.model, trainer.engine
         data = _random_micro_batches(m, mbs, accumulation, ctx.device)

@@ -31,6 +31,9 @@ def check_schedule(t, prefix: str) -> None:
     require(t.lr_decay in DECAYS, f"{prefix}.lr_decay={t.lr_decay!r} must be one of {', '.join(DECAYS)}")
     require(t.lr > 0, f"{prefix}.lr={t.lr} must be > 0 (the schedule is relative to it)")
     require(t.min_lr >= 0, f"{prefix}.min_lr={t.min_lr} must be >= 0")
+    require(t.lr_decay == "constant" or t.min_lr <= t.lr,  # (megatron's scheduler asserts it too)
+            f"{prefix}.min_lr={t.min_lr} must be <= {prefix}.lr={t.lr}: the {t.lr_decay} decay goes from lr down to "
+            "min_lr (set a lower min_lr with a lower lr)")
     for name, meaning in (("warmup_steps", "linear warmup steps"),
                           ("lr_decay_steps", "steps of the decay after the warmup, 0: until the last step")):
         require(getattr(t, name) >= 0, f"{prefix}.{name}={getattr(t, name)} must be >= 0 ({meaning})")

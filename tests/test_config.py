@@ -119,10 +119,13 @@ def test_lr_decay_steps_end_the_cosine_early_as_torch_cosine_annealing_does():
     ("train.lr_decay=step", r"train\.lr_decay='step' must be one of cosine, linear, constant"),
     ("train.min_lr=-0.5", r"train\.min_lr=-0\.5 must be >= 0"),
     ("train.lr_decay_steps=-1", r"train\.lr_decay_steps=-1 must be >= 0"),
+    ("train.lr=1e-4", r"train\.min_lr=0\.0003 must be <= train\.lr=0\.0001: the cosine decay goes from lr down"),
 ])
 def test_bad_schedule_names_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/train/debug.yaml", [override]).validate()
+        load_config("configs/train/debug.yaml", ["train.lr_decay=cosine", override]).validate()
+    if override == "train.lr=1e-4":  # (a constant rate never reaches min_lr)
+        load_config("configs/train/debug.yaml", ["train.lr_decay=constant", override]).validate()
 
 
 TRAINING_PRESETS = ["parti-350m", "parti-750m", "parti-3b", "parti-20b"]

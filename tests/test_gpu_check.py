@@ -169,3 +169,23 @@ def test_kernel_breakdown_sorts_hopper_kernel_names_into_families():
     assert abs(r["kernel_s"] - 0.66) < 1e-12 and abs(r["busy"] - 0.66 / 1.21) < 1e-12 and r["launches"] == 22
     assert abs(r["by_kind_s"]["matmul"] - 0.03) < 1e-12 and abs(sum(r["by_kind_share"].values()) - 1) < 1e-12
     assert [k["kind"] for k in r["top_kernels"]] == ["elementwise_other", "reduction", "loss_softmax"]
+
+
+def test_op_breakdown_names_each_operation_its_shapes_and_callers():
+    """The MFU sections' operation profile, here on CPU time: the residual branch's bias add and residual add are
+    told apart by their shapes and named with the function that made them; the bias gradient's sum by the
+    backward node; heaviest first."""
+    from bench.gpu_mfu import _op_profile
+    from model_parallel.kernels import plain_bias_dropout_add
+
+    x = torch.randn(64, 8, 256, requires_grad=True)
+    bias = torch.randn(256, requires_grad=True)
+    rows = _op_profile(lambda: plain_bias_dropout_add(x, bias, torch.randn(64, 8, 256), None, 0.0).sum().backward(),
+                       "cpu")
+    adds = {r["shapes"]: r for r in rows if r["op"] == "aten::add"}
+    assert set(adds) == {"[[64, 8, 256], [256], []]", "[[64, 8, 256], [64, 8, 256], []]"}
+    assert all(r["calls"] == 1 and "plain_bias_dropout_add" in r["called_from"][0] for r in adds.values())
+    bias_grad = [r for r in rows if r["op"] == "aten::sum" and any("AddBackward0" in c for c in r["called_from"])]
+    assert bias_grad and "[64, 8, 256]" in bias_grad[0]["shapes"]
+    assert [r["s"] for r in rows] == sorted((r["s"] for r in rows), reverse=True)
+    assert not any(r["op"].startswith("<built-in") or "): " in r["op"] for r in rows)
