@@ -263,6 +263,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
     kernels = ctx.record("device_profile_one_step", _device_profile(lambda: train_step(engine, cfg, batches(best), "cuda")))
     ops = ctx.record("ops_one_micro_batch", _op_profile(lambda: train_step(engine, cfg, batches(best)[:1], "cuda"), "cuda"))
+    _realign(engine, cfg, batches(best)[0])  # (the rest of that step: later steps whole again)
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     step_flops = flops * best * accumulation
