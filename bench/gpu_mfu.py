@@ -110,7 +110,8 @@ SOURCE_MARKERS = ("model_parallel/", "training/", "megatron/", "deepspeed/", "to
                   "autograd::engine::evaluate_function")
 """The callers op_breakdown names: the project's layers and engine, megatron's and DeepSpeed's code, torch's
 functional layer (which names the operation a module called), and, in the backward, the autograd node."""
-_PYTHON_FRAME = re.compile(r"\(\d+\): ")  # (a Python function's event: "file.py(12): f"; a C one's: "<built-in ...")
+_PYTHON_FRAME = re.compile(r"\(\d+\): ")  # (a Python function's event: "file.py(12): f"; a C one's: "<built-in ...";
+# a module's: "nn.Module: Linear_0". Callers, not operations.)
 
 
 def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
@@ -119,10 +120,13 @@ def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
     kernels each launched itself: an aten::copy_ under a .to() or a .contiguous(), an aten::add that is a bias, a
     residual or a gradient accumulation), with their calls and the innermost callers (SOURCE_MARKERS; a Python
     caller is named by the line where its function starts)."""
-    own = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    # (An operation's own kernels, summed directly: the profiler's self_device_time_total walks the event's whole
+    # subtree on every call, quadratic over a micro-batch's events.)
+    own = (lambda e: sum(k.duration for k in e.kernels)) if device == "cuda" else (lambda e: e.self_cpu_time_total)
     totals: dict[tuple, list] = {}
     for e in events:
-        if e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name) or e.name.startswith("<built-in") or own(e) <= 0:
+        if (e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name) or e.name.startswith(("<built-in", "nn.Module:"))
+                or own(e) <= 0):
             continue
         callers, parent = [], e.cpu_parent
         while parent is not None and len(callers) < 4:

@@ -2,9 +2,10 @@
 
     compile_layers(model)          # PartiModel or a PipelineModule of its pieces; before recomputation
 
-Why: without Transformer Engine every elementwise step of a layer (bias adds, GeLU, residual adds, layer
-norms, the keyed dropout's integer hash) is a kernel of its own that reads and writes the whole activation;
-inductor fuses them into a few kernels around the matmuls. Each layer is compiled on its own: the layers
+Why: without Transformer Engine the elementwise steps of a layer (the projections' bias adds, layer norms,
+the keyed dropout's integer hash; only bias+GeLU and the output projections' bias+dropout+residual add have
+fused kernels of their own, model_parallel/kernels.py) each read and write the whole activation; inductor fuses
+them into a few kernels around the matmuls. Each layer is compiled on its own: the layers
 share their code, so one compiled graph serves all of them (their parameters and dropout keys are graph
 inputs, not constants), and the embeddings, head and loss stay eager. Compiling the layer's `forward`
 (rather than the module call) lets activation recomputation wrap the compiled function: a recomputed

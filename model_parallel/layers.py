@@ -342,8 +342,9 @@ class MLP(nn.Module):
 class Residual(nn.Module):
     """Pre-LN residual branch: x + dropout(f(norm(x)) + bias), `f` returning its output projection's (output,
     bias), the dropout keyed by `sample_index` (SampleDropout), which attention also gets (for
-    model.attention_dropout_invariant). The bias, dropout and residual add are one operation
-    (kernels.bias_dropout_add: one fused kernel on a GPU)."""
+    model.attention_dropout_invariant). In training the bias, keyed dropout and residual add are one operation
+    (kernels.bias_dropout_add: one fused kernel on a GPU); with masks from torch's generator (no sample_index)
+    and in eval mode (sampling, evaluation) they are the plain three."""
 
     def __init__(self, norm: nn.Module, fn: nn.Module, dropout: float, sequence_parallel: bool, tp_group,
                  keep_mask=keyed_keep_mask, bias_dropout_add=plain_bias_dropout_add):
@@ -361,7 +362,11 @@ class Residual(nn.Module):
         out, bias = self.fn(self.norm(x), **kwargs)
         if self.drop.active and sample_index is None:  # (masks from torch's generator: F.dropout's kernel)
             return x + self.drop(out + bias)
-        return self.bias_dropout_add(out, bias, x, self.drop.mask(out, sample_index), self.drop.p)
+        # Eval mode takes the plain operations: a compiled call's guard checks cost a decoded token more host time
+        # than the fusion saves it, and each inference shape (prefill, one-token steps, fp32) would compile anew.
+        # (By mode, not grad mode: recomputation's first forward runs without grad and must equal its rerun.)
+        fused = self.bias_dropout_add if self.training else plain_bias_dropout_add
+        return fused(out, bias, x, self.drop.mask(out, sample_index), self.drop.p)
 
 
 def mark_sequence_parallel(module: nn.Module) -> None:

@@ -11,11 +11,14 @@ import torch
 
 from tests.conftest import debug_batch, debug_model_config
 
+GPU_FUSIONS = {"dropout_mask": "compiled", "bias_dropout_add": "fused"}
+"""The compiled kernels `auto` picks on a GPU (CPU's: eager masks, plain bias-dropout-add)."""
 
-def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, train: bool = True, fused: bool = False):
+
+def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, train: bool = True, kernels=None):
     """Two steps' losses and gradients of the debug model (init seed 3), each step's generators (megatron's
     tracker, whose stream the fused attention kernel's dropout draws from, too) seeded as the step's number;
-    `fused`: the compiled kernels `auto` picks on a GPU (kernels.dropout_mask, kernels.bias_dropout_add)."""
+    `kernels`: KernelConfig fields (GPU_FUSIONS or some of them) instead of CPU's eager choices."""
     from model_parallel.activation_checkpointing import apply_activation_checkpointing
     from model_parallel.compile import compile_layers
     from model_parallel.kernels import select_kernels
@@ -23,9 +26,8 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, trai
     from model_parallel.state import seed_everything
     from training.config import KernelConfig
 
-    kernels = (KernelConfig(dropout_mask="compiled", bias_dropout_add="fused") if fused
-               else KernelConfig(dropout_mask="eager", bias_dropout_add="plain"))
-    model = PartiModel(cfg, select_kernels(kernels), init_seed=3).train(train)
+    chosen = KernelConfig(**{"dropout_mask": "eager", "bias_dropout_add": "plain", **(kernels or {})})
+    model = PartiModel(cfg, select_kernels(chosen), init_seed=3).train(train)
     if compiled:
         compile_layers(model, backend=compiled)
     apply_activation_checkpointing(model, recompute)
@@ -40,10 +42,10 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, trai
     return losses, grads
 
 
-@pytest.mark.parametrize("preset, recompute, attention_dropout, backend, fused",
-                         [("dalle-debug", "none", 0.0, "aot_eager", True),
-                          ("parti-debug", "full", 0.1, "inductor", False)])
-def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute, attention_dropout, backend, fused):
+@pytest.mark.parametrize("preset, recompute, attention_dropout, backend, kernels",
+                         [("dalle-debug", "none", 0.0, "aot_eager", GPU_FUSIONS),
+                          ("parti-debug", "full", 0.1, "inductor", None)])
+def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute, attention_dropout, backend, kernels):
     """Residual dropout (keyed by sample) only: one graph serves every layer, no recompilation (each site's
     key is a tensor, not a constant to specialise on; a property of the tracing, so checked without inductor's
     code generation, the slow part on CPU), with the compiled dropout masks and bias-dropout-add that `auto` picks
@@ -55,13 +57,41 @@ def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute
     text, codes = debug_batch(cfg, batch=4)
     eager = _loss_and_grads(cfg, text, codes, "none", compiled=None)
     with torch._dynamo.config.patch(error_on_recompile=attention_dropout == 0):
-        compiled = _loss_and_grads(cfg, text, codes, recompute, compiled=backend, fused=fused)
+        compiled = _loss_and_grads(cfg, text, codes, recompute, compiled=backend, kernels=kernels)
     assert eager[0] != pytest.approx(_loss_and_grads(cfg, text, codes, "none", compiled=None, train=False)[0],
                                      abs=1e-3)  # dropout is on
     assert compiled[0] == pytest.approx(eager[0], rel=1e-6, abs=1e-6)
     for step_compiled, step_eager in zip(compiled[1], eager[1], strict=True):
         for a, b in zip(step_compiled, step_eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_bias_dropout_add_in_eager_layers_equals_plain(single_process):
+    """A GPU's default: eager layers calling the fused bias-dropout-add kernel (inductor), with keyed dropout and
+    full recomputation (its first forward runs without grad, its rerun with): the plain kernels' losses and
+    gradients; in eval mode the layers take the plain operations."""
+    from model_parallel.kernels import plain_bias_dropout_add, select_kernels
+    from model_parallel.layers import Residual
+    from model_parallel.model import PartiModel
+    from training.config import KernelConfig
+
+    cfg = debug_model_config(**{"model.preset": "parti-debug", "model.dropout": 0.1})
+    text, codes = debug_batch(cfg, batch=4)
+    plain = _loss_and_grads(cfg, text, codes, "none", compiled=None)
+    fused = _loss_and_grads(cfg, text, codes, "full", compiled=None, kernels={"bias_dropout_add": "fused"})
+    assert fused[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-6)
+    for step_fused, step_plain in zip(fused[1], plain[1], strict=True):
+        for a, b in zip(step_fused, step_plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model = PartiModel(cfg, select_kernels(KernelConfig(bias_dropout_add="fused")), init_seed=3).eval()
+    calls = []
+    for module in model.modules():
+        if isinstance(module, Residual):
+            assert module.bias_dropout_add is not plain_bias_dropout_add
+            module.bias_dropout_add = lambda *args, **kw: calls.append(1)  # (would fail the forward if called)
+    with torch.no_grad():
+        model.loss(text, codes)
+    assert not calls
 
 
 def test_compile_is_refused_at_zero3():
