@@ -53,8 +53,8 @@ class KernelConfig:
     bias_gelu: str = "auto"
     """auto | fused (megatron-core's jit-fused bias+GeLU) | plain."""
     bias_dropout_add: str = "auto"
-    """auto | fused (the bias, the keyed dropout and the residual add after attention's and the MLP's output
-    projections as one torch.compile kernel) | plain (one kernel each)."""
+    """auto | fused (in training, the bias, the keyed dropout and the residual add after attention's and the MLP's
+    output projections as one torch.compile kernel; eval mode takes plain) | plain (one kernel each)."""
     optimizer: str = "auto"
     """auto | apex (FusedAdam) | deepspeed (FusedAdam) | torch_fused (AdamW fused=True) | torch."""
     dropout_mask: str = "auto"
