@@ -154,6 +154,33 @@ def _op_profile(fn, device: str) -> list[dict]:
     return op_breakdown(prof.events(), device)
 
 
+def fusion_timing(shape: tuple, device: str, calls: int = 20) -> dict:
+    """The residual branch's end (kernels.bias_dropout_add), plain against fused, forward and backward in bf16 at
+    a layer's activation shape [s, b, hidden], without dropout (the MFU runs') and with a keyed mask of p=0.1:
+    milliseconds per call of each and plain's time over fused's, side by side in one process."""
+    from model_parallel.kernels import fused_bias_dropout_add, plain_bias_dropout_add
+
+    g = torch.Generator(device).manual_seed(0)
+    x, residual, grad = (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3))
+    x.requires_grad_(), residual.requires_grad_()
+    bias = torch.randn(shape[-1], generator=g, device=device, dtype=torch.bfloat16, requires_grad=True)
+    keep = torch.rand(shape, generator=g, device=device) > 0.1
+    out = {"shape": list(shape)}
+    for case, mask in (("no_dropout", None), ("dropout_0.1", keep)):
+        for name, fn in (("plain", plain_bias_dropout_add), ("fused", fused_bias_dropout_add())):
+            step = lambda fn=fn, mask=mask: fn(x, bias, residual, mask, 0.1).backward(grad)
+            for _ in range(2):  # (compilation, allocator)
+                step()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            sync(device)
+            out[f"{case}_{name}_ms"] = (time.perf_counter() - start) / calls * 1e3
+        out[f"{case}_plain_over_fused"] = out[f"{case}_plain_ms"] / out[f"{case}_fused_ms"]
+    return out
+
+
 def _random_micro_batches(m, mbs: int, count: int, device: str) -> list:
     """`count` micro-batches of `mbs` random captions and image codes of model config `m`, on `device`, at
     distinct positions of the sample stream (what keys the dropout masks)."""
@@ -268,6 +295,11 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     kernels = ctx.record("device_profile_one_step", _device_profile(lambda: train_step(engine, cfg, batches(best), "cuda")))
     ops = ctx.record("ops_one_micro_batch", _op_profile(lambda: train_step(engine, cfg, batches(best)[:1], "cuda"), "cuda"))
     _realign(engine, cfg, batches(best)[0])  # (the rest of that step: later steps whole again)
+    try:  # (a failure here must not cost the section's other measurements)
+        fusion = fusion_timing((m.image_seq_len, best, m.hidden_size), "cuda")
+    except Exception as e:  # noqa: BLE001 - recorded
+        fusion = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    ctx.record("bias_dropout_add", fusion)
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     step_flops = flops * best * accumulation
@@ -284,7 +316,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
-            "device_profile_one_step": kernels, "ops_one_micro_batch": ops, "compiled": compiled,
+            "device_profile_one_step": kernels, "ops_one_micro_batch": ops,
+            "bias_dropout_add": fusion, "compiled": compiled,
             "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
                                                                   m.encoder_layers + m.decoder_layers, accumulation),
             "full_recompute": ctx.partial.get("full_recompute"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,3 +190,17 @@ def test_op_breakdown_names_each_operation_its_shapes_and_callers():
     assert bias_grad and "[64, 8, 256]" in bias_grad[0]["shapes"]
     assert [r["s"] for r in rows] == sorted((r["s"] for r in rows), reverse=True)
     assert not any(r["op"].startswith("<built-in") or "): " in r["op"] for r in rows)
+
+
+def test_fusion_timing_times_plain_and_fused_side_by_side():
+    """The MFU sections' timing of the fused bias-dropout-add against plain (here on CPU, inductor's C++ kernel):
+    each case and implementation timed, the ratios from those times."""
+    from bench.gpu_mfu import fusion_timing
+    from model_parallel.kernels import availability
+
+    if availability()["bias_dropout_add"]["fused"]:
+        pytest.skip(availability()["bias_dropout_add"]["fused"])
+    r = fusion_timing((16, 2, 32), "cpu", calls=2)
+    for case in ("no_dropout", "dropout_0.1"):
+        assert r[f"{case}_plain_ms"] > 0 and r[f"{case}_fused_ms"] > 0
+        assert r[f"{case}_plain_over_fused"] == r[f"{case}_plain_ms"] / r[f"{case}_fused_ms"]
