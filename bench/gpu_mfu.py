@@ -125,8 +125,10 @@ def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
     own = (lambda e: sum(k.duration for k in e.kernels)) if device == "cuda" else (lambda e: e.self_cpu_time_total)
     totals: dict[tuple, list] = {}
     for e in events:
-        if (e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name) or e.name.startswith(("<built-in", "nn.Module:"))
-                or own(e) <= 0):
+        if e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name) or e.name.startswith(("<built-in", "nn.Module:")):
+            continue
+        seconds = own(e) / 1e6
+        if seconds <= 0:
             continue
         callers, parent = [], e.cpu_parent
         while parent is not None and len(callers) < 4:
@@ -134,7 +136,7 @@ def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
                 callers.append(parent.name)
             parent = parent.cpu_parent
         row = totals.setdefault((e.name, str(e.input_shapes)[:200], tuple(callers)), [0.0, 0])
-        row[0] += own(e) / 1e6
+        row[0] += seconds
         row[1] += 1
     rows = [{"op": op, "s": s, "calls": n, "shapes": shapes, "called_from": list(callers)}
             for (op, shapes, callers), (s, n) in totals.items()]
@@ -162,7 +164,8 @@ def fusion_timing(shape: tuple, device: str, calls: int = 20) -> dict:
 
     g = torch.Generator(device).manual_seed(0)
     x, residual, grad = (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3))
-    x.requires_grad_(), residual.requires_grad_()
+    for leaf in (x, residual):
+        leaf.requires_grad_()
     bias = torch.randn(shape[-1], generator=g, device=device, dtype=torch.bfloat16, requires_grad=True)
     keep = torch.rand(shape, generator=g, device=device) > 0.1
     out = {"shape": list(shape)}
@@ -293,13 +296,10 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
     kernels = ctx.record("device_profile_one_step", _device_profile(lambda: train_step(engine, cfg, batches(best), "cuda")))
-    ops = ctx.record("ops_one_micro_batch", _op_profile(lambda: train_step(engine, cfg, batches(best)[:1], "cuda"), "cuda"))
+    ops = _recorded(ctx, "ops_one_micro_batch",
+                    lambda: _op_profile(lambda: train_step(engine, cfg, batches(best)[:1], "cuda"), "cuda"))
     _realign(engine, cfg, batches(best)[0])  # (the rest of that step: later steps whole again)
-    try:  # (a failure here must not cost the section's other measurements)
-        fusion = fusion_timing((m.image_seq_len, best, m.hidden_size), "cuda")
-    except Exception as e:  # noqa: BLE001 - recorded
-        fusion = {"error": f"{type(e).__name__}: {e}"[:1000]}
-    ctx.record("bias_dropout_add", fusion)
+    fusion = _recorded(ctx, "bias_dropout_add", lambda: fusion_timing((m.image_seq_len, best, m.hidden_size), "cuda"))
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     step_flops = flops * best * accumulation
@@ -322,6 +322,16 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
                                                                   m.encoder_layers + m.decoder_layers, accumulation),
             "full_recompute": ctx.partial.get("full_recompute"),
             "flops_formula": "3 x forward matmul FLOPs (training/flops.py; recomputation not counted)"}
+
+
+def _recorded(ctx: Context, name: str, measure):
+    """ctx.record(name, measure()), or the error it raised: a diagnostic not yet run on a GPU must not cost the
+    section the measurements after it (the compiled layers, the targets)."""
+    try:
+        result = measure()
+    except Exception as e:  # noqa: BLE001 - recorded
+        result = {"error": f"{type(e).__name__}: {e}"[:1000]}  # (not the exception: its traceback holds tensors)
+    return ctx.record(name, result)
 
 
 def _compiled_step(ctx: Context, engine, cfg, data: list, step_flops: float, peak_flops: float | None,

@@ -204,3 +204,13 @@ def test_fusion_timing_times_plain_and_fused_side_by_side():
     for case in ("no_dropout", "dropout_0.1"):
         assert r[f"{case}_plain_ms"] > 0 and r[f"{case}_fused_ms"] > 0
         assert r[f"{case}_plain_over_fused"] == r[f"{case}_plain_ms"] / r[f"{case}_fused_ms"]
+
+
+def test_a_failing_diagnostic_is_recorded_and_the_section_goes_on(tmp_path):
+    from bench.gpu_common import Context
+    from bench.gpu_mfu import _recorded
+
+    ctx = Context("cpu", True, tmp_path)
+    assert _recorded(ctx, "fine", lambda: [1]) == [1]
+    assert _recorded(ctx, "broken", lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
+    assert ctx.partial == {"fine": [1], "broken": {"error": "ZeroDivisionError: division by zero"}}
