@@ -8,6 +8,7 @@ from __future__ import annotations
 import cProfile
 import gc
 import io
+import math
 import pstats
 import re
 import time
@@ -116,7 +117,7 @@ _PYTHON_FRAME = re.compile(r"\(\d+\): ")  # (a Python function's event: "file.py
 
 def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
     """Which operations, called from where, spend a step's time: from a profile's events (with_stack,
-    record_shapes), the `top` (operation, input shapes, callers) by their own time on `device` (on a GPU the
+    record_shapes), the `top` (operation, inputs (describe_inputs), callers) by their own time on `device` (on a GPU the
     kernels each launched itself: an aten::copy_ under a .to() or a .contiguous(), an aten::add that is a bias, a
     residual or a gradient accumulation), with their calls and the innermost callers (SOURCE_MARKERS; a Python
     caller is named by the line where its function starts)."""
@@ -135,12 +136,31 @@ def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
             if any(m in parent.name for m in SOURCE_MARKERS):
                 callers.append(parent.name)
             parent = parent.cpu_parent
-        row = totals.setdefault((e.name, str(e.input_shapes)[:200], tuple(callers)), [0.0, 0])
+        row = totals.setdefault((e.name, describe_inputs(e)[:300], tuple(callers)), [0.0, 0])
         row[0] += seconds
         row[1] += 1
     rows = [{"op": op, "s": s, "calls": n, "shapes": shapes, "called_from": list(callers)}
             for (op, shapes, callers), (s, n) in totals.items()]
     return sorted(rows, key=lambda r: -r["s"])[:top]
+
+
+def describe_inputs(event) -> str:
+    """An operation's inputs as the profile recorded them: each tensor's shape, with its strides where it is not
+    contiguous (a copy or a cat over permuted views runs torch's slow strided kernel, over contiguous ones its
+    vectorised kernel), and a tensor list's tensors one by one (the plain input_shapes shows a list as [])."""
+    shapes = getattr(event, "structured_input_shapes", None)  # (torch 2.13+; earlier: input_shapes alone)
+    strides = getattr(event, "structured_input_strides", None)
+    if not shapes or not strides or len(shapes) != len(strides):
+        return str(event.input_shapes)
+
+    def one(shape, stride) -> str:
+        if shape and isinstance(shape[0], list):  # a tensor list
+            return "[" + ", ".join(one(a, b) for a, b in zip(shape, stride)) + "]"
+        contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        dense = all(n == 1 or st == c for n, st, c in zip(shape, stride, contiguous))
+        return str(list(shape)) + ("" if dense or len(stride) != len(shape) else f" strides {list(stride)}")
+
+    return "[" + ", ".join(one(list(a), list(b)) for a, b in zip(shapes, strides)) + "]"
 
 
 def _op_profile(fn, device: str) -> list[dict]:

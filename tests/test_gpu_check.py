@@ -175,14 +175,21 @@ def test_kernel_breakdown_sorts_hopper_kernel_names_into_families():
 def test_op_breakdown_names_each_operation_its_shapes_and_callers():
     """The MFU sections' operation profile, here on CPU time: the residual branch's bias add and residual add are
     told apart by their shapes and named with the function that made them; the bias gradient's sum by the
-    backward node; heaviest first."""
+    backward node; a cat's tensors one by one, with the strides of those that are not contiguous; heaviest first."""
     from bench.gpu_mfu import _op_profile
     from model_parallel.kernels import plain_bias_dropout_add
 
     x = torch.randn(64, 8, 256, requires_grad=True)
     bias = torch.randn(256, requires_grad=True)
-    rows = _op_profile(lambda: plain_bias_dropout_add(x, bias, torch.randn(64, 8, 256), None, 0.0).sum().backward(),
-                       "cpu")
+    permuted = torch.randn(8, 64, 16).permute(1, 0, 2)
+
+    def step():
+        plain_bias_dropout_add(x, bias, torch.randn(64, 8, 256), None, 0.0).sum().backward()
+        torch.cat([permuted, torch.randn(64, 8, 16)], dim=-1)
+
+    rows = _op_profile(step, "cpu")
+    cat = [r for r in rows if r["op"] == "aten::cat"]
+    assert cat[0]["shapes"].startswith("[[[64, 8, 16] strides [16, 1024, 1], [64, 8, 16]]")
     adds = {r["shapes"]: r for r in rows if r["op"] == "aten::add"}
     assert set(adds) == {"[[64, 8, 256], [256], []]", "[[64, 8, 256], [64, 8, 256], []]"}
     assert all(r["calls"] == 1 and "plain_bias_dropout_add" in r["called_from"][0] for r in adds.values())
