@@ -176,6 +176,19 @@ def _op_profile(fn, device: str) -> list[dict]:
     return op_breakdown(prof.events(), device)
 
 
+def _ms_per_call(step, device: str, calls: int) -> float:
+    """Milliseconds per call of step(), after two warm-up calls (compilation, allocator), between device
+    synchronisations."""
+    for _ in range(2):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def fusion_timing(shape: tuple, device: str, calls: int = 20) -> dict:
     """The residual branch's end (kernels.bias_dropout_add), plain against fused, forward and backward in bf16 at
     a layer's activation shape [s, b, hidden], without dropout (the MFU runs') and with a keyed mask of p=0.1:
@@ -192,15 +205,32 @@ def fusion_timing(shape: tuple, device: str, calls: int = 20) -> dict:
     for case, mask in (("no_dropout", None), ("dropout_0.1", keep)):
         for name, fn in (("plain", plain_bias_dropout_add), ("fused", fused_bias_dropout_add())):
             step = lambda fn=fn, mask=mask: fn(x, bias, residual, mask, 0.1).backward(grad)
-            for _ in range(2):  # (compilation, allocator)
-                step()
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            sync(device)
-            out[f"{case}_{name}_ms"] = (time.perf_counter() - start) / calls * 1e3
+            out[f"{case}_{name}_ms"] = _ms_per_call(step, device, calls)
         out[f"{case}_plain_over_fused"] = out[f"{case}_plain_ms"] / out[f"{case}_fused_ms"]
+    return out
+
+
+def cross_entropy_timing(shape: tuple, device: str, calls: int = 10) -> dict:
+    """The loss's cross-entropy (kernels.cross_entropy), megatron's plain against the fused passes, forward and
+    backward of bf16 logits [s, b, V] (TP=1: megatron's group must be set up): milliseconds per call of each,
+    plain's time over fused's, and the memory each call peaks at above the logits, side by side in one process."""
+    from model_parallel.cross_entropy import fused_cross_entropy, plain_cross_entropy
+
+    g = torch.Generator(device).manual_seed(0)
+    logits = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
+    target = torch.randint(0, shape[-1], shape[:2], generator=g, device=device)
+    out = {"shape": list(shape)}
+    for name, fn in (("plain", plain_cross_entropy), ("fused", fused_cross_entropy)):
+        step = lambda fn=fn: fn(logits, target).mean().backward()
+        out[f"{name}_ms"] = _ms_per_call(step, device, calls)
+        if device == "cuda":
+            logits.grad = None
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            out[f"{name}_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        logits.grad = None
+    out["plain_over_fused"] = out["plain_ms"] / out["fused_ms"]
     return out
 
 
@@ -320,6 +350,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
                     lambda: _op_profile(lambda: train_step(engine, cfg, batches(best)[:1], "cuda"), "cuda"))
     _realign(engine, cfg, batches(best)[0])  # (the rest of that step: later steps whole again)
     fusion = _recorded(ctx, "bias_dropout_add", lambda: fusion_timing((m.image_seq_len, best, m.hidden_size), "cuda"))
+    loss = _recorded(ctx, "cross_entropy",
+                     lambda: cross_entropy_timing((m.image_seq_len, best, m.image_vocab_size), "cuda"))
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     step_flops = flops * best * accumulation
@@ -337,7 +369,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
             "device_profile_one_step": kernels, "ops_one_micro_batch": ops,
-            "bias_dropout_add": fusion, "compiled": compiled,
+            "bias_dropout_add": fusion, "cross_entropy": loss, "compiled": compiled,
             "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
                                                                   m.encoder_layers + m.decoder_layers, accumulation),
             "full_recompute": ctx.partial.get("full_recompute"),

@@ -5,6 +5,7 @@
     norm = kernels.layer_norm(hidden, eps)      # a module
     y = kernels.bias_gelu(x, bias)              # a function
     y = kernels.bias_dropout_add(x, bias, residual, keep, p)
+    loss = kernels.cross_entropy(logits, target, tp_group)   # per token
     opt = kernels.optimizer(param_groups, lr=..., betas=..., eps=..., weight_decay=...)
 
 Choices (auto picks the first that is available on this machine):
@@ -13,6 +14,8 @@ Choices (auto picks the first that is available on this machine):
   explicit softmax(QK^T)V ("math", for debugging);
 - bias + GeLU: megatron-core's jit-fused bias_gelu (GPU), or bias add + tanh GeLU;
 - bias + dropout + residual add after each row-parallel projection: one compiled kernel (GPU), or three;
+- the loss's vocab-parallel cross-entropy: three compiled passes over the logits (GPU;
+  model_parallel/cross_entropy.py says why), or megatron-core's on fp32 logits;
 - optimizer: torch AdamW(fused=True) (one multi-tensor kernel, as fast as apex's), torch AdamW; apex
   FusedAdam and DeepSpeed FusedAdam (GPU only) only when asked for by name: `auto` picks what the
   checkpoint round trip is tested with on every machine (torch's fused AdamW runs on CPU too);
@@ -34,10 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from common.config import require
+from model_parallel.cross_entropy import fused_cross_entropy, plain_cross_entropy
 from model_parallel.keyed_dropout import compiled_keep_mask, keyed_dropout, keyed_keep_mask
 
 KERNEL_CHOICES = {"layernorm": ("auto", "apex", "te", "torch"), "attention": ("auto", "sdpa", "math"),
                   "bias_gelu": ("auto", "fused", "plain"), "bias_dropout_add": ("auto", "fused", "plain"),
+                  "cross_entropy": ("auto", "fused", "plain"),
                   "optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch"),
                   "dropout_mask": ("auto", "compiled", "eager")}
 
@@ -55,6 +60,9 @@ class KernelConfig:
     bias_dropout_add: str = "auto"
     """auto | fused (in training, the bias, the keyed dropout and the residual add after attention's and the MLP's
     output projections as one torch.compile kernel; eval mode takes plain) | plain (one kernel each)."""
+    cross_entropy: str = "auto"
+    """auto | fused (the loss's cross-entropy in three compiled passes over the logits in their dtype,
+    model_parallel/cross_entropy.py) | plain (megatron-core's vocab_parallel_cross_entropy on fp32 logits)."""
     optimizer: str = "auto"
     """auto | apex (FusedAdam) | deepspeed (FusedAdam) | torch_fused (AdamW fused=True) | torch."""
     dropout_mask: str = "auto"
@@ -93,6 +101,7 @@ def availability() -> dict[str, dict[str, str | None]]:
         # megatron-core's fused bias-GeLU is a torch.compile'd function (megatron/core/jit.py): inductor's needs.
         "bias_gelu": {"fused": compile_unavailable(), "plain": None},
         "bias_dropout_add": {"fused": compile_unavailable(), "plain": None},
+        "cross_entropy": {"fused": compile_unavailable(), "plain": None},
         "optimizer": {"apex": apex_opt, "deepspeed": no_gpu or _cuda_op_build_unavailable(), "torch_fused": None,
                       "torch": None},
         "dropout_mask": {"compiled": compile_unavailable(), "eager": None},
@@ -105,9 +114,9 @@ def availability() -> dict[str, dict[str, str | None]]:
 _PREFERENCE = {
     "gpu": {"layernorm": ("te", "apex", "torch"), "attention": ("sdpa",),
             "bias_gelu": ("fused", "plain"), "bias_dropout_add": ("fused", "plain"),
-            "optimizer": ("torch_fused", "torch"), "dropout_mask": ("compiled", "eager")},
+            "cross_entropy": ("fused", "plain"), "optimizer": ("torch_fused", "torch"), "dropout_mask": ("compiled", "eager")},
     "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "bias_dropout_add": ("plain",),
-            "optimizer": ("torch",), "dropout_mask": ("eager",)},
+            "cross_entropy": ("plain",), "optimizer": ("torch",), "dropout_mask": ("eager",)},
 }
 
 
@@ -233,6 +242,11 @@ class Kernels:
     @property
     def bias_dropout_add(self):
         return fused_bias_dropout_add() if self.name("bias_dropout_add") == "fused" else plain_bias_dropout_add
+
+    @property
+    def cross_entropy(self):
+        """(logits [n, b, V/tp], target [n, b], tp_group) -> the per-token loss [n, b] (fp32)."""
+        return fused_cross_entropy if self.name("cross_entropy") == "fused" else plain_cross_entropy
 
     def optimizer(self, params, **kwargs) -> torch.optim.Optimizer:
         return _optimizer_factory(self.name("optimizer"))(params, **kwargs)

@@ -24,6 +24,7 @@ row + column embeddings for the 2-D image grid; logits are vocab-parallel ([seq,
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,11 +35,11 @@ from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
     gather_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 
 from model_parallel.attention_patterns import layer_pattern
 from model_parallel.config import ModelConfig
+from model_parallel.cross_entropy import plain_cross_entropy
 from model_parallel.init import InitKeys, ShardedNormalInit, ensure_model_parallel_rng
 from model_parallel.kernels import Kernels, select_kernels
 from model_parallel.layers import (
@@ -190,6 +191,11 @@ class FinalNorm(nn.Module):
         return self.norm(x)
 
 
+def loss_cross_entropy(ctx: PieceContext):
+    """The loss's (logits, target) -> per-token cross-entropy: kernels.cross_entropy over the piece's TP group."""
+    return functools.partial(ctx.kernels.cross_entropy, tp_group=ctx.tp_group)
+
+
 class OutputHead(nn.Module):
     """Decoder final norm and the projection to vocab-parallel image-code logits [n, b, V/tp]; decoder-only
     with model.text_loss_weight > 0, a second projection to next-caption-token logits."""
@@ -203,6 +209,7 @@ class OutputHead(nn.Module):
         self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.image_vocab_size, **column)
         if cfg.decoder_only and cfg.text_loss_weight > 0:
             self.text_proj = ColumnParallelLinear(cfg.hidden_size, cfg.text_vocab_size, **column)
+        self.cross_entropy = loss_cross_entropy(ctx)
 
     def forward(self, x, prefix: int = 0):
         """Image logits of hidden states [s, b, d] whose first `prefix` positions are the caption."""
@@ -386,10 +393,12 @@ class PartiModel(nn.Module):
             for layer in self.decoder:
                 x = layer(x, sample_index=sample_index)
             logits, text_logits = self.head.stream_logits(x)
-            return stream_loss(self.cfg, logits, image_codes, text_logits, text_ids) if return_loss else logits
+            if not return_loss:
+                return logits
+            return stream_loss(self.cfg, logits, image_codes, text_logits, text_ids, self.head.cross_entropy)
         memory, mask = self.encode(text_ids, sample_index)
         logits = self.decode(image_in, memory, mask, sample_index=sample_index)
-        return image_code_loss(logits, image_codes) if return_loss else logits
+        return image_code_loss(logits, image_codes, self.head.cross_entropy) if return_loss else logits
 
     def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor,
              sample_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -449,22 +458,24 @@ class PartiModel(nn.Module):
         return gather_from_tensor_model_parallel_region(logits, group=self.tp_group).transpose(0, 1)
 
 
-def image_code_loss(logits: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of vocab-parallel logits [n, b, V/tp] against codes [b, n]. (megatron-core
-    0.16's vocab_parallel_cross_entropy takes no group argument: it reduces over megatron's TP group.)"""
-    return vocab_parallel_cross_entropy(logits.float(), image_codes.t().contiguous()).mean()
+def image_code_loss(logits: torch.Tensor, image_codes: torch.Tensor, cross_entropy=plain_cross_entropy) -> torch.Tensor:
+    """Mean cross-entropy of vocab-parallel logits [n, b, V/tp] against codes [b, n]; `cross_entropy`: a
+    (logits, target) -> per-token loss function (OutputHead.cross_entropy: kernels.cross_entropy over the model's
+    TP group)."""
+    return cross_entropy(logits, image_codes.t().contiguous()).mean()
 
 
 def stream_loss(cfg: ModelConfig, logits: torch.Tensor, image_codes: torch.Tensor,
-                text_logits: torch.Tensor | None = None, text_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_logits: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+                cross_entropy=plain_cross_entropy) -> torch.Tensor:
     """Decoder-only: (1 - w) x image_code_loss + w x the mean cross-entropy of caption tokens 1.. that are not
     padding (w = model.text_loss_weight, DALL-E's 1/8; the mean is over this micro-batch's caption tokens,
     as Megatron normalises by a micro-batch's tokens). Without text logits, image_code_loss."""
-    loss = image_code_loss(logits, image_codes)
+    loss = image_code_loss(logits, image_codes, cross_entropy)
     if text_logits is None:
         return loss
     targets = text_ids[:, 1:].t().contiguous()
-    per_token = vocab_parallel_cross_entropy(text_logits.float(), targets)
+    per_token = cross_entropy(text_logits, targets)
     real = (targets != cfg.text_pad_id).float()
     text = (per_token * real).sum() / real.sum().clamp(min=1)
     return (1 - cfg.text_loss_weight) * loss + cfg.text_loss_weight * text

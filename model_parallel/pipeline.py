@@ -29,6 +29,7 @@ from model_parallel.model import (
     OutputHead,
     StreamEmbedding,
     TextEmbedding,
+    loss_cross_entropy,
     piece_classes,
     piece_context,
     mark_tensor_parallel_weights,
@@ -127,14 +128,14 @@ PIPE_CLASS = {TextEmbedding: TextEmbeddingPipe, EncoderLayer: EncoderLayerPipe, 
 class PipelineLoss:
     """The last stage's loss of its output and the image codes (PartiModel.loss's, either arch)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, cross_entropy):
+        self.cfg, self.cross_entropy = cfg, cross_entropy
 
     def __call__(self, outputs, image_codes):
         if isinstance(outputs, tuple):  # decoder-only with a text loss
             logits, text_logits, text_ids = outputs
-            return stream_loss(self.cfg, logits, image_codes, text_logits, text_ids)
-        return stream_loss(self.cfg, outputs, image_codes)
+            return stream_loss(self.cfg, logits, image_codes, text_logits, text_ids, self.cross_entropy)
+        return stream_loss(self.cfg, outputs, image_codes, cross_entropy=self.cross_entropy)
 
 
 def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_parallel: bool = False, tp_group=None,
@@ -149,7 +150,7 @@ def build_pipeline(cfg, kernels, num_stages: int, init_seed: int, sequence_paral
     specs = [LayerSpec(PIPE_CLASS[cls], ctx) for _, cls in piece_classes(cfg)]
     topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=ctx.tp_group.size(),
                                              num_dp=ps.get_data_parallel_world_size())
-    module = PipelineModule(layers=specs, topology=topology, loss_fn=PipelineLoss(cfg),
+    module = PipelineModule(layers=specs, topology=topology, loss_fn=PipelineLoss(cfg, loss_cross_entropy(ctx)),
                             partition_method="type:DecoderLayerPipe", seed_layers=True, base_seed=init_seed,
                             seed_fn=torch.manual_seed)
     for name, layer in module.named_children():  # this stage's layers, named by their index k among all

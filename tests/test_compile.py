@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import debug_batch, debug_model_config
 
-GPU_FUSIONS = {"dropout_mask": "compiled", "bias_dropout_add": "fused"}
-"""The compiled kernels `auto` picks on a GPU (CPU's: eager masks, plain bias-dropout-add)."""
+GPU_FUSIONS = {"dropout_mask": "compiled", "bias_dropout_add": "fused", "cross_entropy": "fused"}
+"""The compiled kernels `auto` picks on a GPU (CPU's: eager masks, plain bias-dropout-add and cross-entropy)."""
 
 
 def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, train: bool = True, kernels=None):
@@ -26,7 +26,8 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, trai
     from model_parallel.state import seed_everything
     from training.config import KernelConfig
 
-    chosen = KernelConfig(**{"dropout_mask": "eager", "bias_dropout_add": "plain", **(kernels or {})})
+    chosen = KernelConfig(**{"dropout_mask": "eager", "bias_dropout_add": "plain", "cross_entropy": "plain",
+                             **(kernels or {})})
     model = PartiModel(cfg, select_kernels(chosen), init_seed=3).train(train)
     if compiled:
         compile_layers(model, backend=compiled)
@@ -66,10 +67,10 @@ def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_bias_dropout_add_in_eager_layers_equals_plain(single_process):
+def test_fused_kernels_in_eager_layers_equal_plain(single_process):
     """A GPU's default: eager layers calling the fused bias-dropout-add kernel (inductor), with keyed dropout and
-    full recomputation (its first forward runs without grad, its rerun with): the plain kernels' losses and
-    gradients; in eval mode the layers take the plain operations."""
+    full recomputation (its first forward runs without grad, its rerun with), and the loss's fused
+    cross-entropy: the plain kernels' losses and gradients; in eval mode the layers take the plain operations."""
     from model_parallel.kernels import plain_bias_dropout_add, select_kernels
     from model_parallel.layers import Residual
     from model_parallel.model import PartiModel
@@ -78,7 +79,8 @@ def test_fused_bias_dropout_add_in_eager_layers_equals_plain(single_process):
     cfg = debug_model_config(**{"model.preset": "parti-debug", "model.dropout": 0.1})
     text, codes = debug_batch(cfg, batch=4)
     plain = _loss_and_grads(cfg, text, codes, "none", compiled=None)
-    fused = _loss_and_grads(cfg, text, codes, "full", compiled=None, kernels={"bias_dropout_add": "fused"})
+    fused = _loss_and_grads(cfg, text, codes, "full", compiled=None,
+                            kernels={"bias_dropout_add": "fused", "cross_entropy": "fused"})
     assert fused[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-6)
     for step_fused, step_plain in zip(fused[1], plain[1], strict=True):
         for a, b in zip(step_fused, step_plain, strict=True):

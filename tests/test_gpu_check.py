@@ -213,6 +213,17 @@ def test_fusion_timing_times_plain_and_fused_side_by_side():
         assert r[f"{case}_plain_over_fused"] == r[f"{case}_plain_ms"] / r[f"{case}_fused_ms"]
 
 
+def test_cross_entropy_timing_times_plain_and_fused_side_by_side(single_process):
+    """The MFU sections' timing of the loss's fused cross-entropy against megatron's (here on CPU)."""
+    from bench.gpu_mfu import cross_entropy_timing
+    from model_parallel.kernels import availability
+
+    if availability()["cross_entropy"]["fused"]:
+        pytest.skip(availability()["cross_entropy"]["fused"])
+    r = cross_entropy_timing((16, 2, 64), "cpu", calls=2)
+    assert r["plain_ms"] > 0 and r["fused_ms"] > 0 and r["plain_over_fused"] == r["plain_ms"] / r["fused_ms"]
+
+
 def test_a_failing_diagnostic_is_recorded_and_the_section_goes_on(tmp_path):
     from bench.gpu_common import Context
     from bench.gpu_mfu import _recorded

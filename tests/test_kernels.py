@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from model_parallel.cross_entropy import fused_cross_entropy
 from model_parallel.kernels import (
     KERNEL_CHOICES,
     availability,
@@ -72,6 +74,29 @@ def test_fused_bias_dropout_add_equals_plain(dtype):
         for a, c in zip(*grads):
             torch.testing.assert_close(a, c, **tol)
     assert not torch.equal(outs[1], plain_bias_dropout_add(x, bias, residual, keep, 0.25))  # (the mask acts)
+
+
+def test_fused_cross_entropy_equals_torch():
+    """The loss's fused cross-entropy (TP=1) against torch's cross_entropy of the fp32 logits, fp32 and bf16 logits:
+    per-token losses (fp32), gradients in the logits' dtype for a per-token upstream gradient; a second shape
+    runs the same compiled code (dynamic shapes: no recompilation per micro-batch size). TP=2's vocabulary
+    slices: test_tensor_parallel."""
+    _skip_unless("cross_entropy", "fused")
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((6, 3, 40), (5, 2, 40)):
+            with torch._dynamo.config.patch(error_on_recompile=shape[0] == 5):
+                logits = (torch.randn(shape, generator=g) * 4).to(dtype).requires_grad_()
+                target = torch.randint(0, shape[-1], shape[:2], generator=g)
+                upstream = torch.rand(shape[:2], generator=g)
+                fused = fused_cross_entropy(logits, target)
+                (grad,) = torch.autograd.grad(fused, logits, upstream)
+            reference = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
+            (reference_grad,) = torch.autograd.grad(reference.view(shape[:2]), logits, upstream)
+            assert fused.dtype == torch.float32 and grad.dtype == dtype
+            torch.testing.assert_close(fused, reference.view(shape[:2]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grad, reference_grad, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                       atol=1e-6 if dtype == torch.float32 else 1e-3)
 
 
 @pytest.mark.parametrize("name", ["apex", "te"])

@@ -53,6 +53,42 @@ def decoded_logits(tp: int):
                           for i in range(inputs.shape[1])], dim=1)
 
 
+def fused_cross_entropy_slices(dtype: torch.dtype):
+    """This rank's vocabulary half of the same logits: the fused cross-entropy over the TP group of both ranks,
+    and torch's over the whole vocabulary (targets in both halves)."""
+    import torch.nn.functional as F
+
+    from model_parallel.cross_entropy import fused_cross_entropy
+
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(5, 3, 32, generator=g) * 4).to(dtype)
+    target = torch.randint(0, 32, (5, 3), generator=g)
+    upstream = torch.rand(5, 3, generator=g)
+    rank = dist.get_rank()
+    mine = logits[..., rank * 16:(rank + 1) * 16].clone().requires_grad_()
+    loss = fused_cross_entropy(mine, target, dist.group.WORLD)
+    (grad,) = torch.autograd.grad(loss, mine, upstream)
+    whole = logits.clone().requires_grad_()
+    reference = F.cross_entropy(whole.float().flatten(0, 1), target.flatten(), reduction="none").view(5, 3)
+    (reference_grad,) = torch.autograd.grad(reference, whole, upstream)
+    return loss.detach(), reference.detach(), grad, reference_grad[..., rank * 16:(rank + 1) * 16], target
+
+
+def test_fused_cross_entropy_over_vocabulary_slices_equals_whole(pool2):
+    """kernels.cross_entropy=fused at TP=2 (each rank a half of the vocabulary: the maxima and sums all-reduced,
+    the target's logit from the rank that holds it): torch's loss over the whole vocabulary, each rank's slice of
+    its gradient."""
+    from model_parallel.kernels import availability
+
+    if availability()["cross_entropy"]["fused"]:
+        pytest.skip(availability()["cross_entropy"]["fused"])
+    for rank, (loss, reference, grad, reference_grad, target) in enumerate(pool2.run(fused_cross_entropy_slices,
+                                                                                      torch.float32)):
+        assert ((target < 16) == (rank == 0)).any()  # each rank holds some of the targets
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tp1(pool2):
     return pool2.run(loss_and_grads, 1, False)[0]
