@@ -234,6 +234,37 @@ def cross_entropy_timing(shape: tuple, device: str, calls: int = 10) -> dict:
     return out
 
 
+def head_split_timing(seq: int, batch: int, heads: int, head_dim: int, device: str, calls: int = 10) -> dict:
+    """The gradient join of self-attention's head split (layers._split_heads: autograd's cat of the q, k, v
+    gradients into the qkv projection's layout), at a decoder layer's shape in bf16: the strides of the gradients
+    as SDPA's backward hands them over (whether they are contiguous once permuted back decides between torch's
+    vectorised cat and its slow strided one: 4-5% of a step on an H200), and the milliseconds of that cat against
+    three strided copies into the joined layout, side by side."""
+    from model_parallel.layers import _split_heads
+
+    g = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(seq, batch, 3 * heads * head_dim, generator=g, device=device, dtype=torch.bfloat16,
+                      requires_grad=True)
+    grads = []
+    q, k, v = _split_heads(qkv, 3, head_dim)
+    for t in (q, k, v):
+        t.register_hook(grads.append)
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    back = [t.permute(2, 0, 1, 3) for t in grads]  # [s, b, heads, head_dim]: what the split's backward joins
+    joined = torch.empty(seq, batch, heads, 3, head_dim, device=device, dtype=torch.bfloat16)
+
+    def copies():
+        for i, t in enumerate(back):
+            joined[:, :, :, i].copy_(t)
+
+    out = {"shape": [seq, batch, heads, head_dim], "grad_strides": [list(t.stride()) for t in grads],
+           "contiguous_once_permuted_back": [t.is_contiguous() for t in back],
+           "cat_ms": _ms_per_call(lambda: torch.cat(back, dim=-1), device, calls),
+           "copies_ms": _ms_per_call(copies, device, calls)}
+    out["cat_over_copies"] = out["cat_ms"] / out["copies_ms"]
+    return out
+
+
 def _random_micro_batches(m, mbs: int, count: int, device: str) -> list:
     """`count` micro-batches of `mbs` random captions and image codes of model config `m`, on `device`, at
     distinct positions of the sample stream (what keys the dropout masks)."""
@@ -352,6 +383,7 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     fusion = _recorded(ctx, "bias_dropout_add", lambda: fusion_timing((m.image_seq_len, best, m.hidden_size), "cuda"))
     loss = _recorded(ctx, "cross_entropy",
                      lambda: cross_entropy_timing((m.image_seq_len, best, m.image_vocab_size), "cuda"))
+    split = _recorded(ctx, "head_split", lambda: head_split_timing(m.image_seq_len, best, m.num_heads, m.head_dim, "cuda"))
     planner = lambda b, mode: estimate(m, 1, 1, 1, 1, int(b), int(b) * accumulation, "bf16", mode, hw).step_s
     planned = {b: planner(b, recompute_mode) for b, r in results.items() if "step_s" in r}
     step_flops = flops * best * accumulation
@@ -369,7 +401,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
             "device_profile_one_step": kernels, "ops_one_micro_batch": ops,
-            "bias_dropout_add": fusion, "cross_entropy": loss, "compiled": compiled,
+            "bias_dropout_add": fusion, "cross_entropy": loss, "head_split": split,
+            "compiled": compiled,
             "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
                                                                   m.encoder_layers + m.decoder_layers, accumulation),
             "full_recompute": ctx.partial.get("full_recompute"),

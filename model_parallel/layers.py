@@ -218,7 +218,7 @@ def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tenso
     if parts == 1:  # cross-attention's queries: a whole [s, b, heads, head_dim] view, whose gradient cuDNN's and
         # flash's backward write in its layout (empty_like of a dense view), so the projection gets it without
         # a copy; a split into one piece joined it by a cat, a full copy. (CPU's flash backward returns it
-        # [b, heads, s, head_dim]-contiguous and megatron copies it instead: CPU speed is not the aim.)
+        # in a [b, s, heads, head_dim] layout and megatron copies it instead: CPU speed is not the aim.)
         return [heads.permute(1, 2, 0, 3)]
     return [part.permute(1, 2, 0, 3) for part in heads.split(head_dim, dim=-1)]
 
