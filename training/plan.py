@@ -83,7 +83,9 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     `recomputed_layer_bytes`); selective recomputation (the attention core) drops SDPA's output only: q, k
     and v are the recomputed region's inputs and stay. `head`: the stage holds the output head, whose logits
     (in the model's dtype, an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak
-    whatever the recomputation (measured at parti-20b width by bench/scale_slice.py). Decoder-only: a decoder
+    whatever the recomputation (measured at parti-20b width by bench/scale_slice.py, on CPU: megatron's plain
+    loss; a GPU's kernels.cross_entropy=fused keeps the logits alone and, in the backward, their gradient, so
+    there this is an upper bound by ~6 bytes a logit: ~6 GiB at parti-350m's micro-batch of 128). Decoder-only: a decoder
     layer over the whole stream S = T + N, no cross-attention; the head adds the caption's logits with a text
     loss."""
     b, h, f, T, N, V = (micro_batch, m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len,
