@@ -178,10 +178,10 @@ def _op_profile(fn, device: str) -> list[dict]:
     return op_breakdown(prof.events(), device)
 
 
-def _ms_per_call(step, device: str, calls: int) -> float:
-    """Milliseconds per call of step(), after two warm-up calls (compilation, allocator), between device
+def _ms_per_call(step, device: str, calls: int, warm_up: int = 2) -> float:
+    """Milliseconds per call of step(), after `warm_up` calls (compilation, allocator), between device
     synchronisations."""
-    for _ in range(2):
+    for _ in range(warm_up):
         step()
     sync(device)
     start = time.perf_counter()
@@ -281,13 +281,7 @@ def _seconds_per_step(engine, cfg, data: list, device: str, steps: int = 3) -> f
     compilation), timed between device synchronisations."""
     from training.engine import train_step
 
-    train_step(engine, cfg, data, device)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(engine, cfg, data, device)
-    sync(device)
-    return (time.perf_counter() - start) / steps
+    return _ms_per_call(lambda: train_step(engine, cfg, data, device), device, steps, warm_up=1) / 1e3
 
 
 def planner_fit(by_micro_batch: dict, flops_per_sample: float, peak_flops: float, layers: int,
