@@ -234,34 +234,36 @@ def cross_entropy_timing(shape: tuple, device: str, calls: int = 10) -> dict:
     return out
 
 
-def head_split_timing(seq: int, batch: int, heads: int, head_dim: int, device: str, calls: int = 10) -> dict:
-    """The gradient join of self-attention's head split (layers._split_heads: autograd's cat of the q, k, v
-    gradients into the qkv projection's layout), at a decoder layer's shape in bf16: the strides of the gradients
-    as SDPA's backward hands them over (whether they are contiguous once permuted back decides between torch's
-    vectorised cat and its slow strided one: 4-5% of a step on an H200), and the milliseconds of that cat against
-    three strided copies into the joined layout, side by side."""
-    from model_parallel.layers import _split_heads
+def split_heads_timing(seq: int, batch: int, heads: int, head_dim: int, device: str, calls: int = 10) -> dict:
+    """Self-attention's bias add and split into heads (kernels.split_heads), plain against fused, at a decoder
+    layer's shape in bf16, each with causal SDPA between it and its output projection's layout, forward and
+    backward: milliseconds per call of each and plain's over fused's, side by side (the attention is the same in
+    both: the difference is the split's, its gradients' join and the merge of heads); and for each, the strides of
+    the q, k, v gradients SDPA's backward hands over, and whether they are contiguous once permuted back to
+    [s, b, heads, d] (what decides between torch's vectorised cat and its strided one for plain's join)."""
+    from model_parallel.kernels import fused_split_heads, plain_split_heads
+    from model_parallel.layers import _merge_heads
 
     g = torch.Generator(device).manual_seed(0)
-    qkv = torch.randn(seq, batch, 3 * heads * head_dim, generator=g, device=device, dtype=torch.bfloat16,
-                      requires_grad=True)
-    grads = []
-    q, k, v = _split_heads(qkv, 3, head_dim)
-    for t in (q, k, v):
-        t.register_hook(grads.append)
-    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-    back = [t.permute(2, 0, 1, 3) for t in grads]  # [s, b, heads, head_dim]: what the split's backward joins
-    joined = torch.empty(seq, batch, heads, 3, head_dim, device=device, dtype=torch.bfloat16)
+    x = torch.randn(seq, batch, 3 * heads * head_dim, generator=g, device=device, dtype=torch.bfloat16,
+                    requires_grad=True)
+    bias = torch.randn(3 * heads * head_dim, generator=g, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(seq, batch, heads * head_dim, generator=g, device=device, dtype=torch.bfloat16)
+    out = {"shape": [seq, batch, heads, head_dim]}
+    for name, split in (("plain", plain_split_heads), ("fused", fused_split_heads)):
+        def step(split=split, hook=None):
+            q, k, v = split(x, bias, 3, head_dim)
+            for t in (q, k, v) if hook else ():
+                t.register_hook(hook)
+            attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(_merge_heads(attended), (x, bias), grad)  # (no gradient accumulated)
 
-    def copies():
-        for i, t in enumerate(back):
-            joined[:, :, :, i].copy_(t)
-
-    out = {"shape": [seq, batch, heads, head_dim], "grad_strides": [list(t.stride()) for t in grads],
-           "contiguous_once_permuted_back": [t.is_contiguous() for t in back],
-           "cat_ms": _ms_per_call(lambda: torch.cat(back, dim=-1), device, calls),
-           "copies_ms": _ms_per_call(copies, device, calls)}
-    out["cat_over_copies"] = out["cat_ms"] / out["copies_ms"]
+        grads = []
+        step(hook=grads.append)
+        out[f"{name}_grad_strides"] = [list(t.stride()) for t in grads]
+        out[f"{name}_contiguous_once_permuted_back"] = [t.permute(2, 0, 1, 3).is_contiguous() for t in grads]
+        out[f"{name}_ms"] = _ms_per_call(step, device, calls)
+    out["plain_over_fused"] = out["plain_ms"] / out["fused_ms"]
     return out
 
 
@@ -390,14 +392,15 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     # the section's partial results.)
     loss = _recorded(ctx, "cross_entropy",
                      lambda: cross_entropy_timing((m.image_seq_len, best, m.image_vocab_size), "cuda"))
-    split = _recorded(ctx, "head_split", lambda: head_split_timing(m.image_seq_len, best, m.num_heads, m.head_dim, "cuda"))
+    split = _recorded(ctx, "split_heads",
+                      lambda: split_heads_timing(m.image_seq_len, best, m.num_heads, m.head_dim, "cuda"))
     trainer.log.close()
     return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "accumulation": accumulation,
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
             "device_profile_one_step": kernels, "ops_one_micro_batch": ops,
-            "bias_dropout_add": fusion, "cross_entropy": loss, "head_split": split,
+            "bias_dropout_add": fusion, "cross_entropy": loss, "split_heads": split,
             "compiled": compiled,
             "planner_step_s": planned, "planner_fit": planner_fit(results, flops, trainer.peak_flops,
                                                                   m.encoder_layers + m.decoder_layers, accumulation),

@@ -5,6 +5,7 @@
     norm = kernels.layer_norm(hidden, eps)      # a module
     y = kernels.bias_gelu(x, bias)              # a function
     y = kernels.bias_dropout_add(x, bias, residual, keep, p)
+    q, k, v = kernels.split_heads(x, bias, 3, head_dim)   # [b, heads, s, head_dim] each
     loss = kernels.cross_entropy(logits, target, tp_group)   # per token
     opt = kernels.optimizer(param_groups, lr=..., betas=..., eps=..., weight_decay=...)
 
@@ -14,6 +15,8 @@ Choices (auto picks the first that is available on this machine):
   explicit softmax(QK^T)V ("math", for debugging);
 - bias + GeLU: megatron-core's jit-fused bias_gelu (GPU), or bias add + tanh GeLU;
 - bias + dropout + residual add after each row-parallel projection: one compiled kernel (GPU), or three;
+- bias add and split into heads after attention's q / kv / qkv projections: one compiled kernel writing each
+  part dense (GPU: its gradients then come back dense and join fast), or a bias add and views;
 - the loss's vocab-parallel cross-entropy: three compiled passes over the logits (GPU;
   model_parallel/cross_entropy.py says why), or megatron-core's on fp32 logits;
 - optimizer: torch AdamW(fused=True) (one multi-tensor kernel, as fast as apex's), torch AdamW; apex
@@ -42,7 +45,7 @@ from model_parallel.keyed_dropout import compiled_keep_mask, keyed_dropout, keye
 
 KERNEL_CHOICES = {"layernorm": ("auto", "apex", "te", "torch"), "attention": ("auto", "sdpa", "math"),
                   "bias_gelu": ("auto", "fused", "plain"), "bias_dropout_add": ("auto", "fused", "plain"),
-                  "cross_entropy": ("auto", "fused", "plain"),
+                  "split_heads": ("auto", "fused", "plain"), "cross_entropy": ("auto", "fused", "plain"),
                   "optimizer": ("auto", "apex", "deepspeed", "torch_fused", "torch"),
                   "dropout_mask": ("auto", "compiled", "eager")}
 
@@ -60,6 +63,10 @@ class KernelConfig:
     bias_dropout_add: str = "auto"
     """auto | fused (in training, the bias, the keyed dropout and the residual add after attention's and the MLP's
     output projections as one torch.compile kernel; eval mode takes plain) | plain (one kernel each)."""
+    split_heads: str = "auto"
+    """auto | fused (in training, the bias add of attention's q, kv and qkv projections and their split into heads
+    as one torch.compile kernel that writes each part dense; eval mode takes plain) | plain (a bias add, then views
+    of its result)."""
     cross_entropy: str = "auto"
     """auto | fused (the loss's cross-entropy in three compiled passes over the logits in their dtype,
     model_parallel/cross_entropy.py) | plain (megatron-core's vocab_parallel_cross_entropy on fp32 logits)."""
@@ -101,6 +108,7 @@ def availability() -> dict[str, dict[str, str | None]]:
         # megatron-core's fused bias-GeLU is a torch.compile'd function (megatron/core/jit.py): inductor's needs.
         "bias_gelu": {"fused": compile_unavailable(), "plain": None},
         "bias_dropout_add": {"fused": compile_unavailable(), "plain": None},
+        "split_heads": {"fused": compile_unavailable(), "plain": None},
         "cross_entropy": {"fused": compile_unavailable(), "plain": None},
         "optimizer": {"apex": apex_opt, "deepspeed": no_gpu or _cuda_op_build_unavailable(), "torch_fused": None,
                       "torch": None},
@@ -114,9 +122,11 @@ def availability() -> dict[str, dict[str, str | None]]:
 _PREFERENCE = {
     "gpu": {"layernorm": ("te", "apex", "torch"), "attention": ("sdpa",),
             "bias_gelu": ("fused", "plain"), "bias_dropout_add": ("fused", "plain"),
-            "cross_entropy": ("fused", "plain"), "optimizer": ("torch_fused", "torch"), "dropout_mask": ("compiled", "eager")},
+            "split_heads": ("fused", "plain"), "cross_entropy": ("fused", "plain"),
+            "optimizer": ("torch_fused", "torch"), "dropout_mask": ("compiled", "eager")},
     "cpu": {"layernorm": ("torch",), "attention": ("sdpa",), "bias_gelu": ("plain",), "bias_dropout_add": ("plain",),
-            "cross_entropy": ("plain",), "optimizer": ("torch",), "dropout_mask": ("eager",)},
+            "split_heads": ("plain",), "cross_entropy": ("plain",), "optimizer": ("torch",),
+            "dropout_mask": ("eager",)},
 }
 
 
@@ -169,6 +179,52 @@ def fused_bias_dropout_add():
     per process, made at the first ask (compiled at its first call): a compiled layer traces through it, and
     one object keeps the layers' graphs alike."""
     return torch.compile(plain_bias_dropout_add, dynamic=True)
+
+
+def plain_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
+    """x + bias: [s, b, heads*parts*head_dim] -> `parts` tensors of [b, heads, s, head_dim], views of the sum. Each
+    head's parts (q, k, v) are adjacent, megatron's layout (a TP rank holds whole heads), and are split along the
+    last dimension as megatron-core splits them. The views are not dense (each skips the other parts), so a fused
+    attention backward that allocates their gradients like them (empty_like: cuDNN's) writes [b, heads, s, d]
+    tensors, and autograd joins those into x's layout with torch's strided cat (see fused_split_heads)."""
+    s, b = x.shape[:2]
+    heads = (x + bias).view(s, b, -1, parts * head_dim)
+    if parts == 1:  # cross-attention's queries: the whole, dense view (a split into one piece is a cat's copy)
+        return [heads.permute(1, 2, 0, 3)]
+    return [part.permute(1, 2, 0, 3) for part in heads.split(head_dim, dim=-1)]
+
+
+def _dense_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
+    """plain_split_heads with each part written to its own dense [s, b, heads, head_dim] tensor."""
+    s, b = x.shape[:2]
+    heads = (x + bias).view(s, b, -1, parts * head_dim)
+    return [heads[..., i * head_dim:(i + 1) * head_dim].contiguous().permute(1, 2, 0, 3) for i in range(parts)]
+
+
+def fused_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
+    """plain_split_heads' values as one inductor kernel that writes each part dense ([s, b, heads, head_dim]
+    order), and in the backward one kernel joining the parts' gradients into x's layout (with the bias
+    gradient's sum). Why: on an H200 (bench/results/gpu_nvidia-h200_2026-12-04) the projections' broadcast bias
+    add ran at a third of the memory bandwidth and the join of plain's views' gradients took torch's generic
+    strided cat (torch's cat_out_cuda takes its vectorised kernels only for contiguous inputs; cuDNN's attention
+    backward allocates dq, dk, dv by empty_like, which gives non-dense views' gradients the [b, heads, s, d] order):
+    together ~7% of a parti-350m step. Dense parts get gradients in their own order, which the compiled backward
+    joins at bandwidth; SDPA's output then also keeps the queries' [s, b, heads, d] order, so merging heads is a
+    view, not a copy. Same values as plain; the bias gradient is summed in another order."""
+    if torch.compiler.is_compiling():  # inside a compiled layer (kernels.compile): part of the layer's graph
+        return _dense_split_heads(x, bias, parts, head_dim)
+    return _compiled_split_heads(parts, head_dim)(x, bias)
+
+
+@functools.cache
+def _compiled_split_heads(parts: int, head_dim: int):
+    """One compiled function per (parts, head_dim), closed over them: constants to the trace (a compiled frame's
+    integer arguments would be dynamic), while dynamic in the sequence and batch (one compilation serves every
+    micro-batch shape)."""
+    def split(x: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
+        return _dense_split_heads(x, bias, parts, head_dim)
+
+    return torch.compile(split, dynamic=True)
 
 
 def sdpa_attention(q, k, v, mask=None, causal=False, dropout_p=0.0):
@@ -242,6 +298,11 @@ class Kernels:
     @property
     def bias_dropout_add(self):
         return fused_bias_dropout_add() if self.name("bias_dropout_add") == "fused" else plain_bias_dropout_add
+
+    @property
+    def split_heads(self):
+        """(x [s, b, heads*parts*head_dim], bias, parts, head_dim) -> `parts` tensors of [b, heads, s, head_dim]."""
+        return fused_split_heads if self.name("split_heads") == "fused" else plain_split_heads
 
     @property
     def cross_entropy(self):

@@ -34,7 +34,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from model_parallel.attention_patterns import AttentionPattern
 from model_parallel.config import ModelConfig
-from model_parallel.kernels import Kernels, attention_probs, plain_bias_dropout_add
+from model_parallel.kernels import Kernels, attention_probs, plain_bias_dropout_add, plain_split_heads
 from model_parallel.keyed_dropout import dropout_site_key, keyed_dropout, keyed_keep_mask
 
 
@@ -206,32 +206,18 @@ def _attention_in_rng_fork(attention, q, k, v, mask, causal: bool, dropout: floa
         return attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout)
 
 
-def _split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
-    """[s, b, heads*parts*head_dim] -> `parts` tensors of [b, heads, s, head_dim] (views). Each head's parts
-    (q, k, v) are adjacent, megatron's layout (a TP rank holds whole heads); they are split along the last
-    dimension, as megatron-core splits them, so that autograd joins their gradients with one cat straight into
-    the projection's layout. Unbinding a [parts, b, heads, s, head_dim] permutation instead stacked the
-    gradients and then copied them back into that layout: two passes (copies took 13% of a parti-350m step's
-    GPU time on an H200, bench/results/gpu_nvidia-h200_2026-12-04)."""
-    s, b = x.shape[:2]
-    heads = x.view(s, b, -1, parts * head_dim)
-    if parts == 1:  # cross-attention's queries: a whole [s, b, heads, head_dim] view, whose gradient cuDNN's and
-        # flash's backward write in its layout (empty_like of a dense view), so the projection gets it without
-        # a copy; a split into one piece joined it by a cat, a full copy. (CPU's flash backward returns it
-        # in a [b, s, heads, head_dim] layout and megatron copies it instead: CPU speed is not the aim.)
-        return [heads.permute(1, 2, 0, 3)]
-    return [part.permute(1, 2, 0, 3) for part in heads.split(head_dim, dim=-1)]
-
-
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[b, heads, s, head_dim] -> [s, b, heads*head_dim]."""
+    """[b, heads, s, head_dim] -> [s, b, heads*head_dim]: a view, no copy, when attention's output keeps dense
+    queries' [s, b, heads, head_dim] order (cuDNN's does: kernels.fused_split_heads)."""
     b, h, s, d = x.shape
     return x.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
 class Attention(KeyedSite):
     """Multi-head attention; self-attention when `memory` is None, else cross-attention to it. Returns the
-    output projection's (output, bias): Residual adds the bias with the dropout and the residual."""
+    output projection's (output, bias): Residual adds the bias with the dropout and the residual. The q / kv /
+    qkv projections' biases are added with the split into heads (kernels.split_heads: one fused kernel in
+    training on a GPU; eval mode, sampling's one-token steps among them, takes the plain add and views)."""
 
     def __init__(self, ctx: PieceContext, cross: bool):
         super().__init__(ctx.kernels.keep_mask)
@@ -239,13 +225,15 @@ class Attention(KeyedSite):
         self.head_dim = ctx.cfg.head_dim
         self.cross = cross
         self.attention = ctx.kernels.attention
+        self.split_heads = ctx.kernels.split_heads
         self.attention_dropout = ctx.cfg.attention_dropout
         # model.attention_dropout_invariant: keyed masks on explicit probabilities instead of the fused kernel.
         self.keyed_attention_dropout = ctx.cfg.attention_dropout_invariant
         self.tp_group = ctx.tp_group
         # Sparse self-attention (model.attention_pattern), set once the piece knows its place (model.place_piece).
         self.pattern: AttentionPattern | None = None
-        col = dict(config=ctx.mp, init_method=ctx.init, bias=True, gather_output=False, tp_group=ctx.tp_group)
+        col = dict(config=ctx.mp, init_method=ctx.init, bias=True, gather_output=False, skip_bias_add=True,
+                   tp_group=ctx.tp_group)
         if cross:
             self.q = ColumnParallelLinear(hidden, hidden, **col)
             self.kv = ColumnParallelLinear(hidden, 2 * hidden, **col)
@@ -254,8 +242,13 @@ class Attention(KeyedSite):
         self.proj = RowParallelLinear(hidden, hidden, config=ctx.mp, init_method=ctx.out_init, bias=True,
                                       input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
 
+    def _heads(self, projected: tuple[torch.Tensor, torch.Tensor], parts: int) -> list[torch.Tensor]:
+        """A projection's (output, bias) -> `parts` tensors of [b, heads, s, head_dim]."""
+        split = self.split_heads if self.training else plain_split_heads  # (by mode, as Residual's fusion)
+        return split(*projected, parts, self.head_dim)
+
     def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = _split_heads(self.kv(memory)[0], 2, self.head_dim)
+        k, v = self._heads(self.kv(memory), 2)
         return k, v
 
     def forward(self, x, mask=None, causal=False, memory=None, cache: LayerCache | None = None,
@@ -263,13 +256,13 @@ class Attention(KeyedSite):
         """`sample_index` (int64 [b], training): the samples' positions in the run's sample stream, which
         key the attention-probability dropout when model.attention_dropout_invariant is set."""
         if self.cross:
-            (q,) = _split_heads(self.q(x)[0], 1, self.head_dim)
+            (q,) = self._heads(self.q(x), 1)
             if cache is not None and cache.cross_k is not None:
                 k, v = cache.cross_k, cache.cross_v
             else:
                 k, v = self.cross_kv(memory)
         else:
-            q, k, v = _split_heads(self.qkv(x)[0], 3, self.head_dim)
+            q, k, v = self._heads(self.qkv(x), 3)
             queries = None  # the queries' stream positions (or the first one's), for a sparse pattern
             if cache is not None and cache.static is not None:
                 queries = cache.static.at

@@ -11,8 +11,9 @@ import torch
 
 from tests.conftest import debug_batch, debug_model_config
 
-GPU_FUSIONS = {"dropout_mask": "compiled", "bias_dropout_add": "fused", "cross_entropy": "fused"}
-"""The compiled kernels `auto` picks on a GPU (CPU's: eager masks, plain bias-dropout-add and cross-entropy)."""
+GPU_FUSIONS = {"dropout_mask": "compiled", "bias_dropout_add": "fused", "split_heads": "fused",
+               "cross_entropy": "fused"}
+"""The compiled kernels `auto` picks on a GPU (CPU's: eager masks, the plain others)."""
 
 
 def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, train: bool = True, kernels=None):
@@ -26,8 +27,8 @@ def _loss_and_grads(cfg, text, codes, recompute: str, compiled: str | None, trai
     from model_parallel.state import seed_everything
     from training.config import KernelConfig
 
-    chosen = KernelConfig(**{"dropout_mask": "eager", "bias_dropout_add": "plain", "cross_entropy": "plain",
-                             **(kernels or {})})
+    chosen = KernelConfig(**{"dropout_mask": "eager", "bias_dropout_add": "plain", "split_heads": "plain",
+                             "cross_entropy": "plain", **(kernels or {})})
     model = PartiModel(cfg, select_kernels(chosen), init_seed=3).train(train)
     if compiled:
         compile_layers(model, backend=compiled)
@@ -68,11 +69,12 @@ def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute
 
 
 def test_fused_kernels_in_eager_layers_equal_plain(single_process):
-    """A GPU's default: eager layers calling the fused bias-dropout-add kernel (inductor), with keyed dropout and
-    full recomputation (its first forward runs without grad, its rerun with), and the loss's fused
-    cross-entropy: the plain kernels' losses and gradients; in eval mode the layers take the plain operations."""
+    """A GPU's default: eager layers calling the fused bias-dropout-add and head-split kernels (inductor), with
+    keyed dropout and full recomputation (its first forward runs without grad, its rerun with), and the loss's
+    fused cross-entropy: the plain kernels' losses and gradients; in eval mode the layers take the plain
+    operations."""
     from model_parallel.kernels import plain_bias_dropout_add, select_kernels
-    from model_parallel.layers import Residual
+    from model_parallel.layers import Attention, Residual
     from model_parallel.model import PartiModel
     from training.config import KernelConfig
 
@@ -80,17 +82,20 @@ def test_fused_kernels_in_eager_layers_equal_plain(single_process):
     text, codes = debug_batch(cfg, batch=4)
     plain = _loss_and_grads(cfg, text, codes, "none", compiled=None)
     fused = _loss_and_grads(cfg, text, codes, "full", compiled=None,
-                            kernels={"bias_dropout_add": "fused", "cross_entropy": "fused"})
+                            kernels={"bias_dropout_add": "fused", "split_heads": "fused", "cross_entropy": "fused"})
     assert fused[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-6)
     for step_fused, step_plain in zip(fused[1], plain[1], strict=True):
         for a, b in zip(step_fused, step_plain, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    model = PartiModel(cfg, select_kernels(KernelConfig(bias_dropout_add="fused")), init_seed=3).eval()
+    model = PartiModel(cfg, select_kernels(KernelConfig(bias_dropout_add="fused", split_heads="fused")),
+                       init_seed=3).eval()
     calls = []
     for module in model.modules():
         if isinstance(module, Residual):
             assert module.bias_dropout_add is not plain_bias_dropout_add
             module.bias_dropout_add = lambda *args, **kw: calls.append(1)  # (would fail the forward if called)
+        if isinstance(module, Attention):
+            module.split_heads = lambda *args, **kw: calls.append(1)
     with torch.no_grad():
         model.loss(text, codes)
     assert not calls

@@ -11,9 +11,11 @@ from model_parallel.kernels import (
     availability,
     fused_bias_dropout_add,
     fused_bias_gelu,
+    fused_split_heads,
     math_attention,
     plain_bias_dropout_add,
     plain_bias_gelu,
+    plain_split_heads,
     sdpa_attention,
     select_kernels,
 )
@@ -74,6 +76,31 @@ def test_fused_bias_dropout_add_equals_plain(dtype):
         for a, c in zip(*grads):
             torch.testing.assert_close(a, c, **tol)
     assert not torch.equal(outs[1], plain_bias_dropout_add(x, bias, residual, keep, 0.25))  # (the mask acts)
+
+
+def test_fused_split_heads_equals_plain():
+    """The q / kv / qkv projections' bias add and split into heads, fused against plain: the same values, each
+    fused part dense in [s, b, heads, head_dim] order (what makes an attention backward that allocates like its
+    inputs hand the gradients back dense), the same gradient of the projection's output and the bias gradient
+    to rounding; fp32 for the queries alone (plain's one dense view) and for qkv, bf16 for qkv; a second shape
+    without recompiling."""
+    _skip_unless("split_heads", "fused")
+    g = torch.Generator().manual_seed(4)
+    for dtype, parts in ((torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3)):
+        for s, b in ((6, 3), (5, 2)):
+            with torch._dynamo.config.patch(error_on_recompile=s == 5):
+                x = torch.randn(s, b, parts * 4 * 8, generator=g).to(dtype).requires_grad_()
+                bias = torch.randn(parts * 4 * 8, generator=g).to(dtype).requires_grad_()
+                fused, plain = (fn(x, bias, parts, 8) for fn in (fused_split_heads, plain_split_heads))
+                upstream = [torch.randn(t.shape, generator=g).to(dtype) for t in plain]
+                grads = [torch.autograd.grad(out, (x, bias), upstream) for out in (fused, plain)]
+            for f, p in zip(fused, plain, strict=True):
+                assert f.shape == (b, 4, s, 8) and f.permute(2, 0, 1, 3).is_contiguous()
+                assert torch.equal(f, p)
+            assert parts == 1 or not plain[0].permute(2, 0, 1, 3).is_contiguous()  # (plain's: views of the sum)
+            assert torch.equal(grads[0][0], grads[1][0])
+            torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_fused_cross_entropy_equals_torch():
