@@ -409,9 +409,13 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
     warnings = []  # the project's "parti" logger (its handler, if any, is the caller's)
     monkeypatch.setattr(generate_module.log, "warning", warnings.append)
     model, vq, tok, prompts = generation_parts(reference, tmp_path)
+    graphed, real_sample = [], generate_module.sample  # sample()'s cuda_graph per batch: a GPU's decoder only
+    monkeypatch.setattr(generate_module, "sample",
+                        lambda *a, **kw: graphed.append(kw["cuda_graph"]) or real_sample(*a, **kw))
     cfg = SamplingConfig(guidance_scale=1.2, top_k=20)
     out = tmp_path / "samples"
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=3, rank=1, world=2) == 2
+    assert graphed == [next(model.parameters()).is_cuda] * 2  # (this rank: 2 prompts x 2 samples, 3 a batch)
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=5, rank=0, world=2) == 2
     assert model.cfg.caption_drop_prob > 0 and warnings == []  # (guidance on a model trained for it)
     assert len(list(out.glob("*.png"))) == 8
