@@ -215,14 +215,15 @@ GREEDY_TOLERANCE = 1e-3
 
 
 def sampling(ctx: Context) -> dict:
-    """Greedy decoding with the KV cache (and, on a GPU, the CUDA-graph decode step) is greedy decoding under
-    full recomputation in fp32 (greedy_gap; whether the codes are also exactly equal is recorded), for the
-    encoder-decoder and the decoder-only model (dalle-debug: under DALL-E's sparse masks); then
+    """Greedy decoding with the KV cache (and, on a GPU, the CUDA-graph decode step, also restarted from an
+    earlier batch's graphs) is greedy decoding under full recomputation in fp32 (greedy_gap; whether the codes
+    are also exactly equal is recorded), for the encoder-decoder and the decoder-only model (dalle-debug: under
+    DALL-E's sparse masks); then
     bench/sample.py's measurement of parti-350m in bf16 (batch 16 with classifier-free guidance, 32 rows):
     image tokens/s of full recomputation, KV cache and CUDA graph against the memory-bandwidth bound
     measured on this machine."""
     from bench.sample import MODES, measure_decoding, relate_rates
-    from evaluation.sampling import SamplingConfig, sample
+    from evaluation.sampling import SamplingConfig, StaticSteps, sample
     from model_parallel.model import PartiModel
     from model_parallel.state import init_parallel, seed_everything
 
@@ -236,8 +237,11 @@ def sampling(ctx: Context) -> dict:
         model = PartiModel(small).to(device).eval()
         text = torch.randint(4, small.text_vocab_size, (2, small.text_seq_len), device=device)
         full = sample(model, text, greedy, use_cache=False)
-        for mode in ("kv_cache", "cuda_graph") if device == "cuda" else ("kv_cache",):
-            codes = sample(model, text, greedy, cuda_graph=mode == "cuda_graph")
+        for mode in ("kv_cache", "cuda_graph", "cuda_graph_restarted") if device == "cuda" else ("kv_cache",):
+            steps = StaticSteps() if mode == "cuda_graph_restarted" else None
+            if steps:  # the graphs captured for other captions, then restarted for these (evaluation.generate's)
+                sample(model, text.roll(1, dims=0), greedy, cuda_graph=True, steps=steps)
+            codes = sample(model, text, greedy, cuda_graph=mode != "kv_cache", steps=steps)
             equal[arch + mode], gap[arch + mode] = bool(torch.equal(codes, full)), greedy_gap(model, text, codes)
     out = {"greedy_equal_fp32": ctx.record("greedy_equal_fp32", equal),
            "greedy_gap_fp32": ctx.record("greedy_gap_fp32", gap)}

@@ -17,7 +17,9 @@ projections, whose outputs are cached), the self-attention K/V cache over the po
 (averaged over the image) and the cached cross-attention K/V, and the bandwidth of a large device copy
 measured in the same run (bytes read + written per second). Rates are image tokens/s of the token loop
 (sample()'s `decode_s`; the encoder, cache allocation and graph capture are `setup_s`). Sampling draws
-from a generator on the model's device (temperature 1, no filtering, no guidance unless asked).
+from a generator on the model's device (temperature 1, no filtering, no guidance unless asked). The CUDA-graph
+mode is timed as evaluation.generate samples its later batches: through a step kept from an earlier call of the
+same shape (`setup_s` restarts it; `capture_setup_s` is that first call's capture).
 
 On a shared CPU, time with `--threads 1`: a decode step is ~100 small ops, and with more OpenMP threads
 than idle cores each op waits for descheduled threads (parti-tiny: 2.1 ms/step with 1 thread, 44 ms/step
@@ -35,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.sampling import SamplingConfig, sample  # noqa: E402
+from evaluation.sampling import SamplingConfig, StaticSteps, sample  # noqa: E402
 from model_parallel.model import PartiModel
 from model_parallel.state import init_parallel, seed_everything
 from training.config import load_config
@@ -119,14 +121,18 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
             out[mode] = {"skipped": f"CUDA graphs need a CUDA device; the model is on {device}"}
             continue
         n, kwargs = runs[mode]
+        if mode == "cuda_graph":  # (as evaluation.generate samples: the graphs kept for the next batch)
+            kwargs = {**kwargs, "steps": StaticSteps()}
         try:
-            _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, **kwargs)  # lazy init, kernels
+            first = _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, **kwargs)  # lazy init, kernels
             t = _timed_sample(model, text, sampling, n, seed, **kwargs)
         except Exception as e:  # noqa: BLE001 - recorded: the other modes' numbers still come back
             out[mode] = {"error": f"{type(e).__name__}: {e}"}
             continue
         out[mode] = {"tokens": n, "image_tokens_per_s": batch * n / t["decode_s"], "ms_per_step": 1e3 * t["decode_s"] / n,
                      "setup_s": t["setup_s"], "decode_s": t["decode_s"]}
+        if "steps" in kwargs:  # the first call's setup captured the graphs; the timed one's restarted them
+            out[mode]["capture_setup_s"] = first["setup_s"]
     relate_rates(out)
     return out
 

@@ -51,7 +51,7 @@ from data_pipeline.code_shards import other_tokenizers
 from data_pipeline.text_tokenizer import TextTokenizer
 from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
-from evaluation.sampling import SamplingConfig, check_counts, sample
+from evaluation.sampling import SamplingConfig, StaticSteps, check_counts, sample
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.model import load_upsampler, upsample
 from training.export import exported_data_tokenizers, exported_model_config, load_exported
@@ -179,6 +179,7 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     device = next(model.parameters()).device
     jobs = [(i, k) for i in todo for k in range(samples_per_prompt)]
     pending: dict[int, list] = {}  # prompt -> its decoded samples so far (a prompt may span two batches)
+    steps = StaticSteps()  # (a GPU's CUDA graphs, captured once per batch shape)
     with tqdm(total=len(jobs), desc="generate", unit="img", disable=rank != 0) as bar:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
@@ -189,7 +190,7 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
             # decode step replays CUDA graphs (evaluation/sampling.py): parti-350m on an H200 decoded 9x the image
             # tokens/s of the growing cache, whose every step waits on the host (bench/results, sampling).
             codes = sample(model, text, cfg, generators, codebook_size=vq.codebook_size,
-                           cuda_graph=device.type == "cuda")
+                           cuda_graph=device.type == "cuda", steps=steps)
             images = vq.decode(codes.view(-1, vq.grid, vq.grid).to(next(vq.parameters()).device))
             for (i, k), image in zip(batch, images):
                 pending.setdefault(i, []).append(image.float())

@@ -152,6 +152,34 @@ def test_static_step_warm_up_fits_a_short_image_and_restarts_at_its_first_positi
         assert torch.equal(sample(model, text, greedy, static_cache=True), full)
 
 
+def test_a_kept_static_step_restarted_for_new_captions_equals_a_new_one(single_process):
+    """StaticSteps (what evaluation.generate keeps, so that a GPU captures its CUDA graphs once per batch shape):
+    the step of an earlier batch, restarted in its own buffers for new captions, decodes what a new step does
+    (here eagerly, the very step a graph replays), for an encoder-decoder and a decoder-only model (whose caption
+    is prefilled into the cache); another batch shape gets a step of its own."""
+    from evaluation.sampling import StaticSteps
+    from model_parallel.model import PartiModel
+    from training.config import load_config
+
+    greedy, guided = SamplingConfig(temperature=0), SamplingConfig(top_k=5, guidance_scale=2.0)
+    for name in ("parti-debug", "dalle-debug"):
+        cfg = load_config(None, [f"model.preset={name}", "model.image_grid=2"]).model
+        model = PartiModel(cfg, init_seed=0).eval()
+        first, _ = debug_batch(cfg, batch=3, seed=1)
+        second, _ = debug_batch(cfg, batch=3, seed=2)
+        steps = StaticSteps()
+        for sampling, seed in ((greedy, None), (guided, 7)):  # (guidance: a doubled batch, a step of its own)
+            draws = lambda seed=seed: None if seed is None else torch.Generator().manual_seed(seed)
+            earlier = sample(model, first, sampling, draws(), static_cache=True, steps=steps)
+            made = dict(steps.steps)
+            reused = sample(model, second, sampling, draws(), static_cache=True, steps=steps)
+            assert steps.steps == made  # (the same step, restarted)
+            assert torch.equal(reused, sample(model, second, sampling, draws(), static_cache=True))
+            assert not torch.equal(earlier, reused)  # (other captions)
+        sample(model, second[:2], greedy, static_cache=True, steps=steps)
+        assert len(steps.steps) == 3
+
+
 def test_cuda_graph_needs_cuda_and_the_cache(single_process):
     model = debug_model()
     with pytest.raises(ValueError, match="needs use_cache=True"):
