@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 # the compilation of their layers and the operation profile, ~10 s with its Python stacks, not yet measured there).
 TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "recompute": 60, "mfu_350m": 170,
                "sampling": 120, "vq": 90, "mfu_750m": 180, "mfu_3b": 240, "multi_gpu": 120,
-               "parti_stages": 60, "async_save": 90, "compile_speedup": 240}
+               "parti_stages": 60, "async_save": 90, "compile_speedup": 240, "decode_compiled": 240}
 # The whole run's default length on a GPU: 5 minutes, in which the sections run in SECTIONS' order (what was
 # never checked first); every section takes ~10 minutes (--budget-s 900). A lent machine runs one command for at
 # most 600 s, the wheels' installation first: bench/device_wheels.sh's command passes --budget-s 540.
@@ -182,6 +182,11 @@ def _summarise(name: str, r: dict) -> str:
                  + (f" ({m[mode]['of_bound']:.0%} of bound)" if "of_bound" in m[mode] else "")
                  for mode in ("full_recomputation", "kv_cache", "cuda_graph") if "image_tokens_per_s" in m.get(mode, {})]
         parts.append(f"{r['preset']} {m['dtype']} batch {m['batch']} (+guidance): " + ", ".join(rates))
+    elif name == "decode_compiled":
+        parts.append(f"greedy gap {r['greedy']['gap_fp32']:.1e} ({r['greedy']['preset']}, first call "
+                     f"{r['greedy']['first_call_s']:.0f} s)"
+                     + (f"; parti-350m CUDA graphs: compiled step {r['compiled_over_eager']:.2f}x the eager step's "
+                        "tok/s" if "compiled_over_eager" in r else ""))
     elif name == "vq":
         parts.append(f"resume diff {r['max_abs_diff']:.1e}, autocast code agreement {r['autocast_code_agreement']:.3f}, "
                      f"pretokenize {r['pretokenize_images_per_s']:.0f} img/s vs encode {r['encode_only_images_per_s']:.0f}")

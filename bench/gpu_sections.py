@@ -274,6 +274,47 @@ def sampling(ctx: Context) -> dict:
     return out
 
 
+def decode_compiled(ctx: Context) -> dict:
+    """The decode step through inductor (sample(..., compiled="inductor"): model_parallel.compile.
+    compile_decode_step; not yet evaluation.generate's default): greedy decoding with it is greedy under full
+    recomputation in fp32 (parti-tiny; parti-debug through the eager static cache on CPU), with the CUDA graphs
+    on a GPU; then bench/sample.py's parti-350m measurement (bf16, batch 16 with guidance) of the CUDA graphs
+    with the compiled step beside the eager step's, side by side, and each one's first call (the capture, and
+    for the compiled step the compilations: one per attended prefix length)."""
+    from bench.sample import measure_decoding, relate_rates
+    from evaluation.sampling import SamplingConfig, sample
+    from model_parallel.model import PartiModel
+    from model_parallel.state import init_parallel, seed_everything
+
+    init_parallel(1, 1)
+    seed_everything(0)
+    device, gpu = ctx.device, ctx.device == "cuda"
+    small = train_config([f"model.preset={'parti-debug' if ctx.quick else 'parti-tiny'}"]).model
+    model = PartiModel(small).to(device).eval()
+    text = torch.randint(4, small.text_vocab_size, (2, small.text_seq_len), device=device)
+    start = time.perf_counter()
+    codes = sample(model, text, SamplingConfig(temperature=0.0), cuda_graph=gpu, static_cache=not gpu,
+                   compiled="inductor")
+    out = {"greedy": ctx.record("greedy", {"preset": small.preset, "first_call_s": time.perf_counter() - start,
+                                           "gap_fp32": greedy_gap(model, text, codes)})}
+    checks = {"greedy_is_greedy_under_recomputation": out["greedy"]["gap_fp32"] <= GREEDY_TOLERANCE}
+    if gpu:
+        cfg = train_config(["model.preset=parti-350m"]).model
+        model = PartiModel(cfg).to(device=device, dtype=torch.bfloat16).eval()
+        measured = {}
+        for mode in ("cuda_graph", "cuda_graph_compiled", "bound"):  # one at a time, each kept as it finishes
+            result = measure_decoding(model, 16, cfg.image_seq_len, (mode,), guidance_scale=1.2)
+            measured[mode] = ctx.record(mode, result[mode])
+        relate_rates(measured)
+        out["measured"] = measured
+        compiled, eager = (measured[m].get("image_tokens_per_s") for m in ("cuda_graph_compiled", "cuda_graph"))
+        checks["compiled_ran"] = compiled is not None
+        if compiled and eager:
+            out["compiled_over_eager"] = compiled / eager
+    out["checks"] = checks
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the image tokenizer: train, save, resume; pre-tokenization
 
@@ -500,5 +541,6 @@ SECTIONS = [
     ("parti_stages", parti_stages, 0),
     ("mfu_750m", mfu_750m, 1),
     ("compile_speedup", compile_speedup, 1),
+    ("decode_compiled", decode_compiled, 0),
     ("multi_gpu", multi_gpu, 2),
 ]

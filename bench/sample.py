@@ -10,7 +10,8 @@
 Modes: `full_recomputation` (the decoder over the whole prefix at every step; quadratic, so timed over
 the first `reference_tokens` only, its cheapest part: its ratio flatters it), `kv_cache` (one token per
 step through a growing cache), `cuda_graph` (one token per step through a static cache, the step replayed
-from a CUDA graph; GPU only, skipped with the reason elsewhere) and `bound`: what memory bandwidth allows,
+from a CUDA graph; GPU only, skipped with the reason elsewhere), `cuda_graph_compiled` (the same with the step
+through inductor first: model_parallel.compile.compile_decode_step; its first call compiles) and `bound`: what memory bandwidth allows,
 image tokens/s = batch / (bytes read per decode step / bandwidth), with the bytes of the decoder weights
 a step reads (every decoder layer and the output head; not the encoder, nor the cross-attention K/V
 projections, whose outputs are cached), the self-attention K/V cache over the positions written so far
@@ -42,7 +43,8 @@ from model_parallel.model import PartiModel
 from model_parallel.state import init_parallel, seed_everything
 from training.config import load_config
 
-MODES = ("full_recomputation", "kv_cache", "cuda_graph", "bound")
+MODES = ("full_recomputation", "kv_cache", "cuda_graph", "cuda_graph_compiled", "bound")
+GRAPH_MODES = ("cuda_graph", "cuda_graph_compiled")
 
 
 def _sync(device: torch.device) -> None:
@@ -109,7 +111,8 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
     if device.type == "cpu":
         out.update(threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
     runs = {"full_recomputation": (reference_tokens, {"use_cache": False}),
-            "kv_cache": (tokens, {}), "cuda_graph": (tokens, {"cuda_graph": True})}
+            "kv_cache": (tokens, {}), "cuda_graph": (tokens, {"cuda_graph": True}),
+            "cuda_graph_compiled": (tokens, {"cuda_graph": True, "compiled": "inductor"})}
     for mode in modes:
         if mode == "bound":
             step = decode_step_bytes(model, rows, tokens)
@@ -117,11 +120,11 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
             out["bound"] = {"image_tokens_per_s": batch * bandwidth / step["total"], "bandwidth_GBps": bandwidth / 1e9,
                             "bytes_per_step": step}
             continue
-        if mode == "cuda_graph" and device.type != "cuda":
+        if mode in GRAPH_MODES and device.type != "cuda":
             out[mode] = {"skipped": f"CUDA graphs need a CUDA device; the model is on {device}"}
             continue
         n, kwargs = runs[mode]
-        if mode == "cuda_graph":  # (as evaluation.generate samples: the graphs kept for the next batch)
+        if mode in GRAPH_MODES:  # (as evaluation.generate samples: the graphs kept for the next batch)
             kwargs = {**kwargs, "steps": StaticSteps()}
         try:
             first = _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, **kwargs)  # lazy init, kernels
@@ -141,7 +144,7 @@ def relate_rates(out: dict) -> None:
     """Add to each measured mode its rate as a fraction of the bound and against full recomputation."""
     bound = out.get("bound", {}).get("image_tokens_per_s")
     full = out.get("full_recomputation", {}).get("image_tokens_per_s")
-    for mode in ("full_recomputation", "kv_cache", "cuda_graph"):
+    for mode in ("full_recomputation", "kv_cache", *GRAPH_MODES):
         rate = out.get(mode, {}).get("image_tokens_per_s")
         if rate and bound:
             out[mode]["of_bound"] = rate / bound

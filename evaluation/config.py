@@ -42,6 +42,10 @@ class SamplingSettings(SamplingConfig):
     """Seeds depend on (seed, prompt index, sample index) only."""
     batch_size: int = 8
     """Images decoded together per process."""
+    compile_decode: bool = False
+    """The decode step through inductor (the static KV cache's step; on a GPU before its CUDA graphs are
+    captured): fewer, fused kernels per step, one compilation per attended prefix length and batch shape
+    (evaluation/sampling.py). Off by default until a GPU has measured it (bench/gpu_check.py decode_compiled)."""
 
     def per_code(self) -> SamplingConfig:
         """The settings that choose each code (what `sample` takes and generation.json records)."""

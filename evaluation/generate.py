@@ -3,7 +3,7 @@
     python -m evaluation.generate --checkpoint runs/x/export --vq runs/vq/export.pt --text-tokenizer tok/spm.model \
         --prompts ../shared/data/PartiPrompts.tsv --out samples/ [--samples-per-prompt 4] [--guidance-scale 1.2] \
         [--temperature 1.0 --top-k 0 --top-p 1.0] [--seed 0] [--batch-size 8] [--limit N] \
-        [--clip ViT-L-14 --clip-weights clip.pt --keep 1] [--upsampler runs/sr/export.pt]
+        [--clip ViT-L-14 --clip-weights clip.pt --keep 1] [--upsampler runs/sr/export.pt] [--compile-decode]
     torchrun --nproc_per_node 8 -m evaluation.generate ...      # each process takes every 8th prompt
 
 For prompt i it writes `{i:05d}_{r}.png` for its samples, then `{i:05d}.json` (the prompt and its other
@@ -160,11 +160,12 @@ def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0,
 
 def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingConfig, samples_per_prompt: int = 1,
              seed: int = 0, batch_size: int = 8, rank: int = 0, world: int = 1, scorer=None, keep: int = 0,
-             upsampler=None) -> int:
+             upsampler=None, compile_decode: bool = False) -> int:
     """Images for this rank's prompts that are not done yet; returns how many prompts it generated.
     With a CLIP scorer the samples of each prompt are reranked; keep > 0 keeps only the best ones; with an
     upsampler (sr.model) the kept images are also written upsampled into upsampled_folder(out).
-    A folder holding images made with other settings is refused (check_resumable) before anything is written."""
+    A folder holding images made with other settings is refused (check_resumable) before anything is written.
+    `compile_decode`: the decode step through inductor (evaluation.sampling's static step; SamplingSettings)."""
     out = Path(out)
     check_counts(samples_per_prompt, batch_size, keep)
     check_fits(model.cfg, vq, text_tok)
@@ -189,8 +190,9 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
             # One batch through the KV cache, a generator per image, only codes the VQ tokenizer has. On a GPU the
             # decode step replays CUDA graphs (evaluation/sampling.py): parti-350m on an H200 decoded 9x the image
             # tokens/s of the growing cache, whose every step waits on the host (bench/results, sampling).
-            codes = sample(model, text, cfg, generators, codebook_size=vq.codebook_size,
-                           cuda_graph=device.type == "cuda", steps=steps)
+            codes = sample(model, text, cfg, generators, codebook_size=vq.codebook_size, steps=steps,
+                           cuda_graph=device.type == "cuda", static_cache=compile_decode,
+                           compiled="inductor" if compile_decode else None)
             images = vq.decode(codes.view(-1, vq.grid, vq.grid).to(next(vq.parameters()).device))
             for (i, k), image in zip(batch, images):
                 pending.setdefault(i, []).append(image.float())
@@ -367,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=int, default=0, help="keep the best N samples per prompt (needs --clip)")
     parser.add_argument("--upsampler", default=None, help="an sr.train export.pt: also write the images upsampled "
                         "into OUT_upsampled/")
+    parser.add_argument("--compile-decode", action="store_true", help="the decode step through inductor (on a GPU "
+                        "before its CUDA graphs are captured; one compilation per attended prefix length and batch "
+                        "shape); not yet measured on a GPU")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error instead of "
                         "hours on the CPU; cpu hides the GPUs")
     args = parser.parse_args(argv)
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         scorer = ClipScorer.load(args.clip, args.clip_weights, device, tag=args.clip_tag) if args.clip else None
         upsampler = load_upsampler_for_sampling(args.upsampler, device) if args.upsampler else None
         generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
-                 dist.get_rank(), dist.get_world_size(), scorer, args.keep, upsampler)
+                 dist.get_rank(), dist.get_world_size(), scorer, args.keep, upsampler, args.compile_decode)
         dist.barrier()
         if dist.get_rank() == 0:
             print(f"wrote {gather_metadata(args.out, len(prompts))}")

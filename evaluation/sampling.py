@@ -19,11 +19,15 @@ Decoding modes (one loop, one step function each):
   host-side state. Slower than the growing cache when run eagerly: it exists for the CUDA graphs below,
   and run eagerly it lets the CPU tests check their very step;
 - `cuda_graph=True` (CUDA only): the static-cache step captured in CUDA graphs (one per attended cache
-  prefix: a quarter of the image, half, ...) and replayed at every step, so a step costs one launch
-  instead of hundreds and decoding approaches the memory-bandwidth bound. The graphs are captured per
-  sample() call (its `setup_s`), or once per caption-batch shape with `steps` (StaticSteps: evaluation.generate
-  keeps one; each later batch of that shape only refills the graphs' buffers). The CPU tests run the very same
-  static step eagerly; only the capture itself needs a GPU.
+  prefix: a quarter of the image, half, ...) and replayed at every step, so a step costs the host one launch
+  instead of hundreds (parti-350m on an H200: 9x the growing cache's tokens/s, yet 17% of the memory-bandwidth
+  bound: the ~25 kernels a layer are what is left). The graphs are captured per sample() call (its `setup_s`),
+  or once per caption-batch shape with `steps` (StaticSteps: evaluation.generate keeps one; each later batch of
+  that shape only refills the graphs' buffers). The CPU tests run the very same static step eagerly; only the
+  capture itself needs a GPU;
+- `compiled="inductor"` (with the static cache or the CUDA graphs): the step through torch.compile first
+  (model_parallel.compile.compile_decode_step), which fuses those kernels: one compilation per attended prefix
+  length and batch shape, seconds each. Not yet measured on a GPU (bench/sample.py's `cuda_graph_compiled`).
 
 Where the random draws happen follows the generator: a CPU `torch.Generator` draws on the CPU from the
 probabilities copied there (exactly as before: the same codes for the same generator and logits,
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from common.config import ConfigError
+from model_parallel.compile import compile_decode_step
 from model_parallel.model import null_condition
 
 
@@ -180,12 +185,15 @@ class StaticStep:
     its position (i, after the caption's `prefix_len` positions for a decoder-only model), so early steps do
     not read the whole cache. With `cuda_graph` the step is captured once
     per prefix length in a CUDA graph and every call replays one; without, the same step runs eagerly
-    (which is how the CPU tests check the static cache, prefixes included)."""
+    (which is how the CPU tests check the static cache, prefixes included). `compiled`: a torch.compile
+    backend for the step ("inductor"; model_parallel.compile.compile_decode_step), None: the eager step."""
 
     warmup_steps = 3  # lazy initialisation (cuBLAS handles, workspaces, compiled fusions) before capture
 
-    def __init__(self, model, texts: torch.Tensor, cuda_graph: bool = False, buckets: int = 4):
+    def __init__(self, model, texts: torch.Tensor, cuda_graph: bool = False, buckets: int = 4,
+                 compiled: str | None = None):
         self.model = model
+        self.decode_step = model.decode_step if compiled is None else compile_decode_step(model, compiled)
         self.caches, self.memory, self.mask = model.start_decoding(texts, static=True)
         self.position, self.prefix = self.caches[0].static, model.cfg.prefix_len
         self.tokens = torch.full((texts.shape[0], 1), model.bos_id, dtype=torch.long, device=texts.device)
@@ -197,7 +205,7 @@ class StaticStep:
 
     def _forward(self, keys: int) -> torch.Tensor:
         self.position.keys = keys
-        return self.model.decode_step(self.tokens, self.caches, self.memory, self.mask)
+        return self.decode_step(self.tokens, self.caches, self.memory, self.mask)
 
     def _capture(self) -> None:
         """torch's documented recipe: warm up on a side stream, then capture under torch.cuda.graph. The
@@ -260,12 +268,12 @@ class StaticSteps:
     def __init__(self):
         self.steps: dict[tuple, StaticStep] = {}
 
-    def get(self, model, texts: torch.Tensor, cuda_graph: bool) -> StaticStep:
-        key = (id(model), tuple(texts.shape), texts.device, cuda_graph)
+    def get(self, model, texts: torch.Tensor, cuda_graph: bool, compiled: str | None = None) -> StaticStep:
+        key = (id(model), tuple(texts.shape), texts.device, cuda_graph, compiled)
         if key in self.steps:
             self.steps[key].restart(texts)
         else:
-            self.steps[key] = StaticStep(model, texts, cuda_graph)
+            self.steps[key] = StaticStep(model, texts, cuda_graph, compiled=compiled)
         return self.steps[key]
 
 
@@ -278,21 +286,23 @@ def _sync(device: torch.device) -> None:
 def sample(model, text_ids: torch.Tensor, cfg: SamplingConfig, generator=None, use_cache: bool = True,
            max_tokens: int | None = None, cuda_graph: bool = False, static_cache: bool = False,
            timings: dict | None = None, codebook_size: int | None = None,
-           steps: StaticSteps | None = None) -> torch.Tensor:
+           steps: StaticSteps | None = None, compiled: str | None = None) -> torch.Tensor:
     """Image codes [b, grid*grid] for captions [b, T] (model: PartiModel in eval mode; decoder-only: T is
     model.text_seq_len, the caption length the cache's positions assume); with `max_tokens`, only the first
     codes (previews, benchmarks). `cuda_graph` (CUDA, with the cache) and `static_cache` choose the decoding
     mode (module docstring). `timings`, if given, receives `setup_s` (encoder, caches, graph capture) and
     `decode_s` (the token loop), measured with device syncs. `codebook_size`: draw only codes below it (a VQ
     tokenizer with fewer codes than the model's image vocabulary; None: the whole vocabulary). `steps`: where a
-    static step (and its CUDA graphs) is kept for later calls with captions of the same shape (StaticSteps)."""
-    _check_arguments(model, use_cache, cuda_graph, static_cache, text_ids.device, codebook_size)
+    static step (and its CUDA graphs) is kept for later calls with captions of the same shape (StaticSteps).
+    `compiled`: the static step through torch.compile with this backend ("inductor"; with cuda_graph or
+    static_cache only)."""
+    _check_arguments(model, use_cache, cuda_graph, static_cache, text_ids.device, codebook_size, compiled)
     with decoding_attention_kernels(text_ids.device):
         return _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings,
-                       codebook_size or model.cfg.image_vocab_size, steps)
+                       codebook_size or model.cfg.image_vocab_size, steps, compiled)
 
 
-def _check_arguments(model, use_cache, cuda_graph, static_cache, device, codebook_size) -> None:
+def _check_arguments(model, use_cache, cuda_graph, static_cache, device, codebook_size, compiled) -> None:
     if model.training:  # (dropout would perturb every step's logits)
         raise ValueError("sample() needs the model in eval mode (model.eval()): it is in training mode")
     if codebook_size is not None and not 0 < codebook_size <= model.cfg.image_vocab_size:
@@ -304,6 +314,9 @@ def _check_arguments(model, use_cache, cuda_graph, static_cache, device, codeboo
         raise RuntimeError(f"cuda_graph=True needs the model and text_ids on a CUDA device, not {device}")
     if static_cache and not use_cache:
         raise ValueError("static_cache=True is a KV cache: it needs use_cache=True")
+    if compiled and not (cuda_graph or static_cache):
+        raise ValueError(f"compiled={compiled!r} compiles the static cache's step: it needs cuda_graph=True or "
+                         "static_cache=True (the growing cache's shapes change at every step)")
 
 
 def decoding_attention_kernels(device: torch.device):
@@ -322,7 +335,7 @@ def decoding_attention_kernels(device: torch.device):
 
 
 def _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, static_cache, timings, codes_below,
-            steps):
+            steps, compiled):
     device = text_ids.device
     b, n = text_ids.shape[0], min(model.cfg.image_seq_len, max_tokens or model.cfg.image_seq_len)
     guided = cfg.guided
@@ -332,7 +345,8 @@ def _sample(model, text_ids, cfg, generator, use_cache, max_tokens, cuda_graph, 
     if not use_cache:
         step = Recompute(model, texts)
     elif cuda_graph or static_cache:
-        step = StaticStep(model, texts, cuda_graph) if steps is None else steps.get(model, texts, cuda_graph)
+        step = StaticStep(model, texts, cuda_graph, compiled=compiled) if steps is None else \
+            steps.get(model, texts, cuda_graph, compiled)
     else:
         step = CachedStep(model, texts)
     _sync(device)

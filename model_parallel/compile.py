@@ -1,6 +1,8 @@
-"""torch.compile of each transformer layer (`kernels.compile`), as torchtitan compiles each block.
+"""torch.compile of each transformer layer (`kernels.compile`), as torchtitan compiles each block; and of the
+decode step that sampling's CUDA graphs replay (compile_decode_step).
 
     compile_layers(model)          # PartiModel or a PipelineModule of its pieces; before recomputation
+    step = compile_decode_step(model)   # evaluation.sampling, sample(..., compiled=True)
 
 Why: without Transformer Engine the elementwise steps of a layer (the projections' bias adds, layer norms,
 the keyed dropout's integer hash; only bias+GeLU and the output projections' bias+dropout+residual add have
@@ -30,11 +32,7 @@ from model_parallel.layers import DecoderLayer, EncoderLayer
 def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """Compile the forward of every encoder and decoder layer of `model` in place (names unchanged).
     `backend`: torch.compile's (tests check what tracing does with "aot_eager", without code generation)."""
-    dynamo = torch._dynamo.config
-    # (`ignore_logger_methods` is the older torch's name; where it takes loggers only, the warning breaks the
-    # graph at each RowParallelLinear: still correct, less fused.)
-    getattr(dynamo, "ignore_logging_functions", dynamo.ignore_logger_methods).add(warnings.warn)
-    _quiet_unserialisable_config_log()
+    _trace_through_warnings()
     # Random ops inside the graph draw from torch's generators as eager does (not inductor's own RNG): the
     # fused attention kernel's dropout masks stay those of the eager run, and a recomputation under the
     # restored megatron tracker draws them again. The residual dropout is keyed (a hash, no RNG): free.
@@ -43,6 +41,31 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> torch.n
         if isinstance(module, EncoderLayer | DecoderLayer):
             module.forward = torch.compile(module.forward, backend=backend)
     return model
+
+
+def compile_decode_step(model: torch.nn.Module, backend: str = "inductor"):
+    """`model.decode_step` through torch.compile, for the static KV cache's one-token steps (evaluation/sampling.py
+    StaticStep, what the CUDA graphs replay): inductor fuses each layer's bias adds, norms, residual adds, the
+    cache writes (in place, at the step's position) and the attention mask into a few kernels around the
+    matmuls, where the eager step launches ~25 kernels a layer (under a CUDA graph the host no longer waits, the
+    kernels' count and memory passes are what is left; LlamaGen and gpt-fast compile their decode step for this).
+    Static shapes: one graph per attended prefix length and batch shape, as there is one CUDA graph per length.
+    Not the model's own: a wrapper, so the model's other calls (training, the growing cache) stay eager."""
+    _trace_through_warnings()
+    # dynamo's default of 8 graphs a function would send a second model (the GPU check decodes three) or a third
+    # batch shape back to eager steps.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model.decode_step, backend=backend, dynamic=False)
+
+
+def _trace_through_warnings() -> None:
+    """megatron-core's RowParallelLinear warns on every call (module docstring): compiled code skips
+    `warnings.warn` rather than break the graph there."""
+    dynamo = torch._dynamo.config
+    # (`ignore_logger_methods` is the older torch's name; where it takes loggers only, the warning breaks the
+    # graph at each RowParallelLinear: still correct, less fused.)
+    getattr(dynamo, "ignore_logging_functions", dynamo.ignore_logger_methods).add(warnings.warn)
+    _quiet_unserialisable_config_log()
 
 
 METRICS_LOG_ERROR = "Unexpected exception logging compilation metrics"

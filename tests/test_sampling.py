@@ -180,6 +180,39 @@ def test_a_kept_static_step_restarted_for_new_captions_equals_a_new_one(single_p
         assert len(steps.steps) == 3
 
 
+def test_compiled_static_step_equals_the_eager_one_with_one_graph_per_prefix_length(single_process):
+    """sample(..., compiled=...): the static step through torch.compile (traced here with aot_eager, without
+    inductor's code generation, the slow part on CPU; the GPU check's decode_compiled section runs inductor)
+    decodes what the eager step does, for an encoder-decoder and a decoder-only model, without graph breaks (a
+    break would leave eager work between graphs) and with one graph per attended prefix length, not one per
+    step: the positions are device tensors, not constants. A kept step restarted for new captions compiles
+    nothing more."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from evaluation.sampling import StaticSteps
+    from model_parallel.model import PartiModel
+    from training.config import load_config
+
+    greedy = SamplingConfig(temperature=0)
+    for name in ("parti-debug", "dalle-debug"):
+        model = PartiModel(load_config(None, [f"model.preset={name}"]).model, init_seed=0).eval()
+        text, _ = debug_batch(model.cfg, batch=2)
+        eager = sample(model, text, greedy, static_cache=True)
+        torch._dynamo.reset()
+        counters.clear()
+        steps = StaticSteps()
+        assert torch.equal(sample(model, text, greedy, static_cache=True, compiled="aot_eager", steps=steps), eager)
+        (step,) = steps.steps.values()
+        lengths = {next(k for k in step.lengths if k > step.prefix + i) for i in range(model.cfg.image_seq_len)}
+        assert counters["stats"]["unique_graphs"] == len(lengths) > 1, (name, dict(counters["stats"]))
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            sample(model, text.flip(0), greedy, static_cache=True, compiled="aot_eager", steps=steps)
+    with pytest.raises(ValueError, match="needs cuda_graph=True or static_cache=True"):
+        run(model, greedy, compiled="inductor")
+
+
 def test_cuda_graph_needs_cuda_and_the_cache(single_process):
     model = debug_model()
     with pytest.raises(ValueError, match="needs use_cache=True"):
@@ -457,6 +490,11 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
     again = tmp_path / "again"  # one process, another batch size: the same images
     generate(model, vq, tok, prompts, again, cfg, samples_per_prompt=2, batch_size=8)
     assert (again / "00003_1.png").read_bytes() == first
+    modes = []  # --compile-decode: the static step through inductor (traced with aot_eager here: no C++ build)
+    monkeypatch.setattr(generate_module, "sample", lambda *a, **kw: modes.append((kw["static_cache"], kw["compiled"]))
+                        or real_sample(*a, **{**kw, "compiled": kw["compiled"] and "aot_eager"}))
+    generate(model, vq, tok, prompts[:1], tmp_path / "compiled", cfg, samples_per_prompt=2, compile_decode=True)
+    assert modes == [(True, "inductor")] and len(list((tmp_path / "compiled").glob("*.png"))) == 2
 
 
 def test_generate_with_an_upsampler_writes_both_resolutions(single_process, reference, tmp_path):
