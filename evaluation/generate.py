@@ -10,8 +10,8 @@ For prompt i it writes `{i:05d}_{r}.png` for its samples, then `{i:05d}.json` (t
 columns, seed, settings, files); a rerun skips prompts whose .json exists. What the images depend on is
 recorded in `generation.json` and in every prompt's .json: the checkpoint (its resolved path, the export's
 checkpoint tag, size and mtime of model.safetensors), the content hashes of the VQ and text tokenizers,
-seed, sampling settings, samples per prompt, CLIP reranking and --keep, device and dtype. A rerun into the
-same --out with any of these changed, or with other prompts at the same indices, is refused (the differing
+seed, sampling settings, samples per prompt, CLIP reranking and --keep, device, dtype and the decoder (a GPU's
+CUDA graphs, or the growing KV cache; --compile-decode). A rerun into the same --out with any of these changed, or with other prompts at the same indices, is refused (the differing
 settings are named): it would mix two configurations' images. Give such a run a new --out.
 
 Seeds depend on (seed, i, k) only, so the images do not depend on the number of processes or the batch
@@ -116,9 +116,10 @@ _MISSING = "(not recorded)"
 
 
 def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prompt: int, seed: int,
-                      scorer=None, keep: int = 0, upsampler=None) -> dict:
+                      scorer=None, keep: int = 0, upsampler=None, decoding: str = "kv_cache") -> dict:
     """Everything the images of an output folder depend on (batch size and process count do not).
-    The checkpoint's identity is the one load_for_sampling attached (None for a model built in-process)."""
+    The checkpoint's identity is the one load_for_sampling attached (None for a model built in-process);
+    `decoding`: decoding_mode's name (in bf16 another decoder's kernels can tip a near-tie to another code)."""
     weight = next(model.parameters())
     record = {"checkpoint": getattr(model, "export_identity", None),
               "vq": getattr(vq, "weights_hash", getattr(vq, "content_hash", None)),  # (decoded images: all weights)
@@ -127,7 +128,7 @@ def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prom
               "rerank": None if scorer is None else {"clip": scorer.protocol.get("weights"),
                                                      "weights_sha256": scorer.protocol.get("weights_sha256")},
               "upsampler": None if upsampler is None else getattr(upsampler, "export_identity", "in-process"),
-              "device": weight.device.type, "dtype": str(weight.dtype).removeprefix("torch.")}
+              "device": weight.device.type, "dtype": str(weight.dtype).removeprefix("torch."), "decoding": decoding}
     return json.loads(json.dumps(record))  # as it reads back from a file (tuples as lists)
 
 
@@ -138,17 +139,33 @@ def _differences(old, new, name: str = "") -> list[str]:
     return [] if old == new else [f"{name}: {old!r} then, {new!r} now"]
 
 
+def _with_decoding(record: dict) -> dict:
+    """A record written before the decoding mode was recorded: those images came from the growing KV cache."""
+    return {"decoding": "kv_cache", **record}
+
+
+def decoding_mode(device: torch.device, compile_decode: bool) -> tuple[str, dict]:
+    """How generate decodes on `device`, as recorded, and sample()'s arguments for it: a GPU's CUDA graphs
+    (evaluation/sampling.py: parti-350m on an H200 decoded 9x the image tokens/s of the growing cache, whose
+    every step waits on the host), else the growing KV cache; with `compile_decode` the static cache's step
+    through inductor."""
+    graphs = device.type == "cuda"
+    name = "cuda_graph" if graphs else "static_cache" if compile_decode else "kv_cache"
+    return name + ("+inductor" if compile_decode else ""), {
+        "cuda_graph": graphs, "static_cache": compile_decode, "compiled": "inductor" if compile_decode else None}
+
+
 def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0, world: int = 1) -> None:
     """Refuse to add images to a folder made with other settings (ValueError naming them): the folder's
     record, and for this rank's finished prompts their own record and prompt text."""
     problems: list[str] = []
     if (out / RECORD).is_file():
-        problems += _differences(json.loads((out / RECORD).read_text()), record)
+        problems += _differences(_with_decoding(json.loads((out / RECORD).read_text())), record)
     for i in range(rank, len(prompts), world):
         done = out / f"{i:05d}.json"
         if problems or not done.is_file():
             continue
-        meta = json.loads(done.read_text())
+        meta = _with_decoding(json.loads(done.read_text()))
         problems += _differences({k: meta.get(k, _MISSING) for k in record}, record)
         if meta.get("prompt") != prompts[i]["prompt"]:
             problems.append(f"prompt {i}: {meta.get('prompt')!r} then, {prompts[i]['prompt']!r} now")
@@ -171,13 +188,15 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     check_fits(model.cfg, vq, text_tok)
     if rank == 0:
         warn_untrained_guidance(model.cfg, cfg)
-    settings = generation_record(model, vq, text_tok, cfg, samples_per_prompt, seed, scorer, keep, upsampler)
+    device = next(model.parameters()).device
+    decoding, decode_args = decoding_mode(device, compile_decode)
+    settings = generation_record(model, vq, text_tok, cfg, samples_per_prompt, seed, scorer, keep, upsampler,
+                                 decoding)
     check_resumable(out, settings, prompts, rank, world)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (out / RECORD).is_file():
         write_atomic(out / RECORD, json.dumps(settings, indent=1))
     todo = [i for i in range(rank, len(prompts), world) if not (out / f"{i:05d}.json").exists()]
-    device = next(model.parameters()).device
     jobs = [(i, k) for i in todo for k in range(samples_per_prompt)]
     pending: dict[int, list] = {}  # prompt -> its decoded samples so far (a prompt may span two batches)
     steps = StaticSteps()  # (a GPU's CUDA graphs, captured once per batch shape)
@@ -187,12 +206,9 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
             text = torch.tensor([text_tok.encode(prompts[i]["prompt"])[0] for i, _ in batch], device=device)
             # A generator per image on the model's device: on a GPU the draws stay there (no host sync).
             generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + i * 1_009 + k) for i, k in batch]
-            # One batch through the KV cache, a generator per image, only codes the VQ tokenizer has. On a GPU the
-            # decode step replays CUDA graphs (evaluation/sampling.py): parti-350m on an H200 decoded 9x the image
-            # tokens/s of the growing cache, whose every step waits on the host (bench/results, sampling).
-            codes = sample(model, text, cfg, generators, codebook_size=vq.codebook_size, steps=steps,
-                           cuda_graph=device.type == "cuda", static_cache=compile_decode,
-                           compiled="inductor" if compile_decode else None)
+            # One batch through the KV cache (decoding_mode's), a generator per image, only codes the VQ
+            # tokenizer has.
+            codes = sample(model, text, cfg, generators, codebook_size=vq.codebook_size, steps=steps, **decode_args)
             images = vq.decode(codes.view(-1, vq.grid, vq.grid).to(next(vq.parameters()).device))
             for (i, k), image in zip(batch, images):
                 pending.setdefault(i, []).append(image.float())

@@ -2,14 +2,14 @@
 decode step that sampling's CUDA graphs replay (compile_decode_step).
 
     compile_layers(model)          # PartiModel or a PipelineModule of its pieces; before recomputation
-    step = compile_decode_step(model)   # evaluation.sampling, sample(..., compiled=True)
+    step = compile_decode_step(model)   # evaluation.sampling: sample(..., compiled="inductor")
 
-Why: without Transformer Engine the elementwise steps of a layer (the projections' bias adds, layer norms,
-the keyed dropout's integer hash; only bias+GeLU and the output projections' bias+dropout+residual add have
-fused kernels of their own, model_parallel/kernels.py) each read and write the whole activation; inductor fuses
-them into a few kernels around the matmuls. Each layer is compiled on its own: the layers
-share their code, so one compiled graph serves all of them (their parameters and dropout keys are graph
-inputs, not constants), and the embeddings, head and loss stay eager. Compiling the layer's `forward`
+Why: without Transformer Engine the elementwise steps of a layer (layer norms, the keyed dropout's integer hash,
+residual gradients; bias+GeLU, the q/kv/qkv projections' bias+head split and the output projections'
+bias+dropout+residual add have fused kernels of their own, model_parallel/kernels.py) each read and write the
+whole activation; inductor fuses them into a few kernels around the matmuls. Each layer is compiled on its own:
+the layers share their code, so one compiled graph serves all of them (their parameters and dropout keys are
+graph inputs, not constants), and the embeddings, head and loss stay eager. Compiling the layer's `forward`
 (rather than the module call) lets activation recomputation wrap the compiled function: a recomputed
 layer runs the compiled code twice.
 
@@ -52,10 +52,16 @@ def compile_decode_step(model: torch.nn.Module, backend: str = "inductor"):
     Static shapes: one graph per attended prefix length and batch shape, as there is one CUDA graph per length.
     Not the model's own: a wrapper, so the model's other calls (training, the growing cache) stay eager."""
     _trace_through_warnings()
-    # dynamo's default of 8 graphs a function would send a second model (the GPU check decodes three) or a third
-    # batch shape back to eager steps.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(model.decode_step, backend=backend, dynamic=False)
+    compiled = torch.compile(model.decode_step, backend=backend, dynamic=False)
+
+    def step(*args):
+        # dynamo's default of 8 graphs a function would send a second model (the GPU check decodes three) or a
+        # third batch shape back to eager steps; raised for these calls only (a process-wide limit would hide
+        # recompilations elsewhere).
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
+            return compiled(*args)
+
+    return step
 
 
 def _trace_through_warnings() -> None:

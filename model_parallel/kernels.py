@@ -220,10 +220,13 @@ def fused_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim:
 def _compiled_split_heads(parts: int, head_dim: int):
     """One compiled function per (parts, head_dim), closed over them: constants to the trace (a compiled frame's
     integer arguments would be dynamic), while dynamic in the sequence and batch (one compilation serves every
-    micro-batch shape)."""
+    micro-batch shape but 1). Each with a code object of its own: dynamo keeps its compiled graphs, and its limit
+    of 8, per code object, which every closure of one `def` shares (the three splits' variants, by dtype and
+    grad mode, would share one budget and the last ones run eager)."""
     def split(x: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
         return _dense_split_heads(x, bias, parts, head_dim)
 
+    split.__code__ = split.__code__.replace(co_name=f"split_heads_{parts}x{head_dim}")
     return torch.compile(split, dynamic=True)
 
 

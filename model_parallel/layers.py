@@ -196,6 +196,22 @@ def static_caches(like: torch.Tensor, layers: int, max_len: int, cross_kv=None) 
                        static=position) for k, v in cross_kv]
 
 
+def restart_static_caches(caches: list[LayerCache], cross_kv=None) -> list[LayerCache]:
+    """Static caches made by static_caches, emptied in place for new sequences (the same shapes): their K/V
+    zeroed, the write position back at 0, each layer's cross-attention K/V (`cross_kv`) copied in. In place
+    because a CUDA graph reads these very tensors (evaluation.sampling.StaticStep.restart)."""
+    position = caches[0].static
+    position.next.zero_()
+    position.keys = position.max_len  # (a decoder-only prefill attends over all the caption's positions)
+    for cache, (k, v) in zip(caches, cross_kv or [(None, None)] * len(caches), strict=True):
+        cache.self_k.zero_()
+        cache.self_v.zero_()
+        if k is not None:
+            cache.cross_k.copy_(k)
+            cache.cross_v.copy_(v)
+    return caches
+
+
 @torch.compiler.disable
 def _attention_in_rng_fork(attention, q, k, v, mask, causal: bool, dropout: float) -> torch.Tensor:
     """Attention with dropout on its probabilities, drawn from megatron's per-rank stream (heads are split over

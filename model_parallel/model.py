@@ -50,6 +50,7 @@ from model_parallel.layers import (
     SampleDropout,
     key_dropout_sites,
     mark_sequence_parallel,
+    restart_static_caches,
     static_caches,
 )
 from model_parallel.state import tensor_parallel_group
@@ -408,12 +409,14 @@ class PartiModel(nn.Module):
     # Incremental decoding (sampling): cross-attention K/V once per prompt (encoder-decoder) or the
     # caption's K/V prefilled (decoder-only); self-attention K/V of the image tokens cached as they come.
 
-    def start_decoding(self, text_ids: torch.Tensor, static: bool = False
+    def start_decoding(self, text_ids: torch.Tensor, static: bool = False, into: list[LayerCache] | None = None
                        ) -> tuple[list[LayerCache], torch.Tensor | None, torch.Tensor | None]:
         """Encode the captions and precompute every decoder layer's cross-attention K/V (decoder-only: run
         the caption through the layers into their self-attention caches). With `static`, the
         self-attention caches are preallocated to the whole stream with a device-side write position
-        (layers.StaticPosition), so every decode_step has the same shapes: what a CUDA graph needs."""
+        (layers.StaticPosition), so every decode_step has the same shapes: what a CUDA graph needs. `into`:
+        static caches of an earlier start with captions of this shape, restarted in place for these (a CUDA
+        graph's buffers; no second set of caches allocated)."""
         if self.sequence_parallel:
             raise RuntimeError("incremental decoding needs a model built without sequence parallelism")
         if self.cfg.decoder_only and text_ids.shape[1] != self.cfg.text_seq_len:
@@ -423,15 +426,20 @@ class PartiModel(nn.Module):
                              f"tokens (padded with text_pad_id), not {text_ids.shape[1]}")
         memory, mask = self.encode(text_ids)
         if self.cfg.decoder_only:
-            return self._prefill(memory, static), None, None
+            return self._prefill(memory, static, into), None, None
         cross = [layer.cross_attn.fn.cross_kv(memory) for layer in self.decoder]
+        if into is not None:
+            return restart_static_caches(into, cross), memory, mask
         if static:
             return static_caches(cross[0][0], len(cross), self.cfg.stream_len, cross), memory, mask
         return [LayerCache(cross_k=k, cross_v=v) for k, v in cross], memory, mask
 
-    def _prefill(self, caption: torch.Tensor, static: bool) -> list[LayerCache]:
-        """Decoder-only: caches holding the caption's keys and values ([T, b, d] stream embeddings)."""
-        if static:
+    def _prefill(self, caption: torch.Tensor, static: bool, into: list[LayerCache] | None = None) -> list[LayerCache]:
+        """Decoder-only: caches holding the caption's keys and values ([T, b, d] stream embeddings); `into`:
+        static caches to restart and fill instead of new ones."""
+        if into is not None:
+            caches = restart_static_caches(into)
+        elif static:
             heads = self.cfg.num_heads // self.tp_group.size()
             like = caption.new_empty(caption.shape[1], heads, 0, self.cfg.head_dim)
             caches = static_caches(like, len(self.decoder), self.cfg.stream_len)

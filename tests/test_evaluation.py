@@ -399,6 +399,13 @@ def test_generate_refuses_to_resume_with_another_checkpoint_or_settings(sampling
     message = refused("--checkpoint", str(root / "export"), "--guidance-scale", "1.2",
                       "--text-tokenizer", str(tmp_path / "other_spm.model"))
     assert "text_tokenizer:" in message
-    # The same checkpoint and settings resume: the second prompt is added, the first image stays.
+    message = refused("--checkpoint", str(root / "export"), "--guidance-scale", "1.2", "--compile-decode")
+    assert "decoding: 'kv_cache' then, 'static_cache+inductor' now" in message
+    # The same checkpoint and settings resume: the second prompt is added, the first image stays; a folder
+    # written before the decoder was recorded (the growing cache's) resumes as the growing cache's.
+    for name in ("generation.json", "00000.json"):
+        record = json.loads((out / name).read_text())
+        del record["decoding"]
+        (out / name).write_text(json.dumps(record))
     main([*common, "--checkpoint", str(root / "export"), "--guidance-scale", "1.2"])
     assert (out / "00001.json").is_file() and (out / "00000_0.png").read_bytes() == first["00000_0.png"]

@@ -157,7 +157,7 @@ def test_a_kept_static_step_restarted_for_new_captions_equals_a_new_one(single_p
     the step of an earlier batch, restarted in its own buffers for new captions, decodes what a new step does
     (here eagerly, the very step a graph replays), for an encoder-decoder and a decoder-only model (whose caption
     is prefilled into the cache); another batch shape gets a step of its own."""
-    from evaluation.sampling import StaticSteps
+    from evaluation.sampling import StaticStep, StaticSteps
     from model_parallel.model import PartiModel
     from training.config import load_config
 
@@ -178,6 +178,19 @@ def test_a_kept_static_step_restarted_for_new_captions_equals_a_new_one(single_p
             assert not torch.equal(earlier, reused)  # (other captions)
         sample(model, second[:2], greedy, static_cache=True, steps=steps)
         assert len(steps.steps) == 3
+        # The restarted state itself, tensor by tensor, against a new step's (codes alone barely see the cross K).
+        six = torch.cat([second, first])  # (the guided step's 6 rows; get() restarts the kept step)
+        with torch.no_grad():
+            kept, new = steps.get(model, six, False), StaticStep(model, six)
+        assert len(steps.steps) == 3
+        for a, b in zip(_static_state(kept), _static_state(new), strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def _static_state(step) -> list:
+    """What a static step's CUDA graphs read: encoder output, mask, write position, every layer's caches."""
+    caches = [getattr(c, n) for c in step.caches for n in ("self_k", "self_v", "cross_k", "cross_v")]
+    return [step.memory, step.mask, step.position.next, *caches]
 
 
 def test_compiled_static_step_equals_the_eager_one_with_one_graph_per_prefix_length(single_process):
