@@ -140,7 +140,8 @@ def _differences(old, new, name: str = "") -> list[str]:
 
 
 def _with_decoding(record: dict) -> dict:
-    """A record written before the decoding mode was recorded: those images came from the growing KV cache."""
+    """A record written before the decoding mode was recorded: those images came from the growing KV cache (the
+    CUDA-graph decoding of the commits just before the record had it, e10281b..bcb955d, never ran on a GPU)."""
     return {"decoding": "kv_cache", **record}
 
 

@@ -192,7 +192,7 @@ class StaticStep:
 
     def __init__(self, model, texts: torch.Tensor, cuda_graph: bool = False, buckets: int = 4,
                  compiled: str | None = None):
-        self.model = model
+        self.model, self.made_for = model, (tuple(texts.shape), texts.device)
         self.decode_step = model.decode_step if compiled is None else compile_decode_step(model, compiled)
         self.caches, self.memory, self.mask = model.start_decoding(texts, static=True)
         self.position, self.prefix = self.caches[0].static, model.cfg.prefix_len
@@ -227,6 +227,9 @@ class StaticStep:
         graphs read: the caches restarted in place (zeroed, the new captions' cross-attention K/V or, decoder-only,
         their prefill written in; the write position back at the image's start), the encoder output and its mask
         copied in."""
+        if (tuple(texts.shape), texts.device) != self.made_for:
+            raise ValueError(f"a static step made for captions {self.made_for} cannot restart for "
+                             f"{(tuple(texts.shape), texts.device)}: its buffers have the first ones' shapes")
         _, memory, mask = self.model.start_decoding(texts, static=True, into=self.caches)
         for mine, new in ((self.memory, memory), (self.mask, mask)):
             if mine is not None:

@@ -185,6 +185,8 @@ def test_a_kept_static_step_restarted_for_new_captions_equals_a_new_one(single_p
         assert len(steps.steps) == 3
         for a, b in zip(_static_state(kept), _static_state(new), strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
+        with pytest.raises(ValueError, match="made for captions"):
+            kept.restart(second)  # (3 rows: its buffers hold 6)
 
 
 def _static_state(step) -> list:
