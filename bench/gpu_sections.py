@@ -239,7 +239,7 @@ def sampling(ctx: Context) -> dict:
         full = sample(model, text, greedy, use_cache=False)
         for mode in ("kv_cache", "cuda_graph", "cuda_graph_restarted") if device == "cuda" else ("kv_cache",):
             steps = StaticSteps() if mode == "cuda_graph_restarted" else None
-            if steps:  # the graphs captured for other captions, then restarted for these (evaluation.generate's)
+            if steps is not None:  # graphs captured for other captions, restarted for these (evaluation.generate's)
                 sample(model, text.roll(1, dims=0), greedy, cuda_graph=True, steps=steps)
             codes = sample(model, text, greedy, cuda_graph=mode != "kv_cache", steps=steps)
             equal[arch + mode], gap[arch + mode] = bool(torch.equal(codes, full)), greedy_gap(model, text, codes)

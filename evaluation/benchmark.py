@@ -188,8 +188,8 @@ def run(cfg: EvalConfig) -> dict | None:
               if cfg.clip.model else None)
     s = cfg.sampling
     generate(model, vq, text_tok, prompts, out / "images", s.per_code(), s.samples_per_prompt, s.seed, s.batch_size,
-             rank, world, scorer if s.samples_per_prompt > 1 else None, s.keep, upsampler,  # reranked when there is a choice
-             compile_decode=s.compile_decode)
+             rank, world, scorer if s.samples_per_prompt > 1 else None,  # reranked when there is a choice
+             s.keep, upsampler, compile_decode=s.compile_decode)
     dist.barrier()
     if rank != 0:
         return None

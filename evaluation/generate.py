@@ -11,14 +11,15 @@ columns, seed, settings, files); a rerun skips prompts whose .json exists. What 
 recorded in `generation.json` and in every prompt's .json: the checkpoint (its resolved path, the export's
 checkpoint tag, size and mtime of model.safetensors), the content hashes of the VQ and text tokenizers,
 seed, sampling settings, samples per prompt, CLIP reranking and --keep, device, dtype and the decoder (a GPU's
-CUDA graphs, or the growing KV cache; --compile-decode). A rerun into the same --out with any of these changed, or with other prompts at the same indices, is refused (the differing
-settings are named): it would mix two configurations' images. Give such a run a new --out.
+CUDA graphs, or the growing KV cache; --compile-decode). A rerun into the same --out with any of these changed,
+or with other prompts at the same indices, is refused (the differing settings are named): it would mix two
+configurations' images. Give such a run a new --out.
 
 Seeds depend on (seed, i, k) only, so the images do not depend on the number of processes or the batch
 size. On a GPU the model runs in bf16, decodes through CUDA graphs of its static KV cache and draws from CUDA
-generators (the same seeds give other images than on CPU). With a CLIP model the samples are reranked by CLIP score (r = 0 is the best; their scores go into
-the .json) and `--keep N` keeps only the best N. At the end rank 0 gathers the .json files of this run's prompts
-(those below --limit) into metadata.jsonl.
+generators (the same seeds give other images than on CPU). With a CLIP model the samples are reranked by CLIP
+score (r = 0 is the best; their scores go into the .json) and `--keep N` keeps only the best N. At the end rank 0
+gathers the .json files of this run's prompts (those below --limit) into metadata.jsonl.
 
 The VQ tokenizer may have fewer codes than the model's image vocabulary (only its codes are drawn); a text
 tokenizer with more tokens than the model's text vocabulary, another VQ grid, or more VQ codes are refused.

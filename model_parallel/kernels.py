@@ -208,9 +208,10 @@ def fused_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim:
     add ran at a third of the memory bandwidth and the join of plain's views' gradients took torch's generic
     strided cat (torch's cat_out_cuda takes its vectorised kernels only for contiguous inputs; cuDNN's attention
     backward allocates dq, dk, dv by empty_like, which gives non-dense views' gradients the [b, heads, s, d] order):
-    the cat alone 5% of a parti-350m step, these adds ~3% more by their share of the adds' bytes. Dense parts get gradients in their own order, which the compiled backward
-    joins at bandwidth; SDPA's output then also keeps the queries' [s, b, heads, d] order, so merging heads is a
-    view, not a copy. Same values as plain; the bias gradient is summed in another order."""
+    the cat alone 5% of a parti-350m step, these adds ~3% more by their share of the adds' bytes. Dense parts get
+    gradients in their own order, which the compiled backward joins at bandwidth; SDPA's output then also keeps
+    the queries' [s, b, heads, d] order, so merging heads is a view, not a copy. Same values as plain; the bias
+    gradient is summed in another order."""
     if torch.compiler.is_compiling():  # inside a compiled layer (kernels.compile): part of the layer's graph
         return _dense_split_heads(x, bias, parts, head_dim)
     return _compiled_split_heads(parts, head_dim)(x, bias)

@@ -152,7 +152,8 @@ def test_greedy_gap_is_zero_for_greedy_codes_and_large_for_others(single_process
 
 def test_kernel_breakdown_sorts_hopper_kernel_names_into_families():
     """The MFU sections' device profile: kernel names as the H200 run's profiler recorded them (cuBLAS, flash,
-    fused AdamW, NCCL, elementwise, inductor's) fall into their families; the busy fraction is kernel time over wall time."""
+    fused AdamW, NCCL, elementwise, inductor's) fall into their families; the busy fraction is kernel time over
+    wall time."""
     from bench.gpu_mfu import kernel_breakdown, kernel_kind
 
     names = {"nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNN": "matmul",

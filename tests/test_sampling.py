@@ -23,6 +23,14 @@ def debug_model(seed=0):
     return PartiModel(debug_model_config(), init_seed=seed).eval()
 
 
+def preset_model(name: str, *sets: str):
+    """A preset's model (random weights, init seed 0) in eval mode, with `sets` overrides."""
+    from model_parallel.model import PartiModel
+    from training.config import load_config
+
+    return PartiModel(load_config(None, [f"model.preset={name}", *sets]).model, init_seed=0).eval()
+
+
 def run(model, cfg, seed=3, **kw):
     text, _ = debug_batch(model.cfg, batch=3)
     return sample(model, text, cfg, torch.Generator().manual_seed(seed), **kw)
@@ -136,19 +144,16 @@ def test_static_step_warm_up_fits_a_short_image_and_restarts_at_its_first_positi
     """The warm-up before CUDA-graph capture (run eagerly here) takes a few steps at each prefix length: on
     an image of 4 positions, 4 lengths x 3 steps from one start would write past the cache's end."""
     from evaluation.sampling import StaticStep
-    from model_parallel.model import PartiModel
-    from training.config import load_config
 
     greedy = SamplingConfig(temperature=0)
     for name in ("parti-debug", "dalle-debug"):  # (the decoder-only model's caption is a prefix of the cache)
-        cfg = load_config(None, [f"model.preset={name}", "model.image_grid=2"]).model
-        model = PartiModel(cfg, init_seed=0).eval()
-        text, _ = debug_batch(cfg)
+        model = preset_model(name, "model.image_grid=2")
+        text, _ = debug_batch(model.cfg)
         full = sample(model, text, greedy, use_cache=False)
         with torch.no_grad():
             step = StaticStep(model, text)
             step.warm_up()
-        assert int(step.position.next.max()) == cfg.prefix_len
+        assert int(step.position.next.max()) == model.cfg.prefix_len
         assert torch.equal(sample(model, text, greedy, static_cache=True), full)
 
 
@@ -158,15 +163,12 @@ def test_a_kept_static_step_restarted_for_new_captions_equals_a_new_one(single_p
     (here eagerly, the very step a graph replays), for an encoder-decoder and a decoder-only model (whose caption
     is prefilled into the cache); another batch shape gets a step of its own."""
     from evaluation.sampling import StaticStep, StaticSteps
-    from model_parallel.model import PartiModel
-    from training.config import load_config
 
     greedy, guided = SamplingConfig(temperature=0), SamplingConfig(top_k=5, guidance_scale=2.0)
     for name in ("parti-debug", "dalle-debug"):
-        cfg = load_config(None, [f"model.preset={name}", "model.image_grid=2"]).model
-        model = PartiModel(cfg, init_seed=0).eval()
-        first, _ = debug_batch(cfg, batch=3, seed=1)
-        second, _ = debug_batch(cfg, batch=3, seed=2)
+        model = preset_model(name, "model.image_grid=2")
+        first, _ = debug_batch(model.cfg, batch=3, seed=1)
+        second, _ = debug_batch(model.cfg, batch=3, seed=2)
         steps = StaticSteps()
         for sampling, seed in ((greedy, None), (guided, 7)):  # (guidance: a doubled batch, a step of its own)
             draws = lambda seed=seed: None if seed is None else torch.Generator().manual_seed(seed)
@@ -206,12 +208,10 @@ def test_compiled_static_step_equals_the_eager_one_with_one_graph_per_prefix_len
     from torch._dynamo.utils import counters
 
     from evaluation.sampling import StaticSteps
-    from model_parallel.model import PartiModel
-    from training.config import load_config
 
     greedy = SamplingConfig(temperature=0)
     for name in ("parti-debug", "dalle-debug"):
-        model = PartiModel(load_config(None, [f"model.preset={name}"]).model, init_seed=0).eval()
+        model = preset_model(name)
         text, _ = debug_batch(model.cfg, batch=2)
         eager = sample(model, text, greedy, static_cache=True)
         torch._dynamo.reset()

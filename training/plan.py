@@ -85,9 +85,9 @@ def activation_bytes(m, micro_batch: int, tp: int, element_bytes: int, recompute
     (in the model's dtype, an fp32 copy for the loss and the loss's fp32 softmax) are alive at the peak
     whatever the recomputation (measured at parti-20b width by bench/scale_slice.py, on CPU: megatron's plain
     loss; a GPU's kernels.cross_entropy=fused keeps the logits alone and, in the backward, their gradient, so
-    there this is an upper bound by ~6 bytes a logit: ~6 GiB at parti-350m's micro-batch of 128). Decoder-only: a decoder
-    layer over the whole stream S = T + N, no cross-attention; the head adds the caption's logits with a text
-    loss."""
+    there this is an upper bound by ~6 bytes a logit: ~6 GiB at parti-350m's micro-batch of 128). Decoder-only: a
+    decoder layer over the whole stream S = T + N, no cross-attention; the head adds the caption's logits with a
+    text loss."""
     b, h, f, T, N, V = (micro_batch, m.hidden_size, m.ffn_hidden_size, m.text_seq_len, m.image_seq_len,
                         m.image_vocab_size)
     enc_layers, dec_layers = layers
