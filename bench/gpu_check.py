@@ -195,7 +195,8 @@ def _summarise(name: str, r: dict) -> str:
                      f"{r['compiled_mask_speedup']:.2f}x eager masks; dropout's cost: "
                      + ", ".join(f"{k} +{v:.0%}" for k, v in r["dropout_cost"].items()))
     elif name == "async_save":
-        parts.append(f"step during an async save / without: {r['steps']['ratio']:.2f}")
+        parts.append(f"step during an async save / without: {r['steps']['ratio']:.2f}; beside an idle fork / without: "
+                     f"{r['steps']['idle_fork_ratio']:.2f}")
     elif name == "multi_gpu":
         parts.append(", ".join(f"{k}: {v}" for k, v in r["checks"].items()))
     return "; ".join(parts).replace("|", "/")

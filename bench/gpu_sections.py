@@ -12,6 +12,7 @@ The speed sections (MFU, compile) live in bench/gpu_mfu.py, what sections share 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -376,36 +377,81 @@ def async_save(ctx: Context) -> dict:
     a run of the same steps that saves only at its end (parti-350m's width, 4 + 4 layers, bf16, ZeRO-1;
     parti-debug when quick). A checkpoint every 5 steps; the two steps after each save call overlap its
     background writer (the steps after those may too: the run without saves is the reference). On CPU the
-    writer (a fork of the trainer) copies every page the CPU step writes, so only a GPU run can meet the target."""
+    writer (a fork of the trainer) copies every page the CPU step writes, so only a GPU run can meet the target.
+    Beside them, a run that forks an idle child where the other saves (megatron-core's writer is such a fork):
+    its steps against the reference weigh the fork alone (copy-on-write faults in the trainer), apart from the
+    writer's work (its copies to disk). Each run's step times and the trainer's page faults, context switches
+    and system time are recorded."""
     preset = ["model.preset=parti-debug"] if ctx.quick else ["model.preset=parti-350m", "model.encoder_layers=4",
                                                               "model.decoder_layers=4"]
     sets = preset + ["train.precision=bf16", "parallel.zero_stage=1", "train.global_batch_size=8",
                      "train.micro_batch_size=8", "train.async_save=true", "train.keep_checkpoints=2",
                      f"train.device={ctx.device}"]
     median = lambda xs: sorted(xs)[len(xs) // 2]
-
-    faults = {}  # the trainer's minor page faults per run: a forked writer makes each page the trainer then
-    # writes (Python objects' reference counts included) a copy-on-write fault, which the next run can weigh
+    usage = {}  # the trainer's minor page faults (a forked writer makes each page the trainer then writes, Python
+    # objects' reference counts included, a copy-on-write fault), context switches and system time, per run
 
     def step_seconds(folder: str, save_interval: int, steps: int = 20) -> tuple[dict, float]:
-        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         _, lines = train_run(ctx.scratch / folder, sets + [f"train.save_interval={save_interval}"], steps)
-        faults[folder] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        usage[folder] = {k: getattr(after, k) - getattr(before, k)
+                         for k in ("ru_minflt", "ru_nvcsw", "ru_nivcsw", "ru_stime", "ru_utime")}
         return {m["step"]: 8 / m["samples_per_s"] for m in lines}, time.perf_counter() - start
 
     step_seconds("warm_up", 0, 2)  # (the process's first run: imports, first kernels; its faults not compared)
     without, without_wall = step_seconds("no_saves", 0)
     seconds, wall = step_seconds("async_save", 5)
-    during = [seconds[s] for s in seconds if s % 5 in (1, 2) and s > 5]  # the steps after a save call
+    with forking_idly_every(5):
+        beside_fork, _ = step_seconds("idle_fork", 0)
+    after_save = lambda times: [times[s] for s in times if s % 5 in (1, 2) and s > 5]  # the steps after a save call
     reference = [without[s] for s in without if s > 5]
-    ratio = median(during) / median(reference)
-    steps = ctx.record("steps", {"step_s_during_save": median(during), "step_s_without": median(reference),
+    ratio = median(after_save(seconds)) / median(reference)
+    steps = ctx.record("steps", {"step_s_during_save": median(after_save(seconds)), "step_s_without": median(reference),
                                  "ratio": ratio, "run_s_saving_every_5": wall, "run_s_saving_at_the_end": without_wall,
                                  "latest": (ctx.scratch / "async_save" / "checkpoints" / "latest").read_text().strip(),
-                                 "minor_page_faults": {"saving_every_5": faults["async_save"],
-                                                       "saving_at_the_end": faults["no_saves"]}})
+                                 "step_s_beside_an_idle_fork": median(after_save(beside_fork)),
+                                 "idle_fork_ratio": median(after_save(beside_fork)) / median(reference),
+                                 "step_s_by_step": {"saving_every_5": seconds, "saving_at_the_end": without,
+                                                    "idle_fork_every_5": beside_fork},
+                                 "usage": {"saving_every_5": usage["async_save"], "saving_at_the_end": usage["no_saves"],
+                                           "idle_fork_every_5": usage["idle_fork"]}})
     return {"steps": steps, "checks": {"async_step_within_10pct": ratio <= 1.10, "last_save_completed":
                                        steps["latest"] == "step_00000020"} if ctx.device == "cuda" else {}}
+
+
+@contextlib.contextmanager
+def forking_idly_every(interval: int):
+    """While inside: every `interval` steps, where the trainer would start a save, a forked child that sleeps
+    (the previous one killed first), as megatron-core's writer is forked (multiprocessing's fork context) but
+    with nothing to write. Patches Trainer.complete_saves, which the loop calls once a step outside its timing."""
+    import multiprocessing
+
+    from training.trainer import Trainer
+
+    plain, children = Trainer.complete_saves, []
+
+    def complete_saves(trainer, wait: bool = False) -> None:
+        plain(trainer, wait)
+        if trainer.step % interval == 0:
+            kill_all(children)
+            children.append(multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,), daemon=True))
+            children[-1].start()
+
+    Trainer.complete_saves = complete_saves
+    try:
+        yield
+    finally:
+        Trainer.complete_saves = plain
+        kill_all(children)
+
+
+def kill_all(children: list) -> None:
+    """Kill and reap the processes in `children` (emptied); one that takes over 5 s to go is left to the exit."""
+    for child in children:
+        child.kill()
+        child.join(5)
+    children.clear()
 
 
 def parti_stages(ctx: Context) -> dict:

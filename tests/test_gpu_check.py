@@ -37,6 +37,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert set(sections["sampling"]["greedy_gap_fp32"]) == {"kv_cache", "decoder_only_kv_cache"}
     assert max(sections["sampling"]["greedy_gap_fp32"].values()) <= 1e-4
     assert sections["async_save"]["steps"]["latest"] == "step_00000020"  # the last save completed
+    assert set(sections["async_save"]["steps"]["step_s_by_step"]["idle_fork_every_5"]) == {str(s) for s in range(1, 21)}
+    assert sections["async_save"]["steps"]["usage"]["idle_fork_every_5"]["ru_minflt"] > 0
     assert sections["decode_compiled"]["greedy"]["gap_fp32"] <= 1e-4  # (inductor's static step, eager on CPU)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "| train_resume | ok |" in results[0].with_suffix(".md").read_text()
