@@ -222,9 +222,10 @@ def sampling(ctx: Context) -> dict:
     DALL-E's sparse masks); then
     bench/sample.py's measurement of parti-350m in bf16 (batch 16 with classifier-free guidance, 32 rows):
     image tokens/s of full recomputation, KV cache and CUDA graph against the memory-bandwidth bound
-    measured on this machine."""
+    measured on this machine; on a GPU also the CUDA graphs at evaluation.generate's largest default batch
+    (GPU_MAX_BATCH images) and the batch it would choose here (auto_batch_size)."""
     from bench.sample import MODES, measure_decoding, relate_rates
-    from evaluation.sampling import SamplingConfig, StaticSteps, sample
+    from evaluation.sampling import GPU_MAX_BATCH, SamplingConfig, StaticSteps, auto_batch_size, sample
     from model_parallel.model import PartiModel
     from model_parallel.state import init_parallel, seed_everything
 
@@ -265,6 +266,11 @@ def sampling(ctx: Context) -> dict:
         measured.update({k: v for k, v in result.items() if k not in MODES}, **{mode: result[mode]})
         ctx.record(mode, result[mode])
     relate_rates(measured)
+    if device == "cuda":  # evaluation.generate's default batch on a GPU (at most GPU_MAX_BATCH), beside batch 16
+        wide = measure_decoding(model, GPU_MAX_BATCH, cfg.image_seq_len, ("cuda_graph", "bound"), guidance_scale=1.2)
+        measured[f"cuda_graph_batch_{GPU_MAX_BATCH}"] = ctx.record(f"cuda_graph_batch_{GPU_MAX_BATCH}", {
+            **wide["cuda_graph"], "batch": wide["batch"], "bound_image_tokens_per_s": wide["bound"]["image_tokens_per_s"]})
+        out["auto_batch_size"] = auto_batch_size(model, guided=True)
     out.update(preset=preset, measured=measured)
     for mode in ("kv_cache", "cuda_graph"):
         if mode in modes:

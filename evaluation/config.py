@@ -40,8 +40,9 @@ class SamplingSettings(SamplingConfig):
     """Keep the best N samples per prompt by CLIP score (0: all; needs clip.model)."""
     seed: int = 0
     """Seeds depend on (seed, prompt index, sample index) only."""
-    batch_size: int = 8
-    """Images decoded together per process."""
+    batch_size: int = 0
+    """Images decoded together per process (0: 8 on a CPU; on a GPU as many as their KV caches fit in half its
+    free memory, at most 64: evaluation.sampling.auto_batch_size)."""
     compile_decode: bool = False
     """The decode step through inductor (the static KV cache's step; on a GPU before its CUDA graphs are
     captured): fewer, fused kernels per step, one compilation per attended prefix length and batch shape

@@ -2,7 +2,7 @@
 
     python -m evaluation.generate --checkpoint runs/x/export --vq runs/vq/export.pt --text-tokenizer tok/spm.model \
         --prompts ../shared/data/PartiPrompts.tsv --out samples/ [--samples-per-prompt 4] [--guidance-scale 1.2] \
-        [--temperature 1.0 --top-k 0 --top-p 1.0] [--seed 0] [--batch-size 8] [--limit N] \
+        [--temperature 1.0 --top-k 0 --top-p 1.0] [--seed 0] [--batch-size 0] [--limit N] \
         [--clip ViT-L-14 --clip-weights clip.pt --keep 1] [--upsampler runs/sr/export.pt] [--compile-decode]
     torchrun --nproc_per_node 8 -m evaluation.generate ...      # each process takes every 8th prompt
 
@@ -16,8 +16,10 @@ or with other prompts at the same indices, is refused (the differing settings ar
 configurations' images. Give such a run a new --out.
 
 Seeds depend on (seed, i, k) only, so the images do not depend on the number of processes or the batch
-size. On a GPU the model runs in bf16, decodes through CUDA graphs of its static KV cache and draws from CUDA
-generators (the same seeds give other images than on CPU). With a CLIP model the samples are reranked by CLIP
+size (on a GPU up to bf16 rounding: its matmul kernels are chosen by the batch's shape). On a GPU the model runs
+in bf16, decodes through CUDA graphs of its static KV cache and draws from CUDA generators (the same seeds give
+other images than on CPU). --batch-size 0 (the default) decodes 8 images at a time on a CPU, and on a GPU as many
+as their caches fit in half its free memory, at most 64 (evaluation.sampling.auto_batch_size). With a CLIP model the samples are reranked by CLIP
 score (r = 0 is the best; their scores go into the .json) and `--keep N` keeps only the best N. At the end rank 0
 gathers the .json files of this run's prompts (those below --limit) into metadata.jsonl.
 
@@ -52,7 +54,7 @@ from data_pipeline.code_shards import other_tokenizers
 from data_pipeline.text_tokenizer import TextTokenizer
 from evaluation.clip_score import ClipScorer, add_clip_args
 from evaluation.prompts import read_prompts
-from evaluation.sampling import SamplingConfig, StaticSteps, check_counts, sample
+from evaluation.sampling import SamplingConfig, StaticSteps, auto_batch_size, check_counts, sample
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.model import load_upsampler, upsample
 from training.export import exported_data_tokenizers, exported_model_config, load_exported
@@ -178,7 +180,7 @@ def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0,
 
 
 def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingConfig, samples_per_prompt: int = 1,
-             seed: int = 0, batch_size: int = 8, rank: int = 0, world: int = 1, scorer=None, keep: int = 0,
+             seed: int = 0, batch_size: int = 0, rank: int = 0, world: int = 1, scorer=None, keep: int = 0,
              upsampler=None, compile_decode: bool = False) -> int:
     """Images for this rank's prompts that are not done yet; returns how many prompts it generated.
     With a CLIP scorer the samples of each prompt are reranked; keep > 0 keeps only the best ones; with an
@@ -195,6 +197,9 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     settings = generation_record(model, vq, text_tok, cfg, samples_per_prompt, seed, scorer, keep, upsampler,
                                  decoding)
     check_resumable(out, settings, prompts, rank, world)
+    batch_size = batch_size or auto_batch_size(model, cfg.guided)
+    if rank == 0:
+        log.info(f"decoding {batch_size} images at a time ({decoding})")
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (out / RECORD).is_file():
         write_atomic(out / RECORD, json.dumps(settings, indent=1))
@@ -381,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=1)
     add_dataclass_args(parser, SamplingConfig)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=0, help="images decoded together (0: 8 on a CPU; on a GPU "
+                        "as many as their KV caches fit in half its free memory, at most 64)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     add_clip_args(parser, required=False)
     parser.add_argument("--keep", type=int, default=0, help="keep the best N samples per prompt (needs --clip)")

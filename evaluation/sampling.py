@@ -85,14 +85,44 @@ class SamplingConfig:
 
 
 def check_counts(samples_per_prompt: int, batch_size: int, keep: int) -> None:
-    """ValueError naming the flag (and the evaluation config's key) of a count out of range."""
-    for flag, value, least in (("samples-per-prompt", samples_per_prompt, 1), ("batch-size", batch_size, 1),
-                               ("keep", keep, 0)):
+    """ValueError naming the flag (and the evaluation config's key) of a count out of range (batch size 0:
+    auto_batch_size's)."""
+    for flag, value, least, note in (("samples-per-prompt", samples_per_prompt, 1, ""),
+                                     ("batch-size", batch_size, 0, " (0: chosen for the device)"), ("keep", keep, 0, "")):
         if value < least:
-            raise ValueError(f"--{flag} (sampling.{flag.replace('-', '_')}) must be >= {least}, not {value}")
+            raise ValueError(f"--{flag} (sampling.{flag.replace('-', '_')}) must be >= {least}{note}, not {value}")
     if keep > samples_per_prompt:
         raise ValueError(f"--keep {keep} keeps more than the {samples_per_prompt} sample(s) per prompt "
                          "(--samples-per-prompt): expected at most that many")
+
+
+CPU_BATCH = 8
+"""Images a CPU decodes together (auto_batch_size)."""
+GPU_MAX_BATCH = 64
+"""The most images a GPU decodes together by default. A decode step reads the weights once for the batch and
+each row's cached K/V: at parti-350m (bf16, guidance: 2 rows an image) the weights weigh as much as ~10 rows'
+caches at the image's mean position, parti-20b's as ~40, so 64 images (128 rows) get most of what larger
+batches would, with one batch shape's graphs and caches per process. Not yet measured (the GPU check's
+sampling section times 16 and 64)."""
+
+
+def cache_bytes_per_row(model_cfg, element_size: int) -> int:
+    """Bytes of one decoded sequence's static caches (model.start_decoding(static=True)): every decoder layer's
+    self-attention K and V over the whole stream, and the encoder-decoder's cross-attention K and V over the
+    caption."""
+    positions = model_cfg.stream_len + (0 if model_cfg.decoder_only else model_cfg.text_seq_len)
+    return 2 * model_cfg.decoder_layers * positions * model_cfg.num_heads * model_cfg.head_dim * element_size
+
+
+def auto_batch_size(model, guided: bool) -> int:
+    """Images to decode together when none is given (--batch-size 0): CPU_BATCH on a CPU; on a GPU as many as
+    their caches fit in half its free memory (the other half for a last, smaller batch's own caches and CUDA
+    graphs, the VQ decoder and CLIP), at most GPU_MAX_BATCH, at least 1."""
+    weight = next(model.parameters())
+    if weight.device.type != "cuda":
+        return CPU_BATCH
+    per_image = cache_bytes_per_row(model.cfg, weight.element_size()) * (2 if guided else 1)
+    return max(1, min(GPU_MAX_BATCH, torch.cuda.mem_get_info(weight.device)[0] // 2 // per_image))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -132,6 +132,23 @@ def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
     assert line in summary_markdown(report)
 
 
+def test_the_summary_reads_the_newer_sampling_and_async_save_results():
+    """The second H200 run's sampling line with the CUDA graphs at generate's default GPU batch added, and an
+    async_save line with the idle fork's ratio (results the next GPU run will write)."""
+    from bench.gpu_check import summary_markdown
+
+    report = json.loads((ROOT / "bench" / "results" / "gpu_nvidia-h200_2026-12-04.json").read_text())
+    report["sections"]["sampling"]["measured"]["cuda_graph_batch_64"] = {
+        "image_tokens_per_s": 41000.0, "of_bound": 0.31, "batch": 64}
+    report["sections"]["sampling"]["auto_batch_size"] = 64
+    report["sections"]["async_save"] = {"status": "ok", "seconds": 50, "steps": {"ratio": 1.13, "idle_fork_ratio": 1.02}}
+    text = summary_markdown(report)
+    assert "cuda_graph 8256 tok/s (17% of bound); batch 64: cuda_graph 41000 tok/s (31% of its bound), auto batch 64 |" \
+        in text
+    assert "| async_save | ok | 50 | step during an async save / without: 1.13; beside an idle fork / without: 1.02 |" \
+        in text
+
+
 def test_greedy_gap_is_zero_for_greedy_codes_and_large_for_others(single_process):
     """The sampling section's measure of "greedy decoding" (teacher-forced): 0 for what full recomputation
     decodes greedily, above the tolerance once a single code is another, for both architectures."""

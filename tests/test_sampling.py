@@ -228,6 +228,23 @@ def test_compiled_static_step_equals_the_eager_one_with_one_graph_per_prefix_len
         run(model, greedy, compiled="inductor")
 
 
+@pytest.mark.parametrize("preset", ["parti-debug", "dalle-debug"])
+def test_auto_batch_size_counts_the_static_caches_decoding_allocates(single_process, preset):
+    """generate's --batch-size 0 sizes a GPU's batch by cache_bytes_per_row: the bytes model.start_decoding's
+    static caches hold per sequence (self-attention K/V over the stream; cross-attention K/V over the caption,
+    encoder-decoder only), here counted from the tensors it allocates; a CPU decodes CPU_BATCH images."""
+    from evaluation.sampling import CPU_BATCH, auto_batch_size, cache_bytes_per_row
+
+    model = preset_model(preset)
+    text, _ = debug_batch(model.cfg, batch=3)
+    with torch.no_grad():
+        caches, _, _ = model.start_decoding(text, static=True)
+    tensors = {id(t): t for c in caches for t in (c.self_k, c.self_v, c.cross_k, c.cross_v) if t is not None}
+    allocated = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert allocated == 3 * cache_bytes_per_row(model.cfg, 4)
+    assert auto_batch_size(model, guided=True) == CPU_BATCH
+
+
 def test_cuda_graph_needs_cuda_and_the_cache(single_process):
     model = debug_model()
     with pytest.raises(ValueError, match="needs use_cache=True"):
