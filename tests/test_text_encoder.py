@@ -44,6 +44,34 @@ def test_masked_token_loss_falls(pretrained):
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 
 
+def test_the_masked_token_loss_takes_the_fused_cross_entropy_with_the_plain_ones_values(single_process):
+    """MaskedTextEncoder's loss goes through kernels.cross_entropy, as the image-token loss does (a GPU's auto:
+    fused): fused = plain (megatron-core's on fp32 logits) in loss and gradients, with fp32 and bf16 weights."""
+    from model_parallel.kernels import availability, select_kernels
+    from training.config import KernelConfig, load_config
+    from training.text_encoder import MaskedTextEncoder, mask_tokens
+
+    if availability()["cross_entropy"]["fused"]:
+        pytest.skip(f"cross_entropy=fused: {availability()['cross_entropy']['fused']}")
+    cfg = load_config("configs/train/debug.yaml", []).model
+    g = torch.Generator().manual_seed(0)
+    captions = torch.randint(4, cfg.text_vocab_size, (3, cfg.text_seq_len), generator=g)
+    inputs, chosen = mask_tokens(captions, cfg, g)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        results = []
+        for name in ("plain", "fused"):
+            model = MaskedTextEncoder(cfg, select_kernels(KernelConfig(cross_entropy=name)), init_seed=5).to(dtype)
+            assert model.cross_entropy.func is select_kernels(KernelConfig(cross_entropy=name)).cross_entropy
+            torch.manual_seed(1)  # (the same dropout masks, if the debug model draws any, for both)
+            loss = model(inputs, captions, chosen)
+            loss.backward()
+            results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+        (plain, plain_grads), (fused, fused_grads) = results
+        torch.testing.assert_close(fused, plain, atol=tolerance, rtol=tolerance)
+        for n, grad in plain_grads.items():
+            torch.testing.assert_close(fused_grads[n], grad, atol=tolerance, rtol=tolerance, msg=n)
+
+
 def test_pretraining_asked_for_a_missing_gpu_stops_before_writing(single_process, tmp_path):
     """train.device=cuda (what the sbatch scripts set) without a usable GPU is an error naming why, as in
     training.train, not a silent run on the CPU."""

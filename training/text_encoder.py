@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
 
 from common.checkpoints import CheckpointError, checkpoint_dir, has_checkpoints
@@ -60,7 +60,7 @@ from data_pipeline.text_tokenizer import BOS_ID, EOS_ID, TextTokenizer
 from data_pipeline.training_data import training_dataset
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.kernels import select_kernels
-from model_parallel.model import build_pieces, piece_context, text_mask
+from model_parallel.model import build_pieces, loss_cross_entropy, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
 from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
@@ -88,6 +88,7 @@ class MaskedTextEncoder(nn.Module):
         self.cfg = cfg
         ctx = piece_context(cfg, kernels, tp_group=tp_group)
         self.tp_group = ctx.tp_group
+        self.cross_entropy = loss_cross_entropy(ctx)  # (kernels.cross_entropy, as the image-token loss's)
         build_pieces(self, ctx, init_seed, keep=lambda name: name.split(".")[0] in TEXT_ENCODER_PIECES)
 
     def forward(self, text_ids: torch.Tensor, targets: torch.Tensor, chosen: torch.Tensor,
@@ -100,7 +101,7 @@ class MaskedTextEncoder(nn.Module):
             x = layer(x, text_mask(text_ids, self.cfg.text_pad_id), sample_index)
         x = copy_to_tensor_model_parallel_region(self.encoder_norm(x), group=self.tp_group)
         logits = nn.functional.linear(x, self.text_embedding.embed.weight)  # [T, b, V/tp], tied to the input table
-        losses = vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())  # [T, b]
+        losses = self.cross_entropy(logits, targets.t().contiguous())  # [T, b], fp32
         chosen = chosen.t().float()
         return (losses * chosen).sum() / chosen.sum().clamp(min=1)
 
