@@ -141,11 +141,27 @@ def _key_results(name: str, r: dict) -> str:
         return f"(no summary: {type(e).__name__}: {e}; see the .json)".replace("|", "/")
 
 
+def _partial_summary(partial: dict | None) -> str:
+    """What a section that failed or ran out of time had recorded (Context.record): an MFU section's best eager
+    MFU so far and its compiled layers' (what the targets are judged on), else the names of the records."""
+    if not partial:
+        return ""
+    runs = {k.removeprefix("micro_batch_"): v for k, v in partial.items()
+            if k.startswith("micro_batch_") and isinstance(v, dict) and v.get("mfu")}
+    found = []
+    if runs:
+        size, best = max(runs.items(), key=lambda run: run[1]["mfu"])
+        found.append(f"eager MFU {best['mfu']:.1%} at micro-batch {size}")
+    if isinstance(partial.get("compiled"), dict) and partial["compiled"].get("mfu"):
+        found.append(f"compiled layers MFU {partial['compiled']['mfu']:.1%}")
+    return "; recorded before: " + ", ".join(found or sorted(partial))
+
+
 def _summarise(name: str, r: dict) -> str:
     if r["status"] == "skipped":
         return r["reason"]
     if r["status"] == "error":
-        return r["error"].splitlines()[0][:200].replace("|", "/")
+        return (r["error"].splitlines()[0][:200] + _partial_summary(r.get("partial"))).replace("|", "/")
     # (daemonic ones only: a daemon is its owner's to end; megatron's results-queue server is meant to live on)
     daemons = [h for h in r.get("helpers_left", []) if h.get("daemon", True)]
     parts = [f"{len(daemons)} helper process(es) left running"] if daemons else []

@@ -127,6 +127,12 @@ def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
             in summary_markdown(report))
     report["sections"]["mfu_350m"]["best_mfu"] = None
     assert "MFU n/a (no peak for this GPU: set train.peak_tflops) (353 TFLOP/s" in summary_markdown(report)
+    report["sections"]["mfu_750m"] = {"status": "error", "error": "timed out after 180 s", "seconds": 180, "partial": {
+        "build_s": 9.0, "micro_batch_8": {"mfu": 0.31}, "micro_batch_16": {"mfu": 0.36}, "compiled": {"mfu": 0.41}}}
+    assert ("| mfu_750m | error | 180 | timed out after 180 s; recorded before: eager MFU 36.0% at micro-batch 16, "
+            "compiled layers MFU 41.0% |") in summary_markdown(report)
+    report["sections"]["mfu_750m"]["partial"] = {"build_s": 9.0, "optimizer_step": {}}
+    assert "| timed out after 180 s; recorded before: build_s, optimizer_step |" in summary_markdown(report)
     del report["sections"]["mfu_3b"]["by_micro_batch"]
     line = "| mfu_3b | fail | 56 | (no summary: KeyError: 'by_micro_batch'; see the .json) |"
     assert line in summary_markdown(report)
