@@ -228,7 +228,8 @@ class StaticStep:
         self.position, self.prefix = self.caches[0].static, model.cfg.prefix_len
         self.tokens = torch.full((texts.shape[0], 1), model.bos_id, dtype=torch.long, device=texts.device)
         length = self.position.max_len
-        self.lengths = sorted({-(-length * (k + 1) // buckets) for k in range(buckets)})
+        # (a decoder-only caption of a quarter of the stream or more: the shorter lengths are never attended)
+        self.lengths = sorted({n for k in range(buckets) if (n := -(-length * (k + 1) // buckets)) > self.prefix})
         self.graphs: dict[int, tuple] = {}  # prefix length -> (CUDA graph, its output logits)
         if cuda_graph:
             self._capture()

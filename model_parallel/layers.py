@@ -373,7 +373,8 @@ class Residual(nn.Module):
             return x + self.drop(out + bias)
         # Eval mode takes the plain operations: a compiled call's guard checks cost a decoded token more host time
         # than the fusion saves it, and each inference shape (prefill, one-token steps, fp32) would compile anew.
-        # (By mode, not grad mode: recomputation's first forward runs without grad and must equal its rerun.)
+        # (By mode, not grad mode: a forward in training mode under no_grad, as a reentrant recomputation's first
+        # pass is, takes the same kernel as its rerun with grad.)
         fused = self.bias_dropout_add if self.training else plain_bias_dropout_add
         return fused(out, bias, x, self.drop.mask(out, sample_index), self.drop.p)
 

@@ -70,7 +70,7 @@ def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute
 
 def test_fused_kernels_in_eager_layers_equal_plain(single_process):
     """A GPU's default: eager layers calling the fused bias-dropout-add and head-split kernels (inductor), with
-    keyed dropout and full recomputation (its first forward runs without grad, its rerun with), and the loss's
+    keyed dropout and full recomputation (each layer's forward run again in the backward), and the loss's
     fused cross-entropy: the plain kernels' losses and gradients; in eval mode the layers take the plain
     operations."""
     from model_parallel.kernels import plain_bias_dropout_add, select_kernels
