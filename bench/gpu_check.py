@@ -197,11 +197,12 @@ def _summarise(name: str, r: dict) -> str:
         rates = [f"{mode} {m[mode]['image_tokens_per_s']:.0f} tok/s"
                  + (f" ({m[mode]['of_bound']:.0%} of bound)" if "of_bound" in m[mode] else "")
                  for mode in ("full_recomputation", "kv_cache", "cuda_graph") if "image_tokens_per_s" in m.get(mode, {})]
-        wide = next((k for k in m if k.startswith("cuda_graph_batch_")), None)
+        wide = [m[k] for k in m if k.startswith("cuda_graph_batch_") and "image_tokens_per_s" in m[k]]
         parts.append(f"{r['preset']} {m['dtype']} batch {m['batch']} (+guidance): " + ", ".join(rates)
-                     + (f"; batch {m[wide]['batch']}: cuda_graph {m[wide]['image_tokens_per_s']:.0f} tok/s "
-                        f"({m[wide].get('of_bound', 0):.0%} of its bound), auto batch {r['auto_batch_size']}"
-                        if wide and "image_tokens_per_s" in m[wide] else ""))
+                     + (f"; batch {wide[0]['batch']}: cuda_graph " + ", ".join(
+                         f"{w['image_tokens_per_s']:.0f} tok/s ({w.get('of_bound', 0):.0%} of its bound"
+                         + (", a generator per image)" if k else ")") for k, w in enumerate(wide))
+                        + f", auto batch {r['auto_batch_size']}" if wide else ""))
     elif name == "decode_compiled":
         parts.append(f"greedy gap {r['greedy']['gap_fp32']:.1e} ({r['greedy']['preset']}, first call "
                      f"{r['greedy']['first_call_s']:.0f} s)"

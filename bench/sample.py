@@ -18,7 +18,8 @@ projections, whose outputs are cached), the self-attention K/V cache over the po
 (averaged over the image) and the cached cross-attention K/V, and the bandwidth of a large device copy
 measured in the same run (bytes read + written per second). Rates are image tokens/s of the token loop
 (sample()'s `decode_s`; the encoder, cache allocation and graph capture are `setup_s`). Sampling draws
-from a generator on the model's device (temperature 1, no filtering, no guidance unless asked). The CUDA-graph
+from a generator on the model's device (temperature 1, no filtering, no guidance unless asked), or with
+`--per-image-generators` from one per image, as evaluation.generate does. The CUDA-graph
 mode is timed as evaluation.generate samples its later batches: through a step kept from an earlier call of the
 same shape (`setup_s` restarts it; `capture_setup_s` is that first call's capture).
 
@@ -80,17 +81,22 @@ def decode_step_bytes(model, rows: int, tokens: int) -> dict:
             "cross_kv": cross, "total": weights + kv_cache + cross}
 
 
-def _timed_sample(model, text, cfg: SamplingConfig, tokens: int, seed: int, **mode) -> dict:
+def _timed_sample(model, text, cfg: SamplingConfig, tokens: int, seed: int, per_image: bool, **mode) -> dict:
     device = text.device
     timings: dict = {}
-    sample(model, text, cfg, torch.Generator(device).manual_seed(seed), max_tokens=tokens, timings=timings, **mode)
+    generator = ([torch.Generator(device).manual_seed(seed + r) for r in range(len(text))] if per_image
+                 else torch.Generator(device).manual_seed(seed))
+    sample(model, text, cfg, generator, max_tokens=tokens, timings=timings, **mode)
     return timings
 
 
 def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_tokens: int | None = None,
-                     guidance_scale: float | None = None, seed: int = 0, warmup_tokens: int = 4) -> dict:
+                     guidance_scale: float | None = None, seed: int = 0, warmup_tokens: int = 4,
+                     per_image_generators: bool = False) -> dict:
     """Image tokens/s of each decoding mode for `batch` random captions and the first `tokens` image
-    tokens, on the model's device in its dtype (model: PartiModel in eval mode, TP=1). Returns a JSON-ready
+    tokens, on the model's device in its dtype (model: PartiModel in eval mode, TP=1); the draws from one
+    generator for the batch, or with `per_image_generators` from one per image, as evaluation.generate draws
+    (each row's draw is then a few kernels of its own). Returns a JSON-ready
     dict: one entry per mode ({"skipped": reason} where it cannot run, {"error": ...} where it failed) with
     `image_tokens_per_s`,
     `of_bound` (the fraction of the memory-bandwidth bound) and `vs_full_recomputation` where measured."""
@@ -107,6 +113,7 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
     rows = batch * (2 if sampling.guided else 1)
     out: dict = {"device": str(device), "dtype": str(weight.dtype).replace("torch.", ""), "batch": batch,
                  "rows": rows, "tokens": tokens, "guidance_scale": guidance_scale,
+                 "generators": "per_image" if per_image_generators else "one",
                  "hidden": cfg.hidden_size, "layers": f"{cfg.encoder_layers}+{cfg.decoder_layers}"}
     if device.type == "cpu":
         out.update(threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
@@ -127,8 +134,9 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
         if mode in GRAPH_MODES:  # (as evaluation.generate samples: the graphs kept for the next batch)
             kwargs = {**kwargs, "steps": StaticSteps()}
         try:
-            first = _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, **kwargs)  # lazy init, kernels
-            t = _timed_sample(model, text, sampling, n, seed, **kwargs)
+            first = _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, per_image_generators,
+                                  **kwargs)  # (lazy initialisation, the first kernels)
+            t = _timed_sample(model, text, sampling, n, seed, per_image_generators, **kwargs)
         except Exception as e:  # noqa: BLE001 - recorded: the other modes' numbers still come back
             out[mode] = {"error": f"{type(e).__name__}: {e}"}
             continue
@@ -197,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--per-image-generators", action="store_true", help="draw from a generator per image, as "
+                        "evaluation.generate does (default: one for the batch)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     built = time.perf_counter() - start
     tokens = args.max_tokens if args.max_tokens is not None else (0 if gpu else 32)
     reference = args.reference_tokens or (256 if gpu else 16)
-    result = measure_decoding(model, args.batch, tokens, tuple(args.modes.split(",")), reference, args.guidance_scale)
+    result = measure_decoding(model, args.batch, tokens, tuple(args.modes.split(",")), reference, args.guidance_scale,
+                              per_image_generators=args.per_image_generators)
     print(report(args.preset, result))
     print(f"(model built in {built:.1f} s)")
 

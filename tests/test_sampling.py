@@ -270,7 +270,7 @@ def test_cuda_graph_sampling_equals_the_static_cache_and_recomputation(single_pr
     assert a.device.type == "cuda" and torch.equal(a, b)
 
 
-def test_decoding_benchmark_reports_every_mode_against_the_bound(single_process):
+def test_decoding_benchmark_reports_every_mode_against_the_bound(single_process, monkeypatch):
     from bench.sample import measure_decoding, report
 
     result = measure_decoding(debug_model(), batch=2, tokens=8, reference_tokens=4)
@@ -283,6 +283,14 @@ def test_decoding_benchmark_reports_every_mode_against_the_bound(single_process)
     if not torch.cuda.is_available():
         assert "CUDA" in result["cuda_graph"]["skipped"]
     assert "of the bound" in report("parti-debug", result)
+    drawn = []  # with a generator per image, as evaluation.generate draws: the sampler gets one per caption
+    from bench import sample as bench_sample
+    real = bench_sample.sample
+    monkeypatch.setattr(bench_sample, "sample", lambda model, text, cfg, generator, **kw: drawn.append(generator)
+                        or real(model, text, cfg, generator, **kw))
+    per_image = measure_decoding(debug_model(), batch=3, tokens=4, modes=("kv_cache",), per_image_generators=True)
+    assert per_image["generators"] == "per_image" and per_image["kv_cache"]["image_tokens_per_s"] > 0
+    assert [len(g) for g in drawn] == [3, 3] and result["generators"] == "one"
 
 
 def test_guidance_scale_one_equals_unguided(single_process, monkeypatch):
