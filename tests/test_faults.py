@@ -109,9 +109,14 @@ def nan_loss_on_calls(monkeypatch):
     return poisoned
 
 
-def test_nonfinite_step_is_skipped_and_counted(single_process, tmp_path, nan_loss_on_calls):
+# fp32 ZeRO-0: the guard skips the step; ZeRO-1 and bf16: DeepSpeed's wrappers do, and the guard counts it
+NONFINITE_PATHS = [(), ("parallel.zero_stage=1",), ("train.precision=bf16",)]
+
+
+@pytest.mark.parametrize("sets", NONFINITE_PATHS, ids=["fp32-zero0", "fp32-zero1", "bf16-zero0"])
+def test_nonfinite_step_is_skipped_and_counted(single_process, tmp_path, nan_loss_on_calls, sets):
     nan_loss_on_calls.update({6})  # a micro-batch of step 2 (4 micro-batches per step)
-    losses = run(str(tmp_path))
+    losses = run(str(tmp_path), *sets)
     assert losses[1] != losses[1] and all(x == x for x in losses[2:])  # NaN, then training goes on
     lines = metrics(tmp_path)
     assert [m["skipped_steps"] for m in lines] == [0, 1, 1, 1, 1, 1]
@@ -119,10 +124,11 @@ def test_nonfinite_step_is_skipped_and_counted(single_process, tmp_path, nan_los
     assert losses[2] < losses[0]
 
 
-def test_many_nonfinite_steps_in_a_row_stop_the_run(single_process, tmp_path, nan_loss_on_calls):
+@pytest.mark.parametrize("sets", NONFINITE_PATHS[:2], ids=["fp32-zero0", "fp32-zero1"])
+def test_many_nonfinite_steps_in_a_row_stop_the_run(single_process, tmp_path, nan_loss_on_calls, sets):
     nan_loss_on_calls.update(range(5, 100))
     with pytest.raises(RuntimeError, match="the last 3 steps had non-finite loss or gradients"):
-        run(str(tmp_path), "train.max_skipped_steps=3")
+        run(str(tmp_path), "train.max_skipped_steps=3", *sets)
 
 
 def test_layout_that_does_not_fit_the_world_is_refused_before_work(single_process, tmp_path):

@@ -186,26 +186,34 @@ def test_warm_start_loads_the_pretrained_weights_at_any_layout(pretrained, pool2
         torch.testing.assert_close(got[name], w, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("zero", [0, 1])
-def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, tmp_path, zero):
+@pytest.mark.parametrize("zero, pp, precision", [(0, 1, "fp32"), (1, 1, "fp32"), (1, 2, "bf16")])
+def test_a_frozen_text_encoder_never_changes(pretrained, single_process, pool2, tmp_path, zero, pp, precision):
     """3 steps with model.freeze_text_encoder (one process at ZeRO-0; DP=2 at ZeRO-1, whose partitions hold
-    the encoder's optimizer state too): the checkpoint's encoder is the pre-trained one, bit for bit, while
-    the decoder moved away from its initialisation."""
+    the encoder's optimizer state too; PP=2 at ZeRO-1 in bf16, where only the first stage holds the encoder's
+    parameter group): the checkpoint's encoder is the pre-trained one, bit for bit, while the decoder moved
+    away from its initialisation. PP=2 at ZeRO-1 in fp32 is refused before anything is built (DeepSpeed's
+    fp32 ZeRO reduces each group's norm across the stages: the stage without the encoder's group hung)."""
+    from common.config import ConfigError
     from model_parallel.model import PartiModel
     from training.checkpoint import latest_tag
     from training.config import load_config
     from training.export import open_checkpoint, read_weights
 
     _, folder, weights = pretrained
-    sets = [f"model.init_text_encoder={folder}", "model.freeze_text_encoder=true", f"parallel.zero_stage={zero}"]
+    sets = [f"model.init_text_encoder={folder}", "model.freeze_text_encoder=true", f"parallel.zero_stage={zero}",
+            f"parallel.pp={pp}", f"train.precision={precision}"]
+    if pp > 1:
+        with pytest.raises(ConfigError, match="needs train.precision=bf16 .* would wait on each other"):
+            load_config("configs/train/debug.yaml", [*sets, "train.precision=fp32"]).validate()
     if zero:
         pool2.run(run, str(tmp_path), *sets, steps=3)
     else:
         run(str(tmp_path), *sets, steps=3)
     path, state, shapes = open_checkpoint(tmp_path, latest_tag(tmp_path))
     trained = read_weights(path, shapes)
-    for name, w in weights.items():
-        torch.testing.assert_close(trained[name], w, rtol=0, atol=0, msg=name)
+    for name, w in weights.items():  # (bf16: DeepSpeed's fp32 master weights start from the bf16 model's)
+        expected = w.to(torch.bfloat16).float() if precision == "bf16" else w
+        torch.testing.assert_close(trained[name], expected, rtol=0, atol=0, msg=name)
     cfg = load_config("configs/train/debug.yaml", sets)
     initial = PartiModel(cfg.model, init_seed=state["config"]["train"]["seed"]).state_dict()
     assert not torch.equal(trained["decoder.0.mlp.fn.fc1.weight"], initial["decoder.0.mlp.fn.fc1.weight"])

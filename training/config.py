@@ -131,6 +131,11 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(not m.init_text_encoder or p.zero_stage < 3,
             f"model.init_text_encoder needs parallel.zero_stage < 3 (ZeRO-3 partitions the model while it is built, "
             f"before the pre-trained encoder could be loaded into it; got {p.zero_stage})")
+    require(not (m.freeze_text_encoder and p.pp > 1 and p.zero_stage >= 1 and t.precision == "fp32"),
+            "model.freeze_text_encoder with parallel.pp > 1 and parallel.zero_stage >= 1 needs train.precision=bf16 "
+            "(or zero_stage 0): fp32 ZeRO reduces each parameter group's gradient norm across the pipeline stages, "
+            "and only the first stage holds the frozen encoder's group, so the stages would wait on each other "
+            "for ever")
     require(not cfg.kernels.compile or p.zero_stage < 3,
             "kernels.compile needs parallel.zero_stage < 3 (ZeRO-3 gathers each module's parameters in hooks "
             "that split a compiled layer into many graphs and exhaust torch.compile's recompilation limit; "

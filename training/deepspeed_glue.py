@@ -11,7 +11,8 @@ The engine (training/engine.py uses these to build it):
 - `no_optimizer_steps`: DeepSpeed's bf16 ZeRO-0 wrappers run one real optimizer step at construction.
 - `clip_fp32_gradients_megatron_style` (with `global_grad_norm`): fp32 ZeRO-0 clipping that keeps no norm
   and miscounts under a pipeline.
-- `NonFiniteGuard` (with `nonfinite_flag`): DeepSpeed steps on non-finite gradients outside fp16.
+- `NonFiniteGuard` (with `nonfinite_flag`): DeepSpeed's plain fp32 ZeRO-0 step goes on with non-finite
+  gradients, and the steps its wrappers skip are counted only in its engine.
 
 Checkpoints (training/checkpoint.py writes and reads each rank's own part of the fp32 weights and optimizer state):
 - `base_optimizer`, `optimizer_state_specs`, `local_shape`: the torch optimizer and shapes under ZeRO.
@@ -95,7 +96,8 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    device = params[0].device if params else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)  # (NCCL reduces CUDA tensors only)
     for p in params:
         if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
             squares += p.grad.detach().float().square().sum()
@@ -135,20 +137,28 @@ def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 class NonFiniteGuard:
-    """Skips optimizer updates whose gradients are not finite on some rank, and counts them.
+    """Counts the optimizer steps skipped for non-finite gradients (`skipped`, and `consecutive`: those in a row,
+    for train.max_skipped_steps), and skips them where DeepSpeed would not.
 
-    Why: DeepSpeed 0.19.8 skips a non-finite step only under its fp16 loss scaler and in BF16_Optimizer.step
-    (runtime/bf16_optimizer.py, is_invalid_grad_norm), without a count a trainer can read; fp32 steps on
-    NaN gradients (runtime/engine.py _take_model_step calls optimizer.step unconditionally).
+    Why: DeepSpeed 0.19.8's wrappers (ZeRO 1-3: runtime/zero/stage_1_and_2.py and stage3.py `step`; bf16's
+    runtime/bf16_optimizer.py `step`) skip a step whose global gradient norm is not finite (`overflow`,
+    all-reduced, so every rank agrees), count it in the engine (`engine.skipped_steps`, runtime/engine.py
+    `_take_model_step`, which then leaves the learning-rate schedule where it is), and tell no trainer. Without
+    a wrapper (fp32 ZeRO-0) the engine steps the torch optimizer on whatever gradients it has. There the guard
+    replaces that optimizer's `step` (an instance attribute; DeepSpeed calls it once a step, with every
+    group): each rank checks its gradients, the verdict is all-reduced, every rank skips or steps together,
+    and DeepSpeed zeroes the gradients as after any step (the schedule advances). Not for the wrappers: they
+    call the inner step once per parameter group (fp32 ZeRO-1/2) or sub-group (ZeRO-3), and only after
+    their own check passed.
 
-    It replaces the `step` of the torch optimizer inside DeepSpeed's wrapper (an instance attribute),
-    where the gradients (ZeRO partitions or whole) are final: each rank checks its own, the verdict is
-    all-reduced, and every rank skips or steps together. DeepSpeed then zeroes the gradients as after any
-    step (the learning-rate schedule still advances)."""
+    `step_done()` after each optimizer step counts it."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.skipped = 0
-        self.consecutive = 0
+    def __init__(self, engine):
+        self.engine, self.skipped, self.consecutive = engine, 0, 0
+        self._engine_skips, self._skipped_here = engine.skipped_steps, False
+        if hasattr(engine.optimizer, "overflow"):  # (a wrapper: it checks and skips by itself)
+            return
+        optimizer = base_optimizer(engine)
         inner_step = optimizer.step
 
         # (wraps: keeps the marker torch's LR scheduler put on the step it wrapped, so that it does not warn
@@ -158,13 +168,18 @@ class NonFiniteGuard:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.distributed.all_reduce(flag := nonfinite_flag(grads), op=torch.distributed.ReduceOp.MAX)
             if flag.item():  # the one host synchronisation of the check
-                self.skipped += 1
-                self.consecutive += 1
+                self._skipped_here = True
                 return None
-            self.consecutive = 0
             return inner_step(*args, **kwargs)
 
         optimizer.step = guarded_step
+
+    def step_done(self) -> None:
+        """After an optimizer step: count it as skipped if the guard or DeepSpeed's wrapper skipped it."""
+        skipped = self._skipped_here or self.engine.skipped_steps != self._engine_skips
+        self._engine_skips, self._skipped_here = self.engine.skipped_steps, False
+        self.skipped += skipped
+        self.consecutive = self.consecutive + 1 if skipped else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     model = build_model(cfg, kernels, device, layout)   # layout: model_parallel.layout.ParallelLayout
     engine, guard = build_engine(model, cfg, kernels, layout)   # a TrainEngine: DeepSpeed's engine, the NonFiniteGuard
     loss, grad_norm = train_step(engine, cfg, micro_batches, device)
+    guard.step_done()                                   # counts the step if it was skipped (non-finite gradients)
     guard.skipped                                       # optimizer steps skipped for non-finite gradients
 
 megatron-core's process groups are handed to DeepSpeed as its `mpu` (through `MegatronMpu`, which
@@ -34,7 +35,6 @@ from training.config import Config
 from training.deepspeed_glue import (
     MegatronMpu,
     NonFiniteGuard,
-    base_optimizer,
     clip_fp32_gradients_megatron_style,
     init_deepspeed,
     no_optimizer_steps,
@@ -156,7 +156,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
                                                mpu=None if pipelined else MegatronMpu(),
                                                config=deepspeed_config(cfg, layout.dp))
     clip_fp32_gradients_megatron_style(engine)
-    return TrainEngine(engine, NonFiniteGuard(base_optimizer(engine)))
+    return TrainEngine(engine, NonFiniteGuard(engine))
 
 
 def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[float, float | None]:

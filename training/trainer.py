@@ -333,6 +333,7 @@ class Trainer:
                 start, lr = time.perf_counter(), self.engine.get_lr()[0]
                 batches = [engine.MicroBatch(*mb) for mb in reader.next_step()]  # read ahead while training
                 loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
+                guard.step_done()
                 losses.append(loss)
                 self.step += 1
                 self.consumed += t.global_batch_size
