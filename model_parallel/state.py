@@ -183,8 +183,11 @@ def process_groups() -> set:
 def destroy_groups(groups) -> None:
     """Destroy process groups nothing will use again. Each gloo group keeps threads that wake on their own
     (a CPU process that built ~50 layouts spent a third of a core on them while idle); NCCL groups hold
-    GPU memory and communicators."""
-    for group in groups:
+    GPU memory and communicators. In the order of their names (as torch's own destroy_process_group() of
+    all groups does: ncclCommAbort was collective in some NCCL versions), the same on every rank, not a set's."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in sorted(groups, key=lambda g: c10d._world.pg_names[g]):
         dist.destroy_process_group(group)
 
 

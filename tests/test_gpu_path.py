@@ -175,6 +175,29 @@ def test_nonfinite_flag_is_one_reduction_on_the_device():
     assert nonfinite_flag([]).item() == 0.0
 
 
+def test_a_checkpoints_generators_are_restored_only_on_the_kind_of_device_that_saved_them(single_process):
+    """megatron's RNG tracker holds CUDA generator states on a GPU and CPU ones here: a checkpoint's tracker
+    states from the other kind of device (a GPU's, marked by its "cuda" state) are not set into it (they would
+    fail at its first fork); this device's are. torch's CPU generator is restored either way."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from model_parallel.state import seed_everything
+    from training.checkpoint import _rng_state, _set_rng_state
+
+    seed_everything(5)  # (the tracker's generators)
+    saved, tracker = _rng_state(), get_cuda_rng_tracker()
+    with tracker.fork():
+        first = torch.rand(3)  # (the tracker moves on)
+    _set_rng_state({**saved, "cuda": torch.zeros(16, dtype=torch.uint8)})  # a GPU's checkpoint, resumed here
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    with tracker.fork():
+        assert not torch.equal(torch.rand(3), first)  # the tracker kept its own state
+    _set_rng_state(saved)  # a CPU checkpoint on a CPU
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    with tracker.fork():
+        assert torch.equal(torch.rand(3), first)
+
+
 def test_peak_memory_is_reset_after_the_engine_is_built(single_process, monkeypatch, tmp_path):
     """The logged peak is training's: construction (fp32 before the bf16 cast) happens before the reset."""
     from common import metrics

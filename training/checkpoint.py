@@ -264,8 +264,13 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
+    """The saved generators, where they fit: megatron's tracker holds CUDA generator states on a GPU and CPU ones
+    on a CPU (model_parallel.cpu_compat), so a checkpoint saved on the other kind of device (its "cuda" state
+    says which) leaves the tracker as seeded (the attention-dropout masks then differ from an uninterrupted
+    run's; keyed dropout does not depend on it); set into the wrong kind it fails at its first use."""
     torch.set_rng_state(state["torch"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    if ("cuda" in state) == torch.cuda.is_available():
+        get_cuda_rng_tracker().set_states(state["tracker"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
 
