@@ -424,7 +424,8 @@ def async_save(ctx: Context) -> dict:
                                  "idle_fork_ratio": median(after_save(beside_fork)) / median(reference),
                                  "step_s_by_step": {"saving_every_5": seconds, "saving_at_the_end": without,
                                                     "idle_fork_every_5": beside_fork},
-                                 "usage": {"saving_every_5": usage["async_save"], "saving_at_the_end": usage["no_saves"],
+                                 "usage": {"saving_every_5": usage["async_save"],
+                                           "saving_at_the_end": usage["no_saves"],
                                            "idle_fork_every_5": usage["idle_fork"]}})
     return {"steps": steps, "checks": {"async_step_within_10pct": ratio <= 1.10, "last_save_completed":
                                        steps["latest"] == "step_00000020"} if ctx.device == "cuda" else {}}

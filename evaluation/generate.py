@@ -19,9 +19,10 @@ Seeds depend on (seed, i, k) only, so the images do not depend on the number of 
 size (on a GPU up to bf16 rounding: its matmul kernels are chosen by the batch's shape). On a GPU the model runs
 in bf16, decodes through CUDA graphs of its static KV cache and draws from CUDA generators (the same seeds give
 other images than on CPU). --batch-size 0 (the default) decodes 8 images at a time on a CPU, and on a GPU as many
-as their caches fit in half its free memory, at most 64 (evaluation.sampling.auto_batch_size). With a CLIP model the samples are reranked by CLIP
-score (r = 0 is the best; their scores go into the .json) and `--keep N` keeps only the best N. At the end rank 0
-gathers the .json files of this run's prompts (those below --limit) into metadata.jsonl.
+as their caches fit in half its free memory, at most 64 (evaluation.sampling.auto_batch_size). With a CLIP model
+the samples are reranked by CLIP score (r = 0 is the best; their scores go into the .json) and `--keep N` keeps
+only the best N. At the end rank 0 gathers the .json files of this run's prompts (those below --limit) into
+metadata.jsonl.
 
 The VQ tokenizer may have fewer codes than the model's image vocabulary (only its codes are drawn); a text
 tokenizer with more tokens than the model's text vocabulary, another VQ grid, or more VQ codes are refused.

@@ -88,7 +88,8 @@ def check_counts(samples_per_prompt: int, batch_size: int, keep: int) -> None:
     """ValueError naming the flag (and the evaluation config's key) of a count out of range (batch size 0:
     auto_batch_size's)."""
     for flag, value, least, note in (("samples-per-prompt", samples_per_prompt, 1, ""),
-                                     ("batch-size", batch_size, 0, " (0: chosen for the device)"), ("keep", keep, 0, "")):
+                                     ("batch-size", batch_size, 0, " (0: chosen for the device)"),
+                                     ("keep", keep, 0, "")):
         if value < least:
             raise ValueError(f"--{flag} (sampling.{flag.replace('-', '_')}) must be >= {least}{note}, not {value}")
     if keep > samples_per_prompt:

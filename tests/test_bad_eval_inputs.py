@@ -246,8 +246,8 @@ SAMPLING_CASES = {
         "--samples-per-prompt", "0",
         expected=r"--samples-per-prompt \(sampling.samples_per_prompt\) must be >= 1, not 0$"),
     "negative batch size": generate_flags(
-        "--batch-size", "-1", expected=r"--batch-size \(sampling.batch_size\) must be >= 0 \(0: chosen for the device\), "
-                                       r"not -1$"),
+        "--batch-size", "-1",
+        expected=r"--batch-size \(sampling.batch_size\) must be >= 0 \(0: chosen for the device\), not -1$"),
     "negative keep": generate_flags("--keep", "-1", expected=r"--keep \(sampling.keep\) must be >= 0, not -1$"),
     "keep more than sampled": generate_flags("--keep", "3", "--samples-per-prompt", "2", "--clip", "ViT-B-32",
                                              expected=r"--keep 3 keeps more than the 2 sample\(s\) per prompt"),

@@ -149,7 +149,8 @@ def test_the_summary_reads_the_newer_sampling_and_async_save_results():
     report["sections"]["sampling"]["measured"]["cuda_graph_batch_64_per_image_generators"] = {
         "image_tokens_per_s": 30000.0, "of_bound": 0.23, "batch": 64}
     report["sections"]["sampling"]["auto_batch_size"] = 64
-    report["sections"]["async_save"] = {"status": "ok", "seconds": 50, "steps": {"ratio": 1.13, "idle_fork_ratio": 1.02}}
+    report["sections"]["async_save"] = {"status": "ok", "seconds": 50,
+                                        "steps": {"ratio": 1.13, "idle_fork_ratio": 1.02}}
     text = summary_markdown(report)
     assert ("cuda_graph 8256 tok/s (17% of bound); batch 64: cuda_graph 41000 tok/s (31% of its bound), 30000 tok/s "
             "(23% of its bound, a generator per image), auto batch 64 |") in text
