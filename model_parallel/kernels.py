@@ -181,24 +181,19 @@ def fused_bias_dropout_add():
     return torch.compile(plain_bias_dropout_add, dynamic=True)
 
 
-def plain_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
+def plain_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim: int,
+                      dense: bool = False) -> list[torch.Tensor]:
     """x + bias: [s, b, heads*parts*head_dim] -> `parts` tensors of [b, heads, s, head_dim], views of the sum. Each
     head's parts (q, k, v) are adjacent, megatron's layout (a TP rank holds whole heads), and are split along the
     last dimension as megatron-core splits them. The views are not dense (each skips the other parts), so a fused
     attention backward that allocates their gradients like them (empty_like: cuDNN's) writes [b, heads, s, d]
-    tensors, and autograd joins those into x's layout with torch's strided cat (see fused_split_heads)."""
+    tensors, and autograd joins those into x's layout with torch's strided cat (see fused_split_heads). `dense`:
+    each part written to its own dense [s, b, heads, head_dim] tensor instead (fused_split_heads' trace)."""
     s, b = x.shape[:2]
     heads = (x + bias).view(s, b, -1, parts * head_dim)
-    if parts == 1:  # cross-attention's queries: the whole, dense view (a split into one piece is a cat's copy)
-        return [heads.permute(1, 2, 0, 3)]
-    return [part.permute(1, 2, 0, 3) for part in heads.split(head_dim, dim=-1)]
-
-
-def _dense_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
-    """plain_split_heads with each part written to its own dense [s, b, heads, head_dim] tensor."""
-    s, b = x.shape[:2]
-    heads = (x + bias).view(s, b, -1, parts * head_dim)
-    return [heads[..., i * head_dim:(i + 1) * head_dim].contiguous().permute(1, 2, 0, 3) for i in range(parts)]
+    # (cross-attention's queries, parts 1: the whole, dense view; a split into one piece is a cat's copy)
+    pieces = [heads] if parts == 1 else heads.split(head_dim, dim=-1)
+    return [(part.contiguous() if dense else part).permute(1, 2, 0, 3) for part in pieces]
 
 
 def fused_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
@@ -213,7 +208,7 @@ def fused_split_heads(x: torch.Tensor, bias: torch.Tensor, parts: int, head_dim:
     the queries' [s, b, heads, d] order, so merging heads is a view, not a copy. Same values as plain; the bias
     gradient is summed in another order."""
     if torch.compiler.is_compiling():  # inside a compiled layer (kernels.compile): part of the layer's graph
-        return _dense_split_heads(x, bias, parts, head_dim)
+        return plain_split_heads(x, bias, parts, head_dim, dense=True)
     return _compiled_split_heads(parts, head_dim)(x, bias)
 
 
@@ -225,7 +220,7 @@ def _compiled_split_heads(parts: int, head_dim: int):
     of 8, per code object, which every closure of one `def` shares (the three splits' variants, by dtype and
     grad mode, would share one budget and the last ones run eager)."""
     def split(x: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
-        return _dense_split_heads(x, bias, parts, head_dim)
+        return plain_split_heads(x, bias, parts, head_dim, dense=True)
 
     split.__code__ = split.__code__.replace(co_name=f"split_heads_{parts}x{head_dim}")
     return torch.compile(split, dynamic=True)

@@ -89,6 +89,11 @@ def no_optimizer_steps(optimizer: torch.optim.Optimizer):
             del optimizer.step
 
 
+def _reduction_device():
+    """Where a rank without gradients puts a value it all-reduces: the GPU (NCCL reduces CUDA tensors only)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
 def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """2-norm of the gradients of the whole model: tensor-parallel shards counted on every TP rank,
     replicated parameters on TP rank 0 only, summed over the TP x PP ranks that hold the model.
@@ -96,8 +101,7 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    device = params[0].device if params else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-    squares = torch.zeros((), dtype=torch.float32, device=device)  # (NCCL reduces CUDA tensors only)
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else _reduction_device())
     for p in params:
         if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
             squares += p.grad.detach().float().square().sum()
@@ -129,9 +133,8 @@ def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
     """1.0 if any gradient holds an inf or NaN, else 0.0, as a float32 tensor on the gradients' device,
     computed without a host synchronisation: one fused max-abs per tensor list (an inf-norm is inf or
     NaN exactly when the tensor has an inf or NaN, and cannot overflow), then one reduction."""
-    device = grads[0].device if grads else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
     if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.zeros((), dtype=torch.float32, device=_reduction_device())
     norms = torch._foreach_norm(grads, float("inf"))
     return (~torch.stack(norms).isfinite()).any().float()
 
