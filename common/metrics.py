@@ -8,7 +8,8 @@ Weights & Biases.
 
 metrics.jsonl holds one JSON object per logged step: step, loss, lr,
 grad_norm, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, mem_gb, mem_reserved_gb (GPU only) (null where not
-measurable).
+measurable), and valid_loss in the rows of the steps the held-out loss was measured at (training's
+train.eval_interval). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key valid_<name>.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from common.files import write_atomic
 
 _FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".3f", "samples_per_s": ".1f", "tokens_per_s": ".0f",
             "tflops_per_gpu": ".3f", "mfu": ".3f", "mem_gb": ".2f",
-            "mem_reserved_gb": ".2f"}
+            "mem_reserved_gb": ".2f", "valid_loss": ".4f"}
 
 
 def memory_gb() -> dict[str, float]:
@@ -66,7 +67,7 @@ def wandb_mode() -> str:
 
 
 class MetricsLogger:
-    """`wandb_project` (empty: no W&B): the same scalars as TensorBoard (train/<name>, at the step) go to that W&B
+    """`wandb_project` (empty: no W&B): the same scalars as TensorBoard (train/<name> or valid/<name>, at the step) go to that W&B
     project too, under `run_name` (default: the run directory's name), with `config` (the resolved config) as the
     run's config. The mode is `wandb_mode()`'s; an online start that cannot reach the server within WANDB_INIT_TIMEOUT
     (W&B's default: 90 s) falls back to offline, said in one line. W&B writes under run_dir/wandb/; where a run is
@@ -149,7 +150,8 @@ class MetricsLogger:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         self.jsonl.write(json.dumps(clean) + "\n")
         step = metrics["step"]
-        scalars = {f"train/{k}": v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        scalars = {f"valid/{k[6:]}" if k.startswith("valid_") else f"train/{k}": v
+                   for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
 

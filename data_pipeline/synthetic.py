@@ -2,13 +2,15 @@
 
     ds = SyntheticCodes(model_cfg, size=512, seed=0)
     text_ids, codes = ds[17]           # int64 [text_seq_len], int64 [image_seq_len]
+    held_out = SyntheticCodes(model_cfg, size=64, seed=0, first=512)   # the same classes, other samples
 
     write_random_code_shards(Path("codes"), 300)   # a code-shard folder of random records (tests, bench/)
 
 Each sample belongs to one of `num_classes` classes chosen from its index; its caption spells the
 class with a few tokens and its codes are the class's fixed pattern with 10% of positions
 resampled, so a model that reads the caption can get well below the unconditional loss. Every
-sample is a pure function of (seed, index): any process can address any sample.
+sample is a pure function of (seed, first + index): any process can address any sample, and a set made with
+`first` at or past another's size holds none of its samples (held-out data of the same classes).
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from data_pipeline.manifest import write_manifest
 class SyntheticCodes:
     FIRST_WORD = 4  # ids below are PAD/UNK/BOS/EOS
 
-    def __init__(self, model_cfg, size: int = 1024, seed: int = 0, num_classes: int = 8, noise: float = 0.1):
+    def __init__(self, model_cfg, size: int = 1024, seed: int = 0, num_classes: int = 8, noise: float = 0.1,
+                 first: int = 0):
         self.cfg, self.size, self.seed, self.num_classes, self.noise = model_cfg, size, seed, num_classes, noise
+        self.first = first
         g = torch.Generator().manual_seed(seed)
         self.patterns = torch.randint(0, model_cfg.image_vocab_size, (num_classes, model_cfg.image_seq_len), generator=g)
         words = model_cfg.text_vocab_size - self.FIRST_WORD
@@ -40,7 +44,7 @@ class SyntheticCodes:
         if not 0 <= index < self.size:
             raise IndexError(f"sample {index} outside 0..{self.size - 1}")
         c = self.cfg
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first + index)
         cls = int(torch.randint(0, self.num_classes, (1,), generator=g))
         n_words = min(3, c.text_seq_len - 1)
         text = torch.full((c.text_seq_len,), c.text_pad_id, dtype=torch.long)

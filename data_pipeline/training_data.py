@@ -2,6 +2,7 @@
 
     dataset = training_dataset(cfg.data, cfg.model, seed=cfg.train.seed)
     text_ids, codes = dataset[i]          # int64 [text_seq_len], int64 [image_seq_len]
+    held_out = held_out_dataset(cfg.data, cfg.model, cfg.train.seed, samples=64, trained_on=dataset)
 
 The trainer reads it through data_pipeline/loader.py (`data.workers` processes reading ahead).
 
@@ -11,10 +12,15 @@ vocabulary larger than the model's, or other sequence lengths, are refused namin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.config import ConfigError, require
-from data_pipeline.code_shards import open_training_data
+from data_pipeline.code_shards import data_tokenizers, open_training_data, other_tokenizers
 from data_pipeline.synthetic import SyntheticCodes
+
+
+SYNTHETIC_SIZE = 1024
+"""Samples in the synthetic training set."""
 
 
 @dataclass
@@ -32,6 +38,10 @@ class DataConfig:
     the same whatever the number."""
     read_ahead_steps: int = 2
     """Steps of micro-batches the workers keep requested ahead of training (with workers > 0)."""
+    valid_shards: str = ""
+    """Code-shard folder of held-out samples (not in data.shards; same tokenizers) whose loss the trainer
+    measures every train.eval_interval steps ('' with synthetic data: generated samples the training set does
+    not hold)."""
 
     def validate(self) -> DataConfig:
         require(self.workers >= 0, f"data.workers={self.workers} must be >= 0 (0: read in the training process)")
@@ -44,8 +54,39 @@ def training_dataset(data: DataConfig, model, seed: int):
     (or naming the data.* key that breaks its rule)."""
     data.validate()
     if data.synthetic:
-        return SyntheticCodes(model, size=1024, seed=seed)
+        return SyntheticCodes(model, size=SYNTHETIC_SIZE, seed=seed)
     try:
         return open_training_data(data.shards, model)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data.shards={data.shards!r}: {e}") from e
+
+
+def folders(spec: str) -> set[Path]:
+    """The folders of a data.shards-style spec ('codes/a:3,codes/b:1'), resolved."""
+    return {Path(item.strip().partition(":")[0]).resolve() for item in spec.split(",") if item.strip()}
+
+
+def held_out_dataset(data: DataConfig, model, seed: int, samples: int, trained_on):
+    """The held-out samples whose loss the trainer measures (data.valid_shards; with synthetic data and none
+    named, `samples` generated ones past the training set's). ConfigError naming data.valid_shards when it
+    does not fit the model, holds fewer than `samples`, or was made with other tokenizers than `trained_on`
+    (the training dataset): its codes or text ids would mean other things to the model."""
+    if data.synthetic and not data.valid_shards:
+        return SyntheticCodes(model, size=samples, seed=seed, first=SYNTHETIC_SIZE)
+    where = f"data.valid_shards={data.valid_shards!r}"
+    require(data.valid_shards, f"{where}: train.eval_interval needs held-out data: set data.valid_shards to a "
+                               "code-shard folder (data_pipeline.pretokenize) of samples not in data.shards")
+    shared = folders(data.valid_shards) & folders(data.shards)
+    require(not shared, f"{where}: {', '.join(sorted(map(str, shared)))} is also in data.shards: its samples "
+                        "are trained on, so their loss is not a held-out one")
+    try:
+        held_out = open_training_data(data.valid_shards, model)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+    require(len(held_out) >= samples, f"{where}: holds {len(held_out):,} samples; train.eval_batches global batches "
+                                      f"of train.global_batch_size need {samples:,}")
+    ours, theirs = data_tokenizers(held_out), data_tokenizers(trained_on)
+    differ = other_tokenizers(ours, theirs) if ours and theirs else []
+    require(not differ, f"{where}: made with another {' and '.join(differ)} than the training data "
+                        f"(data.shards={data.shards!r}): its codes or text ids would mean other things to the model")
+    return held_out

@@ -1,6 +1,7 @@
 """Shared fixtures: a one-process megatron-core group for in-process tests, gloo worker pools."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -84,17 +85,24 @@ H200_RUN_2 = H200_RUN.with_name("gpu_nvidia-h200_2026-12-04.json")
 """The second (4 micro-batches per optimizer step, parti-350m up to micro-batch 128): checked against as well."""
 
 
+def held_out_losses(run_dir) -> dict[int, float]:
+    """{step: valid_loss} of a run's metrics.jsonl (the steps its held-out loss was measured at)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["valid_loss"] for row in rows if "valid_loss" in row}
+
+
 def run(run_dir: str, *overrides: str, steps: int = STEPS, resume: str = "auto") -> list[float]:
-    """Train the debug model (fp32, no dropout, global batch 8 in micro-batches of 2, a checkpoint
-    every 3 steps) in this process's group; resumes from run_dir's latest checkpoint if any
-    (`resume`: training.train's --resume mode)."""
+    """Train the debug model (fp32, no dropout, global batch 8 in micro-batches of 2, a checkpoint and the
+    held-out loss of 2 global batches every 3 steps) in this process's group; resumes from run_dir's latest
+    checkpoint if any (`resume`: training.train's --resume mode)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from training.config import load_config
     from training.trainer import train
 
     cfg = load_config("configs/train/debug.yaml", [
         f"train.steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",
-        "train.save_interval=3", "model.dropout=0.0", "model.attention_dropout=0.0", *overrides])
+        "train.save_interval=3", "train.eval_interval=3", "train.eval_batches=2", "model.dropout=0.0",
+        "model.attention_dropout=0.0", *overrides])
     return train(cfg, run_dir, resume=resume)
 
 

@@ -1,7 +1,10 @@
 """The DeepSpeed trainer against its references: ZeRO-n = ZeRO-0, DP=2 = DP=1, TP=2 = TP=1,
 PP=2 = PP=1, TP=2 x PP=2 = TP=1 x PP=1, resume = uninterrupted; with dropout on, every layout = one process.
+The held-out loss: the exported model's on the same samples, equal at every layout, and training's losses the
+same without it.
 
-All runs: the debug model, fp32, 6 steps of global batch 8 (micro-batch 2), no dropout unless said.
+All runs: the debug model, fp32, 6 steps of global batch 8 (micro-batch 2), no dropout unless said, the
+held-out loss at steps 3 and 6.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import STEPS, run
+from tests.conftest import STEPS, held_out_losses, run
 from training.checkpoint import latest_tag
 
 
@@ -35,11 +38,41 @@ def test_loss_goes_down_and_metrics_are_written(reference):
 def test_zero_stages_equal_zero0(pool2, reference, tmp_path, stage):
     losses = pool2.run(run, str(tmp_path), f"parallel.zero_stage={stage}")[0]
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
+    assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
 
 
 def test_tp2_equals_tp1(pool2, reference, tmp_path):
     losses = pool2.run(run, str(tmp_path), "parallel.tp=2")[0]
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
+    assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
+
+
+def test_held_out_loss_is_the_exported_models_and_leaves_training_alone(pool2, single_process, reference,
+                                                                         dropout_reference, tmp_path):
+    """The held-out loss at the last step is the exported weights' loss on the first eval_batches global batches
+    of held-out samples (generated past the training set's), in eval mode: with dropout on it differs from the
+    train-mode loss. Training without the measurements gives the same losses bit for bit (no dropout state or
+    data order is touched), at DP=2 as with dropout on one process."""
+    from data_pipeline.synthetic import SyntheticCodes
+    from training.export import export, load_exported
+
+    assert sorted(held_out_losses(reference[1])) == [3, STEPS]
+    assert pool2.run(run, str(tmp_path / "no-eval"), "train.eval_interval=0")[0] == reference[0]
+    assert held_out_losses(tmp_path / "no-eval") == {}
+    assert run(str(tmp_path / "dropout-no-eval"), DROPOUT, "train.eval_interval=0") == dropout_reference[0]
+
+    for run_dir, mode in ((reference[1], "plain"), (dropout_reference[1], "dropout")):
+        model = load_exported(export(run_dir, out=tmp_path / f"export-{mode}"))
+        held_out = SyntheticCodes(model.cfg, size=16, seed=1234, first=1024)  # debug.yaml's seed, 2 batches of 8
+        assert all(not torch.equal(held_out[i][1], SyntheticCodes(model.cfg, seed=1234)[i][1]) for i in range(16))
+        text, codes = map(torch.stack, zip(*(held_out[i] for i in range(16))))
+        with torch.no_grad():
+            model.eval()
+            expected = model.loss(text, codes).item()
+            model.train()
+            in_train_mode = model.loss(text, codes).item()
+        assert held_out_losses(run_dir)[STEPS] == pytest.approx(expected, rel=1e-5), mode
+        assert (in_train_mode != pytest.approx(expected, rel=1e-3)) == (mode == "dropout")
 
 
 def test_dp1_equals_dp2_at_the_same_global_batch(single_process, reference, tmp_path):
@@ -63,6 +96,7 @@ def test_resume_continues_the_uninterrupted_run(pool2, reference, tmp_path):
     second = pool2.run(run, str(tmp_path))[0]  # resumes from step 3
     assert len(first) == 3 and len(second) == STEPS - 3
     assert first + second == pytest.approx(reference[0], rel=1e-6, abs=1e-6)
+    assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-6)
 
 
 def rank_bytes(checkpoint: Path) -> list[int]:
@@ -92,6 +126,7 @@ def test_pp2_equals_pp1(pool2, reference, tmp_path, extra):
     losses = pool2.run(run, str(tmp_path), "parallel.pp=2", *extra)
     assert losses[0] == losses[1]  # every stage reports the pipeline's loss
     assert losses[0] == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
+    assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
     # The clipped gradient norm covers both stages' parameters, replicated ones included.
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference[1]), rel=1e-5)
 
@@ -99,6 +134,7 @@ def test_pp2_equals_pp1(pool2, reference, tmp_path, extra):
 def test_tp2_pp2_on_four_processes_equals_tp1_pp1(pool4, reference, tmp_path):
     losses = pool4.run(run, str(tmp_path), "parallel.tp=2", "parallel.pp=2")
     assert losses[0] == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
+    assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference[1]), rel=1e-5)
 
 
@@ -178,8 +214,10 @@ DROPOUT = "model.dropout=0.1"
 
 @pytest.fixture(scope="module")
 def dropout_reference(single_process, tmp_path_factory):
-    """The debug run with dropout 0.1 on one process (DP=TP=PP=1, ZeRO-0): the losses every layout gives."""
-    return run(str(tmp_path_factory.mktemp("dropout")), DROPOUT)
+    """The debug run with dropout 0.1 on one process (DP=TP=PP=1, ZeRO-0): (the losses every layout gives,
+    its run directory)."""
+    path = tmp_path_factory.mktemp("dropout")
+    return run(str(path), DROPOUT), path
 
 
 @pytest.mark.parametrize("pool, layout", [
@@ -191,14 +229,16 @@ def dropout_reference(single_process, tmp_path_factory):
 ], ids=["dp2", "dp2-zero3", "pp2", "tp2-sp", "tp2-pp2"])
 def test_dropout_gives_the_same_losses_at_any_layout(request, dropout_reference, tmp_path, pool, layout):
     for losses in request.getfixturevalue(pool).run(run, str(tmp_path), DROPOUT, *layout):
-        assert losses == pytest.approx(dropout_reference, rel=1e-4, abs=1e-4)
+        assert losses == pytest.approx(dropout_reference[0], rel=1e-4, abs=1e-4)
+    # measured in eval mode, without dropout, at every layout (the pipeline's eval_batch included)
+    assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(dropout_reference[1]), rel=1e-4)
 
 
 def test_dropout_run_resumed_on_another_layout_continues(pool2, dropout_reference, reference, tmp_path):
-    assert dropout_reference != pytest.approx(reference[0], abs=1e-3)  # dropout is on
+    assert dropout_reference[0] != pytest.approx(reference[0], abs=1e-3)  # dropout is on
     first = pool2.run(run, str(tmp_path), DROPOUT, "parallel.pp=2", steps=3)[0]
     second = pool2.run(run, str(tmp_path), DROPOUT, "parallel.tp=2", "parallel.sequence_parallel=true")[0]
-    assert first + second == pytest.approx(dropout_reference, rel=1e-4, abs=1e-4)
+    assert first + second == pytest.approx(dropout_reference[0], rel=1e-4, abs=1e-4)
 
 
 def test_compiled_layers_at_tp2_with_sequence_parallelism_give_the_eager_losses(pool2, dropout_reference, tmp_path):
@@ -208,7 +248,7 @@ def test_compiled_layers_at_tp2_with_sequence_parallelism_give_the_eager_losses(
     compiled = pool2.run(run, str(tmp_path), DROPOUT, "kernels.compile=true", "parallel.tp=2",
                          "parallel.sequence_parallel=true", "parallel.activation_checkpointing=selective")
     for losses in compiled:
-        assert losses == pytest.approx(dropout_reference, rel=1e-4, abs=1e-4)
+        assert losses == pytest.approx(dropout_reference[0], rel=1e-4, abs=1e-4)
 
 
 def keyed_dropout_loss(tp: int, sequence_parallel: bool) -> float:

@@ -71,6 +71,12 @@ class TrainConfig:
     """Steps between metric lines."""
     save_interval: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    eval_interval: int = 0
+    """Steps between measurements of the loss on held-out data (data.valid_shards), also after the last step;
+    logged as valid_loss in that step's metric line (0: never; Megatron's --eval-interval)."""
+    eval_batches: int = 4
+    """Global batches of held-out samples each measurement reads: the first eval_batches x global_batch_size
+    samples of data.valid_shards, the same ones every time (Megatron's --eval-iters)."""
     async_save: bool = False
     """Write checkpoints in background processes while training goes on (megatron-core's async save: each
     rank's part is copied to host memory, then written by a forked process); `latest` moves at the first
@@ -147,6 +153,8 @@ def _validate(cfg: Config, world_size: int | None) -> None:
                                ("log_interval", 1, "steps between metric lines"),
                                ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
                                ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
+                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
+                               ("eval_batches", 1, "global batches of held-out samples per measurement"),
                                ("keep_checkpoints", 0, "checkpoints kept, 0: all")):
         value = getattr(t, name)
         require(value >= low, f"train.{name}={value} must be >= {low} ({meaning})")
@@ -206,6 +214,7 @@ RESUME_WARNED = {
                                "counts steps, not samples",
     "data.synthetic": "the training data changes from this step on",
     "data.shards": "the training data changes from this step on",
+    "data.valid_shards": "the held-out loss is measured on other samples from this step on",
 }
 """Changes a resumed run accepts with a warning: the run goes on, but is no longer the run it was."""
 

@@ -3,6 +3,7 @@
     model = build_model(cfg, kernels, device, layout)   # layout: model_parallel.layout.ParallelLayout
     engine, guard = build_engine(model, cfg, kernels, layout)   # a TrainEngine: DeepSpeed's engine, the NonFiniteGuard
     loss, grad_norm = train_step(engine, cfg, micro_batches, device)
+    held_out_loss = eval_step(engine, cfg, held_out_micro_batches, device)   # no dropout, no gradients
     guard.step_done()                                   # counts the step if it was skipped (non-finite gradients)
     guard.skipped                                       # optimizer steps skipped for non-finite gradients
 
@@ -159,17 +160,29 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
     return TrainEngine(engine, NonFiniteGuard(engine))
 
 
+def pipeline_batches(cfg: Config, micro_batches: list, device: str):
+    """The pipeline engine's inputs for these micro-batches: ((text, decoder input, positions), codes) each."""
+    bos = cfg.model.image_vocab_size
+    move = lambda t: t.to(device, non_blocking=True)  # (pinned by the read-ahead loader on a GPU)
+    return iter([((move(text), move(decoder_input(codes, bos)), move(positions)), move(codes))
+                 for text, codes, positions in micro_batches])
+
+
+def dp_mean(losses: list[torch.Tensor]) -> float:
+    """The mean of this rank's micro-batch losses over every data-parallel rank (equal numbers of equal
+    micro-batches: the global batch's mean)."""
+    mean = torch.stack(losses).mean()  # on the device: NCCL reduces CUDA tensors only
+    torch.distributed.all_reduce(mean, group=ps.get_data_parallel_group())
+    return mean.item() / ps.get_data_parallel_world_size()
+
+
 def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[float, float | None]:
     """One optimizer step over this DP rank's micro-batches (MicroBatch).
     Returns the loss averaged over the global batch and the global gradient norm."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
-    bos = cfg.model.image_vocab_size
     if isinstance(engine, PipelineEngine):
-        move = lambda t: t.to(device, non_blocking=True)  # (pinned by the read-ahead loader on a GPU)
-        batches = iter([((move(text), move(decoder_input(codes, bos)), move(positions)), move(codes))
-                        for text, codes, positions in micro_batches])
-        loss = engine.train_batch(batches)  # averaged over micro-batches and DP, on every stage
+        loss = engine.train_batch(pipeline_batches(cfg, micro_batches, device))  # averaged over micro-batches and DP, on every stage
         norm = engine.get_global_grad_norm()
         return float(loss), float(norm) if norm is not None else None
     losses = []
@@ -184,7 +197,24 @@ def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[f
             allreduce_sequence_parallel_grads(engine.module)
         engine.step()
         losses.append(loss.detach().float())
-    mean = torch.stack(losses).mean()  # on the device: NCCL reduces CUDA tensors only
-    torch.distributed.all_reduce(mean, group=ps.get_data_parallel_group())
     norm = engine.get_global_grad_norm()
-    return mean.item() / ps.get_data_parallel_world_size(), float(norm) if norm is not None else None
+    return dp_mean(losses), float(norm) if norm is not None else None
+
+
+def eval_step(engine, cfg: Config, micro_batches: list, device: str) -> float:
+    """The loss of one global batch of held-out micro-batches (MicroBatch), averaged like train_step's, with
+    the model in eval mode (no dropout) and no gradients; the engine is left in train mode."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if isinstance(engine, PipelineEngine):  # (eval_batch puts the stages in eval mode; train_batch back in train)
+        loss = engine.eval_batch(pipeline_batches(cfg, micro_batches, device), num_micro_batches=len(micro_batches))
+        return float(loss)  # averaged over micro-batches and DP, broadcast to every stage
+    engine.eval()
+    try:
+        with torch.no_grad():
+            move = lambda t: t.to(device, non_blocking=True)
+            losses = [engine(move(text), move(codes), return_loss=True, sample_index=move(positions)).float()
+                      for text, codes, positions in micro_batches]
+    finally:
+        engine.train()
+    return dp_mean(losses)

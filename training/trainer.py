@@ -22,7 +22,7 @@ from common.preemption import StopRequest
 from data_pipeline.code_shards import data_tokenizers, other_tokenizers
 from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
 from data_pipeline.sampler import GlobalBatchSampler
-from data_pipeline.training_data import training_dataset
+from data_pipeline.training_data import held_out_dataset, training_dataset
 from model_parallel.kernels import select_kernels
 from model_parallel.state import (
     destroy_groups,
@@ -52,6 +52,17 @@ def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: in
     drop = caption_drop(cfg)
     for ids in rank_micro_batch_ids(sampler, consumed, dp_rank, dp_size, cfg.train.micro_batch_size):
         yield engine.MicroBatch(*read_micro_batch(dataset, ids, drop))
+
+
+def held_out_micro_batches(cfg: Config, dataset, batch: int, dp_rank: int, dp_size: int) -> list:
+    """This DP rank's micro-batches (engine.MicroBatch) of held-out global batch `batch` (0 .. train.eval_batches
+    - 1), read now: global batches of the first eval_batches x global_batch_size samples, split over the ranks
+    as training's are, with their captions (no caption drop: the loss measured is the conditional one)."""
+    t, m = cfg.train, cfg.model
+    sampler = GlobalBatchSampler(t.eval_batches * t.global_batch_size, t.global_batch_size, t.seed)
+    whole = CaptionDrop(t.seed, 0.0, m.text_pad_id, m.text_eos_id)
+    return [engine.MicroBatch(*read_micro_batch(dataset, ids, whole))
+            for ids in rank_micro_batch_ids(sampler, batch * t.global_batch_size, dp_rank, dp_size, t.micro_batch_size)]
 
 
 def open_reader(cfg: Config, dataset, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int,
@@ -179,6 +190,9 @@ class Trainer:
         self.layout = layout_of(cfg, self.world)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)  # data that does not fit the model is refused before anything is written
+        t = cfg.train
+        self.held_out = (held_out_dataset(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
+                                          self.dataset) if t.eval_interval else None)
         self.lock = RunLock(self.run_dir)
         self.log, self.reader, self.background = None, None, None
         try:
@@ -310,7 +324,15 @@ class Trainer:
         finally:
             self.lock.release()
 
-    def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float) -> None:
+    def held_out_loss(self) -> float:
+        """The loss on the held-out samples (train.eval_batches global batches of data.valid_shards), now."""
+        losses = [engine.eval_step(self.engine, self.cfg, held_out_micro_batches(self.cfg, self.held_out, b,
+                                                                                 self.dp_rank, self.dp_size),
+                                   self.device) for b in range(self.cfg.train.eval_batches)]
+        return sum(losses) / len(losses)
+
+    def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float,
+                 held_out_loss: float | None = None) -> None:
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
@@ -319,6 +341,7 @@ class Trainer:
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
             **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
+            **({"valid_loss": held_out_loss} if held_out_loss is not None else {}),
         })
 
     def run(self) -> list[float]:
@@ -337,14 +360,17 @@ class Trainer:
                 losses.append(loss)
                 self.step += 1
                 self.consumed += t.global_batch_size
-                if self.step % t.log_interval == 0 or self.step == t.steps:
-                    self.log_step(loss, lr, grad_norm, time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                preempted = stop.requested()  # (a stop's save comes before a held-out measurement)
+                evaluate = t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
+                held_out = self.held_out_loss() if evaluate and not preempted else None
+                if self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None:
+                    self.log_step(loss, lr, grad_norm, elapsed, held_out)
                 if guard.consecutive >= t.max_skipped_steps:
                     raise NonFiniteStop(f"stopping at step {self.step}: the last {guard.consecutive} steps had "
                                        "non-finite loss or gradients and were skipped (train.max_skipped_steps="
                                        f"{t.max_skipped_steps}); lower train.lr or check the data")
                 self.complete_saves()
-                preempted = stop.requested()
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
                     self.save()
                     self.complete_saves(wait=preempted or self.step == t.steps)
