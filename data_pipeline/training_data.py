@@ -18,7 +18,6 @@ from common.config import ConfigError, require
 from data_pipeline.code_shards import data_tokenizers, open_training_data, other_tokenizers
 from data_pipeline.synthetic import SyntheticCodes
 
-
 SYNTHETIC_SIZE = 1024
 """Samples in the synthetic training set."""
 

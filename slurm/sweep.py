@@ -10,8 +10,9 @@ Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm
 NPROC_PER_NODE processes each, default 1; train.sbatch then needs DEVICE=cpu); `--sbatch-args` adds further
 sbatch options. `jobs.json` records what was submitted. `collect` reads every run
 folder with a metrics.jsonl (submitted by this command or not): median throughput after the first
-`--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final loss and the compute spent, and draws
-throughput per GPU and MFU against nodes, memory per GPU, and loss against compute.
+`--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final loss (and held-out loss, where the runs
+measured one: train.eval_interval) and the compute spent, and draws throughput per GPU and MFU against nodes,
+memory per GPU, and loss against compute (held-out loss dashed).
 """
 from __future__ import annotations
 
@@ -89,21 +90,22 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     p = cfg["parallel"]
     gbs = cfg["train"]["global_batch_size"]
     flops = train_flops_per_sample(saved_model_config(cfg["model"]))
+    held_out = [(m["step"] * gbs * flops, m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
             "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
             "samples_per_s": median("samples_per_s"),
             "samples_per_s_per_gpu": (median("samples_per_s") or 0) / world,
             "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
             "mem_gb": max(m.get("mem_gb") or 0 for m in lines), "steps": lines[-1]["step"],
-            "final_loss": lines[-1]["loss"],
-            "curve": [(m["step"] * gbs * flops, m["loss"]) for m in lines]}
+            "final_loss": lines[-1]["loss"], "final_valid_loss": held_out[-1][1] if held_out else None,
+            "curve": [(m["step"] * gbs * flops, m["loss"]) for m in lines], "valid_curve": held_out}
 
 
 def collect(folder: Path, warmup: int = 2) -> list[dict]:
     rows = [r for d in sorted(p for p in folder.iterdir() if p.is_dir()) if (r := summarize(d, warmup))]
     if not rows:
         raise FileNotFoundError(f"{folder}: no run folder with config.yaml and metrics.jsonl")
-    columns = [k for k in rows[0] if k != "curve"]
+    columns = [k for k in rows[0] if not k.endswith("curve")]
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
@@ -148,7 +150,10 @@ def plot(rows: list[dict], folder: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        ax.plot([c for c, _ in r["curve"]], [loss for _, loss in r["curve"]], label=r["run"])
+        line, = ax.plot([c for c, _ in r["curve"]], [loss for _, loss in r["curve"]], label=r["run"])
+        if r["valid_curve"]:
+            ax.plot([c for c, _ in r["valid_curve"]], [loss for _, loss in r["valid_curve"]], "o--",
+                    color=line.get_color(), label=f"{r['run']} held-out")
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="loss", title="loss against compute")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -91,7 +91,8 @@ def logged_segment(path: Path) -> tuple[dict, dict, list[dict]]:
 def log_three_steps(run_dir: Path, **wandb) -> None:
     log = MetricsLogger(run_dir, enabled=True, **wandb)
     for step in (1, 2, 3):
-        log.step({"step": step, "loss": 4.0 / step, "lr": 1e-3 * step, "grad_norm": None, "mfu": math.nan})
+        log.step({"step": step, "loss": 4.0 / step, "lr": 1e-3 * step, "grad_norm": None, "mfu": math.nan,
+                  **({"valid_loss": 3.0} if step == 2 else {})})
     log.close()
 
 
@@ -105,6 +106,7 @@ def test_offline_run_in_the_run_directory_holds_the_logged_values(wandb_env, sai
     assert [h["train/loss"] for h in history] == pytest.approx([4.0, 2.0, 4 / 3])
     assert [h["train/lr"] for h in history] == pytest.approx([1e-3, 2e-3, 3e-3])
     assert all(math.isnan(h["train/mfu"]) and "train/grad_norm" not in h for h in history)  # as TensorBoard gets them
+    assert [h.get("valid/loss") for h in history] == [None, 3.0, None]  # a held-out loss, where one was measured
     lines = [r.getMessage() for r in said.records if "W&B" in r.getMessage()]
     assert len(lines) == 1 and "wandb sync " + str(tmp_path / "run" / "wandb" / "offline-run-") in lines[0], lines
     assert not (tmp_path / "elsewhere").exists()
@@ -176,7 +178,7 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     again = MetricsLogger(tmp_path, enabled=True)
     again.resumed_at(3)
     for step in (4, 5):
-        again.step({"step": step, "loss": 20.0 + step})
+        again.step({"step": step, "loss": 20.0 + step, **({"valid_loss": 7.0} if step == 4 else {})})
     again.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0)]
@@ -184,3 +186,4 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
         (1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0)]
+    assert [(e.step, e.value) for e in events.Scalars("valid/loss")] == [(4, 7.0)]

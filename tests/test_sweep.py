@@ -35,26 +35,30 @@ def test_the_grid_skips_layouts_that_do_not_split_the_processes(tmp_path, monkey
 def write_run(folder, tp: int, world: int, samples_per_s: list[float]) -> None:
     folder.mkdir()
     save_config(load_config("configs/train/debug.yaml", [f"parallel.tp={tp}"]), folder / "config.yaml")
-    rows = [{"step": i + 1, "loss": 4.0 - i, "samples_per_s": s, "mem_gb": 0.5 + i, "world_size": world}
+    rows = [{"step": i + 1, "loss": 4.0 - i, "samples_per_s": s, "mem_gb": 0.5 + i, "world_size": world,
+             **({"valid_loss": 5.0 - i} if tp == 2 and i % 2 else {})}  # (b measures a held-out loss at steps 2, 4)
             for i, s in enumerate(samples_per_s)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path):
     write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0, 30.0, 20.0])
-    write_run(tmp_path / "b-n2-tp2pp1z0", 2, 4, [2.0, 40.0, 60.0])
+    write_run(tmp_path / "b-n2-tp2pp1z0", 2, 4, [2.0, 40.0, 60.0, 50.0])
     (tmp_path / "not-a-run").mkdir()
     rows = {r["run"]: r for r in collect(tmp_path, warmup=2)}
     assert set(rows) == {"a-n1-tp1pp1z0", "b-n2-tp2pp1z0"}
     a, b = rows["a-n1-tp1pp1z0"], rows["b-n2-tp2pp1z0"]
     assert (a["samples_per_s"], a["dp"], a["steps"], a["final_loss"], a["mem_gb"]) == (20.0, 1, 5, 0.0, 4.5)
-    assert (b["samples_per_s"], b["samples_per_s_per_gpu"], b["gpus"], b["tp"], b["dp"]) == (60.0, 15.0, 4, 2, 2)
+    assert (b["samples_per_s"], b["samples_per_s_per_gpu"], b["gpus"], b["tp"], b["dp"]) == (55.0, 13.75, 4, 2, 2)
     debug = load_config("configs/train/debug.yaml")
     per_step = debug.train.global_batch_size * train_flops_per_sample(debug.model)
-    assert b["curve"] == [(s * per_step, 4.0 - (s - 1)) for s in (1, 2, 3)]
+    assert b["curve"] == [(s * per_step, 4.0 - (s - 1)) for s in (1, 2, 3, 4)]
+    assert b["valid_curve"] == [(s * per_step, 5.0 - (s - 1)) for s in (2, 4)] and b["final_valid_loss"] == 2.0
+    assert a["valid_curve"] == [] and a["final_valid_loss"] is None
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["run"] for t in table] == ["a-n1-tp1pp1z0", "b-n2-tp2pp1z0"] and "curve" not in table[0]
+    assert "valid_curve" not in table[0] and table[1]["final_valid_loss"] == "2.0"
     for png in ("throughput.png", "memory.png", "loss_vs_compute.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match="no run folder"):
