@@ -52,11 +52,12 @@ def train_run(run_dir: Path, sets: list[str], steps: int) -> tuple[list[float], 
 
 def tiny_run_sets(ctx: Context) -> list[str]:
     """parti-tiny (parti-debug when quick) in bf16 with dropout, a schedule that does not depend on
-    train.steps (so a run stopped at step 3 and one of 6 steps share it), a checkpoint every 3 steps."""
+    train.steps (so a run stopped at step 3 and one of 6 steps share it), a checkpoint and a held-out loss
+    (one global batch) every 3 steps."""
     return [f"model.preset={'parti-debug' if ctx.quick else 'parti-tiny'}", "train.precision=bf16",
             "model.dropout=0.1", "model.attention_dropout=0.1", "train.global_batch_size=8",
             "train.micro_batch_size=4", "train.lr=1e-3", "train.warmup_steps=2", "train.lr_decay=constant",
-            "train.save_interval=3", f"train.device={ctx.device}"]
+            "train.save_interval=3", "train.eval_interval=3", "train.eval_batches=1", f"train.device={ctx.device}"]
 
 
 def max_diff(a: list[float], b: list[float]) -> float:

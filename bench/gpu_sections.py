@@ -150,18 +150,22 @@ def train_resume(ctx: Context) -> dict:
     a new engine resumed from the checkpoint and 3 more steps (at ZeRO-1 the first part saves asynchronously:
     train.async_save, copied off the GPU, then written by a background process). Also each stage's peak memory.
     Then the same at ZeRO-1 for the decoder-only dalle-debug under DALL-E's sparse masks (SDPA's masked
-    kernels, forward and backward, in bf16)."""
+    kernels, forward and backward, in bf16). Every run measures its held-out loss at steps 3 and 6 (eval mode)."""
     out, checks = {}, {}
+    held_out = lambda lines: [m["valid_loss"] for m in lines if "valid_loss" in m]
 
     def resumed_equals_uninterrupted(name: str, sets: list[str], first_sets: list[str]) -> None:
         full, lines = train_run(ctx.scratch / f"{name}_full", sets, 6)
         first, _ = train_run(ctx.scratch / f"{name}_resumed", sets + first_sets, 3)
-        second, _ = train_run(ctx.scratch / f"{name}_resumed", sets, 6)
+        second, resumed_lines = train_run(ctx.scratch / f"{name}_resumed", sets, 6)
         diff = max_diff(full, first + second)
         out[name] = ctx.record(name, {
             "uninterrupted": full, "resumed": first + second, "max_abs_diff": diff,
+            "held_out": held_out(lines), "held_out_resumed": held_out(resumed_lines),
             "mem_gb": lines[-1].get("mem_gb"), "mem_reserved_gb": lines[-1].get("mem_reserved_gb")})
         checks[f"{name}_resume_equals_uninterrupted"] = len(second) == 3 and diff <= 2e-3
+        checks[f"{name}_held_out_resumed_equals_uninterrupted"] = (
+            len(held_out(lines)) == 2 and max_diff(held_out(lines), held_out(resumed_lines)) <= 2e-3)
         checks[f"{name}_learns"] = full[-1] < full[0]
 
     for zero in (0, 1, 3):
