@@ -78,6 +78,11 @@ class DemoConfig:
     """Captioned shape images for training."""
     held_out: str = "yellow square,blue triangle"
     """Colour/shape combinations never shown in training, comma separated."""
+    valid_shapes: int = 256
+    """Captioned shape images of the training combinations kept out of training (other drawings): the training
+    run's held-out loss (train.eval_batches=4 global batches of them)."""
+    eval_interval: int = 100
+    """Training steps between held-out losses."""
     vq_steps: int = 1500
     """Image tokenizer training steps."""
     vq_width: int = 64
@@ -134,15 +139,20 @@ def held_out(cfg: DemoConfig) -> set[tuple[str, str]]:
     return pairs
 
 
-def make_data(cfg: DemoConfig, out: Path) -> str:
-    """Step 1: the LAION-style shards; returns their brace pattern."""
-    laion = out / "laion"
+def make_data(cfg: DemoConfig, out: Path) -> tuple[str, str]:
+    """Step 1: the LAION-style shards, and those held out of training; returns their brace patterns."""
+    laion, valid = out / "laion", out / "laion_valid"
     if not (laion / "done").exists():
         paths = shapes.write_shapes_shards(laion, cfg.shapes, cfg.image_size, held_out(cfg), cfg.seed)
         shapes.write_photo_shard(laion / f"{len(paths):05d}.tar", shared_path("coco_mini"))
         (laion / "done").write_text(f"{len(paths) + 1}\n")
+    if not (valid / "done").exists():  # the drawings after the training set's (same seed, later indices)
+        paths = shapes.write_shapes_shards(valid, cfg.valid_shapes, cfg.image_size, held_out(cfg), cfg.seed,
+                                           start=cfg.shapes)
+        (valid / "done").write_text(f"{paths[0].stem} {paths[-1].stem}\n")  # (named by their first index)
     count = int((laion / "done").read_text())
-    return str(laion / f"{{00000..{count - 1:05d}}}.tar")
+    first, last = (valid / "done").read_text().split()
+    return str(laion / f"{{00000..{count - 1:05d}}}.tar"), str(valid / f"{{{first}..{last}}}.tar")
 
 
 def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
@@ -179,26 +189,31 @@ def train_upsampler(cfg: DemoConfig, out: Path) -> Path:
     return export
 
 
-def tokenize(cfg: DemoConfig, out: Path, pattern: str, vq_path: Path) -> tuple[Path, Path]:
-    """Step 3: SentencePiece on the captions, then pre-tokenization into code shards."""
+def tokenize(cfg: DemoConfig, out: Path, pattern: str, valid_pattern: str, vq_path: Path) -> tuple[Path, Path, Path]:
+    """Step 3: SentencePiece on the training captions, then pre-tokenization into code shards (the held-out
+    shards into their own folder, with the same tokenizers)."""
     spm = out / "tok" / "spm.model"
     if not spm.is_file():
         train_sentencepiece(shard_captions(pattern, Counter()), cfg.text_vocab, spm)
-    codes = out / "codes"
-    if not (codes / "manifest.json").is_file() or not json.loads((codes / "manifest.json").read_text()).get("complete"):
-        pretokenize(expand_shards(pattern), codes, load_image_tokenizer(vq_path), TextTokenizer(spm, 32),
-                    FilterConfig(image_size=cfg.image_size, min_size=cfg.image_size))
-    return spm, codes
+    folders = []
+    for shards, codes in ((pattern, out / "codes"), (valid_pattern, out / "codes_valid")):
+        manifest = codes / "manifest.json"
+        if not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
+            pretokenize(expand_shards(shards), codes, load_image_tokenizer(vq_path), TextTokenizer(spm, 32),
+                        FilterConfig(image_size=cfg.image_size, min_size=cfg.image_size))
+        folders.append(codes)
+    return spm, folders[0], folders[1]
 
 
-def train_parti(cfg: DemoConfig, out: Path, codes: Path, spm: Path) -> Path:
+def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm: Path) -> Path:
     """Step 4: torchrun training (demo.yaml: TP=2), stopped through the STOP file half way and resumed (unless
-    preempt=false); exported."""
+    preempt=false), its held-out loss measured on `valid_codes` every eval_interval steps; exported."""
     run_dir = out / "parti"
     if (run_dir / "export" / "model.safetensors").is_file():
         return run_dir
     overrides = [f"model.preset={ARCH_PRESETS[cfg.arch]}", f"data.shards={codes}", f"train.steps={cfg.train_steps}",
-                 f"train.seed={cfg.seed + 1234}",
+                 f"train.seed={cfg.seed + 1234}", f"data.valid_shards={valid_codes}",
+                 f"train.eval_interval={cfg.eval_interval}", "train.eval_batches=4",
                  f"model.text_vocab_size={TextTokenizer(spm).vocab_size}", f"model.image_vocab_size={cfg.codebook_size}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                "-m", "training.train", "--config", cfg.train_config, "--run-dir", str(run_dir), "--resume", "auto",
@@ -313,7 +328,11 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
                                             "decoder_only": "a DALL-E-style decoder-only transformer"}[cfg.arch]
     run_config = load_config(run_dir / "config.yaml")
     layout = layout_label(run_config.parallel, cfg.nproc)
-    line_plot(out / "loss.png", {f"{preset}, {layout}": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
+    held_out_rows = [m for m in metrics if m.get("valid_loss") is not None]
+    line_plot(out / "loss.png", {f"{preset}, {layout}": ([m["step"] for m in metrics], [m["loss"] for m in metrics]),
+                                 **({"held-out shapes": ([m["step"] for m in held_out_rows],
+                                                         [m["valid_loss"] for m in held_out_rows])}
+                                    if held_out_rows else {})},
               "step", loss_label(run_config.model),
               preemption_label(evaluated["results"]["training"]))
     vq = load_image_tokenizer(vq_path)
@@ -374,15 +393,15 @@ def run(cfg: DemoConfig) -> dict:
         clock = time.perf_counter()
         log(f"{name}: {timings[name]:.0f} s")
 
-    pattern = make_data(cfg, out)
+    pattern, valid_pattern = make_data(cfg, out)
     lap("data")
     vq_path = train_image_tokenizer(cfg, out, pattern)
     lap("image tokenizer")
     sr_path = train_upsampler(cfg, out)
     lap("upsampler")
-    spm, codes = tokenize(cfg, out, pattern, vq_path)
+    spm, codes, valid_codes = tokenize(cfg, out, pattern, valid_pattern, vq_path)
     lap("text tokenizer + pretokenize")
-    run_dir = train_parti(cfg, out, codes, spm)
+    run_dir = train_parti(cfg, out, codes, valid_codes, spm)
     lap("parti training")
     evaluated = evaluate(cfg, out, run_dir, vq_path, spm, sr_path)
     lap("sampling + measurement" + (" + FID" if cfg.fid else ""))

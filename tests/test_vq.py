@@ -114,11 +114,10 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_prunes(single_p
     assert (run_dir / "checkpoints" / "step_00000010" / "state.pt").is_file()
 
 
-def test_full_objective_runs_with_logged_random_lpips(single_process, photos, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="parti"):
-        _, history = train(photos, tmp_path, "train.steps=2", "loss.perceptual=0.1", "loss.adversarial=0.1",
-                           "model.logit_laplace=true", "train.save_interval=1000")
-    assert "RANDOM VGG backbone" in caplog.text
+def test_full_objective_runs_with_logged_random_lpips(single_process, photos, tmp_path, log_lines):
+    _, history = train(photos, tmp_path, "train.steps=2", "loss.perceptual=0.1", "loss.adversarial=0.1",
+                       "model.logit_laplace=true", "loss.logit_laplace=0.1", "train.save_interval=1000")
+    assert any("RANDOM VGG backbone" in line for line in log_lines)  # (log_lines: whether or not the logger propagates)
     for key in ("l2", "logit_laplace", "perceptual", "adversarial", "disc", "vq"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
 
@@ -765,18 +764,22 @@ def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_
     (["model.kind=vqgan", "model.patch=16", "model.logit_laplace=true"], r"model\.logit_laplace needs"),
     (["model.kind=vqgan", "model.patch=4", "model.ch_mult=[1,2,2]", "model.res_blocks=0"], r"model\.res_blocks=0"),
     (["model.kind=dvae", "loss.logit_laplace=0"], r"model\.kind=dvae needs loss\.logit_laplace > 0"),
-    (["model.kind=dvae", "model.tau_end=0"], r"model\.tau_start=1\.0 and model\.tau_end=0"),
-    (["model.kind=dvae", "model.patch=6"], r"model\.patch=6 must be a power of 2"),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.tau_end=0"], r"model\.tau_start=1\.0 and model\.tau_end=0"),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.patch=6"], r"model\.patch=6 must be a power of 2"),
     (["model.kind=dvqae"], r"model\.kind='dvqae' must be one of vit_vqgan, vqvae, vqgan, dvae"),
     (["loss.discriminator=nlayer"], r"loss\.discriminator='nlayer' must be one of stylegan, patchgan"),
+    (["loss.logit_laplace=0.1"], r"loss\.logit_laplace=0\.1 needs a decoder .*model\.logit_laplace=false\)"),
+    (["model.kind=vqvae", "loss.logit_laplace=0.1"], r"loss\.logit_laplace=0\.1 needs .*model\.kind=vqvae"),
+    (["model.logit_laplace=true"], r"model\.logit_laplace=true needs loss\.logit_laplace > 0"),
 ])
 def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
     from common.config import ConfigError
     from vq.losses import VQGANLoss
-    from vq.train import build_model
+    from vq.train import build_model, check_logit_laplace
 
     cfg = load_typed(VQConfig, None, ["model.image_size=32", "loss.perceptual=0", *overrides])
     with pytest.raises(ConfigError, match=message):
+        check_logit_laplace(cfg)
         VQGANLoss(cfg.loss, cfg.model.image_size)
         with torch.device("meta"):  # (the default ViT-VQGAN, unallocated)
             build_model(cfg)
@@ -793,3 +796,16 @@ def test_the_presets_build_the_papers_shapes():
     assert vqgan.grid == 16
     assert (dvae.grid, dvae.codebook_size, dvae.config["n_hid"], dvae.config["code_dim"]) == (32, 8192, 256, 128)
     assert len([m for m in dvae.encoder if isinstance(m, torch.nn.Sequential)]) == 5  # 4 groups + output
+
+
+@pytest.mark.parametrize("preset", ["vit-vqgan-small", "finetune-decoder-large"])
+def test_the_vit_vqgan_presets_train_the_logit_laplace_term_they_weigh(preset):
+    """ViT-VQGAN's loss (Yu et al. 2021, section 3) weighs the logit-Laplace likelihood 0.1: the presets' decoders
+    predict its parameters (6 channels), so the term is computed, not dropped (vq.losses adds it for 6 channels)."""
+    from vq.train import build_model, check_logit_laplace
+
+    cfg = load_typed(VQConfig, f"configs/vq/{preset}.yaml")
+    check_logit_laplace(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert cfg.loss.logit_laplace == 0.1 and model.out_channels == 6

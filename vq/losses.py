@@ -40,8 +40,9 @@ class LossConfig:
     """Weight of the mean squared error."""
     l1: float = 0.0
     """Weight of the mean absolute error (taming's VQGAN reconstruction term)."""
-    logit_laplace: float = 0.1
-    """Weight of the logit-Laplace likelihood (used when the model predicts it)."""
+    logit_laplace: float = 0.0
+    """Weight of the logit-Laplace likelihood (0: none). Needs a decoder that predicts it: vit_vqgan with
+    model.logit_laplace=true (ViT-VQGAN's 0.1), or the dvae (DALL-E's 1); refused otherwise (vq.train)."""
     perceptual: float = 0.1
     """Weight of LPIPS (0 disables it)."""
     adversarial: float = 0.1

@@ -63,6 +63,23 @@ from vq.vqvae import VQVAE
 KINDS = ("vit_vqgan", "vqvae", "vqgan", "dvae")
 
 
+def check_logit_laplace(cfg: VQConfig) -> None:
+    """The logit-Laplace likelihood is trained where the config weighs it, and weighed where the decoder predicts
+    it: a positive loss.logit_laplace with a 3-channel decoder used to drop the term without a word (the ViT-VQGAN
+    presets asked for the paper's 0.1 and trained without it). The dvae's own rule is in build_model."""
+    m, weight = cfg.model, cfg.loss.logit_laplace
+    if m.kind == "dvae":
+        return
+    predicts = m.kind == "vit_vqgan" and m.logit_laplace
+    require(weight <= 0 or predicts,
+            f"loss.logit_laplace={weight} needs a decoder that predicts the logit-Laplace parameters: "
+            f"model.kind=vit_vqgan with model.logit_laplace=true (got model.kind={m.kind}, "
+            f"model.logit_laplace={str(m.logit_laplace).lower()}); or set loss.logit_laplace=0")
+    require(weight > 0 or not predicts,
+            "model.logit_laplace=true needs loss.logit_laplace > 0: the decoder's log-scales are trained by that "
+            f"term alone (got {weight})")
+
+
 def build_model(cfg: VQConfig):
     m = cfg.model
     if m.kind not in KINDS:
@@ -207,6 +224,7 @@ class VQTrainer:
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
         check_schedule(t, "train")  # (before config.yaml is written: a refused config leaves the run's as it was)
+        check_logit_laplace(cfg)
         require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
         require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no average)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
