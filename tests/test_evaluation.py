@@ -278,7 +278,7 @@ def test_coco_harness_gives_fid_and_clip_score_at_the_upsampled_resolution(sampl
     results = run(cfg)
     assert results["prompts"] == 4 and results["clip_images"] == 4 and results["resolution"] == "upsampled (64x64)"
     assert results["fid"] > 0 and results["fid_protocol"]["real_images"] == 17
-    assert (results["fid_name"], results["fid_real_images"], results["fid_fake_images"]) == ("FID-4", 17, 4)
+    assert (results["fid_name"], results["fid_real_images"], results["fid_fake_images"]) == ("FID-4/17", 17, 4)
     assert "64x64" in results["fid_protocol"]["real_preprocessing"]  # real photos cropped to the generated size
     upsampled = tmp_path / "coco" / "images_upsampled"
     assert results["fid_protocol"]["fake"] == str(upsampled) and results["fid_protocol"]["fake_images"] == 4
@@ -301,7 +301,7 @@ def fake_generation(images: Path, prompts: int, size: int = 32) -> None:
 def test_coco_scoring_takes_this_runs_prompts_and_names_a_small_fid(tmp_path, monkeypatch):
     """Scoring after generation (a tiny feature extractor for Inception): a folder an earlier run with a larger
     benchmark.limit filled (5 prompts) scored for 3 prompts gives the FID of those 3 images only (the reference:
-    fid() on a folder holding just them); it is named FID-3 with both image counts and a warning in
+    fid() on a folder holding just them); it is named FID-3/17 with both image counts and a warning in
     results.json, the report and the printed line; real photos are centre-cropped to the generated 32x32; a
     reader of the earlier results.json keeps reading it whole (an atomic replace)."""
     import shutil
@@ -328,13 +328,13 @@ def test_coco_scoring_takes_this_runs_prompts_and_names_a_small_fid(tmp_path, mo
     for i in range(3):
         shutil.copy(out / "images" / f"{i:05d}_0.png", only_these)
     assert results["fid"] == pytest.approx(fid(real, only_these, real_size=32)["fid"], rel=1e-9)
-    assert (results["fid_name"], results["fid_fake_images"], results["fid_real_images"]) == ("FID-3", 3, 17)
+    assert (results["fid_name"], results["fid_fake_images"], results["fid_real_images"]) == ("FID-3/17", 3, 17)
     assert "3 generated" in results["fid_warning"] and "32x32" in results["fid_protocol"]["real_preprocessing"]
     assert json.loads((out / "results.json").read_text())["fid_fake_images"] == 3
     report = (out / "report.html").read_text()
-    assert "FID-3" in report and "fid_fake_images" in report and "Warning:</b> FID over 3 generated" in report
+    assert "FID-3/17" in report and "fid_fake_images" in report and "Warning:</b> FID over 3 generated" in report
     line = summary_line(cfg, results)
-    assert "{'FID-3': " in line and "(3 generated vs 17 real images)" in line
+    assert "{'FID-3/17': " in line and "(3 generated vs 17 real images)" in line
 
 
 def test_eval_config_names_what_is_missing():

@@ -26,7 +26,9 @@ class TinyFeatures(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * 10  # features of the order of Inception's, FIDs of the order of 1-100
         coarse = torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
-        return torch.cat([x.mean((2, 3)), x.std((2, 3)), coarse], 1)
+        feats = torch.cat([x.mean((2, 3)), x.std((2, 3)), coarse], 1)
+        # zero-padded to Inception's 2048 pool features (the extractor checks the count; zeros add 0 to a FID)
+        return torch.nn.functional.pad(feats, (0, 2048 - feats.shape[1]))
 
 
 def tiny_weights(path: Path) -> Path:
@@ -183,10 +185,10 @@ def test_features_are_computed_with_tf32_off_and_the_flags_restored(api, tf32_re
 
     def model(x):
         seen.append(tf32_flags())
-        return x.mean((2, 3))
+        return x.mean((2, 3)).repeat(1, 1024)[:, :2048]
 
     extractor = object.__new__(InceptionFeatures)
-    extractor.device, extractor.model = "cpu", model
+    extractor.device, extractor.model, extractor.path = "cpu", model, Path("stand-in")
     set_tf32(api)
     before = tf32_flags()
     extractor.features(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
@@ -230,11 +232,13 @@ def test_few_images_are_named_fid_n_with_a_warning_and_the_value_survives_an_unw
     weights = tiny_weights(tmp_path / "tiny.pt")
     real, fake = image_folder(tmp_path / "real", 8, seed=0), image_folder(tmp_path / "fake", 5, seed=1, brightness=40)
     result = fid(real, fake, weights)
-    assert result["name"] == "FID-5" and (result["real_images"], result["fake_images"]) == (8, 5)
+    assert result["name"] == "FID-5/8" and (result["real_images"], result["fake_images"]) == (8, 5)
     assert "5 generated" in result["warning"] and "30,000" in result["warning"] and "2,048" in result["warning"]
-    assert json.loads((fake / "fid.json").read_text())["name"] == "FID-5"
-    assert fid_name(30_000) == "FID" and small_sample_warning(30_000, 40_504) is None
-    assert "2,048" not in small_sample_warning(5_000, 40_504)
+    assert json.loads((fake / "fid.json").read_text())["name"] == "FID-5/8"
+    assert fid_name(30_000, 40_504) == "FID" and small_sample_warning(30_000, 40_504) is None
+    assert fid_name(5_000, 40_504) == "FID-5000" and "2,048" not in small_sample_warning(5_000, 40_504)
+    # COCO val2017's 5,000 real images against 30,000 generated: biased too (~6 points in a simulation)
+    assert fid_name(30_000, 5_000) == "FID-30000/5000" and "5,000 real" in small_sample_warning(30_000, 5_000)
 
     (fake / "fid.json").write_text('{"fid": 12.5}')  # an earlier result
 
@@ -244,6 +248,50 @@ def test_few_images_are_named_fid_n_with_a_warning_and_the_value_survives_an_unw
     monkeypatch.setattr(fid_module, "write_atomic", refused)
     fid_module.main(["--real", str(real), "--fake", str(fake), "--weights", str(weights)])
     out, err = capsys.readouterr()
-    assert f"FID-5 {result['fid']:.4f}  (8 real, 5 generated; fid.json not written)" in out
+    assert f"FID-5/8 {result['fid']:.4f}  (8 real, 5 generated; fid.json not written)" in out
     assert "fid.json not written (" in err and "Permission denied" in err and "warning: FID over 5 generated" in err
     assert (fake / "fid.json").read_text() == '{"fid": 12.5}'
+
+
+class ClassProbabilities(torch.nn.Module):
+    """A stand-in for clean-fid's inception-2015-12-05.pt called without return_features: 1008 class probabilities."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)).repeat(1, 336).softmax(1)
+
+
+def test_weights_of_another_contract_are_refused_naming_the_file(tmp_path):
+    """A FID computed on class probabilities (or on a state dict's nothing) would be a number of another quantity:
+    a TorchScript file that does not return [N, 2048] pool features, and a file that is not TorchScript
+    (pytorch-fid's .pth state dict), are refused in one line naming the file and the contract."""
+    real, fake = image_folder(tmp_path / "real", 4, seed=0), image_folder(tmp_path / "fake", 4, seed=1)
+    probabilities = tmp_path / "probabilities.pt"
+    torch.jit.save(torch.jit.script(ClassProbabilities()), str(probabilities))
+    with pytest.raises(ValueError, match=r"probabilities\.pt: returned \[4, 1008\] for 4 images; expected a "
+                                         r"TorchScript TF-Inception .*\[N, 2048\] pool features"):
+        fid(real, fake, probabilities)
+    state_dict = tmp_path / "pt_inception.pth"
+    torch.save({"conv.weight": torch.zeros(2, 3)}, str(state_dict))
+    with pytest.raises(ValueError, match=r"pt_inception\.pth: not a TorchScript Inception \(.*\); expected"):
+        fid(real, fake, state_dict)
+
+
+def test_a_generate_folder_is_scored_on_the_images_its_metadata_lists(tmp_path, capsys):
+    """evaluation.generate's folder after a rerun with a smaller --limit still holds the earlier run's images (and a
+    benchmark's folder may hold grids): the command scores what metadata.jsonl lists, as the benchmark does."""
+    import shutil
+
+    from evaluation.fid import main
+
+    real, fake = image_folder(tmp_path / "real", 6, seed=0), image_folder(tmp_path / "fake", 5, seed=1)
+    (fake / "metadata.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "index": i, "files": [f"{i:05d}.png"]})
+                                                 + "\n" for i in range(3)))
+    weights = tiny_weights(tmp_path / "tiny.pt")
+    main(["--real", str(real), "--fake", str(fake), "--weights", str(weights)])
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    for i in range(3):
+        shutil.copy(fake / f"{i:05d}.png", listed)
+    out = capsys.readouterr().out
+    assert "(6 real, 3 generated;" in out
+    assert json.loads((fake / "fid.json").read_text())["fid"] == pytest.approx(fid(real, listed, weights)["fid"])
