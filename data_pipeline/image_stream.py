@@ -44,10 +44,13 @@ bench/image_stream.py)."""
 
 
 class CropStream:
-    def __init__(self, pattern: str, crop: int, resize: int, rank: int, world: int, seed: int, workers: int = 0):
+    def __init__(self, pattern: str, crop: int, resize: int, rank: int, world: int, seed: int, workers: int = 0,
+                 min_size: int = 64):
+        """`min_size`: images whose shorter side is below it are skipped (counted `too_small`); smaller ones are
+        enlarged to `resize` (the upsampler passes its high-resolution side: no interpolated images as targets)."""
         self.pattern, self.paths, self.crop = pattern, expand_shards(pattern), crop
         side = resize or crop
-        self.prep = FilterConfig(image_size=side, min_size=min(64, side))
+        self.prep = FilterConfig(image_size=side, min_size=min(min_size, side))
         self.rank, self.world = rank, world
         self.workers = workers
         self.rng = random.Random(seed * 1000 + rank)
@@ -228,10 +231,11 @@ def _random_crop(image: torch.Tensor, size: int, rng: random.Random) -> torch.Te
     return crop.flip(-1) if rng.random() < 0.5 else crop
 
 
-def center_crops(pattern: str, size: int, limit: int) -> torch.Tensor:
-    """The first `limit` kept images of the shards, resized (shorter side) and centre-cropped to `size`:
-    uint8 [N, 3, size, size], the same on every call (held-out evaluation images)."""
-    prep, images = FilterConfig(image_size=size, min_size=min(64, size)), []
+def center_crops(pattern: str, size: int, limit: int, min_size: int = 64) -> torch.Tensor:
+    """The first `limit` kept images of the shards (shorter side >= min_size, or size if smaller), resized
+    (shorter side) and centre-cropped to `size`: uint8 [N, 3, size, size], the same on every call (held-out
+    evaluation images)."""
+    prep, images = FilterConfig(image_size=size, min_size=min(min_size, size)), []
     for path in expand_shards(pattern):
         for raw in read_shard(path, Counter()):
             p = prepare_sample(raw, prep)

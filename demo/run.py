@@ -169,9 +169,11 @@ def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
     return export
 
 
-def train_upsampler(cfg: DemoConfig, out: Path) -> Path:
+def train_upsampler(cfg: DemoConfig, out: Path, vq_path: Path) -> Path:
     """Step 2b: a tiny WDSR x2 (image_size -> 2 x image_size) on shapes drawn at the larger size and the
-    photos, evaluated on unseen shapes against bicubic upsampling; exported to sr/export.pt."""
+    photos, its inputs the image tokenizer's reconstructions of them at image_size (what it upsamples in
+    generation, as Parti trains it), evaluated on unseen shapes against bicubic upsampling; exported to
+    sr/export.pt."""
     export, data, side = out / "sr" / "export.pt", out / "sr_data", 2 * cfg.image_size
     if not export.is_file():
         if not (data / "done").exists():
@@ -181,7 +183,8 @@ def train_upsampler(cfg: DemoConfig, out: Path) -> Path:
             (data / "done").write_text(f"{count + 1}\n")
         count = int((data / "done").read_text())
         sr_cfg = load_typed(SRConfig, None, [
-            "model.preset=tiny", f"train.crop={side}", f"train.steps={cfg.sr_steps}", "train.batch_size=16",
+            "model.preset=tiny", f"train.crop={side}", f"train.resize={side}", f"train.tokenizer={vq_path}",
+            f"train.steps={cfg.sr_steps}", "train.batch_size=16",
             "train.lr=1e-3", f"train.seed={cfg.seed}", "train.log_interval=50", f"train.eval_interval={cfg.sr_steps}",
             f"train.save_interval={cfg.sr_steps}"])
         SRTrainer(sr_cfg, str(data / "train" / f"{{00000..{count - 1:05d}}}.tar"), out / "sr",
@@ -397,7 +400,7 @@ def run(cfg: DemoConfig) -> dict:
     lap("data")
     vq_path = train_image_tokenizer(cfg, out, pattern)
     lap("image tokenizer")
-    sr_path = train_upsampler(cfg, out)
+    sr_path = train_upsampler(cfg, out, vq_path)
     lap("upsampler")
     spm, codes, valid_codes = tokenize(cfg, out, pattern, valid_pattern, vq_path)
     lap("text tokenizer + pretokenize")

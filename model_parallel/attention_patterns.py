@@ -6,7 +6,11 @@ causal as before:
 - row: an image token sees the `image_grid` image tokens before it and itself (its row so far and the end of
   the row above: the previous row's token in its own column is the oldest);
 - column: the image tokens of its own column, in every row so far;
-- conv: the tokens of the `model.conv_attention_kernel`-wide square around it that come before it.
+- conv: the tokens before it in the `model.conv_attention_kernel`-wide square around it, the square wrapping
+  around the row ends as the row pattern does (the paper's figure 11(d): "a causal convolutional attention
+  pattern with wraparound behavior (similar to the row attention)"): up to k // 2 rows up, k // 2 raster
+  positions either side, so a token at a row's start sees the end of the rows above, as many tokens as one
+  mid-row (a box clipped at the image's edges, as lucidrains' DALLE-pytorch has it, sees about half as many there).
 DALL-E's schedule over layers i = 1..L: column where (i - 2) mod 4 == 0, row elsewhere, conv in the last.
 A row layer followed by a column layer reaches every earlier image token, so depth loses no context.
 `python -m model_parallel.attention_patterns [--grid 4 --prefix 7 --kernel 3]` draws the three masks (as the
@@ -40,9 +44,10 @@ def dalle_kind(layer: int, layers: int) -> str:
 
 class AttentionPattern(nn.Module):
     """One layer's sparse self-attention over a stream of `prefix` positions and then `grid` x `grid` image
-    tokens in raster order (see the module docstring), as one rule for the three kinds: an image token sees
-    an earlier one at most `window` positions back, a multiple of `period` positions back, and within `radius`
-    rows and columns. The three numbers are 0-dim int64 buffers, not Python ints (as the dropout keys,
+    tokens in raster order (see the module docstring), as one rule for the three kinds on the raster distance
+    d >= 0 back to an earlier image token: d <= `window`, d a multiple of `period`, and d = a x grid + b with
+    0 <= a <= `radius` rows and |b| <= `radius` (b >= 0 in the token's own row: causal), which wraps around
+    the row ends (radius = grid: no limit, for row and column). The three numbers are 0-dim int64 buffers, not Python ints (as the dropout keys,
     layers.KeyedSite): torch.compile specialises on a module's int attributes, so ints would compile the
     shared layer code once per kind; made on the CPU explicitly (real in a meta-device build), moved with the
     module; not saved (derived from the config)."""
@@ -63,10 +68,12 @@ class AttentionPattern(nn.Module):
         stream position j < keys. Causal included (so a static cache's unwritten positions are excluded)."""
         q = queries[:, None]
         k = torch.arange(keys, device=queries.device)[None, :]
-        qi, ki = q - self.prefix, k - self.prefix  # image cells (negative: before the image)
-        rows = (qi.div(self.grid, rounding_mode="floor") - ki.div(self.grid, rounding_mode="floor")).abs()
-        image = ((qi - ki <= self.window) & ((qi - ki) % self.period == 0) & (rows <= self.radius)
-                 & ((qi % self.grid - ki % self.grid).abs() <= self.radius))
+        d = q - k  # raster distance back (only d >= 0 is kept: causal)
+        # d + radius = a x grid + (b + radius), 0 <= b + radius <= 2 radius: within `radius` rows up and
+        # `radius` positions either side, wrapping around the row ends (for d >= 0, a >= 0; a = 0 gives b >= 0)
+        shifted = d + self.radius
+        image = ((d <= self.window) & (d % self.period == 0) & (shifted % self.grid <= 2 * self.radius)
+                 & (shifted.div(self.grid, rounding_mode="floor") <= self.radius))
         return (k <= q) & ((k < self.prefix) | image)
 
 

@@ -16,7 +16,14 @@ class SRTrainConfig:
     """Side of the high-resolution training crops (the low-resolution input is crop / scale)."""
     resize: int = 0
     """Images are first resized (shorter side) and centre-cropped to this, then randomly cropped to `crop`
-    (0: to `crop` directly, no random crop)."""
+    (0: to `crop` directly, no random crop). Images smaller than it are skipped, not enlarged: an interpolated
+    target would teach the upsampler interpolation's blur."""
+    tokenizer: str = ""
+    """An image tokenizer export (vq.train's export.pt; vq.finetune_decoder's detokenizer) whose reconstructions
+    are the low-resolution inputs, as Parti trains its upsampler on the detokenizer's output (Yu et al. 2022,
+    fig. 4), which is what it upsamples in generation: each image, at train.resize = the tokenizer's image size x
+    the model's scale, is downsampled to the tokenizer's size, encoded and decoded, then the pair is cropped to
+    train.crop. '' = the downsampled images themselves (no tokenizer artefacts to learn to undo)."""
     lr: float = 1e-3
     """Adam learning rate (halved at 50% and 75% of the steps)."""
     l1: float = 1.0

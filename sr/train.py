@@ -5,7 +5,10 @@
     torchrun --nproc_per_node 8 -m sr.train ...                 # data parallel (DDP)
 
 Pairs are made from the images themselves: a random high-resolution crop (train.crop) and its antialiased
-bicubic downsampling by the model's scale. Loss: L1 (+ LPIPS when train.perceptual > 0). Logged per step:
+bicubic downsampling by the model's scale; with train.tokenizer, as Parti: the whole image (train.resize = the
+tokenizer's size x the scale) downsampled, encoded and decoded by that frozen tokenizer, then the pair cropped
+at one random place (train.crop in high resolution). Images smaller than the high-resolution side are skipped,
+not enlarged. Loss: L1 (+ LPIPS when train.perceptual > 0). Logged per step:
 the loss and the PSNR of the upsampled crops against bicubic upsampling of the same inputs; every
 train.eval_interval steps and at the end, on --val-data (up to 16 held-out images, whole, resized and
 centre-cropped to train.resize, or train.crop when 0): the PSNR of the
@@ -37,6 +40,7 @@ from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.config import SRConfig
 from sr.model import build_wdsr, load_upsampler, save_upsampler, upsample
 from vq.losses import make_lpips
+from vq.tokenizer import load_image_tokenizer
 
 
 def downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
@@ -64,6 +68,7 @@ class SRTrainer:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be divisible by the model's scale {self.scale}")
         self.cfg, self.run_dir, self.val_data = cfg, Path(run_dir), val_data
         self.device = device
+        self.tokenizer = self.load_tokenizer(t) if t.tokenizer else None
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -74,7 +79,23 @@ class SRTrainer:
         self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, [t.steps // 2, t.steps * 3 // 4], 0.5)
         self.lpips = make_lpips(t.lpips_backbone or None).to(self.device) if t.perceptual > 0 else None
         self.step = 0
-        self.stream = CropStream(data, t.crop, t.resize, self.rank, self.world, t.seed, t.data_workers)
+        side = t.resize or t.crop  # the high-resolution images: never enlarged to it (see SRTrainConfig.resize)
+        whole = side if self.tokenizer is not None else t.crop  # (a tokenizer reconstructs whole images)
+        self.stream = CropStream(data, whole, t.resize, self.rank, self.world, t.seed, t.data_workers, min_size=side)
+
+    def load_tokenizer(self, t):
+        """train.tokenizer, frozen on this device; ConfigError unless train.resize is its image size x the scale
+        and train.crop fits in it."""
+        try:
+            tokenizer = load_image_tokenizer(t.tokenizer, self.device)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"train.tokenizer={t.tokenizer}: {e}") from None
+        side = tokenizer.image_size * self.scale
+        if t.resize != side or t.crop > side:
+            raise ConfigError(f"train.tokenizer={t.tokenizer} reconstructs {tokenizer.image_size}px images: train.resize "
+                              f"must be {side} (x the model's scale {self.scale}) and train.crop at most that; got "
+                              f"train.resize={t.resize}, train.crop={t.crop}")
+        return tokenizer
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:
@@ -116,13 +137,34 @@ class SRTrainer:
         self.log.info(f"weights from the upsampler export {path}")
 
     # -- the loop ------------------------------------------------------------------------------------
-    def batch(self) -> torch.Tensor:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (low-resolution inputs, high-resolution targets) of the next step."""
         n = self.cfg.train.batch_size // self.world
-        return torch.stack([next(self.stream) for _ in range(n)]).to(self.device).float() / 127.5 - 1
+        hr = torch.stack([next(self.stream) for _ in range(n)]).to(self.device).float() / 127.5 - 1
+        return self.crop_pairs(self.low_resolution(hr), hr)
 
-    def train_step(self, hr: torch.Tensor) -> dict:
-        t = self.cfg.train
+    def low_resolution(self, hr: torch.Tensor) -> torch.Tensor:
+        """The inputs for high-resolution images in [-1, 1]: downsampled, and through the tokenizer if there is one."""
         lr = downsample(hr, self.scale)
+        if self.tokenizer is None:
+            return lr
+        with torch.no_grad():
+            return self.tokenizer.decode(self.tokenizer.encode(lr)).float().clamp(-1, 1)
+
+    def crop_pairs(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole images' pairs (with a tokenizer) cropped to train.crop at one random place each, drawn from
+        (seed, step, rank): a resumed run crops as the uninterrupted one. Without one the stream cropped already."""
+        t, s = self.cfg.train, self.scale
+        if hr.shape[-1] == t.crop:
+            return lr, hr
+        g = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step * self.world + self.rank)
+        c = t.crop // s
+        corners = torch.randint(0, lr.shape[-1] - c + 1, (len(hr), 2), generator=g).tolist()
+        return (torch.stack([x[:, y:y + c, z:z + c] for x, (y, z) in zip(lr, corners)]),
+                torch.stack([x[:, y * s:(y + c) * s, z * s:(z + c) * s] for x, (y, z) in zip(hr, corners)]))
+
+    def train_step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict:
+        t = self.cfg.train
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=t.precision == "bf16" and self.device == "cuda"):
             out = self.ddp(lr).float()
         l1 = F.l1_loss(out, hr)
@@ -140,8 +182,9 @@ class SRTrainer:
         from torchvision.utils import save_image
 
         t = self.cfg.train
-        hr = center_crops(self.val_data, t.resize or t.crop, 16).to(self.device).float() / 127.5 - 1
-        lr = downsample(hr, self.scale)
+        side = t.resize or t.crop
+        hr = center_crops(self.val_data, side, 16, min_size=side).to(self.device).float() / 127.5 - 1
+        lr = self.low_resolution(hr)
         self.model.eval()
         out = upsample(self.model, lr)
         self.model.train()
@@ -160,7 +203,7 @@ class SRTrainer:
         try:
             while self.step < t.steps:
                 start = time.perf_counter()
-                logs = self.train_step(self.batch())
+                logs = self.train_step(*self.batch())
                 self.step += 1
                 history.append(logs)
                 if self.step % t.log_interval == 0 or self.step == t.steps:

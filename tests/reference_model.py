@@ -51,8 +51,9 @@ def dalle_masks(c) -> list[torch.Tensor | None]:
     [S, S] over the decoder's stream (caption if decoder-only, BOS, codes[:-1]), built pair by pair from DALL-E's
     description in (row, column) coordinates of the cell each position holds: every position sees the caption
     and BOS; an image token sees, before it, its own row and the part of the row above from its own column on
-    (row), its column (column), or the kernel-sized square around it (conv, last layer); column in the layers
-    i = 2, 6, 10, ... (1-based), row elsewhere."""
+    (row), its column (column), or the kernel-sized square around it wrapped around the row ends like the row
+    pattern (conv, last layer: an earlier token a rows up and b columns over in raster order, q - k = a g + b,
+    0 <= a <= k // 2, |b| <= k // 2); column in the layers i = 2, 6, 10, ... (1-based), row elsewhere."""
     layers = c.decoder_layers
     if c.attention_pattern == "dense":
         return [None] * layers
@@ -61,7 +62,8 @@ def dalle_masks(c) -> list[torch.Tensor | None]:
     sees = {
         "row": lambda qr, qc, kr, kc: kr == qr or (kr == qr - 1 and kc >= qc),
         "column": lambda qr, qc, kr, kc: kc == qc,
-        "conv": lambda qr, qc, kr, kc: abs(kr - qr) <= half and abs(kc - qc) <= half,
+        "conv": lambda qr, qc, kr, kc: any((qr - kr) * g + qc - kc == a * g + b for a in range(half + 1)
+                                           for b in range(-half, half + 1)),
     }
     masks = {}
     for kind, rule in sees.items():

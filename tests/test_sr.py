@@ -83,10 +83,10 @@ def test_a_run_asked_to_stop_saves_exits_for_requeue_and_resumes(single_process,
     _, full = train(photos, tmp_path / "full", "train.steps=12")
     split, real_step = tmp_path / "split", SRTrainer.train_step
 
-    def step_then_stop_file(self, hr):
+    def step_then_stop_file(self, lr, hr):
         if self.step == 5:
             (split / "STOP").touch()
-        return real_step(self, hr)
+        return real_step(self, lr, hr)
 
     monkeypatch.setattr(SRTrainer, "train_step", step_then_stop_file)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
@@ -124,3 +124,70 @@ def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
     (loss0, weights0), (loss1, weights1) = pool2.run(ddp_weights, photos, str(tmp_path))
     torch.testing.assert_close(weights0, weights1, rtol=0, atol=0)  # gradients averaged by DDP
     assert loss0 != loss1  # each rank saw its own images
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Path:
+    """A small (untrained) image tokenizer of 80px images: TINY's x2 upsampler then reconstructs 160px ones."""
+    from vq.tokenizer import ConvVQ, save_image_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tok") / "tok.pt"
+    save_image_tokenizer(ConvVQ(image_size=80, downsample=3, channels=16, code_dim=8, codebook_size=32), path)
+    return path
+
+
+def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_targets(single_process, photos,
+                                                                                         tokenizer, tmp_path):
+    """train.tokenizer (Parti: the upsampler learns from the detokenizer's output): the inputs are the tokenizer's
+    reconstructions of the downsampled whole images, cropped at the same place as their targets (a target that is
+    its input enlarged by nearest neighbours stays so after cropping); a resumed run crops and trains as the
+    uninterrupted one. train.resize must be the tokenizer's size x the scale (refused naming it otherwise)."""
+    import torch.nn.functional as F
+
+    from common.preemption import Preempted
+    from sr.train import SRTrainer, downsample
+    from vq.tokenizer import load_image_tokenizer
+
+    trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, f"train.tokenizer={tokenizer}"]), photos[0],
+                        tmp_path / "look", photos[1])
+    hr = torch.rand(3, 3, 160, 160) * 2 - 1
+    tok = load_image_tokenizer(tokenizer)
+    assert torch.equal(trainer.low_resolution(hr), tok.decode(tok.encode(downsample(hr, 2))).clamp(-1, 1))
+    lr = torch.rand(3, 3, 80, 80)
+    lr_crops, hr_crops = trainer.crop_pairs(lr, F.interpolate(lr, scale_factor=2, mode="nearest"))
+    assert lr_crops.shape == (3, 3, 24, 24) and hr_crops.shape == (3, 3, 48, 48)
+    assert torch.equal(hr_crops, F.interpolate(lr_crops, scale_factor=2, mode="nearest"))
+    assert not torch.equal(lr_crops[0], lr_crops[1])  # (each image its own place)
+    trainer.stream.close()
+
+    _, full = train(photos, tmp_path / "full", f"train.tokenizer={tokenizer}", "train.steps=6")
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "STOP").touch()  # (seen after the first step: saved there, as a preemption)
+    with pytest.raises(Preempted):
+        train(photos, tmp_path / "split", f"train.tokenizer={tokenizer}", "train.steps=6")
+    _, rest = train(photos, tmp_path / "split", f"train.tokenizer={tokenizer}", "train.steps=6")
+    assert len(rest) == 5
+    assert [h["loss"] for h in rest] == pytest.approx([h["loss"] for h in full[1:]], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"train\.tokenizer=.*tok\.pt reconstructs 80px images: train\.resize must "
+                                          r"be 160 .*; got train\.resize=200"):
+        train(photos, tmp_path / "wrong", f"train.tokenizer={tokenizer}", "train.resize=200")
+
+
+def test_images_smaller_than_the_high_resolution_side_are_skipped_not_enlarged(tmp_path):
+    """An 80x100 photo would be enlarged to a 160px target of interpolated pixels: the upsampler's images skip it."""
+    import io
+
+    from PIL import Image
+
+    from data_pipeline.image_stream import center_crops
+
+    def jpg(size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    lf.write_tar(tmp_path / "mixed.tar", [("small", {"jpg": jpg((80, 100)), "txt": b"a"}),
+                                          ("large", {"jpg": jpg((200, 180)), "txt": b"b"})])
+    assert len(center_crops(str(tmp_path / "mixed.tar"), 160, 16)) == 2  # (the default: enlarged from 64 px on)
+    assert len(center_crops(str(tmp_path / "mixed.tar"), 160, 16, min_size=160)) == 1
