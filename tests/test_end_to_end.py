@@ -73,7 +73,6 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
     # The held-out loss (other drawings of the training combinations, never trained on), at steps 100 and 160:
     # far below a uniform guess over the 64 codes and near the training loss (2.5 epochs of 2000 shapes).
     held_out = {row["step"]: row["valid_loss"] for row in rows if "valid_loss" in row}
-    print("held-out", held_out, "training", rows[-1]["loss"])
     assert sorted(held_out) == [100, 160]
     assert held_out[160] < math.log(64) - 1 and abs(held_out[160] - rows[-1]["loss"]) < 0.5, (held_out, rows[-1])
     # The report shows the loss curve, reconstructions and sample grids, all files beside it.
