@@ -46,8 +46,9 @@ bench/image_stream.py)."""
 class CropStream:
     def __init__(self, pattern: str, crop: int, resize: int, rank: int, world: int, seed: int, workers: int = 0,
                  min_size: int = 64):
-        """`min_size`: images whose shorter side is below it are skipped (counted `too_small`); smaller ones are
-        enlarged to `resize` (the upsampler passes its high-resolution side: no interpolated images as targets)."""
+        """`min_size`: images whose shorter side is below it are skipped (counted `too_small`); those between it and
+        `resize` are enlarged to `resize` (the upsampler passes its high-resolution side: no interpolated images as
+        targets)."""
         self.pattern, self.paths, self.crop = pattern, expand_shards(pattern), crop
         side = resize or crop
         self.prep = FilterConfig(image_size=side, min_size=min(min_size, side))
@@ -244,5 +245,5 @@ def center_crops(pattern: str, size: int, limit: int, min_size: int = 64) -> tor
             if len(images) == limit:
                 return torch.stack(images)
     if not images:
-        raise ValueError(f"{pattern}: no usable image")
+        raise ValueError(f"{pattern}: no usable image (readable, with a shorter side of at least {min(min_size, size)} px)")
     return torch.stack(images)

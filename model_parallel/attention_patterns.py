@@ -69,11 +69,10 @@ class AttentionPattern(nn.Module):
         q = queries[:, None]
         k = torch.arange(keys, device=queries.device)[None, :]
         d = q - k  # raster distance back (only d >= 0 is kept: causal)
-        # d + radius = a x grid + (b + radius), 0 <= b + radius <= 2 radius: within `radius` rows up and
-        # `radius` positions either side, wrapping around the row ends (for d >= 0, a >= 0; a = 0 gives b >= 0)
-        shifted = d + self.radius
-        image = ((d <= self.window) & (d % self.period == 0) & (shifted % self.grid <= 2 * self.radius)
-                 & (shifted.div(self.grid, rounding_mode="floor") <= self.radius))
+        # d = a x grid + b for some 0 <= a <= radius, |b| <= radius: the nearest such row a (d / grid rounded,
+        # clamped) is within radius if any is (a kernel wider than the grid has several; for d >= 0 and a = 0, b >= 0)
+        rows = (d + self.grid // 2).div(self.grid, rounding_mode="floor").clamp(0, self.radius)
+        image = (d <= self.window) & (d % self.period == 0) & ((d - rows * self.grid).abs() <= self.radius)
         return (k <= q) & ((k < self.prefix) | image)
 
 

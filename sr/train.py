@@ -81,6 +81,12 @@ class SRTrainer:
         self.step = 0
         side = t.resize or t.crop  # the high-resolution images: never enlarged to it (see SRTrainConfig.resize)
         whole = side if self.tokenizer is not None else t.crop  # (a tokenizer reconstructs whole images)
+        # The held-out images, read now on every rank: a --val-data without an image of `side` px fails here,
+        # not at rank 0's first evaluation hours in (the other ranks would wait for it in a collective).
+        try:
+            self.val_images = center_crops(val_data, side, 16, min_size=side) if val_data else None
+        except ValueError as e:
+            raise ConfigError(f"--val-data {val_data}: {e}") from None
         self.stream = CropStream(data, whole, t.resize, self.rank, self.world, t.seed, t.data_workers, min_size=side)
 
     def load_tokenizer(self, t):
@@ -181,9 +187,7 @@ class SRTrainer:
         """PSNR of the model and of bicubic upsampling on the held-out images, and a comparison grid."""
         from torchvision.utils import save_image
 
-        t = self.cfg.train
-        side = t.resize or t.crop
-        hr = center_crops(self.val_data, side, 16, min_size=side).to(self.device).float() / 127.5 - 1
+        hr = self.val_images.to(self.device).float() / 127.5 - 1
         lr = self.low_resolution(hr)
         self.model.eval()
         out = upsample(self.model, lr)

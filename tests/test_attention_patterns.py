@@ -29,7 +29,9 @@ def _cfg(arch: str, grid: int, kernel: int, layers: int = 4):
 
 
 @pytest.mark.parametrize("arch, grid, kernel", [("decoder_only", 4, 3), ("decoder_only", 5, 5),
-                                                ("encoder_decoder", 6, 3), ("encoder_decoder", 4, 11)])
+                                                ("encoder_decoder", 6, 3), ("encoder_decoder", 4, 11),
+                                                ("decoder_only", 8, 11), ("encoder_decoder", 6, 7)])  # (kernel >
+# the grid, < twice it: the wrapped square's rows overlap)
 def test_masks_equal_the_pairwise_construction(arch, grid, kernel):
     cfg = _cfg(arch, grid, kernel)
     size = cfg.stream_len

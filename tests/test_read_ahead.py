@@ -197,3 +197,29 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
         held_out_dataset(cfg.data, cfg.model, 0, 8, other)
     held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
     assert len(held_out) == 9 and held_out[8][1].shape == (4,)
+
+
+def test_held_out_batches_spread_over_the_whole_held_out_set_the_same_every_time():
+    """A blend lays its folders out one after the other: the held-out samples are a seeded spread over the whole
+    set (both halves here), the same at every measurement, split over DP ranks as training's batches are."""
+    from training.config import load_config
+    from training.trainer import held_out_micro_batches
+
+    cfg = load_config("configs/train/debug.yaml", ["train.global_batch_size=8", "train.micro_batch_size=2",
+                                                   "train.eval_batches=2"])
+    m = cfg.model
+
+    class Indexed:  # sample i: every text id and code is i
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return torch.full((m.text_seq_len,), i), torch.full((m.image_seq_len,), i)
+
+    def ids(dp_rank, dp_size):
+        return [int(i) for b in range(2) for mb in held_out_micro_batches(cfg, Indexed(), b, dp_rank, dp_size)
+                for i in mb.codes[:, 0]]
+
+    whole = ids(0, 1)
+    assert len(set(whole)) == 16 and min(whole) < 32 <= max(whole) and ids(0, 1) == whole
+    assert sorted(ids(0, 2) + ids(1, 2)) == sorted(whole)

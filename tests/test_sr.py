@@ -174,8 +174,9 @@ def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_
         train(photos, tmp_path / "wrong", f"train.tokenizer={tokenizer}", "train.resize=200")
 
 
-def test_images_smaller_than_the_high_resolution_side_are_skipped_not_enlarged(tmp_path):
-    """An 80x100 photo would be enlarged to a 160px target of interpolated pixels: the upsampler's images skip it."""
+def test_images_smaller_than_the_high_resolution_side_are_skipped_not_enlarged(single_process, tmp_path):
+    """An 80x100 photo would be enlarged to a 160px target of interpolated pixels: the upsampler's images skip it.
+    Held-out images without one large enough are refused when the trainer is made."""
     import io
 
     from PIL import Image
@@ -191,3 +192,9 @@ def test_images_smaller_than_the_high_resolution_side_are_skipped_not_enlarged(t
                                           ("large", {"jpg": jpg((200, 180)), "txt": b"b"})])
     assert len(center_crops(str(tmp_path / "mixed.tar"), 160, 16)) == 2  # (the default: enlarged from 64 px on)
     assert len(center_crops(str(tmp_path / "mixed.tar"), 160, 16, min_size=160)) == 1
+    lf.write_tar(tmp_path / "small.tar", [("small", {"jpg": jpg((80, 100)), "txt": b"a"})])
+    with pytest.raises(ConfigError, match=r"--val-data .*small\.tar: .*no usable image \(.* at least 160 px\)"):
+        from sr.train import SRTrainer  # (refused when the trainer is made, not at its first evaluation)
+
+        SRTrainer(load_typed(SRConfig, None, TINY), str(tmp_path / "mixed.tar"), tmp_path / "run",
+                  str(tmp_path / "small.tar"))

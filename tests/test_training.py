@@ -47,6 +47,18 @@ def test_tp2_equals_tp1(pool2, reference, tmp_path):
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
 
 
+def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path):
+    """A stop requested at a step whose held-out loss is due (here the last) measures it before saving: the
+    resumed run starts after that step and would never measure it."""
+    from common.preemption import Preempted
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "STOP").touch()
+    with pytest.raises(Preempted):
+        run(str(tmp_path), "train.eval_interval=1", steps=1)
+    assert list(held_out_losses(tmp_path)) == [1]
+
+
 def test_held_out_loss_is_the_exported_models_and_leaves_training_alone(pool2, single_process, reference,
                                                                          dropout_reference, tmp_path):
     """The held-out loss at the last step is the exported weights' loss on the first eval_batches global batches

@@ -203,7 +203,8 @@ def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[f
 
 def eval_step(engine, cfg: Config, micro_batches: list, device: str) -> float:
     """The loss of one global batch of held-out micro-batches (MicroBatch), averaged like train_step's, with
-    the model in eval mode (no dropout) and no gradients; the engine is left in train mode."""
+    the model in eval mode (no dropout) and no gradients; the engine is left in train mode (a pipeline's stages
+    until its next train_batch, which sets it)."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     if isinstance(engine, PipelineEngine):  # (eval_batch puts the stages in eval mode; train_batch back in train)

@@ -56,10 +56,12 @@ def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: in
 
 def held_out_micro_batches(cfg: Config, dataset, batch: int, dp_rank: int, dp_size: int) -> list:
     """This DP rank's micro-batches (engine.MicroBatch) of held-out global batch `batch` (0 .. train.eval_batches
-    - 1), read now: global batches of the first eval_batches x global_batch_size samples, split over the ranks
-    as training's are, with their captions (no caption drop: the loss measured is the conditional one)."""
+    - 1), read now: the first eval_batches x global_batch_size positions of a seeded order over the whole held-out
+    set (the same samples every time, spread over a blend's folders by their weights, which lay them out one after
+    the other), split over the ranks as training's are, with their captions (no caption drop: the loss measured
+    is the conditional one)."""
     t, m = cfg.train, cfg.model
-    sampler = GlobalBatchSampler(t.eval_batches * t.global_batch_size, t.global_batch_size, t.seed)
+    sampler = GlobalBatchSampler(len(dataset), t.global_batch_size, t.seed)
     whole = CaptionDrop(t.seed, 0.0, m.text_pad_id, m.text_eos_id)
     return [engine.MicroBatch(*read_micro_batch(dataset, ids, whole))
             for ids in rank_micro_batch_ids(sampler, batch * t.global_batch_size, dp_rank, dp_size, t.micro_batch_size)]
@@ -361,9 +363,9 @@ class Trainer:
                 self.step += 1
                 self.consumed += t.global_batch_size
                 elapsed = time.perf_counter() - start
-                preempted = stop.requested()  # (a stop's save comes before a held-out measurement)
                 evaluate = t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
-                held_out = self.held_out_loss() if evaluate and not preempted else None
+                held_out = self.held_out_loss() if evaluate else None  # (also before a stop's save: a resumed
+                # run starts after this step and would never measure it)
                 if self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None:
                     self.log_step(loss, lr, grad_norm, elapsed, held_out)
                 if guard.consecutive >= t.max_skipped_steps:
@@ -371,6 +373,7 @@ class Trainer:
                                        "non-finite loss or gradients and were skipped (train.max_skipped_steps="
                                        f"{t.max_skipped_steps}); lower train.lr or check the data")
                 self.complete_saves()
+                preempted = stop.requested()
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
                     self.save()
                     self.complete_saves(wait=preempted or self.step == t.steps)
