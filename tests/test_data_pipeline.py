@@ -676,14 +676,16 @@ def test_mixed_datasets_by_weight():
 
 
 def test_trainer_reads_code_shards(single_process, setup, one_run, tmp_path):
-    from tests.conftest import run
+    from tests.conftest import held_out_losses, run
     from training.config import ConfigError
 
     _, out = one_run
+    shutil.copytree(out, tmp_path / "valid")  # (a copy of the same records: read as held-out data, another folder)
     model = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=64", "model.text_vocab_size=128",
-             "data.synthetic=false", f"data.shards={out}:2,{out}:1"]
-    losses = run(str(tmp_path), *model, steps=4)
+             "data.synthetic=false", f"data.shards={out}:2,{out}:1", f"data.valid_shards={tmp_path / 'valid'}"]
+    losses = run(str(tmp_path / "run"), *model, steps=4)
     assert len(losses) == 4 and losses[-1] < losses[0]
+    assert list(held_out_losses(tmp_path / "run")) == [3, 4]
     with pytest.raises(ConfigError, match="records have text_len=16, the model expects 32"):
         run(str(tmp_path / "bad"), *model, "model.text_seq_len=32")
     assert not (tmp_path / "bad").exists()  # refused before anything was written
@@ -708,7 +710,7 @@ def test_data_of_other_tokenizers_is_refused_for_blends_resumes_and_sampling(sin
         (meta["header"] if "header" in meta else meta)["vq"]["hash"] = "0" * 64
         path.write_text(json.dumps(meta))
     model = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=64", "model.text_vocab_size=128",
-             "data.synthetic=false"]
+             "data.synthetic=false", "train.eval_interval=0"]  # (no held-out shards)
     with pytest.raises(ConfigError, match=rf"{other} was made with another image tokenizer than {out}"):
         run(str(tmp_path / "blend"), *model, f"data.shards={out},{other}")
     run(str(tmp_path / "run"), *model, f"data.shards={out}", steps=2)
@@ -739,7 +741,7 @@ def test_resume_on_grown_data_warns_that_the_order_changes(single_process, setup
     codes = tmp_path / "codes"
     before = pretokenize(inputs[:2], codes, vq, tok, FILTERS)["records"]
     model = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=64", "model.text_vocab_size=128",
-             "data.synthetic=false", f"data.shards={codes}"]
+             "data.synthetic=false", f"data.shards={codes}", "train.eval_interval=0"]  # (no held-out shards)
     assert len(run(str(tmp_path / "run"), *model, steps=3)) == 3
     after = pretokenize(inputs, codes, vq, tok, FILTERS)["records"]
     assert len(run(str(tmp_path / "run"), *model, steps=4)) == 1
