@@ -71,7 +71,9 @@ class AttentionPattern(nn.Module):
         d = q - k  # raster distance back (only d >= 0 is kept: causal)
         # d = a x grid + b for some 0 <= a <= radius, |b| <= radius: the nearest such row a (d / grid rounded,
         # clamped) is within radius if any is (a kernel wider than the grid has several; for d >= 0 and a = 0, b >= 0)
-        rows = (d + self.grid // 2).div(self.grid, rounding_mode="floor").clamp(0, self.radius)
+        # (torch.minimum, not clamp(max=tensor): clamp reads a tensor bound back as a Python number, which splits a
+        # compiled decoding step into many graphs)
+        rows = torch.minimum((d + self.grid // 2).div(self.grid, rounding_mode="floor").clamp(min=0), self.radius)
         image = (d <= self.window) & (d % self.period == 0) & ((d - rows * self.grid).abs() <= self.radius)
         return (k <= q) & ((k < self.prefix) | image)
 
