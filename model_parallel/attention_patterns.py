@@ -48,9 +48,9 @@ class AttentionPattern(nn.Module):
     d >= 0 back to an earlier image token: d <= `window`, d a multiple of `period`, and d = a x grid + b with
     0 <= a <= `radius` rows and |b| <= `radius` (b >= 0 in the token's own row: causal), which wraps around
     the row ends (radius = grid: no limit, for row and column). The three numbers are 0-dim int64 buffers, not
-    Python ints (as the dropout keys, layers.KeyedSite): torch.compile specialises on a module's int attributes, so ints would compile the
-    shared layer code once per kind; made on the CPU explicitly (real in a meta-device build), moved with the
-    module; not saved (derived from the config)."""
+    Python ints (as the dropout keys, layers.KeyedSite): torch.compile specialises on a module's int
+    attributes, so ints would compile the shared layer code once per kind; made on the CPU explicitly (real in
+    a meta-device build), moved with the module; not saved (derived from the config)."""
 
     def __init__(self, kind: str, prefix: int, grid: int, kernel: int = 11):
         super().__init__()
