@@ -63,7 +63,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img).astype(np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        grey = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        transparent = img.info.get("transparency")  # (a 16-bit tRNS value: matched before the scaling merges values)
+        if isinstance(transparent, int):
+            grey = Image.merge("LA", (grey, Image.fromarray(np.where(arr == transparent, 0, 255).astype(np.uint8), "L")))
+        img = grey
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # (a tRNS colour: PIL keeps it aside)
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -105,10 +109,12 @@ def _json_reason(raw: dict, cfg: FilterConfig) -> str | None:
         return None
     for field, limit, too_high in (("punsafe", cfg.max_punsafe, True), ("pwatermark", cfg.max_pwatermark, True),
                                    ("similarity", cfg.min_similarity, False)):
-        value = meta.get(field)
-        if limit is None or not isinstance(value, (int, float)):
+        value = meta.get(field, False)  # (False: no such field, nothing to filter on)
+        if limit is None or value is False:
             continue
-        if not math.isfinite(value):  # img2dataset writes a missing score as NaN: unknown does not pass a filter
+        # img2dataset writes a missing score as NaN, or as null (a null parquet cell through pyarrow's to_pydict):
+        # unknown does not pass a filter
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
             return field
         if (value > limit) if too_high else (value < limit):
             return field

@@ -129,15 +129,17 @@ def process_shard(path: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig, wo
         for p in batch:
             if p.reason is None and p.image_hash in seen_hashes:
                 p.reason = "duplicate"
+            text = text_tok.encode(p.caption) if p.reason is None else None
+            if text is not None and text[1] <= 1:  # no piece but EOS (a caption of zero-width spaces): that is the
+                p.reason = "empty_caption"  # classifier-free guidance's null caption, not this image's
             if p.reason:
                 skipped[p.reason] += 1
                 continue
             seen_hashes.add(p.image_hash)
-            kept.append(p)
+            kept.append((p, text))
         if kept:
-            codes = encode_images(vq, [p.image for p in kept], device)
-            for p, c in zip(kept, codes):
-                ids, length = text_tok.encode(p.caption)
+            codes = encode_images(vq, [p.image for p, _ in kept], device)
+            for (p, (ids, length)), c in zip(kept, codes):
                 records.append((c, ids, length, utf8_truncate(p.caption, CAPTION_BYTES),
                                 p.key.encode("ascii", "replace")[:KEY_BYTES]))
                 hashes.append(np.frombuffer(hash_digest(p.image_hash), dtype=np.uint8))

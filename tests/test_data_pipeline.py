@@ -123,12 +123,16 @@ def test_exif_orientation_is_applied():
 def test_transparent_colour_of_grey_and_rgb_pngs_becomes_white():
     """A PNG whose transparency is a tRNS colour (modes L and RGB, no alpha channel) is composited on white,
     as alpha and palette images are."""
-    for mode, colour in (("L", 80), ("RGB", (10, 200, 30))):
+    for mode, colour in (("L", 80), ("RGB", (10, 200, 30)), ("I;16", 300)):
         img = Image.new(mode, (64, 64), colour)
+        if mode == "I;16":  # (16-bit grey: its tRNS value is matched before the scaling to 8 bits)
+            img = Image.fromarray(np.where(np.arange(64)[None, :] < 32, 300, 301).repeat(64, 0).astype(np.uint16))
         buf = io.BytesIO()
         img.save(buf, "PNG", transparency=colour)
         p = prepare_sample({"__key__": mode, "png": buf.getvalue(), "txt": b"nothing to see"}, FILTERS)
         assert p.image[:, 10, 10].tolist() == [255, 255, 255], mode
+        if mode == "I;16":  # the other value (the same 8-bit grey once scaled) stays opaque
+            assert p.image[:, 10, 50].tolist() == [1, 1, 1], p.image[:, 10, 50]
 
 
 def test_json_sidecars_that_are_not_objects_or_carry_nan_scores():
@@ -141,6 +145,10 @@ def test_json_sidecars_that_are_not_objects_or_carry_nan_scores():
     assert prepare_sample(nan, FILTERS).reason == "punsafe"  # FILTERS sets max_punsafe
     assert prepare_sample(nan, FilterConfig(image_size=64, min_size=16)).reason is None
     assert prepare_sample(nan, FilterConfig(image_size=64, min_size=16, min_similarity=0.3)).reason == "similarity"
+    # a null score (a null parquet cell, as img2dataset writes it through pyarrow) is unknown as well
+    null = {**nan, "json": b'{"punsafe": null, "similarity": 0.5}'}
+    assert prepare_sample(null, FILTERS).reason == "punsafe"
+    assert prepare_sample(null, FilterConfig(image_size=64, min_size=16, min_similarity=0.3)).reason is None
 
 
 def test_repeated_tar_member_is_counted_and_the_rest_of_the_shard_read(tmp_path):
