@@ -67,18 +67,18 @@ def wandb_mode() -> str:
 
 
 class MetricsLogger:
-    """`wandb_project` (empty: no W&B): the same scalars as TensorBoard (train/<name> or valid/<name>, at the step) go to that W&B
-    project too, under `run_name` (default: the run directory's name), with `config` (the resolved config) as the
-    run's config. The mode is `wandb_mode()`'s; an online start that cannot reach the server within WANDB_INIT_TIMEOUT
-    (W&B's default: 90 s) falls back to offline, said in one line. W&B writes under run_dir/wandb/; where a run is
-    offline, the line at the start says the `wandb sync` command that uploads it. Only the enabled logger (rank 0)
-    starts a W&B run. With `run_id` (the training run's, kept over resumes) every segment of a preempted and
-    requeued run logs to the one W&B run of that id (`resume="allow"`); offline, each segment leaves a folder
-    of that id and `wandb sync` uploads them into one run, in order. Steps a killed segment logged after its
-    last checkpoint keep those first values there (W&B takes each step once; a resume on the same layout
-    gives the same losses) while metrics.jsonl and TensorBoard hold the rerun's (`resumed_at`). A run directory
-    copied to branch an experiment keeps the run's id (its checkpoints carry it), so the branch would log into
-    the original's W&B run: give the branch another W&B project."""
+    """`wandb_project` (empty: no W&B): the same scalars as TensorBoard (train/<name> or valid/<name>, at the step) go
+    to that W&B project too, under `run_name` (default: the run directory's name), with `config` (the resolved
+    config) as the run's config. The mode is `wandb_mode()`'s; an online start that cannot reach the server within
+    WANDB_INIT_TIMEOUT (W&B's default: 90 s) falls back to offline, said in one line. W&B writes under
+    run_dir/wandb/; where a run is offline, the line at the start says the `wandb sync` command that uploads it.
+    Only the enabled logger (rank 0) starts a W&B run. With `run_id` (the training run's, kept over resumes) every
+    segment of a preempted and requeued run logs to the one W&B run of that id (`resume="allow"`); offline, each
+    segment leaves a folder of that id and `wandb sync` uploads them into one run, in order. Steps a killed segment
+    logged after its last checkpoint keep those first values there (W&B takes each step once; a resume on the same
+    layout gives the same losses) while metrics.jsonl and TensorBoard hold the rerun's (`resumed_at`). A run
+    directory copied to branch an experiment keeps the run's id (its checkpoints carry it), so the branch would log
+    into the original's W&B run: give the branch another W&B project."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, *, wandb_project: str = "", run_name: str | None = None,
                  config: dict | None = None, run_id: str | None = None):

@@ -245,5 +245,6 @@ def center_crops(pattern: str, size: int, limit: int, min_size: int = 64) -> tor
             if len(images) == limit:
                 return torch.stack(images)
     if not images:
-        raise ValueError(f"{pattern}: no usable image (readable, with a shorter side of at least {min(min_size, size)} px)")
+        raise ValueError(f"{pattern}: no usable image (readable, with a shorter side of at least "
+                         f"{min(min_size, size)} px)")
     return torch.stack(images)

@@ -66,7 +66,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         grey = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
         transparent = img.info.get("transparency")  # (a 16-bit tRNS value: matched before the scaling merges values)
         if isinstance(transparent, int):
-            grey = Image.merge("LA", (grey, Image.fromarray(np.where(arr == transparent, 0, 255).astype(np.uint8), "L")))
+            alpha = Image.fromarray(np.where(arr == transparent, 0, 255).astype(np.uint8), "L")
+            grey = Image.merge("LA", (grey, alpha))
         img = grey
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # (a tRNS colour: PIL keeps it aside)
         img = img.convert("RGBA")

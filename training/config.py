@@ -75,8 +75,8 @@ class TrainConfig:
     """Steps between measurements of the loss on held-out data (data.valid_shards), also after the last step;
     logged as valid_loss in that step's metric line (0: never; Megatron's --eval-interval)."""
     eval_batches: int = 4
-    """Global batches of held-out samples each measurement reads: the first eval_batches x global_batch_size
-    samples of data.valid_shards, the same ones every time (Megatron's --eval-iters)."""
+    """Global batches of held-out samples each measurement reads: eval_batches x global_batch_size samples of
+    data.valid_shards (a seeded choice over the whole set), the same ones every time (Megatron's --eval-iters)."""
     async_save: bool = False
     """Write checkpoints in background processes while training goes on (megatron-core's async save: each
     rank's part is copied to host memory, then written by a forked process); `latest` moves at the first

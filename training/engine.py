@@ -182,7 +182,8 @@ def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[f
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     if isinstance(engine, PipelineEngine):
-        loss = engine.train_batch(pipeline_batches(cfg, micro_batches, device))  # averaged over micro-batches and DP, on every stage
+        loss = engine.train_batch(pipeline_batches(cfg, micro_batches, device))  # (averaged over micro-batches
+        # and DP, on every stage)
         norm = engine.get_global_grad_norm()
         return float(loss), float(norm) if norm is not None else None
     losses = []
