@@ -25,8 +25,10 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Path,
-                        allow_smaller: bool = True) -> Path:
-    """Train a unigram model on the captions; writes `out` (a .model file).
+                        allow_smaller: bool = True, case_fold: bool = False) -> Path:
+    """Train a unigram model on the captions; writes `out` (a .model file). NFKC-normalised, case kept (a model
+    that renders text in its images needs it: T5's tokenizer, Imagen's, is cased); `case_fold` lowercases
+    (SentencePiece's nmt_nfkc_cf). The rule is stored in the model file: encoding follows it wherever it is loaded.
 
     SentencePiece cannot make more pieces than the captions hold; it then makes as many as it can
     (`hard_vocab_limit=False`). With `allow_smaller=False` (the command line) that is refused with a
@@ -49,7 +51,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Pat
             sentence_iterator=counted(), model_writer=model, vocab_size=vocab_size, model_type="unigram",
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, character_coverage=0.9995,
             hard_vocab_limit=False,  # a small corpus may not support the whole vocabulary: checked below
-            normalization_rule_name="nmt_nfkc_cf", minloglevel=2, num_threads=2)
+            normalization_rule_name="nmt_nfkc_cf" if case_fold else "nmt_nfkc", minloglevel=2, num_threads=2)
     except RuntimeError as e:
         if failed:
             raise failed[0] from None

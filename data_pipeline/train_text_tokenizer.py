@@ -1,7 +1,9 @@
 """Train the SentencePiece caption tokenizer on the captions of LAION-style shards.
 
     python -m data_pipeline.train_text_tokenizer --captions 'laion/{00000..00099}.tar' --vocab-size 16000 \
-        --out tok/spm.model
+        --out tok/spm.model [--case-fold]
+
+Case is kept unless --case-fold (tokenizers trained before 2026-12-05 lowercased; the rule is in each model file).
 
 The vocabulary is exactly --vocab-size pieces or the command fails: SentencePiece would silently make
 fewer when the captions hold too few distinct pieces, and the error says the largest size they support.
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", required=True, help="shard pattern, e.g. 'laion/{00000..00099}.tar'")
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--out", required=True, help="the .model file to write")
+    parser.add_argument("--case-fold", action="store_true", help="lowercase the captions (SentencePiece's "
+                        "nmt_nfkc_cf); by default case is kept, which text rendered in images needs")
     args = parser.parse_args(argv)
     if not 5 <= args.vocab_size <= 65536:  # 4 special pieces + at least one; ids are stored as uint16
         parser.error(f"--vocab-size {args.vocab_size} must be in 5..65536")
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in expand_shards(args.captions):  # before training: SentencePiece reads the captions lazily
             check_is_tar(path)
         out = train_sentencepiece(shard_captions(args.captions, errors), args.vocab_size, args.out,
-                                  allow_smaller=False)
+                                  allow_smaller=False, case_fold=args.case_fold)
     notes = [f"unreadable tails in {errors['truncated_tar']} shard(s)"] if errors["truncated_tar"] else []
     notes += [f"{errors['duplicate_member']} repeated tar member(s) left out"] if errors["duplicate_member"] else []
     print(f"wrote {out}" + "".join(f"; {note}" for note in notes))

@@ -765,3 +765,13 @@ def test_train_text_tokenizer_command(setup, tmp_path, capsys):
     ids, length = tok.encode("a red circle on a white background with many more words than fit")
     assert length == 8 and ids[-1] == EOS_ID and tok.decode(ids).startswith("a red circle")
     assert "unreadable tails in 1 shard" in capsys.readouterr().out
+
+
+def test_the_text_tokenizer_keeps_case_unless_asked_to_fold_it(tmp_path):
+    """A model that renders text in its images needs the caption's case ("STOP" on a sign): kept by default,
+    lowercased with case_fold (--case-fold), the rule travelling in the model file."""
+    captions = [f"A {c} sign that says {w}" for c in ("red", "Blue", "GREEN") for w in ("STOP", "Open", "exit")] * 20
+    cased = TextTokenizer(train_sentencepiece(captions, 40, tmp_path / "cased.model"), max_len=64)
+    folded = TextTokenizer(train_sentencepiece(captions, 40, tmp_path / "folded.model", case_fold=True), max_len=64)
+    assert cased.decode(cased.encode("A Blue sign that says STOP")[0]) == "A Blue sign that says STOP"
+    assert folded.decode(folded.encode("A Blue sign that says STOP")[0]) == "a blue sign that says stop"
