@@ -398,11 +398,15 @@ def other_tokenizers(a: dict, b: dict) -> list[str]:
     return [name for k, name in TOKENIZERS.items() if a[k].get("hash") != b[k].get("hash")]
 
 
+def blend_items(spec: str) -> list[tuple[str, str, str]]:
+    """`codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> [(item, folder, weight text)]."""
+    return [(item, *item.partition(":")[::2]) for item in filter(None, (s.strip() for s in spec.split(",")))]
+
+
 def open_training_data(spec: str, model_cfg):
     """`codes/` or `codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> a dataset the model fits."""
     parts = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        folder, _, weight = item.partition(":")
+    for item, folder, weight in blend_items(spec):
         try:
             weight = float(weight) if weight else 1.0
         except ValueError:

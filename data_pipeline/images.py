@@ -110,12 +110,12 @@ def _json_reason(raw: dict, cfg: FilterConfig) -> str | None:
         return None
     for field, limit, too_high in (("punsafe", cfg.max_punsafe, True), ("pwatermark", cfg.max_pwatermark, True),
                                    ("similarity", cfg.min_similarity, False)):
-        value = meta.get(field, False)  # (False: no such field, nothing to filter on)
-        if limit is None or value is False:
+        if limit is None or field not in meta:  # (no such field: nothing to filter on)
             continue
+        value = meta[field]
         # img2dataset writes a missing score as NaN, or as null (a null parquet cell through pyarrow's to_pydict):
         # unknown does not pass a filter
-        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
             return field
         if (value > limit) if too_high else (value < limit):
             return field

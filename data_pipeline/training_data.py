@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, require
-from data_pipeline.code_shards import data_tokenizers, open_training_data, other_tokenizers
+from data_pipeline.code_shards import blend_items, data_tokenizers, open_training_data, other_tokenizers
 from data_pipeline.synthetic import SyntheticCodes
 
 SYNTHETIC_SIZE = 1024
@@ -62,7 +62,7 @@ def training_dataset(data: DataConfig, model, seed: int):
 
 def folders(spec: str) -> set[Path]:
     """The folders of a data.shards-style spec ('codes/a:3,codes/b:1'), resolved."""
-    return {Path(item.strip().partition(":")[0]).resolve() for item in spec.split(",") if item.strip()}
+    return {Path(folder).resolve() for _, folder, _ in blend_items(spec)}
 
 
 def held_out_dataset(data: DataConfig, model, seed: int, samples: int, trained_on):

@@ -66,10 +66,15 @@ KINDS = ("vit_vqgan", "vqvae", "vqgan", "dvae")
 def check_logit_laplace(cfg: VQConfig) -> None:
     """The logit-Laplace likelihood is trained where the config weighs it, and weighed where the decoder predicts
     it: a positive loss.logit_laplace with a 3-channel decoder used to drop the term without a word (the ViT-VQGAN
-    presets asked for the paper's 0.1 and trained without it). The dvae's own rule is in build_model."""
+    presets asked for the paper's 0.1 and trained without it). The dvae always predicts it and needs its weight."""
     m, weight = cfg.model, cfg.loss.logit_laplace
     if m.kind == "dvae":
+        require(weight > 0, f"model.kind=dvae needs loss.logit_laplace > 0 (got {weight}): the logit-Laplace "
+                            "likelihood is the dVAE's reconstruction term (configs/vq/dvae.yaml: 1)")
         return
+    require(m.kind == "vit_vqgan" or not m.logit_laplace,
+            f"model.logit_laplace needs model.kind=vit_vqgan (model.kind={m.kind} decodes 3 channels; dvae is "
+            "always logit-Laplace)")
     predicts = m.kind == "vit_vqgan" and m.logit_laplace
     require(weight <= 0 or predicts,
             f"loss.logit_laplace={weight} needs a decoder that predicts the logit-Laplace parameters: "
@@ -84,9 +89,7 @@ def build_model(cfg: VQConfig):
     m = cfg.model
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind={m.kind!r} must be one of {', '.join(KINDS)}")
-    if m.kind in ("vqvae", "vqgan") and m.logit_laplace:
-        raise ConfigError(f"model.logit_laplace needs model.kind=vit_vqgan (model.kind={m.kind} decodes 3 channels; "
-                          "dvae is always logit-Laplace)")
+    check_logit_laplace(cfg)
     if m.kind == "vqvae":
         return VQVAE(image_size=m.image_size, patch=m.patch, width=m.width or 128, code_dim=m.code_dim,
                      codebook_size=m.codebook_size, ema_decay=m.ema_decay, dead_code_steps=m.dead_code_steps,
@@ -95,9 +98,6 @@ def build_model(cfg: VQConfig):
         return VQGAN(**vqgan_shape(m), embed_dim=m.code_dim, n_embed=m.codebook_size, resolution=m.image_size,
                      dead_code_steps=m.dead_code_steps)
     if m.kind == "dvae":
-        if cfg.loss.logit_laplace <= 0:
-            raise ConfigError(f"model.kind=dvae needs loss.logit_laplace > 0 (got {cfg.loss.logit_laplace}): the "
-                              "logit-Laplace likelihood is the dVAE's reconstruction term (configs/vq/dvae.yaml: 1)")
         if not (0 < m.tau_end <= m.tau_start):
             raise ConfigError(f"model.tau_start={m.tau_start} and model.tau_end={m.tau_end} must satisfy "
                               "0 < tau_end <= tau_start (the Gumbel-softmax temperature is annealed down)")
