@@ -433,4 +433,9 @@ def open_training_data(spec: str, model_cfg):
                             "other's tokenizers")
     if len(parts) == 1:
         return parts[0][0]
-    return MixedDataset([d for d, _ in parts], [w for _, w in parts])
+    mixed = MixedDataset([d for d, _ in parts], [w for _, w in parts])
+    for (ds, weight), count in zip(parts, mixed.counts):
+        if count == 0:  # its share of the epoch rounds to no sample: the model would never see it
+            raise DataError(f"{ds.folder}: weight {weight:g} gives it none of an epoch's {len(mixed)} samples "
+                            f"(share {weight / sum(w for _, w in parts):.2e}); raise its weight or leave it out")
+    return mixed

@@ -455,6 +455,23 @@ def test_out_of_range_value_in_a_shard_is_refused_at_open(setup, one_run, tmp_pa
         open_training_data(str(out), model_cfg)
 
 
+def test_blend_weight_too_small_for_one_sample_is_refused(one_run, tmp_path):
+    """A folder whose weight gives it no sample of an epoch would never be trained on: refused naming it;
+    a weight that gives it one sample is accepted."""
+    from training.config import load_config
+
+    _, single = one_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(single, a)
+    shutil.copytree(single, b)
+    model_cfg = load_config(None, ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=128",
+                                   "model.text_vocab_size=128"]).model
+    n = 2 * len(CodeShardDataset(a))
+    assert open_training_data(f"{a}:1,{b}:{1 / n}", model_cfg).counts.tolist() == [n - 1, 1]
+    with pytest.raises(DataError, match=rf"{b}: weight .* gives it none of an epoch's {n} samples"):
+        open_training_data(f"{a}:1,{b}:{0.1 / n}", model_cfg)
+
+
 @pytest.mark.parametrize("extra_records", [0, 1])
 def test_shard_of_another_run_is_refused_at_open(one_run, tmp_path, extra_records):
     """A shard copied in from a folder made with another text tokenizer (its .bin came with it: of another

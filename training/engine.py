@@ -17,6 +17,7 @@ construction, ...) lives in training/deepspeed_glue.py, each piece with the Deep
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -163,9 +164,14 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
 def pipeline_batches(cfg: Config, micro_batches: list, device: str):
     """The pipeline engine's inputs for these micro-batches: ((text, decoder input, positions), codes) each."""
     bos = cfg.model.image_vocab_size
-    move = lambda t: t.to(device, non_blocking=True)  # (pinned by the read-ahead loader on a GPU)
+    move = functools.partial(to_device, device=device)
     return iter([((move(text), move(decoder_input(codes, bos)), move(positions)), move(codes))
                  for text, codes, positions in micro_batches])
+
+
+def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """A batch tensor on the training device, copied asynchronously (the read-ahead loader pins it on a GPU)."""
+    return tensor.to(device, non_blocking=True)
 
 
 def dp_mean(losses: list[torch.Tensor]) -> float:
@@ -187,9 +193,9 @@ def train_step(engine, cfg: Config, micro_batches: list, device: str) -> tuple[f
         norm = engine.get_global_grad_norm()
         return float(loss), float(norm) if norm is not None else None
     losses = []
+    move = functools.partial(to_device, device=device)
     for text, codes, positions in micro_batches:
         # positions key the dropout masks: the same masks for these samples at any layout
-        move = lambda t: t.to(device, non_blocking=True)  # (pinned by the read-ahead loader on a GPU)
         loss = engine(move(text), move(codes), return_loss=True, sample_index=move(positions))
         engine.backward(loss)
         if cfg.parallel.sequence_parallel and engine.is_gradient_accumulation_boundary():
@@ -214,7 +220,7 @@ def eval_step(engine, cfg: Config, micro_batches: list, device: str) -> float:
     engine.eval()
     try:
         with torch.no_grad():
-            move = lambda t: t.to(device, non_blocking=True)
+            move = functools.partial(to_device, device=device)
             losses = [engine(move(text), move(codes), return_loss=True, sample_index=move(positions)).float()
                       for text, codes, positions in micro_batches]
     finally:
