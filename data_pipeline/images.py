@@ -23,10 +23,14 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-DECODING = {"version": 2, "exif_orientation": True, "transparency": "white"}
+DECODING = {"version": 3, "exif_orientation": True, "transparency": "white"}
 """How images become pixels, recorded in every code shard's header (data_pipeline.pretokenize): a folder begun by
-a version that decoded otherwise (1: EXIF orientation ignored, a PNG's tRNS colour composited on black) is not
-continued with different pixels."""
+a version that decoded otherwise (1: EXIF orientation ignored, a PNG's tRNS colour composited on black; 2: a 16-bit
+grey PNG's transparent value ignored) is not continued with different pixels."""
+FILTER_RULES = 2
+"""Which samples the filters skip, recorded beside their settings in every header (`filters.rules`): a folder begun
+under other rules (1: a null score passed a filter set on its field; a caption of no piece but EOS was kept, as
+the guidance null caption) is not continued with other samples."""
 SKIP_REASONS = ("missing_image", "decode_error", "too_small", "bad_aspect", "empty_caption", "caption_not_utf8",
                 "caption_too_long", "duplicate", "punsafe", "pwatermark", "similarity")
 

@@ -51,7 +51,7 @@ from data_pipeline.code_shards import (
     utf8_truncate,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.images import DECODING, FilterConfig, in_turns, prepare_sample
+from data_pipeline.images import DECODING, FILTER_RULES, FilterConfig, in_turns, prepare_sample
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.manifest import check_folder, shard_is_complete, write_manifest
 from data_pipeline.text_tokenizer import TextTokenizer
@@ -155,7 +155,7 @@ def header(vq, text_tok: TextTokenizer, cfg: FilterConfig) -> dict:
                                "text_len": text_tok.max_len},
             "record": {"grid_tokens": vq.grid * vq.grid, "text_len": text_tok.max_len,
                        "caption_bytes": CAPTION_BYTES, "key_bytes": KEY_BYTES},
-            "filters": asdict(cfg), "image_decoding": DECODING}
+            "filters": {**asdict(cfg), "rules": FILTER_RULES}, "image_decoding": DECODING}
 
 
 def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, cfg: FilterConfig,

@@ -330,6 +330,24 @@ def test_other_tokenizer_into_same_folder_is_refused(setup, one_run):
                     TextTokenizer(setup["spm"], max_len=16), FILTERS)
 
 
+def test_folder_begun_under_older_filter_rules_or_decoding_is_refused(setup, one_run, tmp_path):
+    """A folder whose manifest says its samples were skipped or decoded otherwise (made before the rule versions
+    were recorded, or under an older decoding) is not continued under today's rules; nothing in it changes."""
+    _, single = one_run
+    for key, older in (("filters", lambda h: h.pop("rules")), ("image_decoding", lambda h: h.update(version=2))):
+        out = tmp_path / key
+        shutil.copytree(single, out)
+        manifest = json.loads((out / "manifest.json").read_text())
+        older(manifest[key])
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        changed = r"filters\.rules null there, 2 now" if key == "filters" else r"image_decoding\.version 2 there, 3 now"
+        with pytest.raises(DataError, match=rf"manifest.json: .*filters than this run: {changed}.*new --output"):
+            pretokenize(expand_shards(setup["pattern"]), out, load_image_tokenizer(setup["vq"]),
+                        TextTokenizer(setup["spm"], max_len=16), FILTERS)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_killed_run_rerun_with_another_text_tokenizer_is_refused(setup, one_run, tmp_path):
     """A run on 2 inputs killed before its manifest (shards and their metadata, no manifest.json), rerun with
     another text tokenizer: refused naming a shard and what differs, before anything is written or removed;
