@@ -110,9 +110,13 @@ class SRTrainer:
         if self.rank == 0:
             state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                      "schedule": self.schedule.state_dict(), "step": self.step, "rng": torch.get_rng_state(),
-                     "streams": streams, "config": dataclasses.asdict(self.cfg)}
+                     "streams": streams, "config": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer_hash()}
             save_state(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
         dist.barrier()
+
+    def tokenizer_hash(self) -> str | None:
+        """What the inputs depend on: the weights hash of train.tokenizer (vq/tokenizer.py), None without one."""
+        return self.tokenizer.weights_hash if self.tokenizer is not None else None
 
     def resume(self) -> None:
         """Continue from `latest`, or from the newest complete checkpoint when `latest` is gone (logged)."""
@@ -124,6 +128,12 @@ class SRTrainer:
             return
         path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
         state = load_state(path, ("model", "opt", "schedule", "step", "rng"), writer="sr.train")
+        if "tokenizer" in state and state["tokenizer"] != self.tokenizer_hash():  # (checkpoints since 2026-12-05)
+            then = (f"the reconstructions of a tokenizer of weights hash {state['tokenizer'][:12]}"
+                    if state["tokenizer"] else "downsampled images (no train.tokenizer)")
+            raise ConfigError(f"cannot resume {path}: its inputs were {then}, "
+                              f"train.tokenizer={self.cfg.train.tokenizer or '(none)'} makes other inputs; give the "
+                              "run's tokenizer or use a new --run-dir (nothing was changed)")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.schedule.load_state_dict(state["schedule"])

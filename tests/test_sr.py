@@ -169,6 +169,9 @@ def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_
     _, rest = train(photos, tmp_path / "split", f"train.tokenizer={tokenizer}", "train.steps=6")
     assert len(rest) == 5
     assert [h["loss"] for h in rest] == pytest.approx([h["loss"] for h in full[1:]], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"cannot resume .*step_00000006.*reconstructions of a tokenizer of weights "
+                                          r"hash .*train\.tokenizer=\(none\) makes other inputs"):
+        train(photos, tmp_path / "split", "train.steps=8")  # (continued without the tokenizer: refused)
     with pytest.raises(ConfigError, match=r"train\.tokenizer=.*tok\.pt reconstructs 80px images: train\.resize must "
                                           r"be 160 .*; got train\.resize=200"):
         train(photos, tmp_path / "wrong", f"train.tokenizer={tokenizer}", "train.resize=200")
