@@ -74,8 +74,8 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """Weight decay on matrices and embedding tables only, not on biases and norms (1-D parameters).
     A parameter partitioned by zero.Init holds a flat placeholder: its shape is `ds_shape`. With
     model.freeze_text_encoder the text encoder's parameters form a group of their own at learning rate 0
-    (the LR schedule multiplies it, so it stays 0): they stay in the optimizer, so ZeRO partitions and
-    checkpoints are those of any run, and never change."""
+    (the LR schedule multiplies it, so it stays 0; zero_frozen_gradients zeroes their gradients): they stay
+    in the optimizer, so ZeRO partitions and checkpoints are those of any run, and never change."""
     decay, no_decay, frozen = [], [], []
     for name, p in canonical_parameters(model, cfg.model).items():
         if not p.requires_grad:
@@ -86,6 +86,17 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return groups + ([{"params": frozen, "weight_decay": 0.0, "lr": 0.0}] if frozen else [])
+
+
+def zero_frozen_gradients(model: torch.nn.Module, cfg: Config) -> None:
+    """model.freeze_text_encoder: the encoder's gradients become zeros as they are made, so the clipped global
+    norm (and the logged one) covers only what trains, as with requires_grad=False; the decoder's updates do not
+    shrink by the encoder's norm. (They are still computed: skipping that backward would change what the
+    pipeline stages exchange and which parameters DeepSpeed's reducers see gradients for.)"""
+    if cfg.model.freeze_text_encoder:
+        for name, p in canonical_parameters(model, cfg.model).items():
+            if p.requires_grad and is_text_encoder(name):
+                p.register_hook(torch.zeros_like)
 
 
 def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout, initialize: bool = True):
@@ -145,6 +156,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
     from deepspeed.pipe import PipelineModule
 
     init_deepspeed()
+    zero_frozen_gradients(model, cfg)
     t = cfg.train
     if t.optimizer == "adafactor":
         optimizer = torch.optim.Adafactor(param_groups(model, cfg), lr=t.lr)
