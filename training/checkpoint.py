@@ -344,6 +344,7 @@ def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, tr
     was, and raises CheckpointError with the cause on every rank."""
     if background is not None:
         background.poll(wait=True)
+    ensure_optimizer_state(engine)  # (none yet when every step so far was skipped as non-finite)
     full_state = {**trainer_state, "optimizer_steps": optimizer_step_count(engine),
                   "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": layout.record(),
                   "config": to_dict(cfg)}
