@@ -180,6 +180,28 @@ def test_planted_pickle_in_a_checkpoint_does_not_run(pool2, reference, tmp_path,
     assert not marker.exists()
 
 
+def test_export_checks_the_checkpoint_before_reading_it(single_process, reference, tmp_path):
+    """python -m training.export on a checkpoint whose tensor index carries a payload, or whose .distcp is cut
+    short, or of a --tag that is no complete checkpoint: one line naming the file, the payload unrun."""
+    from training.export import main
+
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    marker, last = tmp_path / "payload_ran", run_dir / "checkpoints" / LAST
+    cases = [(lambda: (last / ".metadata").write_bytes(pickle.dumps(Payload(marker))),
+              rf"{re.escape(str(last))}/\.metadata: .*would import builtins\.exec .*refusing to load it", LAST),
+             (lambda: truncate(run_dir), "__0_1.distcp is truncated", LAST),
+             (lambda: None, r"step_00000099/trainer_state\.json: cannot be read .*expected the JSON trainer state",
+              "step_00000099")]
+    for plant, message, tag in cases:
+        shutil.rmtree(run_dir)
+        copy_run(reference[1], run_dir)
+        plant()
+        with pytest.raises(SystemExit) as exit_:
+            main(["--run-dir", str(run_dir), "--tag", tag])
+        assert re.match(rf"training\.export: .*{message}", str(exit_.value.code)), exit_.value.code
+        assert not marker.exists() and not (run_dir / "export").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # A full disk while saving
 

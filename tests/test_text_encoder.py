@@ -252,6 +252,27 @@ def test_caption_lines_are_the_non_blank_lines_of_the_files(tmp_path):
         CaptionLines([str(tmp_path / "1.txt")], tok)
 
 
+def test_a_planted_pickle_in_an_encoder_folder_does_not_run(pretrained, single_process, tmp_path):
+    """model.init_text_encoder reads the folder's tensor index (.metadata, which torch.distributed.checkpoint
+    unpickles) only after the safe check (training/checkpoint_verify.py): a payload there is refused unrun."""
+    import pickle
+    import shutil
+
+    from common.checkpoints import CheckpointError
+    from model_parallel.model import PartiModel
+    from tests.test_resume_safety import Payload
+    from training.config import load_config
+    from training.text_encoder import load_text_encoder
+
+    folder, marker = tmp_path / "encoder", tmp_path / "payload_ran"
+    shutil.copytree(pretrained[1], folder)
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    cfg = load_config("configs/train/debug.yaml", [])
+    with pytest.raises(CheckpointError, match=r"encoder/\.metadata: .*would import builtins\.exec .*refusing"):
+        load_text_encoder(PartiModel(cfg.model), cfg.model, folder)
+    assert not marker.exists()
+
+
 def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretrained, single_process, tmp_path):
     from common.checkpoints import CheckpointError
     from data_pipeline.text_tokenizer import train_sentencepiece

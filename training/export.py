@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoints import checkpoint_dir
+from common.checkpoints import CheckpointError, checkpoint_dir
+from common.cli import command
 from common.files import atomic_path
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
-from training.checkpoint import resume_tag, sharded_blocks
+from training.checkpoint import read_trainer_state, resume_tag, sharded_blocks, verify
 from training.deepspeed_glue import Fragment, local_shape
 
 GROUP_BYTES = 1 << 31
@@ -40,7 +41,10 @@ def open_checkpoint(run_dir: str | Path, tag: str) -> tuple[Path, dict, dict[str
     parameter's whole (TP=1) shape); sets up TP=1, PP=1 for read_weights."""
     init_parallel(tp=1, pp=1)
     path = checkpoint_dir(run_dir) / tag
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)  # (first: it marks the checkpoint complete)
+    if not isinstance(state.get("config"), dict) or not isinstance(state["config"].get("model"), dict):
+        raise CheckpointError(f"{path / 'trainer_state.json'}: no config.model (the run's resolved config)")
+    verify(path)  # (a crafted index would run code when dist_checkpointing reads it)
     with torch.device("meta"):
         model = PartiModel(saved_model_config(state["config"]["model"]), meta=True)
     return path, state, {n: tuple(local_shape(p)) for n, p in model.named_parameters()}
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="checkpoint tag (default: latest)")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/export)")
     args = parser.parse_args(argv)
-    print(f"exported to {export(args.run_dir, args.tag, args.out)}")
+    with command(errors=(CheckpointError, FileNotFoundError), label="training.export"):
+        print(f"exported to {export(args.run_dir, args.tag, args.out)}")
 
 
 if __name__ == "__main__":

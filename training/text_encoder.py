@@ -64,7 +64,7 @@ from model_parallel.model import build_pieces, loss_cross_entropy, piece_context
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
 from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
-                                 wait_for_pruning)
+                                 verify, wait_for_pruning)
 from training.config import Config, load_config
 from training.deepspeed_glue import Fragment, global_grad_norm
 
@@ -302,6 +302,7 @@ class _Pretraining:
                 self.sampler = GlobalBatchSampler(self.sampler.n, self.cfg.train.global_batch_size,
                                                   self.cfg.train.seed, order)
             self._adam_state(step)
+            verify(path)
             load_in_place(_blocks(self.model, self.cfg.model, self.optimizer), path)
             self.log.info(f"resumed from {path} at step {step}")
         for group in self.optimizer.param_groups:
@@ -380,6 +381,7 @@ def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | P
     differ = shape_differences(json.loads((folder / "config.json").read_text())["model"], model_cfg)
     if differ:
         raise ConfigError(f"model.init_text_encoder={folder}: an encoder of another shape ({differ})")
+    verify(folder)  # (every rank reads it: a crafted index would run code when dist_checkpointing reads it)
     load_in_place(_blocks(module, model_cfg), folder)
 
 
