@@ -1,7 +1,8 @@
 """Preemption: SIGUSR1, SIGTERM or a STOP file asks a trainer to finish its step, save, and exit for a requeue.
 
-    stop = StopRequest(run_dir / "STOP")        # installs the handlers (main thread)
-    ...after each step: if stop.requested(): save(); stop.leave_for_requeue(run_dir, step)  # raises Preempted
+    stop = StopRequest(run_dir / "STOP")        # installs the handlers (main thread), before the build
+    stop.start(run_dir, step, steps)            # before the first step (a stop asked for meanwhile: Preempted)
+    ...after each step: if stop.requested(): save(); stop.leave_for_requeue(run_dir, step, last=step == steps)
     with command():  ...                        # common/cli.py: Preempted -> one line on rank 0, requeue_exit_code()
     python -m vq.train ... ; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID
     torchrun ... -m training.train ... ; [ -f RUN_DIR/REQUEUE ] && scontrol requeue $SLURM_JOB_ID
@@ -15,10 +16,13 @@ reaches every process of it, checkpoint writer and data loader helpers included,
 the trainers (slurm/train.sbatch touches it when SLURM sends USR1 before the time limit).
 
 After such a save rank 0 leaves run_dir/REQUEUE ("step N"), and a SLURM script requeues the job on it; the
-rerun resumes from `latest` by itself. The exit status: REQUEUE_EXIT_CODE (75, EX_TEMPFAIL of sysexits.h: "try
-again later") when the trainer was started directly (python or srun), 0 under torchrun (requeue_exit_code):
-torchrun passes no status on (it reports any non-zero one as a failed run with a traceback, exits 1, and
-with --max-restarts restarts the workers), so there the REQUEUE file is the signal.
+rerun resumes from `latest` by itself and removes the REQUEUE when it starts (StopRequest.start). A stop asked
+for at the last step ends the run as finished (no REQUEUE); one asked for while a trainer starts up (the
+handlers are installed before its build and resume) is honoured before its first step, without a save.
+The exit status: REQUEUE_EXIT_CODE (75, EX_TEMPFAIL of sysexits.h: "try again later") when the trainer was
+started directly (python or srun), 0 under torchrun (requeue_exit_code): torchrun passes no status on (it
+reports any non-zero one as a failed run with a traceback, exits 1, and with --max-restarts restarts the
+workers), so there the REQUEUE file is the signal.
 The request is agreed on by all ranks (an all-reduce of the flag after every step), so every rank
 stops at the same step even when the signal reached only some of them.
 
@@ -56,6 +60,12 @@ class Preempted(Exception):
         self.step, self.signal_name, self.run_dir = step, signal_name, Path(run_dir)
 
 
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 class StopRequest:
     def __init__(self, stop_file: Path | None = None):
         self.received: int | None = None
@@ -84,18 +94,32 @@ class StopRequest:
             return signal.Signals(self.received).name
         return f"{self.stop_file}" if self.stop_file is not None and self.stop_file.exists() else "another rank"
 
-    def leave_for_requeue(self, run_dir: str | Path, step: int) -> None:
+    def start(self, run_dir: str | Path, step: int, steps: int) -> None:
+        """Before the first step (every rank; the run directory is this run's): rank 0 removes a REQUEUE left
+        by an earlier segment (only this run's stop may leave one: a wrapper script that requeues on it would
+        requeue a finished run forever). A stop asked for while the trainer started up (the handlers are
+        installed first) is honoured now, without a step or a save: the checkpoint resumed from is the one to
+        continue from."""
+        if _is_rank0():
+            (Path(run_dir) / "REQUEUE").unlink(missing_ok=True)
+        if self.requested():
+            self.leave_for_requeue(run_dir, step, last=step >= steps)
+
+    def leave_for_requeue(self, run_dir: str | Path, step: int, last: bool = False) -> None:
         """Once the stop's checkpoint is saved (every rank): rank 0 removes STOP and writes REQUEUE (a SLURM
-        script requeues on it); every rank raises Preempted."""
+        script requeues on it); every rank raises Preempted. `last`: the run reached train.steps, so there is
+        nothing to requeue for: STOP is removed (the request is served) and the run ends as finished."""
         import torch.distributed as dist
 
         reason, run_dir = self.name, Path(run_dir)
         if dist.is_initialized():
             dist.barrier()  # every rank has read the STOP file before it goes
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if _is_rank0():
             (run_dir / "STOP").unlink(missing_ok=True)
-            (run_dir / "REQUEUE").write_text(f"step {step}\n")
-        raise Preempted(step, reason, run_dir)
+            if not last:
+                (run_dir / "REQUEUE").write_text(f"step {step}\n")
+        if not last:
+            raise Preempted(step, reason, run_dir)
 
     def restore(self) -> None:
         for sig in SIGNALS:

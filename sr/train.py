@@ -215,6 +215,7 @@ class SRTrainer:
         self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()
         try:
+            stop.start(self.run_dir, self.step, t.steps)
             while self.step < t.steps:
                 start = time.perf_counter()
                 logs = self.train_step(*self.batch())
@@ -232,7 +233,7 @@ class SRTrainer:
                 if preempted or self.step % t.save_interval == 0 or self.step == t.steps:
                     self.save()
                 if preempted:
-                    stop.leave_for_requeue(self.run_dir, self.step)
+                    stop.leave_for_requeue(self.run_dir, self.step, last=self.step == t.steps)
         finally:  # the decoding processes, also when a step fails
             stop.restore()
             self.stream.close()

@@ -93,6 +93,45 @@ def test_sigusr1_saves_and_exits_for_requeue(single_process, tmp_path):
     assert len(more) == 2 and all(map(lambda x: x == x, more))
 
 
+def test_stops_at_start_up_at_the_last_step_and_stale_requeue_files(single_process, tmp_path, monkeypatch):
+    """SIGUSR1 while the trainer starts up (here during its resume) is honoured before the first step: no step,
+    no save, REQUEUE naming the step resumed from (the process is not killed: the handlers come first). A
+    REQUEUE an earlier segment left is removed when a run starts (a wrapper would requeue a finished run
+    forever); a stop asked for at the last step ends the run as finished: STOP removed, no REQUEUE."""
+    from common.preemption import Preempted
+    from training import trainer as trainer_module
+
+    real_resume, handlers = trainer_module.Trainer.resume, []
+
+    def resume_then_signal(self):
+        handlers.append(signal.getsignal(signal.SIGUSR1))
+        if handlers[-1] not in (signal.SIG_DFL, signal.SIG_IGN, None):  # (never kill the test process)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_resume(self)
+
+    run(str(tmp_path), steps=2)
+    monkeypatch.setattr(trainer_module.Trainer, "resume", resume_then_signal)
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 2; checkpoint saved"):
+        run(str(tmp_path), steps=4)
+    monkeypatch.undo()
+    assert getattr(handlers[0], "__self__", None).__class__.__name__ == "StopRequest"
+    assert (tmp_path / "REQUEUE").read_text() == "step 2\n" and latest_tag(tmp_path) == "step_00000002"
+    assert len(metrics(tmp_path)) == 2  # (no step was taken)
+
+    import training.engine as engine_module
+
+    real_step = engine_module.train_step
+
+    def step_then_stop(*args, **kwargs):
+        (tmp_path / "STOP").touch()  # (during every step; seen after it)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "train_step", step_then_stop)
+    assert len(run(str(tmp_path), steps=3)) == 1  # step 3, the last: the stop is served by finishing
+    assert not (tmp_path / "STOP").exists() and not (tmp_path / "REQUEUE").exists()
+    assert latest_tag(tmp_path) == "step_00000003"
+
+
 @pytest.fixture
 def nan_loss_on_calls(monkeypatch):
     """Make the loss NaN on the given forward calls (1-based) of the model."""

@@ -138,7 +138,8 @@ def tokenizer(tmp_path_factory) -> Path:
 
 
 def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_targets(single_process, photos,
-                                                                                         tokenizer, tmp_path):
+                                                                                         tokenizer, tmp_path,
+                                                                                         monkeypatch):
     """train.tokenizer (Parti: the upsampler learns from the detokenizer's output): the inputs are the tokenizer's
     reconstructions of the downsampled whole images, cropped at the same place as their targets (a target that is
     its input enlarged by nearest neighbours stays so after cropping); a resumed run crops and trains as the
@@ -162,10 +163,16 @@ def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_
     trainer.stream.close()
 
     _, full = train(photos, tmp_path / "full", f"train.tokenizer={tokenizer}", "train.steps=6")
-    (tmp_path / "split").mkdir()
-    (tmp_path / "split" / "STOP").touch()  # (seen after the first step: saved there, as a preemption)
-    with pytest.raises(Preempted):
+    real_step = SRTrainer.train_step
+
+    def step_then_stop(self, lr, hr):
+        (tmp_path / "split" / "STOP").touch()  # (during the first step: saved after it, as a preemption)
+        return real_step(self, lr, hr)
+
+    monkeypatch.setattr(SRTrainer, "train_step", step_then_stop)
+    with pytest.raises(Preempted, match="after step 1"):
         train(photos, tmp_path / "split", f"train.tokenizer={tokenizer}", "train.steps=6")
+    monkeypatch.undo()
     _, rest = train(photos, tmp_path / "split", f"train.tokenizer={tokenizer}", "train.steps=6")
     assert len(rest) == 5
     assert [h["loss"] for h in rest] == pytest.approx([h["loss"] for h in full[1:]], rel=1e-5)

@@ -47,15 +47,21 @@ def test_tp2_equals_tp1(pool2, reference, tmp_path):
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
 
 
-def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path):
-    """A stop requested at a step whose held-out loss is due (here the last) measures it before saving: the
+def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):
+    """A stop requested at a step whose held-out loss is due (here every step) measures it before saving: the
     resumed run starts after that step and would never measure it."""
+    import training.engine as engine_module
     from common.preemption import Preempted
 
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "STOP").touch()
-    with pytest.raises(Preempted):
-        run(str(tmp_path), "train.eval_interval=1", steps=1)
+    real_step = engine_module.train_step
+
+    def step_then_stop(*args, **kwargs):
+        (tmp_path / "STOP").touch()  # (during step 1; seen after it)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "train_step", step_then_stop)
+    with pytest.raises(Preempted, match="after step 1"):
+        run(str(tmp_path), "train.eval_interval=1", steps=2)
     assert list(held_out_losses(tmp_path)) == [1]
 
 

@@ -202,10 +202,16 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
                               "--resume auto, or use another --run-dir")
     device = use_device(cfg.train.device, "train.device")  # (before CUDA is touched; a GPU asked for and missing is an error)
     init_parallel(cfg.parallel.tp, 1)
-    run, t = _Pretraining(cfg, Path(run_dir), device, caption_source(cfg, text_files, text_tokenizer)), cfg.train
-    stop, losses = StopRequest(run.run_dir / "STOP"), []
+    stop, losses = StopRequest(Path(run_dir) / "STOP"), []  # (first: a stop asked for while starting is kept)
     try:
-        for step in range(run.resume(), t.steps):
+        run, t = _Pretraining(cfg, Path(run_dir), device, caption_source(cfg, text_files, text_tokenizer)), cfg.train
+    except BaseException:
+        stop.restore()
+        raise
+    try:
+        first = run.resume()
+        stop.start(run.run_dir, first, t.steps)
+        for step in range(first, t.steps):
             start = time.perf_counter()
             loss, norm = run.step(step)
             losses.append(loss)
@@ -216,7 +222,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
             if preempted or (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
                 run.save(step + 1)
             if preempted:
-                stop.leave_for_requeue(run.run_dir, step + 1)
+                stop.leave_for_requeue(run.run_dir, step + 1, last=step + 1 == t.steps)
         save_text_encoder(run.model, cfg.model, run.run_dir / OUTPUT)
         run.log.info(f"wrote {run.run_dir / OUTPUT} (load it with model.init_text_encoder={run.run_dir / OUTPUT})")
     finally:

@@ -197,6 +197,9 @@ class Trainer:
                                           self.dataset) if t.eval_interval else None)
         self.lock = RunLock(self.run_dir)
         self.log, self.reader, self.background = None, None, None
+        # Installed before the build and the resume (minutes at scale): a stop asked for meanwhile is noted
+        # and honoured before the first step (StopRequest.start), instead of killing the process unsaved.
+        self.stop = StopRequest(self.run_dir / "STOP")
         try:
             self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume,
                                                                                    data_tokenizers(self.dataset)))[1])
@@ -324,6 +327,7 @@ class Trainer:
                 self.groups_before = None
             checkpoint.wait_for_pruning()  # (the run directory is this run's until its old checkpoints are gone)
         finally:
+            self.stop.restore()
             self.lock.release()
 
     def held_out_loss(self) -> float:
@@ -351,8 +355,9 @@ class Trainer:
         when SIGUSR1/SIGTERM arrived, RuntimeError after too many non-finite steps in a row."""
 
         t, guard = self.cfg.train, self.nonfinite_guard
-        stop, losses = StopRequest(self.run_dir / "STOP"), []
+        stop, losses = self.stop, []
         try:
+            stop.start(self.run_dir, self.step, t.steps)
             reader = self._reader_at(self.consumed) if self.step < t.steps else None
             while self.step < t.steps:
                 start, lr = time.perf_counter(), self.engine.get_lr()[0]
@@ -378,10 +383,9 @@ class Trainer:
                     self.save()
                     self.complete_saves(wait=preempted or self.step == t.steps)
                 if preempted:  # REQUEUE tells a SLURM script (slurm/train.sbatch) to requeue; raises Preempted
-                    stop.leave_for_requeue(self.run_dir, self.step)
+                    stop.leave_for_requeue(self.run_dir, self.step, last=self.step == t.steps)
         finally:
-            stop.restore()
-            self.close()  # the run is over: logger closed, run directory released
+            self.close()  # (the stop handlers restored too)  # the run is over: logger closed, run directory released
         return losses
 
 
