@@ -74,6 +74,8 @@ def test_missing_latest_resumes_from_the_newest_complete_checkpoint(single_proce
 
 def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(single_process, reference, tmp_path):
     run_dir = copy_run(reference[1], tmp_path / "run")
+    (run_dir / "export").mkdir()
+    (run_dir / "export" / "config.json").write_text("{}")  # (the old run's export goes aside with it)
     before = snapshot(run_dir)
     with pytest.raises(RuntimeError, match=rf"already holds checkpoints up to {LAST}; --resume none would .*"
                                            r"--resume overwrite"):
@@ -85,6 +87,7 @@ def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(si
     [moved] = run_dir.glob("replaced_*")  # the old run, moved aside whole: no checkpoint of it deleted
     assert snapshot(moved) == before
     assert latest_tag(run_dir) == MID and not (run_dir / "checkpoints" / LAST).exists()
+    assert not (run_dir / "export").exists()
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
     old_id = json.loads((moved / "checkpoints" / LAST / "trainer_state.json").read_text()).get("run_id")
     new_id = json.loads((run_dir / "checkpoints" / MID / "trainer_state.json").read_text())["run_id"]
@@ -348,6 +351,10 @@ def hold_lock(run_dir: Path) -> None:
 BAD_INPUTS = {  # id: (prepare the run directory, --set overrides, what the one line must say)
     "truncated-distcp": (truncate, [], [f"{LAST}/__0_1.distcp is truncated:", "its tensor index expects"]),
     "corrupt-distcp": (scribble, [], [f"{LAST}/__0_0.distcp is corrupt: no tensor record at byte 0"]),
+    "no-common-pt": (lambda d: (d / "checkpoints" / LAST / "common.pt").unlink(), [],
+                     [f"{LAST}/common.pt: cannot be read", "dist_checkpointing's common.pt"]),
+    "bad-metadata-json": (lambda d: (d / "checkpoints" / LAST / "metadata.json").write_text("{"), [],
+                          [f"{LAST}/metadata.json: cannot be read", "dist_checkpointing's metadata.json"]),
     "garbage-latest": (garbage_latest, [], ["checkpoints/latest: cannot be read as text", "expected one line naming",
                                             f"delete it to resume from the newest complete checkpoint ({LAST})"]),
     "another-preset": (None, ["model.preset=parti-tiny"],

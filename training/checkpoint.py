@@ -91,8 +91,10 @@ from training.deepspeed_glue import (
 STATE_FILE = "trainer_state.json"
 """Written last into a checkpoint folder: its presence marks the checkpoint complete."""
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "config_history", "tensorboard", "REQUEUE")
-"""What a training run writes into its run directory (`--resume overwrite` moves them aside)."""
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "config_history", "tensorboard", "wandb", "export",
+             "REQUEUE")
+"""What a training run and its export write into its run directory (`--resume overwrite` moves them aside: an
+old export left in place would be sampled as the new run's)."""
 
 
 def complete_tags(run_dir: str | Path) -> list[str]:

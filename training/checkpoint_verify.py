@@ -89,7 +89,8 @@ ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a
 def verify(path: Path) -> None:
     """Refuse (CheckpointError naming the file) a checkpoint folder whose files cannot be what its index
     says: index unreadable or unsafe, a .distcp file missing, shorter than its records reach, or without
-    a tensor record where one should start; an RNG file that is not plain tensors. Reads the index, a
+    a tensor record where one should start; an RNG file that is not plain tensors; metadata.json or common.pt
+    missing or unreadable. Reads the index, a
     few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected:
     the format has no checksums.)"""
     index = read_index(path)
@@ -106,6 +107,28 @@ def verify(path: Path) -> None:
                 raise CheckpointError(problem)
     for file in sorted(path.glob("rng_rank*.pt")):
         load_rng_file(file)
+    _check_megatron_files(path)
+
+
+def _check_megatron_files(path: Path) -> None:
+    """dist_checkpointing's own files beside the tensors, which its load reads first: metadata.json (the
+    format) and common.pt (the non-tensor state; torch.load weights_only, as megatron-core loads it)."""
+    import json
+
+    file = path / "metadata.json"
+    try:
+        if not isinstance(json.loads(file.read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({one_line(e)}); expected megatron-core "
+                              "dist_checkpointing's metadata.json, written with the checkpoint") from None
+    file = path / "common.pt"
+    try:
+        torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - OSError, UnpicklingError, RuntimeError (zip), EOFError
+        raise CheckpointError(f"{file}: cannot be read ({one_line(e)}); expected megatron-core "
+                              "dist_checkpointing's common.pt (plain tensors and containers), written with the "
+                              "checkpoint") from None
 
 
 def _file_problem(file: Path, records: list[tuple[int, int, bool]]) -> str | None:

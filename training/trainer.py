@@ -223,7 +223,7 @@ class Trainer:
             self.log.info(f"--resume overwrite: moved the previous run's files to {moved}")
         for message in self.plan.messages:
             self.log.info(message)
-        if rank0:
+        if rank0 and not self.plan.tag:  # (a resumed run's: once its checkpoint has loaded, in resume())
             self._write_config()
 
         seed_everything(cfg.train.seed)
@@ -264,9 +264,12 @@ class Trainer:
         save_config(self.cfg, self.run_dir / "config.yaml")
 
     def resume(self) -> None:
-        """Load the checkpoint the plan chose (nothing when it chose none)."""
+        """Load the checkpoint the plan chose (nothing when it chose none), then write this segment's config:
+        a checkpoint that fails to load leaves the run directory as it was."""
         if self.plan.tag:
             state = checkpoint.load(self.engine, self.cfg, self.layout, self.run_dir, self.plan.tag)
+            if dist.get_rank() == 0:
+                self._write_config()
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
             order = state.get("sampler", {}).get("order", "randperm")  # (runs begun before orders were recorded)
