@@ -117,11 +117,12 @@ def _check_megatron_files(path: Path) -> None:
 
     file = path / "metadata.json"
     try:
-        if not isinstance(json.loads(file.read_text()), dict):
-            raise ValueError("not a JSON object")
+        problem = None if isinstance(json.loads(file.read_text()), dict) else "not a JSON object"
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot be read ({one_line(e)}); expected megatron-core "
-                              "dist_checkpointing's metadata.json, written with the checkpoint") from None
+        problem = one_line(e)
+    if problem:
+        raise CheckpointError(f"{file}: cannot be read ({problem}); expected megatron-core dist_checkpointing's "
+                              "metadata.json, written with the checkpoint")
     file = path / "common.pt"
     try:
         torch.load(file, map_location="cpu", weights_only=True)
