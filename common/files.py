@@ -69,6 +69,20 @@ def atomic_path(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+def sync_to_disk(*paths: str | Path) -> None:
+    """fsync each of `paths` that exists (files, and folders: their entries), so that a node's crash after
+    this cannot leave them empty or missing while a file written later says they are complete."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_atomic(path: str | Path, data: bytes | str, sync: bool = True) -> None:
     """Write `data` to `path` atomically; `sync`: flush it to the disk before the rename (a crash right
     after cannot leave an empty file under the final name)."""

@@ -94,6 +94,25 @@ def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(si
     assert new_id and new_id != old_id
 
 
+def test_a_checkpoint_is_on_the_disk_before_it_is_marked_complete(single_process, tmp_path, monkeypatch):
+    """Every file of a checkpoint is fsynced before trainer_state.json (which marks it complete) is: megatron-core
+    syncs its tensor files and index, the trainer the rest (common.pt, metadata.json, the RNG file, the folder)."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    run(str(tmp_path), steps=1)
+    folder = str(tmp_path / "checkpoints" / "step_00000001")
+    marked = next(i for i, f in enumerate(synced) if f.startswith(folder + "/.trainer_state."))  # (its temporary)
+    before = {Path(f).name for f in synced[:marked] if f.startswith(folder)}
+    # (the .distcp files are synced by megatron-core's writer processes, which this list does not see)
+    assert {"common.pt", "metadata.json", "rng_rank0.pt", ".metadata.tmp", "step_00000001"} <= before, before
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 2: a resume checks its config against the checkpoint's
 

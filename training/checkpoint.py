@@ -72,7 +72,7 @@ from common.checkpoints import (  # noqa: F401 - training.trainer reaches them f
     tag_for,
 )
 from common.config import to_dict
-from common.files import write_atomic
+from common.files import sync_to_disk, write_atomic
 from model_parallel.layout import ParallelLayout
 from model_parallel.pipeline import canonical_parameters
 from training.checkpoint_verify import load_rng_file, verify  # noqa: F401 - training.trainer calls verify here
@@ -352,7 +352,13 @@ def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, tr
                   "config": to_dict(cfg)}
     rank = dist.get_rank()
     return save_sections(lambda: _state_dict(engine, cfg.model)[0], run_dir, step, full_state, keep, background,
-                         also=lambda path: torch.save(_rng_state(), path / f"rng_rank{rank}.pt"))
+                         also=lambda path: _save_synced(_rng_state(), path / f"rng_rank{rank}.pt"))
+
+
+def _save_synced(obj, file: Path) -> None:
+    """torch.save, on the disk before the checkpoint is marked complete (see _complete)."""
+    torch.save(obj, file)
+    sync_to_disk(file)
 
 
 def save_sections(sections, run_dir: str | Path, step: int, full_state: dict, keep: int = 3,
@@ -391,6 +397,9 @@ def _complete(run_dir: str | Path, path: Path, full_state: dict, keep: int) -> N
     error = None
     if dist.get_rank() == 0:
         try:
+            # megatron-core fsyncs the tensor files and .metadata, not common.pt and metadata.json (rank 0's);
+            # a node crash must not leave them empty under a trainer_state.json that says the folder is complete
+            sync_to_disk(path / "common.pt", path / "metadata.json", path)
             write_atomic(path / STATE_FILE, json.dumps(full_state, indent=1))
             move_latest(run_dir, path.name)
         except OSError as e:
