@@ -139,7 +139,9 @@ def test_a_requeued_training_run_logs_its_segments_to_one_wandb_run(wandb_env, s
     assert sync[-1].endswith(f"wandb sync {tmp_path / 'wandb'}/offline-run-*-{run_id}"), sync
     run(str(tmp_path), "train.wandb_project=parti-test", steps=3, resume="overwrite")
     ids = {logged_segment(path)[0]["id"] for path in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")}
-    assert len(ids) == 2 and run_id in ids
+    [moved] = tmp_path.glob("replaced_*")  # (the old run's W&B files went aside with it)
+    old = {logged_segment(path)[0]["id"] for path in (moved / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(ids) == 1 and old == {run_id} and run_id not in ids
 
 
 def test_mode_rule(wandb_env):
