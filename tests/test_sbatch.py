@@ -46,9 +46,10 @@ def test_pretokenize_asks_for_a_gpu_per_array_task():
 
 
 STUBS = {
-    "srun": 'printf "%s\\0" "$@" > "$STUB_OUT/srun.args"; env -0 > "$STUB_OUT/srun.env"',
+    "srun": 'printf "%s\\0" "$@" > "$STUB_OUT/srun.args"; env -0 > "$STUB_OUT/srun.env"; '
+            'if [ -n "${STUB_REQUEUE:-}" ]; then echo "step 3" > "$STUB_REQUEUE"; fi',
     "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then echo node-a; echo node-b; '
-                'else echo "$*" >> "$STUB_OUT/scontrol.log"; fi',
+                'else echo "$*" >> "$STUB_OUT/scontrol.log"; exit "${STUB_SCONTROL_EXIT:-0}"; fi',
 }
 
 
@@ -120,6 +121,29 @@ def test_train_device_comes_before_the_callers_overrides(tmp_path):
     assert trainer_args(argv).set == ["train.device=cuda", "parallel.tp=2"]
     _, _, argv, _ = train(tmp_path, "--set", "parallel.tp=2", env={**GPU_JOB, "DEVICE": "cpu"})
     assert trainer_args(argv).set == ["train.device=cpu", "parallel.tp=2"]
+
+
+def test_a_requeued_segment_continues_the_run_whatever_the_first_asked(tmp_path):
+    """The first segment resumes as the caller asks; a requeued one (SLURM_RESTART_COUNT > 0) always continues:
+    `--resume overwrite` must not start the run again on every requeue, nor `--resume none` refuse its checkpoint."""
+    for asked in (["--resume", "overwrite"], ["--resume=none"], []):
+        _, _, argv, _ = train(tmp_path, *asked, "--set", "parallel.tp=2")
+        assert trainer_args(argv).resume == (asked[-1].split("=")[-1] if asked else "auto")
+        _, _, argv, _ = train(tmp_path, *asked, "--set", "parallel.tp=2", env={**GPU_JOB, "SLURM_RESTART_COUNT": "1"})
+        args = trainer_args(argv)
+        assert args.resume == "auto" and args.set == ["train.device=cuda", "parallel.tp=2"]
+        assert after(argv, "--rdzv_id") == "42-1"
+
+
+@pytest.mark.parametrize("scontrol_exit, code", [(0, 0), (1, 75)])
+def test_a_stopped_run_is_requeued_and_a_refused_requeue_fails_the_job(tmp_path, scontrol_exit, code):
+    """The trainers left REQUEUE: the script requeues the job; when SLURM refuses, the job must not end as a
+    success with the run unfinished."""
+    env = {**GPU_JOB, "STUB_REQUEUE": str(tmp_path / "run" / "REQUEUE"), "STUB_SCONTROL_EXIT": str(scontrol_exit)}
+    got, log, _, _ = train(tmp_path, env=env)
+    assert got == code, log
+    assert (tmp_path / "out" / "scontrol.log").read_text() == "requeue 42\n"
+    assert ("scontrol requeue 42 failed; the run is saved (step 3)" in log) == bool(scontrol_exit)
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu"])
