@@ -19,13 +19,15 @@ this run's older checkpoints, never another run's that was copied or left in the
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from common.files import write_atomic
@@ -281,6 +283,23 @@ class RunLock:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
+
+
+@contextlib.contextmanager
+def holding_run_dir(run_dir: str | Path) -> Iterator[RunLock]:
+    """The run directory's RunLock for a block, taken by the launch's rank 0 (RANK; SLURM_PROCID under a bare
+    srun: the rank init_distributed will give it) before the process group exists, for the trainers whose
+    construction already writes to the run directory (vq, sr, the text encoder's pre-training). Its refusal
+    ends rank 0 with the holder's name, and the launcher (torchrun; srun --kill-on-bad-exit) ends the others."""
+    lock = RunLock(run_dir)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        lock.acquire()
+        if lock.warning:
+            print(lock.warning, file=sys.stderr, flush=True)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 _HELD_LOCKS: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) of the run locks this process holds

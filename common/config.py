@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -37,9 +38,19 @@ def require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _parse_value(text: str) -> Any:
-    """A command-line value is read as YAML: 2 -> int, 1e-3 -> float, true -> bool, abc -> str."""
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_value(text: str, dotted: str) -> Any:
+    """A command-line value is read as YAML: 2 -> int, 1e-3 -> float, true -> bool, abc -> str. Refused where
+    YAML 1.1 (PyYAML's) would read it otherwise than meant: 010 is octal 8, and ` #` starts a comment."""
+    if re.fullmatch(r"[-+]?0[0-9_]+", text):
+        raise ConfigError(f"override {dotted}={text}: YAML reads a number with a leading zero as octal; "
+                          "write it without the zero (or quote it for a string)")
+    if text.startswith("#") or " #" in text or "\t#" in text:
+        raise ConfigError(f"override {dotted}={text}: '#' after a space starts a YAML comment, which would cut "
+                          f"the value; quote it: {dotted}=\"'{text}'\"")
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {dotted}={text}: not a YAML value ({' '.join(str(e).split())})") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -54,7 +65,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-        node[keys[-1]] = _parse_value(value)
+        node[keys[-1]] = _parse_value(value, dotted)
     return tree
 
 
@@ -66,12 +77,34 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, so an
+    edited preset's second `lr:` would win unnoticed)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # (PyYAML's own construction refuses it)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one section (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
     return data

@@ -52,6 +52,15 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def start_helper(_worker_id: int = 0) -> None:
+    """A forked helper's start (a DataLoader worker_init_fn): the job's stop signals and the run directory's
+    lock stay the trainer's (ignore_stop_signals; common.checkpoints.drop_inherited_locks)."""
+    from common.checkpoints import drop_inherited_locks
+
+    ignore_stop_signals()
+    drop_inherited_locks()
+
+
 class Preempted(Exception):
     """Raised by a trainer after saving the checkpoint of a requested stop (StopRequest.leave_for_requeue)."""
 

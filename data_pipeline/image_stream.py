@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoints import CheckpointError
-from common.preemption import ignore_stop_signals
+from common.preemption import start_helper
 from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, in_turns, prepare_sample
 from data_pipeline.laion import expand_shards, read_shard
 
@@ -73,7 +73,7 @@ class CropStream:
         if self.workers:  # forked, as the training's read-ahead workers: they only decode (no CUDA, no collectives)
             loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=self.workers,
                                                  multiprocessing_context="fork", in_order=True,  # (the turns)
-                                                 worker_init_fn=ignore_stop_signals)  # (the trainer's to handle)
+                                                 worker_init_fn=start_helper)  # (the trainer's to handle)
             decoded = itertools.chain.from_iterable(loader)
         else:
             decoded = itertools.chain.from_iterable(samples)
@@ -112,7 +112,7 @@ class CropStream:
         else:
             batches = torch.utils.data.DataLoader(PreparedSamples(list(raws), self.prep), batch_size=BATCH,
                                                   collate_fn=list, num_workers=self.workers,
-                                                  multiprocessing_context="fork", worker_init_fn=ignore_stop_signals)
+                                                  multiprocessing_context="fork", worker_init_fn=start_helper)
             prepared = itertools.chain.from_iterable(batches)
         return map(_kept_image, prepared)
 

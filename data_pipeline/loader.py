@@ -28,8 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from common.checkpoints import drop_inherited_locks
-from common.preemption import ignore_stop_signals
+from common.preemption import start_helper
 from model_parallel.model import caption_drop_mask, null_condition
 
 
@@ -115,14 +114,6 @@ class _Collate:
 _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def _worker_init(worker_id: int) -> None:
-    """A stop signal (SIGUSR1/SIGTERM) sent to the whole job is the training process's to handle: it finishes
-    its step, saves and then stops the workers, so they ignore it (common/preemption.py). The run
-    directory's lock stays the training process's alone (common.checkpoints.drop_inherited_locks)."""
-    ignore_stop_signals(worker_id)
-    drop_inherited_locks()
-
-
 class ReadAhead:
     """This rank's micro-batches for `steps` steps from `consumed` on, read by `workers` DataLoader worker
     processes up to `read_ahead_steps` steps ahead of the one being trained (workers = 0: read in this
@@ -140,7 +131,7 @@ class ReadAhead:
         in_flight = read_ahead_steps * self.batches.per_step  # micro-batches requested ahead, over all workers
         self.loader = torch.utils.data.DataLoader(
             _Samples(dataset), batch_sampler=self.batches, collate_fn=_Collate(drop), num_workers=workers,
-            worker_init_fn=_worker_init, multiprocessing_context=_FORK if workers else None,
+            worker_init_fn=start_helper, multiprocessing_context=_FORK if workers else None,
             prefetch_factor=math.ceil(in_flight / workers) if workers else None, pin_memory=pin_memory,
             persistent_workers=False)  # one iterator spans the reader's life: the workers start once, here
         self._it = iter(self.loader) if steps > 0 else None  # reading ahead starts now

@@ -1,14 +1,18 @@
 """Scaling experiments: submit a sweep of SLURM training jobs, then collect their metrics into a table and plots.
 
-    python -m slurm.sweep submit --out sweeps/s1 --config configs/train/debug.yaml \
+    python -m slurm.sweep submit --out sweeps/s1 --config configs/train/parti-350m.yaml \
         --models parti-350m,parti-750m --nodes 1,2,4 --layouts tp1pp1z1,tp2pp1z1,tp2pp2z1 [--steps 200] [--dry-run] \
-        [--gpus-per-node 8] [--sbatch-args="--partition=gpu --time=2:00:00"]
+        [--gpus-per-node 8] [--sbatch-args="--partition=gpu --time=2:00:00"] \
+        --set data.shards='codes/*.tar' train.warmup_steps=20
     python -m slurm.sweep collect sweeps/s1          # -> results.csv, results.md, *.png
 
 Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm/train.sbatch` run in
 `OUT/<model>-n<nodes>-<layout>/` that asks for `--gpus-per-node` GPUs per node (0 on CPU nodes, which run
 NPROC_PER_NODE processes each, default 1; train.sbatch then needs DEVICE=cpu); `--sbatch-args` adds further
-sbatch options. `jobs.json` records what was submitted. `collect` reads every run
+sbatch options. A combination the trainer would refuse on its process count (training.config's checks: TP x PP,
+heads over TP, the global batch over micro-batch x DP) is skipped with the reason before anything is queued; runs
+shorter than the warm-up are warned of; an --out whose run folders hold runs is refused (their jobs would resume
+them). `jobs.json` records what was submitted. `collect` reads every run
 folder with a metrics.jsonl (submitted by this command or not): median throughput after the first
 `--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final loss (and held-out loss, where the runs
 measured one: train.eval_interval) and the compute spent, and draws throughput per GPU and MFU against nodes,
@@ -28,7 +32,9 @@ from pathlib import Path
 
 import yaml
 
+from common.config import ConfigError
 from model_parallel.config import saved_model_config
+from training.config import load_config
 from training.flops import train_flops_per_sample
 
 LAYOUT = re.compile(r"tp(\d+)pp(\d+)z(\d)$")
@@ -36,10 +42,12 @@ LAYOUT = re.compile(r"tp(\d+)pp(\d+)z(\d)$")
 
 def submissions(models: list[str], nodes: list[int], layouts: list[str], config: str, out: Path, steps: int,
                 extra: list[str], gpus_per_node: int, sbatch_args: list[str] = ()) -> list[dict]:
-    """The sbatch command of every combination whose TP x PP divides its process count (gpus_per_node GPUs
-    per node; 0: CPU nodes running NPROC_PER_NODE processes each, default 1)."""
+    """The sbatch command of every combination whose config the trainer would accept on its process count
+    (gpus_per_node GPUs per node; 0: CPU nodes running NPROC_PER_NODE processes each, default 1): the others
+    are skipped with the trainer's reason (TP x PP not dividing the processes, heads not splitting over TP,
+    a global batch smaller than micro-batch x DP ...) instead of failing in the queue."""
     procs = gpus_per_node or int(os.environ.get("NPROC_PER_NODE", 1))
-    jobs = []
+    jobs, warned = [], set()
     for model in models:
         for n in nodes:
             for layout in layouts:
@@ -47,12 +55,19 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
                 if not match:
                     raise ValueError(f"layout {layout!r}: expected tpNppNzN, e.g. tp2pp1z1")
                 tp, pp, zero = match.groups()
-                if (n * procs) % (int(tp) * int(pp)):
-                    print(f"skipped {model} on {n} node(s): {n * procs} processes do not split into TP={tp} x PP={pp}")
-                    continue
                 run_dir = out / f"{model}-n{n}-{layout}"
                 sets = [f"model.preset={model}", f"parallel.tp={tp}", f"parallel.pp={pp}",
                         f"parallel.zero_stage={zero}", f"train.steps={steps}", *extra]
+                try:
+                    cfg = load_config(config, sets).validate(world_size=n * procs)
+                except ConfigError as e:
+                    print(f"skipped {run_dir.name} ({n * procs} processes): {e}")
+                    continue
+                if cfg.train.warmup_steps >= steps and model not in warned:
+                    warned.add(model)
+                    print(f"warning: {model}: train.warmup_steps={cfg.train.warmup_steps} >= --steps {steps}: its runs "
+                          "never reach the peak learning rate; add e.g. --set train.warmup_steps="
+                          f"{max(1, steps // 10)}")
                 jobs.append({"name": run_dir.name, "run_dir": str(run_dir), "nodes": n,
                              "command": ["sbatch", "--parsable", "-N", str(n), f"--gpus-per-node={gpus_per_node}",
                                          *sbatch_args, f"--job-name={run_dir.name}",
@@ -63,9 +78,15 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
 
 def submit(args) -> None:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = submissions(args.models.split(","), [int(n) for n in args.nodes.split(",")], args.layouts.split(","),
                        args.config, out, args.steps, args.set, args.gpus_per_node, shlex.split(args.sbatch_args))
+    if not jobs:
+        raise SystemExit("sweep: no combination fits (see the reasons above); nothing submitted")
+    used = [job["run_dir"] for job in jobs if Path(job["run_dir"]).is_dir() and any(Path(job["run_dir"]).iterdir())]
+    if used:  # (its jobs would resume those runs, or find them finished, instead of measuring afresh)
+        raise SystemExit(f"sweep: {', '.join(used[:3])}{' ...' if len(used) > 3 else ''} already hold(s) a run: "
+                         f"submit the sweep into a new --out (resubmit one run with its command in {out}/jobs.json)")
+    out.mkdir(parents=True, exist_ok=True)
     for job in jobs:
         if args.dry_run:
             print(" ".join(job["command"]))

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
+from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, holding_run_dir, resume_tag
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
 from common.metrics import MetricsLogger, psnr
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, DeviceError), label="sr.train"):
+    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="sr.train"), holding_run_dir(args.run_dir):
         trainer = SRTrainer(load_typed(SRConfig, args.config, args.set), args.data, args.run_dir, args.val_data)
         if args.resume == "auto":
             trainer.resume()

@@ -62,6 +62,9 @@ def test_world_size_must_fit_layout():
     (["train.steps=ten"], "train.steps='ten' must be of type int"),
     (["model.preset=parti-99b"], "model.preset='parti-99b': no file"),
     (["parallel"], "must look like section.key=value"),
+    (["train.steps=010"], "train.steps=010: YAML reads a number with a leading zero as octal"),  # (else 8)
+    (["train.wandb_project=a #b"], "'#' after a space starts a YAML comment"),  # (else 'a')
+    (["train.steps=[1"], "override train.steps=[1: not a YAML value"),
 ])
 def test_bad_input_is_refused_clearly(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -76,6 +79,15 @@ def test_bad_yaml_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    path.write_text("train:\n  lr: 1.0e-3\n  steps: 5\n  lr: 3.0e-3\n")  # (PyYAML would keep the last lr)
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'lr' appears twice in one section \(lines 2 and 4\)"):
+        load_config(path)
+    path.write_text("train: {steps: [}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    path.write_text("model: {dropout: 0.1}\ntrain: {dropout: 0.1, steps: 5}\n")  # (one key in two sections is fine)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(path)
 
 
 def test_every_field_is_documented():

@@ -434,3 +434,26 @@ def test_the_command_line_exits_1_with_that_line_last(reference, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     _check_line("truncated-distcp", proc.stderr.strip().splitlines()[-1])
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("module, args", [
+    ("vq.train", ["--data", "x.tar"]), ("vq.finetune_decoder", ["--data", "x.tar", "--tokenizer", "export.pt"]),
+    ("sr.train", ["--data", "x.tar"]), ("training.text_encoder", [])])
+def test_every_trainer_holds_its_run_directory(tmp_path, capsys, module, args):
+    """The image tokenizers', the detokenizer's, the upsampler's and the text encoder's trainers take the run
+    lock as Parti's does (slurm/train.sbatch clears a requeued job's STOP under it): a second run in a run
+    directory in use stops before it writes there, naming the holder; the lock is released when a run ends."""
+    import importlib
+
+    from common.checkpoints import RunLock
+
+    main = importlib.import_module(module).main
+    run_dir = tmp_path / "run"
+    lock = RunLock(run_dir).acquire()
+    with pytest.raises(SystemExit, match=rf"{module}: .*\.lock is held by another run \(pid {os.getpid()} on "):
+        main([*args, "--run-dir", str(run_dir)])
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    lock.release()
+    with pytest.raises(SystemExit, match=rf"{module}: .*(x.tar|export.pt|x.txt|x.model)"):  # a failed run lets the lock go
+        main([*args, "--run-dir", str(run_dir)] + (["--text-files", "x.txt", "--text-tokenizer", "x.model"] if not args else []))
+    RunLock(run_dir).acquire().release()

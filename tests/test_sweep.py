@@ -20,16 +20,46 @@ def test_the_grid_skips_layouts_that_do_not_split_the_processes(tmp_path, monkey
                        6, ["train.lr=1e-3"], 0, ["--cpus-per-task=2"])
     assert [j["name"] for j in jobs] == ["parti-debug-n1-tp1pp1z0", "parti-debug-n2-tp1pp1z0",
                                          "parti-debug-n2-tp2pp1z1"]
-    assert "skipped parti-debug on 1 node(s): 1 processes do not split into TP=2 x PP=1" in capsys.readouterr().out
+    assert "skipped parti-debug-n1-tp2pp1z1 (1 processes): world size 1 must be divisible by parallel.tp x parallel.pp" in capsys.readouterr().out
     command = jobs[2]["command"]
     assert command[:7] == ["sbatch", "--parsable", "-N", "2", "--gpus-per-node=0", "--cpus-per-task=2",
                            "--job-name=parti-debug-n2-tp2pp1z1"]
     assert command[command.index("--set") + 1:] == ["model.preset=parti-debug", "parallel.tp=2", "parallel.pp=1",
                                                     "parallel.zero_stage=1", "train.steps=6", "train.lr=1e-3"]
     assert command[command.index("slurm/train.sbatch") + 2] == str(tmp_path / "parti-debug-n2-tp2pp1z1")
-    assert len(submissions(["parti-debug"], [1], ["tp2pp1z1"], "c.yaml", tmp_path, 6, [], 8)) == 1  # 8 GPUs a node
     with pytest.raises(ValueError, match="layout 'tp2': expected tpNppNzN"):
-        submissions(["parti-debug"], [1], ["tp2"], "c.yaml", tmp_path, 6, [], 8)
+        submissions(["parti-debug"], [1], ["tp2"], "configs/train/debug.yaml", tmp_path, 6, [], 8)
+
+
+def test_the_grid_skips_what_the_trainer_would_refuse_and_warns_of_a_sweep_inside_the_warm_up(tmp_path, capsys):
+    """Every combination is checked as the trainer checks it on its process count (8 GPUs a node here), before
+    anything is queued (4 GPUs a node here): debug's 4 heads do not split over TP=8, its global batch of 8 is less
+    than micro-batch 4 x DP 4; runs shorter than the warm-up never reach the peak learning rate."""
+    jobs = submissions(["parti-debug"], [1, 2], ["tp2pp1z1", "tp8pp1z1"], "configs/train/debug.yaml", tmp_path,
+                       6, ["train.warmup_steps=10"], 4)
+    out = capsys.readouterr().out
+    assert [j["name"] for j in jobs] == ["parti-debug-n1-tp2pp1z1"], out
+    assert "skipped parti-debug-n2-tp8pp1z1 (8 processes): model.num_heads=4 must be divisible by parallel.tp=8" in out
+    assert "skipped parti-debug-n2-tp2pp1z1 (8 processes): global batch 8 is not a multiple of micro-batch 4 x DP 4" in out
+    assert out.count("warning: parti-debug: train.warmup_steps=10 >= --steps 6") == 1
+
+
+def test_a_sweep_is_not_submitted_into_the_runs_of_an_earlier_one(tmp_path, capsys):
+    """A resubmitted sweep would resume (or find finished) the runs already in its folders instead of measuring:
+    refused before any job is queued; nothing fitting at all is refused too."""
+    from slurm.sweep import main
+
+    args = ["submit", "--out", str(tmp_path), "--config", "configs/train/debug.yaml", "--models", "parti-debug",
+            "--nodes", "1", "--gpus-per-node", "2", "--dry-run"]
+    main([*args, "--layouts", "tp1pp1z1,tp2pp1z1"])
+    assert "train.sbatch" in capsys.readouterr().out and (tmp_path / "jobs.json").is_file()
+    (tmp_path / "parti-debug-n1-tp2pp1z1").mkdir()
+    main([*args, "--layouts", "tp1pp1z1,tp2pp1z1"])  # (an empty folder is no run)
+    (tmp_path / "parti-debug-n1-tp2pp1z1" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"parti-debug-n1-tp2pp1z1 already hold\(s\) a run: submit the sweep into a new"):
+        main([*args, "--layouts", "tp1pp1z1,tp2pp1z1"])
+    with pytest.raises(SystemExit, match="no combination fits"):
+        main([*args, "--layouts", "tp8pp1z1"])
 
 
 def write_run(folder, tp: int, world: int, samples_per_s: list[float]) -> None:

@@ -48,7 +48,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
 
-from common.checkpoints import CheckpointError, checkpoint_dir, has_checkpoints
+from common.checkpoints import (CheckpointError, RunDirError, checkpoint_dir, has_checkpoints,
+                                holding_run_dir)
 from common.cli import command, config_parser
 from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: continue from the run directory's latest checkpoint if any; none: start at step 0, "
                              "refused where checkpoints exist")
     args = parser.parse_args(argv)
-    with command(errors=(FileNotFoundError, DeviceError, CheckpointError), label="training.text_encoder"):
+    with (command(errors=(FileNotFoundError, DeviceError, CheckpointError, RunDirError), label="training.text_encoder"),
+          holding_run_dir(args.run_dir)):
         cfg = load_config(args.config, args.set).validate()
         pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer, args.resume)
 

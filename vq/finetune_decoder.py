@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.checkpoints import CheckpointError
+from common.checkpoints import CheckpointError, RunDirError, holding_run_dir
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed
 from model_parallel.state import DeviceError
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, FileNotFoundError, DeviceError), label="vq.finetune_decoder"):
+    with (command(errors=(CheckpointError, FileNotFoundError, DeviceError, RunDirError), label="vq.finetune_decoder"),
+          holding_run_dir(args.run_dir)):
         trainer = DecoderFinetuner(load_typed(VQConfig, args.config, args.set), args.tokenizer, args.data, args.run_dir)
         if args.resume == "auto":
             trainer.resume()

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
+from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, holding_run_dir, resume_tag
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, require, save_config
 from common.files import write_atomic
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, DeviceError), label="vq.train"):
+    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="vq.train"), holding_run_dir(args.run_dir):
         trainer = VQTrainer(load_typed(VQConfig, args.config, args.set), args.data, args.run_dir)
         if args.resume == "auto":
             trainer.resume()
