@@ -312,3 +312,64 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
     with pytest.raises(ConfigError, match="model.init_text_encoder needs model.arch=encoder_decoder"):
         load_config("configs/train/debug.yaml", ["model.preset=dalle-debug",
                                                  f"model.init_text_encoder={pretrained[1]}"]).validate()
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretraining_in_bf16_follows_fp32(pretrained, single_process, tmp_path, log_lines):
+    """train.precision=bf16 is honoured (autocast: bf16 matmuls on fp32 weights, gradients and AdamW state), not
+    silently run in fp32: its losses follow the fp32 run's closely without being theirs. Settings of a Parti run
+    that this command does not apply are named in its log."""
+    losses = pretrain_at(str(tmp_path), "train.precision=bf16", "parallel.zero_stage=1", "train.async_save=true")
+    assert losses == pytest.approx(pretrained[0], rel=2e-2) and losses != pretrained[0]
+    log = "\n".join(log_lines)
+    assert "note: parallel.zero_stage=1 does not apply here" in log and "note: train.async_save does not" in log
+    lines = metrics(tmp_path)
+    assert lines[0]["lr"] == pytest.approx(3e-3 / 2)  # step 1's LR (warm-up 2 steps), not step 2's
+    assert lines[-1]["skipped_steps"] == 0
+
+
+def test_nonfinite_pretraining_steps_are_skipped_and_too_many_stop_the_run(single_process, tmp_path, monkeypatch):
+    """A step with a non-finite loss is skipped (its gradients would make every weight NaN) and counted; the run
+    goes on and learns. train.max_skipped_steps of them in a row stop it with the reason."""
+    from training.text_encoder import MaskedTextEncoder
+
+    real_forward, calls, poisoned = MaskedTextEncoder.forward, [], {2}  # (2 micro-batches a step: step 2's first)
+
+    def forward(self, *args):
+        calls.append(1)
+        loss = real_forward(self, *args)
+        return loss * float("nan") if len(calls) - 1 in poisoned else loss
+
+    monkeypatch.setattr(MaskedTextEncoder, "forward", forward)
+    losses = pretrain_at(str(tmp_path / "a"), "train.steps=8")
+    assert losses[1] != losses[1] and all(x == x for x in losses[:1] + losses[2:]), losses
+    assert losses[-1] < losses[0]
+    assert [m["skipped_steps"] for m in metrics(tmp_path / "a")] == [0] + [1] * 7
+    calls.clear()
+    poisoned.update(range(2, 100))  # (steps 2, 3, 4)
+    with pytest.raises(RuntimeError, match="stopping at step 4: the last 3 steps had non-finite loss"):
+        pretrain_at(str(tmp_path / "b"), "train.steps=8", "train.max_skipped_steps=3")
+
+
+def test_pretraining_resumed_with_another_config_is_checked_first(single_process, tmp_path, log_lines):
+    """A resume compares the configs as the Parti trainer does: what the masks depend on is refused before
+    config.yaml is rewritten; schedule changes are reported as applied. Adafactor is refused (Adam's moments)."""
+    from training.config import ConfigError
+
+    pretrain_at(str(tmp_path), "train.steps=2")
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"cannot resume .*step_00000002 with other caption ids: model.text_eos_id "
+                                          r"3 -> 2"):
+        pretrain_at(str(tmp_path), "train.steps=3", "model.text_eos_id=2")
+    assert (tmp_path / "config.yaml").read_text() == saved
+    with pytest.raises(ConfigError, match="train.optimizer=adafactor: the text encoder's pre-training trains with"):
+        pretrain_at(str(tmp_path), "train.optimizer=adafactor")
+    log_lines.clear()
+    pretrain_at(str(tmp_path), "train.steps=3", "train.lr=1e-3", "model.decoder_layers=4")  # (not the encoder's)
+    log = "\n".join(log_lines)
+    assert "config changes applied from step 2 on: train.steps 2 -> 3, train.lr 0.003 -> 0.001" in log, log
+    assert "config changes on resume: model.decoder_layers 2 -> 4" in log
+    assert "lr: 0.001" in (tmp_path / "config.yaml").read_text() and "lr: 0.001" not in saved

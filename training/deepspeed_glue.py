@@ -185,6 +185,17 @@ class NonFiniteGuard:
         self.consecutive = self.consecutive + 1 if skipped else 0
 
 
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients (train.max_skipped_steps)."""
+
+    @classmethod
+    def check(cls, step: int, consecutive: int, limit: int) -> None:
+        """Raise after `limit` skipped steps in a row (`consecutive` of them up to `step`)."""
+        if consecutive >= limit:
+            raise cls(f"stopping at step {step}: the last {consecutive} steps had non-finite loss or gradients and "
+                      f"were skipped (train.max_skipped_steps={limit}); lower train.lr or check the data")
+
+
 # ---------------------------------------------------------------------------------------------
 # Each rank's own part of the fp32 weights and optimizer state, for checkpoints
 

@@ -16,7 +16,11 @@ chosen positions. Masks come from a generator keyed by (train.seed, step): the s
 residual dropout (model.dropout) is keyed by each caption's position in the sample stream, as in the trainer,
 so a run with dropout gives the same losses at any TP/DP layout. The other
 ranks of the world are data parallel (DDP over megatron-core's data-parallel group, each its slice of every
-global batch); AdamW with the run's train.lr schedule, weight decay and TP-aware gradient clipping.
+global batch); AdamW with the run's train.lr schedule, weight decay and TP-aware gradient clipping, in
+train.precision (bf16: autocast, fp32 weights and optimizer state); a step with non-finite gradients is skipped
+and counted (train.max_skipped_steps in a row stop the run), as in the Parti trainer. A run's config serves
+both commands: parallel.pp, zero_stage, activation_checkpointing and train.async_save do not apply here (the log
+says so), train.optimizer must be adamw. A resume compares the configs as the Parti trainer does.
 
 Output: <run-dir>/text_encoder/, the encoder's weights in dist_checkpointing's format under PartiModel's
 parameter names (training/checkpoint.py's blocks) and config.json (the model section, written last: the
@@ -34,6 +38,7 @@ common/preemption.py); on SLURM: TRAINER=training.text_encoder sbatch slurm/trai
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import time
 from array import array
@@ -66,8 +71,8 @@ from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, i
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
 from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
                                  verify, wait_for_pruning)
-from training.config import Config, load_config
-from training.deepspeed_glue import Fragment, global_grad_norm
+from training.config import RESUME_WARNED, Config, format_changes, load_config, resume_changes
+from training.deepspeed_glue import Fragment, NonFiniteStop, global_grad_norm
 
 MASK_ID = BOS_ID
 """The mask token: BOS, reserved by the caption tokenizer and never in a caption (data_pipeline/text_tokenizer.py)."""
@@ -198,6 +203,9 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     if cfg.model.decoder_only:
         raise ConfigError("model.arch=decoder_only has no text encoder to pre-train (its caption is the start of "
                           "the decoder's stream): use an encoder_decoder model section")
+    if cfg.train.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer={cfg.train.optimizer}: the text encoder's pre-training trains with AdamW "
+                          "(its checkpoints hold Adam's moments); set train.optimizer=adamw for this command")
     if resume == "none" and has_checkpoints(run_dir):
         raise CheckpointError(f"--resume none: {checkpoint_dir(run_dir)} holds checkpoints; continue them with "
                               "--resume auto, or use another --run-dir")
@@ -213,12 +221,13 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
         first = run.resume()
         stop.start(run.run_dir, first, t.steps)
         for step in range(first, t.steps):
-            start = time.perf_counter()
+            start, lr = time.perf_counter(), run.schedule.get_last_lr()[0]  # (this step's; step() moves it on)
             loss, norm = run.step(step)
             losses.append(loss)
             if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
-                run.log.step({"step": step + 1, "loss": loss, "lr": run.schedule.get_last_lr()[0], "grad_norm": norm,
-                              "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
+                run.log.step({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                              "skipped_steps": run.skipped, "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
+            NonFiniteStop.check(step + 1, run.consecutive, t.max_skipped_steps)
             preempted = stop.requested()
             if preempted or (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
                 run.save(step + 1)
@@ -247,8 +256,10 @@ class _Pretraining:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                               f"train.micro_batch_size={t.micro_batch_size} x the {self.dp_size} data-parallel ranks")
         self.log = MetricsLogger(run_dir, enabled=dist.get_rank() == 0)
-        if dist.get_rank() == 0:
-            save_config(cfg, run_dir / "config.yaml")
+        for note in not_applied(cfg):
+            self.log.info(note)
+        self.bf16 = t.precision == "bf16"  # autocast: bf16 matmuls, fp32 weights, gradients and AdamW state
+        self.skipped = self.consecutive = 0  # optimizer steps skipped for non-finite gradients (all / in a row)
         seed_everything(t.seed)
         # megatron-core allocates its layers on the GPU when there is one, the embeddings and norms here on the CPU
         model = MaskedTextEncoder(cfg.model, select_kernels(cfg.kernels), t.seed, ps.get_tensor_model_parallel_group())
@@ -275,43 +286,57 @@ class _Pretraining:
         total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
         for m in range(0, len(mine), t.micro_batch_size):
             part = slice(m, m + t.micro_batch_size)
-            loss = self.ddp(inputs[part], text[part], chosen[part], positions[part]) * t.micro_batch_size / len(mine)
-            loss.backward()
+            # Backward inside too: megatron-core's linear layers restore autocast in their backward for CUDA
+            # only (custom_bwd), and on the CPU the backward runs in this thread (on a GPU in autograd's own).
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.ddp(inputs[part], text[part], chosen[part], positions[part]) * t.micro_batch_size / len(mine)
+                loss.backward()
             total += loss.detach().float()
-        norm = global_grad_norm(self.params)
-        if t.grad_clip and norm > t.grad_clip:
-            for p in self.params:
-                p.grad.mul_(t.grad_clip / (norm + 1e-6))
-        self.optimizer.step()
-        self.schedule.step()
+        norm = float(global_grad_norm(self.params))  # (the same on every rank: DDP averaged the gradients)
+        if math.isfinite(norm):
+            if t.grad_clip and norm > t.grad_clip:
+                for p in self.params:
+                    p.grad.mul_(t.grad_clip / (norm + 1e-6))
+            self.optimizer.step()
+            self.consecutive = 0
+        else:  # skipped, as the Parti trainer skips it (its gradients would make every weight NaN)
+            self.skipped, self.consecutive = self.skipped + 1, self.consecutive + 1
+        self.schedule.step()  # (the LR follows the step count, so a resumed run's schedule is the same)
         dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return total.item() / self.dp_size, float(norm)
+        return total.item() / self.dp_size, norm
 
     def save(self, step: int) -> None:
         """checkpoints/step_<step>/ (every rank; training/checkpoint.py: `latest`, pruning, failures)."""
         state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg),
-                 "sampler_order": self.sampler.order}
+                 "sampler_order": self.sampler.order, "skipped_steps": self.skipped}
         self._adam_state(0)  # (a parameter never updated yet)
         save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), self.run_dir, step, state,
                       self.cfg.train.keep_checkpoints)
 
     def resume(self) -> int:
         """The step to continue from: `latest`'s (or the newest complete checkpoint's), its weights and Adam
-        moments loaded at this run's layout; 0 without one. Makes the LR schedule at that step."""
+        moments loaded at this run's layout; 0 without one. Makes the LR schedule at that step. config.yaml is
+        written once the checkpoint's config has been checked against this one."""
         tag, note = resume_tag(self.run_dir)
         if note:
             self.log.info(note)
         step = 0
         if tag is not None:
             path = checkpoint_dir(self.run_dir) / tag
-            step, order = _read_state(path, self.cfg.model)
+            state = _read_state(path, self.cfg)
+            for message in _resume_messages(state, self.cfg):
+                self.log.info(message)
+            step, order = int(state["step"]), state.get("sampler_order", "randperm")
             if order != self.sampler.order:  # a run keeps the caption order it began with
                 self.sampler = GlobalBatchSampler(self.sampler.n, self.cfg.train.global_batch_size,
                                                   self.cfg.train.seed, order)
+            self.skipped = int(state.get("skipped_steps", 0))
             self._adam_state(step)
             verify(path)
             load_in_place(_blocks(self.model, self.cfg.model, self.optimizer), path)
             self.log.info(f"resumed from {path} at step {step}")
+        if dist.get_rank() == 0:
+            save_config(self.cfg, self.run_dir / "config.yaml")
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.train.lr
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg.train),
@@ -335,9 +360,10 @@ def shape_differences(saved_model: dict, model_cfg: ModelConfig) -> str:
                      if getattr(saved, k) != getattr(model_cfg, k))
 
 
-def _read_state(path: Path, model_cfg: ModelConfig) -> tuple[int, str]:
-    """A pre-training checkpoint's step and sample order (data_pipeline.sampler; "randperm" where none is
-    recorded); CheckpointError naming the file when it is not one, or of another shape."""
+def _read_state(path: Path, cfg: Config) -> dict:
+    """A pre-training checkpoint's trainer_state.json (step, sample order, config ...); CheckpointError naming
+    the file when it is not one, or of another shape; ConfigError when `cfg` changes what the encoder's
+    masking depends on (which ids are padding and end of caption)."""
     file = path / STATE_FILE
     try:
         state = json.loads(file.read_text())
@@ -347,10 +373,49 @@ def _read_state(path: Path, model_cfg: ModelConfig) -> tuple[int, str]:
     if kind != CHECKPOINT_KIND:
         raise CheckpointError(f"{file}: not a checkpoint of python -m training.text_encoder (kind {kind!r}); "
                               "use another --run-dir")
-    differ = shape_differences(state["config"]["model"], model_cfg)
+    differ = shape_differences(state["config"]["model"], cfg.model)
     if differ:
         raise CheckpointError(f"{path}: an encoder of another shape ({differ}); use another --run-dir")
-    return int(state["step"]), state.get("sampler_order", "randperm")
+    refused = [c for c in resume_changes(state["config"], cfg)["refused"] if c[0] in MASKING_KEYS]
+    if refused:
+        raise ConfigError(f"cannot resume {path} with other caption ids: {format_changes(refused)}; resume with the "
+                          "checkpoint's values, or use another --run-dir")
+    return state
+
+
+MASKING_KEYS = ("model.text_pad_id", "model.text_eos_id")
+"""Beside SHAPE_KEYS, what a pre-training run cannot change on resume: the words its masks choose from."""
+
+
+def _resume_messages(state: dict, cfg: Config) -> list[str]:
+    """What a resume with `cfg` changes against the checkpoint's config, as the Parti trainer reports it: the
+    schedule and optimizer values applied, warnings, and the rest (model.* keys of the decoder included:
+    the pre-training does not build it)."""
+    changes, messages = resume_changes(state["config"], cfg), []
+    if changes["applied"]:
+        messages.append(f"config changes applied from step {state['step']} on: {format_changes(changes['applied'])}")
+    for key, old, new in changes["warned"]:
+        messages.append(f"warning: {key} changed on resume ({old!r} -> {new!r}): {RESUME_WARNED[key]}")
+    if changes["noted"] + changes["refused"]:
+        messages.append(f"config changes on resume: {format_changes(changes['noted'] + changes['refused'])}")
+    return messages
+
+
+def not_applied(cfg: Config) -> list[str]:
+    """Notes for the settings of a Parti run that this command does not apply (a run's config serves both)."""
+    p, t, notes = cfg.parallel, cfg.train, []
+    if p.pp > 1:
+        notes.append(f"note: parallel.pp={p.pp} does not apply here: the encoder trains at TP={p.tp}, the world's "
+                     "other ranks data parallel")
+    if p.zero_stage:
+        notes.append(f"note: parallel.zero_stage={p.zero_stage} does not apply here: each data-parallel rank keeps "
+                     "its TP shard's whole AdamW state (DDP; the encoder is a small part of the model)")
+    if p.activation_checkpointing != "none":
+        notes.append(f"note: parallel.activation_checkpointing={p.activation_checkpointing} does not apply here: "
+                     "the encoder's activations (captions of text_seq_len tokens) are kept")
+    if t.async_save:
+        notes.append("note: train.async_save does not apply here: checkpoints are written before training goes on")
+    return notes
 
 
 def _blocks(module: nn.Module, model_cfg: ModelConfig, optimizer: torch.optim.Optimizer | None = None) -> dict:

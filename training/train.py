@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     # Imported once the config is valid: megatron-core and DeepSpeed take ~5 s to import, which a config error
     # (on every rank of every node) need not wait for.
     from model_parallel.state import DeviceError
-    from training.trainer import NonFiniteStop, train
+    from training.deepspeed_glue import NonFiniteStop
+    from training.trainer import train
 
     with command(errors=(RunDirError, NonFiniteStop, DeviceError)):  # RunDirError includes CheckpointError
         train(cfg, args.run_dir, args.resume)  # a requested stop: Preempted, which command() turns into the exit

@@ -35,6 +35,7 @@ from model_parallel.state import (
 from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import RESUME_MODES, RESUME_WARNED, Config, format_changes, layout_of, resume_changes
+from training.deepspeed_glue import NonFiniteStop
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.text_encoder import load_text_encoder
 
@@ -376,10 +377,7 @@ class Trainer:
                 # run starts after this step and would never measure it)
                 if self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None:
                     self.log_step(loss, lr, grad_norm, elapsed, held_out)
-                if guard.consecutive >= t.max_skipped_steps:
-                    raise NonFiniteStop(f"stopping at step {self.step}: the last {guard.consecutive} steps had "
-                                       "non-finite loss or gradients and were skipped (train.max_skipped_steps="
-                                       f"{t.max_skipped_steps}); lower train.lr or check the data")
+                NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 self.complete_saves()
                 preempted = stop.requested()
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
@@ -401,7 +399,3 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto") -> list[float]
         return trainer.run()
     finally:
         trainer.close()
-
-
-class NonFiniteStop(RuntimeError):
-    """Too many consecutive steps with non-finite loss or gradients (train.max_skipped_steps)."""
