@@ -75,7 +75,11 @@ class TextTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"SentencePiece model {path} does not exist "
                                     "(train one with python -m data_pipeline.train_text_tokenizer)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{path}: not a SentencePiece model ({str(e).strip().splitlines()[0]}); expected the "
+                            ".model file of python -m data_pipeline.train_text_tokenizer") from None
         if (self.sp.pad_id(), self.sp.eos_id()) != (PAD_ID, EOS_ID):
             raise DataError(f"{path}: pad/eos ids are {self.sp.pad_id()}/{self.sp.eos_id()}, "
                             f"expected {PAD_ID}/{EOS_ID} (train it with this project's command)")

@@ -7,7 +7,8 @@ TSV is read with csv.QUOTE_NONE: PartiPrompts has prompts that start with a doub
 CSV quoting would strip. The prompt column is the first of Prompt / prompt / caption / text. A COCO captions
 file (captions_val2014.json / captions_val2017.json) gives one prompt per image: its first caption. A file
 must be UTF-8 (a leading byte-order mark is dropped): one that is not, a JSON file that does not parse, or a
-JSONL line that is not an object, is a ValueError naming the file and line.
+JSONL line that is not an object, or a prompt that is missing, not text or blank, is a ValueError naming the file
+and line (or the COCO entry).
 """
 from __future__ import annotations
 
@@ -21,9 +22,21 @@ PROMPT_COLUMNS = ("Prompt", "prompt", "caption", "text")
 
 def _with_prompt(row: dict, source: str, line: int) -> dict:
     key = next((k for k in PROMPT_COLUMNS if k in row), None)
-    if key is None or not str(row[key]).strip():
+    if key is None:
         raise ValueError(f"{source}:{line}: no prompt (expected a column or field named {', '.join(PROMPT_COLUMNS)})")
-    return {**row, "prompt": str(row[key]).strip()}
+    return {**row, "prompt": _prompt_text(row[key], f"{source}:{line}: {key}")}
+
+
+def _prompt_text(value, where: str) -> str:
+    """A prompt's text, stripped; ValueError naming `where` for a value that is not text or is blank (which would
+    become the text 'None', or the empty caption: the unconditional one guidance is measured against)."""
+    if value is None:  # (a CSV row with fewer fields than the header; JSON null)
+        raise ValueError(f"{where} is missing (null, or a row with fewer fields than the header)")
+    if not isinstance(value, str):
+        raise ValueError(f"{where} is {json.dumps(value)}, not text")
+    if not value.strip():
+        raise ValueError(f"{where} is blank: a prompt needs text (a blank caption is the unconditional one)")
+    return value.strip()
 
 
 def _text(path: Path) -> str:
@@ -61,7 +74,8 @@ def read_prompts(path: str | Path) -> list[dict]:
     if suffix in (".tsv", ".csv"):
         opts = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
         rows = csv.DictReader(io.StringIO(text, newline=""), **opts)
-        return [_with_prompt(row, str(path), i + 2) for i, row in enumerate(rows)]
+        return [_with_prompt(row, str(path), rows.line_num) for row in rows]  # (the row's last line: blank lines and
+        # quoted line breaks counted)
     if suffix == ".json":
         return coco_captions(_json(text, str(path)), str(path))
     lines = io.StringIO(text, newline="")
@@ -76,7 +90,12 @@ def coco_captions(data: dict, source: str) -> list[dict]:
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise ValueError(f"{source}: expected a COCO captions file with \"images\" and \"annotations\"")
     first: dict[int, str] = {}
-    for ann in data["annotations"]:
-        first.setdefault(ann["image_id"], ann["caption"])
-    return [{"prompt": first[im["id"]].strip(), "image_id": im["id"], "file_name": im.get("file_name", "")}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise ValueError(f"{source}: annotations[{i}] has no \"image_id\" (expected COCO caption annotations)")
+        first.setdefault(ann["image_id"], _prompt_text(ann.get("caption"), f"{source}: annotations[{i}].caption"))
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im:
+            raise ValueError(f"{source}: images[{i}] has no \"id\" (expected COCO image entries)")
+    return [{"prompt": first[im["id"]], "image_id": im["id"], "file_name": im.get("file_name", "")}
             for im in data["images"] if im["id"] in first]

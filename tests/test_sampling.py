@@ -475,6 +475,31 @@ def test_prompt_files_with_a_byte_order_mark_and_jsonl_lines_that_are_not_object
             read_prompts(tmp_path / "bad.jsonl")
 
 
+def test_prompts_that_are_missing_not_text_or_blank_are_refused_naming_the_line(tmp_path):
+    """A null or non-text prompt became the text 'None' or '3'; a blank COCO caption the unconditional caption;
+    a COCO annotation without a caption a bare KeyError. Line numbers of CSV rows count blank lines and quoted
+    line breaks."""
+    from evaluation.prompts import read_prompts
+
+    cases = {
+        "a.jsonl": ('{"prompt": "A cat"}\n{"prompt": null}\n', r"a\.jsonl:2: prompt is missing"),
+        "b.jsonl": ('{"prompt": "A cat"}\n\n{"text": 3}\n', r"b\.jsonl:3: text is 3, not text"),
+        "c.csv": ('caption,id\n"A cat\non two lines",1\n\n"  ",2\n', r"c\.csv:5: caption is blank"),
+        "d.tsv": ("Category\tPrompt\nAnimals\tA cat\nAnimals\n", r"d\.tsv:3: Prompt is missing"),
+        "e.json": (json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1}]}),
+                   r"e\.json: annotations\[0\]\.caption is missing"),
+        "f.json": (json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": " "}]}),
+                   r"f\.json: annotations\[0\]\.caption is blank"),
+        "g.json": (json.dumps({"images": [{"file_name": "x.jpg"}], "annotations": []}), r"g\.json: images\[0\] has no"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_prompts(tmp_path / name)
+    (tmp_path / "ok.csv").write_text('caption\n"A cat\non two lines"\n\nA dog\n')
+    assert [p["prompt"] for p in read_prompts(tmp_path / "ok.csv")] == ["A cat\non two lines", "A dog"]
+
+
 def test_parti_prompts_reader_keeps_every_prompt():
     from evaluation.prompts import read_prompts
     from tests.laion_fixtures import SHARED_DATA

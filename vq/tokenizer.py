@@ -115,19 +115,26 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer {path} does not exist (train one with vq.train or export one)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # (pickle, zip and weights_only errors of every kind: the file is not an export)
+        raise ValueError(f"{path}: not an image tokenizer export ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'unreadable'}); expected the "
+                         "export.pt of vq.train (or an export of a pre-trained tokenizer)") from None
     return tokenizer_from_export(blob, path).to(device)
 
 
 def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
     """The tokenizer an export's contents describe (`path` names the file in errors), frozen, on the CPU."""
-    kind, known = blob.get("kind"), _registry()
+    kind, known = blob.get("kind") if isinstance(blob, dict) else None, _registry()
     if kind not in known:
         raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
+    if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ValueError(f"{path}: a {kind} export without its config and state_dict (damaged or edited)")
     model = known[kind](**blob["config"])
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
     if missing or unexpected:
-        raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
     model.weights_hash = content_hash(kind, blob["config"], blob["state_dict"])
     model.content_hash = model.weights_hash
     if "codes" in blob:  # a fine-tuned detokenizer: the codes are its source's, if the encoder is unchanged
