@@ -106,11 +106,16 @@ def latest_tag(run_dir: str | Path, marker: str) -> str | None:
 
 def resume_tag(run_dir: str | Path, marker: str) -> tuple[str | None, str | None]:
     """(the tag to resume from or None, a note for the log or None): `latest`'s tag; when there is no
-    `latest` (deleted, or lost with the file system's metadata) the newest complete step folder."""
+    `latest` (deleted, or lost with the file system's metadata) the newest complete step folder. A `latest`
+    set back by hand (a rollback) is followed, with a warning naming the newer checkpoints left in place."""
     tag = latest_tag(run_dir, marker)
-    if tag is not None:
-        return tag, None
     complete, folders = complete_tags(run_dir, marker), step_folders(run_dir)
+    if tag is not None:
+        newer = [t for t in complete if step_of(t) > step_of(tag)]
+        return tag, (f"warning: {checkpoint_dir(run_dir) / 'latest'} names {tag}, but newer checkpoints are there "
+                     f"({', '.join(newer[:4])}{' ...' if len(newer) > 4 else ''}): resuming from {tag} as it says; "
+                     "the newer ones stay until this run saves their steps, and would be resumed from if `latest` "
+                     "were lost: move them out of checkpoints/ if they belong to an abandoned run") if newer else None
     pointer = checkpoint_dir(run_dir) / "latest"
     if complete:
         incomplete = [p.name for step, p in folders if p.name not in complete and step > step_of(complete[-1])]

@@ -36,9 +36,10 @@ from common.files import write_atomic
 from data_pipeline.shared_data import resolve
 from evaluation.clip_score import ClipScorer, read_metadata, score_samples
 from evaluation.config import EvalConfig, load_eval_config
-from evaluation.fid import fid, open_rgb
+from evaluation.fid import default_weights, fid, image_files, open_rgb
 from evaluation.generate import (
     WAIT_FOR_PEERS_MINUTES,
+    check_out_folder,
     gather_metadata,
     generate,
     load_for_sampling,
@@ -175,6 +176,13 @@ def run(cfg: EvalConfig) -> dict | None:
     if not prompts:  # (checked before minutes of model loading)
         raise ValueError(f"benchmark.prompts={cfg.benchmark.prompts}: no prompts; expected a prompt file with at "
                          "least one prompt")
+    check_out_folder(cfg.benchmark.out, "benchmark.out")
+    if cfg.benchmark.name == "coco30k":  # what FID needs, before hours of generation
+        try:
+            image_files(cfg.benchmark.real)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"benchmark.real={cfg.benchmark.real}: {e}") from None
+        default_weights()
     device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
     init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -15,7 +15,8 @@ CUDA graphs, or the growing KV cache; --compile-decode). A rerun into the same -
 or with other prompts at the same indices, is refused (the differing settings are named): it would mix two
 configurations' images. Give such a run a new --out.
 
-Seeds depend on (seed, i, k) only, so the images do not depend on the number of processes or the batch
+Seeds depend on (seed, i, k) only (numpy's SeedSequence of the three; folders begun under the earlier affine
+seeds are refused, as "seeding" changed), so the images do not depend on the number of processes or the batch
 size (on a GPU up to bf16 rounding: its matmul kernels are chosen by the batch's shape). On a GPU the model runs
 in bf16, decodes through CUDA graphs of its static KV cache and draws from CUDA generators (the same seeds give
 other images than on CPU). --batch-size 0 (the default) decodes 8 images at a time on a CPU, and on a GPU as many
@@ -46,6 +47,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -117,6 +119,15 @@ such a job in NCCL's watchdog. A rank that dies still ends the job at once (torc
 
 RECORD = "generation.json"
 _MISSING = "(not recorded)"
+SEEDING = "SeedSequence([seed, prompt, sample])"
+"""How each image's seed is made (recorded: folders begun under the earlier affine seeds do not resume)."""
+
+
+def image_seed(seed: int, prompt: int, sample: int) -> int:
+    """The seed of sample `sample` of prompt `prompt`: numpy's SeedSequence hash of the three (distinct for every
+    triple in practice). The earlier seed*1_000_003 + prompt*1_009 + sample repeated itself across prompts
+    from 1,010 samples per prompt on, and across --seed values (seed 1 = seed 0's prompt 991, sample 84)."""
+    return int(np.random.SeedSequence([seed, prompt, sample]).generate_state(1, np.uint64)[0])
 
 
 def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prompt: int, seed: int,
@@ -128,7 +139,8 @@ def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prom
     record = {"checkpoint": getattr(model, "export_identity", None),
               "vq": getattr(vq, "weights_hash", getattr(vq, "content_hash", None)),  # (decoded images: all weights)
               "text_tokenizer": getattr(text_tok, "content_hash", None),
-              "seed": seed, "sampling": asdict(cfg), "samples_per_prompt": samples_per_prompt, "keep": keep,
+              "seed": seed, "seeding": SEEDING, "sampling": asdict(cfg), "samples_per_prompt": samples_per_prompt,
+              "keep": keep,
               "rerank": None if scorer is None else {"clip": scorer.protocol.get("weights"),
                                                      "weights_sha256": scorer.protocol.get("weights_sha256")},
               "upsampler": None if upsampler is None else getattr(upsampler, "export_identity", "in-process"),
@@ -160,17 +172,36 @@ def decoding_mode(device: torch.device, compile_decode: bool) -> tuple[str, dict
         "cuda_graph": graphs, "static_cache": compile_decode, "compiled": "inductor" if compile_decode else None}
 
 
+def read_record(path: Path) -> dict:
+    """A record (generation.json, a prompt's .json) as a dict; ValueError naming it when it is damaged."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        record = f"{type(e).__name__}: {e}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: a damaged record ({record if isinstance(record, str) else 'not a JSON object'}); "
+                         "delete it, and the images it describes, to have them generated again")
+    return record
+
+
+def check_out_folder(out: str | Path, name: str) -> None:
+    """ValueError when the output folder `name` names an existing file (it would fail at mkdir, after loading)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"{name} {out}: a file, not a folder; expected the output folder (new, or an earlier "
+                         "run's to resume)")
+
+
 def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0, world: int = 1) -> None:
     """Refuse to add images to a folder made with other settings (ValueError naming them): the folder's
     record, and for this rank's finished prompts their own record and prompt text."""
     problems: list[str] = []
     if (out / RECORD).is_file():
-        problems += _differences(_with_decoding(json.loads((out / RECORD).read_text())), record)
+        problems += _differences(_with_decoding(read_record(out / RECORD)), record)
     for i in range(rank, len(prompts), world):
         done = out / f"{i:05d}.json"
         if problems or not done.is_file():
             continue
-        meta = _with_decoding(json.loads(done.read_text()))
+        meta = _with_decoding(read_record(done))
         problems += _differences({k: meta.get(k, _MISSING) for k in record}, record)
         if meta.get("prompt") != prompts[i]["prompt"]:
             problems.append(f"prompt {i}: {meta.get('prompt')!r} then, {prompts[i]['prompt']!r} now")
@@ -213,7 +244,7 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
             batch = jobs[start:start + batch_size]
             text = torch.tensor([text_tok.encode(prompts[i]["prompt"])[0] for i, _ in batch], device=device)
             # A generator per image on the model's device: on a GPU the draws stay there (no host sync).
-            generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + i * 1_009 + k) for i, k in batch]
+            generators = [torch.Generator(device).manual_seed(image_seed(seed, i, k)) for i, k in batch]
             # One batch through the KV cache (decoding_mode's), a generator per image, only codes the VQ
             # tokenizer has.
             codes = sample(model, text, cfg, generators, codebook_size=vq.codebook_size, steps=steps, **decode_args)
@@ -358,8 +389,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[dict], SamplingConfig]:
     check_counts(args.samples_per_prompt, args.batch_size, args.keep)
     if args.limit < 0:
         raise ValueError(f"--limit must be >= 0 (0: all prompts), not {args.limit}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, not {args.seed}")
     cfg = dataclass_from_args(SamplingConfig, args)
     check_export(args.checkpoint, "--checkpoint")
+    check_out_folder(args.out, "--out")
     return read_prompts(args.prompts)[: args.limit or None], cfg
 
 

@@ -251,13 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="sr.train"), holding_run_dir(args.run_dir):
-        trainer = SRTrainer(load_typed(SRConfig, args.config, args.set), args.data, args.run_dir, args.val_data)
-        if args.resume == "auto":
-            trainer.resume()
-        else:
-            trainer.start_fresh()
-        trainer.run()
+    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="sr.train"):
+        cfg = load_typed(SRConfig, args.config, args.set)
+        use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
+        with holding_run_dir(args.run_dir):
+            trainer = SRTrainer(cfg, args.data, args.run_dir, args.val_data)
+            if args.resume == "auto":
+                trainer.resume()
+            else:
+                trainer.start_fresh()
+            trainer.run()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,21 @@ def benchmark_without_prompts(tmp: Path):
     return main, argv, f"benchmark.prompts={re.escape(str(prompts))}: no prompts; expected a prompt file with", [out]
 
 
+def benchmark_case(tmp: Path, *sets: str, expected: str):
+    """evaluation.benchmark on one prompt with `sets` laid over the PartiPrompts config; its model paths do not
+    exist, so what is refused is refused before the model would be loaded."""
+    from evaluation.benchmark import main
+
+    prompts, out = tmp / "prompts.txt", tmp / "out"
+    prompts.write_text("a red circle\n", encoding="utf-8")
+    out.mkdir()
+    (out / "results.json").write_text('{"clip_score": 30.0}')  # an earlier result
+    argv = ["--config", "configs/eval/partiprompts.yaml", "--set", "model.checkpoint=x", "model.vq=y",
+            "model.text_tokenizer=z", "clip.model=local-dir:c", f"benchmark.prompts={prompts}", f"benchmark.out={out}",
+            *sets]
+    return main, argv, expected, [out]
+
+
 def fake_export(folder: Path) -> Path:
     """Just enough of an export folder (config.json + model.safetensors) to pass the folder check."""
     folder.mkdir(parents=True)
@@ -157,6 +172,13 @@ CASES = {
     "clip_score: metadata.jsonl line cut short": lambda tmp: clip_score_case(tmp, "json"),
     "clip_score: metadata.jsonl line without files": lambda tmp: clip_score_case(tmp, "keys"),
     "benchmark: no prompts": benchmark_without_prompts,
+    "benchmark: coco30k without its real images": lambda tmp: benchmark_case(
+        tmp, "benchmark.name=coco30k", f"benchmark.real={tmp / 'coco'}",
+        expected=rf"benchmark.real={re.escape(str(tmp / 'coco'))}: .*coco: no such folder"),
+    "benchmark: grids of no prompts": lambda tmp: benchmark_case(
+        tmp, "benchmark.grid_prompts=0", expected=r"benchmark.grid_prompts=0 must be >= 1"),
+    "benchmark: out is a file": lambda tmp: benchmark_case(
+        tmp, f"benchmark.out={tmp / 'prompts.txt'}", expected=r"benchmark.out \S*prompts.txt: a file, not a folder"),
     "generate: non-UTF-8 prompt file": generate_non_utf8_prompts,
     "generate: --checkpoint is a training run": generate_run_dir,
     "generate: --checkpoint is an exported training run": generate_exported_run_dir,
@@ -241,6 +263,22 @@ def generate_flags(*flags: str, expected: str, files: tuple[str, ...] = (), prom
     return case
 
 
+def generate_with_a_text_tokenizer_that_is_not_one(tmp: Path):
+    from vq.tokenizer import ConvVQ, save_image_tokenizer
+
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), tmp / "vq.pt")
+    (tmp / "spm.model").write_bytes(b"not a model")
+    main, argv, keep = generate_case(tmp, fake_export(tmp / "export"))
+    return main, argv, r"spm.model: not a SentencePiece model \(.*\); expected the .model file of", keep
+
+
+def generate_into_a_file(tmp: Path):
+    main, argv, keep = generate_case(tmp, fake_export(tmp / "export"))
+    (tmp / "out.png").write_bytes(b"an image")
+    argv[argv.index("--out") + 1] = str(tmp / "out.png")
+    return main, argv, r"--out \S*out.png: a file, not a folder", [*keep, tmp]
+
+
 SAMPLING_CASES = {
     "samples per prompt 0": generate_flags(
         "--samples-per-prompt", "0",
@@ -263,6 +301,11 @@ SAMPLING_CASES = {
                                                         r"SentencePiece .model file$"),
     "missing --upsampler": generate_flags("--upsampler", "/nonexistent/sr.pt", files=("vq.pt", "spm.model"),
                                           expected=r"--upsampler /nonexistent/sr.pt: no such file"),
+    "--vq not an export": generate_flags(files=("vq.pt", "spm.model"), expected=r"vq.pt: not an image tokenizer "
+                                         r"export \(.*\); expected the export.pt of vq.train"),
+    "--text-tokenizer not SentencePiece": lambda tmp: generate_with_a_text_tokenizer_that_is_not_one(tmp),
+    "--out a file": lambda tmp: generate_into_a_file(tmp),
+    "negative seed": generate_flags("--seed", "-1", expected=r"--seed must be >= 0, not -1$"),
     "JSONL line not an object": generate_flags(prompts='{"prompt": "a cat"}\n"a dog"\n',
                                                expected=r"prompts.jsonl:2: a JSON string, not an object"),
 }

@@ -457,3 +457,19 @@ def test_every_trainer_holds_its_run_directory(tmp_path, capsys, module, args):
     with pytest.raises(SystemExit, match=rf"{module}: .*(x.tar|export.pt|x.txt|x.model)"):  # a failed run lets the lock go
         main([*args, "--run-dir", str(run_dir)] + (["--text-files", "x.txt", "--text-tokenizer", "x.model"] if not args else []))
     RunLock(run_dir).acquire().release()
+
+
+def test_a_latest_set_back_by_hand_is_followed_with_a_warning_naming_the_newer_checkpoints(tmp_path):
+    """A rollback (`latest` edited to an older step) resumes there, and says which newer checkpoints remain: they
+    would be taken if `latest` were lost (the newest complete one is the fallback)."""
+    from common.checkpoints import resume_tag
+
+    for step in (2, 4, 6):
+        (tmp_path / "checkpoints" / tag_for(step)).mkdir(parents=True)
+        (tmp_path / "checkpoints" / tag_for(step) / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "latest").write_text(tag_for(6) + "\n")
+    assert resume_tag(tmp_path, "trainer_state.json") == (tag_for(6), None)
+    (tmp_path / "checkpoints" / "latest").write_text(tag_for(2) + "\n")
+    tag, note = resume_tag(tmp_path, "trainer_state.json")
+    assert tag == tag_for(2)
+    assert f"latest names {tag_for(2)}, but newer checkpoints are there ({tag_for(4)}, {tag_for(6)})" in note

@@ -475,6 +475,16 @@ def test_prompt_files_with_a_byte_order_mark_and_jsonl_lines_that_are_not_object
             read_prompts(tmp_path / "bad.jsonl")
 
 
+def test_image_seeds_differ_where_the_affine_ones_collided():
+    """seed*1_000_003 + i*1_009 + k gave prompt 0's sample 1009 the seed of prompt 1's sample 0, and --seed 1 the
+    seeds of --seed 0's prompt 991 (sample 84 on); SeedSequence seeds every (seed, prompt, sample) apart."""
+    from evaluation.generate import image_seed
+
+    seeds = {image_seed(s, i, k) for s in (0, 1) for i in (0, 1, 991) for k in (0, 84, 1009)}
+    assert len(seeds) == 18 and image_seed(3, 5, 7) == image_seed(3, 5, 7)
+    assert all(0 <= x < 2**64 for x in seeds)
+
+
 def test_prompts_that_are_missing_not_text_or_blank_are_refused_naming_the_line(tmp_path):
     """A null or non-text prompt became the text 'None' or '3'; a blank COCO caption the unconditional caption;
     a COCO annotation without a caption a bare KeyError. Line numbers of CSV rows count blank lines and quoted
@@ -556,6 +566,15 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
     again = tmp_path / "again"  # one process, another batch size: the same images
     generate(model, vq, tok, prompts, again, cfg, samples_per_prompt=2, batch_size=8)
     assert (again / "00003_1.png").read_bytes() == first
+    saved = (again / "00001.json").read_text()  # a damaged prompt record is named, not a bare JSON error
+    (again / "00001.json").write_text(saved[:20])
+    with pytest.raises(ValueError, match=r"again/00001.json: a damaged record \(JSONDecodeError: .*delete it"):
+        generate(model, vq, tok, prompts, again, cfg, samples_per_prompt=2)
+    (again / "00001.json").write_text(saved)
+    record = json.loads((again / "generation.json").read_text())  # a folder begun under the earlier affine seeds
+    (again / "generation.json").write_text(json.dumps({k: v for k, v in record.items() if k != "seeding"}))
+    with pytest.raises(ValueError, match=r"seeding: '\(not recorded\)' then, 'SeedSequence"):
+        generate(model, vq, tok, prompts, again, cfg, samples_per_prompt=2)
     modes = []  # --compile-decode: the static step through inductor (traced with aot_eager here: no C++ build)
     monkeypatch.setattr(generate_module, "sample", lambda *a, **kw: modes.append((kw["static_cache"], kw["compiled"]))
                         or real_sample(*a, **{**kw, "compiled": kw["compiled"] and "aot_eager"}))

@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,20 @@ def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
     args = trainer_args(argv)
     assert args.set == ["train.device=cuda"] and args.config == "configs/train/debug.yaml"
     assert "training.train on 2 node(s) x 8, device cuda" in log
+
+
+def test_torchrun_ignores_usr1_and_the_trainers_can_still_take_it(tmp_path):
+    """`scancel --signal=USR1` without --batch reaches every process of the step: torchrun starts with USR1
+    ignored (its default action would end the agent); a trainer installing its handler still gets it."""
+    _, _, argv, _ = train(tmp_path)
+    wrapper = argv[argv.index("bash"):argv.index("torch.distributed.run") - 2]
+    assert wrapper[:2] == ["bash", "-c"] and "trap \"\" USR1" in wrapper[2]
+    ignored = "import os, signal; os.kill(os.getpid(), signal.SIGUSR1); print('alive')"
+    handled = ("import os, signal; signal.signal(signal.SIGUSR1, lambda *a: print('handled')); "
+               "os.kill(os.getpid(), signal.SIGUSR1)")
+    for program, expected in ((ignored, "alive"), (handled, "handled")):
+        proc = subprocess.run([*wrapper, sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.strip() == expected, proc
 
 
 def test_train_device_comes_before_the_callers_overrides(tmp_path):

@@ -226,7 +226,8 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
             losses.append(loss)
             if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
                 run.log.step({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                              "skipped_steps": run.skipped, "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
+                              "skipped_steps": run.skipped,
+                              "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
             NonFiniteStop.check(step + 1, run.consecutive, t.max_skipped_steps)
             preempted = stop.requested()
             if preempted or (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
@@ -289,7 +290,8 @@ class _Pretraining:
             # Backward inside too: megatron-core's linear layers restore autocast in their backward for CUDA
             # only (custom_bwd), and on the CPU the backward runs in this thread (on a GPU in autograd's own).
             with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.ddp(inputs[part], text[part], chosen[part], positions[part]) * t.micro_batch_size / len(mine)
+                loss = self.ddp(inputs[part], text[part], chosen[part], positions[part])
+                loss = loss * t.micro_batch_size / len(mine)
                 loss.backward()
             total += loss.detach().float()
         norm = float(global_grad_norm(self.params))  # (the same on every rank: DDP averaged the gradients)
@@ -466,10 +468,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: continue from the run directory's latest checkpoint if any; none: start at step 0, "
                              "refused where checkpoints exist")
     args = parser.parse_args(argv)
-    with (command(errors=(FileNotFoundError, DeviceError, CheckpointError, RunDirError), label="training.text_encoder"),
-          holding_run_dir(args.run_dir)):
+    with command(errors=(FileNotFoundError, DeviceError, CheckpointError, RunDirError), label="training.text_encoder"):
         cfg = load_config(args.config, args.set).validate()
-        pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer, args.resume)
+        use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
+        with holding_run_dir(args.run_dir):
+            pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer, args.resume)
 
 
 if __name__ == "__main__":

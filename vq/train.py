@@ -428,13 +428,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="vq.train"), holding_run_dir(args.run_dir):
-        trainer = VQTrainer(load_typed(VQConfig, args.config, args.set), args.data, args.run_dir)
-        if args.resume == "auto":
-            trainer.resume()
-        else:
-            trainer.start_fresh()
-        trainer.run()
+    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="vq.train"):
+        cfg = load_typed(VQConfig, args.config, args.set)
+        use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
+        with holding_run_dir(args.run_dir):
+            trainer = VQTrainer(cfg, args.data, args.run_dir)
+            if args.resume == "auto":
+                trainer.resume()
+            else:
+                trainer.start_fresh()
+            trainer.run()
 
 
 if __name__ == "__main__":
