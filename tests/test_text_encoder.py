@@ -13,6 +13,7 @@ from tests.conftest import run
 
 PRETRAIN = ["train.steps=40", "train.global_batch_size=16", "train.micro_batch_size=8", "train.lr=3e-3",
             "train.warmup_steps=2", "model.dropout=0.1"]  # (keyed by caption: the same masks at any layout)
+HELD_OUT = ["train.eval_interval=20", "train.eval_batches=2"]  # (debug's synthetic data: generated held-out captions)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def pretrained(single_process, tmp_path_factory):
     from training.text_encoder import OUTPUT, pretrain
 
     run_dir = tmp_path_factory.mktemp("textenc")
-    losses = pretrain(load_config("configs/train/debug.yaml", PRETRAIN), run_dir)
+    losses = pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, *HELD_OUT]), run_dir)
     return losses, run_dir / OUTPUT, read_encoder(run_dir / OUTPUT)
 
 
@@ -40,9 +41,16 @@ def read_encoder(folder) -> dict:
     return {name.removesuffix("#0"): t.clone() for name, t in loaded.items()}
 
 
+def held_out_losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["valid_loss"] for m in metrics(run_dir) if "valid_loss" in m}
+
+
 def test_masked_token_loss_falls(pretrained):
+    """On the training captions and on held-out ones (train.eval_interval: measured at steps 20 and 40)."""
     losses = pretrained[0]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+    held_out = held_out_losses(pretrained[1].parent)
+    assert list(held_out) == [20, 40] and held_out[40] < held_out[20] < losses[0], held_out
 
 
 def test_the_masked_token_loss_takes_the_fused_cross_entropy_with_the_plain_ones_values(single_process):
@@ -95,9 +103,12 @@ def pretrain_at(run_dir: str, *overrides: str) -> list[float]:
 
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"], ids=["tp2", "dp2"])
 def test_pretraining_at_tp2_and_dp2_gives_the_losses_of_one_process(pretrained, pool2, tmp_path, layout):
-    losses = pool2.run(pretrain_at, str(tmp_path), layout)
+    """Training and held-out losses (each rank its share of the held-out captions at DP=2)."""
+    losses = pool2.run(pretrain_at, str(tmp_path), layout, *HELD_OUT)
     assert losses[0] == losses[1]
     assert losses[0] == pytest.approx(pretrained[0], rel=1e-4, abs=1e-4)
+    held_out = held_out_losses(tmp_path)
+    assert held_out == pytest.approx(held_out_losses(pretrained[1].parent), rel=1e-4) and len(held_out) == 2
     weights = read_encoder(tmp_path / "text_encoder")  # saved from 2 ranks, read back whole
     for name, w in pretrained[2].items():
         # The key part of qkv's bias gets no gradient (softmax ignores it): Adam turns fp32 rounding noise,
@@ -235,7 +246,7 @@ def test_caption_lines_are_the_non_blank_lines_of_the_files(tmp_path):
     (CRLF, no final newline, blank or whitespace-only lines, an empty file); a file that is not UTF-8 is named."""
     from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
     from training.config import ConfigError
-    from training.text_encoder import CaptionLines
+    from training.captions import CaptionLines
 
     texts = ["a red circle\r\n\n  two green cats  \n\t\n\u3000\nun café bleu\n", "", "a dog\nlast line, no newline"]
     for i, text in enumerate(texts):
@@ -288,6 +299,21 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
     losses = pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=3"]), tmp_path / "files",
                       [str(tmp_path / "captions.txt")], str(spm))
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    files, held_out = [str(tmp_path / "captions.txt")], tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(["a yellow circle", "three red dogs"] * 2) + "\n")
+    evaluated = load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=2", "train.eval_interval=2",
+                                                         "train.eval_batches=1"])
+    with pytest.raises(ConfigError, match="train.eval_interval with --text-files needs --valid-text-files"):
+        pretrain(evaluated, tmp_path / "eval", files, str(spm))
+    with pytest.raises(ConfigError, match="--valid-text-files: 4 captions; .* need 16"):
+        pretrain(evaluated, tmp_path / "eval", files, str(spm), valid_text_files=[str(held_out)])
+    with pytest.raises(ConfigError, match="--valid-text-files needs train.eval_interval > 0"):
+        pretrain(load_config("configs/train/debug.yaml", PRETRAIN), tmp_path / "eval", files, str(spm),
+                 valid_text_files=[str(held_out)])
+    assert not (tmp_path / "eval").exists()
+    held_out.write_text(held_out.read_text() * 4)
+    pretrain(evaluated, tmp_path / "eval", files, str(spm), valid_text_files=[str(held_out)])
+    assert list(held_out_losses(tmp_path / "eval")) == [2]
     with pytest.raises(CheckpointError, match=r"step_00000003: an encoder of another shape \(model.hidden_size: 64 "
                                               r"there, 32 here"):  # a rerun there continues from its checkpoint
         pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "model.hidden_size=32", "model.num_heads=2"]),

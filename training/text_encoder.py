@@ -1,15 +1,17 @@
 """Text-encoder warm start: masked-token pre-training of Parti's text encoder, and loading it into a Parti run.
 
     torchrun --nproc_per_node 2 -m training.text_encoder --config configs/train/debug.yaml --run-dir runs/textenc \
-        [--text-files captions.txt --text-tokenizer tok/spm.model] [--set parallel.tp=2 train.steps=1000 ...] \
-        [--resume auto|none]
+        [--text-files captions.txt --text-tokenizer tok/spm.model [--valid-text-files held_out.txt]] \
+        [--set parallel.tp=2 train.steps=1000 train.eval_interval=500 ...] [--resume auto|none]
     torchrun ... -m training.train ... --set model.init_text_encoder=runs/textenc/text_encoder [model.freeze_text_encoder=true]
 
 Parti warm-starts its text encoder with a BERT-style masked-language-model objective. The encoder here is built
 from PartiModel's own pieces (text embedding, encoder layers, encoder norm: megatron-core tensor-parallel layers
 on the run's TP group, each seeded as PartiModel seeds it), with a head tied to the token embedding
 (vocab-parallel logits: an exact cross-entropy at any TP). It trains on captions: the run's data (data.shards
-code shards, or data.synthetic), or --text-files (one caption per line, tokenized with --text-tokenizer).
+code shards, or data.synthetic), or --text-files (one caption per line, tokenized with --text-tokenizer); with
+train.eval_interval it measures the masked-token loss on held-out captions (data.valid_shards, or
+--valid-text-files), logged as valid_loss (training/captions.py).
 Masking as BERT's: 15% of each caption's tokens before its EOS are chosen (at least one); 80% of those become
 the mask id (BOS, which captions never use), 10% a random word, 10% stay; the loss is the cross-entropy at the
 chosen positions. Masks come from a generator keyed by (train.seed, step): the same on every rank; the
@@ -39,13 +41,10 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import time
-from array import array
 from pathlib import Path
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -62,13 +61,13 @@ from common.metrics import MetricsLogger
 from common.preemption import StopRequest
 from common.schedule import lr_lambda
 from data_pipeline.sampler import GlobalBatchSampler
-from data_pipeline.text_tokenizer import BOS_ID, EOS_ID, TextTokenizer
-from data_pipeline.training_data import training_dataset
+from data_pipeline.text_tokenizer import BOS_ID, EOS_ID
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.kernels import select_kernels
 from model_parallel.model import build_pieces, loss_cross_entropy, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
+from training.captions import caption_source, held_out_captions
 from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
                                  verify, wait_for_pruning)
 from training.config import RESUME_WARNED, Config, format_changes, load_config, resume_changes
@@ -133,79 +132,21 @@ def mask_tokens(text_ids: torch.Tensor, cfg: ModelConfig, generator: torch.Gener
 
 
 
-def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: str | None):
-    """Indexable captions as id tensors [T]: the lines of --text-files, else the run's training data."""
-    if text_files:
-        if not text_tokenizer:
-            raise ConfigError("--text-files needs --text-tokenizer (the SentencePiece model to tokenize them with)")
-        tok = TextTokenizer(text_tokenizer, cfg.model.text_seq_len)
-        if tok.vocab_size > cfg.model.text_vocab_size:
-            raise ConfigError(f"--text-tokenizer {text_tokenizer}: {tok.vocab_size} ids do not fit "
-                              f"model.text_vocab_size={cfg.model.text_vocab_size}")
-        return CaptionLines(text_files, tok)
-    data = training_dataset(cfg.data, cfg.model, cfg.train.seed)
-    return _Captions(data)
-
-
-class CaptionLines:
-    """The non-blank lines of text files as caption id tensors [T], tokenized when read. Each rank keeps where
-    each line starts (8 bytes per caption) and tokenizes only its batches' rows: a tensor per caption was
-    ~1.7 KB on every rank, 15 GiB per rank at 10M captions."""
-
-    def __init__(self, paths: list[str], tok: TextTokenizer):
-        self.tok, self.files, starts = tok, [], []
-        for path in map(Path, paths):
-            offsets, at = array("q"), 0
-            with open(path, "rb") as f:
-                for number, line in enumerate(f, 1):
-                    try:
-                        if line.decode("utf-8").strip():
-                            offsets.append(at)
-                    except UnicodeDecodeError as e:
-                        raise ConfigError(f"--text-files {path}: line {number} is not UTF-8 ({e.reason})") from None
-                    at += len(line)
-            if offsets:
-                with open(path, "rb") as f:
-                    self.files.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-                starts.append(np.frombuffer(offsets, dtype=np.int64))
-        if not starts:
-            raise ConfigError(f"--text-files {', '.join(paths)}: no captions (every line is blank)")
-        self.bases = np.cumsum([0] + [len(s) for s in starts])
-        self.starts = np.concatenate(starts)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        text = self.files[int(np.searchsorted(self.bases, i, side="right")) - 1]
-        start = int(self.starts[i])
-        end = text.find(b"\n", start)
-        line = text[start:end if end >= 0 else len(text)].decode("utf-8").strip()
-        return torch.tensor(self.tok.encode(line)[0])
-
-
-class _Captions:
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i][0]
-
-
 def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = None,
-             text_tokenizer: str | None = None, resume: str = "auto") -> list[float]:
+             text_tokenizer: str | None = None, resume: str = "auto",
+             valid_text_files: list[str] | None = None) -> list[float]:
     """Train the encoder to cfg.train.steps global batches, continuing from run_dir's latest checkpoint when
     there is one (resume="none": refused where there are checkpoints); write run_dir/text_encoder/; return this
-    call's losses. Raises Preempted after saving when a stop was asked for (common/preemption.py)."""
+    call's losses. With train.eval_interval, the held-out loss (training.captions.held_out_captions) is logged as
+    valid_loss. Raises Preempted after saving when a stop was asked for (common/preemption.py)."""
     if cfg.model.decoder_only:
         raise ConfigError("model.arch=decoder_only has no text encoder to pre-train (its caption is the start of "
                           "the decoder's stream): use an encoder_decoder model section")
     if cfg.train.optimizer != "adamw":
         raise ConfigError(f"train.optimizer={cfg.train.optimizer}: the text encoder's pre-training trains with AdamW "
                           "(its checkpoints hold Adam's moments); set train.optimizer=adamw for this command")
+    if valid_text_files and not cfg.train.eval_interval:
+        raise ConfigError("--valid-text-files needs train.eval_interval > 0 (steps between held-out losses)")
     if resume == "none" and has_checkpoints(run_dir):
         raise CheckpointError(f"--resume none: {checkpoint_dir(run_dir)} holds checkpoints; continue them with "
                               "--resume auto, or use another --run-dir")
@@ -213,7 +154,9 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     init_parallel(cfg.parallel.tp, 1)
     stop, losses = StopRequest(Path(run_dir) / "STOP"), []  # (first: a stop asked for while starting is kept)
     try:
-        run, t = _Pretraining(cfg, Path(run_dir), device, caption_source(cfg, text_files, text_tokenizer)), cfg.train
+        t, captions = cfg.train, caption_source(cfg, text_files, text_tokenizer)
+        held_out = held_out_captions(cfg, captions, valid_text_files) if t.eval_interval else None
+        run = _Pretraining(cfg, Path(run_dir), device, captions, held_out)
     except BaseException:
         stop.restore()
         raise
@@ -224,10 +167,12 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
             start, lr = time.perf_counter(), run.schedule.get_last_lr()[0]  # (this step's; step() moves it on)
             loss, norm = run.step(step)
             losses.append(loss)
-            if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
+            elapsed = time.perf_counter() - start
+            evaluate = t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps)
+            valid = {"valid_loss": run.held_out_loss()} if evaluate else {}  # (also before a stop's save)
+            if (step + 1) % t.log_interval == 0 or step + 1 == t.steps or valid:
                 run.log.step({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                              "skipped_steps": run.skipped,
-                              "samples_per_s": t.global_batch_size / (time.perf_counter() - start)})
+                              "skipped_steps": run.skipped, "samples_per_s": t.global_batch_size / elapsed, **valid})
             NonFiniteStop.check(step + 1, run.consecutive, t.max_skipped_steps)
             preempted = stop.requested()
             if preempted or (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
@@ -249,9 +194,9 @@ class _Pretraining:
     training/checkpoint.py (a run resumes at any TP/DP). Masks, data order and dropout are keyed by the step
     and the captions' positions, so a checkpoint needs no RNG state or data position."""
 
-    def __init__(self, cfg: Config, run_dir: Path, device, captions):
+    def __init__(self, cfg: Config, run_dir: Path, device, captions, held_out=None):
         t = cfg.train
-        self.cfg, self.run_dir, self.device, self.captions = cfg, run_dir, device, captions
+        self.cfg, self.run_dir, self.device, self.captions, self.held_out = cfg, run_dir, device, captions, held_out
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         if t.global_batch_size % (t.micro_batch_size * self.dp_size):
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
@@ -273,25 +218,32 @@ class _Pretraining:
         self.sampler = GlobalBatchSampler(len(captions), t.global_batch_size, t.seed)
         self.schedule = None  # (made by resume, at the step it continues from)
 
+    def _masked_batch(self, captions, sampler, first: int, seed: int) -> list[torch.Tensor]:
+        """This DP rank's rows of the global batch at position `first` of `sampler`'s order: [inputs, targets,
+        chosen, positions] on the device, the masks drawn from `seed` for the whole global batch."""
+        t, rank = self.cfg.train, self.dp_rank
+        _, mine = sampler.rank_batch(first, rank, self.dp_size)
+        text = torch.stack([captions[int(i)] for i in mine])
+        generator = torch.Generator().manual_seed(seed)  # (masks drawn on the CPU: the same on any device)
+        inputs, chosen = mask_tokens(text, self.cfg.model, generator, rank * len(mine), t.global_batch_size)
+        # each caption's position in the sample stream keys its dropout masks: the same at any TP/DP layout
+        positions = torch.arange(len(mine)) + first + rank * len(mine)
+        return [x.to(self.device) for x in (inputs, text, chosen, positions)]
+
     def step(self, step: int) -> tuple[float, float]:
         """Global batch `step` (0-based): masked-token loss, clipped AdamW update; (mean loss, grad norm)."""
-        t, device, rank = self.cfg.train, self.device, self.dp_rank
-        _, mine = self.sampler.rank_batch(step * t.global_batch_size, rank, self.dp_size)
-        text = torch.stack([self.captions[int(i)] for i in mine])
-        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
-        inputs, chosen = mask_tokens(text, self.cfg.model, generator, rank * len(mine), t.global_batch_size)
-        inputs, text, chosen = inputs.to(device), text.to(device), chosen.to(device)  # (masks drawn on the CPU)
-        # each caption's position in the sample stream keys its dropout masks: the same at any TP/DP layout
-        positions = torch.arange(len(mine), device=device) + step * t.global_batch_size + rank * len(mine)
+        t, device = self.cfg.train, self.device
+        inputs, text, chosen, positions = self._masked_batch(self.captions, self.sampler, step * t.global_batch_size,
+                                                             t.seed * 1_000_003 + step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
-        for m in range(0, len(mine), t.micro_batch_size):
+        for m in range(0, len(text), t.micro_batch_size):
             part = slice(m, m + t.micro_batch_size)
             # Backward inside too: megatron-core's linear layers restore autocast in their backward for CUDA
             # only (custom_bwd), and on the CPU the backward runs in this thread (on a GPU in autograd's own).
             with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.ddp(inputs[part], text[part], chosen[part], positions[part])
-                loss = loss * t.micro_batch_size / len(mine)
+                loss = loss * t.micro_batch_size / len(text)
                 loss.backward()
             total += loss.detach().float()
         norm = float(global_grad_norm(self.params))  # (the same on every rank: DDP averaged the gradients)
@@ -306,6 +258,26 @@ class _Pretraining:
         self.schedule.step()  # (the LR follows the step count, so a resumed run's schedule is the same)
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return total.item() / self.dp_size, norm
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """The masked-token loss on the held-out captions now: train.eval_batches global batches, the same captions
+        and masks every time (a seeded order over the whole set; masks keyed by the batch), without dropout."""
+        t = self.cfg.train
+        sampler = GlobalBatchSampler(len(self.held_out), t.global_batch_size, t.seed)
+        total = torch.zeros((), device=self.device)
+        self.model.eval()
+        for b in range(t.eval_batches):
+            seed = int(np.random.SeedSequence([t.seed, 2, b]).generate_state(1, np.uint64)[0])  # (apart from steps')
+            inputs, text, chosen, positions = self._masked_batch(self.held_out, sampler, b * t.global_batch_size, seed)
+            for m in range(0, len(text), t.micro_batch_size):
+                part = slice(m, m + t.micro_batch_size)
+                with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+                    total += self.model(inputs[part], text[part], chosen[part], positions[part]).float() \
+                        * len(text[part]) / len(text)
+        self.model.train()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return total.item() / (self.dp_size * t.eval_batches)
 
     def save(self, step: int) -> None:
         """checkpoints/step_<step>/ (every rank; training/checkpoint.py: `latest`, pruning, failures)."""
@@ -464,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--text-files", nargs="*", help="caption files, one per line (default: the run's data)")
     parser.add_argument("--text-tokenizer", help="the SentencePiece model for --text-files")
+    parser.add_argument("--valid-text-files", nargs="*", help="held-out caption files for train.eval_interval with "
+                        "--text-files (default: the run's data.valid_shards)")
     parser.add_argument("--resume", default="auto", choices=["auto", "none"],
                         help="auto: continue from the run directory's latest checkpoint if any; none: start at step 0, "
                              "refused where checkpoints exist")
@@ -472,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.set).validate()
         use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
         with holding_run_dir(args.run_dir):
-            pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer, args.resume)
+            pretrain(cfg, args.run_dir, args.text_files, args.text_tokenizer, args.resume, args.valid_text_files)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Where the text encoder's pre-training (training/text_encoder.py) reads captions: the lines of text files
+(tokenized when read) or the captions of the run's training data, and the held-out captions whose masked-token
+loss it measures every train.eval_interval steps.
+
+    captions = caption_source(cfg, ["captions.txt"], "tok/spm.model")     # indexable: captions[i] -> ids [T]
+    held_out = held_out_captions(cfg, captions, ["valid.txt"])
+"""
+from __future__ import annotations
+
+import mmap
+from array import array
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import ConfigError, require
+from data_pipeline.text_tokenizer import TextTokenizer
+from data_pipeline.training_data import held_out_dataset, training_dataset
+from training.config import Config
+
+
+def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: str | None):
+    """Indexable captions as id tensors [T]: the lines of --text-files, else the run's training data."""
+    if text_files:
+        if not text_tokenizer:
+            raise ConfigError("--text-files needs --text-tokenizer (the SentencePiece model to tokenize them with)")
+        tok = TextTokenizer(text_tokenizer, cfg.model.text_seq_len)
+        if tok.vocab_size > cfg.model.text_vocab_size:
+            raise ConfigError(f"--text-tokenizer {text_tokenizer}: {tok.vocab_size} ids do not fit "
+                              f"model.text_vocab_size={cfg.model.text_vocab_size}")
+        return CaptionLines(text_files, tok)
+    data = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    return _Captions(data)
+
+
+class CaptionLines:
+    """The non-blank lines of text files as caption id tensors [T], tokenized when read. Each rank keeps where
+    each line starts (8 bytes per caption) and tokenizes only its batches' rows: a tensor per caption was
+    ~1.7 KB on every rank, 15 GiB per rank at 10M captions."""
+
+    def __init__(self, paths: list[str], tok: TextTokenizer):
+        self.tok, self.files, starts = tok, [], []
+        for path in map(Path, paths):
+            offsets, at = array("q"), 0
+            with open(path, "rb") as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        if line.decode("utf-8").strip():
+                            offsets.append(at)
+                    except UnicodeDecodeError as e:
+                        raise ConfigError(f"--text-files {path}: line {number} is not UTF-8 ({e.reason})") from None
+                    at += len(line)
+            if offsets:
+                with open(path, "rb") as f:
+                    self.files.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                starts.append(np.frombuffer(offsets, dtype=np.int64))
+        if not starts:
+            raise ConfigError(f"--text-files {', '.join(paths)}: no captions (every line is blank)")
+        self.bases = np.cumsum([0] + [len(s) for s in starts])
+        self.starts = np.concatenate(starts)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        text = self.files[int(np.searchsorted(self.bases, i, side="right")) - 1]
+        start = int(self.starts[i])
+        end = text.find(b"\n", start)
+        line = text[start:end if end >= 0 else len(text)].decode("utf-8").strip()
+        return torch.tensor(self.tok.encode(line)[0])
+
+
+class _Captions:
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i][0]
+
+
+def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None):
+    """The held-out captions for train.eval_interval: --valid-text-files when training on --text-files (tokenized
+    alike), else the run's data.valid_shards (data_pipeline.training_data.held_out_dataset's rules; synthetic data
+    generates its own). ConfigError naming what is missing or too small."""
+    t = cfg.train
+    needed = t.eval_batches * t.global_batch_size
+    if isinstance(captions, CaptionLines):
+        require(bool(valid_text_files), "train.eval_interval with --text-files needs --valid-text-files (held-out "
+                                        "captions, one per line, not among the training ones)")
+        held_out = CaptionLines(valid_text_files, captions.tok)
+        require(len(held_out) >= needed, f"--valid-text-files: {len(held_out):,} captions; train.eval_batches global "
+                                         f"batches of train.global_batch_size need {needed:,}")
+        return held_out
+    require(not valid_text_files, "--valid-text-files goes with --text-files (this run reads its data's captions: "
+                                  "their held-out ones are data.valid_shards)")
+    return _Captions(held_out_dataset(cfg.data, cfg.model, t.seed, needed, captions.data))
