@@ -5,7 +5,8 @@
     write_tar(Path("laion/00000.tar"), [("000000000", {"jpg": jpeg_bytes, "txt": b"a caption", "json": b"{}"})])
 
 A shard is a tar of `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`. A truncated or corrupt tar yields
-the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard). A member
+the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard), also when it was
+cut exactly between two members (its end-of-archive marker is missing: `ends_like_a_tar`). A member
 repeated within a sample (`x.txt` twice, `x.jpg` and `x.JPG`) is counted under `duplicate_member` and
 left out (the sample keeps the first); the samples after it are read as usual. A file that
 is not a tar at all (`check_is_tar`) is refused with a DataError naming it.
@@ -67,8 +68,23 @@ def read_shard(path: str | Path, errors: Counter):
     with open(path, "rb") as stream:
         files = tariterators.tar_file_expander([{"url": str(path), "stream": stream}], handler=on_error)
         yield from tariterators.group_by_keys(files, handler=on_error)
-    if stop:
+    if stop or not ends_like_a_tar(path):
         errors["truncated_tar"] += 1
+
+
+def ends_like_a_tar(path: str | Path) -> bool:
+    """Whether an uncompressed tar ends with its end-of-archive marker (two zero blocks; tar, Python's tarfile and
+    webdataset's writer all write it, padded to whole blocks). Without it the file was cut, possibly exactly
+    between two members, which tarfile reads as a shorter archive without a word. A compressed tar: True (its
+    stream's own end is checked by the decompressor)."""
+    with open(path, "rb") as f:
+        if f.read(262)[257:262] != b"ustar":  # (not a plain POSIX/GNU tar: compressed, or an old v7 one)
+            return True
+        size = f.seek(0, 2)
+        if size % 512 or size < 1536:
+            return False
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:

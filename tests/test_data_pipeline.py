@@ -179,6 +179,24 @@ def test_truncated_tar_costs_only_its_broken_tail(setup):
     assert keys == [f"syn{i:05d}" for i in range(100, 105)] and errors == {"truncated_tar": 1}
 
 
+def test_a_tar_cut_between_two_members_is_counted_as_truncated(tmp_path):
+    """tarfile reads a tar cut exactly at a member boundary as a shorter, sound archive; its missing
+    end-of-archive marker gives it away. The whole tar, and one without the marker's padding block, are sound."""
+    import tarfile
+
+    from data_pipeline.laion import write_tar
+
+    path = write_tar(tmp_path / "whole.tar", lf.synthetic_samples(3))
+    with tarfile.open(path) as tar:
+        third = next(m for m in tar.getmembers() if m.name.startswith(lf.synthetic_samples(3)[2][0]))
+    errors = Counter()
+    assert len(list(read_shard(path, errors))) == 3 and errors == {}
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[:third.offset])  # the first two samples whole, then nothing
+    keys = [s["__key__"] for s in read_shard(cut, errors)]
+    assert keys == [k for k, _ in lf.synthetic_samples(2)] and errors == {"truncated_tar": 1}
+
+
 def test_input_tars_are_streamed_into_the_same_shards_at_any_number_of_workers(setup, one_run, tmp_path,
                                                                                monkeypatch):
     """An input tar is read as it is encoded (img2dataset shards of full-size images are gigabytes): the first
