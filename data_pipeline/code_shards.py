@@ -399,8 +399,13 @@ def other_tokenizers(a: dict, b: dict) -> list[str]:
 
 
 def blend_items(spec: str) -> list[tuple[str, str, str]]:
-    """`codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> [(item, folder, weight text)]."""
-    return [(item, *item.partition(":")[::2]) for item in filter(None, (s.strip() for s in spec.split(",")))]
+    """`codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> [(item, folder, weight text)]. The weight is
+    what follows the last ':'; an item that is itself an existing folder (a name holding ':') has none."""
+    items = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        folder, colon, weight = item.rpartition(":")
+        items.append((item, item, "") if not colon or Path(item).is_dir() else (item, folder, weight))
+    return items
 
 
 def open_training_data(spec: str, model_cfg):

@@ -506,6 +506,10 @@ def test_blend_weight_too_small_for_one_sample_is_refused(one_run, tmp_path):
     assert open_training_data(f"{a}:1,{b}:{1 / n}", model_cfg).counts.tolist() == [n - 1, 1]
     with pytest.raises(DataError, match=rf"{b}: weight .* gives it none of an epoch's {n} samples"):
         open_training_data(f"{a}:1,{b}:{0.1 / n}", model_cfg)
+    timed = tmp_path / "codes-12:30"  # a folder whose name holds ':' (its weight is after the last one)
+    shutil.copytree(single, timed)
+    assert open_training_data(f"{timed},{b}", model_cfg).counts.tolist() == [n // 2, n // 2]
+    assert open_training_data(f"{timed}:3,{b}:1", model_cfg).counts.tolist() == [3 * n // 4, n // 4]
 
 
 @pytest.mark.parametrize("extra_records", [0, 1])
