@@ -44,7 +44,7 @@ def _parse_value(text: str, dotted: str) -> Any:
     if re.fullmatch(r"[-+]?0[0-9_]+", text):
         raise ConfigError(f"override {dotted}={text}: YAML reads a number with a leading zero as octal; "
                           "write it without the zero (or quote it for a string)")
-    if text.startswith("#") or " #" in text or "\t#" in text:
+    if text[:1] not in ("'", '"') and (text.startswith("#") or " #" in text or "\t#" in text):
         raise ConfigError(f"override {dotted}={text}: '#' after a space starts a YAML comment, which would cut "
                           f"the value; quote it: {dotted}=\"'{text}'\"")
     try:
@@ -84,6 +84,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # (`<<: *anchor`: its keys are defaults the mapping's own may override)
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, typing.Hashable):
                 continue  # (PyYAML's own construction refuses it)

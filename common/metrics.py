@@ -44,6 +44,21 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(torch.nn.functional.mse_loss(images.float(), reference.float()).item(), 1e-12))
 
 
+def mean_over_ranks(logs: dict) -> dict:
+    """A data-parallel step's numbers (loss, PSNR, ...) averaged over the ranks of the default group, in one
+    all-reduce: the step's whole batch, not rank 0's share of it (ranks with equal batches: the mean of their
+    means; numbers already global, like an all-reduced code usage or the LR, stay as they are). Every rank calls it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return logs
+    keys = [k for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # (NCCL reduces device tensors only)
+    values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return {**logs, **dict(zip(keys, (values / dist.get_world_size()).tolist()))}
+
+
 def reset_peak_memory() -> None:
     """Start the peaks of `memory_gb` afresh: called once the engine is built, so that the logged peak is
     training's, not construction's (the fp32 model before DeepSpeed casts it to bf16)."""

@@ -79,8 +79,9 @@ class StopRequest:
     def __init__(self, stop_file: Path | None = None):
         self.received: int | None = None
         self.stop_file = stop_file
-        for sig in SIGNALS:
-            signal.signal(sig, self._handle)
+        # (the handlers before, restored by restore(): e.g. USR1 ignored, as slurm/train.sbatch starts torchrun
+        # and so its trainers, must stay ignored while an export is written after the loop)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum  # only note it: the step in flight finishes first
@@ -131,5 +132,5 @@ class StopRequest:
             raise Preempted(step, reason, run_dir)
 
     def restore(self) -> None:
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)

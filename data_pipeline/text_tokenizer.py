@@ -77,7 +77,7 @@ class TextTokenizer:
                                     "(train one with python -m data_pipeline.train_text_tokenizer)")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as e:
+        except RuntimeError as e:  # (sentencepiece's parse error; an OSError names itself)
             raise DataError(f"{path}: not a SentencePiece model ({str(e).strip().splitlines()[0]}); expected the "
                             ".model file of python -m data_pipeline.train_text_tokenizer") from None
         if (self.sp.pad_id(), self.sp.eos_id()) != (PAD_ID, EOS_ID):

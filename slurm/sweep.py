@@ -3,7 +3,7 @@
     python -m slurm.sweep submit --out sweeps/s1 --config configs/train/parti-350m.yaml \
         --models parti-350m,parti-750m --nodes 1,2,4 --layouts tp1pp1z1,tp2pp1z1,tp2pp2z1 [--steps 200] [--dry-run] \
         [--gpus-per-node 8] [--sbatch-args="--partition=gpu --time=2:00:00"] \
-        --set data.shards='codes/*.tar' train.warmup_steps=20
+        --set data.shards=codes/ train.warmup_steps=20
     python -m slurm.sweep collect sweeps/s1          # -> results.csv, results.md, *.png
 
 Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm/train.sbatch` run in
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from common.cli import command
 from common.config import ConfigError
 from model_parallel.config import saved_model_config
 from training.config import load_config
@@ -47,8 +48,14 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
     are skipped with the trainer's reason (TP x PP not dividing the processes, heads not splitting over TP,
     a global batch smaller than micro-batch x DP ...) instead of failing in the queue."""
     procs = gpus_per_node or int(os.environ.get("NPROC_PER_NODE", 1))
-    jobs, warned = [], set()
+    jobs = []
     for model in models:
+        # (a mistake in the config or the overrides is refused here, not reported as every combination skipped)
+        cfg = load_config(config, [f"model.preset={model}", f"train.steps={steps}", *extra]).validate()
+        if cfg.train.warmup_steps >= cfg.train.steps:
+            print(f"warning: {model}: train.warmup_steps={cfg.train.warmup_steps} >= train.steps={cfg.train.steps}: "
+                  f"its runs never reach the peak learning rate; add e.g. --set train.warmup_steps="
+                  f"{max(1, cfg.train.steps // 10)}")
         for n in nodes:
             for layout in layouts:
                 match = LAYOUT.match(layout)
@@ -59,15 +66,10 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
                 sets = [f"model.preset={model}", f"parallel.tp={tp}", f"parallel.pp={pp}",
                         f"parallel.zero_stage={zero}", f"train.steps={steps}", *extra]
                 try:
-                    cfg = load_config(config, sets).validate(world_size=n * procs)
+                    load_config(config, sets).validate(world_size=n * procs)
                 except ConfigError as e:
                     print(f"skipped {run_dir.name} ({n * procs} processes): {e}")
                     continue
-                if cfg.train.warmup_steps >= steps and model not in warned:
-                    warned.add(model)
-                    print(f"warning: {model}: train.warmup_steps={cfg.train.warmup_steps} >= --steps {steps}: its runs "
-                          "never reach the peak learning rate; add e.g. --set train.warmup_steps="
-                          f"{max(1, steps // 10)}")
                 jobs.append({"name": run_dir.name, "run_dir": str(run_dir), "nodes": n,
                              "command": ["sbatch", "--parsable", "-N", str(n), f"--gpus-per-node={gpus_per_node}",
                                          *sbatch_args, f"--job-name={run_dir.name}",
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--warmup", type=int, default=2, help="logged steps left out of the medians")
     args = parser.parse_args(argv)
     if args.action == "submit":
-        submit(args)
+        with command(label="slurm.sweep"):  # (a config error: one line)
+            submit(args)
     else:
         rows = collect(Path(args.folder), args.warmup)
         print((Path(args.folder) / "results.md").read_text())

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, holding_run_dir, resume_tag
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, save_config
-from common.metrics import MetricsLogger, psnr
+from common.metrics import MetricsLogger, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.state_file import STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
@@ -218,7 +218,7 @@ class SRTrainer:
             stop.start(self.run_dir, self.step, t.steps)
             while self.step < t.steps:
                 start = time.perf_counter()
-                logs = self.train_step(*self.batch())
+                logs = mean_over_ranks(self.train_step(*self.batch()))
                 self.step += 1
                 history.append(logs)
                 if self.step % t.log_interval == 0 or self.step == t.steps:

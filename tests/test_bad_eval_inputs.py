@@ -272,6 +272,20 @@ def generate_with_a_text_tokenizer_that_is_not_one(tmp: Path):
     return main, argv, r"spm.model: not a SentencePiece model \(.*\); expected the .model file of", keep
 
 
+def generate_with_an_edited_vq(tmp: Path, edit: str):
+    import torch
+
+    from vq.tokenizer import ConvVQ, save_image_tokenizer
+
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), tmp / "vq.pt")
+    blob = torch.load(tmp / "vq.pt", weights_only=True)
+    blob["config"].update(codebook_size=32) if edit == "size" else blob["config"].update(colour="red")
+    torch.save(blob, tmp / "vq.pt")
+    (tmp / "spm.model").write_bytes(b"not read")
+    main, argv, keep = generate_case(tmp, fake_export(tmp / "export"))
+    return main, argv, r"vq.pt: a conv_vq export whose config and weights do not make a tokenizer", keep
+
+
 def generate_into_a_file(tmp: Path):
     main, argv, keep = generate_case(tmp, fake_export(tmp / "export"))
     (tmp / "out.png").write_bytes(b"an image")
@@ -305,6 +319,8 @@ SAMPLING_CASES = {
                                          r"export \(.*\); expected the export.pt of vq.train"),
     "--text-tokenizer not SentencePiece": lambda tmp: generate_with_a_text_tokenizer_that_is_not_one(tmp),
     "--out a file": lambda tmp: generate_into_a_file(tmp),
+    "--vq with another codebook size written in": lambda tmp: generate_with_an_edited_vq(tmp, "size"),
+    "--vq with an unknown config key written in": lambda tmp: generate_with_an_edited_vq(tmp, "key"),
     "negative seed": generate_flags("--seed", "-1", expected=r"--seed must be >= 0, not -1$"),
     "JSONL line not an object": generate_flags(prompts='{"prompt": "a cat"}\n"a dog"\n',
                                                expected=r"prompts.jsonl:2: a JSON string, not an object"),

@@ -64,11 +64,12 @@ def test_world_size_must_fit_layout():
     (["parallel"], "must look like section.key=value"),
     (["train.steps=010"], "train.steps=010: YAML reads a number with a leading zero as octal"),  # (else 8)
     (["train.wandb_project=a #b"], "'#' after a space starts a YAML comment"),  # (else 'a')
+    (["train.wandb_project='a #b'", "train.seed=-1"], "train.seed=-1 must be >= 0"),  # (quoted: taken whole)
     (["train.steps=[1"], "override train.steps=[1: not a YAML value"),
 ])
 def test_bad_input_is_refused_clearly(overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)
+        load_config(None, overrides).validate()
     assert message in str(err.value)
 
 
@@ -84,6 +85,9 @@ def test_bad_yaml_file(tmp_path):
         load_config(path)
     path.write_text("train: {steps: [}\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    path.write_text("base: &b {lr: 1.0e-3, steps: 5}\ntrain:\n  <<: *b\n  lr: 3.0e-3\n")  # (a merge's keys: defaults)
+    with pytest.raises(ConfigError, match="unknown key.*base"):
         load_config(path)
     path.write_text("model: {dropout: 0.1}\ntrain: {dropout: 0.1, steps: 5}\n")  # (one key in two sections is fine)
     with pytest.raises(ConfigError, match="unknown key"):

@@ -93,6 +93,22 @@ def test_sigusr1_saves_and_exits_for_requeue(single_process, tmp_path):
     assert len(more) == 2 and all(map(lambda x: x == x, more))
 
 
+def test_a_stop_request_restores_the_handlers_it_found():
+    """USR1 ignored (as slurm/train.sbatch starts torchrun and so the trainers) stays ignored after a stop request
+    is restored: the export written after the training loop must not die of a plain `scancel --signal=USR1`."""
+    from common.preemption import StopRequest
+
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        request = StopRequest()
+        assert signal.getsignal(signal.SIGUSR1) == request._handle
+        request.restore()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def test_stops_at_start_up_at_the_last_step_and_stale_requeue_files(single_process, tmp_path, monkeypatch):
     """SIGUSR1 while the trainer starts up (here during its resume) is honoured before the first step: no step,
     no save, REQUEUE naming the step resumed from (the process is not killed: the handlers come first). A

@@ -72,7 +72,8 @@ def test_missing_latest_resumes_from_the_newest_complete_checkpoint(single_proce
     assert latest_tag(run_dir) == LAST and (run_dir / "checkpoints" / MID / "trainer_state.json").is_file()
 
 
-def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(single_process, reference, tmp_path):
+def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(single_process, reference, tmp_path,
+                                                                              monkeypatch):
     run_dir = copy_run(reference[1], tmp_path / "run")
     (run_dir / "export").mkdir()
     (run_dir / "export" / "config.json").write_text("{}")  # (the old run's export goes aside with it)
@@ -82,8 +83,10 @@ def test_resume_none_on_a_finished_run_is_refused_and_overwrite_starts_afresh(si
         run(str(run_dir), resume="none")
     assert snapshot(run_dir) == before  # nothing written: config, metrics, checkpoints, latest as they were
 
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # (the job that overwrote is recorded: slurm/train.sbatch's requeue)
     losses = run(str(run_dir), steps=3, resume="overwrite")
     assert losses == pytest.approx(reference[0][:3], rel=1e-4, abs=1e-4)  # step 1 onwards, afresh
+    assert (run_dir / "OVERWRITTEN_BY").read_text() == "77\n"
     [moved] = run_dir.glob("replaced_*")  # the old run, moved aside whole: no checkpoint of it deleted
     assert snapshot(moved) == before
     assert latest_tag(run_dir) == MID and not (run_dir / "checkpoints" / LAST).exists()

@@ -141,13 +141,21 @@ def test_train_device_comes_before_the_callers_overrides(tmp_path):
 def test_a_requeued_segment_continues_the_run_whatever_the_first_asked(tmp_path):
     """The first segment resumes as the caller asks; a requeued one (SLURM_RESTART_COUNT > 0) always continues:
     `--resume overwrite` must not start the run again on every requeue, nor `--resume none` refuse its checkpoint."""
-    for asked in (["--resume", "overwrite"], ["--resume=none"], []):
+    requeued = {**GPU_JOB, "SLURM_RESTART_COUNT": "1"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "OVERWRITTEN_BY").write_text("42\n")  # (the trainer's record: job 42 overwrote)
+    for asked in (["--resume", "overwrite"], ["--resume=overwrite"], ["--resume=none"], []):
         _, _, argv, _ = train(tmp_path, *asked, "--set", "parallel.tp=2")
         assert trainer_args(argv).resume == (asked[-1].split("=")[-1] if asked else "auto")
-        _, _, argv, _ = train(tmp_path, *asked, "--set", "parallel.tp=2", env={**GPU_JOB, "SLURM_RESTART_COUNT": "1"})
+        _, _, argv, _ = train(tmp_path, *asked, "--set", "parallel.tp=2", env=requeued)
         args = trainer_args(argv)
         assert args.resume == "auto" and args.set == ["train.device=cuda", "parallel.tp=2"]
         assert after(argv, "--rdzv_id") == "42-1"
+    # A first segment that died before its trainer carried out the overwrite (no record of this job): asked again.
+    (tmp_path / "run" / "OVERWRITTEN_BY").write_text("41\n")
+    for asked in (["--resume", "overwrite"], ["--resume=overwrite"]):
+        _, _, argv, _ = train(tmp_path, *asked, env=requeued)
+        assert trainer_args(argv).resume == "overwrite"
 
 
 @pytest.mark.parametrize("scontrol_exit, code", [(0, 0), (1, 75)])
@@ -158,7 +166,8 @@ def test_a_stopped_run_is_requeued_and_a_refused_requeue_fails_the_job(tmp_path,
     got, log, _, _ = train(tmp_path, env=env)
     assert got == code, log
     assert (tmp_path / "out" / "scontrol.log").read_text() == "requeue 42\n"
-    assert ("scontrol requeue 42 failed; the run is saved (step 3)" in log) == bool(scontrol_exit)
+    assert ("scontrol requeue 42 failed; the run is saved (step 3): submit the command again with --resume auto"
+            in log) == bool(scontrol_exit)
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu"])

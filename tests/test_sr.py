@@ -116,14 +116,19 @@ def ddp_weights(photos, run_dir: str):
 
     trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.steps=3", "train.batch_size=8"]), photos[0],
                         run_dir, photos[1])
+    own, step = [], trainer.train_step  # (each rank's own numbers, before they are averaged for the log)
+    trainer.train_step = lambda *batch: own.append(step(*batch)) or own[-1]
     history = trainer.run()
-    return history[-1]["loss"], {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    return history[-1], own[-1], {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
 def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
-    (loss0, weights0), (loss1, weights1) = pool2.run(ddp_weights, photos, str(tmp_path))
+    """Weights equal on both ranks; the logged loss and PSNR are the step's over both ranks' images."""
+    (logged0, own0, weights0), (logged1, own1, weights1) = pool2.run(ddp_weights, photos, str(tmp_path))
     torch.testing.assert_close(weights0, weights1, rtol=0, atol=0)  # gradients averaged by DDP
-    assert loss0 != loss1  # each rank saw its own images
+    assert own0["loss"] != own1["loss"]  # each rank saw its own images
+    for key in ("loss", "psnr"):
+        assert logged0[key] == logged1[key] == pytest.approx((own0[key] + own1[key]) / 2, rel=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from common.config import save_config
+from common.config import ConfigError, save_config
 from slurm.sweep import collect, submissions
 from training.config import load_config
 from training.flops import train_flops_per_sample
@@ -41,7 +41,13 @@ def test_the_grid_skips_what_the_trainer_would_refuse_and_warns_of_a_sweep_insid
     assert [j["name"] for j in jobs] == ["parti-debug-n1-tp2pp1z1"], out
     assert "skipped parti-debug-n2-tp8pp1z1 (8 processes): model.num_heads=4 must be divisible by parallel.tp=8" in out
     assert "skipped parti-debug-n2-tp2pp1z1 (8 processes): global batch 8 is not a multiple of micro-batch 4 x DP 4" in out
-    assert out.count("warning: parti-debug: train.warmup_steps=10 >= --steps 6") == 1
+    assert out.count("warning: parti-debug: train.warmup_steps=10 >= train.steps=6") == 1
+    submissions(["parti-debug"], [1], ["tp1pp1z1"], "configs/train/debug.yaml", tmp_path, 6,
+                ["train.steps=100", "train.warmup_steps=10"], 4)  # (the runs' steps: the override's)
+    assert "warning" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train.warmup_stpes"):  # (not "every combination skipped")
+        submissions(["parti-debug"], [1], ["tp1pp1z1"], "configs/train/debug.yaml", tmp_path, 6,
+                    ["train.warmup_stpes=10"], 4)
 
 
 def test_a_sweep_is_not_submitted_into_the_runs_of_an_earlier_one(tmp_path, capsys):

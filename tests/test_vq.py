@@ -159,7 +159,7 @@ def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
     torch.testing.assert_close(pos0, pos1, rtol=0, atol=0)            # gradients averaged by DDP
     torch.testing.assert_close(disc0, disc1, rtol=0, atol=0)          # the discriminator's too
     assert keys == sorted(disc0) and not any(k.startswith("module.") for k in keys)  # the bare module's keys
-    assert loss0 != loss1  # each rank saw its own images
+    assert loss0 == loss1  # the logged loss: the step's mean over both ranks (mean_over_ranks)
 
 
 def test_nearest_code_search_is_fp32_under_bf16_autocast():
@@ -567,8 +567,10 @@ def ddp_vqgan(data: str, run_dir: str):
     trainer = VQTrainer(load_typed(VQConfig, None, [*VQGAN, "train.steps=3", "train.batch_size=8",
                                                     "model.dead_code_steps=1", "loss.adversarial=0.8",
                                                     "loss.discriminator=patchgan"]), data, run_dir)
+    own, step = [], trainer.train_step  # (each rank's own numbers, before they are averaged for the log)
+    trainer.train_step = lambda images: own.append(step(images)) or own[-1]
     history = trainer.run()
-    return (history[-1]["loss"], {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
+    return ((history[-1], own[-1]), {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
             {k: v.detach().clone() for k, v in trainer.losses.discriminator.named_parameters()})
 
 
@@ -576,10 +578,12 @@ def test_vqgan_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
     """The VQGAN's weights and the PatchGAN's stay the same on both ranks (restarted codes broadcast, gradients
     averaged). Only parameters are compared: the PatchGAN's BatchNorm running statistics are rank-local between
     DDP's buffer broadcasts, as in taming's DDP runs, and training never reads them (train mode throughout)."""
-    (loss0, model0, disc0), (loss1, model1, disc1) = pool2.run(ddp_vqgan, photos, str(tmp_path))
+    ((logged0, own0), model0, disc0), ((logged1, own1), model1, disc1) = pool2.run(ddp_vqgan, photos, str(tmp_path))
     torch.testing.assert_close(model0, model1, rtol=0, atol=0)
     torch.testing.assert_close(disc0, disc1, rtol=0, atol=0)
-    assert loss0 != loss1  # each rank saw its own images
+    assert own0["loss"] != own1["loss"]  # each rank saw its own images; the log has the step's mean over both
+    for key in ("loss", "psnr", "disc"):
+        assert logged0[key] == logged1[key] == pytest.approx((own0[key] + own1[key]) / 2, rel=1e-12)
 
 
 DVAE = ["model.kind=dvae", "model.width=16", "model.res_blocks=1", "model.patch=2", "model.image_size=32",

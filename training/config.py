@@ -146,6 +146,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
             "kernels.compile needs parallel.zero_stage < 3 (ZeRO-3 gathers each module's parameters in hooks "
             "that split a compiled layer into many graphs and exhaust torch.compile's recompilation limit; "
             f"got {p.zero_stage})")
+    require(t.seed >= 0, f"train.seed={t.seed} must be >= 0")
     require(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: from the table)")
     require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     require(t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")

@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: continue from the run directory's latest checkpoint if any; none: start at step 0, "
                              "refused where checkpoints exist")
     args = parser.parse_args(argv)
-    with command(errors=(FileNotFoundError, DeviceError, CheckpointError, RunDirError), label="training.text_encoder"):
+    with command(errors=(FileNotFoundError, DeviceError, CheckpointError, RunDirError, NonFiniteStop),
+                 label="training.text_encoder"):
         cfg = load_config(args.config, args.set).validate()
         use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
         with holding_run_dir(args.run_dir):

@@ -7,6 +7,7 @@ steps it and saves it; `train(cfg, run_dir, resume)` does all of that and return
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from megatron.core import parallel_state as ps
 from common import metrics
 from common.checkpoints import CheckpointError, RunDirError, RunLock
 from common.config import ConfigError, save_config, to_dict
+from common.files import write_atomic
 from common.preemption import StopRequest
 from data_pipeline.code_shards import data_tokenizers, other_tokenizers
 from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
@@ -78,6 +80,10 @@ def open_reader(cfg: Config, dataset, sampler, consumed: int, steps: int, dp_ran
                      pin_memory=device == "cuda")
 
 
+OVERWRITTEN_BY = "OVERWRITTEN_BY"
+"""The run directory's record of the SLURM job whose `--resume overwrite` started the run in it."""
+
+
 @dataclass
 class ResumePlan:
     """What a start does, decided by rank 0 before anything is built or written (`plan_resume`)."""
@@ -89,6 +95,8 @@ class ResumePlan:
     """Its trainer_state.json."""
     set_aside: bool = False
     """--resume overwrite over an existing run: move that run's files aside first."""
+    overwrite: bool = False
+    """--resume overwrite was asked for (OVERWRITTEN_BY records the SLURM job that did it)."""
     messages: list[str] = field(default_factory=list)
     """Lines for the log once it exists (fallbacks, config changes, warnings)."""
     changes: dict = field(default_factory=dict)
@@ -107,7 +115,8 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None =
         raise ConfigError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
     new_id = uuid.uuid4().hex[:12]
     if mode == "overwrite":
-        return ResumePlan(run_id=new_id, set_aside=any((run_dir / n).exists() for n in checkpoint.RUN_FILES))
+        return ResumePlan(run_id=new_id, set_aside=any((run_dir / n).exists() for n in checkpoint.RUN_FILES),
+                          overwrite=True)
     if mode == "none":
         if checkpoint.has_checkpoints(run_dir):
             complete = checkpoint.complete_tags(run_dir)
@@ -216,6 +225,10 @@ class Trainer:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), layout.dp
         rank0 = dist.get_rank() == 0
         moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
+        if rank0 and self.plan.overwrite and os.environ.get("SLURM_JOB_ID"):
+            # slurm/train.sbatch reads it: a requeued segment of this job continues the new run (--resume auto),
+            # while one requeued before this point asks for the overwrite again.
+            write_atomic(self.run_dir / OVERWRITTEN_BY, os.environ["SLURM_JOB_ID"] + "\n")
         self.log = metrics.MetricsLogger(self.run_dir, enabled=rank0, wandb_project=cfg.train.wandb_project,
                                          config=to_dict(cfg), run_id=self.plan.run_id)
         if self.lock.warning:

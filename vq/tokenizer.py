@@ -117,6 +117,8 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
         raise FileNotFoundError(f"image tokenizer {path} does not exist (train one with vq.train or export one)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # (unreadable: permissions, I/O; named by the OS error itself)
     except Exception as e:  # (pickle, zip and weights_only errors of every kind: the file is not an export)
         raise ValueError(f"{path}: not an image tokenizer export ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'unreadable'}); expected the "
@@ -131,8 +133,12 @@ def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
         raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
     if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
         raise ValueError(f"{path}: a {kind} export without its config and state_dict (damaged or edited)")
-    model = known[kind](**blob["config"])
-    missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
+    try:
+        model = known[kind](**blob["config"])
+        missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
+    except (TypeError, ValueError, RuntimeError) as e:  # (a config key the class lacks; tensors of other shapes)
+        raise ValueError(f"{path}: a {kind} export whose config and weights do not make a tokenizer "
+                         f"({' '.join(str(e).split())[:300]}): damaged or edited; export it again") from None
     if missing or unexpected:
         raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
     model.weights_hash = content_hash(kind, blob["config"], blob["state_dict"])

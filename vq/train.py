@@ -45,7 +45,7 @@ from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, hol
 from common.cli import command, config_parser
 from common.config import ConfigError, load_typed, require, save_config
 from common.files import write_atomic
-from common.metrics import MetricsLogger, psnr
+from common.metrics import MetricsLogger, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.schedule import check_schedule, lr_lambda
 from common.state_file import STATE_FILE, load_state, save_state
@@ -397,7 +397,7 @@ class VQTrainer:
             while self.step < t.steps:
                 start = time.perf_counter()
                 images = self.batch()
-                logs = self.train_step(images)
+                logs = mean_over_ranks(self.train_step(images))
                 self.step += 1
                 history.append(logs)
                 if self.step % t.log_interval == 0 or self.step == t.steps:
