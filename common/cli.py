@@ -141,3 +141,25 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
             if groups is not None and groups.model_parallel_is_initialized():
                 groups.destroy_model_parallel()
             dist.destroy_process_group()
+
+
+def run_trainer(args: argparse.Namespace, config_cls, build, label: str) -> None:
+    """The command line of a trainer with --config/--set, --run-dir and --resume auto|none whose object has
+    resume(), start_fresh() and run() (vq.train, vq.finetune_decoder, sr.train): the config and the device
+    first (a missing GPU is refused before the run directory is made), then the run lock for the run's life
+    (common.checkpoints.holding_run_dir), then `build(cfg)` resumed or started afresh, and trained. Bad input,
+    a busy run directory and a damaged checkpoint end in one line."""
+    from common.checkpoints import CheckpointError, RunDirError, holding_run_dir
+    from common.config import load_typed
+    from model_parallel.state import DeviceError, use_device
+
+    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label=label):
+        cfg = load_typed(config_cls, args.config, args.set)
+        use_device(cfg.train.device, "train.device")
+        with holding_run_dir(args.run_dir):
+            trainer = build(cfg)
+            if args.resume == "auto":
+                trainer.resume()
+            else:
+                trainer.start_fresh()
+            trainer.run()

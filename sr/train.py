@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, holding_run_dir, resume_tag
-from common.cli import command, config_parser
-from common.config import ConfigError, load_typed, save_config
+from common.checkpoints import checkpoint_dir, resume_tag
+from common.cli import config_parser, run_trainer
+from common.config import ConfigError, save_config
 from common.metrics import MetricsLogger, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.state_file import STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
-from model_parallel.state import DeviceError, init_distributed, use_device
+from model_parallel.state import init_distributed, use_device
 from sr.config import SRConfig
 from sr.model import build_wdsr, load_upsampler, save_upsampler, upsample
 from vq.losses import make_lpips
@@ -251,16 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="sr.train"):
-        cfg = load_typed(SRConfig, args.config, args.set)
-        use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
-        with holding_run_dir(args.run_dir):
-            trainer = SRTrainer(cfg, args.data, args.run_dir, args.val_data)
-            if args.resume == "auto":
-                trainer.resume()
-            else:
-                trainer.start_fresh()
-            trainer.run()
+    run_trainer(args, SRConfig, lambda cfg: SRTrainer(cfg, args.data, args.run_dir, args.val_data), "sr.train")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.checkpoints import CheckpointError, RunDirError, holding_run_dir
-from common.cli import command, config_parser
-from common.config import ConfigError, load_typed
-from model_parallel.state import DeviceError, use_device
+from common.cli import config_parser, run_trainer
+from common.config import ConfigError
 from vq.config import VQConfig
 from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
 from vq.train import VQTrainer, vit_shape
@@ -65,14 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, FileNotFoundError, DeviceError, RunDirError), label="vq.finetune_decoder"):
-        cfg = load_typed(VQConfig, args.config, args.set)
-        use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
-        with holding_run_dir(args.run_dir):
-            trainer = DecoderFinetuner(cfg, args.tokenizer, args.data, args.run_dir)
-            if args.resume == "auto":
-                trainer.resume()
-            trainer.run()
+    run_trainer(args, VQConfig, lambda cfg: DecoderFinetuner(cfg, args.tokenizer, args.data, args.run_dir),
+                "vq.finetune_decoder")
 
 
 if __name__ == "__main__":

@@ -41,16 +41,16 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, holding_run_dir, resume_tag
-from common.cli import command, config_parser
-from common.config import ConfigError, load_typed, require, save_config
+from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
+from common.cli import config_parser, run_trainer
+from common.config import ConfigError, require, save_config
 from common.files import write_atomic
 from common.metrics import MetricsLogger, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.schedule import check_schedule, lr_lambda
 from common.state_file import STATE_FILE, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
-from model_parallel.state import DeviceError, init_distributed, use_device
+from model_parallel.state import init_distributed, use_device
 from vq.config import VQConfig
 from vq.dvae import DVAE
 from vq.init_weights import load_initial_weights
@@ -428,16 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label="vq.train"):
-        cfg = load_typed(VQConfig, args.config, args.set)
-        use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
-        with holding_run_dir(args.run_dir):
-            trainer = VQTrainer(cfg, args.data, args.run_dir)
-            if args.resume == "auto":
-                trainer.resume()
-            else:
-                trainer.start_fresh()
-            trainer.run()
+    run_trainer(args, VQConfig, lambda cfg: VQTrainer(cfg, args.data, args.run_dir), "vq.train")
 
 
 if __name__ == "__main__":
