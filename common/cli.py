@@ -153,7 +153,8 @@ def run_trainer(args: argparse.Namespace, config_cls, build, label: str) -> None
     from common.config import load_typed
     from model_parallel.state import DeviceError, use_device
 
-    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError), label=label):
+    # (ValueError: bad input data or files, e.g. data_pipeline's DataError, a damaged export)
+    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError, ValueError), label=label):
         cfg = load_typed(config_cls, args.config, args.set)
         use_device(cfg.train.device, "train.device")
         with holding_run_dir(args.run_dir):

@@ -59,6 +59,9 @@ def read_shard(path: str | Path, errors: Counter):
     stop = []
 
     def on_error(exc: Exception) -> bool:
+        if isinstance(exc, OSError):  # (EIO, ESTALE on a network file system: not a cut the shard could be short of)
+            raise DataError(f"{path}: reading failed ({exc}); the shard was not finished: rerun when the file "
+                            "system is sound") from exc
         if isinstance(exc, ValueError) and "duplicate file name" in str(exc.args[0]):  # (group_by_keys' words)
             errors["duplicate_member"] += 1  # a second KEY.jpg (or KEY.JPG): the sample keeps its first one
             return True  # the tar itself is sound: read on

@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index {args.shard_index} must be in 0..{args.num_shards - 1}")
+    if args.batch_size < 1 or args.workers < 0:  # (batch 0 wrote empty shards that a rerun took as finished)
+        parser.error(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
 
     with command(errors=(DataError, FileNotFoundError, DeviceError)):
         vq = load_image_tokenizer(args.vq)

@@ -63,6 +63,8 @@ class SRTrainer:
         self.scale = cfg.model.resolved()["scale"]
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
+        if t.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision={t.precision!r} must be fp32 or bf16")
         for name in ("crop", "resize"):
             if getattr(t, name) % self.scale:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be divisible by the model's scale {self.scale}")

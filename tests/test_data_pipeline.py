@@ -179,6 +179,27 @@ def test_truncated_tar_costs_only_its_broken_tail(setup):
     assert keys == [f"syn{i:05d}" for i in range(100, 105)] and errors == {"truncated_tar": 1}
 
 
+def test_a_read_error_is_not_taken_for_a_cut(tmp_path, monkeypatch):
+    """EIO halfway through a tar (a failing disk, a network file system) is an error naming the shard, not a
+    truncated tar whose short shard a rerun would keep as finished."""
+    import errno
+
+    from data_pipeline import laion
+    from data_pipeline.laion import write_tar
+
+    path = write_tar(tmp_path / "a.tar", lf.synthetic_samples(3))
+
+    class Failing(io.BufferedReader):
+        def read(self, size=-1):
+            if self.tell() > 6000:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().read(size)
+
+    monkeypatch.setattr(laion, "open", lambda p, mode: Failing(io.FileIO(p, mode)), raising=False)
+    with pytest.raises(DataError, match=r"a.tar: reading failed .*Input/output error.*the shard was not finished"):
+        list(read_shard(path, Counter()))
+
+
 def test_a_tar_cut_between_two_members_is_counted_as_truncated(tmp_path):
     """tarfile reads a tar cut exactly at a member boundary as a shorter, sound archive; its missing
     end-of-archive marker gives it away. The whole tar, and one without the marker's padding block, are sound."""

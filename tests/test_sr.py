@@ -105,6 +105,7 @@ def test_a_run_asked_to_stop_saves_exits_for_requeue_and_resumes(single_process,
 @pytest.mark.parametrize("sets, message", [
     (["train.crop=47"], "train.crop=47 must be divisible by the model's scale 2"),
     (["model.preset=x3"], "model.preset='x3' must be one of x2, x4, tiny"),
+    (["train.precision=fp16"], "train.precision='fp16' must be fp32 or bf16"),  # (it trained in fp32 silently)
 ])
 def test_bad_settings_are_refused_naming_the_field(single_process, photos, tmp_path, sets, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

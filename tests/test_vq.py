@@ -288,6 +288,7 @@ def test_finetuned_decoder_keeps_the_codes_and_draws_held_back_photos_better(sin
     from data_pipeline.images import FilterConfig
     from data_pipeline.pretokenize import pretokenize
     from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from common.checkpoints import CheckpointError
     from vq.finetune_decoder import DecoderFinetuner
     from vq.tokenizer import load_image_tokenizer
 
@@ -312,6 +313,13 @@ def test_finetuned_decoder_keeps_the_codes_and_draws_held_back_photos_better(sin
     before, after = (F.mse_loss(tok.decode(codes), held_back).item() for tok in (source, tuned))
     assert after < 0.97 * before, (before, after)  # (measured: 0.150 -> 0.140)
     pretokenize([Path(data)], tmp_path / "codes", tuned, text_tok, filters)  # the shards made before still fit
+    # Resumed with another --tokenizer: refused (its export would claim that tokenizer's codes, encoding with these).
+    train(data, tmp_path / "other", "train.steps=1", "train.seed=7")
+    other = DecoderFinetuner(cfg, tmp_path / "other" / "export.pt", data, tmp_path / "detok")
+    with pytest.raises(CheckpointError, match=r"step_00000150/state.pt: fine-tuned on the codes of tokenizer "
+                                              rf"{source.content_hash[:16]}, but --tokenizer is"):
+        other.resume()
+    other.stream.close()
 
 
 def test_a_detokenizer_whose_encoder_was_changed_is_refused(single_process, split_photos, tmp_path):
@@ -813,3 +821,11 @@ def test_the_vit_vqgan_presets_train_the_logit_laplace_term_they_weigh(preset):
     with torch.device("meta"):
         model = build_model(cfg)
     assert cfg.loss.logit_laplace == 0.1 and model.out_channels == 6
+
+
+def test_an_unknown_precision_is_refused(single_process, tmp_path):
+    """train.precision=fp16 (or a typo) trained in fp32 without a word."""
+    from vq.train import main
+
+    with pytest.raises(SystemExit, match="train.precision='fp16' must be fp32 or bf16"):
+        main(["--data", str(tmp_path / "x.tar"), "--run-dir", str(tmp_path / "run"), "--set", "train.precision=fp16"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.checkpoints import CheckpointError
 from common.cli import config_parser, run_trainer
 from common.config import ConfigError
 from vq.config import VQConfig
@@ -51,6 +52,19 @@ class DecoderFinetuner(VQTrainer):
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] not in ENCODER_PARTS)
         return model
+
+    def state(self, streams: list[dict]) -> dict:
+        return {**super().state(streams), "source_tokenizer": self.source.content_hash}
+
+    def check_resumable(self, path: Path, state: dict) -> None:
+        """Also refuse a --tokenizer other than the one the checkpoint's frozen encoder came from: its export
+        would claim that tokenizer's codes while encoding with the checkpoint's encoder."""
+        super().check_resumable(path, state)
+        saved = state.get("source_tokenizer")
+        if saved is not None and saved != self.source.content_hash:
+            raise CheckpointError(f"{path}: fine-tuned on the codes of tokenizer {saved[:16]}, but --tokenizer is "
+                                  f"{self.source.content_hash[:16]}; resume with that tokenizer's export, or start "
+                                  "the new one in another --run-dir")
 
     def export_tokenizer(self, path: Path) -> str:
         return save_image_tokenizer(self.model, path, codes_of=self.source.content_hash)

@@ -226,6 +226,7 @@ class VQTrainer:
         check_schedule(t, "train")  # (before config.yaml is written: a refused config leaves the run's as it was)
         check_logit_laplace(cfg)
         require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+        require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
         require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no average)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = device
@@ -307,7 +308,7 @@ class VQTrainer:
         # resume on a GPU failed. load_state_dict copies model weights and optimizer state onto the
         # parameters' device itself. weights_only: a checkpoint must not be able to run code (load_checkpoint).
         state = load_checkpoint(path)
-        self._check_heads(path, state.get("config", {}).get("model", {}))
+        self.check_resumable(path, state)
         self.model.load_state_dict(state["model"])
         load_optimizer(self.opt, state["opt"], self.model, path)
         if self.disc_opt and state["disc"] is not None:
@@ -328,6 +329,10 @@ class VQTrainer:
         """Step 0: the weights of train.init_from when it is set, else those the model was built with."""
         if self.cfg.train.init_from:
             self.log.info(load_initial_weights(self.cfg.train.init_from, self.model, self.losses.discriminator))
+
+    def check_resumable(self, path: Path, state: dict) -> None:
+        """Refuse (CheckpointError) a checkpoint this trainer must not continue."""
+        self._check_heads(path, state.get("config", {}).get("model", {}))
 
     def _check_heads(self, path: Path, saved: dict) -> None:
         """Attention heads leave no trace in the weights' shapes, so a checkpoint would load into a model with
