@@ -143,18 +143,18 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
             dist.destroy_process_group()
 
 
-def run_trainer(args: argparse.Namespace, config_cls, build, label: str) -> None:
+def run_trainer(args: argparse.Namespace, config_cls, build, label: str, use_device, device_error: type) -> None:
     """The command line of a trainer with --config/--set, --run-dir and --resume auto|none whose object has
     resume(), start_fresh() and run() (vq.train, vq.finetune_decoder, sr.train): the config and the device
     first (a missing GPU is refused before the run directory is made), then the run lock for the run's life
     (common.checkpoints.holding_run_dir), then `build(cfg)` resumed or started afresh, and trained. Bad input,
-    a busy run directory and a damaged checkpoint end in one line."""
+    a busy run directory and a damaged checkpoint end in one line. `use_device`, `device_error`:
+    model_parallel.state's (passed in: common sits below model_parallel)."""
     from common.checkpoints import CheckpointError, RunDirError, holding_run_dir
     from common.config import load_typed
-    from model_parallel.state import DeviceError, use_device
 
     # (ValueError: bad input data or files, e.g. data_pipeline's DataError, a damaged export)
-    with command(errors=(CheckpointError, DeviceError, FileNotFoundError, RunDirError, ValueError), label=label):
+    with command(errors=(CheckpointError, device_error, FileNotFoundError, RunDirError, ValueError), label=label):
         cfg = load_typed(config_cls, args.config, args.set)
         use_device(cfg.train.device, "train.device")
         with holding_run_dir(args.run_dir):

@@ -36,7 +36,7 @@ from common.metrics import MetricsLogger, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.state_file import STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
-from model_parallel.state import init_distributed, use_device
+from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.config import SRConfig
 from sr.model import build_wdsr, load_upsampler, save_upsampler, upsample
 from vq.losses import make_lpips
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    run_trainer(args, SRConfig, lambda cfg: SRTrainer(cfg, args.data, args.run_dir, args.val_data), "sr.train")
+    run_trainer(args, SRConfig, lambda cfg: SRTrainer(cfg, args.data, args.run_dir, args.val_data), "sr.train",
+                use_device, DeviceError)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 from common.checkpoints import CheckpointError
 from common.cli import config_parser, run_trainer
 from common.config import ConfigError
+from model_parallel.state import DeviceError, use_device
 from vq.config import VQConfig
 from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
 from vq.train import VQTrainer, vit_shape
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
     run_trainer(args, VQConfig, lambda cfg: DecoderFinetuner(cfg, args.tokenizer, args.data, args.run_dir),
-                "vq.finetune_decoder")
+                "vq.finetune_decoder", use_device, DeviceError)
 
 
 if __name__ == "__main__":

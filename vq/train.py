@@ -50,7 +50,7 @@ from common.preemption import StopRequest
 from common.schedule import check_schedule, lr_lambda
 from common.state_file import STATE_FILE, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
-from model_parallel.state import init_distributed, use_device
+from model_parallel.state import DeviceError, init_distributed, use_device
 from vq.config import VQConfig
 from vq.dvae import DVAE
 from vq.init_weights import load_initial_weights
@@ -433,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
     args = parser.parse_args(argv)
-    run_trainer(args, VQConfig, lambda cfg: VQTrainer(cfg, args.data, args.run_dir), "vq.train")
+    run_trainer(args, VQConfig, lambda cfg: VQTrainer(cfg, args.data, args.run_dir), "vq.train", use_device,
+                DeviceError)
 
 
 if __name__ == "__main__":
