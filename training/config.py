@@ -260,6 +260,18 @@ def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
     return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
 
 
+def change_messages(changes: dict, step: int) -> list[str]:
+    """The log lines of a resume at `step` with resume_changes' `changes` (the refused ones excepted)."""
+    messages = []
+    if changes["applied"]:
+        messages.append(f"config changes applied from step {step} on: {format_changes(changes['applied'])}")
+    for key, old, new in changes["warned"]:
+        messages.append(f"warning: {key} changed on resume ({old!r} -> {new!r}): {RESUME_WARNED[key]}")
+    if changes["noted"]:
+        messages.append(f"config changes on resume: {format_changes(changes['noted'])}")
+    return messages
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = config_parser("Print the resolved config with every key's meaning.", where="configs/train/")
     args = parser.parse_args(argv)

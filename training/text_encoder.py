@@ -70,7 +70,7 @@ from model_parallel.state import DeviceError, init_parallel, seed_everything, us
 from training.captions import caption_source, held_out_captions
 from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
                                  verify, wait_for_pruning)
-from training.config import RESUME_WARNED, Config, format_changes, load_config, resume_changes
+from training.config import Config, change_messages, format_changes, load_config, resume_changes
 from training.deepspeed_glue import Fragment, NonFiniteStop, global_grad_norm
 
 MASK_ID = BOS_ID
@@ -365,14 +365,8 @@ def _resume_messages(state: dict, cfg: Config) -> list[str]:
     """What a resume with `cfg` changes against the checkpoint's config, as the Parti trainer reports it: the
     schedule and optimizer values applied, warnings, and the rest (model.* keys of the decoder included:
     the pre-training does not build it)."""
-    changes, messages = resume_changes(state["config"], cfg), []
-    if changes["applied"]:
-        messages.append(f"config changes applied from step {state['step']} on: {format_changes(changes['applied'])}")
-    for key, old, new in changes["warned"]:
-        messages.append(f"warning: {key} changed on resume ({old!r} -> {new!r}): {RESUME_WARNED[key]}")
-    if changes["noted"] + changes["refused"]:
-        messages.append(f"config changes on resume: {format_changes(changes['noted'] + changes['refused'])}")
-    return messages
+    changes = resume_changes(state["config"], cfg)
+    return change_messages({**changes, "noted": changes["noted"] + changes["refused"]}, state["step"])
 
 
 def not_applied(cfg: Config) -> list[str]:

@@ -36,7 +36,7 @@ from model_parallel.state import (
 )
 from training import checkpoint, engine
 from training.checkpoint import set_aside
-from training.config import RESUME_MODES, RESUME_WARNED, Config, format_changes, layout_of, resume_changes
+from training.config import RESUME_MODES, Config, change_messages, format_changes, layout_of, resume_changes
 from training.deepspeed_glue import NonFiniteStop
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.text_encoder import load_text_encoder
@@ -156,12 +156,7 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None =
         raise ConfigError(f"{path}: Adafactor's factored statistics are per tensor-parallel shard; resume it at "
                           f"parallel.tp={layout['tp']} (this run has {cfg.parallel.tp})")
     checkpoint.verify(path)
-    if changes["applied"]:
-        messages.append(f"config changes applied from step {state['step']} on: {format_changes(changes['applied'])}")
-    for key, old, new in changes["warned"]:
-        messages.append(f"warning: {key} changed on resume ({old!r} -> {new!r}): {RESUME_WARNED[key]}")
-    if changes["noted"]:
-        messages.append(f"config changes on resume: {format_changes(changes['noted'])}")
+    messages += change_messages(changes, state["step"])
     return ResumePlan(run_id=state.get("run_id") or new_id, tag=tag, state=state, messages=messages,
                       changes=changes)
 
