@@ -336,6 +336,29 @@ def test_a_detokenizer_whose_encoder_was_changed_is_refused(single_process, spli
         load_image_tokenizer(tmp_path / "tok.pt")
 
 
+def test_the_finetuned_decoder_takes_the_sources_image_size_and_codebook(single_process, photos, tmp_path, log_lines):
+    """A config whose model.image_size/patch/codebook differ from --tokenizer's trains at the source's size (the
+    crops and the discriminator at the config's 64 px failed with a shape error) and says so."""
+    import yaml
+
+    from vq.finetune_decoder import DecoderFinetuner
+    from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
+    from vq.vit_vqgan import ViTVQGAN
+
+    save_image_tokenizer(ViTVQGAN(image_size=32, patch=8, layers=1, width=32, code_dim=8, codebook_size=16),
+                         tmp_path / "tok.pt")
+    cfg = load_typed(VQConfig, None, [*TINY, "model.image_size=64", "model.patch=16", "model.codebook_size=64",
+                                      "loss.adversarial=0.1", "loss.adv_start=0", "train.steps=1"])
+    tuner = DecoderFinetuner(cfg, tmp_path / "tok.pt", photos, tmp_path / "detok")
+    tuner.resume()
+    tuner.run()
+    assert load_image_tokenizer(tmp_path / "detok" / "export.pt").image_size == 32
+    saved = yaml.safe_load((tmp_path / "detok" / "config.yaml").read_text())["model"]
+    assert (saved["image_size"], saved["patch"], saved["codebook_size"]) == (32, 8, 16)
+    assert any("model.image_size=32 (not 64), model.patch=8 (not 16), model.codebook_size=16 (not 64)" in line
+               for line in log_lines)
+
+
 def test_a_run_from_before_model_heads_is_not_resumed_with_other_heads(single_process, photos, tmp_path):
     """Heads leave the weights' shapes alone: a checkpoint written when heads were width / 64 (no model.heads
     in its config) is refused by a run that would build other heads, naming the setting that continues it."""

@@ -12,10 +12,12 @@ GPU, checkpoints and resume, preemption (SIGUSR1/SIGTERM/STOP: save, REQUEUE, ex
 in slurm/train.sbatch), metrics, reconstruction grids. The export (<run-dir>/export.pt) loads wherever the
 source did: its encode() is the source's, and it keeps the source's content hash (vq/tokenizer.py), so
 code shards made with the source stay valid; images decoded from them come from the new decoder.
-The config's model.image_size/patch/code_dim/codebook_size are ignored: they are the source's.
+The config's model.image_size/patch/code_dim/codebook_size are replaced by the source's (logged when they differ;
+config.yaml records the source's): the crops, the discriminator and the decoder are the source's size.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from common.checkpoints import CheckpointError
@@ -26,6 +28,10 @@ from vq.config import VQConfig
 from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
 from vq.train import VQTrainer, vit_shape
 from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
+
+
+SOURCE_FIXED = ("image_size", "patch", "code_dim", "codebook_size")
+"""The model fields (with model.kind) the source tokenizer fixes: the config's are replaced by its."""
 
 
 class DecoderFinetuner(VQTrainer):
@@ -39,7 +45,18 @@ class DecoderFinetuner(VQTrainer):
         if cfg.train.init_from:  # (it would replace the frozen encoder, whose codes the export claims as its own)
             raise ConfigError(f"train.init_from={cfg.train.init_from}: vq.finetune_decoder starts from --tokenizer's "
                               "encoder and a fresh decoder; train.init_from is vq.train's")
+        cfg, replaced = self.with_source_shape(cfg)
         super().__init__(cfg, data, run_dir, device)
+        if replaced:
+            self.log.info(f"--tokenizer {tokenizer} fixes {replaced}: the config's values are not used")
+
+    def with_source_shape(self, cfg: VQConfig) -> tuple[VQConfig, str]:
+        """The config with the source's image size, patch and codebook (which the frozen encoder fixes), and
+        a note of those that differed. (The crops and the discriminator follow model.image_size.)"""
+        fixed = {"kind": self.source.kind, **{k: self.source.config[k] for k in SOURCE_FIXED}}
+        replaced = ", ".join(f"model.{k}={v} (not {getattr(cfg.model, k)})" for k, v in fixed.items()
+                             if getattr(cfg.model, k) != v)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fixed)), replaced
 
     def build(self, cfg: VQConfig) -> ViTVQGAN:
         """The source's encoder and codebook (frozen) with a fresh decoder of the config's shape."""
