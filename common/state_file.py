@@ -75,10 +75,16 @@ def load_state(path: Path, required: tuple[str, ...], writer: str, if_refused: s
     return state
 
 
-def check_fits(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...] = ()) -> None:
+RESUME_ADVICE = ("resume with the model section of the run's config.yaml, or start the new model in another "
+                 "--run-dir (nothing was changed)")
+"""check_fits's advice when the weights are a checkpoint to continue."""
+
+
+def check_fits(module: torch.nn.Module, state: dict, where: str, optional: tuple[str, ...] = (),
+               advice: str = "set the model section as the source was trained") -> None:
     """ConfigError naming the missing, unexpected and other-shaped keys of `state` against `module`'s (a
-    model section that differs from the one the weights were trained with: `where` names their file); the keys in
-    `optional` may be missing."""
+    model section that differs from the one the weights were trained with: `where` names their file), then
+    `advice`; the keys in `optional` may be missing."""
     ours = module.state_dict()
     missing = sorted(k for k in ours.keys() - state.keys() if k not in optional)
     unexpected = sorted(state.keys() - ours.keys())
@@ -88,5 +94,4 @@ def check_fits(module: torch.nn.Module, state: dict, where: str, optional: tuple
         problems = [f"{len(found)} {what}: {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}"
                     for what, found in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
                                         ("other shape(s)", shapes)) if found]
-        raise ConfigError(f"{where} does not fit the configured model ({'; '.join(problems)}): set the model "
-                          "section as the source was trained")
+        raise ConfigError(f"{where} does not fit the configured model ({'; '.join(problems)}): {advice}")

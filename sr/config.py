@@ -25,7 +25,8 @@ class SRTrainConfig:
     the model's scale, is downsampled to the tokenizer's size, encoded and decoded, then the pair is cropped to
     train.crop. '' = the downsampled images themselves (no tokenizer artefacts to learn to undo)."""
     lr: float = 1e-3
-    """Adam learning rate (halved at 50% and 75% of the steps)."""
+    """Adam learning rate (halved at 50% and 75% of train.steps: sr.train.lr_factor; a resume follows a changed
+    train.steps or train.lr)."""
     l1: float = 1.0
     """Weight of the L1 loss to the high-resolution image."""
     perceptual: float = 0.0

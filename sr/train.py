@@ -34,7 +34,7 @@ from common.cli import config_parser, run_trainer
 from common.config import ConfigError, save_config
 from common.metrics import MetricsLogger, mean_over_ranks, psnr
 from common.preemption import StopRequest
-from common.state_file import STATE_FILE, check_fits, load_state, save_state
+from common.state_file import RESUME_ADVICE, STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.config import SRConfig
@@ -53,6 +53,13 @@ def bicubic(images: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(images, scale_factor=scale, mode="bicubic").clamp(-1, 1)
 
 
+def lr_factor(step: int, steps: int) -> float:
+    """The learning rate of `step` over train.lr: halved at 50% and at 75% of train.steps (WDSR's step decay).
+    Computed from the step, not kept in a scheduler: a run extended to more steps, or resumed with another
+    train.lr, follows the new schedule (a saved MultiStepLR kept the old milestones)."""
+    return 0.5 ** sum(step >= m for m in (steps // 2, steps * 3 // 4))
+
+
 class SRTrainer:
     def __init__(self, cfg: SRConfig, data: str, run_dir: str | Path, val_data: str | None = None,
                  device: str | None = None):
@@ -68,17 +75,17 @@ class SRTrainer:
         for name in ("crop", "resize"):
             if getattr(t, name) % self.scale:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be divisible by the model's scale {self.scale}")
+        if t.resize and t.resize < t.crop:
+            raise ConfigError(f"train.resize={t.resize} must be at least train.crop={t.crop} (the crops are cut from "
+                              "the resized images; 0: no resize)")
         self.cfg, self.run_dir, self.val_data = cfg, Path(run_dir), val_data
         self.device = device
         self.tokenizer = self.load_tokenizer(t) if t.tokenizer else None
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
-        if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(t.seed)
         self.model = build_wdsr(cfg.model).to(self.device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr)
-        self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, [t.steps // 2, t.steps * 3 // 4], 0.5)
         self.lpips = make_lpips(t.lpips_backbone or None).to(self.device) if t.perceptual > 0 else None
         self.step = 0
         side = t.resize or t.crop  # the high-resolution images: never enlarged to it (see SRTrainConfig.resize)
@@ -111,7 +118,7 @@ class SRTrainer:
         streams = gather_stream_states(self.stream)
         if self.rank == 0:
             state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                     "schedule": self.schedule.state_dict(), "step": self.step, "rng": torch.get_rng_state(),
+                     "step": self.step, "rng": torch.get_rng_state(),
                      "streams": streams, "config": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer_hash()}
             save_state(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
         dist.barrier()
@@ -129,16 +136,16 @@ class SRTrainer:
             self.start_fresh()
             return
         path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
-        state = load_state(path, ("model", "opt", "schedule", "step", "rng"), writer="sr.train")
+        state = load_state(path, ("model", "opt", "step", "rng"), writer="sr.train")
         if "tokenizer" in state and state["tokenizer"] != self.tokenizer_hash():  # (checkpoints since 2026-12-05)
             then = (f"the reconstructions of a tokenizer of weights hash {state['tokenizer'][:12]}"
                     if state["tokenizer"] else "downsampled images (no train.tokenizer)")
             raise ConfigError(f"cannot resume {path}: its inputs were {then}, "
                               f"train.tokenizer={self.cfg.train.tokenizer or '(none)'} makes other inputs; give the "
                               "run's tokenizer or use a new --run-dir (nothing was changed)")
+        check_fits(self.model, state["model"], f"{path} (to resume)", advice=RESUME_ADVICE)
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.schedule.load_state_dict(state["schedule"])
+        self.opt.load_state_dict(state["opt"])  # (an old checkpoint's "schedule" is not needed: lr_factor)
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
         how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
@@ -183,6 +190,9 @@ class SRTrainer:
 
     def train_step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict:
         t = self.cfg.train
+        rate = t.lr * lr_factor(self.step, t.steps)
+        for group in self.opt.param_groups:
+            group["lr"] = rate
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=t.precision == "bf16" and self.device == "cuda"):
             out = self.ddp(lr).float()
         l1 = F.l1_loss(out, hr)
@@ -190,9 +200,8 @@ class SRTrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        self.schedule.step()
         out = out.detach().clamp(-1, 1)
-        return {"loss": loss.item(), "l1": l1.item(), "psnr": psnr(out, hr),
+        return {"loss": loss.item(), "l1": l1.item(), "lr": rate, "psnr": psnr(out, hr),
                 "psnr_bicubic": psnr(bicubic(lr, self.scale), hr)}
 
     def evaluate(self) -> dict:
@@ -213,6 +222,8 @@ class SRTrainer:
         """Step until train.steps, then export; return this call's per-step logs. A requested stop (SIGUSR1,
         SIGTERM, run_dir/STOP: common/preemption.py) saves after the step in flight and raises Preempted."""
         t, history = self.cfg.train, []
+        if self.rank == 0:  # (here, after resume()'s checks: a refused config or checkpoint leaves the run's)
+            save_config(self.cfg, self.run_dir / "config.yaml")
         stop = StopRequest(self.run_dir / "STOP")
         self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()

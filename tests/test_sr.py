@@ -102,10 +102,32 @@ def test_a_run_asked_to_stop_saves_exits_for_requeue_and_resumes(single_process,
     assert [h["loss"] for h in rest] == pytest.approx([h["loss"] for h in full[6:]], rel=1e-5)
 
 
+def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_process, photos, tmp_path):
+    """The LR halvings at 50% and 75% of train.steps move with a run extended from 4 to 8 steps (a saved
+    MultiStepLR kept halving at steps 2 and 3); a resume with another model section is refused naming the
+    shapes, config.yaml untouched (it was rewritten, then load_state_dict failed)."""
+    from sr.train import SRTrainer
+
+    _, first = train(photos, tmp_path, "train.steps=4")
+    assert [h["lr"] for h in first] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
+    before = (tmp_path / "config.yaml").read_text()
+    wider = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.steps=8", "model.features=24"]), photos[0], tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=r"step_00000004/state.pt \(to resume\) does not fit the configured "
+                                              r"model \(.*other shape.*\): resume with the model section"):
+            wider.resume()
+    finally:
+        wider.stream.close()
+    assert (tmp_path / "config.yaml").read_text() == before
+    _, rest = train(photos, tmp_path, "train.steps=8")
+    assert [h["lr"] for h in rest] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+
+
 @pytest.mark.parametrize("sets, message", [
     (["train.crop=47"], "train.crop=47 must be divisible by the model's scale 2"),
     (["model.preset=x3"], "model.preset='x3' must be one of x2, x4, tiny"),
     (["train.precision=fp16"], "train.precision='fp16' must be fp32 or bf16"),  # (it trained in fp32 silently)
+    (["train.resize=32"], "train.resize=32 must be at least train.crop=48"),  # (it failed at the first step)
 ])
 def test_bad_settings_are_refused_naming_the_field(single_process, photos, tmp_path, sets, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

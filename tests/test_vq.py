@@ -359,6 +359,26 @@ def test_the_finetuned_decoder_takes_the_sources_image_size_and_codebook(single_
                for line in log_lines)
 
 
+def test_a_resume_with_another_model_is_refused_naming_the_shapes_and_leaves_the_run(single_process, photos, tmp_path):
+    """(load_state_dict's many-line RuntimeError before, after config.yaml had been rewritten.) Also refused up
+    front: a train.resize smaller than the crops cut from it (it failed at the first step)."""
+    from common.config import ConfigError
+    from vq.train import VQTrainer
+
+    train(photos, tmp_path, "train.steps=1")
+    before = (tmp_path / "config.yaml").read_text()
+    other = VQTrainer(load_typed(VQConfig, None, [*TINY, "model.width=32", "train.steps=2"]), photos, tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=r"step_00000001/state.pt \(to resume\) does not fit the configured "
+                                              r"model \(.*other shape.*\): resume with the model section"):
+            other.resume()
+    finally:
+        other.stream.close()
+    assert (tmp_path / "config.yaml").read_text() == before
+    with pytest.raises(ConfigError, match=r"train\.resize=16 must be at least model\.image_size=32"):
+        VQTrainer(load_typed(VQConfig, None, [*TINY, "train.resize=16"]), photos, tmp_path / "small")
+
+
 def test_a_run_from_before_model_heads_is_not_resumed_with_other_heads(single_process, photos, tmp_path):
     """Heads leave the weights' shapes alone: a checkpoint written when heads were width / 64 (no model.heads
     in its config) is refused by a run that would build other heads, naming the setting that continues it."""

@@ -29,7 +29,6 @@ from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
 from vq.train import VQTrainer, vit_shape
 from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
 
-
 SOURCE_FIXED = ("image_size", "patch", "code_dim", "codebook_size")
 """The model fields (with model.kind) the source tokenizer fixes: the config's are replaced by its."""
 

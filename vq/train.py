@@ -48,7 +48,7 @@ from common.files import write_atomic
 from common.metrics import MetricsLogger, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.schedule import check_schedule, lr_lambda
-from common.state_file import STATE_FILE, load_state, save_state
+from common.state_file import RESUME_ADVICE, STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
 from model_parallel.state import DeviceError, init_distributed, use_device
 from vq.config import VQConfig
@@ -228,11 +228,11 @@ class VQTrainer:
         require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
         require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
         require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no average)")
+        require(not t.resize or t.resize >= cfg.model.image_size, f"train.resize={t.resize} must be at least "
+                f"model.image_size={cfg.model.image_size} (the crops are cut from the resized images; 0: no resize)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = device
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
-        if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(t.seed)
         self.model = self.build(cfg).to(self.device)
         self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
@@ -309,9 +309,11 @@ class VQTrainer:
         # parameters' device itself. weights_only: a checkpoint must not be able to run code (load_checkpoint).
         state = load_checkpoint(path)
         self.check_resumable(path, state)
+        check_fits(self.model, state["model"], f"{path} (to resume)", advice=RESUME_ADVICE)
         self.model.load_state_dict(state["model"])
         load_optimizer(self.opt, state["opt"], self.model, path)
         if self.disc_opt and state["disc"] is not None:
+            check_fits(self.losses.discriminator, state["disc"], f"{path} (its discriminator)", advice=RESUME_ADVICE)
             self.losses.discriminator.load_state_dict(state["disc"])
             load_optimizer(self.disc_opt, state["disc_opt"], self.losses.discriminator, path)
         self.step = state["step"]
@@ -394,6 +396,8 @@ class VQTrainer:
         """Step until train.steps, then export; return this call's per-step logs. A requested stop (SIGUSR1,
         SIGTERM, run_dir/STOP: common/preemption.py) saves after the step in flight and raises Preempted."""
         t, history = self.cfg.train, []
+        if self.rank == 0:  # (here, after resume()'s checks: a refused config or checkpoint leaves the run's)
+            save_config(self.cfg, self.run_dir / "config.yaml")
         stop = StopRequest(self.run_dir / "STOP")
         self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()
