@@ -34,7 +34,7 @@ import torch.distributed as dist
 from common.checkpoints import CheckpointError
 from common.preemption import start_helper
 from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, in_turns, prepare_sample
-from data_pipeline.laion import expand_shards, read_shard
+from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 
 BUFFER = 256
 """Images in the shuffle buffer."""
@@ -50,6 +50,8 @@ class CropStream:
         `resize` are enlarged to `resize` (the upsampler passes its high-resolution side: no interpolated images as
         targets)."""
         self.pattern, self.paths, self.crop = pattern, expand_shards(pattern), crop
+        for path in self.paths:  # every rank, before the first step: a wrong file must not stop one rank mid-run
+            check_is_tar(path)     # while the others wait for it in a collective
         side = resize or crop
         self.prep = FilterConfig(image_size=side, min_size=min(min_size, side))
         self.rank, self.world = rank, world

@@ -6,10 +6,10 @@
 
 A shard is a tar of `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`. A truncated or corrupt tar yields
 the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard), also when it was
-cut exactly between two members (its end-of-archive marker is missing: `ends_like_a_tar`). A member
-repeated within a sample (`x.txt` twice, `x.jpg` and `x.JPG`) is counted under `duplicate_member` and
-left out (the sample keeps the first); the samples after it are read as usual. A file that
-is not a tar at all (`check_is_tar`) is refused with a DataError naming it.
+cut exactly between two members (its end-of-archive marker is missing: `ends_like_a_tar`) or its tail is zeros
+(allocated, never written). A member repeated within a sample (`x.txt` twice, `x.jpg` and `x.JPG`) is counted
+under `duplicate_member` and left out (the sample keeps the first); the samples after it are read as usual. A
+file that is not a tar at all (`check_is_tar`; also a file of zeros) is refused with a DataError naming it.
 """
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def check_is_tar(path: str | Path) -> None:
     """
     try:
         tarfile.open(path, mode="r|*").close()  # webdataset's mode; opening reads the first header
+        with open(path, "rb") as f:
+            # tarfile reads a zero block as the end of an empty archive; a file of zeros longer than an empty
+            # archive's one record was allocated and never written (an interrupted copy, a crash).
+            zeros, size = f.read(512) == bytes(512), f.seek(0, 2)
+        if zeros and size > tarfile.RECORDSIZE:
+            raise tarfile.ReadError(f"{size} bytes beginning with zeros where the first header should be: a file "
+                                    "allocated but never written")
     except (tarfile.ReadError, tarfile.CompressionError, EOFError) as e:
         raise DataError(f"{path} is not a tar archive ({e}); expected a webdataset shard of {{key}}.jpg/.txt/.json "
                         "files: replace it or leave it out of the input pattern") from e
@@ -71,20 +78,23 @@ def read_shard(path: str | Path, errors: Counter):
     with open(path, "rb") as stream:
         files = tariterators.tar_file_expander([{"url": str(path), "stream": stream}], handler=on_error)
         yield from tariterators.group_by_keys(files, handler=on_error)
-    if stop or not ends_like_a_tar(path):
+        read_to = stream.tell()
+    if stop or not ends_like_a_tar(path, read_to):
         errors["truncated_tar"] += 1
 
 
-def ends_like_a_tar(path: str | Path) -> bool:
+def ends_like_a_tar(path: str | Path, read_to: int | None = None) -> bool:
     """Whether an uncompressed tar ends with its end-of-archive marker (two zero blocks; tar, Python's tarfile and
     webdataset's writer all write it, padded to whole blocks). Without it the file was cut, possibly exactly
-    between two members, which tarfile reads as a shorter archive without a word. A compressed tar: True (its
-    stream's own end is checked by the decompressor)."""
+    between two members, which tarfile reads as a shorter archive without a word. `read_to`: where reading the
+    archive stopped (at its first zero block, read in RECORDSIZE chunks); more than a record of zeros after it is
+    a tail that was allocated but never written (an interrupted copy: its members are missing). A compressed
+    tar: True (its stream's own end is checked by the decompressor)."""
     with open(path, "rb") as f:
         if f.read(262)[257:262] != b"ustar":  # (not a plain POSIX/GNU tar: compressed, or an old v7 one)
             return True
         size = f.seek(0, 2)
-        if size % 512 or size < 1536:
+        if size % 512 or size < 1536 or (read_to is not None and size - read_to > tarfile.RECORDSIZE + 512):
             return False
         f.seek(size - 1024)
         return f.read(1024) == bytes(1024)

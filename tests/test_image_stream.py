@@ -99,6 +99,32 @@ def test_a_rank_without_a_usable_image_is_refused_naming_its_part(shards, tmp_pa
         take(stream(str(tmp_path / "bare" / "{00000..00001}.tar"), 1, 2), 1)
 
 
+def test_a_file_that_is_no_tar_is_refused_by_every_rank_up_front(shards, tmp_path):
+    """Another rank's shard, only zeros (allocated, never written): refused when the stream is made, on rank 0
+    too (it failed when its owner reached it, and the other ranks waited for that one in a collective)."""
+    from data_pipeline.errors import DataError
+
+    (tmp_path / "00003.tar").write_bytes(bytes(4 * 10240))
+    with pytest.raises(DataError, match=r"00003.tar is not a tar archive \(40960 bytes beginning with zeros"):
+        stream(str(tmp_path / "{00000..00003}.tar"), rank=0, world=4)
+
+
+def test_a_tar_whose_tail_is_zeros_is_counted_as_truncated(tmp_path):
+    """A copy that stopped after allocating the file: tarfile reads its zero tail as the end of a sound, shorter
+    archive, and the end-of-archive check (the last two blocks are zeros) passes."""
+    from collections import Counter
+
+    from data_pipeline.laion import read_shard
+
+    path = lf.write_tar(tmp_path / "whole.tar", lf.synthetic_samples(20))
+    data = path.read_bytes()
+    half = len(data) // 2 // 512 * 512
+    (tmp_path / "cut.tar").write_bytes(data[:half] + bytes(len(data) - half))
+    errors = Counter()
+    assert len(list(read_shard(path, errors))) == 20 and errors == {}
+    assert 0 < len(list(read_shard(tmp_path / "cut.tar", errors))) < 20 and errors == {"truncated_tar": 1}
+
+
 @pytest.mark.parametrize("world", [2, 4])  # the ranks split the shards / the samples
 def test_decoding_workers_give_the_same_stream_and_resume_it(shards, world):
     children = set(multiprocessing.active_children())  # (the session's worker pools, when they are up)
