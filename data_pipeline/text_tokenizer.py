@@ -24,11 +24,18 @@ from data_pipeline.errors import DataError
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Path,
-                        allow_smaller: bool = True, case_fold: bool = False) -> Path:
+MAX_CAPTIONS = 5_000_000
+"""Captions SentencePiece trains on at most (a uniform sample of more): it holds them all in memory, and LAION's
+hundreds of millions would not fit (its docs suggest a few million as enough for the vocabulary)."""
+
+
+def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Path, allow_smaller: bool = True,
+                        case_fold: bool = False, max_captions: int = MAX_CAPTIONS) -> Path:
     """Train a unigram model on the captions; writes `out` (a .model file). NFKC-normalised, case kept (a model
     that renders text in its images needs it: T5's tokenizer, Imagen's, is cased); `case_fold` lowercases
     (SentencePiece's nmt_nfkc_cf). The rule is stored in the model file: encoding follows it wherever it is loaded.
+    Of more than `max_captions` (> 100) captions, a uniform sample of that many (SentencePiece's reservoir, seeded:
+    the same captions give the same model) is trained on; all are read.
 
     SentencePiece cannot make more pieces than the captions hold; it then makes as many as it can
     (`hard_vocab_limit=False`). With `allow_smaller=False` (the command line) that is refused with a
@@ -46,11 +53,13 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Pat
             raise
 
     model = io.BytesIO()
+    spm.set_random_generator_seed(0)  # (the reservoir's draws; SentencePiece seeds from the clock otherwise)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=counted(), model_writer=model, vocab_size=vocab_size, model_type="unigram",
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, character_coverage=0.9995,
             hard_vocab_limit=False,  # a small corpus may not support the whole vocabulary: checked below
+            input_sentence_size=max_captions, shuffle_input_sentence=True,
             normalization_rule_name="nmt_nfkc_cf" if case_fold else "nmt_nfkc", minloglevel=2, num_threads=2)
     except RuntimeError as e:
         if failed:
@@ -61,7 +70,8 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | Pat
                         + " ".join(str(e).split())) from e
     made = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
     if made < vocab_size and not allow_smaller:
-        raise DataError(f"a vocabulary of {vocab_size} was asked for, but the {count[0]} captions support at most "
+        raise DataError(f"a vocabulary of {vocab_size} was asked for, but the {min(count[0], max_captions)} "
+                        f"captions{' sampled' if count[0] > max_captions else ''} support at most "
                         f"{made} pieces (too few distinct words and characters); ask for {made} or fewer "
                         f"(--vocab-size {made}) or give more captions; {out} was not written")
     out.parent.mkdir(parents=True, exist_ok=True)

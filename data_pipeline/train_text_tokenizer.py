@@ -4,6 +4,7 @@
         --out tok/spm.model [--case-fold]
 
 Case is kept unless --case-fold (tokenizers trained before 2026-12-05 lowercased; the rule is in each model file).
+Every caption is read; of more than --max-captions (5 million) a uniform, seeded sample is trained on.
 
 The vocabulary is exactly --vocab-size pieces or the command fails: SentencePiece would silently make
 fewer when the captions hold too few distinct pieces, and the error says the largest size they support.
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from common.cli import command
 from data_pipeline.errors import DataError
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
-from data_pipeline.text_tokenizer import train_sentencepiece
+from data_pipeline.text_tokenizer import MAX_CAPTIONS, train_sentencepiece
 
 
 def shard_captions(pattern: str, errors: Counter):
@@ -42,17 +43,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", required=True, help="shard pattern, e.g. 'laion/{00000..00099}.tar'")
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--out", required=True, help="the .model file to write")
+    parser.add_argument("--max-captions", type=int, default=MAX_CAPTIONS,
+                        help="train on a uniform sample of this many when there are more (SentencePiece holds them "
+                             f"in memory; default {MAX_CAPTIONS:,})")
     parser.add_argument("--case-fold", action="store_true", help="lowercase the captions (SentencePiece's "
                         "nmt_nfkc_cf); by default case is kept, which text rendered in images needs")
     args = parser.parse_args(argv)
     if not 5 <= args.vocab_size <= 65536:  # 4 special pieces + at least one; ids are stored as uint16
         parser.error(f"--vocab-size {args.vocab_size} must be in 5..65536")
+    if args.max_captions <= 100:  # (SentencePiece's own lower limit)
+        parser.error(f"--max-captions {args.max_captions} must be more than 100")
     errors: Counter = Counter()
     with command(errors=(DataError, FileNotFoundError)):
         for path in expand_shards(args.captions):  # before training: SentencePiece reads the captions lazily
             check_is_tar(path)
         out = train_sentencepiece(shard_captions(args.captions, errors), args.vocab_size, args.out,
-                                  allow_smaller=False, case_fold=args.case_fold)
+                                  allow_smaller=False, case_fold=args.case_fold, max_captions=args.max_captions)
     notes = [f"unreadable tails in {errors['truncated_tar']} shard(s)"] if errors["truncated_tar"] else []
     notes += [f"{errors['duplicate_member']} repeated tar member(s) left out"] if errors["duplicate_member"] else []
     print(f"wrote {out}" + "".join(f"; {note}" for note in notes))

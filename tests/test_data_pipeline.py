@@ -853,3 +853,17 @@ def test_the_text_tokenizer_keeps_case_unless_asked_to_fold_it(tmp_path):
     folded = TextTokenizer(train_sentencepiece(captions, 40, tmp_path / "folded.model", case_fold=True), max_len=64)
     assert cased.decode(cased.encode("A Blue sign that says STOP")[0]) == "A Blue sign that says STOP"
     assert folded.decode(folded.encode("A Blue sign that says STOP")[0]) == "a blue sign that says stop"
+
+
+def test_the_text_tokenizer_trains_on_a_seeded_sample_of_at_most_max_captions(tmp_path):
+    """SentencePiece holds every caption it trains on in memory: of more than max_captions, a uniform sample
+    (fewer distinct pieces here than all captions support), the same one on every call."""
+    import random
+
+    rng = random.Random(0)
+    captions = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(12)) for _ in range(2000)]
+    whole = train_sentencepiece(captions, 8000, tmp_path / "whole.model")
+    sampled = [train_sentencepiece(captions, 8000, tmp_path / f"sampled{k}.model", max_captions=200) for k in range(2)]
+    sizes = [TextTokenizer(path).sp.get_piece_size() for path in (whole, *sampled)]
+    assert sizes[1] < sizes[0] / 2, sizes
+    assert sampled[0].read_bytes() == sampled[1].read_bytes()
