@@ -89,7 +89,7 @@ class CropStream:
             (self.shard, self.position, self.index), image = sample
             if image is not None:
                 self.kept += 1
-                self.buffer.append(((self.shard, self.position), image))
+                self.buffer.append(((self.shard, self.position), _owned(image)))
             self.position, self.index = self.position + 1, self.index + 1
             if len(self.buffer) >= BUFFER:
                 yield self._take()
@@ -146,7 +146,7 @@ class CropStream:
                 if image is None:
                     raise ValueError(f"{self.paths[shard]}: sample {position} ({raw.get('__key__')}) was in the "
                                      "saved shuffle buffer but is now skipped: the shard changed")
-                images[(shard, position)] = image
+                images[(shard, position)] = _owned(image)
         if missing := wanted - images.keys():
             raise ValueError(f"{self.paths[min(missing)[0]]}: sample {min(missing)[1]} of the saved shuffle buffer "
                              "is gone: the shard changed")
@@ -156,6 +156,13 @@ class CropStream:
         self.rng.setstate((version, tuple(internal), gauss))
         self._images.close()  # (its decoding processes, if it had started)
         self._images = self._generate()
+
+
+def _owned(image: torch.Tensor) -> torch.Tensor:
+    """The image in this process's memory. A decoding worker's tensor arrives in shared memory that keeps a file
+    descriptor open while it lives: the shuffle buffer's 256 held 256 (near a common limit of 1024 open files,
+    with the training's loaders beside it); a copy (0.2 MB) lets it go."""
+    return image.clone() if image.is_shared() else image
 
 
 def _kept_image(prepared: Prepared) -> torch.Tensor | None:

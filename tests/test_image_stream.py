@@ -133,6 +133,10 @@ def test_decoding_workers_give_the_same_stream_and_resume_it(shards, world):
     head = take(first, 9)
     resumed = stream(shards, 1, world, workers=2)
     restore_stream(resumed, [None, first.state_dict()] + [None] * (world - 2), 9, shards)
+    # The buffered images are in the process's own memory, not the workers' shared memory (each shared one held
+    # a file descriptor open: a full buffer neared the usual limit of 1024).
+    assert first.buffer and resumed.buffer and not any(image.is_shared() for s in (first, resumed)
+                                                       for _, image in s.buffer)
     first.close()
     tail = take(resumed, 21)
     resumed.close()
