@@ -101,8 +101,10 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not readable as JSON ({e}); it is damaged: rerun data_pipeline.pretokenize with the "
-                        "same arguments (a shard's .json: remove it with its .bin first)") from e
+        fix = ("rebuild it with data_pipeline.pretokenize --manifest-only (same arguments)"
+               if path.name in ("manifest.json", SHARD_STATS) else  # (a plain rerun would stop at the manifest)
+               "remove it with its .bin, then rerun data_pipeline.pretokenize with the same arguments")
+        raise DataError(f"{path}: not readable as JSON ({e}); it is damaged: {fix}") from e
     if not isinstance(value, dict):
         raise DataError(f"{path}: a JSON {type(value).__name__}, expected an object")
     return value

@@ -454,6 +454,9 @@ def test_damaged_metadata_is_named(one_run, tmp_path):
                                         r"data_pipeline\.pretokenize --manifest-only"):
         CodeShardDataset(out)
     manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text('{"format": ')  # (a rerun of pretokenize would stop at it too)
+    with pytest.raises(DataError, match=r"manifest\.json: not readable as JSON .*--manifest-only \(same arguments\)"):
+        CodeShardDataset(out)
     del manifest["record"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"manifest\.json: no record entry"):
