@@ -147,7 +147,7 @@ def vit_shape(m) -> tuple[int, int, int]:
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint as saved by VQTrainer.save (common/state_file.py: refused unrun unless tensors and plain data)."""
-    return load_state(path, ("model", "opt", "step", "rng"), writer="vq.train")
+    return load_state(path, ("model", "opt", "step"), writer="vq.train")
 
 
 SINGLE_FILE = re.compile(r"step_\d+\.pt")
@@ -277,11 +277,7 @@ class VQTrainer:
                 "ema": self.ema.state_dict() if self.ema else None,
                 "disc": self.losses.discriminator.state_dict() if self.disc_opt else None,
                 "disc_opt": self.disc_opt.state_dict() if self.disc_opt else None,
-                "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg),
-                # The dead-code restarts draw on the GPU's generator. Rank 0's state stands for all ranks:
-                # they are seeded alike and draw alike (usage is all-reduced), and rank 0's picks are
-                # broadcast. Absent from CPU runs' checkpoints.
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+                "config": dataclasses.asdict(self.cfg)}  # (no generator states: train_step seeds each step)
 
     def save(self) -> None:
         """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt (common/state_file.py); every rank waits for it."""
@@ -303,10 +299,8 @@ class VQTrainer:
             self.start_fresh()
             return
         path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
-        # Loaded onto the CPU, not self.device: torch.set_rng_state (and torch.cuda's) accept only CPU
-        # ByteTensors, and a map_location of "cuda" moved the saved RNG states onto the GPU, so every
-        # resume on a GPU failed. load_state_dict copies model weights and optimizer state onto the
-        # parameters' device itself. weights_only: a checkpoint must not be able to run code (load_checkpoint).
+        # Loaded onto the CPU, not self.device: load_state_dict copies model weights and optimizer state onto
+        # the parameters' device itself. weights_only: a checkpoint must not be able to run code (load_checkpoint).
         state = load_checkpoint(path)
         self.check_resumable(path, state)
         check_fits(self.model, state["model"], f"{path} (to resume)", advice=RESUME_ADVICE)
@@ -321,9 +315,6 @@ class VQTrainer:
             self.ema.load_state_dict(state["ema"])
         elif self.ema:
             self.log.info(f"{path} holds no average of the weights: train.ema_decay's starts at step {self.step}")
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
         how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
         self.log.info(f"resumed from {path} at step {self.step}; {how}")
 
@@ -356,6 +347,10 @@ class VQTrainer:
 
     def train_step(self, images: torch.Tensor) -> dict:
         bf16 = self.cfg.train.precision == "bf16" and self.device == "cuda"
+        # The step's draws (the dVAE's Gumbel noise; rank 0's codebook restarts, broadcast) from (seed, step, rank):
+        # every rank its own noise (one seed gave each rank's images the same noise), and a resumed run draws as
+        # the uninterrupted one did.
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.step * self.world + self.rank)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
             out, aux = self.ddp(images, frozen_codes=self.frozen_codes)
         out = out.float()
