@@ -25,9 +25,9 @@ step_XXXXXXXX.pt, `latest` naming the file) are moved into this layout by rename
 SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under torchrun;
 common/preemption.py); `TRAINER=vq.train sbatch slurm/train.sbatch CONFIG RUN_DIR --data ...` requeues on it.
 
-A checkpoint holds tensors, containers, numbers and strings only (the config as a dict, RNG states as
-ByteTensors) and is read back with torch.load(weights_only=True): a file holding anything else (a pickled
-object, which could run code when loaded) or a damaged one stops the resume with its name.
+A checkpoint holds tensors, containers, numbers and strings only (the config as a dict; no generator states:
+each step seeds from (seed, step, rank)) and is read back with torch.load(weights_only=True): a file holding
+anything else (a pickled object, which could run code when loaded) or a damaged one stops the resume with its name.
 """
 from __future__ import annotations
 
