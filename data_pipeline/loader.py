@@ -16,7 +16,8 @@ do not depend on `workers`, on the layout beyond the rank's slice, or on where a
 resume makes a new reader at the resumed `consumed`.
 
 workers = 0 reads in the training process, when the step asks (no read-ahead). Workers are forked
-from the training process (the dataset's memory maps are shared, not copied), live as long as the
+from the training process (the dataset's index is shared copy-on-write, its read-only file descriptors are
+inherited: records are read with os.pread, which shares no file position), live as long as the
 reader, and leave stop signals to the training process (which saves, then closes the reader);
 `pin_memory` puts batches in page-locked memory for faster copies to the GPU.
 """

@@ -7,7 +7,7 @@
 
 Usage is an EMA of per-batch code counts over the whole data-parallel batch; a code unused for
 `dead_code_steps` training steps is restarted from a random latent of the batch (rank 0's choice,
-broadcast), so that the codebook keeps being used. `restarted(dead, latents)` lets a subclass reset its own
+broadcast), so that the codebook keeps being used. `restarted(dead)` lets a subclass reset its own
 statistics of the restarted codes (the VQ-VAE's EMA). `dead_code_steps` <= 0 tracks usage without restarts
 (the dVAE: its codes are an argmax of encoder logits, not a nearest-code search, so overwriting a code's
 embedding would not make the encoder choose it; there the KL term to the uniform prior keeps codes in use).

@@ -6,7 +6,7 @@
 
 The encoder and codebook of --tokenizer (a ViT-VQGAN export) are copied and frozen; a decoder of the config's
 shape (model.preset/layers/width/heads: e.g. ViT-VQGAN-Large's 32 blocks, width 1280, 16 heads, MLP 5120,
-~600M parameters) is trained from scratch to draw the frozen codes with the tokenizer's losses (l2,
+~630M parameters) is trained from scratch to draw the frozen codes with the tokenizer's losses (l2,
 logit-Laplace, LPIPS, adversarial: the config's loss section), with vq.train's loop: DDP, bf16 autocast on
 GPU, checkpoints and resume, preemption (SIGUSR1/SIGTERM/STOP: save, REQUEUE, exit 75; TRAINER=vq.finetune_decoder
 in slurm/train.sbatch), metrics, reconstruction grids. The export (<run-dir>/export.pt) loads wherever the

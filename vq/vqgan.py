@@ -9,10 +9,10 @@
 The architecture is not copied: VQGAN *is* vq/conv_vqgan.py's ConvVQGAN (taming's CNN encoder and decoder:
 residual blocks per level, self-attention at attn_resolutions, a middle block, quant_conv / post_quant_conv,
 `quantize.embedding`), with the same module and parameter names, so a taming `last.ckpt`'s weights load into it
-by name (only the usage buffers below are not in it) and its encode/decode are ConvVQGAN's own. This subclass adds what training needs: the learned codebook's
-losses (codebook term + beta 0.25 x commitment, as in the paper; taming's `legacy` quantizer puts beta on the
-codebook term instead), the straight-through estimator, and code usage / perplexity / dead-code restarts
-(vq/codebook.py). The perceptual loss, taming's PatchGAN with the hinge loss and the adaptive weight are
+by name (only the usage buffers below are not in it) and its encode/decode are ConvVQGAN's own. This subclass
+adds what training needs: the learned codebook's losses (codebook term + beta 0.25 x commitment, as in the paper;
+taming's `legacy` quantizer puts beta on the codebook term instead), the straight-through estimator, and code
+usage / perplexity / dead-code restarts (vq/codebook.py). The perceptual loss, taming's PatchGAN with the hinge loss and the adaptive weight are
 vq/losses.py's (`loss.discriminator: patchgan`). Exports are kind "vqgan": ConvVQGAN's keys plus the usage
 buffers (`usage`, `last_used`, `step`), loaded through this class.
 """
