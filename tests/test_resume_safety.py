@@ -154,6 +154,16 @@ def test_resume_with_a_changed_seed_warns(single_process, reference, tmp_path, l
     run_dir = copy_run(reference[1], tmp_path / "run")
     assert run(str(run_dir), "train.seed=7") == []  # already at train.steps: resumes, runs nothing
     assert any(line.startswith("warning: train.seed changed on resume (1234 -> 7)") for line in log_lines), log_lines
+    assert not any("rng_rank" in line for line in log_lines)  # (DP=2's RNG files are not for DP=1's rank)
+
+
+def test_a_resume_at_the_same_layout_without_a_ranks_rng_file_warns(single_process, tmp_path, log_lines):
+    """The RNG file of a rank is restored at the checkpoint's own layout; a lost one was skipped silently."""
+    run(str(tmp_path), steps=3)
+    (tmp_path / "checkpoints" / tag_for(3) / "rng_rank0.pt").unlink()
+    assert run(str(tmp_path), steps=3) == []  # resumes, runs nothing
+    assert any(line.startswith(f"warning: {tmp_path / 'checkpoints' / tag_for(3)} lacks rng_rank0.pt: those "
+                               "ranks' random draws") for line in log_lines), log_lines
 
 
 def test_a_run_begun_with_the_stored_permutation_keeps_its_sample_order(single_process, tmp_path, monkeypatch):

@@ -480,7 +480,15 @@ def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> 
     for group, lr in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = lr
     scheduler._last_lr = list(rates)
-    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-    if state["layout"] == layout.record() and rng_file.is_file():
-        _set_rng_state(load_rng_file(rng_file))
+    state["rng_note"] = None
+    if state["layout"] == layout.record():  # (at another layout the ranks' streams do not map onto these)
+        rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+        if rng_file.is_file():
+            _set_rng_state(load_rng_file(rng_file))
+        missing = [f"rng_rank{r}.pt" for r in range(dist.get_world_size())
+                   if dist.get_rank() == 0 and not (path / f"rng_rank{r}.pt").is_file()]
+        if missing:  # (removed or lost since the save, which writes each before marking the checkpoint complete)
+            state["rng_note"] = (f"warning: {path} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
+                                 ": those ranks' random draws (dropout) go on from this run's seed, so the steps "
+                                 "from here differ from the uninterrupted run's")
     return state

@@ -287,6 +287,8 @@ class Trainer:
                                                   self.cfg.train.seed, order)
             self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
+            if state["rng_note"]:
+                self.log.info(state["rng_note"])
             saved_len = state.get("sampler", {}).get("dataset_len")
             if saved_len not in (None, len(self.dataset)):  # e.g. shards added to the folder data.shards names
                 self.log.info(f"warning: the training data holds {len(self.dataset):,} samples, {saved_len:,} when "
