@@ -177,10 +177,18 @@ def write_manifest(folder: Path, header: dict, names: list[str]) -> dict:
     duplicates.npy too (the records whose image an earlier shard or record holds). Refused (DataError), with
     nothing written, when a shard among `names` was made with another header, or, once complete, lacks its
     image hashes. Made again when a shard appeared meanwhile (array tasks finishing together): the last
-    task's manifest is the complete one. The temporary files of killed manifest steps are removed first
-    (common.files.abandoned_temporaries: those of this host's dead processes, any a day old)."""
+    task's manifest is the complete one. Refused too when the folder holds a shard beyond `names`: a run with
+    more inputs grew it while this one ran, and this manifest would drop that run's shards. The temporary files
+    of killed manifest steps are removed first (common.files.abandoned_temporaries: those of this host's dead
+    processes, any a day old)."""
     def present() -> list[str]:  # one listing, not a stat per shard
         on_disk = set(os.listdir(folder))
+        beyond = sorted((f for f in on_disk if SHARD_META.match(f) and int(f.split(".")[0]) >= len(names)),
+                        key=lambda f: int(f.split(".")[0]))
+        if beyond:
+            raise DataError(f"{folder / beyond[0]}: a shard beyond this run's {len(names)} input(s) (a run with more "
+                            "inputs grew the folder meanwhile); this run's shards are written, the manifest is left "
+                            "to that run (or rebuild it with --manifest-only and that run's --input)")
         return [n for n in names if f"{n}.json" in on_disk]
 
     for shared in ("manifest.json", SHARD_STATS, DUPLICATES):  # what killed manifest steps left half written

@@ -432,6 +432,11 @@ def test_other_inputs_into_a_begun_folder_are_refused_and_more_inputs_grow_it(se
     grown = pretokenize(inputs, out, vq, tok, FILTERS)
     assert grown == json.loads((single / "manifest.json").read_text())
     assert all((out / n).read_bytes() == before[n] for n in ("00000.bin", "00001.bin", "00001.json"))
+    # A run of the first 2 inputs that finishes after the folder grew (an array task of the older job) must not
+    # write its 2-shard manifest over the grown one.
+    with pytest.raises(DataError, match=r"codes/00002\.json: a shard beyond this run's 2 input\(s\)"):
+        write_manifest(out, header(vq, tok, FILTERS), ["00000", "00001"])
+    assert json.loads((out / "manifest.json").read_text()) == grown
 
 
 def changed_since(path: Path) -> None:
