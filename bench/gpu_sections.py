@@ -472,9 +472,11 @@ def kill_all(children: list) -> None:
 def parti_stages(ctx: Context) -> dict:
     """Parti's later stages on this device, bf16 autocast on a GPU: a detokenizer fine-tuned for 2 steps on a
     2-step tokenizer's frozen codes (the codes and content hash must stay the source's), and a tiny WDSR x2
-    upsampler trained for 4 steps, saved, resumed for 2 more and exported (resume equals uninterrupted; the
-    export upsamples to twice the size); the text encoder's masked-token pre-training for 4 steps."""
+    upsampler trained for 4 steps, stopped (the STOP file), resumed for 2 more and exported (resume equals
+    uninterrupted; the export upsamples to twice the size); the text encoder's masked-token pre-training for 4
+    steps."""
     from common.config import load_typed
+    from common.preemption import Preempted
     from demo import shapes
     from sr.config import SRConfig
     from sr.model import load_upsampler, upsample
@@ -503,11 +505,27 @@ def parti_stages(ctx: Context) -> dict:
     sr_sets = ["model.preset=tiny", f"train.crop={2 * size}", "train.batch_size=8", "train.precision=bf16",
                "train.save_interval=4", "train.log_interval=1"]
 
-    def run_sr(folder: str, stop_at: int = 6) -> list[float]:
-        trainer = SRTrainer(load_typed(SRConfig, None, sr_sets + ["train.steps=6"]), pattern, ctx.scratch / folder)
-        trainer.cfg.train.steps = stop_at  # (a 6-step run, its LR halvings placed for 6, stopped after step 4)
+    def run_sr(folder: str, stop_at: int | None = None) -> list[float]:
+        """The losses of a 6-step run's steps from its checkpoint on; `stop_at`: stopped after that step as by
+        SLURM's signal (the STOP file: save, then Preempted)."""
+        run_dir = ctx.scratch / folder
+        trainer = SRTrainer(load_typed(SRConfig, None, sr_sets + ["train.steps=6"]), pattern, run_dir)
         trainer.resume()
-        return [h["loss"] for h in trainer.run()]
+        losses, step = [], trainer.train_step
+
+        def recorded_step(lr, hr):
+            if trainer.step + 1 == stop_at:
+                (run_dir / "STOP").touch()  # (read after this step)
+            logs = step(lr, hr)
+            losses.append(logs["loss"])
+            return logs
+
+        trainer.train_step = recorded_step
+        try:
+            trainer.run()
+        except Preempted:
+            pass
+        return losses
 
     full = run_sr("stage_sr_full")
     resumed = run_sr("stage_sr_resumed", 4) + run_sr("stage_sr_resumed")
