@@ -168,8 +168,13 @@ def read_metadata(samples: Path) -> list[dict]:
     path = samples / "metadata.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run evaluation.generate on {samples} first")
-    return [_metadata_row(line, f"{path}:{n}") for n, line in enumerate(path.read_text().splitlines(), 1)
-            if line.strip()]
+    lines = path.read_bytes().splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            lines[n - 1] = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e}); expected one JSON object per line") from None
+    return [_metadata_row(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
 
 
 def score_samples(scorer: ClipScorer, samples: str | Path, batch_size: int = 64,

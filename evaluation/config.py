@@ -124,8 +124,8 @@ class EvalConfig:
             raise ConfigError(f"clip.tag={self.clip.tag!r} names the open_clip pretrained weights of a checkpoint "
                               "file: it needs clip.model=ARCHITECTURE and clip.weights=FILE (a local-dir: carries "
                               "its own preprocessing)")
-        if self.sampling.seed < 0:
-            raise ConfigError(f"sampling.seed={self.sampling.seed} must be >= 0")
+        if not 0 <= self.sampling.seed < 2**32:  # (evaluation.generate.MAX_SEED says why)
+            raise ConfigError(f"sampling.seed={self.sampling.seed} must be in [0, 2**32)")
         if self.benchmark.grid_prompts < 1:
             raise ConfigError(f"benchmark.grid_prompts={self.benchmark.grid_prompts} must be >= 1 (prompts shown in "
                               "each sample grid of the report)")

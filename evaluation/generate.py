@@ -123,6 +123,13 @@ SEEDING = "SeedSequence([seed, prompt, sample])"
 """How each image's seed is made (recorded: folders begun under the earlier affine seeds do not resume)."""
 
 
+RERANK_KEYS = ("weights_sha256", "model", "tag", "preprocess", "quick_gelu")
+"""What of the reranking scorer's protocol (evaluation.clip_score) the images depend on, besides its weights path."""
+MAX_SEED = 2**32
+"""--seed / sampling.seed below it: SeedSequence splits larger numbers into 32-bit words, and seed a * 2**32 + b,
+prompt p, sample 0 would draw as seed b, prompt a, sample p."""
+
+
 def image_seed(seed: int, prompt: int, sample: int) -> int:
     """The seed of sample `sample` of prompt `prompt`: numpy's SeedSequence hash of the three (distinct for every
     triple in practice). The earlier seed*1_000_003 + prompt*1_009 + sample repeated itself across prompts
@@ -141,8 +148,10 @@ def generation_record(model, vq, text_tok, cfg: SamplingConfig, samples_per_prom
               "text_tokenizer": getattr(text_tok, "content_hash", None),
               "seed": seed, "seeding": SEEDING, "sampling": asdict(cfg), "samples_per_prompt": samples_per_prompt,
               "keep": keep,
+              # (the scorer's weights and how they are run: a rerun with another --clip-tag changed the
+              # activation and normalisation, and resumed)
               "rerank": None if scorer is None else {"clip": scorer.protocol.get("weights"),
-                                                     "weights_sha256": scorer.protocol.get("weights_sha256")},
+                                                     **{k: scorer.protocol.get(k) for k in RERANK_KEYS}},
               "upsampler": None if upsampler is None else getattr(upsampler, "export_identity", "in-process"),
               "device": weight.device.type, "dtype": str(weight.dtype).removeprefix("torch."), "decoding": decoding}
     return json.loads(json.dumps(record))  # as it reads back from a file (tuples as lists)
@@ -321,7 +330,7 @@ def check_export(path: str | Path, name: str = "checkpoint") -> Path:
         raise ValueError(f"{name} {path} has no {missing}; {expected}")
     export = run / "export"
     exported = all((export / f).is_file() for f in EXPORT_FILES)
-    exported_tag = json.loads((export / "config.json").read_text()).get("checkpoint") if exported else None
+    exported_tag = read_export_config(export).get("checkpoint") if exported else None
     if exported and step in (None, exported_tag):
         advice = f"pass its export {export}" + (f" (made from {exported_tag})" if exported_tag else "")
     elif step:
@@ -333,13 +342,25 @@ def check_export(path: str | Path, name: str = "checkpoint") -> Path:
     raise ValueError(f"{name} {path} is {what}, not an export folder; {advice}")
 
 
+def read_export_config(folder: Path) -> dict:
+    """An export's config.json, or a ValueError naming it (a half-copied export printed a bare JSON position)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'config.json'}: not readable as JSON ({e}); the export is damaged: export "
+                         "the checkpoint again (python -m training.export)") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / 'config.json'}: a JSON {type(config).__name__}, expected an object")
+    return config
+
+
 def export_identity(path: str | Path) -> dict:
     """Which checkpoint an export folder holds, cheaply: its resolved path, the checkpoint tag written by
     training.export, and size and modification time (ns) of model.safetensors (an export rewritten in
     place gets a new mtime)."""
     path = Path(path).resolve()
     weights = (path / "model.safetensors").stat()
-    config = json.loads((path / "config.json").read_text())
+    config = read_export_config(path)
     return {"path": str(path), "tag": config.get("checkpoint"), "weights_bytes": weights.st_size,
             "weights_mtime_ns": weights.st_mtime_ns}
 
@@ -389,8 +410,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[dict], SamplingConfig]:
     check_counts(args.samples_per_prompt, args.batch_size, args.keep)
     if args.limit < 0:
         raise ValueError(f"--limit must be >= 0 (0: all prompts), not {args.limit}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, not {args.seed}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise ValueError(f"--seed must be in [0, 2**32), not {args.seed}")
     cfg = dataclass_from_args(SamplingConfig, args)
     check_export(args.checkpoint, "--checkpoint")
     check_out_folder(args.out, "--out")

@@ -119,6 +119,13 @@ def generate_non_utf8_prompts(tmp: Path):
     return main, argv, f"{re.escape(str(prompts))}:2: not UTF-8 .*expected a UTF-8 prompt file", keep
 
 
+def clip_score_non_utf8_metadata(tmp: Path):
+    main, argv, _, keep = clip_score_case(tmp, "keys")
+    metadata = tmp / "samples" / "metadata.jsonl"
+    metadata.write_bytes(metadata.read_bytes() + '{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    return main, argv, f"{re.escape(str(metadata))}:3: not UTF-8 text .*expected one JSON object per line", keep
+
+
 def generate_run_dir(tmp: Path):
     run = fake_run(tmp)
     main, argv, keep = generate_case(tmp, run)
@@ -171,7 +178,10 @@ CASES = {
     "clip_score: truncated PNG among the samples": lambda tmp: clip_score_case(tmp, "png"),
     "clip_score: metadata.jsonl line cut short": lambda tmp: clip_score_case(tmp, "json"),
     "clip_score: metadata.jsonl line without files": lambda tmp: clip_score_case(tmp, "keys"),
+    "clip_score: metadata.jsonl not UTF-8": clip_score_non_utf8_metadata,
     "benchmark: no prompts": benchmark_without_prompts,
+    "benchmark: a seed of 2**32": lambda tmp: benchmark_case(
+        tmp, "sampling.seed=4294967296", expected=r"sampling.seed=4294967296 must be in \[0, 2\*\*32\)"),
     "benchmark: coco30k without its real images": lambda tmp: benchmark_case(
         tmp, "benchmark.name=coco30k", f"benchmark.real={tmp / 'coco'}",
         expected=rf"benchmark.real={re.escape(str(tmp / 'coco'))}: .*coco: no such folder"),
@@ -321,7 +331,9 @@ SAMPLING_CASES = {
     "--out a file": lambda tmp: generate_into_a_file(tmp),
     "--vq with another codebook size written in": lambda tmp: generate_with_an_edited_vq(tmp, "size"),
     "--vq with an unknown config key written in": lambda tmp: generate_with_an_edited_vq(tmp, "key"),
-    "negative seed": generate_flags("--seed", "-1", expected=r"--seed must be >= 0, not -1$"),
+    "negative seed": generate_flags("--seed", "-1", expected=r"--seed must be in \[0, 2\*\*32\), not -1$"),
+    # (numpy's SeedSequence splits larger seeds into 32-bit words: seed 2**32's prompt 7 drew as seed 0's prompt 1)
+    "seed of 2**32": generate_flags("--seed", str(2**32), expected=r"--seed must be in \[0, 2\*\*32\), not 4294967296$"),
     "JSONL line not an object": generate_flags(prompts='{"prompt": "a cat"}\n"a dog"\n',
                                                expected=r"prompts.jsonl:2: a JSON string, not an object"),
 }

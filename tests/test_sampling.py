@@ -485,6 +485,27 @@ def test_image_seeds_differ_where_the_affine_ones_collided():
     assert all(0 <= x < 2**64 for x in seeds)
 
 
+def test_the_record_holds_how_the_reranking_clip_runs_and_a_damaged_export_config_is_named(tmp_path):
+    """Reranking with the same weights under another --clip-tag (activation, normalisation) resumed the folder;
+    an export's config.json cut short gave a bare JSON position."""
+    from types import SimpleNamespace
+
+    from evaluation.generate import generation_record, read_export_config
+    from evaluation.sampling import SamplingConfig
+
+    model = torch.nn.Linear(1, 1)
+    protocol = {"weights": "clip.bin", "weights_sha256": "ab", "model": "ViT-B-32", "tag": None,
+                "preprocess": {"mean": [0.5]}, "quick_gelu": False, "open_clip": "3.0"}
+    records = [generation_record(model, None, None, SamplingConfig(), 1, 0, SimpleNamespace(protocol=p))
+               for p in (protocol, {**protocol, "tag": "openai", "quick_gelu": True})]
+    assert records[0]["rerank"] != records[1]["rerank"]
+    assert records[0]["rerank"] == {"clip": "clip.bin", "weights_sha256": "ab", "model": "ViT-B-32", "tag": None,
+                                    "preprocess": {"mean": [0.5]}, "quick_gelu": False}
+    (tmp_path / "config.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match=r"config\.json: not readable as JSON .*export the checkpoint again"):
+        read_export_config(tmp_path)
+
+
 def test_prompts_that_are_missing_not_text_or_blank_are_refused_naming_the_line(tmp_path):
     """A null or non-text prompt became the text 'None' or '3'; a blank COCO caption the unconditional caption;
     a COCO annotation without a caption a bare KeyError. Line numbers of CSV rows count blank lines and quoted
