@@ -121,7 +121,7 @@ def fid_results(cfg: EvalConfig, images: Path, metadata: list[dict], size: tuple
                              f"in {images} are {size[0]}x{size[1]}, not square; set benchmark.real_center_crop=false")
         real_size = size[0]
     files = [images / name for meta in metadata for name in meta["files"]]
-    measured = fid(cfg.benchmark.real, images, real_size=real_size, fake_files=files)
+    measured = fid(resolve(cfg.benchmark.real), images, real_size=real_size, fake_files=files)
     return {"fid": measured["fid"], "fid_name": measured["name"], "fid_real_images": measured["real_images"],
             "fid_fake_images": measured["fake_images"], "fid_warning": measured["warning"],
             "fid_protocol": measured["protocol"]}
@@ -179,17 +179,21 @@ def run(cfg: EvalConfig) -> dict | None:
     check_out_folder(cfg.benchmark.out, "benchmark.out")
     if cfg.benchmark.name == "coco30k":  # what FID needs, before hours of generation
         try:
-            image_files(cfg.benchmark.real)
+            image_files(resolve(cfg.benchmark.real))
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"benchmark.real={cfg.benchmark.real}: {e}") from None
+        if len(prompts) * (cfg.sampling.keep or cfg.sampling.samples_per_prompt) < 2:
+            raise ValueError(f"coco30k: {len(prompts)} prompt(s) x {cfg.sampling.keep or cfg.sampling.samples_per_prompt}"
+                             " image(s) each; FID needs at least 2 generated images (raise benchmark.limit)")
         default_weights()
+    if cfg.model.upsampler and not Path(cfg.model.upsampler).is_file():  # (before the model is loaded)
+        raise FileNotFoundError(f"model.upsampler={cfg.model.upsampler}: no such file; expected the export.pt of "
+                                "sr.train")
     device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
     init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.benchmark.out)
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "eval_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     model, vq, text_tok = load_for_sampling(cfg.model.checkpoint, cfg.model.vq, cfg.model.text_tokenizer, device)
     upsampler = load_upsampler_for_sampling(cfg.model.upsampler, device) if cfg.model.upsampler else None
     scorer = (ClipScorer.load(cfg.clip.model, cfg.clip.weights or None, device, cfg.clip.tag or None)
@@ -198,6 +202,8 @@ def run(cfg: EvalConfig) -> dict | None:
     generate(model, vq, text_tok, prompts, out / "images", s.per_code(), s.samples_per_prompt, s.seed, s.batch_size,
              rank, world, scorer if s.samples_per_prompt > 1 else None,  # reranked when there is a choice
              s.keep, upsampler, compile_decode=s.compile_decode)
+    if rank == 0:  # (after generate's resume check: a refused rerun leaves the folder's config as it was)
+        (out / "eval_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     dist.barrier()
     if rank != 0:
         return None

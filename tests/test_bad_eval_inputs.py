@@ -185,6 +185,14 @@ CASES = {
     "benchmark: coco30k without its real images": lambda tmp: benchmark_case(
         tmp, "benchmark.name=coco30k", f"benchmark.real={tmp / 'coco'}",
         expected=rf"benchmark.real={re.escape(str(tmp / 'coco'))}: .*coco: no such folder"),
+    # (benchmark.real as shared:NAME, the reference data beside the project, as benchmark.prompts; FID failed after
+    # the whole generation and CLIP score)
+    "benchmark: coco30k of one image": lambda tmp: benchmark_case(
+        tmp, "benchmark.name=coco30k", "benchmark.real=shared:coco_mini/images", "benchmark.limit=1",
+        "sampling.samples_per_prompt=1", "sampling.keep=0",
+        expected=r"coco30k: 1 prompt\(s\) x 1 image\(s\) each; FID needs at least 2 generated images"),
+    "benchmark: no such upsampler": lambda tmp: benchmark_case(
+        tmp, "model.upsampler=/nonexistent/sr.pt", expected=r"model.upsampler=/nonexistent/sr.pt: no such file"),
     "benchmark: grids of no prompts": lambda tmp: benchmark_case(
         tmp, "benchmark.grid_prompts=0", expected=r"benchmark.grid_prompts=0 must be >= 1"),
     "benchmark: out is a file": lambda tmp: benchmark_case(
