@@ -3,6 +3,7 @@ preprocessing resolved as open_clip does), and the PartiPrompts / COCO harnesses
 score per category and challenge, FID, results.json, HTML report, each number under an honest name)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -260,6 +261,12 @@ def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, t
     grids = [line.split('src="')[1].split('"')[0] for line in report.splitlines() if 'src="' in line]
     assert len(grids) == len(by_category) and all((out / g).is_file() for g in grids)
     assert "CLIP score per category" in report and (out / "eval_config.yaml").is_file()
+    # A rerun with other sampling settings is refused by generate's resume check: the folder's config stays that
+    # of its images (it was rewritten before the check).
+    before = (out / "eval_config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"sampling\.top_k: 8 then, 4 now"):
+        run(dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, top_k=4)))
+    assert (out / "eval_config.yaml").read_text() == before
 
 
 def test_coco_harness_gives_fid_and_clip_score_at_the_upsampled_resolution(sampling_setup, tiny_clip, tmp_path):
