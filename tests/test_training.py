@@ -41,8 +41,9 @@ def test_zero_stages_equal_zero0(pool2, reference, tmp_path, stage):
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
 
 
-def test_tp2_equals_tp1(pool2, reference, tmp_path):
-    losses = pool2.run(run, str(tmp_path), "parallel.tp=2")[0]
+@pytest.mark.parametrize("stage", [0, 3])  # (ZeRO-3 partitioned every TP shard over the TP ranks too)
+def test_tp2_equals_tp1(pool2, reference, tmp_path, stage):
+    losses = pool2.run(run, str(tmp_path), "parallel.tp=2", f"parallel.zero_stage={stage}")[0]
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
 

@@ -115,7 +115,11 @@ def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout, initi
         model = build_pipeline(cfg.model, kernels, layout.pp, cfg.train.seed, sp, tp_group, initialize)
     elif layout.zero_stage == 3:
         init_deepspeed()
-        with deepspeed.zero.Init(mpu=MegatronMpu(), config_dict_or_path=deepspeed_config(cfg, layout.dp)):
+        # data_parallel_group: zero.Init partitions over it, not over mpu's (DeepSpeed 0.19 defaults it to every
+        # process), and at TP > 1 it split each TP shard over the TP ranks too: another model, and a hang at save.
+        mpu = MegatronMpu()
+        with deepspeed.zero.Init(mpu=mpu, data_parallel_group=mpu.get_data_parallel_group(),
+                                 config_dict_or_path=deepspeed_config(cfg, layout.dp)):
             model = PartiModel(cfg.model, kernels, sp, init_seed=cfg.train.seed, tp_group=tp_group,
                                initialize=initialize)
         # DeepSpeed's engine moves no zero.Init model to its device (engine._configure_distributed_model)
