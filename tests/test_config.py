@@ -39,6 +39,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
     (["train.adam_beta2=1.0"], "train.adam_beta2=1.0 must be in [0, 1)"),
     (["train.adam_eps=0"], "train.adam_eps=0.0 must be > 0"),
+    (["train.optimizer=adafactor", "parallel.pp=2", "train.precision=bf16", "model.decoder_layers=2"],
+     "train.optimizer=adafactor with parallel.pp > 1 needs train.precision=fp32"),  # (its first save failed)
 ])
 def test_validation_names_field_and_rule(overrides, message):
     cfg = load_config(None, ["model.preset=parti-debug", *overrides])

@@ -43,7 +43,8 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Samples per forward/backward on one rank."""
     optimizer: str = "adamw"
-    """adamw | adafactor (torch's Adafactor, factored second moments as Parti used; ZeRO-0 only)."""
+    """adamw | adafactor (torch's Adafactor, factored second moments as Parti used; ZeRO-0 only, and fp32 with
+    parallel.pp > 1)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -134,6 +135,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.optimizer != "adafactor" or p.zero_stage == 0,
             f"train.optimizer=adafactor needs parallel.zero_stage=0 (ZeRO flattens parameters, which would "
             f"turn Adafactor's factored second moments into unfactored ones; got {p.zero_stage})")
+    require(t.optimizer != "adafactor" or p.pp == 1 or t.precision != "bf16",
+            "train.optimizer=adafactor with parallel.pp > 1 needs train.precision=fp32 (DeepSpeed's pipeline runs "
+            "bf16 through its BF16_Optimizer, which flattens parameters even at ZeRO-0: the first save failed)")
     require(not m.init_text_encoder or p.zero_stage < 3,
             f"model.init_text_encoder needs parallel.zero_stage < 3 (ZeRO-3 partitions the model while it is built, "
             f"before the pre-trained encoder could be loaded into it; got {p.zero_stage})")
