@@ -48,6 +48,15 @@ def test_tp2_equals_tp1(pool2, reference, tmp_path, stage):
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
 
 
+@pytest.mark.parametrize("layout", [("parallel.pp=2",), ("train.precision=bf16",)], ids=["fp32-pp2", "bf16"])
+def test_grad_norm_is_logged_without_clipping(pool2, reference, tmp_path, layout):
+    """DeepSpeed's fp32 ZeRO-0 step computes no norm when it does not clip (train.grad_clip=0): the first
+    step's norm is still logged, the reference run's pre-clipping norm (bf16: its optimizer's own norm)."""
+    pool2.run(run, str(tmp_path), "train.grad_clip=0", *layout, steps=1)
+    bf16 = "train.precision=bf16" in layout
+    assert grad_norms(tmp_path)[0] == pytest.approx(grad_norms(reference[1])[0], rel=2e-2 if bf16 else 1e-5)
+
+
 def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):
     """A stop requested at a step whose held-out loss is due (here every step) measures it before saving: the
     resumed run starts after that step and would never measure it."""

@@ -10,7 +10,7 @@ The engine (training/engine.py uses these to build it):
 - `init_deepspeed`: DeepSpeed's comm layer, without JIT-compiling its shared-memory op on CPU.
 - `no_optimizer_steps`: DeepSpeed's bf16 ZeRO-0 wrappers run one real optimizer step at construction.
 - `clip_fp32_gradients_megatron_style` (with `global_grad_norm`): fp32 ZeRO-0 clipping that keeps no norm
-  and miscounts under a pipeline.
+  (none at all without clipping) and miscounts under a pipeline.
 - `NonFiniteGuard` (with `nonfinite_flag`): DeepSpeed's plain fp32 ZeRO-0 step goes on with non-finite
   gradients, and the steps its wrappers skip are counted only in its engine.
 
@@ -115,18 +115,30 @@ def clip_fp32_gradients_megatron_style(engine) -> None:
     None) and, under a pipeline, leaves replicated parameters of later stages out of it (it asks the
     pipe x tensor rank, not the tensor rank), by `global_grad_norm` and the same clipping rule. The
     method is replaced on the engine instance, and the norm stored where get_global_grad_norm reads it
-    (`engine._global_grad_norm`)."""
+    (`engine._global_grad_norm`). DeepSpeed calls it only when clipping (`_take_model_step`): without
+    clipping, the wrapped `_take_model_step` computes the norm itself. (The bf16 and ZeRO optimizers keep
+    their own norm, clipping or not.)"""
 
-    def clip():
+    def norm_and_clip():
         params = [p for p in engine.module.parameters() if p.grad is not None]
         norm = global_grad_norm(params)
-        coefficient = engine.gradient_clipping() / (norm + 1e-6)
-        if coefficient < 1.0:
-            for p in params:
-                p.grad.detach().mul_(coefficient)
+        if engine.gradient_clipping() > 0.0:
+            coefficient = engine.gradient_clipping() / (norm + 1e-6)
+            if coefficient < 1.0:
+                for p in params:
+                    p.grad.detach().mul_(coefficient)
         engine._global_grad_norm = float(norm)
 
-    engine.clip_fp32_gradients = clip
+    take_model_step = engine._take_model_step
+
+    def take_model_step_with_norm(*args, **kwargs):
+        if engine.gradient_clipping() <= 0.0:
+            norm_and_clip()
+        return take_model_step(*args, **kwargs)
+
+    engine.clip_fp32_gradients = norm_and_clip
+    if not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):
+        engine._take_model_step = take_model_step_with_norm
 
 
 def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
