@@ -3,13 +3,17 @@
 Starting a process and importing megatron-core/DeepSpeed costs seconds, so multi-process tests do
 not spawn per test: `pool.run(fn, *args, **kwargs)` calls the module-level function `fn` on every rank of an
 already-initialised process group and returns the per-rank results (or raises with each failing
-rank's traceback). A worker that hangs past the timeout takes the pool down with it.
+rank's traceback). A worker that hangs past the timeout, or dies, takes the pool down with it: the hung
+workers print their stacks first, and the next `run` starts a fresh pool, so one hang fails one test.
 """
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import queue
+import signal
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -23,6 +27,7 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
     import torch
 
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # the pool asks a hung worker for its stacks (USR1 preempts)
     from common.cli import exit_promptly
     from model_parallel.cpu_compat import apply_cpu_compat
     from model_parallel.state import init_distributed
@@ -43,33 +48,42 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
 
 class WorkerPool:
     def __init__(self, world_size: int):
-        ctx = mp.get_context("spawn")
         self.world_size = world_size
-        self.inboxes = [ctx.Queue() for _ in range(world_size)]
+        self.procs = []
+        atexit.register(self.close, force=True)
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.inboxes = [ctx.Queue() for _ in range(self.world_size)]
         self.outbox = ctx.Queue()
         port = free_port()
         # Not daemonic: workers start processes of their own (dist_checkpointing's writer queue).
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox))
-                      for r in range(world_size)]
+        self.procs = [ctx.Process(target=_worker, args=(r, self.world_size, port, self.inboxes[r], self.outbox))
+                      for r in range(self.world_size)]
         for p in self.procs:
             p.start()
-        atexit.register(self.close, force=True)
 
     def run(self, fn, *args, timeout: float = 600, **kwargs):
+        if not self.procs:  # first use, or the last run took the pool down
+            self._start()
         for box in self.inboxes:
             box.put((fn, args, kwargs))
         results, errors = {}, []
-        for _ in range(self.world_size):
+        deadline = time.monotonic() + timeout
+        while len(results) + len(errors) < self.world_size:
             # Once a rank has failed, the others may wait forever in a collective: give them a
             # short grace period, then report the failure and take the pool down.
-            wait = 30 if errors else timeout
+            if errors:
+                deadline = min(deadline, time.monotonic() + 30)
             try:
-                rank, ok, value = self.outbox.get(timeout=wait)
+                rank, ok, value = self.outbox.get(timeout=5)
             except queue.Empty:
-                self.close(force=True)
-                if errors:
-                    raise RuntimeError(f"{fn.__name__} failed (other ranks hung)\n" + "\n".join(errors)) from None
-                raise TimeoutError(f"{fn.__name__} did not finish on all ranks within {timeout} s") from None
+                dead = [f"rank {r} exited with {p.exitcode}" for r, p in enumerate(self.procs) if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self._take_down()
+                    why = "; ".join(dead) or f"did not finish on all ranks within {timeout} s (stacks above)"
+                    raise RuntimeError(f"{fn.__name__} failed: {why}\n" + "\n".join(errors))
+                continue
             if ok:
                 results[rank] = value
             else:
@@ -77,6 +91,14 @@ class WorkerPool:
         if errors:
             raise RuntimeError(f"{fn.__name__} failed\n" + "\n".join(errors))
         return [results[r] for r in range(self.world_size)]
+
+    def _take_down(self) -> None:
+        """Print the stacks of the workers still alive (the test's captured stderr), then kill them all."""
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGUSR2)
+                time.sleep(1)  # one at a time: the stacks would interleave
+        self.close(force=True)
 
     def close(self, force: bool = False) -> None:
         for p, box in zip(self.procs, self.inboxes):
@@ -86,3 +108,4 @@ class WorkerPool:
             p.join(timeout=0 if force else 10)
             if p.is_alive():
                 p.kill()
+        self.procs = []
