@@ -223,6 +223,15 @@ def test_recomputation_and_small_micro_batches_cost_time():
         estimate(m, 1, 1, 32, 1, 64, 8192, "bf16", "none", free).step_s)
 
 
+def test_fp32_runs_compute_at_the_tf32_peak():
+    """fp32 runs multiply on TF32 tensor cores, at half the bf16 peak (training/flops.py; the trainer's MFU
+    divides by it): twice the compute time, the same MFU against that peak."""
+    m, free = model_config("parti-350m"), Hardware(overhead_ms_per_layer=0)  # (one GPU: no communication)
+    o = {p: estimate(m, 1, 1, 1, 1, 8, 8, p, "none", free) for p in ("bf16", "fp32")}
+    assert o["fp32"].step_s == pytest.approx(2 * o["bf16"].step_s)
+    assert o["fp32"].mfu == pytest.approx(o["bf16"].mfu)
+
+
 def test_the_chosen_micro_batch_and_recomputation_are_the_fastest_that_fit():
     """For every (TP, PP, ZeRO), the plan's choice fits and is at least as fast as every micro-batch and
     recomputation that fits (tried one by one); where it finds none, none fits. With little memory it

@@ -32,7 +32,7 @@ import argparse
 import functools
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.cli import command
 from data_pipeline.code_shards import record_dtype
@@ -42,6 +42,7 @@ from model_parallel.layout import RECOMPUTE_MODES, ParallelLayout
 from model_parallel.model import piece_classes
 from model_parallel.param_count import piece_params
 from training.flops import (
+    TF32_FRACTION_OF_BF16,
     decoder_layer_flops,
     encoder_layer_flops,
     head_flops,
@@ -171,7 +172,7 @@ class Skipped:
 class Hardware:
     gpus_per_node: int = 8
     peak_tflops: float = 989.0
-    """Dense bf16 TFLOP/s per GPU (H100 SXM)."""
+    """Dense bf16 TFLOP/s per GPU (H100 SXM). fp32 runs compute at TF32_FRACTION_OF_BF16 of it."""
     hfu: float = 0.5
     """Hardware FLOPs utilisation of a large micro-batch: the FLOPs it executes (recomputation included) over
     the peak. Measured on one H200 (bench/results/gpu_nvidia-h200_2026-11-30), bf16, ZeRO-1, as the slope of
@@ -239,6 +240,8 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
         largest_piece = max(piece_params(model_cfg, tp))
     stage_params = stage_params or params_per_stage(model_cfg, tp, pp)
     gb, w = 2**30, 2 if precision == "bf16" else 4
+    if precision == "fp32":  # on TF32 tensor cores, at half the bf16 peak (as the trainer's MFU counts it)
+        hw = replace(hw, peak_tflops=hw.peak_tflops * TF32_FRACTION_OF_BF16)
     # bf16 ZeRO-0 under the pipeline engine is DeepSpeed's BF16_Optimizer: bf16 gradients, the optimizer's
     # state sharded over DP as at ZeRO-1. Otherwise gradients are accumulated in fp32.
     bf16_pipeline_zero0 = precision == "bf16" and pp > 1 and zero == 0
@@ -411,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider, e.g. 1,2,3 (bf16 gradients "
                         "accumulate and reduce in fp32 at those; at 0 in bf16)")
     parser.add_argument("--recompute", choices=RECOMPUTE_MODES, help="(default: the fastest that fits)")
-    parser.add_argument("--peak-tflops", type=float, default=989, help="per GPU (H100 bf16 dense: 989)")
+    parser.add_argument("--peak-tflops", type=float, default=989, help="bf16 dense per GPU (H100: 989); "
+                        "fp32 runs use TF32 at half of it")
     parser.add_argument("--hfu", type=float, default=Hardware.hfu,
                         help="FLOPs executed / peak on a large micro-batch (measured on an H200: 0.50-0.60)")
     parser.add_argument("--overhead-ms", type=float, default=Hardware.overhead_ms_per_layer,
@@ -431,10 +435,12 @@ def main(argv: list[str] | None = None) -> None:
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
                                      args.micro_batch, args.precision, args.recompute, args.dropout,
                                      stages=zero_stages(args.zero))
+    peak = args.peak_tflops * (TF32_FRACTION_OF_BF16 if args.precision == "fp32" else 1)
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
           f"(global batch {args.global_batch}, micro-batch {args.micro_batch or 'chosen'}, {args.precision}, "
           f"dropout {args.dropout:g}, ZeRO {args.zero}, "
-          f"recompute {args.recompute or 'chosen'}; step time at {args.hfu:g} of the peak plus {args.overhead_ms:g} ms "
+          f"recompute {args.recompute or 'chosen'}; step time at {args.hfu:g} of the "
+          f"{peak:g} TFLOP/s {'TF32' if args.precision == 'fp32' else 'bf16'} peak plus {args.overhead_ms:g} ms "
           f"per layer and micro-batch); memory per GPU in GB:")
     if fits:
         print("fits, fastest first:")
