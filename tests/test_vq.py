@@ -128,7 +128,8 @@ def test_lpips_backbone_from_a_local_file(tmp_path):
     from vq.losses import make_lpips
 
     vgg = torchvision.models.vgg16(weights=None)
-    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    # (torchvision's file holds the classifier too, 0.5 GB that LPIPS does not read: left out here)
+    torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, tmp_path / "vgg16.pth")
     model = make_lpips(tmp_path / "vgg16.pth")
     torch.testing.assert_close(model.net.slice3._modules["10"].weight, vgg.features[10].weight)
     torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
