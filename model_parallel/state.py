@@ -27,14 +27,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
-    """torch.distributed's variables from SLURM's, for `srun` with one task per GPU (no torchrun):
-    RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID; MASTER_ADDR the job's first node."""
+def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """torch.distributed's variables from SLURM's, for a task of `srun` with one task per GPU (no torchrun):
+    RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID/STEP_NUM_TASKS/LOCALID; MASTER_ADDR the job's first node;
+    MASTER_PORT (unless set) from the job and step ids, as the slurm/*.sbatch scripts derive theirs, so jobs
+    sharing a node do not meet on one port. None outside a job step: a batch or salloc shell sets SLURM_PROCID
+    and SLURM_NTASKS too (the allocation's), but no SLURM_STEP_ID, and a command run there is one process
+    (it waited for ranks that never came)."""
     env = os.environ if env is None else env
+    if "SLURM_STEP_ID" not in env or "SLURM_JOB_NODELIST" not in env:
+        return None
     first_node = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
                                 check=True, capture_output=True, text=True).stdout.split()[0]
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
-            "MASTER_ADDR": env.get("MASTER_ADDR", first_node), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+    port = 10000 + (int(env["SLURM_JOB_ID"]) * 16 + int(env["SLURM_STEP_ID"])) % 22000  # (below Linux's ephemeral
+    # ports, 32768 and up, which the node hands out to any connection)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]),
+            "LOCAL_RANK": env["SLURM_LOCALID"], "MASTER_ADDR": env.get("MASTER_ADDR", first_node),
+            "MASTER_PORT": env.get("MASTER_PORT", str(port))}
 
 
 # The oldest Linux driver each CUDA major version runs on (NVIDIA's CUDA toolkit release notes,
@@ -136,8 +145,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_JOB_NODELIST" in os.environ:
-        os.environ.update(slurm_environment())
+    if "RANK" not in os.environ and (slurm := slurm_environment()) is not None:
+        os.environ.update(slurm)
     if "RANK" not in os.environ:
         own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
         own["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())

@@ -201,7 +201,13 @@ def test_slurm_environment(monkeypatch):
 
     fake = subprocess.CompletedProcess([], 0, stdout="gpu-a17\ngpu-a18\n")
     monkeypatch.setattr(state.subprocess, "run", lambda *a, **k: fake)
-    env = state.slurm_environment({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-                                   "SLURM_JOB_NODELIST": "gpu-a[17-18]"})
-    assert env == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-a17",
-                   "MASTER_PORT": "29500"}
+    # What a batch or salloc shell of a two-node, 16-task allocation sees (on a real cluster, slurm/local_cluster.py)
+    shell = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+             "SLURM_JOB_ID": "4242"}
+    assert state.slurm_environment(shell) is None  # a command run there is one process, not rank 0 of 16
+    # ... and a task of an 8-task step in it
+    task = {**shell, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "8"}
+    port = 10000 + (4242 * 16 + 3) % 22000
+    assert state.slurm_environment(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                             "MASTER_ADDR": "gpu-a17", "MASTER_PORT": str(port)}
+    assert state.slurm_environment({**task, "MASTER_PORT": "6000"})["MASTER_PORT"] == "6000"
