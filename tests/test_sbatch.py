@@ -46,10 +46,15 @@ def test_pretokenize_asks_for_a_gpu_per_array_task():
     assert int(options["--cpus-per-task"]) >= 2
 
 
+# STUB_USR1_AT=hostnames|srun: SLURM's USR1 reaches the script (STUB_SCRIPT_PID) while it looks up the nodes, or
+# while srun runs (which then goes on for a second). STUB_STOP_FILE: srun notes whether that file exists as it starts.
 STUBS = {
     "srun": 'printf "%s\\0" "$@" > "$STUB_OUT/srun.args"; env -0 > "$STUB_OUT/srun.env"; '
-            'if [ -n "${STUB_REQUEUE:-}" ]; then echo "step 3" > "$STUB_REQUEUE"; fi',
-    "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then echo node-a; echo node-b; '
+            'if [ -f "${STUB_STOP_FILE:-/nonexistent}" ]; then touch "$STUB_OUT/stop.seen"; fi; '
+            'if [ "${STUB_USR1_AT:-}" = srun ]; then kill -USR1 "$STUB_SCRIPT_PID"; sleep 1; fi; '
+            'if [ -n "${STUB_REQUEUE:-}" ]; then echo "step 3" > "$STUB_REQUEUE"; fi; touch "$STUB_OUT/srun.done"',
+    "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then '  # (the signal first: `| head -n 1` may end the stub)
+                'if [ "${STUB_USR1_AT:-}" = hostnames ]; then kill -USR1 "$STUB_SCRIPT_PID"; fi; echo node-a; echo node-b; '
                 'else echo "$*" >> "$STUB_OUT/scontrol.log"; exit "${STUB_SCONTROL_EXIT:-0}"; fi',
 }
 
@@ -70,7 +75,8 @@ def run_script(tmp_path: Path, script: str, args: list[str], env: dict, gpus: in
         (bin_dir / name).chmod(0o755)
     full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "STUB_OUT": str(out),
                 "PYTHON": "python3", **env}
-    proc = subprocess.run(["bash", str(ROOT / "slurm" / script), *args], cwd=tmp_path, env=full_env,
+    proc = subprocess.run(["bash", "-c", 'export STUB_SCRIPT_PID=$$; exec bash "$@"', "bash",
+                           str(ROOT / "slurm" / script), *args], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=60)
     if not (out / "srun.args").exists():
         return proc.returncode, proc.stdout + proc.stderr, None, None
@@ -103,7 +109,11 @@ def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
     assert argv[:2] == ["--kill-on-bad-exit=1", "--cpus-per-task=96"]
     assert argv[argv.index("torch.distributed.run") - 2] == "python3"
     assert after(argv, "--nnodes") == "2" and after(argv, "--nproc_per_node") == "8"
-    assert after(argv, "--rdzv_endpoint").startswith("node-a:") and after(argv, "--rdzv_id") == "42-0"
+    assert after(argv, "--rdzv_endpoint") == f"node-a:{10000 + 42 * 16}" and after(argv, "--rdzv_id") == "42-0"
+    # (job ids near 1250 gave ports from 39999 down into Linux's ephemeral range, 32768 and up)
+    for job in (1249, 1250, 987654):
+        _, _, argv, _ = train(tmp_path, env={**GPU_JOB, "SLURM_JOB_ID": str(job)})
+        assert 10000 <= int(after(argv, "--rdzv_endpoint").split(":")[1]) < 32768
     assert after(argv, "--shutdown-timeout") == "600"  # torchrun's default 30 s would kill a large model's stop save
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert env["OMP_NUM_THREADS"] == "12"  # 96 CPUs / 8 trainers
@@ -168,6 +178,29 @@ def test_a_stopped_run_is_requeued_and_a_refused_requeue_fails_the_job(tmp_path,
     assert (tmp_path / "out" / "scontrol.log").read_text() == "requeue 42\n"
     assert ("scontrol requeue 42 failed; the run is saved (step 3): submit the command again with --resume auto"
             in log) == bool(scontrol_exit)
+
+
+def test_a_usr1_before_the_trainers_start_is_passed_on_to_them(tmp_path):
+    """SLURM's USR1 while the script still prepares (here: as it looks up the nodes) used to end the job unsaved
+    (SIGUSR1's default action, exit 138): now the trainers find STOP when they start, and save and stop."""
+    env = {**GPU_JOB, "STUB_USR1_AT": "hostnames", "STUB_STOP_FILE": str(tmp_path / "run" / "STOP")}
+    code, log, argv, _ = train(tmp_path, env=env)
+    assert code == 0 and argv is not None, log
+    assert (tmp_path / "out" / "stop.seen").exists() and "USR1: asking the trainers to save and stop" in log
+
+
+def test_a_segment_that_stops_where_the_last_one_did_is_not_requeued_again(tmp_path):
+    """A job whose time runs out while its trainers start would stop at the same step every segment, forever."""
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**GPU_JOB, "SLURM_RESTART_COUNT": "2", "STUB_REQUEUE": str(run / "REQUEUE")}
+    (run / "REQUEUED").write_text("step 1\n")  # the previous segment stopped at step 1, this one at 3: requeued
+    code, log, _, _ = train(tmp_path, env=env)
+    assert code == 0 and (tmp_path / "out" / "scontrol.log").read_text() == "requeue 42\n", log
+    assert (run / "REQUEUED").read_text() == "step 3\n"
+    code, log, _, _ = train(tmp_path, env=env)  # ... and the next one at 3 again
+    assert code == 75 and not (tmp_path / "out" / "scontrol.log").exists()
+    assert "stopped at step 3 as the previous segment did" in log
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu"])
@@ -255,6 +288,18 @@ def test_eval_job_exports_the_same_settings_and_asks_for_the_gpu(tmp_path):
     assert trainer_args(["training.train", *argv[argv.index("evaluation.benchmark") + 1:]]).set == ["benchmark.device=cpu"]
     code, log, argv, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"], {**GPU_JOB, "DEVICE": "gpu"})
     assert code == 2 and "DEVICE=gpu" in log and argv is None
+
+
+@pytest.mark.parametrize("usr1_at", ["hostnames", "srun"])
+def test_eval_job_requeues_on_usr1_and_waits_for_its_step(tmp_path, usr1_at):
+    """USR1 requeues the evaluation (before or while it generates); when SLURM refuses, generation goes on to the
+    time limit: the script waits for srun instead of ending the job with SIGUSR1's 138."""
+    for refused in (0, 1):
+        env = {**GPU_JOB, "STUB_USR1_AT": usr1_at, "STUB_SCONTROL_EXIT": str(refused)}
+        code, log, _, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"], env)
+        assert code == 0 and (tmp_path / "out" / "srun.done").exists(), log
+        assert (tmp_path / "out" / "scontrol.log").read_text() == "requeue 42\n"
+        assert ("generation goes on until the time limit" in log) == bool(refused)
 
 
 def test_pretokenize_task_asks_for_the_gpu(tmp_path):
