@@ -12,7 +12,8 @@ NPROC_PER_NODE processes each, default 1; train.sbatch then needs DEVICE=cpu); `
 sbatch options. A combination the trainer would refuse on its process count (training.config's checks: TP x PP,
 heads over TP, the global batch over micro-batch x DP) is skipped with the reason before anything is queued; runs
 shorter than the warm-up are warned of; an --out whose run folders hold runs is refused (their jobs would resume
-them). `jobs.json` records what was submitted. `collect` reads every run
+them), and so is one whose `jobs.json` records submitted jobs (they may still be queued). `jobs.json` records
+each job as it is submitted; when sbatch refuses one, the sweep stops with sbatch's reason. `collect` reads every run
 folder with a metrics.jsonl (submitted by this command or not): median throughput after the first
 `--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final loss (and held-out loss, where the runs
 measured one: train.eval_interval) and the compute spent, and draws throughput per GPU and MFU against nodes,
@@ -34,6 +35,7 @@ import yaml
 
 from common.cli import command
 from common.config import ConfigError
+from common.files import write_atomic
 from model_parallel.config import saved_model_config
 from training.config import load_config
 from training.flops import train_flops_per_sample
@@ -88,14 +90,37 @@ def submit(args) -> None:
     if used:  # (its jobs would resume those runs, or find them finished, instead of measuring afresh)
         raise SystemExit(f"sweep: {', '.join(used[:3])}{' ...' if len(used) > 3 else ''} already hold(s) a run: "
                          f"submit the sweep into a new --out (resubmit one run with its command in {out}/jobs.json)")
+    record = out / "jobs.json"
+    if not args.dry_run and submitted_before(record):  # (their run folders appear only once they start)
+        raise SystemExit(f"sweep: {record} records jobs submitted before, which may still be queued: submit the "
+                         "sweep into a new --out")
     out.mkdir(parents=True, exist_ok=True)
     for job in jobs:
         if args.dry_run:
             print(" ".join(job["command"]))
             continue
-        job["job_id"] = subprocess.run(job["command"], check=True, capture_output=True, text=True).stdout.strip()
+        try:
+            job["job_id"] = subprocess.run(job["command"], check=True, capture_output=True, text=True).stdout.strip()
+        except subprocess.CalledProcessError as e:
+            queued = sum("job_id" in j for j in jobs)
+            raise SystemExit(f"sweep: sbatch refused {job['name']} ({' '.join((e.stderr or '').split()) or e}); the "
+                             f"{queued} job(s) queued before it are recorded in {record}: submit the others with their "
+                             "commands there") from None
+        finally:
+            write_atomic(record, json.dumps(jobs, indent=1), sync=False)  # after each job: what is queued is known
         print(f"{job['name']}: job {job['job_id']}")
-    (out / "jobs.json").write_text(json.dumps(jobs, indent=1))
+    if args.dry_run:
+        write_atomic(record, json.dumps(jobs, indent=1), sync=False)
+
+
+def submitted_before(record: Path) -> bool:
+    """Whether a sweep's jobs.json records a submitted job (a dry run's records none); a damaged one counts."""
+    try:
+        return any("job_id" in job for job in json.loads(record.read_text()))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, TypeError):
+        return True
 
 
 def summarize(run_dir: Path, warmup: int) -> dict | None:

@@ -68,6 +68,30 @@ def test_a_sweep_is_not_submitted_into_the_runs_of_an_earlier_one(tmp_path, caps
         main([*args, "--layouts", "tp8pp1z1"])
 
 
+def test_a_refused_submission_says_why_and_records_the_jobs_queued_before_it(tmp_path, monkeypatch):
+    """sbatch refusing the second job (a submit limit): its reason is shown, the first job is in jobs.json, and the
+    sweep is not submitted again into that folder (its run folders do not exist until the jobs start)."""
+    import subprocess
+
+    from slurm import sweep
+
+    def sbatch(command, **kwargs):
+        if "--job-name=parti-debug-n1-tp2pp1z1" in command:
+            raise subprocess.CalledProcessError(1, command, "", "sbatch: error: QOSMaxSubmitJobPerUserLimit\n")
+        return subprocess.CompletedProcess(command, 0, "1001\n", "")
+
+    monkeypatch.setattr(sweep.subprocess, "run", sbatch)
+    args = ["submit", "--out", str(tmp_path), "--config", "configs/train/debug.yaml", "--models", "parti-debug",
+            "--nodes", "1", "--gpus-per-node", "2", "--layouts", "tp1pp1z1,tp2pp1z1"]
+    with pytest.raises(SystemExit, match=r"sbatch refused parti-debug-n1-tp2pp1z1 \(sbatch: error: "
+                                         r"QOSMaxSubmitJobPerUserLimit\); the 1 job\(s\) queued before it are recorded"):
+        sweep.main(args)
+    jobs = json.loads((tmp_path / "jobs.json").read_text())
+    assert [j.get("job_id") for j in jobs] == ["1001", None]
+    with pytest.raises(SystemExit, match="records jobs submitted before, which may still be queued"):
+        sweep.main(args)
+
+
 def write_run(folder, tp: int, world: int, samples_per_s: list[float]) -> None:
     folder.mkdir()
     save_config(load_config("configs/train/debug.yaml", [f"parallel.tp={tp}"]), folder / "config.yaml")
