@@ -57,6 +57,18 @@ def test_grad_norm_is_logged_without_clipping(pool2, reference, tmp_path, layout
     assert grad_norms(tmp_path)[0] == pytest.approx(grad_norms(reference[1])[0], rel=2e-2 if bf16 else 1e-5)
 
 
+def test_deepspeed_does_not_synchronize_the_device_at_each_micro_batch(single_process, tmp_path, monkeypatch):
+    """DeepSpeed's throughput timer, on unless configured, synchronizes the device as each micro-batch starts and
+    steps (from the second step on): on a GPU the host could not queue the next one's work ahead. The trainer
+    times its steps itself."""
+    from deepspeed.accelerator import get_accelerator
+
+    calls = []
+    monkeypatch.setattr(get_accelerator(), "synchronize", lambda *args, **kwargs: calls.append(1))
+    run(str(tmp_path), steps=3)  # (4 micro-batches a step)
+    assert calls == []
+
+
 def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):
     """A stop requested at a step whose held-out loss is due (here every step) measures it before saving: the
     resumed run starts after that step and would never measure it."""

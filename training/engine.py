@@ -64,6 +64,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on unless configured) synchronizes the device as each micro-batch starts
+        # and steps, so the host cannot queue work ahead of the GPU; the trainer times its steps itself.
+        "timers": {"throughput": {"enabled": False}},
         # With a tensor-parallel topology only unpartitioned activations/gradients may cross stages
         # when more than the first tuple element needs a gradient (memory does).
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
