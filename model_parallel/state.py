@@ -210,7 +210,8 @@ def tensor_parallel_group():
 
 
 def seed_everything(seed: int) -> None:
-    """Seed the default generators (same on every rank) and megatron's named RNG streams.
+    """Seed the default generators and megatron's named RNG streams, from `seed` + 100 x the pipeline rank
+    (as Megatron-LM does): each stage's layers draw their own masks, not those of the stage before.
 
     The 'model-parallel-rng' stream differs per TP rank (dropout on split heads); the default stream
     is shared by a TP group (dropout on replicated activations must agree). Data order is seeded
@@ -219,6 +220,7 @@ def seed_everything(seed: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
 
+    seed += 100 * ps.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         mrandom.model_parallel_cuda_manual_seed(seed)

@@ -311,6 +311,29 @@ def test_invariant_attention_dropout_is_the_same_at_tp2_with_sequence_parallelis
     assert pool2.run(keyed_dropout_loss, 2, True) == pytest.approx([tp1, tp1], rel=1e-6, abs=1e-6)
 
 
+def seeded_draws(tp: int, pp: int) -> tuple[list[float], list[float]]:
+    """What this rank draws after seed_everything: from the default stream, and from the model-parallel one
+    (attention dropout's, forked)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from model_parallel.state import init_parallel, seed_everything
+
+    init_parallel(tp=tp, pp=pp)
+    seed_everything(1234)
+    default = torch.rand(4).tolist()
+    with get_cuda_rng_tracker().fork():
+        return default, torch.rand(4).tolist()
+
+
+def test_each_pipeline_stage_draws_its_own_dropout_masks(pool2):
+    """Both streams differ between pipeline stages (they were the same: stage 1's layers drew stage 0's attention
+    dropout masks, micro-batch by micro-batch); within a TP group the default stream agrees, the other does not."""
+    (default_0, parallel_0), (default_1, parallel_1) = pool2.run(seeded_draws, 1, 2)
+    assert default_0 != default_1 and parallel_0 != parallel_1
+    (default_0, parallel_0), (default_1, parallel_1) = pool2.run(seeded_draws, 2, 1)
+    assert default_0 == default_1 and parallel_0 != parallel_1
+
+
 def groups_after_run(run_dir: str, *overrides: str) -> int:
     from model_parallel.state import process_groups
 
