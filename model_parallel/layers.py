@@ -424,11 +424,12 @@ class DecoderLayer(nn.Module):
 def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
     """Sum, over the model's TP group (`model.tp_group`), the gradients of parameters marked
     `sequence_parallel` (norms and row-parallel biases, which see only their rank's sequence shard).
-    Call after backward, before the optimizer step; a no-op without sequence parallelism."""
+    Call after backward, before the optimizer step; a no-op without sequence parallelism. Summed in fp32 (bf16
+    gradients too, as Megatron sums into its fp32 main grads): a bf16 sum over 4+ ranks rounds at every hop."""
     grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads or model.tp_group.size() == 1:
         return
-    flat = _flatten_dense_tensors(grads)
+    flat = _flatten_dense_tensors([g.float() for g in grads])
     dist.all_reduce(flat, group=model.tp_group)
     for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(reduced)

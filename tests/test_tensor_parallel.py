@@ -150,3 +150,28 @@ def test_activation_checkpointing_gives_the_same_gradients(pool2):
         assert loss == loss0
         for name in grads0:  # dropout masks (megatron's per-rank stream included) were redrawn identically
             torch.testing.assert_close(grads[name], grads0[name], rtol=0, atol=0, msg=f"{mode}: {name}")
+
+
+def summed_bf16_sequence_parallel_grad() -> list[float]:
+    """Rank 0's gradient 1, the others' 2^-8, in bf16, summed by allreduce_sequence_parallel_grads over TP=4."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+
+    from model_parallel.layers import allreduce_sequence_parallel_grads
+    from model_parallel.state import init_parallel
+
+    init_parallel(tp=4)
+    weight = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
+    weight.sequence_parallel = True
+    weight.grad = torch.full((8,), 1.0 if dist.get_rank() == 0 else 2**-8, dtype=torch.bfloat16)
+    allreduce_sequence_parallel_grads(SimpleNamespace(parameters=lambda: [weight],
+                                                      tp_group=ps.get_tensor_model_parallel_group()))
+    return weight.grad.float().tolist()
+
+
+def test_sequence_parallel_grads_are_summed_in_fp32(pool4):
+    """1 + 3 x 2^-8 rounds to bf16's 1.015625 once summed exactly (Megatron sums into fp32 main grads); a sum in
+    bf16 rounds at each addition (1 + 2^-8 is 1 in bf16) and lost the small gradients."""
+    for grad in pool4.run(summed_bf16_sequence_parallel_grad):
+        assert grad == [1.015625] * 8
