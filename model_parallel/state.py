@@ -9,6 +9,7 @@ On a machine without CUDA the backend is gloo and `cpu_compat` is applied first.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -139,9 +140,26 @@ def child_environment(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+_FORKS_FREEZE = {"registered": False}
+
+
+def freeze_collections_across_forks() -> None:
+    """Forked children (the data loaders' workers, megatron-core's checkpoint writers, the checkpoint results
+    queue's server) must never finalize the parent's objects. Their garbage collector would, for the parent's
+    cyclic garbage, and a gloo process group finalized there joins threads the child does not have: it hung for
+    good or crashed (SIGSEGV in a DataLoader worker, its trainer's peers then waiting in a collective). So the
+    parent's objects are frozen while it forks (gc.freeze: out of the collector's reach, in the child for good)
+    and thawed in the parent, which collects its garbage itself. Once per process."""
+    if not _FORKS_FREEZE["registered"]:
+        os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
+        _FORKS_FREEZE["registered"] = True
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Join the process group named by torchrun's (or the deepspeed launcher's) variables, by SLURM's
-    under a bare srun, or make a one-process group."""
+    under a bare srun, or make a one-process group (and protect the groups from forked children:
+    freeze_collections_across_forks)."""
+    freeze_collections_across_forks()
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -363,3 +363,39 @@ def test_a_process_that_trains_again_does_not_keep_the_old_runs_process_groups(p
     layouts = [("parallel.pp=2",), ("parallel.tp=2",), ("parallel.pp=2",), ("parallel.tp=2",)]
     counts = [pool2.run(groups_after_run, str(tmp_path / str(i)), *layout)[0] for i, layout in enumerate(layouts)]
     assert counts[2] == counts[0] and counts[3] == counts[1], counts
+
+
+def fork_after_a_group_became_garbage() -> int | None:
+    """A destroyed gloo group left in a reference cycle (garbage only the collector frees, as a finished run's
+    engine leaves its groups), then a forked child that collects garbage: its exit code (None: still running)."""
+    import gc
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    gc.disable()  # (the parent must not collect the cycle before the fork)
+    try:
+        group = dist.new_group([0, 1])
+        dist.barrier(group=group)
+        cycle = [group]
+        cycle.append(cycle)
+        dist.destroy_process_group(group)
+        del group, cycle
+        child = multiprocessing.get_context("fork").Process(target=gc.collect)
+        child.start()
+        child.join(20)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            return None
+        return child.exitcode
+    finally:
+        gc.enable()
+        gc.collect()
+
+
+def test_a_forked_child_never_finalizes_the_parents_process_groups(pool2):
+    """A forked child (a DataLoader worker) that collected the parent's garbage finalized its gloo groups, joining
+    threads it does not have: it hung for good (here, every time) or crashed, and the trainer's peers waited in a
+    collective (a CI run timed out so). The parent's objects are out of the child's collector's reach."""
+    assert pool2.run(fork_after_a_group_became_garbage) == [0, 0]
