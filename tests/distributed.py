@@ -27,6 +27,7 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
     import torch
 
     torch.set_num_threads(1)
+    faulthandler.enable()  # a crash (here or in a forked DataLoader worker) prints the Python stacks
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # the pool asks a hung worker for its stacks (USR1 preempts)
     from common.cli import exit_promptly
     from model_parallel.cpu_compat import apply_cpu_compat
@@ -81,7 +82,8 @@ class WorkerPool:
                 dead = [f"rank {r} exited with {p.exitcode}" for r, p in enumerate(self.procs) if not p.is_alive()]
                 if dead or time.monotonic() > deadline:
                     self._take_down()
-                    why = "; ".join(dead) or f"did not finish on all ranks within {timeout} s (stacks above)"
+                    late = "within 30 s of the failure below" if errors else f"within {timeout} s"
+                    why = "; ".join(dead) or f"not every rank finished {late} (stacks above)"
                     raise RuntimeError(f"{fn.__name__} failed: {why}\n" + "\n".join(errors))
                 continue
             if ok:
