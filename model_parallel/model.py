@@ -301,7 +301,8 @@ def build_pieces(module: nn.Module, ctx: PieceContext, init_seed: int, keep=lamb
     """Build the model's pieces that `keep` accepts onto `module` under their names (stacks as ModuleLists),
     piece k right after torch.manual_seed(init_seed + k), its dropout sites keyed by (init_seed, k): the same
     weights and masks whatever subset is built (PartiModel builds all; training.text_encoder the encoder)."""
-    with torch.random.fork_rng(devices=[]):
+    # (torch.manual_seed seeds the GPUs' generators too: the caller's CUDA state comes back as its CPU state does)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         for k, (name, cls) in enumerate(piece_classes(ctx.cfg)):
             if not keep(name):
                 continue

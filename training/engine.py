@@ -181,11 +181,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
 
 
 def pipeline_batches(cfg: Config, micro_batches: list, device: str):
-    """The pipeline engine's inputs for these micro-batches: ((text, decoder input, positions), codes) each."""
+    """The pipeline engine's inputs for these micro-batches: ((text, decoder input, positions), codes) each, made
+    (and copied to the device) as the engine asks for them: it does so on the first and last stages only."""
     bos = cfg.model.image_vocab_size
     move = functools.partial(to_device, device=device)
-    return iter([((move(text), move(decoder_input(codes, bos)), move(positions)), move(codes))
-                 for text, codes, positions in micro_batches])
+    return (((move(text), move(decoder_input(codes, bos)), move(positions)), move(codes))
+            for text, codes, positions in micro_batches)
 
 
 def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
