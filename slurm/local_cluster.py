@@ -171,7 +171,8 @@ class LocalCluster:
         fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
         return fields.get("JobState", "UNKNOWN")
 
-    def wait(self, job: str, timeout: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) -> str:
+    def wait(self, job: str, timeout: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
+                                                         "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")) -> str:
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = self.state(job)
