@@ -55,7 +55,7 @@ class KernelConfig:
     """Which implementation each fusable operation uses; 'auto' picks the fastest one available."""
 
     layernorm: str = "auto"
-    """auto | apex | te | torch."""
+    """auto (GPU: te, else apex, else torch; torch with kernels.compile, which fuses it) | apex | te | torch."""
     attention: str = "auto"
     """auto | sdpa (torch scaled_dot_product_attention: flash/efficient kernels on GPU) | math."""
     bias_gelu: str = "auto"
@@ -130,7 +130,13 @@ _PREFERENCE = {
 }
 
 
-def _choose(op: str, wanted: str) -> tuple[str, str]:
+# Under kernels.compile, inductor fuses torch's layer norm into its neighbours; apex's and Transformer Engine's are
+# custom autograd functions dynamo does not trace (TE's forward is even marked no_torch_dynamo): a graph break at
+# every norm of every compiled layer.
+_COMPILED_PREFERENCE = {"layernorm": ("torch",)}
+
+
+def _choose(op: str, wanted: str, compiled: bool = False) -> tuple[str, str]:
     options = availability()[op]
     if wanted != "auto":
         if wanted not in options:
@@ -140,9 +146,13 @@ def _choose(op: str, wanted: str) -> tuple[str, str]:
         return wanted, "requested"
     device = "gpu" if torch.cuda.is_available() else "cpu"
     passed = []
-    for name in _PREFERENCE[device][op]:
+    if compiled and op in _COMPILED_PREFERENCE:
+        preference, where = _COMPILED_PREFERENCE[op], f"{device}, compiled layers"
+    else:
+        preference, where = _PREFERENCE[device][op], device
+    for name in preference:
         if options[name] is None:
-            return name, f"auto on {device}" + (f"; skipped {', '.join(passed)}" if passed else "")
+            return name, f"auto on {where}" + (f"; skipped {', '.join(passed)}" if passed else "")
         passed.append(f"{name}: {options[name]}")
     raise AssertionError(f"no {op} implementation in the preference list")
 
@@ -353,4 +363,4 @@ def select_kernels(kernel_cfg=None) -> Kernels:
     compiled = bool(getattr(kernel_cfg, "compile", False))
     if compiled and (why := compile_unavailable()):
         raise RuntimeError(f"kernels.compile=true is not available: {why}")
-    return Kernels({op: _choose(op, w) for op, w in wanted.items()}, compiled)
+    return Kernels({op: _choose(op, w, compiled) for op, w in wanted.items()}, compiled)

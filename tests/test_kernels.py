@@ -233,3 +233,16 @@ def test_gpu_without_compilers_gets_the_plain_bias_gelu_and_no_deepspeed_adam(mo
     assert kernels.name("dropout_mask") == "eager"
     with pytest.raises(RuntimeError, match="kernels.optimizer='deepspeed' is not available: .*needs nvcc"):
         select_kernels(KernelConfig(optimizer="deepspeed"))
+
+
+def test_compiled_layers_take_torchs_layer_norm_where_apex_or_te_would_be_chosen(monkeypatch):
+    """Under kernels.compile inductor fuses torch's layer norm; apex's and TE's are opaque to dynamo (a graph break
+    at each norm): auto takes torch's there, and TE's without compiling; asking for te still gets te."""
+    import model_parallel.kernels as kernels
+
+    options = {op: dict.fromkeys(names, None) for op, names in kernels.availability().items()}
+    monkeypatch.setattr(kernels, "availability", lambda: options)  # (a GPU machine with apex and TE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernels._choose("layernorm", "auto") == ("te", "auto on gpu")
+    assert kernels._choose("layernorm", "auto", compiled=True) == ("torch", "auto on gpu, compiled layers")
+    assert kernels._choose("layernorm", "te", compiled=True) == ("te", "requested")
