@@ -131,7 +131,7 @@ _PREFERENCE = {
 
 
 # Under kernels.compile, inductor fuses torch's layer norm into its neighbours; apex's and Transformer Engine's are
-# custom autograd functions dynamo does not trace (TE's forward is even marked no_torch_dynamo): a graph break at
+# custom autograd functions dynamo does not trace (TE releases of 2023-24 mark the forward no_torch_dynamo): a break at
 # every norm of every compiled layer.
 _COMPILED_PREFERENCE = {"layernorm": ("torch",)}
 
