@@ -8,7 +8,7 @@
 
 Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm/train.sbatch` run in
 `OUT/<model>-n<nodes>-<layout>/` that asks for `--gpus-per-node` GPUs per node (0 on CPU nodes, which run
-NPROC_PER_NODE processes each, default 1; train.sbatch then needs DEVICE=cpu); `--sbatch-args` adds further
+NPROC_PER_NODE processes each, default 1; train.sbatch then needs DEVICE=cpu or auto, and the sweep refuses without); `--sbatch-args` adds further
 sbatch options. A combination the trainer would refuse on its process count (training.config's checks: TP x PP,
 heads over TP, the global batch over micro-batch x DP) is skipped with the reason before anything is queued; runs
 shorter than the warm-up are warned of; an --out whose run folders hold runs is refused (their jobs would resume
@@ -82,6 +82,9 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
 
 def submit(args) -> None:
     out = Path(args.out)
+    if args.gpus_per_node == 0 and os.environ.get("DEVICE", "cuda") == "cuda":
+        raise SystemExit("sweep: --gpus-per-node 0 runs on CPU nodes: set DEVICE=cpu (or auto) in the environment "
+                         "(train.sbatch's default, cuda, would fail every job at its start)")
     jobs = submissions(args.models.split(","), [int(n) for n in args.nodes.split(",")], args.layouts.split(","),
                        args.config, out, args.steps, args.set, args.gpus_per_node, shlex.split(args.sbatch_args))
     if not jobs:

@@ -68,6 +68,19 @@ def test_a_sweep_is_not_submitted_into_the_runs_of_an_earlier_one(tmp_path, caps
         main([*args, "--layouts", "tp8pp1z1"])
 
 
+def test_a_sweep_on_cpu_nodes_needs_a_device_that_is_not_cuda(tmp_path, monkeypatch, capsys):
+    from slurm.sweep import main
+
+    args = ["submit", "--out", str(tmp_path), "--config", "configs/train/debug.yaml", "--models", "parti-debug",
+            "--nodes", "1", "--gpus-per-node", "0", "--layouts", "tp1pp1z1", "--dry-run"]
+    monkeypatch.delenv("DEVICE", raising=False)
+    with pytest.raises(SystemExit, match="--gpus-per-node 0 runs on CPU nodes: set DEVICE=cpu"):
+        main(args)
+    monkeypatch.setenv("DEVICE", "cpu")
+    main(args)
+    assert "train.sbatch" in capsys.readouterr().out
+
+
 def test_a_refused_submission_says_why_and_records_the_jobs_queued_before_it(tmp_path, monkeypatch):
     """sbatch refusing the second job (a submit limit): its reason is shown, the first job is in jobs.json, and the
     sweep is not submitted again into that folder (its run folders do not exist until the jobs start)."""
