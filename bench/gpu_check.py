@@ -3,10 +3,12 @@
     python bench/gpu_check.py                           # on a GPU machine: 5 minutes, the first sections
     python bench/gpu_check.py --budget-s 900            # every section, ~10 minutes
     python bench/gpu_check.py --device cpu --quick      # what can run on CPU, tiny sizes (a test runs it)
-    python bench/gpu_check.py --only train_resume,mfu_350m --out /tmp/x
+    python bench/gpu_check.py --only train_resume,mfu_350m --out /tmp/x   # these, in this order
 
 Writes `<out>/gpu_<device>_<date>.json` (everything measured) and `.md` (a summary table), both rewritten
-after each section so that a run cut short keeps what it finished. Sections (bench/gpu_sections.py):
+after each section so that a run cut short keeps what it finished; the running section's finished parts are in
+`<out>/running/` until it ends (a run stopped from outside keeps them). The budget counts from this process's
+start. Sections (bench/gpu_sections.py):
 environment (GPU, driver, CUDA, NCCL, kernels chosen, CPU compatibility layer off, measured matmul and
 copy rates), flash_attention (the SDPA kernel decoder self-attention really runs, by profiler kernel
 names), train_resume (parti-tiny bf16 at ZeRO 0/1/3: save, resume = uninterrupted), recompute (none /
@@ -34,8 +36,11 @@ import time
 import traceback
 from pathlib import Path
 
+STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common.files import write_atomic  # (after the path above)
 
 # Seconds each section may take on a GPU (x3 on CPU), about twice what it took on an H200 (the MFU sections: plus
 # the compilation of their layers and the operation profile, ~10 s with its Python stacks, not yet measured there).
@@ -48,8 +53,9 @@ TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "r
 GPU_BUDGET_S = 300
 
 
-def run_section(name: str, device: str, quick: bool, scratch: Path, result_file: Path) -> None:
-    """In the child process: run one section and write its result (or its error) as JSON."""
+def run_section(name: str, device: str, quick: bool, scratch: Path, result_file: Path, deadline: float) -> None:
+    """In the child process: run one section and write its result (or its error) as JSON. `deadline`: when
+    (time.time()) the parent stops this process."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
     from bench import gpu_sections  # after DS_ACCELERATOR: DeepSpeed reads it when first imported
     from common.cli import exit_promptly
@@ -59,10 +65,10 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
     fn = dict((n, f) for n, f, _ in gpu_sections.SECTIONS)[name]
     # Shortly before the parent stops this process at its limit: every thread's stack to stderr (the parent keeps
     # its tail), so that a section that hangs says where.
-    faulthandler.dump_traceback_later(max(time_limit(name, device) - 20, 1))  # (imports took part of the limit)
+    faulthandler.dump_traceback_later(max(deadline - time.time() - 20, 1))  # (the imports took part of the limit)
     start = time.perf_counter()
     try:
-        result = fn(gpu_sections.Context(device, quick, scratch, partial_file=result_file.with_name("partial.json")))
+        result = fn(gpu_sections.Context(device, quick, scratch, partial_file=partial_file(result_file)))
         failed = [k for k, ok in result.get("checks", {}).items() if not ok]
         result["status"] = "fail" if failed else "ok"
         if failed:
@@ -71,7 +77,12 @@ def run_section(name: str, device: str, quick: bool, scratch: Path, result_file:
         result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
     result["seconds"] = time.perf_counter() - start
     result["helpers_left"] = helpers_left()
-    result_file.write_text(json.dumps(result, indent=1, default=str))
+    write_atomic(result_file, json.dumps(result, indent=1, default=str), sync=False)  # (whole, or not there)
+
+
+def partial_file(result_file: Path) -> Path:
+    """Where a section records its finished parts as it goes (Context.record), beside its result file."""
+    return result_file.with_suffix(".partial.json")
 
 
 def helpers_left() -> list[dict]:
@@ -234,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", help=argparse.SUPPRESS)      # child process: run this one section
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.section:
-        run_section(args.section, args.device, args.quick, Path(args.scratch), Path(args.result_file))
+        run_section(args.section, args.device, args.quick, Path(args.scratch), Path(args.result_file), args.deadline)
         return 0
 
     from bench.gpu_sections import SECTIONS
@@ -266,11 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device_name": slug, "date": date, "command": " ".join(["python bench/gpu_check.py", *(argv or sys.argv[1:])]),
               "quick": args.quick, "sections": {}, "seconds": 0.0}
     budget = args.budget_s if args.budget_s is not None else GPU_BUDGET_S if args.device == "cuda" else float("inf")
-    start = time.perf_counter()
+    start = STARTED  # (this process's imports and the GPU's start count against the budget too)
+    needs_of = {name: needs for name, _, needs in SECTIONS}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
-        for name, _, needs in SECTIONS:
-            if name not in wanted:
-                continue
+        for name in wanted:  # (--only's order: what matters most first)
+            needs = needs_of[name]
             left = budget - (time.perf_counter() - start)
             if needs > gpus:
                 result = {"status": "skipped", "reason": f"needs {needs} GPU{'s' if needs > 1 else ''}; "
@@ -279,11 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"status": "skipped", "reason": f"out of time: its limit of {time_limit(name, args.device)} s "
                                                          f"> the {max(left, 0):.0f} s left of --budget-s {budget:g}"}
             else:
-                result = _run_child(name, args, Path(scratch), env)
+                try:
+                    result = _run_child(name, args, Path(scratch), out / "running", env)
+                except Exception as e:  # (the run goes on with the next section)
+                    result = {"status": "error", "error": f"gpu_check could not run it: {type(e).__name__}: {e}"}
             report["sections"][name] = result
             report["seconds"] = time.perf_counter() - start
-            stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-            stem.with_suffix(".md").write_text(summary_markdown(report))
+            write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=1, default=str), sync=False)
+            write_atomic(stem.with_suffix(".md"), summary_markdown(report), sync=False)
+            for leftover in (out / "running").glob(f"{name}.*"):  # (in the report now)
+                leftover.unlink()
             print(f"[gpu_check] {name}: {result['status']} ({result.get('seconds', 0):.0f} s) "
                   f"{_key_results(name, result)}", flush=True)
     print(f"[gpu_check] wrote {stem}.json and {stem}.md")
@@ -294,54 +311,65 @@ def time_limit(name: str, device: str) -> int:
     return TIME_LIMITS[name] * (3 if device == "cpu" else 1)
 
 
-def _run_child(name: str, args, scratch: Path, env: dict) -> dict:
+def _run_child(name: str, args, scratch: Path, running: Path, env: dict) -> dict:
+    """Run one section in a process of its own. Its result and what it records as it goes are written to
+    `running` (under --out: a run stopped from outside still brings them back), its files to `scratch`."""
     folder = scratch / name
     folder.mkdir()
-    result_file = folder / "result.json"
+    running.mkdir(exist_ok=True)
+    result_file = running / f"{name}.json"
     limit = time_limit(name, args.device)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--device", args.device,
-           "--result-file", str(result_file), "--scratch", str(folder)] + (["--quick"] if args.quick else [])
+           "--result-file", str(result_file), "--scratch", str(folder), "--deadline", str(time.time() + limit)]
     start = time.perf_counter()
-    returncode, stderr = run_with_limit(cmd, limit, env)
+    returncode, stderr = run_with_limit(cmd + (["--quick"] if args.quick else []), limit, env)
+    finished = _read_json(result_file)
     if returncode is None:
-        finished = json.loads(result_file.read_text()) if result_file.is_file() else None
         return {"status": "error", "error": f"timed out after {limit} s" + (", after its work, at its exit" if finished
                                                                             else ""),
-                "stderr_tail": stderr[-8000:], "partial": _partial(folder), "finished_result": finished,
+                "stderr_tail": stderr[-8000:], "partial": _partial(result_file), "finished_result": finished,
                 "seconds": time.perf_counter() - start}
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        if result["status"] == "error":
-            result.update(stderr_tail=stderr[-3000:], partial=_partial(folder))
-        return result
+    if finished:
+        if finished["status"] == "error":
+            finished.update(stderr_tail=stderr[-3000:], partial=_partial(result_file))
+        return finished
     return {"status": "error", "error": f"the section's process exited with {returncode} and no result",
-            "stderr_tail": stderr[-3000:], "partial": _partial(folder), "seconds": time.perf_counter() - start}
+            "stderr_tail": stderr[-3000:], "partial": _partial(result_file), "seconds": time.perf_counter() - start}
 
 
 def run_with_limit(cmd: list[str], limit: float, env: dict | None = None) -> tuple[int | None, str]:
     """Run `cmd` for at most `limit` seconds: (its exit status, None if stopped at the limit; its stderr). It runs
-    in a session of its own, and whatever it started is stopped with it (torchrun's workers, checkpoint writers),
-    so that nothing is left holding the GPU for the next section."""
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    in a session of its own, and whatever it started is stopped with it, also when it ended by itself (torchrun's
+    workers, checkpoint writers), so that nothing is left holding the GPU for the next section. Its stderr goes
+    to a file, not a pipe: what it left running (torchrun's workers are in sessions of their own, out of reach of
+    its group) would hold a pipe open, and the wait for its end with it."""
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        stderr.seek(0)
+        return returncode, stderr.read()
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file a section wrote, or None when it is not there or cut short (its process stopped mid-write)."""
     try:
-        _, stderr = proc.communicate(timeout=limit)
-        returncode = proc.returncode
-    except subprocess.TimeoutExpired:  # (or it ended, but left something running that holds its stderr)
-        returncode = proc.poll()
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-    try:  # (what it left running, also when it ended by itself)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return returncode, stderr
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def _partial(folder: Path) -> dict:
+def _partial(result_file: Path) -> dict:
     """What a section recorded before it failed or ran out of time (Context.record)."""
-    path = folder / "partial.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _read_json(partial_file(result_file)) or {}
 
 
 if __name__ == "__main__":

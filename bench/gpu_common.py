@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from common.files import write_atomic
+
 
 @dataclass
 class Context:
@@ -22,8 +24,8 @@ class Context:
         """Keep a finished part of the section's result: written at once, so that a section stopped by
         its time limit still reports what it measured, and printed to stderr as progress."""
         self.partial[key] = value
-        if self.partial_file is not None:
-            self.partial_file.write_text(json.dumps(self.partial, indent=1, default=str))
+        if self.partial_file is not None:  # (whole or not at all: the parent may stop this process mid-write)
+            write_atomic(self.partial_file, json.dumps(self.partial, indent=1, default=str), sync=False)
         print(f"[{key}] {json.dumps(value, default=str)[:400]}", file=sys.stderr, flush=True)
         return value
 

@@ -86,6 +86,26 @@ def test_a_section_stopped_at_its_limit_takes_its_children_with_it(tmp_path):
         time.sleep(0.2)
         assert not alive(int(pid_file.read_text())), script
     assert run_with_limit(["bash", "-c", "echo oops >&2; exit 0"], 10) == (0, "oops\n")
+    # What it leaves in a session of its own (as torchrun's workers are) is out of its group's reach, and held its
+    # stderr pipe: the wait lasted until that process ended, the limit long past.
+    start = time.perf_counter()
+    try:
+        assert run_with_limit(["bash", "-c", f"setsid sleep 30 & echo $! > {pid_file}; exit 0"], 10) == (0, "")
+        assert time.perf_counter() - start < 5
+    finally:
+        os.kill(int(pid_file.read_text()), 9)
+
+
+def test_a_result_cut_short_by_the_limit_is_read_as_missing(tmp_path):
+    """A section stopped mid-write left half a JSON file, and reading it ended the whole run (json.loads raised)."""
+    from bench.gpu_check import _partial, _read_json, partial_file
+
+    result = tmp_path / "mfu_3b.json"
+    result.write_text('{"status": "ok", "best_mf')
+    partial_file(result).write_text('{"micro_batch_2": {"step_')
+    assert _read_json(result) is None and _partial(result) == {}
+    partial_file(result).write_text('{"micro_batch_2": {"step_s": 1.5}}')
+    assert _partial(result) == {"micro_batch_2": {"step_s": 1.5}}
 
 
 def test_a_section_whose_limit_does_not_fit_the_budget_is_skipped(tmp_path):
@@ -102,6 +122,8 @@ def test_a_section_whose_limit_does_not_fit_the_budget_is_skipped(tmp_path):
     sections = json.loads(next(tmp_path.glob("gpu_cpu_*.json")).read_text())["sections"]
     assert sections["train_resume"]["status"] == "skipped" and "out of time" in sections["train_resume"]["reason"]
     assert sections["vq"]["status"] == "ok"
+    assert list(sections) == ["train_resume", "vq"]  # --only's order (SECTIONS has vq first)
+    assert not list((tmp_path / "running").iterdir())  # (the sections' own files: in the report now)
 
 
 def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
