@@ -194,6 +194,8 @@ def _summarise(name: str, r: dict) -> str:
         parts.append(f"MFU {mfu} ({r['best_tflops']:.0f} TFLOP/s"
                      + (f", {best['vs_measured_matmul']:.0%} of the measured matmul" if "vs_measured_matmul" in best else "")
                      + f") at micro-batch {r['best_micro_batch']}" + (f" x {r['accumulation']}" if "accumulation" in r else "")
+                     + (f" (too large for memory: {', '.join(map(str, r['too_large_for_memory']))})"
+                        if r.get("too_large_for_memory") else "")
                      + f", build {r['build_s']:.0f} s"
                      + (f", optimizer {r['optimizer_step']['optimizer_s']:.3f} s/step" if "optimizer_step" in r else "")
                      + (_kernel_summary(r["device_profile_one_step"]) if r.get("device_profile_one_step") else "")

@@ -398,6 +398,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     return {"preset": preset, "recompute": recompute_mode, "zero_stage": 1, "accumulation": accumulation,
             "build_s": build_s, "train_flops_per_sample": flops, "measured_matmul_tflops": matmul / 1e12,
             "best_micro_batch": best, "best_mfu": results[best]["mfu"], "best_tflops": results[best]["tflops"],
+            # (the targets were set on an H200's 141 GB: a smaller GPU may stop below the micro-batches they met)
+            "too_large_for_memory": [c for c in candidates[2:] if not fits(c) or "error" in results.get(c, {})],
             "by_micro_batch": results, "optimizer_step": optimizer, "host_profile_one_step": profile,
             "device_profile_one_step": kernels, "ops_one_micro_batch": ops,
             "bias_dropout_add": fusion, "cross_entropy": loss, "split_heads": split,

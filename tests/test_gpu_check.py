@@ -147,6 +147,8 @@ def test_the_summary_reads_the_h200_run_and_survives_a_result_it_cannot_read():
     report["sections"]["flash_attention"]["helpers_left"] = [{"pid": 7, "name": "ForkProcess-1"}]
     assert ("| flash_attention | ok | 14 | 1 helper process(es) left running; self_attention_train: flash"
             in summary_markdown(report))
+    report["sections"]["mfu_350m"]["too_large_for_memory"] = [96, 128]  # (an H100 stops at 64)
+    assert "at micro-batch 64 (too large for memory: 96, 128), build" in summary_markdown(report)
     report["sections"]["mfu_350m"]["best_mfu"] = None
     assert "MFU n/a (no peak for this GPU: set train.peak_tflops) (353 TFLOP/s" in summary_markdown(report)
     report["sections"]["mfu_750m"] = {"status": "error", "error": "timed out after 180 s", "seconds": 180, "partial": {
