@@ -9,15 +9,15 @@
 Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm/train.sbatch` run in
 `OUT/<model>-n<nodes>-<layout>/` that asks for `--gpus-per-node` GPUs per node (0 on CPU nodes, which run
 NPROC_PER_NODE processes each, default 1; train.sbatch then needs DEVICE=cpu or auto, and the sweep refuses
-without); `--sbatch-args` adds further sbatch options. A combination the trainer would refuse on its process count (training.config's checks: TP x PP,
-heads over TP, the global batch over micro-batch x DP) is skipped with the reason before anything is queued; runs
-shorter than the warm-up are warned of; an --out whose run folders hold runs is refused (their jobs would resume
-them), and so is one whose `jobs.json` records submitted jobs (they may still be queued). `jobs.json` records
-each job as it is submitted; when sbatch refuses one, the sweep stops with sbatch's reason. `collect` reads every run
-folder with a metrics.jsonl (submitted by this command or not): median throughput after the first
-`--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final loss (and held-out loss, where the runs
-measured one: train.eval_interval) and the compute spent, and draws throughput per GPU and MFU against nodes,
-memory per GPU, and loss against compute (held-out loss dashed).
+without); `--sbatch-args` adds further sbatch options. A combination the trainer would refuse on its process
+count (training.config's checks: TP x PP, heads over TP, the global batch over micro-batch x DP) is skipped with
+the reason before anything is queued; runs shorter than the warm-up are warned of; an --out whose run folders
+hold runs is refused (their jobs would resume them), and so is one whose `jobs.json` records submitted jobs
+(they may still be queued). `jobs.json` records each job as it is submitted; when sbatch refuses one, the sweep
+stops with sbatch's reason. `collect` reads every run folder with a metrics.jsonl (submitted by this command or
+not): median throughput after the first `--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final
+loss (and held-out loss, where the runs measured one: train.eval_interval) and the compute spent, and draws
+throughput per GPU and MFU against nodes, memory per GPU, and loss against compute (held-out loss dashed).
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
 
     torch.set_num_threads(1)
     faulthandler.enable()  # a crash (here or in a forked DataLoader worker) prints the Python stacks
-    faulthandler.register(signal.SIGUSR2, all_threads=True)  # the pool asks a hung worker for its stacks (USR1 preempts)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # a hung worker's stacks, asked for by the pool
+    # (USR2: USR1 is the trainers' stop signal)
     from common.cli import exit_promptly
     from model_parallel.cpu_compat import apply_cpu_compat
     from model_parallel.state import init_distributed

@@ -240,8 +240,7 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
         largest_piece = max(piece_params(model_cfg, tp))
     stage_params = stage_params or params_per_stage(model_cfg, tp, pp)
     gb, w = 2**30, 2 if precision == "bf16" else 4
-    if precision == "fp32":  # on TF32 tensor cores, at half the bf16 peak (as the trainer's MFU counts it)
-        hw = replace(hw, peak_tflops=hw.peak_tflops * TF32_FRACTION_OF_BF16)
+    hw = replace(hw, peak_tflops=run_peak_tflops(hw.peak_tflops, precision))
     # bf16 ZeRO-0 under the pipeline engine is DeepSpeed's BF16_Optimizer: bf16 gradients, the optimizer's
     # state sharded over DP as at ZeRO-1. Otherwise gradients are accumulated in fp32.
     bf16_pipeline_zero0 = precision == "bf16" and pp > 1 and zero == 0
@@ -273,6 +272,12 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
     mfu = train_flops_per_sample(model_cfg) * global_batch / (step_s * tp * pp * dp * hw.peak_tflops * 1e12)
     return Layout(tp, pp, dp, zero, params, wb / gb, gr / gb, op / gb, ac / gb, step_s,
                   construction_bytes(max(stage_params), largest_piece, zero) / gb, micro_batch, recompute, mfu)
+
+
+def run_peak_tflops(bf16_peak: float, precision: str) -> float:
+    """The peak a run of this precision computes at: fp32 runs on TF32 tensor cores, at TF32_FRACTION_OF_BF16 of
+    the bf16 peak (as the trainer's MFU counts it)."""
+    return bf16_peak * (TF32_FRACTION_OF_BF16 if precision == "fp32" else 1)
 
 
 def micro_batch_s(m, layers: tuple[int, int], head: bool, micro_batch: int, tp: int, recompute: str,
@@ -435,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
                                      args.micro_batch, args.precision, args.recompute, args.dropout,
                                      stages=zero_stages(args.zero))
-    peak = args.peak_tflops * (TF32_FRACTION_OF_BF16 if args.precision == "fp32" else 1)
+    peak = run_peak_tflops(args.peak_tflops, args.precision)
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
           f"(global batch {args.global_batch}, micro-batch {args.micro_batch or 'chosen'}, {args.precision}, "
           f"dropout {args.dropout:g}, ZeRO {args.zero}, "
