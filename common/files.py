@@ -4,6 +4,7 @@
     with atomic_path(out / "00001.png") as tmp:       # for writers that want a path (PIL, torch.save)
         image.save(tmp)
     abandoned_temporaries(folder / "manifest.json")   # those a killed writer left behind
+    replace_folder(written, folder)                   # a folder of files, written whole beside it, put in place
 
 A rename within one folder is atomic on POSIX file systems: a reader finds the old file or the new one.
 The temporary name starts with a dot and carries `.tmp` before the file's own suffix (writers that pick
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -91,3 +93,15 @@ def write_atomic(path: str | Path, data: bytes | str, sync: bool = True) -> None
         if sync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def replace_folder(written: str | Path, dest: str | Path) -> None:
+    """Put the folder `written` (complete) at `dest`, removing what was there. Two renames: a crash between
+    them leaves no `dest`, but both folders whole (the old one as <dest>.old), never a mix of the two."""
+    written, dest = Path(written), Path(dest)
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # (a crash's, between the renames of an earlier call)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(written, dest)
+    shutil.rmtree(old, ignore_errors=True)

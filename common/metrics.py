@@ -5,18 +5,23 @@ Weights & Biases.
     log.step({"step": 10, "loss": 2.3, "lr": 1e-3, ...})     # a line, a JSON object, scalars
     log.info("text")                                         # a plain message (rank 0 only)
     log.resumed_at(step)                                     # a run (re)starting at `step`: later rows go
+    clock = StepClock()                                      # each step: clock.step_done(); around a save or an
+    with clock.paused(): ...                                 # evaluation: clock.paused(); at a log line:
+    samples_per_s = global_batch / clock.seconds_per_step()  # the interval's mean step time (and a new interval)
 
-metrics.jsonl holds one JSON object per logged step: step, loss, lr,
-grad_norm, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, mem_gb, mem_reserved_gb (GPU only) (null where not
-measurable), and valid_loss in the rows of the steps the held-out loss was measured at (training's
-train.eval_interval). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key valid_<name>.
+metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm (the step's), samples_per_s,
+tokens_per_s, tflops_per_gpu, mfu (over the steps since the previous row: StepClock), mem_gb, mem_reserved_gb (GPU
+only) (null where not measurable), and valid_loss in the rows of the steps the held-out loss was measured at
+(training's train.eval_interval). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key valid_<name>.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -79,6 +84,36 @@ def wandb_mode() -> str:
     """W&B's mode when a project is given: WANDB_MODE if set (online, offline, disabled); else online where an
     API key is in WANDB_API_KEY; else offline (no account or network needed: `wandb sync` uploads the run later)."""
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+class StepClock:
+    """The mean wall time of the training steps since the last log line: every step of the interval counts,
+    not only the one that logs (the others' time, and what ran between steps, went unreported), and the time of
+    what the `paused()` blocks ran (checkpoint saves, held-out evaluation, reconstruction grids) is left out, as
+    Megatron-LM's interval timer leaves it out, so that samples/s, TFLOP/s and MFU describe training."""
+
+    def __init__(self):
+        self._restart()
+
+    def _restart(self) -> None:
+        self.start, self.steps, self.excluded = time.perf_counter(), 0, 0.0
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
+
+    def seconds_per_step(self) -> float:
+        """The interval's mean step time; the next interval starts now."""
+        seconds = (time.perf_counter() - self.start - self.excluded) / max(self.steps, 1)
+        self._restart()
+        return seconds
 
 
 class MetricsLogger:

@@ -22,7 +22,6 @@ common/preemption.py); `TRAINER=sr.train sbatch slurm/train.sbatch CONFIG RUN_DI
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from common.checkpoints import checkpoint_dir, resume_tag
 from common.cli import config_parser, run_trainer
 from common.config import ConfigError, save_config
-from common.metrics import MetricsLogger, mean_over_ranks, psnr
+from common.metrics import MetricsLogger, StepClock, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.state_file import RESUME_ADVICE, STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, center_crops, gather_stream_states, restore_stream
@@ -229,22 +228,25 @@ class SRTrainer:
         self.model.train()
         try:
             stop.start(self.run_dir, self.step, t.steps)
+            clock = StepClock()  # (images/s over the log interval's steps, saves and evaluation left out)
             while self.step < t.steps:
-                start = time.perf_counter()
                 logs = mean_over_ranks(self.train_step(*self.batch()))
                 self.step += 1
                 history.append(logs)
+                clock.step_done()
                 if self.step % t.log_interval == 0 or self.step == t.steps:
-                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
+                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / clock.seconds_per_step()})
                 if self.rank == 0 and self.val_data and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                    result = self.evaluate()
+                    with clock.paused():
+                        result = self.evaluate()
                     self.log.step({"step": self.step, **{k: v for k, v in result.items() if k != "grid"}})
                     self.log.info(f"held-out PSNR {result['val_psnr']:.2f} dB, bicubic {result['val_psnr_bicubic']:.2f} "
                                   f"dB; {result['grid']}")
                     history[-1].update(result)
                 preempted = stop.requested()
                 if preempted or self.step % t.save_interval == 0 or self.step == t.steps:
-                    self.save()
+                    with clock.paused():
+                        self.save()
                 if preempted:
                     stop.leave_for_requeue(self.run_dir, self.step, last=self.step == t.steps)
         finally:  # the decoding processes, also when a step fails

@@ -399,3 +399,72 @@ def test_pretraining_resumed_with_another_config_is_checked_first(single_process
     assert "config changes applied from step 2 on: train.steps 2 -> 3, train.lr 0.003 -> 0.001" in log, log
     assert "config changes on resume: model.decoder_layers 2 -> 4" in log
     assert "lr: 0.001" in (tmp_path / "config.yaml").read_text() and "lr: 0.001" not in saved
+
+
+def test_pretraining_resumed_after_a_skipped_step_gives_the_uninterrupted_losses(single_process, tmp_path,
+                                                                               monkeypatch):
+    """Adam's step count on resume is the steps less those skipped: it was the step, so after a skipped step the
+    bias correction of every later update was off and the losses parted from the uninterrupted run's."""
+    from training.text_encoder import MaskedTextEncoder
+
+    real_forward, calls = MaskedTextEncoder.forward, []
+
+    def forward(self, *args):  # (2 micro-batches a step: the 3rd call is step 2's first)
+        calls.append(1)
+        loss = real_forward(self, *args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(MaskedTextEncoder, "forward", forward)
+    whole = pretrain_at(str(tmp_path / "a"), "train.steps=6")
+    calls.clear()
+    resumed = pretrain_at(str(tmp_path / "b"), "train.steps=3")
+    resumed += pretrain_at(str(tmp_path / "b"), "train.steps=6")
+    assert whole[1] != whole[1] and resumed[1] != resumed[1]
+    assert whole[2:] == resumed[2:]
+
+
+def test_pretraining_resumed_with_another_batch_size_goes_on_where_it_stopped(single_process, tmp_path,
+                                                                            monkeypatch):
+    """The caption stream continues at the captions consumed (3 steps of 16), not at step x the new batch size
+    (which skipped 48 captions)."""
+    from training.text_encoder import _Pretraining
+
+    real, firsts = _Pretraining._masked_batch, []
+
+    def masked_batch(self, captions, sampler, first, seed):
+        if captions is self.captions:
+            firsts.append(first)
+        return real(self, captions, sampler, first, seed)
+
+    monkeypatch.setattr(_Pretraining, "_masked_batch", masked_batch)
+    pretrain_at(str(tmp_path), "train.steps=3")
+    pretrain_at(str(tmp_path), "train.steps=5", "train.global_batch_size=32")
+    assert firsts == [0, 16, 32, 48, 80]
+
+
+def test_a_rewrite_of_the_pretrained_encoder_cut_short_keeps_the_earlier_one(single_process, tmp_path,
+                                                                           monkeypatch):
+    """A rerun that extends a finished run rewrites text_encoder/; killed after its tensors were written but
+    before config.json, the folder still holds the earlier encoder whole (it held the new tensors under the
+    earlier config.json, a folder that looked complete)."""
+    import training.text_encoder as text_encoder
+
+    pretrain_at(str(tmp_path), "train.steps=2")
+    before = read_encoder(tmp_path / "text_encoder")
+    real_save = text_encoder.dist_checkpointing.save
+
+    def save_then_die(state, folder, **kwargs):
+        real_save(state, folder, **kwargs)
+        if Path(folder).parent == tmp_path:  # (the encoder's write, not the checkpoint's before it)
+            raise KeyboardInterrupt("killed before config.json")
+
+    monkeypatch.setattr(text_encoder.dist_checkpointing, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_at(str(tmp_path), "train.steps=3")
+    after = read_encoder(tmp_path / "text_encoder")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    monkeypatch.undo()
+    pretrain_at(str(tmp_path), "train.steps=3")  # (the rerun replaces it, and its leftover)
+    assert not torch.equal(read_encoder(tmp_path / "text_encoder")["text_embedding.embed.weight"],
+                           before["text_embedding.embed.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("text_encoder")) == ["text_encoder"]

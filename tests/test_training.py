@@ -69,6 +69,35 @@ def test_deepspeed_does_not_synchronize_the_device_at_each_micro_batch(single_pr
     assert calls == []
 
 
+def test_throughput_is_the_log_intervals_mean_step_without_saves_and_evaluation(single_process, tmp_path,
+                                                                               monkeypatch):
+    """samples/s (tokens/s, TFLOP/s and MFU follow from it) is the mean over every step since the last log line:
+    it was the logging step's alone. Checkpoint saves and the held-out loss are left out, as Megatron-LM's
+    interval timer leaves them out. On a fake clock: step k takes k s, a held-out loss 100 s, a save 1000 s."""
+    import types
+
+    import common.metrics as metrics
+    import training.engine as engine_module
+    from training.trainer import Trainer
+
+    now, steps = [0.0], []
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def slowed(real, seconds):
+        def call(*args, **kwargs):
+            now[0] += seconds()
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(engine_module, "train_step", slowed(engine_module.train_step,
+                                                            lambda: steps.append(1) or len(steps)))
+    monkeypatch.setattr(Trainer, "held_out_loss", slowed(Trainer.held_out_loss, lambda: 100))
+    monkeypatch.setattr(Trainer, "save", slowed(Trainer.save, lambda: 1000))
+    run(str(tmp_path), "train.log_interval=2", "train.save_interval=1", "train.eval_interval=2", steps=4)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples_per_s"]) for r in rows] == [(2, 8 / 1.5), (4, 8 / 3.5)]
+
+
 def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):
     """A stop requested at a step whose held-out loss is due (here every step) measures it before saving: the
     resumed run starts after that step and would never measure it."""

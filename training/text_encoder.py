@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +56,8 @@ from common.checkpoints import (CheckpointError, RunDirError, checkpoint_dir, ha
                                 holding_run_dir)
 from common.cli import command, config_parser
 from common.config import ConfigError, save_config, to_dict
-from common.files import write_atomic
-from common.metrics import MetricsLogger
+from common.files import replace_folder, write_atomic
+from common.metrics import MetricsLogger, StepClock
 from common.preemption import StopRequest
 from common.schedule import lr_lambda
 from data_pipeline.sampler import GlobalBatchSampler
@@ -163,20 +163,23 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     try:
         first = run.resume()
         stop.start(run.run_dir, first, t.steps)
+        clock = StepClock()  # (throughput over the log interval's steps, saves and evaluation left out)
         for step in range(first, t.steps):
-            start, lr = time.perf_counter(), run.schedule.get_last_lr()[0]  # (this step's; step() moves it on)
+            lr = run.schedule.get_last_lr()[0]  # (this step's; step() moves it on)
             loss, norm = run.step(step)
             losses.append(loss)
-            elapsed = time.perf_counter() - start
+            clock.step_done()
             evaluate = t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps)
-            valid = {"valid_loss": run.held_out_loss()} if evaluate else {}  # (also before a stop's save)
+            with clock.paused():  # (also before a stop's save)
+                valid = {"valid_loss": run.held_out_loss()} if evaluate else {}
             if (step + 1) % t.log_interval == 0 or step + 1 == t.steps or valid:
-                run.log.step({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                              "skipped_steps": run.skipped, "samples_per_s": t.global_batch_size / elapsed, **valid})
+                run.log.step({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "skipped_steps": run.skipped,
+                              "samples_per_s": t.global_batch_size / clock.seconds_per_step(), **valid})
             NonFiniteStop.check(step + 1, run.consecutive, t.max_skipped_steps)
             preempted = stop.requested()
             if preempted or (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
-                run.save(step + 1)
+                with clock.paused():
+                    run.save(step + 1)
             if preempted:
                 stop.leave_for_requeue(run.run_dir, step + 1, last=step + 1 == t.steps)
         save_text_encoder(run.model, cfg.model, run.run_dir / OUTPUT)
@@ -192,7 +195,9 @@ class _Pretraining:
     """The pre-training's model (DDP over the data-parallel group), AdamW, LR schedule and captions; one
     global batch per `step`; checkpoints of weights and Adam's moments in the layout-independent blocks of
     training/checkpoint.py (a run resumes at any TP/DP). Masks, data order and dropout are keyed by the step
-    and the captions' positions, so a checkpoint needs no RNG state or data position."""
+    and the captions' positions, so a checkpoint needs no RNG state: only the position in the caption stream
+    (consumed_samples, which a resume with another train.global_batch_size goes on from) and Adam's step count
+    (the steps less those skipped)."""
 
     def __init__(self, cfg: Config, run_dir: Path, device, captions, held_out=None):
         t = cfg.train
@@ -206,6 +211,7 @@ class _Pretraining:
             self.log.info(note)
         self.bf16 = t.precision == "bf16"  # autocast: bf16 matmuls, fp32 weights, gradients and AdamW state
         self.skipped = self.consecutive = 0  # optimizer steps skipped for non-finite gradients (all / in a row)
+        self.consumed = 0  # captions of the sample stream trained on (a resume with another batch size goes on there)
         seed_everything(t.seed)
         # megatron-core allocates its layers on the GPU when there is one, the embeddings and norms here on the CPU
         model = MaskedTextEncoder(cfg.model, select_kernels(cfg.kernels), t.seed, ps.get_tensor_model_parallel_group())
@@ -233,8 +239,9 @@ class _Pretraining:
     def step(self, step: int) -> tuple[float, float]:
         """Global batch `step` (0-based): masked-token loss, clipped AdamW update; (mean loss, grad norm)."""
         t, device = self.cfg.train, self.device
-        inputs, text, chosen, positions = self._masked_batch(self.captions, self.sampler, step * t.global_batch_size,
+        inputs, text, chosen, positions = self._masked_batch(self.captions, self.sampler, self.consumed,
                                                              t.seed * 1_000_003 + step)
+        self.consumed += t.global_batch_size
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
         for m in range(0, len(text), t.micro_batch_size):
@@ -281,7 +288,7 @@ class _Pretraining:
 
     def save(self, step: int) -> None:
         """checkpoints/step_<step>/ (every rank; training/checkpoint.py: `latest`, pruning, failures)."""
-        state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg),
+        state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg), "consumed_samples": self.consumed,
                  "sampler_order": self.sampler.order, "skipped_steps": self.skipped}
         self._adam_state(0)  # (a parameter never updated yet)
         save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), self.run_dir, step, state,
@@ -305,7 +312,9 @@ class _Pretraining:
                 self.sampler = GlobalBatchSampler(self.sampler.n, self.cfg.train.global_batch_size,
                                                   self.cfg.train.seed, order)
             self.skipped = int(state.get("skipped_steps", 0))
-            self._adam_state(step)
+            saved_batch = state["config"]["train"]["global_batch_size"]  # (checkpoints before consumed_samples)
+            self.consumed = int(state.get("consumed_samples", step * saved_batch))
+            self._adam_state(step - self.skipped)  # (Adam's count: a skipped step did not update)
             verify(path)
             load_in_place(_blocks(self.model, self.cfg.model, self.optimizer), path)
             self.log.info(f"resumed from {path} at step {step}")
@@ -401,12 +410,19 @@ def _blocks(module: nn.Module, model_cfg: ModelConfig, optimizer: torch.optim.Op
 
 
 def save_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: Path) -> None:
-    """Every rank: the encoder's weights (each TP shard once, the writes spread over DP), then rank 0 writes
-    config.json, which marks the folder complete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_blocks(module, model_cfg), str(folder), sharded_strategy=save_strategy())
+    """Every rank: the encoder's weights (each TP shard once, the writes spread over DP) into <folder>.partial,
+    then rank 0 writes config.json, which marks it complete, and puts it at `folder`: a rerun that extends a
+    finished run keeps the earlier encoder whole until the new one is (a kill mid-write left a folder that
+    looked complete, its tensors half rewritten)."""
+    partial = folder.with_name(folder.name + ".partial")
     if dist.get_rank() == 0:
-        write_atomic(folder / "config.json", json.dumps({"model": to_dict(model_cfg)}, indent=1))
+        shutil.rmtree(partial, ignore_errors=True)  # (a killed write's)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_blocks(module, model_cfg), str(partial), sharded_strategy=save_strategy())
+    if dist.get_rank() == 0:
+        write_atomic(partial / "config.json", json.dumps({"model": to_dict(model_cfg)}, indent=1))
+        replace_folder(partial, folder)
     dist.barrier()
 
 

@@ -353,6 +353,8 @@ class Trainer:
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float,
                  held_out_loss: float | None = None) -> None:
+        """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval
+        (metrics.StepClock)."""
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
@@ -373,26 +375,28 @@ class Trainer:
         try:
             stop.start(self.run_dir, self.step, t.steps)
             reader = self._reader_at(self.consumed) if self.step < t.steps else None
+            clock = metrics.StepClock()  # (throughput over the log interval's steps, saves and evaluation left out)
             while self.step < t.steps:
-                start, lr = time.perf_counter(), self.engine.get_lr()[0]
+                lr = self.engine.get_lr()[0]
                 batches = [engine.MicroBatch(*mb) for mb in reader.next_step()]  # read ahead while training
                 loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                 guard.step_done()
                 losses.append(loss)
                 self.step += 1
                 self.consumed += t.global_batch_size
-                elapsed = time.perf_counter() - start
+                clock.step_done()
                 evaluate = t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
-                held_out = self.held_out_loss() if evaluate else None  # (also before a stop's save: a resumed
-                # run starts after this step and would never measure it)
+                with clock.paused():  # (also before a stop's save: a resumed run starts after this step)
+                    held_out = self.held_out_loss() if evaluate else None
                 if self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None:
-                    self.log_step(loss, lr, grad_norm, elapsed, held_out)
+                    self.log_step(loss, lr, grad_norm, clock.seconds_per_step(), held_out)
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 self.complete_saves()
                 preempted = stop.requested()
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
-                    self.save()
-                    self.complete_saves(wait=preempted or self.step == t.steps)
+                    with clock.paused():
+                        self.save()
+                        self.complete_saves(wait=preempted or self.step == t.steps)
                 if preempted:  # REQUEUE tells a SLURM script (slurm/train.sbatch) to requeue; raises Preempted
                     stop.leave_for_requeue(self.run_dir, self.step, last=self.step == t.steps)
         finally:

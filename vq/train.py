@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
 from common.cli import config_parser, run_trainer
 from common.config import ConfigError, require, save_config
 from common.files import write_atomic
-from common.metrics import MetricsLogger, mean_over_ranks, psnr
+from common.metrics import MetricsLogger, StepClock, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.schedule import check_schedule, lr_lambda
 from common.state_file import RESUME_ADVICE, STATE_FILE, check_fits, load_state, save_state
@@ -398,19 +397,22 @@ class VQTrainer:
         self.model.train()
         try:
             stop.start(self.run_dir, self.step, t.steps)
+            clock = StepClock()  # (images/s over the log interval's steps, saves and grids left out)
             while self.step < t.steps:
-                start = time.perf_counter()
                 images = self.batch()
                 logs = mean_over_ranks(self.train_step(images))
                 self.step += 1
                 history.append(logs)
+                clock.step_done()
                 if self.step % t.log_interval == 0 or self.step == t.steps:
-                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / (time.perf_counter() - start)})
+                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / clock.seconds_per_step()})
                 if self.rank == 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                    self.log.info(f"reconstructions: {self.recon_grid(images)}")
+                    with clock.paused():
+                        self.log.info(f"reconstructions: {self.recon_grid(images)}")
                 preempted = stop.requested()
                 if preempted or self.step % t.save_interval == 0 or self.step == t.steps:
-                    self.save()
+                    with clock.paused():
+                        self.save()
                 if preempted:
                     stop.leave_for_requeue(self.run_dir, self.step, last=self.step == t.steps)
         finally:  # the decoding processes, also when a step fails
