@@ -147,10 +147,11 @@ def run_trainer(args: argparse.Namespace, config_cls, build, label: str, use_dev
     """The command line of a trainer with --config/--set, --run-dir and --resume auto|none whose object has
     resume(), start_fresh() and run() (vq.train, vq.finetune_decoder, sr.train): the config and the device
     first (a missing GPU is refused before the run directory is made), then the run lock for the run's life
-    (common.checkpoints.holding_run_dir), then `build(cfg)` resumed or started afresh, and trained. Bad input,
+    (common.checkpoints.holding_run_dir), then `build(cfg)` resumed or started afresh (--resume none: refused
+    where the run directory holds checkpoints, as training.train refuses it), and trained. Bad input,
     a busy run directory and a damaged checkpoint end in one line. `use_device`, `device_error`:
     model_parallel.state's (passed in: common sits below model_parallel)."""
-    from common.checkpoints import CheckpointError, RunDirError, holding_run_dir
+    from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, has_checkpoints, holding_run_dir
     from common.config import load_typed
 
     # (ValueError: bad input data or files, e.g. data_pipeline's DataError, a damaged export)
@@ -158,6 +159,9 @@ def run_trainer(args: argparse.Namespace, config_cls, build, label: str, use_dev
         cfg = load_typed(config_cls, args.config, args.set)
         use_device(cfg.train.device, "train.device")
         with holding_run_dir(args.run_dir):
+            if args.resume == "none" and has_checkpoints(args.run_dir):  # (its saves would replace that run's steps)
+                raise CheckpointError(f"--resume none: {checkpoint_dir(args.run_dir)} holds checkpoints; continue "
+                                      "them with --resume auto, or use another --run-dir")
             trainer = build(cfg)
             if args.resume == "auto":
                 trainer.resume()

@@ -14,7 +14,8 @@ train.eval_interval steps and at the end, on --val-data (up to 16 held-out image
 centre-cropped to train.resize, or train.crop when 0): the PSNR of the
 model and of bicubic upsampling, and compare_XXXXXXXX.png (rows: bicubic, model, original). The run directory
 receives config.yaml, metrics.jsonl + TensorBoard, checkpoints/ (common/state_file.py: `--resume auto`
-continues from `latest`, or from the newest complete checkpoint) and, at the end, export.pt
+continues from `latest`, or from the newest complete checkpoint; `--resume none` is refused where there are
+checkpoints) and, at the end, export.pt
 (sr.model.load_upsampler). `--set train.init_from=<export.pt>` starts from an export's weights instead of fresh ones.
 SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under torchrun;
 common/preemption.py); `TRAINER=sr.train sbatch slurm/train.sbatch CONFIG RUN_DIR --data ...` requeues on it.

@@ -472,6 +472,25 @@ def test_every_trainer_holds_its_run_directory(tmp_path, capsys, module, args):
     RunLock(run_dir).acquire().release()
 
 
+@pytest.mark.parametrize("module, args", [
+    ("vq.train", ["--data", "x.tar"]), ("vq.finetune_decoder", ["--data", "x.tar", "--tokenizer", "export.pt"]),
+    ("sr.train", ["--data", "x.tar"])])
+def test_every_trainer_refuses_a_fresh_start_over_checkpoints(tmp_path, module, args):
+    """--resume none in a run directory that holds checkpoints is refused before anything is built, as
+    training.train and training.text_encoder refuse it: the fresh run's saves replaced the earlier run's steps,
+    leaving its later ones beside them for a lost `latest` to fall back to."""
+    import importlib
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / tag_for(4)).mkdir(parents=True)
+    (run_dir / "checkpoints" / tag_for(4) / "trainer_state.json").write_text("{}")
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit, match=rf"{module}: --resume none: .*checkpoints holds checkpoints; continue them "
+                                         "with --resume auto, or use another --run-dir"):
+        importlib.import_module(module).main([*args, "--run-dir", str(run_dir), "--resume", "none"])
+    assert snapshot(run_dir) == before
+
+
 def test_a_latest_set_back_by_hand_is_followed_with_a_warning_naming_the_newer_checkpoints(tmp_path):
     """A rollback (`latest` edited to an older step) resumes there, and says which newer checkpoints remain: they
     would be taken if `latest` were lost (the newest complete one is the fallback)."""

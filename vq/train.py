@@ -20,8 +20,9 @@ train.ema_decay, the moving average of the weights; checkpoints hold both).
 Checkpoints follow common/checkpoints.py: checkpoints/step_XXXXXXXX/state.pt, written atomically (its
 presence marks the checkpoint complete), then the `latest` pointer moves and older checkpoints beyond
 train.keep_checkpoints are deleted. `--resume auto` continues from `latest`, or from the newest complete
-checkpoint when `latest` is gone. Run directories of the earlier single-file layout (checkpoints/
-step_XXXXXXXX.pt, `latest` naming the file) are moved into this layout by renames when resumed.
+checkpoint when `latest` is gone; `--resume none` starts at step 0, refused where checkpoints exist. Run
+directories of the earlier single-file layout (checkpoints/step_XXXXXXXX.pt, `latest` naming the file) are
+moved into this layout by renames when resumed.
 SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under torchrun;
 common/preemption.py); `TRAINER=vq.train sbatch slurm/train.sbatch CONFIG RUN_DIR --data ...` requeues on it.
 
