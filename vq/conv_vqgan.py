@@ -180,6 +180,10 @@ class ConvVQGAN(nn.Module):
         self.quant_conv, self.post_quant_conv = nn.Conv2d(z_channels, embed_dim, 1), nn.Conv2d(embed_dim, z_channels, 1)
         self.quantize = nn.Module()
         self.quantize.embedding = nn.Embedding(n_embed, embed_dim)
+        # taming's (and LlamaGen's) start: codes near the origin, where the encoder's first latents are, so the
+        # nearest-code search spreads over the codebook; nn.Embedding's N(0, 1) codes (norm ~sqrt(embed_dim))
+        # left the few shortest codes nearest to every latent.
+        nn.init.uniform_(self.quantize.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
         if style == "llamagen":  # LlamaGen keeps a usage buffer in its checkpoints
             self.quantize.register_buffer("codebook_used", torch.zeros(65536))
 

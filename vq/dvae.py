@@ -145,7 +145,8 @@ class DVAE(CodeUsage, nn.Module):
         'perplexity', 'usage', 'logs': {'tau', 'kl_weight', 'kl'}}); `frozen_codes`: the encoder stays as it is
         and the decoder draws the one-hot argmax codes."""
         if frozen_codes:
-            codes = self.encode(images)
+            with torch.autocast(images.device.type, enabled=False):  # (encode()'s fp32 codes, as pre-tokenization's)
+                codes = self.encode(images.float())
             return self.pixels(self.one_hot(codes)), {"vq_loss": images.new_zeros(()), "codes": codes,
                                                       **self.usage_stats(codes)}
         step = int(self.step)  # forward passes trained so far (CodeUsage's counter)

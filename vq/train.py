@@ -142,7 +142,11 @@ def vit_shape(m) -> tuple[int, int, int]:
         raise ConfigError(f"model.preset={m.preset!r} must be one of {', '.join(VIT_VQGAN_PRESETS)}")
     shape = VIT_VQGAN_PRESETS[m.preset]
     width = m.width or shape["width"]
-    return m.layers or shape["layers"], width, m.heads or (shape["heads"] if width == shape["width"] else 0)
+    heads = m.heads or (shape["heads"] if width == shape["width"] else 0)
+    if width % (heads or max(1, width // 64)):  # (else the first step fails in a reshape, the run started)
+        raise ConfigError(f"model.width={width} must be a multiple of the attention heads ({heads or max(1, width // 64)}"
+                          f"{'' if heads else ': width / 64, model.heads unset'}); set model.heads to a divisor of it")
+    return m.layers or shape["layers"], width, heads
 
 
 def load_checkpoint(path: Path) -> dict:

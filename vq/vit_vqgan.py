@@ -72,6 +72,9 @@ class ViTVQGAN(CodeUsage, nn.Module):
         heads = heads or max(1, width // 64)
         dec_width = dec_width or width
         dec_heads = dec_heads or (heads if dec_width == width else max(1, dec_width // 64))
+        if width % heads or dec_width % dec_heads:
+            raise ValueError(f"widths {width} (encoder) and {dec_width} (decoder) must be multiples of their attention "
+                             f"heads ({heads}, {dec_heads})")
         n = self.grid * self.grid
         self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
         self.enc_pos = nn.Parameter(torch.randn(1, n, width) * 0.02)
@@ -121,9 +124,9 @@ class ViTVQGAN(CodeUsage, nn.Module):
         """Training pass: (decoder output, {'vq_loss', 'codes', 'perplexity', 'usage'}). `frozen_codes`: the
         encoder and codebook are fixed (detokenizer fine-tuning): the decoder draws the codes' own embeddings,
         no VQ loss, no code restarts."""
-        if frozen_codes:
-            with torch.no_grad():
-                codes = self.codes_of(self.latents(images))
+        if frozen_codes:  # (the codes of encode() and pre-tokenization, fp32: bf16 latents moved ~1% of them)
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+                codes = self.codes_of(self.latents(images.float()))
             vq_loss, out = images.new_zeros(()), self.pixels(self.embed(codes))
         else:
             z = self.latents(images)
