@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -40,10 +41,14 @@ def require(ok: bool, message: str) -> None:
 
 def _parse_value(text: str, dotted: str) -> Any:
     """A command-line value is read as YAML: 2 -> int, 1e-3 -> float, true -> bool, abc -> str. Refused where
-    YAML 1.1 (PyYAML's) would read it otherwise than meant: 010 is octal 8, and ` #` starts a comment."""
+    YAML 1.1 (PyYAML's) would read it otherwise than meant: 010 is octal 8, 1:30 is base 60 (90), and ` #`
+    starts a comment."""
     if re.fullmatch(r"[-+]?0[0-9_]+", text):
         raise ConfigError(f"override {dotted}={text}: YAML reads a number with a leading zero as octal; "
                           "write it without the zero (or quote it for a string)")
+    if re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", text):
+        raise ConfigError(f"override {dotted}={text}: YAML 1.1 reads digits joined by ':' as a base-60 number "
+                          f"({yaml.safe_load(text)}); write the number itself (or quote it for a string)")
     if text[:1] not in ("'", '"') and (text.startswith("#") or " #" in text or "\t#" in text):
         raise ConfigError(f"override {dotted}={text}: '#' after a space starts a YAML comment, which would cut "
                           f"the value; quote it: {dotted}=\"'{text}'\"")
@@ -140,11 +145,13 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads 3e-4 (no dot) as a string.
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if hint in (int, float, str, bool) and not (type(value) is hint):
         raise ConfigError(f"{name}={value!r} must be of type {hint.__name__}")
+    if hint is float and not math.isfinite(value):  # (inf passed checks such as lr > 0)
+        raise ConfigError(f"{name}={value!r} must be a finite number")
     return value
 
 

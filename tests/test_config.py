@@ -65,6 +65,9 @@ def test_world_size_must_fit_layout():
     (["model.preset=parti-99b"], "model.preset='parti-99b': no file"),
     (["parallel"], "must look like section.key=value"),
     (["train.steps=010"], "train.steps=010: YAML reads a number with a leading zero as octal"),  # (else 8)
+    (["train.steps=1:30"], "train.steps=1:30: YAML 1.1 reads digits joined by ':' as a base-60 number (90)"),
+    (["train.lr=inf"], "train.lr=inf must be a finite number"),  # (else it passed lr > 0)
+    (["train.lr=.nan"], "train.lr=nan must be a finite number"),
     (["train.wandb_project=a #b"], "'#' after a space starts a YAML comment"),  # (else 'a')
     (["train.wandb_project='a #b'", "train.seed=-1"], "train.seed=-1 must be >= 0"),  # (quoted: taken whole)
     (["train.steps=[1"], "override train.steps=[1: not a YAML value"),
@@ -73,6 +76,20 @@ def test_bad_input_is_refused_clearly(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides).validate()
     assert message in str(err.value)
+
+
+def test_a_preset_override_of_a_saved_config_is_refused(tmp_path):
+    """A run's config.yaml sets every model key: model.preset=<another> over it changed the name only, and the run
+    trained the file's model as the new preset. A config that sets only some keys takes the new preset under
+    them; the file's own preset again changes nothing."""
+    save_config(load_config("configs/train/debug.yaml"), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"model.preset=parti-tiny: .*config.yaml sets every key of that preset in "
+                                          r"its model section .* train parti-debug's model under the name parti-tiny"):
+        load_config(tmp_path / "config.yaml", ["model.preset=parti-tiny"])
+    assert load_config(tmp_path / "config.yaml", ["model.preset=parti-debug"]).model.hidden_size == 64
+    (tmp_path / "some.yaml").write_text("model:\n  preset: parti-debug\n  dropout: 0.2\n")
+    cfg = load_config(tmp_path / "some.yaml", ["model.preset=parti-tiny"]).model
+    assert (cfg.hidden_size, cfg.dropout) == (load_config(None, ["model.preset=parti-tiny"]).model.hidden_size, 0.2)
 
 
 def test_bad_yaml_file(tmp_path):

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import command, config_parser
-from common.config import ConfigError, build, describe, flat_dict, load_raw, require, save_config, to_dict
+from common.config import ConfigError, build, describe, flat_dict, load_raw, read_yaml, require, save_config, to_dict
 from common.schedule import check_schedule
 from data_pipeline.training_data import DataConfig
-from model_parallel.config import ModelConfig, resolve_model_section
+from model_parallel.config import ModelConfig, model_preset, resolve_model_section
 from model_parallel.kernels import KernelConfig
 from model_parallel.layout import ParallelConfig, ParallelLayout
 
@@ -193,7 +193,26 @@ def config_from_dict(raw: dict) -> Config:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from the defaults), apply dotted overrides, build the dataclasses."""
-    return config_from_dict(load_raw(path, overrides))
+    raw = load_raw(path, overrides)
+    if path:
+        check_preset_override(read_yaml(path).get("model") or {}, raw.get("model") or {}, path)
+    return config_from_dict(raw)
+
+
+def check_preset_override(file_model: dict, model: dict, path: str | Path) -> None:
+    """ConfigError when an override's model.preset would change only the preset's name: the file's model
+    section (a run's config.yaml sets every key) sets every key of the new preset, so none of its values
+    would apply and the run would train the file's model under the new name."""
+    preset = model.get("preset")
+    if not preset or preset == file_model.get("preset"):
+        return
+    values = {k: v for k, v in model_preset(preset).items() if k != "preset"}
+    if values and all(k in file_model for k in values) and any(file_model[k] != v for k, v in values.items()):
+        trained = f"{file_model['preset']}'s" if file_model.get("preset") else "the file's"
+        raise ConfigError(f"model.preset={preset}: {path} sets every key of that preset in its model section (a "
+                          f"run's config.yaml does), so its values would not apply and the run would train "
+                          f"{trained} model under the name {preset}; start from a config that sets the preset "
+                          "only, or override the model keys themselves")
 
 
 def config_to_dict(cfg: Config) -> dict:
