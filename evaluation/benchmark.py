@@ -34,7 +34,7 @@ import yaml
 from common.cli import command, config_parser
 from common.files import write_atomic
 from data_pipeline.shared_data import resolve
-from evaluation.clip_score import ClipScorer, read_metadata, score_samples
+from evaluation.clip_score import ClipScorer, check_clip, read_metadata, score_samples
 from evaluation.config import EvalConfig, load_eval_config
 from evaluation.fid import default_weights, fid, image_files, open_rgb
 from evaluation.generate import (
@@ -189,6 +189,8 @@ def run(cfg: EvalConfig) -> dict | None:
     if cfg.model.upsampler and not Path(cfg.model.upsampler).is_file():  # (before the model is loaded)
         raise FileNotFoundError(f"model.upsampler={cfg.model.upsampler}: no such file; expected the export.pt of "
                                 "sr.train")
+    if cfg.clip.model:
+        check_clip(cfg.clip.model, cfg.clip.weights or None, cfg.clip.tag or None, f"clip.model={cfg.clip.model}")
     device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
     init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -70,6 +70,16 @@ def _weights_file(model: str, weights: str | None) -> Path | None:
     return Path(weights)
 
 
+def check_clip(model: str, weights: str | None, tag: str | None, where: str = "") -> None:
+    """What ClipScorer.load would refuse (missing weights, an unknown tag), checked before minutes of loading the
+    model that makes the images; `where`: the flags or keys to name (e.g. "--clip ..., --clip-weights ...")."""
+    try:
+        _weights_file(model, weights)
+        tag_settings(model, tag)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{where}: {e}" if where else str(e)) from None
+
+
 def tag_settings(model: str, tag: str | None) -> dict:
     """create_model_and_transforms' preprocessing and activation for weights open_clip knows as `tag`, from its
     pretrained table (offline): a checkpoint given as a file path gets none of them from open_clip."""

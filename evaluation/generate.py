@@ -55,7 +55,7 @@ from common.cli import add_dataclass_args, command, dataclass_from_args
 from common.files import atomic_path, write_atomic
 from data_pipeline.code_shards import other_tokenizers
 from data_pipeline.text_tokenizer import TextTokenizer
-from evaluation.clip_score import ClipScorer, add_clip_args
+from evaluation.clip_score import ClipScorer, add_clip_args, check_clip
 from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, StaticSteps, auto_batch_size, check_counts, sample
 from model_parallel.state import DeviceError, init_distributed, use_device
@@ -419,12 +419,15 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[dict], SamplingConfig]:
 
 
 def check_input_files(args: argparse.Namespace) -> None:
-    """FileNotFoundError naming the flag of a missing tokenizer or upsampler file, before the model is loaded."""
+    """FileNotFoundError naming the flag of a missing tokenizer or upsampler file, and the CLIP scorer's settings
+    (clip_score.check_clip), before the model is loaded."""
     for flag, path, expected in (("--vq", args.vq, "the export.pt of vq.train"),
                                  ("--text-tokenizer", args.text_tokenizer, "a SentencePiece .model file"),
                                  ("--upsampler", args.upsampler, "the export.pt an sr.train run writes")):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file; expected {expected}")
+    if args.clip:
+        check_clip(args.clip, args.clip_weights, args.clip_tag, f"--clip {args.clip}")
 
 
 def main(argv: list[str] | None = None) -> None:

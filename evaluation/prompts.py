@@ -93,7 +93,8 @@ def coco_captions(data: dict, source: str) -> list[dict]:
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise ValueError(f"{source}: annotations[{i}] has no \"image_id\" (expected COCO caption annotations)")
-        first.setdefault(ann["image_id"], _prompt_text(ann.get("caption"), f"{source}: annotations[{i}].caption"))
+        if ann["image_id"] not in first:  # (only the caption used is checked: a later blank one is never a prompt)
+            first[ann["image_id"]] = _prompt_text(ann.get("caption"), f"{source}: annotations[{i}].caption")
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im:
             raise ValueError(f"{source}: images[{i}] has no \"id\" (expected COCO image entries)")

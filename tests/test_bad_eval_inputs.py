@@ -163,6 +163,15 @@ def generate_weights_file(tmp: Path):
     return main, argv, expected, keep
 
 
+def generate_missing_clip_weights(tmp: Path):
+    """Refused before the model is loaded (minutes for a real export; here the empty stand-in files would fail)."""
+    main, argv, keep = generate_case(tmp, fake_export(tmp / "export"))
+    (tmp / "vq.pt").write_bytes(b"")
+    (tmp / "spm.model").write_bytes(b"")
+    argv += ["--clip", "ViT-B-32", "--clip-weights", str(tmp / "nope.pt"), "--keep", "1"]
+    return main, argv, f"--clip ViT-B-32: CLIP weights {re.escape(str(tmp / 'nope.pt'))} do not exist$", keep
+
+
 def plan_case(*flags: str, expected: str):
     def case(tmp: Path):
         from training.plan import main
@@ -203,6 +212,10 @@ CASES = {
     "generate: --checkpoint is a checkpoint step": generate_step_dir,
     "generate: --checkpoint is the checkpoints folder": generate_checkpoints_dir,
     "generate: --checkpoint is the weights file": generate_weights_file,
+    "generate: missing CLIP weights": generate_missing_clip_weights,
+    "benchmark: an unknown CLIP tag": lambda tmp: benchmark_case(
+        tmp, "clip.model=ViT-B-32", f"clip.weights={tmp / 'prompts.txt'}", "clip.tag=nosuchtag",  # (a file there)
+        expected=r"clip.model=ViT-B-32: CLIP tag 'nosuchtag' is not an open_clip pretrained tag of ViT-B-32"),
     "plan: 0 nodes": plan_case("--nodes", "0", expected="--nodes must be a whole number >= 1, got 0$"),
     "plan: negative nodes": plan_case("--nodes", "-2", expected="--nodes must be a whole number >= 1, got -2$"),
     "plan: 0 GPUs per node": plan_case("--gpus-per-node", "0", expected="--gpus-per-node must be .* got 0$"),

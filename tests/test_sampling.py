@@ -529,6 +529,9 @@ def test_prompts_that_are_missing_not_text_or_blank_are_refused_naming_the_line(
             read_prompts(tmp_path / name)
     (tmp_path / "ok.csv").write_text('caption\n"A cat\non two lines"\n\nA dog\n')
     assert [p["prompt"] for p in read_prompts(tmp_path / "ok.csv")] == ["A cat\non two lines", "A dog"]
+    (tmp_path / "ok.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [  # (a blank caption never
+        {"image_id": 1, "caption": "A cat."}, {"image_id": 1, "caption": " "}]}))     # used refused the file)
+    assert [p["prompt"] for p in read_prompts(tmp_path / "ok.json")] == ["A cat."]
 
 
 def test_parti_prompts_reader_keeps_every_prompt():
