@@ -244,6 +244,10 @@ def test_export_is_layout_independent_and_loads_without_deepspeed(single_process
     assert set(a) == set(b) and "decoder.1.cross_attn.fn.kv.weight" in a
     for name in a:  # the TP=2 run's shards come back whole, equal to the TP=1 run's weights
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)  # Adam-amplified fp32 noise
+    (tmp_path / "c" / "config.json").write_text((tmp_path / "a" / "config.json").read_text().replace(tag, "step_1"))
+    with pytest.raises(ValueError, match=rf"c: model.safetensors holds the weights of checkpoint {tag}, config.json "
+                                         "describes step_1 .*; export again"):  # (a re-export stopped between them)
+        load_exported(tmp_path / "c")
     model = load_exported(tmp_path / "a")
     # Trained, not random: on the run's own (synthetic) data the loss is below the first step's. (Uniformly
     # random codes would not tell: no model beats ln(vocabulary) on them.)

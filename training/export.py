@@ -24,7 +24,7 @@ import torch
 
 from common.checkpoints import CheckpointError, checkpoint_dir
 from common.cli import command
-from common.files import atomic_path
+from common.files import atomic_path, write_atomic
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
@@ -117,8 +117,10 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
             raise ValueError(f"{tmp}: {f.tell()} bytes written, its header describes another size")
         f.flush()
         os.fsync(f.fileno())
-    (out / "config.json").write_text(json.dumps({"model": state["config"]["model"], "checkpoint": tag,
-                                                 "data_tokenizers": state.get("data_tokenizers")}, indent=1))
+    # (after the weights: a re-export stopped between the two leaves the earlier config.json, whose checkpoint
+    # tag load_exported then finds differing from the weights')
+    write_atomic(out / "config.json", json.dumps({"model": state["config"]["model"], "checkpoint": tag,
+                                                  "data_tokenizers": state.get("data_tokenizers")}, indent=1))
     return out
 
 
@@ -157,6 +159,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
         model = PartiModel(model_cfg, meta=True)
     file = path / "model.safetensors"
     with safe_open(str(file), framework="pt", device="cpu") as f:
+        weights_tag = (f.metadata() or {}).get("checkpoint")
+        config_tag = json.loads((path / "config.json").read_text()).get("checkpoint")
+        if weights_tag is not None and weights_tag != config_tag:  # (None: a file written without the tag)
+            raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, config.json "
+                             f"describes {config_tag} (an export stopped between its two files?); export again")
         weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
     assign_weights(model, weights, str(file))
     move_buffers(model, device)
