@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoints import CheckpointError
+from common.cli import exit_promptly
 from common.preemption import start_helper
 from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, in_turns, prepare_sample
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
@@ -76,6 +77,7 @@ class CropStream:
         """The stream from the current state; the state is up to date whenever an image has been yielded."""
         samples = _RankSamples(self.paths, self.prep, self.rank, self.world, (self.shard, self.position, self.index))
         if self.workers:  # forked, as the training's read-ahead workers: they only decode (no CUDA, no collectives)
+            exit_promptly()  # (they ignore SIGTERM: a process that leaves them running must still exit)
             loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=self.workers,
                                                  multiprocessing_context="fork", in_order=True,  # (the turns)
                                                  worker_init_fn=start_helper)  # (the trainer's to handle)
@@ -115,6 +117,7 @@ class CropStream:
         if self.workers == 0:
             prepared = (prepare_sample(raw, self.prep) for raw in raws)
         else:
+            exit_promptly()
             batches = torch.utils.data.DataLoader(PreparedSamples(list(raws), self.prep), batch_size=BATCH,
                                                   collate_fn=list, num_workers=self.workers,
                                                   multiprocessing_context="fork", worker_init_fn=start_helper)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from common.cli import exit_promptly
 from common.preemption import start_helper
 from model_parallel.model import caption_drop_mask, null_condition
 
@@ -130,6 +131,8 @@ class ReadAhead:
         self.consumed, self.left, self.workers = consumed, steps, workers
         self.global_batch_size = sampler.global_batch_size
         in_flight = read_ahead_steps * self.batches.per_step  # micro-batches requested ahead, over all workers
+        if workers:  # (they ignore SIGTERM: a process that leaves them running, e.g. on an error, must still exit)
+            exit_promptly()
         self.loader = torch.utils.data.DataLoader(
             _Samples(dataset), batch_sampler=self.batches, collate_fn=_Collate(drop), num_workers=workers,
             worker_init_fn=start_helper, multiprocessing_context=_FORK if workers else None,

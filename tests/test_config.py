@@ -287,6 +287,24 @@ with command():
     assert done.stderr.count("was still running") == 2, done.stderr
 
 
+def test_a_script_exits_although_an_error_leaves_its_readers_workers_running():
+    """Outside a command's frame (a library user's script), an error that leaves a read-ahead reader open kept
+    the process from exiting: its workers ignore SIGTERM. A reader that starts workers registers exit_promptly."""
+    done, seconds = _exit_of("""
+from data_pipeline.loader import CaptionDrop, ReadAhead
+from data_pipeline.sampler import GlobalBatchSampler
+from data_pipeline.synthetic import SyntheticCodes
+from model_parallel.config import model_config
+
+dataset = SyntheticCodes(model_config("parti-debug"), size=16, seed=0)
+reader = ReadAhead(dataset, GlobalBatchSampler(16, 4, 0), 0, 4, 0, 1, 2, CaptionDrop(0, 0.0, 0, 3), workers=2)
+reader.next_step()
+raise RuntimeError("an error before the reader is closed")
+""")
+    assert done.returncode == 1 and seconds < 40, (seconds, done.stderr[-2000:])
+    assert "RuntimeError: an error before the reader is closed" in done.stderr
+
+
 def test_a_command_exits_although_a_helper_outlives_sigkill():
     """A helper that has not ended even a second after SIGKILL (a process still tearing down its memory;
     simulated: the kill is not sent) does not hold the exit either: multiprocessing no longer waits for it."""
