@@ -100,8 +100,8 @@ def replace_folder(written: str | Path, dest: str | Path) -> None:
     them leaves no `dest`, but both folders whole (the old one as <dest>.old), never a mix of the two."""
     written, dest = Path(written), Path(dest)
     old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)  # (a crash's, between the renames of an earlier call)
-    if dest.exists():
+    if dest.exists():  # (else an earlier call stopped between its renames: its .old stays until `dest` is whole)
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(dest, old)
     os.replace(written, dest)
     shutil.rmtree(old, ignore_errors=True)
