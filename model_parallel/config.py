@@ -62,7 +62,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     """Dropout on attention probabilities, inside the fused attention kernel (SDPA/flash), drawn from
     torch's per-tensor-parallel-rank generator: unlike model.dropout, a run with it on depends on the
-    layout (DP/TP/PP) it runs at, unless model.attention_dropout_invariant is set."""
+    layout (DP/TP/PP) it runs at, unless model.attention_dropout_invariant is set. As in Megatron-LM, that
+    generator is seeded alike on every data-parallel rank: the k-th sample of each rank's micro-batch draws the
+    same masks (model.attention_dropout_invariant keys them by sample instead)."""
     attention_dropout_invariant: bool = False
     """Key attention-probability dropout by sample too (as model.dropout is), so that model.attention_dropout
     > 0 gives the same run at any layout. Costs the fused attention kernel in training: attention then
@@ -115,9 +117,18 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         """Raise ConfigError naming the field for the first broken rule (layout rules: ParallelLayout)."""
         require(self.arch in ARCHS, f"model.arch={self.arch!r} must be one of {', '.join(ARCHS)}")
-        for name in ("decoder_layers", "hidden_size", "ffn_hidden_size", "num_heads",
-                     "text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid"):
+        for name in ("decoder_layers", "hidden_size", "ffn_hidden_size", "num_heads", "text_vocab_size",
+                     "text_seq_len", "image_vocab_size", "image_grid", "vocab_pad_multiple", "layernorm_eps"):
             require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        require(self.init_std >= 0, f"model.init_std={self.init_std} must be >= 0")
+        for name in ("text_pad_id", "text_eos_id"):  # (a pad id outside masked nothing, or took a padding row)
+            require(0 <= getattr(self, name) < self.text_vocab_size,
+                    f"model.{name}={getattr(self, name)} must be a token id below model.text_vocab_size="
+                    f"{self.text_vocab_size}")
+        # (the null caption [EOS, PAD, ...] would be all padding: every attention row over it masked, NaN where the
+        # softmax is explicit)
+        require(self.text_pad_id != self.text_eos_id, f"model.text_pad_id and model.text_eos_id must differ (both "
+                f"{self.text_pad_id})")
         if self.decoder_only:
             require(self.encoder_layers == 0, f"model.encoder_layers={self.encoder_layers} must be 0 with "
                     "model.arch=decoder_only (its caption is the start of the decoder's stream, not encoded)")

@@ -391,6 +391,7 @@ class PartiModel(nn.Module):
         generators (reproducible at the same layout only). Unused in eval mode."""
         image_in = self.decoder_input(image_codes)
         if self.cfg.decoder_only:
+            self._check_caption_length(text_ids)
             x = self.embedding(text_ids, image_in, sample_index=sample_index)
             for layer in self.decoder:
                 x = layer(x, sample_index=sample_index)
@@ -401,6 +402,14 @@ class PartiModel(nn.Module):
         memory, mask = self.encode(text_ids, sample_index)
         logits = self.decode(image_in, memory, mask, sample_index=sample_index)
         return image_code_loss(logits, image_codes, self.head.cross_entropy) if return_loss else logits
+
+    def _check_caption_length(self, text_ids: torch.Tensor) -> None:
+        """A decoder-only stream is the caption's model.text_seq_len positions, then the image's: the output
+        head, the attention pattern and decode_step (its static cache's write position) all place the image
+        there, so a shorter caption would shift every image position."""
+        if text_ids.shape[1] != self.cfg.text_seq_len:
+            raise ValueError(f"a decoder-only model takes captions of model.text_seq_len={self.cfg.text_seq_len} "
+                             f"tokens (padded with text_pad_id), not {text_ids.shape[1]}")
 
     def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor,
              sample_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -420,11 +429,8 @@ class PartiModel(nn.Module):
         graph's buffers; no second set of caches allocated)."""
         if self.sequence_parallel:
             raise RuntimeError("incremental decoding needs a model built without sequence parallelism")
-        if self.cfg.decoder_only and text_ids.shape[1] != self.cfg.text_seq_len:
-            # decode_step places the image after cfg.prefix_len caption positions: a shorter caption would
-            # shift every image position (and the static cache's write position) off the cache.
-            raise ValueError(f"a decoder-only model decodes captions of model.text_seq_len={self.cfg.text_seq_len} "
-                             f"tokens (padded with text_pad_id), not {text_ids.shape[1]}")
+        if self.cfg.decoder_only:
+            self._check_caption_length(text_ids)
         memory, mask = self.encode(text_ids)
         if self.cfg.decoder_only:
             return self._prefill(memory, static, into), None, None

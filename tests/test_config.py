@@ -37,6 +37,11 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 must be divisible"),
     (["kernels.attention=flash3"], "kernels.attention='flash3' must be one of auto, sdpa, math"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
+    (["model.text_eos_id=0"], "model.text_pad_id and model.text_eos_id must differ (both 0)"),  # (NaN losses)
+    (["model.text_pad_id=-1"], "model.text_pad_id=-1 must be a token id below model.text_vocab_size="),
+    (["model.vocab_pad_multiple=0"], "model.vocab_pad_multiple=0 must be positive"),  # (ZeroDivisionError)
+    (["model.layernorm_eps=-1.0"], "model.layernorm_eps=-1.0 must be positive"),  # (NaN losses)
+    (["model.init_std=-0.02"], "model.init_std=-0.02 must be >= 0"),
     (["train.adam_beta2=1.0"], "train.adam_beta2=1.0 must be in [0, 1)"),
     (["train.adam_eps=0"], "train.adam_eps=0.0 must be > 0"),
     (["train.optimizer=adafactor", "parallel.pp=2", "train.precision=bf16", "model.decoder_layers=2"],
