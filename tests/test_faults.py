@@ -150,15 +150,18 @@ def test_stops_at_start_up_at_the_last_step_and_stale_requeue_files(single_proce
 
 @pytest.fixture
 def nan_loss_on_calls(monkeypatch):
-    """Make the loss NaN on the given forward calls (1-based) of the model."""
+    """Make the loss NaN on the given forward calls (1-based) of the model (`.calls[0]`: those made so far)."""
     import model_parallel.model as model_module
 
-    real, calls, poisoned = model_module.image_code_loss, [0], set()
+    class Poisoned(set):
+        calls = [0]
+
+    real, poisoned = model_module.image_code_loss, Poisoned()
 
     def loss(logits, codes, *args):
-        calls[0] += 1
+        poisoned.calls[0] += 1
         value = real(logits, codes, *args)
-        return value * float("nan") if calls[0] in poisoned else value
+        return value * float("nan") if poisoned.calls[0] in poisoned else value
 
     monkeypatch.setattr(model_module, "image_code_loss", loss)
     return poisoned
@@ -183,9 +186,15 @@ def test_nonfinite_step_is_skipped_and_counted(single_process, tmp_path, nan_los
 
 @pytest.mark.parametrize("sets", NONFINITE_PATHS[:2], ids=["fp32-zero0", "fp32-zero1"])
 def test_many_nonfinite_steps_in_a_row_stop_the_run(single_process, tmp_path, nan_loss_on_calls, sets):
-    nan_loss_on_calls.update(range(5, 100))
-    with pytest.raises(RuntimeError, match="the last 3 steps had non-finite loss or gradients"):
-        run(str(tmp_path), "train.max_skipped_steps=3", *sets)
+    """Also across a resume: the count in a row is saved (it began at 0 again, so a run requeued more often
+    than train.max_skipped_steps steps never stopped)."""
+    nan_loss_on_calls.update(range(5, 1000))  # (from step 2 on)
+    with pytest.raises(RuntimeError, match="stopping at step 4: the last 3 steps had non-finite loss or gradients"):
+        run(str(tmp_path / "a"), "train.max_skipped_steps=3", *sets)
+    nan_loss_on_calls.calls[0] = 0  # (the second run counts its calls from 1)
+    run(str(tmp_path / "b"), "train.max_skipped_steps=3", *sets, steps=3)  # (2 skipped in a row, saved at 3)
+    with pytest.raises(RuntimeError, match="stopping at step 4: the last 3 steps had non-finite loss or gradients"):
+        run(str(tmp_path / "b"), "train.max_skipped_steps=3", *sets)
 
 
 def test_layout_that_does_not_fit_the_world_is_refused_before_work(single_process, tmp_path):

@@ -378,6 +378,10 @@ def test_nonfinite_pretraining_steps_are_skipped_and_too_many_stop_the_run(singl
     poisoned.update(range(2, 100))  # (steps 2, 3, 4)
     with pytest.raises(RuntimeError, match="stopping at step 4: the last 3 steps had non-finite loss"):
         pretrain_at(str(tmp_path / "b"), "train.steps=8", "train.max_skipped_steps=3")
+    calls.clear()  # ... and across a resume: the count in a row is saved (2 at step 3)
+    pretrain_at(str(tmp_path / "c"), "train.steps=3", "train.max_skipped_steps=3")
+    with pytest.raises(RuntimeError, match="stopping at step 4: the last 3 steps had non-finite loss"):
+        pretrain_at(str(tmp_path / "c"), "train.steps=8", "train.max_skipped_steps=3")
 
 
 def test_pretraining_resumed_with_another_config_is_checked_first(single_process, tmp_path, log_lines):

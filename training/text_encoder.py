@@ -289,7 +289,8 @@ class _Pretraining:
     def save(self, step: int) -> None:
         """checkpoints/step_<step>/ (every rank; training/checkpoint.py: `latest`, pruning, failures)."""
         state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg), "consumed_samples": self.consumed,
-                 "sampler_order": self.sampler.order, "skipped_steps": self.skipped}
+                 "sampler_order": self.sampler.order, "skipped_steps": self.skipped,
+                 "consecutive_skipped_steps": self.consecutive}
         self._adam_state(0)  # (a parameter never updated yet)
         save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), self.run_dir, step, state,
                       self.cfg.train.keep_checkpoints)
@@ -312,6 +313,7 @@ class _Pretraining:
                 self.sampler = GlobalBatchSampler(self.sampler.n, self.cfg.train.global_batch_size,
                                                   self.cfg.train.seed, order)
             self.skipped = int(state.get("skipped_steps", 0))
+            self.consecutive = int(state.get("consecutive_skipped_steps", 0))  # (train.max_skipped_steps counts on)
             saved_batch = state["config"]["train"]["global_batch_size"]  # (checkpoints before consumed_samples)
             self.consumed = int(state.get("consumed_samples", step * saved_batch))
             self._adam_state(step - self.skipped)  # (Adam's count: a skipped step did not update)

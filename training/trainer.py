@@ -281,6 +281,9 @@ class Trainer:
                 self._write_config()
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
+            # (the steps skipped in a row up to the checkpoint: a run requeued more often than
+            # train.max_skipped_steps steps would otherwise never stop)
+            self.nonfinite_guard.consecutive = state.get("consecutive_skipped_steps", 0)
             order = state.get("sampler", {}).get("order", "randperm")  # (runs begun before orders were recorded)
             if order != self.sampler.order:  # a run keeps the sample order it began with
                 self.sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.global_batch_size,
@@ -310,7 +313,8 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "consumed_samples": self.consumed,
                  "sampler": self.sampler.state_dict(self.consumed),
-                 "skipped_steps": self.nonfinite_guard.skipped, "run_id": self.plan.run_id,
+                 "skipped_steps": self.nonfinite_guard.skipped,
+                 "consecutive_skipped_steps": self.nonfinite_guard.consecutive, "run_id": self.plan.run_id,
                  "data_tokenizers": data_tokenizers(self.dataset)}
         self.complete_saves(wait=True)  # one save in flight at a time
         tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
