@@ -6,8 +6,9 @@
 The folder, pointer and pruning mechanics are common/checkpoints.py's (a checkpoint is complete when its
 state.pt exists; `resume_tag(run_dir, STATE_FILE)` finds `latest`, or the newest complete one). A state holds
 tensors, containers, numbers and strings only, and is read back with torch.load(weights_only=True): a file
-holding anything else (a pickled object, which could run code when loaded) or a damaged one is refused with
-its name instead.
+holding anything else (a pickled object, which could run code when loaded) or one cut short is refused with
+its name instead. There is no checksum: most flipped bits in tensor data load unnoticed (a flip in the
+structure is refused like a cut).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def load_state(path: Path, required: tuple[str, ...], writer: str, if_refused: s
     `if_refused`: what to do about a refused file (default: a resume's advice)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (a damaged file fails in many ways: KeyError, ValueError, UnicodeDecodeError)
         found = re.search(r"GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and found:
             raise CheckpointError(f"{path}: refused: it holds a pickled {found.group(1)}, not only tensors and plain "

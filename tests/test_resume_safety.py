@@ -491,6 +491,23 @@ def test_every_trainer_refuses_a_fresh_start_over_checkpoints(tmp_path, module, 
     assert snapshot(run_dir) == before
 
 
+def test_a_state_file_damaged_inside_is_refused_naming_it(tmp_path):
+    """The tokenizers' and upsampler's state.pt: damage that torch.load reports as a ValueError (or KeyError,
+    UnicodeDecodeError) escaped as a traceback instead of the one line naming the file."""
+    import torch
+
+    from common.checkpoints import CheckpointError
+    from common.state_file import load_state
+
+    path = tmp_path / "state.pt"
+    torch.save({"model": {"w": torch.ones(3)}, "step": 1}, path)
+    data = path.read_bytes()
+    assert data.count(b"little") == 1  # (the archive's byte-order record)
+    path.write_bytes(data.replace(b"little", b"littlE"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: not a readable checkpoint \(Unknown endianness"):
+        load_state(path, ("model",), writer="vq.train")
+
+
 def test_a_latest_set_back_by_hand_is_followed_with_a_warning_naming_the_newer_checkpoints(tmp_path):
     """A rollback (`latest` edited to an older step) resumes there, and says which newer checkpoints remain: they
     would be taken if `latest` were lost (the newest complete one is the fallback)."""
