@@ -215,6 +215,17 @@ def test_planted_pickle_in_a_checkpoint_does_not_run(pool2, reference, tmp_path,
     assert not marker.exists()
 
 
+def bytes_entry_in_index(folder: Path) -> None:
+    """Index one of the checkpoint's tensors as a bytes record instead (what a crafted index could do)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from training.checkpoint_verify import read_index
+
+    index = read_index(folder)
+    index.state_dict_metadata[next(iter(index.state_dict_metadata))] = BytesStorageMetadata()
+    (folder / ".metadata").write_bytes(pickle.dumps(index))
+
+
 def test_export_checks_the_checkpoint_before_reading_it(single_process, reference, tmp_path):
     """python -m training.export on a checkpoint whose tensor index carries a payload, or whose .distcp is cut
     short, or of a --tag that is no complete checkpoint: one line naming the file, the payload unrun."""
@@ -224,6 +235,9 @@ def test_export_checks_the_checkpoint_before_reading_it(single_process, referenc
     marker, last = tmp_path / "payload_ran", run_dir / "checkpoints" / LAST
     cases = [(lambda: (last / ".metadata").write_bytes(pickle.dumps(Payload(marker))),
               rf"{re.escape(str(last))}/\.metadata: .*would import builtins\.exec .*refusing to load it", LAST),
+             # (a bytes record passed the index's own classes, and torch unpickles one unrestricted when loading)
+             (lambda: bytes_entry_in_index(last), r"\.metadata: \S+ is indexed as BytesStorageMetadata, not a tensor",
+              LAST),
              (lambda: truncate(run_dir), "__0_1.distcp is truncated", LAST),
              (lambda: None, r"step_00000099/trainer_state\.json: cannot be read .*expected the JSON trainer state",
               "step_00000099")]

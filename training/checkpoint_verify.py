@@ -88,12 +88,19 @@ ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a
 
 def verify(path: Path) -> None:
     """Refuse (CheckpointError naming the file) a checkpoint folder whose files cannot be what its index
-    says: index unreadable or unsafe, a .distcp file missing, shorter than its records reach, or without
-    a tensor record where one should start; an RNG file that is not plain tensors; metadata.json or common.pt
-    missing or unreadable. Reads the index, a
-    few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected:
-    the format has no checksums.)"""
+    says: index unreadable or unsafe (a record class outside its own, or an entry that is not a tensor), a
+    .distcp file missing, shorter than its records reach, or without a tensor record where one should start;
+    an RNG file that is not plain tensors; metadata.json or common.pt missing or unreadable. Reads the index,
+    a few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected: the
+    format has no checksums.)"""
     index = read_index(path)
+    # (a bytes record is read back with torch.load(weights_only=False): a crafted one could run code)
+    entries = index.state_dict_metadata
+    others = [fqn for fqn, entry in entries.items() if not isinstance(entry, TensorStorageMetadata)]
+    if others:
+        raise CheckpointError(f"{path / '.metadata'}: {others[0]} is indexed as {type(entries[others[0]]).__name__}, "
+                              "not a tensor, and loading it would unpickle it unrestricted; the trainers' "
+                              "checkpoints hold tensors only: refusing to load it")
     files: dict[str, list[tuple[int, int, bool]]] = {}
     for where, info in getattr(index, "storage_data", {}).items():
         tensor = isinstance(index.state_dict_metadata.get(where.fqn), TensorStorageMetadata)
