@@ -415,6 +415,8 @@ def test_sampling_settings_out_of_range_are_refused(setting, value, expected):
     message = rf"^sampling\.{setting} \({flag}\) must be {expected}.*, not {re.escape(repr(value))}$"
     with pytest.raises(ConfigError, match=message):
         SamplingConfig(**{setting: value})
+    if value != value or value in (float("inf"), float("-inf")):  # (refused for every float key of a config file)
+        message = rf"^sampling\.{setting}={value!r} must be a finite number$"
     with pytest.raises(ConfigError, match=message):  # an evaluation config's sampling section
         load_eval_config(None, [f"sampling.{setting}={value}"])
     SamplingConfig(temperature=0, top_k=0, top_p=1, guidance_scale=None)  # the edges are fine
