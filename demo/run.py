@@ -382,10 +382,27 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     return write_html(out / "report.html", "End-to-end demo", sections, intro)
 
 
+def check_same_run(cfg: DemoConfig, saved: Path) -> None:
+    """ValueError when the output folder holds a demo run with other settings: its finished steps are skipped on a
+    rerun, so a changed arch, size or step count would not apply, and the report would name settings that did
+    not make its model."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text()) or {}
+    changed = [f"{k}: {before[k]!r} there, {v!r} here" for k, v in asdict(cfg).items()
+               if k != "out" and k in before and before[k] != v]
+    if changed:
+        raise ValueError(f"out={cfg.out} holds a demo run with other settings ({'; '.join(changed)}); its finished "
+                         "steps would be skipped, not redone: use another out= (or remove that folder)")
+
+
 def run(cfg: DemoConfig) -> dict:
     import yaml
 
     out = Path(cfg.out)
+    check_same_run(cfg, out / "demo_config.yaml")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     timings, clock = {}, time.perf_counter()
@@ -417,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     with command(errors=(ValueError,), label="config error"):
         cfg = load_typed(DemoConfig, args.config, args.set)
         check(cfg)
+        check_same_run(cfg, Path(cfg.out) / "demo_config.yaml")
     res = run(cfg)
     t, b = res["trained"], res["before_training"]["all"]
     log(f"{ARCH_PRESETS[cfg.arch]} ({cfg.arch}): colour agreement {t['all']['colour']:.0%} (held-out combinations {t['held_out']['colour']:.0%}, before "

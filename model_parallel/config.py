@@ -90,7 +90,8 @@ class ModelConfig:
     any TP/PP ('' = none; a resumed run takes its checkpoint's weights)."""
     freeze_text_encoder: bool = False
     """Keep the text encoder's weights as they are: its parameters get learning rate 0 (and no weight decay),
-    so they never change; their gradients are still computed and counted in the clipping norm."""
+    so they never change; their gradients are zeroed as they are made, so the clipping norm (and the logged
+    grad_norm) covers only what trains."""
 
     @property
     def image_seq_len(self) -> int:

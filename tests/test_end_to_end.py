@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,19 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
             "grid_upsampled.png"} <= set(images)
     assert all((out / name).stat().st_size > 1000 for name in images)
     assert "held out" in report and "FID" in report and "trained with TP=2 on" in report
+
+
+def test_a_rerun_into_the_demos_folder_with_other_settings_is_refused(demo):
+    """Finished steps are skipped on a rerun: arch=decoder_only into the encoder-decoder demo's folder reused its
+    trained model and labelled the report dalle-tiny. Refused before anything runs, naming what differs."""
+    from demo.run import main
+
+    before = (demo[0] / "demo_config.yaml").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--set", f"out={demo[0]}", *SMALL, "arch=decoder_only"])
+    assert re.fullmatch(rf"config error: out={re.escape(str(demo[0]))} holds a demo run with other settings \(arch: "
+                        r"'encoder_decoder' there, 'decoder_only' here\); .* use another out= .*", str(exit_.value.code))
+    assert (demo[0] / "demo_config.yaml").read_text() == before
 
 
 def test_decoder_only_demo_learns_the_prompted_colour(demo, tmp_path):
