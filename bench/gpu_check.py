@@ -40,6 +40,7 @@ STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.cli import description
 from common.files import write_atomic  # (after the path above)
 
 # Seconds each section may take on a GPU (x3 on CPU), about twice what it took on an H200 (the MFU sections: plus
@@ -237,7 +238,7 @@ def _summarise(name: str, r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU, tests)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the .json and .md")

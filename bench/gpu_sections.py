@@ -603,23 +603,24 @@ def multi_gpu(ctx: Context) -> dict:
 
 
 # (name, function, GPUs needed: 0 runs on CPU too, 1 needs a GPU, 2 needs two). In the order they run: what the
-# last GPU run left failing or unmeasured first (bench/results/gpu_nvidia-h200_2026-12-04*: the VQ section's
-# process never exited, the MFU targets missed, the async save's step too slow), then the checks that passed there,
-# then what only measures (compile_speedup, the longest, last; the MFU sections time the compiled layers too), so
-# that a run cut short by --budget-s (gpu_check.py) still checks the most.
+# last GPU run left failing (bench/results/gpu_nvidia-h200_2026-12-04*: the VQ section's process never exited, the
+# MFU targets missed, the async save's step too slow), then what no GPU run has measured yet (mfu_750m,
+# decode_compiled), then the checks that passed there, then compile_speedup (the longest, which only measures; the
+# MFU sections time the compiled layers too), and multi_gpu (one GPU: skipped at once), so that a run cut short by
+# --budget-s (gpu_check.py) still checks the most.
 SECTIONS = [
     ("environment", environment, 0),
     ("vq", vq, 0),
     ("mfu_350m", mfu_350m, 1),
     ("mfu_3b", mfu_3b, 1),
     ("async_save", async_save, 0),
+    ("mfu_750m", mfu_750m, 1),
+    ("decode_compiled", decode_compiled, 0),
     ("train_resume", train_resume, 0),
     ("sampling", sampling, 0),
     ("recompute", recompute, 0),
     ("flash_attention", flash_attention, 1),
     ("parti_stages", parti_stages, 0),
-    ("mfu_750m", mfu_750m, 1),
     ("compile_speedup", compile_speedup, 1),
-    ("decode_compiled", decode_compiled, 0),
     ("multi_gpu", multi_gpu, 2),
 ]

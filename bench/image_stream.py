@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.cli import description
 from data_pipeline.image_stream import CropStream, restore_stream
 from data_pipeline.laion import write_tar
 from data_pipeline.shared_data import shared_path
@@ -50,7 +51,7 @@ def resume_seconds(pattern: str, size: int, consumed: int, saved: bool) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--images", type=int, default=600, help="images drawn per measurement (the buffer holds 256)")
     parser.add_argument("--size", type=int, default=256)

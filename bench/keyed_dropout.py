@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.cli import description
 from model_parallel.kernels import select_kernels
 from model_parallel.keyed_dropout import compiled_keep_mask, keyed_dropout, keyed_keep_mask
 from model_parallel.model import PartiModel
@@ -111,7 +112,7 @@ def training_step(preset: str, batch: int, device: str, dtype, repeats: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     gpu = torch.cuda.is_available()
     parser.add_argument("--preset", default="parti-350m", help="the site's shape")
     parser.add_argument("--batch", type=int, default=16 if gpu else 2)

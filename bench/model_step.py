@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.cli import description  # noqa: E402
 from model_parallel.kernels import select_kernels  # noqa: E402
 from model_parallel.model import PartiModel  # noqa: E402
 from model_parallel.state import init_parallel, seed_everything  # noqa: E402
@@ -37,7 +38,7 @@ def step_time(model, text, codes) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)

@@ -21,6 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.cli import description  # noqa: E402
 from data_pipeline.images import FilterConfig, prepare_sample  # noqa: E402
 from data_pipeline.laion import expand_shards  # noqa: E402
 from data_pipeline.pretokenize import encode_images, pretokenize  # noqa: E402
@@ -45,7 +46,7 @@ def make_inputs(folder: Path, copies: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--copies", type=int, default=6)

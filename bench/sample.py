@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.cli import description  # noqa: E402
 from evaluation.sampling import SamplingConfig, StaticSteps, sample  # noqa: E402
 from model_parallel.model import PartiModel
 from model_parallel.state import init_parallel, seed_everything
@@ -192,7 +193,7 @@ def report(preset: str, result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-350m")
     parser.add_argument("--grid", type=int, default=32, help="image grid (32: Parti's 1024 tokens)")
     parser.add_argument("--batch", type=int, default=1)

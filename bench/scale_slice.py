@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.cli import description  # noqa: E402
 from model_parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from model_parallel.config import model_config  # noqa: E402
 from model_parallel.model import PartiModel  # noqa: E402
@@ -102,7 +103,7 @@ def measure(tp: int, args, recompute: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-20b")
     parser.add_argument("--encoder-layers", type=int, default=1)
     parser.add_argument("--decoder-layers", type=int, default=1)

@@ -25,6 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.cli import description  # noqa: E402
+
 
 def matmul_flops(device: str | None = None, n: int | None = None, repeats: int = 10) -> float:
     """FLOP/s of n x n matrix products on this machine: bf16 on a GPU (n=8192), fp32 on CPU (n=1024);
@@ -109,7 +111,7 @@ def worker(rank: int, nproc: int, port: int, preset: str, steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-tiny")
     parser.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
     parser.add_argument("--steps", type=int, default=6)

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.cli import description  # noqa: E402
 from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def rate(model, batch: int, size: int, repeats: int, device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="small", choices=list(VIT_VQGAN_PRESETS))
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)

@@ -33,10 +33,17 @@ from common.config import ConfigError, add_config_args, field_docs
 from common.preemption import Preempted, requeue_exit_code
 
 
-def config_parser(doc: str | None, where: str = "configs/") -> argparse.ArgumentParser:
-    """An ArgumentParser described by the first line of `doc`, with --config and --set."""
-    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
-    add_config_args(parser, where)
+def description(doc: str | None) -> str | None:
+    """A command's --help description: the first paragraph of its module docstring (its first line alone
+    stopped mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split()) if doc and doc.strip() else None
+
+
+def config_parser(doc: str | None, where: str = "configs/", example: str = "train.steps=20") -> argparse.ArgumentParser:
+    """An ArgumentParser described by `doc` (description()), with --config and --set (`example`: overrides of
+    this command's config to show in --set's help)."""
+    parser = argparse.ArgumentParser(description=description(doc))
+    add_config_args(parser, where, example)
     return parser
 
 

@@ -215,8 +215,8 @@ def describe(cfg, indent: str = "") -> str:
     return "\n".join(lines)
 
 
-def add_config_args(parser: argparse.ArgumentParser, where: str = "configs/") -> None:
+def add_config_args(parser: argparse.ArgumentParser, where: str = "configs/", example: str = "train.steps=20") -> None:
     parser.add_argument("--config", help=f"YAML config file (see {where})")
     # (extend: every --set group counts, the later value of a key wins; sbatch scripts put their own first)
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. parallel.tp=2 train.steps=20 (repeatable; the last value wins)")
+                        help=f"dotted overrides, e.g. {example} (repeatable; the last value wins)")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import command
+from common.cli import command, description
 from common.files import write_atomic
 from data_pipeline.code_shards import (
     CAPTION_BYTES,
@@ -210,7 +210,7 @@ def pretokenize(inputs: list[Path], output: Path, vq, text_tok: TextTokenizer, c
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--input", required=True, help="shard pattern, e.g. 'laion/{00000..00099}.tar'")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--vq", required=True, help="exported image tokenizer (vq/tokenizer.py format)")

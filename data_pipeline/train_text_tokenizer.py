@@ -21,7 +21,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from common.cli import command
+from common.cli import command, description
 from data_pipeline.errors import DataError
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 from data_pipeline.text_tokenizer import MAX_CAPTIONS, train_sentencepiece
@@ -39,7 +39,7 @@ def shard_captions(pattern: str, errors: Counter):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--captions", required=True, help="shard pattern, e.g. 'laion/{00000..00099}.tar'")
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--out", required=True, help="the .model file to write")

@@ -430,7 +430,7 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser(__doc__).parse_args(argv)
+    args = config_parser(__doc__, where="DemoConfig in demo/run.py", example="train_steps=600 out=runs/demo2").parse_args(argv)
     with command(errors=(ValueError,), label="config error"):
         cfg = load_typed(DemoConfig, args.config, args.set)
         check(cfg)

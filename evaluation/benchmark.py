@@ -225,7 +225,7 @@ def summary_line(cfg: EvalConfig, results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser(__doc__, where="configs/eval/").parse_args(argv)
+    args = config_parser(__doc__, where="configs/eval/", example="benchmark.limit=100 sampling.guidance_scale=3.0").parse_args(argv)
     with command(errors=(ValueError, FileNotFoundError, DeviceError)):  # bad inputs, refused reruns (evaluation.generate)
         cfg = load_eval_config(args.config, args.set)
         results = run(cfg)

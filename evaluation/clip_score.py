@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.cli import command
+from common.cli import command, description
 from evaluation.fid import full_fp32, open_rgb, save_result
 
 RANDOM = "random"
@@ -215,7 +215,7 @@ def add_clip_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--samples", required=True, type=Path, help="a folder written by evaluation.generate")
     add_clip_args(parser, required=True)
     args = parser.parse_args(argv)

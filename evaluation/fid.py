@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import command
+from common.cli import command, description
 from common.files import atomic_path, write_atomic
 from data_pipeline.images import resize_center_crop
 
@@ -323,7 +323,7 @@ def fid(real: str | Path, fake: str | Path, weights: str | Path | None = None, c
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--real", required=True, help="folder of real images")
     parser.add_argument("--fake", required=True, help="folder of generated images (fid.json is written here)")
     parser.add_argument("--real-size", type=int, default=None, help="centre-crop every real image to a square "

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import add_dataclass_args, command, dataclass_from_args
+from common.cli import add_dataclass_args, command, dataclass_from_args, description
 from common.files import atomic_path, write_atomic
 from data_pipeline.code_shards import other_tokenizers
 from data_pipeline.text_tokenizer import TextTokenizer
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--checkpoint", required=True, help="an export folder (config.json + model.safetensors), "
                         "made from a training run by python -m training.export --run-dir RUN")
     parser.add_argument("--vq", required=True)

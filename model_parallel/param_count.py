@@ -11,6 +11,7 @@ import argparse
 
 import torch
 
+from common.cli import description
 from common.config import CONFIG_ROOT
 from model_parallel.config import ModelConfig, model_config
 from model_parallel.cpu_compat import apply_cpu_compat
@@ -65,7 +66,7 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--model", action="append", help="preset name (repeatable); default: all")
     args = parser.parse_args(argv)
     print(f"{'preset':<12} {'total':>16} {'embeddings':>14} {'encoder':>16} {'decoder':>16} {'head':>12}  paper")

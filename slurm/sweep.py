@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from common.cli import command
+from common.cli import command, description
 from common.config import ConfigError
 from common.files import write_atomic
 from model_parallel.config import saved_model_config
@@ -213,7 +213,7 @@ def plot(rows: list[dict], folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     sub = parser.add_subparsers(dest="action", required=True)
     s = sub.add_parser("submit", help="submit the sweep's jobs")
     s.add_argument("--out", required=True)

@@ -261,7 +261,7 @@ class SRTrainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(__doc__, where="configs/sr/")
+    parser = config_parser(__doc__, where="configs/sr/", example="model.preset=x2 train.steps=1000")
     parser.add_argument("--data", required=True, help="LAION-style shard pattern (training images)")
     parser.add_argument("--val-data", default=None, help="shard pattern of held-out images for evaluation")
     parser.add_argument("--run-dir", required=True)

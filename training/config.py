@@ -296,7 +296,8 @@ def change_messages(changes: dict, step: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser("Print the resolved config with every key's meaning.", where="configs/train/")
+    parser = config_parser("Print the resolved config with every key's meaning.", where="configs/train/",
+                           example="parallel.tp=2 train.steps=20")
     args = parser.parse_args(argv)
     with command():
         print(describe(load_config(args.config, args.set).validate()))

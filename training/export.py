@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoints import CheckpointError, checkpoint_dir
-from common.cli import command
+from common.cli import command, description
 from common.files import atomic_path, write_atomic
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
@@ -188,7 +188,7 @@ def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sou
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--tag", help="checkpoint tag (default: latest)")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/export)")

@@ -34,7 +34,7 @@ import math
 import sys
 from dataclasses import dataclass, replace
 
-from common.cli import command
+from common.cli import command, description
 from data_pipeline.code_shards import record_dtype
 from model_parallel.config import model_config
 from model_parallel.layers import DecoderLayer, EncoderLayer
@@ -407,7 +407,7 @@ def miss_reason(o: Layout, gpu_mem_gb: float, headroom_gb: float = 4) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--model", required=True, help="preset, e.g. parti-20b")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=8)

@@ -444,7 +444,7 @@ def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(__doc__, where="configs/train/")
+    parser = config_parser(__doc__, where="configs/train/", example="parallel.tp=2 train.steps=1000")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--text-files", nargs="*", help="caption files, one per line (default: the run's data)")
     parser.add_argument("--text-tokenizer", help="the SentencePiece model for --text-files")

@@ -34,7 +34,7 @@ from training.config import RESUME_MODES, load_config
 
 
 def parse_args(argv):
-    parser = config_parser(__doc__, where="configs/train/")
+    parser = config_parser(__doc__, where="configs/train/", example="parallel.tp=2 train.steps=20")
     parser.add_argument("--run-dir", required=True, help="where config, metrics and checkpoints go")
     parser.add_argument("--resume", default="auto", choices=RESUME_MODES,
                         help="auto: continue from the run directory's latest (else newest complete) checkpoint "

@@ -434,7 +434,7 @@ class VQTrainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(__doc__, where="configs/vq/")
+    parser = config_parser(__doc__, where="configs/vq/", example="model.kind=vqgan train.steps=1000")
     parser.add_argument("--data", required=True, help="LAION-style shard pattern")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])
