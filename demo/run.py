@@ -121,6 +121,8 @@ def log(message: str) -> None:
 
 ARCH_PRESETS = {"encoder_decoder": "parti-tiny", "decoder_only": "dalle-tiny"}
 """The demo's model preset for each model.arch."""
+EVAL_BATCHES = 4
+"""Global batches of the held-out shapes in each held-out loss of the training run (train.eval_batches)."""
 
 
 def check(cfg: DemoConfig) -> None:
@@ -128,6 +130,11 @@ def check(cfg: DemoConfig) -> None:
     if cfg.arch not in ARCH_PRESETS:
         raise ValueError(f"arch={cfg.arch!r} must be one of {', '.join(ARCH_PRESETS)}")
     held_out(cfg)
+    batch = load_config(cfg.train_config).train.global_batch_size
+    if cfg.valid_shapes < EVAL_BATCHES * batch:  # (else the training step refuses them, minutes in)
+        raise ValueError(f"valid_shapes={cfg.valid_shapes}: the training run's held-out loss reads {EVAL_BATCHES} "
+                         f"global batches of {batch} ({cfg.train_config}) from them; give at least "
+                         f"{EVAL_BATCHES * batch}")
 
 
 def held_out(cfg: DemoConfig) -> set[tuple[str, str]]:
@@ -216,7 +223,7 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm:
         return run_dir
     overrides = [f"model.preset={ARCH_PRESETS[cfg.arch]}", f"data.shards={codes}", f"train.steps={cfg.train_steps}",
                  f"train.seed={cfg.seed + 1234}", f"data.valid_shards={valid_codes}",
-                 f"train.eval_interval={cfg.eval_interval}", "train.eval_batches=4",
+                 f"train.eval_interval={cfg.eval_interval}", f"train.eval_batches={EVAL_BATCHES}",
                  f"model.text_vocab_size={TextTokenizer(spm).vocab_size}", f"model.image_vocab_size={cfg.codebook_size}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                "-m", "training.train", "--config", cfg.train_config, "--run-dir", str(run_dir), "--resume", "auto",

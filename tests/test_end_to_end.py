@@ -43,6 +43,21 @@ def test_measure_reads_colour_and_shape_back():
     assert shapes.measure(Image.new("RGB", (32, 32), "white")) == (None, None)
 
 
+def test_demo_settings_that_cannot_work_are_refused_before_anything_runs(tmp_path):
+    """Too few held-out shapes for the training run's held-out loss (train.eval_batches global batches) failed at
+    the training step, minutes in; an unknown colour in held_out is named."""
+    from demo.run import main
+
+    cases = {"valid_shapes=64": r"valid_shapes=64: the training run's held-out loss reads 4 global batches of 32 "
+                                r"\(configs/train/demo.yaml\) from them; give at least 128$",
+             "held_out=pink circle": r"held_out='pink circle': pink circle is not a colour"}
+    for setting, message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            main(["--set", f"out={tmp_path / 'out'}", setting])
+        assert re.search(message, str(exit_.value.code)), exit_.value.code
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo with SMALL settings (encoder-decoder): (its output folder, its results)."""
