@@ -95,6 +95,19 @@ def test_real_weights_give_pool_features_of_real_photos(extractor, tmp_path):
     feats = extractor.features(images)
     assert feats.shape == (6, 2048) and np.isfinite(feats).all() and feats.std(0).mean() > 0
     assert len(extractor.sha256) == 64
+    # The weights' input contract: 299 x 299 in [-1, 1] as TF-Inception's (x - 128) / 128 (features of inputs
+    # scaled otherwise are still finite and varied): an image of black and white halves keeps 0 and 255 at its
+    # corners through the resize.
+    seen, model = [], extractor.model
+    extractor.model = lambda x: seen.append(x) or model(x)
+    try:
+        halves = torch.zeros(3, 32, 32, dtype=torch.uint8)
+        halves[:, :, 16:] = 255
+        extractor.features([halves])
+    finally:
+        extractor.model = model
+    assert seen[0].shape == (1, 3, 299, 299)
+    assert (float(seen[0].min()), float(seen[0].max())) == pytest.approx((-1, 127 / 128), abs=1e-5)
     # The folder command: itself is ~0, a noisy copy is not; the protocol is written beside the result.
     (tmp_path / "noisy").mkdir()
     for i, img in enumerate(images):

@@ -386,6 +386,26 @@ def test_per_row_generators_make_rows_independent_of_the_batch(single_process):
 
 
 @torch.no_grad()
+def test_guided_greedy_codes_are_the_argmax_of_guided_teacher_forced_logits(single_process):
+    """Classifier-free guidance against a reference built here: the unconditional logits are those of the null
+    caption training drops captions to ([EOS, PAD, ...], by hand), combined as uncond + s (cond - uncond) from
+    two teacher-forced passes; guided greedy decoding picks their argmax at every position, in every mode. (The
+    modes share the guidance step, so agreeing with each other did not show it right.)"""
+    model = debug_model()
+    m = model.cfg
+    text, _ = debug_batch(m, batch=3)
+    null = torch.full_like(text, m.text_pad_id)
+    null[:, 0] = m.text_eos_id
+    for scale in (3.0, 0.5):
+        codes = run(model, SamplingConfig(temperature=0, guidance_scale=scale))
+        cond, uncond = (model(t, codes).transpose(0, 1)[..., :m.image_vocab_size] for t in (text, null))
+        assert torch.equal((uncond + scale * (cond - uncond)).argmax(-1), codes), scale
+        assert not torch.equal(cond.argmax(-1), codes)  # (guidance changed the codes: the check can fail)
+        for kw in ({"use_cache": False}, {"static_cache": True}):
+            assert torch.equal(run(model, SamplingConfig(temperature=0, guidance_scale=scale), **kw), codes)
+
+
+@torch.no_grad()
 def test_a_smaller_codebook_draws_only_its_codes_in_every_mode(single_process):
     """A VQ tokenizer with fewer codes than the model's image vocabulary (training allows it): only its codes
     are drawn, the same ones by every decoding mode; greedy codes are the argmax over those codes of the
@@ -690,12 +710,14 @@ def test_images_reach_the_disk_before_the_json_marks_them_done(tmp_path, monkeyp
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
     temporary, name_for = {}, files.temporary_name  # the temporary name each final name was written under
     monkeypatch.setattr(files, "temporary_name", lambda path: temporary.setdefault(path.name, name_for(path)))
-    images = [torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(k)) * 2 - 1 for k in range(2)]
+    images = [torch.rand(3, 8, 12, generator=torch.Generator().manual_seed(k)) * 2 - 1 for k in range(2)]
     finish_prompt(5, {"prompt": "a cat"}, images, tmp_path, {"seed": 0})
     names = ["00005_0.png", "00005_1.png", "00005.json"]
     assert synced == [str(temporary[name]) for name in names]
-    for k in range(2):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / names[k])), np.asarray(to_pil(images[k])))
+    for k in range(2):  # (8 rows, 12 columns: a transposed or channel-swapped image differs; mapped here by hand)
+        expected = np.rint((images[k].numpy().transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / names[k]).convert("RGB")), expected)
+        assert np.array_equal(np.asarray(to_pil(images[k])), expected)
 
 
 # ----------------------------------------------------------------------------------------------
