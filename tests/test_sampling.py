@@ -278,6 +278,12 @@ def test_decoding_benchmark_reports_every_mode_against_the_bound(single_process,
     assert result["full_recomputation"]["tokens"] == 4 and result["kv_cache"]["tokens"] == 8
     step = result["bound"]["bytes_per_step"]
     assert step["total"] == step["weights"] + step["kv_cache_mean"] + step["cross_kv"] and step["weights"] > 0
+    # The cache bytes against the tensors start_decoding allocates for the batch's 2 rows (not the same formula)
+    model = debug_model()
+    with torch.no_grad():
+        caches, _, _ = model.start_decoding(debug_batch(model.cfg, batch=2)[0], static=True)
+    for key, names in (("kv_cache_static", ("self_k", "self_v")), ("cross_kv", ("cross_k", "cross_v"))):
+        assert step[key] == sum(getattr(c, n).numel() * getattr(c, n).element_size() for c in caches for n in names)
     for mode in ("full_recomputation", "kv_cache"):
         assert result[mode]["image_tokens_per_s"] > 0 and 0 < result[mode]["of_bound"]
     if not torch.cuda.is_available():
