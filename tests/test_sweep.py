@@ -114,7 +114,14 @@ def write_run(folder, tp: int, world: int, samples_per_s: list[float]) -> None:
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path):
+def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []  # (kind, x, y) of every line and bar drawn: the plots' data, not only their files' sizes
+    for kind in ("plot", "bar"):
+        real = getattr(Axes, kind)
+        monkeypatch.setattr(Axes, kind, lambda self, x, y, *a, _real=real, _kind=kind, **k:
+                            drawn.append((_kind, list(x), list(y))) or _real(self, x, y, *a, **k))
     write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0, 30.0, 20.0])
     write_run(tmp_path / "b-n2-tp2pp1z0", 2, 4, [2.0, 40.0, 60.0, 50.0])
     (tmp_path / "not-a-run").mkdir()
@@ -134,5 +141,8 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
     assert "valid_curve" not in table[0] and table[1]["final_valid_loss"] == "2.0"
     for png in ("throughput.png", "memory.png", "loss_vs_compute.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+    # throughput per GPU against GPUs, one line per layout (no MFU line on CPU), then memory per run
+    assert drawn[:2] == [("plot", [1], [20.0]), ("plot", [4], [13.75])]
+    assert ("bar", [0, 1], [a["mem_gb"], b["mem_gb"]]) in drawn
     with pytest.raises(FileNotFoundError, match="no run folder"):
         collect(tmp_path / "not-a-run")
