@@ -211,16 +211,24 @@ def sampling_setup(single_process, reference, tmp_path_factory):
             f"model.text_tokenizer={root / 'spm.model'}"], root
 
 
+# Five PartiPrompts rows, to keep the test small: two People and two Animals prompts, the Linguistic Structures
+# challenge over two categories. The tiny CLIP scores these well above 0 (it clamps at 0) whatever the images,
+# and each a different score, so a group's mean is neither its sum nor its best.
+PARTI_SUBSET = {"A boy holds and a girl paints a piece of wood.": ("People", "Linguistic Structures"),
+                "The man who whistles tunes pianos.": ("People", "Linguistic Structures"),
+                "a plate that has no bananas on it. there is a glass without orange juice next to it.":
+                    ("Food & Beverage", "Linguistic Structures"),
+                "A high resolution photo of a rat working out in a gym.": ("Animals", "Imagination"),
+                "A red dragon dressed in a tuxedo and playing chess. The chess pieces are fashioned after robots.":
+                    ("Animals", "Imagination")}
+
+
 def parti_prompt_subset(path: Path) -> Path:
-    """Five PartiPrompts rows of different categories (header kept), to keep the test small."""
+    """The PARTI_SUBSET rows of PartiPrompts.tsv (header kept)."""
     lines = (SHARED_DATA / "PartiPrompts.tsv").read_text(encoding="utf-8").splitlines()
-    seen, rows = set(), []
-    for line in lines[1:]:
-        category = line.split("\t")[1]
-        if category not in seen:
-            seen.add(category)
-            rows.append(line)
-    path.write_text("\n".join([lines[0], *rows[:5]]) + "\n", encoding="utf-8")
+    rows = [line for line in lines[1:] if line.split("\t")[0] in PARTI_SUBSET]
+    assert {tuple(r.split("\t")[:3]) for r in rows} == {(k, *v) for k, v in PARTI_SUBSET.items()}
+    path.write_text("\n".join([lines[0], *rows]) + "\n", encoding="utf-8")
     return path
 
 
@@ -241,18 +249,35 @@ def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, t
     metadata = [json.loads(line) for line in (out / "images" / "metadata.jsonl").read_text().splitlines()]
     assert len(metadata) == 5 and len(list((out / "images").glob("*.png"))) == 5
     scorer = ClipScorer.load(f"local-dir:{tiny_clip[0]}", device="cpu")
+    kept = []
     for meta in metadata:  # the kept sample is the best of the three, and its score is that of the saved PNG
         assert len(meta["all_clip_scores"]) == 3 and meta["clip_scores"][0] == max(meta["all_clip_scores"])
         rescored = scorer.score([Image.open(out / "images" / meta["files"][0])], [meta["prompt"]])
         assert abs(rescored.item() - meta["clip_scores"][0]) < 1e-3
+        kept.append(meta["clip_scores"][0])
+    assert min(kept) > 1 and len(set(np.round(kept, 3))) == 5  # (a mean is then neither a sum nor a best)
+    # Per category and per challenge (the .tsv's columns, which metadata.jsonl keeps): every group's prompt count
+    # and mean kept score, as grouped here by hand.
+    for key, expected in (("Category", {"People": 2, "Animals": 2, "Food & Beverage": 1}),
+                          ("Challenge", {"Linguistic Structures": 3, "Imagination": 2})):
+        groups = {}
+        for meta in metadata:
+            groups.setdefault(meta[key], []).append(meta["clip_scores"][0])
+        assert {name: len(v) for name, v in groups.items()} == expected
+        rows = results[f"per_{key.lower()}"]
+        assert [row[key] for row in rows] == sorted(groups)
+        for row in rows:
+            assert row["prompts"] == len(groups[row[key]])
+            assert row["clip_score"] == pytest.approx(np.mean(groups[row[key]]), abs=1e-3), (key, row)
     by_category = {}
     for meta in metadata:
         by_category.setdefault(meta["Category"], []).append(meta["clip_scores"][0])
-    for row in results["per_category"]:
-        assert abs(row["clip_score"] - np.mean(by_category[row["Category"]])) < 1e-3
-    assert sum(r["prompts"] for r in results["per_challenge"]) == 5
-    # The kept image is the best of 3 by the scoring model itself: said so, with the mean over every sample.
+    # clip_score: the mean of the kept images' scores; the kept image is the best of 3 by the scoring model
+    # itself: said so, with the mean over every sample.
+    assert results["clip_score"] == pytest.approx(np.mean(kept), abs=1e-3)
+    assert results["clip_images"] == 5
     every = [score for meta in metadata for score in meta["all_clip_scores"]]
+    assert len(every) == 15
     assert results["selected_by_same_model"] and (results["samples_per_prompt"], results["keep"]) == (3, 1)
     assert results["clip_score_all_samples"] == pytest.approx(np.mean(every), abs=1e-9)
     assert results["clip_score"] >= results["clip_score_all_samples"]
@@ -272,7 +297,10 @@ def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, t
 def test_coco_harness_gives_fid_and_clip_score_at_the_upsampled_resolution(sampling_setup, tiny_clip, tmp_path):
     """With Parti's last stage (a tiny x2 upsampler) and benchmark.resolution=upsampled: FID and CLIP score of
     the 64 px images, the 32 px ones kept beside them, the resolution recorded."""
+    from PIL import Image
+
     from evaluation.benchmark import run
+    from evaluation.clip_score import ClipScorer
     from evaluation.config import load_eval_config
     from sr.model import SRModelConfig, build_wdsr, save_upsampler
 
@@ -291,6 +319,13 @@ def test_coco_harness_gives_fid_and_clip_score_at_the_upsampled_resolution(sampl
     assert results["fid_protocol"]["fake"] == str(upsampled) and results["fid_protocol"]["fake_images"] == 4
     assert json.loads((upsampled / "fid.json").read_text())["fid"] == results["fid"]
     assert len(list((tmp_path / "coco" / "images").glob("*.png"))) == 4  # the detokenizer's 32 px images
+    # clip_score: the mean of the 64 px images' scores, each rescored here against its prompt.
+    scorer = ClipScorer.load(f"local-dir:{tiny_clip[0]}", device="cpu")
+    metadata = [json.loads(line) for line in (upsampled / "metadata.jsonl").read_text().splitlines()]
+    files = [(meta["prompt"], upsampled / name) for meta in metadata for name in meta["files"]]
+    assert len(files) == 4 and all(Image.open(f).size == (64, 64) for _, f in files)
+    scores = scorer.score([Image.open(f) for _, f in files], [prompt for prompt, _ in files]).tolist()
+    assert results["clip_score"] == pytest.approx(np.mean(scores), abs=1e-3)
 
 
 def fake_generation(images: Path, prompts: int, size: int = 32) -> None:
