@@ -126,10 +126,11 @@ EVAL_BATCHES = 4
 
 
 def check(cfg: DemoConfig) -> None:
-    """A ValueError naming the first field that makes no sense."""
+    """A ValueError naming the first field that makes no sense (or that the output folder's run does not share)."""
     if cfg.arch not in ARCH_PRESETS:
         raise ValueError(f"arch={cfg.arch!r} must be one of {', '.join(ARCH_PRESETS)}")
     held_out(cfg)
+    check_same_run(cfg, Path(cfg.out) / "demo_config.yaml")
     batch = load_config(cfg.train_config).train.global_batch_size
     if cfg.valid_shapes < EVAL_BATCHES * batch:  # (else the training step refuses them, minutes in)
         raise ValueError(f"valid_shapes={cfg.valid_shapes}: the training run's held-out loss reads {EVAL_BATCHES} "
@@ -409,7 +410,6 @@ def run(cfg: DemoConfig) -> dict:
     import yaml
 
     out = Path(cfg.out)
-    check_same_run(cfg, out / "demo_config.yaml")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     timings, clock = {}, time.perf_counter()
@@ -437,11 +437,11 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser(__doc__, where="DemoConfig in demo/run.py", example="train_steps=600 out=runs/demo2").parse_args(argv)
+    parser = config_parser(__doc__, where="DemoConfig in demo/run.py", example="train_steps=600 out=runs/demo2")
+    args = parser.parse_args(argv)
     with command(errors=(ValueError,), label="config error"):
         cfg = load_typed(DemoConfig, args.config, args.set)
         check(cfg)
-        check_same_run(cfg, Path(cfg.out) / "demo_config.yaml")
     res = run(cfg)
     t, b = res["trained"], res["before_training"]["all"]
     log(f"{ARCH_PRESETS[cfg.arch]} ({cfg.arch}): colour agreement {t['all']['colour']:.0%} (held-out combinations {t['held_out']['colour']:.0%}, before "

@@ -153,17 +153,18 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     path = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    model_cfg = exported_model_config(path)
+    config = json.loads((path / "config.json").read_text())
+    model_cfg = saved_model_config(config["model"])
     init_parallel(tp=1, pp=1)
     with torch.device("meta"):
         model = PartiModel(model_cfg, meta=True)
     file = path / "model.safetensors"
     with safe_open(str(file), framework="pt", device="cpu") as f:
         weights_tag = (f.metadata() or {}).get("checkpoint")
-        config_tag = json.loads((path / "config.json").read_text()).get("checkpoint")
-        if weights_tag is not None and weights_tag != config_tag:  # (None: a file written without the tag)
+        if weights_tag is not None and weights_tag != config.get("checkpoint"):  # (None: written without the tag)
             raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, config.json "
-                             f"describes {config_tag} (an export stopped between its two files?); export again")
+                             f"describes {config.get('checkpoint')} (an export stopped between its two files?); "
+                             "export again")
         weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
     assign_weights(model, weights, str(file))
     move_buffers(model, device)

@@ -56,7 +56,7 @@ from vq.dvae import DVAE
 from vq.init_weights import load_initial_weights
 from vq.losses import RealAndFake, VQGANLoss, split_output
 from vq.tokenizer import save_image_tokenizer
-from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN
+from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN, default_heads
 from vq.vqgan import TAMING_F16, VQGAN
 from vq.vqvae import VQVAE
 
@@ -143,8 +143,8 @@ def vit_shape(m) -> tuple[int, int, int]:
     shape = VIT_VQGAN_PRESETS[m.preset]
     width = m.width or shape["width"]
     heads = m.heads or (shape["heads"] if width == shape["width"] else 0)
-    if width % (heads or max(1, width // 64)):  # (else the first step fails in a reshape, the run started)
-        raise ConfigError(f"model.width={width} must be a multiple of the attention heads ({heads or max(1, width // 64)}"
+    if width % (heads or default_heads(width)):  # (else the first step fails in a reshape, the run started)
+        raise ConfigError(f"model.width={width} must be a multiple of the attention heads ({heads or default_heads(width)}"
                           f"{'' if heads else ': width / 64, model.heads unset'}); set model.heads to a divisor of it")
     return m.layers or shape["layers"], width, heads
 
@@ -339,10 +339,10 @@ class VQTrainer:
             return
         width = saved.get("width") or VIT_VQGAN_PRESETS.get(saved.get("preset"), {}).get("width", 0)
         heads = self.model.encoder[0].heads
-        if width and heads != max(1, width // 64):
-            raise CheckpointError(f"{path}: written by a run whose attention had {max(1, width // 64)} heads "
+        if width and heads != default_heads(width):
+            raise CheckpointError(f"{path}: written by a run whose attention had {default_heads(width)} heads "
                                   f"(width / 64, before model.heads existed); this run builds {heads}: continue it "
-                                  f"with --set model.heads={max(1, width // 64)}")
+                                  f"with --set model.heads={default_heads(width)}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:

@@ -50,6 +50,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def default_heads(width: int) -> int:
+    """Attention heads of a width whose heads are not given: 64 channels each (at least one)."""
+    return max(1, width // 64)
+
+
 class ViTVQGAN(CodeUsage, nn.Module):
     kind = "vit_vqgan"
 
@@ -69,9 +74,9 @@ class ViTVQGAN(CodeUsage, nn.Module):
         self.image_size, self.patch, self.grid = image_size, patch, image_size // patch
         self.beta = beta
         self.out_channels = 6 if logit_laplace else 3
-        heads = heads or max(1, width // 64)
+        heads = heads or default_heads(width)
         dec_width = dec_width or width
-        dec_heads = dec_heads or (heads if dec_width == width else max(1, dec_width // 64))
+        dec_heads = dec_heads or (heads if dec_width == width else default_heads(dec_width))
         if width % heads or dec_width % dec_heads:
             raise ValueError(f"widths {width} (encoder) and {dec_width} (decoder) must be multiples of their attention "
                              f"heads ({heads}, {dec_heads})")
