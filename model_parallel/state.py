@@ -40,7 +40,7 @@ def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str] | Non
         return None
     first_node = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
                                 check=True, capture_output=True, text=True).stdout.split()[0]
-    port = 10000 + (int(env["SLURM_JOB_ID"]) * 16 + int(env["SLURM_STEP_ID"])) % 22000  # (below Linux's ephemeral
+    port = 10000 + (int(env["SLURM_JOB_ID"]) * 997 + int(env["SLURM_STEP_ID"])) % 22000  # (below Linux's ephemeral
     # ports, 32768 and up, which the node hands out to any connection)
     return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]),
             "LOCAL_RANK": env["SLURM_LOCALID"], "MASTER_ADDR": env.get("MASTER_ADDR", first_node),

@@ -13,7 +13,8 @@ without); `--sbatch-args` adds further sbatch options. A combination the trainer
 count (training.config's checks: TP x PP, heads over TP, the global batch over micro-batch x DP) is skipped with
 the reason before anything is queued; runs shorter than the warm-up are warned of; an --out whose run folders
 hold runs is refused (their jobs would resume them), and so is one whose `jobs.json` records submitted jobs
-(they may still be queued). `jobs.json` records each job as it is submitted; when sbatch refuses one, the sweep
+(they may still be queued; a --dry-run too: its jobs.json would erase that record). A value repeated in a list
+counts once. `jobs.json` records each job as it is submitted; when sbatch refuses one, the sweep
 stops with sbatch's reason. `collect` reads every run folder with a metrics.jsonl (submitted by this command or
 not): median throughput after the first `--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final
 loss (and held-out loss, where the runs measured one: train.eval_interval) and the compute spent, and draws
@@ -51,15 +52,15 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
     a global batch smaller than micro-batch x DP ...) instead of failing in the queue."""
     procs = gpus_per_node or int(os.environ.get("NPROC_PER_NODE", 1))
     jobs = []
-    for model in models:
+    for model in dict.fromkeys(models):  # (a value given twice would queue two jobs into one run folder)
         # (a mistake in the config or the overrides is refused here, not reported as every combination skipped)
         cfg = load_config(config, [f"model.preset={model}", f"train.steps={steps}", *extra]).validate()
         if cfg.train.warmup_steps >= cfg.train.steps:
             print(f"warning: {model}: train.warmup_steps={cfg.train.warmup_steps} >= train.steps={cfg.train.steps}: "
                   f"its runs never reach the peak learning rate; add e.g. --set train.warmup_steps="
                   f"{max(1, cfg.train.steps // 10)}")
-        for n in nodes:
-            for layout in layouts:
+        for n in dict.fromkeys(nodes):
+            for layout in dict.fromkeys(layouts):
                 match = LAYOUT.match(layout)
                 if not match:
                     raise ValueError(f"layout {layout!r}: expected tpNppNzN, e.g. tp2pp1z1")
@@ -94,7 +95,7 @@ def submit(args) -> None:
         raise SystemExit(f"sweep: {', '.join(used[:3])}{' ...' if len(used) > 3 else ''} already hold(s) a run: "
                          f"submit the sweep into a new --out (resubmit one run with its command in {out}/jobs.json)")
     record = out / "jobs.json"
-    if not args.dry_run and submitted_before(record):  # (their run folders appear only once they start)
+    if submitted_before(record):  # (their run folders appear only once they start; a dry run would erase the record)
         raise SystemExit(f"sweep: {record} records jobs submitted before, which may still be queued: submit the "
                          "sweep into a new --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -216,7 +216,7 @@ def test_slurm_environment(monkeypatch):
     assert state.slurm_environment(shell) is None  # a command run there is one process, not rank 0 of 16
     # ... and a task of an 8-task step in it
     task = {**shell, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "8"}
-    port = 10000 + (4242 * 16 + 3) % 22000
+    port = 10000 + (4242 * 997 + 3) % 22000  # (as slurm/train.sbatch derives its port)
     assert state.slurm_environment(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                              "MASTER_ADDR": "gpu-a17", "MASTER_PORT": str(port)}
     assert state.slurm_environment({**task, "MASTER_PORT": "6000"})["MASTER_PORT"] == "6000"

@@ -109,11 +109,14 @@ def test_train_job_runs_one_torchrun_per_node_for_its_gpus(tmp_path):
     assert argv[:2] == ["--kill-on-bad-exit=1", "--cpus-per-task=96"]
     assert argv[argv.index("torch.distributed.run") - 2] == "python3"
     assert after(argv, "--nnodes") == "2" and after(argv, "--nproc_per_node") == "8"
-    assert after(argv, "--rdzv_endpoint") == f"node-a:{10000 + 42 * 16}" and after(argv, "--rdzv_id") == "42-0"
-    # (job ids near 1250 gave ports from 39999 down into Linux's ephemeral range, 32768 and up)
-    for job in (1249, 1250, 987654):
+    assert after(argv, "--rdzv_endpoint") == f"node-a:{10000 + 42 * 997 % 22000}" and after(argv, "--rdzv_id") == "42-0"
+    # (job ids near 1250 gave ports from 39999 down into Linux's ephemeral range, 32768 and up; with a factor 16,
+    # not prime to the 22000 ports, jobs 1000 and 2375 shared one)
+    ports = []
+    for job in (1249, 1250, 987654, 1000, 2375):
         _, _, argv, _ = train(tmp_path, env={**GPU_JOB, "SLURM_JOB_ID": str(job)})
-        assert 10000 <= int(after(argv, "--rdzv_endpoint").split(":")[1]) < 32768
+        ports.append(int(after(argv, "--rdzv_endpoint").split(":")[1]))
+    assert all(10000 <= port < 32768 for port in ports) and len(set(ports)) == len(ports)
     assert after(argv, "--shutdown-timeout") == "600"  # torchrun's default 30 s would kill a large model's stop save
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert env["OMP_NUM_THREADS"] == "12"  # 96 CPUs / 8 trainers
@@ -201,6 +204,37 @@ def test_a_segment_that_stops_where_the_last_one_did_is_not_requeued_again(tmp_p
     code, log, _, _ = train(tmp_path, env=env)  # ... and the next one at 3 again
     assert code == 75 and not (tmp_path / "out" / "scontrol.log").exists()
     assert "stopped at step 3 as the previous segment did" in log
+
+
+# srun's stand-in sends SLURM's USR1 as its step ends: the trainers finished without seeing the request.
+FINISH_AT_USR1 = 'kill -USR1 "$STUB_SCRIPT_PID"; exit 0'
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch"])
+def test_a_usr1_as_the_step_ends_keeps_its_exit_status(tmp_path, monkeypatch, script):
+    """wait returns 138 when the trap interrupts it; srun ending while the trap ran (a slow file system, a slow
+    scontrol) made that the job's status: a finished run ended FAILED (and broke afterok dependencies)."""
+    monkeypatch.setitem(STUBS, "srun", FINISH_AT_USR1)
+    monkeypatch.setitem(STUBS, "touch", 'sleep 0.3; exec /usr/bin/touch "$@"')
+    monkeypatch.setitem(STUBS, "scontrol", STUBS["scontrol"].replace("else echo", "else sleep 0.3; echo"))
+    args = ["configs/train/debug.yaml", str(tmp_path / "run")] if script == "train.sbatch" else \
+        ["configs/eval/partiprompts.yaml"]
+    codes = [run_script(tmp_path, script, args, GPU_JOB)[0] for _ in range(3)]
+    assert codes == [0, 0, 0]
+
+
+def test_a_stop_request_the_trainers_never_served_is_not_left_behind(tmp_path, monkeypatch):
+    """A USR1 during the final save: the run ends normally; the STOP the script made would stop a later
+    continuation of the run at its start."""
+    monkeypatch.setitem(STUBS, "srun", 'kill -USR1 "$STUB_SCRIPT_PID"; sleep 1; exit 0')
+    code, log, _, _ = train(tmp_path)
+    assert code == 0 and "USR1: asking the trainers to save and stop" in log
+    assert not (tmp_path / "run" / "STOP").exists() and not (tmp_path / "out" / "scontrol.log").exists()
+    (tmp_path / "run" / "STOP").touch()  # ... but a STOP the script did not make is left to its maker
+    monkeypatch.setitem(STUBS, "srun", "exit 0")
+    assert train(tmp_path)[0] == 0 and not (tmp_path / "run" / "STOP").exists()  # (cleared at the start)
+    monkeypatch.setitem(STUBS, "srun", f'touch {tmp_path / "run" / "STOP"}; exit 0')
+    assert train(tmp_path)[0] == 0 and (tmp_path / "run" / "STOP").exists()
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu"])
@@ -300,6 +334,16 @@ def test_eval_job_requeues_on_usr1_and_waits_for_its_step(tmp_path, usr1_at):
         assert code == 0 and (tmp_path / "out" / "srun.done").exists(), log
         assert (tmp_path / "out" / "scontrol.log").read_text() == "requeue 42\n"
         assert ("generation goes on until the time limit" in log) == bool(refused)
+
+
+def test_eval_is_requeued_at_most_max_requeues_times(tmp_path, monkeypatch):
+    """A segment too short for rank 0's scoring (which starts over in each) would be requeued forever."""
+    monkeypatch.setitem(STUBS, "srun", 'kill -USR1 "$STUB_SCRIPT_PID"; sleep 1; exit 143')
+    for restarts, env, requeued in (("9", {}, True), ("10", {}, False), ("10", {"MAX_REQUEUES": "11"}, True)):
+        code, log, _, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/coco30k.yaml"],
+                                     {**GPU_JOB, "SLURM_RESTART_COUNT": restarts, **env})
+        assert (tmp_path / "out" / "scontrol.log").exists() == requeued, log
+        assert ("not requeued again" in log) != requeued
 
 
 def test_pretokenize_task_asks_for_the_gpu(tmp_path):

@@ -68,6 +68,22 @@ def test_a_sweep_is_not_submitted_into_the_runs_of_an_earlier_one(tmp_path, caps
         main([*args, "--layouts", "tp8pp1z1"])
 
 
+def test_a_dry_run_keeps_the_record_of_queued_jobs_and_repeats_count_once(tmp_path, capsys):
+    """A dry run into a sweep's folder used to rewrite jobs.json without its job ids: the real submission after it
+    then queued every run a second time. A value given twice (nodes 1,1) queued two jobs into one run folder."""
+    from slurm.sweep import main, submitted_before
+
+    args = ["submit", "--out", str(tmp_path), "--config", "configs/train/debug.yaml", "--models", "parti-debug",
+            "--gpus-per-node", "2", "--layouts", "tp1pp1z1,tp1pp1z1", "--dry-run"]
+    main([*args, "--nodes", "1,1"])
+    assert capsys.readouterr().out.count("train.sbatch") == 1
+    assert len(json.loads((tmp_path / "jobs.json").read_text())) == 1
+    (tmp_path / "jobs.json").write_text(json.dumps([{"name": "x", "run_dir": "x", "command": [], "job_id": "7"}]))
+    with pytest.raises(SystemExit, match="records jobs submitted before, which may still be queued"):
+        main([*args, "--nodes", "1"])
+    assert submitted_before(tmp_path / "jobs.json")
+
+
 def test_a_sweep_on_cpu_nodes_needs_a_device_that_is_not_cuda(tmp_path, monkeypatch, capsys):
     from slurm.sweep import main
 
