@@ -340,7 +340,7 @@ def test_eval_is_requeued_at_most_max_requeues_times(tmp_path, monkeypatch):
     """A segment too short for rank 0's scoring (which starts over in each) would be requeued forever."""
     monkeypatch.setitem(STUBS, "srun", 'kill -USR1 "$STUB_SCRIPT_PID"; sleep 1; exit 143')
     for restarts, env, requeued in (("9", {}, True), ("10", {}, False), ("10", {"MAX_REQUEUES": "11"}, True)):
-        code, log, _, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/coco30k.yaml"],
+        _, log, _, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/coco30k.yaml"],
                                      {**GPU_JOB, "SLURM_RESTART_COUNT": restarts, **env})
         assert (tmp_path / "out" / "scontrol.log").exists() == requeued, log
         assert ("not requeued again" in log) != requeued
