@@ -602,22 +602,25 @@ def multi_gpu(ctx: Context) -> dict:
     return {"losses": losses, "checks": checks}
 
 
-# (name, function, GPUs needed: 0 runs on CPU too, 1 needs a GPU, 2 needs two). In the order they run: what the
-# last GPU run left failing (bench/results/gpu_nvidia-h200_2026-12-04*: the VQ section's process never exited, the
-# MFU targets missed, the async save's step too slow), then what no GPU run has measured yet (mfu_750m,
-# decode_compiled), then the checks that passed there, then compile_speedup (the longest, which only measures; the
-# MFU sections time the compiled layers too), and multi_gpu (one GPU: skipped at once), so that a run cut short by
-# --budget-s (gpu_check.py) still checks the most.
+# (name, function, GPUs needed: 0 runs on CPU too, 1 needs a GPU, 2 needs two). In the order they run, so that a run
+# cut short by --budget-s (gpu_check.py; a lent machine's 540 s) checks what matters most: first whether the code
+# changed since the last GPU run (bench/results/gpu_nvidia-h200_2026-12-04*) still trains right there (train_resume:
+# the fused bias-dropout-add, split heads and cross-entropy in bf16, resumed = uninterrupted), then the targets that
+# run missed (MFU, each with its compiled layers; the asynchronous save's step), the CUDA-graph decoding that
+# evaluation.generate now takes (sampling), the VQ section whose process never exited there, what no GPU run has
+# measured yet (decode_compiled, mfu_750m: with the H200's times, a 540 s run reaches them only if the MFU sections
+# are quick: else `--only` them in a second run), the checks that passed there, compile_speedup (the longest, which
+# only measures; the MFU sections time the compiled layers too), and multi_gpu (one GPU: skipped at once).
 SECTIONS = [
     ("environment", environment, 0),
-    ("vq", vq, 0),
+    ("train_resume", train_resume, 0),
     ("mfu_350m", mfu_350m, 1),
     ("mfu_3b", mfu_3b, 1),
     ("async_save", async_save, 0),
-    ("mfu_750m", mfu_750m, 1),
-    ("decode_compiled", decode_compiled, 0),
-    ("train_resume", train_resume, 0),
     ("sampling", sampling, 0),
+    ("vq", vq, 0),
+    ("decode_compiled", decode_compiled, 0),
+    ("mfu_750m", mfu_750m, 1),
     ("recompute", recompute, 0),
     ("flash_attention", flash_attention, 1),
     ("parti_stages", parti_stages, 0),

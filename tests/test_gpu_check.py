@@ -122,7 +122,7 @@ def test_a_section_whose_limit_does_not_fit_the_budget_is_skipped(tmp_path):
     sections = json.loads(next(tmp_path.glob("gpu_cpu_*.json")).read_text())["sections"]
     assert sections["train_resume"]["status"] == "skipped" and "out of time" in sections["train_resume"]["reason"]
     assert sections["vq"]["status"] == "ok"
-    assert list(sections) == ["train_resume", "vq"]  # --only's order (SECTIONS has vq first)
+    assert list(sections) == ["train_resume", "vq"]  # --only's order
     assert not list((tmp_path / "running").iterdir())  # (the sections' own files: in the report now)
 
 
@@ -305,3 +305,24 @@ def test_a_failing_diagnostic_is_recorded_and_the_section_goes_on(tmp_path):
     assert _recorded(ctx, "fine", lambda: [1]) == [1]
     assert _recorded(ctx, "broken", lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
     assert ctx.partial == {"fine": [1], "broken": {"error": "ZeroDivisionError: division by zero"}}
+
+
+def test_a_lent_machines_run_reaches_the_checks_that_matter_most():
+    """gpu_check's start rule (a section starts only if its limit fits in what is left) replayed over SECTIONS'
+    order with the H200 runs' section times (a section that never finished there: its limit): the 540 s run of a
+    lent machine checks the changed code's training, both MFU targets, the asynchronous save and sampling."""
+    from bench.gpu_check import time_limit
+    from bench.gpu_sections import SECTIONS
+
+    took = {}
+    for name in ("gpu_nvidia-h200_2026-12-04.json", "gpu_nvidia-h200_2026-12-04_rerun.json"):
+        for section, r in json.loads((ROOT / "bench" / "results" / name).read_text())["sections"].items():
+            if r["status"] in ("ok", "fail"):
+                took[section] = r["seconds"]
+    clock, started = 10.0, []  # (the imports and the GPU's start)
+    for name, _, gpus in SECTIONS:
+        if gpus <= 1 and time_limit(name, "cuda") <= 540 - clock:
+            started.append(name)
+            clock += took.get(name, time_limit(name, "cuda"))
+    assert {"train_resume", "mfu_350m", "mfu_3b", "async_save", "sampling"} <= set(started), started
+    assert started[:2] == ["environment", "train_resume"]
