@@ -182,6 +182,11 @@ def test_nonfinite_step_is_skipped_and_counted(single_process, tmp_path, nan_los
     assert [m["skipped_steps"] for m in lines] == [1] * 6
     assert lines[0]["grad_norm"] is None or lines[0]["grad_norm"] != lines[0]["grad_norm"]
     assert losses[-1] < losses[1]
+    # The skipped step leaves the schedule where it is, on every path (fp32 ZeRO-0's advanced it): the first two
+    # steps train at the first step's rate, and the checkpoint has counted 5 scheduler steps in 6.
+    assert lines[0]["lr"] == lines[1]["lr"] < lines[2]["lr"]
+    state = json.loads((tmp_path / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["lr_scheduler"]["last_epoch"] == 5
 
 
 @pytest.mark.parametrize("sets", NONFINITE_PATHS[:2], ids=["fp32-zero0", "fp32-zero1"])

@@ -162,7 +162,10 @@ class NonFiniteGuard:
     a wrapper (fp32 ZeRO-0) the engine steps the torch optimizer on whatever gradients it has. There the guard
     replaces that optimizer's `step` (an instance attribute; DeepSpeed calls it once a step, with every
     group): each rank checks its gradients, the verdict is all-reduced, every rank skips or steps together,
-    and DeepSpeed zeroes the gradients as after any step (the schedule advances). Not for the wrappers: they
+    and DeepSpeed zeroes the gradients as after any step. The guard then sets the optimizer's `overflow` as the
+    wrappers set theirs: `_take_model_step` counts a skipped step and leaves the schedule where it is, as at every
+    other stage and precision (it used to advance: a run then followed another schedule after a skip, and a
+    checkpoint resumed at another stage neither run's). Not for the wrappers: they
     call the inner step once per parameter group (fp32 ZeRO-1/2) or sub-group (ZeRO-3), and only after
     their own check passed.
 
@@ -171,7 +174,7 @@ class NonFiniteGuard:
     def __init__(self, engine):
         self.engine, self.skipped, self.consecutive = engine, 0, 0
         self._engine_skips, self._skipped_here = engine.skipped_steps, False
-        if hasattr(engine.optimizer, "overflow"):  # (a wrapper: it checks and skips by itself)
+        if hasattr(engine.optimizer, "overflow"):  # (a wrapper: it checks and skips by itself; before any step)
             return
         optimizer = base_optimizer(engine)
         inner_step = optimizer.step
@@ -182,10 +185,9 @@ class NonFiniteGuard:
         def guarded_step(*args, **kwargs):
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.distributed.all_reduce(flag := nonfinite_flag(grads), op=torch.distributed.ReduceOp.MAX)
-            if flag.item():  # the one host synchronisation of the check
-                self._skipped_here = True
-                return None
-            return inner_step(*args, **kwargs)
+            skip = bool(flag.item())  # the one host synchronisation of the check
+            engine.optimizer.overflow = self._skipped_here = skip  # (read by DeepSpeed's _take_model_step)
+            return None if skip else inner_step(*args, **kwargs)
 
         optimizer.step = guarded_step
 
