@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from common.config import ConfigError
 from common.files import write_atomic
 
 OwnerOf = Callable[[Path], "str | None"]
@@ -126,6 +127,15 @@ def resume_tag(run_dir: str | Path, marker: str) -> tuple[str | None, str | None
         return None, (f"{checkpoint_dir(run_dir)} holds only incomplete checkpoints "
                       f"({', '.join(p.name for _, p in folders)}): starting at step 0")
     return None, None
+
+
+def check_steps_left(steps: int, step: int, path: Path) -> None:
+    """Refuse (ConfigError) a train.steps below the step of the checkpoint a run resumes: nothing would train, the
+    run would end as finished, and its config.yaml would say it ends before where its checkpoint stands."""
+    if steps < step:
+        raise ConfigError(f"train.steps={steps} is below step {step} of the checkpoint this run resumes ({path}): "
+                          f"nothing would train. Set train.steps above {step} to go on; to continue from an earlier "
+                          "step, point checkpoints/latest at that step's folder (a rollback)")
 
 
 def move_latest(run_dir: str | Path, tag: str) -> None:

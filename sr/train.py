@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.checkpoints import checkpoint_dir, resume_tag
+from common.checkpoints import check_steps_left, checkpoint_dir, resume_tag
 from common.cli import config_parser, run_trainer
 from common.config import ConfigError, save_config
 from common.metrics import MetricsLogger, StepClock, mean_over_ranks, psnr
@@ -137,6 +137,7 @@ class SRTrainer:
             return
         path = checkpoint_dir(self.run_dir) / tag / STATE_FILE
         state = load_state(path, ("model", "opt", "step", "rng"), writer="sr.train")
+        check_steps_left(self.cfg.train.steps, state["step"], path)
         if "tokenizer" in state and state["tokenizer"] != self.tokenizer_hash():  # (checkpoints since 2026-12-05)
             then = (f"the reconstructions of a tokenizer of weights hash {state['tokenizer'][:12]}"
                     if state["tokenizer"] else "downsampled images (no train.tokenizer)")

@@ -151,6 +151,13 @@ def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_pro
     finally:
         wider.stream.close()
     assert (tmp_path / "config.yaml").read_text() == before
+    shorter = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.steps=3"]), photos[0], tmp_path)
+    try:  # (trained nothing, exported step 4's weights and rewrote config.yaml with 3 steps)
+        with pytest.raises(ConfigError, match=r"train.steps=3 is below step 4 of the checkpoint this run resumes"):
+            shorter.resume()
+    finally:
+        shorter.stream.close()
+    assert (tmp_path / "config.yaml").read_text() == before
     _, rest = train(photos, tmp_path, "train.steps=8")
     assert [h["lr"] for h in rest] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
 

@@ -52,7 +52,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
 
-from common.checkpoints import (CheckpointError, RunDirError, checkpoint_dir, has_checkpoints,
+from common.checkpoints import (CheckpointError, RunDirError, check_steps_left, checkpoint_dir, has_checkpoints,
                                 holding_run_dir)
 from common.cli import command, config_parser
 from common.config import ConfigError, save_config, to_dict
@@ -306,6 +306,7 @@ class _Pretraining:
         if tag is not None:
             path = checkpoint_dir(self.run_dir) / tag
             state = _read_state(path, self.cfg)
+            check_steps_left(self.cfg.train.steps, int(state["step"]), path)
             for message in _resume_messages(state, self.cfg):
                 self.log.info(message)
             step, order = int(state["step"]), state.get("sampler_order", "randperm")

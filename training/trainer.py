@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from common import metrics
-from common.checkpoints import CheckpointError, RunDirError, RunLock
+from common.checkpoints import CheckpointError, RunDirError, RunLock, check_steps_left
 from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
 from common.preemption import StopRequest
@@ -132,6 +132,7 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None =
         return ResumePlan(run_id=new_id, messages=messages)
     path = checkpoint.checkpoint_dir(run_dir) / tag
     state = checkpoint.read_trainer_state(path)
+    check_steps_left(cfg.train.steps, state["step"], path)
     if isinstance(state.get("config"), dict):
         changes = resume_changes(state["config"], cfg)
     else:  # (saved before checkpoints held their config)

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common.checkpoints import CheckpointError, checkpoint_dir, resume_tag
+from common.checkpoints import CheckpointError, check_steps_left, checkpoint_dir, resume_tag
 from common.cli import config_parser, run_trainer
 from common.config import ConfigError, require, save_config
 from common.files import write_atomic
@@ -306,6 +306,7 @@ class VQTrainer:
         # Loaded onto the CPU, not self.device: load_state_dict copies model weights and optimizer state onto
         # the parameters' device itself. weights_only: a checkpoint must not be able to run code (load_checkpoint).
         state = load_checkpoint(path)
+        check_steps_left(self.cfg.train.steps, state["step"], path)
         self.check_resumable(path, state)
         check_fits(self.model, state["model"], f"{path} (to resume)", advice=RESUME_ADVICE)
         self.model.load_state_dict(state["model"])
