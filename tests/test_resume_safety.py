@@ -410,7 +410,7 @@ BAD_INPUTS = {  # id: (prepare the run directory, --set overrides, what the one 
     "global-batch-0": (None, ["train.global_batch_size=0"], ["config error: train.global_batch_size=0 must be >= 1"]),
     "steps-negative": (None, ["train.steps=-1"], ["config error: train.steps=-1 must be >= 1"]),
     "steps-below-checkpoint": (None, ["train.steps=4"],  # (ran nothing, exit 0, and rewrote config.yaml)
-                               [f"config error: train.steps=4 is below step 6 of the checkpoint this run resumes",
+                               ["config error: train.steps=4 is below step 6 of the checkpoint this run resumes",
                                 "nothing would train"]),
     "max-skipped-0": (None, ["train.max_skipped_steps=0"], ["config error: train.max_skipped_steps=0 must be >= 1"]),
     "run-dir-busy": (hold_lock, [], [".lock is held by another run (pid {pid} on", "use another --run-dir"]),
