@@ -349,3 +349,16 @@ except SystemExit as e:
                          capture_output=True, text=True).stdout
     assert out.startswith("'config error: unknown key(s) train.stepz") and out.endswith(" []\n"), out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change", ["train.global_batch_size=16", "train.eval_batches=3"])
+def test_a_resume_that_changes_the_held_out_samples_says_so(change):
+    """The held-out set is train.eval_batches global batches: either changed on resume, valid_loss is measured on
+    other samples from there on (its curve jumps with the weights unchanged)."""
+    from training.config import change_messages, config_to_dict, load_config, resume_changes
+
+    saved = config_to_dict(load_config("configs/train/debug.yaml", []))
+    messages = change_messages(resume_changes(saved, load_config("configs/train/debug.yaml", [change])), 6)
+    key = change.split("=")[0]
+    assert any(m.startswith(f"warning: {key} changed on resume") and "held-out loss is measured on other samples"
+               in m for m in messages), messages

@@ -235,10 +235,12 @@ RESUME_WARNED = {
     "train.seed": "data order and caption drops follow the new seed from here on (samples of this epoch "
                   "may repeat or be skipped); the weights stay the checkpoint's",
     "train.global_batch_size": "each step from here on takes the new number of samples; the LR schedule "
-                               "counts steps, not samples",
+                               "counts steps, not samples; the held-out loss is measured on other samples from "
+                               "this step on (train.eval_batches global batches)",
     "data.synthetic": "the training data changes from this step on",
     "data.shards": "the training data changes from this step on",
     "data.valid_shards": "the held-out loss is measured on other samples from this step on",
+    "train.eval_batches": "the held-out loss is measured on other samples from this step on",
 }
 """Changes a resumed run accepts with a warning: the run goes on, but is no longer the run it was."""
 
