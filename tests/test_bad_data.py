@@ -57,9 +57,9 @@ def pretokenize_cli(root: Path, inputs: str) -> list[str]:
             "--vq", str(root / "vq.pt"), "--text-tokenizer", str(root / "spm.model"), "--text-len", str(TEXT_LEN)]
 
 
-def tokenizer_cli(root: Path, inputs: str, vocab: int) -> list[str]:
+def tokenizer_cli(root: Path, inputs: str, vocab: int, out: str = "spm_out/spm.model", *more: str) -> list[str]:
     return ["data_pipeline.train_text_tokenizer", "--captions", str(root / inputs), "--vocab-size", str(vocab),
-            "--out", str(root / "spm_out" / "spm.model")]
+            "--out", str(root / out), *more]
 
 
 def trainer_data(folder: str) -> list[str]:
@@ -79,9 +79,17 @@ CASES = [
     ("train_text_tokenizer: .tar that is not a tar", lambda r: tokenizer_cli(r, "{good,not_a_tar}.tar", 20),
      "not_a_tar.tar", r"is not a tar archive \(invalid header\)", "spm_out"),
     ("train_text_tokenizer: vocabulary larger than the captions support",
-     lambda r: tokenizer_cli(r, "good.tar", 5000), "spm_out/spm.model",
+     lambda r: tokenizer_cli(r, "good.tar", 5000, "spm_out/spm.model", "--overwrite"), "spm_out/spm.model",
      r"a vocabulary of 5000 was asked for, but the 4 captions support at most \d+ pieces .*(--vocab-size \d+)",
      "spm_out"),
+    # (--out written over without a word: an earlier tokenizer gone, or the input shard itself made a model file)
+    ("train_text_tokenizer: --out exists", lambda r: tokenizer_cli(r, "good.tar", 20), "spm_out/spm.model",
+     r"exists \(a tokenizer, and the code shards made with it name its hash\): give another --out, or --overwrite",
+     "spm_out"),
+    ("train_text_tokenizer: --out is an input", lambda r: tokenizer_cli(r, "good.tar", 20, "good.tar", "--overwrite"),
+     "good.tar", r"is one of the --captions shards", "."),
+    ("train_text_tokenizer: --out is a folder", lambda r: tokenizer_cli(r, "good.tar", 20, "spm_out"),
+     "spm_out", r"is a folder; expected the .model file to write", "spm_out"),
 ]
 
 
