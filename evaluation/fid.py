@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from common.cli import command, description
 from common.files import atomic_path, write_atomic
-from data_pipeline.images import resize_center_crop
+from data_pipeline.images import resize_center_crop, to_rgb
 
 PREPROCESSING = ("RGB uint8 -> torch bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128; "
                  "Inception in float32, TF32 off")
@@ -212,13 +212,15 @@ def generated_files(folder: str | Path) -> list[Path] | None:
 
 
 def open_rgb(path: Path):
-    """The decoded RGB PIL image; a file PIL cannot decode completely (truncated, not an image) is a
-    ValueError naming it, not PIL's message without the file (also used by evaluation.clip_score)."""
+    """The decoded RGB PIL image, converted as the data pipeline converts its images (to_rgb: 16-bit scaled to
+    8, transparency on white; PIL's own convert clips 16-bit values at 255, a white picture, and keeps the hidden
+    colour of transparent pixels); a file PIL cannot decode completely (truncated, not an image) is a ValueError
+    naming it, not PIL's message without the file (also used by evaluation.clip_score)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # (decodes all of it now, inside the try)
+            return to_rgb(image)  # (decodes all of it now, inside the try)
     except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's "broken PNG file" and kin
         raise ValueError(f"{path}: not a readable image ({e}); expected a complete "
                          f"{'/'.join(s.lstrip('.').upper() for s in IMAGE_SUFFIXES)} file") from e

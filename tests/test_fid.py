@@ -137,6 +137,28 @@ def test_a_real_folder_of_lossless_bmp_and_tiff_files_gives_the_fid_of_its_pngs(
     assert got["protocol"]["real_images"] == 6 and got["fid"] == pytest.approx(expected["fid"], rel=1e-9)
 
 
+def test_16_bit_and_transparent_images_are_read_as_the_data_pipeline_reads_them(tmp_path, cache_home):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a 16-bit copy of a set read almost white: FID 700 against
+    the 8-bit set) and keeps the hidden colour of transparent pixels; the data pipeline's to_rgb scales 16 bits
+    and composites on white."""
+    from PIL import Image
+
+    from evaluation.fid import read_image
+
+    weights = tiny_weights(tmp_path / "tiny.pt")
+    grey8, grey16 = tmp_path / "grey8", tmp_path / "grey16"
+    grey8.mkdir(), grey16.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        pixels = rng.integers(0, 256, (16, 16)).astype(np.uint16)
+        Image.fromarray(pixels.astype(np.uint8), "L").save(grey8 / f"{i}.png")
+        Image.fromarray(pixels * 257).save(grey16 / f"{i}.png")  # (mode I;16: the same picture in 16 bits)
+    assert Image.open(grey16 / "0.png").mode == "I;16"
+    assert abs(fid(grey16, grey8, weights)["fid"]) < 1e-3
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")  # transparent red: white
+    assert read_image(tmp_path / "clear.png").eq(255).all()
+
+
 def test_real_images_replaced_under_the_same_names_give_the_new_fid(tmp_path, cache_home):
     weights = tiny_weights(tmp_path / "tiny.pt")
     real, fake = image_folder(tmp_path / "real", 8, seed=0), image_folder(tmp_path / "fake", 8, seed=1, brightness=40)
