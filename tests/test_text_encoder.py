@@ -263,6 +263,16 @@ def test_caption_lines_are_the_non_blank_lines_of_the_files(tmp_path):
         CaptionLines([str(tmp_path / "0.txt"), str(tmp_path / "bad.txt")], tok)
     with pytest.raises(ConfigError, match=r"1\.txt: no captions"):
         CaptionLines([str(tmp_path / "1.txt")], tok)
+    # Lines the tokenizer's normalisation empties (zero-width spaces: EOS-only rows, loss 0) are left out, counted;
+    # punctuation alone is a caption. A file of those alone: no captions, as a folder or a missing file is refused.
+    (tmp_path / "zw.txt").write_text("\u200b\n!!\na dog\n\u200b\u200b\n", encoding="utf-8")
+    assert tok.encode("\u200b")[1] == 1 and tok.encode("!!")[1] > 1
+    captions = CaptionLines([str(tmp_path / "zw.txt")], tok)
+    assert len(captions) == 2 and captions.left_out == 2 and torch.equal(captions[1], want[3])
+    (tmp_path / "zw.txt").write_text("\u200b\n" * 41, encoding="utf-8")
+    for path, says in (("zw.txt", "no captions"), (".", "a folder"), ("none.txt", "no such file")):
+        with pytest.raises(ConfigError, match=rf"--text-files {tmp_path / path}: {says}"):
+            CaptionLines([str(tmp_path / path)], tok)
 
 
 def test_a_planted_pickle_in_an_encoder_folder_does_not_run(pretrained, single_process, tmp_path):
@@ -472,3 +482,14 @@ def test_a_rewrite_of_the_pretrained_encoder_cut_short_keeps_the_earlier_one(sin
     assert not torch.equal(read_encoder(tmp_path / "text_encoder")["text_embedding.embed.weight"],
                            before["text_embedding.embed.weight"])
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("text_encoder")) == ["text_encoder"]
+
+
+def test_a_text_tokenizer_that_is_not_sentencepiece_ends_in_one_line(single_process, tmp_path):
+    """--text-tokenizer naming a file that is not a SentencePiece model: one line naming it (it was a traceback)."""
+    from training.text_encoder import main
+
+    (tmp_path / "captions.txt").write_text("a red circle\n")
+    (tmp_path / "bad.model").write_text("not a model")
+    with pytest.raises(SystemExit, match=r"bad\.model: not a SentencePiece model"):
+        main(["--config", "configs/train/debug.yaml", "--run-dir", str(tmp_path / "run"), "--text-files",
+              str(tmp_path / "captions.txt"), "--text-tokenizer", str(tmp_path / "bad.model")])

@@ -8,6 +8,7 @@ loss it measures every train.eval_interval steps.
 from __future__ import annotations
 
 import mmap
+import re
 from array import array
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from common.config import ConfigError, require
 from data_pipeline.text_tokenizer import TextTokenizer
 from data_pipeline.training_data import held_out_dataset, training_dataset
 from training.config import Config
+
+WORD = re.compile(r"\w")  # (a letter, digit or underscore: never emptied by the tokenizer's normalisation)
 
 
 def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: str | None):
@@ -35,28 +38,38 @@ def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: st
 
 
 class CaptionLines:
-    """The non-blank lines of text files as caption id tensors [T], tokenized when read. Each rank keeps where
-    each line starts (8 bytes per caption) and tokenizes only its batches' rows: a tensor per caption was
-    ~1.7 KB on every rank, 15 GiB per rank at 10M captions."""
+    """The lines of text files that tokenize to at least one piece, as caption id tensors [T], tokenized when
+    read. Each rank keeps where each line starts (8 bytes per caption) and tokenizes only its batches' rows: a
+    tensor per caption was ~1.7 KB on every rank, 15 GiB per rank at 10M captions. Blank lines are left out, and
+    so are lines the tokenizer's normalisation empties (zero-width spaces, control characters: an EOS-only row,
+    as pre-tokenization's `empty_caption`), counted in `left_out`; only lines without a word character are
+    tokenized for that here (any letter or digit gives a piece, if only the unknown one)."""
 
     def __init__(self, paths: list[str], tok: TextTokenizer):
-        self.tok, self.files, starts = tok, [], []
+        self.tok, self.files, starts, self.left_out = tok, [], [], 0
         for path in map(Path, paths):
+            if not path.is_file():
+                raise ConfigError(f"--text-files {path}: {'a folder' if path.is_dir() else 'no such file'}; "
+                                  "expected a text file of one caption per line")
             offsets, at = array("q"), 0
             with open(path, "rb") as f:
                 for number, line in enumerate(f, 1):
                     try:
-                        if line.decode("utf-8").strip():
-                            offsets.append(at)
+                        text = line.decode("utf-8").strip()
                     except UnicodeDecodeError as e:
                         raise ConfigError(f"--text-files {path}: line {number} is not UTF-8 ({e.reason})") from None
+                    if text and (WORD.search(text) or tok.encode(text)[1] > 1):
+                        offsets.append(at)
+                    else:
+                        self.left_out += bool(text)
                     at += len(line)
             if offsets:
                 with open(path, "rb") as f:
                     self.files.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
                 starts.append(np.frombuffer(offsets, dtype=np.int64))
         if not starts:
-            raise ConfigError(f"--text-files {', '.join(paths)}: no captions (every line is blank)")
+            raise ConfigError(f"--text-files {', '.join(paths)}: no captions (every line is blank or tokenizes to "
+                              "no piece)")
         self.bases = np.cumsum([0] + [len(s) for s in starts])
         self.starts = np.concatenate(starts)
 

@@ -60,6 +60,7 @@ from common.files import replace_folder, write_atomic
 from common.metrics import MetricsLogger, StepClock
 from common.preemption import StopRequest
 from common.schedule import lr_lambda
+from data_pipeline.errors import DataError
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.text_tokenizer import BOS_ID, EOS_ID
 from model_parallel.config import ModelConfig, saved_model_config
@@ -157,6 +158,9 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
         t, captions = cfg.train, caption_source(cfg, text_files, text_tokenizer)
         held_out = held_out_captions(cfg, captions, valid_text_files) if t.eval_interval else None
         run = _Pretraining(cfg, Path(run_dir), device, captions, held_out)
+        for name, lines in (("--text-files", captions), ("--valid-text-files", held_out)):
+            if getattr(lines, "left_out", 0):  # (CaptionLines: lines the tokenizer's normalisation empties)
+                run.log.info(f"{name}: {lines.left_out:,} line(s) that tokenize to no piece left out")
     except BaseException:
         stop.restore()
         raise
@@ -455,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: continue from the run directory's latest checkpoint if any; none: start at step 0, "
                              "refused where checkpoints exist")
     args = parser.parse_args(argv)
-    with command(errors=(FileNotFoundError, DeviceError, CheckpointError, RunDirError, NonFiniteStop),
+    with command(errors=(FileNotFoundError, DeviceError, CheckpointError, RunDirError, NonFiniteStop, DataError),
                  label="training.text_encoder"):
         cfg = load_config(args.config, args.set).validate()
         use_device(cfg.train.device, "train.device")  # (a missing GPU: refused before the run directory is made)
