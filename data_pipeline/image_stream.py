@@ -57,7 +57,7 @@ class CropStream:
             if not by_shard(len(self.paths), world) or shard % world == rank:
                 check_is_tar(path)
         side = resize or crop
-        self.prep = FilterConfig(image_size=side, min_size=min(min_size, side))
+        self.prep = FilterConfig(image_size=side, min_size=min(min_size, side), needs_caption=False)
         self.rank, self.world = rank, world
         self.workers = workers
         self.rng = random.Random(seed * 1000 + rank)
@@ -105,7 +105,8 @@ class CropStream:
                     if by_shard(len(self.paths), self.world) else
                     f"every {self.world}-th of the {samples} samples from sample {self.rank}")
             raise ValueError(f"{self.pattern}: data-parallel rank {self.rank} of {self.world} takes {part}, and none "
-                             "of them has a usable image")
+                             f"of them has a usable image (decodable, a shorter side of at least {self.prep.min_size} "
+                             f"px, sides at most {self.prep.max_aspect:g}:1)")
         self.shard, self.position, self.index = len(self.paths), 0, samples
 
     def close(self) -> None:
@@ -251,7 +252,7 @@ def center_crops(pattern: str, size: int, limit: int, min_size: int = 64) -> tor
     """The first `limit` kept images of the shards (shorter side >= min_size, or size if smaller), resized
     (shorter side) and centre-cropped to `size`: uint8 [N, 3, size, size], the same on every call (held-out
     evaluation images)."""
-    prep, images = FilterConfig(image_size=size, min_size=min(min_size, size)), []
+    prep, images = FilterConfig(image_size=size, min_size=min(min_size, size), needs_caption=False), []
     for path in expand_shards(pattern):
         for raw in read_shard(path, Counter()):
             p = prepare_sample(raw, prep)
@@ -260,6 +261,6 @@ def center_crops(pattern: str, size: int, limit: int, min_size: int = 64) -> tor
             if len(images) == limit:
                 return torch.stack(images)
     if not images:
-        raise ValueError(f"{pattern}: no usable image (readable, with a shorter side of at least "
-                         f"{min(min_size, size)} px)")
+        raise ValueError(f"{pattern}: no usable image (decodable, a shorter side of at least {prep.min_size} px, "
+                         f"sides at most {prep.max_aspect:g}:1)")
     return torch.stack(images)

@@ -51,6 +51,8 @@ class FilterConfig:
     """Drop samples whose json `pwatermark` exceeds this (when present)."""
     min_similarity: float | None = None
     """Drop samples whose json `similarity` (CLIP image-text) is below this (when present)."""
+    needs_caption: bool = True
+    """False: the image alone counts (the image trainers' streams); the caption is neither read nor required."""
 
 
 @dataclass
@@ -130,12 +132,13 @@ def prepare_sample(raw: dict, cfg: FilterConfig) -> Prepared:
     """raw: {'__key__': str, 'jpg'|'png'|'webp': bytes, 'txt': bytes, 'json': bytes} (any subset)."""
     import hashlib
 
-    key = raw.get("__key__", "")
-    caption, reason = _caption(raw)
-    if reason:
-        return Prepared(key, reason)
-    if len(caption) > cfg.max_caption_chars:
-        return Prepared(key, "caption_too_long")
+    key, caption = raw.get("__key__", ""), ""
+    if cfg.needs_caption:
+        caption, reason = _caption(raw)
+        if reason:
+            return Prepared(key, reason)
+        if len(caption) > cfg.max_caption_chars:
+            return Prepared(key, "caption_too_long")
     reason = _json_reason(raw, cfg)
     if reason:
         return Prepared(key, reason)

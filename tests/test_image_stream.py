@@ -100,6 +100,19 @@ def test_a_rank_without_a_usable_image_is_refused_naming_its_part(shards, tmp_pa
         take(stream(str(tmp_path / "bare" / "{00000..00001}.tar"), 1, 2), 1)
 
 
+def test_images_without_a_usable_caption_are_kept(tmp_path):
+    """The image trainers need the image alone: a shard without captions (or with empty, non-UTF-8 or very long
+    ones) was refused as having 'no usable image', and in mixed data such images were dropped uncounted."""
+    samples = lf.synthetic_samples(4)
+    samples[0][1].pop("txt")
+    samples[1][1]["txt"] = b""
+    samples[2][1]["txt"] = b"\xff\xfe"
+    samples[3][1]["txt"] = b"x" * 5000
+    lf.write_tar(tmp_path / "nocaption.tar", samples)
+    assert len(take(stream(str(tmp_path / "nocaption.tar")), 4)) == 4
+    assert len(image_stream.center_crops(str(tmp_path / "nocaption.tar"), 32, 4)) == 4
+
+
 def test_a_file_that_is_no_tar_is_refused_up_front(shards, tmp_path):
     """A rank's last shard, only zeros (allocated, never written): refused when the stream is made (it failed
     when the rank reached it, maybe hours in), by the rank that reads it."""
