@@ -34,7 +34,7 @@ import torch.distributed as dist
 from common.checkpoints import CheckpointError
 from common.cli import exit_promptly
 from common.preemption import start_helper
-from data_pipeline.images import FilterConfig, Prepared, PreparedSamples, in_turns, prepare_sample
+from data_pipeline.images import FilterConfig, ImageFilter, Prepared, PreparedSamples, in_turns, prepare_sample
 from data_pipeline.laion import check_is_tar, expand_shards, read_shard
 
 BUFFER = 256
@@ -57,7 +57,7 @@ class CropStream:
             if not by_shard(len(self.paths), world) or shard % world == rank:
                 check_is_tar(path)
         side = resize or crop
-        self.prep = FilterConfig(image_size=side, min_size=min(min_size, side), needs_caption=False)
+        self.prep = ImageFilter(image_size=side, min_size=min(min_size, side))
         self.rank, self.world = rank, world
         self.workers = workers
         self.rng = random.Random(seed * 1000 + rank)
@@ -252,7 +252,7 @@ def center_crops(pattern: str, size: int, limit: int, min_size: int = 64) -> tor
     """The first `limit` kept images of the shards (shorter side >= min_size, or size if smaller), resized
     (shorter side) and centre-cropped to `size`: uint8 [N, 3, size, size], the same on every call (held-out
     evaluation images)."""
-    prep, images = FilterConfig(image_size=size, min_size=min(min_size, size), needs_caption=False), []
+    prep, images = ImageFilter(image_size=size, min_size=min(min_size, size)), []
     for path in expand_shards(pattern):
         for raw in read_shard(path, Counter()):
             p = prepare_sample(raw, prep)

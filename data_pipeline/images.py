@@ -51,8 +51,12 @@ class FilterConfig:
     """Drop samples whose json `pwatermark` exceeds this (when present)."""
     min_similarity: float | None = None
     """Drop samples whose json `similarity` (CLIP image-text) is below this (when present)."""
-    needs_caption: bool = True
-    """False: the image alone counts (the image trainers' streams); the caption is neither read nor required."""
+
+
+@dataclass
+class ImageFilter(FilterConfig):
+    """The image trainers' filters (data_pipeline/image_stream.py): the image alone counts, its caption is neither
+    read nor required (no empty_caption, caption_too_long)."""
 
 
 @dataclass
@@ -133,7 +137,7 @@ def prepare_sample(raw: dict, cfg: FilterConfig) -> Prepared:
     import hashlib
 
     key, caption = raw.get("__key__", ""), ""
-    if cfg.needs_caption:
+    if not isinstance(cfg, ImageFilter):
         caption, reason = _caption(raw)
         if reason:
             return Prepared(key, reason)
