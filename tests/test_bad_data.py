@@ -52,9 +52,9 @@ def data(tmp_path_factory):
     return root
 
 
-def pretokenize_cli(root: Path, inputs: str) -> list[str]:
+def pretokenize_cli(root: Path, inputs: str, vq: str = "vq.pt") -> list[str]:
     return ["data_pipeline.pretokenize", "--input", str(root / inputs), "--output", str(root / "codes"),
-            "--vq", str(root / "vq.pt"), "--text-tokenizer", str(root / "spm.model"), "--text-len", str(TEXT_LEN)]
+            "--vq", str(root / vq), "--text-tokenizer", str(root / "spm.model"), "--text-len", str(TEXT_LEN)]
 
 
 def tokenizer_cli(root: Path, inputs: str, vocab: int, out: str = "spm_out/spm.model", *more: str) -> list[str]:
@@ -76,6 +76,9 @@ CASES = [
      r"0 records \(every sample of its 1 input shard\(s\) was skipped: \{'too_small': 4\}\)", "zero_records"),
     ("pretokenize: .tar that is not a tar", lambda r: pretokenize_cli(r, "{good,not_a_tar}.tar"), "not_a_tar.tar",
      r"is not a tar archive \(invalid header\); expected a webdataset shard", "codes"),
+    ("pretokenize: --vq not an image tokenizer export",  # (a raw ValueError traceback)
+     lambda r: pretokenize_cli(r, "good.tar", vq="spm.model"),
+     "spm.model", r"not an image tokenizer export .*expected the export.pt of vq.train", "codes"),
     ("train_text_tokenizer: .tar that is not a tar", lambda r: tokenizer_cli(r, "{good,not_a_tar}.tar", 20),
      "not_a_tar.tar", r"is not a tar archive \(invalid header\)", "spm_out"),
     ("train_text_tokenizer: vocabulary larger than the captions support",

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.files import atomic_path
+from data_pipeline.errors import DataError
 from vq.conv_vqgan import ConvVQGAN
 from vq.dvae import DVAE
 from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
@@ -120,7 +121,7 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
     except OSError:
         raise  # (unreadable: permissions, I/O; named by the OS error itself)
     except Exception as e:  # (pickle, zip and weights_only errors of every kind: the file is not an export)
-        raise ValueError(f"{path}: not an image tokenizer export ({type(e).__name__}: "
+        raise DataError(f"{path}: not an image tokenizer export ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'unreadable'}); expected the "
                          "export.pt of vq.train (or an export of a pre-trained tokenizer)") from None
     return tokenizer_from_export(blob, path).to(device)
@@ -130,22 +131,22 @@ def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
     """The tokenizer an export's contents describe (`path` names the file in errors), frozen, on the CPU."""
     kind, known = blob.get("kind") if isinstance(blob, dict) else None, _registry()
     if kind not in known:
-        raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
+        raise DataError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
     if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
-        raise ValueError(f"{path}: a {kind} export without its config and state_dict (damaged or edited)")
+        raise DataError(f"{path}: a {kind} export without its config and state_dict (damaged or edited)")
     try:
         model = known[kind](**blob["config"])
         missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
     except (TypeError, ValueError, RuntimeError) as e:  # (a config key the class lacks; tensors of other shapes)
-        raise ValueError(f"{path}: a {kind} export whose config and weights do not make a tokenizer "
+        raise DataError(f"{path}: a {kind} export whose config and weights do not make a tokenizer "
                          f"({' '.join(str(e).split())[:300]}): damaged or edited; export it again") from None
     if missing or unexpected:
-        raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+        raise DataError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
     model.weights_hash = content_hash(kind, blob["config"], blob["state_dict"])
     model.content_hash = model.weights_hash
     if "codes" in blob:  # a fine-tuned detokenizer: the codes are its source's, if the encoder is unchanged
         if encoder_hash(blob["state_dict"]) != blob["codes"].get("encoder_sha256"):
-            raise ValueError(f"{path}: its encoder and codebook differ from those of the tokenizer it claims to "
+            raise DataError(f"{path}: its encoder and codebook differ from those of the tokenizer it claims to "
                              f"share codes with ({blob['codes'].get('hash', '?')[:16]}): the file is damaged or was "
                              "edited; re-export it with vq.finetune_decoder")
         model.content_hash = blob["codes"]["hash"]
