@@ -832,6 +832,28 @@ def test_load_exported_builds_on_meta_without_initialising_and_equals_the_old_pa
                        sample(reference, text, cfg, torch.Generator().manual_seed(0)))
 
 
+def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_process, tmp_path):
+    """A truncated model.safetensors (safetensors' own error) and a config.json of another model size (load_state_dict's
+    size mismatches) ended generation in a traceback: one ValueError naming the file."""
+    import dataclasses
+
+    from training.export import load_exported
+
+    path = write_export(debug_model(seed=5), tmp_path / "export")
+    weights = path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"{weights}: cannot be read .*damaged or truncated: export again"):
+        load_exported(path)
+    weights.write_bytes(whole)
+    config = json.loads((path / "config.json").read_text())
+    wider = dataclasses.asdict(dataclasses.replace(debug_model(seed=5).cfg, hidden_size=2 * config["model"]["hidden_size"]))
+    (path / "config.json").write_text(json.dumps({**config, "model": wider}))
+    with pytest.raises(ValueError, match=rf"{weights}: weights that do not fit the model its config.json describes "
+                                         r"\(\d+ of another shape: .*\(the model's \["):
+        load_exported(path)
+
+
 @torch.no_grad()
 def test_load_exported_in_bf16(single_process, tmp_path):
     from training.export import default_dtype, load_exported

@@ -159,16 +159,37 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     with torch.device("meta"):
         model = PartiModel(model_cfg, meta=True)
     file = path / "model.safetensors"
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        weights_tag = (f.metadata() or {}).get("checkpoint")
-        if weights_tag is not None and weights_tag != config.get("checkpoint"):  # (None: written without the tag)
-            raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, config.json "
-                             f"describes {config.get('checkpoint')} (an export stopped between its two files?); "
-                             "export again")
-        weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            weights_tag = (f.metadata() or {}).get("checkpoint")
+            names = list(f.keys())
+            if weights_tag is not None and weights_tag != config.get("checkpoint"):  # (None: written without it)
+                raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, "
+                                 f"config.json describes {config.get('checkpoint')} (an export stopped between its "
+                                 "two files?); export again")
+            check_fits_model(model, {name: f.get_slice(name).get_shape() for name in names}, str(file))
+            weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in names}
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError (a truncated or damaged file) and kin: name the file
+        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e)[:200]}); damaged or truncated: "
+                         "export again") from None
     assign_weights(model, weights, str(file))
     move_buffers(model, device)
     return model.eval()
+
+
+def check_fits_model(model: torch.nn.Module, shapes: dict[str, list[int]], source: str) -> None:
+    """ValueError naming `source` unless `shapes` (name -> shape of each weight) are exactly the model's parameters
+    and buffers (megatron's per-module _extra_state aside): weights of another model size or version."""
+    expected = {k: list(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = [k for k in expected if k not in shapes], [k for k in shapes if k not in expected]
+    other = [f"{k} {list(shapes[k])} (the model's {expected[k]})" for k in expected
+             if k in shapes and list(shapes[k]) != expected[k]]
+    if missing or unexpected or other:
+        found = [f"{len(v)} {what}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}"
+                 for what, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", other)) if v]
+        raise ValueError(f"{source}: weights that do not fit the model its config.json describes ({'; '.join(found)})")
 
 
 def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
