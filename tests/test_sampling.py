@@ -847,7 +847,8 @@ def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_pro
         load_exported(path)
     weights.write_bytes(whole)
     config = json.loads((path / "config.json").read_text())
-    wider = dataclasses.asdict(dataclasses.replace(debug_model(seed=5).cfg, hidden_size=2 * config["model"]["hidden_size"]))
+    wider = dataclasses.replace(debug_model(seed=5).cfg, hidden_size=2 * config["model"]["hidden_size"])
+    wider = dataclasses.asdict(wider)
     (path / "config.json").write_text(json.dumps({**config, "model": wider}))
     with pytest.raises(ValueError, match=rf"{weights}: weights that do not fit the model its config.json describes "
                                          r"\(\d+ of another shape: .*\(the model's \["):

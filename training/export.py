@@ -171,7 +171,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
             weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in names}
     except (OSError, ValueError):
         raise
-    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError (a truncated or damaged file) and kin: name the file
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError (a truncated file) and kin: name the file
         raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e)[:200]}); damaged or truncated: "
                          "export again") from None
     assign_weights(model, weights, str(file))
