@@ -86,7 +86,10 @@ def submit(args) -> None:
     if args.gpus_per_node == 0 and os.environ.get("DEVICE", "cuda") == "cuda":
         raise SystemExit("sweep: --gpus-per-node 0 runs on CPU nodes: set DEVICE=cpu (or auto) in the environment "
                          "(train.sbatch's default, cuda, would fail every job at its start)")
-    jobs = submissions(args.models.split(","), [int(n) for n in args.nodes.split(",")], args.layouts.split(","),
+    nodes = [int(n) if n.strip().isdigit() and int(n) > 0 else 0 for n in args.nodes.split(",")]
+    if 0 in nodes:
+        raise ValueError(f"--nodes {args.nodes}: expected node counts >= 1, comma-separated (e.g. 1,2,4)")
+    jobs = submissions(args.models.split(","), nodes, args.layouts.split(","),
                        args.config, out, args.steps, args.set, args.gpus_per_node, shlex.split(args.sbatch_args))
     if not jobs:
         raise SystemExit("sweep: no combination fits (see the reasons above); nothing submitted")
@@ -127,12 +130,19 @@ def submitted_before(record: Path) -> bool:
         return True
 
 
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def summarize(run_dir: Path, warmup: int) -> dict | None:
     metrics_path, config_path = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not (metrics_path.is_file() and config_path.is_file()):
         return None
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not lines:
+    lines = [m for m in map(_json_or_none, metrics_path.read_text().splitlines()) if isinstance(m, dict) and "step" in m]
+    if not lines:  # (a killed job's last line may be cut short: left out)
         return None
     cfg = yaml.safe_load(config_path.read_text())
     steady = lines[warmup:] or lines
@@ -234,13 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("folder")
     c.add_argument("--warmup", type=int, default=2, help="logged steps left out of the medians")
     args = parser.parse_args(argv)
-    if args.action == "submit":
-        with command(label="slurm.sweep"):  # (a config error: one line)
+    with command(errors=(ValueError, FileNotFoundError), label="slurm.sweep"):  # (bad input: one line)
+        if args.action == "submit":
             submit(args)
-    else:
-        rows = collect(Path(args.folder), args.warmup)
-        print((Path(args.folder) / "results.md").read_text())
-        print(f"{len(rows)} runs; plots: throughput.png, memory.png, loss_vs_compute.png in {args.folder}")
+        else:
+            rows = collect(Path(args.folder), args.warmup)
+            print((Path(args.folder) / "results.md").read_text())
+            print(f"{len(rows)} runs; plots: throughput.png, memory.png, loss_vs_compute.png in {args.folder}")
 
 
 if __name__ == "__main__":

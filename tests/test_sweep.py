@@ -162,3 +162,23 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
     assert ("bar", [0, 1], [a["mem_gb"], b["mem_gb"]]) in drawn
     with pytest.raises(FileNotFoundError, match="no run folder"):
         collect(tmp_path / "not-a-run")
+
+
+def test_collect_leaves_out_a_line_cut_short_and_bad_input_is_one_line(tmp_path):
+    """A killed job's metrics.jsonl may end in half a line (collect ended in a JSONDecodeError naming no file);
+    a missing folder, a node count that is not one, a layout of another form: one line each, no traceback."""
+    from slurm.sweep import main
+
+    write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0])
+    with open(tmp_path / "a-n1-tp1pp1z0" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.')
+    assert [r["steps"] for r in collect(tmp_path, warmup=0)] == [3]
+    submit = ["submit", "--out", str(tmp_path / "s"), "--config", "configs/train/debug.yaml", "--models",
+              "parti-debug", "--gpus-per-node", "2", "--dry-run"]
+    for argv, says in ((["collect", str(tmp_path / "nothere")], "nothere"),
+                       ([*submit, "--nodes", "1,x", "--layouts", "tp1pp1z1"], "--nodes 1,x: expected node counts"),
+                       ([*submit, "--nodes", "0", "--layouts", "tp1pp1z1"], "--nodes 0: expected node counts >= 1"),
+                       ([*submit, "--nodes", "1", "--layouts", "tp1pp1"], "layout 'tp1pp1': expected tpNppNzN")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert isinstance(stop.value.code, str) and says in stop.value.code, stop.value.code
