@@ -141,7 +141,8 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     metrics_path, config_path = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not (metrics_path.is_file() and config_path.is_file()):
         return None
-    lines = [m for m in map(_json_or_none, metrics_path.read_text().splitlines()) if isinstance(m, dict) and "step" in m]
+    lines = [m for m in map(_json_or_none, metrics_path.read_text().splitlines())
+             if isinstance(m, dict) and "step" in m]
     if not lines:  # (a killed job's last line may be cut short: left out)
         return None
     cfg = yaml.safe_load(config_path.read_text())
