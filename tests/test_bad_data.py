@@ -52,8 +52,8 @@ def data(tmp_path_factory):
     return root
 
 
-def pretokenize_cli(root: Path, inputs: str, vq: str = "vq.pt") -> list[str]:
-    return ["data_pipeline.pretokenize", "--input", str(root / inputs), "--output", str(root / "codes"),
+def pretokenize_cli(root: Path, inputs: str, vq: str = "vq.pt", output: str = "codes") -> list[str]:
+    return ["data_pipeline.pretokenize", "--input", str(root / inputs), "--output", str(root / output),
             "--vq", str(root / vq), "--text-tokenizer", str(root / "spm.model"), "--text-len", str(TEXT_LEN)]
 
 
@@ -79,6 +79,8 @@ CASES = [
     ("pretokenize: --vq not an image tokenizer export",  # (a raw ValueError traceback)
      lambda r: pretokenize_cli(r, "good.tar", vq="spm.model"),
      "spm.model", r"not an image tokenizer export .*expected the export.pt of vq.train", "codes"),
+    ("pretokenize: --output is a file", lambda r: pretokenize_cli(r, "good.tar", output="spm.model"),  # (traceback)
+     "spm.model", r"File exists", "."),
     ("train_text_tokenizer: .tar that is not a tar", lambda r: tokenizer_cli(r, "{good,not_a_tar}.tar", 20),
      "not_a_tar.tar", r"is not a tar archive \(invalid header\)", "spm_out"),
     ("train_text_tokenizer: vocabulary larger than the captions support",
