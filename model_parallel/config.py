@@ -172,6 +172,8 @@ def model_preset(name: str) -> dict:
 
 def resolve_model_section(raw: dict | None) -> dict:
     """A `model:` section with its preset's values filled in underneath it."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"model must be a section (mapping), got {raw!r}")
     section = dict(raw or {})
     for old, new in RENAMED.items():
         if old in section:

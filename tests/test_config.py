@@ -54,6 +54,13 @@ def test_validation_names_field_and_rule(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("path", [None, "configs/train/debug.yaml"])
+def test_a_model_section_that_is_not_one_is_refused_naming_it(path):
+    """(An AttributeError from the preset check, a TypeError without a file.)"""
+    with pytest.raises(ConfigError, match=r"^model must be a section \(mapping\), got 3$"):
+        load_config(path, ["model=3"])
+
+
 def test_world_size_must_fit_layout():
     cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "model.num_heads=4", "model.decoder_layers=2"])
     cfg.validate(world_size=4)

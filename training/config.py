@@ -194,9 +194,10 @@ def config_from_dict(raw: dict) -> Config:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from the defaults), apply dotted overrides, build the dataclasses."""
     raw = load_raw(path, overrides)
+    cfg = config_from_dict(raw)  # (first: a section of the wrong type is refused there, naming it)
     if path:
         check_preset_override(read_yaml(path).get("model") or {}, raw.get("model") or {}, path)
-    return config_from_dict(raw)
+    return cfg
 
 
 def check_preset_override(file_model: dict, model: dict, path: str | Path) -> None:
