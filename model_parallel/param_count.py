@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common.cli import description
+from common.cli import command, description
 from common.config import CONFIG_ROOT
 from model_parallel.config import ModelConfig, model_config
 from model_parallel.cpu_compat import apply_cpu_compat
@@ -69,13 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--model", action="append", help="preset name (repeatable); default: all")
     args = parser.parse_args(argv)
-    print(f"{'preset':<12} {'total':>16} {'embeddings':>14} {'encoder':>16} {'decoder':>16} {'head':>12}  paper")
-    for preset in args.model or presets():
-        c = count_parameters(model_config(preset))
-        paper = PAPER_SIZES.get(preset)
-        note = f"{paper / 1e9:.2f}B ({(c['total'] / paper - 1) * 100:+.1f}%)" if paper else ""
-        print(f"{preset:<12} {c['total']:>16,} {c['embeddings']:>14,} {c['encoder']:>16,} "
-              f"{c['decoder']:>16,} {c['head']:>12,}  {note}")
+    with command():  # (an unknown preset: one line)
+        configs = {preset: model_config(preset) for preset in args.model or presets()}
+        print(f"{'preset':<12} {'total':>16} {'embeddings':>14} {'encoder':>16} {'decoder':>16} {'head':>12}  paper")
+        for preset, cfg in configs.items():
+            c = count_parameters(cfg)
+            paper = PAPER_SIZES.get(preset)
+            note = f"{paper / 1e9:.2f}B ({(c['total'] / paper - 1) * 100:+.1f}%)" if paper else ""
+            print(f"{preset:<12} {c['total']:>16,} {c['embeddings']:>14,} {c['encoder']:>16,} "
+                  f"{c['decoder']:>16,} {c['head']:>12,}  {note}")
 
 
 if __name__ == "__main__":

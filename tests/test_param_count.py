@@ -27,6 +27,9 @@ def test_command_prints_every_preset(single_process, capsys):
     assert "20,540,899,328" in out.split("parti-20b")[1]
     for preset in ("parti-debug", "parti-tiny", *PAPER_SIZES):
         assert preset in out
+    with pytest.raises(SystemExit, match=r"^config error: model.preset='nosuch': no file .*known presets: "):
+        main(["--model", "parti-debug", "--model", "nosuch"])  # (a traceback, after parti-debug's row)
+    assert capsys.readouterr().out == ""
 
 
 def test_dalle_12b_exact_count_by_hand(single_process):
