@@ -22,6 +22,7 @@ a large batch. Replay remains for checkpoints without a state and for a resume a
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from collections import Counter
@@ -132,10 +133,16 @@ class CropStream:
     def state_dict(self) -> dict:
         """Plain data (checkpoints load with weights_only): the position, the generator, the buffer's samples."""
         version, internal, gauss = self.rng.getstate()
-        return {"shards": len(self.paths), "rank": self.rank, "world": self.world, "shard": self.shard,
+        return {"shards": len(self.paths), "names": self.names_hash(), "rank": self.rank, "world": self.world,
+                "shard": self.shard,
                 "position": self.position, "index": self.index, "kept": self.kept,
                 "buffer": [list(ref) for ref, _ in self.buffer],
                 "rng": [version, list(internal), gauss]}
+
+    def names_hash(self) -> str:
+        """What the saved state knows of the shards' identity: a hash of their file names (not the folder: data
+        moved elsewhere is the same data)."""
+        return hashlib.sha256("\n".join(path.name for path in self.paths).encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was; the buffer's samples are read and decoded again. ValueError if the
@@ -227,8 +234,13 @@ def gather_stream_states(stream: CropStream) -> list[dict]:
 
 def restore_stream(stream: CropStream, saved: list[dict] | None, consumed: int, checkpoint: Path) -> str:
     """Put the stream where `checkpoint` left it: from this rank's saved state when the checkpoint has one
-    of this world size, else by replaying its first `consumed` images. Returns how, for the log; a
-    CheckpointError when the shards no longer hold what the saved state refers to."""
+    of this world size, else by replaying its first `consumed` images; from the start of the data when its shards
+    have other file names than the saved stream's (other data: the saved positions mean nothing there). Returns
+    how, for the log; a CheckpointError when the shards no longer hold what the saved state refers to."""
+    names = {state.get("names") for state in saved or () if isinstance(state, dict)} - {None}  # (None: older)
+    if names and names != {stream.names_hash()}:
+        return ("data stream started at the beginning of the data: its shards are not the checkpoint's (other file "
+                "names; the data changes from this step on)")
     if saved is not None and len(saved) == stream.world and "index" in saved[stream.rank]:
         try:
             stream.load_state_dict(saved[stream.rank])
