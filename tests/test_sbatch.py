@@ -221,6 +221,12 @@ def test_a_usr1_as_the_step_ends_keeps_its_exit_status(tmp_path, monkeypatch, sc
         ["configs/eval/partiprompts.yaml"]
     codes = [run_script(tmp_path, script, args, GPU_JOB)[0] for _ in range(3)]
     assert codes == [0, 0, 0]
+    monkeypatch.setitem(STUBS, "srun", "exit 3")  # (the step's own status is the job's)
+    assert run_script(tmp_path, script, args, GPU_JOB)[0] == 3
+    # `scancel --batch --signal=USR1` signals the batch shell's children too: the group running srun (srun's parent
+    # here) goes on waiting for it, and the job ends with srun's status, after the trainers' save
+    monkeypatch.setitem(STUBS, "srun", 'kill -USR1 "$PPID" "$STUB_SCRIPT_PID"; sleep 1; exit 0')
+    assert run_script(tmp_path, script, args, GPU_JOB)[0] == 0
 
 
 def test_a_stop_request_the_trainers_never_served_is_not_left_behind(tmp_path, monkeypatch):
