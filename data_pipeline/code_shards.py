@@ -131,7 +131,10 @@ class CodeShardDataset:
     """All records of one code-shard folder but its duplicates across shards (duplicates.npy), by global
     index (shards in manifest order)."""
 
-    def __init__(self, folder: str | Path, text_len: int | None = None, grid_tokens: int | None = None):
+    def __init__(self, folder: str | Path, text_len: int | None = None, grid_tokens: int | None = None,
+                 check_shards: bool = True):
+        """`check_shards=False`: the shards are taken as the manifest describes them, without a stat or a read of
+        each (another process checked them: training_data.training_dataset's rank 0)."""
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not self.folder.is_dir():
@@ -165,7 +168,7 @@ class CodeShardDataset:
         self.paths = [self.folder / f"{shard['name']}.bin" for shard in self.manifest["shards"]]
         counts = [shard["records"] for shard in self.manifest["shards"]]
         stats = self._shard_stats()
-        for bin_path, shard in zip(self.paths, self.manifest["shards"]):
+        for bin_path, shard in zip(self.paths, self.manifest["shards"]) if check_shards else ():
             self._check_shard(bin_path, shard["records"], stats.get("shards", {}).get(shard["name"]))
         self.skips = self._duplicates(np.cumsum([0] + counts), stats.get("duplicates"))
         self.offsets = np.cumsum([0] + [n - len(e) for n, e in zip(counts, self.skips)])
@@ -410,8 +413,9 @@ def blend_items(spec: str) -> list[tuple[str, str, str]]:
     return items
 
 
-def open_training_data(spec: str, model_cfg):
-    """`codes/` or `codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> a dataset the model fits."""
+def open_training_data(spec: str, model_cfg, check_shards: bool = True):
+    """`codes/` or `codes/a:3,codes/b:1` (folder[:weight], comma-separated) -> a dataset the model fits
+    (`check_shards`: CodeShardDataset's)."""
     parts = []
     for item, folder, weight in blend_items(spec):
         try:
@@ -420,7 +424,8 @@ def open_training_data(spec: str, model_cfg):
             weight = -1.0
         if not 0 < weight < float("inf"):
             raise DataError(f"{item}: the weight after ':' must be a positive number (folder:weight)")
-        ds = CodeShardDataset(folder, text_len=model_cfg.text_seq_len, grid_tokens=model_cfg.image_seq_len)
+        ds = CodeShardDataset(folder, text_len=model_cfg.text_seq_len, grid_tokens=model_cfg.image_seq_len,
+                              check_shards=check_shards)
         for name, have, limit in (("codebook_size", ds.manifest["vq"]["codebook_size"], model_cfg.image_vocab_size),
                                   ("text vocab_size", ds.manifest["text_tokenizer"]["vocab_size"],
                                    model_cfg.text_vocab_size)):

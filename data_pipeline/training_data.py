@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.config import ConfigError, require
 from data_pipeline.code_shards import blend_items, data_tokenizers, open_training_data, other_tokenizers
+from data_pipeline.errors import DataError
 from data_pipeline.synthetic import SyntheticCodes
 
 SYNTHETIC_SIZE = 1024
@@ -55,9 +56,31 @@ def training_dataset(data: DataConfig, model, seed: int):
     if data.synthetic:
         return SyntheticCodes(model, size=SYNTHETIC_SIZE, seed=seed)
     try:
-        return open_training_data(data.shards, model)
+        return open_checked_once(data.shards, model)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data.shards={data.shards!r}: {e}") from e
+
+
+def open_checked_once(spec: str, model):
+    """open_training_data(spec, model) in every process of the job, its shards checked by rank 0 alone: each
+    check is a stat of every shard (and a read of a changed one's metadata), which on every rank of a large job
+    is a metadata storm on the parallel file system (200,000 shards x 512 ranks: ~100 million stats at every
+    start and requeue). Rank 0's refusal is every rank's (a DataError with its message)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return open_training_data(spec, model)
+    dataset, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            dataset = open_training_data(spec, model)
+        except (ValueError, FileNotFoundError) as e:
+            error = str(e)
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise DataError(verdict[0])
+    return dataset if dataset is not None else open_training_data(spec, model, check_shards=False)
 
 
 def folders(spec: str) -> set[Path]:
@@ -79,7 +102,7 @@ def held_out_dataset(data: DataConfig, model, seed: int, samples: int, trained_o
     require(not shared, f"{where}: {', '.join(sorted(map(str, shared)))} is also in data.shards: its samples "
                         "are trained on, so their loss is not a held-out one")
     try:
-        held_out = open_training_data(data.valid_shards, model)
+        held_out = open_checked_once(data.valid_shards, model)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{where}: {e}") from e
     require(len(held_out) >= samples, f"{where}: holds {len(held_out):,} samples; train.eval_batches global batches "

@@ -520,6 +520,44 @@ def test_out_of_range_value_in_a_shard_is_refused_at_open(setup, one_run, tmp_pa
         open_training_data(str(out), model_cfg)
 
 
+def open_counting_checks(folder: str, sets: list[str]):
+    """In a pool process: training_dataset over `folder` and how many shards this process checked (a stat each);
+    (checks, len, first record's text ids) or (checks, the ConfigError's message)."""
+    from data_pipeline.code_shards import CodeShardDataset
+    from data_pipeline.training_data import training_dataset
+    from training.config import ConfigError, load_config
+
+    checked, real = [], CodeShardDataset._check_shard
+    CodeShardDataset._check_shard = lambda self, path, *a: checked.append(path) or real(self, path, *a)
+    try:
+        cfg = load_config(None, ["data.synthetic=false", f"data.shards={folder}", *sets])
+        ds = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+        return len(checked), len(ds), ds[0][0].tolist()
+    except ConfigError as e:
+        return len(checked), str(e)
+    finally:
+        CodeShardDataset._check_shard = real
+
+
+def test_only_rank_0_checks_the_shards_and_its_refusal_is_every_ranks(pool2, one_run, tmp_path):
+    """Each check is a stat of every shard: on every rank of a large job, ~100 million at every start (200,000
+    shards, 512 ranks). Rank 0 checks; the others open the same dataset from the manifest; a damaged shard is
+    refused on every rank with rank 0's message."""
+    _, single = one_run
+    out = tmp_path / "codes"
+    shutil.copytree(single, out)
+    sets = ["model.text_seq_len=16", "model.image_grid=8", "model.image_vocab_size=128", "model.text_vocab_size=128"]
+    (checked0, n0, first0), (checked1, n1, first1) = pool2.run(open_counting_checks, str(out), sets)
+    shards = len(list(out.glob("*.bin")))
+    assert (checked0, checked1) == (shards, 0) and shards > 1
+    assert n0 == n1 > 0 and first0 == first1
+    with open(out / "00001.bin", "r+b") as f:
+        f.truncate(7)
+    refused = pool2.run(open_counting_checks, str(out), sets)
+    assert refused[0][1] == refused[1][1] and "00001.bin: 7 bytes, expected" in refused[0][1]
+    assert refused[1][0] == 0
+
+
 def test_blend_weight_too_small_for_one_sample_is_refused(one_run, tmp_path):
     """A folder whose weight gives it no sample of an epoch would never be trained on: refused naming it;
     a weight that gives it one sample is accepted."""
