@@ -6,6 +6,8 @@
     for _ in range(100):
         micro_batches = reader.next_step()   # [(text, codes, positions)], as rank_micro_batches(...) gives them
     reader.close()
+    positions = StepPositions(sampler, consumed=640, steps=100, dp_rank=1, dp_size=4, micro_batch_size=4)
+    positions.next_step()                    # [(None, None, positions)]: the same positions, no samples read
 
 What a step reads is decided in the training process alone: `StepBatchSampler` turns (seed, epoch,
 consumed) into this rank's micro-batches of (stream position, sample id) pairs, step after step, exactly
@@ -90,6 +92,29 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.steps * self.per_step
+
+
+class StepPositions:
+    """ReadAhead's micro-batches without their samples, for a rank that reads none (training.engine.sample_role):
+    each step's micro-batches as (None, None, positions), the positions from the sampler alone (no dataset, no
+    workers); the same `next_step()` and `consumed`."""
+
+    def __init__(self, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int, micro_batch_size: int):
+        self.batches = StepBatchSampler(sampler, consumed, steps, dp_rank, dp_size, micro_batch_size)
+        self.consumed, self.left, self.workers = consumed, steps, 0
+        self.global_batch_size = sampler.global_batch_size
+
+    def next_step(self) -> list[tuple[None, None, torch.Tensor]]:
+        if self.left <= 0:
+            raise RuntimeError(f"made for {self.batches.steps} steps from {self.batches.consumed}; all have been "
+                               "given (or it was closed)")
+        out = [(None, None, ids[:, 0].contiguous()) for ids in self.batches.step_ids(self.consumed)]
+        self.consumed += self.global_batch_size
+        self.left -= 1
+        return out
+
+    def close(self) -> None:
+        self.left = 0
 
 
 class _Samples(torch.utils.data.Dataset):

@@ -138,11 +138,12 @@ def build_model(cfg: Config, kernels, device: str, layout: ParallelLayout, initi
 
 
 class MicroBatch(NamedTuple):
-    """One forward/backward's samples on this rank."""
+    """One forward/backward's samples on this rank (text and codes: None on a rank that takes no inputs,
+    a middle pipeline stage: `sample_role`)."""
 
-    text: torch.Tensor
+    text: torch.Tensor | None
     """Caption ids [b, text_seq_len] int64 (dropped captions already replaced by the null caption)."""
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     """Image codes [b, image_seq_len] int64."""
     positions: torch.Tensor
     """Each sample's position in the run's sample stream [b] int64 (consumed samples + its index in the global
@@ -180,9 +181,52 @@ def build_engine(model: torch.nn.Module, cfg: Config, kernels, layout: ParallelL
     return TrainEngine(engine, NonFiniteGuard(engine))
 
 
+READ, RECEIVE, POSITIONS = "read", "receive", "positions"
+"""What a rank does for its micro-batches' samples (`sample_role`)."""
+
+
+def sample_role() -> str:
+    """How this rank (after init_parallel) gets its micro-batches: READ reads their samples from the data,
+    RECEIVE gets them from its TP group's rank 0 (`share_samples`), POSITIONS takes their stream positions only
+    (from the sampler: no reads, no data workers). The one place that decides which ranks read.
+
+    Why: the ranks of a TP group train on the same samples, so its rank 0 alone reads them and broadcasts them
+    over the group, as Megatron-LM's tensor_parallel.broadcast_data does (each TP rank reading them was TP times
+    the reads: at parti-20b's TP=8 x PP=8 x DP=8, 64 times). With a pipeline, DeepSpeed's engine asks for inputs
+    on the first stage (text, decoder input, positions) and the last (the codes of the loss) only
+    (PipelineEngine.set_dataiterator, _exec_load_micro_batch); a middle stage gets everything from the stage
+    before it, the positions that key its dropout masks included, and needs of a step only how many
+    micro-batches it has (the pipeline's eval schedule), which the positions give."""
+    if not (ps.is_pipeline_first_stage(ignore_virtual=True) or ps.is_pipeline_last_stage(ignore_virtual=True)):
+        return POSITIONS
+    return READ if ps.get_tensor_model_parallel_rank() == 0 else RECEIVE
+
+
+def share_samples(cfg: Config, micro_batches: list[MicroBatch], role: str, device: str) -> list[MicroBatch]:
+    """One step's micro-batches with their samples on every rank of the TP group: `role` (sample_role) READ sends
+    its text and codes, RECEIVE gets them in place of its None (its positions are the sampler's, as READ's are);
+    POSITIONS ranks, and TP=1, are given theirs back. One broadcast a step, of every micro-batch's text and codes
+    in one int64 tensor [samples, text_seq_len + image_seq_len] (the shapes the config fixes) on `device`
+    (NCCL broadcasts CUDA tensors only, gloo CPU ones); the samples come back on it."""
+    if role == POSITIONS or ps.get_tensor_model_parallel_world_size() == 1:
+        return micro_batches
+    text_len = cfg.model.text_seq_len
+    sizes = [len(mb.positions) for mb in micro_batches]
+    if role == READ:
+        packed = torch.cat([torch.cat([to_device(mb.text, device), to_device(mb.codes, device)], 1)
+                            for mb in micro_batches])
+    else:
+        packed = torch.empty(sum(sizes), text_len + cfg.model.image_seq_len, dtype=torch.long, device=device)
+    torch.distributed.broadcast(packed, ps.get_tensor_model_parallel_src_rank(),
+                                group=ps.get_tensor_model_parallel_group())
+    return [MicroBatch(part[:, :text_len].contiguous(), part[:, text_len:].contiguous(), mb.positions)
+            for part, mb in zip(packed.split(sizes), micro_batches)]
+
+
 def pipeline_batches(cfg: Config, micro_batches: list, device: str):
     """The pipeline engine's inputs for these micro-batches: ((text, decoder input, positions), codes) each, made
-    (and copied to the device) as the engine asks for them: it does so on the first and last stages only."""
+    (and copied to the device) as the engine asks for them: it does so on the first and last stages only (the
+    middle stages' micro-batches hold no samples: sample_role)."""
     bos = cfg.model.image_vocab_size
     move = functools.partial(to_device, device=device)
     return (((move(text), move(decoder_input(codes, bos)), move(positions)), move(codes))

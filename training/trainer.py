@@ -22,7 +22,7 @@ from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
 from common.preemption import StopRequest
 from data_pipeline.code_shards import data_tokenizers, other_tokenizers
-from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
+from data_pipeline.loader import CaptionDrop, ReadAhead, StepPositions, rank_micro_batch_ids, read_micro_batch
 from data_pipeline.sampler import GlobalBatchSampler
 from data_pipeline.training_data import held_out_dataset, training_dataset
 from model_parallel.kernels import select_kernels
@@ -57,23 +57,29 @@ def rank_micro_batches(cfg: Config, dataset, sampler, consumed: int, dp_rank: in
         yield engine.MicroBatch(*read_micro_batch(dataset, ids, drop))
 
 
-def held_out_micro_batches(cfg: Config, dataset, batch: int, dp_rank: int, dp_size: int) -> list:
+def held_out_micro_batches(cfg: Config, dataset, batch: int, dp_rank: int, dp_size: int, read: bool = True) -> list:
     """This DP rank's micro-batches (engine.MicroBatch) of held-out global batch `batch` (0 .. train.eval_batches
     - 1), read now: the first eval_batches x global_batch_size positions of a seeded order over the whole held-out
     set (the same samples every time, spread over a blend's folders by their weights, which lay them out one after
     the other), split over the ranks as training's are, with their captions (no caption drop: the loss measured
-    is the conditional one)."""
+    is the conditional one). Without `read` (a rank that reads no samples: engine.sample_role), their positions
+    only, text and codes None."""
     t, m = cfg.train, cfg.model
     sampler = GlobalBatchSampler(len(dataset), t.global_batch_size, t.seed)
     whole = CaptionDrop(t.seed, 0.0, m.text_pad_id, m.text_eos_id)
-    return [engine.MicroBatch(*read_micro_batch(dataset, ids, whole))
-            for ids in rank_micro_batch_ids(sampler, batch * t.global_batch_size, dp_rank, dp_size, t.micro_batch_size)]
+    ids = rank_micro_batch_ids(sampler, batch * t.global_batch_size, dp_rank, dp_size, t.micro_batch_size)
+    if not read:
+        return [engine.MicroBatch(None, None, i[:, 0].contiguous()) for i in ids]
+    return [engine.MicroBatch(*read_micro_batch(dataset, i, whole)) for i in ids]
 
 
 def open_reader(cfg: Config, dataset, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int,
-                device: str) -> ReadAhead:
+                device: str, read: bool = True) -> ReadAhead | StepPositions:
     """`steps` steps of this DP rank's micro-batches from `consumed` on, read ahead by data.workers processes
-    (pinned memory on a GPU); the same micro-batches as rank_micro_batches, step by step."""
+    (pinned memory on a GPU); the same micro-batches as rank_micro_batches, step by step. Without `read` (a rank
+    that reads no samples: engine.sample_role), their positions only, from the sampler: no workers."""
+    if not read:
+        return StepPositions(sampler, consumed, steps, dp_rank, dp_size, cfg.train.micro_batch_size)
     d = cfg.data
     return ReadAhead(dataset, sampler, consumed, steps, dp_rank, dp_size, cfg.train.micro_batch_size,
                      caption_drop(cfg), workers=d.workers, read_ahead_steps=d.read_ahead_steps,
@@ -219,6 +225,7 @@ class Trainer:
         init_parallel(layout.tp, layout.pp)
         self.groups_before = process_groups()  # the groups DeepSpeed makes for this run are destroyed by close()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), layout.dp
+        self.role = engine.sample_role()  # whether this rank reads its samples, receives them or takes none
         rank0 = dist.get_rank() == 0
         moved = set_aside(self.run_dir) if rank0 and self.plan.set_aside else None
         if rank0 and self.plan.overwrite and os.environ.get("SLURM_JOB_ID"):
@@ -301,15 +308,23 @@ class Trainer:
         self.log.resumed_at(self.step)  # (the steps after it are trained again: their old rows go)
         self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
 
-    def _reader_at(self, consumed: int) -> ReadAhead:
-        """The read-ahead for the steps left from `consumed` on: the open one when it is there, else a new one."""
+    def _reader_at(self, consumed: int) -> ReadAhead | StepPositions:
+        """The read-ahead for the steps left from `consumed` on: the open one when it is there, else a new one
+        (on a rank that reads no samples, engine.sample_role, one that gives their positions only)."""
         if self.reader is None or self.reader.consumed != consumed:
             if self.reader is not None:
                 self.reader.close()
             self.reader = None
             self.reader = open_reader(self.cfg, self.dataset, self.sampler, consumed,
-                                      max(0, self.cfg.train.steps - self.step), self.dp_rank, self.dp_size, self.device)
+                                      max(0, self.cfg.train.steps - self.step), self.dp_rank, self.dp_size, self.device,
+                                      read=self.role == engine.READ)
         return self.reader
+
+    def _with_samples(self, micro_batches) -> list[engine.MicroBatch]:
+        """One step's micro-batches as this rank's model takes them: the samples its TP group's rank 0 read, on
+        every rank of the group (engine.share_samples); positions only on a middle pipeline stage."""
+        return engine.share_samples(self.cfg, [engine.MicroBatch(*mb) for mb in micro_batches], self.role,
+                                    self.device)
 
     def save(self) -> None:
         state = {"step": self.step, "consumed_samples": self.consumed,
@@ -351,9 +366,10 @@ class Trainer:
 
     def held_out_loss(self) -> float:
         """The loss on the held-out samples (train.eval_batches global batches of data.valid_shards), now."""
-        losses = [engine.eval_step(self.engine, self.cfg, held_out_micro_batches(self.cfg, self.held_out, b,
-                                                                                 self.dp_rank, self.dp_size),
-                                   self.device) for b in range(self.cfg.train.eval_batches)]
+        read = self.role == engine.READ
+        losses = [engine.eval_step(self.engine, self.cfg, self._with_samples(
+            held_out_micro_batches(self.cfg, self.held_out, b, self.dp_rank, self.dp_size, read)), self.device)
+                  for b in range(self.cfg.train.eval_batches)]
         return sum(losses) / len(losses)
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float,
@@ -383,7 +399,7 @@ class Trainer:
             clock = metrics.StepClock()  # (throughput over the log interval's steps, saves and evaluation left out)
             while self.step < t.steps:
                 lr = self.engine.get_lr()[0]
-                batches = [engine.MicroBatch(*mb) for mb in reader.next_step()]  # read ahead while training
+                batches = self._with_samples(reader.next_step())  # read ahead while training
                 loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                 guard.step_done()
                 losses.append(loss)
