@@ -20,8 +20,9 @@ metrics.jsonl, TensorBoard events and checkpoints/. One run at a time: rank 0 ho
 SIGUSR1/SIGTERM or a run_dir/STOP file: finish the step, save, write run_dir/REQUEUE, exit 75 (0 under
 torchrun, which passes no status on; common/preemption.py). Errors: exit 1 with one line naming the file
 or field ("config error: ..." or "error: ..."), the run directory as it was.
-Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py). Each rank's
-micro-batches are read ahead by `data.workers` DataLoader workers (data_pipeline/loader.py), in the order
+Data: `data.synthetic: true` uses generated caption/code pairs (data_pipeline/synthetic.py). Each data-parallel
+rank's micro-batches are read ahead by `data.workers` DataLoader workers (data_pipeline/loader.py) on its TP group's
+rank 0 of the pipeline stages that take inputs, and broadcast to the group (training.engine.sample_role), in the order
 rank_micro_batches gives (a pure function of seed and consumed samples), from the resumed position on a resume.
 """
 from __future__ import annotations
