@@ -225,3 +225,27 @@ def test_slurm_environment(monkeypatch):
     assert state.slurm_environment(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                              "MASTER_ADDR": "gpu-a17", "MASTER_PORT": str(port)}
     assert state.slurm_environment({**task, "MASTER_PORT": "6000"})["MASTER_PORT"] == "6000"
+
+
+def test_a_run_resumed_after_a_skipped_step_equals_the_uninterrupted_one(single_process, tmp_path, nan_loss_on_calls):
+    """Step 2 non-finite (calls 5-8: its 4 micro-batches), saved at 3, resumed to 6: the losses of the run that
+    went through (Adam's step count restored as the optimizer's, not the trainer's: a skipped step did not
+    update), and the skipped step counted in the checkpoint and the metrics of both."""
+    nan_loss_on_calls.update(range(5, 9))
+    whole = run(str(tmp_path / "whole"))
+    nan_loss_on_calls.calls[0] = 0
+    first = run(str(tmp_path / "cut"), steps=3)
+    second = run(str(tmp_path / "cut"))
+    assert whole[1] != whole[1] and first + second == pytest.approx(whole, rel=1e-6, nan_ok=True)
+    for folder in ("whole", "cut"):
+        state = json.loads((tmp_path / folder / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+        assert state["skipped_steps"] == 1 and state["optimizer_steps"] == 5, folder
+        assert metrics(tmp_path / folder)[-1]["skipped_steps"] == 1
+
+
+def test_steps_skipped_apart_do_not_stop_the_run(single_process, tmp_path, nan_loss_on_calls):
+    """train.max_skipped_steps counts skipped steps in a row: a good step between two resets the count."""
+    nan_loss_on_calls.update({*range(1, 5), *range(9, 13)})  # steps 1 and 3
+    losses = run(str(tmp_path), "train.max_skipped_steps=2", "train.eval_interval=0")
+    assert [x != x for x in losses] == [True, False, True, False, False, False]
+    assert metrics(tmp_path)[-1]["skipped_steps"] == 2
