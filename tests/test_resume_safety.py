@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from common.checkpoints import tag_for
-from tests.conftest import STEPS, run
-from training.checkpoint import latest_tag
+from tests.conftest import STEPS, held_out_losses, run
+from training.checkpoint import complete_tags, latest_tag
 from training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -539,3 +539,25 @@ def test_a_latest_set_back_by_hand_is_followed_with_a_warning_naming_the_newer_c
     tag, note = resume_tag(tmp_path, "trainer_state.json")
     assert tag == tag_for(2)
     assert f"latest names {tag_for(2)}, but newer checkpoints are there ({tag_for(4)}, {tag_for(6)})" in note
+
+
+def test_a_resume_with_another_global_batch_saves_the_stream_position_it_reached(single_process, tmp_path):
+    """3 steps of 8 samples, then 2 of 16: the checkpoint of step 5 is at sample 3 x 8 + 2 x 16 = 56 of the stream
+    (not 5 x 16: the next resume would skip 24 samples)."""
+    run(str(tmp_path), "train.eval_interval=0", steps=3)
+    run(str(tmp_path), "train.eval_interval=0", "train.global_batch_size=16", steps=5)
+    state = json.loads((tmp_path / "checkpoints" / tag_for(5) / "trainer_state.json").read_text())
+    assert state["consumed_samples"] == 56
+
+
+def test_every_held_out_loss_is_logged_and_old_checkpoints_are_pruned(single_process, tmp_path):
+    """The held-out loss measured at a step that is not a log step still gets its row (log every 4 steps,
+    measure every 3); train.keep_checkpoints=2 keeps the newest two of a save every 2 steps."""
+    run(str(tmp_path), "train.log_interval=4", "train.eval_interval=3", "train.save_interval=2",
+        "train.keep_checkpoints=2", steps=10)
+    assert sorted(held_out_losses(tmp_path)) == [3, 6, 9, 10]
+    assert [m["step"] for m in metrics(tmp_path)] == [3, 4, 6, 8, 9, 10]
+    from training.checkpoint import wait_for_pruning
+
+    wait_for_pruning()
+    assert complete_tags(tmp_path) == [tag_for(8), tag_for(10)]
