@@ -760,9 +760,19 @@ def test_sampler_same_global_batches_at_any_dp_size_and_after_restore(order):
     state = sampler.state_dict(consumed=5 * 8)
     restored = GlobalBatchSampler(state["dataset_len"], state["global_batch_size"], state["seed"], state["order"])
     assert torch.equal(restored.global_batch(state["consumed"]), sampler.global_batch(40))
-    epoch0 = torch.cat([sampler.stream(0, 37)])
-    assert sorted(epoch0.tolist()) == list(range(37))  # an epoch is a permutation
-    assert not torch.equal(sampler.stream(37, 37), epoch0)  # reshuffled next epoch
+    epochs = [sampler.stream(37 * e, 37).tolist() for e in range(4)]
+    assert all(sorted(epoch) == list(range(37)) for epoch in epochs)  # each epoch a permutation
+    assert len({tuple(epoch) for epoch in epochs}) == 4  # reshuffled every epoch (not two orders in turn)
+
+
+def test_the_sample_order_is_the_one_runs_were_trained_with():
+    """The order is part of every checkpoint's meaning: a run resumed after an upgrade that changed it would train
+    on other samples than it saved its position in (epochs 0 and 1 of seed 1234, recorded 2026-12-05)."""
+    sampler = GlobalBatchSampler(dataset_len=1000, global_batch_size=8, seed=1234)
+    assert sampler.stream(0, 8).tolist() == [459, 724, 799, 758, 789, 327, 231, 878]
+    assert sampler.stream(1000, 8).tolist() == [491, 790, 21, 586, 795, 106, 121, 474]
+    assert GlobalBatchSampler(1000, 8, seed=1).stream(1000, 8).tolist() != \
+        GlobalBatchSampler(1000, 8, seed=2).stream(0, 8).tolist()
 
 
 def test_feistel_order_is_a_permutation_of_any_length_without_a_table():
