@@ -81,6 +81,28 @@ def test_the_masked_token_loss_takes_the_fused_cross_entropy_with_the_plain_ones
             torch.testing.assert_close(fused_grads[n], grad, atol=tolerance, rtol=tolerance, msg=n)
 
 
+def test_masking_chooses_15_percent_of_the_words_and_masks_80_keeps_10_replaces_10():
+    """BERT's rates (Devlin et al. 2019, 3.1), over the words only (ids before EOS, no padding): of a large batch,
+    15% of the words chosen; of those, 80% become [MASK], 10% a random word, 10% stay."""
+    from training.config import load_config
+    from training.text_encoder import MASK_ID, mask_tokens
+
+    cfg = load_config("configs/train/debug.yaml", []).model
+    g = torch.Generator().manual_seed(0)
+    length = 128  # (64 words: a caption left with none chosen, whose first word is then chosen, is rare)
+    captions = torch.randint(4, cfg.text_vocab_size, (1000, length), generator=g)
+    captions[:, length // 2] = cfg.text_eos_id  # words: the first half of each row
+    captions[:, length // 2 + 1:] = cfg.text_pad_id
+    inputs, chosen = mask_tokens(captions, cfg, g)
+    words = torch.zeros_like(chosen)
+    words[:, :length // 2] = True
+    assert not (chosen & ~words).any()
+    assert chosen.sum() / words.sum() == pytest.approx(0.15, abs=0.01)
+    masked, kept = (inputs == MASK_ID) & chosen, (inputs == captions) & chosen
+    shares = [int(x.sum()) / int(chosen.sum()) for x in (masked, kept, chosen & ~masked & ~kept)]
+    assert shares == pytest.approx([0.8, 0.1, 0.1], abs=0.02)  # (a random word may draw the same: ~0.1%)
+
+
 def test_pretraining_asked_for_a_missing_gpu_stops_before_writing(single_process, tmp_path):
     """train.device=cuda (what the sbatch scripts set) without a usable GPU is an error naming why, as in
     training.train, not a silent run on the CPU."""
