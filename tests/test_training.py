@@ -98,6 +98,27 @@ def test_throughput_is_the_log_intervals_mean_step_without_saves_and_evaluation(
     assert [(r["step"], r["samples_per_s"]) for r in rows] == [(2, 8 / 1.5), (4, 8 / 3.5)]
 
 
+def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus():
+    """samples/s and tokens/s are the whole job's (the global batch over the step time); TFLOP/s and MFU one GPU's
+    (the job's FLOPs over the world size): at DP=2 with a 2 s step and 100 TFLOP/s peak, by hand."""
+    import types
+
+    from training.config import load_config
+    from training.flops import train_flops_per_sample
+    from training.trainer import Trainer
+
+    cfg = load_config("configs/train/debug.yaml", ["train.global_batch_size=8"])
+    rows = []
+    fake = types.SimpleNamespace(cfg=cfg, world=2, peak_flops=100e12, step=7, log=types.SimpleNamespace(
+        step=rows.append), nonfinite_guard=types.SimpleNamespace(skipped=0))
+    Trainer.log_step(fake, 1.5, 1e-3, 0.5, elapsed=2.0)
+    m = cfg.model
+    tflops = train_flops_per_sample(m) * 8 / 2.0 / 2 / 1e12
+    assert rows[0]["samples_per_s"] == 4.0 and rows[0]["tokens_per_s"] == 4.0 * (m.text_seq_len + m.image_seq_len)
+    assert rows[0]["tflops_per_gpu"] == pytest.approx(tflops) and rows[0]["mfu"] == pytest.approx(tflops / 100)
+    assert rows[0]["world_size"] == 2 and rows[0]["step"] == 7
+
+
 def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):
     """A stop requested at a step whose held-out loss is due (here every step) measures it before saving: the
     resumed run starts after that step and would never measure it."""
