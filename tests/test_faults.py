@@ -146,6 +146,10 @@ def test_stops_at_start_up_at_the_last_step_and_stale_requeue_files(single_proce
     assert len(run(str(tmp_path), steps=3)) == 1  # step 3, the last: the stop is served by finishing
     assert not (tmp_path / "STOP").exists() and not (tmp_path / "REQUEUE").exists()
     assert latest_tag(tmp_path) == "step_00000003"
+    monkeypatch.undo()
+    (tmp_path / "STOP").touch()  # a stop asked for as a finished run starts again: served by finishing, too
+    assert run(str(tmp_path), steps=3) == []
+    assert not (tmp_path / "STOP").exists() and not (tmp_path / "REQUEUE").exists()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.checkpoints import tag_for
 from tests.conftest import STEPS, held_out_losses, run
@@ -561,3 +562,28 @@ def test_every_held_out_loss_is_logged_and_old_checkpoints_are_pruned(single_pro
 
     wait_for_pruning()
     assert complete_tags(tmp_path) == [tag_for(8), tag_for(10)]
+
+
+def test_a_resume_drops_the_rows_a_killed_segment_logged_after_its_checkpoint(single_process, tmp_path):
+    """A segment that logged steps 4 and 5 after the checkpoint of step 3 and died: the resumed run trains them
+    again, and metrics.jsonl holds every step once."""
+    run(str(tmp_path), "train.eval_interval=0", steps=5)
+    (tmp_path / "checkpoints" / "latest").write_text(tag_for(3) + "\n")  # (as if step 5's save never happened)
+    run(str(tmp_path), "train.eval_interval=0")
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_at_the_same_layout_restores_the_random_generators(single_process, tmp_path):
+    """(Attention dropout draws from them: an uninterrupted run's masks need the saved states.)"""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from training.checkpoint_verify import load_rng_file
+
+    run(str(tmp_path), "train.eval_interval=0", steps=3)
+    saved = load_rng_file(tmp_path / "checkpoints" / tag_for(3) / "rng_rank0.pt")
+    torch.manual_seed(99)
+    assert run(str(tmp_path), "train.eval_interval=0", steps=3) == []  # (resumes, trains nothing)
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    tracker = get_cuda_rng_tracker().get_states()
+    assert tracker.keys() == saved["tracker"].keys()
+    assert all(torch.equal(tracker[k], saved["tracker"][k]) for k in tracker)
