@@ -223,3 +223,18 @@ def test_held_out_batches_spread_over_the_whole_held_out_set_the_same_every_time
     whole = ids(0, 1)
     assert len(set(whole)) == 16 and min(whole) < 32 <= max(whole) and ids(0, 1) == whole
     assert sorted(ids(0, 2) + ids(1, 2)) == sorted(whole)
+
+
+def test_the_caption_drops_are_those_of_the_samples_stream_positions_far_into_a_run():
+    """collate nulls the captions caption_drop_mask picks for each sample's position in the stream, billions of
+    samples in too (a drop keyed by a wrapped position would repeat its pattern)."""
+    from data_pipeline.loader import CaptionDrop, collate
+    from model_parallel.model import caption_drop_mask
+
+    positions = torch.arange(10**9, 10**9 + 4096)
+    text = torch.full((len(positions), 4), 7)
+    samples = [((t, torch.zeros(2, dtype=torch.long)), int(p)) for t, p in zip(text, positions)]
+    nulled, _, got = collate(samples, CaptionDrop(seed=5, prob=0.25, pad_id=0, eos_id=3))
+    dropped = nulled[:, 0] == 3
+    assert torch.equal(got, positions) and torch.equal(dropped, caption_drop_mask(positions, 5, 0.25))
+    assert 0.2 < dropped.float().mean() < 0.3 and not torch.equal(dropped[:1024], dropped[1024:2048])
