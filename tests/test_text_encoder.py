@@ -515,3 +515,18 @@ def test_a_text_tokenizer_that_is_not_sentencepiece_ends_in_one_line(single_proc
     with pytest.raises(SystemExit, match=r"bad\.model: not a SentencePiece model"):
         main(["--config", "configs/train/debug.yaml", "--run-dir", str(tmp_path / "run"), "--text-files",
               str(tmp_path / "captions.txt"), "--text-tokenizer", str(tmp_path / "bad.model")])
+
+
+def test_the_held_out_loss_of_an_untrained_encoder_is_that_of_uniform_guesses(single_process, tmp_path):
+    """The held-out loss is the mean over train.eval_batches global batches (not their sum): an encoder that has
+    not learned (one step at a negligible rate, small initial weights) guesses each masked word uniformly over
+    the vocabulary, ln(text_vocab_size) per token."""
+    import math
+
+    from training.config import load_config
+    from training.text_encoder import pretrain
+
+    cfg = load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=1", "train.lr=1e-12", "train.min_lr=0",
+                                                   "train.eval_interval=1", "train.eval_batches=3"])
+    pretrain(cfg, tmp_path)
+    assert held_out_losses(tmp_path)[1] == pytest.approx(math.log(cfg.model.text_vocab_size), rel=0.05)
