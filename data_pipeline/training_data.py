@@ -74,13 +74,16 @@ def open_checked_once(spec: str, model):
     if dist.get_rank() == 0:
         try:
             dataset = open_training_data(spec, model)
-        except (ValueError, FileNotFoundError) as e:
-            error = str(e)
-    verdict = [error]
+        except Exception as e:  # noqa: BLE001 - the other ranks wait in the broadcast below for any outcome
+            error = e
+    verdict = [None if error is None else (isinstance(error, ValueError | FileNotFoundError), str(error))]
     dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise DataError(verdict[0])
-    return dataset if dataset is not None else open_training_data(spec, model, check_shards=False)
+    if verdict[0] is None:
+        return dataset if dataset is not None else open_training_data(spec, model, check_shards=False)
+    refused, message = verdict[0]
+    if error is not None and not refused:
+        raise error
+    raise DataError(message) if refused else RuntimeError(f"rank 0 could not open {spec}: {message}")
 
 
 def folders(spec: str) -> set[Path]:
