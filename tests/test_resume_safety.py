@@ -587,3 +587,14 @@ def test_a_resume_at_the_same_layout_restores_the_random_generators(single_proce
     tracker = get_cuda_rng_tracker().get_states()
     assert tracker.keys() == saved["tracker"].keys()
     assert all(torch.equal(tracker[k], saved["tracker"][k]) for k in tracker)
+
+
+def test_a_resume_at_another_layout_leaves_the_generators_as_seeded(single_process, reference, tmp_path):
+    """The reference's DP=2 ranks' generator states do not map onto one process's: rank 0's file is not loaded."""
+    from training.checkpoint_verify import load_rng_file
+
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    saved = load_rng_file(run_dir / "checkpoints" / LAST / "rng_rank0.pt")
+    torch.manual_seed(99)
+    assert run(str(run_dir)) == []  # (resumes at step 6, trains nothing)
+    assert not torch.equal(torch.get_rng_state(), saved["torch"])
