@@ -457,6 +457,15 @@ def test_pretraining_resumed_after_a_skipped_step_gives_the_uninterrupted_losses
     resumed += pretrain_at(str(tmp_path / "b"), "train.steps=6")
     assert whole[1] != whole[1] and resumed[1] != resumed[1]
     assert whole[2:] == resumed[2:]
+    # The skipped step leaves the LR schedule where it is, as the Parti trainer's does: step 3 trains at step 2's
+    # rate (in warm-up here), in the resumed run too.
+    from common.schedule import lr_lambda
+    from training.config import load_config
+
+    t = load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=6"]).train
+    lrs = [m["lr"] for m in metrics(tmp_path / "a")]
+    assert lrs == pytest.approx([t.lr * lr_lambda(t)(k) for k in (0, 1, 1, 2, 3, 4)], rel=1e-9)
+    assert [m["lr"] for m in metrics(tmp_path / "b")] == lrs
 
 
 def test_pretraining_resumed_with_another_batch_size_goes_on_where_it_stopped(single_process, tmp_path,

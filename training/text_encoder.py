@@ -263,10 +263,10 @@ class _Pretraining:
                 for p in self.params:
                     p.grad.mul_(t.grad_clip / (norm + 1e-6))
             self.optimizer.step()
+            self.schedule.step()  # (the LR follows the updates made, as the Parti trainer's and Megatron-LM's)
             self.consecutive = 0
-        else:  # skipped, as the Parti trainer skips it (its gradients would make every weight NaN)
+        else:  # skipped, as the Parti trainer skips it (its gradients would make every weight NaN), the LR held
             self.skipped, self.consecutive = self.skipped + 1, self.consecutive + 1
-        self.schedule.step()  # (the LR follows the step count, so a resumed run's schedule is the same)
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return total.item() / self.dp_size, norm
 
@@ -330,7 +330,7 @@ class _Pretraining:
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.train.lr
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg.train),
-                                                          last_epoch=step - 1)
+                                                          last_epoch=step - self.skipped - 1)  # (updates made)
         self.log.resumed_at(step)
         return step
 
