@@ -99,7 +99,7 @@ def worker(rank: int, world: int, port: int, args, root: str, out: dict) -> None
 
     def step() -> float:
         start = time.perf_counter()
-        batches = [engine.MicroBatch(*mb) for mb in reader.next_step()]
+        batches = trainer._with_samples(reader.next_step())  # (TP rank 0 reads, its TP group receives)
         engine.train_step(trainer.engine, cfg, batches, trainer.device)
         trainer.step += 1
         trainer.consumed += cfg.train.global_batch_size

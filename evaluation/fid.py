@@ -56,8 +56,10 @@ from common.cli import command, description
 from common.files import atomic_path, write_atomic
 from data_pipeline.images import resize_center_crop, to_rgb
 
-PREPROCESSING = ("RGB uint8 -> torch bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128; "
-                 "Inception in float32, TF32 off")
+PREPROCESSING = ("decoded as the data pipeline does (16-bit scaled to 8, transparency on white) -> RGB uint8 -> torch "
+                 "bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128; Inception in float32, "
+                 "TF32 off")
+"""What the features are computed from (a key of the cached real statistics: a change here computes them anew)."""
 REFERENCE_IMAGES = 30_000
 """Generated images of the COCO-30k protocol: a FID over fewer is named FID-N and warned about."""
 FEATURES = 2048

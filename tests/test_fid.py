@@ -155,6 +155,7 @@ def test_16_bit_and_transparent_images_are_read_as_the_data_pipeline_reads_them(
         Image.fromarray(pixels * 257).save(grey16 / f"{i}.png")  # (mode I;16: the same picture in 16 bits)
     assert Image.open(grey16 / "0.png").mode == "I;16"
     assert abs(fid(grey16, grey8, weights)["fid"]) < 1e-3
+    assert "16-bit scaled to 8, transparency on white" in fid(grey16, grey8, weights)["protocol"]["preprocessing"]
     Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")  # transparent red: white
     assert read_image(tmp_path / "clear.png").eq(255).all()
 

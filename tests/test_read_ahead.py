@@ -231,7 +231,8 @@ def test_the_caption_drops_are_those_of_the_samples_stream_positions_far_into_a_
     from data_pipeline.loader import CaptionDrop, collate
     from model_parallel.model import caption_drop_mask
 
-    positions = torch.arange(10**9, 10**9 + 4096)
+    positions = torch.arange(2**33 + 10**9, 2**33 + 10**9 + 4096)  # (beyond 2^32: the mask's high bits count)
+    assert not torch.equal(caption_drop_mask(positions, 5, 0.25), caption_drop_mask(positions % 2**32, 5, 0.25))
     text = torch.full((len(positions), 4), 7)
     samples = [((t, torch.zeros(2, dtype=torch.long)), int(p)) for t, p in zip(text, positions)]
     nulled, _, got = collate(samples, CaptionDrop(seed=5, prob=0.25, pad_id=0, eos_id=3))

@@ -301,8 +301,9 @@ class _Pretraining:
 
     def resume(self) -> int:
         """The step to continue from: `latest`'s (or the newest complete checkpoint's), its weights and Adam
-        moments loaded at this run's layout; 0 without one. Makes the LR schedule at that step. config.yaml is
-        written once the checkpoint's config has been checked against this one."""
+        moments loaded at this run's layout; 0 without one. Makes the LR schedule at the updates made by then (the
+        steps less the skipped ones; checkpoints written before 2026-12-05 advanced it on skipped steps). config.yaml
+        is written once the checkpoint's config has been checked against this one."""
         tag, note = resume_tag(self.run_dir)
         if note:
             self.log.info(note)
