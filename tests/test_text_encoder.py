@@ -539,3 +539,24 @@ def test_the_held_out_loss_of_an_untrained_encoder_is_that_of_uniform_guesses(si
                                                    "train.eval_interval=1", "train.eval_batches=3"])
     pretrain(cfg, tmp_path)
     assert held_out_losses(tmp_path)[1] == pytest.approx(math.log(cfg.model.text_vocab_size), rel=0.05)
+
+
+def test_the_update_of_a_clipped_step_has_the_size_the_clip_gives(single_process, tmp_path):
+    """With gradients clipped to a global norm c far below Adam's eps, AdamW's first update is lr x g / eps per
+    element (m = g, sqrt(v) = |g|; weight decay off), so the weights move by lr x c / eps in all: the clip's
+    threshold, by hand (a clip ten times looser moved them ten times further; Adam hides any clip otherwise)."""
+    from training.captions import caption_source
+    from training.config import load_config
+    from training.text_encoder import _Pretraining
+
+    cfg = load_config("configs/train/debug.yaml", [*PRETRAIN, "train.grad_clip=1e-10", "train.weight_decay=0",
+                                                   "model.dropout=0.0"])
+    run = _Pretraining(cfg, tmp_path, "cpu", caption_source(cfg, None, None))
+    run.resume()
+    before = [p.detach().clone() for p in run.params]
+    run.step(0)
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(run.params, before)))
+    t = cfg.train
+    rate = t.lr * run.schedule.lr_lambdas[0](0)  # (the first step's: in warm-up)
+    assert float(moved) == pytest.approx(rate * t.grad_clip / t.adam_eps, rel=1e-2)  # (fp32 rounding of the weights)
+    run.log.close()
