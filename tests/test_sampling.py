@@ -850,8 +850,8 @@ def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_pro
     wider = dataclasses.replace(debug_model(seed=5).cfg, hidden_size=2 * config["model"]["hidden_size"])
     wider = dataclasses.asdict(wider)
     (path / "config.json").write_text(json.dumps({**config, "model": wider}))
-    with pytest.raises(ValueError, match=rf"{weights}: weights that do not fit the model its config.json describes "
-                                         r"\(\d+ of another shape: .*\(the model's \["):
+    with pytest.raises(ValueError, match=rf"{weights} does not fit the configured model \(\d+ other shape\(s\): "
+                                         r".*\(the model's: \(.*its config.json describes another model"):
         load_exported(path)
 
 

@@ -25,6 +25,7 @@ import torch
 from common.checkpoints import CheckpointError, checkpoint_dir
 from common.cli import command, description
 from common.files import atomic_path, write_atomic
+from common.state_file import check_fits
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
@@ -167,7 +168,10 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
                 raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, "
                                  f"config.json describes {config.get('checkpoint')} (an export stopped between its "
                                  "two files?); export again")
-            check_fits_model(model, {name: f.get_slice(name).get_shape() for name in names}, str(file))
+            shapes = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in names}
+            megatron_extra = tuple(k for k in model.state_dict() if k.endswith("_extra_state"))  # (not exported)
+            check_fits(model, shapes, str(file), optional=megatron_extra,
+                       advice="its config.json describes another model than its weights: export again")
             weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in names}
     except (OSError, ValueError):
         raise
@@ -179,28 +183,13 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     return model.eval()
 
 
-def check_fits_model(model: torch.nn.Module, shapes: dict[str, list[int]], source: str) -> None:
-    """ValueError naming `source` unless `shapes` (name -> shape of each weight) are exactly the model's parameters
-    and buffers (megatron's per-module _extra_state aside): weights of another model size or version."""
-    expected = {k: list(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    missing, unexpected = [k for k in expected if k not in shapes], [k for k in shapes if k not in expected]
-    other = [f"{k} {list(shapes[k])} (the model's {expected[k]})" for k in expected
-             if k in shapes and list(shapes[k]) != expected[k]]
-    if missing or unexpected or other:
-        found = [f"{len(v)} {what}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}"
-                 for what, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", other)) if v]
-        raise ValueError(f"{source}: weights that do not fit the model its config.json describes ({'; '.join(found)})")
-
-
 def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
     """Load `weights` into a (meta-built) model by assignment: its parameters become these tensors, no copy.
     Assignment makes new Parameter objects: the attributes megatron-core sets on its parameters
-    (tensor_model_parallel, partition_dim, sequence_parallel, ...) are carried over to them."""
+    (tensor_model_parallel, partition_dim, sequence_parallel, ...) are carried over to them. The names and shapes
+    are the caller's to check first (load_exported: common.state_file.check_fits)."""
     attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("_extra_state")]  # megatron's per-module metadata
-    if missing or unexpected:
-        raise KeyError(f"{source}: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(weights, strict=False, assign=True)  # (strict=False: megatron's _extra_state is not saved)
     for name, p in model.named_parameters():
         for key, value in attributes[name].items():
             setattr(p, key, value)
