@@ -5,7 +5,8 @@
     prepared.image       # uint8 [3, 256, 256] (shorter side resized with antialiasing, center-cropped)
 
 Whatever the file holds (grayscale, palette with transparency, CMYK, alpha, 16-bit PNG) becomes 8-bit
-RGB; transparency (an alpha channel or a PNG tRNS colour) is composited on white. A photo's EXIF
+RGB; transparency (an alpha channel or a PNG tRNS colour) is composited on white (a 16-bit RGB PNG with a tRNS
+colour, which PIL cannot decode exactly, is skipped as a decode_error). A photo's EXIF
 orientation is applied first, so the image is the one a viewer shows (a phone photo stored sideways
 is turned upright: its caption describes it that way).
 """
@@ -23,10 +24,11 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-DECODING = {"version": 3, "exif_orientation": True, "transparency": "white"}
+DECODING = {"version": 4, "exif_orientation": True, "transparency": "white"}
 """How images become pixels, recorded in every code shard's header (data_pipeline.pretokenize): a folder begun by
 a version that decoded otherwise (1: EXIF orientation ignored, a PNG's tRNS colour composited on black; 2: a 16-bit
-grey PNG's transparent value ignored) is not continued with different pixels."""
+grey PNG's transparent value ignored; 3: a 16-bit RGB PNG's tRNS colour matched against 8-bit pixels, see
+check_exact_decoding) is not continued with different pixels."""
 FILTER_RULES = 2
 """Which samples the filters skip, recorded beside their settings in every header (`filters.rules`): a folder begun
 under other rules (1: a null score passed a filter set on its field; a caption of no piece but EOS was kept, as
@@ -66,6 +68,15 @@ class Prepared:
     image: torch.Tensor | None = None  # uint8 [3, S, S]
     caption: str = ""
     image_hash: str = ""
+
+
+def check_exact_decoding(img: Image.Image) -> None:
+    """ValueError for an opened (not yet loaded) image that PIL would decode to wrong pixels: a 16-bit RGB PNG with
+    a tRNS colour. PIL keeps the high byte of each sample but the colour's 16-bit values, so its RGBA conversion
+    matches the colour against the wrong pixels (none, or opaque ones whose high byte equals it); PIL has no 16-bit
+    RGB mode to match it exactly, and transparency in 16-bit RGB is nearly always an alpha channel instead."""
+    if img.format == "PNG" and "transparency" in img.info and img.tile and img.tile[0].args == "RGB;16B":
+        raise ValueError("a 16-bit RGB PNG with a tRNS transparent colour: PIL cannot tell which pixels it hides")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -151,6 +162,7 @@ def prepare_sample(raw: dict, cfg: FilterConfig) -> Prepared:
         return Prepared(key, "missing_image")
     try:
         img = Image.open(io.BytesIO(data))
+        check_exact_decoding(img)
         img.load()  # decode now: a truncated file fails here, not later
         img = ImageOps.exif_transpose(img)  # (a no-op without an EXIF orientation)
     except Exception:  # PIL raises many types for broken files

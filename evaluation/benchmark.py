@@ -172,10 +172,7 @@ def score(cfg: EvalConfig, out: Path, scorer) -> dict:
 def run(cfg: EvalConfig) -> dict | None:
     import torch.distributed as dist
 
-    prompts = read_prompts(resolve(cfg.benchmark.prompts))[: cfg.benchmark.limit or None]
-    if not prompts:  # (checked before minutes of model loading)
-        raise ValueError(f"benchmark.prompts={cfg.benchmark.prompts}: no prompts; expected a prompt file with at "
-                         "least one prompt")
+    prompts = read_prompts(resolve(cfg.benchmark.prompts), cfg.benchmark.limit)  # (before minutes of model loading)
     check_out_folder(cfg.benchmark.out, "benchmark.out")
     if cfg.benchmark.name == "coco30k":  # what FID needs, before hours of generation
         try:

@@ -187,13 +187,22 @@ def read_metadata(samples: Path) -> list[dict]:
     return [_metadata_row(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
 
 
+def listed_images(samples: Path, metadata: list[dict] | None = None) -> list[tuple[dict, str]]:
+    """(prompt row, file name) of every image metadata.jsonl (or `metadata`) lists; ValueError when there is none
+    (a mean over no image is no score: 0 would read as one)."""
+    rows = [(meta, name) for meta in (read_metadata(samples) if metadata is None else metadata)
+            for name in meta["files"]]
+    if not rows:
+        raise ValueError(f"{samples / 'metadata.jsonl'} lists no images; expected those evaluation.generate wrote")
+    return rows
+
+
 def score_samples(scorer: ClipScorer, samples: str | Path, batch_size: int = 64,
                   metadata: list[dict] | None = None) -> dict:
     """Score every generated file against its prompt (as metadata.jsonl, or `metadata`, lists them); writes
     and returns <samples>/clip_score.json."""
     samples = Path(samples)
-    rows = [(meta, name) for meta in (read_metadata(samples) if metadata is None else metadata)
-            for name in meta["files"]]
+    rows = listed_images(samples, metadata)
     scores = []
     for start in tqdm(range(0, len(rows), batch_size), desc="clip score", unit="batch"):
         chunk = rows[start:start + batch_size]
@@ -220,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     add_clip_args(parser, required=True)
     args = parser.parse_args(argv)
     with command(errors=(ValueError, FileNotFoundError), label="evaluation.clip_score"):
-        metadata = read_metadata(args.samples)  # (a damaged file stops it before the model is loaded)
+        metadata = read_metadata(args.samples)  # (a damaged or empty file stops it before the model is loaded)
+        listed_images(args.samples, metadata)
         result = score_samples(ClipScorer.load(args.clip, args.clip_weights, tag=args.clip_tag), args.samples,
                                metadata=metadata)
     where = f"per image in {result['written']}" if result["written"] else "clip_score.json not written"

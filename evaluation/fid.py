@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from common.cli import command, description
 from common.files import atomic_path, write_atomic
-from data_pipeline.images import resize_center_crop, to_rgb
+from data_pipeline.images import check_exact_decoding, resize_center_crop, to_rgb
 
 PREPROCESSING = ("decoded as the data pipeline does (16-bit scaled to 8, transparency on white) -> RGB uint8 -> torch "
                  "bilinear 299x299 (align_corners=False, no antialias) -> (x - 128) / 128; Inception in float32, "
@@ -222,6 +222,7 @@ def open_rgb(path: Path):
 
     try:
         with Image.open(path) as image:
+            check_exact_decoding(image)
             return to_rgb(image)  # (decodes all of it now, inside the try)
     except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's "broken PNG file" and kin
         raise ValueError(f"{path}: not a readable image ({e}); expected a complete "

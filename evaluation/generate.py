@@ -415,7 +415,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[dict], SamplingConfig]:
     cfg = dataclass_from_args(SamplingConfig, args)
     check_export(args.checkpoint, "--checkpoint")
     check_out_folder(args.out, "--out")
-    return read_prompts(args.prompts)[: args.limit or None], cfg
+    return read_prompts(args.prompts, args.limit), cfg
 
 
 def check_input_files(args: argparse.Namespace) -> None:

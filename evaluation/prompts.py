@@ -65,8 +65,16 @@ def _json_object(text: str, source: str, line: int) -> dict:
     return row
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    path = Path(path)
+def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
+    """The first `limit` prompts of a file (0: all); ValueError naming it for a file of no prompt (a run over none
+    would write an empty result and exit 0)."""
+    prompts = _read_prompts(Path(path))
+    if not prompts:
+        raise ValueError(f"prompt file {path}: no prompts; expected a prompt file with at least one prompt")
+    return prompts[: limit or None]
+
+
+def _read_prompts(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower()

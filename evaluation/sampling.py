@@ -154,7 +154,11 @@ def choose(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor
     on the generator's device (module docstring)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    logits = logits.float()
+    # (less the row's largest first: a tiny temperature then tends to greedy; divided as they were, the logits
+    # overflowed to inf, the softmax gave NaN and every draw picked code 0)
+    shifted = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
+    probs = filter_logits(shifted, cfg.top_k, cfg.top_p).softmax(-1)
     probs = probs.to(_draw_device(generator, logits.device))
     if isinstance(generator, (list, tuple)):
         picks = torch.cat([_draw_one(p[None], g) for p, g in zip(probs, generator)])

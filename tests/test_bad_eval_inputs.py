@@ -42,11 +42,14 @@ def clip_score_case(tmp: Path, damage: str):
     elif damage == "json":
         lines[1] = lines[1][:30]  # a line cut short
         expected = f"{re.escape(str(samples / 'metadata.jsonl'))}:2: not valid JSON .*expected one JSON object per line"
+    elif damage == "empty":
+        lines = []
+        expected = f"{re.escape(str(samples / 'metadata.jsonl'))} lists no images; expected those evaluation.generate"
     else:
         lines[0] = json.dumps({"prompt": "a", "index": 0})
         expected = (f"{re.escape(str(samples / 'metadata.jsonl'))}:1: no files; "
                     "expected a JSON object with prompt, index, files")
-    (samples / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    (samples / "metadata.jsonl").write_text("".join(line + "\n" for line in lines))
     (samples / "clip_score.json").write_text('{"clip_score": 30.0}')  # an earlier result
     return main, ["--samples", str(samples), "--clip", f"local-dir:{tmp / 'clip'}"], expected, [samples]
 
@@ -60,7 +63,7 @@ def benchmark_without_prompts(tmp: Path):
     (out / "results.json").write_text('{"clip_score": 30.0}')  # an earlier result
     argv = ["--config", "configs/eval/partiprompts.yaml", "--set", "model.checkpoint=x", "model.vq=y",
             "model.text_tokenizer=z", "clip.model=local-dir:c", f"benchmark.prompts={prompts}", f"benchmark.out={out}"]
-    return main, argv, f"benchmark.prompts={re.escape(str(prompts))}: no prompts; expected a prompt file with", [out]
+    return main, argv, f"prompt file {re.escape(str(prompts))}: no prompts; expected a prompt file with", [out]
 
 
 def benchmark_case(tmp: Path, *sets: str, expected: str):
@@ -110,6 +113,13 @@ def generate_case(tmp: Path, checkpoint: Path, prompts: Path | None = None):
     argv = ["--checkpoint", str(checkpoint), "--vq", str(tmp / "vq.pt"), "--text-tokenizer", str(tmp / "spm.model"),
             "--prompts", str(prompts), "--out", str(out)]
     return main, argv, [out]
+
+
+def generate_without_prompts(tmp: Path):
+    prompts = tmp / "prompts.tsv"
+    prompts.write_text("Prompt\tCategory\n", encoding="utf-8")  # (a header only: as empty as an empty file)
+    main, argv, keep = generate_case(tmp, fake_export(tmp / "export"), prompts)
+    return main, argv, f"prompt file {re.escape(str(prompts))}: no prompts; expected a prompt file with", keep
 
 
 def generate_non_utf8_prompts(tmp: Path):
@@ -187,6 +197,7 @@ CASES = {
     "clip_score: truncated PNG among the samples": lambda tmp: clip_score_case(tmp, "png"),
     "clip_score: metadata.jsonl line cut short": lambda tmp: clip_score_case(tmp, "json"),
     "clip_score: metadata.jsonl line without files": lambda tmp: clip_score_case(tmp, "keys"),
+    "clip_score: metadata.jsonl of no image": lambda tmp: clip_score_case(tmp, "empty"),
     "clip_score: metadata.jsonl not UTF-8": clip_score_non_utf8_metadata,
     "benchmark: no prompts": benchmark_without_prompts,
     "benchmark: a seed of 2**32": lambda tmp: benchmark_case(
@@ -334,6 +345,7 @@ SAMPLING_CASES = {
     "negative keep": generate_flags("--keep", "-1", expected=r"--keep \(sampling.keep\) must be >= 0, not -1$"),
     "keep more than sampled": generate_flags("--keep", "3", "--samples-per-prompt", "2", "--clip", "ViT-B-32",
                                              expected=r"--keep 3 keeps more than the 2 sample\(s\) per prompt"),
+    "a prompt file of no prompt": lambda tmp: generate_without_prompts(tmp),
     "negative limit": generate_flags("--limit", "-1", expected=r"--limit must be >= 0 \(0: all prompts\), not -1$"),
     "top-p 0": generate_flags("--top-p", "0", expected=r"sampling.top_p \(--top-p\) must be in \(0, 1\] .*, not 0.0$"),
     "negative temperature": generate_flags(

@@ -135,6 +135,38 @@ def test_transparent_colour_of_grey_and_rgb_pngs_becomes_white():
             assert p.image[:, 10, 50].tolist() == [1, 1, 1], p.image[:, 10, 50]
 
 
+def png_rgb16(pixels: np.ndarray, transparent: tuple[int, int, int] | None) -> bytes:
+    """A 16-bit RGB PNG written by hand (PIL cannot write one), with a tRNS colour when given."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + (chunk(b"tRNS", struct.pack(">HHH", *transparent)) if transparent else b"")
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_rgb_png_with_a_transparent_colour_is_a_decode_error(tmp_path):
+    """PIL decodes a 16-bit RGB PNG to 8 bits but keeps its tRNS colour in 16: converted, the transparent half
+    (value 100) stayed black and the opaque half (25700, whose high byte is 100) turned white. Such an image is
+    skipped (and refused by FID's reader), one without the colour decodes."""
+    pixels = np.zeros((64, 64, 3), np.uint16)
+    pixels[:, :32], pixels[:, 32:] = 100, 25700
+    raw = {"__key__": "k", "txt": b"half hidden"}
+    assert prepare_sample({**raw, "png": png_rgb16(pixels, (100, 100, 100))}, FILTERS).reason == "decode_error"
+    kept = prepare_sample({**raw, "png": png_rgb16(pixels, None)}, FILTERS)
+    assert kept.reason is None and kept.image[:, 10, 10].tolist() == [0, 0, 0]
+    assert kept.image[:, 10, 50].tolist() == [100, 100, 100]
+    (tmp_path / "t.png").write_bytes(png_rgb16(pixels, (100, 100, 100)))
+    from evaluation.fid import open_rgb
+    with pytest.raises(ValueError, match="t.png.*16-bit RGB PNG with a tRNS"):
+        open_rgb(tmp_path / "t.png")
+
+
 def test_json_sidecars_that_are_not_objects_or_carry_nan_scores():
     """A .json that is not an object carries nothing to filter on (kept, no crash); a NaN score (img2dataset's
     missing value) does not pass a filter set on that field, and is ignored where no filter is set."""

@@ -347,3 +347,38 @@ def test_a_generate_folder_is_scored_on_the_images_its_metadata_lists(tmp_path, 
     out = capsys.readouterr().out
     assert "(6 real, 3 generated;" in out
     assert json.loads((fake / "fid.json").read_text())["fid"] == pytest.approx(fid(real, listed, weights)["fid"])
+
+
+def bilinear_half_pixel(image: np.ndarray, size: int) -> np.ndarray:
+    """[C, H, W] -> [C, size, size] by pytorch-fid's resize (bilinear, pixel centres at i + 0.5: torch's
+    align_corners=False, no antialiasing), written out as two interpolation matrices."""
+    def weights(n_in: int) -> np.ndarray:
+        src = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, None)
+        low = np.floor(src).astype(int)
+        high, frac = np.minimum(low + 1, n_in - 1), src - low
+        w = np.zeros((size, n_in))
+        np.add.at(w, (np.arange(size), low), 1 - frac)
+        np.add.at(w, (np.arange(size), high), frac)
+        return w
+
+    rows, cols = weights(image.shape[1]), weights(image.shape[2])
+    return np.einsum("oh,chw,pw->cop", rows, image.astype(np.float64), cols)
+
+
+def test_inception_sees_images_resized_as_pytorch_fid_resizes_them():
+    """The protocol's resize (module docstring: pytorch-fid's, bilinear without antialiasing, align_corners=False)
+    and scaling ((x - 128) / 128) of a non-square image, against the resize written out by hand: another mode or
+    corner convention moves FID and no other test saw it (their images are flat halves)."""
+    image = torch.randint(0, 256, (3, 48, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    seen = []
+
+    def model(x):
+        seen.append(x)
+        return torch.zeros(len(x), 2048)
+
+    extractor = InceptionFeatures.__new__(InceptionFeatures)  # (the transform alone: no weights loaded)
+    extractor.device, extractor.path, extractor.model = "cpu", Path("stub"), model
+    extractor.features([image])
+    expected = (bilinear_half_pixel(image.numpy(), 299) - 128) / 128
+    assert seen[0].dtype == torch.float32 and seen[0].shape == (1, 3, 299, 299)
+    assert np.abs(seen[0][0].double().numpy() - expected).max() < 1e-5

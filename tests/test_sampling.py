@@ -331,6 +331,18 @@ def test_filters():
     assert torch.isinf(filter_logits(logits, 0, float(probs[0]) - 0.01)).tolist() == [[False, True, True, True]]
 
 
+def test_a_tiny_temperature_samples_the_most_likely_code():
+    """Any temperature > 0 passes the config's check; one so small that the logits overflow once divided gave a
+    NaN softmax, and every draw picked code 0."""
+    from evaluation.sampling import choose
+
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0], [3.0, -1.0, 0.5, 2.9]])
+    for temperature in (1e-3, 1e-39, 1e-45):
+        for seed in range(5):
+            picks = choose(logits, SamplingConfig(temperature=temperature), torch.Generator().manual_seed(seed))
+            assert picks.tolist() == [2, 0], (temperature, seed, picks)
+
+
 def test_choose_draws_what_multinomial_draws_without_a_host_sync():
     """choose() makes torch.multinomial's very draw (batch and per-row generators, filtered codes included),
     without multinomial itself, whose checks read device values on the host (ATen: `.item()` of the min,
