@@ -39,6 +39,14 @@ def require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_minima(section, prefix: str, rules) -> None:
+    """ConfigError naming `prefix`.field for the first of `rules` ((field, least value, meaning), ...) that the
+    section's value is below."""
+    for name, low, meaning in rules:
+        value = getattr(section, name)
+        require(value >= low, f"{prefix}.{name}={value} must be >= {low} ({meaning})")
+
+
 def _parse_value(text: str, dotted: str) -> Any:
     """A command-line value is read as YAML: 2 -> int, 1e-3 -> float, true -> bool, abc -> str. Refused where
     YAML 1.1 (PyYAML's) would read it otherwise than meant: 010 is octal 8, 1:30 is base 60 (90), and ` #`

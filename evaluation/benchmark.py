@@ -183,18 +183,16 @@ def run(cfg: EvalConfig) -> dict | None:
             raise ValueError(f"coco30k: {len(prompts)} prompt(s) x {cfg.sampling.keep or cfg.sampling.samples_per_prompt}"
                              " image(s) each; FID needs at least 2 generated images (raise benchmark.limit)")
         default_weights()
-    if cfg.model.upsampler and not Path(cfg.model.upsampler).is_file():  # (before the model is loaded)
-        raise FileNotFoundError(f"model.upsampler={cfg.model.upsampler}: no such file; expected the export.pt of "
-                                "sr.train")
+    device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
+    upsampler = (load_upsampler_for_sampling(cfg.model.upsampler, device, "model.upsampler=")
+                 if cfg.model.upsampler else None)  # (small: a wrong file stops the run before minutes of loading)
     if cfg.clip.model:
         check_clip(cfg.clip.model, cfg.clip.weights or None, cfg.clip.tag or None, f"clip.model={cfg.clip.model}")
-    device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
     init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.benchmark.out)
     out.mkdir(parents=True, exist_ok=True)
     model, vq, text_tok = load_for_sampling(cfg.model.checkpoint, cfg.model.vq, cfg.model.text_tokenizer, device)
-    upsampler = load_upsampler_for_sampling(cfg.model.upsampler, device) if cfg.model.upsampler else None
     scorer = (ClipScorer.load(cfg.clip.model, cfg.clip.weights or None, device, cfg.clip.tag or None)
               if cfg.clip.model else None)
     s = cfg.sampling

@@ -82,6 +82,7 @@ def save_png(image, path: Path) -> None:
 
 def upsampled_folder(out: Path) -> Path:
     """Where the upsampled images of an output folder go (--upsampler): its sibling `<name>_upsampled`."""
+    out = Path(out).resolve()  # (--out . has no name to add to)
     return out.with_name(out.name + "_upsampled")
 
 
@@ -393,13 +394,14 @@ def load_for_sampling(checkpoint, vq_path, text_tokenizer, device: str, dtype: t
     return model, vq, text_tok
 
 
-def load_upsampler_for_sampling(path: str | Path, device: str):
+def load_upsampler_for_sampling(path: str | Path, device: str, flag: str = "--upsampler "):
     """An sr.train export on `device`, carrying its identity (resolved path, size, sha256) for the record;
-    FileNotFoundError naming --upsampler when it is not there."""
+    FileNotFoundError (missing) or ConfigError (not such an export) naming `flag` and the path. Small: loaded
+    before the model, so that a wrong file stops a run before minutes of model loading."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--upsampler {path}: no such file; expected the export.pt an sr.train run writes")
-    upsampler = load_upsampler(path, device)
+        raise FileNotFoundError(f"{flag}{path}: no such file; expected the export.pt an sr.train run writes")
+    upsampler = load_upsampler(path, device, where=f"{flag}{path}")
     upsampler.export_identity = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return upsampler
 
@@ -466,9 +468,9 @@ def main(argv: list[str] | None = None) -> None:
         device = use_device(args.device, "--device")  # (before init_distributed touches CUDA)
         init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
         check_input_files(args)
+        upsampler = load_upsampler_for_sampling(args.upsampler, device) if args.upsampler else None
         model, vq, text_tok = load_for_sampling(args.checkpoint, args.vq, args.text_tokenizer, device)
         scorer = ClipScorer.load(args.clip, args.clip_weights, device, tag=args.clip_tag) if args.clip else None
-        upsampler = load_upsampler_for_sampling(args.upsampler, device) if args.upsampler else None
         generate(model, vq, text_tok, prompts, args.out, cfg, args.samples_per_prompt, args.seed, args.batch_size,
                  dist.get_rank(), dist.get_world_size(), scorer, args.keep, upsampler, args.compile_decode)
         dist.barrier()

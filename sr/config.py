@@ -32,7 +32,8 @@ class SRTrainConfig:
     perceptual: float = 0.0
     """Weight of LPIPS (0 disables it)."""
     lpips_backbone: str = ""
-    """Local torchvision vgg16 state dict for LPIPS ('' = random backbone, for tests)."""
+    """Local torchvision vgg16 state dict for LPIPS (vgg16-397923af.pth), needed when its weight is > 0; 'random':
+    an untrained VGG, for smoke tests (the perceptual loss then means nothing)."""
     init_from: str = ""
     """An upsampler export (sr.train's export.pt) of the same model section to start from at step 0 ('' = fresh;
     a resume takes the checkpoint's weights)."""

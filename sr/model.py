@@ -22,6 +22,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from common.config import ConfigError
 from common.files import atomic_path
+from common.state_file import check_fits
 
 WDSR_PRESETS = {
     "x2": {"scale": 2, "features": 128, "blocks": 50},   # ~14.8M parameters, 256 -> 512 px
@@ -50,7 +51,14 @@ class SRModelConfig:
         if self.preset not in WDSR_PRESETS:
             raise ConfigError(f"model.preset={self.preset!r} must be one of {', '.join(WDSR_PRESETS)}")
         shape = dict(WDSR_PRESETS[self.preset])
+        for name in shape:  # (a negative value trained the preset's silently)
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0 (0: the preset's)")
         shape.update({k: getattr(self, k) for k in shape if getattr(self, k) > 0})
+        for name in ("expansion", "low_rank"):  # (else a block of no channels, failing in the first step)
+            if round(shape["features"] * getattr(self, name)) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} x {shape['features']} features rounds to no "
+                                  "channel; it must give at least one")
         return shape
 
 
@@ -132,16 +140,22 @@ def save_upsampler(model: WDSR, cfg: SRModelConfig, path) -> None:
         torch.save({"kind": "wdsr", "config": asdict(cfg), "state_dict": model.state_dict()}, tmp)
 
 
-def load_upsampler(path, device: str | torch.device = "cpu") -> WDSR:
+def load_upsampler(path, device: str | torch.device = "cpu", where: str | None = None) -> WDSR:
     """An exported upsampler (`save_upsampler`), in eval mode; weights_only: a file that holds more than
-    tensors and plain data is refused unrun."""
+    tensors and plain data is refused unrun. Any other file, or one whose config and weights disagree, is a
+    ConfigError naming `where` (the flag or key and the path; default: the path)."""
+    where = where or str(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError (unsafe content), RuntimeError (not a torch file), OSError
-        raise ConfigError(f"{path}: not a readable upsampler export ({str(e).strip().splitlines()[0][:200]}); "
+        raise ConfigError(f"{where}: not a readable upsampler export ({str(e).strip().splitlines()[0][:200]}); "
                           "expected sr.train's export.pt") from None
-    if not (isinstance(blob, dict) and blob.get("kind") == "wdsr"):
-        raise ConfigError(f"{path}: not an upsampler export (expected sr.train's export.pt, kind 'wdsr')")
-    model = build_wdsr(SRModelConfig(**blob["config"]))
+    if not (isinstance(blob, dict) and blob.get("kind") == "wdsr" and isinstance(blob.get("state_dict"), dict)):
+        raise ConfigError(f"{where}: not an upsampler export (expected sr.train's export.pt, kind 'wdsr')")
+    try:
+        model = build_wdsr(SRModelConfig(**blob.get("config", {})))
+    except TypeError as e:  # (a key SRModelConfig does not have, a config that is not a mapping)
+        raise ConfigError(f"{where}: its config is not an upsampler's ({e}); expected sr.train's export.pt") from None
+    check_fits(model, blob["state_dict"], where, advice="its config describes another model than its weights")
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()

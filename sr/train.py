@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from common.checkpoints import check_steps_left, checkpoint_dir, resume_tag
 from common.cli import config_parser, run_trainer
-from common.config import ConfigError, save_config
+from common.config import ConfigError, check_minima, save_config
 from common.metrics import MetricsLogger, StepClock, mean_over_ranks, psnr
 from common.preemption import StopRequest
 from common.state_file import RESUME_ADVICE, STATE_FILE, check_fits, load_state, save_state
@@ -39,7 +39,8 @@ from data_pipeline.image_stream import CropStream, center_crops, gather_stream_s
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.config import SRConfig
 from sr.model import build_wdsr, load_upsampler, save_upsampler, upsample
-from vq.losses import make_lpips
+from vq.config import IMAGE_TRAIN_MINIMA
+from vq.losses import check_lpips_backbone, make_lpips
 from vq.tokenizer import load_image_tokenizer
 
 
@@ -68,6 +69,8 @@ class SRTrainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
         self.scale = cfg.model.resolved()["scale"]
+        check_minima(t, "train", (*IMAGE_TRAIN_MINIMA, ("crop", self.scale, "the high-resolution crops' side")))
+        check_lpips_backbone(t.perceptual, t.lpips_backbone)
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
         if t.precision not in ("fp32", "bf16"):
@@ -86,7 +89,7 @@ class SRTrainer:
         self.model = build_wdsr(cfg.model).to(self.device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr)
-        self.lpips = make_lpips(t.lpips_backbone or None).to(self.device) if t.perceptual > 0 else None
+        self.lpips = make_lpips(t.lpips_backbone).to(self.device) if t.perceptual > 0 else None
         self.step = 0
         side = t.resize or t.crop  # the high-resolution images: never enlarged to it (see SRTrainConfig.resize)
         whole = side if self.tokenizer is not None else t.crop  # (a tokenizer reconstructs whole images)
@@ -157,7 +160,7 @@ class SRTrainer:
         path = self.cfg.train.init_from
         if not path:
             return
-        state = load_upsampler(path).state_dict()
+        state = load_upsampler(path, where=f"train.init_from={path}").state_dict()
         check_fits(self.model, state, f"train.init_from={path}")  # (every WDSR setting shows in the shapes)
         self.model.load_state_dict(state)
         self.log.info(f"weights from the upsampler export {path}")

@@ -81,6 +81,11 @@ def benchmark_case(tmp: Path, *sets: str, expected: str):
     return main, argv, expected, [out]
 
 
+def not_an_upsampler(tmp: Path) -> Path:
+    (tmp / "sr.pt").write_bytes(b"not a torch file")
+    return tmp / "sr.pt"
+
+
 def fake_export(folder: Path) -> Path:
     """Just enough of an export folder (config.json + model.safetensors) to pass the folder check."""
     folder.mkdir(parents=True)
@@ -213,6 +218,9 @@ CASES = {
         expected=r"coco30k: 1 prompt\(s\) x 1 image\(s\) each; FID needs at least 2 generated images"),
     "benchmark: no such upsampler": lambda tmp: benchmark_case(
         tmp, "model.upsampler=/nonexistent/sr.pt", expected=r"model.upsampler=/nonexistent/sr.pt: no such file"),
+    "benchmark: an upsampler that is not an export": lambda tmp: benchmark_case(
+        tmp, f"model.upsampler={not_an_upsampler(tmp)}",
+        expected=r"model.upsampler=\S*sr.pt: not a readable upsampler export .*expected sr.train's export.pt"),
     "benchmark: grids of no prompts": lambda tmp: benchmark_case(
         tmp, "benchmark.grid_prompts=0", expected=r"benchmark.grid_prompts=0 must be >= 1"),
     "benchmark: out is a file": lambda tmp: benchmark_case(
@@ -362,6 +370,10 @@ SAMPLING_CASES = {
                                          r"export \(.*\); expected the export.pt of vq.train"),
     "--text-tokenizer not SentencePiece": lambda tmp: generate_with_a_text_tokenizer_that_is_not_one(tmp),
     "--out a file": lambda tmp: generate_into_a_file(tmp),
+    # (read after the model and CLIP: minutes late)
+    "--upsampler not an export": lambda tmp: generate_flags(
+        "--upsampler", str(not_an_upsampler(tmp)), files=("vq.pt", "spm.model"),
+        expected=r"--upsampler \S*sr.pt: not a readable upsampler export .*expected sr.train's export.pt")(tmp),
     "--vq with another codebook size written in": lambda tmp: generate_with_an_edited_vq(tmp, "size"),
     "--vq with an unknown config key written in": lambda tmp: generate_with_an_edited_vq(tmp, "key"),
     "negative seed": generate_flags("--seed", "-1", expected=r"--seed must be in \[0, 2\*\*32\), not -1$"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -739,7 +740,7 @@ def test_images_reach_the_disk_before_the_json_marks_them_done(tmp_path, monkeyp
 
 
 @torch.no_grad()
-def test_the_kept_samples_are_the_best_scored_and_upsampled_are_theirs(tmp_path):
+def test_the_kept_samples_are_the_best_scored_and_upsampled_are_theirs(tmp_path, monkeypatch):
     """With a scorer and keep: the PNGs are the `keep` best-scored samples, best first, and each upsampled PNG is
     the upsampler's image of that same sample (an upsampler that drew the first samples instead went unseen:
     an untrained WDSR is bicubic, and no test combined it with reranking). Scores: a stand-in scorer (mean
@@ -772,6 +773,8 @@ def test_the_kept_samples_are_the_best_scored_and_upsampled_are_theirs(tmp_path)
         assert np.array_equal(large, np.asarray(to_pil(upsample(upsampler, images[k][None])[0])))
         bicubic = torch.nn.functional.interpolate(images[k][None], scale_factor=2, mode="bicubic")[0]
         assert not np.array_equal(large, np.asarray(to_pil(bicubic)))
+    monkeypatch.chdir(out)  # --out . (a path of no name: a ValueError after the first batch's samples)
+    assert upsampled_folder(Path(".")) == upsampled_folder(out) == tmp_path / "samples_upsampled"
 
 
 # ----------------------------------------------------------------------------------------------

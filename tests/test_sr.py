@@ -102,6 +102,14 @@ def test_init_from_an_export_starts_from_its_weights(single_process, photos, tmp
                .state_dict().items())
     with pytest.raises(ConfigError, match=rf"init_from={export} does not fit the configured model \(.*other shape"):
         train(photos, tmp_path / "wider", "model.features=24", "train.steps=0", f"train.init_from={export}")
+    # An export whose config and weights disagree: one line naming the key (a many-line load_state_dict error and a
+    # TypeError before), as every reader of an export gets it (evaluation.generate's --upsampler, the benchmark's).
+    blob = torch.load(export, weights_only=True)
+    for edit, expected in (({"features": 24}, r"does not fit the configured model .*its config describes another"),
+                           ({"extra": 1}, r"its config is not an upsampler's .*unexpected keyword argument 'extra'")):
+        torch.save({**blob, "config": {**blob["config"], **edit}}, tmp_path / "edited.pt")
+        with pytest.raises(ConfigError, match=rf"^train.init_from={tmp_path / 'edited.pt'}:? {expected}"):
+            train(photos, tmp_path / "edited", "train.steps=0", f"train.init_from={tmp_path / 'edited.pt'}")
 
 
 def test_a_run_asked_to_stop_saves_exits_for_requeue_and_resumes(single_process, photos, tmp_path, monkeypatch,
@@ -167,6 +175,15 @@ def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_pro
     (["model.preset=x3"], "model.preset='x3' must be one of x2, x4, tiny"),
     (["train.precision=fp16"], "train.precision='fp16' must be fp32 or bf16"),  # (it trained in fp32 silently)
     (["train.resize=32"], "train.resize=32 must be at least train.crop=48"),  # (it failed at the first step)
+    # (these failed at the first step, or, negative, trained the preset's shape silently)
+    (["train.crop=0"], "train.crop=0 must be >= 2 (the high-resolution crops' side)"),
+    (["train.batch_size=0"], "train.batch_size=0 must be >= 1 (images per step over all processes)"),
+    (["train.save_interval=0"], "train.save_interval=0 must be >= 1 (steps between checkpoints)"),
+    (["model.scale=-3"], "model.scale=-3 must be >= 0 (0: the preset's)"),
+    (["model.blocks=-1"], "model.blocks=-1 must be >= 0 (0: the preset's)"),
+    (["model.expansion=0"], "model.expansion=0.0 x 16 features rounds to no channel"),
+    (["model.low_rank=0.01"], "model.low_rank=0.01 x 16 features rounds to no channel"),
+    (["train.perceptual=0.1"], "a perceptual loss weight > 0 needs train.lpips_backbone"),
 ])
 def test_bad_settings_are_refused_naming_the_field(single_process, photos, tmp_path, sets, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -116,25 +116,38 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_prunes(single_p
 
 def test_full_objective_runs_with_logged_random_lpips(single_process, photos, tmp_path, log_lines):
     _, history = train(photos, tmp_path, "train.steps=2", "loss.perceptual=0.1", "loss.adversarial=0.1",
-                       "model.logit_laplace=true", "loss.logit_laplace=0.1", "train.save_interval=1000")
+                       "model.logit_laplace=true", "loss.logit_laplace=0.1", "train.save_interval=1000",
+                       "train.lpips_backbone=random")
     assert any("RANDOM VGG backbone" in line for line in log_lines)  # (log_lines: whether or not the logger propagates)
     for key in ("l2", "logit_laplace", "perceptual", "adversarial", "disc", "vq"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
 
 
-def test_lpips_backbone_from_a_local_file(tmp_path):
+def test_lpips_backbone_from_a_local_file(single_process, tmp_path):
     import torchvision
 
+    from common.config import ConfigError
     from vq.losses import make_lpips
+    from vq.train import VQTrainer
 
     vgg = torchvision.models.vgg16(weights=None)
     # (torchvision's file holds the classifier too, 0.5 GB that LPIPS does not read: left out here)
     torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, tmp_path / "vgg16.pth")
     model = make_lpips(tmp_path / "vgg16.pth")
     torch.testing.assert_close(model.net.slice3._modules["10"].weight, vgg.features[10].weight)
+    # Anything else is one line naming train.lpips_backbone, the presets' unset value included (it trained them
+    # with a random VGG and a warning; 'random' asks for that, for smoke tests).
     torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(KeyError, match="expected a torchvision vgg16 state dict"):
-        make_lpips(tmp_path / "wrong.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "vgg16.pth").read_bytes()[:4096])
+    for backbone, expected in (("", r"a perceptual loss weight > 0 needs train.lpips_backbone: .*or 'random' for"),
+                               ("wrong.pth", r"no features.0.weight of shape \[64, 3, 3, 3\]; expected a torchvision"),
+                               ("cut.pth", r"not readable as a state dict"), ("none.pth", r"no such file")):
+        where = f"train.lpips_backbone={re.escape(str(tmp_path / backbone))}: " if backbone else ""
+        with pytest.raises(ConfigError, match=f"^{where}{expected}"):
+            make_lpips(tmp_path / backbone if backbone else "")
+    with pytest.raises(ConfigError, match="needs train.lpips_backbone"):  # (before the run directory is made)
+        VQTrainer(load_typed(VQConfig, "configs/vq/vit-vqgan-small.yaml", TINY[:6]), "unused", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def ddp_codebook(data: str, run_dir: str):
@@ -340,6 +353,11 @@ def test_finetuned_decoder_keeps_the_codes_and_draws_held_back_photos_better(sin
                                               rf"{source.content_hash[:16]}, but --tokenizer is"):
         other.resume()
     other.stream.close()
+    # Pointed at the source's own vq.train run: refused as such (it failed on the optimizer's parameter count).
+    own = DecoderFinetuner(cfg, tmp_path / "vq" / "export.pt", data, tmp_path / "vq")
+    with pytest.raises(CheckpointError, match=r"step_00000040/state.pt: not a vq.finetune_decoder checkpoint"):
+        own.resume()
+    own.stream.close()
 
 
 def test_a_detokenizer_whose_encoder_was_changed_is_refused(single_process, split_photos, tmp_path):
@@ -397,13 +415,20 @@ def test_a_resume_with_another_model_is_refused_naming_the_shapes_and_leaves_the
     assert (tmp_path / "config.yaml").read_text() == before
     with pytest.raises(ConfigError, match=r"train\.resize=16 must be at least model\.image_size=32"):
         VQTrainer(load_typed(VQConfig, None, [*TINY, "train.resize=16"]), photos, tmp_path / "small")
+    with pytest.raises(ConfigError, match=r"train\.eval_interval=0 must be >= 1 \(steps between evaluations\)"):
+        VQTrainer(load_typed(VQConfig, None, [*TINY, "train.eval_interval=0"]), photos, tmp_path / "never")  # (it
+        # failed as a division by zero at the first step)
 
 
-def test_a_run_from_before_model_heads_is_not_resumed_with_other_heads(single_process, photos, tmp_path):
-    """Heads leave the weights' shapes alone: a checkpoint written when heads were width / 64 (no model.heads
-    in its config) is refused by a run that would build other heads, naming the setting that continues it."""
+def test_a_run_is_not_resumed_with_other_heads(single_process, photos, tmp_path):
+    """Heads leave the weights' shapes alone: a checkpoint is refused by a run that would build other heads,
+    naming the setting that continues it; also one written when heads were width / 64 (no model.heads in its
+    config)."""
     from vq.train import CheckpointError
 
+    train(photos, tmp_path / "now", "model.width=128", "model.heads=4", "train.steps=2", "train.save_interval=2")
+    with pytest.raises(CheckpointError, match=r"had 4 heads \(model.heads\); this run builds 2: .* model.heads=4"):
+        train(photos, tmp_path / "now", "model.width=128", "train.steps=4", "train.save_interval=2")
     train(photos, tmp_path, "model.width=128", "train.steps=2", "train.save_interval=2")
     state_file = tmp_path / "checkpoints" / "step_00000002" / "state.pt"
     state = torch.load(state_file, weights_only=True)
@@ -540,6 +565,28 @@ def test_a_fresh_vqgan_spreads_the_photos_over_its_codebook():
     assert model.encode(photo_batch()).unique().numel() >= 64
 
 
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_a_dead_code_restart_keeps_the_steps_backward_and_gradients(l2_norm):
+    """A code restarted during the forward (track_usage) while the graph holds the codebook weight itself:
+    VQGAN(l2_norm=True) normalises the weight, and the in-place restart failed its backward. The gradients are
+    those of the same forward without the restart (the restarted rows were chosen by no code)."""
+    from vq.vqgan import VQGAN
+
+    def step(restart: bool):
+        torch.manual_seed(0)
+        model = VQGAN(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=64, resolution=16,
+                      attn_resolutions=[], l2_norm=l2_norm, dead_code_steps=0)
+        model.dead_code_steps, model.step = (1 if restart else 0), torch.tensor(5)
+        out, aux = model(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+        (out.square().mean() + aux["vq_loss"]).backward()
+        return model
+
+    restarted, plain = step(True), step(False)
+    assert not torch.equal(restarted.codebook.weight, plain.codebook.weight)  # (codes were restarted)
+    for (name, a), b in zip(restarted.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
 def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_process, photos, tmp_path):
     """train.init_from=<export.pt>: step 0 has the export's weights; once the run has a checkpoint, a resume takes
     its weights instead; an export of another kind, shape or attention heads is refused naming the file;
@@ -626,7 +673,8 @@ def test_vqgan_full_objective_trains_the_patchgan(single_process, photos, tmp_pa
     from vq.train import VQTrainer
 
     trainer = VQTrainer(load_typed(VQConfig, None, [
-        *VQGAN, "train.steps=3", "loss.l2=0", "loss.l1=1", "loss.perceptual=1", "loss.adversarial=0.8",
+        *VQGAN, "train.steps=3", "loss.l2=0", "loss.l1=1", "loss.perceptual=1", "train.lpips_backbone=random",
+        "loss.adversarial=0.8",
         "loss.discriminator=patchgan", "loss.adv_start=1", "train.adam_beta1=0.5", "train.adam_beta2=0.9"]),
         photos, tmp_path)
     before = {k: v.clone() for k, v in trainer.losses.discriminator.state_dict().items()}
@@ -904,4 +952,5 @@ def test_an_unknown_precision_is_refused(single_process, tmp_path):
     from vq.train import main
 
     with pytest.raises(SystemExit, match="train.precision='fp16' must be fp32 or bf16"):
-        main(["--data", str(tmp_path / "x.tar"), "--run-dir", str(tmp_path / "run"), "--set", "train.precision=fp16"])
+        main(["--data", str(tmp_path / "x.tar"), "--run-dir", str(tmp_path / "run"), "--set", "train.precision=fp16",
+              "loss.perceptual=0"])

@@ -200,6 +200,10 @@ def test_vq_train_starts_from_a_taming_checkpoint(single_process, taming_files, 
         torch.testing.assert_close(tensor, expected, msg=name)
     for name, tensor in trainer.losses.discriminator.state_dict().items():
         torch.testing.assert_close(tensor, disc[name], msg=name)
+    # Without a discriminator to take it, the log names the setting that leaves it out (it blamed loss.discriminator)
+    from vq.init_weights import load_initial_weights
+    assert load_initial_weights(str(tmp_path / "gan.ckpt"), trainer.model, None).endswith(
+        "(not its discriminator: loss.adversarial=0: no discriminator)")
     # The same weights converted first (load_taming_vqgan + save_image_tokenizer, as vq/README shows).
     save_image_tokenizer(load_taming_vqgan(*taming_files[:2]), tmp_path / "converted.pt")
     converted = VQTrainer(load_typed(VQConfig, None, [*shape, f"model.codebook_size={N_EMBED}",

@@ -19,7 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import command, config_parser
-from common.config import ConfigError, build, describe, flat_dict, load_raw, read_yaml, require, save_config, to_dict
+from common.config import (
+    ConfigError,
+    build,
+    check_minima,
+    describe,
+    flat_dict,
+    load_raw,
+    read_yaml,
+    require,
+    save_config,
+    to_dict,
+)
 from common.schedule import check_schedule
 from data_pipeline.training_data import DataConfig
 from model_parallel.config import ModelConfig, model_preset, resolve_model_section
@@ -154,15 +165,13 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: from the table)")
     require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     require(t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")
-    for name, low, meaning in (("steps", 1, "optimizer steps to run"),
-                               ("log_interval", 1, "steps between metric lines"),
-                               ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
-                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
-                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
-                               ("eval_batches", 1, "global batches of held-out samples per measurement"),
-                               ("keep_checkpoints", 0, "checkpoints kept, 0: all")):
-        value = getattr(t, name)
-        require(value >= low, f"train.{name}={value} must be >= {low} ({meaning})")
+    check_minima(t, "train", (("steps", 1, "optimizer steps to run"),
+                              ("log_interval", 1, "steps between metric lines"),
+                              ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
+                              ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
+                              ("eval_interval", 0, "steps between held-out losses, 0: never"),
+                              ("eval_batches", 1, "global batches of held-out samples per measurement"),
+                              ("keep_checkpoints", 0, "checkpoints kept, 0: all")))
     check_schedule(t, "train")
     for name in ("weight_decay", "grad_clip"):
         require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")

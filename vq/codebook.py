@@ -43,7 +43,10 @@ class CodeUsage:
         dead = (self.step - self.last_used) > self.dead_code_steps
         if dead.any():
             pick = torch.randint(0, latents.shape[0], (int(dead.sum()),), device=latents.device)
-            self.codebook.weight[dead] = latents[pick].to(self.codebook.weight.dtype)
+            # (through .data: the forward's graph may hold the weight itself, as VQGAN(l2_norm=True)'s normalisation
+            # does, and an in-place write to it failed that backward; the dead rows were chosen by no code of
+            # this batch, so no gradient depends on their values)
+            self.codebook.weight.data[dead] = latents[pick].to(self.codebook.weight.dtype)
             self.last_used[dead] = self.step
             if distributed:  # rank 0's choice of restarted codes for everyone
                 dist.broadcast(self.codebook.weight.data, src=0)

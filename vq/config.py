@@ -118,7 +118,18 @@ class VQTrainConfig:
     """Weights to start from at step 0 ('' = fresh; a resume takes the checkpoint's): a tokenizer export of
     model.kind, or for vqgan a taming-transformers last.ckpt (and its PatchGAN): vq/init_weights.py."""
     lpips_backbone: str = ""
-    """Local torchvision vgg16 state dict for LPIPS ('' = random backbone, for tests)."""
+    """Local torchvision vgg16 state dict for LPIPS (vgg16-397923af.pth), needed when its weight is > 0; 'random':
+    an untrained VGG, for smoke tests (the perceptual loss then means nothing)."""
+
+
+IMAGE_TRAIN_MINIMA = (("steps", 0, "optimizer steps to run, 0: export the starting weights"),
+                      ("batch_size", 1, "images per step over all processes"),
+                      ("log_interval", 1, "steps between metric lines"), ("eval_interval", 1, "steps between evaluations"),
+                      ("save_interval", 1, "steps between checkpoints"), ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
+                      ("data_workers", 0, "decoding processes, 0: in the training process"))
+"""The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
+(common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty
+stack."""
 
 
 @dataclass

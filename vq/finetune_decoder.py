@@ -1,7 +1,8 @@
 """Fine-tune a new, larger detokenizer on a frozen image tokenizer's codes: Parti's detokenizer stage.
 
     python -m vq.finetune_decoder --tokenizer runs/vq/export.pt --config configs/vq/finetune-decoder-large.yaml \
-        --data 'laion/{00000..00099}.tar' --run-dir runs/detok [--set train.steps=1000 ...] [--resume auto]
+        --data 'laion/{00000..00099}.tar' --run-dir runs/detok --set train.lpips_backbone=vgg16-397923af.pth \
+        [train.steps=1000 ...] [--resume auto]
     torchrun --nproc_per_node 8 -m vq.finetune_decoder ...        # data parallel (DDP)
 
 The encoder and codebook of --tokenizer (a ViT-VQGAN export) are copied and frozen; a decoder of the config's
@@ -76,12 +77,16 @@ class DecoderFinetuner(VQTrainer):
     def check_resumable(self, path: Path, state: dict) -> None:
         """Also refuse a --tokenizer other than the one the checkpoint's frozen encoder came from: its export
         would claim that tokenizer's codes while encoding with the checkpoint's encoder."""
-        super().check_resumable(path, state)
         saved = state.get("source_tokenizer")
-        if saved is not None and saved != self.source.content_hash:
+        if saved is None:  # (else it failed later, on the optimizer state of every parameter vq.train trains)
+            raise CheckpointError(f"{path}: not a vq.finetune_decoder checkpoint (it names no source tokenizer: a "
+                                  "vq.train run's, or a fine-tune written before 2026-12-05); give "
+                                  "vq.finetune_decoder a --run-dir of its own")
+        if saved != self.source.content_hash:
             raise CheckpointError(f"{path}: fine-tuned on the codes of tokenizer {saved[:16]}, but --tokenizer is "
                                   f"{self.source.content_hash[:16]}; resume with that tokenizer's export, or start "
                                   "the new one in another --run-dir")
+        super().check_resumable(path, state)
 
     def export_tokenizer(self, path: Path) -> str:
         return save_image_tokenizer(self.model, path, codes_of=self.source.content_hash)

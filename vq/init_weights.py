@@ -47,7 +47,8 @@ def load_initial_weights(path: str, model: torch.nn.Module, discriminator: torch
     if discriminator is not None and isinstance(discriminator, PatchGAN) and theirs:
         _copy(discriminator, theirs, f"{where} ({prefix}*)", optional=())
         return f"VQGAN and PatchGAN weights from the taming-transformers checkpoint {path}"
-    why = "it has none" if not theirs else "loss.discriminator is not patchgan"
+    why = ("it has none" if not theirs else "loss.adversarial=0: no discriminator" if discriminator is None
+           else "loss.discriminator is not patchgan")
     return f"VQGAN weights from the taming-transformers checkpoint {path} (not its discriminator: {why})"
 
 

@@ -1,6 +1,6 @@
 """Tokenizer losses; the defaults are ViT-VQGAN's weights: l2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1.
 
-    losses = VQGANLoss(LossConfig(), lpips_backbone="vgg16-397923af.pth" or None)
+    losses = VQGANLoss(LossConfig(), lpips_backbone="vgg16-397923af.pth")  # (or "random": smoke tests)
     g_loss, logs = losses.generator(images, decoder_output, vq_loss, step, last_layer)
     d_loss = losses.discriminator_loss(images, decoder_output, step[, critic=DDP(RealAndFake(discriminator))])
 
@@ -75,22 +75,47 @@ def logit_laplace_nll(images: torch.Tensor, out: torch.Tensor, eps: float = LAPL
     return ((y - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(x * (1 - x))).mean()
 
 
-def make_lpips(backbone: str | Path | None):
+RANDOM_BACKBONE = "random"
+"""train.lpips_backbone's value for an untrained VGG: smoke tests only, the perceptual loss then means nothing."""
+
+
+def check_lpips_backbone(weight: float, backbone: str | Path) -> None:
+    """ConfigError for a perceptual loss weight > 0 without train.lpips_backbone (checked by the trainers before
+    they write to the run directory)."""
+    if weight > 0 and not str(backbone):
+        raise ConfigError("a perceptual loss weight > 0 needs train.lpips_backbone: a local torchvision vgg16 state "
+                          f"dict (vgg16-397923af.pth), or '{RANDOM_BACKBONE}' for smoke tests (a meaningless loss)")
+
+
+def make_lpips(backbone: str | Path):
+    """LPIPS (VGG; its linear heads ship with the lpips package) on the torchvision vgg16 state dict at
+    `backbone` (train.lpips_backbone; no download here), or on a random VGG for RANDOM_BACKBONE. Unset, or a file
+    that is not such a state dict: ConfigError naming train.lpips_backbone (the presets weigh LPIPS, and a random
+    backbone trained the shipped presets with a meaningless term and a warning only)."""
     import lpips
 
+    check_lpips_backbone(1.0, backbone)
+    where = f"train.lpips_backbone={backbone}"
     model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    if backbone is None:
-        log.warning("LPIPS: no backbone weights given, using a RANDOM VGG backbone (tests/offline only; "
-                    "perceptual loss values are not meaningful)")
-    else:
+    if str(backbone) == RANDOM_BACKBONE:
+        log.warning("LPIPS: a RANDOM VGG backbone (train.lpips_backbone=random: tests/offline only; perceptual "
+                    "loss values are not meaningful)")
+        return model.eval().requires_grad_(False)
+    if not Path(backbone).is_file():
+        raise ConfigError(f"{where}: no such file; expected a torchvision vgg16 state dict")
+    try:
         state = torch.load(backbone, map_location="cpu", weights_only=True)
-        target = dict(model.net.named_parameters())
-        for name in target:  # "slice3.10.weight" <- torchvision "features.10.weight"
-            source = "features." + name.split(".", 1)[1]
-            if source not in state:
-                raise KeyError(f"{backbone}: no {source} (expected a torchvision vgg16 state dict)")
-            target[name].data.copy_(state[source])
-        log.info(f"LPIPS: VGG backbone weights from {backbone}")
+    except Exception as e:  # noqa: BLE001 - torch.load's many kinds (a damaged zip, a pickle of code): name the file
+        raise ConfigError(f"{where}: not readable as a state dict ({type(e).__name__}: {str(e)[:120]}); expected a "
+                          "torchvision vgg16 state dict") from None
+    target = dict(model.net.named_parameters())
+    for name in target:  # "slice3.10.weight" <- torchvision "features.10.weight"
+        source = "features." + name.split(".", 1)[1]
+        if not isinstance(state, dict) or source not in state or state[source].shape != target[name].shape:
+            raise ConfigError(f"{where}: no {source} of shape {list(target[name].shape)}; expected a torchvision "
+                              "vgg16 state dict")
+        target[name].data.copy_(state[source])
+    log.info(f"LPIPS: VGG backbone weights from {backbone}")
     return model.eval().requires_grad_(False)
 
 
@@ -169,7 +194,7 @@ class RealAndFake(nn.Module):
 
 
 class VQGANLoss(nn.Module):
-    def __init__(self, cfg: LossConfig, image_size: int, lpips_backbone: str | Path | None = None):
+    def __init__(self, cfg: LossConfig, image_size: int, lpips_backbone: str | Path = ""):
         super().__init__()
         if cfg.discriminator not in DISCRIMINATORS:
             raise ConfigError(f"loss.discriminator={cfg.discriminator!r} must be one of {', '.join(DISCRIMINATORS)}")

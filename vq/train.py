@@ -1,7 +1,7 @@
 """Train an image tokenizer on LAION-style shards, then export it frozen.
 
     python -m vq.train --config configs/vq/vit-vqgan-small.yaml --data 'laion/{00000..00099}.tar' \
-        --run-dir runs/vq [--set train.steps=1000 ...] [--resume auto]
+        --run-dir runs/vq --set train.lpips_backbone=vgg16-397923af.pth [train.steps=1000 ...] [--resume auto]
     torchrun --nproc_per_node 8 -m vq.train ...                 # data parallel (DDP)
 
 model.kind picks the tokenizer family, each with a preset in configs/vq/:
@@ -43,7 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.checkpoints import CheckpointError, check_steps_left, checkpoint_dir, resume_tag
 from common.cli import config_parser, run_trainer
-from common.config import ConfigError, require, save_config
+from common.config import ConfigError, check_minima, require, save_config
 from common.files import write_atomic
 from common.metrics import MetricsLogger, StepClock, mean_over_ranks, psnr
 from common.preemption import StopRequest
@@ -51,10 +51,10 @@ from common.schedule import check_schedule, lr_lambda
 from common.state_file import RESUME_ADVICE, STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
 from model_parallel.state import DeviceError, init_distributed, use_device
-from vq.config import VQConfig
+from vq.config import IMAGE_TRAIN_MINIMA, VQConfig
 from vq.dvae import DVAE
 from vq.init_weights import load_initial_weights
-from vq.losses import RealAndFake, VQGANLoss, split_output
+from vq.losses import RealAndFake, VQGANLoss, check_lpips_backbone, split_output
 from vq.tokenizer import save_image_tokenizer
 from vq.vit_vqgan import ENCODER_PARTS, VIT_VQGAN_PRESETS, ViTVQGAN, default_heads
 from vq.vqgan import TAMING_F16, VQGAN
@@ -225,10 +225,12 @@ class VQTrainer:
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
+        check_minima(t, "train", IMAGE_TRAIN_MINIMA)
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
         check_schedule(t, "train")  # (before config.yaml is written: a refused config leaves the run's as it was)
         check_logit_laplace(cfg)
+        check_lpips_backbone(cfg.loss.perceptual, t.lpips_backbone)
         require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
         require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
         require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no average)")
@@ -239,7 +241,7 @@ class VQTrainer:
         self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         torch.manual_seed(t.seed)
         self.model = self.build(cfg).to(self.device)
-        self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone or None).to(self.device)
+        self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone).to(self.device)
         ddp = torch.nn.parallel.DistributedDataParallel if self.world > 1 else lambda module: module
         self.ddp = ddp(self.model)
         self.lr_factor = lr_lambda(t)
@@ -334,16 +336,24 @@ class VQTrainer:
 
     def _check_heads(self, path: Path, saved: dict) -> None:
         """Attention heads leave no trace in the weights' shapes, so a checkpoint would load into a model with
-        other heads and silently become another model. Runs written before model.heads existed used width /
-        64 heads (the Large preset now has the paper's 16, not 20): refuse a resume that would change them."""
-        if not saved or "heads" in saved or not isinstance(self.model, ViTVQGAN):
+        other heads and silently become another model: refuse a resume that would change them (the decoder's,
+        for vq.finetune_decoder, whose model section shapes the decoder). Runs written before model.heads
+        existed used width / 64 heads (the Large preset now has the paper's 16, not 20)."""
+        if not saved or not isinstance(self.model, ViTVQGAN):
             return
-        width = saved.get("width") or VIT_VQGAN_PRESETS.get(saved.get("preset"), {}).get("width", 0)
-        heads = self.model.encoder[0].heads
-        if width and heads != default_heads(width):
-            raise CheckpointError(f"{path}: written by a run whose attention had {default_heads(width)} heads "
-                                  f"(width / 64, before model.heads existed); this run builds {heads}: continue it "
-                                  f"with --set model.heads={default_heads(width)}")
+        _, width, heads = vit_shape(self.cfg.model)
+        now = heads or default_heads(width)
+        if "heads" in saved:
+            fields = {f.name for f in dataclasses.fields(self.cfg.model)}
+            _, width, heads = vit_shape(dataclasses.replace(self.cfg.model,
+                                                            **{k: v for k, v in saved.items() if k in fields}))
+            before, when = heads or default_heads(width), "model.heads"
+        else:
+            width = saved.get("width") or VIT_VQGAN_PRESETS.get(saved.get("preset"), {}).get("width", 0)
+            before, when = (default_heads(width) if width else now), "width / 64, before model.heads existed"
+        if before != now:
+            raise CheckpointError(f"{path}: written by a run whose attention had {before} heads ({when}); this run "
+                                  f"builds {now}: continue it with --set model.heads={before}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:
