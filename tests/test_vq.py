@@ -337,7 +337,8 @@ def test_finetuned_decoder_keeps_the_codes_and_draws_held_back_photos_better(sin
                                       "train.lr=2e-3", "train.save_interval=1000"])
     tuner = DecoderFinetuner(cfg, tmp_path / "vq" / "export.pt", data, tmp_path / "detok")
     tuner.resume()
-    tuner.run()
+    history = tuner.run()
+    assert history[-1]["code_usage"] > 0.2  # (the frozen codes' usage: logged as 0 before, never tracked)
     tuned = load_image_tokenizer(tmp_path / "detok" / "export.pt")
     assert len(tuned.decoder) == 3 and tuned.decoder[0].mlp[0].in_features == 96 and tuned.decoder[0].heads == 4
     codes = source.encode(held_back)

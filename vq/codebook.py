@@ -28,9 +28,9 @@ class CodeUsage:
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def track_usage(self, codes: torch.Tensor, latents: torch.Tensor | None) -> None:
+    def track_usage(self, codes: torch.Tensor, latents: torch.Tensor | None, restart: bool = True) -> None:
         """EMA of code counts; restart codes unused for dead_code_steps steps from random batch latents [N, D]
-        (none when dead_code_steps <= 0: `latents` may then be None)."""
+        (none when dead_code_steps <= 0 or not `restart`, a frozen codebook's: `latents` may then be None)."""
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.step += 1
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
@@ -38,7 +38,7 @@ class CodeUsage:
             dist.all_reduce(counts)
         self.usage.mul_(0.99).add_(counts, alpha=0.01)
         self.last_used[counts > 0] = self.step
-        if self.dead_code_steps <= 0:
+        if self.dead_code_steps <= 0 or not restart:
             return
         dead = (self.step - self.last_used) > self.dead_code_steps
         if dead.any():

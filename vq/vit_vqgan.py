@@ -128,11 +128,13 @@ class ViTVQGAN(CodeUsage, nn.Module):
     def forward(self, images: torch.Tensor, frozen_codes: bool = False):
         """Training pass: (decoder output, {'vq_loss', 'codes', 'perplexity', 'usage'}). `frozen_codes`: the
         encoder and codebook are fixed (detokenizer fine-tuning): the decoder draws the codes' own embeddings,
-        no VQ loss, no code restarts."""
+        no VQ loss, no code restarts (their usage is still tracked)."""
         if frozen_codes:  # (the codes of encode() and pre-tokenization, fp32: bf16 latents moved ~1% of them)
             with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 codes = self.codes_of(self.latents(images.float()))
             vq_loss, out = images.new_zeros(()), self.pixels(self.embed(codes))
+            if self.training:  # (the codes' usage on this data, logged; the frozen codebook is not restarted)
+                self.track_usage(codes, None, restart=False)
         else:
             z = self.latents(images)
             codes = self.codes_of(z)
