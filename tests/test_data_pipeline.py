@@ -404,6 +404,8 @@ def test_other_tokenizer_into_same_folder_is_refused(setup, one_run):
 def test_folder_begun_under_older_filter_rules_or_decoding_is_refused(setup, one_run, tmp_path):
     """A folder whose manifest says its samples were skipped or decoded otherwise (made before the rule versions
     were recorded, or under an older decoding) is not continued under today's rules; nothing in it changes."""
+    from data_pipeline.images import DECODING, FILTER_RULES
+
     _, single = one_run
     for key, older in (("filters", lambda h: h.pop("rules")), ("image_decoding", lambda h: h.update(version=2))):
         out = tmp_path / key
@@ -412,7 +414,8 @@ def test_folder_begun_under_older_filter_rules_or_decoding_is_refused(setup, one
         older(manifest[key])
         (out / "manifest.json").write_text(json.dumps(manifest))
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        changed = r"filters\.rules null there, 2 now" if key == "filters" else r"image_decoding\.version 2 there, 3 now"
+        changed = (rf"filters\.rules null there, {FILTER_RULES} now" if key == "filters"
+                   else rf"image_decoding\.version 2 there, {DECODING['version']} now")
         with pytest.raises(DataError, match=rf"manifest.json: .*filters than this run: {changed}.*new --output"):
             pretokenize(expand_shards(setup["pattern"]), out, load_image_tokenizer(setup["vq"]),
                         TextTokenizer(setup["spm"], max_len=16), FILTERS)
