@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from common.files import temporary_name
 from data_pipeline.code_shards import CodeShardDataset, MixedDataset, open_training_data
 from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig, prepare_sample
@@ -327,11 +328,18 @@ def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
     proc.wait()
     done_before = sorted(p.name for p in tmp_path.glob("*.json"))
     assert "manifest.json" not in done_before  # killed before the end
+    # What a writer killed inside write_atomic leaves (common.files.temporary_name, the killed process's id): of a
+    # finished shard and of unfinished ones, one of each file a shard has; and files that are not such leftovers.
+    left = [tmp_path / temporary_name(tmp_path / name).name.replace(f".{os.getpid()}.", f".{proc.pid}.")
+            for name in ("00000.bin", "00001.hashes", "00002.json", "00002.bin")]
+    others = [tmp_path / ".00001.keep", tmp_path / temporary_name(tmp_path / "notes.txt").name]
+    for path in left + others:
+        path.write_bytes(b"half written")
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     for name in ("00000", "00001", "00002"):
         assert (tmp_path / f"{name}.bin").read_bytes() == (single / f"{name}.bin").read_bytes()
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads((single / "manifest.json").read_text())
-    assert not list(tmp_path.glob(".*.tmp*")), "a killed run's temporary files were left"
+    assert sorted(tmp_path.glob(".*")) == sorted(others), "a killed run's temporary files were left, or others removed"
 
 
 @pytest.fixture(scope="module")

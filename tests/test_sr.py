@@ -210,6 +210,30 @@ def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
         assert logged0[key] == logged1[key] == pytest.approx((own0[key] + own1[key]) / 2, rel=1e-12)
 
 
+def test_a_perceptual_weight_adds_lpips_of_the_output_to_the_loss(single_process, photos, tmp_path):
+    """train.perceptual > 0 (train.lpips_backbone=random: the trainer wants it named): each step's loss is
+    train.l1 x the logged L1 + train.perceptual x the LPIPS distance of that step's output to its targets."""
+    from sr.train import SRTrainer
+
+    trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.steps=2", "train.batch_size=4", "train.l1=2",
+                                                    "train.perceptual=0.5", "train.lpips_backbone=random"]),
+                        photos[0], tmp_path)
+    distances, lpips = [], trainer.lpips
+
+    def recorded(out, hr):
+        d = lpips(out, hr)
+        assert d.requires_grad and out.shape == hr.shape == (4, 3, 48, 48)  # (of the step's output, in its graph)
+        distances.append(float(d.mean()))
+        return d
+
+    trainer.lpips = recorded
+    history = trainer.run()
+    assert len(distances) == len(history) == 2
+    for logs, distance in zip(history, distances):
+        assert math.isfinite(distance) and distance > 0
+        assert logs["loss"] == pytest.approx(2 * logs["l1"] + 0.5 * distance, rel=1e-5), (logs, distance)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Path:
     """A small (untrained) image tokenizer of 80px images: TINY's x2 upsampler then reconstructs 160px ones."""
@@ -244,6 +268,10 @@ def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_
     assert lr_crops.shape == (3, 3, 24, 24) and hr_crops.shape == (3, 3, 48, 48)
     assert torch.equal(hr_crops, F.interpolate(lr_crops, scale_factor=2, mode="nearest"))
     assert not torch.equal(lr_crops[0], lr_crops[1])  # (each image its own place)
+    trainer.step = 1  # the next step's crops: at other places (the step is in their seed), still pairs
+    lr_next, hr_next = trainer.crop_pairs(lr, F.interpolate(lr, scale_factor=2, mode="nearest"))
+    assert torch.equal(hr_next, F.interpolate(lr_next, scale_factor=2, mode="nearest"))
+    assert not torch.equal(lr_next, lr_crops)
     trainer.stream.close()
 
     _, full = train(photos, tmp_path / "full", f"train.tokenizer={tokenizer}", "train.steps=6")

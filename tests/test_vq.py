@@ -692,29 +692,56 @@ def test_vqgan_full_objective_trains_the_patchgan(single_process, photos, tmp_pa
 # 192 at DALL-E's shape. At 6.6 the KL would weigh 16x DALL-E's, and one seed in four collapsed the posterior
 # towards the uniform prior (+0.9 dB, 13 codes); 1.6 (still 4x DALL-E's balance) trains on seeds 1, 2, 3, 4,
 # 1234 with +5.2 to +6.0 dB and 20 to 23 of the 32 codes on the photos.
-def ddp_vqgan(data: str, run_dir: str):
+def ddp_tokenizer(data: str, run_dir: str, sets: list[str]):
     from vq.train import VQTrainer
 
-    trainer = VQTrainer(load_typed(VQConfig, None, [*VQGAN, "train.steps=3", "train.batch_size=8",
-                                                    "model.dead_code_steps=1", "loss.adversarial=0.8",
-                                                    "loss.discriminator=patchgan"]), data, run_dir)
-    own, step = [], trainer.train_step  # (each rank's own numbers, before they are averaged for the log)
-    trainer.train_step = lambda images: own.append(step(images)) or own[-1]
+    trainer = VQTrainer(load_typed(VQConfig, None, [*sets, "train.steps=3", "train.batch_size=8"]), data, run_dir)
+    own, seen, step = [], [], trainer.train_step  # (each rank's own numbers, before they are averaged for the log)
+    trainer.train_step = lambda images: seen.append(images.clone()) or own.append(step(images)) or own[-1]
     history = trainer.run()
-    return ((history[-1], own[-1]), {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
-            {k: v.detach().clone() for k, v in trainer.losses.discriminator.named_parameters()})
+    disc = trainer.losses.discriminator
+    return ((history[-1], own[-1]), {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            {k: v.detach().clone() for k, v in disc.named_parameters()} if disc is not None else {}, seen)
 
 
-def test_vqgan_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
-    """The VQGAN's weights and the PatchGAN's stay the same on both ranks (restarted codes broadcast, gradients
-    averaged). Only parameters are compared: the PatchGAN's BatchNorm running statistics are rank-local between
-    DDP's buffer broadcasts, as in taming's DDP runs, and training never reads them (train mode throughout)."""
-    ((logged0, own0), model0, disc0), ((logged1, own1), model1, disc1) = pool2.run(ddp_vqgan, photos, str(tmp_path))
+DATA_PARALLEL = {
+    # restarted codes broadcast (a dead code every step), the PatchGAN trained data-parallel from step 0
+    "vqgan": [*VQGAN, "model.dead_code_steps=1", "loss.adversarial=0.8", "loss.discriminator=patchgan"],
+    # the EMA codebook: its counts and sums all-reduced (no restart in 3 steps: the one-process run draws none either)
+    "vqvae": VQVAE,
+}
+
+
+@pytest.mark.parametrize("kind", DATA_PARALLEL)
+def test_vqgan_and_vqvae_data_parallel_keep_ranks_identical(pool2, photos, tmp_path, request, kind):
+    """The tokenizer's weights and buffers (code usage; the VQ-VAE's codebook and its EMA counts and sums) and the
+    PatchGAN's weights stay the same on both ranks (restarted codes broadcast, gradients averaged, EMA statistics
+    all-reduced). Only the PatchGAN's parameters are compared: its BatchNorm running statistics are rank-local
+    between DDP's buffer broadcasts, as in taming's DDP runs, and training never reads them (train mode
+    throughout). The VQ-VAE (no BatchNorm, no restart) also trains as one process on the step's whole batch does."""
+    sets = DATA_PARALLEL[kind]
+    ((logged0, own0), model0, disc0, seen0), ((logged1, own1), model1, disc1, seen1) = \
+        pool2.run(ddp_tokenizer, photos, str(tmp_path), sets)
     torch.testing.assert_close(model0, model1, rtol=0, atol=0)
     torch.testing.assert_close(disc0, disc1, rtol=0, atol=0)
+    assert bool(disc0) == (kind == "vqgan")
     assert own0["loss"] != own1["loss"]  # each rank saw its own images; the log has the step's mean over both
-    for key in ("loss", "psnr", "disc"):
+    for key in ("loss", "psnr", *(("disc",) if disc0 else ())):
         assert logged0[key] == logged1[key] == pytest.approx((own0[key] + own1[key]) / 2, rel=1e-12)
+    if kind != "vqvae":
+        return
+    from vq.train import VQTrainer
+
+    request.getfixturevalue("single_process")
+    one = VQTrainer(load_typed(VQConfig, None, [*sets, "train.steps=3", "train.batch_size=8"]), photos, tmp_path / "one")
+    batches = iter([torch.cat(pair) for pair in zip(seen0, seen1)])  # (the step's global batch, rank 0's share first)
+    one.batch = lambda: next(batches)
+    history = one.run()
+    whole = one.model.state_dict()
+    # the counts of the global batch (8 images x 8x8 codes a step), not of a rank's half, on top of the initial 1s
+    assert float(model0["ema_count"].sum()) == pytest.approx(32 * 0.99**3 + 8 * 64 * (1 - 0.99**3), rel=1e-5)
+    torch.testing.assert_close(whole, model0, rtol=1e-4, atol=3e-5)  # (measured: 3e-6 at most)
+    assert history[-1]["loss"] == pytest.approx(logged0["loss"], rel=1e-4)
 
 
 DVAE = ["model.kind=dvae", "model.width=16", "model.res_blocks=1", "model.patch=2", "model.image_size=32",
