@@ -101,6 +101,7 @@ def test_masking_chooses_15_percent_of_the_words_and_masks_80_keeps_10_replaces_
     masked, kept = (inputs == MASK_ID) & chosen, (inputs == captions) & chosen
     shares = [int(x.sum()) / int(chosen.sum()) for x in (masked, kept, chosen & ~masked & ~kept)]
     assert shares == pytest.approx([0.8, 0.1, 0.1], abs=0.02)  # (a random word may draw the same: ~0.1%)
+    assert (inputs[chosen & ~masked & ~kept] >= 4).all()  # random words, never PAD/UNK/BOS(=[MASK])/EOS
 
 
 def test_pretraining_asked_for_a_missing_gpu_stops_before_writing(single_process, tmp_path):
@@ -424,8 +425,8 @@ def test_pretraining_resumed_with_another_config_is_checked_first(single_process
     pretrain_at(str(tmp_path), "train.steps=2")
     saved = (tmp_path / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"cannot resume .*step_00000002 with other caption ids: model.text_eos_id "
-                                          r"3 -> 2"):
-        pretrain_at(str(tmp_path), "train.steps=3", "model.text_eos_id=2")
+                                          r"3 -> 1"):
+        pretrain_at(str(tmp_path), "train.steps=3", "model.text_eos_id=1")
     assert (tmp_path / "config.yaml").read_text() == saved
     with pytest.raises(ConfigError, match="train.optimizer=adafactor: the text encoder's pre-training trains with"):
         pretrain_at(str(tmp_path), "train.optimizer=adafactor")
@@ -539,6 +540,56 @@ def test_the_held_out_loss_of_an_untrained_encoder_is_that_of_uniform_guesses(si
                                                    "train.eval_interval=1", "train.eval_batches=3"])
     pretrain(cfg, tmp_path)
     assert held_out_losses(tmp_path)[1] == pytest.approx(math.log(cfg.model.text_vocab_size), rel=0.05)
+
+
+def test_the_loss_is_the_mean_over_the_global_batchs_chosen_tokens_at_any_micro_batch(single_process, tmp_path):
+    """Each micro-batch's loss was its own mean, averaged by rows: a caption among few chosen tokens weighed more,
+    and the losses and updates changed with train.micro_batch_size (a resume at another layout changes it). Also:
+    biases and norms take no weight decay (BERT's and the Parti trainer's groups), and caption ids the masking
+    would confuse ([MASK] = BOS as EOS, a random word as PAD) are refused."""
+    from training.captions import caption_source
+    from training.config import ConfigError, load_config
+    from training.text_encoder import _Pretraining
+
+    losses = {mb: pretrain_at(str(tmp_path / str(mb)), "train.steps=3", f"train.micro_batch_size={mb}")
+              for mb in (16, 4)}
+    assert losses[4] == pytest.approx(losses[16], rel=1e-5)  # (measured before: 6.7297 vs 6.7233 at step 2)
+    cfg = load_config("configs/train/debug.yaml", [*PRETRAIN, "train.weight_decay=0.1"])
+    run = _Pretraining(cfg, tmp_path / "groups", "cpu", caption_source(cfg, None, None))
+    decay = {p.ndim >= 2: group["weight_decay"] for group in run.optimizer.param_groups for p in group["params"]}
+    assert decay == {True: 0.1, False: 0.0}
+    run.log.close()
+    for setting in ("model.text_eos_id=2", "model.text_pad_id=5"):
+        with pytest.raises(ConfigError, match=rf"^{setting}: the masked-token pre-training keeps ids 0-3"):
+            pretrain_at(str(tmp_path / "ids"), setting)
+
+
+def test_a_blend_weighted_below_its_size_is_read_whole_over_the_epochs(single_process, tmp_path):
+    """The captions of a data.shards blend are read as the Parti trainer reads them (by the stream position's
+    epoch): a dataset weighted below its size gives other captions each epoch, all of them over two here (the
+    pre-training read epoch 0's every epoch: the same half twice)."""
+    from data_pipeline.code_shards import MixedDataset
+    from data_pipeline.sampler import GlobalBatchSampler
+    from training.captions import _Captions
+    from training.config import load_config
+    from training.text_encoder import _Pretraining
+
+    cfg = load_config("configs/train/debug.yaml", PRETRAIN)
+    m = cfg.model
+
+    def caption(word: int) -> tuple[torch.Tensor, None]:
+        ids = torch.full((m.text_seq_len,), m.text_pad_id)
+        ids[0], ids[1] = word, m.text_eos_id
+        return ids, None
+
+    small, big = [caption(4 + k) for k in range(40)], [caption(44 + k) for k in range(40)]
+    captions = _Captions(MixedDataset([small, big], [1, 3]))  # (small: 20 of each epoch's 80)
+    run = _Pretraining(cfg, tmp_path, "cpu", captions)
+    sampler = GlobalBatchSampler(len(captions), cfg.train.global_batch_size, cfg.train.seed)
+    read = [int(w) for first in range(0, 2 * len(captions), cfg.train.global_batch_size)
+            for w in run._masked_batch(captions, sampler, first, 0)[1][:, 0]]
+    assert sorted(w for w in read if w < 44) == list(range(4, 44))
+    run.log.close()
 
 
 def test_the_update_of_a_clipped_step_has_the_size_the_clip_gives(single_process, tmp_path):

@@ -2,7 +2,7 @@
 (tokenized when read) or the captions of the run's training data, and the held-out captions whose masked-token
 loss it measures every train.eval_interval steps.
 
-    captions = caption_source(cfg, ["captions.txt"], "tok/spm.model")     # indexable: captions[i] -> ids [T]
+    captions = caption_source(cfg, ["captions.txt"], "tok/spm.model")  # captions.at(i, position) -> ids [T]
     held_out = held_out_captions(cfg, captions, ["valid.txt"])
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, require
+from data_pipeline.loader import read_sample
 from data_pipeline.text_tokenizer import TextTokenizer
 from data_pipeline.training_data import held_out_dataset, training_dataset
 from training.config import Config
@@ -76,6 +77,10 @@ class CaptionLines:
     def __len__(self) -> int:
         return len(self.starts)
 
+    def at(self, i: int, position: int) -> torch.Tensor:
+        """Caption i, read for stream position `position` (the same at every epoch)."""
+        return self[i]
+
     def __getitem__(self, i: int) -> torch.Tensor:
         text = self.files[int(np.searchsorted(self.bases, i, side="right")) - 1]
         start = int(self.starts[i])
@@ -85,14 +90,17 @@ class CaptionLines:
 
 
 class _Captions:
+    """The captions of the run's code shards; read as the Parti trainer reads them (data_pipeline.loader's
+    read_sample: a blend of datasets goes on through each of them epoch after epoch)."""
+
     def __init__(self, data):
         self.data = data
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i][0]
+    def at(self, i: int, position: int) -> torch.Tensor:
+        return read_sample(self.data, i, position)[0]
 
 
 def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None):

@@ -74,21 +74,25 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """Weight decay on matrices and embedding tables only, not on biases and norms (1-D parameters).
-    A parameter partitioned by zero.Init holds a flat placeholder: its shape is `ds_shape`. With
+    """Weight decay on matrices and embedding tables only, not on biases and norms (decay_groups). With
     model.freeze_text_encoder the text encoder's parameters form a group of their own at learning rate 0
     (the LR schedule multiplies it, so it stays 0; zero_frozen_gradients zeroes their gradients): they stay
     in the optimizer, so ZeRO partitions and checkpoints are those of any run, and never change."""
-    decay, no_decay, frozen = [], [], []
+    trained, frozen = [], []
     for name, p in canonical_parameters(model, cfg.model).items():
-        if not p.requires_grad:
-            continue
-        if cfg.model.freeze_text_encoder and is_text_encoder(name):
-            frozen.append(p)
-        else:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            (frozen if cfg.model.freeze_text_encoder and is_text_encoder(name) else trained).append(p)
+    groups = decay_groups(trained, cfg.train.weight_decay)
     return groups + ([{"params": frozen, "weight_decay": 0.0, "lr": 0.0}] if frozen else [])
+
+
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """[matrices and embedding tables at `weight_decay`, biases and norms (1-D) at 0], as Megatron-LM and BERT
+    decay them (also the text encoder's pre-training). A parameter partitioned by zero.Init holds a flat
+    placeholder: its shape is `ds_shape`."""
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    return [{"params": [p for p, m in zip(params, matrix) if m], "weight_decay": weight_decay},
+            {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0}]
 
 
 def zero_frozen_gradients(model: torch.nn.Module, cfg: Config) -> None:

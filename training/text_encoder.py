@@ -73,6 +73,7 @@ from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sec
                                  verify, wait_for_pruning)
 from training.config import Config, change_messages, format_changes, load_config, resume_changes
 from training.deepspeed_glue import Fragment, NonFiniteStop, global_grad_norm
+from training.engine import decay_groups
 
 MASK_ID = BOS_ID
 """The mask token: BOS, reserved by the caption tokenizer and never in a caption (data_pipeline/text_tokenizer.py)."""
@@ -99,7 +100,9 @@ class MaskedTextEncoder(nn.Module):
 
     def forward(self, text_ids: torch.Tensor, targets: torch.Tensor, chosen: torch.Tensor,
                 sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy at the `chosen` positions ([b, T] bool) of the original ids `targets` [b, T].
+        """Summed cross-entropy at the `chosen` positions ([b, T] bool) of the original ids `targets` [b, T] (the
+        caller divides by the global batch's chosen count: a mean per micro-batch weighed micro-batches of few
+        chosen tokens more, so the loss and the update changed with train.micro_batch_size).
         `sample_index` (int64 [b]): the captions' positions in the run's sample stream, which key the dropout
         masks (as in the trainer: the same masks at any layout)."""
         x = self.text_embedding(text_ids, sample_index)
@@ -108,8 +111,7 @@ class MaskedTextEncoder(nn.Module):
         x = copy_to_tensor_model_parallel_region(self.encoder_norm(x), group=self.tp_group)
         logits = nn.functional.linear(x, self.text_embedding.embed.weight)  # [T, b, V/tp], tied to the input table
         losses = self.cross_entropy(logits, targets.t().contiguous())  # [T, b], fp32
-        chosen = chosen.t().float()
-        return (losses * chosen).sum() / chosen.sum().clamp(min=1)
+        return (losses * chosen.t().float()).sum()
 
 
 def mask_tokens(text_ids: torch.Tensor, cfg: ModelConfig, generator: torch.Generator, first_row: int = 0,
@@ -146,6 +148,12 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     if cfg.train.optimizer != "adamw":
         raise ConfigError(f"train.optimizer={cfg.train.optimizer}: the text encoder's pre-training trains with AdamW "
                           "(its checkpoints hold Adam's moments); set train.optimizer=adamw for this command")
+    for name in ("text_pad_id", "text_eos_id"):  # (a [MASK] equal to EOS, or a random word equal to PAD, went unseen)
+        value = getattr(cfg.model, name)
+        if value >= FIRST_WORD or value == MASK_ID:
+            raise ConfigError(f"model.{name}={value}: the masked-token pre-training keeps ids 0-{FIRST_WORD - 1} "
+                              f"for PAD/UNK/BOS/EOS ({MASK_ID}, BOS, is its [MASK]) and draws random words from "
+                              f"{FIRST_WORD} on; use the caption tokenizer's ids (data_pipeline/text_tokenizer.py)")
     if valid_text_files and not cfg.train.eval_interval:
         raise ConfigError("--valid-text-files needs train.eval_interval > 0 (steps between held-out losses)")
     if resume == "none" and has_checkpoints(run_dir):
@@ -223,8 +231,8 @@ class _Pretraining:
         self.params = list(self.model.parameters())
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, process_group=ps.get_data_parallel_group())
                     if self.dp_size > 1 else self.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.params, t.weight_decay), lr=t.lr,
+                                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.sampler = GlobalBatchSampler(len(captions), t.global_batch_size, t.seed)
         self.schedule = None  # (made by resume, at the step it continues from)
 
@@ -232,12 +240,11 @@ class _Pretraining:
         """This DP rank's rows of the global batch at position `first` of `sampler`'s order: [inputs, targets,
         chosen, positions] on the device, the masks drawn from `seed` for the whole global batch."""
         t, rank = self.cfg.train, self.dp_rank
-        _, mine = sampler.rank_batch(first, rank, self.dp_size)
-        text = torch.stack([captions[int(i)] for i in mine])
+        positions, mine = sampler.rank_batch(first, rank, self.dp_size)
+        text = torch.stack([captions.at(int(i), int(p)) for p, i in zip(positions, mine)])
         generator = torch.Generator().manual_seed(seed)  # (masks drawn on the CPU: the same on any device)
         inputs, chosen = mask_tokens(text, self.cfg.model, generator, rank * len(mine), t.global_batch_size)
         # each caption's position in the sample stream keys its dropout masks: the same at any TP/DP layout
-        positions = torch.arange(len(mine)) + first + rank * len(mine)
         return [x.to(self.device) for x in (inputs, text, chosen, positions)]
 
     def step(self, step: int) -> tuple[float, float]:
@@ -248,13 +255,13 @@ class _Pretraining:
         self.consumed += t.global_batch_size
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)  # (NCCL reduces device tensors only)
+        share = self.dp_size / self._global_count(chosen)  # (DDP averages the gradients over DP)
         for m in range(0, len(text), t.micro_batch_size):
             part = slice(m, m + t.micro_batch_size)
             # Backward inside too: megatron-core's linear layers restore autocast in their backward for CUDA
             # only (custom_bwd), and on the CPU the backward runs in this thread (on a GPU in autograd's own).
             with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.ddp(inputs[part], text[part], chosen[part], positions[part])
-                loss = loss * t.micro_batch_size / len(text)
+                loss = self.ddp(inputs[part], text[part], chosen[part], positions[part]) * share
                 loss.backward()
             total += loss.detach().float()
         norm = float(global_grad_norm(self.params))  # (the same on every rank: DDP averaged the gradients)
@@ -270,6 +277,12 @@ class _Pretraining:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return total.item() / self.dp_size, norm
 
+    def _global_count(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The chosen tokens of the whole global batch (every DP rank's), at least 1: the loss is their mean."""
+        count = chosen.sum().float()
+        dist.all_reduce(count, group=ps.get_data_parallel_group())
+        return count.clamp(min=1)
+
     @torch.no_grad()
     def held_out_loss(self) -> float:
         """The masked-token loss on the held-out captions now: train.eval_batches global batches, the same captions
@@ -281,11 +294,11 @@ class _Pretraining:
         for b in range(t.eval_batches):
             seed = int(np.random.SeedSequence([t.seed, 2, b]).generate_state(1, np.uint64)[0])  # (apart from steps')
             inputs, text, chosen, positions = self._masked_batch(self.held_out, sampler, b * t.global_batch_size, seed)
+            share = self.dp_size / self._global_count(chosen)
             for m in range(0, len(text), t.micro_batch_size):
                 part = slice(m, m + t.micro_batch_size)
                 with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
-                    total += self.model(inputs[part], text[part], chosen[part], positions[part]).float() \
-                        * len(text[part]) / len(text)
+                    total += self.model(inputs[part], text[part], chosen[part], positions[part]).float() * share
         self.model.train()
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return total.item() / (self.dp_size * t.eval_batches)
