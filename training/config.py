@@ -19,18 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import command, config_parser
-from common.config import (
-    ConfigError,
-    build,
-    check_minima,
-    describe,
-    flat_dict,
-    load_raw,
-    read_yaml,
-    require,
-    save_config,
-    to_dict,
-)
+from common.config import (ConfigError, build, check_minima, describe, flat_dict, load_raw, read_yaml, require,
+                           save_config, to_dict)
 from common.schedule import check_schedule
 from data_pipeline.training_data import DataConfig
 from model_parallel.config import ModelConfig, model_preset, resolve_model_section
