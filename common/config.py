@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import math
 import re
@@ -74,11 +75,15 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, value = (s.strip() for s in item.split("=", 1))
         keys, node = dotted.split("."), tree
+        if not all(keys):
+            raise ConfigError(f"override {item!r}: an empty key in {dotted!r} (expected section.key=value)")
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-        node[keys[-1]] = _parse_value(value, dotted)
+        value = _parse_value(value, dotted)  # (a section given whole, a.b={...}, merges with a.b.* given before)
+        node[keys[-1]] = merge(node[keys[-1]], value) if isinstance(value, dict) and isinstance(
+            node.get(keys[-1]), dict) else value
     return tree
 
 
@@ -112,12 +117,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
@@ -129,15 +136,17 @@ def build(cls, values: dict, where: str = ""):
     """Dataclass `cls` from a dict, refusing unknown keys and values of the wrong type."""
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))  # (str: YAML keys may be numbers or bools, `1:`, `yes:`)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        guesses = "; ".join(f"{where}{k}: did you mean {where}{m[0]}?" for k, m in close.items() if m)
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}"
+                          + (f" ({guesses})" if guesses else "") + f"; known: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
+            if not isinstance(value, dict):  # (null too: an emptied section is not the defaults)
                 raise ConfigError(f"{where}{name} must be a section (mapping), got {value!r}")
             kwargs[name] = build(hint, value, f"{where}{name}.")
         else:
@@ -156,6 +165,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             value = float(value)
         except ValueError:
             pass
+    if hint is str and (isinstance(value, (int, float, bool)) or type(value).__module__ == "datetime"):
+        raise ConfigError(f"{name}={value!r} must be of type str (YAML read the text as a "
+                          f"{type(value).__name__}: quote it, e.g. {name}=\"'text'\" on a command line)")
     if hint in (int, float, str, bool) and not (type(value) is hint):
         raise ConfigError(f"{name}={value!r} must be of type {hint.__name__}")
     if hint is float and not math.isfinite(value):  # (inf passed checks such as lr > 0)

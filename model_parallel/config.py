@@ -170,11 +170,12 @@ def model_preset(name: str) -> dict:
     return read_yaml(path)
 
 
-def resolve_model_section(raw: dict | None) -> dict:
-    """A `model:` section with its preset's values filled in underneath it."""
-    if raw is not None and not isinstance(raw, dict):
+def resolve_model_section(raw: dict) -> dict:
+    """A `model:` section with its preset's values filled in underneath it (null is refused, as for any other
+    section: an emptied `model:` trained the default model)."""
+    if not isinstance(raw, dict):
         raise ConfigError(f"model must be a section (mapping), got {raw!r}")
-    section = dict(raw or {})
+    section = dict(raw)
     for old, new in RENAMED.items():
         if old in section:
             raise ConfigError(f"model.{old} was renamed model.{new}: write model.{new}={section[old]!r}")

@@ -72,7 +72,10 @@ def test_world_size_must_fit_layout():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.hidden_sise=3"], "unknown key(s) model.hidden_sise"),
+    (["model.hidden_sise=3"], "unknown key(s) model.hidden_sise (model.hidden_sise: did you mean model.hidden_size?)"),
+    (["train..lr=1"], "override 'train..lr=1': an empty key in 'train..lr'"),
+    (["train.wandb_project=2024"], "train.wandb_project=2024 must be of type str (YAML read the text as a int: quote it"),
+    (["model=null"], "model must be a section (mapping), got None"),  # (else the default model, silently)
     (["train.steps=ten"], "train.steps='ten' must be of type int"),
     (["model.preset=parti-99b"], "model.preset='parti-99b': no file"),
     (["parallel"], "must look like section.key=value"),
@@ -88,6 +91,12 @@ def test_bad_input_is_refused_clearly(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides).validate()
     assert message in str(err.value)
+
+
+def test_a_section_given_whole_keeps_the_overrides_before_it():
+    """train={steps: 10} after train.lr=5e-4 replaced the section the first had made: the lr was lost."""
+    cfg = load_config("configs/train/debug.yaml", ["train.lr=5e-4", "train={steps: 10}"])
+    assert (cfg.train.lr, cfg.train.steps) == (5e-4, 10)
 
 
 def test_a_preset_override_of_a_saved_config_is_refused(tmp_path):
@@ -111,6 +120,14 @@ def test_bad_yaml_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    path.write_bytes(b"train:\n  wandb_project: caf\xe9\n")  # (latin-1: a traceback before)
+    with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8 text \(invalid continuation byte at byte 27\)"):
+        load_config(path)
+    path.write_text("train:\n  2: 2\n  yes: 3\n")  # (keys YAML reads as a number and a bool: a TypeError before)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train.2, train.True"):
+        load_config(path)
     path.write_text("train:\n  lr: 1.0e-3\n  steps: 5\n  lr: 3.0e-3\n")  # (PyYAML would keep the last lr)
     with pytest.raises(ConfigError, match=r"bad.yaml: key 'lr' appears twice in one section \(lines 2 and 4\)"):
         load_config(path)
@@ -369,3 +386,16 @@ def test_a_resume_that_changes_the_held_out_samples_says_so(change):
     key = change.split("=")[0]
     assert any(m.startswith(f"warning: {key} changed on resume") and "held-out loss is measured on other samples"
                in m for m in messages), messages
+
+
+def test_a_resume_that_changes_the_optimizer_or_the_network_is_refused():
+    """A checkpoint's optimizer state is its optimizer's (AdamW's moments, Adafactor's factors), and its weights
+    its network's: a change of either is refused; a change of what the network does not hold is not."""
+    from training.config import config_to_dict, load_config, resume_changes
+
+    saved = config_to_dict(load_config("configs/train/debug.yaml", []))
+    for change, kind in (("train.optimizer=adafactor", "refused"), ("model.hidden_size=32", "refused"),
+                         ("train.lr=1e-4", "applied"), ("model.dropout=0.2", "noted")):
+        changes = resume_changes(saved, load_config("configs/train/debug.yaml", [change]))
+        found = [c[0] for c in changes[kind]]
+        assert found == [change.split("=")[0]], (change, changes)

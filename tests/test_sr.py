@@ -184,6 +184,7 @@ def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_pro
     (["model.expansion=0"], "model.expansion=0.0 x 16 features rounds to no channel"),
     (["model.low_rank=0.01"], "model.low_rank=0.01 x 16 features rounds to no channel"),
     (["train.perceptual=0.1"], "a perceptual loss weight > 0 needs train.lpips_backbone"),
+    (["train.l1=-1"], "train.l1=-1.0 must be >= 0 (a loss weight: a negative one maximises its term)"),
 ])
 def test_bad_settings_are_refused_naming_the_field(single_process, photos, tmp_path, sets, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

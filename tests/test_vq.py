@@ -949,6 +949,23 @@ def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
             build_model(cfg)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.layers=-1", r"model\.layers=-1 must be >= 0 \(0: the preset's\)"),  # (no blocks, and it trained)
+    ("model.heads=-2", r"model\.heads=-2 must be >= 0"),  # (a traceback in the first step)
+    ("model.patch=0", r"model\.patch=0 must be >= 1"),
+    ("loss.l2=-1", r"loss\.l2=-1\.0 must be >= 0 \(a loss weight: a negative one maximises its term\)"),
+    ("model.ema_decay=1.5", r"model\.ema_decay=1\.5 must be in \[0, 1\)"),  # (the VQ-VAE's codebook collapsed)
+])
+def test_values_that_would_train_nonsense_are_refused_before_the_run_directory(single_process, photos, tmp_path,
+                                                                              override, message):
+    from common.config import ConfigError
+    from vq.train import VQTrainer
+
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        VQTrainer(load_typed(VQConfig, None, [*TINY, override]), photos, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_presets_build_the_papers_shapes():
     from vq.train import build_model
 

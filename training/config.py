@@ -187,7 +187,7 @@ def layout_of(cfg: Config, world_size: int) -> ParallelLayout:
 
 def config_from_dict(raw: dict) -> Config:
     """A run's Config from its sections (model.preset filled in underneath the model section)."""
-    return build(Config, {**raw, "model": resolve_model_section(raw.get("model"))})
+    return build(Config, {**raw, "model": resolve_model_section(raw.get("model", {}))})
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -127,6 +127,17 @@ IMAGE_TRAIN_MINIMA = (("steps", 0, "optimizer steps to run, 0: export the starti
                       ("log_interval", 1, "steps between metric lines"), ("eval_interval", 1, "steps between evaluations"),
                       ("save_interval", 1, "steps between checkpoints"), ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
                       ("data_workers", 0, "decoding processes, 0: in the training process"))
+MODEL_MINIMA = (("layers", 0, "0: the preset's"), ("width", 0, "0: the preset's or the kind's"),
+                ("heads", 0, "0: the preset's"), ("z_channels", 0, "0: the kind's"), ("image_size", 1, "pixels"),
+                ("patch", 1, "pixels per code"), ("code_dim", 1, "channels per code"),
+                ("codebook_size", 2, "codes"), ("res_blocks", 0, "residual blocks"),
+                ("tau_steps", 1, "steps of the temperature's schedule"),
+                ("kl_warmup_steps", 0, "steps of the KL weight's ramp"), ("kl_weight", 0, "the KL term's weight"))
+LOSS_MINIMA = tuple((name, 0, "a loss weight: a negative one maximises its term") for name in
+                    ("l2", "l1", "logit_laplace", "perceptual", "adversarial")) + (
+                        ("adv_start", 0, "the step the adversarial loss starts at"),)
+"""vq.train's rules for its model and loss sections (common.config.check_minima): a negative layer count built
+no blocks and trained, a negative weight maximised its loss."""
 """The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
 (common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty
 stack."""

@@ -51,7 +51,7 @@ from common.schedule import check_schedule, lr_lambda
 from common.state_file import RESUME_ADVICE, STATE_FILE, check_fits, load_state, save_state
 from data_pipeline.image_stream import CropStream, gather_stream_states, restore_stream
 from model_parallel.state import DeviceError, init_distributed, use_device
-from vq.config import IMAGE_TRAIN_MINIMA, VQConfig
+from vq.config import IMAGE_TRAIN_MINIMA, LOSS_MINIMA, MODEL_MINIMA, VQConfig
 from vq.dvae import DVAE
 from vq.init_weights import load_initial_weights
 from vq.losses import RealAndFake, VQGANLoss, check_lpips_backbone, split_output
@@ -230,6 +230,10 @@ class VQTrainer:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
         check_schedule(t, "train")  # (before config.yaml is written: a refused config leaves the run's as it was)
         check_logit_laplace(cfg)
+        check_minima(cfg.model, "model", MODEL_MINIMA)
+        check_minima(cfg.loss, "loss", LOSS_MINIMA)
+        require(0 <= cfg.model.ema_decay < 1, f"model.ema_decay={cfg.model.ema_decay} must be in [0, 1) (the VQ-VAE "
+                "codebook's moving average)")
         check_lpips_backbone(cfg.loss.perceptual, t.lpips_backbone)
         require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
         require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
