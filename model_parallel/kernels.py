@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from common.config import require
+from common.config import ConfigError, require
 from model_parallel.cross_entropy import fused_cross_entropy, plain_cross_entropy
 from model_parallel.keyed_dropout import compiled_keep_mask, keyed_dropout, keyed_keep_mask
 
@@ -140,9 +140,9 @@ def _choose(op: str, wanted: str, compiled: bool = False) -> tuple[str, str]:
     options = availability()[op]
     if wanted != "auto":
         if wanted not in options:
-            raise RuntimeError(f"kernels.{op}={wanted!r} is unknown; choose from {', '.join(options)}")
+            raise ConfigError(f"kernels.{op}={wanted!r} is unknown; choose from {', '.join(options)}")
         if options[wanted]:
-            raise RuntimeError(f"kernels.{op}={wanted!r} is not available: {options[wanted]}")
+            raise ConfigError(f"kernels.{op}={wanted!r} is not available: {options[wanted]}")
         return wanted, "requested"
     device = "gpu" if torch.cuda.is_available() else "cpu"
     passed = []
@@ -362,5 +362,5 @@ def select_kernels(kernel_cfg=None) -> Kernels:
               for op in KERNEL_CHOICES}
     compiled = bool(getattr(kernel_cfg, "compile", False))
     if compiled and (why := compile_unavailable()):
-        raise RuntimeError(f"kernels.compile=true is not available: {why}")
+        raise ConfigError(f"kernels.compile=true is not available: {why}")
     return Kernels({op: _choose(op, w, compiled) for op, w in wanted.items()}, compiled)

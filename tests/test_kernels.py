@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import ConfigError
 from model_parallel.cross_entropy import fused_cross_entropy
 from model_parallel.kernels import (
     KERNEL_CHOICES,
@@ -179,7 +180,7 @@ def test_compile_without_a_compiler_is_refused_with_reason(monkeypatch):
         pytest.skip("the CPU rule: a GPU needs Triton instead")
     assert select_kernels(KernelConfig(compile=True)).compile
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="kernels.compile=true is not available: inductor needs a C"):
+    with pytest.raises(ConfigError, match="kernels.compile=true is not available: inductor needs a C"):
         select_kernels(KernelConfig(compile=True))
     assert not select_kernels(KernelConfig()).compile
 
@@ -189,7 +190,7 @@ def test_unavailable_choice_is_refused_with_reason():
     if not unavailable:
         pytest.skip("every implementation is available on this machine")
     op, name, why = unavailable[0]
-    with pytest.raises(RuntimeError, match=f"kernels.{op}='{name}' is not available: {why}"):
+    with pytest.raises(ConfigError, match=f"kernels.{op}='{name}' is not available: {why}"):
         select_kernels(KernelConfig(**{op: name}))
 
 
@@ -231,7 +232,7 @@ def test_gpu_without_compilers_gets_the_plain_bias_gelu_and_no_deepspeed_adam(mo
     for op in ("bias_gelu", "bias_dropout_add"):
         assert kernels.choices[op] == ("plain", "auto on gpu; skipped fused: Triton needs a C compiler (gcc)")
     assert kernels.name("dropout_mask") == "eager"
-    with pytest.raises(RuntimeError, match="kernels.optimizer='deepspeed' is not available: .*needs nvcc"):
+    with pytest.raises(ConfigError, match="kernels.optimizer='deepspeed' is not available: .*needs nvcc"):
         select_kernels(KernelConfig(optimizer="deepspeed"))
 
 
@@ -246,3 +247,13 @@ def test_compiled_layers_take_torchs_layer_norm_where_apex_or_te_would_be_chosen
     assert kernels._choose("layernorm", "auto") == ("te", "auto on gpu")
     assert kernels._choose("layernorm", "auto", compiled=True) == ("torch", "auto on gpu, compiled layers")
     assert kernels._choose("layernorm", "te", compiled=True) == ("te", "requested")
+
+
+def test_an_unavailable_kernel_ends_a_run_in_one_line(single_process, tmp_path):
+    """A kernel asked for that this machine lacks is a config error naming the key (a 25-line traceback before)."""
+    from training.train import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", "configs/train/debug.yaml", "--run-dir", str(tmp_path / "run"), "--set",
+              "kernels.layernorm=apex", "train.steps=1"])
+    assert str(exit.value.code).startswith("config error: kernels.layernorm='apex' is not available: "), exit.value.code

@@ -1,7 +1,8 @@
 """The weights a vq.train run starts from (`train.init_from`): fine-tuning a trained tokenizer on other images.
 
     python -m vq.train --config configs/vq/vqgan.yaml --data 'mine/{00000..00009}.tar' --run-dir runs/ft \
-        --set train.init_from=vqgan_imagenet_f16_1024/checkpoints/last.ckpt loss.adv_start=0
+        --set train.init_from=vqgan_imagenet_f16_1024/checkpoints/last.ckpt loss.adv_start=0 \
+        train.lpips_backbone=vgg16-397923af.pth
 
 `train.init_from` names either
 - a tokenizer export of vq.train or vq/tokenizer.py (`export.pt`: kind, config, state_dict) of model.kind (for

@@ -1,6 +1,7 @@
 """VQGAN (Esser et al. 2021, "Taming Transformers for High-Resolution Image Synthesis") trained by vq.train.
 
-    python -m vq.train --config configs/vq/vqgan.yaml --data 'laion/{00000..00099}.tar' --run-dir runs/vqgan
+    python -m vq.train --config configs/vq/vqgan.yaml --data 'laion/{00000..00099}.tar' --run-dir runs/vqgan \
+        --set train.lpips_backbone=vgg16-397923af.pth
     model = VQGAN(ch=128, ch_mult=[1, 1, 2, 2, 4], n_embed=1024, embed_dim=256)   # taming f16: 16x16 codes at 256 px
     recon, aux = model(images)            # training: straight-through reconstruction, VQ losses, code usage
     codes = model.encode(images)          # frozen use, the interface of vq/tokenizer.py (ConvVQGAN's)
