@@ -54,10 +54,11 @@ def _parse_value(text: str, dotted: str) -> Any:
     starts a comment."""
     if re.fullmatch(r"[-+]?0[0-9_]+", text):
         raise ConfigError(f"override {dotted}={text}: YAML reads a number with a leading zero as octal; "
-                          "write it without the zero (or quote it for a string)")
+                          f"write it without the zero (or, for text, quote it past the shell: {dotted}=\"'{text}'\")")
     if re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", text):
         raise ConfigError(f"override {dotted}={text}: YAML 1.1 reads digits joined by ':' as a base-60 number "
-                          f"({yaml.safe_load(text)}); write the number itself (or quote it for a string)")
+                          f"({yaml.safe_load(text)}); write the number itself (or, for text, quote it past the shell: "
+                          f"{dotted}=\"'{text}'\")")
     if text[:1] not in ("'", '"') and (text.startswith("#") or " #" in text or "\t#" in text):
         raise ConfigError(f"override {dotted}={text}: '#' after a space starts a YAML comment, which would cut "
                           f"the value; quote it: {dotted}=\"'{text}'\"")

@@ -80,6 +80,7 @@ def test_world_size_must_fit_layout():
     (["model.preset=parti-99b"], "model.preset='parti-99b': no file"),
     (["parallel"], "must look like section.key=value"),
     (["train.steps=010"], "train.steps=010: YAML reads a number with a leading zero as octal"),  # (else 8)
+    (["train.wandb_project=007"], "quote it past the shell: train.wandb_project=\"'007'\")"),  # (the shell ate '007')
     (["train.steps=1:30"], "train.steps=1:30: YAML 1.1 reads digits joined by ':' as a base-60 number (90)"),
     (["train.lr=inf"], "train.lr=inf must be a finite number"),  # (else it passed lr > 0)
     (["train.lr=.nan"], "train.lr=nan must be a finite number"),
