@@ -114,8 +114,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-tiny")
     parser.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="steps per measurement (at least 2: the first warms up)")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: at least 2 (the first step warms up and is not timed)")
     from model_parallel.state import free_port
 
     port = free_port()

@@ -294,7 +294,7 @@ def test_run_costs_follow_what_a_checkpoint_and_a_code_shard_hold(single_process
     c = run_costs(m, 313_088, layout, global_batch=64, fs_gbs=2.0)
     assert c.checkpoint_gb * 1e9 == pytest.approx(313_088 * 3 * 4)
     assert c.write_s == pytest.approx(313_088 * 12 / 2e9)
-    assert c.writers == 16 and c.host_gb_per_writer * 2**30 == pytest.approx(313_088 * 12 / 16)  # each rank its part
+    assert c.writers == 16 and c.host_gb_per_writer * 1e9 == pytest.approx(313_088 * 12 / 16)  # each rank its part
     record = np.dtype(record_dtype(m.image_seq_len, m.text_seq_len)).itemsize
     assert record > 2 * (m.image_seq_len + m.text_seq_len)  # ids and codes at least
     assert c.samples_per_s == 128 and c.data_mb_per_s == pytest.approx(128 * record / 1e6)

@@ -73,7 +73,8 @@ def test_throughput_is_the_log_intervals_mean_step_without_saves_and_evaluation(
                                                                                monkeypatch):
     """samples/s (tokens/s, TFLOP/s and MFU follow from it) is the mean over every step since the last log line:
     it was the logging step's alone. Checkpoint saves and the held-out loss are left out, as Megatron-LM's
-    interval timer leaves them out. On a fake clock: step k takes k s, a held-out loss 100 s, a save 1000 s."""
+    interval timer leaves them out, and so is finishing a background save. On a fake clock: step k takes k s, a
+    held-out loss 100 s, a save 1000 s, a check for finished background saves 10,000 s."""
     import types
 
     import common.metrics as metrics
@@ -93,6 +94,7 @@ def test_throughput_is_the_log_intervals_mean_step_without_saves_and_evaluation(
                                                             lambda: steps.append(1) or len(steps)))
     monkeypatch.setattr(Trainer, "held_out_loss", slowed(Trainer.held_out_loss, lambda: 100))
     monkeypatch.setattr(Trainer, "save", slowed(Trainer.save, lambda: 1000))
+    monkeypatch.setattr(Trainer, "complete_saves", slowed(Trainer.complete_saves, lambda: 10_000))  # (after each step)
     run(str(tmp_path), "train.log_interval=2", "train.save_interval=1", "train.eval_interval=2", steps=4)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["samples_per_s"]) for r in rows] == [(2, 8 / 1.5), (4, 8 / 3.5)]

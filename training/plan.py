@@ -12,7 +12,8 @@ then estimated as
   weights + gradients + optimizer state   (bytes per parameter below, divided by DP where ZeRO shards)
   + activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage),
 with activations counted tensor by tensor as this model's layers save them for the backward pass
-(`activation_bytes`; within 12% of the peaks measured on an H200, tests/test_plan.py). The step time: the
+(`activation_bytes`; within 12% of the peaks measured on an H200, tests/test_plan.py), in GiB (2^30 bytes: an
+"80 GB" H100 holds 80 GiB) where it says GB. The step time: the
 FLOPs of training/flops.py plus what recomputation runs again, at `--hfu` of the peak, plus a fixed cost
 per layer and micro-batch (`--overhead-ms`: host work and launches, which make small micro-batches slow;
 both fitted to the H200's step times), over the 1F1B slots of the slowest stage (the bubble), plus
@@ -316,7 +317,7 @@ def run_costs(model_cfg, total_params: int, o: Layout, global_batch: int, fs_gbs
     record = record_dtype(model_cfg.image_seq_len, model_cfg.text_seq_len).itemsize
     samples_per_s = global_batch / o.step_s
     world = o.tp * o.pp * o.dp  # (ZeRO-1/2/3: each rank's partition; ZeRO-0: whole tensors spread over DP)
-    return RunCosts(total / 1e9, total / (fs_gbs * 1e9), world, total / world / 2**30,
+    return RunCosts(total / 1e9, total / (fs_gbs * 1e9), world, total / world / 1e9,  # (GB: printed beside the total)
                     samples_per_s, samples_per_s * record / 1e6)
 
 

@@ -412,7 +412,8 @@ class Trainer:
                 if self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None:
                     self.log_step(loss, lr, grad_norm, clock.seconds_per_step(), held_out)
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
-                self.complete_saves()
+                with clock.paused():  # (a background save's finishing is a save's, left out of the step times)
+                    self.complete_saves()
                 preempted = stop.requested()
                 if preempted or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
                     with clock.paused():
