@@ -203,7 +203,9 @@ def check_out_folder(out: str | Path, name: str) -> None:
 
 def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0, world: int = 1) -> None:
     """Refuse to add images to a folder made with other settings (ValueError naming them): the folder's
-    record, and for this rank's finished prompts their own record and prompt text."""
+    record, and for each rank's finished prompts their own record and prompt text (each rank reads its own
+    prompts' files; all refuse together: a rank whose prompts matched went on writing while another refused,
+    and left a folder that no prompt file could resume)."""
     problems: list[str] = []
     if (out / RECORD).is_file():
         problems += _differences(_with_decoding(read_record(out / RECORD)), record)
@@ -215,10 +217,35 @@ def check_resumable(out: Path, record: dict, prompts: list[dict], rank: int = 0,
         problems += _differences({k: meta.get(k, _MISSING) for k in record}, record)
         if meta.get("prompt") != prompts[i]["prompt"]:
             problems.append(f"prompt {i}: {meta.get('prompt')!r} then, {prompts[i]['prompt']!r} now")
+    problems = every_ranks(problems, world)
     if problems:
         raise ValueError(f"{out} holds images made with other settings, which a resumed run would mix with "
                          f"new ones: {'; '.join(problems[:6])}{'; ...' if len(problems) > 6 else ''}. "
                          "Give this run a new --out (or delete the folder to start it over)")
+
+
+def every_ranks(problems: list[str], world: int) -> list[str]:
+    """The problems every rank found, in rank order, each once (this rank's alone outside a process group of
+    `world` ranks)."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized() or dist.get_world_size() != world:
+        return problems
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, problems)
+    return list(dict.fromkeys(p for found in gathered for p in found))
+
+
+def remove_unfinished(out: Path, todo: list[int]) -> None:
+    """The temporary files (common.files.temporary_name: .NAME.host.pid.token.tmp.EXT) that a killed run left of
+    the prompts this rank is about to make: no one else writes those prompts, and a half-written PNG left in the
+    folder is read by whatever globs it for images."""
+    mine = set(todo)
+    for folder in (out, upsampled_folder(out)):
+        for tmp in folder.glob(".*.tmp.*") if folder.is_dir() else ():
+            prompt = tmp.name[1:].split(".", 1)[0].split("_", 1)[0]
+            if prompt.isdigit() and int(prompt) in mine:
+                tmp.unlink(missing_ok=True)
 
 
 def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingConfig, samples_per_prompt: int = 1,
@@ -246,6 +273,7 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     if rank == 0 and not (out / RECORD).is_file():
         write_atomic(out / RECORD, json.dumps(settings, indent=1))
     todo = [i for i in range(rank, len(prompts), world) if not (out / f"{i:05d}.json").exists()]
+    remove_unfinished(out, todo)
     jobs = [(i, k) for i in todo for k in range(samples_per_prompt)]
     pending: dict[int, list] = {}  # prompt -> its decoded samples so far (a prompt may span two batches)
     steps = StaticSteps()  # (a GPU's CUDA graphs, captured once per batch shape)
@@ -370,9 +398,10 @@ def gather_metadata(out: Path, count: int | None = None) -> Path:
     """The prompts' .json files as out/metadata.jsonl (and a copy beside the upsampled images, when there are);
     with `count`, only those of prompts 0..count-1: a rerun with fewer prompts (a smaller --limit) leaves the
     earlier run's later prompts in the folder, which are not this run's (None: every prompt's)."""
-    done = sorted(out.glob("[0-9]*.json"))
+    done = sorted((p for p in out.glob("[0-9]*.json") if p.stem.isdigit()), key=lambda p: int(p.stem))  # (6 digits
+    # from prompt 100,000 on: sorted as text, they came before 99,999's)
     if count is not None:
-        done = [p for p in done if p.stem.isdigit() and int(p.stem) < count]
+        done = [p for p in done if int(p.stem) < count]
     lines = "".join(p.read_text() + "\n" for p in done)
     if upsampled_folder(out).is_dir():
         write_atomic(upsampled_folder(out) / "metadata.jsonl", lines)

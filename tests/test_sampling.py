@@ -575,6 +575,60 @@ def test_prompts_that_are_missing_not_text_or_blank_are_refused_naming_the_line(
     assert [p["prompt"] for p in read_prompts(tmp_path / "ok.json")] == ["A cat."]
 
 
+def test_metadata_keeps_the_prompt_order_past_99999(tmp_path):
+    """Prompt files are named by a 5-digit index, 6 digits from 100,000 on: sorted as text, those came first."""
+    from evaluation.generate import gather_metadata
+
+    for i in (9999, 10000, 99999, 100000, 100001):
+        (tmp_path / f"{i:05d}.json").write_text(json.dumps({"index": i}))
+    rows = [json.loads(line)["index"] for line in gather_metadata(tmp_path).read_text().splitlines()]
+    assert rows == [9999, 10000, 99999, 100000, 100001]
+
+
+def generate_on_my_rank(folder: str, texts: list[str]) -> str | None:
+    """evaluation.generate on this rank's share of `texts` into folder/out (the debug model, folder's vq.pt and
+    spm.model); the refusal's message, or None."""
+    import torch.distributed as dist
+
+    from data_pipeline.text_tokenizer import TextTokenizer
+    from evaluation.generate import generate
+    from model_parallel.state import init_parallel
+    from vq.tokenizer import load_image_tokenizer
+
+    init_parallel(1)
+    model, folder = debug_model(), Path(folder)
+    tok = TextTokenizer(folder / "spm.model", model.cfg.text_seq_len)
+    try:
+        generate(model, load_image_tokenizer(folder / "vq.pt"), tok, [{"prompt": t} for t in texts], folder / "out",
+                 SamplingConfig(top_k=8), batch_size=4, rank=dist.get_rank(), world=dist.get_world_size())
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_rerun_with_other_prompts_is_refused_by_every_rank_before_any_writes(single_process, pool2, tmp_path):
+    """Each rank checks its own finished prompts; the rank whose prompts matched went on writing while the other
+    refused, and the folder mixed two prompt files' images (refused for good with either)."""
+    from data_pipeline.text_tokenizer import train_sentencepiece
+    from vq.tokenizer import ConvVQ, save_image_tokenizer
+
+    texts = ["a red circle", "a blue square", "two green cats", "a yellow star"]
+    train_sentencepiece(texts * 50, 40, tmp_path / "spm.model")
+    torch.manual_seed(0)
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), tmp_path / "vq.pt")
+    assert generate_on_my_rank(str(tmp_path), texts[:2]) is None  # (one process: prompts 0 and 1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    changed = [texts[0], "a purple moon", *texts[2:]]  # (prompt 1 is rank 1's)
+    refusals = pool2.run(generate_on_my_rank, str(tmp_path), changed)
+    assert all(r and "prompt 1: 'a blue square' then, 'a purple moon' now" in r for r in refusals), refusals
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    # A finished prompt's own record is checked too (a folder resumed by a run of other settings before).
+    record = json.loads((tmp_path / "out" / "00001.json").read_text())
+    record["sampling"]["top_k"] = 9
+    (tmp_path / "out" / "00001.json").write_text(json.dumps(record))
+    assert "sampling.top_k: 9 then, 8 now" in generate_on_my_rank(str(tmp_path), texts)
+
+
 def test_parti_prompts_reader_keeps_every_prompt():
     from evaluation.prompts import read_prompts
     from tests.laion_fixtures import SHARED_DATA
@@ -616,9 +670,16 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
                         lambda *a, **kw: graphed.append(kw["cuda_graph"]) or real_sample(*a, **kw))
     cfg = SamplingConfig(guidance_scale=1.2, top_k=20)
     out = tmp_path / "samples"
+    # A killed run's half-written files: each rank removes those of the prompts it makes (and only those).
+    out.mkdir()
+    left = [out / ".00003_1.vm.99.0e452810.tmp.png", out / ".00003.vm.99.1f.tmp.json", out / ".00000_0.vm.98.2a.tmp.png"]
+    for path in left:
+        path.write_bytes(b"cut short")
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=3, rank=1, world=2) == 2
     assert graphed == [next(model.parameters()).is_cuda] * 2  # (this rank: 2 prompts x 2 samples, 3 a batch)
+    assert [p.exists() for p in left] == [False, False, True]  # (prompt 0 is rank 0's)
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=5, rank=0, world=2) == 2
+    assert not any(p.name.startswith(".") for p in out.iterdir())
     assert model.cfg.caption_drop_prob > 0 and warnings == []  # (guidance on a model trained for it)
     assert len(list(out.glob("*.png"))) == 8
     first = (out / "00003_1.png").read_bytes()
