@@ -68,6 +68,29 @@ def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@torch.no_grad()
+def test_a_compiled_layer_draws_the_eager_dropout_masks_without_sample_index(single_process):
+    """Dropout from torch's generator (no sample_index: F.dropout inside the compiled graph) under inductor draws
+    what eager draws under the same seed (compile_layers' fallback_random; inductor's own RNG would not)."""
+    from model_parallel.compile import compile_layers
+    from model_parallel.model import PartiModel
+
+    torch._dynamo.reset()
+    cfg = debug_model_config(**{"model.dropout": 0.3})
+    model = PartiModel(cfg, init_seed=3).train()
+    layer = model.encoder[0]
+    x = torch.randn(cfg.text_seq_len, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 1, 1, cfg.text_seq_len, dtype=torch.bool)
+    torch.manual_seed(4)
+    eager = layer(x, mask)
+    torch.manual_seed(5)
+    assert not torch.allclose(layer(x, mask), eager)  # (dropout is on: another seed, other masks)
+    compile_layers(model)
+    torch.manual_seed(4)
+    compiled = layer(x, mask)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_kernels_in_eager_layers_equal_plain(single_process):
     """A GPU's default: eager layers calling the fused bias-dropout-add and head-split kernels (inductor), with
     keyed dropout and full recomputation (each layer's forward run again in the backward), and the loss's

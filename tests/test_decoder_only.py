@@ -68,9 +68,26 @@ def test_the_caption_conditions_the_image_and_the_stream_is_causal(single_proces
     assert not torch.allclose(base[6:], model(text, later)[6:])
 
 
-@pytest.mark.parametrize("chunk, static", [(1, False), (5, False), (1, True)], ids=["step", "chunks", "static"])
-def test_kv_cache_decoding_equals_the_full_forward(single_process, chunk, static):
-    model = dalle_model().eval()
+@torch.no_grad()
+def test_decode_after_the_encoded_caption_equals_the_forward(single_process):
+    """decode(inputs, *encode(text)): the caption's part of the stream put before the image inputs, the logits of
+    the image positions only, in shape and values those of model(text, codes)."""
+    model = dalle_model(seed=1).eval()
+    text, codes = debug_batch(model.cfg)
+    full = model(text, codes)
+    decoded = model.decode(model.decoder_input(codes), *model.encode(text))
+    assert decoded.shape == full.shape == (model.cfg.image_seq_len, text.shape[0], model.cfg.image_vocab_size)
+    torch.testing.assert_close(decoded, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk, static, pattern", [
+    (1, False, "dalle"), (5, False, "dalle"), (1, True, "dalle"), (2, False, "dalle"), (3, False, "dalle"),
+    (7, False, "dalle"), (2, False, "dense"), (3, False, "dense"), (7, False, "dense")],
+    ids=["step", "chunks", "static", "chunks-2", "chunks-3", "chunks-7", "dense-2", "dense-3", "dense-7"])
+def test_kv_cache_decoding_equals_the_full_forward(single_process, chunk, static, pattern):
+    """Dense attention too: its chunks after the cached caption take the offset causal mask (layers._cached_mask),
+    where the dalle pattern brings a mask of its own."""
+    model = dalle_model(**{"model.attention_pattern": pattern}).eval()
     text, codes = debug_batch(model.cfg)
     with torch.no_grad():
         full = model(text, codes).transpose(0, 1)
@@ -141,17 +158,25 @@ def test_resume_on_another_layout(pool2, dalle_reference, tmp_path):
     assert first + second == pytest.approx(dalle_reference[0], rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["parti-debug", "dalle-debug"])
-def test_flops_formula_counts_what_the_model_computes(single_process, preset):
+SHORTER_CAPTION = {"model.text_seq_len": 8, "model.decoder_layers": 3}
+"""A caption shorter than the image (T != N) and as many encoder as decoder layers no more: terms that mix up
+text and image lengths, or the two stacks, count differently."""
+
+
+@pytest.mark.parametrize("preset, sets", [("parti-debug", {}), ("dalle-debug", {}),
+                                          ("parti-debug", SHORTER_CAPTION), ("dalle-debug", SHORTER_CAPTION)],
+                         ids=["parti", "dalle", "parti-T8", "dalle-T8"])
+def test_flops_formula_counts_what_the_model_computes(single_process, preset, sets):
     """training/flops.py against torch's FLOP counter on the model's forward. The counter does not see the
-    CPU SDPA kernel, so the attention cores (QK^T and PV: 4 x queries x keys x d) are added by hand."""
+    CPU SDPA kernel, so the attention cores (QK^T and PV: 4 x queries x keys x d) are added by hand: what
+    selective recomputation runs again."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from model_parallel.model import PartiModel
     from tests.conftest import debug_model_config
-    from training.flops import forward_flops_per_sample
+    from training.flops import forward_flops_per_sample, recomputed_layer_flops
 
-    cfg = debug_model_config(**{"model.preset": preset})
+    cfg = debug_model_config(**{"model.preset": preset, **sets})
     text, codes = debug_batch(cfg, batch=2)
     with FlopCounterMode(display=False) as counter:
         PartiModel(cfg)(text, codes, return_loss=True)
@@ -161,3 +186,24 @@ def test_flops_formula_counts_what_the_model_computes(single_process, preset):
     else:
         cores = cfg.encoder_layers * 4 * T * T * d + cfg.decoder_layers * (4 * N * N * d + 4 * N * T * d)
     assert counter.get_total_flops() + 2 * cores == 2 * forward_flops_per_sample(cfg)
+    encoder, decoder = recomputed_layer_flops(cfg, "selective")
+    assert cfg.encoder_layers * encoder + cfg.decoder_layers * decoder == cores
+
+
+def test_recomputed_flops_by_hand():
+    """recomputed_layer_flops at T=8 != N=16, d=64: selective, the attention cores (encoder 4T^2 d; decoder
+    4N^2 d causal + 4NTd cross; decoder-only 4S^2 d); full, each layer's whole forward; none, nothing."""
+    from tests.conftest import debug_model_config
+    from training.flops import recomputed_layer_flops
+
+    parti = debug_model_config(**SHORTER_CAPTION)
+    dalle = debug_model_config(**{"model.preset": "dalle-debug", **SHORTER_CAPTION})
+    assert (parti.text_seq_len, parti.image_seq_len, parti.hidden_size, parti.ffn_hidden_size) == (8, 16, 64, 256)
+    assert recomputed_layer_flops(parti, "selective") == (4 * 8 * 8 * 64, 4 * 16 * 16 * 64 + 4 * 16 * 8 * 64) \
+        == (16_384, 98_304)
+    assert recomputed_layer_flops(dalle, "selective")[1] == 4 * 24 * 24 * 64 == 147_456
+    projections = 4 * 64 * 64 + 2 * 64 * 256  # QKV + output, MLP: per token
+    encoder = 2 * 8 * projections + 4 * 8 * 8 * 64
+    decoder = 2 * 16 * projections + 4 * 16 * 16 * 64 + 2 * 16 * 2 * 64 * 64 + 2 * 8 * 2 * 64 * 64 + 4 * 16 * 8 * 64
+    assert recomputed_layer_flops(parti, "full") == (encoder, decoder) == (802_816, 2_064_384)
+    assert recomputed_layer_flops(parti, "none") == (0, 0)

@@ -65,7 +65,7 @@ def test_gradients_equal_reference(single_process):
     torch.testing.assert_close(emb, ref.text_embed.weight.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1, 5])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7])  # (2: the smallest chunk that needs a causal mask)
 def test_kv_cache_decoding_equals_full_forward(single_process, chunk):
     cfg = debug_model_config()
     model = _model(cfg).eval()
@@ -138,7 +138,9 @@ def test_keyed_dropout_rate_and_independence():
     assert abs(dropped(samples, p=0.5).float().mean().item() - 0.5) < 0.005
     assert not dropped(samples, p=0.0).any()
     # Other samples (the next step), pieces, sites, seeds: independent masks (both dropped: p^2, not p).
-    others = (dropped(samples + 64), dropped(samples, piece=4), dropped(samples, site=2), dropped(samples, seed=1235))
+    # (samples + 2^32: the index's high bits are keyed too, so the masks do not repeat every 2^32 samples)
+    others = (dropped(samples + 64), dropped(samples, piece=4), dropped(samples, site=2), dropped(samples, seed=1235),
+              dropped(samples + 2**32))
     for other in others:
         assert abs((drop & other).float().mean().item() - 0.01) < 0.002
     # Neighbouring samples, positions and features too.
@@ -161,6 +163,29 @@ def test_sample_dropout_scales_kept_values_and_is_off_in_eval():
     torch.testing.assert_close(drop(x[:, 1:], idx[1:]), y[:, 1:])
     assert not torch.equal(drop(x, idx + 3), y)
     assert drop.eval()(x, idx) is x
+
+
+def test_residual_dropout_without_sample_index_drops_the_branch_with_its_bias(single_process):
+    """Masks from torch's generator (no sample_index): x + dropout(f(norm(x)) + bias), the bias dropped and
+    scaled with the branch, against F.dropout by hand under the same seed."""
+    import torch.nn.functional as F
+
+    cfg = debug_model_config(**{"model.dropout": 0.5})
+    model = _model(cfg).train()
+    x = torch.randn(16, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # (megatron initialises the biases to zero)
+            if name.endswith("bias"):
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+        for residual, kwargs in ((model.decoder[0].mlp, {}), (model.encoder[0].attn, {"mask": None})):
+            torch.manual_seed(3)
+            out = residual(x, **kwargs)
+            torch.manual_seed(3)
+            branch, bias = residual.fn(residual.norm(x), **kwargs)
+            assert bias.abs().min() > 0  # (the bias is there to be dropped)
+            expected = x + F.dropout(branch + bias, 0.5, training=True)
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+            assert not torch.allclose(out, x + branch + bias)  # (dropout is on)
 
 
 def test_compiled_dropout_mask_equals_eager(single_process):

@@ -21,6 +21,24 @@ def test_meta_count_equals_built_model(single_process):
     assert count_parameters(model_config("parti-debug"))["total"] == built == 313_088
 
 
+@pytest.mark.parametrize("preset", ["parti-debug", "dalle-debug"])
+def test_counts_by_part_equal_the_built_models_named_parameters(single_process, preset):
+    """Each part against a hand sum over the built model's parameter names: the embeddings, the encoder with its
+    final norm, the decoder layers, the head (its final norm and projections)."""
+    from model_parallel.model import PartiModel
+    from tests.conftest import debug_model_config
+
+    parts = {"embeddings": ("text_embedding.", "image_embedding.", "embedding."),
+             "encoder": ("encoder.", "encoder_norm."), "decoder": ("decoder.",), "head": ("head.",)}
+    named = dict(PartiModel(debug_model_config(**{"model.preset": preset})).named_parameters())
+    by_hand = {part: sum(p.numel() for name, p in named.items() if name.startswith(prefixes))
+               for part, prefixes in parts.items()}
+    assert sum(by_hand.values()) == sum(p.numel() for p in named.values())  # (every parameter in one part)
+    assert by_hand["head"] > 0 and (by_hand["encoder"] > 0) == (preset == "parti-debug")
+    counted = count_parameters(model_config(preset))
+    assert counted == {**by_hand, "total": sum(by_hand.values())}
+
+
 def test_command_prints_every_preset(single_process, capsys):
     main([])
     out = capsys.readouterr().out

@@ -380,19 +380,26 @@ def test_choose_draws_what_multinomial_draws_without_a_host_sync():
     assert seen.names & host_reads  # (what the check catches)
 
 
-def tp_samples(tp):
+def tp_samples(tp, preset="parti-debug"):
+    """Codes drawn with the growing cache, the static cache and full recomputation at TP=`tp`."""
     from model_parallel.state import init_parallel
 
     init_parallel(tp)
-    model, cfg = debug_model(), SamplingConfig(top_p=0.9, guidance_scale=1.5)
-    return run(model, cfg), run(model, cfg, static_cache=True)
+    model = debug_model() if preset == "parti-debug" else preset_model(preset)
+    cfg = SamplingConfig(top_p=0.9, guidance_scale=1.5)
+    return run(model, cfg), run(model, cfg, static_cache=True), run(model, cfg, use_cache=False)
 
 
-def test_tp2_samples_equal_tp1(pool2):
-    tp1 = pool2.run(tp_samples, 1)[0]
-    assert torch.equal(tp1[0], tp1[1])  # the static cache (heads split over ranks too) = the growing one
-    for rank in pool2.run(tp_samples, 2):
-        assert torch.equal(rank[0], tp1[0]) and torch.equal(rank[1], tp1[0])
+@pytest.mark.parametrize("preset", ["parti-debug", "dalle-debug"])
+def test_tp2_samples_equal_tp1(pool2, preset):
+    """Decoder-only too: its static cache is preallocated by _prefill (not from cross-attention K/V), with this
+    rank's share of the heads."""
+    tp1 = pool2.run(tp_samples, 1, preset)[0]
+    # the static cache (heads split over ranks too) and recomputation = the growing one
+    assert torch.equal(tp1[0], tp1[1]) and torch.equal(tp1[0], tp1[2])
+    for rank in pool2.run(tp_samples, 2, preset):
+        for codes in rank:
+            assert torch.equal(codes, tp1[0])
 
 
 def test_per_row_generators_make_rows_independent_of_the_batch(single_process):

@@ -63,6 +63,7 @@ def fused_cross_entropy_slices(dtype: torch.dtype):
     g = torch.Generator().manual_seed(7)
     logits = (torch.randn(5, 3, 32, generator=g) * 4).to(dtype)
     target = torch.randint(0, 32, (5, 3), generator=g)
+    target.view(-1)[:4] = torch.tensor([0, 15, 16, 31])  # the first and last ids of each rank's slice
     upstream = torch.rand(5, 3, generator=g)
     rank = dist.get_rank()
     mine = logits[..., rank * 16:(rank + 1) * 16].clone().requires_grad_()
@@ -78,7 +79,7 @@ def fused_cross_entropy_slices(dtype: torch.dtype):
 def test_fused_cross_entropy_over_vocabulary_slices_equals_whole(pool2, dtype):
     """kernels.cross_entropy=fused at TP=2 (each rank a half of the vocabulary: the maxima and sums all-reduced,
     the target's logit from the rank that holds it): torch's loss over the whole vocabulary, each rank's slice of
-    its gradient (bf16: the gradient in bf16, within its rounding)."""
+    its gradient (bf16: the gradient in bf16, within its rounding); targets at the slices' boundaries among them."""
     from model_parallel.kernels import availability
 
     if availability()["cross_entropy"]["fused"]:
@@ -125,6 +126,28 @@ def test_dropout_changes_loss_and_is_reproducible(pool2):
     assert a[0][0] == a[1][0] == b[0][0]
     no_dropout = pool2.run(loss_and_grads, 2, False, 0.0)[0][0]
     assert a[0][0] != pytest.approx(no_dropout, abs=1e-4)
+
+
+def sequence_parallel_dropout_of_ones():
+    """TP=2 with sequence parallelism: a SampleDropout site without sample_index (torch's generators) on this
+    rank's sequence shard of ones, the default generator seeded alike on both ranks (seed_everything)."""
+    from model_parallel.layers import SampleDropout
+    from model_parallel.state import init_parallel, seed_everything, tensor_parallel_group
+
+    init_parallel(tp=2)
+    seed_everything(5)
+    drop = SampleDropout(0.5, sequence_parallel=True, tp_group=tensor_parallel_group()).train()
+    return drop(torch.ones(8, 3, 64))
+
+
+def test_sequence_parallel_dropout_without_sample_index_differs_per_rank(pool2):
+    """Each rank holds other positions of the sequence: its masks come from megatron's per-rank stream, not the
+    default generator both ranks share (which would repeat one shard's mask on every shard)."""
+    masks = pool2.run(sequence_parallel_dropout_of_ones)
+    for mask in masks:
+        assert set(mask.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1 / (1 - p)
+        assert 0.4 < (mask == 0).float().mean() < 0.6
+    assert not torch.equal(masks[0], masks[1])
 
 
 def loss_and_grads_with_recompute(mode: str):
