@@ -69,8 +69,8 @@ class SRTrainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
         self.scale = cfg.model.resolved()["scale"]
-        check_minima(t, "train", (*IMAGE_TRAIN_MINIMA, ("crop", self.scale, "the high-resolution crops' side"),
-                                  *((w, 0, "a loss weight: a negative one maximises its term") for w in ("l1", "perceptual"))))
+        weights = ((w, 0, "a loss weight: a negative one maximises its term") for w in ("l1", "perceptual"))
+        check_minima(t, "train", (*IMAGE_TRAIN_MINIMA, ("crop", self.scale, "the high-resolution crops' side"), *weights))
         check_lpips_backbone(t.perceptual, t.lpips_backbone)
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")

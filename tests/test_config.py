@@ -78,7 +78,8 @@ def test_world_size_must_fit_layout():
 @pytest.mark.parametrize("overrides, message", [
     (["model.hidden_sise=3"], "unknown key(s) model.hidden_sise (model.hidden_sise: did you mean model.hidden_size?)"),
     (["train..lr=1"], "override 'train..lr=1': an empty key in 'train..lr'"),
-    (["train.wandb_project=2024"], "train.wandb_project=2024 must be of type str (YAML read the text as a int: quote it"),
+    (["train.wandb_project=2024"],
+     "train.wandb_project=2024 must be of type str (YAML read the text as a int: quote it"),
     (["model=null"], "model must be a section (mapping), got None"),  # (else the default model, silently)
     (["train.steps=ten"], "train.steps='ten' must be of type int"),
     (["model.preset=parti-99b"], "model.preset='parti-99b': no file"),

@@ -622,7 +622,8 @@ def test_a_rerun_with_other_prompts_is_refused_by_every_rank_before_any_writes(s
     texts = ["a red circle", "a blue square", "two green cats", "a yellow star"]
     train_sentencepiece(texts * 50, 40, tmp_path / "spm.model")
     torch.manual_seed(0)
-    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), tmp_path / "vq.pt")
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64),
+                         tmp_path / "vq.pt")
     assert generate_on_my_rank(str(tmp_path), texts[:2]) is None  # (one process: prompts 0 and 1)
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     changed = [texts[0], "a purple moon", *texts[2:]]  # (prompt 1 is rank 1's)
@@ -679,7 +680,8 @@ def test_generate_writes_images_and_metadata_and_resumes(single_process, referen
     out = tmp_path / "samples"
     # A killed run's half-written files: each rank removes those of the prompts it makes (and only those).
     out.mkdir()
-    left = [out / ".00003_1.vm.99.0e452810.tmp.png", out / ".00003.vm.99.1f.tmp.json", out / ".00000_0.vm.98.2a.tmp.png"]
+    left = [out / ".00003_1.vm.99.0e452810.tmp.png", out / ".00003.vm.99.1f.tmp.json",
+            out / ".00000_0.vm.98.2a.tmp.png"]
     for path in left:
         path.write_bytes(b"cut short")
     assert generate(model, vq, tok, prompts, out, cfg, samples_per_prompt=2, batch_size=3, rank=1, world=2) == 2

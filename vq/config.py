@@ -124,8 +124,10 @@ class VQTrainConfig:
 
 IMAGE_TRAIN_MINIMA = (("steps", 0, "optimizer steps to run, 0: export the starting weights"),
                       ("batch_size", 1, "images per step over all processes"),
-                      ("log_interval", 1, "steps between metric lines"), ("eval_interval", 1, "steps between evaluations"),
-                      ("save_interval", 1, "steps between checkpoints"), ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
+                      ("log_interval", 1, "steps between metric lines"),
+                      ("eval_interval", 1, "steps between evaluations"),
+                      ("save_interval", 1, "steps between checkpoints"),
+                      ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
                       ("data_workers", 0, "decoding processes, 0: in the training process"))
 MODEL_MINIMA = (("layers", 0, "0: the preset's"), ("width", 0, "0: the preset's or the kind's"),
                 ("heads", 0, "0: the preset's"), ("z_channels", 0, "0: the kind's"), ("image_size", 1, "pixels"),
