@@ -189,12 +189,22 @@ def prune(run_dir: str | Path, keep: int, step: int, marker: str, run_id: str | 
         if s >= step:
             continue
         if not is_complete(path, marker):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path, marker)
         elif owner_of is None or owner_of(path) in (None, run_id):
             older.append(path)
     for path in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
-        (path / marker).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path, marker)
+
+
+def _remove(path: Path, marker: str) -> None:
+    """A checkpoint folder deleted, its marker first. A symlink (a checkpoint linked in from another run, to
+    resume from it) loses the link only: deleting through it took the other run's marker, and that run's own next
+    prune then removed its whole checkpoint as an incomplete leftover."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    (path / marker).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

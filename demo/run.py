@@ -21,6 +21,7 @@ Steps (each one the project's real code path, on CPU by default; a finished step
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -394,9 +395,10 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     sections.append((title, image_html("grid_upsampled.png") + psnr_note))
     sections.append(("Time per step in this invocation (s; 0: done by an earlier run into this folder)",
                      table_html([timings], digits=0)))
-    intro = (f"{preset} ({what}, model.arch={cfg.arch}) trained with {layout} on {cfg.shapes} captioned shapes and {len(shapes.COLOURS)} colours x "
-             f"{len(shapes.SHAPES)} shapes (held out: {cfg.held_out}), plus the 17 shipped COCO photos; samples with "
-             f"classifier-free guidance {cfg.guidance_scale}. Config: demo_config.yaml, {run_dir.name}/config.yaml.")
+    intro = html.escape(f"{preset} ({what}, model.arch={cfg.arch}) trained with {layout} on {cfg.shapes} captioned "
+                        f"shapes and {len(shapes.COLOURS)} colours x {len(shapes.SHAPES)} shapes (held out: "
+                        f"{cfg.held_out}), plus the 17 shipped COCO photos; samples with classifier-free guidance "
+                        f"{cfg.guidance_scale}. Config: demo_config.yaml, {run_dir.name}/config.yaml.")
     return write_html(out / "report.html", "End-to-end demo", sections, intro)
 
 

@@ -67,11 +67,15 @@ def per_prompt_scores(clip: dict, metadata: list[dict]) -> list[dict]:
     return [{**meta, "clip_score": sum(scores[meta["index"]]) / len(scores[meta["index"]])} for meta in metadata]
 
 
-def grid_section(images: Path, grids: Path, name: str, rows: list[dict], count: int) -> tuple[str, str]:
+def grid_section(images: Path, grids: Path, name: str, rows: list[dict], count: int, number: int = 0
+                 ) -> tuple[str, str]:
+    """A section of the first `count` rows' images; its grid file is named by its `number` (a name made of the
+    category's text collided for "Food & Drink" and "Food / Drink", and a long one was longer than a file name may
+    be)."""
     chosen = rows[:count]
     grid = image_grid([images / r["files"][0] for r in chosen], [r["prompt"] for r in chosen],
                       columns=min(4, len(chosen)), cell=160)
-    file = grids / f"{''.join(c if c.isalnum() else '_' for c in name)}.png"
+    file = grids / f"samples_{number:03d}.png"
     grid.save(file)
     return name, image_html(f"grids/{file.name}")
 
@@ -93,13 +97,15 @@ def write_report(cfg: EvalConfig, out: Path, images: Path, results: dict, metada
         by_category = defaultdict(list)
         for meta in metadata:
             by_category[meta["Category"]].append(meta)
-        sections += [grid_section(images, grids, f"Samples: {name}", rows, cfg.benchmark.grid_prompts)
-                     for name, rows in sorted(by_category.items())]
+        sections += [grid_section(images, grids, f"Samples: {name}", rows, cfg.benchmark.grid_prompts, number)
+                     for number, (name, rows) in enumerate(sorted(by_category.items()))]
     elif metadata:
         sections.append(grid_section(images, grids, "Samples", metadata, cfg.benchmark.grid_prompts))
     reranked = cfg.clip.model and cfg.sampling.samples_per_prompt > 1
-    intro = (f"Model {cfg.model.checkpoint}; sampling {vars(cfg.sampling)}; CLIP {cfg.clip.model or 'none'}. "
-             + ("Samples reranked by CLIP score: the best is shown." if reranked else "The first sample is shown."))
+    clip = cfg.clip.model or "none"
+    intro = html.escape(f"Model {cfg.model.checkpoint}; sampling {vars(cfg.sampling)}; CLIP {clip}. "
+                        + ("Samples reranked by CLIP score: the best is shown." if reranked
+                           else "The first sample is shown."))  # (paths and names are text, not markup)
     intro += "".join(f"<br><b>Warning:</b> {html.escape(w)}" for w in warnings_of(results))
     return write_html(out / "report.html", f"{cfg.benchmark.name} evaluation", sections, intro)
 

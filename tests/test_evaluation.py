@@ -451,3 +451,30 @@ def test_generate_refuses_to_resume_with_another_checkpoint_or_settings(sampling
         (out / name).write_text(json.dumps(record))
     main([*common, "--checkpoint", str(root / "export"), "--guidance-scale", "1.2"])
     assert (out / "00001.json").is_file() and (out / "00000_0.png").read_bytes() == first["00000_0.png"]
+
+
+def test_report_grids_are_named_apart_and_its_text_is_not_markup(tmp_path):
+    """Grid files were named by their category's characters: "Food & Drink" and "Food / Drink" wrote one file (both
+    sections showed the second's samples), and a long name was too long for a file. Paths and settings in the
+    report's intro went in as markup (a folder named <script> ran in the reader's browser)."""
+    from PIL import Image
+
+    from common.config import load_typed
+    from evaluation.benchmark import write_report
+    from evaluation.config import EvalConfig
+
+    images = tmp_path / "images"
+    images.mkdir()
+    categories = ["Food & Drink", "Food / Drink", "x" * 300]
+    metadata = []
+    for i, (name, colour) in enumerate(zip(categories, ("red", "blue", "green"))):
+        Image.new("RGB", (16, 16), colour).save(images / f"{i:05d}_0.png")
+        metadata.append({"prompt": f"prompt {i}", "index": i, "files": [f"{i:05d}_0.png"], "Category": name})
+    cfg = load_typed(EvalConfig, "configs/eval/partiprompts.yaml",
+                     ["model.checkpoint=/shared/<script>alert(1)</script>/export"])
+    report = write_report(cfg, tmp_path, images, {"clip_score": 30.0}, metadata, []).read_text()
+    grids = [line.split('src="')[1].split('"')[0] for line in report.splitlines() if 'src="' in line]
+    assert len(set(grids)) == 3
+    colours = [Image.open(tmp_path / g).convert("RGB").getpixel((8, 8)) for g in grids]
+    assert len(set(colours)) == 3  # each section its own category's samples
+    assert "<script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report

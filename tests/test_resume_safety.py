@@ -363,6 +363,26 @@ def test_pruning_keeps_the_newest_removes_leftovers_and_never_leaves_a_complete_
     assert checkpoints.complete_tags(tmp_path, "trainer_state.json") == [tag_for(6), tag_for(8)]
 
 
+def test_pruning_a_linked_checkpoint_removes_the_link_not_what_it_points_to(tmp_path):
+    """A step folder that is a symlink to another run's checkpoint (linked in to resume from it): pruning deleted
+    the marker through the link, and the other run's own next prune then removed its whole checkpoint."""
+    from common import checkpoints
+
+    other = tmp_path / "other" / "checkpoints" / tag_for(2)
+    other.mkdir(parents=True)
+    for name in ("trainer_state.json", "__0_0.distcp"):
+        (other / name).write_text("x")
+    mine = tmp_path / "run" / "checkpoints"
+    mine.mkdir(parents=True)
+    (mine / tag_for(2)).symlink_to(other)
+    for step in (4, 6):
+        (mine / tag_for(step)).mkdir()
+        (mine / tag_for(step) / "trainer_state.json").write_text("{}")
+    checkpoints.prune(tmp_path / "run", 2, 6, "trainer_state.json")
+    assert sorted(p.name for p in mine.iterdir()) == [tag_for(4), tag_for(6)]
+    assert sorted(p.name for p in other.iterdir()) == ["__0_0.distcp", "trainer_state.json"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs to training.train's main(): exit 1, one line naming the file or field, nothing changed
 
@@ -377,6 +397,16 @@ def scribble(run_dir: Path) -> None:
     data = bytearray(file.read_bytes())
     data[:4096] = os.urandom(4096)
     file.write_bytes(bytes(data))
+
+
+def edit_state(run_dir: Path, **values) -> None:
+    """trainer_state.json with `values` written in (as JSON text: an int past Python's digit limit is text)."""
+    file = run_dir / "checkpoints" / LAST / "trainer_state.json"
+    state = {**json.loads(file.read_text()), **{k: f"@{k}@" for k in values}}
+    text = json.dumps(state)
+    for k, v in values.items():
+        text = text.replace(f'"@{k}@"', v if isinstance(v, str) else json.dumps(v))
+    file.write_text(text)
 
 
 def garbage_latest(run_dir: Path) -> None:
@@ -402,6 +432,10 @@ BAD_INPUTS = {  # id: (prepare the run directory, --set overrides, what the one 
                      [f"{LAST}/common.pt: cannot be read", "dist_checkpointing's common.pt"]),
     "bad-metadata-json": (lambda d: (d / "checkpoints" / LAST / "metadata.json").write_text("{"), [],
                           [f"{LAST}/metadata.json: cannot be read", "dist_checkpointing's metadata.json"]),
+    "huge-step": (lambda d: edit_state(d, step="1" * 5000), [],  # (a raw ValueError naming no file before)
+                  [f"{LAST}/trainer_state.json: cannot be read (Exceeds the limit"]),
+    "negative-step": (lambda d: edit_state(d, consumed_samples=-8), [],
+                      [f"{LAST}/trainer_state.json: consumed_samples=-8: expected counts"]),
     "garbage-latest": (garbage_latest, [], ["checkpoints/latest: cannot be read as text", "expected one line naming",
                                             f"delete it to resume from the newest complete checkpoint ({LAST})"]),
     "another-preset": (None, ["model.preset=parti-tiny"],

@@ -120,13 +120,18 @@ def read_trainer_state(path: Path) -> dict:
     file = path / STATE_FILE
     try:
         state = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # (ValueError: undecodable text, bad JSON, an int past Python's digit limit)
         raise CheckpointError(f"{file}: cannot be read ({one_line(e)}); expected the JSON trainer state "
                               "written with the checkpoint") from None
     missing = [key for key in ("step", "consumed_samples", "lr_scheduler", "optimizer_steps", "layout")
                if key not in state] if isinstance(state, dict) else ["(not an object)"]
     if missing:
         raise CheckpointError(f"{file}: not a trainer state (missing {', '.join(missing)})")
+    wrong = [key for key in ("step", "consumed_samples", "optimizer_steps")
+             if type(state[key]) is not int or state[key] < 0]
+    if wrong:
+        raise CheckpointError(f"{file}: {', '.join(f'{k}={state[k]!r}' for k in wrong)}: expected counts (integers "
+                              ">= 0) as the checkpoint writes them")
     return state
 
 
