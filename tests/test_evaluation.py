@@ -478,3 +478,52 @@ def test_report_grids_are_named_apart_and_its_text_is_not_markup(tmp_path):
     colours = [Image.open(tmp_path / g).convert("RGB").getpixel((8, 8)) for g in grids]
     assert len(set(colours)) == 3  # each section its own category's samples
     assert "<script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+
+
+def test_benchmark_aggregates_and_grid_placement_by_hand(tmp_path):
+    """score_samples: the mean over every listed image, each under its prompt's index (a stand-in scorer);
+    per_prompt_scores: the mean of each prompt's kept images; group_scores: the mean over a group's prompts;
+    clip_selection: biased (and warned) only when keep < samples_per_prompt, with the mean over every sample;
+    image_grid: image n at column n % columns, row n // columns."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from evaluation.benchmark import clip_selection, group_scores, per_prompt_scores
+    from evaluation.clip_score import score_samples
+    from evaluation.report import image_grid
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    listed = [{"prompt": "a", "index": 0, "files": ["a.png", "b.png"]}, {"prompt": "b", "index": 1, "files": ["c.png"]}]
+    scorer = SimpleNamespace(protocol={}, score=lambda images, texts, batch_size: torch.tensor(
+        [{"a": 10.0, "b": 40.0}[t] for t in texts]))
+    scored = score_samples(scorer, tmp_path, metadata=listed)
+    assert scored["clip_score"] == pytest.approx(20.0) and scored["images"] == 3
+    assert [(r["file"], r["index"], r["score"]) for r in scored["per_image"]] == [
+        ("a.png", 0, 10.0), ("b.png", 0, 10.0), ("c.png", 1, 40.0)]
+
+    clip = {"per_image": [{"index": 0, "score": 10.0}, {"index": 0, "score": 20.0}, {"index": 1, "score": 40.0}]}
+    metadata = [{"index": 0, "Category": "A", "all_clip_scores": [10.0, 20.0, 0.0]},
+                {"index": 1, "Category": "B", "all_clip_scores": [40.0, 5.0, 3.0]}]
+    rows = per_prompt_scores(clip, metadata)
+    assert [r["clip_score"] for r in rows] == [15.0, 40.0]
+    rows.append({"Category": "A", "clip_score": 25.0})
+    assert group_scores(rows, "Category") == [{"Category": "A", "prompts": 2, "clip_score": 20.0},
+                                              {"Category": "B", "prompts": 1, "clip_score": 40.0}]
+
+    def cfg(keep):
+        return SimpleNamespace(sampling=SimpleNamespace(samples_per_prompt=3, keep=keep),
+                               clip=SimpleNamespace(model="m"), benchmark=SimpleNamespace(resolution="base"))
+
+    biased = clip_selection(cfg(2), metadata)
+    assert biased["selected_by_same_model"] and biased["clip_score_all_samples"] == pytest.approx(78 / 6)
+    assert "clip_warning" in biased
+    for keep in (0, 3):  # every sample kept: nothing was selected
+        plain = clip_selection(cfg(keep), metadata)
+        assert not plain["selected_by_same_model"] and "clip_warning" not in plain and plain["keep"] == 3
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    grid = image_grid([Image.new("RGB", (4, 4), c) for c in colours], columns=2, cell=4)
+    assert grid.size == (8, 8)
+    assert [grid.getpixel(xy) for xy in ((1, 1), (5, 1), (1, 5), (5, 5))] == [*colours, (255, 255, 255)]

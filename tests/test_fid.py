@@ -382,3 +382,19 @@ def test_inception_sees_images_resized_as_pytorch_fid_resizes_them():
     expected = (bilinear_half_pixel(image.numpy(), 299) - 128) / 128
     assert seen[0].dtype == torch.float32 and seen[0].shape == (1, 3, 299, 299)
     assert np.abs(seen[0][0].double().numpy() - expected).max() < 1e-5
+
+
+def test_statistics_use_the_unbiased_covariance_and_names_switch_at_the_protocols_counts():
+    """statistics(): the mean and the N - 1 covariance (pytorch-fid's np.cov), here against torch.cov; the result's
+    name and warning change exactly at 30,000 images of each kind and at 2,048 (the feature count)."""
+    from evaluation.fid import fid_name, small_sample_warning
+
+    feats = np.random.default_rng(0).normal(size=(7, 3))
+    mu, sigma = statistics(feats)
+    np.testing.assert_allclose(mu, torch.tensor(feats).mean(0).numpy())
+    np.testing.assert_allclose(sigma, torch.cov(torch.tensor(feats).T, correction=1).numpy())
+    assert (fid_name(30_000, 30_000), fid_name(29_999, 30_000), fid_name(30_000, 29_999)) == (
+        "FID", "FID-29999", "FID-30000/29999")
+    assert small_sample_warning(30_000, 30_000) is None
+    assert "singular" not in small_sample_warning(2_048, 30_000) and "singular" in small_sample_warning(2_047, 30_000)
+    assert "singular" in small_sample_warning(30_000, 2_047)

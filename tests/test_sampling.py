@@ -954,3 +954,57 @@ def test_load_exported_in_bf16(single_process, tmp_path):
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)  # bf16 rounding of the same weights
     codes = sample(bf16, text, SamplingConfig(guidance_scale=1.2), torch.Generator().manual_seed(0))
     assert codes.shape == (3, bf16.cfg.image_seq_len) and codes.max() < bf16.cfg.image_vocab_size
+
+
+def test_each_image_draws_from_its_own_seed_and_meta_lists_scores_in_rank_order(tmp_path, monkeypatch):
+    """generate(): the generator of prompt i's sample k is seeded with image_seed(seed, i, k) (a stand-in model
+    and sampler: the seeds are read back from the generators); the saved PNG is the image rounded to the nearest
+    8-bit value; a reranked prompt's clip_scores are its kept samples' in rank order, all_clip_scores in sample
+    order; gather_metadata(out, n) lists prompts below n only; the record holds --keep (a rerun with another is
+    refused)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from evaluation import generate as generate_module
+    from evaluation.generate import finish_prompt, gather_metadata, generate, image_seed, to_pil
+    from evaluation.sampling import SamplingConfig
+    from vq.tokenizer import ConvVQ
+
+    seeds = []
+
+    def fake_sample(model, text, cfg, generators, codebook_size, **kw):
+        seeds.extend(g.initial_seed() for g in generators)
+        return torch.randint(0, codebook_size, (len(generators), 4))
+
+    monkeypatch.setattr(generate_module, "sample", fake_sample)
+    model = torch.nn.Linear(1, 1)
+    model.cfg = SimpleNamespace(caption_drop_prob=0.1, image_seq_len=4, image_vocab_size=8, text_vocab_size=8)
+    text_tok = SimpleNamespace(encode=lambda prompt: ([0, 0, 0, 0],), content_hash="t",
+                               vocab_size=8)
+    vq = ConvVQ(image_size=16, downsample=3, channels=4, code_dim=4, codebook_size=8).eval()
+    rows = [{"prompt": f"p{i}"} for i in range(3)]
+    generate(model, vq, text_tok, rows, tmp_path / "out", SamplingConfig(), samples_per_prompt=2, seed=7,
+             batch_size=4)
+    assert seeds == [image_seed(7, i, k) for i in range(3) for k in range(2)]
+    assert [json.loads(line)["index"] for line in gather_metadata(tmp_path / "out", 2).read_text().splitlines()] == [0, 1]
+
+    image = torch.full((3, 2, 2), 100.6 / 127.5 - 1)  # 100.6 in 8 bits: saved as 101
+    assert np.asarray(to_pil(image)).tolist() == [[[101] * 3] * 2] * 2
+
+    scorer = SimpleNamespace(protocol={"weights": "fixed"}, score=lambda pictures, texts: torch.tensor([0.1, 0.9, 0.5]))
+    finish_prompt(0, {"prompt": "x"}, [image] * 3, tmp_path, {}, scorer=scorer, keep=2)
+    meta = json.loads((tmp_path / "00000.json").read_text())
+    assert meta["sample_index"] == [1, 2] and meta["clip_scores"] == pytest.approx([0.9, 0.5])
+    assert meta["all_clip_scores"] == pytest.approx([0.1, 0.9, 0.5])
+    assert np.asarray(Image.open(tmp_path / "00000_0.png")).max() == 101
+
+    from evaluation.generate import RECORD, check_resumable, generation_record
+
+    kept = [generation_record(model, vq, text_tok, SamplingConfig(), 4, 0, keep=keep) for keep in (1, 2)]
+    assert [record["keep"] for record in kept] == [1, 2]  # (--keep decides which images a folder holds)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / RECORD).write_text(json.dumps(kept[0]))
+    with pytest.raises(ValueError, match="keep: 1 then, 2 now"):
+        check_resumable(tmp_path / "kept", kept[1], [])

@@ -321,3 +321,41 @@ def test_images_smaller_than_the_high_resolution_side_are_skipped_not_enlarged(s
 
         SRTrainer(load_typed(SRConfig, None, TINY), str(tmp_path / "mixed.tar"), tmp_path / "run",
                   str(tmp_path / "small.tar"))
+
+
+def test_crop_corners_reach_every_place_and_differ_per_rank_and_step():
+    """crop_pairs (a stand-in trainer: its config, scale, step, rank and world only): every corner from 0 to the
+    last one fits is drawn (the last included), each pair aligned; (step, rank) seeds differ for every pair, so
+    rank 1's step 0 does not crop as rank 0's step 1."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from sr.train import SRTrainer
+
+    def crops(step, rank, lr):
+        me = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(crop=8, seed=3)), scale=2, step=step, rank=rank,
+                             world=2)
+        return SRTrainer.crop_pairs(me, lr, F.interpolate(lr, scale_factor=2, mode="nearest"))
+
+    lr = torch.arange(64 * 5 * 5, dtype=torch.float32).view(64, 1, 5, 5).expand(64, 3, 5, 5).contiguous()
+    lr_crops, hr_crops = crops(0, 0, lr)
+    assert lr_crops.shape == (64, 3, 4, 4) and torch.equal(hr_crops, F.interpolate(lr_crops, scale_factor=2))
+    offsets = (lr_crops[:, 0, 0, 0] - lr[:, 0, 0, 0]).long()  # row * 5 + column of each corner
+    assert {int(o) for o in offsets} == {0, 1, 5, 6}  # the corners (0|1, 0|1): the last place, 1, included
+    assert not torch.equal(crops(0, 1, lr)[0], crops(1, 0, lr)[0])
+    assert not torch.equal(crops(0, 1, lr)[0], lr_crops)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_an_untrained_wdsr_is_torchs_bicubic_upsampling(scale):
+    """_start_as_bicubic: the untrained network computes F.interpolate(mode="bicubic", align_corners=False) of its
+    input, borders included (torch repeats the edge pixels, the global branch's replicate padding too)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_wdsr(SRModelConfig(preset="tiny", scale=scale)).eval()
+    lr = torch.rand(2, 3, 7, 9) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(lr), F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False),
+                                   rtol=0, atol=1e-5)

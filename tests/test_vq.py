@@ -999,3 +999,202 @@ def test_an_unknown_precision_is_refused(single_process, tmp_path):
     with pytest.raises(SystemExit, match="train.precision='fp16' must be fp32 or bf16"):
         main(["--data", str(tmp_path / "x.tar"), "--run-dir", str(tmp_path / "run"), "--set", "train.precision=fp16",
               "loss.perceptual=0"])
+
+
+# -- loss terms, codebook statistics and estimators against independent computations (mutation audit) ----------
+
+def test_stylegan_losses_and_term_weights_by_hand():
+    """loss.discriminator=stylegan: the non-saturating logistic losses (generator softplus(-D(fake)); discriminator
+    softplus(-D(real)) + softplus(D(fake))), the l2 and l1 terms at their own weights (not 1), and the adaptive
+    weight a constant: the generator's gradient at the last layer is that of rec + vq + w * adv with w fixed."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from vq.losses import LossConfig, VQGANLoss
+
+    torch.manual_seed(0)
+    losses = VQGANLoss(LossConfig(l2=0.3, l1=0.7, perceptual=0.0, adversarial=0.5), image_size=16)
+    disc = losses.discriminator
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    last = nn.Parameter(torch.randn(3, 8, 3, 3) * 0.1)
+    out = F.conv2d(torch.randn(3, 8, 16, 16), last, padding=1)
+    vq = torch.tensor(0.2)
+    total, logs = losses.generator(images, out, vq, step=0, last_layer=last)
+    rec = 0.3 * ((out - images) ** 2).mean() + 0.7 * (out - images).abs().mean()
+    adv = torch.log1p(torch.exp(-disc(out))).mean()  # softplus(-D(fake)), written out
+    g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0]
+    weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).item()
+    assert logs["adversarial"] == pytest.approx(float(adv), rel=1e-5)
+    torch.testing.assert_close(total, rec + vq + 0.5 * weight * adv)
+    grad = torch.autograd.grad(total, last)[0]
+    torch.testing.assert_close(grad, g_rec + 0.5 * weight * g_adv)  # (the weight is not differentiated)
+
+    d_loss = losses.discriminator_loss(images, out, step=0)
+    real, fake = disc(images), disc(out.detach())
+    torch.testing.assert_close(d_loss, torch.log1p(torch.exp(-real)).mean() + torch.log1p(torch.exp(fake)).mean())
+
+
+def test_the_perceptual_term_is_weighed_by_its_weight():
+    """loss.perceptual scales the LPIPS distance (its value logged unweighted) in the generator's loss."""
+    from vq.losses import LossConfig, VQGANLoss
+
+    torch.manual_seed(0)
+    losses = VQGANLoss(LossConfig(l2=0.0, perceptual=0.4, adversarial=0.0), image_size=16, lpips_backbone="random")
+    images, out = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    total, logs = losses.generator(images, out, torch.tensor(0.2), step=0)
+    distance = losses.lpips(out, images).mean()
+    assert logs["perceptual"] == pytest.approx(float(distance), rel=1e-5)
+    torch.testing.assert_close(total, 0.4 * distance + 0.2)
+
+
+def test_pixel_likelihood_and_its_means_against_torch_distributions():
+    """logit_laplace_nll is -log p(x) of the squeezed pixel x under a Laplace(mu, exp(log_b)) of logit(x), with the
+    change of variables' log x(1 - x); split_output maps means that predict the squeezed pixels exactly back to the
+    images."""
+    from vq.losses import LAPLACE_EPS, logit_laplace_nll, split_output
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 4, 4) * 2 - 1
+    out = torch.cat([torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).clamp(-3, 3)], 1)
+    x = (images + 1) / 2 * (1 - 2 * LAPLACE_EPS) + LAPLACE_EPS
+    laplace = torch.distributions.Laplace(out[:, :3], out[:, 3:].exp())
+    expected = -(laplace.log_prob(torch.logit(x)) - torch.log(x * (1 - x))).mean()
+    torch.testing.assert_close(logit_laplace_nll(images, out), expected)
+    means = torch.cat([torch.logit(x), torch.zeros_like(x)], 1)
+    torch.testing.assert_close(split_output(means), images, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split_output(out[:, :3]), out[:, :3])  # (3 channels: the reconstruction itself)
+
+
+def test_code_usage_ema_perplexity_and_restart_threshold_by_hand():
+    """usage: EMA 0.99 of the per-batch code counts; perplexity: exp of the batch codes' entropy; a code unused for
+    more than dead_code_steps steps (not fewer) is restarted from a batch latent, others keep their embedding."""
+    from vq.vit_vqgan import ViTVQGAN
+
+    torch.manual_seed(0)
+    model = ViTVQGAN(image_size=8, patch=4, layers=1, width=16, code_dim=4, codebook_size=6, dead_code_steps=2)
+    first, second = torch.tensor([[0, 0, 1, 2]]), torch.tensor([[0, 1, 1, 1]])
+    latents = torch.randn(4, 4)
+    model.track_usage(first, latents)
+    model.track_usage(second, latents)
+    c1, c2 = (torch.bincount(c.flatten(), minlength=6).float() for c in (first, second))
+    torch.testing.assert_close(model.usage, 0.99 * (0.01 * c1) + 0.01 * c2)
+    probs = c2 / c2.sum()
+    stats = model.usage_stats(second)
+    torch.testing.assert_close(stats["perplexity"], torch.distributions.Categorical(probs=probs).entropy().exp())
+    assert float(stats["usage"]) == pytest.approx(3 / 6)  # codes 0, 1, 2 above 1e-3
+    before = model.codebook.weight.detach().clone()
+    model.track_usage(second, latents)  # step 3: codes 3-5 unused for 3 > 2 steps, code 2 for 2 steps only
+    after = model.codebook.weight.detach()
+    assert torch.equal(after[:3], before[:3])
+    assert all(any(torch.equal(after[k], row) for row in latents) for k in (3, 4, 5))
+    assert model.last_used.tolist() == [3, 3, 1, 3, 3, 3]
+
+
+def test_ema_codebook_restart_resets_the_codes_moving_averages():
+    """A restarted VQ-VAE code's EMA statistics restart with it: count 1 and sum its new embedding, so the next
+    EMA update keeps it at the latent it was restarted from (when no latent is assigned to it)."""
+    from vq.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    model = VQVAE(image_size=8, patch=4, width=8, code_dim=4, codebook_size=4, dead_code_steps=1)
+    model.ema_count.fill_(7.0)
+    model.ema_sum.normal_()
+    model.codebook.weight.data.normal_()
+    dead = torch.tensor([False, True, False, True])
+    model.restarted(dead)
+    assert model.ema_count.tolist() == [7.0, 1.0, 7.0, 1.0]
+    torch.testing.assert_close(model.ema_sum[dead], model.codebook.weight[dead])
+
+
+@pytest.mark.parametrize("kind", ["vit", "taming"])
+def test_codebook_and_commitment_terms_move_what_the_paper_says(kind):
+    """vq_loss = ||sg[z] - q||^2 + beta ||z - sg[q]||^2: the codebook gets the gradient of the first term alone, the
+    encoder's latents beta times that of the second; the reconstruction reaches the encoder (straight-through)."""
+    from torch.nn import functional as F
+
+    from vq.vit_vqgan import ViTVQGAN
+    from vq.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = ViTVQGAN(image_size=8, patch=4, layers=1, width=16, code_dim=4, codebook_size=8, beta=0.25)
+        latents = model.latents
+        enc = model.patch_embed.weight
+    else:
+        model = VQGAN(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=8, resolution=8,
+                      attn_resolutions=[], beta=0.25)
+
+        def latents(x):
+            return model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1)
+        enc = model.encoder.conv_in.weight
+    model.eval()  # (no usage tracking, no restarts)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    out, aux = model(images)
+    codes, weight = aux["codes"], model.codebook.weight
+    g_code = torch.autograd.grad(aux["vq_loss"], weight, retain_graph=True)[0]
+    g_enc = torch.autograd.grad(aux["vq_loss"], enc, retain_graph=True)[0]
+    z = latents(images).reshape(-1, 4)
+    q = F.normalize(weight, dim=-1)[codes.flatten()] if kind == "vit" else weight[codes.flatten()]
+    torch.testing.assert_close(g_code, torch.autograd.grad(F.mse_loss(q, z.detach()), weight)[0])
+    torch.testing.assert_close(g_enc, torch.autograd.grad(0.25 * F.mse_loss(z, q.detach()), enc)[0])
+    assert torch.autograd.grad(out.square().mean(), enc)[0].abs().sum() > 0  # the straight-through estimator
+
+
+def test_relaxed_tokenizer_decodes_the_soft_gumbel_softmax_sample_of_its_logits():
+    """Training decodes F.gumbel_softmax(logits, tau, hard=False) of the step's noise (a relaxed, not a one-hot,
+    sample), at the temperature of the model's step."""
+    from torch.nn import functional as F
+
+    from vq.dvae import DVAE
+
+    model = DVAE(image_size=8, patch=2, n_hid=8, code_dim=4, codebook_size=8, res_blocks=1, tau_steps=10)
+    model.step.fill_(3)
+    images = torch.rand(1, 3, 8, 8) * 2 - 1
+    seen = []
+    real_pixels = model.pixels
+    model.pixels = lambda z: seen.append(z) or real_pixels(z)
+    torch.manual_seed(5)
+    model(images)
+    logits = model.logits(images)
+    torch.manual_seed(5)
+    torch.testing.assert_close(seen[0], F.gumbel_softmax(logits, tau=model.tau(3), hard=False, dim=1))
+    assert seen[0].max() < 1
+
+
+def test_each_training_step_and_rank_seeds_its_draws_apart():
+    """VQTrainer.train_step seeds torch from (seed, step, rank) before the forward pass (a stand-in trainer whose
+    forward reads the seed): every (step, rank) of a run its own seed, the same pair the same seed."""
+    from types import SimpleNamespace
+
+    from vq.train import VQTrainer
+
+    class Seen(Exception):
+        pass
+
+    def seed_of(step, rank, seed=5):
+        def forward(*args, **kwargs):
+            raise Seen(torch.initial_seed())
+
+        me = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(seed=seed, precision="fp32")), device="cpu",
+                             step=step, rank=rank, world=2, ddp=forward, frozen_codes=False)
+        with pytest.raises(Seen) as seen:
+            VQTrainer.train_step(me, torch.zeros(1, 3, 8, 8))
+        return seen.value.args[0]
+
+    seeds = [seed_of(step, rank) for step in range(4) for rank in range(2)]
+    assert len(set(seeds)) == 8 and seed_of(2, 1) == seeds[5]
+    assert seed_of(0, 0, seed=6) not in seeds
+
+
+def test_the_discriminator_follows_the_learning_rate_schedule(single_process, photos, tmp_path):
+    """Warmup (and any decay) sets the discriminator's learning rate with the tokenizer's at every step: the
+    discriminator's optimizer otherwise kept train.lr (the same only under a constant schedule)."""
+    from vq.train import VQTrainer
+
+    trainer = VQTrainer(load_typed(VQConfig, None, [
+        *VQGAN, "train.steps=2", "train.warmup_steps=4", "loss.perceptual=0", "loss.adversarial=0.8",
+        "loss.discriminator=patchgan"]), photos, tmp_path)
+    history = trainer.run()
+    assert history[-1]["lr"] < trainer.cfg.train.lr
+    assert [g["lr"] for g in trainer.disc_opt.param_groups] == [history[-1]["lr"]] * len(trainer.disc_opt.param_groups)
