@@ -966,3 +966,131 @@ def test_the_text_tokenizer_trains_on_a_seeded_sample_of_at_most_max_captions(tm
     sizes = [TextTokenizer(path).sp.get_piece_size() for path in (whole, *sampled)]
     assert sizes[1] < sizes[0] / 2, sizes
     assert sampled[0].read_bytes() == sampled[1].read_bytes()
+
+
+def test_pinned_orders_of_a_power_of_two_length_and_of_the_stored_permutation():
+    """The order is part of every checkpoint's meaning (see above), at every length: 1024 and 2048 (powers of two:
+    the Feistel network's halves are those of n - 1's bits, so 1024's first values are 1000's) and the stored
+    permutation (`order="randperm"`) of runs begun before, whose checkpoints record no order (recorded
+    2026-12-06)."""
+    sampler = GlobalBatchSampler(dataset_len=1024, global_batch_size=8, seed=1234)
+    assert sampler.stream(0, 8).tolist() == [459, 724, 799, 758, 1009, 327, 231, 878]
+    assert sampler.stream(1024, 8).tolist() == [491, 790, 21, 586, 795, 106, 121, 474]
+    sampler = GlobalBatchSampler(dataset_len=2048, global_batch_size=8, seed=1234)
+    assert sampler.stream(0, 8).tolist() == [1023, 1067, 799, 1027, 1293, 1459, 1319, 778]
+    assert sampler.stream(2048, 8).tolist() == [1756, 1965, 1034, 325, 1413, 393, 2027, 1123]
+    old = GlobalBatchSampler(dataset_len=1000, global_batch_size=8, seed=1234, order="randperm")
+    assert old.stream(0, 8).tolist() == [251, 394, 456, 861, 938, 448, 19, 491]
+    assert old.stream(1000, 8).tolist() == [985, 286, 232, 127, 211, 185, 611, 916]
+
+
+def test_the_chunked_scan_of_a_changed_shard_sees_every_record(tmp_path, monkeypatch):
+    """A shard with no recorded maxima is scanned in chunks of CHUNK_RECORDS: the maxima (and the first record
+    over a limit) are those of a whole-array computation wherever in a chunk the largest value lies."""
+    from data_pipeline import code_shards
+    from data_pipeline.code_shards import first_record_at_or_above, record_dtype, shard_maxima
+
+    monkeypatch.setattr(code_shards, "CHUNK_RECORDS", 4)
+    dtype = record_dtype(4, 3)
+    for at in range(10):
+        records = np.zeros(10, dtype=dtype)
+        records["codes"][at, 2], records["text"][at, 1] = 50 + at, 30 + at
+        path = tmp_path / f"{at}.bin"
+        path.write_bytes(records.tobytes())
+        assert shard_maxima(path, dtype, {}) == (int(records["codes"].max()), int(records["text"].max())) == \
+            (50 + at, 30 + at)
+        assert first_record_at_or_above(path, dtype, "codes", 50) == at
+
+
+def test_captions_are_cut_to_whole_characters_within_their_bytes():
+    """utf8_truncate against a brute force: the longest prefix (in characters) whose UTF-8 fits the limit."""
+    from data_pipeline.code_shards import utf8_truncate
+
+    for text in ("a" * 300, "é" * 200, "a" + "é" * 200, "ab" + "漢" * 100, "short", "x" * 256, "🙂" * 70):
+        for limit in (1, 2, 3, 4, 255, 256, 257):
+            want = max((text[:n] for n in range(len(text) + 1) if len(text[:n].encode()) <= limit), key=len)
+            assert utf8_truncate(text, limit) == want.encode(), (text[:3], limit)
+
+
+def test_filters_keep_samples_exactly_at_their_limits():
+    """A score equal to its limit passes (max_*: dropped when it exceeds; min_similarity: when below), so does a
+    caption of max_caption_chars; an image whose shorter side is min_size, or whose sides are max_aspect:1, is
+    kept; the centre crop is the middle."""
+    from dataclasses import replace
+
+    def sample(size=(48, 48), meta=None, colours=None):
+        img = Image.new("RGB", size, (9, 9, 9))
+        for i, c in enumerate(colours or ()):  # vertical thirds
+            img.paste(c, (i * size[0] // 3, 0, (i + 1) * size[0] // 3, size[1]))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return {"__key__": "k", "png": buf.getvalue(), "txt": b"a caption", "json": json.dumps(meta or {}).encode()}
+
+    cfg = FilterConfig(image_size=16, min_size=16, max_aspect=3.0, max_punsafe=0.5, max_pwatermark=0.25,
+                       min_similarity=0.3)
+    at_limits = {"punsafe": 0.5, "pwatermark": 0.25, "similarity": 0.3}
+    assert prepare_sample(sample(meta=at_limits), cfg).reason is None
+    for field, value in (("punsafe", 0.51), ("pwatermark", 0.26), ("similarity", 0.29)):
+        assert prepare_sample(sample(meta={**at_limits, field: value}), cfg).reason == field
+    assert prepare_sample(sample(), replace(cfg, max_caption_chars=len("a caption"))).reason is None
+    assert prepare_sample(sample(), replace(cfg, max_caption_chars=len("a caption") - 1)).reason == "caption_too_long"
+    assert prepare_sample(sample(size=(48, 16)), cfg).reason is None  # shorter side 16 = min_size, 3:1
+    assert prepare_sample(sample(size=(48, 15)), cfg).reason == "too_small"
+    assert prepare_sample(sample(size=(49, 16)), cfg).reason == "bad_aspect"
+    wide = prepare_sample(sample(size=(48, 16), colours=[(255, 0, 0), (0, 255, 0), (0, 0, 255)]), cfg).image
+    assert wide.shape == (3, 16, 16) and wide[:, :, 2:14].permute(1, 2, 0).reshape(-1, 3).unique(dim=0).tolist() \
+        == [[0, 255, 0]]  # the middle third (its edges blend with the neighbours' colours)
+
+
+def test_a_blend_walks_each_dataset_in_its_stride_order_continuing_over_the_epochs():
+    """By hand: 10 records take the stride 7 (round(10 x 0.618) = 6 shares 2 with 10; 7 does not); weights 1:1 of
+    10 positions give each dataset 5 a epoch: epoch 0 draws records 0, 7, 14, 21, 28 (mod 10), epoch 1 the next 5
+    draws, epoch 2 starts over. 100 records: round(61.8) = 62 shares 2 with 100, so 63."""
+    mix = MixedDataset([list(range(10)), list(range(100, 110))], [1, 1], size=10)
+    assert [mix.at_epoch(i, 0) for i in range(10)] == [0, 7, 4, 1, 8, 100, 107, 104, 101, 108]
+    assert [mix.at_epoch(i, 1) for i in range(10)] == [5, 2, 9, 6, 3, 105, 102, 109, 106, 103]
+    assert [mix.at_epoch(i, 2) for i in range(5)] == [0, 7, 4, 1, 8]
+    assert [MixedDataset([list(range(100))], [1])[i] for i in range(4)] == [0, 63, 26, 89]
+
+
+def test_an_input_of_the_same_name_and_another_size_is_refused(tmp_path):
+    """check_folder: a finished shard made from an input of another size than this run's input of that name (a
+    re-downloaded tar holds other samples) is refused, naming both sizes; of the same size it is taken."""
+    from data_pipeline.manifest import check_folder
+
+    head = {"vq": {"hash": "v"}, "text_tokenizer": {"hash": "t"}}
+    out, tar = tmp_path / "codes", tmp_path / "laion" / "00000.tar"
+    out.mkdir()
+    tar.parent.mkdir()
+    tar.write_bytes(b"x" * 11)
+    (out / "00000.json").write_text(json.dumps({"header": head, "input": "elsewhere/00000.tar", "input_bytes": 10}))
+    with pytest.raises(DataError, match=r"00000\.bin was made from elsewhere/00000\.tar of 10 bytes, .* has 11"):
+        check_folder(out, head, [tar])
+    tar.write_bytes(b"x" * 10)
+    check_folder(out, head, [tar])
+
+
+def test_integer_grey_images_are_scaled_by_their_range():
+    """By hand: a 16-bit grey image's 0, 32768, 65535 become 0, 128, 255; a 32-bit one ("I") holding 8-bit values
+    (as some decoders give an 8-bit grey PNG) keeps them, one holding larger values is 16-bit."""
+    from data_pipeline.images import to_rgb
+
+    def grey(values, mode):
+        img = Image.fromarray(np.array([values], dtype=np.uint16 if mode == "I;16" else np.int32))
+        assert img.mode == mode
+        return np.asarray(to_rgb(img))[0, :, 0].tolist()
+
+    assert grey([0, 32768, 65535], "I;16") == [0, 128, 255]
+    assert grey([0, 128, 255], "I") == [0, 128, 255]
+    assert grey([0, 256, 65535], "I") == [0, 1, 255]
+
+
+def test_shared_names_resolve_under_the_shared_data_folder(tmp_path, monkeypatch):
+    from data_pipeline.shared_data import resolve, shared_path
+
+    (tmp_path / "PartiPrompts.tsv").write_text("Prompt\tCategory\n")
+    monkeypatch.setenv("PARTI_SHARED_DATA", str(tmp_path))
+    assert resolve("shared:PartiPrompts.tsv") == shared_path("PartiPrompts.tsv") == tmp_path / "PartiPrompts.tsv"
+    assert resolve("runs/shared:x.csv") == Path("runs/shared:x.csv")
+    with pytest.raises(FileNotFoundError, match="coco.csv is missing: set PARTI_SHARED_DATA"):
+        resolve("shared:coco.csv")

@@ -229,3 +229,44 @@ def test_a_shard_changed_under_the_saved_buffer_is_refused(shards, tmp_path):
         restore_stream(stream(shards), [state], 2, tmp_path / "ckpt" / "state.pt")
     with pytest.raises(CheckpointError, match="the saved data stream is of"):
         restore_stream(stream(shards), [{**state, "shards": 4}], 2, tmp_path / "ckpt" / "state.pt")
+
+
+def test_the_shuffle_buffer_holds_buffer_images_and_random_crops_reach_every_offset(shards):
+    """The first image is taken once BUFFER images are kept (then BUFFER - 1 wait); a random crop of a 10x10 image
+    to 8 takes each of the 3 x 3 offsets, flipped or not: by enumeration of the offsets."""
+    import random
+    from collections import Counter
+
+    s = stream(shards)
+    next(s)
+    assert (s.kept, len(s.buffer), s.position) == (BUFFER, BUFFER - 1, BUFFER + 1)  # (sample 4 has no image)
+    s.close()
+    image = torch.stack([torch.arange(10)[:, None].expand(10, 10), torch.arange(10)[None, :].expand(10, 10)])
+    rng, seen = random.Random(0), Counter()
+    for _ in range(500):
+        crop = image_stream._random_crop(image, 8, rng)
+        top, left = int(crop[0, 0, 0]), int(crop[1, 0].min())
+        flipped = bool(crop[1, 0, 0] > crop[1, 0, -1])
+        assert torch.equal(crop, image[:, top:top + 8, left:left + 8].flip(-1) if flipped else
+                           image[:, top:top + 8, left:left + 8])
+        seen[(top, left, flipped)] += 1
+    assert set(seen) == {(t, l, f) for t in range(3) for l in range(3) for f in (False, True)}
+
+
+def test_as_many_shards_as_ranks_split_by_shard_and_center_crops_are_the_first_kept_images(shards):
+    """3 shards at world 3: each rank reads its own shard whole (rank 1: shard 1's 9 samples in order), not every
+    third sample; center_crops gives the first `limit` kept images of the shards, in order (sample 4 has no
+    image), each the prepared image of that sample."""
+    from collections import Counter
+
+    from data_pipeline.image_stream import _RankSamples, center_crops
+    from data_pipeline.images import ImageFilter, prepare_sample
+    from data_pipeline.laion import expand_shards, read_shard
+
+    paths = expand_shards(shards)
+    raw = _RankSamples(paths, ImageFilter(image_size=40, min_size=16), 1, 3, (0, 0, 0))._raw()
+    assert [next(raw)[0] for _ in range(9)] == [(1, p, p) for p in range(9)] and next(raw) == 9
+    crops = center_crops(shards, 24, 6, min_size=16)
+    samples = list(read_shard(paths[0], Counter()))
+    want = [prepare_sample(samples[i], ImageFilter(image_size=24, min_size=16)).image for i in (0, 1, 2, 3, 5, 6)]
+    assert crops.shape == (6, 3, 24, 24) and torch.equal(crops, torch.stack(want))

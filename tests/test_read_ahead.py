@@ -197,6 +197,7 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
         held_out_dataset(cfg.data, cfg.model, 0, 8, other)
     held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
     assert len(held_out) == 9 and held_out[8][1].shape == (4,)
+    assert len(held_out_dataset(cfg.data, cfg.model, 0, 9, trained_on)) == 9  # (exactly as many as needed)
 
 
 def test_held_out_batches_spread_over_the_whole_held_out_set_the_same_every_time():
@@ -239,3 +240,71 @@ def test_the_caption_drops_are_those_of_the_samples_stream_positions_far_into_a_
     dropped = nulled[:, 0] == 3
     assert torch.equal(got, positions) and torch.equal(dropped, caption_drop_mask(positions, 5, 0.25))
     assert 0.2 < dropped.float().mean() < 0.3 and not torch.equal(dropped[:1024], dropped[1024:2048])
+
+
+def test_a_rank_that_reads_no_samples_steps_through_the_same_stream_positions():
+    """StepPositions (training.engine.sample_role's ranks that read nothing) gives each step's micro-batches'
+    stream positions, by hand: DP rank 1 of 2 at consumed 16, global batch 8, micro-batches of 2 holds
+    positions 20..23, then 28..31; the same as the reading rank's ReadAhead gives with its samples."""
+    from data_pipeline.loader import ReadAhead, StepPositions
+    from training.trainer import caption_drop
+
+    cfg, dataset, sampler = setting()
+    positions = StepPositions(sampler, consumed=16, steps=2, dp_rank=1, dp_size=2, micro_batch_size=MBS)
+    reader = ReadAhead(dataset, sampler, 16, 2, 1, 2, MBS, caption_drop(cfg), workers=0)
+    try:
+        for want in ([[20, 21], [22, 23]], [[28, 29], [30, 31]]):
+            got, read = positions.next_step(), reader.next_step()
+            assert [p.tolist() for _, _, p in got] == [p.tolist() for _, _, p in read] == want
+            assert all(t is None and c is None for t, c, _ in got)
+        assert positions.consumed == reader.consumed == 32
+    finally:
+        reader.close()
+
+
+def test_a_blend_is_read_at_each_stream_positions_epoch():
+    """A blend (code_shards.MixedDataset) draws its datasets' records by the epoch of the stream position: past the
+    first epoch the read-ahead reader and the synchronous one (read_micro_batch: training's reference and held-out
+    reads) give mix.at_epoch(id, position // len(mix)), which differs from epoch 0's draw for a dataset weighted
+    below its size (each epoch continues through it)."""
+    from data_pipeline.code_shards import MixedDataset
+    from data_pipeline.loader import CaptionDrop, ReadAhead, rank_micro_batch_ids, read_micro_batch
+    from data_pipeline.sampler import GlobalBatchSampler
+
+    def records(first, n):
+        return [(torch.full((4,), first + k), torch.full((2,), first + k)) for k in range(n)]
+
+    mix = MixedDataset([records(0, 30), records(1000, 10)], [1, 3], size=12)  # 3 of 30 a epoch, 9 of 10
+    sampler = GlobalBatchSampler(len(mix), GBS, SEED)
+    drop = CaptionDrop(seed=SEED, prob=0.0, pad_id=0, eos_id=3)
+    reader = ReadAhead(mix, sampler, 0, 6, 0, 1, MBS, drop, workers=0)
+    changed = 0
+    try:
+        for step in range(6):
+            sync = [read_micro_batch(mix, ids, drop) for ids in rank_micro_batch_ids(sampler, step * GBS, 0, 1, MBS)]
+            for (_, codes, positions), (_, sync_codes, sync_positions) in zip(reader.next_step(), sync, strict=True):
+                assert torch.equal(positions, sync_positions) and torch.equal(codes, sync_codes)
+                ids = sampler.stream(int(positions[0]), len(positions)).tolist()
+                want = [int(mix.at_epoch(i, int(p) // len(mix))[1][0]) for i, p in zip(ids, positions.tolist())]
+                assert codes[:, 0].tolist() == want
+                changed += sum(w != int(mix[i][1][0]) for i, w in zip(ids, want))
+    finally:
+        reader.close()
+    assert changed > 0  # (the epochs past the first read other records than epoch 0 would)
+
+
+def test_synthetic_held_out_samples_are_the_ones_past_the_training_set():
+    """With synthetic data the held-out samples are samples SYNTHETIC_SIZE.. of the generator (a second path: one
+    SyntheticCodes over both ranges), none of them a training sample."""
+    from data_pipeline.synthetic import SyntheticCodes
+    from data_pipeline.training_data import SYNTHETIC_SIZE, held_out_dataset, training_dataset
+    from training.config import load_config
+
+    cfg = load_config("configs/train/debug.yaml", [])
+    train = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    held = held_out_dataset(cfg.data, cfg.model, cfg.train.seed, 16, train)
+    both = SyntheticCodes(cfg.model, size=SYNTHETIC_SIZE + 16, seed=cfg.train.seed)
+    assert len(train) == SYNTHETIC_SIZE and len(held) == 16
+    assert all(torch.equal(held[i][1], both[SYNTHETIC_SIZE + i][1]) and torch.equal(train[i][1], both[i][1])
+               for i in range(16))
+    assert not any(torch.equal(held[i][1], train[i][1]) for i in range(16))
