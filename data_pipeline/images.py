@@ -29,16 +29,20 @@ DECODING = {"version": 4, "exif_orientation": True, "transparency": "white"}
 a version that decoded otherwise (1: EXIF orientation ignored, a PNG's tRNS colour composited on black; 2: a 16-bit
 grey PNG's transparent value ignored; 3: a 16-bit RGB PNG's tRNS colour matched against 8-bit pixels, see
 check_exact_decoding) is not continued with different pixels."""
-FILTER_RULES = 2
+FILTER_RULES = 3
 """Which samples the filters skip, recorded beside their settings in every header (`filters.rules`): a folder begun
 under other rules (1: a null score passed a filter set on its field; a caption of no piece but EOS was kept, as
-the guidance null caption) is not continued with other samples."""
+the guidance null caption; 2: a .json that is not JSON passed the score filters) is not continued with other
+samples."""
 SKIP_REASONS = ("missing_image", "decode_error", "too_small", "bad_aspect", "empty_caption", "caption_not_utf8",
-                "caption_too_long", "duplicate", "punsafe", "pwatermark", "similarity")
+                "caption_too_long", "duplicate", "bad_json", "punsafe", "pwatermark", "similarity")
 
 
 @dataclass
 class FilterConfig:
+    """Which samples pre-tokenization keeps. With a score filter set (max_punsafe, max_pwatermark, min_similarity), an
+    unknown score does not pass it: NaN or null (punsafe, ...) and a .json that is not JSON (bad_json)."""
+
     image_size: int = 256
     """Side of the square images given to the tokenizer."""
     min_size: int = 64
@@ -121,12 +125,13 @@ def _caption(raw: dict) -> tuple[str | None, str | None]:
 
 
 def _json_reason(raw: dict, cfg: FilterConfig) -> str | None:
-    if "json" not in raw:
+    filtering = (cfg.max_punsafe, cfg.max_pwatermark, cfg.min_similarity) != (None, None, None)
+    if "json" not in raw or not filtering:
         return None
     try:
         meta = json.loads(raw["json"])
-    except (ValueError, UnicodeDecodeError):
-        return None
+    except (ValueError, UnicodeDecodeError):  # (a damaged sidecar, e.g. cut short: its scores are unknown)
+        return "bad_json"
     if not isinstance(meta, dict):  # (img2dataset writes an object; anything else carries no fields to filter on)
         return None
     for field, limit, too_high in (("punsafe", cfg.max_punsafe, True), ("pwatermark", cfg.max_pwatermark, True),

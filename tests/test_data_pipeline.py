@@ -170,10 +170,15 @@ def test_16_bit_rgb_png_with_a_transparent_colour_is_a_decode_error(tmp_path):
 
 def test_json_sidecars_that_are_not_objects_or_carry_nan_scores():
     """A .json that is not an object carries nothing to filter on (kept, no crash); a NaN score (img2dataset's
-    missing value) does not pass a filter set on that field, and is ignored where no filter is set."""
+    missing value) does not pass a filter set on that field, and is ignored where no filter is set. A .json that
+    is not JSON (cut short, not UTF-8) has unknown scores: bad_json where a score filter is set, kept otherwise."""
     jpg = lf.encode(lf.shape_image("red", "circle"))
     for text in (b"[1, 2]", b"null", b'"a string"', b"3"):
         assert prepare_sample({"__key__": "k", "jpg": jpg, "txt": b"a caption", "json": text}, FILTERS).reason is None
+    for text in (b'{"punsafe": 0.0', b"\xff\xfe{}", b""):
+        damaged = {"__key__": "k", "jpg": jpg, "txt": b"a caption", "json": text}
+        assert prepare_sample(damaged, FILTERS).reason == "bad_json"
+        assert prepare_sample(damaged, FilterConfig(image_size=64, min_size=16)).reason is None
     nan = {"__key__": "k", "jpg": jpg, "txt": b"a caption", "json": b'{"punsafe": NaN, "similarity": NaN}'}
     assert prepare_sample(nan, FILTERS).reason == "punsafe"  # FILTERS sets max_punsafe
     assert prepare_sample(nan, FilterConfig(image_size=64, min_size=16)).reason is None
