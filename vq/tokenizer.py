@@ -130,6 +130,8 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
 def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
     """The tokenizer an export's contents describe (`path` names the file in errors), frozen, on the CPU."""
     kind, known = blob.get("kind") if isinstance(blob, dict) else None, _registry()
+    if kind is None and isinstance(blob, dict) and {"model", "opt", "step"} <= blob.keys():
+        raise DataError(f"{path}: a vq.train checkpoint, not an export; pass the run's export.pt (vq.train writes it at the end)")
     if kind not in known:
         raise DataError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
     if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
