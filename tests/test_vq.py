@@ -375,6 +375,21 @@ def test_a_detokenizer_whose_encoder_was_changed_is_refused(single_process, spli
         load_image_tokenizer(tmp_path / "tok.pt")
 
 
+def test_files_that_are_not_exports_are_named_for_what_they_are(tmp_path):
+    """A vq.train checkpoint passed as --vq says so (was: unknown tokenizer kind None); a file that is no torch.save
+    archive (a SentencePiece model) is refused without torch's advice to load it with weights_only=False."""
+    from data_pipeline.errors import DataError
+    from vq.tokenizer import load_image_tokenizer
+
+    torch.save({"model": {}, "opt": {}, "step": 3, "streams": None}, tmp_path / "state.pt")
+    with pytest.raises(DataError, match=r"state\.pt: a vq\.train checkpoint, not an export; pass the run's export"):
+        load_image_tokenizer(tmp_path / "state.pt")
+    (tmp_path / "spm.model").write_bytes(b"\n\x0b\n\x05<pad>\x15\x00\x00\x00\x00")
+    with pytest.raises(DataError, match=r"spm\.model: not an image tokenizer export") as e:
+        load_image_tokenizer(tmp_path / "spm.model")
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_finetuned_decoder_takes_the_sources_image_size_and_codebook(single_process, photos, tmp_path, log_lines):
     """A config whose model.image_size/patch/codebook differ from --tokenizer's trains at the source's size (the
     crops and the discriminator at the config's 64 px failed with a shape error) and says so."""

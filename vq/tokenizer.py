@@ -19,6 +19,7 @@ decoder); the pipeline and its tests use it until the ViT-VQGAN is trained.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -120,6 +121,9 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> nn.Module:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise  # (unreadable: permissions, I/O; named by the OS error itself)
+    except pickle.UnpicklingError:  # (torch's text advises weights_only=False: unsafe, and no help for a wrong file)
+        raise DataError(f"{path}: not an image tokenizer export (not a torch.save file of tensors and plain values); "
+                        "expected the export.pt of vq.train (or an export of a pre-trained tokenizer)") from None
     except Exception as e:  # (pickle, zip and weights_only errors of every kind: the file is not an export)
         raise DataError(f"{path}: not an image tokenizer export ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'unreadable'}); expected the "
@@ -131,7 +135,8 @@ def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
     """The tokenizer an export's contents describe (`path` names the file in errors), frozen, on the CPU."""
     kind, known = blob.get("kind") if isinstance(blob, dict) else None, _registry()
     if kind is None and isinstance(blob, dict) and {"model", "opt", "step"} <= blob.keys():
-        raise DataError(f"{path}: a vq.train checkpoint, not an export; pass the run's export.pt (vq.train writes it at the end)")
+        raise DataError(f"{path}: a vq.train checkpoint, not an export; pass the run's export.pt (vq.train writes "
+                        "it at the end)")
     if kind not in known:
         raise DataError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
     if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
