@@ -47,6 +47,9 @@ def _local_dir_weights(folder: Path) -> Path:
     the protocol names and hashes exactly that file."""
     from open_clip.factory import _find_checkpoint_in_dir  # (what create_model calls for local-dir:)
 
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: {'a file' if folder.exists() else 'no such folder'}; expected an "
+                                "open_clip local-dir (open_clip_config.json and the weights)")
     if not (folder / "open_clip_config.json").is_file():
         raise FileNotFoundError(f"{folder}: an open_clip local-dir needs open_clip_config.json")
     found = _find_checkpoint_in_dir(folder)

@@ -125,6 +125,8 @@ def test_clip_weights_must_come_from_a_file(tmp_path):
         ClipScorer.load("ViT-B-32")
     with pytest.raises(FileNotFoundError, match="do not exist"):
         ClipScorer.load("ViT-B-32", str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match=r"clip: no such folder; expected an open_clip local-dir"):
+        ClipScorer.load(f"local-dir:{tmp_path / 'clip'}")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
     with pytest.raises(FileNotFoundError, match=r"no CLIP weights \(expected a \*\.safetensors, \*\.bin or \*\.pth"):
         ClipScorer.load(f"local-dir:{tmp_path}")
