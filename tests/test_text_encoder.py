@@ -321,7 +321,7 @@ def test_a_planted_pickle_in_an_encoder_folder_does_not_run(pretrained, single_p
 
 def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretrained, single_process, tmp_path):
     from common.checkpoints import CheckpointError
-    from data_pipeline.text_tokenizer import train_sentencepiece
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
     from model_parallel.model import PartiModel
     from training.config import ConfigError, load_config
     from training.text_encoder import load_text_encoder, pretrain
@@ -332,6 +332,19 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
     losses = pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=3"]), tmp_path / "files",
                       [str(tmp_path / "captions.txt")], str(spm))
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    saved = json.loads((tmp_path / "files" / "text_encoder" / "config.json").read_text())["text_tokenizer"]
+    assert saved == {"hash": TextTokenizer(spm).content_hash, "vocab_size": TextTokenizer(spm).vocab_size}
+    other_spm = train_sentencepiece([line.upper() for line in lines] * 50, 30, tmp_path / "other.model")  # (other ids)
+    with pytest.raises(ConfigError, match=r"cannot resume .*step_00000003: its text encoder was trained on the ids of "
+                                          r"another text tokenizer"):
+        pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=4"]), tmp_path / "files",
+                 [str(tmp_path / "captions.txt")], str(other_spm))
+    model_cfg = load_config("configs/train/debug.yaml", []).model
+    with pytest.raises(ConfigError, match=r"model.init_text_encoder=.*text_encoder: its text encoder was trained on "
+                                          r"the ids of another text tokenizer \(sha256 [0-9a-f]{12}\.\.\. there, 0+\.\.\."):
+        load_text_encoder(PartiModel(model_cfg), model_cfg, tmp_path / "files" / "text_encoder", {"hash": "0" * 64})
+    load_text_encoder(PartiModel(model_cfg), model_cfg, tmp_path / "files" / "text_encoder", saved)
+    load_text_encoder(PartiModel(model_cfg), model_cfg, tmp_path / "files" / "text_encoder", None)  # (synthetic)
     files, held_out = [str(tmp_path / "captions.txt")], tmp_path / "held_out.txt"
     held_out.write_text("\n".join(["a yellow circle", "three red dogs"] * 2) + "\n")
     evaluated = load_config("configs/train/debug.yaml", [*PRETRAIN, "train.steps=2", "train.eval_interval=2",
@@ -371,6 +384,30 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
     with pytest.raises(ConfigError, match="model.init_text_encoder needs model.arch=encoder_decoder"):
         load_config("configs/train/debug.yaml", ["model.preset=dalle-debug",
                                                  f"model.init_text_encoder={pretrained[1]}"]).validate()
+
+
+def test_a_warm_start_from_an_encoder_of_other_caption_ids_is_refused(single_process, tmp_path):
+    """The Parti trainer checks the encoder's text tokenizer against its code shards' (manifest.json's
+    text_tokenizer hash): an encoder pre-trained on other ids is refused, naming the folder; the same ids load."""
+    from common.config import ConfigError
+    from data_pipeline.synthetic import RANDOM_SHARDS_HEADER, write_random_code_shards
+    from training.config import load_config
+    from training.text_encoder import OUTPUT, pretrain
+    from training.trainer import Trainer
+
+    model = ["model.image_grid=2", "model.text_seq_len=4", "model.text_vocab_size=128", "model.image_vocab_size=64"]
+    pretrain(load_config("configs/train/debug.yaml", [*PRETRAIN, *model, "train.steps=1"]), tmp_path / "enc")
+    folder, config = tmp_path / "enc" / OUTPUT, json.loads((tmp_path / "enc" / OUTPUT / "config.json").read_text())
+    assert config["text_tokenizer"] is None  # (synthetic captions: ids of no tokenizer)
+    write_random_code_shards(tmp_path / "codes", 4)
+    sets = [*model, "data.synthetic=false", f"data.shards={tmp_path / 'codes'}", f"model.init_text_encoder={folder}",
+            "train.global_batch_size=4", "train.micro_batch_size=2"]
+    (folder / "config.json").write_text(json.dumps({**config, "text_tokenizer": {"hash": "another"}}))
+    with pytest.raises(ConfigError, match=f"model.init_text_encoder={folder}: its text encoder was trained on the "
+                                          "ids of another text tokenizer"):
+        Trainer(load_config("configs/train/debug.yaml", sets), tmp_path / "refused")
+    (folder / "config.json").write_text(json.dumps({**config, "text_tokenizer": RANDOM_SHARDS_HEADER["text_tokenizer"]}))
+    Trainer(load_config("configs/train/debug.yaml", sets), tmp_path / "accepted").close()
 
 
 def metrics(run_dir) -> list[dict]:

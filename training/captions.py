@@ -18,6 +18,7 @@ import torch
 from common.config import ConfigError, require
 from data_pipeline.loader import read_sample
 from data_pipeline.text_tokenizer import TextTokenizer
+from data_pipeline.code_shards import data_tokenizers
 from data_pipeline.training_data import held_out_dataset, training_dataset
 from training.config import Config
 
@@ -36,6 +37,15 @@ def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: st
         return CaptionLines(text_files, tok)
     data = training_dataset(cfg.data, cfg.model, cfg.train.seed)
     return _Captions(data)
+
+
+def caption_tokenizer(captions) -> dict | None:
+    """The text tokenizer the captions' ids come from ({"hash", "vocab_size"}: --text-tokenizer's, else the
+    code shards' manifest entry); None for synthetic data, whose ids come from no tokenizer."""
+    if isinstance(captions, CaptionLines):
+        return {"hash": captions.tok.content_hash, "vocab_size": captions.tok.vocab_size}
+    tokenizers = data_tokenizers(captions.data)
+    return {k: tokenizers["text_tokenizer"].get(k) for k in ("hash", "vocab_size")} if tokenizers else None
 
 
 class CaptionLines:

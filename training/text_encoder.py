@@ -25,10 +25,11 @@ both commands: parallel.pp, zero_stage, activation_checkpointing and train.async
 says so), train.optimizer must be adamw. A resume compares the configs as the Parti trainer does.
 
 Output: <run-dir>/text_encoder/, the encoder's weights in dist_checkpointing's format under PartiModel's
-parameter names (training/checkpoint.py's blocks) and config.json (the model section, written last: the
-folder is complete when it exists); metrics.jsonl and config.yaml in the run directory. A Parti run with
-model.init_text_encoder=<that folder> loads them at its own TP/PP (`load_text_encoder`) before its engine is
-built.
+parameter names (training/checkpoint.py's blocks) and config.json (the model section and the text tokenizer the
+caption ids came from, written last: the folder is complete when it exists); metrics.jsonl and config.yaml in the
+run directory. A Parti run with model.init_text_encoder=<that folder> loads them at its own TP/PP
+(`load_text_encoder`) before its engine is built, refused when its code shards' text tokenizer is another (as is a
+resume of the pre-training on captions of another tokenizer).
 
 Checkpoints: <run-dir>/checkpoints/step_XXXXXXXX/ every train.save_interval steps and at the end (weights and
 AdamW's moments in training/checkpoint.py's layout-independent blocks, trainer_state.json marking it complete,
@@ -68,7 +69,7 @@ from model_parallel.kernels import select_kernels
 from model_parallel.model import build_pieces, loss_cross_entropy, piece_context, text_mask
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
-from training.captions import caption_source, held_out_captions
+from training.captions import caption_source, caption_tokenizer, held_out_captions
 from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
                                  verify, wait_for_pruning)
 from training.config import Config, change_messages, format_changes, load_config, resume_changes
@@ -194,7 +195,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
                     run.save(step + 1)
             if preempted:
                 stop.leave_for_requeue(run.run_dir, step + 1, last=step + 1 == t.steps)
-        save_text_encoder(run.model, cfg.model, run.run_dir / OUTPUT)
+        save_text_encoder(run.model, cfg.model, run.run_dir / OUTPUT, run.text_tokenizer)
         run.log.info(f"wrote {run.run_dir / OUTPUT} (load it with model.init_text_encoder={run.run_dir / OUTPUT})")
     finally:
         stop.restore()
@@ -235,6 +236,7 @@ class _Pretraining:
                                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.sampler = GlobalBatchSampler(len(captions), t.global_batch_size, t.seed)
         self.schedule = None  # (made by resume, at the step it continues from)
+        self.text_tokenizer = caption_tokenizer(captions)  # (what the caption ids mean: saved, checked on resume)
 
     def _masked_batch(self, captions, sampler, first: int, seed: int) -> list[torch.Tensor]:
         """This DP rank's rows of the global batch at position `first` of `sampler`'s order: [inputs, targets,
@@ -307,7 +309,7 @@ class _Pretraining:
         """checkpoints/step_<step>/ (every rank; training/checkpoint.py: `latest`, pruning, failures)."""
         state = {"step": step, "kind": CHECKPOINT_KIND, "config": to_dict(self.cfg), "consumed_samples": self.consumed,
                  "sampler_order": self.sampler.order, "skipped_steps": self.skipped,
-                 "consecutive_skipped_steps": self.consecutive}
+                 "consecutive_skipped_steps": self.consecutive, "text_tokenizer": self.text_tokenizer}
         self._adam_state(0)  # (a parameter never updated yet)
         save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), self.run_dir, step, state,
                       self.cfg.train.keep_checkpoints)
@@ -324,6 +326,7 @@ class _Pretraining:
         if tag is not None:
             path = checkpoint_dir(self.run_dir) / tag
             state = _read_state(path, self.cfg)
+            check_text_tokenizer(state.get("text_tokenizer"), self.text_tokenizer, f"cannot resume {path}")
             check_steps_left(self.cfg.train.steps, int(state["step"]), path)
             for message in _resume_messages(state, self.cfg):
                 self.log.info(message)
@@ -430,11 +433,22 @@ def _blocks(module: nn.Module, model_cfg: ModelConfig, optimizer: torch.optim.Op
     return out
 
 
-def save_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: Path) -> None:
+def check_text_tokenizer(saved: dict | None, current: dict | None, what: str) -> None:
+    """ConfigError when an encoder trained on one text tokenizer's ids (`saved`, caption_tokenizer's dict) meets
+    captions of another (`current`): each id would mean another word. None on either side (synthetic ids, or
+    saved before the tokenizer was recorded) has nothing to compare."""
+    if saved and current and saved.get("hash") != current.get("hash"):
+        raise ConfigError(f"{what}: its text encoder was trained on the ids of another text tokenizer (sha256 "
+                          f"{str(saved.get('hash'))[:12]}... there, {str(current.get('hash'))[:12]}... here), so every "
+                          "caption id would mean another word; use captions made with its tokenizer")
+
+
+def save_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: Path,
+                      text_tokenizer: dict | None = None) -> None:
     """Every rank: the encoder's weights (each TP shard once, the writes spread over DP) into <folder>.partial,
-    then rank 0 writes config.json, which marks it complete, and puts it at `folder`: a rerun that extends a
-    finished run keeps the earlier encoder whole until the new one is (a kill mid-write left a folder that
-    looked complete, its tensors half rewritten)."""
+    then rank 0 writes config.json (the model section and the text tokenizer its ids are from), which marks it
+    complete, and puts it at `folder`: a rerun that extends a finished run keeps the earlier encoder whole until
+    the new one is (a kill mid-write left a folder that looked complete, its tensors half rewritten)."""
     partial = folder.with_name(folder.name + ".partial")
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # (a killed write's)
@@ -442,22 +456,27 @@ def save_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: Path) -
     dist.barrier()
     dist_checkpointing.save(_blocks(module, model_cfg), str(partial), sharded_strategy=save_strategy())
     if dist.get_rank() == 0:
-        write_atomic(partial / "config.json", json.dumps({"model": to_dict(model_cfg)}, indent=1))
+        saved = {"model": to_dict(model_cfg), "text_tokenizer": text_tokenizer}
+        write_atomic(partial / "config.json", json.dumps(saved, indent=1))
         replace_folder(partial, folder)
     dist.barrier()
 
 
-def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | Path) -> None:
+def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | Path,
+                      text_tokenizer: dict | None = None) -> None:
     """Every rank: load a pre-trained encoder (`save_text_encoder`'s folder) into the text encoder pieces of
     `module` (PartiModel or a pipeline stage; a stage without them takes part in the collective load only),
-    resharded to its TP size. ConfigError naming the folder when it is incomplete or of another shape."""
+    resharded to its TP size. ConfigError naming the folder when it is incomplete, of another shape, or trained
+    on another text tokenizer than `text_tokenizer` (the run's data's: {"hash", ...}; None for synthetic data)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.init_text_encoder={folder}: no config.json there (expected the text_encoder "
                           "folder written by python -m training.text_encoder, complete)")
-    differ = shape_differences(json.loads((folder / "config.json").read_text())["model"], model_cfg)
+    saved = json.loads((folder / "config.json").read_text())
+    differ = shape_differences(saved["model"], model_cfg)
     if differ:
         raise ConfigError(f"model.init_text_encoder={folder}: an encoder of another shape ({differ})")
+    check_text_tokenizer(saved.get("text_tokenizer"), text_tokenizer, f"model.init_text_encoder={folder}")
     verify(folder)  # (every rank reads it: a crafted index would run code when dist_checkpointing reads it)
     load_in_place(_blocks(module, model_cfg), folder)
 

@@ -255,7 +255,8 @@ class Trainer:
         self.log.info(f"MFU against {peak_source}")
         model = engine.build_model(cfg, kernels, self.device, layout, initialize=not self.plan.tag)
         if cfg.model.init_text_encoder and not self.plan.tag:  # (a resumed run has its checkpoint's weights)
-            load_text_encoder(model, cfg.model, cfg.model.init_text_encoder)
+            load_text_encoder(model, cfg.model, cfg.model.init_text_encoder,
+                              (data_tokenizers(self.dataset) or {}).get("text_tokenizer"))
             self.log.info(f"text encoder warm-started from {cfg.model.init_text_encoder}"
                           + ("; frozen (model.freeze_text_encoder)" if cfg.model.freeze_text_encoder else ""))
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
