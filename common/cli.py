@@ -132,10 +132,10 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
         yield
     except ConfigError as e:
         _one_write_per_line()
-        sys.exit(f"config error: {e}")
+        sys.exit(_on_this_rank(f"config error: {e}"))
     except (*errors, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         _one_write_per_line()
-        sys.exit(f"{label}: {e}")
+        sys.exit(_on_this_rank(f"{label}: {e}"))
     except Preempted as e:
         code = requeue_exit_code()
         if int(os.environ.get("RANK", "0")) == 0:
@@ -150,6 +150,13 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
             if groups is not None and groups.model_parallel_is_initialized():
                 groups.destroy_model_parallel()
             dist.destroy_process_group()
+
+
+def _on_this_rank(line: str) -> str:
+    """The error line as a rank other than 0 of a launch prints it: every rank says why it stopped (a node may
+    lack a file the others have), and torchrun's copies of one error read as what they are."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    return f"rank {rank}: {line}" if rank else line
 
 
 def run_trainer(args: argparse.Namespace, config_cls, build, label: str, use_device, device_error: type) -> None:

@@ -405,3 +405,22 @@ def test_a_resume_that_changes_the_optimizer_or_the_network_is_refused():
         changes = resume_changes(saved, load_config("configs/train/debug.yaml", [change]))
         found = [c[0] for c in changes[kind]]
         assert found == [change.split("=")[0]], (change, changes)
+
+
+def test_an_error_line_names_the_rank_that_prints_it_beside_rank_0(monkeypatch):
+    """Every rank of a launch prints why it stopped; a rank other than 0 says which it is, so torchrun's copies of
+    one error read as copies (and a node's own error as that node's)."""
+    from common.cli import command
+    from common.config import ConfigError
+
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    for rank, expected in (("0", "config error: train.steps=-1"), ("3", "rank 3: config error: train.steps=-1")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_, command():
+            raise ConfigError("train.steps=-1")
+        assert exit_.value.code == expected
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_PROCID", "1")  # (a bare srun: its task id is the rank)
+    with pytest.raises(SystemExit) as exit_, command(errors=(FileNotFoundError,), label="vq.train"):
+        raise FileNotFoundError("photos/: no such folder")
+    assert exit_.value.code == "rank 1: vq.train: photos/: no such folder"
