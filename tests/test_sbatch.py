@@ -386,3 +386,29 @@ def test_pretokenize_array_numbered_otherwise_needs_num_tasks(tmp_path):
     code, log, _, _ = run_script(tmp_path, "pretokenize.sbatch", args, rerun)
     argv = (tmp_path / "out" / "python.args").read_text().split("\0")[:-1]
     assert code == 0 and after(argv, "--shard-index") == "17" and after(argv, "--num-shards") == "32", log
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch"])
+def test_bad_process_counts_are_refused_before_srun(tmp_path, script):
+    """NPROC_PER_NODE=0 or a word ended in a division by zero and an unbound THREADS; more than one task per node
+    (`--ntasks-per-node=8`, `--gpus-per-task=1`'s way) started several torchruns per node, each with every GPU."""
+    args = ["configs/train/debug.yaml", str(tmp_path / "run")] if script == "train.sbatch" else \
+        ["configs/eval/partiprompts.yaml"]
+    for nproc in ("0", "eight"):
+        code, log, argv, _ = run_script(tmp_path, script, args, {**GPU_JOB, "NPROC_PER_NODE": nproc})
+        assert code == 2 and argv is None and f"NPROC_PER_NODE={nproc}: expected a number of processes" in log, log
+    code, log, argv, _ = run_script(tmp_path, script, args, {**GPU_JOB, "SLURM_NTASKS": "16"})
+    assert code == 2 and argv is None and "16 tasks on 2 node(s): this script runs one task per node" in log, log
+    code, log, argv, _ = run_script(tmp_path, script, args, {**GPU_JOB, "SLURM_NTASKS": "2"})
+    assert code == 0 and argv is not None, log
+
+
+def test_eval_with_no_requeues_allowed_goes_on_to_the_time_limit(tmp_path, monkeypatch):
+    """MAX_REQUEUES=0 on a first segment (SLURM sets no SLURM_RESTART_COUNT there): its USR1 trap ended the job
+    FAILED on an unbound variable, killing the generation, instead of letting it go on."""
+    monkeypatch.setitem(STUBS, "srun", 'kill -USR1 "$STUB_SCRIPT_PID"; sleep 1; touch "$STUB_OUT/srun.done"; exit 0')
+    code, log, _, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"],
+                                 {**GPU_JOB, "MAX_REQUEUES": "0"})
+    assert code == 0 and (tmp_path / "out" / "srun.done").exists(), log
+    assert "USR1 after 0 requeues (MAX_REQUEUES=0): not requeued again" in log
+    assert not (tmp_path / "out" / "scontrol.log").exists()
