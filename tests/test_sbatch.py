@@ -388,6 +388,48 @@ def test_pretokenize_array_numbered_otherwise_needs_num_tasks(tmp_path):
     assert code == 0 and after(argv, "--shard-index") == "17" and after(argv, "--num-shards") == "32", log
 
 
+def test_a_requeue_after_another_jobs_overwrite_matches_the_whole_job_id(tmp_path):
+    """OVERWRITTEN_BY names the job that carried out the overwrite: job 42 must not take job 142's record for its
+    own (its overwrite was never done, so the requeued segment asks for it again)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "OVERWRITTEN_BY").write_text("142\n")
+    _, _, argv, _ = train(tmp_path, "--resume", "overwrite", env={**GPU_JOB, "SLURM_RESTART_COUNT": "1"})
+    assert trainer_args(argv).resume == "overwrite"
+
+
+def test_a_run_directory_without_flock_still_has_its_stop_files_cleared(tmp_path, monkeypatch):
+    """flock failing for another reason than a held lock (a file system without it): a warning, and the previous
+    segment's REQUEUE/STOP are cleared as the trainer would go on there (a STOP left would stop the run at once)."""
+    monkeypatch.setitem(STUBS, "flock", "exit 1")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "STOP").touch()
+    (run / "REQUEUE").write_text("step 7")
+    code, log, argv, _ = train(tmp_path)
+    assert code == 0 and argv is not None, log
+    assert "cannot lock" in log and not (run / "STOP").exists() and not (run / "REQUEUE").exists()
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch"])
+def test_a_step_whose_status_was_never_written_fails_the_job(tmp_path, monkeypatch, script):
+    """The group running srun killed before it wrote srun's status (no status file content): the job fails
+    instead of ending as a success."""
+    monkeypatch.setitem(STUBS, "srun", 'kill -KILL "$PPID"; sleep 0.5; exit 0')
+    args = ["configs/train/debug.yaml", str(tmp_path / "run")] if script == "train.sbatch" else \
+        ["configs/eval/partiprompts.yaml"]
+    assert run_script(tmp_path, script, args, GPU_JOB)[0] == 1
+
+
+def test_a_first_segment_is_requeued_whatever_an_earlier_job_recorded(tmp_path):
+    """The same-step check is for a job's own requeued segments: a new job (a resubmission after exit 75, restart
+    count 0) that stops where the earlier job's last segment did is still requeued."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "REQUEUED").write_text("step 3\n")
+    code, log, _, _ = train(tmp_path, env={**GPU_JOB, "STUB_REQUEUE": str(run / "REQUEUE")})
+    assert code == 0 and (tmp_path / "out" / "scontrol.log").read_text() == "requeue 42\n", log
+
+
 @pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch"])
 def test_bad_process_counts_are_refused_before_srun(tmp_path, script):
     """NPROC_PER_NODE=0 or a word ended in a division by zero and an unbound THREADS; more than one task per node
@@ -403,6 +445,23 @@ def test_bad_process_counts_are_refused_before_srun(tmp_path, script):
     assert code == 0 and argv is not None, log
 
 
+@pytest.mark.parametrize("env, gpus, nproc, threads", [
+    ({"SLURM_GPUS_PER_NODE": "h100:4", "SLURM_CPUS_PER_TASK": "96"}, None, "4", "24"),
+    ({"SLURM_CPUS_PER_TASK": "64"}, 2, "2", "32"),  # SLURM gave no GPU count: nvidia-smi's
+    ({"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "4"}, None, "8", "1"),
+])
+def test_eval_processes_threads_and_rendezvous_per_node(tmp_path, env, gpus, nproc, threads):
+    """eval.sbatch counts processes and threads as train.sbatch does, and joins the nodes the same way: a
+    rendezvous on the first node, on a port and id of this job and restart; a failed process ends the step."""
+    code, log, argv, srun_env = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"],
+                                           {**SLURM_JOB, "SLURM_RESTART_COUNT": "1", **env}, gpus)
+    assert code == 0, log
+    assert after(argv, "--nproc_per_node") == nproc and srun_env["OMP_NUM_THREADS"] == threads
+    assert argv[0] == "--kill-on-bad-exit=1" and after(argv, "--nnodes") == "2"
+    assert after(argv, "--rdzv_endpoint") == f"node-a:{10000 + (42 * 997 + 1) % 22000}"
+    assert after(argv, "--rdzv_id") == "42-1"
+
+
 def test_eval_with_no_requeues_allowed_goes_on_to_the_time_limit(tmp_path, monkeypatch):
     """MAX_REQUEUES=0 on a first segment (SLURM sets no SLURM_RESTART_COUNT there): its USR1 trap ended the job
     FAILED on an unbound variable, killing the generation, instead of letting it go on."""
@@ -412,3 +471,16 @@ def test_eval_with_no_requeues_allowed_goes_on_to_the_time_limit(tmp_path, monke
     assert code == 0 and (tmp_path / "out" / "srun.done").exists(), log
     assert "USR1 after 0 requeues (MAX_REQUEUES=0): not requeued again" in log
     assert not (tmp_path / "out" / "scontrol.log").exists()
+
+
+def test_pretokenize_outside_an_array_does_the_whole_input(tmp_path):
+    """A plain sbatch (no --array): one task, split 0 of 1; the image and text tokenizers reach their options."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_OUT/python.args"\n')
+    stub.chmod(0o755)
+    code, log, _, _ = run_script(tmp_path, "pretokenize.sbatch", ["in/{0..1}.tar", "out", "vq.pt", "spm.model"],
+                                 {"PYTHON": str(stub)})
+    argv = (tmp_path / "out" / "python.args").read_text().split("\0")[:-1]
+    assert code == 0, log
+    assert after(argv, "--shard-index") == "0" and after(argv, "--num-shards") == "1"
+    assert after(argv, "--vq") == "vq.pt" and after(argv, "--text-tokenizer") == "spm.model"
