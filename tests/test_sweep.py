@@ -182,3 +182,70 @@ def test_collect_leaves_out_a_line_cut_short_and_bad_input_is_one_line(tmp_path)
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert isinstance(stop.value.code, str) and says in stop.value.code, stop.value.code
+
+
+def test_submit_defaults_and_what_each_command_carries(tmp_path, monkeypatch, capsys):
+    """Without --gpus-per-node (and no NPROC_PER_NODE) a job asks for 8 GPUs a node and trains --steps 200; a model
+    given twice queues once; each job's log goes into the sweep's folder (made when missing, with jobs.json);
+    --sbatch-args is split as a shell splits it (a quoted value stays one option)."""
+    from slurm.sweep import main
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    monkeypatch.delenv("DEVICE", raising=False)
+    out = tmp_path / "new" / "s1"
+    main(["submit", "--out", str(out), "--config", "configs/train/debug.yaml", "--models", "parti-debug,parti-debug",
+          "--nodes", "1", "--layouts", "tp1pp1z1", "--sbatch-args", '--comment="two words" --partition=gpu',
+          "--set", "train.micro_batch_size=1", "--dry-run"])
+    assert capsys.readouterr().out.count("train.sbatch") == 1
+    [job] = json.loads((out / "jobs.json").read_text())
+    command = job["command"]
+    assert "--gpus-per-node=8" in command and "train.steps=200" in command
+    assert command[command.index("--gpus-per-node=8") + 1:][:2] == ["--comment=two words", "--partition=gpu"]
+    assert f"--output={out}/parti-debug-n1-tp1pp1z1.out" in command
+
+
+def test_a_damaged_jobs_record_counts_as_submitted_and_the_warm_up_hint_is_at_least_one(tmp_path, capsys):
+    from slurm.sweep import submitted_before
+
+    record = tmp_path / "jobs.json"
+    for damaged in ('[{"name": "x", "job_id": "7"', "[1, 2]"):  # (cut short; not a list of jobs)
+        record.write_text(damaged)
+        assert submitted_before(record), damaged
+    submissions(["parti-debug"], [1], ["tp1pp1z1"], "configs/train/debug.yaml", tmp_path, 6,
+                ["train.warmup_steps=10"], 4)
+    assert "add e.g. --set train.warmup_steps=1\n" in capsys.readouterr().out  # (6 // 10 = 0 would be no warm-up)
+
+
+def write_rows(folder, overrides: list[str], rows: list[dict], config: bool = True) -> None:
+    folder.mkdir()
+    if config:
+        save_config(load_config("configs/train/debug.yaml", overrides), folder / "config.yaml")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_collect_takes_peaks_medians_and_pipeline_layouts_and_plots_node_counts_in_order(tmp_path, monkeypatch):
+    """Peak memory is the largest row's (not the last); TFLOP/s and MFU are their own medians; DP divides the
+    processes by TP x PP; a warm-up longer than the run leaves every row in; a folder without config.yaml and a
+    row without a step are no data; lines are drawn in node order (n16 after n2, though its folder sorts first),
+    with the MFU and the held-out loss drawn too; results.md holds the table's values."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y, *a, **k))
+    for nodes in (1, 2, 16):
+        rows = [{"step": i + 1, "loss": 3.0 - i, "samples_per_s": 123.456, "mem_gb": [3.0, 1.0, 2.0][i],
+                 "tflops_per_gpu": [1.0, 2.0, 3.0][i], "mfu": [0.1, 0.2, 0.3][i], "world_size": 2 * nodes,
+                 **({"valid_loss": 9.5} if i == 1 else {})} for i in range(3)]
+        write_rows(tmp_path / f"e-n{nodes}-tp1pp2z0", ["parallel.pp=2"], [*rows[:2], {"loss": 1.0}, rows[2]])
+    write_rows(tmp_path / "d-n1-tp1pp1z0", [], [{"step": 1, "loss": 1.0, "world_size": 1}], config=False)
+    rows = {r["run"]: r for r in collect(tmp_path, warmup=10)}
+    assert set(rows) == {"e-n1-tp1pp2z0", "e-n2-tp1pp2z0", "e-n16-tp1pp2z0"}
+    r = rows["e-n2-tp1pp2z0"]
+    assert (r["gpus"], r["pp"], r["dp"], r["mem_gb"], r["steps"]) == (4, 2, 2, 3.0, 3)
+    assert (r["samples_per_s"], r["tflops_per_gpu"], r["mfu"]) == (123.456, 2.0, 0.2)
+    assert drawn[0] == ([2, 4, 32], [123.456 / 2, 123.456 / 4, 123.456 / 32])  # throughput per GPU
+    assert drawn[1] == ([2, 4, 32], [0.2, 0.2, 0.2])  # MFU
+    assert [y for _, y in drawn].count([9.5]) == 3  # each run's held-out loss
+    assert "| e-n2-tp1pp2z0 | parti-debug | 4 | 1 | 2 | 2 | 0 | 123.5 | 30.86 | 2 | 0.2 | 3 |" in \
+        (tmp_path / "results.md").read_text()
