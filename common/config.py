@@ -52,10 +52,11 @@ def _parse_value(text: str, dotted: str) -> Any:
     """A command-line value is read as YAML: 2 -> int, 1e-3 -> float, true -> bool, abc -> str. Refused where
     YAML 1.1 (PyYAML's) would read it otherwise than meant: 010 is octal 8, 1:30 is base 60 (90), and ` #`
     starts a comment."""
-    if re.fullmatch(r"[-+]?0[0-9_]+", text):
+    number = re.fullmatch(r"[-+]?[0-9][0-9_:.]*", text) and not isinstance(yaml.safe_load(text), str)
+    if number and re.fullmatch(r"[-+]?0[0-9_]+", text):
         raise ConfigError(f"override {dotted}={text}: YAML reads a number with a leading zero as octal; "
                           f"write it without the zero (or, for text, quote it past the shell: {dotted}=\"'{text}'\")")
-    if re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", text):
+    if number and re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", text):
         raise ConfigError(f"override {dotted}={text}: YAML 1.1 reads digits joined by ':' as a base-60 number "
                           f"({yaml.safe_load(text)}); write the number itself (or, for text, quote it past the shell: "
                           f"{dotted}=\"'{text}'\")")

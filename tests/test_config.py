@@ -99,6 +99,18 @@ def test_bad_input_is_refused_clearly(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("override, value", [
+    ("train.wandb_project=", ""),  # (YAML reads nothing as null, which a str key refuses)
+    (" train.steps = 5 ", 5),
+    ("train.wandb_project=08:15", "08:15"),  # (YAML 1.1 reads it as text, not base 60: taken as written)
+    ("train.wandb_project=0:30", "0:30"),
+    ("train.wandb_project=09", "09"),  # (not an octal number either)
+])
+def test_overrides_that_yaml_reads_as_meant_are_taken(override, value):
+    key = override.split("=")[0].strip().split(".")[1]
+    assert getattr(load_config(None, [override]).train, key) == value
+
+
 def test_a_section_given_whole_keeps_the_overrides_before_it():
     """train={steps: 10} after train.lr=5e-4 replaced the section the first had made: the lr was lost."""
     cfg = load_config("configs/train/debug.yaml", ["train.lr=5e-4", "train={steps: 10}"])
