@@ -92,6 +92,14 @@ def test_world_size_must_fit_layout():
     (["train.wandb_project=a #b"], "'#' after a space starts a YAML comment"),  # (else 'a')
     (["train.wandb_project='a #b'", "train.seed=-1"], "train.seed=-1 must be >= 0"),  # (quoted: taken whole)
     (["train.steps=[1"], "override train.steps=[1: not a YAML value"),
+    (["train.steps=-010"], "train.steps=-010: YAML reads a number with a leading zero as octal"),  # (else -8)
+    (["train.lr=1:30.5"], "train.lr=1:30.5: YAML 1.1 reads digits joined by ':' as a base-60 number (90.5)"),
+    (["train.wandb_project=a\t#b"], "starts a YAML comment"),  # (a tab before the '#': else 'a')
+    (["train.wandb_project=#b"], "starts a YAML comment"),  # (else null)
+    (["train.steps=true"], "train.steps=True must be of type int"),  # (a bool is an int to isinstance)
+    (["train.lr=true"], "train.lr=True must be of type float"),  # (else 1.0)
+    (["train.wandb_project=2024-01-01"], "YAML read the text as a date: quote it"),
+    (["train=1", "train.steps=5"], "override 'train.steps': 'train' is not a section"),  # (a TypeError before)
 ])
 def test_bad_input_is_refused_clearly(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -109,6 +117,49 @@ def test_bad_input_is_refused_clearly(overrides, message):
 def test_overrides_that_yaml_reads_as_meant_are_taken(override, value):
     key = override.split("=")[0].strip().split(".")[1]
     assert getattr(load_config(None, [override]).train, key) == value
+
+
+def test_an_optional_number_is_null_or_a_number():
+    """`float | None` (sampling.guidance_scale): null, a float (an int made one), or refused naming the key."""
+    from common.config import build
+    from evaluation.config import SamplingSettings
+
+    assert build(SamplingSettings, {"guidance_scale": None}).guidance_scale is None
+    scale = build(SamplingSettings, {"guidance_scale": 3}).guidance_scale
+    assert scale == 3.0 and isinstance(scale, float)
+    with pytest.raises(ConfigError, match=r"^sampling\.guidance_scale='abc' must be of type float$"):
+        build(SamplingSettings, {"guidance_scale": "abc"}, "sampling.")
+
+
+def test_a_subclass_documents_its_keys_in_its_own_words():
+    """describe() takes a key's documentation from the class that last declares it (SamplingSettings over
+    SamplingConfig, whose guidance_scale says None where a config file says null)."""
+    from evaluation.config import SamplingSettings
+
+    assert "guidance_scale: 1.2  # Classifier-free guidance scale (null: unguided;" in describe(SamplingSettings())
+
+
+def test_an_empty_or_odd_config_file(tmp_path):
+    """An empty file is all defaults; a key YAML cannot hash (a list) is refused as bad YAML, not a TypeError."""
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set\n")
+    assert load_config(path) == load_config(None)
+    path.write_text("train:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError, match="empty.yaml: not valid YAML .*unhashable"):
+        load_config(path)
+
+
+def test_the_resolved_config_keeps_the_order_of_the_fields(tmp_path):
+    """config.yaml lists sections and keys as the dataclasses declare them (model first), not sorted."""
+    import dataclasses
+
+    import yaml
+
+    cfg = load_config(None)
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert list(saved) == [f.name for f in dataclasses.fields(cfg)]
+    assert list(saved["train"]) == [f.name for f in dataclasses.fields(cfg.train)]
 
 
 def test_a_section_given_whole_keeps_the_overrides_before_it():
