@@ -577,6 +577,59 @@ def test_a_latest_set_back_by_hand_is_followed_with_a_warning_naming_the_newer_c
     assert f"latest names {tag_for(2)}, but newer checkpoints are there ({tag_for(4)}, {tag_for(6)})" in note
 
 
+def test_which_checkpoint_a_resume_takes_without_a_usable_latest(tmp_path):
+    """resume_tag without `latest`: the newest complete step folder (a folder named as the marker, a file named as
+    a step folder and a step_* folder that is no tag do not count), saying which incomplete ones it skipped; none
+    complete: step 0, naming them. A `latest` that names no tag or an incomplete folder is refused naming it."""
+    from common.checkpoints import CheckpointError, has_checkpoints, latest_tag, resume_tag, step_of
+
+    marker, root = "trainer_state.json", tmp_path / "checkpoints"
+    assert tag_for(100) == "step_00000100" and step_of(tag_for(100)) == 100
+    assert [step_of(t) for t in ("step_", "latest", "step_1x")] == [None, None, None]
+    assert resume_tag(tmp_path, marker) == (None, None) and not has_checkpoints(tmp_path)
+    (root / "step_backup").mkdir(parents=True)
+    assert not has_checkpoints(tmp_path)
+    (root / tag_for(1)).mkdir()
+    assert has_checkpoints(tmp_path)
+    assert resume_tag(tmp_path, marker) == (None, f"{root} holds only incomplete checkpoints ({tag_for(1)}): "
+                                                   "starting at step 0")
+    for step in (2, 4):
+        (root / tag_for(step)).mkdir()
+        (root / tag_for(step) / marker).write_text("{}")
+    (root / tag_for(6) / marker).mkdir(parents=True)  # (not a file: incomplete)
+    (root / tag_for(8)).write_text("")  # (not a folder)
+    assert resume_tag(tmp_path, marker) == (tag_for(4), f"{root / 'latest'} is missing: resuming from the newest "
+                                            f"complete checkpoint {root / tag_for(4)} (skipping incomplete {tag_for(6)})")
+    (root / "latest").write_text("step_\n")
+    with pytest.raises(CheckpointError, match=rf"latest: expected one line naming a checkpoint folder such as "
+                                              rf"{tag_for(100)}, found 'step_'; delete it to resume from the newest "
+                                              rf"complete checkpoint \({tag_for(4)}\)$"):
+        resume_tag(tmp_path, marker)
+    (root / "latest").write_text(tag_for(6) + "\n")
+    with pytest.raises(CheckpointError, match=rf"latest names {tag_for(6)}, but .*{tag_for(6)} is missing or "
+                                              rf"incomplete \(no {marker}\)"):
+        latest_tag(tmp_path, marker)
+    for step in (10, 12, 14, 16):
+        (root / tag_for(step)).mkdir()
+        (root / tag_for(step) / marker).write_text("{}")
+    (root / "latest").write_text(tag_for(2) + "\n")
+    tag, note = resume_tag(tmp_path, marker)
+    assert tag == tag_for(2) and f"({', '.join(tag_for(s) for s in (4, 10, 12, 14))} ...)" in note
+    only_latest = tmp_path / "other"
+    (only_latest / "checkpoints").mkdir(parents=True)
+    (only_latest / "checkpoints" / "latest").write_text(tag_for(2) + "\n")
+    assert has_checkpoints(only_latest)
+
+
+def test_steps_at_or_above_the_checkpoints_step_are_allowed_below_it_refused(tmp_path):
+    """check_steps_left: train.steps equal to the checkpoint's step (a finished run started again) is no error."""
+    from common.checkpoints import check_steps_left
+
+    check_steps_left(6, 6, tmp_path)
+    with pytest.raises(ConfigError, match="train.steps=5 is below step 6 of the checkpoint this run resumes"):
+        check_steps_left(5, 6, tmp_path)
+
+
 def test_a_resume_with_another_global_batch_saves_the_stream_position_it_reached(single_process, tmp_path):
     """3 steps of 8 samples, then 2 of 16: the checkpoint of step 5 is at sample 3 x 8 + 2 x 16 = 56 of the stream
     (not 5 x 16: the next resume would skip 24 samples)."""
