@@ -261,6 +261,14 @@ def test_bad_schedule_names_the_field(override, message):
         load_config("configs/train/debug.yaml", ["train.lr_decay=constant", override]).validate()
 
 
+def test_the_schedules_edges_are_allowed_and_a_zero_rate_is_refused():
+    """min_lr=0 (decay to nothing) and warmup_steps=0 are valid; lr=0 is refused naming lr (the schedule is
+    relative to it), before the min_lr <= lr rule it would also break."""
+    load_config("configs/train/debug.yaml", ["train.min_lr=0", "train.warmup_steps=0"]).validate()
+    with pytest.raises(ConfigError, match=r"train\.lr=0\.0 must be > 0"):
+        load_config("configs/train/debug.yaml", ["train.lr=0"]).validate()
+
+
 TRAINING_PRESETS = ["parti-350m", "parti-750m", "parti-3b", "parti-20b"]
 
 

@@ -189,3 +189,37 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
         (1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0)]
     assert [(e.step, e.value) for e in events.Scalars("valid/loss")] == [(4, 7.0)]
+
+
+def test_a_non_finite_value_is_null_in_metrics_jsonl_and_rows_without_a_whole_step_go_at_a_resume(tmp_path):
+    """JSON has no NaN: metrics.jsonl holds null for it (strict JSON readers refuse NaN). resumed_at keeps the rows
+    up to the step it resumes at, and drops a row whose step is not an integer."""
+    log = MetricsLogger(tmp_path, enabled=True)
+    log.step({"step": 1, "loss": float("nan"), "grad_norm": float("inf")})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": "2", "loss": 1.0}\n[2]\n')
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0], parse_constant=lambda c: 1 / 0)
+    assert first == {"step": 1, "loss": None, "grad_norm": None}
+    again = MetricsLogger(tmp_path, enabled=True)
+    again.resumed_at(1)
+    again.close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [first]
+
+
+def test_the_step_clock_averages_the_interval_leaving_out_paused_time(monkeypatch):
+    """StepClock: (time since the interval began - paused time) / steps, and the next interval starts then."""
+    from common import metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    clock = metrics.StepClock()
+    for _ in range(4):
+        now[0] += 1.0
+        clock.step_done()
+    with clock.paused():
+        now[0] += 10.0
+    assert clock.seconds_per_step() == pytest.approx(1.0)
+    now[0] += 3.0
+    clock.step_done()
+    assert clock.seconds_per_step() == pytest.approx(3.0)
