@@ -216,6 +216,29 @@ def test_planted_pickle_in_a_checkpoint_does_not_run(pool2, reference, tmp_path,
     assert not marker.exists()
 
 
+BYTES = torch.zeros(4, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("state", [{"torch": [0, 1], "tracker": {}}, {"torch": BYTES, "tracker": [BYTES]},
+                                   [BYTES], {"torch": torch.zeros(4), "tracker": {}},
+                                   {"torch": BYTES, "tracker": {"model-parallel-rng": [0, 1]}},
+                                   {"torch": BYTES, "tracker": {}, "cuda": torch.zeros(4)}],
+                         ids=["torch-list", "tracker-list", "list", "torch-float", "tracker-of-lists", "cuda-float"])
+def test_an_rng_file_of_plain_values_in_another_shape_is_refused_naming_it(tmp_path, state):
+    """A rng_rank*.pt that loads safely but is not {'torch': ByteTensor, 'tracker': {name: ByteTensor}} (and a
+    ByteTensor 'cuda' if any) is refused by name: torch.set_rng_state of a list or of a float tensor failed on
+    resume with a traceback, and the tracker's states went in unchecked."""
+    from common.checkpoints import CheckpointError
+    from training.checkpoint_verify import load_rng_file
+
+    file = tmp_path / "rng_rank0.pt"
+    torch.save({"torch": BYTES, "tracker": {"model-parallel-rng": BYTES}, "cuda": BYTES}, file)
+    assert set(load_rng_file(file)) == {"torch", "tracker", "cuda"}
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(file))}: expected {{'torch': ByteTensor, 'tracker'"):
+        load_rng_file(file)
+
+
 def bytes_entry_in_index(folder: Path) -> None:
     """Index one of the checkpoint's tensors as a bytes record instead (what a crafted index could do)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -436,6 +459,8 @@ BAD_INPUTS = {  # id: (prepare the run directory, --set overrides, what the one 
                   [f"{LAST}/trainer_state.json: cannot be read (Exceeds the limit"]),
     "negative-step": (lambda d: edit_state(d, consumed_samples=-8), [],
                       [f"{LAST}/trainer_state.json: consumed_samples=-8: expected counts"]),
+    "scheduler-not-object": (lambda d: edit_state(d, lr_scheduler='"x"'), [],  # (a traceback from the LR schedule)
+                             [f"{LAST}/trainer_state.json: lr_scheduler='x': expected objects"]),
     "garbage-latest": (garbage_latest, [], ["checkpoints/latest: cannot be read as text", "expected one line naming",
                                             f"delete it to resume from the newest complete checkpoint ({LAST})"]),
     "another-preset": (None, ["model.preset=parti-tiny"],

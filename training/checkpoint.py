@@ -132,6 +132,10 @@ def read_trainer_state(path: Path) -> dict:
     if wrong:
         raise CheckpointError(f"{file}: {', '.join(f'{k}={state[k]!r}' for k in wrong)}: expected counts (integers "
                               ">= 0) as the checkpoint writes them")
+    wrong = [key for key in ("lr_scheduler", "layout") if not isinstance(state[key], dict)]
+    if wrong:  # (the LR schedule's load_state_dict failed on one with a traceback)
+        raise CheckpointError(f"{file}: {', '.join(f'{k}={state[k]!r}'[:80] for k in wrong)}: expected objects as "
+                              "the checkpoint writes them")
     return state
 
 

@@ -77,10 +77,20 @@ def load_rng_file(file: Path) -> dict:
             text = f"it would import {name} when loaded, which may run code"
         raise CheckpointError(f"{file}: not a plain RNG-state file ({text}); refusing to load it "
                               "(torch.load weights_only=True)") from None
-    if not (isinstance(state, dict) and torch.is_tensor(state.get("torch")) and isinstance(state.get("tracker"), dict)):
+    tracker = state.get("tracker") if isinstance(state, dict) else None
+    plain = (isinstance(tracker, dict) and all(map(_is_byte_tensor, tracker.values()))
+             and _is_byte_tensor(state.get("torch")) and _is_byte_tensor(state.get("cuda", state.get("torch"))))
+    if not plain:
+        # (torch.set_rng_state of another tensor, or of none, failed on resume with a traceback)
+        found = ({k: f"{type(v).__name__}{f' {v.dtype}' if torch.is_tensor(v) else ''}" for k, v in state.items()}
+                 if isinstance(state, dict) else type(state).__name__)
         raise CheckpointError(f"{file}: expected {{'torch': ByteTensor, 'tracker': {{name: ByteTensor}}}}, "
-                              f"found {type(state).__name__}")
+                              f"found {str(found)[:200]}")
     return state
+
+
+def _is_byte_tensor(value) -> bool:
+    return torch.is_tensor(value) and value.dtype == torch.uint8
 
 
 ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a .distcp starts with one
