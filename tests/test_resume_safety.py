@@ -216,6 +216,25 @@ def test_planted_pickle_in_a_checkpoint_does_not_run(pool2, reference, tmp_path,
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("module, name", [("torch", "save"), ("torch.distributed.checkpoint.planner", "reduce"),
+                                          ("torch.distributed.checkpoint.metadata", "field")])
+def test_the_tensor_index_reader_admits_dtypes_not_any_global_of_torch_or_of_the_record_modules(tmp_path, module,
+                                                                                                name):
+    """Of torch the index reader admits dtypes only (torch.save(obj, path), called by a crafted index, writes any
+    file), and of torch.distributed.checkpoint's record modules their dataclasses and enums only (not the helpers
+    they import): refused by name, unrun."""
+    from common.checkpoints import CheckpointError
+    from training.checkpoint_verify import read_index
+
+    (tmp_path / ".metadata").write_bytes(b"ctorch\nfloat32\n.")
+    assert read_index(tmp_path) is torch.float32  # (what an index holds passes)
+    marker = tmp_path / "payload_ran"
+    (tmp_path / ".metadata").write_bytes(f"c{module}\n{name}\n(S'the payload ran'\nS'{marker}'\ntR.".encode())
+    with pytest.raises(CheckpointError, match=rf"\.metadata: the tensor index would import {re.escape(module)}\.{name} "):
+        read_index(tmp_path)
+    assert not marker.exists()
+
+
 BYTES = torch.zeros(4, dtype=torch.uint8)
 
 
@@ -275,6 +294,52 @@ def test_export_checks_the_checkpoint_before_reading_it(single_process, referenc
         assert not marker.exists() and not (run_dir / "export").exists()
 
 
+def test_verify_finds_a_one_byte_cut_damage_past_the_first_record_and_a_missing_file(reference, tmp_path):
+    """verify() on the reference's last checkpoint: a .distcp one byte short of its last record's end, a tensor
+    record's header overwritten at the file's last record (not its first), a .distcp gone, a metadata.json that is
+    JSON but no object, a common.pt that is there but unreadable, an RNG file of another rank than this process's
+    (one a resume at another layout does not load: refused before anything is built all the same); with two files
+    cut, the first in file order is named (as a serial check would)."""
+    from common.checkpoints import CheckpointError
+    from training.checkpoint import verify
+    from training.checkpoint_verify import read_index
+
+    folder = tmp_path / LAST
+    index = read_index(reference[1] / "checkpoints" / LAST)
+    last_record = max(i.offset for i in index.storage_data.values() if i.relative_path == "__0_0.distcp")
+    assert last_record > 0
+
+    def cut(name: str) -> int:
+        file = folder / name
+        size = file.stat().st_size
+        file.write_bytes(file.read_bytes()[:-1])
+        return size
+
+    def overwrite_last_record() -> None:
+        with open(folder / "__0_0.distcp", "r+b") as f:
+            f.seek(last_record)
+            f.write(b"\0\0\0\0")
+
+    cases = [
+        (lambda: cut("__0_1.distcp"), "__0_1.distcp is truncated: {size_1} bytes, its tensor index expects {size}"),
+        (lambda: (cut("__0_1.distcp"), cut("__0_0.distcp"))[1], "__0_0.distcp is truncated: "),
+        (overwrite_last_record, f"__0_0.distcp is corrupt: no tensor record at byte {last_record}, "),
+        (lambda: (folder / "__0_1.distcp").unlink(), "__0_1.distcp is missing (the tensor index "),
+        (lambda: (folder / "metadata.json").write_text("[]"), "metadata.json: cannot be read (not a JSON object)"),
+        (lambda: (folder / "rng_rank1.pt").write_bytes(b"not a zip"), "rng_rank1.pt: not a plain RNG-state file"),
+        (lambda: (folder / "common.pt").write_bytes(b"not a zip"), "common.pt: cannot be read ("),
+    ]
+    for damage, message in cases:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(reference[1] / "checkpoints" / LAST, folder)
+        verify(folder)  # (whole, it passes)
+        size = damage()
+        message = message.format(size=size, size_1=(size or 0) - 1)
+        with pytest.raises(CheckpointError) as err:
+            verify(folder)
+        assert str(err.value).startswith(str(folder)) and message in str(err.value), str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # A full disk while saving
 
@@ -297,6 +362,58 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(single_process, r
     from training.checkpoint import verify
 
     verify(run_dir / "checkpoints" / MID)  # the previous checkpoint, whole
+
+
+def test_a_full_disk_when_marking_a_checkpoint_complete_fails_the_save(single_process, reference, tmp_path,
+                                                                        monkeypatch):
+    """The tensors written, trainer_state.json's write fails: the save raises (it did not stop the run before
+    `latest` moved), the folder goes and `latest` stays on the previous checkpoint."""
+    from training import checkpoint
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run_dir = copy_run(reference[1], tmp_path / "run", tags=(MID,), latest=MID)
+    monkeypatch.setattr(checkpoint, "write_atomic", no_space)
+    with pytest.raises(RuntimeError, match=rf"saving .*{tag_for(4)} failed: No space left on device .*latest still "
+                                           rf"names {MID}"):
+        run(str(run_dir), steps=4)
+    assert not (run_dir / "checkpoints" / tag_for(4)).exists() and latest_tag(run_dir) == MID
+
+
+def save_failing_on_rank_1(run_dir: str) -> str:
+    """(In each worker of the pool) train from run_dir's checkpoint of step 3 to step 4, rank 1's tensor write
+    failing as on a full disk; the CheckpointError each rank raised."""
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from common.checkpoints import CheckpointError
+
+    real = filesystem_async._write_item
+
+    def no_space_on_rank_1(*args, **kwargs):
+        if dist.get_rank() == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    filesystem_async._write_item = no_space_on_rank_1
+    try:
+        run(run_dir, steps=4)
+    except CheckpointError as e:
+        return str(e)
+    finally:
+        filesystem_async._write_item = real
+    return "no error"
+
+
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank(pool2, reference, tmp_path):
+    """Every rank learns of any rank's failed write: rank 0 does not mark the checkpoint complete (its own files
+    written, rank 1's not) and every rank raises the cause, `latest` left on the previous checkpoint."""
+    run_dir = copy_run(reference[1], tmp_path / "run", tags=(MID,), latest=MID)
+    for message in pool2.run(save_failing_on_rank_1, str(run_dir)):
+        assert re.search(rf"saving .*{tag_for(4)} failed: No space left on device .*latest still names {MID}",
+                         message), message
+    assert not (run_dir / "checkpoints" / tag_for(4)).exists() and latest_tag(run_dir) == MID
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,6 +703,27 @@ def test_a_state_file_damaged_inside_is_refused_naming_it(tmp_path):
         load_state(path, ("model",), writer="vq.train")
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"lr_scheduler": None}, "not a trainer state (missing lr_scheduler)"),
+    ({"layout": None, "optimizer_steps": None}, "not a trainer state (missing optimizer_steps, layout)"),
+    ({"step": -1}, "step=-1: expected counts"), ({"optimizer_steps": -1}, "optimizer_steps=-1: expected counts"),
+    ({"consumed_samples": True}, "consumed_samples=True: expected counts"),
+    ({"layout": [1]}, "layout=[1]: expected objects")])
+def test_a_trainer_state_without_a_field_or_with_one_of_another_kind_is_refused_naming_it(tmp_path, edit, message):
+    """read_trainer_state checks every field a resume reads (a missing one failed later with a KeyError), counts
+    as integers >= 0 (not -1, not a JSON true), the LR schedule's and layout's state as objects."""
+    from common.checkpoints import CheckpointError
+    from training.checkpoint import read_trainer_state
+
+    state = {"step": 0, "consumed_samples": 0, "optimizer_steps": 0, "lr_scheduler": {}, "layout": {}}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert read_trainer_state(tmp_path) == state
+    state = {k: v for k, v in {**state, **edit}.items() if v is not None}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'trainer_state.json'}: {message}")):
+        read_trainer_state(tmp_path)
+
+
 def test_a_latest_set_back_by_hand_is_followed_with_a_warning_naming_the_newer_checkpoints(tmp_path):
     """A rollback (`latest` edited to an older step) resumes there, and says which newer checkpoints remain: they
     would be taken if `latest` were lost (the newest complete one is the fallback)."""
@@ -675,6 +813,34 @@ def test_every_held_out_loss_is_logged_and_old_checkpoints_are_pruned(single_pro
 
     wait_for_pruning()
     assert complete_tags(tmp_path) == [tag_for(8), tag_for(10)]
+
+
+def test_a_resumed_run_keeps_its_run_id_and_prunes_its_earlier_segments_checkpoints(single_process, tmp_path):
+    """The run id goes on over a resume (checkpoints record it): with train.keep_checkpoints=1 the second
+    segment's save at step 6 removes the first segment's of step 3, pruning only what its own run wrote."""
+    from training.checkpoint import wait_for_pruning
+
+    run(str(tmp_path), "train.eval_interval=0", "train.keep_checkpoints=1", steps=3)
+    run_id = json.loads((tmp_path / "checkpoints" / MID / "trainer_state.json").read_text())["run_id"]
+    run(str(tmp_path), "train.eval_interval=0", "train.keep_checkpoints=1", steps=6)
+    wait_for_pruning()
+    assert complete_tags(tmp_path) == [LAST]
+    assert json.loads((tmp_path / "checkpoints" / LAST / "trainer_state.json").read_text())["run_id"] == run_id
+
+
+def test_a_save_over_another_runs_complete_checkpoint_is_refused_and_leaves_it(single_process, tmp_path):
+    """A complete checkpoint of another run copied in at step 6 (a run resumed from its own step 3, `latest`):
+    the save at step 6 refuses to replace it, naming both run ids, and leaves it as it was."""
+    from common.checkpoints import CheckpointError
+
+    run(str(tmp_path / "other"), "train.eval_interval=0", steps=6)
+    run(str(tmp_path / "run"), "train.eval_interval=0", steps=3)
+    shutil.copytree(tmp_path / "other" / "checkpoints" / LAST, tmp_path / "run" / "checkpoints" / LAST)
+    before = snapshot(tmp_path / "run" / "checkpoints" / LAST)
+    other_id = json.loads((tmp_path / "other" / "checkpoints" / LAST / "trainer_state.json").read_text())["run_id"]
+    with pytest.raises(CheckpointError, match=rf"{LAST} holds a complete checkpoint of another run \(run id {other_id};"):
+        run(str(tmp_path / "run"), "train.eval_interval=0", steps=6)
+    assert snapshot(tmp_path / "run" / "checkpoints" / LAST) == before
 
 
 def test_a_resume_drops_the_rows_a_killed_segment_logged_after_its_checkpoint(single_process, tmp_path):
