@@ -648,3 +648,159 @@ def test_the_update_of_a_clipped_step_has_the_size_the_clip_gives(single_process
     rate = t.lr * run.schedule.lr_lambdas[0](0)  # (the first step's: in warm-up)
     assert float(moved) == pytest.approx(rate * t.grad_clip / t.adam_eps, rel=1e-2)  # (fp32 rounding of the weights)
     run.log.close()
+
+
+def test_a_data_parallel_ranks_masks_are_its_rows_of_the_whole_batchs_and_every_caption_has_a_chosen_word():
+    """mask_tokens draws the whole global batch's masks and keeps a rank's rows (the masks do not depend on DP);
+    a caption of few words with none drawn gets its first chosen; padding (even a row without EOS) never is."""
+    from training.config import load_config
+    from training.text_encoder import mask_tokens
+
+    cfg = load_config("configs/train/debug.yaml", []).model
+    captions = torch.full((64, cfg.text_seq_len), cfg.text_pad_id)
+    captions[:, 0] = torch.randint(4, cfg.text_vocab_size, (64,), generator=torch.Generator().manual_seed(1))
+    captions[:, 1] = cfg.text_eos_id  # one word each: ~85% of them drawn none
+    captions[:, 2:4] = 7  # (after EOS: not words)
+    captions[-1] = cfg.text_pad_id  # a row of padding alone
+    whole = mask_tokens(captions, cfg, torch.Generator().manual_seed(3))
+    for first, rows in ((0, 16), (16, 16), (48, 16)):
+        part = mask_tokens(captions[first:first + rows], cfg, torch.Generator().manual_seed(3), first, len(captions))
+        assert all(torch.equal(p, w[first:first + rows]) for p, w in zip(part, whole)), first
+    inputs, chosen = whole
+    assert chosen[:-1, 0].all() and not chosen[:, 1:].any() and not chosen[-1].any()
+    assert torch.equal(inputs[:, 1:], captions[:, 1:])
+
+
+def test_the_pretrained_encoder_is_partimodels_encoder_with_a_tied_head(single_process):
+    """The loss is the cross-entropy at the chosen positions of PartiModel.encode's output (its padding mask
+    included) against the token embedding: what a Parti run that loads the encoder computes with it."""
+    from model_parallel.model import PartiModel
+    from training.config import load_config
+    from training.text_encoder import MaskedTextEncoder, mask_tokens
+
+    cfg = load_config("configs/train/debug.yaml", []).model
+    g = torch.Generator().manual_seed(0)
+    captions = torch.randint(4, cfg.text_vocab_size, (4, cfg.text_seq_len), generator=g)
+    for row, length in enumerate((2, 5, cfg.text_seq_len // 2, cfg.text_seq_len - 1)):
+        captions[row, length], captions[row, length + 1:] = cfg.text_eos_id, cfg.text_pad_id
+    inputs, chosen = mask_tokens(captions, cfg, g)
+    encoder, parti = MaskedTextEncoder(cfg, init_seed=5), PartiModel(cfg, init_seed=5)
+    with torch.no_grad():
+        loss = encoder(inputs, captions, chosen)
+        memory, _ = parti.encode(inputs)  # [T, b, d]
+        logits = (memory @ parti.text_embedding.embed.weight.t()).transpose(0, 1)  # [b, T, V]
+        want = torch.nn.functional.cross_entropy(logits[chosen].float(), captions[chosen], reduction="sum")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+
+
+def test_the_held_out_loss_is_measured_without_dropout_over_distinct_batches(single_process, tmp_path):
+    """train.eval_batches global batches, each its own captions and masks, in eval mode (model.dropout gives the
+    same held-out loss as none), the encoder left in training mode after."""
+    from training.captions import caption_source, held_out_captions
+    from training.config import load_config
+    from training.text_encoder import _Pretraining
+
+    measured = {}
+    for dropout in (0.5, 0.0):
+        cfg = load_config("configs/train/debug.yaml", [*PRETRAIN, f"model.dropout={dropout}",
+                                                       "train.eval_interval=1", "train.eval_batches=3"])
+        captions = caption_source(cfg, None, None)
+        run = _Pretraining(cfg, tmp_path / str(dropout), "cpu", captions, held_out_captions(cfg, captions, None))
+        run.resume()
+        real, batches = run._masked_batch, []
+        run._masked_batch = lambda c, s, first, seed: batches.append((first, seed)) or real(c, s, first, seed)
+        measured[dropout] = run.held_out_loss()
+        assert run.model.training and [b[0] for b in batches] == [0, 16, 32] and len({b[1] for b in batches}) == 3
+        run.log.close()
+    assert measured[0.5] == pytest.approx(measured[0.0], rel=1e-6)
+
+
+def test_the_held_out_loss_is_also_measured_at_the_last_step(single_process, tmp_path):
+    """train.steps not a multiple of train.eval_interval: measured at each multiple and at the end."""
+    pretrain_at(str(tmp_path), "train.steps=3", "train.eval_interval=2", "train.eval_batches=1")
+    assert list(held_out_losses(tmp_path)) == [2, 3]
+
+
+def test_settings_the_pretraining_cannot_run_with_are_refused_before_it_starts(single_process, tmp_path):
+    """A PAD or EOS id among the random words' (from 4 on) or equal to [MASK]; a global batch that the micro-batches
+    do not divide."""
+    from training.config import ConfigError
+
+    for setting in ("model.text_pad_id=4", "model.text_eos_id=4"):
+        with pytest.raises(ConfigError, match=rf"^{setting}: the masked-token pre-training keeps ids 0-3"):
+            pretrain_at(str(tmp_path / "ids"), setting)
+    with pytest.raises(ConfigError, match="train.global_batch_size=16 must be divisible by train.micro_batch_size=5"):
+        pretrain_at(str(tmp_path / "batch"), "train.micro_batch_size=5")
+
+
+def test_a_run_whose_first_steps_were_all_skipped_saves_and_resumes(single_process, tmp_path, monkeypatch):
+    """AdamW makes a parameter's state at its first update: a checkpoint written before any (every step so far
+    skipped for non-finite gradients) gets zero moments, not a missing-state error."""
+    from training.text_encoder import MaskedTextEncoder
+
+    real_forward = MaskedTextEncoder.forward
+    monkeypatch.setattr(MaskedTextEncoder, "forward", lambda self, *args: real_forward(self, *args) * float("nan"))
+    losses = pretrain_at(str(tmp_path), "train.steps=1")
+    assert losses[0] != losses[0] and (tmp_path / "checkpoints" / "step_00000001").is_dir()
+    monkeypatch.undo()
+    losses = pretrain_at(str(tmp_path), "train.steps=2")
+    assert len(losses) == 1 and losses[0] == losses[0]
+    assert [m["skipped_steps"] for m in metrics(tmp_path)] == [1, 1]
+
+
+def test_a_checkpoint_without_sampler_order_or_consumed_samples_resumes_as_written(single_process, tmp_path,
+                                                                                   monkeypatch):
+    """A checkpoint of a run begun before the caption order and the samples consumed were recorded goes on in
+    the stored permutation's order ("randperm") at step x its global batch size."""
+    from training.text_encoder import _Pretraining
+
+    pretrain_at(str(tmp_path), "train.steps=2")
+    state_file = tmp_path / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["sampler_order"], state["consumed_samples"]
+    state_file.write_text(json.dumps(state))
+    real, read = _Pretraining._masked_batch, []
+
+    def masked_batch(self, captions, sampler, first, seed):
+        read.append((first, sampler.order))
+        return real(self, captions, sampler, first, seed)
+
+    monkeypatch.setattr(_Pretraining, "_masked_batch", masked_batch)
+    pretrain_at(str(tmp_path), "train.steps=3", "train.global_batch_size=32")
+    assert read == [(32, "randperm")]
+
+
+def test_the_settings_this_command_does_not_apply_are_named():
+    from training.config import load_config
+    from training.text_encoder import not_applied
+
+    notes = not_applied(load_config("configs/train/debug.yaml", ["parallel.pp=2", "parallel.zero_stage=1",
+                                                                 "parallel.activation_checkpointing=full",
+                                                                 "train.async_save=true"]))
+    assert [n.split(" does not apply")[0] for n in notes] == [
+        "note: parallel.pp=2", "note: parallel.zero_stage=1", "note: parallel.activation_checkpointing=full",
+        "note: train.async_save"]
+    assert not_applied(load_config("configs/train/debug.yaml", [])) == []
+
+
+def test_text_files_need_a_tokenizer_that_fits_the_vocabulary_and_held_out_files_go_with_them(tmp_path):
+    """--text-files without --text-tokenizer, or with one of more ids than model.text_vocab_size (as many is
+    fine), and --valid-text-files on a run reading its data's captions are refused, naming the setting; blank
+    lines are not counted as left out."""
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from training.captions import caption_source, held_out_captions
+    from training.config import ConfigError, load_config
+
+    (tmp_path / "captions.txt").write_text("a red circle\n\n  \ntwo green cats\n")
+    spm = str(train_sentencepiece(["a red circle two green cats"] * 50, 30, tmp_path / "spm.model"))
+    size = TextTokenizer(spm).vocab_size
+    files = [str(tmp_path / "captions.txt")]
+    with pytest.raises(ConfigError, match="--text-files needs --text-tokenizer"):
+        caption_source(load_config("configs/train/debug.yaml", []), files, None)
+    with pytest.raises(ConfigError, match=rf"spm.model: {size} ids do not fit model.text_vocab_size={size - 1}$"):
+        caption_source(load_config("configs/train/debug.yaml", [f"model.text_vocab_size={size - 1}"]), files, spm)
+    captions = caption_source(load_config("configs/train/debug.yaml", [f"model.text_vocab_size={size}"]), files, spm)
+    assert len(captions) == 2 and captions.left_out == 0
+    cfg = load_config("configs/train/debug.yaml", [])
+    with pytest.raises(ConfigError, match="--valid-text-files goes with --text-files"):
+        held_out_captions(cfg, caption_source(cfg, None, None), files)
