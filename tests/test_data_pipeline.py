@@ -973,6 +973,53 @@ def test_the_text_tokenizer_trains_on_a_seeded_sample_of_at_most_max_captions(tm
     assert sampled[0].read_bytes() == sampled[1].read_bytes()
 
 
+def test_the_text_tokenizer_refuses_what_it_cannot_encode_with(tmp_path):
+    """A text length below 2 (a piece and EOS) and a SentencePiece model of other PAD/EOS ids are refused; 2 gives
+    one piece then EOS."""
+    import sentencepiece as spm
+
+    from data_pipeline.errors import DataError
+
+    path = train_sentencepiece(["a red circle two green cats"] * 50, 30, tmp_path / "spm.model")
+    with pytest.raises(DataError, match="text length 1 .*expected at least 2"):
+        TextTokenizer(path, max_len=1)
+    ids, length = TextTokenizer(path, max_len=2).encode("a red circle")
+    assert len(ids) == 2 and length == 2 and ids[1] == EOS_ID and ids[0] not in (PAD_ID, EOS_ID)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a red circle two green cats"] * 50),
+                                   model_prefix=str(tmp_path / "other"), vocab_size=30, hard_vocab_limit=False,
+                                   minloglevel=2)
+    with pytest.raises(DataError, match=rf"other\.model: pad/eos ids are -1/2, expected {PAD_ID}/{EOS_ID}"):
+        TextTokenizer(tmp_path / "other.model")
+
+
+def test_training_the_text_tokenizer_on_nothing_or_a_failing_reader_names_the_cause(tmp_path):
+    """No captions: a DataError saying so; an error raised while the captions are read (a shard that cannot be
+    read) comes out as itself, not as SentencePiece's RuntimeError."""
+    from data_pipeline.errors import DataError
+
+    with pytest.raises(DataError, match="no captions to train .*spm.model on"):
+        train_sentencepiece(iter([]), 30, tmp_path / "spm.model")
+
+    def failing():
+        yield "a red circle"
+        raise OSError("shard 3 cannot be read")
+
+    with pytest.raises(OSError, match="shard 3 cannot be read"):
+        train_sentencepiece(failing(), 30, tmp_path / "spm.model")
+    assert not (tmp_path / "spm.model").exists()
+
+
+@pytest.mark.parametrize("args, says", [(["--vocab-size", "4"], "--vocab-size 4 must be in 5..65536"),
+                                        (["--vocab-size", "65537"], "--vocab-size 65537 must be in 5..65536"),
+                                        (["--max-captions", "100"], "--max-captions 100 must be more than 100")])
+def test_train_text_tokenizer_refuses_sizes_out_of_range(tmp_path, capsys, args, says):
+    from data_pipeline.train_text_tokenizer import main
+
+    with pytest.raises(SystemExit):
+        main(["--captions", str(tmp_path / "none.tar"), "--out", str(tmp_path / "spm.model"), *args])
+    assert says in capsys.readouterr().err
+
+
 def test_pinned_orders_of_a_power_of_two_length_and_of_the_stored_permutation():
     """The order is part of every checkpoint's meaning (see above), at every length: 1024 and 2048 (powers of two:
     the Feistel network's halves are those of n - 1's bits, so 1024's first values are 1000's) and the stored
