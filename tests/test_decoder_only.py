@@ -207,3 +207,19 @@ def test_recomputed_flops_by_hand():
     decoder = 2 * 16 * projections + 4 * 16 * 16 * 64 + 2 * 16 * 2 * 64 * 64 + 2 * 8 * 2 * 64 * 64 + 4 * 16 * 8 * 64
     assert recomputed_layer_flops(parti, "full") == (encoder, decoder) == (802_816, 2_064_384)
     assert recomputed_layer_flops(parti, "none") == (0, 0)
+
+
+def test_training_flops_are_three_forwards_and_count_the_caption_head_only_with_a_text_loss():
+    """train = 3 x forward (backward = 2 x forward); the decoder-only caption head (2(T-1)dV_t) is counted
+    only when model.text_loss_weight > 0: at 0 the head is the image head alone (2NdV)."""
+    from tests.conftest import debug_model_config
+    from training.flops import forward_flops_per_sample, head_flops, train_flops_per_sample
+
+    dalle = debug_model_config(**{"model.preset": "dalle-debug"})
+    image_head = 2 * dalle.image_seq_len * dalle.hidden_size * dalle.image_vocab_size
+    assert dalle.text_loss_weight > 0
+    assert head_flops(dalle) == image_head + 2 * (dalle.text_seq_len - 1) * dalle.hidden_size * dalle.text_vocab_size
+    silent = debug_model_config(**{"model.preset": "dalle-debug", "model.text_loss_weight": 0.0})
+    assert head_flops(silent) == image_head
+    for cfg in (dalle, silent, debug_model_config()):
+        assert train_flops_per_sample(cfg) == 3 * forward_flops_per_sample(cfg) > 0

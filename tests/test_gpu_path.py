@@ -164,6 +164,20 @@ def test_peak_flops_by_exact_device_name(name, precision, expected):
     assert peak_flops(precision, override_tflops=700, device_name=name)[0] == 700e12  # the key wins
 
 
+def test_enable_tf32_turns_on_matmuls_and_convolutions():
+    """fp32 runs compute on TF32 tensor cores (what peak_flops divides an fp32 run's MFU by): matrix products
+    and cuDNN convolutions both. (The switches are plain flags: settable without a GPU.)"""
+    from training.flops import enable_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        enable_tf32()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_nonfinite_flag_is_one_reduction_on_the_device():
     from training.deepspeed_glue import nonfinite_flag
 
