@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import ConfigError, describe, load_config, save_config
+from training.config import ConfigError, describe, layout_of, load_config, save_config
 
 
 def test_preset_and_overrides_in_any_order(tmp_path):
@@ -50,6 +50,18 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.adam_eps=0"], "train.adam_eps=0.0 must be > 0"),
     (["train.optimizer=adafactor", "parallel.pp=2", "train.precision=bf16", "model.decoder_layers=2"],
      "train.optimizer=adafactor with parallel.pp > 1 needs train.precision=fp32"),  # (its first save failed)
+    (["train.optimizer=sgd"], "train.optimizer='sgd' must be one of adamw, adafactor"),  # (else AdamW, silently)
+    (["train.optimizer=adafactor", "parallel.zero_stage=1"], "train.optimizer=adafactor needs parallel.zero_stage=0"),
+    (["model.init_text_encoder=/nowhere", "parallel.zero_stage=3"],
+     "model.init_text_encoder needs parallel.zero_stage < 3"),
+    (["model.freeze_text_encoder=true", "parallel.pp=2", "parallel.zero_stage=1", "model.decoder_layers=2"],
+     "model.freeze_text_encoder with parallel.pp > 1 and parallel.zero_stage >= 1 needs train.precision=bf16"),
+    (["train.peak_tflops=-1"], "train.peak_tflops=-1.0 must be >= 0"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0 must be >= 1"),  # (else a ZeroDivisionError)
+    (["train.global_batch_size=0"], "train.global_batch_size=0 must be >= 1"),
+    (["train.eval_batches=0"], "train.eval_batches=0 must be >= 1"),
+    (["train.weight_decay=-0.1"], "train.weight_decay=-0.1 must be >= 0"),
+    (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be >= 0"),
 ])
 def test_validation_names_field_and_rule(overrides, message):
     cfg = load_config(None, ["model.preset=parti-debug", *overrides])
@@ -73,6 +85,8 @@ def test_world_size_must_fit_layout():
     cfg = load_config(None, ["train.global_batch_size=8", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="micro_batch_size x data-parallel size = 4 x 4"):
         cfg.validate(world_size=4)
+    with pytest.raises(ConfigError, match="micro_batch_size x data-parallel size = 4 x 4"):
+        layout_of(cfg, 4)  # (the trainer's layout: the batch rules too, not only the world size's)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -180,6 +194,13 @@ def test_a_preset_override_of_a_saved_config_is_refused(tmp_path):
     (tmp_path / "some.yaml").write_text("model:\n  preset: parti-debug\n  dropout: 0.2\n")
     cfg = load_config(tmp_path / "some.yaml", ["model.preset=parti-tiny"]).model
     assert (cfg.hidden_size, cfg.dropout) == (load_config(None, ["model.preset=parti-tiny"]).model.hidden_size, 0.2)
+    # Some of the new preset's keys set (to other values): they apply over it, as any model key in the file does.
+    (tmp_path / "some.yaml").write_text("model:\n  preset: parti-debug\n  hidden_size: 64\n")
+    cfg = load_config(tmp_path / "some.yaml", ["model.preset=parti-tiny"]).model
+    assert (cfg.hidden_size, cfg.decoder_layers) == (64, load_config(None, ["model.preset=parti-tiny"]).model.decoder_layers)
+    # The file's own preset again, over a saved config whose model differs from that preset: nothing changes.
+    save_config(load_config("configs/train/debug.yaml", ["model.decoder_layers=3"]), tmp_path / "other.yaml")
+    assert load_config(tmp_path / "other.yaml", ["model.preset=parti-debug"]).model.decoder_layers == 3
 
 
 def test_bad_yaml_file(tmp_path):
@@ -465,6 +486,25 @@ def test_a_resume_that_changes_the_held_out_samples_says_so(change):
                in m for m in messages), messages
 
 
+def test_a_resume_compares_numbers_by_value_and_reports_every_kind_of_change():
+    """A saved 1 (YAML int) against 1.0 is no change; a layout change is noted, an lr change applied, each in its
+    own log line."""
+    from training.config import change_messages, config_to_dict, load_config, resume_changes
+
+    saved = config_to_dict(load_config("configs/train/debug.yaml", ["train.grad_clip=1.0"]))
+    saved["train"]["grad_clip"] = 1
+    changes = resume_changes(saved, load_config("configs/train/debug.yaml", ["train.grad_clip=1.0"]))
+    assert changes == {"refused": [], "applied": [], "warned": [], "noted": []}
+    changes = resume_changes(saved, load_config("configs/train/debug.yaml",
+                                                ["train.grad_clip=1.0", "train.lr=5e-4", "parallel.zero_stage=1"]))
+    before = config_to_dict(load_config("configs/train/debug.yaml"))
+    assert changes["applied"] == [("train.lr", before["train"]["lr"], 5e-4)]
+    assert changes["noted"] == [("parallel.zero_stage", before["parallel"]["zero_stage"], 1)]
+    messages = change_messages(changes, 6)
+    assert messages == [f"config changes applied from step 6 on: train.lr {before['train']['lr']!r} -> 0.0005",
+                        f"config changes on resume: parallel.zero_stage {before['parallel']['zero_stage']!r} -> 1"]
+
+
 def test_a_resume_that_changes_the_optimizer_or_the_network_is_refused():
     """A checkpoint's optimizer state is its optimizer's (AdamW's moments, Adafactor's factors), and its weights
     its network's: a change of either is refused; a change of what the network does not hold is not."""
@@ -472,7 +512,8 @@ def test_a_resume_that_changes_the_optimizer_or_the_network_is_refused():
 
     saved = config_to_dict(load_config("configs/train/debug.yaml", []))
     for change, kind in (("train.optimizer=adafactor", "refused"), ("model.hidden_size=32", "refused"),
-                         ("train.lr=1e-4", "applied"), ("model.dropout=0.2", "noted")):
+                         ("train.lr=1e-4", "applied"), ("train.grad_clip=0.5", "applied"),
+                         ("model.dropout=0.2", "noted"), ("model.caption_drop_prob=0.3", "noted")):
         changes = resume_changes(saved, load_config("configs/train/debug.yaml", [change]))
         found = [c[0] for c in changes[kind]]
         assert found == [change.split("=")[0]], (change, changes)
