@@ -253,3 +253,41 @@ def test_steps_skipped_apart_do_not_stop_the_run(single_process, tmp_path, nan_l
     losses = run(str(tmp_path), "train.max_skipped_steps=2", "train.eval_interval=0")
     assert [x != x for x in losses] == [True, False, True, False, False, False]
     assert metrics(tmp_path)[-1]["skipped_steps"] == 2
+
+
+def test_the_nonfinite_guard_counts_skips_in_a_row_and_skips_fp32_zero0_steps_itself(single_process):
+    """NonFiniteGuard without an engine: behind a DeepSpeed wrapper (which has `overflow` and skips by itself) it
+    counts the engine's skipped steps, and `consecutive` restarts at a good step; without one (fp32 ZeRO-0) it
+    leaves the parameters alone on a non-finite gradient, says so in `overflow`, and steps on finite ones.
+    NonFiniteStop stops at train.max_skipped_steps in a row, not before."""
+    import types
+
+    import torch
+
+    from training.deepspeed_glue import NonFiniteGuard, NonFiniteStop
+
+    engine = types.SimpleNamespace(skipped_steps=0, optimizer=types.SimpleNamespace(overflow=False))
+    guard, seen = NonFiniteGuard(engine), []
+    for skips in (0, 1, 2, 2, 3):
+        engine.skipped_steps = skips
+        guard.step_done()
+        seen.append((guard.skipped, guard.consecutive))
+    assert seen == [(0, 0), (1, 1), (2, 2), (2, 0), (3, 1)]
+
+    w = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    engine = types.SimpleNamespace(skipped_steps=0, optimizer=optimizer)
+    guard = NonFiniteGuard(engine)
+    w.grad = torch.tensor([1.0, float("nan")])
+    optimizer.step()
+    guard.step_done()
+    assert torch.equal(w.detach(), torch.ones(2)) and optimizer.overflow and (guard.skipped, guard.consecutive) == (1, 1)
+    w.grad = torch.tensor([1.0, 1.0])
+    optimizer.step()
+    guard.step_done()
+    assert torch.equal(w.detach(), torch.zeros(2)) and not optimizer.overflow
+    assert (guard.skipped, guard.consecutive) == (1, 0)
+
+    NonFiniteStop.check(7, 2, 3)
+    with pytest.raises(NonFiniteStop, match=r"stopping at step 7: the last 3 steps .* \(train.max_skipped_steps=3\)"):
+        NonFiniteStop.check(7, 3, 3)

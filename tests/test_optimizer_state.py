@@ -233,3 +233,46 @@ def test_apex_fused_adam_step_count_in_param_groups_is_restored(pool2, tmp_path)
     assert resumed["losses"] == pytest.approx(full["losses"][SAVED_AT:], rel=1e-6, abs=1e-6)
     assert optimizer_steps(tmp_path / "full", SAVED_AT) == SAVED_AT
     assert optimizer_steps(tmp_path / "resumed", STEPS) == STEPS
+
+
+def test_no_optimizer_steps_silences_the_step_and_gives_back_the_one_it_found():
+    """Inside the block `step` does nothing; after it the optimizer's own step (its class's, or the instance
+    attribute torch's LR scheduler wraps it in) is back."""
+    from training.deepspeed_glue import no_optimizer_steps
+
+    w = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    w.grad = torch.ones(1)
+    with no_optimizer_steps(optimizer):
+        optimizer.step()
+    assert w.item() == 1.0 and "step" not in vars(optimizer)
+    optimizer.step()
+    assert w.item() == 0.0
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    wrapped = vars(optimizer)["step"]
+    with no_optimizer_steps(optimizer):
+        optimizer.step()
+    assert w.item() == 0.0 and vars(optimizer)["step"] is wrapped
+
+
+def test_the_step_count_is_the_largest_held_and_is_restored_where_it_is_kept():
+    """optimizer_step_count: the largest count in the state or the param groups (DeepSpeed's FusedAdam advances
+    only one tensor's; apex's counts in the groups); set_optimizer_step_count sets every one, keeping a tensor
+    count a tensor of its dtype, and adds none to a group that keeps none."""
+    import types
+
+    from training.deepspeed_glue import optimizer_step_count, set_optimizer_step_count
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([a, b])
+    optimizer.state[a]["step"], optimizer.state[b]["step"] = torch.tensor(0.0), torch.tensor(4.0)
+    engine = types.SimpleNamespace(optimizer=optimizer)
+    assert optimizer_step_count(engine) == 4
+    set_optimizer_step_count(engine, 9)
+    assert all(torch.is_tensor(s["step"]) and s["step"].dtype == torch.float32 and s["step"].item() == 9
+               for s in (optimizer.state[a], optimizer.state[b]))
+    assert "step" not in optimizer.param_groups[0]
+    optimizer.param_groups[0]["step"] = 11
+    assert optimizer_step_count(engine) == 11
+    set_optimizer_step_count(engine, 12)
+    assert optimizer.param_groups[0]["step"] == 12 and optimizer.state[a]["step"].item() == 12

@@ -455,3 +455,85 @@ def test_a_forked_child_never_finalizes_the_parents_process_groups(pool2):
     threads it does not have: it hung for good (here, every time) or crashed, and the trainer's peers waited in a
     collective (a CI run timed out so). The parent's objects are out of the child's collector's reach."""
     assert pool2.run(fork_after_a_group_became_garbage) == [0, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine's pieces without an engine: DeepSpeed's config, the optimizer's parameter groups, the export's file
+
+
+@pytest.mark.parametrize("zero, precision, fp32_grads", [(0, "bf16", False), (1, "bf16", True), (3, "bf16", True),
+                                                         (1, "fp32", False)])
+def test_deepspeed_config_states_the_batch_and_reduces_bf16_gradients_in_fp32_from_zero1(zero, precision, fp32_grads):
+    """Accumulation steps = global batch / (micro-batch x DP); clipping and the ZeRO stage as configured; bf16
+    gradients accumulated and communicated in fp32 at ZeRO 1-3 only (DeepSpeed has no fp32 accumulation for bf16
+    at ZeRO-0); DeepSpeed's throughput timer (a device synchronisation per micro-batch) off."""
+    from training.config import load_config
+    from training.engine import deepspeed_config
+
+    cfg = load_config("configs/train/debug.yaml", [f"parallel.zero_stage={zero}", f"train.precision={precision}",
+                                                   "train.global_batch_size=16", "train.micro_batch_size=2",
+                                                   "train.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, dp_size=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": zero}
+    assert ds["bf16"] == {"enabled": precision == "bf16"}
+    expected = "fp32" if fp32_grads else None
+    assert ds["data_types"] == {"grad_accum_dtype": expected} and ds["communication_data_type"] == expected
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+
+
+def test_weight_decay_on_matrices_only_and_a_frozen_text_encoder_in_a_group_at_lr_0(single_process):
+    """param_groups: [matrices and embedding tables at train.weight_decay, biases and norms at 0] over what trains,
+    and with model.freeze_text_encoder the text encoder's parameters (and only those) in a third group at lr 0, no
+    decay; every parameter in exactly one group. A zero.Init placeholder is sorted by its ds_shape."""
+    from model_parallel.model import PartiModel
+    from model_parallel.pipeline import is_text_encoder
+    from training.config import load_config
+    from training.engine import decay_groups, param_groups
+
+    for freeze in (False, True):
+        cfg = load_config("configs/train/debug.yaml", ["train.weight_decay=0.25", f"model.freeze_text_encoder={freeze}"])
+        model = PartiModel(cfg.model)
+        groups = param_groups(model, cfg)
+        assert len(groups) == (3 if freeze else 2)
+        (decayed, plain), frozen = groups[:2], (groups[2] if freeze else {"params": []})
+        assert decayed["weight_decay"] == 0.25 and plain["weight_decay"] == 0.0
+        assert decayed["params"] and all(p.ndim >= 2 for p in decayed["params"])
+        assert plain["params"] and all(p.ndim == 1 for p in plain["params"])
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(names)
+        encoder = {i for i, n in names.items() if is_text_encoder(n)}
+        assert encoder and {id(p) for p in frozen["params"]} == (encoder if freeze else set())
+        if freeze:
+            assert (frozen["lr"], frozen["weight_decay"]) == (0.0, 0.0)
+            assert not encoder & {id(p) for g in groups[:2] for p in g["params"]}
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = torch.Size([4, 4])
+    assert [len(g["params"]) for g in decay_groups([placeholder], 0.1)] == [1, 0]
+
+
+def test_export_groups_and_header(tmp_path):
+    """weight_groups: sorted names in runs of at most `limit` fp32 bytes (a run that reaches the limit exactly
+    stays one; a larger tensor alone). safetensors_header: 8-byte aligned, and with the tensors' bytes after it a
+    file the safetensors library reads back, metadata included."""
+    import struct
+
+    from safetensors import safe_open
+
+    from training.export import safetensors_header, weight_groups
+
+    assert weight_groups({"c": (4,), "b": (2,), "a": (2,)}, limit=16) == [["a", "b"], ["c"]]
+    assert weight_groups({"a": (1,), "big": (10,), "z": (1,)}, limit=8) == [["a"], ["big"], ["z"]]
+    assert weight_groups({"big": (10,), "z": (1,)}, limit=8) == [["big"], ["z"]]  # (no empty group first)
+    assert weight_groups({n: (2,) for n in "abcde"}, limit=16) == [["a", "b"], ["c", "d"], ["e"]]
+    tensors = {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([7.0]), "e": torch.zeros(0, 2)}
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    for metadata in ({"checkpoint": "step_00000003"}, {"checkpoint": "step_3"}):  # header lengths before padding differ
+        head = safetensors_header(shapes, metadata)
+        assert len(head) % 8 == 0 and struct.unpack("<Q", head[:8])[0] == len(head) - 8
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(head + b"".join(tensors[n].numpy().tobytes() for n in sorted(tensors)))
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == metadata
+        for name, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(name), tensor)
