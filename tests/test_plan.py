@@ -298,3 +298,92 @@ def test_run_costs_follow_what_a_checkpoint_and_a_code_shard_hold(single_process
     record = np.dtype(record_dtype(m.image_seq_len, m.text_seq_len)).itemsize
     assert record > 2 * (m.image_seq_len + m.text_seq_len)  # ids and codes at least
     assert c.samples_per_s == 128 and c.data_mb_per_s == pytest.approx(128 * record / 1e6)
+
+
+def test_memory_terms_per_parameter_and_stage():
+    """Per parameter: weights in the run's dtype (/DP at ZeRO-3), gradients in fp32 (/DP from ZeRO-2) except
+    bf16 ZeRO-0 under the pipeline engine (DeepSpeed's BF16_Optimizer: bf16, optimizer state over DP as at
+    ZeRO-1), optimizer state 12 bytes for bf16 (fp32 master + two moments), 8 for fp32 (/DP from ZeRO-1). The
+    layout's figures are those of its most loaded stage, whose activations count min(PP - stage, micro-batches)
+    micro-batches in flight."""
+    from training.plan import recomputed_layer_bytes, stage_pieces
+
+    m, hw, gb = debug_model_config(), Hardware(), 2**30
+    for precision, pp, zero, (w, g, o) in (("fp32", 1, 0, (4, 4, 8)), ("fp32", 1, 1, (4, 4, 8 / 2)),
+                                           ("bf16", 1, 0, (2, 4, 12)), ("bf16", 1, 1, (2, 4, 12 / 2)),
+                                           ("bf16", 2, 0, (2, 2, 12 / 2)), ("fp32", 2, 0, (4, 4, 8)),
+                                           ("bf16", 1, 3, (2 / 2, 4 / 2, 12 / 2))):
+        layout = estimate(m, 1, pp, 2, zero, 1, 8, precision, "none", hw)
+        assert (layout.weights_gb, layout.grads_gb, layout.optimizer_gb) == pytest.approx(
+            (layout.params * w / gb, layout.params * g / gb, layout.params * o / gb)), (precision, pp, zero)
+    m = debug_model_config(**{"model.preset": "dalle-debug"})  # (its caption head makes the last stage the larger)
+    kinds = [cls.__name__ for _, cls in piece_classes(m)]
+    for micro_batches in (1, 4):  # one micro-batch per step: never more than one in flight
+        layout = estimate(m, 1, 2, 1, 1, 2, 2 * micro_batches, "bf16", "none", hw)
+        stages = []
+        for s, (params, stage) in enumerate(zip(params_per_stage(m, 1, 2), stage_pieces(m, 2))):
+            layers = (sum(kinds[k] == "EncoderLayer" for k in stage), sum(kinds[k] == "DecoderLayer" for k in stage))
+            act = activation_bytes(m, 2, 1, 2, "none", layers, head=s == 1, embeddings=s == 0) * min(2 - s, micro_batches)
+            stages.append((params * (2 + 4 + 12) + act, params, act))
+        total, params, act = max(stages)
+        assert (layout.params, layout.activations_gb, layout.total_gb) == (params, pytest.approx(act / gb),
+                                                                           pytest.approx(total / gb))
+        assert stages.index(max(stages)) == (1 if micro_batches == 1 else 0)  # (the head's stage; the first's two)
+    assert recomputed_layer_bytes(m, 8, 1, 2, "full", (0, 0)) == 0  # a stage without layers recomputes none
+
+
+def test_activation_terms_by_hand():
+    """Selective recomputation keeps all but SDPA's output (queries x hidden / TP per layer); a decoder-only head
+    with a text loss keeps the caption's T - 1 logits beside the image's N, each in the model's dtype plus 8 bytes
+    of fp32 copies."""
+    m = debug_model_config()
+    h, T, N = m.hidden_size, m.text_seq_len, m.image_seq_len
+    for tp in (1, 2):
+        dropped = activation_bytes(m, 2, tp, 2, "none", (1, 1)) - activation_bytes(m, 2, tp, 2, "selective", (1, 1))
+        assert dropped == 2 * 2 * (T + N) * h // tp
+    dalle = debug_model_config(**{"model.preset": "dalle-debug"})
+    assert dalle.text_loss_weight > 0
+    logits = dalle.image_seq_len * dalle.image_vocab_size + (dalle.text_seq_len - 1) * dalle.text_vocab_size
+    assert activation_bytes(dalle, 1, 1, 2, "full", (0, 0), head=True) == logits * (2 + 8)
+
+
+def test_communication_terms_by_hand():
+    """TP: 4 activation all-reduces per layer and micro-batch, 6 with full recomputation; DP traffic across nodes
+    once the TP x DP ranks span more than a node; PP: a send and a receive of each micro-batch's activations."""
+    from training.plan import communication_s, dp_bytes_per_param
+
+    m, hw = debug_model_config(), Hardware()
+    tp_time = {r: communication_s(m, 0, 2, 1, 1, 0, 1, 1, r, hw, 2, layers=3) for r in ("none", "full")}
+    assert tp_time["none"] > 0 and tp_time["full"] == pytest.approx(1.5 * tp_time["none"])
+    params = 1_000_000
+    for tp, dp, bandwidth in ((2, 4, hw.intra_node_gbs), (2, 8, hw.inter_node_gbs), (1, 8, hw.intra_node_gbs)):
+        assert communication_s(m, params, tp, 1, dp, 0, 1, 1, "none", hw, 2, layers=0) == pytest.approx(
+            params * dp_bytes_per_param(0, 1, 2) * (dp - 1) / dp / (bandwidth * 1e9)), (tp, dp)
+    tokens = m.text_seq_len + m.image_seq_len
+    assert communication_s(m, 0, 1, 2, 1, 0, 1, 3, "none", hw, 2, layers=0) == pytest.approx(
+        2 * 3 * tokens * m.hidden_size * 2 / (hw.inter_node_gbs * 1e9))
+    # In a layout's step time the TP all-reduces are those of every layer of a stage, the encoder's included: the
+    # step time's only term in the NVLink bandwidth at TP=2 x DP=1, so halving the bandwidth adds it once more.
+    slow = Hardware(intra_node_gbs=hw.intra_node_gbs / 2)
+    added = estimate(m, 2, 1, 1, 0, 2, 8, "bf16", "none", slow).step_s - estimate(m, 2, 1, 1, 0, 2, 8, "bf16", "none",
+                                                                                    hw).step_s
+    assert added == pytest.approx(communication_s(m, 0, 2, 1, 1, 0, 2, 4, "none", hw, 2,
+                                                  layers=m.encoder_layers + m.decoder_layers))
+
+
+def test_plan_weighs_splits_of_the_heads_and_layers_least_split_misses_first_and_refuses_nonsense():
+    """TP divides the heads and PP the decoder layers (parti-tiny: 4 heads, 4 decoder layers; TP=8 and PP=3 would
+    be possible splits of the GPUs); the misses come least split first; a dropout of 1, a negative headroom or a
+    bool as a count is a ValueError naming it."""
+    m = model_config("parti-tiny")
+    for gpus in (8, 6):
+        fits, misses, skipped = plan("parti-tiny", 1, Hardware(gpus_per_node=gpus), 80, 48)
+        splits = {(o.tp, o.pp) for o in fits + misses + skipped}
+        assert fits and all(m.num_heads % tp == 0 and m.decoder_layers % pp == 0 for tp, pp in splits), splits
+    _, misses, _ = plan("parti-350m", 1, Hardware(gpus_per_node=2), 6, 8)
+    order = [(o.tp * o.pp, o.zero) for o in misses]
+    assert len(misses) > 2 and order == sorted(order)
+    for kwargs, flag in ((dict(dropout=1.0), "--dropout"), (dict(headroom_gb=-1), "headroom_gb"),
+                         (dict(nodes=True), "--nodes")):
+        with pytest.raises(ValueError, match=flag):
+            plan("parti-debug", **{"nodes": 1, "hw": Hardware(gpus_per_node=2), **kwargs})
