@@ -9,6 +9,7 @@ held-out loss at steps 3 and 6.
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -537,3 +538,102 @@ def test_export_groups_and_header(tmp_path):
         assert f.metadata() == metadata
         for name, tensor in tensors.items():
             assert torch.equal(f.get_tensor(name), tensor)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's schedule of logs, measurements, saves and stops, on a Trainer without a model (fast).
+
+
+def loop_trainer(run_dir: Path, steps: int, *sets: str):
+    """A Trainer without a model, engine or data for Trainer.run and its parts: `events` records what the loop
+    did at which step (training.engine.train_step is to be replaced; see `fake_steps`)."""
+    from common.preemption import StopRequest
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config("configs/train/debug.yaml", [f"train.steps={steps}", *sets])
+    t.run_dir, t.step, t.consumed, t.events, t.device = Path(run_dir), 0, 0, [], "cpu"
+    t.stop = StopRequest(t.run_dir / "STOP")
+    t.nonfinite_guard = types.SimpleNamespace(step_done=lambda: None, consecutive=0, skipped=0)
+    t.engine = types.SimpleNamespace(get_lr=lambda: [1e-3])
+    t._reader_at = lambda consumed: types.SimpleNamespace(next_step=list)
+    t._with_samples = lambda micro_batches: micro_batches
+    t.held_out_loss = lambda: t.events.append(("eval", t.step)) or 0.5
+    t.log_step = lambda loss, lr, grad_norm, elapsed, held_out=None: t.events.append(("log", t.step, held_out))
+    t.save = lambda: t.events.append(("save", t.step))
+    t.complete_saves = lambda wait=False: wait and t.events.append(("wait", t.step))
+    t.close = lambda: t.stop.restore() or t.events.append(("close", t.step))
+    return t
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """training.engine.train_step replaced: the k-th call's loss is k (`[0]`: the calls so far)."""
+    import training.engine as engine_module
+
+    calls = [0]
+
+    def train_step(engine, cfg, batches, device):
+        calls[0] += 1
+        return float(calls[0]), 1.0
+
+    monkeypatch.setattr(engine_module, "train_step", train_step)
+    return calls
+
+
+def test_the_last_step_is_logged_measured_and_saved_off_its_intervals(tmp_path, fake_steps):
+    """Log every 2 steps, measure every 3, save every 2, 5 steps: step 3 is logged for its held-out loss, and the
+    last step (no multiple of any) is logged, measured and saved, and its save waited for (async: the run ends)."""
+    t = loop_trainer(tmp_path, 5, "train.log_interval=2", "train.eval_interval=3", "train.save_interval=2")
+    assert t.run() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert t.events == [("log", 2, None), ("save", 2), ("eval", 3), ("log", 3, 0.5), ("log", 4, None), ("save", 4),
+                        ("eval", 5), ("log", 5, 0.5), ("save", 5), ("wait", 5), ("close", 5)]
+    t = loop_trainer(tmp_path, 3, "train.log_interval=2", "train.eval_interval=0", "train.save_interval=0")
+    t.run()
+    assert t.events == [("log", 2, None), ("log", 3, None), ("save", 3), ("wait", 3), ("close", 3)]
+
+
+def test_a_stop_saves_waits_and_leaves_for_requeue_unless_at_the_last_step(tmp_path, fake_steps, monkeypatch):
+    import training.engine as engine_module
+    from common.preemption import Preempted
+
+    real = engine_module.train_step
+
+    def stop_in_step_2(*args):
+        loss = real(*args)
+        if loss[0] == 2:
+            (tmp_path / "STOP").touch()
+        return loss
+
+    monkeypatch.setattr(engine_module, "train_step", stop_in_step_2)
+    t = loop_trainer(tmp_path, 4, "train.save_interval=0", "train.eval_interval=0", "train.log_interval=10")
+    with pytest.raises(Preempted, match="after step 2"):
+        t.run()
+    assert t.events == [("save", 2), ("wait", 2), ("close", 2)]
+    assert (tmp_path / "REQUEUE").read_text() == "step 2\n" and not (tmp_path / "STOP").exists()
+    (tmp_path / "REQUEUE").unlink()
+    fake_steps[0] = 0
+    t = loop_trainer(tmp_path, 2, "train.save_interval=0", "train.eval_interval=0", "train.log_interval=10")
+    assert t.run() == [1.0, 2.0]  # (a stop at the last step: the run is finished, nothing to requeue)
+    assert t.events == [("log", 2, None), ("save", 2), ("wait", 2), ("close", 2)]
+    assert not (tmp_path / "REQUEUE").exists() and not (tmp_path / "STOP").exists()
+
+
+def test_the_held_out_loss_is_the_mean_over_every_held_out_batch(monkeypatch):
+    """train.eval_batches=3 global batches, each measured once (batch b's loss is b here): their mean."""
+    import training.engine as engine_module
+    import training.trainer as trainer_module
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config("configs/train/debug.yaml", ["train.eval_batches=3"])
+    t.role, t.held_out, t.dp_rank, t.dp_size, t.device, t.engine = engine_module.READ, "held", 0, 1, "cpu", None
+    t._with_samples = lambda micro_batches: micro_batches
+    asked = []
+    monkeypatch.setattr(trainer_module, "held_out_micro_batches",
+                        lambda cfg, dataset, b, rank, size, read: asked.append((dataset, b, read)) or [b])
+    monkeypatch.setattr(engine_module, "eval_step", lambda engine, cfg, batches, device: float(batches[0]))
+    assert t.held_out_loss() == 1.0
+    assert asked == [("held", 0, True), ("held", 1, True), ("held", 2, True)]
