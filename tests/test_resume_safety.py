@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -877,3 +878,206 @@ def test_a_resume_at_another_layout_leaves_the_generators_as_seeded(single_proce
     torch.manual_seed(99)
     assert run(str(run_dir)) == []  # (resumes at step 6, trains nothing)
     assert not torch.equal(torch.get_rng_state(), saved["torch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A start's plan, a failed start, close, save and resume, without a model or engine (fast)
+
+
+def fake_checkpoint(run_dir: Path, step: int = 3, **state) -> Path:
+    """checkpoints/step_<step> holding a trainer_state.json only (its tensors are not read here), named by latest."""
+    from common.checkpoints import tag_for
+
+    folder = run_dir / "checkpoints" / tag_for(step)
+    folder.mkdir(parents=True)
+    state = {"step": step, "consumed_samples": 8 * step, "optimizer_steps": step, "lr_scheduler": {}, "layout": {},
+             **state}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    (run_dir / "checkpoints" / "latest").write_text(tag_for(step) + "\n")
+    return folder
+
+
+def test_what_a_resume_plan_checks_before_anything_is_built(tmp_path, monkeypatch):
+    """plan_resume (rank 0, before any engine): an unknown --resume mode; a checkpoint saved without its config is
+    resumed with a warning that it cannot be checked; Adafactor's statistics only at the checkpoint's
+    parallel.tp (Adam's at any); data of other tokenizers than the checkpoint's refused (synthetic data, which
+    records none, is not); the checkpoint's files verified last."""
+    from common.checkpoints import CheckpointError
+    from training import checkpoint
+    from training.config import load_config
+    from training.trainer import plan_resume
+
+    cfg = load_config("configs/train/debug.yaml", ["train.steps=6"])
+    with pytest.raises(ConfigError, match="--resume 'bogus' must be one of auto, none, overwrite"):
+        plan_resume(cfg, tmp_path, "bogus")
+    made = {"vq": {"hash": "v1"}, "text_tokenizer": {"hash": "t1"}}
+    folder = fake_checkpoint(tmp_path, layout={"tp": 2}, run_id="r1", data_tokenizers=made)
+    with pytest.raises(CheckpointError, match=rf"{folder}/\.metadata: cannot read the tensor index"):
+        plan_resume(cfg, tmp_path, "auto")  # (checkpoint.verify: this one holds no tensors)
+    verified = []
+    monkeypatch.setattr(checkpoint, "verify", verified.append)
+    plan = plan_resume(cfg, tmp_path, "auto", made)
+    assert (plan.tag, plan.step, plan.run_id, verified) == (folder.name, 3, "r1", [folder])
+    assert plan.messages == [(f"warning: {folder / 'trainer_state.json'} holds no config: this run's config cannot "
+                              "be checked against the checkpoint's")]
+    assert plan_resume(cfg, tmp_path, "auto", None).tag == folder.name
+    with pytest.raises(ConfigError, match=r"cannot resume .* its samples were made with another text tokenizer "):
+        plan_resume(cfg, tmp_path, "auto", {**made, "text_tokenizer": {"hash": "t2"}})
+    adafactor = load_config("configs/train/debug.yaml", ["train.steps=6", "train.optimizer=adafactor"])
+    with pytest.raises(ConfigError, match=rf"{folder}: Adafactor's factored statistics are per tensor-parallel "
+                                          r"shard; resume it at parallel.tp=2 \(this run has 1\)"):
+        plan_resume(adafactor, tmp_path, "auto")
+    assert len(verified) == 2  # (the refusals came before it)
+
+
+@pytest.mark.parametrize("sent, raised", [(("CheckpointError", "bad file"), "CheckpointError"),
+                                          (("RunDirError", "held"), "RunDirError"),
+                                          (("ConfigError", "bad value"), "ConfigError"),
+                                          (("RuntimeError", "rank 0 failed: ValueError: x"), "RuntimeError")])
+def test_a_refusal_decided_on_rank_0_is_raised_as_its_own_kind_on_the_other_ranks(monkeypatch, sent, raised):
+    """training.train prints a ConfigError/RunDirError (CheckpointError) as one line: another rank raised a
+    RuntimeError for it, or none."""
+    import training.trainer as trainer_module
+
+    def broadcast(box, src):
+        box[0] = sent
+
+    monkeypatch.setattr(trainer_module.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(trainer_module.dist, "broadcast_object_list", broadcast)
+    with pytest.raises(Exception) as err:
+        trainer_module._decide_on_rank0(lambda: pytest.fail("decided on rank 1"))
+    assert type(err.value).__name__ == raised and str(err.value) == sent[1]
+    sent = ("ok", 7)
+    assert trainer_module._decide_on_rank0(lambda: pytest.fail("decided on rank 1")) == 7
+
+
+def test_rank_0_raises_its_own_error_and_sends_the_others_its_kind(monkeypatch):
+    import training.trainer as trainer_module
+    from common.checkpoints import CheckpointError
+
+    sent = []
+    monkeypatch.setattr(trainer_module.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(trainer_module.dist, "broadcast_object_list", lambda box, src: sent.append(list(box)))
+    error = CheckpointError("bad file")
+
+    def fail(e):
+        raise e
+
+    with pytest.raises(CheckpointError) as err:
+        trainer_module._decide_on_rank0(lambda: fail(error))
+    assert err.value is error
+    with pytest.raises(ValueError, match="^x$"):
+        trainer_module._decide_on_rank0(lambda: fail(ValueError("x")))
+    assert trainer_module._decide_on_rank0(lambda: 5) == 5
+    assert sent == [[("CheckpointError", "bad file")], [("RuntimeError", "rank 0 failed: ValueError: x")], [("ok", 5)]]
+
+
+def test_a_failed_start_releases_the_run_directory_and_the_signal_handlers(single_process, tmp_path):
+    """A start refused while planning (here an unknown --resume mode) leaves the lock free for the next start
+    in this process, and SIGTERM's handler as it found it."""
+    import signal
+
+    from common.checkpoints import RunLock
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ConfigError, match="--resume 'bogus' must be one of"):
+        Trainer(load_config("configs/train/debug.yaml", ["train.steps=2"]), tmp_path, resume="bogus")
+    assert signal.getsignal(signal.SIGTERM) == before
+    RunLock(tmp_path).acquire().release()
+
+
+def test_close_aborts_a_save_in_flight_and_releases_the_run_directory_when_a_part_of_it_fails(tmp_path):
+    from common.checkpoints import RunLock
+    from common.preemption import StopRequest
+    from training.trainer import Trainer
+
+    done = []
+
+    def failing_close():
+        raise OSError("worker gone")
+
+    t = Trainer.__new__(Trainer)
+    t.reader = types.SimpleNamespace(close=lambda: done.append("reader"))
+    t.background = types.SimpleNamespace(close=lambda abort=False: done.append(("background", abort)))
+    t.log = types.SimpleNamespace(close=lambda: done.append("log"))
+    t.stop, t.lock = StopRequest(tmp_path / "STOP"), RunLock(tmp_path).acquire()
+    t.close()
+    t.close()  # (train() closes after run() did)
+    assert done == ["reader", ("background", True), "log"]
+    t.reader, t.lock = types.SimpleNamespace(close=failing_close), RunLock(tmp_path).acquire()
+    with pytest.raises(OSError, match="worker gone"):
+        t.close()
+    RunLock(tmp_path).acquire().release()
+
+
+class _Data(list):
+    """64 samples made with these tokenizers."""
+
+    def __init__(self):
+        super().__init__(range(64))
+        self.manifest = {"vq": {"hash": "v"}, "text_tokenizer": {"hash": "t"}, "other": 1}
+
+
+def bare_trainer(tmp_path, *sets):
+    """A Trainer of the debug config without a model or engine: its log lines in `.lines`."""
+    from data_pipeline.sampler import GlobalBatchSampler
+    from training.config import load_config
+    from training.trainer import ResumePlan, Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config("configs/train/debug.yaml", ["train.steps=6", *sets])
+    t.run_dir, t.lines, t.background = Path(tmp_path), [], None
+    t.dataset = _Data()
+    t.sampler = GlobalBatchSampler(64, 8, 1234)
+    t.log = types.SimpleNamespace(info=t.lines.append, resumed_at=lambda step: t.lines.append(f"resumed_at {step}"))
+    t.plan = ResumePlan(run_id="r1", tag="step_00000003")
+    t.nonfinite_guard = types.SimpleNamespace(skipped=0, consecutive=0)
+    t.engine = types.SimpleNamespace(get_lr=lambda: [1e-3])
+    return t
+
+
+def test_a_save_waits_for_the_save_in_flight_and_records_the_trainers_state(tmp_path, monkeypatch):
+    from training import checkpoint
+
+    t = bare_trainer(tmp_path, "train.keep_checkpoints=2")
+    t.step, t.consumed, t.nonfinite_guard.skipped, t.nonfinite_guard.consecutive = 5, 48, 2, 1
+    order = []
+    t.complete_saves = lambda wait=False: order.append(("wait", wait))
+
+    def save(engine, cfg, layout, run_dir, step, state, keep, background):
+        order.append(("save", step, keep))
+        order.append(state)
+        return "step_00000005"
+
+    t.layout = None
+    monkeypatch.setattr(checkpoint, "save", save)
+    t.save()
+    assert order[:2] == [("wait", True), ("save", 5, 2)]
+    assert order[2] == {"step": 5, "consumed_samples": 48, "sampler": t.sampler.state_dict(48), "skipped_steps": 2,
+                        "consecutive_skipped_steps": 1, "run_id": "r1",
+                        "data_tokenizers": {"vq": {"hash": "v"}, "text_tokenizer": {"hash": "t"}}}
+    assert t.lines == [f"saved {tmp_path / 'checkpoints' / 'step_00000005'}"]
+
+
+@pytest.mark.parametrize("saved_len", [64, 48, None])
+def test_a_resume_restores_the_trainers_state_and_warns_of_other_data_only(tmp_path, monkeypatch, saved_len):
+    """The step, stream position, skipped steps (in all and in a row), the sample order the run began with;
+    the warning about the data's size only when it differs from the checkpoint's (None: not recorded)."""
+    import training.trainer as trainer_module
+    from training import checkpoint
+
+    t = bare_trainer(tmp_path)
+    state = {"step": 3, "consumed_samples": 24, "skipped_steps": 2, "consecutive_skipped_steps": 1,
+             "sampler": {"order": "randperm", **({"dataset_len": saved_len} if saved_len else {})}, "rng_note": None}
+    monkeypatch.setattr(checkpoint, "load", lambda engine, cfg, layout, run_dir, tag: state)
+    monkeypatch.setattr(trainer_module.dist, "get_rank", lambda: 0)
+    t.layout, t._reader_at = None, lambda consumed: t.lines.append(f"reader at {consumed}")
+    t.resume()
+    assert (t.step, t.consumed, t.nonfinite_guard.skipped, t.nonfinite_guard.consecutive) == (3, 24, 2, 1)
+    assert t.sampler.order == "randperm"
+    warned = [line for line in t.lines if "warning: the training data holds 64 samples" in line]
+    assert len(warned) == (saved_len == 48)
+    assert t.lines[-2:] == ["resumed_at 3", "reader at 24"]
+    assert (tmp_path / "config.yaml").is_file()
