@@ -504,6 +504,175 @@ def test_pruning_keeps_the_newest_removes_leftovers_and_never_leaves_a_complete_
     assert checkpoints.complete_tags(tmp_path, "trainer_state.json") == [tag_for(6), tag_for(8)]
 
 
+def test_pruning_counts_a_checkpoint_without_a_run_id_as_this_runs_and_leaves_another_runs(tmp_path):
+    """prune with owner_of: a complete checkpoint that records no run id (one written before run ids were kept)
+    is this run's and pruned as such; another run's stays, and does not take a place among the `keep`."""
+    from common import checkpoints
+
+    owners = {tag_for(1): "other", tag_for(2): None, tag_for(3): "mine", tag_for(4): "mine"}
+    for tag in owners:
+        (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+        (tmp_path / "checkpoints" / tag / "state.pt").write_text("x")
+    checkpoints.prune(tmp_path, 2, 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
+    assert checkpoints.complete_tags(tmp_path, "state.pt") == [tag_for(1), tag_for(3), tag_for(4)]
+    checkpoints.prune(tmp_path, 1, 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
+    assert checkpoints.complete_tags(tmp_path, "state.pt") == [tag_for(1), tag_for(4)]
+
+
+def test_a_save_folder_replaces_a_leftover_or_this_runs_own_checkpoint_never_another_runs(tmp_path):
+    """prepare_folder: a folder already at the step's path is emptied (a killed save's leftover, or this run's own
+    checkpoint of the step saved again); a complete checkpoint another run wrote is refused, left as it was; a
+    folder that cannot be made is one line naming it and the cause."""
+    from common.checkpoints import prepare_folder
+
+    folder = tmp_path / "checkpoints" / tag_for(4)
+    assert prepare_folder(folder) is None and folder.is_dir()
+    (folder / "state.pt").write_text("leftover")
+    assert prepare_folder(folder) is None and list(folder.iterdir()) == []
+    (folder / "state.pt").write_text("this run's")
+    assert prepare_folder(folder, "mine", lambda path: "mine") is None and list(folder.iterdir()) == []
+    assert prepare_folder(folder, "mine", lambda path: None) is None  # (no run id recorded: this run's)
+    (folder / "state.pt").write_text("another run's")
+    problem = prepare_folder(folder, "mine", lambda path: "other")
+    assert problem == (f"{folder} holds a complete checkpoint of another run (run id other; this run is mine): "
+                       "refusing to overwrite it; move it away or use another --run-dir")
+    assert (folder / "state.pt").read_text() == "another run's"
+    (tmp_path / "file").write_text("")
+    problem = prepare_folder(tmp_path / "file" / tag_for(4))
+    assert problem.startswith(f"cannot prepare {tmp_path / 'file' / tag_for(4)}: Not a directory (errno ENOTDIR) (")
+
+
+def test_a_failed_saves_line_names_the_checkpoint_latest_still_names(tmp_path):
+    """failed_save_message: the cause, the free space and `latest`'s tag; a `latest` that cannot be read (or none)
+    is 'no checkpoint', not a second error hiding the first."""
+    from common.checkpoints import failed_save_message
+
+    root = tmp_path / "checkpoints"
+    (root / tag_for(2)).mkdir(parents=True)
+    (root / tag_for(2) / "state.pt").write_text("x")
+    line = failed_save_message(tmp_path, root / tag_for(4), "No space left on device (errno ENOSPC)", "state.pt")
+    assert re.fullmatch(rf"saving {re.escape(str(root / tag_for(4)))} failed: No space left on device \(errno ENOSPC\) "
+                        rf"\([\d.]+ GiB free on its file system\); removed the partial folder; "
+                        rf"{re.escape(str(root / 'latest'))} still names no checkpoint", line), line
+    (root / "latest").write_text(tag_for(2) + "\n")
+    assert line.replace("no checkpoint", tag_for(2)) == failed_save_message(
+        tmp_path, root / tag_for(4), "No space left on device (errno ENOSPC)", "state.pt")
+    (root / "latest").write_text("garbage\n")
+    assert failed_save_message(tmp_path, root / tag_for(4), "x", "state.pt").endswith("still names no checkpoint")
+
+
+def test_a_write_failure_is_told_by_its_os_error_wherever_it_is_in_the_chain():
+    """failure_cause: the OSError's text (its strerror, else the errno's) found in the cause/context chain or in a
+    CheckpointException-like `failures` dict (values bare or (error, traceback) tuples); an '[Errno N]' quoted in a
+    message that crossed a process boundary; an OSError without an errno and other errors: their own text (one
+    line, cut at 300 characters)."""
+    from common.checkpoints import failure_cause, one_line
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert failure_cause(full) == "No space left on device (errno ENOSPC)"
+    assert failure_cause(OSError(errno.EIO, "")) == f"{os.strerror(errno.EIO)} (errno EIO)"
+    try:
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("writer failed")  # (implicit: only __context__ links them)
+    except RuntimeError as e:
+        assert failure_cause(e) == "No space left on device (errno ENOSPC)"
+
+    class CheckpointException(Exception):
+        def __init__(self, failures):
+            super().__init__("rank failures")
+            self.failures = failures
+
+    assert failure_cause(CheckpointException({0: (full, "traceback")})) == "No space left on device (errno ENOSPC)"
+    assert failure_cause(CheckpointException({1: full})) == "No space left on device (errno ENOSPC)"
+    assert failure_cause(RuntimeError("worker: [Errno 28] gone")) == "No space left on device (errno ENOSPC)"
+    assert failure_cause(OSError("no errno here")) == "no errno here"
+    assert failure_cause(RuntimeError("a\n  b")) == "a b"
+    assert one_line(ValueError()) == "ValueError"
+    assert one_line(ValueError("x" * 300)) == "x" * 300
+    assert one_line(ValueError("x" * 301)) == "x" * 300 + "..."
+    assert one_line(ValueError("ab cd"), limit=2) == "ab..."
+
+
+def test_the_run_lock_is_rank_0s_and_lets_go_for_the_next_holder(tmp_path, monkeypatch, capsys):
+    """holding_run_dir takes the lock on rank 0 only (RANK; SLURM_PROCID under a bare srun, where RANK is unset);
+    release() unlocks even while a forked child still shares the open file (a checkpoint writer outliving the
+    block), forgets the descriptor for drop_inherited_locks, and may be called again."""
+    from common import checkpoints
+    from common.checkpoints import RunDirError, RunLock, holding_run_dir
+
+    monkeypatch.delenv("RANK", raising=False)
+    for env, taken in (({"SLURM_PROCID": "1"}, False), ({"SLURM_PROCID": "0"}, True),
+                       ({"SLURM_PROCID": "1", "RANK": "0"}, True), ({"SLURM_PROCID": "0", "RANK": "2"}, False)):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with holding_run_dir(tmp_path) as lock:
+            assert (lock.file is not None) == taken, env
+            if taken:
+                with pytest.raises(RunDirError, match="is held by another run"):
+                    RunLock(tmp_path).acquire()
+        for name in env:
+            monkeypatch.delenv(name)
+    assert capsys.readouterr().err == ""
+    lock = RunLock(tmp_path).acquire()
+    fd = lock.file.fileno()
+    assert fd in checkpoints._HELD_LOCKS
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # holds a copy of the locked file until the parent writes
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        lock.release()
+        assert lock.file is None and fd not in checkpoints._HELD_LOCKS
+        lock.release()
+        RunLock(tmp_path).acquire().release()
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)
+        os.close(read), os.close(write)
+
+
+def test_a_file_system_without_flock_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    """flock failing (Lustre without -o flock): acquire returns with a warning instead of the lock, and
+    holding_run_dir prints it once on rank 0."""
+    from common.checkpoints import RunLock, holding_run_dir
+
+    def no_flock(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setenv("RANK", "0")
+    lock = RunLock(tmp_path).acquire()
+    assert lock.file is None and lock.warning == (f"warning: cannot lock {tmp_path / '.lock'} (No locks available; "
+                                                  "a file system without flock): nothing stops a second run from "
+                                                  "writing to this run directory")
+    with holding_run_dir(tmp_path):
+        pass
+    assert capsys.readouterr().err == lock.warning + "\n"
+
+
+def test_setting_a_run_aside_moves_what_is_there_under_a_new_name(tmp_path, monkeypatch):
+    """set_aside: nothing to move makes no folder (None); else the names present go into replaced_<time>/, with
+    _2, _3 ... after the time when a folder of that name is there already (two starts within one second)."""
+    from common import checkpoints
+
+    assert checkpoints.set_aside(tmp_path, ("checkpoints", "metrics.jsonl")) is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(checkpoints.time, "strftime", lambda fmt: "20260101-000000")
+    (tmp_path / "replaced_20260101-000000").mkdir()
+    (tmp_path / "replaced_20260101-000000_2").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    dest = checkpoints.set_aside(tmp_path, ("checkpoints", "metrics.jsonl", "config.yaml"))
+    assert dest == tmp_path / "replaced_20260101-000000_3"
+    assert sorted(p.name for p in dest.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "replaced_20260101-000000",
+                                                          "replaced_20260101-000000_2", "replaced_20260101-000000_3"]
+
+
 def test_pruning_a_linked_checkpoint_removes_the_link_not_what_it_points_to(tmp_path):
     """A step folder that is a symlink to another run's checkpoint (linked in to resume from it): pruning deleted
     the marker through the link, and the other run's own next prune then removed its whole checkpoint."""
@@ -685,6 +854,57 @@ def test_every_trainer_refuses_a_fresh_start_over_checkpoints(tmp_path, module, 
                                          "with --resume auto, or use another --run-dir"):
         importlib.import_module(module).main([*args, "--run-dir", str(run_dir), "--resume", "none"])
     assert snapshot(run_dir) == before
+
+
+def test_a_state_file_save_that_fails_leaves_no_folder_and_latest_as_it_was(tmp_path, monkeypatch):
+    """common.state_file.save_state: each save moves `latest` and keeps the newest `keep`; a write that fails (a full
+    disk, which torch.save reports as a RuntimeError) removes its folder and says so in one line, `latest` where it
+    was; a folder that cannot be made is refused the same way. load_state refuses a state without a required key."""
+    from common import state_file
+    from common.checkpoints import CheckpointError, complete_tags, latest_tag
+
+    for step in (1, 2, 3):
+        path = state_file.save_state(tmp_path, step, {"model": {"w": torch.ones(2)}, "step": step}, keep=2)
+        assert path == tmp_path / "checkpoints" / tag_for(step) / "state.pt"
+    assert complete_tags(tmp_path, "state.pt") == [tag_for(2), tag_for(3)] and latest_tag(tmp_path, "state.pt") == tag_for(3)
+    assert state_file.load_state(path, ("model", "step"), writer="vq.train")["step"] == 3
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: not a vq.train checkpoint \(no opt, rng\)$"):
+        state_file.load_state(path, ("model", "opt", "step", "rng"), writer="vq.train")
+
+    def full(state, tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(state_file.torch, "save", full)
+    with pytest.raises(CheckpointError, match=rf"^saving .*{tag_for(4)} failed: PytorchStreamWriter failed .*; removed "
+                                              rf"the partial folder; .*latest still names {tag_for(3)}$"):
+        state_file.save_state(tmp_path, 4, {"step": 4}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", tag_for(2), tag_for(3)]
+    monkeypatch.undo()
+    (tmp_path / "checkpoints" / tag_for(5)).write_text("a file where the folder goes")
+    with pytest.raises(CheckpointError, match=rf"^cannot prepare .*{tag_for(5)}: "):
+        state_file.save_state(tmp_path, 5, {"step": 5}, keep=2)
+    assert latest_tag(tmp_path, "state.pt") == tag_for(3)
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_naming_each_kind_of_mismatch():
+    """common.state_file.check_fits: missing keys (but the optional ones), unexpected keys and other shapes, each
+    counted, at most six named, then the advice."""
+    from common.state_file import check_fits
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    check_fits(module, state, "w.pt")
+    check_fits(module, {k: v for k, v in state.items() if k != "1.bias"}, "w.pt", optional=("1.bias",))
+    bad = {**{k: v for k, v in state.items() if k != "1.bias"}, "0.weight": torch.zeros(4, 2),
+           **{f"extra{i}": torch.zeros(1) for i in range(7)}}
+    with pytest.raises(ConfigError) as refused:
+        check_fits(module, bad, "w.pt", advice="retrain")
+    assert str(refused.value) == ("w.pt does not fit the configured model (1 missing key(s): 1.bias; 7 unexpected "
+                                  "key(s): extra0, extra1, extra2, extra3, extra4, extra5 ...; 1 other shape(s): "
+                                  "0.weight (4, 2) (the model's: (3, 2))): retrain")
+    with pytest.raises(ConfigError, match=r"\(6 unexpected key\(s\): extra0, .*, extra5\): set the model section as"):
+        check_fits(module, {**state, **{f"extra{i}": torch.zeros(1) for i in range(6)}}, "w.pt")
 
 
 def test_a_state_file_damaged_inside_is_refused_naming_it(tmp_path):
