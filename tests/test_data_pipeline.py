@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -345,6 +346,82 @@ def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
         assert (tmp_path / f"{name}.bin").read_bytes() == (single / f"{name}.bin").read_bytes()
     assert json.loads((tmp_path / "manifest.json").read_text()) == json.loads((single / "manifest.json").read_text())
     assert sorted(tmp_path.glob(".*")) == sorted(others), "a killed run's temporary files were left, or others removed"
+
+
+def test_abandoned_temporaries_are_those_of_a_dead_writer_here_or_of_any_writer_long_idle(tmp_path):
+    """common.files.abandoned_temporaries: a temporary of `path` whose writer ran on this host and is gone goes
+    after `dead_for_s` idle; one of a live writer, of another host or with no process id in its name only after
+    `older_than_s`; other files' temporaries and the file itself are not its."""
+    from common import files
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead, live, host = int(gone.stdout), os.getpid(), socket.gethostname().split(".")[0] or "host"
+    now = time.time()
+
+    def leave(writer: str, idle: float, name: str = "manifest") -> Path:
+        path = tmp_path / f".{name}.{writer}.tmp.json"
+        path.write_text("half")
+        os.utime(path, (now - idle, now - idle))
+        return path
+
+    expected = [leave(f"{host}.{dead}.ab12cd34", 700), leave(f"{host}.{live}.ab12cd34", 2 * 86400),
+                leave(f"elsewhere.{dead}.ab12cd34", 2 * 86400), leave(f"{host}.x{dead}.ab12cd34", 2 * 86400)]
+    kept = [leave(f"{host}.{dead}.ab12cd35", 100), leave(f"{host}.{live}.ab12cd35", 700),
+            leave(f"elsewhere.{dead}.ab12cd35", 700), leave(f"{host}.x{dead}.ab12cd35", 700),
+            leave(f"{host}.{dead}.ab12", 700, name="notes"), leave(f"{host}.{dead}.extra.ab12cd36", 700)]
+    (tmp_path / "manifest.json").write_text("{}")
+    os.utime(tmp_path / "manifest.json", (now - 2 * 86400, now - 2 * 86400))
+    assert sorted(files.abandoned_temporaries(tmp_path / "manifest.json")) == sorted(expected), kept
+    assert sorted(files.abandoned_temporaries(tmp_path / "manifest.json", dead_for_s=50)) == sorted(expected + kept[:1])
+    assert temporary_name(tmp_path / "manifest.json") != temporary_name(tmp_path / "manifest.json")
+    name = temporary_name(tmp_path / "manifest.json").name
+    assert name.startswith(f".manifest.{host}.{live}.") and name.endswith(".tmp.json")
+
+
+def test_a_writer_of_another_user_counts_as_running(monkeypatch):
+    """common.files._running: os.kill(pid, 0) refused (another user's process) means the process is there."""
+    from common import files
+
+    def refused(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    assert files._running(os.getpid())
+    monkeypatch.setattr(files.os, "kill", refused)
+    assert files._running(1)
+
+
+def test_atomic_writes_and_folder_replacement_leave_the_old_or_the_new_never_a_temporary(tmp_path):
+    """common.files: a failed atomic write leaves the old file and no temporary; write_atomic writes text or
+    bytes; replace_folder puts the written folder in place of the old one (and of a `.old` an earlier call left),
+    leaving no `.old`; sync_to_disk skips what is not there."""
+    from common import files
+
+    target = tmp_path / "manifest.json"
+    files.write_atomic(target, "old")
+    with pytest.raises(ZeroDivisionError), files.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise ZeroDivisionError
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    files.write_atomic(target, b"new", sync=False)
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    files.sync_to_disk(target, tmp_path, tmp_path / "missing")
+
+    dest = tmp_path / "codes"
+    for step, stale_old in ((1, False), (2, True), (3, False)):
+        written = tmp_path / f"written{step}"
+        written.mkdir()
+        (written / "data.bin").write_text(str(step))
+        if stale_old:  # (an earlier call stopped in its last rmtree)
+            (tmp_path / "codes.old").mkdir()
+            (tmp_path / "codes.old" / "data.bin").write_text("stale")
+        files.replace_folder(written, dest)
+        assert (dest / "data.bin").read_text() == str(step) and not written.exists()
+        assert not (tmp_path / "codes.old").exists()
+    dest.rename(tmp_path / "codes.old")  # a call that stopped between its renames: no `dest`, the old one aside
+    (tmp_path / "written4").mkdir()
+    files.replace_folder(tmp_path / "written4", dest)
+    assert dest.is_dir() and not (tmp_path / "codes.old").exists()
 
 
 @pytest.fixture(scope="module")
