@@ -1,6 +1,7 @@
 """Typed config: presets, dotted overrides, validation messages, the resolved config on disk."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -517,6 +518,69 @@ def test_a_resume_that_changes_the_optimizer_or_the_network_is_refused():
         changes = resume_changes(saved, load_config("configs/train/debug.yaml", [change]))
         found = [c[0] for c in changes[kind]]
         assert found == [change.split("=")[0]], (change, changes)
+
+
+@dataclasses.dataclass
+class _Knobs:
+    top_k: int = 0
+    """Keep the k likeliest tokens
+    (0: all)."""
+    temperature: float = 1.0
+    name: str = "a"
+    cap: float | None = None
+    """At most this."""
+
+
+def test_a_commands_help_and_flags_come_from_its_docstring_and_config_class():
+    """common.cli: the --help description is the docstring's first paragraph on one line (none for no docstring);
+    add_dataclass_args makes one flag per field (underscores as dashes) typed as the field (`float | None`: float),
+    its default the field's and its help the field's documentation; dataclass_from_args builds the class back."""
+    from common.cli import add_dataclass_args, config_parser, dataclass_from_args, description
+
+    assert description("Sample images\n  from a prompt.\n\nMore text.") == "Sample images from a prompt."
+    assert description(None) is None and description("  \n ") is None
+    parser = config_parser("Train it.\n\nDetails.", where="configs/vq/", example="train.steps=5")
+    assert parser.description == "Train it." and "configs/vq/" in parser.format_help()
+    assert parser.parse_args(["--set", "train.steps=5"]).set == ["train.steps=5"]
+    add_dataclass_args(parser, _Knobs)
+    assert dataclass_from_args(_Knobs, parser.parse_args([])) == _Knobs()
+    args = parser.parse_args(["--top-k", "8", "--temperature", "0.5", "--name", "b", "--cap", "2"])
+    knobs = dataclass_from_args(_Knobs, args)
+    assert knobs == _Knobs(8, 0.5, "b", 2.0) and isinstance(knobs.top_k, int) and isinstance(knobs.cap, float)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["top_k"] == "Keep the k likeliest tokens (0: all)." and helps["name"] == ""
+    assert helps["cap"] == "At most this."
+
+
+def test_a_command_ends_a_wrong_kind_of_path_or_a_stop_in_one_line_with_its_status(monkeypatch, capsys):
+    """common.cli.command: a path of the wrong kind and each of `errors` end as `<label>: <message>`, other errors
+    pass through; a Preempted stop exits with the requeue status (75, 0 under torchrun), said on rank 0 only."""
+    from common.cli import command
+    from common.preemption import Preempted
+
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    for error in (FileExistsError("out is a file"), NotADirectoryError("out is a file"),
+                  IsADirectoryError("out is a file")):
+        with pytest.raises(SystemExit) as exit_, command(label="generate"):
+            raise error
+        assert exit_.value.code == "generate: out is a file"
+    with pytest.raises(SystemExit) as exit_, command(errors=(KeyError,)):
+        raise KeyError("k")
+    assert exit_.value.code == "error: 'k'"
+    with pytest.raises(ValueError), command(errors=(KeyError,)):
+        raise ValueError("not ours")
+    with pytest.raises(SystemExit) as exit_, command():
+        raise Preempted(4, "SIGUSR1", "/runs/a")
+    assert exit_.value.code == 75
+    assert capsys.readouterr().err == ("stopped by SIGUSR1 after step 4; checkpoint saved; /runs/a/REQUEUE written; "
+                                       "exit status 75: run again (requeue) to continue\n")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    with pytest.raises(SystemExit) as exit_, command():
+        raise Preempted(4, "SIGUSR1", "/runs/a")
+    assert exit_.value.code == 0 and capsys.readouterr().err == ""
 
 
 def test_an_error_line_names_the_rank_that_prints_it_beside_rank_0(monkeypatch):

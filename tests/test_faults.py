@@ -109,6 +109,69 @@ def test_a_stop_request_restores_the_handlers_it_found():
         signal.signal(signal.SIGUSR1, before)
 
 
+def test_a_stop_request_in_one_process_from_its_file_or_a_signal(tmp_path, monkeypatch):
+    """StopRequest without a process group: the STOP file or a caught signal is a request (named by the file or
+    the signal); start() removes a stale REQUEUE and honours a stop asked for at start-up (at the last step as a
+    finished run: STOP removed, no REQUEUE, no Preempted); leave_for_requeue writes REQUEUE and raises; the exit
+    status is 75, 0 under torchrun."""
+    from common.preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, requeue_exit_code
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert requeue_exit_code() == REQUEUE_EXIT_CODE == 75
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert requeue_exit_code() == 0
+    stop, requeue = tmp_path / "STOP", tmp_path / "REQUEUE"
+    request = StopRequest(stop)
+    try:
+        requeue.write_text("step 1\n")
+        request.start(tmp_path, 2, 4)
+        assert not requeue.exists() and not request.requested() and request.name == "another rank"
+        stop.touch()
+        assert request.requested() and request.name == str(stop)
+        with pytest.raises(Preempted, match=rf"^stopped by {stop} after step 2; checkpoint saved; {tmp_path}/REQUEUE "
+                                            "written$") as raised:
+            request.start(tmp_path, 2, 4)
+        assert (raised.value.step, raised.value.run_dir) == (2, tmp_path)
+        assert requeue.read_text() == "step 2\n" and not stop.exists()
+        stop.touch()
+        request.start(tmp_path, 4, 4)  # (a stop at the last step: the run is finished)
+        assert not stop.exists() and not requeue.exists()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.requested() and request.name == "SIGTERM"
+        with pytest.raises(Preempted, match="^stopped by SIGTERM after step 3"):
+            request.leave_for_requeue(tmp_path, 3)
+        assert requeue.read_text() == "step 3\n"
+        request.leave_for_requeue(tmp_path, 5, last=True)
+        assert requeue.read_text() == "step 3\n"
+    finally:
+        request.restore()
+
+
+def test_a_helper_started_by_a_trainer_ignores_its_stop_signals_and_lets_its_run_lock_go(tmp_path):
+    """common.preemption.start_helper in a forked helper: USR1 and TERM ignored, its copy of the run lock closed."""
+    from common.checkpoints import RunLock
+
+    lock = RunLock(tmp_path).acquire()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from common.preemption import start_helper
+
+            start_helper(0)
+            ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGUSR1, signal.SIGTERM))
+            try:
+                os.fstat(lock.file.fileno())
+            except OSError:
+                code = 0 if ignored else 2
+        finally:
+            os._exit(code)
+    try:
+        assert os.waitpid(pid, 0)[1] >> 8 == 0
+    finally:
+        lock.release()
+
+
 def test_stops_at_start_up_at_the_last_step_and_stale_requeue_files(single_process, tmp_path, monkeypatch):
     """SIGUSR1 while the trainer starts up (here during its resume) is honoured before the first step: no step,
     no save, REQUEUE naming the step resumed from (the process is not killed: the handlers come first). A
