@@ -40,3 +40,63 @@ def test_two_process_cpu_run_says_each_warning_once_and_only_rank_0_speaks(tmp_p
     said = collections.Counter(STAMP.sub("", line) for line in lines if WARNING.search(line))
     repeated = [f"{n}x {line}" for line, n in said.items() if n > 1]
     assert not repeated, "said more than once:\n" + "\n".join(repeated)
+
+
+QUIET_PROBE = """
+import json, logging, os, sys, warnings
+if sys.argv[2] == "torch-first":
+    import torch  # noqa: F401
+from common.quiet import quiet_third_party
+quiet_third_party(None if sys.argv[1] == "env" else int(sys.argv[1]))
+quiet_third_party(1 if sys.argv[1] == "0" else 0)  # (a second call does nothing)
+
+def shown(message, module, category=UserWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit(message, category, "x.py", 1, module=module, registry={})
+    return len(caught)
+
+def passes(logger, level, message):
+    return bool(logging.getLogger(logger).filter(logging.LogRecord(logger, level, "x.py", 1, message, (), None)))
+
+print(json.dumps({
+    "harmless": shown("Transformer Engine is not installed. Falling back", "megatron.core.fusions"),
+    "harmless elsewhere": shown("Transformer Engine is not installed", "mine"),
+    "cpu only": shown("When using sequence parallelism it is recommended to set the environment variable "
+                      "CUDA_DEVICE_MAX_CONNECTIONS", "megatron.core.tensor_parallel"),
+    "megatron news": shown("something new", "megatron.core.models"),
+    "torch news": shown("something new", "torch.nn"),
+    "torchvision news": shown("something new", "torchvision.models"),
+    "ours": shown("something new", "training.trainer"),
+    "deepspeed cpu line": passes("DeepSpeed", logging.INFO, "Setting accelerator to CPU (auto detect)"),
+    "deepspeed info": passes("DeepSpeed", logging.INFO, "ZeRO stage 1"),
+    "deepspeed error": passes("DeepSpeed", logging.ERROR, "ZeRO stage 1"),
+    "megatron level": logging.getLogger("megatron").level,
+    "torch level": logging.getLogger("torch").level,
+    "TORCH_LOGS": os.environ.get("TORCH_LOGS"), "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL"),
+}))
+"""
+
+
+def test_rank_0_hears_news_and_other_ranks_only_errors_from_the_libraries():
+    """common.quiet.quiet_third_party in a fresh interpreter per rank (it changes the process's warning filters,
+    loggers and environment): the listed harmless warnings and log lines go on every rank; anything else from the
+    libraries stays on rank 0 only, but errors; our own warnings stay everywhere; its first call decides."""
+    import json
+
+    def probe(rank: str, torch_first: bool = False) -> dict:
+        env = child_environment(DS_ACCELERATOR="cpu", RANK="1")
+        for name in ("TORCH_LOGS", "TORCH_CPP_LOG_LEVEL"):
+            env.pop(name, None)
+        done = subprocess.run([sys.executable, "-c", QUIET_PROBE, rank, "torch-first" if torch_first else "-"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(done.stdout)
+
+    rank0 = probe("0")
+    assert rank0 == {"harmless": 0, "harmless elsewhere": 1, "cpu only": 0, "megatron news": 1, "torch news": 1,
+                     "torchvision news": 1, "ours": 1, "deepspeed cpu line": False, "deepspeed info": True,
+                     "deepspeed error": True, "megatron level": 0, "torch level": 0, "TORCH_LOGS": None,
+                     "TORCH_CPP_LOG_LEVEL": None}, rank0
+    quiet = {**rank0, "megatron news": 0, "torch news": 0, "deepspeed info": False, "megatron level": 40,
+             "TORCH_LOGS": "-torch", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    assert probe("1") == quiet and probe("env") == quiet  # (rank None: RANK's, 1 here)
+    assert probe("1", torch_first=True) == {**quiet, "torch level": 40, "TORCH_LOGS": None, "TORCH_CPP_LOG_LEVEL": None}
