@@ -67,14 +67,15 @@ _DONE = False
 
 
 def quiet_third_party(rank: int | None = None) -> None:
-    """Install the filters above for this process (`rank`: its global rank, read from RANK when None; torchrun and
-    the SLURM scripts set it before Python starts). Call it before megatron-core/DeepSpeed are imported; once is
+    """Install the filters above for this process (`rank`: its global rank, read from RANK when None, else from
+    SLURM_PROCID: torchrun sets RANK before Python starts, a bare srun only SLURM_PROCID, which init_distributed
+    turns into RANK after this has run). Call it before megatron-core/DeepSpeed are imported; once is
     enough, a second call does nothing."""
     global _DONE
     if _DONE:
         return
     _DONE = True
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) if rank is None else rank
     no_gpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not os.path.exists("/proc/driver/nvidia")
     for message, category, module in HARMLESS_WARNINGS + (CPU_ONLY_WARNINGS if no_gpu else []):
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -83,10 +83,10 @@ def test_rank_0_hears_news_and_other_ranks_only_errors_from_the_libraries():
     libraries stays on rank 0 only, but errors; our own warnings stay everywhere; its first call decides."""
     import json
 
-    def probe(rank: str, torch_first: bool = False) -> dict:
-        env = child_environment(DS_ACCELERATOR="cpu", RANK="1")
-        for name in ("TORCH_LOGS", "TORCH_CPP_LOG_LEVEL"):
-            env.pop(name, None)
+    def probe(rank: str, torch_first: bool = False, **variables: str) -> dict:
+        env = {name: value for name, value in child_environment(DS_ACCELERATOR="cpu").items()
+               if name not in ("TORCH_LOGS", "TORCH_CPP_LOG_LEVEL", "RANK", "SLURM_PROCID")}
+        env.update(variables or {"RANK": "1"})
         done = subprocess.run([sys.executable, "-c", QUIET_PROBE, rank, "torch-first" if torch_first else "-"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
         return json.loads(done.stdout)
@@ -99,4 +99,7 @@ def test_rank_0_hears_news_and_other_ranks_only_errors_from_the_libraries():
     quiet = {**rank0, "megatron news": 0, "torch news": 0, "deepspeed info": False, "megatron level": 40,
              "TORCH_LOGS": "-torch", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     assert probe("1") == quiet and probe("env") == quiet  # (rank None: RANK's, 1 here)
+    # a bare srun sets no RANK before init_distributed: SLURM_PROCID is the rank (every task spoke as rank 0)
+    assert probe("env", SLURM_PROCID="1") == quiet and probe("env", SLURM_PROCID="0") == rank0
+    assert probe("env", SLURM_PROCID="1", RANK="0") == rank0
     assert probe("1", torch_first=True) == {**quiet, "torch level": 40, "TORCH_LOGS": None, "TORCH_CPP_LOG_LEVEL": None}
