@@ -83,10 +83,10 @@ def test_rank_0_hears_news_and_other_ranks_only_errors_from_the_libraries():
     libraries stays on rank 0 only, but errors; our own warnings stay everywhere; its first call decides."""
     import json
 
-    def probe(rank: str, torch_first: bool = False, **variables: str) -> dict:
-        env = {name: value for name, value in child_environment(DS_ACCELERATOR="cpu").items()
-               if name not in ("TORCH_LOGS", "TORCH_CPP_LOG_LEVEL", "RANK", "SLURM_PROCID")}
-        env.update(variables or {"RANK": "1"})
+    def probe(rank: str, torch_first: bool = False, accelerator: str | None = "cpu", **variables: str) -> dict:
+        env = {name: value for name, value in child_environment().items()
+               if name not in ("TORCH_LOGS", "TORCH_CPP_LOG_LEVEL", "RANK", "SLURM_PROCID", "DS_ACCELERATOR")}
+        env.update(variables or {"RANK": "1"}, **({"DS_ACCELERATOR": accelerator} if accelerator else {}))
         done = subprocess.run([sys.executable, "-c", QUIET_PROBE, rank, "torch-first" if torch_first else "-"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
         return json.loads(done.stdout)
@@ -102,4 +102,6 @@ def test_rank_0_hears_news_and_other_ranks_only_errors_from_the_libraries():
     # a bare srun sets no RANK before init_distributed: SLURM_PROCID is the rank (every task spoke as rank 0)
     assert probe("env", SLURM_PROCID="1") == quiet and probe("env", SLURM_PROCID="0") == rank0
     assert probe("env", SLURM_PROCID="1", RANK="0") == rank0
+    no_driver = {**rank0, "cpu only": int(Path("/proc/driver/nvidia").exists())}  # (DS_ACCELERATOR unset)
+    assert probe("0", accelerator=None) == no_driver
     assert probe("1", torch_first=True) == {**quiet, "torch level": 40, "TORCH_LOGS": None, "TORCH_CPP_LOG_LEVEL": None}
