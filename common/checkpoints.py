@@ -32,6 +32,7 @@ from pathlib import Path
 
 from common.config import ConfigError
 from common.files import write_atomic
+from common.preemption import launch_rank
 
 OwnerOf = Callable[[Path], "str | None"]
 """Reads the run id a complete checkpoint folder records (None: none recorded, counts as this run's)."""
@@ -317,7 +318,7 @@ def holding_run_dir(run_dir: str | Path) -> Iterator[RunLock]:
     construction already writes to the run directory (vq, sr, the text encoder's pre-training). Its refusal
     ends rank 0 with the holder's name, and the launcher (torchrun; srun --kill-on-bad-exit) ends the others."""
     lock = RunLock(run_dir)
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+    if launch_rank() == 0:
         lock.acquire()
         if lock.warning:
             print(lock.warning, file=sys.stderr, flush=True)

@@ -32,7 +32,7 @@ import time
 import typing
 
 from common.config import ConfigError, add_config_args, field_docs
-from common.preemption import Preempted, requeue_exit_code
+from common.preemption import Preempted, launch_rank, requeue_exit_code
 
 
 def description(doc: str | None) -> str | None:
@@ -155,7 +155,7 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
 def _on_this_rank(line: str) -> str:
     """The error line as a rank other than 0 of a launch prints it: every rank says why it stopped (a node may
     lack a file the others have), and torchrun's copies of one error read as what they are."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank = launch_rank()
     return f"rank {rank}: {line}" if rank else line
 
 

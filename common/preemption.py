@@ -39,6 +39,12 @@ REQUEUE_EXIT_CODE = 75
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it, before the process group exists: RANK (torchrun), else
+    SLURM_PROCID (a bare srun; model_parallel.state.init_distributed turns it into RANK later), else 0."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def requeue_exit_code() -> int:
     """The exit status after a requested stop's save: 75, or 0 under torchrun (its agent sets TORCHELASTIC_RUN_ID)."""
     return 0 if "TORCHELASTIC_RUN_ID" in os.environ else REQUEUE_EXIT_CODE

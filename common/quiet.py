@@ -19,6 +19,8 @@ import re
 import sys
 import warnings
 
+from common.preemption import launch_rank
+
 # (message, category, module): `warnings` matches both regexes at the start of the text, the module being the one the
 # warning is attributed to (its caller's, for stacklevel=2).
 HARMLESS_WARNINGS = [
@@ -75,7 +77,7 @@ def quiet_third_party(rank: int | None = None) -> None:
     if _DONE:
         return
     _DONE = True
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) if rank is None else rank
+    rank = launch_rank() if rank is None else rank
     no_gpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not os.path.exists("/proc/driver/nvidia")
     for message, category, module in HARMLESS_WARNINGS + (CPU_ONLY_WARNINGS if no_gpu else []):
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
