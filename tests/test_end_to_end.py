@@ -43,6 +43,117 @@ def test_measure_reads_colour_and_shape_back():
     assert shapes.measure(Image.new("RGB", (32, 32), "white")) == (None, None)
 
 
+def test_measure_reads_decoder_like_samples():
+    """What a VQ decoder gives back is no flat drawing: a colour washed 40% toward white, an off-white noisy
+    background, soft edges; and a stray line that touches the shape only at a corner (not a 4-neighbour). Each
+    is still read as the drawn colour and shape (the white threshold, the 4-connected blobs)."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    from demo import shapes
+
+    for i in range(240):
+        colour, shape, img = shapes.shape_sample(i, shapes.combinations(), 32)
+        pixels = 255 - 0.6 * (255 - np.asarray(img, dtype=np.float64))
+        pixels = pixels - 12 + np.random.default_rng(i).normal(0, 4, pixels.shape)
+        soft = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+        assert shapes.measure(soft) == (colour, shape), i
+        lined = np.array(img)
+        row, col = min(map(tuple, np.argwhere((lined != 255).any(-1))))  # the top row's leftmost shape pixel
+        for k in range(1, min(row, col, 6) + 1):  # a diagonal line up and left from it
+            lined[row - k, col - k] = shapes.COLOURS[colour]
+        assert shapes.measure(Image.fromarray(lined)) == (colour, shape), i
+
+
+def test_shapes_are_drawn_whole_inside_the_image_at_45_to_70_percent_of_its_side():
+    """draw(): the shape's box is 45-70% of the side, at least one white pixel from every edge, anywhere
+    (not only on the diagonal); a triangle is isosceles (its apex above its base's middle)."""
+    import numpy as np
+
+    from demo import shapes
+
+    for size in (32, 64):
+        corners = set()
+        for i in range(240):
+            _, shape, img = shapes.shape_sample(i, shapes.combinations(), size)
+            mask = (np.asarray(img) != 255).any(-1)
+            rows, cols = np.nonzero(mask)
+            assert rows.min() >= 1 and cols.min() >= 1 and rows.max() <= size - 2 and cols.max() <= size - 2, i
+            side = rows.max() - rows.min() + 1
+            assert side == cols.max() - cols.min() + 1 and int(0.45 * size) <= side <= int(0.7 * size), (i, side)
+            corners.add((rows.min(), cols.min()))
+            if shape == "triangle":
+                box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+                assert (box != box[:, ::-1]).mean() < 0.15, i
+        assert len({r - c for r, c in corners}) > 5
+
+
+def test_shape_samples_are_a_function_of_seed_and_index():
+    """The demo draws its sets from one generator with other seeds (training: seed, FID's real images: seed+1,
+    the upsampler's: seed+2 and its unseen validation shapes: seed+3): a seed's stream is not another's shifted,
+    else the "unseen" images would be training images."""
+    import numpy as np
+
+    from demo import shapes
+
+    combos = shapes.combinations()
+
+    def sample(i, seed):
+        colour, shape, img = shapes.shape_sample(i, combos, 32, seed)
+        return colour, shape, np.asarray(img).tobytes()
+
+    assert sample(7, 0) == sample(7, 0) and sample(7, 0) != sample(7, 1)
+    assert sum(sample(i, 1) == sample(i + 1, 0) for i in range(64)) < 5
+    assert shapes.caption("red", "circle") == "a red circle on a white background"
+    assert len(shapes.combinations({("yellow", "square"), ("blue", "triangle")})) == 10
+    assert ("yellow", "square") not in shapes.combinations({("yellow", "square")})
+
+
+def test_shape_and_photo_shards_hold_what_they_are_asked_for(tmp_path):
+    """write_shapes_shards: `count` samples keyed from `start`, `per_shard` to a shard named by its first
+    index, no held-out combination, each with its png, caption and metadata; write_photo_shard: every shipped
+    photo with its first caption and its licence."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+
+    from data_pipeline.shared_data import shared_path
+    from demo import shapes
+
+    def members(path):
+        with tarfile.open(path) as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+    hidden = {(c, s) for c in ("red", "green", "blue") for s in shapes.SHAPES}  # only yellow, and not squares
+    paths = shapes.write_shapes_shards(tmp_path / "s", 5, 16, {*hidden, ("yellow", "square")}, seed=3, per_shard=4,
+                                       start=6)
+    assert [p.name for p in paths] == ["00001.tar", "00002.tar"]
+    files = [members(p) for p in paths]
+    keys = [sorted({name.split(".")[0] for name in f}) for f in files]
+    assert keys == [[f"shape{i:07d}" for i in range(6, 10)], ["shape0000010"]]
+    for f in files:
+        for key in {name.split(".")[0] for name in f}:
+            meta = json.loads(f[f"{key}.json"])
+            assert meta == {"caption": f[f"{key}.txt"].decode(), "colour": "yellow", "shape": meta["shape"],
+                            "width": 16, "height": 16}
+            assert meta["shape"] in ("circle", "triangle") and meta["caption"] == shapes.caption("yellow", meta["shape"])
+            image = Image.open(io.BytesIO(f[f"{key}.png"]))
+            assert image.size == (16, 16)
+            assert np.array_equal(np.asarray(image), np.asarray(shapes.shape_sample(int(key[5:]), shapes.combinations(
+                {*hidden, ("yellow", "square")}), 16, 3)[2]))
+    photos = shared_path("coco_mini")
+    entries = json.loads((photos / "captions.json").read_text())
+    shard = members(shapes.write_photo_shard(tmp_path / "p.tar", photos))
+    for e in entries:
+        key = Path(e["file_name"]).stem
+        assert shard[f"{key}.txt"].decode() == e["captions"][0]
+        assert json.loads(shard[f"{key}.json"]) == {"caption": e["captions"][0], "license": e["license"]}
+        assert shard[f"{key}.jpg"] == (photos / "images" / e["file_name"]).read_bytes()
+    assert len(shard) == 3 * len(entries)
+
+
 def test_demo_settings_that_cannot_work_are_refused_before_anything_runs(tmp_path):
     """Too few held-out shapes for the training run's held-out loss (train.eval_batches global batches) failed at
     the training step, minutes in; an unknown colour in held_out is named."""
