@@ -169,6 +169,61 @@ def test_demo_settings_that_cannot_work_are_refused_before_anything_runs(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_path):
+    """make_data(): the training shards (no held-out combination) and the photo shard behind the first
+    pattern, the held-out loss's shards (keys after the training set's) behind the second; a rerun rewrites
+    nothing."""
+    import io
+    import tarfile
+
+    from data_pipeline.laion import expand_shards
+    from demo import shapes
+    from demo.run import DemoConfig, make_data
+
+    cfg = DemoConfig(out=str(tmp_path), shapes=1500, valid_shapes=3, image_size=8, held_out="yellow square")
+    pattern, valid_pattern = make_data(cfg, tmp_path)
+    train, valid = expand_shards(pattern), expand_shards(valid_pattern)
+    assert [p.name for p in train] == ["00000.tar", "00001.tar", "00002.tar"] and [p.name for p in valid] == ["00001.tar"]
+
+    def samples(path):
+        with tarfile.open(path) as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+    captions = [v.decode() for p in train[:2] for k, v in samples(p).items() if k.endswith(".txt")]
+    assert len(captions) == 1500 and shapes.caption("yellow", "square") not in captions
+    assert len([k for k in samples(train[2]) if k.endswith(".jpg")]) == 17  # the shipped photos
+    assert sorted(k for k in samples(valid[0]) if k.endswith(".png")) == [f"shape{i:07d}.png" for i in (1500, 1501, 1502)]
+    stamps = {p: p.stat().st_mtime_ns for p in train + valid}
+    assert make_data(cfg, tmp_path) == (pattern, valid_pattern)
+    assert {p: p.stat().st_mtime_ns for p in train + valid} == stamps
+    assert Image.open(io.BytesIO(samples(valid[0])["shape0001500.png"])).size == (8, 8)
+
+
+def test_demo_report_helpers():
+    """agreement() (a sample counts for "both" only with colour and shape right; none: 0 of 0), the prompts
+    (every combination once, the held-out ones marked), and the labels the report and its plot carry."""
+    from types import SimpleNamespace
+
+    from demo.run import DemoConfig, agreement, demo_prompts, layout_label, loss_label, preemption_label
+
+    rows = [{"colour_ok": c, "shape_ok": s} for c, s in ((True, True), (True, False), (False, True), (False, False))]
+    assert agreement(rows) == {"samples": 4, "colour": 0.5, "shape": 0.5, "both": 0.25}
+    assert agreement(rows[:3]) == {"samples": 3, "colour": 2 / 3, "shape": 2 / 3, "both": 1 / 3}
+    assert agreement([]) == {"samples": 0, "colour": 0, "shape": 0, "both": 0}
+    prompts = demo_prompts(DemoConfig(held_out="yellow square,blue triangle"))
+    assert len(prompts) == 12 and prompts[0] == {"prompt": "a red circle on a white background", "colour": "red",
+                                                 "shape": "circle", "held_out": False}
+    assert sorted((p["colour"], p["shape"]) for p in prompts if p["held_out"]) == [("blue", "triangle"), ("yellow", "square")]
+    assert preemption_label({"stopped_at_step": 81, "steps": 160}) == "stopped at step 81 and resumed"
+    assert preemption_label({}) == "not stopped"
+    assert loss_label(SimpleNamespace(text_loss_weight=0)) == "loss (image-token cross-entropy)"
+    assert loss_label(SimpleNamespace(text_loss_weight=0.1)) == "loss (0.9 x image-token + 0.1 x caption-token cross-entropy)"
+    layouts = {(2, 1, 2): "TP=2", (1, 1, 2): "DP=2", (2, 1, 4): "DP=2 x TP=2", (1, 2, 4): "DP=2 x PP=2",
+               (2, 2, 4): "TP=2 x PP=2", (1, 1, 1): "one process"}
+    for (tp, pp, nproc), label in layouts.items():
+        assert layout_label(SimpleNamespace(tp=tp, pp=pp), nproc) == label
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo with SMALL settings (encoder-decoder): (its output folder, its results)."""
