@@ -130,7 +130,16 @@ def check(cfg: DemoConfig) -> None:
     """A ValueError naming the first field that makes no sense (or that the output folder's run does not share)."""
     if cfg.arch not in ARCH_PRESETS:
         raise ValueError(f"arch={cfg.arch!r} must be one of {', '.join(ARCH_PRESETS)}")
-    held_out(cfg)
+    out = Path(cfg.out)
+    if not cfg.out.strip():  # (Path("") is the current folder: its vq/ and sr/ would take the demo's runs)
+        raise ValueError("out= is empty: name the demo's output folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={cfg.out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "demo_config.yaml").is_file():
+        raise ValueError(f"out={cfg.out} holds other files and no demo_config.yaml (not a demo's folder): "
+                         "give an empty or new folder")
+    if not shapes.combinations(held_out(cfg)):
+        raise ValueError(f"held_out={cfg.held_out!r} leaves no combination to train on")
     check_same_run(cfg, Path(cfg.out) / "demo_config.yaml")
     batch = load_config(cfg.train_config).train.global_batch_size
     if cfg.valid_shapes < EVAL_BATCHES * batch:  # (else the training step refuses them, minutes in)
@@ -141,6 +150,10 @@ def check(cfg: DemoConfig) -> None:
 
 def held_out(cfg: DemoConfig) -> set[tuple[str, str]]:
     pairs = {tuple(item.split()) for item in cfg.held_out.split(",") if item.strip()}
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"held_out={cfg.held_out!r}: {' '.join(pair)!r} is not a colour and a shape "
+                             "(e.g. 'yellow square')")
     for colour, shape in pairs:
         if colour not in shapes.COLOURS or shape not in shapes.SHAPES:
             raise ValueError(f"held_out={cfg.held_out!r}: {colour} {shape} is not a colour ({', '.join(shapes.COLOURS)}) "

@@ -169,6 +169,40 @@ def test_demo_settings_that_cannot_work_are_refused_before_anything_runs(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_settings_are_checked_against_the_output_folder_and_the_combinations(tmp_path):
+    """check(): the boundary valid_shapes (4 global batches of 32) and a rerun with only another out= pass; an
+    unknown arch or shape, a held_out item that is not "colour shape", held_out covering every combination,
+    an out= naming a file, and an empty out= (the current folder: the demo's vq/ and sr/ went into the
+    packages of those names) are refused; the saved settings of an older demo (a field it lacked) are not."""
+    import yaml
+
+    from demo.run import DemoConfig, check, check_same_run, held_out
+
+    check(DemoConfig(out=str(tmp_path / "fresh"), valid_shapes=128))
+    assert held_out(DemoConfig(held_out="yellow square, ,red circle")) == {("yellow", "square"), ("red", "circle")}
+    (tmp_path / "a_file").write_text("")
+    everything = ",".join(f"{c} {s}" for c, s in __import__("demo.shapes").shapes.combinations())
+    cases = {"arch": (DemoConfig(arch="dalle"), r"arch='dalle' must be one of encoder_decoder, decoder_only"),
+             "shape": (DemoConfig(held_out="red star"), r"red star is not a colour .* and shape"),
+             "one word": (DemoConfig(held_out="yellow"), r"held_out='yellow': 'yellow' is not a colour and a shape"),
+             "all": (DemoConfig(held_out=everything), r"held_out=.* leaves no combination to train on"),
+             "file": (DemoConfig(out=str(tmp_path / "a_file")), r"out=.*a_file is a file, not a folder"),
+             "empty": (DemoConfig(out=""), r"out= is empty"),
+             "a folder that is no demo's": (DemoConfig(out=str(tmp_path)), r"holds other files and no demo_config.yaml")}
+    for name, (cfg, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            check(cfg)
+    saved = tmp_path / "demo" / "demo_config.yaml"
+    saved.parent.mkdir()
+    settings = {k: v for k, v in __import__("dataclasses").asdict(DemoConfig(out="elsewhere")).items() if k != "fid"}
+    saved.write_text(yaml.safe_dump(settings))
+    check_same_run(DemoConfig(out=str(saved.parent)), saved)  # other out=, and `fid` unknown to that run: accepted
+    check(DemoConfig(out=str(saved.parent)))
+    with pytest.raises(ValueError, match=r"holds a demo run with other settings \(seed: 0 there, 1 here; "
+                                         r"shapes: 6000 there, 10 here\)"):
+        check_same_run(DemoConfig(out=str(saved.parent), shapes=10, seed=1), saved)
+
+
 def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_path):
     """make_data(): the training shards (no held-out combination) and the photo shard behind the first
     pattern, the held-out loss's shards (keys after the training set's) behind the second; a rerun rewrites
