@@ -198,6 +198,8 @@ def test_demo_settings_are_checked_against_the_output_folder_and_the_combination
     saved.write_text(yaml.safe_dump(settings))
     check_same_run(DemoConfig(out=str(saved.parent)), saved)  # other out=, and `fid` unknown to that run: accepted
     check(DemoConfig(out=str(saved.parent)))
+    with pytest.raises(ValueError, match=r"other settings \(shapes: 6000 there, 10 here\)"):
+        check(DemoConfig(out=str(saved.parent), shapes=10))
     with pytest.raises(ValueError, match=r"holds a demo run with other settings \(seed: 0 there, 1 here; "
                                          r"shapes: 6000 there, 10 here\)"):
         check_same_run(DemoConfig(out=str(saved.parent), shapes=10, seed=1), saved)
