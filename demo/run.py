@@ -187,7 +187,9 @@ def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
             "loss.perceptual=0", "loss.adversarial=0", "loss.logit_laplace=0", f"train.steps={cfg.vq_steps}",
             "train.batch_size=32", "train.lr=2e-3", f"train.seed={cfg.seed}", "train.log_interval=50",
             f"train.eval_interval={cfg.vq_steps}", f"train.save_interval={cfg.vq_steps}"])
-        VQTrainer(vq_cfg, pattern, out / "vq").run()
+        trainer = VQTrainer(vq_cfg, pattern, out / "vq")
+        trainer.resume()  # (from the checkpoint a stopped or killed run left there; none: from step 0)
+        trainer.run()
     return export
 
 
@@ -209,8 +211,10 @@ def train_upsampler(cfg: DemoConfig, out: Path, vq_path: Path) -> Path:
             f"train.steps={cfg.sr_steps}", "train.batch_size=16",
             "train.lr=1e-3", f"train.seed={cfg.seed}", "train.log_interval=50", f"train.eval_interval={cfg.sr_steps}",
             f"train.save_interval={cfg.sr_steps}"])
-        SRTrainer(sr_cfg, str(data / "train" / f"{{00000..{count - 1:05d}}}.tar"), out / "sr",
-                  str(data / "val" / "00000.tar")).run()
+        trainer = SRTrainer(sr_cfg, str(data / "train" / f"{{00000..{count - 1:05d}}}.tar"), out / "sr",
+                            str(data / "val" / "00000.tar"))
+        trainer.resume()
+        trainer.run()
     return export
 
 

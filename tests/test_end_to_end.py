@@ -205,6 +205,34 @@ def test_demo_settings_are_checked_against_the_output_folder_and_the_combination
         check_same_run(DemoConfig(out=str(saved.parent), shapes=10, seed=1), saved)
 
 
+def test_a_rerun_continues_the_image_tokenizer_and_the_upsampler_from_their_checkpoints(tmp_path, monkeypatch):
+    """A stop during the image tokenizer's or the upsampler's training (SIGTERM, a SLURM preemption) saves a
+    checkpoint and says "run again to continue"; the rerun trained them from step 0 again (run() without
+    resume()). Each trainer is now resumed before it runs (the trainers themselves stand in here)."""
+    import demo.run as demo_run
+
+    calls = []
+
+    def recording(name):
+        class Trainer:
+            def __init__(self, cfg, *args):
+                calls.append((name, "init"))
+
+            def resume(self):
+                calls.append((name, "resume"))
+
+            def run(self):
+                calls.append((name, "run"))
+        return Trainer
+
+    monkeypatch.setattr(demo_run, "VQTrainer", recording("vq"))
+    monkeypatch.setattr(demo_run, "SRTrainer", recording("sr"))
+    cfg = demo_run.DemoConfig(out=str(tmp_path), sr_images=2, image_size=8)
+    demo_run.train_image_tokenizer(cfg, tmp_path, "unused")
+    demo_run.train_upsampler(cfg, tmp_path, tmp_path / "vq" / "export.pt")
+    assert calls == [(n, step) for n in ("vq", "sr") for step in ("init", "resume", "run")]
+
+
 def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_path):
     """make_data(): the training shards (no held-out combination) and the photo shard behind the first
     pattern, the held-out loss's shards (keys after the training set's) behind the second; a rerun rewrites
