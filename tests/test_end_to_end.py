@@ -233,6 +233,32 @@ def test_a_rerun_continues_the_image_tokenizer_and_the_upsampler_from_their_chec
     assert calls == [(n, step) for n in ("vq", "sr") for step in ("init", "resume", "run")]
 
 
+def test_sample_prompts_measures_each_sample_against_its_prompt(tmp_path, monkeypatch):
+    """sample_prompts(): one row per sample file, its measured colour and shape each compared with the prompt's
+    (the sampler stands in: the first sample of a prompt is what it asks for, the second another shape)."""
+    import json
+    import random
+
+    import demo.run as demo_run
+    from demo import shapes
+
+    def fake_generate(model, vq, text_tok, prompts, out, cfg, samples_per_prompt, seed, batch_size, upsampler):
+        out.mkdir(parents=True, exist_ok=True)
+        for i, p in enumerate(prompts):
+            other = next(s for s in shapes.SHAPES if s != p["shape"])
+            files = [f"{i:05d}_{k}.png" for k in range(samples_per_prompt)]
+            for k, (name, shape) in enumerate(zip(files, (p["shape"], other))):
+                shapes.draw(p["colour"], shape, 32, random.Random(k)).save(out / name)
+            (out / f"{i:05d}.json").write_text(json.dumps({**p, "files": files}))
+
+    monkeypatch.setattr(demo_run, "generate", fake_generate)
+    prompts = demo_run.demo_prompts(demo_run.DemoConfig())[:3]
+    rows = demo_run.sample_prompts(None, None, None, prompts, tmp_path, demo_run.DemoConfig(samples_per_prompt=2))
+    assert [(r["file"], r["colour_ok"], r["shape_ok"]) for r in rows] == [
+        (f"{i:05d}_{k}.png", True, k == 0) for i in range(3) for k in range(2)]
+    assert [r["seen_colour"] for r in rows] == ["red"] * 6 and rows[0]["seen_shape"] == "circle"
+
+
 def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_path):
     """make_data(): the training shards (no held-out combination) and the photo shard behind the first
     pattern, the held-out loss's shards (keys after the training set's) behind the second; a rerun rewrites
@@ -273,6 +299,8 @@ def test_demo_report_helpers():
     rows = [{"colour_ok": c, "shape_ok": s} for c, s in ((True, True), (True, False), (False, True), (False, False))]
     assert agreement(rows) == {"samples": 4, "colour": 0.5, "shape": 0.5, "both": 0.25}
     assert agreement(rows[:3]) == {"samples": 3, "colour": 2 / 3, "shape": 2 / 3, "both": 1 / 3}
+    assert agreement(rows[:2]) == {"samples": 2, "colour": 1.0, "shape": 0.5, "both": 0.5}
+    assert agreement(rows[:1]) == {"samples": 1, "colour": 1.0, "shape": 1.0, "both": 1.0}
     assert agreement([]) == {"samples": 0, "colour": 0, "shape": 0, "both": 0}
     prompts = demo_prompts(DemoConfig(held_out="yellow square,blue triangle"))
     assert len(prompts) == 12 and prompts[0] == {"prompt": "a red circle on a white background", "colour": "red",
