@@ -940,6 +940,25 @@ def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_pro
         load_exported(path)
 
 
+def test_assign_weights_refuses_a_parameter_or_buffer_left_on_the_meta_device():
+    """Every parameter and buffer of the meta-built module must get a tensor: one left on meta is named."""
+    from training.export import assign_weights
+
+    def meta_module():
+        with torch.device("meta"):
+            module = torch.nn.Linear(2, 3)
+            module.register_buffer("scale", torch.ones(3))
+        return module
+
+    weights = {"weight": torch.ones(3, 2), "bias": torch.zeros(3), "scale": torch.full((3,), 2.0)}
+    module = meta_module()
+    assign_weights(module, dict(weights), "w.safetensors")
+    assert all(torch.equal(t, weights[n]) for n, t in module.state_dict().items())
+    for name in weights:
+        with pytest.raises(RuntimeError, match=rf"w.safetensors: no weights for \['{name}'\]"):
+            assign_weights(meta_module(), {k: v for k, v in weights.items() if k != name}, "w.safetensors")
+
+
 @torch.no_grad()
 def test_load_exported_in_bf16(single_process, tmp_path):
     from training.export import default_dtype, load_exported

@@ -540,6 +540,79 @@ def test_export_groups_and_header(tmp_path):
             assert torch.equal(f.get_tensor(name), tensor)
 
 
+@pytest.fixture(scope="module")
+def one_process_run(single_process, tmp_path_factory):
+    """A one-process run (ZeRO-0) with checkpoints at steps 3 and 6, `latest` naming step 6."""
+    path = tmp_path_factory.mktemp("one_process")
+    run(str(path), "train.eval_interval=0")
+    return path
+
+
+def test_export_reads_the_checkpoint_asked_for_and_refuses_broken_ones(one_process_run, tmp_path):
+    """Without a tag the latest checkpoint goes to RUN_DIR/export; with one, that checkpoint's weights; a run
+    without a complete checkpoint, a trainer state without the run's config and a truncated .distcp are each
+    refused naming the file, before anything is written."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from common.checkpoints import CheckpointError
+    from training.export import export, open_checkpoint, read_weights
+
+    latest = export(one_process_run)
+    assert latest == one_process_run / "export"
+    assert json.loads((latest / "config.json").read_text())["checkpoint"] == f"step_{STEPS:08d}"
+    step3 = export(one_process_run, "step_00000003", tmp_path / "step3")
+    assert json.loads((step3 / "config.json").read_text())["checkpoint"] == "step_00000003"
+    path, _, shapes = open_checkpoint(one_process_run, "step_00000003")
+    weights = read_weights(path, shapes)
+    with safe_open(str(step3 / "model.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor(n), weights[n]) for n in shapes)
+    with safe_open(str(latest / "model.safetensors"), "pt") as f:
+        assert not all(torch.equal(f.get_tensor(n), weights[n]) for n in shapes)  # (step 6 trained on)
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty' / 'checkpoints'} holds no complete checkpoint"):
+        export(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(one_process_run / "checkpoints", broken / "checkpoints")
+    state_file = broken / "checkpoints" / "step_00000003" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "config"}))
+    with pytest.raises(CheckpointError, match=f"{state_file}: no config.model"):
+        export(broken, "step_00000003", tmp_path / "out")
+    distcp = min((broken / "checkpoints" / f"step_{STEPS:08d}").glob("*.distcp"))
+    distcp.write_bytes(distcp.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{distcp} is truncated"):
+        export(broken, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_reads_group_by_group_and_a_failed_reexport_keeps_the_earlier_one(one_process_run, tmp_path,
+                                                                                monkeypatch):
+    """group_bytes reaches read_weights (one call per group, the same file); a tensor read back in another dtype
+    or shape stops the export naming it, and the export it was to replace is left as it was, no temporary
+    file beside it."""
+    from training import export as export_module
+
+    out = export_module.export(one_process_run, "step_00000003", tmp_path / "export")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    read, calls = export_module.read_weights, []
+    monkeypatch.setattr(export_module, "read_weights",
+                        lambda path, shapes: calls.append(len(shapes)) or read(path, shapes))
+    streamed = export_module.export(one_process_run, "step_00000003", tmp_path / "streamed", group_bytes=1 << 16)
+    assert len(calls) > 3 and (streamed / "model.safetensors").read_bytes() == before["model.safetensors"]
+    for damage in (lambda w: w.bfloat16(), lambda w: w.flatten()):
+        def damaged(path, shapes, damage=damage):
+            weights = read(path, shapes)
+            return {n: damage(w) if n == max(weights) else w for n, w in weights.items()}
+
+        monkeypatch.setattr(export_module, "read_weights", damaged)
+        with pytest.raises(ValueError, match=r"step_00000006: \S+ read back as .*the export's header says float32"):
+            export_module.export(one_process_run, out=out)
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop's schedule of logs, measurements, saves and stops, on a Trainer without a model (fast).
 
