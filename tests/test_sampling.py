@@ -940,6 +940,35 @@ def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_pro
         load_exported(path)
 
 
+def test_an_export_of_integer_weights_or_without_a_model_section_is_refused_naming_its_file(single_process, tmp_path):
+    """A tensor stored as integers or booleans (the header's dtype edited: its bytes read as other numbers) loaded
+    cast to floats without a word; a config.json without a model section ended in a KeyError or AttributeError,
+    and one of unknown keys in a ConfigError not naming the file: each a ValueError naming it (a float16 copy of
+    the weights still loads)."""
+    from safetensors.torch import load_file, save_file
+
+    from training.export import exported_data_tokenizers, exported_model_config, load_exported
+
+    path = write_export(debug_model(seed=5), tmp_path / "export")
+    weights, config = path / "model.safetensors", path / "config.json"
+    tensors = load_file(str(weights))
+    name = min(tensors)
+    save_file({**tensors, name: tensors[name].to(torch.int32)}, str(weights))
+    with pytest.raises(ValueError, match=rf"{weights}: 1 tensor\(s\) not floating point: {re.escape(name)} \(I32\)"):
+        load_exported(path)
+    save_file({n: t.half() for n, t in tensors.items()}, str(weights))
+    assert {p.dtype for p in load_exported(path).parameters()} == {torch.float32}
+    saved = json.loads(config.read_text())
+    for bad in ({"checkpoint": "test"}, [saved], {**saved, "model": "parti-debug"}):
+        config.write_text(json.dumps(bad))
+        for read in (load_exported, exported_model_config, exported_data_tokenizers):
+            with pytest.raises(ValueError, match=rf"{config}: no model section"):
+                read(path)
+    config.write_text(json.dumps({**saved, "model": {**saved["model"], "hidden_sise": 64}}))
+    with pytest.raises(ValueError, match=rf"{config}: unknown key\(s\) model.hidden_sise"):
+        load_exported(path)
+
+
 def test_assign_weights_refuses_a_parameter_or_buffer_left_on_the_meta_device():
     """Every parameter and buffer of the meta-built module must get a tensor: one left on meta is named."""
     from training.export import assign_weights

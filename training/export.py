@@ -24,6 +24,7 @@ import torch
 
 from common.checkpoints import CheckpointError, checkpoint_dir
 from common.cli import command, description
+from common.config import ConfigError
 from common.files import atomic_path, write_atomic
 from common.state_file import check_fits
 from model_parallel.config import ModelConfig, saved_model_config
@@ -31,6 +32,9 @@ from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
 from training.checkpoint import read_trainer_state, resume_tag, sharded_blocks, verify
 from training.deepspeed_glue import Fragment, local_shape
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+"""The safetensors dtypes load_exported takes (cast to its `dtype`): training.export writes F32."""
 
 GROUP_BYTES = 1 << 31
 """Weights read from the checkpoint at a time while exporting (parti-20b's fp32 weights are 80 GB): the host
@@ -130,15 +134,36 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def read_export_config(path: str | Path) -> dict:
+    """An export folder's config.json; ValueError naming it when it is not JSON or has no model section."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as e:  # (UnicodeDecodeError included)
+        raise ValueError(f"{file}: not readable as JSON ({str(e)[:200]}); the export is damaged: "
+                         "export again") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):  # (a damaged file, not a type)
+        raise ValueError(  # noqa: TRY004
+            f"{file}: no model section (expected the config.json training.export writes): export again")
+    return config
+
+
 def exported_model_config(path: str | Path) -> ModelConfig:
     """The model section an export folder's config.json holds (read without building the model)."""
-    return saved_model_config(json.loads((Path(path) / "config.json").read_text())["model"])
+    return _model_config(read_export_config(path), Path(path) / "config.json")
+
+
+def _model_config(config: dict, file: Path) -> ModelConfig:
+    try:
+        return saved_model_config(config["model"])
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
 
 
 def exported_data_tokenizers(path: str | Path) -> dict | None:
     """The image and text tokenizers of the data the exported model was trained on (code-shard manifest entries,
     data_pipeline.code_shards.data_tokenizers); None for synthetic data or an export made before they were kept."""
-    return json.loads((Path(path) / "config.json").read_text()).get("data_tokenizers")
+    return read_export_config(path).get("data_tokenizers")
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -154,8 +179,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     path = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    config = json.loads((path / "config.json").read_text())
-    model_cfg = saved_model_config(config["model"])
+    config = read_export_config(path)
+    model_cfg = _model_config(config, path / "config.json")
     init_parallel(tp=1, pp=1)
     with torch.device("meta"):
         model = PartiModel(model_cfg, meta=True)
@@ -168,7 +193,13 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
                 raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, "
                                  f"config.json describes {config.get('checkpoint')} (an export stopped between its "
                                  "two files?); export again")
-            shapes = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in names}
+            slices = {name: f.get_slice(name) for name in names}
+            other = [f"{n} ({s.get_dtype()})" for n, s in slices.items() if s.get_dtype() not in FLOAT_DTYPES]
+            if other:  # (cast to `dtype`, integers or booleans would load as weights without a word)
+                raise ValueError(f"{file}: {len(other)} tensor(s) not floating point: {', '.join(other[:6])}"
+                                 f"{' ...' if len(other) > 6 else ''}; training.export writes F32 weights: export "
+                                 "again")
+            shapes = {name: torch.empty(s.get_shape(), device="meta") for name, s in slices.items()}
             megatron_extra = tuple(k for k in model.state_dict() if k.endswith("_extra_state"))  # (not exported)
             check_fits(model, shapes, str(file), optional=megatron_extra,
                        advice="its config.json describes another model than its weights: export again")
