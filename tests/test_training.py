@@ -613,6 +613,34 @@ def test_export_reads_group_by_group_and_a_failed_reexport_keeps_the_earlier_one
         assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+def test_export_refuses_an_out_folder_of_other_files_and_replaces_its_own(one_process_run, tmp_path):
+    """--out on a folder whose config.json or model.safetensors no export wrote (a text encoder's folder: its
+    config.json was replaced) is refused naming the file, before anything is written; an earlier export, or one
+    stopped between its two files (the weights written, with their tag), is replaced."""
+    from safetensors.torch import save_file
+
+    from training.export import export
+
+    encoder = tmp_path / "text_encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text('{"model": {}, "text_tokenizer": null}')
+    with pytest.raises(FileExistsError, match=f"{encoder / 'config.json'}: not the config.json of an export"):
+        export(one_process_run, out=encoder)
+    assert sorted(p.name for p in encoder.iterdir()) == ["config.json"]
+    assert (encoder / "config.json").read_text() == '{"model": {}, "text_tokenizer": null}'
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"x": torch.zeros(2)}, str(other / "model.safetensors"))
+    with pytest.raises(FileExistsError, match=f"{other / 'model.safetensors'}: not the weights of an export"):
+        export(one_process_run, out=other)
+    out = export(one_process_run, "step_00000003", tmp_path / "export")
+    assert export(one_process_run, out=out) == out
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == f"step_{STEPS:08d}"
+    (out / "config.json").unlink()  # (stopped between the weights and config.json)
+    export(one_process_run, "step_00000003", out)
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == "step_00000003"
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop's schedule of logs, measurements, saves and stops, on a Trainer without a model (fast).
 

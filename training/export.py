@@ -104,8 +104,9 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     tag = tag or resume_tag(run_dir)[0]  # `latest`'s, or the newest complete one when `latest` is gone
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint")
-    path, state, shapes = open_checkpoint(run_dir, tag)
     out = Path(out or Path(run_dir) / "export")
+    check_replaceable(out)
+    path, state, shapes = open_checkpoint(run_dir, tag)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp, open(tmp, "wb") as f:
         f.write(head := safetensors_header(shapes, {"checkpoint": tag}))
@@ -127,6 +128,31 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     write_atomic(out / "config.json", json.dumps({"model": state["config"]["model"], "checkpoint": tag,
                                                   "data_tokenizers": state.get("data_tokenizers")}, indent=1))
     return out
+
+
+def check_replaceable(out: Path) -> None:
+    """FileExistsError naming the file when `out` holds a config.json or model.safetensors that an export did not
+    write (another tool's folder given as --out, say a text encoder's, whose config.json would be replaced)."""
+    config, weights = out / "config.json", out / "model.safetensors"
+    if config.exists():
+        try:
+            ours = {"model", "checkpoint"} <= set(json.loads(config.read_text()))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{config}: not the config.json of an export (no model and checkpoint); refusing to "
+                                  "replace it: choose another --out")
+    elif weights.exists():  # (an export stopped between its two files writes the weights first, with their tag)
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                ours = "checkpoint" in (f.metadata() or {})
+        except Exception:  # noqa: BLE001 - safetensors' SafetensorError: not such a file at all
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{weights}: not the weights of an export (no checkpoint tag) and no config.json "
+                                  "beside it; refusing to replace it: choose another --out")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
