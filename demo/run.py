@@ -124,6 +124,8 @@ ARCH_PRESETS = {"encoder_decoder": "parti-tiny", "decoder_only": "dalle-tiny"}
 """The demo's model preset for each model.arch."""
 EVAL_BATCHES = 4
 """Global batches of the held-out shapes in each held-out loss of the training run (train.eval_batches)."""
+VQ_PATCH = 4
+"""The image tokenizer's patch side: image_size / VQ_PATCH codes a side, the training config's model.image_grid."""
 
 
 def check(cfg: DemoConfig) -> None:
@@ -133,15 +135,21 @@ def check(cfg: DemoConfig) -> None:
     out = Path(cfg.out)
     if not cfg.out.strip():  # (Path("") is the current folder: its vq/ and sr/ would take the demo's runs)
         raise ValueError("out= is empty: name the demo's output folder")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={cfg.out} is a file, not a folder")
+    file = next((f for f in (out, *out.parents) if f.exists() and not f.is_dir()), None)
+    if file is not None:
+        raise ValueError(f"out={cfg.out}: {file} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "demo_config.yaml").is_file():
         raise ValueError(f"out={cfg.out} holds other files and no demo_config.yaml (not a demo's folder): "
                          "give an empty or new folder")
     if not shapes.combinations(held_out(cfg)):
         raise ValueError(f"held_out={cfg.held_out!r} leaves no combination to train on")
     check_same_run(cfg, Path(cfg.out) / "demo_config.yaml")
-    batch = load_config(cfg.train_config).train.global_batch_size
+    train = load_config(cfg.train_config)
+    batch, grid = train.train.global_batch_size, train.model.image_grid
+    if cfg.image_size != VQ_PATCH * grid:  # (else pre-tokenization refuses the codes' grid, minutes in)
+        raise ValueError(f"image_size={cfg.image_size}: the image tokenizer's {VQ_PATCH}x{VQ_PATCH} patches must give "
+                         f"the {grid}x{grid} codes of {cfg.train_config} (model.image_grid): image_size="
+                         f"{VQ_PATCH * grid}")
     if cfg.valid_shapes < EVAL_BATCHES * batch:  # (else the training step refuses them, minutes in)
         raise ValueError(f"valid_shapes={cfg.valid_shapes}: the training run's held-out loss reads {EVAL_BATCHES} "
                          f"global batches of {batch} ({cfg.train_config}) from them; give at least "
@@ -182,7 +190,7 @@ def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
     export = out / "vq" / "export.pt"
     if not export.is_file():
         vq_cfg = load_typed(VQConfig, None, [
-            "model.layers=2", f"model.width={cfg.vq_width}", f"model.image_size={cfg.image_size}", "model.patch=4",
+            "model.layers=2", f"model.width={cfg.vq_width}", f"model.image_size={cfg.image_size}", f"model.patch={VQ_PATCH}",
             "model.code_dim=16", f"model.codebook_size={cfg.codebook_size}", "model.dead_code_steps=50",
             "loss.perceptual=0", "loss.adversarial=0", "loss.logit_laplace=0", f"train.steps={cfg.vq_steps}",
             "train.batch_size=32", "train.lr=2e-3", f"train.seed={cfg.seed}", "train.log_interval=50",

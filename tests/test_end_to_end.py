@@ -161,7 +161,9 @@ def test_demo_settings_that_cannot_work_are_refused_before_anything_runs(tmp_pat
 
     cases = {"valid_shapes=64": r"valid_shapes=64: the training run's held-out loss reads 4 global batches of 32 "
                                 r"\(configs/train/demo.yaml\) from them; give at least 128$",
-             "held_out=pink circle": r"held_out='pink circle': pink circle is not a colour"}
+             "held_out=pink circle": r"held_out='pink circle': pink circle is not a colour",
+             "image_size=30": r"image_size=30: the image tokenizer's 4x4 patches must give the 8x8 codes of "
+                              r"configs/train/demo.yaml \(model.image_grid\): image_size=32$"}
     for setting, message in cases.items():
         with pytest.raises(SystemExit) as exit_:
             main(["--set", f"out={tmp_path / 'out'}", setting])
@@ -187,6 +189,8 @@ def test_demo_settings_are_checked_against_the_output_folder_and_the_combination
              "one word": (DemoConfig(held_out="yellow"), r"held_out='yellow': 'yellow' is not a colour and a shape"),
              "all": (DemoConfig(held_out=everything), r"held_out=.* leaves no combination to train on"),
              "file": (DemoConfig(out=str(tmp_path / "a_file")), r"out=.*a_file is a file, not a folder"),
+             "under a file": (DemoConfig(out=str(tmp_path / "a_file" / "demo")),
+                              r"out=.*a_file/demo: .*a_file is a file, not a folder"),
              "empty": (DemoConfig(out=""), r"out= is empty"),
              "a folder that is no demo's": (DemoConfig(out=str(tmp_path)), r"holds other files and no demo_config.yaml")}
     for name, (cfg, message) in cases.items():
