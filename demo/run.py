@@ -296,7 +296,11 @@ def sample_prompts(model, vq, text_tok, prompts: list[dict], out: Path, cfg: Dem
 
 
 def agreement(rows: list[dict]) -> dict:
-    n = max(len(rows), 1)
+    """The fractions of `rows` whose colour, shape and both were measured as prompted; of no rows, only the count
+    (none measured: a 0% would read as a model that got every one wrong; the report's table leaves them blank)."""
+    n = len(rows)
+    if not n:
+        return {"samples": 0}
     return {"samples": len(rows), "colour": sum(r["colour_ok"] for r in rows) / n,
             "shape": sum(r["shape_ok"] for r in rows) / n,
             "both": sum(r["colour_ok"] and r["shape_ok"] for r in rows) / n}
@@ -481,7 +485,9 @@ def main(argv: list[str] | None = None) -> None:
         check(cfg)
     res = run(cfg)
     t, b = res["trained"], res["before_training"]["all"]
-    log(f"{ARCH_PRESETS[cfg.arch]} ({cfg.arch}): colour agreement {t['all']['colour']:.0%} (held-out combinations {t['held_out']['colour']:.0%}, before "
+    held = (f"held-out combinations {t['held_out']['colour']:.0%}" if t["held_out"]["samples"]
+            else "no held-out combinations")
+    log(f"{ARCH_PRESETS[cfg.arch]} ({cfg.arch}): colour agreement {t['all']['colour']:.0%} ({held}, before "
         f"training {b['colour']:.0%}, chance {res['chance']['colour']:.0%}); shape {t['all']['shape']:.0%}"
         + (f"; {res['fid']['name']} {res['fid']['trained']:.1f} (before training {res['fid']['before_training']:.1f})"
            if cfg.fid else ""))

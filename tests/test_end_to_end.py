@@ -294,7 +294,7 @@ def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_p
 
 
 def test_demo_report_helpers():
-    """agreement() (a sample counts for "both" only with colour and shape right; none: 0 of 0), the prompts
+    """agreement() (a sample counts for "both" only with colour and shape right; none: only the count), the prompts
     (every combination once, the held-out ones marked), and the labels the report and its plot carry."""
     from types import SimpleNamespace
 
@@ -305,7 +305,7 @@ def test_demo_report_helpers():
     assert agreement(rows[:3]) == {"samples": 3, "colour": 2 / 3, "shape": 2 / 3, "both": 1 / 3}
     assert agreement(rows[:2]) == {"samples": 2, "colour": 1.0, "shape": 0.5, "both": 0.5}
     assert agreement(rows[:1]) == {"samples": 1, "colour": 1.0, "shape": 1.0, "both": 1.0}
-    assert agreement([]) == {"samples": 0, "colour": 0, "shape": 0, "both": 0}
+    assert agreement([]) == {"samples": 0}  # (held_out= empty: no fractions, not 0%)
     prompts = demo_prompts(DemoConfig(held_out="yellow square,blue triangle"))
     assert len(prompts) == 12 and prompts[0] == {"prompt": "a red circle on a white background", "colour": "red",
                                                  "shape": "circle", "held_out": False}
