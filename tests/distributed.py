@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
 class WorkerPool:
     def __init__(self, world_size: int):
         self.world_size = world_size
-        self.procs = []
+        self.procs, self.inboxes = [], []  # (a pool never used closes too: a session fixture asked for, not run)
         atexit.register(self.close, force=True)
 
     def _start(self) -> None:

@@ -458,6 +458,14 @@ def test_a_forked_child_never_finalizes_the_parents_process_groups(pool2):
     assert pool2.run(fork_after_a_group_became_garbage) == [0, 0]
 
 
+def test_a_worker_pool_that_never_started_closes():
+    """The pool2/pool4 fixtures close their pool at the session's end, also in a session where no test ran on it
+    (a test that asks for pool2 in one parametrization only): that was an AttributeError, an error at teardown."""
+    from tests.distributed import WorkerPool
+
+    WorkerPool(2).close()
+
+
 # ----------------------------------------------------------------------------------------------
 # The engine's pieces without an engine: DeepSpeed's config, the optimizer's parameter groups, the export's file
 
