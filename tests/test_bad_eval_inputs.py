@@ -394,3 +394,86 @@ def test_bad_generate_input_is_one_line_naming_it(case, tmp_path):
     assert isinstance(message, str), message
     assert "\n" not in message and re.search(expected, message), message
     assert snapshot(results) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation.generate's checks of the export it is given (check_export, export_identity, its config.json and
+# data_tokenizers), called directly.
+
+
+def test_check_export_tells_each_kind_of_folder_apart_and_what_to_pass(tmp_path):
+    """check_export on what a --checkpoint can wrongly name: a missing path, an export cut short, a run's checkpoints
+    folder without `latest`, a step folder without its state, and step folders of a run exported from that step
+    or another one (each advice names the folder to pass)."""
+    from evaluation.generate import check_export
+
+    with pytest.raises(FileNotFoundError, match=r"--checkpoint \S*nowhere does not exist; expected an export"):
+        check_export(tmp_path / "nowhere", "--checkpoint")
+    half = fake_export(tmp_path / "half")
+    (half / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"half has no model.safetensors; expected an export"):
+        check_export(half)
+    run = fake_run(tmp_path / "a")
+    (run / "checkpoints" / "latest").unlink()  # (no checkpoint finished yet: the folder's name tells it)
+    with pytest.raises(ValueError, match=rf"is the checkpoints folder of the training run {re.escape(str(run))},"):
+        check_export(run / "checkpoints")
+    (run / "checkpoints" / "step_00000005").mkdir()  # (its trainer_state.json not written yet)
+    with pytest.raises(ValueError, match=r"step_00000005 is a checkpoint step folder of the training run"):
+        check_export(run / "checkpoints" / "step_00000005")
+    (run / "export").mkdir()
+    (run / "export" / "config.json").write_text(json.dumps({"checkpoint": "step_00000003"}))  # an export cut short
+    with pytest.raises(ValueError, match=rf"export it first with `python -m training.export --run-dir "
+                                         rf"{re.escape(str(run))}` and pass {re.escape(str(run / 'export'))}$"):
+        check_export(run)
+    exported = fake_run(tmp_path / "b", exported=True)  # (exported from step_00000003)
+    with pytest.raises(ValueError, match=rf"pass its export {re.escape(str(exported / 'export'))} \(made from "
+                                         r"step_00000003\)$"):
+        check_export(exported / "checkpoints" / "step_00000003")
+    other = exported / "checkpoints" / "step_00000005"
+    other.mkdir()
+    (other / "trainer_state.json").write_text("{}")
+    target = re.escape(str(exported / "export_step_00000005"))
+    with pytest.raises(ValueError, match=rf"--tag step_00000005 --out {target}` and pass {target}$"):
+        check_export(other)
+
+
+def test_export_identity_is_the_resolved_path_tag_and_weights_size(tmp_path, monkeypatch):
+    """A relative --checkpoint is recorded resolved (a rerun from another directory names the same export), with
+    the export's checkpoint tag and its weights' size."""
+    from evaluation.generate import export_identity
+
+    export = fake_export(tmp_path / "export")
+    (export / "model.safetensors").write_bytes(b"12345")
+    monkeypatch.chdir(tmp_path)
+    identity = export_identity("export")
+    assert identity["path"] == str(export.resolve()) and identity["tag"] == "step_00000003"
+    assert identity["weights_bytes"] == 5
+
+
+def test_an_export_config_that_is_not_an_object_is_named(tmp_path):
+    """A config.json holding JSON other than an object is named, not an AttributeError of .get."""
+    from evaluation.generate import read_export_config
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: a JSON list, expected an object"):
+        read_export_config(tmp_path)
+
+
+def test_load_for_sampling_refuses_tokenizers_other_than_the_exports_training_datas(tmp_path, monkeypatch):
+    """The hashes in the export's data_tokenizers are checked before the model is loaded."""
+    from types import SimpleNamespace
+
+    from evaluation import generate as generate_module
+
+    export = fake_export(tmp_path / "export")
+    cfg = SimpleNamespace(image_seq_len=16, image_vocab_size=64, text_vocab_size=100, text_seq_len=8)
+    monkeypatch.setattr(generate_module, "exported_model_config", lambda path: cfg)
+    monkeypatch.setattr(generate_module, "load_image_tokenizer",
+                        lambda path, device: SimpleNamespace(grid=4, codebook_size=64, content_hash="v2"))
+    monkeypatch.setattr(generate_module, "TextTokenizer", lambda path, n: SimpleNamespace(vocab_size=100,
+                                                                                         content_hash="t"))
+    monkeypatch.setattr(generate_module, "exported_data_tokenizers",
+                        lambda path: {"vq": {"hash": "v1"}, "text_tokenizer": {"hash": "t"}})
+    monkeypatch.setattr(generate_module, "load_exported", lambda *a: pytest.fail("the model was loaded first"))
+    with pytest.raises(ValueError, match="the image tokenizer given .* is not the one the model's training data"):
+        generate_module.load_for_sampling(export, "vq.pt", "spm.model", "cpu")
