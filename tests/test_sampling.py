@@ -1056,3 +1056,30 @@ def test_each_image_draws_from_its_own_seed_and_meta_lists_scores_in_rank_order(
     (tmp_path / "kept" / RECORD).write_text(json.dumps(kept[0]))
     with pytest.raises(ValueError, match="keep: 1 then, 2 now"):
         check_resumable(tmp_path / "kept", kept[1], [])
+
+
+def test_a_vq_of_another_grid_or_more_codes_is_refused():
+    """check_fits: a VQ whose grid is not the model's image grid, or with more codes than its image vocabulary."""
+    from types import SimpleNamespace
+
+    from evaluation.generate import check_fits
+
+    model_cfg = SimpleNamespace(image_seq_len=16, image_vocab_size=64, text_vocab_size=100)
+    text_tok = SimpleNamespace(vocab_size=100)
+    check_fits(model_cfg, SimpleNamespace(grid=4, codebook_size=64), text_tok)
+    for vq in (SimpleNamespace(grid=8, codebook_size=64), SimpleNamespace(grid=4, codebook_size=65)):
+        with pytest.raises(ValueError, match=rf"grid {vq.grid}, {vq.codebook_size} codes\) does not fit the model"):
+            check_fits(model_cfg, vq, text_tok)
+
+
+def test_a_folder_recorded_with_another_decoder_is_refused(tmp_path):
+    """Only a record without `decoding` (written before it was recorded) is read as the growing KV cache's: a
+    recorded decoder is kept, and another one now is refused."""
+    from evaluation.generate import RECORD, check_resumable
+
+    record = {"seed": 0, "decoding": "kv_cache"}
+    (tmp_path / RECORD).write_text(json.dumps({"seed": 0}))
+    check_resumable(tmp_path, record, [])
+    (tmp_path / RECORD).write_text(json.dumps({"seed": 0, "decoding": "cuda_graph"}))
+    with pytest.raises(ValueError, match="decoding: 'cuda_graph' then, 'kv_cache' now"):
+        check_resumable(tmp_path, record, [])
