@@ -190,8 +190,9 @@ def train_image_tokenizer(cfg: DemoConfig, out: Path, pattern: str) -> Path:
     export = out / "vq" / "export.pt"
     if not export.is_file():
         vq_cfg = load_typed(VQConfig, None, [
-            "model.layers=2", f"model.width={cfg.vq_width}", f"model.image_size={cfg.image_size}", f"model.patch={VQ_PATCH}",
-            "model.code_dim=16", f"model.codebook_size={cfg.codebook_size}", "model.dead_code_steps=50",
+            "model.layers=2", f"model.width={cfg.vq_width}", f"model.image_size={cfg.image_size}",
+            f"model.patch={VQ_PATCH}", "model.code_dim=16", f"model.codebook_size={cfg.codebook_size}",
+            "model.dead_code_steps=50",
             "loss.perceptual=0", "loss.adversarial=0", "loss.logit_laplace=0", f"train.steps={cfg.vq_steps}",
             "train.batch_size=32", "train.lr=2e-3", f"train.seed={cfg.seed}", "train.log_interval=50",
             f"train.eval_interval={cfg.vq_steps}", f"train.save_interval={cfg.vq_steps}"])
