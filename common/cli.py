@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import gc
 import io
-import os
 import sys
 import time
 import typing
@@ -138,7 +137,7 @@ def command(errors: tuple[type[BaseException], ...] = (), label: str = "error"):
         sys.exit(_on_this_rank(f"{label}: {e}"))
     except Preempted as e:
         code = requeue_exit_code()
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch_rank() == 0:
             _one_write_per_line()
             print(f"{e}; exit status {code}: run again (requeue) to continue", file=sys.stderr)
         sys.exit(code)

@@ -60,7 +60,7 @@ from evaluation.prompts import read_prompts
 from evaluation.sampling import SamplingConfig, StaticSteps, auto_batch_size, check_counts, sample
 from model_parallel.state import DeviceError, init_distributed, use_device
 from sr.model import load_upsampler, upsample
-from training.export import exported_data_tokenizers, exported_model_config, load_exported
+from training.export import exported_data_tokenizers, exported_model_config, load_exported, read_export_config
 from vq.tokenizer import load_image_tokenizer
 
 
@@ -369,18 +369,6 @@ def check_export(path: str | Path, name: str = "checkpoint") -> Path:
     else:
         advice = f"export it first with `python -m training.export --run-dir {run}` and pass {export}"
     raise ValueError(f"{name} {path} is {what}, not an export folder; {advice}")
-
-
-def read_export_config(folder: Path) -> dict:
-    """An export's config.json, or a ValueError naming it (a half-copied export printed a bare JSON position)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{folder / 'config.json'}: not readable as JSON ({e}); the export is damaged: export "
-                         "the checkpoint again (python -m training.export)") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{folder / 'config.json'}: a JSON {type(config).__name__}, expected an object")
-    return config
 
 
 def export_identity(path: str | Path) -> dict:

@@ -161,16 +161,19 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def read_export_config(path: str | Path) -> dict:
-    """An export folder's config.json; ValueError naming it when it is not JSON or has no model section."""
+    """An export folder's config.json; ValueError naming it when it is not JSON (a half-copied export printed a
+    bare JSON position), not an object, or has no model section."""
     file = Path(path) / "config.json"
     try:
         config = json.loads(file.read_text())
     except ValueError as e:  # (UnicodeDecodeError included)
-        raise ValueError(f"{file}: not readable as JSON ({str(e)[:200]}); the export is damaged: "
-                         "export again") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):  # (a damaged file, not a type)
-        raise ValueError(  # noqa: TRY004
-            f"{file}: no model section (expected the config.json training.export writes): export again")
+        raise ValueError(f"{file}: not readable as JSON ({str(e)[:200]}); the export is damaged: export the "
+                         "checkpoint again (python -m training.export)") from None
+    kind = type(config).__name__
+    shape = "" if isinstance(config, dict) else f"this {file.name}: a JSON {kind}, expected an object; "
+    if shape or not isinstance(config.get("model"), dict):  # (a damaged file, not a type: ValueError)
+        raise ValueError(f"{file}: no model section ({shape}expected the config.json training.export writes): "
+                         "export again")
     return config
 
 
