@@ -6,8 +6,8 @@
     python -m slurm.local_cluster start|stop ROOT    # by hand; then export SLURM_CONF=ROOT/slurm.conf
 
 Debian's slurmd supports several daemons per host (`slurmd -N n1`); node names resolve through a line
-in /etc/hosts that `stop` removes again. Needs root (daemons, apt-get, /etc/hosts): `available()` says why
-not. Both "nodes" share this machine's CPUs, disk and ports (two ranks binding one fixed port collide, unlike
+in /etc/hosts that `stop` removes again (when no other cluster's slurmd runs). Needs root (daemons, apt-get,
+/etc/hosts): `available()` says why not. Both "nodes" share this machine's CPUs, disk and ports (two ranks binding one fixed port collide, unlike
 on a real cluster). A requeued job waits cred_expire + 1 s before it starts again (121 s by default): the
 config sets cred_expire=5, the least SLURM accepts. `--signal=B:USR1@10` reaches the batch shell 20-45 s
 before the time limit.
@@ -19,6 +19,7 @@ needs DEVICE=cpu in the environment).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -156,10 +157,28 @@ class LocalCluster:
                 pass
         time.sleep(2)
         subprocess.run(["pkill", "-KILL", "-f", str(self.conf)], check=False)  # daemons that did not stop
-        subprocess.run(["pkill", "-KILL", "slurmstepd"], check=False)  # job steps they left behind
-        hosts = Path("/etc/hosts").read_text()
-        if HOSTS_LINE in hosts:
-            Path("/etc/hosts").write_text(hosts.replace(HOSTS_LINE + "\n", ""))
+        for pid in self.job_steps():  # job steps they left behind (this cluster's only: others may be running)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not subprocess.run(["pgrep", "-x", "slurmd"], capture_output=True, check=False).stdout:  # (another cluster's need it)
+            hosts = Path("/etc/hosts").read_text()
+            if HOSTS_LINE in hosts:
+                Path("/etc/hosts").write_text(hosts.replace(HOSTS_LINE + "\n", ""))
+
+    def job_steps(self) -> list[int]:
+        """The slurmstepd processes of this cluster's jobs: those working in its folder or writing its logs
+        (a step's process names only its job id, which every local cluster counts from 1)."""
+        steps = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit() or not (proc / "cmdline").read_bytes().startswith(b"slurmstepd"):
+                    continue
+                opened = [os.readlink(proc / "cwd"), *(os.readlink(fd) for fd in (proc / "fd").iterdir())]
+            except OSError:  # (ended meanwhile, or not ours to read)
+                continue
+            if any(Path(path).is_relative_to(self.root.resolve()) for path in opened):
+                steps.append(int(proc.name))
+        return steps
 
     def sbatch(self, args: list[str], cwd: str | Path | None = None, env: dict | None = None) -> str:
         out = subprocess.run(["sbatch", "--parsable", *args], check=True, capture_output=True, text=True,

@@ -215,3 +215,31 @@ def test_two_node_eval_job_equals_one_local_run(cluster, uninterrupted, tmp_path
     for name in local:  # two nodes, each a slice of the prompts: the same images as one process
         assert (tmp_path / "slurm" / "images" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert json.loads((tmp_path / "slurm" / "results.json").read_text())["prompts"] == 6
+
+
+def test_stopping_one_local_cluster_leaves_another_running(cluster, tmp_path):
+    """Two local clusters on one machine (two test sessions): stopping one kills its own job steps and leaves the
+    other's jobs and the /etc/hosts line its nodes resolve through alone (it pkilled every slurmstepd)."""
+    ours = cluster.sbatch([*CPU_NODE_OPTIONS, f"--output={tmp_path}/ours-%j.out", "--wrap", "sleep 120"], cwd=tmp_path)
+    other = LocalCluster(tmp_path / "other").start()
+    try:
+        other.sbatch([*CPU_NODE_OPTIONS, f"--output={tmp_path}/other-%j.out", "--wrap", "sleep 120"], cwd=tmp_path)
+        deadline = time.time() + 60
+        while not (cluster.job_steps() and other.job_steps()) and time.time() < deadline:
+            time.sleep(0.5)
+        kept, killed = cluster.job_steps(), other.job_steps()
+        assert kept and killed and not set(kept) & set(killed)
+    finally:
+        other.stop()
+    time.sleep(1)
+
+    def alive(pid: int) -> bool:  # (a killed process not yet reaped keeps its /proc entry, with an empty cmdline)
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"slurmstepd")
+        except OSError:
+            return False
+
+    assert all(alive(pid) for pid in kept) and not any(alive(pid) for pid in killed)
+    assert cluster.state(ours) == "RUNNING" and "n1 n2" in Path("/etc/hosts").read_text()
+    cluster.run("scancel", ours)
+    assert cluster.wait(ours, timeout=60) == "CANCELLED"
