@@ -7,8 +7,8 @@
 
 Debian's slurmd supports several daemons per host (`slurmd -N n1`); node names resolve through a line
 in /etc/hosts that `stop` removes again (when no other cluster's slurmd runs). Needs root (daemons, apt-get,
-/etc/hosts): `available()` says why not. Both "nodes" share this machine's CPUs, disk and ports (two ranks binding one fixed port collide, unlike
-on a real cluster). A requeued job waits cred_expire + 1 s before it starts again (121 s by default): the
+/etc/hosts): `available()` says why not. Both "nodes" share this machine's CPUs, disk and ports (two ranks
+binding one fixed port collide, unlike on a real cluster). A requeued job waits cred_expire + 1 s before it starts again (121 s by default): the
 config sets cred_expire=5, the least SLURM accepts. `--signal=B:USR1@10` reaches the batch shell 20-45 s
 before the time limit.
 
