@@ -5,12 +5,12 @@
         cluster.wait(job)
     python -m slurm.local_cluster start|stop ROOT    # by hand; then export SLURM_CONF=ROOT/slurm.conf
 
-Debian's slurmd supports several daemons per host (`slurmd -N n1`); node names resolve through a line
-in /etc/hosts that `stop` removes again (when no other cluster's slurmd runs). Needs root (daemons, apt-get,
-/etc/hosts): `available()` says why not. Both "nodes" share this machine's CPUs, disk and ports (two ranks
-binding one fixed port collide, unlike on a real cluster). A requeued job waits cred_expire + 1 s before it starts again (121 s by default): the
-config sets cred_expire=5, the least SLURM accepts. `--signal=B:USR1@10` reaches the batch shell 20-45 s
-before the time limit.
+Debian's slurmd supports several daemons per host (`slurmd -N n1`); node names resolve through a line in /etc/hosts
+that `stop` removes again (when no other cluster's slurmd runs). Needs root (daemons, apt-get, /etc/hosts):
+`available()` says why not. Both "nodes" share this machine's CPUs, disk and ports (two ranks binding one fixed
+port collide, unlike on a real cluster). A requeued job waits cred_expire + 1 s before it starts again (121 s by
+default): the config sets cred_expire=5, the least SLURM accepts. `--signal=B:USR1@10` reaches the batch shell
+20-45 s before the time limit.
 
 The nodes have no GPUs (no GRES), and SLURM refuses a job that asks for GPUs there ("Invalid generic
 resource (gres) specification"), so jobs override the scripts' GPU and CPU requests on the sbatch command
@@ -160,7 +160,8 @@ class LocalCluster:
         for pid in self.job_steps():  # job steps they left behind (this cluster's only: others may be running)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if not subprocess.run(["pgrep", "-x", "slurmd"], capture_output=True, check=False).stdout:  # (another cluster's need it)
+        # Another cluster's nodes resolve through the same line.
+        if not subprocess.run(["pgrep", "-x", "slurmd"], capture_output=True, check=False).stdout:
             hosts = Path("/etc/hosts").read_text()
             if HOSTS_LINE in hosts:
                 Path("/etc/hosts").write_text(hosts.replace(HOSTS_LINE + "\n", ""))
