@@ -104,9 +104,17 @@ def _device_profile(fn) -> dict:
         fn()
         torch.cuda.synchronize()
         wall_s = time.perf_counter() - start
-    kernels = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
-               if e.device_type.name == "CUDA"]
+    kernels = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages() if is_kernel(e)]
     return kernel_breakdown(kernels, wall_s)
+
+
+def is_kernel(event) -> bool:
+    """Whether a profile event (or key_averages entry) is device work: on the CUDA timeline and not a
+    gpu_user_annotation, the span kineto draws there for a record_function range around kernels (torch's optimizer
+    step, "Optimizer.step#AdamW.step"; c10d's "nccl:all_reduce"), which would count those kernels' time a second
+    time (torch's own table leaves them out of its device total: autograd/profiler_util.py, `not
+    evt.is_user_annotation`; pytorch#130730)."""
+    return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
 
 
 SOURCE_MARKERS = ("model_parallel/", "training/", "megatron/", "deepspeed/", "torch/nn/functional.py",
@@ -128,7 +136,8 @@ def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
     own = (lambda e: sum(k.duration for k in e.kernels)) if device == "cuda" else (lambda e: e.self_cpu_time_total)
     totals: dict[tuple, list] = {}
     for e in events:
-        if e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name) or e.name.startswith(("<built-in", "nn.Module:")):
+        if (e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name) or e.name.startswith(("<built-in", "nn.Module:"))
+                or getattr(e, "is_user_annotation", False)):  # (a record_function range, not an operation)
             continue
         seconds = own(e) / 1e6
         if seconds <= 0:

@@ -79,7 +79,9 @@ def _kernel_names(fn) -> list[str]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sorted({e.key for e in prof.key_averages() if e.device_type.name == "CUDA"})
+    from bench.gpu_mfu import is_kernel
+
+    return sorted({e.key for e in prof.key_averages() if is_kernel(e)})
 
 
 def _attention_kind(names: list[str]) -> str:
