@@ -17,7 +17,8 @@ dropout masks eager vs compiled), mfu_350m / mfu_750m / mfu_3b (bf16 ZeRO-1, the
 fits, MFU against the named peak), sampling (KV cache vs recomputation: equal greedy codes, tokens/s),
 vq (ViT-VQGAN bf16 train/save/resume, fp32 code search under autocast, pre-tokenization images/s) and
 multi_gpu (TP=2 and PP=2 over NCCL = TP=1; needs 2 GPUs). Each runs in its own process with a time
-limit, and starts only if that limit fits in what is left of --budget-s; a section that needs a GPU is
+limit (stopped 20 s after writing its result if it has not exited by then: its result stands), and
+starts only if that limit fits in what is left of --budget-s; a section that needs a GPU is
 skipped with the reason on CPU. Exit status: 1 if a section failed.
 """
 from __future__ import annotations
@@ -177,6 +178,8 @@ def _summarise(name: str, r: dict) -> str:
     # (daemonic ones only: a daemon is its owner's to end; megatron's results-queue server is meant to live on)
     daemons = [h for h in r.get("helpers_left", []) if h.get("daemon", True)]
     parts = [f"{len(daemons)} helper process(es) left running"] if daemons else []
+    if r.get("exit"):
+        parts.append(r["exit"])
     if r.get("failed_checks"):
         parts.append("FAILED: " + ", ".join(r["failed_checks"]))
     if name == "environment":
@@ -321,12 +324,19 @@ def _run_child(name: str, args, scratch: Path, running: Path, env: dict) -> dict
     folder.mkdir()
     running.mkdir(exist_ok=True)
     result_file = running / f"{name}.json"
+    for stale in (result_file, partial_file(result_file)):  # (an earlier run's into this --out, stopped from
+        stale.unlink(missing_ok=True)  # outside: not this section's result, nor what it recorded)
     limit = time_limit(name, args.device)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--device", args.device,
            "--result-file", str(result_file), "--scratch", str(folder), "--deadline", str(time.time() + limit)]
     start = time.perf_counter()
-    returncode, stderr = run_with_limit(cmd + (["--quick"] if args.quick else []), limit, env)
+    returncode, stderr = run_with_limit(cmd + (["--quick"] if args.quick else []), limit, env, done=result_file)
     finished = _read_json(result_file)
+    if returncode is None and finished and time.perf_counter() - start < limit:  # stopped EXIT_GRACE_S after it
+        # wrote its result, not at its limit: the result stands, the rest of its limit is left to the next sections
+        finished.update(exit=f"its process had not exited {EXIT_GRACE_S:g} s after writing its result: stopped",
+                        stderr_tail=stderr[-3000:])
+        returncode = -signal.SIGKILL
     if returncode is None:
         return {"status": "error", "error": f"timed out after {limit} s" + (", after its work, at its exit" if finished
                                                                             else ""),
@@ -340,19 +350,32 @@ def _run_child(name: str, args, scratch: Path, running: Path, env: dict) -> dict
             "stderr_tail": stderr[-3000:], "partial": _partial(result_file), "seconds": time.perf_counter() - start}
 
 
-def run_with_limit(cmd: list[str], limit: float, env: dict | None = None) -> tuple[int | None, str]:
-    """Run `cmd` for at most `limit` seconds: (its exit status, None if stopped at the limit; its stderr). It runs
+EXIT_GRACE_S = 20.0
+"""Seconds a section's process gets to exit once its result file is there, before it is stopped (a process that
+hung at its exit, as the VQ section's did on the H200, kept the run waiting for the rest of its limit)."""
+
+
+def run_with_limit(cmd: list[str], limit: float, env: dict | None = None,
+                   done: Path | None = None) -> tuple[int | None, str]:
+    """Run `cmd` for at most `limit` seconds: (its exit status, None if stopped; its stderr). It runs
     in a session of its own, and whatever it started is stopped with it, also when it ended by itself (torchrun's
     workers, checkpoint writers), so that nothing is left holding the GPU for the next section. Its stderr goes
     to a file, not a pipe: what it left running (torchrun's workers are in sessions of their own, out of reach of
-    its group) would hold a pipe open, and the wait for its end with it."""
+    its group) would hold a pipe open, and the wait for its end with it. `done`: a file whose appearance means the
+    command's work is over: from then on it gets EXIT_GRACE_S more to exit (within `limit`)."""
     with tempfile.TemporaryFile(mode="w+") as stderr:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                                 start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            returncode = None
+        deadline = time.monotonic() + limit
+        returncode = None
+        while returncode is None and time.monotonic() < deadline:
+            if done is not None and done.exists():
+                deadline = min(deadline, time.monotonic() + EXIT_GRACE_S)
+                done = None
+            try:
+                returncode = proc.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -3,6 +3,7 @@ with the reason, and it writes its JSON and Markdown results."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,80 @@ def test_a_lent_machines_run_reaches_the_checks_that_matter_most():
             clock += took.get(name, time_limit(name, "cuda"))
     assert {"train_resume", "mfu_350m", "mfu_3b", "async_save", "sampling"} <= set(started), started
     assert started[:2] == ["environment", "train_resume"]
+
+
+def test_the_device_profile_counts_kernels_not_the_annotations_around_them():
+    """On a GPU, kineto puts a gpu_user_annotation on the CUDA timeline for each record_function range that launched
+    kernels (torch's optimizer step, c10d's collectives): its span is those kernels' time again. torch's own table
+    leaves them out of its device total (autograd/profiler_util.py: `not evt.is_user_annotation`); the kernel
+    families and the busy fraction must too."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bench.gpu_mfu import is_kernel, kernel_breakdown
+
+    event = lambda key, device, annotation, s: SimpleNamespace(key=key, device_type=device, count=1,
+                                                              is_user_annotation=annotation, self_device_time_total=s)
+    averages = [event("nvjet_sm90_tst_256x128", DeviceType.CUDA, False, 6e5),
+                event("multi_tensor_apply_kernel<FusedAdamMathFunctor>", DeviceType.CUDA, False, 1e5),
+                event("Optimizer.step#AdamW.step", DeviceType.CUDA, True, 1.2e5),  # (the span around the kernel above)
+                event("Optimizer.step#AdamW.step", DeviceType.CPU, True, 0),
+                event("aten::mm", DeviceType.CPU, False, 0)]
+    kernels = [(e.key, e.self_device_time_total / 1e6, e.count) for e in averages if is_kernel(e)]
+    assert [k for k, _, _ in kernels] == ["nvjet_sm90_tst_256x128", "multi_tensor_apply_kernel<FusedAdamMathFunctor>"]
+    profile = kernel_breakdown(kernels, 1.0)
+    assert abs(profile["busy"] - 0.7) < 1e-9 and abs(profile["by_kind_s"]["optimizer_and_foreach"] - 0.1) < 1e-9
+    assert is_kernel(SimpleNamespace(device_type=DeviceType.CUDA))  # (a torch without the attribute)
+
+
+def _section_process_that(tmp_path: Path, code: str) -> dict:
+    """os.environ for gpu_check's section processes with `code` run at their start (a sitecustomize module)."""
+    from model_parallel.state import child_environment
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(f"import atexit, os, sys, time\nif '--section' in sys.argv:\n"
+                                                        f"    {code}\n")
+    env = child_environment(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def test_a_section_that_hangs_at_its_exit_keeps_its_result_and_frees_the_rest_of_its_limit(tmp_path, monkeypatch):
+    """A section's process that wrote its result and then never exited (the VQ section on the H200: a helper kept its
+    exit waiting) held the run for the rest of its limit (mfu_3b's: up to 240 s of a 540 s run), and its result was
+    reported as an error. It is stopped EXIT_GRACE_S after its result appeared; the result stands, saying so."""
+    import argparse
+    import time
+
+    from bench import gpu_check
+
+    monkeypatch.setattr(gpu_check, "EXIT_GRACE_S", 2.0)
+    monkeypatch.setitem(gpu_check.TIME_LIMITS, "environment", 100)  # (x3 on CPU)
+    env = _section_process_that(tmp_path, "atexit.register(time.sleep, 1000)")
+    args = argparse.Namespace(device="cpu", quick=True)
+    (tmp_path / "scratch").mkdir()
+    start = time.perf_counter()
+    result = gpu_check._run_child("environment", args, tmp_path / "scratch", tmp_path / "running", env)
+    assert time.perf_counter() - start < 120, result
+    assert result["status"] == "ok" and "had not exited 2 s after writing its result" in result["exit"], result
+    assert "its process had not exited" in gpu_check._key_results("environment", result)
+
+
+def test_a_section_reads_no_result_left_by_an_earlier_run_into_the_same_folder(tmp_path):
+    """A run stopped from outside leaves its running section's files under --out/running/; a later run into the same
+    folder whose section process died without a result reported the earlier run's result (or records) as its own."""
+    import argparse
+
+    from bench import gpu_check
+
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / "environment.json").write_text('{"status": "ok", "from": "an earlier run"}')
+    (running / "environment.partial.json").write_text('{"from": "an earlier run"}')
+    env = _section_process_that(tmp_path, "os._exit(3)")
+    (tmp_path / "scratch").mkdir()
+    result = gpu_check._run_child("environment", argparse.Namespace(device="cpu", quick=True), tmp_path / "scratch",
+                                  running, env)
+    assert result["status"] == "error" and "exited with 3 and no result" in result["error"], result
+    assert result["partial"] == {}
