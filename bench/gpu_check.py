@@ -48,7 +48,7 @@ from common.files import write_atomic  # (after the path above)
 # the compilation of their layers and the operation profile, ~10 s with its Python stacks, not yet measured there).
 TIME_LIMITS = {"environment": 60, "flash_attention": 60, "train_resume": 120, "recompute": 60, "mfu_350m": 170,
                "sampling": 120, "vq": 90, "mfu_750m": 180, "mfu_3b": 240, "multi_gpu": 120,
-               "parti_stages": 60, "async_save": 90, "compile_speedup": 240, "decode_compiled": 240}
+               "parti_stages": 60, "async_save": 110, "compile_speedup": 240, "decode_compiled": 240}
 # The whole run's default length on a GPU: 5 minutes, in which the sections run in SECTIONS' order (what matters
 # most first); every section takes ~10 minutes (--budget-s 900). A lent machine runs one command for at
 # most 600 s, the wheels' installation first: bench/device_wheels.sh's command passes --budget-s 540.
