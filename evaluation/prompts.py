@@ -6,9 +6,9 @@ of dicts with "prompt".
 TSV is read with csv.QUOTE_NONE: PartiPrompts has prompts that start with a double quote, which default
 CSV quoting would strip. The prompt column is the first of Prompt / prompt / caption / text. A COCO captions
 file (captions_val2014.json / captions_val2017.json) gives one prompt per image: its first caption. A file
-must be UTF-8 (a leading byte-order mark is dropped): one that is not, a JSON file that does not parse, or a
-JSONL line that is not an object, or a prompt that is missing, not text or blank, is a ValueError naming the file
-and line (or the COCO entry).
+must be UTF-8 (a leading byte-order mark is dropped): one that is not, a JSON file that does not parse, a
+JSONL line that is not an object, a TSV/CSV row of more fields than its header, or a prompt that is missing, not
+text or blank, is a ValueError naming the file and line (or the COCO entry).
 """
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def _text(path: Path) -> str:
                          "UTF-8 prompt file (convert it, e.g. iconv -f latin1 -t utf-8)") from None
 
 
+def _all_fields(row: dict, rows: csv.DictReader, path: Path, suffix: str) -> dict:
+    """The row; ValueError naming the line for a row of more fields than the header, which DictReader keeps apart
+    (under the key None): a caption's unquoted comma, a tab in a TSV prompt, cut the prompt there and shifted the
+    rest into the next columns (a Category of 'on a mat') without a word."""
+    if None in row:
+        fields = len(rows.fieldnames) + len(row[None])
+        hint = ("quote a caption that holds a comma" if suffix == ".csv"
+                else "a prompt of a .tsv cannot hold a tab (TSV is read unquoted)")
+        raise ValueError(f"{path}:{rows.line_num}: {fields} fields, the header has {len(rows.fieldnames)} "
+                         f"({', '.join(rows.fieldnames)}); {hint}")
+    return row
+
+
 def _json(text: str, source: str, line: int = 0):
     try:
         return json.loads(text)
@@ -82,8 +95,8 @@ def _read_prompts(path: Path) -> list[dict]:
     if suffix in (".tsv", ".csv"):
         opts = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
         rows = csv.DictReader(io.StringIO(text, newline=""), **opts)
-        return [_with_prompt(row, str(path), rows.line_num) for row in rows]  # (the row's last line: blank lines and
-        # quoted line breaks counted)
+        return [_with_prompt(_all_fields(row, rows, path, suffix), str(path), rows.line_num) for row in rows]  # (the
+        # row's last line: blank lines and quoted line breaks counted)
     if suffix == ".json":
         return coco_captions(_json(text, str(path)), str(path))
     lines = io.StringIO(text, newline="")

@@ -582,6 +582,24 @@ def test_prompts_that_are_missing_not_text_or_blank_are_refused_naming_the_line(
     assert [p["prompt"] for p in read_prompts(tmp_path / "ok.json")] == ["A cat."]
 
 
+def test_a_row_of_more_fields_than_its_header_is_refused_naming_the_line(tmp_path):
+    """A caption's unquoted comma (CSV) or a tab inside a prompt (TSV, read unquoted) split the row: the prompt was
+    cut there and the rest shifted into the next columns (a Category of 'sitting on a mat'), without a word."""
+    from evaluation.prompts import read_prompts
+
+    cases = {"a.csv": ("caption,image_id\nA dog,2\nA cat, on a mat,1\n", r"a\.csv:3: 3 fields, the header has 2 "
+                                                                         r"\(caption, image_id\); quote a caption"),
+             "b.tsv": ("Prompt\tCategory\tChallenge\nA cat\tsitting on a mat\tAnimals\tBasic\n",
+                       r"b\.tsv:2: 4 fields, the header has 3 .*cannot hold a tab")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            read_prompts(tmp_path / name)
+    (tmp_path / "ok.csv").write_text('caption,image_id\n"A cat, on a mat",1\n', encoding="utf-8")  # (quoted: one field)
+    assert read_prompts(tmp_path / "ok.csv") == [{"caption": "A cat, on a mat", "image_id": "1",
+                                                  "prompt": "A cat, on a mat"}]
+
+
 def test_metadata_keeps_the_prompt_order_past_99999(tmp_path):
     """Prompt files are named by a 5-digit index, 6 digits from 100,000 on: sorted as text, those came first."""
     from evaluation.generate import gather_metadata
