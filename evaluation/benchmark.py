@@ -73,7 +73,8 @@ def grid_section(images: Path, grids: Path, name: str, rows: list[dict], count: 
     category's text collided for "Food & Drink" and "Food / Drink", and a long one was longer than a file name may
     be)."""
     chosen = rows[:count]
-    grid = image_grid([images / r["files"][0] for r in chosen], [r["prompt"] for r in chosen],
+    grid = image_grid([open_rgb(images / r["files"][0]) for r in chosen], [r["prompt"] for r in chosen],  # (a damaged
+                      # file: a ValueError naming it, as CLIP score and FID give, not PIL's OSError without a name)
                       columns=min(4, len(chosen)), cell=160)
     file = grids / f"samples_{number:03d}.png"
     grid.save(file)
@@ -93,10 +94,11 @@ def write_report(cfg: EvalConfig, out: Path, images: Path, results: dict, metada
     if cfg.benchmark.name == "partiprompts" and per_prompt:
         for key in ("Category", "Challenge"):
             sections.append((f"CLIP score per {key.lower()}", table_html(results[f"per_{key.lower()}"], digits=2)))
-    if "Category" in (metadata[0] if metadata else {}):
+    if any("Category" in meta for meta in metadata):  # (a prompt without one, as group_scores: "(none)"; a row
+        # of a .tsv short of its Category field, or a JSONL line without it, stopped the report after the whole run)
         by_category = defaultdict(list)
         for meta in metadata:
-            by_category[meta["Category"]].append(meta)
+            by_category[meta.get("Category") or "(none)"].append(meta)
         sections += [grid_section(images, grids, f"Samples: {name}", rows, cfg.benchmark.grid_prompts, number)
                      for number, (name, rows) in enumerate(sorted(by_category.items()))]
     elif metadata:

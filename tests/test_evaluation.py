@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -480,6 +481,45 @@ def test_report_grids_are_named_apart_and_its_text_is_not_markup(tmp_path):
     colours = [Image.open(tmp_path / g).convert("RGB").getpixel((8, 8)) for g in grids]
     assert len(set(colours)) == 3  # each section its own category's samples
     assert "<script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+
+
+def test_report_of_prompts_without_a_category_or_with_a_damaged_image(tmp_path):
+    """A .tsv row short of its Category field (None) or a JSONL line without one stopped the report with a
+    TypeError or KeyError after the whole run; group_scores puts such prompts under "(none)", and so do the grids
+    now. Without a CLIP scorer the grids were the first to open the images: a damaged one was PIL's OSError
+    without its name, not the ValueError naming the file that CLIP score and FID give."""
+    from PIL import Image
+
+    from common.config import load_typed
+    from evaluation.benchmark import score, write_report
+    from evaluation.config import EvalConfig
+    from evaluation.generate import gather_metadata
+    from evaluation.prompts import read_prompts
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (16, 16), colour).save(images / f"{i:05d}_0.png")
+    (tmp_path / "p.tsv").write_text("Prompt\tCategory\nA cat\tAnimals\nA dog\nA cow\tAnimals\n", encoding="utf-8")
+    short = [json.loads(json.dumps({**p, "index": i, "files": [f"{i:05d}_0.png"]}))  # (as metadata.jsonl reads back)
+             for i, p in enumerate(read_prompts(tmp_path / "p.tsv"))]
+    assert short[1]["Category"] is None
+    without = [{k: v for k, v in meta.items() if k != "Category" or v} for meta in short]  # (JSONL: no key at all)
+    cfg = load_typed(EvalConfig, "configs/eval/partiprompts.yaml", [])
+    for metadata in (short, without):
+        report = write_report(cfg, tmp_path, images, {"clip_score": 30.0}, metadata, []).read_text()
+        assert "<h2>Samples: (none)</h2>" in report and "<h2>Samples: Animals</h2>" in report
+        grids = [line.split('src="')[1].split('"')[0] for line in report.splitlines() if 'src="' in line]
+        colours = [Image.open(tmp_path / g).convert("RGB").getpixel((8, 8)) for g in grids]
+        assert colours == [(0, 0, 255), (255, 0, 0)]  # "(none)" (the dog) sorts before Animals (the cat first)
+
+    fake_generation(tmp_path / "out" / "images", 2)
+    broken = tmp_path / "out" / "images" / "00001_0.png"
+    broken.write_bytes(broken.read_bytes()[: len(broken.read_bytes()) // 2])
+    gather_metadata(tmp_path / "out" / "images", 2)
+    cfg = load_typed(EvalConfig, "configs/eval/partiprompts.yaml", ["benchmark.name=prompts"])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(broken))}: not a readable image"):
+        score(cfg, tmp_path / "out", None)
 
 
 def test_benchmark_aggregates_and_grid_placement_by_hand(tmp_path):
