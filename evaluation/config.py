@@ -119,6 +119,9 @@ class EvalConfig:
             raise ConfigError("benchmark.real must name a folder of real images for coco30k (FID)")
         if self.sampling.keep and not self.clip.model:
             raise ConfigError("sampling.keep ranks samples by CLIP score: set clip.model (and clip.weights)")
+        if (self.clip.weights or self.clip.tag) and not self.clip.model:  # (they were ignored: no CLIP score)
+            raise ConfigError(f"clip.weights={self.clip.weights!r} clip.tag={self.clip.tag!r} without clip.model: set "
+                              "clip.model (the open_clip architecture of the weights, e.g. ViT-L-14), or drop them")
         if self.clip.tag and (not self.clip.weights or self.clip.weights == "random"
                               or self.clip.model.startswith("local-dir:")):
             raise ConfigError(f"clip.tag={self.clip.tag!r} names the open_clip pretrained weights of a checkpoint "

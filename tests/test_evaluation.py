@@ -395,6 +395,9 @@ def test_eval_config_names_what_is_missing():
         load_eval_config("configs/eval/partiprompts.yaml", [*paths, "benchmark.resolution=upsampled"])
     with pytest.raises(ConfigError, match="clip.tag='openai' .* needs clip.model=ARCHITECTURE and clip.weights=FILE"):
         load_eval_config("configs/eval/partiprompts.yaml", [*paths, "clip.model=local-dir:/m", "clip.tag=openai"])
+    with pytest.raises(ConfigError, match="clip.weights='w.pt' clip.tag='' without clip.model: set clip.model"):
+        load_eval_config("configs/eval/coco30k.yaml", [*paths, "benchmark.real=r", "clip.weights=w.pt"])  # (ignored:
+        # no CLIP score, without a word)
     with pytest.raises(ConfigError, match="benchmark.limit=-1 must be >= 0"):
         load_eval_config("configs/eval/coco30k.yaml", [*paths, "benchmark.real=r", "benchmark.limit=-1"])
     assert load_eval_config("configs/eval/coco30k.yaml", [*paths, "benchmark.real=r"]).benchmark.real_center_crop
