@@ -556,6 +556,11 @@ def test_benchmark_aggregates_and_grid_placement_by_hand(tmp_path):
     rows.append({"Category": "A", "clip_score": 25.0})
     assert group_scores(rows, "Category") == [{"Category": "A", "prompts": 2, "clip_score": 20.0},
                                               {"Category": "B", "prompts": 1, "clip_score": 40.0}]
+    odd = [{"Category": "B", "clip_score": 1.0}, {"Category": None, "clip_score": 2.0}, {"clip_score": 4.0},
+           {"Category": "A", "clip_score": 8.0}]  # (a .tsv row short of the field; a JSONL line without it)
+    assert group_scores(odd, "Category") == [{"Category": "(none)", "prompts": 2, "clip_score": 3.0},
+                                             {"Category": "A", "prompts": 1, "clip_score": 8.0},
+                                             {"Category": "B", "prompts": 1, "clip_score": 1.0}]  # (sorted by name)
 
     def cfg(keep):
         return SimpleNamespace(sampling=SimpleNamespace(samples_per_prompt=3, keep=keep),
@@ -563,7 +568,10 @@ def test_benchmark_aggregates_and_grid_placement_by_hand(tmp_path):
 
     biased = clip_selection(cfg(2), metadata)
     assert biased["selected_by_same_model"] and biased["clip_score_all_samples"] == pytest.approx(78 / 6)
-    assert "clip_warning" in biased
+    assert "clip_warning" in biased and "before upsampling" not in biased["clip_warning"]
+    upsampled = cfg(2)
+    upsampled.benchmark.resolution = "upsampled"  # (all_clip_scores are the detokenizer's images' scores)
+    assert clip_selection(upsampled, metadata)["clip_warning"].endswith("all samples (scored before upsampling)")
     for keep in (0, 3):  # every sample kept: nothing was selected
         plain = clip_selection(cfg(keep), metadata)
         assert not plain["selected_by_same_model"] and "clip_warning" not in plain and plain["keep"] == 3
@@ -572,3 +580,160 @@ def test_benchmark_aggregates_and_grid_placement_by_hand(tmp_path):
     grid = image_grid([Image.new("RGB", (4, 4), c) for c in colours], columns=2, cell=4)
     assert grid.size == (8, 8)
     assert [grid.getpixel(xy) for xy in ((1, 1), (5, 1), (1, 5), (5, 5))] == [*colours, (255, 255, 255)]
+
+
+def test_benchmark_run_passes_its_settings_and_scores_this_runs_prompts(single_process, tmp_path, monkeypatch, capsys):
+    """run() without a model (generation stood in for, into a folder an earlier run with a larger limit filled with
+    5 prompts): generate() gets the config's sampling settings, the CLIP scorer for reranking only when there is a
+    choice, keep, the upsampler and compile_decode; the FID weights are looked for before generation; only this
+    run's 3 prompts are scored; eval_config.yaml is written. main() prints the summary line and each warning."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from evaluation import benchmark
+    from evaluation.config import load_eval_config
+
+    out = tmp_path / "out"
+    fake_generation(out / "images", 5)
+    (out / "images" / "00000_1.png").write_bytes((out / "images" / "00000_0.png").read_bytes())
+    (out / "images" / "00000.json").write_text(json.dumps({"prompt": "prompt 0", "index": 0,
+                                                           "files": ["00000_0.png", "00000_1.png"]}))  # (keep 2)
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(5)), encoding="utf-8")
+    stand_in = SimpleNamespace(protocol={"weights": "w"}, score=lambda images, texts, batch_size=64: torch.tensor(
+        [10.0 + int(t.split()[1]) for t in texts]))
+    calls = []
+    monkeypatch.setattr(benchmark, "load_for_sampling", lambda *a: ("model", "vq", "tok"))
+    monkeypatch.setattr(benchmark, "check_clip", lambda *a: None)
+    monkeypatch.setattr(benchmark.ClipScorer, "load", lambda *a, **k: stand_in)
+    monkeypatch.setattr(benchmark, "generate", lambda *a, **k: calls.append((a, k)))
+
+    def config(*sets):
+        return load_eval_config("configs/eval/partiprompts.yaml", [
+            "model.checkpoint=c", "model.vq=v", "model.text_tokenizer=t", "clip.model=local-dir:x",
+            f"benchmark.prompts={tmp_path / 'p.txt'}", f"benchmark.out={out}", "benchmark.limit=3", "benchmark.device=cpu",
+            "sampling.batch_size=2", "sampling.seed=7", *sets])
+
+    cfg = config("sampling.samples_per_prompt=3", "sampling.keep=2", "sampling.compile_decode=true", "sampling.top_k=5")
+    results = benchmark.run(cfg)
+    (args, kwargs), = calls
+    assert args[:4] == ("model", "vq", "tok", [{"prompt": f"prompt {i}"} for i in range(3)])
+    assert args[4] == out / "images" and args[5] == cfg.sampling.per_code() and args[5].top_k == 5
+    assert args[6:] == (3, 7, 2, 0, 1, stand_in, 2, None) and kwargs == {"compile_decode": True}
+    assert results["prompts"] == 3 and results["clip_images"] == 4  # (not the earlier run's 5 prompts)
+    assert results["clip_score"] == pytest.approx((10 + 10 + 11 + 12) / 4)
+    assert yaml.safe_load((out / "eval_config.yaml").read_text())["sampling"]["keep"] == 2
+    calls.clear()
+    benchmark.run(config("sampling.samples_per_prompt=1", "sampling.keep=0"))
+    assert calls[0][0][11] is None  # one sample per prompt: nothing to rerank
+
+    def no_weights():
+        raise FileNotFoundError("no FID weights")
+
+    monkeypatch.setattr(benchmark, "default_weights", no_weights)
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match="no FID weights"):
+        benchmark.run(config("benchmark.name=coco30k", f"benchmark.real={SHARED_DATA / 'coco_mini' / 'images'}"))
+    assert not calls  # refused before hours of generation
+
+    monkeypatch.setattr(benchmark, "run", lambda cfg: {"prompts": 3, "clip_score": 21.23456,
+                                                        "clip_warning": "chosen by the same model", "fid_warning": None})
+    benchmark.main(["--config", "configs/eval/partiprompts.yaml", "--set", "model.checkpoint=c", "model.vq=v",
+                    "model.text_tokenizer=t", "clip.model=local-dir:x", f"benchmark.out={out}"])
+    printed = capsys.readouterr()
+    assert printed.out == f"partiprompts: 3 prompts {{'clip_score': 21.2346}}; report {out / 'report.html'}\n"
+    assert printed.err.splitlines()[-1:] == ["warning: chosen by the same model"] and "None" not in printed.err
+
+
+def test_report_page_escapes_its_text_and_replaces_a_page_whole(tmp_path):
+    """write_html, table_html and image_html put text (a category from a user's prompt file, a path) in as text,
+    never as markup; a reader of the earlier page keeps reading it whole (an atomic replace)."""
+    from evaluation.report import image_html, table_html, write_html
+
+    table = table_html([{"Category": "<b>Food</b>", "clip_score": 1.23456, "prompts": 2}], digits=3)
+    assert table == ("<table><tr><th>Category</th><th>clip_score</th><th>prompts</th></tr><tr><td>&lt;b&gt;Food"
+                     "&lt;/b&gt;</td><td>1.235</td><td>2</td></tr></table>")
+    assert "<th>a&amp;b</th>" in table_html([{"a&b": 1}])
+    assert table_html([{"a": 1}, {"a": 2, "b": 3}]).count("<th>") == 1  # (the first row's columns)
+    assert image_html('grids/"x".png', "<i>cap</i>", 80) == ('<figure><img src="grids/&quot;x&quot;.png" width="80">'
+                                                            "<figcaption>&lt;i&gt;cap&lt;/i&gt;</figcaption></figure>")
+    page = tmp_path / "report.html"
+    page.write_text("earlier")
+    with open(page) as reader:
+        write_html(page, "<T>", [("Samples: <script>", "<p>body</p>")], intro="<b>intro</b>")
+        assert reader.read() == "earlier"
+    text = page.read_text()
+    assert "<title>&lt;T&gt;</title>" in text and "<h1>&lt;T&gt;</h1>" in text
+    assert "<h2>Samples: &lt;script&gt;</h2>\n<p>body</p>" in text and "<p><b>intro</b></p>" in text  # (intro, body:
+    # markup the caller made)
+
+
+def test_image_grid_keeps_small_images_pixelated_and_three_caption_lines(tmp_path, monkeypatch):
+    """A sample smaller than its cell is scaled up by nearest neighbour (its pixels, not a blur); a caption wraps
+    onto at most three lines. line_plot: log y when asked, a legend for more than one series."""
+    import matplotlib.pyplot as plt
+    from PIL import Image, ImageChops
+
+    from evaluation.report import image_grid, line_plot
+
+    checker = Image.fromarray(np.kron([[0, 255], [255, 0]], np.ones((2, 2))).astype(np.uint8)).convert("RGB")
+    grid = image_grid([checker], columns=1, cell=16)
+    assert {tuple(p) for p in np.asarray(grid).reshape(-1, 3).tolist()} == {(0, 0, 0), (255, 255, 255)}
+
+    def caption_height(text):
+        grid = image_grid([Image.new("RGB", (4, 4), "white")], [text], columns=1, cell=60)  # (10 characters a line)
+        box = ImageChops.invert(grid.crop((0, 60, 60, 100))).getbbox()
+        return box[3] - box[1]
+
+    heights = [caption_height(" ".join(["abcdefgh"] * lines)) for lines in (1, 2, 3, 4)]  # (a word a line)
+    assert heights[0] < heights[1] < heights[2] == heights[3]  # (the fourth line not drawn)
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    line_plot(tmp_path / "a.png", {"loss": ([1, 2], [1.0, 0.1])}, "step", "loss", logy=True)
+    line_plot(tmp_path / "b.png", {"a": ([1, 2], [1, 2]), "b": ([1, 2], [2, 3])}, "step", "y", title="t")
+    (first,), (second,) = figures[0].axes, figures[1].axes
+    assert (first.get_yscale(), second.get_yscale()) == ("log", "linear")
+    assert first.get_legend() is None and second.get_legend() is not None and second.get_title() == "t"
+    assert (first.get_xlabel(), first.get_ylabel()) == ("step", "loss") and (tmp_path / "a.png").is_file()
+
+
+def test_report_grids_show_each_prompts_best_image_and_the_warnings_once(tmp_path):
+    """A grid holds the first benchmark.grid_prompts prompts (at most 4 a row), each by its first (best) file and
+    its prompt as caption; a warning is said in the intro (as text), not in the summary table, and an empty one not
+    at all; the intro says whether the samples were reranked. generated_size and fid_results refuse what they
+    cannot measure (no prompt; real_center_crop of images that are not square)."""
+    from PIL import Image
+
+    from common.config import load_typed
+    from evaluation.benchmark import fid_results, generated_size, write_report
+    from evaluation.config import EvalConfig
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16), "red").save(images / "best.png")
+    Image.new("RGB", (16, 16), "blue").save(images / "worse.png")
+    metadata = [{"prompt": f"prompt {i}", "index": i, "files": ["best.png", "worse.png"]} for i in range(5)]
+    results = {"clip_score": 30.0, "clip_warning": "<biased>", "fid_warning": None}
+
+    def report(*sets):
+        cfg = load_typed(EvalConfig, "configs/eval/partiprompts.yaml", ["clip.model=local-dir:c", *sets])
+        return write_report(cfg, tmp_path, images, results, metadata, []).read_text()
+
+    text = report("benchmark.grid_prompts=3")
+    grid = Image.open(tmp_path / "grids" / "samples_000.png").convert("RGB")
+    assert grid.size == (3 * 160, 160 + 40)  # three prompts in a row, captions below
+    assert {grid.getpixel((80 + 160 * k, 80)) for k in range(3)} == {(255, 0, 0)}
+    assert min(grid.crop((0, 160, 160, 200)).getdata()) < (128, 128, 128)  # (a caption written)
+    assert text.count("<b>Warning:</b>") == 1 and "<b>Warning:</b> &lt;biased&gt;" in text
+    assert "clip_warning" not in text and "Samples reranked by CLIP score" in text
+    Image.open(tmp_path / "grids" / "samples_000.png").close()
+    report("benchmark.grid_prompts=8")
+    assert Image.open(tmp_path / "grids" / "samples_000.png").size == (4 * 160, 2 * 200)  # 5 prompts: 4 + 1
+    assert "The first sample is shown" in report("sampling.samples_per_prompt=1", "sampling.keep=0")
+
+    with pytest.raises(ValueError, match="metadata.jsonl lists no prompts"):
+        generated_size(images, [])
+    cfg = load_typed(EvalConfig, "configs/eval/coco30k.yaml", ["benchmark.real=r"])
+    with pytest.raises(ValueError, match=r"are 32x16, not square; set benchmark.real_center_crop=false"):
+        fid_results(cfg, images, metadata, (32, 16))
