@@ -737,3 +737,46 @@ def test_report_grids_show_each_prompts_best_image_and_the_warnings_once(tmp_pat
     cfg = load_typed(EvalConfig, "configs/eval/coco30k.yaml", ["benchmark.real=r"])
     with pytest.raises(ValueError, match=r"are 32x16, not square; set benchmark.real_center_crop=false"):
         fid_results(cfg, images, metadata, (32, 16))
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["benchmark.name=PartiPrompts"], r"benchmark.name='PartiPrompts' must be one of partiprompts, coco30k, prompts$"),
+    (["benchmark.resolution=high"], r"benchmark.resolution='high' must be base or upsampled$"),
+    (["clip.model="], r"sampling.keep ranks samples by CLIP score: set clip.model"),  # (the config keeps 1 of 4)
+    (["clip.model=ViT-B-32", "clip.tag=openai"], r"clip.tag='openai' names the open_clip pretrained weights"),
+    (["clip.model=ViT-B-32", "clip.weights=random", "clip.tag=openai"], r"clip.tag='openai' names the open_clip"),
+    (["sampling.seed=-1"], r"sampling.seed=-1 must be in \[0, 2\*\*32\)$"),
+    (["benchmark.grid_prompts=0"], r"benchmark.grid_prompts=0 must be >= 1"),
+    (["sampling.keep=5"], r"--keep 5 keeps more than the 4 sample\(s\) per prompt"),
+    (["sampling.samples_per_prompt=0", "sampling.keep=0"], r"sampling.samples_per_prompt\) must be >= 1, not 0$"),
+    (["model.text_tokenizer="], r"^model.text_tokenizer must be set"),
+])
+def test_eval_config_refuses_each_bad_override(sets, expected):
+    from common.config import ConfigError
+    from evaluation.config import load_eval_config
+
+    paths = ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c", "clip.model=local-dir:m"]
+    with pytest.raises(ConfigError, match=expected):
+        load_eval_config("configs/eval/partiprompts.yaml", [*paths, *sets])
+
+
+def test_eval_config_defaults_are_the_documented_ones():
+    """The defaults a config file that leaves a key out gets (as each key's documentation says), every benchmark
+    name accepted, and per_code(): the code-choosing settings alone, as a SamplingConfig (what generation.json
+    records)."""
+    from evaluation.config import load_eval_config
+    from evaluation.sampling import SamplingConfig
+
+    cfg = load_eval_config(None, ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c"])
+    s, b = cfg.sampling, cfg.benchmark
+    assert (s.guidance_scale, s.samples_per_prompt, s.keep, s.seed, s.batch_size, s.compile_decode) == (1.2, 1, 0, 0, 0,
+                                                                                                         False)
+    assert (b.name, b.prompts, b.real, b.real_center_crop, b.limit, b.out, b.grid_prompts, b.device, b.resolution) == (
+        "partiprompts", "shared:PartiPrompts.tsv", "", True, 0, "eval", 8, "auto", "base")
+    assert (cfg.model.upsampler, cfg.clip.model, cfg.clip.weights, cfg.clip.tag) == ("", "", "", "")
+    for name in ("partiprompts", "coco30k", "prompts"):
+        assert load_eval_config(None, ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c", "benchmark.real=r",
+                                       f"benchmark.name={name}"]).benchmark.name == name
+    cfg = load_eval_config("configs/eval/partiprompts.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c",
+                                                              "clip.model=m", "sampling.top_p=0.9", "sampling.seed=3"])
+    assert cfg.sampling.per_code() == SamplingConfig(temperature=1.0, top_k=0, top_p=0.9, guidance_scale=1.2)
