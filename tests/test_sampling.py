@@ -600,6 +600,34 @@ def test_a_row_of_more_fields_than_its_header_is_refused_naming_the_line(tmp_pat
                                                   "prompt": "A cat, on a mat"}]
 
 
+def test_prompt_column_order_suffix_case_json_lines_and_coco_entries(tmp_path):
+    """The prompt is the first of Prompt / prompt / caption / text, stripped; an upper-case suffix reads as its
+    format; a JSONL line that does not parse names its own line; a COCO captions file keeps each image's file
+    name, skips an image without a caption, and a file or annotation not of that format is a ValueError."""
+    from evaluation.prompts import read_prompts
+
+    row = {"text": "T", "caption": "C", "prompt": "p", "Prompt": "P"}
+    for key in ("Prompt", "prompt", "caption", "text"):
+        (tmp_path / "a.jsonl").write_text(json.dumps(row) + "\n")
+        assert read_prompts(tmp_path / "a.jsonl")[0]["prompt"] == row.pop(key)
+    (tmp_path / "B.TSV").write_text("Prompt\tCategory\n  A cat \tAnimals\n")
+    assert read_prompts(tmp_path / "B.TSV") == [{"Prompt": "  A cat ", "Category": "Animals", "prompt": "A cat"}]
+    (tmp_path / "c.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"c\.jsonl:3: not valid JSON"):
+        read_prompts(tmp_path / "c.jsonl")
+    coco = {"images": [{"id": 7, "file_name": "7.jpg"}, {"id": 8, "file_name": "8.jpg"}, {"id": 9}],
+            "annotations": [{"image_id": 9, "caption": "A dog."}, {"image_id": 7, "caption": "A cat."}]}
+    (tmp_path / "d.json").write_text(json.dumps(coco))
+    assert read_prompts(tmp_path / "d.json") == [{"prompt": "A cat.", "image_id": 7, "file_name": "7.jpg"},
+                                                 {"prompt": "A dog.", "image_id": 9, "file_name": ""}]
+    for name, data, message in (("e.json", {"images": []}, r"e\.json: expected a COCO captions file"),
+                                ("f.json", {"images": [{"id": 1}], "annotations": [{"caption": "x"}]},
+                                 r"f\.json: annotations\[0\] has no \"image_id\"")):
+        (tmp_path / name).write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=message):
+            read_prompts(tmp_path / name)
+
+
 def test_metadata_keeps_the_prompt_order_past_99999(tmp_path):
     """Prompt files are named by a 5-digit index, 6 digits from 100,000 on: sorted as text, those came first."""
     from evaluation.generate import gather_metadata
