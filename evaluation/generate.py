@@ -431,6 +431,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[dict], SamplingConfig]:
         raise ValueError(f"--limit must be >= 0 (0: all prompts), not {args.limit}")
     if not 0 <= args.seed < MAX_SEED:
         raise ValueError(f"--seed must be in [0, 2**32), not {args.seed}")
+    if (args.clip_weights or args.clip_tag) and not args.clip:  # (they were ignored: no reranking, no CLIP scores)
+        raise ValueError(f"--clip-weights/--clip-tag without --clip: give --clip (the open_clip architecture of the "
+                         "weights, e.g. ViT-L-14, or local-dir:FOLDER), or drop them")
     cfg = dataclass_from_args(SamplingConfig, args)
     check_export(args.checkpoint, "--checkpoint")
     check_out_folder(args.out, "--out")

@@ -353,6 +353,8 @@ SAMPLING_CASES = {
     "negative keep": generate_flags("--keep", "-1", expected=r"--keep \(sampling.keep\) must be >= 0, not -1$"),
     "keep more than sampled": generate_flags("--keep", "3", "--samples-per-prompt", "2", "--clip", "ViT-B-32",
                                              expected=r"--keep 3 keeps more than the 2 sample\(s\) per prompt"),
+    "--clip-weights without --clip": generate_flags("--clip-weights", "clip.pt",
+                                                    expected=r"--clip-weights/--clip-tag without --clip: give --clip"),
     "a prompt file of no prompt": lambda tmp: generate_without_prompts(tmp),
     "negative limit": generate_flags("--limit", "-1", expected=r"--limit must be >= 0 \(0: all prompts\), not -1$"),
     "top-p 0": generate_flags("--top-p", "0", expected=r"sampling.top_p \(--top-p\) must be in \(0, 1\] .*, not 0.0$"),
