@@ -158,13 +158,16 @@ def test_trainer_steps_on_the_read_ahead_batches_dp1(single_process, tmp_path):
     check_trainer_batches(segments, TRAINER, 0, 1)
 
 
-def test_data_workers_below_zero_is_refused():
+def test_data_workers_below_zero_or_no_read_ahead_step_is_refused():
     from common.config import ConfigError
     from data_pipeline.training_data import training_dataset
     from training.config import load_config
 
     cfg = load_config(None, ["data.workers=-1"])
     with pytest.raises(ConfigError, match=r"data\.workers=-1 must be >= 0"):
+        training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    cfg = load_config(None, ["data.read_ahead_steps=0"])
+    with pytest.raises(ConfigError, match=r"data\.read_ahead_steps=0 must be >= 1"):
         training_dataset(cfg.data, cfg.model, cfg.train.seed)
 
 
@@ -198,6 +201,32 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
     held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
     assert len(held_out) == 9 and held_out[8][1].shape == (4,)
     assert len(held_out_dataset(cfg.data, cfg.model, 0, 9, trained_on)) == 9  # (exactly as many as needed)
+
+
+def test_a_missing_data_folder_is_a_config_error_naming_its_key_and_a_named_held_out_folder_is_read(tmp_path):
+    """A data.shards or data.valid_shards folder that is not there is a ConfigError naming the key (the one line
+    a bad config gets, not a FileNotFoundError traceback); a data.valid_shards folder named beside synthetic
+    training data is the held-out set (the generated one is only for none named)."""
+    from common.config import ConfigError
+    from data_pipeline.code_shards import CodeShardDataset
+    from data_pipeline.synthetic import write_random_code_shards
+    from data_pipeline.training_data import held_out_dataset, training_dataset
+    from training.config import load_config
+
+    write_random_code_shards(tmp_path / "train", 4)
+    write_random_code_shards(tmp_path / "valid", 3)  # 9 records
+    model = ["model.image_grid=2", "model.text_seq_len=4", "model.text_vocab_size=128", "model.image_vocab_size=64"]
+    cfg = load_config("configs/train/debug.yaml", [*model, "data.synthetic=false", f"data.shards={tmp_path}/none"])
+    with pytest.raises(ConfigError, match=r"^data\.shards='.*/none': .*/none is not a folder"):
+        training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    cfg.data.shards = f"{tmp_path}/train"
+    trained_on = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    cfg.data.valid_shards = f"{tmp_path}/none"
+    with pytest.raises(ConfigError, match=r"^data\.valid_shards='.*/none': .*/none is not a folder"):
+        held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
+    cfg.data.synthetic, cfg.data.shards, cfg.data.valid_shards = True, "", f"{tmp_path}/valid"
+    held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, training_dataset(cfg.data, cfg.model, 0))
+    assert isinstance(held_out, CodeShardDataset) and len(held_out) == 9
 
 
 def test_held_out_batches_spread_over_the_whole_held_out_set_the_same_every_time():
@@ -308,3 +337,140 @@ def test_synthetic_held_out_samples_are_the_ones_past_the_training_set():
     assert all(torch.equal(held[i][1], both[SYNTHETIC_SIZE + i][1]) and torch.equal(train[i][1], both[i][1])
                for i in range(16))
     assert not any(torch.equal(held[i][1], train[i][1]) for i in range(16))
+
+
+class Indexed:
+    """Sample i: text ids and codes all i (so a batch says which samples it holds)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return torch.full((4,), i), torch.full((2,), i)
+
+
+def test_every_sample_once_an_epoch_over_ranks_and_workers_and_a_resume_on_another_layout():
+    """37 samples, global batch 8 (the epochs end inside a global batch): steps 0..3 read at DP=2 with 2 workers
+    each, then a resume at step 4 (mid-epoch) at DP=4 with 1 worker and with none: the ranks' micro-batches,
+    taken in rank order, are the stream's positions 0, 1, 2... without gap or repeat, and each epoch's 37
+    positions hold each sample once."""
+    from data_pipeline.loader import CaptionDrop, ReadAhead
+    from data_pipeline.sampler import GlobalBatchSampler
+
+    dataset, sampler = Indexed(SIZE), GlobalBatchSampler(SIZE, GBS, SEED)
+    drop = CaptionDrop(seed=SEED, prob=0.0, pad_id=0, eos_id=3)
+
+    def read(consumed: int, steps: int, dp_size: int, workers: int) -> tuple[list[int], list[int]]:
+        readers = [ReadAhead(dataset, sampler, consumed, steps, r, dp_size, MBS, drop, workers=workers)
+                   for r in range(dp_size)]
+        positions, ids = [], []
+        try:
+            for _ in range(steps):
+                for reader in readers:
+                    for _, codes, where in reader.next_step():
+                        positions += where.tolist()
+                        ids += codes[:, 0].tolist()
+            assert all(reader.consumed == consumed + steps * GBS for reader in readers)
+        finally:
+            for reader in readers:
+                reader.close()
+        return positions, ids
+
+    before = read(0, 4, dp_size=2, workers=2)
+    for workers in (1, 0):
+        after = read(4 * GBS, 6, dp_size=4, workers=workers)
+        positions, ids = before[0] + after[0], before[1] + after[1]
+        assert positions == list(range(10 * GBS))
+        assert ids == sampler.stream(0, 10 * GBS).tolist()
+        for epoch in range(2):
+            assert sorted(ids[epoch * SIZE:(epoch + 1) * SIZE]) == list(range(SIZE)), epoch
+        assert ids[SIZE:2 * SIZE] != ids[:SIZE]  # (another order each epoch)
+
+
+def test_a_reader_gives_the_steps_it_was_made_for_and_no_more():
+    """Both readers (ReadAhead, in this process and with a worker, and StepPositions) refuse a step past the
+    `steps` they were made for, and any step once closed, with a RuntimeError (not a StopIteration, which a loop
+    would take for an end); a reader made for no step starts no worker."""
+    import multiprocessing
+
+    from data_pipeline.loader import CaptionDrop, ReadAhead, StepPositions
+    from data_pipeline.sampler import GlobalBatchSampler
+
+    dataset, sampler = Indexed(SIZE), GlobalBatchSampler(SIZE, GBS, SEED)
+    drop = CaptionDrop(seed=SEED, prob=0.0, pad_id=0, eos_id=3)
+    for make in (lambda: ReadAhead(dataset, sampler, 8, 2, 0, 1, MBS, drop, workers=0),
+                 lambda: ReadAhead(dataset, sampler, 8, 2, 0, 1, MBS, drop, workers=1),
+                 lambda: StepPositions(sampler, 8, 2, 0, 1, MBS)):
+        reader = make()
+        try:
+            reader.next_step()
+            reader.next_step()
+            with pytest.raises(RuntimeError, match=r"made for 2 steps from 8; all have been"):
+                reader.next_step()
+        finally:
+            reader.close()
+        reader = make()
+        reader.close()
+        with pytest.raises(RuntimeError, match=r"or it was closed"):
+            reader.next_step()
+    before = set(multiprocessing.active_children())
+    reader = ReadAhead(dataset, sampler, 8, 0, 0, 1, MBS, drop, workers=2)
+    try:
+        assert set(multiprocessing.active_children()) == before
+        with pytest.raises(RuntimeError, match=r"made for 0 steps"):
+            reader.next_step()
+    finally:
+        reader.close()
+
+
+def test_the_workers_are_forked_keep_the_read_ahead_steps_requested_and_pin_memory_when_asked():
+    """What the DataLoader is made with (a reader of no steps: nothing is read): forked workers (a spawned one
+    would import the training stack again; the default where the process was itself spawned), at least
+    read_ahead_steps x the micro-batches of a step requested over all workers (2 workers, 3 steps of 3
+    micro-batches: 9, not fewer, not a round of the workers more), pinned memory when asked, and one batch per
+    micro-batch of each step; workers < 0 and read_ahead_steps < 1 are refused."""
+    from data_pipeline.loader import CaptionDrop, ReadAhead
+    from data_pipeline.sampler import GlobalBatchSampler
+
+    dataset, sampler = Indexed(SIZE), GlobalBatchSampler(SIZE, GBS, SEED)
+    drop = CaptionDrop(seed=SEED, prob=0.0, pad_id=0, eos_id=3)
+    reader = ReadAhead(dataset, GlobalBatchSampler(SIZE, 3 * MBS, SEED), 0, 0, 0, 1, MBS, drop, workers=2,
+                       read_ahead_steps=3, pin_memory=True)
+    loader = reader.loader
+    assert loader.multiprocessing_context.get_start_method() == "fork"
+    assert 9 <= loader.prefetch_factor * 2 < 9 + 2
+    assert loader.pin_memory is True
+    reader = ReadAhead(dataset, sampler, 0, 5, 1, 2, MBS, drop, workers=0)
+    assert len(reader.loader) == 5 * (GBS // 2 // MBS) == sum(1 for _ in reader.batches)
+    reader.close()
+    for workers, ahead in ((-1, 2), (2, 0)):
+        with pytest.raises(ValueError, match=rf"workers={workers} must be >= 0 and read_ahead_steps={ahead} >= 1"):
+            ReadAhead(dataset, sampler, 0, 1, 0, 1, MBS, drop, workers=workers, read_ahead_steps=ahead)
+
+
+def test_data_workers_leave_the_jobs_stop_signals_to_the_training_process():
+    """SLURM signals every process of a job: a data worker ignores SIGTERM and SIGUSR1 (the trainer saves, then
+    closes the reader; a worker that died of the signal would fail the step or the save); the training process
+    keeps its own handlers."""
+    import signal
+
+    from data_pipeline.loader import CaptionDrop, ReadAhead
+    from data_pipeline.sampler import GlobalBatchSampler
+
+    class Probe(Indexed):  # text: 1 where the process reading the sample ignores both signals; codes: its pid
+        def __getitem__(self, i):
+            ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGUSR1))
+            return torch.full((4,), int(ignored)), torch.full((2,), os.getpid())
+
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
+    sampler = GlobalBatchSampler(SIZE, GBS, SEED)
+    reader = ReadAhead(Probe(SIZE), sampler, 0, 1, 0, 1, MBS, CaptionDrop(SEED, 0.0, 0, 3), workers=2)
+    try:
+        batches = reader.next_step()
+    finally:
+        reader.close()
+    assert all((codes != os.getpid()).all() and (text == 1).all() for text, codes, _ in batches)
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
