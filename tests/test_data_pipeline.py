@@ -890,6 +890,22 @@ def test_sampler_same_global_batches_at_any_dp_size_and_after_restore(order):
     assert len({tuple(epoch) for epoch in epochs}) == 4  # reshuffled every epoch (not two orders in turn)
 
 
+def test_the_sampler_refuses_what_it_cannot_order_or_split():
+    """An empty dataset, an order it does not know (it would silently be another), and a global batch that does
+    not split evenly over the data-parallel ranks (each rank's share rounded down would leave samples out of
+    every step) are refused; a split that does divide is not."""
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        GlobalBatchSampler(dataset_len=0, global_batch_size=8, seed=5)
+    with pytest.raises(ValueError, match=r"sampler order 'shuffle': expected one of feistel, randperm"):
+        GlobalBatchSampler(dataset_len=37, global_batch_size=8, seed=5, order="shuffle")
+    sampler = GlobalBatchSampler(dataset_len=37, global_batch_size=8, seed=5)
+    with pytest.raises(ValueError, match="global batch of 8 does not split over 3 data-parallel ranks"):
+        sampler.rank_batch(16, 0, 3)
+    with pytest.raises(ValueError, match="global batch of 8 does not split over 3 data-parallel ranks"):
+        GlobalBatchSampler.rank_slice(sampler.global_batch(16), 0, 3)
+    assert len(sampler.rank_batch(16, 3, 4)[1]) == len(GlobalBatchSampler.rank_slice(torch.arange(8), 3, 4)) == 2
+
+
 def test_the_sample_order_is_the_one_runs_were_trained_with():
     """The order is part of every checkpoint's meaning: a run resumed after an upgrade that changed it would train
     on other samples than it saved its position in (epochs 0 and 1 of seed 1234, recorded 2026-12-05)."""
