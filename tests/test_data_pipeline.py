@@ -858,6 +858,139 @@ print("ok", len(os.listdir("/proc/self/fd")))
     assert int(proc.stdout.split()[1]) < 128
 
 
+def test_a_record_outside_the_dataset_or_past_a_shard_cut_since_is_refused_naming_it(tmp_path):
+    """record(i) reads sample i or refuses: a negative index is not read from the end (the loader never asks
+    one: it would be a bug upstream), and a shard cut after the dataset was opened is named, not read short."""
+    write_random_code_shards(tmp_path / "codes", 2)
+    ds = CodeShardDataset(tmp_path / "codes")
+    expected = np.fromfile(tmp_path / "codes" / "00001.bin", dtype=ds.dtype)
+    assert len(ds) == 6 and (ds.record(5) == expected[2]).all()
+    for index in (-1, 6):
+        with pytest.raises(IndexError, match=rf"sample {index} outside 0\.\.5 of .*codes"):
+            ds.record(index)
+    with open(tmp_path / "codes" / "00001.bin", "r+b") as f:
+        f.truncate(2 * ds.dtype.itemsize + 1)
+    assert (ds.record(4) == expected[1]).all()
+    with pytest.raises(DataError, match=r"codes/00001\.bin: record 2 ends past the file's end; the shard changed"):
+        ds.record(5)
+
+
+def test_a_weight_that_is_not_a_positive_number_is_refused_naming_its_item(tmp_path):
+    """folder:weight takes a positive number: 0 (the folder would never be read), a negative, nan, inf or a word
+    are refused naming the item, a lone folder's included (its weight otherwise goes unused)."""
+    from types import SimpleNamespace
+
+    write_random_code_shards(tmp_path / "a", 2)
+    write_random_code_shards(tmp_path / "b", 2)
+    model_cfg = SimpleNamespace(text_seq_len=4, image_seq_len=4, image_vocab_size=64, text_vocab_size=128)
+    for weight in ("0", "-1", "nan", "inf", "two"):
+        for spec in (f"{tmp_path}/a:{weight}", f"{tmp_path}/b:1,{tmp_path}/a:{weight}"):
+            with pytest.raises(DataError, match=rf"/a:{weight}: the weight after ':' must be a positive number"):
+                open_training_data(spec, model_cfg)
+    assert open_training_data(f"{tmp_path}/b:1,{tmp_path}/a:0.5", model_cfg).counts.tolist() == [8, 4]
+    for spec in ("", " , "):
+        with pytest.raises(DataError, match="data.shards is empty: give a code-shard folder"):
+            open_training_data(spec, model_cfg)
+    for weights in ([1, 0], [1, -1], [1]):
+        with pytest.raises(ValueError, match="MixedDataset needs one positive weight per dataset"):
+            MixedDataset([[0], [1]], weights)
+
+
+def test_an_unfinished_or_non_object_manifest_is_refused_naming_it(tmp_path):
+    """A manifest of a pre-tokenization not finished (complete: false) says how many shards are done; a
+    metadata file that is JSON but not an object is named as such (not an AttributeError from deep inside)."""
+    write_random_code_shards(tmp_path / "codes", 2)
+    path = tmp_path / "codes" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "complete": False, "num_inputs": 5}))
+    with pytest.raises(DataError, match=r"manifest\.json: only 2 of 5 shards are done; finish"):
+        CodeShardDataset(tmp_path / "codes")
+    path.write_text(json.dumps([manifest]))
+    with pytest.raises(DataError, match=r"manifest\.json: a JSON list, expected an object"):
+        CodeShardDataset(tmp_path / "codes")
+
+
+def test_a_shard_of_no_records_opens_without_a_scan(tmp_path):
+    """An input whose every sample was skipped makes a shard of no records: a folder holding one opens (its
+    empty .bin has nothing to check) even where its maxima must be found by a scan (no shard_stats.json)."""
+    from data_pipeline.code_shards import record_dtype
+
+    write_random_code_shards(tmp_path / "codes", 2)
+    path = tmp_path / "codes" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][1]["records"], manifest["records"] = 0, 3
+    path.write_text(json.dumps(manifest))
+    (tmp_path / "codes" / "00001.bin").write_bytes(b"")
+    (tmp_path / "codes" / "shard_stats.json").unlink()
+    expected = np.fromfile(tmp_path / "codes" / "00000.bin", dtype=record_dtype(4, 4))
+    ds = CodeShardDataset(tmp_path / "codes")
+    assert len(ds) == 3 and all((ds.record(i) == expected[i]).all() for i in range(3))
+
+
+def test_a_blends_tokenizers_are_those_of_its_folders():
+    """data_tokenizers of a blend (what a checkpoint records and the held-out data is checked against) are its
+    folders' (a blend shares them), not None as for data that records none."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from data_pipeline.code_shards import data_tokenizers
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name in "ab":
+            write_random_code_shards(Path(folder) / name, 1)
+        model_cfg = SimpleNamespace(text_seq_len=4, image_seq_len=4, image_vocab_size=64, text_vocab_size=128)
+        blend = open_training_data(f"{folder}/a:1,{folder}/b:1", model_cfg)
+        manifest = json.loads((Path(folder) / "a" / "manifest.json").read_text())
+        assert isinstance(blend, MixedDataset)
+        assert data_tokenizers(blend) == {k: manifest[k] for k in ("vq", "text_tokenizer")}
+
+
+def test_a_shard_rewritten_in_place_at_the_same_size_is_scanned_again(tmp_path):
+    """The scan of a shard with no recorded maxima is remembered by path, size, mtime and inode: the same file
+    rewritten at the same size (another value, a later mtime) is scanned again, not taken from what was
+    remembered."""
+    from data_pipeline.code_shards import record_dtype, shard_maxima
+
+    dtype, path = record_dtype(4, 3), tmp_path / "00000.bin"
+    records = np.zeros(5, dtype=dtype)
+    records["codes"][2, 1] = 40
+    path.write_bytes(records.tobytes())
+    assert shard_maxima(path, dtype, {}) == (40, 0)
+    records["codes"][2, 1], records["text"][4, 0] = 70, 9
+    path.write_bytes(records.tobytes())
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert shard_maxima(path, dtype, {}) == (70, 9)
+
+
+def test_the_open_shards_are_the_most_recently_read_and_a_copy_of_the_dataset_opens_its_own():
+    """OpenFiles closes the least recently used shard when full (a shard read often stays open), and a dataset
+    sent to another process (pickled: a DataLoader worker that is not forked) opens files of its own: the
+    descriptors it was sent are not its own, and are neither used nor closed by it."""
+    import pickle
+    import tempfile
+
+    from data_pipeline.code_shards import OpenFiles
+
+    with tempfile.TemporaryDirectory() as folder:
+        a, b, c = (Path(folder) / name for name in "abc")
+        for path in (a, b, c):
+            path.write_bytes(b"x")
+        files = OpenFiles(limit=2)
+        fd_a = files.fd(a)
+        files.fd(b)
+        assert files.fd(a) == fd_a  # (a read again: now the most recent)
+        files.fd(c)
+        assert list(files.open) == [a, c] and files.fd(a) == fd_a
+        write_random_code_shards(Path(folder) / "codes", 2)
+        ds = CodeShardDataset(Path(folder) / "codes")
+        before = [ds.record(i) for i in range(len(ds))]
+        copy = pickle.loads(pickle.dumps(ds))
+        assert copy.files is not ds.files and not copy.files.open
+        assert all((ds.record(i) == r).all() for i, r in enumerate(before))  # (its descriptors still open)
+        assert all((copy.record(i) == r).all() for i, r in enumerate(before))
+
+
 def test_corrupt_inputs_are_refused_clearly(setup, one_run, tmp_path):
     _, out = one_run
     with pytest.raises(FileNotFoundError, match="input shard"):
