@@ -292,6 +292,9 @@ def test_slurm_environment(monkeypatch):
     assert state.slurm_environment(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                              "MASTER_ADDR": "gpu-a17", "MASTER_PORT": str(port)}
     assert state.slurm_environment({**task, "MASTER_PORT": "6000"})["MASTER_PORT"] == "6000"
+    assert state.slurm_environment({**task, "MASTER_ADDR": "login-3"})["MASTER_ADDR"] == "login-3"
+    no_nodes = {k: v for k, v in task.items() if k != "SLURM_JOB_NODELIST"}
+    assert state.slurm_environment(no_nodes) is None
 
 
 def test_a_run_resumed_after_a_skipped_step_equals_the_uninterrupted_one(single_process, tmp_path, nan_loss_on_calls):

@@ -150,6 +150,108 @@ def test_init_distributed_sets_the_visible_gpu_and_tells_deepspeed(monkeypatch):
     assert chosen == []
 
 
+def test_a_failing_nvidia_smi_reports_no_driver(monkeypatch):
+    """nvidia-smi without a working driver prints its complaint on stdout and exits non-zero: no version then."""
+    import subprocess
+
+    def smi(returncode, stdout):
+        return lambda *a, **k: subprocess.CompletedProcess([], returncode, stdout=stdout)
+
+    monkeypatch.setattr(state.subprocess, "run", smi(0, "580.95.05\n580.95.05\n"))
+    assert state.driver_version() == "580.95.05"
+    monkeypatch.setattr(state.subprocess, "run", smi(9, "NVIDIA-SMI has failed because it couldn't communicate "
+                                                       "with the NVIDIA driver.\n"))
+    assert state.driver_version() is None
+
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(state.subprocess, "run", missing)
+    assert state.driver_version() is None
+
+
+def test_the_minimum_driver_is_new_enough_and_an_unknown_cuda_needs_none(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "although driver 580.65.06 is installed" in state.no_gpu_reason("580.65.06")  # (exactly the minimum)
+    monkeypatch.setattr(torch.version, "cuda", "14.0")  # (a CUDA this table does not know yet)
+    assert "although driver 590.10.01 is installed" in state.no_gpu_reason("590.10.01")
+
+
+def test_a_device_that_is_none_of_the_three_and_cpu_after_cuda_started_are_refused(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    with pytest.raises(ValueError, match="train.device 'gpu': expected auto, cuda or cpu"):
+        state.use_device("gpu", key="train.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (CUDA initialised before the choice)
+    with pytest.raises(state.DeviceError, match="train.device cpu: CUDA was initialised before"):
+        state.use_device("cpu", key="train.device")
+
+
+def test_a_local_rank_outside_the_visible_gpus_is_refused():
+    for local_rank in (2, -1):  # (one past the last GPU; a negative index would count from the end)
+        with pytest.raises(RuntimeError, match=f"LOCAL_RANK={local_rank}, but this process sees 2 GPUs"):
+            state.local_device_index(visible=2, local_rank=local_rank)
+
+
+def test_a_child_environment_drops_only_the_own_groups_variables(monkeypatch):
+    monkeypatch.setattr(state, "_OWN_GROUP_VARS", {"RANK": "0", "MASTER_PORT": "4000"})
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_PORT", "5000")  # (set since, by someone else: kept)
+    env = state.child_environment(SLURM_CONF="x", MASTER_PORT="6000")
+    assert "RANK" not in env and env["MASTER_PORT"] == "6000" and env["SLURM_CONF"] == "x"
+    assert state.child_environment()["MASTER_PORT"] == "5000"
+
+
+def _joining(monkeypatch):
+    """init_distributed with torch.distributed's join recorded (what the environment said then), not made."""
+    joined = []
+    monkeypatch.setattr(state.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(state.dist, "init_process_group", lambda backend, timeout: joined.append(
+        (timeout, {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")})))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(state, "_OWN_GROUP_VARS", {})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # (so that what init_distributed sets is undone too: a delenv of an unset
+        monkeypatch.delenv(key)      # variable records nothing to restore)
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    return joined
+
+
+def test_a_plain_process_makes_its_own_group_and_keeps_it_from_its_children(monkeypatch):
+    from datetime import timedelta
+
+    joined = _joining(monkeypatch)
+    monkeypatch.setenv("MASTER_PORT", "")  # (an empty port is none: a free one is taken)
+    state.init_distributed(timeout_minutes=7)
+    (timeout, env), = joined
+    assert timeout == timedelta(minutes=7)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"} & set(state.child_environment())
+
+
+def test_torchrun_inside_a_slurm_step_keeps_torchruns_ranks(monkeypatch):
+    """srun starting one torchrun per node: its workers have torchrun's RANK and the step's SLURM_PROCID (the node's
+    index); RANK is the rank."""
+    joined = _joining(monkeypatch)
+    for key, value in dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="n1", MASTER_PORT="1234",
+                           SLURM_STEP_ID="0", SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_ID="9", SLURM_PROCID="1",
+                           SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(state, "slurm_environment", lambda env=None: {"RANK": "1", "WORLD_SIZE": "2"})
+    state.init_distributed()
+    assert joined[0][1] == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_PORT": "1234"}
+
+
+def test_each_pipeline_stage_is_seeded_100_apart_as_megatron_lm_does(single_process, monkeypatch):
+    from megatron.core import parallel_state as ps
+
+    monkeypatch.setattr(ps, "get_pipeline_model_parallel_rank", lambda: 2)
+    state.seed_everything(1234)
+    assert torch.initial_seed() == 1434
+
+
 @pytest.mark.parametrize("name, precision, expected", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H100 PCIe", "bf16", 756), ("NVIDIA H100 NVL", "bf16", 835),
     ("NVIDIA H200", "bf16", 989), ("NVIDIA H200 NVL", "bf16", 835), ("NVIDIA H200", "fp32", 494.5),
