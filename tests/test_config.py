@@ -47,6 +47,20 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.vocab_pad_multiple=0"], "model.vocab_pad_multiple=0 must be positive"),  # (ZeroDivisionError)
     (["model.layernorm_eps=-1.0"], "model.layernorm_eps=-1.0 must be positive"),  # (NaN losses)
     (["model.init_std=-0.02"], "model.init_std=-0.02 must be >= 0"),
+    (["model.text_eos_id=1000"], "model.text_eos_id=1000 must be a token id below model.text_vocab_size=1000"),
+    (["model.encoder_layers=0"], "model.encoder_layers=0 must be positive"),
+    (["model.conv_attention_kernel=-1"], "model.conv_attention_kernel=-1 must be a positive odd number"),
+    (["model.dropout=-0.1"], "model.dropout=-0.1 must be in [0, 1)"),
+    (["model.attention_dropout=1.0"], "model.attention_dropout=1.0 must be in [0, 1)"),
+    (["model.caption_drop_prob=1.0"], "model.caption_drop_prob=1.0 must be in [0, 1)"),
+    (["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing='some' must be one of none,"),
+    (["parallel.tp=0"], "parallel.tp=0 must be >= 1"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "parallel.pp=2"],
+     "parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage=0 only"),
+    (["parallel.tp=2", "model.image_vocab_size=63"], "model.image_vocab_size=63 must be divisible by parallel.tp=2"),
+    (["parallel.tp=8", "model.num_heads=8", "model.vocab_pad_multiple=4"],
+     "model.vocab_pad_multiple=4 must be divisible by parallel.tp=8"),
     (["train.adam_beta2=1.0"], "train.adam_beta2=1.0 must be in [0, 1)"),
     (["train.adam_eps=0"], "train.adam_eps=0.0 must be > 0"),
     (["train.optimizer=adafactor", "parallel.pp=2", "train.precision=bf16", "model.decoder_layers=2"],
@@ -90,12 +104,33 @@ def test_world_size_must_fit_layout():
         layout_of(cfg, 4)  # (the trainer's layout: the batch rules too, not only the world size's)
 
 
+def test_edges_of_the_model_rules_are_allowed_and_a_saved_old_key_is_read_under_its_new_name():
+    from model_parallel.config import saved_model_config
+
+    load_config(None, ["model.preset=parti-debug", "model.init_std=0", "model.text_eos_id=999"]).validate()
+    assert saved_model_config({"cfg_drop_prob": 0.3}).caption_drop_prob == 0.3
+
+
+def test_a_layout_knows_its_sizes_and_says_why_it_does_not_fit():
+    from model_parallel.layout import ParallelConfig, ParallelLayout
+
+    layout = ParallelLayout.of(ParallelConfig(tp=2, pp=4), world_size=16)
+    assert (layout.dp, layout.world_size) == (2, 16)
+    assert layout.record() == {"world_size": 16, "tp": 2, "pp": 4}
+    assert layout.fits(micro_batch=4, global_batch=16) is None
+    assert "global batch 12 is not a multiple of micro-batch 4 x DP 2" in layout.fits(micro_batch=4, global_batch=12)
+    dalle = load_config(None, ["model.preset=dalle-debug", "model.text_vocab_size=999"]).model
+    assert "model.text_vocab_size=999 must be divisible by parallel.tp=2" in layout.fits(dalle)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.hidden_sise=3"], "unknown key(s) model.hidden_sise (model.hidden_sise: did you mean model.hidden_size?)"),
     (["train..lr=1"], "override 'train..lr=1': an empty key in 'train..lr'"),
     (["train.wandb_project=2024"],
      "train.wandb_project=2024 must be of type str (YAML read the text as a int: quote it"),
     (["model=null"], "model must be a section (mapping), got None"),  # (else the default model, silently)
+    (["model.cfg_drop_prob=0.2"], "model.cfg_drop_prob was renamed model.caption_drop_prob: write "
+                                  "model.caption_drop_prob=0.2"),
     (["train.steps=ten"], "train.steps='ten' must be of type int"),
     (["model.preset=parti-99b"], "model.preset='parti-99b': no file"),
     (["parallel"], "must look like section.key=value"),

@@ -122,6 +122,9 @@ def test_sampling_with_the_cache_equals_recomputation(single_process):
     (("model.arch=encoder_decoder", "model.encoder_layers=2"), "text_loss_weight=0.125 needs model.arch=decoder_only"),
     (("model.attention_pattern=sparse",), "model.attention_pattern='sparse' must be one of dense, dalle"),
     (("model.conv_attention_kernel=4",), "model.conv_attention_kernel=4 must be a positive odd number"),
+    (("model.text_loss_weight=1.0",), r"model.text_loss_weight=1.0 must be in \[0, 1\)"),
+    (("model.text_loss_weight=-0.5",), r"model.text_loss_weight=-0.5 must be in \[0, 1\)"),
+    (("model.init_text_encoder=/nowhere",), "init_text_encoder needs model.arch=encoder_decoder"),
 ])
 def test_config_rules(sets, match):
     from training.config import load_config
