@@ -213,3 +213,92 @@ def test_draws_stay_float32_under_zero_init_factories(single_process, monkeypatc
     for g, e in zip(got, expected):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_a_shard_inside_a_tile_draws_and_counts_the_whole_tile():
+    from model_parallel.init import draw_slices, tile_slices
+
+    assert tile_slices(64, 1) == 8
+    whole, part = torch.empty(64, 1), torch.empty(2, 1)
+    draw_slices((5, 2), 64, 1, [(0, 0, 64)], whole)
+    assert draw_slices((5, 2), 64, 1, [(0, 3, 2)], part) == 8  # slices 3-4: all of tile 0 drawn
+    torch.testing.assert_close(part, whole[3:5], rtol=0, atol=0)
+
+
+def test_the_drawn_values_are_those_of_earlier_versions():
+    """A weight's values follow from its key alone, in every release: Philox(key = (seed, n)) at counter
+    tile x 2**64 fills the Mersenne-Twister words (a change here changes every fresh run's weights)."""
+    from model_parallel.init import draw_slices
+
+    out = torch.empty(16, 4)
+    draw_slices((1234, 5), 16, 4, [(0, 0, 16)], out)
+    expected = [[-0.3309102952480316, 1.0316358804702759], [-0.9909427165985107, 0.5674116611480713]]
+    torch.testing.assert_close(out[[0, 15], :2], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+class _Group:
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def _split(rows: int, cols: int, stride: int = 1) -> torch.Tensor:
+    tensor = torch.empty(rows, cols)
+    tensor.tensor_model_parallel, tensor.partition_dim, tensor.partition_stride = True, 0, stride
+    return tensor
+
+
+def test_a_strided_split_weight_gets_its_chunks_of_the_whole():
+    """partition_stride 2 at TP=2: rank 1 holds chunks 1 and 3 of four (megatron-core's split)."""
+    from model_parallel.init import InitKeys, ShardedNormalInit
+
+    torch.manual_seed(11)
+    whole = ShardedNormalInit(1.0, InitKeys())(_split(8, 3, stride=2))
+    torch.manual_seed(11)
+    shard = ShardedNormalInit(1.0, InitKeys(), tp_group=_Group(1, 2))(_split(4, 3, stride=2))
+    torch.testing.assert_close(shard, whole[[2, 3, 6, 7]], rtol=0, atol=0)
+
+
+def test_a_scalar_a_meta_tensor_and_an_unregistered_tensor():
+    """A 0-d weight is drawn (one value); a meta tensor draws nothing; a tensor that is not the parameter registered
+    last takes the seed of now, not that parameter's."""
+    from model_parallel import init
+
+    torch.manual_seed(3)
+    keys = init.InitKeys()
+    scalar = init.ShardedNormalInit(1.0, keys)(torch.empty(()))
+    assert scalar.shape == () and torch.isfinite(scalar)
+    before = dict(init.draw_counts)
+    init.ShardedNormalInit(1.0, keys)(torch.empty(4, 4, device="meta"))
+    assert init.draw_counts == before
+    torch.manual_seed(5)
+    torch.nn.Linear(2, 2)  # (its parameters registered under seed 5)
+    torch.manual_seed(6)
+    init.ShardedNormalInit(1.0, keys)(torch.empty(3))
+    assert keys.seed == 6
+
+
+def test_an_unseeded_model_parallel_stream_differs_per_tp_rank(single_process):
+    """ensure_model_parallel_rng, when seed_everything has not run: each TP rank its own stream (split heads)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from model_parallel.init import ensure_model_parallel_rng
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    saved = tracker.get_states(), set(getattr(tracker, "seeds_", ()))
+    try:
+        tracker.reset()
+        torch.manual_seed(40)
+        ensure_model_parallel_rng(tp_rank=1)
+        expected = torch.Generator().manual_seed(40 + 2718 + 1).get_state()
+        assert torch.equal(tracker.get_states()[mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME], expected)
+    finally:
+        tracker.reset()
+        tracker.set_states(saved[0])
+        if hasattr(tracker, "seeds_"):
+            tracker.seeds_ = saved[1]
