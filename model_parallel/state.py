@@ -38,13 +38,26 @@ def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str] | Non
     env = os.environ if env is None else env
     if "SLURM_STEP_ID" not in env or "SLURM_JOB_NODELIST" not in env:
         return None
-    first_node = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                                check=True, capture_output=True, text=True).stdout.split()[0]
-    port = 10000 + (int(env["SLURM_JOB_ID"]) * 997 + int(env["SLURM_STEP_ID"])) % 22000  # (below Linux's ephemeral
-    # ports, 32768 and up, which the node hands out to any connection)
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]),
-            "LOCAL_RANK": env["SLURM_LOCALID"], "MASTER_ADDR": env.get("MASTER_ADDR", first_node),
-            "MASTER_PORT": env.get("MASTER_PORT", str(port))}
+    tasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    world = env_int(tasks, env, minimum=1)
+    found = {"RANK": str(env_int("SLURM_PROCID", env, below=(tasks, world))), "WORLD_SIZE": str(world),
+             "LOCAL_RANK": str(env_int("SLURM_LOCALID", env))}
+    if "MASTER_PORT" not in env:
+        # (below Linux's ephemeral ports, 32768 and up, which the node hands out to any connection)
+        found["MASTER_PORT"] = str(10000 + (env_int("SLURM_JOB_ID", env) * 997 + env_int("SLURM_STEP_ID", env)) % 22000)
+    if "MASTER_ADDR" not in env:  # (scontrol only when needed: a container may have none)
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                                 capture_output=True, text=True, check=False)
+        except OSError as e:
+            raise LaunchError(f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r}: its first node (MASTER_ADDR) "
+                              f"could not be asked of scontrol ({e}); export MASTER_ADDR") from None
+        nodes = out.stdout.split()
+        if out.returncode != 0 or not nodes:
+            raise LaunchError(f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r}: scontrol show hostnames failed "
+                              f"({out.stderr.strip() or 'no node'}); export MASTER_ADDR")
+        found["MASTER_ADDR"] = nodes[0]
+    return {**{k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT") if k in env}, **found}
 
 
 # The oldest Linux driver each CUDA major version runs on (NVIDIA's CUDA toolkit release notes,
@@ -88,6 +101,35 @@ def no_gpu_reason(driver: str | None = None) -> str:
 
 class DeviceError(RuntimeError):
     """The device asked for cannot be used (commands report it in one line)."""
+
+
+class LaunchError(DeviceError):
+    """The launcher's variables (torchrun's, srun's) name no process group this process can join (reported in
+    one line, as a DeviceError is)."""
+
+
+def env_int(name: str, env=None, minimum: int = 0, below: tuple[str, int] | None = None) -> int:
+    """The whole number a launcher put in environment variable `name`, or a LaunchError naming the variable, its
+    value and what was expected (int() said only "invalid literal for int() with base 10: ''"). `below`: the
+    variable (name, value) it must be less than (a rank: the world size)."""
+    env = os.environ if env is None else env
+    value = env.get(name)
+    if value is None:
+        raise LaunchError(f"{name} is not set: expected a whole number >= {minimum}")
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise LaunchError(f"{name}={value!r}: expected a whole number >= {minimum}")
+    if below is not None and number >= below[1]:
+        raise LaunchError(f"{name}={value!r}: expected a number below {below[0]}={below[1]}")
+    return number
+
+
+# The launchers that start ranks without torchrun's variables: their world size (mpirun: OpenMPI's, MPICH's and
+# Intel MPI's PMI, MVAPICH's), also what `deepspeed --launcher openmpi|mvapich` starts.
+FOREIGN_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def use_device(wanted: str = "auto", key: str = "device") -> str:
@@ -166,14 +208,23 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if "RANK" not in os.environ and (slurm := slurm_environment()) is not None:
         os.environ.update(slurm)
     if "RANK" not in os.environ:
+        # Ranks started without RANK (mpirun, or WORLD_SIZE exported by hand) would each train alone, as rank 0 of
+        # a group of their own, all writing one run directory.
+        for name in ("WORLD_SIZE", *FOREIGN_WORLD_SIZES):
+            if name in os.environ and os.environ[name].strip() not in ("", "1"):
+                raise LaunchError(f"{name}={os.environ[name]!r} but RANK is not set: this process would train alone "
+                                  "as rank 0 of 1; start the ranks with torchrun (or srun, one task per GPU)")
         own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
         own["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
         _OWN_GROUP_VARS.update(own)
         os.environ.update(own)
+    world = env_int("WORLD_SIZE", minimum=1)
+    env_int("RANK", below=("WORLD_SIZE", world))
     if torch.cuda.is_available():
         local_world = os.environ.get("LOCAL_WORLD_SIZE")
-        index = local_device_index(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0)),
-                                   int(local_world) if local_world else None)
+        local_rank = env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+        index = local_device_index(torch.cuda.device_count(), local_rank,
+                                   env_int("LOCAL_WORLD_SIZE", minimum=1) if local_world else None)
         torch.cuda.set_device(index)
         # DeepSpeed's engine calls set_device(int(os.environ["LOCAL_RANK"])) itself: make it the same GPU.
         os.environ["LOCAL_RANK"] = str(index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -295,6 +296,36 @@ def test_slurm_environment(monkeypatch):
     assert state.slurm_environment({**task, "MASTER_ADDR": "login-3"})["MASTER_ADDR"] == "login-3"
     no_nodes = {k: v for k, v in task.items() if k != "SLURM_JOB_NODELIST"}
     assert state.slurm_environment(no_nodes) is None
+
+
+def test_slurm_environment_asks_scontrol_only_for_a_missing_master_and_names_a_malformed_variable(monkeypatch):
+    """A container (pyxis, apptainer) started by srun may have no scontrol: with MASTER_ADDR exported by the batch
+    script it is not needed (it was asked anyway: FileNotFoundError). SLURM's variables are read as numbers with
+    errors that name them (int() named none)."""
+    from model_parallel import state
+
+    def no_scontrol(*a, **k):
+        raise FileNotFoundError(2, "No such file or directory", "scontrol")
+
+    monkeypatch.setattr(state.subprocess, "run", no_scontrol)
+    task = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+            "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    found = state.slurm_environment({**task, "MASTER_ADDR": "gpu-a17"})
+    assert found["MASTER_ADDR"] == "gpu-a17" and found["RANK"] == "1" and found["WORLD_SIZE"] == "2"
+    with pytest.raises(state.LaunchError, match=r"SLURM_JOB_NODELIST='gpu-a\[17-18\]'.*scontrol.*export MASTER_ADDR"):
+        state.slurm_environment(task)
+    fake = subprocess.CompletedProcess([], 1, stdout="", stderr="slurm_load_node error: Unable to contact slurm\n")
+    monkeypatch.setattr(state.subprocess, "run", lambda *a, **k: fake)
+    with pytest.raises(state.LaunchError, match="Unable to contact slurm.*export MASTER_ADDR"):
+        state.slurm_environment(task)
+    for key, value, expected in [("SLURM_LOCALID", "", "SLURM_LOCALID='': expected a whole number >= 0"),
+                                 ("SLURM_JOB_ID", "x", "SLURM_JOB_ID='x': expected a whole number >= 0"),
+                                 ("SLURM_PROCID", "2", ("SLURM_PROCID='2': expected a number below "
+                                                        "SLURM_STEP_NUM_TASKS=2")),
+                                 ("SLURM_STEP_NUM_TASKS", "0", ("SLURM_STEP_NUM_TASKS='0': expected a whole number "
+                                                                ">= 1"))]:
+        with pytest.raises(state.LaunchError, match=re.escape(expected)):
+            state.slurm_environment({**task, "MASTER_ADDR": "gpu-a17", key: value})
 
 
 def test_a_run_resumed_after_a_skipped_step_equals_the_uninterrupted_one(single_process, tmp_path, nan_loss_on_calls):

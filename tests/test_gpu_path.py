@@ -4,6 +4,7 @@ the peak FLOP/s table, the finiteness check, the memory-peak reset and ZeRO-3 co
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -352,3 +353,39 @@ def test_zero3_model_is_built_partitioned(pool2):
     for name, (numel, local, placeholder) in params.items():
         assert placeholder == 0 and local == -(-numel // 2), name
     assert len(buffers) > 10 and set(buffers.values()) == {"meta"}, buffers
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK='': expected a whole"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "one"}, "LOCAL_RANK='one': expected a whole number >= 0"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "x"}, "LOCAL_WORLD_SIZE='x': expected"),
+    ({"RANK": "", "WORLD_SIZE": "2"}, "RANK='': expected a whole number >= 0"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK='2': expected a number below WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE='0': expected a whole number >= 1"),
+    # Ranks started without RANK would each train alone, as rank 0 of 1, into one run directory:
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE='2' but RANK is not set"),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, "PMI_SIZE='4' but RANK is not set"),  # (MPICH's, Intel MPI's mpirun)
+    ({"WORLD_SIZE": "4", "LOCAL_RANK": "1"}, "WORLD_SIZE='4' but RANK is not set"),
+])
+def test_a_launchers_malformed_variable_is_named_before_joining(env, message, monkeypatch):
+    """What int() said was "invalid literal for int() with base 10: ''", naming no variable; what mpirun starts
+    (no RANK) made N one-process runs."""
+    joined = _joining(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"MASTER_ADDR": "a", "MASTER_PORT": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(state.LaunchError, match=re.escape(message)):
+        state.init_distributed()
+    assert joined == []
+    assert isinstance(state.LaunchError("x"), state.DeviceError)  # (commands report it in one line)
+
+
+def test_a_single_process_mpirun_makes_its_own_group(monkeypatch):
+    joined = _joining(monkeypatch)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    state.init_distributed()
+    assert joined[0][1]["WORLD_SIZE"] == "1"
