@@ -74,6 +74,10 @@ def test_manifest_counts_every_planted_case_and_keeps_every_good_sample(setup, o
     manifest, out = one_run
     assert manifest["skipped"] == dict(sorted(setup["expected"].items()))
     assert manifest["complete"] and manifest["num_inputs"] == 3
+    for shard in manifest["shards"]:  # every sample read is kept or counted under one reason
+        not_samples = ("truncated_tar", "duplicate_member", "duplicate_across_shards")  # (the last: in its records)
+        dropped = {k: v for k, v in shard["skipped"].items() if k not in not_samples}
+        assert shard["seen"] == shard["records"] + sum(dropped.values()) > 0, shard
     ds = CodeShardDataset(out, text_len=16, grid_tokens=64)
     keys = {ds.record(i)["key"].decode() for i in range(len(ds))}
     assert keys == setup["keep"] and len(ds) == len(setup["keep"]) == manifest["records"]
@@ -123,9 +127,9 @@ def test_exif_orientation_is_applied():
 
 
 def test_transparent_colour_of_grey_and_rgb_pngs_becomes_white():
-    """A PNG whose transparency is a tRNS colour (modes L and RGB, no alpha channel) is composited on white,
-    as alpha and palette images are."""
-    for mode, colour in (("L", 80), ("RGB", (10, 200, 30)), ("I;16", 300)):
+    """A PNG whose transparency is a tRNS colour (modes L and RGB, no alpha channel) or a palette index (mode P:
+    index 0, black in PIL's default palette) is composited on white, as alpha images are."""
+    for mode, colour in (("L", 80), ("RGB", (10, 200, 30)), ("P", 0), ("I;16", 300)):
         img = Image.new(mode, (64, 64), colour)
         if mode == "I;16":  # (16-bit grey: its tRNS value is matched before the scaling to 8 bits)
             img = Image.fromarray(np.where(np.arange(64)[None, :] < 32, 300, 301).repeat(64, 0).astype(np.uint16))
@@ -257,6 +261,30 @@ def test_a_tar_cut_between_two_members_is_counted_as_truncated(tmp_path):
     assert keys == [k for k, _ in lf.synthetic_samples(2)] and errors == {"truncated_tar": 1}
 
 
+def test_an_empty_tar_is_a_shard_without_samples_and_an_input_may_be_several_patterns(tmp_path):
+    """A tar of no member (one record of zeros: the empty archive tarfile and webdataset write, as for an
+    img2dataset shard whose every download failed) holds no samples and is sound, not refused as a file of zeros
+    (a block more of zeros is); an --input of patterns separated by white space expands each in turn, and one
+    of no pattern is refused."""
+    import tarfile
+
+    from data_pipeline.laion import check_is_tar, write_tar
+
+    empty = write_tar(tmp_path / "00000.tar", [])
+    assert empty.stat().st_size == tarfile.RECORDSIZE
+    errors = Counter()
+    assert list(read_shard(empty, errors)) == [] and errors == {}
+    (tmp_path / "zeros.tar").write_bytes(bytes(tarfile.RECORDSIZE + 512))
+    with pytest.raises(DataError, match=r"zeros\.tar is not a tar archive \(10752 bytes beginning with zeros"):
+        check_is_tar(tmp_path / "zeros.tar")
+    for i in (1, 2):
+        write_tar(tmp_path / f"{i:05d}.tar", lf.synthetic_samples(1, offset=i))
+    assert expand_shards(f"{tmp_path}/00002.tar\n {tmp_path}/{{00000..00001}}.tar") == \
+        [tmp_path / "00002.tar", tmp_path / "00000.tar", tmp_path / "00001.tar"]
+    with pytest.raises(FileNotFoundError, match="no input shard matches"):
+        expand_shards(" ")
+
+
 def test_input_tars_are_streamed_into_the_same_shards_at_any_number_of_workers(setup, one_run, tmp_path,
                                                                                monkeypatch):
     """An input tar is read as it is encoded (img2dataset shards of full-size images are gigabytes): the first
@@ -283,16 +311,23 @@ def test_input_tars_are_streamed_into_the_same_shards_at_any_number_of_workers(s
     assert json.loads((single / "00002.json").read_text())["skipped"]["truncated_tar"] == 1
     gone = tmp_path / "gone.tar"  # (vanished after the start's check): one line naming it, from a worker too
     for workers in (0, 2):
-        with pytest.raises((DataError, FileNotFoundError), match=r"^[^\n]*gone\.tar[^\n]*$"):
+        with pytest.raises((DataError, FileNotFoundError), match=r"^[^\n]*gone\.tar[^\n]*$") as e:
             module.process_shard(gone, vq, tok, FILTERS, workers, 4, "cpu", tqdm(disable=True))
+        assert ("decoding worker" in str(e.value)) == (workers > 0)  # (without workers: the read's own error)
 
 
 def test_array_tasks_together_equal_one_run(setup, one_run, tmp_path):
+    """Task 1 of 2 makes shard 1 and leaves shard 0's temporary file (task 0 may be writing it) alone; task 0
+    removes it (a leftover of its own killed run) and makes shards 0 and 2: the folder of one run."""
     _, single = one_run
+    theirs = temporary_name(tmp_path / "00000.bin")
+    theirs.write_bytes(b"half written")
     run_pretokenize(setup, tmp_path, shard_index=1, num_shards=2)
     partial = json.loads((tmp_path / "manifest.json").read_text())
     assert not partial["complete"] and [s["name"] for s in partial["shards"]] == ["00001"]
+    assert theirs.exists()
     run_pretokenize(setup, tmp_path, shard_index=0, num_shards=2)
+    assert not theirs.exists()
     for name in ("00000", "00001", "00002"):
         assert (tmp_path / f"{name}.bin").read_bytes() == (single / f"{name}.bin").read_bytes()
     assert (tmp_path / "manifest.json").read_text() == (single / "manifest.json").read_text()
@@ -300,24 +335,36 @@ def test_array_tasks_together_equal_one_run(setup, one_run, tmp_path):
 
 def test_a_rerun_reads_no_finished_shard_but_makes_a_changed_one_again(setup, one_run, tmp_path, monkeypatch):
     """A restarted task takes its finished shards whose .bin has the size and mtime their metadata recorded
-    without reading them; one changed since (a byte flipped: an mtime of its own) is made again, as written."""
+    without reading them; one changed since (a byte flipped: an mtime of its own), or whose image hashes changed,
+    is made again, as written."""
     from data_pipeline import manifest as manifest_module
 
     _, single = one_run
     out = tmp_path / "codes"
     shutil.copytree(single, out)  # (times kept, as cp -p)
+    from data_pipeline import pretokenize as module
+
     hashed, real_sha256_file = [], manifest_module.sha256_file
     monkeypatch.setattr(manifest_module, "sha256_file", lambda p: hashed.append(p.name) or real_sha256_file(p))
+    made, real_process_shard = [], module.process_shard
+    monkeypatch.setattr(module, "process_shard",
+                        lambda path, *a: made.append(path.name) or real_process_shard(path, *a))
     assert run_pretokenize(setup, out) == json.loads((single / "manifest.json").read_text())
-    assert not [n for n in hashed if n.endswith(".bin")]
+    assert not [n for n in hashed if n.endswith(".bin")] and made == []
     data = bytearray((out / "00001.bin").read_bytes())
     data[100] ^= 0xFF
     (out / "00001.bin").write_bytes(bytes(data))
     changed_since(out / "00001.bin")
     hashed.clear()
     run_pretokenize(setup, out)
-    assert [n for n in hashed if n.endswith(".bin")] == ["00001.bin"]
+    assert [n for n in hashed if n.endswith(".bin")] == ["00001.bin"] and made == ["00001.tar"]
     assert (out / "00001.bin").read_bytes() == (single / "00001.bin").read_bytes()
+    hashes = bytearray((out / "00002.hashes").read_bytes())  # its image hashes changed: made again too
+    hashes[0] ^= 0xFF
+    (out / "00002.hashes").write_bytes(bytes(hashes))
+    made.clear()
+    run_pretokenize(setup, out)
+    assert made == ["00002.tar"] and (out / "00002.hashes").read_bytes() == (single / "00002.hashes").read_bytes()
 
 
 def test_killed_run_restarts_to_byte_identical_shards(setup, one_run, tmp_path):
@@ -474,11 +521,17 @@ def test_duplicates_across_shards_are_counted_once(setup, duplicated, tmp_path):
     assert write_manifest(tasks, header(vq, tok, FILTERS), ["00000", "00001", "00002"]) == manifest  # --manifest-only
     assert (tasks / "duplicates.npy").read_bytes() == (single / "duplicates.npy").read_bytes()
 
-    (tasks / "00001.hashes").unlink()  # as a shard made by a version that kept no hashes
+    (tasks / "00001.hashes").unlink()  # as a shard made by a version that kept no hashes (nor their checksum)
+    legacy = json.loads((tasks / "00001.json").read_text())
+    del legacy["hashes_sha256"]
+    (tasks / "00001.json").write_text(json.dumps(legacy))
+    (tasks / "00002.hashes").unlink()  # (lost: its metadata names its checksum)
     with pytest.raises(DataError, match=r"00001\.hashes is missing: .* rerun data_pipeline\.pretokenize"):
         write_manifest(tasks, header(vq, tok, FILTERS), ["00000", "00001", "00002"])
-    assert pretokenize(inputs, tasks, vq, tok, FILTERS) == manifest  # the rerun makes that shard again
-    assert (tasks / "00001.bin").read_bytes() == (single / "00001.bin").read_bytes()
+    assert pretokenize(inputs, tasks, vq, tok, FILTERS) == manifest  # the rerun makes those shards again
+    for name in ("00001.bin", "00001.hashes", "00002.hashes"):
+        assert (tasks / name).read_bytes() == (single / name).read_bytes(), name
+    assert "hashes_sha256" in json.loads((tasks / "00001.json").read_text())
 
 
 def test_other_tokenizer_into_same_folder_is_refused(setup, one_run):
@@ -1298,8 +1351,9 @@ def test_filters_keep_samples_exactly_at_their_limits():
 
     def sample(size=(48, 48), meta=None, colours=None):
         img = Image.new("RGB", size, (9, 9, 9))
-        for i, c in enumerate(colours or ()):  # vertical thirds
-            img.paste(c, (i * size[0] // 3, 0, (i + 1) * size[0] // 3, size[1]))
+        for i, c in enumerate(colours or ()):  # thirds along the longer side
+            img.paste(c, (i * size[0] // 3, 0, (i + 1) * size[0] // 3, size[1]) if size[0] >= size[1] else
+                      (0, i * size[1] // 3, size[0], (i + 1) * size[1] // 3))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         return {"__key__": "k", "png": buf.getvalue(), "txt": b"a caption", "json": json.dumps(meta or {}).encode()}
@@ -1318,6 +1372,38 @@ def test_filters_keep_samples_exactly_at_their_limits():
     wide = prepare_sample(sample(size=(48, 16), colours=[(255, 0, 0), (0, 255, 0), (0, 0, 255)]), cfg).image
     assert wide.shape == (3, 16, 16) and wide[:, :, 2:14].permute(1, 2, 0).reshape(-1, 3).unique(dim=0).tolist() \
         == [[0, 255, 0]]  # the middle third (its edges blend with the neighbours' colours)
+    tall = prepare_sample(sample(size=(16, 48), colours=[(255, 0, 0), (0, 255, 0), (0, 0, 255)]), cfg).image
+    assert tall.shape == (3, 16, 16) and tall[:, 2:14, :].permute(1, 2, 0).reshape(-1, 3).unique(dim=0).tolist() \
+        == [[0, 255, 0]]  # (a portrait image: the middle third from top to bottom)
+
+
+def test_captions_are_stripped_and_the_image_hash_is_the_files_sha256():
+    """A caption keeps no surrounding white space (nor is one of white space alone a caption: empty_caption); a
+    kept sample's image hash (its records' NNNNN.hashes, the duplicate passes) is the sha256 of the image file as
+    stored, not of its decoded pixels: the same picture saved twice in other files is two images."""
+    png, jpg = lf.encode(lf.shape_image("red", "circle"), "PNG"), lf.encode(lf.shape_image("red", "circle"))
+    cfg = FilterConfig(image_size=16, min_size=16)
+    kept = prepare_sample({"__key__": "k", "png": png, "txt": b" \t a red circle\n"}, cfg)
+    assert kept.reason is None and kept.caption == "a red circle"
+    assert prepare_sample({"__key__": "k", "png": png, "txt": b" \n\t "}, cfg).reason == "empty_caption"
+    assert kept.image_hash == hashlib.sha256(png).hexdigest()
+    other = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(other, "PNG", compress_level=1)  # (the same pixels, other bytes)
+    again = prepare_sample({"__key__": "k", "png": other.getvalue(), "txt": b"x"}, cfg)
+    assert torch.equal(again.image, kept.image) and again.image_hash == hashlib.sha256(other.getvalue()).hexdigest()
+    assert prepare_sample({"__key__": "k", "jpg": jpg, "txt": b"x"}, cfg).image_hash == hashlib.sha256(jpg).hexdigest()
+
+
+def test_images_reach_the_tokenizer_scaled_to_minus_one_to_one():
+    """encode_images gives the image tokenizer what vq.train trained it on: uint8 0..255 as float -1..1."""
+    from data_pipeline.pretokenize import encode_images
+
+    class Echo:
+        def encode(self, batch):
+            return batch
+
+    image = torch.tensor([0, 255, 0], dtype=torch.uint8).reshape(3, 1, 1)
+    assert encode_images(Echo(), [image, image], "cpu").tolist() == [[-1.0, 1.0, -1.0]] * 2
 
 
 def test_a_blend_walks_each_dataset_in_its_stride_order_continuing_over_the_epochs():
