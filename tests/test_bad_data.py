@@ -149,3 +149,58 @@ def test_a_caption_with_no_piece_but_eos_is_skipped_not_made_the_null_caption(da
     manifest = pretokenize([tmp_path / "in.tar"], tmp_path / "codes", vq, tok, FilterConfig(32))
     meta = json.loads((tmp_path / "codes" / "00000.json").read_text())
     assert manifest["records"] == 2 and meta["skipped"] == {"empty_caption": 1}
+
+
+def test_a_wrong_input_is_refused_before_any_shard_is_made(data, tmp_path):
+    """Every input of the task is checked to be a tar before the first is encoded: a wrong file last in the
+    pattern stops the run at its start, not hours in with the shards before it made."""
+    vq, tok = load_image_tokenizer(data / "vq.pt"), TextTokenizer(data / "spm.model", TEXT_LEN)
+    with pytest.raises(DataError, match=r"not_a_tar\.tar is not a tar archive"):
+        pretokenize([data / "good.tar", data / "not_a_tar.tar"], tmp_path / "codes", vq, tok, FilterConfig(32))
+    assert list((tmp_path / "codes").iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["codes", "text"])
+def test_an_id_the_tokenizers_should_not_give_is_refused_before_its_shard_is_written(data, tmp_path, monkeypatch,
+                                                                                    field):
+    """An image code equal to codebook_size (or a text id equal to vocab_size), the first outside its range (a
+    tokenizer file that does not match its own header), is refused naming the input; no shard is written."""
+    from data_pipeline import pretokenize as module
+
+    vq, tok = load_image_tokenizer(data / "vq.pt"), TextTokenizer(data / "spm.model", TEXT_LEN)
+    if field == "codes":
+        real = module.encode_images
+        monkeypatch.setattr(module, "encode_images", lambda *a: real(*a) * 0 + vq.codebook_size)
+    else:
+        real_encode = TextTokenizer.encode
+
+        def first_id_out_of_range(self, text):
+            ids, length = real_encode(self, text)
+            return [tok.vocab_size] + ids[1:], length
+
+        monkeypatch.setattr(TextTokenizer, "encode", first_id_out_of_range)
+    with pytest.raises(DataError, match=r"good\.tar: the tokenizers produced image code \d+ .*outside its range"):
+        pretokenize([data / "good.tar"], tmp_path / "codes", vq, tok, FilterConfig(32))
+    assert not list((tmp_path / "codes").glob("00000.*"))
+
+
+def test_an_input_replaced_by_another_of_its_name_is_refused_on_rerun(data, tmp_path):
+    """A shard records its input's size: a rerun whose input of that name holds other samples (a re-download)
+    is refused, naming both sizes, and nothing in the folder changes."""
+    vq, tok = load_image_tokenizer(data / "vq.pt"), TextTokenizer(data / "spm.model", TEXT_LEN)
+    tar = lf.write_tar(tmp_path / "laion" / "00000.tar", lf.synthetic_samples(4))
+    pretokenize([tar], tmp_path / "codes", vq, tok, FilterConfig(32))
+    before = snapshot(tmp_path / "codes")
+    lf.write_tar(tar, lf.synthetic_samples(30))
+    with pytest.raises(DataError, match=r"00000\.bin was made from .*00000\.tar of \d+ bytes, .* has \d+"):
+        pretokenize([tar], tmp_path / "codes", vq, tok, FilterConfig(32))
+    assert snapshot(tmp_path / "codes") == before
+
+
+def test_other_filter_settings_into_a_begun_folder_are_refused(data, tmp_path):
+    """The filters' settings are in every shard's header: a rerun with another --max-punsafe (other samples
+    kept) is refused, naming the setting, not continued into a folder of mixed selections."""
+    vq, tok = load_image_tokenizer(data / "vq.pt"), TextTokenizer(data / "spm.model", TEXT_LEN)
+    pretokenize([data / "good.tar"], tmp_path / "codes", vq, tok, FilterConfig(32))
+    with pytest.raises(DataError, match=r"filters\.max_punsafe null there, 0\.5 now"):
+        pretokenize([data / "good.tar"], tmp_path / "codes", vq, tok, FilterConfig(32, max_punsafe=0.5))
