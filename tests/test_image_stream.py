@@ -113,6 +113,15 @@ def test_images_without_a_usable_caption_are_kept(tmp_path):
     assert len(image_stream.center_crops(str(tmp_path / "nocaption.tar"), 32, 4)) == 4
 
 
+def test_images_smaller_than_min_size_but_not_than_the_resize_side_are_kept(tmp_path):
+    """min_size (64 by default) is lowered to the side images are resized to: a 48-pixel image trains a 40-pixel
+    stream (only an image smaller than the side would be enlarged)."""
+    samples = [(key, {**files, "jpg": lf.encode(lf.shape_image("red", "circle", size=48))})
+               for key, files in lf.synthetic_samples(3)]
+    lf.write_tar(tmp_path / "small.tar", samples)
+    assert len(take(stream(str(tmp_path / "small.tar")), 3)) == 3
+
+
 def test_a_file_that_is_no_tar_is_refused_up_front(shards, tmp_path):
     """A rank's last shard, only zeros (allocated, never written): refused when the stream is made (it failed
     when the rank reached it, maybe hours in), by the rank that reads it."""
@@ -122,6 +131,8 @@ def test_a_file_that_is_no_tar_is_refused_up_front(shards, tmp_path):
     with pytest.raises(DataError, match=r"00003.tar is not a tar archive \(40960 bytes beginning with zeros"):
         stream(str(tmp_path / "{00000..00003}.tar"), rank=1, world=2)
     stream(str(tmp_path / "{00000..00003}.tar"), rank=0, world=2).close()  # (its shards are 0 and 2)
+    with pytest.raises(DataError, match=r"00003.tar is not a tar archive"):  # (5 ranks, 4 shards: each reads all)
+        stream(str(tmp_path / "{00000..00003}.tar"), rank=0, world=5)
 
 
 def test_a_tar_whose_tail_is_zeros_is_counted_as_truncated(tmp_path):
@@ -240,6 +251,7 @@ def test_the_shuffle_buffer_holds_buffer_images_and_random_crops_reach_every_off
     s = stream(shards)
     next(s)
     assert (s.kept, len(s.buffer), s.position) == (BUFFER, BUFFER - 1, BUFFER + 1)  # (sample 4 has no image)
+    assert {image.shape for _, image in s.buffer} == {(3, 40, 40)}  # (resized to `resize`, cropped when taken)
     s.close()
     image = torch.stack([torch.arange(10)[:, None].expand(10, 10), torch.arange(10)[None, :].expand(10, 10)])
     rng, seen = random.Random(0), Counter()
