@@ -251,6 +251,8 @@ def test_cuda_graph_needs_cuda_and_the_cache(single_process):
     model = debug_model()
     with pytest.raises(ValueError, match="needs use_cache=True"):
         run(model, SamplingConfig(), use_cache=False, cuda_graph=True)
+    with pytest.raises(ValueError, match="static_cache=True is a KV cache: it needs use_cache=True"):
+        run(model, SamplingConfig(), use_cache=False, static_cache=True)  # (not recomputation in its place)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs the model and text_ids on a CUDA device"):
             run(model, SamplingConfig(), cuda_graph=True)
@@ -330,6 +332,62 @@ def test_filters():
     probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
     assert torch.isinf(filter_logits(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, 0, float(probs[0]) - 0.01)).tolist() == [[False, True, True, True]]
+
+
+def test_filters_at_their_edges():
+    """A top-k above the vocabulary keeps every code (torch.topk of more values than there are raises); a nucleus
+    whose mass is reached exactly stops there (the smallest set reaching top_p: two codes of exactly 0.5 each,
+    top_p 0.5, keep one); top_p 1 and top_k 0 filter nothing."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.equal(filter_logits(logits, 10, 1.0), logits)
+    assert torch.equal(filter_logits(logits, 4, 1.0), logits)
+    tie = torch.zeros(1, 2)  # (softmax: exactly 0.5 and 0.5)
+    assert torch.isinf(filter_logits(tie, 0, 0.5)).sum() == 1
+    assert not torch.isinf(filter_logits(tie, 0, 0.51)).any()
+
+
+def test_max_tokens_gives_the_first_codes_of_the_image(single_process):
+    """sample(max_tokens=n) (previews, benchmarks): the first n codes of the very image, in every decoding mode;
+    more than the image has gives the whole image."""
+    model = debug_model()
+    cfg = SamplingConfig(top_k=5, guidance_scale=2.0)
+    whole = run(model, cfg)
+    for kw in ({}, {"static_cache": True}, {"use_cache": False}):
+        assert torch.equal(run(model, cfg, max_tokens=3, **kw), whole[:, :3])
+    assert torch.equal(run(model, cfg, max_tokens=10 ** 6), whole)
+
+
+def test_keeping_every_sample_is_allowed():
+    """--keep equal to --samples-per-prompt (every sample kept, reranked) is in range; one more is not."""
+    from evaluation.sampling import check_counts
+
+    check_counts(samples_per_prompt=2, batch_size=0, keep=2)
+    check_counts(samples_per_prompt=1, batch_size=1, keep=0)
+    with pytest.raises(ValueError, match=r"--keep 3 keeps more than the 2 sample"):
+        check_counts(samples_per_prompt=2, batch_size=0, keep=3)
+
+
+def test_auto_batch_size_on_a_gpu_fits_half_the_free_memory(monkeypatch):
+    """--batch-size 0 on a GPU: as many images as their static caches (two rows each with guidance) fit in half
+    the free memory, at most GPU_MAX_BATCH, at least 1 (a stand-in CUDA weight and free-memory count: the
+    arithmetic, not the device)."""
+    from types import SimpleNamespace
+
+    from evaluation.sampling import GPU_MAX_BATCH, auto_batch_size, cache_bytes_per_row
+
+    cfg = debug_model_config()
+    weight = SimpleNamespace(device=torch.device("cuda", 0), element_size=lambda: 2)
+    model = SimpleNamespace(cfg=cfg, parameters=lambda: iter([weight]))
+    row = cache_bytes_per_row(cfg, 2)
+    free = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[-1], 10 * free[-1]))
+    free.append(2 * 10 * row + row)  # half of it: 10 rows and a half
+    assert auto_batch_size(model, guided=False) == 10
+    assert auto_batch_size(model, guided=True) == 5
+    free.append(2 * 1000 * row)
+    assert auto_batch_size(model, guided=False) == GPU_MAX_BATCH
+    free.append(row)  # not even one image: still one
+    assert auto_batch_size(model, guided=True) == 1
 
 
 def test_a_tiny_temperature_samples_the_most_likely_code():
@@ -473,6 +531,9 @@ def test_sample_refuses_a_model_in_training_mode_and_a_codebook_out_of_range(sin
     for size in (0, model.cfg.image_vocab_size + 1):
         with pytest.raises(ValueError, match=rf"codebook_size={size}: expected 1\.\.{model.cfg.image_vocab_size}"):
             run(model, SamplingConfig(), codebook_size=size)
+    # The whole vocabulary (a VQ with as many codes as the model: the usual case) is in range: no limit at all.
+    whole = model.cfg.image_vocab_size
+    assert torch.equal(run(model, SamplingConfig(), codebook_size=whole), run(model, SamplingConfig()))
     model.train()  # (dropout would perturb every step)
     with pytest.raises(ValueError, match=r"needs the model in eval mode \(model.eval\(\)\)"):
         run(model, SamplingConfig())
@@ -531,6 +592,20 @@ def test_image_seeds_differ_where_the_affine_ones_collided():
     seeds = {image_seed(s, i, k) for s in (0, 1) for i in (0, 1, 991) for k in (0, 84, 1009)}
     assert len(seeds) == 18 and image_seed(3, 5, 7) == image_seed(3, 5, 7)
     assert all(0 <= x < 2**64 for x in seeds)
+
+
+def test_image_seeds_are_the_recorded_seeding():
+    """image_seed is what the record's `seeding` names, SeedSequence([seed, prompt, sample]) in that order: a
+    folder begun under it resumes only if its images keep their seeds (prompt and sample swapped went unseen)."""
+    import numpy as np
+
+    from evaluation.generate import SEEDING, image_seed
+
+    assert SEEDING == "SeedSequence([seed, prompt, sample])"
+    for seed, prompt, sample in ((7, 1, 2), (0, 3, 0), (1, 0, 5)):
+        expected = int(np.random.SeedSequence([seed, prompt, sample]).generate_state(1, np.uint64)[0])
+        assert image_seed(seed, prompt, sample) == expected
+    assert image_seed(0, 1, 2) != image_seed(0, 2, 1)
 
 
 def test_the_record_holds_how_the_reranking_clip_runs_and_a_damaged_export_config_is_named(tmp_path):
