@@ -67,6 +67,9 @@ def test_clip_score_equals_open_clip_forward(tiny_clip):
     assert (cos < 0).any() and (cos > 0).any()  # both the clamp to 0 and positive scores are exercised
     torch.testing.assert_close(scorer.score(images, texts, batch_size=4), expected, atol=1e-4, rtol=0)
     assert scorer.protocol["weights"].endswith("open_clip_model.safetensors") and scorer.protocol["weights_sha256"]
+    # One text for several images broadcast to scores against that one text, silently: refused.
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        scorer.score(images[:2], texts[:1])
 
 
 def test_clip_score_runs_with_tf32_off(tiny_clip, monkeypatch, tf32_restored):

@@ -190,6 +190,36 @@ def test_unfinished_images_of_a_stopped_writer_are_not_counted(tmp_path):
     assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.png"]
 
 
+def test_a_folder_is_every_image_under_it_and_needs_two(tmp_path):
+    """image_files: images in subfolders and with upper-case suffixes count (the module docstring: "every image
+    under it"); one image is refused by name (a covariance of one image is NaN), by fid() too when the generated
+    images are given as a list, and before any weights are loaded."""
+    from PIL import Image
+
+    from evaluation.fid import image_files
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "sub/b.jpg", "C.PNG", "notes.txt"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG") if name != "notes.txt" else \
+            (tmp_path / name).write_text("not an image")
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)] == ["C.PNG", "a.png", "sub/b.jpg"]
+    one = tmp_path / "one"
+    one.mkdir()
+    Image.new("RGB", (8, 8)).save(one / "x.png")
+    with pytest.raises(ValueError, match="FID needs at least 2 images, found 1"):
+        image_files(one)
+    with pytest.raises(ValueError, match="FID needs at least 2 generated images, found 1"):
+        fid(tmp_path, one, weights=tmp_path / "never_loaded.pt", fake_files=[one / "x.png"])
+
+
+def test_a_real_size_below_one_is_refused(tmp_path):
+    from evaluation.fid import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--real", str(tmp_path), "--fake", str(tmp_path), "--real-size", "0"])
+    assert exit.value.code == 2  # (argparse's usage error, before any folder is read)
+
+
 def tf32_flags() -> tuple:
     """The TF32 switches for matmuls and cuDNN convolutions, read through torch's fp32_precision API where it
     exists (its getters never refuse; the legacy allow_tf32 ones raise once a process has used the new API)."""
@@ -382,6 +412,11 @@ def test_inception_sees_images_resized_as_pytorch_fid_resizes_them():
     expected = (bilinear_half_pixel(image.numpy(), 299) - 128) / 128
     assert seen[0].dtype == torch.float32 and seen[0].shape == (1, 3, 299, 299)
     assert np.abs(seen[0][0].double().numpy() - expected).max() < 1e-5
+    # Larger than 299 (a COCO photo): shrunk with the same two-tap filter, not an antialiased one.
+    large = torch.randint(0, 256, (3, 320, 480), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    extractor.features([large])
+    expected = (bilinear_half_pixel(large.numpy(), 299) - 128) / 128
+    assert np.abs(seen[1][0].double().numpy() - expected).max() < 1e-3  # (torch's float32 source coordinates)
 
 
 def test_statistics_use_the_unbiased_covariance_and_names_switch_at_the_protocols_counts():
