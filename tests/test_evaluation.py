@@ -199,6 +199,12 @@ def test_clip_tag_gives_the_weights_their_preprocessing_and_activation(tmp_path,
     assert (untagged.score(images, texts) - reference).abs().max() > 1e-3
     with pytest.raises(ValueError, match="'nope' is not an open_clip pretrained tag of tiny-test-clip .*laion_like"):
         ClipScorer.load("tiny-test-clip", str(tmp_path / "weights.pt"), "cpu", tag="nope")
+    # A -quickgelu architecture (its config builds QuickGELU) with a tag trained without it: refused, not scored.
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-test-clip-quickgelu", {**TINY_CLIP, "quick_gelu": True})
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-clip-quickgelu",
+                        {"gelu_like": {**laion_like, "quick_gelu": False}})
+    with pytest.raises(ValueError, match="'gelu_like' was trained without QuickGELU but tiny-test-clip-quickgelu"):
+        ClipScorer.load("tiny-test-clip-quickgelu", str(tmp_path / "weights.pt"), "cpu", tag="gelu_like")
 
 
 @pytest.fixture(scope="module")
