@@ -366,6 +366,8 @@ def test_zero3_model_is_built_partitioned(pool2):
     ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE='2' but RANK is not set"),
     ({"PMI_RANK": "1", "PMI_SIZE": "4"}, "PMI_SIZE='4' but RANK is not set"),  # (MPICH's, Intel MPI's mpirun)
     ({"WORLD_SIZE": "4", "LOCAL_RANK": "1"}, "WORLD_SIZE='4' but RANK is not set"),
+    # A launcher that sets RANK but not LOCAL_RANK, on a node of 2 GPUs: every rank drove GPU 0.
+    ({"RANK": "1", "WORLD_SIZE": "4"}, "RANK is set but LOCAL_RANK is not, and this process sees 2 GPUs"),
 ])
 def test_a_launchers_malformed_variable_is_named_before_joining(env, message, monkeypatch):
     """What int() said was "invalid literal for int() with base 10: ''", naming no variable; what mpirun starts
