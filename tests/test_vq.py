@@ -1213,3 +1213,114 @@ def test_the_discriminator_follows_the_learning_rate_schedule(single_process, ph
     history = trainer.run()
     assert history[-1]["lr"] < trainer.cfg.train.lr
     assert [g["lr"] for g in trainer.disc_opt.param_groups] == [history[-1]["lr"]] * len(trainer.disc_opt.param_groups)
+
+
+def test_vit_block_by_hand_and_patches_drawn_where_they_were_read():
+    """A ViT-VQGAN block is pre-LN, x + MHA(LN1(x)) then + MLP(LN2(x)), its attention nn.MultiheadAttention's on the
+    same weights (heads split per token, attending over the patches); the decoder draws token n as the patch the
+    encoder read as token n (row-major grid; channels, rows, columns within a patch: F.fold's layout)."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from vq.vit_vqgan import Block, ViTVQGAN
+
+    torch.manual_seed(0)
+    block = Block(16, 4)
+    x = torch.randn(2, 5, 16)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(block.qkv.weight), mha.in_proj_bias.copy_(block.qkv.bias)
+        mha.out_proj.weight.copy_(block.proj.weight), mha.out_proj.bias.copy_(block.proj.bias)
+        h = block.ln1(x)
+        h = x + mha(h, h, h, need_weights=False)[0]
+        expected = h + block.mlp[2](F.gelu(block.mlp[0](block.ln2(h)), approximate="tanh"))
+        torch.testing.assert_close(block(x), expected)
+
+        model = ViTVQGAN(image_size=12, patch=4, layers=0, width=16, code_dim=4, codebook_size=8, logit_laplace=True)
+        q = torch.randn(2, 9, 4)
+        tokens = model.dec_out(model.dec_in(q) + model.dec_pos)  # [2, 9, 6 * 4 * 4] (no blocks: layers=0)
+        drawn = F.fold(tokens.transpose(1, 2), output_size=12, kernel_size=4, stride=4)
+        torch.testing.assert_close(model.pixels(q), drawn)
+        images = torch.randn(2, 3, 12, 12)  # the encoder's token n: the patch F.unfold reads n-th
+        patches = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)
+        torch.testing.assert_close(model.patch_embed(images).flatten(2).transpose(1, 2),
+                                   patches @ model.patch_embed.weight.flatten(1).t() + model.patch_embed.bias)
+
+
+@pytest.mark.parametrize("kind", ["vit", "vqvae", "vqgan", "vqgan_l2"])
+def test_a_training_pass_decodes_the_nearest_codes_of_encode(kind):
+    """The training pass (eval mode: no usage or restarts) quantises to encode()'s codes, the nearest by squared
+    distance (of unit latents and codes for ViT-VQGAN and VQGAN(l2_norm)); its output is the decoder's drawing of
+    their embeddings (decode() before the clamp), with frozen codes too: the straight-through estimator changes gradients only, and lets the
+    reconstruction's reach the encoder. vq_loss: (1 + beta) x mse(z, q) in value; the EMA VQ-VAE's, beta x mse."""
+    from torch.nn import functional as F
+
+    from vq.vit_vqgan import ViTVQGAN
+    from vq.vqgan import VQGAN
+    from vq.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    if kind == "vit":
+        model = ViTVQGAN(image_size=8, patch=4, layers=1, width=16, code_dim=4, codebook_size=16, beta=0.25)
+        z, codebook = model.latents(images), F.normalize(model.codebook.weight, dim=-1)
+        torch.testing.assert_close(z.norm(dim=-1), torch.ones(2, 4))  # (the paper's l2-normalised codes)
+        draw, enc = lambda q: model.pixels(q.flatten(1, 2)), model.patch_embed.weight
+    elif kind == "vqvae":
+        model = VQVAE(image_size=8, patch=4, width=8, code_dim=4, codebook_size=16, beta=0.25)
+        z, codebook = model.latents(images).permute(0, 2, 3, 1), model.codebook.weight
+        draw, enc = lambda q: model.decoder(q.permute(0, 3, 1, 2)), model.encoder[0].weight
+    else:
+        model = VQGAN(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=16, resolution=8,
+                      attn_resolutions=[], beta=0.25, l2_norm=kind == "vqgan_l2")
+        model.quantize.embedding.weight.data.normal_()  # (codes as far apart as trained ones)
+        z, codebook = model.quant_conv(model.encoder(images)).permute(0, 2, 3, 1), model.quantize.embedding.weight
+        if model.l2_norm:
+            z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+        draw, enc = lambda q: model.decoder(model.post_quant_conv(q.permute(0, 3, 1, 2))), model.encoder.conv_in.weight
+    model.eval()
+    out, aux = model(images)
+    g = model.grid
+    z, codebook = z.reshape(2, g, g, 4), codebook.detach()
+    nearest = (z.detach().double()[..., None, :] - codebook.double()).square().sum(-1).argmin(-1)
+    assert torch.equal(aux["codes"].reshape(2, g, g), nearest)
+    assert torch.equal(model.encode(images).reshape(2, g, g), nearest)
+    q = codebook[nearest]
+    with torch.no_grad():
+        torch.testing.assert_close(out, draw(q))
+    mse = F.mse_loss(z.detach(), q)
+    torch.testing.assert_close(aux["vq_loss"].detach(), (0.25 if kind == "vqvae" else 1.25) * mse)
+    assert torch.autograd.grad(out.square().mean(), enc)[0].abs().sum() > 0
+    out, aux = model(images, frozen_codes=True)  # (the same codes and drawing, no loss)
+    assert torch.equal(aux["codes"].reshape(2, g, g), nearest) and float(aux["vq_loss"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, draw(q))
+
+
+def test_stale_codes_restart_in_the_training_pass_but_not_frozen_ones():
+    """Codes unused for over dead_code_steps steps restart in a training forward: the VQ-VAE's from batch latents
+    with their EMA statistics (count 1, sum the new code); a frozen codebook (detokenizer fine-tuning, whose
+    forward passes no latents) keeps every code however stale, its usage still counted."""
+    from vq.vit_vqgan import ViTVQGAN
+    from vq.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    model = VQVAE(image_size=8, patch=4, width=8, code_dim=4, codebook_size=64, dead_code_steps=1)
+    model.step.fill_(10)  # every code last used at step 0
+    model(images)
+    used = torch.zeros(64, dtype=torch.bool)
+    used[model.encode(images).unique()] = True  # (the restarted codes are batch latents: encode may pick them now)
+    dead = model.last_used == 11
+    assert dead.sum() >= 56  # (8 latents use at most 8 codes; all the rest restart)
+    latents = model.latents(images).detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    unused = dead & (model.ema_count == 1.0)
+    assert unused.sum() >= 56, model.ema_count  # (not decay x 1 + (1 - decay) x 0: the EMA restarted too)
+    torch.testing.assert_close(model.ema_sum[unused], model.codebook.weight[unused])
+    assert all(any(torch.allclose(row, lat) for lat in latents) for row in model.codebook.weight[unused])
+
+    vit = ViTVQGAN(image_size=8, patch=4, layers=1, width=16, code_dim=4, codebook_size=16, dead_code_steps=1)
+    vit.step.fill_(10)
+    before = vit.codebook.weight.detach().clone()
+    vit(images, frozen_codes=True)
+    assert torch.equal(vit.codebook.weight, before) and int(vit.step) == 11 and vit.usage.sum() > 0
