@@ -1243,8 +1243,9 @@ def test_vit_block_by_hand_and_patches_drawn_where_they_were_read():
         torch.testing.assert_close(model.pixels(q), drawn)
         images = torch.randn(2, 3, 12, 12)  # the encoder's token n: the patch F.unfold reads n-th
         patches = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)
-        torch.testing.assert_close(model.patch_embed(images).flatten(2).transpose(1, 2),
-                                   patches @ model.patch_embed.weight.flatten(1).t() + model.patch_embed.bias)
+        tokens = patches @ model.patch_embed.weight.flatten(1).t() + model.patch_embed.bias
+        torch.testing.assert_close(model.patch_embed(images).flatten(2).transpose(1, 2), tokens)
+        torch.testing.assert_close(model.latents(images), F.normalize(model.enc_out(tokens + model.enc_pos), dim=-1))
 
 
 @pytest.mark.parametrize("kind", ["vit", "vqvae", "vqgan", "vqgan_l2"])
@@ -1288,6 +1289,9 @@ def test_a_training_pass_decodes_the_nearest_codes_of_encode(kind):
     q = codebook[nearest]
     with torch.no_grad():
         torch.testing.assert_close(out, draw(q))
+        torch.testing.assert_close(model.decode(aux["codes"]), draw(q).clamp(-1, 1))
+    last = model.dec_out[-1] if kind == "vit" else model.decoder[-1] if kind == "vqvae" else model.decoder.conv_out
+    assert model.last_decoder_weight() is last.weight  # (the adaptive weight's layer: the one that draws the pixels)
     mse = F.mse_loss(z.detach(), q)
     torch.testing.assert_close(aux["vq_loss"].detach(), (0.25 if kind == "vqvae" else 1.25) * mse)
     assert torch.autograd.grad(out.square().mean(), enc)[0].abs().sum() > 0
@@ -1324,3 +1328,57 @@ def test_stale_codes_restart_in_the_training_pass_but_not_frozen_ones():
     before = vit.codebook.weight.detach().clone()
     vit(images, frozen_codes=True)
     assert torch.equal(vit.codebook.weight, before) and int(vit.step) == 11 and vit.usage.sum() > 0
+
+
+def test_discriminators_start_and_mix_as_their_papers_say():
+    """taming's PatchGAN initialisation (conv weights N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0); the
+    StyleGAN2-style discriminator's residual blocks scale their sum by 1/sqrt(2), and its last conv sees the
+    minibatch standard deviation (over the batch, averaged) as one more feature map."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from vq.losses import Discriminator, DiscriminatorBlock, PatchGAN
+
+    torch.manual_seed(0)
+    patchgan = PatchGAN()
+    convs = torch.cat([m.weight.flatten() for m in patchgan.modules() if isinstance(m, nn.Conv2d)])
+    norms = [m for m in patchgan.modules() if isinstance(m, nn.BatchNorm2d)]
+    bn_weights = torch.cat([m.weight.flatten() for m in norms])
+    assert abs(float(convs.mean())) < 1e-3 and float(convs.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(bn_weights.mean()) == pytest.approx(1.0, abs=0.01) and float(bn_weights.std()) == pytest.approx(0.02, rel=0.2)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+
+    block, x = DiscriminatorBlock(4, 8), torch.randn(2, 4, 8, 8)
+    h = F.avg_pool2d(F.leaky_relu(block.conv2(F.leaky_relu(block.conv1(x), 0.2)), 0.2), 2)
+    torch.testing.assert_close(block(x), (h + F.avg_pool2d(block.skip(x), 2)) / 2**0.5)
+
+    disc, images, seen = Discriminator(16, channels=8), torch.rand(3, 3, 16, 16) * 2 - 1, []
+    disc.final.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        disc(images)
+        h = disc.blocks(F.leaky_relu(disc.stem(images), 0.2))  # [3, C, 4, 4]
+    std = h.std(dim=0, unbiased=False).mean()  # over the batch, averaged over channels and pixels: one feature map
+    torch.testing.assert_close(seen[0], torch.cat([h, std.expand(3, 1, 4, 4)], 1))
+
+
+def test_dvae_training_and_frozen_passes_and_decode_use_the_argmax_codes():
+    """The dVAE's training pass reports encode()'s argmax codes (their usage and perplexity are logged), a frozen
+    pass draws their one-hot codes, and decode() is DALL-E's unmap_pixels(sigmoid(means)) of them, in [-1, 1]."""
+    from torch.nn import functional as F
+
+    from vq.dvae import DVAE
+
+    torch.manual_seed(0)
+    model = DVAE(image_size=8, patch=2, n_hid=8, code_dim=4, codebook_size=8, res_blocks=1)
+    model.encoder.output.conv.bias.data.zero_()  # (its random biases alone chose every code at initialisation)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    _, aux = model(images)
+    codes = model.encode(images)
+    assert codes.unique().numel() > 1 and torch.equal(aux["codes"], codes)
+    with torch.no_grad():
+        drawn = model.pixels(F.one_hot(codes, 8).permute(0, 3, 1, 2).float())
+        frozen, aux = model(images, frozen_codes=True)
+        assert torch.equal(aux["codes"], codes)
+        torch.testing.assert_close(frozen, drawn)
+        unmapped = ((torch.sigmoid(drawn[:, :3]) - 0.1) / (1 - 2 * 0.1)).clamp(0, 1)  # DALL-E's unmap_pixels
+        torch.testing.assert_close(model.decode(codes), unmapped * 2 - 1)
