@@ -16,9 +16,10 @@ Trainer: model, DeepSpeed engine, data), trains two steps, then measures per ran
   warm-up save (a process's first save also starts megatron-core's write-results queue, ~4 s once);
 - async (train.async_save): how long the training loop is paused by the save call against the synchronous
   save's time, the median step time while the background writers run against the median step time without
-  them, and that the save completes and moves `latest`; beside it, the median step time next to an idle
-  forked child against without: the writer is a fork of the trainer (megatron-core's TemporalAsyncCaller), and
-  while it lives every page the training step writes is copied first. On CPU the weights, gradients and
+  them, and that the save completes and moves `latest`; beside it, the median time of the first step after
+  forking an idle child against steps without one (--steps-during of each, in turns): the writer is a fork
+  of the trainer (megatron-core's TemporalAsyncCaller), and while it lives every page the training step
+  writes is copied first (by the first step after the fork). On CPU the weights, gradients and
   optimizer state are such pages; on a GPU they live in device memory and the trainer's host pages barely change.
 Results: a table on stdout; bench/README.md records a run.
 """
@@ -123,14 +124,18 @@ def worker(rank: int, world: int, port: int, args, root: str, out: dict) -> None
     written = sum(f.stat().st_size for f in (run_dir / "checkpoints" / tag).glob(f"__{rank}_*.distcp"))
     raw_s = raw_write_seconds(run_dir, written, rank)
 
-    quiet = [step() for _ in range(args.steps_during)]
     # The async writer is a forked copy of this process: while it lives, every page training writes is copied
-    # first (copy-on-write). Steps next to an idle forked child measure that cost alone.
-    idle = multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,))
-    idle.start()
-    beside_fork = [step() for _ in range(2)]
-    idle.kill()
-    idle.join()
+    # first (copy-on-write), by the first step after the fork (the copied pages are then this process's own: a
+    # second step beside the same child pays nothing, so two steps' median halved the cost). Steps next to an
+    # idle forked child measure that cost alone: a fresh child before each, in turns with steps without one.
+    quiet, beside_fork = [], []
+    for _ in range(args.steps_during):
+        quiet.append(step())
+        idle = multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,))
+        idle.start()
+        beside_fork.append(step())
+        idle.kill()
+        idle.join()
     background = checkpoint.BackgroundSaves()
     dist.barrier()
     start = time.perf_counter()
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dp", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="a dotted config override (repeatable)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
-    parser.add_argument("--steps-during", type=int, default=5, help="steps timed without a save in flight")
+    parser.add_argument("--steps-during", type=int, default=5, help="steps timed without a save in flight, and as many each "
+                        "the first after forking an idle child, in turns")
     args = parser.parse_args(argv)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the system (bench/scale_slice.py)
     with tempfile.TemporaryDirectory(dir=args.dir) as root:

@@ -39,12 +39,15 @@ def timed_open(folder: Path) -> tuple[float, int]:
         code_shards.read_json = real
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write the folder (default: the system's temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("shards", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: at least 1")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp) / "codes"
         start = time.perf_counter()

@@ -1,17 +1,20 @@
 """The manifest step's duplicates pass: memory and time of data_pipeline.manifest.find_duplicates (the hash
 space sorted a part at a time) against sorting all hashes at once, on the same random hashes, in one run.
 
-    python bench/duplicates_pass.py [--records 20000000] [--shards 2000] [--repeat-every 10]
+    python bench/duplicates_pass.py [--records 20000000] [--shards 2000] [--repeat-every 10] [--repeats 3]
 
 Peak memory is measured with tracemalloc (numpy reports its arrays to it), the hashes read included (the
-shards' .hashes files are generated here instead); each pass runs in a fresh child process so that one's freed memory does not serve the other. Prints
-bytes per record, seconds and the ratios; both passes must find the same duplicates.
+shards' .hashes files are generated here instead, inside the timed pass, as reading them would be); each pass
+runs in a fresh child process so that one's freed memory does not serve the other, the two in turns
+`--repeats` times. Prints bytes per record, median seconds and the ratios (time: the median of the turns'
+ratios); both passes must find the same duplicates.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -60,31 +63,44 @@ def one_pass(how: str, records: int, count: int, repeat_every: int) -> dict:
             "digest": hashlib.sha256(found.tobytes()).hexdigest()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20_000_000)
     parser.add_argument("--shards", type=int, default=2000)
     parser.add_argument("--repeat-every", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="turns (each runs both passes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("shards", "repeat_every", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    if args.records < args.shards:
+        parser.error(f"--records {args.records}: at least --shards ({args.shards}), one record per shard")
     if args.child:
         print(json.dumps(one_pass(args.child, args.records, args.shards, args.repeat_every)))
         return
-    results = {}
-    for how in ("at once", "in parts"):
-        cmd = [sys.executable, __file__, "--child", how, "--records", str(args.records), "--shards", str(args.shards),
-               "--repeat-every", str(args.repeat_every)]
-        results[how] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    if results["at once"]["digest"] != results["in parts"]["digest"]:
+    turns: dict[str, list[dict]] = {"at once": [], "in parts": []}
+    for _ in range(args.repeats):
+        for how, runs in turns.items():
+            cmd = [sys.executable, __file__, "--child", how, "--records", str(args.records), "--shards",
+                   str(args.shards), "--repeat-every", str(args.repeat_every)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+                raise SystemExit(f"the {how!r} pass failed: {last}")
+            runs.append(json.loads(proc.stdout))
+    if len({r["digest"] for runs in turns.values() for r in runs}) != 1:
         raise SystemExit("the two passes found different duplicates")
     n = args.records // args.shards * args.shards
-    print(f"{n:,} records in {args.shards} shards, {results['in parts']['found']:,} duplicates\n")
-    print(f"{'pass':<10}{'bytes/record':>14}{'seconds':>10}")
-    for how, r in results.items():
-        print(f"{how:<10}{r['peak'] / n:>14.1f}{r['seconds']:>10.1f}")
-    a, b = results["at once"], results["in parts"]
-    print(f"\nmemory ratio (at once / in parts): {a['peak'] / b['peak']:.2f}x; time ratio: "
-          f"{a['seconds'] / b['seconds']:.2f}x")
+    print(f"{n:,} records in {args.shards} shards, {turns['in parts'][0]['found']:,} duplicates, "
+          f"{args.repeats} turns\n")
+    print(f"{'pass':<10}{'bytes/record':>14}{'median s':>10}")
+    peak = {how: max(r["peak"] for r in runs) for how, runs in turns.items()}
+    for how, runs in turns.items():
+        print(f"{how:<10}{peak[how] / n:>14.1f}{statistics.median(r['seconds'] for r in runs):>10.2f}")
+    times = [a["seconds"] / b["seconds"] for a, b in zip(turns["at once"], turns["in parts"])]
+    print(f"\nmemory ratio (at once / in parts): {peak['at once'] / peak['in parts']:.2f}x; time ratio: "
+          f"{statistics.median(times):.2f}x ({min(times):.2f}-{max(times):.2f} over {len(times)} turns)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@ decoding in the training process against W DataLoader workers, a rank of 4 again
 rank decodes only its quarter of the samples: the same images/s), and the cost of a resume from the saved
 stream state against replaying the stream to the same position.
 
-    python bench/image_stream.py [--workers 2] [--images 600] [--size 256]
+    python bench/image_stream.py [--workers 2] [--images 600] [--size 256] [--repeats 3]
+
+The measurements are taken in turns, `--repeats` times (each turn: in process, W workers, rank of 4, replay,
+saved state), so machine noise hits them alike; medians are printed, and each ratio is the median of the
+turns' ratios (measured one after the other instead, a rank of 4 read 0.21x a single process on a loaded
+machine, 0.71-0.84x in turns).
 
 Data: the shipped COCO photos (../shared/data/coco_mini, read in place; ~640x480 JPEGs, as LAION's), repeated
 into 2 shards (LAION's hold ~10,000 samples) under a temporary folder.
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -54,12 +60,18 @@ def resume_seconds(pattern: str, size: int, consumed: int, saved: bool) -> float
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--images", type=int, default=600, help="images drawn per measurement (the buffer holds 256)")
     parser.add_argument("--size", type=int, default=256)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="turns (each measures every variant once)")
+    args = parser.parse_args(argv)
+    for name in ("images", "size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: at least 1")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: at least 1 (0 is the in-process side it is compared with)")
     with tempfile.TemporaryDirectory() as tmp:
         photos = sorted((shared_path("coco_mini") / "images").glob("*.jpg"))
         per_shard = 2 * args.images + 1024  # so that the stream never runs dry (a rank of 4 reads 4x what it decodes)
@@ -67,16 +79,25 @@ def main() -> None:
             write_tar(Path(tmp) / f"{shard:05d}.tar", [(f"{shard}{i:06d}", {"jpg": photos[i % len(photos)].read_bytes(),
                                                                          "txt": b"a photo"}) for i in range(per_shard)])
         pattern = f"{tmp}/{{00000..00001}}.tar"
-        inline = images_per_s(pattern, args.size, 0, args.images)
-        ahead = images_per_s(pattern, args.size, args.workers, args.images)
-        print(f"crop stream, {args.size} px: {inline:.0f} images/s decoded in the training process, "
-              f"{ahead:.0f} with {args.workers} workers: {ahead / inline:.2f}x")
-        rank = images_per_s(pattern, args.size, 0, args.images, world=4)
-        print(f"rank 0 of 4 (in the training process): {rank:.0f} images/s, {rank / inline:.2f}x a single process's "
-              "(it reads all samples but decodes a quarter)")
-        replay, state = (resume_seconds(pattern, args.size, args.images, saved) for saved in (False, True))
-        print(f"resume after {args.images} images: replay {replay:.2f} s, saved state {state:.2f} s: "
-              f"{replay / state:.1f}x faster (replay grows with the images seen, the state's cost does not)")
+        turns = {k: [] for k in ("inline", "ahead", "rank", "replay", "state")}
+        for _ in range(args.repeats):
+            turns["inline"].append(images_per_s(pattern, args.size, 0, args.images))
+            turns["ahead"].append(images_per_s(pattern, args.size, args.workers, args.images))
+            turns["rank"].append(images_per_s(pattern, args.size, 0, args.images, world=4))
+            turns["replay"].append(resume_seconds(pattern, args.size, args.images, saved=False))
+            turns["state"].append(resume_seconds(pattern, args.size, args.images, saved=True))
+    med = {k: statistics.median(v) for k, v in turns.items()}
+
+    def ratio(a: str, b: str) -> str:
+        r = [x / y for x, y in zip(turns[a], turns[b])]
+        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f} over {len(r)} turns)"
+
+    print(f"crop stream, {args.size} px: {med['inline']:.0f} images/s decoded in the training process, "
+          f"{med['ahead']:.0f} with {args.workers} workers: {ratio('ahead', 'inline')}")
+    print(f"rank 0 of 4 (in the training process): {med['rank']:.0f} images/s, {ratio('rank', 'inline')} a single "
+          "process's (it reads all samples but decodes a quarter)")
+    print(f"resume after {args.images} images: replay {med['replay']:.2f} s, saved state {med['state']:.2f} s: "
+          f"{ratio('replay', 'state')} faster (replay grows with the images seen, the state's cost does not)")
 
 
 if __name__ == "__main__":

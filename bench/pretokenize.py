@@ -1,15 +1,17 @@
 """Pre-tokenization speed: images/s with 0 and W decode workers, and the VQ-encode-only rate, in one run.
 
-    python bench/pretokenize.py [--workers 2] [--image-size 256] [--copies 6]
+    python bench/pretokenize.py [--workers 2] [--image-size 256] [--copies 6] [--repeats 2]
 
 Input: the shipped COCO photos (../shared/data/coco_mini, real 640x480 JPEGs) repeated `--copies` times
 (re-encoded with a changed pixel so none is a duplicate) in two LAION-style tars; a ConvVQ of the given
-image size. The ratio end-to-end / encode-only shows how much decoding and resizing cost.
+image size. The ratio end-to-end / encode-only shows how much decoding and resizing cost. After a warm-up
+encode, the three are timed in turns `--repeats` times; medians (each ratio: the median of the turns').
 """
 from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import sys
 import tempfile
 import time
@@ -45,13 +47,17 @@ def make_inputs(folder: Path, copies: int) -> list[tuple[str, dict]]:
     return samples
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--copies", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=2, help="turns (each times all three once)")
+    args = parser.parse_args(argv)
+    for name in ("workers", "image_size", "copies", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         samples = make_inputs(tmp / "laion", args.copies)
@@ -61,21 +67,31 @@ def main() -> None:
                                                 tmp / "spm.model"), 128)
         cfg = FilterConfig(image_size=args.image_size)
         inputs = expand_shards(str(tmp / "laion" / "{00000..00001}.tar"))
-        rates = {}
-        for workers in (0, args.workers):
-            start = time.perf_counter()
-            manifest = pretokenize(inputs, tmp / f"codes{workers}", vq, tok, cfg, workers=workers,
-                                   batch_size=args.batch_size)
-            rates[f"end-to-end, {workers} decode workers"] = manifest["records"] / (time.perf_counter() - start)
         images = [prepare_sample({"__key__": k, **s}, cfg).image for k, s in samples]
-        start = time.perf_counter()
-        for i in range(0, len(images), args.batch_size):
-            encode_images(vq, images[i:i + args.batch_size], "cuda" if torch.cuda.is_available() else "cpu")
-        rates["VQ encode only"] = len(images) / (time.perf_counter() - start)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        def encode_only() -> float:
+            start = time.perf_counter()
+            for i in range(0, len(images), args.batch_size):
+                encode_images(vq, images[i:i + args.batch_size], device)
+            return len(images) / (time.perf_counter() - start)
+
+        encode_only()  # warm-up (the first encode's lazy initialisation would otherwise land on the first side)
+        turns: dict[str, list[float]] = {**{f"end-to-end, {w} decode workers": [] for w in (0, args.workers)},
+                                         "VQ encode only": []}
+        for turn in range(args.repeats):
+            for workers in (0, args.workers):
+                start = time.perf_counter()
+                manifest = pretokenize(inputs, tmp / f"codes{workers}_{turn}", vq, tok, cfg, workers=workers,
+                                       batch_size=args.batch_size)
+                turns[f"end-to-end, {workers} decode workers"].append(
+                    manifest["records"] / (time.perf_counter() - start))
+            turns["VQ encode only"].append(encode_only())
     print(f"\n{len(samples)} images of ~640x480 -> {args.image_size}px, grid {vq.grid}, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
-    for name, rate in rates.items():
-        print(f"{name:>32}: {rate:8.1f} images/s   ({rate / rates['VQ encode only']:.2f} of encode-only)")
+          f"torch threads {torch.get_num_threads()}, {args.repeats} turns (medians)")
+    for name, rates in turns.items():
+        of = [r / e for r, e in zip(rates, turns["VQ encode only"])]
+        print(f"{name:>32}: {statistics.median(rates):8.1f} images/s   ({statistics.median(of):.2f} of encode-only)")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-image-generators", action="store_true", help="draw from a generator per image, as "
                         "evaluation.generate does (default: one for the batch)")
     args = parser.parse_args(argv)
+    modes = tuple(args.modes.split(","))
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"--modes {args.modes}: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     built = time.perf_counter() - start
     tokens = args.max_tokens if args.max_tokens is not None else (0 if gpu else 32)
     reference = args.reference_tokens or (256 if gpu else 16)
-    result = measure_decoding(model, args.batch, tokens, tuple(args.modes.split(",")), reference, args.guidance_scale,
+    result = measure_decoding(model, args.batch, tokens, modes, reference, args.guidance_scale,
                               per_image_generators=args.per_image_generators)
     print(report(args.preset, result))
     print(f"(model built in {built:.1f} s)")

@@ -111,10 +111,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recompute", default="none,selective,full")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args(argv)
+    from model_parallel.activation_checkpointing import RECOMPUTE_MODES
+
+    if unknown := sorted(set(args.recompute.split(",")) - set(RECOMPUTE_MODES)):
+        parser.error(f"--recompute {args.recompute}: unknown {', '.join(unknown)}; choose from {', '.join(RECOMPUTE_MODES)}")
+    try:
+        sizes = [int(t) for t in args.tp.split(",")]
+    except ValueError:
+        parser.error(f"--tp {args.tp}: comma-separated integers")
+    cfg = slice_config(args)
+    for tp in sizes:
+        if tp < 1 or cfg.num_heads % tp or cfg.ffn_hidden_size % tp:
+            parser.error(f"--tp {tp}: must be >= 1 and divide the heads ({cfg.num_heads}) and the MLP width "
+                         f"({cfg.ffn_hidden_size})")
     bf16_matmul = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     args.dtype = torch.bfloat16 if args.precision == "bf16" and bf16_matmul else torch.float32
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks (see the module doc)
-    cfg = slice_config(args)
     print(f"{args.preset} slice: {cfg.encoder_layers} encoder + {cfg.decoder_layers} decoder layers, d {cfg.hidden_size}, "
           f"MLP {cfg.ffn_hidden_size}, {cfg.num_heads} heads, micro-batch 1, {cfg.text_seq_len} + {cfg.image_seq_len} "
           f"tokens, {str(args.dtype).removeprefix('torch.')}"
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'TP':>3} {'recompute':>10} {'params/rank':>14} {'build s':>8} {'init GB':>8} {'vs TP=1':>8} "
           f"{'fwd GB':>7} {'planned':>8} {'ratio':>6} {'fwd+bwd GB':>11} {'planned':>8} {'ratio':>6}")
     first: dict[str, float] = {}
-    for tp in [int(t) for t in args.tp.split(",")]:
+    for tp in sizes:
         for recompute in args.recompute.split(","):
             r = measure(tp, args, recompute)
             first.setdefault("init", r["init_bytes"])

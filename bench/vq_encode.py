@@ -1,12 +1,15 @@
 """ViT-VQGAN encode throughput (images/s) at batch 1 and batch 32, side by side in one run.
 
-    python bench/vq_encode.py [--preset small] [--image-size 256] [--repeats 2]
+    python bench/vq_encode.py [--preset small] [--image-size 256] [--repeats 3]
 
-Random weights (speed does not depend on them); bf16 autocast on GPU, fp32 on CPU.
+Random weights (speed does not depend on them); bf16 autocast on GPU, fp32 on CPU. After one warm-up call
+each, the two batch sizes are timed in turn `--repeats` times (one batch-32 call against 4 batch-1 calls per
+turn), so machine noise hits both alike; the medians are printed, and the ratio is the median of each turn's.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,34 +22,55 @@ from common.cli import description  # noqa: E402
 from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN  # noqa: E402
 
 
-def rate(model, batch: int, size: int, repeats: int, device: str) -> float:
-    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+def seconds(model, x: torch.Tensor, calls: int, device: str) -> float:
+    """Seconds of `calls` encodes of x, between device synchronisations."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        model.encode(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def rates(model, size: int, repeats: int, device: str, batches: dict[int, int] | None = None) -> dict:
+    """Images/s of each batch size ({batch: encode calls per turn}), timed in turn `repeats` times after one
+    warm-up call each: {batch: [images/s of each turn]}."""
+    batches = batches or {1: 4, 32: 1}
+    inputs = {b: torch.rand(b, 3, size, size, device=device) * 2 - 1 for b in batches}
+    out = {b: [] for b in batches}
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        model.encode(x)  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        for b in batches:
+            model.encode(inputs[b])  # warm-up
         for _ in range(repeats):
-            model.encode(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return batch * repeats / (time.perf_counter() - start)
+            for b, calls in batches.items():
+                out[b].append(b * calls / seconds(model, inputs[b], calls, device))
+    return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="small", choices=list(VIT_VQGAN_PRESETS))
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="turns (each times both batch sizes)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = ViTVQGAN(image_size=args.image_size, **VIT_VQGAN_PRESETS[args.preset]).to(device).eval()
-    rates = {b: rate(model, b, args.image_size, args.repeats if b > 1 else 4 * args.repeats, device) for b in (1, 32)}
+    try:
+        model = ViTVQGAN(image_size=args.image_size, **VIT_VQGAN_PRESETS[args.preset]).to(device).eval()
+    except (ValueError, AssertionError) as e:
+        parser.error(f"--image-size {args.image_size}: {e}")
+    measured = rates(model, args.image_size, args.repeats, device)
     print(f"ViT-VQGAN {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
           f"{args.image_size}px -> {model.grid}x{model.grid} codes, {device}, threads {torch.get_num_threads()}")
-    for b, r in rates.items():
-        print(f"  batch {b:>2}: {r:8.2f} images/s")
-    print(f"  batch 32 / batch 1: {rates[32] / rates[1]:.2f}x")
+    for b, r in measured.items():
+        print(f"  batch {b:>2}: {statistics.median(r):8.2f} images/s (median of {len(r)}; min {min(r):.2f}, "
+              f"max {max(r):.2f})")
+    ratios = [big / one for big, one in zip(measured[32], measured[1])]
+    print(f"  batch 32 / batch 1: {statistics.median(ratios):.2f}x (median of {len(ratios)} turns; "
+          f"{min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":
