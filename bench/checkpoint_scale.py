@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dp", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="a dotted config override (repeatable)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
-    parser.add_argument("--steps-during", type=int, default=5, help="steps timed without a save in flight, and as many each "
-                        "the first after forking an idle child, in turns")
+    parser.add_argument("--steps-during", type=int, default=5, help="steps timed without a save in flight, and "
+                        "as many each the first after forking an idle child, in turns")
     args = parser.parse_args(argv)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the system (bench/scale_slice.py)
     with tempfile.TemporaryDirectory(dir=args.dir) as root:

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     from model_parallel.activation_checkpointing import RECOMPUTE_MODES
 
     if unknown := sorted(set(args.recompute.split(",")) - set(RECOMPUTE_MODES)):
-        parser.error(f"--recompute {args.recompute}: unknown {', '.join(unknown)}; choose from {', '.join(RECOMPUTE_MODES)}")
+        parser.error(f"--recompute {args.recompute}: unknown {', '.join(unknown)}; "
+                     f"choose from {', '.join(RECOMPUTE_MODES)}")
     try:
         sizes = [int(t) for t in args.tp.split(",")]
     except ValueError:
