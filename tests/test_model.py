@@ -252,3 +252,86 @@ def test_invariant_attention_dropout_path_equals_the_fused_kernel_without_drops(
     with torch.no_grad():
         trained = model.train()(text, codes, sample_index=torch.arange(3))
         torch.testing.assert_close(trained, model.eval()(text, codes), rtol=1e-5, atol=1e-5)
+
+
+def test_caption_drop_choices_below_2_to_the_32_are_those_of_earlier_versions():
+    """The index's high 32 bits are mixed in only above 2^32: below it (every run so far) the same captions are
+    dropped as before they were, so a resumed run keeps its choices (values drawn by the code of 2026-12)."""
+    from model_parallel.model import caption_drop_mask
+
+    assert caption_drop_mask(torch.arange(16), seed=5, prob=0.25).nonzero().flatten().tolist() == [3, 4, 5, 7, 9]
+    near = caption_drop_mask(torch.arange(2**32 - 40, 2**32), seed=5, prob=0.25)  # (high bits of 2^31 set)
+    assert near.nonzero().flatten().tolist() == [2, 7, 8, 14, 15, 32]
+
+
+def test_sequence_parallelism_and_its_decoding_need_tp_above_one(single_process):
+    """Sequence parallelism at TP=1 is refused where the model is built (not only in the config's checks), and a
+    model built with it is refused incremental decoding (each rank would hold a sequence shard of the caches)."""
+    from model_parallel.model import PartiModel
+
+    cfg = debug_model_config()
+    with pytest.raises(ValueError, match="needs a tensor-parallel group of 2 or more"):
+        PartiModel(cfg, sequence_parallel=True)
+    model = _model(cfg).eval()
+    model.sequence_parallel = True  # (as built at TP > 1 with it)
+    with pytest.raises(RuntimeError, match="incremental decoding needs a model built without sequence parallelism"):
+        model.start_decoding(debug_batch(cfg)[0])
+
+
+class _RankOf:
+    """A TP group as one of its ranks sees it: all that dropout sites read of theirs is its size and rank."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def test_each_tp_rank_draws_its_slice_of_the_tp1_masks(single_process):
+    """Keyed dropout at TP=2 as each rank computes it (a stand-in group, in one process): a sequence-parallel site
+    masks its sequence shard, and the keyed attention dropout its heads, with their slices of the TP=1 masks, so a
+    sample gets the same dropout at any TP (the layout runs compare only losses)."""
+    from model_parallel.layers import SampleDropout
+
+    idx = torch.tensor([3, 9, 2**33])
+    x = torch.ones(8, 3, 16)
+    whole = SampleDropout(0.3, sequence_parallel=False, tp_group=_RankOf(1, 0))
+    whole.set_key(11)
+    full = whole.mask(x, idx)
+    for rank in range(2):
+        shard = SampleDropout(0.3, sequence_parallel=True, tp_group=_RankOf(2, rank))
+        shard.set_key(11)
+        assert torch.equal(shard.mask(x[:4], idx), full[4 * rank:4 * (rank + 1)]), rank
+
+    cfg = debug_model_config(**{"model.attention_dropout": 0.3, "model.attention_dropout_invariant": True})
+    attn = _model(cfg).decoder[0].self_attn.fn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, cfg.num_heads, 6, cfg.head_dim, generator=g) for _ in range(3))
+    half = cfg.num_heads // 2
+    attn.tp_group = _RankOf(1, 0)
+    out = attn._keyed_dropout_attention(q, k, v, None, True, 0.3, idx)
+    for rank in range(2):
+        heads = slice(half * rank, half * (rank + 1))
+        attn.tp_group = _RankOf(2, rank)
+        torch.testing.assert_close(attn._keyed_dropout_attention(q[:, heads], k[:, heads], v[:, heads], None, True,
+                                                                 0.3, idx), out[:, heads], rtol=1e-6, atol=1e-6)
+
+
+def test_keyed_mask_of_a_shard_of_any_dimension_and_its_values():
+    """keyed_keep_mask's contract for any sharded dimension (the model shards the outermost ones: sequence, heads):
+    an inner dimension's shard gets its slice too; the seed's high 32 bits key the sites; and the masks are those
+    of earlier versions (bits drawn by the code of 2026-12), so a resumed run redraws the dropout it had."""
+    from model_parallel.keyed_dropout import dropout_site_key, keyed_keep_mask
+
+    key, samples = dropout_site_key(1234, 3, 1), torch.tensor([5, 2**40 + 5])
+    whole = keyed_keep_mask(samples, key, 0.5, (6, 2, 64), batch_dim=1)
+    for half in range(2):
+        shard = keyed_keep_mask(samples, key, 0.5, (6, 2, 32), 1, offsets=(0, 0, 32 * half), full=(6, 2, 64))
+        assert torch.equal(shard, whole[..., 32 * half:32 * (half + 1)])
+    assert dropout_site_key(1234 + 2**32, 3, 1) != key == 2801043195
+    bits = keyed_keep_mask(torch.tensor([0, 2**40]), key, 0.5, (2, 2, 8), batch_dim=1).flatten().tolist()
+    assert int("".join("1" if b else "0" for b in bits), 2) == 3574708479
