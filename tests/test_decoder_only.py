@@ -115,6 +115,69 @@ def test_sampling_with_the_cache_equals_recomputation(single_process):
             sample(model, text[:, :10], SamplingConfig(temperature=0), **kw)
 
 
+@pytest.mark.parametrize("pattern", ["dalle", "dense"])
+@torch.no_grad()
+def test_restarted_static_caches_prefill_the_whole_caption(single_process, pattern):
+    """start_decoding(into=caches): the caches of an earlier start restarted in place read every cache position again
+    (a sampler's shorter read left from its first steps, `keys`, would hide most of the caption from its own
+    prefill), then decode what the full forward computes."""
+    model = dalle_model(**{"model.attention_pattern": pattern}).eval()
+    text, codes = debug_batch(model.cfg)
+    full = model(text, codes).transpose(0, 1)
+    caches, _, _ = model.start_decoding(text, static=True)
+    caches[0].static.keys = 2  # (what a sampler's first steps read)
+    caches, memory, mask = model.start_decoding(text, static=True, into=caches)
+    inputs = model.decoder_input(codes)
+    steps = [model.decode_step(inputs[:, i:i + 1], caches, memory, mask) for i in range(inputs.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_stream_is_dropped_as_one_site_keyed_by_sample(single_process):
+    """The decoder-only embedding's dropout: in training, the caption and image parts joined, then one keyed mask over
+    the whole stream (the parts' own sites unused)."""
+    from model_parallel.keyed_dropout import keyed_dropout
+
+    model = dalle_model(**{"model.dropout": 0.5})
+    text, codes = debug_batch(model.cfg)
+    image_in, idx = model.decoder_input(codes), torch.tensor([3, 4, 5])
+    with torch.no_grad():
+        plain = model.embedding.eval()(text, image_in, sample_index=idx)
+        dropped = model.embedding.train()(text, image_in, sample_index=idx)
+    assert plain.shape == (model.cfg.stream_len, 3, model.cfg.hidden_size)
+    torch.testing.assert_close(dropped, keyed_dropout(plain, model.embedding.drop.mask(plain, idx), 0.5))
+    assert 0.4 < (dropped == 0).float().mean() < 0.6
+
+
+@torch.no_grad()
+def test_the_head_under_sequence_parallelism_keeps_the_positions_the_plain_head_projects(single_process):
+    """OutputHead with sequence parallelism projects every position (its column-parallel layer gathers the shards)
+    and slices the logits: the image positions after the caption, and caption positions 0..T-2 for the text loss,
+    the very positions the plain head projects. (At TP=1 nothing is gathered: the slicing alone differs.)"""
+    model = dalle_model().eval()
+    cfg, head = model.cfg, model.head
+    h = torch.randn(cfg.stream_len, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    plain, plain_text = head.stream_logits(h)
+    plain_forward = head(h, cfg.prefix_len)
+    assert plain.shape == (cfg.image_seq_len, 2, cfg.image_vocab_size)
+    assert plain_text.shape == (cfg.text_seq_len - 1, 2, cfg.text_vocab_size)
+    head.sequence_parallel = True
+    image, text = head.stream_logits(h)
+    torch.testing.assert_close(image, plain)
+    torch.testing.assert_close(text, plain_text)
+    torch.testing.assert_close(head(h, cfg.prefix_len), plain_forward)
+
+
+def test_the_forward_refuses_a_caption_of_another_length(single_process):
+    """model(text, codes) places the image after model.text_seq_len caption positions: a shorter caption would shift
+    every image logit (and the head would slice image positions as caption ones), so it is refused, as decoding
+    refuses it."""
+    model = dalle_model()
+    text, codes = debug_batch(model.cfg)
+    for call in (model, model.loss):
+        with pytest.raises(ValueError, match=f"text_seq_len={model.cfg.text_seq_len} tokens .*, not 10$"):
+            call(text[:, :10], codes)
+
+
 @pytest.mark.parametrize("sets, match", [
     (("model.encoder_layers=2",), "encoder_layers=2 must be 0"),
     (("model.freeze_text_encoder=true",), "freeze_text_encoder needs model.arch=encoder_decoder"),
