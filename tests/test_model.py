@@ -335,3 +335,27 @@ def test_keyed_mask_of_a_shard_of_any_dimension_and_its_values():
     assert dropout_site_key(1234 + 2**32, 3, 1) != key == 2801043195
     bits = keyed_keep_mask(torch.tensor([0, 2**40]), key, 0.5, (2, 2, 8), batch_dim=1).flatten().tolist()
     assert int("".join("1" if b else "0" for b in bits), 2) == 3574708479
+
+
+@pytest.mark.parametrize("preset", ["parti-debug", "dalle-debug"])
+def test_a_one_stage_pipeline_computes_the_models_loss(single_process, preset):
+    """model_parallel/pipeline.py's layers passing their tuples, in one stage (in this process; the layout runs
+    check two): PartiModel's parameters under its names, and its loss to the bit with keyed dropout (the padding
+    masks rebuilt from the ids at each layer; decoder-only, the caption loss mixed in)."""
+    from model_parallel.kernels import select_kernels
+    from model_parallel.pipeline import build_pipeline, canonical_parameters
+    from training.deepspeed_glue import init_deepspeed
+
+    init_deepspeed()
+    cfg = debug_model_config(**{"model.preset": preset, "model.dropout": 0.1})
+    model = _model(cfg, seed=3).train()
+    pipe = build_pipeline(cfg, select_kernels(), 1, init_seed=3).train()
+    params = dict(model.named_parameters())
+    held = canonical_parameters(pipe, cfg)
+    assert set(held) == set(params) and all(torch.equal(p, params[name]) for name, p in held.items())
+    text, codes = debug_batch(cfg)
+    text[1, 2:] = cfg.text_pad_id  # (more padding: the masks matter)
+    idx = torch.tensor([4, 5, 6])
+    loss = pipe.loss_fn(pipe((text, model.decoder_input(codes), idx)), codes)
+    assert torch.equal(loss, model.loss(text, codes, sample_index=idx))
+    assert (cfg.text_loss_weight > 0) == (preset == "dalle-debug")
