@@ -114,6 +114,46 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_prunes(single_p
     assert (run_dir / "checkpoints" / "step_00000010" / "state.pt").is_file()
 
 
+def test_a_resume_with_the_discriminator_continues_the_same_run(single_process, photos, tmp_path):
+    """With the adversarial loss on from step 0, 1 + 2 steps give the 3 uninterrupted steps: the checkpoint
+    carries the discriminator's weights (its judgement in the generator's loss at step 2) and its Adam moments
+    (its update at step 2, judged at step 3), and the weights' moving average (the exports the same)."""
+    sets = ["loss.adversarial=0.1", "loss.adv_start=0", "train.save_interval=1", "train.ema_decay=0.5",
+            "train.batch_size=4"]
+    _, full = train(photos, tmp_path / "full", "train.steps=3", *sets)
+    split = train(photos, tmp_path / "split", "train.steps=1", *sets)[1] + \
+        train(photos, tmp_path / "split", "train.steps=3", *sets)[1]
+    for key in ("loss", "adversarial", "disc"):
+        assert [h[key] for h in split] == pytest.approx([h[key] for h in full], rel=1e-5), key
+    exports = [torch.load(tmp_path / run / "export.pt", weights_only=True)["state_dict"] for run in ("full", "split")]
+    for name, value in exports[0].items():
+        torch.testing.assert_close(exports[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_single_file_checkpoints_are_moved_into_folders_and_latest_follows(tmp_path):
+    """The earlier layout (checkpoints/step_XXXXXXXX.pt, `latest` naming the file) becomes the folder layout by
+    renames: each file its folder's state.pt, content unchanged; the old layout's .tmp leftovers go; `latest` names
+    the folder; a call again (as after a kill midway) changes nothing; resume_tag then picks the pointed one."""
+    from common.checkpoints import resume_tag
+    from vq.train import adopt_single_file_checkpoints
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for step in (2, 4):
+        (root / f"step_{step:08d}.pt").write_bytes(b"weights of step %d" % step)
+    (root / "step_00000006.tmp").write_bytes(b"a killed save")
+    (root / "latest").write_text("step_00000002.pt\n")  # (set back by hand: not the newest)
+    (root / "step_00000004").mkdir()  # a call killed after the mkdir, before the rename
+    adopt_single_file_checkpoints(tmp_path)
+    adopt_single_file_checkpoints(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    for step in (2, 4):
+        assert (root / f"step_{step:08d}" / "state.pt").read_bytes() == b"weights of step %d" % step
+    assert (root / "latest").read_text() == "step_00000002\n"
+    assert resume_tag(tmp_path, "state.pt")[0] == "step_00000002"
+    adopt_single_file_checkpoints(tmp_path / "never_ran")  # (no checkpoints folder: nothing to do)
+
+
 def test_full_objective_runs_with_logged_random_lpips(single_process, photos, tmp_path, log_lines):
     _, history = train(photos, tmp_path, "train.steps=2", "loss.perceptual=0.1", "loss.adversarial=0.1",
                        "model.logit_laplace=true", "loss.logit_laplace=0.1", "train.save_interval=1000",
@@ -695,7 +735,8 @@ def test_vqgan_full_objective_trains_the_patchgan(single_process, photos, tmp_pa
         photos, tmp_path)
     before = {k: v.clone() for k, v in trainer.losses.discriminator.state_dict().items()}
     history = trainer.run()
-    assert "adversarial" not in history[0] and all("disc" in h for h in history[1:])
+    # (loss.adv_start=1: step 0 trains neither the generator against the discriminator nor the discriminator)
+    assert "adversarial" not in history[0] and "disc" not in history[0] and all("disc" in h for h in history[1:])
     for key in ("l1", "perceptual", "adversarial", "disc", "vq"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history if key in h), key
     after = trainer.losses.discriminator.state_dict()
