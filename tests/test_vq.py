@@ -984,6 +984,12 @@ def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_
     (["model.kind=dvae", "loss.logit_laplace=0"], r"model\.kind=dvae needs loss\.logit_laplace > 0"),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.tau_end=0"], r"model\.tau_start=1\.0 and model\.tau_end=0"),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.patch=6"], r"model\.patch=6 must be a power of 2"),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.tau_end=2"], r"model\.tau_start=1\.0 and model\.tau_end=2\.0 "),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.res_blocks=0"], r"model\.res_blocks=0 must be at least 1 \(the dVAE"),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.patch=64"], r"model\.patch=64 must be a power of 2 dividing model"),
+    (["model.kind=vqgan", "model.patch=16", "model.image_size=40"], r"model\.patch=16 .* divide model\.image_size=40"),
+    (["model.kind=vqgan", "model.patch=16", "model.ch_mult=[]"], r"model\.ch_mult=\[\] must be a non-empty list"),
+    (["model.kind=vqgan", "model.patch=16", "model.attn_resolutions=[1.5]"], r"model\.attn_resolutions=\[1\.5\] must be"),
     (["model.kind=dvqae"], r"model\.kind='dvqae' must be one of vit_vqgan, vqvae, vqgan, dvae"),
     (["loss.discriminator=nlayer"], r"loss\.discriminator='nlayer' must be one of stylegan, patchgan"),
     (["loss.logit_laplace=0.1"], r"loss\.logit_laplace=0\.1 needs a decoder .*model\.logit_laplace=false\)"),
@@ -1011,6 +1017,9 @@ def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
     ("model.patch=0", r"model\.patch=0 must be >= 1"),
     ("loss.l2=-1", r"loss\.l2=-1\.0 must be >= 0 \(a loss weight: a negative one maximises its term\)"),
     ("model.ema_decay=1.5", r"model\.ema_decay=1\.5 must be in \[0, 1\)"),  # (the VQ-VAE's codebook collapsed)
+    ("train.resize=16", r"train\.resize=16 must be at least model\.image_size=32"),  # (no crop of 32 px in 16)
+    ("train.ema_decay=1", r"train\.ema_decay=1\.0 must be in \[0, 1\) \(0: no average\)"),  # (the average never moved)
+    ("train.weight_decay=-0.1", r"train\.weight_decay=-0\.1 must be >= 0"),
 ])
 def test_values_that_would_train_nonsense_are_refused_before_the_run_directory(single_process, photos, tmp_path,
                                                                               override, message):
@@ -1020,6 +1029,52 @@ def test_values_that_would_train_nonsense_are_refused_before_the_run_directory(s
     with pytest.raises(ConfigError, match=f"^{message}"):
         VQTrainer(load_typed(VQConfig, None, [*TINY, override]), photos, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_that_the_ranks_cannot_share_is_refused_naming_it(single_process, photos, tmp_path, monkeypatch):
+    """train.batch_size is over all processes: 16 images on 3 ranks is refused before the run directory (a
+    stand-in world size of 3: each rank's batch_size // world would drop an image a step unsaid)."""
+    import vq.train
+    from common.config import ConfigError
+
+    monkeypatch.setattr(vq.train.dist, "get_world_size", lambda *group: 3)
+    with pytest.raises(ConfigError, match=r"^train\.batch_size=16 must be divisible by the world size 3"):
+        vq.train.VQTrainer(load_typed(VQConfig, None, TINY), photos, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_without_stream_states_replays_the_images_its_steps_took(single_process, photos, tmp_path,
+                                                                             log_lines):
+    """A checkpoint of an older version has no data stream states: the resume replays the images its steps
+    consumed on this rank (steps x train.batch_size / world size), and the run goes on as the uninterrupted one."""
+    from vq.train import load_checkpoint
+
+    sets = ["train.batch_size=4", "train.save_interval=1"]
+    _, full = train(photos, tmp_path / "full", "train.steps=3", *sets)
+    train(photos, tmp_path / "split", "train.steps=2", *sets)
+    path = tmp_path / "split" / "checkpoints" / "step_00000002" / "state.pt"
+    state = load_checkpoint(path)
+    del state["streams"]
+    torch.save(state, path)
+    _, rest = train(photos, tmp_path / "split", "train.steps=3", *sets)
+    assert any("data stream replayed from its start (8 images per rank: the checkpoint has no stream state)" in line
+               for line in log_lines), log_lines
+    assert [h["loss"] for h in rest] == pytest.approx([full[2]["loss"]], rel=1e-5)
+
+
+def test_an_optimizer_state_of_another_grouping_is_refused_naming_the_file(tmp_path):
+    """load_optimizer takes a checkpoint of one group (no weight decay) or two (decayed and not): three groups,
+    even of the same parameter count, come from another optimizer and are refused, naming the file."""
+    from common.checkpoints import CheckpointError
+    from vq.train import load_optimizer, param_groups
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    opt = torch.optim.AdamW(param_groups(module, 0.0))
+    saved = opt.state_dict()
+    saved["param_groups"] = [{**saved["param_groups"][0], "params": i} for i in ([0, 1], [2], [3])]
+    with pytest.raises(CheckpointError, match=r"state\.pt: its optimizer holds 4 parameters in 3 group\(s\); "
+                                              r"this model trains 4"):
+        load_optimizer(opt, saved, module, tmp_path / "state.pt")
 
 
 def test_the_presets_build_the_papers_shapes():
@@ -1241,6 +1296,27 @@ def test_each_training_step_and_rank_seeds_its_draws_apart():
     seeds = [seed_of(step, rank) for step in range(4) for rank in range(2)]
     assert len(set(seeds)) == 8 and seed_of(2, 1) == seeds[5]
     assert seed_of(0, 0, seed=6) not in seeds
+
+
+def test_bf16_autocasts_on_the_gpu_only():
+    """train.precision=bf16 is autocast on CUDA; a run on the CPU trains in fp32 (a stand-in trainer whose
+    forward reports whether autocast is on)."""
+    from types import SimpleNamespace
+
+    from vq.train import VQTrainer
+
+    class Seen(Exception):
+        pass
+
+    def forward(*args, **kwargs):
+        raise Seen(torch.is_autocast_enabled("cpu"))
+
+    for precision in ("fp32", "bf16"):
+        me = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(seed=5, precision=precision)), device="cpu",
+                             step=0, rank=0, world=1, ddp=forward, frozen_codes=False)
+        with pytest.raises(Seen) as seen:
+            VQTrainer.train_step(me, torch.zeros(1, 3, 8, 8))
+        assert seen.value.args == (False,), precision
 
 
 def test_the_discriminator_follows_the_learning_rate_schedule(single_process, photos, tmp_path):
