@@ -1020,6 +1020,12 @@ def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
     ("train.resize=16", r"train\.resize=16 must be at least model\.image_size=32"),  # (no crop of 32 px in 16)
     ("train.ema_decay=1", r"train\.ema_decay=1\.0 must be in \[0, 1\) \(0: no average\)"),  # (the average never moved)
     ("train.weight_decay=-0.1", r"train\.weight_decay=-0\.1 must be >= 0"),
+    ("train.eval_interval=0", r"train\.eval_interval=0 must be >= 1"),  # (a division by zero at the first step)
+    ("model.codebook_size=1", r"model\.codebook_size=1 must be >= 2 \(codes\)"),
+    ("model.image_size=0", r"model\.image_size=0 must be >= 1 \(pixels\)"),
+    ("model.tau_steps=0", r"model\.tau_steps=0 must be >= 1"),
+    ("model.kl_weight=-1", r"model\.kl_weight=-1\.0 must be >= 0"),
+    ("loss.adv_start=-1", r"loss\.adv_start=-1 must be >= 0 \(the step the adversarial loss starts at\)"),
 ])
 def test_values_that_would_train_nonsense_are_refused_before_the_run_directory(single_process, photos, tmp_path,
                                                                               override, message):
