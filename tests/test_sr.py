@@ -148,8 +148,9 @@ def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_pro
     shapes, config.yaml untouched (it was rewritten, then load_state_dict failed)."""
     from sr.train import SRTrainer
 
-    _, first = train(photos, tmp_path, "train.steps=4")
+    trainer, first = train(photos, tmp_path, "train.steps=4")
     assert [h["lr"] for h in first] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
+    assert [g["lr"] for g in trainer.opt.param_groups] == pytest.approx([5e-4])  # (what Adam stepped with)
     before = (tmp_path / "config.yaml").read_text()
     wider = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.steps=8", "model.features=24"]), photos[0], tmp_path)
     try:
@@ -170,8 +171,28 @@ def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_pro
     assert [h["lr"] for h in rest] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
 
 
+def test_a_checkpoint_without_stream_states_replays_the_crops_its_steps_took(single_process, photos, tmp_path,
+                                                                            log_lines):
+    """A checkpoint of an older version has no data stream states: the resume replays the crops its steps
+    consumed on this rank (steps x train.batch_size / world size), and the run goes on as from its saved state."""
+    from common.state_file import load_state
+
+    for run in ("saved", "replayed"):  # (2 steps, then extended to 3: the same LR schedule in both)
+        train(photos, tmp_path / run, "train.steps=2", "train.batch_size=4")
+    path = tmp_path / "replayed" / "checkpoints" / "step_00000002" / "state.pt"
+    state = load_state(path, ("model", "opt", "step"), writer="sr.train")
+    del state["streams"]
+    torch.save(state, path)
+    _, saved = train(photos, tmp_path / "saved", "train.steps=3", "train.batch_size=4")
+    _, replayed = train(photos, tmp_path / "replayed", "train.steps=3", "train.batch_size=4")
+    assert any("data stream replayed from its start (8 images per rank: the checkpoint has no stream state)" in line
+               for line in log_lines), log_lines
+    assert [h["loss"] for h in replayed] == pytest.approx([h["loss"] for h in saved], rel=1e-5)
+
+
 @pytest.mark.parametrize("sets, message", [
     (["train.crop=47"], "train.crop=47 must be divisible by the model's scale 2"),
+    (["train.resize=161"], "train.resize=161 must be divisible by the model's scale 2"),
     (["model.preset=x3"], "model.preset='x3' must be one of x2, x4, tiny"),
     (["train.precision=fp16"], "train.precision='fp16' must be fp32 or bf16"),  # (it trained in fp32 silently)
     (["train.resize=32"], "train.resize=32 must be at least train.crop=48"),  # (it failed at the first step)
@@ -189,6 +210,17 @@ def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_pro
 def test_bad_settings_are_refused_naming_the_field(single_process, photos, tmp_path, sets, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(photos, tmp_path, *sets)
+
+
+def test_a_batch_that_the_ranks_cannot_share_is_refused_naming_it(single_process, photos, tmp_path, monkeypatch):
+    """train.batch_size is over all processes: 16 crops on 3 ranks (a stand-in world size) is refused before the
+    run directory is made (each rank's 16 // 3 dropped a crop a step unsaid)."""
+    import sr.train
+
+    monkeypatch.setattr(sr.train.dist, "get_world_size", lambda *group: 3)
+    with pytest.raises(ConfigError, match=r"^train\.batch_size=16 must be divisible by the world size 3"):
+        sr.train.SRTrainer(load_typed(SRConfig, None, TINY), photos[0], tmp_path / "run", photos[1])
+    assert not (tmp_path / "run").exists()
 
 
 def ddp_weights(photos, run_dir: str):
