@@ -46,6 +46,12 @@ def reference_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return 10 * math.log10(4 / torch.mean((images.double() - reference.double()) ** 2).item())
 
 
+def test_fields_above_zero_override_the_preset_down_to_one():
+    """model.scale/features/blocks > 0 replace the preset's (1 included); 0 keeps it."""
+    assert SRModelConfig(preset="x4", scale=2, features=1, blocks=1).resolved() == {"scale": 2, "features": 1, "blocks": 1}
+    assert SRModelConfig(preset="x2", blocks=3).resolved() == {"scale": 2, "features": 128, "blocks": 3}
+
+
 def test_psnr_is_the_closed_form_for_images_in_minus_one_one():
     """common.metrics.psnr (what every logged PSNR is): peak-to-peak 2 for images in [-1, 1]; a wrong peak
     would shift all PSNRs while the relative assertions elsewhere still held."""
@@ -305,6 +311,7 @@ def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_
     lr_next, hr_next = trainer.crop_pairs(lr, F.interpolate(lr, scale_factor=2, mode="nearest"))
     assert torch.equal(hr_next, F.interpolate(lr_next, scale_factor=2, mode="nearest"))
     assert not torch.equal(lr_next, lr_crops)
+    assert next(trainer.stream).shape == (3, 160, 160)  # the tokenizer sees whole images, cropped after it
     trainer.stream.close()
 
     _, full = train(photos, tmp_path / "full", f"train.tokenizer={tokenizer}", "train.steps=6")
