@@ -129,6 +129,10 @@ IMAGE_TRAIN_MINIMA = (("steps", 0, "optimizer steps to run, 0: export the starti
                       ("save_interval", 1, "steps between checkpoints"),
                       ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
                       ("data_workers", 0, "decoding processes, 0: in the training process"))
+"""The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
+(common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty
+stack."""
+
 MODEL_MINIMA = (("layers", 0, "0: the preset's"), ("width", 0, "0: the preset's or the kind's"),
                 ("heads", 0, "0: the preset's"), ("z_channels", 0, "0: the kind's"), ("image_size", 1, "pixels"),
                 ("patch", 1, "pixels per code"), ("code_dim", 1, "channels per code"),
@@ -140,9 +144,6 @@ LOSS_MINIMA = tuple((name, 0, "a loss weight: a negative one maximises its term"
                         ("adv_start", 0, "the step the adversarial loss starts at"),)
 """vq.train's rules for its model and loss sections (common.config.check_minima): a negative layer count built
 no blocks and trained, a negative weight maximised its loss."""
-"""The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
-(common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty
-stack."""
 
 
 @dataclass
