@@ -21,6 +21,20 @@ import torch.multiprocessing as mp
 from model_parallel.state import free_port
 
 
+class StandInGroup:
+    """A process group as one of its ranks sees it, in one process: all that sharded initialisation and dropout
+    sites read of their TP group is its size and this rank."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
 def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from tests.conftest import debug_model_config
+from tests.distributed import StandInGroup
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -236,17 +237,6 @@ def test_the_drawn_values_are_those_of_earlier_versions():
     torch.testing.assert_close(out[[0, 15], :2], torch.tensor(expected), rtol=0, atol=1e-6)
 
 
-class _Group:
-    def __init__(self, rank: int, size: int):
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
-
-
 def _split(rows: int, cols: int, stride: int = 1) -> torch.Tensor:
     tensor = torch.empty(rows, cols)
     tensor.tensor_model_parallel, tensor.partition_dim, tensor.partition_stride = True, 0, stride
@@ -260,7 +250,7 @@ def test_a_strided_split_weight_gets_its_chunks_of_the_whole():
     torch.manual_seed(11)
     whole = ShardedNormalInit(1.0, InitKeys())(_split(8, 3, stride=2))
     torch.manual_seed(11)
-    shard = ShardedNormalInit(1.0, InitKeys(), tp_group=_Group(1, 2))(_split(4, 3, stride=2))
+    shard = ShardedNormalInit(1.0, InitKeys(), tp_group=StandInGroup(2, 1))(_split(4, 3, stride=2))
     torch.testing.assert_close(shard, whole[[2, 3, 6, 7]], rtol=0, atol=0)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import debug_batch, debug_model_config
+from tests.distributed import StandInGroup
 from tests.reference_model import ReferenceParti, load_from_parti
 
 
@@ -278,19 +279,6 @@ def test_sequence_parallelism_and_its_decoding_need_tp_above_one(single_process)
         model.start_decoding(debug_batch(cfg)[0])
 
 
-class _RankOf:
-    """A TP group as one of its ranks sees it: all that dropout sites read of theirs is its size and rank."""
-
-    def __init__(self, size: int, rank: int):
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
-
-
 def test_each_tp_rank_draws_its_slice_of_the_tp1_masks(single_process):
     """Keyed dropout at TP=2 as each rank computes it (a stand-in group, in one process): a sequence-parallel site
     masks its sequence shard, and the keyed attention dropout its heads, with their slices of the TP=1 masks, so a
@@ -299,11 +287,11 @@ def test_each_tp_rank_draws_its_slice_of_the_tp1_masks(single_process):
 
     idx = torch.tensor([3, 9, 2**33])
     x = torch.ones(8, 3, 16)
-    whole = SampleDropout(0.3, sequence_parallel=False, tp_group=_RankOf(1, 0))
+    whole = SampleDropout(0.3, sequence_parallel=False, tp_group=StandInGroup(1, 0))
     whole.set_key(11)
     full = whole.mask(x, idx)
     for rank in range(2):
-        shard = SampleDropout(0.3, sequence_parallel=True, tp_group=_RankOf(2, rank))
+        shard = SampleDropout(0.3, sequence_parallel=True, tp_group=StandInGroup(2, rank))
         shard.set_key(11)
         assert torch.equal(shard.mask(x[:4], idx), full[4 * rank:4 * (rank + 1)]), rank
 
@@ -312,11 +300,11 @@ def test_each_tp_rank_draws_its_slice_of_the_tp1_masks(single_process):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, cfg.num_heads, 6, cfg.head_dim, generator=g) for _ in range(3))
     half = cfg.num_heads // 2
-    attn.tp_group = _RankOf(1, 0)
+    attn.tp_group = StandInGroup(1, 0)
     out = attn._keyed_dropout_attention(q, k, v, None, True, 0.3, idx)
     for rank in range(2):
         heads = slice(half * rank, half * (rank + 1))
-        attn.tp_group = _RankOf(2, rank)
+        attn.tp_group = StandInGroup(2, rank)
         torch.testing.assert_close(attn._keyed_dropout_attention(q[:, heads], k[:, heads], v[:, heads], None, True,
                                                                  0.3, idx), out[:, heads], rtol=1e-6, atol=1e-6)
 
