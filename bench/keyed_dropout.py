@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one site {cfg.image_seq_len}x{args.batch}x{cfg.hidden_size}: mask eager {s['mask_eager'] * 1e3:.2f} ms, "
           f"compiled {s['mask_compiled'] * 1e3:.2f} ms (first call with compilation {s['compile_s']:.1f} s), "
           f"applying a mask {s['apply'] * 1e3:.2f} ms")
-    print(f"  eager/compiled {s['mask_eager'] / s['mask_compiled']:.1f}x; mask/apply: eager "
-          f"{s['mask_eager'] / s['apply']:.1f}, compiled {s['mask_compiled'] / s['apply']:.2f}")
+    print(f"  eager/compiled {s['mask_eager'] / s['mask_compiled']:.3g}x; mask/apply: eager "
+          f"{s['mask_eager'] / s['apply']:.3g}, compiled {s['mask_compiled'] / s['apply']:.3g}")
     print(f"  bytes moved per element: mask eager {s['bytes_mask_eager']:.0f}, compiled 1, applying "
           f"{s['bytes_apply']:.0f} (eager/compiled {s['bytes_mask_eager']:.0f}x, eager mask/apply "
           f"{s['bytes_mask_eager'] / s['bytes_apply']:.0f}x)")

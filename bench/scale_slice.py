@@ -7,7 +7,8 @@ A few encoder and decoder layers at the preset's real width (parti-20b: d 4096, 
 its embeddings and head, micro-batch 1 and the full sequence (128 text + 1024 image tokens), built at each
 TP size on that many gloo processes (fresh processes for every measurement). Prints, per rank:
 - building: seconds and host memory to construct the slice (the shard-proportional initialisation of
-  model_parallel/init.py: at TP=2 each rank should need about half of TP=1's), as ratios to TP=1;
+  model_parallel/init.py: at TP=2 each rank should need about half of TP=1's), the memory as a ratio to the
+  first --tp listed (TP=1 by default; the seconds are one build each, too noisy for a ratio);
 - one forward + backward per recomputation mode: the peak resident memory above the built model (sampled
   every millisecond while it runs) during the forward pass against the planner's activations for the same
   slice (training/plan.py `activation_bytes` + `recomputed_layer_bytes`, the head's logits and loss
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
           f"MLP {cfg.ffn_hidden_size}, {cfg.num_heads} heads, micro-batch 1, {cfg.text_seq_len} + {cfg.image_seq_len} "
           f"tokens, {str(args.dtype).removeprefix('torch.')}"
           + ("" if args.dtype == torch.bfloat16 or args.precision == "fp32" else " (no bf16 matmul on this CPU)"))
-    print(f"{'TP':>3} {'recompute':>10} {'params/rank':>14} {'build s':>8} {'init GB':>8} {'vs TP=1':>8} "
+    versus = f"vs TP={sizes[0]}"  # (the ratios' reference: the first size listed)
+    print(f"{'TP':>3} {'recompute':>10} {'params/rank':>14} {'build s':>8} {'init GB':>8} {versus:>8} "
           f"{'fwd GB':>7} {'planned':>8} {'ratio':>6} {'fwd+bwd GB':>11} {'planned':>8} {'ratio':>6}")
     first: dict[str, float] = {}
     for tp in sizes:
