@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.cli import require_at_least
 from data_pipeline import code_shards
 from data_pipeline.code_shards import SHARD_STATS, CodeShardDataset
 from data_pipeline.synthetic import write_random_code_shards
@@ -45,9 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write the folder (default: the system's temp dir)")
     args = parser.parse_args(argv)
-    for name in ("shards", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: at least 1")
+    require_at_least(parser, args, ("shards", "repeats"))
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp) / "codes"
         start = time.perf_counter()

@@ -26,6 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.turns import ratio_over_turns
+from common.cli import require_at_least
+
 
 def shards(records: int, count: int, repeat_every: int):
     """`count` shards of random 16-byte hashes, every `repeat_every`-th one a repeat of its shard's first."""
@@ -71,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="turns (each runs both passes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("shards", "repeat_every", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    require_at_least(parser, args, ("shards", "repeat_every", "repeats"))
     if args.records < args.shards:
         parser.error(f"--records {args.records}: at least --shards ({args.shards}), one record per shard")
     if args.child:
@@ -96,11 +97,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeats} turns\n")
     print(f"{'pass':<10}{'bytes/record':>14}{'median s':>10}")
     peak = {how: max(r["peak"] for r in runs) for how, runs in turns.items()}
-    for how, runs in turns.items():
-        print(f"{how:<10}{peak[how] / n:>14.1f}{statistics.median(r['seconds'] for r in runs):>10.2f}")
-    times = [a["seconds"] / b["seconds"] for a, b in zip(turns["at once"], turns["in parts"])]
+    seconds = {how: [r["seconds"] for r in runs] for how, runs in turns.items()}
+    for how in turns:
+        print(f"{how:<10}{peak[how] / n:>14.1f}{statistics.median(seconds[how]):>10.2f}")
     print(f"\nmemory ratio (at once / in parts): {peak['at once'] / peak['in parts']:.2f}x; time ratio: "
-          f"{statistics.median(times):.2f}x ({min(times):.2f}-{max(times):.2f} over {len(times)} turns)")
+          f"{ratio_over_turns(seconds['at once'], seconds['in parts'])}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import description
+from bench.turns import ratio_over_turns
+from common.cli import description, require_at_least
 from data_pipeline.image_stream import CropStream, restore_stream
 from data_pipeline.laion import write_tar
 from data_pipeline.shared_data import shared_path
@@ -67,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="turns (each measures every variant once)")
     args = parser.parse_args(argv)
-    for name in ("images", "size", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: at least 1")
+    require_at_least(parser, args, ("images", "size", "repeats"))
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: at least 1 (0 is the in-process side it is compared with)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,17 +86,14 @@ def main(argv: list[str] | None = None) -> None:
             turns["replay"].append(resume_seconds(pattern, args.size, args.images, saved=False))
             turns["state"].append(resume_seconds(pattern, args.size, args.images, saved=True))
     med = {k: statistics.median(v) for k, v in turns.items()}
-
-    def ratio(a: str, b: str) -> str:
-        r = [x / y for x, y in zip(turns[a], turns[b])]
-        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f} over {len(r)} turns)"
-
+    ratio = {k: ratio_over_turns(turns[k], turns[of]) for k, of in (("ahead", "inline"), ("rank", "inline"),
+                                                                     ("replay", "state"))}
     print(f"crop stream, {args.size} px: {med['inline']:.0f} images/s decoded in the training process, "
-          f"{med['ahead']:.0f} with {args.workers} workers: {ratio('ahead', 'inline')}")
-    print(f"rank 0 of 4 (in the training process): {med['rank']:.0f} images/s, {ratio('rank', 'inline')} a single "
+          f"{med['ahead']:.0f} with {args.workers} workers: {ratio['ahead']}")
+    print(f"rank 0 of 4 (in the training process): {med['rank']:.0f} images/s, {ratio['rank']} a single "
           "process's (it reads all samples but decodes a quarter)")
     print(f"resume after {args.images} images: replay {med['replay']:.2f} s, saved state {med['state']:.2f} s: "
-          f"{ratio('replay', 'state')} faster (replay grows with the images seen, the state's cost does not)")
+          f"{ratio['replay']} faster (replay grows with the images seen, the state's cost does not)")
 
 
 if __name__ == "__main__":

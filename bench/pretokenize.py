@@ -23,7 +23,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.cli import description  # noqa: E402
+from common.cli import description, require_at_least  # noqa: E402
 from data_pipeline.images import FilterConfig, prepare_sample  # noqa: E402
 from data_pipeline.laion import expand_shards  # noqa: E402
 from data_pipeline.pretokenize import encode_images, pretokenize  # noqa: E402
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="turns (each times all three once)")
     args = parser.parse_args(argv)
-    for name in ("workers", "image_size", "copies", "batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    require_at_least(parser, args, ("workers", "image_size", "copies", "batch_size", "repeats"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         samples = make_inputs(tmp / "laion", args.copies)

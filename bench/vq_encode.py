@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import description  # noqa: E402
+from bench.turns import ratio_over_turns  # noqa: E402
+from common.cli import description, require_at_least  # noqa: E402
 from vq.vit_vqgan import VIT_VQGAN_PRESETS, ViTVQGAN  # noqa: E402
 
 
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="turns (each times both batch sizes)")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats {args.repeats}: at least 1")
+    require_at_least(parser, args, ("repeats",))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = ViTVQGAN(image_size=args.image_size, **VIT_VQGAN_PRESETS[args.preset]).to(device).eval()
@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for b, r in measured.items():
         print(f"  batch {b:>2}: {statistics.median(r):8.2f} images/s (median of {len(r)}; min {min(r):.2f}, "
               f"max {max(r):.2f})")
-    ratios = [big / one for big, one in zip(measured[32], measured[1])]
-    print(f"  batch 32 / batch 1: {statistics.median(ratios):.2f}x (median of {len(ratios)} turns; "
-          f"{min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"  batch 32 / batch 1: {ratio_over_turns(measured[32], measured[1])}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ def description(doc: str | None) -> str | None:
     return " ".join(doc.strip().split("\n\n")[0].split()) if doc and doc.strip() else None
 
 
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...],
+                     minimum: int = 1) -> None:
+    """parser.error (one line, exit 2) naming the first of the options `names` (their dest names) below `minimum`."""
+    for name in names:
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least {minimum}")
+
+
 def config_parser(doc: str | None, where: str = "configs/", example: str = "train.steps=20") -> argparse.ArgumentParser:
     """An ArgumentParser described by `doc` (description()), with --config and --set (`example`: overrides of
     this command's config to show in --set's help)."""

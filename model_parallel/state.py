@@ -222,7 +222,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     env_int("RANK", below=("WORLD_SIZE", world))
     if torch.cuda.is_available():
         local_world = os.environ.get("LOCAL_WORLD_SIZE")
-        if "LOCAL_RANK" not in os.environ and env_int("WORLD_SIZE") > 1 and torch.cuda.device_count() > 1:
+        if "LOCAL_RANK" not in os.environ and world > 1 and torch.cuda.device_count() > 1:
             # (a launcher that sets RANK but not LOCAL_RANK: every rank of a node would drive its GPU 0)
             raise LaunchError(f"RANK is set but LOCAL_RANK is not, and this process sees {torch.cuda.device_count()} "
                               "GPUs: each rank of a node would use the first one; set LOCAL_RANK (0 for one process "

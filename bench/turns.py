@@ -1,0 +1,11 @@
+"""What the CPU bench scripts share for timing their sides in turns (A, B, A, B, ...: machine noise hits both
+sides of a turn alike): a ratio reported as the median of the turns' ratios, with its range."""
+from __future__ import annotations
+
+import statistics
+
+
+def ratio_over_turns(numerators: list[float], denominators: list[float]) -> str:
+    """'1.23x (1.10-1.40 over 3 turns)': the median and range of each turn's numerator / denominator."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} turns)"
