@@ -9,7 +9,9 @@ the samples before the damage; `errors` then counts it under `truncated_tar` (on
 cut exactly between two members (its end-of-archive marker is missing: `ends_like_a_tar`) or its tail is zeros
 (allocated, never written). A member repeated within a sample (`x.txt` twice, `x.jpg` and `x.JPG`) is counted
 under `duplicate_member` and left out (the sample keeps the first); the samples after it are read as usual. A
-file that is not a tar at all (`check_is_tar`; also a file of zeros) is refused with a DataError naming it.
+file that is not a tar at all (`check_is_tar`; also a file of zeros) is refused with a DataError naming it; one
+whose first header block is sound but was cut before its first member (a download that died in its first
+kilobytes) is a truncated tar without samples.
 """
 from __future__ import annotations
 
@@ -40,11 +42,12 @@ def check_is_tar(path: str | Path) -> None:
     """Refuse a file whose first header is not a tar header (plain or compressed, as webdataset reads it).
 
     Not a tar at all vs truncated: a file that does not even start like a tar (an HTML error page or a JPEG
-    saved under a .tar name, an empty or sub-header-sized file) is the wrong file, and every sample it
+    saved under a .tar name, an empty file, one shorter than a header) is the wrong file, and every sample it
     should have held is missing; counting it as `truncated_tar` would turn a wrong --input into an empty
     shard and exit status 0, so it is an error naming the file. A real tar cut short (an interrupted
     download or copy) still holds its samples before the cut: those are kept and the cut is counted, so
-    one damaged shard among thousands does not stop a run. Cost: one header read per shard.
+    one damaged shard among thousands does not stop a run; also when the cut came before its first member
+    was whole (its first header block is sound: `starts_with_a_tar_header`). Cost: one header read per shard.
     """
     try:
         tarfile.open(path, mode="r|*").close()  # webdataset's mode; opening reads the first header
@@ -56,8 +59,21 @@ def check_is_tar(path: str | Path) -> None:
             raise tarfile.ReadError(f"{size} bytes beginning with zeros where the first header should be: a file "
                                     "allocated but never written")
     except (tarfile.ReadError, tarfile.CompressionError, EOFError) as e:
+        if starts_with_a_tar_header(path):  # cut within its first member's headers: read_shard counts the cut
+            return
         raise DataError(f"{path} is not a tar archive ({e}); expected a webdataset shard of {{key}}.jpg/.txt/.json "
                         "files: replace it or leave it out of the input pattern") from e
+
+
+def starts_with_a_tar_header(path: str | Path) -> bool:
+    """Whether the file's first 512 bytes are a sound tar header (its checksum matches): a plain tar cut short
+    before its first member's headers all arrived (one PAX member's take 1536 bytes) still begins with one."""
+    with open(path, "rb") as f:
+        try:
+            tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+        except tarfile.HeaderError:
+            return False
+    return True
 
 
 def read_shard(path: str | Path, errors: Counter):

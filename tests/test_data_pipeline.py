@@ -261,6 +261,23 @@ def test_a_tar_cut_between_two_members_is_counted_as_truncated(tmp_path):
     assert keys == [k for k, _ in lf.synthetic_samples(2)] and errors == {"truncated_tar": 1}
 
 
+def test_a_tar_cut_within_its_first_headers_is_truncated_and_a_shorter_file_is_not_a_tar(tmp_path):
+    """A download that died in its first kilobyte: past the first 512-byte header block (sound, checksummed) the
+    file is a tar without a whole member, counted as truncated (one shard of thousands does not stop a run);
+    shorter than that block, or not starting with one (a page of HTML), it is not a tar."""
+    from data_pipeline.laion import check_is_tar, write_tar
+
+    whole = write_tar(tmp_path / "whole.tar", lf.synthetic_samples(1)).read_bytes()
+    for cut in (512, 1024, 1535):
+        (tmp_path / f"{cut}.tar").write_bytes(whole[:cut])
+        errors = Counter()
+        assert list(read_shard(tmp_path / f"{cut}.tar", errors)) == [] and errors == {"truncated_tar": 1}, cut
+    for name, data in (("short", whole[:511]), ("page", b"<html>" + bytes(2042))):
+        (tmp_path / f"{name}.tar").write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name}\.tar is not a tar archive"):
+            check_is_tar(tmp_path / f"{name}.tar")
+
+
 def test_an_empty_tar_is_a_shard_without_samples_and_an_input_may_be_several_patterns(tmp_path):
     """A tar of no member (one record of zeros: the empty archive tarfile and webdataset write, as for an
     img2dataset shard whose every download failed) holds no samples and is sound, not refused as a file of zeros
