@@ -269,11 +269,13 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         self.file = None
         self.warning: str | None = None
+        self.made: list[Path] = []  # what acquire created: the lock file, the run directory and its new parents
 
     def acquire(self) -> RunLock:
         import fcntl
 
         try:
+            self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+")
         except OSError as e:
@@ -301,11 +303,18 @@ class RunLock:
         _HELD_LOCKS[f.fileno()] = _identity(f.fileno())
         return self
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """Unlock. `failed`: the run stopped before it wrote anything: the lock file and run directory this
+        lock created are removed when nothing else is in them (a refused start leaves no folder behind)."""
         import fcntl
 
         if self.file is not None:
             _HELD_LOCKS.pop(self.file.fileno(), None)
+            if failed and self.path in self.made and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+                self.path.unlink()  # (while still held: no other run can have taken it meanwhile)
+                with contextlib.suppress(OSError):  # (a file that appeared since: the folder stays)
+                    for folder in self.made[1:]:  # (the run directory, then the parents mkdir made for it)
+                        folder.rmdir()
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
@@ -316,7 +325,8 @@ def holding_run_dir(run_dir: str | Path) -> Iterator[RunLock]:
     """The run directory's RunLock for a block, taken by the launch's rank 0 (RANK; SLURM_PROCID under a bare
     srun: the rank init_distributed will give it) before the process group exists, for the trainers whose
     construction already writes to the run directory (vq, sr, the text encoder's pre-training). Its refusal
-    ends rank 0 with the holder's name, and the launcher (torchrun; srun --kill-on-bad-exit) ends the others."""
+    ends rank 0 with the holder's name, and the launcher (torchrun; srun --kill-on-bad-exit) ends the others. A
+    block that fails before anything was written leaves no run directory (RunLock.release(failed=True))."""
     lock = RunLock(run_dir)
     if launch_rank() == 0:
         lock.acquire()
@@ -324,8 +334,10 @@ def holding_run_dir(run_dir: str | Path) -> Iterator[RunLock]:
             print(lock.warning, file=sys.stderr, flush=True)
     try:
         yield lock
-    finally:
-        lock.release()
+    except BaseException:
+        lock.release(failed=True)
+        raise
+    lock.release()
 
 
 _HELD_LOCKS: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) of the run locks this process holds

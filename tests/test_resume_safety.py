@@ -634,6 +634,32 @@ def test_the_run_lock_is_rank_0s_and_lets_go_for_the_next_holder(tmp_path, monke
         os.close(read), os.close(write)
 
 
+def test_a_start_that_fails_before_writing_leaves_no_run_directory(tmp_path, monkeypatch):
+    """A block under holding_run_dir that fails (a refused config, missing data) removes the lock file and the
+    folders it made, parents included; a folder that was there, or one that holds another file by then, or a
+    lock file of an earlier run, stays. A block that ends well keeps its lock file."""
+    from common.checkpoints import holding_run_dir
+
+    monkeypatch.setenv("RANK", "0")
+    written = ["a/b/run/.lock", "a/b/run/config.yaml"]
+    for case, (setup, left) in enumerate((
+            (lambda run: None, []), (lambda run: run.mkdir(parents=True), ["a/b/run"]),
+            (lambda run: (run.mkdir(parents=True), (run / ".lock").touch()), ["a/b/run/.lock"]),
+            (lambda run: None, written))):
+        base = tmp_path / f"case{case}"
+        run = base / "a" / "b" / "run"
+        setup(run)
+        with pytest.raises(ValueError, match="refused"), holding_run_dir(run):
+            if left == written:
+                (run / "config.yaml").touch()
+            raise ValueError("refused")
+        assert sorted(str(p.relative_to(base)) for p in base.rglob("*") if not p.is_dir() or not any(p.iterdir())) \
+            == left, left
+    with holding_run_dir(tmp_path / "ended"):
+        pass
+    assert (tmp_path / "ended" / ".lock").is_file()
+
+
 def test_a_file_system_without_flock_runs_with_a_warning(tmp_path, monkeypatch, capsys):
     """flock failing (Lustre without -o flock): acquire returns with a warning instead of the lock, and
     holding_run_dir prints it once on rank 0."""
