@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.scale_slice import PeakRSS  # noqa: E402
+from common.cli import require_at_least  # noqa: E402
 from model_parallel.state import free_port  # noqa: E402
 
 
@@ -156,6 +157,13 @@ def worker(rank: int, world: int, port: int, args, root: str, out: dict) -> None
                  "steps_during": len(during), "async_completed": completed}
 
 
+def measure(args, root: str) -> list[dict]:
+    """Each rank's measurements (worker's dict), from --dp spawned gloo processes writing under `root`."""
+    out = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(worker, args=(args.dp, free_port(), args, root, out), nprocs=args.dp)
+    return [out[r] for r in range(args.dp)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="parti-350m")
@@ -166,11 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-during", type=int, default=5, help="steps timed without a save in flight, and "
                         "as many each the first after forking an idle child, in turns")
     args = parser.parse_args(argv)
+    require_at_least(parser, args, ("dp", "steps_during"))
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the system (bench/scale_slice.py)
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
-        out = torch.multiprocessing.Manager().dict()
-        torch.multiprocessing.spawn(worker, args=(args.dp, free_port(), args, root, out), nprocs=args.dp)
-        results = [out[r] for r in range(args.dp)]
+        results = measure(args, root)
     total = sum(r["written"] for r in results)
     print(f"{args.preset} (layers {args.layers} {' '.join(args.set)}), ZeRO-1, DP={args.dp}, fp32; "
           f"checkpoint {total / 2**30:.2f} GiB")

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import description
+from common.cli import description, require_at_least
 from model_parallel.kernels import select_kernels
 from model_parallel.keyed_dropout import compiled_keep_mask, keyed_dropout, keyed_keep_mask
 from model_parallel.model import PartiModel
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-batch", type=int, help="default: --batch on a GPU, 8 on CPU")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    require_at_least(parser, args, ("batch", "repeats"))
+    if args.step_batch is not None:
+        require_at_least(parser, args, ("step_batch",))
     step_preset = args.step_preset or (args.preset if gpu else "parti-tiny")
     step_batch = args.step_batch or (args.batch if gpu else 8)
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
@@ -141,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     t = training_step(step_preset, step_batch, device, dtype, args.repeats)
     base = t["no_dropout"]
     print(f"forward+backward of {step_preset} at batch {step_batch}: no dropout {base * 1e3:.1f} ms; dropout 0.1 with eager masks "
-          f"{t['eager_mask'] * 1e3:.1f} ms (+{t['eager_mask'] / base - 1:.0%}), with compiled masks "
-          f"{t['compiled_mask'] * 1e3:.1f} ms (+{t['compiled_mask'] / base - 1:.0%})")
+          f"{t['eager_mask'] * 1e3:.1f} ms ({t['eager_mask'] / base - 1:+.0%}), with compiled masks "
+          f"{t['compiled_mask'] * 1e3:.1f} ms ({t['compiled_mask'] / base - 1:+.0%})")
     print(f"  step eager/compiled masks: {t['eager_mask'] / t['compiled_mask']:.2f}x")
 
 

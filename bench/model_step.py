@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import description  # noqa: E402
+from common.cli import description, require_at_least  # noqa: E402
 from model_parallel.kernels import select_kernels  # noqa: E402
 from model_parallel.model import PartiModel  # noqa: E402
 from model_parallel.state import init_parallel, seed_everything  # noqa: E402
@@ -37,13 +37,14 @@ def step_time(model, text, codes) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--set", nargs="*", default=[], help="extra model.* overrides")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require_at_least(parser, args, ("batch", "repeats"))
 
     cfg = load_config(None, [f"model.preset={args.preset}", "model.dropout=0.0",
                              "model.attention_dropout=0.0", *args.set]).validate()

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.cli import description  # noqa: E402
+from common.config import ConfigError  # noqa: E402
 from model_parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from model_parallel.config import model_config  # noqa: E402
 from model_parallel.model import PartiModel  # noqa: E402
@@ -121,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [int(t) for t in args.tp.split(",")]
     except ValueError:
         parser.error(f"--tp {args.tp}: comma-separated integers")
-    cfg = slice_config(args)
+    try:
+        cfg = slice_config(args).validate()
+    except ConfigError as e:
+        parser.error(str(e))
     for tp in sizes:
         if tp < 1 or cfg.num_heads % tp or cfg.ffn_hidden_size % tp:
             parser.error(f"--tp {tp}: must be >= 1 and divide the heads ({cfg.num_heads}) and the MLP width "

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.cli import description  # noqa: E402
+from common.cli import description, require_at_least
 
 
 def matmul_flops(device: str | None = None, n: int | None = None, repeats: int = 10) -> float:
@@ -76,7 +76,7 @@ def measure(preset: str, zero: int, steps: int) -> dict:
             start = time.perf_counter()
             train_step(tr.engine, cfg, batches, tr.device)
             times.append(time.perf_counter() - start)
-        tr.log.close()
+        tr.close()  # (the process groups DeepSpeed made for this stage too: the next stages' processes kept them)
     step_time = statistics.median(times[1:])  # the first step warms up
     samples_per_s = 16 / step_time
     return {"samples_per_s": samples_per_s,
@@ -93,29 +93,42 @@ def worker(rank: int, nproc: int, port: int, preset: str, steps: int) -> None:
     import logging
 
     logging.getLogger("parti").setLevel(logging.WARNING)
-    results = {zero: measure(preset, zero, steps) for zero in (0, 1, 2, 3)}
-    peak = matmul_flops()
+    results, peak = rank_results(preset, steps)
     if rank == 0:
-        base = sum(results[0]["opt_bytes"])
-        print(f"\npreset={preset} processes={nproc} (DP={nproc}) device={'cuda' if torch.cuda.is_available() else 'cpu'}")
-        print(f"measured matmul: {peak / 1e12:.4f} TFLOP/s per process")
-        print(f"{'ZeRO':>4} {'samples/s':>10} {'TFLOP/s/proc':>13} {'vs matmul':>10} {'moments MB':>11} "
-              f"{'+master MB':>11} {'total vs ZeRO-0':>16} {'moments vs ZeRO-0':>18}")
-        for zero, r in results.items():
-            moments, master = r["opt_bytes"]
-            print(f"{zero:>4} {r['samples_per_s']:>10.1f} {r['flops_per_proc'] / 1e12:>13.4f} "
-                  f"{r['flops_per_proc'] / peak:>10.3f} {moments / 2**20:>11.2f} {master / 2**20:>11.2f} "
-                  f"{(moments + master) / base:>16.3f} {moments / results[0]['opt_bytes'][0]:>18.3f}")
-        print("(fp32 ZeRO-0 updates the parameters in place; ZeRO 1-3 keep an fp32 partition beside them,\n"
-              " which is what bf16 training needs anyway, so the total ratio is (2 + 1) / (2 x DP) in fp32.)")
+        print(report(preset, nproc, results, peak))
 
 
-def main() -> None:
+def rank_results(preset: str, steps: int) -> tuple[dict, float]:
+    """This rank's measurements at ZeRO 0-3 ({stage: measure's dict}) and its matmul FLOP/s (every rank of the
+    process group calls it: the trainers' collectives)."""
+    results = {zero: measure(preset, zero, steps) for zero in (0, 1, 2, 3)}
+    return results, matmul_flops()
+
+
+def report(preset: str, nproc: int, results: dict, peak: float) -> str:
+    """rank_results' table."""
+    base = sum(results[0]["opt_bytes"])
+    lines = [f"\npreset={preset} processes={nproc} (DP={nproc}) device={'cuda' if torch.cuda.is_available() else 'cpu'}",
+             f"measured matmul: {peak / 1e12:.4f} TFLOP/s per process",
+             (f"{'ZeRO':>4} {'samples/s':>10} {'TFLOP/s/proc':>13} {'vs matmul':>10} {'moments MB':>11} "
+              f"{'+master MB':>11} {'total vs ZeRO-0':>16} {'moments vs ZeRO-0':>18}")]
+    for zero, r in results.items():
+        moments, master = r["opt_bytes"]
+        lines.append(f"{zero:>4} {r['samples_per_s']:>10.1f} {r['flops_per_proc'] / 1e12:>13.4f} "
+                     f"{r['flops_per_proc'] / peak:>10.3f} {moments / 2**20:>11.2f} {master / 2**20:>11.2f} "
+                     f"{(moments + master) / base:>16.3f} {moments / results[0]['opt_bytes'][0]:>18.3f}")
+    lines.append("(fp32 ZeRO-0 updates the parameters in place; ZeRO 1-3 keep an fp32 partition beside them,\n"
+                 " which is what bf16 training needs anyway, so the total ratio is (2 + 1) / (2 x DP) in fp32.)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-tiny")
     parser.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
     parser.add_argument("--steps", type=int, default=6, help="steps per measurement (at least 2: the first warms up)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require_at_least(parser, args, ("nproc",))
     if args.steps < 2:
         parser.error(f"--steps {args.steps}: at least 2 (the first step warms up and is not timed)")
     from model_parallel.state import free_port
