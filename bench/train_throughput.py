@@ -108,7 +108,8 @@ def rank_results(preset: str, steps: int) -> tuple[dict, float]:
 def report(preset: str, nproc: int, results: dict, peak: float) -> str:
     """rank_results' table."""
     base = sum(results[0]["opt_bytes"])
-    lines = [f"\npreset={preset} processes={nproc} (DP={nproc}) device={'cuda' if torch.cuda.is_available() else 'cpu'}",
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = [f"\npreset={preset} processes={nproc} (DP={nproc}) device={device}",
              f"measured matmul: {peak / 1e12:.4f} TFLOP/s per process",
              (f"{'ZeRO':>4} {'samples/s':>10} {'TFLOP/s/proc':>13} {'vs matmul':>10} {'moments MB':>11} "
               f"{'+master MB':>11} {'total vs ZeRO-0':>16} {'moments vs ZeRO-0':>18}")]
