@@ -17,11 +17,12 @@ a step reads (every decoder layer and the output head; not the encoder, nor the 
 projections, whose outputs are cached), the self-attention K/V cache over the positions written so far
 (averaged over the image) and the cached cross-attention K/V, and the bandwidth of a large device copy
 measured in the same run (bytes read + written per second). Rates are image tokens/s of the token loop
-(sample()'s `decode_s`; the encoder, cache allocation and graph capture are `setup_s`). Sampling draws
-from a generator on the model's device (temperature 1, no filtering, no guidance unless asked), or with
-`--per-image-generators` from one per image, as evaluation.generate does. The CUDA-graph
-mode is timed as evaluation.generate samples its later batches: through a step kept from an earlier call of the
-same shape (`setup_s` restarts it; `capture_setup_s` is that first call's capture).
+(sample()'s `decode_s`; the encoder, cache allocation and graph capture are `setup_s`), the modes timed in turns
+(`--repeats`, each mode once a turn): a rate is its median turn's, a ratio the median of the turns' ratios.
+Sampling draws from a generator on the model's device (temperature 1, no filtering, no guidance unless asked), or
+with `--per-image-generators` from one per image, as evaluation.generate does. The CUDA-graph mode is timed as
+evaluation.generate samples its later batches: through a step kept from an earlier call of the same shape
+(`setup_s` restarts it; `capture_setup_s` is that first call's capture).
 
 On a shared CPU, time with `--threads 1`: a decode step is ~100 small ops, and with more OpenMP threads
 than idle cores each op waits for descheduled threads (parti-tiny: 2.1 ms/step with 1 thread, 44 ms/step
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import description  # noqa: E402
+from common.cli import description, require_at_least  # noqa: E402
 from evaluation.sampling import SamplingConfig, StaticSteps, sample  # noqa: E402
 from model_parallel.model import PartiModel
 from model_parallel.state import init_parallel, seed_everything
@@ -93,17 +95,21 @@ def _timed_sample(model, text, cfg: SamplingConfig, tokens: int, seed: int, per_
 
 def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_tokens: int | None = None,
                      guidance_scale: float | None = None, seed: int = 0, warmup_tokens: int = 4,
-                     per_image_generators: bool = False) -> dict:
+                     per_image_generators: bool = False, repeats: int = 1) -> dict:
     """Image tokens/s of each decoding mode for `batch` random captions and the first `tokens` image
     tokens, on the model's device in its dtype (model: PartiModel in eval mode, TP=1); the draws from one
     generator for the batch, or with `per_image_generators` from one per image, as evaluation.generate draws
-    (each row's draw is then a few kernels of its own). Returns a JSON-ready
-    dict: one entry per mode ({"skipped": reason} where it cannot run, {"error": ...} where it failed) with
-    `image_tokens_per_s`,
-    `of_bound` (the fraction of the memory-bandwidth bound) and `vs_full_recomputation` where measured."""
+    (each row's draw is then a few kernels of its own). `repeats`: the modes are timed in that many turns (each
+    mode once per turn, after one warm-up each: noise hits the modes of a turn alike); a mode's rate is its median
+    turn's, and `vs_full_recomputation` the median of the turns' ratios (`vs_full_recomputation_turns`: each).
+    Returns a JSON-ready dict: one entry per mode ({"skipped": reason} where it cannot run, {"error": ...} where it
+    failed) with `image_tokens_per_s`, `of_bound` (the fraction of the memory-bandwidth bound) and
+    `vs_full_recomputation` where measured."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    if repeats < 1:
+        raise ValueError(f"repeats {repeats}: at least 1")
     weight = next(model.parameters())
     device, cfg = weight.device, model.cfg
     tokens = min(tokens or cfg.image_seq_len, cfg.image_seq_len)
@@ -114,43 +120,65 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
     rows = batch * (2 if sampling.guided else 1)
     out: dict = {"device": str(device), "dtype": str(weight.dtype).replace("torch.", ""), "batch": batch,
                  "rows": rows, "tokens": tokens, "guidance_scale": guidance_scale,
-                 "generators": "per_image" if per_image_generators else "one",
+                 "generators": "per_image" if per_image_generators else "one", "turns": repeats,
                  "hidden": cfg.hidden_size, "layers": f"{cfg.encoder_layers}+{cfg.decoder_layers}"}
     if device.type == "cpu":
         out.update(threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
     runs = {"full_recomputation": (reference_tokens, {"use_cache": False}),
             "kv_cache": (tokens, {}), "cuda_graph": (tokens, {"cuda_graph": True}),
             "cuda_graph_compiled": (tokens, {"cuda_graph": True, "compiled": "inductor"})}
-    for mode in modes:
-        if mode == "bound":
-            step = decode_step_bytes(model, rows, tokens)
-            bandwidth = copy_bandwidth(device)
-            out["bound"] = {"image_tokens_per_s": batch * bandwidth / step["total"], "bandwidth_GBps": bandwidth / 1e9,
-                            "bytes_per_step": step}
-            continue
+    if "bound" in modes:
+        step = decode_step_bytes(model, rows, tokens)
+        bandwidth = copy_bandwidth(device)
+        out["bound"] = {"image_tokens_per_s": batch * bandwidth / step["total"], "bandwidth_GBps": bandwidth / 1e9,
+                        "bytes_per_step": step}
+    timed: dict[str, dict] = {}  # mode -> its sample() keywords
+    for mode in (m for m in modes if m != "bound"):
         if mode in GRAPH_MODES and device.type != "cuda":
             out[mode] = {"skipped": f"CUDA graphs need a CUDA device; the model is on {device}"}
             continue
-        n, kwargs = runs[mode]
+        kwargs = runs[mode][1]
         if mode in GRAPH_MODES:  # (as evaluation.generate samples: the graphs kept for the next batch)
             kwargs = {**kwargs, "steps": StaticSteps()}
-        try:
-            first = _timed_sample(model, text, sampling, min(warmup_tokens, n), seed, per_image_generators,
-                                  **kwargs)  # (lazy initialisation, the first kernels)
-            t = _timed_sample(model, text, sampling, n, seed, per_image_generators, **kwargs)
-        except Exception as e:  # noqa: BLE001 - recorded: the other modes' numbers still come back
-            out[mode] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        out[mode] = {"tokens": n, "image_tokens_per_s": batch * n / t["decode_s"], "ms_per_step": 1e3 * t["decode_s"] / n,
-                     "setup_s": t["setup_s"], "decode_s": t["decode_s"]}
-        if "steps" in kwargs:  # the first call's setup captured the graphs; the timed one's restarted them
-            out[mode]["capture_setup_s"] = first["setup_s"]
+        timed[mode] = kwargs
+    turns: dict[str, list[dict]] = {mode: [] for mode in timed}
+    for turn in range(1 + repeats):  # turn 0 warms each mode up (lazy initialisation, the first kernels)
+        for mode in [m for m in timed if m not in out]:  # (a mode that failed is out of the later turns)
+            n = runs[mode][0] if turn else min(warmup_tokens, runs[mode][0])
+            try:
+                t = _timed_sample(model, text, sampling, n, seed, per_image_generators, **timed[mode])
+            except Exception as e:  # noqa: BLE001 - recorded: the other modes' numbers still come back
+                out[mode] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            turns[mode].append(t)  # (the warm-up's setup_s: a graph mode's first call, its capture)
+    for mode, runs_of_mode in turns.items():
+        if mode not in out:
+            out[mode] = _mode_result(runs_of_mode, batch, runs[mode][0], "steps" in timed[mode])
+    if "full_recomputation" in turns and "error" not in out["full_recomputation"]:
+        full = turns["full_recomputation"][1:]
+        for mode in [m for m in turns if m != "full_recomputation" and "error" not in out[m]]:
+            ratios = [runs[mode][0] * f["decode_s"] / (runs["full_recomputation"][0] * t["decode_s"])
+                      for t, f in zip(turns[mode][1:], full, strict=True)]
+            out[mode]["vs_full_recomputation"] = statistics.median(ratios)
+            out[mode]["vs_full_recomputation_turns"] = ratios
     relate_rates(out)
     return out
 
 
+def _mode_result(runs_of_mode: list[dict], batch: int, n: int, kept_step: bool) -> dict:
+    """One mode's entry from its warm-up and timed runs: the median turn's (by decode time) rate and times."""
+    timed = runs_of_mode[1:]
+    t = sorted(timed, key=lambda r: r["decode_s"])[(len(timed) - 1) // 2]
+    result = {"tokens": n, "image_tokens_per_s": batch * n / t["decode_s"], "ms_per_step": 1e3 * t["decode_s"] / n,
+              "setup_s": t["setup_s"], "decode_s": t["decode_s"]}
+    if kept_step:  # the first call's setup captured the graphs; the timed ones restarted them
+        result["capture_setup_s"] = runs_of_mode[0]["setup_s"]
+    return result
+
+
 def relate_rates(out: dict) -> None:
-    """Add to each measured mode its rate as a fraction of the bound and against full recomputation."""
+    """Add to each measured mode its rate as a fraction of the bound and against full recomputation (unless
+    measure_decoding took that from its turns)."""
     bound = out.get("bound", {}).get("image_tokens_per_s")
     full = out.get("full_recomputation", {}).get("image_tokens_per_s")
     for mode in ("full_recomputation", "kv_cache", *GRAPH_MODES):
@@ -158,7 +186,7 @@ def relate_rates(out: dict) -> None:
         if rate and bound:
             out[mode]["of_bound"] = rate / bound
         if rate and full:
-            out[mode]["vs_full_recomputation"] = rate / full
+            out[mode].setdefault("vs_full_recomputation", rate / full)
 
 
 def build_model(preset: str, grid: int, device: torch.device, dtype: torch.dtype):
@@ -188,6 +216,9 @@ def report(preset: str, result: dict) -> str:
                          f"{r['bandwidth_GBps']:.1f} GB/s measured")
         ratios = [f"{r[k]:.2f}x {name}" for k, name in (("vs_full_recomputation", "full recomputation"),
                                                         ("of_bound", "of the bound")) if k in r]
+        if len(r.get("vs_full_recomputation_turns", ())) > 1:
+            each = r["vs_full_recomputation_turns"]
+            ratios[0] += f" ({min(each):.2f}-{max(each):.2f} over {len(each)} turns)"
         lines.append(f"{mode:>20}: {r['image_tokens_per_s']:10.1f} image tokens/s  " + "; ".join(extra + ratios))
     return "\n".join(lines)
 
@@ -208,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--per-image-generators", action="store_true", help="draw from a generator per image, as "
                         "evaluation.generate does (default: one for the batch)")
+    parser.add_argument("--repeats", type=int, default=3, help="turns: each mode timed once per turn")
     args = parser.parse_args(argv)
+    require_at_least(parser, args, ("repeats",))
     modes = tuple(args.modes.split(","))
     if unknown := sorted(set(modes) - set(MODES)):
         parser.error(f"--modes {args.modes}: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
@@ -223,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.max_tokens if args.max_tokens is not None else (0 if gpu else 32)
     reference = args.reference_tokens or (256 if gpu else 16)
     result = measure_decoding(model, args.batch, tokens, modes, reference, args.guidance_scale,
-                              per_image_generators=args.per_image_generators)
+                              per_image_generators=args.per_image_generators, repeats=args.repeats)
     print(report(args.preset, result))
     print(f"(model built in {built:.1f} s)")
 

@@ -302,6 +302,27 @@ def test_decoding_benchmark_reports_every_mode_against_the_bound(single_process,
     assert [len(g) for g in drawn] == [3, 3] and result["generators"] == "one"
 
 
+def test_decoding_benchmark_times_the_modes_in_turns(single_process, monkeypatch):
+    """With repeats, the modes alternate (a warm-up each, then full, kv, full, kv, ...): a mode's rate is its
+    median turn's, and its ratio to full recomputation the median of the turns' own ratios, with each turn's."""
+    from bench import sample as bench_sample
+
+    calls, decode_s = [], iter([1, 1, 4.0, 1.0, 1.0, 2.0, 2.0, 3.0])  # (warm-ups, then full and kv per turn)
+    monkeypatch.setattr(bench_sample, "_timed_sample", lambda model, text, cfg, n, seed, per_image, **kw: calls.append(
+        ("kv" if kw.get("use_cache", True) else "full", n)) or {"decode_s": next(decode_s), "setup_s": 0.0})
+    result = bench_sample.measure_decoding(debug_model(), batch=2, tokens=8, modes=("full_recomputation", "kv_cache"),
+                                           reference_tokens=4, warmup_tokens=2, repeats=3)
+    assert calls == [("full", 2), ("kv", 2)] + [("full", 4), ("kv", 8)] * 3
+    assert result["turns"] == 3 and result["full_recomputation"]["decode_s"] == 2.0  # (of 4, 1, 2: the median)
+    assert result["kv_cache"]["image_tokens_per_s"] == 2 * 8 / 2.0  # (of 1, 2, 3)
+    turns = [8 * 4.0 / (4 * 1.0), 8 * 1.0 / (4 * 2.0), 8 * 2.0 / (4 * 3.0)]  # rate kv / rate full, turn by turn
+    assert result["kv_cache"]["vs_full_recomputation_turns"] == turns
+    assert result["kv_cache"]["vs_full_recomputation"] == turns[2]  # their median (the median rates' ratio: 2.0)
+    assert "1.33x full recomputation (1.00-8.00 over 3 turns)" in bench_sample.report("parti-debug", result)
+    with pytest.raises(ValueError, match="repeats 0: at least 1"):
+        bench_sample.measure_decoding(debug_model(), batch=1, tokens=2, repeats=0)
+
+
 def test_guidance_scale_one_equals_unguided(single_process, monkeypatch):
     """Scale 1 is the conditional logits: sampled as unguided (the doubled batch only cost twice as much and
     differed from them by rounding)."""
