@@ -122,7 +122,12 @@ def test_model_step_smoke(single_process, capsys):
     out = capsys.readouterr().out
     for side in ("model", "reference"):
         numbers(rf"^\s*{side}: median\s+{NUMBER} ms", out)
-    numbers(rf"ratio model/reference: {NUMBER}  \(target <= 1.15: (?:met|NOT met)\)", out)
+    numbers(rf"ratio model/reference: {NUMBER}x \({NUMBER}-{NUMBER} over 1 turns\)  \(target <= 1.15: "
+            r"(?:met in every turn|NOT met in any turn)\)", out)
+    assert [model_step.verdict(r) for r in ([1.0, 1.15], [1.2, 1.16], [1.1, 1.12, 1.3], [1.1, 1.2, 1.3])] == [
+        "met in every turn", "NOT met in any turn",
+        "met at the median, not in every turn: rerun with more --repeats",
+        "NOT met at the median, not in every turn: rerun with more --repeats"]
 
 
 def _on_pool_rank(fn, *args):
