@@ -215,7 +215,8 @@ def test_a_checkpoint_without_stream_states_replays_the_crops_its_steps_took(sin
 ])
 def test_bad_settings_are_refused_naming_the_field(single_process, photos, tmp_path, sets, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train(photos, tmp_path, *sets)
+        train(photos, tmp_path, "train.steps=0", *sets)  # (0 steps: a setting no longer refused fails here, not
+        # after the default 100,000 steps)
 
 
 def test_a_batch_that_the_ranks_cannot_share_is_refused_naming_it(single_process, photos, tmp_path, monkeypatch):
@@ -337,23 +338,32 @@ def test_with_a_tokenizer_the_inputs_are_its_reconstructions_cropped_with_their_
 
 
 def test_images_smaller_than_the_high_resolution_side_are_skipped_not_enlarged(single_process, tmp_path):
-    """An 80x100 photo would be enlarged to a 160px target of interpolated pixels: the upsampler's images skip it.
-    Held-out images without one large enough are refused when the trainer is made."""
+    """An 80x100 photo would be enlarged to a 160px target of interpolated pixels: the upsampler's images skip it,
+    the training crops (the stream's default keeps images from 64 px on) as the held-out ones. Held-out images
+    without one large enough are refused when the trainer is made."""
     import io
 
     from PIL import Image
 
     from data_pipeline.image_stream import center_crops
 
-    def jpg(size):
+    def jpg(size, colour=(200, 30, 30)):
         buf = io.BytesIO()
-        Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG")
+        Image.new("RGB", size, colour).save(buf, "JPEG")
         return buf.getvalue()
 
     lf.write_tar(tmp_path / "mixed.tar", [("small", {"jpg": jpg((80, 100)), "txt": b"a"}),
-                                          ("large", {"jpg": jpg((200, 180)), "txt": b"b"})])
+                                          ("large", {"jpg": jpg((200, 180), (30, 30, 200)), "txt": b"b"})])
     assert len(center_crops(str(tmp_path / "mixed.tar"), 160, 16)) == 2  # (the default: enlarged from 64 px on)
     assert len(center_crops(str(tmp_path / "mixed.tar"), 160, 16, min_size=160)) == 1
+    from sr.train import SRTrainer
+
+    trainer = SRTrainer(load_typed(SRConfig, None, TINY), str(tmp_path / "mixed.tar"), tmp_path / "crops")
+    try:  # (train.resize=160: each pass over the shard keeps the large blue photo only)
+        crops = [next(trainer.stream).float() for _ in range(4)]
+    finally:
+        trainer.stream.close()
+    assert all(c.shape == (3, 48, 48) and c[2].mean() > 150 > 60 > c[0].mean() for c in crops)
     lf.write_tar(tmp_path / "small.tar", [("small", {"jpg": jpg((80, 100)), "txt": b"a"})])
     with pytest.raises(ConfigError, match=r"--val-data .*small\.tar: .*no usable image \(.* at least 160 px.*\)"):
         from sr.train import SRTrainer  # (refused when the trainer is made, not at its first evaluation)
@@ -398,3 +408,133 @@ def test_an_untrained_wdsr_is_torchs_bicubic_upsampling(scale):
     with torch.no_grad():
         torch.testing.assert_close(model(lr), F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False),
                                    rtol=0, atol=1e-5)
+
+
+def test_a_wide_block_is_its_residual_of_relu_then_low_rank_then_3x3_convolutions():
+    """WideBlock by hand (WDSR-B): x + conv3x3(conv1x1_low_rank(relu(conv1x1_wide(x)))), widths round(features x
+    expansion) and round(features x low_rank): the untrained WDSR is bicubic whatever its body computes (the
+    tail starts at zero), so only this shows the body's activation and skip connection."""
+    import torch.nn.functional as F
+
+    from sr.model import WideBlock
+
+    torch.manual_seed(0)
+    block = WideBlock(8, expansion=2.5, low_rank=0.7)  # (20 and 5.6 -> 6 channels)
+    wide, narrow, out = (m for m in block.body if isinstance(m, torch.nn.Conv2d))
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in (wide, narrow, out)] == [
+        (8, 20, (1, 1)), (20, 6, (1, 1)), (6, 8, (3, 3))]
+    x = torch.randn(2, 8, 5, 6)
+    h = F.conv2d(F.relu(F.conv2d(x, wide.weight, wide.bias)), narrow.weight, narrow.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), x + F.conv2d(h, out.weight, out.bias, padding=1))
+
+
+def test_expansion_and_low_rank_shape_the_model_and_travel_in_the_export(tmp_path):
+    """model.expansion and model.low_rank reach the blocks (build_wdsr), down to the smallest accepted one (one
+    feature: 6 and 1 channels, the check's rounding is the block's), and an export of such a model is read back
+    as it (load_upsampler builds it from the saved config)."""
+    from sr.model import load_upsampler, save_upsampler, upsample
+
+    def widths(model):
+        return [m.out_channels for m in model.body[0].body if isinstance(m, torch.nn.Conv2d)]
+
+    assert widths(build_wdsr(SRModelConfig(preset="tiny"))) == [96, 13, 16]  # 6 x 16, round(0.8 x 16)
+    assert widths(build_wdsr(SRModelConfig(preset="tiny", features=1))) == [6, 1, 1]
+    cfg = SRModelConfig(preset="tiny", expansion=2.0, low_rank=0.5)
+    torch.manual_seed(0)
+    model = build_wdsr(cfg)
+    assert widths(model) == [32, 8, 16]
+    with torch.no_grad():  # (a body that computes something: the tail's gain away from its zero start)
+        model.tail[0].parametrizations.weight.original0.fill_(0.1)
+    save_upsampler(model, cfg, tmp_path / "sr.pt")
+    loaded = load_upsampler(tmp_path / "sr.pt")
+    assert widths(loaded) == [32, 8, 16] and not loaded.training
+    low = torch.rand(2, 3, 6, 7) * 2 - 1
+    assert torch.equal(upsample(loaded, low), upsample(model.eval(), low))
+    assert upsample(loaded, low).shape == (2, 3, 12, 14)
+
+
+def test_upsample_clamps_to_the_image_range_without_gradients():
+    """upsample (what generation and evaluation call): the model's output clamped to [-1, 1] (bicubic overshoots
+    at sharp edges), outside autograd."""
+    from sr.model import upsample
+
+    model = build_wdsr(SRModelConfig(preset="tiny"))
+    edges = torch.ones(1, 3, 8, 8)
+    edges[..., ::2, :] = -1  # (stripes: bicubic overshoots past both ends)
+    raw = model(edges)
+    assert raw.requires_grad and raw.max() > 1 and raw.min() < -1
+    out = upsample(model, edges)
+    assert not out.requires_grad and torch.equal(out, raw.detach().clamp(-1, 1))
+
+
+def test_files_that_are_not_upsampler_exports_are_refused_naming_them(tmp_path):
+    """load_upsampler (generation's --upsampler, the benchmark's model.upsampler, train.init_from): a pickle that
+    would run code is refused unrun (weights_only), a tokenizer's export and a blob whose state_dict is not a
+    mapping are named as not an upsampler's; the message starts with `where`, the path by default."""
+    import pathlib
+
+    from sr.model import load_upsampler, save_upsampler
+    from vq.tokenizer import ConvVQ, save_image_tokenizer
+
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return pathlib.Path.touch, (marker,)
+
+    cfg = SRModelConfig(preset="tiny")
+    save_upsampler(build_wdsr(cfg), cfg, tmp_path / "sr.pt")
+    blob = torch.load(tmp_path / "sr.pt", weights_only=True)
+    torch.save({**blob, "extra": Planted()}, tmp_path / "planted.pt")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'planted.pt'}: not a readable upsampler export \("):
+        load_upsampler(tmp_path / "planted.pt")
+    assert not marker.exists()
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=32),
+                         tmp_path / "tok.pt")
+    torch.save({**blob, "state_dict": [1.0]}, tmp_path / "list.pt")
+    for name in ("tok.pt", "list.pt"):
+        with pytest.raises(ConfigError, match=r"^--upsampler x: not an upsampler export \(expected sr\.train's "
+                                              r"export\.pt, kind 'wdsr'\)$"):
+            load_upsampler(tmp_path / name, where="--upsampler x")
+
+
+def test_the_default_model_is_the_x4_preset_of_wdsr_b_blocks():
+    """SRModelConfig(): Parti's x4 upsampler (256 -> 1024 px, ~29.4M parameters), blocks widened 6x and narrowed to
+    0.8x (WDSR-B); the x2 preset ~14.8M (the counts sr/model.py names)."""
+    cfg = SRModelConfig()
+    assert (cfg.preset, cfg.expansion, cfg.low_rank) == ("x4", 6.0, 0.8)
+    assert cfg.resolved() == {"scale": 4, "features": 180, "blocks": 50}
+    for preset, count in (("x2", 14.83e6), ("x4", 29.39e6)):
+        with torch.device("meta"):
+            model = build_wdsr(SRModelConfig(preset=preset))
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(count, rel=1e-3)
+
+
+def test_the_learning_rate_halves_at_whole_steps_and_resize_may_equal_the_crop(single_process, photos, tmp_path):
+    """lr_factor's halvings fall on whole steps, steps // 2 and 3 steps // 4 (10 steps: at 5 and 7), as a resume
+    recomputes them; train.resize equal to train.crop (one crop per image, the whole resized image) is accepted,
+    only a smaller one is refused."""
+    from sr.train import SRTrainer, lr_factor
+
+    assert [lr_factor(step, 10) for step in range(10)] == [1] * 5 + [0.5] * 2 + [0.25] * 3
+    trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.resize=48"]), photos[0], tmp_path)
+    try:
+        assert next(trainer.stream).shape == (3, 48, 48)
+    finally:
+        trainer.stream.close()
+
+
+def test_a_tokenizer_that_cannot_be_read_is_refused_naming_train_tokenizer(single_process, photos, tmp_path):
+    """train.tokenizer that is missing, or an export of something else (an upsampler's): a ConfigError naming the
+    key (the command's one line), not a FileNotFoundError's traceback; before the run directory is made."""
+    from sr.model import save_upsampler
+    from sr.train import SRTrainer
+
+    cfg = SRModelConfig(preset="tiny")
+    save_upsampler(build_wdsr(cfg), cfg, tmp_path / "sr.pt")
+    for path, expected in ((tmp_path / "none.pt", r"image tokenizer .*none\.pt does not exist"),
+                           (tmp_path / "sr.pt", r"unknown tokenizer kind 'wdsr'")):
+        with pytest.raises(ConfigError, match=rf"^train\.tokenizer={path}: .*{expected}"):
+            SRTrainer(load_typed(SRConfig, None, [*TINY, f"train.tokenizer={path}"]), photos[0], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
