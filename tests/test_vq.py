@@ -1026,6 +1026,19 @@ def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
     ("model.tau_steps=0", r"model\.tau_steps=0 must be >= 1"),
     ("model.kl_weight=-1", r"model\.kl_weight=-1\.0 must be >= 0"),
     ("loss.adv_start=-1", r"loss\.adv_start=-1 must be >= 0 \(the step the adversarial loss starts at\)"),
+    # (vq.config's other rules, each at one below its least value)
+    ("model.width=-1", r"model\.width=-1 must be >= 0 \(0: the preset's or the kind's\)"),
+    ("model.z_channels=-1", r"model\.z_channels=-1 must be >= 0 \(0: the kind's\)"),
+    ("model.code_dim=0", r"model\.code_dim=0 must be >= 1 \(channels per code\)"),
+    ("model.res_blocks=-1", r"model\.res_blocks=-1 must be >= 0 \(residual blocks\)"),
+    ("model.kl_warmup_steps=-1", r"model\.kl_warmup_steps=-1 must be >= 0 \(steps of the KL weight's ramp\)"),
+    ("loss.l1=-1", r"loss\.l1=-1\.0 must be >= 0 \(a loss weight"),
+    ("loss.perceptual=-1", r"loss\.perceptual=-1\.0 must be >= 0 \(a loss weight"),
+    ("loss.adversarial=-1", r"loss\.adversarial=-1\.0 must be >= 0 \(a loss weight"),
+    ("train.steps=-1", r"train\.steps=-1 must be >= 0 \(optimizer steps to run, 0: export the starting weights\)"),
+    ("train.log_interval=0", r"train\.log_interval=0 must be >= 1 \(steps between metric lines\)"),
+    ("train.keep_checkpoints=-1", r"train\.keep_checkpoints=-1 must be >= 0 \(checkpoints kept, 0: all\)"),
+    ("train.data_workers=-1", r"train\.data_workers=-1 must be >= 0 \(decoding processes"),
 ])
 def test_values_that_would_train_nonsense_are_refused_before_the_run_directory(single_process, photos, tmp_path,
                                                                               override, message):
@@ -1094,6 +1107,12 @@ def test_the_presets_build_the_papers_shapes():
     assert vqgan.grid == 16
     assert (dvae.grid, dvae.codebook_size, dvae.config["n_hid"], dvae.config["code_dim"]) == (32, 8192, 256, 128)
     assert len([m for m in dvae.encoder if isinstance(m, torch.nn.Sequential)]) == 5  # 4 groups + output
+    # ViT-VQGAN Small (Yu et al. 2021), whose file leaves patch, code_dim and heads to vq.config's defaults
+    with torch.device("meta"):
+        vit = build_model(load_typed(VQConfig, "configs/vq/vit-vqgan-small.yaml"))
+    assert vit.config == {**vit.config, "image_size": 256, "patch": 8, "layers": 8, "width": 512, "code_dim": 32,
+                          "codebook_size": 8192}
+    assert vit.grid == 32 and vit.encoder[0].heads == 8
 
 
 @pytest.mark.parametrize("preset", ["vit-vqgan-small", "finetune-decoder-large"])
