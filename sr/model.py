@@ -150,11 +150,14 @@ def load_upsampler(path, device: str | torch.device = "cpu", where: str | None =
     except Exception as e:  # noqa: BLE001 - UnpicklingError (unsafe content), RuntimeError (not a torch file), OSError
         raise ConfigError(f"{where}: not a readable upsampler export ({str(e).strip().splitlines()[0][:200]}); "
                           "expected sr.train's export.pt") from None
-    if not (isinstance(blob, dict) and blob.get("kind") == "wdsr" and isinstance(blob.get("state_dict"), dict)):
+    state = blob.get("state_dict") if isinstance(blob, dict) else None
+    if not (isinstance(blob, dict) and blob.get("kind") == "wdsr" and isinstance(state, dict)
+            and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise ConfigError(f"{where}: not an upsampler export (expected sr.train's export.pt, kind 'wdsr')")
     try:
         model = build_wdsr(SRModelConfig(**blob.get("config", {})))
-    except TypeError as e:  # (a key SRModelConfig does not have, a config that is not a mapping)
+    except (TypeError, ConfigError) as e:  # (a key SRModelConfig does not have, a config that is not a mapping, a
+        # value its checks refuse: an unknown preset, a negative count; named as the file's, not as a model.* setting)
         raise ConfigError(f"{where}: its config is not an upsampler's ({e}); expected sr.train's export.pt") from None
     check_fits(model, blob["state_dict"], where, advice="its config describes another model than its weights")
     model.load_state_dict(blob["state_dict"])

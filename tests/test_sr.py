@@ -471,7 +471,8 @@ def test_upsample_clamps_to_the_image_range_without_gradients():
 def test_files_that_are_not_upsampler_exports_are_refused_naming_them(tmp_path):
     """load_upsampler (generation's --upsampler, the benchmark's model.upsampler, train.init_from): a pickle that
     would run code is refused unrun (weights_only), a tokenizer's export and a blob whose state_dict is not a
-    mapping are named as not an upsampler's; the message starts with `where`, the path by default."""
+    mapping of tensors are named as not an upsampler's, a config of values SRModelConfig refuses as the file's;
+    the message starts with `where`, the path by default."""
     import pathlib
 
     from sr.model import load_upsampler, save_upsampler
@@ -493,10 +494,18 @@ def test_files_that_are_not_upsampler_exports_are_refused_naming_them(tmp_path):
     save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=32),
                          tmp_path / "tok.pt")
     torch.save({**blob, "state_dict": [1.0]}, tmp_path / "list.pt")
-    for name in ("tok.pt", "list.pt"):
+    torch.save({**blob, "state_dict": {**blob["state_dict"], "head.bias": 1.0}}, tmp_path / "number.pt")
+    for name in ("tok.pt", "list.pt", "number.pt"):  # (the number: an AttributeError in check_fits before)
         with pytest.raises(ConfigError, match=r"^--upsampler x: not an upsampler export \(expected sr\.train's "
                                               r"export\.pt, kind 'wdsr'\)$"):
             load_upsampler(tmp_path / name, where="--upsampler x")
+    # A config that SRModelConfig refuses: named as the file's (it was "model.preset='x8' must be ...", which reads
+    # as a setting of the command's own).
+    for edit, expected in (({"preset": "x8"}, r"model\.preset='x8' must be one of"),
+                           ({"blocks": -1}, r"model\.blocks=-1 must be >= 0")):
+        torch.save({**blob, "config": {**blob["config"], **edit}}, tmp_path / "edited.pt")
+        with pytest.raises(ConfigError, match=rf"^--upsampler x: its config is not an upsampler's \({expected}"):
+            load_upsampler(tmp_path / "edited.pt", where="--upsampler x")
 
 
 def test_the_default_model_is_the_x4_preset_of_wdsr_b_blocks():
