@@ -1,6 +1,7 @@
 """Parti's upsampler (WDSR): the presets' sizes, it beats bicubic upsampling on photos it did not see, resume, export."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -156,6 +157,9 @@ def test_a_resume_follows_a_longer_schedule_and_refuses_another_model(single_pro
 
     trainer, first = train(photos, tmp_path, "train.steps=4")
     assert [h["lr"] for h in first] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["lr"]) for m in lines if "loss" in m] == [(4, pytest.approx(5e-4))]  # (the last step's line,
+    # although train.log_interval=50 does not divide it)
     assert [g["lr"] for g in trainer.opt.param_groups] == pytest.approx([5e-4])  # (what Adam stepped with)
     before = (tmp_path / "config.yaml").read_text()
     wider = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.steps=8", "model.features=24"]), photos[0], tmp_path)
