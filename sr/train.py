@@ -108,7 +108,7 @@ class SRTrainer:
         try:
             tokenizer = load_image_tokenizer(t.tokenizer, self.device)
         except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"train.tokenizer={t.tokenizer}: {e}") from None
+            raise ConfigError(f"train.tokenizer: {e}") from None  # (its message names the file)
         side = tokenizer.image_size * self.scale
         if t.resize != side or t.crop > side:
             raise ConfigError(f"train.tokenizer={t.tokenizer} reconstructs {tokenizer.image_size}px images: "
