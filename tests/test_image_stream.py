@@ -55,7 +55,8 @@ def test_resumed_stream_equals_the_uninterrupted_one(shards, world, monkeypatch)
     decoded, real = [], image_stream.prepare_sample
     monkeypatch.setattr(image_stream, "prepare_sample", lambda raw, cfg: decoded.append(raw) or real(raw, cfg))
     for rank, per_pass in enumerate(KEPT[world]):
-        expected = take(stream(shards, rank, world), 3 * per_pass)
+        uninterrupted = stream(shards, rank, world)
+        expected = take(uninterrupted, 3 * per_pass)
         for cut in (1, per_pass - 3, per_pass, per_pass + 2, 2 * per_pass + 1):  # mid-shard, draining, next pass
             first = stream(shards, rank, world)
             head = take(first, cut)
@@ -66,6 +67,7 @@ def test_resumed_stream_equals_the_uninterrupted_one(shards, world, monkeypatch)
             assert len(decoded) - before == len(state["buffer"]) <= BUFFER  # only the buffer was decoded again
             tail = take(resumed, 3 * per_pass - cut)
             assert all(torch.equal(a, b) for a, b in zip(head + tail, expected, strict=True)), (rank, cut)
+            assert resumed.state_dict() == uninterrupted.state_dict(), (rank, cut)  # (its counts too: `kept`)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -201,9 +203,11 @@ def test_decoding_workers_leave_a_stop_signal_to_the_trainer(shards):
 def test_without_a_state_at_another_world_size_or_of_an_older_version_the_stream_is_replayed(shards):
     expected = take(stream(shards), 20)
     older = {k: v for k, v in stream(shards).state_dict().items() if k != "index"}  # split after decoding
-    for saved in (None, [stream(shards, 0, 2).state_dict()] * 2, [older]):
+    for saved, why in ((None, "the checkpoint has no stream state"),
+                       ([stream(shards, 0, 2).state_dict()] * 2, "it was saved at world size 2"),
+                       ([older], "it was saved by an older version")):
         resumed = stream(shards)
-        assert "replayed from its start (7 images per rank" in restore_stream(resumed, saved, 7, shards)
+        assert f"replayed from its start (7 images per rank: {why}" in restore_stream(resumed, saved, 7, shards)
         assert all(torch.equal(a, b) for a, b in zip(take(resumed, 13), expected[7:], strict=True))
 
 
@@ -240,6 +244,16 @@ def test_a_shard_changed_under_the_saved_buffer_is_refused(shards, tmp_path):
         restore_stream(stream(shards), [state], 2, tmp_path / "ckpt" / "state.pt")
     with pytest.raises(CheckpointError, match="the saved data stream is of"):
         restore_stream(stream(shards), [{**state, "shards": 4}], 2, tmp_path / "ckpt" / "state.pt")
+    with pytest.raises(ValueError, match="the saved data stream is of .*'rank': 1.* this one of .*'rank': 0"):
+        stream(shards).load_state_dict({**state, "rank": 1})  # (another rank's state)
+    # The same number of samples, the buffered one without its image now: skipped, refused naming it
+    position = state["buffer"][0][1]
+    samples = lf.synthetic_samples(9, offset=9 * shard)
+    samples[position][1].pop("jpg")
+    lf.write_tar(tmp_path / f"{shard:05d}.tar", samples)
+    with pytest.raises(CheckpointError, match=rf"{shard:05d}.tar: sample {position} .* was in the saved shuffle "
+                                              r"buffer but is now skipped: the shard changed"):
+        restore_stream(stream(shards), [state], 2, tmp_path / "ckpt" / "state.pt")
 
 
 def test_the_shuffle_buffer_holds_buffer_images_and_random_crops_reach_every_offset(shards):
@@ -252,7 +266,13 @@ def test_the_shuffle_buffer_holds_buffer_images_and_random_crops_reach_every_off
     next(s)
     assert (s.kept, len(s.buffer), s.position) == (BUFFER, BUFFER - 1, BUFFER + 1)  # (sample 4 has no image)
     assert {image.shape for _, image in s.buffer} == {(3, 40, 40)}  # (resized to `resize`, cropped when taken)
+    take(s, KEPT[1][0])  # the first pass's last image, then the second pass's first: its counts start again
+    assert (s.shard, s.kept, len(s.buffer), s.position) == (0, BUFFER, BUFFER - 1, BUFFER + 1)
     s.close()
+    # Each rank and seed draws its own crops (ranks sharing a generator would crop and flip in step)
+    rngs = [CropStream(shards, crop=32, resize=40, rank=r, world=2, seed=seed, workers=0).state_dict()["rng"]
+            for r, seed in ((0, 3), (1, 3), (0, 4))]
+    assert rngs[0] != rngs[1] and rngs[0] != rngs[2]
     image = torch.stack([torch.arange(10)[:, None].expand(10, 10), torch.arange(10)[None, :].expand(10, 10)])
     rng, seen = random.Random(0), Counter()
     for _ in range(500):
@@ -282,3 +302,21 @@ def test_as_many_shards_as_ranks_split_by_shard_and_center_crops_are_the_first_k
     samples = list(read_shard(paths[0], Counter()))
     want = [prepare_sample(samples[i], ImageFilter(image_size=24, min_size=16)).image for i in (0, 1, 2, 3, 5, 6)]
     assert crops.shape == (6, 3, 24, 24) and torch.equal(crops, torch.stack(want))
+
+
+def test_center_crops_of_shards_without_a_usable_image_are_refused_and_one_rank_gathers_its_own_state(shards,
+                                                                                                     tmp_path):
+    """center_crops of shards with no usable image: a ValueError naming them (not torch.stack's of an empty
+    list); gather_stream_states at world size 1 needs no process group: the stream's own state."""
+    from data_pipeline.image_stream import center_crops, gather_stream_states
+
+    samples = lf.synthetic_samples(2)
+    for _, files in samples:
+        files.pop("jpg")
+    lf.write_tar(tmp_path / "bare.tar", samples)
+    with pytest.raises(ValueError, match=r"bare\.tar: no usable image \(decodable, a shorter side of at least 16 px"):
+        center_crops(str(tmp_path / "bare.tar"), 24, 4, min_size=16)
+    s = stream(shards)
+    take(s, 2)
+    assert gather_stream_states(s) == [s.state_dict()]
+    s.close()
