@@ -877,6 +877,34 @@ def test_manifest_step_removes_what_killed_manifest_steps_left_half_written(tmp_
         "running here": True}
 
 
+def test_manifest_of_a_partial_folder_an_older_shard_and_damaged_hashes(tmp_path):
+    """write_manifest: of 2 shards of 3 inputs, an incomplete manifest of 3 inputs; a shard that records no header
+    (an older version's) is held to manifest.json and taken when it agrees; an older shard of 0 records needs no
+    .hashes file; a .hashes of another length than its records' is refused naming it (not a reshape error)."""
+    from data_pipeline.manifest import check_folder
+    from data_pipeline.synthetic import RANDOM_SHARDS_HEADER as HEAD
+
+    folder, names = tmp_path / "codes", ["00000", "00001", "00002"]
+    write_random_code_shards(folder, 2)
+    partial = write_manifest(folder, HEAD, names)
+    assert (partial["complete"], partial["num_inputs"], len(partial["shards"])) == (False, 3, 2)
+    older = json.loads((folder / "00001.json").read_text())
+    del older["header"]
+    (folder / "00001.json").write_text(json.dumps(older))
+    check_folder(folder, HEAD)
+    (folder / "00002.bin").write_bytes(b"")
+    (folder / "00002.json").write_text(json.dumps({"input": "00002.tar", "records": 0, "seen": 1,
+                                                   "skipped": {"too_small": 1}}))
+    whole = write_manifest(folder, HEAD, names)
+    assert whole["complete"] and whole["records"] == 6 and whole["num_inputs"] == 3
+    with open(folder / "00000.hashes", "ab") as f:
+        f.write(bytes(16))
+    with pytest.raises(DataError, match=r"00000\.hashes: 64 bytes, expected 3 hashes of 16 bytes"):
+        write_manifest(folder, HEAD, names)
+    with pytest.raises(DataError, match=r"00000\.bin \(and 2 more shard\(s\)\) was made with another image tokenizer.*: vq\.hash"):
+        check_folder(folder, {**HEAD, "vq": {**HEAD["vq"], "hash": "w"}})
+
+
 def test_duplicates_pass_keeps_the_first_of_each_hash_in_every_part_of_the_hash_space():
     """find_duplicates sorts the hashes a part (their first bits) at a time: against a walk over the records by
     hand, on 5 shards of 2,000 hashes drawn from 3,000 (every part of the space used, many repeats) with pairs
@@ -895,6 +923,10 @@ def test_duplicates_pass_keeps_the_first_of_each_hash_in_every_part_of_the_hash_
         seen.add(h.tobytes())
     found = find_duplicates(iter(shards), 10000)
     assert found.dtype == np.int64 and found.tolist() == expected
+    # Hashes of one part sharing their second word, told apart by the first: a repeat after another is still one
+    a, b = np.zeros(16, dtype=np.uint8), np.zeros(16, dtype=np.uint8)
+    b[7] = 1  # (the first word's last byte: the same part)
+    assert find_duplicates(iter([np.stack([a, b, a, b])]), 4).tolist() == [2, 3]
     assert len(set(pool[:, 0] >> (8 - BUCKET_BITS))) == 1 << BUCKET_BITS
     for total in (9999, 10001):
         with pytest.raises(DataError, match=f"hold 10000 records, their metadata {total}"):
@@ -1447,8 +1479,12 @@ def test_an_input_of_the_same_name_and_another_size_is_refused(tmp_path):
     (out / "00000.json").write_text(json.dumps({"header": head, "input": "elsewhere/00000.tar", "input_bytes": 10}))
     with pytest.raises(DataError, match=r"00000\.bin was made from elsewhere/00000\.tar of 10 bytes, .* has 11"):
         check_folder(out, head, [tar])
+    tar.write_bytes(b"x" * 9)  # (shorter than it was: refused as well)
+    with pytest.raises(DataError, match=r"00000\.bin was made from elsewhere/00000\.tar of 10 bytes, .* has 9"):
+        check_folder(out, head, [tar])
     tar.write_bytes(b"x" * 10)
     check_folder(out, head, [tar])
+    check_folder(tmp_path / "not yet made", head, [tar])  # (nothing to refuse)
 
 
 def test_integer_grey_images_are_scaled_by_their_range():
