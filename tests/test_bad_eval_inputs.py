@@ -355,6 +355,8 @@ SAMPLING_CASES = {
                                              expected=r"--keep 3 keeps more than the 2 sample\(s\) per prompt"),
     "--clip-weights without --clip": generate_flags("--clip-weights", "clip.pt",
                                                     expected=r"--clip-weights/--clip-tag without --clip: give --clip"),
+    "--clip-tag without --clip": generate_flags("--clip-tag", "openai",
+                                                expected=r"--clip-weights/--clip-tag without --clip: give --clip"),
     "a prompt file of no prompt": lambda tmp: generate_without_prompts(tmp),
     "negative limit": generate_flags("--limit", "-1", expected=r"--limit must be >= 0 \(0: all prompts\), not -1$"),
     "top-p 0": generate_flags("--top-p", "0", expected=r"sampling.top_p \(--top-p\) must be in \(0, 1\] .*, not 0.0$"),
@@ -396,6 +398,36 @@ def test_bad_generate_input_is_one_line_naming_it(case, tmp_path):
     assert isinstance(message, str), message
     assert "\n" not in message and re.search(expected, message), message
     assert snapshot(results) == before
+
+
+def test_generate_keep_without_clip_is_a_usage_error(tmp_path, capsys):
+    """--keep N (even 1) ranks by CLIP score: without --clip it is argparse's usage error (exit status 2) naming
+    --clip, before any file is read; not N unranked samples kept."""
+    main, argv, _ = generate_case(tmp_path, fake_export(tmp_path / "export"))
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--keep", "1"])
+    assert exit.value.code == 2 and "--keep ranks samples by CLIP score: give --clip" in capsys.readouterr().err
+
+
+def test_generate_loads_the_reranking_clip_with_its_tag(tmp_path, monkeypatch):
+    """--clip-tag reaches ClipScorer.load (the weights' mean/std and activation): dropped there, reranking ran
+    the architecture's defaults. The model and CLIP are stand-ins; the stand-in CLIP stops the run."""
+    from evaluation import generate as generate_module
+
+    main, argv, _ = generate_case(tmp_path, fake_export(tmp_path / "export"))
+    for name in ("vq.pt", "spm.model", "clip.pt"):
+        (tmp_path / name).write_bytes(b"not read")
+    loaded = []
+    monkeypatch.setattr(generate_module, "load_for_sampling", lambda *a: (None, None, None))
+
+    def load(model, weights, device, tag=None):
+        loaded.append((model, weights, tag))
+        raise ValueError("stand-in CLIP: stop here")
+
+    monkeypatch.setattr(generate_module.ClipScorer, "load", load)
+    with pytest.raises(SystemExit, match="stand-in CLIP: stop here"):
+        main([*argv, "--clip", "ViT-B-32", "--clip-weights", str(tmp_path / "clip.pt"), "--clip-tag", "openai"])
+    assert loaded == [("ViT-B-32", str(tmp_path / "clip.pt"), "openai")]
 
 
 # ----------------------------------------------------------------------------------------------

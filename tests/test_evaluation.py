@@ -466,6 +466,9 @@ def test_generate_refuses_to_resume_with_another_checkpoint_or_settings(sampling
         (out / name).write_text(json.dumps(record))
     main([*common, "--checkpoint", str(root / "export"), "--guidance-scale", "1.2"])
     assert (out / "00001.json").is_file() and (out / "00000_0.png").read_bytes() == first["00000_0.png"]
+    # A rerun with a smaller --limit gathers only its own prompts into metadata.jsonl (not the earlier run's 2nd).
+    main([*common, "--checkpoint", str(root / "export"), "--guidance-scale", "1.2", "--limit", "1"])
+    assert [json.loads(line)["index"] for line in (out / "metadata.jsonl").read_text().splitlines()] == [0]
 
 
 def test_report_grids_are_named_apart_and_its_text_is_not_markup(tmp_path):

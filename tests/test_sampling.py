@@ -1225,3 +1225,159 @@ def test_a_folder_recorded_with_another_decoder_is_refused(tmp_path):
     (tmp_path / RECORD).write_text(json.dumps({"seed": 0, "decoding": "cuda_graph"}))
     with pytest.raises(ValueError, match="decoding: 'cuda_graph' then, 'kv_cache' now"):
         check_resumable(tmp_path, record, [])
+
+
+def test_saved_pixels_saturate_outside_minus_one_to_one_and_settings_win_over_prompt_columns(tmp_path):
+    """to_pil clamps before the 8-bit cast: a decoder overshooting [-1, 1] (1.2, -1.3) saves 255 and 0, not
+    bytes wrapped around to 25 or 217. A prompt row's own `index` or `seed` column does not replace the run's in
+    the prompt's .json (the index gather_metadata and clip_score read, the seed a resume checks)."""
+    import numpy as np
+
+    from evaluation.generate import finish_prompt, to_pil
+
+    image = torch.tensor([1.2, -1.3, 1.0, -1.0]).view(1, 2, 2).expand(3, 2, 2)
+    assert np.asarray(to_pil(image))[..., 0].tolist() == [[255, 0], [255, 0]]
+    finish_prompt(4, {"prompt": "a cat", "index": 99, "seed": 5, "Category": "Animals"}, [image], tmp_path,
+                  {"seed": 0})
+    meta = json.loads((tmp_path / "00004.json").read_text())
+    assert (meta["index"], meta["seed"], meta["Category"]) == (4, 0, "Animals")
+
+
+def test_a_resume_is_refused_for_another_dtype_sample_count_decoder_weights_or_reranking(tmp_path):
+    """The record names what the images depend on and a rerun that differs in it is refused: the model's dtype,
+    --samples-per-prompt, the VQ's decoder weights (a fine-tuned detokenizer keeps its source's content hash: its
+    codes are the same, its images are not), a folder made without reranking rerun with it, and a setting the
+    folder recorded that this run does not have (a record written by a later version)."""
+    from types import SimpleNamespace
+
+    from evaluation.generate import RECORD, check_resumable, generation_record
+    from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
+
+    torch.manual_seed(0)
+    vq = ConvVQ(image_size=16, downsample=3, channels=4, code_dim=4, codebook_size=8)
+    source = save_image_tokenizer(vq, tmp_path / "vq.pt")
+    with torch.no_grad():
+        next(vq.decoder.parameters()).add_(0.1)
+    save_image_tokenizer(vq, tmp_path / "finetuned.pt", codes_of=source)
+    vqs = [load_image_tokenizer(tmp_path / name) for name in ("vq.pt", "finetuned.pt")]
+    assert vqs[0].content_hash == vqs[1].content_hash
+    tok = SimpleNamespace(content_hash="t")
+    model = torch.nn.Linear(1, 1)
+    scorer = SimpleNamespace(protocol={"weights": "clip.bin", "weights_sha256": "ab", "model": "ViT-B-32"})
+    base = generation_record(model, vqs[0], tok, SamplingConfig(), 2, 0)
+    changed = {"dtype: 'float32' then, 'bfloat16' now": generation_record(model.to(torch.bfloat16), vqs[0], tok,
+                                                                             SamplingConfig(), 2, 0),
+               "samples_per_prompt: 2 then, 4 now": generation_record(model.float(), vqs[0], tok, SamplingConfig(),
+                                                                      4, 0),
+               "vq: ": generation_record(model, vqs[1], tok, SamplingConfig(), 2, 0),
+               "rerank: None then, {'clip': 'clip.bin'": generation_record(model, vqs[0], tok, SamplingConfig(), 2,
+                                                                           0, scorer)}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / RECORD).write_text(json.dumps(base))
+    check_resumable(tmp_path / "out", base, [])
+    for difference, record in changed.items():
+        with pytest.raises(ValueError, match=re.escape(difference)):
+            check_resumable(tmp_path / "out", record, [])
+    later = {**base, "sampling": {**base["sampling"], "min_p": 0.1}}
+    (tmp_path / "out" / RECORD).write_text(json.dumps(later))
+    with pytest.raises(ValueError, match=re.escape("sampling.min_p: 0.1 then, '(not recorded)' now")):
+        check_resumable(tmp_path / "out", base, [])
+
+
+def test_a_record_that_is_json_but_not_an_object_is_named(tmp_path):
+    """A generation.json or prompt .json holding other JSON than an object (a list, null: an edit, another tool's
+    file) is named as a damaged record, not a TypeError of merging it."""
+    from evaluation.generate import RECORD, check_resumable
+
+    (tmp_path / "00000.json").write_text("null")
+    with pytest.raises(ValueError, match=r"00000\.json: a damaged record \(not a JSON object\); delete it"):
+        check_resumable(tmp_path, {"seed": 0}, [{"prompt": "a cat"}])
+    (tmp_path / RECORD).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"generation\.json: a damaged record \(not a JSON object\)"):
+        check_resumable(tmp_path, {"seed": 0}, [])
+
+
+def test_a_killed_runs_temporary_files_are_removed_from_both_folders_for_this_ranks_prompts_only(tmp_path):
+    """remove_unfinished: a half-written PNG (or .json) of a prompt about to be made again goes, in the output
+    folder and in its upsampled sibling (where a killed run with --upsampler leaves them too); those of other
+    prompts, and of files that are not a prompt's, stay."""
+    from evaluation.generate import remove_unfinished, upsampled_folder
+
+    out = tmp_path / "samples"
+    left = {}
+    for folder in (out, upsampled_folder(out)):
+        folder.mkdir()
+        for name in (".00003_1.vm.99.0e452810.tmp.png", ".00003.vm.99.1f.tmp.json", ".00002_0.vm.98.2a.tmp.png",
+                     ".metadata.vm.98.3b.tmp.jsonl"):
+            (folder / name).write_bytes(b"cut short")
+            left[folder / name] = name.startswith(".00003")
+    remove_unfinished(out, [3, 5])
+    assert {path: not path.exists() for path in left} == left
+
+
+def test_batch_size_0_asks_auto_batch_size_for_the_guided_model(tmp_path, monkeypatch):
+    """--batch-size 0: the batch is auto_batch_size's for this model and whether guidance doubles its caches
+    (on a GPU the guided batch fits half the images), not a fixed 8; a batch spans prompts. Guidance on a model
+    trained with a little caption dropout is not warned about."""
+    from types import SimpleNamespace
+
+    from evaluation import generate as generate_module
+    from vq.tokenizer import ConvVQ
+
+    asked, batches, warnings = [], [], []
+    monkeypatch.setattr(generate_module.log, "warning", warnings.append)
+    monkeypatch.setattr(generate_module, "auto_batch_size", lambda model, guided: asked.append(guided) or 3)
+    monkeypatch.setattr(generate_module, "sample", lambda model, text, cfg, generators, codebook_size, **kw:
+                        batches.append(len(generators)) or torch.zeros(len(generators), 4, dtype=torch.long))
+    model = torch.nn.Linear(1, 1)
+    model.cfg = SimpleNamespace(caption_drop_prob=0.1, image_seq_len=4, image_vocab_size=8, text_vocab_size=8)
+    text_tok = SimpleNamespace(encode=lambda prompt: ([0, 0, 0, 0],), content_hash="t", vocab_size=8)
+    vq = ConvVQ(image_size=16, downsample=3, channels=4, code_dim=4, codebook_size=8).eval()
+    rows = [{"prompt": f"p{i}"} for i in range(2)]
+    generate_module.generate(model, vq, text_tok, rows, tmp_path / "a", SamplingConfig(guidance_scale=2.0),
+                             samples_per_prompt=2)
+    generate_module.generate(model, vq, text_tok, rows, tmp_path / "b", SamplingConfig(), samples_per_prompt=2)
+    assert asked == [True, False] and batches == [3, 1, 3, 1]
+    assert warnings == []  # (guidance on a model trained with some caption dropout, however little)
+
+
+def test_check_fits_refuses_a_smaller_grid_and_allows_a_full_vocabulary():
+    """A VQ grid smaller than the model's (fewer image tokens than it predicts) is refused like a larger one; a
+    VQ with exactly the model's image vocabulary and a text tokenizer of exactly its text vocabulary fit."""
+    from types import SimpleNamespace
+
+    from evaluation.generate import check_fits
+
+    model_cfg = SimpleNamespace(image_seq_len=16, image_vocab_size=64, text_vocab_size=100)
+    check_fits(model_cfg, SimpleNamespace(grid=4, codebook_size=64), SimpleNamespace(vocab_size=100))
+    with pytest.raises(ValueError, match=r"grid 2, 64 codes\) does not fit the model \(16 image tokens"):
+        check_fits(model_cfg, SimpleNamespace(grid=2, codebook_size=64), SimpleNamespace(vocab_size=100))
+
+
+def test_metadata_gathers_only_the_prompts_json_files(tmp_path):
+    """gather_metadata reads NNNNN.json only: another .json whose name starts with a digit (notes, a copy) is
+    neither gathered nor a ValueError of reading its name as a prompt index."""
+    from evaluation.generate import gather_metadata
+
+    (tmp_path / "00000.json").write_text(json.dumps({"index": 0}))
+    (tmp_path / "2024_notes.json").write_text(json.dumps({"note": "kept by hand"}))
+    assert gather_metadata(tmp_path, 5).read_text() == '{"index": 0}\n'
+
+
+def test_generate_called_directly_refuses_bad_counts_before_writing(tmp_path):
+    """generate() itself (evaluation.benchmark calls it, not main) checks the counts: 0 samples per prompt wrote
+    no image and no .json, and a keep above the samples kept fewer than asked, each without a word."""
+    from types import SimpleNamespace
+
+    from evaluation.generate import generate
+    from vq.tokenizer import ConvVQ
+
+    model = torch.nn.Linear(1, 1)
+    model.cfg = SimpleNamespace(caption_drop_prob=0.1, image_seq_len=4, image_vocab_size=8, text_vocab_size=8)
+    text_tok = SimpleNamespace(encode=lambda prompt: ([0, 0, 0, 0],), content_hash="t", vocab_size=8)
+    vq = ConvVQ(image_size=16, downsample=3, channels=4, code_dim=4, codebook_size=8).eval()
+    for kw, message in (({"samples_per_prompt": 0}, r"samples_per_prompt\) must be >= 1, not 0"),
+                        ({"samples_per_prompt": 2, "keep": 3}, r"--keep 3 keeps more than the 2 sample")):
+        with pytest.raises(ValueError, match=message):
+            generate(model, vq, text_tok, [{"prompt": "p"}], tmp_path / "out", SamplingConfig(), **kw)
+        assert not (tmp_path / "out").exists()
