@@ -125,15 +125,83 @@ def test_reranking_accepts_a_coca_model_from_local_weights(tmp_path):
 def test_clip_weights_must_come_from_a_file(tmp_path):
     from evaluation.clip_score import ClipScorer
 
-    with pytest.raises(ValueError, match="--clip-weights"):
-        ClipScorer.load("ViT-B-32")
-    with pytest.raises(FileNotFoundError, match="do not exist"):
-        ClipScorer.load("ViT-B-32", str(tmp_path / "missing.pt"))
+    for empty in (None, ""):  # (an empty clip.weights= in a config is no file either)
+        with pytest.raises(ValueError, match="--clip-weights"):
+            ClipScorer.load("ViT-B-32", empty)
+    for missing in (tmp_path / "missing.pt", tmp_path):  # (a folder is not a checkpoint file)
+        with pytest.raises(FileNotFoundError, match="do not exist"):
+            ClipScorer.load("ViT-B-32", str(missing))
     with pytest.raises(FileNotFoundError, match=r"clip: no such folder; expected an open_clip local-dir"):
         ClipScorer.load(f"local-dir:{tmp_path / 'clip'}")
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"weights without their config")
+    with pytest.raises(FileNotFoundError, match=r"an open_clip local-dir needs open_clip_config\.json"):
+        ClipScorer.load(f"local-dir:{tmp_path}")
+    (tmp_path / "open_clip_model.safetensors").unlink()
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
     with pytest.raises(FileNotFoundError, match=r"no CLIP weights \(expected a \*\.safetensors, \*\.bin or \*\.pth"):
         ClipScorer.load(f"local-dir:{tmp_path}")
+
+
+def test_random_clip_weights_are_built_untrained_and_said_so(tiny_clip, capsys):
+    """--clip-weights random (smoke tests): no file is read, checked or hashed, for a built-in name or a local-dir
+    (whose weights file is then not loaded), and the protocol says `random`. check_clip keeps the kind of error
+    it names (a missing file stays a FileNotFoundError) and refuses any tag for a local-dir as such. A local-dir
+    with its weights is not warned about a missing tag (its config carries what a tag would)."""
+    from evaluation.clip_score import ClipScorer, check_clip
+
+    check_clip("ViT-B-32", "random", None)
+    folder, model = tiny_clip
+    capsys.readouterr()
+    ClipScorer.load(f"local-dir:{folder}", device="cpu")
+    assert "without a tag" not in capsys.readouterr().err
+    scorer = ClipScorer.load(f"local-dir:{folder}", "random", device="cpu")
+    assert scorer.protocol["weights"] == "random" and scorer.protocol["weights_sha256"] is None
+    assert not torch.equal(scorer.model.visual.conv1.weight, model.visual.conv1.weight)
+    with pytest.raises(FileNotFoundError, match=r"^--clip ViT-B-32: CLIP weights \S*missing.pt do not exist$"):
+        check_clip("ViT-B-32", str(folder / "missing.pt"), None, "--clip ViT-B-32")
+    with pytest.raises(ValueError, match=r"open_clip_config.json already carries its preprocessing .*drop the tag"):
+        check_clip(f"local-dir:{folder}", None, "openai")  # (not "no such tag": the tag is wrong for any local-dir)
+
+
+def test_clip_scores_images_of_any_mode_no_images_and_names_a_metadata_line_that_is_not_an_object(tiny_clip,
+                                                                                                   tmp_path):
+    """score() scores a caller's greyscale or RGBA image as its RGB version (the convert, or the preprocessing's),
+    gives no scores for no images; read_metadata skips blank lines and names a line holding JSON other than an
+    object (by its line number)."""
+    from evaluation.clip_score import ClipScorer, read_metadata
+
+    scorer = ClipScorer.load(f"local-dir:{tiny_clip[0]}", device="cpu")
+    images = [im.convert(mode) for im, mode in zip(random_images(2), ("L", "RGBA"))]
+    torch.testing.assert_close(scorer.score(images, ["a", "b"]),
+                               scorer.score([im.convert("RGB") for im in images], ["a", "b"]))
+    assert scorer.score([], []).shape == (0,)
+    (tmp_path / "metadata.jsonl").write_text('{"prompt": "a", "index": 0, "files": []}\n\n')  # (blank lines: skipped)
+    assert read_metadata(tmp_path) == [{"prompt": "a", "index": 0, "files": []}]
+    (tmp_path / "metadata.jsonl").write_text('{"prompt": "a", "index": 0, "files": []}\n\n3\n')
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:3: no prompt, index, files; expected a JSON object"):
+        read_metadata(tmp_path)
+
+
+def test_score_samples_in_batches_scores_every_listed_image_against_its_own_prompt(tiny_clip, tmp_path):
+    """score_samples in batches smaller than the folder (2 of 5 images): every image once, each with its own
+    prompt's score, and their mean; a folder without metadata.jsonl is named with what to run."""
+    from PIL import Image
+
+    from evaluation.clip_score import ClipScorer, read_metadata, score_samples
+    from evaluation.generate import gather_metadata
+
+    scorer = ClipScorer.load(f"local-dir:{tiny_clip[0]}", device="cpu")
+    samples = tmp_path / "samples"
+    fake_generation(samples, 5)
+    with pytest.raises(FileNotFoundError, match=r"metadata\.jsonl is missing: run evaluation\.generate on"):
+        read_metadata(samples)
+    gather_metadata(samples)
+    result = score_samples(scorer, samples, batch_size=2)
+    expected = scorer.score([Image.open(samples / f"{i:05d}_0.png") for i in range(5)],
+                            [f"prompt {i}" for i in range(5)])
+    assert result["images"] == 5 and [row["index"] for row in result["per_image"]] == list(range(5))
+    torch.testing.assert_close(torch.tensor([row["score"] for row in result["per_image"]]), expected)
+    assert result["clip_score"] == pytest.approx(expected.mean().item(), abs=1e-4)
 
 
 def test_local_dir_protocol_names_the_file_open_clip_loads(tmp_path):
@@ -175,8 +243,8 @@ def test_clip_tag_gives_the_weights_their_preprocessing_and_activation(tmp_path,
     from evaluation.clip_score import ClipScorer
 
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-test-clip", TINY_CLIP)
-    laion_like = {"url": "", "hf_hub": "", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
-                  "resize_mode": "shortest", "quick_gelu": True}
+    laion_like = {"url": "", "hf_hub": "", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),  # (std apart from mean)
+                  "interpolation": "bilinear", "resize_mode": "squash", "quick_gelu": True}
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-clip", {"laion_like": laion_like})
     torch.manual_seed(0)
     state = open_clip.CLIP(**TINY_CLIP).state_dict()
@@ -184,15 +252,20 @@ def test_clip_tag_gives_the_weights_their_preprocessing_and_activation(tmp_path,
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()
     (reference_dir / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": {**TINY_CLIP, "quick_gelu": True}, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+        {"model_cfg": {**TINY_CLIP, "quick_gelu": True},
+         "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear",
+                            "resize_mode": "squash"}}))
     save_file(state, str(reference_dir / "open_clip_model.safetensors"))
     images, texts = random_images(4), ["a red circle", "a blue square", "two cats", "sky"]
-    reference = ClipScorer.load(f"local-dir:{reference_dir}", device="cpu").score(images, texts)
+    reference_scorer = ClipScorer.load(f"local-dir:{reference_dir}", device="cpu")
+    assert reference_scorer.protocol["quick_gelu"] is True  # (the model's activation, from its config: no tag)
+    reference = reference_scorer.score(images, texts)
 
     tagged = ClipScorer.load("tiny-test-clip", str(tmp_path / "weights.pt"), "cpu", tag="laion_like")
     torch.testing.assert_close(tagged.score(images, texts), reference, atol=1e-4, rtol=0)
     assert tagged.protocol["tag"] == "laion_like" and tagged.protocol["quick_gelu"] is True
-    assert tagged.protocol["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert {k: tagged.protocol["preprocess"][k] for k in ("mean", "std", "interpolation", "resize_mode")} == {
+        "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear", "resize_mode": "squash"}
     capsys.readouterr()
     untagged = ClipScorer.load("tiny-test-clip", str(tmp_path / "weights.pt"), "cpu")
     assert "without a tag" in capsys.readouterr().err and untagged.protocol["quick_gelu"] is False
