@@ -170,7 +170,10 @@ def test_auto_selection_and_summary():
         assert kernels.name("layernorm") == "torch" and kernels.name("bias_gelu") == "plain"
         assert kernels.name("bias_dropout_add") == "plain"
         assert kernels.name("dropout_mask") == "eager"  # (compiling costs a CPU run more than its masks)
+        assert kernels.name("split_heads") == kernels.name("cross_entropy") == "plain"
+        assert kernels.name("optimizer") == "torch"  # (AdamW's foreach path: faster than fused=True for small models)
     assert "attention=sdpa" in kernels.summary()
+    assert kernels.summary().endswith("; layers eager (kernels.compile)")
 
 
 def test_compile_without_a_compiler_is_refused_with_reason(monkeypatch):
@@ -186,6 +189,8 @@ def test_compile_without_a_compiler_is_refused_with_reason(monkeypatch):
 
 
 def test_unavailable_choice_is_refused_with_reason():
+    with pytest.raises(ConfigError, match="kernels.attention='flash3' is unknown; choose from sdpa, math"):
+        select_kernels(KernelConfig(attention="flash3"))  # (a KernelConfig not validated: bench scripts build theirs)
     unavailable = [(op, n, why) for op, opts in AVAILABLE.items() for n, why in opts.items() if why]
     if not unavailable:
         pytest.skip("every implementation is available on this machine")
@@ -257,3 +262,108 @@ def test_an_unavailable_kernel_ends_a_run_in_one_line(single_process, tmp_path):
         main(["--config", "configs/train/debug.yaml", "--run-dir", str(tmp_path / "run"), "--set",
               "kernels.layernorm=apex", "train.steps=1"])
     assert str(exit.value.code).startswith("config error: kernels.layernorm='apex' is not available: "), exit.value.code
+
+
+def test_math_attention_draws_the_dropout_sdpa_draws():
+    """The explicit softmax(QK^T)V applies its dropout_p as SDPA's CPU kernel does: the same output under the same
+    seed (torch's generator), not the output without dropout."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    outs = []
+    for attention in (sdpa_attention, math_attention):
+        torch.manual_seed(1)
+        outs.append(attention(q, k, v, causal=True, dropout_p=0.3))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs[1], math_attention(q, k, v, causal=True))  # (the dropout acts)
+
+
+def test_each_named_choice_maps_to_its_implementation():
+    """Kernels' accessors hand out the implementation each operation's choice names, fused or plain, and build
+    the layer norm and optimizer with the arguments asked for (eps; AdamW's fused or foreach path)."""
+    from model_parallel.cross_entropy import plain_cross_entropy
+    from model_parallel.kernels import Kernels
+    from model_parallel.keyed_dropout import compiled_keep_mask, keyed_keep_mask
+
+    def kernels(**names):
+        return Kernels({op: (names.get(op, "plain"), "requested") for op in KERNEL_CHOICES})
+
+    fused = kernels(attention="math", bias_gelu="fused", bias_dropout_add="fused", split_heads="fused",
+                    cross_entropy="fused", dropout_mask="compiled")
+    assert fused.attention is math_attention and fused.bias_gelu is fused_bias_gelu
+    assert fused.bias_dropout_add is fused_bias_dropout_add() and fused.split_heads is fused_split_heads
+    assert fused.cross_entropy is fused_cross_entropy and fused.keep_mask is compiled_keep_mask()
+    plain = kernels(attention="sdpa", dropout_mask="eager")
+    assert plain.attention is sdpa_attention and plain.bias_gelu is plain_bias_gelu
+    assert plain.bias_dropout_add is plain_bias_dropout_add and plain.split_heads is plain_split_heads
+    assert plain.cross_entropy is plain_cross_entropy and plain.keep_mask is keyed_keep_mask
+    norm = kernels(layernorm="torch").layer_norm(8, 1e-3)
+    assert isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-3
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert kernels(optimizer="torch_fused").optimizer(p, lr=1e-3).defaults["fused"] is True
+    assert kernels(optimizer="torch").optimizer(p, lr=1e-3).defaults["foreach"] is True
+
+
+def test_auto_on_a_gpu_with_everything_available_takes_the_fused_kernels(monkeypatch):
+    """A GPU machine with apex, Transformer Engine, Triton and compilers: `auto` takes TE's layer norm (torch's
+    under kernels.compile, through select_kernels), every fused and compiled kernel, torch's fused AdamW."""
+    import model_parallel.kernels as kernels
+
+    options = {op: dict.fromkeys(names, None) for op, names in kernels.availability().items()}
+    monkeypatch.setattr(kernels, "availability", lambda: options)
+    monkeypatch.setattr(kernels, "compile_unavailable", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    expected = {"layernorm": "te", "attention": "sdpa", "bias_gelu": "fused", "bias_dropout_add": "fused",
+                "split_heads": "fused", "cross_entropy": "fused", "optimizer": "torch_fused",
+                "dropout_mask": "compiled"}
+    chosen = select_kernels()
+    assert chosen.choices == {op: (name, "auto on gpu") for op, name in expected.items()}
+    assert chosen.summary().endswith("; layers eager (kernels.compile)")
+    compiled = select_kernels(KernelConfig(compile=True))
+    assert compiled.choices["layernorm"] == ("torch", "auto on gpu, compiled layers")
+    assert compiled.summary().endswith("; layers compiled (kernels.compile)")
+
+
+def test_deepspeed_adam_needs_a_gpu_nvcc_and_ninja(monkeypatch, tmp_path):
+    """DeepSpeed's FusedAdam is built at first use: refused without a GPU even where nvcc and ninja are there, and
+    on a GPU machine with nvcc, refused without ninja and available with it."""
+    import shutil
+
+    import torch.utils._triton
+    import torch.utils.cpp_extension
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert availability()["optimizer"]["deepspeed"] == "needs a CUDA GPU"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert availability()["optimizer"]["deepspeed"] is None
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert availability()["optimizer"]["deepspeed"] == "DeepSpeed builds FusedAdam at first use and needs ninja"
+
+
+def test_compilers_named_by_cc_and_cxx_count(monkeypatch):
+    """compile_unavailable finds the compiler $CC (GPU: Triton's launcher) or $CXX (CPU: inductor) names when none
+    of the usual names is on PATH, and the usual names without them."""
+    import shutil
+
+    import torch.utils._triton
+
+    from model_parallel.kernels import _has, compile_unavailable
+
+    monkeypatch.setenv("CC", "my-cc")
+    monkeypatch.setenv("CXX", "my-c++")
+    monkeypatch.setattr(shutil, "which", lambda name: "/opt/bin/" + name if name.startswith("my-") else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compile_unavailable() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    assert compile_unavailable() is None
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for usual in ("g++", "c++", "clang++"):
+        monkeypatch.setattr(shutil, "which", lambda name, usual=usual: "/usr/bin/" + name if name == usual else None)
+        assert compile_unavailable() is None, usual
+    assert _has("torch") and not _has("no_such_package_here") and not _has("no_such_package_here.sub")
