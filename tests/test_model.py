@@ -347,3 +347,22 @@ def test_a_one_stage_pipeline_computes_the_models_loss(single_process, preset):
     loss = pipe.loss_fn(pipe((text, model.decoder_input(codes), idx)), codes)
     assert torch.equal(loss, model.loss(text, codes, sample_index=idx))
     assert (cfg.text_loss_weight > 0) == (preset == "dalle-debug")
+
+
+def test_logits_equal_reference_with_nonzero_biases_and_gelus_curve(single_process):
+    """test_logits_and_loss_equal_reference's model has megatron's zero biases and small activations, where
+    dropping a bias or taking erf's GeLU for tanh's changes nothing measurable: here every bias is drawn at random
+    and the weights are larger (GeLU's inputs of order one), in training mode without dropout (the layers' train
+    kernels: bias+dropout+residual, bias+head split) and in eval mode."""
+    cfg = debug_model_config(**{"model.init_std": 0.2})
+    model = _model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+    ref = load_from_parti(ReferenceParti(cfg, kind="math"), model.state_dict())
+    text, codes = debug_batch(cfg)
+    ref_logits = ref(text, codes)
+    for train in (True, False):
+        logits = model.train(train)(text, codes).transpose(0, 1)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4, msg=f"train={train}")
