@@ -175,6 +175,69 @@ def test_activation_checkpointing_gives_the_same_gradients(pool2):
             torch.testing.assert_close(grads[name], grads0[name], rtol=0, atol=0, msg=f"{mode}: {name}")
 
 
+def _recomputed_run(mode: str, steps: int = 2):
+    """The debug model (dropout 0.2, attention dropout from megatron's tracker) under recomputation `mode`, one
+    process: every step's loss and gradients (seeded once: later steps draw on from where the last left the
+    generators), the tracker's states after the last step, and how often each layer's forward and each
+    attention core ran."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from model_parallel.activation_checkpointing import apply_activation_checkpointing
+    from model_parallel.layers import Attention, DecoderLayer, EncoderLayer
+    from model_parallel.model import PartiModel
+    from model_parallel.state import seed_everything
+
+    cfg = debug_model_config(**{"model.dropout": 0.2, "model.attention_dropout": 0.2})
+    model = PartiModel(cfg, init_seed=3)
+    calls = {"layer": 0, "attention": 0}
+
+    def counted(kind, function):
+        def run(*args, **kwargs):
+            calls[kind] += 1
+            return function(*args, **kwargs)
+        return run
+
+    for module in model.modules():
+        if isinstance(module, EncoderLayer | DecoderLayer):
+            module.forward = counted("layer", module.forward)
+        if isinstance(module, Attention):
+            module.attention = counted("attention", module.attention)
+    apply_activation_checkpointing(model, mode)
+    text, codes = debug_batch(cfg, seed=8)
+    seed_everything(21)
+    losses, grads = [], []
+    for _ in range(steps):
+        loss = model.loss(text, codes)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    return losses, grads, get_cuda_rng_tracker().get_states(), calls
+
+
+def test_each_recomputation_mode_recomputes_its_part_and_draws_the_same_dropout(single_process):
+    """One process: full recomputation runs each layer's forward again in the backward, selective each attention
+    core only, none nothing; every mode gives the losses and gradients of none over two steps (the dropout masks,
+    megatron's tracker's included, drawn again as at the forward) and leaves megatron's tracker where none
+    leaves it (a recomputation restores the tracker's states after it). An unknown mode is refused."""
+    from model_parallel.activation_checkpointing import apply_activation_checkpointing
+
+    losses, grads, states, calls = _recomputed_run("none")
+    layers, attentions = calls["layer"], calls["attention"]
+    assert layers > 0 and attentions > layers  # (2 steps; a decoder layer has two attention cores)
+    for mode, recomputed in (("selective", {"layer": layers, "attention": 2 * attentions}),
+                             ("full", {"layer": 2 * layers, "attention": 2 * attentions})):
+        mode_losses, mode_grads, mode_states, mode_calls = _recomputed_run(mode)
+        assert mode_calls == recomputed, mode
+        assert mode_losses == losses, mode
+        for step, step0 in zip(mode_grads, grads, strict=True):
+            for a, b in zip(step, step0, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=mode)
+        assert mode_states.keys() == states.keys() and all(torch.equal(mode_states[k], states[k]) for k in states)
+    with pytest.raises(ValueError, match="activation checkpointing 'some': expected one of none, selective, full"):
+        apply_activation_checkpointing(torch.nn.Linear(1, 1), "some")
+
+
 def summed_bf16_sequence_parallel_grad() -> list[float]:
     """Rank 0's gradient 1, the others' 2^-8, in bf16, summed by allreduce_sequence_parallel_grads over TP=4."""
     from types import SimpleNamespace
