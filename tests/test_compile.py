@@ -184,3 +184,57 @@ def test_fused_attention_dropout_breaks_the_graph_at_the_attention_call_only(sin
     model.loss(text, codes, sample_index=torch.arange(4)).backward()
     assert counters["frames"]["total"] == counters["frames"]["ok"] > 0, dict(counters["frames"])
     assert all("get_rng_state" not in reason for reason in counters["graph_break"]), list(counters["graph_break"])
+
+
+def test_every_encoder_and_decoder_layer_runs_one_graph_of_its_kind_through_the_backend(single_process):
+    """compile_layers hands each layer's forward to the backend asked for: the encoder layers share one graph and
+    the decoder layers (with cross-attention's inputs) another, without graph breaks (megatron's warning at each
+    RowParallelLinear is traced through). A recording backend, no code generation."""
+    from torch._dynamo.utils import counters
+
+    from model_parallel.compile import compile_layers
+    from model_parallel.model import PartiModel
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = debug_model_config(**{"model.preset": "parti-debug"})
+    text, codes = debug_batch(cfg, batch=2)
+    model = PartiModel(cfg, init_seed=3)
+    assert cfg.encoder_layers > 1 and cfg.decoder_layers > 1
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([node.target for node in gm.graph.nodes if node.op == "placeholder"])
+        return gm.forward
+
+    compile_layers(model, backend=recording_backend)
+    with torch.no_grad():
+        model.loss(text, codes)
+    assert [any("cross" in name for name in inputs) for inputs in graphs] == [False, True], graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_decode_step_compiles_one_static_graph_per_shape_past_dynamos_limit():
+    """compile_decode_step: static shapes (one graph per shape, as there is one CUDA graph per attended length),
+    and more of them than dynamo's default limit of 8 per function (several models and batch shapes decode in
+    one process) without falling back to eager steps; the limit outside its calls stays as it was."""
+    from model_parallel.compile import compile_decode_step
+
+    class Stepper(torch.nn.Module):
+        def decode_step(self, x):
+            return (x * 2).sum(-1)
+
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    assert limit < 12
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs])
+        return gm.forward
+
+    step = compile_decode_step(Stepper(), backend=recording_backend)
+    for n in range(1, 13):
+        torch.testing.assert_close(step(torch.ones(2, n)), torch.full((2,), 2.0 * n))
+    assert graphs == [[(2, n)] for n in range(1, 13)]
+    assert torch._dynamo.config.recompile_limit == limit
