@@ -68,3 +68,40 @@ def test_model_parallel_stream_differs_per_tp_rank(pool2):
     (tp0, default0), (tp1, default1) = pool2.run(per_rank_dropout_masks)
     assert not torch.equal(tp0, tp1)          # split heads get independent dropout
     assert torch.equal(default0, default1)    # replicated activations get the same dropout
+
+
+def test_cpu_tracker_refuses_what_megatrons_refuses():
+    """CPURNGStatesTracker keeps megatron's tracker's rules: a seed or a name added twice and a fork of a stream
+    never added are errors (a repeated seed would give two streams the same masks); set_states initialises it."""
+    tracker = cpu_compat.CPURNGStatesTracker()
+    assert not tracker.is_initialized()
+    tracker.add("a", 1)
+    assert tracker.is_initialized()
+    with pytest.raises(Exception, match="seed 1 already exists"):
+        tracker.add("b", 1)
+    with pytest.raises(Exception, match="rng state a already exists"):
+        tracker.add("a", 2)
+    with pytest.raises(Exception, match="rng state b is not added"):
+        with tracker.fork("b"):
+            pass
+    fresh = cpu_compat.CPURNGStatesTracker()
+    fresh.set_states(tracker.get_states())
+    assert fresh.is_initialized() and torch.equal(fresh.get_states()["a"], tracker.get_states()["a"])
+
+
+def test_forced_on_a_gpu_machine_and_applied_once(monkeypatch):
+    """apply_cpu_compat(force=True) patches even where CUDA is available (the CUDA calls, megatron's tracker);
+    a second call changes nothing (the tracker, with its streams, stays the same object)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for name in ("current_device", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, getattr(torch.cuda, name))  # (restored after the test)
+    for name in ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"):
+        monkeypatch.setattr(mrandom, name, getattr(mrandom, name))
+    monkeypatch.setattr(cpu_compat, "_APPLIED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_compat.apply_cpu_compat(force=True) and cpu_compat.is_applied()
+    assert torch.cuda.current_device() == "cpu" and torch.cuda.synchronize() is None
+    tracker = mrandom.get_cuda_rng_tracker()
+    assert isinstance(tracker, cpu_compat.CPURNGStatesTracker) and mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED
+    assert cpu_compat.apply_cpu_compat() and mrandom.get_cuda_rng_tracker() is tracker
