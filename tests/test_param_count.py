@@ -59,3 +59,21 @@ def test_dalle_12b_exact_count_by_hand(single_process):
     head = 2 * d + 8192 * d + 16384 * d                        # final norm, image head, caption head
     total = layers * (attention + mlp) + embeddings + head
     assert count_parameters(model_config("dalle-12b"))["total"] == total == 12_292_300_544
+
+
+def test_command_rows_hold_each_parts_count_and_the_papers_difference(single_process, capsys):
+    """Each row of the table: the preset's count_parameters total and parts under their own headings, the paper's
+    size and the relative difference to it (the count over the paper's, minus one); the small presets first;
+    --model prints the presets asked for only."""
+    main(["--model", "parti-debug", "--model", "parti-20b"])
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["preset", "total", "embeddings", "encoder", "decoder", "head", "paper"]
+    assert [row.split()[0] for row in rows] == ["parti-debug", "parti-20b"]
+    for row, preset in zip(rows, ("parti-debug", "parti-20b")):
+        c = count_parameters(model_config(preset))
+        numbers = [int(cell.replace(",", "")) for cell in row.split()[1:6]]
+        assert numbers == [c["total"], c["embeddings"], c["encoder"], c["decoder"], c["head"]], preset
+    assert rows[0].split()[6:] == [] and rows[1].split()[6:] == ["20.50B", "(+0.2%)"]  # 20,540,899,328 / 20.5e9
+    from model_parallel.param_count import presets
+
+    assert presets()[:4] == ["parti-debug", "parti-tiny", "dalle-debug", "parti-350m"]
