@@ -405,3 +405,191 @@ def test_a_section_reads_no_result_left_by_an_earlier_run_into_the_same_folder(t
                                   running, env)
     assert result["status"] == "error" and "exited with 3 and no result" in result["error"], result
     assert result["partial"] == {}
+
+
+def _fake_sections(monkeypatch, limits: dict, needs: dict, statuses: dict) -> list:
+    """gpu_check.main over made-up sections: their time limits and GPU needs, and a _run_child that runs none but
+    leaves the files a section's process leaves under running/ and returns {"status": statuses[name]}; the names of
+    the sections it was called for, in order."""
+    from bench import gpu_check, gpu_sections
+
+    monkeypatch.setattr(gpu_sections, "SECTIONS", [(name, None, needs[name]) for name in limits])
+    monkeypatch.setattr(gpu_check, "TIME_LIMITS", limits)
+    monkeypatch.setattr(gpu_check, "STARTED", __import__("time").perf_counter())  # (the budget counts from here)
+    started = []
+
+    def run_child(name, args, scratch, running, env):
+        started.append(name)
+        running.mkdir(exist_ok=True)
+        for leftover in (f"{name}.json", f"{name}.partial.json"):
+            (running / leftover).write_text("{}")
+        return {"status": statuses[name], "seconds": 1.0}
+
+    monkeypatch.setattr(gpu_check, "_run_child", run_child)
+    return started
+
+
+def test_the_runner_starts_a_section_only_if_its_limit_fits_and_reports_each(tmp_path, monkeypatch):
+    """gpu_check.main's bookkeeping, its sections stood in for: a section starts only if its time limit (x3 on CPU)
+    fits in what is left of --budget-s (a later, shorter one still starts), a GPU section is skipped on CPU with
+    the reason, --only runs its sections in its order, every section is in the JSON and the Markdown summary, what
+    a section left under running/ is removed once it is in the report, and a failed section sets the exit status."""
+    from bench import gpu_check
+
+    limits, needs = {"a": 10, "gpu": 5, "long": 60, "b": 20}, {"a": 0, "gpu": 1, "long": 0, "b": 0}
+    started = _fake_sections(monkeypatch, limits, needs, {"a": "ok", "long": "ok", "b": "ok"})
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--budget-s", "150"]) == 0
+    assert started == ["a", "b"]  # (long: 180 s on CPU > 150)
+    report = json.loads(next(tmp_path.glob("gpu_cpu_*.json")).read_text())
+    sections = report["sections"]
+    assert list(sections) == ["a", "gpu", "long", "b"]
+    assert sections["gpu"] == {"status": "skipped", "reason": "needs a GPU"}
+    assert sections["long"]["status"] == "skipped"
+    assert sections["long"]["reason"].startswith("out of time: its limit of 180 s > the 1") and "--budget-s 150" in \
+        sections["long"]["reason"]
+    assert [sections[n]["status"] for n in ("a", "b")] == ["ok", "ok"] and report["quick"]
+    text = next(tmp_path.glob("gpu_cpu_*.md")).read_text()
+    assert "| a | ok | 1 |" in text and "| gpu | skipped | 0 | needs a GPU |" in text and "| long | skipped | 0 | out" in text
+    assert not list((tmp_path / "running").iterdir())
+
+    started.clear()
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "x"), "--only", "b,a"]) == 0
+    assert started == ["b", "a"]  # (no --budget-s on CPU: no limit)
+    assert list(json.loads(next((tmp_path / "x").glob("*.json")).read_text())["sections"]) == ["b", "a"]
+    for failed in ("fail", "error"):
+        _fake_sections(monkeypatch, limits, needs, {"a": "ok", "long": "ok", "b": failed})
+        assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path / failed), "--only", "a,b"]) == 1, failed
+    with pytest.raises(SystemExit, match="unknown sections c"):
+        gpu_check.main(["--device", "cpu", "--out", str(tmp_path / "y"), "--only", "a,c"])
+
+
+def test_a_sections_failed_check_or_error_is_its_status(tmp_path, monkeypatch):
+    """The section process's verdict (gpu_check.run_section, here in this process): a False check makes the section
+    'fail' with the check named, an exception 'error' with its message and traceback, all checks True 'ok'; what
+    the section recorded as it went is in its partial file."""
+    import faulthandler
+    import time
+
+    from bench import gpu_check, gpu_sections
+
+    def fine(ctx):
+        ctx.record("part", 1)
+        return {"checks": {"x": True, "y": True}, "value": 3}
+
+    def broken(ctx):
+        raise ValueError("no GPU here")
+
+    sections = [("failing", lambda ctx: {"checks": {"x": True, "y": False}}, 0), ("fine", fine, 0),
+                ("broken", broken, 0), ("nochecks", lambda ctx: {}, 0)]
+    monkeypatch.setattr(gpu_sections, "SECTIONS", sections)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    results = {}
+    try:
+        for name, _, _ in sections:
+            result_file = tmp_path / f"{name}.json"
+            gpu_check.run_section(name, "cpu", True, tmp_path, result_file, time.time() + 3600)
+            results[name] = json.loads(result_file.read_text())
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert results["failing"]["status"] == "fail" and results["failing"]["failed_checks"] == ["y"]
+    assert results["fine"]["status"] == "ok" and "failed_checks" not in results["fine"] and results["fine"]["value"] == 3
+    assert json.loads(gpu_check.partial_file(tmp_path / "fine.json").read_text()) == {"part": 1}
+    assert results["broken"]["status"] == "error" and results["broken"]["error"] == "ValueError: no GPU here"
+    assert "raise ValueError" in results["broken"]["traceback"]
+    assert results["nochecks"]["status"] == "ok"
+    assert all(r["seconds"] >= 0 and isinstance(r["helpers_left"], list) for r in results.values())
+
+
+def test_a_section_stopped_at_its_limit_or_its_exit_is_reported_as_such(tmp_path, monkeypatch):
+    """gpu_check._run_child's reading of what its section's process left, the process stood in for: a result
+    written and the process stopped before the limit (EXIT_GRACE_S after its result) stands, saying so; one stopped
+    at its limit is a time-out that keeps the result apart; no result at all is a time-out with the records; an
+    errored result carries the stderr's tail and the records."""
+    import argparse
+
+    from bench import gpu_check
+
+    outcome = {}
+
+    def run_with_limit(cmd, limit, env=None, done=None):
+        if outcome["result"] is not None:
+            done.write_text(json.dumps(outcome["result"]))
+        gpu_check.partial_file(done).write_text('{"micro_batch_4": {"mfu": 0.3}}')
+        return outcome["returncode"], "the stderr"
+
+    monkeypatch.setattr(gpu_check, "run_with_limit", run_with_limit)
+    args = argparse.Namespace(device="cpu", quick=True)
+
+    def child(result, returncode, limit=100):
+        monkeypatch.setitem(gpu_check.TIME_LIMITS, "vq", limit)
+        outcome.update(result=result, returncode=returncode)
+        scratch = tmp_path / f"scratch{len(list(tmp_path.iterdir()))}"
+        scratch.mkdir()
+        return gpu_check._run_child("vq", args, scratch, tmp_path / "running", {})
+
+    r = child({"status": "ok", "seconds": 5}, None)  # stopped after its result, well inside the limit
+    assert r["status"] == "ok" and "had not exited" in r["exit"] and r["stderr_tail"] == "the stderr"
+    r = child({"status": "ok", "seconds": 5}, None, limit=0)  # stopped at its limit
+    assert r["status"] == "error" and r["error"] == "timed out after 0 s, after its work, at its exit"
+    assert r["finished_result"] == {"status": "ok", "seconds": 5} and r["partial"] == {"micro_batch_4": {"mfu": 0.3}}
+    r = child(None, None)
+    assert r["status"] == "error" and r["error"] == "timed out after 300 s" and r["partial"]["micro_batch_4"]
+    r = child({"status": "error", "error": "ValueError: x"}, 0)
+    assert r["error"] == "ValueError: x" and r["stderr_tail"] == "the stderr" and r["partial"]["micro_batch_4"]
+    r = child({"status": "fail", "failed_checks": ["a"]}, 0)
+    assert r == {"status": "fail", "failed_checks": ["a"]}
+    r = child(None, 3)
+    assert r["error"] == "the section's process exited with 3 and no result" and r["partial"]["micro_batch_4"]
+
+
+def test_the_summary_reads_results_without_the_gpus_numbers():
+    """The Markdown lines of results a CPU run (or a GPU without a peak) writes: train_resume without a memory
+    figure, sampling without the CUDA graphs, an MFU section stopped before its MFU was known (no peak: MFU None),
+    records named in order."""
+    from bench.gpu_check import _key_results
+
+    run = {"status": "ok", "seconds": 3}
+    resume = {**run, **{f"zero{z}": {"max_abs_diff": 1e-4, "mem_gb": None} for z in (0, 1, 3)}}
+    assert _key_results("train_resume", resume).startswith("ZeRO-0: resume diff 1.0e-04, 0.00 GiB, ZeRO-1:")
+    measured = {"dtype": "float32", "batch": 4, "full_recomputation": {"image_tokens_per_s": 10.0},
+                "kv_cache": {"image_tokens_per_s": 50.0, "of_bound": 0.5}}
+    assert _key_results("sampling", {**run, "preset": "parti-debug", "measured": measured}) == \
+        "parti-debug float32 batch 4 (+guidance): full_recomputation 10 tok/s, kv_cache 50 tok/s (50% of bound)"
+    stopped = {"status": "error", "error": "timed out after 170 s", "partial": {
+        "optimizer_step": {}, "build_s": 9.0, "micro_batch_4": {"mfu": None, "tflops": 300.0}}}
+    assert _key_results("mfu_350m", stopped) == \
+        "timed out after 170 s; recorded before: build_s, micro_batch_4, optimizer_step"
+
+
+def test_helpers_left_names_a_helper_that_ignores_sigterm():
+    """gpu_check.helpers_left: each helper process still running, daemonic or not, and whether it ignores SIGTERM
+    (what once kept a section's process from exiting)."""
+    import multiprocessing
+
+    from bench.gpu_check import helpers_left
+
+    ready = multiprocessing.get_context("fork").Event()
+    children = [multiprocessing.get_context("fork").Process(target=_sleep_ignoring_sigterm, args=(ignore, ready),
+                                                            daemon=ignore) for ignore in (True, False)]
+    try:
+        for child in children:
+            ready.clear()
+            child.start()
+            assert ready.wait(10)
+        left = {h["pid"]: h for h in helpers_left()}
+        assert [(left[c.pid]["daemon"], left[c.pid]["ignores_sigterm"]) for c in children] == [(True, True),
+                                                                                              (False, False)]
+    finally:
+        for child in children:
+            child.kill()
+            child.join(5)
+
+
+def _sleep_ignoring_sigterm(ignore: bool, ready) -> None:
+    import signal
+    import time
+
+    if ignore:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(60)
