@@ -593,3 +593,140 @@ def _sleep_ignoring_sigterm(ignore: bool, ready) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ready.set()
     time.sleep(60)
+
+
+
+def test_the_mfu_target_is_met_by_the_eager_or_the_compiled_layers():
+    """An MFU section's verdict (gpu_mfu._target): the better of the eager and the compiled layers' MFU against the
+    target, met at the target itself; no peak for the GPU (MFU None) or compiled layers that failed count as 0."""
+    from bench.gpu_mfu import _target
+
+    check = lambda eager, compiled: _target({"best_mfu": eager, "compiled": compiled}, 0.40)
+    r = check(0.35, {"mfu": 0.41})
+    assert r["checks"] == {"mfu_at_least_40pct": True} and r["best_mfu_eager_or_compiled"] == 0.41
+    assert check(0.45, {"error": "BackendCompilerFailed"})["checks"] == {"mfu_at_least_40pct": True}
+    assert check(0.40, {"skipped": "no compiler"})["checks"] == {"mfu_at_least_40pct": True}
+    assert check(0.39, {"mfu": 0.2})["checks"] == {"mfu_at_least_40pct": False}
+    assert check(None, {"mfu": None})["checks"] == {"mfu_at_least_40pct": False}
+    assert check(0.3, {"mfu": 0.3})["best_mfu"] == 0.3  # (the section's result kept whole)
+    assert list(_target({"best_mfu": 0.5, "compiled": {}}, 0.50)["checks"]) == ["mfu_at_least_50pct"]
+
+
+def test_the_largest_micro_batch_steps_down_past_out_of_memory_errors():
+    """The MFU sections' search (gpu_mfu._largest_micro_batch), measurements stood in for: the two smallest sizes,
+    then the largest the planner says fits, the next smaller one after an out-of-memory error, and no more once one
+    ran; the best is the fastest (TFLOP/s) of those measured."""
+    from bench.gpu_mfu import _largest_micro_batch
+
+    measured = []
+
+    def measure(mbs):
+        measured.append(mbs)
+        if mbs >= 48:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory at {mbs}\nmore")
+        return {"tflops": {4: 100.0, 8: 150.0, 32: 140.0, 16: 120.0}[mbs]}
+
+    best, results = _largest_micro_batch(measure, [4, 8, 16, 32, 48, 64, 96], lambda b: b <= 64)
+    assert measured == [4, 8, 64, 48, 32] and best == 8
+    assert results[64] == {"error": "out of memory: CUDA out of memory at 64"} and "error" in results[48]
+    assert results[32] == {"tflops": 140.0} and 16 not in results
+    measured.clear()
+    assert _largest_micro_batch(measure, [4, 8, 16, 32], lambda b: b != 32)[0] == 8 and measured == [4, 8, 16]
+
+
+def test_realign_runs_single_micro_batches_until_a_step_starts(monkeypatch):
+    """gpu_mfu._realign, DeepSpeed's engine stood in for: from mid-step (micro-step 5 of 4 per step) it runs the 3
+    micro-batches that end that step, and none from a step's start."""
+    from types import SimpleNamespace
+
+    import training.engine
+    from bench.gpu_mfu import _realign
+
+    engine = SimpleNamespace(micro_steps=5, gradient_accumulation_steps=lambda: 4)
+    ran = []
+
+    def train_step(engine_, cfg, data, device):
+        ran.append(len(data))
+        engine_.micro_steps += 1
+
+    monkeypatch.setattr(training.engine, "train_step", train_step)
+    _realign(engine, None, "batch", "cpu")
+    assert ran == [1, 1, 1] and engine.micro_steps == 8
+    _realign(engine, None, "batch", "cpu")
+    assert ran == [1, 1, 1]
+
+
+def test_milliseconds_per_call_after_the_warm_up(monkeypatch):
+    """gpu_mfu._ms_per_call and _seconds_per_step on a clock that each call advances by a known time: the warm-up
+    calls run and are not timed, the time is per call."""
+    from types import SimpleNamespace
+
+    import training.engine
+    from bench import gpu_mfu
+
+    clock = [0.0]
+    monkeypatch.setattr(gpu_mfu, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls, warm_up = [], [2]
+
+    def step():
+        calls.append(clock[0])
+        clock[0] += 0.5 if len(calls) > warm_up[0] else 100.0  # (the warm-up: compilation)
+
+    assert gpu_mfu._ms_per_call(step, "cpu", 4) == 500.0 and len(calls) == 6
+    calls.clear()
+    warm_up[0] = 1
+    monkeypatch.setattr(training.engine, "train_step", lambda engine, cfg, data, device: step())
+    assert gpu_mfu._seconds_per_step(None, None, [], "cpu") == 0.5 and len(calls) == 4  # (1 warm-up, 3 timed)
+
+
+def test_the_kernel_families_are_listed_busiest_first():
+    """kernel_breakdown's families by time, busiest first (the summary line names the first four), whatever the
+    order of the kernels; a family's kernels summed; no wall time: no busy fraction."""
+    from bench.gpu_mfu import kernel_breakdown
+
+    r = kernel_breakdown([("vectorized_elementwise_kernel", 0.1, 1), ("flash_fwd_kernel", 0.2, 1),
+                          ("nvjet_tst_a", 0.3, 1), ("sm90_xmma_gemm", 0.3, 1), ("Memcpy DtoD", 0.05, 1)], 0.0)
+    assert list(r["by_kind_s"]) == list(r["by_kind_share"]) == ["matmul", "attention", "elementwise_other", "copy"]
+    assert abs(r["by_kind_share"]["matmul"] - 0.6 / 0.95) < 1e-12 and r["busy"] is None
+    assert kernel_breakdown([], 1.0)["by_kind_share"] == {}
+
+
+def test_random_micro_batches_sit_at_distinct_sample_positions():
+    """The MFU sections' data (gpu_mfu._random_micro_batches): `count` micro-batches of `mbs` samples at successive
+    positions of the sample stream (what keys the dropout masks), codes and captions in their vocabularies."""
+    from bench.gpu_common import train_config
+    from bench.gpu_mfu import _random_micro_batches
+
+    m = train_config(["model.preset=parti-debug"]).model
+    batches = _random_micro_batches(m, 3, 2, "cpu")
+    assert len(batches) == 2
+    assert [b[2].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5]]
+    assert batches[0][0].shape == (3, m.text_seq_len) and batches[0][1].shape == (3, m.image_seq_len)
+    assert int(batches[0][1].max()) < m.image_vocab_size and int(batches[0][0].min()) >= 4
+    assert not torch.equal(batches[0][1], batches[1][1])
+
+
+def test_max_diff_compares_whole_sequences():
+    """gpu_common.max_diff: the largest difference, and sequences of different lengths (a run that stopped short)
+    are an error, not a comparison of their common prefix."""
+    from bench.gpu_common import max_diff
+
+    assert max_diff([1.0, 2.0], [1.5, 1.0]) == 1.0
+    with pytest.raises(ValueError):
+        max_diff([1.0, 2.0], [1.0])
+
+
+def test_the_attention_kind_is_read_from_the_kernel_names():
+    """flash_attention's reading of the profiler's kernel names (gpu_sections._attention_kind): the second H200 run's
+    kernels give the kinds it recorded (cuDNN's flash SDPA; the decode step's flash kernel beside a memory-efficient
+    one); cuDNN's SDPA without flash, the memory-efficient kernel alone and no attention kernel are told apart."""
+    from bench.gpu_sections import _attention_kind
+
+    run = json.loads((ROOT / "bench" / "results" / "gpu_nvidia-h200_2026-12-04.json").read_text())["sections"]
+    recorded = run["flash_attention"]
+    assert {k: _attention_kind(v) for k, v in recorded["attention_kernels"].items()} == recorded["kinds"]
+    mem_eff = recorded["attention_kernels"]["decode_one_token"][0]
+    assert mem_eff.startswith("fmha_cutlassF") and _attention_kind([mem_eff, "ampere_bf16_gemm"]) == "memory-efficient"
+    assert _attention_kind(["cudnn_generated_fort_native_sdpa_sm90_fprop"]) == "cudnn"
+    assert _attention_kind(["cudnn_infer_gemm_kernel", "softmax_warp_forward"]) == "math (no fused attention kernel)"
+    assert _attention_kind(["void pytorch_flash::flash_fwd_kernel<...>"]) == "flash"
