@@ -730,3 +730,45 @@ def test_the_attention_kind_is_read_from_the_kernel_names():
     assert _attention_kind(["cudnn_generated_fort_native_sdpa_sm90_fprop"]) == "cudnn"
     assert _attention_kind(["cudnn_infer_gemm_kernel", "softmax_warp_forward"]) == "math (no fused attention kernel)"
     assert _attention_kind(["void pytorch_flash::flash_fwd_kernel<...>"]) == "flash"
+
+
+def test_resume_and_recompute_checks_judge_the_losses(tmp_path, monkeypatch):
+    """train_resume's and recompute's verdicts, the training runs stood in for (gpu_sections.train_run): resumed =
+    uninterrupted within 2e-3 with 3 steps after the resume, the held-out losses of both at steps 3 and 6, the loss
+    going down, the ZeRO stages within 2e-2 of each other; recomputation's losses and gradient norms those of none."""
+    from bench import gpu_sections
+    from bench.gpu_common import Context
+
+    def check(full, resumed_steps=(4, 5, 6), held_out=(2.0, 1.5), held_out_resumed=(2.0, 1.5), zero3_shift=0.0,
+              grad_norms=(1.0, 1.0, 1.0)):
+        def train_run(run_dir, sets, steps):
+            losses = [full[s - 1] + (zero3_shift if "parallel.zero_stage=3" in sets else 0.0)
+                      for s in (range(1, 4) if steps == 3 else range(1, 7) if "full" in run_dir.name
+                                else resumed_steps)]
+            held = held_out if "full" in run_dir.name else held_out_resumed if steps == 6 else held_out[:1]
+            lines = [{"step": s, "loss": loss, "mem_gb": 1.0,
+                      "grad_norm": grad_norms[0] * (1.05 if "recompute_full" in run_dir.name else 1.0)}
+                     for s, loss in enumerate(full[:steps], 1)]  # (a resumed run's file: its first part's too)
+            for i, h in enumerate(held):  # (the steps a held-out loss was measured at: 3 and 6)
+                lines[min(3 * i + 2, len(lines) - 1)]["valid_loss"] = h
+            return losses, lines
+
+        monkeypatch.setattr(gpu_sections, "train_run", train_run)
+        ctx = Context("cpu", True, tmp_path)
+        return {k: v for k, v in gpu_sections.train_resume(ctx)["checks"].items() if k.startswith("zero1")
+                or k == "zero_stages_agree"}, gpu_sections.recompute(ctx)["checks"]
+
+    losses = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5]
+    resume, recompute = check(losses)
+    assert all(resume.values()) and len(resume) == 4 and resume["zero_stages_agree"]
+    assert recompute == {"selective_equals_none": True, "full_equals_none": False}  # (gradient norms 5% off)
+    # (a resumed run that stopped short, or restarted from step 1 without a checkpoint: a failed check, not an error)
+    for resumed_steps in ((4, 5), (1, 2, 3, 4, 5, 6)):
+        assert check(losses, resumed_steps=resumed_steps)[0]["zero1_resume_equals_uninterrupted"] is False
+    assert check(losses, held_out=(2.0,), held_out_resumed=(2.0,))[0][
+        "zero1_held_out_resumed_equals_uninterrupted"] is False
+    assert check(losses, held_out_resumed=(2.0,))[0]["zero1_held_out_resumed_equals_uninterrupted"] is False
+    assert check(losses, held_out_resumed=(2.0, 1.51))[0]["zero1_held_out_resumed_equals_uninterrupted"] is False
+    assert check(losses[::-1])[0]["zero1_learns"] is False
+    assert check(losses, zero3_shift=0.03)[0]["zero_stages_agree"] is False
+    assert check(losses, zero3_shift=0.01)[0]["zero_stages_agree"] is True
