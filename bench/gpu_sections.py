@@ -162,7 +162,7 @@ def train_resume(ctx: Context) -> dict:
         second, resumed_lines = train_run(ctx.scratch / f"{name}_resumed", sets, 6)
         # (a resumed run of other steps than 4-6, one that restarted from step 1 when no checkpoint was there, or
         # held-out losses at other steps: a failed check, not max_diff's error over lists of different lengths)
-        diff = max_diff(full, first + second) if len(second) == 3 and len(full) == 6 else float("inf")
+        diff = max_diff(full, first + second) if len(first) == len(second) == 3 and len(full) == 6 else float("inf")
         held, held_resumed = held_out(lines), held_out(resumed_lines)
         out[name] = ctx.record(name, {
             "uninterrupted": full, "resumed": first + second, "max_abs_diff": diff,
