@@ -112,7 +112,7 @@ def check_folder(folder: Path, header: dict, inputs: list[Path] | None = None) -
     if not folder.is_dir():
         return
     headers, other_input = HeaderCheck(folder, header), None
-    for meta_path in sorted(p for p in folder.iterdir() if SHARD_META.match(p.name)):
+    for meta_path in sorted((p for p in folder.iterdir() if SHARD_META.match(p.name)), key=lambda p: int(p.stem)):
         meta = read_json(meta_path)
         headers.add(meta_path, meta)
         if inputs is not None and other_input is None:

@@ -1487,6 +1487,26 @@ def test_an_input_of_the_same_name_and_another_size_is_refused(tmp_path):
     check_folder(tmp_path / "not yet made", head, [tar])  # (nothing to refuse)
 
 
+def test_of_several_other_shards_the_refusal_names_the_first_by_number(tmp_path):
+    """check_folder and write_manifest name the lowest-numbered offending shard, also past 99,999 inputs, where
+    the names grow a digit ("100000" sorts before "20000" as text)."""
+    from data_pipeline.manifest import check_folder
+
+    head = {"vq": {"hash": "v"}, "text_tokenizer": {"hash": "t"}}
+    out = tmp_path / "codes"
+    out.mkdir()
+    for i in (20000, 100000):
+        (out / f"{i:05d}.json").write_text(json.dumps({"header": head, "input": f"old-{i:05d}.tar"}))
+    inputs = [tmp_path / f"{i:05d}.tar" for i in range(100001)]  # (other names: no file is opened)
+    with pytest.raises(DataError, match=r"codes/20000\.bin was made from old-20000\.tar, and this run's input 20000"):
+        check_folder(out, head, inputs)
+    with pytest.raises(DataError, match=r"codes/20000\.json: a shard beyond this run's 2 input"):
+        write_manifest(out, head, ["00000", "00001"])
+    for i in (20000, 100000):
+        (out / f"{i:05d}.json").write_text(json.dumps({"header": {**head, "vq": {"hash": "w"}}}))
+    with pytest.raises(DataError, match=r"codes/20000\.bin \(and 1 more shard\(s\)\) was made with another"):
+        check_folder(out, head)
+
 def test_integer_grey_images_are_scaled_by_their_range():
     """By hand: a 16-bit grey image's 0, 32768, 65535 become 0, 128, 255; a 32-bit one ("I") holding 8-bit values
     (as some decoders give an 8-bit grey PNG) keeps them, one holding larger values is 16-bit."""
