@@ -905,6 +905,49 @@ def test_manifest_of_a_partial_folder_an_older_shard_and_damaged_hashes(tmp_path
         check_folder(folder, {**HEAD, "vq": {**HEAD["vq"], "hash": "w"}})
 
 
+def test_the_manifest_holds_finished_shards_only_and_is_made_again_for_one_finished_meanwhile(tmp_path, monkeypatch):
+    """write_manifest: a shard whose .bin is written and not yet its .json (a task at it, or killed) is left out,
+    and is not complete, as one whose .bin is gone; a shard that finished while the manifest was being made has
+    it made again, complete; the skipped counts (the folder's, and a shard's with its duplicates added) are in
+    name order; a .hashes shorter than its records is refused naming it."""
+    from data_pipeline import manifest as mf
+    from data_pipeline.synthetic import RANDOM_SHARDS_HEADER as HEAD
+
+    folder, names = tmp_path / "codes", ["00000", "00001", "00002"]
+    write_random_code_shards(folder, 3, images=2)
+    for name, skipped in (("00000", {"too_small": 1}), ("00002", {"too_small": 2, "bad_caption": 1})):
+        meta = json.loads((folder / f"{name}.json").read_text())
+        (folder / f"{name}.json").write_text(json.dumps({**meta, "skipped": skipped}))
+    last = (folder / "00002.json").read_text()
+    (folder / "00002.json").unlink()
+    assert not mf.shard_is_complete(folder, "00002")
+    partial = write_manifest(folder, HEAD, names)
+    assert not partial["complete"] and [s["name"] for s in partial["shards"]] == ["00000", "00001"]
+
+    real, calls = mf._manifest, []
+
+    def finished_meanwhile(*args):
+        if not calls:
+            (folder / "00002.json").write_text(last)
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(mf, "_manifest", finished_meanwhile)
+    whole = write_manifest(folder, HEAD, names)
+    assert calls == [names[:2], names] and whole["complete"] and whole["duplicates"]["count"] == 7
+    written = json.loads((folder / "manifest.json").read_text())
+    assert written == whole and list(written["skipped"].items()) == [
+        ("bad_caption", 1), ("duplicate_across_shards", 7), ("too_small", 3)]
+    assert [list(s["skipped"].items()) for s in written["shards"]] == [
+        [("duplicate_across_shards", 1), ("too_small", 1)], [("duplicate_across_shards", 3)],
+        [("bad_caption", 1), ("duplicate_across_shards", 3), ("too_small", 2)]]
+    with open(folder / "00001.hashes", "r+b") as f:
+        f.truncate(32)
+    with pytest.raises(DataError, match=r"00001\.hashes: 32 bytes, expected 3 hashes of 16 bytes"):
+        write_manifest(folder, HEAD, names)
+    (folder / "00000.bin").unlink()
+    assert not mf.shard_is_complete(folder, "00000")
+
 def test_duplicates_pass_keeps_the_first_of_each_hash_in_every_part_of_the_hash_space():
     """find_duplicates sorts the hashes a part (their first bits) at a time: against a walk over the records by
     hand, on 5 shards of 2,000 hashes drawn from 3,000 (every part of the space used, many repeats) with pairs
@@ -1485,6 +1528,8 @@ def test_an_input_of_the_same_name_and_another_size_is_refused(tmp_path):
     tar.write_bytes(b"x" * 10)
     check_folder(out, head, [tar])
     check_folder(tmp_path / "not yet made", head, [tar])  # (nothing to refuse)
+    (out / "00000.json").write_text(json.dumps({"header": head}))  # (an older shard, recording no input: taken)
+    check_folder(out, head, [tar])
 
 
 def test_of_several_other_shards_the_refusal_names_the_first_by_number(tmp_path):
