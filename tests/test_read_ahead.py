@@ -339,6 +339,35 @@ def test_synthetic_held_out_samples_are_the_ones_past_the_training_set():
     assert not any(torch.equal(held[i][1], train[i][1]) for i in range(16))
 
 
+def test_a_synthetic_caption_is_its_class_words_then_eos_and_decides_the_codes_but_a_tenth():
+    """SyntheticCodes: each caption is 3 word ids (none of PAD/UNK/BOS/EOS), EOS, then PAD; samples of one caption
+    share their codes but for about 10% of positions, samples of another caption differ in most; the last
+    sample is size - 1; the word ids span the vocabulary above EOS; a text_seq_len of 2 holds one word and EOS."""
+    import dataclasses
+
+    from data_pipeline.synthetic import SyntheticCodes
+    from training.config import load_config
+
+    cfg = load_config("configs/train/debug.yaml", []).model
+    ds = SyntheticCodes(cfg, size=64, seed=3)
+    by_caption = {}
+    for i in range(len(ds)):
+        text, codes = ds[i]
+        assert text[:3].min() >= SyntheticCodes.FIRST_WORD and text[3] == cfg.text_eos_id
+        assert (text[4:] == cfg.text_pad_id).all()
+        by_caption.setdefault(tuple(text[:3].tolist()), []).append(codes)
+    assert len(by_caption) > 2
+    same = torch.cat([(c != group[0]).float() for group in by_caption.values() for c in group[1:]]).mean()
+    firsts = [group[0] for group in by_caption.values()]
+    other = torch.stack([(a != b).float().mean() for a in firsts for b in firsts if a is not b]).mean()
+    assert 0.1 < same < 0.3 and other > 0.8  # (two resampled: 1 - 0.9^2 = 0.19 apart)
+    with pytest.raises(IndexError, match="sample 64 outside 0..63"):
+        ds[64]
+    words = SyntheticCodes(cfg, size=1, num_classes=4096).captions  # (12,288 draws: every word id, none below)
+    assert (words.min(), words.max()) == (SyntheticCodes.FIRST_WORD, cfg.text_vocab_size - 1)
+    text, _ = SyntheticCodes(dataclasses.replace(cfg, text_seq_len=2), size=1)[0]  # room for 1 word and EOS
+    assert text[0] >= SyntheticCodes.FIRST_WORD and text[1] == cfg.text_eos_id
+
 class Indexed:
     """Sample i: text ids and codes all i (so a batch says which samples it holds)."""
 
