@@ -1568,7 +1568,7 @@ def test_integer_grey_images_are_scaled_by_their_range():
 
 
 def test_shared_names_resolve_under_the_shared_data_folder(tmp_path, monkeypatch):
-    from data_pipeline.shared_data import resolve, shared_path
+    from data_pipeline.shared_data import resolve, shared_data_dir, shared_path
 
     (tmp_path / "PartiPrompts.tsv").write_text("Prompt\tCategory\n")
     monkeypatch.setenv("PARTI_SHARED_DATA", str(tmp_path))
@@ -1576,3 +1576,5 @@ def test_shared_names_resolve_under_the_shared_data_folder(tmp_path, monkeypatch
     assert resolve("runs/shared:x.csv") == Path("runs/shared:x.csv")
     with pytest.raises(FileNotFoundError, match="coco.csv is missing: set PARTI_SHARED_DATA"):
         resolve("shared:coco.csv")
+    monkeypatch.delenv("PARTI_SHARED_DATA")  # (unset: the shared/data folder beside the project's)
+    assert shared_data_dir() == ROOT.parent / "shared" / "data"
