@@ -2,6 +2,7 @@
 with the reason, and it writes its JSON and Markdown results."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -772,3 +773,221 @@ def test_resume_and_recompute_checks_judge_the_losses(tmp_path, monkeypatch):
     assert check(losses[::-1])[0]["zero1_learns"] is False
     assert check(losses, zero3_shift=0.03)[0]["zero_stages_agree"] is False
     assert check(losses, zero3_shift=0.01)[0]["zero_stages_agree"] is True
+
+def _step_lines(times: dict) -> list[dict]:
+    """A stood-in train_run's metrics lines for step times {step: seconds} (batch 8: samples/s = 8 / seconds)."""
+    return [{"step": s, "loss": 1.0, "samples_per_s": 8 / t} for s, t in times.items()]
+
+
+def test_async_save_compares_the_steps_after_each_save_with_the_reference(tmp_path, monkeypatch):
+    """async_save's ratios, the training runs stood in for (gpu_sections.train_run, forking_idly_every): the median
+    of the two steps after each save call (6, 7, 11, 12, 16, 17: not a save's own step, not the first five) over
+    the median of the run without saves past step 5, and the same for the idle fork's run; on a GPU the target
+    (<= 1.10) and the last save's step are checks, on CPU there are none."""
+    from bench import gpu_sections
+    from bench.gpu_common import Context
+
+    # Without saves: the first five steps fast (0.1 s), then 1.0, 1.1, ..., 2.3 s and an outlier at step 20
+    # (its median past step 5: 1.7 s at step 13; a mean or the first five steps counted would move it).
+    without = {s: 0.1 for s in range(1, 6)} | {s: 1.0 + 0.1 * (s - 6) for s in range(6, 20)} | {20: 31.0}
+
+    def with_saves(after: list[float]) -> dict:
+        times = {s: 1.0 for s in range(1, 21)} | {1: 50.0, 2: 50.0} | {s: 9.0 for s in (5, 10, 15, 20)}
+        return times | dict(zip((6, 7, 11, 12, 16, 17), after))
+
+    runs = {"warm_up": {1: 5.0, 2: 5.0}, "no_saves": without}
+
+    def train_run(run_dir, sets, steps):
+        assert len(runs[run_dir.name]) == steps
+        return [1.0] * steps, _step_lines(runs[run_dir.name])
+
+    monkeypatch.setattr(gpu_sections, "train_run", train_run)
+    monkeypatch.setattr(gpu_sections, "forking_idly_every", lambda interval: contextlib.nullcontext())
+
+    def run(device: str, saving_after: list[float], latest: str = "step_00000020") -> dict:
+        scratch = tmp_path / f"scratch{len(list(tmp_path.iterdir()))}"
+        (scratch / "async_save" / "checkpoints").mkdir(parents=True)
+        (scratch / "async_save" / "checkpoints" / "latest").write_text(latest + "\n")
+        runs["async_save"] = with_saves(saving_after)
+        runs["idle_fork"] = with_saves([3.0, 3.2, 3.4, 3.6, 3.8, 60.0])  # (median 3.6)
+        return gpu_sections.async_save(Context(device, False, scratch))
+
+    r = run("cuda", [2.0, 2.2, 2.4, 2.6, 2.8, 40.0])  # (median 2.6)
+    steps = r["steps"]
+    assert steps["step_s_without"] == pytest.approx(1.7) and steps["step_s_during_save"] == pytest.approx(2.6)
+    assert steps["ratio"] == pytest.approx(2.6 / 1.7) and steps["idle_fork_ratio"] == pytest.approx(3.6 / 1.7)
+    assert steps["step_s_beside_an_idle_fork"] == pytest.approx(3.6)
+    assert r["checks"] == {"async_step_within_10pct": False, "last_save_completed": True}
+    r = run("cuda", [1.6, 1.7, 1.8, 1.85, 1.9, 40.0], latest="step_00000015")  # (1.85 / 1.7 = 1.088)
+    assert r["checks"] == {"async_step_within_10pct": True, "last_save_completed": False}
+    assert run("cpu", [2.0, 2.2, 2.4, 2.6, 2.8, 40.0])["checks"] == {}
+
+
+def test_forking_idly_every_keeps_one_idle_child_and_kill_all_reaps_them(monkeypatch):
+    """async_save's idle fork: Trainer.complete_saves patched while inside, a sleeping child forked at each
+    `interval`-th step (the previous one killed first: one at a time), none left afterwards and the method
+    restored; kill_all kills, reaps and empties its list."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from bench.gpu_sections import forking_idly_every, kill_all
+    from training.trainer import Trainer
+
+    called = []
+    monkeypatch.setattr(Trainer, "complete_saves", lambda trainer, wait=False: called.append(trainer.step))
+    plain = Trainer.complete_saves
+    before = set(multiprocessing.active_children())
+    children = []
+    try:
+        with forking_idly_every(5):
+            for step in range(1, 11):
+                Trainer.complete_saves(SimpleNamespace(step=step))
+                children = [c for c in multiprocessing.active_children() if c not in before]
+                assert len(children) == (0 if step < 5 else 1), step
+                if step == 5:
+                    first = children[0]
+            assert children[0] is not first and first.exitcode is not None  # (killed at step 10, reaped)
+        assert called == list(range(1, 11)) and Trainer.complete_saves is plain
+        assert children[0].exitcode is not None and not children[0].is_alive()
+        ctx = multiprocessing.get_context("fork")
+        children = [ctx.Process(target=__import__("time").sleep, args=(60,), daemon=True) for _ in range(2)]
+        for child in children:
+            child.start()
+        left = list(children)
+        kill_all(children)
+        assert children == [] and all(c.exitcode is not None for c in left)
+    finally:
+        for child in children:
+            child.kill()
+
+
+def test_greedy_gap_is_the_largest_shortfall_of_the_teacher_forced_pass(monkeypatch):
+    """greedy_gap on a stood-in model: one teacher-forced pass over BOS + the codes but the last, and the largest
+    amount (not the mean) by which a position's best logit exceeds the chosen code's."""
+    from types import SimpleNamespace
+
+    import megatron.core.tensor_parallel
+
+    from bench.gpu_sections import greedy_gap
+
+    monkeypatch.setattr(megatron.core.tensor_parallel, "gather_from_tensor_model_parallel_region", lambda t: t)
+    codes = torch.tensor([[1, 2, 3, 0], [3, 3, 1, 2]])  # [b, n]
+    logits = torch.zeros(4, 2, 5)  # [n, b, V]: each code the argmax by 1.0 ...
+    logits[torch.arange(4)[:, None], torch.arange(2)[None, :], codes.t()] = 1.0
+    logits[2, 1, 4] = 1.5  # ... but image 1's third code, 0.5 below the best there
+    passed = []
+
+    def decode(tokens, memory, mask):
+        passed.append(tokens)
+        return logits
+
+    model = SimpleNamespace(bos_id=9, encode=lambda text: ("memory", "mask"), decode=decode)
+    assert greedy_gap(model, torch.zeros(2, 3), codes) == 0.5
+    assert passed[0].tolist() == [[9, 1, 2, 3], [9, 3, 3, 1]]
+    logits[2, 1, 4] = 0.0
+    assert greedy_gap(model, torch.zeros(2, 3), codes) == 0.0
+
+
+def test_sampling_checks_judge_the_gaps_and_the_decoding_rates(tmp_path, monkeypatch, single_process):
+    """sampling's verdicts, the models, decoding and timing stood in for: each decoding mode's greedy gap within
+    GREEDY_TOLERANCE (at it: still greedy), a mode that ran (its rate measured), and on a GPU the KV cache faster
+    than full recomputation (equal is not faster); on CPU no CUDA-graph modes and no speed check."""
+    import bench.sample
+    import evaluation.sampling
+    import model_parallel.model
+    from bench import gpu_sections
+    from bench.gpu_common import Context
+
+    class Model:
+        def __init__(self, cfg):
+            pass
+
+        def to(self, *args, **kwargs):
+            return self
+
+        def eval(self):
+            return self
+
+    def sample(model, text, cfg, use_cache=True, cuda_graph=False, steps=None, **kwargs):
+        return torch.full((2, 4), 1 if cuda_graph else 0)
+
+    randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *args, device=None, **kwargs: randint(*args, **kwargs))  # (no GPU)
+    monkeypatch.setattr(model_parallel.model, "PartiModel", Model)
+    monkeypatch.setattr(evaluation.sampling, "sample", sample)
+    monkeypatch.setattr(evaluation.sampling, "StaticSteps", lambda: "steps")
+    monkeypatch.setattr(evaluation.sampling, "auto_batch_size", lambda model, guided: 64)
+    gaps, rates = [], {}
+    monkeypatch.setattr(gpu_sections, "greedy_gap", lambda model, text, codes: gaps.pop(0))
+
+    def measure_decoding(model, batch, tokens, modes, reference_tokens=None, guidance_scale=None,
+                         per_image_generators=False):
+        return {"batch": batch, "dtype": "bfloat16", **{m: dict(rates[m]) for m in modes}}
+
+    monkeypatch.setattr(bench.sample, "measure_decoding", measure_decoding)
+
+    def run(device, gap_values, kv_cache, cuda_graph=None):
+        gaps[:] = gap_values
+        rates.update(full_recomputation={"image_tokens_per_s": 100.0}, kv_cache=kv_cache,
+                     cuda_graph=cuda_graph or {"image_tokens_per_s": 300.0}, bound={"image_tokens_per_s": 1000.0})
+        scratch = tmp_path / f"scratch{len(list(tmp_path.iterdir()))}"
+        return gpu_sections.sampling(Context(device, True, scratch))
+
+    modes = [a + m for a in ("", "decoder_only_") for m in ("kv_cache", "cuda_graph", "cuda_graph_restarted")]
+    greedy = lambda ok: {f"greedy_{m}_is_greedy_under_recomputation": v for m, v in zip(modes, ok)}
+    r = run("cuda", [0.0, 1e-6, 0.0, 0.0, 0.0, 0.0], {"image_tokens_per_s": 150.0})
+    assert r["checks"] == greedy([True] * 6) | {"kv_cache_ran": True, "cuda_graph_ran": True,
+                                                "kv_cache_faster_than_recomputation": True}
+    assert r["greedy_equal_fp32"] == {m: m.endswith("kv_cache") for m in modes}
+    assert r["measured"]["kv_cache"]["vs_full_recomputation"] == 1.5 and r["auto_batch_size"] == 64
+    r = run("cuda", [gpu_sections.GREEDY_TOLERANCE, 0.0, 0.0, 0.0, 0.002, 0.0], {"image_tokens_per_s": 100.0},
+            {"error": "RuntimeError: capture failed"})
+    assert r["checks"] == greedy([True, True, True, True, False, True]) | {
+        "kv_cache_ran": True, "cuda_graph_ran": False, "kv_cache_faster_than_recomputation": False}
+    assert run("cuda", [0.0] * 6, {"error": "RuntimeError: x"})["checks"]["kv_cache_faster_than_recomputation"] is False
+    r = run("cpu", [0.0, 0.5], {"image_tokens_per_s": 50.0})  # (slower: reported on CPU, not judged)
+    assert r["checks"] == {"greedy_kv_cache_is_greedy_under_recomputation": True, "kv_cache_ran": True,
+                           "greedy_decoder_only_kv_cache_is_greedy_under_recomputation": False}
+    assert set(r["measured"]) >= {"full_recomputation", "kv_cache"} and "cuda_graph" not in r["measured"]
+
+
+def test_multi_gpu_compares_tp2_and_pp2_with_tp1(tmp_path, monkeypatch):
+    """multi_gpu's verdict, torchrun stood in for (it writes the run's metrics): TP=2 and PP=2 each within 1e-3 of
+    TP=1's losses, each on its own."""
+    import subprocess
+
+    from bench import gpu_sections
+    from bench.gpu_common import Context
+
+    losses, commands = {}, []
+
+    def run(cmd, check, env, cwd):
+        commands.append(cmd)
+        run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+        run_dir.mkdir(parents=True)
+        name = run_dir.name.removeprefix("multi_")
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                                                       for s, v in enumerate(losses[name], 1)))
+
+    monkeypatch.setattr(subprocess, "run", run)
+    tp1 = [3.0, 2.9, 2.8, 2.7]
+    losses.update(tp1=tp1, tp2=[v + 0.0009 for v in tp1], pp2=[3.0, 2.9, 2.8, 2.702])
+    r = gpu_sections.multi_gpu(Context("cuda", False, tmp_path / "a"))
+    assert r["checks"] == {"tp2_equals_tp1": True, "pp2_equals_tp1": False} and r["losses"]["pp2"][-1] == 2.702
+    assert [c[c.index("--set") + 8:] for c in commands] == [[], ["parallel.tp=2"], ["parallel.pp=2"]]
+    assert [c[3] for c in commands] == ["--nproc_per_node=1", "--nproc_per_node=2", "--nproc_per_node=2"]
+    losses.update(tp2=[v + 0.002 for v in tp1], pp2=tp1)
+    r = gpu_sections.multi_gpu(Context("cuda", False, tmp_path / "b"))
+    assert r["checks"] == {"tp2_equals_tp1": False, "pp2_equals_tp1": True}
+
+
+def test_the_sections_that_need_a_gpu_are_those_that_cannot_run_on_cpu():
+    """SECTIONS' needs: what the CPU run (--quick) skips. A section marked as needing a GPU that could run on CPU
+    would drop out of the test suite's run unnoticed (skipped with the reason, as the test expects of it); one
+    that needs two GPUs and is marked for one would fail on a lent one-GPU machine instead of being skipped."""
+    from bench.gpu_sections import SECTIONS
+
+    needs = {name: n for name, _, n in SECTIONS}
+    assert {name for name, n in needs.items() if n == 1} == {"mfu_350m", "mfu_3b", "mfu_750m", "flash_attention",
+                                                             "compile_speedup"}
+    assert needs["multi_gpu"] == 2 and sum(n == 0 for n in needs.values()) == len(needs) - 6
