@@ -991,3 +991,92 @@ def test_the_sections_that_need_a_gpu_are_those_that_cannot_run_on_cpu():
     assert {name for name, n in needs.items() if n == 1} == {"mfu_350m", "mfu_3b", "mfu_750m", "flash_attention",
                                                              "compile_speedup"}
     assert needs["multi_gpu"] == 2 and sum(n == 0 for n in needs.values()) == len(needs) - 6
+
+
+def test_fusion_timing_ratios_are_plain_over_fused(monkeypatch):
+    """fusion_timing's ratios from stood-in times (gpu_mfu._ms_per_call), whether or not this machine can fuse:
+    plain's time over fused's, each case its own."""
+    import model_parallel.kernels
+    from bench import gpu_mfu
+
+    plain = model_parallel.kernels.plain_bias_dropout_add
+    monkeypatch.setattr(model_parallel.kernels, "fused_bias_dropout_add", lambda: plain)
+    times = [4.0, 2.0, 9.0, 3.0]  # (no dropout: plain, fused; dropout 0.1: plain, fused)
+    monkeypatch.setattr(gpu_mfu, "_ms_per_call", lambda step, device, calls: times.pop(0))
+    r = gpu_mfu.fusion_timing((4, 2, 8), "cpu")
+    assert r["no_dropout_plain_over_fused"] == 2.0 and r["dropout_0.1_plain_over_fused"] == 3.0
+    assert r["dropout_0.1_fused_ms"] == 3.0 and r["shape"] == [4, 2, 8]
+
+
+def test_the_compiled_step_reports_its_speed_up_over_the_eager_layers(tmp_path, monkeypatch):
+    """gpu_mfu._compiled_step with the compilation and the steps stood in for: the speed-up is eager's step time
+    over the compiled one's, TFLOP/s and MFU from the compiled step; a compilation that fails is recorded and the
+    eager engine realigned."""
+    from types import SimpleNamespace
+
+    import model_parallel.compile
+    import model_parallel.kernels
+    import training.engine
+    from bench import gpu_mfu
+    from bench.gpu_common import Context
+
+    monkeypatch.setattr(model_parallel.kernels, "compile_unavailable", lambda: None)
+    monkeypatch.setattr(model_parallel.compile, "compile_layers", lambda module: module)
+    monkeypatch.setattr(training.engine, "train_step", lambda engine, cfg, data, device: [1.0])
+    monkeypatch.setattr(gpu_mfu, "_seconds_per_step", lambda engine, cfg, data, device: 0.5)
+    engine = SimpleNamespace(module=torch.nn.Linear(2, 2))
+    r = gpu_mfu._compiled_step(Context("cpu", True, tmp_path), engine, None, ["batch"], 4e12, 16e12, 0.6)
+    assert r["speedup"] == pytest.approx(1.2) and r["tflops"] == pytest.approx(8.0) and r["mfu"] == pytest.approx(0.5)
+    assert r["step_s"] == 0.5 and r["first_step_s"] >= 0
+
+    def broken(module):
+        raise RuntimeError("inductor failed")
+
+    realigned = []
+    monkeypatch.setattr(model_parallel.compile, "compile_layers", broken)
+    monkeypatch.setattr(gpu_mfu, "_realign", lambda engine, cfg, batch, device: realigned.append(batch))
+    r = gpu_mfu._compiled_step(Context("cpu", True, tmp_path), engine, None, ["batch"], 4e12, None, 0.6)
+    assert r == {"error": "RuntimeError: inductor failed"} and realigned == ["batch"]
+
+
+def test_compile_speedup_divides_the_eager_step_by_the_compiled_one(tmp_path, monkeypatch):
+    """compile_speedup's ratios and checks, the trainers and their steps stood in for: the speed-up per dropout is
+    eager's step time over compiled's, the compiled mask's speed-up eager_mask's over eager's at dropout 0.1, each
+    variant's dropout cost its 0.1 step over its 0.0 one less 1; first losses: compiled = eager within 2e-2, the two
+    eager masks within 1e-3."""
+    from types import SimpleNamespace
+
+    import training.engine
+    import training.trainer
+    from bench import gpu_mfu
+    from bench.gpu_common import Context
+    from model_parallel.layers import SampleDropout
+
+    seconds = {"eager_mask": {0.1: 6.0, 0.0: 4.0}, "eager": {0.1: 3.0, 0.0: 2.5}, "compiled": {0.1: 2.0, 0.0: 1.0}}
+    first_loss = {}
+    variant = lambda cfg: ("compiled" if cfg.kernels.compile
+                           else "eager_mask" if cfg.kernels.dropout_mask == "eager" else "eager")
+
+    class Trainer:
+        def __init__(self, cfg, run_dir):
+            site = SampleDropout(0.1, False, None)
+            self.engine = SimpleNamespace(module=torch.nn.Sequential(site), variant=variant(cfg), site=site)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(training.trainer, "Trainer", Trainer)
+    monkeypatch.setattr(training.engine, "train_step", lambda engine, cfg, data, device: [first_loss[engine.variant]])
+    monkeypatch.setattr(gpu_mfu, "_seconds_per_step",
+                        lambda engine, cfg, data, device: seconds[engine.variant][engine.site.p])
+
+    def run(**losses):
+        first_loss.update(losses)
+        return gpu_mfu.compile_speedup(Context("cpu", True, tmp_path))
+
+    r = run(eager_mask=3.0, eager=3.0005, compiled=3.015)
+    assert r["speedup"] == {"dropout_0.1": 1.5, "dropout_0.0": 2.5} and r["compiled_mask_speedup"] == 2.0
+    assert r["dropout_cost"] == pytest.approx({"eager_mask": 0.5, "eager": 0.2, "compiled": 1.0})
+    assert r["checks"] == {"compiled_first_loss_equals_eager": True, "compiled_mask_first_loss_equals_eager_mask": True}
+    assert run(eager_mask=3.0, eager=3.002, compiled=3.03)["checks"] == {
+        "compiled_first_loss_equals_eager": False, "compiled_mask_first_loss_equals_eager_mask": False}
