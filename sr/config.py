@@ -40,7 +40,7 @@ class SRTrainConfig:
     seed: int = 1234
     """Seed of weights and data order."""
     precision: str = "fp32"
-    """fp32 | bf16 (autocast; on GPU)."""
+    """fp32 | bf16 (autocast on a GPU; on CPU the steps stay fp32)."""
     device: str = "auto"
     """auto | cuda | cpu: cuda (what the sbatch scripts set) makes a missing GPU an error instead of a run on
     the CPU; cpu hides the GPUs."""

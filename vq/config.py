@@ -99,7 +99,7 @@ class VQTrainConfig:
     """Images are first resized (shorter side) and centre-cropped to this, then randomly cropped to
     model.image_size (0: no random crop)."""
     precision: str = "fp32"
-    """fp32 | bf16 (autocast; on GPU)."""
+    """fp32 | bf16 (autocast on a GPU; on CPU the steps stay fp32)."""
     device: str = "auto"
     """auto | cuda | cpu: cuda (what the sbatch scripts set) makes a missing GPU an error instead of a run on
     the CPU; cpu hides the GPUs."""
