@@ -276,3 +276,20 @@ def test_the_step_count_is_the_largest_held_and_is_restored_where_it_is_kept():
     assert optimizer_step_count(engine) == 11
     set_optimizer_step_count(engine, 12)
     assert optimizer.param_groups[0]["step"] == 12 and optimizer.state[a]["step"].item() == 12
+
+
+def test_apex_fused_adams_step_count_is_set_in_its_param_groups_before_its_first_step():
+    """apex's FusedAdam (known by its module) keeps the count in each param group and makes it at its first step:
+    set_optimizer_step_count adds it to a group that has none yet (a resume before any step), as a plain int;
+    its per-tensor state, which holds no count, gets none."""
+    import types
+
+    from training.deepspeed_glue import optimizer_step_count, set_optimizer_step_count
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    apex = type("FusedAdam", (torch.optim.SGD,), {"__module__": "apex.optimizers.fused_adam"})([p], lr=0.1)
+    apex.state[p]["exp_avg"] = torch.zeros(2)
+    engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=apex))  # (behind a wrapper)
+    set_optimizer_step_count(engine, 7)
+    assert apex.param_groups[0]["step"] == 7 and "step" not in apex.state[p]
+    assert optimizer_step_count(engine) == 7
