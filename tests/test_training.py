@@ -491,6 +491,73 @@ def test_deepspeed_config_states_the_batch_and_reduces_bf16_gradients_in_fp32_fr
     assert ds["timers"] == {"throughput": {"enabled": False}}
 
 
+def test_fp32_zero0_clipping_keeps_the_norm_and_scales_only_above_the_limit(single_process):
+    """clip_fp32_gradients_megatron_style on a stand-in engine: the norm of all gradients is kept where
+    get_global_grad_norm reads it; the gradients are scaled to train.grad_clip when above it, left alone below
+    it; without clipping (grad_clip=0: DeepSpeed calls no clipping) nothing is scaled and the norm is taken before
+    the model step; behind a bf16 or ZeRO wrapper (which keeps its own norm) the model step is left alone."""
+    from training.deepspeed_glue import clip_fp32_gradients_megatron_style
+
+    def engine_with(clip: float, wrapped: bool = False):
+        module = torch.nn.Linear(2, 1)
+        module.weight.grad, module.bias.grad = torch.tensor([[3.0, 0.0]]), torch.tensor([4.0])  # norm 5
+        engine = types.SimpleNamespace(module=module, gradient_clipping=lambda: clip, fp16_enabled=lambda: False,
+                                       bfloat16_enabled=lambda: wrapped, zero_optimization=lambda: False,
+                                       _global_grad_norm=None, norms_at_step=[])
+        engine._take_model_step = lambda *args, **kwargs: engine.norms_at_step.append(engine._global_grad_norm)
+        clip_fp32_gradients_megatron_style(engine)
+        return engine
+
+    def grads(engine):
+        return [engine.module.weight.grad.flatten().tolist(), engine.module.bias.grad.tolist()]
+
+    engine = engine_with(clip=1.0)
+    engine.clip_fp32_gradients()  # (as DeepSpeed's _take_model_step calls it when clipping)
+    assert engine._global_grad_norm == pytest.approx(5.0)
+    assert grads(engine) == [pytest.approx([0.6, 0.0]), pytest.approx([0.8])]
+    engine = engine_with(clip=10.0)
+    engine.clip_fp32_gradients()
+    assert engine._global_grad_norm == pytest.approx(5.0) and grads(engine) == [[3.0, 0.0], [4.0]]
+    engine = engine_with(clip=0.0)
+    engine._take_model_step()
+    assert engine.norms_at_step == [pytest.approx(5.0)] and grads(engine) == [[3.0, 0.0], [4.0]]
+    engine = engine_with(clip=0.0, wrapped=True)
+    engine._take_model_step()
+    assert engine.norms_at_step == [None]
+
+
+def _norm_and_skip_over_two_tensor_parallel_ranks():
+    """(global_grad_norm, the weight after a guarded step, the guard's count) on this rank of TP=2: a sharded
+    parameter's gradient ([3, 0] on rank 0, [0, 4] on rank 1) and a replicated one's ([12] on both); a NaN in
+    rank 0's gradient only."""
+    import types
+
+    from model_parallel.state import init_parallel
+    from training.deepspeed_glue import NonFiniteGuard, global_grad_norm
+
+    init_parallel(tp=2, pp=1)
+    rank = torch.distributed.get_rank()
+    shard, replicated = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    shard.tensor_model_parallel = True
+    shard.grad = torch.tensor([3.0, 0.0] if rank == 0 else [0.0, 4.0])
+    replicated.grad = torch.tensor([12.0])
+    norm = global_grad_norm([shard, replicated]).item()
+    w = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    w.grad = torch.tensor([float("nan") if rank == 0 else 1.0])
+    guard = NonFiniteGuard(types.SimpleNamespace(skipped_steps=0, optimizer=optimizer))
+    optimizer.step()
+    guard.step_done()
+    return norm, w.item(), guard.skipped
+
+
+def test_the_gradient_norm_and_the_nonfinite_verdict_are_the_model_parallel_groups(pool2):
+    """global_grad_norm counts each tensor-parallel shard once and a replicated parameter once (not once per TP
+    rank): sqrt(3^2 + 4^2 + 12^2) = 13 on both ranks; a non-finite gradient on one rank skips the step on every
+    rank (fp32 ZeRO-0's guard)."""
+    assert pool2.run(_norm_and_skip_over_two_tensor_parallel_ranks) == [(pytest.approx(13.0), 1.0, 1)] * 2
+
+
 def test_weight_decay_on_matrices_only_and_a_frozen_text_encoder_in_a_group_at_lr_0(single_process):
     """param_groups: [matrices and embedding tables at train.weight_decay, biases and norms at 0] over what trains,
     and with model.freeze_text_encoder the text encoder's parameters (and only those) in a third group at lr 0, no
