@@ -839,6 +839,48 @@ def test_the_command_line_exits_1_with_that_line_last(reference, tmp_path):
     assert snapshot(run_dir) == before
 
 
+def test_the_command_line_passes_its_resume_mode_on_and_ends_a_refused_or_stopped_run_in_one_line(tmp_path,
+                                                                                                monkeypatch):
+    """training.train's main() around a stand-in trainer: the validated config, --run-dir and --resume (auto when
+    not given) reach it; the deepspeed launcher's --local_rank is taken; an unknown mode or no --run-dir is a usage
+    error (exit 2)
+    and a config that fails validation a config error, neither reaching the trainer; a busy or damaged run
+    directory (RunDirError), a run stopped for non-finite steps (NonFiniteStop) and a missing device (DeviceError)
+    end in one line `error: ...`, not a traceback."""
+    import training.trainer as trainer_module
+    from common.checkpoints import RunDirError
+    from model_parallel.state import DeviceError
+    from training.deepspeed_glue import NonFiniteStop
+    from training.train import main
+
+    seen = []
+    monkeypatch.setattr(trainer_module, "train", lambda cfg, run_dir, resume: seen.append((cfg.train.steps, run_dir,
+                                                                                           resume)))
+    run_dir = str(tmp_path / "run")
+    args = ["--config", "configs/train/debug.yaml", "--run-dir", run_dir, "--set", "train.steps=3"]
+    main(args)
+    main([*args, "--resume", "none", "--local_rank=0"])
+    main(["--resume", "overwrite", *args])
+    assert seen == [(3, run_dir, "auto"), (3, run_dir, "none"), (3, run_dir, "overwrite")]
+    for usage_error in ([*args, "--resume", "fresh"], args[:2] + args[4:]):  # (an unknown mode; no --run-dir)
+        with pytest.raises(SystemExit) as exit_:
+            main(usage_error)
+        assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "train.max_skipped_steps=0"])
+    assert exit_.value.code.startswith("config error: train.max_skipped_steps=0 must be >= 1")
+    assert len(seen) == 3
+    for error in (RunDirError("run/.lock is held by another run"), NonFiniteStop("stopping at step 4: ..."),
+                  DeviceError("train.device cuda was asked for")):
+        def fail(*args, error=error):
+            raise error
+
+        monkeypatch.setattr(trainer_module, "train", fail)
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == f"error: {error}"
+
+
 @pytest.mark.parametrize("module, args", [
     ("vq.train", ["--data", "x.tar", "--set", "loss.perceptual=0"]),  # (the default weighs LPIPS: a backbone needed)
     ("vq.finetune_decoder", ["--data", "x.tar", "--tokenizer", "export.pt"]),
