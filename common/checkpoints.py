@@ -274,26 +274,32 @@ class RunLock:
     def acquire(self) -> RunLock:
         import fcntl
 
-        try:
-            self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+")
-        except OSError as e:
-            raise RunDirError(f"cannot use {self.path.parent} as the run directory: {e.strerror} "
-                              f"({e.filename or self.path})") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = " ".join(f.read().split()) or "holder unknown"
+        while True:
+            try:
+                self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(self.path, "a+")
+            except OSError as e:
+                raise RunDirError(f"cannot use {self.path.parent} as the run directory: {e.strerror} "
+                                  f"({e.filename or self.path})") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = " ".join(f.read().split()) or "holder unknown"
+                f.close()
+                raise RunDirError(f"{self.path} is held by another run ({holder}): two runs must not write to one "
+                                  "run directory; wait for it to end, stop it, or use another --run-dir") from None
+            except OSError as e:
+                f.close()
+                self.warning = (f"warning: cannot lock {self.path} ({e.strerror}; a file system without flock): "
+                                "nothing stops a second run from writing to this run directory")
+                return self
+            if _same_file(f, self.path):
+                break
+            # A start that failed meanwhile removed the file we opened (release(failed=True)) after we opened it
+            # and before we locked it: a lock on it would stop no other run. Take the file now at the path.
             f.close()
-            raise RunDirError(f"{self.path} is held by another run ({holder}): two runs must not write to one run "
-                              "directory; wait for it to end, stop it, or use another --run-dir") from None
-        except OSError as e:
-            f.close()
-            self.warning = (f"warning: cannot lock {self.path} ({e.strerror}; a file system without flock): "
-                            "nothing stops a second run from writing to this run directory")
-            return self
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -338,6 +344,16 @@ def holding_run_dir(run_dir: str | Path) -> Iterator[RunLock]:
         lock.release(failed=True)
         raise
     lock.release()
+
+
+def _same_file(f, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path` (not unlinked or replaced since it was opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 _HELD_LOCKS: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) of the run locks this process holds

@@ -660,6 +660,38 @@ def test_a_start_that_fails_before_writing_leaves_no_run_directory(tmp_path, mon
     assert (tmp_path / "ended" / ".lock").is_file()
 
 
+def test_a_run_that_opened_the_lock_file_a_failed_start_removes_holds_the_lock_file_then_there(tmp_path, monkeypatch):
+    """A second run that opened .lock before a failed start removed it (release(failed=True)) and locks it after:
+    its lock must be on the file at the path, so that a third run in that run directory is refused (a lock on the
+    unlinked file would stop nobody)."""
+    import threading
+
+    from common.checkpoints import RunDirError, RunLock, holding_run_dir
+
+    monkeypatch.setenv("RANK", "0")
+    run, real_flock = tmp_path / "runs" / "new", fcntl.flock
+    opened, released, second = threading.Event(), threading.Event(), {}
+
+    def flock(f, op):  # the second run: opened the lock file, not yet locked it when the first one fails
+        if threading.current_thread().name == "second" and op & fcntl.LOCK_EX and not opened.is_set():
+            opened.set()
+            released.wait(10)
+        return real_flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    starting = threading.Thread(target=lambda: second.update(lock=RunLock(run).acquire()), name="second")
+    with pytest.raises(ValueError, match="refused"), holding_run_dir(run):
+        starting.start()
+        assert opened.wait(10)
+        raise ValueError("refused")
+    released.set()
+    starting.join(10)
+    assert second["lock"].file is not None and (run / ".lock").is_file()
+    with pytest.raises(RunDirError, match="held by another run"):
+        RunLock(run).acquire()
+    second["lock"].release()
+
+
 def test_a_file_system_without_flock_runs_with_a_warning(tmp_path, monkeypatch, capsys):
     """flock failing (Lustre without -o flock): acquire returns with a warning instead of the lock, and
     holding_run_dir prints it once on rank 0."""
