@@ -68,11 +68,26 @@ def check_is_tar(path: str | Path) -> None:
 def starts_with_a_tar_header(path: str | Path) -> bool:
     """Whether the file's first 512 bytes are a sound tar header (its checksum matches): a plain tar cut short
     before its first member's headers all arrived (one PAX member's take 1536 bytes) still begins with one."""
+    import bz2
+    import lzma
+    import zlib
+
     with open(path, "rb") as f:
-        try:
-            tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
-        except tarfile.HeaderError:
-            return False
+        head = f.read(1 << 16)
+    # (a compressed tar, as tarfile's "r|*" tells them apart: its first block is in the decompressed bytes)
+    for magic, decompressor in ((b"\x1f\x8b\x08", lambda: zlib.decompressobj(31)), (b"BZh91", bz2.BZ2Decompressor),
+                                (b"\x5d\x00\x00\x80", lzma.LZMADecompressor),
+                                (b"\xfd7zXZ", lzma.LZMADecompressor)):
+        if head.startswith(magic):
+            try:
+                head = decompressor().decompress(head, tarfile.BLOCKSIZE)
+            except (OSError, EOFError, zlib.error, lzma.LZMAError):
+                return False
+            break
+    try:
+        tarfile.TarInfo.frombuf(head[:tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
     return True
 
 

@@ -278,6 +278,25 @@ def test_a_tar_cut_within_its_first_headers_is_truncated_and_a_shorter_file_is_n
             check_is_tar(tmp_path / f"{name}.tar")
 
 
+def test_a_compressed_tar_cut_within_its_first_headers_is_truncated_as_a_plain_one(tmp_path):
+    """As a plain tar: a gzip/xz shard whose decompressed bytes end within its first member's headers (its first
+    block sound) is a truncated shard without samples, not refused as not a tar."""
+    import gzip
+    import lzma
+    import zlib
+
+    from data_pipeline.laion import write_tar
+
+    whole = write_tar(tmp_path / "whole.tar", lf.synthetic_samples(1)).read_bytes()
+    for name, compress, wbits in (("gz", gzip.compress, 31), ("xz", lzma.compress, None)):
+        data = compress(whole)
+        out = lambda cut: (zlib.decompressobj(wbits) if wbits else lzma.LZMADecompressor()).decompress(data[:cut])
+        cut = next(c for c in range(len(data)) if 512 <= len(out(c)) < 1536)
+        (tmp_path / f"{name}.tar").write_bytes(data[:cut])
+        errors = Counter()
+        assert list(read_shard(tmp_path / f"{name}.tar", errors)) == [] and errors == {"truncated_tar": 1}, name
+
+
 def test_an_empty_tar_is_a_shard_without_samples_and_an_input_may_be_several_patterns(tmp_path):
     """A tar of no member (one record of zeros: the empty archive tarfile and webdataset write, as for an
     img2dataset shard whose every download failed) holds no samples and is sound, not refused as a file of zeros
