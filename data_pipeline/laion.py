@@ -58,7 +58,8 @@ def check_is_tar(path: str | Path) -> None:
         if zeros and size > tarfile.RECORDSIZE:
             raise tarfile.ReadError(f"{size} bytes beginning with zeros where the first header should be: a file "
                                     "allocated but never written")
-    except (tarfile.ReadError, tarfile.CompressionError, EOFError) as e:
+    # (TypeError: Python 3.11's tarfile on a gzip header cut within its first bytes, ord() of an empty read)
+    except (tarfile.ReadError, tarfile.CompressionError, EOFError, TypeError) as e:
         if starts_with_a_tar_header(path):  # cut within its first member's headers: read_shard counts the cut
             return
         raise DataError(f"{path} is not a tar archive ({e}); expected a webdataset shard of {{key}}.jpg/.txt/.json "

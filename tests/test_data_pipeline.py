@@ -295,6 +295,9 @@ def test_a_compressed_tar_cut_within_its_first_headers_is_truncated_as_a_plain_o
         (tmp_path / f"{name}.tar").write_bytes(data[:cut])
         errors = Counter()
         assert list(read_shard(tmp_path / f"{name}.tar", errors)) == [] and errors == {"truncated_tar": 1}, name
+    (tmp_path / "magic.tar").write_bytes(gzip.compress(whole)[:3])  # (tarfile: a TypeError from its gzip header read)
+    with pytest.raises(DataError, match=r"magic\.tar is not a tar archive"):
+        read_shard(tmp_path / "magic.tar", Counter()).__next__()
 
 
 def test_an_empty_tar_is_a_shard_without_samples_and_an_input_may_be_several_patterns(tmp_path):
