@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 
 
-def ratio_over_turns(numerators: list[float], denominators: list[float]) -> str:
+def ratio_over_turns(numerators: list[float], denominators: list[float], digits: int = 2) -> str:
     """'1.23x (1.10-1.40 over 3 turns)': the median and range of each turn's numerator / denominator."""
     ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
-    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} turns)"
+    return (f"{statistics.median(ratios):.{digits}f}x ({min(ratios):.{digits}f}-{max(ratios):.{digits}f} over "
+            f"{len(ratios)} turns)")
