@@ -4,10 +4,14 @@ and resumed, a pre-tokenization job array.
 
 The nodes have no GPUs, so every job overrides the scripts' GPU and CPU requests the way a user does on
 CPU nodes (sbatch --gpus-per-node=0 --cpus-per-task=N, DEVICE=cpu for training, evaluation and pre-tokenization); tests/test_sbatch.py
-checks the scripts' GPU defaults without a cluster."""
+checks the scripts' GPU defaults without a cluster. The last tests check LocalCluster's own logic (its config,
+the commands it runs, /etc/hosts, job steps, waiting) without a cluster: the commands, the clock and /etc/hosts
+are stand-ins there, so they run anywhere."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,18 +21,19 @@ import pytest
 import torch
 
 from model_parallel.state import child_environment
-from slurm.local_cluster import CPU_NODE_OPTIONS, CPUS_PER_NODE, LocalCluster, available
+from slurm import local_cluster as lc
+from slurm.local_cluster import CPU_NODE_OPTIONS, CPUS_PER_NODE, HOSTS_LINE, PACKAGES, LocalCluster, available
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable))
 ENV = {"PYTHON": PYTHON, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DEVICE": "cpu"}
 TRAIN = ["--set", "train.steps=100", "train.save_interval=10", "train.log_interval=1"]
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"no local SLURM cluster: {available()}")
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    if available() is not None:
+        pytest.skip(f"no local SLURM cluster: {available()}")
     c = LocalCluster(tmp_path_factory.mktemp("slurm"))
     c.start()
     yield c
@@ -243,3 +248,273 @@ def test_stopping_one_local_cluster_leaves_another_running(cluster, tmp_path):
     assert cluster.state(ours) == "RUNNING" and "n1 n2" in Path("/etc/hosts").read_text()
     cluster.run("scancel", ours)
     assert cluster.wait(ours, timeout=60) == "CANCELLED"
+
+
+# --- LocalCluster without a cluster: FakeSlurm answers its commands; no daemon starts, /etc/hosts is a copy.
+
+class FakeSlurm:
+    """The SLURM commands (and pgrep, pkill, os.kill, the clock, /etc/hosts, /proc) LocalCluster uses. `calls`
+    lists each command (a tuple), signal ("kill", pid, signal) and sleep ("sleep", s) in order; sinfo, squeue and
+    scontrol answer their lists in turn (the last one for good); a command in `fail` exits 1."""
+
+    def __init__(self, monkeypatch, tmp_path, sinfo=("idle\nidle\n",), squeue=("",), scontrol=("",), pgrep="",
+                 fail=(), dead=()):
+        self.calls, self.now, self.fail, self.dead = [], 1000.0, set(fail), set(dead)
+        self.answers = {"sinfo": list(sinfo), "squeue": list(squeue), "scontrol": list(scontrol)}
+        self.pgrep = pgrep
+        self.hosts = tmp_path / "etc-hosts"
+        self.hosts.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost")  # (no newline at the end)
+        self.proc = tmp_path / "proc"
+        self.proc.mkdir()
+        paths = {"/etc/hosts": self.hosts, "/proc": self.proc}
+        monkeypatch.setattr(lc, "available", lambda: None)
+        monkeypatch.setattr(lc, "ensure_installed", lambda: self.calls.append(("ensure_installed",)))
+        monkeypatch.setattr(lc, "subprocess", type(subprocess)("subprocess"))
+        lc.subprocess.run, lc.subprocess.CalledProcessError = self.run, subprocess.CalledProcessError
+        monkeypatch.setattr(lc, "time", self)
+        monkeypatch.setattr(lc, "Path", lambda p, *more: paths.get(str(p)) or Path(p, *more))
+        monkeypatch.setattr(os, "kill", self.kill)
+
+    def run(self, cmd, check=False, capture_output=False, text=False, **kwargs):
+        self.calls.append(tuple(cmd))
+        self.kwargs = kwargs
+        if cmd[0] in self.fail:
+            if check:
+                raise subprocess.CalledProcessError(1, cmd, "", f"{cmd[0]}: error: it failed")
+            return subprocess.CompletedProcess(cmd, 1, "", f"{cmd[0]}: error: it failed")
+        out = {"sbatch": "42;partilocal\n", "pgrep": self.pgrep}.get(cmd[0], "")
+        if cmd[0] in self.answers:
+            answers = self.answers[cmd[0]]
+            out = answers.pop(0) if len(answers) > 1 else answers[0]
+        return subprocess.CompletedProcess(cmd, 0, out if text else out.encode(), "")
+
+    def kill(self, pid, sig):
+        self.calls.append(("kill", pid, sig))
+        if pid in self.dead:
+            raise ProcessLookupError(pid)
+
+    def time(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert self.now < 1000 + 3600, "waits for good"
+        self.calls.append(("sleep", seconds))
+        self.now += seconds
+
+    def commands(self, name):
+        return [c for c in self.calls if c[0] == name]
+
+
+def test_config_gives_the_controller_and_each_node_a_port_of_their_own_and_keeps_files_under_the_root(tmp_path):
+    lines = [dict(word.split("=", 1) for word in line.split()) for line in lc._config(tmp_path, 31000).splitlines()]
+    settings = {k: v for line in lines if len(line) == 1 for k, v in line.items()}
+    (nodes,) = [line for line in lines if "NodeName" in line]
+    (partition,) = [line for line in lines if "PartitionName" in line]
+    assert settings["SlurmctldPort"] == "31000" and nodes["Port"] == "[31001-31002]"  # the 3 ports _free_ports(3) gave
+    assert nodes["NodeName"] == partition["Nodes"] == "n[1-2]" and HOSTS_LINE.split("#")[0].split()[1:] == ["n1", "n2"]
+    assert nodes["CPUs"] == str(CPUS_PER_NODE) and partition["Default"] == "YES"
+    assert settings["AuthInfo"] == "cred_expire=5"  # (a requeued job would wait 121 s by default)
+    for key in ("StateSaveLocation", "SlurmdSpoolDir", "SlurmctldPidFile", "SlurmdPidFile", "SlurmctldLogFile",
+                "SlurmdLogFile", "JobCompLoc"):
+        assert settings[key].startswith(f"{tmp_path}/"), key
+    assert settings["SlurmdPidFile"].endswith(".pid") and settings["SlurmctldPidFile"].endswith(".pid")  # (stop)
+
+
+def test_free_ports_skips_a_range_with_any_port_in_use_and_closes_its_sockets(monkeypatch):
+    import random
+    import socket
+
+    opened, busy = [], {30002}
+
+    class FakeSocket:
+        def __init__(self):
+            self.closed = False
+            opened.append(self)
+
+        def bind(self, address):
+            if address[1] in busy:
+                raise OSError("address in use")
+
+        def close(self):
+            self.closed = True
+
+    bases, tries = iter([30000, 31000]), []
+
+    def randint(low, high):
+        tries.append(low)
+        assert len(tries) < 1000, "tries for good"
+        return next(bases, 30000)
+
+    monkeypatch.setattr(socket, "socket", FakeSocket)
+    monkeypatch.setattr(random, "randint", randint)
+    assert lc._free_ports(3) == 31000  # (30000-30002: the third is in use)
+    assert opened and all(s.closed for s in opened)
+    busy.update(range(20000, 50000))
+    with pytest.raises(RuntimeError, match="no free ports"):
+        lc._free_ports(3)
+
+
+def test_start_writes_the_config_adds_the_hosts_line_once_and_waits_for_both_nodes_idle(monkeypatch, tmp_path):
+    fake = FakeSlurm(monkeypatch, tmp_path, sinfo=["", "idle\n", "idle\ndown*\n", "idle\nidle\n"])
+    before = fake.hosts.read_text()
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    assert cluster.start() is cluster
+    conf = str(cluster.conf)
+    assert fake.calls[0] == ("ensure_installed",)
+    assert cluster.conf.read_text() == lc._config(cluster.root, 31000)
+    assert all((cluster.root / d).is_dir() for d in ("state", "spool/n1", "spool/n2"))
+    daemons = [c for c in fake.calls if c[0] in ("slurmctld", "slurmd")]
+    assert daemons == [("slurmctld", "-f", conf, "-i"), ("slurmd", "-f", conf, "-N", "n1"),
+                       ("slurmd", "-f", conf, "-N", "n2")]
+    assert len(fake.commands("sinfo")) == 4  # until both nodes are idle
+    assert fake.hosts.read_text() == before + "\n" + HOSTS_LINE + "\n"
+    LocalCluster(tmp_path / "other", port=32000).start()
+    assert fake.hosts.read_text().count(HOSTS_LINE) == 1
+
+
+def test_a_cluster_without_a_port_reserves_three_consecutive_ones(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(lc, "_free_ports", lambda count: asked.append(count) or 31000)
+    assert LocalCluster(tmp_path).port == 31000 and asked == [3]  # (the controller's, then one per node)
+
+
+def test_start_whose_nodes_never_come_up_stops_and_says_why(monkeypatch, tmp_path):
+    fake = FakeSlurm(monkeypatch, tmp_path, sinfo=["down*\ndown*\n"])
+    before = fake.hosts.read_text()
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    with pytest.raises(RuntimeError, match="did not become idle") as error:
+        cluster.start()
+    assert "down*" in str(error.value) and str(cluster.root) in str(error.value)
+    assert ("pkill", "-KILL", "-f", str(cluster.conf)) in fake.calls
+    assert fake.hosts.read_text().rstrip("\n") == before  # (the line it added is gone)
+
+
+def test_stop_cancels_waits_for_the_queue_terms_then_kills_and_removes_the_hosts_line(monkeypatch, tmp_path):
+    fake = FakeSlurm(monkeypatch, tmp_path, squeue=["7 R\n", "7 CG\n", ""], dead={222, 444})
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    cluster.root.mkdir()
+    for name, text in [("slurmctld.pid", "111\n"), ("slurmd.n1.pid", "222\n"), ("slurmd.n2.pid", "")]:
+        (cluster.root / name).write_text(text)  # (222 ended already; an empty pid file is skipped)
+    monkeypatch.setattr(cluster, "job_steps", lambda: [333, 444])
+    fake.hosts.write_text(f"127.0.0.1 localhost\n{HOSTS_LINE}\n10.0.0.1 db\n")
+    cluster.stop()
+    assert fake.calls[0] == ("scancel", "--full", "-u", "root") and len(fake.commands("squeue")) == 3
+    kills = [c for c in fake.calls if c[0] in ("kill", "pkill")]
+    assert sorted(kills[:2]) == [("kill", 111, signal.SIGTERM), ("kill", 222, signal.SIGTERM)]
+    assert kills[2:] == [("pkill", "-KILL", "-f", str(cluster.conf)), ("kill", 333, signal.SIGKILL),
+                         ("kill", 444, signal.SIGKILL)]
+    term, pkill = fake.calls.index(kills[1]), fake.calls.index(kills[2])
+    assert any(c[0] == "sleep" for c in fake.calls[term:pkill])  # the daemons get a moment to stop by themselves
+    assert fake.hosts.read_text() == "127.0.0.1 localhost\n10.0.0.1 db\n"
+
+
+def test_stop_gives_up_on_a_queue_that_never_empties_and_keeps_the_hosts_line_another_cluster_uses(
+        monkeypatch, tmp_path):
+    fake = FakeSlurm(monkeypatch, tmp_path, squeue=["7 R\n"], pgrep="4321\n")
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    cluster.root.mkdir()
+    monkeypatch.setattr(cluster, "job_steps", list)
+    fake.hosts.write_text(f"127.0.0.1 localhost\n{HOSTS_LINE}\n")
+    cluster.stop()
+    assert ("pkill", "-KILL", "-f", str(cluster.conf)) in fake.calls
+    assert len(fake.commands("squeue")) <= 40  # (it waits some 15 s, of the fake clock)
+    assert fake.commands("pgrep") == [("pgrep", "-x", "slurmd")] and HOSTS_LINE in fake.hosts.read_text()
+
+
+def test_job_steps_are_this_clusters_slurmstepds_by_working_folder_or_open_file(monkeypatch, tmp_path):
+    fake = FakeSlurm(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cluster, other = LocalCluster("ours", port=31000), tmp_path / "other"  # (a relative root)
+    ours = tmp_path / "ours"
+
+    def process(pid, cmdline, cwd=None, fds=()):
+        (fake.proc / str(pid) / "fd").mkdir(parents=True)
+        (fake.proc / str(pid) / "cmdline").write_bytes(cmdline)
+        if cwd:
+            (fake.proc / str(pid) / "cwd").symlink_to(cwd)
+        for i, target in enumerate(fds):
+            (fake.proc / str(pid) / "fd" / str(i)).symlink_to(target)
+
+    stepd = b"slurmstepd: [1.batch]\x00"
+    process(101, stepd, cwd=ours / "spool" / "n1")
+    process(102, stepd, cwd="/", fds=["/dev/null", "socket:[1234]", ours / "slurmd.n1.log"])
+    process(103, stepd, cwd=other / "spool" / "n1", fds=[other / "slurmd.n1.log"])  # another cluster's
+    process(104, b"sleep\x00120\x00", cwd=ours)  # the job itself, not a step
+    process(106, b"slurmd\x00-f\x00" + bytes(ours / "slurm.conf") + b"\x00-N\x00n1\x00", cwd="/",
+            fds=[ours / "slurmd.n1.log"])  # nor a daemon
+    process(105, stepd, fds=[ours / "slurmd.n2.log"])  # ended meanwhile: no cwd to read
+    (fake.proc / "uptime").write_text("1.0 1.0\n")
+    assert sorted(cluster.job_steps()) == [101, 102]
+
+
+def test_sbatch_returns_the_job_id_and_passes_the_callers_environment_over_the_clusters(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEVICE", "cuda")
+    fake = FakeSlurm(monkeypatch, tmp_path)
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    assert cluster.sbatch(["-N", "2", "job.sbatch"], cwd=tmp_path, env={"DEVICE": "cpu"}) == "42"
+    assert fake.calls == [("sbatch", "--parsable", "-N", "2", "job.sbatch")] and fake.kwargs["cwd"] == tmp_path
+    assert fake.kwargs["env"]["DEVICE"] == "cpu" and fake.kwargs["env"]["SLURM_CONF"] == str(cluster.conf)
+
+
+def test_state_reads_the_job_state_from_scontrols_line_and_unknown_without_one(monkeypatch, tmp_path):
+    line = ("JobId=7 JobName=wrap UserId=root(0) Priority=1 JobState=RUNNING Reason=None Dependency=(null) "
+            "NumNodes=1 TRES=cpu=2,mem=8000M,node=1,billing=2 Command=(null) WorkDir=/tmp\n")
+    fake = FakeSlurm(monkeypatch, tmp_path, scontrol=[line])
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    assert cluster.state("7") == "RUNNING" and fake.calls == [("scontrol", "show", "job", "7", "-o")]
+    fake.fail.add("scontrol")  # (a job SLURM no longer knows: exit 1, nothing on stdout)
+    assert cluster.state("8") == "UNKNOWN"
+
+
+@pytest.mark.parametrize("final", ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
+                                   "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"])
+def test_wait_returns_the_first_final_state(monkeypatch, tmp_path, final):
+    fake = FakeSlurm(monkeypatch, tmp_path)
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    states = iter(["PENDING", "RUNNING", "COMPLETING", final, "UNKNOWN"])
+    monkeypatch.setattr(cluster, "state", lambda job: next(states))
+    assert cluster.wait("7") == final and len(fake.commands("sleep")) == 3
+
+
+def test_wait_times_out_naming_the_job_and_its_state(monkeypatch, tmp_path):
+    fake = FakeSlurm(monkeypatch, tmp_path)
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    monkeypatch.setattr(cluster, "state", lambda job: "PENDING")
+    with pytest.raises(TimeoutError, match="job 7 still PENDING after 30 s"):
+        cluster.wait("7", timeout=30)
+    assert 25 <= len(fake.commands("sleep")) <= 31  # (the fake clock: about one look a second)
+
+
+def test_with_block_starts_the_cluster_and_stops_it_on_the_way_out_even_on_error(monkeypatch, tmp_path):
+    FakeSlurm(monkeypatch, tmp_path)
+    cluster, events = LocalCluster(tmp_path / "c", port=31000), []
+    monkeypatch.setattr(cluster, "start", lambda: events.append("start") or cluster)
+    monkeypatch.setattr(cluster, "stop", lambda: events.append("stop"))
+    with pytest.raises(KeyError), cluster as started:
+        assert started is cluster
+        raise KeyError("in the block")
+    assert events == ["start", "stop"]
+
+
+def test_available_and_ensure_installed(monkeypatch):
+    installed = {"apt-get"}
+    monkeypatch.setattr(lc.shutil, "which", lambda name: f"/usr/bin/{name}" if name in installed else None)
+    monkeypatch.setattr(lc.os, "geteuid", lambda: 1000)
+    assert "root" in available()
+    monkeypatch.setattr(lc.os, "geteuid", lambda: 0)
+    assert available() is None
+    installed.clear()
+    assert "not installed" in available()
+    runs = []
+    monkeypatch.setattr(lc.subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw["env"]["DEBIAN_FRONTEND"])))
+    lc.ensure_installed()
+    assert [cmd[:2] for cmd, _ in runs] == [["apt-get", "update"], ["apt-get", "install"]]
+    assert runs[1][0][-len(PACKAGES):] == PACKAGES and "-y" in runs[1][0] and runs[1][1] == "noninteractive"
+    runs.clear()
+    installed.update({"slurmctld", "apt-get"})  # (slurmd missing)
+    lc.ensure_installed()
+    assert len(runs) == 2
+    runs.clear()
+    installed.update({"slurmctld", "slurmd", "sbatch"})
+    lc.ensure_installed()
+    assert runs == []
