@@ -111,7 +111,8 @@ def _free_ports(count: int) -> int:
 
 class LocalCluster:
     def __init__(self, root: str | Path | None = None, port: int | None = None):
-        self.root = Path(root or tempfile.mkdtemp(prefix="parti-slurm-"))
+        # Absolute: sbatch reads SLURM_CONF in its caller's cwd, the daemons the config's paths in theirs.
+        self.root = Path(root or tempfile.mkdtemp(prefix="parti-slurm-")).resolve()
         self.port = port or _free_ports(3)
         self.conf = self.root / "slurm.conf"
         self.env = child_environment(SLURM_CONF=str(self.conf))
@@ -130,9 +131,14 @@ class LocalCluster:
         hosts = Path("/etc/hosts").read_text()
         if HOSTS_LINE not in hosts:
             Path("/etc/hosts").write_text(hosts.rstrip("\n") + "\n" + HOSTS_LINE + "\n")
-        self.run("slurmctld", "-f", str(self.conf), "-i")
-        for node in ("n1", "n2"):
-            self.run("slurmd", "-f", str(self.conf), "-N", node)
+        try:
+            self.run("slurmctld", "-f", str(self.conf), "-i")
+            for node in ("n1", "n2"):
+                self.run("slurmd", "-f", str(self.conf), "-N", node)
+        except subprocess.CalledProcessError as failed:  # (slurmctld daemonized already: stop it, as below)
+            self.stop()
+            raise RuntimeError(f"{failed.cmd[0]} did not start: {(failed.stderr or '').strip()}; "
+                               f"see {self.root}/*.log") from failed
         deadline = time.time() + 60
         while time.time() < deadline:
             states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).split()

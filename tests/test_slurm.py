@@ -518,3 +518,24 @@ def test_available_and_ensure_installed(monkeypatch):
     installed.update({"slurmctld", "slurmd", "sbatch"})
     lc.ensure_installed()
     assert runs == []
+
+
+def test_start_whose_daemon_fails_stops_what_it_started_and_shows_why(monkeypatch, tmp_path):
+    """slurmctld daemonizes: when a slurmd then fails, start stops it again (and takes the hosts line back) as
+    when the nodes never come up, and says what the daemon said."""
+    fake = FakeSlurm(monkeypatch, tmp_path, fail={"slurmd"})
+    before = fake.hosts.read_text()
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    with pytest.raises(RuntimeError, match="slurmd: error: it failed") as error:
+        cluster.start()
+    assert str(cluster.root) in str(error.value)
+    assert ("pkill", "-KILL", "-f", str(cluster.conf)) in fake.calls
+    assert fake.hosts.read_text().rstrip("\n") == before
+
+
+def test_a_relative_root_is_made_absolute_for_the_daemons_and_commands_run_elsewhere(monkeypatch, tmp_path):
+    """SLURM_CONF and the config's paths are read by sbatch in the caller's cwd and by daemons that chdir."""
+    monkeypatch.chdir(tmp_path)
+    cluster = LocalCluster("rel", port=31000)
+    assert cluster.root == tmp_path / "rel" and cluster.env["SLURM_CONF"] == str(tmp_path / "rel" / "slurm.conf")
+    assert f"StateSaveLocation={tmp_path}/rel/state" in lc._config(cluster.root, cluster.port)
