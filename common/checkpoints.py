@@ -317,7 +317,7 @@ class RunLock:
         if self.file is not None:
             _HELD_LOCKS.pop(self.file.fileno(), None)
             if failed and self.path in self.made and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
-                self.path.unlink()  # (while still held: no other run can have taken it meanwhile)
+                self.path.unlink()  # (a run that opened it meanwhile finds it gone once locked: acquire's retry)
                 with contextlib.suppress(OSError):  # (a file that appeared since: the folder stays)
                     for folder in self.made[1:]:  # (the run directory, then the parents mkdir made for it)
                         folder.rmdir()
