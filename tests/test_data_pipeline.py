@@ -1,6 +1,7 @@
 """LAION-style shards -> code shards: filters, formats, resumability, array tasks, the training dataset."""
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import io
 import json
@@ -290,8 +291,10 @@ def test_a_compressed_tar_cut_within_its_first_headers_is_truncated_as_a_plain_o
     whole = write_tar(tmp_path / "whole.tar", lf.synthetic_samples(1)).read_bytes()
     for name, compress, wbits in (("gz", gzip.compress, 31), ("xz", lzma.compress, None)):
         data = compress(whole)
-        out = lambda cut: (zlib.decompressobj(wbits) if wbits else lzma.LZMADecompressor()).decompress(data[:cut])
-        cut = next(c for c in range(len(data)) if 512 <= len(out(c)) < 1536)
+        def decompressed(cut: int, data=data, wbits=wbits) -> bytes:
+            return (zlib.decompressobj(wbits) if wbits else lzma.LZMADecompressor()).decompress(data[:cut])
+
+        cut = next(c for c in range(len(data)) if 512 <= len(decompressed(c)) < 1536)
         (tmp_path / f"{name}.tar").write_bytes(data[:cut])
         errors = Counter()
         assert list(read_shard(tmp_path / f"{name}.tar", errors)) == [] and errors == {"truncated_tar": 1}, name
@@ -1564,7 +1567,14 @@ def test_of_several_other_shards_the_refusal_names_the_first_by_number(tmp_path)
     out.mkdir()
     for i in (20000, 100000):
         (out / f"{i:05d}.json").write_text(json.dumps({"header": head, "input": f"old-{i:05d}.tar"}))
-    inputs = [tmp_path / f"{i:05d}.tar" for i in range(100001)]  # (other names: no file is opened)
+    class Inputs(collections.abc.Sequence):  # 100,001 input paths made when asked (a list of them: seconds of GC)
+        def __len__(self):
+            return 100001
+
+        def __getitem__(self, i):
+            return tmp_path / f"{range(100001)[i]:05d}.tar"  # (other names: no file is opened)
+
+    inputs = Inputs()
     with pytest.raises(DataError, match=r"codes/20000\.bin was made from old-20000\.tar, and this run's input 20000"):
         check_folder(out, head, inputs)
     with pytest.raises(DataError, match=r"codes/20000\.json: a shard beyond this run's 2 input"):
@@ -1573,6 +1583,7 @@ def test_of_several_other_shards_the_refusal_names_the_first_by_number(tmp_path)
         (out / f"{i:05d}.json").write_text(json.dumps({"header": {**head, "vq": {"hash": "w"}}}))
     with pytest.raises(DataError, match=r"codes/20000\.bin \(and 1 more shard\(s\)\) was made with another"):
         check_folder(out, head)
+
 
 def test_integer_grey_images_are_scaled_by_their_range():
     """By hand: a 16-bit grey image's 0, 32768, 65535 become 0, 128, 255; a 32-bit one ("I") holding 8-bit values
