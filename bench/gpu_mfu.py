@@ -136,8 +136,9 @@ def op_breakdown(events, device: str, top: int = 25) -> list[dict]:
     own = (lambda e: sum(k.duration for k in e.kernels)) if device == "cuda" else (lambda e: e.self_cpu_time_total)
     totals: dict[tuple, list] = {}
     for e in events:
+        # (a user annotation: a record_function range, not an operation)
         if (e.device_type.name != "CPU" or _PYTHON_FRAME.search(e.name)
-                or e.name.startswith(("<built-in", "nn.Module:")) or getattr(e, "is_user_annotation", False)):  # (a record_function range, not an operation)
+                or e.name.startswith(("<built-in", "nn.Module:")) or getattr(e, "is_user_annotation", False)):
             continue
         seconds = own(e) / 1e6
         if seconds <= 0:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{len(samples)} images of ~640x480 -> {args.image_size}px, grid {vq.grid}, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}, {args.repeats} turns (medians)")
     for name, rates in turns.items():
-        of = [r / e for r, e in zip(rates, turns["VQ encode only"])]
+        of = [r / e for r, e in zip(rates, turns["VQ encode only"], strict=True)]
         print(f"{name:>32}: {statistics.median(rates):8.1f} images/s   ({statistics.median(of):.2f} of encode-only)")
 
 
