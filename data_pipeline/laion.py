@@ -6,16 +6,20 @@
 
 A shard is a tar of `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`. A truncated or corrupt tar yields
 the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard), also when it was
-cut exactly between two members (its end-of-archive marker is missing: `ends_like_a_tar`) or its tail is zeros
-(allocated, never written). A member repeated within a sample (`x.txt` twice, `x.jpg` and `x.JPG`) is counted
-under `duplicate_member` and left out (the sample keeps the first); the samples after it are read as usual. A
-file that is not a tar at all (`check_is_tar`; also a file of zeros) is refused with a DataError naming it; one
-whose first header block is sound but was cut before its first member (a download that died in its first
-kilobytes) is a truncated tar without samples.
+cut exactly between two members (its end-of-archive marker is missing: `ends_like_a_tar`; of a compressed tar,
+in its decompressed stream) or its tail is zeros (allocated, never written). A member repeated within a sample
+(`x.txt` twice, `x.jpg` and `x.JPG`) is counted under `duplicate_member` and left out (the sample keeps the
+first); the samples after it are read as usual. A file that is not a tar at all (`check_is_tar`; also a file of
+zeros) is refused with a DataError naming it; one whose first header block is sound but was cut before its first
+member (a download that died in its first kilobytes) is a truncated tar without samples.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +28,13 @@ from webdataset import TarWriter, tariterators
 
 from common.files import atomic_path
 from data_pipeline.errors import DataError
+
+# The compressions tarfile's "r|*" (webdataset's mode) reads, told apart by their first bytes as tarfile does:
+# (magic, an incremental decompressor, an opener of the decompressed stream).
+COMPRESSIONS = ((b"\x1f\x8b\x08", lambda: zlib.decompressobj(31), gzip.open),
+                (b"BZh91", bz2.BZ2Decompressor, bz2.open),
+                (b"\x5d\x00\x00\x80", lzma.LZMADecompressor, lzma.open),
+                (b"\xfd7zXZ", lzma.LZMADecompressor, lzma.open))
 
 
 def expand_shards(pattern: str) -> list[Path]:
@@ -69,16 +80,10 @@ def check_is_tar(path: str | Path) -> None:
 def starts_with_a_tar_header(path: str | Path) -> bool:
     """Whether the file's first 512 bytes are a sound tar header (its checksum matches): a plain tar cut short
     before its first member's headers all arrived (one PAX member's take 1536 bytes) still begins with one."""
-    import bz2
-    import lzma
-    import zlib
-
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    # (a compressed tar, as tarfile's "r|*" tells them apart: its first block is in the decompressed bytes)
-    for magic, decompressor in ((b"\x1f\x8b\x08", lambda: zlib.decompressobj(31)), (b"BZh91", bz2.BZ2Decompressor),
-                                (b"\x5d\x00\x00\x80", lzma.LZMADecompressor),
-                                (b"\xfd7zXZ", lzma.LZMADecompressor)):
+    # (a compressed tar: its first block is in the decompressed bytes)
+    for magic, decompressor, _ in COMPRESSIONS:
         if head.startswith(magic):
             try:
                 head = decompressor().decompress(head, tarfile.BLOCKSIZE)
@@ -99,8 +104,7 @@ def read_shard(path: str | Path, errors: Counter):
 
     def on_error(exc: Exception) -> bool:
         if isinstance(exc, OSError):  # (EIO, ESTALE on a network file system: not a cut the shard could be short of)
-            raise DataError(f"{path}: reading failed ({exc}); the shard was not finished: rerun when the file "
-                            "system is sound") from exc
+            raise reading_failed(path, exc) from exc
         if isinstance(exc, ValueError) and "duplicate file name" in str(exc.args[0]):  # (group_by_keys' words)
             errors["duplicate_member"] += 1  # a second KEY.jpg (or KEY.JPG): the sample keeps its first one
             return True  # the tar itself is sound: read on
@@ -115,21 +119,52 @@ def read_shard(path: str | Path, errors: Counter):
         errors["truncated_tar"] += 1
 
 
+def reading_failed(path: str | Path, exc: OSError) -> DataError:
+    return DataError(f"{path}: reading failed ({exc}); the shard was not finished: rerun when the file system is "
+                     "sound")
+
+
 def ends_like_a_tar(path: str | Path, read_to: int | None = None) -> bool:
-    """Whether an uncompressed tar ends with its end-of-archive marker (two zero blocks; tar, Python's tarfile and
-    webdataset's writer all write it, padded to whole blocks). Without it the file was cut, possibly exactly
-    between two members, which tarfile reads as a shorter archive without a word. `read_to`: where reading the
-    archive stopped (at its first zero block, read in RECORDSIZE chunks); more than a record of zeros after it is
-    a tail that was allocated but never written (an interrupted copy: its members are missing). A compressed
-    tar: True (its stream's own end is checked by the decompressor)."""
+    """Whether a tar ends with its end-of-archive marker (two zero blocks; tar, Python's tarfile and webdataset's
+    writer all write it, padded to whole blocks). Without it the file was cut, possibly exactly between two
+    members or within a header, which tarfile reads as a shorter archive without a word. `read_to`: where reading
+    an uncompressed archive stopped (at its first zero block, read in RECORDSIZE chunks); more than a record of
+    zeros after it is a tail that was allocated but never written (an interrupted copy: its members are missing).
+    A compressed tar is decompressed once more (its cost: img2dataset writes plain tars): its stream must reach its
+    own end marker (tarfile does not check that) and its tar the archive's."""
     with open(path, "rb") as f:
-        if f.read(262)[257:262] != b"ustar":  # (not a plain POSIX/GNU tar: compressed, or an old v7 one)
+        head = f.read(262)
+        opener = next((o for magic, _, o in COMPRESSIONS if head.startswith(magic)), None)
+        if opener is not None:
+            return decompressed_ends_like_a_tar(path, opener)
+        if head[257:262] != b"ustar":  # (an old v7 tar: no magic to tell its blocks by)
             return True
         size = f.seek(0, 2)
-        if size % 512 or size < 1536 or (read_to is not None and size - read_to > tarfile.RECORDSIZE + 512):
+        if read_to is not None and size - read_to > tarfile.RECORDSIZE + 512:
             return False
-        f.seek(size - 1024)
-        return f.read(1024) == bytes(1024)
+        f.seek(max(size - 1024, 0))
+        return ends_with_the_end_marker(size, f.read(1024))
+
+
+def decompressed_ends_like_a_tar(path: str | Path, opener) -> bool:
+    """ends_like_a_tar for a compressed tar: read through its decompressed stream, keeping the last 1 KiB."""
+    size, tail = 0, b""
+    try:
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                size, tail = size + len(chunk), (tail + chunk)[-1024:]
+    except (EOFError, zlib.error, lzma.LZMAError):  # (EOFError: the stream was cut before its end marker)
+        return False
+    except OSError as e:
+        if e.errno is not None:  # (EIO, ESTALE: reading failed, not a damaged file)
+            raise reading_failed(path, e) from e
+        return False  # corrupt compressed data (gzip's BadGzipFile, bz2's "Invalid data stream")
+    return ends_with_the_end_marker(size, tail)
+
+
+def ends_with_the_end_marker(size: int, tail: bytes) -> bool:
+    """A tar of `size` bytes (whole blocks, at least a header and the marker) whose last 1 KiB, `tail`, is zeros."""
+    return size % 512 == 0 and size >= 1536 and tail == bytes(1024)
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:

@@ -303,6 +303,41 @@ def test_a_compressed_tar_cut_within_its_first_headers_is_truncated_as_a_plain_o
         read_shard(tmp_path / "magic.tar", Counter()).__next__()
 
 
+def test_a_compressed_tar_cut_after_a_member_is_counted_as_truncated(tmp_path):
+    """A gzip/bz2/xz shard whose stream was cut within the third sample's header: tarfile's stream mode reads the
+    two samples before it as a whole, shorter archive (it checks neither the decompressor's end nor the tar's end
+    marker), so the cut is counted as a plain tar's is; a whole compressed shard, and one whose complete stream
+    holds a tar without its end marker, are told apart."""
+    import bz2
+    import gzip
+    import lzma
+    import tarfile
+    import zlib
+
+    from data_pipeline.laion import write_tar
+
+    samples = lf.synthetic_samples(3)
+    whole = write_tar(tmp_path / "whole.tar", samples).read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        third = next(m.offset for m in tar.getmembers() if m.name.startswith(samples[2][0]))
+    shards = {}
+    for name, compress, decompressor in (("gz", gzip.compress, lambda: zlib.decompressobj(31)),
+                                         ("bz2", bz2.compress, bz2.BZ2Decompressor),
+                                         ("xz", lzma.compress, lzma.LZMADecompressor)):
+        data = compress(whole)
+        shards[f"whole.tar.{name}"], shards[f"unmarked.tar.{name}"] = data, compress(whole[:third])
+        if name != "bz2":  # (bz2 gives nothing of a block before its end: a cut lands where a block ends)
+            shards[f"cut.tar.{name}"] = next(data[:c] for c in range(len(data))
+                                             if third < len(decompressor().decompress(data[:c])) < third + 512)
+    for name, shard in shards.items():
+        (tmp_path / name).write_bytes(shard)
+        errors = Counter()
+        read = [s["__key__"] for s in read_shard(tmp_path / name, errors)]
+        whole_shard = name.startswith("whole")
+        assert read == [k for k, _ in samples[:3 if whole_shard else 2]], name
+        assert errors == ({} if whole_shard else {"truncated_tar": 1}), name
+
+
 def test_an_empty_tar_is_a_shard_without_samples_and_an_input_may_be_several_patterns(tmp_path):
     """A tar of no member (one record of zeros: the empty archive tarfile and webdataset write, as for an
     img2dataset shard whose every download failed) holds no samples and is sound, not refused as a file of zeros
