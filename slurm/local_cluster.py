@@ -36,19 +36,25 @@ CPUS_PER_NODE = 2
 # What the slurm/*.sbatch scripts' #SBATCH resource lines must be overridden with on these GPU-less nodes.
 CPU_NODE_OPTIONS = ["--gpus-per-node=0", f"--cpus-per-task={CPUS_PER_NODE}"]
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+# The commands that tell whether PACKAGES are installed (slurm-client brings sinfo, squeue, scontrol, scancel too).
+COMMANDS = ["slurmctld", "slurmd", "sbatch"]
+# The states a job ends in: `wait` returns at the first of them.
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE")
 
 
 def available() -> str | None:
     """None when a local cluster can be started here, else the reason."""
     if os.geteuid() != 0:
         return "starting SLURM daemons needs root"
-    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        return "SLURM is not installed and there is no apt-get to install it"
+    missing = [c for c in COMMANDS if shutil.which(c) is None]
+    if missing and shutil.which("apt-get") is None:  # (ensure_installed would fail)
+        return f"{', '.join(missing)} not installed and there is no apt-get to install SLURM"
     return None
 
 
 def ensure_installed() -> None:
-    if all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch")):
+    if all(shutil.which(c) for c in COMMANDS):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
@@ -142,7 +148,10 @@ class LocalCluster:
         deadline = time.time() + 60
         while time.time() < deadline:
             states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).split()
-            if len(states) == 2 and all(s.startswith("idle") for s in states):
+            # Exactly "idle": sinfo appends "*" to a node that does not respond (its slurmd not registered yet,
+            # or gone), and other marks ("~" powered down, "@" reboot pending, "$" maintenance...) to one that
+            # would not take a job either.
+            if len(states) == 2 and all(s == "idle" for s in states):
                 return self
             time.sleep(0.5)
         self.stop()
@@ -193,12 +202,18 @@ class LocalCluster:
         return out.strip().split(";")[0]
 
     def state(self, job: str) -> str:
+        """The job's state, UNKNOWN when SLURM does not know it. scontrol shows an array job as one record per task
+        (the pending ones as one record), so that `wait` returns only once every task ended: while any has not,
+        the first such record's state (RUNNING, PENDING, ...); then the first that is not COMPLETED (FAILED,
+        CANCELLED, ...), and COMPLETED only when every task completed."""
         out = self.run("scontrol", "show", "job", job, "-o", check=False)
-        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-        return fields.get("JobState", "UNKNOWN")
+        states = [word.split("=", 1)[1] for word in out.split() if word.startswith("JobState=")]
+        if not states:
+            return "UNKNOWN"
+        return next((s for s in states if s not in FINAL_STATES), None) or \
+            next((s for s in states if s != "COMPLETED"), "COMPLETED")
 
-    def wait(self, job: str, timeout: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
-                                                         "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")) -> str:
+    def wait(self, job: str, timeout: float = 600, done=FINAL_STATES) -> str:
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = self.state(job)

@@ -355,7 +355,8 @@ def test_free_ports_skips_a_range_with_any_port_in_use_and_closes_its_sockets(mo
 
 
 def test_start_writes_the_config_adds_the_hosts_line_once_and_waits_for_both_nodes_idle(monkeypatch, tmp_path):
-    fake = FakeSlurm(monkeypatch, tmp_path, sinfo=["", "idle\n", "idle\ndown*\n", "idle\nidle\n"])
+    # ("idle*": idle but not responding, e.g. a slurmd that has not registered yet; it would take no job)
+    fake = FakeSlurm(monkeypatch, tmp_path, sinfo=["", "idle\n", "idle\ndown*\n", "idle*\nidle\n", "idle\nidle\n"])
     before = fake.hosts.read_text()
     cluster = LocalCluster(tmp_path / "c", port=31000)
     assert cluster.start() is cluster
@@ -366,7 +367,7 @@ def test_start_writes_the_config_adds_the_hosts_line_once_and_waits_for_both_nod
     daemons = [c for c in fake.calls if c[0] in ("slurmctld", "slurmd")]
     assert daemons == [("slurmctld", "-f", conf, "-i"), ("slurmd", "-f", conf, "-N", "n1"),
                        ("slurmd", "-f", conf, "-N", "n2")]
-    assert len(fake.commands("sinfo")) == 4  # until both nodes are idle
+    assert len(fake.commands("sinfo")) == 5  # until both nodes are idle and respond
     assert fake.hosts.read_text() == before + "\n" + HOSTS_LINE + "\n"
     LocalCluster(tmp_path / "other", port=32000).start()
     assert fake.hosts.read_text().count(HOSTS_LINE) == 1
@@ -466,6 +467,23 @@ def test_state_reads_the_job_state_from_scontrols_line_and_unknown_without_one(m
     assert cluster.state("8") == "UNKNOWN"
 
 
+def test_state_of_an_array_job_is_final_only_once_every_task_is_and_then_says_whether_any_did_not_complete(
+        monkeypatch, tmp_path):
+    """scontrol shows an array job as one record per task (the pending ones as one record): the job is done when
+    the last of them is, and did not complete when any one did not."""
+    def tasks(*states: str) -> str:
+        return "".join(f"JobId={8 + i} ArrayJobId=7 ArrayTaskId={i} JobState={s} Reason=None\n"
+                       for i, s in enumerate(states))
+
+    answers = [tasks("COMPLETED", "RUNNING", "PENDING"), tasks("FAILED", "COMPLETED", "RUNNING"),
+               tasks("COMPLETED", "FAILED", "COMPLETED"), tasks("COMPLETED", "COMPLETED", "COMPLETED")]
+    fake = FakeSlurm(monkeypatch, tmp_path, scontrol=answers)
+    cluster = LocalCluster(tmp_path / "c", port=31000)
+    assert [cluster.state("7") for _ in answers] == ["RUNNING", "RUNNING", "FAILED", "COMPLETED"]
+    fake.answers["scontrol"] = [tasks("RUNNING", "COMPLETED"), tasks("CANCELLED", "COMPLETED")]
+    assert cluster.wait("7") == "CANCELLED" and len(fake.commands("sleep")) == 1  # (not the last task's COMPLETED)
+
+
 @pytest.mark.parametrize("final", ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
                                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"])
 def test_wait_returns_the_first_final_state(monkeypatch, tmp_path, final):
@@ -505,6 +523,11 @@ def test_available_and_ensure_installed(monkeypatch):
     assert available() is None
     installed.clear()
     assert "not installed" in available()
+    installed.add("slurmctld")  # (what ensure_installed needs besides it is missing, with nothing to install it)
+    assert "slurmd, sbatch not installed" in available()
+    installed.update({"slurmd", "sbatch"})
+    assert available() is None
+    installed.clear()
     runs = []
     monkeypatch.setattr(lc.subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw["env"]["DEBIAN_FRONTEND"])))
     lc.ensure_installed()
