@@ -1,23 +1,33 @@
 """Training throughput and ZeRO memory, measured side by side in one run.
 
-    python bench/train_throughput.py [--preset parti-tiny] [--nproc 2] [--steps 6]
+    python bench/train_throughput.py [--preset parti-tiny] [--nproc 2] [--turns 5] [--steps 1]
 
-Starts `--nproc` gloo processes (CPU) or one per GPU and, for ZeRO stage 0, 1, 2 and 3 in turn, trains
-the preset with the real trainer pieces (DeepSpeed engine, megatron-core layers) at DP=nproc. Prints:
-- samples/s and achieved TFLOP/s per process (training/flops.py's formula) at each stage;
-- the matrix-multiply FLOP/s this machine reaches per process (fp32 1024^3 matmuls on CPU, bf16 on
-  GPU), and the ratio achieved / measured: the MFU against what this machine can do;
+Starts `--nproc` gloo processes (CPU) or one per GPU and builds a trainer of the preset for each ZeRO stage 0-3 at
+DP=nproc, with the real trainer pieces (DeepSpeed engine, megatron-core layers). After one warm-up step each, the
+stages and a matmul are timed in `--turns` turns (each turn: every stage `--steps` training steps, then the matmul,
+in an order rotated by one each turn, so machine noise hits every side of a turn alike). Prints:
+- samples/s and achieved TFLOP/s per process (training/flops.py's formula) at each stage: the median turn's;
+- against the matrix-multiply FLOP/s this machine reaches per process in the same turn (fp32 1024^3 matmuls on
+  CPU, bf16 on GPU): the MFU against what this machine can do, and each stage's samples/s against ZeRO-0's;
+  both the median of the turns' ratios, with their range;
 - per-rank optimizer-state bytes (Adam moments + fp32 master copies ZeRO keeps) at each stage, as a
   ratio to ZeRO-0 (plain data parallel): ideally 1/DP for stages 1-3.
+The four trainers are alive at once (one engine start-up each, not one per turn): memory holds the four stages'
+parameters, gradients and optimizer states together (in fp32 at DP=2 about 3.5x ZeRO-0's alone; activations only
+one stage's at a time). That is the price of timing them under the same noise: fine at parti-tiny, and a preset
+whose ZeRO-0 needs more than a quarter of memory does not run here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.turns import ratio_over_turns
 from common.cli import description, require_at_least
+
+STAGES = (0, 1, 2, 3)
+GLOBAL_BATCH = 16
 
 
 def matmul_flops(device: str | None = None, n: int | None = None, repeats: int = 10) -> float:
@@ -60,31 +74,82 @@ def optimizer_state_bytes(engine) -> tuple[int, int]:
     return moments, master
 
 
-def measure(preset: str, zero: int, steps: int) -> dict:
+def in_turns(sides: dict, turns: int) -> dict[object, list]:
+    """{side: [its value in each turn]}: every side called once a turn, turn t starting at the t-th side (so none
+    is always first, or always after the same one)."""
+    names = list(sides)
+    out = {name: [] for name in names}
+    for turn in range(turns):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            out[name].append(sides[name]())
+    return out
+
+
+def build_trainer(preset: str, zero: int, stack: contextlib.ExitStack):
+    """A Trainer of the preset at ZeRO `zero` in a temporary run directory, closed (and its directory removed) when
+    `stack` closes."""
     from training.config import load_config
+    from training.trainer import Trainer
+
+    cfg = load_config(None, [f"model.preset={preset}", f"parallel.zero_stage={zero}",
+                             f"train.global_batch_size={GLOBAL_BATCH}", "train.micro_batch_size=4",
+                             "model.dropout=0.0"])
+    run_dir = stack.enter_context(tempfile.TemporaryDirectory())
+    trainer = Trainer(cfg, run_dir)
+    # (closed last built first: each close destroys the process groups made since its own build began)
+    stack.callback(trainer.close)
+    return trainer
+
+
+def stepper(tr) -> Callable[[int], float]:
+    """A function that trains `steps` more steps and returns their samples/s (the batches read before the clock
+    starts), called by all ranks at once: they meet first, so a rank's time is not its wait for another still on
+    the side before."""
     from training.engine import train_step
+    from training.trainer import rank_micro_batches
+
+    consumed = 0
+
+    def samples_per_s(steps: int) -> float:
+        nonlocal consumed
+        batches = [list(rank_micro_batches(tr.cfg, tr.dataset, tr.sampler, consumed + i * GLOBAL_BATCH, tr.dp_rank,
+                                           tr.dp_size)) for i in range(steps)]
+        consumed += steps * GLOBAL_BATCH
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        for step_batches in batches:
+            train_step(tr.engine, tr.cfg, step_batches, tr.device)
+        return GLOBAL_BATCH * steps / (time.perf_counter() - start)
+
+    return samples_per_s
+
+
+def rank_results(preset: str, steps: int, turns: int) -> dict:
+    """This rank's measurements (every rank of the process group calls it: the trainers' collectives):
+    {"samples_per_s": {stage: [each turn's]}, "flops_per_proc": {stage: [each turn's]}, "matmul": [each turn's
+    FLOP/s], "opt_bytes": {stage: (moments, master)}}."""
     from training.flops import train_flops_per_sample
-    from training.trainer import Trainer, rank_micro_batches
 
-    cfg = load_config(None, [f"model.preset={preset}", f"parallel.zero_stage={zero}", "train.global_batch_size=16",
-                             "train.micro_batch_size=4", f"train.steps={steps}", "model.dropout=0.0"])
-    with tempfile.TemporaryDirectory() as run_dir:
-        tr = Trainer(cfg, run_dir)
-        times = []
-        for step in range(steps):
-            batches = list(rank_micro_batches(cfg, tr.dataset, tr.sampler, step * 16, tr.dp_rank, tr.dp_size))
-            start = time.perf_counter()
-            train_step(tr.engine, cfg, batches, tr.device)
-            times.append(time.perf_counter() - start)
-        tr.close()  # (the process groups DeepSpeed made for this stage too: the next stages' processes kept them)
-    step_time = statistics.median(times[1:])  # the first step warms up
-    samples_per_s = 16 / step_time
-    return {"samples_per_s": samples_per_s,
-            "flops_per_proc": train_flops_per_sample(cfg.model) * samples_per_s / torch.distributed.get_world_size(),
-            "opt_bytes": optimizer_state_bytes(tr.engine)}  # (moments, master)
+    def matmul() -> float:
+        torch.distributed.barrier()
+        return matmul_flops()
+
+    with contextlib.ExitStack() as stack:
+        trainers = {zero: build_trainer(preset, zero, stack) for zero in STAGES}
+        steppers = {zero: stepper(tr) for zero, tr in trainers.items()}
+        for step in steppers.values():
+            step(1)  # warm-up
+        timed = in_turns({**{zero: functools.partial(step, steps) for zero, step in steppers.items()},
+                          "matmul": matmul}, turns)
+        opt_bytes = {zero: optimizer_state_bytes(tr.engine) for zero, tr in trainers.items()}
+        per_sample = {zero: train_flops_per_sample(tr.cfg.model) for zero, tr in trainers.items()}
+    world = torch.distributed.get_world_size()
+    return {"samples_per_s": {zero: timed[zero] for zero in STAGES},
+            "flops_per_proc": {zero: [per_sample[zero] * s / world for s in timed[zero]] for zero in STAGES},
+            "matmul": timed["matmul"], "opt_bytes": opt_bytes}
 
 
-def worker(rank: int, nproc: int, port: int, preset: str, steps: int) -> None:
+def worker(rank: int, nproc: int, port: int, preset: str, steps: int, turns: int) -> None:
     # DeepSpeed's accelerator must match where the batches go: cuda when this process has a GPU.
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -93,31 +158,27 @@ def worker(rank: int, nproc: int, port: int, preset: str, steps: int) -> None:
     import logging
 
     logging.getLogger("parti").setLevel(logging.WARNING)
-    results, peak = rank_results(preset, steps)
+    results = rank_results(preset, steps, turns)
     if rank == 0:
-        print(report(preset, nproc, results, peak))
+        print(report(preset, nproc, results))
 
 
-def rank_results(preset: str, steps: int) -> tuple[dict, float]:
-    """This rank's measurements at ZeRO 0-3 ({stage: measure's dict}) and its matmul FLOP/s (every rank of the
-    process group calls it: the trainers' collectives)."""
-    results = {zero: measure(preset, zero, steps) for zero in (0, 1, 2, 3)}
-    return results, matmul_flops()
-
-
-def report(preset: str, nproc: int, results: dict, peak: float) -> str:
-    """rank_results' table."""
-    base = sum(results[0]["opt_bytes"])
+def report(preset: str, nproc: int, results: dict) -> str:
+    """rank_results' tables: throughput over the turns, then optimizer-state memory."""
+    rates, flops, matmul = results["samples_per_s"], results["flops_per_proc"], results["matmul"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lines = [f"\npreset={preset} processes={nproc} (DP={nproc}) device={device}",
-             f"measured matmul: {peak / 1e12:.4f} TFLOP/s per process",
-             (f"{'ZeRO':>4} {'samples/s':>10} {'TFLOP/s/proc':>13} {'vs matmul':>10} {'moments MB':>11} "
-              f"{'+master MB':>11} {'total vs ZeRO-0':>16} {'moments vs ZeRO-0':>18}")]
-    for zero, r in results.items():
-        moments, master = r["opt_bytes"]
-        lines.append(f"{zero:>4} {r['samples_per_s']:>10.1f} {r['flops_per_proc'] / 1e12:>13.4f} "
-                     f"{r['flops_per_proc'] / peak:>10.3f} {moments / 2**20:>11.2f} {master / 2**20:>11.2f} "
-                     f"{(moments + master) / base:>16.3f} {moments / results[0]['opt_bytes'][0]:>18.3f}")
+    lines = [f"\npreset={preset} processes={nproc} (DP={nproc}) device={device}, {len(matmul)} turns",
+             f"measured matmul: {statistics.median(matmul) / 1e12:.4f} TFLOP/s per process (median turn)",
+             f"{'ZeRO':>4} {'samples/s':>10} {'TFLOP/s/proc':>13}  {'vs matmul':<34} samples/s vs ZeRO-0"]
+    for zero in rates:
+        lines.append(f"{zero:>4} {statistics.median(rates[zero]):>10.1f} {statistics.median(flops[zero]) / 1e12:>13.4f}"
+                     f"  {ratio_over_turns(flops[zero], matmul, digits=3):<34} {ratio_over_turns(rates[zero], rates[0])}")
+    opt = results["opt_bytes"]
+    base = sum(opt[0])
+    lines.append(f"\n{'ZeRO':>4} {'moments MB':>11} {'+master MB':>11} {'total vs ZeRO-0':>16} {'moments vs ZeRO-0':>18}")
+    for zero, (moments, master) in opt.items():
+        lines.append(f"{zero:>4} {moments / 2**20:>11.2f} {master / 2**20:>11.2f} {(moments + master) / base:>16.3f} "
+                     f"{moments / opt[0][0]:>18.3f}")
     lines.append("(fp32 ZeRO-0 updates the parameters in place; ZeRO 1-3 keep an fp32 partition beside them,\n"
                  " which is what bf16 training needs anyway, so the total ratio is (2 + 1) / (2 x DP) in fp32.)")
     return "\n".join(lines)
@@ -127,15 +188,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="parti-tiny")
     parser.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
-    parser.add_argument("--steps", type=int, default=6, help="steps per measurement (at least 2: the first warms up)")
+    parser.add_argument("--turns", type=int, default=5, help="turns: each times every stage and the matmul")
+    parser.add_argument("--steps", type=int, default=1, help="training steps per stage per turn")
     args = parser.parse_args(argv)
-    require_at_least(parser, args, ("nproc",))
-    if args.steps < 2:
-        parser.error(f"--steps {args.steps}: at least 2 (the first step warms up and is not timed)")
+    require_at_least(parser, args, ("nproc", "turns", "steps"))
     from model_parallel.state import free_port
 
     port = free_port()
-    torch.multiprocessing.spawn(worker, args=(args.nproc, port, args.preset, args.steps), nprocs=args.nproc)
+    torch.multiprocessing.spawn(worker, args=(args.nproc, port, args.preset, args.steps, args.turns),
+                                nprocs=args.nproc)
 
 
 if __name__ == "__main__":

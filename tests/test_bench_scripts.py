@@ -55,6 +55,7 @@ def test_vq_encode_times_the_batch_sizes_in_turns(monkeypatch):
     ("model_step", ["--repeats", "0"], "--repeats 0: at least 1"),
     ("keyed_dropout", ["--step-batch", "0"], "--step-batch 0: at least 1"),
     ("train_throughput", ["--nproc", "0"], "--nproc 0: at least 1"),
+    ("train_throughput", ["--turns", "0"], "--turns 0: at least 1"),
     ("checkpoint_scale", ["--steps-during", "0"], "--steps-during 0: at least 1"),
 ])
 def test_bad_options_are_one_line(script, args, expected, capsys):
@@ -197,23 +198,40 @@ def test_checkpoint_scale_smoke(pool2, monkeypatch, capsys):
 
 
 def test_train_throughput_smoke(pool2):
-    """Its worker's measurements on the pool's 2 ranks (main() spawns them: its options are checked above) and
-    the table rank 0 prints."""
+    """Its worker's measurements on the pool's 2 ranks (main() spawns them: its options are checked above): every
+    stage and the matmul timed once a turn, and the tables rank 0 prints."""
     from bench import train_throughput
 
-    results, peak = pool2.run(_on_pool_rank, train_throughput_rank, "parti-tiny", 2)[0]
-    out = train_throughput.report("parti-tiny", 2, results, peak)
+    results = pool2.run(_on_pool_rank, train_throughput_rank, "parti-tiny", 1, 2)[0]
+    assert [len(results["samples_per_s"][zero]) for zero in (0, 1, 2, 3)] + [len(results["matmul"])] == [2] * 5
+    out = train_throughput.report("parti-tiny", 2, results)
     numbers(rf"measured matmul: {NUMBER} TFLOP/s per process", out)
+    turns = rf"{NUMBER}x \({NUMBER}-{NUMBER} over 2 turns\)"
     for zero in (0, 1, 2, 3):
-        row = re.search(rf"^\s*{zero}" + rf"\s+{NUMBER}" * 7 + "$", out, re.MULTILINE)
-        assert row, out
-        samples, flops, of_matmul, moments, master, total, of_moments = map(float, row.groups())
-        assert all(math.isfinite(v) and v > 0 for v in (samples, flops, of_matmul, moments, total)), out
+        speed = re.search(rf"^\s*{zero}\s+{NUMBER}\s+{NUMBER}\s+{turns}\s+{turns}$", out, re.MULTILINE)
+        memory = re.search(rf"^\s*{zero}" + rf"\s+{NUMBER}" * 4 + "$", out, re.MULTILINE)
+        assert speed and memory, out
+        samples, flops, *of_matmul = map(float, speed.groups()[:5])
+        vs_zero0 = list(map(float, speed.groups()[5:]))
+        assert all(math.isfinite(v) and v > 0 for v in (samples, flops, *of_matmul, *vs_zero0)), out
+        assert zero or vs_zero0 == [1, 1, 1], out  # (each turn's own ratio: ZeRO-0 against itself)
+        moments, master, total, of_moments = map(float, memory.groups())
+        assert moments > 0 and total > 0, out
         assert master == 0 if zero == 0 else master > 0, out  # fp32 ZeRO-0 keeps no master copy
         assert of_moments == pytest.approx(1 if zero == 0 else 0.5, abs=0.01), out  # ZeRO 1-3: Adam's moments / DP
 
 
-def train_throughput_rank(rank: int, preset: str, steps: int):
+def test_train_throughput_rotates_the_order_of_its_sides():
+    """Each turn calls every side once, the turn after starting one side later: none is always first."""
+    from bench.train_throughput import in_turns
+
+    calls = []
+    values = in_turns({side: lambda side=side: calls.append(side) or len(calls) for side in "abc"}, turns=4)
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert values == {"a": [1, 6, 8, 10], "b": [2, 4, 9, 11], "c": [3, 5, 7, 12]}
+
+
+def train_throughput_rank(rank: int, preset: str, steps: int, turns: int):
     from bench import train_throughput
 
-    return train_throughput.rank_results(preset, steps)
+    return train_throughput.rank_results(preset, steps, turns)
