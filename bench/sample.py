@@ -110,59 +110,98 @@ def measure_decoding(model, batch: int, tokens: int, modes=MODES, reference_toke
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     if repeats < 1:
         raise ValueError(f"repeats {repeats}: at least 1")
-    weight = next(model.parameters())
-    device, cfg = weight.device, model.cfg
+    device, cfg = next(model.parameters()).device, model.cfg
     tokens = min(tokens or cfg.image_seq_len, cfg.image_seq_len)
     reference_tokens = min(reference_tokens or tokens, tokens)
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(4, cfg.text_vocab_size, (batch, cfg.text_seq_len), generator=g).to(device)
     sampling = SamplingConfig(guidance_scale=guidance_scale)
-    rows = batch * (2 if sampling.guided else 1)
-    out: dict = {"device": str(device), "dtype": str(weight.dtype).replace("torch.", ""), "batch": batch,
-                 "rows": rows, "tokens": tokens, "guidance_scale": guidance_scale,
-                 "generators": "per_image" if per_image_generators else "one", "turns": repeats,
-                 "hidden": cfg.hidden_size, "layers": f"{cfg.encoder_layers}+{cfg.decoder_layers}"}
-    if device.type == "cpu":
-        out.update(threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
-    runs = {"full_recomputation": (reference_tokens, {"use_cache": False}),
-            "kv_cache": (tokens, {}), "cuda_graph": (tokens, {"cuda_graph": True}),
-            "cuda_graph_compiled": (tokens, {"cuda_graph": True, "compiled": "inductor"})}
+    out = _run_description(model, batch, tokens, sampling, guidance_scale, per_image_generators, repeats)
     if "bound" in modes:
-        step = decode_step_bytes(model, rows, tokens)
-        bandwidth = copy_bandwidth(device)
-        out["bound"] = {"image_tokens_per_s": batch * bandwidth / step["total"], "bandwidth_GBps": bandwidth / 1e9,
-                        "bytes_per_step": step}
-    timed: dict[str, dict] = {}  # mode -> its sample() keywords
-    for mode in (m for m in modes if m != "bound"):
-        if mode in GRAPH_MODES and device.type != "cuda":
-            out[mode] = {"skipped": f"CUDA graphs need a CUDA device; the model is on {device}"}
-            continue
-        kwargs = runs[mode][1]
-        if mode in GRAPH_MODES:  # (as evaluation.generate samples: the graphs kept for the next batch)
-            kwargs = {**kwargs, "steps": StaticSteps()}
-        timed[mode] = kwargs
-    turns: dict[str, list[dict]] = {mode: [] for mode in timed}
-    for turn in range(1 + repeats):  # turn 0 warms each mode up (lazy initialisation, the first kernels)
-        for mode in [m for m in timed if m not in out]:  # (a mode that failed is out of the later turns)
-            n = runs[mode][0] if turn else min(warmup_tokens, runs[mode][0])
-            try:
-                t = _timed_sample(model, text, sampling, n, seed, per_image_generators, **timed[mode])
-            except Exception as e:  # noqa: BLE001 - recorded: the other modes' numbers still come back
-                out[mode] = {"error": f"{type(e).__name__}: {e}"}
-                continue
-            turns[mode].append(t)  # (the warm-up's setup_s: a graph mode's first call, its capture)
+        out["bound"] = memory_bound(model, batch, out["rows"], tokens)
+    plans, skipped = _decoding_plans(modes, device, tokens, reference_tokens)
+    out.update(skipped)
+    turns, failed = _time_in_turns(model, text, sampling, plans, repeats, warmup_tokens, seed, per_image_generators)
+    out.update(failed)
     for mode, runs_of_mode in turns.items():
         if mode not in out:
-            out[mode] = _mode_result(runs_of_mode, batch, runs[mode][0], "steps" in timed[mode])
-    if "full_recomputation" in turns and "error" not in out["full_recomputation"]:
-        full = turns["full_recomputation"][1:]
-        for mode in [m for m in turns if m != "full_recomputation" and "error" not in out[m]]:
-            ratios = [runs[mode][0] * f["decode_s"] / (runs["full_recomputation"][0] * t["decode_s"])
-                      for t, f in zip(turns[mode][1:], full, strict=True)]
-            out[mode]["vs_full_recomputation"] = statistics.median(ratios)
-            out[mode]["vs_full_recomputation_turns"] = ratios
+            n, kwargs = plans[mode]
+            out[mode] = _mode_result(runs_of_mode, batch, n, "steps" in kwargs)
+    for mode, ratios in _ratios_to_full_recomputation(turns, plans, failed).items():
+        out[mode].update(vs_full_recomputation=statistics.median(ratios), vs_full_recomputation_turns=ratios)
     relate_rates(out)
     return out
+
+
+def _run_description(model, batch: int, tokens: int, sampling: SamplingConfig, guidance_scale: float | None,
+                     per_image_generators: bool, repeats: int) -> dict:
+    """What measure_decoding measured on: the model, the batch (`rows`: doubled under guidance), the tokens, the
+    generators and the turns, and on CPU the threads and the load average."""
+    weight, cfg = next(model.parameters()), model.cfg
+    out: dict = {"device": str(weight.device), "dtype": str(weight.dtype).replace("torch.", ""), "batch": batch,
+                 "rows": batch * (2 if sampling.guided else 1), "tokens": tokens, "guidance_scale": guidance_scale,
+                 "generators": "per_image" if per_image_generators else "one", "turns": repeats,
+                 "hidden": cfg.hidden_size, "layers": f"{cfg.encoder_layers}+{cfg.decoder_layers}"}
+    if weight.device.type == "cpu":
+        out.update(threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
+    return out
+
+
+def memory_bound(model, batch: int, rows: int, tokens: int) -> dict:
+    """Mode `bound`: image tokens/s if a decode step took only the time to read its bytes (decode_step_bytes) at
+    the bandwidth of a device copy measured now."""
+    step = decode_step_bytes(model, rows, tokens)
+    bandwidth = copy_bandwidth(next(model.parameters()).device)
+    return {"image_tokens_per_s": batch * bandwidth / step["total"], "bandwidth_GBps": bandwidth / 1e9,
+            "bytes_per_step": step}
+
+
+def _decoding_plans(modes, device: torch.device, tokens: int, reference_tokens: int) -> tuple[dict, dict]:
+    """({mode: (image tokens it is timed over, its sample() keywords)} for the modes to time,
+    {mode: {"skipped": reason}} for those that cannot run on `device`)."""
+    keywords = {"full_recomputation": {"use_cache": False}, "kv_cache": {}, "cuda_graph": {"cuda_graph": True},
+                "cuda_graph_compiled": {"cuda_graph": True, "compiled": "inductor"}}
+    plans, skipped = {}, {}
+    for mode in (m for m in modes if m != "bound"):
+        if mode in GRAPH_MODES and device.type != "cuda":
+            skipped[mode] = {"skipped": f"CUDA graphs need a CUDA device; the model is on {device}"}
+            continue
+        kwargs = keywords[mode]
+        if mode in GRAPH_MODES:  # (as evaluation.generate samples: the graphs kept for the next batch)
+            kwargs = {**kwargs, "steps": StaticSteps()}
+        plans[mode] = (reference_tokens if mode == "full_recomputation" else tokens, kwargs)
+    return plans, skipped
+
+
+def _time_in_turns(model, text, sampling: SamplingConfig, plans: dict, repeats: int, warmup_tokens: int, seed: int,
+                   per_image_generators: bool) -> tuple[dict, dict]:
+    """({mode: its sample() timings, the warm-up's then each turn's}, {mode: {"error": ...}} for those that failed).
+    Turn 0 warms each mode up over its first `warmup_tokens` tokens (lazy initialisation, the first kernels), then
+    each of `repeats` turns times every mode once; a mode that failed is out of the later turns."""
+    turns: dict[str, list[dict]] = {mode: [] for mode in plans}
+    failed: dict[str, dict] = {}
+    for turn in range(1 + repeats):
+        for mode in [m for m in plans if m not in failed]:
+            n, kwargs = plans[mode]
+            try:
+                t = _timed_sample(model, text, sampling, n if turn else min(warmup_tokens, n), seed,
+                                  per_image_generators, **kwargs)
+            except Exception as e:  # noqa: BLE001 - recorded: the other modes' numbers still come back
+                failed[mode] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            turns[mode].append(t)  # (the warm-up's setup_s: a graph mode's first call, its capture)
+    return turns, failed
+
+
+def _ratios_to_full_recomputation(turns: dict, plans: dict, failed: dict) -> dict[str, list[float]]:
+    """{mode: each turn's rate of that mode / full recomputation's in the same turn} for the modes timed beside
+    full recomputation (none if it was not timed, or failed)."""
+    if "full_recomputation" not in turns or "full_recomputation" in failed:
+        return {}
+    full_n, full = plans["full_recomputation"][0], turns["full_recomputation"][1:]
+    return {mode: [plans[mode][0] * f["decode_s"] / (full_n * t["decode_s"])
+                   for t, f in zip(turns[mode][1:], full, strict=True)]
+            for mode in turns if mode != "full_recomputation" and mode not in failed}
 
 
 def _mode_result(runs_of_mode: list[dict], batch: int, n: int, kept_step: bool) -> dict:
