@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.turns import ratio_over_turns
+from bench.turns import in_turns, ratio_over_turns
 from common.cli import description, require_at_least
 
 STAGES = (0, 1, 2, 3)
@@ -72,17 +72,6 @@ def optimizer_state_bytes(engine) -> tuple[int, int]:
                  for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
                  for t in getattr(opt, name, None) or [])
     return moments, master
-
-
-def in_turns(sides: dict, turns: int) -> dict[object, list]:
-    """{side: [its value in each turn]}: every side called once a turn, turn t starting at the t-th side (so none
-    is always first, or always after the same one)."""
-    names = list(sides)
-    out = {name: [] for name in names}
-    for turn in range(turns):
-        for name in names[turn % len(names):] + names[:turn % len(names)]:
-            out[name].append(sides[name]())
-    return out
 
 
 def build_trainer(preset: str, zero: int, stack: contextlib.ExitStack):

@@ -223,7 +223,7 @@ def test_train_throughput_smoke(pool2):
 
 def test_train_throughput_rotates_the_order_of_its_sides():
     """Each turn calls every side once, the turn after starting one side later: none is always first."""
-    from bench.train_throughput import in_turns
+    from bench.turns import in_turns
 
     calls = []
     values = in_turns({side: lambda side=side: calls.append(side) or len(calls) for side in "abc"}, turns=4)
