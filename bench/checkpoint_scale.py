@@ -1,7 +1,7 @@
 """What a checkpoint costs each rank at ZeRO-1 over data parallelism: bytes, host memory, disk speed, async saves.
 
-    python bench/checkpoint_scale.py [--preset parti-350m] [--layers 6,6|preset] [--dp 2] [--set KEY=VALUE ...]
-                                     [--dir /fast/disk/tmp] [--steps-during 5]
+    python bench/checkpoint_scale.py [--preset parti-350m] [--layers 6,6|preset] [--dp 2] [--set KEY=VALUE]
+                                     [--set ...] [--dir /fast/disk/tmp] [--steps-during 5]
 
 Builds the preset at its real widths (by default with 6 of its 12 encoder and decoder layers: the whole
 parti-350m at fp32 ZeRO-1 needs ~9 GB per rank, more than two ranks have on a 24 GB machine; short
