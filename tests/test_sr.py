@@ -552,3 +552,53 @@ def test_a_tokenizer_that_cannot_be_read_is_refused_naming_train_tokenizer(singl
             SRTrainer(load_typed(SRConfig, None, [*TINY, f"train.tokenizer={path}"]), photos[0], tmp_path / "run")
         assert str(refused.value).count(path.name) == 1, refused.value  # (the file named once)
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_on_the_cpu_trains_as_fp32(single_process, photos, tmp_path):
+    """train.precision=bf16 autocasts on a GPU only: on the CPU a step's logs and updated weights are fp32's, bit
+    for bit (CPU autocast would round the convolutions to bf16, and slowly). The untrained WDSR is bicubic
+    upsampling, so the first step's PSNR (of the clamped outputs) is bicubic's."""
+    from sr.train import SRTrainer
+
+    steps = {}
+    for precision in ("fp32", "bf16"):
+        trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.batch_size=2", f"train.precision={precision}"]),
+                            photos[0], tmp_path / precision)
+        try:
+            steps[precision] = trainer.train_step(*trainer.batch()), [p.detach() for p in trainer.model.parameters()]
+        finally:
+            trainer.stream.close()
+    logs = steps["fp32"][0]
+    assert trainer.device == "cpu" and steps["bf16"][0] == logs
+    assert all(torch.equal(a, b) for a, b in zip(steps["bf16"][1], steps["fp32"][1]))
+    assert logs["psnr"] == pytest.approx(logs["psnr_bicubic"], abs=1e-4), logs
+
+
+def test_logs_evaluations_and_checkpoints_at_their_intervals_and_the_last_step(single_process, photos, tmp_path):
+    """Over 11 steps: train.save_interval=3 saves at 3, 6, 9 and 11, of which train.keep_checkpoints' default keeps
+    the newest three; train.eval_interval=4 evaluates (grid and metrics) at 4, 8 and 11; train.log_interval's
+    default (10) logs steps 10 and 11."""
+    from sr.train import SRTrainer
+
+    sets = [s for s in TINY if not s.startswith("train.log_interval=")]  # (its default)
+    SRTrainer(load_typed(SRConfig, None, [*sets, "train.steps=11", "train.batch_size=2", "train.save_interval=3",
+                                          "train.eval_interval=4"]), photos[0], tmp_path, photos[1]).run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in (6, 9, 11)]
+    assert sorted(p.name for p in tmp_path.glob("compare_*.png")) == [f"compare_{s:08d}.png" for s in (4, 8, 11)]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [10, 11]
+    assert [m["step"] for m in lines if "val_psnr" in m] == [4, 8, 11]
+
+
+def test_each_rank_takes_its_share_of_the_batch():
+    """train.batch_size is over all processes: a step of 16 on 2 ranks takes 8 images from each rank's stream (a
+    stand-in trainer: its config, world size, stream and device; the pairs made as they are)."""
+    from types import SimpleNamespace
+
+    from sr.train import SRTrainer
+
+    images = (torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(20))
+    me = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(batch_size=16)), world=2, stream=images,
+                         device="cpu", low_resolution=lambda hr: hr, crop_pairs=lambda lr, hr: (lr, hr))
+    _, hr = SRTrainer.batch(me)
+    assert torch.equal(hr[:, 0, 0, 0], torch.arange(8) / 127.5 - 1)  # (in [-1, 1])
