@@ -43,7 +43,7 @@ from data_pipeline.shared_data import shared_path
 from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
 from data_pipeline.train_text_tokenizer import shard_captions
 from demo import shapes
-from evaluation.fid import fid
+from evaluation.fid import fid, image_files
 from evaluation.generate import (
     gather_metadata,
     generate,
@@ -346,9 +346,24 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
 def demo_fid(real: Path, out: Path) -> dict:
     """The samples' FID and, as its baseline, the untrained model's: at these few small images FID is biased far
     upward (evaluation.fid's name, FID-n/m, and warning say so), so only the two side by side mean something."""
-    trained, before = fid(real, out / "samples"), fid(real, out / "samples_before_training")
+    trained, before = (earlier_fid(real, out / name) or fid(real, out / name)
+                       for name in ("samples", "samples_before_training"))
     return {"name": trained["name"], "trained": trained["fid"], "before_training": before["fid"],
             "warning": trained["warning"]}
+
+
+def earlier_fid(real: Path, fake: Path) -> dict | None:
+    """The FID an earlier run into this folder left in `fake`/fid.json, if it still holds: written after every
+    image there (fid() writes it last; a regenerated sample is newer) and over as many real and generated images
+    as the folders hold now. A rerun then skips Inception (its finished steps are skipped; the real images are
+    fixed by demo_config.yaml). None: compute it."""
+    saved = fake / "fid.json"
+    if not saved.is_file():
+        return None
+    result, images, reals = json.loads(saved.read_text()), image_files(fake), image_files(real)
+    counts_hold = (result.get("fake_images"), result.get("real_images")) == (len(images), len(reals))
+    newest = max(p.stat().st_mtime for p in images + reals)
+    return result if counts_hold and saved.stat().st_mtime >= newest else None
 
 
 def preemption_label(training: dict) -> str:

@@ -263,6 +263,41 @@ def test_sample_prompts_measures_each_sample_against_its_prompt(tmp_path, monkey
     assert [r["seen_colour"] for r in rows] == ["red"] * 6 and rows[0]["seen_shape"] == "circle"
 
 
+def test_a_demo_rerun_reuses_the_fid_of_unchanged_samples(tmp_path, monkeypatch):
+    """demo_fid(): a rerun into a finished folder takes each FID from the fid.json written after its images
+    (Inception is the whole of a rerun's time otherwise); a folder whose images are newer (regenerated) or
+    another number of them is measured again."""
+    import json
+    import os
+    import random
+
+    import demo.run as demo_run
+    from demo import shapes
+
+    real, out = tmp_path / "fid_real", tmp_path / "out"
+    for folder in (real, out / "samples", out / "samples_before_training"):
+        folder.mkdir(parents=True)
+        for i in range(3):
+            shapes.draw("red", "circle", 8, random.Random(i)).save(folder / f"{i:05d}.png")
+    measured = []
+
+    def fake_fid(real_folder, fake):
+        measured.append(fake.name)
+        result = {"fid": 1.0 + len(measured), "name": "FID-3/3", "warning": None, "fake_images": 3, "real_images": 3}
+        (fake / "fid.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(demo_run, "fid", fake_fid)
+    first = demo_run.demo_fid(real, out)
+    assert measured == ["samples", "samples_before_training"]
+    assert demo_run.demo_fid(real, out) == first and len(measured) == 2  # a rerun: both reused
+    later = (out / "samples" / "fid.json").stat().st_mtime + 5
+    os.utime(out / "samples" / "00001.png", (later, later))  # a regenerated sample
+    (out / "samples_before_training" / "00002.png").unlink()  # fewer samples than measured
+    again = demo_run.demo_fid(real, out)
+    assert measured[2:] == ["samples", "samples_before_training"] and again["trained"] == 4.0
+
+
 def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_path):
     """make_data(): the training shards (no held-out combination) and the photo shard behind the first
     pattern, the held-out loss's shards (keys after the training set's) behind the second; a rerun rewrites
