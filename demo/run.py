@@ -495,6 +495,7 @@ def run(cfg: DemoConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = config_parser(__doc__, where="DemoConfig in demo/run.py", example="train_steps=600 out=runs/demo2")
+    parser.prog = "python -m demo"  # (argparse's default under -m: "__main__.py")
     args = parser.parse_args(argv)
     with command(errors=(ValueError,), label="config error"):
         cfg = load_typed(DemoConfig, args.config, args.set)

@@ -263,6 +263,15 @@ def test_sample_prompts_measures_each_sample_against_its_prompt(tmp_path, monkey
     assert [r["seen_colour"] for r in rows] == ["red"] * 6 and rows[0]["seen_shape"] == "circle"
 
 
+def test_demo_help_names_the_command(capsys):
+    """--help's usage line is the command a user types, not argparse's "__main__.py" under `python -m demo`."""
+    from demo.run import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m demo [-h]")
+
+
 def test_a_demo_rerun_reuses_the_fid_of_unchanged_samples(tmp_path, monkeypatch):
     """demo_fid(): a rerun into a finished folder takes each FID from the fid.json written after its images
     (Inception is the whole of a rerun's time otherwise); a folder whose images are newer (regenerated) or
