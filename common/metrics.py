@@ -10,8 +10,9 @@ Weights & Biases.
     samples_per_s = global_batch / clock.seconds_per_step()  # the interval's mean step time (and a new interval)
 
 metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm (the step's), samples_per_s,
-tokens_per_s, tflops_per_gpu, mfu (over the steps since the previous row: StepClock), mem_gb, mem_reserved_gb (GPU
-only; both in GiB, 2^30 bytes, as torch and nvidia-smi count GPU memory) (null where not measurable), and
+tokens_per_s, tflops_per_gpu, mfu (over the steps since the previous row: StepClock), mem_gb (on a GPU its peak
+allocated, on CPU the resident memory of rank 0's process), mem_reserved_gb (GPU only; both in GiB, 2^30 bytes, as
+torch and nvidia-smi count GPU memory) (null where not measurable), and
 valid_loss in the rows of the steps the held-out loss was measured at
 (training's train.eval_interval). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key
 valid_<name>.

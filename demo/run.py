@@ -336,7 +336,7 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
                "before_training": {"all": agreement(before)},
                "training": json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {},
                "upsampler": next(m for m in map(json.loads, reversed((out / "sr" / "metrics.jsonl").read_text()
-                                                                      .splitlines())) if "val_psnr" in m),
+                                                                      .splitlines())) if "valid_psnr" in m),
                "fid": demo_fid(real, out) if cfg.fid else None, "chance": {"colour": 1 / len(shapes.COLOURS),
                                                                      "shape": 1 / len(shapes.SHAPES)}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -435,8 +435,8 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     up = res["upsampler"]
     title = (f"Last stage: samples ({cfg.image_size} px, top) and upsampled by the tiny WDSR "
              f"({2 * cfg.image_size} px, bottom)")
-    psnr_note = (f"<p>On unseen shapes the upsampler reaches {up['val_psnr']:.1f} dB PSNR, bicubic upsampling "
-                 f"{up['val_psnr_bicubic']:.1f} dB.</p>")
+    psnr_note = (f"<p>On unseen shapes the upsampler reaches {up['valid_psnr']:.1f} dB PSNR, bicubic upsampling "
+                 f"{up['valid_psnr_bicubic']:.1f} dB.</p>")
     sections.append((title, image_html("grid_upsampled.png") + psnr_note))
     sections.append(("Time per step in this invocation (s; 0: done by an earlier run into this folder)",
                      table_html([timings], digits=0)))

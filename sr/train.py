@@ -221,7 +221,7 @@ class SRTrainer:
         base = bicubic(lr, self.scale)
         grid = self.run_dir / f"compare_{self.step:08d}.png"
         save_image(torch.cat([base[:8], out[:8], hr[:8]]) * 0.5 + 0.5, grid, nrow=min(8, len(hr)))
-        return {"val_psnr": psnr(out, hr), "val_psnr_bicubic": psnr(base, hr), "grid": str(grid)}
+        return {"valid_psnr": psnr(out, hr), "valid_psnr_bicubic": psnr(base, hr), "grid": str(grid)}
 
     def run(self) -> list[dict]:
         """Step until train.steps, then export; return this call's per-step logs. A requested stop (SIGUSR1,
@@ -246,8 +246,8 @@ class SRTrainer:
                     with clock.paused():
                         result = self.evaluate()
                     self.log.step({"step": self.step, **{k: v for k, v in result.items() if k != "grid"}})
-                    self.log.info(f"held-out PSNR {result['val_psnr']:.2f} dB, bicubic {result['val_psnr_bicubic']:.2f} "
-                                  f"dB; {result['grid']}")
+                    self.log.info(f"held-out PSNR {result['valid_psnr']:.2f} dB, bicubic "
+                                  f"{result['valid_psnr_bicubic']:.2f} dB; {result['grid']}")
                     history[-1].update(result)
                 preempted = stop.requested()
                 if preempted or self.step % t.save_interval == 0 or self.step == t.steps:

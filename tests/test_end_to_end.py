@@ -382,7 +382,7 @@ def test_demo_learns_the_prompted_colour_and_reports(demo):
     assert before["colour"] <= 0.5, results
     assert results["fid"]["name"] == "FID-96/32" and results["fid"]["trained"] < results["fid"]["before_training"]
     # The last stage: the samples upsampled x2, by an upsampler that beats bicubic on unseen shapes.
-    assert results["upsampler"]["val_psnr"] > results["upsampler"]["val_psnr_bicubic"], results["upsampler"]
+    assert results["upsampler"]["valid_psnr"] > results["upsampler"]["valid_psnr_bicubic"], results["upsampler"]
     assert Image.open(out / "samples_upsampled" / "00000_0.png").size == (64, 64)
     # It was stopped half way (the STOP file, as a SLURM preemption), resumed from that checkpoint (the second
     # segment of the run's config history starts there, not at step 0), and finished, each step logged once.

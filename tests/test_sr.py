@@ -80,11 +80,11 @@ def test_upsampler_beats_bicubic_on_held_out_photos_and_exports(single_process, 
     assert hr.shape == (5, 3, 160, 160)  # (the 5 held-out photos, whole at train.resize)
     lr = F.interpolate(hr, scale_factor=1 / 2, mode="bicubic", antialias=True).clamp(-1, 1)
     bicubic = reference_psnr(F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1), hr)
-    assert held_out["val_psnr_bicubic"] == pytest.approx(bicubic, abs=1e-3), held_out
+    assert held_out["valid_psnr_bicubic"] == pytest.approx(bicubic, abs=1e-3), held_out
     untrained = build_wdsr(trainer.cfg.model).eval()
     assert reference_psnr(upsample(untrained, lr), hr) == pytest.approx(bicubic, abs=1e-3)
-    assert held_out["val_psnr"] == pytest.approx(reference_psnr(upsample(trainer.model.eval(), lr), hr), abs=1e-3)
-    assert held_out["val_psnr"] > bicubic + 0.2, held_out
+    assert held_out["valid_psnr"] == pytest.approx(reference_psnr(upsample(trainer.model.eval(), lr), hr), abs=1e-3)
+    assert held_out["valid_psnr"] > bicubic + 0.2, held_out
     model = load_upsampler(tmp_path / "export.pt")
     low = torch.rand(2, 3, 20, 24) * 2 - 1
     assert torch.equal(upsample(model, low), upsample(trainer.model.eval(), low))
@@ -587,7 +587,7 @@ def test_logs_evaluations_and_checkpoints_at_their_intervals_and_the_last_step(s
     assert sorted(p.name for p in tmp_path.glob("compare_*.png")) == [f"compare_{s:08d}.png" for s in (4, 8, 11)]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [10, 11]
-    assert [m["step"] for m in lines if "val_psnr" in m] == [4, 8, 11]
+    assert [m["step"] for m in lines if "valid_psnr" in m] == [4, 8, 11]
 
 
 def test_each_rank_takes_its_share_of_the_batch():
