@@ -260,7 +260,8 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm:
                             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     metrics, stop_at = run_dir / "metrics.jsonl", cfg.train_steps // 2
     if cfg.preempt and not metrics.is_file():  # a fresh run: stop it half way, as a preemption would
-        log(f"training {cfg.train_config} ({cfg.train_steps} steps); it is stopped at step {stop_at} and resumed")
+        log(f"training {cfg.train_config} ({cfg.train_steps} steps); it is stopped once step {stop_at} is logged "
+            "(a STOP file: the trainers finish the step they are on and save) and resumed")
         proc = subprocess.Popen(command, env=env)
         while proc.poll() is None:
             if metrics.is_file() and any(json.loads(line)["step"] >= stop_at for line in metrics.read_text().splitlines()):

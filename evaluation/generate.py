@@ -277,7 +277,7 @@ def generate(model, vq, text_tok, prompts: list[dict], out: Path, cfg: SamplingC
     jobs = [(i, k) for i in todo for k in range(samples_per_prompt)]
     pending: dict[int, list] = {}  # prompt -> its decoded samples so far (a prompt may span two batches)
     steps = StaticSteps()  # (a GPU's CUDA graphs, captured once per batch shape)
-    with tqdm(total=len(jobs), desc="generate", unit="img", disable=rank != 0) as bar:
+    with tqdm(total=len(jobs), desc="generate", unit="img", disable=rank != 0 or not jobs) as bar:  # (none: all done)
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             text = torch.tensor([text_tok.encode(prompts[i]["prompt"])[0] for i, _ in batch], device=device)
