@@ -363,7 +363,7 @@ def earlier_fid(real: Path, fake: Path) -> dict | None:
         return None
     result, images, reals = json.loads(saved.read_text()), image_files(fake), image_files(real)
     counts_hold = (result.get("fake_images"), result.get("real_images")) == (len(images), len(reals))
-    newest = max(p.stat().st_mtime for p in images + reals)
+    newest = max((p.stat().st_mtime for p in images + reals), default=0.0)
     return result if counts_hold and saved.stat().st_mtime >= newest else None
 
 
