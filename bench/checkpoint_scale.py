@@ -5,8 +5,9 @@
 
 Builds the preset at its real widths (by default with 6 of its 12 encoder and decoder layers: the whole
 parti-350m at fp32 ZeRO-1 needs ~9 GB per rank, more than two ranks have on a 24 GB machine; short
-sequences, so that a CPU step takes seconds: the sequence does not change what is saved) at ZeRO-1 on --dp gloo processes through the trainer's own code (training.trainer's
-Trainer: model, DeepSpeed engine, data), trains two steps, then measures per rank, side by side in one run:
+sequences, so that a CPU step takes seconds: the sequence does not change what is saved) at ZeRO-1 on --dp gloo
+processes through the trainer's own code (training.trainer's Trainer: model, DeepSpeed engine, data), trains two
+steps, then measures per rank, side by side in one run:
 - bytes written: the rank's .distcp files against the checkpoint's total / dp (each rank writes its own ZeRO
   partition: ratio ~1.0);
 - host memory: the peak resident memory during a synchronous save above the level before it, against the
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['save_s']:>6.2f} / {r['raw_s']:<5.2f} = {r['save_s'] / r['raw_s']:<5.2f}  "
               f"{r['blocking_s']:>6.2f} / {r['save_s']:<5.2f} = {r['blocking_s'] / r['save_s']:<5.2f}  "
               f"{r['step_during_s'] / r['step_s']:>6.3f} ({r['steps_during']}, {r['step_s']:.2f} s), "
-              f"{'completed' if r['async_completed'] else 'NOT completed'}  {r['step_beside_fork_s'] / r['step_s']:>6.3f}")
+              f"{'completed' if r['async_completed'] else 'NOT completed'}  "
+              f"{r['step_beside_fork_s'] / r['step_s']:>6.3f}")
 
 
 if __name__ == "__main__":

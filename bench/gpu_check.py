@@ -132,7 +132,8 @@ def _compiled_summary(compiled: dict | None) -> str:
     if "step_s" not in compiled:
         return f"; compiled layers: {compiled.get('error') or compiled.get('skipped')}".splitlines()[0][:200]
     mfu = "n/a" if compiled["mfu"] is None else f"{compiled['mfu']:.1%}"
-    return (f"; compiled layers: MFU {mfu} ({compiled['speedup']:.2f}x eager, first step {compiled['first_step_s']:.0f} s)"
+    return (f"; compiled layers: MFU {mfu} ({compiled['speedup']:.2f}x eager, "
+            f"first step {compiled['first_step_s']:.0f} s)"
             + (_kernel_summary(compiled["device_profile_one_step"]) if compiled.get("device_profile_one_step") else ""))
 
 
@@ -196,24 +197,29 @@ def _summarise(name: str, r: dict) -> str:
         best = r["by_micro_batch"][str(r["best_micro_batch"])]  # (JSON keys are strings)
         mfu = "n/a (no peak for this GPU: set train.peak_tflops)" if r["best_mfu"] is None else f"{r['best_mfu']:.1%}"
         parts.append(f"MFU {mfu} ({r['best_tflops']:.0f} TFLOP/s"
-                     + (f", {best['vs_measured_matmul']:.0%} of the measured matmul" if "vs_measured_matmul" in best else "")
-                     + f") at micro-batch {r['best_micro_batch']}" + (f" x {r['accumulation']}" if "accumulation" in r else "")
+                     + (f", {best['vs_measured_matmul']:.0%} of the measured matmul"
+                        if "vs_measured_matmul" in best else "")
+                     + f") at micro-batch {r['best_micro_batch']}"
+                     + (f" x {r['accumulation']}" if "accumulation" in r else "")
                      + (f" (too large for memory: {', '.join(map(str, r['too_large_for_memory']))})"
                         if r.get("too_large_for_memory") else "")
                      + f", build {r['build_s']:.0f} s"
                      + (f", optimizer {r['optimizer_step']['optimizer_s']:.3f} s/step" if "optimizer_step" in r else "")
                      + (_kernel_summary(r["device_profile_one_step"]) if r.get("device_profile_one_step") else "")
-                     + (f"; planner fit: hfu {r['planner_fit']['hfu']:.2f}, {r['planner_fit']['overhead_ms_per_layer']:.1f} "
+                     + (f"; planner fit: hfu {r['planner_fit']['hfu']:.2f}, "
+                        f"{r['planner_fit']['overhead_ms_per_layer']:.1f} "
                         "ms per layer and micro-batch" if r.get("planner_fit") else "")
                      + (f"; full recomputation {r['full_recompute']['vs_none']:.2f}x the step"
                         + (" of the compiled layers" if r["full_recompute"].get("layers_compiled") else "")
-                        + f" (planner {r['full_recompute']['planner_vs_none']:.2f}x)" if r.get("full_recompute") else "")
+                        + f" (planner {r['full_recompute']['planner_vs_none']:.2f}x)"
+                        if r.get("full_recompute") else "")
                      + _compiled_summary(r.get("compiled")))
     elif name == "sampling":
         m = r["measured"]
         rates = [f"{mode} {m[mode]['image_tokens_per_s']:.0f} tok/s"
                  + (f" ({m[mode]['of_bound']:.0%} of bound)" if "of_bound" in m[mode] else "")
-                 for mode in ("full_recomputation", "kv_cache", "cuda_graph") if "image_tokens_per_s" in m.get(mode, {})]
+                 for mode in ("full_recomputation", "kv_cache", "cuda_graph")
+                 if "image_tokens_per_s" in m.get(mode, {})]
         wide = [m[k] for k in m if k.startswith("cuda_graph_batch_") and "image_tokens_per_s" in m[k]]
         parts.append(f"{r['preset']} {m['dtype']} batch {m['batch']} (+guidance): " + ", ".join(rates)
                      + (f"; batch {wide[0]['batch']}: cuda_graph " + ", ".join(
@@ -226,8 +232,10 @@ def _summarise(name: str, r: dict) -> str:
                      + (f"; parti-350m CUDA graphs: compiled step {r['compiled_over_eager']:.2f}x the eager step's "
                         "tok/s" if "compiled_over_eager" in r else ""))
     elif name == "vq":
-        parts.append(f"resume diff {r['max_abs_diff']:.1e}, autocast code agreement {r['autocast_code_agreement']:.3f}, "
-                     f"pretokenize {r['pretokenize_images_per_s']:.0f} img/s vs encode {r['encode_only_images_per_s']:.0f}")
+        parts.append(f"resume diff {r['max_abs_diff']:.1e}, "
+                     f"autocast code agreement {r['autocast_code_agreement']:.3f}, "
+                     f"pretokenize {r['pretokenize_images_per_s']:.0f} img/s "
+                     f"vs encode {r['encode_only_images_per_s']:.0f}")
     elif name == "compile_speedup":
         parts.append(f"compiled layers {r['speedup']['dropout_0.1']:.2f}x eager (dropout 0.1), compiled dropout masks "
                      f"{r['compiled_mask_speedup']:.2f}x eager masks; dropout's cost: "
@@ -281,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     slug = device_slug(args.device)
     stem = out / f"gpu_{slug}_{date}"
-    report = {"device_name": slug, "date": date, "command": " ".join(["python bench/gpu_check.py", *(argv or sys.argv[1:])]),
+    report = {"device_name": slug, "date": date,
+              "command": " ".join(["python bench/gpu_check.py", *(argv or sys.argv[1:])]),
               "quick": args.quick, "sections": {}, "seconds": 0.0}
     budget = args.budget_s if args.budget_s is not None else GPU_BUDGET_S if args.device == "cuda" else float("inf")
     start = STARTED  # (this process's imports and the GPU's start count against the budget too)

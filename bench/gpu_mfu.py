@@ -363,7 +363,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
             raise torch.cuda.OutOfMemoryError(failed)
         tflops = flops * mbs * accumulation / step_s / 1e12
         return ctx.record(f"micro_batch_{mbs}", {
-            "step_s": step_s, "tflops": tflops, "mfu": tflops * 1e12 / trainer.peak_flops if trainer.peak_flops else None,
+            "step_s": step_s, "tflops": tflops,
+            "mfu": tflops * 1e12 / trainer.peak_flops if trainer.peak_flops else None,
             "vs_measured_matmul": tflops * 1e12 / matmul, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
 
@@ -382,7 +383,8 @@ def _mfu(ctx: Context, preset: str, candidates: list[int], accumulation: int = 4
     optimizer = ctx.record("optimizer_step", {"micro_batch_s": micro_s,
                                               "optimizer_s": micro_s[-1] - sum(micro_s[:-1]) / (len(micro_s) - 1)})
     profile = _host_profile(lambda: train_step(engine, cfg, batches(best), "cuda"))
-    kernels = ctx.record("device_profile_one_step", _device_profile(lambda: train_step(engine, cfg, batches(best), "cuda")))
+    kernels = ctx.record("device_profile_one_step",
+                         _device_profile(lambda: train_step(engine, cfg, batches(best), "cuda")))
     ops = _recorded(ctx, "ops_one_micro_batch",
                     lambda: _op_profile(lambda: train_step(engine, cfg, batches(best)[:1], "cuda"), "cuda"))
     _realign(engine, cfg, batches(best)[0])  # (the rest of that step: later steps whole again)

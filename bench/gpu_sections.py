@@ -133,10 +133,11 @@ def flash_attention(ctx: Context) -> dict:
 
         decode_names = _kernel_names(decode_one)
     model.train()
-    names = {"self_attention_train": _kernel_names(self_attention), "cross_attention_train": _kernel_names(cross_attention),
-             "decode_one_token": decode_names}
+    names = {"self_attention_train": _kernel_names(self_attention),
+             "cross_attention_train": _kernel_names(cross_attention), "decode_one_token": decode_names}
     kinds = {k: _attention_kind(v) for k, v in names.items()}
-    attention_kernels = {k: [n for n in v if any(s in n.lower() for s in ("flash", "fmha", "attn", "attention", "sdpa"))]
+    attention_kernels = {k: [n for n in v
+                             if any(s in n.lower() for s in ("flash", "fmha", "attn", "attention", "sdpa"))]
                          for k, v in names.items()}
     return {"kinds": kinds, "attention_kernels": attention_kernels,
             "checks": {"self_attention_uses_flash": kinds["self_attention_train"] in ("flash", "cudnn flash"),
@@ -502,7 +503,8 @@ def parti_stages(ctx: Context) -> dict:
     tuner = DecoderFinetuner(load_typed(VQConfig, None, vq_sets + ["model.layers=2", "model.width=96"]),
                              ctx.scratch / "stage_vq" / "export.pt", pattern, ctx.scratch / "stage_detok")
     tuner.run()
-    source, tuned = (load_image_tokenizer(ctx.scratch / f / "export.pt", ctx.device) for f in ("stage_vq", "stage_detok"))
+    source, tuned = (load_image_tokenizer(ctx.scratch / f / "export.pt", ctx.device)
+                     for f in ("stage_vq", "stage_detok"))
     images = torch.rand(16, 3, size, size, device=ctx.device) * 2 - 1
     checks = {"detokenizer_keeps_codes": bool(torch.equal(source.encode(images), tuned.encode(images))),
               "detokenizer_keeps_content_hash": source.content_hash == tuned.content_hash}
@@ -543,8 +545,9 @@ def parti_stages(ctx: Context) -> dict:
     from training.config import load_config
     from training.text_encoder import OUTPUT, pretrain
 
-    losses = pretrain(load_config("configs/train/debug.yaml", ["train.steps=4", "train.global_batch_size=16",
-                                                                "train.micro_batch_size=8", f"train.device={ctx.device}"]),
+    losses = pretrain(load_config("configs/train/debug.yaml",
+                                  ["train.steps=4", "train.global_batch_size=16", "train.micro_batch_size=8",
+                                   f"train.device={ctx.device}"]),
                       ctx.scratch / "stage_textenc")
     out["text_encoder_losses"] = ctx.record("text_encoder_losses", losses)
     checks["text_encoder_pretrains"] = (len(losses) == 4 and all(map(math.isfinite, losses))
@@ -599,8 +602,9 @@ def multi_gpu(ctx: Context) -> dict:
     losses = {}
     for name, nproc, extra in (("tp1", 1, []), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2"])):
         run_dir = ctx.scratch / f"multi_{name}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "-m", "training.train", "--run-dir", str(run_dir), "--set", *base, *extra]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "training.train", "--run-dir", str(run_dir),
+               "--set", *base, *extra]
         subprocess.run(cmd, check=True, env=child_environment(), cwd=Path(__file__).resolve().parent.parent)
         losses[name] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     checks = {f"{k}_equals_tp1": max_diff(losses[k], losses["tp1"]) <= 1e-3 for k in ("tp2", "pp2")}

@@ -1,11 +1,11 @@
 """The keyed dropout's mask, eager against compiled (`kernels.dropout_mask`), at one site and in a training step.
 
-    python bench/keyed_dropout.py           # a parti-350m site; the step: parti-tiny at batch 8 (CPU) / parti-350m at 16 (GPU)
+    python bench/keyed_dropout.py    # a parti-350m site; the step: parti-tiny at batch 8 (CPU) / parti-350m at 16 (GPU)
     python bench/keyed_dropout.py --step-preset parti-350m --step-batch 1 --repeats 3    # on CPU: ~20 s a step
 
-1. One decoder residual site of `--preset` (batch 2 on CPU, 16 on a GPU), [image tokens, batch, hidden]: milliseconds for the mask by the
-   eager integer hash, by its compiled kernel, and for applying a mask (what dropout costs at best), with
-   the ratios eager/compiled and mask/apply; and the bytes each moves per element, counted from the eager
+1. One decoder residual site of `--preset` (batch 2 on CPU, 16 on a GPU), [image tokens, batch, hidden]: milliseconds
+   for the mask by the eager integer hash, by its compiled kernel, and for applying a mask (what dropout costs at best),
+   with the ratios eager/compiled and mask/apply; and the bytes each moves per element, counted from the eager
    operations' inputs and outputs (the compiled kernel writes one byte): elementwise work is bound by memory
    bandwidth on a GPU, so there its time follows the bytes; a CPU's matmuls are slow enough to hide them.
 2. Forward + backward of PartiModel (`--step-preset`; TP=1; bf16 on a GPU, fp32 on CPU) with dropout 0.1 and the masks
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     gpu = torch.cuda.is_available()
     parser.add_argument("--preset", default="parti-350m", help="the site's shape")
     parser.add_argument("--batch", type=int, default=16 if gpu else 2)
-    parser.add_argument("--step-preset", help="the training step's model (default: --preset on a GPU, parti-tiny on CPU)")
+    parser.add_argument("--step-preset",
+                        help="the training step's model (default: --preset on a GPU, parti-tiny on CPU)")
     parser.add_argument("--step-batch", type=int, help="default: --batch on a GPU, 8 on CPU")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t = training_step(step_preset, step_batch, device, dtype, args.repeats)
     base = t["no_dropout"]
-    print(f"forward+backward of {step_preset} at batch {step_batch}: no dropout {base * 1e3:.1f} ms; dropout 0.1 with eager masks "
-          f"{t['eager_mask'] * 1e3:.1f} ms ({t['eager_mask'] / base - 1:+.0%}), with compiled masks "
-          f"{t['compiled_mask'] * 1e3:.1f} ms ({t['compiled_mask'] / base - 1:+.0%})")
+    print(f"forward+backward of {step_preset} at batch {step_batch}: no dropout {base * 1e3:.1f} ms; "
+          f"dropout 0.1 with eager masks {t['eager_mask'] * 1e3:.1f} ms ({t['eager_mask'] / base - 1:+.0%}), "
+          f"with compiled masks {t['compiled_mask'] * 1e3:.1f} ms ({t['compiled_mask'] / base - 1:+.0%})")
     print(f"  step eager/compiled masks: {t['eager_mask'] / t['compiled_mask']:.2f}x")
 
 

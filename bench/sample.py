@@ -12,8 +12,8 @@ the first `reference_tokens` only, its cheapest part: its ratio flatters it), `k
 step through a growing cache), `cuda_graph` (one token per step through a static cache, the step replayed
 from a CUDA graph; GPU only, skipped with the reason elsewhere), `cuda_graph_compiled` (the same with the step
 through inductor first: model_parallel.compile.compile_decode_step; its first call compiles) and `bound`: what
-memory bandwidth allows, image tokens/s = batch / (bytes read per decode step / bandwidth), with the bytes of the decoder weights
-a step reads (every decoder layer and the output head; not the encoder, nor the cross-attention K/V
+memory bandwidth allows, image tokens/s = batch / (bytes read per decode step / bandwidth), with the bytes of the
+decoder weights a step reads (every decoder layer and the output head; not the encoder, nor the cross-attention K/V
 projections, whose outputs are cached), the self-attention K/V cache over the positions written so far
 (averaged over the image) and the cached cross-attention K/V, and the bandwidth of a large device copy
 measured in the same run (bytes read + written per second). Rates are image tokens/s of the token loop

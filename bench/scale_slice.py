@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     bf16_matmul = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     args.dtype = torch.bfloat16 if args.precision == "bf16" and bf16_matmul else torch.float32
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks (see the module doc)
-    print(f"{args.preset} slice: {cfg.encoder_layers} encoder + {cfg.decoder_layers} decoder layers, d {cfg.hidden_size}, "
-          f"MLP {cfg.ffn_hidden_size}, {cfg.num_heads} heads, micro-batch 1, {cfg.text_seq_len} + {cfg.image_seq_len} "
-          f"tokens, {str(args.dtype).removeprefix('torch.')}"
+    print(f"{args.preset} slice: {cfg.encoder_layers} encoder + {cfg.decoder_layers} decoder layers, "
+          f"d {cfg.hidden_size}, MLP {cfg.ffn_hidden_size}, {cfg.num_heads} heads, micro-batch 1, "
+          f"{cfg.text_seq_len} + {cfg.image_seq_len} tokens, {str(args.dtype).removeprefix('torch.')}"
           + ("" if args.dtype == torch.bfloat16 or args.precision == "fp32" else " (no bf16 matmul on this CPU)"))
     versus = f"vs TP={sizes[0]}"  # (the ratios' reference: the first size listed)
     print(f"{'TP':>3} {'recompute':>10} {'params/rank':>14} {'build s':>8} {'init GB':>8} {versus:>8} "

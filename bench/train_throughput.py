@@ -160,11 +160,14 @@ def report(preset: str, nproc: int, results: dict) -> str:
              f"measured matmul: {statistics.median(matmul) / 1e12:.4f} TFLOP/s per process (median turn)",
              f"{'ZeRO':>4} {'samples/s':>10} {'TFLOP/s/proc':>13}  {'vs matmul':<34} samples/s vs ZeRO-0"]
     for zero in rates:
-        lines.append(f"{zero:>4} {statistics.median(rates[zero]):>10.1f} {statistics.median(flops[zero]) / 1e12:>13.4f}"
-                     f"  {ratio_over_turns(flops[zero], matmul, digits=3):<34} {ratio_over_turns(rates[zero], rates[0])}")
+        lines.append(f"{zero:>4} {statistics.median(rates[zero]):>10.1f} "
+                     f"{statistics.median(flops[zero]) / 1e12:>13.4f}"
+                     f"  {ratio_over_turns(flops[zero], matmul, digits=3):<34} "
+                     f"{ratio_over_turns(rates[zero], rates[0])}")
     opt = results["opt_bytes"]
     base = sum(opt[0])
-    lines.append(f"\n{'ZeRO':>4} {'moments MB':>11} {'+master MB':>11} {'total vs ZeRO-0':>16} {'moments vs ZeRO-0':>18}")
+    lines.append(f"\n{'ZeRO':>4} {'moments MB':>11} {'+master MB':>11} {'total vs ZeRO-0':>16} "
+                 f"{'moments vs ZeRO-0':>18}")
     for zero, (moments, master) in opt.items():
         lines.append(f"{zero:>4} {moments / 2**20:>11.2f} {master / 2**20:>11.2f} {(moments + master) / base:>16.3f} "
                      f"{moments / opt[0][0]:>18.3f}")

@@ -66,7 +66,8 @@ def load_state(path: Path, required: tuple[str, ...], writer: str, if_refused: s
             raise CheckpointError(f"{path}: refused: it holds a pickled {found.group(1)}, not only tensors and plain "
                                   "data, and loading it could run code; " + (if_refused or (
                                       f"{writer} never writes such checkpoints - use one from a run you trust, or "
-                                      "delete its folder and `latest` to resume from the newest complete one"))) from None
+                                      "delete its folder and `latest` to resume "
+                                      "from the newest complete one"))) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first}); expected a torch.save file "
                               f"written by {writer}") from None

@@ -161,7 +161,8 @@ class CodeShardDataset:
             raise DataError(f"{path}: 0 records (every sample of its {self.manifest['num_inputs']} input shard(s) "
                             f"was skipped: {self.manifest['skipped']}): nothing to train on")
         rec = self.manifest["record"]
-        for name, want, have in (("text_len", text_len, rec["text_len"]), ("grid_tokens", grid_tokens, rec["grid_tokens"])):
+        for name, want, have in (("text_len", text_len, rec["text_len"]),
+                                 ("grid_tokens", grid_tokens, rec["grid_tokens"])):
             if want is not None and want != have:
                 raise DataError(f"{path}: records have {name}={have}, the model expects {want}")
         self.dtype = record_dtype(rec["grid_tokens"], rec["text_len"], rec["caption_bytes"], rec["key_bytes"])
@@ -431,7 +432,8 @@ def open_training_data(spec: str, model_cfg, check_shards: bool = True):
                                    model_cfg.text_vocab_size)):
             if have > limit:
                 raise DataError(f"{folder}: {name} {have} exceeds the model's "
-                                f"{'model.image_vocab_size' if 'codebook' in name else 'model.text_vocab_size'}={limit}")
+                                f"{'model.image_vocab_size' if 'codebook' in name else 'model.text_vocab_size'}"
+                                f"={limit}")
         parts.append((ds, weight))
     if not parts:
         raise DataError("data.shards is empty: give a code-shard folder (or folder:weight,folder:weight)")

@@ -10,9 +10,9 @@ size: with at least as many shards as ranks, rank r of `world` takes the shards 
 webdataset's split_by_node: a rank takes floor or ceil of shards / world of them, and a LAION download has
 thousands); with fewer (small datasets), it takes the samples r, r + world, ... counted over all shards (as
 DistributedSampler splits indices), and reads the others' bytes without decoding them. Every kept image of
-them (data_pipeline/images.py's filters) is resized (shorter side) and centre-cropped to `resize` (or `crop` when resize is 0), then, through
-a 256-image shuffle buffer, randomly cropped to `crop` and flipped. The stream is a pure function of
-(pattern, seed, rank, world), the same at any number of decoding `workers` (processes, started once per
+them (data_pipeline/images.py's filters) is resized (shorter side) and centre-cropped to `resize` (or `crop` when resize
+is 0), then, through a 256-image shuffle buffer, randomly cropped to `crop` and flipped. The stream is a pure function
+of (pattern, seed, rank, world), the same at any number of decoding `workers` (processes, started once per
 stream, that decode and resize the next samples while the model trains; 0: in the training process).
 
 A resumed trainer continues the stream from its saved state: the position in the shards, the shuffle
@@ -64,7 +64,8 @@ class CropStream:
         self.rng = random.Random(seed * 1000 + rank)
         self.buffer: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((shard, position in it), image)
         self.shard = self.position = 0  # the next raw sample to read
-        self.index = 0  # samples read before it in this pass (when the samples are split: rank r's have index % world == r)
+        # samples read before it in this pass (when the samples are split: rank r's have index % world == r)
+        self.index = 0
         self.kept = 0  # this rank's kept images in this pass
         self._images = self._generate()
 

@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="image-decoding DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--manifest-only", action="store_true", help="only rebuild manifest.json")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error instead of "
-                        "hours on the CPU; cpu hides the GPUs")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error "
+                        "instead of hours on the CPU; cpu hides the GPUs")
     for f in fields(FilterConfig):
         if f.name != "image_size":
             parser.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in str(f.type) else int,

@@ -33,7 +33,8 @@ class SyntheticCodes:
         self.cfg, self.size, self.seed, self.num_classes, self.noise = model_cfg, size, seed, num_classes, noise
         self.first = first
         g = torch.Generator().manual_seed(seed)
-        self.patterns = torch.randint(0, model_cfg.image_vocab_size, (num_classes, model_cfg.image_seq_len), generator=g)
+        self.patterns = torch.randint(0, model_cfg.image_vocab_size, (num_classes, model_cfg.image_seq_len),
+                                      generator=g)
         words = model_cfg.text_vocab_size - self.FIRST_WORD
         self.captions = torch.randint(0, words, (num_classes, 3), generator=g) + self.FIRST_WORD
 

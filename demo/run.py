@@ -164,8 +164,8 @@ def held_out(cfg: DemoConfig) -> set[tuple[str, str]]:
                              "(e.g. 'yellow square')")
     for colour, shape in pairs:
         if colour not in shapes.COLOURS or shape not in shapes.SHAPES:
-            raise ValueError(f"held_out={cfg.held_out!r}: {colour} {shape} is not a colour ({', '.join(shapes.COLOURS)}) "
-                             f"and shape ({', '.join(shapes.SHAPES)})")
+            raise ValueError(f"held_out={cfg.held_out!r}: {colour} {shape} is not a colour "
+                             f"({', '.join(shapes.COLOURS)}) and shape ({', '.join(shapes.SHAPES)})")
     return pairs
 
 
@@ -252,11 +252,13 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm:
     overrides = [f"model.preset={ARCH_PRESETS[cfg.arch]}", f"data.shards={codes}", f"train.steps={cfg.train_steps}",
                  f"train.seed={cfg.seed + 1234}", f"data.valid_shards={valid_codes}",
                  f"train.eval_interval={cfg.eval_interval}", f"train.eval_batches={EVAL_BATCHES}",
-                 f"model.text_vocab_size={TextTokenizer(spm).vocab_size}", f"model.image_vocab_size={cfg.codebook_size}"]
+                 f"model.text_vocab_size={TextTokenizer(spm).vocab_size}",
+                 f"model.image_vocab_size={cfg.codebook_size}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                "-m", "training.train", "--config", cfg.train_config, "--run-dir", str(run_dir), "--resume", "auto",
                "--set", *overrides]
-    env = child_environment(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"),
+    env = child_environment(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR",
+                                                          "cuda" if torch.cuda.is_available() else "cpu"),
                             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     metrics, stop_at = run_dir / "metrics.jsonl", cfg.train_steps // 2
     if cfg.preempt and not metrics.is_file():  # a fresh run: stop it half way, as a preemption would
@@ -264,7 +266,8 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm:
             "(a STOP file: the trainers finish the step they are on and save) and resumed")
         proc = subprocess.Popen(command, env=env)
         while proc.poll() is None:
-            if metrics.is_file() and any(json.loads(line)["step"] >= stop_at for line in metrics.read_text().splitlines()):
+            if metrics.is_file() and any(json.loads(line)["step"] >= stop_at
+                                         for line in metrics.read_text().splitlines()):
                 (run_dir / "STOP").touch()
                 break
             time.sleep(0.5)
@@ -330,9 +333,11 @@ def evaluate(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, spm: Path
     if not (real / "done").exists():
         real.mkdir(parents=True, exist_ok=True)
         for i in range(cfg.fid_real):
-            shapes.shape_sample(i, shapes.combinations(), cfg.image_size, seed=cfg.seed + 1)[2].save(real / f"{i:05d}.png")
+            shapes.shape_sample(i, shapes.combinations(), cfg.image_size, seed=cfg.seed + 1)[2].save(
+                real / f"{i:05d}.png")
         (real / "done").touch()
-    results = {"model": {"arch": model.cfg.arch, "preset": model.cfg.preset}, "trained": {"all": agreement(trained), "held_out": agreement([r for r in trained if r["held_out"]]),
+    results = {"model": {"arch": model.cfg.arch, "preset": model.cfg.preset},
+               "trained": {"all": agreement(trained), "held_out": agreement([r for r in trained if r["held_out"]]),
                            "seen": agreement([r for r in trained if not r["held_out"]])},
                "before_training": {"all": agreement(before)},
                "training": json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {},
@@ -409,7 +414,8 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     image_grid(originals + [to_pil(r) for r in recon], columns=8, cell=64).save(out / "reconstructions.png")
     sections = []
     res = evaluated["results"]
-    rows = [{"model": f"trained, {k.replace('_', '-')} prompts", **res["trained"][k]} for k in ("all", "seen", "held_out")]
+    rows = [{"model": f"trained, {k.replace('_', '-')} prompts", **res["trained"][k]}
+            for k in ("all", "seen", "held_out")]
     rows += [{"model": "before training", **res["before_training"]["all"]},
              {"model": "chance", "colour": res["chance"]["colour"], "shape": res["chance"]["shape"]}]
     sections.append(("Prompt/image agreement (fraction of samples whose measured colour/shape is the prompted one)",
@@ -419,7 +425,8 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
                         f"{res['fid']['before_training']:.1f} (few images at 32x32: only the two side by side mean "
                         "something).</p>" if cfg.fid else "")))
     sections.append(("Training loss", image_html("loss.png")))
-    sections.append(("Image tokenizer: originals (top) and reconstructions (bottom)", image_html("reconstructions.png")))
+    sections.append(("Image tokenizer: originals (top) and reconstructions (bottom)",
+                     image_html("reconstructions.png")))
     for name, samples in (("trained", evaluated["trained"]), ("before_training", evaluated["before"])):
         folder = "samples" if name == "trained" else "samples_before_training"
         grid = image_grid([out / folder / r["file"] for r in samples],

@@ -188,7 +188,8 @@ def run(cfg: EvalConfig) -> dict | None:
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"benchmark.real={cfg.benchmark.real}: {e}") from None
         if len(prompts) * (cfg.sampling.keep or cfg.sampling.samples_per_prompt) < 2:
-            raise ValueError(f"coco30k: {len(prompts)} prompt(s) x {cfg.sampling.keep or cfg.sampling.samples_per_prompt}"
+            raise ValueError(f"coco30k: {len(prompts)} prompt(s) x "
+                             f"{cfg.sampling.keep or cfg.sampling.samples_per_prompt}"
                              " image(s) each; FID needs at least 2 generated images (raise benchmark.limit)")
         default_weights()
     device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
@@ -228,8 +229,10 @@ def summary_line(cfg: EvalConfig, results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser(__doc__, where="configs/eval/", example="benchmark.limit=100 sampling.guidance_scale=3.0").parse_args(argv)
-    with command(errors=(ValueError, FileNotFoundError, DeviceError)):  # bad inputs, refused reruns (evaluation.generate)
+    args = config_parser(__doc__, where="configs/eval/",
+                         example="benchmark.limit=100 sampling.guidance_scale=3.0").parse_args(argv)
+    # bad inputs, refused reruns (evaluation.generate)
+    with command(errors=(ValueError, FileNotFoundError, DeviceError)):
         cfg = load_eval_config(args.config, args.set)
         results = run(cfg)
     if results is not None:

@@ -1,7 +1,7 @@
 """CLIP score (100 x max(cos(image, text), 0), averaged) with open_clip weights from a local path; the same
 scorer reranks samples in `evaluation.generate`.
 
-    python -m evaluation.clip_score --samples samples/ --clip local-dir:/models/clip     # open_clip_config.json + weights
+    python -m evaluation.clip_score --samples samples/ --clip local-dir:/models/clip   # open_clip_config.json + weights
     python -m evaluation.clip_score --samples samples/ --clip ViT-L-14 --clip-weights ViT-L-14.pt --clip-tag openai
     scorer = ClipScorer.load("local-dir:/models/clip"); scores = scorer.score(pil_images, prompts)
 
@@ -212,7 +212,8 @@ def score_samples(scorer: ClipScorer, samples: str | Path, batch_size: int = 64,
         images = [open_rgb(samples / name) for _, name in chunk]  # (an unreadable file: named)
         scores += scorer.score(images, [meta["prompt"] for meta, _ in chunk], batch_size).tolist()
     result = {"clip_score": sum(scores) / max(len(scores), 1), "images": len(scores),
-              "per_image": [{"file": name, "index": meta["index"], "score": s} for (meta, name), s in zip(rows, scores)],
+              "per_image": [{"file": name, "index": meta["index"], "score": s}
+                            for (meta, name), s in zip(rows, scores)],
               "protocol": scorer.protocol}
     written = save_result(samples / "clip_score.json", result)
     return {**result, "written": str(samples / "clip_score.json") if written else None}

@@ -477,8 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-decode", action="store_true", help="the decode step through inductor (on a GPU "
                         "before its CUDA graphs are captured; one compilation per attended prefix length and batch "
                         "shape); not yet measured on a GPU")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error instead of "
-                        "hours on the CPU; cpu hides the GPUs")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="auto | cuda | cpu: cuda (what the sbatch scripts pass) makes a missing GPU an error "
+                        "instead of hours on the CPU; cpu hides the GPUs")
     args = parser.parse_args(argv)
     if args.keep > 0 and not args.clip:  # (a negative --keep is check_inputs' to name)
         parser.error("--keep ranks samples by CLIP score: give --clip (and --clip-weights)")

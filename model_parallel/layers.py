@@ -10,9 +10,9 @@ Why not megatron-core's `TransformerLayer`/`ModuleSpec`: its local attention cor
 full score matrix (no torch SDPA / flash attention without Transformer Engine), its inference KV
 cache is tied to megatron's inference engine, and its T5 specs lose their final norm without TE
 (megatron-core 0.16's local T5 block specs set the final norm to `TENorm`, which is None when Transformer
-Engine is absent, and its torch-norm fallback refuses sequence parallelism). These few layers keep the TP layers, mappings, init and RNG
-tracker of megatron-core and add SDPA attention and a simple per-layer KV cache (growing, or static with a
-device-side write position for CUDA-graph decoding).
+Engine is absent, and its torch-norm fallback refuses sequence parallelism). These few layers keep the TP layers,
+mappings, init and RNG tracker of megatron-core and add SDPA attention and a simple per-layer KV cache (growing, or
+static with a device-side write position for CUDA-graph decoding).
 
 Dropout on residual branches and embeddings is keyed by sample (`SampleDropout`, model_parallel/keyed_dropout.py):
 its masks are a pure function of (seed, piece, site, sample position in the run, element), the same at any

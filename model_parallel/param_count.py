@@ -52,8 +52,8 @@ def piece_params(cfg: ModelConfig, tp: int = 1) -> list[int]:
         return [sum(p.numel() for p in cls(ctx).parameters()) for _, cls in piece_classes(cfg)]
 
 
-PART = {"text_embedding": "embeddings", "image_embedding": "embeddings", "embedding": "embeddings", "encoder": "encoder",
-        "encoder_norm": "encoder", "decoder": "decoder", "head": "head"}
+PART = {"text_embedding": "embeddings", "image_embedding": "embeddings", "embedding": "embeddings",
+        "encoder": "encoder", "encoder_norm": "encoder", "decoder": "decoder", "head": "head"}
 
 
 def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict[str, int]:

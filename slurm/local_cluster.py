@@ -88,7 +88,8 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.%n.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.%n.log
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{port + 1}-{port + 2}] CPUs={CPUS_PER_NODE} RealMemory=8000 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{port + 1}-{port + 2}] CPUs={CPUS_PER_NODE} \
+RealMemory=8000 State=UNKNOWN
 PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 """
 

@@ -94,8 +94,9 @@ class WDSR(nn.Module):
     @torch.no_grad()
     def _start_as_bicubic(self) -> None:
         """Initialise the network as bicubic upsampling, the baseline it has to beat: the global branch's 5x5
-        filters hold the bicubic weights of each output phase (torch's bicubic, a = -0.75, edges repeated), and the body's tail starts at zero (weight norm's gain g = 0, so it still learns). The
-        architecture is WDSR's; only this starting point is ours (training then refines a residual)."""
+        filters hold the bicubic weights of each output phase (torch's bicubic, a = -0.75, edges repeated), and the
+        body's tail starts at zero (weight norm's gain g = 0, so it still learns). The architecture is WDSR's; only this
+        starting point is ours (training then refines a residual)."""
         s = self.scale
         taps = torch.zeros(s, 5)  # taps[phase, k]: weight of the low-resolution pixel at offset k - 2
         for phase in range(s):

@@ -70,7 +70,8 @@ class SRTrainer:
         t = cfg.train
         self.scale = cfg.model.resolved()["scale"]
         weights = ((w, 0, "a loss weight: a negative one maximises its term") for w in ("l1", "perceptual"))
-        check_minima(t, "train", (*IMAGE_TRAIN_MINIMA, ("crop", self.scale, "the high-resolution crops' side"), *weights))
+        check_minima(t, "train", (*IMAGE_TRAIN_MINIMA, ("crop", self.scale, "the high-resolution crops' side"),
+                                  *weights))
         check_lpips_backbone(t.perceptual, t.lpips_backbone)
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
@@ -78,7 +79,8 @@ class SRTrainer:
             raise ConfigError(f"train.precision={t.precision!r} must be fp32 or bf16")
         for name in ("crop", "resize"):
             if getattr(t, name) % self.scale:
-                raise ConfigError(f"train.{name}={getattr(t, name)} must be divisible by the model's scale {self.scale}")
+                raise ConfigError(f"train.{name}={getattr(t, name)} must be divisible by the model's scale "
+                                  f"{self.scale}")
         if t.resize and t.resize < t.crop:
             raise ConfigError(f"train.resize={t.resize} must be at least train.crop={t.crop} (the crops are cut from "
                               "the resized images; 0: no resize)")
@@ -153,7 +155,8 @@ class SRTrainer:
         self.opt.load_state_dict(state["opt"])  # (an old checkpoint's "schedule" is not needed: lr_factor)
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
-        how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
+        how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world,
+                             path)
         self.log.info(f"resumed from {path} at step {self.step}; {how}")
 
     def start_fresh(self) -> None:

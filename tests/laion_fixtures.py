@@ -30,7 +30,8 @@ def coco_mini(shorter: int | None = None) -> list[tuple[str, bytes, str]]:
 def _coco_mini(shorter: int | None) -> tuple[tuple[str, bytes, str], ...]:
     folder = SHARED_DATA / "coco_mini"
     if not (folder / "captions.json").is_file():
-        raise FileNotFoundError(f"{folder / 'captions.json'} is missing: set PARTI_SHARED_DATA to the shared data folder")
+        raise FileNotFoundError(f"{folder / 'captions.json'} is missing: "
+                                "set PARTI_SHARED_DATA to the shared data folder")
     entries = json.loads((folder / "captions.json").read_text())
     photos = [(Path(e["file_name"]).stem, (folder / "images" / e["file_name"]).read_bytes(), e["captions"][0])
               for e in entries]

@@ -242,7 +242,8 @@ class ReferenceDecoderOnly(nn.Module):
             return image
         text_logits = self.text_head(h[:, :T - 1])
         targets = text[:, 1:].masked_fill(text[:, 1:] == self.c.text_pad_id, -100)
-        caption = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        caption = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=-100)
         return (1 - w) * image + w * caption
 
 

@@ -51,11 +51,12 @@ def test_compiled_layers_equal_the_eager_model(single_process, preset, recompute
     """Residual dropout (keyed by sample) only: one graph serves every layer, no recompilation (each site's
     key is a tensor, not a constant to specialise on; a property of the tracing, so checked without inductor's
     code generation, the slow part on CPU), with the compiled dropout masks and bias-dropout-add that `auto` picks
-    on a GPU (traced into each layer's graph; the masks' own kernel at the embedding). With the fused kernel's attention dropout (a
-    graph break at megatron's RNG tracker) and the layers recomputed, through inductor: the same masks as
+    on a GPU (traced into each layer's graph; the masks' own kernel at the embedding). With the fused kernel's attention
+    dropout (a graph break at megatron's RNG tracker) and the layers recomputed, through inductor: the same masks as
     eager. (Selective recomputation of compiled layers: test_training's TP=2 run, inductor too.)"""
     torch._dynamo.reset()
-    cfg = debug_model_config(**{"model.preset": preset, "model.dropout": 0.1, "model.attention_dropout": attention_dropout})
+    cfg = debug_model_config(**{"model.preset": preset, "model.dropout": 0.1,
+                                "model.attention_dropout": attention_dropout})
     text, codes = debug_batch(cfg, batch=4)
     eager = _loss_and_grads(cfg, text, codes, "none", compiled=None)
     with torch._dynamo.config.patch(error_on_recompile=attention_dropout == 0):

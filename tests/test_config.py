@@ -233,7 +233,8 @@ def test_a_preset_override_of_a_saved_config_is_refused(tmp_path):
     # Some of the new preset's keys set (to other values): they apply over it, as any model key in the file does.
     (tmp_path / "some.yaml").write_text("model:\n  preset: parti-debug\n  hidden_size: 64\n")
     cfg = load_config(tmp_path / "some.yaml", ["model.preset=parti-tiny"]).model
-    assert (cfg.hidden_size, cfg.decoder_layers) == (64, load_config(None, ["model.preset=parti-tiny"]).model.decoder_layers)
+    assert (cfg.hidden_size, cfg.decoder_layers) == (
+        64, load_config(None, ["model.preset=parti-tiny"]).model.decoder_layers)
     # The file's own preset again, over a saved config whose model differs from that preset: nothing changes.
     save_config(load_config("configs/train/debug.yaml", ["model.decoder_layers=3"]), tmp_path / "other.yaml")
     assert load_config(tmp_path / "other.yaml", ["model.preset=parti-debug"]).model.decoder_layers == 3

@@ -2,7 +2,8 @@
 SentencePiece -> code shards -> parti-tiny at TP=2 on 2 processes, stopped and resumed -> guided samples,
 upsampled by a tiny WDSR.
 The trained model must draw the prompted colour far more often than chance; the same model before
-training must not. The decoder-only variant (--set arch=decoder_only) trains on the same code shards and must do as well.
+training must not. The decoder-only variant (--set arch=decoder_only) trains on the same code shards and
+must do as well.
 The slowest tests of the suite (a few minutes on 2 CPU cores)."""
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def test_measure_reads_colour_and_shape_back():
         rng = random.Random(i)
         for _ in range(6):  # stray pixels apart from the shape, as a decoder leaves them, do not change the answer
             x, y = rng.randrange(32), rng.randrange(32)
-            near = [img.getpixel((u, v)) for u in range(max(x - 1, 0), min(x + 2, 32)) for v in range(max(y - 1, 0), min(y + 2, 32))]
+            near = [img.getpixel((u, v)) for u in range(max(x - 1, 0), min(x + 2, 32))
+                    for v in range(max(y - 1, 0), min(y + 2, 32))]
             if all(p == (255, 255, 255) for p in near):
                 speckled.putpixel((x, y), shapes.COLOURS[rng.choice(list(shapes.COLOURS))])
         assert shapes.measure(img) == shapes.measure(speckled) == (colour, shape), i
@@ -138,7 +140,8 @@ def test_shape_and_photo_shards_hold_what_they_are_asked_for(tmp_path):
             meta = json.loads(f[f"{key}.json"])
             assert meta == {"caption": f[f"{key}.txt"].decode(), "colour": "yellow", "shape": meta["shape"],
                             "width": 16, "height": 16}
-            assert meta["shape"] in ("circle", "triangle") and meta["caption"] == shapes.caption("yellow", meta["shape"])
+            assert (meta["shape"] in ("circle", "triangle")
+                    and meta["caption"] == shapes.caption("yellow", meta["shape"]))
             image = Image.open(io.BytesIO(f[f"{key}.png"]))
             assert image.size == (16, 16)
             assert np.array_equal(np.asarray(image), np.asarray(shapes.shape_sample(int(key[5:]), shapes.combinations(
@@ -192,7 +195,8 @@ def test_demo_settings_are_checked_against_the_output_folder_and_the_combination
              "under a file": (DemoConfig(out=str(tmp_path / "a_file" / "demo")),
                               r"out=.*a_file/demo: .*a_file is a file, not a folder"),
              "empty": (DemoConfig(out=""), r"out= is empty"),
-             "a folder that is no demo's": (DemoConfig(out=str(tmp_path)), r"holds other files and no demo_config.yaml")}
+             "a folder that is no demo's": (DemoConfig(out=str(tmp_path)),
+                                            r"holds other files and no demo_config.yaml")}
     for name, (cfg, message) in cases.items():
         with pytest.raises(ValueError, match=message):
             check(cfg)
@@ -321,7 +325,8 @@ def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_p
     cfg = DemoConfig(out=str(tmp_path), shapes=1500, valid_shapes=3, image_size=8, held_out="yellow square")
     pattern, valid_pattern = make_data(cfg, tmp_path)
     train, valid = expand_shards(pattern), expand_shards(valid_pattern)
-    assert [p.name for p in train] == ["00000.tar", "00001.tar", "00002.tar"] and [p.name for p in valid] == ["00001.tar"]
+    assert ([p.name for p in train] == ["00000.tar", "00001.tar", "00002.tar"]
+            and [p.name for p in valid] == ["00001.tar"])
 
     def samples(path):
         with tarfile.open(path) as tar:
@@ -330,7 +335,8 @@ def test_demo_data_step_writes_the_sets_it_names_and_skips_them_on_a_rerun(tmp_p
     captions = [v.decode() for p in train[:2] for k, v in samples(p).items() if k.endswith(".txt")]
     assert len(captions) == 1500 and shapes.caption("yellow", "square") not in captions
     assert len([k for k in samples(train[2]) if k.endswith(".jpg")]) == 17  # the shipped photos
-    assert sorted(k for k in samples(valid[0]) if k.endswith(".png")) == [f"shape{i:07d}.png" for i in (1500, 1501, 1502)]
+    assert sorted(k for k in samples(valid[0]) if k.endswith(".png")) == [
+        f"shape{i:07d}.png" for i in (1500, 1501, 1502)]
     stamps = {p: p.stat().st_mtime_ns for p in train + valid}
     assert make_data(cfg, tmp_path) == (pattern, valid_pattern)
     assert {p: p.stat().st_mtime_ns for p in train + valid} == stamps
@@ -353,11 +359,13 @@ def test_demo_report_helpers():
     prompts = demo_prompts(DemoConfig(held_out="yellow square,blue triangle"))
     assert len(prompts) == 12 and prompts[0] == {"prompt": "a red circle on a white background", "colour": "red",
                                                  "shape": "circle", "held_out": False}
-    assert sorted((p["colour"], p["shape"]) for p in prompts if p["held_out"]) == [("blue", "triangle"), ("yellow", "square")]
+    assert sorted((p["colour"], p["shape"]) for p in prompts if p["held_out"]) == [("blue", "triangle"),
+                                                                                   ("yellow", "square")]
     assert preemption_label({"stopped_at_step": 81, "steps": 160}) == "stopped at step 81 and resumed"
     assert preemption_label({}) == "not stopped"
     assert loss_label(SimpleNamespace(text_loss_weight=0)) == "loss (image-token cross-entropy)"
-    assert loss_label(SimpleNamespace(text_loss_weight=0.1)) == "loss (0.9 x image-token + 0.1 x caption-token cross-entropy)"
+    assert (loss_label(SimpleNamespace(text_loss_weight=0.1))
+            == "loss (0.9 x image-token + 0.1 x caption-token cross-entropy)")
     layouts = {(2, 1, 2): "TP=2", (1, 1, 2): "DP=2", (2, 1, 4): "DP=2 x TP=2", (1, 2, 4): "DP=2 x PP=2",
                (2, 2, 4): "TP=2 x PP=2", (1, 1, 1): "one process"}
     for (tp, pp, nproc), label in layouts.items():
@@ -415,7 +423,8 @@ def test_a_rerun_into_the_demos_folder_with_other_settings_is_refused(demo):
     with pytest.raises(SystemExit) as exit_:
         main(["--set", f"out={demo[0]}", *SMALL, "arch=decoder_only"])
     assert re.fullmatch(rf"config error: out={re.escape(str(demo[0]))} holds a demo run with other settings \(arch: "
-                        r"'encoder_decoder' there, 'decoder_only' here\); .* use another out= .*", str(exit_.value.code))
+                        r"'encoder_decoder' there, 'decoder_only' here\); .* use another out= .*",
+                        str(exit_.value.code))
     assert (demo[0] / "demo_config.yaml").read_text() == before
 
 

@@ -378,7 +378,8 @@ def test_the_nonfinite_guard_counts_skips_in_a_row_and_skips_fp32_zero0_steps_it
     w.grad = torch.tensor([1.0, float("nan")])
     optimizer.step()
     guard.step_done()
-    assert torch.equal(w.detach(), torch.ones(2)) and optimizer.overflow and (guard.skipped, guard.consecutive) == (1, 1)
+    assert (torch.equal(w.detach(), torch.ones(2)) and optimizer.overflow
+            and (guard.skipped, guard.consecutive) == (1, 1))
     w.grad = torch.tensor([1.0, 1.0])
     optimizer.step()
     guard.step_done()

@@ -215,12 +215,14 @@ def test_kernel_breakdown_sorts_hopper_kernel_names_into_families():
              "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
              "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
              "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
-             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer_and_foreach",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>":
+                 "optimizer_and_foreach",
              "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
              "Memcpy DtoD (Device -> Device)": "copy",
              "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
              "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>": "loss_softmax",
-             "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, at::native::func_wrapper_t": "reduction",
+             "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, at::native::func_wrapper_t":
+                 "reduction",
              "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "elementwise_other"}
     inductor = {"triton_red_fused__to_copy_amax_0": "compiled_fused",  # (not a copy, whatever its name says)
                 "cpp_fused__to_copy_add_arange_eq_exp_mul_sub_unsqueeze_0": "compiled_fused"}
@@ -450,7 +452,8 @@ def test_the_runner_starts_a_section_only_if_its_limit_fits_and_reports_each(tmp
         sections["long"]["reason"]
     assert [sections[n]["status"] for n in ("a", "b")] == ["ok", "ok"] and report["quick"]
     text = next(tmp_path.glob("gpu_cpu_*.md")).read_text()
-    assert "| a | ok | 1 |" in text and "| gpu | skipped | 0 | needs a GPU |" in text and "| long | skipped | 0 | out" in text
+    assert ("| a | ok | 1 |" in text and "| gpu | skipped | 0 | needs a GPU |" in text
+            and "| long | skipped | 0 | out" in text)
     assert not list((tmp_path / "running").iterdir())
 
     started.clear()
@@ -493,7 +496,8 @@ def test_a_sections_failed_check_or_error_is_its_status(tmp_path, monkeypatch):
     finally:
         faulthandler.cancel_dump_traceback_later()
     assert results["failing"]["status"] == "fail" and results["failing"]["failed_checks"] == ["y"]
-    assert results["fine"]["status"] == "ok" and "failed_checks" not in results["fine"] and results["fine"]["value"] == 3
+    assert (results["fine"]["status"] == "ok" and "failed_checks" not in results["fine"]
+            and results["fine"]["value"] == 3)
     assert json.loads(gpu_check.partial_file(tmp_path / "fine.json").read_text()) == {"part": 1}
     assert results["broken"]["status"] == "error" and results["broken"]["error"] == "ValueError: no GPU here"
     assert "raise ValueError" in results["broken"]["traceback"]

@@ -21,7 +21,8 @@ def test_cuda_required_without_a_gpu_is_an_error_that_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("module, argv", [
-    ("training.train", ["--config", "configs/train/debug.yaml", "--run-dir", "{tmp}/run", "--set", "train.device=cuda"]),
+    ("training.train", ["--config", "configs/train/debug.yaml", "--run-dir", "{tmp}/run", "--set",
+                        "train.device=cuda"]),
     ("training.text_encoder", ["--config", "configs/train/debug.yaml", "--run-dir", "{tmp}/run", "--set",
                                "train.device=cuda"]),
     ("vq.train", ["--data", "{tmp}/x.tar", "--run-dir", "{tmp}/run", "--set", "train.device=cuda"]),

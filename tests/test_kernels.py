@@ -220,9 +220,9 @@ def test_gpu_compilation_needs_triton_and_a_c_compiler(monkeypatch):
 
 
 def test_gpu_without_compilers_gets_the_plain_bias_gelu_and_no_deepspeed_adam(monkeypatch):
-    """megatron-core's fused bias-GeLU and the fused bias-dropout-add are torch.compile'd, and DeepSpeed's FusedAdam is built with nvcc on first
-    use: on a GPU machine without Triton's C compiler `auto` takes the plain ones (saying why), and without
-    nvcc kernels.optimizer=deepspeed is refused before training rather than failing at the first step."""
+    """megatron-core's fused bias-GeLU and the fused bias-dropout-add are torch.compile'd, and DeepSpeed's FusedAdam is
+    built with nvcc on first use: on a GPU machine without Triton's C compiler `auto` takes the plain ones (saying why),
+    and without nvcc kernels.optimizer=deepspeed is refused before training rather than failing at the first step."""
     import shutil
 
     import torch.utils._triton

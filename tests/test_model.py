@@ -241,7 +241,8 @@ def test_dropout_keyed_by_sample_is_the_same_in_any_batch(single_process):
             assert not torch.allclose(full, model.eval()(text, codes), atol=1e-3)
         sites = [m for m in model.modules() if isinstance(m, SampleDropout | Attention)]
         keys = [int(m.key) for m in sites]
-        assert all(m.keyed for m in sites) and len(set(keys)) == len(keys) == 2 + 3 * cfg.encoder_layers + 5 * cfg.decoder_layers
+        assert (all(m.keyed for m in sites)
+                and len(set(keys)) == len(keys) == 2 + 3 * cfg.encoder_layers + 5 * cfg.decoder_layers)
 
 
 def test_invariant_attention_dropout_path_equals_the_fused_kernel_without_drops(single_process):

@@ -191,8 +191,8 @@ def h200_measurements() -> list[tuple[str, int, int, dict]]:
     points = []
     for run in (H200_RUN, H200_RUN_2):
         sections = json.loads(run.read_text())["sections"]
-        points += [(s["preset"], int(b), s.get("accumulation", 1), r) for s in (sections["mfu_350m"], sections["mfu_3b"])
-                   for b, r in s["by_micro_batch"].items()]
+        points += [(s["preset"], int(b), s.get("accumulation", 1), r)
+                   for s in (sections["mfu_350m"], sections["mfu_3b"]) for b, r in s["by_micro_batch"].items()]
     return points
 
 
@@ -323,7 +323,8 @@ def test_memory_terms_per_parameter_and_stage():
         stages = []
         for s, (params, stage) in enumerate(zip(params_per_stage(m, 1, 2), stage_pieces(m, 2))):
             layers = (sum(kinds[k] == "EncoderLayer" for k in stage), sum(kinds[k] == "DecoderLayer" for k in stage))
-            act = activation_bytes(m, 2, 1, 2, "none", layers, head=s == 1, embeddings=s == 0) * min(2 - s, micro_batches)
+            act = (activation_bytes(m, 2, 1, 2, "none", layers, head=s == 1, embeddings=s == 0)
+                   * min(2 - s, micro_batches))
             stages.append((params * (2 + 4 + 12) + act, params, act))
         total, params, act = max(stages)
         assert (layout.params, layout.activations_gb, layout.total_gb) == (params, pytest.approx(act / gb),

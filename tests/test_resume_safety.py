@@ -231,7 +231,8 @@ def test_the_tensor_index_reader_admits_dtypes_not_any_global_of_torch_or_of_the
     assert read_index(tmp_path) is torch.float32  # (what an index holds passes)
     marker = tmp_path / "payload_ran"
     (tmp_path / ".metadata").write_bytes(f"c{module}\n{name}\n(S'the payload ran'\nS'{marker}'\ntR.".encode())
-    with pytest.raises(CheckpointError, match=rf"\.metadata: the tensor index would import {re.escape(module)}\.{name} "):
+    with pytest.raises(CheckpointError, match=rf"\.metadata: the tensor index would import "
+                                              rf"{re.escape(module)}\.{name} "):
         read_index(tmp_path)
     assert not marker.exists()
 
@@ -932,8 +933,10 @@ def test_every_trainer_holds_its_run_directory(tmp_path, capsys, module, args):
         main([*args, "--run-dir", str(run_dir)])
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
     lock.release()
-    with pytest.raises(SystemExit, match=rf"{module}: .*(x.tar|export.pt|x.txt|x.model)"):  # a failed run lets the lock go
-        main([*args, "--run-dir", str(run_dir)] + (["--text-files", "x.txt", "--text-tokenizer", "x.model"] if not args else []))
+    # a failed run lets the lock go
+    with pytest.raises(SystemExit, match=rf"{module}: .*(x.tar|export.pt|x.txt|x.model)"):
+        main([*args, "--run-dir", str(run_dir)]
+             + (["--text-files", "x.txt", "--text-tokenizer", "x.model"] if not args else []))
     RunLock(run_dir).acquire().release()
 
 
@@ -966,7 +969,8 @@ def test_a_state_file_save_that_fails_leaves_no_folder_and_latest_as_it_was(tmp_
     for step in (1, 2, 3):
         path = state_file.save_state(tmp_path, step, {"model": {"w": torch.ones(2)}, "step": step}, keep=2)
         assert path == tmp_path / "checkpoints" / tag_for(step) / "state.pt"
-    assert complete_tags(tmp_path, "state.pt") == [tag_for(2), tag_for(3)] and latest_tag(tmp_path, "state.pt") == tag_for(3)
+    assert (complete_tags(tmp_path, "state.pt") == [tag_for(2), tag_for(3)]
+            and latest_tag(tmp_path, "state.pt") == tag_for(3))
     assert state_file.load_state(path, ("model", "step"), writer="vq.train")["step"] == 3
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: not a vq.train checkpoint \(no opt, rng\)$"):
         state_file.load_state(path, ("model", "opt", "step", "rng"), writer="vq.train")
@@ -1020,7 +1024,8 @@ def test_a_state_file_damaged_inside_is_refused_naming_it(tmp_path):
     data = path.read_bytes()
     assert data.count(b"little") == 1  # (the archive's byte-order record)
     path.write_bytes(data.replace(b"little", b"littlE"))
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: not a readable checkpoint \(Unknown endianness"):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: not a readable checkpoint "
+                                              r"\(Unknown endianness"):
         load_state(path, ("model",), writer="vq.train")
 
 
@@ -1083,7 +1088,8 @@ def test_which_checkpoint_a_resume_takes_without_a_usable_latest(tmp_path):
     (root / tag_for(6) / marker).mkdir(parents=True)  # (not a file: incomplete)
     (root / tag_for(8)).write_text("")  # (not a folder)
     assert resume_tag(tmp_path, marker) == (tag_for(4), f"{root / 'latest'} is missing: resuming from the newest "
-                                            f"complete checkpoint {root / tag_for(4)} (skipping incomplete {tag_for(6)})")
+                                            f"complete checkpoint {root / tag_for(4)} "
+                                            f"(skipping incomplete {tag_for(6)})")
     (root / "latest").write_text("step_\n")
     with pytest.raises(CheckpointError, match=rf"latest: expected one line naming a checkpoint folder such as "
                                               rf"{tag_for(100)}, found 'step_'; delete it to resume from the newest "
@@ -1159,7 +1165,8 @@ def test_a_save_over_another_runs_complete_checkpoint_is_refused_and_leaves_it(s
     shutil.copytree(tmp_path / "other" / "checkpoints" / LAST, tmp_path / "run" / "checkpoints" / LAST)
     before = snapshot(tmp_path / "run" / "checkpoints" / LAST)
     other_id = json.loads((tmp_path / "other" / "checkpoints" / LAST / "trainer_state.json").read_text())["run_id"]
-    with pytest.raises(CheckpointError, match=rf"{LAST} holds a complete checkpoint of another run \(run id {other_id};"):
+    with pytest.raises(CheckpointError, match=rf"{LAST} holds a complete checkpoint of another run "
+                                              rf"\(run id {other_id};"):
         run(str(tmp_path / "run"), "train.eval_interval=0", steps=6)
     assert snapshot(tmp_path / "run" / "checkpoints" / LAST) == before
 

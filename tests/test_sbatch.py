@@ -54,7 +54,8 @@ STUBS = {
             'if [ "${STUB_USR1_AT:-}" = srun ]; then kill -USR1 "$STUB_SCRIPT_PID"; sleep 1; fi; '
             'if [ -n "${STUB_REQUEUE:-}" ]; then echo "step 3" > "$STUB_REQUEUE"; fi; touch "$STUB_OUT/srun.done"',
     "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then '  # (the signal first: `| head -n 1` may end the stub)
-                'if [ "${STUB_USR1_AT:-}" = hostnames ]; then kill -USR1 "$STUB_SCRIPT_PID"; fi; echo node-a; echo node-b; '
+                'if [ "${STUB_USR1_AT:-}" = hostnames ]; then kill -USR1 "$STUB_SCRIPT_PID"; fi; '
+                'echo node-a; echo node-b; '
                 'else echo "$*" >> "$STUB_OUT/scontrol.log"; exit "${STUB_SCONTROL_EXIT:-0}"; fi',
 }
 
@@ -324,9 +325,12 @@ def test_eval_job_exports_the_same_settings_and_asks_for_the_gpu(tmp_path):
     assert argv[argv.index("evaluation.benchmark") + 1:] == ["--config", "configs/eval/partiprompts.yaml", "--set",
                                                             "benchmark.device=cuda", "--set", "x=1"]
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["OMP_NUM_THREADS"] == "12" and env["NCCL_DEBUG"] == "WARN"
-    _, _, argv, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"], {**GPU_JOB, "DEVICE": "cpu"})
-    assert trainer_args(["training.train", *argv[argv.index("evaluation.benchmark") + 1:]]).set == ["benchmark.device=cpu"]
-    code, log, argv, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"], {**GPU_JOB, "DEVICE": "gpu"})
+    _, _, argv, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"],
+                               {**GPU_JOB, "DEVICE": "cpu"})
+    assert trainer_args(["training.train", *argv[argv.index("evaluation.benchmark") + 1:]]).set == [
+        "benchmark.device=cpu"]
+    code, log, argv, _ = run_script(tmp_path, "eval.sbatch", ["configs/eval/partiprompts.yaml"],
+                                    {**GPU_JOB, "DEVICE": "gpu"})
     assert code == 2 and "DEVICE=gpu" in log and argv is None
 
 

@@ -3,10 +3,10 @@ requeue and preemption mid-run resuming to the uninterrupted result, an image to
 and resumed, a pre-tokenization job array.
 
 The nodes have no GPUs, so every job overrides the scripts' GPU and CPU requests the way a user does on
-CPU nodes (sbatch --gpus-per-node=0 --cpus-per-task=N, DEVICE=cpu for training, evaluation and pre-tokenization); tests/test_sbatch.py
-checks the scripts' GPU defaults without a cluster. The last tests check LocalCluster's own logic (its config,
-the commands it runs, /etc/hosts, job steps, waiting) without a cluster: the commands, the clock and /etc/hosts
-are stand-ins there, so they run anywhere."""
+CPU nodes (sbatch --gpus-per-node=0 --cpus-per-task=N, DEVICE=cpu for training, evaluation and pre-tokenization);
+tests/test_sbatch.py checks the scripts' GPU defaults without a cluster. The last tests check LocalCluster's own logic
+(its config, the commands it runs, /etc/hosts, job steps, waiting) without a cluster: the commands, the clock and
+/etc/hosts are stand-ins there, so they run anywhere."""
 from __future__ import annotations
 
 import json
@@ -153,9 +153,10 @@ def test_pretokenize_array_equals_one_run(cluster, tmp_path):
     pattern = str(tmp_path / "laion" / "{00000..00005}.tar")
     pretokenize(expand_shards(pattern), tmp_path / "local", load_image_tokenizer(tmp_path / "vq.pt"),
                 TextTokenizer(tmp_path / "spm.model", 16), FILTERS)
-    job = cluster.sbatch(["--array=0-3", *CPU_NODE_OPTIONS, f"--output={tmp_path}/array-%A_%a.out", "slurm/pretokenize.sbatch",
-                          pattern, str(tmp_path / "array"), str(tmp_path / "vq.pt"), str(tmp_path / "spm.model"),
-                          "--text-len", "16", "--min-size", "16", "--max-punsafe", "0.5"], cwd=ROOT, env=ENV)
+    job = cluster.sbatch(["--array=0-3", *CPU_NODE_OPTIONS, f"--output={tmp_path}/array-%A_%a.out",
+                          "slurm/pretokenize.sbatch", pattern, str(tmp_path / "array"), str(tmp_path / "vq.pt"),
+                          str(tmp_path / "spm.model"), "--text-len", "16", "--min-size", "16", "--max-punsafe", "0.5"],
+                         cwd=ROOT, env=ENV)
     deadline = time.time() + 300
     while cluster.run("squeue", "-h", "-j", job, check=False).strip():
         assert time.time() < deadline, "array job did not finish"
@@ -180,7 +181,8 @@ def test_sweep_submits_runs_and_collects_table_and_plots(cluster, tmp_path):
                    cwd=ROOT, env=env, check=True, capture_output=True)
     jobs = json.loads((out / "jobs.json").read_text())
     assert [job["name"] for job in jobs] == ["parti-debug-n2-tp2pp1z1"]  # TP=2 does not fit one node of one process
-    assert cluster.wait(jobs[0]["job_id"], timeout=600) == "COMPLETED", (out / f"{jobs[0]['name']}.out").read_text()[-2000:]
+    assert cluster.wait(jobs[0]["job_id"], timeout=600) == "COMPLETED", \
+        (out / f"{jobs[0]['name']}.out").read_text()[-2000:]
     (row,) = collect(out)
     assert (row["run"], row["gpus"], row["tp"], row["dp"], row["zero"], row["steps"]) == \
         ("parti-debug-n2-tp2pp1z1", 2, 2, 1, 1, 6)
@@ -196,10 +198,12 @@ def test_two_node_eval_job_equals_one_local_run(cluster, uninterrupted, tmp_path
     from vq.tokenizer import ConvVQ, save_image_tokenizer
 
     env = child_environment(**ENV)
-    subprocess.run([PYTHON, "-m", "training.export", "--run-dir", str(uninterrupted[2]), "--out", str(tmp_path / "export")],
+    subprocess.run([PYTHON, "-m", "training.export", "--run-dir", str(uninterrupted[2]),
+                    "--out", str(tmp_path / "export")],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     torch.manual_seed(0)
-    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), tmp_path / "vq.pt")
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64),
+                         tmp_path / "vq.pt")
     prompts = ["a red circle", "a blue square", "two green cats", "a kitchen", "a dog", "the sky at night"]
     train_sentencepiece(prompts * 40, 40, tmp_path / "spm.model")
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -208,7 +212,8 @@ def test_two_node_eval_job_equals_one_local_run(cluster, uninterrupted, tmp_path
                     f"--prompts={tmp_path / 'prompts.txt'}",
                     f"--out={tmp_path / 'local'}", "--samples-per-prompt=2", "--guidance-scale=1.2", "--top-k=16"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
-    job = cluster.sbatch(["-N", "2", *CPU_NODE_OPTIONS, f"--output={tmp_path}/eval-%j.out", "slurm/eval.sbatch", "configs/eval/partiprompts.yaml",
+    job = cluster.sbatch(["-N", "2", *CPU_NODE_OPTIONS, f"--output={tmp_path}/eval-%j.out", "slurm/eval.sbatch",
+                          "configs/eval/partiprompts.yaml",
                           "--set", *[f"model.{k}={v}" for k, v in files.items()],
                           "benchmark.name=prompts", f"benchmark.prompts={tmp_path / 'prompts.txt'}",
                           f"benchmark.out={tmp_path / 'slurm'}", "sampling.samples_per_prompt=2", "sampling.keep=0",

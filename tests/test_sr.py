@@ -1,4 +1,5 @@
-"""Parti's upsampler (WDSR): the presets' sizes, it beats bicubic upsampling on photos it did not see, resume, export."""
+"""Parti's upsampler (WDSR): the presets' sizes, it beats bicubic upsampling on photos it did not see, resume,
+export."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ TINY = ["model.preset=tiny", "train.crop=48", "train.resize=160", "train.batch_s
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> tuple[str, str]:
     """12 of the shipped photos to train on, the other 5 held out."""
-    folder, samples = tmp_path_factory.mktemp("srdata"), lf.coco_mini(160)  # (train.resize=160: the photos as the stream resizes them)
+    # (train.resize=160: the photos as the stream resizes them)
+    folder, samples = tmp_path_factory.mktemp("srdata"), lf.coco_mini(160)
     for name, part in (("train", samples[:12]), ("val", samples[12:])):
         lf.write_tar(folder / f"{name}.tar", [(k, {"jpg": j, "txt": c.encode()}) for k, j, c in part])
     return str(folder / "train.tar"), str(folder / "val.tar")
@@ -49,7 +51,8 @@ def reference_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 def test_fields_above_zero_override_the_preset_down_to_one():
     """model.scale/features/blocks > 0 replace the preset's (1 included); 0 keeps it."""
-    assert SRModelConfig(preset="x4", scale=2, features=1, blocks=1).resolved() == {"scale": 2, "features": 1, "blocks": 1}
+    assert SRModelConfig(preset="x4", scale=2, features=1, blocks=1).resolved() == {"scale": 2, "features": 1,
+                                                                                     "blocks": 1}
     assert SRModelConfig(preset="x2", blocks=3).resolved() == {"scale": 2, "features": 128, "blocks": 3}
 
 
@@ -410,7 +413,8 @@ def test_an_untrained_wdsr_is_torchs_bicubic_upsampling(scale):
     model = build_wdsr(SRModelConfig(preset="tiny", scale=scale)).eval()
     lr = torch.rand(2, 3, 7, 9) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(model(lr), F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False),
+        torch.testing.assert_close(model(lr),
+                                   F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False),
                                    rtol=0, atol=1e-5)
 
 

@@ -20,7 +20,8 @@ def test_the_grid_skips_layouts_that_do_not_split_the_processes(tmp_path, monkey
                        6, ["train.lr=1e-3"], 0, ["--cpus-per-task=2"])
     assert [j["name"] for j in jobs] == ["parti-debug-n1-tp1pp1z0", "parti-debug-n2-tp1pp1z0",
                                          "parti-debug-n2-tp2pp1z1"]
-    assert "skipped parti-debug-n1-tp2pp1z1 (1 processes): world size 1 must be divisible by parallel.tp x parallel.pp" in capsys.readouterr().out
+    assert ("skipped parti-debug-n1-tp2pp1z1 (1 processes): world size 1 must be divisible by parallel.tp x "
+            "parallel.pp" in capsys.readouterr().out)
     command = jobs[2]["command"]
     assert command[:7] == ["sbatch", "--parsable", "-N", "2", "--gpus-per-node=0", "--cpus-per-task=2",
                            "--job-name=parti-debug-n2-tp2pp1z1"]
@@ -39,8 +40,10 @@ def test_the_grid_skips_what_the_trainer_would_refuse_and_warns_of_a_sweep_insid
                        6, ["train.warmup_steps=10"], 4)
     out = capsys.readouterr().out
     assert [j["name"] for j in jobs] == ["parti-debug-n1-tp2pp1z1"], out
-    assert "skipped parti-debug-n2-tp8pp1z1 (8 processes): model.num_heads=4 must be divisible by parallel.tp=8" in out
-    assert "skipped parti-debug-n2-tp2pp1z1 (8 processes): global batch 8 is not a multiple of micro-batch 4 x DP 4" in out
+    assert ("skipped parti-debug-n2-tp8pp1z1 (8 processes): model.num_heads=4 must be divisible by parallel.tp=8"
+            in out)
+    assert ("skipped parti-debug-n2-tp2pp1z1 (8 processes): global batch 8 is not a multiple of micro-batch 4 x DP 4"
+            in out)
     assert out.count("warning: parti-debug: train.warmup_steps=10 >= train.steps=6") == 1
     submissions(["parti-debug"], [1], ["tp1pp1z1"], "configs/train/debug.yaml", tmp_path, 6,
                 ["train.steps=100", "train.warmup_steps=10"], 4)  # (the runs' steps: the override's)
@@ -62,7 +65,8 @@ def test_a_sweep_is_not_submitted_into_the_runs_of_an_earlier_one(tmp_path, caps
     (tmp_path / "parti-debug-n1-tp2pp1z1").mkdir()
     main([*args, "--layouts", "tp1pp1z1,tp2pp1z1"])  # (an empty folder is no run)
     (tmp_path / "parti-debug-n1-tp2pp1z1" / "metrics.jsonl").write_text("")
-    with pytest.raises(SystemExit, match=r"parti-debug-n1-tp2pp1z1 already hold\(s\) a run: submit the sweep into a new"):
+    with pytest.raises(SystemExit, match=r"parti-debug-n1-tp2pp1z1 already hold\(s\) a run: "
+                                         r"submit the sweep into a new"):
         main([*args, "--layouts", "tp1pp1z1,tp2pp1z1"])
     with pytest.raises(SystemExit, match="no combination fits"):
         main([*args, "--layouts", "tp8pp1z1"])
@@ -113,7 +117,8 @@ def test_a_refused_submission_says_why_and_records_the_jobs_queued_before_it(tmp
     args = ["submit", "--out", str(tmp_path), "--config", "configs/train/debug.yaml", "--models", "parti-debug",
             "--nodes", "1", "--gpus-per-node", "2", "--layouts", "tp1pp1z1,tp2pp1z1"]
     with pytest.raises(SystemExit, match=r"sbatch refused parti-debug-n1-tp2pp1z1 \(sbatch: error: "
-                                         r"QOSMaxSubmitJobPerUserLimit\); the 1 job\(s\) queued before it are recorded"):
+                                         r"QOSMaxSubmitJobPerUserLimit\); the 1 job\(s\) queued before it "
+                                         r"are recorded"):
         sweep.main(args)
     jobs = json.loads((tmp_path / "jobs.json").read_text())
     assert [j.get("job_id") for j in jobs] == ["1001", None]
@@ -232,7 +237,8 @@ def test_collect_takes_peaks_medians_and_pipeline_layouts_and_plots_node_counts_
 
     drawn = []
     real = Axes.plot
-    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y, *a, **k))
+    monkeypatch.setattr(Axes, "plot",
+                        lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y, *a, **k))
     for nodes in (1, 2, 16):
         rows = [{"step": i + 1, "loss": 3.0 - i, "samples_per_s": 123.456, "mem_gb": [3.0, 1.0, 2.0][i],
                  "tflops_per_gpu": [1.0, 2.0, 3.0][i], "mfu": [0.1, 0.2, 0.3][i], "world_size": 2 * nodes,

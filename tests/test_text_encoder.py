@@ -341,7 +341,8 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
                  [str(tmp_path / "captions.txt")], str(other_spm))
     model_cfg = load_config("configs/train/debug.yaml", []).model
     with pytest.raises(ConfigError, match=r"model.init_text_encoder=.*text_encoder: its text encoder was trained on "
-                                          r"the ids of another text tokenizer \(sha256 [0-9a-f]{12}\.\.\. there, 0+\.\.\."):
+                                          r"the ids of another text tokenizer "
+                                          r"\(sha256 [0-9a-f]{12}\.\.\. there, 0+\.\.\."):
         load_text_encoder(PartiModel(model_cfg), model_cfg, tmp_path / "files" / "text_encoder", {"hash": "0" * 64})
     load_text_encoder(PartiModel(model_cfg), model_cfg, tmp_path / "files" / "text_encoder", saved)
     load_text_encoder(PartiModel(model_cfg), model_cfg, tmp_path / "files" / "text_encoder", None)  # (synthetic)
@@ -406,7 +407,8 @@ def test_a_warm_start_from_an_encoder_of_other_caption_ids_is_refused(single_pro
     with pytest.raises(ConfigError, match=f"model.init_text_encoder={folder}: its text encoder was trained on the "
                                           "ids of another text tokenizer"):
         Trainer(load_config("configs/train/debug.yaml", sets), tmp_path / "refused")
-    (folder / "config.json").write_text(json.dumps({**config, "text_tokenizer": RANDOM_SHARDS_HEADER["text_tokenizer"]}))
+    (folder / "config.json").write_text(json.dumps({**config,
+                                                    "text_tokenizer": RANDOM_SHARDS_HEADER["text_tokenizer"]}))
     Trainer(load_config("configs/train/debug.yaml", sets), tmp_path / "accepted").close()
 
 

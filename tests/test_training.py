@@ -295,7 +295,8 @@ def test_bf16_layouts_agree(pool2, tmp_path):
 def test_adafactor_trains_and_resumes(pool2, tmp_path):
     full = pool2.run(run, str(tmp_path / "full"), "train.optimizer=adafactor", "train.lr=0.1")[0]
     assert full[-1] < full[0] - 0.3
-    first = pool2.run(run, str(tmp_path / "pp"), "train.optimizer=adafactor", "train.lr=0.1", "parallel.pp=2", steps=3)[0]
+    first = pool2.run(run, str(tmp_path / "pp"), "train.optimizer=adafactor", "train.lr=0.1", "parallel.pp=2",
+                      steps=3)[0]
     second = pool2.run(run, str(tmp_path / "pp"), "train.optimizer=adafactor", "train.lr=0.1")[0]
     assert first + second == pytest.approx(full, rel=1e-4, abs=1e-4)
     pool2.run(run, str(tmp_path / "tp"), "train.optimizer=adafactor", "parallel.tp=2", steps=3)
@@ -483,7 +484,8 @@ def test_deepspeed_config_states_the_batch_and_reduces_bf16_gradients_in_fp32_fr
                                                    "train.global_batch_size=16", "train.micro_batch_size=2",
                                                    "train.grad_clip=0.5"])
     ds = deepspeed_config(cfg, dp_size=2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16, 2, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": zero}
     assert ds["bf16"] == {"enabled": precision == "bf16"}
     expected = "fp32" if fp32_grads else None
@@ -568,7 +570,8 @@ def test_weight_decay_on_matrices_only_and_a_frozen_text_encoder_in_a_group_at_l
     from training.engine import decay_groups, param_groups
 
     for freeze in (False, True):
-        cfg = load_config("configs/train/debug.yaml", ["train.weight_decay=0.25", f"model.freeze_text_encoder={freeze}"])
+        cfg = load_config("configs/train/debug.yaml",
+                          ["train.weight_decay=0.25", f"model.freeze_text_encoder={freeze}"])
         model = PartiModel(cfg.model)
         groups = param_groups(model, cfg)
         assert len(groups) == (3 if freeze else 2)

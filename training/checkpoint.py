@@ -472,9 +472,9 @@ def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> 
     try:
         load_in_place(template, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError from torch's unzip...
-        raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({failure_cause(e)}); a .distcp file may be "
-                              "corrupt (resume from an earlier checkpoint: delete this folder and "
-                              f"{checkpoint_dir(run_dir) / 'latest'})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({failure_cause(e)}); "
+                              "a .distcp file may be corrupt (resume from an earlier checkpoint: delete this folder "
+                              f"and {checkpoint_dir(run_dir) / 'latest'})") from None
     refresh_working_weights(engine, params)
     set_optimizer_step_count(engine, state["optimizer_steps"])
     scheduler = engine.lr_scheduler

@@ -223,13 +223,15 @@ def config_to_dict(cfg: Config) -> dict:
 # A resumed run's config against the one its checkpoint was saved with
 
 RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.lr_decay_steps",
-                  "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1", "train.adam_beta2", "train.adam_eps")
+                  "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1", "train.adam_beta2",
+                  "train.adam_eps")
 """Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
 checkpoint's step with the new values (training/checkpoint.py `load`), weight decay, clipping and Adam's
 betas and epsilon are the new ones from the first step on (the moments are the checkpoint's)."""
 
 RESUME_MODES = ("auto", "none", "overwrite")
-"""training.train --resume: continue (auto), start afresh where no checkpoint is (none), or moving one aside (overwrite)."""
+"""training.train --resume: continue (auto), start afresh where no checkpoint is (none), or moving one aside
+(overwrite)."""
 
 RESUME_WARNED = {
     "train.seed": "data order and caption drops follow the new seed from here on (samples of this epoch "

@@ -71,7 +71,8 @@ def recomputed_layer_flops(m, recompute: str) -> tuple[float, float]:
 
 
 def head_flops(m) -> float:
-    text = 2 * (m.text_seq_len - 1) * m.hidden_size * m.text_vocab_size if m.decoder_only and m.text_loss_weight > 0 else 0
+    text = (2 * (m.text_seq_len - 1) * m.hidden_size * m.text_vocab_size
+            if m.decoder_only and m.text_loss_weight > 0 else 0)
     return 2 * m.image_seq_len * m.hidden_size * m.image_vocab_size + text
 
 
@@ -83,7 +84,8 @@ def train_flops_per_sample(m) -> float:
     return 3 * forward_flops_per_sample(m)
 
 
-def peak_flops(precision: str, override_tflops: float = 0.0, device_name: str | None = None) -> tuple[float | None, str]:
+def peak_flops(precision: str, override_tflops: float = 0.0,
+               device_name: str | None = None) -> tuple[float | None, str]:
     """(peak FLOP/s per device that MFU is divided by, where it comes from). `override_tflops` (the
     `train.peak_tflops` key) wins; otherwise the table above for this GPU's exact name: the bf16 peak for
     bf16 runs, the TF32 peak for fp32 runs. (None, why) on CPU or for a GPU the table does not know."""

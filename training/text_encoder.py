@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 -m training.text_encoder --config configs/train/debug.yaml --run-dir runs/textenc \
         [--text-files captions.txt --text-tokenizer tok/spm.model [--valid-text-files held_out.txt]] \
         [--set parallel.tp=2 train.steps=1000 train.eval_interval=500 ...] [--resume auto|none]
-    torchrun ... -m training.train ... --set model.init_text_encoder=runs/textenc/text_encoder [model.freeze_text_encoder=true]
+    torchrun ... -m training.train ... --set model.init_text_encoder=runs/textenc/text_encoder \
+        [model.freeze_text_encoder=true]
 
 Parti warm-starts its text encoder with a BERT-style masked-language-model objective. The encoder here is built
 from PartiModel's own pieces (text embedding, encoder layers, encoder norm: megatron-core tensor-parallel layers
@@ -160,7 +161,8 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     if resume == "none" and has_checkpoints(run_dir):
         raise CheckpointError(f"--resume none: {checkpoint_dir(run_dir)} holds checkpoints; continue them with "
                               "--resume auto, or use another --run-dir")
-    device = use_device(cfg.train.device, "train.device")  # (before CUDA is touched; a GPU asked for and missing is an error)
+    # (before CUDA is touched; a GPU asked for and missing is an error)
+    device = use_device(cfg.train.device, "train.device")
     init_parallel(cfg.parallel.tp, 1)
     stop, losses = StopRequest(Path(run_dir) / "STOP"), []  # (first: a stop asked for while starting is kept)
     try:

@@ -203,7 +203,8 @@ class Trainer:
         cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused
         self.layout = layout_of(cfg, self.world)
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)  # data that does not fit the model is refused before anything is written
+        # data that does not fit the model is refused before anything is written
+        self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)
         t = cfg.train
         self.held_out = (held_out_dataset(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
                                           self.dataset) if t.eval_interval else None)

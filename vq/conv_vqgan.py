@@ -118,7 +118,8 @@ class Coder(nn.Module):
         mid_c = ch * ch_mult[-1]
         if style == "taming":
             self.mid = nn.Module()
-            self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResBlock(mid_c, mid_c), AttnBlock(mid_c), ResBlock(mid_c, mid_c)
+            self.mid.block_1, self.mid.attn_1, self.mid.block_2 = (ResBlock(mid_c, mid_c), AttnBlock(mid_c),
+                                                                   ResBlock(mid_c, mid_c))
             mids = [self.mid.block_1, self.mid.attn_1, self.mid.block_2]
             # taming indexes levels by resolution (0 = full) in both directions
             if up:
@@ -227,8 +228,8 @@ def _load_strict(model: nn.Module, state: dict, source: str, skip_prefixes: tupl
 # weights_only refuses ("Unsupported global"). These inert stand-ins take the classes' places, so the checkpoints
 # load without importing Lightning or allowing anything else.
 LIGHTNING_CALLBACKS = [(type(name, (), {}), f"pytorch_lightning.callbacks.{module}.{name}")
-                       for module, name in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping"),
-                                            ("lr_monitor", "LearningRateMonitor"))]
+                       for module, name in (("model_checkpoint", "ModelCheckpoint"),
+                                            ("early_stopping", "EarlyStopping"), ("lr_monitor", "LearningRateMonitor"))]
 TRAINING_SCRIPT_GLOBALS = [*LIGHTNING_CALLBACKS, argparse.Namespace]
 """Also allowed: argparse's Namespace (plain attributes), which LlamaGen's train_vq.py saves under "args"."""
 

@@ -89,7 +89,8 @@ class DVAE(CodeUsage, nn.Module):
         enc, c = [("input", nn.Conv2d(3, n_hid, 7, padding=3))], n_hid
         for g in range(groups):
             width = n_hid * 2**g
-            blocks = [(f"block_{i + 1}", Block(c if i == 0 else width, width, n_layers, False)) for i in range(res_blocks)]
+            blocks = [(f"block_{i + 1}", Block(c if i == 0 else width, width, n_layers, False))
+                      for i in range(res_blocks)]
             c = width
             enc.append((f"group_{g + 1}", nn.Sequential(OrderedDict(
                 blocks + ([("pool", nn.MaxPool2d(2))] if g < groups - 1 else [])))))
@@ -98,7 +99,8 @@ class DVAE(CodeUsage, nn.Module):
         dec, c = [("input", nn.Conv2d(codebook_size, code_dim, 1))], code_dim
         for g in range(groups):
             width = n_hid * 2 ** (groups - 1 - g)
-            blocks = [(f"block_{i + 1}", Block(c if i == 0 else width, width, n_layers, True)) for i in range(res_blocks)]
+            blocks = [(f"block_{i + 1}", Block(c if i == 0 else width, width, n_layers, True))
+                      for i in range(res_blocks)]
             c = width
             dec.append((f"group_{g + 1}", nn.Sequential(OrderedDict(
                 blocks + ([("upsample", nn.Upsample(scale_factor=2, mode="nearest"))] if g < groups - 1 else [])))))

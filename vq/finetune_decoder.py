@@ -94,7 +94,8 @@ class DecoderFinetuner(VQTrainer):
 
 def main(argv: list[str] | None = None) -> None:
     parser = config_parser(__doc__, where="configs/vq/", example="train.steps=1000 train.lr=1e-4")
-    parser.add_argument("--tokenizer", required=True, help="the ViT-VQGAN export whose codes stay (vq.train's export.pt)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="the ViT-VQGAN export whose codes stay (vq.train's export.pt)")
     parser.add_argument("--data", required=True, help="LAION-style shard pattern")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", default="auto", choices=["auto", "none"])

@@ -13,9 +13,9 @@ residual blocks per level, self-attention at attn_resolutions, a middle block, q
 by name (only the usage buffers below are not in it) and its encode/decode are ConvVQGAN's own. This subclass
 adds what training needs: the learned codebook's losses (codebook term + beta 0.25 x commitment, as in the paper;
 taming's `legacy` quantizer puts beta on the codebook term instead), the straight-through estimator, and code
-usage / perplexity / dead-code restarts (vq/codebook.py). The perceptual loss, taming's PatchGAN with the hinge loss and the adaptive weight are
-vq/losses.py's (`loss.discriminator: patchgan`). Exports are kind "vqgan": ConvVQGAN's keys plus the usage
-buffers (`usage`, `last_used`, `step`), loaded through this class.
+usage / perplexity / dead-code restarts (vq/codebook.py). The perceptual loss, taming's PatchGAN with the hinge loss and
+the adaptive weight are vq/losses.py's (`loss.discriminator: patchgan`). Exports are kind "vqgan": ConvVQGAN's keys plus
+the usage buffers (`usage`, `last_used`, `step`), loaded through this class.
 """
 from __future__ import annotations
 

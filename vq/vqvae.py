@@ -28,7 +28,8 @@ from vq.codebook import CodeUsage
 class ResBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
-        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 1))
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, width, 1))
 
     def forward(self, x):
         return x + self.body(x)
@@ -57,7 +58,8 @@ class VQVAE(CodeUsage, nn.Module):
         self.register_buffer("ema_count", torch.ones(codebook_size))
         self.register_buffer("ema_sum", self.codebook.weight.detach().clone())
         up = [layer for i in range(downs) for layer in
-              ((nn.ConvTranspose2d(width, width, 4, 2, 1), nn.ReLU()) if i < downs - 1 else (nn.ConvTranspose2d(width, 3, 4, 2, 1),))]
+              ((nn.ConvTranspose2d(width, width, 4, 2, 1), nn.ReLU()) if i < downs - 1
+               else (nn.ConvTranspose2d(width, 3, 4, 2, 1),))]
         self.decoder = nn.Sequential(nn.Conv2d(code_dim, width, 3, padding=1),
                                      *(ResBlock(width) for _ in range(res_blocks)), nn.ReLU(), *up)
         self.init_usage(codebook_size, dead_code_steps)
