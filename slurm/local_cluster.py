@@ -63,6 +63,8 @@ def ensure_installed() -> None:
 
 
 def _config(root: Path, port: int) -> str:
+    nodes = (f"NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{port + 1}-{port + 2}] "
+             f"CPUs={CPUS_PER_NODE} RealMemory=8000 State=UNKNOWN")
     return f"""ClusterName=partilocal
 SlurmctldHost=localhost
 SlurmctldPort={port}
@@ -88,8 +90,7 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.%n.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.%n.log
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{port + 1}-{port + 2}] CPUs={CPUS_PER_NODE} \
-RealMemory=8000 State=UNKNOWN
+{nodes}
 PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 """
 
