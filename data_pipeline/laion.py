@@ -7,11 +7,12 @@
 A shard is a tar of `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`. A truncated or corrupt tar yields
 the samples before the damage; `errors` then counts it under `truncated_tar` (one per shard), also when it was
 cut exactly between two members (its end-of-archive marker is missing: `ends_like_a_tar`; of a compressed tar,
-in its decompressed stream) or its tail is zeros (allocated, never written). A member repeated within a sample
-(`x.txt` twice, `x.jpg` and `x.JPG`) is counted under `duplicate_member` and left out (the sample keeps the
-first); the samples after it are read as usual. A file that is not a tar at all (`check_is_tar`; also a file of
-zeros) is refused with a DataError naming it; one whose first header block is sound but was cut before its first
-member (a download that died in its first kilobytes) is a truncated tar without samples.
+in its decompressed stream), a header in it is damaged (tarfile ends the archive there without a word) or its tail
+is zeros (allocated, never written). A member repeated within a sample (`x.txt` twice, `x.jpg` and `x.JPG`) is
+counted under `duplicate_member` and left out (the sample keeps the first); the samples after it are read as usual.
+A file that is not a tar at all (`check_is_tar`; also a file of zeros) is refused with a DataError naming it; one
+whose first header block is sound but was cut before its first member (a download that died in its first
+kilobytes) is a truncated tar without samples.
 """
 from __future__ import annotations
 
@@ -114,8 +115,7 @@ def read_shard(path: str | Path, errors: Counter):
     with open(path, "rb") as stream:
         files = tariterators.tar_file_expander([{"url": str(path), "stream": stream}], handler=on_error)
         yield from tariterators.group_by_keys(files, handler=on_error)
-        read_to = stream.tell()
-    if stop or not ends_like_a_tar(path, read_to):
+    if stop or not ends_like_a_tar(path):
         errors["truncated_tar"] += 1
 
 
@@ -124,47 +124,38 @@ def reading_failed(path: str | Path, exc: OSError) -> DataError:
                      "sound")
 
 
-def ends_like_a_tar(path: str | Path, read_to: int | None = None) -> bool:
-    """Whether a tar ends with its end-of-archive marker (two zero blocks; tar, Python's tarfile and webdataset's
-    writer all write it, padded to whole blocks). Without it the file was cut, possibly exactly between two
-    members or within a header, which tarfile reads as a shorter archive without a word. `read_to`: where reading
-    an uncompressed archive stopped (at its first zero block, read in RECORDSIZE chunks); more than a record of
-    zeros after it is a tail that was allocated but never written (an interrupted copy: its members are missing).
-    A compressed tar is decompressed once more (its cost: img2dataset writes plain tars): its stream must reach its
-    own end marker (tarfile does not check that) and its tar the archive's."""
+def ends_like_a_tar(path: str | Path) -> bool:
+    """Whether a tar's last member is followed by its end-of-archive marker and nothing else (two zero blocks or more:
+    tar, Python's tarfile and webdataset's writer all write it, padded to whole records). tarfile reads a tar cut
+    exactly between two members or within a header, or one with a damaged header (a flipped bit), as a shorter
+    archive without a word; walking its headers tells where it stopped, and what follows must be zeros. More than a
+    record of zeros after the last member of a plain tar is a tail that was allocated but never written (an
+    interrupted copy: its members are missing). Cost: a plain tar's headers are read once more (about half the time
+    of reading the tar; little beside decoding its images); a compressed tar is decompressed once more (img2dataset
+    writes plain tars): its stream must also reach its own end marker (tarfile does not check that)."""
     with open(path, "rb") as f:
         head = f.read(262)
-        opener = next((o for magic, _, o in COMPRESSIONS if head.startswith(magic)), None)
-        if opener is not None:
-            return decompressed_ends_like_a_tar(path, opener)
-        if head[257:262] != b"ustar":  # (an old v7 tar: no magic to tell its blocks by)
-            return True
-        size = f.seek(0, 2)
-        if read_to is not None and size - read_to > tarfile.RECORDSIZE + 512:
-            return False
-        f.seek(max(size - 1024, 0))
-        return ends_with_the_end_marker(size, f.read(1024))
-
-
-def decompressed_ends_like_a_tar(path: str | Path, opener) -> bool:
-    """ends_like_a_tar for a compressed tar: read through its decompressed stream, keeping the last 1 KiB."""
-    size, tail = 0, b""
+    opener = next((o for magic, _, o in COMPRESSIONS if head.startswith(magic)), None)
+    if opener is None and head[257:262] != b"ustar":  # (an old v7 tar: no magic to tell its blocks by)
+        return True
     try:
-        with opener(path, "rb") as f:
+        with (opener or open)(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for _ in tar:  # (its headers only: tarfile seeks past the members' data)
+                pass
+            # tarfile stopped at `end`: a zero block, or a header it could not read (which is followed by its data or
+            # the next member's header, not zeros); it read that block, and what is past it must be zeros
+            end, size = tar.offset, f.tell()
             while chunk := f.read(1 << 20):
-                size, tail = size + len(chunk), (tail + chunk)[-1024:]
-    except (EOFError, zlib.error, lzma.LZMAError):  # (EOFError: the stream was cut before its end marker)
+                size += len(chunk)
+                if chunk.count(0) < len(chunk) or (opener is None and size - end > tarfile.RECORDSIZE + 512):
+                    return False
+    except (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError):  # (EOFError: a stream cut before its end)
         return False
     except OSError as e:
         if e.errno is not None:  # (EIO, ESTALE: reading failed, not a damaged file)
             raise reading_failed(path, e) from e
         return False  # corrupt compressed data (gzip's BadGzipFile, bz2's "Invalid data stream")
-    return ends_with_the_end_marker(size, tail)
-
-
-def ends_with_the_end_marker(size: int, tail: bytes) -> bool:
-    """A tar of `size` bytes (whole blocks, at least a header and the marker) whose last 1 KiB, `tail`, is zeros."""
-    return size % 512 == 0 and size >= 1536 and tail == bytes(1024)
+    return size % 512 == 0 and size - end >= 1024
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:

@@ -338,6 +338,28 @@ def test_a_compressed_tar_cut_after_a_member_is_counted_as_truncated(tmp_path):
         assert errors == ({} if whole_shard else {"truncated_tar": 1}), name
 
 
+def test_a_tar_with_a_damaged_header_is_counted_as_truncated(tmp_path):
+    """tarfile reads a header whose checksum fails (a flipped bit) as the end of a shorter, sound archive: the
+    samples from it on are lost, and the shard is counted as truncated wherever the header is, also in a plain
+    tar's last record and in a compressed tar (both end with their end-of-archive marker)."""
+    import gzip
+    import tarfile
+
+    from data_pipeline.laion import write_tar
+
+    samples = lf.synthetic_samples(3)
+    path = write_tar(tmp_path / "whole.tar", samples)
+    with tarfile.open(path) as tar:
+        third = next(m.offset for m in tar.getmembers() if m.name.startswith(samples[2][0]))
+    damaged = bytearray(path.read_bytes())
+    damaged[third] ^= 1  # (a bit of the third sample's first name: its header's checksum no longer matches)
+    for name, shard in (("damaged.tar", damaged), ("damaged.tar.gz", gzip.compress(damaged))):
+        (tmp_path / name).write_bytes(shard)
+        errors = Counter()
+        keys = [s["__key__"] for s in read_shard(tmp_path / name, errors)]
+        assert keys == [k for k, _ in samples[:2]] and errors == {"truncated_tar": 1}, name
+
+
 def test_an_empty_tar_is_a_shard_without_samples_and_an_input_may_be_several_patterns(tmp_path):
     """A tar of no member (one record of zeros: the empty archive tarfile and webdataset write, as for an
     img2dataset shard whose every download failed) holds no samples and is sound, not refused as a file of zeros
