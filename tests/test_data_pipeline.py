@@ -246,20 +246,27 @@ def test_a_read_error_is_not_taken_for_a_cut(tmp_path, monkeypatch):
 
 def test_a_tar_cut_between_two_members_is_counted_as_truncated(tmp_path):
     """tarfile reads a tar cut exactly at a member boundary as a shorter, sound archive; its missing
-    end-of-archive marker gives it away. The whole tar, and one without the marker's padding block, are sound."""
+    end-of-archive marker gives it away. The whole tar, and one without the padding after its marker (as Go's and
+    Rust's tar writers leave it), are sound; one with half of the marker (one zero block) was cut."""
     import tarfile
 
     from data_pipeline.laion import write_tar
 
     path = write_tar(tmp_path / "whole.tar", lf.synthetic_samples(3))
     with tarfile.open(path) as tar:
-        third = next(m for m in tar.getmembers() if m.name.startswith(lf.synthetic_samples(3)[2][0]))
+        members = tar.getmembers()
+        third = next(m for m in members if m.name.startswith(lf.synthetic_samples(3)[2][0]))
     errors = Counter()
     assert len(list(read_shard(path, errors))) == 3 and errors == {}
     cut = tmp_path / "cut.tar"
     cut.write_bytes(path.read_bytes()[:third.offset])  # the first two samples whole, then nothing
     keys = [s["__key__"] for s in read_shard(cut, errors)]
     assert keys == [k for k, _ in lf.synthetic_samples(2)] and errors == {"truncated_tar": 1}
+    members_end = members[-1].offset_data + -(-members[-1].size // 512) * 512
+    for zero_blocks, counted in ((2, {}), (1, {"truncated_tar": 1})):
+        (tmp_path / "unpadded.tar").write_bytes(path.read_bytes()[:members_end + 512 * zero_blocks])
+        errors = Counter()
+        assert len(list(read_shard(tmp_path / "unpadded.tar", errors))) == 3 and errors == counted, zero_blocks
 
 
 def test_a_tar_cut_within_its_first_headers_is_truncated_and_a_shorter_file_is_not_a_tar(tmp_path):
@@ -299,8 +306,10 @@ def test_a_compressed_tar_cut_within_its_first_headers_is_truncated_as_a_plain_o
         errors = Counter()
         assert list(read_shard(tmp_path / f"{name}.tar", errors)) == [] and errors == {"truncated_tar": 1}, name
     (tmp_path / "magic.tar").write_bytes(gzip.compress(whole)[:3])  # (tarfile: a TypeError from its gzip header read)
-    with pytest.raises(DataError, match=r"magic\.tar is not a tar archive"):
-        read_shard(tmp_path / "magic.tar", Counter()).__next__()
+    (tmp_path / "inflate.tar").write_bytes(gzip.compress(whole)[:10] + bytes(range(256)) * 8)  # (a gzip header only)
+    for name in ("magic", "inflate"):
+        with pytest.raises(DataError, match=rf"{name}\.tar is not a tar archive"):
+            read_shard(tmp_path / f"{name}.tar", Counter()).__next__()
 
 
 def test_a_compressed_tar_cut_after_a_member_is_counted_as_truncated(tmp_path):
@@ -1543,6 +1552,7 @@ def test_filters_keep_samples_exactly_at_their_limits():
     assert prepare_sample(sample(size=(48, 16)), cfg).reason is None  # shorter side 16 = min_size, 3:1
     assert prepare_sample(sample(size=(48, 15)), cfg).reason == "too_small"
     assert prepare_sample(sample(size=(49, 16)), cfg).reason == "bad_aspect"
+    assert prepare_sample(sample(size=(16, 49)), cfg).reason == "bad_aspect"  # (a portrait image too)
     wide = prepare_sample(sample(size=(48, 16), colours=[(255, 0, 0), (0, 255, 0), (0, 0, 255)]), cfg).image
     assert wide.shape == (3, 16, 16) and wide[:, :, 2:14].permute(1, 2, 0).reshape(-1, 3).unique(dim=0).tolist() \
         == [[0, 255, 0]]  # the middle third (its edges blend with the neighbours' colours)
@@ -1560,6 +1570,7 @@ def test_captions_are_stripped_and_the_image_hash_is_the_files_sha256():
     kept = prepare_sample({"__key__": "k", "png": png, "txt": b" \t a red circle\n"}, cfg)
     assert kept.reason is None and kept.caption == "a red circle"
     assert prepare_sample({"__key__": "k", "png": png, "txt": b" \n\t "}, cfg).reason == "empty_caption"
+    assert prepare_sample({"__key__": "k", "png": png}, cfg).reason == "empty_caption"  # (no .txt at all)
     assert kept.image_hash == hashlib.sha256(png).hexdigest()
     other = io.BytesIO()
     Image.open(io.BytesIO(png)).save(other, "PNG", compress_level=1)  # (the same pixels, other bytes)
@@ -1655,6 +1666,19 @@ def test_integer_grey_images_are_scaled_by_their_range():
     assert grey([0, 32768, 65535], "I;16") == [0, 128, 255]
     assert grey([0, 128, 255], "I") == [0, 128, 255]
     assert grey([0, 256, 65535], "I") == [0, 1, 255]
+
+
+def test_shrinking_is_antialiased_and_webp_and_jpeg_files_are_read():
+    """An image shrunk to the tokenizer's size is filtered over the pixels each output pixel covers (bicubic,
+    antialiased): stripes one pixel wide become their mean grey, not a sample of the stripes. Besides .jpg and
+    .png, img2dataset writes .webp (its --encode_format) and some shards hold .jpeg: each is the sample's image."""
+    stripes = Image.fromarray(np.tile(np.array([0, 255], np.uint8), (64, 32)), "L")  # 64 x 64
+    cfg = FilterConfig(image_size=16, min_size=16)
+    for ext, fmt in (("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")):
+        p = prepare_sample({"__key__": "k", ext: lf.encode(stripes, fmt), "txt": b"grey stripes"}, cfg)
+        assert p.reason is None and p.image.shape == (3, 16, 16), ext
+        if ext == "png":  # (lossless: the stripes exactly; webp and jpeg blur them on their own)
+            assert (p.image.float() - 127.5).abs().max() < 16, p.image  # (not 0 or 255; 128 but at the edges)
 
 
 def test_shared_names_resolve_under_the_shared_data_folder(tmp_path, monkeypatch):
