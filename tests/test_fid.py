@@ -433,3 +433,23 @@ def test_statistics_use_the_unbiased_covariance_and_names_switch_at_the_protocol
     assert small_sample_warning(30_000, 30_000) is None
     assert "singular" not in small_sample_warning(2_048, 30_000) and "singular" in small_sample_warning(2_047, 30_000)
     assert "singular" in small_sample_warning(30_000, 2_047)
+
+
+def test_images_are_read_upright_and_every_one_in_batches(tmp_path):
+    """read_image: [3, H, W] as PIL lays the pixels out (a transposed image is another Inception input, and on
+    square images a FID against itself does not see it); folder_features: every file once, in order, whatever the
+    batch size (the tests' folders hold fewer images than one default batch)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from evaluation.fid import folder_features, read_image
+
+    wide = np.random.default_rng(0).integers(0, 256, (3, 5, 3), dtype=np.uint8)  # H 3, W 5
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert torch.equal(read_image(tmp_path / "wide.png"), torch.from_numpy(wide).permute(2, 0, 1))
+    files = sorted(image_folder(tmp_path / "five", 5, seed=1).iterdir())
+    means = SimpleNamespace(features=lambda images: np.array([[float(img.double().mean())] for img in images]))
+    expected = np.array([[float(read_image(f).double().mean())] for f in files])
+    for batch_size in (1, 2, 32):
+        np.testing.assert_array_equal(folder_features(means, files, batch_size=batch_size), expected)

@@ -378,6 +378,27 @@ def test_max_tokens_gives_the_first_codes_of_the_image(single_process):
     assert torch.equal(run(model, cfg, max_tokens=10 ** 6), whole)
 
 
+def test_timings_split_the_setup_from_the_token_loop(single_process, monkeypatch):
+    """sample(timings=...) (bench.sample's rates): setup_s is the encoder and the caches, decode_s the token loop,
+    tokens the codes per image (not per row of the guided batch); on a clock that only the model's calls advance
+    (the setup 10, each decoding step 1)."""
+    from types import SimpleNamespace
+
+    import evaluation.sampling as sampling
+
+    model, clock = debug_model(), [0.0]
+    monkeypatch.setattr(sampling, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    for name, cost in (("start_decoding", 10.0), ("decode_step", 1.0)):
+        def advancing(*args, fn=getattr(model, name), cost=cost, **kw):
+            clock[0] += cost
+            return fn(*args, **kw)
+
+        monkeypatch.setattr(model, name, advancing)
+    timings = {}
+    run(model, SamplingConfig(guidance_scale=2.0), max_tokens=3, timings=timings)
+    assert timings == {"setup_s": 10.0, "decode_s": 3.0, "tokens": 3}
+
+
 def test_keeping_every_sample_is_allowed():
     """--keep equal to --samples-per-prompt (every sample kept, reranked) is in range; one more is not."""
     from evaluation.sampling import check_counts
