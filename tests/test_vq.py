@@ -178,9 +178,12 @@ def test_lpips_backbone_from_a_local_file(single_process, tmp_path):
     # Anything else is one line naming train.lpips_backbone, the presets' unset value included (it trained them
     # with a random VGG and a warning; 'random' asks for that, for smoke tests).
     torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    torch.save({**vgg.features.state_dict(prefix="features."), "features.28.weight": torch.zeros(1)},
+               tmp_path / "shape.pth")  # (vgg19's or a cut-down net's: the names are there, a shape is not)
     (tmp_path / "cut.pth").write_bytes((tmp_path / "vgg16.pth").read_bytes()[:4096])
     for backbone, expected in (("", r"a perceptual loss weight > 0 needs train.lpips_backbone: .*or 'random' for"),
                                ("wrong.pth", r"no features.0.weight of shape \[64, 3, 3, 3\]; expected a torchvision"),
+                               ("shape.pth", r"no features.28.weight of shape \[512, 512, 3, 3\]"),
                                ("cut.pth", r"not readable as a state dict"), ("none.pth", r"no such file")):
         where = f"train.lpips_backbone={re.escape(str(tmp_path / backbone))}: " if backbone else ""
         with pytest.raises(ConfigError, match=f"^{where}{expected}"):
@@ -987,6 +990,7 @@ def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_
     (["model.kind=dvae", "loss.logit_laplace=1", "model.tau_end=2"], r"model\.tau_start=1\.0 and model\.tau_end=2\.0 "),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.res_blocks=0"], r"model\.res_blocks=0 must be at least 1 \(the dVAE"),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.patch=64"], r"model\.patch=64 must be a power of 2 dividing model"),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.image_size=48", "model.patch=12"], r"model\.patch=12 must be"),
     (["model.kind=vqgan", "model.patch=16", "model.image_size=40"], r"model\.patch=16 .* divide model\.image_size=40"),
     (["model.kind=vqgan", "model.patch=16", "model.ch_mult=[]"], r"model\.ch_mult=\[\] must be a non-empty list"),
     (["model.kind=vqgan", "model.patch=16", "model.attn_resolutions=[1.5]"], r"model\.attn_resolutions=\[1\.5\] must be"),
@@ -1063,7 +1067,7 @@ def test_a_batch_that_the_ranks_cannot_share_is_refused_naming_it(single_process
 
 
 def test_a_checkpoint_without_stream_states_replays_the_images_its_steps_took(single_process, photos, tmp_path,
-                                                                             log_lines):
+                                                                             log_lines, monkeypatch):
     """A checkpoint of an older version has no data stream states: the resume replays the images its steps
     consumed on this rank (steps x train.batch_size / world size), and the run goes on as the uninterrupted one."""
     from vq.train import load_checkpoint
@@ -1079,6 +1083,15 @@ def test_a_checkpoint_without_stream_states_replays_the_images_its_steps_took(si
     assert any("data stream replayed from its start (8 images per rank: the checkpoint has no stream state)" in line
                for line in log_lines), log_lines
     assert [h["loss"] for h in rest] == pytest.approx([full[2]["loss"]], rel=1e-5)
+    # On 2 ranks each took half of each step's batch: 3 x 4 / 2 images to replay, not 3 x 4.
+    import vq.train
+
+    replayed, trainer = [], vq.train.VQTrainer(load_typed(VQConfig, None, [*TINY, "train.steps=3", *sets]), photos,
+                                               tmp_path / "split")
+    trainer.world = 2  # (a stand-in world size: only the replay count is checked here)
+    monkeypatch.setattr(vq.train, "restore_stream", lambda stream, states, images, path: replayed.append(images) or "")
+    trainer.resume()
+    assert replayed == [6]
 
 
 def test_an_optimizer_state_of_another_grouping_is_refused_naming_the_file(tmp_path):
@@ -1097,7 +1110,7 @@ def test_an_optimizer_state_of_another_grouping_is_refused_naming_the_file(tmp_p
 
 
 def test_the_presets_build_the_papers_shapes():
-    from vq.train import build_model
+    from vq.train import build_model, vit_shape, vqgan_shape
 
     with torch.device("meta"):  # (shapes only: nothing allocated)
         vqgan = build_model(load_typed(VQConfig, "configs/vq/vqgan.yaml"))
@@ -1113,6 +1126,10 @@ def test_the_presets_build_the_papers_shapes():
     assert vit.config == {**vit.config, "image_size": 256, "patch": 8, "layers": 8, "width": 512, "code_dim": 32,
                           "codebook_size": 8192}
     assert vit.grid == 32 and vit.encoder[0].heads == 8
+    # The fields > 0 override the preset's (TINY: 2 layers of width 64, heads width / 64); the VQGAN attends at
+    # its lowest resolution, the code grid, where model.attn_resolutions is unset (taming's f16).
+    assert vit_shape(load_typed(VQConfig, None, TINY).model) == (2, 64, 0)
+    assert vqgan_shape(load_typed(VQConfig, None, [*VQGAN, "model.image_size=64"]).model)["attn_resolutions"] == [16]
 
 
 @pytest.mark.parametrize("preset", ["vit-vqgan-small", "finetune-decoder-large"])
@@ -1170,6 +1187,17 @@ def test_stylegan_losses_and_term_weights_by_hand():
     real, fake = disc(images), disc(out.detach())
     torch.testing.assert_close(d_loss, torch.log1p(torch.exp(-real)).mean() + torch.log1p(torch.exp(fake)).mean())
 
+    # A discriminator blind to its input (as a fresh one nearly is) gives the adversarial term no gradient at the
+    # last layer: the weight is capped at taming's 1e4, not |g_rec| / 1e-4.
+    with torch.no_grad():
+        disc.head[-1].weight.zero_()
+    big = F.conv2d(torch.randn(3, 8, 16, 16), last, padding=1) * 100  # (a graph of its own: the last was freed)
+    total, _ = losses.generator(images, big, vq, step=0, last_layer=last)
+    rec = 0.3 * ((big - images) ** 2).mean() + 0.7 * (big - images).abs().mean()
+    assert torch.autograd.grad(rec, last, retain_graph=True)[0].norm() > 1  # (uncapped, the weight were > 1e4)
+    adv = torch.log1p(torch.exp(-disc.head[-1].bias)).squeeze()
+    torch.testing.assert_close(total, rec + vq + 0.5 * 1e4 * adv)
+
 
 def test_the_perceptual_term_is_weighed_by_its_weight():
     """loss.perceptual scales the LPIPS distance (its value logged unweighted) in the generator's loss."""
@@ -1182,6 +1210,49 @@ def test_the_perceptual_term_is_weighed_by_its_weight():
     distance = losses.lpips(out, images).mean()
     assert logs["perceptual"] == pytest.approx(float(distance), rel=1e-5)
     torch.testing.assert_close(total, 0.4 * distance + 0.2)
+    assert not any(p.requires_grad for p in losses.lpips.parameters())  # (no VGG gradients in every backward)
+    # loss.adversarial=0 disables the discriminator: none built, trained or saved (vq.train tests for None)
+    assert losses.discriminator is None and losses.discriminator_loss(images, out, step=0) is None
+
+
+def test_a_logit_laplace_decoders_terms_by_hand():
+    """A 6-channel decoder output (logit-Laplace means and log-scales): l2, l1, LPIPS and both discriminator losses
+    see the means mapped back to pixels (DALL-E's unmap_pixels of their sigmoid, times 2, minus 1), not the logits;
+    the likelihood is weighed by loss.logit_laplace; the critic passed in (vq.train's DDP wrapper) judges."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from vq.losses import LAPLACE_EPS, LossConfig, RealAndFake, VQGANLoss, logit_laplace_nll
+
+    torch.manual_seed(0)
+    cfg = LossConfig(l2=0.3, l1=0.7, logit_laplace=0.2, perceptual=0.4, adversarial=0.5)
+    losses = VQGANLoss(cfg, image_size=16, lpips_backbone="random")
+    disc, images = losses.discriminator, torch.rand(2, 3, 16, 16) * 2 - 1
+    last = nn.Parameter(torch.randn(6, 8, 3, 3) * 0.1)
+    out = F.conv2d(torch.randn(2, 8, 16, 16), last, padding=1)
+    pixels = (torch.sigmoid(out[:, :3]) - LAPLACE_EPS) / (1 - 2 * LAPLACE_EPS)  # in [0, 1], unclamped
+    recon, vq = pixels * 2 - 1, torch.tensor(0.2)
+    terms = {"l2": ((recon - images) ** 2).mean(), "l1": (recon - images).abs().mean(),
+             "logit_laplace": logit_laplace_nll(images, out), "perceptual": losses.lpips(recon, images).mean()}
+    rec = sum(getattr(cfg, name) * value for name, value in terms.items())
+    adv = F.softplus(-disc(recon)).mean()
+    g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0]
+    total, logs = losses.generator(images, out, vq, step=0, last_layer=last)
+    for name, value in {**terms, "adversarial": adv}.items():
+        assert logs[name] == pytest.approx(float(value), rel=1e-5), name
+    torch.testing.assert_close(total, rec + vq + 0.5 * (g_rec.norm() / (g_adv.norm() + 1e-4)) * adv)
+
+    judged = []
+
+    def critic(real, fake):
+        judged.append(fake)
+        return RealAndFake(disc)(real, fake)
+
+    d_loss = losses.discriminator_loss(images, out, step=0, critic=critic)
+    assert len(judged) == 1 and not judged[0].requires_grad
+    torch.testing.assert_close(judged[0], recon.detach())
+    torch.testing.assert_close(d_loss, F.softplus(-disc(images)).mean() + F.softplus(disc(recon)).mean())
 
 
 def test_pixel_likelihood_and_its_means_against_torch_distributions():
@@ -1197,6 +1268,10 @@ def test_pixel_likelihood_and_its_means_against_torch_distributions():
     laplace = torch.distributions.Laplace(out[:, :3], out[:, 3:].exp())
     expected = -(laplace.log_prob(torch.logit(x)) - torch.log(x * (1 - x))).mean()
     torch.testing.assert_close(logit_laplace_nll(images, out), expected)
+    # Log-scales run off (a decoder early in training): the likelihood and its gradient stay finite.
+    far = torch.cat([out[:, :3], torch.full_like(out[:, 3:], -100.0)], 1).requires_grad_()
+    nll = logit_laplace_nll(images, far)
+    assert torch.isfinite(nll) and torch.isfinite(torch.autograd.grad(nll, far)[0]).all()
     means = torch.cat([torch.logit(x), torch.zeros_like(x)], 1)
     torch.testing.assert_close(split_output(means), images, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split_output(out[:, :3]), out[:, :3])  # (3 channels: the reconstruction itself)
@@ -1321,6 +1396,42 @@ def test_each_training_step_and_rank_seeds_its_draws_apart():
     seeds = [seed_of(step, rank) for step in range(4) for rank in range(2)]
     assert len(set(seeds)) == 8 and seed_of(2, 1) == seeds[5]
     assert seed_of(0, 0, seed=6) not in seeds
+
+
+def test_a_training_step_hands_the_losses_its_step_and_last_layer_and_logs_the_pixels_psnr():
+    """VQTrainer.train_step (a stand-in trainer around a 6-channel logit-Laplace decoder of one 1x1 conv): both losses
+    get the step before its increment (loss.adv_start counts from 0), the generator's the decoder's last weight (the
+    adaptive weight is measured there; without it the adversarial weight is 1), and PSNR is that of the pixels the
+    means map to, not of the logits."""
+    from types import SimpleNamespace
+
+    from common.metrics import psnr
+    from vq.losses import split_output
+    from vq.train import VQTrainer
+
+    torch.manual_seed(0)
+    weight, seen = torch.nn.Parameter(torch.randn(6, 3, 1, 1)), {}
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+
+    def forward(x, frozen_codes):
+        return torch.nn.functional.conv2d(x, weight), {"vq_loss": torch.tensor(0.0), "perplexity": 1.0, "usage": 1.0}
+
+    def generator(images, out, vq_loss, step, last_layer=None):
+        seen.update(step=step, last_layer=last_layer)
+        return out.square().mean(), {}
+
+    def discriminator_loss(images, out, step, critic=None):
+        seen["disc_step"] = step
+
+    me = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(seed=5, precision="fp32", lr=0.1)), device="cpu",
+                         step=3, rank=0, world=1, ddp=forward, frozen_codes=False, lr_factor=lambda step: 1.0,
+                         model=SimpleNamespace(last_decoder_weight=lambda: weight), ema=None, disc_opt=None,
+                         losses=SimpleNamespace(generator=generator, discriminator_loss=discriminator_loss),
+                         opt=torch.optim.SGD([weight], lr=0.1), disc_ddp=None)
+    out = forward(images, False)[0].detach()  # (this step's output: the step then moves the weight)
+    logs = VQTrainer.train_step(me, images)
+    assert (seen["step"], seen["disc_step"]) == (3, 3) and seen["last_layer"] is weight
+    assert logs["psnr"] == pytest.approx(psnr(split_output(out), images))
 
 
 def test_bf16_autocasts_on_the_gpu_only():
