@@ -35,7 +35,8 @@ def data(tmp_path_factory):
     save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=8, code_dim=4, codebook_size=16), root / "vq.pt")
     train_sentencepiece([f"a {c} {s} on a white background" for c in lf.COLOURS for s in lf.SHAPES] * 10, 30,
                         root / "spm.model")
-    vq, tok, filters = load_image_tokenizer(root / "vq.pt"), TextTokenizer(root / "spm.model", TEXT_LEN), FilterConfig(32)
+    vq, tok, filters = (load_image_tokenizer(root / "vq.pt"), TextTokenizer(root / "spm.model", TEXT_LEN),
+                        FilterConfig(32))
     pretokenize([root / "good.tar"], root / "codes", vq, tok, filters)
     (root / "empty").mkdir()
     (root / "no_manifest").mkdir()  # a killed run: a finished shard, no manifest.json

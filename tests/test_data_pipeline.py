@@ -647,7 +647,8 @@ def test_other_tokenizer_into_same_folder_is_refused(setup, one_run):
     torch.manual_seed(1)
     other = setup["root"] / "vq_other.pt"
     save_image_tokenizer(ConvVQ(image_size=64, downsample=3, channels=16, code_dim=8, codebook_size=64), other)
-    with pytest.raises(DataError, match=r"manifest.json: .*made with another image tokenizer.*: vq\.hash .*new --output"):
+    with pytest.raises(DataError,
+                       match=r"manifest.json: .*made with another image tokenizer.*: vq\.hash .*new --output"):
         pretokenize(expand_shards(setup["pattern"]), out, load_image_tokenizer(other),
                     TextTokenizer(setup["spm"], max_len=16), FILTERS)
 
@@ -992,7 +993,8 @@ def test_manifest_of_a_partial_folder_an_older_shard_and_damaged_hashes(tmp_path
         f.write(bytes(16))
     with pytest.raises(DataError, match=r"00000\.hashes: 64 bytes, expected 3 hashes of 16 bytes"):
         write_manifest(folder, HEAD, names)
-    with pytest.raises(DataError, match=r"00000\.bin \(and 2 more shard\(s\)\) was made with another image tokenizer.*: vq\.hash"):
+    with pytest.raises(DataError, match=r"00000\.bin \(and 2 more shard\(s\)\) was made with another image tokenizer"
+                                        r".*: vq\.hash"):
         check_folder(folder, {**HEAD, "vq": {**HEAD["vq"], "hash": "w"}})
 
 

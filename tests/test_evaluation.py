@@ -119,7 +119,8 @@ def test_reranking_accepts_a_coca_model_from_local_weights(tmp_path):
     with torch.no_grad():
         image = model.encode_image(torch.stack([scorer.preprocess(im) for im in images]), normalize=True)
         text = model.encode_text(scorer.tokenizer(texts), normalize=True)
-    torch.testing.assert_close(scorer.score(images, texts), 100 * (image * text).sum(-1).clamp(min=0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scorer.score(images, texts), 100 * (image * text).sum(-1).clamp(min=0),
+                               atol=1e-4, rtol=0)
 
 
 def test_clip_weights_must_come_from_a_file(tmp_path):
@@ -327,8 +328,9 @@ def test_partiprompts_harness_reranks_and_reports_per_category(sampling_setup, t
     paths, _ = sampling_setup
     prompts = parti_prompt_subset(tmp_path / "p2.tsv")
     cfg = load_eval_config("configs/eval/partiprompts.yaml", [
-        *paths, f"benchmark.prompts={prompts}", f"benchmark.out={tmp_path / 'out'}", f"clip.model=local-dir:{tiny_clip[0]}",
-        "sampling.samples_per_prompt=3", "sampling.keep=1", "sampling.batch_size=2", "sampling.top_k=8"])
+        *paths, f"benchmark.prompts={prompts}", f"benchmark.out={tmp_path / 'out'}",
+        f"clip.model=local-dir:{tiny_clip[0]}", "sampling.samples_per_prompt=3", "sampling.keep=1",
+        "sampling.batch_size=2", "sampling.top_k=8"])
     results = run(cfg)
     out = tmp_path / "out"
     metadata = [json.loads(line) for line in (out / "images" / "metadata.jsonl").read_text().splitlines()]
@@ -696,8 +698,8 @@ def test_benchmark_run_passes_its_settings_and_scores_this_runs_prompts(single_p
     def config(*sets):
         return load_eval_config("configs/eval/partiprompts.yaml", [
             "model.checkpoint=c", "model.vq=v", "model.text_tokenizer=t", "clip.model=local-dir:x",
-            f"benchmark.prompts={tmp_path / 'p.txt'}", f"benchmark.out={out}", "benchmark.limit=3", "benchmark.device=cpu",
-            "sampling.batch_size=2", "sampling.seed=7", *sets])
+            f"benchmark.prompts={tmp_path / 'p.txt'}", f"benchmark.out={out}", "benchmark.limit=3",
+            "benchmark.device=cpu", "sampling.batch_size=2", "sampling.seed=7", *sets])
 
     cfg = config("sampling.samples_per_prompt=3", "sampling.keep=2", "sampling.compile_decode=true", "sampling.top_k=5")
     results = benchmark.run(cfg)
@@ -721,8 +723,8 @@ def test_benchmark_run_passes_its_settings_and_scores_this_runs_prompts(single_p
         benchmark.run(config("benchmark.name=coco30k", f"benchmark.real={SHARED_DATA / 'coco_mini' / 'images'}"))
     assert not calls  # refused before hours of generation
 
-    monkeypatch.setattr(benchmark, "run", lambda cfg: {"prompts": 3, "clip_score": 21.23456,
-                                                        "clip_warning": "chosen by the same model", "fid_warning": None})
+    monkeypatch.setattr(benchmark, "run", lambda cfg: {
+        "prompts": 3, "clip_score": 21.23456, "clip_warning": "chosen by the same model", "fid_warning": None})
     benchmark.main(["--config", "configs/eval/partiprompts.yaml", "--set", "model.checkpoint=c", "model.vq=v",
                     "model.text_tokenizer=t", "clip.model=local-dir:x", f"benchmark.out={out}"])
     printed = capsys.readouterr()
@@ -862,6 +864,7 @@ def test_eval_config_defaults_are_the_documented_ones():
     for name in ("partiprompts", "coco30k", "prompts"):
         assert load_eval_config(None, ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c", "benchmark.real=r",
                                        f"benchmark.name={name}"]).benchmark.name == name
-    cfg = load_eval_config("configs/eval/partiprompts.yaml", ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c",
-                                                              "clip.model=m", "sampling.top_p=0.9", "sampling.seed=3"])
+    cfg = load_eval_config("configs/eval/partiprompts.yaml",
+                           ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c", "clip.model=m",
+                            "sampling.top_p=0.9", "sampling.seed=3"])
     assert cfg.sampling.per_code() == SamplingConfig(temperature=1.0, top_k=0, top_p=0.9, guidance_scale=1.2)

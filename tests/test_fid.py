@@ -67,13 +67,15 @@ def test_frechet_distance_properties():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
     assert abs(frechet_distance(*statistics(a), *statistics(a))) < 1e-6
-    values = [frechet_distance(*statistics(a), *statistics(a + rng.normal(scale=s, size=a.shape))) for s in (0.1, 0.5, 2.0)]
+    values = [frechet_distance(*statistics(a), *statistics(a + rng.normal(scale=s, size=a.shape)))
+              for s in (0.1, 0.5, 2.0)]
     assert values[0] < values[1] < values[2]
     b = rng.normal(loc=0.3, size=(300, 16))
     assert frechet_distance(*statistics(a), *statistics(b)) == pytest.approx(pytorch_fid(a, b), rel=1e-9)
     # Fewer images than features (singular covariances), as in a small evaluation.
     few_a, few_b = a[:10], b[:12]
-    assert frechet_distance(*statistics(few_a), *statistics(few_b)) == pytest.approx(pytorch_fid(few_a, few_b), rel=1e-6)
+    assert (frechet_distance(*statistics(few_a), *statistics(few_b))
+            == pytest.approx(pytorch_fid(few_a, few_b), rel=1e-6))
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,8 @@ def test_each_rank_decodes_only_its_own_part_of_the_pass(shards, world, monkeypa
     samples r, r + 4, ... counted over the shards (DistributedSampler's split). Either way a pass's samples are
     each decoded by one rank (besides the buffer, only the next pass's first batch is decoded ahead)."""
     decoded, real = [], image_stream.prepare_sample
-    monkeypatch.setattr(image_stream, "prepare_sample", lambda raw, cfg: decoded.append(raw["__key__"]) or real(raw, cfg))
+    monkeypatch.setattr(image_stream, "prepare_sample",
+                        lambda raw, cfg: decoded.append(raw["__key__"]) or real(raw, cfg))
     ranks, firsts = [stream(shards, rank, world) for rank in range(world)], []
     for rank, s in enumerate(ranks):
         take(s, KEPT[world][rank])  # one pass

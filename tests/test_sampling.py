@@ -118,7 +118,8 @@ def test_static_cache_equals_full_recomputation(single_process):
     assert torch.equal(run(model, greedy, static_cache=True), reference)
     # sample() attends over growing prefixes of the cache (a quarter, half, ... of it), each step one
     # that holds its position.
-    assert sorted({c["keys"] for c in calls}) == [4, 8, 12, 16] == [model.cfg.image_seq_len * k // 4 for k in (1, 2, 3, 4)]
+    assert (sorted({c["keys"] for c in calls}) == [4, 8, 12, 16]
+            == [model.cfg.image_seq_len * k // 4 for k in (1, 2, 3, 4)])
     for cfg in (SamplingConfig(top_k=5, temperature=0.7), SamplingConfig(guidance_scale=3.0)):
         assert torch.equal(run(model, cfg, static_cache=True), run(model, cfg, use_cache=False))
 
@@ -821,7 +822,8 @@ def generation_parts(reference, tmp_path):
     from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
 
     model = load_exported(export(reference[1], out=tmp_path / "export"))
-    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64), tmp_path / "vq.pt")
+    save_image_tokenizer(ConvVQ(image_size=32, downsample=3, channels=16, code_dim=8, codebook_size=64),
+                         tmp_path / "vq.pt")
     vq = load_image_tokenizer(tmp_path / "vq.pt")
     words = ["a red circle", "a blue square on grass", "two green cats", '"quoted" text']
     tok = TextTokenizer(train_sentencepiece(words * 50, 40, tmp_path / "spm.model"), model.cfg.text_seq_len)
@@ -1199,7 +1201,8 @@ def test_each_image_draws_from_its_own_seed_and_meta_lists_scores_in_rank_order(
     generate(model, vq, text_tok, rows, tmp_path / "out", SamplingConfig(), samples_per_prompt=2, seed=7,
              batch_size=4)
     assert seeds == [image_seed(7, i, k) for i in range(3) for k in range(2)]
-    assert [json.loads(line)["index"] for line in gather_metadata(tmp_path / "out", 2).read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["index"]
+            for line in gather_metadata(tmp_path / "out", 2).read_text().splitlines()] == [0, 1]
 
     image = torch.full((3, 2, 2), 100.6 / 127.5 - 1)  # 100.6 in 8 bits: saved as 101
     assert np.asarray(to_pil(image)).tolist() == [[[101] * 3] * 2] * 2

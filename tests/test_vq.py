@@ -597,7 +597,8 @@ def test_vqgan_trains_uses_its_codebook_exports_and_pretokenizes(single_process,
 
     trainer = VQTrainer(load_typed(VQConfig, None, [*VQGAN, "train.steps=100"]), photos, tmp_path)
     first, last = psnr_gain(trainer.run())
-    assert last >= first + 3, (first, last)  # (measured: 10.2 -> 16.1 dB; full-size photos, seeds 1-3: +8.0, +4.8, +5.7)
+    # (measured: 10.2 -> 16.1 dB; full-size photos, seeds 1-3: +8.0, +4.8, +5.7)
+    assert last >= first + 3, (first, last)
     tok = load_image_tokenizer(tmp_path / "export.pt")
     assert (tok.kind, tok.grid, tok.codebook_size) == ("vqgan", 8, 32) and isinstance(tok, ConvVQGAN)
     taming = ConvVQGAN("taming", ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, embed_dim=16, n_embed=32,
@@ -607,7 +608,8 @@ def test_vqgan_trains_uses_its_codebook_exports_and_pretokenizes(single_process,
     images = photo_batch()
     codes = tok.encode(images)
     assert torch.equal(codes, trainer.model.eval().encode(images))
-    assert codes.unique().numel() >= 16, codes.unique().numel()  # (measured: 30 of 32; full-size photos, seeds 1-3: 30, 31, 27)
+    # (measured: 30 of 32; full-size photos, seeds 1-3: 30, 31, 27)
+    assert codes.unique().numel() >= 16, codes.unique().numel()
     assert tok.decode(codes).shape == images.shape
     manifest = pretokenizes(tok, photos, tmp_path)
     assert manifest["vq"]["kind"] == "vqgan" and manifest["vq"]["hash"] == tok.content_hash
@@ -667,7 +669,8 @@ def test_init_from_an_export_starts_a_run_that_a_resume_then_continues(single_pr
     # The command line too, also with --resume none: 0 steps, so its export is the weights it started from.
     main(["--data", photos, "--run-dir", str(tmp_path / "cli"), "--resume", "none", "--set", *TINY, "train.steps=0",
           f"train.init_from={export}"])
-    assert load_image_tokenizer(tmp_path / "cli" / "export.pt").weights_hash == load_image_tokenizer(export).weights_hash
+    assert (load_image_tokenizer(tmp_path / "cli" / "export.pt").weights_hash
+            == load_image_tokenizer(export).weights_hash)
     tuned, _ = train(photos, tmp_path / "ft", "train.steps=2", "train.save_interval=2", f"train.init_from={export}")
     resumed, _ = train(photos, tmp_path / "ft", "train.steps=2", f"train.init_from={export}")
     assert resumed.step == 2 and all(torch.equal(a, weights(tuned)[k]) for k, a in weights(resumed).items())
@@ -711,7 +714,8 @@ def test_patchgan_hinge_loss_and_adaptive_weight_by_hand():
     d_loss = losses.discriminator_loss(images, out, step=5)
     real, fake = disc(images), disc(out.detach())
     assert real.shape == (4, 1, 2, 2)  # one logit per patch
-    hinge = 0.5 * (torch.clamp(1 - real, min=0).sum() / real.numel() + torch.clamp(1 + fake, min=0).sum() / fake.numel())
+    hinge = 0.5 * (torch.clamp(1 - real, min=0).sum() / real.numel()
+                   + torch.clamp(1 + fake, min=0).sum() / fake.numel())
     torch.testing.assert_close(d_loss, hinge)
 
     total, logs = losses.generator(images, out, vq, step=5, last_layer=last)
@@ -792,7 +796,8 @@ def test_vqgan_and_vqvae_data_parallel_keep_ranks_identical(pool2, photos, tmp_p
     from vq.train import VQTrainer
 
     request.getfixturevalue("single_process")
-    one = VQTrainer(load_typed(VQConfig, None, [*sets, "train.steps=3", "train.batch_size=8"]), photos, tmp_path / "one")
+    one = VQTrainer(load_typed(VQConfig, None, [*sets, "train.steps=3", "train.batch_size=8"]), photos,
+                    tmp_path / "one")
     batches = iter([torch.cat(pair) for pair in zip(seen0, seen1)])  # (the step's global batch, rank 0's share first)
     one.batch = lambda: next(batches)
     history = one.run()
@@ -805,9 +810,9 @@ def test_vqgan_and_vqvae_data_parallel_keep_ranks_identical(pool2, photos, tmp_p
 
 DVAE = ["model.kind=dvae", "model.width=16", "model.res_blocks=1", "model.patch=2", "model.image_size=32",
         "model.code_dim=32", "model.codebook_size=32", "model.tau_steps=150", "model.kl_warmup_steps=50",
-        "model.kl_weight=1.6", "loss.l2=0", "loss.logit_laplace=1", "loss.perceptual=0", "loss.adversarial=0", "train.batch_size=16",
-        "train.resize=64", "train.lr=4e-3", "train.log_interval=1000", "train.eval_interval=1000",
-        "train.save_interval=1000"]
+        "model.kl_weight=1.6", "loss.l2=0", "loss.logit_laplace=1", "loss.perceptual=0", "loss.adversarial=0",
+        "train.batch_size=16", "train.resize=64", "train.lr=4e-3", "train.log_interval=1000",
+        "train.eval_interval=1000", "train.save_interval=1000"]
 
 
 def test_dvae_trains_uses_its_codebook_exports_and_pretokenizes(single_process, photos, tmp_path):
@@ -981,19 +986,23 @@ def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.kind=vqgan", "model.patch=8", "model.ch_mult=[1,2,2]"], r"model\.patch=8 must be 2\^\(len\(model\.ch_mult\)"),
+    (["model.kind=vqgan", "model.patch=8", "model.ch_mult=[1,2,2]"],
+     r"model\.patch=8 must be 2\^\(len\(model\.ch_mult\)"),
     (["model.kind=vqgan", "model.patch=16", "model.logit_laplace=true"], r"model\.logit_laplace needs"),
     (["model.kind=vqgan", "model.patch=4", "model.ch_mult=[1,2,2]", "model.res_blocks=0"], r"model\.res_blocks=0"),
     (["model.kind=dvae", "loss.logit_laplace=0"], r"model\.kind=dvae needs loss\.logit_laplace > 0"),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.tau_end=0"], r"model\.tau_start=1\.0 and model\.tau_end=0"),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.patch=6"], r"model\.patch=6 must be a power of 2"),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.tau_end=2"], r"model\.tau_start=1\.0 and model\.tau_end=2\.0 "),
-    (["model.kind=dvae", "loss.logit_laplace=1", "model.res_blocks=0"], r"model\.res_blocks=0 must be at least 1 \(the dVAE"),
-    (["model.kind=dvae", "loss.logit_laplace=1", "model.patch=64"], r"model\.patch=64 must be a power of 2 dividing model"),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.res_blocks=0"],
+     r"model\.res_blocks=0 must be at least 1 \(the dVAE"),
+    (["model.kind=dvae", "loss.logit_laplace=1", "model.patch=64"],
+     r"model\.patch=64 must be a power of 2 dividing model"),
     (["model.kind=dvae", "loss.logit_laplace=1", "model.image_size=48", "model.patch=12"], r"model\.patch=12 must be"),
     (["model.kind=vqgan", "model.patch=16", "model.image_size=40"], r"model\.patch=16 .* divide model\.image_size=40"),
     (["model.kind=vqgan", "model.patch=16", "model.ch_mult=[]"], r"model\.ch_mult=\[\] must be a non-empty list"),
-    (["model.kind=vqgan", "model.patch=16", "model.attn_resolutions=[1.5]"], r"model\.attn_resolutions=\[1\.5\] must be"),
+    (["model.kind=vqgan", "model.patch=16", "model.attn_resolutions=[1.5]"],
+     r"model\.attn_resolutions=\[1\.5\] must be"),
     (["model.kind=dvqae"], r"model\.kind='dvqae' must be one of vit_vqgan, vqvae, vqgan, dvae"),
     (["loss.discriminator=nlayer"], r"loss\.discriminator='nlayer' must be one of stylegan, patchgan"),
     (["loss.logit_laplace=0.1"], r"loss\.logit_laplace=0\.1 needs a decoder .*model\.logit_laplace=false\)"),
@@ -1505,8 +1514,9 @@ def test_vit_block_by_hand_and_patches_drawn_where_they_were_read():
 def test_a_training_pass_decodes_the_nearest_codes_of_encode(kind):
     """The training pass (eval mode: no usage or restarts) quantises to encode()'s codes, the nearest by squared
     distance (of unit latents and codes for ViT-VQGAN and VQGAN(l2_norm)); its output is the decoder's drawing of
-    their embeddings (decode() before the clamp), with frozen codes too: the straight-through estimator changes gradients only, and lets the
-    reconstruction's reach the encoder. vq_loss: (1 + beta) x mse(z, q) in value; the EMA VQ-VAE's, beta x mse."""
+    their embeddings (decode() before the clamp), with frozen codes too: the straight-through estimator changes
+    gradients only, and lets the reconstruction's reach the encoder. vq_loss: (1 + beta) x mse(z, q) in value; the
+    EMA VQ-VAE's, beta x mse."""
     from torch.nn import functional as F
 
     from vq.vit_vqgan import ViTVQGAN
@@ -1598,7 +1608,8 @@ def test_discriminators_start_and_mix_as_their_papers_say():
     norms = [m for m in patchgan.modules() if isinstance(m, nn.BatchNorm2d)]
     bn_weights = torch.cat([m.weight.flatten() for m in norms])
     assert abs(float(convs.mean())) < 1e-3 and float(convs.std()) == pytest.approx(0.02, rel=0.05)
-    assert float(bn_weights.mean()) == pytest.approx(1.0, abs=0.01) and float(bn_weights.std()) == pytest.approx(0.02, rel=0.2)
+    assert (float(bn_weights.mean()) == pytest.approx(1.0, abs=0.01)
+            and float(bn_weights.std()) == pytest.approx(0.02, rel=0.2))
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
 
     block, x = DiscriminatorBlock(4, 8), torch.randn(2, 4, 8, 8)

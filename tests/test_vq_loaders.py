@@ -95,7 +95,8 @@ def taming_files(tmp_path):
     state["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
     # As taming's Lightning (1.0) saves it: callback states keyed by the callback's class.
     with pytest.MonkeyPatch.context() as monkeypatch:
-        callbacks = {lightning_callback_class(monkeypatch): {"best_model_score": torch.tensor(0.5), "best_model_path": ""}}
+        callbacks = {lightning_callback_class(monkeypatch): {"best_model_score": torch.tensor(0.5),
+                                                             "best_model_path": ""}}
         torch.save({"state_dict": state, "global_step": 10, "callbacks": callbacks, "optimizer_states": [],
                     "pytorch-lightning_version": "1.0.8"}, tmp_path / "last.ckpt")
     cfg = {"model": {"target": "taming.models.vqgan.VQModel", "params": {
@@ -186,14 +187,15 @@ def test_vq_train_starts_from_a_taming_checkpoint(single_process, taming_files, 
     state = taming_files[2]
     disc = random_state(patchgan_layout())
     disc.update({f"main.{i}.num_batches_tracked": torch.tensor(7) for i in (3, 6, 9)})
-    torch.save({"state_dict": {**state, **{f"loss.discriminator.{k}": v for k, v in disc.items()}}}, tmp_path / "gan.ckpt")
+    torch.save({"state_dict": {**state, **{f"loss.discriminator.{k}": v for k, v in disc.items()}}},
+               tmp_path / "gan.ckpt")
     lf.write_tar(tmp_path / "data.tar", lf.synthetic_samples(2))
     shape = ["model.kind=vqgan", f"model.width={CH}", "model.ch_mult=[1,2]", f"model.res_blocks={NRB}", "model.patch=2",
-             f"model.z_channels={Z}", f"model.code_dim={EMBED}", f"model.image_size={RES}", "model.attn_resolutions=[16]",
-             "loss.perceptual=0", "loss.discriminator=patchgan", "loss.adversarial=0.8", "train.batch_size=2",
-             f"train.init_from={tmp_path / 'gan.ckpt'}"]
-    trainer = VQTrainer(load_typed(VQConfig, None, [*shape, f"model.codebook_size={N_EMBED}"]), str(tmp_path / "data.tar"),
-                        tmp_path / "run")
+             f"model.z_channels={Z}", f"model.code_dim={EMBED}", f"model.image_size={RES}",
+             "model.attn_resolutions=[16]", "loss.perceptual=0", "loss.discriminator=patchgan", "loss.adversarial=0.8",
+             "train.batch_size=2", f"train.init_from={tmp_path / 'gan.ckpt'}"]
+    trainer = VQTrainer(load_typed(VQConfig, None, [*shape, f"model.codebook_size={N_EMBED}"]),
+                        str(tmp_path / "data.tar"), tmp_path / "run")
     trainer.resume()  # no checkpoint in the run directory: step 0 from train.init_from
     for name, tensor in trainer.model.state_dict().items():
         expected = torch.zeros_like(tensor) if name in ("usage", "last_used", "step") else state[name]
@@ -210,7 +212,8 @@ def test_vq_train_starts_from_a_taming_checkpoint(single_process, taming_files, 
                                                       f"train.init_from={tmp_path / 'converted.pt'}"]),
                           str(tmp_path / "data.tar"), tmp_path / "run3")
     converted.resume()
-    assert all(torch.equal(tensor, trainer.model.state_dict()[name]) for name, tensor in converted.model.state_dict().items())
+    assert all(torch.equal(tensor, trainer.model.state_dict()[name])
+               for name, tensor in converted.model.state_dict().items())
     wider = VQTrainer(load_typed(VQConfig, None, [*shape, "model.codebook_size=32"]), str(tmp_path / "data.tar"),
                       tmp_path / "run2")
     with pytest.raises(ConfigError, match=r"gan.ckpt does not fit the configured model \(1 other shape\(s\): "

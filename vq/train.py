@@ -127,7 +127,8 @@ def vqgan_shape(m) -> dict:
                           f"(model.ch_mult={ch_mult}: one halving between levels) and divide model.image_size="
                           f"{m.image_size}")
     if m.res_blocks < 1:
-        raise ConfigError(f"model.res_blocks={m.res_blocks} must be at least 1 (the VQGAN's levels are residual blocks)")
+        raise ConfigError(f"model.res_blocks={m.res_blocks} must be at least 1 "
+                          "(the VQGAN's levels are residual blocks)")
     attn = [m.image_size // m.patch] if m.attn_resolutions is None else m.attn_resolutions
     if not isinstance(attn, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in attn):
         raise ConfigError(f"model.attn_resolutions={m.attn_resolutions!r} must be a list of integers (or null)")
@@ -144,8 +145,9 @@ def vit_shape(m) -> tuple[int, int, int]:
     width = m.width or shape["width"]
     heads = m.heads or (shape["heads"] if width == shape["width"] else 0)
     if width % (heads or default_heads(width)):  # (else the first step fails in a reshape, the run started)
-        raise ConfigError(f"model.width={width} must be a multiple of the attention heads ({heads or default_heads(width)}"
-                          f"{'' if heads else ': width / 64, model.heads unset'}); set model.heads to a divisor of it")
+        raise ConfigError(f"model.width={width} must be a multiple of the attention heads "
+                          f"({heads or default_heads(width)}{'' if heads else ': width / 64, model.heads unset'}); "
+                          "set model.heads to a divisor of it")
     return m.layers or shape["layers"], width, heads
 
 
@@ -270,7 +272,8 @@ class VQTrainer:
         for name, p in self.model.named_parameters():
             sizes[name.split(".")[0] in parts] += p.numel()
         self.log.info(f"{type(self.model).__name__} {self.model.config}: {sizes[True]:,} parameters in the encoder and "
-                      f"codebook, {sizes[False]:,} in the decoder ({'frozen codes' if self.frozen_codes else 'trained'})")
+                      f"codebook, {sizes[False]:,} in the decoder "
+                      f"({'frozen codes' if self.frozen_codes else 'trained'})")
 
     frozen_codes = False
     """Encoder and codebook fixed (vq.finetune_decoder); the tokenizer trains whole here."""
@@ -326,7 +329,8 @@ class VQTrainer:
             self.ema.load_state_dict(state["ema"])
         elif self.ema:
             self.log.info(f"{path} holds no average of the weights: train.ema_decay's starts at step {self.step}")
-        how = restore_stream(self.stream, state.get("streams"), self.step * self.cfg.train.batch_size // self.world, path)
+        how = restore_stream(self.stream, state.get("streams"),
+                             self.step * self.cfg.train.batch_size // self.world, path)
         self.log.info(f"resumed from {path} at step {self.step}; {how}")
 
     def start_fresh(self) -> None:
