@@ -31,11 +31,14 @@ from common.files import atomic_path
 from data_pipeline.errors import DataError
 
 # The compressions tarfile's "r|*" (webdataset's mode) reads, told apart by their first bytes as tarfile does:
-# (magic, an incremental decompressor, an opener of the decompressed stream).
-COMPRESSIONS = ((b"\x1f\x8b\x08", lambda: zlib.decompressobj(31), gzip.open),
-                (b"BZh91", bz2.BZ2Decompressor, bz2.open),
-                (b"\x5d\x00\x00\x80", lzma.LZMADecompressor, lzma.open),
-                (b"\xfd7zXZ", lzma.LZMADecompressor, lzma.open))
+# (magic, the opener of the decompressed stream).
+COMPRESSIONS = ((b"\x1f\x8b\x08", gzip.open), (b"BZh91", bz2.open), (b"\x5d\x00\x00\x80", lzma.open),
+                (b"\xfd7zXZ", lzma.open))
+
+
+def decompressing_opener(head: bytes):
+    """The opener of a compressed tar's decompressed stream, told by its first bytes `head`; None: not compressed."""
+    return next((opener for magic, opener in COMPRESSIONS if head.startswith(magic)), None)
 
 
 def expand_shards(pattern: str) -> list[Path]:
@@ -82,17 +85,14 @@ def starts_with_a_tar_header(path: str | Path) -> bool:
     """Whether the file's first 512 bytes are a sound tar header (its checksum matches): a plain tar cut short
     before its first member's headers all arrived (one PAX member's take 1536 bytes) still begins with one."""
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    # (a compressed tar: its first block is in the decompressed bytes)
-    for magic, decompressor, _ in COMPRESSIONS:
-        if head.startswith(magic):
-            try:
-                head = decompressor().decompress(head, tarfile.BLOCKSIZE)
-            except (OSError, EOFError, zlib.error, lzma.LZMAError):
-                return False
-            break
+        opener = decompressing_opener(f.read(262))
     try:
-        tarfile.TarInfo.frombuf(head[:tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+        with (opener or open)(path, "rb") as f:  # (a compressed tar: its first block is in the decompressed bytes)
+            block = f.read(tarfile.BLOCKSIZE)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
     except tarfile.HeaderError:
         return False
     return True
@@ -135,7 +135,7 @@ def ends_like_a_tar(path: str | Path) -> bool:
     writes plain tars): its stream must also reach its own end marker (tarfile does not check that)."""
     with open(path, "rb") as f:
         head = f.read(262)
-    opener = next((o for magic, _, o in COMPRESSIONS if head.startswith(magic)), None)
+    opener = decompressing_opener(head)
     if opener is None and head[257:262] != b"ustar":  # (an old v7 tar: no magic to tell its blocks by)
         return True
     try:
