@@ -1,4 +1,4 @@
-"""Pre-tokenize LAION-style shards into code shards: filter, resize, VQ-encode, tokenize captions.
+r"""Pre-tokenize LAION-style shards into code shards: filter, resize, VQ-encode, tokenize captions.
 
     python -m data_pipeline.pretokenize --input 'laion/{00000..00099}.tar' --output codes/ \
         --vq runs/vq/export.pt --text-tokenizer tok/spm.model [--shard-index I --num-shards N] [--workers W]

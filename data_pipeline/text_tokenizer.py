@@ -1,4 +1,4 @@
-"""The SentencePiece caption tokenizer: training and the encoding conventions the model relies on.
+r"""The SentencePiece caption tokenizer: training and the encoding conventions the model relies on.
 
     python -m data_pipeline.train_text_tokenizer --captions 'laion/{00000..00099}.tar' --vocab-size 16000 \
         --out tok/spm.model

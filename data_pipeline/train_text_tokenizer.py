@@ -1,4 +1,4 @@
-"""Train the SentencePiece caption tokenizer on the captions of LAION-style shards.
+r"""Train the SentencePiece caption tokenizer on the captions of LAION-style shards.
 
     python -m data_pipeline.train_text_tokenizer --captions 'laion/{00000..00099}.tar' --vocab-size 16000 \
         --out tok/spm.model [--case-fold] [--overwrite]

@@ -1,4 +1,4 @@
-"""Evaluation harnesses: PartiPrompts (CLIP score per category and challenge) and MS-COCO-30k (FID and CLIP
+r"""Evaluation harnesses: PartiPrompts (CLIP score per category and challenge) and MS-COCO-30k (FID and CLIP
 score), with results.json and an HTML report of image grids; with `model.upsampler` (Parti's last stage) the
 images are also upsampled, and `benchmark.resolution=upsampled` scores those.
 

@@ -1,4 +1,4 @@
-"""FID with the TF-Inception (2015-12-05) pool features, float64 statistics, cached real-set statistics,
+r"""FID with the TF-Inception (2015-12-05) pool features, float64 statistics, cached real-set statistics,
 and the protocol written beside every result so that two numbers can be compared.
 
     python -m evaluation.fid --real coco_images/ --fake samples/ [--real-size 256] \

@@ -1,4 +1,4 @@
-"""Generate images for a prompt file with an exported Parti model and a frozen VQ tokenizer.
+r"""Generate images for a prompt file with an exported Parti model and a frozen VQ tokenizer.
 
     python -m evaluation.generate --checkpoint runs/x/export --vq runs/vq/export.pt --text-tokenizer tok/spm.model \
         --prompts ../shared/data/PartiPrompts.tsv --out samples/ [--samples-per-prompt 4] [--guidance-scale 1.2] \

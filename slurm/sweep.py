@@ -1,4 +1,4 @@
-"""Scaling experiments: submit a sweep of SLURM training jobs, then collect their metrics into a table and plots.
+r"""Scaling experiments: submit a sweep of SLURM training jobs, then collect their metrics into a table and plots.
 
     python -m slurm.sweep submit --out sweeps/s1 --config configs/train/parti-350m.yaml \
         --models parti-350m,parti-750m --nodes 1,2,4 --layouts tp1pp1z1,tp2pp1z1,tp2pp2z1 [--steps 200] [--dry-run] \

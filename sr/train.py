@@ -1,4 +1,4 @@
-"""Train Parti's super-resolution upsampler (WDSR) on LAION-style shards, then export it.
+r"""Train Parti's super-resolution upsampler (WDSR) on LAION-style shards, then export it.
 
     python -m sr.train --config configs/sr/wdsr-x4.yaml --data 'laion/{00000..00099}.tar' \
         --val-data 'laion/00100.tar' --run-dir runs/sr [--set train.steps=1000 ...] [--resume auto]

@@ -1,4 +1,5 @@
-"""The house's floors: a package imports only from its own floor or the floors below it.
+"""The house's rules read from the source: a package imports only from its own floor or the floors below it,
+and every module opens with a docstring that reads as written.
 
     common  <-  model_parallel, data_pipeline, vq, sr  <-  training  <-  evaluation, demo, bench, slurm
 
@@ -50,3 +51,28 @@ def test_the_check_sees_an_upward_import(tmp_path):
     (tmp_path / "common").mkdir()
     (tmp_path / "common" / "x.py").write_text("def f():\n    from training.train import main\n")
     assert upward_imports(tmp_path) == ["common/x.py:2 (common, floor 0) imports training (floor 2)"]
+
+
+def docstring_defects(root: Path = ROOT) -> list[str]:
+    """Modules (empty __init__.py aside) without a docstring, and docstrings whose command lines end in ` \\` but
+    are not raw: Python joins such lines in `__doc__`, so the module's own usage reads differently from its file."""
+    found = []
+    for file in sorted(root.rglob("*.py")):
+        source = file.read_text()
+        if any(part.startswith(".") for part in file.relative_to(root).parts) or not source.strip():
+            continue
+        tree = ast.parse(source, str(file))
+        if ast.get_docstring(tree) is None:
+            found.append(f"{file.relative_to(root)}: no module docstring")
+        elif "\\\n" in (text := ast.get_source_segment(source, tree.body[0].value)) and text[0] not in "rR":
+            found.append(f"{file.relative_to(root)}: docstring continues lines with a backslash but is not r\"\"\"")
+    return found
+
+
+def test_every_module_opens_with_a_docstring_that_reads_as_written(tmp_path):
+    assert docstring_defects() == []
+    (tmp_path / "a.py").write_text('"""Run it:\n\n    python -m a --x 1 \\\n        --y 2\n"""\n')
+    (tmp_path / "b.py").write_text("import os\n")
+    (tmp_path / "c.py").write_text('r"""Run it:\n\n    python -m c --x 1 \\\n        --y 2\n"""\n')
+    assert docstring_defects(tmp_path) == ['a.py: docstring continues lines with a backslash but is not r"""',
+                                           "b.py: no module docstring"]

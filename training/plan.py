@@ -1,4 +1,4 @@
-"""The layout planner: which TP x PP x DP, ZeRO stage, micro-batch and recomputation fit a model on a
+r"""The layout planner: which TP x PP x DP, ZeRO stage, micro-batch and recomputation fit a model on a
 cluster, fastest first.
 
     python -m training.plan --model parti-20b --nodes 64 --gpus-per-node 8 [--gpu-mem-gb 80] \

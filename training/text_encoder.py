@@ -1,4 +1,4 @@
-"""Text-encoder warm start: masked-token pre-training of Parti's text encoder, and loading it into a Parti run.
+r"""Text-encoder warm start: masked-token pre-training of Parti's text encoder, and loading it into a Parti run.
 
     torchrun --nproc_per_node 2 -m training.text_encoder --config configs/train/debug.yaml --run-dir runs/textenc \
         [--text-files captions.txt --text-tokenizer tok/spm.model [--valid-text-files held_out.txt]] \

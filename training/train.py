@@ -1,4 +1,4 @@
-"""Train the Parti encoder-decoder: megatron-core tensor parallelism inside a DeepSpeed engine.
+r"""Train the Parti encoder-decoder: megatron-core tensor parallelism inside a DeepSpeed engine.
 
     torchrun --nproc_per_node 2 -m training.train --config configs/train/debug.yaml \
         --set parallel.tp=2 train.steps=20 --run-dir runs/x [--resume auto]

@@ -1,4 +1,4 @@
-"""Fine-tune a new, larger detokenizer on a frozen image tokenizer's codes: Parti's detokenizer stage.
+r"""Fine-tune a new, larger detokenizer on a frozen image tokenizer's codes: Parti's detokenizer stage.
 
     python -m vq.finetune_decoder --tokenizer runs/vq/export.pt --config configs/vq/finetune-decoder-large.yaml \
         --data 'laion/{00000..00099}.tar' --run-dir runs/detok --set train.lpips_backbone=vgg16-397923af.pth \

@@ -1,4 +1,4 @@
-"""The weights a vq.train run starts from (`train.init_from`): fine-tuning a trained tokenizer on other images.
+r"""The weights a vq.train run starts from (`train.init_from`): fine-tuning a trained tokenizer on other images.
 
     python -m vq.train --config configs/vq/vqgan.yaml --data 'mine/{00000..00009}.tar' --run-dir runs/ft \
         --set train.init_from=vqgan_imagenet_f16_1024/checkpoints/last.ckpt loss.adv_start=0 \

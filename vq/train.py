@@ -1,4 +1,4 @@
-"""Train an image tokenizer on LAION-style shards, then export it frozen.
+r"""Train an image tokenizer on LAION-style shards, then export it frozen.
 
     python -m vq.train --config configs/vq/vit-vqgan-small.yaml --data 'laion/{00000..00099}.tar' \
         --run-dir runs/vq --set train.lpips_backbone=vgg16-397923af.pth [train.steps=1000 ...] [--resume auto]

@@ -1,4 +1,4 @@
-"""VQGAN (Esser et al. 2021, "Taming Transformers for High-Resolution Image Synthesis") trained by vq.train.
+r"""VQGAN (Esser et al. 2021, "Taming Transformers for High-Resolution Image Synthesis") trained by vq.train.
 
     python -m vq.train --config configs/vq/vqgan.yaml --data 'laion/{00000..00099}.tar' --run-dir runs/vqgan \
         --set train.lpips_backbone=vgg16-397923af.pth
