@@ -393,14 +393,14 @@ def write_report(cfg: DemoConfig, out: Path, run_dir: Path, vq_path: Path, evalu
     """Step 6: report.html and its pictures, all inside `out`."""
     from PIL import Image
 
-
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     preset, what = ARCH_PRESETS[cfg.arch], {"encoder_decoder": "Parti's encoder-decoder",
                                             "decoder_only": "a DALL-E-style decoder-only transformer"}[cfg.arch]
     run_config = load_config(run_dir / "config.yaml")
     layout = layout_label(run_config.parallel, cfg.nproc)
     held_out_rows = [m for m in metrics if m.get("valid_loss") is not None]
-    line_plot(out / "loss.png", {f"{preset}, {layout}": ([m["step"] for m in metrics], [m["loss"] for m in metrics]),
+    line_plot(out / "loss.png", {f"training batches ({preset}, {layout})": ([m["step"] for m in metrics],
+                                                                            [m["loss"] for m in metrics]),
                                  **({"held-out shapes": ([m["step"] for m in held_out_rows],
                                                          [m["valid_loss"] for m in held_out_rows])}
                                     if held_out_rows else {})},

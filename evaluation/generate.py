@@ -432,7 +432,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[dict], SamplingConfig]:
     if not 0 <= args.seed < MAX_SEED:
         raise ValueError(f"--seed must be in [0, 2**32), not {args.seed}")
     if (args.clip_weights or args.clip_tag) and not args.clip:  # (they were ignored: no reranking, no CLIP scores)
-        raise ValueError(f"--clip-weights/--clip-tag without --clip: give --clip (the open_clip architecture of the "
+        raise ValueError("--clip-weights/--clip-tag without --clip: give --clip (the open_clip architecture of the "
                          "weights, e.g. ViT-L-14, or local-dir:FOLDER), or drop them")
     cfg = dataclass_from_args(SamplingConfig, args)
     check_export(args.checkpoint, "--checkpoint")
@@ -454,7 +454,6 @@ def check_input_files(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
-
 
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--checkpoint", required=True, help="an export folder (config.json + model.safetensors), "

@@ -76,7 +76,6 @@ class SamplingConfig:
                 raise ConfigError(f"sampling.{name} (--{name.replace('_', '-')}) must be {expected}, "
                                   f"not {getattr(self, name)!r}")
 
-
     @property
     def guided(self) -> bool:
         """Whether sampling runs the doubled batch: scale 1 is the conditional logits themselves (the doubled

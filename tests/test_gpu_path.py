@@ -132,7 +132,7 @@ def test_device_index_among_the_visible_gpus():
 def test_init_distributed_sets_the_visible_gpu_and_tells_deepspeed(monkeypatch):
     """A bare srun task with one visible GPU and SLURM_LOCALID=3: device 0, and LOCAL_RANK=0 for
     DeepSpeed's engine (which calls set_device(LOCAL_RANK) itself)."""
-    chosen, backend = [], []
+    chosen = []
     monkeypatch.setattr(state.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(state.dist, "init_process_group", lambda backend, timeout: chosen.append(("init", backend)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -645,9 +645,9 @@ def test_image_seeds_are_the_recorded_seeding():
     from evaluation.generate import SEEDING, image_seed
 
     assert SEEDING == "SeedSequence([seed, prompt, sample])"
-    for seed, prompt, sample in ((7, 1, 2), (0, 3, 0), (1, 0, 5)):
-        expected = int(np.random.SeedSequence([seed, prompt, sample]).generate_state(1, np.uint64)[0])
-        assert image_seed(seed, prompt, sample) == expected
+    for seed, prompt, index in ((7, 1, 2), (0, 3, 0), (1, 0, 5)):
+        expected = int(np.random.SeedSequence([seed, prompt, index]).generate_state(1, np.uint64)[0])
+        assert image_seed(seed, prompt, index) == expected
     assert image_seed(0, 1, 2) != image_seed(0, 2, 1)
 
 

@@ -204,7 +204,6 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     `device`: the host holds at most one tensor beside the mapped file, the device the weights once."""
     from safetensors import safe_open
 
-
     path = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
