@@ -194,12 +194,21 @@ def test_score_samples_in_batches_scores_every_listed_image_against_its_own_prom
     scorer = ClipScorer.load(f"local-dir:{tiny_clip[0]}", device="cpu")
     samples = tmp_path / "samples"
     fake_generation(samples, 5)
+    images = [Image.open(samples / f"{i:05d}_0.png") for i in range(5)]
+    # A random CLIP scores most pairs 0 (cos < 0), where any prompt gives the same score: each image gets a
+    # prompt of its own that it scores above 0 with, so a score against another image's prompt shows.
+    prompts, pool = [], [f"prompt {k}" for k in range(40)]
+    for i, image in enumerate(images):
+        pool_scores = scorer.score([image] * len(pool), pool)
+        prompts.append(pool.pop(int(pool_scores.argmax())))
+        meta = json.loads((samples / f"{i:05d}.json").read_text())
+        (samples / f"{i:05d}.json").write_text(json.dumps({**meta, "prompt": prompts[-1]}))
     with pytest.raises(FileNotFoundError, match=r"metadata\.jsonl is missing: run evaluation\.generate on"):
         read_metadata(samples)
     gather_metadata(samples)
     result = score_samples(scorer, samples, batch_size=2)
-    expected = scorer.score([Image.open(samples / f"{i:05d}_0.png") for i in range(5)],
-                            [f"prompt {i}" for i in range(5)])
+    expected = scorer.score(images, prompts)
+    assert (expected > 0).all() and not torch.allclose(expected, scorer.score(images, prompts[1:] + prompts[:1]))
     assert result["images"] == 5 and [row["index"] for row in result["per_image"]] == list(range(5))
     torch.testing.assert_close(torch.tensor([row["score"] for row in result["per_image"]]), expected)
     assert result["clip_score"] == pytest.approx(expected.mean().item(), abs=1e-4)
