@@ -170,6 +170,10 @@ class InceptionFeatures:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))
         if tuple(feats.shape) != (len(x), FEATURES):  # another contract would give a FID of other numbers, silently
             raise ValueError(f"{self.path}: returned {list(feats.shape)} for {len(x)} images; expected {CONTRACT}")
+        if not torch.isfinite(feats).all():  # (images are finite: the weights are broken; caught here, before the
+            # real statistics are cached and before eigh fails with "Eigenvalues did not converge")
+            raise ValueError(f"{self.path}: returned non-finite features (NaN or inf) for {len(x)} images; "
+                             f"expected {CONTRACT}")
         return feats.double().cpu().numpy()
 
 

@@ -397,6 +397,20 @@ def bilinear_half_pixel(image: np.ndarray, size: int) -> np.ndarray:
     return rows @ image.astype(np.float64) @ cols.T  # (per channel: [size, H] @ [H, W] @ [W, size])
 
 
+def test_non_finite_features_name_the_weights():
+    """Weights that give NaN or inf (broken or untrusted files: images are finite) stop FID with the weights'
+    path, before anything is cached; numpy's eigh failed later with "Eigenvalues did not converge" alone."""
+    extractor = InceptionFeatures.__new__(InceptionFeatures)  # (the checks alone: no weights loaded)
+    extractor.device, extractor.path = "cpu", Path("broken.pt")
+    images = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2
+    for bad in (float("nan"), float("inf")):
+        extractor.model = lambda x, bad=bad: torch.zeros(len(x), 2048).index_fill_(1, torch.tensor([5]), bad)
+        with pytest.raises(ValueError, match=r"broken\.pt: returned non-finite features \(NaN or inf\) for 2 images"):
+            extractor.features(images)
+    extractor.model = lambda x: torch.ones(len(x), 2048)
+    assert extractor.features(images).shape == (2, 2048)
+
+
 def test_inception_sees_images_resized_as_pytorch_fid_resizes_them():
     """The protocol's resize (module docstring: pytorch-fid's, bilinear without antialiasing, align_corners=False)
     and scaling ((x - 128) / 128) of a non-square image, against the resize written out by hand: another mode or
