@@ -143,8 +143,9 @@ def test_static_step_makes_no_host_decisions_on_device_values(single_process):
 
 
 def test_static_step_warm_up_fits_a_short_image_and_restarts_at_its_first_position(single_process):
-    """The warm-up before CUDA-graph capture (run eagerly here) takes a few steps at each prefix length: on
-    an image of 4 positions, 4 lengths x 3 steps from one start would write past the cache's end."""
+    """The warm-up before CUDA-graph capture (run eagerly here) takes a few steps at each prefix length (each
+    one a graph captured next, which must not be its first run): on an image of 4 positions, 4 lengths x 3 steps
+    from one start would write past the cache's end."""
     from evaluation.sampling import StaticStep
 
     greedy = SamplingConfig(temperature=0)
@@ -154,7 +155,9 @@ def test_static_step_warm_up_fits_a_short_image_and_restarts_at_its_first_positi
         full = sample(model, text, greedy, use_cache=False)
         with torch.no_grad():
             step = StaticStep(model, text)
+            calls = spy_on_self_attention(model)  # (after the decoder-only caption's prefill)
             step.warm_up()
+        assert {c["keys"] for c in calls} == set(step.lengths), (name, step.lengths)
         assert int(step.position.next.max()) == model.cfg.prefix_len
         assert torch.equal(sample(model, text, greedy, static_cache=True), full)
 
@@ -229,6 +232,27 @@ def test_compiled_static_step_equals_the_eager_one_with_one_graph_per_prefix_len
             sample(model, text.flip(0), greedy, static_cache=True, compiled="aot_eager", steps=steps)
     with pytest.raises(ValueError, match="needs cuda_graph=True or static_cache=True"):
         run(model, greedy, compiled="inductor")
+
+
+def test_kept_static_steps_are_per_model_and_backend_and_compiled_without_them_too(single_process, monkeypatch):
+    """A StaticSteps hands a kept step only to the model and compile backend it was made for (else a second model
+    decoded with the first one's weights, a compiled request got the eager step); sample(compiled=...) compiles
+    with or without one (the GPU check's greedy check passes none). The backend is recorded, not compiled."""
+    from evaluation import sampling
+
+    backends = []
+    monkeypatch.setattr(sampling, "compile_decode_step", lambda model, backend: backends.append(backend)
+                        or model.decode_step)
+    greedy, steps = SamplingConfig(temperature=0), sampling.StaticSteps()
+    first, second = debug_model(seed=0), debug_model(seed=1)
+    text, _ = debug_batch(first.cfg, batch=2)
+    codes = [sample(model, text, greedy, static_cache=True, steps=steps) for model in (first, second)]
+    assert torch.equal(codes[1], sample(second, text, greedy, use_cache=False))
+    assert not torch.equal(codes[0], codes[1])  # (the other model's step would have decoded codes[0])
+    sample(first, text, greedy, static_cache=True, compiled="aot_eager")
+    assert backends == ["aot_eager"]
+    sample(first, text, greedy, static_cache=True, compiled="aot_eager", steps=steps)  # (first's eager step kept)
+    assert backends == ["aot_eager"] * 2 and len(steps.steps) == 3
 
 
 @pytest.mark.parametrize("preset", ["parti-debug", "dalle-debug"])
@@ -363,6 +387,8 @@ def test_filters_at_their_edges():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     assert torch.equal(filter_logits(logits, 10, 1.0), logits)
     assert torch.equal(filter_logits(logits, 4, 1.0), logits)
+    # (top_p 1 skips the nucleus: in fp32 the mass before a code of probability 1e-13 already reads as 1)
+    assert torch.equal(filter_logits(torch.tensor([[0.0, -30.0]]), 0, 1.0), torch.tensor([[0.0, -30.0]]))
     tie = torch.zeros(1, 2)  # (softmax: exactly 0.5 and 0.5)
     assert torch.isinf(filter_logits(tie, 0, 0.5)).sum() == 1
     assert not torch.isinf(filter_logits(tie, 0, 0.51)).any()
@@ -550,11 +576,13 @@ def test_a_smaller_codebook_draws_only_its_codes_in_every_mode(single_process):
 
 
 @pytest.mark.parametrize("setting, value, expected", [
-    ("temperature", -1.0, ">= 0"), ("temperature", float("nan"), ">= 0"), ("top_k", -3, ">= 0"),
+    ("temperature", -1.0, ">= 0"), ("temperature", float("nan"), ">= 0"), ("temperature", float("inf"), ">= 0"),
+    ("top_k", -3, ">= 0"),
     ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"), ("guidance_scale", float("inf"), "a finite")])
 def test_sampling_settings_out_of_range_are_refused(setting, value, expected):
     """Out of range they sampled wrongly without a word (top_p 0: NaN probabilities, every code 0; a negative
-    temperature: the least likely code; a negative top_k: no filter). The message names the key and the flag."""
+    temperature: the least likely code, an infinite one: every code alike; a negative top_k: no filter). The
+    message names the key and the flag."""
     from common.config import ConfigError
     from evaluation.config import load_eval_config
 
