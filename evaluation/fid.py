@@ -45,6 +45,7 @@ import json
 import os
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -284,7 +285,8 @@ def real_statistics(extractor: InceptionFeatures, files: list[Path], cache: str 
             with np.load(path) as data:
                 if str(data["key"]) == key:
                     return data["mu"], data["sigma"], {**info, "from_cache": True}
-        except (OSError, ValueError, KeyError, EOFError):  # a damaged cache file is recomputed
+        # A damaged cache file is recomputed (BadZipFile, not an OSError: an .npz cut short or with a flipped bit).
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass
     mu, sigma = statistics(folder_features(extractor, files, size=real_size))
     try:

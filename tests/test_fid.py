@@ -4,6 +4,7 @@ size on request; few images named FID-N; TF32 off under either of torch's precis
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,147 @@ def test_real_images_replaced_under_the_same_names_give_the_new_fid(tmp_path, ca
     other = tmp_path / "other.pt"
     torch.jit.save(torch.jit.script(torch.nn.Sequential(TinyFeatures(), torch.nn.Tanh())), str(other))
     assert not fid(real, fake, other)["protocol"]["real_statistics"]["from_cache"]
+
+
+def stand_in(sha256: str = "a" * 64) -> tuple[InceptionFeatures, list[int]]:
+    """An extractor whose model is per-channel means and spreads (no weights loaded: fast), and the batch sizes
+    it was called with (an empty list: nothing was computed)."""
+    calls = []
+
+    def model(x):
+        calls.append(len(x))
+        return torch.nn.functional.pad(torch.cat([x.mean((2, 3)), x.std((2, 3))], 1) * 10, (0, 2048 - 6))
+
+    extractor = InceptionFeatures.__new__(InceptionFeatures)
+    extractor.device, extractor.path, extractor.sha256, extractor.model = "cpu", Path("stand-in.pt"), sha256, model
+    return extractor, calls
+
+
+def bmp_folder(folder: Path, n: int, seed: int) -> list[Path]:
+    """n random 8x8 BMPs: uncompressed, so any pixels give files of the same size."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.bmp")
+    return sorted(folder.iterdir())
+
+
+def test_real_statistics_are_cached_by_the_images_contents_crop_and_weights(tmp_path, cache_home):
+    """The cache key is the multiset of the images' bytes, the crop size and the weights' sha256: names, order,
+    the folder and the weights' path do not matter; an image replaced by one of the same size and modification
+    time does, and so do duplicates (they weigh in the mean and covariance)."""
+    from evaluation.fid import folder_features, real_statistics, real_statistics_key
+
+    extractor, calls = stand_in()
+    files = bmp_folder(tmp_path / "real", 4, seed=0)
+    mu, sigma, info = real_statistics(extractor, files)
+    assert not info["from_cache"] and calls == [4]
+    assert info["cache"] == str(cache_home / "fid" / f"real_{info['key'][:32]}.npz") and Path(info["cache"]).is_file()
+    # The same bytes under other names, in another folder, in another order, weights moved: no Inception pass.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    renamed = [f.rename(moved / f"x{i}.bmp") for i, f in enumerate(reversed(files))]
+    extractor.path = Path("elsewhere/stand-in.pt")
+    cached_mu, cached_sigma, cached = real_statistics(extractor, renamed)
+    assert cached["from_cache"] and cached["key"] == info["key"] and calls == [4]
+    np.testing.assert_array_equal(cached_mu, mu)
+    np.testing.assert_array_equal(cached_sigma, sigma)
+    # One image replaced by another of the same size and modification time: computed anew, from the new pixels.
+    before = renamed[0].stat()
+    bmp_folder(tmp_path / "other", 1, seed=1)[0].replace(renamed[0])
+    os.utime(renamed[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = renamed[0].stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    new_mu, new_sigma, new = real_statistics(extractor, renamed)
+    assert not new["from_cache"] and calls == [4, 4]
+    expected_mu, expected_sigma = statistics(folder_features(extractor, renamed))
+    np.testing.assert_allclose(new_mu, expected_mu, rtol=1e-12)
+    np.testing.assert_allclose(new_sigma, expected_sigma, rtol=1e-12, atol=1e-12)
+    assert np.abs(new_mu - mu).max() > 0.1
+    # Other keys: a duplicated image, another crop size, other weights.
+    a, b = renamed[:2]
+    assert real_statistics_key(extractor, [a, a, b]) != real_statistics_key(extractor, [a, b, b])
+    keys = {real_statistics_key(extractor, renamed, size) for size in (None, 8, 16)}
+    keys.add(real_statistics_key(stand_in(sha256="b" * 64)[0], renamed))
+    assert len(keys) == 4 and new["key"] in keys
+    # The crop size is applied, not only keyed: the statistics of the images resized as the generated ones are.
+    cropped_mu, _, cropped = real_statistics(extractor, renamed, real_size=4)
+    assert not cropped["from_cache"] and np.abs(cropped_mu - new_mu).max() > 0.1
+    np.testing.assert_allclose(cropped_mu, statistics(folder_features(extractor, renamed, size=4))[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("damage", ["empty", "not an npz", "truncated", "bit flipped", "another key"])
+def test_a_damaged_cache_file_is_computed_anew_and_replaced(tmp_path, cache_home, damage):
+    """A cache file that cannot be read (a copy cut short, a flipped bit; atomic writes prevent neither) or that
+    holds another key's statistics (the file name is the key's first 32 hex digits) is not used: the statistics
+    are computed and the file written again."""
+    from evaluation.fid import real_statistics
+
+    extractor, calls = stand_in()
+    files = bmp_folder(tmp_path / "real", 3, seed=0)
+    mu, sigma, info = real_statistics(extractor, files)
+    path = Path(info["cache"])
+    good = path.read_bytes()
+    path.write_bytes({"empty": b"", "not an npz": b"not an npz", "truncated": good[:len(good) // 2],
+                      "bit flipped": good[:2000] + bytes([good[2000] ^ 1]) + good[2001:]}.get(damage, good))
+    if damage == "another key":
+        np.savez(path, mu=mu + 1, sigma=sigma, key=np.array("0" * 64))
+    again_mu, again_sigma, again = real_statistics(extractor, files)
+    assert not again["from_cache"] and again["cache"] == str(path) and calls == [3, 3]
+    np.testing.assert_array_equal(again_mu, mu)
+    np.testing.assert_array_equal(again_sigma, sigma)
+    assert real_statistics(extractor, files)[2]["from_cache"] and calls == [3, 3]  # written again
+
+
+def test_an_unwritable_cache_is_a_warning_and_the_statistics_are_still_returned(tmp_path, capsys):
+    from evaluation.fid import real_statistics
+
+    extractor, calls = stand_in()
+    files = bmp_folder(tmp_path / "real", 3, seed=0)
+    mu, sigma, _ = real_statistics(extractor, files, cache=tmp_path / "elsewhere")
+    blocked = tmp_path / "a file"
+    blocked.write_text("")  # (as root, permissions refuse nothing: a file where the cache folder should be)
+    for _ in range(2):  # nothing was cached: each call computes
+        got_mu, got_sigma, info = real_statistics(extractor, files, cache=blocked)
+        assert info == {"cache": None, "key": info["key"], "from_cache": False}
+        assert "warning: real FID statistics not cached (" in capsys.readouterr().err
+        np.testing.assert_array_equal(got_mu, mu)
+        np.testing.assert_array_equal(got_sigma, sigma)
+    assert calls == [3, 3, 3]
+
+
+def test_the_cache_folder_is_the_override_else_parti_cache_dir_else_xdg_cache_home_else_home(tmp_path, monkeypatch):
+    from evaluation.fid import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PARTI_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "parti"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "parti"
+    monkeypatch.setenv("PARTI_CACHE_DIR", str(tmp_path / "parti"))
+    assert cache_dir() == tmp_path / "parti"
+    assert cache_dir(tmp_path / "given") == tmp_path / "given"
+
+
+def test_fid_reads_the_real_statistics_from_the_cache_it_is_given_at_its_crop_size(tmp_path, monkeypatch):
+    """fid() hands its cache folder and real_size to the cache and reports where the statistics came from."""
+    import evaluation.fid as fid_module
+
+    extractor, calls = stand_in()
+    monkeypatch.setattr(fid_module, "InceptionFeatures", lambda weights: extractor)
+    monkeypatch.setattr(fid_module, "frechet_distance", lambda *stats: 0.0)  # (2048x2048 eigh: ~20 s here)
+    real, fake = image_folder(tmp_path / "real", 3, seed=0, size=12), image_folder(tmp_path / "fake", 2, seed=1)
+    cache = tmp_path / "given"
+    first = fid(real, fake, cache=cache, real_size=8)["protocol"]["real_statistics"]
+    assert not first["from_cache"] and Path(first["cache"]).parent == cache / "fid"
+    second = fid(real, fake, cache=cache, real_size=8)
+    assert second["protocol"]["real_statistics"] == {**first, "from_cache": True}
+    assert not fid(real, fake, cache=cache)["protocol"]["real_statistics"]["from_cache"]  # uncropped: another key
+    assert calls == [3, 2, 2, 3, 2]  # (real, fake; fake only; real, fake)
+    assert not (tmp_path / "cache").exists()  # (nothing in $PARTI_CACHE_DIR: the given folder was used)
 
 
 def test_unfinished_images_of_a_stopped_writer_are_not_counted(tmp_path):
