@@ -280,14 +280,14 @@ def real_statistics(extractor: InceptionFeatures, files: list[Path], cache: str 
     key = real_statistics_key(extractor, files, real_size)
     path = cache_dir(cache) / "fid" / f"real_{key[:32]}.npz"
     info = {"cache": str(path), "key": key, "from_cache": False}
-    if path.is_file():
-        try:
-            with np.load(path) as data:
-                if str(data["key"]) == key:
-                    return data["mu"], data["sigma"], {**info, "from_cache": True}
-        # A damaged cache file is recomputed (BadZipFile, not an OSError: an .npz cut short or with a flipped bit).
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass
+    try:  # (no path.is_file() first: in a folder the user may not enter it raises PermissionError)
+        with np.load(path) as data:
+            if str(data["key"]) == key:
+                return data["mu"], data["sigma"], {**info, "from_cache": True}
+    # Not cached yet, not readable, or damaged (BadZipFile, not an OSError: an .npz cut short or with a flipped
+    # bit): computed anew.
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
     mu, sigma = statistics(folder_features(extractor, files, size=real_size))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

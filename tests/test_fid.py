@@ -291,6 +291,28 @@ def test_an_unwritable_cache_is_a_warning_and_the_statistics_are_still_returned(
     assert calls == [3, 3, 3]
 
 
+def test_a_cache_folder_that_cannot_be_searched_is_a_warning_too(tmp_path, capsys):
+    """A cache folder the user may not enter (another user's shared $PARTI_CACHE_DIR): statistics computed and
+    returned with the warning, not a PermissionError from looking for the cache file."""
+    from evaluation.fid import real_statistics
+
+    extractor, calls = stand_in()
+    files = bmp_folder(tmp_path / "real", 3, seed=0)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0)
+    try:
+        try:
+            os.listdir(locked)
+            pytest.skip("permissions refuse nothing to this user (root: run under setpriv without CAP_DAC_*)")
+        except PermissionError:
+            pass
+        mu, _, info = real_statistics(extractor, files, cache=locked)
+    finally:
+        locked.chmod(0o700)
+    assert info["cache"] is None and not info["from_cache"] and calls == [3]
+    assert "warning: real FID statistics not cached (" in capsys.readouterr().err
+    np.testing.assert_array_equal(mu, real_statistics(extractor, files, cache=tmp_path / "open")[0])
+
 def test_the_cache_folder_is_the_override_else_parti_cache_dir_else_xdg_cache_home_else_home(tmp_path, monkeypatch):
     from evaluation.fid import cache_dir
 
