@@ -13,6 +13,8 @@ import torch
 
 from evaluation.fid import InceptionFeatures, fid, frechet_distance, statistics
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path, monkeypatch) -> Path:
@@ -291,33 +293,61 @@ def test_an_unwritable_cache_is_a_warning_and_the_statistics_are_still_returned(
     assert calls == [3, 3, 3]
 
 
-def test_a_cache_folder_that_cannot_be_searched_is_a_warning_too(tmp_path, capsys):
-    """A cache folder the user may not enter (another user's shared $PARTI_CACHE_DIR): statistics computed and
-    returned with the warning, not a PermissionError from looking for the cache file."""
-    from evaluation.fid import real_statistics
+# Run in a child process as the user a folder of mode 000 refuses: root without the capabilities that let it enter.
+LOCKED_CACHE_CHILD = """
+import os, sys
+from pathlib import Path
+import numpy as np
+from evaluation.fid import real_statistics
+from tests.test_fid import bmp_folder, stand_in
+tmp = Path(sys.argv[1])
+try:
+    os.listdir(tmp / "locked")
+    sys.exit("the locked folder could be read: the check would prove nothing")
+except PermissionError:
+    pass
+extractor, calls = stand_in()
+mu, _, info = real_statistics(extractor, bmp_folder(tmp / "real", 3, seed=0), cache=tmp / "locked")
+assert info["cache"] is None and not info["from_cache"] and calls == [3], (info, calls)
+np.save(tmp / "mu.npy", mu)
+"""
+DROP_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+            "-dac_override,-dac_read_search"]
 
-    extractor, calls = stand_in()
-    files = bmp_folder(tmp_path / "real", 3, seed=0)
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0)
+
+def test_a_cache_folder_that_cannot_be_searched_is_a_warning_too(tmp_path):
+    """A cache folder the user may not enter (another user's shared $PARTI_CACHE_DIR): statistics computed and
+    returned with the warning, not a PermissionError from looking for the cache file. As root (CI), the child
+    process runs under setpriv without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, as another user would."""
+    import shutil
+    import subprocess
+    import sys
+
+    from evaluation.fid import real_statistics
+    from model_parallel.state import child_environment
+
+    prefix = DROP_DAC if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("root enters any folder, and setpriv (util-linux), which drops that right, is not installed")
+    (tmp_path / "locked").mkdir(mode=0)
     try:
-        try:
-            os.listdir(locked)
-            pytest.skip("permissions refuse nothing to this user (root: run under setpriv without CAP_DAC_*)")
-        except PermissionError:
-            pass
-        mu, _, info = real_statistics(extractor, files, cache=locked)
+        proc = subprocess.run([*prefix, sys.executable, "-c", LOCKED_CACHE_CHILD, str(tmp_path)], cwd=ROOT,
+                              env=child_environment(), capture_output=True, text=True, timeout=300, check=False)
     finally:
-        locked.chmod(0o700)
-    assert info["cache"] is None and not info["from_cache"] and calls == [3]
-    assert "warning: real FID statistics not cached (" in capsys.readouterr().err
-    np.testing.assert_array_equal(mu, real_statistics(extractor, files, cache=tmp_path / "open")[0])
+        (tmp_path / "locked").chmod(0o700)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: real FID statistics not cached (" in proc.stderr
+    extractor, _ = stand_in()
+    files = sorted((tmp_path / "real").iterdir())
+    np.testing.assert_allclose(np.load(tmp_path / "mu.npy"),  # (another process: float32 sums may round apart)
+                               real_statistics(extractor, files, cache=tmp_path / "open")[0], rtol=1e-6)
+
 
 def test_the_cache_folder_is_the_override_else_parti_cache_dir_else_xdg_cache_home_else_home(tmp_path, monkeypatch):
     from evaluation.fid import cache_dir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("PARTI_CACHE_DIR")
+    monkeypatch.delenv("PARTI_CACHE_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert cache_dir() == tmp_path / "home" / ".cache" / "parti"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
