@@ -231,6 +231,17 @@ def test_train_throughput_rotates_the_order_of_its_sides():
     assert values == {"a": [1, 6, 8, 10], "b": [2, 4, 9, 11], "c": [3, 5, 7, 12]}
 
 
+def test_a_ratio_over_turns_is_the_median_of_each_turns_ratio_with_their_range():
+    """Turns whose ratios are 3, 4 and 1 (their mean 2.67, the ratio of their sums 2.6): the median 3 and the range
+    1-4; sides timed a different number of times are an error, not a ratio over the turns they share."""
+    from bench.turns import ratio_over_turns
+
+    assert ratio_over_turns([3.0, 8.0, 2.0], [1.0, 2.0, 2.0]) == "3.00x (1.00-4.00 over 3 turns)"
+    assert ratio_over_turns([1.0], [3.0], digits=3) == "0.333x (0.333-0.333 over 1 turns)"
+    with pytest.raises(ValueError):
+        ratio_over_turns([1.0, 2.0], [1.0])
+
+
 def train_throughput_rank(rank: int, preset: str, steps: int, turns: int):
     from bench import train_throughput
 
