@@ -61,6 +61,7 @@ def test_planner_fit_recovers_the_constants_of_the_h200_run():
     assert abs(fit["hfu"] - 0.6) < 1e-9 and abs(fit["overhead_ms_per_layer"] - 4.0) < 1e-9
     assert planner_fit({"4": {"step_s": 1.0}}, 1e12, 989e12, 12, 1) is None
     assert planner_fit({"4": {"step_s": 1.0}, "8": {"step_s": 0.9}}, 1e12, 989e12, 12, 1) is None
+    assert planner_fit({"4": {"step_s": 1.0}, "8": {"step_s": 1.0}}, 1e12, 989e12, 12, 1) is None  # (no slope)
 
 
 def test_a_section_stopped_at_its_limit_takes_its_children_with_it(tmp_path):
@@ -258,6 +259,37 @@ def test_op_breakdown_names_each_operation_its_shapes_and_callers():
     assert bias_grad and "[64, 8, 256]" in bias_grad[0]["shapes"]
     assert [r["s"] for r in rows] == sorted((r["s"] for r in rows), reverse=True)
     assert not any(r["op"].startswith("<built-in") or "): " in r["op"] for r in rows)
+
+
+def test_op_breakdown_on_a_gpu_counts_each_operations_own_kernels():
+    """op_breakdown's GPU path on profile events stood in for (kernel durations in microseconds, as torch records
+    them): an operation's time is its own kernels', summed over its calls; one that launched none, Python frames,
+    modules and annotations are no rows; its callers are its innermost 4 project frames; a size-1 dimension's stride
+    does not make its tensor non-contiguous."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bench.gpu_mfu import op_breakdown
+
+    def event(name, parent=None, kernels=(1000.0,), annotation=False):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_parent=parent, self_cpu_time_total=7e6,
+                               kernels=[SimpleNamespace(duration=us) for us in kernels], is_user_annotation=annotation,
+                               input_shapes=[[64, 1, 16]], structured_input_shapes=[[64, 1, 16]],
+                               structured_input_strides=[[16, 5, 1]])
+
+    frames = [None]
+    for name in ("deepspeed/runtime/engine.py(2100): backward", "megatron/core/a.py(10): f",
+                 "training/engine.py(40): train_step", "tools/helper.py(3): g", "model_parallel/layers.py(200): forward",
+                 "nn.Module: Linear_0", "torch/nn/functional.py(2300): linear"):
+        frames.append(event(name, frames[-1]))
+    events = [*frames[1:], event("aten::mm", frames[-1], (300.0, 200.0)), event("aten::mm", frames[-1], (500.0,)),
+              event("aten::view", frames[-1], ()), event("Optimizer.step#AdamW.step", annotation=True)]
+    assert op_breakdown(events, "cuda") == [{"op": "aten::mm", "s": pytest.approx(1e-3), "calls": 2,
+                                             "shapes": "[[64, 1, 16]]", "called_from": [
+                                                 "torch/nn/functional.py(2300): linear",
+                                                 "model_parallel/layers.py(200): forward",
+                                                 "training/engine.py(40): train_step", "megatron/core/a.py(10): f"]}]
 
 
 def test_fusion_timing_times_plain_and_fused_side_by_side():
@@ -1041,6 +1073,71 @@ def test_the_compiled_step_reports_its_speed_up_over_the_eager_layers(tmp_path, 
     monkeypatch.setattr(gpu_mfu, "_realign", lambda engine, cfg, batch, device: realigned.append(batch))
     r = gpu_mfu._compiled_step(Context("cpu", True, tmp_path), engine, None, ["batch"], 4e12, None, 0.6)
     assert r == {"error": "RuntimeError: inductor failed"} and realigned == ["batch"]
+
+
+def test_the_mfu_section_turns_step_times_into_tflops_and_mfu(tmp_path, monkeypatch):
+    """gpu_mfu._mfu with the GPU, the trainer and its steps stood in for, on numbers worked out by hand: a step is
+    micro-batch x accumulation samples, so 1e12 FLOPs a sample at micro-batch 8, 4 micro-batches in 0.32 s is 100
+    TFLOP/s, 50% of a 200 TFLOP/s peak; the compiled layers get that step's FLOPs; the optimizer's share is the
+    last micro-batch's time less the others' mean; a size the planner rules out or that ran out of memory is too
+    large for memory; full recomputation's cost is its step over the plain one's."""
+    from types import SimpleNamespace
+
+    import bench.train_throughput
+    import model_parallel.activation_checkpointing as checkpointing
+    import training.engine
+    import training.flops
+    import training.plan
+    import training.trainer
+    from bench import gpu_mfu
+    from bench.gpu_common import Context
+
+    clock, step_s, compiled_flops, tried = [0.0], {4: 0.2, 8: 0.32}, [], []
+
+    def seconds_per_step(engine, cfg, data, device):
+        tried.append(data[0])
+        if data[0] >= 16:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory at {data[0]}")
+        return step_s[data[0]] * (4 / 3 if engine.recompute else 1)
+
+    def train_step(engine, cfg, data, device):  # 0.1 s a micro-batch, the 4th one 0.05 s more: the optimizer step
+        engine.micro_steps += len(data)
+        clock[0] += 0.1 * len(data) + (0.05 if engine.micro_steps % 4 == 0 else 0)
+
+    engine = SimpleNamespace(micro_steps=0, recompute=False, module=None)
+    trainer = SimpleNamespace(engine=engine, peak_flops=200e12, log=SimpleNamespace(close=lambda: None))
+    for module, name, value in [
+            (training.trainer, "Trainer", lambda cfg, run_dir: trainer),
+            (training.flops, "train_flops_per_sample", lambda m: 1e12),
+            (bench.train_throughput, "matmul_flops", lambda device: 400e12),
+            (training.plan, "estimate", lambda *a: SimpleNamespace(peak_gb=float(a[5]), step_s=1.0)),
+            (training.engine, "train_step", train_step),
+            (gpu_mfu, "time", SimpleNamespace(perf_counter=lambda: clock[0])),
+            (gpu_mfu, "_random_micro_batches", lambda m, mbs, count, device: [mbs] * count),
+            (gpu_mfu, "_seconds_per_step", seconds_per_step),
+            (gpu_mfu, "_realign", lambda *a: None),
+            (gpu_mfu, "_host_profile", lambda fn: []),
+            (gpu_mfu, "_device_profile", lambda fn: {}),
+            (gpu_mfu, "_op_profile", lambda fn, device: []),
+            (gpu_mfu, "_compiled_step", lambda ctx, e, cfg, data, flops, *a: compiled_flops.append(flops) or {}),
+            (torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=32.5 * 2**30)),
+            *((torch.cuda, name, lambda *a: 0) for name in ("reset_peak_memory_stats", "max_memory_allocated",
+                                                             "max_memory_reserved", "synchronize", "empty_cache"))]:
+        monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(checkpointing, "apply_activation_checkpointing",
+                        lambda module, mode: setattr(engine, "recompute", True))
+    for name in ("fusion_timing", "cross_entropy_timing", "split_heads_timing"):
+        monkeypatch.setattr(gpu_mfu, name, lambda *a: {})
+
+    r = gpu_mfu._mfu(Context("cpu", True, tmp_path), "parti-debug", [4, 8, 16, 32])
+    assert 16 in tried and 32 not in tried  # (planned to fit: 16 GiB, not 32, within 95% of 32.5 GiB)
+    assert r["best_micro_batch"] == 8 and r["best_tflops"] == pytest.approx(100) and r["best_mfu"] == pytest.approx(0.5)
+    assert r["by_micro_batch"][4]["mfu"] == pytest.approx(0.4)
+    assert r["by_micro_batch"][8]["vs_measured_matmul"] == pytest.approx(0.25)
+    assert compiled_flops == [pytest.approx(32e12)] and r["too_large_for_memory"] == [16, 32]
+    assert r["optimizer_step"]["optimizer_s"] == pytest.approx(0.05)
+    assert r["full_recompute"]["vs_none"] == pytest.approx(4 / 3)
+    assert r["planner_fit"]["hfu"] == pytest.approx(1e12 / (0.0075 * 200e12))  # (0.03 s more a micro-batch for 4 more)
 
 
 def test_compile_speedup_divides_the_eager_step_by_the_compiled_one(tmp_path, monkeypatch):
