@@ -216,6 +216,10 @@ CASES = {
         tmp, "benchmark.name=coco30k", "benchmark.real=shared:coco_mini/images", "benchmark.limit=1",
         "sampling.samples_per_prompt=1", "sampling.keep=0",
         expected=r"coco30k: 1 prompt\(s\) x 1 image\(s\) each; FID needs at least 2 generated images"),
+    "benchmark: coco30k of one kept image": lambda tmp: benchmark_case(  # (2 samples drawn, the best 1 kept)
+        tmp, "benchmark.name=coco30k", "benchmark.real=shared:coco_mini/images", "benchmark.limit=1",
+        "sampling.samples_per_prompt=2", "sampling.keep=1",
+        expected=r"coco30k: 1 prompt\(s\) x 1 image\(s\) each; FID needs at least 2 generated images"),
     "benchmark: no such upsampler": lambda tmp: benchmark_case(
         tmp, "model.upsampler=/nonexistent/sr.pt", expected=r"model.upsampler=/nonexistent/sr.pt: no such file"),
     "benchmark: an upsampler that is not an export": lambda tmp: benchmark_case(

@@ -507,6 +507,23 @@ def other_export(export: Path, out: Path) -> Path:
     return out
 
 
+def test_fid_scores_every_kept_sample_of_the_listed_prompts(tmp_path, monkeypatch):
+    """fid_results hands fid() each listed prompt's every kept file (COCO draws several per caption without
+    reranking), not one per prompt, and the real images' crop size."""
+    from types import SimpleNamespace
+
+    from evaluation import benchmark
+
+    calls = []
+    monkeypatch.setattr(benchmark, "fid", lambda real, fake, real_size, fake_files: calls.append(
+        (real_size, fake_files)) or {"fid": 1.0, "name": "FID", "real_images": 9, "fake_images": len(fake_files),
+                                     "warning": None, "protocol": {}})
+    cfg = SimpleNamespace(benchmark=SimpleNamespace(real=str(tmp_path / "real"), real_center_crop=True))
+    metadata = [{"index": i, "files": [f"{i:05d}_{r}.png" for r in range(2)]} for i in range(3)]
+    results = benchmark.fid_results(cfg, tmp_path, metadata, (32, 32))
+    assert calls == [(32, [tmp_path / name for meta in metadata for name in meta["files"]])]
+    assert results["fid_fake_images"] == 6
+
 def test_generate_refuses_to_resume_with_another_checkpoint_or_settings(sampling_setup, tmp_path):
     """A rerun into the same --out continues only with the same checkpoint and settings; otherwise it stops
     with one line naming what differs, and the images already there are left as they were."""

@@ -1349,6 +1349,31 @@ def test_a_record_that_is_json_but_not_an_object_is_named(tmp_path):
         check_resumable(tmp_path, {"seed": 0}, [])
 
 
+def test_a_record_not_in_utf_8_is_named(tmp_path):
+    """A record saved in another encoding (an editor's Latin-1) is named as a damaged record, as a cut-short one is,
+    not a UnicodeDecodeError without the file's name."""
+    from evaluation.generate import RECORD, check_resumable
+
+    (tmp_path / RECORD).write_bytes('{"prompt": "café"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"generation\.json: a damaged record \(UnicodeDecodeError: .*delete it"):
+        check_resumable(tmp_path, {"seed": 0}, [])
+
+
+def test_every_ranks_problems_are_listed_once_in_rank_order(monkeypatch):
+    """A setting changed for the whole folder is found by every rank: the refusal names it once, not once per rank
+    (the message shows 6 problems: 8 copies of one hid a prompt that differed on one rank)."""
+    import torch.distributed as dist
+
+    from evaluation.generate import every_ranks
+
+    found = [["seed: 0 then, 1 now"], ["seed: 0 then, 1 now", "prompt 1: 'a' then, 'b' now"], ["seed: 0 then, 1 now"]]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(dist, "all_gather_object", lambda gathered, problems: gathered.__setitem__(slice(None), found))
+    assert every_ranks(found[0], 3) == ["seed: 0 then, 1 now", "prompt 1: 'a' then, 'b' now"]
+    assert every_ranks(["mine"], 2) == ["mine"]  # (not this group's ranks: no collective)
+
+
 def test_a_killed_runs_temporary_files_are_removed_from_both_folders_for_this_ranks_prompts_only(tmp_path):
     """remove_unfinished: a half-written PNG (or .json) of a prompt about to be made again goes, in the output
     folder and in its upsampled sibling (where a killed run with --upsampler leaves them too); those of other
