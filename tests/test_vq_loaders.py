@@ -219,3 +219,38 @@ def test_vq_train_starts_from_a_taming_checkpoint(single_process, taming_files, 
     with pytest.raises(ConfigError, match=r"gan.ckpt does not fit the configured model \(1 other shape\(s\): "
                                           r"quantize.embedding.weight \(24, 8\) \(the model's: \(32, 8\)\)\)"):
         wider.resume()
+
+
+def test_init_from_gives_taming_patchgan_weights_only_to_a_patchgan(taming_files, tmp_path):
+    """load_initial_weights with a taming checkpoint: its PatchGAN weights go into a PatchGAN only (loading them
+    into the default StyleGAN-style discriminator would be refused as a misfit), and a checkpoint without them
+    leaves a PatchGAN as built, the log saying why; a missing file, a damaged export or a model.kind other than
+    vqgan is a ConfigError naming train.init_from, not a traceback."""
+    from common.config import ConfigError, load_typed
+    from vq.config import VQConfig
+    from vq.init_weights import load_initial_weights
+    from vq.losses import Discriminator, PatchGAN
+    from vq.train import build_model
+
+    vq_state = {k: v for k, v in taming_files[2].items() if not k.startswith("loss.")}
+    disc = {f"loss.discriminator.{k}": v for k, v in random_state(patchgan_layout()).items()}
+    torch.save({"state_dict": {**vq_state, **disc}}, tmp_path / "gan.ckpt")
+    torch.save({"state_dict": vq_state}, tmp_path / "vq_only.ckpt")
+    shape = ["model.kind=vqgan", f"model.width={CH}", "model.ch_mult=[1,2]", f"model.res_blocks={NRB}",
+             "model.patch=2", f"model.z_channels={Z}", f"model.code_dim={EMBED}", f"model.image_size={RES}",
+             "model.attn_resolutions=[16]", f"model.codebook_size={N_EMBED}"]
+    model = build_model(load_typed(VQConfig, None, shape))
+    for name, discriminator, why in (("gan.ckpt", Discriminator(RES), "loss.discriminator is not patchgan"),
+                                     ("vq_only.ckpt", PatchGAN(), "it has none")):
+        built = {k: v.clone() for k, v in discriminator.state_dict().items()}
+        assert load_initial_weights(str(tmp_path / name), model, discriminator).endswith(
+            f"(not its discriminator: {why})")
+        assert all(torch.equal(v, built[k]) for k, v in discriminator.state_dict().items())
+    with pytest.raises(ConfigError, match=rf"^train.init_from={tmp_path / 'none.ckpt'}: no such file$"):
+        load_initial_weights(str(tmp_path / "none.ckpt"), model, None)
+    torch.save({"kind": "vqgan", "state_dict": vq_state}, tmp_path / "edited.pt")  # (an export without its config)
+    with pytest.raises(ConfigError, match=rf"^train.init_from={tmp_path / 'edited.pt'}: .*without its config"):
+        load_initial_weights(str(tmp_path / "edited.pt"), model, None)
+    vqvae = build_model(load_typed(VQConfig, None, ["model.kind=vqvae", "model.width=16", "model.image_size=16"]))
+    with pytest.raises(ConfigError, match=r"gan.ckpt: not a tokenizer export \(no `kind`\); only model.kind=vqgan"):
+        load_initial_weights(str(tmp_path / "gan.ckpt"), vqvae, None)
