@@ -1112,8 +1112,11 @@ def test_load_exported_builds_on_meta_without_initialising_and_equals_the_old_pa
 
 def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_process, tmp_path):
     """A truncated model.safetensors (safetensors' own error) and a config.json of another model size (load_state_dict's
-    size mismatches) ended generation in a traceback: one ValueError naming the file."""
+    size mismatches) ended generation in a traceback: one ValueError naming the file; weights of another checkpoint
+    than config.json's are refused."""
     import dataclasses
+
+    from safetensors.torch import load_file, save_file
 
     from training.export import load_exported
 
@@ -1122,6 +1125,12 @@ def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_pro
     whole = weights.read_bytes()
     weights.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(ValueError, match=rf"{weights}: cannot be read .*damaged or truncated: export again"):
+        load_exported(path)
+    weights.write_bytes(whole)
+    # Weights tagged with another checkpoint than config.json's (a re-export stopped between its two files).
+    save_file(load_file(str(weights)), str(weights), metadata={"checkpoint": "step_2"})
+    with pytest.raises(ValueError, match=rf"{path}: model.safetensors holds the weights of checkpoint step_2, "
+                                         "config.json describes test"):
         load_exported(path)
     weights.write_bytes(whole)
     config = json.loads((path / "config.json").read_text())
@@ -1136,8 +1145,8 @@ def test_a_damaged_or_mismatched_export_is_refused_naming_its_weights(single_pro
 def test_an_export_of_integer_weights_or_without_a_model_section_is_refused_naming_its_file(single_process, tmp_path):
     """A tensor stored as integers or booleans (the header's dtype edited: its bytes read as other numbers) loaded
     cast to floats without a word; a config.json without a model section ended in a KeyError or AttributeError,
-    and one of unknown keys in a ConfigError not naming the file: each a ValueError naming it (a float16 copy of
-    the weights still loads)."""
+    and one of unknown keys in a ConfigError not naming the file: each a ValueError naming it (a float16 or
+    bfloat16 copy of the weights still loads)."""
     from safetensors.torch import load_file, save_file
 
     from training.export import exported_data_tokenizers, exported_model_config, load_exported
@@ -1149,8 +1158,9 @@ def test_an_export_of_integer_weights_or_without_a_model_section_is_refused_nami
     save_file({**tensors, name: tensors[name].to(torch.int32)}, str(weights))
     with pytest.raises(ValueError, match=rf"{weights}: 1 tensor\(s\) not floating point: {re.escape(name)} \(I32\)"):
         load_exported(path)
-    save_file({n: t.half() for n, t in tensors.items()}, str(weights))
-    assert {p.dtype for p in load_exported(path).parameters()} == {torch.float32}
+    for half in (torch.float16, torch.bfloat16):
+        save_file({n: t.to(half) for n, t in tensors.items()}, str(weights))
+        assert {p.dtype for p in load_exported(path).parameters()} == {torch.float32}
     saved = json.loads(config.read_text())
     for bad in ({"checkpoint": "test"}, [saved], {**saved, "model": "parti-debug"}):
         config.write_text(json.dumps(bad))
