@@ -681,7 +681,7 @@ def test_image_seeds_are_the_recorded_seeding():
 
 def test_the_record_holds_how_the_reranking_clip_runs_and_a_damaged_export_config_is_named(tmp_path):
     """Reranking with the same weights under another --clip-tag (activation, normalisation) resumed the folder;
-    an export's config.json cut short gave a bare JSON position."""
+    an export's config.json cut short (or not UTF-8) gave a bare JSON position."""
     from types import SimpleNamespace
 
     from evaluation.generate import generation_record, read_export_config
@@ -695,9 +695,10 @@ def test_the_record_holds_how_the_reranking_clip_runs_and_a_damaged_export_confi
     assert records[0]["rerank"] != records[1]["rerank"]
     assert records[0]["rerank"] == {"clip": "clip.bin", "weights_sha256": "ab", "model": "ViT-B-32", "tag": None,
                                     "preprocess": {"mean": [0.5]}, "quick_gelu": False}
-    (tmp_path / "config.json").write_text('{"model": ')
-    with pytest.raises(ValueError, match=r"config\.json: not readable as JSON .*export the checkpoint again"):
-        read_export_config(tmp_path)
+    for damaged in (b'{"model": ', b'{"model": \xff}'):  # (cut short; not UTF-8: a UnicodeDecodeError)
+        (tmp_path / "config.json").write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"config\.json: not readable as JSON .*export the checkpoint again"):
+            read_export_config(tmp_path)
 
 
 def test_prompts_that_are_missing_not_text_or_blank_are_refused_naming_the_line(tmp_path):
