@@ -493,6 +493,19 @@ def test_deepspeed_config_states_the_batch_and_reduces_bf16_gradients_in_fp32_fr
     assert ds["timers"] == {"throughput": {"enabled": False}}
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_deepspeed_reads_the_configured_clipping_and_0_as_none(clip):
+    """train.grad_clip reaches DeepSpeed as it is, 0 included: DeepSpeed clips at 1.0 where the key is absent
+    (GRADIENT_CLIPPING_DEFAULT), so dropping a 0 (or replacing it) would clip a run configured not to."""
+    from deepspeed.runtime.config import get_gradient_clipping
+
+    from training.config import load_config
+    from training.engine import deepspeed_config
+
+    cfg = load_config("configs/train/debug.yaml", [f"train.grad_clip={clip}"])
+    assert get_gradient_clipping(deepspeed_config(cfg, dp_size=1)) == clip
+
+
 def test_fp32_zero0_clipping_keeps_the_norm_and_scales_only_above_the_limit(single_process):
     """clip_fp32_gradients_megatron_style on a stand-in engine: the norm of all gradients is kept where
     get_global_grad_norm reads it; the gradients are scaled to train.grad_clip when above it, left alone below
@@ -558,6 +571,24 @@ def test_the_gradient_norm_and_the_nonfinite_verdict_are_the_model_parallel_grou
     rank): sqrt(3^2 + 4^2 + 12^2) = 13 on both ranks; a non-finite gradient on one rank skips the step on every
     rank (fp32 ZeRO-0's guard)."""
     assert pool2.run(_norm_and_skip_over_two_tensor_parallel_ranks) == [(pytest.approx(13.0), 1.0, 1)] * 2
+
+
+def _dp_means(tp: int) -> float:
+    """training.engine.dp_mean on this rank at TP=`tp` over 2 ranks, of micro-batch losses [r + 1, r + 3] on
+    rank r (TP ranks hold different losses here only to show which group is averaged)."""
+    from model_parallel.state import init_parallel
+    from training.engine import dp_mean
+
+    init_parallel(tp=tp, pp=1)
+    r = torch.distributed.get_rank()
+    return dp_mean([torch.tensor(r + 1.0), torch.tensor(r + 3.0)])
+
+
+def test_the_loss_is_the_mean_over_micro_batches_and_data_parallel_ranks_only(pool2):
+    """dp_mean: DP=2 averages the ranks' micro-batch means (2 and 3); at TP=2 (DP=1) each rank keeps its own:
+    the tensor-parallel ranks are not summed in."""
+    assert pool2.run(_dp_means, 1) == [pytest.approx(2.5)] * 2
+    assert pool2.run(_dp_means, 2) == [pytest.approx(2.0), pytest.approx(3.0)]
 
 
 def test_weight_decay_on_matrices_only_and_a_frozen_text_encoder_in_a_group_at_lr_0(single_process):
