@@ -595,7 +595,7 @@ def test_weight_decay_on_matrices_only_and_a_frozen_text_encoder_in_a_group_at_l
     """param_groups: [matrices and embedding tables at train.weight_decay, biases and norms at 0] over what trains,
     and with model.freeze_text_encoder the text encoder's parameters (and only those) in a third group at lr 0, no
     decay; every parameter in exactly one group. A zero.Init placeholder is sorted by its ds_shape."""
-    from model_parallel.model import PartiModel
+    from model_parallel.model import PartiModel, piece_names
     from model_parallel.pipeline import is_text_encoder
     from training.config import load_config
     from training.engine import decay_groups, param_groups
@@ -617,6 +617,13 @@ def test_weight_decay_on_matrices_only_and_a_frozen_text_encoder_in_a_group_at_l
         if freeze:
             assert (frozen["lr"], frozen["weight_decay"]) == (0.0, 0.0)
             assert not encoder & {id(p) for g in groups[:2] for p in g["params"]}
+    # A pipeline stage names its pieces "0", "1", ... (the first stage here: the encoder and the image
+    # embedding): the encoder is still told apart by its canonical names.
+    stage = torch.nn.Module()
+    for k, name in enumerate(piece_names(cfg.model)[:5]):
+        stage.add_module(str(k), model.get_submodule(name))
+    frozen = {id(p) for p in param_groups(stage, cfg)[2]["params"]}
+    assert frozen == encoder and len(frozen) < len(list(stage.parameters()))
     placeholder = torch.nn.Parameter(torch.empty(0))
     placeholder.ds_shape = torch.Size([4, 4])
     assert [len(g["params"]) for g in decay_groups([placeholder], 0.1)] == [1, 0]
