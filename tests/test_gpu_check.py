@@ -280,8 +280,9 @@ def test_op_breakdown_on_a_gpu_counts_each_operations_own_kernels():
 
     frames = [None]
     for name in ("deepspeed/runtime/engine.py(2100): backward", "megatron/core/a.py(10): f",
-                 "training/engine.py(40): train_step", "tools/helper.py(3): g", "model_parallel/layers.py(200): forward",
-                 "nn.Module: Linear_0", "torch/nn/functional.py(2300): linear"):
+                 "training/engine.py(40): train_step", "tools/helper.py(3): g",
+                 "model_parallel/layers.py(200): forward", "nn.Module: Linear_0",
+                 "torch/nn/functional.py(2300): linear"):
         frames.append(event(name, frames[-1]))
     events = [*frames[1:], event("aten::mm", frames[-1], (300.0, 200.0)), event("aten::mm", frames[-1], (500.0,)),
               event("aten::view", frames[-1], ()), event("Optimizer.step#AdamW.step", annotation=True)]
