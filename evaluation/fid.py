@@ -280,12 +280,12 @@ def real_statistics(extractor: InceptionFeatures, files: list[Path], cache: str 
     key = real_statistics_key(extractor, files, real_size)
     path = cache_dir(cache) / "fid" / f"real_{key[:32]}.npz"
     info = {"cache": str(path), "key": key, "from_cache": False}
-    try:  # (no path.is_file() first: in a folder the user may not enter it raises PermissionError)
+    # Not cached yet, not readable, or damaged (an .npz cut short or with a flipped bit raises BadZipFile, not an
+    # OSError): computed anew. No path.is_file() first: in a folder the user may not enter, it raises PermissionError.
+    try:
         with np.load(path) as data:
             if str(data["key"]) == key:
                 return data["mu"], data["sigma"], {**info, "from_cache": True}
-    # Not cached yet, not readable, or damaged (BadZipFile, not an OSError: an .npz cut short or with a flipped
-    # bit): computed anew.
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
     mu, sigma = statistics(folder_features(extractor, files, size=real_size))
