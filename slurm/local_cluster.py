@@ -19,16 +19,17 @@ needs DEVICE=cpu in the environment).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common.cli import command, description
 from model_parallel.state import child_environment
 
 HOSTS_LINE = "127.0.0.1 n1 n2  # parti local slurm cluster"
@@ -128,7 +129,7 @@ class LocalCluster:
     def run(self, *args: str, check: bool = True) -> str:
         return subprocess.run(list(args), check=check, capture_output=True, text=True, env=self.env).stdout
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         why = available()
         if why:
             raise RuntimeError(f"cannot start a local SLURM cluster: {why}")
@@ -231,8 +232,20 @@ class LocalCluster:
         self.stop()
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser("python -m slurm.local_cluster", description=description(__doc__))
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("root", help="the cluster's folder (its config, state and logs): stop takes start's")
+    args = parser.parse_args(argv)
+    cluster = LocalCluster(args.root)
+    with command(errors=(RuntimeError, subprocess.CalledProcessError)):
+        if args.action == "start":
+            cluster.start()
+            print(f"started; export SLURM_CONF={cluster.conf}")
+        else:
+            cluster.stop()
+            print(f"stopped the cluster of {cluster.conf}")
+
+
 if __name__ == "__main__":
-    action, root = sys.argv[1], sys.argv[2]
-    cluster = LocalCluster(root)
-    cluster.start() if action == "start" else cluster.stop()
-    print(f"{action}: export SLURM_CONF={cluster.conf}")
+    main()

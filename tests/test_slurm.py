@@ -229,9 +229,13 @@ def test_two_node_eval_job_equals_one_local_run(cluster, uninterrupted, tmp_path
 
 def test_stopping_one_local_cluster_leaves_another_running(cluster, tmp_path):
     """Two local clusters on one machine (two test sessions): stopping one kills its own job steps and leaves the
-    other's jobs and the /etc/hosts line its nodes resolve through alone (it pkilled every slurmstepd)."""
+    other's jobs and the /etc/hosts line its nodes resolve through alone (it pkilled every slurmstepd). The other
+    is started and stopped by hand (`python -m slurm.local_cluster start|stop ROOT`)."""
     ours = cluster.sbatch([*CPU_NODE_OPTIONS, f"--output={tmp_path}/ours-%j.out", "--wrap", "sleep 120"], cwd=tmp_path)
-    other = LocalCluster(tmp_path / "other").start()
+    with pytest.raises(SystemExit, match="2"):  # (an unknown action stopped the cluster)
+        lc.main(["restart", str(tmp_path / "other")])
+    lc.main(["start", str(tmp_path / "other")])
+    other = LocalCluster(tmp_path / "other")  # (the same cluster: its folder names it)
     try:
         other.sbatch([*CPU_NODE_OPTIONS, f"--output={tmp_path}/other-%j.out", "--wrap", "sleep 120"], cwd=tmp_path)
         deadline = time.time() + 60
@@ -240,7 +244,7 @@ def test_stopping_one_local_cluster_leaves_another_running(cluster, tmp_path):
         kept, killed = cluster.job_steps(), other.job_steps()
         assert kept and killed and not set(kept) & set(killed)
     finally:
-        other.stop()
+        lc.main(["stop", str(tmp_path / "other")])
     time.sleep(1)
 
     def alive(pid: int) -> bool:  # (a killed process not yet reaped keeps its /proc entry, with an empty cmdline)
