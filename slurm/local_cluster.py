@@ -58,9 +58,11 @@ def ensure_installed() -> None:
     if all(shutil.which(c) for c in COMMANDS):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], check=True, env=env,
-                   capture_output=True)
+    for args in (["update", "-qq"], ["install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        done = subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, check=False)
+        if done.returncode:  # (apt's own words: no network, a held package, a locked dpkg)
+            raise RuntimeError(f"apt-get {args[0]} failed (exit status {done.returncode}) installing SLURM: "
+                               + " ".join((done.stderr or done.stdout).split())[-500:])
 
 
 def _config(root: Path, port: int) -> str:

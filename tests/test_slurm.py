@@ -537,8 +537,13 @@ def test_available_and_ensure_installed(monkeypatch):
     installed.update({"slurmd", "sbatch"})
     assert available() is None
     installed.clear()
-    runs = []
-    monkeypatch.setattr(lc.subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw["env"]["DEBIAN_FRONTEND"])))
+    runs, apt_says = [], {}
+
+    def run(cmd, **kw):
+        runs.append((cmd, kw["env"]["DEBIAN_FRONTEND"]))
+        return subprocess.CompletedProcess(cmd, 100 if cmd[1] in apt_says else 0, "", apt_says.get(cmd[1], ""))
+
+    monkeypatch.setattr(lc.subprocess, "run", run)
     lc.ensure_installed()
     assert [cmd[:2] for cmd, _ in runs] == [["apt-get", "update"], ["apt-get", "install"]]
     assert runs[1][0][-len(PACKAGES):] == PACKAGES and "-y" in runs[1][0] and runs[1][1] == "noninteractive"
@@ -546,6 +551,10 @@ def test_available_and_ensure_installed(monkeypatch):
     installed.update({"slurmctld", "apt-get"})  # (slurmd missing)
     lc.ensure_installed()
     assert len(runs) == 2
+    runs.clear()
+    apt_says["install"] = "E: Unable to locate package slurmctld\n"
+    with pytest.raises(RuntimeError, match="apt-get install failed .*: E: Unable to locate package slurmctld$"):
+        lc.ensure_installed()
     runs.clear()
     installed.update({"slurmctld", "slurmd", "sbatch"})
     lc.ensure_installed()
