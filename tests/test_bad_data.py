@@ -15,6 +15,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.images import FilterConfig
 from data_pipeline.manifest import write_manifest
 from data_pipeline.pretokenize import header, pretokenize
+from data_pipeline.pretokenize import main as pretokenize_main
 from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
 from model_parallel.state import child_environment
 from tests import laion_fixtures as lf
@@ -82,6 +83,10 @@ CASES = [
      "spm.model", r"not an image tokenizer export .*expected the export.pt of vq.train", "codes"),
     ("pretokenize: --output is a file", lambda r: pretokenize_cli(r, "good.tar", output="spm.model"),  # (traceback)
      "spm.model", r"File exists", "."),
+    # (the manifest would be rebuilt over the inputs given, leaving out the shards of the others)
+    ("pretokenize --manifest-only: other --input", lambda r: [*pretokenize_cli(r, "not_a_tar.tar"), "--manifest-only"],
+     "codes/00000.bin", r"made from .*good\.tar.*: the --input pattern is not the one this folder was begun with",
+     "codes"),
     ("train_text_tokenizer: .tar that is not a tar", lambda r: tokenizer_cli(r, "{good,not_a_tar}.tar", 20),
      "not_a_tar.tar", r"is not a tar archive \(invalid header\)", "spm_out"),
     ("train_text_tokenizer: vocabulary larger than the captions support",
@@ -183,6 +188,34 @@ def test_an_id_the_tokenizers_should_not_give_is_refused_before_its_shard_is_wri
     with pytest.raises(DataError, match=r"good\.tar: the tokenizers produced image code \d+ .*outside its range"):
         pretokenize([data / "good.tar"], tmp_path / "codes", vq, tok, FilterConfig(32))
     assert not list((tmp_path / "codes").glob("00000.*"))
+
+
+@pytest.mark.parametrize("size_of", ["codebook_size", "vocab_size"])
+def test_a_codebook_or_vocabulary_past_uint16_is_refused_and_one_of_65536_is_not(data, tmp_path, size_of):
+    """Codes and text ids are stored as uint16, which holds the ids of 65536 entries: with 65537, id 65536 would
+    wrap to 0 unseen (the range check compares the stored ids with the size). Refused before the folder exists."""
+    vq, tok = load_image_tokenizer(data / "vq.pt"), TextTokenizer(data / "spm.model", TEXT_LEN)
+    tokenizer = vq if size_of == "codebook_size" else tok
+    setattr(tokenizer, size_of, 65537)
+    with pytest.raises(DataError, match="stored as uint16: codebook and vocabulary must be <= 65536"):
+        pretokenize([data / "good.tar"], tmp_path / "refused", vq, tok, FilterConfig(32))
+    assert not (tmp_path / "refused").exists()
+    setattr(tokenizer, size_of, 65536)
+    manifest = pretokenize([data / "good.tar"], tmp_path / "codes", vq, tok, FilterConfig(32))
+    assert manifest["records"] == 4 and manifest["vq" if tokenizer is vq else "text_tokenizer"][size_of] == 65536
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--shard-index", "2", "--num-shards", "2"], r"--shard-index 2 must be in 0\.\.1"),
+    (["--batch-size", "0"], r"--batch-size must be >= 1 .* got 0 and 0"),
+    (["--workers", "-1"], r"--workers >= 0, got 32 and -1")])
+def test_pretokenize_refuses_a_task_index_or_batch_outside_its_range(tmp_path, capsys, args, says):
+    """Task N of N would make task 0's shards as well (two writers of one shard), and --batch-size 0 wrote empty
+    shards that a rerun took as finished: usage errors (status 2) before anything is loaded or made."""
+    argv = ["--input", "x.tar", "--output", str(tmp_path / "codes"), "--vq", "vq.pt", "--text-tokenizer", "spm.model"]
+    with pytest.raises(SystemExit) as e:
+        pretokenize_main([*argv, *args])
+    assert e.value.code == 2 and re.search(says, capsys.readouterr().err) and not (tmp_path / "codes").exists()
 
 
 def test_an_input_replaced_by_another_of_its_name_is_refused_on_rerun(data, tmp_path):

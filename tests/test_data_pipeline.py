@@ -422,6 +422,7 @@ def test_input_tars_are_streamed_into_the_same_shards_at_any_number_of_workers(s
         with pytest.raises((DataError, FileNotFoundError), match=r"^[^\n]*gone\.tar[^\n]*$") as e:
             module.process_shard(gone, vq, tok, FILTERS, workers, 4, "cpu", tqdm(disable=True))
         assert ("decoding worker" in str(e.value)) == (workers > 0)  # (without workers: the read's own error)
+        assert "No such file" in str(e.value)  # the cause, with workers taken from under their traceback
 
 
 def test_array_tasks_together_equal_one_run(setup, one_run, tmp_path):
