@@ -147,12 +147,12 @@ def test_the_refused_vocabulary_names_the_largest_size_that_works(data, tmp_path
 def test_a_caption_with_no_piece_but_eos_is_skipped_not_made_the_null_caption(data, tmp_path):
     """A caption of zero-width spaces is not empty to str.strip(), but SentencePiece gives it no piece: its ids
     would be [EOS, PAD, ...], classifier-free guidance's null caption, and the image would train unconditioned.
-    Pre-tokenization skips it as empty_caption."""
+    Pre-tokenization skips it as empty_caption (at batch size 1: a batch of no records is not encoded)."""
     *samples, (key, files) = lf.synthetic_samples(3)
     lf.write_tar(tmp_path / "in.tar", [*samples, (key, {**files, "txt": "\u200b\ufeff".encode()})])
     vq, tok = load_image_tokenizer(data / "vq.pt"), TextTokenizer(data / "spm.model", TEXT_LEN)
     assert tok.encode("\u200b\ufeff")[1] == 1  # EOS alone
-    manifest = pretokenize([tmp_path / "in.tar"], tmp_path / "codes", vq, tok, FilterConfig(32))
+    manifest = pretokenize([tmp_path / "in.tar"], tmp_path / "codes", vq, tok, FilterConfig(32), batch_size=1)
     meta = json.loads((tmp_path / "codes" / "00000.json").read_text())
     assert manifest["records"] == 2 and meta["skipped"] == {"empty_caption": 1}
 
