@@ -140,6 +140,31 @@ def test_zero0_fragments_are_the_whole_fp32_masters_and_refresh_copies_them_into
         own_fragment(engine, a, None)
 
 
+def test_zero3_fragments_stop_at_the_parameters_end_and_refresh_copies_each_wrappers_masters():
+    """ZeRO-3 pads a parameter to a multiple of the data-parallel ranks: 5 elements over 4 ranks are partitions
+    of 2, rank 2 holding one element and one of padding, rank 3 padding only (its start, 6, is past the end:
+    an empty fragment, not the padding). refresh_working_weights copies ZeRO-3's fp32 partitions into the bf16
+    ones and asks ZeRO-1/2 and BF16_Optimizer to do it (update_lp_params)."""
+    from training.deepspeed_glue import own_fragment, refresh_working_weights
+
+    p = torch.nn.Parameter(torch.empty(0))
+    p.ds_id, p.ds_numel = 0, 5
+    for rank, expected in enumerate([[0.0, 1.0], [2.0, 3.0], [4.0], []]):
+        partition = torch.arange(2.0 * rank, 2.0 * rank + 2)
+        p._z3_optimizer = StandIn(get_local_fp32_param=lambda p, key, part=partition: part,
+                                  _get_param_partition_rank=lambda p, rank=rank: rank)
+        fragment = own_fragment(StandIn(), p, None)
+        assert (fragment.start, fragment.data.tolist(), fragment.whole) == (2 * rank, expected, False), rank
+
+    low, master = torch.zeros(3, dtype=torch.bfloat16), torch.arange(3.0)
+    refresh_working_weights(StandIn(optimizer=StandIn(fp16_partitioned_groups_flat=[low],
+                                                      fp32_partitioned_groups_flat=[master])), [])
+    assert low.tolist() == [0.0, 1.0, 2.0]
+    calls = []
+    refresh_working_weights(StandIn(optimizer=StandIn(update_lp_params=lambda: calls.append(1))), [])
+    assert calls == [1]
+
+
 def test_ensure_optimizer_state_creates_only_the_missing_state_in_each_optimizers_own_form():
     """Before a load: zero moments for each tensor the optimizer holds no state for yet, the state a step
     already made kept as it is; Adam's step count a float tensor for torch's optimizers, an int for DeepSpeed's
@@ -152,6 +177,7 @@ def test_ensure_optimizer_state_creates_only_the_missing_state_in_each_optimizer
     stepped.grad = torch.ones(2)
     optimizer.step()
     moments = {key: optimizer.state[stepped][key].clone() for key in ("exp_avg", "exp_avg_sq", "step")}
+    assert not optimizer.state[fresh]  # (a lookup, as DeepSpeed's wrappers make, leaves an empty entry behind)
     ensure_optimizer_state(StandIn(optimizer=optimizer))
     assert all(torch.equal(optimizer.state[stepped][key], value) for key, value in moments.items())
     state = optimizer.state[fresh]

@@ -355,7 +355,8 @@ def test_steps_skipped_apart_do_not_stop_the_run(single_process, tmp_path, nan_l
 def test_the_nonfinite_guard_counts_skips_in_a_row_and_skips_fp32_zero0_steps_itself(single_process):
     """NonFiniteGuard without an engine: behind a DeepSpeed wrapper (which has `overflow` and skips by itself) it
     counts the engine's skipped steps, and `consecutive` restarts at a good step; without one (fp32 ZeRO-0) it
-    leaves the parameters alone on a non-finite gradient, says so in `overflow`, and steps on finite ones.
+    leaves the parameters alone on a non-finite gradient (any parameter of any group), says so in `overflow`, and
+    steps on finite ones.
     NonFiniteStop stops at train.max_skipped_steps in a row, not before."""
     import types
 
@@ -371,20 +372,25 @@ def test_the_nonfinite_guard_counts_skips_in_a_row_and_skips_fp32_zero0_steps_it
         seen.append((guard.skipped, guard.consecutive))
     assert seen == [(0, 0), (1, 1), (2, 2), (2, 0), (3, 1)]
 
-    w = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([w], lr=1.0)
+    w, u, v = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    optimizer = torch.optim.SGD([{"params": [u, v]}, {"params": [w]}], lr=1.0)
     engine = types.SimpleNamespace(skipped_steps=0, optimizer=optimizer)
     guard = NonFiniteGuard(engine)
-    w.grad = torch.tensor([1.0, float("nan")])
+    u.grad, v.grad, w.grad = torch.ones(2), torch.ones(2), torch.tensor([1.0, float("nan")])
     optimizer.step()
     guard.step_done()
-    assert (torch.equal(w.detach(), torch.ones(2)) and optimizer.overflow
+    assert (all(torch.equal(p.detach(), torch.ones(2)) for p in (u, v, w)) and optimizer.overflow
             and (guard.skipped, guard.consecutive) == (1, 1))
+    w.grad, v.grad = torch.zeros(2), torch.tensor([float("inf"), 1.0])  # (any parameter of a group, not its first)
+    optimizer.step()
+    guard.step_done()
+    assert torch.equal(u.detach(), torch.ones(2)) and (guard.skipped, guard.consecutive) == (2, 2)
+    u.grad = v.grad = None
     w.grad = torch.tensor([1.0, 1.0])
     optimizer.step()
     guard.step_done()
     assert torch.equal(w.detach(), torch.zeros(2)) and not optimizer.overflow
-    assert (guard.skipped, guard.consecutive) == (1, 0)
+    assert (guard.skipped, guard.consecutive) == (2, 0)
 
     NonFiniteStop.check(7, 2, 3)
     with pytest.raises(NonFiniteStop, match=r"stopping at step 7: the last 3 steps .* \(train.max_skipped_steps=3\)"):

@@ -513,12 +513,13 @@ def test_fp32_zero0_clipping_keeps_the_norm_and_scales_only_above_the_limit(sing
     the model step; behind a bf16 or ZeRO wrapper (which keeps its own norm) the model step is left alone."""
     from training.deepspeed_glue import clip_fp32_gradients_megatron_style
 
-    def engine_with(clip: float, wrapped: bool = False):
+    def engine_with(clip: float, wrapper: str | None = None):
         module = torch.nn.Linear(2, 1)
         module.weight.grad, module.bias.grad = torch.tensor([[3.0, 0.0]]), torch.tensor([4.0])  # norm 5
-        engine = types.SimpleNamespace(module=module, gradient_clipping=lambda: clip, fp16_enabled=lambda: False,
-                                       bfloat16_enabled=lambda: wrapped, zero_optimization=lambda: False,
-                                       _global_grad_norm=None, norms_at_step=[])
+        engine = types.SimpleNamespace(module=module, gradient_clipping=lambda: clip,
+                                       fp16_enabled=lambda: wrapper == "fp16", bfloat16_enabled=lambda: wrapper == "bf16",
+                                       zero_optimization=lambda: wrapper == "zero", _global_grad_norm=None,
+                                       norms_at_step=[])
         engine._take_model_step = lambda *args, **kwargs: engine.norms_at_step.append(engine._global_grad_norm)
         clip_fp32_gradients_megatron_style(engine)
         return engine
@@ -536,9 +537,10 @@ def test_fp32_zero0_clipping_keeps_the_norm_and_scales_only_above_the_limit(sing
     engine = engine_with(clip=0.0)
     engine._take_model_step()
     assert engine.norms_at_step == [pytest.approx(5.0)] and grads(engine) == [[3.0, 0.0], [4.0]]
-    engine = engine_with(clip=0.0, wrapped=True)
-    engine._take_model_step()
-    assert engine.norms_at_step == [None]
+    for wrapper in ("fp16", "bf16", "zero"):
+        engine = engine_with(clip=0.0, wrapper=wrapper)
+        engine._take_model_step()
+        assert engine.norms_at_step == [None], wrapper
 
 
 def _norm_and_skip_over_two_tensor_parallel_ranks():
