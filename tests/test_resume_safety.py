@@ -9,6 +9,7 @@ training.train's main() in this process, and one of them through `python -m trai
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -235,6 +236,38 @@ def test_the_tensor_index_reader_admits_dtypes_not_any_global_of_torch_or_of_the
                                               rf"{re.escape(module)}\.{name} "):
         read_index(tmp_path)
     assert not marker.exists()
+
+
+def one_tensor_index(**storage_info):
+    """The tensor index of one float tensor "w" in one record of __0_0.distcp, its record's fields as given."""
+    import torch.distributed.checkpoint.metadata as dcp
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    size, start = torch.Size([2]), torch.Size([0])
+    entry = dcp.TensorStorageMetadata(dcp.TensorProperties(dtype=torch.float32), size,
+                                      [dcp.ChunkStorageMetadata(start, size)])
+    info = _StorageInfo(**{"relative_path": "__0_0.distcp", "offset": 0, "length": 8, **storage_info})
+    return dcp.Metadata({"w": entry}, storage_data={dcp.MetadataIndex("w", start): info})
+
+
+@pytest.mark.parametrize("index, message", [
+    (lambda: b"", r"cannot read the tensor index \(EOFError"),
+    (lambda: pickle.dumps(one_tensor_index())[:-40], r"corrupt tensor index \(pickle data was truncated\)"),
+    (lambda: pickle.dumps(torch.float32), r"holds dtype without its tensor entries"),
+    (lambda: pickle.dumps(dataclasses.replace(one_tensor_index(), storage_data=None)), r"holds Metadata without"),
+    (lambda: pickle.dumps(one_tensor_index(offset=-8)), r"the storage record of w is .*offset=-8"),
+    (lambda: pickle.dumps(one_tensor_index(length="8")), r"the storage record of w is .*length='8'")],
+    ids=["empty", "cut-short", "a-dtype", "no-storage-records", "negative-offset", "length-text"])
+def test_an_index_cut_short_or_of_other_contents_is_refused_naming_it(tmp_path, index, message):
+    """verify() on a .metadata empty or cut short (a full disk), or one that unpickles safely to something other than an
+    index of records (a crafted one): one CheckpointError naming it (was: an AttributeError, a TypeError, or an
+    OSError from reading at a negative offset, naming no file)."""
+    from common.checkpoints import CheckpointError
+    from training.checkpoint_verify import verify
+
+    (tmp_path / ".metadata").write_bytes(index())
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / '.metadata'))}: {message}"):
+        verify(tmp_path)
 
 
 BYTES = torch.zeros(4, dtype=torch.uint8)

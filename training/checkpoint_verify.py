@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from common.checkpoints import CheckpointError, one_line
 
@@ -98,22 +98,31 @@ ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a
 
 def verify(path: Path) -> None:
     """Refuse (CheckpointError naming the file) a checkpoint folder whose files cannot be what its index
-    says: index unreadable or unsafe (a record class outside its own, or an entry that is not a tensor), a
+    says: index unreadable, unsafe (a record class outside its own, an entry that is not a tensor) or malformed, a
     .distcp file missing, shorter than its records reach, or without a tensor record where one should start;
     an RNG file that is not plain tensors; metadata.json or common.pt missing or unreadable. Reads the index,
     a few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected: the
     format has no checksums.)"""
     index = read_index(path)
+    entries, storage = getattr(index, "state_dict_metadata", None), getattr(index, "storage_data", None)
+    if not (isinstance(index, Metadata) and isinstance(entries, dict) and isinstance(storage, dict)):
+        # (a pickle of anything the reader admits passes it; this failed with an AttributeError, naming no file)
+        raise CheckpointError(f"{path / '.metadata'}: holds {type(index).__name__} without its tensor entries and "
+                              "storage records, not torch.distributed.checkpoint's tensor index")
     # (a bytes record is read back with torch.load(weights_only=False): a crafted one could run code)
-    entries = index.state_dict_metadata
     others = [fqn for fqn, entry in entries.items() if not isinstance(entry, TensorStorageMetadata)]
     if others:
         raise CheckpointError(f"{path / '.metadata'}: {others[0]} is indexed as {type(entries[others[0]]).__name__}, "
                               "not a tensor, and loading it would unpickle it unrestricted; the trainers' "
                               "checkpoints hold tensors only: refusing to load it")
     files: dict[str, list[tuple[int, int, bool]]] = {}
-    for where, info in getattr(index, "storage_data", {}).items():
-        tensor = isinstance(index.state_dict_metadata.get(where.fqn), TensorStorageMetadata)
+    for where, info in storage.items():
+        record = [getattr(info, name, None) for name in ("relative_path", "offset", "length")]
+        if not (isinstance(record[0], str) and all(type(n) is int and n >= 0 for n in record[1:])):
+            # (else a TypeError from the sizes, or an OSError from reading at a negative offset)
+            raise CheckpointError(f"{path / '.metadata'}: the storage record of {getattr(where, 'fqn', where)} is "
+                                  f"{str(info)[:200]}, not a file name with a byte offset and length")
+        tensor = isinstance(entries.get(getattr(where, "fqn", None)), TensorStorageMetadata)
         plain = tensor and not getattr(info, "transform_descriptors", None)
         files.setdefault(info.relative_path, []).append((info.offset, info.length, plain))
     # A thread per file, up to 32: a file's check is 4 bytes read at each of its records (a record per tensor
