@@ -418,6 +418,34 @@ def test_a_detokenizer_whose_encoder_was_changed_is_refused(single_process, spli
         load_image_tokenizer(tmp_path / "tok.pt")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b["state_dict"].pop("decoder.0.bias"), r"missing keys \['decoder.0.bias'\], unexpected keys \[\]"),
+    (lambda b: b["state_dict"].update(extra=torch.zeros(1)), r"missing keys \[\], unexpected keys \['extra'\]"),
+    (lambda b: b["codes"].pop("hash"), r"its codes record is \{'encoder_sha256': '[0-9a-f]+'\}, not \{'hash': str"),
+    (lambda b: b["codes"].update(hash=5), r"its codes record is \{'hash': 5, .*not \{'hash': str"),
+    (lambda b: b.update(codes=None), r"its codes record is None, not"),
+    (lambda b: b.update(kind=["conv_vq"]), r"unknown tokenizer kind \['conv_vq'\]")],
+    ids=["missing-key", "unexpected-key", "codes-without-hash", "hash-not-text", "codes-none", "kind-list"])
+def test_an_export_with_a_field_missing_or_of_another_kind_is_refused_naming_it(tmp_path, edit, message):
+    """A detokenizer export loads frozen with its source's content hash (and, returned by the save, the hash a
+    manifest records), its weights hash naming its config too; one edited is refused naming the file and field
+    (was: a KeyError or AttributeError naming neither, or a hash of 5 recorded in manifests)."""
+    from data_pipeline.errors import DataError
+    from vq.tokenizer import ConvVQ, load_image_tokenizer, save_image_tokenizer
+
+    file, model = tmp_path / "tok.pt", ConvVQ(image_size=8, downsample=1, channels=4, code_dim=2, codebook_size=4)
+    assert save_image_tokenizer(model, file, codes_of="0" * 64) == "0" * 64
+    tok = load_image_tokenizer(file)
+    assert tok.content_hash == "0" * 64 and not tok.training and not any(p.requires_grad for p in tok.parameters())
+    blob = torch.load(file, weights_only=True)
+    torch.save({**blob, "config": {**blob["config"], "image_size": 16}}, file)  # (same weights, other images)
+    assert load_image_tokenizer(file).weights_hash != tok.weights_hash
+    edit(blob)
+    torch.save(blob, file)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(file))}: {message}"):
+        load_image_tokenizer(file)
+
+
 def test_files_that_are_not_exports_are_named_for_what_they_are(tmp_path):
     """A vq.train checkpoint passed as --vq says so (was: unknown tokenizer kind None); a file that is no torch.save
     archive (a SentencePiece model) is refused without torch's advice to load it with weights_only=False."""

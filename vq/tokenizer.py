@@ -137,7 +137,7 @@ def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
     if kind is None and isinstance(blob, dict) and {"model", "opt", "step"} <= blob.keys():
         raise DataError(f"{path}: a vq.train checkpoint, not an export; pass the run's export.pt (vq.train writes "
                         "it at the end)")
-    if kind not in known:
+    if not isinstance(kind, str) or kind not in known:  # (a list was a TypeError: unhashable)
         raise DataError(f"{path}: unknown tokenizer kind {kind!r}; known: {', '.join(known)}")
     if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
         raise DataError(f"{path}: a {kind} export without its config and state_dict (damaged or edited)")
@@ -152,10 +152,15 @@ def tokenizer_from_export(blob: dict, path: str | Path) -> nn.Module:
     model.weights_hash = content_hash(kind, blob["config"], blob["state_dict"])
     model.content_hash = model.weights_hash
     if "codes" in blob:  # a fine-tuned detokenizer: the codes are its source's, if the encoder is unchanged
-        if encoder_hash(blob["state_dict"]) != blob["codes"].get("encoder_sha256"):
+        codes = blob["codes"]
+        if not (isinstance(codes, dict) and all(isinstance(codes.get(k), str) for k in ("hash", "encoder_sha256"))):
+            # (was a KeyError or AttributeError naming no file, or a content hash of another type in manifests)
+            raise DataError(f"{path}: its codes record is {str(codes)[:200]}, not {{'hash': str, 'encoder_sha256': "
+                            "str}: the file is damaged or was edited; re-export it with vq.finetune_decoder")
+        if encoder_hash(blob["state_dict"]) != codes["encoder_sha256"]:
             raise DataError(f"{path}: its encoder and codebook differ from those of the tokenizer it claims to "
-                             f"share codes with ({blob['codes'].get('hash', '?')[:16]}): the file is damaged or was "
+                             f"share codes with ({codes['hash'][:16]}): the file is damaged or was "
                              "edited; re-export it with vq.finetune_decoder")
-        model.content_hash = blob["codes"]["hash"]
+        model.content_hash = codes["hash"]
     model.requires_grad_(False)
     return model.eval()
