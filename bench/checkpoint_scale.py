@@ -115,7 +115,7 @@ def worker(rank: int, world: int, port: int, args, root: str, out: dict) -> None
         state = {"step": trainer.step, "consumed_samples": trainer.consumed, "run_id": trainer.plan.run_id}
         return checkpoint.save(trainer.engine, cfg, trainer.layout, run_dir, trainer.step, state, keep=0, **kwargs)
 
-    save()  # warm-up: a process's first save starts megatron-core's write-results queue (a spawned manager, ~4 s)
+    save()  # warm-up: a process's first save starts megatron-core's write-results queue (a forked Manager)
     trainer.step += 1
     rss = psutil.Process().memory_info().rss
     dist.barrier()
@@ -179,18 +179,26 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the system (bench/scale_slice.py)
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         results = measure(args, root)
+    print(report(args, results))
+
+
+def report(args, results: list[dict]) -> str:
+    """The table main prints: each rank's measurements (worker's dict) as ratios."""
     total = sum(r["written"] for r in results)
-    print(f"{args.preset} (layers {args.layers} {' '.join(args.set)}), ZeRO-1, DP={args.dp}, fp32; "
-          f"checkpoint {total / 2**30:.2f} GiB")
-    print("rank  written/(total/dp)  extra host mem/own part  save s / raw write s   async: paused s/save s  "
-          "step during/step (steps, step s)  step beside an idle fork/step")
+    title = (f"{args.preset} (layers {args.layers} {' '.join(args.set)}), ZeRO-1, DP={args.dp}, fp32; "
+             f"checkpoint {total / 2**30:.2f} GiB")
+    header = ("rank  written/(total/dp)  extra host mem/own part  save s / raw write s   async: paused s/save s  "
+              "step during/step (steps, step s)  step beside an idle fork/step")
+    lines = [title, header]
     for rank, r in enumerate(results):
-        print(f"{rank:>4}  {r['written'] / (total / args.dp):>18.3f}  {r['extra_rss'] / r['own']:>23.3f}  "
-              f"{r['save_s']:>6.2f} / {r['raw_s']:<5.2f} = {r['save_s'] / r['raw_s']:<5.2f}  "
-              f"{r['blocking_s']:>6.2f} / {r['save_s']:<5.2f} = {r['blocking_s'] / r['save_s']:<5.2f}  "
-              f"{r['step_during_s'] / r['step_s']:>6.3f} ({r['steps_during']}, {r['step_s']:.2f} s), "
-              f"{'completed' if r['async_completed'] else 'NOT completed'}  "
-              f"{r['step_beside_fork_s'] / r['step_s']:>6.3f}")
+        lines.append(
+            f"{rank:>4}  {r['written'] / (total / args.dp):>18.3f}  {r['extra_rss'] / r['own']:>23.3f}  "
+            f"{r['save_s']:>6.2f} / {r['raw_s']:<5.2f} = {r['save_s'] / r['raw_s']:<5.2f}  "
+            f"{r['blocking_s']:>6.2f} / {r['save_s']:<5.2f} = {r['blocking_s'] / r['save_s']:<5.2f}  "
+            f"{r['step_during_s'] / r['step_s']:>6.3f} ({r['steps_during']}, {r['step_s']:.2f} s), "
+            f"{'completed' if r['async_completed'] else 'NOT completed'}  "
+            f"{r['step_beside_fork_s'] / r['step_s']:>6.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

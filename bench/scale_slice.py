@@ -145,11 +145,16 @@ def main(argv: list[str] | None = None) -> None:
         for recompute in args.recompute.split(","):
             r = measure(tp, args, recompute)
             first.setdefault("init", r["init_bytes"])
-            gb = {k: r[k] / 2**30 for k in ("init_bytes", "forward", "activations", "measured", "planned")}
-            print(f"{tp:>3} {recompute:>10} {r['params']:>14,} {r['build_s']:>8.1f} {gb['init_bytes']:>8.2f} "
-                  f"{r['init_bytes'] / first['init']:>8.2f} {gb['forward']:>7.2f} {gb['activations']:>8.2f} "
-                  f"{r['forward'] / r['activations']:>6.2f} {gb['measured']:>11.2f} {gb['planned']:>8.2f} "
-                  f"{r['measured'] / r['planned']:>6.2f}")
+            print(row(tp, recompute, r, first["init"]))
+
+
+def row(tp: int, recompute: str, r: dict, first_init: int) -> str:
+    """One line of the table: rank 0's measurements (worker's dict) in GB (2**30 bytes) and as ratios."""
+    gb = {k: r[k] / 2**30 for k in ("init_bytes", "forward", "activations", "measured", "planned")}
+    return (f"{tp:>3} {recompute:>10} {r['params']:>14,} {r['build_s']:>8.1f} {gb['init_bytes']:>8.2f} "
+            f"{r['init_bytes'] / first_init:>8.2f} {gb['forward']:>7.2f} {gb['activations']:>8.2f} "
+            f"{r['forward'] / r['activations']:>6.2f} {gb['measured']:>11.2f} {gb['planned']:>8.2f} "
+            f"{r['measured'] / r['planned']:>6.2f}")
 
 
 if __name__ == "__main__":

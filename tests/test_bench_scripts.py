@@ -1,6 +1,6 @@
 """The CPU bench scripts (bench/README.md) keep running: a small side-by-side run of one, the interleaved timing
-helpers, and one line (no traceback) for bad options. Their numbers are not asserted (speed is bench/'s to
-measure, never a test's)."""
+helpers, the tables' arithmetic on hand-made measurements, and one line (no traceback) for bad options. Their
+measured numbers are not asserted (speed is bench/'s to measure, never a test's)."""
 import importlib
 import math
 import os
@@ -185,10 +185,21 @@ def test_checkpoint_scale_smoke(pool2, monkeypatch, capsys):
     from bench import checkpoint_scale
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    monkeypatch.setattr(checkpoint_scale, "measure", lambda args, root: pool2.run(
-        _on_pool_rank, checkpoint_scale_rank, args.dp, args, root))
+    checkpoints, results = [], []
+
+    def measure(args, root):
+        results.extend(pool2.run(_on_pool_rank, checkpoint_scale_rank, args.dp, args, root))
+        checkpoints.extend(sum(f.stat().st_size for f in tag.glob("*.distcp"))
+                           for tag in sorted((Path(root) / "run" / "checkpoints").glob("step_*")))
+        return results
+
+    monkeypatch.setattr(checkpoint_scale, "measure", measure)
     checkpoint_scale.main(["--preset", "parti-tiny", "--layers", "1,1", "--steps-during", "1"])
     out = capsys.readouterr().out
+    # The ranks' own files add up to one checkpoint (warm-up, timed and async saves of the same shapes): a rank
+    # that counted every rank's files would still print 1.000 against a total twice too large.
+    assert len(checkpoints) == 3 and len(set(checkpoints)) == 1, checkpoints
+    assert sum(r["written"] for r in results) == checkpoints[0]
     assert "parti-tiny (layers 1,1 ), ZeRO-1, DP=2, fp32; checkpoint" in out, out
     for rank in (0, 1):
         written = numbers(
@@ -246,3 +257,84 @@ def train_throughput_rank(rank: int, preset: str, steps: int, turns: int):
     from bench import train_throughput
 
     return train_throughput.rank_results(preset, steps, turns)
+
+
+def test_checkpoint_scale_report_divides_each_measure_by_its_reference():
+    """Hand-made measurements of 2 ranks: every ratio the table prints is the one its header names."""
+    from argparse import Namespace
+
+    from bench.checkpoint_scale import report
+
+    rank = {"written": 3 << 28, "own": 400, "extra_rss": 100, "save_s": 3.0, "raw_s": 2.0, "blocking_s": 0.6,
+            "step_s": 2.0, "step_during_s": 3.0, "step_beside_fork_s": 2.5, "steps_during": 4,
+            "async_completed": True}
+    out = report(Namespace(preset="p", layers="1,1", set=[], dp=2),
+                 [rank, {**rank, "written": 1 << 28, "async_completed": False}])
+    assert "checkpoint 1.00 GiB" in out, out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    # written / (total / dp): 3/4 and 1/4 of a GiB against half of it; extra memory / own partition 100/400; save
+    # / raw 3/2; paused / save 0.6/3; step during / step 3/2 (4 steps, step 2 s); beside a fork / step 2.5/2
+    assert rows[0] == ["0", "1.500", "0.250", "3.00", "/", "2.00", "=", "1.50", "0.60", "/", "3.00", "=", "0.20",
+                       "1.500", "(4,", "2.00", "s),", "completed", "1.250"], out
+    assert rows[1][:2] == ["1", "0.500"] and "NOT" in rows[1], out
+
+
+def test_checkpoint_scale_own_partition_is_masters_and_each_moment():
+    """fp32 masters of this rank's flat partitions and every tensor of Adam's state with their shape (two moments),
+    not its 0-dim step count: 4 bytes x (10 + 6) elements x 3."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.checkpoint_scale import own_partition_bytes
+
+    flats = [torch.zeros(10), torch.zeros(6)]
+    state = {t: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
+             for t in flats}
+    optimizer = SimpleNamespace(single_partition_of_fp32_groups=flats, optimizer=SimpleNamespace(state=state))
+    assert own_partition_bytes(SimpleNamespace(engine=SimpleNamespace(optimizer=optimizer))) == 4 * 16 * 3
+
+
+def test_checkpoint_scale_raw_write_writes_the_bytes_asked(tmp_path, monkeypatch):
+    """The disk's raw speed is timed over exactly the bytes the rank's save wrote (a 64 MiB piece and 5 bytes
+    here, not two whole pieces), and its file is gone after."""
+    import torch.distributed as dist
+
+    from bench.checkpoint_scale import raw_write_seconds
+
+    sizes, fsync = [], os.fsync
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(os, "fsync", lambda fd: sizes.append(os.fstat(fd).st_size) or fsync(fd))
+    assert raw_write_seconds(tmp_path, (64 << 20) + 5, rank=1) > 0
+    assert sizes == [(64 << 20) + 5] and list(tmp_path.iterdir()) == []
+
+
+def test_scale_slice_row_divides_each_measure_by_its_reference():
+    """Hand-made measurements: GB are 2**30 bytes; init against the first TP size's, the forward peak against the
+    planned activations, forward + backward against activations + gradients."""
+    from bench.scale_slice import row
+
+    r = {"params": 1234567, "build_s": 2.5, "init_bytes": 3 << 29, "forward": 1 << 29, "activations": 1 << 30,
+         "measured": 3 << 30, "planned": 2 << 30}
+    assert row(2, "none", r, first_init=3 << 30).split() == [
+        "2", "none", "1,234,567", "2.5", "1.50", "0.50", "0.50", "1.00", "0.50", "3.00", "2.00", "1.50"]
+
+
+def test_peak_rss_keeps_a_peak_freed_inside_the_block():
+    """A 64 MiB tensor held until the sampler has seen it, then freed before the block ends: the peak keeps it
+    (the forward's temporaries are freed before scale_slice reads the peak)."""
+    import time
+
+    import psutil
+    import torch
+
+    from bench.scale_slice import PeakRSS
+
+    size, before = 64 << 20, psutil.Process().memory_info().rss
+    with PeakRSS() as peak:
+        held = torch.ones(size // 4)
+        deadline = time.monotonic() + 30
+        while peak.peak < before + size and time.monotonic() < deadline:
+            time.sleep(0.001)
+        del held
+    assert peak.peak - before >= size > psutil.Process().memory_info().rss - before
