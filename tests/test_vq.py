@@ -462,26 +462,46 @@ def test_files_that_are_not_exports_are_named_for_what_they_are(tmp_path):
 
 
 def test_the_finetuned_decoder_takes_the_sources_image_size_and_codebook(single_process, photos, tmp_path, log_lines):
-    """A config whose model.image_size/patch/codebook differ from --tokenizer's trains at the source's size (the
-    crops and the discriminator at the config's 64 px failed with a shape error) and says so."""
+    """A config whose model.image_size/patch/code_dim/codebook differ from --tokenizer's trains at the source's size
+    (the crops and the discriminator at the config's 64 px failed with a shape error) and says so. The encoder and
+    codebook stay the source's through a training step; the decoder is the config's (here logit-Laplace)."""
     import yaml
 
     from vq.finetune_decoder import DecoderFinetuner
     from vq.tokenizer import load_image_tokenizer, save_image_tokenizer
-    from vq.vit_vqgan import ViTVQGAN
+    from vq.vit_vqgan import ENCODER_PARTS, ViTVQGAN
 
-    save_image_tokenizer(ViTVQGAN(image_size=32, patch=8, layers=1, width=32, code_dim=8, codebook_size=16),
-                         tmp_path / "tok.pt")
+    source = ViTVQGAN(image_size=32, patch=8, layers=1, width=32, code_dim=8, codebook_size=16)
+    save_image_tokenizer(source, tmp_path / "tok.pt")
     cfg = load_typed(VQConfig, None, [*TINY, "model.image_size=64", "model.patch=16", "model.codebook_size=64",
+                                      "model.code_dim=4", "model.logit_laplace=true", "loss.logit_laplace=0.1",
                                       "loss.adversarial=0.1", "loss.adv_start=0", "train.steps=1"])
     tuner = DecoderFinetuner(cfg, tmp_path / "tok.pt", photos, tmp_path / "detok")
     tuner.resume()
     tuner.run()
-    assert load_image_tokenizer(tmp_path / "detok" / "export.pt").image_size == 32
+    tuned = load_image_tokenizer(tmp_path / "detok" / "export.pt")
+    assert tuned.image_size == 32 and tuned.out_channels == 6
+    frozen = {k: v for k, v in tuned.state_dict().items() if k.split(".")[0] in ENCODER_PARTS}
+    assert "codebook.weight" in frozen and all(torch.equal(v, source.state_dict()[k]) for k, v in frozen.items())
     saved = yaml.safe_load((tmp_path / "detok" / "config.yaml").read_text())["model"]
-    assert (saved["image_size"], saved["patch"], saved["codebook_size"]) == (32, 8, 16)
-    assert any("model.image_size=32 (not 64), model.patch=8 (not 16), model.codebook_size=16 (not 64)" in line
-               for line in log_lines)
+    assert (saved["image_size"], saved["patch"], saved["code_dim"], saved["codebook_size"]) == (32, 8, 8, 16)
+    assert any("model.image_size=32 (not 64), model.patch=8 (not 16), model.code_dim=8 (not 4), "
+               "model.codebook_size=16 (not 64)" in line for line in log_lines)
+
+
+def test_only_a_vit_vqgan_decoder_is_finetuned(tmp_path):
+    """--tokenizer of another kind is refused before the run starts (the fine-tune builds a ViT-VQGAN around its
+    encoder's parameters)."""
+    from common.config import ConfigError
+    from vq.finetune_decoder import DecoderFinetuner
+    from vq.tokenizer import save_image_tokenizer
+    from vq.vqvae import VQVAE
+
+    save_image_tokenizer(VQVAE(image_size=32, patch=8, width=8, code_dim=4, codebook_size=16), tmp_path / "tok.pt")
+    with pytest.raises(ConfigError, match=r"tok\.pt: a vqvae tokenizer; vq\.finetune_decoder fine-tunes the decoder "
+                                          "of a vit_vqgan export"):
+        DecoderFinetuner(load_typed(VQConfig, None, TINY), tmp_path / "tok.pt", "x.tar", tmp_path / "detok")
+    assert not (tmp_path / "detok").exists()
 
 
 def test_a_resume_with_another_model_is_refused_naming_the_shapes_and_leaves_the_run(single_process, photos, tmp_path):
@@ -563,23 +583,34 @@ def test_vqvae_trains_uses_its_codebook_exports_and_pretokenizes(single_process,
 
 
 def test_vqvae_codebook_follows_its_moving_averages_only():
-    """The EMA rule by hand: one training pass with decay 0.5 moves each used code halfway to the mean of its
-    latents (Laplace smoothing aside), leaves unused ones, and the codebook gets no gradient."""
+    """The EMA rule by hand: one training pass with decay 0.75 moves each used code a quarter of the way to the mean
+    of its latents (Laplace smoothing aside), leaves unused ones, and the codebook gets no gradient; the loss's
+    commitment term, beta x mse(z, sg[q]), pulls the encoder."""
+    from torch.nn import functional as F
+
     from vq.vqvae import VQVAE
 
     torch.manual_seed(0)
-    model = VQVAE(image_size=16, patch=4, width=16, code_dim=4, codebook_size=8, ema_decay=0.5, dead_code_steps=10**6)
+    model = VQVAE(image_size=16, patch=4, width=16, code_dim=4, codebook_size=8, ema_decay=0.75, dead_code_steps=10**6)
     images = torch.rand(4, 3, 16, 16) * 2 - 1
-    before = model.codebook.weight.detach().clone()
     z = model.latents(images).detach()
-    codes = model.codes_of(z).flatten()
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    with torch.no_grad():  # 6 codes among the latents, 2 far (at initialisation every latent chose the same code)
+        model.codebook.weight.copy_(torch.cat([flat[:48:8], torch.randn(2, 4)]))
+        model.ema_sum.copy_(model.codebook.weight)
+    before = model.codebook.weight.detach().clone()
+    codes = model.codes_of(z).flatten()
+    assert codes.unique().numel() > 3 and not torch.isin(torch.arange(6, 8), codes).any()
     out, aux = model(images)
+    enc = model.encoder[0].weight
+    g_enc = torch.autograd.grad(aux["vq_loss"], enc, retain_graph=True, allow_unused=True)[0]
+    q = before[codes].view(4, 4, 4, 4).permute(0, 3, 1, 2)  # (the codes before this pass's EMA update)
+    torch.testing.assert_close(g_enc, torch.autograd.grad(0.25 * F.mse_loss(model.latents(images), q), enc)[0])
     (out.square().mean() + aux["vq_loss"]).backward()
     assert model.codebook.weight.grad is None
     counts = torch.bincount(codes, minlength=8).float()
-    ema_count = 0.5 * 1 + 0.5 * counts
-    ema_sum = 0.5 * before + 0.5 * torch.zeros(8, 4).index_add_(0, codes, flat)
+    ema_count = 0.75 * 1 + 0.25 * counts  # (decay 0.75: a swapped decay and 1 - decay differ)
+    ema_sum = 0.75 * before + 0.25 * torch.zeros(8, 4).index_add_(0, codes, flat)
     n = ema_count.sum()
     expected = ema_sum / ((ema_count + 1e-5) / (n + 8 * 1e-5) * n)[:, None]
     torch.testing.assert_close(model.codebook.weight, expected)
@@ -1561,6 +1592,10 @@ def test_a_training_pass_decodes_the_nearest_codes_of_encode(kind):
     elif kind == "vqvae":
         model = VQVAE(image_size=8, patch=4, width=8, code_dim=4, codebook_size=16, beta=0.25)
         z, codebook = model.latents(images).permute(0, 2, 3, 1), model.codebook.weight
+        spread = torch.randn(3, 4, 5, 5)  # (this encoder's latents all share one code: the search on spread ones)
+        by_cdist = torch.cdist(spread.permute(0, 2, 3, 1).reshape(-1, 4).double(), codebook.detach().double())
+        assert by_cdist.argmin(1).unique().numel() > 4
+        assert torch.equal(model.codes_of(spread).flatten(), by_cdist.argmin(1))
         draw, enc = lambda q: model.decoder(q.permute(0, 3, 1, 2)), model.encoder[0].weight
     else:
         model = VQGAN(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=16, resolution=8,
@@ -1613,6 +1648,7 @@ def test_stale_codes_restart_in_the_training_pass_but_not_frozen_ones():
     assert unused.sum() >= 56, model.ema_count  # (not decay x 1 + (1 - decay) x 0: the EMA restarted too)
     torch.testing.assert_close(model.ema_sum[unused], model.codebook.weight[unused])
     assert all(any(torch.allclose(row, lat) for lat in latents) for row in model.codebook.weight[unused])
+    assert model.codebook.weight[unused].unique(dim=0).shape[0] > 1  # (each from a random latent, not one for all)
 
     vit = ViTVQGAN(image_size=8, patch=4, layers=1, width=16, code_dim=4, codebook_size=16, dead_code_steps=1)
     vit.step.fill_(10)
