@@ -1069,6 +1069,7 @@ def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_
     (["model.logit_laplace=true"], r"model\.logit_laplace=true needs loss\.logit_laplace > 0"),
     (["model.width=480"], r"model\.width=480 must be a multiple of the attention heads \(7: width / 64, model\.heads "),
     (["model.width=512", "model.heads=6"], r"model\.width=512 must be a multiple of the attention heads \(6\); set"),
+    (["model.patch=6"], r"model\.patch=6 must divide model\.image_size=32"),  # (was ViTVQGAN's ValueError)
 ])
 def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
     from common.config import ConfigError

@@ -110,6 +110,8 @@ def build_model(cfg: VQConfig):
         return DVAE(image_size=m.image_size, patch=m.patch, n_hid=m.width or 256, code_dim=m.code_dim,
                     codebook_size=m.codebook_size, res_blocks=m.res_blocks, tau_start=m.tau_start, tau_end=m.tau_end,
                     tau_steps=m.tau_steps, kl_weight=m.kl_weight, kl_warmup_steps=m.kl_warmup_steps)
+    require(m.image_size % m.patch == 0, f"model.patch={m.patch} must divide model.image_size={m.image_size} "
+                                          "(the ViT's patches tile the image)")
     layers, width, heads = vit_shape(m)
     return ViTVQGAN(image_size=m.image_size, patch=m.patch, layers=layers, width=width, code_dim=m.code_dim,
                     codebook_size=m.codebook_size, logit_laplace=m.logit_laplace, dead_code_steps=m.dead_code_steps,
