@@ -446,6 +446,22 @@ def test_an_export_with_a_field_missing_or_of_another_kind_is_refused_naming_it(
         load_image_tokenizer(file)
 
 
+def test_the_vit_decoder_takes_its_own_shape_recorded_only_when_set():
+    """dec_layers/dec_width/dec_heads (vq.finetune_decoder's larger decoder) shape the decoder alone, its heads
+    width / 64 when only its width is given (not the encoder's heads); a width its heads do not divide is refused.
+    The config records them only when set: an export saved before they existed keeps its content hash."""
+    from vq.vit_vqgan import ViTVQGAN
+
+    shape = {"image_size": 8, "patch": 4, "layers": 1, "width": 64, "code_dim": 4, "codebook_size": 8, "heads": 4}
+    plain, model = ViTVQGAN(**shape), ViTVQGAN(**shape, dec_layers=2, dec_width=128)
+    assert not {"dec_layers", "dec_width", "dec_heads"} & set(plain.config)
+    assert model.config == {**plain.config, "dec_layers": 2, "dec_width": 128}
+    assert (len(model.encoder), model.encoder[0].heads) == (1, 4)
+    assert (len(model.decoder), model.decoder[0].heads, model.dec_in.out_features) == (2, 2, 128)
+    with pytest.raises(ValueError, match=r"widths 64 \(encoder\) and 96 \(decoder\) must be multiples"):
+        ViTVQGAN(**shape, dec_width=96, dec_heads=5)
+
+
 def test_files_that_are_not_exports_are_named_for_what_they_are(tmp_path):
     """A vq.train checkpoint passed as --vq says so (was: unknown tokenizer kind None); a file that is no torch.save
     archive (a SentencePiece model) is refused without torch's advice to load it with weights_only=False."""
@@ -1656,6 +1672,8 @@ def test_stale_codes_restart_in_the_training_pass_but_not_frozen_ones():
     before = vit.codebook.weight.detach().clone()
     vit(images, frozen_codes=True)
     assert torch.equal(vit.codebook.weight, before) and int(vit.step) == 11 and vit.usage.sum() > 0
+    vit(images)  # (a training pass: the codes the frozen one left stale restart)
+    assert int(vit.step) == 12 and not torch.equal(vit.codebook.weight, before)
 
 
 def test_discriminators_start_and_mix_as_their_papers_say():
