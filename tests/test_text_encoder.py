@@ -787,8 +787,8 @@ def test_the_settings_this_command_does_not_apply_are_named():
 
 def test_text_files_need_a_tokenizer_that_fits_the_vocabulary_and_held_out_files_go_with_them(tmp_path):
     """--text-files without --text-tokenizer, or with one of more ids than model.text_vocab_size (as many is
-    fine), and --valid-text-files on a run reading its data's captions are refused, naming the setting; blank
-    lines are not counted as left out."""
+    fine), --valid-text-files naming a training file, and --valid-text-files on a run reading its data's captions
+    are refused, naming the setting; blank lines are not counted as left out."""
     from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
     from training.captions import caption_source, held_out_captions
     from training.config import ConfigError, load_config
@@ -804,5 +804,11 @@ def test_text_files_need_a_tokenizer_that_fits_the_vocabulary_and_held_out_files
     captions = caption_source(load_config("configs/train/debug.yaml", [f"model.text_vocab_size={size}"]), files, spm)
     assert len(captions) == 2 and captions.left_out == 0
     cfg = load_config("configs/train/debug.yaml", [])
+    # A held-out file that is a training one (by any path) is refused; a missing one is named as held out.
+    again = str(tmp_path / ".." / tmp_path.name / "captions.txt")
+    with pytest.raises(ConfigError, match=rf"--valid-text-files: {tmp_path}/captions\.txt is also in --text-files"):
+        held_out_captions(cfg, captions, [again])
+    with pytest.raises(ConfigError, match=rf"^--valid-text-files {tmp_path}/none\.txt: no such file"):
+        held_out_captions(cfg, captions, [str(tmp_path / "none.txt")])
     with pytest.raises(ConfigError, match="--valid-text-files goes with --text-files"):
         held_out_captions(cfg, caption_source(cfg, None, None), files)

@@ -54,13 +54,15 @@ class CaptionLines:
     tensor per caption was ~1.7 KB on every rank, 15 GiB per rank at 10M captions. Blank lines are left out, and
     so are lines the tokenizer's normalisation empties (zero-width spaces, control characters: an EOS-only row,
     as pre-tokenization's `empty_caption`), counted in `left_out`; only lines without a word character are
-    tokenized for that here (any letter or digit gives a piece, if only the unknown one)."""
+    tokenized for that here (any letter or digit gives a piece, if only the unknown one). Errors name the file
+    and `flag`, the option it was given with."""
 
-    def __init__(self, paths: list[str], tok: TextTokenizer):
+    def __init__(self, paths: list[str], tok: TextTokenizer, flag: str = "--text-files"):
         self.tok, self.files, starts, self.left_out = tok, [], [], 0
+        self.paths = {Path(p).resolve() for p in paths}  # (held_out_captions refuses these as held-out files)
         for path in map(Path, paths):
             if not path.is_file():
-                raise ConfigError(f"--text-files {path}: {'a folder' if path.is_dir() else 'no such file'}; "
+                raise ConfigError(f"{flag} {path}: {'a folder' if path.is_dir() else 'no such file'}; "
                                   "expected a text file of one caption per line")
             offsets, at = array("q"), 0
             with open(path, "rb") as f:
@@ -68,7 +70,7 @@ class CaptionLines:
                     try:
                         text = line.decode("utf-8").strip()
                     except UnicodeDecodeError as e:
-                        raise ConfigError(f"--text-files {path}: line {number} is not UTF-8 ({e.reason})") from None
+                        raise ConfigError(f"{flag} {path}: line {number} is not UTF-8 ({e.reason})") from None
                     if text and (WORD.search(text) or tok.encode(text)[1] > 1):
                         offsets.append(at)
                     else:
@@ -79,7 +81,7 @@ class CaptionLines:
                     self.files.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
                 starts.append(np.frombuffer(offsets, dtype=np.int64))
         if not starts:
-            raise ConfigError(f"--text-files {', '.join(paths)}: no captions (every line is blank or tokenizes to "
+            raise ConfigError(f"{flag} {', '.join(paths)}: no captions (every line is blank or tokenizes to "
                               "no piece)")
         self.bases = np.cumsum([0] + [len(s) for s in starts])
         self.starts = np.concatenate(starts)
@@ -122,7 +124,10 @@ def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None)
     if isinstance(captions, CaptionLines):
         require(bool(valid_text_files), "train.eval_interval with --text-files needs --valid-text-files (held-out "
                                         "captions, one per line, not among the training ones)")
-        held_out = CaptionLines(valid_text_files, captions.tok)
+        shared = sorted({Path(p).resolve() for p in valid_text_files} & captions.paths)
+        require(not shared, f"--valid-text-files: {', '.join(map(str, shared))} is also in --text-files: its "
+                            "captions are trained on, so their loss is not a held-out one")
+        held_out = CaptionLines(valid_text_files, captions.tok, "--valid-text-files")
         require(len(held_out) >= needed, f"--valid-text-files: {len(held_out):,} captions; train.eval_batches global "
                                          f"batches of train.global_batch_size need {needed:,}")
         return held_out
