@@ -271,7 +271,8 @@ def test_caption_lines_are_the_non_blank_lines_of_the_files(tmp_path):
     from training.config import ConfigError
     from training.captions import CaptionLines
 
-    texts = ["a red circle\r\n\n  two green cats  \n\t\n\u3000\nun café bleu\n", "", "a dog\nlast line, no newline"]
+    # (the last line, without a newline, is short enough to be read whole: not cut at its last character)
+    texts = ["a red circle\r\n\n  two green cats  \n\t\n\u3000\nun café bleu\n", "", "last line but one\na dog"]
     for i, text in enumerate(texts):
         (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8", newline="")
     tok = TextTokenizer(train_sentencepiece(["a red circle two green cats un café bleu a dog"] * 50, 40,
@@ -291,7 +292,7 @@ def test_caption_lines_are_the_non_blank_lines_of_the_files(tmp_path):
     (tmp_path / "zw.txt").write_text("\u200b\n!!\na dog\n\u200b\u200b\n", encoding="utf-8")
     assert tok.encode("\u200b")[1] == 1 and tok.encode("!!")[1] > 1
     captions = CaptionLines([str(tmp_path / "zw.txt")], tok)
-    assert len(captions) == 2 and captions.left_out == 2 and torch.equal(captions[1], want[3])
+    assert len(captions) == 2 and captions.left_out == 2 and torch.equal(captions[1], want[4])
     (tmp_path / "zw.txt").write_text("\u200b\n" * 41, encoding="utf-8")
     for path, says in (("zw.txt", "no captions"), (".", "a folder"), ("none.txt", "no such file")):
         with pytest.raises(ConfigError, match=rf"--text-files {tmp_path / path}: {says}"):
@@ -385,6 +386,32 @@ def test_pretraining_on_text_files_and_a_mismatched_encoder_is_refused(pretraine
     with pytest.raises(ConfigError, match="model.init_text_encoder needs model.arch=encoder_decoder"):
         load_config("configs/train/debug.yaml", ["model.preset=dalle-debug",
                                                  f"model.init_text_encoder={pretrained[1]}"]).validate()
+
+
+def test_code_shard_captions_keep_their_text_tokenizer_and_held_out_shards_of_another_are_refused(tmp_path,
+                                                                                                  monkeypatch):
+    """Captions read from code shards carry their manifest's text tokenizer (saved with the encoder, checked by
+    a Parti run's warm start), and held-out shards made with another one are refused: their ids mean other
+    words."""
+    from common.config import ConfigError
+    from data_pipeline import synthetic
+    from training.captions import caption_source, caption_tokenizer, held_out_captions
+    from training.config import load_config
+
+    header = synthetic.RANDOM_SHARDS_HEADER
+    synthetic.write_random_code_shards(tmp_path / "train", 2)
+    monkeypatch.setattr(synthetic, "RANDOM_SHARDS_HEADER",
+                        {**header, "text_tokenizer": {**header["text_tokenizer"], "hash": "another"}})
+    synthetic.write_random_code_shards(tmp_path / "valid", 2)
+    cfg = load_config("configs/train/debug.yaml", [
+        "model.image_grid=2", "model.text_seq_len=4", "model.text_vocab_size=128", "model.image_vocab_size=64",
+        "data.synthetic=false", f"data.shards={tmp_path / 'train'}", f"data.valid_shards={tmp_path / 'valid'}",
+        "train.eval_batches=1", "train.global_batch_size=4", "train.micro_batch_size=2"])
+    captions = caption_source(cfg, None, None)
+    want = header["text_tokenizer"]
+    assert caption_tokenizer(captions) == {"hash": want["hash"], "vocab_size": want["vocab_size"]}
+    with pytest.raises(ConfigError, match=r"data\.valid_shards=.*: made with another text tokenizer"):
+        held_out_captions(cfg, captions, None)
 
 
 def test_a_warm_start_from_an_encoder_of_other_caption_ids_is_refused(single_process, tmp_path):
