@@ -142,6 +142,14 @@ def test_mismatched_checkpoint_names_the_keys(taming_files, tmp_path):
     with pytest.raises(KeyError, match=r"1 missing key\(s\) \['encoder.mid.attn_1.q.weight'\]; "
                                        r"1 unexpected key\(s\) \['encoder.mid.attn_2.q.weight'\]"):
         load_taming_vqgan(tmp_path / "bad.ckpt", config)
+    torch.save({"state_dict": {**taming_files[2], "extra.weight": torch.zeros(1)}}, tmp_path / "extra.ckpt")
+    with pytest.raises(KeyError, match=r"0 missing key\(s\) \[\]; 1 unexpected key\(s\) \['extra.weight'\]"):
+        load_taming_vqgan(tmp_path / "extra.ckpt", config)  # (an extra key alone is refused too)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["params"]["ddconfig"]["double_z"] = True  # (a KL autoencoder's: twice the channels out)
+    (tmp_path / "kl.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"kl\.yaml: only the VQGAN image setting \(double_z false"):
+        load_taming_vqgan(taming_files[0], tmp_path / "kl.yaml")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_llamagen_vq(tmp_path / "missing.pt")
 
