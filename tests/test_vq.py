@@ -1086,6 +1086,8 @@ def test_weight_decay_shrinks_the_weights_of_linear_and_conv_layers_only(single_
     (["model.width=480"], r"model\.width=480 must be a multiple of the attention heads \(7: width / 64, model\.heads "),
     (["model.width=512", "model.heads=6"], r"model\.width=512 must be a multiple of the attention heads \(6\); set"),
     (["model.patch=6"], r"model\.patch=6 must divide model\.image_size=32"),  # (was ViTVQGAN's ValueError)
+    (["model.kind=vqvae", "model.image_size=30"],  # (was VQVAE's ValueError, naming no field)
+     r"model\.patch=8 must be a power of 2 dividing model\.image_size=30 \(the VQ-VAE"),
 ])
 def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
     from common.config import ConfigError

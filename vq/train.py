@@ -85,12 +85,20 @@ def check_logit_laplace(cfg: VQConfig) -> None:
             f"term alone (got {weight})")
 
 
+def check_power_of_2_patch(m, why: str) -> None:
+    """The convolutional kinds' patch: halved to 1 a layer at a time, and tiling the image."""
+    if m.patch < 1 or m.patch & (m.patch - 1) or m.image_size % m.patch:
+        raise ConfigError(f"model.patch={m.patch} must be a power of 2 dividing model.image_size={m.image_size} "
+                          f"({why})")
+
+
 def build_model(cfg: VQConfig):
     m = cfg.model
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind={m.kind!r} must be one of {', '.join(KINDS)}")
     check_logit_laplace(cfg)
     if m.kind == "vqvae":
+        check_power_of_2_patch(m, "the VQ-VAE downsamples by 2 in each strided convolution")
         return VQVAE(image_size=m.image_size, patch=m.patch, width=m.width or 128, code_dim=m.code_dim,
                      codebook_size=m.codebook_size, ema_decay=m.ema_decay, dead_code_steps=m.dead_code_steps,
                      res_blocks=m.res_blocks)
@@ -104,9 +112,7 @@ def build_model(cfg: VQConfig):
         if m.res_blocks < 1:
             raise ConfigError(f"model.res_blocks={m.res_blocks} must be at least 1 (the dVAE's groups are residual "
                               "blocks)")
-        if m.patch < 1 or m.patch & (m.patch - 1) or m.image_size % m.patch:
-            raise ConfigError(f"model.patch={m.patch} must be a power of 2 dividing model.image_size={m.image_size} "
-                              "(the dVAE max-pools by 2 between groups)")
+        check_power_of_2_patch(m, "the dVAE max-pools by 2 between groups")
         return DVAE(image_size=m.image_size, patch=m.patch, n_hid=m.width or 256, code_dim=m.code_dim,
                     codebook_size=m.codebook_size, res_blocks=m.res_blocks, tau_start=m.tau_start, tau_end=m.tau_end,
                     tau_steps=m.tau_steps, kl_weight=m.kl_weight, kl_warmup_steps=m.kl_warmup_steps)
