@@ -1130,6 +1130,7 @@ def test_bad_tokenizer_family_settings_name_the_field(overrides, message):
     ("train.log_interval=0", r"train\.log_interval=0 must be >= 1 \(steps between metric lines\)"),
     ("train.keep_checkpoints=-1", r"train\.keep_checkpoints=-1 must be >= 0 \(checkpoints kept, 0: all\)"),
     ("train.data_workers=-1", r"train\.data_workers=-1 must be >= 0 \(decoding processes"),
+    ("model.patch=6", r"model\.patch=6 must divide model\.image_size=32"),  # (a shape the model's build refuses)
 ])
 def test_values_that_would_train_nonsense_are_refused_before_the_run_directory(single_process, photos, tmp_path,
                                                                               override, message):

@@ -252,10 +252,11 @@ class VQTrainer:
                 f"model.image_size={cfg.model.image_size} (the crops are cut from the resized images; 0: no resize)")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = device
-        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         torch.manual_seed(t.seed)
         self.model = self.build(cfg).to(self.device)
         self.losses = VQGANLoss(cfg.loss, cfg.model.image_size, t.lpips_backbone).to(self.device)
+        # (the run folder is made once the shapes are known good: a refused one leaves none behind)
+        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         ddp = torch.nn.parallel.DistributedDataParallel if self.world > 1 else lambda module: module
         self.ddp = ddp(self.model)
         self.lr_factor = lr_lambda(t)
