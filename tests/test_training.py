@@ -517,7 +517,8 @@ def test_fp32_zero0_clipping_keeps_the_norm_and_scales_only_above_the_limit(sing
         module = torch.nn.Linear(2, 1)
         module.weight.grad, module.bias.grad = torch.tensor([[3.0, 0.0]]), torch.tensor([4.0])  # norm 5
         engine = types.SimpleNamespace(module=module, gradient_clipping=lambda: clip,
-                                       fp16_enabled=lambda: wrapper == "fp16", bfloat16_enabled=lambda: wrapper == "bf16",
+                                       fp16_enabled=lambda: wrapper == "fp16",
+                                       bfloat16_enabled=lambda: wrapper == "bf16",
                                        zero_optimization=lambda: wrapper == "zero", _global_grad_norm=None,
                                        norms_at_step=[])
         engine._take_model_step = lambda *args, **kwargs: engine.norms_at_step.append(engine._global_grad_norm)
