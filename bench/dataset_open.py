@@ -40,6 +40,16 @@ def timed_open(folder: Path) -> tuple[float, int]:
         code_shards.read_json = real
 
 
+def report(times: dict[str, list[float]], reads: dict[str, int], shards: int) -> str:
+    """The table ({way: [seconds of each open]}, {way: files read}; shard_stats.json first) and the ratio of the
+    medians, the slow way's over the fast one's."""
+    fast, slow = (statistics.median(times[k]) for k in times)
+    lines = [f"\n{'open with':<20}{'median s':>10}{'files read':>12}"]
+    lines += [f"{name:<20}{statistics.median(values):>10.3f}{reads[name]:>12}" for name, values in times.items()]
+    lines.append(f"\nratio (every NNNNN.json / shard_stats.json): {slow / fast:.2f}x at {shards} shards")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=20000)
@@ -63,11 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                 seconds.append(took)
                 if aside.exists():
                     aside.rename(stats)
-    fast, slow = (statistics.median(times[k]) for k in times)
-    print(f"\n{'open with':<20}{'median s':>10}{'files read':>12}")
-    for name, values in times.items():
-        print(f"{name:<20}{statistics.median(values):>10.3f}{reads[name]:>12}")
-    print(f"\nratio (every NNNNN.json / shard_stats.json): {slow / fast:.2f}x at {args.shards} shards")
+    print(report(times, reads, args.shards))
 
 
 if __name__ == "__main__":

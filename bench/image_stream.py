@@ -61,6 +61,20 @@ def resume_seconds(pattern: str, size: int, consumed: int, saved: bool) -> float
     return time.perf_counter() - start
 
 
+def report(turns: dict[str, list[float]], size: int, workers: int, images: int) -> str:
+    """The three comparisons from each variant's turns (images/s of inline, ahead and rank; seconds of replay
+    and state): W workers and a rank of 4 over in-process decoding, a replay's seconds over the saved state's."""
+    med = {k: statistics.median(v) for k, v in turns.items()}
+    ratio = {k: ratio_over_turns(turns[k], turns[of]) for k, of in (("ahead", "inline"), ("rank", "inline"),
+                                                                     ("replay", "state"))}
+    return (f"crop stream, {size} px: {med['inline']:.0f} images/s decoded in the training process, "
+            f"{med['ahead']:.0f} with {workers} workers: {ratio['ahead']}\n"
+            f"rank 0 of 4 (in the training process): {med['rank']:.0f} images/s, {ratio['rank']} a single "
+            "process's (it reads all samples but decodes a quarter)\n"
+            f"resume after {images} images: replay {med['replay']:.2f} s, saved state {med['state']:.2f} s: "
+            f"{ratio['replay']} faster (replay grows with the images seen, the state's cost does not)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--workers", type=int, default=2)
@@ -85,15 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             turns["rank"].append(images_per_s(pattern, args.size, 0, args.images, world=4))
             turns["replay"].append(resume_seconds(pattern, args.size, args.images, saved=False))
             turns["state"].append(resume_seconds(pattern, args.size, args.images, saved=True))
-    med = {k: statistics.median(v) for k, v in turns.items()}
-    ratio = {k: ratio_over_turns(turns[k], turns[of]) for k, of in (("ahead", "inline"), ("rank", "inline"),
-                                                                     ("replay", "state"))}
-    print(f"crop stream, {args.size} px: {med['inline']:.0f} images/s decoded in the training process, "
-          f"{med['ahead']:.0f} with {args.workers} workers: {ratio['ahead']}")
-    print(f"rank 0 of 4 (in the training process): {med['rank']:.0f} images/s, {ratio['rank']} a single "
-          "process's (it reads all samples but decodes a quarter)")
-    print(f"resume after {args.images} images: replay {med['replay']:.2f} s, saved state {med['state']:.2f} s: "
-          f"{ratio['replay']} faster (replay grows with the images seen, the state's cost does not)")
+    print(report(turns, args.size, args.workers, args.images))
 
 
 if __name__ == "__main__":

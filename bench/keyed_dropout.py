@@ -111,6 +111,26 @@ def training_step(preset: str, batch: int, device: str, dtype, repeats: int) -> 
     return alternate({name: (lambda m=model: step(m)) for name, model in models.items()}, repeats, device)
 
 
+def site_report(s: dict[str, float], shape: str) -> str:
+    """site()'s medians (seconds) and bytes per element, with each ratio its label names."""
+    return (f"one site {shape}: mask eager {s['mask_eager'] * 1e3:.2f} ms, compiled {s['mask_compiled'] * 1e3:.2f} "
+            f"ms (first call with compilation {s['compile_s']:.1f} s), applying a mask {s['apply'] * 1e3:.2f} ms\n"
+            f"  eager/compiled {s['mask_eager'] / s['mask_compiled']:.3g}x; mask/apply: eager "
+            f"{s['mask_eager'] / s['apply']:.3g}, compiled {s['mask_compiled'] / s['apply']:.3g}\n"
+            f"  bytes moved per element: mask eager {s['bytes_mask_eager']:.0f}, compiled 1, applying "
+            f"{s['bytes_apply']:.0f} (eager/compiled {s['bytes_mask_eager']:.0f}x, eager mask/apply "
+            f"{s['bytes_mask_eager'] / s['bytes_apply']:.0f}x)")
+
+
+def step_report(t: dict[str, float], preset: str, batch: int) -> str:
+    """training_step()'s medians (seconds): each dropout step's cost over the dropout-free one, eager over compiled."""
+    base = t["no_dropout"]
+    return (f"forward+backward of {preset} at batch {batch}: no dropout {base * 1e3:.1f} ms; "
+            f"dropout 0.1 with eager masks {t['eager_mask'] * 1e3:.1f} ms ({t['eager_mask'] / base - 1:+.0%}), "
+            f"with compiled masks {t['compiled_mask'] * 1e3:.1f} ms ({t['compiled_mask'] / base - 1:+.0%})\n"
+            f"  step eager/compiled masks: {t['eager_mask'] / t['compiled_mask']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     gpu = torch.cuda.is_available()
@@ -132,22 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.preset} d={cfg.hidden_size} image tokens={cfg.image_seq_len} batch={args.batch} device={device} "
           f"{dtype} threads={torch.get_num_threads()}")
 
-    s = site(cfg, args.batch, device, dtype, args.repeats)
-    print(f"one site {cfg.image_seq_len}x{args.batch}x{cfg.hidden_size}: mask eager {s['mask_eager'] * 1e3:.2f} ms, "
-          f"compiled {s['mask_compiled'] * 1e3:.2f} ms (first call with compilation {s['compile_s']:.1f} s), "
-          f"applying a mask {s['apply'] * 1e3:.2f} ms")
-    print(f"  eager/compiled {s['mask_eager'] / s['mask_compiled']:.3g}x; mask/apply: eager "
-          f"{s['mask_eager'] / s['apply']:.3g}, compiled {s['mask_compiled'] / s['apply']:.3g}")
-    print(f"  bytes moved per element: mask eager {s['bytes_mask_eager']:.0f}, compiled 1, applying "
-          f"{s['bytes_apply']:.0f} (eager/compiled {s['bytes_mask_eager']:.0f}x, eager mask/apply "
-          f"{s['bytes_mask_eager'] / s['bytes_apply']:.0f}x)")
-
-    t = training_step(step_preset, step_batch, device, dtype, args.repeats)
-    base = t["no_dropout"]
-    print(f"forward+backward of {step_preset} at batch {step_batch}: no dropout {base * 1e3:.1f} ms; "
-          f"dropout 0.1 with eager masks {t['eager_mask'] * 1e3:.1f} ms ({t['eager_mask'] / base - 1:+.0%}), "
-          f"with compiled masks {t['compiled_mask'] * 1e3:.1f} ms ({t['compiled_mask'] / base - 1:+.0%})")
-    print(f"  step eager/compiled masks: {t['eager_mask'] / t['compiled_mask']:.2f}x")
+    shape = f"{cfg.image_seq_len}x{args.batch}x{cfg.hidden_size}"
+    print(site_report(site(cfg, args.batch, device, dtype, args.repeats), shape))
+    print(step_report(training_step(step_preset, step_batch, device, dtype, args.repeats), step_preset, step_batch))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,17 @@ def make_inputs(folder: Path, copies: int) -> list[tuple[str, dict]]:
     return samples
 
 
+def report(turns: dict[str, list[float]]) -> str:
+    """A line per side ({name: [images/s of each turn]}, "VQ encode only" among them): its median images/s and
+    the median over the turns of its rate / the turn's encode-only rate."""
+    lines = []
+    for name, rates in turns.items():
+        of = [r / e for r, e in zip(rates, turns["VQ encode only"], strict=True)]
+        lines.append(f"{name:>32}: {statistics.median(rates):8.1f} images/s   ({statistics.median(of):.2f} of "
+                     "encode-only)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--workers", type=int, default=2)
@@ -88,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             turns["VQ encode only"].append(encode_only())
     print(f"\n{len(samples)} images of ~640x480 -> {args.image_size}px, grid {vq.grid}, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}, {args.repeats} turns (medians)")
-    for name, rates in turns.items():
-        of = [r / e for r, e in zip(rates, turns["VQ encode only"], strict=True)]
-        print(f"{name:>32}: {statistics.median(rates):8.1f} images/s   ({statistics.median(of):.2f} of encode-only)")
+    print(report(turns))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ def rates(model, size: int, repeats: int, device: str, batches: dict[int, int] |
     return out
 
 
+def report(measured: dict[int, list[float]]) -> str:
+    """A line per batch size ({batch: [images/s of each turn]}, 1 and 32 among them), then batch 32's images/s
+    over batch 1's, turn by turn."""
+    lines = [f"  batch {b:>2}: {statistics.median(r):8.2f} images/s (median of {len(r)}; min {min(r):.2f}, "
+             f"max {max(r):.2f})" for b, r in measured.items()]
+    return "\n".join([*lines, f"  batch 32 / batch 1: {ratio_over_turns(measured[32], measured[1])}"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--preset", default="small", choices=list(VIT_VQGAN_PRESETS))
@@ -65,10 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     measured = rates(model, args.image_size, args.repeats, device)
     print(f"ViT-VQGAN {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
           f"{args.image_size}px -> {model.grid}x{model.grid} codes, {device}, threads {torch.get_num_threads()}")
-    for b, r in measured.items():
-        print(f"  batch {b:>2}: {statistics.median(r):8.2f} images/s (median of {len(r)}; min {min(r):.2f}, "
-              f"max {max(r):.2f})")
-    print(f"  batch 32 / batch 1: {ratio_over_turns(measured[32], measured[1])}")
+    print(report(measured))
 
 
 if __name__ == "__main__":

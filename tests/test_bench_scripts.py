@@ -340,6 +340,26 @@ def test_peak_rss_keeps_a_peak_freed_inside_the_block():
     assert peak.peak - before >= size > psutil.Process().memory_info().rss - before
 
 
+def test_vq_encode_rate_counts_every_image_of_every_call(monkeypatch):
+    """0.5 s a call whatever the batch: batch b at c calls a turn is b * c images in 0.5 * c s, 2b images/s."""
+    from bench import vq_encode
+
+    monkeypatch.setattr(vq_encode, "seconds", lambda model, x, calls, device: 0.5 * calls)
+    model = type("Model", (), {"encode": lambda self, x: None})()
+    assert vq_encode.rates(model, 8, repeats=2, device="cpu", batches={1: 4, 32: 1}) == {1: [2.0, 2.0],
+                                                                                         32: [64.0, 64.0]}
+
+
+def test_vq_encode_report_is_batch_32_over_batch_1_turn_by_turn():
+    """Turns' ratios 20, 15 and 24: the median 20, not the ratio of the medians 60 / 4."""
+    from bench.vq_encode import report
+
+    out = report({1: [2.0, 4.0, 5.0], 32: [40.0, 60.0, 120.0]})
+    assert "batch  1:     4.00 images/s (median of 3; min 2.00, max 5.00)" in out, out
+    assert "batch 32:    60.00 images/s (median of 3; min 40.00, max 120.00)" in out, out
+    assert "batch 32 / batch 1: 20.00x (15.00-24.00 over 3 turns)" in out, out
+
+
 def test_pretokenize_copies_are_no_duplicates(tmp_path):
     """pretokenize drops repeated image bytes, so each copy must have bytes of its own (a changed pixel, its first
     way, was lost to JPEG quantisation for 4 of the 17 photos between copies 0 and 1)."""
@@ -351,3 +371,137 @@ def test_pretokenize_copies_are_no_duplicates(tmp_path):
     assert len(samples) == 34 and len({hashlib.sha256(s["jpg"]).digest() for _, s in samples}) == 34
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar", "00001.tar"]
 
+
+def test_pretokenize_report_divides_each_turn_by_its_encode_only_rate():
+    """3 turns: 0 workers 10, 30, 20 images/s, 2 workers 40, 90, 50, encode only 100, 100, 50: their turns' shares
+    of encode-only 0.1, 0.3, 0.4 and 0.4, 0.9, 1.0, medians 0.3 and 0.9 (not 20/100 and 50/100)."""
+    from bench.pretokenize import report
+
+    out = report({"end-to-end, 0 decode workers": [10.0, 30.0, 20.0],
+                  "end-to-end, 2 decode workers": [40.0, 90.0, 50.0], "VQ encode only": [100.0, 100.0, 50.0]})
+    rows = re.findall(r"^\s*(.+): +(\S+) images/s +\((\S+) of encode-only\)$", out, re.MULTILINE)
+    assert rows == [("end-to-end, 0 decode workers", "20.0", "0.30"), ("end-to-end, 2 decode workers", "50.0", "0.90"),
+                    ("VQ encode only", "100.0", "1.00")], out
+
+
+def test_dataset_open_report_is_the_slow_way_over_the_fast_one():
+    from bench.dataset_open import report
+
+    out = report({"shard_stats.json": [0.1, 0.3, 0.2], "every NNNNN.json": [2.0, 0.6, 1.0]},
+                 {"shard_stats.json": 2, "every NNNNN.json": 4}, 3)
+    rows = [line.rsplit(maxsplit=2) for line in out.splitlines() if line.startswith(("shard_stats", "every"))]
+    assert rows == [["shard_stats.json", "0.200", "2"], ["every NNNNN.json", "1.000", "4"]], out
+    assert "ratio (every NNNNN.json / shard_stats.json): 5.00x at 3 shards" in out, out
+
+
+def test_dataset_open_alternates_with_and_without_shard_stats(tmp_path, monkeypatch):
+    """Every turn opens the folder as written, then with shard_stats.json moved aside, and puts it back after; the
+    module's read_json is its own again after each open."""
+    from bench import dataset_open
+    from data_pipeline import code_shards
+
+    had, timed_open, read_json = [], dataset_open.timed_open, code_shards.read_json
+    monkeypatch.setattr(dataset_open, "timed_open", lambda folder: had.append(
+        (folder / code_shards.SHARD_STATS).is_file()) or timed_open(folder))
+    dataset_open.main(["--shards", "2", "--repeats", "2", "--dir", str(tmp_path)])
+    assert had == [True, False, True, False] and code_shards.read_json is read_json
+
+
+def test_image_stream_report_divides_each_variant_by_its_reference():
+    """Turns' ratios: workers / in process 2.5, 1.5, 3; rank of 4 / in process 0.8, 0.5, 1.1; replay / saved state
+    (seconds: the state's speed-up) 3, 4, 2."""
+    from bench.image_stream import report
+
+    out = report({"inline": [10.0, 20.0, 30.0], "ahead": [25.0, 30.0, 90.0], "rank": [8.0, 10.0, 33.0],
+                  "replay": [3.0, 2.0, 4.0], "state": [1.0, 0.5, 2.0]}, size=64, workers=2, images=600)
+    assert ("64 px: 20 images/s decoded in the training process, 30 with 2 workers: 2.50x (1.50-3.00 over 3 turns)"
+            in out), out
+    assert "(in the training process): 10 images/s, 0.80x (0.50-1.10 over 3 turns) a single process's" in out, out
+    assert ("resume after 600 images: replay 3.00 s, saved state 1.00 s: 3.00x (2.00-4.00 over 3 turns) faster"
+            in out), out
+
+
+def test_keyed_dropout_reports_divide_each_measure_by_the_one_named():
+    """Hand-made medians: masks 6 ms eager, 2 ms compiled, applying 4 ms; 228 and 9 bytes per element; steps of
+    200 ms without dropout, 300 ms with eager masks and 250 ms with compiled ones."""
+    from bench.keyed_dropout import site_report, step_report
+
+    out = site_report({"mask_eager": 0.006, "mask_compiled": 0.002, "apply": 0.004, "compile_s": 12.3,
+                       "bytes_mask_eager": 228.0, "bytes_apply": 9.0}, "1024x2x1024")
+    assert ("one site 1024x2x1024: mask eager 6.00 ms, compiled 2.00 ms (first call with compilation 12.3 s), "
+            "applying a mask 4.00 ms") in out, out
+    assert "eager/compiled 3x; mask/apply: eager 1.5, compiled 0.5" in out, out
+    assert "mask eager 228, compiled 1, applying 9 (eager/compiled 228x, eager mask/apply 25x)" in out, out
+    out = step_report({"no_dropout": 0.2, "eager_mask": 0.3, "compiled_mask": 0.25}, "parti-tiny", 8)
+    assert ("forward+backward of parti-tiny at batch 8: no dropout 200.0 ms; dropout 0.1 with eager masks 300.0 ms "
+            "(+50%), with compiled masks 250.0 ms (+25%)") in out, out
+    assert "step eager/compiled masks: 1.20x" in out, out
+
+
+class _ClockedStream:
+    """A crop stream on a fake clock: its first image costs `first` seconds (the shuffle buffer filling), each
+    later one 0.5 s; it records what it was built with."""
+
+    def __init__(self, clock: list[float], first: float, **built):
+        self.clock, self.first, self.built, self.drawn = clock, first, built, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.clock[0] += self.first if self.drawn == 0 else 0.5
+        self.drawn += 1
+        return self.drawn
+
+    def state_dict(self):
+        return {"drawn": self.drawn}
+
+    def close(self):
+        pass
+
+
+def test_image_stream_times_the_steady_state_and_the_restore(monkeypatch):
+    """images/s: `count` images after the first (100 s of buffer filling) at 0.5 s each, 2 images/s; a resume's
+    seconds: restore_stream alone, given the first stream's saved state or (replay) none."""
+    from types import SimpleNamespace
+
+    from bench import image_stream
+
+    clock, streams, restored = [0.0], [], []
+    monkeypatch.setattr(image_stream, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(image_stream, "crop_stream", lambda pattern, size, workers=0, world=1: streams.append(
+        _ClockedStream(clock, 100.0, workers=workers, world=world)) or streams[-1])
+
+    def restore(stream, state, consumed, checkpoint):
+        restored.append((state, consumed))
+        clock[0] += 7.0
+
+    monkeypatch.setattr(image_stream, "restore_stream", restore)
+    assert image_stream.images_per_s("p", 64, workers=2, count=5, world=4) == 2.0
+    assert streams[0].built == {"workers": 2, "world": 4} and streams[0].drawn == 6
+    assert [image_stream.resume_seconds("p", 64, 3, saved=s) for s in (True, False)] == [7.0, 7.0]
+    assert restored == [([{"drawn": 3}], 3), (None, 3)]
+
+
+def test_keyed_dropout_counts_bytes_read_and_written_per_element():
+    """Applying a mask to bf16: where() reads the bool mask (1 byte) and x (2), writes 2; the scale reads 2 and
+    writes 2: 9 bytes per element. An fp32 x * 2 (a scalar: not counted): 4 read + 4 written."""
+    import torch
+
+    from bench.keyed_dropout import bytes_per_element
+    from model_parallel.keyed_dropout import keyed_dropout
+
+    x, keep, y = torch.ones(64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.bool), torch.ones(64)
+    assert bytes_per_element(lambda: keyed_dropout(x, keep, 0.1), 64) == 9
+    assert bytes_per_element(lambda: y * 2, 64) == 8
+
+
+def test_keyed_dropout_alternates_after_one_untimed_call_each(monkeypatch):
+    """Each variant is called once before timing (the compiled one's first call compiles), then in turn; the
+    medians are of the timed calls only."""
+    from bench import keyed_dropout
+
+    calls, seconds = [], iter([5.0, 1.0, 3.0, 2.0, 4.0, 6.0])
+    monkeypatch.setattr(keyed_dropout, "timed", lambda fn, device: fn() or next(seconds))
+    medians = keyed_dropout.alternate({v: (lambda v=v: calls.append(v)) for v in "ab"}, repeats=3, device="cpu")
+    assert calls == list("ab") + list("ab") * 3 and medians == {"a": 4.0, "b": 2.0}
