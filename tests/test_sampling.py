@@ -348,6 +348,75 @@ def test_decoding_benchmark_times_the_modes_in_turns(single_process, monkeypatch
         bench_sample.measure_decoding(debug_model(), batch=1, tokens=2, repeats=0)
 
 
+def test_decoding_bound_reads_the_decoder_weights_and_caches_of_a_step(single_process, monkeypatch):
+    """The bound's bytes in bf16 (2 bytes an element, cache and weights alike): every parameter but the encoder's,
+    the embeddings' and the cross-attention K/V projections' (run once, at the start); the self-attention cache
+    over positions 1..tokens (a step at position i reads i + 1); image tokens/s counts images, not guided rows."""
+    from bench import sample as bench_sample
+
+    model = debug_model().to(torch.bfloat16)
+    cfg, rows, tokens = model.cfg, 4, 3
+    with torch.no_grad():
+        caches, _, _ = model.start_decoding(debug_batch(cfg, batch=rows)[0], static=True)
+    per_position = sum(c.self_k[:, :, :1].numel() * 2 * 2 for c in caches)  # one position's K and V, bf16
+    assert caches[0].self_k.dtype == torch.bfloat16 and caches[0].self_k.shape[0] == rows
+    skipped = ("encoder", "text_embedding", "image_embedding", "encoder_norm")
+    weights = sum(p.numel() * 2 for n, p in model.named_parameters()
+                  if not n.startswith(skipped) and ".cross_attn.fn.kv." not in n)
+    step = bench_sample.decode_step_bytes(model, rows, tokens)
+    assert step["weights"] == weights
+    assert step["kv_cache_mean"] == per_position * (1 + 2 + 3) / tokens
+    monkeypatch.setattr(bench_sample, "copy_bandwidth", lambda device: 1e9)
+    bound = bench_sample.memory_bound(model, batch=2, rows=rows, tokens=tokens)  # (guided: 2 images, 4 rows)
+    assert bound["image_tokens_per_s"] == 2 * 1e9 / step["total"]
+
+
+def test_copy_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
+    """(A decode step only reads; a copy's rate counts both directions, the traffic a device sustains.)"""
+    from types import SimpleNamespace
+
+    from bench import sample as bench_sample
+
+    clock = iter([10.0, 12.0])  # 2 s for the timed copies
+    monkeypatch.setattr(bench_sample, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert bench_sample.copy_bandwidth(torch.device("cpu"), nbytes=1000, repeats=3) == 2 * 1000 * 3 / 2.0
+
+
+def test_decoding_rates_relate_to_the_bound_and_full_recomputation():
+    """of_bound is rate / bound (at most 1 when the bound holds); vs_full_recomputation rate / full's, unless
+    measure_decoding took it from its turns; the bound itself gets neither."""
+    from bench.sample import relate_rates
+
+    out = {"bound": {"image_tokens_per_s": 200.0}, "full_recomputation": {"image_tokens_per_s": 10.0},
+           "kv_cache": {"image_tokens_per_s": 50.0}, "cuda_graph": {"image_tokens_per_s": 100.0,
+                                                                     "vs_full_recomputation": 7.0}}
+    relate_rates(out)
+    assert out["full_recomputation"] == {"image_tokens_per_s": 10.0, "of_bound": 0.05, "vs_full_recomputation": 1.0}
+    assert out["kv_cache"] == {"image_tokens_per_s": 50.0, "of_bound": 0.25, "vs_full_recomputation": 5.0}
+    assert out["cuda_graph"]["of_bound"] == 0.5 and out["cuda_graph"]["vs_full_recomputation"] == 7.0
+    assert out["bound"] == {"image_tokens_per_s": 200.0}
+
+
+def test_decoding_benchmark_clamps_its_tokens_and_counts_guided_rows(single_process, monkeypatch):
+    """More tokens than the image has time the whole image (full recomputation at most as many); guidance doubles
+    the rows decoded, not the images; ms per step is a step's (all rows), the capture the warm-up's setup."""
+    from bench import sample as bench_sample
+
+    calls = []
+    monkeypatch.setattr(bench_sample, "_timed_sample", lambda model, text, cfg, n, seed, per_image, **kw: calls.append(
+        n) or {"decode_s": 2.0, "setup_s": 5.0 if len(calls) == 1 else 0.5})
+    model = debug_model()
+    image = model.cfg.image_seq_len
+    result = bench_sample.measure_decoding(model, batch=3, tokens=10 * image, modes=("full_recomputation",),
+                                           reference_tokens=20 * image, warmup_tokens=2, guidance_scale=2.0)
+    assert calls == [2, image] and result["tokens"] == image and result["rows"] == 6
+    assert result["full_recomputation"]["ms_per_step"] == 1e3 * 2.0 / image
+    assert result["full_recomputation"]["image_tokens_per_s"] == 3 * image / 2.0
+    kept = bench_sample._mode_result([{"decode_s": 9.0, "setup_s": 5.0}, {"decode_s": 1.0, "setup_s": 0.5}], 3, 4,
+                                     kept_step=True)
+    assert kept["capture_setup_s"] == 5.0 and kept["setup_s"] == 0.5
+
+
 def test_guidance_scale_one_equals_unguided(single_process, monkeypatch):
     """Scale 1 is the conditional logits: sampled as unguided (the doubled batch only cost twice as much and
     differed from them by rounding)."""
