@@ -72,12 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"preset={args.preset} d={m.hidden_size} layers={m.encoder_layers}+{m.decoder_layers} "
           f"text={m.text_seq_len} image={m.image_seq_len} batch={args.batch} device={device} "
           f"threads={torch.get_num_threads()}")
-    for k, v in times.items():
-        print(f"{k:>10}: median {statistics.median(v) * 1e3:8.1f} ms  (min {min(v) * 1e3:.1f}, max {max(v) * 1e3:.1f})")
+    print(report(times))
+
+
+def report(times: dict[str, list[float]]) -> str:
+    """Each side's step times (seconds, one a turn) in ms, and their ratio model / reference against TARGET."""
+    lines = [f"{k:>10}: median {statistics.median(v) * 1e3:8.1f} ms  (min {min(v) * 1e3:.1f}, max {max(v) * 1e3:.1f})"
+             for k, v in times.items()]
     ratios = [a / b for a, b in zip(times["model"], times["reference"], strict=True)]
     # (3 digits: a ratio of 1.154 printed as 1.15 beside "target <= 1.15: NOT met" would read as a contradiction)
-    print(f"ratio model/reference: {ratio_over_turns(times['model'], times['reference'], digits=3)}  "
-          f"(target <= {TARGET}: {verdict(ratios)})")
+    lines.append(f"ratio model/reference: {ratio_over_turns(times['model'], times['reference'], digits=3)}  "
+                 f"(target <= {TARGET}: {verdict(ratios)})")
+    return "\n".join(lines)
 
 
 def verdict(ratios: list[float]) -> str:

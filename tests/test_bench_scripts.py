@@ -125,6 +125,19 @@ def test_model_step_smoke(single_process, capsys):
         "NOT met at the median, not in every turn: rerun with more --repeats"]
 
 
+def test_model_step_report_times_the_model_against_the_reference():
+    """Three turns of model / reference 2/1, 3/2 and 2.2/2 ms (ratios 2, 1.5, 1.1): their median 1.5 and range
+    1.1-2, the target missed at the median though met in one turn; each side's median and range in ms."""
+    from bench.model_step import report
+
+    out = report({"model": [0.002, 0.003, 0.0022], "reference": [0.001, 0.002, 0.002]})
+    assert out.splitlines() == [
+        "     model: median      2.2 ms  (min 2.0, max 3.0)",
+        " reference: median      2.0 ms  (min 1.0, max 2.0)",
+        ("ratio model/reference: 1.500x (1.100-2.000 over 3 turns)  (target <= 1.15: NOT met at the median, not in "
+         "every turn: rerun with more --repeats)")]
+
+
 def _on_pool_rank(fn, *args):
     """A bench script's spawned worker body, run on a rank of the session's pool: its environment, thread count
     and log level (which the worker sets for its own fresh process) restored after."""
