@@ -225,6 +225,8 @@ def test_train_throughput_smoke(pool2):
     """Its worker's measurements on the pool's 2 ranks (main() spawns them: its options are checked above): every
     stage and the matmul timed once a turn, and the tables rank 0 prints."""
     from bench import train_throughput
+    from training.config import load_config
+    from training.flops import train_flops_per_sample
 
     results = pool2.run(_on_pool_rank, train_throughput_rank, "parti-tiny", 1, 2)[0]
     assert [len(results["samples_per_s"][zero]) for zero in (0, 1, 2, 3)] + [len(results["matmul"])] == [2] * 5
@@ -243,6 +245,63 @@ def test_train_throughput_smoke(pool2):
         assert moments > 0 and total > 0, out
         assert master == 0 if zero == 0 else master > 0, out  # fp32 ZeRO-0 keeps no master copy
         assert of_moments == pytest.approx(1 if zero == 0 else 0.5, abs=0.01), out  # ZeRO 1-3: Adam's moments / DP
+    per_sample = train_flops_per_sample(load_config(None, ["model.preset=parti-tiny"]).model)
+    for zero in (0, 1, 2, 3):  # the global samples/s, each process doing 1/DP of their FLOPs
+        assert results["flops_per_proc"][zero] == pytest.approx([per_sample * s / 2
+                                                                  for s in results["samples_per_s"][zero]])
+
+
+def test_train_throughput_report_divides_each_measure_by_its_reference():
+    """Two turns of ZeRO-0 and ZeRO-3 (hand-made): TFLOP/s per process against the matmul's in the same turn,
+    samples/s against ZeRO-0's, optimizer bytes (moments + master copies) and the moments alone against ZeRO-0's
+    (its master copies made up here, 0 in the fp32 runs, so that the two columns differ)."""
+    from bench.train_throughput import report
+
+    mb = 2**20
+    out = report("parti-tiny", 2, {"samples_per_s": {0: [10.0, 20.0], 3: [5.0, 30.0]},
+                                   "flops_per_proc": {0: [2e12, 4e12], 3: [1e12, 6e12]}, "matmul": [4e12, 8e12],
+                                   "opt_bytes": {0: (4 * mb, 4 * mb), 3: (2 * mb, 1 * mb)}}).splitlines()
+    assert "measured matmul: 6.0000 TFLOP/s per process (median turn)" in out
+    rows = [line.split() for line in out if line.split()[:1] in (["0"], ["3"])]
+    turns = ["over", "2", "turns)"]
+    assert rows == [["0", "15.0", "3.0000", "0.500x", "(0.500-0.500", *turns, "1.00x", "(1.00-1.00", *turns],
+                    ["3", "17.5", "3.5000", "0.500x", "(0.250-0.750", *turns, "1.00x", "(0.50-1.50", *turns],
+                    ["0", "4.00", "4.00", "1.000", "1.000"], ["3", "2.00", "1.00", "0.375", "0.500"]]
+
+
+def test_train_throughput_stepper_counts_every_step_and_reads_new_batches(monkeypatch):
+    """samples/s over `steps` steps (on a clock only train_step advances, 2 s a step), the batches read before
+    the clock starts, each call's from where the last one stopped."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import training.engine
+    import training.trainer
+    from bench import train_throughput
+
+    clock, reads, stepped = [0.0], [], []
+    monkeypatch.setattr(train_throughput, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(training.trainer, "rank_micro_batches", lambda cfg, dataset, sampler, consumed, rank, size: (
+        reads.append((consumed, rank, size)) or [consumed]))
+    monkeypatch.setattr(training.engine, "train_step", lambda engine, cfg, batches, device: (
+        stepped.append((batches, len(reads))), clock.__setitem__(0, clock[0] + 2.0)))
+    step = train_throughput.stepper(SimpleNamespace(cfg=None, dataset=None, sampler=None, dp_rank=1, dp_size=2,
+                                                    engine=None, device="cpu"))
+    assert step(3) == 16 * 3 / 6.0 and step(2) == 16 * 2 / 4.0
+    assert reads == [(0, 1, 2), (16, 1, 2), (32, 1, 2), (48, 1, 2), (64, 1, 2)]
+    assert stepped == [([0], 3), ([16], 3), ([32], 3), ([48], 5), ([64], 5)]
+
+
+def test_train_throughput_matmul_counts_two_flops_a_multiply_add(monkeypatch):
+    from types import SimpleNamespace
+
+    from bench import train_throughput
+
+    clock = iter([10.0, 10.5])  # the timed repeats take 0.5 s
+    monkeypatch.setattr(train_throughput, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert train_throughput.matmul_flops("cpu", n=4, repeats=2) == 2 * 4**3 * 2 / 0.5
 
 
 def test_train_throughput_rotates_the_order_of_its_sides():
