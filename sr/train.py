@@ -87,7 +87,6 @@ class SRTrainer:
         self.cfg, self.run_dir, self.val_data = cfg, Path(run_dir), val_data
         self.device = device
         self.tokenizer = self.load_tokenizer(t) if t.tokenizer else None
-        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         torch.manual_seed(t.seed)
         self.model = build_wdsr(cfg.model).to(self.device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
@@ -102,6 +101,8 @@ class SRTrainer:
             self.val_images = center_crops(val_data, side, 16, min_size=side) if val_data else None
         except ValueError as e:
             raise ConfigError(f"--val-data {val_data}: {e}") from None
+        # (the run folder is made once the inputs are known good: a refused one leaves none behind)
+        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         self.stream = CropStream(data, whole, t.resize, self.rank, self.world, t.seed, t.data_workers, min_size=side)
 
     def load_tokenizer(self, t):

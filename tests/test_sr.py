@@ -377,6 +377,7 @@ def test_images_smaller_than_the_high_resolution_side_are_skipped_not_enlarged(s
 
         SRTrainer(load_typed(SRConfig, None, TINY), str(tmp_path / "mixed.tar"), tmp_path / "run",
                   str(tmp_path / "small.tar"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_crop_corners_reach_every_place_and_differ_per_rank_and_step():
