@@ -256,8 +256,15 @@ def one_tensor_index(**storage_info):
     (lambda: pickle.dumps(torch.float32), r"holds dtype without its tensor entries"),
     (lambda: pickle.dumps(dataclasses.replace(one_tensor_index(), storage_data=None)), r"holds Metadata without"),
     (lambda: pickle.dumps(one_tensor_index(offset=-8)), r"the storage record of w is .*offset=-8"),
-    (lambda: pickle.dumps(one_tensor_index(length="8")), r"the storage record of w is .*length='8'")],
-    ids=["empty", "cut-short", "a-dtype", "no-storage-records", "negative-offset", "length-text"])
+    (lambda: pickle.dumps(one_tensor_index(length="8")), r"the storage record of w is .*length='8'"),
+    (lambda: pickle.dumps(one_tensor_index(relative_path="../__0_0.distcp")),
+     r"the storage record of w is .*'\.\./__0_0\.distcp'.*not a file name in"),
+    (lambda: pickle.dumps(dataclasses.replace(one_tensor_index(), storage_data={})),
+     r"the block of w at offsets \[0\] has no storage record"),
+    (lambda: pickle.dumps(dataclasses.replace(one_tensor_index(), state_dict_metadata={}, storage_data={})),
+     r"indexes no tensors")],
+    ids=["empty", "cut-short", "a-dtype", "no-storage-records", "negative-offset", "length-text", "path-outside",
+         "block-unstored", "no-tensors"])
 def test_an_index_cut_short_or_of_other_contents_is_refused_naming_it(tmp_path, index, message):
     """verify() on a .metadata empty or cut short (a full disk), or one that unpickles safely to something other than an
     index of records (a crafted one): one CheckpointError naming it (was: an AttributeError, a TypeError, or an

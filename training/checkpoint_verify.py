@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from common.checkpoints import CheckpointError, one_line
 
@@ -115,13 +115,16 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{path / '.metadata'}: {others[0]} is indexed as {type(entries[others[0]]).__name__}, "
                               "not a tensor, and loading it would unpickle it unrestricted; the trainers' "
                               "checkpoints hold tensors only: refusing to load it")
+    _check_every_chunk_stored(path, entries, storage)
     files: dict[str, list[tuple[int, int, bool]]] = {}
     for where, info in storage.items():
         record = [getattr(info, name, None) for name in ("relative_path", "offset", "length")]
-        if not (isinstance(record[0], str) and all(type(n) is int and n >= 0 for n in record[1:])):
+        # (a name such as ../x or /x: reading it, here and in the load, would reach outside the checkpoint)
+        in_folder = isinstance(record[0], str) and Path(record[0]).name == record[0] not in ("", ".", "..")
+        if not (in_folder and all(type(n) is int and n >= 0 for n in record[1:])):
             # (else a TypeError from the sizes, or an OSError from reading at a negative offset)
             raise CheckpointError(f"{path / '.metadata'}: the storage record of {getattr(where, 'fqn', where)} is "
-                                  f"{str(info)[:200]}, not a file name with a byte offset and length")
+                                  f"{str(info)[:200]}, not a file name in the folder with a byte offset and length")
         tensor = isinstance(entries.get(getattr(where, "fqn", None)), TensorStorageMetadata)
         plain = tensor and not getattr(info, "transform_descriptors", None)
         files.setdefault(info.relative_path, []).append((info.offset, info.length, plain))
@@ -134,6 +137,19 @@ def verify(path: Path) -> None:
     for file in sorted(path.glob("rng_rank*.pt")):
         load_rng_file(file)
     _check_megatron_files(path)
+
+
+def _check_every_chunk_stored(path: Path, entries: dict, storage: dict) -> None:
+    """Refuse an index that lists no tensors, or a tensor block (chunk) with no storage record: the load would
+    fail on it with a bare KeyError (or, with no tensors, load nothing) after the job's start-up."""
+    if not entries:
+        raise CheckpointError(f"{path / '.metadata'}: indexes no tensors; a checkpoint's index lists the model's "
+                              "and the optimizer's")
+    for fqn, entry in entries.items():
+        for chunk in entry.chunks:
+            if MetadataIndex(fqn, chunk.offsets) not in storage:
+                raise CheckpointError(f"{path / '.metadata'}: the block of {fqn} at offsets {list(chunk.offsets)} "
+                                      "has no storage record (no file holds its bytes)")
 
 
 def _check_megatron_files(path: Path) -> None:
