@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.scale_slice import PeakRSS  # noqa: E402
+from bench.scale_slice import PeakRSS, pin_mmap_threshold  # noqa: E402
 from common.cli import require_at_least  # noqa: E402
 from model_parallel.state import free_port  # noqa: E402
 
@@ -90,6 +90,7 @@ def worker(rank: int, world: int, port: int, args, root: str, out: dict) -> None
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    pin_mmap_threshold()  # (freed tensors go back to the system: the resident memory measured follows them)
     import torch.distributed as dist
 
     from training import checkpoint, engine
@@ -176,7 +177,6 @@ def main(argv: list[str] | None = None) -> None:
                         "as many each the first after forking an idle child, in turns")
     args = parser.parse_args(argv)
     require_at_least(parser, args, ("dp", "steps_during"))
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the system (bench/scale_slice.py)
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         results = measure(args, root)
     print(report(args, results))

@@ -13,13 +13,14 @@ TP size on that many gloo processes (fresh processes for every measurement). Pri
   every millisecond while it runs) during the forward pass against the planner's activations for the same
   slice (training/plan.py `activation_bytes` + `recomputed_layer_bytes`, the head's logits and loss
   included), and over forward + backward against activations + gradients, as ratios.
-Resident memory is what the CPU allocator holds: MALLOC_MMAP_THRESHOLD_ is pinned so that large tensors are
-returned to the system when freed (glibc otherwise raises the threshold and keeps freed blocks). bf16 where
+Resident memory is what the CPU allocator holds: each measuring process pins glibc's mmap threshold so that
+large tensors are returned to the system when freed (glibc otherwise raises the threshold and keeps freed blocks). bf16 where
 the CPU has bf16 matrix products (else fp32, said in the output). Minutes at parti-20b width on 2 cores.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import threading
@@ -39,6 +40,23 @@ from model_parallel.config import model_config  # noqa: E402
 from model_parallel.model import PartiModel  # noqa: E402
 from model_parallel.state import free_port, init_parallel, tensor_parallel_group  # noqa: E402
 from training.plan import activation_bytes, recomputed_layer_bytes  # noqa: E402
+
+
+M_MMAP_THRESHOLD = -3  # (glibc's malloc.h)
+
+
+def pin_mmap_threshold(threshold: int = 64 << 10) -> None:
+    """From here on, glibc maps tensors of `threshold` bytes or more and returns them to the system when freed (by
+    default it raises the threshold as a process frees large blocks, and keeps them), and the free memory its
+    heap holds is released now: resident memory then follows the live tensors, also in a process that allocated
+    before (the tests' worker pool), as in a fresh one. Set in the process itself (an environment variable only
+    reaches processes started after it). Nothing without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    libc.malloc_trim(0)
 
 
 class PeakRSS:
@@ -72,6 +90,7 @@ def worker(rank: int, tp: int, port: int, args, recompute: str, out: dict) -> No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // tp))
+    pin_mmap_threshold()
     init_parallel(tp, 1)
     cfg = slice_config(args)
     process = psutil.Process()
@@ -132,7 +151,6 @@ def main(argv: list[str] | None = None) -> None:
                          f"({cfg.ffn_hidden_size})")
     bf16_matmul = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     args.dtype = torch.bfloat16 if args.precision == "bf16" and bf16_matmul else torch.float32
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks (see the module doc)
     print(f"{args.preset} slice: {cfg.encoder_layers} encoder + {cfg.decoder_layers} decoder layers, "
           f"d {cfg.hidden_size}, MLP {cfg.ffn_hidden_size}, {cfg.num_heads} heads, micro-batch 1, "
           f"{cfg.text_seq_len} + {cfg.image_seq_len} tokens, {str(args.dtype).removeprefix('torch.')}"
