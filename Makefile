@@ -22,8 +22,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m demo --set out=runs/demo
 
+# Two pytest-xdist workers (the tests set one thread a process): each test file runs whole on one worker, in the
+# order tests/conftest.py gives (the files that take minutes first). TEST_WORKERS=0: one process, in file order.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/model_step.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,23 @@ def debug_batch(cfg, batch: int = 3, seed: int = 0):
         text[i, max(1, cfg.text_seq_len - 3 * i - 1):] = cfg.text_pad_id
     codes = torch.randint(0, cfg.image_vocab_size, (batch, cfg.image_seq_len), generator=g)
     return text, codes
+
+
+# The files that take minutes, longest first (seconds on 2 busy cores: the demo ~400, the CPU GPU check ~200, the
+# SLURM cluster ~300 over its tests).
+SLOW_FILES = ("test_end_to_end.py", "test_slurm.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: --dist loadfile --no-loadscope-reorder) each file goes whole to the next
+    free worker in the order collected: the SLOW_FILES first, then the others by their number of tests (xdist's own
+    order), so that no long file is the last one running while the other worker idles (longest first, as in
+    scheduling). Without xdist the order is left as it is."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    tests_in = Counter(item.path for item in items)
+    slow = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: (slow.get(item.path.name, len(slow)), -tests_in[item.path]))  # (stable: files whole)
 
 
 _SINGLE_PROCESS = {"on": False}
