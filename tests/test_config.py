@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -636,3 +638,92 @@ def test_an_error_line_names_the_rank_that_prints_it_beside_rank_0(monkeypatch):
     with pytest.raises(SystemExit) as exit_, command(errors=(FileNotFoundError,), label="vq.train"):
         raise FileNotFoundError("photos/: no such folder")
     assert exit_.value.code == "rank 1: vq.train: photos/: no such folder"
+
+
+
+DOCS = ("README.md", "slurm/README.md", "bench/README.md")
+
+
+def _doc_code(path: str) -> list[str]:
+    """The code of a Markdown file, a command a string: fenced and indented lines (a trailing backslash joins
+    the next) and inline spans (which may wrap over lines), with tables' escaped pipes unescaped."""
+    text = re.sub(r"\\\n\s*", " ", Path(path).read_text()).replace("\\|", "|")
+    fenced = re.findall(r"^```\w*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    text = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+    lines = [line for block in fenced for line in block.splitlines()] + re.findall(r"^    (\S.*)$", text, re.MULTILINE)
+    return lines + [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text)]
+
+
+def _overrides(command: str) -> list[str]:
+    """The KEY=VALUE words after each --set (optional parts' brackets dropped; placeholders and `...` skipped)."""
+    try:
+        words = shlex.split(command.replace("[", " ").replace("]", " "))
+    except ValueError:  # (an apostrophe in prose)
+        words = command.split()
+    found, taking = [], False
+    for word in words:
+        taking = word == "--set" or (taking and not word.startswith("-"))
+        if taking and re.match(r"\w+(\.\w+)*=", word) and word.lower() not in ("key=value", "section.key=value"):
+            found.append(word)
+    return found
+
+
+def _has_key(config, dotted: str) -> bool:
+    for name in dotted.split("."):
+        if not (dataclasses.is_dataclass(config) and name in {f.name for f in dataclasses.fields(config)}):
+            return False
+        config = getattr(config, name)
+    return True
+
+
+def test_the_docs_commands_name_real_config_keys_and_files():
+    """What a user copies from the READMEs works: every config file their commands name loads, with every `--set`
+    override of the command (by the loader of its configs/<kind>/ file, or the demo's; a bare `--set ...` hint by
+    any), every key named in the prose (`train.async_save`) is a field of one of the configs, and every configs/,
+    bench/, slurm/ and tests/ file named exists. A renamed key or file, or a value of the wrong type, fails here."""
+    from common.config import load_typed
+    from demo.run import DemoConfig
+    from evaluation.config import EvalConfig
+    from sr.config import SRConfig
+    from training.config import Config
+    from vq.config import VQConfig
+
+    def typed(cls):
+        return lambda path, sets: load_typed(cls, path, sets)
+
+    loaders = {"train": lambda path, sets: load_config(path, sets).validate(), "demo": typed(DemoConfig),
+               "vq": typed(VQConfig), "sr": typed(SRConfig), "eval": typed(EvalConfig),
+               "model": lambda path, sets: load_config(None, [f"model.preset={Path(path).stem}", *sets]).validate()}
+    configs = [Config(), VQConfig(), SRConfig(), EvalConfig()]
+    sections = {f.name for c in configs for f in dataclasses.fields(c)}
+    loaded, keys, failures = set(), 0, []
+    for doc in DOCS:
+        for code in _doc_code(doc):
+            for name in re.findall(r"(?<![\w/.])((?:configs|bench|slurm|tests)/[\w./{},-]+\.(?:yaml|py|sbatch|sh))", code):
+                head, braces, tail = re.fullmatch(r"([^{]*)(?:\{([^}]*)\})?(.*)", name).groups()
+                for each in braces.split(",") if braces else [""]:
+                    if not Path(head + each + tail).is_file():
+                        failures.append(f"{doc}: `{code}` names {head + each + tail}, which is not a file")
+            key = re.match(r"(\w+)\.[\w.]*\w(?=[ =:]|$)", code)
+            if key and key[1] in sections and Path(key[0]).suffix not in (".sbatch", ".py"):  # (not train.sbatch)
+                keys += 1
+                if not any(_has_key(c, key[0]) for c in configs):
+                    failures.append(f"{doc}: `{code}`: {key[0]} is not a config key")
+            sets = _overrides(code)
+            path, kind = next(iter(re.findall(r"(?<![\w/.])(configs/(\w+)/[\w.-]+\.yaml)\b", code)), (None, None))
+            if not (sets or path):
+                continue
+            kinds = (["demo"] if re.search(r"-m demo\b", code) else [kind] if path
+                     else [k for k in loaders if k != "model"])  # (a model preset is named by its file)
+            errors = []
+            for kind in kinds:
+                try:
+                    loaders[kind](path, sets)
+                    loaded.add(kind)
+                    break
+                except ConfigError as e:
+                    errors.append(f"{kind}: {e}")
+            else:
+                failures.append(f"{doc}: `{code}`: {'; '.join(errors)}")
+    assert not failures, "\n".join(failures)
+    assert loaded == set(loaders) and keys > 0, (loaded, keys)  # (the extraction found what it checks)
