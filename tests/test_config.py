@@ -640,7 +640,6 @@ def test_an_error_line_names_the_rank_that_prints_it_beside_rank_0(monkeypatch):
     assert exit_.value.code == "rank 1: vq.train: photos/: no such folder"
 
 
-
 DOCS = ("README.md", "slurm/README.md", "bench/README.md")
 
 
