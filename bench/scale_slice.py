@@ -14,8 +14,9 @@ TP size on that many gloo processes (fresh processes for every measurement). Pri
   slice (training/plan.py `activation_bytes` + `recomputed_layer_bytes`, the head's logits and loss
   included), and over forward + backward against activations + gradients, as ratios.
 Resident memory is what the CPU allocator holds: each measuring process pins glibc's mmap threshold so that
-large tensors are returned to the system when freed (glibc otherwise raises the threshold and keeps freed blocks). bf16 where
-the CPU has bf16 matrix products (else fp32, said in the output). Minutes at parti-20b width on 2 cores.
+large tensors are returned to the system when freed (glibc otherwise raises the threshold and keeps freed
+blocks). bf16 where the CPU has bf16 matrix products (else fp32, said in the output). Minutes at parti-20b width
+on 2 cores.
 """
 from __future__ import annotations
 

@@ -698,7 +698,8 @@ def test_the_docs_commands_name_real_config_keys_and_files():
     loaded, keys, failures = set(), 0, []
     for doc in DOCS:
         for code in _doc_code(doc):
-            for name in re.findall(r"(?<![\w/.])((?:configs|bench|slurm|tests)/[\w./{},-]+\.(?:yaml|py|sbatch|sh))", code):
+            named = r"(?<![\w/.])((?:configs|bench|slurm|tests)/[\w./{},-]+\.(?:yaml|py|sbatch|sh))"
+            for name in re.findall(named, code):
                 head, braces, tail = re.fullmatch(r"([^{]*)(?:\{([^}]*)\})?(.*)", name).groups()
                 for each in braces.split(",") if braces else [""]:
                     if not Path(head + each + tail).is_file():
