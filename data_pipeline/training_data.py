@@ -46,6 +46,10 @@ class DataConfig:
     def validate(self) -> DataConfig:
         require(self.workers >= 0, f"data.workers={self.workers} must be >= 0 (0: read in the training process)")
         require(self.read_ahead_steps >= 1, f"data.read_ahead_steps={self.read_ahead_steps} must be >= 1")
+        # (synthetic is the default: a config that names its shards but not synthetic: false trained on random codes)
+        require(not (self.synthetic and self.shards), f"data.shards={self.shards!r} with data.synthetic=true: the run "
+                "would train on generated samples and never read the shards; set data.synthetic=false to train on "
+                "them (or drop data.shards)")
         return self
 
 

@@ -79,6 +79,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.eval_batches=0"], "train.eval_batches=0 must be >= 1"),
     (["train.weight_decay=-0.1"], "train.weight_decay=-0.1 must be >= 0"),
     (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be >= 0"),
+    # (synthetic is the default: shards named without data.synthetic=false were never read)
+    (["data.shards=codes/"], "data.shards='codes/' with data.synthetic=true: the run would train on generated"),
 ])
 def test_validation_names_field_and_rule(overrides, message):
     cfg = load_config(None, ["model.preset=parti-debug", *overrides])
@@ -641,6 +643,7 @@ def test_an_error_line_names_the_rank_that_prints_it_beside_rank_0(monkeypatch):
 
 
 DOCS = ("README.md", "slurm/README.md", "bench/README.md")
+PRESET = "configs/train/parti-350m.yaml"
 
 
 def _doc_code(path: str) -> list[str]:
@@ -717,8 +720,8 @@ def test_the_docs_commands_name_real_config_keys_and_files():
                      else [k for k in loaders if k != "model"])  # (a model preset is named by its file)
             errors = []
             for kind in kinds:
-                try:
-                    loaders[kind](path, sets)
+                try:  # (a bare hint follows a training preset's command: one of shards, data.synthetic=false)
+                    loaders[kind](path or (PRESET if kind == "train" else None), sets)
                     loaded.add(kind)
                     break
                 except ConfigError as e:
