@@ -65,7 +65,8 @@ KERNEL_KINDS = (("communication", ("nccl",)),
                 # "..._to_copy_amax..." among them: not the copies this profile looks for)
                 ("optimizer_and_foreach", ("multi_tensor", "adam", "foreach")),
                 ("copy", ("memcpy", "memset", "copy")),
-                ("norm", ("layer_norm", "layernorm", "rms_norm")),
+                ("norm", ("layer_norm", "layernorm", "rms_norm", "gammabeta")),  # (torch's LayerNorm backward
+                # computes its weight and bias gradients in GammaBetaBackwardCUDAKernel*, a name without "layer_norm")
                 ("loss_softmax", ("softmax", "nll_loss", "cross_entropy", "logsoftmax")),
                 ("reduction", ("reduce_kernel",)))  # (bias gradients; megatron's vocab-parallel loss: max, sum)
 
