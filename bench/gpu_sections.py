@@ -86,7 +86,8 @@ def _kernel_names(fn) -> list[str]:
 
 def _attention_kind(names: list[str]) -> str:
     lowered = " ".join(names).lower()
-    if "cudnn" in lowered and ("sdpa" in lowered or "fmha" in lowered or "attn" in lowered):
+    # (a name at a time: another cuDNN kernel beside the memory-efficient fmha one is no cuDNN attention)
+    if any("cudnn" in n and any(s in n for s in ("sdpa", "fmha", "attn")) for n in map(str.lower, names)):
         return "cudnn flash" if "flash" in lowered else "cudnn"
     if "flash" in lowered:
         return "flash"

@@ -777,6 +777,7 @@ def test_the_attention_kind_is_read_from_the_kernel_names():
     assert mem_eff.startswith("fmha_cutlassF") and _attention_kind([mem_eff, "ampere_bf16_gemm"]) == "memory-efficient"
     assert _attention_kind(["cudnn_generated_fort_native_sdpa_sm90_fprop"]) == "cudnn"
     assert _attention_kind(["cudnn_infer_gemm_kernel", "softmax_warp_forward"]) == "math (no fused attention kernel)"
+    assert _attention_kind(["cudnn_infer_gemm_kernel", mem_eff]) == "memory-efficient"  # (cuDNN's, but no attention)
     assert _attention_kind(["void pytorch_flash::flash_fwd_kernel<...>"]) == "flash"
 
 
