@@ -609,6 +609,96 @@ def test_the_summary_reads_results_without_the_gpus_numbers():
         "timed out after 170 s; recorded before: build_s, micro_batch_4, optimizer_step"
 
 
+def test_an_mfu_sections_summary_line_reads_each_of_its_results():
+    """The whole Markdown line of an MFU section, every part present and each number distinct, so that a part read
+    from the wrong field shows: the best size's share of the measured matmul (not the first size's), the first four
+    kernel families, the planner's constants, full recomputation against the compiled step, compiled layers without
+    an MFU (no peak), a daemonic helper left (not the other), how its process ended; and a bare result whose
+    compiled layers failed with a '|' in the message (a Markdown table's column separator)."""
+    from bench.gpu_check import _compiled_summary, _key_results
+    from bench.gpu_mfu import kernel_breakdown
+
+    profile = kernel_breakdown([("nvjet_a", 0.45, 1), ("flash_fwd_kernel", 0.25, 1), ("Memcpy DtoD", 0.15, 1),
+                                ("vectorized_layer_norm_kernel", 0.1, 1), ("reduce_kernel", 0.05, 1)], 1.25)
+    r = {"status": "fail", "failed_checks": ["mfu_at_least_40pct"], "exit": "stopped 20 s after its result",
+         "helpers_left": [{"pid": 1, "daemon": False}, {"pid": 2, "daemon": True}], "best_micro_batch": 8,
+         "best_mfu": 0.375, "best_tflops": 371.2, "accumulation": 4, "too_large_for_memory": [16], "build_s": 12.4,
+         "by_micro_batch": {"4": {"vs_measured_matmul": 0.5}, "8": {"vs_measured_matmul": 0.62}},
+         "optimizer_step": {"optimizer_s": 0.0421}, "device_profile_one_step": profile,
+         "planner_fit": {"hfu": 0.55, "overhead_ms_per_layer": 3.14},
+         "full_recompute": {"vs_none": 1.31, "planner_vs_none": 1.36, "layers_compiled": True},
+         "compiled": {"first_step_s": 41.2, "step_s": 1.0, "mfu": None, "speedup": 1.11,
+                      "device_profile_one_step": kernel_breakdown([("nvjet_a", 1.0, 1)], 2.0)}}
+    assert _key_results("mfu_350m", r) == (
+        "1 helper process(es) left running; stopped 20 s after its result; FAILED: mfu_at_least_40pct; MFU 37.5% "
+        "(371 TFLOP/s, 62% of the measured matmul) at micro-batch 8 x 4 (too large for memory: 16), build 12 s, "
+        "optimizer 0.042 s/step; GPU busy 80% of the step: matmul 45%, attention 25%, copy 15%, norm 10%; "
+        "planner fit: hfu 0.55, 3.1 ms per layer and micro-batch; full recomputation 1.31x the step of the compiled "
+        "layers (planner 1.36x); compiled layers: MFU n/a (1.11x eager, first step 41 s); GPU busy 50% of the step: "
+        "matmul 100%")
+    bare = {"status": "ok", "best_micro_batch": 4, "best_mfu": 0.41, "best_tflops": 400.0, "by_micro_batch": {"4": {}},
+            "build_s": 3.0, "compiled": {"error": "TypeError: expected int | None\ntraceback"}}
+    assert _key_results("mfu_3b", bare) == \
+        "MFU 41.0% (400 TFLOP/s) at micro-batch 4, build 3 s; compiled layers: TypeError: expected int / None"
+    assert _compiled_summary({"skipped": "no C++ compiler"}) == "; compiled layers: no C++ compiler"
+    assert _compiled_summary({}) == _compiled_summary(None) == ""
+
+
+@pytest.mark.parametrize("name, result, line", [
+    ("environment", {"torch": "2.9.0", "torch_cuda": None, "measured_matmul_tflops": 0.4, "peak": "no peak (cpu)"},
+     "cpu, driver None, torch 2.9.0 (CUDA None), NCCL None; matmul 0 TFLOP/s; no peak (cpu)"),
+    ("train_resume", {"zero0": {"max_abs_diff": 1e-4, "mem_gb": 1.5}, "zero1": {"max_abs_diff": 2e-4, "mem_gb": 2.25},
+                      "zero3": {"max_abs_diff": 3e-4, "mem_gb": None}},
+     ("ZeRO-0: resume diff 1.0e-04, 1.50 GiB, ZeRO-1: resume diff 2.0e-04, 2.25 GiB, ZeRO-3: resume diff 3.0e-04, "
+      "0.00 GiB")),
+    ("recompute", {"selective": {"max_abs_loss_diff": 1e-5}, "full": {"max_abs_loss_diff": 2e-5}},
+     "selective: loss diff 1.0e-05, full: loss diff 2.0e-05"),
+    ("decode_compiled", {"greedy": {"gap_fp32": 3e-7, "preset": "parti-350m", "first_call_s": 52.4},
+                         "compiled_over_eager": 1.8},
+     ("greedy gap 3.0e-07 (parti-350m, first call 52 s); parti-350m CUDA graphs: compiled step 1.80x the eager "
+      "step's tok/s")),
+    ("vq", {"max_abs_diff": 2e-6, "autocast_code_agreement": 0.998, "pretokenize_images_per_s": 310.0,
+            "encode_only_images_per_s": 1200.0},
+     "resume diff 2.0e-06, autocast code agreement 0.998, pretokenize 310 img/s vs encode 1200"),
+    ("compile_speedup", {"speedup": {"dropout_0.1": 1.25, "dropout_0.0": 1.1}, "compiled_mask_speedup": 1.4,
+                         "dropout_cost": {"eager_mask": 0.3, "eager": 0.12, "compiled": 0.05}},
+     ("compiled layers 1.25x eager (dropout 0.1), compiled dropout masks 1.40x eager masks; dropout's cost: "
+      "eager_mask +30%, eager +12%, compiled +5%")),
+    ("multi_gpu", {"status": "fail", "failed_checks": ["pp2_equals_tp1"],
+                   "checks": {"tp2_equals_tp1": True, "pp2_equals_tp1": False}},
+     "FAILED: pp2_equals_tp1; tp2_equals_tp1: True, pp2_equals_tp1: False"),
+    ("train_resume", {"status": "error", "error": "TypeError: expected str | None\n  more"},
+     "TypeError: expected str / None"),
+])
+def test_each_sections_summary_line_reads_its_own_results(name, result, line):
+    """Each section's Markdown line from a hand-made result whose numbers are all distinct (a part read from another
+    field, or a stage or mode left out, shows); an error's '|' cannot split the table's row."""
+    from bench.gpu_check import _key_results
+
+    assert _key_results(name, {"status": "ok", **result}) == line
+
+
+def test_a_result_the_summary_cannot_format_is_named_not_raised():
+    """A number that is None where the line formats it (TypeError), or not a number (ValueError), gives the line
+    that says so instead of ending the run."""
+    from bench.gpu_check import _key_results
+
+    resume = {"status": "ok", **{f"zero{z}": {"max_abs_diff": None, "mem_gb": None} for z in (0, 1, 3)}}
+    assert _key_results("train_resume", resume).startswith("(no summary: TypeError: ")
+    vq = {"status": "ok", "max_abs_diff": "n/a", "autocast_code_agreement": 1.0, "pretokenize_images_per_s": 1.0,
+          "encode_only_images_per_s": 1.0}
+    assert _key_results("vq", vq).startswith("(no summary: ValueError: ")
+
+
+def test_the_device_slug_names_the_result_files(monkeypatch):
+    """gpu_check.device_slug: the GPU's name in lower case, each run of other characters one '-', none at the ends
+    (bench/results/gpu_nvidia-h200_*); 'cpu' without a GPU."""
+    from bench.gpu_check import device_slug
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3 (MIG 1g.10gb)")
+    assert device_slug("cuda") == "nvidia-h100-80gb-hbm3-mig-1g-10gb" and device_slug("cpu") == "cpu"
+
+
 def test_helpers_left_names_a_helper_that_ignores_sigterm():
     """gpu_check.helpers_left: each helper process still running, daemonic or not, and whether it ignores SIGTERM
     (what once kept a section's process from exiting)."""
@@ -762,6 +852,18 @@ def test_max_diff_compares_whole_sequences():
     assert max_diff([1.0, 2.0], [1.5, 1.0]) == 1.0
     with pytest.raises(ValueError):
         max_diff([1.0, 2.0], [1.0])
+
+
+def test_tiny_runs_save_and_measure_where_train_resume_resumes(tmp_path):
+    """gpu_common.tiny_run_sets, the runs train_resume and recompute compare: a checkpoint and a held-out loss at step
+    3 (where the resumed run stops and restarts), on the section's device, the smaller preset when quick."""
+    from bench.gpu_common import Context, tiny_run_sets, train_config
+
+    for device, quick, preset in (("cuda", False, "parti-tiny"), ("cpu", True, "parti-debug")):
+        cfg = train_config(tiny_run_sets(Context(device, quick, tmp_path)))
+        assert cfg.train.save_interval == cfg.train.eval_interval == 3 and cfg.train.device == device
+        assert cfg.model == train_config([f"model.preset={preset}", "model.dropout=0.1",
+                                          "model.attention_dropout=0.1"]).model
 
 
 def test_the_attention_kind_is_read_from_the_kernel_names():
