@@ -238,14 +238,19 @@ def test_the_tensor_index_reader_admits_dtypes_not_any_global_of_torch_or_of_the
     assert not marker.exists()
 
 
-def one_tensor_index(**storage_info):
-    """The tensor index of one float tensor "w" in one record of __0_0.distcp, its record's fields as given."""
+def one_tensor_index(chunks=..., offsets=..., **storage_info):
+    """The tensor index of one float tensor "w" in one record of __0_0.distcp, its record's fields as given (and
+    its entry's blocks, or its one block's offsets, if given)."""
     import torch.distributed.checkpoint.metadata as dcp
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     size, start = torch.Size([2]), torch.Size([0])
     entry = dcp.TensorStorageMetadata(dcp.TensorProperties(dtype=torch.float32), size,
                                       [dcp.ChunkStorageMetadata(start, size)])
+    if offsets is not ...:  # (a dataclass: pickle rebuilds it with any field value)
+        entry.chunks[0].offsets = offsets
+    if chunks is not ...:
+        entry.chunks = chunks
     info = _StorageInfo(**{"relative_path": "__0_0.distcp", "offset": 0, "length": 8, **storage_info})
     return dcp.Metadata({"w": entry}, storage_data={dcp.MetadataIndex("w", start): info})
 
@@ -262,9 +267,12 @@ def one_tensor_index(**storage_info):
     (lambda: pickle.dumps(dataclasses.replace(one_tensor_index(), storage_data={})),
      r"the block of w at offsets \[0\] has no storage record"),
     (lambda: pickle.dumps(dataclasses.replace(one_tensor_index(), state_dict_metadata={}, storage_data={})),
-     r"indexes no tensors")],
+     r"indexes no tensors"),
+    (lambda: pickle.dumps(one_tensor_index(chunks=None)), r"the blocks of w are None, not tensor blocks"),
+    (lambda: pickle.dumps(one_tensor_index(chunks=[3])), r"the blocks of w are \[3\], not tensor blocks"),
+    (lambda: pickle.dumps(one_tensor_index(offsets=None)), r"the blocks of w are .*offsets=None.*not tensor blocks")],
     ids=["empty", "cut-short", "a-dtype", "no-storage-records", "negative-offset", "length-text", "path-outside",
-         "block-unstored", "no-tensors"])
+         "block-unstored", "no-tensors", "chunks-none", "chunk-an-int", "offsets-none"])
 def test_an_index_cut_short_or_of_other_contents_is_refused_naming_it(tmp_path, index, message):
     """verify() on a .metadata empty or cut short (a full disk), or one that unpickles safely to something other than an
     index of records (a crafted one): one CheckpointError naming it (was: an AttributeError, a TypeError, or an

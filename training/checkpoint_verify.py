@@ -146,8 +146,14 @@ def _check_every_chunk_stored(path: Path, entries: dict, storage: dict) -> None:
         raise CheckpointError(f"{path / '.metadata'}: indexes no tensors; a checkpoint's index lists the model's "
                               "and the optimizer's")
     for fqn, entry in entries.items():
-        for chunk in entry.chunks:
-            if MetadataIndex(fqn, chunk.offsets) not in storage:
+        chunks = getattr(entry, "chunks", None)
+        for chunk in chunks if isinstance(chunks, (list, tuple)) else [None]:
+            offsets = getattr(chunk, "offsets", None)
+            if not (isinstance(offsets, (list, tuple)) and all(type(n) is int for n in offsets)):
+                # (else a bare TypeError or AttributeError from a crafted or garbled entry, naming no file)
+                raise CheckpointError(f"{path / '.metadata'}: the blocks of {fqn} are {str(chunks)[:200]}, not "
+                                      "tensor blocks with integer offsets")
+            if MetadataIndex(fqn, offsets) not in storage:
                 raise CheckpointError(f"{path / '.metadata'}: the block of {fqn} at offsets {list(chunk.offsets)} "
                                       "has no storage record (no file holds its bytes)")
 
