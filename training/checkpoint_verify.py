@@ -154,7 +154,7 @@ def _check_every_chunk_stored(path: Path, entries: dict, storage: dict) -> None:
                 raise CheckpointError(f"{path / '.metadata'}: the blocks of {fqn} are {str(chunks)[:200]}, not "
                                       "tensor blocks with integer offsets")
             if MetadataIndex(fqn, offsets) not in storage:
-                raise CheckpointError(f"{path / '.metadata'}: the block of {fqn} at offsets {list(chunk.offsets)} "
+                raise CheckpointError(f"{path / '.metadata'}: the block of {fqn} at offsets {list(offsets)} "
                                       "has no storage record (no file holds its bytes)")
 
 
