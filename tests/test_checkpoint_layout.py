@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from megatron.core.dist_checkpointing import ShardedTensor
 
 from training.checkpoint import flat_blocks
 
@@ -209,3 +211,41 @@ def test_ensure_optimizer_state_creates_only_the_missing_state_in_each_optimizer
     for p in (matrix, vector):
         assert {k: tuple(v.shape) for k, v in fresh_adafactor.state[p].items()} == \
             {k: tuple(v.shape) for k, v in adafactor.state[p].items()}
+
+
+
+def write_row_blocks(folder: str, rows: list[tuple[int, int]]) -> list | None:
+    """This rank writes the blocks rows[rank::world] ([start, stop) rows each) of a (4, 3) tensor whose element
+    (i, j) is 3 i + j, as the trainer writes a ZeRO part (write_blocks, nothing replicated); then every rank
+    reads the whole tensor back (read_blocks)."""
+    import torch.distributed as dist
+
+    from model_parallel.state import init_parallel
+    from training.checkpoint import read_blocks, write_blocks
+
+    init_parallel(tp=1, pp=1)
+    Path(folder).mkdir(exist_ok=True)  # (save_sections' prepare_folder makes it)
+    dist.barrier()
+    values = torch.arange(12, dtype=torch.float32).view(4, 3)
+    blocks = {f"w#{i}": ShardedTensor("w", values[start:stop].clone(), torch.float32, (stop - start, 3), (4, 3),
+                                      (start, 0), axis_fragmentations=None, replica_id=(0, 0))
+              for i, (start, stop) in enumerate(rows[dist.get_rank()::dist.get_world_size()])}
+    write_blocks({"model": blocks}, Path(folder), replicated=False)
+    whole = ShardedTensor.from_rank_offsets("w", torch.zeros(4, 3), replica_id=0)
+    return read_blocks({"model": {"w": whole}}, Path(folder))["model"]["w"].tolist()
+
+
+def test_blocks_written_by_two_ranks_are_read_back_whole(pool2, tmp_path):
+    """write_blocks without megatron's access-integrity gather (and without the fully parallel wrapper): the
+    blocks of two ranks, one of them in two pieces, make one tensor that every rank reads back whole."""
+    results = pool2.run(write_row_blocks, str(tmp_path / "checkpoint"), [(0, 1), (2, 4), (1, 2)], timeout=60)
+    assert results == [torch.arange(12.0).view(4, 3).tolist()] * 2
+
+
+def test_overlapping_blocks_are_refused_without_megatrons_integrity_check(single_process, tmp_path):
+    """write_blocks turns megatron's access-integrity check off (it all-gathers every block's metadata to every
+    rank); torch.distributed.checkpoint's check of the global plan (on the coordinator) must still refuse
+    blocks that overlap. (Its other check, that the blocks cover each tensor, needs two ranks' plans; a refusal
+    reaches only the coordinator, so the other ranks would wait: not tested in the pool.)"""
+    with pytest.raises(ValueError, match="Failed to validate global plan"):
+        write_row_blocks(str(tmp_path / "checkpoint"), [(0, 3), (2, 4)])

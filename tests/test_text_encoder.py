@@ -559,18 +559,18 @@ def test_a_rewrite_of_the_pretrained_encoder_cut_short_keeps_the_earlier_one(sin
     """A rerun that extends a finished run rewrites text_encoder/; killed after its tensors were written but
     before config.json, the folder still holds the earlier encoder whole (it held the new tensors under the
     earlier config.json, a folder that looked complete)."""
-    import training.text_encoder as text_encoder
+    from training import checkpoint
 
     pretrain_at(str(tmp_path), "train.steps=2")
     before = read_encoder(tmp_path / "text_encoder")
-    real_save = text_encoder.dist_checkpointing.save
+    real_save = checkpoint.dist_checkpointing.save
 
     def save_then_die(state, folder, **kwargs):
         real_save(state, folder, **kwargs)
         if Path(folder).parent == tmp_path:  # (the encoder's write, not the checkpoint's before it)
             raise KeyboardInterrupt("killed before config.json")
 
-    monkeypatch.setattr(text_encoder.dist_checkpointing, "save", save_then_die)
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         pretrain_at(str(tmp_path), "train.steps=3")
     after = read_encoder(tmp_path / "text_encoder")

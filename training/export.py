@@ -30,7 +30,7 @@ from common.state_file import check_fits
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
-from training.checkpoint import read_trainer_state, resume_tag, sharded_blocks, verify
+from training.checkpoint import read_blocks, read_trainer_state, resume_tag, sharded_blocks, verify
 from training.deepspeed_glue import Fragment, local_shape
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -58,12 +58,10 @@ def open_checkpoint(run_dir: str | Path, tag: str) -> tuple[Path, dict, dict[str
 def read_weights(path: Path, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
     """The whole fp32 tensors of checkpoint `path` named in `shapes` (its other tensors are not read), after
     open_checkpoint."""
-    from megatron.core import dist_checkpointing
-
     whole = torch.nn.Parameter(torch.empty(0))  # (stands for a parameter not split over TP: read at TP=1)
     template = {"model": {n: sharded_blocks(f"model.{n}", Fragment(0, torch.empty(shape).view(-1), whole=True),
                                             shape, whole)[0] for n, shape in shapes.items()}}
-    return dist_checkpointing.load(template, str(path))["model"]
+    return read_blocks(template, path)["model"]
 
 
 def weight_groups(shapes: dict[str, tuple], limit: int = GROUP_BYTES) -> list[list[str]]:

@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
@@ -71,7 +70,7 @@ from model_parallel.model import build_pieces, loss_cross_entropy, piece_context
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
 from training.captions import caption_source, caption_tokenizer, held_out_captions
-from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, save_strategy, sharded_blocks,
+from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, sharded_blocks, write_blocks,
                                  verify, wait_for_pruning)
 from training.config import Config, change_messages, format_changes, load_config, resume_changes
 from training.deepspeed_glue import Fragment, NonFiniteStop, global_grad_norm
@@ -313,7 +312,7 @@ class _Pretraining:
                  "sampler_order": self.sampler.order, "skipped_steps": self.skipped,
                  "consecutive_skipped_steps": self.consecutive, "text_tokenizer": self.text_tokenizer}
         self._adam_state(0)  # (a parameter never updated yet)
-        save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), self.run_dir, step, state,
+        save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), True, self.run_dir, step, state,
                       self.cfg.train.keep_checkpoints)
 
     def resume(self) -> int:
@@ -456,7 +455,7 @@ def save_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: Path,
         shutil.rmtree(partial, ignore_errors=True)  # (a killed write's)
         partial.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_blocks(module, model_cfg), str(partial), sharded_strategy=save_strategy())
+    write_blocks(_blocks(module, model_cfg), partial, replicated=True)
     if dist.get_rank() == 0:
         saved = {"model": to_dict(model_cfg), "text_tokenizer": text_tokenizer}
         write_atomic(partial / "config.json", json.dumps(saved, indent=1))
