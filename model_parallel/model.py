@@ -24,6 +24,7 @@ row + column embeddings for the 2-D image grid; logits are vocab-parallel ([seq,
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -33,6 +34,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
 )
@@ -205,8 +207,15 @@ class OutputHead(nn.Module):
         super().__init__()
         cfg = ctx.cfg
         self.norm = FinalNorm(ctx)
-        self.sequence_parallel, self.prefix = ctx.mp.sequence_parallel, cfg.prefix_len
-        column = dict(config=ctx.mp, init_method=ctx.init, bias=False, gather_output=False, tp_group=ctx.tp_group)
+        self.sequence_parallel, self.tp_group, self.prefix = ctx.mp.sequence_parallel, ctx.tp_group, cfg.prefix_len
+        # Under sequence parallelism the positions are gathered once, in `_whole`, so that each projection sees
+        # only the positions it is wanted for (the image head the image's; the text head the caption's but the
+        # last, where the whole stream is 9x as many). So the projections are built without SP's own gather and
+        # without the all-reduce of their input gradient: `_whole` reduce-scatters it back to the shards, as an
+        # SP column-parallel layer does within itself.
+        mp = dataclasses.replace(ctx.mp, sequence_parallel=False)
+        column = dict(config=mp, init_method=ctx.init, bias=False, gather_output=False, tp_group=ctx.tp_group,
+                      disable_grad_reduce=ctx.mp.sequence_parallel)
         self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.image_vocab_size, **column)
         if cfg.decoder_only and cfg.text_loss_weight > 0:
             self.text_proj = ColumnParallelLinear(cfg.hidden_size, cfg.text_vocab_size, **column)
@@ -214,22 +223,22 @@ class OutputHead(nn.Module):
 
     def forward(self, x, prefix: int = 0):
         """Image logits of hidden states [s, b, d] whose first `prefix` positions are the caption."""
-        return self._project(self.proj, self.norm(x), prefix, None)
+        return self.proj(self._whole(x)[prefix:])[0]
 
     def stream_logits(self, x) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoder-only training on the whole stream: (image logits [N, b, V/tp], logits [T-1, b, Vt/tp] of
         caption tokens 1.. from the positions before them, or None without a text loss)."""
-        h = self.norm(x)
-        image = self._project(self.proj, h, self.prefix, None)
-        text = self._project(self.text_proj, h, 0, self.prefix - 1) if hasattr(self, "text_proj") else None
+        h = self._whole(x)
+        image = self.proj(h[self.prefix:])[0]
+        text = self.text_proj(h[:self.prefix - 1])[0] if hasattr(self, "text_proj") else None
         return image, text
 
-    def _project(self, proj, h, start: int, stop: int | None):
-        # Without sequence parallelism only the wanted positions are projected. With it each rank holds a
-        # sequence shard, which the column-parallel projection gathers: the slice is of its logits.
-        if not self.sequence_parallel:
-            return proj(h[start:stop])[0]
-        return proj(h)[0][start:stop]
+    def _whole(self, x):
+        """The final norm of hidden states [s, b, d], every position of them (under SP, the shards gathered)."""
+        h = self.norm(x)
+        if self.sequence_parallel:
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
+        return h
 
 
 def piece_classes(cfg: ModelConfig) -> list[tuple[str, type[nn.Module]]]:

@@ -149,12 +149,16 @@ def test_the_stream_is_dropped_as_one_site_keyed_by_sample(single_process):
 
 
 @torch.no_grad()
-def test_the_head_under_sequence_parallelism_keeps_the_positions_the_plain_head_projects(single_process):
-    """OutputHead with sequence parallelism projects every position (its column-parallel layer gathers the shards)
-    and slices the logits: the image positions after the caption, and caption positions 0..T-2 for the text loss,
-    the very positions the plain head projects. (At TP=1 nothing is gathered: the slicing alone differs.)"""
+def test_the_head_under_sequence_parallelism_projects_only_the_positions_the_plain_head_projects(single_process):
+    """OutputHead with sequence parallelism gathers the positions' shards, then projects the image positions after
+    the caption, and caption positions 0..T-2 for the text loss: the very positions the plain head projects, and
+    no others (it projected the whole stream, 9x the text loss's positions at Parti's lengths). (At TP=1 nothing
+    is gathered. The gradients at TP=2: test_layouts_equal_the_reference[tp2-sp].)"""
     model = dalle_model().eval()
     cfg, head = model.cfg, model.head
+    projected = []
+    for proj in (head.proj, head.text_proj):
+        proj.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0]))
     h = torch.randn(cfg.stream_len, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     plain, plain_text = head.stream_logits(h)
     plain_forward = head(h, cfg.prefix_len)
@@ -165,6 +169,7 @@ def test_the_head_under_sequence_parallelism_keeps_the_positions_the_plain_head_
     torch.testing.assert_close(image, plain)
     torch.testing.assert_close(text, plain_text)
     torch.testing.assert_close(head(h, cfg.prefix_len), plain_forward)
+    assert projected == [cfg.image_seq_len, cfg.text_seq_len - 1, cfg.image_seq_len] * 2
 
 
 def test_the_forward_refuses_a_caption_of_another_length(single_process):
