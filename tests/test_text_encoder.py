@@ -839,3 +839,11 @@ def test_text_files_need_a_tokenizer_that_fits_the_vocabulary_and_held_out_files
         held_out_captions(cfg, captions, [str(tmp_path / "none.txt")])
     with pytest.raises(ConfigError, match="--valid-text-files goes with --text-files"):
         held_out_captions(cfg, caption_source(cfg, None, None), files)
+    # Held-out lines that are training lines too (in the one pass over the training files) are counted.
+    held = tmp_path / "held_out.txt"
+    held.write_text(" two green cats\n" * 2 + "a red square\n" * 29 + "\xff a red circl\n")
+    captions = caption_source(cfg, files, spm, [str(held)])
+    assert captions.found == {"two green cats"} and captions.watched == 1
+    held_out = held_out_captions(cfg, captions, [str(held)])
+    assert len(held_out) == 32 and held_out.watched == 2 and held_out.found == {"two green cats"}
+    assert caption_source(cfg, files, spm).watched == 0

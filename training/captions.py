@@ -2,8 +2,8 @@
 (tokenized when read) or the captions of the run's training data, and the held-out captions whose masked-token
 loss it measures every train.eval_interval steps.
 
-    captions = caption_source(cfg, ["captions.txt"], "tok/spm.model")  # captions.at(i, position) -> ids [T]
-    held_out = held_out_captions(cfg, captions, ["valid.txt"])
+    captions = caption_source(cfg, ["captions.txt"], "tok/spm.model", ["valid.txt"])  # .at(i, position) -> ids [T]
+    held_out = held_out_captions(cfg, captions, ["valid.txt"])  # held_out.watched: its lines also trained on
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from training.config import Config
 WORD = re.compile(r"\w")  # (a letter, digit or underscore: never emptied by the tokenizer's normalisation)
 
 
-def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: str | None):
-    """Indexable captions as id tensors [T]: the lines of --text-files, else the run's training data."""
+def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: str | None,
+                   valid_text_files: list[str] | None = None):
+    """Indexable captions as id tensors [T]: the lines of --text-files, else the run's training data. With
+    `valid_text_files`, the held-out lines met among the training ones are kept (`found`, for held_out_captions)."""
     if text_files:
         if not text_tokenizer:
             raise ConfigError("--text-files needs --text-tokenizer (the SentencePiece model to tokenize them with)")
@@ -34,7 +36,7 @@ def caption_source(cfg: Config, text_files: list[str] | None, text_tokenizer: st
         if tok.vocab_size > cfg.model.text_vocab_size:
             raise ConfigError(f"--text-tokenizer {text_tokenizer}: {tok.vocab_size} ids do not fit "
                               f"model.text_vocab_size={cfg.model.text_vocab_size}")
-        return CaptionLines(text_files, tok)
+        return CaptionLines(text_files, tok, watch=_line_texts(valid_text_files or []))
     data = training_dataset(cfg.data, cfg.model, cfg.train.seed)
     return _Captions(data)
 
@@ -48,6 +50,17 @@ def caption_tokenizer(captions) -> dict | None:
     return {k: tokenizers["text_tokenizer"].get(k) for k in ("hash", "vocab_size")} if tokenizers else None
 
 
+def _line_texts(paths: list[str]) -> frozenset[str]:
+    """The stripped lines of text files as CaptionLines compares them (missing files and undecodable bytes are
+    left to CaptionLines' own read of them to report)."""
+    texts = set()
+    for path in map(Path, paths):
+        if path.is_file():
+            with open(path, "rb") as f:  # (lines as CaptionLines splits them: at b"\n" only)
+                texts.update(line.decode("utf-8", errors="replace").strip() for line in f)
+    return frozenset(texts - {""})
+
+
 class CaptionLines:
     """The lines of text files that tokenize to at least one piece, as caption id tensors [T], tokenized when
     read. Each rank keeps where each line starts (8 bytes per caption) and tokenizes only its batches' rows: a
@@ -55,10 +68,13 @@ class CaptionLines:
     so are lines the tokenizer's normalisation empties (zero-width spaces, control characters: an EOS-only row,
     as pre-tokenization's `empty_caption`), counted in `left_out`; only lines without a word character are
     tokenized for that here (any letter or digit gives a piece, if only the unknown one). Errors name the file
-    and `flag`, the option it was given with."""
+    and `flag`, the option it was given with. `watch`: texts looked for in the same pass, the captions among
+    them in `found`, their number of lines in `watched`."""
 
-    def __init__(self, paths: list[str], tok: TextTokenizer, flag: str = "--text-files"):
+    def __init__(self, paths: list[str], tok: TextTokenizer, flag: str = "--text-files",
+                 watch: frozenset[str] = frozenset()):
         self.tok, self.files, starts, self.left_out = tok, [], [], 0
+        self.found, self.watched = set(), 0
         self.paths = {Path(p).resolve() for p in paths}  # (held_out_captions refuses these as held-out files)
         for path in map(Path, paths):
             if not path.is_file():
@@ -73,6 +89,9 @@ class CaptionLines:
                         raise ConfigError(f"{flag} {path}: line {number} is not UTF-8 ({e.reason})") from None
                     if text and (WORD.search(text) or tok.encode(text)[1] > 1):
                         offsets.append(at)
+                        if text in watch:
+                            self.found.add(text)
+                            self.watched += 1
                     else:
                         self.left_out += bool(text)
                     at += len(line)
@@ -117,8 +136,9 @@ class _Captions:
 
 def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None):
     """The held-out captions for train.eval_interval: --valid-text-files when training on --text-files (tokenized
-    alike), else the run's data.valid_shards (data_pipeline.training_data.held_out_dataset's rules; synthetic data
-    generates its own). ConfigError naming what is missing or too small."""
+    alike; its `watched` lines are training captions too, when caption_source was given the same files), else the
+    run's data.valid_shards (data_pipeline.training_data.held_out_dataset's rules; synthetic data generates its
+    own). ConfigError naming what is missing or too small."""
     t = cfg.train
     needed = t.eval_batches * t.global_batch_size
     if isinstance(captions, CaptionLines):
@@ -127,7 +147,7 @@ def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None)
         shared = sorted({Path(p).resolve() for p in valid_text_files} & captions.paths)
         require(not shared, f"--valid-text-files: {', '.join(map(str, shared))} is also in --text-files: its "
                             "captions are trained on, so their loss is not a held-out one")
-        held_out = CaptionLines(valid_text_files, captions.tok, "--valid-text-files")
+        held_out = CaptionLines(valid_text_files, captions.tok, "--valid-text-files", watch=frozenset(captions.found))
         require(len(held_out) >= needed, f"--valid-text-files: {len(held_out):,} captions; train.eval_batches global "
                                          f"batches of train.global_batch_size need {needed:,}")
         return held_out

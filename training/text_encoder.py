@@ -165,12 +165,15 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     init_parallel(cfg.parallel.tp, 1)
     stop, losses = StopRequest(Path(run_dir) / "STOP"), []  # (first: a stop asked for while starting is kept)
     try:
-        t, captions = cfg.train, caption_source(cfg, text_files, text_tokenizer)
+        t, captions = cfg.train, caption_source(cfg, text_files, text_tokenizer, valid_text_files)
         held_out = held_out_captions(cfg, captions, valid_text_files) if t.eval_interval else None
         run = _Pretraining(cfg, Path(run_dir), device, captions, held_out)
         for name, lines in (("--text-files", captions), ("--valid-text-files", held_out)):
             if getattr(lines, "left_out", 0):  # (CaptionLines: lines the tokenizer's normalisation empties)
                 run.log.info(f"{name}: {lines.left_out:,} line(s) that tokenize to no piece left out")
+        if getattr(held_out, "watched", 0):  # (captions common in the data, or held-out lines left among the training)
+            run.log.info(f"warning: --valid-text-files: {held_out.watched:,} of its {len(held_out):,} captions are "
+                         "also lines of --text-files (trained on): the held-out loss is lower than on unseen captions")
     except BaseException:
         stop.restore()
         raise
