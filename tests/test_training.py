@@ -857,3 +857,45 @@ def test_the_held_out_loss_is_the_mean_over_every_held_out_batch(monkeypatch):
     monkeypatch.setattr(engine_module, "eval_step", lambda engine, cfg, batches, device: float(batches[0]))
     assert t.held_out_loss() == 1.0
     assert asked == [("held", 0, True), ("held", 1, True), ("held", 2, True)]
+
+
+def test_profiled_steps_are_traced_without_changing_the_run(single_process, tmp_path, log_lines, monkeypatch):
+    """train.profile_step/profile_steps: the traced steps' Chrome trace (gzip JSON holding the matmuls the steps
+    ran) and operator table are written after the last of them and named in the log; the losses are those of
+    the run without a profile. A run that ends inside the traced steps writes what it traced; one that fails
+    there stops the profiler."""
+    import gzip
+
+    from training import trainer
+
+    plain = run(str(tmp_path / "plain"), "train.eval_interval=0", steps=3)
+    traced = run(str(tmp_path / "traced"), "train.eval_interval=0", "train.profile_step=2", steps=3)
+    assert traced == plain
+    folder = tmp_path / "traced" / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0_steps2-3.json.gz", "rank0_steps2-3.txt"]
+    events = json.loads(gzip.decompress((folder / "rank0_steps2-3.json.gz").read_bytes()))["traceEvents"]
+    assert {"aten::addmm", "aten::mm"} & {e.get("name") for e in events}
+    assert (folder / "rank0_steps2-3.txt").read_text().startswith("steps 2-3, rank 0, sorted by self_cpu_time_total")
+    assert [line for line in log_lines if line.startswith("profile of steps 2-3 in ")] == [
+        f"profile of steps 2-3 in {folder}: rank0_steps2-3.json.gz (a Chrome trace: ui.perfetto.dev opens it), "
+        "top operators in rank0_steps2-3.txt"]
+    # Traced steps past the run's end: the trace ends with the run. Steps the run does not take: a note.
+    run(str(tmp_path / "end"), "train.eval_interval=0", "train.profile_step=3", "train.profile_steps=5", steps=3)
+    assert sorted(p.name for p in (tmp_path / "end" / "profile").iterdir()) == ["rank0_steps3-3.json.gz",
+                                                                                "rank0_steps3-3.txt"]
+    run(str(tmp_path / "end"), "train.eval_interval=0", "train.profile_step=2", steps=4)  # (resumed at step 3)
+    assert "note: train.profile_step=2 is not among the steps this run takes (4-4): nothing is traced" in log_lines
+    assert len(list((tmp_path / "end" / "profile").iterdir())) == 2
+    # A run that fails inside the traced steps stops the profiler (it would go on recording every operator).
+    real, calls = trainer.engine.train_step, []
+
+    def fail_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("failed in a traced step")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.engine, "train_step", fail_at_step_2)
+    with pytest.raises(RuntimeError, match="failed in a traced step"):
+        run(str(tmp_path / "failed"), "train.eval_interval=0", "train.profile_step=1", steps=3)
+    assert not torch.autograd.profiler._is_profiler_enabled and not (tmp_path / "failed" / "profile").exists()

@@ -97,6 +97,14 @@ class TrainConfig:
     """Weights & Biases project to log to besides TensorBoard ('' = none). Offline unless WANDB_MODE says
     otherwise or WANDB_API_KEY is set; offline runs go to <run_dir>/wandb/ (upload later: `wandb sync`). The
     W&B run's id is the training run's: the segments of a preempted and requeued run are one W&B run."""
+    profile_step: int = 0
+    """The first step traced with torch's profiler, numbered as the log numbers steps (0: none; Megatron-LM's
+    --profile-step-start; pick one after warm-up): a Chrome trace and a table of the top operators per rank in
+    <run_dir>/profile/ (training/profiling.py)."""
+    profile_steps: int = 2
+    """Steps traced from train.profile_step on."""
+    profile_all_ranks: bool = False
+    """Trace every rank, one file each (default: rank 0 only; Megatron-LM's --profile-ranks)."""
 
 
 @dataclass
@@ -161,7 +169,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
                               ("eval_batches", 1, "global batches of held-out samples per measurement"),
-                              ("keep_checkpoints", 0, "checkpoints kept, 0: all")))
+                              ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
+                              ("profile_step", 0, "the first step traced, 0: none"),
+                              ("profile_steps", 1, "steps traced")))
     check_schedule(t, "train")
     for name in ("weight_decay", "grad_clip"):
         require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")

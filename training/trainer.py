@@ -39,6 +39,7 @@ from training.checkpoint import set_aside
 from training.config import RESUME_MODES, Config, change_messages, format_changes, layout_of, resume_changes
 from training.deepspeed_glue import NonFiniteStop
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
+from training.profiling import StepProfiler
 from training.text_encoder import load_text_encoder
 
 
@@ -264,6 +265,9 @@ class Trainer:
         self.engine, self.nonfinite_guard = engine.build_engine(model, cfg, kernels, layout)
         metrics.reset_peak_memory()
         self.background = checkpoint.BackgroundSaves() if cfg.train.async_save else None
+        t = cfg.train
+        self.profiler = StepProfiler(self.run_dir, t.profile_step, t.profile_steps, dist.get_rank(),
+                                     enabled=rank0 or t.profile_all_ranks, cuda=self.device == "cuda")
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
         self.log.info(f"layout: {layout.describe()}; "
@@ -349,6 +353,8 @@ class Trainer:
         """Release the run directory (the lock; the logger if `run` did not), stop the data workers, destroy the
         process groups DeepSpeed made for this run. The lock is released even when a step of this fails."""
         try:
+            if getattr(self, "profiler", None) is not None:  # (a run failed inside the traced steps)
+                self.profiler.close()
             if self.reader is not None:
                 self.reader.close()
                 self.reader = None
@@ -374,6 +380,14 @@ class Trainer:
                   for b in range(self.cfg.train.eval_batches)]
         return sum(losses) / len(losses)
 
+    def _write_profile(self) -> None:
+        """After the last traced step (train.profile_step): write the traces and say where."""
+        files = self.profiler.end(self.step, run_ends=self.step == self.cfg.train.steps)
+        if files:
+            self.log.info(f"profile of steps {self.profiler.first}-{self.profiler.last} in {files[0].parent}: "
+                          f"{files[0].name} (a Chrome trace: ui.perfetto.dev opens it), top operators in "
+                          f"{files[1].name}")
+
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float,
                  held_out_loss: float | None = None) -> None:
         """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval
@@ -397,10 +411,14 @@ class Trainer:
         stop, losses = self.stop, []
         try:
             stop.start(self.run_dir, self.step, t.steps)
+            if t.profile_step and not self.step < t.profile_step <= t.steps:
+                self.log.info(f"note: train.profile_step={t.profile_step} is not among the steps this run takes "
+                              f"({self.step + 1}-{t.steps}): nothing is traced")
             reader = self._reader_at(self.consumed) if self.step < t.steps else None
             clock = metrics.StepClock()  # (throughput over the log interval's steps, saves and evaluation left out)
             while self.step < t.steps:
                 lr = self.engine.get_lr()[0]
+                self.profiler.begin(self.step + 1)
                 batches = self._with_samples(reader.next_step())  # read ahead while training
                 loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                 guard.step_done()
@@ -408,6 +426,8 @@ class Trainer:
                 self.step += 1
                 self.consumed += t.global_batch_size
                 clock.step_done()
+                with clock.paused():
+                    self._write_profile()
                 evaluate = t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
                 with clock.paused():  # (also before a stop's save: a resumed run starts after this step)
                     held_out = self.held_out_loss() if evaluate else None
