@@ -899,3 +899,42 @@ def test_profiled_steps_are_traced_without_changing_the_run(single_process, tmp_
     with pytest.raises(RuntimeError, match="failed in a traced step"):
         run(str(tmp_path / "failed"), "train.eval_interval=0", "train.profile_step=1", steps=3)
     assert not torch.autograd.profiler._is_profiler_enabled and not (tmp_path / "failed" / "profile").exists()
+
+
+def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layout(pool2, single_process, reference,
+                                                                                  tmp_path):
+    """train.init_from=<the reference run's directory> (its latest checkpoint, step 6; ZeRO-0, DP=2) at TP=2 with
+    ZeRO-1 and learning rate 1e-12: the new run's checkpoint after its one step holds the reference's step-6 weights,
+    its own step and optimizer count 1. A folder that holds no checkpoint, another network and a text-encoder
+    warm start beside it are refused, naming the setting."""
+    from training.config import ConfigError, load_config
+    from training.export import open_checkpoint, read_weights
+    from training.trainer import plan_resume
+
+    def weights(run_dir, tag):
+        path, _, shapes = open_checkpoint(run_dir, tag)
+        return read_weights(path, shapes)
+
+    run_dir = reference[1]
+    pool2.run(run, str(tmp_path / "new"), f"train.init_from={run_dir}", "parallel.tp=2", "parallel.zero_stage=1",
+              "train.lr=1e-12", "train.min_lr=1e-12", "train.eval_interval=0", steps=1)
+    state = json.loads((tmp_path / "new" / "checkpoints" / "step_00000001" / "trainer_state.json").read_text())
+    assert (state["step"], state["optimizer_steps"]) == (1, 1)
+    start, before = weights(tmp_path / "new", "step_00000001"), weights(run_dir, f"step_{STEPS:08d}")
+    assert start.keys() == before.keys()
+    for name, value in before.items():  # (the step at learning rate 1e-12 moved them by ~1e-12)
+        torch.testing.assert_close(start[name], value, rtol=0, atol=1e-10, msg=name)
+    assert not all(torch.equal(before[n], w) for n, w in weights(run_dir, "step_00000003").items())  # (it trained)
+
+    def refused(*sets):
+        cfg = load_config("configs/train/debug.yaml", list(sets)).validate()
+        return plan_resume(cfg, tmp_path / "other", "auto")
+
+    with pytest.raises(ConfigError, match=rf"train.init_from={tmp_path}: neither a checkpoint folder"):
+        refused(f"train.init_from={tmp_path}")
+    with pytest.raises(ConfigError, match=rf"train.init_from={run_dir}/checkpoints/step_{STEPS:08d}: the checkpoint "
+                                          r"holds another network \(model.hidden_size 64 -> 32"):
+        refused(f"train.init_from={run_dir}", "model.hidden_size=32", "model.num_heads=2")
+    with pytest.raises(ConfigError, match="train.init_from and model.init_text_encoder: set one"):
+        refused(f"train.init_from={run_dir}", f"model.init_text_encoder={run_dir}")
+    assert refused(f"train.init_from={run_dir}/checkpoints/step_00000003").init_from.name == "step_00000003"

@@ -198,17 +198,18 @@ def sharded_blocks(key: str, fragment: Fragment, shape: tuple, p: torch.nn.Param
     return out
 
 
-def _state_dict(engine, model_cfg) -> tuple[dict, list[torch.nn.Parameter]]:
+def _state_dict(engine, model_cfg, optimizer: bool = True) -> tuple[dict, list[torch.nn.Parameter]]:
     """{'model': {name#i: ShardedTensor}, 'optimizer': {moment.name#i: ShardedTensor}}: this rank's own
-    blocks of every fp32 master weight and optimizer state, under PartiModel's parameter names (the same
-    at any layout), as views of the live tensors: a save writes them, a load fills them in place."""
+    blocks of every fp32 master weight and optimizer state (not with `optimizer=False`), under PartiModel's
+    parameter names (the same at any layout), as views of the live tensors: a save writes them, a load fills
+    them in place."""
     params = canonical_parameters(engine.module, model_cfg)
     link_optimizer_fragments(engine)
-    state: dict = {"model": {}, "optimizer": {}}
+    state: dict = {"model": {}, "optimizer": {}} if optimizer else {"model": {}}
     for n, p in params.items():
         parts = [("model", f"model.{n}", None, False, tuple(local_shape(p)))]
         parts += [("optimizer", f"optimizer.{key}.{n}", key, per_tp, shape)
-                  for key, per_tp, shape in optimizer_state_specs(engine, p)]
+                  for key, per_tp, shape in (optimizer_state_specs(engine, p) if optimizer else [])]
         for section, name, key, per_tp, shape in parts:
             blocks = sharded_blocks(name, own_fragment(engine, p, key), shape, p, per_tp)
             state[section].update({f"{name}#{i}": block for i, block in enumerate(blocks)})
@@ -482,6 +483,18 @@ def load_in_place(template: dict, path: Path) -> None:
             for name, target in blocks.items():
                 if loaded[section][name].data_ptr() != target.data_ptr():
                     target.copy_(loaded[section][name])
+
+
+def load_weights(engine, cfg, path: Path) -> None:
+    """The fp32 master weights of the checkpoint at `path` into the engine at this run's layout, its optimizer
+    state left as it is (train.init_from: a new run from another's weights)."""
+    template, params = _state_dict(engine, cfg.model, optimizer=False)
+    try:
+        load_in_place(template, path)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - as load's
+        raise CheckpointError(f"train.init_from={path}: cannot read the checkpoint's weights ({failure_cause(e)})") \
+            from None
+    refresh_working_weights(engine, params)
 
 
 def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> dict:

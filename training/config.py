@@ -97,6 +97,11 @@ class TrainConfig:
     """Weights & Biases project to log to besides TensorBoard ('' = none). Offline unless WANDB_MODE says
     otherwise or WANDB_API_KEY is set; offline runs go to <run_dir>/wandb/ (upload later: `wandb sync`). The
     W&B run's id is the training run's: the segments of a preempted and requeued run are one W&B run."""
+    init_from: str = ""
+    """Fine-tuning or a warm start: a checkpoint of python -m training.train (its folder, or a run directory:
+    the checkpoint `latest` names) whose fp32 weights start this run, at any layout, with a new optimizer, LR
+    schedule and data order from step 0 (Megatron-LM's --pretrained-checkpoint with --finetune; '' = none).
+    The network must be the checkpoint's; a run with checkpoints of its own resumes those instead."""
     profile_step: int = 0
     """The first step traced with torch's profiler, numbered as the log numbers steps (0: none; Megatron-LM's
     --profile-step-start; pick one after warm-up): a Chrome trace and a table of the top operators per rank in
@@ -147,6 +152,8 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.optimizer != "adafactor" or p.pp == 1 or t.precision != "bf16",
             "train.optimizer=adafactor with parallel.pp > 1 needs train.precision=fp32 (DeepSpeed's pipeline runs "
             "bf16 through its BF16_Optimizer, which flattens parameters even at ZeRO-0: the first save failed)")
+    require(not (t.init_from and m.init_text_encoder),
+            "train.init_from and model.init_text_encoder: set one (the checkpoint holds a text encoder too)")
     require(not m.init_text_encoder or p.zero_stage < 3,
             f"model.init_text_encoder needs parallel.zero_stage < 3 (ZeRO-3 partitions the model while it is built, "
             f"before the pre-trained encoder could be loaded into it; got {p.zero_stage})")

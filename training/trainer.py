@@ -108,6 +108,8 @@ class ResumePlan:
     """Lines for the log once it exists (fallbacks, config changes, warnings)."""
     changes: dict = field(default_factory=dict)
     """training.config.resume_changes against the checkpoint's config."""
+    init_from: Path | None = None
+    """A fresh run's train.init_from checkpoint folder, checked (`init_checkpoint`)."""
 
     @property
     def step(self) -> int:
@@ -115,9 +117,50 @@ class ResumePlan:
 
 
 def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None = None) -> ResumePlan:
-    """Decide from the run directory's files alone how this start goes; raise ConfigError (a config the
-    checkpoint cannot continue with, data made with other tokenizers than `tokenizers`, the training data's
-    data_tokenizers) or RunDirError/CheckpointError (one line naming the file) instead."""
+    """Decide from the run directory's files alone how this start goes (and, for a fresh run, train.init_from's
+    checkpoint); raise ConfigError (a config the checkpoint cannot continue with, data made with other tokenizers
+    than `tokenizers`, the training data's data_tokenizers) or RunDirError/CheckpointError (one line naming the
+    file) instead."""
+    plan = _plan_start(cfg, run_dir, mode, tokenizers)
+    if cfg.train.init_from and plan.tag is None:
+        plan.init_from, message = init_checkpoint(cfg, tokenizers)
+        plan.messages.append(message)
+    return plan
+
+
+def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
+    """train.init_from's checkpoint folder (a run directory's: the one `latest` names) and the log line saying so,
+    once its files, network and data tokenizers are checked against this run's; ConfigError or CheckpointError
+    naming it otherwise."""
+    given = Path(cfg.train.init_from)
+    if (given / checkpoint.STATE_FILE).is_file():
+        path = given
+    elif checkpoint.has_checkpoints(given) and checkpoint.resume_tag(given)[0]:
+        path = checkpoint.checkpoint_dir(given) / checkpoint.resume_tag(given)[0]
+    else:
+        raise ConfigError(f"train.init_from={given}: neither a checkpoint folder ({checkpoint.STATE_FILE}) nor a run "
+                          "directory with a complete checkpoint (expected those of python -m training.train)")
+    state = checkpoint.read_trainer_state(path)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path / checkpoint.STATE_FILE}: holds no config, so the network whose weights it "
+                              "holds cannot be checked against this run's")
+    network = [c for c in resume_changes(state["config"], cfg)["refused"] if c[0].startswith("model.")]
+    if network:
+        raise ConfigError(f"train.init_from={path}: the checkpoint holds another network ({format_changes(network)}); "
+                          "set the model section as the checkpoint's")
+    trained_on = state.get("data_tokenizers")  # (None: synthetic data, or saved before they were recorded)
+    differ = other_tokenizers(trained_on, tokenizers) if trained_on and tokenizers else []
+    if differ:
+        raise ConfigError(f"train.init_from={path}: its weights were trained on data made with another "
+                          f"{' and '.join(differ)} than data.shards={cfg.data.shards!r}, so its codes or text ids "
+                          "mean other things to the model; give data made with the checkpoint's tokenizers")
+    checkpoint.verify(path)
+    return path, (f"weights from train.init_from={path} (its step {state['step']}); the optimizer, LR schedule and "
+                  "data order start anew")
+
+
+def _plan_start(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None) -> ResumePlan:
+    """plan_resume's decision on the run directory's own files."""
     if mode not in RESUME_MODES:
         raise ConfigError(f"--resume {mode!r} must be one of {', '.join(RESUME_MODES)}")
     new_id = uuid.uuid4().hex[:12]
@@ -255,7 +298,8 @@ class Trainer:
             enable_tf32()
         self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
         self.log.info(f"MFU against {peak_source}")
-        model = engine.build_model(cfg, kernels, self.device, layout, initialize=not self.plan.tag)
+        loaded = bool(self.plan.tag or self.plan.init_from)  # (every weight comes from a checkpoint)
+        model = engine.build_model(cfg, kernels, self.device, layout, initialize=not loaded)
         if cfg.model.init_text_encoder and not self.plan.tag:  # (a resumed run has its checkpoint's weights)
             load_text_encoder(model, cfg.model, cfg.model.init_text_encoder,
                               (data_tokenizers(self.dataset) or {}).get("text_tokenizer"))
@@ -263,6 +307,8 @@ class Trainer:
                           + ("; frozen (model.freeze_text_encoder)" if cfg.model.freeze_text_encoder else ""))
         seed_everything(cfg.train.seed)  # building may have reseeded (per-piece init seeds)
         self.engine, self.nonfinite_guard = engine.build_engine(model, cfg, kernels, layout)
+        if self.plan.init_from:
+            checkpoint.load_weights(self.engine, cfg, self.plan.init_from)
         metrics.reset_peak_memory()
         self.background = checkpoint.BackgroundSaves() if cfg.train.async_save else None
         t = cfg.train
