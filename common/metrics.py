@@ -10,7 +10,8 @@ Weights & Biases.
     samples_per_s = global_batch / clock.seconds_per_step()  # the interval's mean step time (and a new interval)
 
 metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm (the step's), samples_per_s,
-tokens_per_s, tflops_per_gpu, mfu (over the steps since the previous row: StepClock), mem_gb (on a GPU its peak
+tokens_per_s, tflops_per_gpu, mfu, data_wait_pct (the share of the step time spent waiting for input; these over
+the steps since the previous row: StepClock), mem_gb (on a GPU its peak
 allocated, on CPU the resident memory of rank 0's process), mem_reserved_gb (GPU only; both in GiB, 2^30 bytes, as
 torch and nvidia-smi count GPU memory) (null where not measurable), and
 valid_loss in the rows of the steps the held-out loss was measured at
@@ -33,7 +34,7 @@ import torch
 from common.files import write_atomic
 
 _FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".3f", "samples_per_s": ".1f", "tokens_per_s": ".0f",
-            "tflops_per_gpu": ".3f", "mfu": ".3f", "mem_gb": ".2f",
+            "tflops_per_gpu": ".3f", "mfu": ".3f", "data_wait_pct": ".1f", "mem_gb": ".2f",
             "mem_reserved_gb": ".2f", "valid_loss": ".4f"}
 
 
@@ -93,13 +94,15 @@ class StepClock:
     """The mean wall time of the training steps since the last log line: every step of the interval counts,
     not only the one that logs (the others' time, and what ran between steps, went unreported), and the time of
     what the `paused()` blocks ran (checkpoint saves, held-out evaluation, reconstruction grids) is left out, as
-    Megatron-LM's interval timer leaves it out, so that samples/s, TFLOP/s and MFU describe training."""
+    Megatron-LM's interval timer leaves it out, so that samples/s, TFLOP/s and MFU describe training. The time
+    of the `waiting()` blocks (a step waiting for its input) counts in the step and is reported apart too:
+    training that waits on its data shows there, not only as low throughput (torchtitan's data_loading_time)."""
 
     def __init__(self):
         self._restart()
 
     def _restart(self) -> None:
-        self.start, self.steps, self.excluded = time.perf_counter(), 0, 0.0
+        self.start, self.steps, self.excluded, self.waited = time.perf_counter(), 0, 0.0, 0.0
 
     def step_done(self) -> None:
         self.steps += 1
@@ -112,11 +115,24 @@ class StepClock:
         finally:
             self.excluded += time.perf_counter() - began
 
+    @contextlib.contextmanager
+    def waiting(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - began
+
+    def interval(self) -> tuple[float, float]:
+        """(the interval's mean step time, its mean time waiting for input); the next interval starts now."""
+        steps = max(self.steps, 1)
+        times = ((time.perf_counter() - self.start - self.excluded) / steps, self.waited / steps)
+        self._restart()
+        return times
+
     def seconds_per_step(self) -> float:
         """The interval's mean step time; the next interval starts now."""
-        seconds = (time.perf_counter() - self.start - self.excluded) / max(self.steps, 1)
-        self._restart()
-        return seconds
+        return self.interval()[0]
 
 
 class MetricsLogger:

@@ -208,7 +208,8 @@ def test_a_non_finite_value_is_null_in_metrics_jsonl_and_rows_without_a_whole_st
 
 
 def test_the_step_clock_averages_the_interval_leaving_out_paused_time(monkeypatch):
-    """StepClock: (time since the interval began - paused time) / steps, and the next interval starts then."""
+    """StepClock: (time since the interval began - paused time) / steps, and the next interval starts then; the
+    time waiting for input, per step."""
     from common import metrics
 
     now = [100.0]
@@ -223,3 +224,9 @@ def test_the_step_clock_averages_the_interval_leaving_out_paused_time(monkeypatc
     now[0] += 3.0
     clock.step_done()
     assert clock.seconds_per_step() == pytest.approx(3.0)
+    for _ in range(2):  # (time waiting for input: part of the step, and reported on its own)
+        with clock.waiting():
+            now[0] += 0.5
+        now[0] += 1.5
+        clock.step_done()
+    assert clock.interval() == pytest.approx((2.0, 0.5))

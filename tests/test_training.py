@@ -74,8 +74,9 @@ def test_throughput_is_the_log_intervals_mean_step_without_saves_and_evaluation(
                                                                                monkeypatch):
     """samples/s (tokens/s, TFLOP/s and MFU follow from it) is the mean over every step since the last log line:
     it was the logging step's alone. Checkpoint saves and the held-out loss are left out, as Megatron-LM's
-    interval timer leaves them out, and so is finishing a background save. On a fake clock: step k takes k s, a
-    held-out loss 100 s, a save 1000 s, a check for finished background saves 10,000 s."""
+    interval timer leaves them out, and so is finishing a background save; waiting for a step's input counts in
+    the step and is reported as its share (data_wait_pct). On a fake clock: step k takes k s after waiting 0.5 s
+    for its input, a held-out loss 100 s, a save 1000 s, a check for finished background saves 10,000 s."""
     import types
 
     import common.metrics as metrics
@@ -93,12 +94,13 @@ def test_throughput_is_the_log_intervals_mean_step_without_saves_and_evaluation(
 
     monkeypatch.setattr(engine_module, "train_step", slowed(engine_module.train_step,
                                                             lambda: steps.append(1) or len(steps)))
+    monkeypatch.setattr(Trainer, "_with_samples", slowed(Trainer._with_samples, lambda: 0.5))
     monkeypatch.setattr(Trainer, "held_out_loss", slowed(Trainer.held_out_loss, lambda: 100))
     monkeypatch.setattr(Trainer, "save", slowed(Trainer.save, lambda: 1000))
     monkeypatch.setattr(Trainer, "complete_saves", slowed(Trainer.complete_saves, lambda: 10_000))  # (after each step)
     run(str(tmp_path), "train.log_interval=2", "train.save_interval=1", "train.eval_interval=2", steps=4)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["samples_per_s"]) for r in rows] == [(2, 8 / 1.5), (4, 8 / 3.5)]
+    assert [(r["step"], r["samples_per_s"], r["data_wait_pct"]) for r in rows] == [(2, 8 / 2, 25), (4, 8 / 4, 12.5)]
 
 
 def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus():
@@ -114,12 +116,12 @@ def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus():
     rows = []
     fake = types.SimpleNamespace(cfg=cfg, world=2, peak_flops=100e12, step=7, log=types.SimpleNamespace(
         step=rows.append), nonfinite_guard=types.SimpleNamespace(skipped=0))
-    Trainer.log_step(fake, 1.5, 1e-3, 0.5, elapsed=2.0)
+    Trainer.log_step(fake, 1.5, 1e-3, 0.5, elapsed=2.0, waited=0.5)
     m = cfg.model
     tflops = train_flops_per_sample(m) * 8 / 2.0 / 2 / 1e12
     assert rows[0]["samples_per_s"] == 4.0 and rows[0]["tokens_per_s"] == 4.0 * (m.text_seq_len + m.image_seq_len)
     assert rows[0]["tflops_per_gpu"] == pytest.approx(tflops) and rows[0]["mfu"] == pytest.approx(tflops / 100)
-    assert rows[0]["world_size"] == 2 and rows[0]["step"] == 7
+    assert rows[0]["world_size"] == 2 and rows[0]["step"] == 7 and rows[0]["data_wait_pct"] == 25
 
 
 def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):

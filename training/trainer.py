@@ -434,10 +434,10 @@ class Trainer:
                           f"{files[0].name} (a Chrome trace: ui.perfetto.dev opens it), top operators in "
                           f"{files[1].name}")
 
-    def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float,
+    def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float, waited: float,
                  held_out_loss: float | None = None) -> None:
-        """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval
-        (metrics.StepClock)."""
+        """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval, and
+        the share of it spent waiting for the step's input (`waited`, its mean: metrics.StepClock)."""
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
@@ -445,6 +445,7 @@ class Trainer:
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+            "data_wait_pct": 100 * waited / elapsed,
             **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
             **({"valid_loss": held_out_loss} if held_out_loss is not None else {}),
         })
@@ -465,7 +466,8 @@ class Trainer:
             while self.step < t.steps:
                 lr = self.engine.get_lr()[0]
                 self.profiler.begin(self.step + 1)
-                batches = self._with_samples(reader.next_step())  # read ahead while training
+                with clock.waiting():
+                    batches = self._with_samples(reader.next_step())  # read ahead while training
                 loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                 guard.step_done()
                 losses.append(loss)
@@ -478,7 +480,7 @@ class Trainer:
                 with clock.paused():  # (also before a stop's save: a resumed run starts after this step)
                     held_out = self.held_out_loss() if evaluate else None
                 if self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None:
-                    self.log_step(loss, lr, grad_norm, clock.seconds_per_step(), held_out)
+                    self.log_step(loss, lr, grad_norm, *clock.interval(), held_out)
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 with clock.paused():  # (a background save's finishing is a save's, left out of the step times)
                     self.complete_saves()
