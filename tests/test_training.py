@@ -771,6 +771,7 @@ def loop_trainer(run_dir: Path, steps: int, *sets: str):
     did at which step (training.engine.train_step is to be replaced; see `fake_steps`)."""
     from common.preemption import StopRequest
     from training.config import load_config
+    from training.profiling import StepProfiler
     from training.trainer import Trainer
 
     t = Trainer.__new__(Trainer)
@@ -782,7 +783,9 @@ def loop_trainer(run_dir: Path, steps: int, *sets: str):
     t._reader_at = lambda consumed: types.SimpleNamespace(next_step=list)
     t._with_samples = lambda micro_batches: micro_batches
     t.held_out_loss = lambda: t.events.append(("eval", t.step)) or 0.5
-    t.log_step = lambda loss, lr, grad_norm, elapsed, held_out=None: t.events.append(("log", t.step, held_out))
+    t.log_step = lambda loss, lr, grad_norm, elapsed, waited, held_out=None: t.events.append(("log", t.step,
+                                                                                               held_out))
+    t.profiler = StepProfiler(run_dir, 0, 1, 0, enabled=False, cuda=False)
     t.save = lambda: t.events.append(("save", t.step))
     t.complete_saves = lambda wait=False: wait and t.events.append(("wait", t.step))
     t.close = lambda: t.stop.restore() or t.events.append(("close", t.step))

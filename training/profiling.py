@@ -1,4 +1,4 @@
-"""Traces of chosen training steps with torch's profiler (train.profile_step, train.profile_steps): what a step
+r"""Traces of chosen training steps with torch's profiler (train.profile_step, train.profile_steps): what a step
 spends its time on, kernel by kernel, where MFU is lost.
 
     python -m training.train --config configs/train/parti-350m.yaml --run-dir runs/x \

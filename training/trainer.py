@@ -133,10 +133,11 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
     once its files, network and data tokenizers are checked against this run's; ConfigError or CheckpointError
     naming it otherwise."""
     given = Path(cfg.train.init_from)
+    tag = checkpoint.resume_tag(given)[0] if checkpoint.has_checkpoints(given) else None
     if (given / checkpoint.STATE_FILE).is_file():
         path = given
-    elif checkpoint.has_checkpoints(given) and checkpoint.resume_tag(given)[0]:
-        path = checkpoint.checkpoint_dir(given) / checkpoint.resume_tag(given)[0]
+    elif tag:
+        path = checkpoint.checkpoint_dir(given) / tag
     else:
         raise ConfigError(f"train.init_from={given}: neither a checkpoint folder ({checkpoint.STATE_FILE}) nor a run "
                           "directory with a complete checkpoint (expected those of python -m training.train)")
@@ -148,15 +149,22 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
     if network:
         raise ConfigError(f"train.init_from={path}: the checkpoint holds another network ({format_changes(network)}); "
                           "set the model section as the checkpoint's")
-    trained_on = state.get("data_tokenizers")  # (None: synthetic data, or saved before they were recorded)
-    differ = other_tokenizers(trained_on, tokenizers) if trained_on and tokenizers else []
+    differ = _other_data_tokenizers(state, tokenizers)
     if differ:
         raise ConfigError(f"train.init_from={path}: its weights were trained on data made with another "
-                          f"{' and '.join(differ)} than data.shards={cfg.data.shards!r}, so its codes or text ids "
+                          f"{differ} than data.shards={cfg.data.shards!r}, so its codes or text ids "
                           "mean other things to the model; give data made with the checkpoint's tokenizers")
     checkpoint.verify(path)
     return path, (f"weights from train.init_from={path} (its step {state['step']}); the optimizer, LR schedule and "
                   "data order start anew")
+
+
+def _other_data_tokenizers(state: dict, tokenizers: dict | None) -> str:
+    """The tokenizers ('image tokenizer and text tokenizer') that made this run's data (`tokenizers`) unlike those
+    a checkpoint's weights were trained on (its trainer state's data_tokenizers); '' when none differ or either is
+    unknown (synthetic data, or saved before they were recorded)."""
+    trained_on = state.get("data_tokenizers")
+    return " and ".join(other_tokenizers(trained_on, tokenizers) if trained_on and tokenizers else [])
 
 
 def _plan_start(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None) -> ResumePlan:
@@ -195,11 +203,10 @@ def _plan_start(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None) 
                           f"{format_changes(preset + changes['refused'])} (the checkpoint holds the other one's "
                           "weights and optimizer state); resume with the checkpoint's values, or start the new "
                           "model in another --run-dir (or with --resume overwrite)")
-    trained_on = state.get("data_tokenizers")  # (None: synthetic data, or saved before they were recorded)
-    differ = other_tokenizers(trained_on, tokenizers) if trained_on and tokenizers else []
+    differ = _other_data_tokenizers(state, tokenizers)
     if differ:
         raise ConfigError(f"cannot resume {path} on data.shards={cfg.data.shards!r}: its samples were made with "
-                          f"another {' and '.join(differ)} than the data the checkpoint was trained on (its "
+                          f"another {differ} than the data the checkpoint was trained on (its "
                           "trainer_state.json data_tokenizers), so its codes or text ids mean other things to the "
                           "model; give the data made with the checkpoint's tokenizers")
     layout = state.get("layout", {})
