@@ -134,6 +134,12 @@ class StepClock:
         """The interval's mean step time; the next interval starts now."""
         return self.interval()[0]
 
+    def rates(self, batch: int, unit: str) -> dict[str, float]:
+        """{'<unit>_per_s': `batch` over the interval's mean step time, 'data_wait_pct': the share of it spent
+        waiting for input} (the image trainers' log columns); the next interval starts now."""
+        elapsed, waited = self.interval()
+        return {f"{unit}_per_s": batch / elapsed, "data_wait_pct": 100 * waited / elapsed}
+
 
 class MetricsLogger:
     """`wandb_project` (empty: no W&B): the same scalars as TensorBoard (train/<name> or valid/<name>, at the step) go

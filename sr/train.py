@@ -240,12 +240,14 @@ class SRTrainer:
             stop.start(self.run_dir, self.step, t.steps)
             clock = StepClock()  # (images/s over the log interval's steps, saves and evaluation left out)
             while self.step < t.steps:
-                logs = mean_over_ranks(self.train_step(*self.batch()))
+                with clock.waiting():
+                    batch = self.batch()
+                logs = mean_over_ranks(self.train_step(*batch))
                 self.step += 1
                 history.append(logs)
                 clock.step_done()
                 if self.step % t.log_interval == 0 or self.step == t.steps:
-                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / clock.seconds_per_step()})
+                    self.log.step({"step": self.step, **logs, **clock.rates(t.batch_size, "images")})
                 if self.rank == 0 and self.val_data and (self.step % t.eval_interval == 0 or self.step == t.steps):
                     with clock.paused():
                         result = self.evaluate()

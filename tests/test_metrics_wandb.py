@@ -230,3 +230,8 @@ def test_the_step_clock_averages_the_interval_leaving_out_paused_time(monkeypatc
         now[0] += 1.5
         clock.step_done()
     assert clock.interval() == pytest.approx((2.0, 0.5))
+    with clock.waiting():
+        now[0] += 1.0
+    now[0] += 3.0
+    clock.step_done()
+    assert clock.rates(8, "images") == pytest.approx({"images_per_s": 2.0, "data_wait_pct": 25.0})

@@ -93,6 +93,8 @@ def test_upsampler_beats_bicubic_on_held_out_photos_and_exports(single_process, 
     assert torch.equal(upsample(model, low), upsample(trainer.model.eval(), low))
     assert upsample(model, low).shape == (2, 3, 40, 48)
     assert Path(held_out["grid"]).is_file() and (tmp_path / "metrics.jsonl").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= row["data_wait_pct"] <= 100 and row["images_per_s"] > 0 for row in rows if "images_per_s" in row)
 
 
 def test_init_from_an_export_starts_from_its_weights(single_process, photos, tmp_path):

@@ -1,6 +1,7 @@
 """The ViT-VQGAN tokenizer: it learns, uses its codebook, resumes, exports into the pipeline interface."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
@@ -54,6 +55,8 @@ def test_trains_uses_codebook_and_exports(single_process, photos, tmp_path):
     assert codes.unique().numel() >= 16  # at least half of the codebook in use
     assert tok.decode(codes).shape == images.shape
     assert list(tmp_path.glob("recon_*.png")) and (tmp_path / "metrics.jsonl").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= row["data_wait_pct"] <= 100 and row["images_per_s"] > 0 for row in rows if "images_per_s" in row)
 
 
 def test_preempted_run_saves_and_resumes_the_same_run(single_process, photos, tmp_path, monkeypatch):

@@ -432,13 +432,14 @@ class VQTrainer:
             stop.start(self.run_dir, self.step, t.steps)
             clock = StepClock()  # (images/s over the log interval's steps, saves and grids left out)
             while self.step < t.steps:
-                images = self.batch()
+                with clock.waiting():
+                    images = self.batch()
                 logs = mean_over_ranks(self.train_step(images))
                 self.step += 1
                 history.append(logs)
                 clock.step_done()
                 if self.step % t.log_interval == 0 or self.step == t.steps:
-                    self.log.step({"step": self.step, **logs, "images_per_s": t.batch_size / clock.seconds_per_step()})
+                    self.log.step({"step": self.step, **logs, **clock.rates(t.batch_size, "images")})
                 if self.rank == 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
                     with clock.paused():
                         self.log.info(f"reconstructions: {self.recon_grid(images)}")
