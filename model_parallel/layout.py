@@ -100,8 +100,10 @@ class ParallelLayout:
         require(m.decoder_layers % self.pp == 0,
                 f"model.decoder_layers={m.decoder_layers} must be divisible by parallel.pp={self.pp} "
                 "(decoder layers are balanced over pipeline stages)")
-        if self.sequence_parallel:
-            for name, n in (("text_seq_len", m.text_seq_len), ("image_seq_len (image_grid**2)", m.image_seq_len)):
+        if self.sequence_parallel:  # (each sequence a layer sees is split over the TP ranks)
+            lengths = ((("text_seq_len + image_seq_len (the stream)", m.stream_len),) if m.decoder_only else
+                       (("text_seq_len", m.text_seq_len), ("image_seq_len (image_grid**2)", m.image_seq_len)))
+            for name, n in lengths:
                 require(n % tp == 0, f"model.{name}={n} must be divisible by parallel.tp={tp} "
                                      "with sequence parallelism")
 

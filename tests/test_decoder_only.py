@@ -222,6 +222,22 @@ def test_layouts_equal_the_reference(pool2, dalle_reference, tmp_path, layout):
         assert losses == pytest.approx(dalle_reference[0], rel=1e-5, abs=1e-5)
 
 
+def test_sequence_parallelism_needs_only_the_stream_to_divide_over_tp(pool2, tmp_path):
+    """A caption of 15 and an image of 9 positions (each odd, the stream 24) at TP=2 with sequence parallelism: the
+    losses of DP=2 (the encoder-decoder's rule, each length divisible, refused it); a stream of 25 is refused."""
+    from training.config import load_config
+
+    odd = (*DALLE, "model.text_seq_len=15", "model.image_grid=3")
+    reference = pool2.run(run, str(tmp_path / "dp"), *odd, steps=3)[0]
+    for losses in pool2.run(run, str(tmp_path / "sp"), *odd, "parallel.tp=2", "parallel.sequence_parallel=true",
+                            steps=3):
+        assert losses == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    with pytest.raises(ConfigError, match=r"model.text_seq_len \+ image_seq_len \(the stream\)=25 must be divisible "
+                                          "by parallel.tp=2 with sequence parallelism"):
+        load_config("configs/train/debug.yaml", [*DALLE, "model.text_seq_len=16", "model.image_grid=3",
+                                                 "parallel.tp=2", "parallel.sequence_parallel=true"]).validate()
+
+
 def test_resume_on_another_layout(pool2, dalle_reference, tmp_path):
     first = pool2.run(run, str(tmp_path), *DALLE, "parallel.pp=2", steps=3)[0]
     second = pool2.run(run, str(tmp_path), *DALLE, "parallel.tp=2")[0]
