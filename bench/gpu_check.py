@@ -146,6 +146,11 @@ def summary_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tflops(value: float) -> str:
+    """A TFLOP/s figure: whole numbers on a GPU, two digits below 1 (a CPU's 0.4 printed as 0 before)."""
+    return f"{value:.0f}" if value >= 1 else f"{value:.2g}"
+
+
 def _key_results(name: str, r: dict) -> str:
     """A section's key results in one line; never raises (a result it cannot read says so: the .json has it
     whole), so that a surprise in one section's numbers cannot end the run."""
@@ -185,7 +190,7 @@ def _summarise(name: str, r: dict) -> str:
         parts.append("FAILED: " + ", ".join(r["failed_checks"]))
     if name == "environment":
         parts.append(f"{r.get('gpu', 'cpu')}, driver {r.get('driver')}, torch {r['torch']} (CUDA {r['torch_cuda']}), "
-                     f"NCCL {r.get('nccl')}; matmul {r['measured_matmul_tflops']:.0f} TFLOP/s; {r['peak']}")
+                     f"NCCL {r.get('nccl')}; matmul {_tflops(r['measured_matmul_tflops'])} TFLOP/s; {r['peak']}")
     elif name == "flash_attention":
         parts.append(", ".join(f"{k}: {v}" for k, v in r["kinds"].items()))
     elif name == "train_resume":

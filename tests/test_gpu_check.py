@@ -646,7 +646,7 @@ def test_an_mfu_sections_summary_line_reads_each_of_its_results():
 
 @pytest.mark.parametrize("name, result, line", [
     ("environment", {"torch": "2.9.0", "torch_cuda": None, "measured_matmul_tflops": 0.4, "peak": "no peak (cpu)"},
-     "cpu, driver None, torch 2.9.0 (CUDA None), NCCL None; matmul 0 TFLOP/s; no peak (cpu)"),
+     "cpu, driver None, torch 2.9.0 (CUDA None), NCCL None; matmul 0.4 TFLOP/s; no peak (cpu)"),
     ("train_resume", {"zero0": {"max_abs_diff": 1e-4, "mem_gb": 1.5}, "zero1": {"max_abs_diff": 2e-4, "mem_gb": 2.25},
                       "zero3": {"max_abs_diff": 3e-4, "mem_gb": None}},
      ("ZeRO-0: resume diff 1.0e-04, 1.50 GiB, ZeRO-1: resume diff 2.0e-04, 2.25 GiB, ZeRO-3: resume diff 3.0e-04, "
