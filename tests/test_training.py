@@ -910,8 +910,9 @@ def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layou
                                                                                   tmp_path):
     """train.init_from=<the reference run's directory> (its latest checkpoint, step 6; ZeRO-0, DP=2) at TP=2 with
     ZeRO-1 and learning rate 1e-12: the new run's checkpoint after its one step holds the reference's step-6 weights,
-    its own step and optimizer count 1. A folder that holds no checkpoint, another network and a text-encoder
-    warm start beside it are refused, naming the setting."""
+    its own step and optimizer count 1. A folder that holds no checkpoint, another network, a text-encoder warm
+    start beside it and a checkpoint in the run directory that --resume overwrite moves aside are refused, naming
+    the setting."""
     from training.config import ConfigError, load_config
     from training.export import open_checkpoint, read_weights
     from training.trainer import plan_resume
@@ -943,3 +944,5 @@ def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layou
     with pytest.raises(ConfigError, match="train.init_from and model.init_text_encoder: set one"):
         refused(f"train.init_from={run_dir}", f"model.init_text_encoder={run_dir}")
     assert refused(f"train.init_from={run_dir}/checkpoints/step_00000003").init_from.name == "step_00000003"
+    with pytest.raises(ConfigError, match="lies in the run directory whose checkpoints --resume overwrite moves"):
+        plan_resume(load_config("configs/train/debug.yaml", [f"train.init_from={run_dir}"]), run_dir, "overwrite")

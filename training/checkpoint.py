@@ -226,8 +226,9 @@ def write_blocks(sections: dict, path: Path, replicated: bool, background: bool 
     over those ranks instead of leaving them all to DP rank 0. It is left out when nothing is replicated (ZeRO
     parts are each rank's own): it all-gathers every rank's block metadata over data parallelism to share out
     writes there are none of.
-    megatron's access-integrity check is off: it all-gathers every rank's block metadata to every rank and, for
-    blocks off a regular grid (all but Adafactor's per-TP statistics), checks only their dtypes and shapes. At
+    megatron's access-integrity check is off (the fully parallel wrapper runs it itself; at ZeRO-0 the blocks
+    are whole tensors, few): it all-gathers every rank's block metadata to every rank and, for blocks off a
+    regular grid (all but Adafactor's per-TP statistics), checks only their dtypes and shapes. At
     parti-20b ZeRO-3 over 512 ranks, ~2.3M blocks, that is ~190 MiB and ~17 s of unpickling per rank and ~9 s of
     checks on rank 0 per save and per load (per block, measured on CPU: 87 B pickled, 7.4 us to unpickle, 3.8 us
     to check).

@@ -124,6 +124,10 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None =
     plan = _plan_start(cfg, run_dir, mode, tokenizers)
     if cfg.train.init_from and plan.tag is None:
         plan.init_from, message = init_checkpoint(cfg, tokenizers)
+        if plan.set_aside and plan.init_from.resolve().is_relative_to(Path(run_dir).resolve()):
+            raise ConfigError(f"train.init_from={plan.init_from} lies in the run directory whose checkpoints "
+                              "--resume overwrite moves aside (and a requeued segment would look for it there): copy "
+                              "that checkpoint out of it first, or start the new run in another --run-dir")
         plan.messages.append(message)
     return plan
 
@@ -133,7 +137,7 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
     once its files, network and data tokenizers are checked against this run's; ConfigError or CheckpointError
     naming it otherwise."""
     given = Path(cfg.train.init_from)
-    tag = checkpoint.resume_tag(given)[0] if checkpoint.has_checkpoints(given) else None
+    tag, note = checkpoint.resume_tag(given) if checkpoint.has_checkpoints(given) else (None, None)
     if (given / checkpoint.STATE_FILE).is_file():
         path = given
     elif tag:
@@ -156,7 +160,7 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
                           "mean other things to the model; give data made with the checkpoint's tokenizers")
     checkpoint.verify(path)
     return path, (f"weights from train.init_from={path} (its step {state['step']}); the optimizer, LR schedule and "
-                  "data order start anew")
+                  f"data order start anew{f' ({note})' if note else ''}")
 
 
 def _other_data_tokenizers(state: dict, tokenizers: dict | None) -> str:
