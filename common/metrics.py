@@ -107,21 +107,21 @@ class StepClock:
     def step_done(self) -> None:
         self.steps += 1
 
-    @contextlib.contextmanager
     def paused(self):
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded += time.perf_counter() - began
+        """A block whose time is left out of the steps'."""
+        return self._timed("excluded")
+
+    def waiting(self):
+        """A block of a step waiting for its input: counted in the step, and apart."""
+        return self._timed("waited")
 
     @contextlib.contextmanager
-    def waiting(self):
+    def _timed(self, total: str):
         began = time.perf_counter()
         try:
             yield
         finally:
-            self.waited += time.perf_counter() - began
+            setattr(self, total, getattr(self, total) + time.perf_counter() - began)
 
     def interval(self) -> tuple[float, float]:
         """(the interval's mean step time, its mean time waiting for input); the next interval starts now."""
