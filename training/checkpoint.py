@@ -5,6 +5,7 @@
     tag = latest_tag(run_dir)                         # None when there is no `latest` pointer
     tag, note = resume_tag(run_dir)                   # `latest`'s, else the newest complete checkpoint
     trainer_state = load(engine, cfg, layout, run_dir, tag)   # at this run's TP/PP/DP/ZeRO layout
+    load_weights(engine, cfg, checkpoint_folder)      # train.init_from: its fp32 weights alone, any layout
 
 Why dist_checkpointing rather than DeepSpeed's own checkpoints: DeepSpeed's native files are tied to the
 DP size and, under a pipeline, to per-layer files; its universal conversion is an offline step and
