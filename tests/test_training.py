@@ -9,6 +9,7 @@ held-out loss at steps 3 and 6.
 from __future__ import annotations
 
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -946,3 +947,43 @@ def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layou
     assert refused(f"train.init_from={run_dir}/checkpoints/step_00000003").init_from.name == "step_00000003"
     with pytest.raises(ConfigError, match="lies in the run directory whose checkpoints --resume overwrite moves"):
         plan_resume(load_config("configs/train/debug.yaml", [f"train.init_from={run_dir}"]), run_dir, "overwrite")
+
+
+def test_a_run_initialised_from_an_export_starts_from_its_weights(pool4, single_process, reference, tmp_path):
+    """train.init_from=<an export of the reference run> (one safetensors file of whole weights) at TP=2 with ZeRO-1
+    over DP=2, each rank reading its TP slice's ZeRO part of the file: after one step at learning rate 1e-12 the
+    new run's checkpoint holds the exported weights. An export of another network, a damaged one and one whose
+    weights are not its config's are refused before anything is built, naming the file."""
+    from safetensors.torch import load_file
+
+    from common.checkpoints import CheckpointError
+    from training.config import ConfigError, load_config
+    from training.export import export, open_checkpoint, read_weights
+    from training.trainer import plan_resume
+
+    exported = export(reference[1], out=tmp_path / "export")
+    pool4.run(run, str(tmp_path / "new"), f"train.init_from={exported}", "parallel.tp=2", "parallel.zero_stage=1",
+              "train.lr=1e-12", "train.min_lr=1e-12", "train.eval_interval=0", steps=1)
+    path, _, shapes = open_checkpoint(tmp_path / "new", "step_00000001")
+    start, before = read_weights(path, shapes), load_file(exported / "model.safetensors")
+    assert start.keys() == before.keys()
+    for name, value in before.items():  # (the step at learning rate 1e-12 moved them by ~1e-12)
+        torch.testing.assert_close(start[name], value, rtol=0, atol=1e-10, msg=name)
+
+    def plan(source, *sets):
+        cfg = load_config("configs/train/debug.yaml", [f"train.init_from={source}", *sets]).validate()
+        return plan_resume(cfg, tmp_path / "other", "auto")
+
+    assert f"(an export of step_{STEPS:08d})" in " ".join(plan(exported).messages)
+    with pytest.raises(ConfigError, match=rf"init_from={exported}: the export holds another network \(model.hidden"):
+        plan(exported, "model.hidden_size=32", "model.num_heads=2")
+    edited = tmp_path / "edited"
+    shutil.copytree(exported, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "checkpoint": "step_00000003"}))
+    with pytest.raises(CheckpointError, match=rf"{edited}: model.safetensors holds the weights of checkpoint step_0"):
+        plan(edited)
+    weights = edited / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"{weights}: cannot be read .*damaged or truncated"):
+        plan(edited)

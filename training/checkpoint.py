@@ -91,6 +91,8 @@ from training.deepspeed_glue import (
 
 STATE_FILE = "trainer_state.json"
 """Written last into a checkpoint folder: its presence marks the checkpoint complete."""
+EXPORT_WEIGHTS = "model.safetensors"
+"""The weights file of training.export's folder (train.init_from takes one)."""
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "config_history", "tensorboard", "wandb", "export",
              "REQUEUE")
@@ -491,12 +493,32 @@ def load_weights(engine, cfg, path: Path) -> None:
     """The fp32 master weights of the checkpoint at `path` into the engine at this run's layout, its optimizer
     state left as it is (train.init_from: a new run from another's weights)."""
     template, params = _state_dict(engine, cfg.model, optimizer=False)
+    export = path / EXPORT_WEIGHTS
     try:
-        load_in_place(template, path)
+        if export.is_file():
+            fill_from_export(template["model"], export)
+        else:
+            load_in_place(template, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - as load's
-        raise CheckpointError(f"train.init_from={path}: cannot read the checkpoint's weights ({failure_cause(e)})") \
+        source = "export" if export.is_file() else "checkpoint"
+        raise CheckpointError(f"train.init_from={path}: cannot read the {source}'s weights ({failure_cause(e)})") \
             from None
     refresh_working_weights(engine, params)
+
+
+def fill_from_export(blocks: dict, file: Path) -> None:
+    """Fill a template's model blocks (views of live tensors) from training.export's model.safetensors, which
+    holds each weight whole (TP=1) under its name: each rank reads only its blocks' windows of the mapped file.
+    (An export is one safetensors file, not a dist_checkpointing folder: read with safetensors' slices.)"""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f, torch.no_grad():
+        for block in blocks.values():
+            name, whole = block.key.removeprefix("model."), f.get_slice(block.key.removeprefix("model."))
+            if tuple(whole.get_shape()) != tuple(block.global_shape):  # (a slice out of bounds would be cut short)
+                raise ValueError(f"{file}: {name} is {tuple(whole.get_shape())}, this run's model has "
+                                 f"{tuple(block.global_shape)}")
+            block.data.copy_(whole[tuple(slice(o, o + n) for o, n in zip(block.global_offset, block.local_shape))])
 
 
 def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> dict:

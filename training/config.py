@@ -99,8 +99,9 @@ class TrainConfig:
     W&B run's id is the training run's: the segments of a preempted and requeued run are one W&B run."""
     init_from: str = ""
     """Fine-tuning or a warm start: a checkpoint of python -m training.train (its folder, or a run directory:
-    the checkpoint `latest` names) whose fp32 weights start this run, at any layout, with a new optimizer, LR
-    schedule and data order from step 0 (Megatron-LM's --pretrained-checkpoint with --finetune; '' = none).
+    the checkpoint `latest` names) or an export folder (training.export's) whose fp32 weights start this run, at
+    any layout, with a new optimizer, LR schedule and data order from step 0 (Megatron-LM's
+    --pretrained-checkpoint with --finetune; '' = none).
     The network must be the checkpoint's; a run with checkpoints of its own resumes those instead."""
     profile_step: int = 0
     """The first step traced with torch's profiler, numbered as the log numbers steps (0: none; Megatron-LM's

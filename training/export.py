@@ -14,6 +14,7 @@ a randomly initialised copy, so a model needs its weights' memory once, not twic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from common.state_file import check_fits
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
 from model_parallel.state import init_parallel
-from training.checkpoint import read_blocks, read_trainer_state, resume_tag, sharded_blocks, verify
+from training.checkpoint import EXPORT_WEIGHTS, read_blocks, read_trainer_state, resume_tag, sharded_blocks, verify
 from training.deepspeed_glue import Fragment, local_shape
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -211,33 +212,51 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     with torch.device("meta"):
         model = PartiModel(model_cfg, meta=True)
     file = path / "model.safetensors"
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            weights_tag = (f.metadata() or {}).get("checkpoint")
-            names = list(f.keys())
-            if weights_tag is not None and weights_tag != config.get("checkpoint"):  # (None: written without it)
-                raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, "
-                                 f"config.json describes {config.get('checkpoint')} (an export stopped between its "
-                                 "two files?); export again")
-            slices = {name: f.get_slice(name) for name in names}
-            other = [f"{n} ({s.get_dtype()})" for n, s in slices.items() if s.get_dtype() not in FLOAT_DTYPES]
-            if other:  # (cast to `dtype`, integers or booleans would load as weights without a word)
-                raise ValueError(f"{file}: {len(other)} tensor(s) not floating point: {', '.join(other[:6])}"
-                                 f"{' ...' if len(other) > 6 else ''}; training.export writes F32 weights: export "
-                                 "again")
-            shapes = {name: torch.empty(s.get_shape(), device="meta") for name, s in slices.items()}
-            megatron_extra = tuple(k for k in model.state_dict() if k.endswith("_extra_state"))  # (not exported)
-            check_fits(model, shapes, str(file), optional=megatron_extra,
-                       advice="its config.json describes another model than its weights: export again")
-            weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in names}
-    except (OSError, ValueError):
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError (a truncated file) and kin: name the file
-        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e)[:200]}); damaged or truncated: "
-                         "export again") from None
+    with readable(file), safe_open(str(file), framework="pt", device="cpu") as f:
+        shapes = {name: torch.empty(shape, device="meta") for name, shape in weight_shapes(f, config, path).items()}
+        megatron_extra = tuple(k for k in model.state_dict() if k.endswith("_extra_state"))  # (not exported)
+        check_fits(model, shapes, str(file), optional=megatron_extra,
+                   advice="its config.json describes another model than its weights: export again")
+        weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
     assign_weights(model, weights, str(file))
     move_buffers(model, device)
     return model.eval()
+
+
+@contextlib.contextmanager
+def readable(file: Path):
+    """Around reading an export's model.safetensors: safetensors' own errors (SafetensorError: a truncated or
+    damaged file) become a ValueError naming the file; OSError and ValueError pass as they are."""
+    try:
+        yield
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError and kin
+        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e)[:200]}); damaged or truncated: "
+                         "export again") from None
+
+
+def weight_shapes(f, config: dict, path: Path) -> dict[str, tuple]:
+    """{name: shape} of the open model.safetensors `f` of export folder `path` (config: its config.json), once
+    the file is checked to be that config's (its checkpoint tag) and to hold floating-point tensors only."""
+    weights_tag = (f.metadata() or {}).get("checkpoint")
+    if weights_tag is not None and weights_tag != config.get("checkpoint"):  # (None: written without it)
+        raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, config.json "
+                         f"describes {config.get('checkpoint')} (an export stopped between its two files?); export "
+                         "again")
+    names = list(f.keys())  # (a safe_open handle is not a mapping)
+    slices = {name: f.get_slice(name) for name in names}
+    other = [f"{n} ({s.get_dtype()})" for n, s in slices.items() if s.get_dtype() not in FLOAT_DTYPES]
+    if other:  # (cast to a float dtype, integers or booleans would load as weights without a word)
+        raise ValueError(f"{path / 'model.safetensors'}: {len(other)} tensor(s) not floating point: "
+                         f"{', '.join(other[:6])}{' ...' if len(other) > 6 else ''}; training.export writes F32 "
+                         "weights: export again")
+    return {name: tuple(s.get_shape()) for name, s in slices.items()}
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is a folder training.export wrote (its two files)."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / EXPORT_WEIGHTS).is_file()
 
 
 def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str = "weights") -> None:

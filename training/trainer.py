@@ -38,6 +38,7 @@ from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import RESUME_MODES, Config, change_messages, format_changes, layout_of, resume_changes
 from training.deepspeed_glue import NonFiniteStop
+from training.export import is_export, read_export_config, readable, weight_shapes
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
 from training.text_encoder import load_text_encoder
@@ -133,34 +134,59 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None =
 
 
 def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
-    """train.init_from's checkpoint folder (a run directory's: the one `latest` names) and the log line saying so,
-    once its files, network and data tokenizers are checked against this run's; ConfigError or CheckpointError
-    naming it otherwise."""
+    """train.init_from's folder (a checkpoint's, an export's, or a run directory's: the checkpoint `latest`
+    names) and the log line saying so, once its files, network and data tokenizers are checked against this
+    run's; ConfigError or CheckpointError naming it otherwise."""
     given = Path(cfg.train.init_from)
     tag, note = checkpoint.resume_tag(given) if checkpoint.has_checkpoints(given) else (None, None)
     if (given / checkpoint.STATE_FILE).is_file():
         path = given
     elif tag:
         path = checkpoint.checkpoint_dir(given) / tag
+    elif is_export(given):
+        return given, _check_init_source(cfg, given, _export_state(given), tokenizers, "export")
     else:
-        raise ConfigError(f"train.init_from={given}: neither a checkpoint folder ({checkpoint.STATE_FILE}) nor a run "
-                          "directory with a complete checkpoint (expected those of python -m training.train)")
+        raise ConfigError(f"train.init_from={given}: neither a checkpoint folder ({checkpoint.STATE_FILE}), an export "
+                          "(config.json, model.safetensors) nor a run directory with a complete checkpoint (expected "
+                          "those of python -m training.train or training.export)")
     state = checkpoint.read_trainer_state(path)
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path / checkpoint.STATE_FILE}: holds no config, so the network whose weights it "
                               "holds cannot be checked against this run's")
+    message = _check_init_source(cfg, path, state, tokenizers, "checkpoint")
+    checkpoint.verify(path)
+    return path, message + (f" ({note})" if note else "")
+
+
+def _export_state(path: Path) -> dict:
+    """An export folder's config.json in the shape of a checkpoint's trainer state (config, step, data_tokenizers),
+    its model.safetensors checked to be that config's (training.export: ValueError naming the file otherwise)."""
+    from safetensors import safe_open
+
+    try:
+        config = read_export_config(path)
+        with readable(path / "model.safetensors"), safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            weight_shapes(f, config, path)
+    except ValueError as e:  # (the messages name the file; a CheckpointError reaches every rank as one)
+        raise CheckpointError(f"train.init_from: {e}") from None
+    return {"config": {"model": config["model"]}, "step": config.get("checkpoint"),
+            "data_tokenizers": config.get("data_tokenizers")}
+
+
+def _check_init_source(cfg: Config, path: Path, state: dict, tokenizers: dict | None, kind: str) -> str:
+    """The log line of a train.init_from source whose network and data tokenizers are this run's; ConfigError
+    naming it otherwise."""
     network = [c for c in resume_changes(state["config"], cfg)["refused"] if c[0].startswith("model.")]
     if network:
-        raise ConfigError(f"train.init_from={path}: the checkpoint holds another network ({format_changes(network)}); "
-                          "set the model section as the checkpoint's")
+        raise ConfigError(f"train.init_from={path}: the {kind} holds another network ({format_changes(network)}); "
+                          f"set the model section as the {kind}'s")
     differ = _other_data_tokenizers(state, tokenizers)
     if differ:
         raise ConfigError(f"train.init_from={path}: its weights were trained on data made with another "
                           f"{differ} than data.shards={cfg.data.shards!r}, so its codes or text ids "
-                          "mean other things to the model; give data made with the checkpoint's tokenizers")
-    checkpoint.verify(path)
-    return path, (f"weights from train.init_from={path} (its step {state['step']}); the optimizer, LR schedule and "
-                  f"data order start anew{f' ({note})' if note else ''}")
+                          f"mean other things to the model; give data made with the {kind}'s tokenizers")
+    step = f"its step {state['step']}" if kind == "checkpoint" else f"an export of {state['step'] or 'a checkpoint'}"
+    return f"weights from train.init_from={path} ({step}); the optimizer, LR schedule and data order start anew"
 
 
 def _other_data_tokenizers(state: dict, tokenizers: dict | None) -> str:
