@@ -50,7 +50,11 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
     (gpus_per_node GPUs per node; 0: CPU nodes running NPROC_PER_NODE processes each, default 1): the others
     are skipped with the trainer's reason (TP x PP not dividing the processes, heads not splitting over TP,
     a global batch smaller than micro-batch x DP ...) instead of failing in the queue."""
-    procs = gpus_per_node or int(os.environ.get("NPROC_PER_NODE", 1))
+    if gpus_per_node < 0:
+        raise ValueError(f"--gpus-per-node {gpus_per_node}: expected GPUs per node >= 0 (0: CPU nodes)")
+    procs = gpus_per_node or nproc_per_node(1)
+    if procs < 1:  # (0 processes: every combination's DP would be a division by zero)
+        raise ValueError(f"NPROC_PER_NODE={procs}: expected processes per CPU node >= 1 (--gpus-per-node 0)")
     jobs = []
     for model in dict.fromkeys(models):  # (a value given twice would queue two jobs into one run folder)
         # (a mistake in the config or the overrides is refused here, not reported as every combination skipped)
@@ -81,15 +85,32 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
     return jobs
 
 
+def nproc_per_node(default: int) -> int:
+    """NPROC_PER_NODE from the environment (unset or empty: `default`, as train.sbatch reads it); a ValueError
+    naming the variable when it is not a whole number."""
+    text = os.environ.get("NPROC_PER_NODE", "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"NPROC_PER_NODE={text!r}: expected a whole number of processes per node") from None
+
+
 def submit(args) -> None:
     out = Path(args.out)
+    if args.gpus_per_node is None:  # (read here, not as the flag's default: `collect` does not depend on it)
+        args.gpus_per_node = nproc_per_node(8)
     if args.gpus_per_node == 0 and os.environ.get("DEVICE", "cuda") == "cuda":
         raise SystemExit("sweep: --gpus-per-node 0 runs on CPU nodes: set DEVICE=cpu (or auto) in the environment "
                          "(train.sbatch's default, cuda, would fail every job at its start)")
     nodes = [int(n) if n.strip().isdigit() and int(n) > 0 else 0 for n in args.nodes.split(",")]
     if 0 in nodes:
         raise ValueError(f"--nodes {args.nodes}: expected node counts >= 1, comma-separated (e.g. 1,2,4)")
-    jobs = submissions(args.models.split(","), nodes, args.layouts.split(","),
+    models = [m.strip() for m in args.models.split(",")]
+    if "" in models:  # (an empty name would queue the config's model without its preset, in a folder "-n1-...")
+        raise ValueError(f"--models {args.models}: expected preset names, comma-separated (e.g. parti-350m,parti-3b)")
+    jobs = submissions(models, nodes, args.layouts.split(","),
                        args.config, out, args.steps, args.set, args.gpus_per_node, shlex.split(args.sbatch_args))
     if not jobs:
         raise SystemExit("sweep: no combination fits (see the reasons above); nothing submitted")
@@ -234,9 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--nodes", required=True, help="comma-separated node counts")
     s.add_argument("--layouts", required=True, help="comma-separated tpNppNzN")
     s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("NPROC_PER_NODE", 8)),
-                   help="GPUs (= processes) per node, passed to sbatch; 0: CPU nodes, NPROC_PER_NODE (default 1) "
-                        "processes each (set DEVICE=cpu)")
+    s.add_argument("--gpus-per-node", type=int, help="GPUs (= processes) per node, passed to sbatch (default: "
+                   "NPROC_PER_NODE, else 8); 0: CPU nodes, NPROC_PER_NODE (default 1) processes each (set DEVICE=cpu)")
     s.add_argument("--sbatch-args", default="", help='further sbatch options for every job, one string: '
                    '--sbatch-args="--partition=gpu --cpus-per-task=64"')
     s.add_argument("--set", nargs="*", default=[], help="further overrides for every run")
@@ -245,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("folder")
     c.add_argument("--warmup", type=int, default=2, help="logged steps left out of the medians")
     args = parser.parse_args(argv)
+    if args.action == "collect" and args.warmup < 0:  # (a negative one would keep the last -N rows only)
+        parser.error(f"--warmup {args.warmup}: expected logged steps >= 0")
     with command(errors=(ValueError, FileNotFoundError), label="slurm.sweep"):  # (bad input: one line)
         if args.action == "submit":
             submit(args)

@@ -255,3 +255,34 @@ def test_collect_takes_peaks_medians_and_pipeline_layouts_and_plots_node_counts_
     assert [y for _, y in drawn].count([9.5]) == 3  # each run's held-out loss
     assert "| e-n2-tp1pp2z0 | parti-debug | 4 | 1 | 2 | 2 | 0 | 123.5 | 30.86 | 2 | 0.2 | 3 |" in \
         (tmp_path / "results.md").read_text()
+
+
+def test_an_empty_model_name_and_bad_process_counts_are_one_line_before_anything_is_queued(tmp_path, monkeypatch):
+    """A trailing comma in --models queued the config's model without its preset in a folder "-n1-tp1pp1z1";
+    --gpus-per-node -1 was validated as world size -1 and queued; NPROC_PER_NODE=0 for CPU nodes ended in a
+    ZeroDivisionError, and an empty NPROC_PER_NODE (train.sbatch's unset) in a traceback, `collect` included;
+    a negative --warmup kept only the last rows."""
+    from slurm.sweep import main
+
+    write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0])
+    monkeypatch.setenv("NPROC_PER_NODE", "")
+    main(["collect", str(tmp_path)])
+    submit = ["submit", "--out", str(tmp_path / "s"), "--config", "configs/train/debug.yaml", "--nodes", "1",
+              "--layouts", "tp1pp1z1", "--dry-run"]
+    for env, argv, says in (
+            ({}, ["--models", "parti-debug,", "--gpus-per-node", "2"], "--models parti-debug,: expected preset"),
+            ({}, ["--models", "parti-debug", "--gpus-per-node", "-1"], "--gpus-per-node -1: expected GPUs"),
+            ({"DEVICE": "cpu", "NPROC_PER_NODE": "0"}, ["--models", "parti-debug"], "NPROC_PER_NODE=0: expected"),
+            ({"NPROC_PER_NODE": "x"}, ["--models", "parti-debug"], "NPROC_PER_NODE='x': expected a whole number")):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as stop:
+            main([*submit, *argv])
+        assert isinstance(stop.value.code, str) and says in stop.value.code, stop.value.code
+    assert not (tmp_path / "s").exists()
+    monkeypatch.setenv("NPROC_PER_NODE", "")  # (empty: unset, as train.sbatch reads it: 8 GPUs a node)
+    main([*submit, "--models", "parti-debug", "--set", "train.micro_batch_size=1"])
+    assert "--gpus-per-node=8" in json.loads((tmp_path / "s" / "jobs.json").read_text())[0]["command"]
+    with pytest.raises(SystemExit) as stop:
+        main(["collect", str(tmp_path), "--warmup", "-1"])
+    assert stop.value.code == 2
