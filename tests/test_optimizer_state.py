@@ -151,8 +151,7 @@ def saved_weights_off_the_bf16_grid(run_dir: str, tag: str) -> float:
     """In a pool worker: the fraction of a checkpoint's saved weights that no bf16 number equals."""
     from training.export import open_checkpoint, read_weights
 
-    path, _, shapes = open_checkpoint(run_dir, tag)
-    weights = read_weights(path, shapes)
+    weights = read_weights(open_checkpoint(run_dir, tag))
     flat = torch.cat([w.flatten() for w in weights.values()])
     return (flat != flat.bfloat16().float()).float().mean().item()
 

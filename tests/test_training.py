@@ -686,8 +686,8 @@ def test_export_reads_the_checkpoint_asked_for_and_refuses_broken_ones(one_proce
     assert json.loads((latest / "config.json").read_text())["checkpoint"] == f"step_{STEPS:08d}"
     step3 = export(one_process_run, "step_00000003", tmp_path / "step3")
     assert json.loads((step3 / "config.json").read_text())["checkpoint"] == "step_00000003"
-    path, _, shapes = open_checkpoint(one_process_run, "step_00000003")
-    weights = read_weights(path, shapes)
+    opened = open_checkpoint(one_process_run, "step_00000003")
+    weights, shapes = read_weights(opened), opened.shapes
     with safe_open(str(step3 / "model.safetensors"), "pt") as f:
         assert all(torch.equal(f.get_tensor(n), weights[n]) for n in shapes)
     with safe_open(str(latest / "model.safetensors"), "pt") as f:
@@ -712,21 +712,28 @@ def test_export_reads_the_checkpoint_asked_for_and_refuses_broken_ones(one_proce
 
 def test_export_reads_group_by_group_and_a_failed_reexport_keeps_the_earlier_one(one_process_run, tmp_path,
                                                                                 monkeypatch):
-    """group_bytes reaches read_weights (one call per group, the same file); a tensor read back in another dtype
-    or shape stops the export naming it, and the export it was to replace is left as it was, no temporary
-    file beside it."""
+    """group_bytes reaches read_weights (one call per group, the same file), and the tensor index is read once
+    (safely, by verify), not again by every group's read; a tensor read back in another dtype or shape stops the
+    export naming it, and the export it was to replace is left as it was, no temporary file beside it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from training import checkpoint_verify
     from training import export as export_module
 
     out = export_module.export(one_process_run, "step_00000003", tmp_path / "export")
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    read, calls = export_module.read_weights, []
+    read, calls, index_reads = export_module.read_weights, [], []
     monkeypatch.setattr(export_module, "read_weights",
-                        lambda path, shapes: calls.append(len(shapes)) or read(path, shapes))
+                        lambda opened, names: calls.append(len(names)) or read(opened, names))
+    for owner, name in ((FileSystemReader, "read_metadata"), (checkpoint_verify, "read_index")):
+        monkeypatch.setattr(owner, name, lambda *a, real=getattr(owner, name): index_reads.append(1) or real(*a))
     streamed = export_module.export(one_process_run, "step_00000003", tmp_path / "streamed", group_bytes=1 << 16)
     assert len(calls) > 3 and (streamed / "model.safetensors").read_bytes() == before["model.safetensors"]
+    assert len(index_reads) == 1
+    monkeypatch.undo()
     for damage in (lambda w: w.bfloat16(), lambda w: w.flatten()):
-        def damaged(path, shapes, damage=damage):
-            weights = read(path, shapes)
+        def damaged(opened, names, damage=damage):
+            weights = read(opened, names)
             return {n: damage(w) if n == max(weights) else w for n, w in weights.items()}
 
         monkeypatch.setattr(export_module, "read_weights", damaged)
@@ -919,8 +926,7 @@ def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layou
     from training.trainer import plan_resume
 
     def weights(run_dir, tag):
-        path, _, shapes = open_checkpoint(run_dir, tag)
-        return read_weights(path, shapes)
+        return read_weights(open_checkpoint(run_dir, tag))
 
     run_dir = reference[1]
     pool2.run(run, str(tmp_path / "new"), f"train.init_from={run_dir}", "parallel.tp=2", "parallel.zero_stage=1",
@@ -964,8 +970,8 @@ def test_a_run_initialised_from_an_export_starts_from_its_weights(pool4, single_
     exported = export(reference[1], out=tmp_path / "export")
     pool4.run(run, str(tmp_path / "new"), f"train.init_from={exported}", "parallel.tp=2", "parallel.zero_stage=1",
               "train.lr=1e-12", "train.min_lr=1e-12", "train.eval_interval=0", steps=1)
-    path, _, shapes = open_checkpoint(tmp_path / "new", "step_00000001")
-    start, before = read_weights(path, shapes), load_file(exported / "model.safetensors")
+    start = read_weights(open_checkpoint(tmp_path / "new", "step_00000001"))
+    before = load_file(exported / "model.safetensors")
     assert start.keys() == before.keys()
     for name, value in before.items():  # (the step at learning rate 1e-12 moved them by ~1e-12)
         torch.testing.assert_close(start[name], value, rtol=0, atol=1e-10, msg=name)

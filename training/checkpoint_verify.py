@@ -1,6 +1,6 @@
 """Safety of what a checkpoint gives back: its files checked before anything is built from them.
 
-    verify(run_dir / "checkpoints" / "step_00000100")   # CheckpointError naming the file, or None
+    index = verify(run_dir / "checkpoints" / "step_00000100")   # CheckpointError naming the file, or its index
     state = load_rng_file(path / "rng_rank0.pt")
 
 The tensor index `.metadata` (a pickle that torch.distributed.checkpoint unpickles unrestricted) is first read
@@ -96,8 +96,9 @@ def _is_byte_tensor(value) -> bool:
 ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a .distcp starts with one
 
 
-def verify(path: Path) -> None:
-    """Refuse (CheckpointError naming the file) a checkpoint folder whose files cannot be what its index
+def verify(path: Path) -> Metadata:
+    """The tensor index of a checkpoint folder, once its files are checked: refuse (CheckpointError naming the
+    file) a checkpoint folder whose files cannot be what its index
     says: index unreadable, unsafe (a record class outside its own, an entry that is not a tensor) or malformed, a
     .distcp file missing, shorter than its records reach, or without a tensor record where one should start;
     an RNG file that is not plain tensors; metadata.json or common.pt missing or unreadable. Reads the index,
@@ -137,6 +138,7 @@ def verify(path: Path) -> None:
     for file in sorted(path.glob("rng_rank*.pt")):
         load_rng_file(file)
     _check_megatron_files(path)
+    return index
 
 
 def _check_every_chunk_stored(path: Path, entries: dict, storage: dict) -> None:
