@@ -346,17 +346,19 @@ def test_export_checks_the_checkpoint_before_reading_it(single_process, referenc
 
 def test_verify_finds_a_one_byte_cut_damage_past_the_first_record_and_a_missing_file(reference, tmp_path):
     """verify() on the reference's last checkpoint: a .distcp one byte short of its last record's end, a tensor
-    record's header overwritten at the file's last record (not its first), a .distcp gone, a metadata.json that is
-    JSON but no object, a common.pt that is there but unreadable, an RNG file of another rank than this process's
-    (one a resume at another layout does not load: refused before anything is built all the same); with two files
-    cut, the first in file order is named (as a serial check would)."""
+    record's header overwritten at the file's last record (not its first), and its zip's end-of-directory (where
+    torch.load begins reading it), a .distcp gone, a metadata.json that is JSON but no object, a common.pt that
+    is there but unreadable, an RNG file of another rank than this process's (one a resume at another layout
+    does not load: refused before anything is built all the same); with two files cut, the first in file order
+    is named (as a serial check would)."""
     from common.checkpoints import CheckpointError
     from training.checkpoint import verify
     from training.checkpoint_verify import read_index
 
     folder = tmp_path / LAST
     index = read_index(reference[1] / "checkpoints" / LAST)
-    last_record = max(i.offset for i in index.storage_data.values() if i.relative_path == "__0_0.distcp")
+    last_record, last_length = max((i.offset, i.length) for i in index.storage_data.values()
+                                   if i.relative_path == "__0_0.distcp")
     assert last_record > 0
 
     def cut(name: str) -> int:
@@ -370,10 +372,16 @@ def test_verify_finds_a_one_byte_cut_damage_past_the_first_record_and_a_missing_
             f.seek(last_record)
             f.write(b"\0\0\0\0")
 
+    def overwrite_last_records_end() -> None:  # (its zip's end-of-directory, which torch.load reads first)
+        with open(folder / "__0_0.distcp", "r+b") as f:
+            f.seek(last_record + last_length - 22)
+            f.write(b"\0\0\0\0")
+
     cases = [
         (lambda: cut("__0_1.distcp"), "__0_1.distcp is truncated: {size_1} bytes, its tensor index expects {size}"),
         (lambda: (cut("__0_1.distcp"), cut("__0_0.distcp"))[1], "__0_0.distcp is truncated: "),
         (overwrite_last_record, f"__0_0.distcp is corrupt: no tensor record at byte {last_record}, "),
+        (overwrite_last_records_end, f"__0_0.distcp is corrupt: the tensor record at byte {last_record} does not end "),
         (lambda: (folder / "__0_1.distcp").unlink(), "__0_1.distcp is missing (the tensor index "),
         (lambda: (folder / "metadata.json").write_text("[]"), "metadata.json: cannot be read (not a JSON object)"),
         (lambda: (folder / "rng_rank1.pt").write_bytes(b"not a zip"), "rng_rank1.pt: not a plain RNG-state file"),

@@ -94,15 +94,17 @@ def _is_byte_tensor(value) -> bool:
 
 
 ZIP_RECORD = b"PK\x03\x04"  # torch.save's zip archive: every tensor record of a .distcp starts with one
+ZIP_END, ZIP_END_SIZE = b"PK\x05\x06", 22  # and ends with its end-of-central-directory record (no comment)
 
 
 def verify(path: Path) -> Metadata:
     """The tensor index of a checkpoint folder, once its files are checked: refuse (CheckpointError naming the
     file) a checkpoint folder whose files cannot be what its index
     says: index unreadable, unsafe (a record class outside its own, an entry that is not a tensor) or malformed, a
-    .distcp file missing, shorter than its records reach, or without a tensor record where one should start;
+    .distcp file missing, shorter than its records reach, or without a tensor record where one should start or
+    the end of one where it should end;
     an RNG file that is not plain tensors; metadata.json or common.pt missing or unreadable. Reads the index,
-    a few bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected: the
+    8 bytes per record and the small RNG files. (Bit flips inside a tensor's bytes are not detected: the
     format has no checksums.)"""
     index = read_index(path)
     entries, storage = getattr(index, "state_dict_metadata", None), getattr(index, "storage_data", None)
@@ -129,8 +131,8 @@ def verify(path: Path) -> Metadata:
         tensor = isinstance(entries.get(getattr(where, "fqn", None)), TensorStorageMetadata)
         plain = tensor and not getattr(info, "transform_descriptors", None)
         files.setdefault(info.relative_path, []).append((info.offset, info.length, plain))
-    # A thread per file, up to 32: a file's check is 4 bytes read at each of its records (a record per tensor
-    # block a rank wrote), one round trip each on a parallel file system; those of different files overlap.
+    # A thread per file, up to 32: a file's check is 4 bytes read at each end of each of its records (a record
+    # per tensor block a rank wrote), a round trip each on a parallel file system; those of different files overlap.
     with ThreadPoolExecutor(max_workers=max(1, min(32, len(files)))) as pool:
         for problem in pool.map(lambda item: _file_problem(path / item[0], item[1]), sorted(files.items())):
             if problem:  # (the first in file order, as a serial check would find)
@@ -191,9 +193,15 @@ def _file_problem(file: Path, records: list[tuple[int, int, bool]]) -> str | Non
         return f"{file} is truncated: {size} bytes, its tensor index expects {end}"
     fd = os.open(file, os.O_RDONLY)
     try:
-        for offset, _, plain in sorted(records):
+        for offset, length, plain in sorted(records):
             if plain and os.pread(fd, 4, offset) != ZIP_RECORD:
                 return f"{file} is corrupt: no tensor record at byte {offset}, where its tensor index places one"
+            # (the zip's directory, which torch.load reads first: damaged there, the load failed without naming
+            # the file, after the job's start-up)
+            end = offset + length - ZIP_END_SIZE
+            if plain and (length < ZIP_END_SIZE + 4 or os.pread(fd, 4, end) != ZIP_END):
+                return (f"{file} is corrupt: the tensor record at byte {offset} does not end where its tensor index "
+                        f"says ({length} bytes on, no zip end-of-directory at byte {end})")
     finally:
         os.close(fd)
     return None
