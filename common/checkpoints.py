@@ -216,8 +216,9 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 def failure_cause(e: BaseException) -> str:
     """One line for why a write failed: the OSError's own text when one is in the chain (also inside
     torch.distributed.checkpoint's CheckpointException, which carries each rank's failure, and in
-    messages that only quote it, '[Errno 28] ...' after crossing a process boundary); else e's text."""
-    stack, seen, texts = [e], set(), []
+    messages that only quote it, '[Errno 28] ...' after crossing a process boundary); else the first rank's
+    failure inside a CheckpointException (whose own text is a traceback, cut before its cause), else e's text."""
+    stack, seen, texts, inner = [e], set(), [], None
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
@@ -227,7 +228,9 @@ def failure_cause(e: BaseException) -> str:
             return f"{x.strerror or os.strerror(x.errno)} (errno {errno.errorcode.get(x.errno, x.errno)})"
         failures = getattr(x, "failures", None)
         if isinstance(failures, dict):
-            stack.extend(v[0] if isinstance(v, tuple) else v for v in failures.values())
+            ranks = [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+            inner = inner or next((x for x in ranks if isinstance(x, BaseException)), None)
+            stack.extend(ranks)
         stack.extend((x.__cause__, x.__context__))
         texts.append(str(x))
     for text in texts:
@@ -235,7 +238,7 @@ def failure_cause(e: BaseException) -> str:
         if match:
             n = int(match.group(1))
             return f"{os.strerror(n)} (errno {errno.errorcode.get(n, n)})"
-    return one_line(e)
+    return f"{type(inner).__name__}: {one_line(inner)}" if inner is not None else one_line(e)
 
 
 def free_space(path: Path) -> str:

@@ -847,3 +847,52 @@ def test_text_files_need_a_tokenizer_that_fits_the_vocabulary_and_held_out_files
     held_out = held_out_captions(cfg, captions, [str(held)])
     assert len(held_out) == 32 and held_out.watched == 2 and held_out.found == {"two green cats"}
     assert caption_source(cfg, files, spm).watched == 0
+
+
+def damage_first_record(folder: Path, where: int) -> None:
+    """Flip 4 bytes of the first tensor record of folder's tensor index at `where` from its start (70: inside the
+    pickle of its zip, which verify's few bytes per record do not read), or from its end if negative (-22: its
+    zip's end-of-directory signature)."""
+    from training.checkpoint_verify import read_index
+
+    info = min(read_index(folder).storage_data.values(), key=lambda i: (i.relative_path, i.offset))
+    at = info.offset + (where if where >= 0 else info.length + where)
+    with open(folder / info.relative_path, "r+b") as f:
+        f.seek(at)
+        data = f.read(4)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_a_damaged_encoder_folder_or_checkpoint_is_refused_in_one_line_naming_it(pretrained, single_process,
+                                                                                  tmp_path):
+    """A pre-trained encoder's folder or a pre-training checkpoint damaged past the first bytes of its records:
+    a CheckpointError naming the folder (and the .distcp file, where verify finds the damage), a config.json
+    cut short a ConfigError naming it (each was a traceback: a CheckpointException, a JSONDecodeError)."""
+    import shutil
+
+    from common.checkpoints import CheckpointError
+    from model_parallel.model import PartiModel
+    from training.config import ConfigError, load_config
+    from training.text_encoder import load_text_encoder
+
+    cfg = load_config("configs/train/debug.yaml", [])
+    cases = [(lambda f: (f / "config.json").write_text((pretrained[1] / "config.json").read_text()[:100]),
+              ConfigError, r"encoder/config\.json cannot be read \(Unterminated string.*expected the JSON"),
+             (lambda f: damage_first_record(f, -22), CheckpointError,
+              r"encoder/__0_0\.distcp is corrupt: the tensor record at byte 0 does not end where"),
+             (lambda f: damage_first_record(f, 70), CheckpointError,
+              r"^model\.init_text_encoder=.*encoder: cannot read the encoder's tensors \((Unpickling|UnicodeDecode)")]
+    for damage, error, message in cases:
+        folder = tmp_path / "encoder"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(pretrained[1], folder)
+        damage(folder)
+        with pytest.raises(error, match=message):
+            load_text_encoder(PartiModel(cfg.model), cfg.model, folder)
+    run_dir = tmp_path / "run"
+    shutil.copytree(pretrained[1].parent, run_dir)
+    damage_first_record(run_dir / "checkpoints" / "step_00000040", 70)
+    with pytest.raises(CheckpointError, match=r"step_00000040: cannot read the checkpoint's tensors "
+                                              r"\((Unpickling|UnicodeDecode)Error: .*delete this folder"):
+        pretrain_at(str(run_dir), "train.steps=41", *HELD_OUT)

@@ -52,9 +52,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 
-from common.checkpoints import (CheckpointError, RunDirError, check_steps_left, checkpoint_dir, has_checkpoints,
-                                holding_run_dir)
+from common.checkpoints import (
+    CheckpointError,
+    RunDirError,
+    check_steps_left,
+    checkpoint_dir,
+    failure_cause,
+    has_checkpoints,
+    holding_run_dir,
+    one_line,
+)
 from common.cli import command, config_parser
 from common.config import ConfigError, save_config, to_dict
 from common.files import replace_folder, write_atomic
@@ -70,8 +79,16 @@ from model_parallel.model import build_pieces, loss_cross_entropy, piece_context
 from model_parallel.pipeline import TEXT_ENCODER_PIECES, canonical_parameters, is_text_encoder
 from model_parallel.state import DeviceError, init_parallel, seed_everything, use_device
 from training.captions import caption_source, caption_tokenizer, held_out_captions
-from training.checkpoint import (STATE_FILE, load_in_place, resume_tag, save_sections, sharded_blocks, write_blocks,
-                                 verify, wait_for_pruning)
+from training.checkpoint import (
+    STATE_FILE,
+    load_in_place,
+    resume_tag,
+    save_sections,
+    sharded_blocks,
+    verify,
+    wait_for_pruning,
+    write_blocks,
+)
 from training.config import Config, change_messages, format_changes, load_config, resume_changes
 from training.deepspeed_glue import Fragment, NonFiniteStop, global_grad_norm
 from training.engine import decay_groups
@@ -344,7 +361,13 @@ class _Pretraining:
             self.consumed = int(state.get("consumed_samples", step * saved_batch))
             self._adam_state(step - self.skipped)  # (Adam's count: a skipped step did not update)
             verify(path)
-            load_in_place(_blocks(self.model, self.cfg.model, self.optimizer), path)
+            try:
+                load_in_place(_blocks(self.model, self.cfg.model, self.optimizer), path)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - as training/checkpoint.py's load
+                # (verify reads a few bytes per record: a record damaged further in failed here with a traceback)
+                raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({failure_cause(e)}); a .distcp "
+                                      "file may be corrupt (resume from an earlier checkpoint: delete this folder "
+                                      f"and {checkpoint_dir(self.run_dir) / 'latest'})") from None
             self.log.info(f"resumed from {path} at step {step}")
         if dist.get_rank() == 0:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -476,13 +499,25 @@ def load_text_encoder(module: nn.Module, model_cfg: ModelConfig, folder: str | P
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.init_text_encoder={folder}: no config.json there (expected the text_encoder "
                           "folder written by python -m training.text_encoder, complete)")
-    saved = json.loads((folder / "config.json").read_text())
-    differ = shape_differences(saved["model"], model_cfg)
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        model = saved["model"] if isinstance(saved, dict) else None
+        if not isinstance(model, dict):
+            raise TypeError(f"no model section in {type(saved).__name__} {str(saved)[:80]}")
+    except (OSError, ValueError, TypeError) as e:  # (a damaged copy: a JSONDecodeError or KeyError traceback)
+        raise ConfigError(f"model.init_text_encoder={folder}: {folder / 'config.json'} cannot be read "
+                          f"({one_line(e)}); expected the JSON written by python -m training.text_encoder") from None
+    differ = shape_differences(model, model_cfg)
     if differ:
         raise ConfigError(f"model.init_text_encoder={folder}: an encoder of another shape ({differ})")
     check_text_tokenizer(saved.get("text_tokenizer"), text_tokenizer, f"model.init_text_encoder={folder}")
     verify(folder)  # (every rank reads it: a crafted index would run code when dist_checkpointing reads it)
-    load_in_place(_blocks(module, model_cfg), folder)
+    try:
+        load_in_place(_blocks(module, model_cfg), folder)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - as training/checkpoint.py's load_weights
+        raise CheckpointError(f"model.init_text_encoder={folder}: cannot read the encoder's tensors "
+                              f"({failure_cause(e)}); a .distcp file may be corrupt (write it again with "
+                              "python -m training.text_encoder)") from None
 
 
 def main(argv: list[str] | None = None) -> None:
