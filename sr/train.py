@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from common.checkpoints import check_steps_left, checkpoint_dir, resume_tag
 from common.cli import config_parser, run_trainer
+from common.collection import StepCollection
 from common.config import ConfigError, check_minima, save_config
 from common.metrics import MetricsLogger, StepClock, mean_over_ranks, psnr
 from common.preemption import StopRequest
@@ -233,7 +234,7 @@ class SRTrainer:
         t, history = self.cfg.train, []
         if self.rank == 0:  # (here, after resume()'s checks: a refused config or checkpoint leaves the run's)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        stop = StopRequest(self.run_dir / "STOP")
+        stop, collection = StopRequest(self.run_dir / "STOP"), StepCollection(t.gc_interval)
         self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()
         try:
@@ -245,6 +246,7 @@ class SRTrainer:
                 logs = mean_over_ranks(self.train_step(*batch))
                 self.step += 1
                 history.append(logs)
+                collection.step_done(self.step)
                 clock.step_done()
                 if self.step % t.log_interval == 0 or self.step == t.steps:
                     self.log.step({"step": self.step, **logs, **clock.rates(t.batch_size, "images")})
@@ -262,6 +264,7 @@ class SRTrainer:
                 if preempted:
                     stop.leave_for_requeue(self.run_dir, self.step, last=self.step == t.steps)
         finally:  # the decoding processes, also when a step fails
+            collection.close()
             stop.restore()
             self.stream.close()
         if self.rank == 0:

@@ -872,6 +872,44 @@ def test_the_held_out_loss_is_the_mean_over_every_held_out_batch(monkeypatch):
     assert asked == [("held", 0, True), ("held", 1, True), ("held", 2, True)]
 
 
+def test_garbage_is_collected_every_gc_interval_steps_with_automatic_collection_off(single_process, tmp_path,
+                                                                                  monkeypatch):
+    """train.gc_interval=2 over 5 steps: automatic collection is off in every step, the young generations are
+    collected after steps 2 and 4 (every rank at the same steps), and it is on again after the run; a process
+    forked meanwhile (a data worker, a checkpoint's writer) collects automatically. gc_interval=0 leaves it on."""
+    import gc
+    import os
+
+    from common.collection import StepCollection
+    from training import engine as engine_module
+
+    real_step, real_collect, enabled, events = engine_module.train_step, gc.collect, [], []
+
+    def step(*args, **kwargs):
+        enabled.append(gc.isenabled())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "train_step", step)
+    monkeypatch.setattr(gc, "collect", lambda *generation: events.append((len(enabled), *generation)) or
+                        real_collect(*generation))
+    run(str(tmp_path / "manual"), "train.gc_interval=2", "train.eval_interval=0", steps=5)
+    assert enabled == [False] * 5 and gc.isenabled()
+    assert [(steps, *g) for steps, *g in events if g == [1]] == [(2, 1), (4, 1)]
+    enabled.clear()
+    run(str(tmp_path / "automatic"), "train.gc_interval=0", "train.eval_interval=0", steps=2)
+    assert enabled == [True, True]
+
+    collection = StepCollection(3)
+    read, write = os.pipe()
+    if (child := os.fork()) == 0:  # (a child inherits the parent's switch; its own collection must be on)
+        os.write(write, b"1" if gc.isenabled() else b"0")
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert (os.read(read, 1), gc.isenabled()) == (b"1", False)
+    collection.close()
+    assert gc.isenabled()
+
+
 def test_profiled_steps_are_traced_without_changing_the_run(single_process, tmp_path, log_lines, monkeypatch):
     """train.profile_step/profile_steps: the traced steps' Chrome trace (gzip JSON holding the matmuls the steps
     ran) and operator table are written after the last of them and named in the log; the losses are those of

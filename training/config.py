@@ -87,6 +87,11 @@ class TrainConfig:
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
+    gc_interval: int = 50
+    """Steps between Python garbage collections, taken by every rank at the same step with automatic collection
+    off (torchtitan's training.gc_freq, Megatron-LM's --manual-gc-interval): an automatic one starts on each
+    rank at its own moment and holds the others at the next collective (common/collection.py). 0: Python's
+    automatic collection."""
     device: str = "auto"
     """auto (a GPU when torch sees one, else the CPU) | cuda (a GPU is required: its absence is an error
     naming the driver this torch build needs; slurm/train.sbatch sets it) | cpu (hide GPUs from this run)."""
@@ -174,6 +179,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     check_minima(t, "train", (("steps", 1, "optimizer steps to run"),
                               ("log_interval", 1, "steps between metric lines"),
                               ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
+                              ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
                               ("eval_batches", 1, "global batches of held-out samples per measurement"),

@@ -65,6 +65,7 @@ from common.checkpoints import (
     one_line,
 )
 from common.cli import command, config_parser
+from common.collection import StepCollection
 from common.config import ConfigError, save_config, to_dict
 from common.files import replace_folder, write_atomic
 from common.metrics import MetricsLogger, StepClock
@@ -194,6 +195,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     except BaseException:
         stop.restore()
         raise
+    collection = StepCollection(t.gc_interval)
     try:
         first = run.resume()
         stop.start(run.run_dir, first, t.steps)
@@ -202,6 +204,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
             lr = run.schedule.get_last_lr()[0]  # (this step's; step() moves it on)
             loss, norm = run.step(step)
             losses.append(loss)
+            collection.step_done(step + 1)
             clock.step_done()
             evaluate = t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps)
             with clock.paused():  # (also before a stop's save)
@@ -219,6 +222,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
         save_text_encoder(run.model, cfg.model, run.run_dir / OUTPUT, run.text_tokenizer)
         run.log.info(f"wrote {run.run_dir / OUTPUT} (load it with model.init_text_encoder={run.run_dir / OUTPUT})")
     finally:
+        collection.close()
         stop.restore()
         run.log.close()
         wait_for_pruning()

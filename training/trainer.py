@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from common import metrics
+from common.collection import StepCollection
 from common.checkpoints import CheckpointError, RunDirError, RunLock, check_steps_left
 from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
@@ -492,7 +493,7 @@ class Trainer:
         when SIGUSR1/SIGTERM arrived, RuntimeError after too many non-finite steps in a row."""
 
         t, guard = self.cfg.train, self.nonfinite_guard
-        stop, losses = self.stop, []
+        stop, losses, collection = self.stop, [], StepCollection(t.gc_interval)
         try:
             stop.start(self.run_dir, self.step, t.steps)
             if t.profile_step and not self.step < t.profile_step <= t.steps:
@@ -510,6 +511,7 @@ class Trainer:
                 losses.append(loss)
                 self.step += 1
                 self.consumed += t.global_batch_size
+                collection.step_done(self.step)  # (in the step's time: every step's share of collecting)
                 clock.step_done()
                 with clock.paused():
                     self._write_profile()
@@ -529,6 +531,7 @@ class Trainer:
                 if preempted:  # REQUEUE tells a SLURM script (slurm/train.sbatch) to requeue; raises Preempted
                     stop.leave_for_requeue(self.run_dir, self.step, last=self.step == t.steps)
         finally:
+            collection.close()
             self.close()  # (the stop handlers restored too)  # the run is over: logger closed, run directory released
         return losses
 

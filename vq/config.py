@@ -114,6 +114,9 @@ class VQTrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
+    gc_interval: int = 50
+    """Steps between Python garbage collections, every rank at the same step with automatic collection off
+    (common/collection.py: an automatic one holds the other ranks at the next collective); 0: automatic."""
     init_from: str = ""
     """Weights to start from at step 0 ('' = fresh; a resume takes the checkpoint's): a tokenizer export of
     model.kind, or for vqgan a taming-transformers last.ckpt (and its PatchGAN): vq/init_weights.py."""
@@ -128,6 +131,7 @@ IMAGE_TRAIN_MINIMA = (("steps", 0, "optimizer steps to run, 0: export the starti
                       ("eval_interval", 1, "steps between evaluations"),
                       ("save_interval", 1, "steps between checkpoints"),
                       ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
+                      ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
                       ("data_workers", 0, "decoding processes, 0: in the training process"))
 """The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
 (common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty
