@@ -101,6 +101,11 @@ def submit(args) -> None:
     out = Path(args.out)
     if args.gpus_per_node is None:  # (read here, not as the flag's default: `collect` does not depend on it)
         args.gpus_per_node = nproc_per_node(8)
+    elif args.gpus_per_node and nproc_per_node(args.gpus_per_node) != args.gpus_per_node:
+        # (sbatch passes the environment on, and train.sbatch starts NPROC_PER_NODE trainers per node when it is
+        # set: the jobs would run at another process count than the one each combination was checked at)
+        raise ValueError(f"--gpus-per-node {args.gpus_per_node} but NPROC_PER_NODE={nproc_per_node(0)} in the "
+                         "environment, which the jobs would start per node instead: unset it or make them equal")
     if args.gpus_per_node == 0 and os.environ.get("DEVICE", "cuda") == "cuda":
         raise SystemExit("sweep: --gpus-per-node 0 runs on CPU nodes: set DEVICE=cpu (or auto) in the environment "
                          "(train.sbatch's default, cuda, would fail every job at its start)")

@@ -261,7 +261,8 @@ def test_an_empty_model_name_and_bad_process_counts_are_one_line_before_anything
     """A trailing comma in --models queued the config's model without its preset in a folder "-n1-tp1pp1z1";
     --gpus-per-node -1 was validated as world size -1 and queued; NPROC_PER_NODE=0 for CPU nodes ended in a
     ZeroDivisionError, and an empty NPROC_PER_NODE (train.sbatch's unset) in a traceback, `collect` included;
-    a negative --warmup kept only the last rows."""
+    a negative --warmup kept only the last rows; an NPROC_PER_NODE other than --gpus-per-node (the jobs would start
+    that many per node, sbatch passing the environment on) is refused."""
     from slurm.sweep import main
 
     write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0])
@@ -273,7 +274,9 @@ def test_an_empty_model_name_and_bad_process_counts_are_one_line_before_anything
             ({}, ["--models", "parti-debug,", "--gpus-per-node", "2"], "--models parti-debug,: expected preset"),
             ({}, ["--models", "parti-debug", "--gpus-per-node", "-1"], "--gpus-per-node -1: expected GPUs"),
             ({"DEVICE": "cpu", "NPROC_PER_NODE": "0"}, ["--models", "parti-debug"], "NPROC_PER_NODE=0: expected"),
-            ({"NPROC_PER_NODE": "x"}, ["--models", "parti-debug"], "NPROC_PER_NODE='x': expected a whole number")):
+            ({"NPROC_PER_NODE": "x"}, ["--models", "parti-debug"], "NPROC_PER_NODE='x': expected a whole number"),
+            ({"NPROC_PER_NODE": "4"}, ["--models", "parti-debug", "--gpus-per-node", "8"],
+             "--gpus-per-node 8 but NPROC_PER_NODE=4 in the environment")):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         with pytest.raises(SystemExit) as stop:
