@@ -324,11 +324,13 @@ def dropout_reference(single_process, tmp_path_factory):
 @pytest.mark.parametrize("pool, layout", [
     ("pool2", ()),
     ("pool2", ("parallel.zero_stage=3",)),
-    ("pool2", ("parallel.pp=2",)),
+    ("pool2", ("parallel.pp=2", "parallel.activation_checkpointing=full")),
     ("pool2", ("parallel.tp=2", "parallel.sequence_parallel=true")),
-    ("pool4", ("parallel.tp=2", "parallel.pp=2")),
-], ids=["dp2", "dp2-zero3", "pp2", "tp2-sp", "tp2-pp2"])
+    ("pool4", ("parallel.tp=2", "parallel.pp=2", "parallel.activation_checkpointing=selective")),
+], ids=["dp2", "dp2-zero3", "pp2-full", "tp2-sp", "tp2-pp2-selective"])
 def test_dropout_gives_the_same_losses_at_any_layout(request, dropout_reference, tmp_path, pool, layout):
+    """The one-process dropout run's losses at every layout, the pipeline's with its layers recomputed (their
+    masks drawn again in the backward pass, on the stage that holds them)."""
     for losses in request.getfixturevalue(pool).run(run, str(tmp_path), DROPOUT, *layout):
         assert losses == pytest.approx(dropout_reference[0], rel=1e-4, abs=1e-4)
     # measured in eval mode, without dropout, at every layout (the pipeline's eval_batch included)
