@@ -36,6 +36,20 @@ def train(photos, run_dir: Path, *overrides: str):
     return trainer, trainer.run()
 
 
+def test_garbage_is_collected_every_gc_interval_steps_with_automatic_collection_off(single_process, photos, tmp_path,
+                                                                                  monkeypatch):
+    """train.gc_interval as Parti's trainer takes it (common/collection.py): automatic collection off in every
+    step, on again after the run."""
+    import gc
+
+    from sr.train import SRTrainer
+
+    real_step, enabled = SRTrainer.train_step, []
+    monkeypatch.setattr(SRTrainer, "train_step", lambda self, *a: enabled.append(gc.isenabled()) or real_step(self, *a))
+    train(photos, tmp_path, "train.steps=2", "train.gc_interval=1")
+    assert (enabled, gc.isenabled()) == ([False] * 2, True)
+
+
 @pytest.mark.parametrize("preset, size", [("x2", 15e6), ("x4", 30e6)])
 def test_presets_have_the_sizes_parti_names(preset, size):
     with torch.device("meta"):

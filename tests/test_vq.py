@@ -59,6 +59,21 @@ def test_trains_uses_codebook_and_exports(single_process, photos, tmp_path):
     assert all(0 <= row["data_wait_pct"] <= 100 and row["images_per_s"] > 0 for row in rows if "images_per_s" in row)
 
 
+def test_garbage_is_collected_every_gc_interval_steps_with_automatic_collection_off(single_process, photos, tmp_path,
+                                                                                  monkeypatch):
+    """train.gc_interval as Parti's trainer takes it (common/collection.py): automatic collection off in every
+    step, the young generations collected at the interval's steps, and on again after the run."""
+    import gc
+
+    from vq.train import VQTrainer
+
+    real_step, real_collect, enabled, collected = VQTrainer.train_step, gc.collect, [], []
+    monkeypatch.setattr(VQTrainer, "train_step", lambda self, *a: enabled.append(gc.isenabled()) or real_step(self, *a))
+    monkeypatch.setattr(gc, "collect", lambda *g: g == (1,) and collected.append(len(enabled)) or real_collect(*g))
+    train(photos, tmp_path, "train.steps=3", "train.gc_interval=2", "train.save_interval=1000")
+    assert (enabled, collected, gc.isenabled()) == ([False] * 3, [2], True)
+
+
 def test_preempted_run_saves_and_resumes_the_same_run(single_process, photos, tmp_path, monkeypatch):
     """SIGUSR1 during step 6, sent to every process as SLURM signals a job step (the image decoding workers
     too): the step finishes, a checkpoint is saved although no save is due, REQUEUE is left, Preempted is
