@@ -185,6 +185,23 @@ def test_an_optional_number_is_null_or_a_number():
         build(SamplingSettings, {"guidance_scale": "abc"}, "sampling.")
 
 
+@pytest.mark.parametrize("value, message", [
+    ("5", r"^model\.ch_mult=5 must be a list"),  # (vq.train's vqgan_shape met it as a TypeError traceback)
+    ("abc", r"^model\.ch_mult='abc' must be a list"),
+    ("[1, 2.5]", r"^model\.ch_mult\[1\]=2\.5 must be of type int$"),
+    ("[true, 2]", r"^model\.ch_mult\[0\]=True must be of type int$"),
+])
+def test_a_list_key_is_a_list_of_its_type_or_null(value, message):
+    """`list[int] | None` (vq's model.ch_mult): null, a list of ints, or refused naming the key (and the item)."""
+    from common.config import load_typed
+    from vq.config import VQConfig
+
+    assert load_typed(VQConfig, None, ["model.ch_mult=null"]).model.ch_mult is None
+    assert load_typed(VQConfig, None, ["model.ch_mult=[1, 2]"]).model.ch_mult == [1, 2]
+    with pytest.raises(ConfigError, match=message):
+        load_typed(VQConfig, None, [f"model.ch_mult={value}"])
+
+
 def test_a_subclass_documents_its_keys_in_its_own_words():
     """describe() takes a key's documentation from the class that last declares it (SamplingSettings over
     SamplingConfig, whose guidance_scale says None where a config file says null)."""
