@@ -122,13 +122,15 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:  # (an empty file, or comments only: all defaults; not `or {}`, which took [] or false as that)
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
     return data

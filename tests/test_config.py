@@ -266,6 +266,10 @@ def test_bad_yaml_file(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(path)
+    for text, kind in (("[]\n", "list"), ("false\n", "bool"), ("0\n", "int"), ("''\n", "str")):
+        path.write_text(text)  # (an empty list or a false value was taken for an empty file: all defaults)
+        with pytest.raises(ConfigError, match=f"bad.yaml: expected a mapping of sections, got {kind}$"):
+            load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="is a folder"):
