@@ -125,6 +125,9 @@ class TextEmbedding(nn.Module):
 
     def tokens(self, text_ids: torch.Tensor) -> torch.Tensor:
         """[b, T] ids -> [b, T, d] token + position embeddings."""
+        if text_ids.shape[1] > self.cfg.text_seq_len:  # (else the position table's lookup: "index out of range")
+            raise ValueError(f"captions of {text_ids.shape[1]} tokens exceed the model.text_seq_len="
+                             f"{self.cfg.text_seq_len} positions of the text position embedding")
         return self.embed(text_ids) + self.pos(torch.arange(text_ids.shape[1], device=text_ids.device))
 
     def forward(self, text_ids: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:

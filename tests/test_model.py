@@ -83,6 +83,21 @@ def test_kv_cache_decoding_equals_full_forward(single_process, chunk):
         model.decode_step(inputs[:, :1], caches, memory, mask)
 
 
+
+def test_a_caption_longer_than_text_seq_len_is_refused_naming_the_key(single_process):
+    """An encoder-decoder caption past model.text_seq_len is a ValueError naming the key, in training's forward and
+    in decoding (an IndexError from the position table's lookup, "index out of range in self", before); a shorter
+    one is fine (its positions are the first ones)."""
+    cfg = debug_model_config()
+    model = _model(cfg).eval()
+    text, codes = debug_batch(cfg)
+    longer = torch.cat([text, torch.full_like(text[:, :2], cfg.text_pad_id)], dim=1)
+    with pytest.raises(ValueError, match="captions of 18 tokens exceed the model.text_seq_len=16 positions"):
+        model(longer, codes)
+    with pytest.raises(ValueError, match="model.text_seq_len=16"):
+        model.start_decoding(longer)
+    assert model(text[:, :10], codes).shape == (cfg.image_seq_len, 3, cfg.image_vocab_size)
+
 def test_cfg_null_condition():
     from model_parallel.model import caption_drop_mask, null_condition
 
