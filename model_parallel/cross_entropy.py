@@ -25,7 +25,9 @@ import torch.distributed as dist
 
 def plain_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
     """megatron-core's vocab_parallel_cross_entropy of the fp32 logits. (megatron-core 0.16's takes no group
-    argument: it reduces over megatron's TP group, which is `tp_group` wherever the model is trained.)"""
+    argument: it reduces over megatron's TP group, which is `tp_group` wherever the model is trained.)
+    fp32 logits are consumed: megatron-core turns them into the softmax in place (sparing a copy of the largest
+    activation), so no caller reads them after the loss (the fused kernel leaves its input alone)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     return vocab_parallel_cross_entropy(logits.float(), target)
