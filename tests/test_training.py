@@ -999,8 +999,9 @@ def test_a_run_initialised_from_an_export_starts_from_its_weights(pool4, single_
     """train.init_from=<an export of the reference run> (one safetensors file of whole weights) at TP=2 with ZeRO-1
     over DP=2, each rank reading its TP slice's ZeRO part of the file: after one step at learning rate 1e-12 the
     new run's checkpoint holds the exported weights. An export of another network, a damaged one and one whose
-    weights are not its config's are refused before anything is built, naming the file."""
-    from safetensors.torch import load_file
+    weights are not its config's (its checkpoint tag, a tensor missing or of another shape) are refused before
+    anything is built, naming the file."""
+    from safetensors.torch import load_file, save_file
 
     from common.checkpoints import CheckpointError
     from training.config import ConfigError, load_config
@@ -1033,3 +1034,18 @@ def test_a_run_initialised_from_an_export_starts_from_its_weights(pool4, single_
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=rf"{weights}: cannot be read .*damaged or truncated"):
         plan(edited)
+    for change, why in (("drop", "1 missing key\\(s\\): head.proj.weight"),
+                        ("widen", "1 other shape\\(s\\): head.proj.weight \\(2, 64\\)")):
+        # (each rank reads only its part of the file: a missing tensor or a wrong shape failed on the ranks
+        # holding it alone, after the build, config.yaml written, the other ranks waiting in a collective)
+        other = tmp_path / change
+        shutil.copytree(exported, other)
+        tensors = load_file(other / "model.safetensors")
+        if change == "drop":
+            del tensors["head.proj.weight"]
+        else:
+            tensors["head.proj.weight"] = tensors["head.proj.weight"][:2]
+        save_file(tensors, other / "model.safetensors", metadata={"checkpoint": f"step_{STEPS:08d}"})
+        with pytest.raises(CheckpointError, match=rf"{other / 'model.safetensors'} does not fit .*{why}"):
+            plan(other)
+

@@ -36,6 +36,7 @@ from common.files import atomic_path, write_atomic
 from common.state_file import check_fits
 from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
+from model_parallel.param_count import SizingGroup
 from model_parallel.state import init_parallel
 from training.checkpoint import EXPORT_WEIGHTS, read_trainer_state, resume_tag, verify
 from training.deepspeed_glue import local_shape
@@ -287,6 +288,19 @@ def weight_shapes(f, config: dict, path: Path) -> dict[str, tuple]:
                          f"{', '.join(other[:6])}{' ...' if len(other) > 6 else ''}; training.export writes F32 "
                          "weights: export again")
     return {name: tuple(s.get_shape()) for name, s in slices.items()}
+
+
+def check_weights_fit(config: dict, shapes: dict[str, tuple], path: Path) -> None:
+    """ConfigError (check_fits') naming export folder `path`'s model.safetensors when its weights (`shapes`, from
+    weight_shapes) are not those of its config.json's model: a tensor missing, unexpected or of another shape.
+    Built on the meta device with a stand-in TP group of 1 (no parallel state needed: train.init_from checks an
+    export on rank 0, before any group exists; a rank whose part of the file is missing would fail alone)."""
+    with torch.device("meta"):
+        model = PartiModel(_model_config(config, path / "config.json"), meta=True, tp_group=SizingGroup(1))
+    megatron_extra = tuple(k for k in model.state_dict() if k.endswith("_extra_state"))  # (not exported)
+    check_fits(model, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()},
+               str(path / EXPORT_WEIGHTS), optional=megatron_extra,
+               advice="its config.json describes another model than its weights: export again")
 
 
 def is_export(path: str | Path) -> bool:

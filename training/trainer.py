@@ -39,7 +39,7 @@ from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import RESUME_MODES, Config, change_messages, format_changes, layout_of, resume_changes
 from training.deepspeed_glue import NonFiniteStop
-from training.export import is_export, read_export_config, readable, weight_shapes
+from training.export import check_weights_fit, is_export, read_export_config, readable, weight_shapes
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
 from training.text_encoder import load_text_encoder
@@ -167,7 +167,8 @@ def _export_state(path: Path) -> dict:
     try:
         config = read_export_config(path)
         with readable(path / "model.safetensors"), safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            weight_shapes(f, config, path)
+            shapes = weight_shapes(f, config, path)
+        check_weights_fit(config, shapes, path)  # (here: each rank reads only its part of the file, later)
     except ValueError as e:  # (the messages name the file; a CheckpointError reaches every rank as one)
         raise CheckpointError(f"train.init_from: {e}") from None
     return {"config": {"model": config["model"]}, "step": config.get("checkpoint"),
