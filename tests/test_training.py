@@ -1049,3 +1049,40 @@ def test_a_run_initialised_from_an_export_starts_from_its_weights(pool4, single_
         with pytest.raises(CheckpointError, match=rf"{other / 'model.safetensors'} does not fit .*{why}"):
             plan(other)
 
+
+def _run_failing_to_read_the_export_on_rank_1(run_dir: str, *overrides: str, **kwargs):
+    """`run` with the export's read failing on rank 1 alone (an I/O error on one node)."""
+    import errno
+    import os
+
+    import torch.distributed as dist
+
+    from training import checkpoint
+
+    real = checkpoint.fill_from_export
+
+    def fail(blocks, file):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
+
+    checkpoint.fill_from_export = fail if dist.get_rank() == 1 else real
+    try:
+        return run(run_dir, *overrides, **kwargs)
+    finally:
+        checkpoint.fill_from_export = real
+
+
+def test_a_failed_read_of_an_export_on_one_rank_stops_every_rank(pool2, reference, tmp_path):
+    """train.init_from=<an export>: each rank reads its part of the file alone; a rank whose read fails must not
+    leave the others waiting in the first step's collectives until the process group's timeout: every rank
+    raises the CheckpointError naming the file."""
+    from training.export import export
+
+    exported = export(reference[1], out=tmp_path / "export")
+    with pytest.raises(RuntimeError) as failed:
+        pool2.run(_run_failing_to_read_the_export_on_rank_1, str(tmp_path / "new"), f"train.init_from={exported}",
+                  "train.eval_interval=0", steps=1)
+    assert "not every rank finished" not in str(failed.value)
+    for rank in (0, 1):
+        assert (f"rank {rank}:" in str(failed.value)), str(failed.value)[-2000:]
+    assert str(failed.value).count(f"init_from={exported}: cannot read the export's weights (Input/output error "
+                                   "(errno EIO))") == 2

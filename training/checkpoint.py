@@ -493,16 +493,20 @@ def load_weights(engine, cfg, path: Path) -> None:
     """The fp32 master weights of the checkpoint at `path` into the engine at this run's layout, its optimizer
     state left as it is (train.init_from: a new run from another's weights)."""
     template, params = _state_dict(engine, cfg.model, optimizer=False)
-    export = path / EXPORT_WEIGHTS
+    export, error = path / EXPORT_WEIGHTS, None
     try:
         if export.is_file():
             fill_from_export(template["model"], export)
         else:
             load_in_place(template, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - as load's
+        error = failure_cause(e)
+    # Every rank learns of any rank's failure: each rank reads its part of an export alone, and one that failed
+    # left the others waiting in the first step's collectives until the process group's timeout.
+    error = _first_of_all(error)
+    if error:
         source = "export" if export.is_file() else "checkpoint"
-        raise CheckpointError(f"train.init_from={path}: cannot read the {source}'s weights ({failure_cause(e)})") \
-            from None
+        raise CheckpointError(f"train.init_from={path}: cannot read the {source}'s weights ({error})")
     refresh_working_weights(engine, params)
 
 
