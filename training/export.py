@@ -249,10 +249,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
         model = PartiModel(model_cfg, meta=True)
     file = path / "model.safetensors"
     with readable(file), safe_open(str(file), framework="pt", device="cpu") as f:
-        shapes = {name: torch.empty(shape, device="meta") for name, shape in weight_shapes(f, config, path).items()}
-        megatron_extra = tuple(k for k in model.state_dict() if k.endswith("_extra_state"))  # (not exported)
-        check_fits(model, shapes, str(file), optional=megatron_extra,
-                   advice="its config.json describes another model than its weights: export again")
+        shapes = weight_shapes(f, config, path)
+        check_weights_fit(config, shapes, path)
         weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
     assign_weights(model, weights, str(file))
     move_buffers(model, device)
@@ -292,9 +290,10 @@ def weight_shapes(f, config: dict, path: Path) -> dict[str, tuple]:
 
 def check_weights_fit(config: dict, shapes: dict[str, tuple], path: Path) -> None:
     """ConfigError (check_fits') naming export folder `path`'s model.safetensors when its weights (`shapes`, from
-    weight_shapes) are not those of its config.json's model: a tensor missing, unexpected or of another shape.
-    Built on the meta device with a stand-in TP group of 1 (no parallel state needed: train.init_from checks an
-    export on rank 0, before any group exists; a rank whose part of the file is missing would fail alone)."""
+    weight_shapes) are not those of its config.json's model: a tensor missing, unexpected or of another shape
+    (load_exported, train.init_from). Built on the meta device with a stand-in TP group of 1 (no parallel state
+    needed: train.init_from checks an export on rank 0, before any group exists; a rank whose part of the file
+    is missing would fail alone)."""
     with torch.device("meta"):
         model = PartiModel(_model_config(config, path / "config.json"), meta=True, tp_group=SizingGroup(1))
     megatron_extra = tuple(k for k in model.state_dict() if k.endswith("_extra_state"))  # (not exported)

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from common import metrics
-from common.collection import StepCollection
 from common.checkpoints import CheckpointError, RunDirError, RunLock, check_steps_left
+from common.collection import StepCollection
 from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
 from common.preemption import StopRequest
