@@ -991,7 +991,7 @@ def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layou
     with pytest.raises(ConfigError, match="train.init_from and model.init_text_encoder: set one"):
         refused(f"train.init_from={run_dir}", f"model.init_text_encoder={run_dir}")
     assert refused(f"train.init_from={run_dir}/checkpoints/step_00000003").init_from.name == "step_00000003"
-    with pytest.raises(ConfigError, match="lies in the run directory whose checkpoints --resume overwrite moves"):
+    with pytest.raises(ConfigError, match="in the run directory whose checkpoints and export --resume overwrite moves"):
         plan_resume(load_config("configs/train/debug.yaml", [f"train.init_from={run_dir}"]), run_dir, "overwrite")
 
 

@@ -127,9 +127,9 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None =
     if cfg.train.init_from and plan.tag is None:
         plan.init_from, message = init_checkpoint(cfg, tokenizers)
         if plan.set_aside and plan.init_from.resolve().is_relative_to(Path(run_dir).resolve()):
-            raise ConfigError(f"train.init_from={plan.init_from} lies in the run directory whose checkpoints "
-                              "--resume overwrite moves aside (and a requeued segment would look for it there): copy "
-                              "that checkpoint out of it first, or start the new run in another --run-dir")
+            raise ConfigError(f"train.init_from={plan.init_from} lies in the run directory whose checkpoints and "
+                              "export --resume overwrite moves aside (and a requeued segment would look for it there): "
+                              "copy it out first, or start the new run in another --run-dir")
         plan.messages.append(message)
     return plan
 
