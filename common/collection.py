@@ -8,8 +8,10 @@ Why: Python starts an automatic collection on each rank when that rank's allocat
 own moment, and a collection that reaches the oldest generation walks every object alive (~500k once torch,
 megatron-core and DeepSpeed are imported: ~1-2 s). The other ranks wait for it at the next collective, so at
 hundreds of ranks some rank's pause lands in most steps. With automatic collection off, every rank collects the
-young generations at the same steps instead (what torchtitan's training.gc_freq and Megatron-LM's --manual-gc do).
-Processes forked meanwhile (data workers, an asynchronous checkpoint's writer) collect automatically again.
+young generations at the same steps instead (what torchtitan's training.gc_freq does; Megatron-LM's --manual-gc
+collects all of them). Garbage cycles that outlive two collections reach the oldest generation and wait for the end
+of the loop, as in torchtitan: a trade of some host memory for no full walk in any step. Processes forked meanwhile
+(data workers, an asynchronous checkpoint's writer) collect automatically again.
 """
 from __future__ import annotations
 
