@@ -162,7 +162,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     optional = [h for h in typing.get_args(hint) if h is not type(None)] if type(hint) is types.UnionType else []
     if len(optional) == 1:  # `float | None`: null, or a value of the type
         return None if value is None else _coerce(value, optional[0], name)
-    if typing.get_origin(hint) is list:  # `list[int]`: a list, each item of the type (a lone 5 failed later, a TypeError)
+    if typing.get_origin(hint) is list:  # `list[int]`: a list, each item of the type (a lone 5 was a TypeError later)
         if not isinstance(value, list):
             raise ConfigError(f"{name}={value!r} must be a list, e.g. {name}=\"[1, 2]\" on a command line")
         item = (typing.get_args(hint) or (Any,))[0]
