@@ -712,6 +712,32 @@ def test_export_reads_the_checkpoint_asked_for_and_refuses_broken_ones(one_proce
     assert not (tmp_path / "out").exists()
 
 
+def test_export_in_bf16_holds_the_rounded_weights_in_half_the_bytes(one_process_run, tmp_path):
+    """python -m training.export --dtype bf16: every tensor BF16, equal to the fp32 export's rounded to bf16, the
+    tensors' bytes half the fp32 file's (written group by group as fp32 is); load_exported reads it (fp32 on
+    CPU: the rounded weights); another dtype is refused."""
+    from safetensors.torch import load_file
+
+    from training.export import export, load_exported, main
+
+    fp32 = export(one_process_run, "step_00000003", tmp_path / "fp32")
+    main(["--run-dir", str(one_process_run), "--tag", "step_00000003", "--out", str(tmp_path / "bf16"),
+          "--dtype", "bf16"])
+    whole, half = load_file(fp32 / "model.safetensors"), load_file(tmp_path / "bf16" / "model.safetensors")
+    assert half.keys() == whole.keys() and {w.dtype for w in half.values()} == {torch.bfloat16}
+    assert all(torch.equal(half[n], w.bfloat16()) for n, w in whole.items())
+    elements = sum(w.numel() for w in whole.values())
+    for file, itemsize in ((fp32 / "model.safetensors", 4), (tmp_path / "bf16" / "model.safetensors", 2)):
+        head = 8 + int.from_bytes(file.read_bytes()[:8], "little")  # (the length, then the JSON header)
+        assert file.stat().st_size == head + itemsize * elements
+    regrouped = export(one_process_run, "step_00000003", tmp_path / "regrouped", group_bytes=1 << 14, dtype="bf16")
+    assert (regrouped / "model.safetensors").read_bytes() == (tmp_path / "bf16" / "model.safetensors").read_bytes()
+    loaded = load_exported(tmp_path / "bf16").state_dict()
+    assert all(torch.equal(loaded[n], w.float()) for n, w in half.items())
+    with pytest.raises(ValueError, match="--dtype fp16: expected one of fp32, bf16"):
+        export(one_process_run, "step_00000003", tmp_path / "fp16", dtype="fp16")
+
+
 def test_export_reads_group_by_group_and_a_failed_reexport_keeps_the_earlier_one(one_process_run, tmp_path,
                                                                                 monkeypatch):
     """group_bytes reaches read_weights (one call per group, the same file), and the tensor index is read once

@@ -1,16 +1,16 @@
 """Export a checkpoint's weights to one safetensors file plus its config, for inference without DeepSpeed.
 
-    python -m training.export --run-dir runs/x [--tag step_00000100] [--out runs/x/export]
+    python -m training.export --run-dir runs/x [--tag step_00000100] [--out runs/x/export] [--dtype bf16]
     model = load_exported("runs/x/export")          # a PartiModel at TP=1, in eval mode, fp32 on CPU
     model = load_exported("runs/x/export", "cuda")  # bf16 on the GPU (dtype=... to choose)
 
 Whatever layout the run trained at (TP, PP, ZeRO), the checkpoint's tensors are read back whole
 (torch.distributed.checkpoint joins the blocks the ranks wrote) under PartiModel's parameter names, GROUP_BYTES
-at a time, each group written as it is read, with the tensor index read once; the file holds fp32 weights, and
-config.json the model section of the run's resolved config and the image and text tokenizers its training data
-was made with (generation refuses others). Loading
-builds the model on the meta device and assigns the weights (cast to the target dtype) without ever allocating
-a randomly initialised copy, so a model needs its weights' memory once, not twice.
+at a time, each group written as it is read, with the tensor index read once; the file holds fp32 weights (bf16
+with --dtype bf16: half the size), and config.json the model section of the run's resolved config and the image
+and text tokenizers its training data was made with (generation refuses others). Loading builds the model on the
+meta device and assigns the weights (cast to the target dtype) without ever allocating a randomly initialised
+copy, so a model needs its weights' memory once, not twice.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from training.checkpoint import EXPORT_WEIGHTS, read_trainer_state, resume_tag, 
 from training.deepspeed_glue import local_shape
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-"""The safetensors dtypes load_exported takes (cast to its `dtype`): training.export writes F32."""
+"""The safetensors dtypes load_exported takes (cast to its `dtype`): training.export writes F32 or BF16."""
 
 GROUP_BYTES = 1 << 31
 """Weights read from the checkpoint at a time while exporting (parti-20b's fp32 weights are 80 GB): the host
@@ -114,13 +114,18 @@ def weight_groups(shapes: dict[str, tuple], limit: int = GROUP_BYTES) -> list[li
     return groups
 
 
-def safetensors_header(shapes: dict[str, tuple], metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file of fp32 tensors stored in sorted name order,
-    padded with spaces to a multiple of 8 (the format's alignment)."""
-    header, offset = {"__metadata__": metadata}, 0
+EXPORT_DTYPES = {"fp32": ("F32", torch.float32), "bf16": ("BF16", torch.bfloat16)}
+"""training.export's --dtype: its safetensors name and torch dtype (bf16: half the file, torchtitan's
+checkpoint.export_dtype; the weights rounded to what a GPU runs them in)."""
+
+
+def safetensors_header(shapes: dict[str, tuple], metadata: dict[str, str], dtype: str = "fp32") -> bytes:
+    """The 8-byte length and JSON header of a safetensors file of `dtype` (EXPORT_DTYPES) tensors stored in
+    sorted name order, padded with spaces to a multiple of 8 (the format's alignment)."""
+    (name_in_file, torch_dtype), header, offset = EXPORT_DTYPES[dtype], {"__metadata__": metadata}, 0
     for name in sorted(shapes):
-        nbytes = 4 * math.prod(shapes[name])
-        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        nbytes = torch_dtype.itemsize * math.prod(shapes[name])
+        header[name] = {"dtype": name_in_file, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
@@ -128,8 +133,9 @@ def safetensors_header(shapes: dict[str, tuple], metadata: dict[str, str]) -> by
 
 
 def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None,
-           group_bytes: int = GROUP_BYTES) -> Path:
-    """Write RUN_DIR's checkpoint `tag` (default: latest) as OUT/model.safetensors + OUT/config.json.
+           group_bytes: int = GROUP_BYTES, dtype: str = "fp32") -> Path:
+    """Write RUN_DIR's checkpoint `tag` (default: latest) as OUT/model.safetensors + OUT/config.json, the
+    weights in `dtype` (EXPORT_DTYPES: the checkpoint's fp32 masters, or rounded to bf16).
 
     The file is written as the checkpoint is read, `group_bytes` of weights at a time: the safetensors
     library writes a file only from all of its tensors in memory, the whole model in host RAM (80 GB at
@@ -138,13 +144,16 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     tag = tag or resume_tag(run_dir)[0]  # `latest`'s, or the newest complete one when `latest` is gone
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
     out = Path(out or Path(run_dir) / "export")
     check_replaceable(out)
     opened = open_checkpoint(run_dir, tag)
     path, state, shapes = opened.path, opened.state, opened.shapes
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp, open(tmp, "wb") as f:
-        f.write(head := safetensors_header(shapes, {"checkpoint": tag}))
+        f.write(head := safetensors_header(shapes, {"checkpoint": tag}, dtype))
+        written = EXPORT_DTYPES[dtype][1]
         for group in weight_groups(shapes, group_bytes):
             weights = read_weights(opened, group)
             for name in group:  # (the header was written from the shapes: each tensor must be what it says)
@@ -152,9 +161,10 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
                 if w.dtype != torch.float32 or tuple(w.shape) != shapes[name]:
                     raise ValueError(f"{path}: {name} read back as {w.dtype} {tuple(w.shape)}, the export's header "
                                      f"says float32 {shapes[name]}")
-                f.write(memoryview(w.contiguous().numpy()).cast("B"))
+                # (as bytes: numpy has no bfloat16)
+                f.write(memoryview(w.to(written).reshape(-1).view(torch.uint8).numpy()))
             del weights
-        if f.tell() != len(head) + 4 * sum(math.prod(s) for s in shapes.values()):
+        if f.tell() != len(head) + written.itemsize * sum(math.prod(s) for s in shapes.values()):
             raise ValueError(f"{tmp}: {f.tell()} bytes written, its header describes another size")
         f.flush()
         os.fsync(f.fileno())
@@ -283,8 +293,8 @@ def weight_shapes(f, config: dict, path: Path) -> dict[str, tuple]:
     other = [f"{n} ({s.get_dtype()})" for n, s in slices.items() if s.get_dtype() not in FLOAT_DTYPES]
     if other:  # (cast to a float dtype, integers or booleans would load as weights without a word)
         raise ValueError(f"{path / 'model.safetensors'}: {len(other)} tensor(s) not floating point: "
-                         f"{', '.join(other[:6])}{' ...' if len(other) > 6 else ''}; training.export writes F32 "
-                         "weights: export again")
+                         f"{', '.join(other[:6])}{' ...' if len(other) > 6 else ''}; training.export writes "
+                         "floating-point weights: export again")
     return {name: tuple(s.get_shape()) for name, s in slices.items()}
 
 
@@ -327,9 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--tag", help="checkpoint tag (default: latest)")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="fp32",
+                        help="the weights' precision in the file (bf16: half the size; load_exported casts to its "
+                             "device's dtype either way)")
     args = parser.parse_args(argv)
     with command(errors=(CheckpointError, FileNotFoundError), label="training.export"):
-        print(f"exported to {export(args.run_dir, args.tag, args.out)}")
+        print(f"exported to {export(args.run_dir, args.tag, args.out, dtype=args.dtype)}")
 
 
 if __name__ == "__main__":
