@@ -28,6 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
+from tqdm import tqdm
 
 from common.checkpoints import CheckpointError, checkpoint_dir
 from common.cli import command, description
@@ -154,6 +155,8 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     with atomic_path(out / "model.safetensors") as tmp, open(tmp, "wb") as f:
         f.write(head := safetensors_header(shapes, {"checkpoint": tag}, dtype))
         written = EXPORT_DTYPES[dtype][1]
+        total = written.itemsize * sum(math.prod(s) for s in shapes.values())
+        progress = tqdm(total=total, desc=f"export {tag}", unit="B", unit_scale=True, disable=None)  # (minutes at 20B)
         for group in weight_groups(shapes, group_bytes):
             weights = read_weights(opened, group)
             for name in group:  # (the header was written from the shapes: each tensor must be what it says)
@@ -162,9 +165,10 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
                     raise ValueError(f"{path}: {name} read back as {w.dtype} {tuple(w.shape)}, the export's header "
                                      f"says float32 {shapes[name]}")
                 # (as bytes: numpy has no bfloat16)
-                f.write(memoryview(w.to(written).reshape(-1).view(torch.uint8).numpy()))
+                progress.update(f.write(memoryview(w.to(written).reshape(-1).view(torch.uint8).numpy())))
             del weights
-        if f.tell() != len(head) + written.itemsize * sum(math.prod(s) for s in shapes.values()):
+        progress.close()
+        if f.tell() != len(head) + total:
             raise ValueError(f"{tmp}: {f.tell()} bytes written, its header describes another size")
         f.flush()
         os.fsync(f.fileno())
