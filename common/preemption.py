@@ -1,6 +1,7 @@
-"""Preemption: SIGUSR1, SIGTERM or a STOP file asks a trainer to finish its step, save, and exit for a requeue.
+"""Preemption: SIGUSR1, SIGTERM, a STOP file or the trainer's own time limit (train.exit_after_minutes) asks a
+trainer to finish its step, save, and exit for a requeue.
 
-    stop = StopRequest(run_dir / "STOP")        # installs the handlers (main thread), before the build
+    stop = StopRequest(run_dir / "STOP", cfg.train.exit_after_minutes)  # installs the handlers, before the build
     stop.start(run_dir, step, steps)            # before the first step (a stop asked for meanwhile: Preempted)
     ...after each step: if stop.requested(): save(); stop.leave_for_requeue(run_dir, step, last=step == steps)
     with command():  ...                        # common/cli.py: Preempted -> one line on rank 0, requeue_exit_code()
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 REQUEUE_EXIT_CODE = 75
@@ -82,9 +84,13 @@ def _is_rank0() -> bool:
 
 
 class StopRequest:
-    def __init__(self, stop_file: Path | None = None):
+    def __init__(self, stop_file: Path | None = None, exit_after_minutes: float = 0.0):
         self.received: int | None = None
         self.stop_file = stop_file
+        # (a time limit of the trainer's own, Megatron-LM's --exit-duration-in-mins: a stop as SLURM's USR1 is,
+        # where no signal comes, e.g. on another scheduler or a job whose limit the script cannot know)
+        self.exit_after_minutes = exit_after_minutes
+        self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes > 0 else None
         # (the handlers before, restored by restore(): e.g. USR1 ignored, as slurm/train.sbatch starts torchrun
         # and so its trainers, must stay ignored while an export is written after the loop)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
@@ -92,33 +98,41 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.received = signum  # only note it: the step in flight finishes first
 
-    def requested(self) -> bool:
-        """Whether any rank was asked to stop (a collective: every rank calls it after the same step)."""
+    def requested(self, time_limit: bool = True) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it after the same step), or, with
+        `time_limit`, any rank's exit_after_minutes ran out."""
         import torch
         import torch.distributed as dist
 
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
         asked = self.received or (self.stop_file is not None and self.stop_file.exists())
+        asked = asked or (time_limit and self._out_of_time())
         flag = torch.tensor(1.0 if asked else 0.0, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
     @property
     def name(self) -> str:
         if self.received:
             return signal.Signals(self.received).name
-        return f"{self.stop_file}" if self.stop_file is not None and self.stop_file.exists() else "another rank"
+        if self.stop_file is not None and self.stop_file.exists():
+            return f"{self.stop_file}"
+        return f"train.exit_after_minutes={self.exit_after_minutes:g}" if self._out_of_time() else "another rank"
 
     def start(self, run_dir: str | Path, step: int, steps: int) -> None:
         """Before the first step (every rank; the run directory is this run's): rank 0 removes a REQUEUE left
         by an earlier segment (only this run's stop may leave one: a wrapper script that requeues on it would
         requeue a finished run forever). A stop asked for while the trainer started up (the handlers are
         installed first) is honoured now, without a step or a save: the checkpoint resumed from is the one to
-        continue from."""
+        continue from. The time limit is not looked at here: a segment whose start-up outlasted it would be
+        requeued for ever without a step; it stops after its first step instead."""
         if _is_rank0():
             (Path(run_dir) / "REQUEUE").unlink(missing_ok=True)
-        if self.requested():
+        if self.requested(time_limit=False):
             self.leave_for_requeue(run_dir, step, last=step >= steps)
 
     def leave_for_requeue(self, run_dir: str | Path, step: int, last: bool = False) -> None:

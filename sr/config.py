@@ -55,6 +55,9 @@ class SRTrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
+    exit_after_minutes: float = 0.0
+    """Save and stop for a requeue (exit status 75) at the first step after this many minutes from the start of
+    the loop (Megatron-LM's --exit-duration-in-mins; 0: no limit)."""
     gc_interval: int = 50
     """Steps between Python garbage collections, every rank at the same step with automatic collection off
     (common/collection.py: an automatic one holds the other ranks at the next collective); 0: automatic."""

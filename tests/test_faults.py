@@ -148,6 +148,28 @@ def test_a_stop_request_in_one_process_from_its_file_or_a_signal(tmp_path, monke
         request.restore()
 
 
+
+def test_a_stop_request_from_its_time_limit(tmp_path, monkeypatch):
+    """exit_after_minutes: not a request before the limit, one after it (named by the setting), left out of
+    start() (a start-up that outlasted it would requeue the run for ever without a step); 0: no limit."""
+    import common.preemption as preemption
+
+    now = [1000.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    request, unlimited = preemption.StopRequest(tmp_path / "STOP", 0.5), preemption.StopRequest(None, 0)
+    try:
+        now[0] += 29
+        assert not request.requested()
+        now[0] += 1
+        assert request.requested() and request.name == "train.exit_after_minutes=0.5"
+        assert not request.requested(time_limit=False)
+        request.start(tmp_path, 2, 4)  # (no Preempted: the first step comes first)
+        now[0] += 1e9
+        assert not unlimited.requested()
+    finally:
+        unlimited.restore()
+        request.restore()
+
 def test_a_helper_started_by_a_trainer_ignores_its_stop_signals_and_lets_its_run_lock_go(tmp_path):
     """common.preemption.start_helper in a forked helper: USR1 and TERM ignored, its copy of the run lock closed."""
     from common.checkpoints import RunLock

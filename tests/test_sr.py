@@ -50,6 +50,15 @@ def test_garbage_is_collected_every_gc_interval_steps_with_automatic_collection_
     assert (enabled, gc.isenabled()) == ([False] * 2, True)
 
 
+def test_a_run_past_exit_after_minutes_saves_after_a_step_and_stops(single_process, photos, tmp_path):
+    """train.exit_after_minutes as Parti's trainer takes it (common/preemption.py): one step, a save, a stop."""
+    from common.preemption import Preempted
+
+    with pytest.raises(Preempted, match="^stopped by train.exit_after_minutes=1e-09 after step 1"):
+        train(photos, tmp_path, "train.steps=3", "train.exit_after_minutes=1e-9")
+    assert (tmp_path / "REQUEUE").read_text() == "step 1\n"
+
+
 @pytest.mark.parametrize("preset, size", [("x2", 15e6), ("x4", 30e6)])
 def test_presets_have_the_sizes_parti_names(preset, size):
     with torch.device("meta"):

@@ -143,6 +143,18 @@ def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, mon
     assert list(held_out_losses(tmp_path)) == [1]
 
 
+def test_a_run_past_exit_after_minutes_saves_after_a_step_and_leaves_for_requeue(single_process, tmp_path):
+    """train.exit_after_minutes (Megatron-LM's --exit-duration-in-mins), here run out before the first step: the
+    segment still takes one step (one whose start-up outlasted the limit would be requeued for ever), then saves
+    and stops as a preemption does, naming the limit; the next segment goes on from that checkpoint."""
+    from common.preemption import Preempted
+
+    with pytest.raises(Preempted, match=r"^stopped by train.exit_after_minutes=1e-09 after step 1; checkpoint saved"):
+        run(str(tmp_path), "train.exit_after_minutes=1e-9", "train.eval_interval=0", steps=3)
+    assert (tmp_path / "REQUEUE").read_text() == "step 1\n" and latest_tag(tmp_path) == "step_00000001"
+    assert len(run(str(tmp_path), "train.eval_interval=0", steps=3)) == 2 and not (tmp_path / "REQUEUE").exists()
+
+
 def test_held_out_loss_is_the_exported_models_and_leaves_training_alone(pool2, single_process, reference,
                                                                          dropout_reference, tmp_path):
     """The held-out loss at the last step is the exported weights' loss on the first eval_batches global batches

@@ -87,6 +87,11 @@ class TrainConfig:
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
+    exit_after_minutes: float = 0.0
+    """Save and stop for a requeue (run_dir/REQUEUE, as a preemption) at the first step after this many minutes
+    from the trainer's start (Megatron-LM's --exit-duration-in-mins; 0: no limit): set it below a job's time
+    limit where no signal comes before it (slurm/train.sbatch has SLURM send USR1). Each segment takes at least
+    one step, its start-up is counted."""
     gc_interval: int = 50
     """Steps between Python garbage collections, taken by every rank at the same step with automatic collection
     off (torchtitan's training.gc_freq, Megatron-LM's --manual-gc-interval): an automatic one starts on each
@@ -180,6 +185,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
                               ("log_interval", 1, "steps between metric lines"),
                               ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
                               ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
+                              ("exit_after_minutes", 0, "minutes before a save and stop, 0: no limit"),
                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
                               ("eval_batches", 1, "global batches of held-out samples per measurement"),

@@ -181,7 +181,8 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     # (before CUDA is touched; a GPU asked for and missing is an error)
     device = use_device(cfg.train.device, "train.device")
     init_parallel(cfg.parallel.tp, 1)
-    stop, losses = StopRequest(Path(run_dir) / "STOP"), []  # (first: a stop asked for while starting is kept)
+    # (first: a stop asked for while starting is kept)
+    stop, losses = StopRequest(Path(run_dir) / "STOP", cfg.train.exit_after_minutes), []
     try:
         t, captions = cfg.train, caption_source(cfg, text_files, text_tokenizer, valid_text_files)
         held_out = held_out_captions(cfg, captions, valid_text_files) if t.eval_interval else None

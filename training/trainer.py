@@ -295,7 +295,7 @@ class Trainer:
         self.log, self.reader, self.background = None, None, None
         # Installed before the build and the resume (minutes at scale): a stop asked for meanwhile is noted
         # and honoured before the first step (StopRequest.start), instead of killing the process unsaved.
-        self.stop = StopRequest(self.run_dir / "STOP")
+        self.stop = StopRequest(self.run_dir / "STOP", cfg.train.exit_after_minutes)
         try:
             self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume,
                                                                                    data_tokenizers(self.dataset)))[1])

@@ -424,7 +424,7 @@ class VQTrainer:
         t, history = self.cfg.train, []
         if self.rank == 0:  # (here, after resume()'s checks: a refused config or checkpoint leaves the run's)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        stop, collection = StopRequest(self.run_dir / "STOP"), StepCollection(t.gc_interval)
+        stop, collection = StopRequest(self.run_dir / "STOP", t.exit_after_minutes), StepCollection(t.gc_interval)
         self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()
         try:
