@@ -200,7 +200,8 @@ def freeze_collections_across_forks() -> None:
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Join the process group named by torchrun's (or the deepspeed launcher's) variables, by SLURM's
     under a bare srun, or make a one-process group (and protect the groups from forked children:
-    freeze_collections_across_forks)."""
+    freeze_collections_across_forks). `timeout_minutes`: how long a collective may wait for the other ranks
+    before it fails (train.dist_timeout_minutes)."""
     freeze_collections_across_forks()
     if dist.is_initialized():
         return
@@ -236,13 +237,13 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
-def init_parallel(tp: int = 1, pp: int = 1) -> None:
+def init_parallel(tp: int = 1, pp: int = 1, timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed and megatron-core's TP/PP/DP groups (idempotent for the same layout).
     Another layout replaces the groups: megatron's old ones, and any other group still alive, are destroyed."""
     from megatron.core import parallel_state as ps
 
     apply_cpu_compat()
-    init_distributed()
+    init_distributed(timeout_minutes)
     ParallelLayout.of(ParallelConfig(tp=tp, pp=pp), dist.get_world_size())  # its rules, stated there
     if ps.model_parallel_is_initialized():
         if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
@@ -252,7 +253,7 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
     # No gloo twins of the data-parallel groups: only megatron's own optimizer uses them (DeepSpeed's is used
     # here), and each costs every rank a TCP connection to each peer (127 at DP=128) and threads at start.
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 create_gloo_process_groups=False)
+                                 create_gloo_process_groups=False, distributed_timeout_minutes=timeout_minutes)
 
 
 def process_groups() -> set:

@@ -58,6 +58,9 @@ class SRTrainConfig:
     exit_after_minutes: float = 0.0
     """Save and stop for a requeue (exit status 75) at the first step after this many minutes from the start of
     the loop (Megatron-LM's --exit-duration-in-mins; 0: no limit)."""
+    dist_timeout_minutes: int = 30
+    """How long a collective waits for the other ranks before the run fails (Megatron-LM's
+    --distributed-timeout-minutes)."""
     gc_interval: int = 50
     """Steps between Python garbage collections, every rank at the same step with automatic collection off
     (common/collection.py: an automatic one holds the other ranks at the next collective); 0: automatic."""

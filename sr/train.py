@@ -66,13 +66,13 @@ class SRTrainer:
     def __init__(self, cfg: SRConfig, data: str, run_dir: str | Path, val_data: str | None = None,
                  device: str | None = None):
         device = device or use_device(cfg.train.device, "train.device")  # (before init_distributed touches CUDA)
-        init_distributed()
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
         self.scale = cfg.model.resolved()["scale"]
         weights = ((w, 0, "a loss weight: a negative one maximises its term") for w in ("l1", "perceptual"))
         check_minima(t, "train", (*IMAGE_TRAIN_MINIMA, ("crop", self.scale, "the high-resolution crops' side"),
-                                  *weights))
+                                  *weights))  # (before the process group: its timeout is one of them)
+        init_distributed(t.dist_timeout_minutes)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_lpips_backbone(t.perceptual, t.lpips_backbone)
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")

@@ -155,6 +155,27 @@ def test_a_run_past_exit_after_minutes_saves_after_a_step_and_leaves_for_requeue
     assert len(run(str(tmp_path), "train.eval_interval=0", steps=3)) == 2 and not (tmp_path / "REQUEUE").exists()
 
 
+def test_dist_timeout_minutes_reaches_the_process_groups(single_process, tmp_path, monkeypatch):
+    """train.dist_timeout_minutes (Megatron-LM's --distributed-timeout-minutes) is the timeout the trainer joins
+    the process group with and builds megatron-core's groups with."""
+    from megatron.core import parallel_state as ps
+
+    import training.trainer as trainer_module
+    from model_parallel import state
+
+    seen, real_world, real_groups = [], trainer_module.init_distributed, trainer_module.init_parallel
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda m: seen.append(("world", m)) or real_world(m))
+    monkeypatch.setattr(trainer_module, "init_parallel",
+                        lambda tp, pp, m: seen.append(("groups", m)) or real_groups(tp, pp, m))
+    run(str(tmp_path), "train.dist_timeout_minutes=7", "train.eval_interval=0", steps=1)
+    assert seen == [("world", 7), ("groups", 7)]
+    built = []  # (megatron-core's groups, built anew: here only as far as the call)
+    monkeypatch.setattr(ps, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(ps, "initialize_model_parallel", lambda **kw: built.append(kw["distributed_timeout_minutes"]))
+    state.init_parallel(1, 1, 7)
+    assert built == [7]
+
+
 def test_held_out_loss_is_the_exported_models_and_leaves_training_alone(pool2, single_process, reference,
                                                                          dropout_reference, tmp_path):
     """The held-out loss at the last step is the exported weights' loss on the first eval_batches global batches

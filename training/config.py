@@ -92,6 +92,10 @@ class TrainConfig:
     from the trainer's start (Megatron-LM's --exit-duration-in-mins; 0: no limit): set it below a job's time
     limit where no signal comes before it (slurm/train.sbatch has SLURM send USR1). Each segment takes at least
     one step, its start-up is counted."""
+    dist_timeout_minutes: int = 30
+    """How long a collective waits for the other ranks before the run fails (torch.distributed's process-group
+    timeout, megatron-core's groups too; Megatron-LM's --distributed-timeout-minutes): long enough for the
+    slowest rank's checkpoint load or save, short enough that a hung rank ends the job."""
     gc_interval: int = 50
     """Steps between Python garbage collections, taken by every rank at the same step with automatic collection
     off (torchtitan's training.gc_freq, Megatron-LM's --manual-gc-interval): an automatic one starts on each
@@ -186,6 +190,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
                               ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
                               ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
                               ("exit_after_minutes", 0, "minutes before a save and stop, 0: no limit"),
+                              ("dist_timeout_minutes", 1, "minutes a collective waits for the other ranks"),
                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
                               ("eval_batches", 1, "global batches of held-out samples per measurement"),

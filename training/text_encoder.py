@@ -180,7 +180,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
                               "--resume auto, or use another --run-dir")
     # (before CUDA is touched; a GPU asked for and missing is an error)
     device = use_device(cfg.train.device, "train.device")
-    init_parallel(cfg.parallel.tp, 1)
+    init_parallel(cfg.parallel.tp, 1, cfg.train.dist_timeout_minutes)
     # (first: a stop asked for while starting is kept)
     stop, losses = StopRequest(Path(run_dir) / "STOP", cfg.train.exit_after_minutes), []
     try:

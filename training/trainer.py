@@ -281,7 +281,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
         self.device = use_device(cfg.train.device, "train.device")  # before anything touches CUDA
-        init_distributed()
+        init_distributed(cfg.train.dist_timeout_minutes)
         self.world = dist.get_world_size()
         cfg.validate(world_size=self.world)  # before any work: a layout that does not fit is refused
         self.layout = layout_of(cfg, self.world)
@@ -306,7 +306,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, layout = self.cfg, self.layout
-        init_parallel(layout.tp, layout.pp)
+        init_parallel(layout.tp, layout.pp, cfg.train.dist_timeout_minutes)
         self.groups_before = process_groups()  # the groups DeepSpeed makes for this run are destroyed by close()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), layout.dp
         self.role = engine.sample_role()  # whether this rank reads its samples, receives them or takes none

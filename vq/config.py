@@ -117,6 +117,9 @@ class VQTrainConfig:
     exit_after_minutes: float = 0.0
     """Save and stop for a requeue (exit status 75) at the first step after this many minutes from the start of
     the loop (Megatron-LM's --exit-duration-in-mins; 0: no limit)."""
+    dist_timeout_minutes: int = 30
+    """How long a collective waits for the other ranks before the run fails (Megatron-LM's
+    --distributed-timeout-minutes)."""
     gc_interval: int = 50
     """Steps between Python garbage collections, every rank at the same step with automatic collection off
     (common/collection.py: an automatic one holds the other ranks at the next collective); 0: automatic."""
@@ -136,6 +139,7 @@ IMAGE_TRAIN_MINIMA = (("steps", 0, "optimizer steps to run, 0: export the starti
                       ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
                       ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
                       ("exit_after_minutes", 0, "minutes before a save and stop, 0: no limit"),
+                      ("dist_timeout_minutes", 1, "minutes a collective waits for the other ranks"),
                       ("data_workers", 0, "decoding processes, 0: in the training process"))
 """The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
 (common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty

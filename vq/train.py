@@ -231,10 +231,10 @@ class VQTrainer:
     def __init__(self, cfg: VQConfig, data: str, run_dir: str | Path, device: str | None = None):
         """`device`: where the model trains; by default train.device's choice (model_parallel.state.use_device)."""
         device = device or use_device(cfg.train.device, "train.device")  # (before init_distributed touches CUDA)
-        init_distributed()
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = cfg.train
-        check_minima(t, "train", IMAGE_TRAIN_MINIMA)
+        check_minima(t, "train", IMAGE_TRAIN_MINIMA)  # (before the process group: its timeout is one of them)
+        init_distributed(t.dist_timeout_minutes)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {self.world}")
         check_schedule(t, "train")  # (before config.yaml is written: a refused config leaves the run's as it was)
