@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.loop_control import LoopControl
 from sr.model import SRModelConfig
 
 
 @dataclass
-class SRTrainConfig:
+class SRTrainConfig(LoopControl):
     steps: int = 100000
     """Optimizer steps."""
     batch_size: int = 16
@@ -55,15 +56,6 @@ class SRTrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
-    exit_after_minutes: float = 0.0
-    """Save and stop for a requeue (exit status 75) at the first step after this many minutes from the start of
-    the loop (Megatron-LM's --exit-duration-in-mins; 0: no limit)."""
-    dist_timeout_minutes: int = 30
-    """How long a collective waits for the other ranks before the run fails (Megatron-LM's
-    --distributed-timeout-minutes)."""
-    gc_interval: int = 50
-    """Steps between Python garbage collections, every rank at the same step with automatic collection off
-    (common/collection.py: an automatic one holds the other ranks at the next collective); 0: automatic."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 from common.cli import command, config_parser
 from common.config import (ConfigError, build, check_minima, describe, flat_dict, load_raw, read_yaml, require,
                            save_config, to_dict)
+from common.loop_control import LOOP_MINIMA, LoopControl
 from common.schedule import check_schedule
 from data_pipeline.training_data import DataConfig
 from model_parallel.config import ModelConfig, model_preset, resolve_model_section
@@ -32,7 +33,7 @@ __all__ = ["Config", "ConfigError", "ModelConfig", "ParallelConfig", "KernelConf
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopControl):
     """The training loop."""
 
     steps: int = 20
@@ -87,20 +88,6 @@ class TrainConfig:
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
-    exit_after_minutes: float = 0.0
-    """Save and stop for a requeue (run_dir/REQUEUE, as a preemption) at the first step after this many minutes
-    from the trainer's start (Megatron-LM's --exit-duration-in-mins; 0: no limit): set it below a job's time
-    limit where no signal comes before it (slurm/train.sbatch has SLURM send USR1). Each segment takes at least
-    one step, its start-up is counted."""
-    dist_timeout_minutes: int = 30
-    """How long a collective waits for the other ranks before the run fails (torch.distributed's process-group
-    timeout, megatron-core's groups too; Megatron-LM's --distributed-timeout-minutes): long enough for the
-    slowest rank's checkpoint load or save, short enough that a hung rank ends the job."""
-    gc_interval: int = 50
-    """Steps between Python garbage collections, taken by every rank at the same step with automatic collection
-    off (torchtitan's training.gc_freq, Megatron-LM's --manual-gc-interval): an automatic one starts on each
-    rank at its own moment and holds the others at the next collective (common/collection.py). 0: Python's
-    automatic collection."""
     device: str = "auto"
     """auto (a GPU when torch sees one, else the CPU) | cuda (a GPU is required: its absence is an error
     naming the driver this torch build needs; slurm/train.sbatch sets it) | cpu (hide GPUs from this run)."""
@@ -185,12 +172,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: from the table)")
     require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     require(t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")
-    check_minima(t, "train", (("steps", 1, "optimizer steps to run"),
+    check_minima(t, "train", (*LOOP_MINIMA, ("steps", 1, "optimizer steps to run"),
                               ("log_interval", 1, "steps between metric lines"),
                               ("max_skipped_steps", 1, "non-finite steps in a row before the run stops"),
-                              ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
-                              ("exit_after_minutes", 0, "minutes before a save and stop, 0: no limit"),
-                              ("dist_timeout_minutes", 1, "minutes a collective waits for the other ranks"),
                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
                               ("eval_batches", 1, "global batches of held-out samples per measurement"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.loop_control import LOOP_MINIMA, LoopControl
 from vq.losses import LossConfig
 
 
@@ -66,7 +67,7 @@ class VQModelConfig:
 
 
 @dataclass
-class VQTrainConfig:
+class VQTrainConfig(LoopControl):
     steps: int = 10000
     """Optimizer steps."""
     batch_size: int = 32
@@ -114,15 +115,6 @@ class VQTrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
-    exit_after_minutes: float = 0.0
-    """Save and stop for a requeue (exit status 75) at the first step after this many minutes from the start of
-    the loop (Megatron-LM's --exit-duration-in-mins; 0: no limit)."""
-    dist_timeout_minutes: int = 30
-    """How long a collective waits for the other ranks before the run fails (Megatron-LM's
-    --distributed-timeout-minutes)."""
-    gc_interval: int = 50
-    """Steps between Python garbage collections, every rank at the same step with automatic collection off
-    (common/collection.py: an automatic one holds the other ranks at the next collective); 0: automatic."""
     init_from: str = ""
     """Weights to start from at step 0 ('' = fresh; a resume takes the checkpoint's): a tokenizer export of
     model.kind, or for vqgan a taming-transformers last.ckpt (and its PatchGAN): vq/init_weights.py."""
@@ -131,15 +123,12 @@ class VQTrainConfig:
     an untrained VGG, for smoke tests (the perceptual loss then means nothing)."""
 
 
-IMAGE_TRAIN_MINIMA = (("steps", 0, "optimizer steps to run, 0: export the starting weights"),
+IMAGE_TRAIN_MINIMA = (*LOOP_MINIMA, ("steps", 0, "optimizer steps to run, 0: export the starting weights"),
                       ("batch_size", 1, "images per step over all processes"),
                       ("log_interval", 1, "steps between metric lines"),
                       ("eval_interval", 1, "steps between evaluations"),
                       ("save_interval", 1, "steps between checkpoints"),
                       ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
-                      ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
-                      ("exit_after_minutes", 0, "minutes before a save and stop, 0: no limit"),
-                      ("dist_timeout_minutes", 1, "minutes a collective waits for the other ranks"),
                       ("data_workers", 0, "decoding processes, 0: in the training process"))
 """The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
 (common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty

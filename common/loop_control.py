@@ -1,0 +1,37 @@
+"""The keys every trainer's train section has for how its loop runs around the steps, not what it trains: a time
+limit of its own, how long a collective waits for the other ranks, when garbage is collected.
+
+    @dataclass
+    class VQTrainConfig(LoopControl): ...                 # training's TrainConfig, vq's, sr's
+    check_minima(cfg.train, "train", (*LOOP_MINIMA, ...))
+
+Used by common/preemption.py (exit_after_minutes), model_parallel/state.py (dist_timeout_minutes) and
+common/collection.py (gc_interval) through each trainer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LoopControl:
+    exit_after_minutes: float = 0.0
+    """Save and stop for a requeue (as a preemption does: run_dir/REQUEUE, common/preemption.py) at the first step
+    after this many minutes from the trainer's start (Megatron-LM's --exit-duration-in-mins; 0: no limit): set it below
+    a job's time limit where no signal comes before it (slurm/train.sbatch has SLURM send USR1). Each segment
+    takes at least one step."""
+    dist_timeout_minutes: int = 30
+    """How long a collective waits for the other ranks before the run fails (torch.distributed's process-group
+    timeout, megatron-core's groups too; Megatron-LM's --distributed-timeout-minutes): long enough for the
+    slowest rank's checkpoint load or save, short enough that a hung rank ends the job."""
+    gc_interval: int = 50
+    """Steps between Python garbage collections, taken by every rank at the same step with automatic collection
+    off (torchtitan's training.gc_freq, Megatron-LM's --manual-gc-interval): an automatic one starts on each
+    rank at its own moment and holds the others at the next collective (common/collection.py). 0: Python's
+    automatic collection."""
+
+
+LOOP_MINIMA = (("exit_after_minutes", 0, "minutes before a save and stop, 0: no limit"),
+               ("dist_timeout_minutes", 1, "minutes a collective waits for the other ranks"),
+               ("gc_interval", 0, "steps between garbage collections, 0: automatic"))
+"""LoopControl's rules (common.config.check_minima)."""
