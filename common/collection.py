@@ -2,16 +2,16 @@
 
     collector = StepCollection(cfg.train.gc_interval)   # before the first step (0: Python's automatic collection)
     ...after each step: collector.step_done(step)       # every rank at the same step
-    collector.close()                                   # automatic collection as it was
+    collector.close()                                   # the rest collected; automatic collection as it was
 
 Why: Python starts an automatic collection on each rank when that rank's allocations cross a threshold, at its
 own moment, and a collection that reaches the oldest generation walks every object alive (~500k once torch,
 megatron-core and DeepSpeed are imported: ~1-2 s). The other ranks wait for it at the next collective, so at
 hundreds of ranks some rank's pause lands in most steps. With automatic collection off, every rank collects the
 young generations at the same steps instead (what torchtitan's training.gc_freq does; Megatron-LM's --manual-gc
-collects all of them). Garbage cycles that outlive two collections reach the oldest generation and wait for the end
-of the loop, as in torchtitan: a trade of some host memory for no full walk in any step. Processes forked meanwhile
-(data workers, an asynchronous checkpoint's writer) collect automatically again.
+collects all of them). Garbage cycles that outlive two collections reach the oldest generation and wait for the
+end of the loop, collected there (torchtitan's trade too: some host memory for no full walk in any step).
+Processes forked meanwhile (data workers, an asynchronous checkpoint's writer) collect automatically again.
 """
 from __future__ import annotations
 
@@ -38,5 +38,10 @@ class StepCollection:
             gc.collect(1)
 
     def close(self) -> None:
-        if self.interval and self.was_enabled:
-            gc.enable()
+        """At the loop's end: what it left in the oldest generation collected now (not in the middle of whatever
+        the process does next, a later run's step in the same process: freed there, its memory muddled that
+        step's measurements), and automatic collection as it was."""
+        if self.interval:
+            gc.collect()
+            if self.was_enabled:
+                gc.enable()

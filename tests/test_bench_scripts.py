@@ -397,6 +397,7 @@ def test_scale_slice_row_divides_each_measure_by_its_reference():
 def test_peak_rss_keeps_a_peak_freed_inside_the_block():
     """A 64 MiB tensor held until the sampler has seen it, then freed before the block ends: the peak keeps it
     (the forward's temporaries are freed before scale_slice reads the peak)."""
+    import gc
     import time
 
     import psutil
@@ -404,6 +405,7 @@ def test_peak_rss_keeps_a_peak_freed_inside_the_block():
 
     from bench.scale_slice import PeakRSS
 
+    gc.collect()  # (garbage freed inside the block would offset the tensor in the process's size)
     size, before = 64 << 20, psutil.Process().memory_info().rss
     with PeakRSS() as peak:
         held = torch.ones(size // 4)
