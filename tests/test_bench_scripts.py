@@ -395,24 +395,26 @@ def test_scale_slice_row_divides_each_measure_by_its_reference():
 
 
 def test_peak_rss_keeps_a_peak_freed_inside_the_block():
-    """A 64 MiB tensor held until the sampler has seen it, then freed before the block ends: the peak keeps it
-    (the forward's temporaries are freed before scale_slice reads the peak)."""
-    import gc
+    """64 MiB of fresh pages held until the sampler has seen them, then unmapped before the block ends: the peak
+    keeps them (the forward's temporaries are freed before scale_slice reads the peak). The pages are an
+    anonymous mapping of their own: a tensor of that size can come from memory the allocator already holds
+    resident (freed by earlier tests in the process), and then the process does not grow at all."""
+    import mmap
     import time
 
     import psutil
-    import torch
 
     from bench.scale_slice import PeakRSS
 
-    gc.collect()  # (garbage freed inside the block would offset the tensor in the process's size)
     size, before = 64 << 20, psutil.Process().memory_info().rss
     with PeakRSS() as peak:
-        held = torch.ones(size // 4)
+        held = mmap.mmap(-1, size)
+        for page in range(0, size, mmap.PAGESIZE):  # (resident once written)
+            held[page] = 1
         deadline = time.monotonic() + 30
         while peak.peak < before + size and time.monotonic() < deadline:
             time.sleep(0.001)
-        del held
+        held.close()
     assert peak.peak - before >= size > psutil.Process().memory_info().rss - before
 
 
