@@ -518,7 +518,8 @@ def fill_from_export(blocks: dict, file: Path) -> None:
 
     with safe_open(str(file), framework="pt") as f, torch.no_grad():
         for block in blocks.values():
-            name, whole = block.key.removeprefix("model."), f.get_slice(block.key.removeprefix("model."))
+            name = block.key.removeprefix("model.")
+            whole = f.get_slice(name)
             if tuple(whole.get_shape()) != tuple(block.global_shape):  # (a slice out of bounds would be cut short)
                 raise ValueError(f"{file}: {name} is {tuple(whole.get_shape())}, this run's model has "
                                  f"{tuple(block.global_shape)}")

@@ -256,15 +256,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     path = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    config = read_export_config(path)
-    model_cfg = _model_config(config, path / "config.json")
+    config, shapes = checked_export(path)
     init_parallel(tp=1, pp=1)
     with torch.device("meta"):
-        model = PartiModel(model_cfg, meta=True)
-    file = path / "model.safetensors"
+        model = PartiModel(_model_config(config, path / "config.json"), meta=True)
+    file = path / EXPORT_WEIGHTS
     with readable(file), safe_open(str(file), framework="pt", device="cpu") as f:
-        shapes = weight_shapes(f, config, path)
-        check_weights_fit(config, shapes, path)
         weights = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
     assign_weights(model, weights, str(file))
     move_buffers(model, device)
@@ -314,6 +311,19 @@ def check_weights_fit(config: dict, shapes: dict[str, tuple], path: Path) -> Non
     check_fits(model, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()},
                str(path / EXPORT_WEIGHTS), optional=megatron_extra,
                advice="its config.json describes another model than its weights: export again")
+
+
+def checked_export(path: Path) -> tuple[dict, dict[str, tuple]]:
+    """(config.json, {name: shape} of model.safetensors) of an export folder whose weights are its config's:
+    readable, floating point, of its checkpoint, every tensor of its model's shape (load_exported, and
+    train.init_from on rank 0 before the build); ValueError (or ConfigError) naming the file otherwise."""
+    from safetensors import safe_open
+
+    config = read_export_config(path)
+    with readable(path / EXPORT_WEIGHTS), safe_open(str(path / EXPORT_WEIGHTS), framework="pt") as f:
+        shapes = weight_shapes(f, config, path)
+    check_weights_fit(config, shapes, path)
+    return config, shapes
 
 
 def is_export(path: str | Path) -> bool:

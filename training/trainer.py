@@ -39,7 +39,7 @@ from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import RESUME_MODES, Config, change_messages, format_changes, layout_of, resume_changes
 from training.deepspeed_glue import NonFiniteStop
-from training.export import check_weights_fit, is_export, read_export_config, readable, weight_shapes
+from training.export import checked_export, is_export
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
 from training.text_encoder import load_text_encoder
@@ -161,14 +161,9 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
 
 def _export_state(path: Path) -> dict:
     """An export folder's config.json in the shape of a checkpoint's trainer state (config, step, data_tokenizers),
-    its model.safetensors checked to be that config's (training.export: ValueError naming the file otherwise)."""
-    from safetensors import safe_open
-
+    its model.safetensors checked to be that config's (here: each rank reads only its part of the file, later)."""
     try:
-        config = read_export_config(path)
-        with readable(path / "model.safetensors"), safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            shapes = weight_shapes(f, config, path)
-        check_weights_fit(config, shapes, path)  # (here: each rank reads only its part of the file, later)
+        config, _ = checked_export(path)
     except ValueError as e:  # (the messages name the file; a CheckpointError reaches every rank as one)
         raise CheckpointError(f"train.init_from: {e}") from None
     return {"config": {"model": config["model"]}, "step": config.get("checkpoint"),
