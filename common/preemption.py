@@ -83,14 +83,24 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (its start as the kernel recorded it, so imports count too)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
 class StopRequest:
     def __init__(self, stop_file: Path | None = None, exit_after_minutes: float = 0.0):
         self.received: int | None = None
         self.stop_file = stop_file
         # (a time limit of the trainer's own, Megatron-LM's --exit-duration-in-mins: a stop as SLURM's USR1 is,
         # where no signal comes, e.g. on another scheduler or a job whose limit the script cannot know)
+        # (counted from the process's start, as a job's time limit counts from the job's: start-up, a long resume
+        # or an image trainer's build before its loop use up the same minutes)
         self.exit_after_minutes = exit_after_minutes
-        self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes > 0 else None
+        start = time.monotonic() - _process_age_s()
+        self.deadline = start + 60 * exit_after_minutes if exit_after_minutes > 0 else None
         # (the handlers before, restored by restore(): e.g. USR1 ignored, as slurm/train.sbatch starts torchrun
         # and so its trainers, must stay ignored while an export is written after the loop)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}

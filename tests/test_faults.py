@@ -150,15 +150,17 @@ def test_a_stop_request_in_one_process_from_its_file_or_a_signal(tmp_path, monke
 
 
 def test_a_stop_request_from_its_time_limit(tmp_path, monkeypatch):
-    """exit_after_minutes: not a request before the limit, one after it (named by the setting), left out of
-    start() (a start-up that outlasted it would requeue the run for ever without a step); 0: no limit."""
+    """exit_after_minutes: counted from the process's start (here 10 s before the request is made), not a request
+    before the limit, one after it (named by the setting), left out of start() (a start-up that outlasted it would
+    requeue the run for ever without a step); 0: no limit."""
     import common.preemption as preemption
 
     now = [1000.0]
     monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(preemption, "_process_age_s", lambda: 10.0)
     request, unlimited = preemption.StopRequest(tmp_path / "STOP", 0.5), preemption.StopRequest(None, 0)
     try:
-        now[0] += 29
+        now[0] += 19
         assert not request.requested()
         now[0] += 1
         assert request.requested() and request.name == "train.exit_after_minutes=0.5"
@@ -169,6 +171,14 @@ def test_a_stop_request_from_its_time_limit(tmp_path, monkeypatch):
     finally:
         unlimited.restore()
         request.restore()
+
+def test_the_time_limit_counts_from_the_process_start():
+    """_process_age_s against a sleep at the top of a fresh process: the time before a StopRequest counts."""
+    code = "import time; time.sleep(1.0); from common.preemption import _process_age_s; print(_process_age_s())"
+    age = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                               cwd=ROOT).stdout)
+    assert 1.0 <= age < 30
+
 
 def test_a_helper_started_by_a_trainer_ignores_its_stop_signals_and_lets_its_run_lock_go(tmp_path):
     """common.preemption.start_helper in a forked helper: USR1 and TERM ignored, its copy of the run lock closed."""
