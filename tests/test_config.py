@@ -312,6 +312,35 @@ def test_lr_schedule(decay, middle, end):
     assert f(9) == pytest.approx(middle) and f(14) == pytest.approx(end) and f(100) == pytest.approx(end)
 
 
+@pytest.mark.parametrize("decay", ["minus_sqrt", "linear", "cosine", "exponential"])
+def test_a_stable_phase_gives_megatron_core_wsd_schedule(decay):
+    """train.lr_stable_steps: after a 3-step warmup, 7 steps at lr, then `decay` over 6 steps to min_lr and min_lr
+    after: the rates of megatron-core's OptimizerParamScheduler with lr_decay_style WSD (its lr_decay_steps count
+    warmup, stable and decay steps; lr_wsd_decay_style = the shape) at every step after the warmup."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from common.schedule import lr_lambda
+
+    cfg = load_config(None, ["train.lr=3e-3", "train.min_lr=3e-5", "train.warmup_steps=3", "train.steps=30",
+                             "train.lr_stable_steps=7", f"train.lr_decay={decay}", "train.lr_decay_steps=6"])
+    f = lr_lambda(cfg.train)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    megatron = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=3e-3, min_lr=3e-5, lr_warmup_steps=3,
+                                       lr_decay_steps=3 + 7 + 6, lr_decay_style="WSD", start_wd=0.0, end_wd=0.0,
+                                       wd_incr_steps=30, wd_incr_style="constant", wsd_decay_steps=6,
+                                       lr_wsd_decay_style=decay)
+    reference = []
+    for step in range(30):
+        megatron.num_steps = step
+        reference.append(megatron.get_lr(opt.param_groups[0]))
+    assert [3e-3 * f(s) for s in range(3, 30)] == pytest.approx(reference[3:], rel=1e-9)
+    assert reference[3:11] == pytest.approx([3e-3] * 8) and 3e-5 < reference[12] < reference[10]  # (the phases are there)
+    to_the_end = lr_lambda(load_config(None, ["train.lr=3e-3", "train.min_lr=3e-5", "train.warmup_steps=3",
+                                              "train.lr_stable_steps=7", "train.steps=16", f"train.lr_decay={decay}",
+                                              "train.lr_decay_steps=0"]).train)
+    assert [to_the_end(s) for s in range(3, 30)] == [f(s) for s in range(3, 30)]  # (0: the decay ends at train.steps)
+
+
 def test_lr_decay_steps_end_the_cosine_early_as_torch_cosine_annealing_does():
     """train.lr_decay_steps=10 of 30 steps: after a 5-step warmup, the rates of torch's CosineAnnealingLR
     (T_max 10, eta_min = min_lr), then min_lr to the end (DALL-E's dVAE: 1.2M steps of decay in 3M)."""
@@ -332,9 +361,10 @@ def test_lr_decay_steps_end_the_cosine_early_as_torch_cosine_annealing_does():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lr_decay=step", r"train\.lr_decay='step' must be one of cosine, linear, constant"),
+    ("train.lr_decay=step", r"train\.lr_decay='step' must be one of cosine, linear, minus_sqrt, exponential, constant"),
     ("train.min_lr=-0.5", r"train\.min_lr=-0\.5 must be >= 0"),
     ("train.lr_decay_steps=-1", r"train\.lr_decay_steps=-1 must be >= 0"),
+    ("train.lr_stable_steps=-1", r"train\.lr_stable_steps=-1 must be >= 0 \(steps at lr between the warmup"),
     ("train.lr=1e-4", r"train\.min_lr=0\.0003 must be <= train\.lr=0\.0001: the cosine decay goes from lr down"),
 ])
 def test_bad_schedule_names_the_field(override, message):

@@ -53,11 +53,17 @@ class TrainConfig(LoopControl):
     """Learning rate at the end of the decay."""
     warmup_steps: int = 5
     """Linear warmup steps."""
+    lr_stable_steps: int = 0
+    """Steps at lr between the warmup and the decay: a warmup-stable-decay schedule (WSD, Megatron-LM's
+    --lr-decay-style WSD; common/schedule.py), whose cool-downs are branched from the stable run's checkpoints
+    (train.init_weights_only=false) with the decay set to start at the branch's step."""
     lr_decay: str = "cosine"
-    """After warmup, from lr to min_lr over lr_decay_steps: cosine | linear | constant (stays at lr)."""
+    """After the warmup and lr_stable_steps, from lr to min_lr over lr_decay_steps: cosine | linear | minus_sqrt
+    (1 - sqrt of the progress, WSD's usual cool-down) | exponential (Megatron-LM's WSD shapes) | constant (stays
+    at lr)."""
     lr_decay_steps: int = 0
-    """Steps of the decay after the warmup, then min_lr to the end (0: until train.steps; Megatron's
-    --lr-decay-iters)."""
+    """Steps of the decay, then min_lr to the end (0: until train.steps; Megatron's --lr-decay-iters, less the
+    warmup and the stable steps)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
@@ -241,9 +247,9 @@ def config_to_dict(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # A resumed run's config against the one its checkpoint was saved with
 
-RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.lr_decay_steps",
-                  "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1", "train.adam_beta2",
-                  "train.adam_eps")
+RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_stable_steps", "train.lr_decay",
+                  "train.lr_decay_steps", "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1",
+                  "train.adam_beta2", "train.adam_eps")
 """Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
 checkpoint's step with the new values (training/checkpoint.py `load`), weight decay, clipping and Adam's
 betas and epsilon are the new ones from the first step on (the moments are the checkpoint's)."""

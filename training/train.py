@@ -11,9 +11,9 @@ metrics.jsonl, TensorBoard events and checkpoints/. One run at a time: rank 0 ho
 --resume auto (default): continue from checkpoints/latest, or, when that pointer is missing, from the
   newest complete checkpoint (logged), at whatever layout this run has; start at step 0 when there is none.
   The config is compared with the checkpoint's first: a changed network (model.*) or optimizer kind is
-  refused naming the keys, schedule/optimizer values (train.lr, min_lr, warmup_steps, lr_decay,
-  lr_decay_steps, steps, weight_decay, grad_clip, adam_beta1/2, adam_eps) are applied and logged, seed/batch/data
-  changes are warned about.
+  refused naming the keys, schedule/optimizer values (train.lr, min_lr, warmup_steps, lr_stable_steps,
+  lr_decay, lr_decay_steps, steps, weight_decay, grad_clip, adam_beta1/2, adam_eps) are applied and logged,
+  seed/batch/data changes are warned about.
 --resume none: start at step 0; refused when the run directory already holds checkpoints.
 --resume overwrite: start at step 0 in a run directory that holds another run; that run's checkpoints,
   metrics, configs and events are moved (not deleted) to run_dir/replaced_<time>/.

@@ -78,11 +78,13 @@ class VQTrainConfig(LoopControl):
     """Learning rate at the end of a cosine or linear decay."""
     warmup_steps: int = 0
     """Linear warmup steps to lr (0: none)."""
+    lr_stable_steps: int = 0
+    """Steps at lr between the warmup and the decay (a warmup-stable-decay schedule: common/schedule.py)."""
     lr_decay: str = "constant"
-    """After the warmup: cosine | linear (lr to min_lr) | constant (stays at lr: taming, LlamaGen)."""
+    """After the warmup and lr_stable_steps: cosine | linear | minus_sqrt | exponential (lr to min_lr) | constant
+    (stays at lr: taming, LlamaGen)."""
     lr_decay_steps: int = 0
-    """Steps of the decay after the warmup, then min_lr to the end (0: until train.steps; DALL-E's dVAE: 1.2M
-    of 3M)."""
+    """Steps of the decay, then min_lr to the end (0: until train.steps; DALL-E's dVAE: 1.2M of 3M)."""
     ema_decay: float = 0.0
     """Decay of an exponential moving average of the weights, which the export takes instead of the last
     weights (0: off; DALL-E's dVAE: 0.999)."""
