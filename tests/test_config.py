@@ -334,7 +334,7 @@ def test_a_stable_phase_gives_megatron_core_wsd_schedule(decay):
         megatron.num_steps = step
         reference.append(megatron.get_lr(opt.param_groups[0]))
     assert [3e-3 * f(s) for s in range(3, 30)] == pytest.approx(reference[3:], rel=1e-9)
-    assert reference[3:11] == pytest.approx([3e-3] * 8) and 3e-5 < reference[12] < reference[10]  # (the phases are there)
+    assert reference[3:11] == pytest.approx([3e-3] * 8) and 3e-5 < reference[12] < reference[10]  # (both phases)
     to_the_end = lr_lambda(load_config(None, ["train.lr=3e-3", "train.min_lr=3e-5", "train.warmup_steps=3",
                                               "train.lr_stable_steps=7", "train.steps=16", f"train.lr_decay={decay}",
                                               "train.lr_decay_steps=0"]).train)
