@@ -1300,10 +1300,10 @@ def test_what_a_resume_plan_checks_before_anything_is_built(tmp_path, monkeypatc
     verified = []
     monkeypatch.setattr(checkpoint, "verify", verified.append)
     plan = plan_resume(cfg, tmp_path, "auto", made)
-    assert (plan.tag, plan.step, plan.run_id, verified) == (folder.name, 3, "r1", [folder])
+    assert (plan.path, plan.step, plan.run_id, verified) == (folder, 3, "r1", [folder])
     assert plan.messages == [(f"warning: {folder / 'trainer_state.json'} holds no config: this run's config cannot "
                               "be checked against the checkpoint's")]
-    assert plan_resume(cfg, tmp_path, "auto", None).tag == folder.name
+    assert plan_resume(cfg, tmp_path, "auto", None).path == folder
     with pytest.raises(ConfigError, match=r"cannot resume .* its samples were made with another text tokenizer "):
         plan_resume(cfg, tmp_path, "auto", {**made, "text_tokenizer": {"hash": "t2"}})
     adafactor = load_config("configs/train/debug.yaml", ["train.steps=6", "train.optimizer=adafactor"])

@@ -1054,6 +1054,48 @@ def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layou
         plan_resume(load_config("configs/train/debug.yaml", [f"train.init_from={run_dir}"]), run_dir, "overwrite")
 
 
+def test_a_branch_continues_another_runs_checkpoint_as_a_run_of_its_own(pool2, reference, tmp_path):
+    """train.init_from=<the reference's step-3 checkpoint> with train.init_weights_only=false at TP=2 with ZeRO-1:
+    steps 4-6 equal the reference's (its optimizer state, LR schedule and data positions continue), as a new run
+    (its own run id and checkpoints; the reference's folder untouched); a second segment resumes the branch's own
+    checkpoint. An export (weights alone), a missing init_from and a changed network are refused, naming them."""
+    from training.config import ConfigError, load_config
+    from training.trainer import plan_resume
+
+    source, branch = reference[1] / "checkpoints" / "step_00000003", tmp_path / "branch"
+    before = sorted(p.name for p in (reference[1] / "checkpoints").iterdir())
+    branched = [f"train.init_from={source}", "train.init_weights_only=false", "parallel.tp=2",
+                "parallel.zero_stage=1"]
+    losses = pool2.run(run, str(branch), *branched)[0]
+    assert losses == pytest.approx(reference[0][3:], rel=1e-4, abs=1e-4)
+    state = json.loads((branch / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+    reference_state = json.loads((source / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["run_id"] != reference_state["run_id"]
+    assert sorted(p.name for p in (reference[1] / "checkpoints").iterdir()) == before
+    (history,) = (branch / "config_history").iterdir()
+    assert history.read_text().startswith(f"# segment 1 of run {state['run_id']}: a branch of {source}, ")
+    assert [json.loads(line)["step"] for line in (branch / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)] == [4, 5, 6]
+    pool2.run(run, str(branch), *branched, steps=STEPS + 1)  # (a second segment resumes the branch, not its source)
+    assert json.loads((branch / "checkpoints" / "step_00000007" / "trainer_state.json").read_text())["run_id"] == \
+        state["run_id"]
+    assert (branch / "config_history" / f"segment_002_step_{STEPS:08d}.yaml").read_text().startswith(
+        f"# segment 2 of run {state['run_id']}: resumed from checkpoints/step_{STEPS:08d}, ")
+
+    def plan(*sets):
+        return plan_resume(load_config("configs/train/debug.yaml", list(sets)).validate(), tmp_path / "new", "auto")
+
+    (tmp_path / "export").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "export" / name).write_text("{}")
+    with pytest.raises(ConfigError, match=rf"train.init_from={tmp_path}/export: an export holds the weights alone"):
+        plan(f"train.init_from={tmp_path}/export", "train.init_weights_only=false")
+    with pytest.raises(ConfigError, match="train.init_weights_only=false continues train.init_from's checkpoint"):
+        plan("train.init_weights_only=false")
+    with pytest.raises(ConfigError, match=rf"cannot resume {source} with another network"):
+        plan(f"train.init_from={source}", "train.init_weights_only=false", "model.hidden_size=32", "model.num_heads=2")
+
+
 def test_a_run_initialised_from_an_export_starts_from_its_weights(pool4, single_process, reference, tmp_path):
     """train.init_from=<an export of the reference run> (one safetensors file of whole weights) at TP=2 with ZeRO-1
     over DP=2, each rank reading its TP slice's ZeRO part of the file: after one step at learning rate 1e-12 the

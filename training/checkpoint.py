@@ -4,7 +4,7 @@
     save(..., background=BackgroundSaves())           # train.async_save: written while training goes on
     tag = latest_tag(run_dir)                         # None when there is no `latest` pointer
     tag, note = resume_tag(run_dir)                   # `latest`'s, else the newest complete checkpoint
-    trainer_state = load(engine, cfg, layout, run_dir, tag)   # at this run's TP/PP/DP/ZeRO layout
+    trainer_state = load(engine, cfg, layout, checkpoint_dir(run_dir) / tag)   # at this run's TP/PP/DP/ZeRO layout
     load_weights(engine, cfg, checkpoint_folder)      # train.init_from: its fp32 weights alone, any layout
 
 Why dist_checkpointing rather than DeepSpeed's own checkpoints: DeepSpeed's native files are tied to the
@@ -526,10 +526,9 @@ def fill_from_export(blocks: dict, file: Path) -> None:
             block.data.copy_(whole[tuple(slice(o, o + n) for o, n in zip(block.global_offset, block.local_shape))])
 
 
-def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> dict:
-    """Load checkpoint `tag` into the engine at this run's layout; returns its trainer state. The LR
-    schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps."""
-    path = checkpoint_dir(run_dir) / tag
+def load(engine, cfg, layout: ParallelLayout, path: Path) -> dict:
+    """Load the checkpoint in folder `path` into the engine at this run's layout; returns its trainer state. The
+    LR schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps."""
     state = read_trainer_state(path)
     # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.trainer.plan_resume.)
     ensure_optimizer_state(engine)
@@ -539,7 +538,7 @@ def load(engine, cfg, layout: ParallelLayout, run_dir: str | Path, tag: str) -> 
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError from torch's unzip...
         raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({failure_cause(e)}); "
                               "a .distcp file may be corrupt (resume from an earlier checkpoint: delete this folder "
-                              f"and {checkpoint_dir(run_dir) / 'latest'})") from None
+                              f"and {path.parent / 'latest'})") from None
     refresh_working_weights(engine, params)
     set_optimizer_step_count(engine, state["optimizer_steps"])
     scheduler = engine.lr_scheduler

@@ -110,6 +110,13 @@ class TrainConfig(LoopControl):
     any layout, with a new optimizer, LR schedule and data order from step 0 (Megatron-LM's
     --pretrained-checkpoint with --finetune; '' = none).
     The network must be the checkpoint's; a run with checkpoints of its own resumes those instead."""
+    init_weights_only: bool = True
+    """With train.init_from: its weights alone (true), or a checkpoint's whole training state (false: step,
+    optimizer state, LR-schedule and data positions, skipped steps), which this run continues as a new run
+    whose checkpoints go to its own run directory: a branch, e.g. a WSD cool-down (train.lr_stable_steps) from a
+    checkpoint of the stable phase. Its config is checked against the checkpoint's as a resume's is (schedule
+    values applied). torchtitan's checkpoint.initial_load_model_only=false; Megatron-LM's --load of another run
+    without --finetune."""
     profile_step: int = 0
     """The first step traced with torch's profiler, numbered as the log numbers steps (0: none; Megatron-LM's
     --profile-step-start; pick one after warm-up): a Chrome trace and a table of the top operators per rank in
@@ -160,6 +167,8 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.optimizer != "adafactor" or p.pp == 1 or t.precision != "bf16",
             "train.optimizer=adafactor with parallel.pp > 1 needs train.precision=fp32 (DeepSpeed's pipeline runs "
             "bf16 through its BF16_Optimizer, which flattens parameters even at ZeRO-0: the first save failed)")
+    require(t.init_weights_only or t.init_from,
+            "train.init_weights_only=false continues train.init_from's checkpoint: set train.init_from")
     require(not (t.init_from and m.init_text_encoder),
             "train.init_from and model.init_text_encoder: set one (the checkpoint holds a text encoder too)")
     require(not m.init_text_encoder or p.zero_stage < 3,

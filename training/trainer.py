@@ -98,8 +98,11 @@ class ResumePlan:
     """What a start does, decided by rank 0 before anything is built or written (`plan_resume`)."""
 
     run_id: str
-    tag: str | None = None
-    """Checkpoint to resume from (None: start at step 0)."""
+    path: Path | None = None
+    """Checkpoint folder to continue from (None: start at step 0): the run directory's own, or with
+    train.init_weights_only=false train.init_from's (`branch`)."""
+    branch: bool = False
+    """The checkpoint is another run's, continued in this run directory as a new run (its own run id)."""
     state: dict | None = None
     """Its trainer_state.json."""
     set_aside: bool = False
@@ -124,13 +127,53 @@ def plan_resume(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None =
     than `tokenizers`, the training data's data_tokenizers) or RunDirError/CheckpointError (one line naming the
     file) instead."""
     plan = _plan_start(cfg, run_dir, mode, tokenizers)
-    if cfg.train.init_from and plan.tag is None:
+    if not cfg.train.init_from or plan.path is not None:
+        return plan
+    if cfg.train.init_weights_only:
         plan.init_from, message = init_checkpoint(cfg, tokenizers)
-        if plan.set_aside and plan.init_from.resolve().is_relative_to(Path(run_dir).resolve()):
-            raise ConfigError(f"train.init_from={plan.init_from} lies in the run directory whose checkpoints and "
-                              "export --resume overwrite moves aside (and a requeued segment would look for it there): "
-                              "copy it out first, or start the new run in another --run-dir")
         plan.messages.append(message)
+    else:
+        plan = _plan_branch(cfg, tokenizers, plan)
+    source = plan.init_from or plan.path
+    if plan.set_aside and source.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise ConfigError(f"train.init_from={source} lies in the run directory whose checkpoints and "
+                          "export --resume overwrite moves aside (and a requeued segment would look for it there): "
+                          "copy it out first, or start the new run in another --run-dir")
+    return plan
+
+
+def _checkpoint_folder(given: Path) -> tuple[Path | None, str | None]:
+    """train.init_from's checkpoint folder (itself, or a run directory's: the checkpoint `latest` names, else its
+    newest complete one) and a note on that choice; (None, None) when it is neither."""
+    if (given / checkpoint.STATE_FILE).is_file():
+        return given, None
+    tag, note = checkpoint.resume_tag(given) if checkpoint.has_checkpoints(given) else (None, None)
+    return (checkpoint.checkpoint_dir(given) / tag, note) if tag else (None, None)
+
+
+def _not_a_source(given: Path) -> ConfigError:
+    return ConfigError(f"train.init_from={given}: neither a checkpoint folder ({checkpoint.STATE_FILE}), an export "
+                       "(config.json, model.safetensors) nor a run directory with a complete checkpoint (expected "
+                       "those of python -m training.train or training.export)")
+
+
+def _plan_branch(cfg: Config, tokenizers: dict | None, start: ResumePlan) -> ResumePlan:
+    """train.init_weights_only=false: continue train.init_from's checkpoint (its step, optimizer state, LR schedule
+    and data positions) as a new run in this run directory, its config checked as a resume checks it; `start`:
+    the plan for the run directory's own files (no checkpoint)."""
+    given = Path(cfg.train.init_from)
+    path, note = _checkpoint_folder(given)
+    if path is None and is_export(given):
+        raise ConfigError(f"train.init_from={given}: an export holds the weights alone; train.init_weights_only=false "
+                          "continues a checkpoint's training state (optimizer, step, data position): give the "
+                          "checkpoint the export was made from, or drop train.init_weights_only=false")
+    if path is None:
+        raise _not_a_source(given)
+    plan = _plan_continue(cfg, path, tokenizers, start.messages + ([note] if note else []))
+    plan.run_id, plan.branch, plan.set_aside, plan.overwrite = start.run_id, True, start.set_aside, start.overwrite
+    plan.messages.append(f"a branch of run {plan.state.get('run_id') or '(unrecorded)'}: continues {path} at its "
+                         f"step {plan.step} (optimizer, LR schedule and data positions) as a new run, whose "
+                         "checkpoints go to this run directory")
     return plan
 
 
@@ -139,17 +182,11 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
     names) and the log line saying so, once its files, network and data tokenizers are checked against this
     run's; ConfigError or CheckpointError naming it otherwise."""
     given = Path(cfg.train.init_from)
-    tag, note = checkpoint.resume_tag(given) if checkpoint.has_checkpoints(given) else (None, None)
-    if (given / checkpoint.STATE_FILE).is_file():
-        path = given
-    elif tag:
-        path = checkpoint.checkpoint_dir(given) / tag
-    elif is_export(given):
+    path, note = _checkpoint_folder(given)
+    if path is None and is_export(given):
         return given, _check_init_source(cfg, given, _export_state(given), tokenizers, "export")
-    else:
-        raise ConfigError(f"train.init_from={given}: neither a checkpoint folder ({checkpoint.STATE_FILE}), an export "
-                          "(config.json, model.safetensors) nor a run directory with a complete checkpoint (expected "
-                          "those of python -m training.train or training.export)")
+    if path is None:
+        raise _not_a_source(given)
     state = checkpoint.read_trainer_state(path)
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path / checkpoint.STATE_FILE}: holds no config, so the network whose weights it "
@@ -215,7 +252,14 @@ def _plan_start(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None) 
     messages = [note] if note else []
     if tag is None:
         return ResumePlan(run_id=new_id, messages=messages)
-    path = checkpoint.checkpoint_dir(run_dir) / tag
+    plan = _plan_continue(cfg, checkpoint.checkpoint_dir(run_dir) / tag, tokenizers, messages)
+    plan.run_id = plan.state.get("run_id") or new_id
+    return plan
+
+
+def _plan_continue(cfg: Config, path: Path, tokenizers: dict | None, messages: list[str]) -> ResumePlan:
+    """The plan that continues checkpoint folder `path` with this config, once its config, data tokenizers and
+    files are checked (ConfigError or CheckpointError naming it otherwise); its run id is the caller's to set."""
     state = checkpoint.read_trainer_state(path)
     check_steps_left(cfg.train.steps, state["step"], path)
     if isinstance(state.get("config"), dict):
@@ -242,8 +286,7 @@ def _plan_start(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None) 
                           f"parallel.tp={layout['tp']} (this run has {cfg.parallel.tp})")
     checkpoint.verify(path)
     messages += change_messages(changes, state["step"])
-    return ResumePlan(run_id=state.get("run_id") or new_id, tag=tag, state=state, messages=messages,
-                      changes=changes)
+    return ResumePlan(run_id="", path=path, state=state, messages=messages, changes=changes)
 
 
 def _decide_on_rank0(decide):
@@ -319,7 +362,7 @@ class Trainer:
             self.log.info(f"--resume overwrite: moved the previous run's files to {moved}")
         for message in self.plan.messages:
             self.log.info(message)
-        if rank0 and not self.plan.tag:  # (a resumed run's: once its checkpoint has loaded, in resume())
+        if rank0 and self.plan.path is None:  # (a resumed run's: once its checkpoint has loaded, in resume())
             self._write_config()
 
         seed_everything(cfg.train.seed)
@@ -332,9 +375,9 @@ class Trainer:
             enable_tf32()
         self.peak_flops, peak_source = peak_flops(cfg.train.precision, cfg.train.peak_tflops)
         self.log.info(f"MFU against {peak_source}")
-        loaded = bool(self.plan.tag or self.plan.init_from)  # (every weight comes from a checkpoint)
+        loaded = bool(self.plan.path or self.plan.init_from)  # (every weight comes from a checkpoint)
         model = engine.build_model(cfg, kernels, self.device, layout, initialize=not loaded)
-        if cfg.model.init_text_encoder and not self.plan.tag:  # (a resumed run has its checkpoint's weights)
+        if cfg.model.init_text_encoder and self.plan.path is None:  # (a resumed run has its checkpoint's weights)
             load_text_encoder(model, cfg.model, cfg.model.init_text_encoder,
                               (data_tokenizers(self.dataset) or {}).get("text_tokenizer"))
             self.log.info(f"text encoder warm-started from {cfg.model.init_text_encoder}"
@@ -358,7 +401,8 @@ class Trainer:
         checkpoint's config has been checked: the history keeps what every segment of the run ran with."""
         plan, history = self.plan, self.run_dir / "config_history"
         n = len(list(history.glob("segment_*.yaml"))) + 1 if history.is_dir() else 1
-        source = f"resumed from checkpoints/{plan.tag}" if plan.tag else "started at step 0"
+        source = (f"a branch of {plan.path}" if plan.branch else f"resumed from checkpoints/{plan.path.name}"
+                  if plan.path else "started at step 0")
         lines = [f"segment {n} of run {plan.run_id}: {source}, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"]
         for kind in ("applied", "warned", "noted"):
             if plan.changes.get(kind):
@@ -369,8 +413,8 @@ class Trainer:
     def resume(self) -> None:
         """Load the checkpoint the plan chose (nothing when it chose none), then write this segment's config:
         a checkpoint that fails to load leaves the run directory as it was."""
-        if self.plan.tag:
-            state = checkpoint.load(self.engine, self.cfg, self.layout, self.run_dir, self.plan.tag)
+        if self.plan.path:
+            state = checkpoint.load(self.engine, self.cfg, self.layout, self.plan.path)
             if dist.get_rank() == 0:
                 self._write_config()
             self.step, self.consumed = state["step"], state["consumed_samples"]
@@ -382,15 +426,15 @@ class Trainer:
             if order != self.sampler.order:  # a run keeps the sample order it began with
                 self.sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.global_batch_size,
                                                   self.cfg.train.seed, order)
-            self.log.info(f"resumed from {self.run_dir / 'checkpoints' / self.plan.tag} at step {self.step}; "
+            self.log.info(f"resumed from {self.plan.path} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
             if state["rng_note"]:
                 self.log.info(state["rng_note"])
             saved_len = state.get("sampler", {}).get("dataset_len")
             if saved_len not in (None, len(self.dataset)):  # e.g. shards added to the folder data.shards names
                 self.log.info(f"warning: the training data holds {len(self.dataset):,} samples, {saved_len:,} when "
-                              f"{self.plan.tag} was saved: the sample order from step {self.step} on is that of the "
-                              "new data (samples of this epoch may repeat or be skipped)")
+                              f"{self.plan.path.name} was saved: the sample order from step {self.step} on is that "
+                              "of the new data (samples of this epoch may repeat or be skipped)")
         self.log.resumed_at(self.step)  # (the steps after it are trained again: their old rows go)
         self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
 
