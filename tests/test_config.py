@@ -693,7 +693,9 @@ def test_an_error_line_names_the_rank_that_prints_it_beside_rank_0(monkeypatch):
     assert exit_.value.code == "rank 1: vq.train: photos/: no such folder"
 
 
-DOCS = ("README.md", "slurm/README.md", "bench/README.md")
+DOCS = ("README.md", "slurm/README.md", "bench/README.md", "training/README.md", "vq/README.md", "sr/README.md",
+        "evaluation/README.md", "data_pipeline/README.md", "common/README.md", "model_parallel/README.md",
+        "demo/README.md")
 PRESET = "configs/train/parti-350m.yaml"
 
 
