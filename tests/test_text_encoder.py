@@ -805,10 +805,10 @@ def test_the_settings_this_command_does_not_apply_are_named():
 
     notes = not_applied(load_config("configs/train/debug.yaml", ["parallel.pp=2", "parallel.zero_stage=1",
                                                                  "parallel.activation_checkpointing=full",
-                                                                 "train.async_save=true"]))
+                                                                 "train.async_save=true", "train.init_from=r/x"]))
     assert [n.split(" does not apply")[0] for n in notes] == [
         "note: parallel.pp=2", "note: parallel.zero_stage=1", "note: parallel.activation_checkpointing=full",
-        "note: train.async_save"]
+        "note: train.async_save", "note: train.init_from=r/x"]
     assert not_applied(load_config("configs/train/debug.yaml", [])) == []
 
 

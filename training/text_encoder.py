@@ -448,6 +448,9 @@ def not_applied(cfg: Config) -> list[str]:
                      "the encoder's activations (captions of text_seq_len tokens) are kept")
     if t.async_save:
         notes.append("note: train.async_save does not apply here: checkpoints are written before training goes on")
+    if t.init_from:  # (a Parti run takes this command's result with model.init_text_encoder)
+        notes.append(f"note: train.init_from={t.init_from} does not apply here: the encoder's pre-training starts "
+                     "from random weights (or its run directory's checkpoints)")
     return notes
 
 
