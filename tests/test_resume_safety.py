@@ -1415,7 +1415,7 @@ def bare_trainer(tmp_path, *sets):
     t.dataset = _Data()
     t.sampler = GlobalBatchSampler(64, 8, 1234)
     t.log = types.SimpleNamespace(info=t.lines.append, resumed_at=lambda step: t.lines.append(f"resumed_at {step}"))
-    t.plan = ResumePlan(run_id="r1", tag="step_00000003")
+    t.plan = ResumePlan(run_id="r1", path=Path(tmp_path) / "checkpoints" / "step_00000003")
     t.nonfinite_guard = types.SimpleNamespace(skipped=0, consecutive=0)
     t.engine = types.SimpleNamespace(get_lr=lambda: [1e-3])
     return t
@@ -1454,7 +1454,7 @@ def test_a_resume_restores_the_trainers_state_and_warns_of_other_data_only(tmp_p
     t = bare_trainer(tmp_path)
     state = {"step": 3, "consumed_samples": 24, "skipped_steps": 2, "consecutive_skipped_steps": 1,
              "sampler": {"order": "randperm", **({"dataset_len": saved_len} if saved_len else {})}, "rng_note": None}
-    monkeypatch.setattr(checkpoint, "load", lambda engine, cfg, layout, run_dir, tag: state)
+    monkeypatch.setattr(checkpoint, "load", lambda engine, cfg, layout, path: state)
     monkeypatch.setattr(trainer_module.dist, "get_rank", lambda: 0)
     t.layout, t._reader_at = None, lambda consumed: t.lines.append(f"reader at {consumed}")
     t.resume()
