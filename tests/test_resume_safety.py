@@ -1313,6 +1313,34 @@ def test_what_a_resume_plan_checks_before_anything_is_built(tmp_path, monkeypatc
     assert len(verified) == 2  # (the refusals came before it)
 
 
+def test_a_branchs_refusals_leave_the_source_runs_files_alone(tmp_path, monkeypatch):
+    """train.init_weights_only=false from another run's checkpoint: a train.steps below its step, or another
+    network, is refused with advice for a branch (another train.init_from), never a rollback of that run's
+    `latest` or a --resume overwrite here, which would change the other run or not help."""
+    from training import checkpoint
+    from training.config import config_to_dict, load_config
+    from training.trainer import plan_resume
+
+    monkeypatch.setattr(checkpoint, "verify", lambda path: None)
+    source = fake_checkpoint(tmp_path / "stable", step=5, run_id="s",
+                             config=config_to_dict(load_config("configs/train/debug.yaml", ["train.steps=6"])))
+
+    def plan(*sets):
+        cfg = load_config("configs/train/debug.yaml", [f"train.init_from={source}", "train.init_weights_only=false",
+                                                       *sets]).validate()
+        return plan_resume(cfg, tmp_path / "branch", "auto")
+
+    assert plan("train.steps=8").branch
+    with pytest.raises(ConfigError, match=r"train.steps=4 is below step 5 of the checkpoint this branch continues "
+                                          r".*branch from an earlier checkpoint of that run") as refused:
+        plan("train.steps=4")
+    assert "latest" not in str(refused.value)
+    with pytest.raises(ConfigError, match=r"cannot resume .* with another network .*; branch with the checkpoint's "
+                                          r"values, or take its weights alone") as refused:
+        plan("train.steps=8", "model.hidden_size=32", "model.num_heads=2")
+    assert "--resume overwrite" not in str(refused.value)
+
+
 @pytest.mark.parametrize("sent, raised", [(("CheckpointError", "bad file"), "CheckpointError"),
                                           (("RunDirError", "held"), "RunDirError"),
                                           (("ConfigError", "bad value"), "ConfigError"),
@@ -1454,7 +1482,7 @@ def test_a_resume_restores_the_trainers_state_and_warns_of_other_data_only(tmp_p
     t = bare_trainer(tmp_path)
     state = {"step": 3, "consumed_samples": 24, "skipped_steps": 2, "consecutive_skipped_steps": 1,
              "sampler": {"order": "randperm", **({"dataset_len": saved_len} if saved_len else {})}, "rng_note": None}
-    monkeypatch.setattr(checkpoint, "load", lambda engine, cfg, layout, path: state)
+    monkeypatch.setattr(checkpoint, "load", lambda engine, cfg, layout, path, branch=False: state)
     monkeypatch.setattr(trainer_module.dist, "get_rank", lambda: 0)
     t.layout, t._reader_at = None, lambda consumed: t.lines.append(f"reader at {consumed}")
     t.resume()

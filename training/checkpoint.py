@@ -526,9 +526,10 @@ def fill_from_export(blocks: dict, file: Path) -> None:
             block.data.copy_(whole[tuple(slice(o, o + n) for o, n in zip(block.global_offset, block.local_shape))])
 
 
-def load(engine, cfg, layout: ParallelLayout, path: Path) -> dict:
+def load(engine, cfg, layout: ParallelLayout, path: Path, branch: bool = False) -> dict:
     """Load the checkpoint in folder `path` into the engine at this run's layout; returns its trainer state. The
-    LR schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps."""
+    LR schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps. `branch`:
+    `path` is another run's (train.init_weights_only=false), so a failure's advice leaves its files alone."""
     state = read_trainer_state(path)
     # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.trainer.plan_resume.)
     ensure_optimizer_state(engine)
@@ -536,9 +537,10 @@ def load(engine, cfg, layout: ParallelLayout, path: Path) -> dict:
     try:
         load_in_place(template, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError from torch's unzip...
+        advice = ("branch from another checkpoint of that run: set train.init_from to its folder" if branch else
+                  f"resume from an earlier checkpoint: delete this folder and {path.parent / 'latest'}")
         raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({failure_cause(e)}); "
-                              "a .distcp file may be corrupt (resume from an earlier checkpoint: delete this folder "
-                              f"and {path.parent / 'latest'})") from None
+                              f"a .distcp file may be corrupt ({advice})") from None
     refresh_working_weights(engine, params)
     set_optimizer_step_count(engine, state["optimizer_steps"])
     scheduler = engine.lr_scheduler

@@ -169,7 +169,7 @@ def _plan_branch(cfg: Config, tokenizers: dict | None, start: ResumePlan) -> Res
                           "checkpoint the export was made from, or drop train.init_weights_only=false")
     if path is None:
         raise _not_a_source(given)
-    plan = _plan_continue(cfg, path, tokenizers, start.messages + ([note] if note else []))
+    plan = _plan_continue(cfg, path, tokenizers, start.messages + ([note] if note else []), branch=True)
     plan.run_id, plan.branch, plan.set_aside, plan.overwrite = start.run_id, True, start.set_aside, start.overwrite
     plan.messages.append(f"a branch of run {plan.state.get('run_id') or '(unrecorded)'}: continues {path} at its "
                          f"step {plan.step} (optimizer, LR schedule and data positions) as a new run, whose "
@@ -257,10 +257,17 @@ def _plan_start(cfg: Config, run_dir: Path, mode: str, tokenizers: dict | None) 
     return plan
 
 
-def _plan_continue(cfg: Config, path: Path, tokenizers: dict | None, messages: list[str]) -> ResumePlan:
+def _plan_continue(cfg: Config, path: Path, tokenizers: dict | None, messages: list[str],
+                   branch: bool = False) -> ResumePlan:
     """The plan that continues checkpoint folder `path` with this config, once its config, data tokenizers and
-    files are checked (ConfigError or CheckpointError naming it otherwise); its run id is the caller's to set."""
+    files are checked (ConfigError or CheckpointError naming it otherwise); its run id is the caller's to set.
+    `branch`: `path` is another run's (train.init_weights_only=false), whose files the refusals' advice leaves
+    alone (a rollback of its `latest`, or --resume overwrite here, would not help and would change that run)."""
     state = checkpoint.read_trainer_state(path)
+    if branch and cfg.train.steps < state["step"]:
+        raise ConfigError(f"train.steps={cfg.train.steps} is below step {state['step']} of the checkpoint this branch "
+                          f"continues ({path}): nothing would train. Set train.steps above {state['step']}, or "
+                          "branch from an earlier checkpoint of that run (train.init_from=<its step folder>)")
     check_steps_left(cfg.train.steps, state["step"], path)
     if isinstance(state.get("config"), dict):
         changes = resume_changes(state["config"], cfg)
@@ -270,10 +277,13 @@ def _plan_continue(cfg: Config, path: Path, tokenizers: dict | None, messages: l
                         "checked against the checkpoint's")
     if changes["refused"]:
         preset = [c for c in changes["noted"] if c[0] == "model.preset"]
+        advice = ("branch with the checkpoint's values, or take its weights alone (drop "
+                  "train.init_weights_only=false; the network must still be the checkpoint's)" if branch else
+                  "resume with the checkpoint's values, or start the new model in another --run-dir (or with "
+                  "--resume overwrite)")
         raise ConfigError(f"cannot resume {path} with another network or optimizer: "
                           f"{format_changes(preset + changes['refused'])} (the checkpoint holds the other one's "
-                          "weights and optimizer state); resume with the checkpoint's values, or start the new "
-                          "model in another --run-dir (or with --resume overwrite)")
+                          f"weights and optimizer state); {advice}")
     differ = _other_data_tokenizers(state, tokenizers)
     if differ:
         raise ConfigError(f"cannot resume {path} on data.shards={cfg.data.shards!r}: its samples were made with "
@@ -414,7 +424,7 @@ class Trainer:
         """Load the checkpoint the plan chose (nothing when it chose none), then write this segment's config:
         a checkpoint that fails to load leaves the run directory as it was."""
         if self.plan.path:
-            state = checkpoint.load(self.engine, self.cfg, self.layout, self.plan.path)
+            state = checkpoint.load(self.engine, self.cfg, self.layout, self.plan.path, branch=self.plan.branch)
             if dist.get_rank() == 0:
                 self._write_config()
             self.step, self.consumed = state["step"], state["consumed_samples"]
