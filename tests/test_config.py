@@ -341,6 +341,18 @@ def test_a_stable_phase_gives_megatron_core_wsd_schedule(decay):
     assert [to_the_end(s) for s in range(3, 30)] == [f(s) for s in range(3, 30)]  # (0: the decay ends at train.steps)
 
 
+def test_the_readmes_cool_down_decays_from_its_branch_step_to_min_lr():
+    """training/README's WSD cool-down command (a branch from step 20000 of the preset's run): the peak rate up to
+    the branch's step, then the decay, min_lr at its last step (with the preset's warmup, not another's)."""
+    from common.schedule import lr_lambda
+
+    (command,) = [c for c in _doc_code("training/README.md") if "train.lr_stable_steps=" in c and "--config" in c]
+    cfg = load_config(re.search(r"--config (\S+)", command).group(1), _overrides(command))
+    f, branch = lr_lambda(cfg.train), int(re.search(r"step_(\d+)", command).group(1))
+    assert f(branch - 1) == f(branch) == 1.0 and f(branch + 1) < 1.0
+    assert cfg.train.lr * f(cfg.train.steps - 1) == pytest.approx(cfg.train.min_lr, rel=0.05)
+
+
 def test_lr_decay_steps_end_the_cosine_early_as_torch_cosine_annealing_does():
     """train.lr_decay_steps=10 of 30 steps: after a 5-step warmup, the rates of torch's CosineAnnealingLR
     (T_max 10, eta_min = min_lr), then min_lr to the end (DALL-E's dVAE: 1.2M steps of decay in 3M)."""
