@@ -1316,7 +1316,8 @@ def test_what_a_resume_plan_checks_before_anything_is_built(tmp_path, monkeypatc
 def test_a_branchs_refusals_leave_the_source_runs_files_alone(tmp_path, monkeypatch):
     """train.init_weights_only=false from another run's checkpoint: a train.steps below its step, or another
     network, is refused with advice for a branch (another train.init_from), never a rollback of that run's
-    `latest` or a --resume overwrite here, which would change the other run or not help."""
+    `latest` or a --resume overwrite here, which would change the other run or not help; a decay that would start
+    only after train.steps is warned about (the cool-down would not cool)."""
     from training import checkpoint
     from training.config import config_to_dict, load_config
     from training.trainer import plan_resume
@@ -1331,6 +1332,10 @@ def test_a_branchs_refusals_leave_the_source_runs_files_alone(tmp_path, monkeypa
         return plan_resume(cfg, tmp_path / "branch", "auto")
 
     assert plan("train.steps=8").branch
+    assert plan("train.steps=8", "train.warmup_steps=3", "train.lr_stable_steps=5").messages[-1] == (
+        "warning: the cosine decay starts at step 8 (train.warmup_steps + train.lr_stable_steps), not before "
+        "train.steps=8: this branch trains at the peak rate throughout")
+    assert "warning" not in plan("train.steps=8", "train.warmup_steps=3", "train.lr_stable_steps=2").messages[-1]
     with pytest.raises(ConfigError, match=r"train.steps=4 is below step 5 of the checkpoint this branch continues "
                                           r".*branch from an earlier checkpoint of that run") as refused:
         plan("train.steps=4")

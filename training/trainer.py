@@ -174,6 +174,11 @@ def _plan_branch(cfg: Config, tokenizers: dict | None, start: ResumePlan) -> Res
     plan.messages.append(f"a branch of run {plan.state.get('run_id') or '(unrecorded)'}: continues {path} at its "
                          f"step {plan.step} (optimizer, LR schedule and data positions) as a new run, whose "
                          "checkpoints go to this run directory")
+    t = cfg.train
+    if t.lr_decay != "constant" and t.warmup_steps + t.lr_stable_steps >= t.steps:  # (a cool-down that never cools)
+        plan.messages.append(f"warning: the {t.lr_decay} decay starts at step {t.warmup_steps + t.lr_stable_steps} "
+                             f"(train.warmup_steps + train.lr_stable_steps), not before train.steps={t.steps}: this "
+                             "branch trains at the peak rate throughout")
     return plan
 
 
