@@ -5,6 +5,9 @@ r"""Scaling experiments: submit a sweep of SLURM training jobs, then collect the
         [--gpus-per-node 8] [--sbatch-args="--partition=gpu --time=2:00:00"] \
         --set data.shards=codes/ train.warmup_steps=20
     python -m slurm.sweep collect sweeps/s1          # -> results.csv, results.md, *.png
+    python -m slurm.sweep cooldowns --out sweeps/c1 --from runs/stable --at 10000,20000,40000 [--fraction 0.2] \
+        [--decay minus_sqrt] [--nodes 2] [--gpus-per-node 8] [--set ...] [--dry-run]
+    python -m slurm.sweep collect sweeps/c1          # each cool-down's final (held-out) loss against its compute
 
 Each combination model x nodes x layout (tpTppPzZ) is one `sbatch -N nodes slurm/train.sbatch` run in
 `OUT/<model>-n<nodes>-<layout>/` that asks for `--gpus-per-node` GPUs per node (0 on CPU nodes, which run
@@ -19,6 +22,12 @@ stops with sbatch's reason. `collect` reads every run folder with a metrics.json
 not): median throughput after the first `--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final
 loss (and held-out loss, where the runs measured one: train.eval_interval) and the compute spent, and draws
 throughput per GPU and MFU against nodes, memory per GPU, and loss against compute (held-out loss dashed).
+
+`cooldowns` is the scaling experiment of a warmup-stable-decay schedule (train.lr_stable_steps): one run trained
+at its peak rate (`--from`, its checkpoints kept: train.keep_checkpoints=0), and from its checkpoint at each step
+S of `--at` a branch (train.init_weights_only=false, the run's own config.yaml) that trains fraction x S steps
+more while the rate decays to min_lr in `--decay`'s shape: one model's loss at several compute budgets for the
+price of one run and the cool-downs. Each is one job in OUT/cooldown-<S>/, submitted as `submit`'s are.
 """
 from __future__ import annotations
 
@@ -42,6 +51,14 @@ from training.config import load_config
 from training.flops import train_flops_per_sample
 
 LAYOUT = re.compile(r"tp(\d+)pp(\d+)z(\d)$")
+
+
+def sbatch_job(run_dir: Path, nodes: int, gpus_per_node: int, sbatch_args, config: str, sets: list[str]) -> dict:
+    """One run's record in jobs.json: its folder, nodes and the sbatch command of slurm/train.sbatch."""
+    return {"name": run_dir.name, "run_dir": str(run_dir), "nodes": nodes,
+            "command": ["sbatch", "--parsable", "-N", str(nodes), f"--gpus-per-node={gpus_per_node}", *sbatch_args,
+                        f"--job-name={run_dir.name}", f"--output={run_dir.parent}/{run_dir.name}.out",
+                        "slurm/train.sbatch", config, str(run_dir), "--set", *sets]}
 
 
 def submissions(models: list[str], nodes: list[int], layouts: list[str], config: str, out: Path, steps: int,
@@ -77,11 +94,44 @@ def submissions(models: list[str], nodes: list[int], layouts: list[str], config:
                 except ConfigError as e:
                     print(f"skipped {run_dir.name} ({n * procs} processes): {e}")
                     continue
-                jobs.append({"name": run_dir.name, "run_dir": str(run_dir), "nodes": n,
-                             "command": ["sbatch", "--parsable", "-N", str(n), f"--gpus-per-node={gpus_per_node}",
-                                         *sbatch_args, f"--job-name={run_dir.name}",
-                                         f"--output={out}/{run_dir.name}.out", "slurm/train.sbatch", config,
-                                         str(run_dir), "--set", *sets]})
+                jobs.append(sbatch_job(run_dir, n, gpus_per_node, sbatch_args, config, sets))
+    return jobs
+
+
+def cooldown_jobs(source: Path, at: list[int], fraction: float, decay: str, out: Path, extra: list[str],
+                  nodes: int, gpus_per_node: int, sbatch_args: list[str] = ()) -> list[dict]:
+    """The sbatch command of each cool-down branch of run directory `source` (module docstring): from its complete
+    checkpoint at each step S of `at`, round(fraction x S) steps more (at least one), the decay starting at S and
+    ending at the last step. ValueError naming the flag (a step without a complete checkpoint, or inside the warm-up;
+    a constant or unknown decay) or ConfigError (the run's config with `extra` refused on nodes x processes)."""
+    from common.schedule import DECAYS
+    from training.checkpoint import STATE_FILE, complete_tags, tag_for
+
+    config = source / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: not found; --from takes the run directory of python -m training.train")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--fraction {fraction}: expected each cool-down's steps as a fraction of the step it "
+                         "branches at, in (0, 1] (0.1-0.2 is usual)")
+    if decay not in DECAYS or decay == "constant":
+        raise ValueError(f"--decay {decay!r}: expected one of {', '.join(d for d in DECAYS if d != 'constant')}")
+    warmup, complete = load_config(str(config), extra).train.warmup_steps, complete_tags(source)
+    procs, jobs = gpus_per_node or nproc_per_node(1), []
+    for step in dict.fromkeys(at):
+        if tag_for(step) not in complete:
+            raise ValueError(f"--at {step}: {source / 'checkpoints'} holds no complete checkpoint of step {step} "
+                             f"({STATE_FILE}; complete: {', '.join(complete) or 'none'}); save the run there "
+                             "(train.save_interval) and keep its checkpoints (train.keep_checkpoints=0)")
+        if step < warmup:
+            raise ValueError(f"--at {step}: inside the run's warm-up (train.warmup_steps={warmup}): a cool-down "
+                             "starts from the peak rate")
+        length = max(1, round(fraction * step))
+        sets = [f"train.init_from={(source / 'checkpoints' / tag_for(step)).resolve()}",
+                "train.init_weights_only=false", f"train.steps={step + length}",
+                f"train.lr_stable_steps={step - warmup}", f"train.lr_decay={decay}", f"train.lr_decay_steps={length}",
+                *extra]
+        load_config(str(config), sets).validate(world_size=nodes * procs)
+        jobs.append(sbatch_job(out / f"cooldown-{step}", nodes, gpus_per_node, sbatch_args, str(config), sets))
     return jobs
 
 
@@ -98,7 +148,23 @@ def nproc_per_node(default: int) -> int:
 
 
 def submit(args) -> None:
-    out = Path(args.out)
+    """`submit` and `cooldowns`: their jobs checked, queued and recorded in OUT/jobs.json (`queue`)."""
+    _check_gpus_per_node(args)
+    if args.action == "cooldowns":
+        if args.nodes < 1:
+            raise ValueError(f"--nodes {args.nodes}: expected a node count >= 1")
+        at = [int(s) if s.strip().isdigit() and int(s) > 0 else 0 for s in args.at.split(",")]
+        if 0 in at:
+            raise ValueError(f"--at {args.at}: expected steps >= 1 of the run's checkpoints, comma-separated")
+        jobs = cooldown_jobs(Path(args.source), at, args.fraction, args.decay, Path(args.out), args.set, args.nodes,
+                             args.gpus_per_node, shlex.split(args.sbatch_args))
+    else:
+        jobs = _grid(args)
+    queue(jobs, Path(args.out), args.dry_run)
+
+
+def _check_gpus_per_node(args) -> None:
+    """--gpus-per-node read (default: NPROC_PER_NODE, else 8) and checked against the environment the jobs get."""
     if args.gpus_per_node is None:  # (read here, not as the flag's default: `collect` does not depend on it)
         args.gpus_per_node = nproc_per_node(8)
     elif args.gpus_per_node and nproc_per_node(args.gpus_per_node) != args.gpus_per_node:
@@ -109,14 +175,22 @@ def submit(args) -> None:
     if args.gpus_per_node == 0 and os.environ.get("DEVICE", "cuda") == "cuda":
         raise SystemExit("sweep: --gpus-per-node 0 runs on CPU nodes: set DEVICE=cpu (or auto) in the environment "
                          "(train.sbatch's default, cuda, would fail every job at its start)")
+
+
+def _grid(args) -> list[dict]:
     nodes = [int(n) if n.strip().isdigit() and int(n) > 0 else 0 for n in args.nodes.split(",")]
     if 0 in nodes:
         raise ValueError(f"--nodes {args.nodes}: expected node counts >= 1, comma-separated (e.g. 1,2,4)")
     models = [m.strip() for m in args.models.split(",")]
     if "" in models:  # (an empty name would queue the config's model without its preset, in a folder "-n1-...")
         raise ValueError(f"--models {args.models}: expected preset names, comma-separated (e.g. parti-350m,parti-3b)")
-    jobs = submissions(models, nodes, args.layouts.split(","),
-                       args.config, out, args.steps, args.set, args.gpus_per_node, shlex.split(args.sbatch_args))
+    return submissions(models, nodes, args.layouts.split(","), args.config, Path(args.out), args.steps, args.set,
+                       args.gpus_per_node, shlex.split(args.sbatch_args))
+
+
+def queue(jobs: list[dict], out: Path, dry_run: bool) -> None:
+    """sbatch each job (`dry_run`: print its command), recording them in out/jobs.json as they are queued; refused
+    when there are none, when a run folder already holds a run, or when jobs.json records submitted jobs."""
     if not jobs:
         raise SystemExit("sweep: no combination fits (see the reasons above); nothing submitted")
     used = [job["run_dir"] for job in jobs if Path(job["run_dir"]).is_dir() and any(Path(job["run_dir"]).iterdir())]
@@ -129,7 +203,7 @@ def submit(args) -> None:
                          "sweep into a new --out")
     out.mkdir(parents=True, exist_ok=True)
     for job in jobs:
-        if args.dry_run:
+        if dry_run:
             print(" ".join(job["command"]))
             continue
         try:
@@ -142,7 +216,7 @@ def submit(args) -> None:
         finally:
             write_atomic(record, json.dumps(jobs, indent=1), sync=False)  # after each job: what is queued is known
         print(f"{job['name']}: job {job['job_id']}")
-    if args.dry_run:
+    if dry_run:
         write_atomic(record, json.dumps(jobs, indent=1), sync=False)
 
 
@@ -260,12 +334,21 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--nodes", required=True, help="comma-separated node counts")
     s.add_argument("--layouts", required=True, help="comma-separated tpNppNzN")
     s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--gpus-per-node", type=int, help="GPUs (= processes) per node, passed to sbatch (default: "
-                   "NPROC_PER_NODE, else 8); 0: CPU nodes, NPROC_PER_NODE (default 1) processes each (set DEVICE=cpu)")
-    s.add_argument("--sbatch-args", default="", help='further sbatch options for every job, one string: '
-                   '--sbatch-args="--partition=gpu --cpus-per-task=64"')
-    s.add_argument("--set", nargs="*", default=[], help="further overrides for every run")
-    s.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
+    d = sub.add_parser("cooldowns", help="submit a warmup-stable-decay run's cool-down branches")
+    d.add_argument("--out", required=True)
+    d.add_argument("--from", dest="source", required=True, help="the run directory of the run at its peak rate")
+    d.add_argument("--at", required=True, help="comma-separated steps of its checkpoints to branch at")
+    d.add_argument("--fraction", type=float, default=0.2, help="each cool-down's steps over its branch step")
+    d.add_argument("--decay", default="minus_sqrt", help="the decay's shape (train.lr_decay)")
+    d.add_argument("--nodes", type=int, default=1, help="nodes per cool-down")
+    for p in (s, d):
+        p.add_argument("--gpus-per-node", type=int, help="GPUs (= processes) per node, passed to sbatch (default: "
+                       "NPROC_PER_NODE, else 8); 0: CPU nodes, NPROC_PER_NODE (default 1) processes each (set "
+                       "DEVICE=cpu)")
+        p.add_argument("--sbatch-args", default="", help='further sbatch options for every job, one string: '
+                       '--sbatch-args="--partition=gpu --cpus-per-task=64"')
+        p.add_argument("--set", nargs="*", default=[], help="further overrides for every run")
+        p.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
     c = sub.add_parser("collect", help="tabulate and plot the runs of a sweep folder")
     c.add_argument("folder")
     c.add_argument("--warmup", type=int, default=2, help="logged steps left out of the medians")
@@ -273,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.action == "collect" and args.warmup < 0:  # (a negative one would keep the last -N rows only)
         parser.error(f"--warmup {args.warmup}: expected logged steps >= 0")
     with command(errors=(ValueError, FileNotFoundError), label="slurm.sweep"):  # (bad input: one line)
-        if args.action == "submit":
+        if args.action in ("submit", "cooldowns"):
             submit(args)
         else:
             rows = collect(Path(args.folder), args.warmup)

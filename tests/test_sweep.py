@@ -289,3 +289,53 @@ def test_an_empty_model_name_and_bad_process_counts_are_one_line_before_anything
     with pytest.raises(SystemExit) as stop:
         main(["collect", str(tmp_path), "--warmup", "-1"])
     assert stop.value.code == 2
+
+
+def test_cooldowns_branch_a_stable_run_at_its_checkpoints(tmp_path, monkeypatch, capsys):
+    """`cooldowns`: from the run's checkpoint at each step S of --at, a branch of the run's own config.yaml that
+    trains fraction x S steps more, the rate at its peak up to S and at min_lr after the last step; a step without a
+    complete checkpoint, one inside the warm-up, a constant decay, a fraction outside (0, 1] and a layout the
+    processes do not fit are refused naming them, before anything is queued."""
+    from common.schedule import lr_lambda
+    from slurm.sweep import cooldown_jobs, main
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    stable = tmp_path / "stable"
+    save_config(load_config("configs/train/debug.yaml", ["train.warmup_steps=5", "train.lr_decay=constant",
+                                                         "train.steps=1000"]), stable / "config.yaml")
+    for step in (40, 100, 3):
+        (stable / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (stable / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    (stable / "checkpoints" / "step_00000060").mkdir()  # (a save that did not finish)
+    jobs = cooldown_jobs(stable, [40, 100], 0.25, "minus_sqrt", tmp_path / "c", ["train.min_lr=1e-5"], 1, 2)
+    assert [j["name"] for j in jobs] == ["cooldown-40", "cooldown-100"]
+    command = jobs[1]["command"]
+    assert command[command.index("slurm/train.sbatch") + 1:][:2] == [str(stable / "config.yaml"),
+                                                                      str(tmp_path / "c" / "cooldown-100")]
+    cfg = load_config(str(stable / "config.yaml"), command[command.index("--set") + 1:])
+    assert cfg.train.init_from == str((stable / "checkpoints" / "step_00000100").resolve())
+    assert (cfg.train.init_weights_only, cfg.train.steps, cfg.train.lr_decay) == (False, 125, "minus_sqrt")
+    f = lr_lambda(cfg.train)
+    assert f(99) == f(100) == 1.0 > f(101) > f(124) and cfg.train.lr * f(125) == pytest.approx(1e-5)
+
+    def refused(at, fraction=0.2, decay="minus_sqrt", extra=(), gpus=2):
+        cooldown_jobs(stable, at, fraction, decay, tmp_path / "c", list(extra), 1, gpus)
+
+    with pytest.raises(ValueError, match=r"--at 60: .* holds no complete checkpoint of step 60 \(trainer_state.json; "
+                                         r"complete: step_00000003, step_00000040, step_00000100\)"):
+        refused([40, 60])
+    with pytest.raises(ValueError, match=r"--at 3: inside the run's warm-up \(train.warmup_steps=5\)"):
+        refused([3])
+    with pytest.raises(ValueError, match="--decay 'constant': expected one of cosine, linear, minus_sqrt"):
+        refused([40], decay="constant")
+    with pytest.raises(ValueError, match=r"--fraction 1.5: expected"):
+        refused([40], fraction=1.5)
+    with pytest.raises(ConfigError, match="world size 2 must be divisible by parallel.tp x parallel.pp"):
+        refused([40], extra=["parallel.tp=4"])
+    with pytest.raises(FileNotFoundError, match=r"config.yaml: not found; --from takes the run directory"):
+        cooldown_jobs(tmp_path / "c", [40], 0.2, "linear", tmp_path / "c", [], 1, 2)
+    main(["cooldowns", "--out", str(tmp_path / "c"), "--from", str(stable), "--at", "40,100", "--gpus-per-node", "2",
+          "--dry-run"])
+    assert capsys.readouterr().out.count("slurm/train.sbatch") == 2
+    assert [j["name"] for j in json.loads((tmp_path / "c" / "jobs.json").read_text())] == ["cooldown-40",
+                                                                                           "cooldown-100"]
