@@ -15,7 +15,8 @@ the steps since the previous row: StepClock), mem_gb (on a GPU its peak
 allocated, on CPU the resident memory of rank 0's process), mem_reserved_gb (GPU only; both in GiB, 2^30 bytes, as
 torch and nvidia-smi count GPU memory) (null where not measurable), and
 valid_loss in the rows of the steps the held-out loss was measured at
-(training's train.eval_interval). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key
+(training's train.eval_interval; with named held-out sets, data.valid_shards, also valid_loss_<name> each and
+valid_loss their mean: `held_out_row`). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key
 valid_<name>.
 """
 from __future__ import annotations
@@ -36,6 +37,13 @@ from common.files import write_atomic
 _FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".3f", "samples_per_s": ".1f", "tokens_per_s": ".0f",
             "tflops_per_gpu": ".3f", "mfu": ".3f", "data_wait_pct": ".1f", "mem_gb": ".2f",
             "mem_reserved_gb": ".2f", "valid_loss": ".4f"}
+
+
+def held_out_row(losses: dict[str, float]) -> dict[str, float]:
+    """A metric row's held-out losses from {set name: loss} (data.valid_shards' sets; '' for an unnamed one):
+    valid_loss, their mean, and valid_loss_<name> for each named set."""
+    return {"valid_loss": sum(losses.values()) / len(losses),
+            **{f"valid_loss_{name}": loss for name, loss in losses.items() if name}}
 
 
 def memory_gb() -> dict[str, float]:

@@ -3,6 +3,7 @@
     dataset = training_dataset(cfg.data, cfg.model, seed=cfg.train.seed)
     text_ids, codes = dataset[i]          # int64 [text_seq_len], int64 [image_seq_len]
     held_out = held_out_dataset(cfg.data, cfg.model, cfg.train.seed, samples=64, trained_on=dataset)
+    sets = held_out_sets(cfg.data, cfg.model, cfg.train.seed, samples=64, trained_on=dataset)  # {name: dataset}
 
 The trainer reads it through data_pipeline/loader.py (`data.workers` processes reading ahead).
 
@@ -11,7 +12,8 @@ vocabulary larger than the model's, or other sequence lengths, are refused namin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.config import ConfigError, require
@@ -41,7 +43,8 @@ class DataConfig:
     valid_shards: str = ""
     """Code-shard folder of held-out samples (not in data.shards; same tokenizers) whose loss the trainer
     measures every train.eval_interval steps ('' with synthetic data: generated samples the training set does
-    not hold)."""
+    not hold). Several named sets, 'coco=codes/coco_val,laion=codes/laion_val', are measured apart: each logged
+    as valid_loss_<name>, their mean as valid_loss (Megatron-LM's multiple validation sets)."""
 
     def validate(self) -> DataConfig:
         require(self.workers >= 0, f"data.workers={self.workers} must be >= 0 (0: read in the training process)")
@@ -93,6 +96,30 @@ def open_checked_once(spec: str, model):
 def folders(spec: str) -> set[Path]:
     """The folders of a data.shards-style spec ('codes/a:3,codes/b:1'), resolved."""
     return {Path(folder).resolve() for _, folder, _ in blend_items(spec)}
+
+
+def named_sets(spec: str) -> dict[str, str]:
+    """data.valid_shards as {name: folder}: 'coco=codes/coco_val,laion=codes/laion_val' names each set; a spec
+    without names (a folder, or a blend 'codes/a:3,codes/b:1') is one set named ''. ConfigError for a spec that
+    names some of its sets only, or one name twice."""
+    items = [item.strip() for item in spec.split(",")]
+    named = [re.fullmatch(r"(\w+)=(.+)", item) for item in items]
+    if not any(named):
+        return {"": spec}
+    where = f"data.valid_shards={spec!r}"
+    require(all(named), f"{where}: name every held-out set (name=folder, comma-separated) or none")
+    names = [m[1] for m in named]
+    require(len(set(names)) == len(names), f"{where}: a set's name is given twice")
+    return {m[1]: m[2] for m in named}
+
+
+def held_out_sets(data: DataConfig, model, seed: int, samples: int, trained_on) -> dict:
+    """{name: held-out dataset} of data.valid_shards (`named_sets`; '' for a spec without names), each following
+    held_out_dataset's rules."""
+    if data.synthetic and not data.valid_shards:
+        return {"": held_out_dataset(data, model, seed, samples, trained_on)}
+    return {name: held_out_dataset(replace(data, valid_shards=folder), model, seed, samples, trained_on)
+            for name, folder in named_sets(data.valid_shards).items()}
 
 
 def held_out_dataset(data: DataConfig, model, seed: int, samples: int, trained_on):

@@ -1341,6 +1341,14 @@ def test_trainer_reads_code_shards(single_process, setup, one_run, tmp_path):
     losses = run(str(tmp_path / "run"), *model, steps=4)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert list(held_out_losses(tmp_path / "run")) == [3, 4]
+    # Named held-out sets: each measured as that folder alone is (the same run's), their mean as valid_loss.
+    shutil.copytree(out, tmp_path / "valid2")
+    run(str(tmp_path / "named"), *model[:-1], f"data.valid_shards=a={tmp_path / 'valid'},b={tmp_path / 'valid2'}",
+        steps=4)
+    rows = [json.loads(line) for line in (tmp_path / "named" / "metrics.jsonl").read_text().splitlines()]
+    alone = held_out_losses(tmp_path / "run")
+    for key in ("valid_loss_a", "valid_loss_b", "valid_loss"):
+        assert {row["step"]: row[key] for row in rows if key in row} == pytest.approx(alone, rel=1e-6), key
     with pytest.raises(ConfigError, match="records have text_len=16, the model expects 32"):
         run(str(tmp_path / "bad"), *model, "model.text_seq_len=32")
     assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -179,7 +179,7 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
 
     from common.config import ConfigError
     from data_pipeline.synthetic import write_random_code_shards
-    from data_pipeline.training_data import held_out_dataset, training_dataset
+    from data_pipeline.training_data import held_out_dataset, held_out_sets, training_dataset
     from training.config import load_config
 
     write_random_code_shards(tmp_path / "train", 4)
@@ -201,6 +201,18 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
     held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
     assert len(held_out) == 9 and held_out[8][1].shape == (4,)
     assert len(held_out_dataset(cfg.data, cfg.model, 0, 9, trained_on)) == 9  # (exactly as many as needed)
+    # Named sets: each by the same rules, refused naming its folder; a spec naming some sets only, or one twice.
+    cfg.data.valid_shards = f"coco={tmp_path}/valid,laion={tmp_path}/valid"
+    assert {n: len(d) for n, d in held_out_sets(cfg.data, cfg.model, 0, 8, trained_on).items()} == {"coco": 9,
+                                                                                                   "laion": 9}
+    cfg.data.valid_shards = f"coco={tmp_path}/valid,laion={tmp_path}/train"
+    with pytest.raises(ConfigError, match=rf"data\.valid_shards='{tmp_path}/train': .*/train is also in data\.shards"):
+        held_out_sets(cfg.data, cfg.model, 0, 8, trained_on)
+    for spec, message in ((f"coco={tmp_path}/valid,{tmp_path}/valid", "name every held-out set"),
+                          (f"a={tmp_path}/valid,a={tmp_path}/valid", "a set's name is given twice")):
+        cfg.data.valid_shards = spec
+        with pytest.raises(ConfigError, match=message):
+            held_out_sets(cfg.data, cfg.model, 0, 8, trained_on)
 
 
 def test_a_missing_data_folder_is_a_config_error_naming_its_key_and_a_named_held_out_folder_is_read(tmp_path):
@@ -210,7 +222,7 @@ def test_a_missing_data_folder_is_a_config_error_naming_its_key_and_a_named_held
     from common.config import ConfigError
     from data_pipeline.code_shards import CodeShardDataset
     from data_pipeline.synthetic import write_random_code_shards
-    from data_pipeline.training_data import held_out_dataset, training_dataset
+    from data_pipeline.training_data import held_out_dataset, held_out_sets, training_dataset
     from training.config import load_config
 
     write_random_code_shards(tmp_path / "train", 4)

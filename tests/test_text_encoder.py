@@ -738,7 +738,8 @@ def test_the_held_out_loss_is_measured_without_dropout_over_distinct_batches(sin
         run.resume()
         real, batches = run._masked_batch, []
         run._masked_batch = lambda c, s, first, seed: batches.append((first, seed)) or real(c, s, first, seed)
-        measured[dropout] = run.held_out_loss()
+        (held_out,) = run.held_out.values()
+        measured[dropout] = run.held_out_loss(held_out)
         assert run.model.training and [b[0] for b in batches] == [0, 16, 32] and len({b[1] for b in batches}) == 3
         run.log.close()
     assert measured[0.5] == pytest.approx(measured[0.0], rel=1e-6)
@@ -844,7 +845,7 @@ def test_text_files_need_a_tokenizer_that_fits_the_vocabulary_and_held_out_files
     held.write_text(" two green cats\n" * 2 + "a red square\n" * 29 + "\xff a red circl\n")
     captions = caption_source(cfg, files, spm, [str(held)])
     assert captions.found == {"two green cats"} and captions.watched == 1
-    held_out = held_out_captions(cfg, captions, [str(held)])
+    (held_out,) = held_out_captions(cfg, captions, [str(held)]).values()
     assert len(held_out) == 32 and held_out.watched == 2 and held_out.found == {"two green cats"}
     assert caption_source(cfg, files, spm).watched == 0
 

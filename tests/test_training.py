@@ -915,7 +915,9 @@ def test_a_stop_saves_waits_and_leaves_for_requeue_unless_at_the_last_step(tmp_p
 
 
 def test_the_held_out_loss_is_the_mean_over_every_held_out_batch(monkeypatch):
-    """train.eval_batches=3 global batches, each measured once (batch b's loss is b here): their mean."""
+    """train.eval_batches=3 global batches of each held-out set, each measured once (batch b's loss is b here, 10
+    more in the second set): their mean, per set; logged as valid_loss_<name> and their mean as valid_loss."""
+    from common.metrics import held_out_row
     import training.engine as engine_module
     import training.trainer as trainer_module
     from training.config import load_config
@@ -923,14 +925,18 @@ def test_the_held_out_loss_is_the_mean_over_every_held_out_batch(monkeypatch):
 
     t = Trainer.__new__(Trainer)
     t.cfg = load_config("configs/train/debug.yaml", ["train.eval_batches=3"])
-    t.role, t.held_out, t.dp_rank, t.dp_size, t.device, t.engine = engine_module.READ, "held", 0, 1, "cpu", None
+    t.role, t.dp_rank, t.dp_size, t.device, t.engine = engine_module.READ, 0, 1, "cpu", None
+    t.held_out = {"coco": "held", "laion": "other"}
     t._with_samples = lambda micro_batches: micro_batches
     asked = []
     monkeypatch.setattr(trainer_module, "held_out_micro_batches",
-                        lambda cfg, dataset, b, rank, size, read: asked.append((dataset, b, read)) or [b])
-    monkeypatch.setattr(engine_module, "eval_step", lambda engine, cfg, batches, device: float(batches[0]))
-    assert t.held_out_loss() == 1.0
-    assert asked == [("held", 0, True), ("held", 1, True), ("held", 2, True)]
+                        lambda cfg, dataset, b, rank, size, read: asked.append((dataset, b, read)) or [(dataset, b)])
+    monkeypatch.setattr(engine_module, "eval_step",
+                        lambda engine, cfg, batches, device: batches[0][1] + 10.0 * (batches[0][0] == "other"))
+    assert t.held_out_loss() == {"coco": 1.0, "laion": 11.0}
+    assert asked == [(name, b, True) for name in ("held", "other") for b in range(3)]
+    assert held_out_row(t.held_out_loss()) == {"valid_loss": 6.0, "valid_loss_coco": 1.0, "valid_loss_laion": 11.0}
+    assert held_out_row({"": 2.5}) == {"valid_loss": 2.5}  # (an unnamed set: valid_loss alone, as before)
 
 
 def test_garbage_is_collected_every_gc_interval_steps_with_automatic_collection_off(single_process, tmp_path,

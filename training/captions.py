@@ -19,7 +19,7 @@ from common.config import ConfigError, require
 from data_pipeline.loader import read_sample
 from data_pipeline.text_tokenizer import TextTokenizer
 from data_pipeline.code_shards import data_tokenizers
-from data_pipeline.training_data import held_out_dataset, training_dataset
+from data_pipeline.training_data import held_out_sets, training_dataset
 from training.config import Config
 
 WORD = re.compile(r"\w")  # (a letter, digit or underscore: never emptied by the tokenizer's normalisation)
@@ -134,11 +134,11 @@ class _Captions:
         return read_sample(self.data, i, position)[0]
 
 
-def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None):
-    """The held-out captions for train.eval_interval: --valid-text-files when training on --text-files (tokenized
-    alike; its `watched` lines are training captions too, when caption_source was given the same files), else the
-    run's data.valid_shards (data_pipeline.training_data.held_out_dataset's rules; synthetic data generates its
-    own). ConfigError naming what is missing or too small."""
+def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None) -> dict:
+    """{set name: held-out captions} for train.eval_interval: --valid-text-files when training on --text-files
+    (one set, ''; tokenized alike; its `watched` lines are training captions too, when caption_source was given
+    the same files), else the run's data.valid_shards (data_pipeline.training_data.held_out_sets: its named sets;
+    synthetic data generates its own). ConfigError naming what is missing or too small."""
     t = cfg.train
     needed = t.eval_batches * t.global_batch_size
     if isinstance(captions, CaptionLines):
@@ -150,7 +150,8 @@ def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None)
         held_out = CaptionLines(valid_text_files, captions.tok, "--valid-text-files", watch=frozenset(captions.found))
         require(len(held_out) >= needed, f"--valid-text-files: {len(held_out):,} captions; train.eval_batches global "
                                          f"batches of train.global_batch_size need {needed:,}")
-        return held_out
+        return {"": held_out}
     require(not valid_text_files, "--valid-text-files goes with --text-files (this run reads its data's captions: "
                                   "their held-out ones are data.valid_shards)")
-    return _Captions(held_out_dataset(cfg.data, cfg.model, t.seed, needed, captions.data))
+    return {name: _Captions(dataset)
+            for name, dataset in held_out_sets(cfg.data, cfg.model, t.seed, needed, captions.data).items()}

@@ -12,7 +12,7 @@ on the run's TP group, each seeded as PartiModel seeds it), with a head tied to 
 (vocab-parallel logits: an exact cross-entropy at any TP). It trains on captions: the run's data (data.shards
 code shards, or data.synthetic), or --text-files (one caption per line, tokenized with --text-tokenizer); with
 train.eval_interval it measures the masked-token loss on held-out captions (data.valid_shards, or
---valid-text-files), logged as valid_loss (training/captions.py).
+--valid-text-files), logged as valid_loss (and valid_loss_<name> for named sets: training/captions.py).
 Masking as BERT's: 15% of each caption's tokens before its EOS are chosen (at least one); 80% of those become
 the mask id (BOS, which captions never use), 10% a random word, 10% stay; the loss is the cross-entropy at the
 chosen positions. Masks come from a generator keyed by (train.seed, step): the same on every rank; the
@@ -68,7 +68,7 @@ from common.cli import command, config_parser
 from common.collection import StepCollection
 from common.config import ConfigError, save_config, to_dict
 from common.files import replace_folder, write_atomic
-from common.metrics import MetricsLogger, StepClock
+from common.metrics import MetricsLogger, StepClock, held_out_row
 from common.preemption import StopRequest
 from common.schedule import lr_lambda
 from data_pipeline.errors import DataError
@@ -185,14 +185,16 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
     stop, losses = StopRequest(Path(run_dir) / "STOP", cfg.train.exit_after_minutes), []
     try:
         t, captions = cfg.train, caption_source(cfg, text_files, text_tokenizer, valid_text_files)
-        held_out = held_out_captions(cfg, captions, valid_text_files) if t.eval_interval else None
+        held_out = held_out_captions(cfg, captions, valid_text_files) if t.eval_interval else {}
         run = _Pretraining(cfg, Path(run_dir), device, captions, held_out)
-        for name, lines in (("--text-files", captions), ("--valid-text-files", held_out)):
+        valid_lines = held_out.get("")  # (--valid-text-files' CaptionLines, when given)
+        for name, lines in (("--text-files", captions), ("--valid-text-files", valid_lines)):
             if getattr(lines, "left_out", 0):  # (CaptionLines: lines the tokenizer's normalisation empties)
                 run.log.info(f"{name}: {lines.left_out:,} line(s) that tokenize to no piece left out")
-        if getattr(held_out, "watched", 0):  # (captions common in the data, or held-out lines left among the training)
-            run.log.info(f"warning: --valid-text-files: {held_out.watched:,} of its {len(held_out):,} captions are "
-                         "also lines of --text-files (trained on): the held-out loss is lower than on unseen captions")
+        if getattr(valid_lines, "watched", 0):  # (captions common in the data, or held-out lines left among training)
+            run.log.info(f"warning: --valid-text-files: {valid_lines.watched:,} of its {len(valid_lines):,} captions "
+                         "are also lines of --text-files (trained on): the held-out loss is lower than on unseen "
+                         "captions")
     except BaseException:
         stop.restore()
         raise
@@ -209,7 +211,7 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
             clock.step_done()
             evaluate = t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps)
             with clock.paused():  # (also before a stop's save)
-                valid = {"valid_loss": run.held_out_loss()} if evaluate else {}
+                valid = held_out_row({n: run.held_out_loss(c) for n, c in run.held_out.items()}) if evaluate else {}
             if (step + 1) % t.log_interval == 0 or step + 1 == t.steps or valid:
                 run.log.step({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "skipped_steps": run.skipped,
                               "samples_per_s": t.global_batch_size / clock.seconds_per_step(), **valid})
@@ -312,16 +314,17 @@ class _Pretraining:
         return count.clamp(min=1)
 
     @torch.no_grad()
-    def held_out_loss(self) -> float:
-        """The masked-token loss on the held-out captions now: train.eval_batches global batches, the same captions
-        and masks every time (a seeded order over the whole set; masks keyed by the batch), without dropout."""
+    def held_out_loss(self, held_out) -> float:
+        """The masked-token loss on held-out captions `held_out` (one of self.held_out's sets) now: train.eval_batches
+        global batches, the same captions and masks every time (a seeded order over the whole set; masks keyed by
+        the batch), without dropout."""
         t = self.cfg.train
-        sampler = GlobalBatchSampler(len(self.held_out), t.global_batch_size, t.seed)
+        sampler = GlobalBatchSampler(len(held_out), t.global_batch_size, t.seed)
         total = torch.zeros((), device=self.device)
         self.model.eval()
         for b in range(t.eval_batches):
             seed = int(np.random.SeedSequence([t.seed, 2, b]).generate_state(1, np.uint64)[0])  # (apart from steps')
-            inputs, text, chosen, positions = self._masked_batch(self.held_out, sampler, b * t.global_batch_size, seed)
+            inputs, text, chosen, positions = self._masked_batch(held_out, sampler, b * t.global_batch_size, seed)
             share = self.dp_size / self._global_count(chosen)
             for m in range(0, len(text), t.micro_batch_size):
                 part = slice(m, m + t.micro_batch_size)

@@ -25,7 +25,7 @@ from common.preemption import StopRequest
 from data_pipeline.code_shards import data_tokenizers, other_tokenizers
 from data_pipeline.loader import CaptionDrop, ReadAhead, StepPositions, rank_micro_batch_ids, read_micro_batch
 from data_pipeline.sampler import GlobalBatchSampler
-from data_pipeline.training_data import held_out_dataset, training_dataset
+from data_pipeline.training_data import held_out_sets, training_dataset
 from model_parallel.kernels import select_kernels
 from model_parallel.state import (
     destroy_groups,
@@ -342,8 +342,8 @@ class Trainer:
         # data that does not fit the model is refused before anything is written
         self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)
         t = cfg.train
-        self.held_out = (held_out_dataset(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
-                                          self.dataset) if t.eval_interval else None)
+        self.held_out = (held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
+                                       self.dataset) if t.eval_interval else None)
         self.lock = RunLock(self.run_dir)
         self.log, self.reader, self.background = None, None, None
         # Installed before the build and the resume (minutes at scale): a stop asked for meanwhile is noted
@@ -511,13 +511,16 @@ class Trainer:
             self.stop.restore()
             self.lock.release()
 
-    def held_out_loss(self) -> float:
-        """The loss on the held-out samples (train.eval_batches global batches of data.valid_shards), now."""
-        read = self.role == engine.READ
-        losses = [engine.eval_step(self.engine, self.cfg, self._with_samples(
-            held_out_micro_batches(self.cfg, self.held_out, b, self.dp_rank, self.dp_size, read)), self.device)
-                  for b in range(self.cfg.train.eval_batches)]
-        return sum(losses) / len(losses)
+    def held_out_loss(self) -> dict[str, float]:
+        """{set name: the loss on its held-out samples (train.eval_batches global batches of it)}, now, for each
+        set of data.valid_shards ('' for an unnamed one)."""
+        read, losses = self.role == engine.READ, {}
+        for name, dataset in self.held_out.items():
+            batches = [engine.eval_step(self.engine, self.cfg, self._with_samples(
+                held_out_micro_batches(self.cfg, dataset, b, self.dp_rank, self.dp_size, read)), self.device)
+                       for b in range(self.cfg.train.eval_batches)]
+            losses[name] = sum(batches) / len(batches)
+        return losses
 
     def _write_profile(self) -> None:
         """After the last traced step (train.profile_step): write the traces and say where."""
@@ -528,7 +531,7 @@ class Trainer:
                           f"{files[1].name}")
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float, waited: float,
-                 held_out_loss: float | None = None) -> None:
+                 held_out: dict[str, float] | None = None) -> None:
         """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval, and
         the share of it spent waiting for the step's input (`waited`, its mean: metrics.StepClock)."""
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
@@ -540,7 +543,7 @@ class Trainer:
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
             "data_wait_pct": 100 * waited / elapsed,
             **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
-            **({"valid_loss": held_out_loss} if held_out_loss is not None else {}),
+            **(metrics.held_out_row(held_out) if held_out else {}),
         })
 
     def run(self) -> list[float]:
