@@ -222,7 +222,7 @@ def test_a_missing_data_folder_is_a_config_error_naming_its_key_and_a_named_held
     from common.config import ConfigError
     from data_pipeline.code_shards import CodeShardDataset
     from data_pipeline.synthetic import write_random_code_shards
-    from data_pipeline.training_data import held_out_dataset, held_out_sets, training_dataset
+    from data_pipeline.training_data import held_out_dataset, training_dataset
     from training.config import load_config
 
     write_random_code_shards(tmp_path / "train", 4)
