@@ -193,11 +193,15 @@ def run(cfg: EvalConfig) -> dict | None:
                              " image(s) each; FID needs at least 2 generated images (raise benchmark.limit)")
         default_weights()
     device = use_device(cfg.benchmark.device, "benchmark.device")  # (before init_distributed touches CUDA)
-    upsampler = (load_upsampler_for_sampling(cfg.model.upsampler, device, "model.upsampler=")
-                 if cfg.model.upsampler else None)  # (small: a wrong file stops the run before minutes of loading)
+    # Small: a wrong file stops the run before minutes of loading. Read onto the CPU here and moved to the device
+    # after init_distributed: loaded onto "cuda" before it sets each rank's GPU, every rank's upsampler went to GPU 0.
+    upsampler = (load_upsampler_for_sampling(cfg.model.upsampler, "cpu", "model.upsampler=")
+                 if cfg.model.upsampler else None)
     if cfg.clip.model:
         check_clip(cfg.clip.model, cfg.clip.weights or None, cfg.clip.tag or None, f"clip.model={cfg.clip.model}")
     init_distributed(timeout_minutes=WAIT_FOR_PEERS_MINUTES)
+    if upsampler is not None:
+        upsampler.to(device)  # (now "cuda" is this rank's GPU)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.benchmark.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -894,3 +894,39 @@ def test_eval_config_defaults_are_the_documented_ones():
                            ["model.checkpoint=a", "model.vq=b", "model.text_tokenizer=c", "clip.model=m",
                             "sampling.top_p=0.9", "sampling.seed=3"])
     assert cfg.sampling.per_code() == SamplingConfig(temperature=1.0, top_k=0, top_p=0.9, guidance_scale=1.2)
+
+
+def test_benchmark_places_the_upsampler_on_the_device_after_init_distributed(single_process, tmp_path, monkeypatch):
+    """The upsampler file is checked before anything else is loaded, but the module reaches the device only after
+    init_distributed has chosen this rank's GPU: placed on "cuda" before, every rank's upsampler was on GPU 0."""
+    from evaluation import benchmark
+    from evaluation.config import load_eval_config
+
+    events = []
+    real_init = benchmark.init_distributed
+
+    class Upsampler(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            events.append(("to", args))
+            return super().to(*args, **kwargs)
+
+    def load(path, device, flag):
+        events.append(("load", device))
+        return Upsampler(1, 1)
+
+    monkeypatch.setattr(benchmark, "load_upsampler_for_sampling", load)
+    monkeypatch.setattr(benchmark, "init_distributed", lambda **k: (events.append(("init",)), real_init(**k)))
+    monkeypatch.setattr(benchmark, "use_device", lambda *a: "cuda:7")  # (stands for "cuda": the rank's GPU)
+    monkeypatch.setattr(benchmark, "load_for_sampling", lambda *a: ("model", "vq", "tok"))
+    monkeypatch.setattr(Upsampler, "_apply", lambda self, fn, recurse=True: self)  # (no GPU here)
+    given = []
+    monkeypatch.setattr(benchmark, "generate", lambda *a, **k: given.append(a[13]))
+    monkeypatch.setattr(benchmark, "score", lambda *a: {})
+    monkeypatch.setattr(benchmark, "gather_metadata", lambda *a: None)
+    (tmp_path / "p.txt").write_text("a prompt\n", encoding="utf-8")
+    benchmark.run(load_eval_config("configs/eval/partiprompts.yaml", [
+        "model.checkpoint=c", "model.vq=v", "model.text_tokenizer=t", "model.upsampler=u.pt",
+        f"benchmark.prompts={tmp_path / 'p.txt'}", f"benchmark.out={tmp_path / 'out'}", "sampling.samples_per_prompt=1",
+        "sampling.keep=0"]))
+    assert events == [("load", "cpu"), ("init",), ("to", ("cuda:7",))]
+    assert isinstance(given[0], Upsampler)
