@@ -1082,6 +1082,10 @@ def test_a_branch_continues_another_runs_checkpoint_as_a_run_of_its_own(pool2, r
     assert history.read_text().startswith(f"# segment 1 of run {state['run_id']}: a branch of {source}, ")
     assert [json.loads(line)["step"] for line in (branch / "metrics.jsonl").read_text().splitlines()
             if "loss" in json.loads(line)] == [4, 5, 6]
+    killed = branch.parent / "killed"  # (a branch whose first save was cut short: branched again, not step 0)
+    (killed / "checkpoints" / "step_00000004").mkdir(parents=True)
+    plan = plan_resume(load_config("configs/train/debug.yaml", branched).validate(), killed, "auto")
+    assert (plan.branch, plan.step) == (True, 3) and plan.messages[0].endswith(": the branch starts anew")
     pool2.run(run, str(branch), *branched, steps=STEPS + 1)  # (a second segment resumes the branch, not its source)
     assert json.loads((branch / "checkpoints" / "step_00000007" / "trainer_state.json").read_text())["run_id"] == \
         state["run_id"]

@@ -169,7 +169,10 @@ def _plan_branch(cfg: Config, tokenizers: dict | None, start: ResumePlan) -> Res
                           "checkpoint the export was made from, or drop train.init_weights_only=false")
     if path is None:
         raise _not_a_source(given)
-    plan = _plan_continue(cfg, path, tokenizers, start.messages + ([note] if note else []), branch=True)
+    # (the run directory's note, e.g. only incomplete checkpoints of a segment killed in its first save: the branch,
+    # not step 0, is what starts)
+    own = [m.replace(": starting at step 0", ": the branch starts anew") for m in start.messages]
+    plan = _plan_continue(cfg, path, tokenizers, own + ([note] if note else []), branch=True)
     plan.run_id, plan.branch, plan.set_aside, plan.overwrite = start.run_id, True, start.set_aside, start.overwrite
     plan.messages.append(f"a branch of run {plan.state.get('run_id') or '(unrecorded)'}: continues {path} at its "
                          f"step {plan.step} (optimizer, LR schedule and data positions) as a new run, whose "
