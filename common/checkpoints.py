@@ -5,7 +5,7 @@ pruning, one run per run directory. What goes into a checkpoint is the trainer's
     problem = prepare_folder(folder)                     # None: an empty folder; else one line saying why not
     ... write the checkpoint's files into `folder`, its marker file last and atomically (common.files) ...
     move_latest(run_dir, tag_for(step))                  # only once the marker is there
-    prune(run_dir, keep, step, marker)                   # this run's newest `keep`, leftovers of killed saves gone
+    prune(run_dir, Retention(3), step, marker)           # this run's newest 3, leftovers of killed saves gone
     tag, note = resume_tag(run_dir, marker)              # `latest`'s tag, else the newest complete one (note says so)
 
 Layout: run_dir/checkpoints/step_00000100/, one folder per saved step, and run_dir/checkpoints/latest, a
@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from common.config import ConfigError
 from common.files import write_atomic
@@ -36,6 +37,17 @@ from common.preemption import launch_rank
 
 OwnerOf = Callable[[Path], "str | None"]
 """Reads the run id a complete checkpoint folder records (None: none recorded, counts as this run's)."""
+
+
+class Retention(NamedTuple):
+    """Which of a run's complete checkpoints a prune keeps: the newest `last` (0: all), and those whose step is a
+    multiple of `every` (0: none; Orbax's keep_period), e.g. a warmup-stable-decay run's branch points."""
+
+    last: int = 3
+    every: int = 0
+
+    def kept_for_good(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
 
 
 class RunDirError(RuntimeError):
@@ -178,10 +190,11 @@ def failed_save_message(run_dir: str | Path, path: Path, error: str, marker: str
             f"{root / 'latest'} still names {previous or 'no checkpoint'}")
 
 
-def prune(run_dir: str | Path, keep: int, step: int, marker: str, run_id: str | None = None,
+def prune(run_dir: str | Path, keep: Retention, step: int, marker: str, run_id: str | None = None,
           owner_of: OwnerOf | None = None) -> None:
-    """Keep this run's newest `keep` complete checkpoints up to `step` (just saved; 0 keeps all); delete its
-    older ones and (whatever `keep` is) incomplete leftovers of killed saves below `step`. Another run's
+    """Keep this run's newest `keep.last` complete checkpoints up to `step` (just saved; 0 keeps all) and those
+    `keep.every` names; delete its other older ones and (whatever `keep` is) incomplete leftovers of killed saves
+    below `step`. Another run's
     checkpoints (`owner_of` names another run id) and folders above `step` are left alone; checkpoints that
     record no run id count as this run's. A checkpoint's marker goes first: a deletion cut short leaves an
     incomplete folder (removed by the next prune), never a complete-looking one with files missing."""
@@ -193,8 +206,9 @@ def prune(run_dir: str | Path, keep: int, step: int, marker: str, run_id: str | 
             _remove(path, marker)
         elif owner_of is None or owner_of(path) in (None, run_id):
             older.append(path)
-    for path in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
-        _remove(path, marker)
+    for path in older[:max(0, len(older) - (keep.last - 1))] if keep.last > 0 else []:
+        if not keep.kept_for_good(step_of(path.name)):
+            _remove(path, marker)
 
 
 def _remove(path: Path, marker: str) -> None:

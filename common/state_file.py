@@ -21,6 +21,7 @@ import torch
 
 from common.checkpoints import (
     CheckpointError,
+    Retention,
     checkpoint_dir,
     failed_save_message,
     failure_cause,
@@ -50,7 +51,7 @@ def save_state(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
     except (OSError, RuntimeError) as e:  # (torch.save's writer reports a full disk as a RuntimeError)
         shutil.rmtree(folder, ignore_errors=True)
         raise CheckpointError(failed_save_message(run_dir, folder, failure_cause(e), STATE_FILE)) from None
-    prune(run_dir, keep, step, STATE_FILE)
+    prune(run_dir, Retention(keep), step, STATE_FILE)
     return folder / STATE_FILE
 
 

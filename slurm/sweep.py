@@ -24,10 +24,10 @@ loss (and held-out loss, where the runs measured one: train.eval_interval) and t
 throughput per GPU and MFU against nodes, memory per GPU, and loss against compute (held-out loss dashed).
 
 `cooldowns` is the scaling experiment of a warmup-stable-decay schedule (train.lr_stable_steps): one run trained
-at its peak rate (`--from`, its checkpoints kept: train.keep_checkpoints=0), and from its checkpoint at each step
-S of `--at` a branch (train.init_weights_only=false, the run's own config.yaml) that trains fraction x S steps
-more while the rate decays to min_lr in `--decay`'s shape: one model's loss at several compute budgets for the
-price of one run and the cool-downs. Each is one job in OUT/cooldown-<S>/, submitted as `submit`'s are.
+at its peak rate (`--from`, its branch points kept: train.keep_checkpoints_every), and from its checkpoint at each
+step S of `--at` a branch (train.init_weights_only=false, the run's own config.yaml) that trains fraction x S
+steps more while the rate decays to min_lr in `--decay`'s shape: one model's loss at several compute budgets for
+the price of one run and the cool-downs. Each is one job in OUT/cooldown-<S>/, submitted as `submit`'s are.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def cooldown_jobs(source: Path, at: list[int], fraction: float, decay: str, out:
         if tag_for(step) not in complete:
             raise ValueError(f"--at {step}: {source / 'checkpoints'} holds no complete checkpoint of step {step} "
                              f"({STATE_FILE}; complete: {', '.join(complete) or 'none'}); save the run there "
-                             "(train.save_interval) and keep its checkpoints (train.keep_checkpoints=0)")
+                             "(train.save_interval) and keep them (train.keep_checkpoints_every)")
         if step < warmup:
             raise ValueError(f"--at {step}: inside the run's warm-up (train.warmup_steps={warmup}): a cool-down "
                              "starts from the peak rate")

@@ -546,9 +546,11 @@ def test_pruning_keeps_the_newest_removes_leftovers_and_never_leaves_a_complete_
     def names():
         return sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
 
-    checkpoints.prune(tmp_path, 0, 8, "trainer_state.json")
+    checkpoints.prune(tmp_path, checkpoints.Retention(0), 8, "trainer_state.json")
     assert names() == [tag_for(s) for s in (2, 4, 6, 8, 9)]
-    checkpoints.prune(tmp_path, 3, 8, "trainer_state.json")
+    checkpoints.prune(tmp_path, checkpoints.Retention(2, every=4), 8, "trainer_state.json")
+    assert names() == [tag_for(s) for s in (4, 6, 8, 9)]  # (4: a multiple of `every`, kept besides the newest 2)
+    checkpoints.prune(tmp_path, checkpoints.Retention(3), 8, "trainer_state.json")
     assert names() == [tag_for(s) for s in (4, 6, 8, 9)]
 
     def killed(path, **kwargs):
@@ -557,7 +559,7 @@ def test_pruning_keeps_the_newest_removes_leftovers_and_never_leaves_a_complete_
 
     monkeypatch.setattr(checkpoints.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.prune(tmp_path, 2, 8, "trainer_state.json")
+        checkpoints.prune(tmp_path, checkpoints.Retention(2), 8, "trainer_state.json")
     assert checkpoints.complete_tags(tmp_path, "trainer_state.json") == [tag_for(6), tag_for(8)]
 
 
@@ -570,9 +572,9 @@ def test_pruning_counts_a_checkpoint_without_a_run_id_as_this_runs_and_leaves_an
     for tag in owners:
         (tmp_path / "checkpoints" / tag).mkdir(parents=True)
         (tmp_path / "checkpoints" / tag / "state.pt").write_text("x")
-    checkpoints.prune(tmp_path, 2, 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
+    checkpoints.prune(tmp_path, checkpoints.Retention(2), 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
     assert checkpoints.complete_tags(tmp_path, "state.pt") == [tag_for(1), tag_for(3), tag_for(4)]
-    checkpoints.prune(tmp_path, 1, 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
+    checkpoints.prune(tmp_path, checkpoints.Retention(1), 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
     assert checkpoints.complete_tags(tmp_path, "state.pt") == [tag_for(1), tag_for(4)]
 
 
@@ -803,7 +805,7 @@ def test_pruning_a_linked_checkpoint_removes_the_link_not_what_it_points_to(tmp_
     for step in (4, 6):
         (mine / tag_for(step)).mkdir()
         (mine / tag_for(step) / "trainer_state.json").write_text("{}")
-    checkpoints.prune(tmp_path / "run", 2, 6, "trainer_state.json")
+    checkpoints.prune(tmp_path / "run", checkpoints.Retention(2), 6, "trainer_state.json")
     assert sorted(p.name for p in mine.iterdir()) == [tag_for(4), tag_for(6)]
     assert sorted(p.name for p in other.iterdir()) == ["__0_0.distcp", "trainer_state.json"]
 
@@ -1187,15 +1189,16 @@ def test_a_resume_with_another_global_batch_saves_the_stream_position_it_reached
 
 def test_every_held_out_loss_is_logged_and_old_checkpoints_are_pruned(single_process, tmp_path):
     """The held-out loss measured at a step that is not a log step still gets its row (log every 4 steps,
-    measure every 3); train.keep_checkpoints=2 keeps the newest two of a save every 2 steps."""
+    measure every 3); train.keep_checkpoints=2 keeps the newest two of a save every 2 steps, and
+    train.keep_checkpoints_every=4 those of steps 4 and 8 besides."""
     run(str(tmp_path), "train.log_interval=4", "train.eval_interval=3", "train.save_interval=2",
-        "train.keep_checkpoints=2", steps=10)
+        "train.keep_checkpoints=2", "train.keep_checkpoints_every=4", steps=10)
     assert sorted(held_out_losses(tmp_path)) == [3, 6, 9, 10]
     assert [m["step"] for m in metrics(tmp_path)] == [3, 4, 6, 8, 9, 10]
     from training.checkpoint import wait_for_pruning
 
     wait_for_pruning()
-    assert complete_tags(tmp_path) == [tag_for(8), tag_for(10)]
+    assert complete_tags(tmp_path) == [tag_for(4), tag_for(8), tag_for(10)]
 
 
 def test_a_resumed_run_keeps_its_run_id_and_prunes_its_earlier_segments_checkpoints(single_process, tmp_path):

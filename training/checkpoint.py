@@ -63,6 +63,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # (a BaseExcep
 from common import checkpoints
 from common.checkpoints import (  # noqa: F401 - training.trainer reaches them from here
     CheckpointError,
+    Retention,
     RunDirError,
     checkpoint_dir,
     failure_cause,
@@ -376,7 +377,7 @@ class BackgroundSaves:
 
 
 def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, trainer_state: dict,
-         keep: int = 3, background: BackgroundSaves | None = None) -> str:
+         keep: Retention = Retention(), background: BackgroundSaves | None = None) -> str:
     """Write the checkpoint of `step` (every rank), then rank 0 marks it complete, moves `latest` and
     prunes; with `background`, the tensors are written by a background process and the rest happens at a
     later `background.poll()`. A failed write (a full disk) leaves no partial folder and `latest` where it
@@ -399,8 +400,8 @@ def _save_synced(obj, file: Path) -> None:
     sync_to_disk(file)
 
 
-def save_sections(sections, replicated: bool, run_dir: str | Path, step: int, full_state: dict, keep: int = 3,
-                  background: BackgroundSaves | None = None, also=None) -> str:
+def save_sections(sections, replicated: bool, run_dir: str | Path, step: int, full_state: dict,
+                  keep: Retention = Retention(), background: BackgroundSaves | None = None, also=None) -> str:
     """The checkpoint of `step` (every rank): `sections()`'s {section: {name: ShardedTensor}} written with
     `write_blocks` (`replicated`: as it says) and `also(path)` (this rank's other files), then `full_state` (JSON:
     `step`, and `run_id` when there is one) as trainer_state.json, which marks it complete; `latest` moves, older
@@ -428,7 +429,7 @@ def save_sections(sections, replicated: bool, run_dir: str | Path, step: int, fu
     return path.name
 
 
-def _complete(run_dir: str | Path, path: Path, full_state: dict, keep: int) -> None:
+def _complete(run_dir: str | Path, path: Path, full_state: dict, keep: Retention) -> None:
     """Every rank, once every rank's tensors are written: rank 0 writes trainer_state.json last (write +
     rename: its presence marks the checkpoint complete), moves `latest`, prunes older ones of this run."""
     error = None

@@ -56,6 +56,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # (a BaseExcep
 
 from common.checkpoints import (
     CheckpointError,
+    Retention,
     RunDirError,
     check_steps_left,
     checkpoint_dir,
@@ -340,8 +341,9 @@ class _Pretraining:
                  "sampler_order": self.sampler.order, "skipped_steps": self.skipped,
                  "consecutive_skipped_steps": self.consecutive, "text_tokenizer": self.text_tokenizer}
         self._adam_state(0)  # (a parameter never updated yet)
+        t = self.cfg.train
         save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), True, self.run_dir, step, state,
-                      self.cfg.train.keep_checkpoints)
+                      Retention(t.keep_checkpoints, t.keep_checkpoints_every))
 
     def resume(self) -> int:
         """The step to continue from: `latest`'s (or the newest complete checkpoint's), its weights and Adam
