@@ -1291,7 +1291,7 @@ def test_what_a_resume_plan_checks_before_anything_is_built(tmp_path, monkeypatc
     from common.checkpoints import CheckpointError
     from training import checkpoint
     from training.config import load_config
-    from training.trainer import plan_resume
+    from training.resume_plan import plan_resume
 
     cfg = load_config("configs/train/debug.yaml", ["train.steps=6"])
     with pytest.raises(ConfigError, match="--resume 'bogus' must be one of auto, none, overwrite"):
@@ -1323,7 +1323,7 @@ def test_a_branchs_refusals_leave_the_source_runs_files_alone(tmp_path, monkeypa
     only after train.steps is warned about (the cool-down would not cool)."""
     from training import checkpoint
     from training.config import config_to_dict, load_config
-    from training.trainer import plan_resume
+    from training.resume_plan import plan_resume
 
     monkeypatch.setattr(checkpoint, "verify", lambda path: None)
     source = fake_checkpoint(tmp_path / "stable", step=5, run_id="s",
@@ -1443,7 +1443,8 @@ def bare_trainer(tmp_path, *sets):
     """A Trainer of the debug config without a model or engine: its log lines in `.lines`."""
     from data_pipeline.sampler import GlobalBatchSampler
     from training.config import load_config
-    from training.trainer import ResumePlan, Trainer
+    from training.resume_plan import ResumePlan
+    from training.trainer import Trainer
 
     t = Trainer.__new__(Trainer)
     t.cfg = load_config("configs/train/debug.yaml", ["train.steps=6", *sets])
@@ -1460,7 +1461,7 @@ def bare_trainer(tmp_path, *sets):
 def test_a_save_waits_for_the_save_in_flight_and_records_the_trainers_state(tmp_path, monkeypatch):
     from training import checkpoint
 
-    t = bare_trainer(tmp_path, "train.keep_checkpoints=2")
+    t = bare_trainer(tmp_path, "train.keep_checkpoints=2", "train.keep_checkpoints_every=100")
     t.step, t.consumed, t.nonfinite_guard.skipped, t.nonfinite_guard.consecutive = 5, 48, 2, 1
     order = []
     t.complete_saves = lambda wait=False: order.append(("wait", wait))
@@ -1473,7 +1474,7 @@ def test_a_save_waits_for_the_save_in_flight_and_records_the_trainers_state(tmp_
     t.layout = None
     monkeypatch.setattr(checkpoint, "save", save)
     t.save()
-    assert order[:2] == [("wait", True), ("save", 5, 2)]
+    assert order[:2] == [("wait", True), ("save", 5, (2, 100))]  # (common.checkpoints.Retention: last, every)
     assert order[2] == {"step": 5, "consumed_samples": 48, "sampler": t.sampler.state_dict(48), "skipped_steps": 2,
                         "consecutive_skipped_steps": 1, "run_id": "r1",
                         "data_tokenizers": {"vq": {"hash": "v"}, "text_tokenizer": {"hash": "t"}}}

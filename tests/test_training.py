@@ -1028,7 +1028,7 @@ def test_a_run_initialised_from_another_starts_from_its_weights_at_another_layou
     the setting."""
     from training.config import ConfigError, load_config
     from training.export import open_checkpoint, read_weights
-    from training.trainer import plan_resume
+    from training.resume_plan import plan_resume
 
     def weights(run_dir, tag):
         return read_weights(open_checkpoint(run_dir, tag))
@@ -1066,7 +1066,7 @@ def test_a_branch_continues_another_runs_checkpoint_as_a_run_of_its_own(pool2, r
     (its own run id and checkpoints; the reference's folder untouched); a second segment resumes the branch's own
     checkpoint. An export (weights alone), a missing init_from and a changed network are refused, naming them."""
     from training.config import ConfigError, load_config
-    from training.trainer import plan_resume
+    from training.resume_plan import plan_resume
 
     source, branch = reference[1] / "checkpoints" / "step_00000003", tmp_path / "branch"
     before = sorted(p.name for p in (reference[1] / "checkpoints").iterdir())
@@ -1117,7 +1117,7 @@ def test_a_run_initialised_from_an_export_starts_from_its_weights(pool4, single_
     from common.checkpoints import CheckpointError
     from training.config import ConfigError, load_config
     from training.export import export, open_checkpoint, read_weights
-    from training.trainer import plan_resume
+    from training.resume_plan import plan_resume
 
     exported = export(reference[1], out=tmp_path / "export")
     pool4.run(run, str(tmp_path / "new"), f"train.init_from={exported}", "parallel.tp=2", "parallel.zero_stage=1",

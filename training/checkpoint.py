@@ -532,7 +532,7 @@ def load(engine, cfg, layout: ParallelLayout, path: Path, branch: bool = False) 
     LR schedule continues at the checkpoint's step with this run's train.lr/min_lr/warmup/decay/steps. `branch`:
     `path` is another run's (train.init_weights_only=false), so a failure's advice leaves its files alone."""
     state = read_trainer_state(path)
-    # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.trainer.plan_resume.)
+    # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.resume_plan.plan_resume.)
     ensure_optimizer_state(engine)
     template, params = _state_dict(engine, cfg.model)
     try:
