@@ -1,16 +1,19 @@
 """The keys every trainer's train section has for how its loop runs around the steps, not what it trains: a time
-limit of its own, how long a collective waits for the other ranks, when garbage is collected.
+limit of its own, how long a collective waits for the other ranks, when garbage is collected, which checkpoints
+are kept.
 
     @dataclass
     class VQTrainConfig(LoopControl): ...                 # training's TrainConfig, vq's, sr's
     check_minima(cfg.train, "train", (*LOOP_MINIMA, ...))
 
-Used by common/preemption.py (exit_after_minutes), model_parallel/state.py (dist_timeout_minutes) and
-common/collection.py (gc_interval) through each trainer.
+Used by common/preemption.py (exit_after_minutes), model_parallel/state.py (dist_timeout_minutes),
+common/collection.py (gc_interval) and common/checkpoints.py (`retention()`) through each trainer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from common.checkpoints import Retention
 
 
 @dataclass
@@ -29,9 +32,21 @@ class LoopControl:
     off (torchtitan's training.gc_freq, Megatron-LM's --manual-gc-interval): an automatic one starts on each
     rank at its own moment and holds the others at the next collective (common/collection.py). 0: Python's
     automatic collection."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
+    keep_checkpoints_every: int = 0
+    """Checkpoints whose step is a multiple of this are kept besides (0: none; Orbax's keep_period): e.g. the
+    branch points of a warmup-stable-decay run's cool-downs (training's train.init_weights_only=false), or
+    milestones to evaluate, while keep_checkpoints bounds the others."""
+
+    def retention(self) -> Retention:
+        """What a save's prune keeps (common.checkpoints.prune)."""
+        return Retention(self.keep_checkpoints, self.keep_checkpoints_every)
 
 
 LOOP_MINIMA = (("exit_after_minutes", 0, "minutes before a save and stop, 0: no limit"),
                ("dist_timeout_minutes", 1, "minutes a collective waits for the other ranks"),
-               ("gc_interval", 0, "steps between garbage collections, 0: automatic"))
+               ("gc_interval", 0, "steps between garbage collections, 0: automatic"),
+               ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
+               ("keep_checkpoints_every", 0, "steps between checkpoints kept besides, 0: none"))
 """LoopControl's rules (common.config.check_minima)."""

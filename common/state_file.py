@@ -1,6 +1,6 @@
 """One-file checkpoints of the single-model trainers (vq.train, sr.train): checkpoints/step_XXXXXXXX/state.pt.
 
-    save_state(run_dir, step, state, keep)        # one process: written atomically, then `latest`, then pruning
+    save_state(run_dir, step, state, cfg.train.retention())   # one process: atomically, `latest`, pruning
     state = load_state(path, ("model", "opt", "step", "rng"), writer="vq.train")
 
 The folder, pointer and pruning mechanics are common/checkpoints.py's (a checkpoint is complete when its
@@ -37,9 +37,10 @@ STATE_FILE = "state.pt"
 """A checkpoint folder's one file, written atomically: its presence marks the checkpoint complete."""
 
 
-def save_state(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
-    """Write checkpoints/step_<step>/state.pt atomically, move `latest` to it and keep the newest `keep`
-    (0: all). A failed write leaves no partial folder and `latest` where it was (CheckpointError, one line)."""
+def save_state(run_dir: str | Path, step: int, state: dict, keep: Retention) -> Path:
+    """Write checkpoints/step_<step>/state.pt atomically, move `latest` to it and prune what `keep` does not
+    keep (common.checkpoints.prune). A failed write leaves no partial folder and `latest` where it was
+    (CheckpointError, one line)."""
     folder = checkpoint_dir(run_dir) / tag_for(step)
     problem = prepare_folder(folder)
     if problem:
@@ -51,7 +52,7 @@ def save_state(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
     except (OSError, RuntimeError) as e:  # (torch.save's writer reports a full disk as a RuntimeError)
         shutil.rmtree(folder, ignore_errors=True)
         raise CheckpointError(failed_save_message(run_dir, folder, failure_cause(e), STATE_FILE)) from None
-    prune(run_dir, Retention(keep), step, STATE_FILE)
+    prune(run_dir, keep, step, STATE_FILE)
     return folder / STATE_FILE
 
 

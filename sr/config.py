@@ -54,8 +54,6 @@ class SRTrainConfig(LoopControl):
     """Steps between evaluations on --val-data (PSNR against bicubic) and comparison grids."""
     save_interval: int = 1000
     """Steps between checkpoints."""
-    keep_checkpoints: int = 3
-    """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
 
 
 @dataclass

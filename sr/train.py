@@ -128,7 +128,7 @@ class SRTrainer:
             state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                      "step": self.step, "rng": torch.get_rng_state(),
                      "streams": streams, "config": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer_hash()}
-            save_state(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+            save_state(self.run_dir, self.step, state, self.cfg.train.retention())
         dist.barrier()
 
     def tokenizer_hash(self) -> str | None:

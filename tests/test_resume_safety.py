@@ -572,9 +572,10 @@ def test_pruning_counts_a_checkpoint_without_a_run_id_as_this_runs_and_leaves_an
     for tag in owners:
         (tmp_path / "checkpoints" / tag).mkdir(parents=True)
         (tmp_path / "checkpoints" / tag / "state.pt").write_text("x")
-    checkpoints.prune(tmp_path, checkpoints.Retention(2), 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
+    owner_of = lambda path: owners[path.name]  # noqa: E731
+    checkpoints.prune(tmp_path, checkpoints.Retention(2), 4, "state.pt", run_id="mine", owner_of=owner_of)
     assert checkpoints.complete_tags(tmp_path, "state.pt") == [tag_for(1), tag_for(3), tag_for(4)]
-    checkpoints.prune(tmp_path, checkpoints.Retention(1), 4, "state.pt", run_id="mine", owner_of=lambda path: owners[path.name])
+    checkpoints.prune(tmp_path, checkpoints.Retention(1), 4, "state.pt", run_id="mine", owner_of=owner_of)
     assert checkpoints.complete_tags(tmp_path, "state.pt") == [tag_for(1), tag_for(4)]
 
 
@@ -1022,10 +1023,11 @@ def test_a_state_file_save_that_fails_leaves_no_folder_and_latest_as_it_was(tmp_
     disk, which torch.save reports as a RuntimeError) removes its folder and says so in one line, `latest` where it
     was; a folder that cannot be made is refused the same way. load_state refuses a state without a required key."""
     from common import state_file
-    from common.checkpoints import CheckpointError, complete_tags, latest_tag
+    from common.checkpoints import CheckpointError, Retention, complete_tags, latest_tag
 
     for step in (1, 2, 3):
-        path = state_file.save_state(tmp_path, step, {"model": {"w": torch.ones(2)}, "step": step}, keep=2)
+        path = state_file.save_state(tmp_path, step, {"model": {"w": torch.ones(2)}, "step": step},
+                                     keep=Retention(2))
         assert path == tmp_path / "checkpoints" / tag_for(step) / "state.pt"
     assert (complete_tags(tmp_path, "state.pt") == [tag_for(2), tag_for(3)]
             and latest_tag(tmp_path, "state.pt") == tag_for(3))
@@ -1040,12 +1042,12 @@ def test_a_state_file_save_that_fails_leaves_no_folder_and_latest_as_it_was(tmp_
     monkeypatch.setattr(state_file.torch, "save", full)
     with pytest.raises(CheckpointError, match=rf"^saving .*{tag_for(4)} failed: PytorchStreamWriter failed .*; removed "
                                               rf"the partial folder; .*latest still names {tag_for(3)}$"):
-        state_file.save_state(tmp_path, 4, {"step": 4}, keep=2)
+        state_file.save_state(tmp_path, 4, {"step": 4}, keep=Retention(2))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", tag_for(2), tag_for(3)]
     monkeypatch.undo()
     (tmp_path / "checkpoints" / tag_for(5)).write_text("a file where the folder goes")
     with pytest.raises(CheckpointError, match=rf"^cannot prepare .*{tag_for(5)}: "):
-        state_file.save_state(tmp_path, 5, {"step": 5}, keep=2)
+        state_file.save_state(tmp_path, 5, {"step": 5}, keep=Retention(2))
     assert latest_tag(tmp_path, "state.pt") == tag_for(3)
 
 

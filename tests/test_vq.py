@@ -118,12 +118,14 @@ def test_preempted_run_saves_and_resumes_the_same_run(single_process, photos, tm
 
 
 def test_resume_falls_back_to_the_newest_complete_checkpoint_and_prunes(single_process, photos, tmp_path, caplog):
-    """Checkpoints beyond train.keep_checkpoints are deleted; with `latest` gone and the newest folder
-    incomplete (a save killed before state.pt), the resume continues from the newest complete one."""
-    run_dir, keep = tmp_path / "run", ["train.steps=10", "train.save_interval=2", "train.keep_checkpoints=2"]
+    """Checkpoints beyond train.keep_checkpoints are deleted but those train.keep_checkpoints_every keeps; with
+    `latest` gone and the newest folder incomplete (a save killed before state.pt), the resume continues from the
+    newest complete one."""
+    run_dir, keep = tmp_path / "run", ["train.steps=10", "train.save_interval=2", "train.keep_checkpoints=2",
+                                       "train.keep_checkpoints_every=4"]
     _, full = train(photos, run_dir, *keep)
     folders = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
-    assert folders == ["step_00000008", "step_00000010"]  # steps 2, 4, 6 pruned
+    assert folders == ["step_00000004", "step_00000008", "step_00000010"]  # steps 2, 6 pruned
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000010\n"
     (run_dir / "checkpoints" / "latest").unlink()
     (run_dir / "checkpoints" / "step_00000010" / "state.pt").unlink()

@@ -90,12 +90,6 @@ class TrainConfig(LoopControl):
     """Write checkpoints in background processes while training goes on (megatron-core's async save: each
     rank's part is copied to host memory, then written by a forked process); `latest` moves at the first
     step after every rank's write finished, and the run's last save is waited for."""
-    keep_checkpoints: int = 3
-    """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
-    keep_checkpoints_every: int = 0
-    """Checkpoints whose step is a multiple of this are kept besides (0: none; Orbax's keep_period): e.g. the
-    branch points of a warmup-stable-decay run's cool-downs (train.init_weights_only=false), or milestones to
-    evaluate, while train.keep_checkpoints bounds the others."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
     device: str = "auto"
@@ -197,8 +191,6 @@ def _validate(cfg: Config, world_size: int | None) -> None:
                               ("save_interval", 0, "steps between checkpoints, 0: only at the end"),
                               ("eval_interval", 0, "steps between held-out losses, 0: never"),
                               ("eval_batches", 1, "global batches of held-out samples per measurement"),
-                              ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
-                              ("keep_checkpoints_every", 0, "steps between checkpoints kept besides, 0: none"),
                               ("profile_step", 0, "the first step traced, 0: none"),
                               ("profile_steps", 1, "steps traced")))
     check_schedule(t, "train")

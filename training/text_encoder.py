@@ -56,7 +56,6 @@ from torch.distributed.checkpoint.api import CheckpointException  # (a BaseExcep
 
 from common.checkpoints import (
     CheckpointError,
-    Retention,
     RunDirError,
     check_steps_left,
     checkpoint_dir,
@@ -341,9 +340,8 @@ class _Pretraining:
                  "sampler_order": self.sampler.order, "skipped_steps": self.skipped,
                  "consecutive_skipped_steps": self.consecutive, "text_tokenizer": self.text_tokenizer}
         self._adam_state(0)  # (a parameter never updated yet)
-        t = self.cfg.train
         save_sections(lambda: _blocks(self.model, self.cfg.model, self.optimizer), True, self.run_dir, step, state,
-                      Retention(t.keep_checkpoints, t.keep_checkpoints_every))
+                      self.cfg.train.retention())
 
     def resume(self) -> int:
         """The step to continue from: `latest`'s (or the newest complete checkpoint's), its weights and Adam

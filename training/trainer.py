@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from common import metrics
-from common.checkpoints import CheckpointError, Retention, RunDirError, RunLock
+from common.checkpoints import CheckpointError, RunDirError, RunLock
 from common.collection import StepCollection
 from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
@@ -259,7 +259,6 @@ class Trainer:
                                     self.device)
 
     def save(self) -> None:
-        t = self.cfg.train
         state = {"step": self.step, "consumed_samples": self.consumed,
                  "sampler": self.sampler.state_dict(self.consumed),
                  "skipped_steps": self.nonfinite_guard.skipped,
@@ -267,7 +266,7 @@ class Trainer:
                  "data_tokenizers": data_tokenizers(self.dataset)}
         self.complete_saves(wait=True)  # one save in flight at a time
         tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
-                              Retention(t.keep_checkpoints, t.keep_checkpoints_every), self.background)
+                              self.cfg.train.retention(), self.background)
         where = self.run_dir / "checkpoints" / tag
         self.log.info(f"saving {where} in the background" if self.background else f"saved {where}")
 

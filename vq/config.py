@@ -115,8 +115,6 @@ class VQTrainConfig(LoopControl):
     """Steps between reconstruction grids (recon_XXXXXXXX.png)."""
     save_interval: int = 1000
     """Steps between checkpoints."""
-    keep_checkpoints: int = 3
-    """Checkpoints kept in the run directory (older ones are deleted; 0 keeps all)."""
     init_from: str = ""
     """Weights to start from at step 0 ('' = fresh; a resume takes the checkpoint's): a tokenizer export of
     model.kind, or for vqgan a taming-transformers last.ckpt (and its PatchGAN): vq/init_weights.py."""
@@ -130,7 +128,6 @@ IMAGE_TRAIN_MINIMA = (*LOOP_MINIMA, ("steps", 0, "optimizer steps to run, 0: exp
                       ("log_interval", 1, "steps between metric lines"),
                       ("eval_interval", 1, "steps between evaluations"),
                       ("save_interval", 1, "steps between checkpoints"),
-                      ("keep_checkpoints", 0, "checkpoints kept, 0: all"),
                       ("data_workers", 0, "decoding processes, 0: in the training process"))
 """The image trainers' (vq.train, vq.finetune_decoder, sr.train) rules for their train section's counts
 (common.config.check_minima): a 0 interval failed as a division by zero at the first step, a 0 batch as an empty

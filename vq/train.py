@@ -304,7 +304,7 @@ class VQTrainer:
         """Rank 0 writes checkpoints/step_XXXXXXXX/state.pt (common/state_file.py); every rank waits for it."""
         streams = gather_stream_states(self.stream)
         if self.rank == 0:
-            save_state(self.run_dir, self.step, self.state(streams), self.cfg.train.keep_checkpoints)
+            save_state(self.run_dir, self.step, self.state(streams), self.cfg.train.retention())
         dist.barrier()
 
     def resume(self) -> None:
