@@ -253,7 +253,10 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     p = cfg["parallel"]
     gbs = cfg["train"]["global_batch_size"]
     flops = train_flops_per_sample(saved_model_config(cfg["model"]))
-    held_out = [(m["step"] * gbs * flops, m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
+    # (training FLOPs up to a row: its consumed samples, which a resume with another global batch keeps right; rows
+    # logged before they were recorded: step x this run's global batch)
+    compute = lambda m: m.get("consumed_samples", m["step"] * gbs) * flops  # noqa: E731
+    held_out = [(compute(m), m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
             "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
             "samples_per_s": median("samples_per_s"),
@@ -261,7 +264,7 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
             "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
             "mem_gb": max(m.get("mem_gb") or 0 for m in lines), "steps": lines[-1]["step"],
             "final_loss": lines[-1]["loss"], "final_valid_loss": held_out[-1][1] if held_out else None,
-            "curve": [(m["step"] * gbs * flops, m["loss"]) for m in lines], "valid_curve": held_out}
+            "curve": [(compute(m), m["loss"]) for m in lines], "valid_curve": held_out}
 
 
 def collect(folder: Path, warmup: int = 2) -> list[dict]:

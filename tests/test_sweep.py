@@ -126,10 +126,11 @@ def test_a_refused_submission_says_why_and_records_the_jobs_queued_before_it(tmp
         sweep.main(args)
 
 
-def write_run(folder, tp: int, world: int, samples_per_s: list[float]) -> None:
+def write_run(folder, tp: int, world: int, samples_per_s: list[float], consumed: list[int] | None = None) -> None:
     folder.mkdir()
     save_config(load_config("configs/train/debug.yaml", [f"parallel.tp={tp}"]), folder / "config.yaml")
     rows = [{"step": i + 1, "loss": 4.0 - i, "samples_per_s": s, "mem_gb": 0.5 + i, "world_size": world,
+             **({"consumed_samples": consumed[i]} if consumed else {}),
              **({"valid_loss": 5.0 - i} if tp == 2 and i % 2 else {})}  # (b measures a held-out loss at steps 2, 4)
             for i, s in enumerate(samples_per_s)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -143,7 +144,7 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
         real = getattr(Axes, kind)
         monkeypatch.setattr(Axes, kind, lambda self, x, y, *a, _real=real, _kind=kind, **k:
                             drawn.append((_kind, list(x), list(y))) or _real(self, x, y, *a, **k))
-    write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0, 30.0, 20.0])
+    write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0, 30.0, 20.0], [8, 16, 24, 40, 56])  # (batch 16 at 4)
     write_run(tmp_path / "b-n2-tp2pp1z0", 2, 4, [2.0, 40.0, 60.0, 50.0])
     (tmp_path / "not-a-run").mkdir()
     rows = {r["run"]: r for r in collect(tmp_path, warmup=2)}
@@ -156,6 +157,8 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
     assert b["curve"] == [(s * per_step, 4.0 - (s - 1)) for s in (1, 2, 3, 4)]
     assert b["valid_curve"] == [(s * per_step, 5.0 - (s - 1)) for s in (2, 4)] and b["final_valid_loss"] == 2.0
     assert a["valid_curve"] == [] and a["final_valid_loss"] is None
+    per_sample = train_flops_per_sample(debug.model)  # (a's compute: its rows' consumed samples, not step x batch)
+    assert [c for c, _ in a["curve"]] == [n * per_sample for n in (8, 16, 24, 40, 56)]
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["run"] for t in table] == ["a-n1-tp1pp1z0", "b-n2-tp2pp1z0"] and "curve" not in table[0]

@@ -115,7 +115,7 @@ def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus():
 
     cfg = load_config("configs/train/debug.yaml", ["train.global_batch_size=8"])
     rows = []
-    fake = types.SimpleNamespace(cfg=cfg, world=2, peak_flops=100e12, step=7, log=types.SimpleNamespace(
+    fake = types.SimpleNamespace(cfg=cfg, world=2, peak_flops=100e12, step=7, consumed=56, log=types.SimpleNamespace(
         step=rows.append), nonfinite_guard=types.SimpleNamespace(skipped=0))
     Trainer.log_step(fake, 1.5, 1e-3, 0.5, elapsed=2.0, waited=0.5)
     m = cfg.model
@@ -123,6 +123,7 @@ def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus():
     assert rows[0]["samples_per_s"] == 4.0 and rows[0]["tokens_per_s"] == 4.0 * (m.text_seq_len + m.image_seq_len)
     assert rows[0]["tflops_per_gpu"] == pytest.approx(tflops) and rows[0]["mfu"] == pytest.approx(tflops / 100)
     assert rows[0]["world_size"] == 2 and rows[0]["step"] == 7 and rows[0]["data_wait_pct"] == 25
+    assert rows[0]["consumed_samples"] == 56
 
 
 def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):
