@@ -174,8 +174,11 @@ def run_trainer(args: argparse.Namespace, config_cls, build, label: str, use_dev
     where the run directory holds checkpoints, as training.train refuses it), and trained. Bad input,
     a busy run directory and a damaged checkpoint end in one line. `use_device`, `device_error`:
     model_parallel.state's (passed in: common sits below model_parallel)."""
+    from pathlib import Path
+
     from common.checkpoints import CheckpointError, RunDirError, checkpoint_dir, has_checkpoints, holding_run_dir
     from common.config import load_typed
+    from common.preemption import StopRequest
 
     # (ValueError: bad input data or files, e.g. data_pipeline's DataError, a damaged export)
     with command(errors=(CheckpointError, device_error, FileNotFoundError, RunDirError, ValueError), label=label):
@@ -185,9 +188,17 @@ def run_trainer(args: argparse.Namespace, config_cls, build, label: str, use_dev
             if args.resume == "none" and has_checkpoints(args.run_dir):  # (its saves would replace that run's steps)
                 raise CheckpointError(f"--resume none: {checkpoint_dir(args.run_dir)} holds checkpoints; continue "
                                       "them with --resume auto, or use another --run-dir")
-            trainer = build(cfg)
-            if args.resume == "auto":
-                trainer.resume()
-            else:
-                trainer.start_fresh()
-            trainer.run()
+            # The stop handlers before the build and the resume (minutes: a checkpoint, a tokenizer, the data
+            # stream's buffer), as Parti's trainer installs them: a SIGTERM/SIGUSR1 meanwhile is noted and honoured
+            # before the first step (StopRequest.start) instead of ending the process unsaved, without REQUEUE.
+            stop = StopRequest(Path(args.run_dir) / "STOP", cfg.train.exit_after_minutes)
+            try:
+                trainer = build(cfg)
+                trainer.stop = stop
+                if args.resume == "auto":
+                    trainer.resume()
+                else:
+                    trainer.start_fresh()
+                trainer.run()
+            finally:
+                stop.restore()

@@ -63,6 +63,9 @@ def lr_factor(step: int, steps: int) -> float:
 
 
 class SRTrainer:
+    stop: StopRequest | None = None
+    """The stop handlers common.cli.run_trainer installed before the build and the resume (else run() installs them)."""
+
     def __init__(self, cfg: SRConfig, data: str, run_dir: str | Path, val_data: str | None = None,
                  device: str | None = None):
         device = device or use_device(cfg.train.device, "train.device")  # (before init_distributed touches CUDA)
@@ -234,7 +237,9 @@ class SRTrainer:
         t, history = self.cfg.train, []
         if self.rank == 0:  # (here, after resume()'s checks: a refused config or checkpoint leaves the run's)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        stop, collection = StopRequest(self.run_dir / "STOP", t.exit_after_minutes), StepCollection(t.gc_interval)
+        # (run_trainer installs the stop handlers before the build and the resume: self.stop; else here)
+        stop = self.stop or StopRequest(self.run_dir / "STOP", t.exit_after_minutes)
+        collection = StepCollection(t.gc_interval)
         self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()
         try:

@@ -117,6 +117,21 @@ def test_preempted_run_saves_and_resumes_the_same_run(single_process, photos, tm
     assert [h["loss"] for h in first + second] == pytest.approx([h["loss"] for h in full], rel=1e-5)
 
 
+def test_a_stop_signal_during_the_resume_is_honoured_before_the_first_step(single_process, photos, tmp_path,
+                                                                          monkeypatch):
+    """SIGTERM while `python -m vq.train` builds and resumes (minutes at scale): noted by the handlers run_trainer
+    installs first, honoured before the first step (REQUEUE, exit 75), as Parti's trainer does; the handlers were
+    installed in the loop only, and the signal's default action ended the process unsaved, without REQUEUE."""
+    from vq.train import VQTrainer, main
+
+    real_resume = VQTrainer.resume
+    monkeypatch.setattr(VQTrainer, "resume", lambda self: (os.kill(os.getpid(), signal.SIGTERM), real_resume(self)))
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data", photos, "--run-dir", str(tmp_path), "--set", *TINY, "train.steps=3"])
+    assert stopped.value.code == 75 and (tmp_path / "REQUEUE").read_text() == "step 0\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (restored after the command)
+
+
 def test_resume_falls_back_to_the_newest_complete_checkpoint_and_prunes(single_process, photos, tmp_path, caplog):
     """Checkpoints beyond train.keep_checkpoints are deleted but those train.keep_checkpoints_every keeps; with
     `latest` gone and the newest folder incomplete (a save killed before state.pt), the resume continues from the

@@ -284,6 +284,8 @@ class VQTrainer:
                       f"({'frozen codes' if self.frozen_codes else 'trained'})")
 
     frozen_codes = False
+    stop: StopRequest | None = None
+    """The stop handlers common.cli.run_trainer installed before the build and the resume (else run() installs them)."""
     """Encoder and codebook fixed (vq.finetune_decoder); the tokenizer trains whole here."""
 
     def build(self, cfg: VQConfig) -> torch.nn.Module:
@@ -424,7 +426,9 @@ class VQTrainer:
         t, history = self.cfg.train, []
         if self.rank == 0:  # (here, after resume()'s checks: a refused config or checkpoint leaves the run's)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        stop, collection = StopRequest(self.run_dir / "STOP", t.exit_after_minutes), StepCollection(t.gc_interval)
+        # (run_trainer installs the stop handlers before the build and the resume: self.stop; else here)
+        stop = self.stop or StopRequest(self.run_dir / "STOP", t.exit_after_minutes)
+        collection = StepCollection(t.gc_interval)
         self.log.resumed_at(self.step)  # (steps after it that a killed segment logged are trained again)
         self.model.train()
         try:
