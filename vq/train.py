@@ -284,9 +284,9 @@ class VQTrainer:
                       f"({'frozen codes' if self.frozen_codes else 'trained'})")
 
     frozen_codes = False
+    """Encoder and codebook fixed (vq.finetune_decoder); the tokenizer trains whole here."""
     stop: StopRequest | None = None
     """The stop handlers common.cli.run_trainer installed before the build and the resume (else run() installs them)."""
-    """Encoder and codebook fixed (vq.finetune_decoder); the tokenizer trains whole here."""
 
     def build(self, cfg: VQConfig) -> torch.nn.Module:
         return build_model(cfg)
