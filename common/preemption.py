@@ -70,10 +70,14 @@ def start_helper(_worker_id: int = 0) -> None:
 
 
 class Preempted(Exception):
-    """Raised by a trainer after saving the checkpoint of a requested stop (StopRequest.leave_for_requeue)."""
+    """Raised by a trainer after saving the checkpoint of a requested stop (StopRequest.leave_for_requeue), or
+    for a stop asked for while it started up (`saved` False: the checkpoint it resumed from is the one to go on
+    from, or none at step 0)."""
 
-    def __init__(self, step: int, signal_name: str, run_dir: str | Path):
-        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved; {run_dir}/REQUEUE written")
+    def __init__(self, step: int, signal_name: str, run_dir: str | Path, saved: bool = True):
+        done = (f"after step {step}; checkpoint saved" if saved else
+                f"while starting, before step {step + 1}; nothing to save")
+        super().__init__(f"stopped by {signal_name} {done}; {run_dir}/REQUEUE written")
         self.step, self.signal_name, self.run_dir = step, signal_name, Path(run_dir)
 
 
@@ -143,12 +147,13 @@ class StopRequest:
         if _is_rank0():
             (Path(run_dir) / "REQUEUE").unlink(missing_ok=True)
         if self.requested(time_limit=False):
-            self.leave_for_requeue(run_dir, step, last=step >= steps)
+            self.leave_for_requeue(run_dir, step, last=step >= steps, saved=False)
 
-    def leave_for_requeue(self, run_dir: str | Path, step: int, last: bool = False) -> None:
+    def leave_for_requeue(self, run_dir: str | Path, step: int, last: bool = False, saved: bool = True) -> None:
         """Once the stop's checkpoint is saved (every rank): rank 0 removes STOP and writes REQUEUE (a SLURM
         script requeues on it); every rank raises Preempted. `last`: the run reached train.steps, so there is
-        nothing to requeue for: STOP is removed (the request is served) and the run ends as finished."""
+        nothing to requeue for: STOP is removed (the request is served) and the run ends as finished. `saved`: False
+        for a stop honoured before the first step (start), which saved nothing."""
         import torch.distributed as dist
 
         reason, run_dir = self.name, Path(run_dir)
@@ -159,7 +164,7 @@ class StopRequest:
             if not last:
                 (run_dir / "REQUEUE").write_text(f"step {step}\n")
         if not last:
-            raise Preempted(step, reason, run_dir)
+            raise Preempted(step, reason, run_dir, saved)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

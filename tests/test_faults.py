@@ -129,8 +129,8 @@ def test_a_stop_request_in_one_process_from_its_file_or_a_signal(tmp_path, monke
         assert not requeue.exists() and not request.requested() and request.name == "another rank"
         stop.touch()
         assert request.requested() and request.name == str(stop)
-        with pytest.raises(Preempted, match=rf"^stopped by {stop} after step 2; checkpoint saved; {tmp_path}/REQUEUE "
-                                            "written$") as raised:
+        with pytest.raises(Preempted, match=rf"^stopped by {stop} while starting, before step 3; nothing to save; "
+                                            rf"{tmp_path}/REQUEUE written$") as raised:
             request.start(tmp_path, 2, 4)
         assert (raised.value.step, raised.value.run_dir) == (2, tmp_path)
         assert requeue.read_text() == "step 2\n" and not stop.exists()
@@ -223,7 +223,7 @@ def test_stops_at_start_up_at_the_last_step_and_stale_requeue_files(single_proce
 
     run(str(tmp_path), steps=2)
     monkeypatch.setattr(trainer_module.Trainer, "resume", resume_then_signal)
-    with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 2; checkpoint saved"):
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 while starting, before step 3; nothing to save; "):
         run(str(tmp_path), steps=4)
     monkeypatch.undo()
     assert getattr(handlers[0], "__self__", None).__class__.__name__ == "StopRequest"
