@@ -66,16 +66,22 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 def mean_over_ranks(logs: dict) -> dict:
     """A data-parallel step's numbers (loss, PSNR, ...) averaged over the ranks of the default group, in one
     all-reduce: the step's whole batch, not rank 0's share of it (ranks with equal batches: the mean of their
-    means; numbers already global, like an all-reduced code usage or the LR, stay as they are). Every rank calls it."""
+    means; numbers already global, like an all-reduced code usage or the LR, stay as they are). A PSNR (a key
+    with 'psnr' in its name) is averaged as the squared error it stands for, so it is the whole batch's PSNR, not
+    the mean of the ranks' decibels. Every rank calls it."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return logs
     keys = [k for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    decibels = torch.tensor(["psnr" in k for k in keys])
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # (NCCL reduces device tensors only)
-    values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=device)
+    values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+    values = torch.where(decibels, 10 ** (-values / 10), values).to(device)  # (dB -> MSE over the peak's square)
     dist.all_reduce(values)
-    return {**logs, **dict(zip(keys, (values / dist.get_world_size()).tolist()))}
+    values = values.cpu() / dist.get_world_size()
+    values = torch.where(decibels, -10 * torch.log10(values), values)
+    return {**logs, **dict(zip(keys, values.tolist()))}
 
 
 def reset_peak_memory() -> None:

@@ -263,6 +263,34 @@ def test_data_parallel_keeps_ranks_identical(pool2, photos, tmp_path):
     assert loss0 == loss1  # the logged loss: the step's mean over both ranks (mean_over_ranks)
 
 
+def ranks_psnr(seed: int):
+    """Each rank's own images (rank r: noise of scale r + 1) and the logged step numbers, averaged over ranks."""
+    import torch.distributed as dist
+
+    from common.metrics import mean_over_ranks, psnr
+
+    rank = dist.get_rank()
+    reference = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    images = reference + 0.1 * (rank + 1) * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(rank))
+    return mean_over_ranks({"psnr": psnr(images, reference), "loss": float(rank), "step": 3})
+
+
+def test_the_logged_psnr_of_a_data_parallel_step_is_the_whole_batchs(pool2):
+    """mean_over_ranks: a PSNR is averaged as the squared error it stands for (the PSNR of both ranks' images
+    together, by common.metrics.psnr on the joined batch), other numbers as they are."""
+    from common.metrics import psnr
+
+    first, second = pool2.run(ranks_psnr, 5)
+    reference = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    images = [reference + 0.1 * (r + 1) * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(r))
+              for r in (0, 1)]
+    whole = psnr(torch.cat(images), torch.cat([reference, reference]))
+    ranks = [psnr(i, reference) for i in images]
+    assert first == second and first["psnr"] == pytest.approx(whole, rel=1e-6)
+    assert abs(whole - sum(ranks) / 2) > 0.5  # (the mean of the decibels, logged before, is another number)
+    assert (first["loss"], first["step"]) == (0.5, 3)
+
+
 def test_nearest_code_search_is_fp32_under_bf16_autocast():
     """Training runs under bf16 autocast, pre-tokenization in fp32: both must pick the same codes. The
     latents and 512 codes in 8 dimensions leave near ties that a bf16 search orders differently."""
