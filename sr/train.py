@@ -58,8 +58,10 @@ def bicubic(images: torch.Tensor, scale: int) -> torch.Tensor:
 def lr_factor(step: int, steps: int) -> float:
     """The learning rate of `step` over train.lr: halved at 50% and at 75% of train.steps (WDSR's step decay).
     Computed from the step, not kept in a scheduler: a run extended to more steps, or resumed with another
-    train.lr, follows the new schedule (a saved MultiStepLR kept the old milestones)."""
-    return 0.5 ** sum(step >= m for m in (steps // 2, steps * 3 // 4))
+    train.lr, follows the new schedule (a saved MultiStepLR kept the old milestones). In runs of fewer than 4 steps
+    the milestones stay apart and after the first step (1 step: the full rate; 2: [1, 0.5])."""
+    half = max(1, steps // 2)
+    return 0.5 ** sum(step >= m for m in (half, max(half + 1, steps * 3 // 4)))
 
 
 class SRTrainer:

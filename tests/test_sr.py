@@ -561,6 +561,7 @@ def test_the_learning_rate_halves_at_whole_steps_and_resize_may_equal_the_crop(s
     from sr.train import SRTrainer, lr_factor
 
     assert [lr_factor(step, 10) for step in range(10)] == [1] * 5 + [0.5] * 2 + [0.25] * 3
+    assert [[lr_factor(step, n) for step in range(n)] for n in (1, 2, 3)] == [[1], [1, 0.5], [1, 0.5, 0.25]]
     trainer = SRTrainer(load_typed(SRConfig, None, [*TINY, "train.resize=48"]), photos[0], tmp_path)
     try:
         assert next(trainer.stream).shape == (3, 48, 48)
