@@ -114,7 +114,8 @@ def worker(rank: int, world: int, port: int, args, root: str, out: dict) -> None
 
     def save(**kwargs) -> str:
         state = {"step": trainer.step, "consumed_samples": trainer.consumed, "run_id": trainer.plan.run_id}
-        return checkpoint.save(trainer.engine, cfg, trainer.layout, run_dir, trainer.step, state, keep=0, **kwargs)
+        return checkpoint.save(trainer.engine, cfg, trainer.layout, run_dir, trainer.step, state,
+                               keep=checkpoint.Retention(0), **kwargs)  # (0: keep every one)
 
     save()  # warm-up: a process's first save starts megatron-core's write-results queue (a forked Manager)
     trainer.step += 1

@@ -1,6 +1,6 @@
 """Checkpoints that resume on any layout: megatron-core dist_checkpointing of weights and optimizer state.
 
-    save(engine, cfg, layout, run_dir, step, trainer_state, keep=3)   # layout: model_parallel.layout.ParallelLayout
+    save(engine, cfg, layout, run_dir, step, trainer_state, cfg.train.retention())   # layout: a ParallelLayout
     save(..., background=BackgroundSaves())           # train.async_save: written while training goes on
     tag = latest_tag(run_dir)                         # None when there is no `latest` pointer
     tag, note = resume_tag(run_dir)                   # `latest`'s, else the newest complete checkpoint
