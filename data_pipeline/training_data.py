@@ -103,14 +103,25 @@ def named_sets(spec: str) -> dict[str, str]:
     without names (a folder, or a blend 'codes/a:3,codes/b:1') is one set named ''. ConfigError for a spec that
     names some of its sets only, or one name twice."""
     items = [item.strip() for item in spec.split(",")]
-    named = [re.fullmatch(r"(\w+)=(.+)", item) for item in items]
-    if not any(named):
-        return {"": spec}
+    # (an item that is a folder as it stands, a weight aside, is one: e.g. a relative 'split=val' of a Hive-style
+    # layout, not a set 'split' of folder 'val')
+    named = [None if _existing_folder(item) else re.fullmatch(r"(\w+)=(.+)", item) for item in items]
     where = f"data.valid_shards={spec!r}"
+    if not any(named):
+        # ('coco-val=codes/a': a name of other characters read as a folder that is not there)
+        odd = [item for item in items if re.match(r"[^/\\:=]+=", item) and not _existing_folder(item)]
+        require(not odd, f"{where}: {odd[0]!r} is neither a folder nor name=folder (a set's name is letters, "
+                         "digits and _, as it becomes the metric valid_loss_<name>)" if odd else "")
+        return {"": spec}
     require(all(named), f"{where}: name every held-out set (name=folder, comma-separated) or none")
     names = [m[1] for m in named]
     require(len(set(names)) == len(names), f"{where}: a set's name is given twice")
     return {m[1]: m[2] for m in named}
+
+
+def _existing_folder(item: str) -> bool:
+    """Whether a data.valid_shards item ('folder' or 'folder:weight') names a folder that is there."""
+    return Path(re.sub(r":[0-9.eE+-]+$", "", item)).is_dir()
 
 
 def held_out_sets(data: DataConfig, model, seed: int, samples: int, trained_on) -> dict:

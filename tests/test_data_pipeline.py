@@ -1703,3 +1703,19 @@ def test_shared_names_resolve_under_the_shared_data_folder(tmp_path, monkeypatch
         resolve("shared:coco.csv")
     monkeypatch.delenv("PARTI_SHARED_DATA")  # (unset: the shared/data folder beside the project's)
     assert shared_data_dir() == ROOT.parent / "shared" / "data"
+
+
+def test_named_sets_reads_a_folder_with_an_equals_sign_as_a_folder_and_refuses_other_names(tmp_path, monkeypatch):
+    """data.valid_shards: a relative folder 'split=val' (a Hive-style layout) that is there is one unnamed set, not a
+    set 'split' of folder 'val'; a name of other characters ('coco-val=...') is refused saying so, not read as a
+    folder that is not there."""
+    from common.config import ConfigError
+    from data_pipeline.training_data import named_sets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "split=val").mkdir()
+    assert named_sets("split=val") == {"": "split=val"}
+    assert named_sets("split=val:2,codes/b:1") == {"": "split=val:2,codes/b:1"}
+    assert named_sets("coco=codes/a,laion=codes/b:2") == {"coco": "codes/a", "laion": "codes/b:2"}
+    with pytest.raises(ConfigError, match="'coco-val=codes/a' is neither a folder nor name=folder"):
+        named_sets("coco-val=codes/a,laion-val=codes/b")
