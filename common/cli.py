@@ -8,14 +8,14 @@
             cfg = load_typed(VQConfig, args.config, args.set)
             ...
 
-A ConfigError ends the command with `config error: <message>`, each of `errors` with `error: <message>`
-(exit status 1, one line, no traceback), and so does a path of the wrong kind in every command (an output folder
-named where a file is, a file where a folder must be: FileExistsError, NotADirectoryError, IsADirectoryError,
-whose messages name the path); a trainer's Preempted (common/preemption.py: a requested stop, saved, or one
-honoured while starting) with one line on rank 0 and the requeue exit status (75; 0 under torchrun). The process
-group, when the command made one, is destroyed on the way out whatever happened (with megatron-core's groups on it, so that a
-later command in the same process starts afresh); the interpreter's exit is made prompt
-(exit_promptly: no last garbage collection, no wait on a helper process that ignores SIGTERM).
+A ConfigError ends the command with `config error: <message>`, each of `errors` with `error: <message>` (exit status
+1, one line, no traceback), and so does a path of the wrong kind in every command (an output folder named where a
+file is, a file where a folder must be: FileExistsError, NotADirectoryError, IsADirectoryError, whose messages name
+the path); a trainer's Preempted (common/preemption.py: a requested stop, saved, or one honoured while starting)
+with one line on rank 0 and the requeue exit status (75; 0 under torchrun). The process group, when the command made
+one, is destroyed on the way out whatever happened (with megatron-core's groups on it, so that a later command in
+the same process starts afresh); the interpreter's exit is made prompt (exit_promptly: no last garbage collection,
+no wait on a helper process that ignores SIGTERM).
 """
 from __future__ import annotations
 
