@@ -9,13 +9,12 @@ Weights & Biases.
     with clock.paused(): ...                                 # evaluation: clock.paused(); at a log line:
     samples_per_s = global_batch / clock.seconds_per_step()  # the interval's mean step time (and a new interval)
 
-metrics.jsonl holds one JSON object per logged step: step, consumed_samples (training samples up to and with it:
-step x global batch unless a resume changed the batch; Megatron-LM's consumed samples), loss, lr, grad_norm (the
-step's), samples_per_s,
+metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm (the step's), samples_per_s,
 tokens_per_s, tflops_per_gpu, mfu, data_wait_pct (the share of the step time spent waiting for input; these over
 the steps since the previous row: StepClock), mem_gb (on a GPU its peak
 allocated, on CPU the resident memory of rank 0's process), mem_reserved_gb (GPU only; both in GiB, 2^30 bytes, as
-torch and nvidia-smi count GPU memory) (null where not measurable), and
+torch and nvidia-smi count GPU memory) (null where not measurable), consumed_samples (training samples up to and
+with the step: step x global batch unless a resume changed the batch; Megatron-LM's consumed samples), and
 valid_loss in the rows of the steps the held-out loss was measured at
 (training's train.eval_interval; with named held-out sets, data.valid_shards, also valid_loss_<name> each and
 valid_loss their mean: `held_out_row`). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key

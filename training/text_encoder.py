@@ -213,9 +213,9 @@ def pretrain(cfg: Config, run_dir: str | Path, text_files: list[str] | None = No
             with clock.paused():  # (also before a stop's save)
                 valid = held_out_row({n: run.held_out_loss(c) for n, c in run.held_out.items()}) if evaluate else {}
             if (step + 1) % t.log_interval == 0 or step + 1 == t.steps or valid:
-                run.log.step({"step": step + 1, "consumed_samples": run.consumed, "loss": loss, "lr": lr,
-                              "grad_norm": norm, "skipped_steps": run.skipped,
-                              "samples_per_s": t.global_batch_size / clock.seconds_per_step(), **valid})
+                run.log.step({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "skipped_steps": run.skipped,
+                              "samples_per_s": t.global_batch_size / clock.seconds_per_step(),
+                              "consumed_samples": run.consumed, **valid})
             NonFiniteStop.check(step + 1, run.consecutive, t.max_skipped_steps)
             preempted = stop.requested()
             if preempted or (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:

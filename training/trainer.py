@@ -325,11 +325,12 @@ class Trainer:
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
         self.log.step({
-            "step": self.step, "consumed_samples": self.consumed, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
             "data_wait_pct": 100 * waited / elapsed,
             **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
+            "consumed_samples": self.consumed,
             **(metrics.held_out_row(held_out) if held_out else {}),
         })
 
