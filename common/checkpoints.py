@@ -142,13 +142,17 @@ def resume_tag(run_dir: str | Path, marker: str) -> tuple[str | None, str | None
     return None, None
 
 
-def check_steps_left(steps: int, step: int, path: Path) -> None:
-    """Refuse (ConfigError) a train.steps below the step of the checkpoint a run resumes: nothing would train, the
-    run would end as finished, and its config.yaml would say it ends before where its checkpoint stands."""
+def check_steps_left(steps: int, step: int, path: Path, branch: bool = False) -> None:
+    """Refuse (ConfigError) a train.steps below the step of the checkpoint a run resumes (`branch`: continues,
+    another run's: its files are left alone): nothing would train, the run would end as finished, and its
+    config.yaml would say it ends before where its checkpoint stands."""
     if steps < step:
-        raise ConfigError(f"train.steps={steps} is below step {step} of the checkpoint this run resumes ({path}): "
-                          f"nothing would train. Set train.steps above {step} to go on; to continue from an earlier "
-                          "step, point checkpoints/latest at that step's folder (a rollback)")
+        what, earlier = (("this branch continues", "branch from an earlier checkpoint of that run "
+                          "(train.init_from=<its step folder>)") if branch else
+                         ("this run resumes", "point checkpoints/latest at that step's folder (a rollback)"))
+        raise ConfigError(f"train.steps={steps} is below step {step} of the checkpoint {what} ({path}): nothing "
+                          f"would train. Set train.steps above {step} to go on; to continue from an earlier step, "
+                          f"{earlier}")
 
 
 def move_latest(run_dir: str | Path, tag: str) -> None:

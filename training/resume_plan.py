@@ -198,11 +198,7 @@ def _plan_continue(cfg: Config, path: Path, tokenizers: dict | None, messages: l
     `branch`: `path` is another run's (train.init_weights_only=false), whose files the refusals' advice leaves
     alone (a rollback of its `latest`, or --resume overwrite here, would not help and would change that run)."""
     state = checkpoint.read_trainer_state(path)
-    if branch and cfg.train.steps < state["step"]:
-        raise ConfigError(f"train.steps={cfg.train.steps} is below step {state['step']} of the checkpoint this branch "
-                          f"continues ({path}): nothing would train. Set train.steps above {state['step']}, or "
-                          "branch from an earlier checkpoint of that run (train.init_from=<its step folder>)")
-    check_steps_left(cfg.train.steps, state["step"], path)
+    check_steps_left(cfg.train.steps, state["step"], path, branch)
     if isinstance(state.get("config"), dict):
         changes = resume_changes(state["config"], cfg)
     else:  # (saved before checkpoints held their config)
