@@ -154,11 +154,27 @@ def test_a_layout_knows_its_sizes_and_says_why_it_does_not_fit():
     (["train.lr=true"], "train.lr=True must be of type float"),  # (else 1.0)
     (["train.wandb_project=2024-01-01"], "YAML read the text as a date: quote it"),
     (["train=1", "train.steps=5"], "override 'train.steps': 'train' is not a section"),  # (a TypeError before)
+    (["train.skip_steps=5-3"], "train.skip_steps='5-3': expected steps and ranges of steps from 1 on, e.g. "
+                               "1201-1300,1450 ('5-3' is not one)"),
+    (["train.skip_steps=0"], "train.skip_steps=0: expected steps and ranges"),
+    (["train.skip_steps=3-4,x"], "('x' is not one)"),
+    (["train.skip_steps=3-4,"], "('' is not one)"),
+    (["train.skip_steps=1.5"], "train.skip_steps=1.5: expected steps and ranges of steps, e.g. 1201-1300,1450"),
+    (["train.skip_steps=[3]"], "train.skip_steps=[3]: expected steps and ranges of steps"),
 ])
 def test_bad_input_is_refused_clearly(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides).validate()
     assert message in str(err.value)
+
+
+def test_skip_steps_reads_steps_and_ranges():
+    from training.config import step_ranges
+
+    assert step_ranges("", "k") == [] and step_ranges(1450, "k") == [(1450, 1450)]
+    assert step_ranges(" 1450, 1201 - 1300,7", "k") == [(7, 7), (1201, 1300), (1450, 1450)]
+    assert load_config(None, ["train.skip_steps=1201-1300,1450"]).validate().train.skip_steps == "1201-1300,1450"
+    assert load_config(None, ["train.skip_steps=9"]).validate().train.skip_steps == 9
 
 
 @pytest.mark.parametrize("override, value", [

@@ -376,6 +376,36 @@ def test_a_run_resumed_after_a_skipped_step_equals_the_uninterrupted_one(single_
         assert metrics(tmp_path / folder)[-1]["skipped_steps"] == 1
 
 
+def test_steps_skipped_by_config_equal_steps_skipped_as_nonfinite(single_process, tmp_path, nan_loss_on_calls,
+                                                                   log_lines):
+    """train.skip_steps=3-4 (Megatron-LM's --iterations-to-skip) reads past the batches of steps 3 and 4 untrained:
+    the run equals one whose steps 3 and 4 had non-finite losses (calls 9-16; the guard holds the weights and the LR
+    schedule there) in every other step's loss, LR and held-out loss, and in the optimizer's step count; the
+    skipped steps are neither logged nor counted as non-finite. Cut inside the range (saved at step 3) and
+    resumed, it is the same run, and each segment says what it skips."""
+    every_6 = "train.eval_interval=6"  # (no held-out loss between the poisoned calls)
+    nan_loss_on_calls.update(range(9, 17))
+    guarded = run(str(tmp_path / "guarded"), every_6)
+    nan_loss_on_calls.clear()
+    skipping = ("train.skip_steps=3-4", every_6)
+    skipped = run(str(tmp_path / "skipped"), *skipping)
+    assert [x != x for x in skipped] == [False, False, True, True, False, False]
+    assert skipped == pytest.approx(guarded, rel=1e-6, nan_ok=True)
+    cut = run(str(tmp_path / "cut"), *skipping, steps=3) + run(str(tmp_path / "cut"), *skipping)
+    assert cut == pytest.approx(skipped, rel=1e-6, nan_ok=True)
+    assert "steps 3-4: their global batches are read past without training (train.skip_steps=3-4)" in log_lines
+    assert "step 4: its global batch is read past without training (train.skip_steps=3-4)" in log_lines
+    rows, reference = metrics(tmp_path / "skipped"), {m["step"]: m for m in metrics(tmp_path / "guarded")}
+    assert [m["step"] for m in rows] == [1, 2, 5, 6] and [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 5, 6]
+    for m in rows:
+        assert m["lr"] == reference[m["step"]]["lr"] and m["consumed_samples"] == 8 * m["step"]
+    assert rows[-1]["valid_loss"] == pytest.approx(reference[6]["valid_loss"], rel=1e-6)
+    assert rows[-1]["skipped_steps"] == 0 and reference[6]["skipped_steps"] == 2
+    for folder in ("guarded", "skipped", "cut"):
+        state = json.loads((tmp_path / folder / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+        assert state["optimizer_steps"] == 4 and state["consumed_samples"] == 48, folder
+
+
 def test_steps_skipped_apart_do_not_stop_the_run(single_process, tmp_path, nan_loss_on_calls):
     """train.max_skipped_steps counts skipped steps in a row: a good step between two resets the count."""
     nan_loss_on_calls.update({*range(1, 5), *range(9, 13)})  # steps 1 and 3

@@ -14,6 +14,7 @@ Print every key with its documentation: `python -m training.config [--config FIL
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,12 @@ class TrainConfig(LoopControl):
     step after every rank's write finished, and the run's last save is waited for."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
+    skip_steps: str | int = ""
+    """Steps (numbered as the log numbers them) whose global batches are read past without training, e.g.
+    `1201-1300,1450` (Megatron-LM's --iterations-to-skip): after a loss spike, resume from a checkpoint before it
+    with the batches that led to it skipped, as PaLM did. A skipped step counts against train.steps and moves the
+    data position; the weights, optimizer state and LR schedule stay where they are, and it is not logged or
+    evaluated ('' = none)."""
     device: str = "auto"
     """auto (a GPU when torch sees one, else the CPU) | cuda (a GPU is required: its absence is an error
     naming the driver this torch build needs; slurm/train.sbatch sets it) | cpu (hide GPUs from this run)."""
@@ -199,11 +206,27 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         require(0 <= getattr(t, name) < 1, f"train.{name}={getattr(t, name)} must be in [0, 1)")
     require(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0")
+    step_ranges(t.skip_steps, "train.skip_steps")
     require(t.global_batch_size % t.micro_batch_size == 0,
             f"train.global_batch_size={t.global_batch_size} must be divisible by "
             f"train.micro_batch_size={t.micro_batch_size}")
     if world_size is not None:
         layout.check(micro_batch=t.micro_batch_size, global_batch=t.global_batch_size)
+
+
+def step_ranges(spec: str | int, name: str) -> list[tuple[int, int]]:
+    """Steps and ranges of steps as `1201-1300,1450` (or a lone step number) -> [(1201, 1300), (1450, 1450)],
+    in order; '' -> []. `name` is the key the error names."""
+    if isinstance(spec, bool) or not isinstance(spec, str | int):
+        raise ConfigError(f"{name}={spec!r}: expected steps and ranges of steps, e.g. 1201-1300,1450")
+    ranges = []
+    for item in (str(spec).split(",") if str(spec).strip() else []):
+        found = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", item)
+        first, last = (int(found[1]), int(found[2] or found[1])) if found else (0, 0)
+        require(1 <= first <= last, f"{name}={spec!r}: expected steps and ranges of steps from 1 on, e.g. "
+                                    f"1201-1300,1450 ({item.strip()!r} is not one)")
+        ranges.append((first, last))
+    return sorted(ranges)
 
 
 def layout_of(cfg: Config, world_size: int) -> ParallelLayout:

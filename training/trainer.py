@@ -35,7 +35,7 @@ from model_parallel.state import (
 )
 from training import checkpoint, engine
 from training.checkpoint import set_aside
-from training.config import Config, format_changes, layout_of
+from training.config import Config, format_changes, layout_of, step_ranges
 from training.deepspeed_glue import NonFiniteStop
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
@@ -195,6 +195,7 @@ class Trainer:
                                      enabled=rank0 or t.profile_all_ranks, cuda=self.device == "cuda")
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
+        self.skip_spans, self._spans_told = step_ranges(t.skip_steps, "train.skip_steps"), set()
         self.log.info(f"layout: {layout.describe()}; "
                       f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
 
@@ -309,6 +310,23 @@ class Trainer:
             losses[name] = sum(batches) / len(batches)
         return losses
 
+    def _read_past(self, reader: ReadAhead | StepPositions) -> bool:
+        """Whether the next step is one of train.skip_steps; if so, its global batch is read past untrained (the
+        weights, optimizer, LR schedule and non-finite count stay), and the log says so at the first step of the
+        range that this segment takes."""
+        step = self.step + 1
+        span = next(((a, b) for a, b in self.skip_spans if a <= step <= b), None)
+        if span is None:
+            return False
+        reader.next_step()
+        if span not in self._spans_told:
+            self._spans_told.add(span)
+            last = min(span[1], self.cfg.train.steps)
+            steps = (f"steps {step}-{last}: their global batches are" if last > step
+                     else f"step {step}: its global batch is")
+            self.log.info(f"{steps} read past without training (train.skip_steps={self.cfg.train.skip_steps})")
+        return True
+
     def _write_profile(self) -> None:
         """After the last traced step (train.profile_step): write the traces and say where."""
         files = self.profiler.end(self.step, run_ends=self.step == self.cfg.train.steps)
@@ -335,7 +353,8 @@ class Trainer:
         })
 
     def run(self) -> list[float]:
-        """Step until train.steps; return this call's per-step losses. Raises Preempted after saving
+        """Step until train.steps; return this call's per-step losses (NaN for a step not trained: skipped as
+        non-finite or by train.skip_steps). Raises Preempted after saving
         when SIGUSR1/SIGTERM arrived, RuntimeError after too many non-finite steps in a row."""
 
         t, guard = self.cfg.train, self.nonfinite_guard
@@ -350,21 +369,25 @@ class Trainer:
             while self.step < t.steps:
                 lr = self.engine.get_lr()[0]
                 self.profiler.begin(self.step + 1)
-                with clock.waiting():
-                    batches = self._with_samples(reader.next_step())  # read ahead while training
-                loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
-                guard.step_done()
-                losses.append(loss)
+                with clock.paused():
+                    trains = not self._read_past(reader)  # (a step of train.skip_steps)
+                if trains:
+                    with clock.waiting():
+                        batches = self._with_samples(reader.next_step())  # read ahead while training
+                    loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
+                    guard.step_done()
+                losses.append(loss if trains else float("nan"))
                 self.step += 1
                 self.consumed += t.global_batch_size
                 collection.step_done(self.step)  # (in the step's time: every step's share of collecting)
-                clock.step_done()
+                if trains:  # (a skipped step's reading was left out of the interval's time and steps)
+                    clock.step_done()
                 with clock.paused():
                     self._write_profile()
-                evaluate = t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
+                evaluate = trains and t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
                 with clock.paused():  # (also before a stop's save: a resumed run starts after this step)
                     held_out = self.held_out_loss() if evaluate else None
-                if self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None:
+                if trains and (self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None):
                     self.log_step(loss, lr, grad_norm, *clock.interval(), held_out)
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 with clock.paused():  # (a background save's finishing is a save's, left out of the step times)
