@@ -20,8 +20,10 @@ hold runs is refused (their jobs would resume them), and so is one whose `jobs.j
 counts once. `jobs.json` records each job as it is submitted; when sbatch refuses one, the sweep
 stops with sbatch's reason. `collect` reads every run folder with a metrics.jsonl (submitted by this command or
 not): median throughput after the first `--warmup` logged steps, TFLOP/s and MFU per GPU, peak memory, final
-loss (and held-out loss, where the runs measured one: train.eval_interval) and the compute spent, and draws
-throughput per GPU and MFU against nodes, memory per GPU, and loss against compute (held-out loss dashed).
+loss (and held-out loss, where the runs measured one: train.eval_interval; `held_out_loss`: the last checkpoint's
+as training.held_out measured it after the run, its newest row in the run's held_out.jsonl) and the compute spent,
+and draws throughput per GPU and MFU against nodes, memory per GPU, and loss against compute (held-out loss
+dashed).
 
 `cooldowns` is the scaling experiment of a warmup-stable-decay schedule (train.lr_stable_steps): one run trained
 at its peak rate (`--from`, its branch points kept: train.keep_checkpoints_every), and from its checkpoint at each
@@ -257,6 +259,9 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     # logged before they were recorded: step x this run's global batch)
     compute = lambda m: m.get("consumed_samples", m["step"] * gbs) * flops  # noqa: E731
     held_out = [(compute(m), m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
+    measured = run_dir / "held_out.jsonl"  # (training.held_out's rows: the final checkpoint's newest one)
+    later = [r for r in map(_json_or_none, measured.read_text().splitlines() if measured.is_file() else [])
+             if isinstance(r, dict) and r.get("step") == lines[-1]["step"] and "valid_loss" in r]
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
             "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
             "samples_per_s": median("samples_per_s"),
@@ -264,6 +269,7 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
             "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
             "mem_gb": max(m.get("mem_gb") or 0 for m in lines), "steps": lines[-1]["step"],
             "final_loss": lines[-1]["loss"], "final_valid_loss": held_out[-1][1] if held_out else None,
+            "held_out_loss": later[-1]["valid_loss"] if later else None,
             "curve": [(compute(m), m["loss"]) for m in lines], "valid_curve": held_out}
 
 

@@ -147,6 +147,8 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
     write_run(tmp_path / "a-n1-tp1pp1z0", 1, 1, [1.0, 50.0, 10.0, 30.0, 20.0], [8, 16, 24, 40, 56])  # (batch 16 at 4)
     write_run(tmp_path / "b-n2-tp2pp1z0", 2, 4, [2.0, 40.0, 60.0, 50.0])
     (tmp_path / "not-a-run").mkdir()
+    measured = [{"step": 4, "valid_loss": 1.5}, {"step": 3, "valid_loss": 9.0}, {"step": 4, "valid_loss": 1.25}]
+    (tmp_path / "b-n2-tp2pp1z0" / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in measured))
     rows = {r["run"]: r for r in collect(tmp_path, warmup=2)}
     assert set(rows) == {"a-n1-tp1pp1z0", "b-n2-tp2pp1z0"}
     a, b = rows["a-n1-tp1pp1z0"], rows["b-n2-tp2pp1z0"]
@@ -157,6 +159,7 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
     assert b["curve"] == [(s * per_step, 4.0 - (s - 1)) for s in (1, 2, 3, 4)]
     assert b["valid_curve"] == [(s * per_step, 5.0 - (s - 1)) for s in (2, 4)] and b["final_valid_loss"] == 2.0
     assert a["valid_curve"] == [] and a["final_valid_loss"] is None
+    assert a["held_out_loss"] is None and b["held_out_loss"] == 1.25  # (training.held_out's newest of the last step)
     per_sample = train_flops_per_sample(debug.model)  # (a's compute: its rows' consumed samples, not step x batch)
     assert [c for c, _ in a["curve"]] == [n * per_sample for n in (8, 16, 24, 40, 56)]
     with open(tmp_path / "results.csv") as f:

@@ -205,6 +205,48 @@ def test_held_out_loss_is_the_exported_models_and_leaves_training_alone(pool2, s
         assert (in_train_mode != pytest.approx(expected, rel=1e-3)) == (mode == "dropout")
 
 
+def held_out_rows(run_dir: str, out: str, *layouts: tuple[str, ...]) -> list[list[dict]]:
+    """training.held_out's rows of every checkpoint of `run_dir` at each layout, appended to `out`."""
+    from training.config import load_config
+    from training.held_out import evaluate
+
+    return [evaluate(load_config(f"{run_dir}/config.yaml", list(sets)), run_dir, "all", out) for sets in layouts]
+
+
+def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_training(pool2, single_process,
+                                                                                     reference, tmp_path, capsys):
+    """training.held_out measures the reference run's checkpoints (trained at DP=2) at TP=2 and at PP=2, and one
+    of them through its command line on one process: each the held-out loss the run logged at that step. A
+    checkpoint that is not there, another network, and a run directory without config.yaml are refused naming
+    them, before anything is written."""
+    from training.held_out import main
+
+    run_dir, logged, out = reference[1], held_out_losses(reference[1]), tmp_path / "rows.jsonl"
+    tp2, pp2 = pool2.run(held_out_rows, str(run_dir), str(out), ("parallel.tp=2",), ("parallel.pp=2",))[0]
+    for rows in (tp2, pp2):
+        assert [(r["checkpoint"], r["step"], r["consumed_samples"]) for r in rows] == [("step_00000003", 3, 24),
+                                                                                      ("step_00000006", 6, 48)]
+        assert [r["valid_loss"] for r in rows] == pytest.approx([logged[3], logged[6]], rel=1e-5)
+        assert rows[0]["eval_samples"] == 16 and rows[0]["valid_shards"] == "(synthetic)"
+    assert "tp 2 x pp 1" in tp2[0]["layout"] and "tp 1 x pp 2" in pp2[0]["layout"]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == tp2 + pp2  # (rank 0's rows, appended)
+
+    main(["--run-dir", str(run_dir), "--out", str(tmp_path / "one.jsonl")])  # (latest: step 6)
+    (row,) = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    assert row["step"] == 6 and row["valid_loss"] == pytest.approx(logged[6], rel=1e-5)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    for args, says in [
+        (["--checkpoints", "step_00000003,step_00000009"], "training.held_out: --checkpoints step_00000003,"
+         "step_00000009: step_00000009 is not a complete checkpoint of "),
+        (["--set", "model.decoder_layers=3"], "the checkpoint holds another network (model.decoder_layers 2 -> 3)"),
+        (["--config", str(tmp_path / "none.yaml")], f"config error: {tmp_path / 'none.yaml'}: no such file"),
+    ]:
+        with pytest.raises(SystemExit) as refused:
+            main(["--run-dir", str(run_dir), "--out", str(tmp_path / "refused.jsonl"), *args])
+        assert says in str(refused.value.code)
+        assert not (tmp_path / "refused.jsonl").exists()
+
+
 def test_dp1_equals_dp2_at_the_same_global_batch(single_process, reference, tmp_path):
     losses = run(str(tmp_path))
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)

@@ -96,8 +96,8 @@ EXPORT_WEIGHTS = "model.safetensors"
 """The weights file of training.export's folder (train.init_from takes one)."""
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "config_history", "tensorboard", "wandb", "export",
-             "REQUEUE")
-"""What a training run and its export write into its run directory (`--resume overwrite` moves them aside: an
+             "REQUEUE", "held_out.jsonl")
+"""What a training run, its export and training.held_out write into its run directory (`--resume overwrite` moves them aside: an
 old export left in place would be sampled as the new run's)."""
 
 
@@ -490,9 +490,9 @@ def load_in_place(template: dict, path: Path) -> None:
                     target.copy_(loaded[section][name])
 
 
-def load_weights(engine, cfg, path: Path) -> None:
+def load_weights(engine, cfg, path: Path, key: str = "train.init_from") -> None:
     """The fp32 master weights of the checkpoint at `path` into the engine at this run's layout, its optimizer
-    state left as it is (train.init_from: a new run from another's weights)."""
+    state left as it is (train.init_from: a new run from another's weights; `key`: the option that named it)."""
     template, params = _state_dict(engine, cfg.model, optimizer=False)
     export, error = path / EXPORT_WEIGHTS, None
     try:
@@ -507,7 +507,7 @@ def load_weights(engine, cfg, path: Path) -> None:
     error = _first_of_all(error)
     if error:
         source = "export" if export.is_file() else "checkpoint"
-        raise CheckpointError(f"train.init_from={path}: cannot read the {source}'s weights ({error})")
+        raise CheckpointError(f"{key}={path}: cannot read the {source}'s weights ({error})")
     refresh_working_weights(engine, params)
 
 

@@ -118,14 +118,14 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
     given = Path(cfg.train.init_from)
     path, note = _checkpoint_folder(given)
     if path is None and is_export(given):
-        return given, _check_init_source(cfg, given, _export_state(given), tokenizers, "export")
+        return given, check_weights_source(cfg, given, _export_state(given), tokenizers, "export")
     if path is None:
         raise _not_a_source(given)
     state = checkpoint.read_trainer_state(path)
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path / checkpoint.STATE_FILE}: holds no config, so the network whose weights it "
                               "holds cannot be checked against this run's")
-    message = _check_init_source(cfg, path, state, tokenizers, "checkpoint")
+    message = check_weights_source(cfg, path, state, tokenizers, "checkpoint")
     checkpoint.verify(path)
     return path, message + (f" ({note})" if note else "")
 
@@ -141,16 +141,17 @@ def _export_state(path: Path) -> dict:
             "data_tokenizers": config.get("data_tokenizers")}
 
 
-def _check_init_source(cfg: Config, path: Path, state: dict, tokenizers: dict | None, kind: str) -> str:
-    """The log line of a train.init_from source whose network and data tokenizers are this run's; ConfigError
-    naming it otherwise."""
+def check_weights_source(cfg: Config, path: Path, state: dict, tokenizers: dict | None, kind: str,
+                         key: str = "train.init_from") -> str:
+    """The log line of a train.init_from source (`key`: the option that names it) whose network and data
+    tokenizers are this run's; ConfigError naming it otherwise."""
     network = [c for c in resume_changes(state["config"], cfg)["refused"] if c[0].startswith("model.")]
     if network:
-        raise ConfigError(f"train.init_from={path}: the {kind} holds another network ({format_changes(network)}); "
+        raise ConfigError(f"{key}={path}: the {kind} holds another network ({format_changes(network)}); "
                           f"set the model section as the {kind}'s")
     differ = _other_data_tokenizers(state, tokenizers)
     if differ:
-        raise ConfigError(f"train.init_from={path}: its weights were trained on data made with another "
+        raise ConfigError(f"{key}={path}: its weights were trained on data made with another "
                           f"{differ} than data.shards={cfg.data.shards!r}, so its codes or text ids "
                           f"mean other things to the model; give data made with the {kind}'s tokenizers")
     step = f"its step {state['step']}" if kind == "checkpoint" else f"an export of {state['step'] or 'a checkpoint'}"

@@ -74,6 +74,20 @@ def held_out_micro_batches(cfg: Config, dataset, batch: int, dp_rank: int, dp_si
     return [engine.MicroBatch(*read_micro_batch(dataset, i, whole)) for i in ids]
 
 
+def held_out_losses(train_engine, cfg: Config, held_out: dict, role: str, dp_rank: int, dp_size: int,
+                    device: str) -> dict[str, float]:
+    """{set name: the loss of the engine's weights on its held-out samples (train.eval_batches global batches of
+    it)} for each set of `held_out` (data_pipeline.training_data.held_out_sets: '' for an unnamed one); `role`:
+    engine.sample_role."""
+    losses = {}
+    for name, dataset in held_out.items():
+        batches = [engine.eval_step(train_engine, cfg, engine.share_samples(
+            cfg, held_out_micro_batches(cfg, dataset, b, dp_rank, dp_size, role == engine.READ), role, device),
+            device) for b in range(cfg.train.eval_batches)]
+        losses[name] = sum(batches) / len(batches)
+    return losses
+
+
 def open_reader(cfg: Config, dataset, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int,
                 device: str, read: bool = True) -> ReadAhead | StepPositions:
     """`steps` steps of this DP rank's micro-batches from `consumed` on, read ahead by data.workers processes
@@ -300,15 +314,9 @@ class Trainer:
             self.lock.release()
 
     def held_out_loss(self) -> dict[str, float]:
-        """{set name: the loss on its held-out samples (train.eval_batches global batches of it)}, now, for each
-        set of data.valid_shards ('' for an unnamed one)."""
-        read, losses = self.role == engine.READ, {}
-        for name, dataset in self.held_out.items():
-            batches = [engine.eval_step(self.engine, self.cfg, self._with_samples(
-                held_out_micro_batches(self.cfg, dataset, b, self.dp_rank, self.dp_size, read)), self.device)
-                       for b in range(self.cfg.train.eval_batches)]
-            losses[name] = sum(batches) / len(batches)
-        return losses
+        """held_out_losses of the weights now."""
+        return held_out_losses(self.engine, self.cfg, self.held_out, self.role, self.dp_rank, self.dp_size,
+                               self.device)
 
     def _read_past(self, reader: ReadAhead | StepPositions) -> bool:
         """Whether the next step is one of train.skip_steps; if so, its global batch is read past untrained (the

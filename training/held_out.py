@@ -1,0 +1,146 @@
+r"""The held-out loss of a run's checkpoints, without training (Megatron-LM's --skip-train): each checkpoint's
+weights read at this launch's layout, the loss on data.valid_shards' sets measured as the trainer measures it every
+train.eval_interval steps (train.eval_batches global batches, the same samples every time), one row per checkpoint:
+a run's loss on a held-out set it was not measured on, or on more samples, after the fact.
+
+    torchrun --nproc_per_node 2 -m training.held_out --run-dir runs/x --checkpoints all \
+        --set parallel.tp=2 data.valid_shards=coco=data/coco_val,laion=data/laion_val train.eval_batches=16
+
+The config is the run's config.yaml (--config names another), then --set: the layout, held-out data, batch sizes,
+precision and kernels may be other than the run's; the network must be each checkpoint's, and the held-out data
+made with the tokenizers its training data was (refused naming the keys or the file otherwise).
+--checkpoints: latest (default: the one `latest` names, else the newest complete), all (every complete one, in
+step order), or tags (step_00001000,step_00002000). Rows go to RUN_DIR/held_out.jsonl (--out: another file),
+appended, and to the output: {"checkpoint", "step", "consumed_samples", "valid_loss" (the sets' mean),
+"valid_loss_<name>" for each named set, "valid_shards", "eval_samples", "layout"}. Nothing else is written and no
+lock is taken: a run still training may be measured (a checkpoint it prunes meanwhile is an error naming it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common.checkpoints import RunDirError
+from common.cli import command, config_parser
+from common.config import ConfigError
+from training.config import Config, load_config
+
+OUT_FILE = "held_out.jsonl"
+"""The run directory's file of rows (checkpoint.RUN_FILES: --resume overwrite moves it aside with the run)."""
+
+
+def chosen_checkpoints(run_dir: Path, which: str) -> list[Path]:
+    """The checkpoint folders `which` (latest | all | comma-separated tags) names in run_dir; RunDirError naming
+    what is missing otherwise."""
+    from training import checkpoint
+
+    complete = checkpoint.complete_tags(run_dir)
+    if not complete:
+        raise RunDirError(f"{run_dir}: holds no complete checkpoint (expected those of python -m training.train "
+                          "in its checkpoints/)")
+    if which == "latest":
+        tags = [checkpoint.resume_tag(run_dir)[0]]
+    elif which == "all":
+        tags = complete
+    else:
+        tags = [tag.strip() for tag in which.split(",")]
+        missing = [tag for tag in tags if tag not in complete]
+        if missing:
+            raise RunDirError(f"--checkpoints {which}: {', '.join(missing)} is not a complete checkpoint of "
+                              f"{run_dir} (it has {', '.join(complete)})")
+    return [checkpoint.checkpoint_dir(run_dir) / tag for tag in tags]
+
+
+def checked_sources(cfg: Config, paths: list[Path], tokenizers: dict | None) -> list[tuple[Path, dict]]:
+    """(folder, trainer state) of each checkpoint, once its network and data tokenizers are checked against the
+    config's and its files verified (training.resume_plan's checks of a train.init_from checkpoint)."""
+    from training import checkpoint
+    from training.resume_plan import check_weights_source
+
+    sources = []
+    for path in paths:
+        state = checkpoint.read_trainer_state(path)
+        if isinstance(state.get("config"), dict):  # (saved before checkpoints held their config: not checked)
+            check_weights_source(cfg, path, state, tokenizers, "checkpoint", key="--checkpoints")
+        checkpoint.verify(path)
+        sources.append((path, state))
+    return sources
+
+
+def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str | Path | None = None) -> list[dict]:
+    """The rows of the checkpoints `which` names (see the module docstring), appended to `out` (default:
+    RUN_DIR/held_out.jsonl) by rank 0; in every rank of a process group (torchrun)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from common.metrics import held_out_row
+    from data_pipeline.code_shards import data_tokenizers
+    from data_pipeline.training_data import held_out_sets, training_dataset
+    from model_parallel.kernels import select_kernels
+    from model_parallel.state import destroy_groups, init_distributed, init_parallel, process_groups, use_device
+    from training import checkpoint, engine
+    from training.config import layout_of
+    from training.trainer import _decide_on_rank0, held_out_losses
+
+    run_dir, t = Path(run_dir), cfg.train
+    device = use_device(t.device, "train.device")
+    init_distributed(t.dist_timeout_minutes)
+    cfg.validate(world_size=dist.get_world_size())
+    layout = layout_of(cfg, dist.get_world_size())
+    if not (cfg.data.valid_shards or cfg.data.synthetic):
+        raise ConfigError("training.held_out needs data.valid_shards: the code-shard folder(s) of the held-out "
+                          "samples (e.g. --set data.valid_shards=coco=data/coco_val)")
+    dataset = training_dataset(cfg.data, cfg.model, t.seed)  # (what the held-out sets' tokenizers are checked against)
+    held_out = held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size, dataset)
+    sources = _decide_on_rank0(lambda: checked_sources(cfg, chosen_checkpoints(run_dir, which),
+                                                       data_tokenizers(dataset)))
+    init_parallel(layout.tp, layout.pp, t.dist_timeout_minutes)
+    groups, rank0, rows = process_groups(), dist.get_rank() == 0, []
+    out = Path(out) if out else run_dir / OUT_FILE
+    try:
+        kernels = select_kernels(cfg.kernels)
+        model = engine.build_model(cfg, kernels, device, layout, initialize=False)  # (every weight is loaded)
+        train_engine, _ = engine.build_engine(model, cfg, kernels, layout)
+        role = engine.sample_role()
+        for path, state in tqdm(sources, desc="held-out loss", unit="checkpoint", disable=not rank0):
+            checkpoint.load_weights(train_engine, cfg, path, key="--checkpoints")
+            losses = held_out_losses(train_engine, cfg, held_out, role, ps.get_data_parallel_rank(), layout.dp,
+                                     device)
+            rows.append({"checkpoint": path.name, "step": state["step"],
+                         "consumed_samples": state["consumed_samples"], **held_out_row(losses),
+                         "valid_shards": cfg.data.valid_shards or "(synthetic)",
+                         "eval_samples": t.eval_batches * t.global_batch_size, "layout": layout.describe()})
+            if rank0:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with out.open("a") as f:  # (a row per checkpoint as it is measured: a killed job keeps those done)
+                    f.write(json.dumps(rows[-1]) + "\n")
+                tqdm.write(json.dumps(rows[-1]))
+    finally:
+        destroy_groups(process_groups() - groups)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = config_parser(__doc__, where="the run directory's config.yaml",
+                           example="parallel.tp=2 data.valid_shards=data/coco_val train.eval_batches=16")
+    parser.add_argument("--run-dir", required=True, help="the run whose checkpoints are measured")
+    parser.add_argument("--checkpoints", default="latest",
+                        help="latest (default) | all | tags, e.g. step_00001000,step_00002000")
+    parser.add_argument("--out", help=f"the file rows are appended to (default: RUN_DIR/{OUT_FILE})")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # (deepspeed's launcher)
+    args = parser.parse_args(argv)
+    with command():
+        config = Path(args.config or Path(args.run_dir) / "config.yaml")
+        if not config.is_file():
+            raise ConfigError(f"{config}: no such file; expected the run's config.yaml (or name one with --config)")
+        cfg = load_config(config, args.set).validate()
+    from model_parallel.state import DeviceError
+
+    with command(errors=(RunDirError, DeviceError), label="training.held_out"):  # RunDirError includes CheckpointError
+        evaluate(cfg, args.run_dir, args.checkpoints, args.out)
+
+
+if __name__ == "__main__":
+    main()
