@@ -97,8 +97,8 @@ EXPORT_WEIGHTS = "model.safetensors"
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "config_history", "tensorboard", "wandb", "export",
              "REQUEUE", "held_out.jsonl")
-"""What a training run, its export and training.held_out write into its run directory (`--resume overwrite` moves them aside: an
-old export left in place would be sampled as the new run's)."""
+"""What a training run, its export and training.held_out write into its run directory (`--resume overwrite` moves
+them aside: an old export left in place would be sampled as the new run's)."""
 
 
 def complete_tags(run_dir: str | Path) -> list[str]:
