@@ -35,8 +35,8 @@ import torch
 
 from common.files import write_atomic
 
-_FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".3f", "samples_per_s": ".1f", "tokens_per_s": ".0f",
-            "tflops_per_gpu": ".3f", "mfu": ".3f", "data_wait_pct": ".1f", "mem_gb": ".2f",
+_FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".3f", "params_norm": ".2f", "samples_per_s": ".1f",
+            "tokens_per_s": ".0f", "tflops_per_gpu": ".3f", "mfu": ".3f", "data_wait_pct": ".1f", "mem_gb": ".2f",
             "mem_reserved_gb": ".2f", "valid_loss": ".4f"}
 
 

@@ -24,6 +24,10 @@ def grad_norms(run_dir) -> list[float]:
     return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def params_norms(run_dir) -> list[float]:
+    return [json.loads(line)["params_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_loss_goes_down_and_metrics_are_written(reference):
     losses, path = reference
     assert losses[-1] < losses[0] - 0.3
@@ -41,6 +45,7 @@ def test_zero_stages_equal_zero0(pool2, reference, tmp_path, stage):
     losses = pool2.run(run, str(tmp_path), f"parallel.zero_stage={stage}")[0]
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
+    assert params_norms(tmp_path) == pytest.approx(params_norms(reference[1]), rel=1e-6)  # (each DP part once)
 
 
 @pytest.mark.parametrize("stage", [0, 3])  # (ZeRO-3 partitioned every TP shard over the TP ranks too)
@@ -48,6 +53,7 @@ def test_tp2_equals_tp1(pool2, reference, tmp_path, stage):
     losses = pool2.run(run, str(tmp_path), "parallel.tp=2", f"parallel.zero_stage={stage}")[0]
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
+    assert params_norms(tmp_path) == pytest.approx(params_norms(reference[1]), rel=1e-6)  # (replicated ones once)
 
 
 @pytest.mark.parametrize("layout", [("parallel.pp=2",), ("train.precision=bf16",)], ids=["fp32-pp2", "bf16"])
@@ -57,6 +63,7 @@ def test_grad_norm_is_logged_without_clipping(pool2, reference, tmp_path, layout
     pool2.run(run, str(tmp_path), "train.grad_clip=0", *layout, steps=1)
     bf16 = "train.precision=bf16" in layout
     assert grad_norms(tmp_path)[0] == pytest.approx(grad_norms(reference[1])[0], rel=2e-2 if bf16 else 1e-5)
+    assert params_norms(tmp_path)[0] == pytest.approx(params_norms(reference[1])[0], rel=1e-4 if bf16 else 1e-6)
 
 
 def test_deepspeed_does_not_synchronize_the_device_at_each_micro_batch(single_process, tmp_path, monkeypatch):
@@ -202,6 +209,9 @@ def test_held_out_loss_is_the_exported_models_and_leaves_training_alone(pool2, s
             model.train()
             in_train_mode = model.loss(text, codes).item()
         assert held_out_losses(run_dir)[STEPS] == pytest.approx(expected, rel=1e-5), mode
+        # the logged norm of the weights: the exported ones' (Megatron-LM's --log-params-norm)
+        weights = torch.cat([p.detach().double().flatten() for p in model.parameters()])  # (fp32's norm: 6e-6 off)
+        assert params_norms(run_dir)[-1] == pytest.approx(weights.norm().item(), rel=1e-6), mode
         assert (in_train_mode != pytest.approx(expected, rel=1e-3)) == (mode == "dropout")
 
 
@@ -261,6 +271,7 @@ def test_bf16_gradients_at_dp2_equal_dp1(single_process, pool2, tmp_path, stage)
     pool2.run(run, str(tmp_path / "dp2"), *bf16, steps=1)
     run(str(tmp_path / "dp1"), *bf16, steps=1)
     assert grad_norms(tmp_path / "dp2") == pytest.approx(grad_norms(tmp_path / "dp1"), rel=2e-6)
+    assert params_norms(tmp_path / "dp2") == pytest.approx(params_norms(tmp_path / "dp1"), rel=1e-6)  # (the masters')
 
 
 def test_resume_continues_the_uninterrupted_run(pool2, reference, tmp_path):
@@ -299,8 +310,9 @@ def test_pp2_equals_pp1(pool2, reference, tmp_path, extra):
     assert losses[0] == losses[1]  # every stage reports the pipeline's loss
     assert losses[0] == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
-    # The clipped gradient norm covers both stages' parameters, replicated ones included.
+    # The clipped gradient norm covers both stages' parameters, replicated ones included; so does the weights' norm.
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference[1]), rel=1e-5)
+    assert params_norms(tmp_path) == pytest.approx(params_norms(reference[1]), rel=1e-6)
 
 
 def test_tp2_pp2_on_four_processes_equals_tp1_pp1(pool4, reference, tmp_path):
@@ -308,6 +320,7 @@ def test_tp2_pp2_on_four_processes_equals_tp1_pp1(pool4, reference, tmp_path):
     assert losses[0] == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
     assert held_out_losses(tmp_path) == pytest.approx(held_out_losses(reference[1]), rel=1e-5)
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference[1]), rel=1e-5)
+    assert params_norms(tmp_path) == pytest.approx(params_norms(reference[1]), rel=1e-6)
 
 
 @pytest.mark.parametrize("saved_at, resumed_at", [

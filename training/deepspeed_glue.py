@@ -18,6 +18,7 @@ Checkpoints (training/checkpoint.py writes and reads each rank's own part of the
 - `base_optimizer`, `optimizer_state_specs`, `local_shape`: the torch optimizer and shapes under ZeRO.
 - `own_fragment`: where this rank's part of a parameter's fp32 master and optimizer state lies in DeepSpeed's
   ZeRO-1/2/3 partitions or ZeRO-0 wrappers; `refresh_working_weights`: the working weights from the masters.
+- `params_norm`: the norm of the fp32 masters, from those parts (each value once).
 - `ensure_optimizer_state`, `link_optimizer_fragments`: state that exists only after a first step, and
   ZeRO-1/2/bf16 fragment views that must be relinked once it does.
 - `optimizer_step_count` / `set_optimizer_step_count`: where each optimizer keeps Adam's step count.
@@ -308,6 +309,24 @@ def own_fragment(engine, p, key: str | None) -> Fragment:
                            f"{tuple(p.shape)} in {type(engine.optimizer).__name__}: saving it would lose precision")
     tensor = (holder if key is None else base_optimizer(engine).state[holder][key]).detach().view(-1)
     return Fragment(0, tensor if offset is None else tensor.narrow(0, offset, p.numel()), whole=True)
+
+
+def params_norm(engine) -> float:
+    """2-norm of the fp32 master weights of the whole model (Megatron-LM's --log-params-norm: a run whose weights
+    grow without bound shows it before its loss does), from each rank's own part (`own_fragment`), each value
+    counted once: replicated parameters on TP rank 0, ZeRO-0's whole masters on DP rank 0; summed over all ranks."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    squares = torch.zeros((), dtype=torch.float32, device=_reduction_device())
+    first_dp_rank = ps.get_data_parallel_rank() == 0
+    for p in engine.module.parameters():
+        if param_is_not_tensor_parallel_duplicate(p):
+            part = own_fragment(engine, p, None)
+            if first_dp_rank or not part.whole:
+                squares += part.data.detach().float().square().sum().to(squares.device)
+    torch.distributed.all_reduce(squares)
+    return float(squares.sqrt())
 
 
 def refresh_working_weights(engine, params) -> None:

@@ -36,7 +36,7 @@ from model_parallel.state import (
 from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import Config, format_changes, layout_of, step_ranges
-from training.deepspeed_glue import NonFiniteStop
+from training.deepspeed_glue import NonFiniteStop, params_norm
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
 from training.resume_plan import plan_resume
@@ -351,7 +351,7 @@ class Trainer:
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
         self.log.step({
-            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "params_norm": params_norm(self.engine),
             "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
             "data_wait_pct": 100 * waited / elapsed,
