@@ -257,6 +257,40 @@ def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_trai
         assert not (tmp_path / "refused.jsonl").exists()
 
 
+def held_out_rows_or_error(run_dir: str, out: str) -> str:
+    """training.held_out of every checkpoint of `run_dir` into `out`, or the error it raised on this rank."""
+    from common.checkpoints import RunDirError
+
+    try:
+        return str(held_out_rows(run_dir, out, ())[0])
+    except RunDirError as e:
+        return f"RunDirError: {e}"
+
+
+def test_held_out_refuses_an_unwritable_out_on_every_rank_before_measuring(pool2, reference, tmp_path):
+    """--out that rank 0 cannot write (here a folder) is every rank's error, before any checkpoint is measured
+    (rank 0 alone writes it: the others went on into the next checkpoint's collectives and waited there)."""
+    errors = pool2.run(held_out_rows_or_error, str(reference[1]), str(tmp_path), timeout=60)
+    assert errors[0] == errors[1] and errors[0].startswith(f"RunDirError: --out {tmp_path}: cannot be written")
+
+
+def test_held_out_takes_zero3_for_a_run_started_from_a_text_encoder(single_process, reference, tmp_path):
+    """model.init_text_encoder (and train.init_from) in the run's config.yaml are a training start's, not read
+    here: the rules about them (no ZeRO-3 with model.init_text_encoder) do not refuse the measurement's layout."""
+    import yaml
+
+    from training.held_out import main
+
+    run_dir, logged = reference[1], held_out_losses(reference[1])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"].update(init_text_encoder=str(tmp_path / "encoder_gone"), freeze_text_encoder=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    main(["--run-dir", str(run_dir), "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "rows.jsonl"),
+          "--set", "parallel.zero_stage=3"])
+    (row,) = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert row["step"] == 6 and row["valid_loss"] == pytest.approx(logged[6], rel=1e-5)
+
+
 def test_dp1_equals_dp2_at_the_same_global_batch(single_process, reference, tmp_path):
     losses = run(str(tmp_path))
     assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)

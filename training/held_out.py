@@ -8,7 +8,8 @@ a run's loss on a held-out set it was not measured on, or on more samples, after
 
 The config is the run's config.yaml (--config names another), then --set: the layout, held-out data, batch sizes,
 precision and kernels may be other than the run's; the network must be each checkpoint's, and the held-out data
-made with the tokenizers its training data was (refused naming the keys or the file otherwise).
+made with the tokenizers its training data was (refused naming the keys or the file otherwise); a training
+start's train.init_from, model.init_text_encoder and model.freeze_text_encoder are not read.
 --checkpoints: latest (default: the one `latest` names, else the newest complete), all (every complete one, in
 step order), or tags (step_00001000,step_00002000). Rows go to RUN_DIR/held_out.jsonl (--out: another file),
 appended, and to the output: {"checkpoint", "step", "consumed_samples", "valid_loss" (the sets' mean),
@@ -18,6 +19,7 @@ lock is taken: a run still training may be measured (a checkpoint it prunes mean
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -28,6 +30,28 @@ from training.config import Config, load_config
 
 OUT_FILE = "held_out.jsonl"
 """The run directory's file of rows (checkpoint.RUN_FILES: --resume overwrite moves it aside with the run)."""
+
+
+def measuring(cfg: Config) -> Config:
+    """`cfg` without what only a training run's start reads (train.init_from, model.init_text_encoder and
+    model.freeze_text_encoder): every weight is a checkpoint's here, so the config rules about them (ZeRO-3
+    refused with model.init_text_encoder, ...) would refuse layouts the measurement can take. (A copy.)"""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.init_from, cfg.train.init_weights_only = "", True
+    cfg.model.init_text_encoder, cfg.model.freeze_text_encoder = "", False
+    return cfg
+
+
+def append_row(out: Path, row: dict | None) -> None:
+    """`row` appended to `out` as a JSON line (`out` checked writable when row is None); RunDirError naming
+    --out when it cannot be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            if row is not None:
+                f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise RunDirError(f"--out {out}: cannot be written ({e.strerror or e})") from None
 
 
 def chosen_checkpoints(run_dir: Path, which: str) -> list[Path]:
@@ -84,6 +108,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     from training.config import layout_of
     from training.trainer import _decide_on_rank0, held_out_losses
 
+    cfg = measuring(cfg)
     run_dir, t = Path(run_dir), cfg.train
     device = use_device(t.device, "train.device")
     init_distributed(t.dist_timeout_minutes)
@@ -94,11 +119,17 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
                           "samples (e.g. --set data.valid_shards=coco=data/coco_val)")
     dataset = training_dataset(cfg.data, cfg.model, t.seed)  # (what the held-out sets' tokenizers are checked against)
     held_out = held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size, dataset)
-    sources = _decide_on_rank0(lambda: checked_sources(cfg, chosen_checkpoints(run_dir, which),
-                                                       data_tokenizers(dataset)))
+    out = Path(out) if out else run_dir / OUT_FILE
+    # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
+    # rank's, so that none waits in the next checkpoint's collectives)
+    def decide() -> list[tuple[Path, dict]]:
+        checked = checked_sources(cfg, chosen_checkpoints(run_dir, which), data_tokenizers(dataset))
+        append_row(out, None)
+        return checked
+
+    sources = _decide_on_rank0(decide)
     init_parallel(layout.tp, layout.pp, t.dist_timeout_minutes)
     groups, rank0, rows = process_groups(), dist.get_rank() == 0, []
-    out = Path(out) if out else run_dir / OUT_FILE
     try:
         kernels = select_kernels(cfg.kernels)
         model = engine.build_model(cfg, kernels, device, layout, initialize=False)  # (every weight is loaded)
@@ -112,10 +143,9 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
                          "consumed_samples": state["consumed_samples"], **held_out_row(losses),
                          "valid_shards": cfg.data.valid_shards or "(synthetic)",
                          "eval_samples": t.eval_batches * t.global_batch_size, "layout": layout.describe()})
+            # (a row per checkpoint as it is measured: a killed job keeps those done)
+            _decide_on_rank0(lambda: append_row(out, rows[-1]))
             if rank0:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with out.open("a") as f:  # (a row per checkpoint as it is measured: a killed job keeps those done)
-                    f.write(json.dumps(rows[-1]) + "\n")
                 tqdm.write(json.dumps(rows[-1]))
     finally:
         destroy_groups(process_groups() - groups)
@@ -135,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         config = Path(args.config or Path(args.run_dir) / "config.yaml")
         if not config.is_file():
             raise ConfigError(f"{config}: no such file; expected the run's config.yaml (or name one with --config)")
-        cfg = load_config(config, args.set).validate()
+        cfg = measuring(load_config(config, args.set)).validate()
     from model_parallel.state import DeviceError
 
     with command(errors=(RunDirError, DeviceError), label="training.held_out"):  # RunDirError includes CheckpointError
