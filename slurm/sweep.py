@@ -261,7 +261,9 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     held_out = [(compute(m), m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
     measured = run_dir / "held_out.jsonl"  # (training.held_out's rows: the final checkpoint's newest one)
     later = [r for r in map(_json_or_none, measured.read_text().splitlines() if measured.is_file() else [])
-             if isinstance(r, dict) and r.get("step") == lines[-1]["step"] and "valid_loss" in r]
+             if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] >= lines[-1]["step"]
+             and "valid_loss" in r]  # (past the last row: a run whose last steps were train.skip_steps, not logged)
+    later = [r for r in later if r["step"] == max(r["step"] for r in later)]
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
             "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
             "samples_per_s": median("samples_per_s"),

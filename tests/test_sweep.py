@@ -175,6 +175,17 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
         collect(tmp_path / "not-a-run")
 
 
+def test_held_out_loss_of_a_run_whose_last_steps_were_skipped_is_its_last_checkpoints(tmp_path):
+    """A run whose last steps were train.skip_steps logs its last row before them (steps 1-4 of 6) and saves its
+    last checkpoint at step 6: training.held_out's newest row of that checkpoint is its held_out_loss."""
+    from slurm.sweep import summarize
+
+    write_run(tmp_path / "r", 1, 1, [1.0, 2.0, 3.0, 4.0])
+    measured = [{"step": 6, "valid_loss": 1.5}, {"step": 3, "valid_loss": 9.0}, {"step": 6, "valid_loss": 1.25}]
+    (tmp_path / "r" / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in measured))
+    assert summarize(tmp_path / "r", 0)["held_out_loss"] == 1.25
+
+
 def test_collect_leaves_out_a_line_cut_short_and_bad_input_is_one_line(tmp_path):
     """A killed job's metrics.jsonl may end in half a line (collect ended in a JSONDecodeError naming no file);
     a missing folder, a node count that is not one, a layout of another form: one line each, no traceback."""
