@@ -1366,10 +1366,10 @@ def test_a_refusal_decided_on_rank_0_is_raised_as_its_own_kind_on_the_other_rank
     monkeypatch.setattr(trainer_module.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(trainer_module.dist, "broadcast_object_list", broadcast)
     with pytest.raises(Exception) as err:
-        trainer_module._decide_on_rank0(lambda: pytest.fail("decided on rank 1"))
+        trainer_module.decide_on_rank0(lambda: pytest.fail("decided on rank 1"))
     assert type(err.value).__name__ == raised and str(err.value) == sent[1]
     sent = ("ok", 7)
-    assert trainer_module._decide_on_rank0(lambda: pytest.fail("decided on rank 1")) == 7
+    assert trainer_module.decide_on_rank0(lambda: pytest.fail("decided on rank 1")) == 7
 
 
 def test_rank_0_raises_its_own_error_and_sends_the_others_its_kind(monkeypatch):
@@ -1385,11 +1385,11 @@ def test_rank_0_raises_its_own_error_and_sends_the_others_its_kind(monkeypatch):
         raise e
 
     with pytest.raises(CheckpointError) as err:
-        trainer_module._decide_on_rank0(lambda: fail(error))
+        trainer_module.decide_on_rank0(lambda: fail(error))
     assert err.value is error
     with pytest.raises(ValueError, match="^x$"):
-        trainer_module._decide_on_rank0(lambda: fail(ValueError("x")))
-    assert trainer_module._decide_on_rank0(lambda: 5) == 5
+        trainer_module.decide_on_rank0(lambda: fail(ValueError("x")))
+    assert trainer_module.decide_on_rank0(lambda: 5) == 5
     assert sent == [[("CheckpointError", "bad file")], [("RuntimeError", "rank 0 failed: ValueError: x")], [("ok", 5)]]
 
 

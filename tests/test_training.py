@@ -111,19 +111,21 @@ def test_throughput_is_the_log_intervals_mean_step_without_saves_and_evaluation(
     assert [(r["step"], r["samples_per_s"], r["data_wait_pct"]) for r in rows] == [(2, 8 / 2, 25), (4, 8 / 4, 12.5)]
 
 
-def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus():
+def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus(monkeypatch):
     """samples/s and tokens/s are the whole job's (the global batch over the step time); TFLOP/s and MFU one GPU's
     (the job's FLOPs over the world size): at DP=2 with a 2 s step and 100 TFLOP/s peak, by hand."""
     import types
 
     from training.config import load_config
+    import training.trainer as trainer_module
     from training.flops import train_flops_per_sample
     from training.trainer import Trainer
 
     cfg = load_config("configs/train/debug.yaml", ["train.global_batch_size=8"])
     rows = []
     fake = types.SimpleNamespace(cfg=cfg, world=2, peak_flops=100e12, step=7, consumed=56, log=types.SimpleNamespace(
-        step=rows.append), nonfinite_guard=types.SimpleNamespace(skipped=0))
+        step=rows.append), nonfinite_guard=types.SimpleNamespace(skipped=0), engine=None)
+    monkeypatch.setattr(trainer_module, "params_norm", lambda engine: 3.0)  # (no engine here)
     Trainer.log_step(fake, 1.5, 1e-3, 0.5, elapsed=2.0, waited=0.5)
     m = cfg.model
     tflops = train_flops_per_sample(m) * 8 / 2.0 / 2 / 1e12
@@ -948,6 +950,7 @@ def loop_trainer(run_dir: Path, steps: int, *sets: str):
     t.save = lambda: t.events.append(("save", t.step))
     t.complete_saves = lambda wait=False: wait and t.events.append(("wait", t.step))
     t.close = lambda: t.stop.restore() or t.events.append(("close", t.step))
+    t.log = types.SimpleNamespace(info=lambda message: t.events.append(("info", message)))
     return t
 
 
@@ -964,6 +967,21 @@ def fake_steps(monkeypatch):
 
     monkeypatch.setattr(engine_module, "train_step", train_step)
     return calls
+
+
+def test_skipped_steps_are_neither_trained_logged_nor_measured_but_saved(tmp_path, fake_steps):
+    """train.skip_steps=2-3,5 with a log line, a held-out loss and a save due at every step: steps 2, 3 and 5 are
+    read past (NaN in the losses; no train_step), neither logged nor measured, and saved; the log names each range
+    once, as it begins."""
+    t = loop_trainer(tmp_path, 6, "train.skip_steps=2-3,5", "train.log_interval=1", "train.eval_interval=1",
+                     "train.save_interval=1")
+    assert [x != x for x in t.run()] == [False, True, True, False, True, False] and fake_steps[0] == 3
+    told = "read past without training (train.skip_steps=2-3,5)"
+    assert t.events == [("eval", 1), ("log", 1, 0.5), ("save", 1),
+                        ("info", f"steps 2-3: their global batches are {told}"), ("save", 2), ("save", 3),
+                        ("eval", 4), ("log", 4, 0.5), ("save", 4),
+                        ("info", f"step 5: its global batch is {told}"), ("save", 5),
+                        ("eval", 6), ("log", 6, 0.5), ("save", 6), ("wait", 6), ("close", 6)]
 
 
 def test_the_last_step_is_logged_measured_and_saved_off_its_intervals(tmp_path, fake_steps):

@@ -106,7 +106,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     from model_parallel.state import destroy_groups, init_distributed, init_parallel, process_groups, use_device
     from training import checkpoint, engine
     from training.config import layout_of
-    from training.trainer import _decide_on_rank0, held_out_losses
+    from training.trainer import decide_on_rank0, held_out_losses
 
     cfg = measuring(cfg)
     run_dir, t = Path(run_dir), cfg.train
@@ -127,7 +127,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
         append_row(out, None)
         return checked
 
-    sources = _decide_on_rank0(decide)
+    sources = decide_on_rank0(decide)
     init_parallel(layout.tp, layout.pp, t.dist_timeout_minutes)
     groups, rank0, rows = process_groups(), dist.get_rank() == 0, []
     try:
@@ -144,7 +144,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
                          "valid_shards": cfg.data.valid_shards or "(synthetic)",
                          "eval_samples": t.eval_batches * t.global_batch_size, "layout": layout.describe()})
             # (a row per checkpoint as it is measured: a killed job keeps those done)
-            _decide_on_rank0(lambda: append_row(out, rows[-1]))
+            decide_on_rank0(lambda: append_row(out, rows[-1]))
             if rank0:
                 tqdm.write(json.dumps(rows[-1]))
     finally:

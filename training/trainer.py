@@ -105,7 +105,7 @@ OVERWRITTEN_BY = "OVERWRITTEN_BY"
 """The run directory's record of the SLURM job whose `--resume overwrite` started the run in it."""
 
 
-def _decide_on_rank0(decide):
+def decide_on_rank0(decide):
     """Run `decide()` on rank 0 and return its result on every rank; its ConfigError/RunDirError (or any
     other failure) is raised on every rank, so that no rank waits for the others in a collective."""
 
@@ -151,7 +151,7 @@ class Trainer:
         # and honoured before the first step (StopRequest.start), instead of killing the process unsaved.
         self.stop = StopRequest(self.run_dir / "STOP", cfg.train.exit_after_minutes)
         try:
-            self.plan = _decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume,
+            self.plan = decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume,
                                                                                    data_tokenizers(self.dataset)))[1])
             self._build()
         except BaseException:
@@ -209,7 +209,6 @@ class Trainer:
                                      enabled=rank0 or t.profile_all_ranks, cuda=self.device == "cuda")
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
         self.step, self.consumed = 0, 0
-        self.skip_spans, self._spans_told = step_ranges(t.skip_steps, "train.skip_steps"), set()
         self.log.info(f"layout: {layout.describe()}; "
                       f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
 
@@ -367,6 +366,7 @@ class Trainer:
 
         t, guard = self.cfg.train, self.nonfinite_guard
         stop, losses, collection = self.stop, [], StepCollection(t.gc_interval)
+        self.skip_spans, self._spans_told = step_ranges(t.skip_steps, "train.skip_steps"), set()
         try:
             stop.start(self.run_dir, self.step, t.steps)
             if t.profile_step and not self.step < t.profile_step <= t.steps:
