@@ -837,6 +837,33 @@ def test_export_reads_the_checkpoint_asked_for_and_refuses_broken_ones(one_proce
     assert not (tmp_path / "out").exists()
 
 
+def test_export_average_is_the_mean_of_the_checkpoints_exports(one_process_run, tmp_path):
+    """python -m training.export --average 2: the mean of the step-3 and step-6 exports' weights (to fp32
+    rounding), tagged with both; it loads and its held-out loss is measured like any export's (train.init_from
+    takes it). More checkpoints than the run holds, or 0, are refused before anything is written."""
+    from safetensors.torch import load_file
+
+    from training.export import export, load_exported, main
+
+    step3, step6 = (load_file(str(export(one_process_run, tag, tmp_path / tag) / "model.safetensors"))
+                    for tag in ("step_00000003", f"step_{STEPS:08d}"))
+    main(["--run-dir", str(one_process_run), "--average", "2", "--out", str(tmp_path / "mean")])
+    mean = load_file(str(tmp_path / "mean" / "model.safetensors"))
+    assert mean.keys() == step6.keys() and any(not torch.equal(mean[n], step6[n]) for n in mean)
+    for name, w in mean.items():
+        assert torch.allclose(w, (step3[name].double() + step6[name].double()).div(2).float(), rtol=0, atol=0), name
+    config = json.loads((tmp_path / "mean" / "config.json").read_text())
+    assert (config["checkpoint"], config["averaged"]) == (f"step_{STEPS:08d}", f"step_00000003,step_{STEPS:08d}")
+    assert load_exported(tmp_path / "mean").state_dict()["decoder.0.mlp.norm.weight"].equal(
+        mean["decoder.0.mlp.norm.weight"])
+    for average, says in (("3", "--average 3: .* holds 2 complete checkpoint\\(s\\) up to step_00000006 "
+                                "\\(step_00000003, step_00000006\\); keep more"),
+                          ("0", "--average 0: expected a number of checkpoints, at least 1")):
+        with pytest.raises(SystemExit, match=says):
+            main(["--run-dir", str(one_process_run), "--average", average, "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+
+
 def test_export_in_bf16_holds_the_rounded_weights_in_half_the_bytes(one_process_run, tmp_path):
     """python -m training.export --dtype bf16: every tensor BF16, equal to the fp32 export's rounded to bf16, the
     tensors' bytes half the fp32 file's (written group by group as fp32 is); load_exported reads it (fp32 on
