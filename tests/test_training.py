@@ -249,7 +249,7 @@ def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_trai
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
     for args, says in [
         (["--checkpoints", "step_00000003,step_00000009"], "training.held_out: --checkpoints step_00000003,"
-         "step_00000009: step_00000009 is not a complete checkpoint of "),
+         "step_00000009: step_00000009 is neither a complete checkpoint of "),
         (["--set", "model.decoder_layers=3"], "the checkpoint holds another network (model.decoder_layers 2 -> 3)"),
         (["--config", str(tmp_path / "none.yaml")], f"config error: {tmp_path / 'none.yaml'}: no such file"),
     ]:
@@ -267,6 +267,30 @@ def held_out_rows_or_error(run_dir: str, out: str) -> str:
         return str(held_out_rows(run_dir, out, ())[0])
     except RunDirError as e:
         return f"RunDirError: {e}"
+
+
+def test_held_out_loss_of_exports_is_their_models_loss(single_process, reference, tmp_path):
+    """training.held_out --checkpoints EXPORT,...: an export of the step-6 checkpoint measures what the run logged
+    at step 6; the average of the step-3 and step-6 checkpoints (training.export --average 2) measures its own
+    model's loss on the held-out samples (generated past the training set's), computed here from the export
+    loaded on its own. Their rows name the export and what it averages, with no step (sweep collect skips them)."""
+    from data_pipeline.synthetic import SyntheticCodes
+    from training.export import export, load_exported
+    from training.held_out import main
+
+    run_dir = reference[1]
+    last, mean = export(run_dir, out=tmp_path / "last"), export(run_dir, out=tmp_path / "mean", average=2)
+    main(["--run-dir", str(run_dir), "--checkpoints", f"{last},{mean}", "--out", str(tmp_path / "rows.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["export"], r["checkpoint"], r["averaged"], "step" in r) for r in rows] == [
+        (str(last), "step_00000006", None, False), (str(mean), "step_00000006", "step_00000003,step_00000006", False)]
+    assert rows[0]["valid_loss"] == pytest.approx(held_out_losses(run_dir)[6], rel=1e-5)
+    model = load_exported(mean)
+    held_out = SyntheticCodes(model.cfg, size=16, seed=1234, first=1024)  # (debug.yaml's seed, 2 batches of 8)
+    text, codes = map(torch.stack, zip(*(held_out[i] for i in range(16))))
+    with torch.no_grad():
+        assert rows[1]["valid_loss"] == pytest.approx(model.loss(text, codes).item(), rel=1e-5)
+    assert rows[1]["valid_loss"] != pytest.approx(rows[0]["valid_loss"], rel=1e-3)
 
 
 def test_held_out_refuses_an_unwritable_out_on_every_rank_before_measuring(pool2, reference, tmp_path):
@@ -839,8 +863,8 @@ def test_export_reads_the_checkpoint_asked_for_and_refuses_broken_ones(one_proce
 
 def test_export_average_is_the_mean_of_the_checkpoints_exports(one_process_run, tmp_path):
     """python -m training.export --average 2: the mean of the step-3 and step-6 exports' weights (to fp32
-    rounding), tagged with both; it loads and its held-out loss is measured like any export's (train.init_from
-    takes it). More checkpoints than the run holds, or 0, are refused before anything is written."""
+    rounding), tagged with both; it loads (training.held_out measures it: test_held_out_loss_of_exports_...).
+    More checkpoints than the run holds, or 0, are refused before anything is written."""
     from safetensors.torch import load_file
 
     from training.export import export, load_exported, main

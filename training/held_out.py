@@ -10,11 +10,13 @@ The config is the run's config.yaml (--config names another), then --set: the la
 precision and kernels may be other than the run's; the network must be each checkpoint's, and the held-out data
 made with the tokenizers its training data was (refused naming the keys or the file otherwise); a training
 start's train.init_from, model.init_text_encoder and model.freeze_text_encoder are not read.
---checkpoints: latest (default: the one `latest` names, else the newest complete), all (every complete one, in
-step order), or tags (step_00001000,step_00002000). Rows go to RUN_DIR/held_out.jsonl (--out: another file),
-appended, and to the output: {"checkpoint", "step", "consumed_samples", "valid_loss" (the sets' mean),
-"valid_loss_<name>" for each named set, "valid_shards", "eval_samples", "layout"}. Nothing else is written and no
-lock is taken: a run still training may be measured (a checkpoint it prunes meanwhile is an error naming it).
+--checkpoints, comma-separated: latest (default: the one `latest` names, else the newest complete), all (every
+complete one, in step order), tags (step_00001000,step_00002000), or export folders (training.export's: e.g. the
+average of the last checkpoints, --average N, against the last one alone). Rows go to RUN_DIR/held_out.jsonl (--out:
+another file), appended, and to the output: {"checkpoint", "step", "consumed_samples" (an export's: "export",
+"checkpoint", "averaged"), "valid_loss" (the sets' mean), "valid_loss_<name>" for each named set, "valid_shards",
+"eval_samples", "layout"}. Nothing else is written and no lock is taken: a run still training may be measured (a
+checkpoint it prunes meanwhile is an error naming it).
 """
 from __future__ import annotations
 
@@ -54,42 +56,58 @@ def append_row(out: Path, row: dict | None) -> None:
         raise RunDirError(f"--out {out}: cannot be written ({e.strerror or e})") from None
 
 
-def chosen_checkpoints(run_dir: Path, which: str) -> list[Path]:
-    """The checkpoint folders `which` (latest | all | comma-separated tags) names in run_dir; RunDirError naming
-    what is missing otherwise."""
+def chosen_sources(run_dir: Path, which: str) -> list[Path]:
+    """The folders `which` names, comma-separated: latest, all, tags of run_dir's complete checkpoints, or export
+    folders (training.export's, e.g. an --average of checkpoints); RunDirError naming what is missing otherwise."""
     from training import checkpoint
+    from training.export import is_export
 
-    complete = checkpoint.complete_tags(run_dir)
-    if not complete:
-        raise RunDirError(f"{run_dir}: holds no complete checkpoint (expected those of python -m training.train "
-                          "in its checkpoints/)")
-    if which == "latest":
-        tags = [checkpoint.resume_tag(run_dir)[0]]
-    elif which == "all":
-        tags = complete
-    else:
-        tags = [tag.strip() for tag in which.split(",")]
-        missing = [tag for tag in tags if tag not in complete]
-        if missing:
-            raise RunDirError(f"--checkpoints {which}: {', '.join(missing)} is not a complete checkpoint of "
-                              f"{run_dir} (it has {', '.join(complete)})")
-    return [checkpoint.checkpoint_dir(run_dir) / tag for tag in tags]
+    complete, chosen, missing = checkpoint.complete_tags(run_dir), [], []
+    for item in (item.strip() for item in which.split(",")):
+        if item in ("latest", "all") and not complete:
+            raise RunDirError(f"{run_dir}: holds no complete checkpoint (expected those of python -m training.train "
+                              "in its checkpoints/)")
+        if is_export(item):
+            chosen.append(Path(item))
+        elif item == "latest":
+            chosen.append(checkpoint.checkpoint_dir(run_dir) / checkpoint.resume_tag(run_dir)[0])
+        elif item in complete or item == "all":
+            chosen += [checkpoint.checkpoint_dir(run_dir) / tag for tag in (complete if item == "all" else [item])]
+        else:
+            missing.append(item)
+    if missing:
+        raise RunDirError(f"--checkpoints {which}: {', '.join(missing)} is neither a complete checkpoint of {run_dir} "
+                          f"(it has {', '.join(complete) or 'none'}) nor an export folder (training.export's)")
+    return chosen
 
 
 def checked_sources(cfg: Config, paths: list[Path], tokenizers: dict | None) -> list[tuple[Path, dict]]:
-    """(folder, trainer state) of each checkpoint, once its network and data tokenizers are checked against the
-    config's and its files verified (training.resume_plan's checks of a train.init_from checkpoint)."""
+    """(folder, trainer state) of each checkpoint or export, once its network and data tokenizers are checked
+    against the config's and its files verified (training.resume_plan's checks of a train.init_from source)."""
     from training import checkpoint
-    from training.resume_plan import check_weights_source
+    from training.export import is_export
+    from training.resume_plan import check_weights_source, export_state
 
     sources = []
     for path in paths:
-        state = checkpoint.read_trainer_state(path)
-        if isinstance(state.get("config"), dict):  # (saved before checkpoints held their config: not checked)
-            check_weights_source(cfg, path, state, tokenizers, "checkpoint", key="--checkpoints")
-        checkpoint.verify(path)
+        if is_export(path):
+            state = export_state(path, key="--checkpoints")
+            check_weights_source(cfg, path, state, tokenizers, "export", key="--checkpoints")
+        else:
+            state = checkpoint.read_trainer_state(path)
+            if isinstance(state.get("config"), dict):  # (saved before checkpoints held their config: not checked)
+                check_weights_source(cfg, path, state, tokenizers, "checkpoint", key="--checkpoints")
+            checkpoint.verify(path)
         sources.append((path, state))
     return sources
+
+
+def source_fields(path: Path, state: dict) -> dict:
+    """A row's description of what was measured: a checkpoint's tag, step and consumed samples; an export's folder,
+    the tag of its checkpoint and those it averages (no step: it is not the run's state at one)."""
+    if "consumed_samples" in state:
+        return {"checkpoint": path.name, "step": state["step"], "consumed_samples": state["consumed_samples"]}
+    return {"export": str(path), "checkpoint": state["step"], "averaged": state.get("averaged")}
 
 
 def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str | Path | None = None) -> list[dict]:
@@ -123,7 +141,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
     # rank's, so that none waits in the next checkpoint's collectives)
     def decide() -> list[tuple[Path, dict]]:
-        checked = checked_sources(cfg, chosen_checkpoints(run_dir, which), data_tokenizers(dataset))
+        checked = checked_sources(cfg, chosen_sources(run_dir, which), data_tokenizers(dataset))
         append_row(out, None)
         return checked
 
@@ -139,8 +157,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
             checkpoint.load_weights(train_engine, cfg, path, key="--checkpoints")
             losses = held_out_losses(train_engine, cfg, held_out, role, ps.get_data_parallel_rank(), layout.dp,
                                      device)
-            rows.append({"checkpoint": path.name, "step": state["step"],
-                         "consumed_samples": state["consumed_samples"], **held_out_row(losses),
+            rows.append({**source_fields(path, state), **held_out_row(losses),
                          "valid_shards": cfg.data.valid_shards or "(synthetic)",
                          "eval_samples": t.eval_batches * t.global_batch_size, "layout": layout.describe()})
             # (a row per checkpoint as it is measured: a killed job keeps those done)
@@ -157,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                            example="parallel.tp=2 data.valid_shards=data/coco_val train.eval_batches=16")
     parser.add_argument("--run-dir", required=True, help="the run whose checkpoints are measured")
     parser.add_argument("--checkpoints", default="latest",
-                        help="latest (default) | all | tags, e.g. step_00001000,step_00002000")
+                        help="latest (default) | all | tags, e.g. step_00001000,step_00002000 | export folders "
+                             "(comma-separated)")
     parser.add_argument("--out", help=f"the file rows are appended to (default: RUN_DIR/{OUT_FILE})")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # (deepspeed's launcher)
     args = parser.parse_args(argv)

@@ -118,7 +118,7 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
     given = Path(cfg.train.init_from)
     path, note = _checkpoint_folder(given)
     if path is None and is_export(given):
-        return given, check_weights_source(cfg, given, _export_state(given), tokenizers, "export")
+        return given, check_weights_source(cfg, given, export_state(given), tokenizers, "export")
     if path is None:
         raise _not_a_source(given)
     state = checkpoint.read_trainer_state(path)
@@ -130,15 +130,16 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
     return path, message + (f" ({note})" if note else "")
 
 
-def _export_state(path: Path) -> dict:
-    """An export folder's config.json in the shape of a checkpoint's trainer state (config, step, data_tokenizers),
-    its model.safetensors checked to be that config's (here: each rank reads only its part of the file, later)."""
+def export_state(path: Path, key: str = "train.init_from") -> dict:
+    """An export folder's config.json in the shape of a checkpoint's trainer state (config, step: the tag of its
+    checkpoint, averaged, data_tokenizers), its model.safetensors checked to be that config's (here: each rank
+    reads only its part of the file, later); CheckpointError naming `key`, the option that gave it, otherwise."""
     try:
         config, _ = checked_export(path)
     except ValueError as e:  # (the messages name the file; a CheckpointError reaches every rank as one)
-        raise CheckpointError(f"train.init_from: {e}") from None
+        raise CheckpointError(f"{key}: {e}") from None
     return {"config": {"model": config["model"]}, "step": config.get("checkpoint"),
-            "data_tokenizers": config.get("data_tokenizers")}
+            "averaged": config.get("averaged"), "data_tokenizers": config.get("data_tokenizers")}
 
 
 def check_weights_source(cfg: Config, path: Path, state: dict, tokenizers: dict | None, kind: str,
