@@ -2,8 +2,8 @@
 
     dataset = training_dataset(cfg.data, cfg.model, seed=cfg.train.seed)
     text_ids, codes = dataset[i]          # int64 [text_seq_len], int64 [image_seq_len]
-    held_out = held_out_dataset(cfg.data, cfg.model, cfg.train.seed, samples=64, trained_on=dataset)
-    sets = held_out_sets(cfg.data, cfg.model, cfg.train.seed, samples=64, trained_on=dataset)  # {name: dataset}
+    held_out = held_out_dataset(cfg.data, cfg.model, cfg.train.seed, samples=64, tokenizers=data_tokenizers(dataset))
+    sets = held_out_sets(cfg.data, cfg.model, cfg.train.seed, 64, data_tokenizers(dataset))  # {name: dataset}
 
 The trainer reads it through data_pipeline/loader.py (`data.workers` processes reading ahead).
 
@@ -124,20 +124,21 @@ def _existing_folder(item: str) -> bool:
     return Path(re.sub(r":[0-9.eE+-]+$", "", item)).is_dir()
 
 
-def held_out_sets(data: DataConfig, model, seed: int, samples: int, trained_on) -> dict:
+def held_out_sets(data: DataConfig, model, seed: int, samples: int, tokenizers: dict | None) -> dict:
     """{name: held-out dataset} of data.valid_shards (`named_sets`; '' for a spec without names), each following
     held_out_dataset's rules."""
     if data.synthetic and not data.valid_shards:
-        return {"": held_out_dataset(data, model, seed, samples, trained_on)}
-    return {name: held_out_dataset(replace(data, valid_shards=folder), model, seed, samples, trained_on)
+        return {"": held_out_dataset(data, model, seed, samples, tokenizers)}
+    return {name: held_out_dataset(replace(data, valid_shards=folder), model, seed, samples, tokenizers)
             for name, folder in named_sets(data.valid_shards).items()}
 
 
-def held_out_dataset(data: DataConfig, model, seed: int, samples: int, trained_on):
+def held_out_dataset(data: DataConfig, model, seed: int, samples: int, tokenizers: dict | None):
     """The held-out samples whose loss the trainer measures (data.valid_shards; with synthetic data and none
     named, `samples` generated ones past the training set's). ConfigError naming data.valid_shards when it
-    does not fit the model, holds fewer than `samples`, or was made with other tokenizers than `trained_on`
-    (the training dataset): its codes or text ids would mean other things to the model."""
+    does not fit the model, holds fewer than `samples`, or was made with other tokenizers than `tokenizers`
+    (those of the training data, code_shards.data_tokenizers; None: unknown, not compared): its codes or text ids
+    would mean other things to the model."""
     if data.synthetic and not data.valid_shards:
         return SyntheticCodes(model, size=samples, seed=seed, first=SYNTHETIC_SIZE)
     where = f"data.valid_shards={data.valid_shards!r}"
@@ -152,8 +153,8 @@ def held_out_dataset(data: DataConfig, model, seed: int, samples: int, trained_o
         raise ConfigError(f"{where}: {e}") from e
     require(len(held_out) >= samples, f"{where}: holds {len(held_out):,} samples; train.eval_batches global batches "
                                       f"of train.global_batch_size need {samples:,}")
-    ours, theirs = data_tokenizers(held_out), data_tokenizers(trained_on)
-    differ = other_tokenizers(ours, theirs) if ours and theirs else []
+    ours = data_tokenizers(held_out)
+    differ = other_tokenizers(ours, tokenizers) if ours and tokenizers else []
     require(not differ, f"{where}: made with another {' and '.join(differ)} than the training data "
                         f"(data.shards={data.shards!r}): its codes or text ids would mean other things to the model")
     return held_out

@@ -175,9 +175,8 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
     """data.valid_shards: needed for train.eval_interval with prepared data; refused when it is a training folder,
     holds fewer samples than eval_batches x global_batch_size, or was made with another tokenizer (each error
     names data.valid_shards); read, with its samples, otherwise."""
-    from types import SimpleNamespace
-
     from common.config import ConfigError
+    from data_pipeline.code_shards import data_tokenizers
     from data_pipeline.synthetic import write_random_code_shards
     from data_pipeline.training_data import held_out_dataset, held_out_sets, training_dataset
     from training.config import load_config
@@ -186,7 +185,7 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
     write_random_code_shards(tmp_path / "valid", 3)  # 9 records
     model = ["model.image_grid=2", "model.text_seq_len=4", "model.text_vocab_size=128", "model.image_vocab_size=64"]
     cfg = load_config("configs/train/debug.yaml", [*model, "data.synthetic=false", f"data.shards={tmp_path}/train"])
-    trained_on = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    trained_on = data_tokenizers(training_dataset(cfg.data, cfg.model, cfg.train.seed))
     with pytest.raises(ConfigError, match=r"data\.valid_shards='': train\.eval_interval needs held-out data"):
         held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
     cfg.data.valid_shards = f"{tmp_path}/valid:1,{tmp_path}/train/../train:2"
@@ -195,7 +194,7 @@ def test_held_out_data_is_refused_where_its_loss_would_not_be_a_held_out_one(tmp
     cfg.data.valid_shards = f"{tmp_path}/valid"
     with pytest.raises(ConfigError, match=r"data\.valid_shards=.*: holds 9 samples; .* need 16"):
         held_out_dataset(cfg.data, cfg.model, 0, 16, trained_on)
-    other = SimpleNamespace(manifest={"vq": {"hash": "another"}, "text_tokenizer": {"hash": "t"}})
+    other = {"vq": {"hash": "another"}, "text_tokenizer": {"hash": "t"}}
     with pytest.raises(ConfigError, match=r"data\.valid_shards=.*: made with another image tokenizer"):
         held_out_dataset(cfg.data, cfg.model, 0, 8, other)
     held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
@@ -222,6 +221,7 @@ def test_a_missing_data_folder_is_a_config_error_naming_its_key_and_a_named_held
     from common.config import ConfigError
     from data_pipeline.code_shards import CodeShardDataset
     from data_pipeline.synthetic import write_random_code_shards
+    from data_pipeline.code_shards import data_tokenizers
     from data_pipeline.training_data import held_out_dataset, training_dataset
     from training.config import load_config
 
@@ -232,12 +232,12 @@ def test_a_missing_data_folder_is_a_config_error_naming_its_key_and_a_named_held
     with pytest.raises(ConfigError, match=r"^data\.shards='.*/none': .*/none is not a folder"):
         training_dataset(cfg.data, cfg.model, cfg.train.seed)
     cfg.data.shards = f"{tmp_path}/train"
-    trained_on = training_dataset(cfg.data, cfg.model, cfg.train.seed)
+    trained_on = data_tokenizers(training_dataset(cfg.data, cfg.model, cfg.train.seed))
     cfg.data.valid_shards = f"{tmp_path}/none"
     with pytest.raises(ConfigError, match=r"^data\.valid_shards='.*/none': .*/none is not a folder"):
         held_out_dataset(cfg.data, cfg.model, 0, 8, trained_on)
     cfg.data.synthetic, cfg.data.shards, cfg.data.valid_shards = True, "", f"{tmp_path}/valid"
-    held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, training_dataset(cfg.data, cfg.model, 0))
+    held_out = held_out_dataset(cfg.data, cfg.model, 0, 8, data_tokenizers(training_dataset(cfg.data, cfg.model, 0)))
     assert isinstance(held_out, CodeShardDataset) and len(held_out) == 9
 
 

@@ -293,6 +293,32 @@ def test_held_out_loss_of_exports_is_their_models_loss(single_process, reference
     assert rows[1]["valid_loss"] != pytest.approx(rows[0]["valid_loss"], rel=1e-3)
 
 
+def test_held_out_needs_no_training_data_and_checks_the_held_out_tokenizers_against_the_checkpoints(
+        single_process, tmp_path):
+    """A run on code shards measured after its training folder is gone: the held-out set's tokenizers are checked
+    against those its checkpoint records (its training data's), and its loss is the one logged in training; a
+    checkpoint that records other tokenizers is refused naming the held-out set."""
+    from data_pipeline.synthetic import write_random_code_shards
+    from training.held_out import main
+
+    write_random_code_shards(tmp_path / "train", 4)
+    write_random_code_shards(tmp_path / "valid", 6)  # (18 records: 2 global batches of 8)
+    model = ["model.image_grid=2", "model.text_seq_len=4", "model.text_vocab_size=128", "model.image_vocab_size=64"]
+    run_dir = tmp_path / "run"
+    run(str(run_dir), *model, "data.synthetic=false", f"data.shards={tmp_path}/train",
+        f"data.valid_shards={tmp_path}/valid")
+    shutil.rmtree(tmp_path / "train")
+    main(["--run-dir", str(run_dir), "--out", str(tmp_path / "rows.jsonl")])
+    (row,) = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert row["valid_loss"] == pytest.approx(held_out_losses(run_dir)[STEPS], rel=1e-5)
+    state_file = run_dir / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["data_tokenizers"]["vq"]["hash"] = "another"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(SystemExit, match=r"data\.valid_shards=.*/valid': made with another image tokenizer"):
+        main(["--run-dir", str(run_dir), "--out", str(tmp_path / "rows.jsonl")])
+
+
 def test_held_out_refuses_an_unwritable_out_on_every_rank_before_measuring(pool2, reference, tmp_path):
     """--out that rank 0 cannot write (here a folder) is every rank's error, before any checkpoint is measured
     (rank 0 alone writes it: the others went on into the next checkpoint's collectives and waited there)."""

@@ -154,4 +154,5 @@ def held_out_captions(cfg: Config, captions, valid_text_files: list[str] | None)
     require(not valid_text_files, "--valid-text-files goes with --text-files (this run reads its data's captions: "
                                   "their held-out ones are data.valid_shards)")
     return {name: _Captions(dataset)
-            for name, dataset in held_out_sets(cfg.data, cfg.model, t.seed, needed, captions.data).items()}
+            for name, dataset in held_out_sets(cfg.data, cfg.model, t.seed, needed,
+                                                        data_tokenizers(captions.data)).items()}

@@ -8,8 +8,9 @@ a run's loss on a held-out set it was not measured on, or on more samples, after
 
 The config is the run's config.yaml (--config names another), then --set: the layout, held-out data, batch sizes,
 precision and kernels may be other than the run's; the network must be each checkpoint's, and the held-out data
-made with the tokenizers its training data was (refused naming the keys or the file otherwise); a training
-start's train.init_from, model.init_text_encoder and model.freeze_text_encoder are not read.
+made with the tokenizers its training data was, which the checkpoints record (refused naming the keys or the file
+otherwise; the training data itself is not read); a training start's train.init_from, model.init_text_encoder and
+model.freeze_text_encoder are not read.
 --checkpoints, comma-separated: latest (default: the one `latest` names, else the newest complete), all (every
 complete one, in step order), tags (step_00001000,step_00002000), or export folders (training.export's: e.g. the
 average of the last checkpoints, --average N, against the last one alone). Rows go to RUN_DIR/held_out.jsonl (--out:
@@ -81,9 +82,11 @@ def chosen_sources(run_dir: Path, which: str) -> list[Path]:
     return chosen
 
 
-def checked_sources(cfg: Config, paths: list[Path], tokenizers: dict | None) -> list[tuple[Path, dict]]:
-    """(folder, trainer state) of each checkpoint or export, once its network and data tokenizers are checked
-    against the config's and its files verified (training.resume_plan's checks of a train.init_from source)."""
+def checked_sources(cfg: Config, paths: list[Path]) -> list[tuple[Path, dict]]:
+    """(folder, trainer state) of each checkpoint or export, once its network is checked against the config's,
+    its files verified (training.resume_plan's checks of a train.init_from source), and its data tokenizers found
+    those of the first (whose the held-out data must have been made with)."""
+    from data_pipeline.code_shards import other_tokenizers
     from training import checkpoint
     from training.export import is_export
     from training.resume_plan import check_weights_source, export_state
@@ -92,12 +95,17 @@ def checked_sources(cfg: Config, paths: list[Path], tokenizers: dict | None) -> 
     for path in paths:
         if is_export(path):
             state = export_state(path, key="--checkpoints")
-            check_weights_source(cfg, path, state, tokenizers, "export", key="--checkpoints")
         else:
             state = checkpoint.read_trainer_state(path)
-            if isinstance(state.get("config"), dict):  # (saved before checkpoints held their config: not checked)
-                check_weights_source(cfg, path, state, tokenizers, "checkpoint", key="--checkpoints")
             checkpoint.verify(path)
+        if isinstance(state.get("config"), dict):  # (saved before checkpoints held their config: not checked)
+            check_weights_source(cfg, path, state, None, "export" if is_export(path) else "checkpoint",
+                                 key="--checkpoints")
+        first, ours = sources[0] if sources else (path, state), state.get("data_tokenizers")
+        differ = other_tokenizers(ours, first[1]["data_tokenizers"]) if ours and first[1]["data_tokenizers"] else []
+        if differ:
+            raise ConfigError(f"--checkpoints: {path} was trained on data made with another {' and '.join(differ)} "
+                              f"than {first[0]}: one held-out set cannot be measured for both; measure them apart")
         sources.append((path, state))
     return sources
 
@@ -118,8 +126,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     from tqdm import tqdm
 
     from common.metrics import held_out_row
-    from data_pipeline.code_shards import data_tokenizers
-    from data_pipeline.training_data import held_out_sets, training_dataset
+    from data_pipeline.training_data import held_out_sets
     from model_parallel.kernels import select_kernels
     from model_parallel.state import destroy_groups, init_distributed, init_parallel, process_groups, use_device
     from training import checkpoint, engine
@@ -135,17 +142,19 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     if not (cfg.data.valid_shards or cfg.data.synthetic):
         raise ConfigError("training.held_out needs data.valid_shards: the code-shard folder(s) of the held-out "
                           "samples (e.g. --set data.valid_shards=coco=data/coco_val)")
-    dataset = training_dataset(cfg.data, cfg.model, t.seed)  # (what the held-out sets' tokenizers are checked against)
-    held_out = held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size, dataset)
     out = Path(out) if out else run_dir / OUT_FILE
     # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
     # rank's, so that none waits in the next checkpoint's collectives)
     def decide() -> list[tuple[Path, dict]]:
-        checked = checked_sources(cfg, chosen_sources(run_dir, which), data_tokenizers(dataset))
+        checked = checked_sources(cfg, chosen_sources(run_dir, which))
         append_row(out, None)
         return checked
 
     sources = decide_on_rank0(decide)
+    # The held-out data must have been made with the tokenizers the weights were trained on (which the checkpoints
+    # record: the training data itself need not be there); checked_sources has found them alike.
+    held_out = held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
+                             sources[0][1].get("data_tokenizers"))
     init_parallel(layout.tp, layout.pp, t.dist_timeout_minutes)
     groups, rank0, rows = process_groups(), dist.get_rank() == 0, []
     try:

@@ -144,7 +144,7 @@ class Trainer:
         self.dataset = training_dataset(cfg.data, cfg.model, cfg.train.seed)
         t = cfg.train
         self.held_out = (held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
-                                       self.dataset) if t.eval_interval else None)
+                                       data_tokenizers(self.dataset)) if t.eval_interval else None)
         self.lock = RunLock(self.run_dir)
         self.log, self.reader, self.background = None, None, None
         # Installed before the build and the resume (minutes at scale): a stop asked for meanwhile is noted
