@@ -226,12 +226,15 @@ def held_out_rows(run_dir: str, out: str, *layouts: tuple[str, ...]) -> list[lis
 
 
 def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_training(pool2, single_process,
-                                                                                     reference, tmp_path, capsys):
+                                                                                     reference, tmp_path, capsys,
+                                                                                     monkeypatch):
     """training.held_out measures the reference run's checkpoints (trained at DP=2) at TP=2 and at PP=2, and one
-    of them through its command line on one process: each the held-out loss the run logged at that step. A
-    checkpoint that is not there, another network, and a run directory without config.yaml are refused naming
-    them, before anything is written."""
-    from training.held_out import main
+    of them through its command line on one process: each the held-out loss the run logged at that step, drawn
+    against the steps. A checkpoint that is not there, another network, and a run directory without config.yaml
+    are refused naming them, before anything is written."""
+    from matplotlib.axes import Axes
+
+    from training.held_out import main, plot
 
     run_dir, logged, out = reference[1], held_out_losses(reference[1]), tmp_path / "rows.jsonl"
     tp2, pp2 = pool2.run(held_out_rows, str(run_dir), str(out), ("parallel.tp=2",), ("parallel.pp=2",))[0]
@@ -242,6 +245,14 @@ def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_trai
         assert rows[0]["eval_samples"] == 16 and rows[0]["valid_shards"] == "(synthetic)"
     assert "tp 2 x pp 1" in tp2[0]["layout"] and "tp 1 x pp 2" in pp2[0]["layout"]
     assert [json.loads(line) for line in out.read_text().splitlines()] == tp2 + pp2  # (rank 0's rows, appended)
+    # rows.png: the file's rows against their steps, one line per held-out set (a step measured again: its newest)
+    drawn, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y,
+                                                                                                          *a, **k))
+    with open(out, "a") as f:
+        f.write('{"step": 9, "valid_loss": 1.0, "valid_sh')  # (a line cut short by a killed job)
+    assert out.with_suffix(".png").stat().st_size > 10_000 and plot(out) == out.with_suffix(".png")
+    assert drawn == [([3, 6], [r["valid_loss"] for r in pp2])]
 
     main(["--run-dir", str(run_dir), "--out", str(tmp_path / "one.jsonl")])  # (latest: step 6)
     (row,) = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]

@@ -16,8 +16,9 @@ complete one, in step order), tags (step_00001000,step_00002000), or export fold
 average of the last checkpoints, --average N, against the last one alone). Rows go to RUN_DIR/held_out.jsonl (--out:
 another file), appended, and to the output: {"checkpoint", "step", "consumed_samples" (an export's: "export",
 "checkpoint", "averaged"), "valid_loss" (the sets' mean), "valid_loss_<name>" for each named set, "valid_shards",
-"eval_samples", "layout"}. Nothing else is written and no lock is taken: a run still training may be measured (a
-checkpoint it prunes meanwhile is an error naming it).
+"eval_samples", "layout"}, and OUT.png draws the checkpoints' rows of the file against their steps. Nothing else is
+written and no lock is taken: a run still training may be measured (a checkpoint it prunes meanwhile is an error
+naming it).
 """
 from __future__ import annotations
 
@@ -175,7 +176,47 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
                 tqdm.write(json.dumps(rows[-1]))
     finally:
         destroy_groups(process_groups() - groups)
+    if rank0:
+        plot(out)
     return rows
+
+
+def _json_or_none(line: str):
+    """A row of the file, or None for a line that is not one (cut short by a killed job)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def plot(out: Path) -> Path | None:
+    """OUT.png: the held-out losses of every checkpoint row in `out` against its step, a line per held-out set
+    (valid_loss_<name>, or valid_loss of an unnamed one) of each data.valid_shards measured; None (nothing drawn)
+    when no set has two steps yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, float]] = {}
+    for row in map(_json_or_none, out.read_text().splitlines()):
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and "valid_loss" in row:  # (exports: no step)
+            named = {k[len("valid_loss_"):]: v for k, v in row.items() if k.startswith("valid_loss_")}
+            for name, loss in (named or {"": row["valid_loss"]}).items():
+                series.setdefault(f"{row['valid_shards']}" + (f" [{name}]" if name else ""), {})[row["step"]] = loss
+    series = {label: points for label, points in series.items() if len(points) > 1}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():  # (a step measured again: its newest row)
+        steps = sorted(points)
+        ax.plot(steps, [points[s] for s in steps], "o-", label=label)
+    ax.set(xlabel="step", ylabel="held-out loss", title=f"{out.name}: held-out loss of the checkpoints")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return out.with_suffix(".png")
 
 
 def main(argv: list[str] | None = None) -> None:
