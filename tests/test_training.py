@@ -925,6 +925,37 @@ def test_export_average_is_the_mean_of_the_checkpoints_exports(one_process_run, 
     assert not (tmp_path / "refused").exists()
 
 
+def test_export_average_names_a_checkpoint_pruned_while_read_and_an_incomplete_tag(one_process_run, tmp_path,
+                                                                                   monkeypatch):
+    """A run still training prunes its oldest checkpoints, the first an --average reads: one removed after it was
+    opened is a one-line error naming it (it was torch's CheckpointException, a traceback), nothing written. A
+    --tag that is no complete checkpoint is named as such (it was "holds 0 complete checkpoint(s) up to" it)."""
+    import training.export as export_module
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_process_run, run_dir)
+    opened = export_module.open_checkpoint
+
+    def open_then_prune(run, tag):
+        checkpoint = opened(run, tag)
+        if tag == f"step_{STEPS:08d}":  # (the last opened: the oldest is pruned before any is read)
+            for f in (run_dir / "checkpoints" / "step_00000003").glob("*.distcp"):
+                f.unlink()
+        return checkpoint
+
+    monkeypatch.setattr(export_module, "open_checkpoint", open_then_prune)
+    with pytest.raises(SystemExit, match="training.export: .*step_00000003: cannot read its weights \\(No such file "
+                                         "or directory \\(errno ENOENT\\)\\); pruned or damaged"):
+        export_module.main(["--run-dir", str(run_dir), "--average", "2", "--out", str(tmp_path / "mean")])
+    assert not (tmp_path / "mean" / "model.safetensors").exists() and not (tmp_path / "mean" / "config.json").exists()
+    monkeypatch.undo()
+    (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").unlink()
+    with pytest.raises(SystemExit, match=f"--average 2: .*step_{STEPS:08d} is not a complete checkpoint \\(complete: "
+                                         "step_00000003\\)"):
+        export_module.main(["--run-dir", str(run_dir), "--tag", f"step_{STEPS:08d}", "--average", "2", "--out",
+                            str(tmp_path / "mean")])
+
+
 def test_export_in_bf16_holds_the_rounded_weights_in_half_the_bytes(one_process_run, tmp_path):
     """python -m training.export --dtype bf16: every tensor BF16, equal to the fp32 export's rounded to bf16, the
     tensors' bytes half the fp32 file's (written group by group as fp32 is); load_exported reads it (fp32 on

@@ -28,10 +28,11 @@ from typing import NamedTuple
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 from torch.distributed.checkpoint.metadata import Metadata
 from tqdm import tqdm
 
-from common.checkpoints import CheckpointError, checkpoint_dir
+from common.checkpoints import CheckpointError, checkpoint_dir, failure_cause
 from common.cli import command, description
 from common.config import ConfigError
 from common.files import atomic_path, write_atomic
@@ -96,9 +97,14 @@ def read_weights(checkpoint: OpenCheckpoint, names: list[str] | None = None) -> 
     saves a ShardedTensor as torch's sharded tensor under its key: model.<name>)."""
     names = list(checkpoint.shapes) if names is None else names
     weights = {f"model.{n}": torch.empty(checkpoint.shapes[n]) for n in names}
-    with warnings.catch_warnings():  # (no_dist: this process reads alone, as asked; torch warns it assumes so)
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(weights, storage_reader=_IndexedReader(checkpoint.path, checkpoint.index), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # (no_dist: this process reads alone, as asked; torch warns it assumes so)
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(weights, storage_reader=_IndexedReader(checkpoint.path, checkpoint.index), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - as training/checkpoint.py's load_weights
+        # (a run still training prunes its oldest checkpoints, those an --average reads first: one line naming it)
+        raise CheckpointError(f"{checkpoint.path}: cannot read its weights ({failure_cause(e)}); pruned or damaged "
+                              "since it was opened?") from None
     return {n: weights[f"model.{n}"] for n in names}
 
 
@@ -189,7 +195,10 @@ def averaged_tags(run_dir: str | Path, tag: str | None, average: int) -> list[st
     if average == 1:
         return [tag]
     complete = complete_tags(run_dir)
-    upto = complete[:complete.index(tag) + 1] if tag in complete else []
+    if tag not in complete:
+        raise FileNotFoundError(f"--average {average}: {checkpoint_dir(run_dir) / tag} is not a complete checkpoint "
+                                f"(complete: {', '.join(complete) or 'none'})")
+    upto = complete[:complete.index(tag) + 1]
     if len(upto) < average:
         raise FileNotFoundError(f"--average {average}: {checkpoint_dir(run_dir)} holds {len(upto)} complete "
                                 f"checkpoint(s) up to {tag} ({', '.join(upto) or 'none'}); keep more "
