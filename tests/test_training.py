@@ -330,6 +330,21 @@ def test_held_out_needs_no_training_data_and_checks_the_held_out_tokenizers_agai
         main(["--run-dir", str(run_dir), "--out", str(tmp_path / "rows.jsonl")])
 
 
+def test_held_out_names_an_export_by_its_absolute_path_and_takes_one_with_a_comma(single_process, reference, tmp_path,
+                                                                                  monkeypatch):
+    """--checkpoints with a relative export path: its row names the folder absolutely (held_out.jsonl lies in the run
+    folder, read from anywhere); an export folder whose name holds a comma is that folder (it was split in two)."""
+    from training.export import export
+    from training.held_out import main
+
+    monkeypatch.chdir(tmp_path)
+    export(reference[1], out=tmp_path / "last,of the run")
+    for which in ("last,of the run", str(tmp_path / "last,of the run")):
+        main(["--run-dir", str(reference[1]), "--checkpoints", which, "--out", str(tmp_path / "rows.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["export"] for r in rows] == [str(tmp_path / "last,of the run")] * 2
+
+
 def test_held_out_refuses_an_unwritable_out_on_every_rank_before_measuring(pool2, reference, tmp_path):
     """--out that rank 0 cannot write (here a folder) is every rank's error, before any checkpoint is measured
     (rank 0 alone writes it: the others went on into the next checkpoint's collectives and waited there)."""

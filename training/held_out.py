@@ -13,12 +13,12 @@ otherwise; the training data itself is not read); a training start's train.init_
 model.freeze_text_encoder are not read.
 --checkpoints, comma-separated: latest (default: the one `latest` names, else the newest complete), all (every
 complete one, in step order), tags (step_00001000,step_00002000), or export folders (training.export's: e.g. the
-average of the last checkpoints, --average N, against the last one alone). Rows go to RUN_DIR/held_out.jsonl (--out:
-another file), appended, and to the output: {"checkpoint", "step", "consumed_samples" (an export's: "export",
-"checkpoint", "averaged"), "valid_loss" (the sets' mean), "valid_loss_<name>" for each named set, "valid_shards",
-"eval_samples", "layout"}, and OUT.png draws the checkpoints' rows of the file against their steps. Nothing else is
-written and no lock is taken: a run still training may be measured (a checkpoint it prunes meanwhile is an error
-naming it).
+average of the last checkpoints, --average N, against the last one alone; one whose path holds a comma given
+alone). Rows go to RUN_DIR/held_out.jsonl (--out: another file), appended, and to the output: {"checkpoint", "step",
+"consumed_samples" (an export's: "export", its absolute path, "checkpoint", "averaged"), "valid_loss" (the sets'
+mean), "valid_loss_<name>" for each named set, "valid_shards", "eval_samples", "layout"}, and OUT.png draws the
+checkpoints' rows of the file against their steps. Nothing else is written and no lock is taken: a run still
+training may be measured (a checkpoint it prunes meanwhile is an error naming it).
 """
 from __future__ import annotations
 
@@ -65,12 +65,14 @@ def chosen_sources(run_dir: Path, which: str) -> list[Path]:
     from training.export import is_export
 
     complete, chosen, missing = checkpoint.complete_tags(run_dir), [], []
-    for item in (item.strip() for item in which.split(",")):
+    # (an export folder whose path holds a comma is one item; each export by its absolute path: a row's "export"
+    # in RUN_DIR/held_out.jsonl names it from anywhere)
+    for item in [which] if is_export(which) else (item.strip() for item in which.split(",")):
         if item in ("latest", "all") and not complete:
             raise RunDirError(f"{run_dir}: holds no complete checkpoint (expected those of python -m training.train "
                               "in its checkpoints/)")
         if is_export(item):
-            chosen.append(Path(item))
+            chosen.append(Path(item).resolve())
         elif item == "latest":
             chosen.append(checkpoint.checkpoint_dir(run_dir) / checkpoint.resume_tag(run_dir)[0])
         elif item in complete or item == "all":
