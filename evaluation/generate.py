@@ -359,9 +359,11 @@ def check_export(path: str | Path, name: str = "checkpoint") -> Path:
         raise ValueError(f"{name} {path} has no {missing}; {expected}")
     export = run / "export"
     exported = all((export / f).is_file() for f in EXPORT_FILES)
-    exported_tag = read_export_config(export).get("checkpoint") if exported else None
-    if exported and step in (None, exported_tag):
-        advice = f"pass its export {export}" + (f" (made from {exported_tag})" if exported_tag else "")
+    config = read_export_config(export) if exported else {}
+    exported_tag, averaged = config.get("checkpoint"), config.get("averaged")
+    made_from = f" (the mean of {averaged})" if averaged else f" (made from {exported_tag})" if exported_tag else ""
+    if exported and (step is None or (step == exported_tag and not averaged)):
+        advice = f"pass its export {export}{made_from}"
     elif step:
         target = run / f"export_{step}" if exported else export
         advice = (f"export it first with `python -m training.export --run-dir {run} --tag {step}"
@@ -379,7 +381,8 @@ def export_identity(path: str | Path) -> dict:
     weights = (path / "model.safetensors").stat()
     config = read_export_config(path)
     return {"path": str(path), "tag": config.get("checkpoint"), "weights_bytes": weights.st_size,
-            "weights_mtime_ns": weights.st_mtime_ns}
+            "weights_mtime_ns": weights.st_mtime_ns,
+            **({"averaged": config["averaged"]} if config.get("averaged") else {})}  # (training.export --average)
 
 
 def gather_metadata(out: Path, count: int | None = None) -> Path:

@@ -478,6 +478,14 @@ def test_check_export_tells_each_kind_of_folder_apart_and_what_to_pass(tmp_path)
     target = re.escape(str(exported / "export_step_00000005"))
     with pytest.raises(ValueError, match=rf"--tag step_00000005 --out {target}` and pass {target}$"):
         check_export(other)
+    # An export of the mean of checkpoints (training.export --average) is not offered for one of them alone
+    config = exported / "export" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "averaged": "step_00000001,step_00000003"}))
+    target = re.escape(str(exported / "export_step_00000003"))
+    with pytest.raises(ValueError, match=rf"--tag step_00000003 --out {target}` and pass {target}$"):
+        check_export(exported / "checkpoints" / "step_00000003")
+    with pytest.raises(ValueError, match=r"pass its export .* \(the mean of step_00000001,step_00000003\)$"):
+        check_export(exported)
 
 
 def test_export_identity_is_the_resolved_path_tag_and_weights_size(tmp_path, monkeypatch):
@@ -490,7 +498,10 @@ def test_export_identity_is_the_resolved_path_tag_and_weights_size(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     identity = export_identity("export")
     assert identity["path"] == str(export.resolve()) and identity["tag"] == "step_00000003"
-    assert identity["weights_bytes"] == 5
+    assert identity["weights_bytes"] == 5 and "averaged" not in identity
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "averaged": "step_00000001,step_00000003"}))
+    assert export_identity("export")["averaged"] == "step_00000001,step_00000003"  # (training.export --average)
 
 
 def test_an_export_config_that_is_not_an_object_is_named(tmp_path):
