@@ -324,7 +324,8 @@ def params_norm(engine) -> float:
         if param_is_not_tensor_parallel_duplicate(p):
             part = own_fragment(engine, p, None)
             if first_dp_rank or not part.whole:
-                squares += part.data.detach().float().square().sum().to(squares.device)
+                # (one pass, no squared copy of the fragment)
+                squares += torch.linalg.vector_norm(part.data.detach(), dtype=torch.float32).square().to(squares.device)
     torch.distributed.all_reduce(squares)
     return float(squares.sqrt())
 
