@@ -9,7 +9,8 @@ Weights & Biases.
     with clock.paused(): ...                                 # evaluation: clock.paused(); at a log line:
     samples_per_s = global_batch / clock.seconds_per_step()  # the interval's mean step time (and a new interval)
 
-metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm (the step's), samples_per_s,
+metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm (the step's), params_norm (the fp32
+weights'; Parti's trainer), samples_per_s,
 tokens_per_s, tflops_per_gpu, mfu, data_wait_pct (the share of the step time spent waiting for input; these over
 the steps since the previous row: StepClock), mem_gb (on a GPU its peak
 allocated, on CPU the resident memory of rank 0's process), mem_reserved_gb (GPU only; both in GiB, 2^30 bytes, as
@@ -103,6 +104,26 @@ def wandb_mode() -> str:
     """W&B's mode when a project is given: WANDB_MODE if set (online, offline, disabled); else online where an
     API key is in WANDB_API_KEY; else offline (no account or network needed: `wandb sync` uploads the run later)."""
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+class LossSpikes:
+    """Watches the training loss for spikes: `seen(loss)` returns how many times the median of the previous `window`
+    finite losses this one is, when that is `factor` or more (None otherwise, and until `window` losses were seen;
+    factor 0: never). A spike that does not recover is what resuming before it with its batches skipped is for
+    (train.skip_steps)."""
+
+    def __init__(self, factor: float, window: int = 100):
+        self.factor, self.window, self.recent = factor, window, []
+
+    def seen(self, loss: float) -> float | None:
+        if not math.isfinite(loss):
+            return None
+        ratio = None
+        if self.factor and len(self.recent) == self.window:
+            median = sorted(self.recent)[self.window // 2]
+            ratio = loss / median if median > 0 and loss >= self.factor * median else None
+        self.recent = (self.recent + [loss])[-self.window:]
+        return ratio
 
 
 class StepClock:

@@ -1118,6 +1118,30 @@ def test_skipped_steps_are_neither_trained_logged_nor_measured_but_saved(tmp_pat
                         ("eval", 6), ("log", 6, 0.5), ("save", 6), ("wait", 6), ("close", 6)]
 
 
+def test_a_loss_spike_is_warned_of_with_the_checkpoint_and_skip_steps_to_resume_without_it(tmp_path, monkeypatch):
+    """train.loss_spike_factor=1.5: a loss 1.6x the median of the previous 100 steps' is warned of once, naming the
+    newest complete checkpoint and the train.skip_steps from it to the spike; one below the factor, a non-finite one
+    and any before 100 steps are not; factor 0 warns of none."""
+    import training.engine as engine_module
+    from common.metrics import LossSpikes
+
+    losses = iter([10.0] * 20 + [1.0] * 100 + [1.6, 1.4, float("nan"), 1.0])  # (10.0: warm-up, not a spike)
+    monkeypatch.setattr(engine_module, "train_step", lambda engine, cfg, batches, device: (next(losses), 1.0))
+    t = loop_trainer(tmp_path, 124, "train.save_interval=0", "train.eval_interval=0", "train.log_interval=1000")
+    t.log.enabled = True
+    (tmp_path / "checkpoints" / "step_00000100").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000100" / "trainer_state.json").write_text("{}")
+    t.run()
+    warnings = [e[1] for e in t.events if e[0] == "info"]
+    assert warnings == ["warning: loss 1.6000 at step 121 is 1.60x the median of the previous 100 steps "
+                        "(train.loss_spike_factor=1.5): a loss spike; if it does not recover, resume from "
+                        "checkpoints/step_00000100 (the newest one saved) with --set train.skip_steps=101-121 (its "
+                        "batches read past untrained, or a shorter range just before the spike, as PaLM did)"]
+    spikes, never = LossSpikes(1.5, window=4), LossSpikes(0, window=4)
+    assert [spikes.seen(x) for x in (2, 2, 2, 9, 3.1, 2.9)] == [None] * 3 + [None, 1.55, None]  # (9: before 4 seen)
+    assert [never.seen(x) for x in (2, 2, 2, 2, 100)] == [None] * 5
+
+
 def test_the_last_step_is_logged_measured_and_saved_off_its_intervals(tmp_path, fake_steps):
     """Log every 2 steps, measure every 3, save every 2, 5 steps: step 3 is logged for its held-out loss, and the
     last step (no multiple of any) is logged, measured and saved, and its save waited for (async: the run ends)."""

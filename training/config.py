@@ -93,6 +93,9 @@ class TrainConfig(LoopControl):
     step after every rank's write finished, and the run's last save is waited for."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
+    loss_spike_factor: float = 1.5
+    """Warn when a step's loss is this many times the median of the previous 100 steps' (0: never), naming the
+    newest checkpoint before it and the train.skip_steps that would resume there without the batches since."""
     skip_steps: str | int = ""
     """Steps (numbered as the log numbers them) whose global batches are read past without training, e.g.
     `1201-1300,1450` (Megatron-LM's --iterations-to-skip): after a loss spike, resume from a checkpoint before it
@@ -190,6 +193,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
             f"got {p.zero_stage})")
     require(t.seed >= 0, f"train.seed={t.seed} must be >= 0")
     require(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: from the table)")
+    require(t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
+            f"train.loss_spike_factor={t.loss_spike_factor} must be > 1 (a multiple of the recent losses' median), "
+            "or 0: no warning")
     require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     require(t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")
     check_minima(t, "train", (*LOOP_MINIMA, ("steps", 1, "optimizer steps to run"),

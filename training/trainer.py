@@ -334,6 +334,18 @@ class Trainer:
             self.log.info(f"{steps} read past without training (train.skip_steps={self.cfg.train.skip_steps})")
         return True
 
+    def _warn_of_a_spike(self, loss: float, ratio: float | None) -> None:
+        """A loss spike's warning (metrics.LossSpikes: `ratio` times the recent median) on rank 0, with what would
+        resume before it without its batches. (Called before the step is counted: its number is self.step + 1.)"""
+        if ratio is None or not self.log.enabled:
+            return
+        step, tags = self.step + 1, checkpoint.complete_tags(self.run_dir)
+        resume = (f"if it does not recover, resume from checkpoints/{tags[-1]} (the newest one saved) with --set "
+                  f"train.skip_steps={int(tags[-1].split('_')[1]) + 1}-{step} (its batches read past untrained, or a "
+                  "shorter range just before the spike, as PaLM did)" if tags else "no checkpoint is saved yet")
+        self.log.info(f"warning: loss {loss:.4f} at step {step} is {ratio:.2f}x the median of the previous 100 steps "
+                      f"(train.loss_spike_factor={self.cfg.train.loss_spike_factor}): a loss spike; {resume}")
+
     def _write_profile(self) -> None:
         """After the last traced step (train.profile_step): write the traces and say where."""
         files = self.profiler.end(self.step, run_ends=self.step == self.cfg.train.steps)
@@ -367,6 +379,7 @@ class Trainer:
         t, guard = self.cfg.train, self.nonfinite_guard
         stop, losses, collection = self.stop, [], StepCollection(t.gc_interval)
         self.skip_spans, self._spans_told = step_ranges(t.skip_steps, "train.skip_steps"), set()
+        spikes = metrics.LossSpikes(t.loss_spike_factor)
         try:
             stop.start(self.run_dir, self.step, t.steps)
             if t.profile_step and not self.step < t.profile_step <= t.steps:
@@ -384,6 +397,7 @@ class Trainer:
                         batches = self._with_samples(reader.next_step())  # read ahead while training
                     loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                     guard.step_done()
+                    self._warn_of_a_spike(loss, spikes.seen(loss))
                 losses.append(loss if trains else float("nan"))
                 self.step += 1
                 self.consumed += t.global_batch_size
