@@ -1,4 +1,4 @@
-"""Export a checkpoint's weights to one safetensors file plus its config, for inference without DeepSpeed.
+r"""Export a checkpoint's weights to one safetensors file plus its config, for inference without DeepSpeed.
 
     python -m training.export --run-dir runs/x [--tag step_00000100] [--out runs/x/export] [--dtype bf16] \
         [--average 5]       # the mean weights of the 5 newest checkpoints up to --tag (checkpoint averaging)
