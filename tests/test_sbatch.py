@@ -334,6 +334,25 @@ def test_eval_job_exports_the_same_settings_and_asks_for_the_gpu(tmp_path):
     assert code == 2 and "DEVICE=gpu" in log and argv is None
 
 
+def test_eval_job_measures_held_out_losses_with_module(tmp_path):
+    """MODULE=training.held_out runs training.held_out on the job's processes with train.device=cuda, the caller's
+    arguments after it (parsed by its own parser); another module is refused before srun."""
+    from training.held_out import main
+
+    code, log, argv, _ = run_script(tmp_path, "eval.sbatch", ["runs/x/config.yaml", "--run-dir", "runs/x",
+                                                              "--checkpoints", "all", "--set", "parallel.tp=8"],
+                                    {**GPU_JOB, "MODULE": "training.held_out"})
+    assert code == 0, log
+    args = argv[argv.index("training.held_out") + 1:]
+    assert args == ["--config", "runs/x/config.yaml", "--set", "train.device=cuda", "--run-dir", "runs/x",
+                    "--checkpoints", "all", "--set", "parallel.tp=8"]
+    with pytest.raises(SystemExit, match="runs/x/config.yaml: no such file"):  # (its parser takes them all)
+        main(args)
+    code, log, argv, _ = run_script(tmp_path, "eval.sbatch", ["c.yaml"], {**GPU_JOB, "MODULE": "training.train"})
+    assert code == 2 and "MODULE=training.train: expected evaluation.benchmark or training.held_out" in log
+    assert argv is None
+
+
 @pytest.mark.parametrize("usr1_at", ["hostnames", "srun"])
 def test_eval_job_requeues_on_usr1_and_waits_for_its_step(tmp_path, usr1_at):
     """USR1 requeues the evaluation (before or while it generates); when SLURM refuses, generation goes on to the
