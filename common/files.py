@@ -5,6 +5,7 @@
         image.save(tmp)
     abandoned_temporaries(folder / "manifest.json")   # those a killed writer left behind
     replace_folder(written, folder)                   # a folder of files, written whole beside it, put in place
+    json_rows(run_dir / "metrics.jsonl")              # and their reader: the rows a killed writer finished
 
 A rename within one folder is atomic on POSIX file systems: a reader finds the old file or the new one.
 The temporary name starts with a dot and carries `.tmp` before the file's own suffix (writers that pick
@@ -14,6 +15,7 @@ file behind and the old file as it was.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -105,3 +107,17 @@ def replace_folder(written: str | Path, dest: str | Path) -> None:
         os.replace(dest, old)
     os.replace(written, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def json_rows(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file (metrics.jsonl, held_out.jsonl), a line that is not one left out (the
+    last line of a killed job may be cut short); [] when the file is not there."""
+    path, rows = Path(path), []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

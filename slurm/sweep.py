@@ -47,7 +47,7 @@ import yaml
 
 from common.cli import command, description
 from common.config import ConfigError
-from common.files import write_atomic
+from common.files import json_rows, write_atomic
 from model_parallel.config import saved_model_config
 from training.config import load_config
 from training.flops import train_flops_per_sample
@@ -232,19 +232,11 @@ def submitted_before(record: Path) -> bool:
         return True
 
 
-def _json_or_none(line: str):
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
 def summarize(run_dir: Path, warmup: int) -> dict | None:
     metrics_path, config_path = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not (metrics_path.is_file() and config_path.is_file()):
         return None
-    lines = [m for m in map(_json_or_none, metrics_path.read_text().splitlines())
-             if isinstance(m, dict) and "step" in m]
+    lines = [m for m in json_rows(metrics_path) if "step" in m]
     if not lines:  # (a killed job's last line may be cut short: left out)
         return None
     cfg = yaml.safe_load(config_path.read_text())
@@ -260,8 +252,7 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     compute = lambda m: m.get("consumed_samples", m["step"] * gbs) * flops  # noqa: E731
     held_out = [(compute(m), m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
     measured = run_dir / "held_out.jsonl"  # (training.held_out's rows: the final checkpoint's newest one)
-    later = [r for r in map(_json_or_none, measured.read_text().splitlines() if measured.is_file() else [])
-             if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] >= lines[-1]["step"]
+    later = [r for r in json_rows(measured) if isinstance(r.get("step"), int) and r["step"] >= lines[-1]["step"]
              and "valid_loss" in r]  # (past the last row: a run whose last steps were train.skip_steps, not logged)
     later = [r for r in later if r["step"] == max(r["step"] for r in later)]
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,

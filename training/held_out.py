@@ -30,6 +30,7 @@ from pathlib import Path
 from common.checkpoints import RunDirError
 from common.cli import command, config_parser
 from common.config import ConfigError
+from common.files import json_rows
 from training.config import Config, load_config
 
 OUT_FILE = "held_out.jsonl"
@@ -183,14 +184,6 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     return rows
 
 
-def _json_or_none(line: str):
-    """A row of the file, or None for a line that is not one (cut short by a killed job)."""
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
 def plot(out: Path) -> Path | None:
     """OUT.png: the held-out losses of every checkpoint row in `out` against its step, a line per held-out set
     (valid_loss_<name>, or valid_loss of an unnamed one) of each data.valid_shards measured; None (nothing drawn)
@@ -201,8 +194,8 @@ def plot(out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     series: dict[str, dict[int, float]] = {}
-    for row in map(_json_or_none, out.read_text().splitlines()):
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and "valid_loss" in row:  # (exports: no step)
+    for row in json_rows(out):
+        if isinstance(row.get("step"), int) and "valid_loss" in row:  # (exports: no step)
             named = {k[len("valid_loss_"):]: v for k, v in row.items() if k.startswith("valid_loss_")}
             for name, loss in (named or {"": row["valid_loss"]}).items():
                 series.setdefault(f"{row['valid_shards']}" + (f" [{name}]" if name else ""), {})[row["step"]] = loss
