@@ -152,7 +152,7 @@ class Trainer:
         self.stop = StopRequest(self.run_dir / "STOP", cfg.train.exit_after_minutes)
         try:
             self.plan = decide_on_rank0(lambda: (self.lock.acquire(), plan_resume(cfg, self.run_dir, resume,
-                                                                                   data_tokenizers(self.dataset)))[1])
+                                                                                  data_tokenizers(self.dataset)))[1])
             self._build()
         except BaseException:
             self.close()
