@@ -308,7 +308,8 @@ def test_held_out_needs_no_training_data_and_checks_the_held_out_tokenizers_agai
         single_process, tmp_path):
     """A run on code shards measured after its training folder is gone: the held-out set's tokenizers are checked
     against those its checkpoint records (its training data's), and its loss is the one logged in training; a
-    checkpoint that records other tokenizers is refused naming the held-out set."""
+    checkpoint that records other tokenizers is refused naming the held-out set, and so is measuring it beside one
+    that records the run's."""
     from data_pipeline.synthetic import write_random_code_shards
     from training.held_out import main
 
@@ -328,6 +329,9 @@ def test_held_out_needs_no_training_data_and_checks_the_held_out_tokenizers_agai
     state_file.write_text(json.dumps(state))
     with pytest.raises(SystemExit, match=r"data\.valid_shards=.*/valid': made with another image tokenizer"):
         main(["--run-dir", str(run_dir), "--out", str(tmp_path / "rows.jsonl")])
+    with pytest.raises(SystemExit, match=r"step_00000006 was trained on data made with another image tokenizer than "
+                                         r".*step_00000003: one held-out set cannot be measured for both"):
+        main(["--run-dir", str(run_dir), "--checkpoints", "all", "--out", str(tmp_path / "rows.jsonl")])
 
 
 def test_held_out_names_an_export_by_its_absolute_path_and_takes_one_with_a_comma(single_process, reference, tmp_path,

@@ -89,7 +89,7 @@ def chosen_sources(run_dir: Path, which: str) -> list[Path]:
 def checked_sources(cfg: Config, paths: list[Path]) -> list[tuple[Path, dict]]:
     """(folder, trainer state) of each checkpoint or export, once its network is checked against the config's,
     its files verified (training.resume_plan's checks of a train.init_from source), and its data tokenizers found
-    those of the first (whose the held-out data must have been made with)."""
+    those of the first (the held-out data must have been made with them)."""
     from data_pipeline.code_shards import other_tokenizers
     from training import checkpoint
     from training.export import is_export
@@ -105,11 +105,11 @@ def checked_sources(cfg: Config, paths: list[Path]) -> list[tuple[Path, dict]]:
         if isinstance(state.get("config"), dict):  # (saved before checkpoints held their config: not checked)
             check_weights_source(cfg, path, state, None, "export" if is_export(path) else "checkpoint",
                                  key="--checkpoints")
-        first, ours = sources[0] if sources else (path, state), state.get("data_tokenizers")
-        differ = other_tokenizers(ours, first[1]["data_tokenizers"]) if ours and first[1]["data_tokenizers"] else []
+        (first, theirs), ours = sources[0] if sources else (path, state), state.get("data_tokenizers")
+        differ = other_tokenizers(ours, theirs["data_tokenizers"]) if ours and theirs.get("data_tokenizers") else []
         if differ:
             raise ConfigError(f"--checkpoints: {path} was trained on data made with another {' and '.join(differ)} "
-                              f"than {first[0]}: one held-out set cannot be measured for both; measure them apart")
+                              f"than {first}: one held-out set cannot be measured for both; measure them apart")
         sources.append((path, state))
     return sources
 
