@@ -228,9 +228,12 @@ def mean_weights(opened: list[OpenCheckpoint], names: list[str]) -> dict[str, to
             if w.dtype != torch.float32 or tuple(w.shape) != checkpoint.shapes[name]:
                 raise ValueError(f"{checkpoint.path}: {name} read back as {w.dtype} {tuple(w.shape)}, the export's "
                                  f"header says float32 {checkpoint.shapes[name]}")
-            sums[name] = w.double() if name not in sums else sums[name].add_(w)
+            if len(opened) == 1:  # (a checkpoint's own weights, as they are)
+                sums[name] = w
+            else:
+                sums[name] = w.double() if name not in sums else sums[name].add_(w)
         del weights
-    return {name: (total / len(opened)).float() if len(opened) > 1 else total.float() for name, total in sums.items()}
+    return sums if len(opened) == 1 else {name: (total / len(opened)).float() for name, total in sums.items()}
 
 
 def check_replaceable(out: Path) -> None:
