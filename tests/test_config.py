@@ -606,6 +606,17 @@ def test_a_resume_that_changes_the_held_out_samples_says_so(change):
                in m for m in messages), messages
 
 
+def test_a_resume_that_names_its_held_out_set_notes_it_and_one_of_other_folders_warns():
+    """data.valid_shards from a folder to the same folder named (coco=...): the same samples, a note; to another
+    folder, or named sets of other folders, a warning."""
+    from training.config import config_to_dict, load_config, resume_changes
+
+    saved = config_to_dict(load_config("configs/train/debug.yaml", ["data.valid_shards=codes/v"]))
+    for new, kind in (("coco=codes/v", "noted"), ("codes/w", "warned"), ("coco=codes/v,laion=codes/w", "warned")):
+        changes = resume_changes(saved, load_config("configs/train/debug.yaml", [f"data.valid_shards={new}"]))
+        assert [c[0] for c in changes[kind]] == ["data.valid_shards"], (new, changes)
+
+
 def test_a_resume_compares_numbers_by_value_and_reports_every_kind_of_change():
     """A saved 1 (YAML int) against 1.0 is no change; a layout change is noted, an lr change applied, each in its
     own log line."""

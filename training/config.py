@@ -333,6 +333,8 @@ def resume_changes(saved: dict, cfg: Config) -> dict[str, list[tuple[str, Any, A
             kind = "noted"  # no effect on a dense network (a change of the pattern itself is refused)
         elif (key.startswith("model.") and key not in NOT_NETWORK) or key == "train.optimizer":
             kind = "refused"
+        elif key == "data.valid_shards" and _same_held_out_folders(before, value):
+            kind = "noted"  # (the same sets, now named or renamed: the same samples are measured)
         elif key in RESUME_APPLIED:
             kind = "applied"
         elif key in RESUME_WARNED:
@@ -341,6 +343,16 @@ def resume_changes(saved: dict, cfg: Config) -> dict[str, list[tuple[str, Any, A
             kind = "noted"
         out[kind].append((key, before, value))
     return out
+
+
+def _same_held_out_folders(old: Any, new: Any) -> bool:
+    """Whether two data.valid_shards specs name the same folders in the same order (only their sets' names differ)."""
+    from data_pipeline.training_data import named_sets
+
+    try:
+        return list(named_sets(str(old or "")).values()) == list(named_sets(str(new or "")).values())
+    except ConfigError:  # (a spec saved under other rules)
+        return False
 
 
 def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
