@@ -219,6 +219,21 @@ def score_samples(scorer: ClipScorer, samples: str | Path, batch_size: int = 64,
     return {**result, "written": str(samples / "clip_score.json") if written else None}
 
 
+def same_model_selection(metadata: list[dict], protocol: dict) -> str | None:
+    """A warning when the images scored are each prompt's best `keep` of `samples_per_prompt`, kept by reranking
+    with these same CLIP weights (their sha256; evaluation.generate records the reranker in every prompt's .json):
+    the score is biased upward. It gives the mean over all samples, which reranking scored, when recorded. None
+    otherwise. (evaluation.benchmark says the same in its results: benchmark.clip_selection.)"""
+    first = metadata[0] if metadata else {}
+    rerank, keep, count = first.get("rerank") or {}, first.get("keep") or 0, first.get("samples_per_prompt") or 0
+    if not (0 < keep < count) or rerank.get("weights_sha256") != protocol.get("weights_sha256"):
+        return None
+    every = [x for meta in metadata for x in meta.get("all_clip_scores", [])]
+    unbiased = f"; the mean over all samples is {sum(every) / len(every):.3f}" if every else ""
+    return (f"warning: each prompt's images are the best {keep} of {count}, chosen by these same CLIP weights "
+            f"(evaluation.generate's reranking): the score is biased upward{unbiased}")
+
+
 def add_clip_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--clip", required=required, default=None,
                         help="open_clip local-dir:FOLDER (recommended) or architecture (e.g. ViT-L-14)")
@@ -240,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     where = f"per image in {result['written']}" if result["written"] else "clip_score.json not written"
     print(f"CLIP score {result['clip_score']:.3f} over {result['images']} images "
           f"(weights {result['protocol']['weights']}; {where})")
+    warning = same_model_selection(metadata, result["protocol"])
+    if warning:
+        print(warning)
 
 
 if __name__ == "__main__":

@@ -214,6 +214,32 @@ def test_score_samples_in_batches_scores_every_listed_image_against_its_own_prom
     assert result["clip_score"] == pytest.approx(expected.mean().item(), abs=1e-4)
 
 
+def test_standalone_clip_score_warns_of_images_reranked_by_the_same_weights(tiny_clip, tmp_path, capsys):
+    """python -m evaluation.clip_score on images kept as the best 1 of 2 per prompt by reranking with the same
+    weights (the sha256 evaluation.generate recorded) says the score is biased and gives the mean over all samples;
+    with another reranker, or none, it says nothing of it."""
+    import hashlib
+
+    from evaluation.clip_score import main
+    from evaluation.generate import gather_metadata
+
+    weights = next(p for p in tiny_clip[0].iterdir() if p.suffix in (".bin", ".safetensors", ".pth"))
+    samples = tmp_path / "samples"
+    fake_generation(samples, 2)
+    for sha, says in ((hashlib.sha256(weights.read_bytes()).hexdigest(), True), ("another", False)):
+        for i in range(2):
+            meta = json.loads((samples / f"{i:05d}.json").read_text())
+            (samples / f"{i:05d}.json").write_text(json.dumps({**meta, "keep": 1, "samples_per_prompt": 2,
+                                                                "rerank": {"weights_sha256": sha},
+                                                                "all_clip_scores": [10.0 * i, 10.0 * i + 5]}))
+        gather_metadata(samples)
+        main(["--samples", str(samples), "--clip", f"local-dir:{tiny_clip[0]}"])
+        out = capsys.readouterr().out
+        assert ("warning: each prompt's images are the best 1 of 2, chosen by these same CLIP weights "
+                "(evaluation.generate's reranking): the score is biased upward; the mean over all samples is "
+                "7.500" in out) == says, out
+
+
 def test_local_dir_protocol_names_the_file_open_clip_loads(tmp_path):
     """A laion repository holds open_clip_pytorch_model.safetensors beside .bin (here with different weights):
     the protocol names and hashes the file whose tensors the model holds, and a folder with only the
