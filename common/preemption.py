@@ -88,10 +88,14 @@ def _is_rank0() -> bool:
 
 
 def _process_age_s() -> float:
-    """Seconds since this process started (its start as the kernel recorded it, so imports count too)."""
+    """Seconds since this process started (its start as the kernel recorded it, so imports count too); a torchrun
+    worker's, since its agent started (torchrun's own start, which a worker it restarts after a failure keeps)."""
     import psutil
 
-    return max(0.0, time.time() - psutil.Process().create_time())
+    process = psutil.Process()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # (set by torchrun for its workers, its direct children)
+        process = process.parent() or process
+    return max(0.0, time.time() - process.create_time())
 
 
 class StopRequest:

@@ -173,11 +173,17 @@ def test_a_stop_request_from_its_time_limit(tmp_path, monkeypatch):
         request.restore()
 
 def test_the_time_limit_counts_from_the_process_start():
-    """_process_age_s against a sleep at the top of a fresh process: the time before a StopRequest counts."""
+    """_process_age_s against a sleep at the top of a fresh process: the time before a StopRequest counts; a
+    torchrun worker's (TORCHELASTIC_RUN_ID set) counts from its parent's start, the agent's, here 2 s before."""
     code = "import time; time.sleep(1.0); from common.preemption import _process_age_s; print(_process_age_s())"
     age = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                                cwd=ROOT).stdout)
     assert 1.0 <= age < 30
+    agent = ("import os, subprocess, sys, time; time.sleep(2.0); sys.exit(subprocess.run([sys.executable, '-c', "
+             f"{code!r}], env={{**os.environ, 'TORCHELASTIC_RUN_ID': 'x'}}).returncode)")
+    age = float(subprocess.run([sys.executable, "-c", agent], check=True, capture_output=True, text=True,
+                               cwd=ROOT).stdout)
+    assert 3.0 <= age < 30
 
 
 def test_a_helper_started_by_a_trainer_ignores_its_stop_signals_and_lets_its_run_lock_go(tmp_path):
