@@ -22,8 +22,8 @@ class LoopControl:
     """Save and stop for a requeue (as a preemption does: run_dir/REQUEUE, common/preemption.py) at the first step
     after this many minutes from the trainer process's start (torchrun's, for its workers; imports, build and
     resume included, as a job's time limit counts them; Megatron-LM's --exit-duration-in-mins; 0: no limit): set it
-    below a job's time limit where
-    no signal comes before it (slurm/train.sbatch has SLURM send USR1). Each segment takes at least one step."""
+    below a job's time limit where no signal comes before it (slurm/train.sbatch has SLURM send USR1). Each segment
+    takes at least one step."""
     dist_timeout_minutes: int = 30
     """How long a collective waits for the other ranks before the run fails (torch.distributed's process-group
     timeout, megatron-core's groups too; Megatron-LM's --distributed-timeout-minutes): long enough for the
