@@ -258,6 +258,14 @@ def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_trai
     (row,) = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
     assert row["step"] == 6 and row["valid_loss"] == pytest.approx(logged[6], rel=1e-5)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    # --checkpoints new: those without a row for this held-out data (step 3 here; then none; other samples: both)
+    for sets, steps_then, nothing_new in (([], [6, 3], False), ([], [6, 3], True),
+                                          (["--set", "train.eval_batches=1"], [6, 3, 3, 6], False)):
+        main(["--run-dir", str(run_dir), "--checkpoints", "new", "--out", str(tmp_path / "one.jsonl"), *sets])
+        rows = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == steps_then, sets
+        assert ("nothing new to measure" in capsys.readouterr().out) == nothing_new
+    assert [r["eval_samples"] for r in rows] == [16, 16, 8, 8]
     for args, says in [
         (["--checkpoints", "step_00000003,step_00000009"], "training.held_out: --checkpoints step_00000003,"
          "step_00000009: step_00000009 is neither a complete checkpoint of "),

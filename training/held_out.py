@@ -12,13 +12,14 @@ made with the tokenizers its training data was, which the checkpoints record (re
 otherwise; the training data itself is not read); a training start's train.init_from, model.init_text_encoder and
 model.freeze_text_encoder are not read.
 --checkpoints, comma-separated: latest (default: the one `latest` names, else the newest complete), all (every
-complete one, in step order), tags (step_00001000,step_00002000), or export folders (training.export's: e.g. the
-average of the last checkpoints, --average N, against the last one alone; one whose path holds a comma given
-alone). Rows go to RUN_DIR/held_out.jsonl (--out: another file), appended, and to the output: {"checkpoint", "step",
-"consumed_samples" (an export's: "export", its absolute path, "checkpoint", "averaged"), "valid_loss" (the sets'
-mean), "valid_loss_<name>" for each named set, "valid_shards", "eval_samples", "layout"}, and OUT.png draws the
-checkpoints' rows of the file against their steps. Nothing else is written and no lock is taken: a run still
-training may be measured (a checkpoint it prunes meanwhile is an error naming it).
+complete one, in step order), new (those without a row in the file for this held-out data yet: a job that measures
+the checkpoints as a run saves them, or one requeued), tags (step_00001000,step_00002000), or export folders
+(training.export's: e.g. the average of the last checkpoints, --average N, against the last one alone; one whose
+path holds a comma given alone). Rows go to RUN_DIR/held_out.jsonl (--out: another file), appended, and to the
+output: {"checkpoint", "step", "consumed_samples" (an export's: "export", its absolute path, "checkpoint",
+"averaged"), "valid_loss" (the sets' mean), "valid_loss_<name>" for each named set, "valid_shards", "eval_samples",
+"layout"}, and OUT.png draws the checkpoints' rows of the file against their steps. Nothing else is written and no
+lock is taken: a run still training may be measured (a checkpoint it prunes meanwhile is an error naming it).
 """
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ def append_row(out: Path, row: dict | None) -> None:
         raise RunDirError(f"--out {out}: cannot be written ({e.strerror or e})") from None
 
 
-def chosen_sources(run_dir: Path, which: str) -> list[Path]:
-    """The folders `which` names, comma-separated: latest, all, tags of run_dir's complete checkpoints, or export
-    folders (training.export's, e.g. an --average of checkpoints); RunDirError naming what is missing otherwise."""
+def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset()) -> list[Path]:
+    """The folders `which` names, comma-separated: latest, all, new (the complete checkpoints whose tags are not in
+    `measured`), tags of run_dir's complete checkpoints, or export folders (training.export's, e.g. an --average of
+    checkpoints); RunDirError naming what is missing otherwise."""
     from training import checkpoint
     from training.export import is_export
 
@@ -69,15 +71,16 @@ def chosen_sources(run_dir: Path, which: str) -> list[Path]:
     # (an export folder whose path holds a comma is one item; each export by its absolute path: a row's "export"
     # in RUN_DIR/held_out.jsonl names it from anywhere)
     for item in [which] if is_export(which) else (item.strip() for item in which.split(",")):
-        if item in ("latest", "all") and not complete:
+        if item in ("latest", "all", "new") and not complete:
             raise RunDirError(f"{run_dir}: holds no complete checkpoint (expected those of python -m training.train "
                               "in its checkpoints/)")
         if is_export(item):
             chosen.append(Path(item).resolve())
         elif item == "latest":
             chosen.append(checkpoint.checkpoint_dir(run_dir) / checkpoint.resume_tag(run_dir)[0])
-        elif item in complete or item == "all":
-            chosen += [checkpoint.checkpoint_dir(run_dir) / tag for tag in (complete if item == "all" else [item])]
+        elif item in complete or item in ("all", "new"):
+            tags = {"all": complete, "new": [tag for tag in complete if tag not in measured]}.get(item, [item])
+            chosen += [checkpoint.checkpoint_dir(run_dir) / tag for tag in tags]
         else:
             missing.append(item)
     if missing:
@@ -149,12 +152,22 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     out = Path(out) if out else run_dir / OUT_FILE
     # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
     # rank's, so that none waits in the next checkpoint's collectives)
+    held_out_data = {"valid_shards": cfg.data.valid_shards or "(synthetic)",
+                     "eval_samples": t.eval_batches * t.global_batch_size}
+
     def decide() -> list[tuple[Path, dict]]:
-        checked = checked_sources(cfg, chosen_sources(run_dir, which))
+        measured = {row["checkpoint"] for row in json_rows(out)  # (for --checkpoints new)
+                    if isinstance(row.get("step"), int) and all(row.get(k) == v for k, v in held_out_data.items())}
+        checked = checked_sources(cfg, chosen_sources(run_dir, which, measured))
         append_row(out, None)
         return checked
 
     sources = decide_on_rank0(decide)
+    if not sources:  # (--checkpoints new, all measured)
+        if dist.get_rank() == 0:
+            print(f"nothing new to measure: every complete checkpoint of {run_dir} has a row in {out} for this "
+                  "held-out data")
+        return []
     # The held-out data must have been made with the tokenizers the weights were trained on (which the checkpoints
     # record: the training data itself need not be there); checked_sources has found them alike.
     held_out = held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
@@ -170,9 +183,8 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
             checkpoint.load_weights(train_engine, cfg, path, key="--checkpoints")
             losses = held_out_losses(train_engine, cfg, held_out, role, ps.get_data_parallel_rank(), layout.dp,
                                      device)
-            rows.append({**source_fields(path, state), **held_out_row(losses),
-                         "valid_shards": cfg.data.valid_shards or "(synthetic)",
-                         "eval_samples": t.eval_batches * t.global_batch_size, "layout": layout.describe()})
+            rows.append({**source_fields(path, state), **held_out_row(losses), **held_out_data,
+                         "layout": layout.describe()})
             # (a row per checkpoint as it is measured: a killed job keeps those done)
             decide_on_rank0(lambda: append_row(out, rows[-1]))
             if rank0:
@@ -219,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                            example="parallel.tp=2 data.valid_shards=data/coco_val train.eval_batches=16")
     parser.add_argument("--run-dir", required=True, help="the run whose checkpoints are measured")
     parser.add_argument("--checkpoints", default="latest",
-                        help="latest (default) | all | tags, e.g. step_00001000,step_00002000 | export folders "
-                             "(comma-separated)")
+                        help="latest (default) | all | new (not measured yet on this held-out data) | tags, e.g. "
+                             "step_00001000,step_00002000 | export folders (comma-separated)")
     parser.add_argument("--out", help=f"the file rows are appended to (default: RUN_DIR/{OUT_FILE})")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # (deepspeed's launcher)
     args = parser.parse_args(argv)
