@@ -226,7 +226,8 @@ def same_model_selection(metadata: list[dict], protocol: dict) -> str | None:
     otherwise. (evaluation.benchmark says the same in its results: benchmark.clip_selection.)"""
     first = metadata[0] if metadata else {}
     rerank, keep, count = first.get("rerank") or {}, first.get("keep") or 0, first.get("samples_per_prompt") or 0
-    if not (0 < keep < count) or rerank.get("weights_sha256") != protocol.get("weights_sha256"):
+    sha = rerank.get("weights_sha256")  # (None: no reranking, or untrained weights, which are no file's)
+    if not (0 < keep < count) or sha is None or sha != protocol.get("weights_sha256"):
         return None
     every = [x for meta in metadata for x in meta.get("all_clip_scores", [])]
     unbiased = f"; the mean over all samples is {sum(every) / len(every):.3f}" if every else ""

@@ -956,3 +956,14 @@ def test_benchmark_places_the_upsampler_on_the_device_after_init_distributed(sin
         "sampling.keep=0"]))
     assert events == [("load", "cpu"), ("init",), ("to", ("cuda:7",))]
     assert isinstance(given[0], Upsampler)
+
+
+def test_standalone_clip_score_does_not_warn_of_a_selection_without_reranking():
+    """--keep 1 of 2 without --clip (the first sample kept, no reranking) scored with untrained weights: neither
+    records a weights file (sha256 None), which is not the same weights; no warning."""
+    from evaluation.clip_score import same_model_selection
+
+    meta = [{"keep": 1, "samples_per_prompt": 2, "rerank": None, "files": ["00000_0.png"]}]
+    assert same_model_selection(meta, {"weights": "random", "weights_sha256": None}) is None
+    meta[0]["rerank"] = {"weights_sha256": None}
+    assert same_model_selection(meta, {"weights": "random", "weights_sha256": None}) is None
