@@ -1475,3 +1475,37 @@ def test_a_failed_read_of_an_export_on_one_rank_stops_every_rank(pool2, referenc
         assert (f"rank {rank}:" in str(failed.value)), str(failed.value)[-2000:]
     assert str(failed.value).count(f"init_from={exported}: cannot read the export's weights (Input/output error "
                                    "(errno EIO))") == 2
+
+
+def test_held_out_chooses_each_checkpoint_once_and_appends_after_a_line_cut_short(tmp_path):
+    """--checkpoints new,latest (or all,latest) names the newest once; a row appended after a last line a killed
+    job cut short is on a line of its own (not lost with it)."""
+    from common.files import json_rows
+    from training.held_out import append_row, chosen_sources
+
+    for step in (3, 6):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    assert [p.name for p in chosen_sources(tmp_path, "new,latest", {"step_00000003"})] == ["step_00000006"]
+    assert [p.name for p in chosen_sources(tmp_path, "all,latest")] == ["step_00000003", "step_00000006"]
+    out = tmp_path / "held_out.jsonl"
+    out.write_text('{"checkpoint": "step_00000003", "step": 3}\n{"checkpoint": "step_0')
+    append_row(out, {"checkpoint": "step_00000006", "step": 6})
+    assert [r["step"] for r in json_rows(out)] == [3, 6]
+
+
+def test_a_loss_spike_names_a_checkpoint_before_it(tmp_path, monkeypatch):
+    """A run resumed from an earlier checkpoint (step 50) leaves the abandoned trajectory's later ones (step 200):
+    a spike at step 101 names step 50 and skip_steps=51-101, not step 200 and an empty 201-101."""
+    import training.engine as engine_module
+
+    losses = iter([1.0] * 100 + [1.6] + [1.0] * 3)
+    monkeypatch.setattr(engine_module, "train_step", lambda engine, cfg, batches, device: (next(losses), 1.0))
+    t = loop_trainer(tmp_path, 104, "train.save_interval=0", "train.eval_interval=0", "train.log_interval=1000")
+    t.log.enabled = True
+    for step in (50, 200):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    t.run()
+    (warning,) = [e[1] for e in t.events if e[0] == "info"]
+    assert "checkpoints/step_00000050" in warning and "train.skip_steps=51-101 " in warning, warning

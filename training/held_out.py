@@ -53,9 +53,14 @@ def append_row(out: Path, row: dict | None) -> None:
     --out when it cannot be written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        cut = False  # (a last line a killed job cut short: a row appended to it would be lost with it)
+        if row is not None and out.is_file() and out.stat().st_size:
+            with out.open("rb") as f:
+                f.seek(-1, 2)
+                cut = f.read(1) != b"\n"
         with out.open("a") as f:
             if row is not None:
-                f.write(json.dumps(row) + "\n")
+                f.write(("\n" if cut else "") + json.dumps(row) + "\n")
     except OSError as e:
         raise RunDirError(f"--out {out}: cannot be written ({e.strerror or e})") from None
 
@@ -86,7 +91,7 @@ def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset()) 
     if missing:
         raise RunDirError(f"--checkpoints {which}: {', '.join(missing)} is neither a complete checkpoint of {run_dir} "
                           f"(it has {', '.join(complete) or 'none'}) nor an export folder (training.export's)")
-    return chosen
+    return list(dict.fromkeys(chosen))  # (each once: new,latest or all,latest name the newest twice)
 
 
 def checked_sources(cfg: Config, paths: list[Path]) -> list[tuple[Path, dict]]:

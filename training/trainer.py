@@ -339,7 +339,10 @@ class Trainer:
         resume before it without its batches. (Called before the step is counted: its number is self.step + 1.)"""
         if ratio is None or not self.log.enabled:
             return
-        step, tags = self.step + 1, checkpoint.complete_tags(self.run_dir)
+        step = self.step + 1
+        # (those before the spike only: a resume from an earlier checkpoint leaves the later ones of the
+        # trajectory it abandoned in the run directory)
+        tags = [tag for tag in checkpoint.complete_tags(self.run_dir) if int(tag.split("_")[1]) < step]
         resume = (f"if it does not recover, resume from checkpoints/{tags[-1]} (the newest one saved) with --set "
                   f"train.skip_steps={int(tags[-1].split('_')[1]) + 1}-{step} (its batches read past untrained, or a "
                   "shorter range just before the spike, as PaLM did)" if tags else "no checkpoint is saved yet")
