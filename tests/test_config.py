@@ -607,12 +607,16 @@ def test_a_resume_that_changes_the_held_out_samples_says_so(change):
 
 
 def test_a_resume_that_names_its_held_out_set_notes_it_and_one_of_other_folders_warns():
-    """data.valid_shards from a folder to the same folder named (coco=...): the same samples, a note; to another
-    folder, or named sets of other folders, a warning."""
+    """data.valid_shards from a folder to the same folder named (coco=...), or a set renamed: the same samples, a
+    note; to another folder, named sets of other folders, or names swapped between sets, a warning."""
     from training.config import config_to_dict, load_config, resume_changes
 
     saved = config_to_dict(load_config("configs/train/debug.yaml", ["data.valid_shards=codes/v"]))
     for new, kind in (("coco=codes/v", "noted"), ("codes/w", "warned"), ("coco=codes/v,laion=codes/w", "warned")):
+        changes = resume_changes(saved, load_config("configs/train/debug.yaml", [f"data.valid_shards={new}"]))
+        assert [c[0] for c in changes[kind]] == ["data.valid_shards"], (new, changes)
+    saved = config_to_dict(load_config("configs/train/debug.yaml", ["data.valid_shards=a=codes/v,b=codes/w"]))
+    for new, kind in (("c=codes/v,b=codes/w", "noted"), ("b=codes/v,a=codes/w", "warned")):  # (swapped: warned)
         changes = resume_changes(saved, load_config("configs/train/debug.yaml", [f"data.valid_shards={new}"]))
         assert [c[0] for c in changes[kind]] == ["data.valid_shards"], (new, changes)
 

@@ -346,13 +346,16 @@ def resume_changes(saved: dict, cfg: Config) -> dict[str, list[tuple[str, Any, A
 
 
 def _same_held_out_folders(old: Any, new: Any) -> bool:
-    """Whether two data.valid_shards specs name the same folders in the same order (only their sets' names differ)."""
+    """Whether two data.valid_shards specs name the same folders in the same order, only their sets' names differing
+    and no name given to another folder (swapped names would put another set's samples under valid_loss_<name>)."""
     from data_pipeline.training_data import named_sets
 
     try:
-        return list(named_sets(str(old or "")).values()) == list(named_sets(str(new or "")).values())
+        before, after = named_sets(str(old or "")), named_sets(str(new or ""))
     except ConfigError:  # (a spec saved under other rules)
         return False
+    return (list(before.values()) == list(after.values())
+            and all(before[name] == after[name] for name in before.keys() & after.keys()))
 
 
 def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
