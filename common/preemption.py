@@ -94,7 +94,8 @@ def _process_age_s() -> float:
 
     process = psutil.Process()
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # (set by torchrun for its workers, its direct children)
-        process = process.parent() or process
+        parent = process.parent()
+        process = parent if parent is not None and parent.pid != 1 else process  # (1: the agent is gone)
     return max(0.0, time.time() - process.create_time())
 
 
