@@ -155,8 +155,6 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
         raise ConfigError("training.held_out needs data.valid_shards: the code-shard folder(s) of the held-out "
                           "samples (e.g. --set data.valid_shards=coco=data/coco_val)")
     out = Path(out) if out else run_dir / OUT_FILE
-    # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
-    # rank's, so that none waits in the next checkpoint's collectives)
     held_out_data = {"valid_shards": cfg.data.valid_shards or "(synthetic)",
                      "eval_samples": t.eval_batches * t.global_batch_size}
 
@@ -164,6 +162,8 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
         measured = {row["checkpoint"] for row in json_rows(out)  # (for --checkpoints new)
                     if isinstance(row.get("step"), int) and all(row.get(k) == v for k, v in held_out_data.items())}
         checked = checked_sources(cfg, chosen_sources(run_dir, which, measured))
+        # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
+        # rank's, so that none waits in the next checkpoint's collectives)
         append_row(out, None)
         return checked
 
@@ -175,7 +175,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
         return []
     # The held-out data must have been made with the tokenizers the weights were trained on (which the checkpoints
     # record: the training data itself need not be there); checked_sources has found them alike.
-    held_out = held_out_sets(cfg.data, cfg.model, t.seed, t.eval_batches * t.global_batch_size,
+    held_out = held_out_sets(cfg.data, cfg.model, t.seed, held_out_data["eval_samples"],
                              sources[0][1].get("data_tokenizers"))
     init_parallel(layout.tp, layout.pp, t.dist_timeout_minutes)
     groups, rank0, rows = process_groups(), dist.get_rank() == 0, []

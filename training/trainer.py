@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from common import metrics
-from common.checkpoints import CheckpointError, RunDirError, RunLock
+from common.checkpoints import CheckpointError, RunDirError, RunLock, step_of, tag_for
 from common.collection import StepCollection
 from common.config import ConfigError, save_config, to_dict
 from common.files import write_atomic
@@ -342,10 +342,10 @@ class Trainer:
         step = self.step + 1
         # (those before the spike only: a resume from an earlier checkpoint leaves the later ones of the
         # trajectory it abandoned in the run directory)
-        tags = [tag for tag in checkpoint.complete_tags(self.run_dir) if int(tag.split("_")[1]) < step]
-        resume = (f"if it does not recover, resume from checkpoints/{tags[-1]} (the newest one saved) with --set "
-                  f"train.skip_steps={int(tags[-1].split('_')[1]) + 1}-{step} (its batches read past untrained, or a "
-                  "shorter range just before the spike, as PaLM did)" if tags else "no checkpoint is saved yet")
+        saved = [s for s in map(step_of, checkpoint.complete_tags(self.run_dir)) if s < step]
+        resume = (f"if it does not recover, resume from checkpoints/{tag_for(saved[-1])} (the newest one saved) with "
+                  f"--set train.skip_steps={saved[-1] + 1}-{step} (its batches read past untrained, or a shorter range "
+                  "just before the spike, as PaLM did)" if saved else "no checkpoint is saved yet")
         self.log.info(f"warning: loss {loss:.4f} at step {step} is {ratio:.2f}x the median of the previous 100 steps "
                       f"(train.loss_spike_factor={self.cfg.train.loss_spike_factor}): a loss spike; {resume}")
 
