@@ -361,8 +361,10 @@ def check_export(path: str | Path, name: str = "checkpoint") -> Path:
     exported = all((export / f).is_file() for f in EXPORT_FILES)
     config = read_export_config(export) if exported else {}
     exported_tag, averaged = config.get("checkpoint"), config.get("averaged")
-    made_from = f" (the mean of {averaged})" if averaged else f" (made from {exported_tag})" if exported_tag else ""
-    if exported and (step is None or (step == exported_tag and not averaged)):
+    ema = ": the moving average of the weights" if config.get("weights") == "ema" else ""  # (training.export --ema)
+    made_from = (f" (the mean of {averaged}{ema})" if averaged else f" (made from {exported_tag}{ema})" if exported_tag
+                 else "")
+    if exported and (step is None or (step == exported_tag and not averaged and not ema)):
         advice = f"pass its export {export}{made_from}"
     elif step:
         target = run / f"export_{step}" if exported else export
@@ -382,7 +384,8 @@ def export_identity(path: str | Path) -> dict:
     config = read_export_config(path)
     return {"path": str(path), "tag": config.get("checkpoint"), "weights_bytes": weights.st_size,
             "weights_mtime_ns": weights.st_mtime_ns,
-            **({"averaged": config["averaged"]} if config.get("averaged") else {})}  # (training.export --average)
+            **({"averaged": config["averaged"]} if config.get("averaged") else {}),  # (training.export --average)
+            **({"weights": config["weights"]} if config.get("weights") else {})}  # (training.export --ema)
 
 
 def gather_metadata(out: Path, count: int | None = None) -> Path:

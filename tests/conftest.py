@@ -103,6 +103,10 @@ H200_RUN_2 = H200_RUN.with_name("gpu_nvidia-h200_2026-12-04.json")
 """The second (4 micro-batches per optimizer step, parti-350m up to micro-batch 128): checked against as well."""
 
 
+REFERENCE_EMA = "train.ema_decay=0.9"
+"""The reference run's moving average of the weights (the runs compared with it at other layouts keep one too)."""
+
+
 def held_out_losses(run_dir) -> dict[int, float]:
     """{step: valid_loss} of a run's metrics.jsonl (the steps its held-out loss was measured at)."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -126,9 +130,11 @@ def run(run_dir: str, *overrides: str, steps: int = STEPS, resume: str = "auto")
 
 @pytest.fixture(scope="session")
 def reference(pool2, tmp_path_factory):
-    """The reference run: ZeRO-0, DP=2, TP=1, PP=1, 6 steps. Returns (losses, run_dir)."""
+    """The reference run: ZeRO-0, DP=2, TP=1, PP=1, 6 steps, keeping a moving average of the weights (REFERENCE_EMA:
+    it changes no loss, and runs resumed from its checkpoints without one leave it behind). Returns (losses,
+    run_dir)."""
     path = tmp_path_factory.mktemp("reference")
-    losses = pool2.run(run, str(path))
+    losses = pool2.run(run, str(path), REFERENCE_EMA)
     assert losses[0] == losses[1]
     return losses[0], path
 

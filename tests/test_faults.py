@@ -388,12 +388,13 @@ def test_steps_skipped_by_config_equal_steps_skipped_as_nonfinite(single_process
     the run equals one whose steps 3 and 4 had non-finite losses (calls 9-16; the guard holds the weights and the LR
     schedule there) in every other step's loss, LR and held-out loss, and in the optimizer's step count; the
     skipped steps are neither logged nor counted as non-finite. Cut inside the range (saved at step 3) and
-    resumed, it is the same run, and each segment says what it skips."""
-    every_6 = "train.eval_interval=6"  # (no held-out loss between the poisoned calls)
+    resumed, it is the same run, and each segment says what it skips. Neither kind of skipped step moves the
+    moving average of the weights (train.ema_decay): the three runs end with the same one."""
+    every_6 = ("train.eval_interval=6", "train.ema_decay=0.5")  # (no held-out loss between the poisoned calls)
     nan_loss_on_calls.update(range(9, 17))
-    guarded = run(str(tmp_path / "guarded"), every_6)
+    guarded = run(str(tmp_path / "guarded"), *every_6)
     nan_loss_on_calls.clear()
-    skipping = ("train.skip_steps=3-4", every_6)
+    skipping = ("train.skip_steps=3-4", *every_6)
     skipped = run(str(tmp_path / "skipped"), *skipping)
     assert [x != x for x in skipped] == [False, False, True, True, False, False]
     assert skipped == pytest.approx(guarded, rel=1e-6, nan_ok=True)
@@ -410,6 +411,16 @@ def test_steps_skipped_by_config_equal_steps_skipped_as_nonfinite(single_process
     for folder in ("guarded", "skipped", "cut"):
         state = json.loads((tmp_path / folder / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
         assert state["optimizer_steps"] == 4 and state["consumed_samples"] == 48, folder
+    import torch
+    from safetensors.torch import load_file
+
+    from training.export import export
+
+    averages = {folder: load_file(str(export(tmp_path / folder, out=tmp_path / f"ema_{folder}", ema=True)
+                                      / "model.safetensors")) for folder in ("guarded", "skipped", "cut")}
+    for name, average in averages["guarded"].items():
+        for folder in ("skipped", "cut"):
+            torch.testing.assert_close(averages[folder][name], average, rtol=1e-5, atol=1e-6, msg=f"{folder} {name}")
 
 
 def test_steps_skipped_apart_do_not_stop_the_run(single_process, tmp_path, nan_loss_on_calls):

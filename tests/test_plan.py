@@ -298,6 +298,8 @@ def test_run_costs_follow_what_a_checkpoint_and_a_code_shard_hold(single_process
     record = np.dtype(record_dtype(m.image_seq_len, m.text_seq_len)).itemsize
     assert record > 2 * (m.image_seq_len + m.text_seq_len)  # ids and codes at least
     assert c.samples_per_s == 128 and c.data_mb_per_s == pytest.approx(128 * record / 1e6)
+    # with the moving average of the weights (train.ema_decay), a fourth fp32 value per parameter
+    assert run_costs(m, 313_088, layout, 64, 2.0, ema=True).checkpoint_gb * 1e9 == pytest.approx(313_088 * 4 * 4)
 
 
 def test_memory_terms_per_parameter_and_stage():
@@ -316,6 +318,10 @@ def test_memory_terms_per_parameter_and_stage():
         layout = estimate(m, 1, pp, 2, zero, 1, 8, precision, "none", hw)
         assert (layout.weights_gb, layout.grads_gb, layout.optimizer_gb) == pytest.approx(
             (layout.params * w / gb, layout.params * g / gb, layout.params * o / gb)), (precision, pp, zero)
+        # train.ema_decay's moving average: one more fp32 value per parameter, sharded as the optimizer state is
+        averaged = estimate(m, 1, pp, 2, zero, 1, 8, precision, "none", hw, ema=True)
+        whole = 12 if precision == "bf16" else 8  # (o: whole / the DP size the state is sharded over)
+        assert averaged.optimizer_gb == pytest.approx(layout.params * (whole + 4) * (o / whole) / gb)
     m = debug_model_config(**{"model.preset": "dalle-debug"})  # (its caption head makes the last stage the larger)
     kinds = [cls.__name__ for _, cls in piece_classes(m)]
     for micro_batches in (1, 4):  # one micro-batch per step: never more than one in flight

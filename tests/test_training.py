@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import STEPS, held_out_losses, run
+from tests.conftest import REFERENCE_EMA, STEPS, held_out_losses, run
 from training.checkpoint import latest_tag
 
 
@@ -454,16 +454,28 @@ def test_tp2_pp2_on_four_processes_equals_tp1_pp1(pool4, reference, tmp_path):
     (("parallel.zero_stage=3",), ("parallel.zero_stage=3",)),
     ((), ("parallel.tp=2", "parallel.zero_stage=2")),
 ], ids=["dp2-zero1-to-dp1", "tp2-to-tp1", "pp2-to-pp1", "zero3-to-zero3", "tp1-to-tp2-zero2"])
-def test_resume_on_another_layout(pool2, reference, tmp_path, saved_at, resumed_at):
-    """Stop after 3 steps at one layout, continue at another: the losses of the uninterrupted run."""
-    first = pool2.run(run, str(tmp_path), *saved_at, steps=3)[0]
+def test_resume_on_another_layout(single_process, pool2, reference, tmp_path, saved_at, resumed_at):
+    """Stop after 3 steps at one layout, continue at another: the losses of the uninterrupted run, and the moving
+    average of the weights it kept (train.ema_decay: each rank's own part of it saved and loaded like Adam's
+    moments) is the reference's at the end."""
+    from safetensors.torch import load_file
+
+    from training.export import export
+
+    first = pool2.run(run, str(tmp_path), *saved_at, REFERENCE_EMA, steps=3)[0]
     if resumed_at is None:
-        second = run(str(tmp_path), "parallel.zero_stage=1")
+        second = run(str(tmp_path), "parallel.zero_stage=1", REFERENCE_EMA)
     else:
-        second = pool2.run(run, str(tmp_path), *resumed_at)[0]
+        second = pool2.run(run, str(tmp_path), *resumed_at, REFERENCE_EMA)[0]
     assert first + second == pytest.approx(reference[0], rel=1e-4, abs=1e-4)
     state = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
     assert state["consumed_samples"] == STEPS * 8 and state["step"] == STEPS
+    ours, theirs = (load_file(str(export(folder, out=tmp_path / f"ema_{i}", ema=True) / "model.safetensors"))
+                    for i, folder in enumerate((tmp_path, reference[1])))
+    weights = load_file(str(export(reference[1], out=tmp_path / "weights") / "model.safetensors"))
+    assert set(ours) == set(theirs) and any(not torch.equal(theirs[n], weights[n]) for n in weights)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_export_is_layout_independent_and_loads_without_deepspeed(single_process, pool2, reference, tmp_path):

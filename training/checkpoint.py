@@ -13,7 +13,8 @@ needs TP patterns per parameter. megatron-core's dist_checkpointing stores each 
 global shape and the offsets of every block, and reshards on load, so a checkpoint saved at
 TP=2 x PP=2 x DP=2 loads at TP=1 x PP=1 x DP=1 (and back). What goes in:
 - for every parameter, under its PartiModel name (the same at any PP, see `piece_names`): the fp32
-  master weight and the optimizer state (AdamW's `exp_avg`, `exp_avg_sq`; Adafactor's statistics);
+  master weight and the optimizer state (AdamW's `exp_avg`, `exp_avg_sq`; Adafactor's statistics; the moving
+  average of the weights, `ema`, when the run keeps one: training/ema.py);
 - what each rank writes is its own part, read in place from DeepSpeed's partitions (deepspeed_glue.py
   `own_fragment`): under ZeRO-1/2/3 a flat range of each parameter, stored as the few row-major blocks
   that cover it (`flat_blocks`; megatron-core 0.16 refuses ShardedTensor.flattened_range), placed in the
@@ -79,6 +80,7 @@ from model_parallel.layout import ParallelLayout
 from model_parallel.pipeline import canonical_parameters
 from training.checkpoint_verify import load_rng_file, verify  # noqa: F401 - training.trainer calls verify here
 from training.deepspeed_glue import (
+    EMA_KEY,
     Fragment,
     ensure_optimizer_state,
     link_optimizer_fragments,
@@ -89,6 +91,7 @@ from training.deepspeed_glue import (
     refresh_working_weights,
     set_optimizer_step_count,
 )
+from training.ema import saved_ema_decay
 
 STATE_FILE = "trainer_state.json"
 """Written last into a checkpoint folder: its presence marks the checkpoint complete."""
@@ -146,6 +149,10 @@ def read_trainer_state(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Parameters by layout-independent name, and their shards
 
+WEIGHT_SOURCES = {"model": "model", "ema": f"optimizer.{EMA_KEY}"}
+"""The weights a checkpoint holds, by what they are (the fp32 masters, or their moving average when the run kept
+one: train.ema_decay), and the prefix of their stored names."""
+
 
 def flat_blocks(shape: tuple, start: int, stop: int) -> list[tuple[tuple, tuple]]:
     """[(offset, size)]: the fewest row-major blocks that together cover elements [start, stop) of a
@@ -202,18 +209,20 @@ def sharded_blocks(key: str, fragment: Fragment, shape: tuple, p: torch.nn.Param
     return out
 
 
-def _state_dict(engine, model_cfg, optimizer: bool = True) -> tuple[dict, list[torch.nn.Parameter]]:
+def _state_dict(engine, model_cfg, optimizer: bool = True, ema: bool = False,
+                weights_from: str = "model") -> tuple[dict, list[torch.nn.Parameter]]:
     """{'model': {name#i: ShardedTensor}, 'optimizer': {moment.name#i: ShardedTensor}}: this rank's own
-    blocks of every fp32 master weight and optimizer state (not with `optimizer=False`), under PartiModel's
-    parameter names (the same at any layout), as views of the live tensors: a save writes them, a load fills
-    them in place."""
+    blocks of every fp32 master weight and optimizer state (not with `optimizer=False`; the moving average of the
+    weights too with `ema`: training/ema.py), under PartiModel's parameter names (the same at any layout), as
+    views of the live tensors: a save writes them, a load fills them in place. `weights_from`: the stored name
+    the master weights are read from (WEIGHT_SOURCES: a load of the average into the weights)."""
     params = canonical_parameters(engine.module, model_cfg)
     link_optimizer_fragments(engine)
     state: dict = {"model": {}, "optimizer": {}} if optimizer else {"model": {}}
     for n, p in params.items():
-        parts = [("model", f"model.{n}", None, False, tuple(local_shape(p)))]
+        parts = [("model", f"{WEIGHT_SOURCES[weights_from]}.{n}", None, False, tuple(local_shape(p)))]
         parts += [("optimizer", f"optimizer.{key}.{n}", key, per_tp, shape)
-                  for key, per_tp, shape in (optimizer_state_specs(engine, p) if optimizer else [])]
+                  for key, per_tp, shape in (optimizer_state_specs(engine, p, ema) if optimizer else [])]
         for section, name, key, per_tp, shape in parts:
             blocks = sharded_blocks(name, own_fragment(engine, p, key), shape, p, per_tp)
             state[section].update({f"{name}#{i}": block for i, block in enumerate(blocks)})
@@ -389,7 +398,8 @@ def save(engine, cfg, layout: ParallelLayout, run_dir: str | Path, step: int, tr
                   "lr_scheduler": engine.lr_scheduler.state_dict(), "layout": layout.record(),
                   "config": to_dict(cfg)}
     rank = dist.get_rank()
-    return save_sections(lambda: _state_dict(engine, cfg.model)[0], cfg.parallel.zero_stage == 0, run_dir, step,
+    return save_sections(lambda: _state_dict(engine, cfg.model, ema=cfg.train.ema_decay > 0)[0],
+                         cfg.parallel.zero_stage == 0, run_dir, step,
                          full_state, keep, background,
                          also=lambda path: _save_synced(_rng_state(), path / f"rng_rank{rank}.pt"))
 
@@ -490,10 +500,11 @@ def load_in_place(template: dict, path: Path) -> None:
                     target.copy_(loaded[section][name])
 
 
-def load_weights(engine, cfg, path: Path, key: str = "train.init_from") -> None:
-    """The fp32 master weights of the checkpoint at `path` into the engine at this run's layout, its optimizer
-    state left as it is (train.init_from: a new run from another's weights; `key`: the option that named it)."""
-    template, params = _state_dict(engine, cfg.model, optimizer=False)
+def load_weights(engine, cfg, path: Path, key: str = "train.init_from", weights: str = "model") -> None:
+    """The fp32 master weights of the checkpoint at `path` (`weights`="ema": their moving average, which the
+    checkpoint must hold) into the engine at this run's layout, its optimizer state left as it is
+    (train.init_from: a new run from another's weights; `key`: the option that named it)."""
+    template, params = _state_dict(engine, cfg.model, optimizer=False, weights_from=weights)
     export, error = path / EXPORT_WEIGHTS, None
     try:
         if export.is_file():
@@ -534,7 +545,9 @@ def load(engine, cfg, layout: ParallelLayout, path: Path, branch: bool = False) 
     state = read_trainer_state(path)
     # (Adafactor's per-TP-shard statistics at another TP size are refused before, by training.resume_plan.plan_resume.)
     ensure_optimizer_state(engine)
-    template, params = _state_dict(engine, cfg.model)
+    # (the average of the weights where both keep one: a run that starts keeping one starts it from the loaded
+    # weights, training.trainer; one that stops leaves the checkpoint's unread)
+    template, params = _state_dict(engine, cfg.model, ema=cfg.train.ema_decay > 0 and saved_ema_decay(state) > 0)
     try:
         load_in_place(template, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError from torch's unzip...

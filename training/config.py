@@ -93,6 +93,11 @@ class TrainConfig(LoopControl):
     step after every rank's write finished, and the run's last save is waited for."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive steps whose loss or gradients were not finite."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the fp32 weights, ema = decay x ema + (1 - decay) x weights after
+    every optimizer step taken (LlamaGen's --ema, 0.9999; 0: none): one more fp32 tensor per parameter, held
+    beside Adam's moments in each rank's own ZeRO/TP part (training/ema.py), saved in checkpoints and resumed at
+    any layout; `training.export --ema` and `training.held_out --ema` take it instead of the weights."""
     loss_spike_factor: float = 1.5
     """Warn when a step's loss is this many times the median of the previous 100 steps' (0: never), naming the
     newest checkpoint before it and the train.skip_steps that would resume there without the batches since."""
@@ -212,6 +217,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         require(0 <= getattr(t, name) < 1, f"train.{name}={getattr(t, name)} must be in [0, 1)")
     require(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0")
+    require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no moving average)")
     step_ranges(t.skip_steps, "train.skip_steps")
     require(t.global_batch_size % t.micro_batch_size == 0,
             f"train.global_batch_size={t.global_batch_size} must be divisible by "
@@ -284,7 +290,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_stable_steps", "train.lr_decay",
                   "train.lr_decay_steps", "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1",
-                  "train.adam_beta2", "train.adam_eps")
+                  "train.adam_beta2", "train.adam_eps", "train.ema_decay")
 """Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
 checkpoint's step with the new values (training/checkpoint.py `load`), weight decay, clipping and Adam's
 betas and epsilon are the new ones from the first step on (the moments are the checkpoint's)."""

@@ -33,6 +33,9 @@ import weakref
 import torch
 
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+EMA_KEY = "ema"
+"""The optimizer-state key under which training/ema.py keeps the moving average of each fp32 tensor the optimizer
+updates (checkpoints store it as optimizer.ema.<parameter>)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +195,14 @@ class NonFiniteGuard:
 
         optimizer.step = guarded_step
 
-    def step_done(self) -> None:
-        """After an optimizer step: count it as skipped if the guard or DeepSpeed's wrapper skipped it."""
+    def step_done(self) -> bool:
+        """After an optimizer step: count it as skipped if the guard or DeepSpeed's wrapper skipped it; whether it
+        was."""
         skipped = self._skipped_here or self.engine.skipped_steps != self._engine_skips
         self._engine_skips, self._skipped_here = self.engine.skipped_steps, False
         self.skipped += skipped
         self.consecutive = self.consecutive + 1 if skipped else 0
+        return skipped
 
 
 class NonFiniteStop(RuntimeError):
@@ -228,15 +233,17 @@ def local_shape(p: torch.nn.Parameter) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
-def optimizer_state_specs(engine, p) -> list[tuple[str, bool, tuple]]:
-    """(state key, stored per TP rank, this rank's shape) of p's optimizer state. Adam's moments have
-    p's shape; Adafactor's row/column statistics of a matrix are means over this rank's shard only."""
+def optimizer_state_specs(engine, p, ema: bool = False) -> list[tuple[str, bool, tuple]]:
+    """(state key, stored per TP rank, this rank's shape) of p's optimizer state, with the moving average of the
+    weights (training/ema.py) when `ema`. Adam's moments and the average have p's shape; Adafactor's row/column
+    statistics of a matrix are means over this rank's shard only."""
     shape = tuple(local_shape(p))
+    averaged = [(EMA_KEY, False, shape)] if ema else []
     if isinstance(base_optimizer(engine), torch.optim.Adafactor):
         if len(shape) > 1:
-            return [("row_var", True, shape[:-1] + (1,)), ("col_var", True, shape[:-2] + (1,) + shape[-1:])]
-        return [("variance", False, shape)]
-    return [(key, False, shape) for key in OPTIMIZER_MOMENTS]
+            return [("row_var", True, shape[:-1] + (1,)), ("col_var", True, shape[:-2] + (1,) + shape[-1:])] + averaged
+        return [("variance", False, shape)] + averaged
+    return [(key, False, shape) for key in OPTIMIZER_MOMENTS] + averaged
 
 
 # DeepSpeed's optimizer wrapper -> {id(low-precision param): (fp32 holder, offset)}; kept here, not on the
@@ -359,10 +366,8 @@ def ensure_optimizer_state(engine) -> None:
     FusedAdam keeps its count in the param group only (`set_optimizer_step_count` sets it there), so its
     state gets none."""
     base = base_optimizer(engine)
-    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-    holders = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
     fused = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
-    for p in holders:
+    for p in optimizer_holders(engine):
         if base.state.get(p):  # (state is a defaultdict: test for content)
             continue
         if isinstance(base, torch.optim.Adafactor):
@@ -375,6 +380,14 @@ def ensure_optimizer_state(engine) -> None:
             state["step"] = 0
         base.state[p] = state
     link_optimizer_fragments(engine)
+
+
+def optimizer_holders(engine) -> list[torch.Tensor]:
+    """The fp32 tensors the torch optimizer updates, which its state is keyed by: ZeRO-3's flat partitions
+    (runtime/zero/stage3.py `fp32_partitioned_groups_flat`, put into the param groups only while it steps), else
+    the param groups' tensors (ZeRO-1/2's flat partitions, a ZeRO-0 wrapper's masters, or the parameters)."""
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    return list(flat) if flat is not None else [p for g in base_optimizer(engine).param_groups for p in g["params"]]
 
 
 def link_optimizer_fragments(engine) -> None:

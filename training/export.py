@@ -1,7 +1,9 @@
 r"""Export a checkpoint's weights to one safetensors file plus its config, for inference without DeepSpeed.
 
     python -m training.export --run-dir runs/x [--tag step_00000100] [--out runs/x/export] [--dtype bf16] \
-        [--average 5]       # the mean weights of the 5 newest checkpoints up to --tag (checkpoint averaging)
+        [--average 5] [--ema]
+    # --average 5: the mean weights of the 5 newest checkpoints up to --tag (checkpoint averaging);
+    # --ema: the moving average of the weights the run kept (train.ema_decay) instead of the weights
     model = load_exported("runs/x/export")          # a PartiModel at TP=1, in eval mode, fp32 on CPU
     model = load_exported("runs/x/export", "cuda")  # bf16 on the GPU (dtype=... to choose)
 
@@ -41,8 +43,16 @@ from model_parallel.config import ModelConfig, saved_model_config
 from model_parallel.model import PartiModel, move_buffers
 from model_parallel.param_count import SizingGroup
 from model_parallel.state import init_parallel
-from training.checkpoint import EXPORT_WEIGHTS, complete_tags, read_trainer_state, resume_tag, verify
+from training.checkpoint import (
+    EXPORT_WEIGHTS,
+    WEIGHT_SOURCES,
+    complete_tags,
+    read_trainer_state,
+    resume_tag,
+    verify,
+)
 from training.deepspeed_glue import local_shape
+from training.ema import saved_ema_decay
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 """The safetensors dtypes load_exported takes (cast to its `dtype`): training.export writes F32 or BF16."""
@@ -91,21 +101,24 @@ class _IndexedReader(FileSystemReader):
         return self.index
 
 
-def read_weights(checkpoint: OpenCheckpoint, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The whole fp32 tensors of an opened checkpoint named in `names` (default: all; the others are not read).
-    torch.distributed.checkpoint reads them straight from the blocks the ranks wrote, at any layout (megatron-core
-    saves a ShardedTensor as torch's sharded tensor under its key: model.<name>)."""
+def read_weights(checkpoint: OpenCheckpoint, names: list[str] | None = None,
+                 weights: str = "model") -> dict[str, torch.Tensor]:
+    """The whole fp32 tensors of an opened checkpoint named in `names` (default: all; the others are not read), of
+    its `weights` (WEIGHT_SOURCES: the masters, or their moving average). torch.distributed.checkpoint reads them
+    straight from the blocks the ranks wrote, at any layout (megatron-core saves a ShardedTensor as torch's sharded
+    tensor under its key: model.<name>, optimizer.ema.<name>)."""
     names = list(checkpoint.shapes) if names is None else names
-    weights = {f"model.{n}": torch.empty(checkpoint.shapes[n]) for n in names}
+    prefix = WEIGHT_SOURCES[weights]
+    found = {f"{prefix}.{n}": torch.empty(checkpoint.shapes[n]) for n in names}
     try:
         with warnings.catch_warnings():  # (no_dist: this process reads alone, as asked; torch warns it assumes so)
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(weights, storage_reader=_IndexedReader(checkpoint.path, checkpoint.index), no_dist=True)
+            dcp.load(found, storage_reader=_IndexedReader(checkpoint.path, checkpoint.index), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - as training/checkpoint.py's load_weights
         # (a run still training prunes its oldest checkpoints, those an --average reads first: one line naming it)
         raise CheckpointError(f"{checkpoint.path}: cannot read its weights ({failure_cause(e)}); pruned or damaged "
                               "since it was opened?") from None
-    return {n: weights[f"model.{n}"] for n in names}
+    return {n: found[f"{prefix}.{n}"] for n in names}
 
 
 def weight_groups(shapes: dict[str, tuple], limit: int = GROUP_BYTES) -> list[list[str]]:
@@ -141,11 +154,12 @@ def safetensors_header(shapes: dict[str, tuple], metadata: dict[str, str], dtype
 
 
 def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None,
-           group_bytes: int = GROUP_BYTES, dtype: str = "fp32", average: int = 1) -> Path:
+           group_bytes: int = GROUP_BYTES, dtype: str = "fp32", average: int = 1, ema: bool = False) -> Path:
     """Write RUN_DIR's checkpoint `tag` (default: latest) as OUT/model.safetensors + OUT/config.json, the
     weights in `dtype` (EXPORT_DTYPES: the checkpoint's fp32 masters, or rounded to bf16); with `average` N > 1,
     the mean of the weights of the N newest complete checkpoints up to `tag` (checkpoint averaging, as fairseq's
-    average_checkpoints.py: often a lower held-out loss than the last checkpoint alone, at no training cost).
+    average_checkpoints.py: often a lower held-out loss than the last checkpoint alone, at no training cost);
+    with `ema`, the moving average of the weights the checkpoint holds (train.ema_decay) instead of the weights.
 
     The file is written as the checkpoints are read, `group_bytes` of weights at a time: the safetensors
     library writes a file only from all of its tensors in memory, the whole model in host RAM (80 GB at
@@ -160,18 +174,23 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
     opened = [open_checkpoint(run_dir, t) for t in tags]
     state, shapes = opened[-1].state, opened[-1].shapes
     check_averageable(opened)
-    averaged = {"averaged": ",".join(tags)} if len(tags) > 1 else {}
+    weights = "ema" if ema else "model"
+    if ema:
+        check_has_ema(opened)
+    # (what the file holds besides the checkpoint's own weights, in its header and config.json)
+    made_of = {"averaged": ",".join(tags)} if len(tags) > 1 else {}
+    made_of |= {"weights": "ema", "ema_decay": str(saved_ema_decay(state))} if ema else {}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp, open(tmp, "wb") as f:
-        f.write(head := safetensors_header(shapes, {"checkpoint": tag, **averaged}, dtype))
+        f.write(head := safetensors_header(shapes, {"checkpoint": tag, **made_of}, dtype))
         written = EXPORT_DTYPES[dtype][1]
         total = written.itemsize * sum(math.prod(s) for s in shapes.values())
         progress = tqdm(total=total, desc=f"export {tag}", unit="B", unit_scale=True, disable=None)  # (minutes at 20B)
         for group in weight_groups(shapes, group_bytes):
-            weights = mean_weights(opened, group)
+            values = mean_weights(opened, group, weights)
             for name in group:  # (as bytes: numpy has no bfloat16)
-                progress.update(f.write(memoryview(weights[name].to(written).reshape(-1).view(torch.uint8).numpy())))
-            del weights
+                progress.update(f.write(memoryview(values[name].to(written).reshape(-1).view(torch.uint8).numpy())))
+            del values
         progress.close()
         if f.tell() != len(head) + total:
             raise ValueError(f"{tmp}: {f.tell()} bytes written, its header describes another size")
@@ -179,7 +198,7 @@ def export(run_dir: str | Path, tag: str | None = None, out: str | Path | None =
         os.fsync(f.fileno())
     # (after the weights: a re-export stopped between the two leaves the earlier config.json, whose checkpoint
     # tag load_exported then finds differing from the weights')
-    write_atomic(out / "config.json", json.dumps({"model": state["config"]["model"], "checkpoint": tag, **averaged,
+    write_atomic(out / "config.json", json.dumps({"model": state["config"]["model"], "checkpoint": tag, **made_of,
                                                   "data_tokenizers": state.get("data_tokenizers")}, indent=1))
     return out
 
@@ -217,12 +236,13 @@ def check_averageable(opened: list[OpenCheckpoint]) -> None:
                              "of one network trained on the same data")
 
 
-def mean_weights(opened: list[OpenCheckpoint], names: list[str]) -> dict[str, torch.Tensor]:
-    """The fp32 mean over the opened checkpoints of the weights `names` (summed in fp64, one checkpoint's group
-    in memory at a time besides the sums), each checked to be the float32 tensor of the shape the header says."""
+def mean_weights(opened: list[OpenCheckpoint], names: list[str], which: str = "model") -> dict[str, torch.Tensor]:
+    """The fp32 mean over the opened checkpoints of the weights `names` (`which`: read_weights' `weights`; summed in
+    fp64, one checkpoint's group in memory at a time besides the sums), each checked to be the float32 tensor of the
+    shape the header says."""
     sums = {}
     for checkpoint in opened:
-        weights = read_weights(checkpoint, names)
+        weights = read_weights(checkpoint, names, which)
         for name in names:  # (the header was written from the shapes: each tensor must be what it says)
             w = weights[name]
             if w.dtype != torch.float32 or tuple(w.shape) != checkpoint.shapes[name]:
@@ -234,6 +254,14 @@ def mean_weights(opened: list[OpenCheckpoint], names: list[str]) -> dict[str, to
                 sums[name] = w.double() if name not in sums else sums[name].add_(w)
         del weights
     return sums if len(opened) == 1 else {name: (total / len(opened)).float() for name, total in sums.items()}
+
+
+def check_has_ema(opened: list[OpenCheckpoint]) -> None:
+    """CheckpointError naming the first checkpoint that holds no moving average of the weights (--ema)."""
+    for checkpoint in opened:
+        if not saved_ema_decay(checkpoint.state):
+            raise CheckpointError(f"--ema: {checkpoint.path} holds no moving average of the weights (its run's "
+                                  "train.ema_decay was 0 when it was saved); export its weights without --ema")
 
 
 def check_replaceable(out: Path) -> None:
@@ -414,9 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--average", type=int, default=1, metavar="N",
                         help="export the mean weights of the N newest complete checkpoints up to --tag (default 1: "
                              "that checkpoint's own)")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the moving average of the weights the checkpoint holds (train.ema_decay) "
+                             "instead of the weights")
     args = parser.parse_args(argv)
     with command(errors=(CheckpointError, FileNotFoundError, ValueError), label="training.export"):
-        print(f"exported to {export(args.run_dir, args.tag, args.out, dtype=args.dtype, average=args.average)}")
+        out = export(args.run_dir, args.tag, args.out, dtype=args.dtype, average=args.average, ema=args.ema)
+        print(f"exported to {out}")
 
 
 if __name__ == "__main__":

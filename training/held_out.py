@@ -18,7 +18,9 @@ the checkpoints as a run saves them, or one requeued), tags (step_00001000,step_
 path holds a comma given alone). Rows go to RUN_DIR/held_out.jsonl (--out: another file), appended, and to the
 output: {"checkpoint", "step", "consumed_samples" (an export's: "export", its absolute path, "checkpoint",
 "averaged"), "valid_loss" (the sets' mean), "valid_loss_<name>" for each named set, "valid_shards", "eval_samples",
-"layout"}, and OUT.png draws the checkpoints' rows of the file against their steps. Nothing else is written and no
+"layout", and "weights": "ema" for --ema's}, and OUT.png draws the checkpoints' rows of the file against their steps.
+--ema: the moving average of the weights each checkpoint holds (train.ema_decay) is measured instead of the weights
+(a line of its own in OUT.png; --checkpoints new counts the rows of each apart). Nothing else is written and no
 lock is taken: a run still training may be measured (a checkpoint it prunes meanwhile is an error naming it).
 """
 from __future__ import annotations
@@ -94,17 +96,22 @@ def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset()) 
     return list(dict.fromkeys(chosen))  # (each once: new,latest or all,latest name the newest twice)
 
 
-def checked_sources(cfg: Config, paths: list[Path]) -> list[tuple[Path, dict]]:
+def checked_sources(cfg: Config, paths: list[Path], ema: bool = False) -> list[tuple[Path, dict]]:
     """(folder, trainer state) of each checkpoint or export, once its network is checked against the config's,
     its files verified (training.resume_plan's checks of a train.init_from source), and its data tokenizers found
-    those of the first (the held-out data must have been made with them)."""
+    those of the first (the held-out data must have been made with them); with `ema`, each a checkpoint that holds
+    a moving average of the weights."""
     from data_pipeline.code_shards import other_tokenizers
     from training import checkpoint
+    from training.ema import saved_ema_decay
     from training.export import is_export
     from training.resume_plan import check_weights_source, export_state
 
     sources = []
     for path in paths:
+        if ema and is_export(path):
+            raise ConfigError(f"--ema: {path} is an export, which holds one set of weights (export a checkpoint's "
+                              "average with training.export --ema and measure that export without --ema)")
         if is_export(path):
             state = export_state(path, key="--checkpoints")
         else:
@@ -118,6 +125,9 @@ def checked_sources(cfg: Config, paths: list[Path]) -> list[tuple[Path, dict]]:
         if differ:
             raise ConfigError(f"--checkpoints: {path} was trained on data made with another {' and '.join(differ)} "
                               f"than {first}: one held-out set cannot be measured for both; measure them apart")
+        if ema and not saved_ema_decay(state):
+            raise ConfigError(f"--ema: {path} holds no moving average of the weights (its run's train.ema_decay was "
+                              "0 when it was saved): name checkpoints saved with one")
         sources.append((path, state))
     return sources
 
@@ -130,9 +140,11 @@ def source_fields(path: Path, state: dict) -> dict:
     return {"export": str(path), "checkpoint": state["step"], "averaged": state.get("averaged")}
 
 
-def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str | Path | None = None) -> list[dict]:
+def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str | Path | None = None,
+             ema: bool = False) -> list[dict]:
     """The rows of the checkpoints `which` names (see the module docstring), appended to `out` (default:
-    RUN_DIR/held_out.jsonl) by rank 0; in every rank of a process group (torchrun)."""
+    RUN_DIR/held_out.jsonl) by rank 0, of their weights or (`ema`) the moving average of them each holds; in every
+    rank of a process group (torchrun)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
@@ -156,12 +168,14 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
                           "samples (e.g. --set data.valid_shards=coco=data/coco_val)")
     out = Path(out) if out else run_dir / OUT_FILE
     held_out_data = {"valid_shards": cfg.data.valid_shards or "(synthetic)",
-                     "eval_samples": t.eval_batches * t.global_batch_size}
+                     "eval_samples": t.eval_batches * t.global_batch_size, "weights": "ema" if ema else None}
+    held_out_data = {k: v for k, v in held_out_data.items() if v is not None}  # (rows of the weights: no "weights")
 
     def decide() -> list[tuple[Path, dict]]:
         measured = {row["checkpoint"] for row in json_rows(out)  # (for --checkpoints new)
-                    if isinstance(row.get("step"), int) and all(row.get(k) == v for k, v in held_out_data.items())}
-        checked = checked_sources(cfg, chosen_sources(run_dir, which, measured))
+                    if isinstance(row.get("step"), int) and row.get("weights") == held_out_data.get("weights")
+                    and all(row.get(k) == v for k, v in held_out_data.items())}
+        checked = checked_sources(cfg, chosen_sources(run_dir, which, measured), ema)
         # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
         # rank's, so that none waits in the next checkpoint's collectives)
         append_row(out, None)
@@ -185,7 +199,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
         train_engine, _ = engine.build_engine(model, cfg, kernels, layout)
         role = engine.sample_role()
         for path, state in tqdm(sources, desc="held-out loss", unit="checkpoint", disable=not rank0):
-            checkpoint.load_weights(train_engine, cfg, path, key="--checkpoints")
+            checkpoint.load_weights(train_engine, cfg, path, key="--checkpoints", weights="ema" if ema else "model")
             losses = held_out_losses(train_engine, cfg, held_out, role, ps.get_data_parallel_rank(), layout.dp,
                                      device)
             rows.append({**source_fields(path, state), **held_out_row(losses), **held_out_data,
@@ -215,7 +229,8 @@ def plot(out: Path) -> Path | None:
         if isinstance(row.get("step"), int) and "valid_loss" in row:  # (exports: no step)
             named = {k[len("valid_loss_"):]: v for k, v in row.items() if k.startswith("valid_loss_")}
             for name, loss in (named or {"": row["valid_loss"]}).items():
-                series.setdefault(f"{row['valid_shards']}" + (f" [{name}]" if name else ""), {})[row["step"]] = loss
+                label = f"{row['valid_shards']}" + (f" [{name}]" if name else "")
+                series.setdefault(label + (" (ema)" if row.get("weights") else ""), {})[row["step"]] = loss
     series = {label: points for label, points in series.items() if len(points) > 1}
     if not series:
         return None
@@ -239,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="latest (default) | all | new (not measured yet on this held-out data) | tags, e.g. "
                              "step_00001000,step_00002000 | export folders (comma-separated)")
     parser.add_argument("--out", help=f"the file rows are appended to (default: RUN_DIR/{OUT_FILE})")
+    parser.add_argument("--ema", action="store_true",
+                        help="measure the moving average of the weights each checkpoint holds (train.ema_decay)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # (deepspeed's launcher)
     args = parser.parse_args(argv)
     with command():
@@ -249,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     from model_parallel.state import DeviceError
 
     with command(errors=(RunDirError, DeviceError), label="training.held_out"):  # RunDirError includes CheckpointError
-        evaluate(cfg, args.run_dir, args.checkpoints, args.out)
+        evaluate(cfg, args.run_dir, args.checkpoints, args.out, args.ema)
 
 
 if __name__ == "__main__":

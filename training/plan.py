@@ -2,7 +2,7 @@ r"""The layout planner: which TP x PP x DP, ZeRO stage, micro-batch and recomput
 cluster, fastest first.
 
     python -m training.plan --model parti-20b --nodes 64 --gpus-per-node 8 [--gpu-mem-gb 80] \
-        [--global-batch 2048 --micro-batch 4 --precision bf16 --recompute full]
+        [--global-batch 2048 --micro-batch 4 --precision bf16 --recompute full --ema]
 
 For every candidate TP (dividing the GPUs of a node and the heads) and PP (dividing the decoder layers),
 the model is built on the meta device at that TP (megatron-core layers sized for a TP group of that
@@ -236,7 +236,7 @@ def construction_bytes(stage_params: int, largest_piece: int, zero: int) -> int:
 
 
 def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, recompute, hw: Hardware,
-             stage_params: list[int] | None = None, largest_piece: int | None = None) -> Layout:
+             stage_params: list[int] | None = None, largest_piece: int | None = None, ema: bool = False) -> Layout:
     if largest_piece is None:
         largest_piece = max(piece_params(model_cfg, tp))
     stage_params = stage_params or params_per_stage(model_cfg, tp, pp)
@@ -246,7 +246,7 @@ def estimate(model_cfg, tp, pp, dp, zero, micro_batch, global_batch, precision, 
     # state sharded over DP as at ZeRO-1. Otherwise gradients are accumulated in fp32.
     bf16_pipeline_zero0 = precision == "bf16" and pp > 1 and zero == 0
     grads_b = 2 if bf16_pipeline_zero0 else 4
-    opt_b = 12 if precision == "bf16" else 8  # fp32 master (bf16 only) + Adam moments
+    opt_b = (12 if precision == "bf16" else 8) + EMA_BYTES_PER_PARAM * ema  # fp32 master (bf16 only) + Adam moments
     opt_dp = dp if zero >= 1 or bf16_pipeline_zero0 else 1
     n_micro = max(1, global_batch // (micro_batch * dp))
     pieces = stage_pieces(model_cfg, pp)
@@ -297,6 +297,9 @@ def micro_batch_s(m, layers: tuple[int, int], head: bool, micro_batch: int, tp: 
 CHECKPOINT_BYTES_PER_PARAM = 12
 """What a checkpoint stores per parameter (training/checkpoint.py): the fp32 master weight and AdamW's two fp32
 moments, whatever the precision and layout (Adafactor's factored statistics are smaller)."""
+EMA_BYTES_PER_PARAM = 4
+"""train.ema_decay's moving average of the weights (--ema): one more fp32 value per parameter, kept and sharded with
+the optimizer state and stored with it in checkpoints (training/ema.py)."""
 
 
 @dataclass
@@ -311,9 +314,10 @@ class RunCosts:
     data_mb_per_s: float      # in code-shard bytes (data_pipeline/code_shards.py records)
 
 
-def run_costs(model_cfg, total_params: int, o: Layout, global_batch: int, fs_gbs: float) -> RunCosts:
-    """Checkpoint size and write time, and the data rate a layout's step time needs."""
-    total = CHECKPOINT_BYTES_PER_PARAM * total_params
+def run_costs(model_cfg, total_params: int, o: Layout, global_batch: int, fs_gbs: float, ema: bool = False) -> RunCosts:
+    """Checkpoint size and write time, and the data rate a layout's step time needs (`ema`: the checkpoints hold
+    the moving average of the weights too)."""
+    total = (CHECKPOINT_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM * ema) * total_params
     record = record_dtype(model_cfg.image_seq_len, model_cfg.text_seq_len).itemsize
     samples_per_s = global_batch / o.step_s
     world = o.tp * o.pp * o.dp  # (ZeRO-1/2/3: each rank's partition; ZeRO-0: whole tensors spread over DP)
@@ -345,14 +349,15 @@ def check_inputs(nodes: int, hw: Hardware, gpu_mem_gb: float, global_batch: int,
 
 def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_batch: int = 2048,
          micro_batch: int | None = None, precision: str = "bf16", recompute: str | None = None,
-         dropout: float = 0.0, headroom_gb: float = 4, stages: tuple[int, ...] = (0, 1, 2, 3),
+         dropout: float = 0.0, headroom_gb: float = 4, stages: tuple[int, ...] = (0, 1, 2, 3), ema: bool = False,
          ) -> tuple[list[Layout], list[Layout], list[Skipped]]:
     """(layouts that fit, fastest first; every (TP, PP, ZeRO) that does not, smallest model split first;
     the (TP, PP) splits not estimated because no micro-batch x DP divides the global batch).
     For each (TP, PP, ZeRO) the micro-batch (None: every power of two whose micro-batch x DP divides the
     global batch) and recomputation (None: none, selective and full) are chosen: the fastest pair that fits,
     else, for the misses, the one that needs the least memory. `dropout`: the run's model.dropout (its masks
-    are kept for the backward pass). `stages`: the ZeRO stages to consider. `headroom_gb` is left free for
+    are kept for the backward pass). `stages`: the ZeRO stages to consider. `ema`: the run keeps a moving average
+    of the weights (train.ema_decay: EMA_BYTES_PER_PARAM more optimizer state). `headroom_gb` is left free for
     the framework, buffers and fragmentation. Nonsense inputs (check_inputs) are a ValueError."""
     check_inputs(nodes, hw, gpu_mem_gb, global_batch, micro_batch, headroom_gb, dropout)
     m = model_config(model, {"dropout": dropout})
@@ -371,7 +376,7 @@ def plan(model: str, nodes: int, hw: Hardware, gpu_mem_gb: float = 80, global_ba
             stage_params = params_per_stage(m, tp, pp, pieces)
             for zero in [z for z in stages if ParallelLayout(tp, pp, dp, z).fits() is None]:
                 options = [estimate(m, tp, pp, dp, zero, b, global_batch, precision, mode, hw, stage_params,
-                                    max(pieces)) for b in micro_batches for mode in modes]
+                                    max(pieces), ema) for b in micro_batches for mode in modes]
                 fitting = [o for o in options if o.over_gb(gpu_mem_gb, headroom_gb) <= 0]
                 if fitting:
                     fits.append(min(fitting, key=lambda o: (o.step_s, o.total_gb)))
@@ -429,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--intra-node-gbs", type=float, default=300, help="NVLink all-reduce GB/s per GPU")
     parser.add_argument("--inter-node-gbs", type=float, default=40, help="network all-reduce GB/s per GPU")
     parser.add_argument("--fs-gbs", type=float, default=20, help="aggregate file-system write GB/s (checkpoints)")
+    parser.add_argument("--ema", action="store_true",
+                        help="the run keeps a moving average of the weights (train.ema_decay > 0)")
     parser.add_argument("--show", type=int, default=8)
     args = parser.parse_args(argv)
     hw = Hardware(args.gpus_per_node, args.peak_tflops, args.hfu, args.overhead_ms, args.intra_node_gbs,
@@ -440,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--fs-gbs must be a number > 0, got {args.fs_gbs}")
         fits, misses, skipped = plan(args.model, args.nodes, hw, args.gpu_mem_gb, args.global_batch,
                                      args.micro_batch, args.precision, args.recompute, args.dropout,
-                                     stages=zero_stages(args.zero))
+                                     stages=zero_stages(args.zero), ema=args.ema)
     peak = run_peak_tflops(args.peak_tflops, args.precision)
     print(f"{args.model} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_mem_gb:g} GB "
           f"(global batch {args.global_batch}, micro-batch {args.micro_batch or 'chosen'}, {args.precision}, "
@@ -467,8 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     if not fits:
         sys.exit(1)
     best, m = fits[0], model_config(args.model)
-    c = run_costs(m, sum(piece_params(m, 1)), best, args.global_batch, args.fs_gbs)
-    print(f"the fastest layout's run: a checkpoint of {c.checkpoint_gb:,.1f} GB (fp32 weights + AdamW moments) takes "
+    c = run_costs(m, sum(piece_params(m, 1)), best, args.global_batch, args.fs_gbs, args.ema)
+    held = "fp32 weights + AdamW moments" + (" + their moving average" if args.ema else "")
+    print(f"the fastest layout's run: a checkpoint of {c.checkpoint_gb:,.1f} GB ({held}) takes "
           f"{c.write_s:,.1f} s at {args.fs_gbs:g} GB/s; all {c.writers} ranks write it, each its own "
           f"{c.host_gb_per_writer:,.2f} GB part (a copy of it in host memory while written); the step time needs "
           f"{c.samples_per_s:,.0f} samples/s = {c.data_mb_per_s:,.1f} MB/s of code shards")

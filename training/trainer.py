@@ -37,6 +37,7 @@ from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import Config, format_changes, layout_of, step_ranges
 from training.deepspeed_glue import NonFiniteStop, params_norm
+from training.ema import saved_ema_decay, start_ema, update_ema
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
 from training.resume_plan import plan_resume
@@ -202,6 +203,8 @@ class Trainer:
         self.engine, self.nonfinite_guard = engine.build_engine(model, cfg, kernels, layout)
         if self.plan.init_from:
             checkpoint.load_weights(self.engine, cfg, self.plan.init_from)
+        if cfg.train.ema_decay:  # (from the weights just built or loaded; a resume loads the checkpoint's)
+            start_ema(self.engine)
         metrics.reset_peak_memory()
         self.background = checkpoint.BackgroundSaves() if cfg.train.async_save else None
         t = cfg.train
@@ -234,6 +237,7 @@ class Trainer:
             if dist.get_rank() == 0:
                 self._write_config()
             self.step, self.consumed = state["step"], state["consumed_samples"]
+            self._ema_after_resume(saved_ema_decay(state))
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
             # (the steps skipped in a row up to the checkpoint: a run requeued more often than
             # train.max_skipped_steps steps would otherwise never stop)
@@ -253,6 +257,18 @@ class Trainer:
                               "of the new data (samples of this epoch may repeat or be skipped)")
         self.log.resumed_at(self.step)  # (the steps after it are trained again: their old rows go)
         self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
+
+    def _ema_after_resume(self, saved_decay: float) -> None:
+        """A resume that starts or stops keeping the average of the weights (train.ema_decay) says so; one that
+        starts it starts from the checkpoint's weights (its checkpoint holds none)."""
+        decay = self.cfg.train.ema_decay
+        if decay and not saved_decay:
+            start_ema(self.engine)
+            self.log.info(f"{self.plan.path} holds no moving average of the weights: train.ema_decay={decay}'s "
+                          f"starts from its weights at step {self.step}")
+        elif saved_decay and not decay:
+            self.log.info(f"note: {self.plan.path} holds a moving average of the weights (train.ema_decay="
+                          f"{saved_decay}); train.ema_decay=0 leaves it behind: this run's checkpoints hold none")
 
     def _reader_at(self, consumed: int) -> ReadAhead | StepPositions:
         """The read-ahead for the steps left from `consumed` on: the open one when it is there, else a new one
@@ -399,7 +415,8 @@ class Trainer:
                     with clock.waiting():
                         batches = self._with_samples(reader.next_step())  # read ahead while training
                     loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
-                    guard.step_done()
+                    if not guard.step_done() and t.ema_decay:  # (a step skipped as non-finite changed nothing)
+                        update_ema(self.engine, t.ema_decay)
                     self._warn_of_a_spike(loss, spikes.seen(loss))
                 losses.append(loss if trains else float("nan"))
                 self.step += 1

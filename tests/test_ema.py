@@ -1,0 +1,79 @@
+"""The moving average of the weights (train.ema_decay, training/ema.py) against its definition: the average of
+the fp32 weights each checkpoint holds, step by step, from the weights it started at; unchanged by a step not
+taken; exported (--ema) and measured (training.held_out --ema) instead of the weights; started and left behind by
+a resume. Its resume at other layouts is checked against the reference run's in tests/test_training.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run
+from training.checkpoint import CheckpointError
+
+DECAY = 0.75
+EVERY_STEP = ("train.save_interval=1", "train.keep_checkpoints=0")  # (a checkpoint of each step, all kept)
+
+
+def exported(run_dir, tmp_path, step: int, ema: bool) -> dict[str, torch.Tensor]:
+    """The weights (or with `ema` their average) of run_dir's checkpoint at `step`, through training.export."""
+    from safetensors.torch import load_file
+
+    from training.export import export
+
+    out = export(run_dir, f"step_{step:08d}", tmp_path / f"export_{step}_{ema}", ema=ema)
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_the_average_follows_the_weights_step_by_step_and_is_exported_and_measured(single_process, tmp_path,
+                                                                                       log_lines):
+    """A run saved at every step: step 1 without an average; resumed with train.ema_decay, the average starts from
+    step 1's weights W1 (said so) and is E2 = d W1 + (1 - d) W2 after step 2; step 3 is read past
+    (train.skip_steps), so E3 = E2; E4 = d E2 + (1 - d) W4. A run that keeps one has the losses of a run that
+    does not. Then resumed without it (noted): its checkpoints hold none, and --ema refuses them."""
+    plain = run(str(tmp_path / "plain"), *EVERY_STEP, steps=4)
+    run(str(tmp_path / "r"), *EVERY_STEP, steps=1)
+    averaged = run(str(tmp_path / "r"), *EVERY_STEP, f"train.ema_decay={DECAY}", "train.skip_steps=3",
+                   steps=4)
+    assert any(f"holds no moving average of the weights: train.ema_decay={DECAY}'s starts from its weights at "
+               "step 1" in line for line in log_lines)
+    assert averaged[0] == pytest.approx(plain[1], rel=1e-6)
+    assert averaged[1] != averaged[1]  # (step 3: read past)
+
+    w = {s: exported(tmp_path / "r", tmp_path, s, ema=False) for s in (1, 2, 4)}
+    e = {s: exported(tmp_path / "r", tmp_path, s, ema=True) for s in (2, 3, 4)}
+    assert set(e[2]) == set(w[2]) and len(e[2]) > 10
+    for name in w[1]:
+        expected = DECAY * w[1][name].double() + (1 - DECAY) * w[2][name].double()
+        torch.testing.assert_close(e[2][name].double(), expected, rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(e[3][name], e[2][name]), name  # (a step not taken leaves it)
+        expected = DECAY * e[2][name].double() + (1 - DECAY) * w[4][name].double()
+        torch.testing.assert_close(e[4][name].double(), expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(not torch.equal(e[4][n], w[4][n]) for n in w[4])  # (not the weights themselves)
+    config = json.loads((tmp_path / "export_4_True" / "config.json").read_text())
+    assert (config["weights"], config["ema_decay"], config["checkpoint"]) == ("ema", str(DECAY), "step_00000004")
+    with pytest.raises(CheckpointError, match=r"--ema: .*step_00000001 holds no moving average of the weights"):
+        exported(tmp_path / "r", tmp_path, 1, ema=True)
+
+    log_lines.clear()
+    run(str(tmp_path / "r"), *EVERY_STEP, steps=5)
+    assert any(f"holds a moving average of the weights (train.ema_decay={DECAY}); train.ema_decay=0 leaves it "
+               "behind" in line for line in log_lines)
+    with pytest.raises(CheckpointError, match=r"step_00000005 holds no moving average"):
+        exported(tmp_path / "r", tmp_path, 5, ema=True)
+
+    # training.held_out --ema measures the average: the loss of its export, not the weights'
+    from training.held_out import main
+
+    rows_file, ema_export = tmp_path / "rows.jsonl", tmp_path / "export_4_True"
+    main(["--run-dir", str(tmp_path / "r"), "--checkpoints", "step_00000004", "--ema", "--out", str(rows_file)])
+    main(["--run-dir", str(tmp_path / "r"), "--checkpoints", f"step_00000004,{ema_export}", "--out", str(rows_file)])
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r.get("weights"), r.get("step")) for r in rows] == [("ema", 4), (None, 4), (None, None)]
+    assert rows[0]["valid_loss"] == pytest.approx(rows[2]["valid_loss"], rel=1e-6)
+    assert rows[0]["valid_loss"] != pytest.approx(rows[1]["valid_loss"], rel=1e-4)
+    for which, message in [(f"{ema_export}", "is an export, which holds one set of weights"),
+                           ("step_00000001", "step_00000001 holds no moving average")]:
+        with pytest.raises(SystemExit, match=message):
+            main(["--run-dir", str(tmp_path / "r"), "--checkpoints", which, "--ema", "--out", str(rows_file)])

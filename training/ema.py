@@ -1,0 +1,50 @@
+"""An exponential moving average of the fp32 weights (train.ema_decay; LlamaGen's --ema), kept where DeepSpeed keeps
+Adam's moments: one more optimizer state per tensor the optimizer updates, under EMA_KEY.
+
+    start_ema(engine)              # the average = the fp32 weights now (a new run's, or those a run loaded)
+    update_ema(engine, decay)      # after each optimizer step taken: ema = decay x ema + (1 - decay) x weights
+
+Why there and not in a copy of the model (torch's AveragedModel, as vq/train.py keeps one): under ZeRO each rank
+holds only its part of the fp32 masters (a flat partition, or ZeRO-3's), and a copy of the model would be whole on
+every rank (80 GB at parti-20b). As an optimizer state the average is partitioned like the moments, updated in
+place with one fused lerp over the rank's partitions, and saved and resumed at any layout by the code that saves
+the moments (training/checkpoint.py: optimizer.ema.<parameter>), which `training.export --ema` and
+`training.held_out --ema` read instead of the weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from training.deepspeed_glue import (
+    EMA_KEY,
+    base_optimizer,
+    ensure_optimizer_state,
+    link_optimizer_fragments,
+    optimizer_holders,
+)
+
+
+def start_ema(engine) -> None:
+    """Set the average to the fp32 weights the optimizer holds now. The moments are made first where there are
+    none yet (DeepSpeed's FusedAdam creates its state only while the state is empty), and ZeRO-1/2's
+    per-parameter views are relinked to include the new state (a checkpoint reads and writes through them)."""
+    ensure_optimizer_state(engine)
+    state = base_optimizer(engine).state
+    with torch.no_grad():
+        for holder in optimizer_holders(engine):
+            state[holder][EMA_KEY] = holder.detach().clone()
+    link_optimizer_fragments(engine)
+
+
+def update_ema(engine, decay: float) -> None:
+    """ema += (1 - decay) x (weights - ema) over every tensor of this rank's part, in place (one fused lerp)."""
+    state = base_optimizer(engine).state
+    holders = optimizer_holders(engine)
+    with torch.no_grad():
+        torch._foreach_lerp_([state[h][EMA_KEY] for h in holders], [h.detach() for h in holders], 1.0 - decay)
+
+
+def saved_ema_decay(trainer_state: dict) -> float:
+    """The train.ema_decay a checkpoint was saved with (its trainer_state.json's config): > 0 when it holds an
+    average (0 for checkpoints of runs without one, or saved before there was one)."""
+    return float((trainer_state.get("config") or {}).get("train", {}).get("ema_decay", 0) or 0)
