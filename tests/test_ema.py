@@ -77,3 +77,23 @@ def test_the_average_follows_the_weights_step_by_step_and_is_exported_and_measur
                            ("step_00000001", "step_00000001 holds no moving average")]:
         with pytest.raises(SystemExit, match=message):
             main(["--run-dir", str(tmp_path / "r"), "--checkpoints", which, "--ema", "--out", str(rows_file)])
+
+
+def test_held_out_ema_new_and_all_take_the_checkpoints_that_hold_an_average(single_process, tmp_path, capsys):
+    """A run that began keeping an average on a resume has checkpoints without one before it: training.held_out
+    --ema --checkpoints new (or all) measures those that hold one (it refused them all, naming the first without),
+    and a second `new` finds nothing left to measure."""
+    from training.held_out import main
+
+    run_dir, rows_file = tmp_path / "r", tmp_path / "rows.jsonl"
+    run(str(run_dir), *EVERY_STEP, "train.eval_interval=0", steps=1)
+    run(str(run_dir), *EVERY_STEP, "train.eval_interval=0", f"train.ema_decay={DECAY}", steps=2)
+    main(["--run-dir", str(run_dir), "--checkpoints", "new", "--ema", "--out", str(rows_file)])
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r.get("weights"), r.get("step")) for r in rows] == [("ema", 2)]
+    capsys.readouterr()
+    main(["--run-dir", str(run_dir), "--checkpoints", "new", "--ema", "--out", str(rows_file)])
+    assert "nothing new to measure" in capsys.readouterr().out
+    main(["--run-dir", str(run_dir), "--checkpoints", "all", "--ema", "--out", str(rows_file)])
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r.get("weights"), r.get("step")) for r in rows] == [("ema", 2), ("ema", 2)]

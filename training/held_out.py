@@ -67,14 +67,25 @@ def append_row(out: Path, row: dict | None) -> None:
         raise RunDirError(f"--out {out}: cannot be written ({e.strerror or e})") from None
 
 
-def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset()) -> list[Path]:
+def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset(), ema: bool = False) -> list[Path]:
     """The folders `which` names, comma-separated: latest, all, new (the complete checkpoints whose tags are not in
     `measured`), tags of run_dir's complete checkpoints, or export folders (training.export's, e.g. an --average of
-    checkpoints); RunDirError naming what is missing otherwise."""
+    checkpoints); RunDirError naming what is missing otherwise. With `ema` (--ema), all and new are the complete
+    checkpoints that hold a moving average of the weights: a run that began keeping one on a resume, or stopped,
+    has checkpoints without (a checkpoint named by its tag, or latest, must hold one: checked_sources)."""
     from training import checkpoint
+    from training.ema import saved_ema_decay
     from training.export import is_export
 
     complete, chosen, missing = checkpoint.complete_tags(run_dir), [], []
+    if ema and any(item.strip() in ("all", "new") for item in which.split(",")) and not is_export(which):
+        averaged = [tag for tag in complete
+                    if saved_ema_decay(checkpoint.read_trainer_state(checkpoint.checkpoint_dir(run_dir) / tag))]
+        if complete and not averaged:
+            raise RunDirError(f"--ema: no complete checkpoint of {run_dir} holds a moving average of the weights "
+                              "(its run's train.ema_decay was 0 when each was saved)")
+    else:
+        averaged = complete
     # (an export folder whose path holds a comma is one item; each export by its absolute path: a row's "export"
     # in RUN_DIR/held_out.jsonl names it from anywhere)
     for item in [which] if is_export(which) else (item.strip() for item in which.split(",")):
@@ -86,7 +97,7 @@ def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset()) 
         elif item == "latest":
             chosen.append(checkpoint.checkpoint_dir(run_dir) / checkpoint.resume_tag(run_dir)[0])
         elif item in complete or item in ("all", "new"):
-            tags = {"all": complete, "new": [tag for tag in complete if tag not in measured]}.get(item, [item])
+            tags = {"all": averaged, "new": [tag for tag in averaged if tag not in measured]}.get(item, [item])
             chosen += [checkpoint.checkpoint_dir(run_dir) / tag for tag in tags]
         else:
             missing.append(item)
@@ -175,7 +186,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
         measured = {row["checkpoint"] for row in json_rows(out)  # (for --checkpoints new)
                     if isinstance(row.get("step"), int) and row.get("weights") == held_out_data.get("weights")
                     and all(row.get(k) == v for k, v in held_out_data.items())}
-        checked = checked_sources(cfg, chosen_sources(run_dir, which, measured), ema)
+        checked = checked_sources(cfg, chosen_sources(run_dir, which, measured, ema), ema)
         # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
         # rank's, so that none waits in the next checkpoint's collectives)
         append_row(out, None)
@@ -184,8 +195,9 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     sources = decide_on_rank0(decide)
     if not sources:  # (--checkpoints new, all measured)
         if dist.get_rank() == 0:
-            print(f"nothing new to measure: every complete checkpoint of {run_dir} has a row in {out} for this "
-                  "held-out data")
+            held = " that holds a moving average of the weights" if ema else ""
+            print(f"nothing new to measure: every complete checkpoint of {run_dir}{held} has a row in {out} for this "
+                  "held-out data" + (" and --ema" if ema else ""))
         return []
     # The held-out data must have been made with the tokenizers the weights were trained on (which the checkpoints
     # record: the training data itself need not be there); checked_sources has found them alike.
