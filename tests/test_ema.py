@@ -97,3 +97,22 @@ def test_held_out_ema_new_and_all_take_the_checkpoints_that_hold_an_average(sing
     main(["--run-dir", str(run_dir), "--checkpoints", "all", "--ema", "--out", str(rows_file)])
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [(r.get("weights"), r.get("step")) for r in rows] == [("ema", 2), ("ema", 2)]
+
+
+def test_an_export_whose_weights_are_the_average_and_config_the_weights_is_refused(single_process, tmp_path):
+    """A re-export with --ema into a folder that holds the plain export of the same checkpoint, stopped between its
+    two files (the weights are written first), leaves the average under a config.json that says the weights: the
+    checkpoint tags agree, so the tag check let it load, and export_identity recorded it as the weights."""
+    import shutil
+
+    from training.export import export, load_exported
+
+    run(str(tmp_path / "r"), "train.eval_interval=0", f"train.ema_decay={DECAY}", steps=1)
+    plain = export(tmp_path / "r", out=tmp_path / "plain")
+    averaged = export(tmp_path / "r", out=tmp_path / "ema", ema=True)
+    load_exported(plain), load_exported(averaged)
+    shutil.copy(averaged / "model.safetensors", plain / "model.safetensors")
+    with pytest.raises(ValueError, match=r"plain: model.safetensors holds other weights of checkpoint step_00000001 "
+                                         r"than config.json describes \(weights ema in model.safetensors, \(none\) in "
+                                         r"config.json: an export stopped"):
+        load_exported(plain)

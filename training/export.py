@@ -369,11 +369,19 @@ def readable(file: Path):
 def weight_shapes(f, config: dict, path: Path) -> dict[str, tuple]:
     """{name: shape} of the open model.safetensors `f` of export folder `path` (config: its config.json), once
     the file is checked to be that config's (its checkpoint tag) and to hold floating-point tensors only."""
-    weights_tag = (f.metadata() or {}).get("checkpoint")
+    metadata = f.metadata() or {}
+    weights_tag = metadata.get("checkpoint")
     if weights_tag is not None and weights_tag != config.get("checkpoint"):  # (None: written without it)
         raise ValueError(f"{path}: model.safetensors holds the weights of checkpoint {weights_tag}, config.json "
                          f"describes {config.get('checkpoint')} (an export stopped between its two files?); export "
                          "again")
+    # (one checkpoint's tag, other weights: its --average with the checkpoints before it, or its --ema average)
+    made_of = {key: (metadata.get(key), config.get(key)) for key in ("averaged", "weights")}
+    if weights_tag is not None and any(theirs != ours for theirs, ours in made_of.values()):
+        differ = "; ".join(f"{key} {theirs or '(none)'} in model.safetensors, {ours or '(none)'} in config.json"
+                           for key, (theirs, ours) in made_of.items() if theirs != ours)
+        raise ValueError(f"{path}: model.safetensors holds other weights of checkpoint {weights_tag} than config.json "
+                         f"describes ({differ}: an export stopped between its two files?); export again")
     names = list(f.keys())  # (a safe_open handle is not a mapping)
     slices = {name: f.get_slice(name) for name in names}
     other = [f"{n} ({s.get_dtype()})" for n, s in slices.items() if s.get_dtype() not in FLOAT_DTYPES]
