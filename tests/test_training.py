@@ -1035,7 +1035,7 @@ def test_export_reads_group_by_group_and_a_failed_reexport_keeps_the_earlier_one
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     read, calls, index_reads = export_module.read_weights, [], []
     monkeypatch.setattr(export_module, "read_weights",
-                        lambda opened, names: calls.append(len(names)) or read(opened, names))
+                        lambda opened, names, *which: calls.append(len(names)) or read(opened, names, *which))
     for owner, name in ((FileSystemReader, "read_metadata"), (checkpoint_verify, "read_index")):
         monkeypatch.setattr(owner, name, lambda *a, real=getattr(owner, name): index_reads.append(1) or real(*a))
     streamed = export_module.export(one_process_run, "step_00000003", tmp_path / "streamed", group_bytes=1 << 16)
@@ -1043,8 +1043,8 @@ def test_export_reads_group_by_group_and_a_failed_reexport_keeps_the_earlier_one
     assert len(index_reads) == 1
     monkeypatch.undo()
     for damage in (lambda w: w.bfloat16(), lambda w: w.flatten()):
-        def damaged(opened, names, damage=damage):
-            weights = read(opened, names)
+        def damaged(opened, names, *which, damage=damage):  # (which: read_weights' weights, passed on)
+            weights = read(opened, names, *which)
             return {n: damage(w) if n == max(weights) else w for n, w in weights.items()}
 
         monkeypatch.setattr(export_module, "read_weights", damaged)
