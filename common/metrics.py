@@ -108,14 +108,18 @@ def wandb_mode() -> str:
 
 class LossSpikes:
     """Watches the training loss for spikes: `seen(loss)` returns how many times the median of the previous `window`
-    finite losses this one is, when that is `factor` or more (None otherwise, and until `window` losses were seen;
-    factor 0: never). A spike that does not recover is what resuming before it with its batches skipped is for
-    (train.skip_steps)."""
+    finite losses this one is, when that is `factor` or more and it begins a spike (None otherwise, and until
+    `window` losses were seen; factor 0: never). The losses after it that stay at the factor or above are the same
+    spike (a warning at each would repeat until the median itself rose); the first one below ends it, and that
+    call sets `recovered_after` to the spike's number of losses (None at every other call). A spike that does not
+    recover is what resuming before it with its batches skipped is for (train.skip_steps)."""
 
     def __init__(self, factor: float, window: int = 100):
         self.factor, self.window, self.recent = factor, window, []
+        self.spike_losses, self.recovered_after = 0, None
 
     def seen(self, loss: float) -> float | None:
+        self.recovered_after = None
         if not math.isfinite(loss):
             return None
         ratio = None
@@ -123,6 +127,11 @@ class LossSpikes:
             median = sorted(self.recent)[self.window // 2]
             ratio = loss / median if median > 0 and loss >= self.factor * median else None
         self.recent = (self.recent + [loss])[-self.window:]
+        if ratio is None and self.spike_losses:
+            self.recovered_after, self.spike_losses = self.spike_losses, 0
+        elif ratio is not None:
+            self.spike_losses += 1
+            return ratio if self.spike_losses == 1 else None
         return ratio
 
 

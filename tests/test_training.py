@@ -1144,14 +1144,16 @@ def test_skipped_steps_are_neither_trained_logged_nor_measured_but_saved(tmp_pat
 
 def test_a_loss_spike_is_warned_of_with_the_checkpoint_and_skip_steps_to_resume_without_it(tmp_path, monkeypatch):
     """train.loss_spike_factor=1.5: a loss 1.6x the median of the previous 100 steps' is warned of once, naming the
-    newest complete checkpoint and the train.skip_steps from it to the spike; one below the factor, a non-finite one
-    and any before 100 steps are not; factor 0 warns of none."""
+    newest complete checkpoint and the train.skip_steps from it to the spike; the steps after it that stay above the
+    factor are the same spike (no warning each), and the first one below ends it (said so); one below the factor, a
+    non-finite one and any before 100 steps are not warned of; factor 0 warns of none."""
     import training.engine as engine_module
     from common.metrics import LossSpikes
 
-    losses = iter([10.0] * 20 + [1.0] * 100 + [1.6, 1.4, float("nan"), 1.0])  # (10.0: warm-up, not a spike)
+    # (10.0: warm-up, not a spike; the spike: steps 121-123, NaN at 124 neither continues nor ends it)
+    losses = iter([10.0] * 20 + [1.0] * 100 + [1.6, 1.7, 1.55, float("nan"), 1.4, 1.0])
     monkeypatch.setattr(engine_module, "train_step", lambda engine, cfg, batches, device: (next(losses), 1.0))
-    t = loop_trainer(tmp_path, 124, "train.save_interval=0", "train.eval_interval=0", "train.log_interval=1000")
+    t = loop_trainer(tmp_path, 126, "train.save_interval=0", "train.eval_interval=0", "train.log_interval=1000")
     t.log.enabled = True
     (tmp_path / "checkpoints" / "step_00000100").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_00000100" / "trainer_state.json").write_text("{}")
@@ -1160,9 +1162,12 @@ def test_a_loss_spike_is_warned_of_with_the_checkpoint_and_skip_steps_to_resume_
     assert warnings == ["warning: loss 1.6000 at step 121 is 1.60x the median of the previous 100 steps "
                         "(train.loss_spike_factor=1.5): a loss spike; if it does not recover, resume from "
                         "checkpoints/step_00000100 (the newest one saved) with --set train.skip_steps=101-121 (its "
-                        "batches read past untrained, or a shorter range just before the spike, as PaLM did)"]
+                        "batches read past untrained, or a shorter range just before the spike, as PaLM did)",
+                        "the loss spike of step 121 is over: loss 1.4000 at step 125 is below "
+                        "train.loss_spike_factor=1.5 times the recent median, after 3 step(s) at or above it"]
     spikes, never = LossSpikes(1.5, window=4), LossSpikes(0, window=4)
     assert [spikes.seen(x) for x in (2, 2, 2, 9, 3.1, 2.9)] == [None] * 3 + [None, 1.55, None]  # (9: before 4 seen)
+    assert spikes.recovered_after == 1  # (2.9 ended the spike of 3.1)
     assert [never.seen(x) for x in (2, 2, 2, 2, 100)] == [None] * 5
 
 
@@ -1519,5 +1524,6 @@ def test_a_loss_spike_names_a_checkpoint_before_it(tmp_path, monkeypatch):
         (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
         (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
     t.run()
-    (warning,) = [e[1] for e in t.events if e[0] == "info"]
+    warning, over = [e[1] for e in t.events if e[0] == "info"]
     assert "checkpoints/step_00000050" in warning and "train.skip_steps=51-101 " in warning, warning
+    assert over.startswith("the loss spike of step 101 is over: loss 1.0000 at step 102 "), over

@@ -350,12 +350,18 @@ class Trainer:
             self.log.info(f"{steps} read past without training (train.skip_steps={self.cfg.train.skip_steps})")
         return True
 
-    def _warn_of_a_spike(self, loss: float, ratio: float | None) -> None:
-        """A loss spike's warning (metrics.LossSpikes: `ratio` times the recent median) on rank 0, with what would
-        resume before it without its batches. (Called before the step is counted: its number is self.step + 1.)"""
+    def _warn_of_a_spike(self, loss: float, ratio: float | None, recovered_after: int | None = None) -> None:
+        """A loss spike's warning (metrics.LossSpikes: `ratio` times the recent median, at its first step) on rank 0,
+        with what would resume before it without its batches; its end (`recovered_after` steps above the factor) is
+        noted. (Called before the step is counted: its number is self.step + 1.)"""
+        step = self.step + 1
+        if recovered_after and self.log.enabled:
+            self.log.info(f"the loss spike of step {self._spike_step} is over: loss {loss:.4f} at step {step} is below "
+                          f"train.loss_spike_factor={self.cfg.train.loss_spike_factor} times the recent median, after "
+                          f"{recovered_after} step(s) at or above it")
         if ratio is None or not self.log.enabled:
             return
-        step = self.step + 1
+        self._spike_step = step
         # (those before the spike only: a resume from an earlier checkpoint leaves the later ones of the
         # trajectory it abandoned in the run directory)
         saved = [s for s in map(step_of, checkpoint.complete_tags(self.run_dir)) if s < step]
@@ -417,7 +423,7 @@ class Trainer:
                     loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                     if not guard.step_done() and t.ema_decay:  # (a step skipped as non-finite changed nothing)
                         update_ema(self.engine, t.ema_decay)
-                    self._warn_of_a_spike(loss, spikes.seen(loss))
+                    self._warn_of_a_spike(loss, spikes.seen(loss), spikes.recovered_after)
                 losses.append(loss if trains else float("nan"))
                 self.step += 1
                 self.consumed += t.global_batch_size
