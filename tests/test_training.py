@@ -1494,6 +1494,25 @@ def test_a_failed_read_of_an_export_on_one_rank_stops_every_rank(pool2, referenc
                                    "(errno EIO))") == 2
 
 
+def test_held_out_draws_a_line_per_set_sample_count_and_kind_of_weights():
+    """held_out.png's series: rows of the same held-out set measured on other numbers of samples, or of the moving
+    average of the weights (--ema), are lines of their own; a step measured again keeps its newest row; exports
+    (no step) are not drawn."""
+    from training.held_out import held_out_series
+
+    rows = [{"checkpoint": "step_00000003", "step": 3, "valid_loss": 2.0, "valid_shards": "v", "eval_samples": 16},
+            {"checkpoint": "step_00000003", "step": 3, "valid_loss": 2.1, "valid_shards": "v", "eval_samples": 32},
+            {"checkpoint": "step_00000003", "step": 3, "valid_loss": 1.9, "valid_shards": "v", "eval_samples": 16,
+             "weights": "ema"},
+            {"checkpoint": "step_00000003", "step": 3, "valid_loss": 1.8, "valid_shards": "v", "eval_samples": 16},
+            {"checkpoint": "step_00000006", "step": 6, "valid_loss": 1.5, "valid_loss_a": 1.4, "valid_loss_b": 1.6,
+             "valid_shards": "a=x,b=y", "eval_samples": 16},
+            {"export": "/e", "checkpoint": "step_00000006", "valid_loss": 1.0, "valid_shards": "v", "eval_samples": 16}]
+    assert held_out_series(rows) == {"v, 16 samples": {3: 1.8}, "v, 32 samples": {3: 2.1},
+                                     "v, 16 samples (ema)": {3: 1.9}, "a=x,b=y [a], 16 samples": {6: 1.4},
+                                     "a=x,b=y [b], 16 samples": {6: 1.6}}
+
+
 def test_held_out_chooses_each_checkpoint_once_and_appends_after_a_line_cut_short(tmp_path):
     """--checkpoints new,latest (or all,latest) names the newest once; a row appended after a last line a killed
     job cut short is on a line of its own (not lost with it)."""

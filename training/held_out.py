@@ -227,27 +227,34 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     return rows
 
 
+def held_out_series(rows: list[dict]) -> dict[str, dict[int, float]]:
+    """{label: {step: loss}} of the checkpoint rows (exports have no step), a series per held-out set
+    (valid_loss_<name>, or valid_loss of an unnamed one), number of samples (a row of other eval_samples measured
+    other samples) and kind of weights (--ema's apart); a step measured again: its newest row."""
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if isinstance(row.get("step"), int) and "valid_loss" in row:
+            named = {k[len("valid_loss_"):]: v for k, v in row.items() if k.startswith("valid_loss_")}
+            for name, loss in (named or {"": row["valid_loss"]}).items():
+                label = (f"{row['valid_shards']}" + (f" [{name}]" if name else "") + f", {row.get('eval_samples')} "
+                         "samples" + (" (ema)" if row.get("weights") else ""))
+                series.setdefault(label, {})[row["step"]] = loss
+    return series
+
+
 def plot(out: Path) -> Path | None:
-    """OUT.png: the held-out losses of every checkpoint row in `out` against its step, a line per held-out set
-    (valid_loss_<name>, or valid_loss of an unnamed one) of each data.valid_shards measured; None (nothing drawn)
-    when no set has two steps yet."""
+    """OUT.png: the held-out losses of every checkpoint row in `out` against its step, a line per series
+    (held_out_series); None (nothing drawn) when no series has two steps yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[int, float]] = {}
-    for row in json_rows(out):
-        if isinstance(row.get("step"), int) and "valid_loss" in row:  # (exports: no step)
-            named = {k[len("valid_loss_"):]: v for k, v in row.items() if k.startswith("valid_loss_")}
-            for name, loss in (named or {"": row["valid_loss"]}).items():
-                label = f"{row['valid_shards']}" + (f" [{name}]" if name else "")
-                series.setdefault(label + (" (ema)" if row.get("weights") else ""), {})[row["step"]] = loss
-    series = {label: points for label, points in series.items() if len(points) > 1}
+    series = {label: points for label, points in held_out_series(json_rows(out)).items() if len(points) > 1}
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, points in series.items():  # (a step measured again: its newest row)
+    for label, points in series.items():
         steps = sorted(points)
         ax.plot(steps, [points[s] for s in steps], "o-", label=label)
     ax.set(xlabel="step", ylabel="held-out loss", title=f"{out.name}: held-out loss of the checkpoints")
