@@ -154,7 +154,9 @@ def train_resume(ctx: Context) -> dict:
     a new engine resumed from the checkpoint and 3 more steps (at ZeRO-1 the first part saves asynchronously:
     train.async_save, copied off the GPU, then written by a background process). Also each stage's peak memory.
     Then the same at ZeRO-1 for the decoder-only dalle-debug under DALL-E's sparse masks (SDPA's masked
-    kernels, forward and backward, in bf16). Every run measures its held-out loss at steps 3 and 6 (eval mode)."""
+    kernels, forward and backward, in bf16). Every run measures its held-out loss at steps 3 and 6 (eval mode) and
+    keeps a moving average of the weights (train.ema_decay, on the GPU beside Adam's moments), which the resumed
+    run's last checkpoint must hold as the uninterrupted run's does."""
     out, checks = {}, {}
     held_out = lambda lines: [m["valid_loss"] for m in lines if "valid_loss" in m]
 
@@ -166,20 +168,23 @@ def train_resume(ctx: Context) -> dict:
         # held-out losses at other steps: a failed check, not max_diff's error over lists of different lengths)
         diff = max_diff(full, first + second) if len(first) == len(second) == 3 and len(full) == 6 else float("inf")
         held, held_resumed = held_out(lines), held_out(resumed_lines)
+        ema_diff = max_weight_diff(*(averaged_weights(ctx.scratch / f"{name}_{kind}") for kind in ("full", "resumed")))
         out[name] = ctx.record(name, {
             "uninterrupted": full, "resumed": first + second, "max_abs_diff": diff,
-            "held_out": held, "held_out_resumed": held_resumed,
+            "held_out": held, "held_out_resumed": held_resumed, "ema_max_abs_diff": ema_diff,
             "mem_gb": lines[-1].get("mem_gb"), "mem_reserved_gb": lines[-1].get("mem_reserved_gb")})
         checks[f"{name}_resume_equals_uninterrupted"] = diff <= 2e-3
+        checks[f"{name}_ema_resumed_equals_uninterrupted"] = ema_diff <= 1e-4
         checks[f"{name}_held_out_resumed_equals_uninterrupted"] = (
             len(held) == len(held_resumed) == 2 and max_diff(held, held_resumed) <= 2e-3)
         checks[f"{name}_learns"] = full[-1] < full[0]
 
+    ema = ["train.ema_decay=0.9"]
     for zero in (0, 1, 3):
-        resumed_equals_uninterrupted(f"zero{zero}", tiny_run_sets(ctx) + [f"parallel.zero_stage={zero}"],
+        resumed_equals_uninterrupted(f"zero{zero}", tiny_run_sets(ctx) + [f"parallel.zero_stage={zero}"] + ema,
                                      [f"train.async_save={zero == 1}"])
     resumed_equals_uninterrupted("decoder_only_sparse", tiny_run_sets(ctx) + [  # (the later preset wins)
-        "model.preset=dalle-debug", "parallel.zero_stage=1"], [])
+        "model.preset=dalle-debug", "parallel.zero_stage=1"] + ema, [])
     # The stages against each other: the same bf16 model, so nearly the same losses.
     out["zero3_vs_zero0_max_abs_diff"] = max_diff(out["zero0"]["uninterrupted"], out["zero3"]["uninterrupted"])
     checks["zero_stages_agree"] = out["zero3_vs_zero0_max_abs_diff"] <= 2e-2
@@ -187,6 +192,24 @@ def train_resume(ctx: Context) -> dict:
                    "ZeRO-3 <= 1/N of ZeRO-0's model states needs N >= 2 GPUs (multi_gpu)")
     out["checks"] = checks
     return out
+
+
+def averaged_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The moving average of the weights (train.ema_decay) that run_dir's latest checkpoint holds, whole, on the CPU
+    (training.export's reader: {} when the run saved none)."""
+    from training.checkpoint import resume_tag
+    from training.export import open_checkpoint, read_weights
+
+    tag = resume_tag(run_dir)[0]
+    return read_weights(open_checkpoint(run_dir, tag), weights="ema") if tag else {}
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two sets of weights of the same names (inf when they differ in
+    names or there are none)."""
+    if not a or a.keys() != b.keys():
+        return float("inf")
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
 
 
 def recompute(ctx: Context) -> dict:
