@@ -107,10 +107,11 @@ REFERENCE_EMA = "train.ema_decay=0.9"
 """The reference run's moving average of the weights (the runs compared with it at other layouts keep one too)."""
 
 
-def held_out_losses(run_dir) -> dict[int, float]:
-    """{step: valid_loss} of a run's metrics.jsonl (the steps its held-out loss was measured at)."""
+def held_out_losses(run_dir, key: str = "valid_loss") -> dict[int, float]:
+    """{step: valid_loss} of a run's metrics.jsonl (the steps its held-out loss was measured at; `key`: another
+    column, e.g. ema_valid_loss, the moving average's)."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["valid_loss"] for row in rows if "valid_loss" in row}
+    return {row["step"]: row[key] for row in rows if key in row}
 
 
 def run(run_dir: str, *overrides: str, steps: int = STEPS, resume: str = "auto") -> list[float]:

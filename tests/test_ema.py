@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run
+from tests.conftest import held_out_losses, run
 from training.checkpoint import CheckpointError
 
 DECAY = 0.75
@@ -72,6 +72,10 @@ def test_the_average_follows_the_weights_step_by_step_and_is_exported_and_measur
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [(r.get("weights"), r.get("step")) for r in rows] == [("ema", 4), (None, 4), (None, None)]
     assert rows[0]["valid_loss"] == pytest.approx(rows[2]["valid_loss"], rel=1e-6)
+    # training measured it too, at its last step, beside the weights' (and went on from the weights unchanged:
+    # tests/test_training.py's runs without an average have the reference run's losses after its measurements)
+    assert held_out_losses(tmp_path / "r", "ema_valid_loss") == {4: pytest.approx(rows[0]["valid_loss"], rel=1e-6)}
+    assert held_out_losses(tmp_path / "r")[4] == pytest.approx(rows[1]["valid_loss"], rel=1e-6)
     assert rows[0]["valid_loss"] != pytest.approx(rows[1]["valid_loss"], rel=1e-4)
     for which, message in [(f"{ema_export}", "is an export, which holds one set of weights"),
                            ("step_00000001", "step_00000001 holds no moving average")]:

@@ -258,6 +258,12 @@ def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_trai
     (row,) = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
     assert row["step"] == 6 and row["valid_loss"] == pytest.approx(logged[6], rel=1e-5)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    # --ema: the moving average's, which training measured beside the weights' (the reference keeps one)
+    main(["--run-dir", str(run_dir), "--ema", "--out", str(tmp_path / "ema.jsonl")])
+    (row,) = [json.loads(line) for line in (tmp_path / "ema.jsonl").read_text().splitlines()]
+    logged_ema = held_out_losses(run_dir, "ema_valid_loss")
+    assert sorted(logged_ema) == [3, 6] and logged_ema[6] != pytest.approx(logged[6], rel=1e-3)
+    assert row["weights"] == "ema" and row["valid_loss"] == pytest.approx(logged_ema[6], rel=1e-5)
     # --checkpoints new: those without a row for this held-out data (step 3 here; then none; other samples: both)
     for sets, steps_then, nothing_new in (([], [6, 3], False), ([], [6, 3], True),
                                           (["--set", "train.eval_batches=1"], [6, 3, 3, 6], False)):

@@ -97,7 +97,8 @@ class TrainConfig(LoopControl):
     """Keep an exponential moving average of the fp32 weights, ema = decay x ema + (1 - decay) x weights after
     every optimizer step taken (LlamaGen's --ema, 0.9999; 0: none): one more fp32 tensor per parameter, held
     beside Adam's moments in each rank's own ZeRO/TP part (training/ema.py), saved in checkpoints and resumed at
-    any layout; `training.export --ema` and `training.held_out --ema` take it instead of the weights."""
+    any layout; its held-out loss is logged as ema_valid_loss beside valid_loss; `training.export --ema` and
+    `training.held_out --ema` take it instead of the weights."""
     loss_spike_factor: float = 1.5
     """Warn when a step's loss is this many times the median of the previous 100 steps' (0: never), naming the
     newest checkpoint before it and the train.skip_steps that would resume there without the batches since."""

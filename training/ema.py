@@ -3,6 +3,8 @@ Adam's moments: one more optimizer state per tensor the optimizer updates, under
 
     start_ema(engine)              # the average = the fp32 weights now (a new run's, or those a run loaded)
     update_ema(engine, decay)      # after each optimizer step taken: ema = decay x ema + (1 - decay) x weights
+    with averaged_weights(engine):  # the model runs with the average as its weights (the held-out loss of it)
+        ...
 
 Why there and not in a copy of the model (torch's AveragedModel, as vq/train.py keeps one): under ZeRO each rank
 holds only its part of the fp32 masters (a flat partition, or ZeRO-3's), and a copy of the model would be whole on
@@ -13,6 +15,8 @@ the moments (training/checkpoint.py: optimizer.ema.<parameter>), which `training
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from training.deepspeed_glue import (
@@ -21,6 +25,7 @@ from training.deepspeed_glue import (
     ensure_optimizer_state,
     link_optimizer_fragments,
     optimizer_holders,
+    refresh_working_weights,
 )
 
 
@@ -42,6 +47,33 @@ def update_ema(engine, decay: float) -> None:
     holders = optimizer_holders(engine)
     with torch.no_grad():
         torch._foreach_lerp_([state[h][EMA_KEY] for h in holders], [h.detach() for h in holders], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def averaged_weights(engine):
+    """Inside the block the model's weights are the moving average: each fp32 tensor the optimizer updates is
+    swapped with its average (one tensor at a time: no second copy of the rank's part) and the working (bf16)
+    weights refreshed from them; after it, swapped back and refreshed again, so training goes on from exactly the
+    weights it had (the working weights are the masters' rounding either way)."""
+    params = list(engine.module.parameters())
+    _swap(engine)
+    refresh_working_weights(engine, params)
+    try:
+        yield
+    finally:
+        _swap(engine)
+        refresh_working_weights(engine, params)
+
+
+def _swap(engine) -> None:
+    state = base_optimizer(engine).state
+    with torch.no_grad():
+        for holder in optimizer_holders(engine):
+            average = state[holder][EMA_KEY]
+            weights = holder.detach().clone()
+            holder.copy_(average)
+            average.copy_(weights)
+            del weights
 
 
 def saved_ema_decay(trainer_state: dict) -> float:

@@ -7,6 +7,7 @@ steps it and saves it; `train(cfg, run_dir, resume)` does all of that and return
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import Config, format_changes, layout_of, step_ranges
 from training.deepspeed_glue import NonFiniteStop, params_norm
-from training.ema import saved_ema_decay, start_ema, update_ema
+from training.ema import averaged_weights, saved_ema_decay, start_ema, update_ema
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
 from training.resume_plan import plan_resume
@@ -328,10 +329,11 @@ class Trainer:
             self.stop.restore()
             self.lock.release()
 
-    def held_out_loss(self) -> dict[str, float]:
-        """held_out_losses of the weights now."""
-        return held_out_losses(self.engine, self.cfg, self.held_out, self.role, self.dp_rank, self.dp_size,
-                               self.device)
+    def held_out_loss(self, averaged: bool = False) -> dict[str, float]:
+        """held_out_losses of the weights now, or (`averaged`) of their moving average (train.ema_decay)."""
+        with averaged_weights(self.engine) if averaged else contextlib.nullcontext():
+            return held_out_losses(self.engine, self.cfg, self.held_out, self.role, self.dp_rank, self.dp_size,
+                                   self.device)
 
     def _read_past(self, reader: ReadAhead | StepPositions) -> bool:
         """Whether the next step is one of train.skip_steps; if so, its global batch is read past untrained (the
@@ -380,9 +382,10 @@ class Trainer:
                           f"{files[1].name}")
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float, waited: float,
-                 held_out: dict[str, float] | None = None) -> None:
+                 held_out: dict[str, float] | None = None, held_out_ema: dict[str, float] | None = None) -> None:
         """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval, and
-        the share of it spent waiting for the step's input (`waited`, its mean: metrics.StepClock)."""
+        the share of it spent waiting for the step's input (`waited`, its mean: metrics.StepClock); the held-out
+        losses of the weights and of their moving average (ema_valid_loss...) when measured."""
         m, gbs = self.cfg.model, self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
@@ -394,6 +397,7 @@ class Trainer:
             **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
             "consumed_samples": self.consumed,
             **(metrics.held_out_row(held_out) if held_out else {}),
+            **({f"ema_{k}": v for k, v in metrics.held_out_row(held_out_ema).items()} if held_out_ema else {}),
         })
 
     def run(self) -> list[float]:
@@ -435,8 +439,9 @@ class Trainer:
                 evaluate = trains and t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
                 with clock.paused():  # (also before a stop's save: a resumed run starts after this step)
                     held_out = self.held_out_loss() if evaluate else None
+                    held_out_ema = self.held_out_loss(averaged=True) if evaluate and t.ema_decay else None
                 if trains and (self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None):
-                    self.log_step(loss, lr, grad_norm, *clock.interval(), held_out)
+                    self.log_step(loss, lr, grad_norm, *clock.interval(), held_out, held_out_ema)
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 with clock.paused():  # (a background save's finishing is a save's, left out of the step times)
                     self.complete_saves()
