@@ -253,7 +253,8 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     held_out = [(compute(m), m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
     measured = run_dir / "held_out.jsonl"  # (training.held_out's rows: the final checkpoint's newest one)
     later = [r for r in json_rows(measured) if isinstance(r.get("step"), int) and r["step"] >= lines[-1]["step"]
-             and "valid_loss" in r]  # (past the last row: a run whose last steps were train.skip_steps, not logged)
+             and "valid_loss" in r and r.get("weights") is None]  # (past the last row: a run whose last steps were
+    # train.skip_steps, not logged; the weights', not --ema's, which are the moving average's)
     later = [r for r in later if r["step"] == max(r["step"] for r in later)]
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
             "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
@@ -262,6 +263,8 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
             "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
             "mem_gb": max(m.get("mem_gb") or 0 for m in lines), "steps": lines[-1]["step"],
             "final_loss": lines[-1]["loss"], "final_valid_loss": held_out[-1][1] if held_out else None,
+            "final_ema_valid_loss": next((m["ema_valid_loss"] for m in reversed(lines) if "ema_valid_loss" in m),
+                                         None),  # (train.ema_decay: the moving average's)
             "held_out_loss": later[-1]["valid_loss"] if later else None,
             "curve": [(compute(m), m["loss"]) for m in lines], "valid_curve": held_out}
 

@@ -181,9 +181,14 @@ def test_held_out_loss_of_a_run_whose_last_steps_were_skipped_is_its_last_checkp
     from slurm.sweep import summarize
 
     write_run(tmp_path / "r", 1, 1, [1.0, 2.0, 3.0, 4.0])
-    measured = [{"step": 6, "valid_loss": 1.5}, {"step": 3, "valid_loss": 9.0}, {"step": 6, "valid_loss": 1.25}]
+    measured = [{"step": 6, "valid_loss": 1.5}, {"step": 3, "valid_loss": 9.0}, {"step": 6, "valid_loss": 1.25},
+                {"step": 6, "valid_loss": 1.0, "weights": "ema"}]  # (--ema's: the moving average's, not the weights')
     (tmp_path / "r" / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in measured))
     assert summarize(tmp_path / "r", 0)["held_out_loss"] == 1.25
+    assert summarize(tmp_path / "r", 0)["final_ema_valid_loss"] is None
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # (train.ema_decay's column)
+        f.write(json.dumps({"step": 5, "loss": 1.0, "valid_loss": 2.0, "ema_valid_loss": 1.75}) + "\n")
+    assert summarize(tmp_path / "r", 0)["final_ema_valid_loss"] == 1.75
 
 
 def test_collect_leaves_out_a_line_cut_short_and_bad_input_is_one_line(tmp_path):
