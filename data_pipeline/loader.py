@@ -80,18 +80,30 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __init__(self, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int, micro_batch_size: int):
         self.sampler, self.consumed, self.steps = sampler, consumed, steps
         self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
-        self.per_step = len(self.step_ids(consumed))
+        # (the most a step takes: the full global batch's; fewer while it ramps up, sampler.batch_size_at)
+        self.per_step = -(-sampler.global_batch_size // (dp_size * micro_batch_size))
 
     def step_ids(self, consumed: int) -> list[torch.Tensor]:
         return rank_micro_batch_ids(self.sampler, consumed, self.dp_rank, self.dp_size, self.micro_batch_size)
 
+    def micro_batches_at(self, consumed: int) -> int:
+        """How many micro-batches the step starting at `consumed` has on this rank."""
+        return -(-self.sampler.batch_size_at(consumed) // (self.dp_size * self.micro_batch_size))
+
+    def step_starts(self):
+        """The stream position each of the steps starts at."""
+        consumed = self.consumed
+        for _ in range(self.steps):
+            yield consumed
+            consumed += self.sampler.batch_size_at(consumed)
+
     def __iter__(self):
-        for step in range(self.steps):
-            for chunk in self.step_ids(self.consumed + step * self.sampler.global_batch_size):
+        for start in self.step_starts():
+            for chunk in self.step_ids(start):
                 yield [tuple(pair) for pair in chunk.tolist()]
 
     def __len__(self) -> int:
-        return self.steps * self.per_step
+        return sum(map(self.micro_batches_at, self.step_starts()))
 
 
 class StepPositions:
@@ -101,15 +113,14 @@ class StepPositions:
 
     def __init__(self, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int, micro_batch_size: int):
         self.batches = StepBatchSampler(sampler, consumed, steps, dp_rank, dp_size, micro_batch_size)
-        self.consumed, self.left, self.workers = consumed, steps, 0
-        self.global_batch_size = sampler.global_batch_size
+        self.consumed, self.left, self.workers, self.sampler = consumed, steps, 0, sampler
 
     def next_step(self) -> list[tuple[None, None, torch.Tensor]]:
         if self.left <= 0:
             raise RuntimeError(f"made for {self.batches.steps} steps from {self.batches.consumed}; all have been "
                                "given (or it was closed)")
         out = [(None, None, ids[:, 0].contiguous()) for ids in self.batches.step_ids(self.consumed)]
-        self.consumed += self.global_batch_size
+        self.consumed += self.sampler.batch_size_at(self.consumed)
         self.left -= 1
         return out
 
@@ -153,8 +164,7 @@ class ReadAhead:
         if workers < 0 or read_ahead_steps < 1:
             raise ValueError(f"workers={workers} must be >= 0 and read_ahead_steps={read_ahead_steps} >= 1")
         self.batches = StepBatchSampler(sampler, consumed, steps, dp_rank, dp_size, micro_batch_size)
-        self.consumed, self.left, self.workers = consumed, steps, workers
-        self.global_batch_size = sampler.global_batch_size
+        self.consumed, self.left, self.workers, self.sampler = consumed, steps, workers, sampler
         in_flight = read_ahead_steps * self.batches.per_step  # micro-batches requested ahead, over all workers
         if workers:  # (they ignore SIGTERM: a process that leaves them running, e.g. on an error, must still exit)
             exit_promptly()
@@ -169,8 +179,8 @@ class ReadAhead:
         if self.left <= 0 or self._it is None:
             raise RuntimeError(f"the reader was made for {self.batches.steps} steps from {self.batches.consumed}; "
                                "all have been read (or it was closed)")
-        out = [next(self._it) for _ in range(self.batches.per_step)]
-        self.consumed += self.global_batch_size
+        out = [next(self._it) for _ in range(self.batches.micro_batches_at(self.consumed))]
+        self.consumed += self.sampler.batch_size_at(self.consumed)
         self.left -= 1
         return out
 

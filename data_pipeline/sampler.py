@@ -3,6 +3,8 @@
     sampler = GlobalBatchSampler(dataset_len=len(ds), global_batch_size=64, seed=1234)
     idx = sampler.global_batch(consumed=640)                  # the 64 stream positions' sample ids
     mine = sampler.rank_slice(idx, dp_rank=1, dp_size=4)      # this DP rank's 16, in micro-batch order
+    ramped = GlobalBatchSampler(len(ds), 64, 1234, ramp=BatchRamp(16, 16, 100_000))
+    ramped.batch_size_at(consumed=640)                        # 16: the global batch of the step starting there
 
 Sample k of the stream is `permutation(seed, epoch=k // N)[k % N]`. A global batch is the same samples
 whatever the data-parallel size (DP ranks take contiguous slices of it), so a run resumed on another
@@ -16,6 +18,7 @@ LAION-400M, 32 GB at 4B samples). `order="randperm"`, the order of runs begun be
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -24,13 +27,39 @@ ORDERS = ("feistel", "randperm")
 _ROUNDS = 6  # Feistel rounds, 3 per half (a balanced network is pseudo-random from 4)
 
 
+@dataclass(frozen=True)
+class BatchRamp:
+    """A global batch that grows with the samples consumed (train.rampup_batch_size; Megatron-LM's
+    --rampup-batch-size START INCREMENT SAMPLES): `start` at first, `increment` more after each of the equal
+    shares of the first `samples` consumed that take it to the full size (megatron-core's
+    RampupBatchsizeNumMicroBatchesCalculator)."""
+
+    start: int
+    increment: int
+    samples: int
+
+    def size_at(self, consumed: int, full: int) -> int:
+        """The global batch of the step that starts at `consumed` samples, the full one being `full`."""
+        increments = (full - self.start) // self.increment
+        if consumed > self.samples or increments <= 0:
+            return full
+        return min(full, self.start + int(consumed / (self.samples / increments)) * self.increment)
+
+
 class GlobalBatchSampler:
-    def __init__(self, dataset_len: int, global_batch_size: int, seed: int, order: str = "feistel"):
+    def __init__(self, dataset_len: int, global_batch_size: int, seed: int, order: str = "feistel",
+                 ramp: BatchRamp | None = None):
         if dataset_len <= 0:
             raise ValueError("the dataset is empty")
         if order not in ORDERS:
             raise ValueError(f"sampler order {order!r}: expected one of {', '.join(ORDERS)}")
         self.n, self.global_batch_size, self.seed, self.order = dataset_len, global_batch_size, seed, order
+        self.ramp = ramp
+
+    def batch_size_at(self, consumed: int) -> int:
+        """The global batch of the step that starts at `consumed` samples: global_batch_size, or less while the
+        batch ramps up (`ramp`)."""
+        return self.ramp.size_at(consumed, self.global_batch_size) if self.ramp else self.global_batch_size
 
     @lru_cache(maxsize=4)
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -53,15 +82,15 @@ class GlobalBatchSampler:
         return out
 
     def global_batch(self, consumed: int) -> torch.Tensor:
-        return self.stream(consumed, self.global_batch_size)
+        return self.stream(consumed, self.batch_size_at(consumed))
 
     def rank_batch(self, consumed: int, dp_rank: int, dp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream positions, sample ids) of this DP rank's slice of the global batch at `consumed`:
         rank_slice of global_batch, computed for the rank's positions alone."""
-        if self.global_batch_size % dp_size:
-            raise ValueError(f"global batch of {self.global_batch_size} does not split over {dp_size} "
-                             "data-parallel ranks")
-        per = self.global_batch_size // dp_size
+        size = self.batch_size_at(consumed)
+        if size % dp_size:
+            raise ValueError(f"global batch of {size} does not split over {dp_size} data-parallel ranks")
+        per = size // dp_size
         start = consumed + dp_rank * per
         return torch.arange(start, start + per), self.stream(start, per)
 

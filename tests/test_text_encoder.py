@@ -806,10 +806,13 @@ def test_the_settings_this_command_does_not_apply_are_named():
 
     notes = not_applied(load_config("configs/train/debug.yaml", ["parallel.pp=2", "parallel.zero_stage=1",
                                                                  "parallel.activation_checkpointing=full",
-                                                                 "train.async_save=true", "train.init_from=r/x"]))
+                                                                 "train.async_save=true", "train.init_from=r/x",
+                                                                 "train.rampup_batch_size=4 4 8",
+                                                                 "train.ema_decay=0.9"]))
     assert [n.split(" does not apply")[0] for n in notes] == [
         "note: parallel.pp=2", "note: parallel.zero_stage=1", "note: parallel.activation_checkpointing=full",
-        "note: train.async_save", "note: train.init_from=r/x"]
+        "note: train.async_save", "note: train.rampup_batch_size=4 4 8", "note: train.ema_decay=0.9",
+        "note: train.init_from=r/x"]
     assert not_applied(load_config("configs/train/debug.yaml", [])) == []
 
 

@@ -1095,6 +1095,7 @@ def loop_trainer(run_dir: Path, steps: int, *sets: str):
     """A Trainer without a model, engine or data for Trainer.run and its parts: `events` records what the loop
     did at which step (training.engine.train_step is to be replaced; see `fake_steps`)."""
     from common.preemption import StopRequest
+    from data_pipeline.sampler import GlobalBatchSampler
     from training.config import load_config
     from training.profiling import StepProfiler
     from training.trainer import Trainer
@@ -1104,12 +1105,13 @@ def loop_trainer(run_dir: Path, steps: int, *sets: str):
     t.run_dir, t.step, t.consumed, t.events, t.device = Path(run_dir), 0, 0, [], "cpu"
     t.stop = StopRequest(t.run_dir / "STOP")
     t.nonfinite_guard = types.SimpleNamespace(step_done=lambda: None, consecutive=0, skipped=0)
-    t.engine = types.SimpleNamespace(get_lr=lambda: [1e-3])
+    t.engine = types.SimpleNamespace(get_lr=lambda: [1e-3], train_batch_size=lambda: t.cfg.train.global_batch_size)
+    t.sampler = GlobalBatchSampler(64, t.cfg.train.global_batch_size, t.cfg.train.seed)
     t._reader_at = lambda consumed: types.SimpleNamespace(next_step=list)
     t._with_samples = lambda micro_batches: micro_batches
     t.held_out_loss = lambda: t.events.append(("eval", t.step)) or 0.5
-    t.log_step = lambda loss, lr, grad_norm, elapsed, waited, held_out=None: t.events.append(("log", t.step,
-                                                                                               held_out))
+    t.log_step = lambda loss, lr, grad_norm, elapsed, waited, held_out=None, *rest: t.events.append(("log", t.step,
+                                                                                                      held_out))
     t.profiler = StepProfiler(run_dir, 0, 1, 0, enabled=False, cuda=False)
     t.save = lambda: t.events.append(("save", t.step))
     t.complete_saves = lambda wait=False: wait and t.events.append(("wait", t.step))

@@ -24,6 +24,7 @@ from common.config import (ConfigError, build, check_minima, describe, flat_dict
                            save_config, to_dict)
 from common.loop_control import LOOP_MINIMA, LoopControl
 from common.schedule import check_schedule
+from data_pipeline.sampler import BatchRamp
 from data_pipeline.training_data import DataConfig
 from model_parallel.config import ModelConfig, model_preset, resolve_model_section
 from model_parallel.kernels import KernelConfig
@@ -45,6 +46,11 @@ class TrainConfig(LoopControl):
     """Samples per optimizer step over all data-parallel ranks."""
     micro_batch_size: int = 4
     """Samples per forward/backward on one rank."""
+    rampup_batch_size: str = ""
+    """START INCREMENT SAMPLES, e.g. `256 128 2000000` (Megatron-LM's --rampup-batch-size): the global batch starts at
+    START samples and grows by INCREMENT over the first SAMPLES consumed, in equal shares of them, to
+    global_batch_size (START and INCREMENT multiples of micro_batch_size x the data-parallel size). The LR schedule
+    counts steps as always ('' = none)."""
     optimizer: str = "adamw"
     """adamw | adafactor (torch's Adafactor, factored second moments as Parti used; ZeRO-0 only, and fp32 with
     parallel.pp > 1)."""
@@ -220,11 +226,33 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     require(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0")
     require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no moving average)")
     step_ranges(t.skip_steps, "train.skip_steps")
+    ramp = batch_ramp(t)
     require(t.global_batch_size % t.micro_batch_size == 0,
             f"train.global_batch_size={t.global_batch_size} must be divisible by "
             f"train.micro_batch_size={t.micro_batch_size}")
     if world_size is not None:
         layout.check(micro_batch=t.micro_batch_size, global_batch=t.global_batch_size)
+        for name, size in (("START", ramp.start), ("INCREMENT", ramp.increment)) if ramp else ():
+            require(size % (t.micro_batch_size * layout.dp) == 0,
+                    f"train.rampup_batch_size={t.rampup_batch_size!r}: its {name} {size} must be a multiple of "
+                    f"train.micro_batch_size x the data-parallel size = {t.micro_batch_size * layout.dp}")
+
+
+def batch_ramp(t: TrainConfig) -> BatchRamp | None:
+    """train.rampup_batch_size as a BatchRamp (None for ''); ConfigError naming the key otherwise."""
+    spec = str(t.rampup_batch_size).replace(",", " ").split()
+    if not spec:
+        return None
+    numbers = [int(x) for x in spec if x.isdigit()]
+    if len(spec) != 3 or len(numbers) != 3 or min(numbers) < 1:
+        raise ConfigError(f"train.rampup_batch_size={t.rampup_batch_size!r}: expected three whole numbers >= 1, "
+                          "START INCREMENT SAMPLES, e.g. '256 128 2000000'")
+    ramp = BatchRamp(*numbers)
+    if ramp.start >= t.global_batch_size or (t.global_batch_size - ramp.start) % ramp.increment:
+        raise ConfigError(f"train.rampup_batch_size={t.rampup_batch_size!r}: START {ramp.start} must be below "
+                          f"train.global_batch_size={t.global_batch_size}, which INCREMENT {ramp.increment} must "
+                          "reach from it in whole steps")
+    return ramp
 
 
 def step_ranges(spec: str | int, name: str) -> list[tuple[int, int]]:
@@ -306,6 +334,8 @@ RESUME_WARNED = {
     "train.global_batch_size": "each step from here on takes the new number of samples; the LR schedule "
                                "counts steps, not samples; the held-out loss is measured on other samples from "
                                "this step on (train.eval_batches global batches)",
+    "train.rampup_batch_size": "the global batch of each step from here on follows the new ramp (from the samples "
+                               "consumed so far)",
     "data.synthetic": "the training data changes from this step on",
     "data.shards": "the training data changes from this step on",
     "data.valid_shards": "the held-out loss is measured on other samples from this step on",

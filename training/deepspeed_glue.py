@@ -13,6 +13,8 @@ The engine (training/engine.py uses these to build it):
   (none at all without clipping) and miscounts under a pipeline.
 - `NonFiniteGuard` (with `nonfinite_flag`): DeepSpeed's plain fp32 ZeRO-0 step goes on with non-finite
   gradients, and the steps its wrappers skip are counted only in its engine.
+- `set_global_batch`: a new global batch (train.rampup_batch_size) whose accumulation boundaries DeepSpeed's
+  micro-step counter would misplace.
 
 Checkpoints (training/checkpoint.py writes and reads each rank's own part of the fp32 weights and optimizer state):
 - `base_optimizer`, `optimizer_state_specs`, `local_shape`: the torch optimizer and shapes under ZeRO.
@@ -64,6 +66,20 @@ def init_deepspeed() -> None:
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def set_global_batch(engine, size: int) -> None:
+    """The engine's global batch from its next step on (train.rampup_batch_size): DeepSpeed's set_train_batch_size
+    sets the accumulation steps (runtime/engine.py; the pipeline engine's micro_batches too, runtime/pipe/engine.py),
+    but its managed accumulation finds a step's last micro-batch as (micro_steps + 1) % accumulation steps == 0
+    (is_gradient_accumulation_boundary), and micro_steps, a multiple of the old count, need not be one of the new:
+    the first step after a change would then reduce and step in the middle of its micro-batches. micro_steps is
+    rounded up to a multiple of the new count (it counts nothing else the run reads)."""
+    if size == engine.train_batch_size():
+        return
+    engine.set_train_batch_size(size)
+    steps = engine.gradient_accumulation_steps()
+    engine.micro_steps = -(-engine.micro_steps // steps) * steps
 
 
 @contextlib.contextmanager

@@ -452,6 +452,10 @@ def not_applied(cfg: Config) -> list[str]:
                      "the encoder's activations (captions of text_seq_len tokens) are kept")
     if t.async_save:
         notes.append("note: train.async_save does not apply here: checkpoints are written before training goes on")
+    for key, value in (("rampup_batch_size", t.rampup_batch_size), ("ema_decay", t.ema_decay)):
+        if value:
+            notes.append(f"note: train.{key}={value} does not apply here: the encoder's pre-training takes "
+                         "train.global_batch_size at every step and exports its weights")
     if t.init_from:  # (a Parti run takes this command's result with model.init_text_encoder)
         notes.append(f"note: train.init_from={t.init_from} does not apply here: the encoder's pre-training starts "
                      "from random weights (or its run directory's checkpoints)")

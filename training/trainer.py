@@ -36,8 +36,8 @@ from model_parallel.state import (
 )
 from training import checkpoint, engine
 from training.checkpoint import set_aside
-from training.config import Config, format_changes, layout_of, step_ranges
-from training.deepspeed_glue import NonFiniteStop, params_norm
+from training.config import Config, batch_ramp, format_changes, layout_of, step_ranges
+from training.deepspeed_glue import NonFiniteStop, params_norm, set_global_batch
 from training.ema import averaged_weights, saved_ema_decay, start_ema, update_ema
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
@@ -211,7 +211,8 @@ class Trainer:
         t = cfg.train
         self.profiler = StepProfiler(self.run_dir, t.profile_step, t.profile_steps, dist.get_rank(),
                                      enabled=rank0 or t.profile_all_ranks, cuda=self.device == "cuda")
-        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed)
+        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed,
+                                          ramp=batch_ramp(cfg.train))
         self.step, self.consumed = 0, 0
         self.log.info(f"layout: {layout.describe()}; "
                       f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
@@ -246,7 +247,7 @@ class Trainer:
             order = state.get("sampler", {}).get("order", "randperm")  # (runs begun before orders were recorded)
             if order != self.sampler.order:  # a run keeps the sample order it began with
                 self.sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.global_batch_size,
-                                                  self.cfg.train.seed, order)
+                                                  self.cfg.train.seed, order, self.sampler.ramp)
             self.log.info(f"resumed from {self.plan.path} at step {self.step}; "
                           f"lr now {self.engine.get_lr()[0]:.3e}")
             if state["rng_note"]:
@@ -382,11 +383,13 @@ class Trainer:
                           f"{files[1].name}")
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float, waited: float,
-                 held_out: dict[str, float] | None = None, held_out_ema: dict[str, float] | None = None) -> None:
+                 held_out: dict[str, float] | None = None, held_out_ema: dict[str, float] | None = None,
+                 samples: int | None = None) -> None:
         """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval, and
-        the share of it spent waiting for the step's input (`waited`, its mean: metrics.StepClock); the held-out
-        losses of the weights and of their moving average (ema_valid_loss...) when measured."""
-        m, gbs = self.cfg.model, self.cfg.train.global_batch_size
+        the share of it spent waiting for the step's input (`waited`, its mean: metrics.StepClock), for a step of
+        `samples` (default: train.global_batch_size); the held-out losses of the weights and of their moving
+        average (ema_valid_loss...) when measured."""
+        m, gbs = self.cfg.model, samples or self.cfg.train.global_batch_size
         tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
         peak = self.peak_flops
         self.log.step({
@@ -395,7 +398,7 @@ class Trainer:
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
             "data_wait_pct": 100 * waited / elapsed,
             **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
-            "consumed_samples": self.consumed,
+            "consumed_samples": self.consumed, "global_batch_size": gbs,
             **(metrics.held_out_row(held_out) if held_out else {}),
             **({f"ema_{k}": v for k, v in metrics.held_out_row(held_out_ema).items()} if held_out_ema else {}),
         })
@@ -421,16 +424,18 @@ class Trainer:
                 self.profiler.begin(self.step + 1)
                 with clock.paused():
                     trains = not self._read_past(reader)  # (a step of train.skip_steps)
+                samples = self.sampler.batch_size_at(self.consumed)  # (less while train.rampup_batch_size ramps up)
                 if trains:
                     with clock.waiting():
                         batches = self._with_samples(reader.next_step())  # read ahead while training
+                    set_global_batch(self.engine, samples)
                     loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                     if not guard.step_done() and t.ema_decay:  # (a step skipped as non-finite changed nothing)
                         update_ema(self.engine, t.ema_decay)
                     self._warn_of_a_spike(loss, spikes.seen(loss), spikes.recovered_after)
                 losses.append(loss if trains else float("nan"))
                 self.step += 1
-                self.consumed += t.global_batch_size
+                self.consumed += samples
                 collection.step_done(self.step)  # (in the step's time: every step's share of collecting)
                 if trains:  # (a skipped step's reading was left out of the interval's time and steps)
                     clock.step_done()
@@ -441,7 +446,7 @@ class Trainer:
                     held_out = self.held_out_loss() if evaluate else None
                     held_out_ema = self.held_out_loss(averaged=True) if evaluate and t.ema_decay else None
                 if trains and (self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None):
-                    self.log_step(loss, lr, grad_norm, *clock.interval(), held_out, held_out_ema)
+                    self.log_step(loss, lr, grad_norm, *clock.interval(), held_out, held_out_ema, samples)
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 with clock.paused():  # (a background save's finishing is a save's, left out of the step times)
                     self.complete_saves()
