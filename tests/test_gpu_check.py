@@ -892,7 +892,7 @@ def test_resume_and_recompute_checks_judge_the_losses(tmp_path, monkeypatch):
     from bench.gpu_common import Context
 
     def check(full, resumed_steps=(4, 5, 6), held_out=(2.0, 1.5), held_out_resumed=(2.0, 1.5), zero3_shift=0.0,
-              grad_norms=(1.0, 1.0, 1.0)):
+              grad_norms=(1.0, 1.0, 1.0), ema_shift=0.0):
         def train_run(run_dir, sets, steps):
             losses = [full[s - 1] + (zero3_shift if "parallel.zero_stage=3" in sets else 0.0)
                       for s in (range(1, 4) if steps == 3 else range(1, 7) if "full" in run_dir.name
@@ -906,13 +906,17 @@ def test_resume_and_recompute_checks_judge_the_losses(tmp_path, monkeypatch):
             return losses, lines
 
         monkeypatch.setattr(gpu_sections, "train_run", train_run)
+        # (the moving average each run's last checkpoint holds: the resumed run's off by ema_shift)
+        monkeypatch.setattr(gpu_sections, "averaged_weights", lambda run_dir: {"w": torch.full(
+            (2,), 1.0 + (ema_shift if run_dir.name.endswith("resumed") else 0.0))})
         ctx = Context("cpu", True, tmp_path)
         return {k: v for k, v in gpu_sections.train_resume(ctx)["checks"].items() if k.startswith("zero1")
                 or k == "zero_stages_agree"}, gpu_sections.recompute(ctx)["checks"]
 
     losses = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5]
     resume, recompute = check(losses)
-    assert all(resume.values()) and len(resume) == 4 and resume["zero_stages_agree"]
+    assert all(resume.values()) and len(resume) == 5 and resume["zero_stages_agree"]
+    assert check(losses, ema_shift=1e-3)[0]["zero1_ema_resumed_equals_uninterrupted"] is False
     assert recompute == {"selective_equals_none": True, "full_equals_none": False}  # (gradient norms 5% off)
     # (a resumed run that stopped short, or restarted from step 1 without a checkpoint: a failed check, not an error)
     for resumed_steps in ((4, 5), (1, 2, 3, 4, 5, 6)):

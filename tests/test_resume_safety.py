@@ -175,7 +175,7 @@ def test_a_run_begun_with_the_stored_permutation_keeps_its_sample_order(single_p
     from data_pipeline.sampler import GlobalBatchSampler
 
     with monkeypatch.context() as old_version:
-        old_version.setattr(GlobalBatchSampler.__init__, "__defaults__", ("randperm",))
+        old_version.setattr(GlobalBatchSampler.__init__, "__defaults__", ("randperm", None))  # (order, ramp)
         uninterrupted = run(str(tmp_path / "full"), steps=6)
         first = run(str(tmp_path / "resumed"), steps=3)
     state_file = tmp_path / "resumed" / "checkpoints" / tag_for(3) / "trainer_state.json"
