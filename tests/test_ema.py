@@ -120,3 +120,22 @@ def test_an_export_whose_weights_are_the_average_and_config_the_weights_is_refus
                                          r"than config.json describes \(weights ema in model.safetensors, \(none\) in "
                                          r"config.json: an export stopped"):
         load_exported(plain)
+
+
+def test_the_average_measured_in_training_at_zero3_over_two_ranks_is_the_averages(pool2, tmp_path):
+    """ZeRO-3 keeps the parameters below stage3_param_persistence_threshold (every one of the debug model's) gathered
+    whole between steps: the held-out loss of the average must see them swapped too (it was the weights' loss), and
+    training goes on after it as a run that keeps no average."""
+    from training.held_out import main
+
+    zero3 = ("parallel.zero_stage=3", "train.eval_interval=2")
+    averaged = pool2.run(run, str(tmp_path / "r"), *zero3, f"train.ema_decay={DECAY}", steps=4)[0]
+    plain = pool2.run(run, str(tmp_path / "plain"), *zero3, steps=4)[0]
+    assert averaged == plain  # (bit-exact: the weights swapped back after each measurement)
+    rows_file = tmp_path / "rows.jsonl"
+    main(["--run-dir", str(tmp_path / "r"), "--checkpoints", "step_00000004", "--ema", "--out", str(rows_file)])
+    (row,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    logged, logged_ema = held_out_losses(tmp_path / "r"), held_out_losses(tmp_path / "r", "ema_valid_loss")
+    assert sorted(logged_ema) == [2, 4] and (row["weights"], row["step"]) == ("ema", 4)
+    assert row["valid_loss"] == pytest.approx(logged_ema[4], rel=1e-5)
+    assert logged_ema[4] != pytest.approx(logged[4], rel=1e-4)

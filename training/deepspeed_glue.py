@@ -361,9 +361,15 @@ def refresh_working_weights(engine, params) -> None:
     optimizer = engine.optimizer
     with torch.no_grad():
         if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            # ZeRO-3 keeps gathered whole the parameters below stage3_param_persistence_threshold (1e5 elements:
+            # biases, norms) once a forward has gathered them, and re-gathers them only after a step: a refresh
+            # in the middle of training (training/ema.py averaged_weights) left them at the old values. As
+            # DeepSpeed does around a step and a checkpoint: release all, copy, gather the persistent ones.
+            optimizer._partition_all_parameters()
             for low, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
                 if low.data_ptr() != master.data_ptr():  # (fp32 runs update the masters in place)
                     low.copy_(master)
+            optimizer.checkpoint_event_epilogue()  # (secondary partitions invalidated, persistent ones gathered)
         elif hasattr(optimizer, "update_lp_params"):
             optimizer.update_lp_params()
         else:
