@@ -59,3 +59,16 @@ def test_the_ramps_sizes_are_megatrons_and_bad_ramps_are_refused():
                                           "data-parallel size = 4"):
         load_config("configs/train/debug.yaml", ["train.rampup_batch_size=2 2 12", "train.micro_batch_size=2"]
                     ).validate(world_size=2)
+
+
+def test_throughput_of_a_log_interval_the_batch_grew_in_is_over_its_steps_sizes(single_process, tmp_path,
+                                                                                monkeypatch):
+    """A log row's samples/s is the interval's samples over its time: the interval of steps 1-5 trains 4 + 4 + 4 +
+    8 + 8 samples (5.6 a step), not five steps of its last step's 8; global_batch_size is still the step's own."""
+    from common import metrics
+
+    monkeypatch.setattr(metrics.StepClock, "interval", lambda self: (self._restart(), (1.0, 0.0))[1])
+    run(str(tmp_path / "r"), *RAMP, "train.log_interval=5", "train.eval_interval=0")
+    logged = rows(tmp_path / "r")
+    assert [(r["step"], r["global_batch_size"]) for r in logged] == [(5, 8), (6, 8)]
+    assert [r["samples_per_s"] for r in logged] == pytest.approx([5.6, 8.0])

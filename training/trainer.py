@@ -384,17 +384,20 @@ class Trainer:
 
     def log_step(self, loss: float, lr: float, grad_norm: float | None, elapsed: float, waited: float,
                  held_out: dict[str, float] | None = None, held_out_ema: dict[str, float] | None = None,
-                 samples: int | None = None) -> None:
+                 samples: int | None = None, mean_samples: float | None = None) -> None:
         """The step's loss, LR and gradient norm; throughput from `elapsed`, the mean step time of the interval, and
         the share of it spent waiting for the step's input (`waited`, its mean: metrics.StepClock), for a step of
-        `samples` (default: train.global_batch_size); the held-out losses of the weights and of their moving
-        average (ema_valid_loss...) when measured."""
+        `samples` (default: train.global_batch_size) and the interval's steps of `mean_samples` on average (default:
+        `samples`; they differ where train.rampup_batch_size grew the batch inside the interval); the held-out
+        losses of the weights and of their moving average (ema_valid_loss...) when measured."""
         m, gbs = self.cfg.model, samples or self.cfg.train.global_batch_size
-        tflops = train_flops_per_sample(m) * gbs / elapsed / self.world / 1e12
+        per_step = mean_samples or gbs  # (the interval's: its mean step time is over all of its steps)
+        tflops = train_flops_per_sample(m) * per_step / elapsed / self.world / 1e12
         peak = self.peak_flops
         self.log.step({
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "params_norm": params_norm(self.engine),
-            "samples_per_s": gbs / elapsed, "tokens_per_s": gbs * (m.text_seq_len + m.image_seq_len) / elapsed,
+            "samples_per_s": per_step / elapsed,
+            "tokens_per_s": per_step * (m.text_seq_len + m.image_seq_len) / elapsed,
             "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
             "data_wait_pct": 100 * waited / elapsed,
             **metrics.memory_gb(), "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
@@ -419,6 +422,7 @@ class Trainer:
                               f"({self.step + 1}-{t.steps}): nothing is traced")
             reader = self._reader_at(self.consumed) if self.step < t.steps else None
             clock = metrics.StepClock()  # (throughput over the log interval's steps, saves and evaluation left out)
+            interval_samples = []  # (the sizes of the interval's trained steps: train.rampup_batch_size changes them)
             while self.step < t.steps:
                 lr = self.engine.get_lr()[0]
                 self.profiler.begin(self.step + 1)
@@ -439,6 +443,7 @@ class Trainer:
                 collection.step_done(self.step)  # (in the step's time: every step's share of collecting)
                 if trains:  # (a skipped step's reading was left out of the interval's time and steps)
                     clock.step_done()
+                    interval_samples.append(samples)
                 with clock.paused():
                     self._write_profile()
                 evaluate = trains and t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
@@ -446,7 +451,9 @@ class Trainer:
                     held_out = self.held_out_loss() if evaluate else None
                     held_out_ema = self.held_out_loss(averaged=True) if evaluate and t.ema_decay else None
                 if trains and (self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None):
-                    self.log_step(loss, lr, grad_norm, *clock.interval(), held_out, held_out_ema, samples)
+                    self.log_step(loss, lr, grad_norm, *clock.interval(), held_out, held_out_ema, samples,
+                                  sum(interval_samples) / len(interval_samples))
+                    interval_samples.clear()
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 with clock.paused():  # (a background save's finishing is a save's, left out of the step times)
                     self.complete_saves()
