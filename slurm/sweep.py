@@ -263,8 +263,9 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
             "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
             "mem_gb": max(m.get("mem_gb") or 0 for m in lines), "steps": lines[-1]["step"],
             "final_loss": lines[-1]["loss"], "final_valid_loss": held_out[-1][1] if held_out else None,
-            "final_ema_valid_loss": next((m["ema_valid_loss"] for m in reversed(lines) if "ema_valid_loss" in m),
-                                         None),  # (train.ema_decay: the moving average's)
+            # (train.ema_decay: the moving average's, at the last measurement: none when that segment kept none)
+            "final_ema_valid_loss": next((m.get("ema_valid_loss") for m in reversed(lines)
+                                          if m.get("valid_loss") is not None), None),
             "held_out_loss": later[-1]["valid_loss"] if later else None,
             "curve": [(compute(m), m["loss"]) for m in lines], "valid_curve": held_out}
 

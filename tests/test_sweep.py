@@ -189,6 +189,9 @@ def test_held_out_loss_of_a_run_whose_last_steps_were_skipped_is_its_last_checkp
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # (train.ema_decay's column)
         f.write(json.dumps({"step": 5, "loss": 1.0, "valid_loss": 2.0, "ema_valid_loss": 1.75}) + "\n")
     assert summarize(tmp_path / "r", 0)["final_ema_valid_loss"] == 1.75
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # (a segment resumed without it: its measurement has none)
+        f.write(json.dumps({"step": 6, "loss": 1.0, "valid_loss": 1.9}) + "\n")
+    assert summarize(tmp_path / "r", 0)["final_ema_valid_loss"] is None
 
 
 def test_collect_leaves_out_a_line_cut_short_and_bad_input_is_one_line(tmp_path):
