@@ -146,7 +146,8 @@ def test_zero3_fragments_stop_at_the_parameters_end_and_refresh_copies_each_wrap
     """ZeRO-3 pads a parameter to a multiple of the data-parallel ranks: 5 elements over 4 ranks are partitions
     of 2, rank 2 holding one element and one of padding, rank 3 padding only (its start, 6, is past the end:
     an empty fragment, not the padding). refresh_working_weights copies ZeRO-3's fp32 partitions into the bf16
-    ones and asks ZeRO-1/2 and BF16_Optimizer to do it (update_lp_params)."""
+    ones (between releasing the gathered parameters and gathering the persistent ones again) and asks ZeRO-1/2
+    and BF16_Optimizer to do it (update_lp_params)."""
     from training.deepspeed_glue import own_fragment, refresh_working_weights
 
     p = torch.nn.Parameter(torch.empty(0))
@@ -158,10 +159,13 @@ def test_zero3_fragments_stop_at_the_parameters_end_and_refresh_copies_each_wrap
         fragment = own_fragment(StandIn(), p, None)
         assert (fragment.start, fragment.data.tolist(), fragment.whole) == (2 * rank, expected, False), rank
 
-    low, master = torch.zeros(3, dtype=torch.bfloat16), torch.arange(3.0)
-    refresh_working_weights(StandIn(optimizer=StandIn(fp16_partitioned_groups_flat=[low],
-                                                      fp32_partitioned_groups_flat=[master])), [])
-    assert low.tolist() == [0.0, 1.0, 2.0]
+    low, master, events = torch.zeros(3, dtype=torch.bfloat16), torch.arange(3.0), []
+    refresh_working_weights(StandIn(optimizer=StandIn(
+        fp16_partitioned_groups_flat=[low], fp32_partitioned_groups_flat=[master],
+        _partition_all_parameters=lambda: events.append(("released", low.tolist())),
+        checkpoint_event_epilogue=lambda: events.append(("gathered", low.tolist())))), [])
+    # (the gathered parameters released before the copy, the persistent ones gathered again from it after)
+    assert events == [("released", [0.0, 0.0, 0.0]), ("gathered", [0.0, 1.0, 2.0])]
     calls = []
     refresh_working_weights(StandIn(optimizer=StandIn(update_lp_params=lambda: calls.append(1))), [])
     assert calls == [1]
