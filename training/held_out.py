@@ -18,7 +18,8 @@ the checkpoints as a run saves them, or one requeued), tags (step_00001000,step_
 path holds a comma given alone). Rows go to RUN_DIR/held_out.jsonl (--out: another file), appended, and to the
 output: {"checkpoint", "step", "consumed_samples" (an export's: "export", its absolute path, "checkpoint",
 "averaged"), "valid_loss" (the sets' mean), "valid_loss_<name>" for each named set, "valid_shards", "eval_samples",
-"layout", and "weights": "ema" for --ema's}, and OUT.png draws the checkpoints' rows of the file against their steps.
+"layout", and "weights": "ema" for --ema's and an export of the average}, and OUT.png draws the checkpoints' rows of
+the file against their steps.
 --ema: the moving average of the weights each checkpoint holds (train.ema_decay) is measured instead of the weights
 (a line of its own in OUT.png; --checkpoints new counts the rows of each apart). Nothing else is written and no
 lock is taken: a run still training may be measured (a checkpoint it prunes meanwhile is an error naming it).
@@ -145,10 +146,12 @@ def checked_sources(cfg: Config, paths: list[Path], ema: bool = False) -> list[t
 
 def source_fields(path: Path, state: dict) -> dict:
     """A row's description of what was measured: a checkpoint's tag, step and consumed samples; an export's folder,
-    the tag of its checkpoint and those it averages (no step: it is not the run's state at one)."""
+    the tag of its checkpoint, those it averages and whether it holds the moving average of the weights (no step:
+    it is not the run's state at one)."""
     if "consumed_samples" in state:
         return {"checkpoint": path.name, "step": state["step"], "consumed_samples": state["consumed_samples"]}
-    return {"export": str(path), "checkpoint": state["step"], "averaged": state.get("averaged")}
+    return {"export": str(path), "checkpoint": state["step"], "averaged": state.get("averaged"),
+            **({"weights": state["weights"]} if state.get("weights") else {})}  # (as --ema's rows say it)
 
 
 def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str | Path | None = None,

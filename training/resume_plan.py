@@ -132,14 +132,16 @@ def init_checkpoint(cfg: Config, tokenizers: dict | None) -> tuple[Path, str]:
 
 def export_state(path: Path, key: str = "train.init_from") -> dict:
     """An export folder's config.json in the shape of a checkpoint's trainer state (config, step: the tag of its
-    checkpoint, averaged, data_tokenizers), its model.safetensors checked to be that config's (here: each rank
-    reads only its part of the file, later); CheckpointError naming `key`, the option that gave it, otherwise."""
+    checkpoint, averaged, weights: "ema" for an export of the moving average, data_tokenizers), its
+    model.safetensors checked to be that config's (here: each rank reads only its part of the file, later);
+    CheckpointError naming `key`, the option that gave it, otherwise."""
     try:
         config, _ = checked_export(path)
     except ValueError as e:  # (the messages name the file; a CheckpointError reaches every rank as one)
         raise CheckpointError(f"{key}: {e}") from None
     return {"config": {"model": config["model"]}, "step": config.get("checkpoint"),
-            "averaged": config.get("averaged"), "data_tokenizers": config.get("data_tokenizers")}
+            "averaged": config.get("averaged"), "weights": config.get("weights"),
+            "data_tokenizers": config.get("data_tokenizers")}
 
 
 def check_weights_source(cfg: Config, path: Path, state: dict, tokenizers: dict | None, kind: str,
