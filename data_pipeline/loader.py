@@ -113,14 +113,14 @@ class StepPositions:
 
     def __init__(self, sampler, consumed: int, steps: int, dp_rank: int, dp_size: int, micro_batch_size: int):
         self.batches = StepBatchSampler(sampler, consumed, steps, dp_rank, dp_size, micro_batch_size)
-        self.consumed, self.left, self.workers, self.sampler = consumed, steps, 0, sampler
+        self.consumed, self.left, self.workers = consumed, steps, 0
 
     def next_step(self) -> list[tuple[None, None, torch.Tensor]]:
         if self.left <= 0:
             raise RuntimeError(f"made for {self.batches.steps} steps from {self.batches.consumed}; all have been "
                                "given (or it was closed)")
         out = [(None, None, ids[:, 0].contiguous()) for ids in self.batches.step_ids(self.consumed)]
-        self.consumed += self.sampler.batch_size_at(self.consumed)
+        self.consumed += self.batches.sampler.batch_size_at(self.consumed)
         self.left -= 1
         return out
 
@@ -164,7 +164,7 @@ class ReadAhead:
         if workers < 0 or read_ahead_steps < 1:
             raise ValueError(f"workers={workers} must be >= 0 and read_ahead_steps={read_ahead_steps} >= 1")
         self.batches = StepBatchSampler(sampler, consumed, steps, dp_rank, dp_size, micro_batch_size)
-        self.consumed, self.left, self.workers, self.sampler = consumed, steps, workers, sampler
+        self.consumed, self.left, self.workers = consumed, steps, workers
         in_flight = read_ahead_steps * self.batches.per_step  # micro-batches requested ahead, over all workers
         if workers:  # (they ignore SIGTERM: a process that leaves them running, e.g. on an error, must still exit)
             exit_promptly()
@@ -180,7 +180,7 @@ class ReadAhead:
             raise RuntimeError(f"the reader was made for {self.batches.steps} steps from {self.batches.consumed}; "
                                "all have been read (or it was closed)")
         out = [next(self._it) for _ in range(self.batches.micro_batches_at(self.consumed))]
-        self.consumed += self.sampler.batch_size_at(self.consumed)
+        self.consumed += self.batches.sampler.batch_size_at(self.consumed)
         self.left -= 1
         return out
 

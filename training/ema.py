@@ -73,7 +73,6 @@ def _swap(engine) -> None:
             weights = holder.detach().clone()
             holder.copy_(average)
             average.copy_(weights)
-            del weights
 
 
 def saved_ema_decay(trainer_state: dict) -> float:

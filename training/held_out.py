@@ -186,9 +186,10 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
     held_out_data = {k: v for k, v in held_out_data.items() if v is not None}  # (rows of the weights: no "weights")
 
     def decide() -> list[tuple[Path, dict]]:
+        same = ("valid_shards", "eval_samples", "weights")  # (what a row of this measurement has in common)
         measured = {row["checkpoint"] for row in json_rows(out)  # (for --checkpoints new)
-                    if isinstance(row.get("step"), int) and row.get("weights") == held_out_data.get("weights")
-                    and all(row.get(k) == v for k, v in held_out_data.items())}
+                    if isinstance(row.get("step"), int)
+                    and all(row.get(k) == held_out_data.get(k) for k in same)}
         checked = checked_sources(cfg, chosen_sources(run_dir, which, measured, ema), ema)
         # (--out checked writable too before anything is measured: rank 0 alone writes it, and its failure is every
         # rank's, so that none waits in the next checkpoint's collectives)
