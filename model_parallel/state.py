@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import socket
 import subprocess
 from datetime import timedelta
@@ -23,9 +24,31 @@ from model_parallel.layout import ParallelConfig, ParallelLayout
 
 
 def free_port() -> int:
+    """A port nothing listens on now, for a rendezvous that processes started after this will bind. Taken below the
+    kernel's ephemeral range (ip_local_port_range, 32768 up by default): a port the kernel handed out (bind to 0)
+    went back to that range at once, where the outgoing connections of other processes (gloo's, a second test
+    worker's) could take it before the rendezvous bound it (EADDRINUSE, seen in CI); one from the range when none
+    below is free."""
+    low = _ephemeral_ports_start()
+    for port in random.sample(range(20000, low), min(64, max(0, low - 20000))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_ports_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768, its default, where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str] | None:

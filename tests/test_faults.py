@@ -316,6 +316,21 @@ def test_layout_that_does_not_fit_the_world_is_refused_before_work(single_proces
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_a_rendezvous_port_is_free_and_outside_the_ephemeral_range(monkeypatch):
+    """free_port: a port nothing listens on, below the kernel's ephemeral range (where another process's outgoing
+    connection could take it before the rendezvous binds it); from the range only when none below is free."""
+    import socket
+
+    from model_parallel import state
+
+    port = state.free_port()
+    assert 20000 <= port < state._ephemeral_ports_start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+    monkeypatch.setattr(state, "_ephemeral_ports_start", lambda: 20000)  # (nothing below to take)
+    assert state.free_port() >= 1024
+
+
 def test_slurm_environment(monkeypatch):
     from model_parallel import state
 
