@@ -10,16 +10,16 @@ Weights & Biases.
     samples_per_s = global_batch / clock.seconds_per_step()  # the interval's mean step time (and a new interval)
 
 metrics.jsonl holds one JSON object per logged step: step, loss, lr, grad_norm (the step's), params_norm (the fp32
-weights'; Parti's trainer), samples_per_s,
-tokens_per_s, tflops_per_gpu, mfu, data_wait_pct (the share of the step time spent waiting for input; these over
-the steps since the previous row: StepClock), mem_gb (on a GPU its peak
-allocated, on CPU the resident memory of rank 0's process), mem_reserved_gb (GPU only; both in GiB, 2^30 bytes, as
-torch and nvidia-smi count GPU memory) (null where not measurable), consumed_samples (training samples up to and
-with the step: step x global batch unless a resume changed the batch; Megatron-LM's consumed samples), and
-valid_loss in the rows of the steps the held-out loss was measured at
+weights'; Parti's trainer), samples_per_s, tokens_per_s, tflops_per_gpu, mfu, data_wait_pct (the share of the step
+time spent waiting for input, the largest of any rank's, and data_wait_pct_rank that rank: max_over_ranks; these
+over the steps since the previous row: StepClock), mem_gb (on a GPU its peak allocated, on CPU the resident memory
+of the process; the largest of any rank's, and mem_gb_rank that rank), mem_reserved_gb (GPU only, the largest peak
+of any rank's; both in GiB, 2^30 bytes, as torch and nvidia-smi count GPU memory) (null where not measurable),
+consumed_samples (training samples up to and with the step: step x global batch unless a resume changed the batch;
+Megatron-LM's consumed samples), and valid_loss in the rows of the steps the held-out loss was measured at
 (training's train.eval_interval; with named held-out sets, data.valid_shards, also valid_loss_<name> each and
-valid_loss their mean: `held_out_row`). TensorBoard and W&B name a scalar train/<key>, or valid/<name> for a key
-valid_<name>.
+valid_loss their mean: `held_out_row`). TensorBoard and W&B name a scalar train/<key>, or
+valid/<name> for a key valid_<name>.
 """
 from __future__ import annotations
 
@@ -82,6 +82,27 @@ def mean_over_ranks(logs: dict) -> dict:
     values = values.cpu() / dist.get_world_size()
     values = torch.where(decibels, -10 * torch.log10(values), values)
     return {**logs, **dict(zip(keys, values.tolist()))}
+
+
+def max_over_ranks(values: dict[str, float], ranked: tuple[str, ...] = ()) -> dict[str, float]:
+    """Each of `values` as its largest over the ranks of the default group, in one all-gather, and for each key of
+    `ranked` also '<key>_rank': the rank that has it (the lowest of equals). For what one rank can hold everyone
+    back with, which rank 0's own number hides: a rank whose reads are slow makes the others wait in the step's
+    next collective (their own input was ready: rank 0's data_wait_pct said 0), and the rank with the most memory
+    is the one that runs out (a pipeline's first stage keeps the most activations). Every rank calls it, at the
+    same steps; one process: `values` as they are, without '_rank' keys."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # (NCCL gathers device tensors only)
+    mine = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    every = torch.stack(every).cpu()  # [ranks, keys]
+    largest, rank = every.max(dim=0)  # (ties: torch takes the first maximum's index)
+    row = dict(zip(values, largest.tolist()))
+    return {**row, **{f"{key}_rank": int(rank[list(values).index(key)]) for key in ranked}}
 
 
 def reset_peak_memory() -> None:
@@ -181,9 +202,11 @@ class StepClock:
 
     def rates(self, batch: int, unit: str) -> dict[str, float]:
         """{'<unit>_per_s': `batch` over the interval's mean step time, 'data_wait_pct': the share of it spent
-        waiting for input} (the image trainers' log columns); the next interval starts now."""
+        waiting for input, the most of any rank's, and 'data_wait_pct_rank': that rank (`max_over_ranks`: every rank
+        calls this)} (the image trainers' log columns); the next interval starts now."""
         elapsed, waited = self.interval()
-        return {f"{unit}_per_s": batch / elapsed, "data_wait_pct": 100 * waited / elapsed}
+        return {f"{unit}_per_s": batch / elapsed,
+                **max_over_ranks({"data_wait_pct": 100 * waited / elapsed}, ranked=("data_wait_pct",))}
 
 
 class MetricsLogger:

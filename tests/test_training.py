@@ -135,6 +135,59 @@ def test_the_logged_rates_are_the_jobs_and_the_flops_each_gpus(monkeypatch):
     assert rows[0]["consumed_samples"] == 56
 
 
+def ranks_values(values_by_rank: list[dict]) -> dict:
+    """common.metrics.max_over_ranks of this rank's entry of `values_by_rank`."""
+    import torch.distributed as dist
+
+    from common.metrics import max_over_ranks
+
+    return max_over_ranks(values_by_rank[dist.get_rank()], ranked=("wait", "mem"))
+
+
+def test_max_over_ranks_gives_each_value_the_largest_rank_and_names_it(pool2):
+    """Every rank gets each value's largest over the ranks, and for the keys asked for the rank holding it (the
+    lower of two equal ones); one process gets its own values."""
+    from common.metrics import max_over_ranks
+
+    values = [{"wait": 1.5, "mem": 3.0, "other": 7.0}, {"wait": 40.0, "mem": 3.0, "other": -1.0}]
+    first, second = pool2.run(ranks_values, values)
+    assert first == second == {"wait": 40.0, "mem": 3.0, "other": 7.0, "wait_rank": 1, "mem_rank": 0}
+    assert max_over_ranks({"wait": 1.5}, ranked=("wait",)) == {"wait": 1.5}
+
+
+def run_with_slow_reads_on_rank_1(run_dir: str) -> list[float]:
+    """`run` (2 steps, a log line each) where rank 1 takes 1 s longer to get each step's input."""
+    import time
+
+    import torch.distributed as dist
+
+    from training.trainer import Trainer
+
+    real = Trainer._with_samples
+
+    def slow(self, micro_batches):
+        if dist.get_rank() == 1:
+            time.sleep(1.0)
+        return real(self, micro_batches)
+
+    Trainer._with_samples = slow
+    try:
+        return run(run_dir, "train.eval_interval=0", "train.save_interval=0", steps=2)
+    finally:
+        Trainer._with_samples = real
+
+
+def test_the_logged_data_wait_is_the_slowest_readers_and_names_its_rank(pool2, tmp_path):
+    """At DP=2 with rank 1's reads 1 s slower, data_wait_pct is rank 1's share of the step (rank 0 waited for
+    nothing but rank 1, in the gradients' all-reduce, and said ~0) and data_wait_pct_rank says 1; the memory peak
+    is the largest of the ranks', with its rank."""
+    pool2.run(run_with_slow_reads_on_rank_1, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["data_wait_pct_rank"] == 1 and r["data_wait_pct"] > 50 for r in rows)
+    assert all(r["mem_gb_rank"] in (0, 1) and r["mem_gb"] > 0 for r in rows)
+
+
 def test_a_stop_at_a_measuring_step_still_measures(single_process, tmp_path, monkeypatch):
     """A stop requested at a step whose held-out loss is due (here every step) measures it before saving: the
     resumed run starts after that step and would never measure it."""
