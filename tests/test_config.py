@@ -65,6 +65,8 @@ def test_resolved_config_round_trips(tmp_path):
      "model.vocab_pad_multiple=4 must be divisible by parallel.tp=8"),
     (["train.adam_beta2=1.0"], "train.adam_beta2=1.0 must be in [0, 1)"),
     (["train.adam_eps=0"], "train.adam_eps=0.0 must be > 0"),
+    (["train.ema_decay=1"], "train.ema_decay=1.0 must be in [0, 1) (0: no moving average)"),
+    (["train.ema_warmup=true"], "train.ema_warmup warms up the moving average's decay: it needs train.ema_decay > 0"),
     (["train.optimizer=adafactor", "parallel.pp=2", "train.precision=bf16", "model.decoder_layers=2"],
      "train.optimizer=adafactor with parallel.pp > 1 needs train.precision=fp32"),  # (its first save failed)
     (["train.optimizer=sgd"], "train.optimizer='sgd' must be one of adamw, adafactor"),  # (else AdamW, silently)

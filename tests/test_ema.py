@@ -83,6 +83,30 @@ def test_the_average_follows_the_weights_step_by_step_and_is_exported_and_measur
             main(["--run-dir", str(tmp_path / "r"), "--checkpoints", which, "--ema", "--out", str(rows_file)])
 
 
+def test_a_warmed_up_decay_counts_the_updates_taken_and_goes_on_counting_after_a_resume(single_process, tmp_path):
+    """train.ema_warmup: the (k+1)-th update's decay is min(d, (1 + k) / (10 + k)). Started at step 1's weights, with
+    step 3 read past: E2 = 0.1 W1 + 0.9 W2 (k=0), E3 = E2; resumed at step 3, the count goes on from the
+    checkpoint's (1 update): E4 = 2/11 E2 + 9/11 W4, E5 = 3/12 E4 + 9/12 W5 (with the count restarted, or taken as
+    the step, E4 would use 0.1 or 3/12)."""
+    from training.ema import ema_decay_after
+
+    warm = (f"train.ema_decay={DECAY}", "train.ema_warmup=true", "train.eval_interval=0")
+    run(str(tmp_path / "r"), *EVERY_STEP, "train.eval_interval=0", steps=1)
+    run(str(tmp_path / "r"), *EVERY_STEP, *warm, "train.skip_steps=3", steps=3)
+    run(str(tmp_path / "r"), *EVERY_STEP, *warm, steps=5)
+    w = {s: exported(tmp_path / "r", tmp_path, s, ema=False) for s in (1, 2, 4, 5)}
+    e = {s: exported(tmp_path / "r", tmp_path, s, ema=True) for s in (2, 3, 4, 5)}
+    assert [ema_decay_after(k, DECAY, warmup=True) for k in (0, 1, 2, 100)] == [0.1, 2 / 11, 3 / 12, DECAY]
+    assert ema_decay_after(0, DECAY, warmup=False) == DECAY
+    for name in w[1]:
+        expected = {2: 0.1 * w[1][name].double() + 0.9 * w[2][name].double()}
+        expected[4] = 2 / 11 * e[2][name].double() + 9 / 11 * w[4][name].double()
+        expected[5] = 3 / 12 * e[4][name].double() + 9 / 12 * w[5][name].double()
+        for step, tensor in expected.items():
+            torch.testing.assert_close(e[step][name].double(), tensor, rtol=1e-6, atol=1e-7, msg=f"{name} {step}")
+        assert torch.equal(e[3][name], e[2][name]), name
+
+
 def test_held_out_ema_new_and_all_take_the_checkpoints_that_hold_an_average(single_process, tmp_path, capsys):
     """A run that began keeping an average on a resume has checkpoints without one before it: training.held_out
     --ema --checkpoints new (or all) measures those that hold one (it refused them all, naming the first without),

@@ -105,6 +105,11 @@ class TrainConfig(LoopControl):
     beside Adam's moments in each rank's own ZeRO/TP part (training/ema.py), saved in checkpoints and resumed at
     any layout; its held-out loss is logged as ema_valid_loss beside valid_loss; `training.export --ema` and
     `training.held_out --ema` take it instead of the weights."""
+    ema_warmup: bool = False
+    """Warm the moving average's decay up: the (k+1)-th update after it started uses min(ema_decay, (1 + k) /
+    (10 + k)) (diffusers' EMAModel: a fixed 0.9999 keeps e^-1 of the random initialisation's weight after 10k steps,
+    so a short run's average is mostly its start). The count of updates is saved in checkpoints and goes on after a
+    resume."""
     loss_spike_factor: float = 1.5
     """Warn when a step's loss is this many times the median of the previous 100 steps' (0: never), naming the
     newest checkpoint before it and the train.skip_steps that would resume there without the batches since."""
@@ -225,6 +230,8 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         require(0 <= getattr(t, name) < 1, f"train.{name}={getattr(t, name)} must be in [0, 1)")
     require(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0")
     require(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0: no moving average)")
+    require(t.ema_decay > 0 or not t.ema_warmup, "train.ema_warmup warms up the moving average's decay: it needs "
+            "train.ema_decay > 0 (e.g. 0.9999)")
     step_ranges(t.skip_steps, "train.skip_steps")
     ramp = batch_ramp(t)
     require(t.global_batch_size % t.micro_batch_size == 0,
@@ -319,7 +326,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_stable_steps", "train.lr_decay",
                   "train.lr_decay_steps", "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1",
-                  "train.adam_beta2", "train.adam_eps", "train.ema_decay")
+                  "train.adam_beta2", "train.adam_eps", "train.ema_decay",
+                  "train.ema_warmup")
 """Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
 checkpoint's step with the new values (training/checkpoint.py `load`), weight decay, clipping and Adam's
 betas and epsilon are the new ones from the first step on (the moments are the checkpoint's)."""

@@ -3,6 +3,7 @@ Adam's moments: one more optimizer state per tensor the optimizer updates, under
 
     start_ema(engine)              # the average = the fp32 weights now (a new run's, or those a run loaded)
     update_ema(engine, decay)      # after each optimizer step taken: ema = decay x ema + (1 - decay) x weights
+    ema_decay_after(n, 0.9999, warmup=True)  # the decay of update n + 1 (train.ema_warmup: lower at first)
     with averaged_weights(engine):  # the model runs with the average as its weights (the held-out loss of it)
         ...
 
@@ -39,6 +40,12 @@ def start_ema(engine) -> None:
         for holder in optimizer_holders(engine):
             state[holder][EMA_KEY] = holder.detach().clone()
     link_optimizer_fragments(engine)
+
+
+def ema_decay_after(updates: int, decay: float, warmup: bool) -> float:
+    """The decay of the update that follows `updates` earlier ones: `decay`, or with `warmup` (train.ema_warmup)
+    min(decay, (1 + updates) / (10 + updates)): 0.1 at the first, so the average soon leaves its start behind."""
+    return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
 
 
 def update_ema(engine, decay: float) -> None:

@@ -38,7 +38,7 @@ from training import checkpoint, engine
 from training.checkpoint import set_aside
 from training.config import Config, batch_ramp, format_changes, layout_of, step_ranges
 from training.deepspeed_glue import NonFiniteStop, params_norm, set_global_batch
-from training.ema import averaged_weights, saved_ema_decay, start_ema, update_ema
+from training.ema import averaged_weights, ema_decay_after, saved_ema_decay, start_ema, update_ema
 from training.flops import enable_tf32, peak_flops, train_flops_per_sample
 from training.profiling import StepProfiler
 from training.resume_plan import plan_resume
@@ -214,6 +214,7 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed,
                                           ramp=batch_ramp(cfg.train))
         self.step, self.consumed = 0, 0
+        self.ema_updates = 0  # (the moving average's updates since it started: train.ema_warmup's count)
         self.log.info(f"layout: {layout.describe()}; "
                       f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters on rank 0")
 
@@ -239,7 +240,7 @@ class Trainer:
             if dist.get_rank() == 0:
                 self._write_config()
             self.step, self.consumed = state["step"], state["consumed_samples"]
-            self._ema_after_resume(saved_ema_decay(state))
+            self._ema_after_resume(saved_ema_decay(state), state.get("ema_updates", self.step))
             self.nonfinite_guard.skipped = state.get("skipped_steps", 0)
             # (the steps skipped in a row up to the checkpoint: a run requeued more often than
             # train.max_skipped_steps steps would otherwise never stop)
@@ -260,10 +261,12 @@ class Trainer:
         self.log.resumed_at(self.step)  # (the steps after it are trained again: their old rows go)
         self._reader_at(self.consumed)  # reading ahead starts here, at the resumed position
 
-    def _ema_after_resume(self, saved_decay: float) -> None:
+    def _ema_after_resume(self, saved_decay: float, saved_updates: int) -> None:
         """A resume that starts or stops keeping the average of the weights (train.ema_decay) says so; one that
-        starts it starts from the checkpoint's weights (its checkpoint holds none)."""
+        starts it starts from the checkpoint's weights (its checkpoint holds none), one that goes on with it goes on
+        counting its updates from the checkpoint's (`saved_updates`: its step where it saved no count)."""
         decay = self.cfg.train.ema_decay
+        self.ema_updates = saved_updates if decay and saved_decay else 0
         if decay and not saved_decay:
             start_ema(self.engine)
             self.log.info(f"{self.plan.path} holds no moving average of the weights: train.ema_decay={decay}'s "
@@ -295,6 +298,7 @@ class Trainer:
                  "sampler": self.sampler.state_dict(self.consumed),
                  "skipped_steps": self.nonfinite_guard.skipped,
                  "consecutive_skipped_steps": self.nonfinite_guard.consecutive, "run_id": self.plan.run_id,
+                 "ema_updates": self.ema_updates,
                  "data_tokenizers": data_tokenizers(self.dataset)}
         self.complete_saves(wait=True)  # one save in flight at a time
         tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
@@ -436,7 +440,8 @@ class Trainer:
                     set_global_batch(self.engine, samples)
                     loss, grad_norm = engine.train_step(self.engine, self.cfg, batches, self.device)
                     if not guard.step_done() and t.ema_decay:  # (a step skipped as non-finite changed nothing)
-                        update_ema(self.engine, t.ema_decay)
+                        update_ema(self.engine, ema_decay_after(self.ema_updates, t.ema_decay, t.ema_warmup))
+                        self.ema_updates += 1
                     self._warn_of_a_spike(loss, spikes.seen(loss), spikes.recovered_after)
                 losses.append(loss if trains else float("nan"))
                 self.step += 1
