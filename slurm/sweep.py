@@ -237,13 +237,15 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     if not (metrics_path.is_file() and config_path.is_file()):
         return None
     lines = [m for m in json_rows(metrics_path) if "step" in m]
-    if not lines:  # (a killed job's last line may be cut short: left out)
+    trained = [m for m in lines if "loss" in m]  # (a run whose last step was read past, train.skip_steps, ends in a
+    # row of its final held-out losses alone)
+    if not trained:  # (a killed job's last line may be cut short: left out)
         return None
     cfg = yaml.safe_load(config_path.read_text())
-    steady = lines[warmup:] or lines
+    steady = trained[warmup:] or trained
     median = lambda key: statistics.median(m[key] for m in steady if m.get(key) is not None) \
         if any(m.get(key) is not None for m in steady) else None
-    world = lines[-1].get("world_size", 1)
+    world = trained[-1].get("world_size", 1)
     p = cfg["parallel"]
     gbs = cfg["train"]["global_batch_size"]
     flops = train_flops_per_sample(saved_model_config(cfg["model"]))
@@ -253,8 +255,8 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
     held_out = [(compute(m), m["valid_loss"]) for m in lines if m.get("valid_loss") is not None]
     measured = run_dir / "held_out.jsonl"  # (training.held_out's rows: the final checkpoint's newest one)
     later = [r for r in json_rows(measured) if isinstance(r.get("step"), int) and r["step"] >= lines[-1]["step"]
-             and "valid_loss" in r and r.get("weights") is None]  # (past the last row: a run whose last steps were
-    # train.skip_steps, not logged; the weights', not --ema's, which are the moving average's)
+             and "valid_loss" in r and r.get("weights") is None]  # (at or past the last row; the weights', not
+    # --ema's, which are the moving average's)
     later = [r for r in later if r["step"] == max(r["step"] for r in later)]
     return {"run": run_dir.name, "model": cfg["model"].get("preset") or "custom", "gpus": world,
             "tp": p["tp"], "pp": p["pp"], "dp": world // (p["tp"] * p["pp"]), "zero": p["zero_stage"],
@@ -262,12 +264,12 @@ def summarize(run_dir: Path, warmup: int) -> dict | None:
             "samples_per_s_per_gpu": (median("samples_per_s") or 0) / world,
             "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
             "mem_gb": max(m.get("mem_gb") or 0 for m in lines), "steps": lines[-1]["step"],
-            "final_loss": lines[-1]["loss"], "final_valid_loss": held_out[-1][1] if held_out else None,
+            "final_loss": trained[-1]["loss"], "final_valid_loss": held_out[-1][1] if held_out else None,
             # (train.ema_decay: the moving average's, at the last measurement: none when that segment kept none)
             "final_ema_valid_loss": next((m.get("ema_valid_loss") for m in reversed(lines)
                                           if m.get("valid_loss") is not None), None),
             "held_out_loss": later[-1]["valid_loss"] if later else None,
-            "curve": [(compute(m), m["loss"]) for m in lines], "valid_curve": held_out}
+            "curve": [(compute(m), m["loss"]) for m in trained], "valid_curve": held_out}
 
 
 def collect(folder: Path, warmup: int = 2) -> list[dict]:

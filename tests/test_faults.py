@@ -418,7 +418,8 @@ def test_steps_skipped_by_config_equal_steps_skipped_as_nonfinite(single_process
     assert "steps 3-4: their global batches are read past without training (train.skip_steps=3-4)" in log_lines
     assert "step 4: its global batch is read past without training (train.skip_steps=3-4)" in log_lines
     rows, reference = metrics(tmp_path / "skipped"), {m["step"]: m for m in metrics(tmp_path / "guarded")}
-    assert [m["step"] for m in rows] == [1, 2, 5, 6] and [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 5, 6]
+    assert [m["step"] for m in rows] == [1, 2, 5, 6]
+    assert [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 3, 5, 6]  # (3: its first segment's final losses)
     for m in rows:
         assert m["lr"] == reference[m["step"]]["lr"] and m["consumed_samples"] == 8 * m["step"]
     assert rows[-1]["valid_loss"] == pytest.approx(reference[6]["valid_loss"], rel=1e-6)
@@ -436,6 +437,19 @@ def test_steps_skipped_by_config_equal_steps_skipped_as_nonfinite(single_process
     for name, average in averages["guarded"].items():
         for folder in ("skipped", "cut"):
             torch.testing.assert_close(averages[folder][name], average, rtol=1e-5, atol=1e-6, msg=f"{folder} {name}")
+
+
+def test_a_run_whose_last_step_is_read_past_still_measures_its_final_weights(single_process, tmp_path):
+    """The last step read past (train.skip_steps) still gets the run's final held-out losses (a sweep reads the
+    last one; it was step 3's alone), in a row without the rates of a step not trained: the weights and their
+    average are step 3's, so are the losses."""
+    run(str(tmp_path), "train.skip_steps=4", "train.ema_decay=0.5", steps=4)
+    rows = metrics(tmp_path)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert set(rows[-1]) == {"step", "valid_loss", "ema_valid_loss", "consumed_samples"}
+    assert rows[-1]["consumed_samples"] == 32
+    for key in ("valid_loss", "ema_valid_loss"):
+        assert rows[-1][key] == pytest.approx(rows[2][key], rel=1e-6)
 
 
 def test_steps_skipped_apart_do_not_stop_the_run(single_process, tmp_path, nan_loss_on_calls):

@@ -176,8 +176,10 @@ def test_collect_tabulates_medians_after_the_warmup_and_draws_the_plots(tmp_path
 
 
 def test_held_out_loss_of_a_run_whose_last_steps_were_skipped_is_its_last_checkpoints(tmp_path):
-    """A run whose last steps were train.skip_steps logs its last row before them (steps 1-4 of 6) and saves its
-    last checkpoint at step 6: training.held_out's newest row of that checkpoint is its held_out_loss."""
+    """A run whose last steps were train.skip_steps logs its last trained row before them (steps 1-4 of 6) and saves
+    its last checkpoint at step 6: training.held_out's newest row of that checkpoint is its held_out_loss. The
+    trainer's row of the final held-out losses at step 6 (no loss, no rates) gives the final valid loss, the step
+    count, and leaves the final training loss, the curve and the world size to the trained rows."""
     from slurm.sweep import summarize
 
     write_run(tmp_path / "r", 1, 1, [1.0, 2.0, 3.0, 4.0])
@@ -192,6 +194,12 @@ def test_held_out_loss_of_a_run_whose_last_steps_were_skipped_is_its_last_checkp
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # (a segment resumed without it: its measurement has none)
         f.write(json.dumps({"step": 6, "loss": 1.0, "valid_loss": 1.9}) + "\n")
     assert summarize(tmp_path / "r", 0)["final_ema_valid_loss"] is None
+    write_run(tmp_path / "s", 1, 2, [1.0, 2.0, 3.0, 4.0])  # (its last step read past: the trainer's final row
+    with open(tmp_path / "s" / "metrics.jsonl", "a") as f:  # holds its held-out losses alone, no loss or rates)
+        f.write(json.dumps({"step": 6, "valid_loss": 2.5, "consumed_samples": 48}) + "\n")
+    summary = summarize(tmp_path / "s", 0)
+    assert (summary["steps"], summary["final_loss"], summary["final_valid_loss"]) == (6, 1.0, 2.5)
+    assert summary["gpus"] == 2 and [loss for _, loss in summary["curve"]] == [4.0, 3.0, 2.0, 1.0]
 
 
 def test_collect_leaves_out_a_line_cut_short_and_bad_input_is_one_line(tmp_path):

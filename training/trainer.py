@@ -130,6 +130,13 @@ def decide_on_rank0(decide):
     return value
 
 
+def held_out_columns(held_out: dict[str, float] | None, held_out_ema: dict[str, float] | None) -> dict[str, float]:
+    """A metrics row's held-out losses (metrics.held_out_row), of the weights and of their moving average
+    (ema_valid_loss...), where measured."""
+    return {**(metrics.held_out_row(held_out) if held_out else {}),
+            **({f"ema_{k}": v for k, v in metrics.held_out_row(held_out_ema).items()} if held_out_ema else {})}
+
+
 class Trainer:
     """One run: process groups, model, engine, data order, and the loop that steps, logs and saves.
     `resume`: auto | none | overwrite (see the module docstring); the decision and every refusal come
@@ -407,8 +414,7 @@ class Trainer:
                                      ranked=("data_wait_pct", "mem_gb")),
             "skipped_steps": self.nonfinite_guard.skipped, "world_size": self.world,
             "consumed_samples": self.consumed, "global_batch_size": gbs,
-            **(metrics.held_out_row(held_out) if held_out else {}),
-            **({f"ema_{k}": v for k, v in metrics.held_out_row(held_out_ema).items()} if held_out_ema else {}),
+            **held_out_columns(held_out, held_out_ema),
         })
 
     def run(self) -> list[float]:
@@ -452,7 +458,7 @@ class Trainer:
                     interval_samples.append(samples)
                 with clock.paused():
                     self._write_profile()
-                evaluate = trains and t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
+                evaluate = t.eval_interval and (trains and self.step % t.eval_interval == 0 or self.step == t.steps)
                 with clock.paused():  # (also before a stop's save: a resumed run starts after this step)
                     held_out = self.held_out_loss() if evaluate else None
                     held_out_ema = self.held_out_loss(averaged=True) if evaluate and t.ema_decay else None
@@ -460,6 +466,9 @@ class Trainer:
                     self.log_step(loss, lr, grad_norm, *clock.interval(), held_out, held_out_ema, samples,
                                   sum(interval_samples) / len(interval_samples))
                     interval_samples.clear()
+                elif held_out is not None:  # (the last step, read past: the final weights' loss, in a row of its own)
+                    self.log.step({"step": self.step, **held_out_columns(held_out, held_out_ema),
+                                   "consumed_samples": self.consumed})
                 NonFiniteStop.check(self.step, guard.consecutive, t.max_skipped_steps)
                 with clock.paused():  # (a background save's finishing is a save's, left out of the step times)
                     self.complete_saves()
