@@ -72,3 +72,17 @@ def test_throughput_of_a_log_interval_the_batch_grew_in_is_over_its_steps_sizes(
     logged = rows(tmp_path / "r")
     assert [(r["step"], r["global_batch_size"]) for r in logged] == [(5, 8), (6, 8)]
     assert [r["samples_per_s"] for r in logged] == pytest.approx([5.6, 8.0])
+
+
+def test_held_out_measures_a_ramped_runs_checkpoints_at_a_micro_batch_the_ramp_does_not_divide(single_process,
+                                                                                                 tmp_path):
+    """training.held_out reads no ramp (each measurement is eval_batches global batches of train.global_batch_size):
+    its rule that START and INCREMENT split into micro-batches over the data-parallel ranks refused a measurement at
+    a micro-batch (or DP size) the training run's ramp does not divide."""
+    from training.held_out import main
+
+    run(str(tmp_path / "r"), *RAMP, "train.eval_interval=0", steps=1)
+    rows_file = tmp_path / "rows.jsonl"
+    main(["--run-dir", str(tmp_path / "r"), "--out", str(rows_file), "--set", "train.micro_batch_size=8"])
+    (row,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert (row["step"], row["eval_samples"]) == (1, 16)

@@ -44,9 +44,12 @@ OUT_FILE = "held_out.jsonl"
 def measuring(cfg: Config) -> Config:
     """`cfg` without what only a training run's start reads (train.init_from, model.init_text_encoder and
     model.freeze_text_encoder): every weight is a checkpoint's here, so the config rules about them (ZeRO-3
-    refused with model.init_text_encoder, ...) would refuse layouts the measurement can take. (A copy.)"""
+    refused with model.init_text_encoder, ...) would refuse layouts the measurement can take. Nor its ramp of the
+    training batch (train.rampup_batch_size: a measurement is eval_batches full global batches), whose START and
+    INCREMENT must split over the micro-batches and data-parallel ranks of the run's layout, not this one's.
+    (A copy.)"""
     cfg = copy.deepcopy(cfg)
-    cfg.train.init_from, cfg.train.init_weights_only = "", True
+    cfg.train.init_from, cfg.train.init_weights_only, cfg.train.rampup_batch_size = "", True, ""
     cfg.model.init_text_encoder, cfg.model.freeze_text_encoder = "", False
     return cfg
 
