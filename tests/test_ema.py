@@ -163,3 +163,26 @@ def test_the_average_measured_in_training_at_zero3_over_two_ranks_is_the_average
     assert sorted(logged_ema) == [2, 4] and (row["weights"], row["step"]) == ("ema", 4)
     assert row["valid_loss"] == pytest.approx(logged_ema[4], rel=1e-5)
     assert logged_ema[4] != pytest.approx(logged[4], rel=1e-4)
+
+
+def test_the_swap_with_the_average_copies_a_flat_partition_a_piece_at_a_time(monkeypatch):
+    """ZeRO-1/2/3 and DeepSpeed's bf16 wrappers hand the optimizer flat fp32 tensors, each nearly the rank's whole
+    part: averaged_weights' swap cloned each whole (a second copy of the part at every measurement); it exchanges
+    SWAP_ELEMENTS at a time, the values swapped exactly."""
+    import types
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from training import ema
+
+    monkeypatch.setattr(ema, "SWAP_ELEMENTS", 1000, raising=False)
+    flat = torch.nn.Parameter(torch.randn(100_000))  # (a flat partition, as the optimizer of ZeRO-1 holds)
+    engine = types.SimpleNamespace(optimizer=torch.optim.AdamW([flat]))
+    ema.start_ema(engine)
+    with torch.no_grad():
+        flat.add_(1.0)
+    weights, average = flat.detach().clone(), engine.optimizer.state[flat]["ema"].clone()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        ema._swap(engine)
+    assert max(e.cpu_memory_usage for e in prof.events()) <= 4 * 1000
+    assert torch.equal(flat.detach(), average) and torch.equal(engine.optimizer.state[flat]["ema"], weights)
