@@ -326,8 +326,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 RESUME_APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_stable_steps", "train.lr_decay",
                   "train.lr_decay_steps", "train.steps", "train.weight_decay", "train.grad_clip", "train.adam_beta1",
-                  "train.adam_beta2", "train.adam_eps", "train.ema_decay",
-                  "train.ema_warmup")
+                  "train.adam_beta2", "train.adam_eps", "train.ema_decay", "train.ema_warmup")
 """Schedule and optimizer hyper-parameters a resumed run takes over: the LR schedule continues at the
 checkpoint's step with the new values (training/checkpoint.py `load`), weight decay, clipping and Adam's
 betas and epsilon are the new ones from the first step on (the moments are the checkpoint's)."""
