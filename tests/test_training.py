@@ -337,6 +337,25 @@ def test_held_out_loss_of_checkpoints_at_other_layouts_is_the_one_logged_in_trai
         assert not (tmp_path / "refused.jsonl").exists()
 
 
+def test_held_out_new_measures_a_checkpoint_saved_again_by_a_run_resumed_before_it(single_process, reference,
+                                                                                     tmp_path):
+    """A run resumed from an earlier checkpoint (`latest` set back to step 3, step 4's batch read past, as after a
+    loss spike) saves step 6 again under its tag: --checkpoints new measures the new save (the tag had a row, so it
+    was passed over and the file kept the abandoned weights' loss as step 6's)."""
+    from training.held_out import main
+
+    run_dir, out = tmp_path / "r", tmp_path / "rows.jsonl"
+    shutil.copytree(reference[1], run_dir)
+    main(["--run-dir", str(run_dir), "--checkpoints", "new", "--out", str(out)])
+    (run_dir / "checkpoints" / "latest").write_text("step_00000003\n")
+    run(str(run_dir), REFERENCE_EMA, "train.skip_steps=4")
+    main(["--run-dir", str(run_dir), "--checkpoints", "new", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 6] and len({r["save_id"] for r in rows}) == 3
+    assert rows[2]["valid_loss"] == pytest.approx(held_out_losses(run_dir)[6], rel=1e-5)
+    assert rows[2]["valid_loss"] != pytest.approx(rows[1]["valid_loss"], rel=1e-4)
+
+
 def held_out_rows_or_error(run_dir: str, out: str) -> str:
     """training.held_out of every checkpoint of `run_dir` into `out`, or the error it raised on this rank."""
     from common.checkpoints import RunDirError
@@ -1582,8 +1601,9 @@ def test_held_out_chooses_each_checkpoint_once_and_appends_after_a_line_cut_shor
 
     for step in (3, 6):
         (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-        (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
-    assert [p.name for p in chosen_sources(tmp_path, "new,latest", {"step_00000003"})] == ["step_00000006"]
+        (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "consumed_samples": 8 * step, "lr_scheduler": {}, "optimizer_steps": step, "layout": {}}))
+    assert [p.name for p in chosen_sources(tmp_path, "new,latest", {("step_00000003", None)})] == ["step_00000006"]
     assert [p.name for p in chosen_sources(tmp_path, "all,latest")] == ["step_00000003", "step_00000006"]
     out = tmp_path / "held_out.jsonl"
     out.write_text('{"checkpoint": "step_00000003", "step": 3}\n{"checkpoint": "step_0')

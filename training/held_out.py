@@ -13,10 +13,11 @@ otherwise; the training data itself is not read); a training start's train.init_
 model.freeze_text_encoder are not read.
 --checkpoints, comma-separated: latest (default: the one `latest` names, else the newest complete), all (every
 complete one, in step order), new (those without a row in the file for this held-out data yet: a job that measures
-the checkpoints as a run saves them, or one requeued), tags (step_00001000,step_00002000), or export folders
+the checkpoints as a run saves them, or one requeued; a checkpoint saved again, by a run resumed from an earlier one,
+is new again: rows record its save_id), tags (step_00001000,step_00002000), or export folders
 (training.export's: e.g. the average of the last checkpoints, --average N, against the last one alone; one whose
 path holds a comma given alone). Rows go to RUN_DIR/held_out.jsonl (--out: another file), appended, and to the
-output: {"checkpoint", "step", "consumed_samples" (an export's: "export", its absolute path, "checkpoint",
+output: {"checkpoint", "step", "consumed_samples", "save_id" (an export's: "export", its absolute path, "checkpoint",
 "averaged"), "valid_loss" (the sets' mean), "valid_loss_<name>" for each named set, "valid_shards", "eval_samples",
 "layout", and "weights": "ema" for --ema's and an export of the average}, and OUT.png draws the checkpoints' rows of
 the file against their steps.
@@ -71,12 +72,13 @@ def append_row(out: Path, row: dict | None) -> None:
         raise RunDirError(f"--out {out}: cannot be written ({e.strerror or e})") from None
 
 
-def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset(), ema: bool = False) -> list[Path]:
-    """The folders `which` names, comma-separated: latest, all, new (the complete checkpoints whose tags are not in
-    `measured`), tags of run_dir's complete checkpoints, or export folders (training.export's, e.g. an --average of
-    checkpoints); RunDirError naming what is missing otherwise. With `ema` (--ema), all and new are the complete
-    checkpoints that hold a moving average of the weights: a run that began keeping one on a resume, or stopped,
-    has checkpoints without (a checkpoint named by its tag, or latest, must hold one: checked_sources)."""
+def chosen_sources(run_dir: Path, which: str, measured: set[tuple[str, str | None]] = frozenset(),
+                   ema: bool = False) -> list[Path]:
+    """The folders `which` names, comma-separated: latest, all, new (the complete checkpoints whose `saved_as` is
+    not in `measured`), tags of run_dir's complete checkpoints, or export folders (training.export's, e.g. an
+    --average of checkpoints); RunDirError naming what is missing otherwise. With `ema` (--ema), all and new are the
+    complete checkpoints that hold a moving average of the weights: a run that began keeping one on a resume, or
+    stopped, has checkpoints without (a checkpoint named by its tag, or latest, must hold one: checked_sources)."""
     from training import checkpoint
     from training.ema import saved_ema_decay
     from training.export import is_export
@@ -100,9 +102,11 @@ def chosen_sources(run_dir: Path, which: str, measured: set[str] = frozenset(), 
             chosen.append(Path(item).resolve())
         elif item == "latest":
             chosen.append(checkpoint.checkpoint_dir(run_dir) / checkpoint.resume_tag(run_dir)[0])
-        elif item in complete or item in ("all", "new"):
-            tags = {"all": averaged, "new": [tag for tag in averaged if tag not in measured]}.get(item, [item])
-            chosen += [checkpoint.checkpoint_dir(run_dir) / tag for tag in tags]
+        elif item == "new":
+            folders = [checkpoint.checkpoint_dir(run_dir) / tag for tag in averaged]
+            chosen += [path for path in folders if saved_as(path, checkpoint.read_trainer_state(path)) not in measured]
+        elif item in complete or item == "all":
+            chosen += [checkpoint.checkpoint_dir(run_dir) / tag for tag in (averaged if item == "all" else [item])]
         else:
             missing.append(item)
     if missing:
@@ -147,12 +151,21 @@ def checked_sources(cfg: Config, paths: list[Path], ema: bool = False) -> list[t
     return sources
 
 
+def saved_as(path: Path, state: dict) -> tuple[str, str | None]:
+    """Which save of a checkpoint (its folder and trainer state) a row measured: its tag and the save's id
+    (trainer_state.json's save_id; None for checkpoints saved before there was one). A run resumed from an earlier
+    checkpoint saves the steps of the trajectory it abandoned again, under the same tags: --checkpoints new measures
+    those anew."""
+    return path.name, state.get("save_id")
+
+
 def source_fields(path: Path, state: dict) -> dict:
-    """A row's description of what was measured: a checkpoint's tag, step and consumed samples; an export's folder,
-    the tag of its checkpoint, those it averages and whether it holds the moving average of the weights (no step:
-    it is not the run's state at one)."""
+    """A row's description of what was measured: a checkpoint's tag, step, consumed samples and save id; an export's
+    folder, the tag of its checkpoint, those it averages and whether it holds the moving average of the weights (no
+    step: it is not the run's state at one)."""
     if "consumed_samples" in state:
-        return {"checkpoint": path.name, "step": state["step"], "consumed_samples": state["consumed_samples"]}
+        return {"checkpoint": path.name, "step": state["step"], "consumed_samples": state["consumed_samples"],
+                **({"save_id": state["save_id"]} if state.get("save_id") else {})}
     return {"export": str(path), "checkpoint": state["step"], "averaged": state.get("averaged"),
             **({"weights": state["weights"]} if state.get("weights") else {})}  # (as --ema's rows say it)
 
@@ -190,7 +203,7 @@ def evaluate(cfg: Config, run_dir: str | Path, which: str = "latest", out: str |
 
     def decide() -> list[tuple[Path, dict]]:
         same = ("valid_shards", "eval_samples", "weights")  # (what a row of this measurement has in common)
-        measured = {row["checkpoint"] for row in json_rows(out)  # (for --checkpoints new)
+        measured = {(row["checkpoint"], row.get("save_id")) for row in json_rows(out)  # (for --checkpoints new)
                     if isinstance(row.get("step"), int)
                     and all(row.get(k) == held_out_data.get(k) for k in same)}
         checked = checked_sources(cfg, chosen_sources(run_dir, which, measured, ema), ema)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch.distributed as dist
@@ -305,7 +306,7 @@ class Trainer:
                  "sampler": self.sampler.state_dict(self.consumed),
                  "skipped_steps": self.nonfinite_guard.skipped,
                  "consecutive_skipped_steps": self.nonfinite_guard.consecutive, "run_id": self.plan.run_id,
-                 "ema_updates": self.ema_updates,
+                 "ema_updates": self.ema_updates, "save_id": uuid.uuid4().hex,  # (which save of the step's tag)
                  "data_tokenizers": data_tokenizers(self.dataset)}
         self.complete_saves(wait=True)  # one save in flight at a time
         tag = checkpoint.save(self.engine, self.cfg, self.layout, self.run_dir, self.step, state,
