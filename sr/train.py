@@ -274,10 +274,10 @@ class SRTrainer:
             collection.close()
             stop.restore()
             self.stream.close()
+            self.log.close()  # (also when stopped: TensorBoard's unflushed events and a W&B run are finished)
         if self.rank == 0:
             save_upsampler(self.model, self.cfg.model, self.run_dir / "export.pt")
             self.log.info(f"exported {self.run_dir / 'export.pt'}")
-        self.log.close()
         return history
 
 

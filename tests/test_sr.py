@@ -50,13 +50,18 @@ def test_garbage_is_collected_every_gc_interval_steps_with_automatic_collection_
     assert (enabled, gc.isenabled()) == ([False] * 2, True)
 
 
-def test_a_run_past_exit_after_minutes_saves_after_a_step_and_stops(single_process, photos, tmp_path):
-    """train.exit_after_minutes as Parti's trainer takes it (common/preemption.py): one step, a save, a stop."""
+def test_a_run_past_exit_after_minutes_saves_after_a_step_and_stops(single_process, photos, tmp_path, monkeypatch):
+    """train.exit_after_minutes as Parti's trainer takes it (common/preemption.py): one step, a save, a stop; the
+    logger is closed on the way out (TensorBoard's events were left unflushed, a W&B run unfinished)."""
+    from common.metrics import MetricsLogger
     from common.preemption import Preempted
 
+    closed, close = [], MetricsLogger.close
+    monkeypatch.setattr(MetricsLogger, "close", lambda self: closed.append(self) or close(self))
     with pytest.raises(Preempted, match="^stopped by train.exit_after_minutes=1e-09 after step 1"):
         train(photos, tmp_path, "train.steps=3", "train.exit_after_minutes=1e-9")
     assert (tmp_path / "REQUEUE").read_text() == "step 1\n"
+    assert len(closed) == 1
 
 
 @pytest.mark.parametrize("preset, size", [("x2", 15e6), ("x4", 30e6)])

@@ -457,13 +457,13 @@ class VQTrainer:
             collection.close()
             stop.restore()
             self.stream.close()
+            self.log.close()  # (also when stopped: TensorBoard's unflushed events and a W&B run are finished)
         if self.ema and self.ema.n_averaged > 0:  # (none when no step ran: a finished run's export made again)
             # (the last checkpoint holds the weights and the average: a longer run resumes from both)
             self.model.load_state_dict(self.ema.module.state_dict())
         if self.rank == 0:
             digest = self.export_tokenizer(self.run_dir / "export.pt")
             self.log.info(f"exported {self.run_dir / 'export.pt'} (content hash {digest[:16]})")
-        self.log.close()
         return history
 
 
