@@ -26,7 +26,9 @@ from slurm.local_cluster import CPU_NODE_OPTIONS, CPUS_PER_NODE, HOSTS_LINE, PAC
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable))
-ENV = {"PYTHON": PYTHON, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DEVICE": "cpu"}
+ENV = {"PYTHON": PYTHON, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DEVICE": "cpu",
+       "PYTHONFAULTHANDLER": "1"}  # (a job's process that crashes prints every thread's stack in its log: a rare
+# SIGABRT at the end of the VQ job's segments was never caught with one)
 TRAIN = ["--set", "train.steps=100", "train.save_interval=10", "train.log_interval=1"]
 
 
