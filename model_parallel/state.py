@@ -9,6 +9,7 @@ On a machine without CUDA the backend is gloo and `cpu_compat` is applied first.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -23,20 +24,23 @@ from model_parallel.cpu_compat import apply_cpu_compat
 from model_parallel.layout import ParallelConfig, ParallelLayout
 
 
-def free_port() -> int:
-    """A port nothing listens on now, for a rendezvous that processes started after this will bind. Taken below the
-    kernel's ephemeral range (ip_local_port_range, 32768 up by default): a port the kernel handed out (bind to 0)
-    went back to that range at once, where the outgoing connections of other processes (gloo's, a second test
-    worker's) could take it before the rendezvous bound it (EADDRINUSE, seen in CI); one from the range when none
-    below is free."""
-    low = _ephemeral_ports_start()
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive ports nothing listens on now, for a rendezvous (or daemons: the local SLURM
+    cluster's) that processes started after this will bind. Taken below the kernel's ephemeral range
+    (ip_local_port_range, 32768 up by default): a port the kernel handed out (bind to 0) went back to that range at
+    once, where the outgoing connections of other processes (gloo's, a second test worker's) could take it before
+    the rendezvous bound it (EADDRINUSE, seen in CI); a single one from the range when none below is free."""
+    low = _ephemeral_ports_start() - count + 1  # (the last of the ports below the range too)
     for port in random.sample(range(20000, low), min(64, max(0, low - 20000))):
-        with socket.socket() as s:
+        with contextlib.ExitStack() as bound:
             try:
-                s.bind(("127.0.0.1", port))
+                for p in range(port, port + count):
+                    bound.enter_context(socket.socket()).bind(("127.0.0.1", p))
             except OSError:
                 continue
             return port
+    if count > 1:
+        raise RuntimeError(f"no {count} consecutive free ports below the ephemeral range ({low + count - 1})")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from common.cli import command, description
-from model_parallel.state import child_environment
+from model_parallel.state import child_environment, free_port
 
 HOSTS_LINE = "127.0.0.1 n1 n2  # parti local slurm cluster"
 CPUS_PER_NODE = 2
@@ -98,33 +98,11 @@ PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
 """
 
 
-def _free_ports(count: int) -> int:
-    """The first of `count` consecutive free TCP ports (controller, then one per node)."""
-    import random
-    import socket
-
-    for _ in range(100):
-        base = random.randint(20000, 40000)
-        try:
-            socks = []
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports for the local SLURM cluster")
-
-
 class LocalCluster:
     def __init__(self, root: str | Path | None = None, port: int | None = None):
         # Absolute: sbatch reads SLURM_CONF in its caller's cwd, the daemons the config's paths in theirs.
         self.root = Path(root or tempfile.mkdtemp(prefix="parti-slurm-")).resolve()
-        self.port = port or _free_ports(3)
+        self.port = port or free_port(3)  # (the controller's, then one per node)
         self.conf = self.root / "slurm.conf"
         self.env = child_environment(SLURM_CONF=str(self.conf))
 

@@ -331,6 +331,45 @@ def test_a_rendezvous_port_is_free_and_outside_the_ephemeral_range(monkeypatch):
     assert state.free_port() >= 1024
 
 
+def test_consecutive_free_ports_skip_a_range_with_any_port_in_use_and_close_their_sockets(monkeypatch):
+    """free_port(3) (the local SLURM cluster's controller and nodes): the first of 3 ports that all bind, below the
+    ephemeral range (the cluster's took them up to 40000, inside it); every socket it opened is closed; none free
+    below the range: an error, not ports from it."""
+    import socket
+
+    from model_parallel import state
+
+    opened, busy, offered = [], {30002}, []
+
+    class FakeSocket:
+        def __init__(self):
+            self.closed = False
+            opened.append(self)
+
+        def bind(self, address):
+            if address[1] in busy:
+                raise OSError("address in use")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.closed = True
+
+    def sample(ports, k):
+        offered.append(ports)
+        return [30000, 31000][:k]
+
+    monkeypatch.setattr(socket, "socket", FakeSocket)
+    monkeypatch.setattr(state.random, "sample", sample)
+    monkeypatch.setattr(state, "_ephemeral_ports_start", lambda: 32768)
+    assert state.free_port(3) == 31000  # (30000-30002: the third is in use)
+    assert opened and all(s.closed for s in opened) and offered[0] == range(20000, 32766)
+    busy.update(range(20000, 50000))
+    with pytest.raises(RuntimeError, match="no 3 consecutive free ports below the ephemeral range"):
+        state.free_port(3)
+
+
 def test_slurm_environment(monkeypatch):
     from model_parallel import state
 

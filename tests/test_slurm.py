@@ -321,7 +321,7 @@ def test_config_gives_the_controller_and_each_node_a_port_of_their_own_and_keeps
     settings = {k: v for line in lines if len(line) == 1 for k, v in line.items()}
     (nodes,) = [line for line in lines if "NodeName" in line]
     (partition,) = [line for line in lines if "PartitionName" in line]
-    assert settings["SlurmctldPort"] == "31000" and nodes["Port"] == "[31001-31002]"  # the 3 ports _free_ports(3) gave
+    assert settings["SlurmctldPort"] == "31000" and nodes["Port"] == "[31001-31002]"  # the 3 ports free_port(3) gave
     assert nodes["NodeName"] == partition["Nodes"] == "n[1-2]" and HOSTS_LINE.split("#")[0].split()[1:] == ["n1", "n2"]
     assert nodes["CPUs"] == str(CPUS_PER_NODE) and partition["Default"] == "YES"
     assert settings["AuthInfo"] == "cred_expire=5"  # (a requeued job would wait 121 s by default)
@@ -329,40 +329,6 @@ def test_config_gives_the_controller_and_each_node_a_port_of_their_own_and_keeps
                 "SlurmdLogFile", "JobCompLoc"):
         assert settings[key].startswith(f"{tmp_path}/"), key
     assert settings["SlurmdPidFile"].endswith(".pid") and settings["SlurmctldPidFile"].endswith(".pid")  # (stop)
-
-
-def test_free_ports_skips_a_range_with_any_port_in_use_and_closes_its_sockets(monkeypatch):
-    import random
-    import socket
-
-    opened, busy = [], {30002}
-
-    class FakeSocket:
-        def __init__(self):
-            self.closed = False
-            opened.append(self)
-
-        def bind(self, address):
-            if address[1] in busy:
-                raise OSError("address in use")
-
-        def close(self):
-            self.closed = True
-
-    bases, tries = iter([30000, 31000]), []
-
-    def randint(low, high):
-        tries.append(low)
-        assert len(tries) < 1000, "tries for good"
-        return next(bases, 30000)
-
-    monkeypatch.setattr(socket, "socket", FakeSocket)
-    monkeypatch.setattr(random, "randint", randint)
-    assert lc._free_ports(3) == 31000  # (30000-30002: the third is in use)
-    assert opened and all(s.closed for s in opened)
-    busy.update(range(20000, 50000))
-    with pytest.raises(RuntimeError, match="no free ports"):
-        lc._free_ports(3)
 
 
 def test_start_writes_the_config_adds_the_hosts_line_once_and_waits_for_both_nodes_idle(monkeypatch, tmp_path):
@@ -386,7 +352,7 @@ def test_start_writes_the_config_adds_the_hosts_line_once_and_waits_for_both_nod
 
 def test_a_cluster_without_a_port_reserves_three_consecutive_ones(monkeypatch, tmp_path):
     asked = []
-    monkeypatch.setattr(lc, "_free_ports", lambda count: asked.append(count) or 31000)
+    monkeypatch.setattr(lc, "free_port", lambda count: asked.append(count) or 31000)
     assert LocalCluster(tmp_path).port == 31000 and asked == [3]  # (the controller's, then one per node)
 
 
