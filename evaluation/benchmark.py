@@ -34,7 +34,7 @@ import yaml
 from common.cli import command, config_parser
 from common.files import write_atomic
 from data_pipeline.shared_data import resolve
-from evaluation.clip_score import ClipScorer, check_clip, read_metadata, score_samples
+from evaluation.clip_score import ClipScorer, all_samples_mean, check_clip, read_metadata, score_samples
 from evaluation.config import EvalConfig, load_eval_config
 from evaluation.fid import default_weights, fid, image_files, open_rgb
 from evaluation.generate import (
@@ -143,9 +143,9 @@ def clip_selection(cfg: EvalConfig, metadata: list[dict]) -> dict:
     selected = bool(cfg.clip.model) and s.samples_per_prompt > 1 and 0 < s.keep < s.samples_per_prompt
     out = {"samples_per_prompt": s.samples_per_prompt, "keep": s.keep or s.samples_per_prompt,
            "selected_by_same_model": selected}
-    every = [x for meta in metadata for x in meta.get("all_clip_scores", [])]
-    if selected and every:
-        out["clip_score_all_samples"] = sum(every) / len(every)
+    mean = all_samples_mean(metadata)
+    if selected and mean is not None:
+        out["clip_score_all_samples"] = mean
         out["clip_warning"] = (f"clip_score is over the best {s.keep} of {s.samples_per_prompt} samples per prompt, "
                                "chosen by the same CLIP model (biased upward); clip_score_all_samples is the mean over "
                                "all samples" + (" (scored before upsampling)" if cfg.benchmark.resolution == "upsampled"

@@ -219,6 +219,13 @@ def score_samples(scorer: ClipScorer, samples: str | Path, batch_size: int = 64,
     return {**result, "written": str(samples / "clip_score.json") if written else None}
 
 
+def all_samples_mean(metadata: list[dict]) -> float | None:
+    """The mean CLIP score over every sample reranking scored (each prompt's .json keeps them: all_clip_scores), the
+    unbiased figure beside the score of the kept best ones; None where none were recorded."""
+    every = [x for meta in metadata for x in meta.get("all_clip_scores", [])]
+    return sum(every) / len(every) if every else None
+
+
 def same_model_selection(metadata: list[dict], protocol: dict) -> str | None:
     """A warning when the images scored are each prompt's best `keep` of `samples_per_prompt`, kept by reranking
     with these same CLIP weights (their sha256; evaluation.generate records the reranker in every prompt's .json):
@@ -229,8 +236,8 @@ def same_model_selection(metadata: list[dict], protocol: dict) -> str | None:
     sha = rerank.get("weights_sha256")  # (None: no reranking, or untrained weights, which are no file's)
     if not (0 < keep < count) or sha is None or sha != protocol.get("weights_sha256"):
         return None
-    every = [x for meta in metadata for x in meta.get("all_clip_scores", [])]
-    unbiased = f"; the mean over all samples is {sum(every) / len(every):.3f}" if every else ""
+    mean = all_samples_mean(metadata)
+    unbiased = f"; the mean over all samples is {mean:.3f}" if mean is not None else ""
     return (f"warning: each prompt's images are the best {keep} of {count}, chosen by these same CLIP weights "
             f"(evaluation.generate's reranking): the score is biased upward{unbiased}")
 
