@@ -32,6 +32,19 @@ class ParallelConfig:
     """Megatron sequence parallelism: norms and dropout on sequence shards (needs tp > 1, pp = 1, ZeRO 0)."""
     activation_checkpointing: str = "none"
     """Activation recomputation: none | selective (attention core) | full (whole layers)."""
+    zero_overlap_comm: bool | None = None
+    """ZeRO 2/3 and fp32 ZeRO-1: reduce gradients (ZeRO-3: also gather parameters) in the background while backward
+    runs (DeepSpeed's overlap_comm; null: DeepSpeed's default, on at ZeRO-3 only). Not for bf16 ZeRO-1, whose
+    gradients DeepSpeed's BF16_Optimizer reduces after backward, nor ZeRO-0. The values are those of any setting."""
+    zero_bucket_size: int = 500_000_000
+    """ZeRO 1-3: elements per gradient reduction and per parameter all-gather (DeepSpeed's reduce_bucket_size and
+    allgather_bucket_size, its default 5e8): larger, fewer and more efficient collectives; smaller, less memory
+    held in buckets (with zero_overlap_comm, 2 buckets of fp32 gradients: 4 GB at the default)."""
+    zero3_prefetch_size: int = 50_000_000
+    """ZeRO-3: elements of the next modules' parameters gathered ahead of their use (stage3_prefetch_bucket_size)."""
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters of fewer elements (biases, norms) stay gathered whole on every rank between steps
+    (stage3_param_persistence_threshold): fewer small all-gathers, at their memory on every rank."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,12 @@ class ParallelLayout:
         p = parallel
         require(p.activation_checkpointing in RECOMPUTE_MODES, f"parallel.activation_checkpointing="
                 f"{p.activation_checkpointing!r} must be one of {', '.join(RECOMPUTE_MODES)}")
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "zero_bucket_size", "zero3_prefetch_size"):
             require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+        require(p.zero3_persistence_threshold >= 0,
+                f"parallel.zero3_persistence_threshold={p.zero3_persistence_threshold} must be >= 0")
+        require(p.zero_overlap_comm is None or p.zero_stage >= 1, "parallel.zero_overlap_comm applies to ZeRO 1-3 "
+                f"(DeepSpeed's reduction at ZeRO-0 does not overlap backward); got parallel.zero_stage={p.zero_stage}")
         if world_size is not None:
             require(world_size % (p.tp * p.pp) == 0,
                     f"world size {world_size} must be divisible by parallel.tp x parallel.pp = {p.tp * p.pp}")

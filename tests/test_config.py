@@ -58,6 +58,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing='some' must be one of none,"),
     (["parallel.tp=0"], "parallel.tp=0 must be >= 1"),
     (["parallel.zero_stage=4"], "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
+    (["parallel.zero_overlap_comm=true"], "parallel.zero_overlap_comm applies to ZeRO 1-3"),
+    (["parallel.zero_bucket_size=0", "parallel.zero_stage=1"], "parallel.zero_bucket_size=0 must be >= 1"),
     (["parallel.sequence_parallel=true", "parallel.tp=2", "parallel.pp=2"],
      "parallel.sequence_parallel=true works with parallel.pp=1 and parallel.zero_stage=0 only"),
     (["parallel.tp=2", "model.image_vocab_size=63"], "model.image_vocab_size=63 must be divisible by parallel.tp=2"),

@@ -48,6 +48,17 @@ def test_zero_stages_equal_zero0(pool2, reference, tmp_path, stage):
     assert params_norms(tmp_path) == pytest.approx(params_norms(reference[1]), rel=1e-6)  # (each DP part once)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_communication_settings_leave_the_losses(pool2, reference, tmp_path, stage):
+    """parallel.zero_*: reducing in the background of backward in small buckets (ZeRO-3: gathering ahead in small
+    pieces, keeping no parameter gathered) changes when and in what pieces gradients and parameters travel, not
+    their values: the reference run's losses."""
+    knobs = ("parallel.zero_overlap_comm=true", "parallel.zero_bucket_size=5000", "parallel.zero3_prefetch_size=1000",
+             "parallel.zero3_persistence_threshold=0")
+    losses = pool2.run(run, str(tmp_path), f"parallel.zero_stage={stage}", *knobs, "train.eval_interval=0")[0]
+    assert losses == pytest.approx(reference[0], rel=1e-5, abs=1e-5)
+
+
 @pytest.mark.parametrize("stage", [0, 3])  # (ZeRO-3 partitioned every TP shard over the TP ranks too)
 def test_tp2_equals_tp1(pool2, reference, tmp_path, stage):
     losses = pool2.run(run, str(tmp_path), "parallel.tp=2", f"parallel.zero_stage={stage}")[0]
@@ -794,7 +805,10 @@ def test_deepspeed_config_states_the_batch_and_reduces_bf16_gradients_in_fp32_fr
     ds = deepspeed_config(cfg, dp_size=2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         16, 2, 4)
-    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": zero}
+    buckets = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000} if zero else {}
+    zero3 = {"stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000}
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": zero, **buckets, **(zero3 if zero == 3 else {})}
     assert ds["bf16"] == {"enabled": precision == "bf16"}
     expected = "fp32" if fp32_grads else None
     assert ds["data_types"] == {"grad_accum_dtype": expected} and ds["communication_data_type"] == expected

@@ -27,7 +27,7 @@ from common.schedule import lr_lambda
 from model_parallel.activation_checkpointing import apply_activation_checkpointing
 from model_parallel.compile import compile_layers
 from model_parallel.layers import allreduce_sequence_parallel_grads
-from model_parallel.layout import ParallelLayout
+from model_parallel.layout import ParallelConfig, ParallelLayout
 from model_parallel.model import PartiModel, decoder_input, move_buffers
 from model_parallel.pipeline import build_pipeline, canonical_parameters, is_text_encoder
 from training.config import Config
@@ -51,7 +51,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero_optimization(cfg.parallel),
         "bf16": {"enabled": t.precision == "bf16"},
         # bf16 with ZeRO 1-3: accumulate and reduce gradients in fp32, as Megatron does for bf16 (its main
         # grads): ZeRO-1 in DeepSpeed's BF16_Optimizer, ZeRO-2/3 in fp32 gradient partitions. DeepSpeed 0.19
@@ -71,6 +71,20 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         # when more than the first tuple element needs a gradient (memory does).
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
     }
+
+
+def zero_optimization(p: ParallelConfig) -> dict:
+    """DeepSpeed's zero_optimization section: the stage and, from ZeRO-1 on, the communication settings of
+    parallel.zero_* (when and in what pieces gradients are reduced and parameters gathered, never their values)."""
+    if p.zero_stage == 0:
+        return {"stage": 0}
+    section = {"stage": p.zero_stage, "reduce_bucket_size": p.zero_bucket_size,
+               "allgather_bucket_size": p.zero_bucket_size,
+               **({"overlap_comm": p.zero_overlap_comm} if p.zero_overlap_comm is not None else {})}
+    if p.zero_stage == 3:
+        section.update(stage3_prefetch_bucket_size=p.zero3_prefetch_size,
+                       stage3_param_persistence_threshold=p.zero3_persistence_threshold)
+    return section
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
