@@ -243,6 +243,14 @@ def tokenize(cfg: DemoConfig, out: Path, pattern: str, valid_pattern: str, vq_pa
     return spm, folders[0], folders[1]
 
 
+def text_vocab_size(train_config: str | Path, spm: Path) -> int:
+    """model.text_vocab_size for the captions of `spm`: its ids, rounded up to a multiple of the training config's
+    parallel.tp, which must divide the decoder-only model's text head (split over the vocabulary; the demo's
+    captions give an odd count, 69 at the defaults). The ids past the tokenizer's are never a target."""
+    tp = load_config(train_config).parallel.tp
+    return -(-TextTokenizer(spm).vocab_size // tp) * tp
+
+
 def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm: Path) -> Path:
     """Step 4: torchrun training (demo.yaml: TP=2), stopped through the STOP file half way and resumed (unless
     preempt=false), its held-out loss measured on `valid_codes` every eval_interval steps; exported."""
@@ -252,7 +260,7 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm:
     overrides = [f"model.preset={ARCH_PRESETS[cfg.arch]}", f"data.shards={codes}", f"train.steps={cfg.train_steps}",
                  f"train.seed={cfg.seed + 1234}", f"data.valid_shards={valid_codes}",
                  f"train.eval_interval={cfg.eval_interval}", f"train.eval_batches={EVAL_BATCHES}",
-                 f"model.text_vocab_size={TextTokenizer(spm).vocab_size}",
+                 f"model.text_vocab_size={text_vocab_size(cfg.train_config, spm)}",
                  f"model.image_vocab_size={cfg.codebook_size}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                "-m", "training.train", "--config", cfg.train_config, "--run-dir", str(run_dir), "--resume", "auto",

@@ -213,6 +213,27 @@ def test_demo_settings_are_checked_against_the_output_folder_and_the_combination
         check_same_run(DemoConfig(out=str(saved.parent), shapes=10, seed=1), saved)
 
 
+def test_the_decoder_only_demo_gives_its_text_head_a_vocabulary_that_tp_divides(tmp_path):
+    """The demo's captions give an odd vocabulary (69 pieces at the defaults), and its decoder-only model's text
+    head is split over demo.yaml's TP=2: `--set arch=decoder_only` was refused at its training step
+    ('model.text_vocab_size=69 must be divisible by parallel.tp=2'), after the tokenizers had trained. The
+    model's text vocabulary is the tokenizer's rounded up to a multiple of TP."""
+    from data_pipeline.text_tokenizer import TextTokenizer, train_sentencepiece
+    from demo import shapes
+    from demo.run import ARCH_PRESETS, text_vocab_size
+    from training.config import layout_of, load_config
+
+    spm = train_sentencepiece([shapes.caption(c, s) for c, s in shapes.combinations()] * 20, 27,
+                              tmp_path / "spm.model")
+    assert TextTokenizer(spm).vocab_size == 27
+    train_config = Path(__file__).parent.parent / "configs/train/demo.yaml"
+    assert text_vocab_size(train_config, spm) == 28
+    cfg = load_config(train_config, [f"model.preset={ARCH_PRESETS['decoder_only']}",
+                                     f"model.text_vocab_size={text_vocab_size(train_config, spm)}"])
+    assert cfg.parallel.tp == 2 and cfg.model.text_loss_weight > 0
+    layout_of(cfg, world_size=2)  # (a ConfigError at 27)
+
+
 def test_a_rerun_continues_the_image_tokenizer_and_the_upsampler_from_their_checkpoints(tmp_path, monkeypatch):
     """A stop during the image tokenizer's or the upsampler's training (SIGTERM, a SLURM preemption) saves a
     checkpoint and says "run again to continue"; the rerun trained them from step 0 again (run() without
