@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from common.cli import command, config_parser
-from common.config import load_typed
+from common.config import ConfigError, load_typed
 from data_pipeline.images import FilterConfig
 from data_pipeline.laion import expand_shards
 from data_pipeline.pretokenize import pretokenize
@@ -54,6 +54,7 @@ from evaluation.generate import (
 )
 from evaluation.report import image_grid, image_html, line_plot, table_html, write_html
 from evaluation.sampling import SamplingConfig
+from model_parallel.layout import ParallelLayout
 from model_parallel.model import PartiModel
 from model_parallel.state import child_environment
 from sr.config import SRConfig
@@ -145,6 +146,11 @@ def check(cfg: DemoConfig) -> None:
         raise ValueError(f"held_out={cfg.held_out!r} leaves no combination to train on")
     check_same_run(cfg, Path(cfg.out) / "demo_config.yaml")
     train = load_config(cfg.train_config)
+    try:  # (else each training process refuses it, minutes in)
+        ParallelLayout.of(train.parallel, cfg.nproc).check(micro_batch=train.train.micro_batch_size,
+                                                          global_batch=train.train.global_batch_size)
+    except ConfigError as e:
+        raise ValueError(f"nproc={cfg.nproc} processes for {cfg.train_config}: {e}") from None
     batch, grid = train.train.global_batch_size, train.model.image_grid
     if cfg.image_size != VQ_PATCH * grid:  # (else pre-tokenization refuses the codes' grid, minutes in)
         raise ValueError(f"image_size={cfg.image_size}: the image tokenizer's {VQ_PATCH}x{VQ_PATCH} patches must give "
@@ -243,6 +249,10 @@ def tokenize(cfg: DemoConfig, out: Path, pattern: str, valid_pattern: str, vq_pa
     return spm, folders[0], folders[1]
 
 
+class TrainingFailed(RuntimeError):
+    """The training processes ended in an error (which they printed): the demo's one line after it."""
+
+
 def text_vocab_size(train_config: str | Path, spm: Path) -> int:
     """model.text_vocab_size for the captions of `spm`: its ids, rounded up to a multiple of the training config's
     parallel.tp, which must divide the decoder-only model's text head (split over the vocabulary; the demo's
@@ -281,13 +291,14 @@ def train_parti(cfg: DemoConfig, out: Path, codes: Path, valid_codes: Path, spm:
             time.sleep(0.5)
         # After saving on request the trainers leave REQUEUE (and exit 0 under torchrun: common/preemption.py).
         if proc.wait() != 0 and not (run_dir / "REQUEUE").is_file():
-            raise RuntimeError(f"training failed (exit {proc.returncode}); see {run_dir}")
+            raise TrainingFailed(f"training failed (exit {proc.returncode}; its error is above); see {run_dir}")
         if (run_dir / "REQUEUE").is_file():  # absent when the run ended before the STOP file was seen
             stopped = int((run_dir / "REQUEUE").read_text().split()[1])
             (run_dir / "REQUEUE").unlink()
             (out / "training.json").write_text(json.dumps({"stopped_at_step": stopped, "steps": cfg.train_steps}))
             log(f"stopped at step {stopped}; resuming from its checkpoint")
-    subprocess.run(command, env=env, check=True)
+    if subprocess.run(command, env=env).returncode != 0:
+        raise TrainingFailed(f"training failed (its error is above); see {run_dir}")
     export(run_dir)
     return run_dir
 
@@ -516,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     with command(errors=(ValueError,), label="config error"):
         cfg = load_typed(DemoConfig, args.config, args.set)
         check(cfg)
-    res = run(cfg)
+    with command(errors=(TrainingFailed,), label="demo"):
+        res = run(cfg)
     t, b = res["trained"], res["before_training"]["all"]
     held = (f"held-out combinations {t['held_out']['colour']:.0%}" if t["held_out"]["samples"]
             else "no held-out combinations")

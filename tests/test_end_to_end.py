@@ -159,14 +159,17 @@ def test_shape_and_photo_shards_hold_what_they_are_asked_for(tmp_path):
 
 def test_demo_settings_that_cannot_work_are_refused_before_anything_runs(tmp_path):
     """Too few held-out shapes for the training run's held-out loss (train.eval_batches global batches) failed at
-    the training step, minutes in; an unknown colour in held_out is named."""
+    the training step, minutes in; so did a process count (nproc) that demo.yaml's TP=2 does not divide, and then
+    with a traceback; an unknown colour in held_out is named."""
     from demo.run import main
 
     cases = {"valid_shapes=64": r"valid_shapes=64: the training run's held-out loss reads 4 global batches of 32 "
                                 r"\(configs/train/demo.yaml\) from them; give at least 128$",
              "held_out=pink circle": r"held_out='pink circle': pink circle is not a colour",
              "image_size=30": r"image_size=30: the image tokenizer's 4x4 patches must give the 8x8 codes of "
-                              r"configs/train/demo.yaml \(model.image_grid\): image_size=32$"}
+                              r"configs/train/demo.yaml \(model.image_grid\): image_size=32$",
+             "nproc=3": r"nproc=3 processes for configs/train/demo.yaml: world size 3 must be divisible by "
+                        r"parallel.tp x parallel.pp = 2$"}
     for setting, message in cases.items():
         with pytest.raises(SystemExit) as exit_:
             main(["--set", f"out={tmp_path / 'out'}", setting])
@@ -211,6 +214,21 @@ def test_demo_settings_are_checked_against_the_output_folder_and_the_combination
     with pytest.raises(ValueError, match=r"holds a demo run with other settings \(seed: 0 there, 1 here; "
                                          r"shapes: 6000 there, 10 here\)"):
         check_same_run(DemoConfig(out=str(saved.parent), shapes=10, seed=1), saved)
+
+
+def test_a_demo_whose_training_fails_ends_in_one_line_after_the_trainers_error(tmp_path, monkeypatch):
+    """The training processes print their own error; the demo then ended in a RuntimeError's traceback."""
+    import subprocess
+
+    import demo.run as demo_run
+
+    monkeypatch.setattr(demo_run, "run", lambda cfg: demo_run.train_parti(cfg, tmp_path, tmp_path, tmp_path,
+                                                                          tmp_path / "spm.model"))
+    monkeypatch.setattr(demo_run, "text_vocab_size", lambda *args: 64)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: subprocess.CompletedProcess(args, 1))
+    with pytest.raises(SystemExit) as exit_:
+        demo_run.main(["--set", f"out={tmp_path / 'out'}", "preempt=false"])
+    assert re.fullmatch(r"demo: training failed \(its error is above\); see .*/parti", str(exit_.value.code))
 
 
 def test_the_decoder_only_demo_gives_its_text_head_a_vocabulary_that_tp_divides(tmp_path):
