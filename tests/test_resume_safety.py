@@ -1465,7 +1465,7 @@ def test_a_save_waits_for_the_save_in_flight_and_records_the_trainers_state(tmp_
 
     t = bare_trainer(tmp_path, "train.keep_checkpoints=2", "train.keep_checkpoints_every=100")
     t.step, t.consumed, t.nonfinite_guard.skipped, t.nonfinite_guard.consecutive = 5, 48, 2, 1
-    order = []
+    t.ema_updates, order = 4, []
     t.complete_saves = lambda wait=False: order.append(("wait", wait))
 
     def save(engine, cfg, layout, run_dir, step, state, keep, background):
@@ -1477,9 +1477,11 @@ def test_a_save_waits_for_the_save_in_flight_and_records_the_trainers_state(tmp_
     monkeypatch.setattr(checkpoint, "save", save)
     t.save()
     assert order[:2] == [("wait", True), ("save", 5, (2, 100))]  # (common.checkpoints.Retention: last, every)
+    save_id = order[2].pop("save_id")  # (which save of the tag: training.held_out --checkpoints new)
     assert order[2] == {"step": 5, "consumed_samples": 48, "sampler": t.sampler.state_dict(48), "skipped_steps": 2,
-                        "consecutive_skipped_steps": 1, "run_id": "r1",
+                        "consecutive_skipped_steps": 1, "run_id": "r1", "ema_updates": 4,
                         "data_tokenizers": {"vq": {"hash": "v"}, "text_tokenizer": {"hash": "t"}}}
+    assert len(save_id) == 32 and int(save_id, 16) >= 0
     assert t.lines == [f"saved {tmp_path / 'checkpoints' / 'step_00000005'}"]
 
 
