@@ -39,7 +39,7 @@ class ParallelConfig:
     zero_bucket_size: int = 500_000_000
     """ZeRO 1-3: elements per gradient reduction and per parameter all-gather (DeepSpeed's reduce_bucket_size and
     allgather_bucket_size, its default 5e8): larger, fewer and more efficient collectives; smaller, less memory
-    held in buckets (with zero_overlap_comm, 2 buckets of fp32 gradients: 4 GB at the default)."""
+    held in buckets (with zero_overlap_comm several are held at once: gigabytes at the default)."""
     zero3_prefetch_size: int = 50_000_000
     """ZeRO-3: elements of the next modules' parameters gathered ahead of their use (stage3_prefetch_bucket_size)."""
     zero3_persistence_threshold: int = 100_000
