@@ -489,6 +489,13 @@ def test_a_run_whose_last_step_is_read_past_still_measures_its_final_weights(sin
     assert rows[-1]["consumed_samples"] == 32
     for key in ("valid_loss", "ema_valid_loss"):
         assert rows[-1][key] == pytest.approx(rows[2][key], rel=1e-6)
+    # the last step trained logs its row though no log step (log_interval) is due there: the run's last interval
+    run(str(tmp_path / "late"), "train.skip_steps=5", "train.log_interval=3", "train.eval_interval=0", steps=5)
+    assert [m["step"] for m in metrics(tmp_path / "late")] == [3, 4]
+    from training.trainer import last_trained_step
+
+    assert [last_trained_step(6, spans) for spans in ([], [(5, 6)], [(3, 4), (5, 6)], [(2, 9), (5, 6)], [(8, 9)])] == [
+        6, 4, 2, 1, 6]
 
 
 def test_steps_skipped_apart_do_not_stop_the_run(single_process, tmp_path, nan_loss_on_calls):

@@ -131,6 +131,15 @@ def decide_on_rank0(decide):
     return value
 
 
+def last_trained_step(steps: int, skip_spans: list[tuple[int, int]]) -> int:
+    """The last of steps 1..`steps` that train.skip_steps (its sorted `skip_spans`) does not read past; 0: none."""
+    step = steps
+    for first, last in reversed(skip_spans):
+        if first <= step <= last:
+            step = first - 1
+    return step
+
+
 def held_out_columns(held_out: dict[str, float] | None, held_out_ema: dict[str, float] | None) -> dict[str, float]:
     """A metrics row's held-out losses (metrics.held_out_row), of the weights and of their moving average
     (ema_valid_loss...), where measured."""
@@ -426,6 +435,7 @@ class Trainer:
         t, guard = self.cfg.train, self.nonfinite_guard
         stop, losses, collection = self.stop, [], StepCollection(t.gc_interval)
         self.skip_spans, self._spans_told = step_ranges(t.skip_steps, "train.skip_steps"), set()
+        last_trained = last_trained_step(t.steps, self.skip_spans)  # (logged: the interval up to it is the run's last)
         spikes = metrics.LossSpikes(t.loss_spike_factor)
         try:
             stop.start(self.run_dir, self.step, t.steps)
@@ -463,7 +473,7 @@ class Trainer:
                 with clock.paused():  # (also before a stop's save: a resumed run starts after this step)
                     held_out = self.held_out_loss() if evaluate else None
                     held_out_ema = self.held_out_loss(averaged=True) if evaluate and t.ema_decay else None
-                if trains and (self.step % t.log_interval == 0 or self.step == t.steps or held_out is not None):
+                if trains and (self.step % t.log_interval == 0 or self.step == last_trained or held_out is not None):
                     self.log_step(loss, lr, grad_norm, *clock.interval(), held_out, held_out_ema, samples,
                                   sum(interval_samples) / len(interval_samples))
                     interval_samples.clear()
